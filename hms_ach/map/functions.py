@@ -1,0 +1,226 @@
+"""The functions a mapping rule may call, by name: typed, registered, with examples that run as tests.
+
+A new function is one decorated Python function here. It receives the rule's value (a string, or a
+list of strings for ``sources:``) and the rule's ``args``; it returns the new value, or raises
+FunctionError (which the engine turns into an AE naming the HL7 location).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+
+class FunctionError(ValueError):
+    """The value cannot be converted; the message says what was found and what was expected."""
+
+    code = "102"  # table 0357: data type error
+
+
+@dataclass
+class FunctionSpec:
+    name: str
+    fn: Callable[..., Any]
+    summary: str
+    args: dict[str, str] = field(default_factory=dict)
+    examples: list[tuple[Any, dict[str, Any], Any]] = field(default_factory=list)
+
+
+FUNCTIONS: dict[str, FunctionSpec] = {}
+
+
+def function(
+    name: str, *, args: dict[str, str] | None = None, examples: list[tuple[Any, dict[str, Any], Any]] | None = None
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register ``fn`` under ``name``. ``examples`` are (input, args, expected) triples run as tests."""
+
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+        FUNCTIONS[name] = FunctionSpec(name, fn, summary, dict(args or {}), list(examples or []))
+        return fn
+
+    return register
+
+
+# ---------------------------------------------------------------- dates
+_TS = re.compile(
+    r"^(?P<y>\d{4})(?P<mo>\d{2})?(?P<d>\d{2})?(?P<h>\d{2})?(?P<mi>\d{2})?(?P<s>\d{2})?"
+    r"(?:\.(?P<frac>\d{1,4}))?(?P<tz>[+-]\d{4})?$"
+)
+
+
+def _tz(name: str) -> timezone | ZoneInfo:
+    if name.upper() in ("UTC", "Z", ""):
+        return timezone.utc
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise FunctionError(f"unknown time zone {name!r}; expected an IANA name such as America/New_York") from exc
+
+
+@function(
+    "hl7_datetime",
+    args={"timezone": "IANA zone assumed when the value has a time but no offset (default UTC)"},
+    examples=[
+        ("20261126083000-0500", {}, "2026-11-26T08:30:00-05:00"),
+        ("202611260830", {}, "2026-11-26T08:30:00+00:00"),
+        ("20261126", {}, "2026-11-26"),
+        ("202611", {}, "2026-11"),
+        ("20261126083000.1234+0100", {}, "2026-11-26T08:30:00.1234+01:00"),
+        ("20260701120000", {"timezone": "America/New_York"}, "2026-07-01T12:00:00-04:00"),
+    ],
+)
+def hl7_datetime(value: str, timezone: str = "UTC") -> str:
+    """HL7 DTM/TS to a FHIR dateTime, keeping the precision and the UTC offset."""
+    m = _TS.match(value.strip())
+    if not m:
+        raise FunctionError(f"{value!r} is not an HL7 date/time: expected YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ]")
+    y, mo, d, h, mi, s = (m[k] for k in ("y", "mo", "d", "h", "mi", "s"))
+    try:
+        if h is None:
+            datetime(int(y), int(mo or 1), int(d or 1))
+            return "-".join(p for p in (y, mo, d) if p)
+        dt = datetime(int(y), int(mo or 1), int(d or 1), int(h), int(mi or 0), int(s or 0))
+    except ValueError as exc:
+        raise FunctionError(f"{value!r} is not a valid date/time: {exc}") from exc
+    if m["tz"]:
+        sign = 1 if m["tz"][0] == "+" else -1
+        offset = timedelta(hours=int(m["tz"][1:3]), minutes=int(m["tz"][3:5])) * sign
+        dt = dt.replace(tzinfo=_fixed(offset))
+    else:
+        dt = dt.replace(tzinfo=_tz(timezone))
+    text = dt.strftime("%Y-%m-%dT%H:%M:%S")
+    if m["frac"]:
+        text += "." + m["frac"]
+    off = dt.utcoffset() or timedelta(0)
+    total = int(off.total_seconds() // 60)
+    sign_char = "+" if total >= 0 else "-"
+    total = abs(total)
+    return f"{text}{sign_char}{total // 60:02d}:{total % 60:02d}"
+
+
+def _fixed(offset: timedelta) -> timezone:
+    return timezone(offset)
+
+
+@function("hl7_date", examples=[("19750314", {}, "1975-03-14"), ("197503140830", {}, "1975-03-14"), ("1975", {}, "1975")])
+def hl7_date(value: str) -> str:
+    """HL7 DT/DTM to a FHIR date (the time, if any, is dropped)."""
+    m = _TS.match(value.strip())
+    if not m:
+        raise FunctionError(f"{value!r} is not an HL7 date: expected YYYY[MM[DD]]")
+    parts = [p for p in (m["y"], m["mo"], m["d"]) if p]
+    try:
+        datetime(int(m["y"]), int(m["mo"] or 1), int(m["d"] or 1))
+    except ValueError as exc:
+        raise FunctionError(f"{value!r} is not a valid date: {exc}") from exc
+    return "-".join(parts)
+
+
+# ---------------------------------------------------------------- text
+@function("trim", examples=[("  a b ", {}, "a b")])
+def trim(value: str) -> str:
+    """Remove leading and trailing white space."""
+    return value.strip()
+
+
+@function("upper", examples=[("abc", {}, "ABC")])
+def upper(value: str) -> str:
+    """Upper-case the value."""
+    return value.upper()
+
+
+@function("lower", examples=[("ABC", {}, "abc")])
+def lower(value: str) -> str:
+    """Lower-case the value."""
+    return value.lower()
+
+
+@function("title", examples=[("O'NEIL-SMITH", {}, "O'Neil-Smith"), ("mary ann", {}, "Mary Ann")])
+def title(value: str) -> str:
+    """Capitalise each word (names sent in capitals)."""
+    return re.sub(r"[A-Za-zÀ-ÿ]+('[A-Za-zÀ-ÿ]+)?", lambda m: m.group(0).capitalize(), value.lower())
+
+
+@function("split", args={"separator": "where to split (default space)", "index": "1-based part to keep; omit for all"},
+          examples=[("a,b,c", {"separator": ","}, ["a", "b", "c"]), ("a,b,c", {"separator": ",", "index": 2}, "b")])
+def split(value: str, separator: str = " ", index: int | None = None) -> Any:
+    """Split a value into parts (all of them, or the 1-based ``index``-th)."""
+    parts = [p for p in value.split(separator)]
+    if index is None:
+        return parts
+    return parts[index - 1] if 0 < index <= len(parts) else ""
+
+
+@function("join", args={"separator": "put between the parts (default space)"},
+          examples=[(["a", "", "b"], {"separator": "-"}, "a-b")])
+def join(value: Any, separator: str = " ") -> str:
+    """Join the non-empty parts of a list (``sources:``) into one string."""
+    items = value if isinstance(value, list) else [value]
+    return separator.join(str(v) for v in items if v not in (None, ""))
+
+
+@function("concat", args={"separator": "put between the parts (default none)"},
+          examples=[(["urn:x:", "42"], {}, "urn:x:42"), (["Smith", "", "John"], {"separator": ", "}, "Smith, John")])
+def concat(value: Any, separator: str = "") -> str:
+    """Concatenate the non-empty values of ``sources:`` in order."""
+    return join(value, separator)
+
+
+@function("format", args={"template": "text with {0}, {1}... for the sources (required)"},
+          examples=[(["4W", "412", "A"], {"template": "{0}-{1}-{2}"}, "4W-412-A")])
+def format_text(value: Any, template: str = "{0}") -> str:
+    """Fill a template with the values of ``sources:`` ({0} is the first)."""
+    items = value if isinstance(value, list) else [value]
+    try:
+        return template.format(*items)
+    except (IndexError, KeyError) as exc:
+        raise FunctionError(f"template {template!r} needs more values than the {len(items)} given") from exc
+
+
+# ---------------------------------------------------------------- numbers and checks
+@function("decimal", examples=[("350.00", {}, 350.0), (" 12 ", {}, 12)])
+def decimal(value: str) -> float | int:
+    """A number (HL7 NM) as a JSON number."""
+    text = value.strip()
+    try:
+        number = float(text)
+    except ValueError as exc:
+        raise FunctionError(f"{value!r} is not a number") from exc
+    return int(number) if number.is_integer() and "." not in text else number
+
+
+@function("boolean", args={"true": "values meaning true (default Y, YES, T, TRUE, 1, A)"},
+          examples=[("Y", {}, True), ("N", {}, False), ("A", {}, True)])
+def boolean(value: str, true: list[str] | None = None) -> bool:
+    """Y/N-style flags to true/false."""
+    accepted = [t.upper() for t in (true or ["Y", "YES", "T", "TRUE", "1", "A"])]
+    return value.strip().upper() in accepted
+
+
+def npi_is_valid(npi: str) -> bool:
+    """The NPI check digit: Luhn over the number prefixed with 80840."""
+    if not re.fullmatch(r"\d{10}", npi):
+        return False
+    digits = [int(c) for c in "80840" + npi]
+    total = 0
+    for i, d in enumerate(reversed(digits)):
+        if i % 2 == 1:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+@function("npi", examples=[("1234567893", {}, "1234567893")])
+def npi(value: str) -> str:
+    """Check a National Provider Identifier (10 digits, Luhn check digit) and return it."""
+    text = value.strip()
+    if not npi_is_valid(text):
+        raise FunctionError(f"{value!r} is not a valid NPI: expected 10 digits with a valid check digit")
+    return text

@@ -1,0 +1,214 @@
+"""HL7 v2 source paths, 1-based as in the standard, compiled once and resolved per message.
+
+Grammar (message or segment context)::
+
+    PID-5            field 5 of the first PID (all of it, first repetition)
+    PID-5.1          component 1;   PV1-7.1.2  sub-component 2 of component 1
+    PID-3[2].1       repetition 2;  PID-3[*].1 every repetition
+    PID-3[CX.5=MR].1 the repetitions whose component 5 is MR
+    NK1[2]-2         the second NK1 segment;  NK1[*]-2 every NK1
+    ZPI-1            Z-segments work like any other
+    NK1              (for_each only) every NK1 segment, as a segment context
+
+Datatype context (inside a datatype mapping, or a resource mapping whose context is a datatype)::
+
+    XCN.1            component 1 of the current value;  XCN.9.1 sub-component 1 of component 9
+    XCN              the current value itself
+
+A compiled path's ``resolve(ctx)`` returns a list of :class:`Value` (string plus concrete location,
+for lineage and error locations such as ``PID-3[2].1``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Union
+
+from hms_ach.parse.hl7v2 import Hl7Message, Segment
+
+_SEG = r"(?P<seg>[A-Z][A-Z0-9]{2})(?:\[(?P<segsel>\d+|\*)\])?"
+_REP = r"(?:\[(?P<rep>\d+|\*|(?P<ftype>[A-Z][A-Z0-9]{1,3})\.(?P<fcomp>\d+)=(?P<fval>[^\]]*))\])?"
+_MSG_PATH = re.compile(rf"^{_SEG}(?:-(?P<field>\d+){_REP}(?:\.(?P<comp>\d+)(?:\.(?P<sub>\d+))?)?)?$")
+_TYPE_PATH = re.compile(r"^(?P<dtype>[A-Z][A-Z0-9]{1,3})(?:\.(?P<comp>\d+)(?:\.(?P<sub>\d+))?)?$")
+
+
+class PathSyntaxError(ValueError):
+    """A path that does not follow the grammar; the message says what was expected."""
+
+
+@dataclass(frozen=True)
+class Value:
+    """One resolved value with the concrete place it came from.
+
+    ``text`` has escapes decoded (for use as a leaf); ``raw`` keeps the undecoded field repetition
+    so that a datatype mapping can still split it into components.
+    """
+
+    text: str
+    location: str
+    raw: str | None = None
+    segment: Segment | None = None
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Where paths are read from: the message, the segment of a ``for_each`` loop, and the current
+    datatype value (one field repetition such as an XCN) when a datatype mapping runs."""
+
+    message: Hl7Message
+    segment: Segment | None = None
+    value: str | None = None
+    location: str = ""
+
+    def with_segment(self, segment: Segment, location: str) -> Scope:
+        return Scope(self.message, segment, None, location)
+
+    def with_value(self, value: Value) -> Scope:
+        raw = value.raw if value.raw is not None else value.text
+        return Scope(self.message, value.segment or self.segment, raw, value.location)
+
+
+@dataclass(frozen=True)
+class MessagePath:
+    text: str
+    segment: str
+    segment_sel: str | None  # None = first (or the context segment), "*" = all, "n" = nth
+    field: int | None
+    rep: str | None  # None = first, "*" = all, "n" = nth
+    filter_comp: int | None
+    filter_value: str | None
+    comp: int | None
+    sub: int | None
+
+    @property
+    def is_segment(self) -> bool:
+        return self.field is None
+
+    def segments(self, scope: Scope) -> list[Segment]:
+        segs = scope.message.all(self.segment)
+        loop = scope.segment
+        if loop is not None:
+            if loop.name == self.segment and self.segment_sel is None:
+                return [loop]
+            # Inside a segment loop, other segments are read from the loop segment's group first:
+            # the segments after it and before the next segment with the loop segment's name.
+            end = next((s.index for s in scope.message.all(loop.name) if s.index > loop.index), 1 << 30)
+            group = [s for s in segs if loop.index < s.index < end]
+            if group:
+                segs = group
+        if self.segment_sel is None:
+            return segs[:1]
+        if self.segment_sel == "*":
+            return segs
+        n = int(self.segment_sel)
+        return segs[n - 1 : n]
+
+    def resolve(self, scope: Scope) -> list[Value]:
+        out: list[Value] = []
+        message = scope.message
+        for seg in self.segments(scope):
+            seg_loc = self.segment if seg.index == _first_index(message, seg) else f"{self.segment}[{_seq(message, seg)}]"
+            if self.field is None:
+                out.append(Value(seg.name, seg_loc, seg.name, seg))
+                continue
+            reps = seg.repetitions(self.field)
+            for r_i, rep in enumerate(reps, start=1):
+                if self.rep not in (None, "*") and self.rep != str(r_i):
+                    continue
+                if self.filter_comp is not None and _component(rep, seg, self.filter_comp, None) != self.filter_value:
+                    continue
+                loc = f"{seg_loc}-{self.field}" + (f"[{r_i}]" if len(reps) > 1 else "")
+                if self.comp is not None:
+                    loc += f".{self.comp}" + (f".{self.sub}" if self.sub is not None else "")
+                raw = _component_raw(rep, seg, self.comp, self.sub)
+                out.append(Value(seg.unescape(raw), loc, raw, seg))
+                if self.rep is None and self.filter_comp is None:
+                    break
+        return out
+
+
+def _first_index(message: Hl7Message, seg: Segment) -> int:
+    first = message.first(seg.name)
+    return first.index if first else seg.index
+
+
+def _seq(message: Hl7Message, seg: Segment) -> int:
+    return [s.index for s in message.all(seg.name)].index(seg.index) + 1
+
+
+def _component_raw(rep: str, seg: Segment, comp: int | None, sub: int | None) -> str:
+    if comp is None:
+        return rep
+    comps = rep.split(seg.seps.component)
+    value = comps[comp - 1] if comp <= len(comps) else ""
+    if sub is not None:
+        subs = value.split(seg.seps.subcomponent)
+        value = subs[sub - 1] if sub <= len(subs) else ""
+    return value
+
+
+def _component(rep: str, seg: Segment, comp: int | None, sub: int | None) -> str:
+    return seg.unescape(_component_raw(rep, seg, comp, sub))
+
+
+@dataclass(frozen=True)
+class TypePath:
+    """A path into the current datatype value: ``XCN.1``, ``CX.4.1``, or ``XCN`` itself."""
+
+    text: str
+    dtype: str
+    comp: int | None
+    sub: int | None
+
+    def resolve(self, scope: Scope) -> list[Value]:
+        if scope.value is None or scope.segment is None:
+            raise PathSyntaxError(f"{self.text}: a {self.dtype} path needs a {self.dtype} value as context")
+        loc = scope.location + (f".{self.comp}" if self.comp is not None else "") + (
+            f".{self.sub}" if self.sub is not None else "")
+        raw = _component_raw(scope.value, scope.segment, self.comp, self.sub)
+        return [Value(scope.segment.unescape(raw), loc, raw, scope.segment)]
+
+
+Path = Union[MessagePath, TypePath]
+
+
+def compile_path(text: str, datatype: str | None = None) -> Path:
+    """Compile ``text``; raise PathSyntaxError saying what was wrong and what was expected.
+
+    ``datatype`` is the context datatype of the mapping (``XCN``...): only then are ``XCN.1``
+    paths allowed. ``"*"`` (nested rules under a ``for_each``/``source``) accepts any datatype name.
+    """
+    text = str(text).strip()
+    m = _MSG_PATH.match(text)
+    if m:
+        for name in ("field", "comp", "sub"):
+            if m[name] is not None and int(m[name]) == 0:
+                raise PathSyntaxError(f"{text!r}: HL7 positions start at 1, not 0 (e.g. PID-5.1)")
+        if m["segsel"] not in (None, "*") and int(m["segsel"]) == 0:
+            raise PathSyntaxError(f"{text!r}: segment repetitions start at 1 (e.g. NK1[1]-2)")
+        if m["rep"] not in (None, "*") and m["ftype"] is None and int(m["rep"]) == 0:
+            raise PathSyntaxError(f"{text!r}: field repetitions start at 1 (e.g. PID-3[1])")
+        return MessagePath(
+            text, m["seg"], m["segsel"], int(m["field"]) if m["field"] else None,
+            None if m["ftype"] else m["rep"], int(m["fcomp"]) if m["fcomp"] else None, m["fval"],
+            int(m["comp"]) if m["comp"] else None, int(m["sub"]) if m["sub"] else None,
+        )
+    t = _TYPE_PATH.match(text)
+    if t and datatype != "*" and t["dtype"] != datatype:
+        seg_hint = f"; did you mean {text.replace('.', '-', 1)!r}?" if len(t["dtype"]) == 3 and t["comp"] else ""
+        where = f"this mapping's context is {datatype}" if datatype else "this mapping has no datatype context"
+        raise PathSyntaxError(f"{text!r} reads a {t['dtype']} value, but {where}: expected a message path "
+                              f"such as PID-5.1{seg_hint}")
+    if t:
+        for name in ("comp", "sub"):
+            if t[name] is not None and int(t[name]) == 0:
+                raise PathSyntaxError(f"{text!r}: component numbers start at 1 (e.g. XCN.1)")
+        return TypePath(text, t["dtype"], int(t["comp"]) if t["comp"] else None, int(t["sub"]) if t["sub"] else None)
+    hint = ""
+    if re.match(r"^[A-Z][A-Z0-9]{2}\.\d", text):
+        hint = f"; did you mean {text.replace('.', '-', 1)!r}?"
+    raise PathSyntaxError(
+        f"{text!r} is not an HL7 path: expected SEG-FIELD[.COMPONENT[.SUB]] such as PID-5.1, PID-3[*].1, "
+        f"PID-3[CX.5=MR].1, NK1[2]-2, or TYPE.COMPONENT such as XCN.1 inside a datatype mapping{hint}"
+    )

@@ -1,0 +1,186 @@
+"""THE mapping language: one schema, as pydantic models.
+
+Everything about the language comes from here: the loader validates files against these models
+(with ``file:line:col`` errors), ``hms-ach schema mapping`` writes their JSON Schema, and
+``hms-ach docs`` generates docs/mapping-language.md from their descriptions.
+
+Four kinds of file live under ``mappings/``:
+
+* ``kind: message``  (mappings/messages/) which message it handles and which records it yields;
+* ``kind: resource`` (mappings/resources/) how one canonical record is built, and its business key;
+* ``kind: datatype`` (mappings/datatypes/) how one HL7 datatype (XPN, CX, XAD...) becomes a FHIR
+  element, reused by every resource mapping;
+* ``kind: table``    (mappings/tables/) a code table: HL7 codes to FHIR codes.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Condition(_Strict):
+    """A test on a source or parameter; the rule runs only when it holds.
+
+    Give ``source`` (an HL7 path) or ``param``, and one test. With no test, the condition is
+    "the source is not empty".
+    """
+
+    source: str | None = Field(None, description="HL7 path whose first non-empty value is tested, e.g. PV1-2")
+    param: str | None = Field(None, description="Parameter of this mapping whose value is tested")
+    exists: bool | None = Field(None, description="true: holds when the value is not empty; false: when it is")
+    equals: str | None = Field(None, description="Holds when the value equals this text")
+    not_equals: str | None = Field(None, description="Holds when the value differs from this text")
+    in_: list[str] | None = Field(None, alias="in", description="Holds when the value is one of these")
+    not_in: list[str] | None = Field(None, description="Holds when the value is none of these")
+
+
+class ValueSpec(_Strict):
+    """How one value is produced. Exactly one of ``source``, ``sources``, ``value``, ``param``
+    (or, in a rule, ``use``, ``record``, ``ref``, ``rules``) gives the value; ``function``,
+    ``table``, ``default`` and ``required`` then apply in that order."""
+
+    source: str | list[str] | None = Field(
+        None, description="HL7 path (PID-5.1, PID-3[CX.5=MR].1, XCN.1); a list means the first non-empty one")
+    sources: list[str] | None = Field(
+        None, description="Several HL7 paths whose values go together to the function (concat, format, join)")
+    value: Any = Field(None, description="A constant: text, number, true/false, or a whole JSON object")
+    param: str | None = Field(None, description="A parameter of this mapping (see params and with)")
+    function: str | None = Field(None, description="Name of a registered function applied to the value")
+    args: dict[str, Any] = Field(default_factory=dict, description="Arguments of the function")
+    table: str | None = Field(None, description="Name of a code table (mappings/tables) the value is looked up in")
+    default: Any = Field(None, description="Used when the value is empty")
+    required: bool | str = Field(
+        False, description="An empty value is an error (AE, table 0357 code 101); text here is the error message")
+
+
+class Rule(ValueSpec):
+    """Set one target element of the record being built."""
+
+    target: str = Field(
+        description="Where the value goes, in FHIR element names: gender, name[], period.start, "
+        "location[0].location; [] appends to a list")
+    when: Condition | list[Condition] | None = Field(None, description="Run only when this (or all of these) holds")
+    for_each: str | None = Field(
+        None, description="HL7 path of repeating values or segments (PID-3, NK1); the rule runs once per "
+        "repetition with it as context; the target must end with []")
+    use: str | None = Field(None, description="A datatype mapping that builds the value from the source (or context)")
+    record: str | None = Field(
+        None, description="A resource mapping run on the source (or context); the value is a reference to that record")
+    ref: str | None = Field(None, description="A reference to the record the message mapping named with `as:`")
+    with_: dict[str, Any] = Field(default_factory=dict, alias="with",
+                                  description="Parameters passed to the `record:` mapping: a constant, or "
+                                  "{param: NAME} to pass on this mapping's own parameter NAME")
+    rules: list[Rule] | None = Field(None, description="Nested rules that build an object value")
+    remove: bool = Field(False, description="Remove the target from the stored record (e.g. period.end on A13)")
+
+
+class KeySpec(_Strict):
+    """The business identifier the record is upserted on (a database unique constraint)."""
+
+    system: ValueSpec = Field(description="The identifier system (URI) of the key")
+    value: ValueSpec = Field(description="The identifier value of the key")
+
+
+class ParamSpec(_Strict):
+    description: str = Field("", description="What the parameter means")
+    default: Any = Field(None, description="Value when the caller gives none")
+
+
+class ResourceMapping(_Strict):
+    """Build one canonical record (a FHIR R4 resource) from a message, a segment or one datatype value."""
+
+    kind: Literal["resource"]
+    name: str | None = Field(None, description="Name other mappings use; defaults to the file name")
+    description: str = Field("", description="What this mapping is for")
+    resource: str = Field(description="Record type: Patient, Encounter, Location, Practitioner, ...")
+    context: str | None = Field(
+        None, description="Datatype the mapping reads (e.g. XCN, PL): its paths are then XCN.1...; empty: the message")
+    params: dict[str, ParamSpec] = Field(default_factory=dict, description="Parameters callers set with `with:`")
+    key: KeySpec | None = Field(None, description="Business key; without one every message creates a new record")
+    mode: Literal["merge", "replace"] = Field(
+        "merge", description="merge: update only the elements this mapping sets; replace: the record becomes exactly this")
+    create: bool = Field(True, description="false: only update a record that already exists with this key")
+    rules: list[Rule] = Field(default_factory=list, description="The rules, applied in order")
+
+
+class DatatypeMapping(_Strict):
+    """Turn one HL7 datatype value (one repetition) into a FHIR element; reused by resource mappings."""
+
+    kind: Literal["datatype"]
+    name: str | None = Field(None, description="Name other mappings use; defaults to the file name")
+    description: str = ""
+    datatype: str = Field(description="The HL7 datatype read (XPN, CX, XAD, XTN, CWE, PL, XCN...)")
+    produces: str = Field("", description="The FHIR datatype produced (HumanName, Identifier...), for the docs")
+    rules: list[Rule] = Field(default_factory=list)
+
+
+class RecordEntry(_Strict):
+    """One record (or one per repetition) that a message yields."""
+
+    record: str = Field(description="The resource mapping to run")
+    as_: str | None = Field(None, alias="as", description="Alias other rules use with `ref:`")
+    context: str | None = Field(None, description="HL7 path whose value is the mapping's context (skipped if empty)")
+    for_each: str | None = Field(None, description="HL7 path: run once per repetition / segment")
+    when: Condition | list[Condition] | None = None
+    with_: dict[str, Any] = Field(default_factory=dict, alias="with", description="Parameters for the mapping")
+    create: bool | None = Field(
+        None, description="false: only update a record that already exists (overrides the resource mapping)")
+
+
+class ActionEntry(_Strict):
+    """A store operation beyond upserts, run after the records are written."""
+
+    action: Literal["merge_patient"] = Field(
+        description="merge_patient: mark `source` replaced-by `target` and move its encounters to `target`")
+    args: dict[str, str] = Field(default_factory=dict, description="Aliases the action works on")
+
+
+class MessageMatch(_Strict):
+    message: str = Field(description="MSH-9.1 message code, e.g. ADT")
+    events: list[str] = Field(default_factory=list, description="MSH-9.2 trigger events; empty: any")
+
+
+class MessageMapping(_Strict):
+    """Which records a message type yields."""
+
+    kind: Literal["message"]
+    name: str | None = None
+    description: str = ""
+    match: MessageMatch
+    records: list[RecordEntry] = Field(default_factory=list)
+    actions: list[ActionEntry] = Field(default_factory=list)
+
+
+class CodeTable(_Strict):
+    """A code table: source code -> target value (a code, or a whole object such as a Coding)."""
+
+    kind: Literal["table"]
+    name: str | None = None
+    description: str = ""
+    source_system: str = Field("", description="Where the codes come from, e.g. HL7 table 0001")
+    target_system: str = Field("", description="The FHIR code system of the results")
+    map: dict[str, Any] = Field(description="source code -> target value")
+    unmapped: Literal["error", "default", "keep"] = Field(
+        "error", description="A code not in the map: error (AE, code 103), use `default`, or keep the code")
+    default: Any = Field(None, description="The value for unmapped codes when unmapped is default")
+    case_sensitive: bool = Field(False, description="Whether codes are matched case-sensitively")
+
+
+MappingFile = Annotated[
+    ResourceMapping | DatatypeMapping | MessageMapping | CodeTable, Field(discriminator="kind")
+]
+
+KINDS: dict[str, type[BaseModel]] = {
+    "message": MessageMapping,
+    "resource": ResourceMapping,
+    "datatype": DatatypeMapping,
+    "table": CodeTable,
+}
+
+Rule.model_rebuild()

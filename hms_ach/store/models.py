@@ -1,0 +1,199 @@
+"""The tables of the canonical store.
+
+Three kinds of table:
+
+* ``message``: every inbound message, raw, with its outcome and the ACK that was sent.
+* one table per canonical record type (``patient``, ``encounter``, ``location``, ...). A record is
+  held as FHIR R4-shaped JSON (``resource``, rendered once at write time, served as stored
+  bytes), under a business key (``key_system``, ``key_value``) with a database unique
+  constraint, so concurrent senders can never create two records for one identifier.
+  ``resource_history`` keeps every version.
+* the search index (``search_token``, ``search_string``, ``search_date``, ``search_reference``):
+  rows extracted from each record by the search-parameter declarations in
+  :mod:`hms_ach.store.search_params` and rebuilt whenever the record changes.
+
+``table=True`` sqlmodel classes do not validate; input is validated before it gets here.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import Column, Index, LargeBinary, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class InboundMessage(SQLModel, table=True):
+    """One inbound message as received, with its outcome. The message store of the engine."""
+
+    __tablename__ = "message"
+    __table_args__ = (
+        Index("ix_message_status_received", "status", "received_at"),
+        Index("ix_message_type", "message_type"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    channel: str = Field(description="Name of the inbound channel in channels.yaml")
+    idempotency_key: str | None = Field(
+        default=None, unique=True, description="MLLP: MSH-3|MSH-4|MSH-10; duplicates share it"
+    )
+    control_id: str = Field(default="", description="MSH-10 (or the request id)")
+    sending_application: str = ""
+    sending_facility: str = ""
+    message_type: str = Field(default="", description="e.g. ADT^A01")
+    version: str = ""
+    content_type: str = Field(default="hl7v2", description="hl7v2 | fhir+json | csv")
+    status: str = Field(default="received", description="processed | error | rejected | duplicate")
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    error_location: str | None = None
+    ack_code: str | None = Field(default=None, description="AA/AE/AR or CA/CE/CR")
+    ack: str | None = Field(default=None, sa_column=Column(Text))
+    raw: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    partition_key: str | None = None
+    duplicate_of: int | None = None
+    received_at: datetime = Field(default_factory=utcnow)
+    processed_at: datetime | None = None
+    replay_count: int = 0
+
+
+class ResourceBase(SQLModel):
+    """Columns shared by every canonical record table."""
+
+    id: str = Field(primary_key=True, max_length=64)
+    key_system: str | None = Field(default=None, max_length=255)
+    key_value: str | None = Field(default=None, max_length=255)
+    version_id: int = 1
+    last_updated: datetime = Field(default_factory=utcnow, index=True)
+    deleted: bool = False
+    resource: str = Field(sa_type=Text)
+
+
+def _record_args(name: str) -> tuple[object, ...]:
+    return (UniqueConstraint("key_system", "key_value", name=f"uq_{name}_key"),)
+
+
+class Patient(ResourceBase, table=True):
+    __tablename__ = "patient"
+    __table_args__ = _record_args("patient")
+
+
+class Encounter(ResourceBase, table=True):
+    __tablename__ = "encounter"
+    __table_args__ = _record_args("encounter")
+
+
+class Location(ResourceBase, table=True):
+    __tablename__ = "location"
+    __table_args__ = _record_args("location")
+
+
+class Practitioner(ResourceBase, table=True):
+    __tablename__ = "practitioner"
+    __table_args__ = _record_args("practitioner")
+
+
+class PractitionerRole(ResourceBase, table=True):
+    __tablename__ = "practitioner_role"
+    __table_args__ = _record_args("practitioner_role")
+
+
+class Organization(ResourceBase, table=True):
+    __tablename__ = "organization"
+    __table_args__ = _record_args("organization")
+
+
+#: FHIR resource type -> table class. A new record type is one class above plus one line here.
+RECORD_TABLES: dict[str, type[ResourceBase]] = {
+    "Patient": Patient,
+    "Encounter": Encounter,
+    "Location": Location,
+    "Practitioner": Practitioner,
+    "PractitionerRole": PractitionerRole,
+    "Organization": Organization,
+}
+
+
+class ResourceHistory(SQLModel, table=True):
+    """Every version of every record, appended on each change."""
+
+    __tablename__ = "resource_history"
+
+    resource_type: str = Field(primary_key=True, max_length=64)
+    id: str = Field(primary_key=True, max_length=64)
+    version_id: int = Field(primary_key=True)
+    last_updated: datetime = Field(default_factory=utcnow)
+    deleted: bool = False
+    message_id: int | None = Field(default=None, description="The inbound message that made this version")
+    resource: str = Field(sa_type=Text)
+
+
+class SearchToken(SQLModel, table=True):
+    __tablename__ = "search_token"
+    __table_args__ = (
+        Index("ix_search_token_lookup", "resource_type", "param", "value", "system"),
+        Index("ix_search_token_owner", "resource_type", "resource_id"),
+    )
+
+    row_id: int | None = Field(default=None, primary_key=True)
+    resource_type: str = Field(max_length=64)
+    resource_id: str = Field(max_length=64)
+    param: str = Field(max_length=64)
+    system: str | None = Field(default=None, max_length=255)
+    value: str = Field(max_length=255)
+
+
+class SearchString(SQLModel, table=True):
+    __tablename__ = "search_string"
+    __table_args__ = (
+        Index("ix_search_string_lookup", "resource_type", "param", "norm"),
+        Index("ix_search_string_owner", "resource_type", "resource_id"),
+    )
+
+    row_id: int | None = Field(default=None, primary_key=True)
+    resource_type: str = Field(max_length=64)
+    resource_id: str = Field(max_length=64)
+    param: str = Field(max_length=64)
+    norm: str = Field(max_length=255, description="lower case, accents removed: for default and :contains")
+    exact: str = Field(max_length=255, description="as written: for :exact")
+
+
+class SearchDate(SQLModel, table=True):
+    __tablename__ = "search_date"
+    __table_args__ = (
+        Index("ix_search_date_lookup", "resource_type", "param", "start", "end"),
+        Index("ix_search_date_owner", "resource_type", "resource_id"),
+    )
+
+    row_id: int | None = Field(default=None, primary_key=True)
+    resource_type: str = Field(max_length=64)
+    resource_id: str = Field(max_length=64)
+    param: str = Field(max_length=64)
+    start: datetime = Field(description="inclusive lower bound of the value's precision range, UTC")
+    end: datetime = Field(description="exclusive upper bound of the value's precision range, UTC")
+
+
+class SearchReference(SQLModel, table=True):
+    __tablename__ = "search_reference"
+    __table_args__ = (
+        Index("ix_search_reference_lookup", "resource_type", "param", "target_id", "target_type"),
+        Index("ix_search_reference_owner", "resource_type", "resource_id"),
+    )
+
+    row_id: int | None = Field(default=None, primary_key=True)
+    resource_type: str = Field(max_length=64)
+    resource_id: str = Field(max_length=64)
+    param: str = Field(max_length=64)
+    target_type: str = Field(max_length=64)
+    target_id: str = Field(max_length=64)
+
+
+INDEX_TABLES = {
+    "token": SearchToken,
+    "string": SearchString,
+    "date": SearchDate,
+    "reference": SearchReference,
+}
