@@ -73,11 +73,16 @@ def err_segment(error: MessageError, seps: Separators, version: str) -> str:
     return fs.join(["ERR", "", erl, hl7_code, "E", "", "", "", message])
 
 
+def ack_code_for(header: MshHeader | None, code: str) -> str:
+    """MSA-1 for ``code`` (AA/AE/AR): the commit codes CA/CE/CR in enhanced mode."""
+    return _ENHANCED[code] if header is not None and header.enhanced_mode else code
+
+
 def build_ack(header: MshHeader, code: str, error: MessageError | None = None) -> str:
     """The ACK (CR-separated, no MLLP framing) answering ``header`` with ``code`` (AA/AE/AR)."""
     seps = header.separators
     fs = seps.field
-    ack_code = _ENHANCED[code] if header.enhanced_mode else code
+    ack_code = ack_code_for(header, code)
     version = header.get(12) or "2.5.1"
     event = header.trigger_event
     msh_9 = seps.component.join(["ACK", event, "ACK"]) if event else "ACK"

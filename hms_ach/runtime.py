@@ -1,0 +1,136 @@
+"""One engine process: the store, the group-commit writer, the pipeline, every channel declared in
+channels.yaml, and the HTTP API, on one asyncio loop.
+
+``hms-ach run`` builds an :class:`Engine` and calls :meth:`Engine.serve`. Tests build one on a
+temporary database with ports set to 0 and use :meth:`Engine.start` / :meth:`Engine.stop`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from hms_ach.config import Config
+from hms_ach.errors import ConfigError, ConfigErrors
+from hms_ach.inbound import CHANNEL_TYPES
+from hms_ach.map.engine import MappingEngine
+from hms_ach.map.loader import load_mappings
+from hms_ach.pipeline import Hl7Policy, Pipeline
+from hms_ach.store.db import Store, database_url
+from hms_ach.store.writer import StoreWriter
+
+log = logging.getLogger("hms_ach.runtime")
+
+
+class Engine:
+    def __init__(self, config: Config, database: str | None = None):
+        self.config = config
+        self.store = Store(database or database_url(config.engine.database_url))
+        self.writer = StoreWriter(self.store)
+        self.mappings = load_mappings(config.mappings_dir)
+        self.pipeline = Pipeline(self.writer, MappingEngine(self.mappings, config.engine.timezone))
+        self.channels: dict[str, Any] = {}
+        self.health: dict[str, Any] = {"status": "ok", "started_at": datetime.now(UTC).isoformat(),
+                                       "last_reload": None, "reload_error": None}
+        self._http: Any = None
+        self._http_task: asyncio.Task[None] | None = None
+        self.http_port: int | None = None
+
+    def policies(self) -> dict[str, Hl7Policy]:
+        return {name: ch.policy for name, ch in self.channels.items() if hasattr(ch, "policy")}
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self.writer.start()
+        for settings in self.config.channels:
+            if not settings.enabled:
+                continue
+            cls = CHANNEL_TYPES.load(settings.type)
+            channel = cls(settings, self.pipeline)
+            await channel.start()
+            self.channels[settings.name] = channel
+        if self.config.http.enabled:
+            await self._start_http()
+
+    async def _start_http(self) -> None:
+        import uvicorn
+
+        from hms_ach.api.app import create_app
+
+        app = create_app(self.store)
+        app.state.health = self.health
+        app.state.engine = self
+        config = uvicorn.Config(app, host=self.config.http.host, port=self.config.http.port,
+                                log_level="warning", lifespan="off", access_log=False)
+        self._http = uvicorn.Server(config)
+        self._http.install_signal_handlers = lambda: None  # the engine handles signals
+        self._http_task = asyncio.create_task(self._http.serve())
+        while not self._http.started:
+            if self._http_task.done():
+                self._http_task.result()  # raises the startup error (port in use...)
+            await asyncio.sleep(0.02)
+        sockets = [s for server in self._http.servers for s in server.sockets]
+        self.http_port = sockets[0].getsockname()[1] if sockets else self.config.http.port
+        log.info("http.started", extra={"port": self.http_port})
+
+    async def stop(self) -> None:
+        for channel in list(self.channels.values()):
+            await channel.stop()
+        self.channels.clear()
+        if self._http is not None:
+            self._http.should_exit = True
+            if self._http_task is not None:
+                await self._http_task
+            self._http = None
+        self.writer.stop()
+        self.store.dispose()
+
+    async def serve(self) -> None:
+        """Run until cancelled (Ctrl-C / SIGTERM), reloading mappings when files change."""
+        await self.start()
+        try:
+            if self.config.engine.watch:
+                await self._watch()
+            else:
+                await asyncio.Event().wait()
+        finally:
+            await self.stop()
+
+    # ------------------------------------------------------------------ hot reload
+    def reload_mappings(self) -> bool:
+        """Load the mapping files again; apply them only if they are all valid."""
+        try:
+            mset = load_mappings(self.config.mappings_dir)
+        except (ConfigErrors, ConfigError) as exc:
+            self.health["reload_error"] = str(exc)
+            self.health["status"] = "degraded"
+            log.error("config.reload_failed", extra={"errors": str(exc)})
+            return False
+        self.mappings = mset
+        self.pipeline.engine = MappingEngine(mset, self.config.engine.timezone)
+        self.health.update(status="ok", reload_error=None, last_reload=datetime.now(UTC).isoformat())
+        log.info("config.reloaded")
+        return True
+
+    async def _watch(self) -> None:
+        """Poll the mapping directory's modification times (no extra dependency needed)."""
+        root = self.config.mappings_dir
+        snapshot = _mtimes(root)
+        while True:
+            await asyncio.sleep(1.0)
+            current = _mtimes(root)
+            if current != snapshot:
+                snapshot = current
+                self.reload_mappings()
+
+
+def _mtimes(root: Any) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for path in root.rglob("*.yaml"):
+        try:
+            out[str(path)] = path.stat().st_mtime
+        except OSError:
+            continue
+    return out

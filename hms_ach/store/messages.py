@@ -1,0 +1,86 @@
+"""The message store: every inbound message, raw, with its status, error and the ACK we sent.
+
+Functions take a SQLAlchemy connection inside the caller's transaction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, desc, insert, select, update
+
+from hms_ach.store.models import InboundMessage
+
+T = InboundMessage.__table__  # type: ignore[attr-defined]
+
+STATUSES = ("received", "processed", "error", "rejected", "duplicate")
+
+
+@dataclass
+class MessageMeta:
+    """What is known of a message before it is processed."""
+
+    channel: str
+    raw: bytes
+    content_type: str = "hl7v2"
+    idempotency_key: str | None = None
+    control_id: str = ""
+    sending_application: str = ""
+    sending_facility: str = ""
+    message_type: str = ""
+    version: str = ""
+    partition_key: str | None = None
+
+
+def find_by_key(conn: Connection, key: str) -> Any:
+    return conn.execute(select(T).where(T.c.idempotency_key == key)).first()
+
+
+def insert_message(conn: Connection, meta: MessageMeta, status: str = "received", *, keyed: bool = True,
+                   duplicate_of: int | None = None, ack_code: str | None = None, ack: str | None = None) -> int:
+    values = dict(
+        channel=meta.channel, raw=meta.raw, content_type=meta.content_type,
+        idempotency_key=meta.idempotency_key if keyed else None, control_id=meta.control_id,
+        sending_application=meta.sending_application, sending_facility=meta.sending_facility,
+        message_type=meta.message_type, version=meta.version, partition_key=meta.partition_key,
+        status=status, received_at=datetime.now(UTC), duplicate_of=duplicate_of, ack_code=ack_code, ack=ack,
+        processed_at=datetime.now(UTC) if status != "received" else None, replay_count=0,
+    )
+    return int(conn.execute(insert(T).values(**values)).inserted_primary_key[0])
+
+
+def finish(conn: Connection, message_id: int, status: str, ack_code: str | None, ack: str | None,
+           error: str | None = None, error_location: str | None = None, replay: bool = False) -> None:
+    values: dict[str, Any] = dict(status=status, ack_code=ack_code, ack=ack, error=error,
+                                  error_location=error_location, processed_at=datetime.now(UTC))
+    if replay:
+        values["replay_count"] = T.c.replay_count + 1
+    conn.execute(update(T).where(T.c.id == message_id).values(**values))
+
+
+def get(conn: Connection, message_id: int) -> Any:
+    return conn.execute(select(T).where(T.c.id == message_id)).first()
+
+
+def list_messages(conn: Connection, status: str | None = None, message_type: str | None = None,
+                  since: datetime | None = None, limit: int = 100) -> list[Any]:
+    q = select(T.c.id, T.c.channel, T.c.control_id, T.c.message_type, T.c.status, T.c.ack_code,
+               T.c.error, T.c.error_location, T.c.received_at, T.c.replay_count)
+    if status:
+        q = q.where(T.c.status == status)
+    if message_type:
+        q = q.where(T.c.message_type.like(message_type.replace("*", "%") + ("" if "*" in message_type else "%")))
+    if since:
+        q = q.where(T.c.received_at >= since)
+    return list(conn.execute(q.order_by(desc(T.c.id)).limit(limit)).all())
+
+
+def ids_since(conn: Connection, since: datetime | None, status: str | None = None) -> list[int]:
+    q = select(T.c.id).where(T.c.status != "duplicate")
+    if since:
+        q = q.where(T.c.received_at >= since)
+    if status:
+        q = q.where(T.c.status == status)
+    return [int(r) for r in conn.execute(q.order_by(T.c.id)).scalars().all()]
