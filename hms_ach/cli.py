@@ -17,7 +17,7 @@ import typer
 from hms_ach.config import Config, load_config
 from hms_ach.errors import ConfigError, ConfigErrors
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="hms-ach: an HL7 v2 / FHIR R4 integration engine.")
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="channels.yaml to use")]
@@ -185,51 +185,58 @@ def messages(config: ConfigOpt = Path("channels.yaml"),
 @app.command()
 def replay(ids: Annotated[list[int] | None, typer.Argument(help="message ids (see hms-ach messages)")] = None,
            config: ConfigOpt = Path("channels.yaml"),
-           status: Annotated[str | None, typer.Option(help="replay every message with this status")] = None,
-           since: Annotated[str | None, typer.Option(help="with --status: only messages since")] = None) -> None:
-    """Re-run stored messages through the current mappings and update the store."""
+           status: Annotated[str | None, typer.Option(help="replay the messages with this status")] = None,
+           since: Annotated[str | None, typer.Option(help="replay the messages received since (ISO time or 2h, 7d)")] = None,
+           mapping_dir: Annotated[Path | None, typer.Option(help="use these mappings instead of the configured ones")] = None,
+           dry_run: Annotated[bool, typer.Option("--dry-run", help="show what would change; write nothing")] = False,
+           apply: Annotated[bool, typer.Option("--apply", help="write the changes (the default without --dry-run)")] = False,
+           quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no diffs, one line per message")] = False) -> None:
+    """Re-run stored messages through the current (or --mapping-dir) mappings; --dry-run shows the diff."""
     from hms_ach.map.engine import MappingEngine
     from hms_ach.map.loader import load_mappings
-    from hms_ach.pipeline import Hl7Policy, Pipeline
+    from hms_ach.pipeline import Hl7Policy
+    from hms_ach.replay import replay_messages
     from hms_ach.store import messages as store_messages
-    from hms_ach.store.writer import StoreWriter
 
-    cfg = _load(config)
+    if dry_run and apply:
+        raise typer.BadParameter("give --dry-run or --apply, not both")
+    cfg = _load(config) if config.exists() else Config()
     store = _store(config)
     try:
-        mset = load_mappings(cfg.mappings_dir)
+        mset = load_mappings(mapping_dir or cfg.mappings_dir)
     except ConfigErrors as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from exc
     targets = list(ids or [])
-    if status:
+    if status or since:
         with store.reader.connect() as conn:
             targets += store_messages.ids_since(conn, _parse_since(since), status)
     if not targets:
-        typer.echo("nothing to replay: give message ids or --status", err=True)
+        typer.echo("nothing to replay: give message ids, --status or --since", err=True)
         raise typer.Exit(1)
-    writer = StoreWriter(store)
-    pipeline = Pipeline(writer, MappingEngine(mset, cfg.engine.timezone))
     policies = {ch.name: Hl7Policy(ch.name, getattr(ch, "default_charset", "utf-8"),
                                    list(getattr(ch, "accept_versions", Hl7Policy("x").versions)),
                                    list(getattr(ch, "accept_processing_ids", ["P", "T", "D"])))
                 for ch in cfg.channels}
-    failed = 0
-    try:
-        for mid in targets:
-            try:
-                out = pipeline.replay(mid, policies)
-            except (KeyError, ValueError) as exc:
-                typer.echo(f"{mid}: {exc.args[0]}")
-                failed += 1
-                continue
-            changed = sum(1 for w in out.writes if w.changed)
-            typer.echo(f"{mid}: {out.status} {out.ack_code}" + (f" - {out.error}" if out.error else "")
-                       + f" ({changed} record(s) changed)")
-            failed += out.status != "processed"
-    finally:
-        writer.stop()
-    raise typer.Exit(1 if failed else 0)
+    reports = replay_messages(store, MappingEngine(mset, cfg.engine.timezone), sorted(set(targets)), policies,
+                              apply=not dry_run)
+    store.dispose()
+    changed = 0
+    for r in reports:
+        changed += bool(r.changes)
+        typer.echo(f"message {r.message_id} {r.message_type}: {r.status_before} -> {r.status_after} {r.ack_code}"
+                   + (f" ({r.error})" if r.error else "") + f", {len(r.changes)} record(s) would change"
+                   .replace("would change", "changed" if not dry_run else "would change"))
+        if not quiet:
+            for c in r.changes:
+                typer.echo(f"  {'new ' if c.created else ''}{c.reference}")
+                if c.diff:
+                    typer.echo("\n".join("    " + line for line in c.diff.splitlines()))
+    verb = "would change" if dry_run else "changed"
+    typer.echo(f"{len(reports)} message(s) replayed, {changed} {verb} the store"
+               + (" (dry run: nothing written)" if dry_run else ""))
+    failed = sum(1 for r in reports if r.status_after != "processed")
+    raise typer.Exit(1 if failed and not dry_run else 0)
 
 
 @app.command("corpus-check")
@@ -361,6 +368,31 @@ def mapping_test(path: Annotated[Path | None, typer.Argument(help="a *_test.yaml
                 typer.echo(f"FAIL {f}::{case.name}\n{getattr(case, 'diff', '') or getattr(case, 'message', '')}")
     typer.echo(f"{passed} passed, {failed} failed")
     raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
+def docs(root: Annotated[Path, typer.Option(help="repository root")] = Path(".")) -> None:
+    """Write docs/mapping-language.md, generated from the mapping schema and function registry."""
+    from hms_ach.map.docs import write_docs
+
+    typer.echo(f"wrote {write_docs(root)}")
+
+
+schema_app = typer.Typer(no_args_is_help=True, help="JSON Schemas for editor completion.")
+app.add_typer(schema_app, name="schema")
+
+
+@schema_app.command("mapping")
+def schema_mapping(output: Annotated[Path | None, typer.Option("--output", "-o")] = None) -> None:
+    """Print (or write) the JSON Schema of mapping files."""
+    from hms_ach.map.docs import json_schema
+
+    text = json.dumps(json_schema(), indent=2)
+    if output:
+        output.write_text(text + "\n", encoding="utf-8")
+        typer.echo(f"wrote {output}")
+    else:
+        typer.echo(text)
 
 
 def _reason(error: Any) -> str:

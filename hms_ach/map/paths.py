@@ -15,6 +15,13 @@ Datatype context (inside a datatype mapping, or a resource mapping whose context
     XCN.1            component 1 of the current value;  XCN.9.1 sub-component 1 of component 9
     XCN              the current value itself
 
+Inside a ``for_each`` over segments (``for_each: MFE``), ``MFE-1`` reads the current segment, and
+other segments (``STF-2``, ``PRA-6``) are read from its group: the segments after it and before the
+next segment of the same name (the next MFE). When the group has none, the whole message is used.
+
+Nested ``rules:`` under a ``for_each`` or ``source`` read the current value with any datatype name
+(``XTN.1``, ``CX.4.1``).
+
 A compiled path's ``resolve(ctx)`` returns a list of :class:`Value` (string plus concrete location,
 for lineage and error locations such as ``PID-3[2].1``).
 """

@@ -95,7 +95,7 @@ class ParamSpec(_Strict):
 class ResourceMapping(_Strict):
     """Build one canonical record (a FHIR R4 resource) from a message, a segment or one datatype value."""
 
-    kind: Literal["resource"]
+    kind: Literal["resource"] = Field(description="resource")
     name: str | None = Field(None, description="Name other mappings use; defaults to the file name")
     description: str = Field("", description="What this mapping is for")
     resource: str = Field(description="Record type: Patient, Encounter, Location, Practitioner, ...")
@@ -112,12 +112,12 @@ class ResourceMapping(_Strict):
 class DatatypeMapping(_Strict):
     """Turn one HL7 datatype value (one repetition) into a FHIR element; reused by resource mappings."""
 
-    kind: Literal["datatype"]
+    kind: Literal["datatype"] = Field(description="datatype")
     name: str | None = Field(None, description="Name other mappings use; defaults to the file name")
-    description: str = ""
+    description: str = Field("", description="What this mapping is for")
     datatype: str = Field(description="The HL7 datatype read (XPN, CX, XAD, XTN, CWE, PL, XCN...)")
     produces: str = Field("", description="The FHIR datatype produced (HumanName, Identifier...), for the docs")
-    rules: list[Rule] = Field(default_factory=list)
+    rules: list[Rule] = Field(default_factory=list, description="The rules, applied in order")
 
 
 class RecordEntry(_Strict):
@@ -127,7 +127,7 @@ class RecordEntry(_Strict):
     as_: str | None = Field(None, alias="as", description="Alias other rules use with `ref:`")
     context: str | None = Field(None, description="HL7 path whose value is the mapping's context (skipped if empty)")
     for_each: str | None = Field(None, description="HL7 path: run once per repetition / segment")
-    when: Condition | list[Condition] | None = None
+    when: Condition | list[Condition] | None = Field(None, description="Run only when this (or all of these) holds")
     with_: dict[str, Any] = Field(default_factory=dict, alias="with", description="Parameters for the mapping")
     create: bool | None = Field(
         None, description="false: only update a record that already exists (overrides the resource mapping)")
@@ -149,20 +149,20 @@ class MessageMatch(_Strict):
 class MessageMapping(_Strict):
     """Which records a message type yields."""
 
-    kind: Literal["message"]
-    name: str | None = None
-    description: str = ""
-    match: MessageMatch
-    records: list[RecordEntry] = Field(default_factory=list)
-    actions: list[ActionEntry] = Field(default_factory=list)
+    kind: Literal["message"] = Field(description="message")
+    name: str | None = Field(None, description="Name of the mapping; defaults to the file name")
+    description: str = Field("", description="What this mapping is for")
+    match: MessageMatch = Field(description="Which messages (MSH-9) this mapping handles")
+    records: list[RecordEntry] = Field(default_factory=list, description="The records the message yields, in order")
+    actions: list[ActionEntry] = Field(default_factory=list, description="Store actions run after the records")
 
 
 class CodeTable(_Strict):
     """A code table: source code -> target value (a code, or a whole object such as a Coding)."""
 
-    kind: Literal["table"]
-    name: str | None = None
-    description: str = ""
+    kind: Literal["table"] = Field(description="table")
+    name: str | None = Field(None, description="Name rules use with `table:`; defaults to the file name")
+    description: str = Field("", description="What the table translates")
     source_system: str = Field("", description="Where the codes come from, e.g. HL7 table 0001")
     target_system: str = Field("", description="The FHIR code system of the results")
     map: dict[str, Any] = Field(description="source code -> target value")
