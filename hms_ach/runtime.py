@@ -12,7 +12,9 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from hms_ach.config import Config
+from pathlib import Path
+
+from hms_ach.config import Config, load_config
 from hms_ach.errors import ConfigError, ConfigErrors
 from hms_ach.inbound import CHANNEL_TYPES
 from hms_ach.map.engine import MappingEngine
@@ -114,16 +116,55 @@ class Engine:
         log.info("config.reloaded")
         return True
 
+    async def reload_config(self) -> bool:
+        """Re-read channels.yaml: restart only the channels whose settings changed, then the mappings.
+
+        An invalid file is refused: the running channels and mappings stay as they are.
+        """
+        try:
+            new = load_config(self.config.source)
+        except (ConfigErrors, ConfigError) as exc:
+            self.health.update(status="degraded", reload_error=str(exc))
+            log.error("config.reload_failed", extra={"errors": str(exc)})
+            return False
+        old = {c.name: c for c in self.config.channels}
+        wanted = {c.name: c for c in new.channels if c.enabled}
+        for name in list(self.channels):
+            if name not in wanted or wanted[name] != old.get(name):
+                await self.channels.pop(name).stop()
+        self.config = new
+        if not self.reload_mappings():
+            return False
+        for name, settings in wanted.items():
+            if name not in self.channels:
+                channel = CHANNEL_TYPES.load(settings.type)(settings, self.pipeline)
+                await channel.start()
+                self.channels[name] = channel
+        return True
+
     async def _watch(self) -> None:
-        """Poll the mapping directory's modification times (no extra dependency needed)."""
-        root = self.config.mappings_dir
-        snapshot = _mtimes(root)
+        """Poll channels.yaml and the mapping files' modification times (no extra dependency needed)."""
+        snapshot = self._snapshot()
         while True:
             await asyncio.sleep(1.0)
-            current = _mtimes(root)
-            if current != snapshot:
-                snapshot = current
+            current = self._snapshot()
+            if current == snapshot:
+                continue
+            config_changed = current.get("config") != snapshot.get("config")
+            snapshot = current
+            if config_changed and self.config.source:
+                await self.reload_config()
+            else:
                 self.reload_mappings()
+
+    def _snapshot(self) -> dict[str, float]:
+        snap = _mtimes(self.config.mappings_dir)
+        if self.config.source:
+            try:
+                snap["config"] = Path(self.config.source).stat().st_mtime
+            except OSError:
+                pass
+        return snap
 
 
 def _mtimes(root: Any) -> dict[str, float]:

@@ -7,7 +7,7 @@ identifiers, store actions, lineage) that the pipeline commits and the preview s
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
@@ -15,7 +15,7 @@ from hms_ach.errors import Err0357, MappingError, RejectError
 from hms_ach.map import spec
 from hms_ach.map.functions import FUNCTIONS, FunctionError
 from hms_ach.map.loader import LoadedFile, MappingSet
-from hms_ach.map.paths import MessagePath, Path, Scope, Value, compile_path
+from hms_ach.map.paths import MessagePath, Path, PathSyntaxError, Scope, Value, compile_path
 from hms_ach.map.result import Lineage, MappingResult, RecordWrite, StoreAction
 from hms_ach.map.terminology import lookup
 from hms_ach.parse.hl7v2 import Hl7Message
@@ -151,6 +151,13 @@ class MappingEngine:
 
     def _child_scopes(self, text: str, scope: Scope, datatype: str | None) -> list[Scope]:
         path = _path(text, datatype)
+        if isinstance(path, MessagePath):
+            # for_each runs once per repetition: a bare segment (NK1, MFE) means every such segment,
+            # a field without a repetition selector (PID-3) every repetition
+            if path.is_segment and path.segment_sel is None:
+                path = replace(path, segment_sel="*")
+            elif not path.is_segment and path.rep is None and path.filter_comp is None:
+                path = replace(path, rep="*")
         values = [v for v in path.resolve(scope) if not _empty(v.raw)]
         if isinstance(path, MessagePath) and path.is_segment:
             return [scope.with_segment(v.segment, v.location) for v in values if v.segment is not None]
@@ -268,7 +275,7 @@ class MappingEngine:
 
     def _require(self, rule: spec.ValueSpec, f: LoadedFile, where: Any) -> None:
         if rule.required:
-            loc = where[0] if isinstance(where, list) else str(where)
+            loc = _field_location(where[0] if isinstance(where, list) else str(where))
             msg = rule.required if isinstance(rule.required, str) else f"{loc} is required but empty"
             raise MappingError(f"{f.name}: {msg}", loc, Err0357.REQUIRED_FIELD_MISSING)
 
@@ -342,6 +349,18 @@ class MappingEngine:
                     and cond.in_ is None and cond.not_in is None and _empty(value)):
                 return False
         return True
+
+
+def _field_location(text: str) -> str:
+    """The HL7 field a required-but-empty path names (ERR-2 of code 101): ``PID-3[CX.5=MR].1`` -> ``PID-3``."""
+    try:
+        path = _path(text, "*")
+    except PathSyntaxError:
+        return text
+    if isinstance(path, MessagePath) and path.field is not None:
+        seg = path.segment + (f"[{path.segment_sel}]" if path.segment_sel not in (None, "*") else "")
+        return f"{seg}-{path.field}"
+    return text
 
 
 def _given(with_: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:

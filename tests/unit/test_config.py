@@ -37,7 +37,7 @@ def test_interpolation_with_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyP
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("channels:\n  - name: a\n    type: mlp\n", ["c.yaml:3:11", "did you mean 'mllp'"]),
+        ("channels:\n  - name: a\n    type: mlp\n", ["c.yaml:3:5", "did you mean 'mllp'"]),
         ("channels:\n  - name: a\n    type: mllp\n    prot: 1\n", ["c.yaml:4:5", "unknown key 'prot'", "did you mean 'port'"]),
         ("http:\n  port: lots\n", ["c.yaml:2:3", "port"]),
         ("engine:\n  database_url: [\n", ["c.yaml:", "YAML syntax error"]),

@@ -1,0 +1,252 @@
+"""FHIR R4 search over the canonical store: the SQL builder and the page query.
+
+:func:`execute` runs a :class:`~hms_ach.store.search_query.SearchQuery` on a connection with
+SQLAlchemy Core: one clause builder per parameter type, each an ``IN`` sub-select on that type's
+index table; every user value is a bound parameter.
+
+Paging is keyset paging. The page is ordered by the sort keys and then the record id, and the next
+page starts strictly after the keys of the last row served (carried by the cursor). A record whose
+sort keys do not change while a client pages is therefore returned exactly once, whatever is
+inserted or deleted meanwhile; the default order (by ``_id``) never changes, so with it no record
+is skipped or repeated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Select, Table, and_, false, func, literal, or_, select
+from sqlalchemy.sql.elements import ColumnElement
+
+from hms_ach.store.models import INDEX_TABLES, RECORD_TABLES
+from hms_ach.store.search_params import FAR_PAST, SearchParam, clip, normalise, parse_reference
+from hms_ach.store.search_query import (
+    DEFAULT_COUNT,
+    MAX_COUNT,
+    Criterion,
+    SearchError,
+    SearchQuery,
+    SortKey,
+    date_value,
+    encode_cursor,
+    include_params,
+    parse_query,
+    sort_params,
+    split_escaped,
+    unescape,
+)
+
+__all__ = [
+    "DEFAULT_COUNT", "MAX_COUNT", "SearchError", "SearchPage", "SearchQuery", "execute", "include_params",
+    "parse_query", "sort_params", "where_clauses",
+]
+
+
+@dataclass
+class SearchPage:
+    matches: list[tuple[str, str]]
+    """(id, stored resource JSON) of the page, in order."""
+    included: list[tuple[str, str, str]]
+    """(type, id, stored resource JSON) of the ``_include``-d records."""
+    total: int | None
+    next_cursor: str | None
+
+
+# ---------------------------------------------------------------------------- SQL builders
+def _table(resource_type: str) -> Table:
+    return RECORD_TABLES[resource_type].__table__  # type: ignore[attr-defined, no-any-return]
+
+
+def _index(kind: str) -> Table:
+    return INDEX_TABLES[kind].__table__  # type: ignore[attr-defined, no-any-return]
+
+
+def _rows_of(ix: Table, rt: str, param: SearchParam, *conds: ColumnElement[bool]) -> Select[Any]:
+    return select(ix.c.resource_id).where(ix.c.resource_type == rt, ix.c.param == param.name, *conds)
+
+
+def _in_index(t: Table, ix: Table, rt: str, crit: Criterion, cond: ColumnElement[bool]) -> ColumnElement[bool]:
+    if crit.modifier == "missing":
+        rows = _rows_of(ix, rt, crit.param)
+        return t.c.id.not_in(rows) if crit.values[0] == "true" else t.c.id.in_(rows)
+    rows = _rows_of(ix, rt, crit.param, cond)
+    return t.c.id.not_in(rows) if crit.modifier == "not" else t.c.id.in_(rows)
+
+
+def token_clause(t: Table, rt: str, crit: Criterion) -> ColumnElement[bool]:
+    """``system|code``, ``code``, ``|code`` (no system), ``system|`` (any code in system)."""
+    if crit.param.column is not None:
+        return t.c[crit.param.column].in_([unescape(v) for v in crit.values])
+    ix = _index("token")
+    conds: list[ColumnElement[bool]] = []
+    for raw in crit.values:
+        parts = split_escaped(raw, "|")
+        if len(parts) == 1:
+            conds.append(ix.c.value == clip(unescape(parts[0])))
+            continue
+        system, code = unescape(parts[0]), unescape("|".join(parts[1:]))
+        sys_cond = ix.c.system.is_(None) if system == "" else ix.c.system == clip(system)
+        conds.append(and_(sys_cond, ix.c.value == clip(code)) if code else sys_cond)
+    return _in_index(t, ix, rt, crit, or_(false(), *conds))
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def string_clause(t: Table, rt: str, crit: Criterion) -> ColumnElement[bool]:
+    """Starts-with on the normalised form by default; ``:exact`` and ``:contains`` as in R4."""
+    ix = _index("string")
+    conds: list[ColumnElement[bool]] = []
+    for raw in crit.values:
+        text = unescape(raw)
+        if crit.modifier == "exact":
+            conds.append(ix.c.exact == clip(text))
+            continue
+        pattern = _like_escape(clip(normalise(text))) + "%"
+        if crit.modifier == "contains":
+            pattern = "%" + pattern
+        conds.append(ix.c.norm.like(pattern, escape="\\"))
+    return _in_index(t, ix, rt, crit, or_(false(), *conds))
+
+
+def _date_condition(prefix: str, start: Any, end_gt: Any, end_le: Any, lo: datetime, hi: datetime
+                    ) -> ColumnElement[bool]:
+    """The R4 prefix table with the target range [start, end) and the search range [lo, hi)."""
+    eq = and_(start >= lo, end_le(hi))
+    conditions: dict[str, ColumnElement[bool]] = {
+        "eq": eq,
+        "ne": ~eq,
+        "gt": end_gt(hi),
+        "lt": start < lo,
+        "ge": or_(end_gt(hi), eq),
+        "le": or_(start < lo, eq),
+        "sa": start >= hi,
+        "eb": end_le(lo),
+    }
+    return conditions[prefix]
+
+
+def date_clause(t: Table, rt: str, crit: Criterion) -> ColumnElement[bool]:
+    """Date prefixes over precision ranges; ``_lastUpdated`` treats the column as an instant."""
+    conds: list[ColumnElement[bool]] = []
+    ix = _index("date")
+    for raw in crit.values:
+        prefix, lo, hi = date_value(raw, crit.param.name)
+        if crit.param.column is not None:
+            col = t.c[crit.param.column]
+            conds.append(_date_condition(prefix, col, lambda x, c=col: c >= x, lambda x, c=col: c < x, lo, hi))
+        else:
+            conds.append(_date_condition(prefix, ix.c.start, lambda x: ix.c.end > x,
+                                         lambda x: ix.c.end <= x, lo, hi))
+    cond = or_(false(), *conds)
+    return cond if crit.param.column is not None else _in_index(t, ix, rt, crit, cond)
+
+
+def reference_clause(t: Table, rt: str, crit: Criterion) -> ColumnElement[bool]:
+    """``Type/id``, a bare ``id`` or an absolute URL ending in ``Type/id``; ``:Type`` narrows."""
+    ix = _index("reference")
+    conds: list[ColumnElement[bool]] = []
+    for raw in crit.values:
+        target_type, target_id = parse_reference(unescape(raw))
+        if crit.modifier not in (None, "missing"):
+            if target_type not in (None, crit.modifier):
+                continue
+            target_type = crit.modifier
+        cond = ix.c.target_id == target_id
+        conds.append(and_(cond, ix.c.target_type == target_type) if target_type else cond)
+    return _in_index(t, ix, rt, crit, or_(false(), *conds))
+
+
+CLAUSE_BUILDERS = {
+    "token": token_clause,
+    "string": string_clause,
+    "date": date_clause,
+    "reference": reference_clause,
+}
+
+
+def where_clauses(query: SearchQuery) -> list[ColumnElement[bool]]:
+    """Every WHERE condition of ``query``; deleted records never match."""
+    t = _table(query.resource_type)
+    conds: list[ColumnElement[bool]] = [t.c.deleted == false()]
+    for crit in query.criteria:
+        conds.append(CLAUSE_BUILDERS[crit.param.type](t, query.resource_type, crit))
+    return conds
+
+
+def _sort_expression(t: Table, rt: str, key: SortKey) -> ColumnElement[Any]:
+    if key.param.column is not None:
+        return t.c[key.param.column]
+    ix = _index(key.param.type)
+    col = ix.c[{"string": "norm", "token": "value", "date": "start"}[key.param.type]]
+    agg = func.max(col) if key.descending else func.min(col)
+    sub = select(agg).where(ix.c.resource_type == rt, ix.c.resource_id == t.c.id,
+                            ix.c.param == key.param.name).scalar_subquery()
+    missing: Any = FAR_PAST if key.param.type == "date" else ""
+    return func.coalesce(sub, literal(missing, col.type))
+
+
+def _after(cols: list[Any], descending: list[bool], keys: list[Any]) -> ColumnElement[bool]:
+    """Rows strictly after ``keys`` in the order of ``cols`` (the keyset condition)."""
+    alternatives = []
+    for i, col in enumerate(cols):
+        equal = [cols[j] == keys[j] for j in range(i)]
+        alternatives.append(and_(*equal, col < keys[i] if descending[i] else col > keys[i]))
+    return or_(*alternatives)
+
+
+def execute(conn: Connection, query: SearchQuery) -> SearchPage:
+    """Run ``query``: the total (unless ``_total=none``), one page after the cursor, and includes."""
+    t = _table(query.resource_type)
+    where = where_clauses(query)
+    total = None
+    if query.total:
+        total = int(conn.execute(select(func.count()).select_from(t).where(*where)).scalar_one())
+    if query.count == 0:
+        return SearchPage([], [], total, None)
+    keys = [_sort_expression(t, query.resource_type, k).label(f"k{i}") for i, k in enumerate(query.sort)]
+    inner = select(t.c.id, t.c.resource, *keys).where(*where).subquery("matches")
+    cols = [inner.c[f"k{i}"] for i in range(len(keys))] + [inner.c.id]
+    descending = [k.descending for k in query.sort] + [False]
+    stmt = select(inner.c.id, inner.c.resource, *cols[:-1])
+    if query.after is not None:
+        stmt = stmt.where(_after(cols, descending, query.after))
+    stmt = stmt.order_by(*[c.desc() if d else c.asc() for c, d in zip(cols, descending, strict=True)])
+    rows = conn.execute(stmt.limit(query.count + 1)).all()
+    more = len(rows) > query.count
+    rows = rows[: query.count]
+    next_cursor = None
+    if more:
+        last = rows[-1]
+        next_cursor = encode_cursor(query, [*last[2:], last.id])
+    matches = [(r.id, r.resource) for r in rows]
+    return SearchPage(matches, _included(conn, query, [m[0] for m in matches]), total, next_cursor)
+
+
+def _included(conn: Connection, query: SearchQuery, ids: list[str]) -> list[tuple[str, str, str]]:
+    if not query.includes or not ids:
+        return []
+    ix = _index("reference")
+    wanted: dict[str, set[str]] = {}
+    for inc in query.includes:
+        stmt = select(ix.c.target_type, ix.c.target_id).where(
+            ix.c.resource_type == inc.source, ix.c.param == inc.param.name, ix.c.resource_id.in_(ids))
+        if inc.target:
+            stmt = stmt.where(ix.c.target_type == inc.target)
+        for target_type, target_id in conn.execute(stmt):
+            if target_type in RECORD_TABLES:
+                wanted.setdefault(target_type, set()).add(target_id)
+    seen = {(query.resource_type, i) for i in ids}
+    out: list[tuple[str, str, str]] = []
+    for target_type in sorted(wanted):
+        tt = _table(target_type)
+        stmt = select(tt.c.id, tt.c.resource).where(tt.c.id.in_(sorted(wanted[target_type])),
+                                                    tt.c.deleted == false()).order_by(tt.c.id)
+        for rid, text in conn.execute(stmt):
+            if (target_type, rid) not in seen:
+                seen.add((target_type, rid))
+                out.append((target_type, rid, text))
+    return out

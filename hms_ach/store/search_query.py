@@ -1,0 +1,281 @@
+"""The FHIR R4 search request: parameters parsed into a :class:`SearchQuery`, and its paging cursor.
+
+:func:`parse_query` reads request parameters (repeated keys are AND, commas are OR, backslash
+escapes ``\\,`` ``\\|`` ``\\$`` as in the spec) and checks them against the declarations in
+:mod:`hms_ach.store.search_params`. What the server cannot do as asked raises
+:class:`SearchError`, which the API renders as a 400 OperationOutcome; unknown parameters are
+ignored with a warning unless strict handling is requested.
+
+The cursor (``_cursor``) is opaque to clients: base64url JSON holding the sort keys and id of the
+last row served plus a digest of the query it belongs to, so it cannot be replayed on another search.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlencode
+
+import orjson
+
+from hms_ach.errors import HmsAchError
+from hms_ach.store.models import RECORD_TABLES
+from hms_ach.store.search_params import SEARCH_PARAMS, SearchParam, date_range, search_param
+
+DEFAULT_COUNT = 20
+MAX_COUNT = 100
+MAX_VALUE_CHARS = 1000
+MAX_CURSOR_CHARS = 8000
+MAX_PARAMETERS = 100
+DATE_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb")
+MODIFIERS: dict[str, set[str]] = {
+    "token": {"not", "missing"},
+    "string": {"exact", "contains", "missing"},
+    "date": {"missing"},
+    "reference": {"missing"},
+}
+#: Result parameters we act on, and those accepted without effect.
+RESULT_PARAMS = {"_count", "_sort", "_include", "_total", "_cursor", "_summary"}
+NEUTRAL_PARAMS = {"_format", "_pretty"}
+SORTABLE_TYPES = {"string", "date", "token"}
+
+
+class SearchError(HmsAchError):
+    """A search request the server cannot run as asked; ``code`` is a FHIR issue-type code."""
+
+    def __init__(self, diagnostics: str, code: str = "invalid", expression: str | None = None):
+        self.diagnostics = diagnostics
+        self.code = code
+        self.expression = expression
+        super().__init__(diagnostics)
+
+
+@dataclass
+class Criterion:
+    """One occurrence of a search parameter: its values are OR-ed, occurrences are AND-ed."""
+
+    param: SearchParam
+    modifier: str | None
+    values: list[str]
+
+
+@dataclass
+class SortKey:
+    param: SearchParam
+    descending: bool = False
+
+
+@dataclass
+class Include:
+    source: str
+    param: SearchParam
+    target: str | None = None
+
+
+@dataclass
+class SearchQuery:
+    resource_type: str
+    criteria: list[Criterion] = field(default_factory=list)
+    sort: list[SortKey] = field(default_factory=list)
+    includes: list[Include] = field(default_factory=list)
+    count: int = DEFAULT_COUNT
+    total: bool = True
+    after: list[Any] | None = None
+    understood: list[tuple[str, str]] = field(default_factory=list)
+    """The parameters acted on, in request order (for the self link and the cursor digest)."""
+    warnings: list[str] = field(default_factory=list)
+
+    def self_query(self) -> str:
+        return urlencode(self.understood)
+
+    def next_query(self, cursor: str) -> str:
+        return urlencode([(k, v) for k, v in self.understood if k != "_cursor"] + [("_cursor", cursor)])
+
+
+def sort_params(resource_type: str) -> list[str]:
+    """The parameter names ``_sort`` accepts for ``resource_type``."""
+    declared = SEARCH_PARAMS.get(resource_type, {}).values()
+    return ["_id", "_lastUpdated"] + [p.name for p in declared if p.type in SORTABLE_TYPES]
+
+
+def include_params(resource_type: str) -> list[str]:
+    """The ``_include`` values accepted for ``resource_type`` (``Type:param``)."""
+    return [f"{resource_type}:{p.name}" for p in SEARCH_PARAMS.get(resource_type, {}).values()
+            if p.type == "reference"]
+
+
+# ---------------------------------------------------------------------------- parsing
+def split_escaped(text: str, sep: str) -> list[str]:
+    """Split on ``sep`` unless preceded by a backslash; the escapes stay for :func:`unescape`."""
+    parts, current, i = [], [], 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text):
+            current.append(text[i:i + 2])
+            i += 2
+            continue
+        if ch == sep:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+        i += 1
+    parts.append("".join(current))
+    return parts
+
+
+def unescape(text: str) -> str:
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text):
+            i += 1
+        out.append(text[i])
+        i += 1
+    return "".join(out)
+
+
+def parse_query(resource_type: str, params: list[tuple[str, str]], *, strict: bool = False) -> SearchQuery:
+    """Parse request parameters for a search on ``resource_type``; raises SearchError on bad input."""
+    if resource_type not in RECORD_TABLES:
+        raise SearchError(f"resource type {resource_type!r} is not supported", "not-supported")
+    if len(params) > MAX_PARAMETERS:
+        raise SearchError(f"too many parameters ({len(params)}, at most {MAX_PARAMETERS})", "too-costly")
+    query = SearchQuery(resource_type)
+    cursor: str | None = None
+    for key, value in params:
+        limit = MAX_CURSOR_CHARS if key == "_cursor" else MAX_VALUE_CHARS
+        if len(value) > limit or len(key) > 200:
+            raise SearchError(f"value of {key[:64]!r} is longer than {limit} characters", "too-long", key[:64])
+        if "\x00" in value or "\x00" in key:
+            raise SearchError(f"parameter {key[:64]!r} contains a NUL character", "invalid", key[:64])
+        if key in NEUTRAL_PARAMS or value == "":
+            continue
+        name, _, modifier = key.partition(":")
+        if name in RESULT_PARAMS and not modifier:
+            if name == "_cursor":
+                cursor = value
+            elif _result_param(query, name, value, strict):
+                query.understood.append((key, value))
+            continue
+        param = search_param(resource_type, name)
+        if param is None:
+            base = search_param(resource_type, name.split(".", 1)[0])
+            if base is not None and base.type == "reference":
+                raise SearchError(f"chained parameter {key!r} is not supported", "not-supported", key)
+            if key.startswith("_include") or key.startswith("_revinclude") or key.startswith("_has") or strict:
+                raise SearchError(f"parameter {key!r} is not supported for {resource_type}", "not-supported", key)
+            query.warnings.append(f"parameter {key!r} is not supported for {resource_type} and was ignored")
+            continue
+        query.criteria.append(_criterion(param, modifier or None, value, key))
+        query.understood.append((key, value))
+    if cursor is not None:
+        query.after = _decode_cursor(cursor, query)
+        query.understood.append(("_cursor", cursor))
+    return query
+
+
+def _result_param(query: SearchQuery, name: str, value: str, strict: bool) -> bool:
+    """Apply one result parameter; False when it was ignored."""
+    rt = query.resource_type
+    if name == "_count":
+        try:
+            count = int(value)
+        except ValueError:
+            raise SearchError(f"_count must be a whole number, got {value!r}", "invalid", "_count") from None
+        if count < 0:
+            raise SearchError(f"_count must not be negative, got {count}", "invalid", "_count")
+        query.count = min(count, MAX_COUNT)
+    elif name == "_sort":
+        for item in value.split(","):
+            desc = item.startswith("-")
+            pname = item[1:] if desc else item
+            param = search_param(rt, pname)
+            if pname not in sort_params(rt) or param is None:
+                raise SearchError(f"cannot sort {rt} by {pname!r}; sortable: {', '.join(sort_params(rt))}",
+                                  "not-supported", "_sort")
+            query.sort.append(SortKey(param, desc))
+    elif name == "_include":
+        parts = value.split(":")
+        param = search_param(rt, parts[1]) if len(parts) in (2, 3) and parts[0] == rt else None
+        if param is None or param.type != "reference" or (len(parts) == 3 and parts[2] not in RECORD_TABLES):
+            raise SearchError(f"_include={value!r} is not supported; supported: {', '.join(include_params(rt))}",
+                              "not-supported", "_include")
+        query.includes.append(Include(rt, param, parts[2] if len(parts) == 3 else None))
+    elif name == "_total":
+        if value not in ("none", "estimate", "accurate"):
+            raise SearchError(f"_total must be none, estimate or accurate, got {value!r}", "invalid", "_total")
+        query.total = value != "none"
+    elif name == "_summary":
+        if value == "count":
+            query.count = 0
+        elif strict:
+            raise SearchError(f"_summary={value!r} is not supported (only count)", "not-supported", "_summary")
+        else:
+            query.warnings.append(f"_summary={value!r} is not supported and was ignored")
+            return False
+    return True
+
+
+def _criterion(param: SearchParam, modifier: str | None, value: str, key: str) -> Criterion:
+    if modifier is not None:
+        allowed = MODIFIERS[param.type]
+        is_type = param.type == "reference" and modifier in RECORD_TABLES and (
+            not param.targets or modifier in param.targets)
+        if param.column is not None or (modifier not in allowed and not is_type):
+            raise SearchError(f"modifier :{modifier} is not supported on {param.name!r}", "not-supported", key)
+    if modifier == "missing":
+        if value not in ("true", "false"):
+            raise SearchError(f"{key} must be true or false, got {value!r}", "invalid", key)
+        return Criterion(param, modifier, [value])
+    values = [v for v in split_escaped(value, ",") if v != ""]
+    for v in values:  # validate dates now, so a bad one is a 400 and not a database error
+        if param.type == "date":
+            date_value(v, key)
+    return Criterion(param, modifier, values)
+
+
+def date_value(text: str, key: str) -> tuple[str, datetime, datetime]:
+    prefix = text[:2] if text[:2].isalpha() else "eq"
+    raw = text[2:] if text[:2].isalpha() else text
+    if re.search(r" \d{2}:\d{2}$", raw):  # an unencoded '+' of the offset arrives as a space
+        raw = raw[:-6] + "+" + raw[-5:]
+    if prefix not in DATE_PREFIXES:
+        raise SearchError(f"date prefix {prefix!r} in {key} is not supported; use one of {DATE_PREFIXES}",
+                          "not-supported", key)
+    try:
+        lo, hi = date_range(unescape(raw))
+    except ValueError as exc:
+        raise SearchError(f"{key}: {exc}", "invalid", key) from None
+    return prefix, lo, hi
+
+
+# ---------------------------------------------------------------------------- cursor
+def _digest(query: SearchQuery) -> str:
+    keep = [(k, v) for k, v in query.understood if k not in ("_cursor", "_count")]
+    return hashlib.sha256(urlencode(keep).encode()).hexdigest()[:16]
+
+
+def encode_cursor(query: SearchQuery, keys: list[Any]) -> str:
+    encoded = [{"t": k.isoformat()} if isinstance(k, datetime) else k for k in keys]
+    raw = orjson.dumps({"q": _digest(query), "k": encoded})
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(token: str, query: SearchQuery) -> list[Any]:
+    try:
+        data = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        keys = [datetime.fromisoformat(k["t"]).astimezone(UTC) if isinstance(k, dict) else k for k in data["k"]]
+        digest = data["q"]
+    except (ValueError, TypeError, KeyError, binascii.Error, orjson.JSONDecodeError):
+        raise SearchError("_cursor is not a cursor this server issued", "invalid", "_cursor") from None
+    if digest != _digest(query) or len(keys) != len(query.sort) + 1:
+        raise SearchError("_cursor belongs to a different search; follow the next link as given",
+                          "invalid", "_cursor")
+    if not all(isinstance(k, str | datetime) for k in keys):
+        raise SearchError("_cursor is not a cursor this server issued", "invalid", "_cursor")
+    return keys

@@ -1,0 +1,51 @@
+"""Shared fixtures: ``store``, a fresh empty store per test.
+
+It runs on SQLite (a file under ``tmp_path``) and, when ``HMS_ACH_TEST_POSTGRES_URL`` is set, also
+on PostgreSQL, where each test gets its own schema (dropped afterwards), so tests never see each
+other's rows.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from hms_ach.store.db import Store, normalise_url
+
+PG_URL = os.environ.get("HMS_ACH_TEST_POSTGRES_URL")
+STORE_BACKENDS = ["sqlite"] + (["postgres"] if PG_URL else [])
+
+
+def _admin(op: str, schema: str) -> None:
+    assert PG_URL
+    engine = create_engine(normalise_url(PG_URL))
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(f'{op} SCHEMA "{schema}"' + (" CASCADE" if op == "DROP" else "")))
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(params=STORE_BACKENDS)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """An empty store with all tables created: SQLite, or PostgreSQL in a schema of its own."""
+    if request.param == "sqlite":
+        s = Store(f"sqlite:///{tmp_path}/store.db")
+        yield s
+        s.dispose()
+        return
+    assert PG_URL
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    _admin("CREATE", schema)
+    sep = "&" if "?" in PG_URL else "?"
+    s = Store(f"{PG_URL}{sep}options=-csearch_path%3D{schema}")
+    try:
+        yield s
+    finally:
+        s.dispose()
+        _admin("DROP", schema)
