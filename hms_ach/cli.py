@@ -244,6 +244,7 @@ def corpus_check(directory: Annotated[Path, typer.Argument(help="folder searched
                  config: ConfigOpt = Path("channels.yaml"),
                  top: Annotated[int, typer.Option(help="reasons shown per message type")] = 3) -> None:
     """Feed every *.hl7 file under DIRECTORY through parse -> ACK -> map, in-process, with no network."""
+    from hms_ach.errors import MessageError
     from hms_ach.inbound.mllp import split_messages
     from hms_ach.map.engine import MappingEngine
     from hms_ach.map.loader import load_mappings
@@ -262,8 +263,11 @@ def corpus_check(directory: Annotated[Path, typer.Argument(help="folder searched
     files = sorted(directory.rglob("*.hl7"))
     total = 0
     for path in files:
+        data = path.read_bytes()
         try:
-            chunks = split_messages(path.read_bytes()) or [path.read_bytes()]
+            chunks = split_messages(data) or [data]
+        except MessageError:
+            chunks = [data]  # not a clean message stream: the whole file is one (rejected) message
         except Exception as exc:  # noqa: BLE001 - reported as a crash below
             crashes.append(f"{path}: split: {type(exc).__name__}: {exc}")
             continue

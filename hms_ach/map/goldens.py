@@ -57,6 +57,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -130,6 +131,11 @@ class LoadedGolden:
     path: Path
     model: GoldenFile
     lines: list[int]
+    positions: Positions
+
+    def line_of(self, *loc: Any) -> int:
+        """The line of a node of the file, e.g. ``line_of("cases", 0, "expect", "records", 2)``."""
+        return position_of(self.path, self.positions, loc).line
 
 
 @dataclass
@@ -211,7 +217,7 @@ def load_golden_file(path: Path) -> LoadedGolden:
     if errors:
         raise ConfigErrors(errors)
     lines = [positions.get(("cases", i), (0, 0))[0] for i in range(len(model.cases))]
-    return LoadedGolden(path, model, lines)
+    return LoadedGolden(path, model, lines, positions)
 
 
 def _config_error(path: Path, positions: Positions, err: Any) -> ConfigError:
@@ -276,7 +282,7 @@ def run_case(golden: LoadedGolden, index: int, mset: MappingSet, repo_root: Path
         result.message = (f"expected an error ({_describe_expected_error(case.expect.error)}) but the message "
                           f"mapped to {len(mapped.records)} records: {_inventory(mapped)}")
         return result
-    problems, diffs = _check_records(case, mapped)
+    problems, diffs = _check_records(case, mapped, lambda j: golden.line_of("cases", index, "expect", "records", j))
     if case.expect.actions is not None:
         _check_actions(case, mapped, problems, diffs)
     result.passed = not problems
@@ -354,7 +360,8 @@ def _rewrite_refs(value: Any, refs: dict[str, str]) -> Any:
     return value
 
 
-def _check_records(case: GoldenCase, mapped: MappingResult) -> tuple[list[str], list[str]]:
+def _check_records(case: GoldenCase, mapped: MappingResult,
+                   line_of: Callable[[int], int]) -> tuple[list[str], list[str]]:
     actual = normalised_records(mapped)
     problems: list[str] = []
     diffs: list[str] = []
@@ -372,10 +379,10 @@ def _check_records(case: GoldenCase, mapped: MappingResult) -> tuple[list[str], 
             _check_absent(e, a, problems)
         return problems, diffs
     claimed: set[int] = set()
-    for e in expected:
+    for j, e in enumerate(expected):
         candidates = [i for i, a in enumerate(actual) if i not in claimed and a["resourceType"] == e.resource_type
                       and (e.key is None or (a["key"] or {}) == e.key.model_dump())]
-        label = e.resource_type + (f" {e.key.system}|{e.key.value}" if e.key else "")
+        label = e.resource_type + (f" {e.key.system}|{e.key.value}" if e.key else "") + f" (line {line_of(j)})"
         if not candidates:
             problems.append(f"no {label} record was produced; the message yields: {_inventory(mapped)}")
             continue

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 import pytest
-from sqlalchemy import text
 
 from hms_ach.map.engine import MappingEngine
 from hms_ach.map.loader import load_mappings
@@ -23,32 +20,13 @@ from hms_ach.store.writer import StoreWriter
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "samples" / "hl7"
-PG_URL = os.environ.get("HMS_ACH_TEST_POSTGRES_URL")
 
 
-def _pg_store() -> Store:
-    assert PG_URL
-    schema = f"t_{uuid.uuid4().hex[:10]}"
-    base = Store(PG_URL)
-    with base.writer.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    base.dispose()
-    sep = "&" if "?" in PG_URL else "?"
-    return Store(f"{PG_URL}{sep}options=-csearch_path%3D{schema}")
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def pipeline(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Pipeline]:
-    if request.param == "postgres":
-        if not PG_URL:
-            pytest.skip("HMS_ACH_TEST_POSTGRES_URL is not set")
-        store = _pg_store()
-    else:
-        store = Store(f"sqlite:///{tmp_path}/engine.db")
+@pytest.fixture
+def pipeline(store: Store) -> Iterator[Pipeline]:
     writer = StoreWriter(store)
     yield Pipeline(writer, MappingEngine(load_mappings(ROOT / "mappings")))
     writer.stop()
-    store.dispose()
 
 
 POLICY = Hl7Policy("test")

@@ -1,0 +1,155 @@
+"""The whole engine as a user runs it: channels.yaml, MLLP in from python-hl7's clients, FHIR out to
+httpx and fhirpy, hot reload of a mapping edit. SQLite always, PostgreSQL when configured."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import hl7
+import hl7.mllp
+import httpx
+import pytest
+from fhirpy import AsyncFHIRClient
+
+from hms_ach.config import load_config
+from hms_ach.runtime import Engine
+from hms_ach.store.db import Store
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLES = ROOT / "samples" / "hl7"
+
+
+@pytest.fixture
+async def engine(tmp_path: Path, store: Store) -> AsyncIterator[Engine]:
+    shutil.copytree(ROOT / "mappings", tmp_path / "mappings")
+    (tmp_path / "channels.yaml").write_text(
+        "engine:\n  mappings: mappings\n  watch: false\n"
+        "http:\n  host: 127.0.0.1\n  port: 0\n"
+        "channels:\n  - name: adt_in\n    type: mllp\n    host: 127.0.0.1\n    port: 0\n"
+        "    idle_timeout_seconds: 5\n")
+    eng = Engine(load_config(tmp_path / "channels.yaml"), database=store.url)
+    await eng.start()
+    try:
+        yield eng
+    finally:
+        await eng.stop()
+
+
+def mllp_port(engine: Engine) -> int:
+    return int(engine.channels["adt_in"].port)
+
+
+def msa(ack: str) -> list[str]:
+    line = next(s for s in ack.replace("\n", "\r").split("\r") if s.startswith("MSA"))
+    return line.split("|")
+
+
+async def send_with_hl7_client(port: int, names: list[str]) -> list[str]:
+    """python-hl7's asyncio MLLP client: one connection, each message waits for its ACK."""
+    reader, writer = await hl7.mllp.open_hl7_connection("127.0.0.1", port)
+    acks = []
+    try:
+        for name in names:
+            text = (SAMPLES / name).read_bytes().decode("latin-1").replace("\n", "\r")
+            writer.writemessage(hl7.parse(text))
+            await writer.drain()
+            ack = await asyncio.wait_for(reader.readmessage(), 10)
+            acks.append(str(ack))
+    finally:
+        writer.close()
+    return acks
+
+
+async def test_admit_transfer_discharge_over_mllp_then_query_fhir(engine: Engine) -> None:
+    port = mllp_port(engine)
+    acks = await send_with_hl7_client(port, ["adt_a01.hl7", "adt_a02.hl7", "adt_a03.hl7", "mfn_m02.hl7"])
+    assert [msa(a)[1] for a in acks] == ["AA", "AA", "AA", "AA"], acks
+    base = f"http://127.0.0.1:{engine.http_port}/fhir"
+    async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+        bundle = (await http.get("/Patient", params={"family": "rivera"})).json()
+        assert bundle["total"] == 1
+        patient = bundle["entry"][0]["resource"]
+        assert patient["birthDate"] == "1975-03-14"
+        encs = (await http.get("/Encounter", params={"patient": f"Patient/{patient['id']}",
+                                                     "_include": "Encounter:location"})).json()
+        enc = [e["resource"] for e in encs["entry"] if e["resource"]["resourceType"] == "Encounter"][0]
+        assert enc["status"] == "finished" and "end" in enc["period"]
+        beds = (await http.get("/Location", params={"operational-status": "H"})).json()
+        assert {e["resource"]["name"] for e in beds["entry"]} == {"4W 412 A", "4W 414 B"}
+        read = await http.get(f"/Encounter/{enc['id']}")
+        assert read.headers["etag"] == f'W/"{enc["meta"]["versionId"]}"'
+        assert read.headers["content-type"].startswith("application/fhir+json")
+    client = AsyncFHIRClient(base, extra_headers={"Accept": "application/fhir+json"})
+    doctors = await client.resources("Practitioner").search(
+        identifier="http://hl7.org/fhir/sid/us-npi|1234567893").fetch()
+    assert len(doctors) == 1 and doctors[0]["name"][0]["family"] == "Chen"
+
+
+async def test_mllp_send_script_and_duplicates(engine: Engine, tmp_path: Path) -> None:
+    """python-hl7's mllp_send console script as the sender; a resend gets the stored ACK."""
+    port = mllp_port(engine)
+    batch = tmp_path / "two.hl7"
+    one = (SAMPLES / "adt_a04.hl7").read_bytes().rstrip(b"\r")
+    batch.write_bytes(one + b"\r\r" + one + b"\r")  # the same message twice
+    script = Path(sys.executable).with_name("mllp_send")
+    proc = await asyncio.to_thread(
+        subprocess.run, [str(script), "--port", str(port), "--loose", "--file", str(batch), "127.0.0.1"],
+        capture_output=True, timeout=60)
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, proc.stderr.decode()
+    codes = [line.split("|")[1] for line in out.replace("\n", "\r").split("\r") if line.startswith("MSA")]
+    assert codes == ["AA", "AA"]
+    with engine.store.reader.connect() as conn:
+        from hms_ach.store import messages
+
+        rows = messages.list_messages(conn)
+    assert sorted(r.status for r in rows) == ["duplicate", "processed"]
+
+
+async def test_bad_input_gets_err_and_nothing_is_lost(engine: Engine) -> None:
+    port = mllp_port(engine)
+    acks = await send_with_hl7_client(port, ["bad/missing_pid3.hl7", "bad/bad_sex_code.hl7",
+                                             "bad/unsupported_type.hl7", "bad/lf_separated.hl7"])
+    codes = [msa(a)[1] for a in acks]
+    assert codes == ["AE", "AE", "AR", "AA"], acks
+    assert all("\rERR|" in a.replace("\n", "\r") for a in acks[:3])
+    with engine.store.reader.connect() as conn:
+        from hms_ach.store import messages
+
+        stored = {r.control_id: r.status for r in messages.list_messages(conn)}
+    assert sorted(stored.values()) == ["error", "error", "processed", "rejected"]
+
+
+async def test_idle_connection_is_closed(engine: Engine) -> None:
+    engine.channels["adt_in"].server.config.idle_timeout_seconds = 0.3
+    reader, writer = await asyncio.open_connection("127.0.0.1", mllp_port(engine))
+    data = await asyncio.wait_for(reader.read(), 5)  # EOF once the server gives up on us
+    assert data == b""
+    writer.close()
+
+
+async def test_hot_reload_applies_valid_edits_and_refuses_broken_ones(engine: Engine) -> None:
+    table = engine.config.mappings_dir / "tables" / "administrative_sex.yaml"
+    port = mllp_port(engine)
+    acks = await send_with_hl7_client(port, ["bad/bad_sex_code.hl7"])
+    assert msa(acks[0])[1] == "AE"
+    table.write_text(table.read_text().replace("unmapped: error", "unmapped: error\nbroken: [\n"))
+    assert engine.reload_mappings() is False
+    assert engine.health["status"] == "degraded" and "administrative_sex.yaml" in engine.health["reload_error"]
+    async with httpx.AsyncClient(timeout=5) as http:
+        health = (await http.get(f"http://127.0.0.1:{engine.http_port}/health")).json()
+    assert health["status"] == "degraded"
+    table.write_text(table.read_text().replace("broken: [\n", "").replace("  X: other", "  X: other\n  Q: unknown"))
+    assert engine.reload_mappings() is True and engine.health["status"] == "ok"
+    raw = (SAMPLES / "bad" / "bad_sex_code.hl7").read_bytes()
+    ctrl = raw.split(b"\r")[0].split(b"|")[9]
+    reader, writer = await hl7.mllp.open_hl7_connection("127.0.0.1", port)
+    writer.writemessage(hl7.parse(raw.replace(ctrl, ctrl + b"-2", 1).decode()))
+    ack = await asyncio.wait_for(reader.readmessage(), 10)
+    writer.close()
+    assert msa(str(ack))[1] == "AA"
