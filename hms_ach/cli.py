@@ -109,7 +109,7 @@ def send(files: Annotated[list[Path], typer.Argument(help="HL7 files (one or mor
          host: str = "127.0.0.1", port: int = 2575,
          timeout: Annotated[float, typer.Option(help="seconds to wait for each ACK")] = 30.0) -> None:
     """Send HL7 v2 files over MLLP and print each ACK."""
-    from hms_ach.inbound.mllp import send_messages, split_messages
+    from hms_ach.inbound.mllp_client import send_messages, split_messages
 
     batch: list[tuple[Path, bytes]] = []
     for f in files:
@@ -120,7 +120,7 @@ def send(files: Annotated[list[Path], typer.Argument(help="HL7 files (one or mor
         raise typer.Exit(1)
     try:
         acks = asyncio.run(send_messages(host, port, [m for _, m in batch], timeout=timeout))
-    except (OSError, TimeoutError, asyncio.TimeoutError) as exc:
+    except (OSError, TimeoutError) as exc:
         typer.echo(f"could not send to {host}:{port}: {exc}", err=True)
         raise typer.Exit(1) from exc
     failures = 0
@@ -245,7 +245,7 @@ def corpus_check(directory: Annotated[Path, typer.Argument(help="folder searched
                  top: Annotated[int, typer.Option(help="reasons shown per message type")] = 3) -> None:
     """Feed every *.hl7 file under DIRECTORY through parse -> ACK -> map, in-process, with no network."""
     from hms_ach.errors import MessageError
-    from hms_ach.inbound.mllp import split_messages
+    from hms_ach.inbound.mllp_client import split_messages
     from hms_ach.map.engine import MappingEngine
     from hms_ach.map.loader import load_mappings
     from hms_ach.pipeline import Hl7Policy, _ack_for, evaluate
@@ -321,7 +321,7 @@ def mapping_preview(sample: Annotated[Path, typer.Argument(help="an HL7 v2 file"
                     timezone: str = "UTC") -> None:
     """Show the parsed message, the records and FHIR resources it yields, and field lineage. Writes nothing."""
     from hms_ach.errors import MessageError
-    from hms_ach.inbound.mllp import split_messages
+    from hms_ach.inbound.mllp_client import split_messages
     from hms_ach.map.engine import MappingEngine
     from hms_ach.map.loader import load_mappings
     from hms_ach.map.preview import preview

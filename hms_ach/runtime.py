@@ -10,9 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from datetime import UTC, datetime
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 from hms_ach.config import Config, load_config
 from hms_ach.errors import ConfigError, ConfigErrors

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Union
 
 from hms_ach.parse.hl7v2 import Hl7Message, Segment
 
@@ -177,7 +176,7 @@ class TypePath:
         return [Value(scope.segment.unescape(raw), loc, raw, scope.segment)]
 
 
-Path = Union[MessagePath, TypePath]
+Path = MessagePath | TypePath
 
 
 def compile_path(text: str, datatype: str | None = None) -> Path:

@@ -32,9 +32,8 @@ from hms_ach.inbound.mllp import (
     MllpServer,
     OversizeHandler,
     frame,
-    send_messages,
-    split_messages,
 )
+from hms_ach.inbound.mllp_client import send_messages, split_messages
 from hms_ach.parse.hl7v2 import read_header
 
 MSA = re.compile(rb"MSA\|(\w+)\|([^|\r]*)")

@@ -16,9 +16,8 @@ from hms_ach.inbound.mllp import (
     OversizeFrame,
     TruncatedFrame,
     frame,
-    normalise_message,
-    split_messages,
 )
+from hms_ach.inbound.mllp_client import normalise_message, split_messages
 
 MSG_A = b"MSH|^~\\&|LAB|HOSP|EHR|HOSP|20240101120000||ADT^A01|A1|P|2.5.1\rPID|1||123\r"
 MSG_B = b"MSH|^~\\&|LAB|HOSP|EHR|HOSP|20240101120001||ADT^A08|B2|P|2.5.1\rPID|1||456\r"
