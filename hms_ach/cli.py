@@ -109,20 +109,29 @@ def send(files: Annotated[list[Path], typer.Argument(help="HL7 files (one or mor
          host: str = "127.0.0.1", port: int = 2575,
          timeout: Annotated[float, typer.Option(help="seconds to wait for each ACK")] = 30.0) -> None:
     """Send HL7 v2 files over MLLP and print each ACK."""
+    from hms_ach.errors import MessageError
     from hms_ach.inbound.mllp_client import send_messages, split_messages
 
     batch: list[tuple[Path, bytes]] = []
     for f in files:
-        for msg in split_messages(f.read_bytes()):
-            batch.append((f, msg))
+        try:
+            batch.extend((f, msg) for msg in split_messages(f.read_bytes()))
+        except OSError as exc:
+            typer.echo(f"{f}: cannot read: {exc.strerror}", err=True)
+            raise typer.Exit(1) from exc
+        except MessageError as exc:
+            typer.echo(f"{f}: not an HL7 v2 message file: {exc}", err=True)
+            raise typer.Exit(1) from exc
     if not batch:
         typer.echo("no HL7 messages found in the files given", err=True)
         raise typer.Exit(1)
+    from hms_ach.inbound.mllp import MllpError
+
+    error: MllpError | None = None
     try:
         acks = asyncio.run(send_messages(host, port, [m for _, m in batch], timeout=timeout))
-    except (OSError, TimeoutError) as exc:
-        typer.echo(f"could not send to {host}:{port}: {exc}", err=True)
-        raise typer.Exit(1) from exc
+    except MllpError as exc:
+        acks, error = exc.acks, exc
     failures = 0
     for (f, _), ack in zip(batch, acks, strict=False):
         text = ack.decode("utf-8", errors="replace").replace("\r", "\n").strip()
@@ -130,8 +139,9 @@ def send(files: Annotated[list[Path], typer.Argument(help="HL7 files (one or mor
                      if line.startswith("MSA")), "?")
         failures += code not in ("AA", "CA")
         typer.echo(f"== {f} -> {code}\n{text}\n")
-    if len(acks) < len(batch):
-        typer.echo(f"{len(batch) - len(acks)} message(s) got no ACK", err=True)
+    if error is not None or len(acks) < len(batch):
+        reason = error.message if error else "stopped"
+        typer.echo(f"{reason}: {len(batch) - len(acks)} message(s) got no ACK", err=True)
         raise typer.Exit(1)
     raise typer.Exit(1 if failures else 0)
 
