@@ -191,6 +191,8 @@ def apply_evaluation(conn: Connection, ev: Evaluation, message_id: int, charset:
         code, status = "AA", "processed"
     else:
         code = error.ack_code if ev.header is not None else "AR"
+        if isinstance(error, RejectError):
+            code = "AR"
         status = "rejected" if code == "AR" else "error"
     ack = _ack_for(ev, code, error)
     ack_code = ack_code_for(ev.header, code)
@@ -216,6 +218,27 @@ class Pipeline:
     def process_hl7_sync(self, raw: bytes, policy: Hl7Policy) -> Outcome:
         ev = evaluate(raw, policy, self.engine)
         outcome = self.writer.run_sync(commit_job(ev, policy))
+        _log(outcome, policy)
+        return outcome
+
+    async def record_rejection(self, prefix: bytes, error: MessageError, policy: Hl7Policy) -> Outcome:
+        """Store a message that cannot be accepted at all (e.g. over the size limit) by its first
+        bytes, with the AR sent for it, so the operator sees it in ``hms-ach messages``."""
+        ev = Evaluation(prefix, messages.MessageMeta(channel=policy.channel, raw=prefix), error=error)
+        try:
+            ev.header = read_header(prefix)
+            ev.meta.control_id = ev.header.control_id[:200]
+            ev.meta.message_type = ev.header.message_type[:50]
+            ev.meta.sending_application = ev.header.sending_application[:200]
+            ev.meta.sending_facility = ev.header.sending_facility[:200]
+        except RejectError:
+            ev.header = None
+
+        def job(conn: Connection) -> Outcome:
+            message_id = messages.insert_message(conn, ev.meta, keyed=False)
+            return apply_evaluation(conn, ev, message_id, "ascii")
+
+        outcome = await self.writer.run(job)
         _log(outcome, policy)
         return outcome
 

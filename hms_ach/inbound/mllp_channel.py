@@ -12,9 +12,7 @@ from pydantic import Field
 
 from hms_ach.config import ChannelSettings
 from hms_ach.errors import Err0357, RejectError
-from hms_ach.inbound.hl7_ack import build_ack, fallback_ack
 from hms_ach.inbound.mllp import MllpConfig, MllpServer
-from hms_ach.parse.hl7v2 import read_header
 from hms_ach.pipeline import Hl7Policy, Pipeline
 
 log = logging.getLogger("hms_ach.inbound.mllp_channel")
@@ -61,8 +59,5 @@ class MllpChannel:
     async def _oversize(self, prefix: bytes, size: int, peer: str) -> bytes | None:
         error = RejectError(f"message of {size} bytes or more exceeds max_message_bytes "
                             f"{self.config.max_message_bytes}", "MSH", Err0357.VALUE_TOO_LONG)
-        log.warning("mllp.oversize_rejected", extra={"channel": self.config.name, "bytes": size})
-        try:
-            return build_ack(read_header(prefix), "AR", error).encode("ascii", errors="replace")
-        except RejectError:
-            return fallback_ack(prefix, error).encode("ascii", errors="replace")
+        outcome = await self.pipeline.record_rejection(prefix, error, self.policy)
+        return outcome.ack_bytes()

@@ -153,3 +153,25 @@ async def test_hot_reload_applies_valid_edits_and_refuses_broken_ones(engine: En
     ack = await asyncio.wait_for(reader.readmessage(), 10)
     writer.close()
     assert msa(str(ack))[1] == "AA"
+
+
+async def test_oversize_message_gets_ar_and_is_recorded(engine: Engine) -> None:
+    from hms_ach.inbound.mllp import frame
+    from hms_ach.store import messages
+
+    engine.channels["adt_in"].server.config.max_message_bytes = 1024 * 1024
+    engine.channels["adt_in"].config.max_message_bytes = 1024 * 1024
+    huge = (SAMPLES / "adt_a01.hl7").read_bytes().replace(b"S-A01-0001", b"BIG-1") + b"NTE|1||" + b"x" * 20_000_000 + b"\r"
+    reader, writer = await asyncio.open_connection("127.0.0.1", mllp_port(engine))
+    writer.write(frame(huge))
+    await writer.drain()
+    ack = (await asyncio.wait_for(reader.readuntil(b"\x1c\r"), 30)).decode()
+    assert "MSA|AR|BIG-1" in ack and "|104^" in ack
+    writer.write(frame((SAMPLES / "adt_a04.hl7").read_bytes()))  # the connection still works
+    await writer.drain()
+    ack2 = (await asyncio.wait_for(reader.readuntil(b"\x1c\r"), 30)).decode()
+    assert "MSA|AA|" in ack2
+    writer.close()
+    with engine.store.reader.connect() as conn:
+        rows = {r.control_id: r for r in messages.list_messages(conn)}
+    assert rows["BIG-1"].status == "rejected" and "max_message_bytes" in rows["BIG-1"].error
