@@ -207,8 +207,9 @@ class MappingEngine:
                     if alias is None:
                         return None
                     value = {**value, "reference": "@" + alias}
+                # drop what became None (a ref to a record not made); keep None set by `remove:`
                 out = {k: fix(v) for k, v in value.items()}
-                return {k: v for k, v in out.items() if v is not None}
+                return {k: v for k, v in out.items() if v is not None or value[k] is None}
             if isinstance(value, list):
                 return [v for v in (fix(v) for v in value) if v is not None and v != {}]
             return value

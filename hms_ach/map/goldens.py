@@ -55,9 +55,9 @@ from __future__ import annotations
 import difflib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -75,7 +75,8 @@ from hms_ach.parse.hl7v2 import parse
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # `code: 101` and `value: 100001` mean the text; content values are compared as written
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, coerce_numbers_to_str=True)
 
 
 class RecordKey(_Strict):
@@ -237,12 +238,14 @@ def _config_error(path: Path, positions: Positions, err: Any) -> ConfigError:
 
 def _owner_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     model: type[BaseModel] = GoldenFile
-    nested = {("cases",): GoldenCase, ("expect",): Expectation, ("records",): ExpectedRecord,
-              ("actions",): ExpectedAction, ("error",): ExpectedError, ("key",): RecordKey}
+    nested: dict[str, type[BaseModel]] = {
+        "cases": GoldenCase, "expect": Expectation, "records": ExpectedRecord,
+        "actions": ExpectedAction, "error": ExpectedError, "key": RecordKey,
+    }
     for part in loc:
         if isinstance(part, int):
             continue
-        nxt = nested.get((part,))
+        nxt = nested.get(str(part))
         if nxt is None:
             return None
         model = nxt
@@ -371,21 +374,23 @@ def _check_records(case: GoldenCase, mapped: MappingResult,
             problems.append(f"expected exactly {len(expected)} records, the message yields {len(actual)}: "
                             f"{_inventory(mapped)}")
         want_all = [_expected_view(e) for e in expected]
-        got_all = [_actual_view(a, e, exact=True) for a, e in zip(actual, expected)] + actual[len(expected):]
+        got_all = [_actual_view(a, e, exact=True) for a, e in zip(actual, expected, strict=False)] + actual[len(expected):]
         if _canon(want_all) != _canon(got_all):
             problems.append("records differ (match: exact)")
             diffs.append(_diff(want_all, got_all, "records"))
-        for e, a in zip(expected, actual):
+        for e, a in zip(expected, actual, strict=False):
             _check_absent(e, a, problems)
         return problems, diffs
     claimed: set[int] = set()
     for j, e in enumerate(expected):
         candidates = [i for i, a in enumerate(actual) if i not in claimed and a["resourceType"] == e.resource_type
                       and (e.key is None or (a["key"] or {}) == e.key.model_dump())]
-        label = e.resource_type + (f" {e.key.system}|{e.key.value}" if e.key else "") + f" (line {line_of(j)})"
+        label = e.resource_type + (f" {e.key.system}|{e.key.value}" if e.key else "")
         if not candidates:
-            problems.append(f"no {label} record was produced; the message yields: {_inventory(mapped)}")
+            problems.append(f"no {label} record was produced (expected at line {line_of(j)}); "
+                            f"the message yields: {_inventory(mapped)}")
             continue
+        label += f" (line {line_of(j)})"
         want = _expected_view(e)
         fitting = [i for i in candidates if _canon(_actual_view(actual[i], e, exact=False)) == _canon(want)]
         chosen = fitting[0] if fitting else candidates[0]
@@ -425,7 +430,7 @@ def project(actual: Any, expected: Any) -> Any:
     if isinstance(expected, dict) and isinstance(actual, dict):
         return {k: project(actual[k], v) for k, v in expected.items() if k in actual}
     if isinstance(expected, list) and isinstance(actual, list):
-        return [project(a, e) for a, e in zip(actual, expected)]
+        return [project(a, e) for a, e in zip(actual, expected, strict=False)]
     return actual
 
 

@@ -117,7 +117,8 @@ def validate_file(path: Path, data: Any, positions: Positions) -> BaseModel:
         return model.model_validate(data)
     except ValidationError as exc:
         errors = []
-        for err in exc.errors():
+        raw_errors = exc.errors()
+        for err in raw_errors:
             loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
             pos = position_of(path, positions, loc)
             where = ".".join(str(p) for p in loc)
@@ -129,10 +130,18 @@ def validate_file(path: Path, data: Any, positions: Positions) -> BaseModel:
                     f"unknown key {loc[-1]!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""), pos,
                     f"one of {', '.join(choices)}" if choices else None))
             elif err["type"] == "missing":
+                if _misspelt(loc, raw_errors):
+                    continue  # reported once, as the unknown key with "did you mean"
                 errors.append(ConfigError(f"missing required key {where!r}", pos))
             else:
                 errors.append(ConfigError(f"{where}: {err['msg']}", pos))
         raise ConfigErrors(errors) from exc
+
+
+def _misspelt(loc: tuple[Any, ...], errors: list[Any]) -> bool:
+    """Whether the missing key at ``loc`` was given under a misspelt name beside it."""
+    return any(e["type"] == "extra_forbidden" and tuple(e["loc"][:-1]) == loc[:-1]
+               and difflib.get_close_matches(str(e["loc"][-1]), [str(loc[-1])], n=1) for e in errors)
 
 
 @dataclass
