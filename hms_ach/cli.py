@@ -379,7 +379,7 @@ def mapping_test(path: Annotated[Path | None, typer.Argument(help="a *_test.yaml
                 typer.echo(f"PASS {f}::{case.name}")
             else:
                 failed += 1
-                typer.echo(f"FAIL {f}::{case.name}\n{getattr(case, 'diff', '') or getattr(case, 'message', '')}")
+                typer.echo(f"FAIL {case.report()}")
     typer.echo(f"{passed} passed, {failed} failed")
     raise typer.Exit(1 if failed else 0)
 

@@ -170,13 +170,23 @@ class MappingEngine:
         params.update(given)
         lineage: list[Lineage] = []
         key_system = key_value = None
-        if m.key is not None:
-            key_system, _ = self._value(m.key.system, scope, params, m.context, f, "key.system")
-            key_value, key_src = self._value(m.key.value, scope, params, m.context, f, "key.value")
-            key_system = None if _empty(key_system) else str(key_system)
-            key_value = None if _empty(key_value) else str(key_value)
-            if key_value and key_src:
-                lineage.append(Lineage(f"{m.resource} key", key_src[0].location, key_value))
+        key = m.key
+        while key is not None:
+            system, _ = self._value(key.system, scope, params, m.context, f, "key.system", check=False)
+            value, key_src = self._value(key.value, scope, params, m.context, f, "key.value", check=False)
+            if not _empty(value):
+                key_system = None if _empty(system) else str(system)
+                key_value = str(value)
+                lineage.append(Lineage(f"{m.resource} key", ", ".join(v.location for v in key_src) or "constant",
+                                       key_value))
+                break
+            if key.fallback is None and key.value.required and m.without_key != "skip":
+                # report where the first key was to be found (PV1-19), not the last fallback's source
+                primary = m.key.value  # type: ignore[union-attr]
+                self._require(key.value, f, primary.source or primary.sources or "key.value")
+            key = key.fallback
+        if m.key is not None and key_value is None and m.without_key == "skip":
+            return None
         content: dict[str, Any] = {}
         self._rules(run, f, m.rules, scope, params, content, m.resource, lineage, m.context)
         if not content and not key_value:
@@ -288,7 +298,8 @@ class MappingEngine:
         return None
 
     def _value(self, v: spec.ValueSpec, scope: Scope, params: dict[str, Any], datatype: str | None,
-               f: LoadedFile, what: str) -> tuple[Any, list[Value]]:
+               f: LoadedFile, what: str, check: bool = True) -> tuple[Any, list[Value]]:
+        """The value of ``v`` and the values it was read from; ``check=False`` skips ``required``."""
         found: list[Value] = []
         value: Any = None
         if v.sources:
@@ -322,7 +333,7 @@ class MappingEngine:
             value = lookup(self.mset.tables[v.table].model, v.table, str(value), location)
         if _empty(value) and v.default is not None:
             value = v.default
-        if _empty(value) and v.required:
+        if _empty(value) and v.required and check:
             self._require(v, f, v.source or v.sources or what)
         return value, found
 

@@ -142,8 +142,8 @@ def lower(value: str) -> str:
 
 @function("title", examples=[("O'NEIL-SMITH", {}, "O'Neil-Smith"), ("mary ann", {}, "Mary Ann")])
 def title(value: str) -> str:
-    """Capitalise each word (names sent in capitals)."""
-    return re.sub(r"[A-Za-zÀ-ÿ]+('[A-Za-zÀ-ÿ]+)?", lambda m: m.group(0).capitalize(), value.lower())
+    """Capitalise each word (names sent in capitals); letters after an apostrophe or hyphen too."""
+    return re.sub(r"[^\W\d_]+", lambda m: m.group(0).capitalize(), value.lower())
 
 
 @function("split", args={"separator": "where to split (default space)", "index": "1-based part to keep; omit for all"},
@@ -171,11 +171,15 @@ def concat(value: Any, separator: str = "") -> str:
     return join(value, separator)
 
 
-@function("format", args={"template": "text with {0}, {1}... for the sources (required)"},
-          examples=[(["4W", "412", "A"], {"template": "{0}-{1}-{2}"}, "4W-412-A")])
-def format_text(value: Any, template: str = "{0}") -> str:
+@function("format", args={"template": "text with {0}, {1}... for the sources (required)",
+                          "all_required": "true: the result is empty unless every source has a value"},
+          examples=[(["4W", "412", "A"], {"template": "{0}-{1}-{2}"}, "4W-412-A"),
+                    (["H", ""], {"template": "{0}|{1}", "all_required": True}, "")])
+def format_text(value: Any, template: str = "{0}", all_required: bool = False) -> str:
     """Fill a template with the values of ``sources:`` ({0} is the first)."""
     items = value if isinstance(value, list) else [value]
+    if all_required and any(v in (None, "") for v in items):
+        return ""
     try:
         return template.format(*items)
     except (IndexError, KeyError) as exc:

@@ -225,9 +225,11 @@ class _Linker:
             if f.model.resource not in RECORD_TABLES:
                 self._err(f, ("resource",), f"unknown record type {f.model.resource!r}",
                           f"one of {', '.join(RECORD_TABLES)}", f.model.resource, list(RECORD_TABLES))
-            if f.model.key:
+            key, kloc = f.model.key, ("key",)
+            while key is not None:
                 for part in ("system", "value"):
-                    self._value(f, getattr(f.model.key, part), ("key", part), f.model.context, set(f.model.params))
+                    self._value(f, getattr(key, part), kloc + (part,), f.model.context, set(f.model.params))
+                key, kloc = key.fallback, kloc + ("fallback",)
             self._rules(f, f.model.rules, ("rules",), f.model.context, set(f.model.params))
         for f in self.mset.datatypes.values():
             self._rules(f, f.model.rules, ("rules",), f.model.datatype, set())

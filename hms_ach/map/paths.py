@@ -17,7 +17,8 @@ Datatype context (inside a datatype mapping, or a resource mapping whose context
 
 Inside a ``for_each`` over segments (``for_each: MFE``), ``MFE-1`` reads the current segment, and
 other segments (``STF-2``, ``PRA-6``) are read from its group: the segments after it and before the
-next segment of the same name (the next MFE). When the group has none, the whole message is used.
+next segment of the same name (the next MFE). When the group has none, the segments before the
+first loop segment are used (PID read inside a ``for_each: FT1``), never another group's.
 
 Nested ``rules:`` under a ``for_each`` or ``source`` read the current value with any datatype name
 (``XTN.1``, ``CX.4.1``).
@@ -99,10 +100,12 @@ class MessagePath:
                 return [loop]
             # Inside a segment loop, other segments are read from the loop segment's group first:
             # the segments after it and before the next segment with the loop segment's name.
-            end = next((s.index for s in scope.message.all(loop.name) if s.index > loop.index), 1 << 30)
+            # When the group has none, only segments before the first loop segment (the message's
+            # header part, e.g. PID before the FT1s) are used, never another group's.
+            loop_segs = scope.message.all(loop.name)
+            end = next((s.index for s in loop_segs if s.index > loop.index), 1 << 30)
             group = [s for s in segs if loop.index < s.index < end]
-            if group:
-                segs = group
+            segs = group or [s for s in segs if s.index < loop_segs[0].index]
         if self.segment_sel is None:
             return segs[:1]
         if self.segment_sel == "*":

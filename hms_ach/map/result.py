@@ -34,7 +34,7 @@ class RecordWrite:
     key_system: str | None
     key_value: str | None
     content: dict[str, Any]
-    mode: Literal["merge", "replace"] = "merge"
+    mode: Literal["merge", "replace", "fill"] = "merge"
     create: bool = True
     lineage: list[Lineage] = field(default_factory=list)
 

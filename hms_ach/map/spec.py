@@ -85,6 +85,9 @@ class KeySpec(_Strict):
 
     system: ValueSpec = Field(description="The identifier system (URI) of the key")
     value: ValueSpec = Field(description="The identifier value of the key")
+    fallback: KeySpec | None = Field(
+        None, description="Another key used when this one's value is empty (e.g. MRN + admit time when "
+        "PV1-19 has no visit number); `required` applies to the last one only")
 
 
 class ParamSpec(_Strict):
@@ -103,8 +106,13 @@ class ResourceMapping(_Strict):
         None, description="Datatype the mapping reads (e.g. XCN, PL): its paths are then XCN.1...; empty: the message")
     params: dict[str, ParamSpec] = Field(default_factory=dict, description="Parameters callers set with `with:`")
     key: KeySpec | None = Field(None, description="Business key; without one every message creates a new record")
-    mode: Literal["merge", "replace"] = Field(
-        "merge", description="merge: update only the elements this mapping sets; replace: the record becomes exactly this")
+    mode: Literal["merge", "replace", "fill"] = Field(
+        "merge", description="merge: update the elements this mapping sets; replace: the record becomes exactly "
+        "this; fill: set only elements the stored record does not have yet (e.g. doctors named in ADT "
+        "must not overwrite the staff master file)")
+    without_key: Literal["error", "skip", "create"] = Field(
+        "error", description="When the key value is empty: error (AE, code 101, if the key is `required`), "
+        "skip the record (references to it are dropped), or create a new record each time")
     create: bool = Field(True, description="false: only update a record that already exists with this key")
     rules: list[Rule] = Field(default_factory=list, description="The rules, applied in order")
 
@@ -184,3 +192,4 @@ KINDS: dict[str, type[BaseModel]] = {
 }
 
 Rule.model_rebuild()
+KeySpec.model_rebuild()

@@ -129,7 +129,6 @@ class Repository:
 
     def upsert(self, rec: RecordWrite, content: dict[str, Any], message_id: int | None) -> WriteOutcome | None:
         table = RECORD_TABLES[rec.resource_type].__table__  # type: ignore[attr-defined]
-        content = _drop_nones({k: v for k, v in content.items() if v is not None})
         created = False
         if rec.key_value:
             if rec.create:
@@ -155,8 +154,12 @@ class Repository:
                 insert(table).values(id=rid, key_system=None, key_value=None, version_id=0,
                                      last_updated=datetime.now(UTC), deleted=False, resource="{}")
             )
-        base = {} if rec.mode == "replace" else old
-        merged = merge_content(base, content)
+        if rec.mode == "replace":
+            merged = _drop_nones(merge_content({}, content))
+        elif rec.mode == "fill":
+            merged = _drop_nones(merge_content(content, old))  # what is stored wins
+        else:
+            merged = _drop_nones(merge_content(old, content))
         merged["resourceType"] = rec.resource_type
         if not created and merged == old:
             return WriteOutcome(rec.resource_type, rid, version, created=False, changed=False)
