@@ -74,6 +74,8 @@ REASONS = ("Fever, productive cough and low oxygen saturation", "Chest pain \\T\
            "Elective admission for surgery", "Labour", "Worsening dyspnoea", "Dysuria and flank pain",
            "Hyperglycaemia \\T\\ dehydration")
 ALLERGENS = (("70618", "Penicillin"), ("2670", "Codeine"), ("10180", "Sulfamethoxazole"), ("1191", "Aspirin"))
+PAYERS = (("GHPPO1", "Blue Cross Blue Shield of Ohio"), ("MCARE", "Medicare Part A"),
+          ("AETNA2", "Aetna Choice POS II"), ("UHC5", "UnitedHealthcare Options PPO"), ("MCAID", "Ohio Medicaid"))
 STAFF_TYPES = (("MD", "DO", "PHY"), ("RN", "LPN", "NP"), ("RPH",))
 SPECIALTIES = ("Internal Medicine", "General Surgery", "Cardiology", "Paediatrics", "Obstetrics",
                "Oncology", "Orthopaedic Surgery", "Medical-Surgical Nursing", "Critical Care Nursing",
@@ -108,8 +110,8 @@ def is_valid_npi(npi: str) -> bool:
     return len(npi) == 10 and npi.isdigit() and luhn_check_digit("80840" + npi[:9]) == npi[9]
 
 
-_NPI_SPAN = 900_000_000  # bases 100000000..999999999 (first digit 1..9; real NPIs start with 1 or 2)
-_NPI_STEP = 387_420_489  # 3**18: coprime with 9 * 10**8, so i -> i * step mod span is a bijection
+_NPI_SPAN = 200_000_000  # bases 100000000..299999999: NPIs start with 1 or 2, as real ones do
+_NPI_STEP = 387_420_489  # 3**18: coprime with 2 * 10**8, so i -> i * step mod span is a bijection
 
 
 def nth_npi(i: int, offset: int = 0) -> str:
@@ -254,14 +256,26 @@ def _msh(control_id: str, when: datetime, code: str, event: str, structure: str,
             f"{control_id}|P|2.5.1")
 
 
+RACES = ("2106-3^White^HL70005", "2054-5^Black or African American^HL70005", "2028-9^Asian^HL70005",
+         "2131-1^Other Race^HL70005", "1002-5^American Indian or Alaska Native^HL70005")
+ETHNICITIES = ("N^Not Hispanic or Latino^HL70189", "H^Hispanic or Latino^HL70189", "U^Unknown^HL70189")
+
+
+def _marital(p: Person) -> str:
+    if (EPOCH - p.birth).days < 18 * 365:
+        return "S^Single^HL70002"
+    return ("M^Married^HL70002", "S^Single^HL70002", "D^Divorced^HL70002", "W^Widowed^HL70002")[p.birth.day % 4]
+
+
 def _pid(pt: PatientInfo) -> str:
     p = pt.person
     city, state, _zip3 = pt.city
-    middle = p.middle
-    return (f"PID|1||{pt.mrn}^^^{pt.facility}^MR~{pt.ssn}^^^SSA^SS||{p.family}^{p.given}^{middle}^^^^L||"
-            f"{p.birth:%Y%m%d}|{p.sex}||2106-3^White^HL70005|{pt.street}^^{city}^{state}^{pt.zip}^USA^H||"
-            f"{pt.phone}^PRN^PH^^1^{pt.phone[1:4]}^{pt.phone[5:].replace('-', '')}|||M^Married^HL70002||"
-            f"A{pt.mrn}^^^{pt.facility}^AN")
+    race = RACES[pt.person.birth.month % len(RACES)]
+    ethnicity = ETHNICITIES[pt.person.birth.day % len(ETHNICITIES)]
+    return (f"PID|1||{pt.mrn}^^^{pt.facility}^MR~{pt.ssn}^^^SSA^SS||{p.family}^{p.given}^{p.middle}^^^^L||"
+            f"{p.birth:%Y%m%d}|{p.sex}||{race}|{pt.street}^^{city}^{state}^{pt.zip}^USA^H||"
+            f"{pt.phone}^PRN^PH^^1^{pt.phone[1:4]}^{pt.phone[5:].replace('-', '')}|||{_marital(p)}||"
+            f"A{pt.mrn}^^^{pt.facility}^AN||||{ethnicity}")
 
 
 def _pv1(v: Visit, discharged: datetime | None = None, disposition: str = "") -> str:
@@ -350,8 +364,19 @@ class AdtStream:
             f"PV2|||^{v.reason}",
             f"AL1|1|DA^Drug allergy^HL70127|{allergen[0]}^{allergen[1]}^RXNORM|MO^Moderate^HL70128",
             f"DG1|1||{v.diagnosis[0]}^{v.diagnosis[1]}^I10||{hl7_ts(v.admitted)}|A",
+            self._in1(v),
         ]
         return "\r".join(segs) + "\r"
+
+    def _in1(self, v: Visit) -> str:
+        p, pt = v.patient.person, v.patient
+        city, state, _zip3 = pt.city
+        plan, payer = self.gen.rng.choice(PAYERS)
+        return (f"IN1|1|{plan}^{payer} plan^L|{plan}01^^^{pt.facility}^NIIP|{payer}|PO Box "
+                f"{self.gen.rng.randint(1000, 9999)}^^{city}^{state}^{pt.zip}^USA^B||{self.gen.phone()}^WPN^PH|"
+                f"GRP-{self.gen.rng.randint(10000, 99999)}||||20260101|20261231||PPO|{p.family}^{p.given}^^^^^L|"
+                f"SEL^Self^HL70063|{p.birth:%Y%m%d}|{pt.street}^^{city}^{state}^{pt.zip}^USA^H|||1||||||||||||||"
+                f"X{self.gen.rng.randint(10**8, 10**9 - 1)}|||||||{p.sex}")
 
     def a08(self, v: Visit) -> str:
         when = self._tick()

@@ -15,7 +15,7 @@ from hms_ach.errors import Err0357, MappingError, RejectError
 from hms_ach.map import spec
 from hms_ach.map.functions import FUNCTIONS, FunctionError
 from hms_ach.map.loader import LoadedFile, MappingSet
-from hms_ach.map.paths import MessagePath, Path, PathSyntaxError, Scope, Value, compile_path
+from hms_ach.map.paths import MessagePath, PathSyntaxError, Scope, Source, Value, compile_source
 from hms_ach.map.result import Lineage, MappingResult, RecordWrite, StoreAction
 from hms_ach.map.terminology import lookup
 from hms_ach.parse.hl7v2 import Hl7Message
@@ -25,8 +25,20 @@ _TOKEN = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:\[(\d*)\])?")
 
 
 @lru_cache(maxsize=4096)
-def _path(text: str, datatype: str | None) -> Path:
-    return compile_path(text, datatype)
+def _path(text: str, datatype: str | None, kind: str = "hl7v2") -> Source:
+    return compile_source(text, kind, datatype)
+
+
+def _value_of(v: Value) -> Any:
+    """The value a rule uses: FHIR data as is, else the decoded text."""
+    return v.data if v.data is not None else v.text
+
+
+def _present(v: Value) -> Any:
+    """What a resolved value holds: FHIR data as is, HL7 raw text, else the decoded text."""
+    if v.data is not None:
+        return v.data
+    return v.raw if v.raw is not None else v.text
 
 
 @lru_cache(maxsize=4096)
@@ -123,9 +135,24 @@ class MappingEngine:
 
     def map_message(self, msg: Hl7Message, mapping: LoadedFile | None = None) -> MappingResult:
         f = mapping or self.mapping_for(msg)
+        return self._run_message(f, Scope(msg))
+
+    def input_mapping(self, kind: str, name: str) -> LoadedFile:
+        """The message mapping for a CSV dataset or FHIR resourceType; RejectError when there is none."""
+        found = self.mset.input_mapping(kind, name)
+        if found is None:
+            known = ", ".join(self.mset.inputs(kind)) or "none"
+            raise RejectError(f"no mapping handles {kind} input {name!r} (mapped: {known})", "",
+                              Err0357.UNSUPPORTED_MESSAGE_TYPE)
+        return found
+
+    def map_input(self, kind: str, name: str, data: Any) -> MappingResult:
+        """Map one CSV row (a CsvRecord) or one FHIR resource (a dict) with the mapping for ``name``."""
+        return self._run_message(self.input_mapping(kind, name), Scope(data, kind=kind))
+
+    def _run_message(self, f: LoadedFile, scope: Scope) -> MappingResult:
         m: spec.MessageMapping = f.model
         run = _Run(MappingResult(mapping=str(f.path.name)))
-        scope = Scope(msg)
         for entry in m.records:
             if not self._holds(entry.when, scope, {}, None):
                 continue
@@ -150,7 +177,7 @@ class MappingEngine:
         return [scope]
 
     def _child_scopes(self, text: str, scope: Scope, datatype: str | None) -> list[Scope]:
-        path = _path(text, datatype)
+        path = _path(text, datatype, scope.kind)
         if isinstance(path, MessagePath):
             # for_each runs once per repetition: a bare segment (NK1, MFE) means every such segment,
             # a field without a repetition selector (PID-3) every repetition
@@ -158,7 +185,7 @@ class MappingEngine:
                 path = replace(path, segment_sel="*")
             elif not path.is_segment and path.rep is None and path.filter_comp is None:
                 path = replace(path, rep="*")
-        values = [v for v in path.resolve(scope) if not _empty(v.raw)]
+        values = [v for v in path.resolve(scope) if not _empty(_present(v))]
         if isinstance(path, MessagePath) and path.is_segment:
             return [scope.with_segment(v.segment, v.location) for v in values if v.segment is not None]
         return [scope.with_value(v) for v in values]
@@ -272,6 +299,23 @@ class MappingEngine:
         elif rule.ref:
             value = {"reference": "@as:" + rule.ref}
             inner.append(Lineage("", f"ref {rule.ref}"))
+        elif rule.target.endswith("[]") and isinstance(rule.source, str):
+            # a list target with one source path takes every value the path yields
+            added = 0
+            for v in _path(rule.source, datatype, scope.kind).resolve(scope):
+                item = self._convert(rule, _value_of(v), v.location, f, rule.target)
+                if _empty(item):
+                    continue
+                where = f"{prefix}.{_set(obj, rule.target, item)}".lstrip(".")
+                lineage.append(Lineage(where, v.location, _short(item)))
+                added += 1
+            if not added:
+                if rule.default is not None:
+                    where = f"{prefix}.{_set(obj, rule.target, rule.default)}".lstrip(".")
+                    lineage.append(Lineage(where, "default", _short(rule.default)))
+                else:
+                    self._require(rule, f, rule.source)
+            return
         else:
             value, found_values = self._value(rule, scope, params, datatype, f, rule.target)
             src = ", ".join(v.location for v in found_values) or (
@@ -292,8 +336,8 @@ class MappingEngine:
 
     def _first(self, source: str | list[str], scope: Scope, datatype: str | None) -> Value | None:
         for text in source if isinstance(source, list) else [source]:
-            for v in _path(text, datatype).resolve(scope):
-                if not _empty(v.raw if v.raw is not None else v.text):
+            for v in _path(text, datatype, scope.kind).resolve(scope):
+                if not _empty(_present(v)):
                     return v
         return None
 
@@ -306,20 +350,29 @@ class MappingEngine:
             parts = []
             for text in v.sources:
                 first = self._first(text, scope, datatype)
-                parts.append(first.text if first else "")
+                parts.append((first.data if first.data is not None else first.text) if first else "")
                 if first:
                     found.append(first)
             value = parts if any(parts) else None
         elif v.source:
             first = self._first(v.source, scope, datatype)
             if first is not None:
-                value = first.text
+                value = first.data if first.data is not None else first.text
                 found.append(first)
         elif "value" in v.model_fields_set:
             value = v.value
         elif v.param:
             value = params.get(v.param)
         location = found[0].location if found else (v.source if isinstance(v.source, str) else what)
+        value = self._convert(v, value, location, f, what)
+        if _empty(value) and v.default is not None:
+            value = v.default
+        if _empty(value) and v.required and check:
+            self._require(v, f, v.source or v.sources or what)
+        return value, found
+
+    def _convert(self, v: spec.ValueSpec, value: Any, location: str, f: LoadedFile, what: str) -> Any:
+        """Apply the rule's ``function`` then its ``table`` to a non-empty value."""
         if not _empty(value) and v.function:
             spec_fn = FUNCTIONS[v.function]
             args = dict(v.args)
@@ -331,11 +384,7 @@ class MappingEngine:
                 raise MappingError(f"{f.name}: {what}: {exc}", location, exc.code) from exc
         if not _empty(value) and v.table:
             value = lookup(self.mset.tables[v.table].model, v.table, str(value), location)
-        if _empty(value) and v.default is not None:
-            value = v.default
-        if _empty(value) and v.required and check:
-            self._require(v, f, v.source or v.sources or what)
-        return value, found
+        return value
 
     def _holds(self, when: Any, scope: Scope, params: dict[str, Any], datatype: str | None) -> bool:
         if when is None:
@@ -366,7 +415,7 @@ class MappingEngine:
 def _field_location(text: str) -> str:
     """The HL7 field a required-but-empty path names (ERR-2 of code 101): ``PID-3[CX.5=MR].1`` -> ``PID-3``."""
     try:
-        path = _path(text, "*")
+        path = _path(text, "*", "hl7v2")
     except PathSyntaxError:
         return text
     if isinstance(path, MessagePath) and path.field is not None:

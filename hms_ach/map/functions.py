@@ -121,6 +121,34 @@ def hl7_date(value: str) -> str:
     return "-".join(parts)
 
 
+@function("date", args={"formats": "strptime formats tried in order (default ISO, US m/d/Y, d.m.Y)"},
+          examples=[("2027-03-31", {}, "2027-03-31"), ("03/31/2027", {}, "2027-03-31"),
+                    ("31.03.2027", {"formats": ["%d.%m.%Y"]}, "2027-03-31")])
+def date(value: str, formats: list[str] | None = None) -> str:
+    """A date written by a person or a spreadsheet (CSV files) to a FHIR date."""
+    text = value.strip()
+    for fmt in formats or ["%Y-%m-%d", "%m/%d/%Y", "%d.%m.%Y", "%Y%m%d"]:
+        try:
+            return datetime.strptime(text, fmt).date().isoformat()
+        except ValueError:
+            continue
+    raise FunctionError(f"{value!r} is not a date in any of the formats {formats or 'YYYY-MM-DD, MM/DD/YYYY'}")
+
+
+@function("datetime", args={"timezone": "IANA zone assumed when the value has no offset (default UTC)"},
+          examples=[("2026-12-01T07:00:00-05:00", {}, "2026-12-01T07:00:00-05:00"),
+                    ("2026-12-01 07:00", {"timezone": "America/New_York"}, "2026-12-01T07:00:00-05:00")])
+def iso_datetime(value: str, timezone: str = "UTC") -> str:
+    """An ISO 8601 date-time (as CSV files and FHIR write them) to a FHIR dateTime with its offset."""
+    try:
+        dt = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise FunctionError(f"{value!r} is not an ISO date-time such as 2026-12-01T07:00:00-05:00") from exc
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=_tz(timezone))
+    return dt.isoformat()
+
+
 # ---------------------------------------------------------------- text
 @function("trim", examples=[("  a b ", {}, "a b")])
 def trim(value: str) -> str:

@@ -27,7 +27,10 @@ of cases::
         expect:
           error: {code: "101", location: PID-3, ack: AE}   # each key optional; `message:` = substring
 
-Keys of a case: ``name``, ``sample`` or ``message``, ``expect``, and optionally ``match``
+Instead of ``sample``/``message``, a case may give ``csv: {dataset: staff_roster, row: {...}}`` (one
+CSV row, header -> value) or ``fhir: {resourceType: Practitioner, ...}`` (a FHIR resource).
+
+Keys of a case: ``name``, ``sample``, ``message``, ``csv`` or ``fhir``, ``expect``, and optionally ``match``
 (``subset``, the default, or ``exact``), ``timezone`` (the zone assumed for times sent without a
 UTC offset, default UTC) and ``description``.
 
@@ -68,6 +71,7 @@ from ruamel.yaml.error import MarkedYAMLError
 from hms_ach.errors import ConfigError, ConfigErrors, MessageError, SourcePosition
 from hms_ach.map.engine import MappingEngine
 from hms_ach.map.loader import MappingSet, Positions, _plain, position_of
+from hms_ach.map.paths import CsvRecord
 from hms_ach.map.result import MappingResult, RecordWrite
 from hms_ach.parse.hl7v2 import parse
 
@@ -111,11 +115,19 @@ class Expectation(_Strict):
     error: ExpectedError | None = Field(None, description="The error mapping must fail with")
 
 
+class CsvInput(_Strict):
+    dataset: str = Field(description="The dataset name the CSV channel gives its rows, e.g. staff_roster")
+    row: dict[str, str] = Field(description="Column header -> value")
+    line: int = Field(2, description="The row's line number in the file (for error locations)")
+
+
 class GoldenCase(_Strict):
     name: str = Field(description="Name of the case, unique within the file")
     description: str = Field("", description="What the case shows")
     sample: str | None = Field(None, description="HL7 v2 file, relative to the repository root")
     message: str | None = Field(None, description="Inline ER7 message; each line is a segment")
+    csv: CsvInput | None = Field(None, description="A CSV row: the dataset name and the row (header: value)")
+    fhir: dict[str, Any] | None = Field(None, description="A FHIR resource (JSON as YAML) sent to the FHIR channel")
     match: Literal["subset", "exact"] = Field("subset", description="How records are compared")
     timezone: str = Field("UTC", description="Zone assumed for times sent without a UTC offset")
     expect: Expectation = Field(description="What the message must map to")
@@ -204,8 +216,8 @@ def load_golden_file(path: Path) -> LoadedGolden:
     errors: list[ConfigError] = []
     seen: set[str] = set()
     for i, case in enumerate(model.cases):
-        if (case.sample is None) == (case.message is None):
-            errors.append(ConfigError(f"case {case.name!r} needs exactly one of `sample` or `message`",
+        if sum(x is not None for x in (case.sample, case.message, case.csv, case.fhir)) != 1:
+            errors.append(ConfigError(f"case {case.name!r} needs exactly one of `sample`, `message`, `csv` or `fhir`",
                                       position_of(path, positions, ("cases", i)), "sample: PATH or message: ER7 text"))
         if case.name in seen:
             errors.append(ConfigError(f"case name {case.name!r} is used twice",
@@ -268,14 +280,21 @@ def run_case(golden: LoadedGolden, index: int, mset: MappingSet, repo_root: Path
     """Run case ``index`` of a loaded golden file."""
     case = golden.model.cases[index]
     result = CaseResult(case.name, False, file=str(golden.path), line=golden.lines[index])
-    try:
-        raw = _message_bytes(case, repo_root)
-    except OSError as exc:
-        result.message = f"cannot read sample {case.sample!r} (relative to {repo_root}): {exc.strerror or exc}"
-        return result
     engine = MappingEngine(mset, case.timezone)
     try:
-        mapped = engine.map_message(parse(raw))
+        if case.csv is not None:
+            record = CsvRecord(dict(case.csv.row), case.csv.line, f"{golden.path.name}", list(case.csv.row))
+            mapped = engine.map_input("csv", case.csv.dataset, record)
+        elif case.fhir is not None:
+            mapped = engine.map_input("fhir", str(case.fhir.get("resourceType", "")), case.fhir)
+        else:
+            try:
+                raw = _message_bytes(case, repo_root)
+            except OSError as exc:
+                result.message = (f"cannot read sample {case.sample!r} (relative to {repo_root}): "
+                                  f"{exc.strerror or exc}")
+                return result
+            mapped = engine.map_message(parse(raw))
     except MessageError as exc:
         return _check_error(result, case, exc)
     except Exception as exc:  # a bug in the engine or a mapping: report it as this case's failure

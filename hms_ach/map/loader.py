@@ -21,7 +21,7 @@ from ruamel.yaml.error import MarkedYAMLError
 from hms_ach.errors import ConfigError, ConfigErrors, SourcePosition
 from hms_ach.map import spec
 from hms_ach.map.functions import FUNCTIONS
-from hms_ach.map.paths import PathSyntaxError, compile_path
+from hms_ach.map.paths import PathSyntaxError, compile_source
 from hms_ach.store.models import RECORD_TABLES
 
 Positions = dict[tuple[Any, ...], tuple[int, int]]
@@ -165,15 +165,30 @@ class MappingSet:
     datatypes: dict[str, LoadedFile] = field(default_factory=dict)
     tables: dict[str, LoadedFile] = field(default_factory=dict)
     _by_type: dict[tuple[str, str], LoadedFile] = field(default_factory=dict)
+    _by_input: dict[tuple[str, str], LoadedFile] = field(default_factory=dict)
 
     def message_mapping(self, message_code: str, event: str) -> LoadedFile | None:
         return self._by_type.get((message_code, event)) or self._by_type.get((message_code, "*"))
 
+    def input_mapping(self, kind: str, name: str) -> LoadedFile | None:
+        """The message mapping for a CSV dataset (kind csv) or a FHIR resourceType (kind fhir)."""
+        return self._by_input.get((kind, name))
+
     def supported_message_codes(self) -> set[str]:
         return {code for code, _ in self._by_type}
 
+    def inputs(self, kind: str) -> list[str]:
+        return sorted(name for k, name in self._by_input if k == kind)
+
     def files(self) -> list[LoadedFile]:
         return [*self.messages.values(), *self.resources.values(), *self.datatypes.values(), *self.tables.values()]
+
+
+def _input_of(f: LoadedFile) -> str:
+    model = f.model
+    if isinstance(model, spec.MessageMapping):
+        return model.match.input
+    return str(getattr(model, "input", "hl7v2"))
 
 
 def load_mappings(root: Path | str) -> MappingSet:
@@ -246,14 +261,30 @@ class _Linker:
 
     def _path(self, f: LoadedFile, text: str, loc: tuple[Any, ...], datatype: str | None) -> None:
         try:
-            compile_path(text, datatype)
+            compile_source(text, _input_of(f), datatype)
         except PathSyntaxError as exc:
             self._err(f, loc, str(exc))
 
     def _message(self, f: LoadedFile) -> None:
         m = f.model
+        given = [k for k in ("message", "csv", "resource") if getattr(m.match, k)]
+        if len(given) != 1:
+            self._err(f, ("match",), f"match needs exactly one of message, csv or resource (found {given or 'none'})",
+                      "message: ADT (HL7 v2), csv: staff_roster (CSV rows) or resource: Practitioner (FHIR)")
+            return
+        if m.match.input != "hl7v2":
+            name = m.match.csv or m.match.resource
+            other = self.mset._by_input.get((m.match.input, name))
+            if other is not None:
+                self._err(f, ("match",), f"{m.match.input} {name} is already handled by {other.path}")
+            self.mset._by_input[(m.match.input, name)] = f
+        for i, entry in enumerate(m.records):
+            target = self.mset.resources.get(entry.record)
+            if target is not None and target.model.input != m.match.input:
+                self._err(f, ("records", i, "record"), f"{entry.record} reads {target.model.input} input, "
+                          f"but this mapping handles {m.match.input}", f"a resource mapping with input: {m.match.input}")
         events = m.match.events or ["*"]
-        for ev in events:
+        for ev in events if m.match.input == "hl7v2" else []:
             other = self.mset._by_type.get((m.match.message, ev))
             if other is not None:
                 self._err(f, ("match",), f"{m.match.message}^{ev} is already handled by {other.path}",

@@ -30,9 +30,12 @@ for lineage and error locations such as ``PID-3[2].1``).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from hms_ach.parse.hl7v2 import Hl7Message, Segment
+
+INPUTS = ("hl7v2", "csv", "fhir")
 
 _SEG = r"(?P<seg>[A-Z][A-Z0-9]{2})(?:\[(?P<segsel>\d+|\*)\])?"
 _REP = r"(?:\[(?P<rep>\d+|\*|(?P<ftype>[A-Z][A-Z0-9]{1,3})\.(?P<fcomp>\d+)=(?P<fval>[^\]]*))\])?"
@@ -56,6 +59,7 @@ class Value:
     location: str
     raw: str | None = None
     segment: Segment | None = None
+    data: Any = None  # FHIR input: the JSON value itself (number, boolean, object)
 
 
 @dataclass(frozen=True)
@@ -63,17 +67,20 @@ class Scope:
     """Where paths are read from: the message, the segment of a ``for_each`` loop, and the current
     datatype value (one field repetition such as an XCN) when a datatype mapping runs."""
 
-    message: Hl7Message
+    message: Any  # Hl7Message (hl7v2), CsvRecord (csv) or a FHIR resource dict (fhir)
     segment: Segment | None = None
-    value: str | None = None
+    value: Any = None
     location: str = ""
+    kind: str = "hl7v2"
 
     def with_segment(self, segment: Segment, location: str) -> Scope:
-        return Scope(self.message, segment, None, location)
+        return Scope(self.message, segment, None, location, self.kind)
 
     def with_value(self, value: Value) -> Scope:
+        if value.data is not None:
+            return Scope(self.message, None, value.data, value.location, self.kind)
         raw = value.raw if value.raw is not None else value.text
-        return Scope(self.message, value.segment or self.segment, raw, value.location)
+        return Scope(self.message, value.segment or self.segment, raw, value.location, self.kind)
 
 
 @dataclass(frozen=True)
@@ -221,3 +228,80 @@ def compile_path(text: str, datatype: str | None = None) -> Path:
         f"{text!r} is not an HL7 path: expected SEG-FIELD[.COMPONENT[.SUB]] such as PID-5.1, PID-3[*].1, "
         f"PID-3[CX.5=MR].1, NK1[2]-2, or TYPE.COMPONENT such as XCN.1 inside a datatype mapping{hint}"
     )
+
+
+@dataclass
+class CsvRecord:
+    """One CSV row: header -> value, and where it was (for error reports and lineage)."""
+
+    values: dict[str, str]
+    line: int = 0
+    source: str = ""
+    columns: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ColumnPath:
+    """A CSV column, named by its header (case and surrounding spaces ignored)."""
+
+    text: str
+    is_segment: bool = False
+
+    def resolve(self, scope: Scope) -> list[Value]:
+        record = scope.message
+        if not isinstance(record, CsvRecord):
+            raise PathSyntaxError(f"column {self.text!r} can only be read from a CSV row")
+        wanted = self.text.strip().lower()
+        for name, value in record.values.items():
+            if name.strip().lower() == wanted:
+                text = (value or "").strip()
+                return [Value(text, f"line {record.line} column {name.strip()!r}", text)]
+        return []
+
+
+@dataclass(frozen=True)
+class FhirPathExpr:
+    """A FHIRPath expression over a FHIR resource (or the current element in a ``for_each``)."""
+
+    text: str
+    fn: Any
+    is_segment: bool = False
+
+    def resolve(self, scope: Scope) -> list[Value]:
+        base = scope.value if scope.value is not None else scope.message
+        try:
+            results = self.fn(base)
+        except Exception as exc:  # noqa: BLE001 - fhirpathpy raises plain exceptions on bad data
+            raise PathSyntaxError(f"FHIRPath {self.text!r} failed: {exc}") from exc
+        where = f"{scope.location}.{self.text}" if scope.location else self.text
+        out = []
+        for i, item in enumerate(results):
+            loc = where if len(results) == 1 else f"{where}[{i}]"
+            if isinstance(item, bool):
+                out.append(Value("true" if item else "false", loc, None, None, item))
+            elif isinstance(item, (dict, list, int, float)):
+                out.append(Value("" if isinstance(item, (dict, list)) else str(item), loc, None, None, item))
+            else:
+                out.append(Value(str(item), loc, str(item)))
+        return out
+
+
+Source = MessagePath | TypePath | ColumnPath | FhirPathExpr
+
+
+def compile_source(text: str, kind: str = "hl7v2", datatype: str | None = None) -> Source:
+    """Compile a source for an input ``kind``: HL7 path, CSV column name, or FHIRPath expression."""
+    if kind == "csv":
+        if not str(text).strip():
+            raise PathSyntaxError("an empty column name: expected a header of the CSV file, e.g. Employee ID")
+        return ColumnPath(str(text))
+    if kind == "fhir":
+        import fhirpathpy
+
+        try:
+            fn = fhirpathpy.compile(str(text))
+            fn({})  # the parser is lenient; a trial run surfaces arity and syntax errors
+            return FhirPathExpr(str(text), fn)
+        except Exception as exc:  # noqa: BLE001 - fhirpathpy's parser raises plain exceptions
+            raise PathSyntaxError(f"{text!r} is not a FHIRPath expression: {exc}") from exc
+    return compile_path(text, datatype)

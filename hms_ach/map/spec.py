@@ -102,8 +102,11 @@ class ResourceMapping(_Strict):
     name: str | None = Field(None, description="Name other mappings use; defaults to the file name")
     description: str = Field("", description="What this mapping is for")
     resource: str = Field(description="Record type: Patient, Encounter, Location, Practitioner, ...")
+    input: Literal["hl7v2", "csv", "fhir"] = Field(
+        "hl7v2", description="What the mapping reads: HL7 v2 paths, CSV column headers, or FHIRPath expressions")
     context: str | None = Field(
-        None, description="Datatype the mapping reads (e.g. XCN, PL): its paths are then XCN.1...; empty: the message")
+        None, description="HL7 v2: datatype the mapping reads (e.g. XCN, PL): its paths are then XCN.1...; "
+        "empty: the message")
     params: dict[str, ParamSpec] = Field(default_factory=dict, description="Parameters callers set with `with:`")
     key: KeySpec | None = Field(None, description="Business key; without one every message creates a new record")
     mode: Literal["merge", "replace", "fill"] = Field(
@@ -150,8 +153,20 @@ class ActionEntry(_Strict):
 
 
 class MessageMatch(_Strict):
-    message: str = Field(description="MSH-9.1 message code, e.g. ADT")
-    events: list[str] = Field(default_factory=list, description="MSH-9.2 trigger events; empty: any")
+    """What the mapping handles: give `message` (HL7 v2), `csv` (rows of a CSV channel) or
+    `resource` (FHIR REST writes)."""
+
+    message: str | None = Field(None, description="HL7 v2: MSH-9.1 message code, e.g. ADT")
+    events: list[str] = Field(default_factory=list, description="HL7 v2: MSH-9.2 trigger events; empty: any")
+    csv: str | None = Field(
+        None, description="CSV: the dataset name a CSV channel gives its rows (e.g. staff_roster); sources are "
+        "column headers")
+    resource: str | None = Field(
+        None, description="FHIR: the resourceType received (e.g. Practitioner); sources are FHIRPath expressions")
+
+    @property
+    def input(self) -> str:
+        return "csv" if self.csv else "fhir" if self.resource else "hl7v2"
 
 
 class MessageMapping(_Strict):

@@ -1,0 +1,45 @@
+"""The socket ceiling of figure B: hms-ach's own MLLP listener (:class:`hms_ach.inbound.mllp.MllpServer`)
+with a handler that parses nothing, stores nothing and answers every frame with one fixed ACK.
+
+Run in its own process: ``python -m benchmarks.echo_server --port P``; stops on SIGINT or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+
+from hms_ach.inbound.mllp import MllpConfig, MllpServer
+
+#: An AA of the size the engine sends (about 150 bytes), built once.
+FIXED_ACK = (b"MSH|^~\\&|HMSACH|GENHOSP|ADTSYS|GENHOSP|20261126083000||ACK^A01^ACK|ECHO-0000001|P|2.5.1\r"
+             b"MSA|AA|ECHO-0000001\r")
+
+
+async def _handler(payload: bytes, peer: str) -> bytes:
+    return FIXED_ACK
+
+
+async def serve(host: str, port: int) -> None:
+    server = MllpServer(MllpConfig(host=host, port=port, idle_timeout_seconds=60, max_connections=100), _handler)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"listening {server.port}", flush=True)
+    await stop.wait()
+    await server.close(grace_seconds=2)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    args = p.parse_args()
+    asyncio.run(serve(args.host, args.port))
+
+
+if __name__ == "__main__":
+    main()
