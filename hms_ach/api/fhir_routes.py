@@ -27,7 +27,7 @@ from starlette.responses import Response
 from hms_ach.api.outcomes import FHIR_JSON, FhirError, operation_outcome
 from hms_ach.store import search
 from hms_ach.store.db import Store
-from hms_ach.store.models import RECORD_TABLES, ResourceHistory
+from hms_ach.store.models import FHIR_TYPES, RECORD_TABLES, ResourceHistory
 from hms_ach.store.search_params import COMMON_PARAMS, SEARCH_PARAMS
 
 FHIR_VERSION = "4.0.1"
@@ -101,10 +101,10 @@ def _reading(store: Store) -> Iterator[Connection]:
 
 
 def _table(resource_type: str) -> Table:
-    model = RECORD_TABLES.get(resource_type)
+    model = RECORD_TABLES.get(resource_type) if resource_type in FHIR_TYPES else None
     if model is None:
         raise FhirError(404, "not-supported", f"resource type {resource_type[:64]!r} is not supported here; "
-                                              f"supported: {', '.join(RECORD_TABLES)}")
+                                              f"supported: {', '.join(FHIR_TYPES)}")
     return model.__table__  # type: ignore[attr-defined, no-any-return]
 
 
@@ -142,7 +142,7 @@ def _entry(full_url: str, resource: str | None, extra: dict[str, Any]) -> bytes:
 def capability_statement(base: str) -> dict[str, Any]:
     """The CapabilityStatement, generated from the record tables and search-parameter declarations."""
     resources = []
-    for rtype in RECORD_TABLES:
+    for rtype in FHIR_TYPES:
         entry: dict[str, Any] = {
             "type": rtype,
             "interaction": [{"code": code} for code in INTERACTIONS],

@@ -106,7 +106,31 @@ class Organization(ResourceBase, table=True):
     __table_args__ = _record_args("organization")
 
 
-#: FHIR resource type -> table class. A new record type is one class above plus one line here.
+class Shift(ResourceBase, table=True):
+    """A planned or worked shift (canonical record type ``Shift``; not a FHIR resource).
+
+    Content: identifier[], practitioner {reference}, role {coding, text}, department {reference or
+    display}, location {reference}, start, end (dateTime with offset), status (planned | confirmed |
+    swapped | cancelled), swapRequest {requestedBy, replacement, status: requested | approved |
+    rejected, decidedAt}.
+    """
+
+    __tablename__ = "shift"
+    __table_args__ = _record_args("shift")
+
+
+class Timecard(ResourceBase, table=True):
+    """A worked period from clock-in/clock-out events (canonical record type ``Timecard``).
+
+    Content: identifier[], practitioner {reference}, department, clockIn, clockOut (dateTime with
+    offset), workedMinutes, overtimeMinutes (by the configured overtime rule), shift {reference}.
+    """
+
+    __tablename__ = "timecard"
+    __table_args__ = _record_args("timecard")
+
+
+#: Record type -> table class. A new record type is one class above plus one line here.
 RECORD_TABLES: dict[str, type[ResourceBase]] = {
     "Patient": Patient,
     "Encounter": Encounter,
@@ -114,7 +138,12 @@ RECORD_TABLES: dict[str, type[ResourceBase]] = {
     "Practitioner": Practitioner,
     "PractitionerRole": PractitionerRole,
     "Organization": Organization,
+    "Shift": Shift,
+    "Timecard": Timecard,
 }
+
+#: The record types that are FHIR R4 resources (served under /fhir); the others are canonical only.
+FHIR_TYPES = ("Patient", "Encounter", "Location", "Practitioner", "PractitionerRole", "Organization")
 
 
 class ResourceHistory(SQLModel, table=True):
@@ -197,3 +226,4 @@ INDEX_TABLES = {
     "date": SearchDate,
     "reference": SearchReference,
 }
+

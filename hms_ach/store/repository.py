@@ -21,6 +21,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from hms_ach.errors import ContentError, Err0357
 from hms_ach.map.result import MappingResult, RecordWrite, StoreAction
 from hms_ach.store import search_params
+from hms_ach.store.changes import Change, notify
 from hms_ach.store.models import INDEX_TABLES, RECORD_TABLES, ResourceHistory, SearchReference
 
 
@@ -163,13 +164,16 @@ class Repository:
         merged["resourceType"] = rec.resource_type
         if not created and merged == old:
             return WriteOutcome(rec.resource_type, rid, version, created=False, changed=False)
-        return self._store_version(rec.resource_type, rid, version + 1, merged, message_id, created)
+        return self._store_version(rec.resource_type, rid, version + 1, merged, message_id, created,
+                                   before=None if created else old)
 
     def _store_version(
         self, resource_type: str, rid: str, version: int, content: dict[str, Any],
-        message_id: int | None, created: bool, deleted: bool = False,
+        message_id: int | None, created: bool, deleted: bool = False, before: dict[str, Any] | None = None,
     ) -> WriteOutcome:
         table = RECORD_TABLES[resource_type].__table__  # type: ignore[attr-defined]
+        if before is None and not created:
+            before = self.get(resource_type, rid)
         now = datetime.now(UTC)
         body = {"resourceType": resource_type, "id": rid,
                 "meta": {"versionId": str(version), "lastUpdated": now.isoformat().replace("+00:00", "Z")}}
@@ -186,6 +190,9 @@ class Repository:
             )
         )
         self.reindex(resource_type, rid, None if deleted else body)
+        action = "delete" if deleted else "create" if created else "update"
+        notify(self.conn, Change(resource_type, rid, version, action, None if created else before,
+                                 None if deleted else body, message_id))
         return WriteOutcome(resource_type, rid, version, created=created, changed=True)
 
     def reindex(self, resource_type: str, rid: str, resource: dict[str, Any] | None) -> None:

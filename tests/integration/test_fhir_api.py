@@ -20,7 +20,7 @@ from sqlalchemy import func, select, update
 from hms_ach.api.app import create_app
 from hms_ach.map.result import MappingResult, RecordWrite
 from hms_ach.store.db import Store
-from hms_ach.store.models import RECORD_TABLES
+from hms_ach.store.models import FHIR_TYPES, RECORD_TABLES
 from hms_ach.store.repository import Repository
 from hms_ach.store.search_params import SEARCH_PARAMS
 
@@ -185,7 +185,7 @@ def test_capability_statement_is_valid_and_generated(http: httpx.Client) -> None
     cs = CapabilityStatement.model_validate(r.json())
     assert cs.fhirVersion == "4.0.1" and cs.kind == "instance" and cs.software.name == "hms-ach"
     resources = {res.type: res for res in cs.rest[0].resource}
-    assert set(resources) == set(RECORD_TABLES)
+    assert set(resources) == set(FHIR_TYPES)
     for rtype, res in resources.items():
         assert {p.name for p in res.searchParam} == set(SEARCH_PARAMS[rtype])
         assert {i.code for i in res.interaction} == {"read", "vread", "history-instance", "search-type"}
