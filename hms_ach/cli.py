@@ -355,6 +355,38 @@ def mapping_preview(sample: Annotated[Path, typer.Argument(help="an HL7 v2 file"
     raise typer.Exit(1 if failed else 0)
 
 
+@mapping_app.command("coverage")
+def mapping_coverage(samples: Annotated[list[Path], typer.Argument(help="HL7 v2 sample files")],
+                     config: ConfigOpt = Path("channels.yaml"),
+                     mapping_dir: Annotated[Path | None, typer.Option(help="mapping directory to use")] = None) -> None:
+    """List the fields populated in the samples that no mapping reads: what the mappings drop."""
+    from hms_ach.errors import MessageError
+    from hms_ach.inbound.mllp_client import split_messages
+    from hms_ach.map.coverage import Coverage
+    from hms_ach.map.engine import MappingEngine
+    from hms_ach.map.loader import load_mappings
+    from hms_ach.parse.hl7v2 import parse
+
+    try:
+        engine = MappingEngine(load_mappings(_mappings_dir(config, mapping_dir)))
+    except ConfigErrors as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from exc
+    cov = Coverage()
+    for sample in samples:
+        try:
+            chunks = split_messages(sample.read_bytes())
+        except (OSError, MessageError) as exc:
+            cov.errors.append(f"{sample}: {exc}")
+            continue
+        for raw in chunks:
+            try:
+                cov.add(engine, parse(raw))
+            except MessageError as exc:
+                cov.errors.append(f"{sample}: {exc}")
+    typer.echo(cov.to_text())
+
+
 @mapping_app.command("test")
 def mapping_test(path: Annotated[Path | None, typer.Argument(help="a *_test.yaml file or a folder")] = None,
                  config: ConfigOpt = Path("channels.yaml"),

@@ -133,9 +133,11 @@ class MappingEngine:
                           f"{', '.join(sorted(self.mset.supported_message_codes())) or 'none'})",
                           "MSH-9.1", Err0357.UNSUPPORTED_MESSAGE_TYPE)
 
-    def map_message(self, msg: Hl7Message, mapping: LoadedFile | None = None) -> MappingResult:
+    def map_message(self, msg: Hl7Message, mapping: LoadedFile | None = None,
+                    seen: set[str] | None = None) -> MappingResult:
+        """Map ``msg``; with ``seen``, every HL7 position the mapping read is added to it (coverage)."""
         f = mapping or self.mapping_for(msg)
-        return self._run_message(f, Scope(msg))
+        return self._run_message(f, Scope(msg, seen=seen))
 
     def input_mapping(self, kind: str, name: str) -> LoadedFile:
         """The message mapping for a CSV dataset or FHIR resourceType; RejectError when there is none."""

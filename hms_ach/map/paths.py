@@ -37,6 +37,7 @@ from hms_ach.parse.hl7v2 import Hl7Message, Segment
 
 INPUTS = ("hl7v2", "csv", "fhir")
 
+_REP_INDEX = re.compile(r"\[\d+\]")
 _SEG = r"(?P<seg>[A-Z][A-Z0-9]{2})(?:\[(?P<segsel>\d+|\*)\])?"
 _REP = r"(?:\[(?P<rep>\d+|\*|(?P<ftype>[A-Z][A-Z0-9]{1,3})\.(?P<fcomp>\d+)=(?P<fval>[^\]]*))\])?"
 _MSG_PATH = re.compile(rf"^{_SEG}(?:-(?P<field>\d+){_REP}(?:\.(?P<comp>\d+)(?:\.(?P<sub>\d+))?)?)?$")
@@ -72,15 +73,21 @@ class Scope:
     value: Any = None
     location: str = ""
     kind: str = "hl7v2"
+    #: when set, every HL7 position read is added here (``PID-5.1``, ``PV1-3``): mapping coverage
+    seen: set[str] | None = None
 
     def with_segment(self, segment: Segment, location: str) -> Scope:
-        return Scope(self.message, segment, None, location, self.kind)
+        return Scope(self.message, segment, None, location, self.kind, self.seen)
 
     def with_value(self, value: Value) -> Scope:
         if value.data is not None:
-            return Scope(self.message, None, value.data, value.location, self.kind)
+            return Scope(self.message, None, value.data, value.location, self.kind, self.seen)
         raw = value.raw if value.raw is not None else value.text
-        return Scope(self.message, value.segment or self.segment, raw, value.location, self.kind)
+        return Scope(self.message, value.segment or self.segment, raw, value.location, self.kind, self.seen)
+
+    def note(self, location: str) -> None:
+        if self.seen is not None:
+            self.seen.add(_REP_INDEX.sub("", location))
 
 
 @dataclass(frozen=True)
@@ -139,6 +146,7 @@ class MessagePath:
                     loc += f".{self.comp}" + (f".{self.sub}" if self.sub is not None else "")
                 raw = _component_raw(rep, seg, self.comp, self.sub)
                 out.append(Value(seg.unescape(raw), loc, raw, seg))
+                scope.note(loc)
                 if self.rep is None and self.filter_comp is None:
                     break
         return out
@@ -183,6 +191,7 @@ class TypePath:
         loc = scope.location + (f".{self.comp}" if self.comp is not None else "") + (
             f".{self.sub}" if self.sub is not None else "")
         raw = _component_raw(scope.value, scope.segment, self.comp, self.sub)
+        scope.note(loc)
         return [Value(scope.segment.unescape(raw), loc, raw, scope.segment)]
 
 
