@@ -21,6 +21,12 @@ class FunctionError(ValueError):
     code = "102"  # table 0357: data type error
 
 
+class UnmappedCode(FunctionError):
+    """A code the rule's map does not know."""
+
+    code = "103"  # table 0357: table value not found
+
+
 @dataclass
 class FunctionSpec:
     name: str
@@ -212,6 +218,59 @@ def format_text(value: Any, template: str = "{0}", all_required: bool = False) -
         return template.format(*items)
     except (IndexError, KeyError) as exc:
         raise FunctionError(f"template {template!r} needs more values than the {len(items)} given") from exc
+
+
+@function("human_name", args={"use": "the name's use (official, usual...), optional"},
+          examples=[(["Rivera", "Maria", "Elena", "Mrs", ""], {}, {"family": "Rivera", "given": ["Maria", "Elena"],
+                                                                   "prefix": ["Mrs"]}),
+                    (["Ng", "Al"], {"use": "official"}, {"use": "official", "family": "Ng", "given": ["Al"]})])
+def human_name(value: Any, use: str | None = None) -> dict[str, Any]:
+    """Build a FHIR HumanName from ``sources: [family, given, middle, prefix, suffix]`` (later ones optional)."""
+    parts = (list(value) if isinstance(value, list) else [value]) + [""] * 5
+    family, given, middle, prefix, suffix = (str(p or "").strip() for p in parts[:5])
+    name: dict[str, Any] = {"use": use} if use else {}
+    if family:
+        name["family"] = family
+    if given or middle:
+        name["given"] = [g for g in (given, middle) if g]
+    if prefix:
+        name["prefix"] = [prefix]
+    if suffix:
+        name["suffix"] = [suffix]
+    return name
+
+
+@function("address", args={"use": "the address's use (home, work...), optional"},
+          examples=[(["12 Oak St", "Apt 4", "Columbus", "OH", "43004", "USA"], {"use": "home"},
+                     {"use": "home", "line": ["12 Oak St", "Apt 4"], "city": "Columbus", "state": "OH",
+                      "postalCode": "43004", "country": "USA"})])
+def address(value: Any, use: str | None = None) -> dict[str, Any]:
+    """Build a FHIR Address from ``sources: [line1, line2, city, state, postal code, country]``."""
+    parts = (list(value) if isinstance(value, list) else [value]) + [""] * 6
+    line1, line2, city, state, postal, country = (str(p or "").strip() for p in parts[:6])
+    out: dict[str, Any] = {"use": use} if use else {}
+    lines = [x for x in (line1, line2) if x]
+    if lines:
+        out["line"] = lines
+    for key, val in (("city", city), ("state", state), ("postalCode", postal), ("country", country)):
+        if val:
+            out[key] = val
+    return out
+
+
+@function("lookup", args={"map": "code -> value, written in the rule (required)",
+                          "default": "value for codes not in the map; without it an unknown code is an error"},
+          examples=[("Y", {"map": {"Y": "active", "N": "inactive"}}, "active"),
+                    ("Q", {"map": {"Y": "active"}, "default": "unknown"}, "unknown")])
+def lookup_inline(value: str, map: dict[str, Any] | None = None, default: Any = None) -> Any:  # noqa: A002
+    """Translate a code with a small map written in the rule (use `table:` for shared code tables)."""
+    table = {str(k).upper(): v for k, v in (map or {}).items()}
+    found = table.get(str(value).strip().upper())
+    if found is not None:
+        return found
+    if default is not None:
+        return default
+    raise UnmappedCode(f"code {value!r} is not in the rule's map ({', '.join(map or {})})")
 
 
 # ---------------------------------------------------------------- numbers and checks
