@@ -81,6 +81,7 @@ DECLARATIONS: dict[str, dict[str, _Decl]] = {
         "status": ("token", "status"),
         "operational-status": ("token", "operationalStatus"),
         "type": ("token", "type"),
+        "physical-type": ("token", "physicalType"),
         "partof": ("reference", "partOf", ("Location",)),
     },
     "Practitioner": {
@@ -101,6 +102,18 @@ DECLARATIONS: dict[str, dict[str, _Decl]] = {
         "identifier": ("token", "identifier"),
         "name": ("string", "name | alias"),
         "active": ("token", "active"),
+    },
+    # canonical-only record types (not served under /fhir): searched by the /api/v1 workforce API
+    "Shift": {
+        "identifier": ("token", "identifier"),
+        "practitioner": ("reference", "practitioner", ("Practitioner",)),
+        "date": ("date", "start"),
+        "status": ("token", "status"),
+    },
+    "Timecard": {
+        "identifier": ("token", "identifier"),
+        "practitioner": ("reference", "practitioner", ("Practitioner",)),
+        "date": ("date", "clockIn"),
     },
 }
 

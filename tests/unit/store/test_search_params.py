@@ -52,6 +52,8 @@ FULL: dict[str, dict[str, Any]] = {
         "alias": ["4W"],
         "status": "active",
         "operationalStatus": {"system": "http://terminology.hl7.org/CodeSystem/v2-0116", "code": "O"},
+        "physicalType": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/location-physical-type",
+                                     "code": "bd"}]},
         "type": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-RoleCode", "code": "HOSP"}],
                   "text": "Hospital"}],
         "partOf": {"reference": "Location/ward4"},
@@ -76,6 +78,21 @@ FULL: dict[str, dict[str, Any]] = {
         "name": "Hôpital Général",
         "alias": ["HG"],
         "active": True,
+    },
+    "Shift": {
+        "resourceType": "Shift",
+        "identifier": [{"system": "urn:shift", "value": "S1"}],
+        "practitioner": {"reference": "Practitioner/p1"},
+        "status": "planned",
+        "start": "2026-12-01T07:00:00-05:00",
+        "end": "2026-12-01T19:00:00-05:00",
+    },
+    "Timecard": {
+        "resourceType": "Timecard",
+        "identifier": [{"system": "urn:tc", "value": "T1"}],
+        "practitioner": {"reference": "Practitioner/p1"},
+        "clockIn": "2026-12-01T06:55:00-05:00",
+        "clockOut": "2026-12-01T19:10:00-05:00",
     },
 }
 
