@@ -196,7 +196,7 @@ def apply_evaluation(conn: Connection, ev: Evaluation, message_id: int, charset:
         status = "rejected" if code == "AR" else "error"
     ack = _ack_for(ev, code, error)
     ack_code = ack_code_for(ev.header, code)
-    messages.finish(conn, message_id, status, ack_code, ack, error=str(error) if error else None,
+    messages.finish(conn, message_id, status, ack_code, ack, error=error.message if error else None,
                     error_location=error.location if error else None, replay=replay)
     send = should_send(ev.header, code) if ev.header is not None else True
     return Outcome(message_id, status, ack_code, ack, send, str(error) if error else None, writes, charset)
