@@ -53,7 +53,7 @@ class Config(_Strict):
     engine: EngineSettings = Field(default_factory=EngineSettings)  # type: ignore[arg-type]
     http: HttpSettings = Field(default_factory=HttpSettings)  # type: ignore[arg-type]
     channels: list[Any] = Field(default_factory=list, description="Inbound channels")
-    source: str = Field("", exclude=True, description="The file this was read from")
+    source: str = Field(default="", exclude=True, description="The file this was read from")
 
     @property
     def base_dir(self) -> Path:

@@ -127,7 +127,9 @@ def fallback_ack(raw: bytes, error: MessageError) -> str:
             first = re.split(rb"\r\n|\r|\n", raw.lstrip(b"\r\n \t\x0b"), maxsplit=1)[0]
             parts = [p.decode("latin-1") for p in first.split(fs)]
             # parts[0]=MSH, parts[1]=MSH-2, parts[n-1]=MSH-n
-            get = (lambda n: parts[n - 1] if n - 1 < len(parts) else "")  # noqa: E731
+            def get(n: int) -> str:
+                return parts[n - 1] if n - 1 < len(parts) else ""
+
             control_id, sending_app, sending_fac = get(10), get(3), get(4)
             recv_app, recv_fac = get(5), get(6)
     except Exception:  # noqa: BLE001 - the fallback must never fail

@@ -154,7 +154,7 @@ def generate() -> str:
         out.append(f"## {title}\n")
         if model.__doc__:
             out.append(" ".join(model.__doc__.split()) + "\n")
-        out.extend(_model_table(model))
+        out.extend(_model_table(model))  # type: ignore[arg-type]
         out.append("")
     out.append("Record types (`resource:`): " + ", ".join(f"`{t}`" for t in RECORD_TABLES) + ".\n")
     out.append("## Functions\n")

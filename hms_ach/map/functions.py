@@ -11,7 +11,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Any
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 
@@ -39,12 +39,15 @@ class FunctionSpec:
 FUNCTIONS: dict[str, FunctionSpec] = {}
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
 def function(
     name: str, *, args: dict[str, str] | None = None, examples: list[tuple[Any, dict[str, Any], Any]] | None = None
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+) -> Callable[[F], F]:
     """Register ``fn`` under ``name``. ``examples`` are (input, args, expected) triples run as tests."""
 
-    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def register(fn: F) -> F:
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
         FUNCTIONS[name] = FunctionSpec(name, fn, summary, dict(args or {}), list(examples or []))
         return fn
@@ -215,7 +218,7 @@ def format_text(value: Any, template: str = "{0}", all_required: bool = False) -
     if all_required and any(v in (None, "") for v in items):
         return ""
     try:
-        return template.format(*items)
+        return str(template.format(*items))
     except (IndexError, KeyError) as exc:
         raise FunctionError(f"template {template!r} needs more values than the {len(items)} given") from exc
 

@@ -240,7 +240,7 @@ class _Linker:
             if f.model.resource not in RECORD_TABLES:
                 self._err(f, ("resource",), f"unknown record type {f.model.resource!r}",
                           f"one of {', '.join(RECORD_TABLES)}", f.model.resource, list(RECORD_TABLES))
-            key, kloc = f.model.key, ("key",)
+            key, kloc = f.model.key, tuple[Any, ...](("key",))
             while key is not None:
                 for part in ("system", "value"):
                     self._value(f, getattr(key, part), kloc + (part,), f.model.context, set(f.model.params))

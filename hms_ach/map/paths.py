@@ -107,7 +107,7 @@ class MessagePath:
         return self.field is None
 
     def segments(self, scope: Scope) -> list[Segment]:
-        segs = scope.message.all(self.segment)
+        segs: list[Segment] = scope.message.all(self.segment)
         loop = scope.segment
         if loop is not None:
             if loop.name == self.segment and self.segment_sel is None:
@@ -116,7 +116,7 @@ class MessagePath:
             # the segments after it and before the next segment with the loop segment's name.
             # When the group has none, only segments before the first loop segment (the message's
             # header part, e.g. PID before the FT1s) are used, never another group's.
-            loop_segs = scope.message.all(loop.name)
+            loop_segs: list[Segment] = scope.message.all(loop.name)
             end = next((s.index for s in loop_segs if s.index > loop.index), 1 << 30)
             group = [s for s in segs if loop.index < s.index < end]
             segs = group or [s for s in segs if s.index < loop_segs[0].index]
@@ -309,7 +309,7 @@ def compile_source(text: str, kind: str = "hl7v2", datatype: str | None = None) 
 
         try:
             fn = fhirpathpy.compile(str(text))
-            fn({})  # the parser is lenient; a trial run surfaces arity and syntax errors
+            fn({})  # type: ignore[call-arg]  # the parser is lenient: a trial run surfaces errors
             return FhirPathExpr(str(text), fn)
         except Exception as exc:  # noqa: BLE001 - fhirpathpy's parser raises plain exceptions
             raise PathSyntaxError(f"{text!r} is not a FHIRPath expression: {exc}") from exc

@@ -48,7 +48,10 @@ def insert_message(conn: Connection, meta: MessageMeta, status: str = "received"
         status=status, received_at=datetime.now(UTC), duplicate_of=duplicate_of, ack_code=ack_code, ack=ack,
         processed_at=datetime.now(UTC) if status != "received" else None, replay_count=0,
     )
-    return int(conn.execute(insert(T).values(**values)).inserted_primary_key[0])
+    key = conn.execute(insert(T).values(**values)).inserted_primary_key
+    if key is None:
+        raise RuntimeError("the database returned no id for the stored message")
+    return int(key[0])
 
 
 def finish(conn: Connection, message_id: int, status: str, ack_code: str | None, ack: str | None,
