@@ -106,6 +106,10 @@ class StoreWriter:
         self.batches += 1
         self.jobs += len(batch)
         for fut, result, error in outcomes:
+            # A caller that gave up (its connection closed, its task was cancelled) no
+            # longer waits; the job's work is committed all the same.
+            if fut.done():
+                continue
             if error is not None:
                 fut.set_exception(error)
             else:
