@@ -22,7 +22,9 @@ async def _handler(payload: bytes, peer: str) -> bytes:
 
 
 async def serve(host: str, port: int) -> None:
-    server = MllpServer(MllpConfig(host=host, port=port, idle_timeout_seconds=60, max_connections=100), _handler)
+    config = MllpConfig.model_validate({"host": host, "port": port, "idle_timeout_seconds": 60,
+                                        "max_connections": 100})
+    server = MllpServer(config, _handler)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

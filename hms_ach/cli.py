@@ -441,6 +441,104 @@ def schema_mapping(output: Annotated[Path | None, typer.Option("--output", "-o")
         typer.echo(text)
 
 
+from hms_ach.jobs.cli import jobs_app  # noqa: E402 - `hms-ach jobs` and `hms-ach jobs run NAME`
+
+app.add_typer(jobs_app, name="jobs")
+
+audit_app = typer.Typer(no_args_is_help=True, help="The audit trail of record changes.")
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("verify")
+def audit_verify(config: ConfigOpt = Path("channels.yaml"),
+                 database: Annotated[str | None, typer.Option(help="store URL (default: from the config)")] = None,
+                 ) -> None:
+    """Check the audit chain; exit 1 naming the first entry that was edited, removed or reordered."""
+    from hms_ach.store import audit
+    from hms_ach.store.db import Store
+
+    store = Store(database) if database else _store(config)
+    try:
+        with store.reader.connect() as conn:
+            result = audit.verify(conn)
+    finally:
+        store.dispose()
+    if result.ok:
+        typer.echo(f"audit chain intact: {result.checked} entries")
+        return
+    typer.echo(f"audit chain broken at entry {result.bad_seq}: {result.reason} "
+               f"({result.checked} entries before it are intact)", err=True)
+    raise typer.Exit(1)
+
+
+outbox_app = typer.Typer(help="The outbox of outbound events: what waits, what was delivered, dead letters.")
+app.add_typer(outbox_app, name="outbox")
+DatabaseOpt = Annotated[str | None, typer.Option(help="store URL (default: from the config)")]
+
+
+@outbox_app.callback(invoke_without_command=True)
+def outbox_list(ctx: typer.Context, config: ConfigOpt = Path("channels.yaml"), database: DatabaseOpt = None,
+                status: Annotated[str | None, typer.Option(help="pending | delivered | dead: list those rows")] = None,
+                sink: Annotated[str | None, typer.Option(help="only this sink")] = None,
+                limit: Annotated[int, typer.Option(help="rows listed")] = 50) -> None:
+    """Counts per sink and status; with --status, the rows themselves (newest first)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from hms_ach.outbound import outbox
+    from hms_ach.store.db import Store
+
+    store = Store(database) if database else _store(config)
+    try:
+        with store.reader.connect() as conn:
+            counts = outbox.summary(conn)
+            rows = outbox.list_rows(conn, status, sink, limit) if status else []
+    finally:
+        store.dispose()
+    if not counts:
+        typer.echo("outbox is empty")
+    for c in counts:
+        typer.echo(f"{c['destination']:<24} {c['status']:<10} {c['count']}")
+    for r in rows:
+        typer.echo(f"#{r['id']} {r['destination']} {r['event']} {r['status']} attempts={r['attempts']} "
+                   f"next={r['next_attempt_at']:%Y-%m-%d %H:%M:%S} error={r['last_error'] or '-'}")
+
+
+@outbox_app.command("retry")
+def outbox_retry(row_id: Annotated[int | None, typer.Argument(help="outbox row id (see hms-ach outbox)")] = None,
+                 dead: Annotated[bool, typer.Option("--dead", help="retry every dead row")] = False,
+                 config: ConfigOpt = Path("channels.yaml"), database: DatabaseOpt = None) -> None:
+    """Put a dead (or delivered) row, or every dead row, back in the queue with a fresh retry window."""
+    from hms_ach.outbound import outbox
+    from hms_ach.store.db import Store
+
+    if row_id is None and not dead:
+        typer.echo("give a row id or --dead", err=True)
+        raise typer.Exit(2)
+    store = Store(database) if database else _store(config)
+    try:
+        with store.writer.begin() as conn:
+            count = outbox.retry(conn, row_id, dead=dead)
+    finally:
+        store.dispose()
+    typer.echo(f"{count} row(s) queued again")
+    if count == 0 and row_id is not None:
+        raise typer.Exit(1)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(ctx: typer.Context,
+          quick: Annotated[bool, typer.Option("--quick", help="the short run (under two minutes)")] = False) -> None:
+    """Run the benchmark suite and print its table; other options go to `python -m benchmarks`."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]  # benchmarks/ is not installed: it lives in the checkout
+    if not (root / "benchmarks" / "__main__.py").is_file():
+        typer.echo(f"no benchmarks/ in {root}: hms-ach bench runs from a source checkout", err=True)
+        raise typer.Exit(2)
+    argv = [sys.executable, "-m", "benchmarks", *(["--quick"] if quick else []), *ctx.args]
+    raise typer.Exit(subprocess.call(argv, cwd=root))
+
+
 def _reason(error: Any) -> str:
     import re
 

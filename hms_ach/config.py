@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hms_ach.errors import ConfigError, ConfigErrors, SourcePosition
 from hms_ach.inbound import CHANNEL_TYPES
+from hms_ach.jobs.settings import JobsSettings
 from hms_ach.map.loader import Positions, load_yaml, position_of
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
@@ -53,6 +54,10 @@ class Config(_Strict):
     engine: EngineSettings = Field(default_factory=EngineSettings)  # type: ignore[arg-type]
     http: HttpSettings = Field(default_factory=HttpSettings)  # type: ignore[arg-type]
     channels: list[Any] = Field(default_factory=list, description="Inbound channels")
+    sinks: list[Any] = Field(default_factory=list,
+                             description="Outbound sinks fed by the outbox (webhook, rabbitmq, x12_837)")
+    jobs: JobsSettings = Field(default_factory=JobsSettings,  # type: ignore[arg-type]
+                               description="Scheduled jobs: credential-expiry scan, housekeeping")
     source: str = Field(default="", exclude=True, description="The file this was read from")
 
     @property
@@ -105,21 +110,37 @@ def load_config(path: Path | str) -> Config:
     except ConfigError as exc:
         raise ConfigErrors([exc]) from exc
     try:
-        config = Config.model_validate({**data, "channels": []})
+        config = Config.model_validate({**data, "channels": [], "sinks": []})
     except ValidationError as exc:
         errors.extend(_translate(exc, file, positions, (), Config))
         config = Config()
     config.source = str(file)
-    channels = []
+    from hms_ach.outbound import SINK_TYPES
+
+    channels = _load_typed("channel", CHANNEL_TYPES, data.get("channels") or [], file, positions, errors)
+    sinks = _load_typed("sink", SINK_TYPES, data.get("sinks") or [], file, positions, errors)
+    if errors:
+        raise ConfigErrors(errors)
+    config.channels = channels
+    config.sinks = sinks
+    return config
+
+
+def _load_typed(kind: str, registry: Any, raw_entries: list[Any], file: Path, positions: Positions,
+                errors: list[ConfigError]) -> list[Any]:
+    """``channels:`` or ``sinks:`` entries: each one's settings model is picked by its ``type:`` from
+    ``registry`` (CHANNEL_TYPES or SINK_TYPES); names must be unique within the list."""
+    section = f"{kind}s"
+    entries: list[Any] = []
     names: set[str] = set()
-    for i, raw in enumerate(data.get("channels") or []):
-        at = ("channels", i)
+    for i, raw in enumerate(raw_entries):
+        at = (section, i)
         if not isinstance(raw, dict) or "type" not in raw:
-            errors.append(ConfigError("a channel needs a `type:`", position_of(file, positions, at),
-                                      f"one of {', '.join(CHANNEL_TYPES.names())}"))
+            errors.append(ConfigError(f"a {kind} needs a `type:`", position_of(file, positions, at),
+                                      f"one of {', '.join(registry.names())}"))
             continue
         try:
-            cls = CHANNEL_TYPES.load(str(raw["type"]))
+            cls = registry.load(str(raw["type"]))
         except KeyError as exc:
             errors.append(ConfigError(str(exc.args[0]), position_of(file, positions, at + ("type",))))
             continue
@@ -129,14 +150,11 @@ def load_config(path: Path | str) -> Config:
             errors.extend(_translate(exc, file, positions, at, cls.Config))
             continue
         if settings.name in names:
-            errors.append(ConfigError(f"channel name {settings.name!r} is used twice",
-                                      position_of(file, positions, at + ("name",)), "unique channel names"))
+            errors.append(ConfigError(f"{kind} name {settings.name!r} is used twice",
+                                      position_of(file, positions, at + ("name",)), f"unique {kind} names"))
         names.add(settings.name)
-        channels.append(settings)
-    if errors:
-        raise ConfigErrors(errors)
-    config.channels = channels
-    return config
+        entries.append(settings)
+    return entries
 
 
 def _translate(exc: ValidationError, file: Path, positions: Positions, at: tuple[Any, ...],

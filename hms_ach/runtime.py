@@ -38,6 +38,8 @@ class Engine:
         self._http: Any = None
         self._http_task: asyncio.Task[None] | None = None
         self.http_port: int | None = None
+        self.dispatcher: Any = None  # hms_ach.outbound.outbox.Dispatcher, when sinks are declared
+        self.scheduler: Any = None  # hms_ach.scheduler.Scheduler (SFTP polls, credential scan, housekeeping)
 
     def policies(self) -> dict[str, Hl7Policy]:
         return {name: ch.policy for name, ch in self.channels.items() if hasattr(ch, "policy")}
@@ -45,6 +47,7 @@ class Engine:
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         self.writer.start()
+        await self._start_outbound()  # before the channels: a new sink gets every event from here on
         for settings in self.config.channels:
             if not settings.enabled:
                 continue
@@ -54,6 +57,28 @@ class Engine:
             self.channels[settings.name] = channel
         if self.config.http.enabled:
             await self._start_http()
+        await self._start_scheduler()
+
+    async def _start_scheduler(self) -> None:
+        """One scheduler per deployment (hms_ach/scheduler.py); on PostgreSQL the others stand by."""
+        if not self.config.jobs.enabled:
+            return
+        from hms_ach.scheduler import Scheduler, build_jobs
+
+        jobs = build_jobs(self.config.jobs, self.writer, self.channels)
+        self.scheduler = Scheduler(self.store, self.writer, jobs, self.config.jobs)
+        await self.scheduler.start()
+
+    async def _start_outbound(self) -> None:
+        """Deliver the outbox to the sinks of channels.yaml (inbound never waits for them)."""
+        if not self.config.sinks:
+            return
+        from hms_ach.outbound import SINK_TYPES
+        from hms_ach.outbound.outbox import Dispatcher
+
+        sinks = [SINK_TYPES.load(s.type)(s, self.store) for s in self.config.sinks]
+        self.dispatcher = Dispatcher(self.store, sinks)
+        await self.dispatcher.start()
 
     async def _start_http(self) -> None:
         import uvicorn
@@ -77,6 +102,12 @@ class Engine:
         log.info("http.started", extra={"port": self.http_port})
 
     async def stop(self) -> None:
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+            self.scheduler = None
+        if self.dispatcher is not None:
+            await self.dispatcher.stop()
+            self.dispatcher = None
         for channel in list(self.channels.values()):
             await channel.stop()
         self.channels.clear()

@@ -13,8 +13,11 @@ import orjson
 from fastapi import FastAPI
 from starlette.responses import Response
 
+from hms_ach.api.audit_routes import audit_event_router
 from hms_ach.api.fhir_routes import fhir_router
 from hms_ach.api.outcomes import install_handlers
+from hms_ach.api.workforce import workforce_router
+from hms_ach.inbound.fhir_rest import fhir_write_router
 from hms_ach.store.db import Store
 
 
@@ -24,6 +27,9 @@ def create_app(store: Store) -> FastAPI:
     app.state.store = store
     app.state.health = {"status": "ok"}
     install_handlers(app)
+    app.include_router(audit_event_router(store))  # before fhir_router: /fhir/AuditEvent is not a record type
+    app.include_router(workforce_router(store))
+    app.include_router(fhir_write_router())
     app.include_router(fhir_router(store))
 
     @app.get("/health")

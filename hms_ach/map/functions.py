@@ -318,3 +318,55 @@ def npi(value: str) -> str:
     if not npi_is_valid(text):
         raise FunctionError(f"{value!r} is not a valid NPI: expected 10 digits with a valid check digit")
     return text
+
+
+# ---------------------------------------------------------------- billing (DFT^P03 charges)
+_CPT = re.compile(r"^(\d{5}|\d{4}[FTU])$")
+_HCPCS = re.compile(r"^[A-V]\d{4}$")
+_ICD10 = re.compile(r"^[A-TV-Z][0-9][0-9A-Z](\.?[0-9A-Z]{1,4})?$")
+
+
+@function("procedure_code", examples=[("99223", {}, "99223"), ("j1100", {}, "J1100"), ("0001U", {}, "0001U")])
+def procedure_code(value: str) -> str:
+    """Check a CPT (5 digits, or 4 digits and F/T/U) or HCPCS Level II (letter and 4 digits) code."""
+    text = value.strip().upper()
+    if not (_CPT.match(text) or _HCPCS.match(text)):
+        raise FunctionError(f"{value!r} is not a known procedure code: expected CPT (99213, 0001U) or HCPCS (J1100)")
+    return text
+
+
+@function("icd10_code", examples=[("J18.9", {}, "J18.9"), ("e119", {}, "E119")])
+def icd10_code(value: str) -> str:
+    """Check the format of an ICD-10-CM diagnosis code (letter, digit, 1-5 more; the dot is optional)."""
+    text = value.strip().upper()
+    if not _ICD10.match(text):
+        raise FunctionError(f"{value!r} is not an ICD-10-CM code: expected e.g. J18.9")
+    return text
+
+
+@function("charge_amount", examples=[("350.00", {}, 350.0), ("0", {}, 0.0)])
+def charge_amount(value: str) -> float:
+    """A money amount that must not be negative (a charge); rounded to cents."""
+    number = decimal(value)
+    if number < 0:
+        raise FunctionError(f"amount {value.strip()} is negative: a charge must be 0 or more (send a credit "
+                            "transaction type instead)")
+    return round(float(number), 2)
+
+
+# ---------------------------------------------------------------- durations (CSV timecards)
+@function("minutes_between", args={"timezone": "IANA zone assumed for times without an offset (default UTC)",
+                                   "max_hours": "a longer period is an error (default 36)"},
+          examples=[(["2026-12-01T07:00:00-05:00", "2026-12-01T15:30:00-05:00"], {}, 510),
+                    (["2026-11-01 00:00", "2026-11-01 03:00"], {"timezone": "America/New_York"}, 240)])
+def minutes_between(value: Any, timezone: str = "UTC", max_hours: float = 36) -> int:
+    """Whole minutes from the first date-time of ``sources:`` to the second (clock-in to clock-out)."""
+    if not isinstance(value, list) or len(value) != 2 or not all(str(v).strip() for v in value):
+        raise FunctionError("needs two date-times in `sources:` (start, end)")
+    start, end = (datetime.fromisoformat(iso_datetime(str(v), timezone)) for v in value)
+    minutes = (end - start).total_seconds() / 60
+    if minutes < 0:
+        raise FunctionError(f"ends ({value[1]}) before it starts ({value[0]})")
+    if minutes > max_hours * 60:
+        raise FunctionError(f"lasts more than {max_hours:g} hours ({value[0]} to {value[1]})")
+    return int(minutes)

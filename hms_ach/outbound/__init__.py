@@ -1,0 +1,14 @@
+"""Outbound: the transactional outbox, the events derived from record changes, and the sinks.
+
+A new sink type is one module with a class that has a ``Config`` (extending
+:class:`hms_ach.outbound.sinks.SinkSettings`) and ``async deliver(delivery)``, plus one line here.
+"""
+
+from hms_ach.registry import Registry
+
+#: ``type:`` of a ``sinks:`` entry in channels.yaml -> the sink class.
+SINK_TYPES = Registry("sink type", {
+    "webhook": "hms_ach.outbound.webhook:WebhookSink",
+    "rabbitmq": "hms_ach.outbound.rabbitmq:RabbitMqSink",
+    "x12_837": "hms_ach.outbound.x12_837:X12ClaimSink",
+})

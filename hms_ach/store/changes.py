@@ -35,7 +35,10 @@ class Change:
 
 
 #: name -> "module:function". Order is the registry's sorted order.
-LISTENERS = Registry("change listener", {})
+LISTENERS = Registry("change listener", {
+    "audit": "hms_ach.store.audit:record",
+    "outbox": "hms_ach.outbound.events:record",
+})
 
 
 def notify(conn: Connection, change: Change) -> None:

@@ -130,6 +130,32 @@ class Timecard(ResourceBase, table=True):
     __table_args__ = _record_args("timecard")
 
 
+class Charge(ResourceBase, table=True):
+    """One billable service from a DFT^P03 FT1 segment (canonical record type ``Charge``).
+
+    Content: identifier[], encounter {reference}, patient {reference}, code {system, code, display}
+    (CPT/HCPCS), units, amount (extended, >= 0), date, performer {reference, npi}, diagnosis [codes],
+    insurance {payerId, payerName, memberId, groupNumber, subscriber {...}} from IN1.
+    """
+
+    __tablename__ = "charge"
+    __table_args__ = _record_args("charge")
+
+
+class Coverage(ResourceBase, table=True):
+    """A FHIR R4 Coverage from an IN1 segment (payer, member id, subscriber relationship)."""
+
+    __tablename__ = "coverage"
+    __table_args__ = _record_args("coverage")
+
+
+class Claim(ResourceBase, table=True):
+    """A FHIR R4 Claim made at discharge from the charges of one encounter (see outbound/claims.py)."""
+
+    __tablename__ = "claim"
+    __table_args__ = _record_args("claim")
+
+
 #: Record type -> table class. A new record type is one class above plus one line here.
 RECORD_TABLES: dict[str, type[ResourceBase]] = {
     "Patient": Patient,
@@ -140,10 +166,35 @@ RECORD_TABLES: dict[str, type[ResourceBase]] = {
     "Organization": Organization,
     "Shift": Shift,
     "Timecard": Timecard,
+    "Charge": Charge,
+    "Coverage": Coverage,
+    "Claim": Claim,
 }
 
 #: The record types that are FHIR R4 resources (served under /fhir); the others are canonical only.
 FHIR_TYPES = ("Patient", "Encounter", "Location", "Practitioner", "PractitionerRole", "Organization")
+
+
+class AuditEntry(SQLModel, table=True):
+    """One change of one record, append-only, chained by SHA-256 to its predecessor (see store/audit.py)."""
+
+    __tablename__ = "audit_entry"
+    __table_args__ = (
+        Index("ix_audit_entity", "entity_type", "entity_id"),
+        Index("ix_audit_recorded", "recorded"),
+    )
+
+    seq: int | None = Field(default=None, primary_key=True)
+    recorded: str = Field(max_length=40, description="UTC instant, fixed-width ISO 8601 (sorts as text)")
+    agent: str = Field(max_length=255, description="channel name, authenticated client or 'api'")
+    action: str = Field(max_length=16, description="create | update | delete")
+    entity_type: str = Field(max_length=64)
+    entity_id: str = Field(max_length=64)
+    version_id: int
+    message_id: int | None = Field(default=None, description="the inbound message or request")
+    diff: str = Field(sa_type=Text, description="JSON list of {op, path, old, new}")
+    prev_hash: str = Field(max_length=64)
+    hash: str = Field(max_length=64, unique=True)
 
 
 class ResourceHistory(SQLModel, table=True):
@@ -227,3 +278,85 @@ INDEX_TABLES = {
     "reference": SearchReference,
 }
 
+
+
+class OutboxEvent(SQLModel, table=True):
+    """One outbound event (``encounter.admitted``...), written in the transaction of the change that caused it."""
+
+    __tablename__ = "outbox_event"
+
+    id: int | None = Field(default=None, primary_key=True)
+    event: str = Field(max_length=64, index=True, description="stable event name")
+    payload: str = Field(sa_type=Text, description="versioned JSON: FHIR references, no PHI")
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class OutboxRow(SQLModel, table=True):
+    """One delivery of one event to one sink; delivered at least once, in id order per destination."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (
+        UniqueConstraint("destination", "event_id", name="uq_outbox_destination_event"),
+        Index("ix_outbox_destination_status", "destination", "status", "id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    destination: str = Field(max_length=128, description="sink name in channels.yaml")
+    event_id: int = Field(description="outbox_event.id")
+    event: str = Field(max_length=64)
+    status: str = Field(default="pending", max_length=16, description="pending | delivered | dead")
+    attempts: int = 0
+    next_attempt_at: datetime = Field(default_factory=utcnow)
+    created_at: datetime = Field(default_factory=utcnow)
+    retry_from: datetime = Field(default_factory=utcnow, description="start of the retry window (max age)")
+    delivered_at: datetime | None = None
+    last_error: str | None = Field(default=None, sa_column=Column(Text))
+    response: str | None = Field(default=None, sa_column=Column(Text), description="what the sink answered")
+
+
+class OutboxCursor(SQLModel, table=True):
+    """Per sink: the last event fanned out to it, and the lease of the instance that delivers for it."""
+
+    __tablename__ = "outbox_cursor"
+
+    destination: str = Field(primary_key=True, max_length=128)
+    last_event_id: int = 0
+    lease_owner: str | None = Field(default=None, max_length=128)
+    lease_until: datetime | None = None
+
+
+class ControlNumber(SQLModel, table=True):
+    """Persisted counters (X12 ISA13/GS06/ST02...): each value is handed out once."""
+
+    __tablename__ = "control_number"
+
+    name: str = Field(primary_key=True, max_length=64)
+    value: int = 0
+
+
+class JobRun(SQLModel, table=True):
+    """The last run of each scheduled job (see hms_ach/scheduler.py), shown by ``hms-ach jobs``."""
+
+    __tablename__ = "job_run"
+
+    name: str = Field(primary_key=True, max_length=200)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    status: str = Field(default="", max_length=20, description="running | ok | error")
+    detail: str | None = Field(default=None, sa_column=Column(Text))
+    runs: int = 0
+
+
+class CredentialAlert(SQLModel, table=True):
+    """One alert per credential, expiry date and threshold, so the nightly scan never repeats one."""
+
+    __tablename__ = "credential_alert"
+    __table_args__ = (UniqueConstraint("practitioner_id", "credential", "expires", "threshold",
+                                       name="uq_credential_alert"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    practitioner_id: str = Field(max_length=64)
+    credential: str = Field(max_length=255, description="qualification identifier (or its code and position)")
+    expires: str = Field(max_length=40, description="qualification.period.end as stored")
+    threshold: str = Field(max_length=40, description="expiring-30d | expired")
+    created_at: datetime = Field(default_factory=utcnow)

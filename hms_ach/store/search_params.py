@@ -90,17 +90,18 @@ DECLARATIONS: dict[str, dict[str, _Decl]] = {
         "family": ("string", "name.family"),
         "given": ("string", "name.given"),
         "active": ("token", "active"),
+        "gender": ("token", "gender"),
+        # custom (not in R4): the validity periods of the credentials; declared in the CapabilityStatement
+        "qualification-period": ("date", "qualification.period"),
     },
     "PractitionerRole": {
         "identifier": ("token", "identifier"),
         "practitioner": ("reference", "practitioner", ("Practitioner",)),
         "organization": ("reference", "organization", ("Organization",)),
+        "location": ("reference", "location", ("Location",)),
         "role": ("token", "code"),
-        "active": ("token", "active"),
-    },
-    "Organization": {
-        "identifier": ("token", "identifier"),
-        "name": ("string", "name | alias"),
+        "specialty": ("token", "specialty"),
+        "date": ("date", "period"),
         "active": ("token", "active"),
     },
     # canonical-only record types (not served under /fhir): searched by the /api/v1 workforce API
@@ -114,6 +115,32 @@ DECLARATIONS: dict[str, dict[str, _Decl]] = {
         "identifier": ("token", "identifier"),
         "practitioner": ("reference", "practitioner", ("Practitioner",)),
         "date": ("date", "clockIn"),
+    },
+    "Charge": {
+        "identifier": ("token", "identifier"),
+        "encounter": ("reference", "encounter", ("Encounter",)),
+        "patient": ("reference", "patient", ("Patient",)),
+    },
+    "Coverage": {
+        "identifier": ("token", "identifier"),
+        "beneficiary": ("reference", "beneficiary", ("Patient",)),
+        "patient": ("reference", "beneficiary", ("Patient",)),
+        "status": ("token", "status"),
+    },
+    "Claim": {
+        "identifier": ("token", "identifier"),
+        "status": ("token", "status"),
+        "use": ("token", "use"),
+        "created": ("date", "created"),
+        "patient": ("reference", "patient", ("Patient",)),
+        "encounter": ("reference", "item.encounter", ("Encounter",)),
+        "insurer": ("reference", "insurer", ("Organization",)),
+        "provider": ("reference", "provider", ("Practitioner", "PractitionerRole", "Organization")),
+    },
+    "Organization": {
+        "identifier": ("token", "identifier"),
+        "name": ("string", "name | alias"),
+        "active": ("token", "active"),
     },
 }
 

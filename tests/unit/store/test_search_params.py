@@ -63,6 +63,8 @@ FULL: dict[str, dict[str, Any]] = {
         "identifier": [{"system": "http://hl7.org/fhir/sid/us-npi", "value": "1234567893"}],
         "name": [{"family": "Nguyễn", "given": ["Thị"]}],
         "active": True,
+        "gender": "female",
+        "qualification": [{"code": {"text": "RN"}, "period": {"start": "2024-01-01", "end": "2026-12-31"}}],
     },
     "PractitionerRole": {
         "resourceType": "PractitionerRole",
@@ -70,6 +72,9 @@ FULL: dict[str, dict[str, Any]] = {
         "practitioner": {"reference": "Practitioner/d1"},
         "organization": {"reference": "Organization/o1"},
         "code": [{"coding": [{"system": "urn:roles", "code": "doctor"}]}],
+        "specialty": [{"coding": [{"system": "http://snomed.info/sct", "code": "394802001"}]}],
+        "location": [{"reference": "Location/l1"}],
+        "period": {"start": "2025-01-01"},
         "active": False,
     },
     "Organization": {
@@ -93,6 +98,29 @@ FULL: dict[str, dict[str, Any]] = {
         "practitioner": {"reference": "Practitioner/p1"},
         "clockIn": "2026-12-01T06:55:00-05:00",
         "clockOut": "2026-12-01T19:10:00-05:00",
+    },
+    "Charge": {
+        "resourceType": "Charge",
+        "identifier": [{"system": "urn:hms-ach:charge", "value": "T1"}],
+        "encounter": {"reference": "Encounter/e1"},
+        "patient": {"reference": "Patient/p1"},
+    },
+    "Coverage": {
+        "resourceType": "Coverage",
+        "identifier": [{"system": "urn:hms-ach:coverage", "value": "M1"}],
+        "status": "active",
+        "beneficiary": {"reference": "Patient/p1"},
+    },
+    "Claim": {
+        "resourceType": "Claim",
+        "identifier": [{"system": "urn:hms-ach:claim", "value": "e1"}],
+        "status": "active",
+        "use": "claim",
+        "created": "2026-11-27",
+        "patient": {"reference": "Patient/p1"},
+        "insurer": {"reference": "Organization/o1"},
+        "provider": {"reference": "Practitioner/pr1"},
+        "item": [{"sequence": 1, "encounter": [{"reference": "Encounter/e1"}]}],
     },
 }
 

@@ -1,0 +1,521 @@
+"""The figures, A to F. Each function measures one figure and its ceilings or peers in the same
+run, and returns a JSON-ready dict (every sample kept, with median/min/max).
+
+The engine and the ceiling servers run in their own processes and are driven by load processes of
+their own (:mod:`benchmarks.mllp_load`, :mod:`benchmarks.http_load`); only figure A, which is
+in-process by definition, and the bare commit and store ceilings run in this process.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import sqlite3
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+
+from benchmarks import procs
+from benchmarks.bulk_load import BulkLoader, LoadState
+from benchmarks.data import a01_messages
+from benchmarks.stats import summary
+
+SEED = 20261126
+PG_URL = os.environ.get("HMS_ACH_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How much each figure measures. ``reps`` repetitions of ``*_seconds`` each, everywhere."""
+
+    name: str
+    reps: int
+    a_messages: int  # messages per repetition for pipeline.evaluate and hl7.parse
+    a_hl7apy: int  # messages per repetition for hl7apy (slow)
+    b_seconds: float
+    b_echo_seconds: float
+    b_commit_seconds: float
+    c_sizes: tuple[int, ...]
+    c_seconds: float
+    c_load_budget_seconds: float  # stop growing the store after this long (all sizes together)
+    e_messages: int
+    e_seconds: float
+    f_sizes: tuple[int, ...]
+    f_default: bool  # run F (PostgreSQL) unless told not to
+
+
+MODES = {
+    "smoke": Mode("smoke", reps=2, a_messages=20, a_hl7apy=2, b_seconds=0.6, b_echo_seconds=0.4,
+                  b_commit_seconds=0.2, c_sizes=(200,), c_seconds=0.4, c_load_budget_seconds=30,
+                  e_messages=100, e_seconds=3, f_sizes=(200,), f_default=False),
+    "quick": Mode("quick", reps=3, a_messages=300, a_hl7apy=12, b_seconds=2.0, b_echo_seconds=1.0,
+                  b_commit_seconds=0.5, c_sizes=(10_000,), c_seconds=1.5, c_load_budget_seconds=60,
+                  e_messages=20_000, e_seconds=20, f_sizes=(10_000,), f_default=False),
+    "full": Mode("full", reps=5, a_messages=2000, a_hl7apy=40, b_seconds=8.0, b_echo_seconds=3.0,
+                 b_commit_seconds=2.0, c_sizes=(100_000, 1_000_000), c_seconds=4.0, c_load_budget_seconds=600,
+                 e_messages=1_000_000, e_seconds=300, f_sizes=(100_000,), f_default=True),
+}
+
+
+class Run:
+    """One benchmark run: its mode, its temporary folder, progress messages."""
+
+    def __init__(self, mode: Mode, keep: bool = False):
+        self.mode = mode
+        self.t0 = time.monotonic()
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"hms-ach-bench-{mode.name}-"))
+        self.keep = keep
+
+    def say(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.t0:6.1f}s] {text}", file=sys.stderr, flush=True)
+
+    def folder(self, name: str) -> Path:
+        path = self.tmp / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def cleanup(self) -> None:
+        if not self.keep:
+            import shutil
+
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _timed_rate(fn: Callable[[Any], Any], items: list[Any]) -> float:
+    t0 = time.perf_counter()
+    for item in items:
+        fn(item)
+    return len(items) / (time.perf_counter() - t0)
+
+
+def _runs_summary(runs: list[dict[str, Any]], rate_key: str) -> dict[str, Any]:
+    return {
+        rate_key: summary([r[rate_key] for r in runs]),
+        "p50_ms": summary([r["p50_ms"] for r in runs]),
+        "p99_ms": summary([r["p99_ms"] for r in runs]),
+        "runs": runs,
+    }
+
+
+# ------------------------------------------------------------------------------------------- A
+def figure_a(run: Run) -> dict[str, Any]:
+    """In-process parse + map of ADT^A01 (pipeline.evaluate), one thread, against parsers alone."""
+    import hl7
+
+    from hms_ach.map.engine import MappingEngine
+    from hms_ach.map.loader import load_mappings
+    from hms_ach.pipeline import Hl7Policy, evaluate
+
+    m = run.mode
+    messages = a01_messages(max(m.a_messages, 50), seed=SEED, tag="A")
+    mapping = MappingEngine(load_mappings(procs.MAPPINGS), "UTC")
+    policy = Hl7Policy("bench")
+    errors = [str(ev.error) for ev in (evaluate(x, policy, mapping) for x in messages) if ev.error]
+    if errors:
+        raise procs.BenchmarkError(f"figure A: generated ADT^A01 messages failed to map: {errors[:3]}")
+    sizes = [len(x) for x in messages]
+
+    def evaluate_one(raw: bytes) -> None:
+        ev = evaluate(raw, policy, mapping)
+        if ev.result is None:
+            raise procs.BenchmarkError(f"evaluate failed: {ev.error}")
+
+    def hl7_parse(raw: bytes) -> None:
+        hl7.parse(raw.decode("utf-8"))
+
+    def split_components(raw: bytes) -> None:
+        [[f.split("^") for f in seg.split("|")] for seg in raw.decode("utf-8").split("\r")]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from hl7apy.parser import parse_message
+
+        def hl7apy_parse(raw: bytes) -> None:
+            parse_message(raw.decode("utf-8"))
+
+        work = messages[: m.a_messages]
+        hl7apy_work = messages[: m.a_hl7apy]
+        for fn in (evaluate_one, hl7_parse, split_components):  # warm caches and the allocator
+            _timed_rate(fn, work[:20])
+        hl7apy_parse(messages[0])
+        samples: dict[str, list[float]] = {"evaluate": [], "hl7_parse": [], "hl7apy": [], "split": []}
+        for _ in range(m.reps):
+            samples["evaluate"].append(_timed_rate(evaluate_one, work))
+            samples["hl7_parse"].append(_timed_rate(hl7_parse, work))
+            samples["hl7apy"].append(_timed_rate(hl7apy_parse, hl7apy_work))
+            samples["split"].append(_timed_rate(split_components, work * 5))
+    run.say(f"A: evaluate {summary(samples['evaluate'])['median']:.0f} msg/s, "
+            f"hl7.parse {summary(samples['hl7_parse'])['median']:.0f}, hl7apy {summary(samples['hl7apy'])['median']:.1f}")
+    return {
+        "title": "In-process parse + map of ADT^A01 to canonical records, one thread (msg/s)",
+        "messages": {"count": len(work), "distinct": len(set(work)), "mean_bytes": round(sum(sizes) / len(sizes)),
+                     "hl7apy_count": len(hl7apy_work)},
+        "evaluate_msg_per_s": summary(samples["evaluate"]),
+        "hl7_parse_msg_per_s": summary(samples["hl7_parse"]),
+        "hl7apy_msg_per_s": summary(samples["hl7apy"]),
+        "split_msg_per_s": summary(samples["split"]),
+        "notes": ["evaluate = hms_ach.pipeline.evaluate: MSH checks, decode, parse, the shipped mappings",
+                  "hl7.parse and hl7apy parse_message include decoding the bytes, nothing else",
+                  "split = str.split to segments, fields and components: no escapes, no objects"],
+    }
+
+
+# ------------------------------------------------------------------------------------------- B
+def _mllp_args(port: int, connections: int, seconds: float, reps: int, tag: str, warmup: int = 0,
+               cycle: int = 0, count: int = 1_000_000) -> list[str]:
+    args = ["--port", str(port), "--connections", str(connections), "--seconds", str(seconds), "--reps", str(reps),
+            "--tag", tag, "--seed", str(SEED), "--count", str(count)]
+    if warmup:
+        args += ["--warmup", str(warmup)]
+    if cycle:
+        args += ["--cycle", str(cycle)]
+    return args
+
+
+def _drive_engine(run: Run, engine: procs.Service, port: int, connections: int, seconds: float, tag: str
+                  ) -> dict[str, Any]:
+    m = run.mode
+    cpu0, t0 = procs.cpu_seconds(engine.pid), time.monotonic()
+    result = procs.run_driver("benchmarks.mllp_load",
+                              _mllp_args(port, connections, seconds, m.reps, tag, warmup=max(3, 20 // connections)),
+                              timeout=m.reps * seconds + 120)
+    cpu = procs.cpu_seconds(engine.pid) - cpu0
+    wall = time.monotonic() - t0
+    out = _runs_summary(result["runs"], "msg_per_s")
+    out["warmup"] = result.get("warmup")
+    out["generated_mix"] = result.get("generated_mix")
+    codes: dict[str, int] = {}
+    for r in result["runs"]:
+        for code, n in r["codes"].items():
+            codes[code] = codes.get(code, 0) + n
+    out["ack_codes"] = codes
+    out["engine_cpu_percent"] = round(100 * cpu / wall, 1) if wall else None
+    bad = {c: n for c, n in codes.items() if c not in ("AA", "CA")}
+    if bad:
+        out["problem"] = f"ACKs other than AA: {bad} (see the engine log)"
+    return out
+
+
+def commit_ceiling_sqlite(folder: Path, seconds: float, reps: int, payload_bytes: int) -> dict[str, Any]:
+    """A bare SQLite insert loop, WAL + synchronous=FULL, one row (a message-sized blob) per commit."""
+    path = folder / "commit-ceiling.db"
+    con = sqlite3.connect(path, isolation_level=None)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA synchronous=FULL")
+    con.execute("CREATE TABLE IF NOT EXISTS message (id INTEGER PRIMARY KEY, raw BLOB NOT NULL)")
+    blob = os.urandom(payload_bytes)
+    samples = []
+    try:
+        for _ in range(reps):
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds and n < 1_000_000:
+                con.execute("BEGIN IMMEDIATE")
+                con.execute("INSERT INTO message (raw) VALUES (?)", (blob,))
+                con.execute("COMMIT")
+                n += 1
+            samples.append(n / (time.perf_counter() - t0))
+    finally:
+        con.close()
+    return {"commits_per_s": summary(samples), "payload_bytes": payload_bytes,
+            "how": "sqlite3, WAL, synchronous=FULL, BEGIN IMMEDIATE; INSERT one row; COMMIT"}
+
+
+def commit_ceiling_postgres(url: str, schema: str, seconds: float, reps: int, payload_bytes: int) -> dict[str, Any]:
+    """A bare PostgreSQL insert loop (psycopg, autocommit: one row per commit, synchronous_commit on)."""
+    import psycopg
+
+    blob = os.urandom(payload_bytes)
+    samples = []
+    with psycopg.connect(url, autocommit=True) as con:
+        con.execute(f'CREATE TABLE IF NOT EXISTS "{schema}".commit_ceiling (id bigserial PRIMARY KEY, raw bytea)')
+        sync = con.execute("SHOW synchronous_commit").fetchone()
+        for _ in range(reps):
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds and n < 1_000_000:
+                con.execute(f'INSERT INTO "{schema}".commit_ceiling (raw) VALUES (%s)', (blob,))
+                n += 1
+            samples.append(n / (time.perf_counter() - t0))
+    return {"commits_per_s": summary(samples), "payload_bytes": payload_bytes,
+            "how": f"psycopg autocommit INSERT, synchronous_commit={sync[0] if sync else '?'}"}
+
+
+def echo_ceiling(run: Run) -> dict[str, Any]:
+    """The no-parse MLLP echo server, driven exactly like the engine."""
+    m = run.mode
+    folder = run.folder("b-echo")
+    port = procs.free_port()
+    out: dict[str, Any] = {"how": "hms_ach.inbound.mllp.MllpServer, handler returns a fixed ACK (own process)"}
+    with procs.start_module("echo", "benchmarks.echo_server", ["--port", str(port)], folder, [port]):
+        for conns in (1, 8):
+            result = procs.run_driver("benchmarks.mllp_load",
+                                      _mllp_args(port, conns, m.b_echo_seconds, m.reps, f"E{conns}", warmup=20,
+                                                 cycle=200),
+                                      timeout=m.reps * m.b_echo_seconds + 60)
+            out[f"{conns}_connection" + ("s" if conns > 1 else "")] = _runs_summary(result["runs"], "msg_per_s")
+    return out
+
+
+def figure_b(run: Run, database_url: str | None = None, label: str = "sqlite") -> dict[str, Any]:
+    """MLLP ingest end to end: ``hms-ach run`` in its own process, one and eight senders."""
+    m = run.mode
+    folder = run.folder(f"b-{label}")
+    url = database_url or f"sqlite:///{folder}/engine.db"
+    engine, mllp, _http = procs.start_engine(folder, url)
+    out: dict[str, Any] = {"database": label}
+    try:
+        out["rss_kb_after_start"] = procs.memory_kb(engine.pid)
+        out["1_connection"] = _drive_engine(run, engine, mllp, 1, m.b_seconds, f"B{label[:2]}1")
+        run.say(f"B[{label}] 1 connection: {out['1_connection']['msg_per_s']['median']} msg/s")
+        out["8_connections"] = _drive_engine(run, engine, mllp, 8, m.b_seconds, f"B{label[:2]}8")
+        run.say(f"B[{label}] 8 connections: {out['8_connections']['msg_per_s']['median']} msg/s")
+        out["rss_kb_at_end"] = procs.memory_kb(engine.pid)
+    finally:
+        rc = engine.stop()
+        out["engine_exit_code"] = rc
+    if rc not in (0, None):
+        out["problem"] = f"hms-ach run exited with {rc}: {engine.log_tail(500)}"
+    return out
+
+
+# ------------------------------------------------------------------------------------------- C
+KINDS = ("read", "family", "encounter")
+
+
+def _store_ceiling(url: str, targets: dict[str, Any], seconds: float, reps: int) -> dict[str, Any]:
+    """The same reads and searches in this process, one thread, straight on the store (no HTTP)."""
+    from sqlalchemy import select
+
+    from hms_ach.store import search
+    from hms_ach.store.db import Store
+    from hms_ach.store.models import RECORD_TABLES
+
+    store = Store(url)
+    t = RECORD_TABLES["Practitioner"].__table__  # type: ignore[attr-defined]
+    rng = random.Random(SEED)
+
+    def read(conn: Any) -> None:
+        rid = rng.choice(targets["practitioner_ids"])
+        conn.execute(select(t.c.version_id, t.c.last_updated, t.c.deleted, t.c.resource).where(t.c.id == rid)).first()
+
+    def family(conn: Any) -> None:
+        q = search.parse_query("Practitioner", [("family", rng.choice(targets["families"])), ("_count", "20")])
+        search.execute(conn, q)
+
+    def encounter(conn: Any) -> None:
+        q = search.parse_query("Encounter", [("patient", f"Patient/{rng.choice(targets['patients'])}"),
+                                             ("date", f"ge{targets['date_ge']}"),
+                                             ("_include", "Encounter:location")])
+        search.execute(conn, q)
+
+    out: dict[str, Any] = {}
+    try:
+        for name, fn in (("read", read), ("family", family), ("encounter", encounter)):
+            samples = []
+            for _ in range(reps):
+                n, t0 = 0, time.perf_counter()
+                while time.perf_counter() - t0 < seconds and n < 200_000:
+                    with store.reader.connect() as conn, conn.begin():
+                        fn(conn)
+                    n += 1
+                samples.append(n / (time.perf_counter() - t0))
+            out[name] = {"queries_per_s": summary(samples)}
+    finally:
+        store.dispose()
+    return out
+
+
+def http_ceiling(run: Run) -> dict[str, Any]:
+    m = run.mode
+    folder = run.folder("c-http-echo")
+    port = procs.free_port()
+    with procs.start_module("http-echo", "benchmarks.http_echo", ["--port", str(port)], folder, [port]):
+        result = procs.run_driver("benchmarks.http_load",
+                                  ["--port", str(port), "--kind", "ping", "--seconds", str(m.c_seconds),
+                                   "--reps", str(m.reps), "--warmup", "100", "--concurrency", "8"],
+                                  timeout=m.reps * m.c_seconds + 60)
+    out = _runs_summary(result["runs"], "req_per_s")
+    out["how"] = "uvicorn (same settings as the engine) serving a bare ASGI app: fixed 1.2 KB JSON body"
+    return out
+
+
+def figure_c(run: Run, database_url: str | None = None, label: str = "sqlite",
+             sizes: tuple[int, ...] | None = None) -> dict[str, Any]:
+    """The FHIR API over a store bulk-loaded to each size in turn (the store grows between sizes)."""
+    m = run.mode
+    sizes = sizes or m.c_sizes
+    folder = run.folder(f"c-{label}")
+    url = database_url or f"sqlite:///{folder}/api.db"
+    state = LoadState(seed=SEED)
+    out: dict[str, Any] = {"database": label, "sizes": {}}
+    load_deadline = time.monotonic() + m.c_load_budget_seconds
+    for size in sizes:
+        patients = max(20, size // 10)
+        run.say(f"C[{label}]: loading {size:,} Practitioners, {patients:,} Patients and their Encounters ...")
+        loader = BulkLoader(url, state)
+        loader.begin()
+        t0 = time.perf_counter()
+        try:
+            complete = loader.grow(size, patients, deadline=load_deadline)
+        finally:
+            loader.finish()
+        load_seconds = time.perf_counter() - t0
+        counts = state.counts()
+        key = str(counts["Practitioner"])
+        entry: dict[str, Any] = {
+            "requested_practitioners": size, "counts": counts, "complete": complete,
+            "load_seconds": round(load_seconds, 1), "rows_total": state.rows,
+        }
+        if not complete:
+            entry["note"] = (f"loading stopped by the {m.c_load_budget_seconds:.0f} s load budget at "
+                             f"{counts['Practitioner']:,} of {size:,} Practitioners; measured at that size")
+        if url.startswith("sqlite:///"):
+            db_file = Path(url[len("sqlite:///"):])
+            entry["database_mb"] = round(db_file.stat().st_size / 1e6, 1)
+        run.say(f"C[{label}]: loaded {counts} in {load_seconds:.0f} s; starting hms-ach run")
+        targets_file = folder / f"targets-{key}.json"
+        targets = state.targets()
+        targets_file.write_bytes(orjson.dumps(targets))
+        engine, _mllp, http = procs.start_engine(folder, url)
+        try:
+            for kind in KINDS:
+                result = procs.run_driver(
+                    "benchmarks.http_load",
+                    ["--port", str(http), "--kind", kind, "--targets", str(targets_file), "--seconds",
+                     str(m.c_seconds), "--reps", str(m.reps), "--warmup", "40", "--concurrency", "8",
+                     "--seed", str(SEED), "--timeout", "120"],
+                    timeout=m.reps * (m.c_seconds + 120) + 180)
+                entry[kind] = _runs_summary(result["runs"], "req_per_s")
+                bad = {s: n for r in result["runs"] for s, n in r["statuses"].items() if s != "200"}
+                if bad:
+                    entry[kind]["problem"] = f"non-200 responses: {bad}"
+                run.say(f"C[{label}] {key} {kind}: {entry[kind]['req_per_s']['median']} req/s, "
+                        f"p99 {entry[kind]['p99_ms']['median']} ms")
+        finally:
+            engine.stop()
+        entry["store_ceiling"] = _store_ceiling(url, targets, m.c_seconds / 2, m.reps)
+        out["sizes"][key] = entry
+        if not complete:
+            break
+    return out
+
+
+# ------------------------------------------------------------------------------------------- E
+def figure_e(run: Run) -> dict[str, Any]:
+    """Peak RSS of the engine while it ingests messages from 8 senders, sampled over time."""
+    m = run.mode
+    folder = run.folder("e")
+    db = folder / "engine.db"
+    engine, mllp, _http = procs.start_engine(folder, f"sqlite:///{db}")
+    samples: list[dict[str, Any]] = []
+    t0 = time.monotonic()
+    baseline = procs.memory_kb(engine.pid)
+
+    def tick() -> None:
+        mem = procs.memory_kb(engine.pid)
+        count = None
+        try:
+            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
+            try:
+                row = con.execute("SELECT max(id) FROM message").fetchone()
+                count = row[0] if row else None
+            finally:
+                con.close()
+        except sqlite3.Error:
+            pass
+        samples.append({"t": round(time.monotonic() - t0, 2), "messages": count, "rss_kb": mem.get("VmRSS"),
+                        "hwm_kb": mem.get("VmHWM")})
+
+    try:
+        per_conn = max(1, m.e_messages // 8)
+        result = procs.run_driver("benchmarks.mllp_load",
+                                  _mllp_args(mllp, 8, m.e_seconds, 1, "EM", count=per_conn),
+                                  timeout=m.e_seconds + 120, on_tick=tick, tick_seconds=max(0.5, m.e_seconds / 120))
+        tick()
+    finally:
+        engine.stop()
+    r = result["runs"][0]
+    sent = r["messages"]
+    peak = max((s["hwm_kb"] or 0) for s in samples) if samples else None
+    growth = _growth(samples)
+    out = {
+        "messages_requested": m.e_messages, "messages_ingested": sent, "seconds": r["seconds"],
+        "msg_per_s": r["msg_per_s"], "ack_codes": r["codes"],
+        "stopped_by": "count" if sent >= per_conn * 8 else "time limit",
+        "rss_kb_after_start": baseline.get("VmRSS"), "peak_rss_kb": peak,
+        "growth": growth, "samples": samples,
+    }
+    run.say(f"E: {sent} messages in {r['seconds']:.0f} s, peak RSS {peak and peak / 1024:.0f} MiB, "
+            f"growth {growth.get('kb_per_10k_messages')} KiB per 10k messages (second half)")
+    return out
+
+
+def _growth(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """RSS growth over the second half of the run: a least-squares slope in KiB per 10k messages."""
+    pts = [(s["messages"], s["rss_kb"]) for s in samples if s["messages"] and s["rss_kb"]]
+    if len(pts) < 4:
+        return {"kb_per_10k_messages": None, "note": "too few samples"}
+    half = pts[len(pts) // 2:]
+    xs, ys = [p[0] for p in half], [p[1] for p in half]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
+    quarter = [pts[int(len(pts) * f) - 1 if f == 1 else int(len(pts) * f)] for f in (0.25, 0.5, 0.75, 1.0)]
+    return {"kb_per_10k_messages": round(slope * 10_000, 1),
+            "rss_kb_at_quarters": [{"messages": q[0], "rss_kb": q[1]} for q in quarter]}
+
+
+# ------------------------------------------------------------------------------------------- F
+def postgres_available(url: str = PG_URL) -> str | None:
+    """None when PostgreSQL answers at ``url``; else why not."""
+    try:
+        import psycopg
+
+        with psycopg.connect(url, connect_timeout=3) as con:
+            con.execute("SELECT 1")
+        return None
+    except Exception as exc:  # noqa: BLE001 - any failure means: skip F and say why
+        return f"{type(exc).__name__}: {str(exc).strip()[:200]}"
+
+
+def figure_f(run: Run) -> dict[str, Any]:
+    """Figures B and C again on PostgreSQL, in a fresh schema that is dropped afterwards."""
+    import psycopg
+
+    why = postgres_available()
+    if why:
+        return {"status": f"skipped: PostgreSQL not reachable at {PG_URL} ({why})"}
+    m = run.mode
+    base = f"hms_ach_bench_{int(time.time())}_{os.getpid()}"
+    schemas = {"B": f"{base}_b", "C": f"{base}_c"}  # separate stores, as B and C have separate SQLite files
+    out: dict[str, Any] = {"url": PG_URL, "schemas": schemas}
+    sep = "&" if "?" in PG_URL else "?"
+
+    def url(schema: str) -> str:
+        return f"{PG_URL}{sep}options={quote('-csearch_path=' + schema)}"
+
+    try:
+        with psycopg.connect(PG_URL, autocommit=True) as con:
+            out["server_version"] = con.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+            for schema in schemas.values():
+                con.execute(f'CREATE SCHEMA "{schema}"')
+        out["B"] = figure_b(run, url(schemas["B"]), "postgresql")
+        out["B"]["commit_ceiling"] = commit_ceiling_postgres(PG_URL, schemas["B"], m.b_commit_seconds, m.reps, 1300)
+        run.say(f"F: PostgreSQL commit ceiling {out['B']['commit_ceiling']['commits_per_s']['median']} commits/s")
+        out["C"] = figure_c(run, url(schemas["C"]), "postgresql", sizes=m.f_sizes)
+    finally:
+        with psycopg.connect(PG_URL, autocommit=True) as con:
+            for schema in schemas.values():
+                con.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    return out
+
+
+def mode_settings(mode: Mode) -> dict[str, Any]:
+    return asdict(mode)

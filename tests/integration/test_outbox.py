@@ -1,0 +1,139 @@
+"""The transactional outbox on SQLite and PostgreSQL: atomic with the change, leases, redelivery, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import update
+
+from hms_ach.outbound import outbox
+from hms_ach.outbound.sinks import Delivery, DeliveryError, DeliveryResult, SinkSettings
+from hms_ach.store.db import Store
+from hms_ach.store.models import OutboxCursor
+
+
+def _sink(name: str = "s", **kw: Any) -> SinkSettings:
+    return SinkSettings(name=name, type="test", from_beginning=True, retry_initial_seconds=0.01,
+                        retry_max_seconds=0.05, **kw)
+
+
+class FakeSink:
+    def __init__(self, settings: SinkSettings, fail: int = 0):
+        self.settings = settings
+        self.fail = fail
+        self.seen: list[int] = []
+
+    async def deliver(self, d: Delivery) -> DeliveryResult:
+        if self.fail > 0:
+            self.fail -= 1
+            raise DeliveryError("HTTP 503", retry_after=0)
+        self.seen.append(d.event_id)
+        return DeliveryResult("ok")
+
+    async def close(self) -> None:
+        return None
+
+
+def test_an_event_is_written_only_if_its_transaction_commits(store: Store) -> None:
+    with store.writer.begin() as conn:
+        outbox.enqueue(conn, "encounter.admitted", {"resource": "Encounter/1"})
+    with pytest.raises(RuntimeError), store.writer.begin() as conn:
+        outbox.enqueue(conn, "encounter.admitted", {"resource": "Encounter/2"})
+        raise RuntimeError("the change failed")
+    with store.reader.connect() as conn:
+        events = outbox.events_since(conn)
+    assert [e["payload"]["resource"] for e in events] == ["Encounter/1"]
+    assert events[0]["payload"]["version"] == 1
+
+
+def test_one_lease_per_sink_and_a_dead_instance_is_taken_over_with_redelivery(store: Store) -> None:
+    sink = _sink()
+    with store.writer.begin() as conn:
+        outbox.enqueue(conn, "bed.status_changed", {"resource": "Location/1"})
+    with store.writer.begin() as conn:
+        assert outbox.take_lease(conn, sink, "a", 30)
+    with store.writer.begin() as conn:
+        assert not outbox.take_lease(conn, sink, "b", 30)  # a holds it
+        rows = outbox.pending_rows(conn, "s")
+    assert len(rows) == 1  # a "crashes" here: it delivered nothing it confirmed
+    cursors = OutboxCursor.__table__  # type: ignore[attr-defined]
+    with store.writer.begin() as conn:  # a's lease runs out
+        conn.execute(update(cursors).values(lease_until=outbox.now() - timedelta(seconds=1)))
+    with store.writer.begin() as conn:
+        assert outbox.take_lease(conn, sink, "b", 30)
+        again = outbox.pending_rows(conn, "s")
+    assert [r.row_id for r in again if isinstance(r, Delivery)] == [r.row_id for r in rows if isinstance(r, Delivery)]
+
+
+def test_fan_out_follows_each_sinks_filter(store: Store) -> None:
+    with store.writer.begin() as conn:
+        for name in ("encounter.admitted", "bed.status_changed", "claim.created"):
+            outbox.enqueue(conn, name, {})
+        outbox.take_lease(conn, _sink("dash", events=["encounter.*", "bed.*"]), "x", 30)
+        outbox.take_lease(conn, _sink("fin", events=["claim.*"]), "x", 30)
+        dash = [d.event for d in outbox.pending_rows(conn, "dash") if isinstance(d, Delivery)]
+        fin = [d.event for d in outbox.pending_rows(conn, "fin") if isinstance(d, Delivery)]
+    assert dash == ["encounter.admitted", "bed.status_changed"] and fin == ["claim.created"]
+
+
+async def test_dispatcher_retries_in_order_then_delivers_everything(store: Store) -> None:
+    with store.writer.begin() as conn:
+        for i in range(5):
+            outbox.enqueue(conn, "shift.updated", {"resource": f"Shift/{i}"})
+    sink = FakeSink(_sink(), fail=3)
+    dispatcher = outbox.Dispatcher(store, [sink], poll_seconds=0.02)
+    await dispatcher.start()
+    try:
+        for _ in range(200):
+            if len(sink.seen) == 5:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        await dispatcher.stop()
+    assert sink.seen == sorted(sink.seen) and len(sink.seen) == 5
+    with store.reader.connect() as conn:
+        assert outbox.summary(conn) == [{"destination": "s", "status": "delivered", "count": 5}]
+        first = outbox.list_rows(conn, "delivered")[-1]
+    assert first["attempts"] == 4
+
+
+async def test_two_instances_share_the_work_without_duplicates(store: Store) -> None:
+    with store.writer.begin() as conn:
+        for i in range(20):
+            outbox.enqueue(conn, "timecard.recorded", {"resource": f"Timecard/{i}"})
+    sinks = [FakeSink(_sink(name)) for name in ("one", "two", "three")]
+    twins = [FakeSink(_sink(name)) for name in ("one", "two", "three")]
+    a = outbox.Dispatcher(store, sinks, poll_seconds=0.02, owner="a")
+    b = outbox.Dispatcher(store, twins, poll_seconds=0.02, owner="b")
+    await a.start()
+    await b.start()
+    try:
+        for _ in range(300):
+            if all(len(x.seen) + len(y.seen) >= 20 for x, y in zip(sinks, twins, strict=True)):
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        await a.stop()
+        await b.stop()
+    for x, y in zip(sinks, twins, strict=True):
+        assert sorted(x.seen + y.seen) == sorted(set(x.seen + y.seen)) and len(x.seen + y.seen) == 20
+
+
+def test_dead_letter_after_max_age_and_retry(store: Store) -> None:
+    sink = _sink(max_age_hours=0.000001)
+    with store.writer.begin() as conn:
+        outbox.enqueue(conn, "claim.created", {})
+        outbox.take_lease(conn, sink, "a", 30)
+        row = next(r for r in outbox.pending_rows(conn, "s") if isinstance(r, Delivery))
+        assert outbox.mark_failed(conn, row.row_id, sink, DeliveryError("timeout")) == "dead"
+        assert outbox.retry(conn, dead=True) == 1
+        assert outbox.summary(conn) == [{"destination": "s", "status": "pending", "count": 1}]
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    for attempts in range(1, 30):
+        assert 0 < outbox.backoff_seconds(attempts, 1.0, 60.0) <= 60.0
+    assert max(outbox.backoff_seconds(1, 1.0, 60.0) for _ in range(50)) <= 1.0
