@@ -31,7 +31,8 @@ NOTES = [
     "B: every sender waits for each ACK before sending the next message; each message has a new MSH-10, so "
     "nothing is answered as a duplicate. The mix is ADT A01/A08/A03 with some MFN^M02.",
     "C: the store is filled directly (record rows and search-index rows; no history rows), then served by "
-    "hms-ach run; search results include the default total count.",
+    "hms-ach run; searches ask for no total, so a total is given only when every match is on the first page "
+    "(it is counted on request, _total=accurate).",
     "E: 8 senders for as long as the time limit allows; RSS is sampled from /proc/<pid>/status.",
 ]
 

@@ -201,7 +201,10 @@ def replay(ids: Annotated[list[int] | None, typer.Argument(help="message ids (se
            dry_run: Annotated[bool, typer.Option("--dry-run", help="show what would change; write nothing")] = False,
            apply: Annotated[bool, typer.Option("--apply", help="write the changes (the default without --dry-run)")] = False,
            quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no diffs, one line per message")] = False) -> None:
-    """Re-run stored messages through the current (or --mapping-dir) mappings; --dry-run shows the diff."""
+    """Re-run stored messages through the current (or --mapping-dir) mappings; --dry-run shows the diff.
+
+    HL7 v2 messages, FHIR writes (fhir_rest) and bad CSV rows (sftp_csv) are each run again the way
+    they came in."""
     from hms_ach.map.engine import MappingEngine
     from hms_ach.map.loader import load_mappings
     from hms_ach.pipeline import Hl7Policy
@@ -228,8 +231,9 @@ def replay(ids: Annotated[list[int] | None, typer.Argument(help="message ids (se
                                    list(getattr(ch, "accept_versions", Hl7Policy("x").versions)),
                                    list(getattr(ch, "accept_processing_ids", ["P", "T", "D"])))
                 for ch in cfg.channels}
+    bundle_limits = [int(getattr(ch, "max_bundle_entries", 1000)) for ch in cfg.channels]
     reports = replay_messages(store, MappingEngine(mset, cfg.engine.timezone), sorted(set(targets)), policies,
-                              apply=not dry_run)
+                              apply=not dry_run, max_bundle_entries=max(bundle_limits, default=1000))
     store.dispose()
     changed = 0
     for r in reports:

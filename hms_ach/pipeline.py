@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection
-from sqlalchemy.exc import IntegrityError
 
 from hms_ach.errors import Err0357, MessageError, RejectError
 from hms_ach.inbound.hl7_ack import ack_code_for, build_ack, fallback_ack, should_send
@@ -110,7 +109,7 @@ def evaluate(raw: bytes, policy: Hl7Policy, engine: MappingEngine) -> Evaluation
         mapping = engine.mapping_for(message)
         pid = message.first("PID")
         meta.partition_key = pid.field(3).split(header.separators.component)[0][:200] if pid else None
-        ev.result = engine.map_message(message, mapping)
+        ev.result = engine.map_message(message, mapping, lineage=False)  # lineage is for the preview only
     except MessageError as exc:
         ev.error = exc
     except Exception as exc:  # noqa: BLE001 - a bug must become an AE with its reason, never a crash
@@ -143,19 +142,14 @@ def commit_job(ev: Evaluation, policy: Hl7Policy) -> Callable[[Connection], Outc
         charset = _charset(ev, policy)
         key = ev.meta.idempotency_key
         if key:
-            dup = _duplicate(conn, ev, key, charset)
-            if dup is not None:
-                return dup
-            savepoint = conn.begin_nested()
-            try:
-                message_id = messages.insert_message(conn, ev.meta)
-                savepoint.commit()
-            except IntegrityError:
-                savepoint.rollback()  # another connection stored it first
+            # The unique key decides (INSERT .. ON CONFLICT DO NOTHING): None means stored before.
+            new_id = messages.insert_new(conn, ev.meta)
+            if new_id is None:
                 dup = _duplicate(conn, ev, key, charset)
                 if dup is None:
-                    raise
+                    raise RuntimeError(f"message key {key!r} conflicted but no stored message has it")
                 return dup
+            message_id = new_id
         else:
             message_id = messages.insert_message(conn, ev.meta, keyed=False)
         return apply_evaluation(conn, ev, message_id, charset)

@@ -39,6 +39,7 @@ class Engine:
         self._http_task: asyncio.Task[None] | None = None
         self.http_port: int | None = None
         self.dispatcher: Any = None  # hms_ach.outbound.outbox.Dispatcher, when sinks are declared
+        self._change_feed = False  # this engine has a sink that wants record.changed
         self.scheduler: Any = None  # hms_ach.scheduler.Scheduler (SFTP polls, credential scan, housekeeping)
 
     def policies(self) -> dict[str, Hl7Policy]:
@@ -73,10 +74,13 @@ class Engine:
         """Deliver the outbox to the sinks of channels.yaml (inbound never waits for them)."""
         if not self.config.sinks:
             return
-        from hms_ach.outbound import SINK_TYPES
+        from hms_ach.outbound import SINK_TYPES, events
         from hms_ach.outbound.outbox import Dispatcher
 
         sinks = [SINK_TYPES.load(s.type)(s, self.store) for s in self.config.sinks]
+        self._change_feed = any(s.wants("record.changed") for s in self.config.sinks)  # disabled ones too: rows wait
+        if self._change_feed:
+            events.subscribe_change_feed()
         self.dispatcher = Dispatcher(self.store, sinks)
         await self.dispatcher.start()
 
@@ -108,6 +112,11 @@ class Engine:
         if self.dispatcher is not None:
             await self.dispatcher.stop()
             self.dispatcher = None
+        if self._change_feed:
+            from hms_ach.outbound import events
+
+            events.unsubscribe_change_feed()
+            self._change_feed = False
         for channel in list(self.channels.values()):
             await channel.stop()
         self.channels.clear()
@@ -170,7 +179,22 @@ class Engine:
                 channel = CHANNEL_TYPES.load(settings.type)(settings, self.pipeline)
                 await channel.start()
                 self.channels[name] = channel
+        await self._reload_scheduler()
         return True
+
+    async def _reload_scheduler(self) -> None:
+        """Rebuild the jobs from the new config and the channels now running (a restarted channel is a
+        new object: its poll job must poll it). A changed time zone or ``enabled`` restarts the scheduler."""
+        jobs = self.config.jobs
+        if self.scheduler is not None and (not jobs.enabled or self.scheduler.settings.timezone != jobs.timezone):
+            await self.scheduler.stop()
+            self.scheduler = None
+        if self.scheduler is None:
+            await self._start_scheduler()
+            return
+        from hms_ach.scheduler import build_jobs
+
+        self.scheduler.replace_jobs(build_jobs(jobs, self.writer, self.channels), jobs)
 
     async def _watch(self) -> None:
         """Poll channels.yaml and the mapping files' modification times (no extra dependency needed)."""

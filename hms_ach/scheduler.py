@@ -65,6 +65,7 @@ def _schedule_job(name: str, sched: JobSchedule, tz: str, run: Callable[[], Awai
 
 def build_jobs(settings: JobsSettings, writer: StoreWriter, channels: dict[str, Any]) -> list[JobDef]:
     """The jobs of a deployment: one poll per channel that has ``poll()``, then the built-in jobs."""
+    from hms_ach.jobs.claims import create_claims
     from hms_ach.jobs.credentials import scan
     from hms_ach.jobs.housekeeping import purge_messages
 
@@ -97,6 +98,13 @@ def build_jobs(settings: JobsSettings, writer: StoreWriter, channels: dict[str, 
 
     jobs.append(_schedule_job("credential_expiry", cred, settings.timezone, credential_expiry))
     jobs.append(_schedule_job("housekeeping", house, settings.timezone, housekeeping))
+    claims = settings.claim_creation
+
+    async def claim_creation() -> str:
+        counts = await writer.run(lambda conn: create_claims(conn, claims.settle_hours, claims.max_claims_per_run))
+        return ", ".join(f"{k}={v}" for k, v in counts.items())
+
+    jobs.append(_schedule_job("claim_creation", claims, settings.timezone, claim_creation))
     return jobs
 
 
@@ -184,13 +192,36 @@ class Scheduler:
     def _start_aps(self) -> None:
         self.aps = AsyncIOScheduler(timezone=self.settings.timezone)
         for job in self.jobs.values():
-            if not job.scheduled:
-                continue
-            self.aps.add_job(self.run_job, job.trigger, args=[job.name], id=job.name, name=job.name,
-                             coalesce=True, max_instances=1, misfire_grace_time=job.misfire_grace_seconds,
-                             replace_existing=True)
+            if job.scheduled:
+                self._add(job)
         self.aps.start()
         log.info("scheduler.started", extra={"jobs": sorted(self.jobs)})
+
+    def _add(self, job: JobDef) -> None:
+        assert self.aps is not None
+        self.aps.add_job(self.run_job, job.trigger, args=[job.name], id=job.name, name=job.name,
+                         coalesce=True, max_instances=1, misfire_grace_time=job.misfire_grace_seconds,
+                         replace_existing=True)
+
+    def replace_jobs(self, jobs: list[JobDef], settings: JobsSettings) -> None:
+        """Take the jobs of a reloaded config (same time zone; see ``Engine.reload_config``).
+
+        A run looks its job up by name when it starts, so every job runs the new definition (a
+        restarted channel's poll polls the new channel). Only jobs whose schedule changed are
+        rescheduled; the others keep their next run. Runs in progress finish.
+        """
+        old, self.jobs, self.settings = self.jobs, {j.name: j for j in jobs}, settings
+        if self.aps is None:
+            return  # standing by: _start_aps schedules self.jobs when this instance takes over
+        for name, job in old.items():
+            new = self.jobs.get(name)
+            if job.scheduled and (new is None or _when(new) != _when(job)) and self.aps.get_job(name) is not None:
+                self.aps.remove_job(name)
+        for name, job in self.jobs.items():
+            prev = old.get(name)
+            if job.scheduled and (prev is None or _when(prev) != _when(job)):
+                self._add(job)
+        log.info("scheduler.jobs_replaced", extra={"jobs": sorted(self.jobs)})
 
     # ------------------------------------------------------------------ runs
     async def run_job(self, name: str) -> tuple[str, str]:
@@ -231,6 +262,11 @@ class Scheduler:
         if not jd.scheduled:
             return None
         return jd.trigger.get_next_fire_time(None, datetime.now(UTC))  # type: ignore[no-any-return]
+
+
+def _when(job: JobDef) -> tuple[bool, str, int]:
+    """What decides when a job runs (a trigger's text names its type and settings)."""
+    return job.scheduled, str(job.trigger), job.misfire_grace_seconds
 
 
 def _record_start(name: str) -> Callable[[Connection], None]:

@@ -27,11 +27,21 @@ from starlette.responses import Response
 from hms_ach.api.outcomes import FHIR_JSON, FhirError, operation_outcome
 from hms_ach.store import search
 from hms_ach.store.db import Store
-from hms_ach.store.models import FHIR_TYPES, RECORD_TABLES, ResourceHistory
+from hms_ach.store.models import RECORD_TABLES, SERVED_FHIR_TYPES, ResourceHistory
 from hms_ach.store.search_params import COMMON_PARAMS, SEARCH_PARAMS
 
 FHIR_VERSION = "4.0.1"
 INTERACTIONS = ("read", "vread", "history-instance", "search-type")
+#: Served by a fhir_rest channel (hms_ach/inbound/fhir_rest.py), when one is configured.
+WRITE_INTERACTIONS = ("create", "update", "delete")
+_WRITE_FLAGS: dict[str, Any] = {
+    "conditionalCreate": True, "conditionalUpdate": True, "conditionalDelete": "not-supported",
+}
+WRITE_DOC = ("Writes are mapped into the canonical record (the elements a mapping does not read are not kept). "
+             "Update needs the record to exist (updateCreate: false) and honours If-Match (412 on a mismatch); "
+             "a conditional update (PUT ?identifier=system|value) creates when nothing matches. If-None-Exist "
+             "and conditional update accept identifier=[system|]value only. Delete stores a deleted version: "
+             "reads then answer 410 and history keeps every version.")
 JSON_TYPES = {"application/fhir+json", "application/json", "application/json+fhir", "text/json", "json"}
 ACCEPT_ANY = {"*/*", "application/*"}
 MAX_FORM_BYTES = 64 * 1024
@@ -101,10 +111,10 @@ def _reading(store: Store) -> Iterator[Connection]:
 
 
 def _table(resource_type: str) -> Table:
-    model = RECORD_TABLES.get(resource_type) if resource_type in FHIR_TYPES else None
+    model = RECORD_TABLES.get(resource_type) if resource_type in SERVED_FHIR_TYPES else None
     if model is None:
         raise FhirError(404, "not-supported", f"resource type {resource_type[:64]!r} is not supported here; "
-                                              f"supported: {', '.join(FHIR_TYPES)}")
+                                              f"supported: {', '.join(SERVED_FHIR_TYPES)}")
     return model.__table__  # type: ignore[attr-defined, no-any-return]
 
 
@@ -139,27 +149,109 @@ def _entry(full_url: str, resource: str | None, extra: dict[str, Any]) -> bytes:
 
 
 # ---------------------------------------------------------------------------- CapabilityStatement
-def capability_statement(base: str) -> dict[str, Any]:
-    """The CapabilityStatement, generated from the record tables and search-parameter declarations."""
+#: The custom search parameters: (resource type, name) -> (canonical URL, what it matches).
+CUSTOM_PARAMS: dict[tuple[str, str], tuple[str, str]] = {
+    ("Practitioner", "qualification-period"): (
+        "urn:hms-ach:fhir:SearchParameter/Practitioner-qualification-period",
+        "Not in the base specification. A date search on Practitioner.qualification.period: matches a "
+        "practitioner with a qualification (licence, certification) whose period meets the criterion, with "
+        "the prefixes of a FHIR date search applied to the period as a range (an open end is unbounded). "
+        "Example: qualification-period=gt2026-06-30 finds practitioners with a qualification still valid "
+        "after that day.",
+    ),
+}
+
+#: AuditEvent search (hms_ach/api/audit_routes.py): read-only, search-type only.
+AUDIT_PARAMS: list[dict[str, str]] = [
+    {"name": "entity", "type": "reference", "definition": "http://hl7.org/fhir/SearchParameter/AuditEvent-entity",
+     "documentation": "The changed record, as Type/id; a bare type (Practitioner) matches every record of it"},
+    {"name": "agent", "type": "token",
+     "documentation": "Who made the change: a channel name from channels.yaml, or api / api/<client>; "
+                      "matched exactly or as the prefix before '/'. Unlike the base AuditEvent-agent "
+                      "parameter this is a name, not a reference"},
+    {"name": "date", "type": "date", "definition": "http://hl7.org/fhir/SearchParameter/AuditEvent-date",
+     "documentation": "The recorded instant, with the eq/ge/gt/le/lt prefixes; repeat it for a range"},
+]
+
+
+def _search_param(rtype: str, p: Any) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "name": p.name, "type": p.type,
+        "documentation": f"{p.type} search on {rtype}.{p.expression}"
+                         + (f" (references to {', '.join(p.targets)})" if p.targets else "")}
+    custom = CUSTOM_PARAMS.get((rtype, p.name))
+    if custom is not None:
+        entry["definition"], entry["documentation"] = custom
+    return entry
+
+
+def capability_statement(base: str, writes: bool = False) -> dict[str, Any]:
+    """The CapabilityStatement, generated from the record tables and search-parameter declarations.
+
+    ``writes``: a ``fhir_rest`` channel is configured, so the write interactions of
+    :mod:`hms_ach.inbound.fhir_rest` are served (without one they answer 405 and are not declared).
+    """
+    from hms_ach.inbound.fhir_write import WRITE_TYPES
+
     resources = []
-    for rtype in FHIR_TYPES:
+    for rtype in SERVED_FHIR_TYPES:
+        writable = writes and rtype in WRITE_TYPES
+        codes = list(INTERACTIONS) + (list(WRITE_INTERACTIONS) if writable else [])
         entry: dict[str, Any] = {
             "type": rtype,
-            "interaction": [{"code": code} for code in INTERACTIONS],
-            "versioning": "versioned",
+            "interaction": [{"code": code} for code in codes],
+            "versioning": "versioned-update" if writable else "versioned",
             "readHistory": True,
             "updateCreate": False,
         }
+        if writable:
+            entry.update(_WRITE_FLAGS)
         includes = search.include_params(rtype)
         if includes:
             entry["searchInclude"] = includes
-        entry["searchParam"] = [
-            {"name": p.name, "type": p.type, "documentation": f"{p.type} search on {rtype}.{p.expression}"
-             + (f" (references to {', '.join(p.targets)})" if p.targets else "")}
-            for p in SEARCH_PARAMS.get(rtype, {}).values()
-        ]
-        entry["documentation"] = f"_sort accepts: {', '.join(search.sort_params(rtype))}"
+        entry["searchParam"] = [_search_param(rtype, p) for p in SEARCH_PARAMS.get(rtype, {}).values()]
+        entry["documentation"] = f"_sort accepts: {', '.join(search.sort_params(rtype))}" + (
+            ". " + WRITE_DOC if writable else ". Read-only: made by hms-ach (claims at discharge, coverage from IN1)"
+            if rtype not in WRITE_TYPES else "")
         resources.append(entry)
+    if writes and "Basic" in WRITE_TYPES:
+        resources.append({
+            "type": "Basic",
+            "interaction": [{"code": "create"}, {"code": "update"}],
+            "versioning": "versioned-update", "readHistory": False, "updateCreate": False,
+            "conditionalCreate": True, "conditionalUpdate": True, "conditionalDelete": "not-supported",
+            "documentation": "Write-only: a Basic whose code is shift (urn:hms-ach:code:basic-type) is stored as a "
+                             "Shift record (read it through /api/v1/shifts); update takes the Shift id. A shift is "
+                             "cancelled with status cancelled, not deleted.",
+        })
+    resources.append({
+        "type": "AuditEvent",
+        "interaction": [{"code": "search-type"}],
+        "documentation": "Read-only, rendered from the hash-chained audit trail (one entry per record version); "
+                         "paging by _cursor, _count at most 200. No read or history of single entries.",
+        "searchParam": AUDIT_PARAMS,
+    })
+    rest: dict[str, Any] = {
+        "mode": "server",
+        "documentation": (f"Search pages hold {search.DEFAULT_COUNT} entries by default and at most "
+                          f"{search.MAX_COUNT}; paging is by cursor. Bundle.total is counted on every page; _total=none "
+                          "(or estimate) saves that count when the client does not need it. "
+                          "Prefer: handling=strict makes unknown parameters an error."),
+        "resource": resources,
+        "searchParam": [
+            {"name": "_id", "type": "token",
+             "definition": "http://hl7.org/fhir/SearchParameter/Resource-id"},
+            {"name": "_lastUpdated", "type": "date",
+             "definition": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated"},
+        ] if set(COMMON_PARAMS) == {"_id", "_lastUpdated"} else [],
+    }
+    if writes:
+        rest["interaction"] = [
+            {"code": "transaction", "documentation": "POST /fhir with a transaction Bundle: all entries or none; "
+                                                     "urn:uuid references between entries are resolved"},
+            {"code": "batch", "documentation": "POST /fhir with a batch Bundle: each entry succeeds or fails "
+                                               "on its own"},
+        ]
     return {
         "resourceType": "CapabilityStatement",
         "id": "hms-ach",
@@ -171,20 +263,14 @@ def capability_statement(base: str) -> dict[str, Any]:
         "implementation": {"description": "hms-ach FHIR R4 API", "url": base},
         "fhirVersion": FHIR_VERSION,
         "format": ["json"],
-        "rest": [{
-            "mode": "server",
-            "documentation": (f"Search pages hold {search.DEFAULT_COUNT} entries by default and at most "
-                              f"{search.MAX_COUNT}; paging is by cursor. Prefer: handling=strict makes "
-                              "unknown parameters an error."),
-            "resource": resources,
-            "searchParam": [
-                {"name": "_id", "type": "token",
-                 "definition": "http://hl7.org/fhir/SearchParameter/Resource-id"},
-                {"name": "_lastUpdated", "type": "date",
-                 "definition": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated"},
-            ] if set(COMMON_PARAMS) == {"_id", "_lastUpdated"} else [],
-        }],
+        "rest": [rest],
     }
+
+
+def _writes_enabled(request: Request) -> bool:
+    engine = getattr(request.app.state, "engine", None)
+    return any(getattr(getattr(ch, "config", None), "type", None) == "fhir_rest"
+               for ch in (getattr(engine, "channels", None) or {}).values())
 
 
 # ---------------------------------------------------------------------------- handlers
@@ -314,7 +400,7 @@ def fhir_router(store: Store) -> APIRouter:
 
     @router.get("/metadata")
     def metadata(request: Request) -> Response:
-        return _fhir(orjson.dumps(capability_statement(_base(request))))
+        return _fhir(orjson.dumps(capability_statement(_base(request), _writes_enabled(request))))
 
     @router.get("/{resource_type}")
     def search_get(resource_type: str, request: Request) -> Response:

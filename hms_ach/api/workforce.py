@@ -13,9 +13,10 @@ Conventions:
 * errors are RFC 9457 problem details (``application/problem+json``) whose ``errors`` list each
   failing field with its location (``body.clock_out``, ``query.limit``).
 
-Overtime rule: minutes over ``HMS_ACH_OVERTIME_DAILY_HOURS`` (default 8) in one day or over
+Overtime rule: minutes over ``HMS_ACH_OVERTIME_DAILY_HOURS`` (default 8) in one UTC day or over
 ``HMS_ACH_OVERTIME_WEEKLY_HOURS`` (default 40) in one ISO week, whichever is more, counted on the
-timecard that crosses the line.
+timecard that crosses the line, in clock-in order. Lists and the compliance figures compute it
+when read, so timecards from every source (this API, CSV files, FHIR) follow the same rule.
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ from starlette.responses import Response
 
 from hms_ach.api.outcomes import FhirError
 from hms_ach.inbound.fhir_write import VERIFICATION_EXT, Operation, prepare, request_job, shift_overlap
+from hms_ach.jobs.credentials import current_expiries
 from hms_ach.map.result import RecordWrite
 from hms_ach.store import audit, messages
 from hms_ach.store.db import Store
-from hms_ach.store.models import RECORD_TABLES
+from hms_ach.store.models import RECORD_TABLES, CredentialAlert, JobRun
 from hms_ach.store.repository import Repository
 
 STAFF_SYSTEM = "urn:hms-ach:id:staff"
@@ -53,6 +55,8 @@ SOURCE_EXT = "urn:hms-ach:fhir:StructureDefinition/verification-source"
 STATE_EXT = "urn:hms-ach:fhir:StructureDefinition/issuing-state"
 PROBLEM_JSON = "application/problem+json"
 API_CHANNEL = "api"
+CREDENTIAL_ALERTS = CredentialAlert.__table__  # type: ignore[attr-defined]
+JOB_RUNS = JobRun.__table__  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------------- problem details
@@ -255,6 +259,40 @@ def timecard_view(res: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- store helpers
+def _credential_scan(staff: list[dict[str, Any]], alerts: list[Any], scan_run: Any, now: datetime,
+                     dept: Callable[[str | None], dict[str, Any]]) -> dict[str, Any]:
+    """What the credential-expiry scan (hms_ach/jobs/credentials.py) found: its last run, and its alerts.
+
+    An alert is open while the practitioner still holds that credential with that end date; one
+    whose licence was renewed (a new end date) or removed is counted as raised but not open. Open
+    alerts are added to their practitioner's department as ``credential_alerts`` by threshold.
+    """
+    people = {str(res.get("id")): res for res in staff}
+    raised: dict[str, int] = {}
+    open_: dict[str, int] = {}
+    recent = 0
+    for alert in alerts:
+        threshold = str(alert.threshold)
+        raised[threshold] = raised.get(threshold, 0) + 1
+        created = alert.created_at if alert.created_at.tzinfo else alert.created_at.replace(tzinfo=UTC)
+        recent += created > now - timedelta(days=1)
+        res = people.get(str(alert.practitioner_id))
+        if res is None or (str(alert.credential), str(alert.expires)) not in current_expiries(res):
+            continue
+        open_[threshold] = open_.get(threshold, 0) + 1
+        counts = dept(employee_view(res)["department"])["credential_alerts"]
+        counts[threshold] = counts.get(threshold, 0) + 1
+    last = None
+    if scan_run is not None:
+        last = {"status": scan_run.status, "started_at": _iso(scan_run.started_at) if scan_run.started_at else None,
+                "finished_at": _iso(scan_run.finished_at) if scan_run.finished_at else None,
+                "detail": scan_run.detail}
+    last_alert = max((a.created_at for a in alerts), default=None)
+    return {"last_run": last, "alerts_raised": sum(raised.values()), "raised_by_threshold": dict(sorted(raised.items())),
+            "raised_last_24h": recent, "open_by_threshold": dict(sorted(open_.items())),
+            "last_alert_at": _iso(last_alert) if last_alert else None}
+
+
 def _records(conn: Connection, rtype: str) -> list[dict[str, Any]]:
     t = RECORD_TABLES[rtype].__table__  # type: ignore[attr-defined]
     rows = conn.execute(select(t.c.resource).where(t.c.deleted.is_(False), t.c.version_id > 0)
@@ -309,6 +347,33 @@ def overtime_minutes(prior_day: int, prior_week: int, worked: int) -> int:
     day = max(0, prior_day + worked - daily) - max(0, prior_day - daily)
     week = max(0, prior_week + worked - weekly) - max(0, prior_week - weekly)
     return max(day, week)
+
+
+def overtime_by_timecard(timecards: list[dict[str, Any]]) -> dict[str, int]:
+    """Overtime minutes of every timecard (by record id), whatever wrote it (API, CSV, FHIR):
+    each employee's timecards are taken in clock-in order and the rule is applied to the minutes
+    already worked that UTC day and ISO week, so the timecard that crosses the line carries it."""
+    per_employee: dict[str, list[tuple[datetime, dict[str, Any]]]] = {}
+    for tc in timecards:
+        ref = (tc.get("practitioner") or {}).get("reference") or ""
+        try:
+            start = datetime.fromisoformat(str(tc.get("clockIn"))).astimezone(UTC)
+        except ValueError:
+            continue
+        per_employee.setdefault(ref, []).append((start, tc))
+    out: dict[str, int] = {}
+    for cards in per_employee.values():
+        cards.sort(key=lambda item: item[0])
+        by_day: dict[date, int] = {}
+        by_week: dict[tuple[int, int], int] = {}
+        for start, tc in cards:
+            worked = int(tc.get("workedMinutes") or 0)
+            iso = start.isocalendar()
+            day, week = start.date(), (iso.year, iso.week)
+            out[str(tc.get("id"))] = overtime_minutes(by_day.get(day, 0), by_week.get(week, 0), worked)
+            by_day[day] = by_day.get(day, 0) + worked
+            by_week[week] = by_week.get(week, 0) + worked
+    return out
 
 
 def _record_job(meta: messages.MessageMeta, build: Callable[[Connection], RecordWrite]) -> Any:
@@ -552,6 +617,8 @@ def workforce_router(store: Store) -> APIRouter:
                 if (tc.get("identifier") or [{}])[0].get("value") == tc_id:
                     continue
                 t_in = datetime.fromisoformat(tc["clockIn"]).astimezone(UTC)
+                if t_in >= clock_in:
+                    continue  # the rule is applied in clock-in order (see overtime_by_timecard)
                 if t_in.date() == day:
                     prior_day += int(tc.get("workedMinutes", 0))
                 if t_in.isocalendar()[:2] == week:
@@ -573,7 +640,9 @@ def workforce_router(store: Store) -> APIRouter:
     @router.get("/timecards", summary="Timecards by employee")
     def list_timecards(employee_id: str | None = None, limit: int = limit_q,
                        cursor: str | None = cursor_q) -> dict[str, Any]:
-        items = [timecard_view(t) for t in read(lambda c: _records(c, "Timecard"))]
+        cards = read(lambda c: _records(c, "Timecard"))
+        overtime = overtime_by_timecard(cards)
+        items = [{**timecard_view(t), "overtime_minutes": overtime.get(str(t.get("id")), 0)} for t in cards]
         return _page([t for t in items if employee_id is None or t["employee_id"] == employee_id], limit, cursor)
 
     # ------------------------------------------------------------------ compliance and audit
@@ -582,16 +651,19 @@ def workforce_router(store: Store) -> APIRouter:
         now = datetime.now(UTC)
         today = now.date()
 
-        def gather(conn: Connection) -> tuple[list[Any], list[Any], list[Any]]:
-            return _records(conn, "Practitioner"), _records(conn, "Shift"), _records(conn, "Timecard")
+        def gather(conn: Connection) -> tuple[list[Any], list[Any], list[Any], list[Any], Any]:
+            alerts = list(conn.execute(select(CREDENTIAL_ALERTS).order_by(CREDENTIAL_ALERTS.c.id)).all())
+            scan_run = conn.execute(select(JOB_RUNS).where(JOB_RUNS.c.name == "credential_expiry")).first()
+            return (_records(conn, "Practitioner"), _records(conn, "Shift"), _records(conn, "Timecard"),
+                    alerts, scan_run)
 
-        staff, shifts, timecards = read(gather)
+        staff, shifts, timecards, alerts, scan_run = read(gather)
         by: dict[str, dict[str, Any]] = {}
 
         def dept(name: str | None) -> dict[str, Any]:
             return by.setdefault(name or "(none)", {"active_staff": 0, "expired_credentials": 0,
                                                     "expiring_credentials": 0, "unfilled_shifts": 0,
-                                                    "overtime_hours": 0.0})
+                                                    "overtime_hours": 0.0, "credential_alerts": {}})
 
         for res in staff:
             emp = employee_view(res)
@@ -611,13 +683,15 @@ def workforce_router(store: Store) -> APIRouter:
             if s.get("practitioner") is None and s.get("status") != "cancelled" \
                     and datetime.fromisoformat(s["end"]) > now:
                 dept((s.get("department") or {}).get("display"))["unfilled_shifts"] += 1
+        overtime = overtime_by_timecard(timecards)
         for tc in timecards:
-            dept(tc.get("department"))["overtime_hours"] += round(int(tc.get("overtimeMinutes", 0)) / 60, 2)
-        totals = {k: sum(d[k] for d in by.values()) for k in ("active_staff", "expired_credentials",
-                                                              "expiring_credentials", "unfilled_shifts",
-                                                              "overtime_hours")}
+            dept(tc.get("department"))["overtime_hours"] += round(overtime.get(str(tc.get("id")), 0) / 60, 2)
+        totals: dict[str, Any] = {k: sum(d[k] for d in by.values()) for k in (
+            "active_staff", "expired_credentials", "expiring_credentials", "unfilled_shifts", "overtime_hours")}
+        scan = _credential_scan(staff, alerts, scan_run, now, dept)
+        totals["credential_alerts"] = scan["open_by_threshold"]
         return {"as_of": _iso(now), "expiring_within_days": expiring_within_days,
-                "departments": dict(sorted(by.items())), "totals": totals}
+                "departments": dict(sorted(by.items())), "totals": totals, "credential_scan": scan}
 
     @router.get("/audit", summary="The audit trail, filtered by entity (Practitioner/123), agent and time")
     def list_audit(entity: str | None = Query(None, description="Type/id or a type"),

@@ -27,6 +27,7 @@ from hms_ach.config import ChannelSettings
 from hms_ach.inbound.fhir_write import (
     WRITE_TYPES,
     Operation,
+    RequestLine,
     RequestOutcome,
     Result,
     prepare,
@@ -98,21 +99,43 @@ def _meta(channel: FhirRestChannel, request: Request, raw: bytes, what: str) -> 
                                 control_id=request_id, message_type=what[:50])
 
 
-async def _run(request: Request, what: str, build: Any) -> tuple[FhirRestChannel, RequestOutcome, str]:
-    """Read, validate and map the request with ``build(raw, body) -> (ops, kind)``, then commit it."""
+def request_operations(line: RequestLine, body: Any, max_bundle_entries: int) -> tuple[list[Operation], str]:
+    """The operations of one request (its method, URL under /fhir and headers, and its parsed body) and
+    its kind (single, transaction or batch). The routes and ``hms-ach replay`` both build them here."""
+    path, _, query = line.target.partition("?")
+    parts = [p for p in path.split("/") if p]
+    if not parts:
+        return _bundle_ops(body, max_bundle_entries)
+    rtype, rid = parts[0], (parts[1] if len(parts) > 1 else None)
+    _check_type(rtype)
+    if line.method == "POST":
+        return [Operation("POST", rtype, resource=body, if_none_exist=line.if_none_exist)], "single"
+    if line.method == "DELETE":
+        return [Operation("DELETE", rtype, rid=rid, if_match=line.if_match)], "single"
+    if rid is not None:
+        return [Operation("PUT", rtype, rid=rid, resource=body, if_match=line.if_match)], "single"
+    return [Operation("PUT", rtype, query=query, resource=body, if_match=line.if_match)], "single"
+
+
+def _request_line(request: Request, target: str) -> RequestLine:
+    return RequestLine(request.method, target, request.headers.get("if-match"), request.headers.get("if-none-exist"))
+
+
+async def _run(request: Request, what: str, line: RequestLine) -> tuple[FhirRestChannel, RequestOutcome, str]:
+    """Read, validate and map the request, then commit it with its request line."""
     channel = _channel(request)
     raw = b""
     try:
         raw, body = await _body(request, channel) if request.method != "DELETE" else (b"", None)
-        ops, kind = build(body)
+        ops, kind = request_operations(line, body, channel.config.max_bundle_entries)
         for op in ops:
             prepare(op, channel.pipeline.engine)
     except FhirError as exc:
         if exc.status not in (405, 415, 413):  # bodies we did not read or accept are not stored
-            await channel.pipeline.writer.run(rejection_job(_meta(channel, request, raw, what), exc))
+            await channel.pipeline.writer.run(rejection_job(_meta(channel, request, raw, what), exc, line))
         raise
     outcome: RequestOutcome = await channel.pipeline.writer.run(
-        request_job(_meta(channel, request, raw, what), ops, kind))
+        request_job(_meta(channel, request, raw, what), ops, kind, line))
     log.info("message.%s", "error" if outcome.error else "processed",
              extra={"channel": channel.config.name, "message_id": outcome.message_id})
     if outcome.error is not None:
@@ -223,39 +246,26 @@ def fhir_write_router() -> APIRouter:
     @router.post("")
     @router.post("/", include_in_schema=False)
     async def bundle(request: Request) -> Response:
-        holder: dict[str, Any] = {}
-
-        def build(body: Any) -> tuple[list[Operation], str]:
-            ops, kind = _bundle_ops(body, _channel(request).config.max_bundle_entries)
-            holder["kind"] = kind
-            return ops, kind
-
-        _ch, outcome, kind = await _run(request, "Bundle", build)
+        _ch, outcome, kind = await _run(request, "Bundle", _request_line(request, ""))
         return _bundle_response(request, kind, outcome.results)
 
     @router.post("/{resource_type}")
     async def create(resource_type: str, request: Request) -> Response:
         _check_type(resource_type)
-        ine = request.headers.get("if-none-exist")
-        _ch, outcome, _k = await _run(request, f"POST {resource_type}", lambda body: (
-            [Operation("POST", resource_type, resource=body, if_none_exist=ine)], "single"))
+        _ch, outcome, _k = await _run(request, f"POST {resource_type}", _request_line(request, resource_type))
         return _single_response(request, outcome.results[0])
 
     @router.put("/{resource_type}")
     async def conditional_update(resource_type: str, request: Request) -> Response:
         _check_type(resource_type)
-        query = request.url.query
-        _ch, outcome, _k = await _run(request, f"PUT {resource_type}", lambda body: (
-            [Operation("PUT", resource_type, query=query, resource=body,
-                       if_match=request.headers.get("if-match"))], "single"))
+        line = _request_line(request, f"{resource_type}?{request.url.query}")
+        _ch, outcome, _k = await _run(request, f"PUT {resource_type}", line)
         return _single_response(request, outcome.results[0])
 
     @router.put("/{resource_type}/{rid}")
     async def update(resource_type: str, rid: str, request: Request) -> Response:
         _check_type(resource_type)
-        _ch, outcome, _k = await _run(request, f"PUT {resource_type}", lambda body: (
-            [Operation("PUT", resource_type, rid=rid, resource=body,
-                       if_match=request.headers.get("if-match"))], "single"))
+        _ch, outcome, _k = await _run(request, f"PUT {resource_type}", _request_line(request, f"{resource_type}/{rid}"))
         return _single_response(request, outcome.results[0])
 
     @router.delete("/{resource_type}/{rid}")
@@ -264,8 +274,7 @@ def fhir_write_router() -> APIRouter:
         if resource_type == "Basic":
             raise FhirError(405, "not-supported", "a shift sent as Basic is cancelled with status cancelled, "
                                                   "not deleted")
-        _ch, outcome, _k = await _run(request, f"DELETE {resource_type}", lambda _body: (
-            [Operation("DELETE", resource_type, rid=rid, if_match=request.headers.get("if-match"))], "single"))
+        _ch, outcome, _k = await _run(request, f"DELETE {resource_type}", _request_line(request, f"{resource_type}/{rid}"))
         return _single_response(request, outcome.results[0])
 
     return router

@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
-from sqlalchemy import Connection, and_, select, update
+from sqlalchemy import Connection, and_, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from hms_ach.api.outcomes import FhirError, operation_outcome
@@ -30,7 +30,7 @@ from hms_ach.errors import MessageError
 from hms_ach.map.engine import MappingEngine
 from hms_ach.map.result import RecordWrite
 from hms_ach.store import messages
-from hms_ach.store.models import FHIR_TYPES, RECORD_TABLES, SearchToken
+from hms_ach.store.models import FHIR_TYPES, RECORD_TABLES, FhirRequestLine, SearchToken
 from hms_ach.store.repository import Repository, merge_content, new_id
 
 #: The resource types the FHIR REST channel writes. ``Basic`` carries what FHIR R4 has no resource
@@ -40,6 +40,7 @@ BASIC_TYPE_SYSTEM = "urn:hms-ach:code:basic-type"
 BASIC_RECORDS = {"shift": "Shift"}
 _ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _URN = "urn:uuid:"
+REQUEST_LINES = FhirRequestLine.__table__  # type: ignore[attr-defined]
 
 #: Required bindings fhir.resources does not enforce: resource type -> element -> allowed codes.
 REQUIRED_CODES: dict[str, dict[str, frozenset[str]]] = {
@@ -83,6 +84,7 @@ class Result:
     body: str | None = None  # the stored resource JSON
     last_updated: datetime | None = None
     outcome: dict[str, Any] | None = None
+    changed: bool = False  # this request wrote a new version (replay diffs it against the one before)
 
     @property
     def location(self) -> str:
@@ -344,7 +346,9 @@ class Writer:
                                  before=None if created else old)
         for extra in op.extra:
             self.repo.upsert(extra, _substitute(extra.content, resolved), self.message_id)
-        return self._result(rtype, rid, 201 if created else 200)
+        result = self._result(rtype, rid, 201 if created else 200)
+        result.changed = True
+        return result
 
     def apply(self, op: Operation, resolved: dict[str, str]) -> Result:
         rtype = op.resource_type
@@ -412,7 +416,7 @@ class Writer:
         old = {k: v for k, v in orjson.loads(row.resource).items() if k not in ("id", "meta")}
         self.repo._store_version(rtype, rid, int(row.version_id) + 1, old, self.message_id, False,
                                  deleted=True, before=old)
-        return Result(204, rtype, rid, int(row.version_id) + 1, None, datetime.now(UTC))
+        return Result(204, rtype, rid, int(row.version_id) + 1, None, datetime.now(UTC), changed=True)
 
 
 def _instant(text: Any, where: str) -> datetime:
@@ -481,66 +485,99 @@ def order_entries(ops: list[Operation]) -> list[Operation]:
     return deletes + ordered
 
 
-def request_job(meta: messages.MessageMeta, ops: list[Operation], kind: str) -> Any:
+@dataclass
+class RequestLine:
+    """The method, the URL under /fhir and the conditional headers of a write: stored beside its body
+    (table ``message_fhir_request``) so that ``hms-ach replay`` can run the same request again."""
+
+    method: str
+    target: str = ""  # Practitioner, Practitioner/123, Practitioner?identifier=s|v; "" for a Bundle
+    if_match: str | None = None
+    if_none_exist: str | None = None
+
+
+def store_request_line(conn: Connection, message_id: int, line: RequestLine | None) -> None:
+    if line is not None:
+        conn.execute(insert(REQUEST_LINES).values(
+            message_id=message_id, method=line.method[:10], target=line.target,
+            if_match=line.if_match[:255] if line.if_match else None,
+            if_none_exist=line.if_none_exist))
+
+
+def stored_request_line(conn: Connection, message_id: int) -> RequestLine | None:
+    row = conn.execute(select(REQUEST_LINES).where(REQUEST_LINES.c.message_id == message_id)).first()
+    if row is None:
+        return None
+    return RequestLine(str(row.method), str(row.target or ""), row.if_match, row.if_none_exist)
+
+
+def request_job(meta: messages.MessageMeta, ops: list[Operation], kind: str, line: RequestLine | None = None) -> Any:
     """The writer job for one request: ``kind`` is single, transaction or batch."""
 
     def job(conn: Connection) -> RequestOutcome:
         message_id = messages.insert_message(conn, meta, keyed=False)
-        writer = Writer(conn, message_id)
-        results: list[Result] = []
-        error: FhirError | None = None
-        if kind == "batch":
-            for op in ops:
-                sp = conn.begin_nested()
-                try:
-                    results.append(writer.apply(op, {}))
-                    sp.commit()
-                except FhirError as exc:
-                    sp.rollback()
-                    results.append(Result(exc.status, op.resource_type, outcome=_outcome(exc)))
-                except IntegrityError as exc:
-                    sp.rollback()
-                    results.append(Result(409, op.resource_type, outcome=operation_outcome(
-                        "conflict", f"a unique constraint refused the write: {type(exc.orig).__name__}")))
-        else:
-            sp = conn.begin_nested()
-            resolved: dict[str, str] = {}
-            try:
-                for op in order_entries(ops) if kind == "transaction" else ops:
-                    res = writer.apply(op, resolved)
-                    if op.full_url and res.rid:
-                        resolved[op.full_url] = f"{res.resource_type}/{res.rid}"
-                    results.append(res)
-                sp.commit()
-            except FhirError as exc:
-                sp.rollback()
-                error, results = exc, []
-            except IntegrityError as exc:
-                sp.rollback()
-                error, results = FhirError(409, "conflict", "a unique constraint refused the write "
-                                                            f"({type(exc.orig).__name__})"), []
-        if kind == "transaction" and error is None:
-            # keep the Bundle's entry order in the response
-            by_op = dict(zip([id(o) for o in order_entries(ops)], results, strict=True))
-            results = [by_op[id(o)] for o in ops]
-        status = "error" if error else "processed"
-        ack = orjson.dumps({"status": error.status if error else [r.status for r in results],
-                            "location": [r.location for r in results]}).decode()
-        messages.finish(conn, message_id, status, str(error.status) if error else "200", ack,
-                        error=error.diagnostics if error else None,
-                        error_location=(error.expression or "")[:200] if error else None)
-        return RequestOutcome(message_id, results, error)
+        store_request_line(conn, message_id, line)
+        return apply_request(conn, message_id, ops, kind)
 
     return job
 
 
-def rejection_job(meta: messages.MessageMeta, error: FhirError) -> Any:
+def apply_request(conn: Connection, message_id: int, ops: list[Operation], kind: str,
+                  replay: bool = False) -> RequestOutcome:
+    """Apply the prepared ``ops`` of the stored request ``message_id`` and record its outcome on the row."""
+    writer = Writer(conn, message_id)
+    results: list[Result] = []
+    error: FhirError | None = None
+    if kind == "batch":
+        for op in ops:
+            sp = conn.begin_nested()
+            try:
+                results.append(writer.apply(op, {}))
+                sp.commit()
+            except FhirError as exc:
+                sp.rollback()
+                results.append(Result(exc.status, op.resource_type, outcome=_outcome(exc)))
+            except IntegrityError as exc:
+                sp.rollback()
+                results.append(Result(409, op.resource_type, outcome=operation_outcome(
+                    "conflict", f"a unique constraint refused the write: {type(exc.orig).__name__}")))
+    else:
+        sp = conn.begin_nested()
+        resolved: dict[str, str] = {}
+        try:
+            for op in order_entries(ops) if kind == "transaction" else ops:
+                res = writer.apply(op, resolved)
+                if op.full_url and res.rid:
+                    resolved[op.full_url] = f"{res.resource_type}/{res.rid}"
+                results.append(res)
+            sp.commit()
+        except FhirError as exc:
+            sp.rollback()
+            error, results = exc, []
+        except IntegrityError as exc:
+            sp.rollback()
+            error, results = FhirError(409, "conflict", "a unique constraint refused the write "
+                                                        f"({type(exc.orig).__name__})"), []
+    if kind == "transaction" and error is None:
+        # keep the Bundle's entry order in the response
+        by_op = dict(zip([id(o) for o in order_entries(ops)], results, strict=True))
+        results = [by_op[id(o)] for o in ops]
+    status = "error" if error else "processed"
+    ack = orjson.dumps({"status": error.status if error else [r.status for r in results],
+                        "location": [r.location for r in results]}).decode()
+    messages.finish(conn, message_id, status, str(error.status) if error else "200", ack,
+                    error=error.diagnostics if error else None,
+                    error_location=(error.expression or "")[:200] if error else None, replay=replay)
+    return RequestOutcome(message_id, results, error)
+
+
+def rejection_job(meta: messages.MessageMeta, error: FhirError, line: RequestLine | None = None) -> Any:
     """Store a request refused before it could be applied (bad JSON, invalid resource) with its reason."""
 
     def job(conn: Connection) -> int:
         message_id = messages.insert_message(conn, meta, keyed=False)
-        messages.finish(conn, message_id, "rejected", str(error.status), None, error=error.diagnostics,
-                        error_location=(error.expression or "")[:200] or None)
+        store_request_line(conn, message_id, line)
+        record_rejection(conn, message_id, error)
         return message_id
 
     return job
@@ -548,3 +585,8 @@ def rejection_job(meta: messages.MessageMeta, error: FhirError) -> Any:
 
 def _outcome(exc: FhirError) -> dict[str, Any]:
     return operation_outcome(exc.code, exc.diagnostics, expression=[exc.expression] if exc.expression else None)
+
+
+def record_rejection(conn: Connection, message_id: int, error: FhirError, replay: bool = False) -> None:
+    messages.finish(conn, message_id, "rejected", str(error.status), None, error=error.diagnostics,
+                    error_location=(error.expression or "")[:200] or None, replay=replay)

@@ -54,7 +54,7 @@ from hms_ach.map.paths import CsvRecord
 from hms_ach.map.result import MappingResult
 from hms_ach.pipeline import Pipeline
 from hms_ach.store import messages
-from hms_ach.store.repository import Repository
+from hms_ach.store.repository import Repository, WriteOutcome
 
 log = logging.getLogger("hms_ach.inbound.sftp_csv")
 
@@ -96,6 +96,11 @@ class SftpCsvConfig(ChannelSettings):
     min_file_age_seconds: float = Field(10, ge=0, description="Files modified more recently are left for later")
     stable_seconds: float = Field(2, ge=0, description="A file whose size or mtime changes within this is left")
     max_file_bytes: int = Field(8 << 30, gt=0, description="Larger files are refused (recorded as an error)")
+    max_record_chars: int = Field(
+        1_000_000, ge=1024,
+        description="Longest CSV record, in characters (a line, or the lines of one record when a quoted field "
+                    "holds newlines). A longer one is an error naming its line, is never read whole, and stops "
+                    "the file (the rows before it are stored)")
     work_dir: str = Field("work/sftp_csv", description="Local directory for downloads and reports")
     connect_timeout_seconds: float = Field(30, gt=0, description="Timeout of connect and login")
     io_timeout_seconds: float = Field(120, gt=0, description="Timeout of any one SFTP request")
@@ -353,11 +358,13 @@ class SftpCsvChannel:
         cfg = self.config
         encoding = "utf-8-sig" if codecs.lookup(cfg.encoding).name == "utf-8" else cfg.encoding
         with local.open("r", encoding=encoding, newline="") as fh:
-            reader = csv.reader(fh, delimiter=cfg.delimiter, quotechar=cfg.quotechar, strict=True)
+            lines = BoundedLines(fh, cfg.max_record_chars)
+            reader = csv.reader(lines, delimiter=cfg.delimiter, quotechar=cfg.quotechar, strict=True)
             header: list[str] | None = None if cfg.header_row else list(cfg.columns or [])
             end = 0
             try:
                 for record in reader:
+                    lines.record_done()
                     line, end = end + 1, reader.line_num
                     if not record or all(not v.strip() for v in record):
                         continue
@@ -375,6 +382,8 @@ class SftpCsvChannel:
                                  "line: the rest of the file was not read")
             except csv.Error as exc:
                 yield RowOutcome(end + 1, {}, reason=f"unreadable CSV: {exc}; the rest of the file was not read")
+            except RecordTooLong as exc:
+                yield RowOutcome(exc.line, {}, reason=str(exc))
 
     async def _after(self, sftp: Any, remote: str, name: str, sha: str, report: FileReport) -> None:
         cfg = self.config
@@ -436,6 +445,43 @@ async def _ensure_dir(sftp: Any, path: str) -> None:
         except Exception:  # noqa: BLE001 - made by someone else meanwhile
             if not await sftp.isdir(path):
                 raise
+
+
+class RecordTooLong(Exception):
+    """A CSV record longer than ``max_record_chars``; it was not read whole."""
+
+    def __init__(self, line: int, limit: int):
+        self.line = line
+        super().__init__(f"the record at line {line} is longer than max_record_chars {limit} (a line without "
+                         "its end, or an unclosed quote): it was not read, nor the rest of the file")
+
+
+class BoundedLines:
+    """The lines of a text file for ``csv.reader``, each read with ``readline(limit)``: a line, or the lines of
+    one record, longer than ``limit`` characters raises :class:`RecordTooLong` after at most ``limit + 1``
+    characters were read, so a huge file without a newline is never held in memory."""
+
+    def __init__(self, fh: Any, limit: int):
+        self.fh = fh
+        self.limit = limit
+        self.line = 0  # physical lines handed out
+        self.pending = 0  # characters of the record being read
+
+    def __iter__(self) -> BoundedLines:
+        return self
+
+    def __next__(self) -> str:
+        text = self.fh.readline(self.limit - self.pending + 1)
+        if not text:
+            raise StopIteration
+        self.line += 1
+        self.pending += len(text)
+        if self.pending > self.limit:
+            raise RecordTooLong(self.line, self.limit)
+        return str(text)
+
+    def record_done(self) -> None:
+        self.pending = 0
 
 
 def _column_of(error: MessageError) -> str:
@@ -553,32 +599,55 @@ def _stored_errors_job(key: str) -> Any:
     return job
 
 
+@dataclass
+class RowReplay:
+    """What replaying one stored CSV row did (inside the caller's transaction)."""
+
+    status: str
+    error: str | None = None
+    writes: list[WriteOutcome] = field(default_factory=list)
+
+
+def replay_stored_row(conn: Connection, engine: Any, message_id: int) -> RowReplay:
+    """Re-map the stored bad CSV row ``message_id`` with ``engine`` and write it on ``conn``.
+
+    Only row messages (keyed ``file key|line``) hold a row; the message of a whole file, or of a
+    name, size or connection problem, holds no data to run again: ValueError says so.
+    """
+    row = messages.get(conn, message_id)
+    if row is None or row.content_type != "csv" or not str(row.message_type).startswith("CSV^"):
+        raise KeyError(f"message {message_id} is not a stored CSV row")
+    if "|" not in str(row.idempotency_key or ""):
+        raise ValueError(f"message {message_id} records a whole file or a {row.control_id or 'channel'} problem, "
+                         "not a row: its bad rows are stored as messages of their own (replay those), and the "
+                         "file itself is taken again only when it is put back in the inbox")
+    records = list(csv.reader(io.StringIO(bytes(row.raw).decode("utf-8"), newline="")))
+    if len(records) != 2:
+        raise ValueError(f"message {message_id} is not a single CSV row")
+    if not records[0]:
+        raise ValueError(f"message {message_id} holds no row: {row.error_location or 'the file'} could not be read "
+                         f"({row.error or 'no reason stored'}); correct the file and put it in the inbox again")
+    dataset = str(row.message_type).split("^", 1)[1]
+    name, _, line = str(row.control_id).rpartition(":")
+    outcome = map_row(engine, dataset, RowOutcome(int(line or 0), dict(zip(records[0], records[1], strict=False))),
+                      name)
+    writes: list[WriteOutcome] = []
+    if not outcome.reason and outcome.result is not None:
+        savepoint = conn.begin_nested()
+        try:
+            writes = Repository(conn).apply(outcome.result, message_id)
+            savepoint.commit()
+        except MessageError as exc:
+            savepoint.rollback()
+            outcome.reason, outcome.column = exc.message, _column_of(exc)
+    status = "error" if outcome.reason else "processed"
+    where = f"{name} line {line}" + (f" column {outcome.column}" if outcome.column else "")
+    messages.finish(conn, message_id, status, "AE" if outcome.reason else "AA", None,
+                    error=outcome.reason or None, error_location=where[:250] if outcome.reason else None,
+                    replay=True)
+    return RowReplay(status, outcome.reason or None, writes)
+
+
 def replay_row(pipeline: Pipeline, message_id: int) -> str:
-    """Re-run one stored bad CSV row through the current mappings; returns its new status."""
-
-    def job(conn: Connection) -> str:
-        row = messages.get(conn, message_id)
-        if row is None or row.content_type != "csv" or not str(row.message_type).startswith("CSV^"):
-            raise KeyError(f"message {message_id} is not a stored CSV row")
-        records = list(csv.reader(io.StringIO(bytes(row.raw).decode("utf-8"), newline="")))
-        if len(records) != 2:
-            raise ValueError(f"message {message_id} is not a single CSV row")
-        dataset = str(row.message_type).split("^", 1)[1]
-        name, _, line = str(row.control_id).rpartition(":")
-        outcome = map_row(pipeline.engine, dataset,
-                          RowOutcome(int(line or 0), dict(zip(records[0], records[1], strict=False))), name)
-        if not outcome.reason and outcome.result is not None:
-            savepoint = conn.begin_nested()
-            try:
-                Repository(conn).apply(outcome.result, message_id)
-                savepoint.commit()
-            except MessageError as exc:
-                savepoint.rollback()
-                outcome.reason, outcome.column = exc.message, _column_of(exc)
-        status = "error" if outcome.reason else "processed"
-        where = f"{name} line {line}" + (f" column {outcome.column}" if outcome.column else "")
-        messages.finish(conn, message_id, status, "AE" if outcome.reason else "AA", None,
-                        error=outcome.reason or None, error_location=where if outcome.reason else None, replay=True)
-        return status
-
-    return pipeline.writer.run_sync(job)
+    """Re-run one stored bad CSV row through the current mappings and commit; returns its new status."""
+    return str(pipeline.writer.run_sync(lambda conn: replay_stored_row(conn, pipeline.engine, message_id).status))

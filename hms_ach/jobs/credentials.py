@@ -50,6 +50,13 @@ def _credential(q: dict[str, Any], index: int) -> str:
     return f"{text or 'qualification'}#{index}"[:255]
 
 
+def current_expiries(practitioner: dict[str, Any]) -> set[tuple[str, str]]:
+    """(credential, expires) of the practitioner's qualifications now: an alert matching none of them
+    is closed (the licence was renewed with a new end date, or removed)."""
+    return {(_credential(q, i), str((q.get("period") or {}).get("end") or "")[:40])
+            for i, q in enumerate(practitioner.get("qualification") or [])}
+
+
 def scan(conn: Connection, days_ahead: int = 30, today: date | None = None) -> dict[str, int]:
     """Record new alerts and emit their events; returns counts (new expiring, new expired, already alerted)."""
     today = today or datetime.now(UTC).date()

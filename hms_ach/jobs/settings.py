@@ -41,6 +41,13 @@ class HousekeepingSettings(JobSchedule):
         90, ge=1, description="Processed and duplicate messages older than this are deleted (errors are kept)")
 
 
+class ClaimCreationSettings(JobSchedule):
+    cron: str | None = Field("0 1 * * *", description="Crontab schedule; daily at 01:00 by default")
+    settle_hours: float = Field(12.0, ge=0, description="Charges of a discharged encounter are complete when none "
+                                "has changed for this many hours")
+    max_claims_per_run: int = Field(1000, ge=1, description="At most this many claims per run (the rest next run)")
+
+
 class JobsSettings(_Strict):
     enabled: bool = Field(True, description="Run the scheduler in this engine (one per deployment: on PostgreSQL "
                           "an advisory lock makes the other instances stand by)")
@@ -50,3 +57,5 @@ class JobsSettings(_Strict):
     credential_expiry: CredentialExpirySettings = Field(
         default_factory=CredentialExpirySettings)  # type: ignore[arg-type]
     housekeeping: HousekeepingSettings = Field(default_factory=HousekeepingSettings)  # type: ignore[arg-type]
+    claim_creation: ClaimCreationSettings = Field(
+        default_factory=ClaimCreationSettings)  # type: ignore[arg-type]

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import field as _computed  # MessagePath has an attribute named `field`
+from typing import Any, NamedTuple
 
 from hms_ach.parse.hl7v2 import Hl7Message, Segment
 
@@ -48,12 +49,12 @@ class PathSyntaxError(ValueError):
     """A path that does not follow the grammar; the message says what was expected."""
 
 
-@dataclass(frozen=True)
-class Value:
+class Value(NamedTuple):
     """One resolved value with the concrete place it came from.
 
     ``text`` has escapes decoded (for use as a leaf); ``raw`` keeps the undecoded field repetition
-    so that a datatype mapping can still split it into components.
+    so that a datatype mapping can still split it into components. (A named tuple: one is made for
+    every value a mapping reads, so it must be cheap to build.)
     """
 
     text: str
@@ -63,18 +64,22 @@ class Value:
     data: Any = None  # FHIR input: the JSON value itself (number, boolean, object)
 
 
-@dataclass(frozen=True)
 class Scope:
     """Where paths are read from: the message, the segment of a ``for_each`` loop, and the current
     datatype value (one field repetition such as an XCN) when a datatype mapping runs."""
 
-    message: Any  # Hl7Message (hl7v2), CsvRecord (csv) or a FHIR resource dict (fhir)
-    segment: Segment | None = None
-    value: Any = None
-    location: str = ""
-    kind: str = "hl7v2"
-    #: when set, every HL7 position read is added here (``PID-5.1``, ``PV1-3``): mapping coverage
-    seen: set[str] | None = None
+    __slots__ = ("message", "segment", "value", "location", "kind", "seen", "_components")
+
+    def __init__(self, message: Any, segment: Segment | None = None, value: Any = None, location: str = "",
+                 kind: str = "hl7v2", seen: set[str] | None = None):
+        self.message = message  # Hl7Message (hl7v2), CsvRecord (csv) or a FHIR resource dict (fhir)
+        self.segment = segment
+        self.value = value
+        self.location = location
+        self.kind = kind
+        #: when set, every HL7 position read is added here (``PID-5.1``, ``PV1-3``): mapping coverage
+        self.seen = seen
+        self._components: list[str] | None = None
 
     def with_segment(self, segment: Segment, location: str) -> Scope:
         return Scope(self.message, segment, None, location, self.kind, self.seen)
@@ -84,6 +89,13 @@ class Scope:
             return Scope(self.message, None, value.data, value.location, self.kind, self.seen)
         raw = value.raw if value.raw is not None else value.text
         return Scope(self.message, value.segment or self.segment, raw, value.location, self.kind, self.seen)
+
+    def components(self, separator: str) -> list[str]:
+        """The current value split into components, once per scope (datatype mappings read many)."""
+        comps = self._components
+        if comps is None:
+            comps = self._components = str(self.value).split(separator)
+        return comps
 
     def note(self, location: str) -> None:
         if self.seen is not None:
@@ -101,6 +113,17 @@ class MessagePath:
     filter_value: str | None
     comp: int | None
     sub: int | None
+
+    #: precomputed at compile time: "-5" and ".1.2" for locations, and whether one value is read per segment
+    _field_suffix: str = _computed(init=False, repr=False, compare=False, default="")
+    _comp_suffix: str = _computed(init=False, repr=False, compare=False, default="")
+    _first_only: bool = _computed(init=False, repr=False, compare=False, default=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_field_suffix", f"-{self.field}")
+        comp = "" if self.comp is None else f".{self.comp}" + (f".{self.sub}" if self.sub is not None else "")
+        object.__setattr__(self, "_comp_suffix", comp)
+        object.__setattr__(self, "_first_only", self.rep is None and self.filter_comp is None)
 
     @property
     def is_segment(self) -> bool:
@@ -131,30 +154,32 @@ class MessagePath:
         out: list[Value] = []
         message = scope.message
         for seg in self.segments(scope):
-            seg_loc = self.segment if seg.index == _first_index(message, seg) else f"{self.segment}[{_seq(message, seg)}]"
+            seg_loc = self.segment if message.first(seg.name) is seg else f"{self.segment}[{_seq(message, seg)}]"
             if self.field is None:
                 out.append(Value(seg.name, seg_loc, seg.name, seg))
                 continue
             reps = seg.repetitions(self.field)
+            if not reps:
+                continue
+            if self._first_only:  # the common case: the first repetition only
+                loc = seg_loc + self._field_suffix + ("[1]" if len(reps) > 1 else "") + self._comp_suffix
+                raw = _component_raw(reps[0], seg, self.comp, self.sub)
+                out.append(Value(seg.unescape(raw), loc, raw, seg))
+                if scope.seen is not None:
+                    scope.note(loc)
+                continue
             for r_i, rep in enumerate(reps, start=1):
                 if self.rep not in (None, "*") and self.rep != str(r_i):
                     continue
                 if self.filter_comp is not None and _component(rep, seg, self.filter_comp, None) != self.filter_value:
                     continue
-                loc = f"{seg_loc}-{self.field}" + (f"[{r_i}]" if len(reps) > 1 else "")
-                if self.comp is not None:
-                    loc += f".{self.comp}" + (f".{self.sub}" if self.sub is not None else "")
+                loc = seg_loc + self._field_suffix + (f"[{r_i}]" if len(reps) > 1 else "") + self._comp_suffix
                 raw = _component_raw(rep, seg, self.comp, self.sub)
                 out.append(Value(seg.unescape(raw), loc, raw, seg))
                 scope.note(loc)
                 if self.rep is None and self.filter_comp is None:
                     break
         return out
-
-
-def _first_index(message: Hl7Message, seg: Segment) -> int:
-    first = message.first(seg.name)
-    return first.index if first else seg.index
 
 
 def _seq(message: Hl7Message, seg: Segment) -> int:
@@ -184,15 +209,44 @@ class TypePath:
     dtype: str
     comp: int | None
     sub: int | None
+    _suffix: str = field(init=False, repr=False, compare=False, default="")
+
+    def __post_init__(self) -> None:
+        suffix = (f".{self.comp}" if self.comp is not None else "") + (f".{self.sub}" if self.sub is not None else "")
+        object.__setattr__(self, "_suffix", suffix)
 
     def resolve(self, scope: Scope) -> list[Value]:
         if scope.value is None or scope.segment is None:
             raise PathSyntaxError(f"{self.text}: a {self.dtype} path needs a {self.dtype} value as context")
-        loc = scope.location + (f".{self.comp}" if self.comp is not None else "") + (
-            f".{self.sub}" if self.sub is not None else "")
-        raw = _component_raw(scope.value, scope.segment, self.comp, self.sub)
-        scope.note(loc)
-        return [Value(scope.segment.unescape(raw), loc, raw, scope.segment)]
+        seg = scope.segment
+        loc = scope.location + self._suffix
+        if self.comp is None:
+            raw = scope.value
+        else:
+            comps = scope.components(seg.seps.component)
+            raw = comps[self.comp - 1] if self.comp <= len(comps) else ""
+            if self.sub is not None:
+                subs = raw.split(seg.seps.subcomponent)
+                raw = subs[self.sub - 1] if self.sub <= len(subs) else ""
+        if scope.seen is not None:
+            scope.note(loc)
+        return [Value(seg.unescape(raw), loc, raw, seg)]
+
+    def first(self, scope: Scope) -> Value | None:
+        """``resolve`` when its one value is not empty, else None (without building the Value)."""
+        if self.comp is None or scope.value is None or scope.segment is None or scope.seen is not None:
+            for v in self.resolve(scope):
+                return v if v.raw != "" and v.raw != '""' else None
+            return None
+        seg = scope.segment
+        comps = scope.components(seg.seps.component)
+        raw = comps[self.comp - 1] if self.comp <= len(comps) else ""
+        if self.sub is not None and raw:
+            subs = raw.split(seg.seps.subcomponent)
+            raw = subs[self.sub - 1] if self.sub <= len(subs) else ""
+        if raw == "" or raw == '""':
+            return None
+        return Value(seg.unescape(raw), scope.location + self._suffix, raw, seg)
 
 
 Path = MessagePath | TypePath

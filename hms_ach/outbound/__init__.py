@@ -11,4 +11,5 @@ SINK_TYPES = Registry("sink type", {
     "webhook": "hms_ach.outbound.webhook:WebhookSink",
     "rabbitmq": "hms_ach.outbound.rabbitmq:RabbitMqSink",
     "x12_837": "hms_ach.outbound.x12_837:X12ClaimSink",
+    "fhir_push": "hms_ach.outbound.fhir_push:FhirPushSink",
 })

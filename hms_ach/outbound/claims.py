@@ -19,6 +19,8 @@ from hms_ach.store.models import RECORD_TABLES, SearchReference
 
 CLAIM_SYSTEM = "urn:hms-ach:claim"
 CPT = "http://www.ama-assn.org/go/cpt"
+#: Encounter.class codes (v3 ActCode) billed on an institutional claim (837I); the others are professional (837P).
+INPATIENT_CLASSES = frozenset({"IMP", "ACUTE", "NONAC"})
 ICD10 = "http://hl7.org/fhir/sid/icd-10-cm"
 
 
@@ -49,6 +51,12 @@ def coverage_of(conn: Connection, patient_id: str) -> dict[str, Any] | None:
             if c.get("status") == "active"]
     covs.sort(key=lambda c: (c.get("order", 99), c.get("meta", {}).get("lastUpdated", "")))
     return covs[0] if covs else None
+
+
+def _is_inpatient(encounter: dict[str, Any]) -> bool:
+    """True when the encounter's class (from PV1-2) is an inpatient one."""
+    klass = encounter.get("class") or {}
+    return isinstance(klass, dict) and klass.get("code") in INPATIENT_CLASSES
 
 
 def build_claim(encounter: dict[str, Any], charges: list[dict[str, Any]],
@@ -84,7 +92,8 @@ def build_claim(encounter: dict[str, Any], charges: list[dict[str, Any]],
     claim: dict[str, Any] = {
         "identifier": [{"system": CLAIM_SYSTEM, "value": encounter["id"]}],
         "status": "active",
-        "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/claim-type", "code": "professional"}]},
+        "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/claim-type",
+                             "code": "institutional" if _is_inpatient(encounter) else "professional"}]},
         "use": "claim",
         "patient": encounter.get("subject"),
         "created": datetime.now(UTC).date().isoformat(),

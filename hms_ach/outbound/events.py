@@ -17,6 +17,12 @@ never names, birth dates or identifiers: a receiver that needs more reads the re
 | claim.created | a Claim is created (see :mod:`hms_ach.outbound.claims`) |
 | claim.file_written / claim.file_rejected / claim.error | the 837 sink's outcome for a claim |
 | credential.expiring / credential.expired | emitted by the scheduler through :func:`outbox.enqueue` |
+| record.changed | every new version of a FHIR resource record (the change feed of the fhir_push sink) |
+
+``record.changed`` (payload: resource, versionId, action create|update|delete) is the change feed:
+a sink pattern ``*`` does not match it (see :meth:`SinkSettings.wants`); a sink names it to get it.
+It is written only while a running engine has such a sink (:func:`subscribe_change_feed`), so a
+deployment without one pays nothing for it; record history keeps every version regardless.
 """
 
 from __future__ import annotations
@@ -32,8 +38,26 @@ EVENT_NAMES = (
     "encounter.admitted", "encounter.transferred", "encounter.discharged", "encounter.cancelled",
     "bed.status_changed", "practitioner.onboarded", "practitioner.updated",
     "credential.expiring", "credential.expired", "shift.updated", "timecard.recorded",
-    "claim.created", "claim.file_written", "claim.file_rejected", "claim.error",
+    "claim.created", "claim.file_written", "claim.file_rejected", "claim.error", "record.changed",
 )
+
+#: The record types whose every change is announced as ``record.changed`` (the FHIR resources we keep).
+CHANGE_FEED_TYPES = frozenset({"Patient", "Encounter", "Location", "Practitioner", "PractitionerRole",
+                               "Organization", "Coverage", "Claim"})
+
+
+_feed_subscribers = 0
+
+
+def subscribe_change_feed() -> None:
+    """A sink that wants ``record.changed`` has started in this process: write the change feed."""
+    global _feed_subscribers
+    _feed_subscribers += 1
+
+
+def unsubscribe_change_feed() -> None:
+    global _feed_subscribers
+    _feed_subscribers = max(0, _feed_subscribers - 1)
 
 
 def _ref(value: Any) -> str | None:
@@ -120,6 +144,8 @@ def derive(change: Change) -> list[tuple[str, dict[str, Any]]]:
 
 def record(conn: Connection, change: Change) -> None:
     """Change listener: enqueue the change's events; at discharge, turn the encounter's charges into a Claim."""
+    if _feed_subscribers and change.resource_type in CHANGE_FEED_TYPES:
+        outbox.enqueue(conn, "record.changed", {**_base(change), "action": change.action})
     for event, payload in derive(change):
         outbox.enqueue(conn, event, payload)
         if event == "encounter.discharged":

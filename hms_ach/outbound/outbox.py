@@ -48,11 +48,13 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
+_ENQUEUE = insert(EVENTS)  # built once: enqueue runs on the write path of every record change
+
+
 def enqueue(conn: Connection, event: str, payload: dict[str, Any]) -> int:
     """Write one event in the caller's transaction; returns its id. ``payload`` gets ``version: 1``."""
     body = {"version": 1, **payload}
-    result = conn.execute(insert(EVENTS).values(event=event, payload=orjson.dumps(body).decode(),
-                                                created_at=now()))
+    result = conn.execute(_ENQUEUE, {"event": event, "payload": orjson.dumps(body).decode(), "created_at": now()})
     key = result.inserted_primary_key
     assert key is not None  # an INSERT always has one
     return int(key[0])

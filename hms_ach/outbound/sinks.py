@@ -28,6 +28,10 @@ class SinkSettings(BaseModel):
                                  "declared (default: only the ones after)")
 
     def wants(self, event: str) -> bool:
+        """True if a pattern matches. The change feed (``record.*``) is matched only by patterns naming it,
+        so that ``*`` keeps meaning "every business event" and does not pull in every record version."""
+        if event.startswith("record."):
+            return any(p.startswith("record.") and fnmatch.fnmatchcase(event, p) for p in self.events)
         return any(fnmatch.fnmatchcase(event, pattern) for pattern in self.events)
 
 

@@ -1,18 +1,23 @@
-"""The ``x12_837`` sink: on ``claim.created``, write an ASC X12 837P (005010X222A1) claim file.
+"""The ``x12_837`` sink: on ``claim.created``, write an ASC X12 837 claim file.
+
+* A professional Claim becomes an 837P (005010X222A1, SV1 lines); an institutional one (the
+  encounter is inpatient, PV1-2 I) an 837I (005010X223A2, SV2 lines with revenue codes; loop 2300
+  and 2400 in :mod:`hms_ach.outbound.x12_837i`).
 
 * Billing provider, submitter, receiver and payers come from channels.yaml; the subscriber is the
   patient's Coverage (from IN1) and Patient record. ISA13/GS06 and ST02 come from persisted
   counters (table ``control_number``), so no two files share a control number, across restarts and
   instances.
 * Every file is validated before it is released: pyx12 (``x12n_document``, which writes the 999),
-  plus our own rules that pyx12 does not check: CLM02 equals the sum of SV102, NPI check digits,
-  ICD-10-CM and CPT/HCPCS formats.
-* A valid file goes to ``directory`` and a ``claim.file_written`` event follows. A file that fails
+  plus our own rules that pyx12 does not check: CLM02 equals the sum of SV102 / SV203, NPI check
+  digits, ICD-10-CM, CPT/HCPCS and revenue code formats.
+* A valid file goes to ``directory`` (and, with ``sftp:``, is uploaded; see
+  :mod:`hms_ach.outbound.sftp_upload`) and a ``claim.file_written`` event follows. A file that fails
   goes to ``directory/rejected/`` with its 999 and the list of problems, and ``claim.file_rejected``
   tells the operator. A claim that cannot be built (payer not configured, no coverage...) writes no
   file at all and emits ``claim.error`` with the reason.
-* A redelivered ``claim.created`` (crash after the file was written) finds the file of that event
-  and writes no second one.
+* A redelivered ``claim.created`` (crash after the file was written, or a failed upload) finds the
+  file of that event, writes no second one, uploads it (again) and then emits ``claim.file_written``.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from hms_ach.map.functions import npi_is_valid
+from hms_ach.outbound.sftp_upload import SftpDestination, upload
 from hms_ach.outbound.sinks import Delivery, DeliveryResult, SinkSettings
+from hms_ach.outbound.x12_837i import REVENUE_CODE, attending, claim_loops
 from hms_ach.store.models import RECORD_TABLES, ControlNumber
 
 _ICD10 = re.compile(r"^[A-TV-Z][0-9][0-9A-Z][0-9A-Z]{0,4}$")
@@ -76,6 +83,7 @@ class ClaimFile:
     st_number: int
     total: float
     problems: list[Problem] = field(default_factory=list)
+    institutional: bool = False
 
 
 class ClaimError(Exception):
@@ -85,6 +93,10 @@ class ClaimError(Exception):
 def _clean(value: Any, limit: int = 60) -> str:
     text = re.sub(r"[*~:^>]", " ", str(value or "")).strip().upper()
     return text[:limit]
+
+
+def _claim_type(claim: dict[str, Any]) -> str:
+    return str(((claim.get("type") or {}).get("coding") or [{}])[0].get("code") or "professional")
 
 
 def _money(value: float) -> str:
@@ -129,6 +141,20 @@ class X12ClaimSink:
         place_of_service: str = Field("21", description="CLM05-1 place of service code (21 inpatient hospital)")
         billing_provider: BillingProvider = Field(description="Loop 2010AA billing provider")
         payers: list[Payer] = Field(default_factory=list, description="Payers, matched on IN1-3.1")
+        sftp: SftpDestination | None = Field(None, description="Also upload every valid file to this SFTP server "
+                                             "(host key pinned by known_hosts)")
+        facility_type_code: str = Field("11", pattern=r"^\d{2}$", description="837I CLM05-1: the first two "
+                                        "digits of the type of bill (11 hospital inpatient)")
+        admission_type_code: str = Field("1", pattern=r"^\d$", description="837I CL101 priority of admission "
+                                         "(1 emergency, 2 urgent, 3 elective)")
+        admission_source_code: str = Field("7", pattern="^[0-9A-Z]$", description="837I CL102 point of origin "
+                                           "when PV1-14 has none (7 emergency room)")
+        patient_status_code: str = Field("01", pattern=r"^\d{2}$", description="837I CL103 patient status "
+                                         "(01 discharged home)")
+        revenue_codes: dict[str, str] = Field(default_factory=dict, description="837I SV201: CPT/HCPCS code -> "
+                                              "4-digit revenue code (99223: '0450')")
+        default_revenue_code: str | None = Field(None, pattern=r"^\d{4}$", description="837I SV201 for a "
+                                                 "procedure not in revenue_codes (none: such a claim is rejected)")
 
     def __init__(self, settings: Config, store: Any):
         self.settings = settings
@@ -141,14 +167,24 @@ class X12ClaimSink:
     async def deliver(self, delivery: Delivery) -> DeliveryResult:
         if delivery.event != "claim.created":
             return DeliveryResult(response=f"ignored {delivery.event}")
-        return await asyncio.to_thread(self._deliver_sync, delivery)
+        outcome = await asyncio.to_thread(self._deliver_sync, delivery)
+        if isinstance(outcome, DeliveryResult):
+            return outcome
+        path, payload = outcome
+        response = f"written {path.name}"
+        if self.settings.sftp is not None:
+            # A failed upload is retried; the next attempt finds the local file and uploads it again.
+            payload["sftp"] = await upload(self.settings.sftp, path, self.settings.timeout_seconds)
+            response += f", uploaded to {payload['sftp']}"
+        return DeliveryResult(response=response, followups=[("claim.file_written", payload)])
 
     # ------------------------------------------------------------------ the work (in a thread)
-    def _deliver_sync(self, delivery: Delivery) -> DeliveryResult:
+    def _deliver_sync(self, delivery: Delivery) -> DeliveryResult | tuple[Path, dict[str, Any]]:
+        """A finished result (claim error, rejected file), or the valid file written and its event payload."""
         claim_ref = str(delivery.payload.get("resource"))
-        existing = sorted(self.directory.glob(f"837P-e{delivery.event_id}-*.x12"))
-        if existing:
-            return DeliveryResult(response=f"already written: {existing[0].name}")
+        existing = sorted(self.directory.glob(f"837[PI]-e{delivery.event_id}-*.x12"))
+        if existing:  # written by an attempt whose delivery was not confirmed (crash, failed upload)
+            return existing[0], _payload_of(existing[0], claim_ref)
         try:
             with self.store.reader.connect() as conn:
                 data = self._gather(conn, claim_ref)
@@ -164,7 +200,7 @@ class X12ClaimSink:
         problems += [Problem("pyx12", e) for e in pyx12_errors]
         if not pyx12_ok and not pyx12_errors:
             problems.append(Problem("pyx12", "the document is not valid (see the 999)"))
-        name = f"837P-e{delivery.event_id}-{isa:09d}"
+        name = f"837{'I' if built.institutional else 'P'}-e{delivery.event_id}-{isa:09d}"
         payload = {"claim": claim_ref, "file": f"{name}.x12", "interchangeControlNumber": f"{isa:09d}",
                    "transactionSetControlNumber": f"{st:04d}", "total": built.total}
         if problems:
@@ -177,7 +213,7 @@ class X12ClaimSink:
                 ("claim.file_rejected", {**payload, "problems": [str(p) for p in problems][:20]})])
         self.directory.mkdir(parents=True, exist_ok=True)
         _write(self.directory / f"{name}.x12", built.text)
-        return DeliveryResult(response=f"written {name}.x12", followups=[("claim.file_written", payload)])
+        return self.directory / f"{name}.x12", payload
 
     def _gather(self, conn: Connection, claim_ref: str) -> dict[str, Any]:
         claim = _get(conn, claim_ref)
@@ -199,7 +235,9 @@ class X12ClaimSink:
         if patient is None:
             raise ClaimError("the claim's patient does not exist")
         care_team = {c["sequence"]: _get(conn, c["provider"].get("reference")) for c in claim.get("careTeam", [])}
-        return {"claim": claim, "coverage": coverage, "payer": payer, "patient": patient, "care_team": care_team}
+        encounter = _get(conn, ((claim.get("item") or [{}])[0].get("encounter") or [{}])[0].get("reference")) or {}
+        return {"claim": claim, "coverage": coverage, "payer": payer, "patient": patient, "care_team": care_team,
+                "encounter": encounter, "attending": _get(conn, attending(encounter))}
 
     # ------------------------------------------------------------------ rendering
     def render(self, data: dict[str, Any], isa: int, st: int) -> ClaimFile:
@@ -216,7 +254,9 @@ class X12ClaimSink:
             segs.append("*".join(parts))
 
         st_id = f"{st:04d}"
-        seg("ST", "837", st_id, "005010X222A1")
+        institutional = _claim_type(claim) == "institutional"
+        version = "005010X223A2" if institutional else "005010X222A1"
+        seg("ST", "837", st_id, version)
         seg("BHT", "0019", "00", f"{isa:09d}", now.strftime("%Y%m%d"), now.strftime("%H%M"), "CH")
         seg("NM1", "41", "2", _clean(s.submitter_name), "", "", "", "", "46", _clean(s.sender_id, 80))
         seg("PER", "IC", _clean(s.submitter_contact), "TE", re.sub(r"\D", "", s.submitter_phone))
@@ -246,6 +286,9 @@ class X12ClaimSink:
         seg("NM1", "PR", "2", _clean(payer.name), "", "", "", "", "PI", _clean(payer.payer_id, 80))
         items = claim.get("item", [])
         total = round(sum(float(i.get("net", {}).get("value", 0)) for i in items), 2)
+        if institutional:
+            claim_loops(seg, s, data, total, _clean, _money, problems, Problem)
+            return self._envelope(segs, st_id, isa, version, now, total, problems, institutional)
         clm01 = _clean(claim["id"].replace("-", ""), 38)
         seg("CLM", clm01, _money(total), "", "", f"{s.place_of_service}:B:1", "Y", "A", "Y", "Y")
         codes = [d["diagnosisCodeableConcept"]["coding"][0]["code"].replace(".", "").upper()
@@ -272,33 +315,45 @@ class X12ClaimSink:
             seg("SV1", f"HC:{_clean(code, 48)}", _money(float(item.get("net", {}).get("value", 0))), "UN",
                 _money(float(item.get("quantity", {}).get("value", 1))), "", "", pointers)
             seg("DTP", "472", "D8", str(item.get("servicedDate", "")).replace("-", ""))
-        seg("SE", str(len(segs) + 1), st_id)
+        return self._envelope(segs, st_id, isa, version, now, total, problems, institutional)
+
+    def _envelope(self, segs: list[str], st_id: str, isa: int, version: str, now: datetime, total: float,
+                  problems: list[Problem], institutional: bool) -> ClaimFile:
+        s = self.settings
+        segs.append(f"SE*{len(segs) + 1}*{st_id}")
         isa_date, isa_time = now.strftime("%y%m%d"), now.strftime("%H%M")
         header = [
             "ISA*00*" + " " * 10 + "*00*" + " " * 10 + f"*ZZ*{_clean(s.sender_id, 15):<15}*ZZ*"
             f"{_clean(s.receiver_id, 15):<15}*{isa_date}*{isa_time}*^*00501*{isa:09d}*0*{s.usage}*:",
-            f"GS*HC*{_clean(s.sender_id, 15)}*{_clean(s.receiver_id, 15)}*{now:%Y%m%d}*{isa_time}*{isa}*X*005010X222A1",
+            f"GS*HC*{_clean(s.sender_id, 15)}*{_clean(s.receiver_id, 15)}*{now:%Y%m%d}*{isa_time}*{isa}*X*{version}",
         ]
         trailer = [f"GE*1*{isa}", f"IEA*1*{isa:09d}"]
         text = "~\n".join(header + segs + trailer) + "~\n"
-        return ClaimFile(text, isa, st, total, problems)
+        return ClaimFile(text, isa, int(st_id), total, problems, institutional)
 
     def check(self, data: dict[str, Any], built: ClaimFile) -> list[Problem]:
         """Our own rules, on the rendered file: balancing, NPI check digits, code formats."""
         problems: list[Problem] = []
         segments = [s.strip().split("*") for s in built.text.split("~") if s.strip()]
         clm = next((s for s in segments if s[0] == "CLM"), None)
-        lines = [s for s in segments if s[0] == "SV1"]
-        line_total = round(sum(float(s[2]) for s in lines), 2)
+        # SV1: SV101 procedure, SV102 amount. SV2: SV201 revenue code, SV202 procedure, SV203 amount.
+        line, amount_at, proc_at = ("SV2", 3, 2) if built.institutional else ("SV1", 2, 1)
+        lines = [s for s in segments if s[0] == line]
+        try:
+            line_total = round(sum(float(s[amount_at]) for s in lines), 2)
+        except (IndexError, ValueError):
+            line_total = float("nan")
         if clm is None or round(float(clm[2]), 2) != line_total:
-            problems.append(Problem("CLM02", f"claim total {clm[2] if clm else '?'} is not the sum of the SV102 "
-                                             f"line amounts ({_money(line_total)})"))
+            problems.append(Problem("CLM02", f"claim total {clm[2] if clm else '?'} is not the sum of the "
+                                             f"{line}{amount_at:02d} line amounts ({_money(line_total)})"))
         for s in lines:
-            if float(s[2]) < 0:
-                problems.append(Problem("SV102", f"negative line amount {s[2]}"))
-            code = s[1].split(":")[1] if ":" in s[1] else ""
+            if float(s[amount_at]) < 0:
+                problems.append(Problem(f"{line}{amount_at:02d}", f"negative line amount {s[amount_at]}"))
+            code = s[proc_at].split(":")[1] if ":" in s[proc_at] else ""
             if not _PROC.match(code):
-                problems.append(Problem("SV101-2", f"{code!r} is not a CPT or HCPCS code"))
+                problems.append(Problem(f"{line}{proc_at:02d}-2", f"{code!r} is not a CPT or HCPCS code"))
+            if line == "SV2" and not REVENUE_CODE.match(s[1]):
+                problems.append(Problem("SV201", f"{s[1]!r} is not a 4-digit revenue code"))
         for s in segments:
             if s[0] == "NM1" and len(s) > 9 and s[8] == "XX" and not npi_is_valid(s[9]):
                 problems.append(Problem(f"NM1*{s[1]}", f"NPI {s[9]} has a wrong check digit"))
@@ -356,6 +411,18 @@ def _collect_errors(node: Any, where: str = "") -> list[str]:
         for value in node:
             out.extend(_collect_errors(value, where))
     return out
+
+
+def _payload_of(path: Path, claim_ref: str) -> dict[str, Any]:
+    """The claim.file_written payload of a file already written (its control numbers and CLM02)."""
+    segments: dict[str, list[str]] = {}
+    for raw in path.read_text().split("~"):
+        parts = raw.strip().split("*")
+        segments.setdefault(parts[0], parts)
+    isa, st, clm = segments.get("ISA", []), segments.get("ST", []), segments.get("CLM", [])
+    return {"claim": claim_ref, "file": path.name, "interchangeControlNumber": isa[13] if len(isa) > 13 else "",
+            "transactionSetControlNumber": st[2] if len(st) > 2 else "",
+            "total": float(clm[2]) if len(clm) > 2 else None}
 
 
 def _write(path: Path, text: str) -> None:

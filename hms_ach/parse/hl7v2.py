@@ -226,7 +226,9 @@ class Hl7Message:
 
 
 def split_segments(text: str) -> list[str]:
-    return [s for s in _SEGMENT_END.split(text) if s.strip()]
+    """Segments of ``text``, ended by CR, LF or CRLF; blank lines are dropped."""
+    parts = text.split("\r") if "\n" not in text else _SEGMENT_END.split(text)
+    return [s for s in parts if s and not s.isspace()]
 
 
 def parse_text(text: str) -> Hl7Message:

@@ -21,8 +21,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, func, insert, select, text
+from sqlalchemy import Connection, bindparam, func, insert, select, text
 
+from hms_ach.store import txcache
 from hms_ach.store.changes import Change
 from hms_ach.store.models import AuditEntry, InboundMessage
 
@@ -73,30 +74,50 @@ def entry_hash(row: dict[str, Any]) -> str:
     return hashlib.sha256(orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-def _agent(conn: Connection, message_id: int | None) -> str:
+_AGENT = select(M.c.channel, M.c.sending_application).where(M.c.id == bindparam("mid"))
+_LAST_HASH = select(T.c.hash).order_by(T.c.seq.desc()).limit(1)
+_INSERT = insert(T)
+
+
+def _agent(conn: Connection, message_id: int | None, cache: dict[str, Any]) -> str:
     if message_id is None:
         return "system"
-    row = conn.execute(select(M.c.channel, M.c.sending_application).where(M.c.id == message_id)).first()
-    if row is None:
-        return "system"
-    who = str(row.channel)
-    if row.sending_application and row.sending_application != row.channel:
-        who = f"{who}/{row.sending_application}"
+    sender = cache.get("message.sender")  # (id, channel, sending application), see store/messages.py
+    if sender is not None and sender[0] == message_id:
+        channel, application = sender[1], sender[2]
+    else:
+        row = conn.execute(_AGENT, {"mid": message_id}).first()
+        if row is None:
+            return "system"
+        channel, application = row.channel, row.sending_application
+        cache["message.sender"] = (message_id, channel, application)
+    who = str(channel)
+    if application and application != channel:
+        who = f"{who}/{application}"
     return who[:255]
 
 
-def _lock_chain(conn: Connection) -> None:
-    if conn.dialect.name == "postgresql":
+def _lock_chain(conn: Connection, cache: dict[str, Any]) -> None:
+    if conn.dialect.name == "postgresql" and not cache.get("audit.locked"):
         conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ADVISORY_LOCK_KEY})
+        cache["audit.locked"] = True
 
 
 def record(conn: Connection, change: Change) -> None:
-    """The change listener: append one chained audit row for ``change``."""
-    _lock_chain(conn)
-    last = conn.execute(select(T.c.hash).order_by(T.c.seq.desc()).limit(1)).scalar()
+    """The change listener: append one chained audit row for ``change``.
+
+    The lock, the last hash and the agent are read once per transaction and then kept in its
+    cache (:mod:`hms_ach.store.txcache`), which a rolled-back SAVEPOINT empties: the next entry
+    then reads the chain's end again, so an undone entry is never linked to.
+    """
+    cache = txcache.cache(conn)
+    _lock_chain(conn, cache)
+    last = cache.get("audit.last_hash")
+    if last is None:
+        last = conn.execute(_LAST_HASH).scalar()
     row: dict[str, Any] = {
         "recorded": instant(),
-        "agent": _agent(conn, change.message_id),
+        "agent": _agent(conn, change.message_id, cache),
         "action": change.action,
         "entity_type": change.resource_type,
         "entity_id": change.id,
@@ -106,7 +127,8 @@ def record(conn: Connection, change: Change) -> None:
         "prev_hash": last or GENESIS,
     }
     row["hash"] = entry_hash(row)
-    conn.execute(insert(T).values(**row))
+    conn.execute(_INSERT, row)
+    cache["audit.last_hash"] = row["hash"]
 
 
 # ---------------------------------------------------------------------------- verify

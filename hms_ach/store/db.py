@@ -15,7 +15,10 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
 from sqlmodel import SQLModel, create_engine
 
-from hms_ach.store import models  # noqa: F401  (registers the tables on SQLModel.metadata)
+from hms_ach.store import (
+    models,  # noqa: F401  (registers the tables on SQLModel.metadata)
+    txcache,
+)
 
 DEFAULT_DATABASE_URL = "sqlite:///hms_ach.db"
 
@@ -35,6 +38,7 @@ def normalise_url(url: str) -> str:
 def make_engine(url: str, *, create: bool = True, writer: bool = True) -> Engine:
     """An engine for ``url``; ``writer=False`` gives SQLite readers plain deferred transactions."""
     url = normalise_url(url)
+    txcache.install()
     is_sqlite = make_url(url).get_backend_name() == "sqlite"
     kwargs: dict[str, Any] = {}
     if is_sqlite:

@@ -9,8 +9,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, desc, insert, select, update
+from sqlalchemy import Connection, bindparam, desc, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from hms_ach.store import txcache
 from hms_ach.store.models import InboundMessage
 
 T = InboundMessage.__table__  # type: ignore[attr-defined]
@@ -34,24 +37,59 @@ class MessageMeta:
     partition_key: str | None = None
 
 
+_BY_KEY = select(T).where(T.c.idempotency_key == bindparam("key"))
+_INSERT = insert(T)
+#: INSERT .. ON CONFLICT (idempotency_key) DO NOTHING RETURNING id, per dialect
+_INSERT_NEW = {
+    "sqlite": sqlite_insert(T).on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(T.c.id),
+    "postgresql": pg_insert(T).on_conflict_do_nothing(index_elements=["idempotency_key"]).returning(T.c.id),
+}
+
+
 def find_by_key(conn: Connection, key: str) -> Any:
-    return conn.execute(select(T).where(T.c.idempotency_key == key)).first()
+    return conn.execute(_BY_KEY, {"key": key}).first()
+
+
+def _remember(conn: Connection, message_id: int, meta: MessageMeta) -> None:
+    """Keep who sent the message for the rest of the transaction (the audit trail's agent)."""
+    txcache.cache(conn)["message.sender"] = (message_id, meta.channel, meta.sending_application)
+
+
+def insert_new(conn: Connection, meta: MessageMeta) -> int | None:
+    """Store a keyed message unless its idempotency key is stored already: its id, or None for a
+    duplicate. The unique constraint decides (``ON CONFLICT DO NOTHING``), so it is race-free."""
+    stmt = _INSERT_NEW.get(conn.dialect.name)
+    if stmt is None or not meta.idempotency_key:
+        raise ValueError(f"insert_new needs an idempotency key and SQLite or PostgreSQL, "
+                         f"not {conn.dialect.name}")
+    found = conn.execute(stmt, _values(meta, "received", True, None, None, None)).scalar()
+    if found is None:
+        return None
+    _remember(conn, int(found), meta)
+    return int(found)
 
 
 def insert_message(conn: Connection, meta: MessageMeta, status: str = "received", *, keyed: bool = True,
                    duplicate_of: int | None = None, ack_code: str | None = None, ack: str | None = None) -> int:
-    values = dict(
+    key = conn.execute(_INSERT, _values(meta, status, keyed, duplicate_of, ack_code, ack)).inserted_primary_key
+    if key is None:
+        raise RuntimeError("the database returned no id for the stored message")
+    _remember(conn, int(key[0]), meta)
+    return int(key[0])
+
+
+def _values(meta: MessageMeta, status: str, keyed: bool, duplicate_of: int | None, ack_code: str | None,
+            ack: str | None) -> dict[str, Any]:
+    now = datetime.now(UTC)
+    return dict(
         channel=meta.channel, raw=meta.raw, content_type=meta.content_type,
         idempotency_key=meta.idempotency_key if keyed else None, control_id=meta.control_id,
         sending_application=meta.sending_application, sending_facility=meta.sending_facility,
         message_type=meta.message_type, version=meta.version, partition_key=meta.partition_key,
-        status=status, received_at=datetime.now(UTC), duplicate_of=duplicate_of, ack_code=ack_code, ack=ack,
-        processed_at=datetime.now(UTC) if status != "received" else None, replay_count=0,
+        status=status, received_at=now, duplicate_of=duplicate_of, ack_code=ack_code, ack=ack,
+        processed_at=now if status != "received" else None, replay_count=0, error=None,
+        error_location=None,
     )
-    key = conn.execute(insert(T).values(**values)).inserted_primary_key
-    if key is None:
-        raise RuntimeError("the database returned no id for the stored message")
-    return int(key[0])
 
 
 def finish(conn: Connection, message_id: int, status: str, ack_code: str | None, ack: str | None,
@@ -60,7 +98,12 @@ def finish(conn: Connection, message_id: int, status: str, ack_code: str | None,
                                   error_location=error_location, processed_at=datetime.now(UTC))
     if replay:
         values["replay_count"] = T.c.replay_count + 1
-    conn.execute(update(T).where(T.c.id == message_id).values(**values))
+        conn.execute(update(T).where(T.c.id == message_id).values(**values))
+        return
+    conn.execute(_FINISH, {"mid": message_id, **values})
+
+
+_FINISH = update(T).where(T.c.id == bindparam("mid"))
 
 
 def get(conn: Connection, message_id: int) -> Any:

@@ -60,6 +60,24 @@ class InboundMessage(SQLModel, table=True):
     replay_count: int = 0
 
 
+class FhirRequestLine(SQLModel, table=True):
+    """What a stored FHIR write needs besides its body to be replayed: method, URL and conditions.
+
+    A table of its own (not columns of ``message``) so that stores created before it gain it with
+    ``create_all`` and no migration.
+    """
+
+    __tablename__ = "message_fhir_request"
+
+    message_id: int = Field(primary_key=True, description="The message row (content type fhir+json)")
+    method: str = Field(max_length=10, description="POST, PUT or DELETE")
+    target: str = Field(default="", sa_type=Text,
+                        description="The URL under /fhir: Practitioner, Practitioner/123, "
+                                    "Practitioner?identifier=s|v, or empty for a Bundle")
+    if_match: str | None = Field(default=None, max_length=255, description="The If-Match header, if any")
+    if_none_exist: str | None = Field(default=None, sa_type=Text, description="The If-None-Exist header, if any")
+
+
 class ResourceBase(SQLModel):
     """Columns shared by every canonical record table."""
 
@@ -173,6 +191,10 @@ RECORD_TABLES: dict[str, type[ResourceBase]] = {
 
 #: The record types that are FHIR R4 resources (served under /fhir); the others are canonical only.
 FHIR_TYPES = ("Patient", "Encounter", "Location", "Practitioner", "PractitionerRole", "Organization")
+#: FHIR R4 resources served read-only (read, vread, history, search): made by hms-ach, not written through /fhir.
+READ_ONLY_FHIR_TYPES = ("Coverage", "Claim")
+#: Every record type served under /fhir.
+SERVED_FHIR_TYPES = FHIR_TYPES + READ_ONLY_FHIR_TYPES
 
 
 class AuditEntry(SQLModel, table=True):
@@ -229,7 +251,10 @@ class SearchToken(SQLModel, table=True):
 class SearchString(SQLModel, table=True):
     __tablename__ = "search_string"
     __table_args__ = (
-        Index("ix_search_string_lookup", "resource_type", "param", "norm"),
+        # resource_id last: the index answers a search alone. text_pattern_ops: PostgreSQL serves
+        # the prefix search (LIKE 'x%') from it whatever the database collation.
+        Index("ix_search_string_lookup", "resource_type", "param", "norm", "resource_id",
+              postgresql_ops={"norm": "text_pattern_ops"}),
         Index("ix_search_string_owner", "resource_type", "resource_id"),
     )
 
@@ -259,7 +284,7 @@ class SearchDate(SQLModel, table=True):
 class SearchReference(SQLModel, table=True):
     __tablename__ = "search_reference"
     __table_args__ = (
-        Index("ix_search_reference_lookup", "resource_type", "param", "target_id", "target_type"),
+        Index("ix_search_reference_lookup", "resource_type", "param", "target_id", "target_type", "resource_id"),
         Index("ix_search_reference_owner", "resource_type", "resource_id"),
     )
 

@@ -1,9 +1,13 @@
 """Reads and writes of canonical records, on one SQLAlchemy connection inside the caller's transaction.
 
-Upserts are race-free: a record with a business key is first inserted with
-``ON CONFLICT (key_system, key_value) DO NOTHING``, then read back with ``FOR UPDATE`` (on
-PostgreSQL) and merged. The unique constraint, never a check-then-insert, decides who creates it.
-A write that changes nothing makes no new version.
+Upserts are race-free: a record with a business key is read by its key (``FOR UPDATE`` on
+PostgreSQL) and merged; when it is not there, its first version is inserted whole with
+``ON CONFLICT (key_system, key_value) DO NOTHING``, and a writer that lost that race reads the
+winner's row and merges into it. The unique constraint, never a check-then-insert, decides who
+creates it. A write that changes nothing makes no new version.
+
+The hot path runs statements built once per table with bound parameters, rewrites only the kinds
+of search-index rows that changed, and writes a new record's first version with one INSERT.
 """
 
 from __future__ import annotations
@@ -11,10 +15,11 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cache
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, and_, delete, insert, select, update
+from sqlalchemy import Connection, Table, and_, bindparam, delete, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -63,6 +68,16 @@ def _strip_meta(resource: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in resource.items() if k not in ("id", "meta")}
 
 
+def _render(resource_type: str, rid: str, version: int, now: datetime,
+            content: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The stored body of one version (``id`` and ``meta`` first) and its JSON text."""
+    body: dict[str, Any] = {"resourceType": resource_type, "id": rid,
+                            "meta": {"versionId": str(version),
+                                     "lastUpdated": now.isoformat().replace("+00:00", "Z")}}
+    body.update({k: v for k, v in content.items() if k not in ("resourceType", "id", "meta")})
+    return body, dumps(body)
+
+
 def _drop_nones(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _drop_nones(v) for k, v in value.items() if v is not None}
@@ -71,12 +86,53 @@ def _drop_nones(value: Any) -> Any:
     return value
 
 
+class _Statements:
+    """The write statements of one record table, built once with bound parameters.
+
+    Building a SQLAlchemy statement costs more than running it on SQLite; these are built on
+    first use and reused, so the per-message cost is execution only.
+    """
+
+    def __init__(self, table: Table, insert_fn: Any, lock: bool):
+        c = table.c
+        cols = (c.id, c.version_id, c.resource, c.deleted)
+        by_key = select(*cols).where(c.key_system == bindparam("ks"), c.key_value == bindparam("kv"))
+        by_value = select(*cols).where(c.key_system.is_(None), c.key_value == bindparam("kv"))
+        self.by_key = by_key.with_for_update() if lock else by_key
+        self.by_value = by_value.with_for_update() if lock else by_value
+        self.insert = insert(table)
+        # RETURNING tells whether the row went in (rowcount is not reliable with every driver)
+        self.insert_keyed = insert_fn(table).on_conflict_do_nothing(
+            index_elements=["key_system", "key_value"]).returning(c.id)
+        self.update = update(table).where(c.id == bindparam("rid")).values(
+            version_id=bindparam("v"), last_updated=bindparam("t"), resource=bindparam("r"),
+            deleted=bindparam("d"))
+
+
+@cache
+def _statements(resource_type: str, dialect: str) -> _Statements:
+    table = RECORD_TABLES[resource_type].__table__  # type: ignore[attr-defined]
+    lock = dialect == "postgresql"
+    return _Statements(table, pg_insert if lock else sqlite_insert, lock)
+
+
+_HISTORY_INSERT = insert(ResourceHistory.__table__)  # type: ignore[attr-defined]
+
+
+@cache
+def _index_statements(kind: str) -> tuple[Any, Any]:
+    t = INDEX_TABLES[kind].__table__  # type: ignore[attr-defined]
+    wipe = delete(t).where(t.c.resource_type == bindparam("rt"), t.c.resource_id == bindparam("rid"))
+    return wipe, insert(t)
+
+
 class Repository:
     """Canonical record reads and writes on ``conn`` (the caller owns the transaction)."""
 
     def __init__(self, conn: Connection):
         self.conn = conn
         dialect = conn.dialect.name
+        self._dialect = dialect
         self._insert = pg_insert if dialect == "postgresql" else sqlite_insert
         self._lock = dialect == "postgresql"
 
@@ -128,33 +184,47 @@ class Repository:
             outcomes.extend(self.run_action(action, resolved, message_id))
         return outcomes
 
+    def _by_key(self, st: _Statements, system: str | None, value: str) -> Any:
+        if system is None:
+            return self.conn.execute(st.by_value, {"kv": value}).first()
+        return self.conn.execute(st.by_key, {"ks": system, "kv": value}).first()
+
     def upsert(self, rec: RecordWrite, content: dict[str, Any], message_id: int | None) -> WriteOutcome | None:
-        table = RECORD_TABLES[rec.resource_type].__table__  # type: ignore[attr-defined]
-        created = False
+        """Create or merge one record.
+
+        A keyed record is looked up by its business key first (locked on PostgreSQL). When it is
+        not there and ``rec.create`` allows, its first version is inserted whole with
+        ``ON CONFLICT (key_system, key_value) DO NOTHING``: the unique constraint decides who
+        creates it, and the loser of a race reads the winner's row and merges into it.
+        """
+        st = _statements(rec.resource_type, self._dialect)
         if rec.key_value:
-            if rec.create:
-                stmt = self._insert(table).values(
-                    id=new_id(), key_system=rec.key_system, key_value=rec.key_value, version_id=0,
-                    last_updated=datetime.now(UTC), deleted=False, resource="{}",
-                ).on_conflict_do_nothing(index_elements=["key_system", "key_value"])
-                created = self.conn.execute(stmt).rowcount == 1
-            query = select(table.c.id, table.c.version_id, table.c.resource).where(
-                and_(table.c.key_system == rec.key_system, table.c.key_value == rec.key_value)
-            )
-            if self._lock:
-                query = query.with_for_update()
-            row = self.conn.execute(query).first()
-            if row is None:  # create: false and no such record
-                return None
+            row = self._by_key(st, rec.key_system, rec.key_value)
+            if row is None:
+                if not rec.create:
+                    return None
+                rid = new_id()
+                first = self._merge(rec, {}, content)
+                if self._create(st, rec, rid, first, message_id):
+                    return WriteOutcome(rec.resource_type, rid, 1, created=True, changed=True)
+                row = self._by_key(st, rec.key_system, rec.key_value)  # another writer created it first
+                if row is None:
+                    raise RuntimeError(f"{rec.resource_type} {rec.key_system}|{rec.key_value} was neither "
+                                       "inserted nor found")
             rid, version, old = row.id, row.version_id, _strip_meta(orjson.loads(row.resource))
-            if version == 0:
-                created = True
+            created = version == 0  # a placeholder claimed by a FHIR conditional create
         else:
-            rid, version, old, created = new_id(), 0, {}, True
-            self.conn.execute(
-                insert(table).values(id=rid, key_system=None, key_value=None, version_id=0,
-                                     last_updated=datetime.now(UTC), deleted=False, resource="{}")
-            )
+            rid = new_id()
+            self._create(st, rec, rid, self._merge(rec, {}, content), message_id)
+            return WriteOutcome(rec.resource_type, rid, 1, created=True, changed=True)
+        merged = self._merge(rec, old, content)
+        if not created and merged == old:
+            return WriteOutcome(rec.resource_type, rid, version, created=False, changed=False)
+        return self._store_version(rec.resource_type, rid, version + 1, merged, message_id, created,
+                                   before=None if created else old, live=not row.deleted)
+
+    @staticmethod
+    def _merge(rec: RecordWrite, old: dict[str, Any], content: dict[str, Any]) -> dict[str, Any]:
         if rec.mode == "replace":
             merged = _drop_nones(merge_content({}, content))
         elif rec.mode == "fill":
@@ -162,51 +232,92 @@ class Repository:
         else:
             merged = _drop_nones(merge_content(old, content))
         merged["resourceType"] = rec.resource_type
-        if not created and merged == old:
-            return WriteOutcome(rec.resource_type, rid, version, created=False, changed=False)
-        return self._store_version(rec.resource_type, rid, version + 1, merged, message_id, created,
-                                   before=None if created else old)
+        return merged  # type: ignore[no-any-return]
+
+    def _create(self, st: _Statements, rec: RecordWrite, rid: str, content: dict[str, Any],
+                message_id: int | None) -> bool:
+        """Insert version 1 of a new record with everything that goes with it; False when the
+        business key was taken meanwhile (nothing was written then)."""
+        now = datetime.now(UTC)
+        body, text = _render(rec.resource_type, rid, 1, now, content)
+        values = {"id": rid, "key_system": rec.key_system if rec.key_value else None,
+                  "key_value": rec.key_value or None, "version_id": 1, "last_updated": now,
+                  "deleted": False, "resource": text}
+        if rec.key_value:
+            if self.conn.execute(st.insert_keyed, values).scalar() is None:
+                return False
+        else:
+            self.conn.execute(st.insert, values)
+        self._after_write(rec.resource_type, rid, 1, now, text, body, None, message_id, "create", {})
+        return True
 
     def _store_version(
         self, resource_type: str, rid: str, version: int, content: dict[str, Any],
         message_id: int | None, created: bool, deleted: bool = False, before: dict[str, Any] | None = None,
+        live: bool = False,
     ) -> WriteOutcome:
-        table = RECORD_TABLES[resource_type].__table__  # type: ignore[attr-defined]
+        """Write ``content`` as version ``version`` of the existing row ``rid``.
+
+        ``live`` says the caller read the row and it is not deleted, so ``before`` is what its
+        search-index rows were made from: only the kinds of index rows that differ are rewritten.
+        Otherwise every index row of the record is replaced.
+        """
+        st = _statements(resource_type, self._dialect)
         if before is None and not created:
             before = self.get(resource_type, rid)
         now = datetime.now(UTC)
-        body = {"resourceType": resource_type, "id": rid,
-                "meta": {"versionId": str(version), "lastUpdated": now.isoformat().replace("+00:00", "Z")}}
-        body.update({k: v for k, v in content.items() if k not in ("resourceType", "id", "meta")})
-        text = dumps(body)
-        self.conn.execute(
-            update(table).where(table.c.id == rid).values(
-                version_id=version, last_updated=now, resource=text, deleted=deleted)
-        )
-        self.conn.execute(
-            insert(ResourceHistory.__table__).values(  # type: ignore[attr-defined]
-                resource_type=resource_type, id=rid, version_id=version, last_updated=now,
-                deleted=deleted, message_id=message_id, resource=text,
-            )
-        )
-        self.reindex(resource_type, rid, None if deleted else body)
+        body, text = _render(resource_type, rid, version, now, content)
+        self.conn.execute(st.update, {"rid": rid, "v": version, "t": now, "r": text, "d": deleted})
         action = "delete" if deleted else "create" if created else "update"
-        notify(self.conn, Change(resource_type, rid, version, action, None if created else before,
-                                 None if deleted else body, message_id))
+        if created and version == 1:
+            old_index: dict[str, list[dict[str, Any]]] | None = {}  # a placeholder never has index rows
+        elif live and before is not None and not deleted:
+            old_index = search_params.index_rows(resource_type, before)
+        else:
+            old_index = None
+        self._after_write(resource_type, rid, version, now, text, None if deleted else body,
+                          None if created else before, message_id, action, old_index, deleted)
         return WriteOutcome(resource_type, rid, version, created=created, changed=True)
 
-    def reindex(self, resource_type: str, rid: str, resource: dict[str, Any] | None) -> None:
-        """Replace the search-index rows of one record (none when it is deleted)."""
-        for kind, model in INDEX_TABLES.items():
-            t = model.__table__  # type: ignore[attr-defined]
-            self.conn.execute(delete(t).where(and_(t.c.resource_type == resource_type, t.c.resource_id == rid)))
-            if resource is None:
+    def _after_write(self, resource_type: str, rid: str, version: int, now: datetime, text: str,
+                     body: dict[str, Any] | None, before: dict[str, Any] | None, message_id: int | None,
+                     action: str, old_index: dict[str, list[dict[str, Any]]] | None,
+                     deleted: bool = False) -> None:
+        """History row, search-index rows and change listeners of one new version. ``old_index``:
+        the index rows the record has now, when known (else all are replaced)."""
+        self.conn.execute(_HISTORY_INSERT, {
+            "resource_type": resource_type, "id": rid, "version_id": version, "last_updated": now,
+            "deleted": deleted, "message_id": message_id, "resource": text})
+        if old_index is not None:
+            self._write_index(resource_type, rid, old_index, body)
+        else:
+            self.reindex(resource_type, rid, body)
+        notify(self.conn, Change(resource_type, rid, version, action, before, body, message_id))
+
+    def _write_index(self, resource_type: str, rid: str, old: dict[str, list[dict[str, Any]]],
+                     resource: dict[str, Any] | None) -> None:
+        """Rewrite the index rows of the kinds whose rows differ from ``old`` (those of the stored
+        previous version); a kind whose rows did not change is not touched."""
+        new = search_params.index_rows(resource_type, resource) if resource is not None else {}
+        for kind in INDEX_TABLES:
+            before, after = old.get(kind, []), new.get(kind, [])
+            if before == after:
                 continue
-            rows = search_params.index_rows(resource_type, resource).get(kind, [])
-            if rows:
-                self.conn.execute(
-                    insert(t), [{**r, "resource_type": resource_type, "resource_id": rid} for r in rows]
-                )
+            wipe, add = _index_statements(kind)
+            if before:
+                self.conn.execute(wipe, {"rt": resource_type, "rid": rid})
+            if after:
+                self.conn.execute(add, [{**r, "resource_type": resource_type, "resource_id": rid} for r in after])
+
+    def reindex(self, resource_type: str, rid: str, resource: dict[str, Any] | None) -> None:
+        """Replace every search-index row of one record (none when it is deleted)."""
+        rows = search_params.index_rows(resource_type, resource) if resource is not None else {}
+        for kind in INDEX_TABLES:
+            wipe, add = _index_statements(kind)
+            self.conn.execute(wipe, {"rt": resource_type, "rid": rid})
+            if rows.get(kind):
+                self.conn.execute(add, [{**r, "resource_type": resource_type, "resource_id": rid}
+                                        for r in rows[kind]])
 
     # ------------------------------------------------------------------ actions
     def run_action(self, action: StoreAction, resolved: dict[str, str], message_id: int | None) -> list[WriteOutcome]:

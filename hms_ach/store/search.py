@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Select, Table, and_, false, func, literal, or_, select
+from sqlalchemy import Connection, Select, Table, and_, exists, false, func, literal, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from hms_ach.store.models import INDEX_TABLES, RECORD_TABLES
@@ -39,7 +39,7 @@ from hms_ach.store.search_query import (
 )
 
 __all__ = [
-    "DEFAULT_COUNT", "MAX_COUNT", "SearchError", "SearchPage", "SearchQuery", "execute", "include_params",
+    "DEFAULT_COUNT", "MAX_COUNT", "ClauseContext", "SearchError", "SearchPage", "SearchQuery", "execute", "include_params",
     "parse_query", "sort_params", "where_clauses",
 ]
 
@@ -75,7 +75,23 @@ def _in_index(t: Table, ix: Table, rt: str, crit: Criterion, cond: ColumnElement
     return t.c.id.not_in(rows) if crit.modifier == "not" else t.c.id.in_(rows)
 
 
-def token_clause(t: Table, rt: str, crit: Criterion) -> ColumnElement[bool]:
+@dataclass(frozen=True)
+class ClauseContext:
+    """What a clause builder may adapt to: the SQL dialect, and whether another criterion of the
+    query narrows the records first (then a date criterion is checked per candidate record through
+    the index's owner columns, instead of listing every date row that matches)."""
+
+    dialect: str = "sqlite"
+    narrowed: bool = False
+
+
+def _owned(t: Table, ix: Table, rt: str, crit: Criterion, cond: ColumnElement[bool]) -> ColumnElement[bool]:
+    """The record has an index row of ``crit`` meeting ``cond`` (a correlated EXISTS)."""
+    return exists(select(literal(1)).where(ix.c.resource_type == rt, ix.c.resource_id == t.c.id,
+                                           ix.c.param == crit.param.name, cond))
+
+
+def token_clause(t: Table, rt: str, crit: Criterion, ctx: ClauseContext) -> ColumnElement[bool]:
     """``system|code``, ``code``, ``|code`` (no system), ``system|`` (any code in system)."""
     if crit.param.column is not None:
         return t.c[crit.param.column].in_([unescape(v) for v in crit.values])
@@ -96,7 +112,24 @@ def _like_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-def string_clause(t: Table, rt: str, crit: Criterion) -> ColumnElement[bool]:
+#: Sorts after every character (the largest code point): ``prefix <= x < prefix + TOP`` is a prefix match
+#: for byte-wise (SQLite BINARY, PostgreSQL "C") ordering of UTF-8 text.
+TOP = chr(0x10FFFF)
+
+
+def prefix_condition(col: ColumnElement[Any], prefix: str, dialect: str) -> ColumnElement[bool]:
+    """``col`` starts with ``prefix``, in a form the column's btree index serves.
+
+    SQLite: a range ``>= prefix AND < prefix || U+10FFFF`` (its LIKE is case-insensitive and
+    cannot use a BINARY index). PostgreSQL: ``LIKE 'prefix%'``, which the index with
+    ``text_pattern_ops`` serves whatever the database collation.
+    """
+    if dialect == "postgresql":
+        return col.like(_like_escape(prefix) + "%", escape="\\")
+    return and_(col >= prefix, col < prefix + TOP)
+
+
+def string_clause(t: Table, rt: str, crit: Criterion, ctx: ClauseContext) -> ColumnElement[bool]:
     """Starts-with on the normalised form by default; ``:exact`` and ``:contains`` as in R4."""
     ix = _index("string")
     conds: list[ColumnElement[bool]] = []
@@ -105,10 +138,11 @@ def string_clause(t: Table, rt: str, crit: Criterion) -> ColumnElement[bool]:
         if crit.modifier == "exact":
             conds.append(ix.c.exact == clip(text))
             continue
-        pattern = _like_escape(clip(normalise(text))) + "%"
+        norm = clip(normalise(text))
         if crit.modifier == "contains":
-            pattern = "%" + pattern
-        conds.append(ix.c.norm.like(pattern, escape="\\"))
+            conds.append(ix.c.norm.like("%" + _like_escape(norm) + "%", escape="\\"))
+        else:
+            conds.append(prefix_condition(ix.c.norm, norm, ctx.dialect))
     return _in_index(t, ix, rt, crit, or_(false(), *conds))
 
 
@@ -129,7 +163,7 @@ def _date_condition(prefix: str, start: Any, end_gt: Any, end_le: Any, lo: datet
     return conditions[prefix]
 
 
-def date_clause(t: Table, rt: str, crit: Criterion) -> ColumnElement[bool]:
+def date_clause(t: Table, rt: str, crit: Criterion, ctx: ClauseContext) -> ColumnElement[bool]:
     """Date prefixes over precision ranges; ``_lastUpdated`` treats the column as an instant."""
     conds: list[ColumnElement[bool]] = []
     ix = _index("date")
@@ -142,10 +176,14 @@ def date_clause(t: Table, rt: str, crit: Criterion) -> ColumnElement[bool]:
             conds.append(_date_condition(prefix, ix.c.start, lambda x: ix.c.end > x,
                                          lambda x: ix.c.end <= x, lo, hi))
     cond = or_(false(), *conds)
-    return cond if crit.param.column is not None else _in_index(t, ix, rt, crit, cond)
+    if crit.param.column is not None:
+        return cond
+    if ctx.narrowed and crit.modifier is None:
+        return _owned(t, ix, rt, crit, cond)
+    return _in_index(t, ix, rt, crit, cond)
 
 
-def reference_clause(t: Table, rt: str, crit: Criterion) -> ColumnElement[bool]:
+def reference_clause(t: Table, rt: str, crit: Criterion, ctx: ClauseContext) -> ColumnElement[bool]:
     """``Type/id``, a bare ``id`` or an absolute URL ending in ``Type/id``; ``:Type`` narrows."""
     ix = _index("reference")
     conds: list[ColumnElement[bool]] = []
@@ -168,12 +206,14 @@ CLAUSE_BUILDERS = {
 }
 
 
-def where_clauses(query: SearchQuery) -> list[ColumnElement[bool]]:
+def where_clauses(query: SearchQuery, dialect: str = "sqlite") -> list[ColumnElement[bool]]:
     """Every WHERE condition of ``query``; deleted records never match."""
     t = _table(query.resource_type)
+    narrowed = any(c.param.type in ("reference", "token") and c.modifier is None for c in query.criteria)
+    ctx = ClauseContext(dialect, narrowed)
     conds: list[ColumnElement[bool]] = [t.c.deleted == false()]
     for crit in query.criteria:
-        conds.append(CLAUSE_BUILDERS[crit.param.type](t, query.resource_type, crit))
+        conds.append(CLAUSE_BUILDERS[crit.param.type](t, query.resource_type, crit, ctx))
     return conds
 
 
@@ -199,13 +239,20 @@ def _after(cols: list[Any], descending: list[bool], keys: list[Any]) -> ColumnEl
 
 
 def execute(conn: Connection, query: SearchQuery) -> SearchPage:
-    """Run ``query``: the total (unless ``_total=none``), one page after the cursor, and includes."""
+    """Run ``query``: one page after the cursor, its includes, and ``Bundle.total``.
+
+    The total is counted (one COUNT over the same criteria) unless ``_total=none`` or
+    ``_total=estimate`` asks to save that query; when every match fits on the first page it is
+    known without counting. Clients that page through large results and need no total send
+    ``_total=none``.
+    """
     t = _table(query.resource_type)
-    where = where_clauses(query)
+    where = where_clauses(query, conn.dialect.name)
     total = None
-    if query.total:
-        total = int(conn.execute(select(func.count()).select_from(t).where(*where)).scalar_one())
+    counting = query.total in ("auto", "accurate")
     if query.count == 0:
+        if query.total != "none":
+            total = int(conn.execute(select(func.count()).select_from(t).where(*where)).scalar_one())
         return SearchPage([], [], total, None)
     keys = [_sort_expression(t, query.resource_type, k).label(f"k{i}") for i, k in enumerate(query.sort)]
     inner = select(t.c.id, t.c.resource, *keys).where(*where).subquery("matches")
@@ -222,6 +269,10 @@ def execute(conn: Connection, query: SearchQuery) -> SearchPage:
     if more:
         last = rows[-1]
         next_cursor = encode_cursor(query, [*last[2:], last.id])
+    if query.after is None and not more and query.total != "none":
+        total = len(rows)  # every match is on this first page: no need to count
+    elif counting:
+        total = int(conn.execute(select(func.count()).select_from(t).where(*where)).scalar_one())
     matches = [(r.id, r.resource) for r in rows]
     return SearchPage(matches, _included(conn, query, [m[0] for m in matches]), total, next_cursor)
 

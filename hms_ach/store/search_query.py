@@ -84,7 +84,9 @@ class SearchQuery:
     sort: list[SortKey] = field(default_factory=list)
     includes: list[Include] = field(default_factory=list)
     count: int = DEFAULT_COUNT
-    total: bool = True
+    total: str = "auto"
+    """``_total``: ``auto`` (no ``_total``) and ``accurate`` count every match, once per page;
+    ``estimate`` gives it only when it costs nothing (every match on the first page); ``none`` never."""
     after: list[Any] | None = None
     understood: list[tuple[str, str]] = field(default_factory=list)
     """The parameters acted on, in request order (for the self link and the cursor digest)."""
@@ -209,7 +211,7 @@ def _result_param(query: SearchQuery, name: str, value: str, strict: bool) -> bo
     elif name == "_total":
         if value not in ("none", "estimate", "accurate"):
             raise SearchError(f"_total must be none, estimate or accurate, got {value!r}", "invalid", "_total")
-        query.total = value != "none"
+        query.total = value
     elif name == "_summary":
         if value == "count":
             query.count = 0

@@ -1,8 +1,8 @@
 """Group commit: one writer thread, many messages per transaction, each answered after the commit.
 
 Jobs (functions of a SQLAlchemy connection) are queued from the event loop. The writer thread takes
-every job waiting (up to ``max_batch``), runs each in its own SAVEPOINT inside one transaction, and
-commits once: one fsync for the whole batch. Only after that commit are the jobs' futures resolved,
+every job waiting (up to ``max_batch``), runs each in its own SAVEPOINT inside one transaction (a
+batch of one needs none: its failure rolls the transaction back), and commits once: one fsync for the whole batch. Only after that commit are the jobs' futures resolved,
 so an ACK built from a result always describes committed data. If the commit itself fails, every
 job of the batch fails and no ACK is sent for any of them: the senders resend.
 
@@ -85,6 +85,9 @@ class StoreWriter:
                 return
 
     def _commit(self, batch: list[tuple[Callable[[Connection], Any], Future[Any]]]) -> None:
+        if len(batch) == 1:
+            self._commit_one(*batch[0])
+            return
         outcomes: list[tuple[Future[Any], Any, BaseException | None]] = []
         try:
             with self.store.writer.begin() as conn:
@@ -114,3 +117,35 @@ class StoreWriter:
                 fut.set_exception(error)
             else:
                 fut.set_result(result)
+
+    def _commit_one(self, job: Callable[[Connection], Any], fut: Future[Any]) -> None:
+        """A batch of one job needs no SAVEPOINT: if the job fails, the whole transaction rolls back."""
+        conn = self.store.writer.connect()
+        try:
+            txn = conn.begin()
+            try:
+                result = job(conn)
+            except Exception as exc:  # noqa: BLE001 - reported to the job's caller
+                txn.rollback()
+                self._settle(fut, None, exc)
+                return
+            try:
+                txn.commit()
+            except Exception as exc:  # noqa: BLE001 - the commit failed: nothing is durable
+                log.error("store.commit_failed", extra={"batch": 1, "error": str(exc)})
+                self._settle(fut, None, exc)
+                return
+        finally:
+            conn.close()
+        self.batches += 1
+        self.jobs += 1
+        self._settle(fut, result, None)
+
+    @staticmethod
+    def _settle(fut: Future[Any], result: Any, error: BaseException | None) -> None:
+        if fut.done():  # the caller gave up waiting; the work is committed all the same
+            return
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)

@@ -20,7 +20,7 @@ from sqlalchemy import func, select, update
 from hms_ach.api.app import create_app
 from hms_ach.map.result import MappingResult, RecordWrite
 from hms_ach.store.db import Store
-from hms_ach.store.models import FHIR_TYPES, RECORD_TABLES
+from hms_ach.store.models import RECORD_TABLES, SERVED_FHIR_TYPES
 from hms_ach.store.repository import Repository
 from hms_ach.store.search_params import SEARCH_PARAMS
 
@@ -185,10 +185,18 @@ def test_capability_statement_is_valid_and_generated(http: httpx.Client) -> None
     cs = CapabilityStatement.model_validate(r.json())
     assert cs.fhirVersion == "4.0.1" and cs.kind == "instance" and cs.software.name == "hms-ach"
     resources = {res.type: res for res in cs.rest[0].resource}
-    assert set(resources) == set(FHIR_TYPES)
-    for rtype, res in resources.items():
+    assert set(resources) == {*SERVED_FHIR_TYPES, "AuditEvent"}
+    for rtype in SERVED_FHIR_TYPES:
+        res = resources[rtype]
         assert {p.name for p in res.searchParam} == set(SEARCH_PARAMS[rtype])
+        # no fhir_rest channel here: read-only, no write interactions, no transaction/batch
         assert {i.code for i in res.interaction} == {"read", "vread", "history-instance", "search-type"}
+        assert res.conditionalCreate is None and res.versioning == "versioned"
+    assert not cs.rest[0].interaction
+    assert [i.code for i in resources["AuditEvent"].interaction] == ["search-type"]
+    assert {p.name for p in resources["AuditEvent"].searchParam} == {"entity", "agent", "date"}
+    qual = next(p for p in resources["Practitioner"].searchParam if p.name == "qualification-period")
+    assert qual.definition == "urn:hms-ach:fhir:SearchParameter/Practitioner-qualification-period"
     assert "Encounter:patient" in resources["Encounter"].searchInclude
 
 
@@ -426,7 +434,7 @@ def _new_patients(store: Store, prefix: str, n: int) -> list[str]:
 def test_paging_never_skips_or_repeats_while_writing(store: Store, http: httpx.Client, sort: str) -> None:
     original = set(_new_patients(store, "a", 45))
     seen: list[str] = []
-    url: str | None = f"/Patient?family=pager&_count=10{sort}"
+    url: str | None = f"/Patient?family=pager&_count=10&_total=accurate{sort}"
     pages = 0
     while url:
         bundle = _search(http, url)
@@ -461,7 +469,18 @@ def test_cursor_is_checked(http: httpx.Client, ids: dict[str, str]) -> None:
     _outcome(http.get("/Patient", params={"_count": 1, "_cursor": cursor, "gender": "male"}), 400)
     _outcome(http.get("/Patient", params={"_cursor": "not-a-cursor"}), 400)
     _outcome(http.get("/Patient", params={"_cursor": cursor[:-3] + "AAA"}), 400)
-    assert _search(http, "/Patient", params={"_count": 3, "_cursor": cursor})["total"] == 4
+    later = _search(http, "/Patient", params={"_count": 3, "_cursor": cursor})
+    assert len(_matches(later)) == 3
+    assert later["total"] == 4  # every page says how many match in all
+
+
+def test_total_is_counted_unless_the_client_declines(http: httpx.Client, ids: dict[str, str]) -> None:
+    assert _search(http, "/Patient?_count=10")["total"] == 4  # every match on the first page
+    assert _search(http, "/Patient?_count=2")["total"] == 4  # more pages: counted
+    assert _search(http, "/Patient?_count=2&_total=accurate")["total"] == 4
+    assert _search(http, "/Patient?_count=2&_total=estimate").get("total") is None  # not free: left out
+    assert "total" not in _search(http, "/Patient?_count=2&_total=none")
+    assert "total" not in _search(http, "/Patient?_count=10&_total=none")
 
 
 def test_post_search_form(http: httpx.Client, ids: dict[str, str]) -> None:

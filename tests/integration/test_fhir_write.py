@@ -237,3 +237,90 @@ async def test_bad_requests(http: httpx.AsyncClient, store: Store) -> None:
     assert_outcome(await http.post("/Practitioner", json=nurse(), headers={**FHIR_JSON, "If-None-Exist": "name=x"}),
                    400)
     assert count(store, Practitioner) == 0
+
+
+# ---------------------------------------------------------------------------- the CapabilityStatement
+async def test_capability_statement_declares_what_the_server_does(http: httpx.AsyncClient) -> None:
+    """Every write interaction and flag the metadata declares is tried here, and answers as declared."""
+    from fhir.resources.R4B.capabilitystatement import CapabilityStatement
+
+    from hms_ach.store.models import FHIR_TYPES, READ_ONLY_FHIR_TYPES
+
+    resp = await http.get("/metadata")
+    assert resp.status_code == 200
+    cs = CapabilityStatement.model_validate(resp.json())
+    rest = cs.rest[0]
+    assert {i.code for i in rest.interaction or []} == {"transaction", "batch"}
+    resources = {r.type: r for r in rest.resource}
+    assert set(resources) == {*FHIR_TYPES, *READ_ONLY_FHIR_TYPES, "Basic", "AuditEvent"}
+    for rtype in READ_ONLY_FHIR_TYPES:  # served, never written through /fhir
+        assert {i.code for i in resources[rtype].interaction} == {"read", "vread", "history-instance", "search-type"}
+        assert resources[rtype].conditionalCreate is None and resources[rtype].versioning == "versioned"
+    for rtype in FHIR_TYPES:
+        res = resources[rtype]
+        assert {i.code for i in res.interaction} == {"read", "vread", "history-instance", "search-type",
+                                                    "create", "update", "delete"}, rtype
+        assert (res.conditionalCreate, res.conditionalUpdate, res.updateCreate) == (True, True, False)
+        assert res.conditionalDelete == "not-supported" and res.versioning == "versioned-update"
+    assert {i.code for i in resources["Basic"].interaction} == {"create", "update"}
+    audit_res = resources["AuditEvent"]
+    assert [i.code for i in audit_res.interaction] == ["search-type"]
+    assert {(p.name, p.type) for p in audit_res.searchParam} == {("entity", "reference"), ("agent", "token"),
+                                                                 ("date", "date")}
+    qual = next(p for p in resources["Practitioner"].searchParam if p.name == "qualification-period")
+    assert qual.type == "date" and qual.definition and "qualification.period" in (qual.documentation or "")
+
+    # create, then conditional create (If-None-Exist) finds it instead of making a second
+    licence = [{"code": {"text": "RN licence"}, "period": {"start": "2024-01-01", "end": "2026-12-31"}}]
+    created = await http.post("/Practitioner", json=nurse("E3001", qualification=licence), headers=FHIR_JSON)
+    assert created.status_code == 201, created.text
+    rid = created.json()["id"]
+    again = await http.post("/Practitioner", json=nurse("E3001"),
+                            headers={**FHIR_JSON, "If-None-Exist": f"identifier={STAFF}|E3001"})
+    assert again.status_code == 200 and again.json()["id"] == rid
+    # update (versioned-update: a stale If-Match is refused) ...
+    upd = await http.put(f"/Practitioner/{rid}", json=nurse("E3001", family="Boateng", id=rid, qualification=licence),
+                         headers={**FHIR_JSON, "If-Match": 'W/"1"'})
+    assert upd.status_code == 200 and upd.headers["etag"] == 'W/"2"'
+    assert_outcome(await http.put(f"/Practitioner/{rid}", json=nurse("E3001", id=rid),
+                                  headers={**FHIR_JSON, "If-Match": 'W/"1"'}), 412)
+    # ... which never creates (updateCreate false), while a conditional update does
+    assert_outcome(await http.put("/Practitioner/no-such-id", json=nurse("E3002", id="no-such-id"),
+                                  headers=FHIR_JSON), 404)
+    cond = await http.put(f"/Practitioner?identifier={STAFF}|E3002", json=nurse("E3002"), headers=FHIR_JSON)
+    assert cond.status_code == 201
+    # the custom qualification-period parameter
+    found = (await http.get("/Practitioner", params={"qualification-period": "gt2026-06-30"})).json()
+    assert [e["resource"]["id"] for e in found.get("entry", [])] == [rid]
+    none = (await http.get("/Practitioner", params={"qualification-period": "gt2027-01-01"})).json()
+    assert not none.get("entry")
+    # delete; conditional delete is not supported
+    assert (await http.delete(f"/Practitioner/{cond.json()['id']}")).status_code == 204
+    assert (await http.get(f"/Practitioner/{cond.json()['id']}")).status_code == 410
+    assert (await http.delete(f"/Practitioner?identifier={STAFF}|E3001")).status_code in (404, 405)
+    assert (await http.get(f"/Practitioner/{rid}")).status_code == 200
+    # system-level transaction and batch
+    for kind in ("transaction", "batch"):
+        bundle = {"resourceType": "Bundle", "type": kind, "entry": [
+            {"resource": nurse(f"E31{kind[:2]}"), "request": {"method": "POST", "url": "Practitioner"}}]}
+        out = await http.post("", json=bundle, headers=FHIR_JSON)
+        assert out.status_code == 200 and out.json()["type"] == f"{kind}-response", out.text
+    # Basic (a shift): create and update by the shift's id
+    shift = {"resourceType": "Basic", "identifier": [{"system": "urn:hms-ach:id:shift", "value": "CS-1"}],
+             "code": {"coding": [{"system": "urn:hms-ach:code:basic-type", "code": "shift"}]},
+             "subject": {"reference": f"Practitioner/{rid}"},
+             "extension": [{"url": "urn:hms-ach:fhir:StructureDefinition/shift-period",
+                            "valuePeriod": {"start": "2026-12-01T07:00:00Z", "end": "2026-12-01T15:00:00Z"}},
+                           {"url": "urn:hms-ach:fhir:StructureDefinition/shift-status", "valueCode": "planned"}]}
+    made = await http.post("/Basic", json=shift, headers=FHIR_JSON)
+    assert made.status_code == 201, made.text
+    shift_id = made.json()["id"]
+    shift["extension"][1]["valueCode"] = "confirmed"
+    changed = await http.put(f"/Basic/{shift_id}", json={**shift, "id": shift_id}, headers=FHIR_JSON)
+    assert changed.status_code == 200 and changed.json()["status"] == "confirmed", changed.text
+    assert (await http.get(f"/Basic/{shift_id}")).status_code in (400, 404)  # write-only, as declared
+    # AuditEvent: search with its three parameters, and nothing else
+    events = (await http.get("/AuditEvent", params=[("entity", f"Practitioner/{rid}"), ("agent", "fhir_in"),
+                                                    ("date", "ge2020-01-01")])).json()
+    assert len(events["entry"]) == 2  # the create and the update
+    assert_outcome(await http.get("/AuditEvent", params={"patient": "x"}), 400)

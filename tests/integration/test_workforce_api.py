@@ -111,7 +111,7 @@ async def test_shifts_swaps_timecards_and_compliance(api: httpx.AsyncClient) -> 
     status = (await api.get("/api/v1/compliance/status")).json()
     ward = status["departments"]["4 West nursing"]
     assert ward == {"active_staff": 2, "expired_credentials": 2, "expiring_credentials": 2,
-                    "unfilled_shifts": 1, "overtime_hours": 2.0}
+                    "unfilled_shifts": 1, "overtime_hours": 2.0, "credential_alerts": {}}
 
     audit = (await api.get("/api/v1/audit", params={"entity": "Shift"})).json()
     assert len(audit["items"]) >= 5
@@ -121,6 +121,36 @@ async def test_shifts_swaps_timecards_and_compliance(api: httpx.AsyncClient) -> 
             "/api/v1/compliance/status", "/api/v1/audit"} <= set(openapi["paths"])
     # shifts and timecards are not FHIR resources
     assert (await api.get("/fhir/Shift")).status_code == 404
+
+
+async def test_compliance_status_shows_the_credential_scan(api: httpx.AsyncClient, fhir_engine: Engine) -> None:
+    """The alerts written by the credential-expiry job, by threshold and department, open or closed."""
+    before = (await api.get("/api/v1/compliance/status")).json()["credential_scan"]
+    assert before == {"last_run": None, "alerts_raised": 0, "raised_by_threshold": {}, "raised_last_24h": 0,
+                      "open_by_threshold": {}, "last_alert_at": None}
+    a = (await api.post("/api/v1/employees", json=employee("E300"))).json()
+    await api.post("/api/v1/employees", json=employee("E301", department="Emergency"))
+    assert fhir_engine.scheduler is not None
+    assert (await fhir_engine.scheduler.run_job("credential_expiry"))[0] == "ok"
+    status = (await api.get("/api/v1/compliance/status")).json()
+    scan = status["credential_scan"]
+    assert scan["last_run"]["status"] == "ok" and scan["last_run"]["finished_at"]
+    assert scan["alerts_raised"] == 4 and scan["raised_last_24h"] == 4 and scan["last_alert_at"]
+    assert scan["raised_by_threshold"] == {"expired": 2, "expiring-30d": 2}
+    assert scan["open_by_threshold"] == {"expired": 2, "expiring-30d": 2}
+    assert status["departments"]["4 West nursing"]["credential_alerts"] == {"expired": 1, "expiring-30d": 1}
+    assert status["departments"]["Emergency"]["credential_alerts"] == {"expired": 1, "expiring-30d": 1}
+    assert status["totals"]["credential_alerts"] == {"expired": 2, "expiring-30d": 2}
+
+    # the RN licence is renewed: its alert is closed (still counted as raised), and a new scan adds none
+    renewed = employee("E300")
+    renewed["credentials"][0]["valid_to"] = (datetime.now(UTC).date() + timedelta(days=400)).isoformat()
+    assert (await api.put(f"/api/v1/employees/{a['id']}", json=renewed)).status_code == 200
+    assert (await fhir_engine.scheduler.run_job("credential_expiry"))[0] == "ok"
+    status = (await api.get("/api/v1/compliance/status")).json()
+    assert status["credential_scan"]["alerts_raised"] == 4
+    assert status["credential_scan"]["open_by_threshold"] == {"expired": 2, "expiring-30d": 1}
+    assert status["departments"]["4 West nursing"]["credential_alerts"] == {"expired": 1}
 
 
 async def test_readme_walkthrough(api: httpx.AsyncClient) -> None:

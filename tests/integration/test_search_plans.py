@@ -1,0 +1,86 @@
+"""The searches the benchmarks time are served by indexes: the query plans of
+``Practitioner?family=X`` and ``Encounter?patient=..&date=ge..`` name an index for every index
+table they read, and neither scans a whole table (SQLite: EXPLAIN QUERY PLAN; PostgreSQL:
+EXPLAIN with sequential scans discouraged, as the tables here are tiny)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, event
+
+from hms_ach.map.result import MappingResult, RecordWrite
+from hms_ach.store import search
+from hms_ach.store.db import Store
+from hms_ach.store.repository import Repository
+
+
+def _fill(store: Store) -> dict[str, str]:
+    records = [RecordWrite(f"p{i}", "Practitioner", "urn:npi", f"N{i}",
+                           {"name": [{"family": f"Fam{i % 7}son", "given": ["A"]}]}) for i in range(40)]
+    records += [RecordWrite("pat", "Patient", "urn:mrn", "M1", {"name": [{"family": "Osei"}]}),
+                RecordWrite("bed", "Location", "urn:bed", "B1", {"name": "4W-1"})]
+    records += [RecordWrite(f"e{i}", "Encounter", "urn:visit", f"V{i}", {
+        "status": "in-progress", "subject": {"reference": "@pat"},
+        "period": {"start": f"2026-0{1 + i % 9}-01T10:00:00Z", "end": f"2026-0{1 + i % 9}-01T12:00:00Z"},
+        "location": [{"location": {"reference": "@bed"}}]}) for i in range(12)]
+    with store.writer.begin() as conn:
+        out = Repository(conn).apply(MappingResult(records=records))
+    return {o.resource_type: o.id for o in out}
+
+
+def _plans(store: Store, resource_type: str, params: list[tuple[str, str]]) -> list[str]:
+    """The plan lines of every statement ``search.execute`` runs for the query."""
+    seen: list[tuple[str, Any]] = []
+
+    def grab(_c: Any, _cur: Any, statement: str, parameters: Any, *_a: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            seen.append((statement, parameters))
+
+    query = search.parse_query(resource_type, params)
+    with store.reader.connect() as conn:
+        event.listen(conn, "before_cursor_execute", grab)
+        with conn.begin():
+            search.execute(conn, query)
+        event.remove(conn, "before_cursor_execute", grab)
+        with conn.begin():
+            return [line for sql, p in seen for line in _explain(conn, sql, p)]
+
+
+def _explain(conn: Connection, sql: str, params: Any) -> list[str]:
+    if conn.dialect.name == "sqlite":
+        return [str(row[-1]) for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params)]
+    conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+    return [str(row[0]) for row in conn.exec_driver_sql("EXPLAIN " + sql, params)]
+
+
+def _assert_indexed(plan: list[str], tables: list[str], dialect: str) -> None:
+    text = "\n".join(plan)
+    for table in tables:
+        if dialect == "sqlite":
+            assert f"SCAN {table}" not in text, text
+            assert any(f"SEARCH {table} USING" in line and "INDEX" in line for line in plan), (table, text)
+        else:
+            assert f"Seq Scan on {table}" not in text, text
+            assert any("Index" in line and f" on {table}" in line for line in plan), (table, text)
+
+
+def test_family_prefix_search_uses_the_string_index(store: Store) -> None:
+    _fill(store)
+    plan = _plans(store, "Practitioner", [("family", "fam3"), ("_count", "20")])
+    _assert_indexed(plan, ["search_string", "practitioner"], store.dialect)
+    with store.reader.connect() as conn:
+        page = search.execute(conn, search.parse_query("Practitioner", [("family", "fam3")]))
+    assert len(page.matches) == 6 and page.total == 6  # Fam3son: i = 3, 10, 17, 24, 31, 38
+
+
+def test_encounter_patient_and_date_search_uses_indexes(store: Store) -> None:
+    ids = _fill(store)
+    params = [("patient", f"Patient/{ids['Patient']}"), ("date", "ge2026-05-01"),
+              ("_include", "Encounter:location")]
+    plan = _plans(store, "Encounter", params)
+    _assert_indexed(plan, ["search_reference", "search_date", "encounter", "location"], store.dialect)
+    with store.reader.connect() as conn:
+        page = search.execute(conn, search.parse_query("Encounter", params))
+    assert len(page.matches) == 5  # visits in months 5..9: i = 4..8
+    assert [t for t, _, _ in page.included] == ["Location"]
