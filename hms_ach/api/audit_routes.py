@@ -8,6 +8,7 @@ Parameters: ``entity`` (``Practitioner/123`` or a type), ``agent`` (channel or c
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import urlencode
 
 import orjson
@@ -69,13 +70,15 @@ def audit_event_router(store: Store) -> APIRouter:
         links = [{"relation": "self", "url": f"{base}?{urlencode(params.multi_items())}"}]
         if next_seq is not None:
             links.append({"relation": "next", "url": f"{base}?{urlencode(keep + [('_cursor', str(next_seq))])}"})
-        bundle = {
+        bundle: dict[str, Any] = {
             "resourceType": "Bundle", "type": "searchset",
             "meta": {"lastUpdated": datetime.now(UTC).isoformat().replace("+00:00", "Z")},
             "link": links,
             "entry": [{"fullUrl": f"{base}/audit-{r['seq']}", "resource": audit.as_audit_event(r),
                        "search": {"mode": "match"}} for r in rows],
         }
+        if next_seq is None and int(cursor_text) == 0:
+            bundle["total"] = len(rows)  # every match is on this first page (the trail is not counted otherwise)
         return Response(orjson.dumps(bundle), media_type=FHIR_JSON)
 
     return router

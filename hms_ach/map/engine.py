@@ -23,7 +23,7 @@ from hms_ach.map import spec
 from hms_ach.map.functions import FUNCTIONS, FunctionError
 from hms_ach.map.loader import LoadedFile, MappingSet
 from hms_ach.map.paths import MessagePath, PathSyntaxError, Scope, Source, Value, compile_source
-from hms_ach.map.result import Lineage, MappingResult, RecordWrite, StoreAction
+from hms_ach.map.result import Lineage, MappingResult, Mode, RecordWrite, StoreAction
 from hms_ach.map.terminology import lookup
 from hms_ach.parse.hl7v2 import Hl7Message
 from hms_ach.store.repository import merge_content
@@ -202,7 +202,7 @@ Convert = Callable[[Any, str], Any]
 Holds = Callable[[Scope, dict[str, Any]], bool]
 Children = Callable[[Scope], list[Scope]]
 RuleFn = Callable[[_Run, Scope, dict[str, Any], dict[str, Any], str, Trace], None]
-ResourceFn = Callable[[_Run, Scope, dict[str, Any], "str | None", "bool | None"], "str | None"]
+ResourceFn = Callable[[_Run, Scope, dict[str, Any], "str | None", "bool | None", "Mode | None"], "str | None"]
 MessageFn = Callable[[Scope, bool], MappingResult]
 
 
@@ -299,13 +299,14 @@ class MappingEngine:
                 scopes, first_only = self._compile_children(entry.context, kind), True
             else:
                 scopes, first_only = None, False
-            entries.append((holds, entry.record, scopes, first_only, dict(entry.with_), entry.as_, entry.create))
+            entries.append((holds, entry.record, scopes, first_only, dict(entry.with_), entry.as_, entry.create,
+                            entry.mode))
         actions = [(a.action, dict(a.args)) for a in m.actions]
         resource_fn = self._resource_fn
 
         def run_message(scope: Scope, trace: bool) -> MappingResult:
             run = _Run(MappingResult(mapping=mapping_name), trace)
-            for holds, record, scopes, first_only, with_, as_, create in entries:
+            for holds, record, scopes, first_only, with_, as_, create, mode in entries:
                 if holds is not None and not holds(scope, {}):
                     continue
                 res = resource_fn(record, kind)
@@ -316,7 +317,7 @@ class MappingEngine:
                     if first_only:
                         entry_scopes = entry_scopes[:1]
                 for entry_scope in entry_scopes:
-                    alias = res(run, entry_scope, dict(with_), as_, create)
+                    alias = res(run, entry_scope, dict(with_), as_, create, mode)
                     if alias and as_:
                         run.as_names[as_] = alias
             for name, args in actions:
@@ -351,7 +352,7 @@ class MappingEngine:
         key_target = f"{resource} key"
 
         def build(run: _Run, scope: Scope, given: dict[str, Any], preferred: str | None = None,
-                  create: bool | None = None) -> str | None:
+                  create: bool | None = None, mode_override: Mode | None = None) -> str | None:
             params = dict(defaults)
             params.update(given)
             lineage: list[Lineage] = []
@@ -384,7 +385,7 @@ class MappingEngine:
                     return existing.alias
             run.counter += 1
             alias = preferred if preferred and preferred not in run.as_names else f"{name}#{run.counter}"
-            rec = RecordWrite(alias, resource, key_system, key_value, content, mode,
+            rec = RecordWrite(alias, resource, key_system, key_value, content, mode_override or mode,
                               default_create if create is None else create, lineage)
             run.result.records.append(rec)
             if key_value:
@@ -748,7 +749,7 @@ class MappingEngine:
                     fn(run, inner_scope, {}, value, "", inner)
             else:
                 given = _given(with_, params) if passes_params else dict(with_)
-                alias = resource_fn(record or "", kind)(run, inner_scope, given, None, None)
+                alias = resource_fn(record or "", kind)(run, inner_scope, given, None, None, None)
                 value = {"reference": "@" + alias} if alias else None
                 if inner is not None:
                     inner.append(Lineage("", f"record {record}" + (f" from {source_loc}" if source_loc else "")))

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+Mode = Literal["merge", "replace", "fill"]
+
 
 @dataclass
 class Lineage:
@@ -34,7 +36,7 @@ class RecordWrite:
     key_system: str | None
     key_value: str | None
     content: dict[str, Any]
-    mode: Literal["merge", "replace", "fill"] = "merge"
+    mode: Mode = "merge"
     create: bool = True
     lineage: list[Lineage] = field(default_factory=list)
 

@@ -142,6 +142,9 @@ class RecordEntry(_Strict):
     with_: dict[str, Any] = Field(default_factory=dict, alias="with", description="Parameters for the mapping")
     create: bool | None = Field(
         None, description="false: only update a record that already exists (overrides the resource mapping)")
+    mode: Literal["merge", "replace", "fill"] | None = Field(
+        None, description="Overrides the resource mapping's mode for this message: e.g. `fill` for a message "
+        "that only refers to a record another feed owns (a charge names the visit but must not move it)")
 
 
 class ActionEntry(_Strict):

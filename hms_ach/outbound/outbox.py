@@ -202,6 +202,7 @@ class Dispatcher:
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._tasks: list[asyncio.Task[None]] = []
         self._wake = asyncio.Event()
+        self._stopping = False
         self.delivered = 0
 
     async def start(self) -> None:
@@ -216,13 +217,15 @@ class Dispatcher:
         self._wake.set()
 
     async def stop(self) -> None:
+        # The flag as well as the cancel: on Python 3.11 asyncio.wait_for can swallow a cancellation
+        # that arrives just as its inner await completes, and the loop must end all the same.
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001 - stopping
-                pass
+        if self._tasks:
+            _done, stuck = await asyncio.wait(self._tasks, timeout=30)
+            for task in stuck:
+                log.error("outbox.stop_timeout", extra={"task": task.get_name()})
         self._tasks.clear()
         for sink in self.sinks:
             try:
@@ -241,13 +244,14 @@ class Dispatcher:
     async def _sleep(self, seconds: float) -> None:
         self._wake.clear()
         try:
-            await asyncio.wait_for(self._wake.wait(), max(0.01, seconds))
+            async with asyncio.timeout(max(0.01, seconds)):
+                await self._wake.wait()
         except TimeoutError:
             pass
 
     async def _run(self, sink: Any) -> None:
         settings: SinkSettings = sink.settings
-        while True:
+        while not self._stopping:
             try:
                 wait = await self._round(sink, settings)
             except asyncio.CancelledError:
@@ -267,7 +271,8 @@ class Dispatcher:
             if isinstance(item, datetime):
                 return min(self.poll_seconds * 4, max(0.0, (item - now()).total_seconds()))
             try:
-                result = await asyncio.wait_for(sink.deliver(item), settings.timeout_seconds + 5)
+                async with asyncio.timeout(settings.timeout_seconds + 5):
+                    result = await sink.deliver(item)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - every failure is a retry unless it says otherwise

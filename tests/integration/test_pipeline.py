@@ -156,3 +156,19 @@ def test_concurrent_writers_never_duplicate_a_business_key(pipeline: Pipeline) -
     if store.dialect == "sqlite":
         assert not errors
     assert len(_resources(pipeline, "Patient")) == 1
+
+
+def test_a_charge_after_a_transfer_does_not_move_the_patient_back(pipeline: Pipeline) -> None:
+    """Regression: the DFT^P03 sample's PV1-3 still names the admission bed; posting it after the
+    A02 moved the Encounter back to that bed. A DFT only fills what the visit lacks."""
+    for name in ("adt_a01.hl7", "adt_a02.hl7", "dft_p03.hl7"):
+        out = _send(pipeline, name)
+        assert out.ack_code == "AA", (name, out.ack)
+    beds = {b["id"]: b for b in _resources(pipeline, "Location") if b["physicalType"]["coding"][0]["code"] == "bd"}
+    enc = _resources(pipeline, "Encounter")[0]
+    current = [loc for loc in enc["location"] if loc.get("status") == "active"]
+    assert len(current) == 1
+    bed = beds[current[0]["location"]["reference"].split("/", 1)[1]]
+    assert bed["identifier"][0]["value"] == "GENHOSP/4W/414/B"
+    status = {b["identifier"][0]["value"]: b["operationalStatus"]["code"] for b in beds.values()}
+    assert status == {"GENHOSP/4W/412/A": "H", "GENHOSP/4W/414/B": "O"}  # old bed to housekeeping, new occupied
