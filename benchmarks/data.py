@@ -6,6 +6,8 @@
   Luhn check digit over the ``80840`` prefix), addresses and diagnoses vary from message to message.
 * FHIR R4-shaped Practitioner, Patient, Encounter and Location records, shaped like those the
   shipped mappings write, for bulk-loading the store behind the API benchmarks.
+* HR staff roster CSV files (dataset ``staff_roster``, the columns of samples/csv/staff_roster.csv)
+  with unique employee numbers and valid NPIs, for the SFTP CSV benchmark.
 
 Everything comes from ``random.Random(seed)``: the same seed gives the same bytes.
 """
@@ -603,3 +605,39 @@ def record_iter(kind: str, count: int, seed: int) -> Iterator[tuple[str, dict[st
         else:
             res, key = patient(g, i, rid, when)
         yield rid, res, key
+
+
+# ---------------------------------------------------------------------------------------- roster CSV
+ROSTER_COLUMNS = ("employee_id", "npi", "family_name", "given_name", "gender", "birth_date", "role", "department",
+                  "email", "phone", "license_number", "license_type", "license_state", "license_expires", "active")
+
+
+def roster_csv(count: int, seed: int, npi_offset: int = 5_000_000) -> bytes:
+    """A staff roster CSV of ``count`` rows (plus the header): employee numbers and NPIs unique and valid.
+
+    Most rows are complete; some have no e-mail, phone or licence, a few are inactive, and names with
+    an apostrophe are quoted, as HR exports write them. ``npi_offset`` keeps these NPIs apart from the
+    ones the other figures generate.
+    """
+    import csv
+    import io
+
+    g = Generator(seed)
+    buf = io.StringIO()
+    out = csv.writer(buf, lineterminator="\r\n")
+    out.writerow(ROSTER_COLUMNS)
+    for i in range(count):
+        p = g.person()
+        role = g.rng.choice(g.rng.choices(STAFF_TYPES, weights=(6, 3, 1))[0])
+        ward = g.rng.choice(WARDS)[0]
+        family = p.family if g.rng.random() > 0.02 else f"O'{p.family}"
+        email = f"{p.given}.{family}.{i}@genhosp.example".lower().replace("'", "") if g.rng.random() < 0.9 else ""
+        phone = f"614-555-{g.rng.randint(0, 9999):04d}" if g.rng.random() < 0.85 else ""
+        licensed = g.rng.random() < 0.8
+        expires = EPOCH + timedelta(days=g.rng.randint(30, 4 * 365))
+        out.writerow((
+            f"E{1_000_000 + i}", nth_npi(i, npi_offset), family, p.given, p.sex, f"{p.birth:%Y-%m-%d}", role, ward,
+            email, phone, f"{role}-{g.rng.randint(10_000, 999_999)}" if licensed else "",
+            "SL" if licensed else "", g.rng.choice(("OH", "OH", "OH", "KY", "IN", "PA")) if licensed else "",
+            f"{expires:%Y-%m-%d}" if licensed else "", "Y" if g.rng.random() < 0.97 else "N"))
+    return buf.getvalue().encode("utf-8")

@@ -142,9 +142,7 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     rows += _b_rows(figs.get("B"), "B", "")
     for label, c in (("C", figs.get("C")),):
         rows += _c_rows(c, label, "")
-    d = figs.get("D")
-    if d:
-        rows.append(_row("D", "SFTP CSV roster, rows/s", d.get("status", "n/a"), "", None))
+    rows += _d_rows(figs.get("D"))
     e = figs.get("E")
     if e and e.get("peak_rss_kb"):
         rows.append(_row(
@@ -163,6 +161,29 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     elif f:
         rows.append(_row("F", "PostgreSQL", f.get("status", "not measured"), "", None))
     return rows
+
+
+def _d_rows(d: dict[str, Any] | None) -> list[dict[str, Any]]:
+    if not d:
+        return []
+    if "poll_rows_per_s" not in d:
+        return [_row("D", "SFTP CSV roster, rows/s", d.get("status", "not measured"), "", None)]
+    poll = d["poll_rows_per_s"]
+    label = f"SFTP CSV: one poll of a {d['rows']:,}-row staff roster ({_num(d['file_bytes'] / 1e6)} MB)"
+    cpu = [p["engine_cpu_percent"] for p in d.get("polls", [])]
+    note = f"poll CPU (engine side) {sorted(cpu)[len(cpu) // 2]}% of one core" if cpu else ""
+    dl = d["download_rows_per_s"]
+
+    def fine_ratio(a: float | None, b: float | None) -> float | None:  # far below 1: keep 3 significant digits
+        return None if a is None or not b else float(f"{a / b:.3g}")
+
+    return [
+        _row("D", label, _spread(poll, "rows/s"), f"csv module alone: {_spread(d['csv_rows_per_s'], 'rows/s')}",
+             fine_ratio(_med(poll), _med(d["csv_rows_per_s"])), note=note),
+        _row("D", label, _spread(poll, "rows/s"),
+             f"raw SFTP download: {_spread(d['download_mb_per_s'], 'MB/s')} = {_num(_med(dl), 'rows/s')}",
+             fine_ratio(_med(poll), _med(dl))),
+    ]
 
 
 def _growth_note(e: dict[str, Any]) -> str:

@@ -232,7 +232,11 @@ def replay(ids: Annotated[list[int] | None, typer.Argument(help="message ids (se
                                    list(getattr(ch, "accept_processing_ids", ["P", "T", "D"])))
                 for ch in cfg.channels}
     bundle_limits = [int(getattr(ch, "max_bundle_entries", 1000)) for ch in cfg.channels]
-    reports = replay_messages(store, MappingEngine(mset, cfg.engine.timezone), sorted(set(targets)), policies,
+    from hms_ach.outbound import events
+
+    engine = MappingEngine(mset, cfg.engine.timezone)
+    events.use_engine(engine)  # the replayed changes' event payloads come from mappings/events/
+    reports = replay_messages(store, engine, sorted(set(targets)), policies,
                               apply=not dry_run, max_bundle_entries=max(bundle_limits, default=1000))
     store.dispose()
     changed = 0

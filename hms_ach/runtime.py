@@ -32,6 +32,9 @@ class Engine:
         self.writer = StoreWriter(self.store)
         self.mappings = load_mappings(config.mappings_dir)
         self.pipeline = Pipeline(self.writer, MappingEngine(self.mappings, config.engine.timezone))
+        from hms_ach.outbound import events
+
+        events.use_engine(self.pipeline.engine)  # event payloads come from mappings/events/
         self.channels: dict[str, Any] = {}
         self.health: dict[str, Any] = {"status": "ok", "started_at": datetime.now(UTC).isoformat(),
                                        "last_reload": None, "reload_error": None}
@@ -151,6 +154,9 @@ class Engine:
             return False
         self.mappings = mset
         self.pipeline.engine = MappingEngine(mset, self.config.engine.timezone)
+        from hms_ach.outbound import events
+
+        events.use_engine(self.pipeline.engine)
         self.health.update(status="ok", reload_error=None, last_reload=datetime.now(UTC).isoformat())
         log.info("config.reloaded")
         return True

@@ -149,6 +149,7 @@ def generate() -> str:
         ("Conditions (`when:`)", spec.Condition),
         ("Datatype mappings (`kind: datatype`)", spec.DatatypeMapping),
         ("Code tables (`kind: table`)", spec.CodeTable),
+        ("Event payloads (`kind: event`)", spec.EventMapping),
     ]
     for title, model in sections:
         out.append(f"## {title}\n")

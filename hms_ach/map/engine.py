@@ -204,6 +204,7 @@ Children = Callable[[Scope], list[Scope]]
 RuleFn = Callable[[_Run, Scope, dict[str, Any], dict[str, Any], str, Trace], None]
 ResourceFn = Callable[[_Run, Scope, dict[str, Any], "str | None", "bool | None", "Mode | None"], "str | None"]
 MessageFn = Callable[[Scope, bool], MappingResult]
+EventFn = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 def _raiser(exc: Exception) -> Callable[..., Any]:
@@ -224,6 +225,7 @@ class MappingEngine:
         self._messages: dict[tuple[int, str], MessageFn] = {}
         self._resources: dict[tuple[str, str], ResourceFn] = {}
         self._datatypes: dict[tuple[str, str], list[RuleFn]] = {}
+        self._events: dict[str, EventFn | None] = {}
 
     # ------------------------------------------------------------------ entry points
     def mapping_for(self, msg: Hl7Message) -> LoadedFile:
@@ -263,6 +265,15 @@ class MappingEngine:
     def map_input(self, kind: str, name: str, data: Any, lineage: bool = True) -> MappingResult:
         """Map one CSV row (a CsvRecord) or one FHIR resource (a dict) with the mapping for ``name``."""
         return self._message_fn(self.input_mapping(kind, name), kind)(Scope(data, kind=kind), lineage)
+
+    def map_event(self, event: str, change: dict[str, Any]) -> dict[str, Any] | None:
+        """The payload of ``event`` built by its event mapping from ``change`` (resource, versionId,
+        action, before, after); None when no mapping declares the event."""
+        fn = self._events.get(event, False)
+        if fn is False:
+            found = self.mset.event_mapping(event)
+            fn = self._events[event] = self._compile_event(found) if found is not None else None
+        return None if fn is None else fn(change)  # type: ignore[operator]
 
     # ------------------------------------------------------------------ compiled forms (cached)
     def _message_fn(self, f: LoadedFile, kind: str) -> MessageFn:
@@ -328,6 +339,24 @@ class MappingEngine:
             return run.result
 
         return run_message
+
+    # ------------------------------------------------------------------ event payloads
+    def _compile_event(self, f: LoadedFile) -> EventFn:
+        m: spec.EventMapping = f.model
+        rules = self._compile_rules(f, m.rules, "fhir")
+        # every element a rule names is in the payload, null when empty, in the order of the rules
+        names = list(dict.fromkeys(_target(r.target)[0][0] for r in m.rules))
+        mapping_name = f.name
+
+        def payload(change: dict[str, Any]) -> dict[str, Any]:
+            run = _Run(MappingResult(mapping=mapping_name), False)
+            content: dict[str, Any] = {}
+            scope = Scope(change, kind="fhir")
+            for rule in rules:
+                rule(run, scope, {}, content, "", None)
+            return {name: content.get(name) for name in names}
+
+        return payload
 
     # ------------------------------------------------------------------ records
     def _compile_resource(self, f: LoadedFile, kind: str) -> ResourceFn:

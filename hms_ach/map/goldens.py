@@ -30,6 +30,20 @@ of cases::
 Instead of ``sample``/``message``, a case may give ``csv: {dataset: staff_roster, row: {...}}`` (one
 CSV row, header -> value) or ``fhir: {resourceType: Practitioner, ...}`` (a FHIR resource).
 
+An event payload mapping (``mappings/events/``) is tested with ``event:`` (the record change) and
+``expect: payload:``, compared exactly (keys, values and nulls)::
+
+      - name: admission
+        event:
+          event: encounter.admitted
+          resource: Encounter/1
+          versionId: 1
+          action: create
+          after: {resourceType: Encounter, status: in-progress, subject: {reference: Patient/2}}
+        expect:
+          payload: {resource: Encounter/1, versionId: 1, patient: Patient/2, status: in-progress,
+                    class: null, location: null}
+
 Keys of a case: ``name``, ``sample``, ``message``, ``csv`` or ``fhir``, ``expect``, and optionally ``match``
 (``subset``, the default, or ``exact``), ``timezone`` (the zone assumed for times sent without a
 UTC offset, default UTC) and ``description``.
@@ -110,6 +124,7 @@ class ExpectedError(_Strict):
 
 
 class Expectation(_Strict):
+    payload: dict[str, Any] | None = Field(None, description="An event case: the exact payload")
     records: list[ExpectedRecord] = Field(default_factory=list, description="Records the message must yield")
     actions: list[ExpectedAction] | None = Field(None, description="Store actions the message must yield")
     error: ExpectedError | None = Field(None, description="The error mapping must fail with")
@@ -121,6 +136,28 @@ class CsvInput(_Strict):
     line: int = Field(2, description="The row's line number in the file (for error locations)")
 
 
+class EventInput(BaseModel):
+    """A record change, as an event payload mapping sees it."""
+
+    # numbers stay numbers here: versionId and payload values are compared as JSON
+    model_config = ConfigDict(extra="forbid")
+
+    event: str = Field(description="The event whose mapping runs, e.g. encounter.admitted")
+    resource: str = Field(description="The changed record's reference, e.g. Encounter/1")
+    versionId: int = Field(1, description="The record's new version")
+    action: Literal["create", "update", "delete"] = Field("update", description="create, update or delete")
+    before: dict[str, Any] | None = Field(None, description="The previous content (none on a create)")
+    after: dict[str, Any] | None = Field(None, description="The new content (none on a delete)")
+
+    def context(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"resource": self.resource, "versionId": self.versionId, "action": self.action}
+        if self.after is not None:
+            out["after"] = self.after
+        if self.before is not None:
+            out["before"] = self.before
+        return out
+
+
 class GoldenCase(_Strict):
     name: str = Field(description="Name of the case, unique within the file")
     description: str = Field("", description="What the case shows")
@@ -128,6 +165,7 @@ class GoldenCase(_Strict):
     message: str | None = Field(None, description="Inline ER7 message; each line is a segment")
     csv: CsvInput | None = Field(None, description="A CSV row: the dataset name and the row (header: value)")
     fhir: dict[str, Any] | None = Field(None, description="A FHIR resource (JSON as YAML) sent to the FHIR channel")
+    event: EventInput | None = Field(None, description="A record change an event payload mapping is run on")
     match: Literal["subset", "exact"] = Field("subset", description="How records are compared")
     timezone: str = Field("UTC", description="Zone assumed for times sent without a UTC offset")
     expect: Expectation = Field(description="What the message must map to")
@@ -216,17 +254,23 @@ def load_golden_file(path: Path) -> LoadedGolden:
     errors: list[ConfigError] = []
     seen: set[str] = set()
     for i, case in enumerate(model.cases):
-        if sum(x is not None for x in (case.sample, case.message, case.csv, case.fhir)) != 1:
-            errors.append(ConfigError(f"case {case.name!r} needs exactly one of `sample`, `message`, `csv` or `fhir`",
+        if sum(x is not None for x in (case.sample, case.message, case.csv, case.fhir, case.event)) != 1:
+            errors.append(ConfigError(f"case {case.name!r} needs exactly one of `sample`, `message`, `csv`, "
+                                      "`fhir` or `event`",
                                       position_of(path, positions, ("cases", i)), "sample: PATH or message: ER7 text"))
         if case.name in seen:
             errors.append(ConfigError(f"case name {case.name!r} is used twice",
                                       position_of(path, positions, ("cases", i, "name")), "unique case names"))
         seen.add(case.name)
-        if not case.expect.records and case.expect.error is None and case.expect.actions is None:
+        if (not case.expect.records and case.expect.error is None and case.expect.actions is None
+                and case.expect.payload is None):
             errors.append(ConfigError(f"case {case.name!r} expects nothing",
                                       position_of(path, positions, ("cases", i, "expect")),
-                                      "expect: records, actions or error"))
+                                      "expect: records, actions, error or payload"))
+        if (case.event is None) != (case.expect.payload is None):
+            errors.append(ConfigError(f"case {case.name!r}: `event:` goes with `expect: payload:` and only with it",
+                                      position_of(path, positions, ("cases", i, "expect")),
+                                      "event: {...} and expect: {payload: {...}}"))
     if errors:
         raise ConfigErrors(errors)
     lines = [positions.get(("cases", i), (0, 0))[0] for i in range(len(model.cases))]
@@ -251,7 +295,7 @@ def _config_error(path: Path, positions: Positions, err: Any) -> ConfigError:
 def _owner_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     model: type[BaseModel] = GoldenFile
     nested: dict[str, type[BaseModel]] = {
-        "cases": GoldenCase, "expect": Expectation, "records": ExpectedRecord,
+        "cases": GoldenCase, "expect": Expectation, "records": ExpectedRecord, "event": EventInput,
         "actions": ExpectedAction, "error": ExpectedError, "key": RecordKey,
     }
     for part in loc:
@@ -281,6 +325,8 @@ def run_case(golden: LoadedGolden, index: int, mset: MappingSet, repo_root: Path
     case = golden.model.cases[index]
     result = CaseResult(case.name, False, file=str(golden.path), line=golden.lines[index])
     engine = MappingEngine(mset, case.timezone)
+    if case.event is not None:
+        return _run_event_case(result, case, case.event, engine)
     try:
         if case.csv is not None:
             record = CsvRecord(dict(case.csv.row), case.csv.line, f"{golden.path.name}", list(case.csv.row))
@@ -310,6 +356,28 @@ def run_case(golden: LoadedGolden, index: int, mset: MappingSet, repo_root: Path
     result.passed = not problems
     result.message = "\n".join(problems)
     result.diff = "\n".join(diffs)
+    return result
+
+
+def _run_event_case(result: CaseResult, case: GoldenCase, given: EventInput, engine: MappingEngine) -> CaseResult:
+    """Run an event payload mapping on the case's change; the payload must be exactly the expected one."""
+    try:
+        payload = engine.map_event(given.event, given.context())
+    except Exception as exc:  # a bug in the engine or a mapping: report it as this case's failure
+        result.message = f"event mapping crashed: {type(exc).__name__}: {exc}"
+        return result
+    if payload is None:
+        result.message = f"no event mapping declares {given.event!r} (expected a kind: event file in mappings/events)"
+        return result
+    want = case.expect.payload
+    if _canon(payload) != _canon(want):
+        result.message = f"{given.event} payload differs"
+        result.diff = _diff(want, payload, "payload")
+    elif list(payload) != list(want or {}):
+        result.message = (f"{given.event} payload elements are in another order: expected {list(want or {})}, "
+                          f"got {list(payload)} (receivers see the JSON as written)")
+    else:
+        result.passed = True
     return result
 
 

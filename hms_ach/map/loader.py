@@ -164,6 +164,8 @@ class MappingSet:
     resources: dict[str, LoadedFile] = field(default_factory=dict)
     datatypes: dict[str, LoadedFile] = field(default_factory=dict)
     tables: dict[str, LoadedFile] = field(default_factory=dict)
+    events: dict[str, LoadedFile] = field(default_factory=dict)
+    _by_event: dict[str, LoadedFile] = field(default_factory=dict)
     _by_type: dict[tuple[str, str], LoadedFile] = field(default_factory=dict)
     _by_input: dict[tuple[str, str], LoadedFile] = field(default_factory=dict)
 
@@ -174,6 +176,10 @@ class MappingSet:
         """The message mapping for a CSV dataset (kind csv) or a FHIR resourceType (kind fhir)."""
         return self._by_input.get((kind, name))
 
+    def event_mapping(self, event: str) -> LoadedFile | None:
+        """The payload mapping of an outbound event (``encounter.admitted``), if there is one."""
+        return self._by_event.get(event)
+
     def supported_message_codes(self) -> set[str]:
         return {code for code, _ in self._by_type}
 
@@ -181,7 +187,8 @@ class MappingSet:
         return sorted(name for k, name in self._by_input if k == kind)
 
     def files(self) -> list[LoadedFile]:
-        return [*self.messages.values(), *self.resources.values(), *self.datatypes.values(), *self.tables.values()]
+        return [*self.messages.values(), *self.resources.values(), *self.datatypes.values(), *self.tables.values(),
+                *self.events.values()]
 
 
 def _input_of(f: LoadedFile) -> str:
@@ -198,7 +205,8 @@ def load_mappings(root: Path | str) -> MappingSet:
     errors: list[ConfigError] = []
     if not root.is_dir():
         raise ConfigErrors([ConfigError(f"mapping directory {str(root)!r} does not exist", SourcePosition(str(root)))])
-    buckets = {"message": mset.messages, "resource": mset.resources, "datatype": mset.datatypes, "table": mset.tables}
+    buckets = {"message": mset.messages, "resource": mset.resources, "datatype": mset.datatypes, "table": mset.tables,
+               "event": mset.events}
     for path in sorted(root.rglob("*.yaml")):
         if path.name.endswith("_test.yaml"):
             continue
@@ -248,6 +256,8 @@ class _Linker:
             self._rules(f, f.model.rules, ("rules",), f.model.context, set(f.model.params))
         for f in self.mset.datatypes.values():
             self._rules(f, f.model.rules, ("rules",), f.model.datatype, set())
+        for f in self.mset.events.values():
+            self._event(f)
         self._loops()
         return self.errors
 
@@ -308,6 +318,19 @@ class _Linker:
                 if alias.lstrip("@") not in aliases:
                     self._err(f, ("actions", i, "args", k), f"unknown alias {alias!r}",
                               "an `as:` name of this mapping's records", alias, sorted(aliases))
+
+    def _event(self, f: LoadedFile) -> None:
+        m: spec.EventMapping = f.model
+        other = self.mset._by_event.get(m.event)
+        if other is not None:
+            self._err(f, ("event",), f"event {m.event} is already mapped by {other.path}", "one mapping per event")
+        self.mset._by_event[m.event] = f
+        for i, rule in enumerate(m.rules):
+            for key in ("use", "record", "ref"):
+                if getattr(rule, key) is not None:
+                    self._err(f, ("rules", i, key), f"`{key}:` makes or reads records; an event payload cannot",
+                              "source, sources, value, function, table or nested rules")
+        self._rules(f, m.rules, ("rules",), None, set())
 
     def _with(self, f: LoadedFile, given: dict[str, Any], target: LoadedFile, loc: tuple[Any, ...]) -> None:
         for name in given:

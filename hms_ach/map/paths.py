@@ -32,6 +32,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from dataclasses import field as _computed  # MessagePath has an attribute named `field`
+from decimal import Decimal
 from typing import Any, NamedTuple
 
 from hms_ach.parse.hl7v2 import Hl7Message, Segment
@@ -342,11 +343,27 @@ class FhirPathExpr:
             loc = where if len(results) == 1 else f"{where}[{i}]"
             if isinstance(item, bool):
                 out.append(Value("true" if item else "false", loc, None, None, item))
-            elif isinstance(item, (dict, list, int, float)):
-                out.append(Value("" if isinstance(item, (dict, list)) else str(item), loc, None, None, item))
+            elif isinstance(item, Decimal):  # fhirpathpy reads JSON decimals as Decimal: keep the number
+                out.append(Value(str(item), loc, None, None, float(item)))
+            elif isinstance(item, (dict, list)):
+                out.append(Value("", loc, None, None, _json_numbers(item)))
+            elif isinstance(item, (int, float)):
+                out.append(Value(str(item), loc, None, None, item))
             else:
                 out.append(Value(str(item), loc, str(item)))
         return out
+
+
+def _json_numbers(value: Any) -> Any:
+    """``value`` with the Decimals fhirpathpy puts into the objects it returns turned back into JSON
+    numbers (floats), so that records and event payloads serialise as they were sent."""
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _json_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_numbers(v) for v in value]
+    return value
 
 
 Source = MessagePath | TypePath | ColumnPath | FhirPathExpr

@@ -4,13 +4,14 @@ Everything about the language comes from here: the loader validates files agains
 (with ``file:line:col`` errors), ``hms-ach schema mapping`` writes their JSON Schema, and
 ``hms-ach docs`` generates docs/mapping-language.md from their descriptions.
 
-Four kinds of file live under ``mappings/``:
+Five kinds of file live under ``mappings/``:
 
 * ``kind: message``  (mappings/messages/) which message it handles and which records it yields;
 * ``kind: resource`` (mappings/resources/) how one canonical record is built, and its business key;
 * ``kind: datatype`` (mappings/datatypes/) how one HL7 datatype (XPN, CX, XAD...) becomes a FHIR
   element, reused by every resource mapping;
-* ``kind: table``    (mappings/tables/) a code table: HL7 codes to FHIR codes.
+* ``kind: table``    (mappings/tables/) a code table: HL7 codes to FHIR codes;
+* ``kind: event``    (mappings/events/) what the payload of one outbound event carries.
 """
 
 from __future__ import annotations
@@ -198,8 +199,30 @@ class CodeTable(_Strict):
     case_sensitive: bool = Field(False, description="Whether codes are matched case-sensitively")
 
 
+class EventMapping(_Strict):
+    """The payload of one outbound event (mappings/events/), built from the record change that caused it.
+
+    WHEN the event fires (a status transition...) is decided in code (hms_ach/outbound/events.py);
+    this file says WHAT its payload carries. Sources are FHIRPath expressions over the change:
+    `resource` (the record's reference, e.g. Encounter/123), `versionId`, `action` (create, update
+    or delete), `after` (the new content) and `before` (the previous content; absent on a create),
+    e.g. `after.subject.reference`. An element named like a FHIRPath time unit (hours, days...) is
+    quoted in backticks. Each rule's target is one payload element; its top-level name is always in
+    the payload, null when the value is empty, in the order of the rules. `use:`, `record:` and
+    `ref:` are not allowed. Payloads carry FHIR references and codes, never names, birth dates or
+    identifiers: a receiver that needs more reads the record through the API.
+    """
+
+    kind: Literal["event"] = Field(description="event")
+    name: str | None = Field(None, description="Name of the mapping; defaults to the file name")
+    description: str = Field("", description="What the event announces")
+    event: str = Field(description="The event name, e.g. encounter.admitted")
+    input: Literal["fhir"] = Field("fhir", description="Sources are FHIRPath expressions over the change")
+    rules: list[Rule] = Field(default_factory=list, description="The payload elements, in order")
+
+
 MappingFile = Annotated[
-    ResourceMapping | DatatypeMapping | MessageMapping | CodeTable, Field(discriminator="kind")
+    ResourceMapping | DatatypeMapping | MessageMapping | CodeTable | EventMapping, Field(discriminator="kind")
 ]
 
 KINDS: dict[str, type[BaseModel]] = {
@@ -207,6 +230,7 @@ KINDS: dict[str, type[BaseModel]] = {
     "resource": ResourceMapping,
     "datatype": DatatypeMapping,
     "table": CodeTable,
+    "event": EventMapping,
 }
 
 Rule.model_rebuild()

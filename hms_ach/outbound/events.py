@@ -1,8 +1,13 @@
 """The events derived from record changes, written to the outbox in the change's own transaction.
 
-:func:`record` is a change listener (see :mod:`hms_ach.store.changes`). Event names are stable and
-payloads are versioned (``"version": 1``); they carry FHIR references (``Encounter/123``) and codes,
-never names, birth dates or identifiers: a receiver that needs more reads the record through the API.
+:func:`record` is a change listener (see :mod:`hms_ach.store.changes`). WHEN an event fires is
+decided here, in code, from the record before and after the change (:func:`fired`). WHAT its payload
+carries is declared as data, one ``kind: event`` mapping per event in ``mappings/events/`` (with
+golden tests beside them), run by the engine the runtime hands over with :func:`use_engine` (and
+again after every mapping reload). An event without a mapping carries the base payload
+(``resource``, ``versionId``). Event names are stable and payloads are versioned (``"version": 1``);
+they carry FHIR references (``Encounter/123``) and codes, never names, birth dates or identifiers:
+a receiver that needs more reads the record through the API.
 
 | event | when |
 |---|---|
@@ -15,8 +20,8 @@ never names, birth dates or identifiers: a receiver that needs more reads the re
 | shift.updated | a Shift is created or changed |
 | timecard.recorded | a Timecard is created or changed |
 | claim.created | a Claim is created (see :mod:`hms_ach.outbound.claims`) |
-| claim.file_written / claim.file_rejected / claim.error | the 837 sink's outcome for a claim |
-| credential.expiring / credential.expired | emitted by the scheduler through :func:`outbox.enqueue` |
+| claim.file_written / claim.file_rejected / claim.error | the 837 sink's outcome for a claim; payload built there |
+| credential.expiring / credential.expired | emitted by the scheduler (:mod:`hms_ach.jobs.credentials`); payload built there |
 | record.changed | every new version of a FHIR resource record (the change feed of the fhir_push sink) |
 
 ``record.changed`` (payload: resource, versionId, action create|update|delete) is the change feed:
@@ -27,12 +32,18 @@ deployment without one pays nothing for it; record history keeps every version r
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection
 
 from hms_ach.outbound import outbox
 from hms_ach.store.changes import Change
+
+if TYPE_CHECKING:
+    from hms_ach.map.engine import MappingEngine
+
+log = logging.getLogger("hms_ach.outbound.events")
 
 EVENT_NAMES = (
     "encounter.admitted", "encounter.transferred", "encounter.discharged", "encounter.cancelled",
@@ -47,6 +58,7 @@ CHANGE_FEED_TYPES = frozenset({"Patient", "Encounter", "Location", "Practitioner
 
 
 _feed_subscribers = 0
+_engine: MappingEngine | None = None
 
 
 def subscribe_change_feed() -> None:
@@ -58,6 +70,13 @@ def subscribe_change_feed() -> None:
 def unsubscribe_change_feed() -> None:
     global _feed_subscribers
     _feed_subscribers = max(0, _feed_subscribers - 1)
+
+
+def use_engine(engine: MappingEngine | None) -> None:
+    """Build payloads with this engine's event mappings (the runtime calls it at start and on every
+    mapping reload). Without one, every event carries the base payload only."""
+    global _engine
+    _engine = engine
 
 
 def _ref(value: Any) -> str | None:
@@ -86,40 +105,59 @@ def _base(change: Change) -> dict[str, Any]:
     return {"resource": change.reference, "versionId": change.version_id}
 
 
-def encounter_events(change: Change) -> list[tuple[str, dict[str, Any]]]:
+def payload(event: str, change: Change) -> dict[str, Any]:
+    """The payload of ``event`` as its mapping (mappings/events/) declares it, from ``change``.
+
+    No mapping for the event, no engine, or a mapping that fails on this record: the base payload
+    (resource, versionId), so that the change and its event are still written.
+    """
+    engine = _engine
+    if engine is None:
+        return _base(change)
+    context: dict[str, Any] = {"resource": change.reference, "versionId": change.version_id,
+                               "action": change.action}
+    if change.after is not None:
+        context["after"] = change.after
+    if change.before is not None:
+        context["before"] = change.before
+    try:
+        built = engine.map_event(event, context)
+    except Exception as exc:  # noqa: BLE001 - a payload rule must never roll back the record change
+        log.error("events.payload_failed", extra={"event": event, "resource": change.reference,
+                                                  "error": f"{type(exc).__name__}: {exc}"})
+        return _base(change)
+    return _base(change) if built is None else built
+
+
+def encounter_events(change: Change) -> list[str]:
     after = change.after
     if after is None:
         return []
     before = change.before or {}
     status, old_status = after.get("status"), before.get("status") if change.before is not None else None
-    payload = {**_base(change), "patient": _ref(after.get("subject")), "status": status,
-               "class": _code(after.get("class")), "location": _current_location(after)}
-    out: list[tuple[str, dict[str, Any]]] = []
+    out: list[str] = []
     if status == "in-progress" and old_status != "in-progress":
-        out.append(("encounter.admitted", payload))
+        out.append("encounter.admitted")
     elif (status == "in-progress" and change.before is not None
           and _current_location(before) and _current_location(after) != _current_location(before)):
-        out.append(("encounter.transferred", {**payload, "previousLocation": _current_location(before)}))
+        out.append("encounter.transferred")
     if status == "finished" and old_status != "finished":
-        out.append(("encounter.discharged", payload))
+        out.append("encounter.discharged")
     if status in ("entered-in-error", "cancelled") and old_status != status:
-        out.append(("encounter.cancelled", {**payload, "previousStatus": old_status}))
+        out.append("encounter.cancelled")
     return out
 
 
-def location_events(change: Change) -> list[tuple[str, dict[str, Any]]]:
+def location_events(change: Change) -> list[str]:
     if change.after is None:
         return []
-    new = _code(change.after.get("operationalStatus"))
-    old = _code((change.before or {}).get("operationalStatus"))
-    if new == old:
+    if _code(change.after.get("operationalStatus")) == _code((change.before or {}).get("operationalStatus")):
         return []
-    return [("bed.status_changed", {**_base(change), "status": new, "previousStatus": old,
-                                    "partOf": _ref(change.after.get("partOf"))})]
+    return ["bed.status_changed"]
 
 
-def derive(change: Change) -> list[tuple[str, dict[str, Any]]]:
-    """The events one record change causes (none for most changes)."""
+def fired(change: Change) -> list[str]:
+    """The names of the events one record change causes (none for most changes): WHEN, in code."""
     kind = change.resource_type
     if kind == "Encounter":
         return encounter_events(change)
@@ -128,26 +166,27 @@ def derive(change: Change) -> list[tuple[str, dict[str, Any]]]:
     if change.after is None:
         return []
     if kind == "Practitioner":
-        return [("practitioner.onboarded" if change.action == "create" else "practitioner.updated", _base(change))]
+        return ["practitioner.onboarded" if change.action == "create" else "practitioner.updated"]
     if kind == "Shift":
-        return [("shift.updated", {**_base(change), "practitioner": _ref(change.after.get("practitioner")),
-                                   "status": change.after.get("status")})]
+        return ["shift.updated"]
     if kind == "Timecard":
-        return [("timecard.recorded", {**_base(change), "practitioner": _ref(change.after.get("practitioner"))})]
+        return ["timecard.recorded"]
     if kind == "Claim" and change.action == "create":
-        return [("claim.created", {**_base(change), "patient": _ref(change.after.get("patient")),
-                                   "encounter": (change.after.get("item") or [{}])[0].get("encounter", [{}])[0]
-                                   .get("reference") if change.after.get("item") else None,
-                                   "total": (change.after.get("total") or {}).get("value")})]
+        return ["claim.created"]
     return []
+
+
+def derive(change: Change) -> list[tuple[str, dict[str, Any]]]:
+    """The events one record change causes, with their payloads (WHAT, from mappings/events/)."""
+    return [(event, payload(event, change)) for event in fired(change)]
 
 
 def record(conn: Connection, change: Change) -> None:
     """Change listener: enqueue the change's events; at discharge, turn the encounter's charges into a Claim."""
     if _feed_subscribers and change.resource_type in CHANGE_FEED_TYPES:
-        outbox.enqueue(conn, "record.changed", {**_base(change), "action": change.action})
-    for event, payload in derive(change):
-        outbox.enqueue(conn, event, payload)
+        outbox.enqueue(conn, "record.changed", payload("record.changed", change))
+    for event, body in derive(change):
+        outbox.enqueue(conn, event, body)
         if event == "encounter.discharged":
             from hms_ach.outbound.claims import claim_for_encounter
 

@@ -3,6 +3,8 @@ numbers belong to benchmarks/results/, not to the test suite."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import subprocess
 import sys
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.data import AdtStream, a01_messages, is_valid_npi, nth_npi
+from benchmarks.data import ROSTER_COLUMNS, AdtStream, a01_messages, is_valid_npi, nth_npi, roster_csv
 from benchmarks.stats import percentile, summary
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,6 +34,16 @@ def test_the_generator_is_seeded_and_varied() -> None:
     assert {"A01", "A08", "A03"} <= set(stream.counts)
     control_ids = [m.split(b"\r")[0].split(b"|")[9] for m in messages]
     assert len(set(control_ids)) == 300
+
+
+def test_the_roster_is_seeded_with_unique_employees_and_valid_npis() -> None:
+    data = roster_csv(2000, seed=5)
+    assert data == roster_csv(2000, seed=5)
+    rows = list(csv.DictReader(io.StringIO(data.decode("utf-8"))))
+    assert len(rows) == 2000 and tuple(rows[0]) == ROSTER_COLUMNS
+    assert len({r["employee_id"] for r in rows}) == 2000 and len({r["npi"] for r in rows}) == 2000
+    assert all(is_valid_npi(r["npi"]) for r in rows)
+    assert ROSTER_COLUMNS == tuple((ROOT / "samples" / "csv" / "staff_roster.csv").read_text().splitlines()[0].split(","))
 
 
 def test_stats_helpers() -> None:
@@ -61,7 +73,10 @@ def test_smoke_run_writes_valid_results(smoke_results: Path) -> None:
     assert figures["B"]["1_connection"]["msg_per_s"]["samples"]
     assert set(figures["B"]["1_connection"]["ack_codes"]) <= {"AA", "CA"}
     assert figures["C"]["sizes"]
-    assert "not implemented" in figures["D"]["status"]
+    d = figures["D"]
+    assert d["rows"] > 0 and d["poll_rows_per_s"]["median"] > 0 and len(d["polls"]) == results["settings"]["reps"]
+    assert d["csv_rows_per_s"]["median"] > 0 and d["download_mb_per_s"]["median"] > 0
+    assert [r for r in results["table"] if r["figure"] == "D" and r["ratio"] is not None]
     assert figures["E"]["peak_rss_kb"] > 0
     assert results["table"] and all({"figure", "value", "ceiling", "ratio"} <= set(r) for r in results["table"])
 

@@ -178,7 +178,7 @@ def test_missing_sample_is_a_failed_case(tmp_path: Path, mset: MappingSet) -> No
 
 @pytest.mark.parametrize(("text", "expected"), [
     ("cases:\n  - name: c\n    mesage: x\n    expect: {error: {}}\n", ["x_test.yaml:3:5", "did you mean 'message'"]),
-    ("cases:\n  - name: c\n    expect: {error: {}}\n", ["exactly one of `sample`, `message`, `csv` or `fhir`"]),
+    ("cases:\n  - name: c\n    expect: {error: {}}\n", ["exactly one of `sample`, `message`, `csv`, `fhir` or `event`"]),
     ("cases:\n  - name: c\n    message: x\n    expect: {}\n", ["expects nothing"]),
     ("cases:\n  - name: c\n    message: x\n    expect:\n      records:\n        - resourceTyp: Patient\n",
      ["x_test.yaml:6:11", "did you mean 'resourceType'"]),
