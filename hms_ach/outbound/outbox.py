@@ -30,6 +30,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from hms_ach.outbound.sinks import Delivery, DeliveryError, DeliveryResult, SinkSettings
+from hms_ach.store import fastexec
 from hms_ach.store.db import Store
 from hms_ach.store.models import OutboxCursor, OutboxEvent, OutboxRow
 
@@ -48,16 +49,16 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
-_ENQUEUE = insert(EVENTS)  # built once: enqueue runs on the write path of every record change
+_ENQUEUE = insert(EVENTS).returning(EVENTS.c.id)  # built once: enqueue runs on the write path of every record change
 
 
 def enqueue(conn: Connection, event: str, payload: dict[str, Any]) -> int:
     """Write one event in the caller's transaction; returns its id. ``payload`` gets ``version: 1``."""
     body = {"version": 1, **payload}
-    result = conn.execute(_ENQUEUE, {"event": event, "payload": orjson.dumps(body).decode(), "created_at": now()})
-    key = result.inserted_primary_key
-    assert key is not None  # an INSERT always has one
-    return int(key[0])
+    row = fastexec.first_row(conn, "outbox.enqueue", _ENQUEUE,
+                             {"event": event, "payload": orjson.dumps(body).decode(), "created_at": now()}, EVENTS)
+    assert row is not None  # an INSERT .. RETURNING always has one
+    return int(row[0])
 
 
 def backoff_seconds(attempts: int, initial: float, maximum: float) -> float:

@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Connection, bindparam, func, insert, select, text
 
-from hms_ach.store import txcache
+from hms_ach.store import fastexec, txcache
 from hms_ach.store.changes import Change
 from hms_ach.store.models import AuditEntry, InboundMessage
 
@@ -127,7 +127,7 @@ def record(conn: Connection, change: Change) -> None:
         "prev_hash": last or GENESIS,
     }
     row["hash"] = entry_hash(row)
-    conn.execute(_INSERT, row)
+    fastexec.insert_rows(conn, T, [row])
     cache["audit.last_hash"] = row["hash"]
 
 

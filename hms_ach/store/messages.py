@@ -13,7 +13,7 @@ from sqlalchemy import Connection, bindparam, desc, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from hms_ach.store import txcache
+from hms_ach.store import fastexec, txcache
 from hms_ach.store.models import InboundMessage
 
 T = InboundMessage.__table__  # type: ignore[attr-defined]
@@ -62,11 +62,11 @@ def insert_new(conn: Connection, meta: MessageMeta) -> int | None:
     if stmt is None or not meta.idempotency_key:
         raise ValueError(f"insert_new needs an idempotency key and SQLite or PostgreSQL, "
                          f"not {conn.dialect.name}")
-    found = conn.execute(stmt, _values(meta, "received", True, None, None, None)).scalar()
-    if found is None:
+    row = fastexec.first_row(conn, "message.insert_new", stmt, _values(meta, "received", True, None, None, None), T)
+    if row is None:
         return None
-    _remember(conn, int(found), meta)
-    return int(found)
+    _remember(conn, int(row[0]), meta)
+    return int(row[0])
 
 
 def insert_message(conn: Connection, meta: MessageMeta, status: str = "received", *, keyed: bool = True,
@@ -100,7 +100,7 @@ def finish(conn: Connection, message_id: int, status: str, ack_code: str | None,
         values["replay_count"] = T.c.replay_count + 1
         conn.execute(update(T).where(T.c.id == message_id).values(**values))
         return
-    conn.execute(_FINISH, {"mid": message_id, **values})
+    fastexec.execute(conn, "message.finish", _FINISH, {"mid": message_id, **values}, T)
 
 
 _FINISH = update(T).where(T.c.id == bindparam("mid"))

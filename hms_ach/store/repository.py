@@ -25,7 +25,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from hms_ach.errors import ContentError, Err0357
 from hms_ach.map.result import MappingResult, RecordWrite, StoreAction
-from hms_ach.store import search_params
+from hms_ach.store import fastexec, search_params
 from hms_ach.store.changes import Change, notify
 from hms_ach.store.models import INDEX_TABLES, RECORD_TABLES, ResourceHistory, SearchReference
 
@@ -94,6 +94,8 @@ class _Statements:
     """
 
     def __init__(self, table: Table, insert_fn: Any, lock: bool):
+        self.table = table
+        self.name = table.name
         c = table.c
         cols = (c.id, c.version_id, c.resource, c.deleted)
         by_key = select(*cols).where(c.key_system == bindparam("ks"), c.key_value == bindparam("kv"))
@@ -116,14 +118,14 @@ def _statements(resource_type: str, dialect: str) -> _Statements:
     return _Statements(table, pg_insert if lock else sqlite_insert, lock)
 
 
-_HISTORY_INSERT = insert(ResourceHistory.__table__)  # type: ignore[attr-defined]
+_HISTORY = ResourceHistory.__table__  # type: ignore[attr-defined]
 
 
 @cache
-def _index_statements(kind: str) -> tuple[Any, Any]:
+def _index_statements(kind: str) -> tuple[Any, Table]:
     t = INDEX_TABLES[kind].__table__  # type: ignore[attr-defined]
     wipe = delete(t).where(t.c.resource_type == bindparam("rt"), t.c.resource_id == bindparam("rid"))
-    return wipe, insert(t)
+    return wipe, t
 
 
 class Repository:
@@ -159,15 +161,16 @@ class Repository:
         """Write every record of ``result`` (references resolved in dependency order), then its actions."""
         outcomes: list[WriteOutcome] = []
         resolved: dict[str, str] = {}
-        pending = list(result.records)
+        pending = [(rec, _aliases_in(rec.content)) for rec in result.records]  # each walked once
         while pending:
             progressed = False
-            for rec in list(pending):
-                if _aliases_in(rec.content) - set(resolved):
+            for item in list(pending):
+                rec, needs = item
+                if needs and not needs <= resolved.keys():
                     continue
-                pending.remove(rec)
+                pending.remove(item)
                 progressed = True
-                content = _resolve_aliases(rec.content, resolved)
+                content = _resolve_aliases(rec.content, resolved) if needs else rec.content
                 outcome = self.upsert(rec, content, message_id)
                 if outcome is not None:
                     resolved[rec.alias] = outcome.reference
@@ -175,19 +178,20 @@ class Repository:
                 else:
                     resolved[rec.alias] = ""
             if not progressed:
-                missing = sorted(set().union(*(_aliases_in(r.content) for r in pending)) - set(resolved))
+                missing = sorted(set().union(*(needs for _rec, needs in pending)) - set(resolved))
                 raise ContentError(
-                    f"records {[r.alias for r in pending]} refer to {missing}, which no rule of this mapping produces",
+                    f"records {[r.alias for r, _needs in pending]} refer to {missing}, which no rule of this mapping produces",
                     code=Err0357.INTERNAL_ERROR,
                 )
         for action in result.actions:
             outcomes.extend(self.run_action(action, resolved, message_id))
         return outcomes
 
-    def _by_key(self, st: _Statements, system: str | None, value: str) -> Any:
+    def _by_key(self, st: _Statements, system: str | None, value: str) -> tuple[Any, ...] | None:
+        """(id, version_id, resource, deleted) of the record with this business key, or None."""
         if system is None:
-            return self.conn.execute(st.by_value, {"kv": value}).first()
-        return self.conn.execute(st.by_key, {"ks": system, "kv": value}).first()
+            return fastexec.first_row(self.conn, f"by_value:{st.name}", st.by_value, {"kv": value})
+        return fastexec.first_row(self.conn, f"by_key:{st.name}", st.by_key, {"ks": system, "kv": value})
 
     def upsert(self, rec: RecordWrite, content: dict[str, Any], message_id: int | None) -> WriteOutcome | None:
         """Create or merge one record.
@@ -211,7 +215,7 @@ class Repository:
                 if row is None:
                     raise RuntimeError(f"{rec.resource_type} {rec.key_system}|{rec.key_value} was neither "
                                        "inserted nor found")
-            rid, version, old = row.id, row.version_id, _strip_meta(orjson.loads(row.resource))
+            rid, version, old = row[0], row[1], _strip_meta(orjson.loads(row[2]))
             created = version == 0  # a placeholder claimed by a FHIR conditional create
         else:
             rid = new_id()
@@ -221,7 +225,7 @@ class Repository:
         if not created and merged == old:
             return WriteOutcome(rec.resource_type, rid, version, created=False, changed=False)
         return self._store_version(rec.resource_type, rid, version + 1, merged, message_id, created,
-                                   before=None if created else old, live=not row.deleted)
+                                   before=None if created else old, live=not row[3])
 
     @staticmethod
     def _merge(rec: RecordWrite, old: dict[str, Any], content: dict[str, Any]) -> dict[str, Any]:
@@ -244,10 +248,10 @@ class Repository:
                   "key_value": rec.key_value or None, "version_id": 1, "last_updated": now,
                   "deleted": False, "resource": text}
         if rec.key_value:
-            if self.conn.execute(st.insert_keyed, values).scalar() is None:
+            if fastexec.first_row(self.conn, f"insert_keyed:{st.name}", st.insert_keyed, values, st.table) is None:
                 return False
         else:
-            self.conn.execute(st.insert, values)
+            fastexec.insert_rows(self.conn, st.table, [values])
         self._after_write(rec.resource_type, rid, 1, now, text, body, None, message_id, "create", {})
         return True
 
@@ -285,9 +289,9 @@ class Repository:
                      deleted: bool = False) -> None:
         """History row, search-index rows and change listeners of one new version. ``old_index``:
         the index rows the record has now, when known (else all are replaced)."""
-        self.conn.execute(_HISTORY_INSERT, {
+        fastexec.insert_rows(self.conn, _HISTORY, [{
             "resource_type": resource_type, "id": rid, "version_id": version, "last_updated": now,
-            "deleted": deleted, "message_id": message_id, "resource": text})
+            "deleted": deleted, "message_id": message_id, "resource": text}])
         if old_index is not None:
             self._write_index(resource_type, rid, old_index, body)
         else:
@@ -307,7 +311,8 @@ class Repository:
             if before:
                 self.conn.execute(wipe, {"rt": resource_type, "rid": rid})
             if after:
-                self.conn.execute(add, [{**r, "resource_type": resource_type, "resource_id": rid} for r in after])
+                fastexec.insert_rows(self.conn, add, [{"resource_type": resource_type, "resource_id": rid, **r}
+                                                      for r in after])
 
     def reindex(self, resource_type: str, rid: str, resource: dict[str, Any] | None) -> None:
         """Replace every search-index row of one record (none when it is deleted)."""
@@ -316,8 +321,8 @@ class Repository:
             wipe, add = _index_statements(kind)
             self.conn.execute(wipe, {"rt": resource_type, "rid": rid})
             if rows.get(kind):
-                self.conn.execute(add, [{**r, "resource_type": resource_type, "resource_id": rid}
-                                        for r in rows[kind]])
+                fastexec.insert_rows(self.conn, add, [{"resource_type": resource_type, "resource_id": rid, **r}
+                                                      for r in rows[kind]])
 
     # ------------------------------------------------------------------ actions
     def run_action(self, action: StoreAction, resolved: dict[str, str], message_id: int | None) -> list[WriteOutcome]:
