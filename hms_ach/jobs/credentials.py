@@ -3,7 +3,9 @@ within N days.
 
 Each (practitioner, credential, expiry date, threshold) is alerted once: the ``credential_alert``
 row is inserted with ``ON CONFLICT DO NOTHING`` and only a new row emits its outbox event
-(``credential.expiring`` or ``credential.expired``) in the same transaction. A renewed licence (a
+(``credential.expiring`` or ``credential.expired``) in the same transaction. What its payload carries
+is declared in ``mappings/events/credential_expiring.yaml`` / ``credential_expired.yaml``, over the
+facts :func:`scan` hands over (see :func:`hms_ach.outbound.events.payload_from`). A renewed licence (a
 new end date) is a new credential expiry and is alerted again when its time comes.
 """
 
@@ -18,6 +20,7 @@ from sqlalchemy import Connection, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from hms_ach.outbound.events import payload_from
 from hms_ach.outbound.outbox import enqueue
 from hms_ach.store.models import CredentialAlert, Practitioner
 
@@ -85,11 +88,16 @@ def scan(conn: Connection, days_ahead: int = 30, today: date | None = None) -> d
             kind = "expired" if expired else "expiring"
             counts[kind] += 1
             code = q.get("code") or {}
-            enqueue(conn, f"credential.{kind}", {
-                "practitioner": f"Practitioner/{row.id}", "credential": credential,
+            practitioner = f"Practitioner/{row.id}"
+            facts = {
+                "practitioner": practitioner, "credential": credential,
                 "type": code.get("text") or next((c.get("code") for c in code.get("coding") or []), None),
                 "issuer": (q.get("issuer") or {}).get("display"), "expires": end_text,
                 "days_left": (end - today).days, "threshold": threshold,
-            })
+            }
+            event = f"credential.{kind}"
+            context = {"resource": practitioner, **facts, "days_ahead": days_ahead, "today": today.isoformat(),
+                       "qualification": q}
+            enqueue(conn, event, payload_from(event, context, facts))
     log.info("credentials.scanned", extra=counts)
     return counts

@@ -44,6 +44,19 @@ An event payload mapping (``mappings/events/``) is tested with ``event:`` (the r
           payload: {resource: Encounter/1, versionId: 1, patient: Patient/2, status: in-progress,
                     class: null, location: null}
 
+An event a job or a sink emits rather than a record change (``credential.expiring``,
+``claim.file_written``...) gives ``resource`` (the record the event is about) and ``facts:``, the
+facts its code hands the mapping (see ``hms_ach.outbound.events.payload_from``); the mapping's
+context is then exactly those::
+
+      - name: a patient without coverage
+        event:
+          event: claim.error
+          resource: Claim/32
+          facts: {claim: Claim/32, reason: the patient has no coverage (IN1) on file}
+        expect:
+          payload: {claim: Claim/32, reason: the patient has no coverage (IN1) on file}
+
 Keys of a case: ``name``, ``sample``, ``message``, ``csv`` or ``fhir``, ``expect``, and optionally ``match``
 (``subset``, the default, or ``exact``), ``timezone`` (the zone assumed for times sent without a
 UTC offset, default UTC) and ``description``.
@@ -148,8 +161,13 @@ class EventInput(BaseModel):
     action: Literal["create", "update", "delete"] = Field("update", description="create, update or delete")
     before: dict[str, Any] | None = Field(None, description="The previous content (none on a create)")
     after: dict[str, Any] | None = Field(None, description="The new content (none on a delete)")
+    facts: dict[str, Any] | None = Field(
+        None, description="An event a job or a sink emits (credential.expiring, claim.file_written...): the "
+        "facts its code hands the mapping; the context is then `resource` and these facts only")
 
     def context(self) -> dict[str, Any]:
+        if self.facts is not None:
+            return {"resource": self.resource, **self.facts}
         out: dict[str, Any] = {"resource": self.resource, "versionId": self.versionId, "action": self.action}
         if self.after is not None:
             out["after"] = self.after

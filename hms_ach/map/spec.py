@@ -206,8 +206,10 @@ class EventMapping(_Strict):
     this file says WHAT its payload carries. Sources are FHIRPath expressions over the change:
     `resource` (the record's reference, e.g. Encounter/123), `versionId`, `action` (create, update
     or delete), `after` (the new content) and `before` (the previous content; absent on a create),
-    e.g. `after.subject.reference`. An element named like a FHIRPath time unit (hours, days...) is
-    quoted in backticks. Each rule's target is one payload element; its top-level name is always in
+    e.g. `after.subject.reference`. An event a job or a sink emits (credential.expiring,
+    claim.file_written...) has no record change: its sources are `resource` (the record it is about)
+    and the facts its code hands over, named in the mapping's description (e.g. `days_left`). An
+    element named like a FHIRPath time unit (hours, days...) is quoted in backticks. Each rule's target is one payload element; its top-level name is always in
     the payload, null when the value is empty, in the order of the rules. `use:`, `record:` and
     `ref:` are not allowed. Payloads carry FHIR references and codes, never names, birth dates or
     identifiers: a receiver that needs more reads the record through the API.

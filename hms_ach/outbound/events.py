@@ -9,6 +9,11 @@ again after every mapping reload). An event without a mapping carries the base p
 they carry FHIR references (``Encounter/123``) and codes, never names, birth dates or identifiers:
 a receiver that needs more reads the record through the API.
 
+The events a job or a sink emits (not a record change) are declared the same way: the code that
+knows the facts (a credential's expiry, a claim file's control numbers...) hands them to
+:func:`payload_from`, which runs the event's mapping over them (and falls back to the facts as
+they are without an engine or a mapping).
+
 | event | when |
 |---|---|
 | encounter.admitted | an Encounter is created in-progress, or moves to in-progress |
@@ -20,8 +25,8 @@ a receiver that needs more reads the record through the API.
 | shift.updated | a Shift is created or changed |
 | timecard.recorded | a Timecard is created or changed |
 | claim.created | a Claim is created (see :mod:`hms_ach.outbound.claims`) |
-| claim.file_written / claim.file_rejected / claim.error | the 837 sink's outcome for a claim; payload built there |
-| credential.expiring / credential.expired | emitted by the scheduler (:mod:`hms_ach.jobs.credentials`); payload built there |
+| claim.file_written / claim.file_rejected / claim.error | the 837 sink's outcome for a claim (:mod:`hms_ach.outbound.x12_837`) |
+| credential.expiring / credential.expired | emitted by the scheduler (:mod:`hms_ach.jobs.credentials`) |
 | record.changed | every new version of a FHIR resource record (the change feed of the fhir_push sink) |
 
 ``record.changed`` (payload: resource, versionId, action create|update|delete) is the change feed:
@@ -105,14 +110,34 @@ def _base(change: Change) -> dict[str, Any]:
     return {"resource": change.reference, "versionId": change.version_id}
 
 
+def payload_from(event: str, context: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """The payload of ``event`` as its mapping (mappings/events/) declares it, from ``context``: the
+    facts the emitting code knows, the sources of the mapping's rules (``resource``, the record the
+    event is about, and whatever else the code hands over).
+
+    No engine, no mapping for the event, or a mapping that fails on these facts: ``base``, so that
+    the event is still written. Safe to call from any thread (the engine is the one :func:`use_engine`
+    set for the process).
+    """
+    engine = _engine
+    if engine is None:
+        return base
+    try:
+        built = engine.map_event(event, context)
+    except Exception as exc:  # noqa: BLE001 - a payload rule must never cost the event (or roll back its cause)
+        log.error("events.payload_failed", extra={"event": event, "resource": context.get("resource"),
+                                                  "error": f"{type(exc).__name__}: {exc}"})
+        return base
+    return base if built is None else built
+
+
 def payload(event: str, change: Change) -> dict[str, Any]:
     """The payload of ``event`` as its mapping (mappings/events/) declares it, from ``change``.
 
     No mapping for the event, no engine, or a mapping that fails on this record: the base payload
     (resource, versionId), so that the change and its event are still written.
     """
-    engine = _engine
-    if engine is None:
+    if _engine is None:  # the write path of every record change: build no context for nothing
         return _base(change)
     context: dict[str, Any] = {"resource": change.reference, "versionId": change.version_id,
                                "action": change.action}
@@ -120,13 +145,7 @@ def payload(event: str, change: Change) -> dict[str, Any]:
         context["after"] = change.after
     if change.before is not None:
         context["before"] = change.before
-    try:
-        built = engine.map_event(event, context)
-    except Exception as exc:  # noqa: BLE001 - a payload rule must never roll back the record change
-        log.error("events.payload_failed", extra={"event": event, "resource": change.reference,
-                                                  "error": f"{type(exc).__name__}: {exc}"})
-        return _base(change)
-    return _base(change) if built is None else built
+    return payload_from(event, context, _base(change))
 
 
 def encounter_events(change: Change) -> list[str]:

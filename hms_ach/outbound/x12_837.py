@@ -18,6 +18,10 @@
   file at all and emits ``claim.error`` with the reason.
 * A redelivered ``claim.created`` (crash after the file was written, or a failed upload) finds the
   file of that event, writes no second one, uploads it (again) and then emits ``claim.file_written``.
+* What those three events carry is declared in ``mappings/events/claim_file_written.yaml``,
+  ``claim_file_rejected.yaml`` and ``claim_error.yaml``, over the facts :func:`_followup` hands over
+  (``resource`` and ``claim``: the Claim; ``file``, the control numbers, ``total``, ``problems``,
+  ``reason``, ``sftp``; see :func:`hms_ach.outbound.events.payload_from`).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from hms_ach.map.functions import npi_is_valid
+from hms_ach.outbound.events import payload_from
 from hms_ach.outbound.sftp_upload import SftpDestination, upload
 from hms_ach.outbound.sinks import Delivery, DeliveryResult, SinkSettings
 from hms_ach.outbound.x12_837i import REVENUE_CODE, attending, claim_loops
@@ -170,17 +175,17 @@ class X12ClaimSink:
         outcome = await asyncio.to_thread(self._deliver_sync, delivery)
         if isinstance(outcome, DeliveryResult):
             return outcome
-        path, payload = outcome
+        path, facts = outcome
         response = f"written {path.name}"
         if self.settings.sftp is not None:
             # A failed upload is retried; the next attempt finds the local file and uploads it again.
-            payload["sftp"] = await upload(self.settings.sftp, path, self.settings.timeout_seconds)
-            response += f", uploaded to {payload['sftp']}"
-        return DeliveryResult(response=response, followups=[("claim.file_written", payload)])
+            facts["sftp"] = await upload(self.settings.sftp, path, self.settings.timeout_seconds)
+            response += f", uploaded to {facts['sftp']}"
+        return DeliveryResult(response=response, followups=[_followup("claim.file_written", facts)])
 
     # ------------------------------------------------------------------ the work (in a thread)
     def _deliver_sync(self, delivery: Delivery) -> DeliveryResult | tuple[Path, dict[str, Any]]:
-        """A finished result (claim error, rejected file), or the valid file written and its event payload."""
+        """A finished result (claim error, rejected file), or the valid file written and its event's facts."""
         claim_ref = str(delivery.payload.get("resource"))
         existing = sorted(self.directory.glob(f"837[PI]-e{delivery.event_id}-*.x12"))
         if existing:  # written by an attempt whose delivery was not confirmed (crash, failed upload)
@@ -190,7 +195,7 @@ class X12ClaimSink:
                 data = self._gather(conn, claim_ref)
         except ClaimError as exc:
             return DeliveryResult(response=f"claim error: {exc}", followups=[
-                ("claim.error", {"claim": claim_ref, "reason": str(exc)})])
+                _followup("claim.error", {"claim": claim_ref, "reason": str(exc)})])
         with self.store.writer.begin() as conn:
             isa = next_number(conn, "x12.isa13")
             st = next_number(conn, "x12.st02")
@@ -201,8 +206,8 @@ class X12ClaimSink:
         if not pyx12_ok and not pyx12_errors:
             problems.append(Problem("pyx12", "the document is not valid (see the 999)"))
         name = f"837{'I' if built.institutional else 'P'}-e{delivery.event_id}-{isa:09d}"
-        payload = {"claim": claim_ref, "file": f"{name}.x12", "interchangeControlNumber": f"{isa:09d}",
-                   "transactionSetControlNumber": f"{st:04d}", "total": built.total}
+        facts = {"claim": claim_ref, "file": f"{name}.x12", "interchangeControlNumber": f"{isa:09d}",
+                 "transactionSetControlNumber": f"{st:04d}", "total": built.total}
         if problems:
             rejected = self.directory / "rejected"
             rejected.mkdir(parents=True, exist_ok=True)
@@ -210,10 +215,10 @@ class X12ClaimSink:
             _write(rejected / f"{name}.999", report)
             _write(rejected / f"{name}.errors.txt", "\n".join(map(str, problems)) + "\n")
             return DeliveryResult(response=f"rejected: {len(problems)} problem(s)", followups=[
-                ("claim.file_rejected", {**payload, "problems": [str(p) for p in problems][:20]})])
+                _followup("claim.file_rejected", {**facts, "problems": [str(p) for p in problems][:20]})])
         self.directory.mkdir(parents=True, exist_ok=True)
         _write(self.directory / f"{name}.x12", built.text)
-        return self.directory / f"{name}.x12", payload
+        return self.directory / f"{name}.x12", facts
 
     def _gather(self, conn: Connection, claim_ref: str) -> dict[str, Any]:
         claim = _get(conn, claim_ref)
@@ -413,8 +418,14 @@ def _collect_errors(node: Any, where: str = "") -> list[str]:
     return out
 
 
+def _followup(event: str, facts: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The event and its payload, as its mapping (mappings/events/) builds it from ``facts`` and the
+    claim as ``resource``; ``facts`` themselves without an engine or a mapping."""
+    return event, payload_from(event, {"resource": facts["claim"], **facts}, facts)
+
+
 def _payload_of(path: Path, claim_ref: str) -> dict[str, Any]:
-    """The claim.file_written payload of a file already written (its control numbers and CLM02)."""
+    """The claim.file_written facts of a file already written (its control numbers and CLM02)."""
     segments: dict[str, list[str]] = {}
     for raw in path.read_text().split("~"):
         parts = raw.strip().split("*")
