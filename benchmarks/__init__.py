@@ -9,7 +9,9 @@ Modules:
 * :mod:`benchmarks.data`: seeded generator of HL7 v2 messages and FHIR-shaped records;
 * :mod:`benchmarks.stats`: medians, percentiles, summaries;
 * :mod:`benchmarks.procs`: starting and stopping the engine and helper processes, RSS sampling;
-* :mod:`benchmarks.mllp_load` / :mod:`benchmarks.http_load`: the load drivers (run as subprocesses);
+* :mod:`benchmarks.mllp_load` / :mod:`benchmarks.http_load`: the load drivers (run as subprocesses),
+  with what they share in :mod:`benchmarks.driver` (start together, one deadline, one JSON result);
+* :mod:`benchmarks.sftp_server`: the SFTP server of figure D (on :mod:`hms_ach.devtools.sftp_server`);
 * :mod:`benchmarks.echo_server` / :mod:`benchmarks.http_echo`: the socket and HTTP ceilings;
 * :mod:`benchmarks.bulk_load`: fills a store directly for the FHIR API figures;
 * :mod:`benchmarks.figures`: figures A to F; :mod:`benchmarks.report`: the table, the JSON file

@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import random
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from benchmarks.driver import RUN_ERRORS, StartLine, close_quietly, print_result, run_together
 from benchmarks.stats import latency_summary
 
 #: Responses parsed and checked per run and kind (parsing all would load the driver).
@@ -106,13 +107,10 @@ def check(kind: str, status: int, body: bytes, checks: Counter[str], stats: dict
 
 
 async def _worker(host: str, port: int, kind: str, targets: dict[str, Any], rng: random.Random,
-                  holder: dict[str, float], budget: list[int], start: asyncio.Event, ready: list[int],
-                  lat: list[float], statuses: Counter[str], sizes: list[int], checks: Counter[str],
-                  stats: dict[str, list[int]]) -> int:
+                  budget: list[int], lat: list[float], statuses: Counter[str], sizes: list[int],
+                  checks: Counter[str], stats: dict[str, list[int]], line: StartLine) -> int:
     reader, writer = await asyncio.open_connection(host, port, limit=1 << 24)
-    ready.append(1)
-    await start.wait()
-    deadline = holder["deadline"]
+    deadline = await line.wait()
     clock = time.perf_counter
     done = 0
     try:
@@ -131,11 +129,7 @@ async def _worker(host: str, port: int, kind: str, targets: dict[str, Any], rng:
                 check(kind, status, body, checks, stats)
             done += 1
     finally:
-        writer.close()
-        try:
-            await writer.wait_closed()
-        except OSError:
-            pass
+        await close_quietly(writer)
     return done
 
 
@@ -146,26 +140,11 @@ async def run_once(args: argparse.Namespace, targets: dict[str, Any], seconds: f
     checks: Counter[str] = Counter()
     stats: dict[str, list[int]] = {}
     sizes: list[int] = []
-    start = asyncio.Event()
-    ready: list[int] = []
-    holder = {"deadline": float("inf")}
     budget = [count]
-    tasks = [asyncio.create_task(_worker(args.host, args.port, args.kind, targets,
-                                         random.Random(rng.random()), holder, budget, start, ready, lat,
-                                         statuses, sizes, checks, stats))
-             for _ in range(args.concurrency)]
-    while len(ready) < len(tasks):
-        for t in tasks:
-            if t.done() and t.exception():
-                raise t.exception()  # type: ignore[misc]
-        await asyncio.sleep(0.001)
-    t0 = time.perf_counter()
-    holder["deadline"] = t0 + seconds
-    start.set()
-    async with asyncio.timeout(seconds + args.timeout):
-        done = await asyncio.gather(*tasks)
-    elapsed = time.perf_counter() - t0
-    total = sum(done)
+    workers = [functools.partial(_worker, args.host, args.port, args.kind, targets, random.Random(rng.random()),
+                                 budget, lat, statuses, sizes, checks, stats)
+               for _ in range(args.concurrency)]
+    total, elapsed = await run_together(workers, seconds, args.timeout)
     out: dict[str, Any] = {"requests": total, "seconds": round(elapsed, 4),
                            "req_per_s": round(total / elapsed, 2) if elapsed else 0, "statuses": dict(statuses),
                            "mean_bytes": round(sum(sizes) / len(sizes)) if sizes else 0, "checks": dict(checks),
@@ -200,12 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
-    try:
-        result = asyncio.run(main_async(args))
-    except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
-        result = {"error": f"{type(exc).__name__}: {exc}"}
-    json.dump(result, sys.stdout)
-    sys.stdout.write("\n")
+    print_result(main_async(args), (*RUN_ERRORS, ValueError))
 
 
 if __name__ == "__main__":

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import sys
+import functools
 import time
 from collections import Counter, deque
 from typing import Any
 
 from benchmarks.data import AdtStream
+from benchmarks.driver import StartLine, close_quietly, print_result, run_together
 from benchmarks.stats import latency_summary
 
 VT, FS, CR = b"\x0b", b"\x1c", b"\r"
@@ -61,12 +61,10 @@ class Source:
         return self.stream.next_message().encode("utf-8")
 
 
-async def _sender(host: str, port: int, source: Source, count: int, holder: dict[str, float],
-                  latencies: list[float], codes: Counter[str], start: asyncio.Event, ready: list[int]) -> int:
+async def _sender(host: str, port: int, source: Source, count: int, latencies: list[float], codes: Counter[str],
+                  line: StartLine) -> int:
     reader, writer = await asyncio.open_connection(host, port, limit=1 << 22)
-    ready.append(1)
-    await start.wait()
-    deadline = holder["deadline"]
+    deadline = await line.wait()
     sent = 0
     clock = time.perf_counter
     try:
@@ -79,11 +77,7 @@ async def _sender(host: str, port: int, source: Source, count: int, holder: dict
             codes[ack_code(ack)] += 1
             sent += 1
     finally:
-        writer.close()
-        try:
-            await writer.wait_closed()
-        except OSError:
-            pass
+        await close_quietly(writer)
     return sent
 
 
@@ -91,23 +85,8 @@ async def run_once(host: str, port: int, sources: list[Source], count: int, seco
                    timeout: float) -> dict[str, Any]:
     latencies: list[float] = []
     codes: Counter[str] = Counter()
-    start = asyncio.Event()
-    ready: list[int] = []
-    holder = {"deadline": float("inf")}  # set once every connection is open
-    tasks = [asyncio.create_task(_sender(host, port, src, count, holder, latencies, codes, start, ready))
-             for src in sources]
-    while len(ready) < len(tasks):  # open every connection first, then start them together
-        for t in tasks:
-            if t.done() and t.exception():
-                raise t.exception()  # type: ignore[misc]
-        await asyncio.sleep(0.001)
-    t0 = time.perf_counter()
-    holder["deadline"] = t0 + seconds
-    start.set()
-    async with asyncio.timeout(seconds + timeout):
-        sent = await asyncio.gather(*tasks)
-    elapsed = time.perf_counter() - t0
-    total = sum(sent)
+    workers = [functools.partial(_sender, host, port, src, count, latencies, codes) for src in sources]
+    total, elapsed = await run_together(workers, seconds, timeout)
     return {"messages": total, "seconds": round(elapsed, 4),
             "msg_per_s": round(total / elapsed, 2) if elapsed else 0.0,
             "codes": dict(codes), **latency_summary(latencies)}
@@ -151,12 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--tag", default="B")
     args = p.parse_args(argv)
-    try:
-        result = asyncio.run(main_async(args))
-    except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
-        result = {"error": f"{type(exc).__name__}: {exc}"}
-    json.dump(result, sys.stdout)
-    sys.stdout.write("\n")
+    print_result(main_async(args))
 
 
 if __name__ == "__main__":

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import shutil
 import sys
 import time
 from pathlib import Path
 
 import asyncssh
+
+from hms_ach.devtools.sftp_server import start_sftp_server, write_host_key, write_known_hosts, write_password
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "csv"
 USER = "hms_ach"
@@ -36,15 +37,11 @@ def prepare(root: Path, port: int) -> str:
     key_file = root / "host_key"
     first_start = not key_file.exists()
     if first_start:
-        key_file.write_bytes(asyncssh.generate_private_key("ssh-ed25519").export_private_key())
-        key_file.chmod(0o600)
-    key = asyncssh.read_private_key(str(key_file))
-    kind, blob = key.export_public_key("openssh").decode().split()[:2]
-    (root / "known_hosts").write_text(f"[127.0.0.1]:{port} {kind} {blob}\n")
+        write_host_key(key_file)
+    write_known_hosts(root / "known_hosts", asyncssh.read_private_key(str(key_file)), port)
     password_file = root / "password"
     if not password_file.exists():
-        password_file.write_text(secrets.token_urlsafe(12) + "\n")
-        password_file.chmod(0o600)
+        write_password(password_file)
     an_hour_ago = time.time() - 3600
     for sample in sorted(SAMPLES.glob("*.csv")) if first_start else []:
         target = root / "inbox" / sample.name
@@ -53,28 +50,11 @@ def prepare(root: Path, port: int) -> str:
     return password_file.read_text().strip()
 
 
-class _Login(asyncssh.SSHServer):
-    def __init__(self, password: str):
-        self.password = password
-
-    def begin_auth(self, username: str) -> bool:
-        return True
-
-    def password_auth_supported(self) -> bool:
-        return True
-
-    def validate_password(self, username: str, password: str) -> bool:
-        return username == USER and secrets.compare_digest(password, self.password)
-
-
 async def start(root: Path, port: int) -> tuple[asyncssh.SSHAcceptor, int]:
     """Prepare ``root`` and start serving it; returns the server and its port (``port`` 0 picks one)."""
     root.mkdir(parents=True, exist_ok=True)
     password = prepare(root, port)
-    server = await asyncssh.create_server(
-        lambda: _Login(password), "127.0.0.1", port, server_host_keys=[str(root / "host_key")],
-        sftp_factory=lambda chan: asyncssh.SFTPServer(chan, chroot=os.fsencode(root)))
-    bound = server.sockets[0].getsockname()[1]
+    server, bound = await start_sftp_server(root, str(root / "host_key"), USER, password, port)
     if bound != port:
         prepare(root, bound)  # pin the key for the port really bound
     return server, bound

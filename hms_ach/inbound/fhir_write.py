@@ -27,6 +27,7 @@ from sqlalchemy.exc import IntegrityError
 
 from hms_ach.api.outcomes import FhirError, operation_outcome
 from hms_ach.errors import MessageError
+from hms_ach.fhir_refs import references, rewrite_references
 from hms_ach.map.engine import MappingEngine
 from hms_ach.map.result import RecordWrite
 from hms_ach.store import messages
@@ -196,33 +197,6 @@ def prepare(op: Operation, engine: MappingEngine) -> None:
 
 
 # ---------------------------------------------------------------------------- references
-def references(value: Any, path: str = "") -> list[tuple[str, str]]:
-    """Every (element path, reference text) in ``value``."""
-    out: list[tuple[str, str]] = []
-    if isinstance(value, dict):
-        ref = value.get("reference")
-        if isinstance(ref, str):
-            out.append((path, ref))
-        for k, v in value.items():
-            out.extend(references(v, f"{path}.{k}" if path else k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            out.extend(references(v, f"{path}[{i}]"))
-    return out
-
-
-def _substitute(value: Any, resolved: dict[str, str]) -> Any:
-    if isinstance(value, dict):
-        out = {k: _substitute(v, resolved) for k, v in value.items()}
-        ref = out.get("reference")
-        if isinstance(ref, str) and ref in resolved:
-            out["reference"] = resolved[ref]
-        return out
-    if isinstance(value, list):
-        return [_substitute(v, resolved) for v in value]
-    return value
-
-
 def _check_targets(conn: Connection, rtype: str, content: dict[str, Any], where: str) -> None:
     """Every literal reference ``Type/id`` to a type we store must name a live record."""
     for path, ref in references(content):
@@ -320,7 +294,7 @@ class Writer:
         if expected is not None and (created or expected != row.version_id):
             raise FhirError(412, "conflict", f"If-Match {op.if_match} does not match the current version "
                                              f"W/\"{0 if created else row.version_id}\" of {rtype}/{rid}")
-        content = _substitute(rec.content, resolved)
+        content = rewrite_references(rec.content, resolved)
         _check_targets(self.conn, rtype, content, f"{op.where}." if op.where else "")
         if rtype == "Shift":
             check_shift(self.conn, rid, content, f"{op.where}.Basic" if op.where else "Basic")
@@ -345,7 +319,7 @@ class Writer:
         self.repo._store_version(rtype, rid, int(row.version_id) + 1, merged, self.message_id, created,
                                  before=None if created else old)
         for extra in op.extra:
-            self.repo.upsert(extra, _substitute(extra.content, resolved), self.message_id)
+            self.repo.upsert(extra, rewrite_references(extra.content, resolved), self.message_id)
         result = self._result(rtype, rid, 201 if created else 200)
         result.changed = True
         return result

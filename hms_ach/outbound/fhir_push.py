@@ -38,6 +38,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from sqlalchemy import select
 
+from hms_ach.fhir_refs import references, rewrite_references
 from hms_ach.outbound.sinks import Delivery, DeliveryError, DeliveryResult, SinkSettings
 from hms_ach.outbound.webhook import retry_after_seconds
 from hms_ach.store.models import RECORD_TABLES
@@ -111,34 +112,6 @@ class LocalRecord:
             return self.reference
         token = f"{self.key_system}|{self.key_value}" if self.key_system else self.key_value
         return f"{self.resource_type}?identifier={quote(token, safe='|:/')}"
-
-
-def references(value: Any) -> list[str]:
-    """Every ``reference`` text in ``value``, in document order."""
-    out: list[str] = []
-    if isinstance(value, dict):
-        ref = value.get("reference")
-        if isinstance(ref, str):
-            out.append(ref)
-        for child in value.values():
-            out.extend(references(child))
-    elif isinstance(value, list):
-        for child in value:
-            out.extend(references(child))
-    return out
-
-
-def rewrite(value: Any, mapping: dict[str, str]) -> Any:
-    """A copy of ``value`` with every reference found in ``mapping`` replaced."""
-    if isinstance(value, dict):
-        out = {k: rewrite(v, mapping) for k, v in value.items()}
-        ref = out.get("reference")
-        if isinstance(ref, str) and ref in mapping:
-            out["reference"] = mapping[ref]
-        return out
-    if isinstance(value, list):
-        return [rewrite(v, mapping) for v in value]
-    return value
 
 
 def outcome_text(body: str) -> str:
@@ -306,7 +279,7 @@ class FhirPushSink:
         for _ in range(MAX_REFERENCE_DEPTH + 1):
             records = self._load([r for r in level if r not in found])
             found.update(records)
-            level = [t for rec in records.values() if not rec.deleted for t in references(rec.content)
+            level = [t for rec in records.values() if not rec.deleted for _path, t in references(rec.content)
                      if self._pushed(t) and t not in found]
             if not level or len(found) >= MAX_RELATED_RECORDS:
                 break
@@ -381,7 +354,7 @@ class FhirPushSink:
         """PUT ``ref`` (its reference targets first, if the remote lacks them); returns its remote reference."""
         rec = records[ref]
         mapping: dict[str, str] = {}
-        for target in dict.fromkeys(references(rec.content)):
+        for target in dict.fromkeys(ref for _path, ref in references(rec.content)):
             if target not in records or target in stack or records[target].deleted:
                 continue
             remote = self._remote_ids.get(target) or await self._find(records[target])
@@ -389,7 +362,7 @@ class FhirPushSink:
                 remote = await self._push_one(target, records, (*stack, ref))
             self._remember(target, remote)
             mapping[target] = remote
-        body = rewrite({k: v for k, v in rec.content.items() if k != "meta"}, mapping)
+        body = rewrite_references({k: v for k, v in rec.content.items() if k != "meta"}, mapping)
         url = rec.conditional_url()
         if rec.key_value:
             body.pop("id", None)
@@ -420,7 +393,7 @@ class FhirPushSink:
         full_urls = {r: f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, f'hms-ach:{r}')}" for r in live}
         entries = []
         for r, rec in live.items():
-            body = rewrite({k: v for k, v in rec.content.items() if k != "meta"}, full_urls)
+            body = rewrite_references({k: v for k, v in rec.content.items() if k != "meta"}, full_urls)
             if rec.key_value:
                 body.pop("id", None)
             entries.append({"fullUrl": full_urls[r], "resource": body,

@@ -1,4 +1,4 @@
-"""A real SFTP server for the tests: asyncssh's server on 127.0.0.1, chrooted to a temporary folder."""
+"""A real SFTP server for the tests: hms_ach.devtools' asyncssh server on 127.0.0.1, chrooted to a temporary folder."""
 
 from __future__ import annotations
 
@@ -9,19 +9,10 @@ from typing import Any
 
 import asyncssh
 
+from hms_ach.devtools.sftp_server import start_sftp_server, write_known_hosts
+
 USER = "feed"
 PASSWORD = "s3cret-pw"
-
-
-class _Ssh(asyncssh.SSHServer):
-    def begin_auth(self, username: str) -> bool:
-        return True
-
-    def password_auth_supported(self) -> bool:
-        return True
-
-    def validate_password(self, username: str, password: str) -> bool:
-        return username == USER and password == PASSWORD
 
 
 class HostileSftp(asyncssh.SFTPServer):
@@ -48,17 +39,11 @@ class SftpServer:
 
     async def start(self) -> SftpServer:
         cls = HostileSftp if self.hostile else asyncssh.SFTPServer
-        root = str(self.root)
-        self.server = await asyncssh.create_server(
-            _Ssh, "127.0.0.1", 0, server_host_keys=[self.host_key],
-            sftp_factory=lambda chan: cls(chan, chroot=root))
-        self.port = self.server.sockets[0].getsockname()[1]
+        self.server, self.port = await start_sftp_server(self.root, self.host_key, USER, PASSWORD, 0, cls)
         return self
 
     def known_hosts(self, path: Path, key: asyncssh.SSHKey | None = None) -> Path:
-        public = (key or self.host_key).export_public_key("openssh").decode().split()
-        path.write_text(f"[127.0.0.1]:{self.port} {public[0]} {public[1]}\n")
-        return path
+        return write_known_hosts(path, key or self.host_key, self.port)
 
     async def close(self) -> None:
         if self.server is not None:
