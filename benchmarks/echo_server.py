@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import signal
 
+from hms_ach import eventloop
 from hms_ach.inbound.mllp import MllpConfig, MllpServer
 
 #: An AA of the size the engine sends (about 150 bytes), built once.
@@ -40,7 +41,7 @@ def main() -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     args = p.parse_args()
-    asyncio.run(serve(args.host, args.port))
+    eventloop.run(serve(args.host, args.port))  # the engine's loop, so that the ceiling compares
 
 
 if __name__ == "__main__":

@@ -23,6 +23,16 @@ README_HEADING = "## Performance"
 
 
 # ------------------------------------------------------------------------------------------- machine
+def _event_loop() -> str:
+    from hms_ach.eventloop import loop_name
+
+    try:
+        import httptools  # noqa: F401
+    except ImportError:
+        return f"{loop_name()}, h11"
+    return f"{loop_name()}, httptools"
+
+
 def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {
         "cores": os.cpu_count(),
@@ -30,6 +40,7 @@ def machine_info() -> dict[str, Any]:
         "implementation": platform.python_implementation(),
         "platform": platform.platform(),
         "machine": platform.machine(),
+        "event_loop": _event_loop(),
     }
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
@@ -301,7 +312,9 @@ def readme_table(results: dict[str, Any], source: str = "") -> str:
     lines = [
         f"Measured by `python -m benchmarks` ({results.get('mode')} mode) on {results.get('started_at', '?')[:10]}: "
         f"{m.get('cores')} cores ({m.get('cpu', 'unknown CPU')}), Python {m.get('python')}, SQLite "
-        f"{m.get('sqlite', '?')}, {m.get('platform', '')}. Medians of several runs with (min–max); every "
+        f"{m.get('sqlite', '?')}, {m.get('platform', '')}"
+        + (f"; event loop and HTTP parser: {m['event_loop']}" if m.get("event_loop") else "")
+        + ". Medians of several runs with (min–max); every "
         "ceiling or peer was measured in the same run. Generated from "
         f"`{source or 'a results file'}` by `python -m benchmarks --readme`.",
         "",

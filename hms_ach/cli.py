@@ -56,6 +56,7 @@ def _load(config: Path) -> Config:
 def run(config: ConfigOpt = Path("channels.yaml"),
         log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO") -> None:
     """Start every channel in channels.yaml and the HTTP API (FHIR R4 at /fhir)."""
+    from hms_ach import eventloop
     from hms_ach.runtime import Engine
 
     _setup_logging(log_level)
@@ -70,9 +71,9 @@ def run(config: ConfigOpt = Path("channels.yaml"),
         typer.echo(f"channel {ch.name} ({ch.type})" + (f" on port {port}" if port is not None else ""), err=True)
     if cfg.http.enabled:
         typer.echo(f"FHIR R4 API on http://{cfg.http.host}:{cfg.http.port}/fhir", err=True)
-    typer.echo(f"store: {engine.store.url}", err=True)
+    typer.echo(f"store: {engine.store.url}; event loop: {eventloop.loop_name()}", err=True)
     try:
-        asyncio.run(engine.serve())
+        eventloop.run(engine.serve())
     except KeyboardInterrupt:
         pass
 

@@ -57,8 +57,11 @@ def _software_version() -> str:
 
 
 # ---------------------------------------------------------------------------- negotiation
-def negotiate(request: Request) -> None:
-    """Refuse (406) a ``_format`` or ``Accept`` that asks for anything but JSON."""
+async def negotiate(request: Request) -> None:
+    """Refuse (406) a ``_format`` or ``Accept`` that asks for anything but JSON.
+
+    ``async`` because it only reads headers: FastAPI runs a plain ``def`` dependency in its thread
+    pool, which would cost every request a thread hand-off."""
     fmt = request.query_params.get("_format")
     if fmt is not None and fmt.split(";")[0].strip().lower() not in JSON_TYPES:
         raise FhirError(406, "not-supported", f"_format={fmt[:64]!r} is not supported; this server speaks JSON only")
@@ -413,16 +416,25 @@ def fhir_router(store: Store) -> APIRouter:
         params = list(request.query_params.multi_items()) + await _form_params(request)
         return await run_in_threadpool(_search, store, _base(request), resource_type, params, _strict(request))
 
+    inline = store.reader.dialect.name == "sqlite"
+
     @router.get("/{resource_type}/{rid}")
-    def read(resource_type: str, rid: str, request: Request) -> Response:
-        return _read(store, resource_type, rid, request.headers.get("if-none-match"))
+    async def read(resource_type: str, rid: str, request: Request) -> Response:
+        # A read by id is one primary-key look-up. On SQLite (a local file, no pool to wait for) it
+        # runs on the event loop: a thread hand-off would cost more than the read. On PostgreSQL
+        # it waits on the network and the pool, so it goes to the thread pool like the searches.
+        if inline:
+            return _read(store, resource_type, rid, request.headers.get("if-none-match"))
+        return await run_in_threadpool(_read, store, resource_type, rid, request.headers.get("if-none-match"))
 
     @router.get("/{resource_type}/{rid}/_history")
     def history(resource_type: str, rid: str, request: Request) -> Response:
         return _history(store, _base(request), resource_type, rid, dict(request.query_params))
 
     @router.get("/{resource_type}/{rid}/_history/{vid}")
-    def vread(resource_type: str, rid: str, vid: str) -> Response:
-        return _vread(store, resource_type, rid, vid)
+    async def vread(resource_type: str, rid: str, vid: str) -> Response:
+        if inline:  # one primary-key look-up, as read
+            return _vread(store, resource_type, rid, vid)
+        return await run_in_threadpool(_vread, store, resource_type, rid, vid)
 
     return router

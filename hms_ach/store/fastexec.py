@@ -7,8 +7,8 @@ audit, outbox), so the hot path compiles each statement ONCE per dialect with SQ
 runs it on the cursor of the very same DBAPI connection: the statements run inside the caller's
 transaction and SAVEPOINTs like any other, because SQLAlchemy's transaction is that connection's.
 
-Values are converted exactly as SQLAlchemy would convert them, through each column type's public
-``bind_processor`` for the dialect (on SQLite a ``datetime`` becomes SQLAlchemy's text format), so
+Values are converted exactly as SQLAlchemy would convert them, through the public ``bind_processor`` of
+each column type's dialect implementation (on SQLite a ``datetime`` becomes SQLAlchemy's text format), so
 rows written here read back through SQLAlchemy unchanged. What this path skips is SQLAlchemy's
 per-statement machinery (execution context, result objects). Its ``before_cursor_execute`` and
 ``after_cursor_execute`` listeners are still called, with ``context=None``, so that statement
@@ -58,7 +58,8 @@ def _compile(stmt: Any, conn: Connection, key: tuple[Any, ...], column_keys: Seq
     processors = []
     for name in names:
         type_ = types.get(name)
-        processors.append(type_.bind_processor(dialect) if type_ is not None else None)
+        # dialect_impl: the dialect's own type (SQLite's DATETIME formats datetimes as text)
+        processors.append(type_.dialect_impl(dialect).bind_processor(dialect) if type_ is not None else None)
     found = Compiled(compiled.string, names, positional, tuple(processors))
     _cache[key] = found
     return found

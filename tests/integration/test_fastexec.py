@@ -1,0 +1,87 @@
+"""The write hot path (hms_ach.store.fastexec) stores exactly what SQLAlchemy would have stored.
+
+Rows written on the DBAPI cursor must read back the same as rows written through SQLAlchemy, in
+the database itself (a search compares stored text on SQLite) and through SQLAlchemy, on both
+databases.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from sqlalchemy import Table, event, insert, select
+
+from hms_ach.store import fastexec
+from hms_ach.store.db import Store
+from hms_ach.store.models import AuditEntry, ResourceHistory, SearchDate, SearchToken
+
+WHEN = datetime(2026, 2, 28, 23, 59, 58, 123456, tzinfo=UTC)
+
+ROWS: list[tuple[Any, dict[str, Any]]] = [
+    (SearchDate, {"resource_type": "Patient", "resource_id": "p1", "param": "birthdate",
+                  "start": datetime(1980, 2, 29, tzinfo=UTC), "end": datetime(1980, 3, 1, tzinfo=UTC)}),
+    (SearchToken, {"resource_type": "Patient", "resource_id": "p1", "param": "identifier",
+                   "system": None, "value": "MRN-1"}),
+    (ResourceHistory, {"resource_type": "Patient", "id": "p1", "version_id": 2, "last_updated": WHEN,
+                       "deleted": True, "message_id": None, "resource": '{"resourceType":"Patient"}'}),
+    (AuditEntry, {"recorded": "2026-02-28T23:59:58.123456Z", "agent": "adt", "action": "update",
+                  "entity_type": "Patient", "entity_id": "p1", "version_id": 2, "message_id": 7,
+                  "diff": "[]", "prev_hash": "0" * 64, "hash": "f" * 64}),
+]
+
+
+def _raw(conn: Any, table: Table, keys: list[str]) -> list[tuple[Any, ...]]:
+    cols = ", ".join(f'"{k}"' for k in keys)
+    return [tuple(r) for r in conn.exec_driver_sql(f"SELECT {cols} FROM {table.name} ORDER BY 1").all()]
+
+
+@pytest.mark.parametrize(("model", "row"), ROWS, ids=[m.__tablename__ for m, _ in ROWS])
+def test_a_row_is_stored_as_sqlalchemy_stores_it(store: Store, model: Any, row: dict[str, Any]) -> None:
+    table: Table = model.__table__
+    keys = list(row)
+    with store.writer.begin() as conn:
+        conn.execute(insert(table), row)
+        by_sqlalchemy = _raw(conn, table, keys)
+        conn.execute(table.delete())
+        fastexec.insert_rows(conn, table, [row])
+        by_cursor = _raw(conn, table, keys)
+        read_back = conn.execute(select(*(table.c[k] for k in keys))).all()
+    assert by_cursor == by_sqlalchemy  # the same text, numbers and flags in the database
+    assert [tuple(r) for r in read_back] == [tuple(row.values())]  # and read back as written
+
+
+def test_many_rows_and_a_returning_insert(store: Store) -> None:
+    table: Table = SearchToken.__table__  # type: ignore[attr-defined]
+    rows = [{"resource_type": "Patient", "resource_id": f"p{i}", "param": "identifier", "system": "urn:mrn",
+             "value": str(i)} for i in range(5)]
+    stmt = insert(table).returning(table.c.row_id)
+    with store.writer.begin() as conn:
+        fastexec.insert_rows(conn, table, rows)
+        returned = fastexec.first_row(conn, "test.token_returning", stmt, {**rows[0], "value": "x"}, table)
+        values = conn.execute(select(table.c.value).order_by(table.c.row_id)).scalars().all()
+    assert values == ["0", "1", "2", "3", "4", "x"]
+    assert returned is not None and isinstance(returned[0], int)
+
+
+def test_a_column_default_it_cannot_compute_is_refused(store: Store) -> None:
+    table: Table = ResourceHistory.__table__  # type: ignore[attr-defined]
+    row = {"resource_type": "Patient", "id": "p1", "version_id": 1, "message_id": None, "resource": "{}"}
+    with store.writer.begin() as conn, pytest.raises(ValueError, match="last_updated"):
+        fastexec.insert_rows(conn, table, [row])  # last_updated and deleted have sqlmodel defaults
+
+
+def test_engine_cursor_listeners_see_its_statements(store: Store) -> None:
+    seen: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        seen.append(statement.split()[0].upper())
+
+    event.listen(store.writer, "before_cursor_execute", count)
+    try:
+        with store.writer.begin() as conn:
+            fastexec.insert_rows(conn, SearchToken.__table__, [ROWS[1][1]])  # type: ignore[attr-defined]
+    finally:
+        event.remove(store.writer, "before_cursor_execute", count)
+    assert "INSERT" in seen
