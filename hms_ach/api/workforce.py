@@ -17,6 +17,11 @@ Overtime rule: minutes over ``HMS_ACH_OVERTIME_DAILY_HOURS`` (default 8) in one 
 ``HMS_ACH_OVERTIME_WEEKLY_HOURS`` (default 40) in one ISO week, whichever is more, counted on the
 timecard that crosses the line, in clock-in order. Lists and the compliance figures compute it
 when read, so timecards from every source (this API, CSV files, FHIR) follow the same rule.
+
+Reads go through the search index (see :mod:`hms_ach.store.workforce_queries`): an overlap check
+reads the shifts of one employee around the new shift, a timecard the employee's timecards of its
+ISO week, and a list page only the records it shows (plus, for timecards, the weeks they fall in).
+Only the compliance figures, a report over everyone, read every employee and timecard.
 """
 
 from __future__ import annotations
@@ -37,12 +42,13 @@ from sqlalchemy import Connection, select
 from starlette.responses import Response
 
 from hms_ach.api.outcomes import FhirError
-from hms_ach.inbound.fhir_write import VERIFICATION_EXT, Operation, prepare, request_job, shift_overlap
+from hms_ach.inbound.fhir_write import VERIFICATION_EXT, Operation, prepare, request_job
 from hms_ach.jobs.credentials import current_expiries
 from hms_ach.map.result import RecordWrite
 from hms_ach.store import audit, messages
+from hms_ach.store import workforce_queries as wq
 from hms_ach.store.db import Store
-from hms_ach.store.models import RECORD_TABLES, CredentialAlert, JobRun
+from hms_ach.store.models import CredentialAlert, JobRun
 from hms_ach.store.repository import Repository
 
 STAFF_SYSTEM = "urn:hms-ach:id:staff"
@@ -293,35 +299,47 @@ def _credential_scan(staff: list[dict[str, Any]], alerts: list[Any], scan_run: A
             "last_alert_at": _iso(last_alert) if last_alert else None}
 
 
-def _records(conn: Connection, rtype: str) -> list[dict[str, Any]]:
-    t = RECORD_TABLES[rtype].__table__  # type: ignore[attr-defined]
-    rows = conn.execute(select(t.c.resource).where(t.c.deleted.is_(False), t.c.version_id > 0)
-                        .order_by(t.c.id)).scalars()
-    return [orjson.loads(r) for r in rows]
+_get = wq.get_record
+_records = wq.all_records
 
 
-def _get(conn: Connection, rtype: str, rid: str) -> dict[str, Any] | None:
-    t = RECORD_TABLES[rtype].__table__  # type: ignore[attr-defined]
-    row = conn.execute(select(t.c.resource).where(t.c.id == rid, t.c.deleted.is_(False),
-                                                  t.c.version_id > 0)).scalar()
-    return orjson.loads(row) if row else None
+def _after(cursor: str | None) -> str:
+    """The last key served, from a ``next_cursor`` this API gave out."""
+    if not cursor:
+        return ""
+    try:
+        return base64.urlsafe_b64decode(cursor.encode() + b"==").decode()
+    except (ValueError, UnicodeDecodeError):
+        raise Problem(400, "Invalid cursor", "the cursor is not one this API gave out",
+                      [{"location": "query.cursor", "detail": "unknown cursor"}]) from None
+
+
+def _cursor(key: Any) -> str:
+    return base64.urlsafe_b64encode(str(key).encode()).decode().rstrip("=")
 
 
 def _page(items: list[dict[str, Any]], limit: int, cursor: str | None, key: str = "id") -> dict[str, Any]:
     """Keyset page over ``items`` sorted by ``key``: the cursor carries the last key served."""
-    after = ""
-    if cursor:
-        try:
-            after = base64.urlsafe_b64decode(cursor.encode() + b"==").decode()
-        except (ValueError, UnicodeDecodeError):
-            raise Problem(400, "Invalid cursor", "the cursor is not one this API gave out",
-                          [{"location": "query.cursor", "detail": "unknown cursor"}]) from None
+    after = _after(cursor)
     items = sorted((i for i in items if str(i[key]) > after), key=lambda i: str(i[key]))
     page = items[:limit]
-    nxt = None
-    if len(items) > limit:
-        nxt = base64.urlsafe_b64encode(str(page[-1][key]).encode()).decode().rstrip("=")
-    return {"items": page, "next_cursor": nxt}
+    return {"items": page, "next_cursor": _cursor(page[-1][key]) if len(items) > limit else None}
+
+
+def _scan_page(conn: Connection, rtype: str, conds: list[Any], keep: Callable[[dict[str, Any]], bool],
+               limit: int, cursor: str | None) -> tuple[list[dict[str, Any]], str | None]:
+    """A keyset page (by record id) of the records meeting the index conditions ``conds`` and ``keep``.
+
+    The conditions narrow in SQL, ``keep`` decides (the exact rule), and the scan stops once it has
+    one record more than the page; without filters that is ``limit + 1`` rows."""
+    found: list[dict[str, Any]] = []
+    for res in wq.scan(conn, rtype, conds, _after(cursor), first=limit + 1):
+        if keep(res):
+            found.append(res)
+            if len(found) > limit:
+                break
+    page = found[:limit]
+    return page, _cursor(page[-1]["id"]) if len(found) > limit else None
 
 
 def _meta(request: Request, what: str, body: bytes) -> messages.MessageMeta:
@@ -338,7 +356,31 @@ def _engine(request: Request) -> Any:
     return engine
 
 
-_overlaps = shift_overlap
+# ---------------------------------------------------------------------------- validators
+def _employee(conn: Connection, employee_id: str, title: str, where: str, detail: str | None = None
+              ) -> dict[str, Any]:
+    """The Practitioner ``employee_id`` (by primary key), or a 422 problem at ``where``."""
+    res = _get(conn, "Practitioner", employee_id)
+    if res is None:
+        raise Problem(422, title, detail or f"no employee {employee_id[:64]}",
+                      [{"location": where, "detail": "unknown employee"}])
+    return res
+
+
+def _no_overlap(conn: Connection, ref: str, start: datetime, end: datetime, skip: str | None, who: str,
+                where: str) -> None:
+    """A 422 problem at ``where`` when ``ref`` already works another shift during [start, end)."""
+    clash = wq.shift_overlap(conn, ref, start, end, skip)
+    if clash:
+        raise Problem(422, "Overlapping shift", f"the {who} already works shift {clash} then",
+                      [{"location": where, "detail": f"overlaps shift {clash}"}])
+
+
+def _shift(conn: Connection, shift_record_id: str) -> dict[str, Any]:
+    existing = _get(conn, "Shift", shift_record_id)
+    if existing is None:
+        raise Problem(404, "Not found", f"no shift {shift_record_id[:64]}")
+    return existing
 
 
 def overtime_minutes(prior_day: int, prior_week: int, worked: int) -> int:
@@ -373,6 +415,27 @@ def overtime_by_timecard(timecards: list[dict[str, Any]]) -> dict[str, int]:
             out[str(tc.get("id"))] = overtime_minutes(by_day.get(day, 0), by_week.get(week, 0), worked)
             by_day[day] = by_day.get(day, 0) + worked
             by_week[week] = by_week.get(week, 0) + worked
+    return out
+
+
+def _ref(tc: dict[str, Any]) -> str:
+    return (tc.get("practitioner") or {}).get("reference") or ""
+
+
+def overtime_of_page(conn: Connection, cards: list[dict[str, Any]]) -> dict[str, int]:
+    """:func:`overtime_by_timecard` for ``cards`` only: per employee, it reads the timecards of the
+    ISO weeks those cards fall in (the rule never looks beyond a card's week), not every timecard."""
+    weeks: dict[str, set[datetime]] = {}
+    for tc in cards:
+        try:
+            start = datetime.fromisoformat(str(tc.get("clockIn"))).astimezone(UTC)
+        except ValueError:
+            continue
+        weeks.setdefault(_ref(tc), set()).add(wq.week_start(start))
+    out: dict[str, int] = {}
+    for ref, starts in weeks.items():
+        context = [tc for tc in wq.timecards_in_weeks(conn, ref or None, starts) if _ref(tc) == ref]
+        out.update(overtime_by_timecard(context))
     return out
 
 
@@ -430,10 +493,12 @@ def workforce_router(store: Store) -> APIRouter:
     @router.get("/employees", summary="List employees (Practitioners)")
     def list_employees(department: str | None = None, active: bool | None = None,
                        limit: int = limit_q, cursor: str | None = cursor_q) -> dict[str, Any]:
-        items = [employee_view(r) for r in read(lambda c: _records(c, "Practitioner"))]
-        items = [i for i in items if (department is None or i["department"] == department)
-                 and (active is None or i["active"] == active)]
-        return _page(items, limit, cursor)
+        def keep(res: dict[str, Any]) -> bool:
+            emp = employee_view(res)
+            return (department is None or emp["department"] == department) and (
+                active is None or emp["active"] == active)
+        page, nxt = read(lambda c: _scan_page(c, "Practitioner", [], keep, limit, cursor))
+        return {"items": [employee_view(r) for r in page], "next_cursor": nxt}
 
     @router.get("/employees/{employee_id}", summary="One employee")
     def get_employee(employee_id: str) -> dict[str, Any]:
@@ -484,16 +549,11 @@ def workforce_router(store: Store) -> APIRouter:
         shift_id = body.shift_id or (existing or {}).get("identifier", [{}])[0].get("value") or str(uuid.uuid4())
         content["identifier"] = [{"system": SHIFT_SYSTEM, "value": shift_id}]
         if body.employee_id:
-            if _get(conn, "Practitioner", body.employee_id) is None:
-                raise Problem(422, "Invalid shift", f"no employee {body.employee_id[:64]}",
-                              [{"location": "body.employee_id", "detail": "unknown employee"}])
+            _employee(conn, body.employee_id, "Invalid shift", "body.employee_id")
             ref = f"Practitioner/{body.employee_id}"
             content["practitioner"] = {"reference": ref}
             if body.status != "cancelled":
-                clash = _overlaps(conn, ref, start, end, (existing or {}).get("id"))
-                if clash:
-                    raise Problem(422, "Overlapping shift", f"the employee already works shift {clash} then",
-                                  [{"location": "body.start", "detail": f"overlaps shift {clash}"}])
+                _no_overlap(conn, ref, start, end, (existing or {}).get("id"), "employee", "body.start")
         if body.role:
             content["role"] = {"text": body.role}
         if body.department:
@@ -519,15 +579,33 @@ def workforce_router(store: Store) -> APIRouter:
                     start_before: Annotated[datetime | None, Query(description="shifts starting before")] = None,
                     unfilled: bool | None = None,
                     limit: int = limit_q, cursor: str | None = cursor_q) -> dict[str, Any]:
-        items = [shift_view(s) for s in read(lambda c: _records(c, "Shift"))]
-        def keep(s: dict[str, Any]) -> bool:
-            st = datetime.fromisoformat(s["start"])
-            return ((employee_id is None or s["employee_id"] == employee_id)
+        lo = _aware(start_from, "query.start_from") if start_from is not None else None
+        hi = _aware(start_before, "query.start_before") if start_before is not None else None
+
+        def conds(dialect: str) -> list[Any]:  # the index narrows; keep() below is the rule
+            out = []
+            if employee_id is not None:
+                out.append(wq.assigned_to("Shift", employee_id, dialect))
+            if status is not None:
+                out.append(wq.with_status("Shift", status))
+            if unfilled:
+                out.append(wq.owned_by("Shift", None, dialect))
+            if lo is not None or hi is not None:
+                out.append(wq.starts_within("Shift", [(lo, hi)], narrowed=bool(out)))
+            return out
+
+        def keep(res: dict[str, Any]) -> bool:
+            s = shift_view(res)
+            if not ((employee_id is None or s["employee_id"] == employee_id)
                     and (status is None or s["status"] == status)
-                    and (unfilled is None or (s["employee_id"] is None) == unfilled)
-                    and (start_from is None or st >= _aware(start_from, "query.start_from"))
-                    and (start_before is None or st < _aware(start_before, "query.start_before")))
-        return _page([s for s in items if keep(s)], limit, cursor)
+                    and (unfilled is None or (s["employee_id"] is None) == unfilled)):
+                return False
+            if lo is None and hi is None:
+                return True
+            st = datetime.fromisoformat(s["start"])
+            return (lo is None or st >= lo) and (hi is None or st < hi)
+        page, nxt = read(lambda c: _scan_page(c, "Shift", conds(c.dialect.name), keep, limit, cursor))
+        return {"items": [shift_view(s) for s in page], "next_cursor": nxt}
 
     @router.post("/shifts", status_code=201, summary="Create (or, with the same shift_id, replace) a shift")
     async def create_shift(body: ShiftIn, request: Request) -> Response:
@@ -542,9 +620,7 @@ def workforce_router(store: Store) -> APIRouter:
     @router.put("/shifts/{shift_record_id}", summary="Replace a shift")
     async def update_shift(shift_record_id: str, body: ShiftIn, request: Request) -> Response:
         def build(conn: Connection) -> RecordWrite:
-            existing = _get(conn, "Shift", shift_record_id)
-            if existing is None:
-                raise Problem(404, "Not found", f"no shift {shift_record_id[:64]}")
+            existing = _shift(conn, shift_record_id)
             body.shift_id = existing["identifier"][0]["value"]
             return shift_record(body, conn, existing)
         return await run_record(request, "shift", orjson.dumps(body.model_dump(mode="json")), build, shift_view)
@@ -552,12 +628,8 @@ def workforce_router(store: Store) -> APIRouter:
     @router.post("/shifts/{shift_record_id}/swap", summary="Ask to swap a shift to another employee")
     async def request_swap(shift_record_id: str, body: SwapIn, request: Request) -> Response:
         def build(conn: Connection) -> RecordWrite:
-            existing = _get(conn, "Shift", shift_record_id)
-            if existing is None:
-                raise Problem(404, "Not found", f"no shift {shift_record_id[:64]}")
-            if _get(conn, "Practitioner", body.replacement) is None:
-                raise Problem(422, "Invalid swap", "unknown replacement",
-                              [{"location": "body.replacement", "detail": "unknown employee"}])
+            existing = _shift(conn, shift_record_id)
+            _employee(conn, body.replacement, "Invalid swap", "body.replacement", "unknown replacement")
             content = {k: v for k, v in existing.items() if k not in ("id", "meta")}
             content["swapRequest"] = {"requestedBy": {"reference": f"Practitioner/{body.requested_by}"},
                                       "replacement": {"reference": f"Practitioner/{body.replacement}"},
@@ -569,9 +641,7 @@ def workforce_router(store: Store) -> APIRouter:
     @router.post("/shifts/{shift_record_id}/swap/decision", summary="Approve or reject a swap request")
     async def decide_swap(shift_record_id: str, body: SwapDecision, request: Request) -> Response:
         def build(conn: Connection) -> RecordWrite:
-            existing = _get(conn, "Shift", shift_record_id)
-            if existing is None:
-                raise Problem(404, "Not found", f"no shift {shift_record_id[:64]}")
+            existing = _shift(conn, shift_record_id)
             swap = existing.get("swapRequest") or {}
             if swap.get("status") != "requested":
                 raise Problem(409, "No open swap request", "this shift has no swap request waiting for a decision")
@@ -582,11 +652,8 @@ def workforce_router(store: Store) -> APIRouter:
                 swap["decidedBy"] = body.decided_by
             if body.approve:
                 ref = swap["replacement"]["reference"]
-                clash = _overlaps(conn, ref, datetime.fromisoformat(existing["start"]),
-                                  datetime.fromisoformat(existing["end"]), existing["id"])
-                if clash:
-                    raise Problem(422, "Overlapping shift", f"the replacement already works shift {clash} then",
-                                  [{"location": "body.approve", "detail": f"overlaps shift {clash}"}])
+                _no_overlap(conn, ref, datetime.fromisoformat(existing["start"]),
+                            datetime.fromisoformat(existing["end"]), existing["id"], "replacement", "body.approve")
                 content["practitioner"] = {"reference": ref}
                 content["status"] = "swapped"
             content["swapRequest"] = swap
@@ -603,15 +670,13 @@ def workforce_router(store: Store) -> APIRouter:
                           [{"location": "body.clock_out", "detail": "must be after clock_in"}])
 
         def build(conn: Connection) -> RecordWrite:
-            emp = _get(conn, "Practitioner", body.employee_id)
-            if emp is None:
-                raise Problem(422, "Invalid timecard", f"no employee {body.employee_id[:64]}",
-                              [{"location": "body.employee_id", "detail": "unknown employee"}])
+            emp = _employee(conn, body.employee_id, "Invalid timecard", "body.employee_id")
             ref = f"Practitioner/{body.employee_id}"
             tc_id = body.timecard_id or str(uuid.uuid4())
             day, week = clock_in.astimezone(UTC).date(), clock_in.astimezone(UTC).isocalendar()[:2]
             prior_day = prior_week = 0
-            for tc in _records(conn, "Timecard"):
+            # the employee's timecards clocking in earlier in the same ISO week (the day is in it)
+            for tc in wq.practitioner_timecards(conn, ref, [(wq.week_start(clock_in), clock_in)]):
                 if (tc.get("practitioner") or {}).get("reference") != ref:
                     continue
                 if (tc.get("identifier") or [{}])[0].get("value") == tc_id:
@@ -640,10 +705,17 @@ def workforce_router(store: Store) -> APIRouter:
     @router.get("/timecards", summary="Timecards by employee")
     def list_timecards(employee_id: str | None = None, limit: int = limit_q,
                        cursor: str | None = cursor_q) -> dict[str, Any]:
-        cards = read(lambda c: _records(c, "Timecard"))
-        overtime = overtime_by_timecard(cards)
+        def keep(res: dict[str, Any]) -> bool:
+            return employee_id is None or timecard_view(res)["employee_id"] == employee_id
+
+        def page_of(conn: Connection) -> tuple[list[dict[str, Any]], str | None, dict[str, int]]:
+            conds = [wq.assigned_to("Timecard", employee_id, conn.dialect.name)] if employee_id is not None else []
+            cards, nxt = _scan_page(conn, "Timecard", conds, keep, limit, cursor)
+            return cards, nxt, overtime_of_page(conn, cards)
+
+        cards, nxt, overtime = read(page_of)
         items = [{**timecard_view(t), "overtime_minutes": overtime.get(str(t.get("id")), 0)} for t in cards]
-        return _page([t for t in items if employee_id is None or t["employee_id"] == employee_id], limit, cursor)
+        return {"items": items, "next_cursor": nxt}
 
     # ------------------------------------------------------------------ compliance and audit
     @router.get("/compliance/status", summary="Active staff, credential, shift and overtime counts by department")
@@ -654,7 +726,9 @@ def workforce_router(store: Store) -> APIRouter:
         def gather(conn: Connection) -> tuple[list[Any], list[Any], list[Any], list[Any], Any]:
             alerts = list(conn.execute(select(CREDENTIAL_ALERTS).order_by(CREDENTIAL_ALERTS.c.id)).all())
             scan_run = conn.execute(select(JOB_RUNS).where(JOB_RUNS.c.name == "credential_expiry")).first()
-            return (_records(conn, "Practitioner"), _records(conn, "Shift"), _records(conn, "Timecard"),
+            # a report over everyone: every employee and timecard is read; of the shifts only those
+            # without an employee (the index tells which)
+            return (_records(conn, "Practitioner"), wq.unassigned_shifts(conn), _records(conn, "Timecard"),
                     alerts, scan_run)
 
         staff, shifts, timecards, alerts, scan_run = read(gather)

@@ -33,6 +33,7 @@ from hms_ach.map.result import RecordWrite
 from hms_ach.store import messages
 from hms_ach.store.models import FHIR_TYPES, RECORD_TABLES, FhirRequestLine, SearchToken
 from hms_ach.store.repository import Repository, merge_content, new_id
+from hms_ach.store.workforce_queries import shift_overlap
 
 #: The resource types the FHIR REST channel writes. ``Basic`` carries what FHIR R4 has no resource
 #: for (its code says which canonical record type): a ``shift`` becomes a Shift record.
@@ -403,21 +404,6 @@ def _instant(text: Any, where: str) -> datetime:
     return value
 
 
-def shift_overlap(conn: Connection, practitioner: str, start: datetime, end: datetime, skip: str | None) -> str | None:
-    """The id of another live, not cancelled shift of ``practitioner`` that overlaps [start, end)."""
-    t = RECORD_TABLES["Shift"].__table__  # type: ignore[attr-defined]
-    rows = conn.execute(select(t.c.id, t.c.resource).where(t.c.deleted.is_(False), t.c.version_id > 0)).all()
-    for row in rows:
-        s = orjson.loads(row.resource)
-        if row.id == skip or s.get("status") == "cancelled":
-            continue
-        if (s.get("practitioner") or {}).get("reference") != practitioner:
-            continue
-        if datetime.fromisoformat(s["start"]) < end and start < datetime.fromisoformat(s["end"]):
-            return str(row.id)
-    return None
-
-
 def check_shift(conn: Connection, rid: str, content: dict[str, Any], where: str) -> None:
     """A shift ends after it starts, has a known status and does not overlap its employee's others."""
     ext = f"{where}.extension"
@@ -429,7 +415,7 @@ def check_shift(conn: Connection, rid: str, content: dict[str, Any], where: str)
                                              "planned, confirmed, swapped, cancelled", expression=ext)
     who = (content.get("practitioner") or {}).get("reference")
     if who and content.get("status") != "cancelled":
-        clash = shift_overlap(conn, who, start, end, rid)
+        clash = shift_overlap(conn, who, start, end, rid)  # that employee's shifts only, by the index
         if clash:
             raise FhirError(422, "business-rule", f"{who} already works shift Shift/{clash} then",
                             expression=f"{where}.subject")

@@ -86,9 +86,15 @@ class ClauseContext:
 
 
 def _owned(t: Table, ix: Table, rt: str, crit: Criterion, cond: ColumnElement[bool]) -> ColumnElement[bool]:
-    """The record has an index row of ``crit`` meeting ``cond`` (a correlated EXISTS)."""
+    """The record has an index row of ``crit`` meeting ``cond`` (a correlated EXISTS).
+
+    Each candidate is looked up through the owner index (resource_type, resource_id). The param is
+    compared through ``coalesce`` (it is never NULL) so that the planner cannot pick the lookup
+    index (resource_type, param, ...) instead: SQLite does when it can, and then walks every row
+    of the param for every candidate record.
+    """
     return exists(select(literal(1)).where(ix.c.resource_type == rt, ix.c.resource_id == t.c.id,
-                                           ix.c.param == crit.param.name, cond))
+                                           func.coalesce(ix.c.param, "") == crit.param.name, cond))
 
 
 def token_clause(t: Table, rt: str, crit: Criterion, ctx: ClauseContext) -> ColumnElement[bool]:

@@ -109,6 +109,8 @@ DECLARATIONS: dict[str, dict[str, _Decl]] = {
         "identifier": ("token", "identifier"),
         "practitioner": ("reference", "practitioner", ("Practitioner",)),
         "date": ("date", "start"),
+        # custom: the end of the shift, so that an overlap check reads only the shifts around its window
+        "end": ("date", "end"),
         "status": ("token", "status"),
     },
     "Timecard": {

@@ -1,0 +1,245 @@
+"""Store-side reads of the /api/v1 workforce API, bounded by the search index.
+
+Shifts and timecards are found through their index rows (declared in
+:mod:`hms_ach.store.search_params`) rather than by reading every record:
+
+* ``search_reference`` (param ``practitioner``): the records of ONE practitioner;
+* ``search_date`` (Shift ``date`` = start, Shift ``end``, Timecard ``date`` = clockIn): a time window;
+* ``search_token`` (Shift ``status``).
+
+Every function returns the stored resources it selected, a superset of the answer: the callers
+check the exact rule in Python on what was read (the index narrows, it does not decide). A record
+whose ``practitioner`` is no indexable ``Practitioner/<id>`` reference has no reference row:
+:func:`owned_by` with such a reference (or none) selects the records without a practitioner row
+instead. A time that is no FHIR dateTime has no date row, so such a record is not found by a time
+window (the rules could not have compared it either).
+
+Shift ``end`` rows exist only for shifts written since the parameter was declared (there is no
+reindex command): a shift without one is always a candidate of :func:`overlap_candidates`, so an
+existing store stays correct and only reads a little more until its shifts are rewritten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection, Table, and_, exists, func, literal, or_, select, true
+from sqlalchemy.sql.elements import ColumnElement
+
+from hms_ach.store.models import RECORD_TABLES, SearchDate, SearchReference, SearchToken
+from hms_ach.store.search_params import clip, parse_reference
+
+REFS: Table = SearchReference.__table__  # type: ignore[attr-defined]
+DATES: Table = SearchDate.__table__  # type: ignore[attr-defined]
+TOKENS: Table = SearchToken.__table__  # type: ignore[attr-defined]
+PRACTITIONER_PARAM = "practitioner"
+#: The date parameter of each record type that the workforce API filters on (shift start, clock-in).
+START_PARAM = "date"
+SHIFT_END_PARAM = "end"
+#: Rows read per statement when a page is filled by a scan that Python filters further.
+SCAN_CHUNK = 500
+
+
+def table(resource_type: str) -> Table:
+    return RECORD_TABLES[resource_type].__table__  # type: ignore[attr-defined, no-any-return]
+
+
+def live(t: Table) -> list[ColumnElement[bool]]:
+    """A record that is neither deleted nor a placeholder (version 0 of a conditional create)."""
+    return [t.c.deleted.is_(False), t.c.version_id > 0]
+
+
+def utc(value: datetime) -> datetime:
+    return value.astimezone(UTC)
+
+
+def week_start(instant: datetime) -> datetime:
+    """Monday 00:00 UTC of the ISO week of ``instant``."""
+    day = utc(instant).date()
+    monday = day - timedelta(days=day.weekday())
+    return datetime(monday.year, monday.month, monday.day, tzinfo=UTC)
+
+
+# ---------------------------------------------------------------------------- record reads
+def get_record(conn: Connection, resource_type: str, rid: str) -> dict[str, Any] | None:
+    """One live record by id (primary key)."""
+    t = table(resource_type)
+    row = conn.execute(select(t.c.resource).where(t.c.id == rid, *live(t))).scalar()
+    return orjson.loads(row) if row else None
+
+
+def all_records(conn: Connection, resource_type: str) -> list[dict[str, Any]]:
+    """Every live record of a type, by id: for the reports over everyone (compliance status)."""
+    t = table(resource_type)
+    rows = conn.execute(select(t.c.resource).where(*live(t)).order_by(t.c.id)).scalars()
+    return [orjson.loads(r) for r in rows]
+
+
+def scan(conn: Connection, resource_type: str, conds: Iterable[ColumnElement[bool]] = (), after: str = "",
+         first: int = SCAN_CHUNK) -> Iterator[dict[str, Any]]:
+    """Live records meeting ``conds`` with id > ``after``, in id order, read ``first`` rows at a time
+    at first and :data:`SCAN_CHUNK` after that; the caller stops iterating when its page is full."""
+    t = table(resource_type)
+    conds = list(conds)
+    size = max(1, first)
+    while True:
+        stmt = select(t.c.id, t.c.resource).where(*live(t), *conds, t.c.id > after).order_by(t.c.id).limit(size)
+        rows = conn.execute(stmt).all()
+        for row in rows:
+            yield orjson.loads(row.resource)
+        if len(rows) < size:
+            return
+        after, size = rows[-1].id, SCAN_CHUNK
+
+
+# ---------------------------------------------------------------------------- index conditions
+def practitioner_id(reference: str | None) -> str | None:
+    """The id that a ``practitioner`` reference is indexed under, or None when it has no index row."""
+    if not reference:
+        return None
+    rtype, rid = parse_reference(reference)
+    if rtype != "Practitioner" or not rid or len(rid) > 64:
+        return None
+    return rid
+
+
+def _own_rows(ix: Table, resource_type: str, t: Table, param: str) -> list[ColumnElement[bool]]:
+    """The index rows of ``param`` of the record ``t.c.id`` (for a correlated sub-select).
+
+    The parameter is compared as an expression on purpose: so the planner finds the rows through
+    the owner index (resource_type, resource_id), a few rows per record, instead of walking the
+    lookup index (resource_type, param, ...) over the rows of every record and checking the
+    resource_id of each (what SQLite chooses when the parameter is a plain column comparison)."""
+    return [ix.c.resource_type == resource_type, ix.c.resource_id == t.c.id,
+            func.coalesce(ix.c.param, "") == param]
+
+
+def owned_by(resource_type: str, reference: str | None, dialect: str) -> ColumnElement[bool]:
+    """Records of ``resource_type`` whose practitioner is indexed as ``reference``; for a reference
+    that has no index row (or None): the records without any practitioner row.
+
+    "Without": on SQLite a ``NOT IN`` over the practitioner rows of the type, read once from the
+    lookup index (a correlated ``NOT EXISTS`` would walk that covering index once per record); on
+    PostgreSQL a ``NOT EXISTS``, which it runs as an anti-join."""
+    t = table(resource_type)
+    target = practitioner_id(reference)
+    if target is None:
+        if dialect == "sqlite":
+            return t.c.id.not_in(select(REFS.c.resource_id).where(REFS.c.resource_type == resource_type,
+                                                                  REFS.c.param == PRACTITIONER_PARAM))
+        return ~exists(select(literal(1)).where(REFS.c.resource_type == resource_type, REFS.c.resource_id == t.c.id,
+                                                REFS.c.param == PRACTITIONER_PARAM))
+    return t.c.id.in_(select(REFS.c.resource_id).where(
+        REFS.c.resource_type == resource_type, REFS.c.param == PRACTITIONER_PARAM,
+        REFS.c.target_id == target, REFS.c.target_type == "Practitioner"))
+
+
+def assigned_to(resource_type: str, practitioner: str, dialect: str) -> ColumnElement[bool]:
+    """Records whose practitioner reference is indexed with id ``practitioner`` (``Practitioner/<id>``)."""
+    return owned_by(resource_type, f"Practitioner/{practitioner}", dialect)
+
+
+def _date_rows(resource_type: str, param: str, t: Table, cond: ColumnElement[bool], narrowed: bool
+               ) -> ColumnElement[bool]:
+    if narrowed:  # few candidates already: look at their own date rows (owner index)
+        return exists(select(literal(1)).where(*_own_rows(DATES, resource_type, t, param), cond))
+    return t.c.id.in_(select(DATES.c.resource_id).where(DATES.c.resource_type == resource_type,
+                                                        DATES.c.param == param, cond))
+
+
+def starts_within(resource_type: str, ranges: Iterable[tuple[datetime | None, datetime | None]],
+                  narrowed: bool = True) -> ColumnElement[bool]:
+    """Records whose start (Shift ``date``, Timecard ``date`` = clockIn) lies in one of the UTC ranges
+    ``[lo, hi)`` (None: open)."""
+    t = table(resource_type)
+    alternatives = []
+    for lo, hi in ranges:
+        parts = []
+        if lo is not None:
+            parts.append(DATES.c.start >= utc(lo))
+        if hi is not None:
+            parts.append(DATES.c.start < utc(hi))
+        alternatives.append(and_(true(), *parts))
+    return _date_rows(resource_type, START_PARAM, t, or_(*alternatives), narrowed)
+
+
+def with_status(resource_type: str, status: str) -> ColumnElement[bool]:
+    t = table(resource_type)
+    return t.c.id.in_(select(TOKENS.c.resource_id).where(TOKENS.c.resource_type == resource_type,
+                                                         TOKENS.c.param == "status", TOKENS.c.value == clip(status)))
+
+
+# ---------------------------------------------------------------------------- shifts
+def overlap_candidates(conn: Connection, reference: str, start: datetime, end: datetime) -> list[dict[str, Any]]:
+    """The shifts of ONE practitioner that may overlap ``[start, end)``: indexed as theirs, starting
+    before ``end`` and ending after ``start`` (or without an ``end`` row: written before it was indexed);
+    :func:`shift_overlap` decides."""
+    t = table("Shift")
+    ends_after = exists(select(literal(1)).where(*_own_rows(DATES, "Shift", t, SHIFT_END_PARAM),
+                                                 DATES.c.start > utc(start)))
+    no_end_row = ~exists(select(literal(1)).where(*_own_rows(DATES, "Shift", t, SHIFT_END_PARAM)))
+    stmt = (select(t.c.resource)
+            .where(*live(t), owned_by("Shift", reference, conn.dialect.name),
+                   starts_within("Shift", [(None, end)], narrowed=practitioner_id(reference) is not None),
+                   or_(ends_after, no_end_row))
+            .order_by(t.c.id))
+    return [orjson.loads(r) for r in conn.execute(stmt).scalars()]
+
+
+def shift_overlap(conn: Connection, practitioner: str, start: datetime, end: datetime, skip: str | None) -> str | None:
+    """The id of another live, not cancelled shift of ``practitioner`` (a reference) that overlaps
+    ``[start, end)``; the earliest such shift when there are several. Reads only that practitioner's
+    shifts around the window (see :func:`overlap_candidates`)."""
+    clashes = []
+    for s in overlap_candidates(conn, practitioner, start, end):
+        if s.get("id") == skip or s.get("status") == "cancelled":
+            continue
+        if (s.get("practitioner") or {}).get("reference") != practitioner:
+            continue
+        try:
+            s_start, s_end = datetime.fromisoformat(s["start"]), datetime.fromisoformat(s["end"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if s_start < end and start < s_end:
+            clashes.append((utc(s_start), str(s["id"])))
+    return min(clashes)[1] if clashes else None
+
+
+def unassigned_shifts(conn: Connection) -> list[dict[str, Any]]:
+    """The shifts without an indexed practitioner (the unfilled ones, and any whose practitioner
+    reference cannot be indexed), in id order: the index answers which, only those are read."""
+    t = table("Shift")
+    stmt = select(t.c.resource).where(*live(t), owned_by("Shift", None, conn.dialect.name)).order_by(t.c.id)
+    return [orjson.loads(r) for r in conn.execute(stmt).scalars()]
+
+
+# ---------------------------------------------------------------------------- timecards
+def practitioner_timecards(conn: Connection, reference: str | None,
+                           ranges: Iterable[tuple[datetime | None, datetime | None]]) -> list[dict[str, Any]]:
+    """The timecards of ONE practitioner (as :func:`owned_by` selects them) clocking in within one of
+    the UTC ranges ``[lo, hi)``, in id order."""
+    t = table("Timecard")
+    ranges = list(ranges)
+    if not ranges:
+        return []
+    stmt = (select(t.c.resource)
+            .where(*live(t), owned_by("Timecard", reference, conn.dialect.name),
+                   # one employee's cards are few: check their dates; else the dates find the cards
+                   starts_within("Timecard", ranges, narrowed=practitioner_id(reference) is not None))
+            .order_by(t.c.id))
+    return [orjson.loads(r) for r in conn.execute(stmt).scalars()]
+
+
+def timecards_in_weeks(conn: Connection, reference: str | None, weeks: Iterable[datetime]) -> list[dict[str, Any]]:
+    """The timecards of ONE practitioner clocking in during the ISO weeks starting at ``weeks`` (Mondays)."""
+    return practitioner_timecards(conn, reference, [(w, w + timedelta(days=7)) for w in sorted(set(weeks))])
+
+
+__all__ = [
+    "all_records", "assigned_to", "get_record", "overlap_candidates", "owned_by", "practitioner_id",
+    "practitioner_timecards", "scan", "shift_overlap", "starts_within", "timecards_in_weeks", "unassigned_shifts",
+    "week_start", "with_status",
+]
