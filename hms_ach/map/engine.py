@@ -652,19 +652,7 @@ class MappingEngine:
         def plain(run: _Run, scope: Scope, params: dict[str, Any], obj: dict[str, Any], prefix: str,
                   lineage: Trace) -> None:
             value, found = produce(scope, params)
-            if value is None or value == "" or value == '""' or (
-                    isinstance(value, (list, dict)) and _empty(value)):
-                if fail is not None:
-                    fail()
-                return
-            if isinstance(value, (dict, list)):
-                value = _fresh(value, run)
-            if lineage is None:
-                set_value(obj, value, False)
-                return
-            where = f"{prefix}.{set_value(obj, value, True)}".lstrip(".")
-            src = ", ".join(v.location for v in found) or constant_src
-            lineage.append(Lineage(where, src, _short(value)))
+            _emit(run, obj, prefix, lineage, set_value, fail, value, found, constant_src)
 
         return plain
 
@@ -688,18 +676,7 @@ class MappingEngine:
                 value = convert(value, got.location if got is not None else no_location)
             if default is not None and _empty(value):
                 value = default
-            if value is None or value == "" or value == '""' or (
-                    isinstance(value, (list, dict)) and _empty(value)):
-                if fail is not None:
-                    fail()
-                return
-            if isinstance(value, (dict, list)):
-                value = _fresh(value, run)
-            if lineage is None:
-                set_value(obj, value, False)
-                return
-            where = f"{prefix}.{set_value(obj, value, True)}".lstrip(".")
-            lineage.append(Lineage(where, got.location if got is not None else "constant", _short(value)))
+            _emit(run, obj, prefix, lineage, set_value, fail, value, got, "constant")
 
         return sourced
 
@@ -831,6 +808,29 @@ def _guarded(holds: Holds, body: RuleFn) -> RuleFn:
             body(run, scope, params, obj, prefix, lineage)
 
     return guarded
+
+
+def _emit(run: _Run, obj: dict[str, Any], prefix: str, lineage: Trace,
+          set_value: Callable[[dict[str, Any], Any, bool], str], fail: Callable[[], None] | None, value: Any,
+          found: Value | list[Value] | None, fallback: str) -> None:
+    """The end every single-value rule shares: an empty value only runs the ``required`` check;
+    any other is copied (lists and objects), set at the target and, when tracing, recorded with the
+    source locations it came from (``found``; ``fallback`` when there are none)."""
+    if value is None or value == "" or value == '""' or (isinstance(value, (list, dict)) and _empty(value)):
+        if fail is not None:
+            fail()
+        return
+    if isinstance(value, (dict, list)):
+        value = _fresh(value, run)
+    if lineage is None:
+        set_value(obj, value, False)
+        return
+    where = f"{prefix}.{set_value(obj, value, True)}".lstrip(".")
+    if isinstance(found, Value):
+        src = found.location
+    else:
+        src = ", ".join(v.location for v in found or ()) or fallback
+    lineage.append(Lineage(where, src, _short(value)))
 
 
 def _for_each(holds: Holds | None, children: Children, body: RuleFn) -> RuleFn:
