@@ -13,11 +13,11 @@ is skipped or repeated.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Select, Table, and_, exists, false, func, literal, or_, select
+from sqlalchemy import Connection, Select, Table, and_, exists, false, func, intersect, literal, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from hms_ach.store.models import INDEX_TABLES, RECORD_TABLES
@@ -67,22 +67,32 @@ def _rows_of(ix: Table, rt: str, param: SearchParam, *conds: ColumnElement[bool]
     return select(ix.c.resource_id).where(ix.c.resource_type == rt, ix.c.param == param.name, *conds)
 
 
-def _in_index(t: Table, ix: Table, rt: str, crit: Criterion, cond: ColumnElement[bool]) -> ColumnElement[bool]:
+def _in_index(t: Table, ix: Table, rt: str, crit: Criterion, cond: ColumnElement[bool],
+              ctx: ClauseContext | None = None) -> ColumnElement[bool]:
     if crit.modifier == "missing":
         rows = _rows_of(ix, rt, crit.param)
         return t.c.id.not_in(rows) if crit.values[0] == "true" else t.c.id.in_(rows)
     rows = _rows_of(ix, rt, crit.param, cond)
-    return t.c.id.not_in(rows) if crit.modifier == "not" else t.c.id.in_(rows)
+    if crit.modifier == "not":
+        return t.c.id.not_in(rows)
+    if ctx is not None:
+        ctx.index_sets.append(rows)
+    return t.c.id.in_(rows)
 
 
 @dataclass(frozen=True)
 class ClauseContext:
     """What a clause builder may adapt to: the SQL dialect, and whether another criterion of the
     query narrows the records first (then a date criterion is checked per candidate record through
-    the index's owner columns, instead of listing every date row that matches)."""
+    the index's owner columns, instead of listing every date row that matches).
+
+    ``index_sets`` collects, as the builders run, the index-row selects of the criteria that are a
+    plain "the record has a matching index row". When every criterion is one, the matches can be
+    counted from the index alone (:func:`_count`)."""
 
     dialect: str = "sqlite"
     narrowed: bool = False
+    index_sets: list[Select[Any]] = field(default_factory=list)
 
 
 def _owned(t: Table, ix: Table, rt: str, crit: Criterion, cond: ColumnElement[bool]) -> ColumnElement[bool]:
@@ -111,7 +121,7 @@ def token_clause(t: Table, rt: str, crit: Criterion, ctx: ClauseContext) -> Colu
         system, code = unescape(parts[0]), unescape("|".join(parts[1:]))
         sys_cond = ix.c.system.is_(None) if system == "" else ix.c.system == clip(system)
         conds.append(and_(sys_cond, ix.c.value == clip(code)) if code else sys_cond)
-    return _in_index(t, ix, rt, crit, or_(false(), *conds))
+    return _in_index(t, ix, rt, crit, or_(false(), *conds), ctx)
 
 
 def _like_escape(text: str) -> str:
@@ -149,7 +159,7 @@ def string_clause(t: Table, rt: str, crit: Criterion, ctx: ClauseContext) -> Col
             conds.append(ix.c.norm.like("%" + _like_escape(norm) + "%", escape="\\"))
         else:
             conds.append(prefix_condition(ix.c.norm, norm, ctx.dialect))
-    return _in_index(t, ix, rt, crit, or_(false(), *conds))
+    return _in_index(t, ix, rt, crit, or_(false(), *conds), ctx)
 
 
 def _date_condition(prefix: str, start: Any, end_gt: Any, end_le: Any, lo: datetime, hi: datetime
@@ -186,7 +196,7 @@ def date_clause(t: Table, rt: str, crit: Criterion, ctx: ClauseContext) -> Colum
         return cond
     if ctx.narrowed and crit.modifier is None:
         return _owned(t, ix, rt, crit, cond)
-    return _in_index(t, ix, rt, crit, cond)
+    return _in_index(t, ix, rt, crit, cond, ctx)
 
 
 def reference_clause(t: Table, rt: str, crit: Criterion, ctx: ClauseContext) -> ColumnElement[bool]:
@@ -201,7 +211,7 @@ def reference_clause(t: Table, rt: str, crit: Criterion, ctx: ClauseContext) -> 
             target_type = crit.modifier
         cond = ix.c.target_id == target_id
         conds.append(and_(cond, ix.c.target_type == target_type) if target_type else cond)
-    return _in_index(t, ix, rt, crit, or_(false(), *conds))
+    return _in_index(t, ix, rt, crit, or_(false(), *conds), ctx)
 
 
 CLAUSE_BUILDERS = {
@@ -212,15 +222,30 @@ CLAUSE_BUILDERS = {
 }
 
 
-def where_clauses(query: SearchQuery, dialect: str = "sqlite") -> list[ColumnElement[bool]]:
+def where_clauses(query: SearchQuery, dialect: str = "sqlite",
+                  ctx: ClauseContext | None = None) -> list[ColumnElement[bool]]:
     """Every WHERE condition of ``query``; deleted records never match."""
     t = _table(query.resource_type)
     narrowed = any(c.param.type in ("reference", "token") and c.modifier is None for c in query.criteria)
-    ctx = ClauseContext(dialect, narrowed)
+    ctx = ctx or ClauseContext(dialect, narrowed)
     conds: list[ColumnElement[bool]] = [t.c.deleted == false()]
     for crit in query.criteria:
         conds.append(CLAUSE_BUILDERS[crit.param.type](t, query.resource_type, crit, ctx))
     return conds
+
+
+def _count(conn: Connection, t: Table, where: list[ColumnElement[bool]], query: SearchQuery,
+           sets: list[Select[Any]]) -> int:
+    """``Bundle.total``. When every criterion is a plain index match (``sets``, one per criterion),
+    the count comes from the index alone: the ids in all of the sets. A deleted record and the
+    placeholder of a conditional create have no index rows, so nothing is counted that the page
+    query would not return, and no record row is read (over a million Practitioners, counting the
+    matches of a common family name through the records read 25,000 rows scattered over the
+    file). Otherwise it is one COUNT over the record table with the page's criteria."""
+    if query.criteria and len(sets) == len(query.criteria):
+        ids = sets[0].distinct() if len(sets) == 1 else intersect(*sets)
+        return int(conn.execute(select(func.count()).select_from(ids.subquery())).scalar_one())
+    return int(conn.execute(select(func.count()).select_from(t).where(*where)).scalar_one())
 
 
 def _sort_expression(t: Table, rt: str, key: SortKey) -> ColumnElement[Any]:
@@ -253,12 +278,14 @@ def execute(conn: Connection, query: SearchQuery) -> SearchPage:
     ``_total=none``.
     """
     t = _table(query.resource_type)
-    where = where_clauses(query, conn.dialect.name)
+    narrowed = any(c.param.type in ("reference", "token") and c.modifier is None for c in query.criteria)
+    ctx = ClauseContext(conn.dialect.name, narrowed)
+    where = where_clauses(query, conn.dialect.name, ctx)
     total = None
     counting = query.total in ("auto", "accurate")
     if query.count == 0:
         if query.total != "none":
-            total = int(conn.execute(select(func.count()).select_from(t).where(*where)).scalar_one())
+            total = _count(conn, t, where, query, ctx.index_sets)
         return SearchPage([], [], total, None)
     keys = [_sort_expression(t, query.resource_type, k).label(f"k{i}") for i, k in enumerate(query.sort)]
     inner = select(t.c.id, t.c.resource, *keys).where(*where).subquery("matches")
@@ -278,7 +305,7 @@ def execute(conn: Connection, query: SearchQuery) -> SearchPage:
     if query.after is None and not more and query.total != "none":
         total = len(rows)  # every match is on this first page: no need to count
     elif counting:
-        total = int(conn.execute(select(func.count()).select_from(t).where(*where)).scalar_one())
+        total = _count(conn, t, where, query, ctx.index_sets)
     matches = [(r.id, r.resource) for r in rows]
     return SearchPage(matches, _included(conn, query, [m[0] for m in matches]), total, next_cursor)
 

@@ -15,12 +15,12 @@ import pytest
 import uvicorn
 from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 from fhirpy import SyncFHIRClient
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 
 from hms_ach.api.app import create_app
 from hms_ach.map.result import MappingResult, RecordWrite
 from hms_ach.store.db import Store
-from hms_ach.store.models import RECORD_TABLES, SERVED_FHIR_TYPES
+from hms_ach.store.models import INDEX_TABLES, RECORD_TABLES, SERVED_FHIR_TYPES
 from hms_ach.store.repository import Repository
 from hms_ach.store.search_params import SEARCH_PARAMS
 
@@ -96,12 +96,25 @@ def _apply(store: Store, records: list[RecordWrite]) -> dict[str, str]:
 
 @pytest.fixture
 def ids(store: Store) -> dict[str, str]:
-    """Seed the store; the ``gone`` patient is deleted (its index rows stay, to prove the flag filters)."""
+    """Seed the store; the ``gone`` patient is deleted as a FHIR DELETE deletes it: a new version
+    flagged deleted, whose search-index rows are removed (searches and their totals rely on that)."""
     found = _apply(store, SEED)
     table = RECORD_TABLES["Patient"].__table__  # type: ignore[attr-defined]
     with store.writer.begin() as conn:
-        conn.execute(update(table).where(table.c.id == found["gone"]).values(deleted=True))
+        content = orjson.loads(conn.execute(select(table.c.resource).where(table.c.id == found["gone"])).scalar_one())
+        content = {k: v for k, v in content.items() if k not in ("id", "meta")}
+        Repository(conn)._store_version("Patient", found["gone"], 2, content, None, False, deleted=True, before=content)
     return found
+
+
+def test_a_deleted_record_keeps_no_search_index_rows(store: Store, ids: dict[str, str]) -> None:
+    with store.reader.connect() as conn:
+        for model in INDEX_TABLES.values():
+            t = model.__table__  # type: ignore[attr-defined]
+            assert conn.execute(select(func.count()).select_from(t).where(t.c.resource_id == ids["gone"])
+                                ).scalar_one() == 0
+        flag = RECORD_TABLES["Patient"].__table__.c.deleted  # type: ignore[attr-defined]
+        assert conn.execute(select(flag).where(flag.table.c.id == ids["gone"])).scalar_one() is True
 
 
 class _Server:
