@@ -65,7 +65,12 @@ def _configure_sqlite(engine: Engine, *, immediate: bool) -> None:
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA cache_size=-65536")
+        if immediate:
+            # Writer connections (the group-commit writer's, and the few jobs and sinks that write)
+            # keep up to 64 MiB of pages each (the default is 2 MiB), so the record and index pages
+            # every message touches stay in memory. Readers keep the default: the API's pool may
+            # hold many of them, and each connection has its own cache.
+            cursor.execute("PRAGMA cache_size=-65536")
         cursor.close()
 
     @event.listens_for(engine, "begin")
