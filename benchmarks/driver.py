@@ -1,10 +1,12 @@
-"""What the load drivers (:mod:`benchmarks.mllp_load`, :mod:`benchmarks.http_load`) share.
+"""What the load drivers (:mod:`benchmarks.mllp_load`, :mod:`benchmarks.http_load`) and the helper
+servers (:mod:`benchmarks.echo_server`, :mod:`benchmarks.sftp_server`) share.
 
 * :class:`StartLine` and :func:`run_together`: one repetition opens every connection first, then
   starts all workers at once with a common deadline, so connecting is not part of the timed run;
 * :func:`close_quietly`: closing a connection whose peer may already be gone;
 * :func:`print_result`: a driver's output contract, one JSON object on stdout (``{"error": ...}``
-  when the run failed), which :func:`benchmarks.procs.run_driver` parses.
+  when the run failed), which :func:`benchmarks.procs.run_driver` parses;
+* :func:`listen_until_signalled`: a helper server's ``listening PORT`` line, then a wait for SIGTERM.
 
 Latency percentiles and summaries are in :mod:`benchmarks.stats`.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
@@ -80,3 +83,14 @@ def print_result(run: Coroutine[Any, Any, dict[str, Any]],
         result = {"error": f"{type(exc).__name__}: {exc}"}
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")
+
+
+async def listen_until_signalled(port: int) -> None:
+    """For a helper server (run as its own process): say ``listening PORT`` on stdout, which the
+    benchmark waits for, then wait for SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"listening {port}", flush=True)
+    await stop.wait()

@@ -7,9 +7,8 @@ Run in its own process: ``python -m benchmarks.echo_server --port P``; stops on 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import signal
 
+from benchmarks.driver import listen_until_signalled
 from hms_ach import eventloop
 from hms_ach.inbound.mllp import MllpConfig, MllpServer
 
@@ -27,12 +26,7 @@ async def serve(host: str, port: int) -> None:
                                         "max_connections": 100})
     server = MllpServer(config, _handler)
     await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"listening {server.port}", flush=True)
-    await stop.wait()
+    await listen_until_signalled(server.port)
     await server.close(grace_seconds=2)
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 from pathlib import Path
 
+from benchmarks.driver import listen_until_signalled
 from hms_ach.devtools.sftp_server import start_sftp_server, write_host_key, write_known_hosts, write_password
 
 USER = "bench"
@@ -26,12 +26,7 @@ async def serve(root: Path, port: int) -> None:
     write_known_hosts(root / "known_hosts", key, port)
     password = write_password(root / "password")
     server, _port = await start_sftp_server(root, key, USER, password, port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    print(f"listening {port}", flush=True)
-    await stop.wait()
+    await listen_until_signalled(port)
     server.close()
     await server.wait_closed()
 

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, bindparam, func, insert, select, text
+from sqlalchemy import Connection, bindparam, func, select, text
 
 from hms_ach.store import fastexec, txcache
 from hms_ach.store.changes import Change
@@ -76,7 +76,6 @@ def entry_hash(row: dict[str, Any]) -> str:
 
 _AGENT = select(M.c.channel, M.c.sending_application).where(M.c.id == bindparam("mid"))
 _LAST_HASH = select(T.c.hash).order_by(T.c.seq.desc()).limit(1)
-_INSERT = insert(T)
 
 
 def _agent(conn: Connection, message_id: int | None, cache: dict[str, Any]) -> str:

@@ -10,7 +10,8 @@ transaction and SAVEPOINTs like any other, because SQLAlchemy's transaction is t
 Values are converted exactly as SQLAlchemy would convert them, through the public ``bind_processor`` of
 each column type's dialect implementation (on SQLite a ``datetime`` becomes SQLAlchemy's text format), so
 rows written here read back through SQLAlchemy unchanged. What this path skips is SQLAlchemy's
-per-statement machinery (execution context, result objects). Its ``before_cursor_execute`` and
+per-statement machinery (execution context, result objects); driver errors are still raised as
+SQLAlchemy's exceptions. Its ``before_cursor_execute`` and
 ``after_cursor_execute`` listeners are still called, with ``context=None``, so that statement
 counters, tracing and logging hooks on the engine see these statements too.
 
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, Table, insert
+from sqlalchemy.exc import DBAPIError
 
 
 @dataclass(frozen=True)
@@ -70,13 +72,20 @@ def _cursor(conn: Connection) -> Any:
 
 
 def _run(conn: Connection, cursor: Any, sql: str, params: Any, many: bool) -> None:
+    """Execute on the cursor. A driver error is raised as SQLAlchemy would raise it (``IntegrityError``
+    and the rest of ``sqlalchemy.exc``, the driver's exception as ``.orig``), so that callers that
+    catch those (a FHIR write answering 409 to a unique-constraint refusal) see the same thing."""
     dispatch = conn.dispatch
     for before in dispatch.before_cursor_execute:
         before(conn, cursor, sql, params, None, many)
-    if many:
-        cursor.executemany(sql, params)
-    else:
-        cursor.execute(sql, params)
+    dbapi_error = conn.dialect.loaded_dbapi.Error
+    try:
+        if many:
+            cursor.executemany(sql, params)
+        else:
+            cursor.execute(sql, params)
+    except dbapi_error as exc:
+        raise DBAPIError.instance(sql, params, exc, dbapi_error, dialect=conn.dialect, ismulti=many) from exc
     for after in dispatch.after_cursor_execute:
         after(conn, cursor, sql, params, None, many)
 

@@ -19,7 +19,7 @@ from functools import cache
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Table, and_, bindparam, delete, insert, select, update
+from sqlalchemy import Connection, Table, and_, bindparam, delete, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -102,7 +102,6 @@ class _Statements:
         by_value = select(*cols).where(c.key_system.is_(None), c.key_value == bindparam("kv"))
         self.by_key = by_key.with_for_update() if lock else by_key
         self.by_value = by_value.with_for_update() if lock else by_value
-        self.insert = insert(table)
         # RETURNING tells whether the row went in (rowcount is not reliable with every driver)
         self.insert_keyed = insert_fn(table).on_conflict_do_nothing(
             index_elements=["key_system", "key_value"]).returning(c.id)

@@ -40,7 +40,7 @@ from hms_ach.store.search_query import (
 
 __all__ = [
     "DEFAULT_COUNT", "MAX_COUNT", "ClauseContext", "SearchError", "SearchPage", "SearchQuery", "execute", "include_params",
-    "parse_query", "sort_params", "where_clauses",
+    "clause_context", "own_rows", "parse_query", "sort_params", "where_clauses",
 ]
 
 
@@ -95,16 +95,21 @@ class ClauseContext:
     index_sets: list[Select[Any]] = field(default_factory=list)
 
 
-def _owned(t: Table, ix: Table, rt: str, crit: Criterion, cond: ColumnElement[bool]) -> ColumnElement[bool]:
-    """The record has an index row of ``crit`` meeting ``cond`` (a correlated EXISTS).
+def own_rows(ix: Table, rt: str, t: Table, param: str) -> list[ColumnElement[bool]]:
+    """The conditions selecting the index rows of ``param`` of the record ``t.c.id`` (for a
+    correlated sub-select).
 
-    Each candidate is looked up through the owner index (resource_type, resource_id). The param is
-    compared through ``coalesce`` (it is never NULL) so that the planner cannot pick the lookup
-    index (resource_type, param, ...) instead: SQLite does when it can, and then walks every row
-    of the param for every candidate record.
+    They are found through the owner index (resource_type, resource_id), a few rows per record. The
+    param is compared through ``coalesce`` (it is never NULL) so that the planner cannot pick the
+    lookup index (resource_type, param, ...) instead: SQLite does when it can, and then walks every
+    row of the param for every candidate record.
     """
-    return exists(select(literal(1)).where(ix.c.resource_type == rt, ix.c.resource_id == t.c.id,
-                                           func.coalesce(ix.c.param, "") == crit.param.name, cond))
+    return [ix.c.resource_type == rt, ix.c.resource_id == t.c.id, func.coalesce(ix.c.param, "") == param]
+
+
+def _owned(t: Table, ix: Table, rt: str, crit: Criterion, cond: ColumnElement[bool]) -> ColumnElement[bool]:
+    """The record has an index row of ``crit`` meeting ``cond`` (a correlated EXISTS)."""
+    return exists(select(literal(1)).where(*own_rows(ix, rt, t, crit.param.name), cond))
 
 
 def token_clause(t: Table, rt: str, crit: Criterion, ctx: ClauseContext) -> ColumnElement[bool]:
@@ -222,12 +227,19 @@ CLAUSE_BUILDERS = {
 }
 
 
+def clause_context(query: SearchQuery, dialect: str) -> ClauseContext:
+    """The context of ``query``'s clause builders: narrowed when a plain reference or token
+    criterion selects the candidates first."""
+    narrowed = any(c.param.type in ("reference", "token") and c.modifier is None for c in query.criteria)
+    return ClauseContext(dialect, narrowed)
+
+
 def where_clauses(query: SearchQuery, dialect: str = "sqlite",
                   ctx: ClauseContext | None = None) -> list[ColumnElement[bool]]:
-    """Every WHERE condition of ``query``; deleted records never match."""
+    """Every WHERE condition of ``query``; deleted records never match. ``ctx`` (default
+    :func:`clause_context`) collects what the builders report, e.g. the index sets of the count."""
     t = _table(query.resource_type)
-    narrowed = any(c.param.type in ("reference", "token") and c.modifier is None for c in query.criteria)
-    ctx = ctx or ClauseContext(dialect, narrowed)
+    ctx = ctx or clause_context(query, dialect)
     conds: list[ColumnElement[bool]] = [t.c.deleted == false()]
     for crit in query.criteria:
         conds.append(CLAUSE_BUILDERS[crit.param.type](t, query.resource_type, crit, ctx))
@@ -278,8 +290,7 @@ def execute(conn: Connection, query: SearchQuery) -> SearchPage:
     ``_total=none``.
     """
     t = _table(query.resource_type)
-    narrowed = any(c.param.type in ("reference", "token") and c.modifier is None for c in query.criteria)
-    ctx = ClauseContext(conn.dialect.name, narrowed)
+    ctx = clause_context(query, conn.dialect.name)
     where = where_clauses(query, conn.dialect.name, ctx)
     total = None
     counting = query.total in ("auto", "accurate")

@@ -26,10 +26,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Table, and_, exists, func, literal, or_, select, true
+from sqlalchemy import Connection, Table, and_, exists, literal, or_, select, true
 from sqlalchemy.sql.elements import ColumnElement
 
 from hms_ach.store.models import RECORD_TABLES, SearchDate, SearchReference, SearchToken
+from hms_ach.store.search import own_rows
 from hms_ach.store.search_params import clip, parse_reference
 
 REFS: Table = SearchReference.__table__  # type: ignore[attr-defined]
@@ -106,17 +107,6 @@ def practitioner_id(reference: str | None) -> str | None:
     return rid
 
 
-def _own_rows(ix: Table, resource_type: str, t: Table, param: str) -> list[ColumnElement[bool]]:
-    """The index rows of ``param`` of the record ``t.c.id`` (for a correlated sub-select).
-
-    The parameter is compared as an expression on purpose: so the planner finds the rows through
-    the owner index (resource_type, resource_id), a few rows per record, instead of walking the
-    lookup index (resource_type, param, ...) over the rows of every record and checking the
-    resource_id of each (what SQLite chooses when the parameter is a plain column comparison)."""
-    return [ix.c.resource_type == resource_type, ix.c.resource_id == t.c.id,
-            func.coalesce(ix.c.param, "") == param]
-
-
 def owned_by(resource_type: str, reference: str | None, dialect: str) -> ColumnElement[bool]:
     """Records of ``resource_type`` whose practitioner is indexed as ``reference``; for a reference
     that has no index row (or None): the records without any practitioner row.
@@ -145,7 +135,7 @@ def assigned_to(resource_type: str, practitioner: str, dialect: str) -> ColumnEl
 def _date_rows(resource_type: str, param: str, t: Table, cond: ColumnElement[bool], narrowed: bool
                ) -> ColumnElement[bool]:
     if narrowed:  # few candidates already: look at their own date rows (owner index)
-        return exists(select(literal(1)).where(*_own_rows(DATES, resource_type, t, param), cond))
+        return exists(select(literal(1)).where(*own_rows(DATES, resource_type, t, param), cond))
     return t.c.id.in_(select(DATES.c.resource_id).where(DATES.c.resource_type == resource_type,
                                                         DATES.c.param == param, cond))
 
@@ -178,9 +168,9 @@ def overlap_candidates(conn: Connection, reference: str, start: datetime, end: d
     before ``end`` and ending after ``start`` (or without an ``end`` row: written before it was indexed);
     :func:`shift_overlap` decides."""
     t = table("Shift")
-    ends_after = exists(select(literal(1)).where(*_own_rows(DATES, "Shift", t, SHIFT_END_PARAM),
+    ends_after = exists(select(literal(1)).where(*own_rows(DATES, "Shift", t, SHIFT_END_PARAM),
                                                  DATES.c.start > utc(start)))
-    no_end_row = ~exists(select(literal(1)).where(*_own_rows(DATES, "Shift", t, SHIFT_END_PARAM)))
+    no_end_row = ~exists(select(literal(1)).where(*own_rows(DATES, "Shift", t, SHIFT_END_PARAM)))
     stmt = (select(t.c.resource)
             .where(*live(t), owned_by("Shift", reference, conn.dialect.name),
                    starts_within("Shift", [(None, end)], narrowed=practitioner_id(reference) is not None),

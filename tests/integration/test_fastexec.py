@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Table, event, insert, select
+from sqlalchemy.exc import IntegrityError
 
 from hms_ach.store import fastexec
 from hms_ach.store.db import Store
-from hms_ach.store.models import AuditEntry, ResourceHistory, SearchDate, SearchToken
+from hms_ach.store.models import AuditEntry, Patient, ResourceHistory, SearchDate, SearchToken
 
 WHEN = datetime(2026, 2, 28, 23, 59, 58, 123456, tzinfo=UTC)
 
@@ -85,3 +86,18 @@ def test_engine_cursor_listeners_see_its_statements(store: Store) -> None:
     finally:
         event.remove(store.writer, "before_cursor_execute", count)
     assert "INSERT" in seen
+
+
+def test_a_refused_row_raises_sqlalchemys_integrity_error(store: Store) -> None:
+    """Callers catch sqlalchemy.exc.IntegrityError (a FHIR write answers 409); this path raises it too."""
+    table: Table = Patient.__table__  # type: ignore[attr-defined]
+    row = {"id": "p1", "key_system": "urn:mrn", "key_value": "1", "version_id": 1, "last_updated": WHEN,
+           "deleted": False, "resource": "{}"}
+    with store.writer.begin() as conn:
+        fastexec.insert_rows(conn, table, [row])
+        nested = conn.begin_nested()
+        with pytest.raises(IntegrityError) as err:
+            fastexec.insert_rows(conn, table, [{**row, "id": "p2"}])  # the same business key
+        nested.rollback()
+        assert err.value.orig is not None
+        assert conn.execute(select(table.c.id)).scalars().all() == ["p1"]

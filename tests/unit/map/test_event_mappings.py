@@ -139,27 +139,22 @@ def _tree_with(tmp_path: Path, name: str, text: str) -> Path:
     return root
 
 
-def test_two_mappings_for_one_event_are_refused(tmp_path: Path) -> None:
-    root = _tree_with(tmp_path, "again.yaml", "kind: event\nevent: shift.updated\nrules: []\n")
+@pytest.mark.parametrize(("name", "text", "expected"), [
+    pytest.param("again.yaml", "kind: event\nevent: shift.updated\nrules: []\n",
+                 ["event shift.updated is already mapped by"], id="two mappings for one event are refused"),
+    pytest.param("bad.yaml", "kind: event\nevent: x.y\nrules:\n  - target: patient\n    record: patient\n",
+                 ["bad.yaml:5:5: `record:` makes or reads records; an event payload cannot"],
+                 id="an event mapping cannot make records"),
+    pytest.param("bad.yaml", "kind: event\nevent: x.y\nrules:\n  - target: patient\n    source: after.where(\n",
+                 ["bad.yaml:5:", "not a FHIRPath expression"], id="a bad FHIRPath names file and line"),
+])
+def test_a_bad_event_mapping_is_refused_saying_why(tmp_path: Path, name: str, text: str,
+                                                   expected: list[str]) -> None:
+    root = _tree_with(tmp_path, name, text)
     with pytest.raises(ConfigErrors) as err:
         load_mappings(root)
-    assert "event shift.updated is already mapped by" in str(err.value)
-
-
-def test_an_event_mapping_cannot_make_records(tmp_path: Path) -> None:
-    root = _tree_with(tmp_path, "bad.yaml", "kind: event\nevent: x.y\nrules:\n"
-                      "  - target: patient\n    record: patient\n")
-    with pytest.raises(ConfigErrors) as err:
-        load_mappings(root)
-    assert "bad.yaml:5:5: `record:` makes or reads records; an event payload cannot" in str(err.value)
-
-
-def test_a_bad_fhirpath_names_file_and_line(tmp_path: Path) -> None:
-    root = _tree_with(tmp_path, "bad.yaml", "kind: event\nevent: x.y\nrules:\n"
-                      "  - target: patient\n    source: after.where(\n")
-    with pytest.raises(ConfigErrors) as err:
-        load_mappings(root)
-    assert "bad.yaml:5:" in str(err.value) and "not a FHIRPath expression" in str(err.value)
+    for part in expected:
+        assert part in str(err.value)
 
 
 # ------------------------------------------------------------------ the golden runner on events
