@@ -39,14 +39,19 @@ NOTES = [
 ]
 
 
-def _measure(name: str, fn: Callable[[], dict[str, Any]], run: figures.Run, failures: list[str]) -> dict[str, Any]:
+def _measure(
+    name: str, fn: Callable[[], dict[str, Any]], run: figures.Run, failures: list[str]
+) -> dict[str, Any]:
     t0 = time.monotonic()
     try:
         out = fn()
     except Exception as exc:  # noqa: BLE001 - one figure failing must not lose the others
         run.say(f"{name}: FAILED: {str(exc)[:500]}")
         failures.append(name)
-        return {"status": f"failed: {type(exc).__name__}: {exc}"[:2000], "traceback": traceback.format_exc()[-4000:]}
+        return {
+            "status": f"failed: {type(exc).__name__}: {exc}"[:2000],
+            "traceback": traceback.format_exc()[-4000:],
+        }
     out["wall_seconds"] = round(time.monotonic() - t0, 1)
     out["load_average_at_end"] = os.getloadavg()  # a high value says other work shared the CPUs
     return out
@@ -57,13 +62,21 @@ def run_suite(mode_name: str, only: set[str], with_pg: bool | None, out_dir: Pat
     run = figures.Run(mode, keep=keep)
     started = report.now()
     results: dict[str, Any] = {
-        "schema": 1, "mode": mode_name, "started_at": started.isoformat(), "machine": report.machine_info(),
-        "git": report.git_info(), "settings": figures.mode_settings(mode), "notes": list(NOTES), "figures": {},
+        "schema": 1,
+        "mode": mode_name,
+        "started_at": started.isoformat(),
+        "machine": report.machine_info(),
+        "git": report.git_info(),
+        "settings": figures.mode_settings(mode),
+        "notes": list(NOTES),
+        "figures": {},
         "load_average_at_start": os.getloadavg(),
     }
     if results["load_average_at_start"][0] > 1.0:
-        results["notes"].append(f"The 1-minute load average was {results['load_average_at_start'][0]:.2f} on "
-                                f"{os.cpu_count()} cores when this run started: other work may have shared the CPUs.")
+        results["notes"].append(
+            f"The 1-minute load average was {results['load_average_at_start'][0]:.2f} on "
+            f"{os.cpu_count()} cores when this run started: other work may have shared the CPUs."
+        )
     figs = results["figures"]
     failures: list[str] = []
     run.say(f"benchmarks, {mode_name} mode; scratch folder {run.tmp}")
@@ -71,16 +84,21 @@ def run_suite(mode_name: str, only: set[str], with_pg: bool | None, out_dir: Pat
         if "A" in only:
             figs["A"] = _measure("A", lambda: figures.figure_a(run), run, failures)
         if "B" in only:
+
             def b() -> dict[str, Any]:
                 out = figures.figure_b(run)
                 out["echo"] = figures.echo_ceiling(run)
                 mean = figs.get("A", {}).get("messages", {}).get("mean_bytes", 1300)
-                out["commit_ceiling"] = figures.commit_ceiling_sqlite(run.folder("b-commit"), mode.b_commit_seconds,
-                                                                      mode.reps, mean)
-                run.say(f"B: echo 1/8 connections {out['echo']['1_connection']['msg_per_s']['median']}/"
-                        f"{out['echo']['8_connections']['msg_per_s']['median']} msg/s; commit ceiling "
-                        f"{out['commit_ceiling']['commits_per_s']['median']} commits/s")
+                out["commit_ceiling"] = figures.commit_ceiling_sqlite(
+                    run.folder("b-commit"), mode.b_commit_seconds, mode.reps, mean
+                )
+                run.say(
+                    f"B: echo 1/8 connections {out['echo']['1_connection']['msg_per_s']['median']}/"
+                    f"{out['echo']['8_connections']['msg_per_s']['median']} msg/s; commit ceiling "
+                    f"{out['commit_ceiling']['commits_per_s']['median']} commits/s"
+                )
                 return out
+
             figs["B"] = _measure("B", b, run, failures)
         http_ceiling: dict[str, Any] | None = None
         if "C" in only or "F" in only:
@@ -89,10 +107,12 @@ def run_suite(mode_name: str, only: set[str], with_pg: bool | None, out_dir: Pat
             except BenchmarkError as exc:
                 run.say(f"HTTP ceiling failed: {exc}")
         if "C" in only:
+
             def c() -> dict[str, Any]:
                 out = figures.figure_c(run)
                 out["http_ceiling"] = http_ceiling
                 return out
+
             figs["C"] = _measure("C", c, run, failures)
         if "D" in only:
             figs["D"] = _measure("D", lambda: figures.figure_d(run), run, failures)
@@ -101,13 +121,17 @@ def run_suite(mode_name: str, only: set[str], with_pg: bool | None, out_dir: Pat
         if "F" in only:
             pg = mode.f_default if with_pg is None else with_pg
             if pg:
+
                 def f() -> dict[str, Any]:
                     out = figures.figure_f(run)
                     if "B" in out and "B" in figs and "echo" in figs["B"]:
-                        out["B"]["echo"] = figs["B"]["echo"]  # the socket ceiling does not depend on the store
+                        out["B"]["echo"] = figs["B"][
+                            "echo"
+                        ]  # the socket ceiling does not depend on the store
                     if "C" in out:
                         out["C"]["http_ceiling"] = http_ceiling
                     return out
+
                 figs["F"] = _measure("F", f, run, failures)
             else:
                 figs["F"] = {"status": f"skipped in {mode_name} mode (run with --pg to include PostgreSQL)"}
@@ -123,12 +147,17 @@ def run_suite(mode_name: str, only: set[str], with_pg: bool | None, out_dir: Pat
     path = report.results_path(mode_name, started, out_dir)
     path.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2) + b"\n")
     print()
-    print(f"hms-ach benchmarks, {mode_name} mode: {results['machine'].get('cores')} cores, "
-          f"Python {results['machine'].get('python')}, {results['machine'].get('platform')}")
+    print(
+        f"hms-ach benchmarks, {mode_name} mode: {results['machine'].get('cores')} cores, "
+        f"Python {results['machine'].get('python')}, {results['machine'].get('platform')}"
+    )
     report.print_table(rows)
     print()
     print(f"results: {path}")
-    print(f"wall time: {results['wall_seconds']:.1f} s" + (f"; FAILED: {', '.join(failures)}" if failures else ""))
+    print(
+        f"wall time: {results['wall_seconds']:.1f} s"
+        + (f"; FAILED: {', '.join(failures)}" if failures else "")
+    )
     return 1 if failures else 0
 
 
@@ -152,8 +181,9 @@ def render_readme(source: str | None, write: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="the short run (under two minutes)")
     size.add_argument("--smoke", action="store_true", help="a tiny run that only checks the code works")
@@ -163,14 +193,22 @@ def main(argv: list[str] | None = None) -> int:
     pg.add_argument("--no-pg", dest="pg", action="store_false", help="skip F (PostgreSQL)")
     p.add_argument("--out", type=Path, default=report.RESULTS_DIR, help="folder for the results JSON")
     p.add_argument("--keep-tmp", action="store_true", help="keep the scratch folder (databases, engine logs)")
-    p.add_argument("--readme", nargs="?", const="", default=None, metavar="RESULTS.json",
-                   help="print the README performance table from a results file (default: newest full run)")
+    p.add_argument(
+        "--readme",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="RESULTS.json",
+        help="print the README performance table from a results file (default: newest full run)",
+    )
     p.add_argument("--write-readme", action="store_true", help="with --readme: write it into README.md")
     args = p.parse_args(argv)
     if args.readme is not None:
         return render_readme(args.readme or None, args.write_readme)
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    only = set(ALL_FIGURES) if not args.only else {x.strip().upper() for x in args.only.split(",") if x.strip()}
+    only = (
+        set(ALL_FIGURES) if not args.only else {x.strip().upper() for x in args.only.split(",") if x.strip()}
+    )
     unknown = only - set(ALL_FIGURES)
     if unknown:
         p.error(f"unknown figures {sorted(unknown)}; known: {', '.join(ALL_FIGURES)}")

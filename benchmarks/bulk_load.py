@@ -60,14 +60,26 @@ class LoadState:
         }
 
     def counts(self) -> dict[str, int]:
-        return {"Practitioner": self.practitioners, "Patient": self.patients, "Encounter": self.encounters,
-                "Location": len(self.location_ids)}
+        return {
+            "Practitioner": self.practitioners,
+            "Patient": self.patients,
+            "Encounter": self.encounters,
+            "Location": len(self.location_ids),
+        }
 
 
-def _record_row(rid: str, key_system: str | None, key_value: str | None, resource: dict[str, Any],
-                when: datetime) -> dict[str, Any]:
-    return {"id": rid, "key_system": key_system, "key_value": key_value, "version_id": 1,
-            "last_updated": when, "deleted": False, "resource": orjson.dumps(resource).decode()}
+def _record_row(
+    rid: str, key_system: str | None, key_value: str | None, resource: dict[str, Any], when: datetime
+) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "key_system": key_system,
+        "key_value": key_value,
+        "version_id": 1,
+        "last_updated": when,
+        "deleted": False,
+        "resource": orjson.dumps(resource).decode(),
+    }
 
 
 class _Batch:
@@ -78,8 +90,15 @@ class _Batch:
         self.index: dict[str, list[dict[str, Any]]] = {k: [] for k in INDEX_TABLES}
         self.size = 0
 
-    def add(self, rtype: str, rid: str, key_system: str | None, key_value: str | None,
-            resource: dict[str, Any], when: datetime) -> None:
+    def add(
+        self,
+        rtype: str,
+        rid: str,
+        key_system: str | None,
+        key_value: str | None,
+        resource: dict[str, Any],
+        when: datetime,
+    ) -> None:
         self.records.setdefault(rtype, []).append(_record_row(rid, key_system, key_value, resource, when))
         for kind, rows in index_rows(rtype, resource).items():
             target = self.index[kind]
@@ -123,6 +142,7 @@ def loader_engine(url: str) -> Engine:
             cur.execute("PRAGMA synchronous=OFF")  # loading is set-up, not a measured, durable write
             cur.execute("PRAGMA cache_size=-262144")
             cur.close()
+
     return engine
 
 
@@ -142,8 +162,13 @@ class BulkLoader:
             for ix in _secondary_indexes():
                 conn.execute(text(f'DROP INDEX IF EXISTS "{ix.name}"'))
 
-    def grow(self, practitioners: int, patients: int, encounters_per_patient: float = 2.0,
-             deadline: float | None = None) -> bool:
+    def grow(
+        self,
+        practitioners: int,
+        patients: int,
+        encounters_per_patient: float = 2.0,
+        deadline: float | None = None,
+    ) -> bool:
         """Add records up to the given counts; False if ``deadline`` (monotonic) stopped it first.
 
         Practitioners and patients are added in proportion, chunk by chunk, so a store cut short by
@@ -182,7 +207,9 @@ class BulkLoader:
         self.state.seconds += time.perf_counter() - self._t0
 
 
-def load(url: str, state: LoadState, practitioners: int, patients: int, deadline: float | None = None) -> bool:
+def load(
+    url: str, state: LoadState, practitioners: int, patients: int, deadline: float | None = None
+) -> bool:
     """Grow the store at ``url`` to the given counts (Locations are loaded once); False if cut short."""
     loader = BulkLoader(url, state)
     loader.begin()
@@ -201,16 +228,21 @@ def _load_locations(batch: _Batch, state: LoadState, rng: random.Random, when: d
         body = dict(res)
         if "partOf" in body:
             body["partOf"] = {"reference": f"Location/{ids[body['partOf']['reference'][1:]]}"}
-        body = {"resourceType": "Location", "id": rid,
-                "meta": {"versionId": "1", "lastUpdated": when.isoformat().replace("+00:00", "Z")},
-                **{k: v for k, v in body.items() if k != "resourceType"}}
+        body = {
+            "resourceType": "Location",
+            "id": rid,
+            "meta": {"versionId": "1", "lastUpdated": when.isoformat().replace("+00:00", "Z")},
+            **{k: v for k, v in body.items() if k != "resourceType"},
+        }
         batch.add("Location", rid, "urn:hms-ach:location", key, body, when)
         state.location_ids.append(rid)
         if body["physicalType"]["coding"][0]["code"] == "bd":
             state.bed_ids.append(rid)
 
 
-def _practitioners(state: LoadState, target: int, when: datetime) -> Iterator[tuple[str, str, dict[str, Any], str]]:
+def _practitioners(
+    state: LoadState, target: int, when: datetime
+) -> Iterator[tuple[str, str, dict[str, Any], str]]:
     g = Generator(state.seed * 1_000_003 + state.practitioners)
     id_rng = random.Random(state.seed * 7919 + state.practitioners)
     pick = random.Random(state.seed * 17 + state.practitioners)
@@ -227,8 +259,9 @@ def _practitioners(state: LoadState, target: int, when: datetime) -> Iterator[tu
         yield "Practitioner", rid, res, npi
 
 
-def _patients_and_encounters(state: LoadState, target: int, per_patient: float, when: datetime
-                             ) -> Iterator[tuple[str, str, str | None, str | None, dict[str, Any]]]:
+def _patients_and_encounters(
+    state: LoadState, target: int, per_patient: float, when: datetime
+) -> Iterator[tuple[str, str, str | None, str | None, dict[str, Any]]]:
     g = Generator(state.seed * 2_000_003 + state.patients)
     id_rng = random.Random(state.seed * 104729 + state.patients)
     pick = random.Random(state.seed * 19 + state.patients)
@@ -243,8 +276,9 @@ def _patients_and_encounters(state: LoadState, target: int, per_patient: float, 
             start = EPOCH - timedelta(days=g.rng.randint(0, 700), minutes=g.rng.randint(0, 1440))
             end = None if g.rng.random() < 0.1 else start + timedelta(hours=g.rng.randint(4, 24 * 12))
             doctors = g.rng.sample(state.staff_ids, min(3, len(state.staff_ids)))
-            eres, visit = encounter(g, state.encounters, eid, when, pid, g.rng.choice(state.bed_ids), doctors,
-                                    start, end)
+            eres, visit = encounter(
+                g, state.encounters, eid, when, pid, g.rng.choice(state.bed_ids), doctors, start, end
+            )
             state.encounters += 1
             yield "Encounter", eid, eres["identifier"][0]["system"], visit, eres
         slot = _reservoir_slot(pick, i, len(state.sample_patients))

@@ -55,33 +55,91 @@ _SURNAME_TAILS = (
     "berg stein ford field wood worth ton ley man son sen quist vik dottir ez ini elli escu ovic "
     "enko ski sky ard ier eau ant ani aki oto ura aro ino ell ham by well mont ridge brook"
 ).split()
-STREETS = ("Maple Ave", "Oak St", "Birchwood Ct", "High St", "Elm Dr", "Cedar Ln", "Park Blvd", "Lakeview Rd",
-           "Washington St", "Main St", "Sycamore Way", "River Rd", "Hillcrest Dr", "Mill Pond Rd", "Chestnut St")
-CITIES = (("Columbus", "OH", "432"), ("Dublin", "OH", "430"), ("Westerville", "OH", "430"),
-          ("Cleveland", "OH", "441"), ("Dayton", "OH", "454"), ("Toledo", "OH", "436"),
-          ("Akron", "OH", "443"), ("Cincinnati", "OH", "452"), ("Pittsburgh", "PA", "152"),
-          ("Indianapolis", "IN", "462"))
-WARDS = (("4W", "4 West Medical", "MED"), ("5E", "5 East Surgical", "SUR"), ("ICU", "Intensive Care", "MED"),
-         ("3N", "3 North Cardiology", "CAR"), ("PEDS", "Paediatrics", "PED"), ("MAT", "Maternity", "OBS"),
-         ("ONC", "Oncology", "MED"), ("ORTH", "Orthopaedics", "SUR"))
+STREETS = (
+    "Maple Ave",
+    "Oak St",
+    "Birchwood Ct",
+    "High St",
+    "Elm Dr",
+    "Cedar Ln",
+    "Park Blvd",
+    "Lakeview Rd",
+    "Washington St",
+    "Main St",
+    "Sycamore Way",
+    "River Rd",
+    "Hillcrest Dr",
+    "Mill Pond Rd",
+    "Chestnut St",
+)
+CITIES = (
+    ("Columbus", "OH", "432"),
+    ("Dublin", "OH", "430"),
+    ("Westerville", "OH", "430"),
+    ("Cleveland", "OH", "441"),
+    ("Dayton", "OH", "454"),
+    ("Toledo", "OH", "436"),
+    ("Akron", "OH", "443"),
+    ("Cincinnati", "OH", "452"),
+    ("Pittsburgh", "PA", "152"),
+    ("Indianapolis", "IN", "462"),
+)
+WARDS = (
+    ("4W", "4 West Medical", "MED"),
+    ("5E", "5 East Surgical", "SUR"),
+    ("ICU", "Intensive Care", "MED"),
+    ("3N", "3 North Cardiology", "CAR"),
+    ("PEDS", "Paediatrics", "PED"),
+    ("MAT", "Maternity", "OBS"),
+    ("ONC", "Oncology", "MED"),
+    ("ORTH", "Orthopaedics", "SUR"),
+)
 FACILITIES = ("GENHOSP", "STMARY", "NORTHCL")
-DIAGNOSES = (("J18.9", "Pneumonia, unspecified organism"), ("I21.4", "Non-ST elevation myocardial infarction"),
-             ("K35.80", "Unspecified acute appendicitis"), ("N39.0", "Urinary tract infection, site not specified"),
-             ("I50.9", "Heart failure, unspecified"), ("J44.1", "COPD with acute exacerbation"),
-             ("S72.001A", "Fracture of unspecified part of neck of right femur"),
-             ("O80", "Encounter for full-term uncomplicated delivery"), ("E11.65", "Type 2 diabetes with hyperglycemia"),
-             ("A41.9", "Sepsis, unspecified organism"))
-REASONS = ("Fever, productive cough and low oxygen saturation", "Chest pain \\T\\ shortness of breath",
-           "Abdominal pain, right lower quadrant", "Fall at home; hip pain", "Confusion and fever",
-           "Elective admission for surgery", "Labour", "Worsening dyspnoea", "Dysuria and flank pain",
-           "Hyperglycaemia \\T\\ dehydration")
+DIAGNOSES = (
+    ("J18.9", "Pneumonia, unspecified organism"),
+    ("I21.4", "Non-ST elevation myocardial infarction"),
+    ("K35.80", "Unspecified acute appendicitis"),
+    ("N39.0", "Urinary tract infection, site not specified"),
+    ("I50.9", "Heart failure, unspecified"),
+    ("J44.1", "COPD with acute exacerbation"),
+    ("S72.001A", "Fracture of unspecified part of neck of right femur"),
+    ("O80", "Encounter for full-term uncomplicated delivery"),
+    ("E11.65", "Type 2 diabetes with hyperglycemia"),
+    ("A41.9", "Sepsis, unspecified organism"),
+)
+REASONS = (
+    "Fever, productive cough and low oxygen saturation",
+    "Chest pain \\T\\ shortness of breath",
+    "Abdominal pain, right lower quadrant",
+    "Fall at home; hip pain",
+    "Confusion and fever",
+    "Elective admission for surgery",
+    "Labour",
+    "Worsening dyspnoea",
+    "Dysuria and flank pain",
+    "Hyperglycaemia \\T\\ dehydration",
+)
 ALLERGENS = (("70618", "Penicillin"), ("2670", "Codeine"), ("10180", "Sulfamethoxazole"), ("1191", "Aspirin"))
-PAYERS = (("GHPPO1", "Blue Cross Blue Shield of Ohio"), ("MCARE", "Medicare Part A"),
-          ("AETNA2", "Aetna Choice POS II"), ("UHC5", "UnitedHealthcare Options PPO"), ("MCAID", "Ohio Medicaid"))
+PAYERS = (
+    ("GHPPO1", "Blue Cross Blue Shield of Ohio"),
+    ("MCARE", "Medicare Part A"),
+    ("AETNA2", "Aetna Choice POS II"),
+    ("UHC5", "UnitedHealthcare Options PPO"),
+    ("MCAID", "Ohio Medicaid"),
+)
 STAFF_TYPES = (("MD", "DO", "PHY"), ("RN", "LPN", "NP"), ("RPH",))
-SPECIALTIES = ("Internal Medicine", "General Surgery", "Cardiology", "Paediatrics", "Obstetrics",
-               "Oncology", "Orthopaedic Surgery", "Medical-Surgical Nursing", "Critical Care Nursing",
-               "Clinical Pharmacy")
+SPECIALTIES = (
+    "Internal Medicine",
+    "General Surgery",
+    "Cardiology",
+    "Paediatrics",
+    "Obstetrics",
+    "Oncology",
+    "Orthopaedic Surgery",
+    "Medical-Surgical Nursing",
+    "Critical Care Nursing",
+    "Clinical Pharmacy",
+)
 NPI_SYSTEM = "http://hl7.org/fhir/sid/us-npi"
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 EPOCH = datetime(2026, 11, 1, 6, 0, tzinfo=UTC)
@@ -133,8 +191,6 @@ def hl7_ts(when: datetime) -> str:
 
 def fhir_ts(when: datetime) -> str:
     return when.astimezone(_EST).isoformat()
-
-
 
 
 # ---------------------------------------------------------------------------------------- people
@@ -215,7 +271,9 @@ class Generator:
         return Person(self.family(), given, middle if self.rng.random() < 0.6 else "", sex, birth)
 
     def phone(self) -> str:
-        return f"({self.rng.choice(('614', '380', '937', '216', '513'))})555-{self.rng.randint(100, 9999):04d}"
+        return (
+            f"({self.rng.choice(('614', '380', '937', '216', '513'))})555-{self.rng.randint(100, 9999):04d}"
+        )
 
     # -------------------------------------------------------------------------- staff
     def doctor(self, i: int, npi_offset: int = 0) -> Doctor:
@@ -225,8 +283,14 @@ class Generator:
         if staff_type in ("MD", "DO", "PHY"):
             p.prefix = "Dr"
         ward = self.rng.choice(WARDS)[0]
-        return Doctor(nth_npi(i, npi_offset), p, staff_type, f"E{self.rng.randint(10000, 99999)}",
-                      self.rng.choice(SPECIALTIES), ward)
+        return Doctor(
+            nth_npi(i, npi_offset),
+            p,
+            staff_type,
+            f"E{self.rng.randint(10000, 99999)}",
+            self.rng.choice(SPECIALTIES),
+            ward,
+        )
 
     def staff(self, count: int, npi_offset: int = 0) -> list[Doctor]:
         return [self.doctor(i, npi_offset) for i in range(count)]
@@ -250,23 +314,32 @@ def _pick_cumulative(rng: random.Random, cum: list[float]) -> int:
 # ---------------------------------------------------------------------------------------- HL7 v2
 def _xcn(d: Doctor) -> str:
     p = d.person
-    return (f"{d.npi}^{p.family}^{p.given}^^^{p.prefix}^^^NPI&2.16.840.1.113883.4.6&ISO^L^^^NPI")
+    return f"{d.npi}^{p.family}^{p.given}^^^{p.prefix}^^^NPI&2.16.840.1.113883.4.6&ISO^L^^^NPI"
 
 
 def _msh(control_id: str, when: datetime, code: str, event: str, structure: str, facility: str) -> str:
-    return (f"MSH|^~\\&|ADTSYS|{facility}|HMSACH|{facility}|{hl7_ts(when)}||{code}^{event}^{structure}|"
-            f"{control_id}|P|2.5.1")
+    return (
+        f"MSH|^~\\&|ADTSYS|{facility}|HMSACH|{facility}|{hl7_ts(when)}||{code}^{event}^{structure}|"
+        f"{control_id}|P|2.5.1"
+    )
 
 
-RACES = ("2106-3^White^HL70005", "2054-5^Black or African American^HL70005", "2028-9^Asian^HL70005",
-         "2131-1^Other Race^HL70005", "1002-5^American Indian or Alaska Native^HL70005")
+RACES = (
+    "2106-3^White^HL70005",
+    "2054-5^Black or African American^HL70005",
+    "2028-9^Asian^HL70005",
+    "2131-1^Other Race^HL70005",
+    "1002-5^American Indian or Alaska Native^HL70005",
+)
 ETHNICITIES = ("N^Not Hispanic or Latino^HL70189", "H^Hispanic or Latino^HL70189", "U^Unknown^HL70189")
 
 
 def _marital(p: Person) -> str:
     if (EPOCH - p.birth).days < 18 * 365:
         return "S^Single^HL70002"
-    return ("M^Married^HL70002", "S^Single^HL70002", "D^Divorced^HL70002", "W^Widowed^HL70002")[p.birth.day % 4]
+    return ("M^Married^HL70002", "S^Single^HL70002", "D^Divorced^HL70002", "W^Widowed^HL70002")[
+        p.birth.day % 4
+    ]
 
 
 def _pid(pt: PatientInfo) -> str:
@@ -274,17 +347,38 @@ def _pid(pt: PatientInfo) -> str:
     city, state, _zip3 = pt.city
     race = RACES[pt.person.birth.month % len(RACES)]
     ethnicity = ETHNICITIES[pt.person.birth.day % len(ETHNICITIES)]
-    return (f"PID|1||{pt.mrn}^^^{pt.facility}^MR~{pt.ssn}^^^SSA^SS||{p.family}^{p.given}^{p.middle}^^^^L||"
-            f"{p.birth:%Y%m%d}|{p.sex}||{race}|{pt.street}^^{city}^{state}^{pt.zip}^USA^H||"
-            f"{pt.phone}^PRN^PH^^1^{pt.phone[1:4]}^{pt.phone[5:].replace('-', '')}|||{_marital(p)}||"
-            f"A{pt.mrn}^^^{pt.facility}^AN||||{ethnicity}")
+    return (
+        f"PID|1||{pt.mrn}^^^{pt.facility}^MR~{pt.ssn}^^^SSA^SS||{p.family}^{p.given}^{p.middle}^^^^L||"
+        f"{p.birth:%Y%m%d}|{p.sex}||{race}|{pt.street}^^{city}^{state}^{pt.zip}^USA^H||"
+        f"{pt.phone}^PRN^PH^^1^{pt.phone[1:4]}^{pt.phone[5:].replace('-', '')}|||{_marital(p)}||"
+        f"A{pt.mrn}^^^{pt.facility}^AN||||{ethnicity}"
+    )
 
 
 def _pv1(v: Visit, discharged: datetime | None = None, disposition: str = "") -> str:
     ward = v.ward[0]
-    fields = ["PV1", "1", v.patient_class, f"{ward}^{v.room}^{v.bed}^{v.patient.facility}^^N^MAIN^4", "E", "", "",
-              _xcn(v.attending), _xcn(v.referring), "", v.ward[2], "", "", "", "7", "", "", _xcn(v.admitting), "",
-              f"{v.number}^^^{v.patient.facility}^VN"]
+    fields = [
+        "PV1",
+        "1",
+        v.patient_class,
+        f"{ward}^{v.room}^{v.bed}^{v.patient.facility}^^N^MAIN^4",
+        "E",
+        "",
+        "",
+        _xcn(v.attending),
+        _xcn(v.referring),
+        "",
+        v.ward[2],
+        "",
+        "",
+        "",
+        "7",
+        "",
+        "",
+        _xcn(v.admitting),
+        "",
+        f"{v.number}^^^{v.patient.facility}^VN",
+    ]
     fields += [""] * (36 - len(fields)) + [disposition]
     fields += [""] * (39 - len(fields)) + [v.patient.facility]
     fields += [""] * (44 - len(fields)) + [hl7_ts(v.admitted)]
@@ -300,8 +394,13 @@ class AdtStream:
     message is a duplicate of one sent before to the same store.
     """
 
-    def __init__(self, seed: int, tag: str, staff: list[Doctor] | None = None,
-                 mix: tuple[float, float, float, float] = (0.50, 0.25, 0.23, 0.02)):
+    def __init__(
+        self,
+        seed: int,
+        tag: str,
+        staff: list[Doctor] | None = None,
+        mix: tuple[float, float, float, float] = (0.50, 0.25, 0.23, 0.02),
+    ):
         self.gen = Generator(seed)
         self.tag = tag
         self.staff = staff if staff is not None else Generator(7).staff(300)
@@ -323,10 +422,15 @@ class AdtStream:
         self._mrn += 1
         city = g.rng.choice(CITIES)
         return PatientInfo(
-            mrn=f"{self.tag}M{self._mrn:06d}", facility=g.rng.choice(FACILITIES), person=g.person(adult=False),
+            mrn=f"{self.tag}M{self._mrn:06d}",
+            facility=g.rng.choice(FACILITIES),
+            person=g.person(adult=False),
             ssn=f"9{g.rng.randint(10, 99)}-{g.rng.randint(10, 99)}-{g.rng.randint(1000, 9999)}",
-            street=f"{g.rng.randint(1, 9999)} {g.rng.choice(STREETS)}", city=city,
-            zip=f"{city[2]}{g.rng.randint(1, 99):02d}", phone=g.phone())
+            street=f"{g.rng.randint(1, 9999)} {g.rng.choice(STREETS)}",
+            city=city,
+            zip=f"{city[2]}{g.rng.randint(1, 99):02d}",
+            phone=g.phone(),
+        )
 
     def new_visit(self) -> Visit:
         g = self.gen
@@ -340,12 +444,19 @@ class AdtStream:
         self._visit += 1
         ward = g.rng.choice(WARDS)
         return Visit(
-            number=f"{self.tag}V{self._visit:06d}", patient=patient,
-            patient_class=g.rng.choices("IEO", weights=(7, 2, 1))[0], ward=ward,
-            room=f"{g.rng.randint(1, 40):02d}{g.rng.randint(0, 9)}", bed=g.rng.choice("AB"),
-            attending=g.rng.choice(self.staff), referring=g.rng.choice(self.staff),
-            admitting=g.rng.choice(self.staff), admitted=self.clock, diagnosis=g.rng.choice(DIAGNOSES),
-            reason=g.rng.choice(REASONS))
+            number=f"{self.tag}V{self._visit:06d}",
+            patient=patient,
+            patient_class=g.rng.choices("IEO", weights=(7, 2, 1))[0],
+            ward=ward,
+            room=f"{g.rng.randint(1, 40):02d}{g.rng.randint(0, 9)}",
+            bed=g.rng.choice("AB"),
+            attending=g.rng.choice(self.staff),
+            referring=g.rng.choice(self.staff),
+            admitting=g.rng.choice(self.staff),
+            admitted=self.clock,
+            diagnosis=g.rng.choice(DIAGNOSES),
+            reason=g.rng.choice(REASONS),
+        )
 
     def _tick(self) -> datetime:
         self.clock += timedelta(seconds=self.gen.rng.randint(5, 240))
@@ -374,11 +485,13 @@ class AdtStream:
         p, pt = v.patient.person, v.patient
         city, state, _zip3 = pt.city
         plan, payer = self.gen.rng.choice(PAYERS)
-        return (f"IN1|1|{plan}^{payer} plan^L|{plan}01^^^{pt.facility}^NIIP|{payer}|PO Box "
-                f"{self.gen.rng.randint(1000, 9999)}^^{city}^{state}^{pt.zip}^USA^B||{self.gen.phone()}^WPN^PH|"
-                f"GRP-{self.gen.rng.randint(10000, 99999)}||||20260101|20261231||PPO|{p.family}^{p.given}^^^^^L|"
-                f"SEL^Self^HL70063|{p.birth:%Y%m%d}|{pt.street}^^{city}^{state}^{pt.zip}^USA^H|||1||||||||||||||"
-                f"X{self.gen.rng.randint(10**8, 10**9 - 1)}|||||||{p.sex}")
+        return (
+            f"IN1|1|{plan}^{payer} plan^L|{plan}01^^^{pt.facility}^NIIP|{payer}|PO Box "
+            f"{self.gen.rng.randint(1000, 9999)}^^{city}^{state}^{pt.zip}^USA^B||{self.gen.phone()}^WPN^PH|"
+            f"GRP-{self.gen.rng.randint(10000, 99999)}||||20260101|20261231||PPO|{p.family}^{p.given}^^^^^L|"
+            f"SEL^Self^HL70063|{p.birth:%Y%m%d}|{pt.street}^^{city}^{state}^{pt.zip}^USA^H|||1||||||||||||||"
+            f"X{self.gen.rng.randint(10**8, 10**9 - 1)}|||||||{p.sex}"
+        )
 
     def a08(self, v: Visit) -> str:
         when = self._tick()
@@ -486,31 +599,66 @@ def practitioner(g: Generator, i: int, rid: str, when: datetime) -> tuple[dict[s
     """One Practitioner shaped like ``practitioner_stf`` writes; returns (resource, NPI)."""
     d = g.doctor(i)
     p = d.person
-    name: dict[str, Any] = {"family": p.family, "given": [p.given] + ([p.middle] if p.middle else []),
-                            "use": "official"}
+    name: dict[str, Any] = {
+        "family": p.family,
+        "given": [p.given] + ([p.middle] if p.middle else []),
+        "use": "official",
+    }
     if p.prefix:
         name["prefix"] = [p.prefix]
     resource = {
-        "resourceType": "Practitioner", "id": rid, "meta": _meta(1, when),
+        "resourceType": "Practitioner",
+        "id": rid,
+        "meta": _meta(1, when),
         "identifier": [
-            {"value": d.npi, "system": NPI_SYSTEM,
-             "type": {"coding": [{"system": V2_0203, "code": "NPI", "display": "National provider identifier"}]}},
-            {"value": d.employee_id, "system": "urn:hms-ach:id:GENHOSP",
-             "type": {"coding": [{"system": V2_0203, "code": "EI", "display": "Employee number"}]}},
+            {
+                "value": d.npi,
+                "system": NPI_SYSTEM,
+                "type": {
+                    "coding": [{"system": V2_0203, "code": "NPI", "display": "National provider identifier"}]
+                },
+            },
+            {
+                "value": d.employee_id,
+                "system": "urn:hms-ach:id:GENHOSP",
+                "type": {"coding": [{"system": V2_0203, "code": "EI", "display": "Employee number"}]},
+            },
         ],
         "active": g.rng.random() < 0.95,
         "name": [name],
         "gender": "female" if p.sex == "F" else "male",
         "birthDate": f"{p.birth:%Y-%m-%d}",
-        "telecom": [{"value": g.phone(), "system": "phone", "use": "work"},
-                    {"system": "email", "value": f"{p.given.lower()}.{i}@genhosp.example", "use": "work"}],
-        "address": [{"line": ["300 Hospital Way"], "city": "Columbus", "state": "OH", "postalCode": "43210",
-                     "country": "USA", "use": "work"}],
-        "qualification": [{
-            "identifier": [{"value": f"MD-{g.rng.randint(10000, 99999)}"}],
-            "code": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0338", "code": "SL",
-                                 "display": "State license number"}], "text": "SL"},
-            "issuer": {"display": "OH"}, "period": {"end": "2027-12-31"}}],
+        "telecom": [
+            {"value": g.phone(), "system": "phone", "use": "work"},
+            {"system": "email", "value": f"{p.given.lower()}.{i}@genhosp.example", "use": "work"},
+        ],
+        "address": [
+            {
+                "line": ["300 Hospital Way"],
+                "city": "Columbus",
+                "state": "OH",
+                "postalCode": "43210",
+                "country": "USA",
+                "use": "work",
+            }
+        ],
+        "qualification": [
+            {
+                "identifier": [{"value": f"MD-{g.rng.randint(10000, 99999)}"}],
+                "code": {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/v2-0338",
+                            "code": "SL",
+                            "display": "State license number",
+                        }
+                    ],
+                    "text": "SL",
+                },
+                "issuer": {"display": "OH"},
+                "period": {"end": "2027-12-31"},
+            }
+        ],
     }
     return resource, d.npi
 
@@ -521,25 +669,56 @@ def locations(facility: str = "GENHOSP") -> list[tuple[str, dict[str, Any]]]:
     phys = "http://terminology.hl7.org/CodeSystem/location-physical-type"
     for ward, _long, _svc in WARDS:
         wkey = f"{facility}/{ward}"
-        out.append((wkey, {"resourceType": "Location", "identifier": [{"system": "urn:hms-ach:location", "value": wkey}],
-                           "name": ward, "status": "active", "mode": "instance",
-                           "physicalType": {"coding": [{"system": phys, "code": "wa", "display": "Ward"}]}}))
+        out.append(
+            (
+                wkey,
+                {
+                    "resourceType": "Location",
+                    "identifier": [{"system": "urn:hms-ach:location", "value": wkey}],
+                    "name": ward,
+                    "status": "active",
+                    "mode": "instance",
+                    "physicalType": {"coding": [{"system": phys, "code": "wa", "display": "Ward"}]},
+                },
+            )
+        )
         for room in range(1, 41):
             rkey = f"{wkey}/{room:03d}"
-            out.append((rkey, {"resourceType": "Location",
-                               "identifier": [{"system": "urn:hms-ach:location", "value": rkey}],
-                               "name": f"{ward} {room:03d}", "status": "active", "mode": "instance",
-                               "physicalType": {"coding": [{"system": phys, "code": "ro", "display": "Room"}]},
-                               "partOf": {"reference": f"@{wkey}"}}))
+            out.append(
+                (
+                    rkey,
+                    {
+                        "resourceType": "Location",
+                        "identifier": [{"system": "urn:hms-ach:location", "value": rkey}],
+                        "name": f"{ward} {room:03d}",
+                        "status": "active",
+                        "mode": "instance",
+                        "physicalType": {"coding": [{"system": phys, "code": "ro", "display": "Room"}]},
+                        "partOf": {"reference": f"@{wkey}"},
+                    },
+                )
+            )
             for bed in "AB":
                 bkey = f"{rkey}/{bed}"
-                out.append((bkey, {"resourceType": "Location",
-                                   "identifier": [{"system": "urn:hms-ach:location", "value": bkey}],
-                                   "name": f"{ward} {room:03d} {bed}", "status": "active", "mode": "instance",
-                                   "physicalType": {"coding": [{"system": phys, "code": "bd", "display": "Bed"}]},
-                                   "operationalStatus": {"system": "http://terminology.hl7.org/CodeSystem/v2-0116",
-                                                         "code": "O", "display": "Occupied"},
-                                   "partOf": {"reference": f"@{rkey}"}}))
+                out.append(
+                    (
+                        bkey,
+                        {
+                            "resourceType": "Location",
+                            "identifier": [{"system": "urn:hms-ach:location", "value": bkey}],
+                            "name": f"{ward} {room:03d} {bed}",
+                            "status": "active",
+                            "mode": "instance",
+                            "physicalType": {"coding": [{"system": phys, "code": "bd", "display": "Bed"}]},
+                            "operationalStatus": {
+                                "system": "http://terminology.hl7.org/CodeSystem/v2-0116",
+                                "code": "O",
+                                "display": "Occupied",
+                            },
+                            "partOf": {"reference": f"@{rkey}"},
+                        },
+                    )
+                )
     return out
 
 
@@ -548,46 +727,99 @@ def patient(g: Generator, i: int, rid: str, when: datetime) -> tuple[dict[str, A
     city = g.rng.choice(CITIES)
     mrn = f"{100000 + i}"
     resource = {
-        "resourceType": "Patient", "id": rid, "meta": _meta(1, when),
-        "identifier": [{"value": mrn, "system": "urn:hms-ach:id:GENHOSP",
-                        "type": {"coding": [{"system": V2_0203, "code": "MR", "display": "Medical record number"}]}}],
+        "resourceType": "Patient",
+        "id": rid,
+        "meta": _meta(1, when),
+        "identifier": [
+            {
+                "value": mrn,
+                "system": "urn:hms-ach:id:GENHOSP",
+                "type": {"coding": [{"system": V2_0203, "code": "MR", "display": "Medical record number"}]},
+            }
+        ],
         "active": True,
-        "name": [{"family": p.family, "given": [p.given] + ([p.middle] if p.middle else []), "use": "official"}],
+        "name": [
+            {"family": p.family, "given": [p.given] + ([p.middle] if p.middle else []), "use": "official"}
+        ],
         "gender": "female" if p.sex == "F" else "male",
         "birthDate": f"{p.birth:%Y-%m-%d}",
-        "address": [{"line": [f"{g.rng.randint(1, 9999)} {g.rng.choice(STREETS)}"], "city": city[0],
-                     "state": city[1], "postalCode": f"{city[2]}{g.rng.randint(1, 99):02d}", "country": "USA",
-                     "use": "home"}],
+        "address": [
+            {
+                "line": [f"{g.rng.randint(1, 9999)} {g.rng.choice(STREETS)}"],
+                "city": city[0],
+                "state": city[1],
+                "postalCode": f"{city[2]}{g.rng.randint(1, 99):02d}",
+                "country": "USA",
+                "use": "home",
+            }
+        ],
         "telecom": [{"value": g.phone(), "system": "phone", "use": "home"}],
     }
     return resource, mrn
 
 
-def encounter(g: Generator, i: int, rid: str, when: datetime, patient_id: str, bed_id: str,
-              doctor_ids: list[str], start: datetime, end: datetime | None) -> tuple[dict[str, Any], str]:
+def encounter(
+    g: Generator,
+    i: int,
+    rid: str,
+    when: datetime,
+    patient_id: str,
+    bed_id: str,
+    doctor_ids: list[str],
+    start: datetime,
+    end: datetime | None,
+) -> tuple[dict[str, Any], str]:
     visit = f"V{1000000 + i}"
     period: dict[str, str] = {"start": fhir_ts(start)}
     if end is not None:
         period["end"] = fhir_ts(end)
     part = []
-    for code, display, did in zip(("ATND", "REF", "ADM"), ("attender", "referrer", "admitter"), doctor_ids,
-                                  strict=False):
-        part.append({"type": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
-                                           "code": code, "display": display}]}],
-                     "individual": {"reference": f"Practitioner/{did}"}})
+    for code, display, did in zip(
+        ("ATND", "REF", "ADM"), ("attender", "referrer", "admitter"), doctor_ids, strict=False
+    ):
+        part.append(
+            {
+                "type": [
+                    {
+                        "coding": [
+                            {
+                                "system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType",
+                                "code": code,
+                                "display": display,
+                            }
+                        ]
+                    }
+                ],
+                "individual": {"reference": f"Practitioner/{did}"},
+            }
+        )
     diag = g.rng.choice(DIAGNOSES)
     resource = {
-        "resourceType": "Encounter", "id": rid, "meta": _meta(1, when),
-        "identifier": [{"value": visit, "system": "urn:hms-ach:id:GENHOSP",
-                        "type": {"coding": [{"system": V2_0203, "code": "VN", "display": "Visit number"}]}}],
+        "resourceType": "Encounter",
+        "id": rid,
+        "meta": _meta(1, when),
+        "identifier": [
+            {
+                "value": visit,
+                "system": "urn:hms-ach:id:GENHOSP",
+                "type": {"coding": [{"system": V2_0203, "code": "VN", "display": "Visit number"}]},
+            }
+        ],
         "status": "finished" if end is not None else "in-progress",
-        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "IMP",
-                  "display": "inpatient encounter"},
+        "class": {
+            "system": "http://terminology.hl7.org/CodeSystem/v3-ActCode",
+            "code": "IMP",
+            "display": "inpatient encounter",
+        },
         "subject": {"reference": f"Patient/{patient_id}"},
         "period": period,
         "reasonCode": [{"coding": [{"display": diag[1]}], "text": diag[1]}],
-        "location": [{"location": {"reference": f"Location/{bed_id}"},
-                      "status": "completed" if end is not None else "active"}],
+        "location": [
+            {
+                "location": {"reference": f"Location/{bed_id}"},
+                "status": "completed" if end is not None else "active",
+            }
+        ],
         "participant": part,
     }
     return resource, visit
@@ -608,8 +840,23 @@ def record_iter(kind: str, count: int, seed: int) -> Iterator[tuple[str, dict[st
 
 
 # ---------------------------------------------------------------------------------------- roster CSV
-ROSTER_COLUMNS = ("employee_id", "npi", "family_name", "given_name", "gender", "birth_date", "role", "department",
-                  "email", "phone", "license_number", "license_type", "license_state", "license_expires", "active")
+ROSTER_COLUMNS = (
+    "employee_id",
+    "npi",
+    "family_name",
+    "given_name",
+    "gender",
+    "birth_date",
+    "role",
+    "department",
+    "email",
+    "phone",
+    "license_number",
+    "license_type",
+    "license_state",
+    "license_expires",
+    "active",
+)
 
 
 def roster_csv(count: int, seed: int, npi_offset: int = 5_000_000) -> bytes:
@@ -631,13 +878,29 @@ def roster_csv(count: int, seed: int, npi_offset: int = 5_000_000) -> bytes:
         role = g.rng.choice(g.rng.choices(STAFF_TYPES, weights=(6, 3, 1))[0])
         ward = g.rng.choice(WARDS)[0]
         family = p.family if g.rng.random() > 0.02 else f"O'{p.family}"
-        email = f"{p.given}.{family}.{i}@genhosp.example".lower().replace("'", "") if g.rng.random() < 0.9 else ""
+        email = (
+            f"{p.given}.{family}.{i}@genhosp.example".lower().replace("'", "") if g.rng.random() < 0.9 else ""
+        )
         phone = f"614-555-{g.rng.randint(0, 9999):04d}" if g.rng.random() < 0.85 else ""
         licensed = g.rng.random() < 0.8
         expires = EPOCH + timedelta(days=g.rng.randint(30, 4 * 365))
-        out.writerow((
-            f"E{1_000_000 + i}", nth_npi(i, npi_offset), family, p.given, p.sex, f"{p.birth:%Y-%m-%d}", role, ward,
-            email, phone, f"{role}-{g.rng.randint(10_000, 999_999)}" if licensed else "",
-            "SL" if licensed else "", g.rng.choice(("OH", "OH", "OH", "KY", "IN", "PA")) if licensed else "",
-            f"{expires:%Y-%m-%d}" if licensed else "", "Y" if g.rng.random() < 0.97 else "N"))
+        out.writerow(
+            (
+                f"E{1_000_000 + i}",
+                nth_npi(i, npi_offset),
+                family,
+                p.given,
+                p.sex,
+                f"{p.birth:%Y-%m-%d}",
+                role,
+                ward,
+                email,
+                phone,
+                f"{role}-{g.rng.randint(10_000, 999_999)}" if licensed else "",
+                "SL" if licensed else "",
+                g.rng.choice(("OH", "OH", "OH", "KY", "IN", "PA")) if licensed else "",
+                f"{expires:%Y-%m-%d}" if licensed else "",
+                "Y" if g.rng.random() < 0.97 else "N",
+            )
+        )
     return buf.getvalue().encode("utf-8")

@@ -22,8 +22,12 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 #: The failures of a run that the driver reports as ``{"error": ...}`` rather than a traceback.
-RUN_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, asyncio.IncompleteReadError,
-                                               asyncio.LimitOverrunError)
+RUN_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncio.IncompleteReadError,
+    asyncio.LimitOverrunError,
+)
 
 
 class StartLine:
@@ -41,8 +45,9 @@ class StartLine:
         return self.deadline
 
 
-async def run_together(workers: Sequence[Callable[[StartLine], Coroutine[Any, Any, int]]], seconds: float,
-                       timeout: float) -> tuple[int, float]:
+async def run_together(
+    workers: Sequence[Callable[[StartLine], Coroutine[Any, Any, int]]], seconds: float, timeout: float
+) -> tuple[int, float]:
     """Run one repetition: start every worker, wait until all are connected, then let them go together.
 
     Each worker connects, awaits :meth:`StartLine.wait`, works until the deadline it returns
@@ -74,8 +79,9 @@ async def close_quietly(writer: asyncio.StreamWriter) -> None:
         pass
 
 
-def print_result(run: Coroutine[Any, Any, dict[str, Any]],
-                 errors: tuple[type[BaseException], ...] = RUN_ERRORS) -> None:
+def print_result(
+    run: Coroutine[Any, Any, dict[str, Any]], errors: tuple[type[BaseException], ...] = RUN_ERRORS
+) -> None:
     """Run a driver's main coroutine and print its result (or ``{"error": ...}`` for ``errors``) as one JSON line."""
     try:
         result = asyncio.run(run)

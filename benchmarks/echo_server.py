@@ -13,8 +13,10 @@ from hms_ach import eventloop
 from hms_ach.inbound.mllp import MllpConfig, MllpServer
 
 #: An AA of the size the engine sends (about 150 bytes), built once.
-FIXED_ACK = (b"MSH|^~\\&|HMSACH|GENHOSP|ADTSYS|GENHOSP|20261126083000||ACK^A01^ACK|ECHO-0000001|P|2.5.1\r"
-             b"MSA|AA|ECHO-0000001\r")
+FIXED_ACK = (
+    b"MSH|^~\\&|HMSACH|GENHOSP|ADTSYS|GENHOSP|20261126083000||ACK^A01^ACK|ECHO-0000001|P|2.5.1\r"
+    b"MSA|AA|ECHO-0000001\r"
+)
 
 
 async def _handler(payload: bytes, peer: str) -> bytes:
@@ -22,8 +24,9 @@ async def _handler(payload: bytes, peer: str) -> bytes:
 
 
 async def serve(host: str, port: int) -> None:
-    config = MllpConfig.model_validate({"host": host, "port": port, "idle_timeout_seconds": 60,
-                                        "max_connections": 100})
+    config = MllpConfig.model_validate(
+        {"host": host, "port": port, "idle_timeout_seconds": 60, "max_connections": 100}
+    )
     server = MllpServer(config, _handler)
     await server.start()
     await listen_until_signalled(server.port)

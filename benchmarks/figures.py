@@ -54,15 +54,57 @@ class Mode:
 
 
 MODES = {
-    "smoke": Mode("smoke", reps=2, a_messages=20, a_hl7apy=2, b_seconds=0.6, b_echo_seconds=0.4,
-                  b_commit_seconds=0.2, c_sizes=(200,), c_seconds=0.4, c_load_budget_seconds=30,
-                  d_rows=300, e_messages=100, e_seconds=3, f_sizes=(200,), f_default=False),
-    "quick": Mode("quick", reps=3, a_messages=300, a_hl7apy=12, b_seconds=2.0, b_echo_seconds=1.0,
-                  b_commit_seconds=0.5, c_sizes=(10_000,), c_seconds=1.5, c_load_budget_seconds=60,
-                  d_rows=3_000, e_messages=20_000, e_seconds=20, f_sizes=(10_000,), f_default=False),
-    "full": Mode("full", reps=5, a_messages=2000, a_hl7apy=40, b_seconds=8.0, b_echo_seconds=3.0,
-                 b_commit_seconds=2.0, c_sizes=(100_000, 1_000_000), c_seconds=4.0, c_load_budget_seconds=600,
-                 d_rows=100_000, e_messages=1_000_000, e_seconds=300, f_sizes=(100_000,), f_default=True),
+    "smoke": Mode(
+        "smoke",
+        reps=2,
+        a_messages=20,
+        a_hl7apy=2,
+        b_seconds=0.6,
+        b_echo_seconds=0.4,
+        b_commit_seconds=0.2,
+        c_sizes=(200,),
+        c_seconds=0.4,
+        c_load_budget_seconds=30,
+        d_rows=300,
+        e_messages=100,
+        e_seconds=3,
+        f_sizes=(200,),
+        f_default=False,
+    ),
+    "quick": Mode(
+        "quick",
+        reps=3,
+        a_messages=300,
+        a_hl7apy=12,
+        b_seconds=2.0,
+        b_echo_seconds=1.0,
+        b_commit_seconds=0.5,
+        c_sizes=(10_000,),
+        c_seconds=1.5,
+        c_load_budget_seconds=60,
+        d_rows=3_000,
+        e_messages=20_000,
+        e_seconds=20,
+        f_sizes=(10_000,),
+        f_default=False,
+    ),
+    "full": Mode(
+        "full",
+        reps=5,
+        a_messages=2000,
+        a_hl7apy=40,
+        b_seconds=8.0,
+        b_echo_seconds=3.0,
+        b_commit_seconds=2.0,
+        c_sizes=(100_000, 1_000_000),
+        c_seconds=4.0,
+        c_load_budget_seconds=600,
+        d_rows=100_000,
+        e_messages=1_000_000,
+        e_seconds=300,
+        f_sizes=(100_000,),
+        f_default=True,
+    ),
 }
 
 
@@ -153,27 +195,57 @@ def figure_a(run: Run) -> dict[str, Any]:
             samples["hl7_parse"].append(_timed_rate(hl7_parse, work))
             samples["hl7apy"].append(_timed_rate(hl7apy_parse, hl7apy_work))
             samples["split"].append(_timed_rate(split_components, work * 5))
-    run.say(f"A: evaluate {summary(samples['evaluate'])['median']:.0f} msg/s, "
-            f"hl7.parse {summary(samples['hl7_parse'])['median']:.0f}, hl7apy {summary(samples['hl7apy'])['median']:.1f}")
+    run.say(
+        f"A: evaluate {summary(samples['evaluate'])['median']:.0f} msg/s, "
+        f"hl7.parse {summary(samples['hl7_parse'])['median']:.0f}, hl7apy {summary(samples['hl7apy'])['median']:.1f}"
+    )
     return {
         "title": "In-process parse + map of ADT^A01 to canonical records, one thread (msg/s)",
-        "messages": {"count": len(work), "distinct": len(set(work)), "mean_bytes": round(sum(sizes) / len(sizes)),
-                     "hl7apy_count": len(hl7apy_work)},
+        "messages": {
+            "count": len(work),
+            "distinct": len(set(work)),
+            "mean_bytes": round(sum(sizes) / len(sizes)),
+            "hl7apy_count": len(hl7apy_work),
+        },
         "evaluate_msg_per_s": summary(samples["evaluate"]),
         "hl7_parse_msg_per_s": summary(samples["hl7_parse"]),
         "hl7apy_msg_per_s": summary(samples["hl7apy"]),
         "split_msg_per_s": summary(samples["split"]),
-        "notes": ["evaluate = hms_ach.pipeline.evaluate: MSH checks, decode, parse, the shipped mappings",
-                  "hl7.parse and hl7apy parse_message include decoding the bytes, nothing else",
-                  "split = str.split to segments, fields and components: no escapes, no objects"],
+        "notes": [
+            "evaluate = hms_ach.pipeline.evaluate: MSH checks, decode, parse, the shipped mappings",
+            "hl7.parse and hl7apy parse_message include decoding the bytes, nothing else",
+            "split = str.split to segments, fields and components: no escapes, no objects",
+        ],
     }
 
 
 # ------------------------------------------------------------------------------------------- B
-def _mllp_args(port: int, connections: int, seconds: float, reps: int, tag: str, warmup: int = 0,
-               cycle: int = 0, count: int = 1_000_000) -> list[str]:
-    args = ["--port", str(port), "--connections", str(connections), "--seconds", str(seconds), "--reps", str(reps),
-            "--tag", tag, "--seed", str(SEED), "--count", str(count)]
+def _mllp_args(
+    port: int,
+    connections: int,
+    seconds: float,
+    reps: int,
+    tag: str,
+    warmup: int = 0,
+    cycle: int = 0,
+    count: int = 1_000_000,
+) -> list[str]:
+    args = [
+        "--port",
+        str(port),
+        "--connections",
+        str(connections),
+        "--seconds",
+        str(seconds),
+        "--reps",
+        str(reps),
+        "--tag",
+        tag,
+        "--seed",
+        str(SEED),
+        "--count",
+        str(count),
+    ]
     if warmup:
         args += ["--warmup", str(warmup)]
     if cycle:
@@ -181,13 +253,16 @@ def _mllp_args(port: int, connections: int, seconds: float, reps: int, tag: str,
     return args
 
 
-def _drive_engine(run: Run, engine: procs.Service, port: int, connections: int, seconds: float, tag: str
-                  ) -> dict[str, Any]:
+def _drive_engine(
+    run: Run, engine: procs.Service, port: int, connections: int, seconds: float, tag: str
+) -> dict[str, Any]:
     m = run.mode
     cpu0, t0 = procs.cpu_seconds(engine.pid), time.monotonic()
-    result = procs.run_driver("benchmarks.mllp_load",
-                              _mllp_args(port, connections, seconds, m.reps, tag, warmup=max(3, 20 // connections)),
-                              timeout=m.reps * seconds + 120)
+    result = procs.run_driver(
+        "benchmarks.mllp_load",
+        _mllp_args(port, connections, seconds, m.reps, tag, warmup=max(3, 20 // connections)),
+        timeout=m.reps * seconds + 120,
+    )
     cpu = procs.cpu_seconds(engine.pid) - cpu0
     wall = time.monotonic() - t0
     out = _runs_summary(result["runs"], "msg_per_s")
@@ -225,18 +300,25 @@ def commit_ceiling_sqlite(folder: Path, seconds: float, reps: int, payload_bytes
             samples.append(n / (time.perf_counter() - t0))
     finally:
         con.close()
-    return {"commits_per_s": summary(samples), "payload_bytes": payload_bytes,
-            "how": "sqlite3, WAL, synchronous=FULL, BEGIN IMMEDIATE; INSERT one row; COMMIT"}
+    return {
+        "commits_per_s": summary(samples),
+        "payload_bytes": payload_bytes,
+        "how": "sqlite3, WAL, synchronous=FULL, BEGIN IMMEDIATE; INSERT one row; COMMIT",
+    }
 
 
-def commit_ceiling_postgres(url: str, schema: str, seconds: float, reps: int, payload_bytes: int) -> dict[str, Any]:
+def commit_ceiling_postgres(
+    url: str, schema: str, seconds: float, reps: int, payload_bytes: int
+) -> dict[str, Any]:
     """A bare PostgreSQL insert loop (psycopg, autocommit: one row per commit, synchronous_commit on)."""
     import psycopg
 
     blob = os.urandom(payload_bytes)
     samples = []
     with psycopg.connect(url, autocommit=True) as con:
-        con.execute(f'CREATE TABLE IF NOT EXISTS "{schema}".commit_ceiling (id bigserial PRIMARY KEY, raw bytea)')
+        con.execute(
+            f'CREATE TABLE IF NOT EXISTS "{schema}".commit_ceiling (id bigserial PRIMARY KEY, raw bytea)'
+        )
         sync = con.execute("SHOW synchronous_commit").fetchone()
         for _ in range(reps):
             n, t0 = 0, time.perf_counter()
@@ -244,8 +326,11 @@ def commit_ceiling_postgres(url: str, schema: str, seconds: float, reps: int, pa
                 con.execute(f'INSERT INTO "{schema}".commit_ceiling (raw) VALUES (%s)', (blob,))
                 n += 1
             samples.append(n / (time.perf_counter() - t0))
-    return {"commits_per_s": summary(samples), "payload_bytes": payload_bytes,
-            "how": f"psycopg autocommit INSERT, synchronous_commit={sync[0] if sync else '?'}"}
+    return {
+        "commits_per_s": summary(samples),
+        "payload_bytes": payload_bytes,
+        "how": f"psycopg autocommit INSERT, synchronous_commit={sync[0] if sync else '?'}",
+    }
 
 
 def echo_ceiling(run: Run) -> dict[str, Any]:
@@ -253,14 +338,19 @@ def echo_ceiling(run: Run) -> dict[str, Any]:
     m = run.mode
     folder = run.folder("b-echo")
     port = procs.free_port()
-    out: dict[str, Any] = {"how": "hms_ach.inbound.mllp.MllpServer, handler returns a fixed ACK (own process)"}
+    out: dict[str, Any] = {
+        "how": "hms_ach.inbound.mllp.MllpServer, handler returns a fixed ACK (own process)"
+    }
     with procs.start_module("echo", "benchmarks.echo_server", ["--port", str(port)], folder, [port]):
         for conns in (1, 8):
-            result = procs.run_driver("benchmarks.mllp_load",
-                                      _mllp_args(port, conns, m.b_echo_seconds, m.reps, f"E{conns}", warmup=20,
-                                                 cycle=200),
-                                      timeout=m.reps * m.b_echo_seconds + 60)
-            out[f"{conns}_connection" + ("s" if conns > 1 else "")] = _runs_summary(result["runs"], "msg_per_s")
+            result = procs.run_driver(
+                "benchmarks.mllp_load",
+                _mllp_args(port, conns, m.b_echo_seconds, m.reps, f"E{conns}", warmup=20, cycle=200),
+                timeout=m.reps * m.b_echo_seconds + 60,
+            )
+            out[f"{conns}_connection" + ("s" if conns > 1 else "")] = _runs_summary(
+                result["runs"], "msg_per_s"
+            )
     return out
 
 
@@ -304,16 +394,25 @@ def _store_ceiling(url: str, targets: dict[str, Any], seconds: float, reps: int)
 
     def read(conn: Any) -> None:
         rid = rng.choice(targets["practitioner_ids"])
-        conn.execute(select(t.c.version_id, t.c.last_updated, t.c.deleted, t.c.resource).where(t.c.id == rid)).first()
+        conn.execute(
+            select(t.c.version_id, t.c.last_updated, t.c.deleted, t.c.resource).where(t.c.id == rid)
+        ).first()
 
     def family(conn: Any) -> None:
-        q = search.parse_query("Practitioner", [("family", rng.choice(targets["families"])), ("_count", "20")])
+        q = search.parse_query(
+            "Practitioner", [("family", rng.choice(targets["families"])), ("_count", "20")]
+        )
         search.execute(conn, q)
 
     def encounter(conn: Any) -> None:
-        q = search.parse_query("Encounter", [("patient", f"Patient/{rng.choice(targets['patients'])}"),
-                                             ("date", f"ge{targets['date_ge']}"),
-                                             ("_include", "Encounter:location")])
+        q = search.parse_query(
+            "Encounter",
+            [
+                ("patient", f"Patient/{rng.choice(targets['patients'])}"),
+                ("date", f"ge{targets['date_ge']}"),
+                ("_include", "Encounter:location"),
+            ],
+        )
         search.execute(conn, q)
 
     out: dict[str, Any] = {}
@@ -338,17 +437,32 @@ def http_ceiling(run: Run) -> dict[str, Any]:
     folder = run.folder("c-http-echo")
     port = procs.free_port()
     with procs.start_module("http-echo", "benchmarks.http_echo", ["--port", str(port)], folder, [port]):
-        result = procs.run_driver("benchmarks.http_load",
-                                  ["--port", str(port), "--kind", "ping", "--seconds", str(m.c_seconds),
-                                   "--reps", str(m.reps), "--warmup", "100", "--concurrency", "8"],
-                                  timeout=m.reps * m.c_seconds + 60)
+        result = procs.run_driver(
+            "benchmarks.http_load",
+            [
+                "--port",
+                str(port),
+                "--kind",
+                "ping",
+                "--seconds",
+                str(m.c_seconds),
+                "--reps",
+                str(m.reps),
+                "--warmup",
+                "100",
+                "--concurrency",
+                "8",
+            ],
+            timeout=m.reps * m.c_seconds + 60,
+        )
     out = _runs_summary(result["runs"], "req_per_s")
     out["how"] = "uvicorn (same settings as the engine) serving a bare ASGI app: fixed 1.2 KB JSON body"
     return out
 
 
-def figure_c(run: Run, database_url: str | None = None, label: str = "sqlite",
-             sizes: tuple[int, ...] | None = None) -> dict[str, Any]:
+def figure_c(
+    run: Run, database_url: str | None = None, label: str = "sqlite", sizes: tuple[int, ...] | None = None
+) -> dict[str, Any]:
     """The FHIR API over a store bulk-loaded to each size in turn (the store grows between sizes)."""
     m = run.mode
     sizes = sizes or m.c_sizes
@@ -371,14 +485,19 @@ def figure_c(run: Run, database_url: str | None = None, label: str = "sqlite",
         counts = state.counts()
         key = str(counts["Practitioner"])
         entry: dict[str, Any] = {
-            "requested_practitioners": size, "counts": counts, "complete": complete,
-            "load_seconds": round(load_seconds, 1), "rows_total": state.rows,
+            "requested_practitioners": size,
+            "counts": counts,
+            "complete": complete,
+            "load_seconds": round(load_seconds, 1),
+            "rows_total": state.rows,
         }
         if not complete:
-            entry["note"] = (f"loading stopped by the {m.c_load_budget_seconds:.0f} s load budget at "
-                             f"{counts['Practitioner']:,} of {size:,} Practitioners; measured at that size")
+            entry["note"] = (
+                f"loading stopped by the {m.c_load_budget_seconds:.0f} s load budget at "
+                f"{counts['Practitioner']:,} of {size:,} Practitioners; measured at that size"
+            )
         if url.startswith("sqlite:///"):
-            db_file = Path(url[len("sqlite:///"):])
+            db_file = Path(url[len("sqlite:///") :])
             entry["database_mb"] = round(db_file.stat().st_size / 1e6, 1)
         run.say(f"C[{label}]: loaded {counts} in {load_seconds:.0f} s; starting hms-ach run")
         targets_file = folder / f"targets-{key}.json"
@@ -389,16 +508,36 @@ def figure_c(run: Run, database_url: str | None = None, label: str = "sqlite",
             for kind in KINDS:
                 result = procs.run_driver(
                     "benchmarks.http_load",
-                    ["--port", str(http), "--kind", kind, "--targets", str(targets_file), "--seconds",
-                     str(m.c_seconds), "--reps", str(m.reps), "--warmup", "40", "--concurrency", "8",
-                     "--seed", str(SEED), "--timeout", "120"],
-                    timeout=m.reps * (m.c_seconds + 120) + 180)
+                    [
+                        "--port",
+                        str(http),
+                        "--kind",
+                        kind,
+                        "--targets",
+                        str(targets_file),
+                        "--seconds",
+                        str(m.c_seconds),
+                        "--reps",
+                        str(m.reps),
+                        "--warmup",
+                        "40",
+                        "--concurrency",
+                        "8",
+                        "--seed",
+                        str(SEED),
+                        "--timeout",
+                        "120",
+                    ],
+                    timeout=m.reps * (m.c_seconds + 120) + 180,
+                )
                 entry[kind] = _runs_summary(result["runs"], "req_per_s")
                 bad = {s: n for r in result["runs"] for s, n in r["statuses"].items() if s != "200"}
                 if bad:
                     entry[kind]["problem"] = f"non-200 responses: {bad}"
-                run.say(f"C[{label}] {key} {kind}: {entry[kind]['req_per_s']['median']} req/s, "
-                        f"p99 {entry[kind]['p99_ms']['median']} ms")
+                run.say(
+                    f"C[{label}] {key} {kind}: {entry[kind]['req_per_s']['median']} req/s, "
+                    f"p99 {entry[kind]['p99_ms']['median']} ms"
+                )
         finally:
             engine.stop()
         entry["store_ceiling"] = _store_ceiling(url, targets, m.c_seconds / 2, m.reps)
@@ -447,8 +586,9 @@ async def _poll_roster(settings: dict[str, Any], url: str, mapping: Any) -> tupl
     return result, seconds, cpu, int(stored)
 
 
-async def _download_rates(port: int, password: str, known_hosts: Path, remote: str, reps: int
-                          ) -> tuple[list[float], float]:
+async def _download_rates(
+    port: int, password: str, known_hosts: Path, remote: str, reps: int
+) -> tuple[list[float], float]:
     """The raw SFTP read of one file, as the channel reads it (same chunk size), nothing else:
     seconds per repetition on one connection, and the connect + login seconds."""
     import asyncssh
@@ -456,9 +596,16 @@ async def _download_rates(port: int, password: str, known_hosts: Path, remote: s
     from hms_ach.inbound.sftp_csv import CHUNK_BYTES
 
     t0 = time.perf_counter()
-    async with await asyncssh.connect("127.0.0.1", port=port, username="bench", password=password,
-                                      known_hosts=str(known_hosts), agent_path=None, config=[],
-                                      preferred_auth="password") as conn:
+    async with await asyncssh.connect(
+        "127.0.0.1",
+        port=port,
+        username="bench",
+        password=password,
+        known_hosts=str(known_hosts),
+        agent_path=None,
+        config=[],
+        preferred_auth="password",
+    ) as conn:
         async with conn.start_sftp_client() as sftp:
             connect = time.perf_counter() - t0
             times = []
@@ -502,41 +649,69 @@ def figure_d(run: Run) -> dict[str, Any]:
     port = procs.free_port()
     polls: list[dict[str, Any]] = []
     run.say(f"D: {m.d_rows:,} roster rows ({mb:.1f} MB); {m.reps} polls, each on a fresh SQLite store")
-    with procs.start_module("sftp", "benchmarks.sftp_server", ["--root", str(root), "--port", str(port)],
-                            folder, [port]) as server:
+    with procs.start_module(
+        "sftp", "benchmarks.sftp_server", ["--root", str(root), "--port", str(port)], folder, [port]
+    ) as server:
         password = (root / "password").read_text(encoding="ascii").strip()
         settings: dict[str, Any] = {
-            "name": "roster_bench", "type": "sftp_csv", "host": "127.0.0.1", "port": port, "username": "bench",
-            "password": password, "known_hosts": str(root / "known_hosts"), "dataset": "staff_roster",
-            "glob": "roster-*.csv", "min_file_age_seconds": 60, "stable_seconds": 0,
+            "name": "roster_bench",
+            "type": "sftp_csv",
+            "host": "127.0.0.1",
+            "port": port,
+            "username": "bench",
+            "password": password,
+            "known_hosts": str(root / "known_hosts"),
+            "dataset": "staff_roster",
+            "glob": "roster-*.csv",
+            "min_file_age_seconds": 60,
+            "stable_seconds": 0,
             "work_dir": str(folder / "work"),
         }
         for rep in range(m.reps):
             _put_old(root / "inbox" / f"roster-{rep}.csv", data)
             server_cpu0 = procs.cpu_seconds(server.pid)
             result, seconds, cpu, stored = asyncio.run(
-                _poll_roster(settings, f"sqlite:///{folder}/store-{rep}.db", mapping))
+                _poll_roster(settings, f"sqlite:///{folder}/store-{rep}.db", mapping)
+            )
             files = result.files
-            if result.error or len(files) != 1 or files[0].status != "processed" or files[0].stored != m.d_rows:
-                raise procs.BenchmarkError(f"figure D: poll {rep} did not store every row: {result.summary()}"
-                                           f"; errors {files[0].errors[:3] if files else None}")
+            if (
+                result.error
+                or len(files) != 1
+                or files[0].status != "processed"
+                or files[0].stored != m.d_rows
+            ):
+                raise procs.BenchmarkError(
+                    f"figure D: poll {rep} did not store every row: {result.summary()}"
+                    f"; errors {files[0].errors[:3] if files else None}"
+                )
             if stored != m.d_rows:
                 raise procs.BenchmarkError(f"figure D: {stored} Practitioners stored, expected {m.d_rows}")
-            polls.append({"seconds": round(seconds, 3), "rows_per_s": m.d_rows / seconds,
-                          "engine_cpu_percent": round(100 * cpu / seconds, 1),
-                          "sftp_server_cpu_percent": round(100 * (procs.cpu_seconds(server.pid) - server_cpu0)
-                                                           / seconds, 1)})
+            polls.append(
+                {
+                    "seconds": round(seconds, 3),
+                    "rows_per_s": m.d_rows / seconds,
+                    "engine_cpu_percent": round(100 * cpu / seconds, 1),
+                    "sftp_server_cpu_percent": round(
+                        100 * (procs.cpu_seconds(server.pid) - server_cpu0) / seconds, 1
+                    ),
+                }
+            )
             run.say(f"D: poll {rep + 1}: {m.d_rows / seconds:,.0f} rows/s ({seconds:.1f} s)")
         _put_old(root / "raw" / "roster.csv", data)
-        dl_times, connect = asyncio.run(_download_rates(port, password, root / "known_hosts", "raw/roster.csv",
-                                                        m.reps + 1))
+        dl_times, connect = asyncio.run(
+            _download_rates(port, password, root / "known_hosts", "raw/roster.csv", m.reps + 1)
+        )
     dl_times = dl_times[1:]  # the first read warms the server's page cache and the connection
     csv_runs = [_csv_alone(local) for _ in range(m.reps + 1)][1:]
     if any(n != m.d_rows for n, _ in csv_runs):
-        raise procs.BenchmarkError(f"figure D: the csv module read {csv_runs[0][0]} rows, expected {m.d_rows}")
+        raise procs.BenchmarkError(
+            f"figure D: the csv module read {csv_runs[0][0]} rows, expected {m.d_rows}"
+        )
     out: dict[str, Any] = {
         "title": "SFTP CSV: one poll of a generated staff roster (rows/s)",
-        "rows": m.d_rows, "file_bytes": len(data), "bytes_per_row": round(len(data) / (m.d_rows + 1), 1),
+        "rows": m.d_rows,
+        "file_bytes": len(data),
+        "bytes_per_row": round(len(data) / (m.d_rows + 1), 1),
         "poll_rows_per_s": summary([p["rows_per_s"] for p in polls]),
         "poll_seconds": summary([p["seconds"] for p in polls]),
         "polls": polls,
@@ -544,18 +719,22 @@ def figure_d(run: Run) -> dict[str, Any]:
         "download_mb_per_s": summary([mb / s for s in dl_times]),
         "download_rows_per_s": summary([m.d_rows / s for s in dl_times]),
         "sftp_connect_seconds": round(connect, 3),
-        "notes": ["poll = SftpCsvChannel.poll() in the benchmark process (writer thread, mapping thread) on a "
-                  "fresh SQLite file (WAL, synchronous=FULL), the asyncssh SFTP server in its own process: "
-                  "connect and log in, list, download with sha256, map each row with the shipped staff_roster "
-                  "mapping, upsert the Practitioners (500 rows per writer job), commit, move to processed/",
-                  "stable_seconds is 0 (the default 2 s wait for a growing file is not measured); the file is "
-                  "dated an hour ago, so min_file_age_seconds (60) is met",
-                  "csv alone = csv.reader over the local copy of the same file, counting rows",
-                  "download = reading the same file over one open SFTP connection in the channel's chunk size, "
-                  "nothing else (no hashing, no disk); rows/s is the file's rows over that time"],
+        "notes": [
+            "poll = SftpCsvChannel.poll() in the benchmark process (writer thread, mapping thread) on a "
+            "fresh SQLite file (WAL, synchronous=FULL), the asyncssh SFTP server in its own process: "
+            "connect and log in, list, download with sha256, map each row with the shipped staff_roster "
+            "mapping, upsert the Practitioners (500 rows per writer job), commit, move to processed/",
+            "stable_seconds is 0 (the default 2 s wait for a growing file is not measured); the file is "
+            "dated an hour ago, so min_file_age_seconds (60) is met",
+            "csv alone = csv.reader over the local copy of the same file, counting rows",
+            "download = reading the same file over one open SFTP connection in the channel's chunk size, "
+            "nothing else (no hashing, no disk); rows/s is the file's rows over that time",
+        ],
     }
-    run.say(f"D: poll {out['poll_rows_per_s']['median']:,.0f} rows/s; csv alone "
-            f"{out['csv_rows_per_s']['median']:,.0f} rows/s; download {out['download_mb_per_s']['median']:.1f} MB/s")
+    run.say(
+        f"D: poll {out['poll_rows_per_s']['median']:,.0f} rows/s; csv alone "
+        f"{out['csv_rows_per_s']['median']:,.0f} rows/s; download {out['download_mb_per_s']['median']:.1f} MB/s"
+    )
     return out
 
 
@@ -582,14 +761,24 @@ def figure_e(run: Run) -> dict[str, Any]:
                 con.close()
         except sqlite3.Error:
             pass
-        samples.append({"t": round(time.monotonic() - t0, 2), "messages": count, "rss_kb": mem.get("VmRSS"),
-                        "hwm_kb": mem.get("VmHWM")})
+        samples.append(
+            {
+                "t": round(time.monotonic() - t0, 2),
+                "messages": count,
+                "rss_kb": mem.get("VmRSS"),
+                "hwm_kb": mem.get("VmHWM"),
+            }
+        )
 
     try:
         per_conn = max(1, m.e_messages // 8)
-        result = procs.run_driver("benchmarks.mllp_load",
-                                  _mllp_args(mllp, 8, m.e_seconds, 1, "EM", count=per_conn),
-                                  timeout=m.e_seconds + 120, on_tick=tick, tick_seconds=max(0.5, m.e_seconds / 120))
+        result = procs.run_driver(
+            "benchmarks.mllp_load",
+            _mllp_args(mllp, 8, m.e_seconds, 1, "EM", count=per_conn),
+            timeout=m.e_seconds + 120,
+            on_tick=tick,
+            tick_seconds=max(0.5, m.e_seconds / 120),
+        )
         tick()
     finally:
         engine.stop()
@@ -598,14 +787,21 @@ def figure_e(run: Run) -> dict[str, Any]:
     peak = max((s["hwm_kb"] or 0) for s in samples) if samples else None
     growth = _growth(samples)
     out = {
-        "messages_requested": m.e_messages, "messages_ingested": sent, "seconds": r["seconds"],
-        "msg_per_s": r["msg_per_s"], "ack_codes": r["codes"],
+        "messages_requested": m.e_messages,
+        "messages_ingested": sent,
+        "seconds": r["seconds"],
+        "msg_per_s": r["msg_per_s"],
+        "ack_codes": r["codes"],
         "stopped_by": "count" if sent >= per_conn * 8 else "time limit",
-        "rss_kb_after_start": baseline.get("VmRSS"), "peak_rss_kb": peak,
-        "growth": growth, "samples": samples,
+        "rss_kb_after_start": baseline.get("VmRSS"),
+        "peak_rss_kb": peak,
+        "growth": growth,
+        "samples": samples,
     }
-    run.say(f"E: {sent} messages in {r['seconds']:.0f} s, peak RSS {peak and peak / 1024:.0f} MiB, "
-            f"growth {growth.get('kb_per_10k_messages')} KiB per 10k messages (second half)")
+    run.say(
+        f"E: {sent} messages in {r['seconds']:.0f} s, peak RSS {peak and peak / 1024:.0f} MiB, "
+        f"growth {growth.get('kb_per_10k_messages')} KiB per 10k messages (second half)"
+    )
     return out
 
 
@@ -614,14 +810,16 @@ def _growth(samples: list[dict[str, Any]]) -> dict[str, Any]:
     pts = [(s["messages"], s["rss_kb"]) for s in samples if s["messages"] and s["rss_kb"]]
     if len(pts) < 4:
         return {"kb_per_10k_messages": None, "note": "too few samples"}
-    half = pts[len(pts) // 2:]
+    half = pts[len(pts) // 2 :]
     xs, ys = [p[0] for p in half], [p[1] for p in half]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     var = sum((x - mx) ** 2 for x in xs)
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
     quarter = [pts[int(len(pts) * f) - 1 if f == 1 else int(len(pts) * f)] for f in (0.25, 0.5, 0.75, 1.0)]
-    return {"kb_per_10k_messages": round(slope * 10_000, 1),
-            "rss_kb_at_quarters": [{"messages": q[0], "rss_kb": q[1]} for q in quarter]}
+    return {
+        "kb_per_10k_messages": round(slope * 10_000, 1),
+        "rss_kb_at_quarters": [{"messages": q[0], "rss_kb": q[1]} for q in quarter],
+    }
 
 
 # ------------------------------------------------------------------------------------------- F
@@ -659,8 +857,12 @@ def figure_f(run: Run) -> dict[str, Any]:
             for schema in schemas.values():
                 con.execute(f'CREATE SCHEMA "{schema}"')
         out["B"] = figure_b(run, url(schemas["B"]), "postgresql")
-        out["B"]["commit_ceiling"] = commit_ceiling_postgres(PG_URL, schemas["B"], m.b_commit_seconds, m.reps, 1300)
-        run.say(f"F: PostgreSQL commit ceiling {out['B']['commit_ceiling']['commits_per_s']['median']} commits/s")
+        out["B"]["commit_ceiling"] = commit_ceiling_postgres(
+            PG_URL, schemas["B"], m.b_commit_seconds, m.reps, 1300
+        )
+        run.say(
+            f"F: PostgreSQL commit ceiling {out['B']['commit_ceiling']['commits_per_s']['median']} commits/s"
+        )
         out["C"] = figure_c(run, url(schemas["C"]), "postgresql", sizes=m.f_sizes)
     finally:
         with psycopg.connect(PG_URL, autocommit=True) as con:

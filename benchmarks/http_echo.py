@@ -14,15 +14,19 @@ import orjson
 import uvicorn
 
 #: A Practitioner about the size of the ones the API serves.
-BODY = orjson.dumps({
-    "resourceType": "Practitioner", "id": "00000000-0000-4000-8000-000000000000",
-    "meta": {"versionId": "1", "lastUpdated": "2026-11-01T00:00:00Z"},
-    "identifier": [{"system": "http://hl7.org/fhir/sid/us-npi", "value": "1234567893"}],
-    "active": True, "name": [{"family": "Chen", "given": ["Lisa"], "prefix": ["Dr"], "use": "official"}],
-    "telecom": [{"system": "phone", "value": "(614)555-0150", "use": "work"}],
-    "address": [{"line": ["300 Hospital Way"], "city": "Columbus", "state": "OH", "postalCode": "43210"}],
-    "note": [{"text": "x" * 700}],
-})
+BODY = orjson.dumps(
+    {
+        "resourceType": "Practitioner",
+        "id": "00000000-0000-4000-8000-000000000000",
+        "meta": {"versionId": "1", "lastUpdated": "2026-11-01T00:00:00Z"},
+        "identifier": [{"system": "http://hl7.org/fhir/sid/us-npi", "value": "1234567893"}],
+        "active": True,
+        "name": [{"family": "Chen", "given": ["Lisa"], "prefix": ["Dr"], "use": "official"}],
+        "telecom": [{"system": "phone", "value": "(614)555-0150", "use": "work"}],
+        "address": [{"line": ["300 Hospital Way"], "city": "Columbus", "state": "OH", "postalCode": "43210"}],
+        "note": [{"text": "x" * 700}],
+    }
+)
 HEADERS = [(b"content-type", b"application/fhir+json"), (b"content-length", str(len(BODY)).encode())]
 
 

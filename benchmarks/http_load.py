@@ -44,8 +44,10 @@ def request_path(kind: str, targets: dict[str, Any], rng: random.Random) -> str:
     if kind == "family_nototal":
         return f"/fhir/Practitioner?family={quote(rng.choice(targets['families']))}&_count=20&_total=none"
     if kind == "encounter":
-        return (f"/fhir/Encounter?patient=Patient/{rng.choice(targets['patients'])}"
-                f"&date=ge{targets['date_ge']}&_include=Encounter:location")
+        return (
+            f"/fhir/Encounter?patient=Patient/{rng.choice(targets['patients'])}"
+            f"&date=ge{targets['date_ge']}&_include=Encounter:location"
+        )
     if kind == "ping":
         return "/ping"
     raise ValueError(f"unknown kind {kind!r}")
@@ -106,9 +108,20 @@ def check(kind: str, status: int, body: bytes, checks: Counter[str], stats: dict
         checks["ok"] += 1
 
 
-async def _worker(host: str, port: int, kind: str, targets: dict[str, Any], rng: random.Random,
-                  budget: list[int], lat: list[float], statuses: Counter[str], sizes: list[int],
-                  checks: Counter[str], stats: dict[str, list[int]], line: StartLine) -> int:
+async def _worker(
+    host: str,
+    port: int,
+    kind: str,
+    targets: dict[str, Any],
+    rng: random.Random,
+    budget: list[int],
+    lat: list[float],
+    statuses: Counter[str],
+    sizes: list[int],
+    checks: Counter[str],
+    stats: dict[str, list[int]],
+    line: StartLine,
+) -> int:
     reader, writer = await asyncio.open_connection(host, port, limit=1 << 24)
     deadline = await line.wait()
     clock = time.perf_counter
@@ -117,8 +130,10 @@ async def _worker(host: str, port: int, kind: str, targets: dict[str, Any], rng:
         while budget[0] > 0 and clock() < deadline:
             budget[0] -= 1
             path = request_path(kind, targets, rng)
-            req = (f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: application/fhir+json\r\n"
-                   f"Connection: keep-alive\r\n\r\n").encode("ascii")
+            req = (
+                f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: application/fhir+json\r\n"
+                f"Connection: keep-alive\r\n\r\n"
+            ).encode("ascii")
             t0 = clock()
             writer.write(req)
             status, body = await _read_response(reader)
@@ -133,22 +148,42 @@ async def _worker(host: str, port: int, kind: str, targets: dict[str, Any], rng:
     return done
 
 
-async def run_once(args: argparse.Namespace, targets: dict[str, Any], seconds: float, count: int,
-                   rng: random.Random) -> dict[str, Any]:
+async def run_once(
+    args: argparse.Namespace, targets: dict[str, Any], seconds: float, count: int, rng: random.Random
+) -> dict[str, Any]:
     lat: list[float] = []
     statuses: Counter[str] = Counter()
     checks: Counter[str] = Counter()
     stats: dict[str, list[int]] = {}
     sizes: list[int] = []
     budget = [count]
-    workers = [functools.partial(_worker, args.host, args.port, args.kind, targets, random.Random(rng.random()),
-                                 budget, lat, statuses, sizes, checks, stats)
-               for _ in range(args.concurrency)]
+    workers = [
+        functools.partial(
+            _worker,
+            args.host,
+            args.port,
+            args.kind,
+            targets,
+            random.Random(rng.random()),
+            budget,
+            lat,
+            statuses,
+            sizes,
+            checks,
+            stats,
+        )
+        for _ in range(args.concurrency)
+    ]
     total, elapsed = await run_together(workers, seconds, args.timeout)
-    out: dict[str, Any] = {"requests": total, "seconds": round(elapsed, 4),
-                           "req_per_s": round(total / elapsed, 2) if elapsed else 0, "statuses": dict(statuses),
-                           "mean_bytes": round(sum(sizes) / len(sizes)) if sizes else 0, "checks": dict(checks),
-                           **latency_summary(lat)}
+    out: dict[str, Any] = {
+        "requests": total,
+        "seconds": round(elapsed, 4),
+        "req_per_s": round(total / elapsed, 2) if elapsed else 0,
+        "statuses": dict(statuses),
+        "mean_bytes": round(sum(sizes) / len(sizes)) if sizes else 0,
+        "checks": dict(checks),
+        **latency_summary(lat),
+    }
     for key, values in stats.items():
         out[f"mean_{key}"] = round(sum(values) / len(values), 1) if values else None
     return out

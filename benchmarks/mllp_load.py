@@ -36,7 +36,7 @@ def ack_code(ack: bytes) -> str:
     start = ack.find(b"\rMSA")
     if start < 0:
         return "?"
-    return ack[start + 5:start + 7].decode("ascii", "replace")
+    return ack[start + 5 : start + 7].decode("ascii", "replace")
 
 
 class Source:
@@ -61,8 +61,15 @@ class Source:
         return self.stream.next_message().encode("utf-8")
 
 
-async def _sender(host: str, port: int, source: Source, count: int, latencies: list[float], codes: Counter[str],
-                  line: StartLine) -> int:
+async def _sender(
+    host: str,
+    port: int,
+    source: Source,
+    count: int,
+    latencies: list[float],
+    codes: Counter[str],
+    line: StartLine,
+) -> int:
     reader, writer = await asyncio.open_connection(host, port, limit=1 << 22)
     deadline = await line.wait()
     sent = 0
@@ -81,19 +88,26 @@ async def _sender(host: str, port: int, source: Source, count: int, latencies: l
     return sent
 
 
-async def run_once(host: str, port: int, sources: list[Source], count: int, seconds: float,
-                   timeout: float) -> dict[str, Any]:
+async def run_once(
+    host: str, port: int, sources: list[Source], count: int, seconds: float, timeout: float
+) -> dict[str, Any]:
     latencies: list[float] = []
     codes: Counter[str] = Counter()
     workers = [functools.partial(_sender, host, port, src, count, latencies, codes) for src in sources]
     total, elapsed = await run_together(workers, seconds, timeout)
-    return {"messages": total, "seconds": round(elapsed, 4),
-            "msg_per_s": round(total / elapsed, 2) if elapsed else 0.0,
-            "codes": dict(codes), **latency_summary(latencies)}
+    return {
+        "messages": total,
+        "seconds": round(elapsed, 4),
+        "msg_per_s": round(total / elapsed, 2) if elapsed else 0.0,
+        "codes": dict(codes),
+        **latency_summary(latencies),
+    }
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    sources = [Source(AdtStream(args.seed + i, f"{args.tag}C{i}"), args.cycle) for i in range(args.connections)]
+    sources = [
+        Source(AdtStream(args.seed + i, f"{args.tag}C{i}"), args.cycle) for i in range(args.connections)
+    ]
     out: dict[str, Any] = {"connections": args.connections, "runs": []}
     per_conn_rate = args.expect / args.connections
     if args.warmup:
@@ -120,13 +134,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--connections", type=int, default=1)
-    p.add_argument("--count", type=int, default=1_000_000, help="messages per connection per repetition (at most)")
+    p.add_argument(
+        "--count", type=int, default=1_000_000, help="messages per connection per repetition (at most)"
+    )
     p.add_argument("--seconds", type=float, default=3.0, help="time limit of one repetition")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=0, help="messages per connection sent first, not counted")
     p.add_argument("--expect", type=float, default=500.0, help="msg/s expected, to size the first generation")
     p.add_argument("--cycle", type=int, default=0, help="repeat a pool of this many messages per connection")
-    p.add_argument("--timeout", type=float, default=30.0, help="extra seconds before a stuck run is abandoned")
+    p.add_argument(
+        "--timeout", type=float, default=30.0, help="extra seconds before a stuck run is abandoned"
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--tag", default="B")
     args = p.parse_args(argv)

@@ -118,8 +118,14 @@ class Service:
         self.argv = argv
         self.log = log
         self._log_fh = open(log, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(argv, cwd=cwd, env=env or child_env(), stdout=self._log_fh,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env or child_env(),
+            stdout=self._log_fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
 
     @property
     def pid(self) -> int:
@@ -136,12 +142,14 @@ class Service:
         pending = list(ports)
         while pending:
             if self.proc.poll() is not None:
-                raise BenchmarkError(f"{self.name} exited with {self.proc.returncode} before listening:\n"
-                                     f"{self.log_tail()}")
+                raise BenchmarkError(
+                    f"{self.name} exited with {self.proc.returncode} before listening:\n{self.log_tail()}"
+                )
             if time.monotonic() > deadline:
                 self.stop()
-                raise BenchmarkError(f"{self.name} did not open ports {pending} within {timeout:.0f} s:\n"
-                                     f"{self.log_tail()}")
+                raise BenchmarkError(
+                    f"{self.name} did not open ports {pending} within {timeout:.0f} s:\n{self.log_tail()}"
+                )
             pending = [p for p in pending if not port_open(p)]
             if pending:
                 time.sleep(0.05)
@@ -168,8 +176,13 @@ def start_engine(folder: Path, database_url: str) -> tuple[Service, int, int]:
     """``hms-ach run --config <folder>/channels.yaml`` on ``database_url``; returns (service, mllp, http)."""
     mllp, http = free_port(), free_port()
     config = write_engine_config(folder, database_url, mllp, http)
-    svc = Service("engine", [*hms_ach_command(), "run", "--config", str(config)], folder / "engine.log", folder,
-                  child_env(HMS_ACH_DATABASE_URL=database_url))
+    svc = Service(
+        "engine",
+        [*hms_ach_command(), "run", "--config", str(config)],
+        folder / "engine.log",
+        folder,
+        child_env(HMS_ACH_DATABASE_URL=database_url),
+    )
     svc.wait_ports([mllp, http], timeout=90)
     return svc, mllp, http
 
@@ -180,21 +193,34 @@ def start_module(name: str, module: str, args: list[str], folder: Path, ports: l
     return svc
 
 
-def run_driver(module: str, args: list[str], timeout: float,
-               on_tick: Callable[[], None] | None = None, tick_seconds: float = 0.5) -> dict[str, Any]:
+def run_driver(
+    module: str,
+    args: list[str],
+    timeout: float,
+    on_tick: Callable[[], None] | None = None,
+    tick_seconds: float = 0.5,
+) -> dict[str, Any]:
     """Run ``python -m module args`` to completion (at most ``timeout`` s) and parse its JSON output.
 
     ``on_tick`` is called every ``tick_seconds`` while it runs (memory sampling).
     """
-    proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=child_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
     chunks: dict[str, bytes] = {}
 
     def _read(name: str, stream: Any) -> None:
         chunks[name] = stream.read()
 
-    readers = [threading.Thread(target=_read, args=(n, s), daemon=True)
-               for n, s in (("out", proc.stdout), ("err", proc.stderr))]
+    readers = [
+        threading.Thread(target=_read, args=(n, s), daemon=True)
+        for n, s in (("out", proc.stdout), ("err", proc.stderr))
+    ]
     for r in readers:
         r.start()
     deadline = time.monotonic() + timeout

@@ -72,12 +72,16 @@ def machine_info() -> dict[str, Any]:
 
 def git_info() -> dict[str, Any]:
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
 
     info: dict[str, Any] = {"code_digest": code_digest()}
     try:
-        info.update(commit=git("rev-parse", "HEAD"),
-                    dirty=bool(git("status", "--porcelain", "--", "hms_ach", "mappings")))
+        info.update(
+            commit=git("rev-parse", "HEAD"),
+            dirty=bool(git("status", "--porcelain", "--", "hms_ach", "mappings")),
+        )
     except (OSError, subprocess.SubprocessError):
         pass
     return info
@@ -125,9 +129,18 @@ def _med(s: dict[str, Any] | None) -> float | None:
     return None if not s else s.get("median")
 
 
-def _row(figure: str, measure: str, value: str, ceiling: str, r: float | None, note: str = "") -> dict[str, Any]:
-    return {"figure": figure, "measure": measure, "value": value, "ceiling": ceiling, "ratio": r,
-            "ratio_text": _ratio_text(r), "note": note}
+def _row(
+    figure: str, measure: str, value: str, ceiling: str, r: float | None, note: str = ""
+) -> dict[str, Any]:
+    return {
+        "figure": figure,
+        "measure": measure,
+        "value": value,
+        "ceiling": ceiling,
+        "ratio": r,
+        "ratio_text": _ratio_text(r),
+        "note": note,
+    }
 
 
 def _lat(d: dict[str, Any]) -> str:
@@ -143,11 +156,20 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     if a and "evaluate_msg_per_s" in a:
         ev = a["evaluate_msg_per_s"]
         label = f"parse + map ADT^A01, 1 thread ({a['messages']['mean_bytes']} B msgs)"
-        for key, name in (("hl7_parse_msg_per_s", "hl7.parse alone"),
-                          ("hl7apy_msg_per_s", "hl7apy parse_message alone"),
-                          ("split_msg_per_s", "ceiling: str.split to components")):
-            rows.append(_row("A", label, _spread(ev, "msg/s"), f"{name}: {_spread(a[key], 'msg/s')}",
-                             ratio(_med(ev), _med(a[key]))))
+        for key, name in (
+            ("hl7_parse_msg_per_s", "hl7.parse alone"),
+            ("hl7apy_msg_per_s", "hl7apy parse_message alone"),
+            ("split_msg_per_s", "ceiling: str.split to components"),
+        ):
+            rows.append(
+                _row(
+                    "A",
+                    label,
+                    _spread(ev, "msg/s"),
+                    f"{name}: {_spread(a[key], 'msg/s')}",
+                    ratio(_med(ev), _med(a[key])),
+                )
+            )
     elif a:
         rows.append(_row("A", "parse + map", a.get("status", "not measured"), "", None))
     rows += _b_rows(figs.get("B"), "B", "")
@@ -156,13 +178,17 @@ def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     rows += _d_rows(figs.get("D"))
     e = figs.get("E")
     if e and e.get("peak_rss_kb"):
-        rows.append(_row(
-            "E", f"peak RSS (VmHWM) of hms-ach run over {e['messages_ingested']:,} msgs "
-                 f"({_STOPPED.get(e['stopped_by'], e['stopped_by'])})",
-            f"{_num(e['peak_rss_kb'] / 1024, 'MiB')}",
-            f"RSS right after start: {_num((e.get('rss_kb_after_start') or 0) / 1024, 'MiB')}",
-            ratio(e["peak_rss_kb"], e.get("rss_kb_after_start")),
-            note=_growth_note(e)))
+        rows.append(
+            _row(
+                "E",
+                f"peak RSS (VmHWM) of hms-ach run over {e['messages_ingested']:,} msgs "
+                f"({_STOPPED.get(e['stopped_by'], e['stopped_by'])})",
+                f"{_num(e['peak_rss_kb'] / 1024, 'MiB')}",
+                f"RSS right after start: {_num((e.get('rss_kb_after_start') or 0) / 1024, 'MiB')}",
+                ratio(e["peak_rss_kb"], e.get("rss_kb_after_start")),
+                note=_growth_note(e),
+            )
+        )
     elif e:
         rows.append(_row("E", "peak RSS", e.get("status", "not measured"), "", None))
     f = figs.get("F")
@@ -185,15 +211,27 @@ def _d_rows(d: dict[str, Any] | None) -> list[dict[str, Any]]:
     note = f"poll CPU (engine side) {sorted(cpu)[len(cpu) // 2]}% of one core" if cpu else ""
     dl = d["download_rows_per_s"]
 
-    def fine_ratio(a: float | None, b: float | None) -> float | None:  # far below 1: keep 3 significant digits
+    def fine_ratio(
+        a: float | None, b: float | None
+    ) -> float | None:  # far below 1: keep 3 significant digits
         return None if a is None or not b else float(f"{a / b:.3g}")
 
     return [
-        _row("D", label, _spread(poll, "rows/s"), f"csv module alone: {_spread(d['csv_rows_per_s'], 'rows/s')}",
-             fine_ratio(_med(poll), _med(d["csv_rows_per_s"])), note=note),
-        _row("D", label, _spread(poll, "rows/s"),
-             f"raw SFTP download: {_spread(d['download_mb_per_s'], 'MB/s')} = {_num(_med(dl), 'rows/s')}",
-             fine_ratio(_med(poll), _med(dl))),
+        _row(
+            "D",
+            label,
+            _spread(poll, "rows/s"),
+            f"csv module alone: {_spread(d['csv_rows_per_s'], 'rows/s')}",
+            fine_ratio(_med(poll), _med(d["csv_rows_per_s"])),
+            note=note,
+        ),
+        _row(
+            "D",
+            label,
+            _spread(poll, "rows/s"),
+            f"raw SFTP download: {_spread(d['download_mb_per_s'], 'MB/s')} = {_num(_med(dl), 'rows/s')}",
+            fine_ratio(_med(poll), _med(dl)),
+        ),
     ]
 
 
@@ -220,23 +258,45 @@ def _b_rows(b: dict[str, Any] | None, fig: str, suffix: str) -> list[dict[str, A
         run = b[key]
         problem = run.get("problem", "")
         peer = echo.get(key)
-        rows.append(_row(fig, f"MLLP ingest{suffix}, {n}, msg/s", _spread(run["msg_per_s"], "msg/s"),
-                         f"no-parse MLLP echo, {n}: {_spread(peer and peer['msg_per_s'], 'msg/s')}",
-                         ratio(_med(run["msg_per_s"]), _med(peer and peer["msg_per_s"])),
-                         note=(problem + f" engine CPU {run.get('engine_cpu_percent')}%").strip()))
-        rows.append(_row(fig, f"MLLP ingest{suffix}, {n}, ACK latency", _lat(run),
-                         f"echo: {_lat(peer) if peer else 'n/a'}",
-                         ratio(_med(run["p99_ms"]), _med(peer and peer["p99_ms"])), note="ratio of p99"))
+        rows.append(
+            _row(
+                fig,
+                f"MLLP ingest{suffix}, {n}, msg/s",
+                _spread(run["msg_per_s"], "msg/s"),
+                f"no-parse MLLP echo, {n}: {_spread(peer and peer['msg_per_s'], 'msg/s')}",
+                ratio(_med(run["msg_per_s"]), _med(peer and peer["msg_per_s"])),
+                note=(problem + f" engine CPU {run.get('engine_cpu_percent')}%").strip(),
+            )
+        )
+        rows.append(
+            _row(
+                fig,
+                f"MLLP ingest{suffix}, {n}, ACK latency",
+                _lat(run),
+                f"echo: {_lat(peer) if peer else 'n/a'}",
+                ratio(_med(run["p99_ms"]), _med(peer and peer["p99_ms"])),
+                note="ratio of p99",
+            )
+        )
         if key == "8_connections" and commit:
-            rows.append(_row(fig, f"MLLP ingest{suffix}, {n}, msg/s", _spread(run["msg_per_s"], "msg/s"),
-                             f"bare commit loop, 1 row/commit: {_spread(commit['commits_per_s'], 'commits/s')}",
-                             ratio(_med(run["msg_per_s"]), _med(commit["commits_per_s"]))))
+            rows.append(
+                _row(
+                    fig,
+                    f"MLLP ingest{suffix}, {n}, msg/s",
+                    _spread(run["msg_per_s"], "msg/s"),
+                    f"bare commit loop, 1 row/commit: {_spread(commit['commits_per_s'], 'commits/s')}",
+                    ratio(_med(run["msg_per_s"]), _med(commit["commits_per_s"])),
+                )
+            )
     return rows
 
 
 _STOPPED = {"count": "all requested", "time limit": "stopped by the time limit"}
-_C_LABELS = {"read": "read Practitioner by id", "family": "Practitioner?family=X&_count=20",
-             "encounter": "Encounter?patient&date=ge&_include=Encounter:location"}
+_C_LABELS = {
+    "read": "read Practitioner by id",
+    "family": "Practitioner?family=X&_count=20",
+    "encounter": "Encounter?patient&date=ge&_include=Encounter:location",
+}
 
 
 def _c_rows(c: dict[str, Any] | None, fig: str, suffix: str) -> list[dict[str, Any]]:
@@ -256,26 +316,42 @@ def _c_rows(c: dict[str, Any] | None, fig: str, suffix: str) -> list[dict[str, A
             run = entry[kind]
             value = f"{_spread(run['req_per_s'], 'req/s')}; {_lat(run)}"
             store = entry.get("store_ceiling", {}).get(kind, {}).get("queries_per_s")
-            rows.append(_row(fig, f"{_C_LABELS[kind]}{suffix} @ {size}, concurrency 8", value,
-                             f"same query in-process, 1 thread, no HTTP: {_spread(store, 'q/s')}",
-                             ratio(_med(run["req_per_s"]), _med(store)), note=run.get("problem", "")))
+            rows.append(
+                _row(
+                    fig,
+                    f"{_C_LABELS[kind]}{suffix} @ {size}, concurrency 8",
+                    value,
+                    f"same query in-process, 1 thread, no HTTP: {_spread(store, 'q/s')}",
+                    ratio(_med(run["req_per_s"]), _med(store)),
+                    note=run.get("problem", ""),
+                )
+            )
             if kind == "read" and http:
-                rows.append(_row(fig, f"{_C_LABELS[kind]}{suffix} @ {size}, concurrency 8",
-                                 _spread(run["req_per_s"], "req/s"),
-                                 f"HTTP no-op (uvicorn, bare ASGI): {_spread(http['req_per_s'], 'req/s')}",
-                                 ratio(_med(run["req_per_s"]), _med(http["req_per_s"]))))
+                rows.append(
+                    _row(
+                        fig,
+                        f"{_C_LABELS[kind]}{suffix} @ {size}, concurrency 8",
+                        _spread(run["req_per_s"], "req/s"),
+                        f"HTTP no-op (uvicorn, bare ASGI): {_spread(http['req_per_s'], 'req/s')}",
+                        ratio(_med(run["req_per_s"]), _med(http["req_per_s"])),
+                    )
+                )
     if len(sizes) >= 2:
         small, large = sizes[0], sizes[-1]
         n1, n2 = small["counts"]["Practitioner"], large["counts"]["Practitioner"]
         for kind in ("read", "family", "encounter"):
             if kind in small and kind in large:
-                rows.append(_row(
-                    fig, f"{_C_LABELS[kind]}{suffix}: {n2:,} vs {n1:,}",
-                    f"{_num(_med(large[kind]['req_per_s']), 'req/s')}, p99 {_num(_med(large[kind]['p99_ms']), 'ms')}",
-                    f"at {n1:,}: {_num(_med(small[kind]['req_per_s']), 'req/s')}, "
-                    f"p99 {_num(_med(small[kind]['p99_ms']), 'ms')}",
-                    ratio(_med(large[kind]["req_per_s"]), _med(small[kind]["req_per_s"])),
-                    note=f"p99 ratio {_ratio_text(ratio(_med(large[kind]['p99_ms']), _med(small[kind]['p99_ms'])))}"))
+                rows.append(
+                    _row(
+                        fig,
+                        f"{_C_LABELS[kind]}{suffix}: {n2:,} vs {n1:,}",
+                        f"{_num(_med(large[kind]['req_per_s']), 'req/s')}, p99 {_num(_med(large[kind]['p99_ms']), 'ms')}",
+                        f"at {n1:,}: {_num(_med(small[kind]['req_per_s']), 'req/s')}, "
+                        f"p99 {_num(_med(small[kind]['p99_ms']), 'ms')}",
+                        ratio(_med(large[kind]["req_per_s"]), _med(small[kind]["req_per_s"])),
+                        note=f"p99 ratio {_ratio_text(ratio(_med(large[kind]['p99_ms']), _med(small[kind]['p99_ms'])))}",
+                    )
+                )
     return rows
 
 
@@ -285,14 +361,19 @@ def print_table(rows: list[dict[str, Any]], out: Any = sys.stdout) -> None:
     for r in rows:
         for k in ("measure", "value", "ceiling"):
             widths[k] = min(max(widths[k], len(r[k])), 72)
-    head = (f"{'fig':<3}  {'measure':<{widths['measure']}}  {'value (median (min–max))':<{widths['value']}}  "
-            f"{'ceiling / peer, same run':<{widths['ceiling']}}  ratio")
+    head = (
+        f"{'fig':<3}  {'measure':<{widths['measure']}}  {'value (median (min–max))':<{widths['value']}}  "
+        f"{'ceiling / peer, same run':<{widths['ceiling']}}  ratio"
+    )
     print(head, file=out)
     print("-" * len(head), file=out)
     for r in rows:
-        print(f"{r['figure']:<3}  {r['measure']:<{widths['measure']}}  {r['value']:<{widths['value']}}  "
-              f"{r['ceiling']:<{widths['ceiling']}}  {r['ratio_text']}" + (f"   [{r['note']}]" if r["note"] else ""),
-              file=out)
+        print(
+            f"{r['figure']:<3}  {r['measure']:<{widths['measure']}}  {r['value']:<{widths['value']}}  "
+            f"{r['ceiling']:<{widths['ceiling']}}  {r['ratio_text']}"
+            + (f"   [{r['note']}]" if r["note"] else ""),
+            file=out,
+        )
 
 
 def results_path(mode: str, when: datetime, folder: Path = RESULTS_DIR) -> Path:

@@ -17,8 +17,12 @@ import typer
 from hms_ach.config import Config, load_config
 from hms_ach.errors import ConfigError, ConfigErrors
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="hms-ach: an HL7 v2 / FHIR R4 integration engine.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="hms-ach: an HL7 v2 / FHIR R4 integration engine.",
+)
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="channels.yaml to use")]
 
@@ -27,9 +31,12 @@ class _JsonLogFormatter(logging.Formatter):
     _skip = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
     def format(self, record: logging.LogRecord) -> str:
-        data: dict[str, Any] = {"ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
-                                "level": record.levelname.lower(), "event": record.getMessage(),
-                                "logger": record.name}
+        data: dict[str, Any] = {
+            "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "event": record.getMessage(),
+            "logger": record.name,
+        }
         data.update({k: v for k, v in vars(record).items() if k not in self._skip})
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
@@ -53,8 +60,10 @@ def _load(config: Path) -> Config:
 
 
 @app.command()
-def run(config: ConfigOpt = Path("channels.yaml"),
-        log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO") -> None:
+def run(
+    config: ConfigOpt = Path("channels.yaml"),
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+) -> None:
     """Start every channel in channels.yaml and the HTTP API (FHIR R4 at /fhir)."""
     from hms_ach import eventloop
     from hms_ach.runtime import Engine
@@ -68,7 +77,9 @@ def run(config: ConfigOpt = Path("channels.yaml"),
         raise typer.Exit(2) from exc
     for ch in cfg.channels:
         port = getattr(ch, "port", None)
-        typer.echo(f"channel {ch.name} ({ch.type})" + (f" on port {port}" if port is not None else ""), err=True)
+        typer.echo(
+            f"channel {ch.name} ({ch.type})" + (f" on port {port}" if port is not None else ""), err=True
+        )
     if cfg.http.enabled:
         typer.echo(f"FHIR R4 API on http://{cfg.http.host}:{cfg.http.port}/fhir", err=True)
     typer.echo(f"store: {engine.store.url}; event loop: {eventloop.loop_name()}", err=True)
@@ -101,14 +112,19 @@ def check(config: ConfigOpt = Path("channels.yaml")) -> None:
         typer.echo(f"{len(errors)} error(s)", err=True)
         raise typer.Exit(1)
     assert mset is not None
-    typer.echo(f"ok: {config} with {len(cfg.channels) if cfg else 0} channel(s); "
-               f"{len(mset.files())} mapping file(s) in {mappings_dir}")
+    typer.echo(
+        f"ok: {config} with {len(cfg.channels) if cfg else 0} channel(s); "
+        f"{len(mset.files())} mapping file(s) in {mappings_dir}"
+    )
 
 
 @app.command()
-def send(files: Annotated[list[Path], typer.Argument(help="HL7 files (one or more messages each)")],
-         host: str = "127.0.0.1", port: int = 2575,
-         timeout: Annotated[float, typer.Option(help="seconds to wait for each ACK")] = 30.0) -> None:
+def send(
+    files: Annotated[list[Path], typer.Argument(help="HL7 files (one or more messages each)")],
+    host: str = "127.0.0.1",
+    port: int = 2575,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for each ACK")] = 30.0,
+) -> None:
     """Send HL7 v2 files over MLLP and print each ACK."""
     from hms_ach.errors import MessageError
     from hms_ach.inbound.mllp_client import send_messages, split_messages
@@ -136,8 +152,14 @@ def send(files: Annotated[list[Path], typer.Argument(help="HL7 files (one or mor
     failures = 0
     for (f, _), ack in zip(batch, acks, strict=False):
         text = ack.decode("utf-8", errors="replace").replace("\r", "\n").strip()
-        code = next((line.split(text[3] if len(text) > 3 else "|")[1] for line in text.split("\n")
-                     if line.startswith("MSA")), "?")
+        code = next(
+            (
+                line.split(text[3] if len(text) > 3 else "|")[1]
+                for line in text.split("\n")
+                if line.startswith("MSA")
+            ),
+            "?",
+        )
         failures += code not in ("AA", "CA")
         typer.echo(f"== {f} -> {code}\n{text}\n")
     if error is not None or len(acks) < len(batch):
@@ -168,12 +190,14 @@ def _store(config: Path) -> Any:
 
 
 @app.command()
-def messages(config: ConfigOpt = Path("channels.yaml"),
-             status: Annotated[str | None, typer.Option(help="processed, error, rejected, duplicate")] = None,
-             type: Annotated[str | None, typer.Option("--type", help="message type, e.g. ADT^A01 or ADT")] = None,
-             since: Annotated[str | None, typer.Option(help="ISO time or age (30m, 2h, 7d)")] = None,
-             limit: int = 50,
-             as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False) -> None:
+def messages(
+    config: ConfigOpt = Path("channels.yaml"),
+    status: Annotated[str | None, typer.Option(help="processed, error, rejected, duplicate")] = None,
+    type: Annotated[str | None, typer.Option("--type", help="message type, e.g. ADT^A01 or ADT")] = None,
+    since: Annotated[str | None, typer.Option(help="ISO time or age (30m, 2h, 7d)")] = None,
+    limit: int = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
+) -> None:
     """List stored inbound messages, newest first."""
     from hms_ach.store import messages as store_messages
 
@@ -184,24 +208,36 @@ def messages(config: ConfigOpt = Path("channels.yaml"),
         for r in rows:
             typer.echo(json.dumps(dict(r._mapping), default=str))
         return
-    typer.echo(f"{'id':>6}  {'received (UTC)':19}  {'channel':10}  {'type':9}  {'control id':16}  "
-               f"{'status':9}  ack  error")
+    typer.echo(
+        f"{'id':>6}  {'received (UTC)':19}  {'channel':10}  {'type':9}  {'control id':16}  "
+        f"{'status':9}  ack  error"
+    )
     for r in rows:
         received = r.received_at.strftime("%Y-%m-%d %H:%M:%S") if r.received_at else ""
         err = (f"{r.error_location}: " if r.error_location else "") + (r.error or "") if r.error else ""
-        typer.echo(f"{r.id:>6}  {received:19}  {r.channel[:10]:10}  {r.message_type[:9]:9}  "
-                   f"{r.control_id[:16]:16}  {r.status:9}  {r.ack_code or '':3}  {err[:80]}")
+        typer.echo(
+            f"{r.id:>6}  {received:19}  {r.channel[:10]:10}  {r.message_type[:9]:9}  "
+            f"{r.control_id[:16]:16}  {r.status:9}  {r.ack_code or '':3}  {err[:80]}"
+        )
 
 
 @app.command()
-def replay(ids: Annotated[list[int] | None, typer.Argument(help="message ids (see hms-ach messages)")] = None,
-           config: ConfigOpt = Path("channels.yaml"),
-           status: Annotated[str | None, typer.Option(help="replay the messages with this status")] = None,
-           since: Annotated[str | None, typer.Option(help="replay the messages received since (ISO time or 2h, 7d)")] = None,
-           mapping_dir: Annotated[Path | None, typer.Option(help="use these mappings instead of the configured ones")] = None,
-           dry_run: Annotated[bool, typer.Option("--dry-run", help="show what would change; write nothing")] = False,
-           apply: Annotated[bool, typer.Option("--apply", help="write the changes (the default without --dry-run)")] = False,
-           quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no diffs, one line per message")] = False) -> None:
+def replay(
+    ids: Annotated[list[int] | None, typer.Argument(help="message ids (see hms-ach messages)")] = None,
+    config: ConfigOpt = Path("channels.yaml"),
+    status: Annotated[str | None, typer.Option(help="replay the messages with this status")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="replay the messages received since (ISO time or 2h, 7d)")
+    ] = None,
+    mapping_dir: Annotated[
+        Path | None, typer.Option(help="use these mappings instead of the configured ones")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="show what would change; write nothing")] = False,
+    apply: Annotated[
+        bool, typer.Option("--apply", help="write the changes (the default without --dry-run)")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no diffs, one line per message")] = False,
+) -> None:
     """Re-run stored messages through the current (or --mapping-dir) mappings; --dry-run shows the diff.
 
     HL7 v2 messages, FHIR writes (fhir_rest) and bad CSV rows (sftp_csv) are each run again the way
@@ -228,40 +264,59 @@ def replay(ids: Annotated[list[int] | None, typer.Argument(help="message ids (se
     if not targets:
         typer.echo("nothing to replay: give message ids, --status or --since", err=True)
         raise typer.Exit(1)
-    policies = {ch.name: Hl7Policy(ch.name, getattr(ch, "default_charset", "utf-8"),
-                                   list(getattr(ch, "accept_versions", Hl7Policy("x").versions)),
-                                   list(getattr(ch, "accept_processing_ids", ["P", "T", "D"])))
-                for ch in cfg.channels}
+    policies = {
+        ch.name: Hl7Policy(
+            ch.name,
+            getattr(ch, "default_charset", "utf-8"),
+            list(getattr(ch, "accept_versions", Hl7Policy("x").versions)),
+            list(getattr(ch, "accept_processing_ids", ["P", "T", "D"])),
+        )
+        for ch in cfg.channels
+    }
     bundle_limits = [int(getattr(ch, "max_bundle_entries", 1000)) for ch in cfg.channels]
     from hms_ach.outbound import events
 
     engine = MappingEngine(mset, cfg.engine.timezone)
     events.use_engine(engine)  # the replayed changes' event payloads come from mappings/events/
-    reports = replay_messages(store, engine, sorted(set(targets)), policies,
-                              apply=not dry_run, max_bundle_entries=max(bundle_limits, default=1000))
+    reports = replay_messages(
+        store,
+        engine,
+        sorted(set(targets)),
+        policies,
+        apply=not dry_run,
+        max_bundle_entries=max(bundle_limits, default=1000),
+    )
     store.dispose()
     changed = 0
     for r in reports:
         changed += bool(r.changes)
-        typer.echo(f"message {r.message_id} {r.message_type}: {r.status_before} -> {r.status_after} {r.ack_code}"
-                   + (f" ({r.error})" if r.error else "") + f", {len(r.changes)} record(s) would change"
-                   .replace("would change", "changed" if not dry_run else "would change"))
+        typer.echo(
+            f"message {r.message_id} {r.message_type}: {r.status_before} -> {r.status_after} {r.ack_code}"
+            + (f" ({r.error})" if r.error else "")
+            + f", {len(r.changes)} record(s) would change".replace(
+                "would change", "changed" if not dry_run else "would change"
+            )
+        )
         if not quiet:
             for c in r.changes:
                 typer.echo(f"  {'new ' if c.created else ''}{c.reference}")
                 if c.diff:
                     typer.echo("\n".join("    " + line for line in c.diff.splitlines()))
     verb = "would change" if dry_run else "changed"
-    typer.echo(f"{len(reports)} message(s) replayed, {changed} {verb} the store"
-               + (" (dry run: nothing written)" if dry_run else ""))
+    typer.echo(
+        f"{len(reports)} message(s) replayed, {changed} {verb} the store"
+        + (" (dry run: nothing written)" if dry_run else "")
+    )
     failed = sum(1 for r in reports if r.status_after != "processed")
     raise typer.Exit(1 if failed and not dry_run else 0)
 
 
 @app.command("corpus-check")
-def corpus_check(directory: Annotated[Path, typer.Argument(help="folder searched for *.hl7 files")],
-                 config: ConfigOpt = Path("channels.yaml"),
-                 top: Annotated[int, typer.Option(help="reasons shown per message type")] = 3) -> None:
+def corpus_check(
+    directory: Annotated[Path, typer.Argument(help="folder searched for *.hl7 files")],
+    config: ConfigOpt = Path("channels.yaml"),
+    top: Annotated[int, typer.Option(help="reasons shown per message type")] = 3,
+) -> None:
     """Feed every *.hl7 file under DIRECTORY through parse -> ACK -> map, in-process, with no network."""
     from hms_ach.errors import MessageError
     from hms_ach.inbound.mllp_client import split_messages
@@ -333,11 +388,13 @@ def _mappings_dir(config: Path, mapping_dir: Path | None) -> Path:
 
 
 @mapping_app.command("preview")
-def mapping_preview(sample: Annotated[Path, typer.Argument(help="an HL7 v2 file")],
-                    config: ConfigOpt = Path("channels.yaml"),
-                    mapping_dir: Annotated[Path | None, typer.Option(help="mapping directory to use")] = None,
-                    fmt: Annotated[str, typer.Option("--format", help="text or json")] = "text",
-                    timezone: str = "UTC") -> None:
+def mapping_preview(
+    sample: Annotated[Path, typer.Argument(help="an HL7 v2 file")],
+    config: ConfigOpt = Path("channels.yaml"),
+    mapping_dir: Annotated[Path | None, typer.Option(help="mapping directory to use")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="text or json")] = "text",
+    timezone: str = "UTC",
+) -> None:
     """Show the parsed message, the records and FHIR resources it yields, and field lineage. Writes nothing."""
     from hms_ach.errors import MessageError
     from hms_ach.inbound.mllp_client import split_messages
@@ -357,7 +414,9 @@ def mapping_preview(sample: Annotated[Path, typer.Argument(help="an HL7 v2 file"
         try:
             pv = preview(engine, parse(raw))
         except MessageError as exc:
-            typer.echo(f"{sample}: {exc.ack_code} {exc.code} at {exc.location or '-'}: {exc.message}", err=True)
+            typer.echo(
+                f"{sample}: {exc.ack_code} {exc.code} at {exc.location or '-'}: {exc.message}", err=True
+            )
             failed = True
             continue
         typer.echo(json.dumps(pv.to_dict(), indent=2, ensure_ascii=False) if fmt == "json" else pv.to_text())
@@ -365,9 +424,11 @@ def mapping_preview(sample: Annotated[Path, typer.Argument(help="an HL7 v2 file"
 
 
 @mapping_app.command("coverage")
-def mapping_coverage(samples: Annotated[list[Path], typer.Argument(help="HL7 v2 sample files")],
-                     config: ConfigOpt = Path("channels.yaml"),
-                     mapping_dir: Annotated[Path | None, typer.Option(help="mapping directory to use")] = None) -> None:
+def mapping_coverage(
+    samples: Annotated[list[Path], typer.Argument(help="HL7 v2 sample files")],
+    config: ConfigOpt = Path("channels.yaml"),
+    mapping_dir: Annotated[Path | None, typer.Option(help="mapping directory to use")] = None,
+) -> None:
     """List the fields populated in the samples that no mapping reads: what the mappings drop."""
     from hms_ach.errors import MessageError
     from hms_ach.inbound.mllp_client import split_messages
@@ -397,9 +458,11 @@ def mapping_coverage(samples: Annotated[list[Path], typer.Argument(help="HL7 v2 
 
 
 @mapping_app.command("test")
-def mapping_test(path: Annotated[Path | None, typer.Argument(help="a *_test.yaml file or a folder")] = None,
-                 config: ConfigOpt = Path("channels.yaml"),
-                 mapping_dir: Annotated[Path | None, typer.Option(help="mapping directory to use")] = None) -> None:
+def mapping_test(
+    path: Annotated[Path | None, typer.Argument(help="a *_test.yaml file or a folder")] = None,
+    config: ConfigOpt = Path("channels.yaml"),
+    mapping_dir: Annotated[Path | None, typer.Option(help="mapping directory to use")] = None,
+) -> None:
     """Run the golden tests (*_test.yaml beside the mappings); print a diff for each failure."""
     from hms_ach.map import goldens
     from hms_ach.map.loader import load_mappings
@@ -459,9 +522,10 @@ app.add_typer(audit_app, name="audit")
 
 
 @audit_app.command("verify")
-def audit_verify(config: ConfigOpt = Path("channels.yaml"),
-                 database: Annotated[str | None, typer.Option(help="store URL (default: from the config)")] = None,
-                 ) -> None:
+def audit_verify(
+    config: ConfigOpt = Path("channels.yaml"),
+    database: Annotated[str | None, typer.Option(help="store URL (default: from the config)")] = None,
+) -> None:
     """Check the audit chain; exit 1 naming the first entry that was edited, removed or reordered."""
     from hms_ach.store import audit
     from hms_ach.store.db import Store
@@ -475,8 +539,11 @@ def audit_verify(config: ConfigOpt = Path("channels.yaml"),
     if result.ok:
         typer.echo(f"audit chain intact: {result.checked} entries")
         return
-    typer.echo(f"audit chain broken at entry {result.bad_seq}: {result.reason} "
-               f"({result.checked} entries before it are intact)", err=True)
+    typer.echo(
+        f"audit chain broken at entry {result.bad_seq}: {result.reason} "
+        f"({result.checked} entries before it are intact)",
+        err=True,
+    )
     raise typer.Exit(1)
 
 
@@ -486,10 +553,14 @@ DatabaseOpt = Annotated[str | None, typer.Option(help="store URL (default: from 
 
 
 @outbox_app.callback(invoke_without_command=True)
-def outbox_list(ctx: typer.Context, config: ConfigOpt = Path("channels.yaml"), database: DatabaseOpt = None,
-                status: Annotated[str | None, typer.Option(help="pending | delivered | dead: list those rows")] = None,
-                sink: Annotated[str | None, typer.Option(help="only this sink")] = None,
-                limit: Annotated[int, typer.Option(help="rows listed")] = 50) -> None:
+def outbox_list(
+    ctx: typer.Context,
+    config: ConfigOpt = Path("channels.yaml"),
+    database: DatabaseOpt = None,
+    status: Annotated[str | None, typer.Option(help="pending | delivered | dead: list those rows")] = None,
+    sink: Annotated[str | None, typer.Option(help="only this sink")] = None,
+    limit: Annotated[int, typer.Option(help="rows listed")] = 50,
+) -> None:
     """Counts per sink and status; with --status, the rows themselves (newest first)."""
     if ctx.invoked_subcommand is not None:
         return
@@ -508,14 +579,19 @@ def outbox_list(ctx: typer.Context, config: ConfigOpt = Path("channels.yaml"), d
     for c in counts:
         typer.echo(f"{c['destination']:<24} {c['status']:<10} {c['count']}")
     for r in rows:
-        typer.echo(f"#{r['id']} {r['destination']} {r['event']} {r['status']} attempts={r['attempts']} "
-                   f"next={r['next_attempt_at']:%Y-%m-%d %H:%M:%S} error={r['last_error'] or '-'}")
+        typer.echo(
+            f"#{r['id']} {r['destination']} {r['event']} {r['status']} attempts={r['attempts']} "
+            f"next={r['next_attempt_at']:%Y-%m-%d %H:%M:%S} error={r['last_error'] or '-'}"
+        )
 
 
 @outbox_app.command("retry")
-def outbox_retry(row_id: Annotated[int | None, typer.Argument(help="outbox row id (see hms-ach outbox)")] = None,
-                 dead: Annotated[bool, typer.Option("--dead", help="retry every dead row")] = False,
-                 config: ConfigOpt = Path("channels.yaml"), database: DatabaseOpt = None) -> None:
+def outbox_retry(
+    row_id: Annotated[int | None, typer.Argument(help="outbox row id (see hms-ach outbox)")] = None,
+    dead: Annotated[bool, typer.Option("--dead", help="retry every dead row")] = False,
+    config: ConfigOpt = Path("channels.yaml"),
+    database: DatabaseOpt = None,
+) -> None:
     """Put a dead (or delivered) row, or every dead row, back in the queue with a fresh retry window."""
     from hms_ach.outbound import outbox
     from hms_ach.store.db import Store
@@ -535,8 +611,10 @@ def outbox_retry(row_id: Annotated[int | None, typer.Argument(help="outbox row i
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def bench(ctx: typer.Context,
-          quick: Annotated[bool, typer.Option("--quick", help="the short run (under two minutes)")] = False) -> None:
+def bench(
+    ctx: typer.Context,
+    quick: Annotated[bool, typer.Option("--quick", help="the short run (under two minutes)")] = False,
+) -> None:
     """Run the benchmark suite and print its table; other options go to `python -m benchmarks`."""
     import subprocess
 

@@ -29,8 +29,10 @@ class _Strict(BaseModel):
 
 class EngineSettings(_Strict):
     database_url: str | None = Field(
-        None, description="Store URL (sqlite:///file.db or postgresql://...); HMS_ACH_DATABASE_URL wins over it; "
-        "default sqlite:///hms_ach.db in the working directory")
+        None,
+        description="Store URL (sqlite:///file.db or postgresql://...); HMS_ACH_DATABASE_URL wins over it; "
+        "default sqlite:///hms_ach.db in the working directory",
+    )
     mappings: str = Field("mappings", description="Directory of the mapping files, relative to channels.yaml")
     timezone: str = Field("UTC", description="IANA time zone assumed for HL7 times sent without a UTC offset")
     watch: bool = Field(True, description="Reload channels.yaml and mappings when they change (hms-ach run)")
@@ -54,10 +56,13 @@ class Config(_Strict):
     engine: EngineSettings = Field(default_factory=EngineSettings)  # type: ignore[arg-type]
     http: HttpSettings = Field(default_factory=HttpSettings)  # type: ignore[arg-type]
     channels: list[Any] = Field(default_factory=list, description="Inbound channels")
-    sinks: list[Any] = Field(default_factory=list,
-                             description="Outbound sinks fed by the outbox (webhook, rabbitmq, x12_837)")
-    jobs: JobsSettings = Field(default_factory=JobsSettings,  # type: ignore[arg-type]
-                               description="Scheduled jobs: credential-expiry scan, housekeeping")
+    sinks: list[Any] = Field(
+        default_factory=list, description="Outbound sinks fed by the outbox (webhook, rabbitmq, x12_837)"
+    )
+    jobs: JobsSettings = Field(
+        default_factory=JobsSettings,  # type: ignore[arg-type]
+        description="Scheduled jobs: credential-expiry scan, housekeeping",
+    )
     source: str = Field(default="", exclude=True, description="The file this was read from")
 
     @property
@@ -84,8 +89,11 @@ def interpolate(value: Any, file: Path, positions: Positions, at: tuple[Any, ...
             return os.environ[name]
         if default is not None:
             return default
-        raise ConfigError(f"environment variable {name} is not set", position_of(file, positions, at),
-                          f"{name} in the environment, or a default: ${{{name}:-value}}")
+        raise ConfigError(
+            f"environment variable {name} is not set",
+            position_of(file, positions, at),
+            f"{name} in the environment, or a default: ${{{name}:-value}}",
+        )
 
     return _VAR.sub(replace, value)
 
@@ -94,16 +102,28 @@ def load_config(path: Path | str) -> Config:
     """Read and check ``channels.yaml``; raises ConfigErrors listing every problem found."""
     file = Path(path)
     if not file.exists():
-        raise ConfigErrors([ConfigError(f"{file} does not exist", SourcePosition(str(file)),
-                                        "a channels.yaml (see the README)")])
+        raise ConfigErrors(
+            [
+                ConfigError(
+                    f"{file} does not exist", SourcePosition(str(file)), "a channels.yaml (see the README)"
+                )
+            ]
+        )
     try:
         data, positions = load_yaml(file)
     except ConfigError as exc:
         raise ConfigErrors([exc]) from exc
     data = data or {}
     if not isinstance(data, dict):
-        raise ConfigErrors([ConfigError("channels.yaml must be a mapping", SourcePosition(str(file), 1, 1),
-                                        "keys engine, http, channels")])
+        raise ConfigErrors(
+            [
+                ConfigError(
+                    "channels.yaml must be a mapping",
+                    SourcePosition(str(file), 1, 1),
+                    "keys engine, http, channels",
+                )
+            ]
+        )
     errors: list[ConfigError] = []
     try:
         data = interpolate(data, file, positions)
@@ -126,8 +146,14 @@ def load_config(path: Path | str) -> Config:
     return config
 
 
-def _load_typed(kind: str, registry: Any, raw_entries: list[Any], file: Path, positions: Positions,
-                errors: list[ConfigError]) -> list[Any]:
+def _load_typed(
+    kind: str,
+    registry: Any,
+    raw_entries: list[Any],
+    file: Path,
+    positions: Positions,
+    errors: list[ConfigError],
+) -> list[Any]:
     """``channels:`` or ``sinks:`` entries: each one's settings model is picked by its ``type:`` from
     ``registry`` (CHANNEL_TYPES or SINK_TYPES); names must be unique within the list."""
     section = f"{kind}s"
@@ -136,8 +162,13 @@ def _load_typed(kind: str, registry: Any, raw_entries: list[Any], file: Path, po
     for i, raw in enumerate(raw_entries):
         at = (section, i)
         if not isinstance(raw, dict) or "type" not in raw:
-            errors.append(ConfigError(f"a {kind} needs a `type:`", position_of(file, positions, at),
-                                      f"one of {', '.join(registry.names())}"))
+            errors.append(
+                ConfigError(
+                    f"a {kind} needs a `type:`",
+                    position_of(file, positions, at),
+                    f"one of {', '.join(registry.names())}",
+                )
+            )
             continue
         try:
             cls = registry.load(str(raw["type"]))
@@ -150,15 +181,21 @@ def _load_typed(kind: str, registry: Any, raw_entries: list[Any], file: Path, po
             errors.extend(_translate(exc, file, positions, at, cls.Config))
             continue
         if settings.name in names:
-            errors.append(ConfigError(f"{kind} name {settings.name!r} is used twice",
-                                      position_of(file, positions, at + ("name",)), f"unique {kind} names"))
+            errors.append(
+                ConfigError(
+                    f"{kind} name {settings.name!r} is used twice",
+                    position_of(file, positions, at + ("name",)),
+                    f"unique {kind} names",
+                )
+            )
         names.add(settings.name)
         entries.append(settings)
     return entries
 
 
-def _translate(exc: ValidationError, file: Path, positions: Positions, at: tuple[Any, ...],
-               model: type[BaseModel]) -> list[ConfigError]:
+def _translate(
+    exc: ValidationError, file: Path, positions: Positions, at: tuple[Any, ...], model: type[BaseModel]
+) -> list[ConfigError]:
     out = []
     for err in exc.errors():
         loc = at + tuple(err["loc"])
@@ -170,8 +207,13 @@ def _translate(exc: ValidationError, file: Path, positions: Positions, at: tuple
                 owner = field.annotation if field is not None else owner
             choices = list(getattr(owner, "model_fields", {}))
             hint = difflib.get_close_matches(str(err["loc"][-1]), choices, n=1)
-            out.append(ConfigError(f"unknown key {err['loc'][-1]!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""),
-                                   pos, f"one of {', '.join(choices)}" if choices else None))
+            out.append(
+                ConfigError(
+                    f"unknown key {err['loc'][-1]!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""),
+                    pos,
+                    f"one of {', '.join(choices)}" if choices else None,
+                )
+            )
         elif err["type"] == "missing":
             out.append(ConfigError(f"missing required key {'.'.join(map(str, err['loc']))!r}", pos))
         else:

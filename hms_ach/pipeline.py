@@ -35,7 +35,9 @@ class Hl7Policy:
 
     channel: str
     default_charset: str = "utf-8"
-    versions: list[str] = field(default_factory=lambda: ["2.1", "2.2", "2.3", "2.4", "2.5", "2.6", "2.7", "2.8"])
+    versions: list[str] = field(
+        default_factory=lambda: ["2.1", "2.2", "2.3", "2.4", "2.5", "2.6", "2.7", "2.8"]
+    )
     processing_ids: list[str] = field(default_factory=lambda: ["P", "T", "D"])
 
 
@@ -98,12 +100,19 @@ def evaluate(raw: bytes, policy: Hl7Policy, engine: MappingEngine) -> Evaluation
         if not header.message_code:
             raise RejectError("MSH-9 message type is empty", "MSH-9", Err0357.REQUIRED_FIELD_MISSING)
         if not _version_ok(header.version, policy.versions):
-            raise RejectError(f"version {header.version or '(empty)'} is not accepted by channel {policy.channel} "
-                              f"(accepts {', '.join(policy.versions)})", "MSH-12", Err0357.UNSUPPORTED_VERSION)
+            raise RejectError(
+                f"version {header.version or '(empty)'} is not accepted by channel {policy.channel} "
+                f"(accepts {', '.join(policy.versions)})",
+                "MSH-12",
+                Err0357.UNSUPPORTED_VERSION,
+            )
         if header.processing_id not in policy.processing_ids:
-            raise RejectError(f"processing id {header.processing_id or '(empty)'} is not accepted "
-                              f"(accepts {', '.join(policy.processing_ids)})", "MSH-11",
-                              Err0357.UNSUPPORTED_PROCESSING_ID)
+            raise RejectError(
+                f"processing id {header.processing_id or '(empty)'} is not accepted "
+                f"(accepts {', '.join(policy.processing_ids)})",
+                "MSH-11",
+                Err0357.UNSUPPORTED_PROCESSING_ID,
+            )
         text = decode(raw, header, policy.default_charset)
         message = parse_text(text)
         mapping = engine.mapping_for(message)
@@ -115,8 +124,9 @@ def evaluate(raw: bytes, policy: Hl7Policy, engine: MappingEngine) -> Evaluation
     except Exception as exc:  # noqa: BLE001 - a bug must become an AE with its reason, never a crash
         log.exception("pipeline.unexpected_error")
         ev.crashed = True
-        ev.error = MessageError(f"internal error while mapping: {type(exc).__name__}: {exc}", "",
-                                Err0357.INTERNAL_ERROR)
+        ev.error = MessageError(
+            f"internal error while mapping: {type(exc).__name__}: {exc}", "", Err0357.INTERNAL_ERROR
+        )
     return ev
 
 
@@ -161,15 +171,17 @@ def _duplicate(conn: Connection, ev: Evaluation, key: str, charset: str) -> Outc
     row = messages.find_by_key(conn, key)
     if row is None:
         return None
-    dup_id = messages.insert_message(conn, ev.meta, "duplicate", keyed=False, duplicate_of=row.id,
-                                     ack_code=row.ack_code, ack=row.ack)
+    dup_id = messages.insert_message(
+        conn, ev.meta, "duplicate", keyed=False, duplicate_of=row.id, ack_code=row.ack_code, ack=row.ack
+    )
     plain = {"CA": "AA", "CE": "AE", "CR": "AR"}.get(row.ack_code or "", row.ack_code or "AA")
     send = should_send(ev.header, plain) if ev.header else True
     return Outcome(dup_id, "duplicate", row.ack_code or "", row.ack or "", send, charset=charset)
 
 
-def apply_evaluation(conn: Connection, ev: Evaluation, message_id: int, charset: str,
-                     replay: bool = False) -> Outcome:
+def apply_evaluation(
+    conn: Connection, ev: Evaluation, message_id: int, charset: str, replay: bool = False
+) -> Outcome:
     """Write the records of ``ev`` (or its error) for the stored message ``message_id``."""
     error = ev.error
     writes: list[WriteOutcome] = []
@@ -190,8 +202,16 @@ def apply_evaluation(conn: Connection, ev: Evaluation, message_id: int, charset:
         status = "rejected" if code == "AR" else "error"
     ack = _ack_for(ev, code, error)
     ack_code = ack_code_for(ev.header, code)
-    messages.finish(conn, message_id, status, ack_code, ack, error=error.message if error else None,
-                    error_location=error.location if error else None, replay=replay)
+    messages.finish(
+        conn,
+        message_id,
+        status,
+        ack_code,
+        ack,
+        error=error.message if error else None,
+        error_location=error.location if error else None,
+        replay=replay,
+    )
     send = should_send(ev.header, code) if ev.header is not None else True
     return Outcome(message_id, status, ack_code, ack, send, str(error) if error else None, writes, charset)
 
@@ -244,7 +264,9 @@ class Pipeline:
             if row is None:
                 raise KeyError(f"no message with id {message_id}")
             if row.status == "duplicate" and row.duplicate_of:
-                raise ValueError(f"message {message_id} is a duplicate of {row.duplicate_of}; replay that one")
+                raise ValueError(
+                    f"message {message_id} is a duplicate of {row.duplicate_of}; replay that one"
+                )
             policy = policies.get(row.channel) or Hl7Policy(row.channel)
             ev = evaluate(bytes(row.raw), policy, self.engine)
             return apply_evaluation(conn, ev, message_id, _charset(ev, policy), replay=True)
@@ -253,6 +275,10 @@ class Pipeline:
 
 
 def _log(outcome: Outcome, policy: Hl7Policy) -> None:
-    extra: dict[str, Any] = {"channel": policy.channel, "message_id": outcome.message_id,
-                             "status": outcome.status, "ack_code": outcome.ack_code}
+    extra: dict[str, Any] = {
+        "channel": policy.channel,
+        "message_id": outcome.message_id,
+        "status": outcome.status,
+        "ack_code": outcome.ack_code,
+    }
     log.info("message.%s", outcome.status, extra=extra)

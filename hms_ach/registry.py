@@ -25,6 +25,8 @@ class Registry:
     def load(self, name: str) -> Any:
         target = self.entries.get(name)
         if target is None:
-            raise KeyError(f"unknown {self.kind} {name!r}{self.suggest(name)} (known: {', '.join(self.names())})")
+            raise KeyError(
+                f"unknown {self.kind} {name!r}{self.suggest(name)} (known: {', '.join(self.names())})"
+            )
         module, _, attr = target.partition(":")
         return getattr(importlib.import_module(module), attr)

@@ -71,19 +71,26 @@ def _diff(before: dict[str, Any], after: dict[str, Any], ref: str) -> str:
 
 def _change(conn: Connection, resource_type: str, rid: str, version: int, reference: str) -> RecordChange:
     def body(v: int) -> str | None:
-        return conn.execute(select(H.c.resource).where(and_(
-            H.c.resource_type == resource_type, H.c.id == rid, H.c.version_id == v))).scalar()
+        return conn.execute(
+            select(H.c.resource).where(
+                and_(H.c.resource_type == resource_type, H.c.id == rid, H.c.version_id == v)
+            )
+        ).scalar()
 
     after, before = body(version), body(version - 1)
     return RecordChange(reference, before is None, _diff(_body(before), _body(after), reference))
 
 
-def _replay_hl7(conn: Connection, row: Any, engine: MappingEngine, policies: dict[str, Hl7Policy]) -> ReplayReport:
+def _replay_hl7(
+    conn: Connection, row: Any, engine: MappingEngine, policies: dict[str, Hl7Policy]
+) -> ReplayReport:
     policy = policies.get(row.channel) or Hl7Policy(row.channel)
     ev = evaluate(bytes(row.raw), policy, engine)
     out = apply_evaluation(conn, ev, int(row.id), _charset(ev, policy), replay=True)
     report = ReplayReport(int(row.id), row.message_type, row.status, out.status, out.ack_code, out.error)
-    report.changes = [_change(conn, w.resource_type, w.id, w.version_id, w.reference) for w in out.writes if w.changed]
+    report.changes = [
+        _change(conn, w.resource_type, w.id, w.version_id, w.reference) for w in out.writes if w.changed
+    ]
     return report
 
 
@@ -120,13 +127,22 @@ def _replay_fhir(conn: Connection, row: Any, engine: MappingEngine, max_bundle_e
         return ReplayReport(mid, row.message_type, row.status, "rejected", str(exc.status), exc.diagnostics)
     out = apply_request(conn, mid, ops, kind, replay=True)
     status = "error" if out.error else "processed"
-    report = ReplayReport(mid, row.message_type, row.status, status, str(out.error.status) if out.error else "200",
-                          out.error.diagnostics if out.error else None)
+    report = ReplayReport(
+        mid,
+        row.message_type,
+        row.status,
+        status,
+        str(out.error.status) if out.error else "200",
+        out.error.diagnostics if out.error else None,
+    )
     failed = [r for r in out.results if r.status >= 400]
     if failed and report.error is None:  # a batch whose entries failed in part
         report.error = f"{len(failed)} of {len(out.results)} entries failed"
-    report.changes = [_change(conn, r.resource_type, r.rid, r.version, f"{r.resource_type}/{r.rid}")
-                      for r in out.results if r.changed and r.rid]
+    report.changes = [
+        _change(conn, r.resource_type, r.rid, r.version, f"{r.resource_type}/{r.rid}")
+        for r in out.results
+        if r.changed and r.rid
+    ]
     return report
 
 
@@ -137,19 +153,35 @@ def _replay_csv(conn: Connection, row: Any, engine: MappingEngine) -> ReplayRepo
         out = replay_stored_row(conn, engine, int(row.id))
     except (KeyError, ValueError) as exc:
         return _not_replayable(row, str(exc).strip("'\""))
-    report = ReplayReport(int(row.id), row.message_type, row.status, out.status, "AE" if out.error else "AA",
-                          out.error)
-    report.changes = [_change(conn, w.resource_type, w.id, w.version_id, w.reference) for w in out.writes if w.changed]
+    report = ReplayReport(
+        int(row.id), row.message_type, row.status, out.status, "AE" if out.error else "AA", out.error
+    )
+    report.changes = [
+        _change(conn, w.resource_type, w.id, w.version_id, w.reference) for w in out.writes if w.changed
+    ]
     return report
 
 
 def _not_replayable(row: Any, reason: str) -> ReplayReport:
-    return ReplayReport(int(row.id), row.message_type, row.status, row.status, row.ack_code or "",
-                        f"not replayable: {reason}", replayable=False)
+    return ReplayReport(
+        int(row.id),
+        row.message_type,
+        row.status,
+        row.status,
+        row.ack_code or "",
+        f"not replayable: {reason}",
+        replayable=False,
+    )
 
 
-def replay_messages(store: Store, engine: MappingEngine, ids: list[int], policies: dict[str, Hl7Policy],
-                    apply: bool, max_bundle_entries: int = 1000) -> list[ReplayReport]:
+def replay_messages(
+    store: Store,
+    engine: MappingEngine,
+    ids: list[int],
+    policies: dict[str, Hl7Policy],
+    apply: bool,
+    max_bundle_entries: int = 1000,
+) -> list[ReplayReport]:
     """Replay ``ids`` (in order) in one transaction; committed when ``apply``, else rolled back."""
     reports: list[ReplayReport] = []
     conn = store.writer.connect()
@@ -166,8 +198,13 @@ def replay_messages(store: Store, engine: MappingEngine, ids: list[int], policie
             elif row.content_type == "hl7v2":
                 reports.append(_replay_hl7(conn, row, engine, policies))
             else:
-                reports.append(_not_replayable(row, f"content type {row.content_type!r} (channel {row.channel}) "
-                                                    "is not replayed; send the request again"))
+                reports.append(
+                    _not_replayable(
+                        row,
+                        f"content type {row.content_type!r} (channel {row.channel}) "
+                        "is not replayed; send the request again",
+                    )
+                )
         if apply:
             txn.commit()
         else:

@@ -36,8 +36,12 @@ class Engine:
 
         events.use_engine(self.pipeline.engine)  # event payloads come from mappings/events/
         self.channels: dict[str, Any] = {}
-        self.health: dict[str, Any] = {"status": "ok", "started_at": datetime.now(UTC).isoformat(),
-                                       "last_reload": None, "reload_error": None}
+        self.health: dict[str, Any] = {
+            "status": "ok",
+            "started_at": datetime.now(UTC).isoformat(),
+            "last_reload": None,
+            "reload_error": None,
+        }
         self._http: Any = None
         self._http_task: asyncio.Task[None] | None = None
         self.http_port: int | None = None
@@ -81,7 +85,9 @@ class Engine:
         from hms_ach.outbound.outbox import Dispatcher
 
         sinks = [SINK_TYPES.load(s.type)(s, self.store) for s in self.config.sinks]
-        self._change_feed = any(s.wants("record.changed") for s in self.config.sinks)  # disabled ones too: rows wait
+        self._change_feed = any(
+            s.wants("record.changed") for s in self.config.sinks
+        )  # disabled ones too: rows wait
         if self._change_feed:
             events.subscribe_change_feed()
         self.dispatcher = Dispatcher(self.store, sinks)
@@ -95,8 +101,14 @@ class Engine:
         app = create_app(self.store)
         app.state.health = self.health
         app.state.engine = self
-        config = uvicorn.Config(app, host=self.config.http.host, port=self.config.http.port,
-                                log_level="warning", lifespan="off", access_log=False)
+        config = uvicorn.Config(
+            app,
+            host=self.config.http.host,
+            port=self.config.http.port,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+        )
         self._http = uvicorn.Server(config)
         self._http.install_signal_handlers = lambda: None  # the engine handles signals
         self._http_task = asyncio.create_task(self._http.serve())
@@ -192,7 +204,9 @@ class Engine:
         """Rebuild the jobs from the new config and the channels now running (a restarted channel is a
         new object: its poll job must poll it). A changed time zone or ``enabled`` restarts the scheduler."""
         jobs = self.config.jobs
-        if self.scheduler is not None and (not jobs.enabled or self.scheduler.settings.timezone != jobs.timezone):
+        if self.scheduler is not None and (
+            not jobs.enabled or self.scheduler.settings.timezone != jobs.timezone
+        ):
             await self.scheduler.stop()
             self.scheduler = None
         if self.scheduler is None:

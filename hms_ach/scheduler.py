@@ -59,8 +59,13 @@ def trigger_for(cron: str | None, interval_seconds: float | None, timezone: str)
 
 
 def _schedule_job(name: str, sched: JobSchedule, tz: str, run: Callable[[], Awaitable[str]]) -> JobDef:
-    return JobDef(name, trigger_for(sched.cron, sched.interval_seconds, tz), run, sched.misfire_grace_seconds,
-                  sched.enabled)
+    return JobDef(
+        name,
+        trigger_for(sched.cron, sched.interval_seconds, tz),
+        run,
+        sched.misfire_grace_seconds,
+        sched.enabled,
+    )
 
 
 def build_jobs(settings: JobsSettings, writer: StoreWriter, channels: dict[str, Any]) -> list[JobDef]:
@@ -81,8 +86,14 @@ def build_jobs(settings: JobsSettings, writer: StoreWriter, channels: dict[str, 
                 raise RuntimeError(result.error)
             return str(result.summary())
 
-        jobs.append(JobDef(f"poll:{name}", trigger_for(cfg.poll_cron, cfg.poll_interval_seconds, settings.timezone),
-                           poll, max(60, int(cfg.poll_interval_seconds or 3600))))
+        jobs.append(
+            JobDef(
+                f"poll:{name}",
+                trigger_for(cfg.poll_cron, cfg.poll_interval_seconds, settings.timezone),
+                poll,
+                max(60, int(cfg.poll_interval_seconds or 3600)),
+            )
+        )
 
     cred = settings.credential_expiry
 
@@ -101,7 +112,9 @@ def build_jobs(settings: JobsSettings, writer: StoreWriter, channels: dict[str, 
     claims = settings.claim_creation
 
     async def claim_creation() -> str:
-        counts = await writer.run(lambda conn: create_claims(conn, claims.settle_hours, claims.max_claims_per_run))
+        counts = await writer.run(
+            lambda conn: create_claims(conn, claims.settle_hours, claims.max_claims_per_run)
+        )
         return ", ".join(f"{k}={v}" for k, v in counts.items())
 
     jobs.append(_schedule_job("claim_creation", claims, settings.timezone, claim_creation))
@@ -199,9 +212,17 @@ class Scheduler:
 
     def _add(self, job: JobDef) -> None:
         assert self.aps is not None
-        self.aps.add_job(self.run_job, job.trigger, args=[job.name], id=job.name, name=job.name,
-                         coalesce=True, max_instances=1, misfire_grace_time=job.misfire_grace_seconds,
-                         replace_existing=True)
+        self.aps.add_job(
+            self.run_job,
+            job.trigger,
+            args=[job.name],
+            id=job.name,
+            name=job.name,
+            coalesce=True,
+            max_instances=1,
+            misfire_grace_time=job.misfire_grace_seconds,
+            replace_existing=True,
+        )
 
     def replace_jobs(self, jobs: list[JobDef], settings: JobsSettings) -> None:
         """Take the jobs of a reloaded config (same time zone; see ``Engine.reload_config``).
@@ -215,7 +236,11 @@ class Scheduler:
             return  # standing by: _start_aps schedules self.jobs when this instance takes over
         for name, job in old.items():
             new = self.jobs.get(name)
-            if job.scheduled and (new is None or _when(new) != _when(job)) and self.aps.get_job(name) is not None:
+            if (
+                job.scheduled
+                and (new is None or _when(new) != _when(job))
+                and self.aps.get_job(name) is not None
+            ):
                 self.aps.remove_job(name)
         for name, job in self.jobs.items():
             prev = old.get(name)
@@ -272,17 +297,25 @@ def _when(job: JobDef) -> tuple[bool, str, int]:
 def _record_start(name: str) -> Callable[[Connection], None]:
     def job(conn: Connection) -> None:
         insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-        conn.execute(insert(RUNS).values(name=name, status="", runs=0).on_conflict_do_nothing(index_elements=["name"]))
-        conn.execute(update(RUNS).where(RUNS.c.name == name).values(
-            started_at=datetime.now(UTC), status="running", runs=RUNS.c.runs + 1))
+        conn.execute(
+            insert(RUNS).values(name=name, status="", runs=0).on_conflict_do_nothing(index_elements=["name"])
+        )
+        conn.execute(
+            update(RUNS)
+            .where(RUNS.c.name == name)
+            .values(started_at=datetime.now(UTC), status="running", runs=RUNS.c.runs + 1)
+        )
 
     return job
 
 
 def _record_end(name: str, status: str, detail: str) -> Callable[[Connection], None]:
     def job(conn: Connection) -> None:
-        conn.execute(update(RUNS).where(RUNS.c.name == name).values(
-            finished_at=datetime.now(UTC), status=status, detail=detail))
+        conn.execute(
+            update(RUNS)
+            .where(RUNS.c.name == name)
+            .values(finished_at=datetime.now(UTC), status=status, detail=detail)
+        )
 
     return job
 

@@ -63,10 +63,13 @@ async def start(root: Path, port: int) -> tuple[asyncssh.SSHAcceptor, int]:
 async def serve(port: int) -> None:
     root = Path("sftp_demo").resolve()
     _server, port = await start(root, port)
-    print(f"SFTP on 127.0.0.1:{port}, serving {root} (user {USER}). Point the engine at it with:\n\n"
-          f"  export HMS_ACH_SFTP_ENABLED=true HMS_ACH_SFTP_HOST=127.0.0.1 HMS_ACH_SFTP_PORT={port} \\\n"
-          f"         HMS_ACH_SFTP_USER={USER} HMS_ACH_SFTP_PASSWORD_FILE={root / 'password'} \\\n"
-          f"         HMS_ACH_SFTP_KNOWN_HOSTS={root / 'known_hosts'}\n", flush=True)
+    print(
+        f"SFTP on 127.0.0.1:{port}, serving {root} (user {USER}). Point the engine at it with:\n\n"
+        f"  export HMS_ACH_SFTP_ENABLED=true HMS_ACH_SFTP_HOST=127.0.0.1 HMS_ACH_SFTP_PORT={port} \\\n"
+        f"         HMS_ACH_SFTP_USER={USER} HMS_ACH_SFTP_PASSWORD_FILE={root / 'password'} \\\n"
+        f"         HMS_ACH_SFTP_KNOWN_HOSTS={root / 'known_hosts'}\n",
+        flush=True,
+    )
     await asyncio.Event().wait()
 
 

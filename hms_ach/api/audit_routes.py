@@ -55,30 +55,52 @@ def audit_event_router(store: Store) -> APIRouter:
         known = {"entity", "agent", "date", "_count", "_cursor", "_format"}
         unknown = sorted(set(params) - known)
         if unknown:
-            raise FhirError(400, "not-supported", f"unknown AuditEvent search parameter(s): {', '.join(unknown)}; "
-                                                  f"supported: entity, agent, date", expression=unknown[0])
+            raise FhirError(
+                400,
+                "not-supported",
+                f"unknown AuditEvent search parameter(s): {', '.join(unknown)}; "
+                f"supported: entity, agent, date",
+                expression=unknown[0],
+            )
         count_text, cursor_text = params.get("_count", "50"), params.get("_cursor", "0")
         if not count_text.isdigit() or not cursor_text.isdigit():
             raise FhirError(400, "invalid", "_count and _cursor must be whole numbers")
         since, until = date_bounds(params.getlist("date"))
-        q = audit.AuditQuery(entity=params.get("entity"), agent=params.get("agent"), since=since, until=until,
-                             after_seq=int(cursor_text), limit=min(int(count_text), MAX_COUNT))
+        q = audit.AuditQuery(
+            entity=params.get("entity"),
+            agent=params.get("agent"),
+            since=since,
+            until=until,
+            after_seq=int(cursor_text),
+            limit=min(int(count_text), MAX_COUNT),
+        )
         with store.reader.connect() as conn:
             rows, next_seq = audit.search(conn, q)
         base = str(request.base_url).rstrip("/") + "/fhir/AuditEvent"
         keep = [(k, v) for k, v in params.multi_items() if k != "_cursor"]
         links = [{"relation": "self", "url": f"{base}?{urlencode(params.multi_items())}"}]
         if next_seq is not None:
-            links.append({"relation": "next", "url": f"{base}?{urlencode(keep + [('_cursor', str(next_seq))])}"})
+            links.append(
+                {"relation": "next", "url": f"{base}?{urlencode(keep + [('_cursor', str(next_seq))])}"}
+            )
         bundle: dict[str, Any] = {
-            "resourceType": "Bundle", "type": "searchset",
+            "resourceType": "Bundle",
+            "type": "searchset",
             "meta": {"lastUpdated": datetime.now(UTC).isoformat().replace("+00:00", "Z")},
             "link": links,
-            "entry": [{"fullUrl": f"{base}/audit-{r['seq']}", "resource": audit.as_audit_event(r),
-                       "search": {"mode": "match"}} for r in rows],
+            "entry": [
+                {
+                    "fullUrl": f"{base}/audit-{r['seq']}",
+                    "resource": audit.as_audit_event(r),
+                    "search": {"mode": "match"},
+                }
+                for r in rows
+            ],
         }
         if next_seq is None and int(cursor_text) == 0:
-            bundle["total"] = len(rows)  # every match is on this first page (the trail is not counted otherwise)
+            bundle["total"] = len(
+                rows
+            )  # every match is on this first page (the trail is not counted otherwise)
         return Response(orjson.dumps(bundle), media_type=FHIR_JSON)
 
     return router

@@ -35,13 +35,17 @@ INTERACTIONS = ("read", "vread", "history-instance", "search-type")
 #: Served by a fhir_rest channel (hms_ach/inbound/fhir_rest.py), when one is configured.
 WRITE_INTERACTIONS = ("create", "update", "delete")
 _WRITE_FLAGS: dict[str, Any] = {
-    "conditionalCreate": True, "conditionalUpdate": True, "conditionalDelete": "not-supported",
+    "conditionalCreate": True,
+    "conditionalUpdate": True,
+    "conditionalDelete": "not-supported",
 }
-WRITE_DOC = ("Writes are mapped into the canonical record (the elements a mapping does not read are not kept). "
-             "Update needs the record to exist (updateCreate: false) and honours If-Match (412 on a mismatch); "
-             "a conditional update (PUT ?identifier=system|value) creates when nothing matches. If-None-Exist "
-             "and conditional update accept identifier=[system|]value only. Delete stores a deleted version: "
-             "reads then answer 410 and history keeps every version.")
+WRITE_DOC = (
+    "Writes are mapped into the canonical record (the elements a mapping does not read are not kept). "
+    "Update needs the record to exist (updateCreate: false) and honours If-Match (412 on a mismatch); "
+    "a conditional update (PUT ?identifier=system|value) creates when nothing matches. If-None-Exist "
+    "and conditional update accept identifier=[system|]value only. Delete stores a deleted version: "
+    "reads then answer 410 and history keeps every version."
+)
 JSON_TYPES = {"application/fhir+json", "application/json", "application/json+fhir", "text/json", "json"}
 ACCEPT_ANY = {"*/*", "application/*"}
 MAX_FORM_BYTES = 64 * 1024
@@ -64,7 +68,9 @@ async def negotiate(request: Request) -> None:
     pool, which would cost every request a thread hand-off."""
     fmt = request.query_params.get("_format")
     if fmt is not None and fmt.split(";")[0].strip().lower() not in JSON_TYPES:
-        raise FhirError(406, "not-supported", f"_format={fmt[:64]!r} is not supported; this server speaks JSON only")
+        raise FhirError(
+            406, "not-supported", f"_format={fmt[:64]!r} is not supported; this server speaks JSON only"
+        )
     accept = request.headers.get("accept", "").strip()
     if not accept:
         return
@@ -116,8 +122,12 @@ def _reading(store: Store) -> Iterator[Connection]:
 def _table(resource_type: str) -> Table:
     model = RECORD_TABLES.get(resource_type) if resource_type in SERVED_FHIR_TYPES else None
     if model is None:
-        raise FhirError(404, "not-supported", f"resource type {resource_type[:64]!r} is not supported here; "
-                                              f"supported: {', '.join(SERVED_FHIR_TYPES)}")
+        raise FhirError(
+            404,
+            "not-supported",
+            f"resource type {resource_type[:64]!r} is not supported here; "
+            f"supported: {', '.join(SERVED_FHIR_TYPES)}",
+        )
     return model.__table__  # type: ignore[attr-defined, no-any-return]
 
 
@@ -129,8 +139,10 @@ def _not_found(resource_type: str, rid: str) -> FhirError:
 def bundle(kind: str, total: int | None, links: list[tuple[str, str]], entries: list[bytes]) -> bytes:
     """A Bundle: an orjson envelope around entries that are already JSON bytes."""
     head: dict[str, Any] = {
-        "resourceType": "Bundle", "id": str(uuid.uuid4()),
-        "meta": {"lastUpdated": _instant(datetime.now(UTC))}, "type": kind,
+        "resourceType": "Bundle",
+        "id": str(uuid.uuid4()),
+        "meta": {"lastUpdated": _instant(datetime.now(UTC))},
+        "type": kind,
     }
     if total is not None:
         head["total"] = total
@@ -166,22 +178,35 @@ CUSTOM_PARAMS: dict[tuple[str, str], tuple[str, str]] = {
 
 #: AuditEvent search (hms_ach/api/audit_routes.py): read-only, search-type only.
 AUDIT_PARAMS: list[dict[str, str]] = [
-    {"name": "entity", "type": "reference", "definition": "http://hl7.org/fhir/SearchParameter/AuditEvent-entity",
-     "documentation": "The changed record, as Type/id; a bare type (Practitioner) matches every record of it"},
-    {"name": "agent", "type": "token",
-     "documentation": "Who made the change: a channel name from channels.yaml, or api / api/<client>; "
-                      "matched exactly or as the prefix before '/'. Unlike the base AuditEvent-agent "
-                      "parameter this is a name, not a reference"},
-    {"name": "date", "type": "date", "definition": "http://hl7.org/fhir/SearchParameter/AuditEvent-date",
-     "documentation": "The recorded instant, with the eq/ge/gt/le/lt prefixes; repeat it for a range"},
+    {
+        "name": "entity",
+        "type": "reference",
+        "definition": "http://hl7.org/fhir/SearchParameter/AuditEvent-entity",
+        "documentation": "The changed record, as Type/id; a bare type (Practitioner) matches every record of it",
+    },
+    {
+        "name": "agent",
+        "type": "token",
+        "documentation": "Who made the change: a channel name from channels.yaml, or api / api/<client>; "
+        "matched exactly or as the prefix before '/'. Unlike the base AuditEvent-agent "
+        "parameter this is a name, not a reference",
+    },
+    {
+        "name": "date",
+        "type": "date",
+        "definition": "http://hl7.org/fhir/SearchParameter/AuditEvent-date",
+        "documentation": "The recorded instant, with the eq/ge/gt/le/lt prefixes; repeat it for a range",
+    },
 ]
 
 
 def _search_param(rtype: str, p: Any) -> dict[str, Any]:
     entry: dict[str, Any] = {
-        "name": p.name, "type": p.type,
+        "name": p.name,
+        "type": p.type,
         "documentation": f"{p.type} search on {rtype}.{p.expression}"
-                         + (f" (references to {', '.join(p.targets)})" if p.targets else "")}
+        + (f" (references to {', '.join(p.targets)})" if p.targets else ""),
+    }
     custom = CUSTOM_PARAMS.get((rtype, p.name))
     if custom is not None:
         entry["definition"], entry["documentation"] = custom
@@ -214,46 +239,69 @@ def capability_statement(base: str, writes: bool = False) -> dict[str, Any]:
             entry["searchInclude"] = includes
         entry["searchParam"] = [_search_param(rtype, p) for p in SEARCH_PARAMS.get(rtype, {}).values()]
         entry["documentation"] = f"_sort accepts: {', '.join(search.sort_params(rtype))}" + (
-            ". " + WRITE_DOC if writable else ". Read-only: made by hms-ach (claims at discharge, coverage from IN1)"
-            if rtype not in WRITE_TYPES else "")
+            ". " + WRITE_DOC
+            if writable
+            else ". Read-only: made by hms-ach (claims at discharge, coverage from IN1)"
+            if rtype not in WRITE_TYPES
+            else ""
+        )
         resources.append(entry)
     if writes and "Basic" in WRITE_TYPES:
-        resources.append({
-            "type": "Basic",
-            "interaction": [{"code": "create"}, {"code": "update"}],
-            "versioning": "versioned-update", "readHistory": False, "updateCreate": False,
-            "conditionalCreate": True, "conditionalUpdate": True, "conditionalDelete": "not-supported",
-            "documentation": "Write-only: a Basic whose code is shift (urn:hms-ach:code:basic-type) is stored as a "
-                             "Shift record (read it through /api/v1/shifts); update takes the Shift id. A shift is "
-                             "cancelled with status cancelled, not deleted.",
-        })
-    resources.append({
-        "type": "AuditEvent",
-        "interaction": [{"code": "search-type"}],
-        "documentation": "Read-only, rendered from the hash-chained audit trail (one entry per record version); "
-                         "paging by _cursor, _count at most 200. No read or history of single entries.",
-        "searchParam": AUDIT_PARAMS,
-    })
+        resources.append(
+            {
+                "type": "Basic",
+                "interaction": [{"code": "create"}, {"code": "update"}],
+                "versioning": "versioned-update",
+                "readHistory": False,
+                "updateCreate": False,
+                "conditionalCreate": True,
+                "conditionalUpdate": True,
+                "conditionalDelete": "not-supported",
+                "documentation": "Write-only: a Basic whose code is shift (urn:hms-ach:code:basic-type) is stored as a "
+                "Shift record (read it through /api/v1/shifts); update takes the Shift id. A shift is "
+                "cancelled with status cancelled, not deleted.",
+            }
+        )
+    resources.append(
+        {
+            "type": "AuditEvent",
+            "interaction": [{"code": "search-type"}],
+            "documentation": "Read-only, rendered from the hash-chained audit trail (one entry per record version); "
+            "paging by _cursor, _count at most 200. No read or history of single entries.",
+            "searchParam": AUDIT_PARAMS,
+        }
+    )
     rest: dict[str, Any] = {
         "mode": "server",
-        "documentation": (f"Search pages hold {search.DEFAULT_COUNT} entries by default and at most "
-                          f"{search.MAX_COUNT}; paging is by cursor. Bundle.total is counted on every page; _total=none "
-                          "(or estimate) saves that count when the client does not need it. "
-                          "Prefer: handling=strict makes unknown parameters an error."),
+        "documentation": (
+            f"Search pages hold {search.DEFAULT_COUNT} entries by default and at most "
+            f"{search.MAX_COUNT}; paging is by cursor. Bundle.total is counted on every page; _total=none "
+            "(or estimate) saves that count when the client does not need it. "
+            "Prefer: handling=strict makes unknown parameters an error."
+        ),
         "resource": resources,
         "searchParam": [
-            {"name": "_id", "type": "token",
-             "definition": "http://hl7.org/fhir/SearchParameter/Resource-id"},
-            {"name": "_lastUpdated", "type": "date",
-             "definition": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated"},
-        ] if set(COMMON_PARAMS) == {"_id", "_lastUpdated"} else [],
+            {"name": "_id", "type": "token", "definition": "http://hl7.org/fhir/SearchParameter/Resource-id"},
+            {
+                "name": "_lastUpdated",
+                "type": "date",
+                "definition": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated",
+            },
+        ]
+        if set(COMMON_PARAMS) == {"_id", "_lastUpdated"}
+        else [],
     }
     if writes:
         rest["interaction"] = [
-            {"code": "transaction", "documentation": "POST /fhir with a transaction Bundle: all entries or none; "
-                                                     "urn:uuid references between entries are resolved"},
-            {"code": "batch", "documentation": "POST /fhir with a batch Bundle: each entry succeeds or fails "
-                                               "on its own"},
+            {
+                "code": "transaction",
+                "documentation": "POST /fhir with a transaction Bundle: all entries or none; "
+                "urn:uuid references between entries are resolved",
+            },
+            {
+                "code": "batch",
+                "documentation": "POST /fhir with a batch Bundle: each entry succeeds or fails on its own",
+            },
         ]
     return {
         "resourceType": "CapabilityStatement",
@@ -272,8 +320,10 @@ def capability_statement(base: str, writes: bool = False) -> dict[str, Any]:
 
 def _writes_enabled(request: Request) -> bool:
     engine = getattr(request.app.state, "engine", None)
-    return any(getattr(getattr(ch, "config", None), "type", None) == "fhir_rest"
-               for ch in (getattr(engine, "channels", None) or {}).values())
+    return any(
+        getattr(getattr(ch, "config", None), "type", None) == "fhir_rest"
+        for ch in (getattr(engine, "channels", None) or {}).values()
+    )
 
 
 # ---------------------------------------------------------------------------- handlers
@@ -282,8 +332,9 @@ def _read(store: Store, resource_type: str, rid: str, if_none_match: str | None)
     if not _ID_RE.match(rid):
         raise _not_found(resource_type, rid)
     with _reading(store) as conn:
-        row = conn.execute(select(t.c.version_id, t.c.last_updated, t.c.deleted, t.c.resource)
-                           .where(t.c.id == rid)).first()
+        row = conn.execute(
+            select(t.c.version_id, t.c.last_updated, t.c.deleted, t.c.resource).where(t.c.id == rid)
+        ).first()
     if row is None or row.version_id == 0:
         raise _not_found(resource_type, rid)
     headers = {"ETag": f'W/"{row.version_id}"', "Last-Modified": _http_date(row.last_updated)}
@@ -300,8 +351,11 @@ def _vread(store: Store, resource_type: str, rid: str, vid: str) -> Response:
         raise _not_found(resource_type, f"{rid}/_history/{vid}")
     h = ResourceHistory.__table__  # type: ignore[attr-defined]
     with _reading(store) as conn:
-        row = conn.execute(select(h.c.version_id, h.c.last_updated, h.c.deleted, h.c.resource).where(
-            h.c.resource_type == resource_type, h.c.id == rid, h.c.version_id == int(vid))).first()
+        row = conn.execute(
+            select(h.c.version_id, h.c.last_updated, h.c.deleted, h.c.resource).where(
+                h.c.resource_type == resource_type, h.c.id == rid, h.c.version_id == int(vid)
+            )
+        ).first()
     if row is None:
         raise _not_found(resource_type, f"{rid}/_history/{vid}")
     headers = {"ETag": f'W/"{row.version_id}"', "Last-Modified": _http_date(row.last_updated)}
@@ -323,7 +377,9 @@ def _history(store: Store, base: str, resource_type: str, rid: str, params: dict
     if before is not None:
         stmt = stmt.where(h.c.version_id < before)
     with _reading(store) as conn:
-        newest = conn.execute(select(h.c.version_id).where(*mine).order_by(h.c.version_id.desc()).limit(1)).first()
+        newest = conn.execute(
+            select(h.c.version_id).where(*mine).order_by(h.c.version_id.desc()).limit(1)
+        ).first()
         rows = conn.execute(stmt.order_by(h.c.version_id.desc()).limit(count + 1)).all() if count else []
     if newest is None:
         raise _not_found(resource_type, rid)
@@ -336,11 +392,23 @@ def _history(store: Store, base: str, resource_type: str, rid: str, params: dict
     for row in rows:
         method = "DELETE" if row.deleted else ("POST" if row.version_id == 1 else "PUT")
         status = "204 No Content" if row.deleted else ("201 Created" if row.version_id == 1 else "200 OK")
-        entries.append(_entry(f"{base}/{resource_type}/{rid}", None if row.deleted else row.resource, {
-            "request": {"method": method, "url": resource_type if method == "POST" else f"{resource_type}/{rid}"},
-            "response": {"status": status, "etag": f'W/"{row.version_id}"',
-                         "lastModified": _instant(row.last_updated)},
-        }))
+        entries.append(
+            _entry(
+                f"{base}/{resource_type}/{rid}",
+                None if row.deleted else row.resource,
+                {
+                    "request": {
+                        "method": method,
+                        "url": resource_type if method == "POST" else f"{resource_type}/{rid}",
+                    },
+                    "response": {
+                        "status": status,
+                        "etag": f'W/"{row.version_id}"',
+                        "lastModified": _instant(row.last_updated),
+                    },
+                },
+            )
+        )
     return _fhir(bundle("history", int(newest.version_id), links, entries))
 
 
@@ -349,12 +417,15 @@ def _history_int(params: dict[str, str], name: str, default: int | None) -> int 
     if raw is None or raw == "":
         return default
     if not raw.isdigit() or len(raw) > 18:
-        raise FhirError(400, "invalid", f"{name} must be a non-negative whole number, got {raw[:64]!r}",
-                        expression=name)
+        raise FhirError(
+            400, "invalid", f"{name} must be a non-negative whole number, got {raw[:64]!r}", expression=name
+        )
     return int(raw)
 
 
-def _search(store: Store, base: str, resource_type: str, params: list[tuple[str, str]], strict: bool) -> Response:
+def _search(
+    store: Store, base: str, resource_type: str, params: list[tuple[str, str]], strict: bool
+) -> Response:
     _table(resource_type)
     try:
         query = search.parse_query(resource_type, params, strict=strict)
@@ -368,12 +439,17 @@ def _search(store: Store, base: str, resource_type: str, params: list[tuple[str,
     if page.next_cursor is not None:
         links.append(("next", f"{url}?{query.next_query(page.next_cursor)}"))
     entries = [_entry(f"{url}/{rid}", text, {"search": {"mode": "match"}}) for rid, text in page.matches]
-    entries += [_entry(f"{base}/{rtype}/{rid}", text, {"search": {"mode": "include"}})
-                for rtype, rid, text in page.included]
+    entries += [
+        _entry(f"{base}/{rtype}/{rid}", text, {"search": {"mode": "include"}})
+        for rtype, rid, text in page.included
+    ]
     if query.warnings:
         outcome = operation_outcome("not-supported", "; ".join(query.warnings), severity="warning")
-        entries.append(_entry(f"urn:uuid:{uuid.uuid4()}", orjson.dumps(outcome).decode(),
-                              {"search": {"mode": "outcome"}}))
+        entries.append(
+            _entry(
+                f"urn:uuid:{uuid.uuid4()}", orjson.dumps(outcome).decode(), {"search": {"mode": "outcome"}}
+            )
+        )
     return _fhir(bundle("searchset", page.total, links, entries))
 
 
@@ -388,8 +464,11 @@ async def _form_params(request: Request) -> list[tuple[str, str]]:
     if not body:
         return []
     if ctype != "application/x-www-form-urlencoded":
-        raise FhirError(415, "not-supported", f"a _search body must be application/x-www-form-urlencoded, "
-                                              f"not {ctype[:64] or 'untyped'!r}")
+        raise FhirError(
+            415,
+            "not-supported",
+            f"a _search body must be application/x-www-form-urlencoded, not {ctype[:64] or 'untyped'!r}",
+        )
     try:
         text = bytes(body).decode("utf-8")
     except UnicodeDecodeError:
@@ -414,7 +493,9 @@ def fhir_router(store: Store) -> APIRouter:
     async def search_post(resource_type: str, request: Request) -> Response:
         _table(resource_type)
         params = list(request.query_params.multi_items()) + await _form_params(request)
-        return await run_in_threadpool(_search, store, _base(request), resource_type, params, _strict(request))
+        return await run_in_threadpool(
+            _search, store, _base(request), resource_type, params, _strict(request)
+        )
 
     inline = store.reader.dialect.name == "sqlite"
 

@@ -22,19 +22,57 @@ log = logging.getLogger("hms_ach.api")
 FHIR_JSON = "application/fhir+json; charset=utf-8"
 
 #: Codes of the FHIR R4 IssueType value set (http://hl7.org/fhir/issue-type) that we use.
-ISSUE_TYPES = frozenset({
-    "invalid", "structure", "required", "value", "invariant", "security", "login", "unknown",
-    "expired", "forbidden", "suppressed", "processing", "not-supported", "duplicate",
-    "multiple-matches", "not-found", "deleted", "too-long", "code-invalid", "extension",
-    "too-costly", "business-rule", "conflict", "transient", "lock-error", "no-store", "exception",
-    "timeout", "incomplete", "throttled", "informational",
-})
+ISSUE_TYPES = frozenset(
+    {
+        "invalid",
+        "structure",
+        "required",
+        "value",
+        "invariant",
+        "security",
+        "login",
+        "unknown",
+        "expired",
+        "forbidden",
+        "suppressed",
+        "processing",
+        "not-supported",
+        "duplicate",
+        "multiple-matches",
+        "not-found",
+        "deleted",
+        "too-long",
+        "code-invalid",
+        "extension",
+        "too-costly",
+        "business-rule",
+        "conflict",
+        "transient",
+        "lock-error",
+        "no-store",
+        "exception",
+        "timeout",
+        "incomplete",
+        "throttled",
+        "informational",
+    }
+)
 
 #: The issue-type code used when an HTTP status arrives without one.
 STATUS_CODES = {
-    400: "invalid", 401: "login", 403: "forbidden", 404: "not-found", 405: "not-supported",
-    406: "not-supported", 409: "conflict", 410: "deleted", 412: "conflict", 413: "too-costly",
-    415: "not-supported", 422: "processing", 429: "throttled",
+    400: "invalid",
+    401: "login",
+    403: "forbidden",
+    404: "not-found",
+    405: "not-supported",
+    406: "not-supported",
+    409: "conflict",
+    410: "deleted",
+    412: "conflict",
+    413: "too-costly",
+    415: "not-supported",
+    422: "processing",
+    429: "throttled",
 }
 
 
@@ -78,8 +116,9 @@ class FhirError(Exception):
         super().__init__(f"{status} {code}: {diagnostics}")
 
     def response(self) -> Response:
-        outcome = operation_outcome(self.code, self.diagnostics,
-                                    expression=[self.expression] if self.expression else None)
+        outcome = operation_outcome(
+            self.code, self.diagnostics, expression=[self.expression] if self.expression else None
+        )
         return outcome_response(self.status, outcome, self.headers)
 
 

@@ -74,8 +74,12 @@ class Problem(Exception):
         super().__init__(detail)
 
     def response(self, instance: str = "") -> Response:
-        body: dict[str, Any] = {"type": f"urn:hms-ach:problem:{self.title.lower().replace(' ', '-')}",
-                                "title": self.title, "status": self.status, "detail": self.detail}
+        body: dict[str, Any] = {
+            "type": f"urn:hms-ach:problem:{self.title.lower().replace(' ', '-')}",
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
         if instance:
             body["instance"] = instance
         if self.errors:
@@ -84,8 +88,13 @@ class Problem(Exception):
 
 
 def _field_errors(errors: list[Any], prefix: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-    return [{"location": ".".join(str(p) for p in (*prefix, *e.get("loc", ()))), "detail": e.get("msg", "invalid")}
-            for e in errors[:20]]
+    return [
+        {
+            "location": ".".join(str(p) for p in (*prefix, *e.get("loc", ()))),
+            "detail": e.get("msg", "invalid"),
+        }
+        for e in errors[:20]
+    ]
 
 
 class ProblemRoute(APIRoute):
@@ -100,12 +109,17 @@ class ProblemRoute(APIRoute):
             except Problem as exc:
                 return exc.response(request.url.path)
             except RequestValidationError as exc:
-                return Problem(422, "Invalid request", "the request does not match its schema",
-                               _field_errors(list(exc.errors()))).response(request.url.path)
+                return Problem(
+                    422,
+                    "Invalid request",
+                    "the request does not match its schema",
+                    _field_errors(list(exc.errors())),
+                ).response(request.url.path)
             except FhirError as exc:
                 errors = [{"location": exc.expression, "detail": exc.diagnostics}] if exc.expression else []
-                return Problem(exc.status, exc.code.replace("-", " ").capitalize(), exc.diagnostics,
-                               errors).response(request.url.path)
+                return Problem(
+                    exc.status, exc.code.replace("-", " ").capitalize(), exc.diagnostics, errors
+                ).response(request.url.path)
 
         return guarded
 
@@ -120,13 +134,15 @@ class Credential(BaseModel):
     valid_from: date | None = Field(None, description="First day the credential is valid")
     valid_to: date | None = Field(None, description="Last day the credential is valid")
     verification_status: Literal["verified", "unverified", "pending", "failed", "expired"] = Field(
-        "unverified", description="Primary-source verification state")
+        "unverified", description="Primary-source verification state"
+    )
     verification_source: str | None = Field(None, description="Where it was verified (e.g. Nursys)")
 
 
 class EmployeeIn(BaseModel):
-    employee_number: str = Field(description="The staff number (identifier system urn:hms-ach:id:staff)",
-                                 min_length=1, max_length=64)
+    employee_number: str = Field(
+        description="The staff number (identifier system urn:hms-ach:id:staff)", min_length=1, max_length=64
+    )
     npi: str | None = Field(None, description="US NPI, when the employee has one", pattern=r"^\d{10}$")
     family: str = Field(min_length=1, description="Family name")
     given: list[str] = Field(default_factory=list, description="Given names")
@@ -169,8 +185,12 @@ class TimecardIn(BaseModel):
 # ---------------------------------------------------------------------------- conversions
 def _aware(value: datetime, where: str) -> datetime:
     if value.tzinfo is None:
-        raise Problem(422, "Invalid request", "times need a UTC offset", [{"location": where,
-                                                                           "detail": "no UTC offset"}])
+        raise Problem(
+            422,
+            "Invalid request",
+            "times need a UTC offset",
+            [{"location": where, "detail": "no UTC offset"}],
+        )
     return value
 
 
@@ -185,7 +205,12 @@ def practitioner_json(emp: EmployeeIn) -> dict[str, Any]:
     name: dict[str, Any] = {"family": emp.family}
     if emp.given:
         name["given"] = emp.given
-    res: dict[str, Any] = {"resourceType": "Practitioner", "identifier": ids, "active": emp.active, "name": [name]}
+    res: dict[str, Any] = {
+        "resourceType": "Practitioner",
+        "identifier": ids,
+        "active": emp.active,
+        "name": [name],
+    }
     if emp.gender:
         res["gender"] = emp.gender
     if emp.department:
@@ -194,7 +219,10 @@ def practitioner_json(emp: EmployeeIn) -> dict[str, Any]:
     for c in emp.credentials:
         q: dict[str, Any] = {
             "identifier": [{"value": c.number}],
-            "code": {"coding": [{"system": CREDENTIAL_SYSTEM, "code": c.type}], "text": c.type_text or c.type},
+            "code": {
+                "coding": [{"system": CREDENTIAL_SYSTEM, "code": c.type}],
+                "text": c.type_text or c.type,
+            },
             "extension": [{"url": VERIFICATION_EXT, "valueCode": c.verification_status}],
         }
         if c.verification_source:
@@ -225,48 +253,78 @@ def credentials_of(res: dict[str, Any]) -> list[dict[str, Any]]:
         code = q.get("code") or {}
         coding = (code.get("coding") or [{}])[0]
         period = q.get("period") or {}
-        out.append({
-            "type": coding.get("code") or code.get("text"), "type_text": code.get("text"),
-            "number": ((q.get("identifier") or [{}])[0]).get("value"),
-            "issuer": (q.get("issuer") or {}).get("display"), "state": _ext(q, STATE_EXT),
-            "valid_from": period.get("start"), "valid_to": period.get("end"),
-            "verification_status": _ext(q, VERIFICATION_EXT), "verification_source": _ext(q, SOURCE_EXT),
-        })
+        out.append(
+            {
+                "type": coding.get("code") or code.get("text"),
+                "type_text": code.get("text"),
+                "number": ((q.get("identifier") or [{}])[0]).get("value"),
+                "issuer": (q.get("issuer") or {}).get("display"),
+                "state": _ext(q, STATE_EXT),
+                "valid_from": period.get("start"),
+                "valid_to": period.get("end"),
+                "verification_status": _ext(q, VERIFICATION_EXT),
+                "verification_source": _ext(q, SOURCE_EXT),
+            }
+        )
     return out
 
 
 def employee_view(res: dict[str, Any]) -> dict[str, Any]:
     ids = {i.get("system"): i.get("value") for i in res.get("identifier") or []}
     name = (res.get("name") or [{}])[0]
-    return {"id": res.get("id"), "version": int((res.get("meta") or {}).get("versionId", 0)),
-            "employee_number": ids.get(STAFF_SYSTEM), "npi": ids.get(NPI_SYSTEM),
-            "family": name.get("family"), "given": name.get("given", []), "gender": res.get("gender"),
-            "active": res.get("active", True), "department": _ext(res, DEPARTMENT_EXT),
-            "credentials": credentials_of(res)}
+    return {
+        "id": res.get("id"),
+        "version": int((res.get("meta") or {}).get("versionId", 0)),
+        "employee_number": ids.get(STAFF_SYSTEM),
+        "npi": ids.get(NPI_SYSTEM),
+        "family": name.get("family"),
+        "given": name.get("given", []),
+        "gender": res.get("gender"),
+        "active": res.get("active", True),
+        "department": _ext(res, DEPARTMENT_EXT),
+        "credentials": credentials_of(res),
+    }
 
 
 def shift_view(res: dict[str, Any]) -> dict[str, Any]:
     ref = (res.get("practitioner") or {}).get("reference", "")
-    return {"id": res.get("id"), "shift_id": ((res.get("identifier") or [{}])[0]).get("value"),
-            "employee_id": ref.split("/", 1)[1] if "/" in ref else None,
-            "role": (res.get("role") or {}).get("text"), "department": (res.get("department") or {}).get("display"),
-            "location_id": ((res.get("location") or {}).get("reference") or "/").split("/", 1)[1] or None,
-            "start": res.get("start"), "end": res.get("end"), "status": res.get("status"),
-            "swap_request": res.get("swapRequest")}
+    return {
+        "id": res.get("id"),
+        "shift_id": ((res.get("identifier") or [{}])[0]).get("value"),
+        "employee_id": ref.split("/", 1)[1] if "/" in ref else None,
+        "role": (res.get("role") or {}).get("text"),
+        "department": (res.get("department") or {}).get("display"),
+        "location_id": ((res.get("location") or {}).get("reference") or "/").split("/", 1)[1] or None,
+        "start": res.get("start"),
+        "end": res.get("end"),
+        "status": res.get("status"),
+        "swap_request": res.get("swapRequest"),
+    }
 
 
 def timecard_view(res: dict[str, Any]) -> dict[str, Any]:
     ref = (res.get("practitioner") or {}).get("reference", "")
-    return {"id": res.get("id"), "timecard_id": ((res.get("identifier") or [{}])[0]).get("value"),
-            "employee_id": ref.split("/", 1)[1] if "/" in ref else None, "department": res.get("department"),
-            "clock_in": res.get("clockIn"), "clock_out": res.get("clockOut"),
-            "worked_minutes": res.get("workedMinutes"), "overtime_minutes": res.get("overtimeMinutes"),
-            "shift_id": ((res.get("shift") or {}).get("reference") or "/").split("/", 1)[1] or None}
+    return {
+        "id": res.get("id"),
+        "timecard_id": ((res.get("identifier") or [{}])[0]).get("value"),
+        "employee_id": ref.split("/", 1)[1] if "/" in ref else None,
+        "department": res.get("department"),
+        "clock_in": res.get("clockIn"),
+        "clock_out": res.get("clockOut"),
+        "worked_minutes": res.get("workedMinutes"),
+        "overtime_minutes": res.get("overtimeMinutes"),
+        "shift_id": ((res.get("shift") or {}).get("reference") or "/").split("/", 1)[1] or None,
+    }
 
 
 # ---------------------------------------------------------------------------- store helpers
-def _credential_scan(staff: list[dict[str, Any]], alerts: list[Any], scan_run: Any, now: datetime,
-                     dept: Callable[[str | None], dict[str, Any]]) -> dict[str, Any]:
+def _credential_scan(
+    staff: list[dict[str, Any]],
+    alerts: list[Any],
+    scan_run: Any,
+    now: datetime,
+    dept: Callable[[str | None], dict[str, Any]],
+) -> dict[str, Any]:
     """What the credential-expiry scan (hms_ach/jobs/credentials.py) found: its last run, and its alerts.
 
     An alert is open while the practitioner still holds that credential with that end date; one
@@ -290,13 +348,21 @@ def _credential_scan(staff: list[dict[str, Any]], alerts: list[Any], scan_run: A
         counts[threshold] = counts.get(threshold, 0) + 1
     last = None
     if scan_run is not None:
-        last = {"status": scan_run.status, "started_at": _iso(scan_run.started_at) if scan_run.started_at else None,
-                "finished_at": _iso(scan_run.finished_at) if scan_run.finished_at else None,
-                "detail": scan_run.detail}
+        last = {
+            "status": scan_run.status,
+            "started_at": _iso(scan_run.started_at) if scan_run.started_at else None,
+            "finished_at": _iso(scan_run.finished_at) if scan_run.finished_at else None,
+            "detail": scan_run.detail,
+        }
     last_alert = max((a.created_at for a in alerts), default=None)
-    return {"last_run": last, "alerts_raised": sum(raised.values()), "raised_by_threshold": dict(sorted(raised.items())),
-            "raised_last_24h": recent, "open_by_threshold": dict(sorted(open_.items())),
-            "last_alert_at": _iso(last_alert) if last_alert else None}
+    return {
+        "last_run": last,
+        "alerts_raised": sum(raised.values()),
+        "raised_by_threshold": dict(sorted(raised.items())),
+        "raised_last_24h": recent,
+        "open_by_threshold": dict(sorted(open_.items())),
+        "last_alert_at": _iso(last_alert) if last_alert else None,
+    }
 
 
 _get = wq.get_record
@@ -310,8 +376,12 @@ def _after(cursor: str | None) -> str:
     try:
         return base64.urlsafe_b64decode(cursor.encode() + b"==").decode()
     except (ValueError, UnicodeDecodeError):
-        raise Problem(400, "Invalid cursor", "the cursor is not one this API gave out",
-                      [{"location": "query.cursor", "detail": "unknown cursor"}]) from None
+        raise Problem(
+            400,
+            "Invalid cursor",
+            "the cursor is not one this API gave out",
+            [{"location": "query.cursor", "detail": "unknown cursor"}],
+        ) from None
 
 
 def _cursor(key: Any) -> str:
@@ -326,8 +396,14 @@ def _page(items: list[dict[str, Any]], limit: int, cursor: str | None, key: str 
     return {"items": page, "next_cursor": _cursor(page[-1][key]) if len(items) > limit else None}
 
 
-def _scan_page(conn: Connection, rtype: str, conds: list[Any], keep: Callable[[dict[str, Any]], bool],
-               limit: int, cursor: str | None) -> tuple[list[dict[str, Any]], str | None]:
+def _scan_page(
+    conn: Connection,
+    rtype: str,
+    conds: list[Any],
+    keep: Callable[[dict[str, Any]], bool],
+    limit: int,
+    cursor: str | None,
+) -> tuple[list[dict[str, Any]], str | None]:
     """A keyset page (by record id) of the records meeting the index conditions ``conds`` and ``keep``.
 
     The conditions narrow in SQL, ``keep`` decides (the exact rule), and the scan stops once it has
@@ -344,9 +420,14 @@ def _scan_page(conn: Connection, rtype: str, conds: list[Any], keep: Callable[[d
 
 def _meta(request: Request, what: str, body: bytes) -> messages.MessageMeta:
     client = request.headers.get("x-client-id", "")[:200]
-    return messages.MessageMeta(channel=API_CHANNEL, raw=body, content_type="json", message_type=what[:50],
-                                control_id=request.headers.get("x-request-id", "")[:200] or str(uuid.uuid4()),
-                                sending_application=client)
+    return messages.MessageMeta(
+        channel=API_CHANNEL,
+        raw=body,
+        content_type="json",
+        message_type=what[:50],
+        control_id=request.headers.get("x-request-id", "")[:200] or str(uuid.uuid4()),
+        sending_application=client,
+    )
 
 
 def _engine(request: Request) -> Any:
@@ -357,23 +438,33 @@ def _engine(request: Request) -> Any:
 
 
 # ---------------------------------------------------------------------------- validators
-def _employee(conn: Connection, employee_id: str, title: str, where: str, detail: str | None = None
-              ) -> dict[str, Any]:
+def _employee(
+    conn: Connection, employee_id: str, title: str, where: str, detail: str | None = None
+) -> dict[str, Any]:
     """The Practitioner ``employee_id`` (by primary key), or a 422 problem at ``where``."""
     res = _get(conn, "Practitioner", employee_id)
     if res is None:
-        raise Problem(422, title, detail or f"no employee {employee_id[:64]}",
-                      [{"location": where, "detail": "unknown employee"}])
+        raise Problem(
+            422,
+            title,
+            detail or f"no employee {employee_id[:64]}",
+            [{"location": where, "detail": "unknown employee"}],
+        )
     return res
 
 
-def _no_overlap(conn: Connection, ref: str, start: datetime, end: datetime, skip: str | None, who: str,
-                where: str) -> None:
+def _no_overlap(
+    conn: Connection, ref: str, start: datetime, end: datetime, skip: str | None, who: str, where: str
+) -> None:
     """A 422 problem at ``where`` when ``ref`` already works another shift during [start, end)."""
     clash = wq.shift_overlap(conn, ref, start, end, skip)
     if clash:
-        raise Problem(422, "Overlapping shift", f"the {who} already works shift {clash} then",
-                      [{"location": where, "detail": f"overlaps shift {clash}"}])
+        raise Problem(
+            422,
+            "Overlapping shift",
+            f"the {who} already works shift {clash} then",
+            [{"location": where, "detail": f"overlaps shift {clash}"}],
+        )
 
 
 def _shift(conn: Connection, shift_record_id: str) -> dict[str, Any]:
@@ -475,11 +566,17 @@ def workforce_router(store: Store) -> APIRouter:
         engine = _engine(request)
         res = practitioner_json(emp)
         if rid is None:
-            op = Operation("PUT", "Practitioner", query=f"identifier={STAFF_SYSTEM}|{emp.employee_number}",
-                           resource=res)
+            op = Operation(
+                "PUT", "Practitioner", query=f"identifier={STAFF_SYSTEM}|{emp.employee_number}", resource=res
+            )
         else:
-            op = Operation("PUT", "Practitioner", rid=rid, resource={**res, "id": rid},
-                           if_match=request.headers.get("if-match"))
+            op = Operation(
+                "PUT",
+                "Practitioner",
+                rid=rid,
+                resource={**res, "id": rid},
+                if_match=request.headers.get("if-match"),
+            )
         prepare(op, engine.pipeline.engine)
         raw = orjson.dumps(emp.model_dump(mode="json"))
         outcome = await engine.writer.run(request_job(_meta(request, "employee", raw), [op], "single"))
@@ -487,16 +584,26 @@ def workforce_router(store: Store) -> APIRouter:
             raise outcome.error
         result = outcome.results[0]
         view = employee_view(orjson.loads(result.body or "{}"))
-        return Response(orjson.dumps(view), status_code=result.status, media_type="application/json",
-                        headers={"ETag": f'W/"{result.version}"', "Location": f"/api/v1/employees/{result.rid}"})
+        return Response(
+            orjson.dumps(view),
+            status_code=result.status,
+            media_type="application/json",
+            headers={"ETag": f'W/"{result.version}"', "Location": f"/api/v1/employees/{result.rid}"},
+        )
 
     @router.get("/employees", summary="List employees (Practitioners)")
-    def list_employees(department: str | None = None, active: bool | None = None,
-                       limit: int = limit_q, cursor: str | None = cursor_q) -> dict[str, Any]:
+    def list_employees(
+        department: str | None = None,
+        active: bool | None = None,
+        limit: int = limit_q,
+        cursor: str | None = cursor_q,
+    ) -> dict[str, Any]:
         def keep(res: dict[str, Any]) -> bool:
             emp = employee_view(res)
             return (department is None or emp["department"] == department) and (
-                active is None or emp["active"] == active)
+                active is None or emp["active"] == active
+            )
+
         page, nxt = read(lambda c: _scan_page(c, "Practitioner", [], keep, limit, cursor))
         return {"items": [employee_view(r) for r in page], "next_cursor": nxt}
 
@@ -516,10 +623,12 @@ def workforce_router(store: Store) -> APIRouter:
         return await write_employee(request, emp, employee_id)
 
     @router.get("/credentials", summary="Credentials, optionally only those expiring soon")
-    def list_credentials(expiring_within_days: int | None = Query(None, ge=0, le=3650),
-                         include_expired: bool = Query(False, description="with expiring_within_days: "
-                                                                          "also list expired ones"),
-                         limit: int = limit_q, cursor: str | None = cursor_q) -> dict[str, Any]:
+    def list_credentials(
+        expiring_within_days: int | None = Query(None, ge=0, le=3650),
+        include_expired: bool = Query(False, description="with expiring_within_days: also list expired ones"),
+        limit: int = limit_q,
+        cursor: str | None = cursor_q,
+    ) -> dict[str, Any]:
         today = datetime.now(UTC).date()
         items = []
         for res in read(lambda c: _records(c, "Practitioner")):
@@ -532,21 +641,39 @@ def workforce_router(store: Store) -> APIRouter:
                         continue
                     if days_left < 0 and not include_expired:
                         continue
-                items.append({"key": f"{emp['id']}:{i:04d}", "employee_id": emp["id"],
-                              "employee_number": emp["employee_number"], "name": emp["family"],
-                              "department": emp["department"], "days_left": days_left,
-                              "expired": days_left is not None and days_left < 0, **cred})
+                items.append(
+                    {
+                        "key": f"{emp['id']}:{i:04d}",
+                        "employee_id": emp["id"],
+                        "employee_number": emp["employee_number"],
+                        "name": emp["family"],
+                        "department": emp["department"],
+                        "days_left": days_left,
+                        "expired": days_left is not None and days_left < 0,
+                        **cred,
+                    }
+                )
         return _page(items, limit, cursor, key="key")
 
     # ------------------------------------------------------------------ shifts
     def shift_record(body: ShiftIn, conn: Connection, existing: dict[str, Any] | None) -> RecordWrite:
         start, end = _aware(body.start, "body.start"), _aware(body.end, "body.end")
         if end <= start:
-            raise Problem(422, "Invalid shift", "the shift ends before it starts",
-                          [{"location": "body.end", "detail": "must be after start"}])
-        content: dict[str, Any] = {"resourceType": "Shift", "start": _iso(start), "end": _iso(end),
-                                   "status": body.status}
-        shift_id = body.shift_id or (existing or {}).get("identifier", [{}])[0].get("value") or str(uuid.uuid4())
+            raise Problem(
+                422,
+                "Invalid shift",
+                "the shift ends before it starts",
+                [{"location": "body.end", "detail": "must be after start"}],
+            )
+        content: dict[str, Any] = {
+            "resourceType": "Shift",
+            "start": _iso(start),
+            "end": _iso(end),
+            "status": body.status,
+        }
+        shift_id = (
+            body.shift_id or (existing or {}).get("identifier", [{}])[0].get("value") or str(uuid.uuid4())
+        )
         content["identifier"] = [{"system": SHIFT_SYSTEM, "value": shift_id}]
         if body.employee_id:
             _employee(conn, body.employee_id, "Invalid shift", "body.employee_id")
@@ -564,21 +691,32 @@ def workforce_router(store: Store) -> APIRouter:
             content["swapRequest"] = existing["swapRequest"]
         return RecordWrite("shift", "Shift", SHIFT_SYSTEM, shift_id, content, mode="replace")
 
-    async def run_record(request: Request, what: str, raw: bytes, build: Callable[[Connection], RecordWrite],
-                         view: Callable[[dict[str, Any]], dict[str, Any]]) -> Response:
+    async def run_record(
+        request: Request,
+        what: str,
+        raw: bytes,
+        build: Callable[[Connection], RecordWrite],
+        view: Callable[[dict[str, Any]], dict[str, Any]],
+    ) -> Response:
         engine = _engine(request)
         out = await engine.writer.run(_record_job(_meta(request, what, raw), build))
         if isinstance(out, Problem):
             raise out
         created = out.pop("created")
-        return Response(orjson.dumps(view(out)), status_code=201 if created else 200, media_type="application/json")
+        return Response(
+            orjson.dumps(view(out)), status_code=201 if created else 200, media_type="application/json"
+        )
 
     @router.get("/shifts", summary="Shifts by employee, period and status")
-    def list_shifts(employee_id: str | None = None, status: str | None = None,
-                    start_from: Annotated[datetime | None, Query(description="shifts starting at or after")] = None,
-                    start_before: Annotated[datetime | None, Query(description="shifts starting before")] = None,
-                    unfilled: bool | None = None,
-                    limit: int = limit_q, cursor: str | None = cursor_q) -> dict[str, Any]:
+    def list_shifts(
+        employee_id: str | None = None,
+        status: str | None = None,
+        start_from: Annotated[datetime | None, Query(description="shifts starting at or after")] = None,
+        start_before: Annotated[datetime | None, Query(description="shifts starting before")] = None,
+        unfilled: bool | None = None,
+        limit: int = limit_q,
+        cursor: str | None = cursor_q,
+    ) -> dict[str, Any]:
         lo = _aware(start_from, "query.start_from") if start_from is not None else None
         hi = _aware(start_before, "query.start_before") if start_before is not None else None
 
@@ -596,14 +734,17 @@ def workforce_router(store: Store) -> APIRouter:
 
         def keep(res: dict[str, Any]) -> bool:
             s = shift_view(res)
-            if not ((employee_id is None or s["employee_id"] == employee_id)
-                    and (status is None or s["status"] == status)
-                    and (unfilled is None or (s["employee_id"] is None) == unfilled)):
+            if not (
+                (employee_id is None or s["employee_id"] == employee_id)
+                and (status is None or s["status"] == status)
+                and (unfilled is None or (s["employee_id"] is None) == unfilled)
+            ):
                 return False
             if lo is None and hi is None:
                 return True
             st = datetime.fromisoformat(s["start"])
             return (lo is None or st >= lo) and (hi is None or st < hi)
+
         page, nxt = read(lambda c: _scan_page(c, "Shift", conds(c.dialect.name), keep, limit, cursor))
         return {"items": [shift_view(s) for s in page], "next_cursor": nxt}
 
@@ -615,7 +756,10 @@ def workforce_router(store: Store) -> APIRouter:
                 found = Repository(conn).find_by_key("Shift", SHIFT_SYSTEM, body.shift_id)
                 existing = {**found[1], "id": found[0]} if found else None
             return shift_record(body, conn, existing)
-        return await run_record(request, "shift", orjson.dumps(body.model_dump(mode="json")), build, shift_view)
+
+        return await run_record(
+            request, "shift", orjson.dumps(body.model_dump(mode="json")), build, shift_view
+        )
 
     @router.put("/shifts/{shift_record_id}", summary="Replace a shift")
     async def update_shift(shift_record_id: str, body: ShiftIn, request: Request) -> Response:
@@ -623,7 +767,10 @@ def workforce_router(store: Store) -> APIRouter:
             existing = _shift(conn, shift_record_id)
             body.shift_id = existing["identifier"][0]["value"]
             return shift_record(body, conn, existing)
-        return await run_record(request, "shift", orjson.dumps(body.model_dump(mode="json")), build, shift_view)
+
+        return await run_record(
+            request, "shift", orjson.dumps(body.model_dump(mode="json")), build, shift_view
+        )
 
     @router.post("/shifts/{shift_record_id}/swap", summary="Ask to swap a shift to another employee")
     async def request_swap(shift_record_id: str, body: SwapIn, request: Request) -> Response:
@@ -631,11 +778,16 @@ def workforce_router(store: Store) -> APIRouter:
             existing = _shift(conn, shift_record_id)
             _employee(conn, body.replacement, "Invalid swap", "body.replacement", "unknown replacement")
             content = {k: v for k, v in existing.items() if k not in ("id", "meta")}
-            content["swapRequest"] = {"requestedBy": {"reference": f"Practitioner/{body.requested_by}"},
-                                      "replacement": {"reference": f"Practitioner/{body.replacement}"},
-                                      "status": "requested", "requestedAt": _iso(datetime.now(UTC))}
-            return RecordWrite("shift", "Shift", SHIFT_SYSTEM, existing["identifier"][0]["value"], content,
-                               mode="replace")
+            content["swapRequest"] = {
+                "requestedBy": {"reference": f"Practitioner/{body.requested_by}"},
+                "replacement": {"reference": f"Practitioner/{body.replacement}"},
+                "status": "requested",
+                "requestedAt": _iso(datetime.now(UTC)),
+            }
+            return RecordWrite(
+                "shift", "Shift", SHIFT_SYSTEM, existing["identifier"][0]["value"], content, mode="replace"
+            )
+
         return await run_record(request, "shift swap", orjson.dumps(body.model_dump()), build, shift_view)
 
     @router.post("/shifts/{shift_record_id}/swap/decision", summary="Approve or reject a swap request")
@@ -644,30 +796,50 @@ def workforce_router(store: Store) -> APIRouter:
             existing = _shift(conn, shift_record_id)
             swap = existing.get("swapRequest") or {}
             if swap.get("status") != "requested":
-                raise Problem(409, "No open swap request", "this shift has no swap request waiting for a decision")
+                raise Problem(
+                    409, "No open swap request", "this shift has no swap request waiting for a decision"
+                )
             content = {k: v for k, v in existing.items() if k not in ("id", "meta")}
-            swap = {**swap, "status": "approved" if body.approve else "rejected",
-                    "decidedAt": _iso(datetime.now(UTC))}
+            swap = {
+                **swap,
+                "status": "approved" if body.approve else "rejected",
+                "decidedAt": _iso(datetime.now(UTC)),
+            }
             if body.decided_by:
                 swap["decidedBy"] = body.decided_by
             if body.approve:
                 ref = swap["replacement"]["reference"]
-                _no_overlap(conn, ref, datetime.fromisoformat(existing["start"]),
-                            datetime.fromisoformat(existing["end"]), existing["id"], "replacement", "body.approve")
+                _no_overlap(
+                    conn,
+                    ref,
+                    datetime.fromisoformat(existing["start"]),
+                    datetime.fromisoformat(existing["end"]),
+                    existing["id"],
+                    "replacement",
+                    "body.approve",
+                )
                 content["practitioner"] = {"reference": ref}
                 content["status"] = "swapped"
             content["swapRequest"] = swap
-            return RecordWrite("shift", "Shift", SHIFT_SYSTEM, existing["identifier"][0]["value"], content,
-                               mode="replace")
-        return await run_record(request, "shift swap decision", orjson.dumps(body.model_dump()), build, shift_view)
+            return RecordWrite(
+                "shift", "Shift", SHIFT_SYSTEM, existing["identifier"][0]["value"], content, mode="replace"
+            )
+
+        return await run_record(
+            request, "shift swap decision", orjson.dumps(body.model_dump()), build, shift_view
+        )
 
     # ------------------------------------------------------------------ timecards
     @router.post("/timecards", status_code=201, summary="Record a worked period from clock-in/clock-out")
     async def create_timecard(body: TimecardIn, request: Request) -> Response:
         clock_in, clock_out = _aware(body.clock_in, "body.clock_in"), _aware(body.clock_out, "body.clock_out")
         if clock_out <= clock_in:
-            raise Problem(422, "Invalid timecard", "the timecard clocks out before it clocks in",
-                          [{"location": "body.clock_out", "detail": "must be after clock_in"}])
+            raise Problem(
+                422,
+                "Invalid timecard",
+                "the timecard clocks out before it clocks in",
+                [{"location": "body.clock_out", "detail": "must be after clock_in"}],
+            )
 
         def build(conn: Connection) -> RecordWrite:
             emp = _employee(conn, body.employee_id, "Invalid timecard", "body.employee_id")
@@ -690,26 +862,43 @@ def workforce_router(store: Store) -> APIRouter:
                     prior_week += int(tc.get("workedMinutes", 0))
             worked = int((clock_out - clock_in) / timedelta(minutes=1))
             content: dict[str, Any] = {
-                "resourceType": "Timecard", "identifier": [{"system": TIMECARD_SYSTEM, "value": tc_id}],
-                "practitioner": {"reference": ref}, "clockIn": _iso(clock_in), "clockOut": _iso(clock_out),
-                "workedMinutes": worked, "overtimeMinutes": overtime_minutes(prior_day, prior_week, worked),
+                "resourceType": "Timecard",
+                "identifier": [{"system": TIMECARD_SYSTEM, "value": tc_id}],
+                "practitioner": {"reference": ref},
+                "clockIn": _iso(clock_in),
+                "clockOut": _iso(clock_out),
+                "workedMinutes": worked,
+                "overtimeMinutes": overtime_minutes(prior_day, prior_week, worked),
                 "department": body.department or _ext(emp, DEPARTMENT_EXT),
             }
             if body.shift_id:
                 content["shift"] = {"reference": f"Shift/{body.shift_id}"}
-            return RecordWrite("timecard", "Timecard", TIMECARD_SYSTEM, tc_id,
-                               {k: v for k, v in content.items() if v is not None}, mode="replace")
-        return await run_record(request, "timecard", orjson.dumps(body.model_dump(mode="json")), build,
-                                timecard_view)
+            return RecordWrite(
+                "timecard",
+                "Timecard",
+                TIMECARD_SYSTEM,
+                tc_id,
+                {k: v for k, v in content.items() if v is not None},
+                mode="replace",
+            )
+
+        return await run_record(
+            request, "timecard", orjson.dumps(body.model_dump(mode="json")), build, timecard_view
+        )
 
     @router.get("/timecards", summary="Timecards by employee")
-    def list_timecards(employee_id: str | None = None, limit: int = limit_q,
-                       cursor: str | None = cursor_q) -> dict[str, Any]:
+    def list_timecards(
+        employee_id: str | None = None, limit: int = limit_q, cursor: str | None = cursor_q
+    ) -> dict[str, Any]:
         def keep(res: dict[str, Any]) -> bool:
             return employee_id is None or timecard_view(res)["employee_id"] == employee_id
 
         def page_of(conn: Connection) -> tuple[list[dict[str, Any]], str | None, dict[str, int]]:
-            conds = [wq.assigned_to("Timecard", employee_id, conn.dialect.name)] if employee_id is not None else []
+            conds = (
+                [wq.assigned_to("Timecard", employee_id, conn.dialect.name)]
+                if employee_id is not None
+                else []
+            )
             cards, nxt = _scan_page(conn, "Timecard", conds, keep, limit, cursor)
             return cards, nxt, overtime_of_page(conn, cards)
 
@@ -718,7 +907,9 @@ def workforce_router(store: Store) -> APIRouter:
         return {"items": items, "next_cursor": nxt}
 
     # ------------------------------------------------------------------ compliance and audit
-    @router.get("/compliance/status", summary="Active staff, credential, shift and overtime counts by department")
+    @router.get(
+        "/compliance/status", summary="Active staff, credential, shift and overtime counts by department"
+    )
     def compliance_status(expiring_within_days: int = Query(30, ge=0, le=3650)) -> dict[str, Any]:
         now = datetime.now(UTC)
         today = now.date()
@@ -728,16 +919,29 @@ def workforce_router(store: Store) -> APIRouter:
             scan_run = conn.execute(select(JOB_RUNS).where(JOB_RUNS.c.name == "credential_expiry")).first()
             # a report over everyone: every employee and timecard is read; of the shifts only those
             # without an employee (the index tells which)
-            return (_records(conn, "Practitioner"), wq.unassigned_shifts(conn), _records(conn, "Timecard"),
-                    alerts, scan_run)
+            return (
+                _records(conn, "Practitioner"),
+                wq.unassigned_shifts(conn),
+                _records(conn, "Timecard"),
+                alerts,
+                scan_run,
+            )
 
         staff, shifts, timecards, alerts, scan_run = read(gather)
         by: dict[str, dict[str, Any]] = {}
 
         def dept(name: str | None) -> dict[str, Any]:
-            return by.setdefault(name or "(none)", {"active_staff": 0, "expired_credentials": 0,
-                                                    "expiring_credentials": 0, "unfilled_shifts": 0,
-                                                    "overtime_hours": 0.0, "credential_alerts": {}})
+            return by.setdefault(
+                name or "(none)",
+                {
+                    "active_staff": 0,
+                    "expired_credentials": 0,
+                    "expiring_credentials": 0,
+                    "unfilled_shifts": 0,
+                    "overtime_hours": 0.0,
+                    "credential_alerts": {},
+                },
+            )
 
         for res in staff:
             emp = employee_view(res)
@@ -754,33 +958,62 @@ def workforce_router(store: Store) -> APIRouter:
                 elif left <= expiring_within_days:
                     d["expiring_credentials"] += 1
         for s in shifts:
-            if s.get("practitioner") is None and s.get("status") != "cancelled" \
-                    and datetime.fromisoformat(s["end"]) > now:
+            if (
+                s.get("practitioner") is None
+                and s.get("status") != "cancelled"
+                and datetime.fromisoformat(s["end"]) > now
+            ):
                 dept((s.get("department") or {}).get("display"))["unfilled_shifts"] += 1
         overtime = overtime_by_timecard(timecards)
         for tc in timecards:
             dept(tc.get("department"))["overtime_hours"] += round(overtime.get(str(tc.get("id")), 0) / 60, 2)
-        totals: dict[str, Any] = {k: sum(d[k] for d in by.values()) for k in (
-            "active_staff", "expired_credentials", "expiring_credentials", "unfilled_shifts", "overtime_hours")}
+        totals: dict[str, Any] = {
+            k: sum(d[k] for d in by.values())
+            for k in (
+                "active_staff",
+                "expired_credentials",
+                "expiring_credentials",
+                "unfilled_shifts",
+                "overtime_hours",
+            )
+        }
         scan = _credential_scan(staff, alerts, scan_run, now, dept)
         totals["credential_alerts"] = scan["open_by_threshold"]
-        return {"as_of": _iso(now), "expiring_within_days": expiring_within_days,
-                "departments": dict(sorted(by.items())), "totals": totals, "credential_scan": scan}
+        return {
+            "as_of": _iso(now),
+            "expiring_within_days": expiring_within_days,
+            "departments": dict(sorted(by.items())),
+            "totals": totals,
+            "credential_scan": scan,
+        }
 
     @router.get("/audit", summary="The audit trail, filtered by entity (Practitioner/123), agent and time")
-    def list_audit(entity: str | None = Query(None, description="Type/id or a type"),
-                   agent: str | None = None, since: datetime | None = None, until: datetime | None = None,
-                   limit: int = limit_q, cursor: str | None = cursor_q) -> dict[str, Any]:
+    def list_audit(
+        entity: str | None = Query(None, description="Type/id or a type"),
+        agent: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = limit_q,
+        cursor: str | None = cursor_q,
+    ) -> dict[str, Any]:
         after = 0
         if cursor:
             if not cursor.isdigit():
-                raise Problem(400, "Invalid cursor", "the cursor is not one this API gave out",
-                              [{"location": "query.cursor", "detail": "unknown cursor"}])
+                raise Problem(
+                    400,
+                    "Invalid cursor",
+                    "the cursor is not one this API gave out",
+                    [{"location": "query.cursor", "detail": "unknown cursor"}],
+                )
             after = int(cursor)
-        q = audit.AuditQuery(entity=entity, agent=agent,
-                             since=audit.instant(_aware(since, "query.since")) if since else None,
-                             until=audit.instant(_aware(until, "query.until")) if until else None,
-                             after_seq=after, limit=limit)
+        q = audit.AuditQuery(
+            entity=entity,
+            agent=agent,
+            since=audit.instant(_aware(since, "query.since")) if since else None,
+            until=audit.instant(_aware(until, "query.until")) if until else None,
+            after_seq=after,
+            limit=limit,
+        )
         rows, nxt = read(lambda c: audit.search(c, q))
         return {"items": rows, "next_cursor": str(nxt) if nxt is not None else None}
 

@@ -57,9 +57,14 @@ def write_known_hosts(path: Path, key: asyncssh.SSHKey, port: int) -> Path:
     return path
 
 
-async def start_sftp_server(root: Path, host_key: asyncssh.SSHKey | str, user: str, password: str, port: int = 0,
-                            sftp_class: type[asyncssh.SFTPServer] = asyncssh.SFTPServer,
-                            ) -> tuple[asyncssh.SSHAcceptor, int]:
+async def start_sftp_server(
+    root: Path,
+    host_key: asyncssh.SSHKey | str,
+    user: str,
+    password: str,
+    port: int = 0,
+    sftp_class: type[asyncssh.SFTPServer] = asyncssh.SFTPServer,
+) -> tuple[asyncssh.SSHAcceptor, int]:
     """Serve ``root`` over SFTP (chrooted: clients see it as ``/``) on 127.0.0.1:``port``.
 
     ``host_key`` is a key or the name of a file holding one; ``sftp_class`` lets a test serve a
@@ -68,6 +73,10 @@ async def start_sftp_server(root: Path, host_key: asyncssh.SSHKey | str, user: s
     """
     chroot = os.fsencode(root)
     server = await asyncssh.create_server(
-        lambda: PasswordLogin(user, password), HOST, port, server_host_keys=[host_key],
-        sftp_factory=lambda chan: sftp_class(chan, chroot=chroot))
+        lambda: PasswordLogin(user, password),
+        HOST,
+        port,
+        server_host_keys=[host_key],
+        sftp_factory=lambda chan: sftp_class(chan, chroot=chroot),
+    )
     return server, int(server.sockets[0].getsockname()[1])

@@ -7,8 +7,11 @@ Each entry names the module's channel class; the class has a ``Config`` pydantic
 
 from hms_ach.registry import Registry
 
-CHANNEL_TYPES = Registry("channel type", {
-    "mllp": "hms_ach.inbound.mllp_channel:MllpChannel",
-    "fhir_rest": "hms_ach.inbound.fhir_rest:FhirRestChannel",
-    "sftp_csv": "hms_ach.inbound.sftp_csv:SftpCsvChannel",
-})
+CHANNEL_TYPES = Registry(
+    "channel type",
+    {
+        "mllp": "hms_ach.inbound.mllp_channel:MllpChannel",
+        "fhir_rest": "hms_ach.inbound.fhir_rest:FhirRestChannel",
+        "sftp_csv": "hms_ach.inbound.sftp_csv:SftpCsvChannel",
+    },
+)

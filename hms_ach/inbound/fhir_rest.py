@@ -45,8 +45,11 @@ class FhirRestChannelConfig(ChannelSettings):
     """FHIR R4 writes (create, update, delete, transaction/batch Bundles) on the HTTP server at /fhir."""
 
     type: str = Field("fhir_rest", description="fhir_rest")
-    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024,
-                                description="Larger request bodies are refused with 413 and never held in memory")
+    max_body_bytes: int = Field(
+        10 * 1024 * 1024,
+        ge=1024,
+        description="Larger request bodies are refused with 413 and never held in memory",
+    )
     max_bundle_entries: int = Field(1000, ge=1, description="Bundles with more entries are refused with 413")
 
 
@@ -70,14 +73,19 @@ def _channel(request: Request) -> FhirRestChannel:
     for channel in (getattr(engine, "channels", None) or {}).values():
         if isinstance(channel, FhirRestChannel):
             return channel
-    raise FhirError(405, "not-supported", "writes are not enabled: declare a channel of type fhir_rest in channels.yaml")
+    raise FhirError(
+        405, "not-supported", "writes are not enabled: declare a channel of type fhir_rest in channels.yaml"
+    )
 
 
 async def _body(request: Request, channel: FhirRestChannel) -> tuple[bytes, Any]:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype not in JSON_TYPES:
-        raise FhirError(415, "not-supported", f"content type {ctype[:64] or '(none)'!r} is not accepted; "
-                                              "send application/fhir+json")
+        raise FhirError(
+            415,
+            "not-supported",
+            f"content type {ctype[:64] or '(none)'!r} is not accepted; send application/fhir+json",
+        )
     limit = channel.config.max_body_bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
@@ -95,8 +103,13 @@ async def _body(request: Request, channel: FhirRestChannel) -> tuple[bytes, Any]
 
 def _meta(channel: FhirRestChannel, request: Request, raw: bytes, what: str) -> messages.MessageMeta:
     request_id = request.headers.get("x-request-id", "")[:200] or str(uuid.uuid4())
-    return messages.MessageMeta(channel=channel.config.name, raw=raw, content_type="fhir+json",
-                                control_id=request_id, message_type=what[:50])
+    return messages.MessageMeta(
+        channel=channel.config.name,
+        raw=raw,
+        content_type="fhir+json",
+        control_id=request_id,
+        message_type=what[:50],
+    )
 
 
 def request_operations(line: RequestLine, body: Any, max_bundle_entries: int) -> tuple[list[Operation], str]:
@@ -118,7 +131,9 @@ def request_operations(line: RequestLine, body: Any, max_bundle_entries: int) ->
 
 
 def _request_line(request: Request, target: str) -> RequestLine:
-    return RequestLine(request.method, target, request.headers.get("if-match"), request.headers.get("if-none-exist"))
+    return RequestLine(
+        request.method, target, request.headers.get("if-match"), request.headers.get("if-none-exist")
+    )
 
 
 async def _run(request: Request, what: str, line: RequestLine) -> tuple[FhirRestChannel, RequestOutcome, str]:
@@ -135,9 +150,13 @@ async def _run(request: Request, what: str, line: RequestLine) -> tuple[FhirRest
             await channel.pipeline.writer.run(rejection_job(_meta(channel, request, raw, what), exc, line))
         raise
     outcome: RequestOutcome = await channel.pipeline.writer.run(
-        request_job(_meta(channel, request, raw, what), ops, kind, line))
-    log.info("message.%s", "error" if outcome.error else "processed",
-             extra={"channel": channel.config.name, "message_id": outcome.message_id})
+        request_job(_meta(channel, request, raw, what), ops, kind, line)
+    )
+    log.info(
+        "message.%s",
+        "error" if outcome.error else "processed",
+        extra={"channel": channel.config.name, "message_id": outcome.message_id},
+    )
     if outcome.error is not None:
         raise outcome.error
     return channel, outcome, kind
@@ -156,9 +175,12 @@ def _single_response(request: Request, res: Result) -> Response:
 
 def _check_type(resource_type: str) -> None:
     if resource_type not in WRITE_TYPES:
-        raise FhirError(404 if resource_type[:1].isupper() else 400, "not-supported",
-                        f"resource type {resource_type[:64]!r} cannot be written here; writable: "
-                        f"{', '.join(WRITE_TYPES)}")
+        raise FhirError(
+            404 if resource_type[:1].isupper() else 400,
+            "not-supported",
+            f"resource type {resource_type[:64]!r} cannot be written here; writable: "
+            f"{', '.join(WRITE_TYPES)}",
+        )
 
 
 _STATUS_TEXT = {200: "200 OK", 201: "201 Created", 204: "204 No Content"}
@@ -166,17 +188,27 @@ _STATUS_TEXT = {200: "200 OK", 201: "201 Created", 204: "204 No Content"}
 
 def _bundle_ops(body: Any, max_entries: int) -> tuple[list[Operation], str]:
     if not isinstance(body, dict) or body.get("resourceType") != "Bundle":
-        raise FhirError(400, "invalid", "POST /fhir takes a Bundle of type transaction or batch",
-                        expression="Bundle.resourceType")
+        raise FhirError(
+            400,
+            "invalid",
+            "POST /fhir takes a Bundle of type transaction or batch",
+            expression="Bundle.resourceType",
+        )
     kind = body.get("type")
     if kind not in ("transaction", "batch"):
-        raise FhirError(400, "not-supported", f"Bundle.type {str(kind)[:32]!r} is not processed; "
-                                              "send transaction or batch", expression="Bundle.type")
+        raise FhirError(
+            400,
+            "not-supported",
+            f"Bundle.type {str(kind)[:32]!r} is not processed; send transaction or batch",
+            expression="Bundle.type",
+        )
     entries = body.get("entry") or []
     if not isinstance(entries, list):
         raise FhirError(400, "structure", "Bundle.entry must be a list", expression="Bundle.entry")
     if len(entries) > max_entries:
-        raise FhirError(413, "too-costly", f"the Bundle has {len(entries)} entries; max_bundle_entries is {max_entries}")
+        raise FhirError(
+            413, "too-costly", f"the Bundle has {len(entries)} entries; max_bundle_entries is {max_entries}"
+        )
     ops: list[Operation] = []
     seen: set[str] = set()
     for i, entry in enumerate(entries):
@@ -186,36 +218,66 @@ def _bundle_ops(body: Any, max_entries: int) -> tuple[list[Operation], str]:
         full_url = entry.get("fullUrl")
         if full_url is not None:
             if not isinstance(full_url, str) or full_url in seen:
-                raise FhirError(400, "duplicate", f"{where}.fullUrl {str(full_url)[:80]!r} occurs twice",
-                                expression=f"{where}.fullUrl")
+                raise FhirError(
+                    400,
+                    "duplicate",
+                    f"{where}.fullUrl {str(full_url)[:80]!r} occurs twice",
+                    expression=f"{where}.fullUrl",
+                )
             seen.add(full_url)
         req = entry.get("request") or {}
         method = str(req.get("method", "")).upper()
         url = str(req.get("url", "")).strip().removeprefix("/")
         if method not in ("POST", "PUT", "DELETE"):
-            raise FhirError(400, "not-supported", f"{where}.request.method {method[:16] or '(none)'!r} is not "
-                                                  "supported (POST, PUT, DELETE)", expression=f"{where}.request.method")
+            raise FhirError(
+                400,
+                "not-supported",
+                f"{where}.request.method {method[:16] or '(none)'!r} is not supported (POST, PUT, DELETE)",
+                expression=f"{where}.request.method",
+            )
         path, _, query = url.partition("?")
         parts = [p for p in path.split("/") if p]
         if not parts:
-            raise FhirError(400, "invalid", f"{where}.request.url is empty", expression=f"{where}.request.url")
+            raise FhirError(
+                400, "invalid", f"{where}.request.url is empty", expression=f"{where}.request.url"
+            )
         rtype = parts[0]
         _check_type(rtype)
         rid = parts[1] if len(parts) > 1 else None
         if method in ("PUT", "DELETE") and rid is None and not query:
-            raise FhirError(400, "invalid", f"{where}.request.url must name {rtype}/id or {rtype}?identifier=s|v",
-                            expression=f"{where}.request.url")
+            raise FhirError(
+                400,
+                "invalid",
+                f"{where}.request.url must name {rtype}/id or {rtype}?identifier=s|v",
+                expression=f"{where}.request.url",
+            )
         if method == "DELETE" and rtype == "Basic":
-            raise FhirError(400, "not-supported", "a shift sent as Basic is cancelled with status cancelled, "
-                                                  "not deleted", expression=f"{where}.request")
+            raise FhirError(
+                400,
+                "not-supported",
+                "a shift sent as Basic is cancelled with status cancelled, not deleted",
+                expression=f"{where}.request",
+            )
         if method == "DELETE" and rid is None:
-            raise FhirError(400, "not-supported", "conditional delete is not supported", expression=f"{where}.request")
+            raise FhirError(
+                400, "not-supported", "conditional delete is not supported", expression=f"{where}.request"
+            )
         resource = entry.get("resource")
         if method != "DELETE" and resource is None:
             raise FhirError(400, "required", f"{where}.resource is missing", expression=f"{where}.resource")
-        ops.append(Operation(method, rtype, rid=rid, query=query or None, resource=resource,
-                             if_match=req.get("ifMatch"), if_none_exist=req.get("ifNoneExist"),
-                             full_url=full_url, where=where))
+        ops.append(
+            Operation(
+                method,
+                rtype,
+                rid=rid,
+                query=query or None,
+                resource=resource,
+                if_match=req.get("ifMatch"),
+                if_none_exist=req.get("ifNoneExist"),
+                full_url=full_url,
+                where=where,
+            )
+        )
     return ops, kind
 
 
@@ -265,16 +327,21 @@ def fhir_write_router() -> APIRouter:
     @router.put("/{resource_type}/{rid}")
     async def update(resource_type: str, rid: str, request: Request) -> Response:
         _check_type(resource_type)
-        _ch, outcome, _k = await _run(request, f"PUT {resource_type}", _request_line(request, f"{resource_type}/{rid}"))
+        _ch, outcome, _k = await _run(
+            request, f"PUT {resource_type}", _request_line(request, f"{resource_type}/{rid}")
+        )
         return _single_response(request, outcome.results[0])
 
     @router.delete("/{resource_type}/{rid}")
     async def delete(resource_type: str, rid: str, request: Request) -> Response:
         _check_type(resource_type)
         if resource_type == "Basic":
-            raise FhirError(405, "not-supported", "a shift sent as Basic is cancelled with status cancelled, "
-                                                  "not deleted")
-        _ch, outcome, _k = await _run(request, f"DELETE {resource_type}", _request_line(request, f"{resource_type}/{rid}"))
+            raise FhirError(
+                405, "not-supported", "a shift sent as Basic is cancelled with status cancelled, not deleted"
+            )
+        _ch, outcome, _k = await _run(
+            request, f"DELETE {resource_type}", _request_line(request, f"{resource_type}/{rid}")
+        )
         return _single_response(request, outcome.results[0])
 
     return router

@@ -35,13 +35,20 @@ def _timestamp() -> str:
 def escape(text: str, seps: Separators) -> str:
     """Escape ``text`` so it can sit in one HL7 field component."""
     out = text.replace(seps.escape, f"{seps.escape}E{seps.escape}")
-    for char, code in ((seps.field, "F"), (seps.component, "S"), (seps.subcomponent, "T"), (seps.repetition, "R")):
+    for char, code in (
+        (seps.field, "F"),
+        (seps.component, "S"),
+        (seps.subcomponent, "T"),
+        (seps.repetition, "R"),
+    ):
         out = out.replace(char, f"{seps.escape}{code}{seps.escape}")
     return out.replace("\r", " ").replace("\n", " ")
 
 
-_LOCATION = re.compile(r"^(?P<seg>[A-Z][A-Z0-9]{2})(?:\[(?P<seq>\d+)\])?(?:-(?P<field>\d+)(?:\[(?P<rep>\d+)\])?"
-                       r"(?:\.(?P<comp>\d+))?(?:\.(?P<sub>\d+))?)?")
+_LOCATION = re.compile(
+    r"^(?P<seg>[A-Z][A-Z0-9]{2})(?:\[(?P<seq>\d+)\])?(?:-(?P<field>\d+)(?:\[(?P<rep>\d+)\])?"
+    r"(?:\.(?P<comp>\d+))?(?:\.(?P<sub>\d+))?)?"
+)
 
 
 def location_parts(location: str) -> list[str]:
@@ -49,8 +56,14 @@ def location_parts(location: str) -> list[str]:
     m = _LOCATION.match(location or "")
     if not m:
         return []
-    return [m["seg"], m["seq"] or "1", m["field"] or "", m["rep"] or ("1" if m["field"] else ""),
-            m["comp"] or "", m["sub"] or ""]
+    return [
+        m["seg"],
+        m["seq"] or "1",
+        m["field"] or "",
+        m["rep"] or ("1" if m["field"] else ""),
+        m["comp"] or "",
+        m["sub"] or "",
+    ]
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
@@ -65,7 +78,9 @@ def err_segment(error: MessageError, seps: Separators, version: str) -> str:
     message = escape(error.message, seps)[:500]
     parts = location_parts(error.location)
     if _version_tuple(version) < (2, 5):
-        eld = cs.join([*(parts[:3] if parts else ["", "", ""]), ss.join([code, escape(code_text, seps), "HL70357"])])
+        eld = cs.join(
+            [*(parts[:3] if parts else ["", "", ""]), ss.join([code, escape(code_text, seps), "HL70357"])]
+        )
         return fs.join(["ERR", eld])
     erl = cs.join(parts).rstrip(cs)
     hl7_code = cs.join([code, escape(code_text, seps), "HL70357"])
@@ -86,11 +101,22 @@ def build_ack(header: MshHeader, code: str, error: MessageError | None = None) -
     version = header.get(12) or "2.5.1"
     event = header.trigger_event
     msh_9 = seps.component.join(["ACK", event, "ACK"]) if event else "ACK"
-    msh = fs.join([
-        "MSH", seps.encoding_characters, header.receiving_application, header.receiving_facility,
-        header.sending_application, header.sending_facility, _timestamp(), "", msh_9, _ack_control_id(),
-        header.get(11) or "P", version,
-    ])
+    msh = fs.join(
+        [
+            "MSH",
+            seps.encoding_characters,
+            header.receiving_application,
+            header.receiving_facility,
+            header.sending_application,
+            header.sending_facility,
+            _timestamp(),
+            "",
+            msh_9,
+            _ack_control_id(),
+            header.get(11) or "P",
+            version,
+        ]
+    )
     msa_text = escape(error.message, seps)[:80] if error else ""
     msa = fs.join(["MSA", ack_code, header.control_id] + ([msa_text] if msa_text else []))
     segments = [msh, msa]
@@ -126,6 +152,7 @@ def fallback_ack(raw: bytes, error: MessageError) -> str:
             fs = m.group(1)
             first = re.split(rb"\r\n|\r|\n", raw.lstrip(b"\r\n \t\x0b"), maxsplit=1)[0]
             parts = [p.decode("latin-1") for p in first.split(fs)]
+
             # parts[0]=MSH, parts[1]=MSH-2, parts[n-1]=MSH-n
             def get(n: int) -> str:
                 return parts[n - 1] if n - 1 < len(parts) else ""
@@ -139,7 +166,21 @@ def fallback_ack(raw: bytes, error: MessageError) -> str:
     def clean(value: str) -> str:
         return escape(re.sub(r"[\x00-\x1f]", "", value), seps)[:100]
 
-    msh = "|".join(["MSH", "^~\\&", clean(recv_app), clean(recv_fac), clean(sending_app), clean(sending_fac),
-                    _timestamp(), "", "ACK", _ack_control_id(), "P", "2.5.1"])
+    msh = "|".join(
+        [
+            "MSH",
+            "^~\\&",
+            clean(recv_app),
+            clean(recv_fac),
+            clean(sending_app),
+            clean(sending_fac),
+            _timestamp(),
+            "",
+            "ACK",
+            _ack_control_id(),
+            "P",
+            "2.5.1",
+        ]
+    )
     msa = "|".join(["MSA", "AR", clean(control_id), escape(error.message, seps)[:80]])
     return "\r".join([msh, msa, err_segment(error, seps, "2.5.1")]) + "\r"

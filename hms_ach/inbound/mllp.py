@@ -212,17 +212,26 @@ class MllpConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     host: str = Field("0.0.0.0", description="Address to listen on (0.0.0.0 = all IPv4 interfaces).")
-    port: int = Field(2575, ge=0, le=65535, description="TCP port to listen on; 0 lets the OS choose (tests).")
+    port: int = Field(
+        2575, ge=0, le=65535, description="TCP port to listen on; 0 lets the OS choose (tests)."
+    )
     max_message_bytes: int = Field(
-        16 * 1024 * 1024, ge=1,
+        16 * 1024 * 1024,
+        ge=1,
         description="Largest payload (bytes between VT and FS) accepted; longer frames are skipped and "
-                    "answered by the oversize callback (an AR).")
+        "answered by the oversize callback (an AR).",
+    )
     idle_timeout_seconds: float = Field(
-        300.0, gt=0, description="A connection that sends nothing (or cannot take our ACK) for this long is closed.")
+        300.0,
+        gt=0,
+        description="A connection that sends nothing (or cannot take our ACK) for this long is closed.",
+    )
     max_connections: int = Field(
-        100, ge=1, description="Open connections allowed at once; further connections are closed at once.")
+        100, ge=1, description="Open connections allowed at once; further connections are closed at once."
+    )
     read_chunk_bytes: int = Field(
-        65536, ge=512, le=16 * 1024 * 1024, description="Bytes read from a socket per read call.")
+        65536, ge=512, le=16 * 1024 * 1024, description="Bytes read from a socket per read call."
+    )
 
 
 @dataclass(slots=True)
@@ -270,7 +279,9 @@ class MllpServer:
     async def start(self) -> None:
         self._stopping = False
         limit = max(self.config.read_chunk_bytes, 65536)
-        self._server = await asyncio.start_server(self._serve, self.config.host, self.config.port, limit=limit)
+        self._server = await asyncio.start_server(
+            self._serve, self.config.host, self.config.port, limit=limit
+        )
         _event(logging.INFO, "mllp.listening", host=self.config.host, port=self.port)
 
     async def close(self, grace_seconds: float = 10.0) -> None:
@@ -303,8 +314,13 @@ class MllpServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = _peer_name(writer)
         if self._stopping or len(self._connections) >= self.config.max_connections:
-            _event(logging.WARNING, "mllp.connection_rejected", peer=peer,
-                   open=len(self._connections), max_connections=self.config.max_connections)
+            _event(
+                logging.WARNING,
+                "mllp.connection_rejected",
+                peer=peer,
+                open=len(self._connections),
+                max_connections=self.config.max_connections,
+            )
             writer.close()
             with suppress(OSError):
                 await writer.wait_closed()
@@ -335,8 +351,13 @@ class MllpServer:
                 async with asyncio.timeout(self.config.idle_timeout_seconds):
                     chunk = await reader.read(self.config.read_chunk_bytes)
             except TimeoutError:
-                _event(logging.INFO, "mllp.idle_timeout", peer=conn.peer,
-                       seconds=self.config.idle_timeout_seconds, in_frame=framer.in_frame)
+                _event(
+                    logging.INFO,
+                    "mllp.idle_timeout",
+                    peer=conn.peer,
+                    seconds=self.config.idle_timeout_seconds,
+                    in_frame=framer.in_frame,
+                )
                 return "idle_timeout"
             events = framer.feed(chunk) if chunk else framer.finish()
             conn.busy = True
@@ -362,8 +383,13 @@ class MllpServer:
             _event(logging.WARNING, "mllp.truncated_frame", peer=peer, bytes=event.size)
             return True
         if isinstance(event, OversizeFrame):
-            _event(logging.WARNING, "mllp.oversize", peer=peer, bytes=event.size,
-                   max_message_bytes=self.config.max_message_bytes)
+            _event(
+                logging.WARNING,
+                "mllp.oversize",
+                peer=peer,
+                bytes=event.size,
+                max_message_bytes=self.config.max_message_bytes,
+            )
             if self._on_oversize is None:
                 return False
             try:
@@ -371,15 +397,19 @@ class MllpServer:
                 if inspect.isawaitable(reply):
                     reply = await reply
             except Exception:
-                log.exception("mllp.handler_failed", extra={"event": "mllp.handler_failed",
-                                                            "fields": {"peer": peer, "what": "on_oversize"}})
+                log.exception(
+                    "mllp.handler_failed",
+                    extra={"event": "mllp.handler_failed", "fields": {"peer": peer, "what": "on_oversize"}},
+                )
                 return False
             return reply is not None and await self._send(conn, reply)
         _event(logging.DEBUG, "mllp.frame_received", peer=peer, bytes=len(event.payload))
         try:
             ack = await self._handler(event.payload, peer)
         except Exception:
-            log.exception("mllp.handler_failed", extra={"event": "mllp.handler_failed", "fields": {"peer": peer}})
+            log.exception(
+                "mllp.handler_failed", extra={"event": "mllp.handler_failed", "fields": {"peer": peer}}
+            )
             return False
         return ack is None or await self._send(conn, ack)
 

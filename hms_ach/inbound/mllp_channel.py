@@ -23,12 +23,15 @@ class MllpChannelConfig(ChannelSettings, MllpConfig):
 
     type: str = Field("mllp", description="mllp")
     default_charset: str = Field(
-        "utf-8", description="Python codec for messages whose MSH-18 is empty (e.g. utf-8, latin-1, ascii)")
+        "utf-8", description="Python codec for messages whose MSH-18 is empty (e.g. utf-8, latin-1, ascii)"
+    )
     accept_versions: list[str] = Field(
         default_factory=lambda: ["2.1", "2.2", "2.3", "2.4", "2.5", "2.6", "2.7", "2.8"],
-        description="MSH-12 versions accepted (2.5 also accepts 2.5.1); others get AR with code 203")
+        description="MSH-12 versions accepted (2.5 also accepts 2.5.1); others get AR with code 203",
+    )
     accept_processing_ids: list[str] = Field(
-        default_factory=lambda: ["P", "T", "D"], description="MSH-11 processing ids accepted; others get AR")
+        default_factory=lambda: ["P", "T", "D"], description="MSH-11 processing ids accepted; others get AR"
+    )
 
 
 class MllpChannel:
@@ -37,8 +40,12 @@ class MllpChannel:
     def __init__(self, config: MllpChannelConfig, pipeline: Pipeline):
         self.config = config
         self.pipeline = pipeline
-        self.policy = Hl7Policy(config.name, config.default_charset, list(config.accept_versions),
-                                list(config.accept_processing_ids))
+        self.policy = Hl7Policy(
+            config.name,
+            config.default_charset,
+            list(config.accept_versions),
+            list(config.accept_processing_ids),
+        )
         self.server = MllpServer(config, self._handle, self._oversize)
 
     @property
@@ -57,7 +64,10 @@ class MllpChannel:
         return outcome.ack_bytes() if outcome.send else None
 
     async def _oversize(self, prefix: bytes, size: int, peer: str) -> bytes | None:
-        error = RejectError(f"message of {size} bytes or more exceeds max_message_bytes "
-                            f"{self.config.max_message_bytes}", "MSH", Err0357.VALUE_TOO_LONG)
+        error = RejectError(
+            f"message of {size} bytes or more exceeds max_message_bytes {self.config.max_message_bytes}",
+            "MSH",
+            Err0357.VALUE_TOO_LONG,
+        )
         outcome = await self.pipeline.record_rejection(prefix, error, self.policy)
         return outcome.ack_bytes()

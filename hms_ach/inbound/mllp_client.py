@@ -42,14 +42,18 @@ def split_messages(data: bytes) -> list[bytes]:
             messages.append([])
         elif not messages:
             name = segment[:3].decode("latin-1", "replace")
-            raise RejectError(f"segment {number} ({name!r}) comes before the first MSH segment",
-                              f"segment {number}", Err0357.SEGMENT_SEQUENCE)
+            raise RejectError(
+                f"segment {number} ({name!r}) comes before the first MSH segment",
+                f"segment {number}",
+                Err0357.SEGMENT_SEQUENCE,
+            )
         messages[-1].append(segment)
     return [b"".join(s + b"\r" for s in segments) for segments in messages]
 
 
-async def send_messages(host: str, port: int, messages: list[bytes], timeout: float = 30,
-                        max_ack_bytes: int = 1024 * 1024) -> list[bytes]:
+async def send_messages(
+    host: str, port: int, messages: list[bytes], timeout: float = 30, max_ack_bytes: int = 1024 * 1024
+) -> list[bytes]:
     """Send ``messages`` in order on one connection, each after the ACK of the one before.
 
     Returns the ACK payloads (unframed). ``timeout`` bounds the connect and each send+ACK round;
@@ -71,7 +75,9 @@ async def send_messages(host: str, port: int, messages: list[bytes], timeout: fl
                     await writer.drain()
                     acks.append(await _next_ack(reader, framer, pending))
             except TimeoutError as exc:
-                raise MllpError(f"message {number}: no ACK from {host}:{port} within {timeout} s", acks) from exc
+                raise MllpError(
+                    f"message {number}: no ACK from {host}:{port} within {timeout} s", acks
+                ) from exc
             except MllpError as exc:
                 raise MllpError(f"message {number}: {exc.message}", acks) from exc
             except OSError as exc:
@@ -90,7 +96,9 @@ async def _next_ack(reader: asyncio.StreamReader, framer: MllpFramer, pending: d
             if isinstance(event, Frame):
                 return event.payload
             if isinstance(event, OversizeFrame):
-                raise MllpError(f"the ACK is {event.size} bytes, over the {framer.max_message_bytes} byte limit")
+                raise MllpError(
+                    f"the ACK is {event.size} bytes, over the {framer.max_message_bytes} byte limit"
+                )
         chunk = await reader.read(65536)
         if not chunk:
             raise MllpError("the server closed the connection without an ACK")

@@ -72,35 +72,61 @@ class SftpCsvConfig(ChannelSettings):
     host: str = Field(description="SFTP server host name or address")
     port: int = Field(22, ge=1, le=65535, description="SFTP server TCP port")
     username: str = Field(description="SSH user name")
-    password: SecretStr | None = Field(None, description="SSH password; use ${VAR} to take it from the environment")
-    password_file: str | None = Field(None, description="File whose first line is the SSH password (a mounted secret)")
+    password: SecretStr | None = Field(
+        None, description="SSH password; use ${VAR} to take it from the environment"
+    )
+    password_file: str | None = Field(
+        None, description="File whose first line is the SSH password (a mounted secret)"
+    )
     private_key_file: str | None = Field(None, description="OpenSSH private key file for public-key login")
-    private_key_passphrase: SecretStr | None = Field(None, description="Passphrase of private_key_file, if any")
+    private_key_passphrase: SecretStr | None = Field(
+        None, description="Passphrase of private_key_file, if any"
+    )
     known_hosts: str | None = Field(
-        None, description="known_hosts file pinning the server's host key (required unless accept_any_host_key)")
+        None,
+        description="known_hosts file pinning the server's host key (required unless accept_any_host_key)",
+    )
     accept_any_host_key: bool = Field(
-        False, description="Development only: do not check the host key (trust on first use and after any change)")
+        False,
+        description="Development only: do not check the host key (trust on first use and after any change)",
+    )
     remote_dir: str = Field("inbox", description="Remote directory polled for files")
-    glob: str = Field("*.csv", description="Shell pattern the file names must match (hidden files are skipped)")
-    processed_dir: str = Field("processed", description="Remote directory files go to when every row was stored")
-    error_dir: str = Field("error", description="Remote directory for files with bad rows, beside their .err.csv")
+    glob: str = Field(
+        "*.csv", description="Shell pattern the file names must match (hidden files are skipped)"
+    )
+    processed_dir: str = Field(
+        "processed", description="Remote directory files go to when every row was stored"
+    )
+    error_dir: str = Field(
+        "error", description="Remote directory for files with bad rows, beside their .err.csv"
+    )
     after: Literal["move", "delete"] = Field("move", description="move to processed_dir/error_dir, or delete")
     dataset: str = Field(description="The CSV mapping applied (its `match: {csv: DATASET}`)")
-    encoding: str = Field("utf-8", description="Python codec of the files; a UTF-8 byte order mark is skipped")
+    encoding: str = Field(
+        "utf-8", description="Python codec of the files; a UTF-8 byte order mark is skipped"
+    )
     delimiter: str = Field(",", min_length=1, max_length=1, description="Field separator")
     quotechar: str = Field('"', min_length=1, max_length=1, description="Quote character")
     header_row: bool = Field(True, description="The first record names the columns")
     columns: list[str] | None = Field(None, description="Column names when the files have no header row")
     poll_interval_seconds: float | None = Field(300, gt=0, description="Poll every this many seconds")
-    poll_cron: str | None = Field(None, description="Poll on this crontab schedule instead (e.g. '15 2 * * *')")
-    min_file_age_seconds: float = Field(10, ge=0, description="Files modified more recently are left for later")
-    stable_seconds: float = Field(2, ge=0, description="A file whose size or mtime changes within this is left")
+    poll_cron: str | None = Field(
+        None, description="Poll on this crontab schedule instead (e.g. '15 2 * * *')"
+    )
+    min_file_age_seconds: float = Field(
+        10, ge=0, description="Files modified more recently are left for later"
+    )
+    stable_seconds: float = Field(
+        2, ge=0, description="A file whose size or mtime changes within this is left"
+    )
     max_file_bytes: int = Field(8 << 30, gt=0, description="Larger files are refused (recorded as an error)")
     max_record_chars: int = Field(
-        1_000_000, ge=1024,
+        1_000_000,
+        ge=1024,
         description="Longest CSV record, in characters (a line, or the lines of one record when a quoted field "
-                    "holds newlines). A longer one is an error naming its line, is never read whole, and stops "
-                    "the file (the rows before it are stored)")
+        "holds newlines). A longer one is an error naming its line, is never read whole, and stops "
+        "the file (the rows before it are stored)",
+    )
     work_dir: str = Field("work/sftp_csv", description="Local directory for downloads and reports")
     connect_timeout_seconds: float = Field(30, gt=0, description="Timeout of connect and login")
     io_timeout_seconds: float = Field(120, gt=0, description="Timeout of any one SFTP request")
@@ -108,8 +134,10 @@ class SftpCsvConfig(ChannelSettings):
     @model_validator(mode="after")
     def _check(self) -> SftpCsvConfig:
         if self.known_hosts is None and not self.accept_any_host_key:
-            raise ValueError("known_hosts is required (pin the server's host key); "
-                             "accept_any_host_key: true is for development only")
+            raise ValueError(
+                "known_hosts is required (pin the server's host key); "
+                "accept_any_host_key: true is for development only"
+            )
         if self.password is None and self.password_file is None and self.private_key_file is None:
             raise ValueError("give password, password_file or private_key_file")
         if not self.header_row and not self.columns:
@@ -226,10 +254,16 @@ class SftpCsvChannel:
             phrase = cfg.private_key_passphrase.get_secret_value() if cfg.private_key_passphrase else None
             keys = [asyncssh.read_private_key(cfg.private_key_file, phrase)]
         return await asyncssh.connect(
-            cfg.host, port=cfg.port, username=cfg.username, password=password, client_keys=keys or None,
-            known_hosts=None if cfg.accept_any_host_key else cfg.known_hosts, agent_path=None,
-            login_timeout=cfg.connect_timeout_seconds, config=[], preferred_auth="publickey,password"
-            if keys else "password,keyboard-interactive",
+            cfg.host,
+            port=cfg.port,
+            username=cfg.username,
+            password=password,
+            client_keys=keys or None,
+            known_hosts=None if cfg.accept_any_host_key else cfg.known_hosts,
+            agent_path=None,
+            login_timeout=cfg.connect_timeout_seconds,
+            config=[],
+            preferred_auth="publickey,password" if keys else "password,keyboard-interactive",
         )
 
     def _redact(self, exc: BaseException) -> str:
@@ -246,29 +280,43 @@ class SftpCsvChannel:
         now = time.time()
         first: dict[str, tuple[int, int]] = {}
         for entry in await asyncio.wait_for(sftp.readdir(cfg.remote_dir), cfg.io_timeout_seconds):
-            name = entry.filename if isinstance(entry.filename, str) else entry.filename.decode("utf-8", "replace")
+            name = (
+                entry.filename
+                if isinstance(entry.filename, str)
+                else entry.filename.decode("utf-8", "replace")
+            )
             if name in (".", "..") or (name.startswith(".") and safe_name(name)):
                 continue
             attrs = entry.attrs
             size, mtime = int(attrs.size or 0), int(attrs.mtime or 0)
             if not safe_name(name):
-                await self._record_error("name", f"unsafe remote file name {name[:120]!r}: not processed",
-                                         ident=[name, size, mtime])
+                await self._record_error(
+                    "name",
+                    f"unsafe remote file name {name[:120]!r}: not processed",
+                    ident=[name, size, mtime],
+                )
                 result.skipped.append(name)
                 continue
             if not fnmatch.fnmatchcase(name, cfg.glob):
                 continue
             mode = attrs.permissions or 0
             if stat.S_ISLNK(mode) or attrs.type == 3:  # FILEXFER_TYPE_SYMLINK
-                await self._record_error("symlink", f"{name!r} is a symbolic link: not followed, not processed",
-                                         ident=[name, size, mtime])
+                await self._record_error(
+                    "symlink",
+                    f"{name!r} is a symbolic link: not followed, not processed",
+                    ident=[name, size, mtime],
+                )
                 result.skipped.append(name)
                 continue
             if not (stat.S_ISREG(mode) or attrs.type == 1):  # FILEXFER_TYPE_REGULAR
                 continue
             if size > cfg.max_file_bytes:
-                await self._record_error("size", f"{name!r} has {size} bytes, more than max_file_bytes "
-                                         f"{cfg.max_file_bytes}: not processed", ident=[name, size, mtime])
+                await self._record_error(
+                    "size",
+                    f"{name!r} has {size} bytes, more than max_file_bytes "
+                    f"{cfg.max_file_bytes}: not processed",
+                    ident=[name, size, mtime],
+                )
                 result.skipped.append(name)
                 continue
             if now - mtime < cfg.min_file_age_seconds:
@@ -280,7 +328,9 @@ class SftpCsvChannel:
         out = []
         for name in sorted(first):
             try:
-                attrs = await asyncio.wait_for(sftp.lstat(posixpath.join(cfg.remote_dir, name)), cfg.io_timeout_seconds)
+                attrs = await asyncio.wait_for(
+                    sftp.lstat(posixpath.join(cfg.remote_dir, name)), cfg.io_timeout_seconds
+                )
             except Exception:  # noqa: BLE001 - gone since the listing: nothing to do
                 continue
             if (int(attrs.size or 0), int(attrs.mtime or 0)) != first[name]:
@@ -304,9 +354,14 @@ class SftpCsvChannel:
                 return report
             key = file_key(cfg.name, remote, size, mtime, sha)
             meta = messages.MessageMeta(
-                channel=cfg.name, content_type="csv", idempotency_key=key, control_id=name[:200],
-                sending_application="sftp", message_type=f"CSV^{cfg.dataset}"[:50],
-                raw=json.dumps({"file": remote, "size": size, "mtime": mtime, "sha256": sha}).encode())
+                channel=cfg.name,
+                content_type="csv",
+                idempotency_key=key,
+                control_id=name[:200],
+                sending_application="sftp",
+                message_type=f"CSV^{cfg.dataset}"[:50],
+                raw=json.dumps({"file": remote, "size": size, "mtime": mtime, "sha256": sha}).encode(),
+            )
             message_id, status = await self.pipeline.writer.run(_claim_job(meta))
             if status in ("processed", "error"):
                 report.status, report.note = status, "already committed; moved only"
@@ -315,9 +370,16 @@ class SftpCsvChannel:
                 await self._rows(local, name, key, message_id, report)
                 report.status = "error" if report.errors else "processed"
                 await self.pipeline.writer.run(_finish_job(message_id, report))
-            log.info("sftp.file_committed", extra={"channel": cfg.name, "message_id": message_id,
-                                                   "status": report.status, "rows": report.rows,
-                                                   "bad_rows": len(report.errors)})
+            log.info(
+                "sftp.file_committed",
+                extra={
+                    "channel": cfg.name,
+                    "message_id": message_id,
+                    "status": report.status,
+                    "rows": report.rows,
+                    "bad_rows": len(report.errors),
+                },
+            )
             if self.before_move is not None:
                 self.before_move(report)
             await self._after(sftp, remote, name, sha, report)
@@ -373,15 +435,26 @@ class SftpCsvChannel:
                         continue
                     values = dict(zip(header, record, strict=False))
                     if len(record) != len(header):
-                        yield RowOutcome(line, values, column="", reason=f"expected {len(header)} columns "
-                                         f"({', '.join(header)[:200]}), found {len(record)}")
+                        yield RowOutcome(
+                            line,
+                            values,
+                            column="",
+                            reason=f"expected {len(header)} columns "
+                            f"({', '.join(header)[:200]}), found {len(record)}",
+                        )
                         continue
                     yield RowOutcome(line, values)
             except UnicodeDecodeError as exc:
-                yield RowOutcome(end + 1, {}, reason=f"not valid {cfg.encoding} text at byte {exc.start} of a "
-                                 "line: the rest of the file was not read")
+                yield RowOutcome(
+                    end + 1,
+                    {},
+                    reason=f"not valid {cfg.encoding} text at byte {exc.start} of a "
+                    "line: the rest of the file was not read",
+                )
             except csv.Error as exc:
-                yield RowOutcome(end + 1, {}, reason=f"unreadable CSV: {exc}; the rest of the file was not read")
+                yield RowOutcome(
+                    end + 1, {}, reason=f"unreadable CSV: {exc}; the rest of the file was not read"
+                )
             except RecordTooLong as exc:
                 yield RowOutcome(exc.line, {}, reason=str(exc))
 
@@ -410,15 +483,22 @@ class SftpCsvChannel:
             await sftp.rename(remote, target)
 
     # ------------------------------------------------------------------ errors not tied to a row
-    async def _record_error(self, kind: str, text: str, ident: list[Any] | None = None, daily: bool = False) -> None:
+    async def _record_error(
+        self, kind: str, text: str, ident: list[Any] | None = None, daily: bool = False
+    ) -> None:
         parts: list[Any] = [self.config.name, kind] + (ident or [])
         if daily:
             parts.append(time.strftime("%Y-%m-%d", time.gmtime()) + ":" + text)
         key = "sftp-err:" + hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
-        meta = messages.MessageMeta(channel=self.config.name, content_type="csv", idempotency_key=key,
-                                    control_id=kind, sending_application="sftp",
-                                    message_type=f"CSV^{self.config.dataset}"[:50],
-                                    raw=json.dumps({"channel": self.config.name, "error": kind}).encode())
+        meta = messages.MessageMeta(
+            channel=self.config.name,
+            content_type="csv",
+            idempotency_key=key,
+            control_id=kind,
+            sending_application="sftp",
+            message_type=f"CSV^{self.config.dataset}"[:50],
+            raw=json.dumps({"channel": self.config.name, "error": kind}).encode(),
+        )
 
         def job(conn: Connection) -> None:
             if messages.find_by_key(conn, key) is not None:
@@ -452,8 +532,10 @@ class RecordTooLong(Exception):
 
     def __init__(self, line: int, limit: int):
         self.line = line
-        super().__init__(f"the record at line {line} is longer than max_record_chars {limit} (a line without "
-                         "its end, or an unclosed quote): it was not read, nor the rest of the file")
+        super().__init__(
+            f"the record at line {line} is longer than max_record_chars {limit} (a line without "
+            "its end, or an unclosed quote): it was not read, nor the rest of the file"
+        )
 
 
 class BoundedLines:
@@ -503,7 +585,9 @@ def map_row(engine: Any, dataset: str, row: RowOutcome, name: str) -> RowOutcome
     return row
 
 
-def _map_chunk(rows: Iterator[RowOutcome], engine: Any, dataset: str, name: str) -> tuple[list[RowOutcome], bool]:
+def _map_chunk(
+    rows: Iterator[RowOutcome], engine: Any, dataset: str, name: str
+) -> tuple[list[RowOutcome], bool]:
     out: list[RowOutcome] = []
     for row in rows:
         out.append(map_row(engine, dataset, row, name))
@@ -560,9 +644,14 @@ def _rows_job(cfg: SftpCsvConfig, chunk: list[RowOutcome], key: str, message_id:
             if messages.find_by_key(conn, row_key) is not None:
                 continue
             meta = messages.MessageMeta(
-                channel=cfg.name, raw=row_raw(row.values), content_type="csv", idempotency_key=row_key,
-                control_id=f"{name}:{row.line}"[:200], sending_application="sftp",
-                message_type=f"CSV^{cfg.dataset}"[:50])
+                channel=cfg.name,
+                raw=row_raw(row.values),
+                content_type="csv",
+                idempotency_key=row_key,
+                control_id=f"{name}:{row.line}"[:200],
+                sending_application="sftp",
+                message_type=f"CSV^{cfg.dataset}"[:50],
+            )
             row_id = messages.insert_message(conn, meta)
             where = f"{name} line {row.line}" + (f" column {row.column}" if row.column else "")
             messages.finish(conn, row_id, "error", "AE", None, error=row.reason, error_location=where[:250])
@@ -575,8 +664,10 @@ def _finish_job(message_id: int, report: FileReport) -> Any:
     def job(conn: Connection) -> None:
         error = None
         if report.errors:
-            error = (f"{len(report.errors)} of {report.rows} rows not stored; see {report.name}.err.csv "
-                     "and the row messages of this file")
+            error = (
+                f"{len(report.errors)} of {report.rows} rows not stored; see {report.name}.err.csv "
+                "and the row messages of this file"
+            )
         messages.finish(conn, message_id, report.status, "AE" if report.errors else "AA", None, error=error)
 
     return job
@@ -586,8 +677,11 @@ def _stored_errors_job(key: str) -> Any:
     t = messages.T
 
     def job(conn: Connection) -> list[tuple[int, str, str]]:
-        rows = conn.execute(select(t.c.control_id, t.c.error, t.c.error_location)
-                            .where(t.c.idempotency_key.like(key + "|%")).order_by(t.c.id)).all()
+        rows = conn.execute(
+            select(t.c.control_id, t.c.error, t.c.error_location)
+            .where(t.c.idempotency_key.like(key + "|%"))
+            .order_by(t.c.id)
+        ).all()
         out = []
         for r in rows:
             line = int(str(r.control_id).rsplit(":", 1)[-1] or 0)
@@ -618,19 +712,24 @@ def replay_stored_row(conn: Connection, engine: Any, message_id: int) -> RowRepl
     if row is None or row.content_type != "csv" or not str(row.message_type).startswith("CSV^"):
         raise KeyError(f"message {message_id} is not a stored CSV row")
     if "|" not in str(row.idempotency_key or ""):
-        raise ValueError(f"message {message_id} records a whole file or a {row.control_id or 'channel'} problem, "
-                         "not a row: its bad rows are stored as messages of their own (replay those), and the "
-                         "file itself is taken again only when it is put back in the inbox")
+        raise ValueError(
+            f"message {message_id} records a whole file or a {row.control_id or 'channel'} problem, "
+            "not a row: its bad rows are stored as messages of their own (replay those), and the "
+            "file itself is taken again only when it is put back in the inbox"
+        )
     records = list(csv.reader(io.StringIO(bytes(row.raw).decode("utf-8"), newline="")))
     if len(records) != 2:
         raise ValueError(f"message {message_id} is not a single CSV row")
     if not records[0]:
-        raise ValueError(f"message {message_id} holds no row: {row.error_location or 'the file'} could not be read "
-                         f"({row.error or 'no reason stored'}); correct the file and put it in the inbox again")
+        raise ValueError(
+            f"message {message_id} holds no row: {row.error_location or 'the file'} could not be read "
+            f"({row.error or 'no reason stored'}); correct the file and put it in the inbox again"
+        )
     dataset = str(row.message_type).split("^", 1)[1]
     name, _, line = str(row.control_id).rpartition(":")
-    outcome = map_row(engine, dataset, RowOutcome(int(line or 0), dict(zip(records[0], records[1], strict=False))),
-                      name)
+    outcome = map_row(
+        engine, dataset, RowOutcome(int(line or 0), dict(zip(records[0], records[1], strict=False))), name
+    )
     writes: list[WriteOutcome] = []
     if not outcome.reason and outcome.result is not None:
         savepoint = conn.begin_nested()
@@ -642,12 +741,21 @@ def replay_stored_row(conn: Connection, engine: Any, message_id: int) -> RowRepl
             outcome.reason, outcome.column = exc.message, _column_of(exc)
     status = "error" if outcome.reason else "processed"
     where = f"{name} line {line}" + (f" column {outcome.column}" if outcome.column else "")
-    messages.finish(conn, message_id, status, "AE" if outcome.reason else "AA", None,
-                    error=outcome.reason or None, error_location=where[:250] if outcome.reason else None,
-                    replay=True)
+    messages.finish(
+        conn,
+        message_id,
+        status,
+        "AE" if outcome.reason else "AA",
+        None,
+        error=outcome.reason or None,
+        error_location=where[:250] if outcome.reason else None,
+        replay=True,
+    )
     return RowReplay(status, outcome.reason or None, writes)
 
 
 def replay_row(pipeline: Pipeline, message_id: int) -> str:
     """Re-run one stored bad CSV row through the current mappings and commit; returns its new status."""
-    return str(pipeline.writer.run_sync(lambda conn: replay_stored_row(conn, pipeline.engine, message_id).status))
+    return str(
+        pipeline.writer.run_sync(lambda conn: replay_stored_row(conn, pipeline.engine, message_id).status)
+    )

@@ -22,8 +22,9 @@ from hms_ach.store.models import Charge, Claim, Encounter, SearchReference
 log = logging.getLogger("hms_ach.jobs.claims")
 
 
-def unclaimed_encounters(conn: Connection, settle_hours: float, now: datetime | None = None,
-                         limit: int = 1000) -> list[str]:
+def unclaimed_encounters(
+    conn: Connection, settle_hours: float, now: datetime | None = None, limit: int = 1000
+) -> list[str]:
     """Ids of finished encounters with charges, no Claim, and no charge changed within ``settle_hours``."""
     ref = SearchReference.__table__  # type: ignore[attr-defined]
     charge = Charge.__table__  # type: ignore[attr-defined]
@@ -31,17 +32,28 @@ def unclaimed_encounters(conn: Connection, settle_hours: float, now: datetime | 
     enc = Encounter.__table__  # type: ignore[attr-defined]
     cutoff = (now or datetime.now(UTC)) - timedelta(hours=settle_hours)
     latest = func.max(charge.c.last_updated)
-    charged = (select(ref.c.target_id.label("encounter_id"), latest.label("latest"))
-               .join(charge, charge.c.id == ref.c.resource_id)
-               .where(and_(ref.c.resource_type == "Charge", ref.c.param == "encounter",
-                           ref.c.target_type == "Encounter", charge.c.deleted.is_(False)))
-               .group_by(ref.c.target_id).subquery())
+    charged = (
+        select(ref.c.target_id.label("encounter_id"), latest.label("latest"))
+        .join(charge, charge.c.id == ref.c.resource_id)
+        .where(
+            and_(
+                ref.c.resource_type == "Charge",
+                ref.c.param == "encounter",
+                ref.c.target_type == "Encounter",
+                charge.c.deleted.is_(False),
+            )
+        )
+        .group_by(ref.c.target_id)
+        .subquery()
+    )
     claimed = select(claim.c.key_value).where(claim.c.key_system == CLAIM_SYSTEM)
     rows = conn.execute(
         select(enc.c.id, enc.c.resource, charged.c.latest)
         .join(charged, charged.c.encounter_id == enc.c.id)
         .where(and_(enc.c.deleted.is_(False), enc.c.id.not_in(claimed)))
-        .order_by(enc.c.id).limit(limit)).all()
+        .order_by(enc.c.id)
+        .limit(limit)
+    ).all()
     out = []
     for row in rows:
         latest_change = row.latest if row.latest.tzinfo else row.latest.replace(tzinfo=UTC)
@@ -63,8 +75,10 @@ def create_claims(conn: Connection, settle_hours: float, limit: int = 1000) -> d
         except Exception as exc:  # noqa: BLE001 - one bad encounter must not stop the others
             savepoint.rollback()
             counts["failed"] += 1
-            log.error("claims.creation_failed", extra={"encounter": encounter_id,
-                                                       "error": f"{type(exc).__name__}: {exc}"[:300]})
+            log.error(
+                "claims.creation_failed",
+                extra={"encounter": encounter_id, "error": f"{type(exc).__name__}: {exc}"[:300]},
+            )
             continue
         counts["created" if made else "skipped"] += 1
     log.info("claims.created", extra=counts)

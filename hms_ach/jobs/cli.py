@@ -11,8 +11,11 @@ import typer
 
 from hms_ach.errors import ConfigError, ConfigErrors
 
-jobs_app = typer.Typer(no_args_is_help=False, invoke_without_command=True,
-                       help="Scheduled jobs: SFTP polls, credential-expiry scan, housekeeping.")
+jobs_app = typer.Typer(
+    no_args_is_help=False,
+    invoke_without_command=True,
+    help="Scheduled jobs: SFTP polls, credential-expiry scan, housekeeping.",
+)
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="channels.yaml to use")]
 
 
@@ -60,15 +63,20 @@ def jobs_list(ctx: typer.Context, config: ConfigOpt = Path("channels.yaml")) -> 
             run = runs.get(name)
             finished = run.finished_at.isoformat(timespec="seconds") if run and run.finished_at else "-"
             detail = (run.detail or "") if run else ""
-            typer.echo(f"{name:<28} {nxt.isoformat(timespec='seconds') if nxt else 'not scheduled':<26} "
-                       f"{(run.status if run else 'never') or '-':<8} {finished:<26} {detail[:80]}")
+            typer.echo(
+                f"{name:<28} {nxt.isoformat(timespec='seconds') if nxt else 'not scheduled':<26} "
+                f"{(run.status if run else 'never') or '-':<8} {finished:<26} {detail[:80]}"
+            )
     finally:
         engine.store.dispose()
 
 
 @jobs_app.command("run")
-def jobs_run(ctx: typer.Context, name: Annotated[str, typer.Argument(help="job name, as `hms-ach jobs` lists it")],
-             config: ConfigOpt = Path("channels.yaml")) -> None:
+def jobs_run(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="job name, as `hms-ach jobs` lists it")],
+    config: ConfigOpt = Path("channels.yaml"),
+) -> None:
     """Run one job now and print its outcome (exit 1 if it failed)."""
     engine = _engine(ctx.obj if config == Path("channels.yaml") and ctx.obj else config)
 

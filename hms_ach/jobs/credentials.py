@@ -56,8 +56,10 @@ def _credential(q: dict[str, Any], index: int) -> str:
 def current_expiries(practitioner: dict[str, Any]) -> set[tuple[str, str]]:
     """(credential, expires) of the practitioner's qualifications now: an alert matching none of them
     is closed (the licence was renewed with a new end date, or removed)."""
-    return {(_credential(q, i), str((q.get("period") or {}).get("end") or "")[:40])
-            for i, q in enumerate(practitioner.get("qualification") or [])}
+    return {
+        (_credential(q, i), str((q.get("period") or {}).get("end") or "")[:40])
+        for i, q in enumerate(practitioner.get("qualification") or [])
+    }
 
 
 def scan(conn: Connection, days_ahead: int = 30, today: date | None = None) -> dict[str, int]:
@@ -66,8 +68,9 @@ def scan(conn: Connection, days_ahead: int = 30, today: date | None = None) -> d
     horizon = today + timedelta(days=days_ahead)
     insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
     counts = {"expiring": 0, "expired": 0, "already_alerted": 0}
-    rows = conn.execute(select(PRACTITIONERS.c.id, PRACTITIONERS.c.resource)
-                        .where(PRACTITIONERS.c.deleted.is_(False))).all()
+    rows = conn.execute(
+        select(PRACTITIONERS.c.id, PRACTITIONERS.c.resource).where(PRACTITIONERS.c.deleted.is_(False))
+    ).all()
     for row in rows:
         res = orjson.loads(row.resource)
         for i, q in enumerate(res.get("qualification") or []):
@@ -78,10 +81,18 @@ def scan(conn: Connection, days_ahead: int = 30, today: date | None = None) -> d
             expired = end < today
             threshold = "expired" if expired else f"expiring-{days_ahead}d"
             credential = _credential(q, i)
-            stmt = insert(ALERTS).values(practitioner_id=row.id, credential=credential, expires=end_text[:40],
-                                         threshold=threshold, created_at=datetime.now(UTC))
-            new = conn.execute(stmt.on_conflict_do_nothing(
-                index_elements=["practitioner_id", "credential", "expires", "threshold"]).returning(ALERTS.c.id)).first()
+            stmt = insert(ALERTS).values(
+                practitioner_id=row.id,
+                credential=credential,
+                expires=end_text[:40],
+                threshold=threshold,
+                created_at=datetime.now(UTC),
+            )
+            new = conn.execute(
+                stmt.on_conflict_do_nothing(
+                    index_elements=["practitioner_id", "credential", "expires", "threshold"]
+                ).returning(ALERTS.c.id)
+            ).first()
             if new is None:
                 counts["already_alerted"] += 1
                 continue
@@ -90,14 +101,22 @@ def scan(conn: Connection, days_ahead: int = 30, today: date | None = None) -> d
             code = q.get("code") or {}
             practitioner = f"Practitioner/{row.id}"
             facts = {
-                "practitioner": practitioner, "credential": credential,
+                "practitioner": practitioner,
+                "credential": credential,
                 "type": code.get("text") or next((c.get("code") for c in code.get("coding") or []), None),
-                "issuer": (q.get("issuer") or {}).get("display"), "expires": end_text,
-                "days_left": (end - today).days, "threshold": threshold,
+                "issuer": (q.get("issuer") or {}).get("display"),
+                "expires": end_text,
+                "days_left": (end - today).days,
+                "threshold": threshold,
             }
             event = f"credential.{kind}"
-            context = {"resource": practitioner, **facts, "days_ahead": days_ahead, "today": today.isoformat(),
-                       "qualification": q}
+            context = {
+                "resource": practitioner,
+                **facts,
+                "days_ahead": days_ahead,
+                "today": today.isoformat(),
+                "qualification": q,
+            }
             enqueue(conn, event, payload_from(event, context, facts))
     log.info("credentials.scanned", extra=counts)
     return counts

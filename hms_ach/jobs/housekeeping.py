@@ -17,7 +17,9 @@ log = logging.getLogger("hms_ach.jobs.housekeeping")
 def purge_messages(conn: Connection, retention_days: int, now: datetime | None = None) -> int:
     cutoff = (now or datetime.now(UTC)) - timedelta(days=retention_days)
     t = messages.T
-    result = conn.execute(delete(t).where(t.c.status.in_(("processed", "duplicate")), t.c.received_at < cutoff))
+    result = conn.execute(
+        delete(t).where(t.c.status.in_(("processed", "duplicate")), t.c.received_at < cutoff)
+    )
     count = int(result.rowcount or 0)
     log.info("housekeeping.messages_purged", extra={"count": count, "retention_days": retention_days})
     return count

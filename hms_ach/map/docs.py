@@ -169,7 +169,9 @@ def generate() -> str:
             out.append("")
         if fn.examples:
             out.append("| input | args | result |\n|---|---|---|")
-            out.extend(f"| `{json.dumps(i)}` | `{json.dumps(a)}` | `{json.dumps(r)}` |" for i, a, r in fn.examples)
+            out.extend(
+                f"| `{json.dumps(i)}` | `{json.dumps(a)}` | `{json.dumps(r)}` |" for i, a, r in fn.examples
+            )
             out.append("")
     return "\n".join(out).rstrip() + "\n"
 

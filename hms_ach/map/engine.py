@@ -238,16 +238,27 @@ class MappingEngine:
         if found is not None:
             return found
         if code in self.mset.supported_message_codes():
-            raise RejectError(f"event {code}^{event or '(none)'} is not supported by any message mapping",
-                              "MSH-9.2", Err0357.UNSUPPORTED_EVENT)
+            raise RejectError(
+                f"event {code}^{event or '(none)'} is not supported by any message mapping",
+                "MSH-9.2",
+                Err0357.UNSUPPORTED_EVENT,
+            )
         if not code:
             raise RejectError("MSH-9 message type is empty", "MSH-9", Err0357.REQUIRED_FIELD_MISSING)
-        raise RejectError(f"message type {code} is not supported (mapped: "
-                          f"{', '.join(sorted(self.mset.supported_message_codes())) or 'none'})",
-                          "MSH-9.1", Err0357.UNSUPPORTED_MESSAGE_TYPE)
+        raise RejectError(
+            f"message type {code} is not supported (mapped: "
+            f"{', '.join(sorted(self.mset.supported_message_codes())) or 'none'})",
+            "MSH-9.1",
+            Err0357.UNSUPPORTED_MESSAGE_TYPE,
+        )
 
-    def map_message(self, msg: Hl7Message, mapping: LoadedFile | None = None,
-                    seen: set[str] | None = None, lineage: bool = True) -> MappingResult:
+    def map_message(
+        self,
+        msg: Hl7Message,
+        mapping: LoadedFile | None = None,
+        seen: set[str] | None = None,
+        lineage: bool = True,
+    ) -> MappingResult:
         """Map ``msg``; with ``seen``, every HL7 position the mapping read is added to it (coverage);
         ``lineage=False`` skips recording where each value came from (nothing but the preview reads it)."""
         f = mapping or self.mapping_for(msg)
@@ -258,8 +269,11 @@ class MappingEngine:
         found = self.mset.input_mapping(kind, name)
         if found is None:
             known = ", ".join(self.mset.inputs(kind)) or "none"
-            raise RejectError(f"no mapping handles {kind} input {name!r} (mapped: {known})", "",
-                              Err0357.UNSUPPORTED_MESSAGE_TYPE)
+            raise RejectError(
+                f"no mapping handles {kind} input {name!r} (mapped: {known})",
+                "",
+                Err0357.UNSUPPORTED_MESSAGE_TYPE,
+            )
         return found
 
     def map_input(self, kind: str, name: str, data: Any, lineage: bool = True) -> MappingResult:
@@ -310,8 +324,18 @@ class MappingEngine:
                 scopes, first_only = self._compile_children(entry.context, kind), True
             else:
                 scopes, first_only = None, False
-            entries.append((holds, entry.record, scopes, first_only, dict(entry.with_), entry.as_, entry.create,
-                            entry.mode))
+            entries.append(
+                (
+                    holds,
+                    entry.record,
+                    scopes,
+                    first_only,
+                    dict(entry.with_),
+                    entry.as_,
+                    entry.create,
+                    entry.mode,
+                )
+            )
         actions = [(a.action, dict(a.args)) for a in m.actions]
         resource_fn = self._resource_fn
 
@@ -332,8 +356,9 @@ class MappingEngine:
                     if alias and as_:
                         run.as_names[as_] = alias
             for name, args in actions:
-                run.result.actions.append(StoreAction(name, {k: run.as_names.get(v.lstrip("@"), "")
-                                                             for k, v in args.items()}))
+                run.result.actions.append(
+                    StoreAction(name, {k: run.as_names.get(v.lstrip("@"), "") for k, v in args.items()})
+                )
             if run.dirty:
                 _finish_refs(run)
             return run.result
@@ -380,8 +405,14 @@ class MappingEngine:
         default_create = m.create
         key_target = f"{resource} key"
 
-        def build(run: _Run, scope: Scope, given: dict[str, Any], preferred: str | None = None,
-                  create: bool | None = None, mode_override: Mode | None = None) -> str | None:
+        def build(
+            run: _Run,
+            scope: Scope,
+            given: dict[str, Any],
+            preferred: str | None = None,
+            create: bool | None = None,
+            mode_override: Mode | None = None,
+        ) -> str | None:
             params = dict(defaults)
             params.update(given)
             lineage: list[Lineage] = []
@@ -394,8 +425,11 @@ class MappingEngine:
                     key_system = None if _empty(system) else str(system)
                     key_value = str(value)
                     if trace is not None:
-                        trace.append(Lineage(key_target, ", ".join(v.location for v in key_src) or "constant",
-                                             key_value))
+                        trace.append(
+                            Lineage(
+                                key_target, ", ".join(v.location for v in key_src) or "constant", key_value
+                            )
+                        )
                     break
                 if fail is not None:
                     fail()
@@ -414,8 +448,16 @@ class MappingEngine:
                     return existing.alias
             run.counter += 1
             alias = preferred if preferred and preferred not in run.as_names else f"{name}#{run.counter}"
-            rec = RecordWrite(alias, resource, key_system, key_value, content, mode_override or mode,
-                              default_create if create is None else create, lineage)
+            rec = RecordWrite(
+                alias,
+                resource,
+                key_system,
+                key_value,
+                content,
+                mode_override or mode,
+                default_create if create is None else create,
+                lineage,
+            )
             run.result.records.append(rec)
             if key_value:
                 run.by_key[(resource, key_system, key_value)] = rec
@@ -472,9 +514,13 @@ class MappingEngine:
                 path = replace(path, rep="*")
         resolve = path.resolve
         if isinstance(path, MessagePath) and path.is_segment:
+
             def segment_scopes(scope: Scope) -> list[Scope]:
-                return [scope.with_segment(v.segment, v.location) for v in resolve(scope)
-                        if not _blank(v) and v.segment is not None]
+                return [
+                    scope.with_segment(v.segment, v.location)
+                    for v in resolve(scope)
+                    if not _blank(v) and v.segment is not None
+                ]
 
             return segment_scopes
 
@@ -501,7 +547,13 @@ class MappingEngine:
     def _compile_condition(self, cond: spec.Condition, kind: str) -> Holds:
         first = self._compile_first(cond.source, kind) if cond.source is not None else None
         param = cond.param or ""
-        exists, equals, not_equals, in_, not_in = cond.exists, cond.equals, cond.not_equals, cond.in_, cond.not_in
+        exists, equals, not_equals, in_, not_in = (
+            cond.exists,
+            cond.equals,
+            cond.not_equals,
+            cond.in_,
+            cond.not_in,
+        )
         bare = exists is None and equals is None and not_equals is None and in_ is None and not_in is None
 
         def holds(scope: Scope, params: dict[str, Any]) -> bool:
@@ -567,7 +619,9 @@ class MappingEngine:
 
         return convert
 
-    def _compile_value(self, v: spec.ValueSpec, f: LoadedFile, kind: str, what: str, check: bool = True) -> Produce:
+    def _compile_value(
+        self, v: spec.ValueSpec, f: LoadedFile, kind: str, what: str, check: bool = True
+    ) -> Produce:
         """The value of ``v`` and the values it was read from; ``check=False`` skips ``required``."""
         sources = [self._compile_first(t, kind) for t in v.sources] if v.sources else None
         first = self._compile_first(v.source, kind) if not sources and v.source else None
@@ -629,8 +683,15 @@ class MappingEngine:
     def _compile_rule(self, f: LoadedFile, rule: spec.Rule, kind: str) -> RuleFn:
         set_value = _setter(rule.target)
         if rule.remove:
-            def remove(run: _Run, scope: Scope, params: dict[str, Any], obj: dict[str, Any], prefix: str,
-                       lineage: Trace) -> None:
+
+            def remove(
+                run: _Run,
+                scope: Scope,
+                params: dict[str, Any],
+                obj: dict[str, Any],
+                prefix: str,
+                lineage: Trace,
+            ) -> None:
                 where = set_value(obj, None, lineage is not None)
                 if lineage is not None:
                     lineage.append(Lineage(f"{prefix}.{where}", "removed"))
@@ -639,8 +700,11 @@ class MappingEngine:
         if rule.rules is not None or rule.use or rule.record:
             return self._compile_builder(f, rule, kind, set_value)
         if rule.ref:
-            return _compile_ref(rule, self._compile_require(rule, f, rule.source or rule.use or rule.record
-                                                             or rule.target), set_value)
+            return _compile_ref(
+                rule,
+                self._compile_require(rule, f, rule.source or rule.use or rule.record or rule.target),
+                set_value,
+            )
         if rule.target.endswith("[]") and isinstance(rule.source, str):
             return self._compile_list(f, rule, kind, set_value)
         if not rule.sources and rule.source:
@@ -649,15 +713,17 @@ class MappingEngine:
         fail = self._compile_require(rule, f, rule.source or rule.use or rule.record or rule.target)
         constant_src = f"param {rule.param}" if rule.param else "constant"
 
-        def plain(run: _Run, scope: Scope, params: dict[str, Any], obj: dict[str, Any], prefix: str,
-                  lineage: Trace) -> None:
+        def plain(
+            run: _Run, scope: Scope, params: dict[str, Any], obj: dict[str, Any], prefix: str, lineage: Trace
+        ) -> None:
             value, found = produce(scope, params)
             _emit(run, obj, prefix, lineage, set_value, fail, value, found, constant_src)
 
         return plain
 
-    def _compile_sourced(self, f: LoadedFile, rule: spec.Rule, kind: str,
-                         set_value: Callable[[dict[str, Any], Any, bool], str]) -> RuleFn:
+    def _compile_sourced(
+        self, f: LoadedFile, rule: spec.Rule, kind: str, set_value: Callable[[dict[str, Any], Any, bool], str]
+    ) -> RuleFn:
         """The commonest rule: one ``source`` (or a list tried in order), then function, table, default."""
         first = self._compile_first(rule.source or "", kind)
         no_location = rule.source if isinstance(rule.source, str) else rule.target
@@ -666,8 +732,9 @@ class MappingEngine:
         # the value's own `required` and the rule's name the same place when there is one source
         fail = self._compile_require(rule, f, rule.source)
 
-        def sourced(run: _Run, scope: Scope, params: dict[str, Any], obj: dict[str, Any], prefix: str,
-                    lineage: Trace) -> None:
+        def sourced(
+            run: _Run, scope: Scope, params: dict[str, Any], obj: dict[str, Any], prefix: str, lineage: Trace
+        ) -> None:
             got = first(scope)
             value: Any = None
             if got is not None:
@@ -680,8 +747,9 @@ class MappingEngine:
 
         return sourced
 
-    def _compile_list(self, f: LoadedFile, rule: spec.Rule, kind: str,
-                      set_value: Callable[[dict[str, Any], Any, bool], str]) -> RuleFn:
+    def _compile_list(
+        self, f: LoadedFile, rule: spec.Rule, kind: str, set_value: Callable[[dict[str, Any], Any, bool], str]
+    ) -> RuleFn:
         """A list target with one source path takes every value the path yields."""
         try:
             resolve = _path(str(rule.source), "*", kind).resolve
@@ -691,8 +759,9 @@ class MappingEngine:
         default = rule.default
         fail = self._compile_require(rule, f, rule.source)
 
-        def each(run: _Run, scope: Scope, params: dict[str, Any], obj: dict[str, Any], prefix: str,
-                 lineage: Trace) -> None:
+        def each(
+            run: _Run, scope: Scope, params: dict[str, Any], obj: dict[str, Any], prefix: str, lineage: Trace
+        ) -> None:
             added = 0
             for v in resolve(scope):
                 item = v.data if v.data is not None else v.text
@@ -721,8 +790,9 @@ class MappingEngine:
 
         return each
 
-    def _compile_builder(self, f: LoadedFile, rule: spec.Rule, kind: str,
-                         set_value: Callable[[dict[str, Any], Any, bool], str]) -> RuleFn:
+    def _compile_builder(
+        self, f: LoadedFile, rule: spec.Rule, kind: str, set_value: Callable[[dict[str, Any], Any, bool], str]
+    ) -> RuleFn:
         """``rules:``, ``use:`` or ``record:``: the value is built from the source (or the context)."""
         first = self._compile_first(rule.source, kind) if rule.source else None
         fail_source = self._compile_require(rule, f, rule.source) if rule.source else None
@@ -733,8 +803,9 @@ class MappingEngine:
         datatype_rules = self._datatype_rules
         resource_fn = self._resource_fn
 
-        def build(run: _Run, scope: Scope, params: dict[str, Any], obj: dict[str, Any], prefix: str,
-                  lineage: Trace) -> None:
+        def build(
+            run: _Run, scope: Scope, params: dict[str, Any], obj: dict[str, Any], prefix: str, lineage: Trace
+        ) -> None:
             inner_scope = scope
             source_loc = ""
             if first is not None:
@@ -758,7 +829,9 @@ class MappingEngine:
                 alias = resource_fn(record or "", kind)(run, inner_scope, given, None, None, None)
                 value = {"reference": "@" + alias} if alias else None
                 if inner is not None:
-                    inner.append(Lineage("", f"record {record}" + (f" from {source_loc}" if source_loc else "")))
+                    inner.append(
+                        Lineage("", f"record {record}" + (f" from {source_loc}" if source_loc else ""))
+                    )
             if _empty(value):
                 if fail is not None:
                     fail()
@@ -768,19 +841,24 @@ class MappingEngine:
                 return
             where = f"{prefix}.{set_value(obj, value, True)}".lstrip(".")
             for lin in inner or ():
-                lineage.append(Lineage(f"{where}.{lin.target}".rstrip(".") if lin.target else where, lin.source,
-                                       lin.value))
+                lineage.append(
+                    Lineage(
+                        f"{where}.{lin.target}".rstrip(".") if lin.target else where, lin.source, lin.value
+                    )
+                )
 
         return build
 
 
-def _compile_ref(rule: spec.Rule, fail: Callable[[], None] | None,
-                 set_value: Callable[[dict[str, Any], Any, bool], str]) -> RuleFn:
+def _compile_ref(
+    rule: spec.Rule, fail: Callable[[], None] | None, set_value: Callable[[dict[str, Any], Any, bool], str]
+) -> RuleFn:
     name = rule.ref or ""
     source = f"ref {name}"
 
-    def ref(run: _Run, scope: Scope, params: dict[str, Any], obj: dict[str, Any], prefix: str,
-            lineage: Trace) -> None:
+    def ref(
+        run: _Run, scope: Scope, params: dict[str, Any], obj: dict[str, Any], prefix: str, lineage: Trace
+    ) -> None:
         value = {"reference": "@as:" + name}
         run.dirty = True
         if lineage is None:
@@ -793,8 +871,9 @@ def _compile_ref(rule: spec.Rule, fail: Callable[[], None] | None,
 
 
 def _dirtying(body: RuleFn) -> RuleFn:
-    def dirtying(run: _Run, scope: Scope, params: dict[str, Any], obj: dict[str, Any], prefix: str,
-                 lineage: Trace) -> None:
+    def dirtying(
+        run: _Run, scope: Scope, params: dict[str, Any], obj: dict[str, Any], prefix: str, lineage: Trace
+    ) -> None:
         run.dirty = True
         body(run, scope, params, obj, prefix, lineage)
 
@@ -802,17 +881,26 @@ def _dirtying(body: RuleFn) -> RuleFn:
 
 
 def _guarded(holds: Holds, body: RuleFn) -> RuleFn:
-    def guarded(run: _Run, scope: Scope, params: dict[str, Any], obj: dict[str, Any], prefix: str,
-                lineage: Trace) -> None:
+    def guarded(
+        run: _Run, scope: Scope, params: dict[str, Any], obj: dict[str, Any], prefix: str, lineage: Trace
+    ) -> None:
         if holds(scope, params):
             body(run, scope, params, obj, prefix, lineage)
 
     return guarded
 
 
-def _emit(run: _Run, obj: dict[str, Any], prefix: str, lineage: Trace,
-          set_value: Callable[[dict[str, Any], Any, bool], str], fail: Callable[[], None] | None, value: Any,
-          found: Value | list[Value] | None, fallback: str) -> None:
+def _emit(
+    run: _Run,
+    obj: dict[str, Any],
+    prefix: str,
+    lineage: Trace,
+    set_value: Callable[[dict[str, Any], Any, bool], str],
+    fail: Callable[[], None] | None,
+    value: Any,
+    found: Value | list[Value] | None,
+    fallback: str,
+) -> None:
     """The end every single-value rule shares: an empty value only runs the ``required`` check;
     any other is copied (lists and objects), set at the target and, when tracing, recorded with the
     source locations it came from (``found``; ``fallback`` when there are none)."""
@@ -834,8 +922,9 @@ def _emit(run: _Run, obj: dict[str, Any], prefix: str, lineage: Trace,
 
 
 def _for_each(holds: Holds | None, children: Children, body: RuleFn) -> RuleFn:
-    def for_each(run: _Run, scope: Scope, params: dict[str, Any], obj: dict[str, Any], prefix: str,
-                 lineage: Trace) -> None:
+    def for_each(
+        run: _Run, scope: Scope, params: dict[str, Any], obj: dict[str, Any], prefix: str, lineage: Trace
+    ) -> None:
         if holds is not None and not holds(scope, params):
             return
         for child in children(scope):

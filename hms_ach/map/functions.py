@@ -43,7 +43,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def function(
-    name: str, *, args: dict[str, str] | None = None, examples: list[tuple[Any, dict[str, Any], Any]] | None = None
+    name: str,
+    *,
+    args: dict[str, str] | None = None,
+    examples: list[tuple[Any, dict[str, Any], Any]] | None = None,
 ) -> Callable[[F], F]:
     """Register ``fn`` under ``name``. ``examples`` are (input, args, expected) triples run as tests."""
 
@@ -68,7 +71,9 @@ def _tz(name: str) -> timezone | ZoneInfo:
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise FunctionError(f"unknown time zone {name!r}; expected an IANA name such as America/New_York") from exc
+        raise FunctionError(
+            f"unknown time zone {name!r}; expected an IANA name such as America/New_York"
+        ) from exc
 
 
 @function(
@@ -87,7 +92,9 @@ def hl7_datetime(value: str, timezone: str = "UTC") -> str:
     """HL7 DTM/TS to a FHIR dateTime, keeping the precision and the UTC offset."""
     m = _TS.match(value.strip())
     if not m:
-        raise FunctionError(f"{value!r} is not an HL7 date/time: expected YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ]")
+        raise FunctionError(
+            f"{value!r} is not an HL7 date/time: expected YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ]"
+        )
     y, mo, d, h, mi, s = (m[k] for k in ("y", "mo", "d", "h", "mi", "s"))
     try:
         if h is None:
@@ -116,7 +123,10 @@ def _fixed(offset: timedelta) -> timezone:
     return timezone(offset)
 
 
-@function("hl7_date", examples=[("19750314", {}, "1975-03-14"), ("197503140830", {}, "1975-03-14"), ("1975", {}, "1975")])
+@function(
+    "hl7_date",
+    examples=[("19750314", {}, "1975-03-14"), ("197503140830", {}, "1975-03-14"), ("1975", {}, "1975")],
+)
 def hl7_date(value: str) -> str:
     """HL7 DT/DTM to a FHIR date (the time, if any, is dropped)."""
     m = _TS.match(value.strip())
@@ -130,9 +140,15 @@ def hl7_date(value: str) -> str:
     return "-".join(parts)
 
 
-@function("date", args={"formats": "strptime formats tried in order (default ISO, US m/d/Y, d.m.Y)"},
-          examples=[("2027-03-31", {}, "2027-03-31"), ("03/31/2027", {}, "2027-03-31"),
-                    ("31.03.2027", {"formats": ["%d.%m.%Y"]}, "2027-03-31")])
+@function(
+    "date",
+    args={"formats": "strptime formats tried in order (default ISO, US m/d/Y, d.m.Y)"},
+    examples=[
+        ("2027-03-31", {}, "2027-03-31"),
+        ("03/31/2027", {}, "2027-03-31"),
+        ("31.03.2027", {"formats": ["%d.%m.%Y"]}, "2027-03-31"),
+    ],
+)
 def date(value: str, formats: list[str] | None = None) -> str:
     """A date written by a person or a spreadsheet (CSV files) to a FHIR date."""
     text = value.strip()
@@ -141,12 +157,19 @@ def date(value: str, formats: list[str] | None = None) -> str:
             return datetime.strptime(text, fmt).date().isoformat()
         except ValueError:
             continue
-    raise FunctionError(f"{value!r} is not a date in any of the formats {formats or 'YYYY-MM-DD, MM/DD/YYYY'}")
+    raise FunctionError(
+        f"{value!r} is not a date in any of the formats {formats or 'YYYY-MM-DD, MM/DD/YYYY'}"
+    )
 
 
-@function("datetime", args={"timezone": "IANA zone assumed when the value has no offset (default UTC)"},
-          examples=[("2026-12-01T07:00:00-05:00", {}, "2026-12-01T07:00:00-05:00"),
-                    ("2026-12-01 07:00", {"timezone": "America/New_York"}, "2026-12-01T07:00:00-05:00")])
+@function(
+    "datetime",
+    args={"timezone": "IANA zone assumed when the value has no offset (default UTC)"},
+    examples=[
+        ("2026-12-01T07:00:00-05:00", {}, "2026-12-01T07:00:00-05:00"),
+        ("2026-12-01 07:00", {"timezone": "America/New_York"}, "2026-12-01T07:00:00-05:00"),
+    ],
+)
 def iso_datetime(value: str, timezone: str = "UTC") -> str:
     """An ISO 8601 date-time (as CSV files and FHIR write them) to a FHIR dateTime with its offset."""
     try:
@@ -183,8 +206,11 @@ def title(value: str) -> str:
     return re.sub(r"[^\W\d_]+", lambda m: m.group(0).capitalize(), value.lower())
 
 
-@function("split", args={"separator": "where to split (default space)", "index": "1-based part to keep; omit for all"},
-          examples=[("a,b,c", {"separator": ","}, ["a", "b", "c"]), ("a,b,c", {"separator": ",", "index": 2}, "b")])
+@function(
+    "split",
+    args={"separator": "where to split (default space)", "index": "1-based part to keep; omit for all"},
+    examples=[("a,b,c", {"separator": ","}, ["a", "b", "c"]), ("a,b,c", {"separator": ",", "index": 2}, "b")],
+)
 def split(value: str, separator: str = " ", index: int | None = None) -> Any:
     """Split a value into parts (all of them, or the 1-based ``index``-th)."""
     parts = [p for p in value.split(separator)]
@@ -193,25 +219,41 @@ def split(value: str, separator: str = " ", index: int | None = None) -> Any:
     return parts[index - 1] if 0 < index <= len(parts) else ""
 
 
-@function("join", args={"separator": "put between the parts (default space)"},
-          examples=[(["a", "", "b"], {"separator": "-"}, "a-b")])
+@function(
+    "join",
+    args={"separator": "put between the parts (default space)"},
+    examples=[(["a", "", "b"], {"separator": "-"}, "a-b")],
+)
 def join(value: Any, separator: str = " ") -> str:
     """Join the non-empty parts of a list (``sources:``) into one string."""
     items = value if isinstance(value, list) else [value]
     return separator.join(str(v) for v in items if v not in (None, ""))
 
 
-@function("concat", args={"separator": "put between the parts (default none)"},
-          examples=[(["urn:x:", "42"], {}, "urn:x:42"), (["Smith", "", "John"], {"separator": ", "}, "Smith, John")])
+@function(
+    "concat",
+    args={"separator": "put between the parts (default none)"},
+    examples=[
+        (["urn:x:", "42"], {}, "urn:x:42"),
+        (["Smith", "", "John"], {"separator": ", "}, "Smith, John"),
+    ],
+)
 def concat(value: Any, separator: str = "") -> str:
     """Concatenate the non-empty values of ``sources:`` in order."""
     return join(value, separator)
 
 
-@function("format", args={"template": "text with {0}, {1}... for the sources (required)",
-                          "all_required": "true: the result is empty unless every source has a value"},
-          examples=[(["4W", "412", "A"], {"template": "{0}-{1}-{2}"}, "4W-412-A"),
-                    (["H", ""], {"template": "{0}|{1}", "all_required": True}, "")])
+@function(
+    "format",
+    args={
+        "template": "text with {0}, {1}... for the sources (required)",
+        "all_required": "true: the result is empty unless every source has a value",
+    },
+    examples=[
+        (["4W", "412", "A"], {"template": "{0}-{1}-{2}"}, "4W-412-A"),
+        (["H", ""], {"template": "{0}|{1}", "all_required": True}, ""),
+    ],
+)
 def format_text(value: Any, template: str = "{0}", all_required: bool = False) -> str:
     """Fill a template with the values of ``sources:`` ({0} is the first)."""
     items = value if isinstance(value, list) else [value]
@@ -223,10 +265,18 @@ def format_text(value: Any, template: str = "{0}", all_required: bool = False) -
         raise FunctionError(f"template {template!r} needs more values than the {len(items)} given") from exc
 
 
-@function("human_name", args={"use": "the name's use (official, usual...), optional"},
-          examples=[(["Rivera", "Maria", "Elena", "Mrs", ""], {}, {"family": "Rivera", "given": ["Maria", "Elena"],
-                                                                   "prefix": ["Mrs"]}),
-                    (["Ng", "Al"], {"use": "official"}, {"use": "official", "family": "Ng", "given": ["Al"]})])
+@function(
+    "human_name",
+    args={"use": "the name's use (official, usual...), optional"},
+    examples=[
+        (
+            ["Rivera", "Maria", "Elena", "Mrs", ""],
+            {},
+            {"family": "Rivera", "given": ["Maria", "Elena"], "prefix": ["Mrs"]},
+        ),
+        (["Ng", "Al"], {"use": "official"}, {"use": "official", "family": "Ng", "given": ["Al"]}),
+    ],
+)
 def human_name(value: Any, use: str | None = None) -> dict[str, Any]:
     """Build a FHIR HumanName from ``sources: [family, given, middle, prefix, suffix]`` (later ones optional)."""
     parts = (list(value) if isinstance(value, list) else [value]) + [""] * 5
@@ -243,10 +293,24 @@ def human_name(value: Any, use: str | None = None) -> dict[str, Any]:
     return name
 
 
-@function("address", args={"use": "the address's use (home, work...), optional"},
-          examples=[(["12 Oak St", "Apt 4", "Columbus", "OH", "43004", "USA"], {"use": "home"},
-                     {"use": "home", "line": ["12 Oak St", "Apt 4"], "city": "Columbus", "state": "OH",
-                      "postalCode": "43004", "country": "USA"})])
+@function(
+    "address",
+    args={"use": "the address's use (home, work...), optional"},
+    examples=[
+        (
+            ["12 Oak St", "Apt 4", "Columbus", "OH", "43004", "USA"],
+            {"use": "home"},
+            {
+                "use": "home",
+                "line": ["12 Oak St", "Apt 4"],
+                "city": "Columbus",
+                "state": "OH",
+                "postalCode": "43004",
+                "country": "USA",
+            },
+        )
+    ],
+)
 def address(value: Any, use: str | None = None) -> dict[str, Any]:
     """Build a FHIR Address from ``sources: [line1, line2, city, state, postal code, country]``."""
     parts = (list(value) if isinstance(value, list) else [value]) + [""] * 6
@@ -261,10 +325,17 @@ def address(value: Any, use: str | None = None) -> dict[str, Any]:
     return out
 
 
-@function("lookup", args={"map": "code -> value, written in the rule (required)",
-                          "default": "value for codes not in the map; without it an unknown code is an error"},
-          examples=[("Y", {"map": {"Y": "active", "N": "inactive"}}, "active"),
-                    ("Q", {"map": {"Y": "active"}, "default": "unknown"}, "unknown")])
+@function(
+    "lookup",
+    args={
+        "map": "code -> value, written in the rule (required)",
+        "default": "value for codes not in the map; without it an unknown code is an error",
+    },
+    examples=[
+        ("Y", {"map": {"Y": "active", "N": "inactive"}}, "active"),
+        ("Q", {"map": {"Y": "active"}, "default": "unknown"}, "unknown"),
+    ],
+)
 def lookup_inline(value: str, map: dict[str, Any] | None = None, default: Any = None) -> Any:  # noqa: A002
     """Translate a code with a small map written in the rule (use `table:` for shared code tables)."""
     table = {str(k).upper(): v for k, v in (map or {}).items()}
@@ -288,8 +359,11 @@ def decimal(value: str) -> float | int:
     return int(number) if number.is_integer() and "." not in text else number
 
 
-@function("boolean", args={"true": "values meaning true (default Y, YES, T, TRUE, 1, A)"},
-          examples=[("Y", {}, True), ("N", {}, False), ("A", {}, True)])
+@function(
+    "boolean",
+    args={"true": "values meaning true (default Y, YES, T, TRUE, 1, A)"},
+    examples=[("Y", {}, True), ("N", {}, False), ("A", {}, True)],
+)
 def boolean(value: str, true: list[str] | None = None) -> bool:
     """Y/N-style flags to true/false."""
     accepted = [t.upper() for t in (true or ["Y", "YES", "T", "TRUE", "1", "A"])]
@@ -331,7 +405,9 @@ def procedure_code(value: str) -> str:
     """Check a CPT (5 digits, or 4 digits and F/T/U) or HCPCS Level II (letter and 4 digits) code."""
     text = value.strip().upper()
     if not (_CPT.match(text) or _HCPCS.match(text)):
-        raise FunctionError(f"{value!r} is not a known procedure code: expected CPT (99213, 0001U) or HCPCS (J1100)")
+        raise FunctionError(
+            f"{value!r} is not a known procedure code: expected CPT (99213, 0001U) or HCPCS (J1100)"
+        )
     return text
 
 
@@ -349,16 +425,25 @@ def charge_amount(value: str) -> float:
     """A money amount that must not be negative (a charge); rounded to cents."""
     number = decimal(value)
     if number < 0:
-        raise FunctionError(f"amount {value.strip()} is negative: a charge must be 0 or more (send a credit "
-                            "transaction type instead)")
+        raise FunctionError(
+            f"amount {value.strip()} is negative: a charge must be 0 or more (send a credit "
+            "transaction type instead)"
+        )
     return round(float(number), 2)
 
 
 # ---------------------------------------------------------------- durations (CSV timecards)
-@function("minutes_between", args={"timezone": "IANA zone assumed for times without an offset (default UTC)",
-                                   "max_hours": "a longer period is an error (default 36)"},
-          examples=[(["2026-12-01T07:00:00-05:00", "2026-12-01T15:30:00-05:00"], {}, 510),
-                    (["2026-11-01 00:00", "2026-11-01 03:00"], {"timezone": "America/New_York"}, 240)])
+@function(
+    "minutes_between",
+    args={
+        "timezone": "IANA zone assumed for times without an offset (default UTC)",
+        "max_hours": "a longer period is an error (default 36)",
+    },
+    examples=[
+        (["2026-12-01T07:00:00-05:00", "2026-12-01T15:30:00-05:00"], {}, 510),
+        (["2026-11-01 00:00", "2026-11-01 03:00"], {"timezone": "America/New_York"}, 240),
+    ],
+)
 def minutes_between(value: Any, timezone: str = "UTC", max_hours: float = 36) -> int:
     """Whole minutes from the first date-time of ``sources:`` to the second (clock-in to clock-out)."""
     if not isinstance(value, list) or len(value) != 2 or not all(str(v).strip() for v in value):

@@ -119,14 +119,19 @@ class ExpectedRecord(_Strict):
     resource_type: str = Field(alias="resourceType", description="The record type: Patient, Encounter, ...")
     key: RecordKey | None = Field(None, description="The record's business key; omit to match by type only")
     create: bool | None = Field(None, description="false: the record must be an update-only write")
-    content: dict[str, Any] = Field(default_factory=dict, description="Expected FHIR content (subset or exact)")
-    absent: list[str] = Field(default_factory=list,
-                              description="Element paths that must not be set, e.g. period.end, location[1]")
+    content: dict[str, Any] = Field(
+        default_factory=dict, description="Expected FHIR content (subset or exact)"
+    )
+    absent: list[str] = Field(
+        default_factory=list, description="Element paths that must not be set, e.g. period.end, location[1]"
+    )
 
 
 class ExpectedAction(_Strict):
     name: str = Field(description="The store action, e.g. merge_patient")
-    args: dict[str, Any] = Field(default_factory=dict, description="Its arguments (records as conditional references)")
+    args: dict[str, Any] = Field(
+        default_factory=dict, description="Its arguments (records as conditional references)"
+    )
 
 
 class ExpectedError(_Strict):
@@ -162,8 +167,10 @@ class EventInput(BaseModel):
     before: dict[str, Any] | None = Field(None, description="The previous content (none on a create)")
     after: dict[str, Any] | None = Field(None, description="The new content (none on a delete)")
     facts: dict[str, Any] | None = Field(
-        None, description="An event a job or a sink emits (credential.expiring, claim.file_written...): the "
-        "facts its code hands the mapping; the context is then `resource` and these facts only")
+        None,
+        description="An event a job or a sink emits (credential.expiring, claim.file_written...): the "
+        "facts its code hands the mapping; the context is then `resource` and these facts only",
+    )
 
     def context(self) -> dict[str, Any]:
         if self.facts is not None:
@@ -182,7 +189,9 @@ class GoldenCase(_Strict):
     sample: str | None = Field(None, description="HL7 v2 file, relative to the repository root")
     message: str | None = Field(None, description="Inline ER7 message; each line is a segment")
     csv: CsvInput | None = Field(None, description="A CSV row: the dataset name and the row (header: value)")
-    fhir: dict[str, Any] | None = Field(None, description="A FHIR resource (JSON as YAML) sent to the FHIR channel")
+    fhir: dict[str, Any] | None = Field(
+        None, description="A FHIR resource (JSON as YAML) sent to the FHIR channel"
+    )
     event: EventInput | None = Field(None, description="A record change an event payload mapping is run on")
     match: Literal["subset", "exact"] = Field("subset", description="How records are compared")
     timezone: str = Field("UTC", description="Zone assumed for times sent without a UTC offset")
@@ -259,10 +268,19 @@ def load_golden_file(path: Path) -> LoadedGolden:
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         pos = SourcePosition(str(path), mark.line + 1, mark.column + 1) if mark else SourcePosition(str(path))
-        raise ConfigErrors([ConfigError(f"YAML syntax error: {exc.problem or exc.context}", pos,
-                                        "valid YAML (check indentation, colons and quotes)")]) from exc
+        raise ConfigErrors(
+            [
+                ConfigError(
+                    f"YAML syntax error: {exc.problem or exc.context}",
+                    pos,
+                    "valid YAML (check indentation, colons and quotes)",
+                )
+            ]
+        ) from exc
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigErrors([ConfigError(f"cannot read golden file: {exc}", SourcePosition(str(path)))]) from exc
+        raise ConfigErrors(
+            [ConfigError(f"cannot read golden file: {exc}", SourcePosition(str(path)))]
+        ) from exc
     positions: Positions = {}
     data = _plain(node, (), positions)
     try:
@@ -273,22 +291,43 @@ def load_golden_file(path: Path) -> LoadedGolden:
     seen: set[str] = set()
     for i, case in enumerate(model.cases):
         if sum(x is not None for x in (case.sample, case.message, case.csv, case.fhir, case.event)) != 1:
-            errors.append(ConfigError(f"case {case.name!r} needs exactly one of `sample`, `message`, `csv`, "
-                                      "`fhir` or `event`",
-                                      position_of(path, positions, ("cases", i)), "sample: PATH or message: ER7 text"))
+            errors.append(
+                ConfigError(
+                    f"case {case.name!r} needs exactly one of `sample`, `message`, `csv`, `fhir` or `event`",
+                    position_of(path, positions, ("cases", i)),
+                    "sample: PATH or message: ER7 text",
+                )
+            )
         if case.name in seen:
-            errors.append(ConfigError(f"case name {case.name!r} is used twice",
-                                      position_of(path, positions, ("cases", i, "name")), "unique case names"))
+            errors.append(
+                ConfigError(
+                    f"case name {case.name!r} is used twice",
+                    position_of(path, positions, ("cases", i, "name")),
+                    "unique case names",
+                )
+            )
         seen.add(case.name)
-        if (not case.expect.records and case.expect.error is None and case.expect.actions is None
-                and case.expect.payload is None):
-            errors.append(ConfigError(f"case {case.name!r} expects nothing",
-                                      position_of(path, positions, ("cases", i, "expect")),
-                                      "expect: records, actions, error or payload"))
+        if (
+            not case.expect.records
+            and case.expect.error is None
+            and case.expect.actions is None
+            and case.expect.payload is None
+        ):
+            errors.append(
+                ConfigError(
+                    f"case {case.name!r} expects nothing",
+                    position_of(path, positions, ("cases", i, "expect")),
+                    "expect: records, actions, error or payload",
+                )
+            )
         if (case.event is None) != (case.expect.payload is None):
-            errors.append(ConfigError(f"case {case.name!r}: `event:` goes with `expect: payload:` and only with it",
-                                      position_of(path, positions, ("cases", i, "expect")),
-                                      "event: {...} and expect: {payload: {...}}"))
+            errors.append(
+                ConfigError(
+                    f"case {case.name!r}: `event:` goes with `expect: payload:` and only with it",
+                    position_of(path, positions, ("cases", i, "expect")),
+                    "event: {...} and expect: {payload: {...}}",
+                )
+            )
     if errors:
         raise ConfigErrors(errors)
     lines = [positions.get(("cases", i), (0, 0))[0] for i in range(len(model.cases))]
@@ -303,8 +342,11 @@ def _config_error(path: Path, positions: Positions, err: Any) -> ConfigError:
         owner = _owner_model(loc[:-1])
         choices = [f.alias or n for n, f in owner.model_fields.items()] if owner else []
         hint = difflib.get_close_matches(str(loc[-1]), choices, n=1)
-        return ConfigError(f"unknown key {loc[-1]!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""), pos,
-                           f"one of {', '.join(choices)}" if choices else None)
+        return ConfigError(
+            f"unknown key {loc[-1]!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""),
+            pos,
+            f"one of {', '.join(choices)}" if choices else None,
+        )
     if err["type"] == "missing":
         return ConfigError(f"missing required key {where!r}", pos)
     return ConfigError(f"{where}: {err['msg']}", pos)
@@ -313,8 +355,13 @@ def _config_error(path: Path, positions: Positions, err: Any) -> ConfigError:
 def _owner_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     model: type[BaseModel] = GoldenFile
     nested: dict[str, type[BaseModel]] = {
-        "cases": GoldenCase, "expect": Expectation, "records": ExpectedRecord, "event": EventInput,
-        "actions": ExpectedAction, "error": ExpectedError, "key": RecordKey,
+        "cases": GoldenCase,
+        "expect": Expectation,
+        "records": ExpectedRecord,
+        "event": EventInput,
+        "actions": ExpectedAction,
+        "error": ExpectedError,
+        "key": RecordKey,
     }
     for part in loc:
         if isinstance(part, int):
@@ -355,8 +402,9 @@ def run_case(golden: LoadedGolden, index: int, mset: MappingSet, repo_root: Path
             try:
                 raw = _message_bytes(case, repo_root)
             except OSError as exc:
-                result.message = (f"cannot read sample {case.sample!r} (relative to {repo_root}): "
-                                  f"{exc.strerror or exc}")
+                result.message = (
+                    f"cannot read sample {case.sample!r} (relative to {repo_root}): {exc.strerror or exc}"
+                )
                 return result
             mapped = engine.map_message(parse(raw))
     except MessageError as exc:
@@ -365,10 +413,14 @@ def run_case(golden: LoadedGolden, index: int, mset: MappingSet, repo_root: Path
         result.message = f"mapping crashed: {type(exc).__name__}: {exc}"
         return result
     if case.expect.error is not None:
-        result.message = (f"expected an error ({_describe_expected_error(case.expect.error)}) but the message "
-                          f"mapped to {len(mapped.records)} records: {_inventory(mapped)}")
+        result.message = (
+            f"expected an error ({_describe_expected_error(case.expect.error)}) but the message "
+            f"mapped to {len(mapped.records)} records: {_inventory(mapped)}"
+        )
         return result
-    problems, diffs = _check_records(case, mapped, lambda j: golden.line_of("cases", index, "expect", "records", j))
+    problems, diffs = _check_records(
+        case, mapped, lambda j: golden.line_of("cases", index, "expect", "records", j)
+    )
     if case.expect.actions is not None:
         _check_actions(case, mapped, problems, diffs)
     result.passed = not problems
@@ -377,7 +429,9 @@ def run_case(golden: LoadedGolden, index: int, mset: MappingSet, repo_root: Path
     return result
 
 
-def _run_event_case(result: CaseResult, case: GoldenCase, given: EventInput, engine: MappingEngine) -> CaseResult:
+def _run_event_case(
+    result: CaseResult, case: GoldenCase, given: EventInput, engine: MappingEngine
+) -> CaseResult:
     """Run an event payload mapping on the case's change; the payload must be exactly the expected one."""
     try:
         payload = engine.map_event(given.event, given.context())
@@ -385,15 +439,19 @@ def _run_event_case(result: CaseResult, case: GoldenCase, given: EventInput, eng
         result.message = f"event mapping crashed: {type(exc).__name__}: {exc}"
         return result
     if payload is None:
-        result.message = f"no event mapping declares {given.event!r} (expected a kind: event file in mappings/events)"
+        result.message = (
+            f"no event mapping declares {given.event!r} (expected a kind: event file in mappings/events)"
+        )
         return result
     want = case.expect.payload
     if _canon(payload) != _canon(want):
         result.message = f"{given.event} payload differs"
         result.diff = _diff(want, payload, "payload")
     elif list(payload) != list(want or {}):
-        result.message = (f"{given.event} payload elements are in another order: expected {list(want or {})}, "
-                          f"got {list(payload)} (receivers see the JSON as written)")
+        result.message = (
+            f"{given.event} payload elements are in another order: expected {list(want or {})}, "
+            f"got {list(payload)} (receivers see the JSON as written)"
+        )
     else:
         result.passed = True
     return result
@@ -468,18 +526,23 @@ def _rewrite_refs(value: Any, refs: dict[str, str]) -> Any:
     return value
 
 
-def _check_records(case: GoldenCase, mapped: MappingResult,
-                   line_of: Callable[[int], int]) -> tuple[list[str], list[str]]:
+def _check_records(
+    case: GoldenCase, mapped: MappingResult, line_of: Callable[[int], int]
+) -> tuple[list[str], list[str]]:
     actual = normalised_records(mapped)
     problems: list[str] = []
     diffs: list[str] = []
     expected = case.expect.records
     if case.match == "exact":
         if len(expected) != len(actual):
-            problems.append(f"expected exactly {len(expected)} records, the message yields {len(actual)}: "
-                            f"{_inventory(mapped)}")
+            problems.append(
+                f"expected exactly {len(expected)} records, the message yields {len(actual)}: "
+                f"{_inventory(mapped)}"
+            )
         want_all = [_expected_view(e) for e in expected]
-        got_all = [_actual_view(a, e, exact=True) for a, e in zip(actual, expected, strict=False)] + actual[len(expected):]
+        got_all = [_actual_view(a, e, exact=True) for a, e in zip(actual, expected, strict=False)] + actual[
+            len(expected) :
+        ]
         if _canon(want_all) != _canon(got_all):
             problems.append("records differ (match: exact)")
             diffs.append(_diff(want_all, got_all, "records"))
@@ -488,12 +551,19 @@ def _check_records(case: GoldenCase, mapped: MappingResult,
         return problems, diffs
     claimed: set[int] = set()
     for j, e in enumerate(expected):
-        candidates = [i for i, a in enumerate(actual) if i not in claimed and a["resourceType"] == e.resource_type
-                      and (e.key is None or (a["key"] or {}) == e.key.model_dump())]
+        candidates = [
+            i
+            for i, a in enumerate(actual)
+            if i not in claimed
+            and a["resourceType"] == e.resource_type
+            and (e.key is None or (a["key"] or {}) == e.key.model_dump())
+        ]
         label = e.resource_type + (f" {e.key.system}|{e.key.value}" if e.key else "")
         if not candidates:
-            problems.append(f"no {label} record was produced (expected at line {line_of(j)}); "
-                            f"the message yields: {_inventory(mapped)}")
+            problems.append(
+                f"no {label} record was produced (expected at line {line_of(j)}); "
+                f"the message yields: {_inventory(mapped)}"
+            )
             continue
         label += f" (line {line_of(j)})"
         want = _expected_view(e)
@@ -559,13 +629,17 @@ def _check_absent(e: ExpectedRecord, actual: dict[str, Any], problems: list[str]
                     break
                 node = node[idx]
         if present:
-            problems.append(f"{e.resource_type}.{path} must not be set, but is {json.dumps(node, sort_keys=True)}")
+            problems.append(
+                f"{e.resource_type}.{path} must not be set, but is {json.dumps(node, sort_keys=True)}"
+            )
 
 
 def _check_actions(case: GoldenCase, mapped: MappingResult, problems: list[str], diffs: list[str]) -> None:
     refs = _reference_names(mapped)
-    got = [{"name": a.name, "args": {k: refs.get(str(v).lstrip("@"), v) for k, v in a.args.items()}}
-           for a in mapped.actions]
+    got = [
+        {"name": a.name, "args": {k: refs.get(str(v).lstrip("@"), v) for k, v in a.args.items()}}
+        for a in mapped.actions
+    ]
     want = [a.model_dump() for a in case.expect.actions or []]
     shown = got if case.match == "exact" else project(got, want)
     if _canon(shown) != _canon(want) or (case.match == "exact" and len(got) != len(want)):

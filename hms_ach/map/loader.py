@@ -35,8 +35,11 @@ def load_yaml(path: Path, text: str | None = None) -> tuple[Any, Positions]:
     except MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         pos = SourcePosition(str(path), mark.line + 1, mark.column + 1) if mark else SourcePosition(str(path))
-        raise ConfigError(f"YAML syntax error: {exc.problem or exc.context}", pos,
-                          "valid YAML (check indentation, colons and quotes)") from exc
+        raise ConfigError(
+            f"YAML syntax error: {exc.problem or exc.context}",
+            pos,
+            "valid YAML (check indentation, colons and quotes)",
+        ) from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read file: {exc}", SourcePosition(str(path))) from exc
     positions: Positions = {}
@@ -104,15 +107,28 @@ def _first_model(ann: Any) -> Any:
 
 def validate_file(path: Path, data: Any, positions: Positions) -> BaseModel:
     if not isinstance(data, dict):
-        raise ConfigErrors([ConfigError("a mapping file must be a YAML mapping with a `kind:` key",
-                                        SourcePosition(str(path), 1, 1), f"kind: one of {sorted(spec.KINDS)}")])
+        raise ConfigErrors(
+            [
+                ConfigError(
+                    "a mapping file must be a YAML mapping with a `kind:` key",
+                    SourcePosition(str(path), 1, 1),
+                    f"kind: one of {sorted(spec.KINDS)}",
+                )
+            ]
+        )
     kind = data.get("kind")
     model = spec.KINDS.get(str(kind))
     if model is None:
         hint = difflib.get_close_matches(str(kind), spec.KINDS, n=1)
-        raise ConfigErrors([ConfigError(
-            f"unknown kind {kind!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""),
-            position_of(path, positions, ("kind",)), f"one of {sorted(spec.KINDS)}")])
+        raise ConfigErrors(
+            [
+                ConfigError(
+                    f"unknown kind {kind!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""),
+                    position_of(path, positions, ("kind",)),
+                    f"one of {sorted(spec.KINDS)}",
+                )
+            ]
+        )
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -126,9 +142,13 @@ def validate_file(path: Path, data: Any, positions: Positions) -> BaseModel:
                 owner = _model_at(loc[:-1], model)
                 choices = _fields_of(owner) if owner else []
                 hint = difflib.get_close_matches(str(loc[-1]), choices, n=1)
-                errors.append(ConfigError(
-                    f"unknown key {loc[-1]!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""), pos,
-                    f"one of {', '.join(choices)}" if choices else None))
+                errors.append(
+                    ConfigError(
+                        f"unknown key {loc[-1]!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""),
+                        pos,
+                        f"one of {', '.join(choices)}" if choices else None,
+                    )
+                )
             elif err["type"] == "missing":
                 if _misspelt(loc, raw_errors):
                     continue  # reported once, as the unknown key with "did you mean"
@@ -140,8 +160,12 @@ def validate_file(path: Path, data: Any, positions: Positions) -> BaseModel:
 
 def _misspelt(loc: tuple[Any, ...], errors: list[Any]) -> bool:
     """Whether the missing key at ``loc`` was given under a misspelt name beside it."""
-    return any(e["type"] == "extra_forbidden" and tuple(e["loc"][:-1]) == loc[:-1]
-               and difflib.get_close_matches(str(e["loc"][-1]), [str(loc[-1])], n=1) for e in errors)
+    return any(
+        e["type"] == "extra_forbidden"
+        and tuple(e["loc"][:-1]) == loc[:-1]
+        and difflib.get_close_matches(str(e["loc"][-1]), [str(loc[-1])], n=1)
+        for e in errors
+    )
 
 
 @dataclass
@@ -187,8 +211,13 @@ class MappingSet:
         return sorted(name for k, name in self._by_input if k == kind)
 
     def files(self) -> list[LoadedFile]:
-        return [*self.messages.values(), *self.resources.values(), *self.datatypes.values(), *self.tables.values(),
-                *self.events.values()]
+        return [
+            *self.messages.values(),
+            *self.resources.values(),
+            *self.datatypes.values(),
+            *self.tables.values(),
+            *self.events.values(),
+        ]
 
 
 def _input_of(f: LoadedFile) -> str:
@@ -204,9 +233,16 @@ def load_mappings(root: Path | str) -> MappingSet:
     mset = MappingSet(root)
     errors: list[ConfigError] = []
     if not root.is_dir():
-        raise ConfigErrors([ConfigError(f"mapping directory {str(root)!r} does not exist", SourcePosition(str(root)))])
-    buckets = {"message": mset.messages, "resource": mset.resources, "datatype": mset.datatypes, "table": mset.tables,
-               "event": mset.events}
+        raise ConfigErrors(
+            [ConfigError(f"mapping directory {str(root)!r} does not exist", SourcePosition(str(root)))]
+        )
+    buckets = {
+        "message": mset.messages,
+        "resource": mset.resources,
+        "datatype": mset.datatypes,
+        "table": mset.tables,
+        "event": mset.events,
+    }
     for path in sorted(root.rglob("*.yaml")):
         if path.name.endswith("_test.yaml"):
             continue
@@ -222,9 +258,14 @@ def load_mappings(root: Path | str) -> MappingSet:
         loaded = LoadedFile(path, model, positions)
         bucket = buckets[model.kind]  # type: ignore[attr-defined]
         if loaded.name in bucket:
-            errors.append(ConfigError(f"{model.kind} mapping name {loaded.name!r} is already used by "  # type: ignore[attr-defined]
-                                      f"{bucket[loaded.name].path}", position_of(path, positions, ("kind",)),
-                                      "a unique name (set `name:` or rename the file)"))
+            errors.append(
+                ConfigError(
+                    f"{model.kind} mapping name {loaded.name!r} is already used by "  # type: ignore[attr-defined]
+                    f"{bucket[loaded.name].path}",
+                    position_of(path, positions, ("kind",)),
+                    "a unique name (set `name:` or rename the file)",
+                )
+            )
             continue
         bucket[loaded.name] = loaded
     if not errors:
@@ -246,8 +287,14 @@ class _Linker:
             self._message(f)
         for f in self.mset.resources.values():
             if f.model.resource not in RECORD_TABLES:
-                self._err(f, ("resource",), f"unknown record type {f.model.resource!r}",
-                          f"one of {', '.join(RECORD_TABLES)}", f.model.resource, list(RECORD_TABLES))
+                self._err(
+                    f,
+                    ("resource",),
+                    f"unknown record type {f.model.resource!r}",
+                    f"one of {', '.join(RECORD_TABLES)}",
+                    f.model.resource,
+                    list(RECORD_TABLES),
+                )
             key, kloc = f.model.key, tuple[Any, ...](("key",))
             while key is not None:
                 for part in ("system", "value"):
@@ -261,8 +308,15 @@ class _Linker:
         self._loops()
         return self.errors
 
-    def _err(self, f: LoadedFile, loc: tuple[Any, ...], msg: str, expected: str | None = None,
-             found: str | None = None, choices: list[str] | None = None) -> None:
+    def _err(
+        self,
+        f: LoadedFile,
+        loc: tuple[Any, ...],
+        msg: str,
+        expected: str | None = None,
+        found: str | None = None,
+        choices: list[str] | None = None,
+    ) -> None:
         if found is not None and choices:
             hint = difflib.get_close_matches(found, choices, n=1)
             if hint:
@@ -279,8 +333,12 @@ class _Linker:
         m = f.model
         given = [k for k in ("message", "csv", "resource") if getattr(m.match, k)]
         if len(given) != 1:
-            self._err(f, ("match",), f"match needs exactly one of message, csv or resource (found {given or 'none'})",
-                      "message: ADT (HL7 v2), csv: staff_roster (CSV rows) or resource: Practitioner (FHIR)")
+            self._err(
+                f,
+                ("match",),
+                f"match needs exactly one of message, csv or resource (found {given or 'none'})",
+                "message: ADT (HL7 v2), csv: staff_roster (CSV rows) or resource: Practitioner (FHIR)",
+            )
             return
         if m.match.input != "hl7v2":
             name = m.match.csv or m.match.resource
@@ -291,21 +349,36 @@ class _Linker:
         for i, entry in enumerate(m.records):
             target = self.mset.resources.get(entry.record)
             if target is not None and target.model.input != m.match.input:
-                self._err(f, ("records", i, "record"), f"{entry.record} reads {target.model.input} input, "
-                          f"but this mapping handles {m.match.input}", f"a resource mapping with input: {m.match.input}")
+                self._err(
+                    f,
+                    ("records", i, "record"),
+                    f"{entry.record} reads {target.model.input} input, "
+                    f"but this mapping handles {m.match.input}",
+                    f"a resource mapping with input: {m.match.input}",
+                )
         events = m.match.events or ["*"]
         for ev in events if m.match.input == "hl7v2" else []:
             other = self.mset._by_type.get((m.match.message, ev))
             if other is not None:
-                self._err(f, ("match",), f"{m.match.message}^{ev} is already handled by {other.path}",
-                          "each message type and event in one message mapping")
+                self._err(
+                    f,
+                    ("match",),
+                    f"{m.match.message}^{ev} is already handled by {other.path}",
+                    "each message type and event in one message mapping",
+                )
             self.mset._by_type[(m.match.message, ev)] = f
         for i, entry in enumerate(m.records):
             loc = ("records", i)
             target = self.mset.resources.get(entry.record)
             if target is None:
-                self._err(f, loc + ("record",), f"unknown resource mapping {entry.record!r}",
-                          "a name from mappings/resources", entry.record, list(self.mset.resources))
+                self._err(
+                    f,
+                    loc + ("record",),
+                    f"unknown resource mapping {entry.record!r}",
+                    "a name from mappings/resources",
+                    entry.record,
+                    list(self.mset.resources),
+                )
             else:
                 self._with(f, entry.with_, target, loc + ("with",))
             for key in ("context", "for_each"):
@@ -316,29 +389,49 @@ class _Linker:
         for i, action in enumerate(m.actions):
             for k, alias in action.args.items():
                 if alias.lstrip("@") not in aliases:
-                    self._err(f, ("actions", i, "args", k), f"unknown alias {alias!r}",
-                              "an `as:` name of this mapping's records", alias, sorted(aliases))
+                    self._err(
+                        f,
+                        ("actions", i, "args", k),
+                        f"unknown alias {alias!r}",
+                        "an `as:` name of this mapping's records",
+                        alias,
+                        sorted(aliases),
+                    )
 
     def _event(self, f: LoadedFile) -> None:
         m: spec.EventMapping = f.model
         other = self.mset._by_event.get(m.event)
         if other is not None:
-            self._err(f, ("event",), f"event {m.event} is already mapped by {other.path}", "one mapping per event")
+            self._err(
+                f, ("event",), f"event {m.event} is already mapped by {other.path}", "one mapping per event"
+            )
         self.mset._by_event[m.event] = f
         for i, rule in enumerate(m.rules):
             for key in ("use", "record", "ref"):
                 if getattr(rule, key) is not None:
-                    self._err(f, ("rules", i, key), f"`{key}:` makes or reads records; an event payload cannot",
-                              "source, sources, value, function, table or nested rules")
+                    self._err(
+                        f,
+                        ("rules", i, key),
+                        f"`{key}:` makes or reads records; an event payload cannot",
+                        "source, sources, value, function, table or nested rules",
+                    )
         self._rules(f, m.rules, ("rules",), None, set())
 
     def _with(self, f: LoadedFile, given: dict[str, Any], target: LoadedFile, loc: tuple[Any, ...]) -> None:
         for name in given:
             if name not in target.model.params:
-                self._err(f, loc + (name,), f"{target.name} has no parameter {name!r}",
-                          f"one of {sorted(target.model.params) or 'none'}", name, list(target.model.params))
+                self._err(
+                    f,
+                    loc + (name,),
+                    f"{target.name} has no parameter {name!r}",
+                    f"one of {sorted(target.model.params) or 'none'}",
+                    name,
+                    list(target.model.params),
+                )
 
-    def _conditions(self, f: LoadedFile, when: Any, loc: tuple[Any, ...], datatype: str | None, params: set[str]) -> None:
+    def _conditions(
+        self, f: LoadedFile, when: Any, loc: tuple[Any, ...], datatype: str | None, params: set[str]
+    ) -> None:
         if when is None:
             return
         items = when if isinstance(when, list) else [when]
@@ -349,37 +442,84 @@ class _Linker:
             if cond.source:
                 self._path(f, cond.source, cloc + ("source",), datatype)
             if cond.param and cond.param not in params:
-                self._err(f, cloc + ("param",), f"unknown parameter {cond.param!r}",
-                          f"one of {sorted(params) or 'none (declare it under params:)'}", cond.param, sorted(params))
+                self._err(
+                    f,
+                    cloc + ("param",),
+                    f"unknown parameter {cond.param!r}",
+                    f"one of {sorted(params) or 'none (declare it under params:)'}",
+                    cond.param,
+                    sorted(params),
+                )
 
-    def _value(self, f: LoadedFile, v: spec.ValueSpec, loc: tuple[Any, ...], datatype: str | None,
-               params: set[str], extra_given: int = 0) -> None:
+    def _value(
+        self,
+        f: LoadedFile,
+        v: spec.ValueSpec,
+        loc: tuple[Any, ...],
+        datatype: str | None,
+        params: set[str],
+        extra_given: int = 0,
+    ) -> None:
         given = [k for k in ("source", "sources", "param") if getattr(v, k) is not None]
         if "value" in v.model_fields_set:
             given.append("value")
         if len(given) + extra_given > 1:
-            self._err(f, loc, f"give only one of {', '.join(given)}" + (" and use/record/ref/rules" if extra_given else ""))
+            self._err(
+                f,
+                loc,
+                f"give only one of {', '.join(given)}" + (" and use/record/ref/rules" if extra_given else ""),
+            )
         sources = v.source if isinstance(v.source, list) else ([v.source] if v.source else [])
         for i, s in enumerate(sources + list(v.sources or [])):
             self._path(f, s, loc + ("source" if i < len(sources) else "sources",), datatype)
         if v.param and v.param not in params:
-            self._err(f, loc + ("param",), f"unknown parameter {v.param!r}",
-                      f"one of {sorted(params) or 'none (declare it under params:)'}", v.param, sorted(params))
+            self._err(
+                f,
+                loc + ("param",),
+                f"unknown parameter {v.param!r}",
+                f"one of {sorted(params) or 'none (declare it under params:)'}",
+                v.param,
+                sorted(params),
+            )
         if v.function and v.function not in FUNCTIONS:
-            self._err(f, loc + ("function",), f"unknown function {v.function!r}",
-                      f"one of {', '.join(sorted(FUNCTIONS))}", v.function, list(FUNCTIONS))
+            self._err(
+                f,
+                loc + ("function",),
+                f"unknown function {v.function!r}",
+                f"one of {', '.join(sorted(FUNCTIONS))}",
+                v.function,
+                list(FUNCTIONS),
+            )
         elif v.function:
             allowed = set(FUNCTIONS[v.function].args)
             for arg in v.args:
                 if arg not in allowed:
-                    self._err(f, loc + ("args", arg), f"function {v.function} has no argument {arg!r}",
-                              f"one of {sorted(allowed) or 'none'}", arg, sorted(allowed))
+                    self._err(
+                        f,
+                        loc + ("args", arg),
+                        f"function {v.function} has no argument {arg!r}",
+                        f"one of {sorted(allowed) or 'none'}",
+                        arg,
+                        sorted(allowed),
+                    )
         if v.table and v.table not in self.mset.tables:
-            self._err(f, loc + ("table",), f"unknown table {v.table!r}", "a name from mappings/tables",
-                      v.table, list(self.mset.tables))
+            self._err(
+                f,
+                loc + ("table",),
+                f"unknown table {v.table!r}",
+                "a name from mappings/tables",
+                v.table,
+                list(self.mset.tables),
+            )
 
-    def _rules(self, f: LoadedFile, rules: list[spec.Rule], loc: tuple[Any, ...], datatype: str | None,
-               params: set[str]) -> None:
+    def _rules(
+        self,
+        f: LoadedFile,
+        rules: list[spec.Rule],
+        loc: tuple[Any, ...],
+        datatype: str | None,
+        params: set[str],
+    ) -> None:
         for i, rule in enumerate(rules):
             rloc = loc + (i,)
             builders = [k for k in ("use", "record", "ref", "rules") if getattr(rule, k) is not None]
@@ -392,26 +532,48 @@ class _Linker:
             if rule.for_each:
                 self._path(f, rule.for_each, rloc + ("for_each",), datatype)
                 if not rule.target.endswith("[]"):
-                    self._err(f, rloc + ("target",), f"target {rule.target!r} gets one value per repetition",
-                              f"a list target ending in [] such as {rule.target}[]")
+                    self._err(
+                        f,
+                        rloc + ("target",),
+                        f"target {rule.target!r} gets one value per repetition",
+                        f"a list target ending in [] such as {rule.target}[]",
+                    )
             self._conditions(f, rule.when, rloc + ("when",), datatype, params)
             inner = datatype
             if rule.use is not None:
                 dt = self.mset.datatypes.get(rule.use)
                 if dt is None:
-                    self._err(f, rloc + ("use",), f"unknown datatype mapping {rule.use!r}",
-                              "a name from mappings/datatypes", rule.use, list(self.mset.datatypes))
+                    self._err(
+                        f,
+                        rloc + ("use",),
+                        f"unknown datatype mapping {rule.use!r}",
+                        "a name from mappings/datatypes",
+                        rule.use,
+                        list(self.mset.datatypes),
+                    )
             if rule.record is not None:
                 res = self.mset.resources.get(rule.record)
                 if res is None:
-                    self._err(f, rloc + ("record",), f"unknown resource mapping {rule.record!r}",
-                              "a name from mappings/resources", rule.record, list(self.mset.resources))
+                    self._err(
+                        f,
+                        rloc + ("record",),
+                        f"unknown resource mapping {rule.record!r}",
+                        "a name from mappings/resources",
+                        rule.record,
+                        list(self.mset.resources),
+                    )
                 else:
                     self._with(f, rule.with_, res, rloc + ("with",))
                     for k, v in rule.with_.items():
                         if isinstance(v, dict) and set(v) == {"param"} and v["param"] not in params:
-                            self._err(f, rloc + ("with", k), f"unknown parameter {v['param']!r}",
-                                      f"one of {sorted(params) or 'none'}", str(v["param"]), sorted(params))
+                            self._err(
+                                f,
+                                rloc + ("with", k),
+                                f"unknown parameter {v['param']!r}",
+                                f"one of {sorted(params) or 'none'}",
+                                str(v["param"]),
+                                sorted(params),
+                            )
             if rule.rules is not None:
                 if rule.for_each or rule.source:
                     inner = "*"
@@ -442,10 +604,14 @@ class _Linker:
             state[node] = 1
             for nxt in sorted(graph.get(node, ())):
                 if state.get(nxt) == 1:
-                    cycle = trail[trail.index(nxt):] + [nxt] if nxt in trail else [node, nxt]
+                    cycle = trail[trail.index(nxt) :] + [nxt] if nxt in trail else [node, nxt]
                     f = owners[node]
-                    self._err(f, ("rules",), "use:/record: layering loops: " + " -> ".join(cycle),
-                              "mappings that do not (indirectly) use themselves")
+                    self._err(
+                        f,
+                        ("rules",),
+                        "use:/record: layering loops: " + " -> ".join(cycle),
+                        "mappings that do not (indirectly) use themselves",
+                    )
                 elif state.get(nxt) is None:
                     visit(nxt, trail + [nxt])
             state[node] = 2

@@ -71,8 +71,15 @@ class Scope:
 
     __slots__ = ("message", "segment", "value", "location", "kind", "seen", "_components")
 
-    def __init__(self, message: Any, segment: Segment | None = None, value: Any = None, location: str = "",
-                 kind: str = "hl7v2", seen: set[str] | None = None):
+    def __init__(
+        self,
+        message: Any,
+        segment: Segment | None = None,
+        value: Any = None,
+        location: str = "",
+        kind: str = "hl7v2",
+        seen: set[str] | None = None,
+    ):
         self.message = message  # Hl7Message (hl7v2), CsvRecord (csv) or a FHIR resource dict (fhir)
         self.segment = segment
         self.value = value
@@ -155,7 +162,9 @@ class MessagePath:
         out: list[Value] = []
         message = scope.message
         for seg in self.segments(scope):
-            seg_loc = self.segment if message.first(seg.name) is seg else f"{self.segment}[{_seq(message, seg)}]"
+            seg_loc = (
+                self.segment if message.first(seg.name) is seg else f"{self.segment}[{_seq(message, seg)}]"
+            )
             if self.field is None:
                 out.append(Value(seg.name, seg_loc, seg.name, seg))
                 continue
@@ -172,7 +181,10 @@ class MessagePath:
             for r_i, rep in enumerate(reps, start=1):
                 if self.rep not in (None, "*") and self.rep != str(r_i):
                     continue
-                if self.filter_comp is not None and _component(rep, seg, self.filter_comp, None) != self.filter_value:
+                if (
+                    self.filter_comp is not None
+                    and _component(rep, seg, self.filter_comp, None) != self.filter_value
+                ):
                     continue
                 loc = seg_loc + self._field_suffix + (f"[{r_i}]" if len(reps) > 1 else "") + self._comp_suffix
                 raw = _component_raw(rep, seg, self.comp, self.sub)
@@ -213,7 +225,9 @@ class TypePath:
     _suffix: str = field(init=False, repr=False, compare=False, default="")
 
     def __post_init__(self) -> None:
-        suffix = (f".{self.comp}" if self.comp is not None else "") + (f".{self.sub}" if self.sub is not None else "")
+        suffix = (f".{self.comp}" if self.comp is not None else "") + (
+            f".{self.sub}" if self.sub is not None else ""
+        )
         object.__setattr__(self, "_suffix", suffix)
 
     def resolve(self, scope: Scope) -> list[Value]:
@@ -270,21 +284,35 @@ def compile_path(text: str, datatype: str | None = None) -> Path:
         if m["rep"] not in (None, "*") and m["ftype"] is None and int(m["rep"]) == 0:
             raise PathSyntaxError(f"{text!r}: field repetitions start at 1 (e.g. PID-3[1])")
         return MessagePath(
-            text, m["seg"], m["segsel"], int(m["field"]) if m["field"] else None,
-            None if m["ftype"] else m["rep"], int(m["fcomp"]) if m["fcomp"] else None, m["fval"],
-            int(m["comp"]) if m["comp"] else None, int(m["sub"]) if m["sub"] else None,
+            text,
+            m["seg"],
+            m["segsel"],
+            int(m["field"]) if m["field"] else None,
+            None if m["ftype"] else m["rep"],
+            int(m["fcomp"]) if m["fcomp"] else None,
+            m["fval"],
+            int(m["comp"]) if m["comp"] else None,
+            int(m["sub"]) if m["sub"] else None,
         )
     t = _TYPE_PATH.match(text)
     if t and datatype != "*" and t["dtype"] != datatype:
-        seg_hint = f"; did you mean {text.replace('.', '-', 1)!r}?" if len(t["dtype"]) == 3 and t["comp"] else ""
-        where = f"this mapping's context is {datatype}" if datatype else "this mapping has no datatype context"
-        raise PathSyntaxError(f"{text!r} reads a {t['dtype']} value, but {where}: expected a message path "
-                              f"such as PID-5.1{seg_hint}")
+        seg_hint = (
+            f"; did you mean {text.replace('.', '-', 1)!r}?" if len(t["dtype"]) == 3 and t["comp"] else ""
+        )
+        where = (
+            f"this mapping's context is {datatype}" if datatype else "this mapping has no datatype context"
+        )
+        raise PathSyntaxError(
+            f"{text!r} reads a {t['dtype']} value, but {where}: expected a message path "
+            f"such as PID-5.1{seg_hint}"
+        )
     if t:
         for name in ("comp", "sub"):
             if t[name] is not None and int(t[name]) == 0:
                 raise PathSyntaxError(f"{text!r}: component numbers start at 1 (e.g. XCN.1)")
-        return TypePath(text, t["dtype"], int(t["comp"]) if t["comp"] else None, int(t["sub"]) if t["sub"] else None)
+        return TypePath(
+            text, t["dtype"], int(t["comp"]) if t["comp"] else None, int(t["sub"]) if t["sub"] else None
+        )
     hint = ""
     if re.match(r"^[A-Z][A-Z0-9]{2}\.\d", text):
         hint = f"; did you mean {text.replace('.', '-', 1)!r}?"

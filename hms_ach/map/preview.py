@@ -57,9 +57,18 @@ def message_tree(msg: Hl7Message) -> list[dict[str, Any]]:
                     for c_i, comp in enumerate(parts, start=1):
                         if comp:
                             rep_loc = f"[{r_i}]" if len(reps) > 1 else ""
-                            comps.append({"path": f"{seg_loc}-{n}{rep_loc}.{c_i}", "value": seg.unescape(comp)})
-            fields.append({"path": f"{seg_loc}-{n}", "datatype": dtype, "name": name, "value": value,
-                           "components": comps})
+                            comps.append(
+                                {"path": f"{seg_loc}-{n}{rep_loc}.{c_i}", "value": seg.unescape(comp)}
+                            )
+            fields.append(
+                {
+                    "path": f"{seg_loc}-{n}",
+                    "datatype": dtype,
+                    "name": name,
+                    "value": value,
+                    "components": comps,
+                }
+            )
         out.append({"segment": seg_loc, "fields": fields})
     return out
 
@@ -94,8 +103,11 @@ class Preview:
                     lines.append(f"      {c['path']} = {c['value']}")
         lines += ["", "== canonical records"]
         for rec in self.result.records:
-            lines.append(f"{rec.resource_type} key {rec.key}  ({rec.alias}, mode {rec.mode}"
-                         + ("" if rec.create else ", update only") + ")")
+            lines.append(
+                f"{rec.resource_type} key {rec.key}  ({rec.alias}, mode {rec.mode}"
+                + ("" if rec.create else ", update only")
+                + ")"
+            )
         for action in self.result.actions:
             lines.append(f"action {action.name} {action.args}")
         lines += ["", "== FHIR resources"]
@@ -150,8 +162,11 @@ def validate_fhir(resource: dict[str, Any]) -> list[str]:
         model = get_fhir_model_class(resource["resourceType"])
         model.model_validate(resource)
     except ValidationError as exc:
-        return [f"{resource['resourceType']}/{resource.get('id')}: "
-                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        return [
+            f"{resource['resourceType']}/{resource.get('id')}: "
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+            for e in exc.errors()
+        ]
     except Exception as exc:  # noqa: BLE001 - an unknown type is an issue to show, not a crash
         return [f"{resource.get('resourceType')}: {exc}"]
     return []

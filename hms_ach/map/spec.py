@@ -34,7 +34,9 @@ class Condition(_Strict):
 
     source: str | None = Field(None, description="HL7 path whose first non-empty value is tested, e.g. PV1-2")
     param: str | None = Field(None, description="Parameter of this mapping whose value is tested")
-    exists: bool | None = Field(None, description="true: holds when the value is not empty; false: when it is")
+    exists: bool | None = Field(
+        None, description="true: holds when the value is not empty; false: when it is"
+    )
     equals: str | None = Field(None, description="Holds when the value equals this text")
     not_equals: str | None = Field(None, description="Holds when the value differs from this text")
     in_: list[str] | None = Field(None, alias="in", description="Holds when the value is one of these")
@@ -47,17 +49,23 @@ class ValueSpec(_Strict):
     ``table``, ``default`` and ``required`` then apply in that order."""
 
     source: str | list[str] | None = Field(
-        None, description="HL7 path (PID-5.1, PID-3[CX.5=MR].1, XCN.1); a list means the first non-empty one")
+        None, description="HL7 path (PID-5.1, PID-3[CX.5=MR].1, XCN.1); a list means the first non-empty one"
+    )
     sources: list[str] | None = Field(
-        None, description="Several HL7 paths whose values go together to the function (concat, format, join)")
+        None, description="Several HL7 paths whose values go together to the function (concat, format, join)"
+    )
     value: Any = Field(None, description="A constant: text, number, true/false, or a whole JSON object")
     param: str | None = Field(None, description="A parameter of this mapping (see params and with)")
     function: str | None = Field(None, description="Name of a registered function applied to the value")
     args: dict[str, Any] = Field(default_factory=dict, description="Arguments of the function")
-    table: str | None = Field(None, description="Name of a code table (mappings/tables) the value is looked up in")
+    table: str | None = Field(
+        None, description="Name of a code table (mappings/tables) the value is looked up in"
+    )
     default: Any = Field(None, description="Used when the value is empty")
     required: bool | str = Field(
-        False, description="An empty value is an error (AE, table 0357 code 101); text here is the error message")
+        False,
+        description="An empty value is an error (AE, table 0357 code 101); text here is the error message",
+    )
 
 
 class Rule(ValueSpec):
@@ -65,20 +73,36 @@ class Rule(ValueSpec):
 
     target: str = Field(
         description="Where the value goes, in FHIR element names: gender, name[], period.start, "
-        "location[0].location; [] appends to a list")
-    when: Condition | list[Condition] | None = Field(None, description="Run only when this (or all of these) holds")
+        "location[0].location; [] appends to a list"
+    )
+    when: Condition | list[Condition] | None = Field(
+        None, description="Run only when this (or all of these) holds"
+    )
     for_each: str | None = Field(
-        None, description="HL7 path of repeating values or segments (PID-3, NK1); the rule runs once per "
-        "repetition with it as context; the target must end with []")
-    use: str | None = Field(None, description="A datatype mapping that builds the value from the source (or context)")
+        None,
+        description="HL7 path of repeating values or segments (PID-3, NK1); the rule runs once per "
+        "repetition with it as context; the target must end with []",
+    )
+    use: str | None = Field(
+        None, description="A datatype mapping that builds the value from the source (or context)"
+    )
     record: str | None = Field(
-        None, description="A resource mapping run on the source (or context); the value is a reference to that record")
-    ref: str | None = Field(None, description="A reference to the record the message mapping named with `as:`")
-    with_: dict[str, Any] = Field(default_factory=dict, alias="with",
-                                  description="Parameters passed to the `record:` mapping: a constant, or "
-                                  "{param: NAME} to pass on this mapping's own parameter NAME")
+        None,
+        description="A resource mapping run on the source (or context); the value is a reference to that record",
+    )
+    ref: str | None = Field(
+        None, description="A reference to the record the message mapping named with `as:`"
+    )
+    with_: dict[str, Any] = Field(
+        default_factory=dict,
+        alias="with",
+        description="Parameters passed to the `record:` mapping: a constant, or "
+        "{param: NAME} to pass on this mapping's own parameter NAME",
+    )
     rules: list[Rule] | None = Field(None, description="Nested rules that build an object value")
-    remove: bool = Field(False, description="Remove the target from the stored record (e.g. period.end on A13)")
+    remove: bool = Field(
+        False, description="Remove the target from the stored record (e.g. period.end on A13)"
+    )
 
 
 class KeySpec(_Strict):
@@ -87,8 +111,10 @@ class KeySpec(_Strict):
     system: ValueSpec = Field(description="The identifier system (URI) of the key")
     value: ValueSpec = Field(description="The identifier value of the key")
     fallback: KeySpec | None = Field(
-        None, description="Another key used when this one's value is empty (e.g. MRN + admit time when "
-        "PV1-19 has no visit number); `required` applies to the last one only")
+        None,
+        description="Another key used when this one's value is empty (e.g. MRN + admit time when "
+        "PV1-19 has no visit number); `required` applies to the last one only",
+    )
 
 
 class ParamSpec(_Strict):
@@ -104,19 +130,31 @@ class ResourceMapping(_Strict):
     description: str = Field("", description="What this mapping is for")
     resource: str = Field(description="Record type: Patient, Encounter, Location, Practitioner, ...")
     input: Literal["hl7v2", "csv", "fhir"] = Field(
-        "hl7v2", description="What the mapping reads: HL7 v2 paths, CSV column headers, or FHIRPath expressions")
+        "hl7v2",
+        description="What the mapping reads: HL7 v2 paths, CSV column headers, or FHIRPath expressions",
+    )
     context: str | None = Field(
-        None, description="HL7 v2: datatype the mapping reads (e.g. XCN, PL): its paths are then XCN.1...; "
-        "empty: the message")
-    params: dict[str, ParamSpec] = Field(default_factory=dict, description="Parameters callers set with `with:`")
-    key: KeySpec | None = Field(None, description="Business key; without one every message creates a new record")
+        None,
+        description="HL7 v2: datatype the mapping reads (e.g. XCN, PL): its paths are then XCN.1...; "
+        "empty: the message",
+    )
+    params: dict[str, ParamSpec] = Field(
+        default_factory=dict, description="Parameters callers set with `with:`"
+    )
+    key: KeySpec | None = Field(
+        None, description="Business key; without one every message creates a new record"
+    )
     mode: Literal["merge", "replace", "fill"] = Field(
-        "merge", description="merge: update the elements this mapping sets; replace: the record becomes exactly "
+        "merge",
+        description="merge: update the elements this mapping sets; replace: the record becomes exactly "
         "this; fill: set only elements the stored record does not have yet (e.g. doctors named in ADT "
-        "must not overwrite the staff master file)")
+        "must not overwrite the staff master file)",
+    )
     without_key: Literal["error", "skip", "create"] = Field(
-        "error", description="When the key value is empty: error (AE, code 101, if the key is `required`), "
-        "skip the record (references to it are dropped), or create a new record each time")
+        "error",
+        description="When the key value is empty: error (AE, code 101, if the key is `required`), "
+        "skip the record (references to it are dropped), or create a new record each time",
+    )
     create: bool = Field(True, description="false: only update a record that already exists with this key")
     rules: list[Rule] = Field(default_factory=list, description="The rules, applied in order")
 
@@ -128,7 +166,9 @@ class DatatypeMapping(_Strict):
     name: str | None = Field(None, description="Name other mappings use; defaults to the file name")
     description: str = Field("", description="What this mapping is for")
     datatype: str = Field(description="The HL7 datatype read (XPN, CX, XAD, XTN, CWE, PL, XCN...)")
-    produces: str = Field("", description="The FHIR datatype produced (HumanName, Identifier...), for the docs")
+    produces: str = Field(
+        "", description="The FHIR datatype produced (HumanName, Identifier...), for the docs"
+    )
     rules: list[Rule] = Field(default_factory=list, description="The rules, applied in order")
 
 
@@ -137,22 +177,32 @@ class RecordEntry(_Strict):
 
     record: str = Field(description="The resource mapping to run")
     as_: str | None = Field(None, alias="as", description="Alias other rules use with `ref:`")
-    context: str | None = Field(None, description="HL7 path whose value is the mapping's context (skipped if empty)")
+    context: str | None = Field(
+        None, description="HL7 path whose value is the mapping's context (skipped if empty)"
+    )
     for_each: str | None = Field(None, description="HL7 path: run once per repetition / segment")
-    when: Condition | list[Condition] | None = Field(None, description="Run only when this (or all of these) holds")
-    with_: dict[str, Any] = Field(default_factory=dict, alias="with", description="Parameters for the mapping")
+    when: Condition | list[Condition] | None = Field(
+        None, description="Run only when this (or all of these) holds"
+    )
+    with_: dict[str, Any] = Field(
+        default_factory=dict, alias="with", description="Parameters for the mapping"
+    )
     create: bool | None = Field(
-        None, description="false: only update a record that already exists (overrides the resource mapping)")
+        None, description="false: only update a record that already exists (overrides the resource mapping)"
+    )
     mode: Literal["merge", "replace", "fill"] | None = Field(
-        None, description="Overrides the resource mapping's mode for this message: e.g. `fill` for a message "
-        "that only refers to a record another feed owns (a charge names the visit but must not move it)")
+        None,
+        description="Overrides the resource mapping's mode for this message: e.g. `fill` for a message "
+        "that only refers to a record another feed owns (a charge names the visit but must not move it)",
+    )
 
 
 class ActionEntry(_Strict):
     """A store operation beyond upserts, run after the records are written."""
 
     action: Literal["merge_patient"] = Field(
-        description="merge_patient: mark `source` replaced-by `target` and move its encounters to `target`")
+        description="merge_patient: mark `source` replaced-by `target` and move its encounters to `target`"
+    )
     args: dict[str, str] = Field(default_factory=dict, description="Aliases the action works on")
 
 
@@ -163,10 +213,14 @@ class MessageMatch(_Strict):
     message: str | None = Field(None, description="HL7 v2: MSH-9.1 message code, e.g. ADT")
     events: list[str] = Field(default_factory=list, description="HL7 v2: MSH-9.2 trigger events; empty: any")
     csv: str | None = Field(
-        None, description="CSV: the dataset name a CSV channel gives its rows (e.g. staff_roster); sources are "
-        "column headers")
+        None,
+        description="CSV: the dataset name a CSV channel gives its rows (e.g. staff_roster); sources are "
+        "column headers",
+    )
     resource: str | None = Field(
-        None, description="FHIR: the resourceType received (e.g. Practitioner); sources are FHIRPath expressions")
+        None,
+        description="FHIR: the resourceType received (e.g. Practitioner); sources are FHIRPath expressions",
+    )
 
     @property
     def input(self) -> str:
@@ -180,8 +234,12 @@ class MessageMapping(_Strict):
     name: str | None = Field(None, description="Name of the mapping; defaults to the file name")
     description: str = Field("", description="What this mapping is for")
     match: MessageMatch = Field(description="Which messages (MSH-9) this mapping handles")
-    records: list[RecordEntry] = Field(default_factory=list, description="The records the message yields, in order")
-    actions: list[ActionEntry] = Field(default_factory=list, description="Store actions run after the records")
+    records: list[RecordEntry] = Field(
+        default_factory=list, description="The records the message yields, in order"
+    )
+    actions: list[ActionEntry] = Field(
+        default_factory=list, description="Store actions run after the records"
+    )
 
 
 class CodeTable(_Strict):
@@ -194,7 +252,8 @@ class CodeTable(_Strict):
     target_system: str = Field("", description="The FHIR code system of the results")
     map: dict[str, Any] = Field(description="source code -> target value")
     unmapped: Literal["error", "default", "keep"] = Field(
-        "error", description="A code not in the map: error (AE, code 103), use `default`, or keep the code")
+        "error", description="A code not in the map: error (AE, code 103), use `default`, or keep the code"
+    )
     default: Any = Field(None, description="The value for unmapped codes when unmapped is default")
     case_sensitive: bool = Field(False, description="Whether codes are matched case-sensitively")
 

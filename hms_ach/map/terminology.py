@@ -24,8 +24,11 @@ def lookup(table: CodeTable, name: str, code: str, location: str) -> Any:
             return table.default.replace("{code}", key) if key else None
         return table.default
     known = ", ".join(list(table.map)[:12])
-    raise MappingError(f"code {key!r} is not in table {name} ({table.source_system or 'codes'}: {known})",
-                       location, Err0357.TABLE_VALUE_NOT_FOUND)
+    raise MappingError(
+        f"code {key!r} is not in table {name} ({table.source_system or 'codes'}: {known})",
+        location,
+        Err0357.TABLE_VALUE_NOT_FOUND,
+    )
 
 
 # id(table) -> (table, upper-cased map); holding the table keeps its id from being reused.

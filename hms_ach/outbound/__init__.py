@@ -7,9 +7,12 @@ A new sink type is one module with a class that has a ``Config`` (extending
 from hms_ach.registry import Registry
 
 #: ``type:`` of a ``sinks:`` entry in channels.yaml -> the sink class.
-SINK_TYPES = Registry("sink type", {
-    "webhook": "hms_ach.outbound.webhook:WebhookSink",
-    "rabbitmq": "hms_ach.outbound.rabbitmq:RabbitMqSink",
-    "x12_837": "hms_ach.outbound.x12_837:X12ClaimSink",
-    "fhir_push": "hms_ach.outbound.fhir_push:FhirPushSink",
-})
+SINK_TYPES = Registry(
+    "sink type",
+    {
+        "webhook": "hms_ach.outbound.webhook:WebhookSink",
+        "rabbitmq": "hms_ach.outbound.rabbitmq:RabbitMqSink",
+        "x12_837": "hms_ach.outbound.x12_837:X12ClaimSink",
+        "fhir_push": "hms_ach.outbound.fhir_push:FhirPushSink",
+    },
+)

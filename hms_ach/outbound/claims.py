@@ -24,11 +24,26 @@ INPATIENT_CLASSES = frozenset({"IMP", "ACUTE", "NONAC"})
 ICD10 = "http://hl7.org/fhir/sid/icd-10-cm"
 
 
-def _referring(conn: Connection, resource_type: str, param: str, target_type: str, target_id: str) -> list[str]:
+def _referring(
+    conn: Connection, resource_type: str, param: str, target_type: str, target_id: str
+) -> list[str]:
     ref = SearchReference.__table__  # type: ignore[attr-defined]
-    rows = conn.execute(select(ref.c.resource_id).distinct().where(and_(
-        ref.c.resource_type == resource_type, ref.c.param == param,
-        ref.c.target_type == target_type, ref.c.target_id == target_id))).scalars().all()
+    rows = (
+        conn.execute(
+            select(ref.c.resource_id)
+            .distinct()
+            .where(
+                and_(
+                    ref.c.resource_type == resource_type,
+                    ref.c.param == param,
+                    ref.c.target_type == target_type,
+                    ref.c.target_id == target_id,
+                )
+            )
+        )
+        .scalars()
+        .all()
+    )
     return list(rows)
 
 
@@ -42,13 +57,18 @@ def _load(conn: Connection, resource_type: str, ids: list[str]) -> list[dict[str
 
 def charges_of(conn: Connection, encounter_id: str) -> list[dict[str, Any]]:
     charges = _load(conn, "Charge", _referring(conn, "Charge", "encounter", "Encounter", encounter_id))
-    return sorted((c for c in charges if c.get("status", "billable") == "billable"),
-                  key=lambda c: (c.get("date", ""), c["id"]))
+    return sorted(
+        (c for c in charges if c.get("status", "billable") == "billable"),
+        key=lambda c: (c.get("date", ""), c["id"]),
+    )
 
 
 def coverage_of(conn: Connection, patient_id: str) -> dict[str, Any] | None:
-    covs = [c for c in _load(conn, "Coverage", _referring(conn, "Coverage", "beneficiary", "Patient", patient_id))
-            if c.get("status") == "active"]
+    covs = [
+        c
+        for c in _load(conn, "Coverage", _referring(conn, "Coverage", "beneficiary", "Patient", patient_id))
+        if c.get("status") == "active"
+    ]
     covs.sort(key=lambda c: (c.get("order", 99), c.get("meta", {}).get("lastUpdated", "")))
     return covs[0] if covs else None
 
@@ -59,8 +79,9 @@ def _is_inpatient(encounter: dict[str, Any]) -> bool:
     return isinstance(klass, dict) and klass.get("code") in INPATIENT_CLASSES
 
 
-def build_claim(encounter: dict[str, Any], charges: list[dict[str, Any]],
-                coverage: dict[str, Any] | None) -> dict[str, Any]:
+def build_claim(
+    encounter: dict[str, Any], charges: list[dict[str, Any]], coverage: dict[str, Any] | None
+) -> dict[str, Any]:
     """The Claim content for an encounter's charges (pure)."""
     diagnoses: list[str] = []
     for charge in charges:
@@ -76,14 +97,25 @@ def build_claim(encounter: dict[str, Any], charges: list[dict[str, Any]],
         amount = float(charge.get("amount", 0))
         item: dict[str, Any] = {
             "sequence": seq,
-            "productOrService": {"coding": [{"system": CPT, "code": charge.get("code", {}).get("code"),
-                                             "display": charge.get("code", {}).get("display")}]},
+            "productOrService": {
+                "coding": [
+                    {
+                        "system": CPT,
+                        "code": charge.get("code", {}).get("code"),
+                        "display": charge.get("code", {}).get("display"),
+                    }
+                ]
+            },
             "servicedDate": str(charge.get("date", ""))[:10],
             "quantity": {"value": charge.get("units", 1)},
             "net": {"value": amount, "currency": "USD"},
             "encounter": [{"reference": f"Encounter/{encounter['id']}"}],
-            "diagnosisSequence": [diagnoses.index(dx["code"]) + 1 for dx in charge.get("diagnosis", [])
-                                  if dx.get("code") in diagnoses] or ([1] if diagnoses else []),
+            "diagnosisSequence": [
+                diagnoses.index(dx["code"]) + 1
+                for dx in charge.get("diagnosis", [])
+                if dx.get("code") in diagnoses
+            ]
+            or ([1] if diagnoses else []),
         }
         if performer:
             item["careTeamSequence"] = [performers.index(performer) + 1]
@@ -92,21 +124,37 @@ def build_claim(encounter: dict[str, Any], charges: list[dict[str, Any]],
     claim: dict[str, Any] = {
         "identifier": [{"system": CLAIM_SYSTEM, "value": encounter["id"]}],
         "status": "active",
-        "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/claim-type",
-                             "code": "institutional" if _is_inpatient(encounter) else "professional"}]},
+        "type": {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/claim-type",
+                    "code": "institutional" if _is_inpatient(encounter) else "professional",
+                }
+            ]
+        },
         "use": "claim",
         "patient": encounter.get("subject"),
         "created": datetime.now(UTC).date().isoformat(),
-        "provider": {"reference": performers[0]} if performers else {"display": "billing provider (configured)"},
-        "priority": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/processpriority", "code": "normal"}]},
-        "careTeam": [{"sequence": i, "provider": {"reference": ref}} for i, ref in enumerate(performers, start=1)],
-        "diagnosis": [{"sequence": i, "diagnosisCodeableConcept": {"coding": [{"system": ICD10, "code": code}]}}
-                      for i, code in enumerate(diagnoses, start=1)],
+        "provider": {"reference": performers[0]}
+        if performers
+        else {"display": "billing provider (configured)"},
+        "priority": {
+            "coding": [{"system": "http://terminology.hl7.org/CodeSystem/processpriority", "code": "normal"}]
+        },
+        "careTeam": [
+            {"sequence": i, "provider": {"reference": ref}} for i, ref in enumerate(performers, start=1)
+        ],
+        "diagnosis": [
+            {"sequence": i, "diagnosisCodeableConcept": {"coding": [{"system": ICD10, "code": code}]}}
+            for i, code in enumerate(diagnoses, start=1)
+        ],
         "item": items,
         "total": {"value": total, "currency": "USD"},
     }
     if coverage is not None:
-        claim["insurance"] = [{"sequence": 1, "focal": True, "coverage": {"reference": f"Coverage/{coverage['id']}"}}]
+        claim["insurance"] = [
+            {"sequence": 1, "focal": True, "coverage": {"reference": f"Coverage/{coverage['id']}"}}
+        ]
         payor = (coverage.get("payor") or [{}])[0]
         claim["insurer"] = {k: v for k, v in payor.items() if k in ("identifier", "display")}
     return {k: v for k, v in claim.items() if v not in (None, [])}

@@ -51,15 +51,37 @@ if TYPE_CHECKING:
 log = logging.getLogger("hms_ach.outbound.events")
 
 EVENT_NAMES = (
-    "encounter.admitted", "encounter.transferred", "encounter.discharged", "encounter.cancelled",
-    "bed.status_changed", "practitioner.onboarded", "practitioner.updated",
-    "credential.expiring", "credential.expired", "shift.updated", "timecard.recorded",
-    "claim.created", "claim.file_written", "claim.file_rejected", "claim.error", "record.changed",
+    "encounter.admitted",
+    "encounter.transferred",
+    "encounter.discharged",
+    "encounter.cancelled",
+    "bed.status_changed",
+    "practitioner.onboarded",
+    "practitioner.updated",
+    "credential.expiring",
+    "credential.expired",
+    "shift.updated",
+    "timecard.recorded",
+    "claim.created",
+    "claim.file_written",
+    "claim.file_rejected",
+    "claim.error",
+    "record.changed",
 )
 
 #: The record types whose every change is announced as ``record.changed`` (the FHIR resources we keep).
-CHANGE_FEED_TYPES = frozenset({"Patient", "Encounter", "Location", "Practitioner", "PractitionerRole",
-                               "Organization", "Coverage", "Claim"})
+CHANGE_FEED_TYPES = frozenset(
+    {
+        "Patient",
+        "Encounter",
+        "Location",
+        "Practitioner",
+        "PractitionerRole",
+        "Organization",
+        "Coverage",
+        "Claim",
+    }
+)
 
 
 _feed_subscribers = 0
@@ -125,8 +147,14 @@ def payload_from(event: str, context: dict[str, Any], base: dict[str, Any]) -> d
     try:
         built = engine.map_event(event, context)
     except Exception as exc:  # noqa: BLE001 - a payload rule must never cost the event (or roll back its cause)
-        log.error("events.payload_failed", extra={"event": event, "resource": context.get("resource"),
-                                                  "error": f"{type(exc).__name__}: {exc}"})
+        log.error(
+            "events.payload_failed",
+            extra={
+                "event": event,
+                "resource": context.get("resource"),
+                "error": f"{type(exc).__name__}: {exc}",
+            },
+        )
         return base
     return base if built is None else built
 
@@ -139,8 +167,11 @@ def payload(event: str, change: Change) -> dict[str, Any]:
     """
     if _engine is None:  # the write path of every record change: build no context for nothing
         return _base(change)
-    context: dict[str, Any] = {"resource": change.reference, "versionId": change.version_id,
-                               "action": change.action}
+    context: dict[str, Any] = {
+        "resource": change.reference,
+        "versionId": change.version_id,
+        "action": change.action,
+    }
     if change.after is not None:
         context["after"] = change.after
     if change.before is not None:
@@ -157,8 +188,12 @@ def encounter_events(change: Change) -> list[str]:
     out: list[str] = []
     if status == "in-progress" and old_status != "in-progress":
         out.append("encounter.admitted")
-    elif (status == "in-progress" and change.before is not None
-          and _current_location(before) and _current_location(after) != _current_location(before)):
+    elif (
+        status == "in-progress"
+        and change.before is not None
+        and _current_location(before)
+        and _current_location(after) != _current_location(before)
+    ):
         out.append("encounter.transferred")
     if status == "finished" and old_status != "finished":
         out.append("encounter.discharged")

@@ -62,21 +62,34 @@ class PushAuth(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["none", "bearer", "client_credentials"] = Field(
-        "none", description="none | bearer (a static token) | client_credentials (OAuth2 token endpoint)")
-    token: SecretStr | None = Field(None, description="bearer: the token; use ${VAR} to read it from the environment")
+        "none", description="none | bearer (a static token) | client_credentials (OAuth2 token endpoint)"
+    )
+    token: SecretStr | None = Field(
+        None, description="bearer: the token; use ${VAR} to read it from the environment"
+    )
     token_url: str | None = Field(None, description="client_credentials: the OAuth2 token endpoint")
     client_id: str | None = Field(None, description="client_credentials: the registered client id")
     client_secret: SecretStr | None = Field(
-        None, description="client_credentials with client_secret_basic: the client secret (${VAR})")
+        None, description="client_credentials with client_secret_basic: the client secret (${VAR})"
+    )
     private_key: SecretStr | None = Field(
-        None, description="client_credentials with SMART private_key_jwt: the PEM private key (${VAR})")
-    private_key_file: str | None = Field(None, description="private_key_jwt: a file holding the PEM private key")
+        None, description="client_credentials with SMART private_key_jwt: the PEM private key (${VAR})"
+    )
+    private_key_file: str | None = Field(
+        None, description="private_key_jwt: a file holding the PEM private key"
+    )
     key_id: str | None = Field(None, description="private_key_jwt: the kid of the key in the client's JWKS")
-    algorithm: Literal["RS384", "ES384"] = Field("RS384", description="private_key_jwt: the JWS algorithm "
-                                                 "(SMART backend services allows RS384 and ES384)")
+    algorithm: Literal["RS384", "ES384"] = Field(
+        "RS384",
+        description="private_key_jwt: the JWS algorithm (SMART backend services allows RS384 and ES384)",
+    )
     scope: str = Field("system/*.write", description="client_credentials: the scopes asked for")
-    assertion_lifetime_seconds: int = Field(300, gt=0, le=300, description="private_key_jwt: exp - iat of the "
-                                            "client assertion (SMART: at most 300)")
+    assertion_lifetime_seconds: int = Field(
+        300,
+        gt=0,
+        le=300,
+        description="private_key_jwt: exp - iat of the client assertion (SMART: at most 300)",
+    )
 
     @model_validator(mode="after")
     def _complete(self) -> PushAuth:
@@ -86,10 +99,16 @@ class PushAuth(BaseModel):
             missing = [n for n in ("token_url", "client_id") if not getattr(self, n)]
             if missing:
                 raise ValueError(f"auth type client_credentials needs {' and '.join(missing)}")
-            keys = [self.client_secret is not None, self.private_key is not None, self.private_key_file is not None]
+            keys = [
+                self.client_secret is not None,
+                self.private_key is not None,
+                self.private_key_file is not None,
+            ]
             if sum(keys) != 1:
-                raise ValueError("auth type client_credentials needs exactly one of client_secret (client_secret_basic),"
-                                 " private_key or private_key_file (private_key_jwt)")
+                raise ValueError(
+                    "auth type client_credentials needs exactly one of client_secret (client_secret_basic),"
+                    " private_key or private_key_file (private_key_jwt)"
+                )
         return self
 
 
@@ -125,9 +144,13 @@ def outcome_text(body: str) -> str:
         for issue in data.get("issue") or []:
             if isinstance(issue, dict):
                 where = ", ".join(str(e) for e in issue.get("expression") or [])
-                text = issue.get("diagnostics") or (issue.get("details") or {}).get("text") or issue.get("code")
-                parts.append(f"{issue.get('severity', 'error')} {issue.get('code', '')}: {text}"
-                             + (f" (at {where})" if where else ""))
+                text = (
+                    issue.get("diagnostics") or (issue.get("details") or {}).get("text") or issue.get("code")
+                )
+                parts.append(
+                    f"{issue.get('severity', 'error')} {issue.get('code', '')}: {text}"
+                    + (f" (at {where})" if where else "")
+                )
         return "; ".join(parts)[:1000] or "an OperationOutcome without issues"
     return body[:300]
 
@@ -162,9 +185,15 @@ class TokenSource:
         header: dict[str, Any] = {"typ": "JWT"}
         if self.auth.key_id:
             header["kid"] = self.auth.key_id
-        signed = private_key_jwt_sign(self._key, client_id=self.auth.client_id, token_endpoint=self.auth.token_url,
-                                      alg=self.auth.algorithm, claims={"jti": uuid.uuid4().hex}, header=header,
-                                      expires_in=self.auth.assertion_lifetime_seconds)
+        signed = private_key_jwt_sign(
+            self._key,
+            client_id=self.auth.client_id,
+            token_endpoint=self.auth.token_url,
+            alg=self.auth.algorithm,
+            claims={"jti": uuid.uuid4().hex},
+            header=header,
+            expires_in=self.auth.assertion_lifetime_seconds,
+        )
         return signed.decode() if isinstance(signed, bytes) else str(signed)
 
     async def header(self, client: httpx.AsyncClient) -> str | None:
@@ -189,11 +218,18 @@ class TokenSource:
             try:
                 form.update(client_assertion_type=JWT_BEARER, client_assertion=self.assertion())
             except Exception as exc:  # noqa: BLE001 - a key that cannot sign is a configuration error
-                raise DeliveryError(f"cannot sign the client assertion with the configured private key "
-                                    f"({type(exc).__name__}: {exc}); expected a PEM {auth.algorithm} key") from exc
+                raise DeliveryError(
+                    f"cannot sign the client assertion with the configured private key "
+                    f"({type(exc).__name__}: {exc}); expected a PEM {auth.algorithm} key"
+                ) from exc
         try:
-            response = await client.post(auth.token_url, data=form, auth=basic or httpx.USE_CLIENT_DEFAULT,
-                                         headers={"Accept": "application/json"}, timeout=self.timeout)
+            response = await client.post(
+                auth.token_url,
+                data=form,
+                auth=basic or httpx.USE_CLIENT_DEFAULT,
+                headers={"Accept": "application/json"},
+                timeout=self.timeout,
+            )
         except httpx.HTTPError as exc:
             raise DeliveryError(f"token endpoint {auth.token_url}: {type(exc).__name__}: {exc}") from exc
         try:
@@ -201,12 +237,17 @@ class TokenSource:
         except ValueError:
             data = {}
         if response.status_code != 200 or not isinstance(data, dict) or not data.get("access_token"):
-            reason = (f"{data.get('error', '')} {data.get('error_description', '')}".strip()
-                      if isinstance(data, dict) else "") or response.text[:200]
+            reason = (
+                f"{data.get('error', '')} {data.get('error_description', '')}".strip()
+                if isinstance(data, dict)
+                else ""
+            ) or response.text[:200]
             # Retried, not dead-lettered: a credential problem is fixed in the config, then rows flow again.
-            raise DeliveryError(f"token endpoint {auth.token_url} answered {response.status_code}: "
-                                f"{reason or 'no access_token'}",
-                                retry_after=retry_after_seconds(response.headers.get("Retry-After")))
+            raise DeliveryError(
+                f"token endpoint {auth.token_url} answered {response.status_code}: "
+                f"{reason or 'no access_token'}",
+                retry_after=retry_after_seconds(response.headers.get("Retry-After")),
+            )
         self._token = str(data["access_token"])
         try:
             lifetime = float(data.get("expires_in", 300))
@@ -218,24 +259,33 @@ class TokenSource:
 
 class FhirPushSink:
     class Config(SinkSettings):
-        events: list[str] = Field(default_factory=lambda: ["record.changed"],
-                                  description="The change feed; only record.changed is acted on")
+        events: list[str] = Field(
+            default_factory=lambda: ["record.changed"],
+            description="The change feed; only record.changed is acted on",
+        )
         base_url: str = Field(description="The remote FHIR R4 base URL (https://fhir.example.org/r4)")
         mode: Literal["conditional", "transaction"] = Field(
-            "conditional", description="conditional: one PUT Type?identifier= per record; transaction: a "
-                                       "transaction Bundle with the record and the records it refers to")
-        resource_types: list[str] = Field(default_factory=lambda: list(DEFAULT_TYPES),
-                                          description="Record types pushed; references to other types are "
-                                                      "sent unchanged")
-        auth: PushAuth = Field(default_factory=lambda: PushAuth.model_validate({}), description="Authentication to the remote")
+            "conditional",
+            description="conditional: one PUT Type?identifier= per record; transaction: a "
+            "transaction Bundle with the record and the records it refers to",
+        )
+        resource_types: list[str] = Field(
+            default_factory=lambda: list(DEFAULT_TYPES),
+            description="Record types pushed; references to other types are sent unchanged",
+        )
+        auth: PushAuth = Field(
+            default_factory=lambda: PushAuth.model_validate({}), description="Authentication to the remote"
+        )
         headers: dict[str, str] = Field(default_factory=dict, description="Extra request headers")
 
         @model_validator(mode="after")
         def _known_types(self) -> FhirPushSink.Config:
             unknown = [t for t in self.resource_types if t not in RECORD_TABLES]
             if unknown:
-                raise ValueError(f"resource_types: {', '.join(unknown)} not known; expected some of "
-                                 f"{', '.join(DEFAULT_TYPES + ['Coverage', 'Claim'])}")
+                raise ValueError(
+                    f"resource_types: {', '.join(unknown)} not known; expected some of "
+                    f"{', '.join(DEFAULT_TYPES + ['Coverage', 'Claim'])}"
+                )
             if not self.base_url.startswith(("http://", "https://")):
                 raise ValueError(f"base_url {self.base_url!r} must start with http:// or https://")
             return self
@@ -261,12 +311,16 @@ class FhirPushSink:
                 if model is None or not rid:
                     continue
                 t = model.__table__  # type: ignore[attr-defined]
-                row = conn.execute(select(t.c.key_system, t.c.key_value, t.c.deleted, t.c.resource, t.c.version_id)
-                                   .where(t.c.id == rid)).first()
+                row = conn.execute(
+                    select(t.c.key_system, t.c.key_value, t.c.deleted, t.c.resource, t.c.version_id).where(
+                        t.c.id == rid
+                    )
+                ).first()
                 if row is None or row.version_id == 0:
                     continue
-                out[ref] = LocalRecord(rtype, rid, row.key_system, row.key_value, bool(row.deleted),
-                                       orjson.loads(row.resource))
+                out[ref] = LocalRecord(
+                    rtype, rid, row.key_system, row.key_value, bool(row.deleted), orjson.loads(row.resource)
+                )
         return out
 
     def _pushed(self, ref: str) -> bool:
@@ -279,8 +333,13 @@ class FhirPushSink:
         for _ in range(MAX_REFERENCE_DEPTH + 1):
             records = self._load([r for r in level if r not in found])
             found.update(records)
-            level = [t for rec in records.values() if not rec.deleted for _path, t in references(rec.content)
-                     if self._pushed(t) and t not in found]
+            level = [
+                t
+                for rec in records.values()
+                if not rec.deleted
+                for _path, t in references(rec.content)
+                if self._pushed(t) and t not in found
+            ]
             if not level or len(found) >= MAX_RELATED_RECORDS:
                 break
         return found
@@ -296,13 +355,23 @@ class FhirPushSink:
             if auth:
                 headers["Authorization"] = auth
             try:
-                response = await self._client.request(method, f"{self.base}/{url}", headers=headers,
-                                                      content=orjson.dumps(body) if body is not None else None)
+                response = await self._client.request(
+                    method,
+                    f"{self.base}/{url}",
+                    headers=headers,
+                    content=orjson.dumps(body) if body is not None else None,
+                )
             except httpx.TimeoutException as exc:
-                raise DeliveryError(f"{method} {url}: timeout after {self.settings.timeout_seconds}s") from exc
+                raise DeliveryError(
+                    f"{method} {url}: timeout after {self.settings.timeout_seconds}s"
+                ) from exc
             except httpx.HTTPError as exc:
                 raise DeliveryError(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
-            if response.status_code == 401 and attempt == 1 and self.settings.auth.type == "client_credentials":
+            if (
+                response.status_code == 401
+                and attempt == 1
+                and self.settings.auth.type == "client_credentials"
+            ):
                 self.tokens.invalidate()
                 continue
             return response
@@ -312,8 +381,12 @@ class FhirPushSink:
         text = response.text[:MAX_RESPONSE_CHARS]
         status = response.status_code
         permanent = 400 <= status < 500 and status not in RETRIED_4XX
-        return DeliveryError(f"{method} {url}: HTTP {status}: {outcome_text(text)}", permanent=permanent,
-                             response=text, retry_after=retry_after_seconds(response.headers.get("Retry-After")))
+        return DeliveryError(
+            f"{method} {url}: HTTP {status}: {outcome_text(text)}",
+            permanent=permanent,
+            response=text,
+            retry_after=retry_after_seconds(response.headers.get("Retry-After")),
+        )
 
     @staticmethod
     def _id_of(response: httpx.Response, rtype: str) -> str | None:
@@ -336,12 +409,20 @@ class FhirPushSink:
         if response.status_code != 200:
             raise self._fail("GET", url, response)
         bundle = response.json()
-        matches = [e["resource"]["id"] for e in bundle.get("entry") or []
-                   if isinstance(e, dict) and (e.get("search") or {}).get("mode", "match") == "match"
-                   and isinstance(e.get("resource"), dict) and e["resource"].get("id")]
+        matches = [
+            e["resource"]["id"]
+            for e in bundle.get("entry") or []
+            if isinstance(e, dict)
+            and (e.get("search") or {}).get("mode", "match") == "match"
+            and isinstance(e.get("resource"), dict)
+            and e["resource"].get("id")
+        ]
         if len(matches) > 1:
-            raise DeliveryError(f"GET {url}: the remote has {len(matches)} {rec.resource_type} records with this "
-                                "identifier; expected at most one", permanent=True)
+            raise DeliveryError(
+                f"GET {url}: the remote has {len(matches)} {rec.resource_type} records with this "
+                "identifier; expected at most one",
+                permanent=True,
+            )
         return f"{rec.resource_type}/{matches[0]}" if matches else None
 
     def _remember(self, local: str, remote: str) -> None:
@@ -396,8 +477,13 @@ class FhirPushSink:
             body = rewrite_references({k: v for k, v in rec.content.items() if k != "meta"}, full_urls)
             if rec.key_value:
                 body.pop("id", None)
-            entries.append({"fullUrl": full_urls[r], "resource": body,
-                            "request": {"method": "PUT", "url": rec.conditional_url()}})
+            entries.append(
+                {
+                    "fullUrl": full_urls[r],
+                    "resource": body,
+                    "request": {"method": "PUT", "url": rec.conditional_url()},
+                }
+            )
         entries.sort(key=lambda e: 0 if e["fullUrl"] == full_urls.get(ref) else 1)
         return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
@@ -407,7 +493,9 @@ class FhirPushSink:
         if not 200 <= response.status_code < 300:
             raise self._fail("POST", "(transaction)", response)
         try:
-            statuses = [str((e.get("response") or {}).get("status", "?")) for e in response.json().get("entry", [])]
+            statuses = [
+                str((e.get("response") or {}).get("status", "?")) for e in response.json().get("entry", [])
+            ]
         except (ValueError, AttributeError):
             statuses = []
         return f"transaction of {len(bundle['entry'])}: {', '.join(statuses)}"

@@ -49,14 +49,21 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
-_ENQUEUE = insert(EVENTS).returning(EVENTS.c.id)  # built once: enqueue runs on the write path of every record change
+_ENQUEUE = insert(EVENTS).returning(
+    EVENTS.c.id
+)  # built once: enqueue runs on the write path of every record change
 
 
 def enqueue(conn: Connection, event: str, payload: dict[str, Any]) -> int:
     """Write one event in the caller's transaction; returns its id. ``payload`` gets ``version: 1``."""
     body = {"version": 1, **payload}
-    row = fastexec.first_row(conn, "outbox.enqueue", _ENQUEUE,
-                             {"event": event, "payload": orjson.dumps(body).decode(), "created_at": now()}, EVENTS)
+    row = fastexec.first_row(
+        conn,
+        "outbox.enqueue",
+        _ENQUEUE,
+        {"event": event, "payload": orjson.dumps(body).decode(), "created_at": now()},
+        EVENTS,
+    )
     assert row is not None  # an INSERT .. RETURNING always has one
     return int(row[0])
 
@@ -74,69 +81,123 @@ def _insert_fn(conn: Connection) -> Any:
 
 def ensure_cursor(conn: Connection, sink: SinkSettings) -> None:
     """Create the sink's cursor if it is new: at the newest event, or before the first with from_beginning."""
-    if conn.execute(select(CURSORS.c.destination).where(CURSORS.c.destination == sink.name)).first() is not None:
+    if (
+        conn.execute(select(CURSORS.c.destination).where(CURSORS.c.destination == sink.name)).first()
+        is not None
+    ):
         return
     start = 0
     if not sink.from_beginning:
         start = int(conn.execute(select(func.coalesce(func.max(EVENTS.c.id), 0))).scalar_one())
-    conn.execute(_insert_fn(conn)(CURSORS).values(destination=sink.name, last_event_id=start)
-                 .on_conflict_do_nothing(index_elements=["destination"]))
+    conn.execute(
+        _insert_fn(conn)(CURSORS)
+        .values(destination=sink.name, last_event_id=start)
+        .on_conflict_do_nothing(index_elements=["destination"])
+    )
 
 
 def take_lease(conn: Connection, sink: SinkSettings, owner: str, seconds: float) -> bool:
     """Take or renew the lease of ``sink`` for ``owner``; fan new events out to it. False: another has it."""
     ensure_cursor(conn, sink)
-    row = conn.execute(select(CURSORS).where(CURSORS.c.destination == sink.name)
-                       .with_for_update(skip_locked=True)).first()
+    row = conn.execute(
+        select(CURSORS).where(CURSORS.c.destination == sink.name).with_for_update(skip_locked=True)
+    ).first()
     if row is None:  # another instance holds the row lock right now
         return False
     t = now()
     if row.lease_owner not in (None, owner) and row.lease_until is not None and _aware(row.lease_until) > t:
         return False
     last = row.last_event_id
-    events = conn.execute(select(EVENTS.c.id, EVENTS.c.event, EVENTS.c.created_at)
-                          .where(EVENTS.c.id > last).order_by(EVENTS.c.id).limit(1000)).all()
+    events = conn.execute(
+        select(EVENTS.c.id, EVENTS.c.event, EVENTS.c.created_at)
+        .where(EVENTS.c.id > last)
+        .order_by(EVENTS.c.id)
+        .limit(1000)
+    ).all()
     wanted = [e for e in events if sink.wants(e.event)]
     if wanted:
-        conn.execute(insert(ROWS), [
-            {"destination": sink.name, "event_id": e.id, "event": e.event, "status": "pending",
-             "attempts": 0, "next_attempt_at": t, "created_at": e.created_at, "retry_from": e.created_at}
-            for e in wanted])
+        conn.execute(
+            insert(ROWS),
+            [
+                {
+                    "destination": sink.name,
+                    "event_id": e.id,
+                    "event": e.event,
+                    "status": "pending",
+                    "attempts": 0,
+                    "next_attempt_at": t,
+                    "created_at": e.created_at,
+                    "retry_from": e.created_at,
+                }
+                for e in wanted
+            ],
+        )
     if events:
         last = events[-1].id
-    conn.execute(update(CURSORS).where(CURSORS.c.destination == sink.name)
-                 .values(last_event_id=last, lease_owner=owner, lease_until=t + timedelta(seconds=seconds)))
+    conn.execute(
+        update(CURSORS)
+        .where(CURSORS.c.destination == sink.name)
+        .values(last_event_id=last, lease_owner=owner, lease_until=t + timedelta(seconds=seconds))
+    )
     return True
 
 
 def release_lease(conn: Connection, destination: str, owner: str) -> None:
-    conn.execute(update(CURSORS).where(and_(CURSORS.c.destination == destination, CURSORS.c.lease_owner == owner))
-                 .values(lease_owner=None, lease_until=None))
+    conn.execute(
+        update(CURSORS)
+        .where(and_(CURSORS.c.destination == destination, CURSORS.c.lease_owner == owner))
+        .values(lease_owner=None, lease_until=None)
+    )
 
 
 def pending_rows(conn: Connection, destination: str, limit: int = 50) -> list[Delivery | datetime]:
     """The next pending rows of a destination in id order; a not-yet-due head row is returned as its due time."""
     rows = conn.execute(
-        select(ROWS.c.id, ROWS.c.event_id, ROWS.c.event, ROWS.c.attempts, ROWS.c.next_attempt_at,
-               EVENTS.c.payload, EVENTS.c.created_at)
+        select(
+            ROWS.c.id,
+            ROWS.c.event_id,
+            ROWS.c.event,
+            ROWS.c.attempts,
+            ROWS.c.next_attempt_at,
+            EVENTS.c.payload,
+            EVENTS.c.created_at,
+        )
         .join(EVENTS, EVENTS.c.id == ROWS.c.event_id)
         .where(and_(ROWS.c.destination == destination, ROWS.c.status == "pending"))
-        .order_by(ROWS.c.id).limit(limit)).all()
+        .order_by(ROWS.c.id)
+        .limit(limit)
+    ).all()
     out: list[Delivery | datetime] = []
     t = now()
     for r in rows:
         if _aware(r.next_attempt_at) > t:
             out.append(_aware(r.next_attempt_at))
             break
-        out.append(Delivery(r.id, r.event_id, r.event, orjson.loads(r.payload),
-                            _aware(r.created_at).isoformat().replace("+00:00", "Z"), r.attempts))
+        out.append(
+            Delivery(
+                r.id,
+                r.event_id,
+                r.event,
+                orjson.loads(r.payload),
+                _aware(r.created_at).isoformat().replace("+00:00", "Z"),
+                r.attempts,
+            )
+        )
     return out
 
 
 def mark_delivered(conn: Connection, row_id: int, result: DeliveryResult) -> None:
-    conn.execute(update(ROWS).where(ROWS.c.id == row_id).values(
-        status="delivered", delivered_at=now(), attempts=ROWS.c.attempts + 1, last_error=None,
-        response=result.response[:4000] or None))
+    conn.execute(
+        update(ROWS)
+        .where(ROWS.c.id == row_id)
+        .values(
+            status="delivered",
+            delivered_at=now(),
+            attempts=ROWS.c.attempts + 1,
+            last_error=None,
+            response=result.response[:4000] or None,
+        )
+    )
     for event, payload in result.followups:
         enqueue(conn, event, payload)
 
@@ -151,9 +212,17 @@ def mark_failed(conn: Connection, row_id: int, sink: SinkSettings, error: Delive
         delay = max(delay, min(error.retry_after, sink.retry_max_seconds))
     too_old = t + timedelta(seconds=delay) - _aware(row.retry_from) > timedelta(hours=sink.max_age_hours)
     status = "dead" if error.permanent or too_old else "pending"
-    conn.execute(update(ROWS).where(ROWS.c.id == row_id).values(
-        status=status, attempts=attempts, next_attempt_at=t + timedelta(seconds=delay),
-        last_error=str(error)[:4000], response=(error.response or "")[:4000] or None))
+    conn.execute(
+        update(ROWS)
+        .where(ROWS.c.id == row_id)
+        .values(
+            status=status,
+            attempts=attempts,
+            next_attempt_at=t + timedelta(seconds=delay),
+            last_error=str(error)[:4000],
+            response=(error.response or "")[:4000] or None,
+        )
+    )
     return status
 
 
@@ -163,20 +232,26 @@ def retry(conn: Connection, row_id: int | None = None, *, dead: bool = False) ->
     if row_id is None and not dead:
         return 0
     t = now()
-    result = conn.execute(update(ROWS).where(and_(cond, ROWS.c.status != "pending")).values(
-        status="pending", attempts=0, next_attempt_at=t, retry_from=t))
+    result = conn.execute(
+        update(ROWS)
+        .where(and_(cond, ROWS.c.status != "pending"))
+        .values(status="pending", attempts=0, next_attempt_at=t, retry_from=t)
+    )
     return int(result.rowcount)
 
 
 def summary(conn: Connection) -> list[dict[str, Any]]:
-    rows = conn.execute(select(ROWS.c.destination, ROWS.c.status, func.count())
-                        .group_by(ROWS.c.destination, ROWS.c.status)
-                        .order_by(ROWS.c.destination, ROWS.c.status)).all()
+    rows = conn.execute(
+        select(ROWS.c.destination, ROWS.c.status, func.count())
+        .group_by(ROWS.c.destination, ROWS.c.status)
+        .order_by(ROWS.c.destination, ROWS.c.status)
+    ).all()
     return [{"destination": d, "status": s, "count": n} for d, s, n in rows]
 
 
-def list_rows(conn: Connection, status: str | None = None, destination: str | None = None,
-              limit: int = 50) -> list[dict[str, Any]]:
+def list_rows(
+    conn: Connection, status: str | None = None, destination: str | None = None, limit: int = 50
+) -> list[dict[str, Any]]:
     q = select(ROWS).order_by(ROWS.c.id.desc()).limit(limit)
     if status:
         q = q.where(ROWS.c.status == status)
@@ -194,8 +269,15 @@ def events_since(conn: Connection, after: int = 0) -> list[dict[str, Any]]:
 class Dispatcher:
     """Delivers the outbox rows of every enabled sink; one asyncio task per sink."""
 
-    def __init__(self, store: Store, sinks: list[Any], *, poll_seconds: float = 0.25,
-                 lease_seconds: float = 30.0, owner: str | None = None):
+    def __init__(
+        self,
+        store: Store,
+        sinks: list[Any],
+        *,
+        poll_seconds: float = 0.25,
+        lease_seconds: float = 30.0,
+        owner: str | None = None,
+    ):
         self.store = store
         self.sinks = sinks  # sink objects: .settings (SinkSettings), async deliver(Delivery), async close()
         self.poll_seconds = poll_seconds
@@ -277,15 +359,26 @@ class Dispatcher:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - every failure is a retry unless it says otherwise
-                error = exc if isinstance(exc, DeliveryError) else DeliveryError(f"{type(exc).__name__}: {exc}")
+                error = (
+                    exc if isinstance(exc, DeliveryError) else DeliveryError(f"{type(exc).__name__}: {exc}")
+                )
                 status = await asyncio.to_thread(self._tx, mark_failed, item.row_id, settings, error)
-                log.warning("outbox.delivery_failed", extra={"sink": settings.name, "row": item.row_id,
-                                                             "event": item.event, "status": status,
-                                                             "error": str(error)[:200]})
+                log.warning(
+                    "outbox.delivery_failed",
+                    extra={
+                        "sink": settings.name,
+                        "row": item.row_id,
+                        "event": item.event,
+                        "status": status,
+                        "error": str(error)[:200],
+                    },
+                )
                 if status == "pending":
                     return self.poll_seconds  # the head row waits for its backoff: nothing after it goes
                 continue
             await asyncio.to_thread(self._tx, mark_delivered, item.row_id, result)
             self.delivered += 1
-            log.info("outbox.delivered", extra={"sink": settings.name, "row": item.row_id, "event": item.event})
+            log.info(
+                "outbox.delivered", extra={"sink": settings.name, "row": item.row_id, "event": item.event}
+            )
         return 0.0 if len(batch) >= 50 else self.poll_seconds

@@ -17,8 +17,10 @@ from hms_ach.outbound.sinks import Delivery, DeliveryError, DeliveryResult, Sink
 
 class RabbitMqSink:
     class Config(SinkSettings):
-        url: SecretStr = Field(SecretStr("amqp://guest:guest@127.0.0.1:5672/"),
-                               description="AMQP URL (amqp://user:password@host:5672/vhost)")
+        url: SecretStr = Field(
+            SecretStr("amqp://guest:guest@127.0.0.1:5672/"),
+            description="AMQP URL (amqp://user:password@host:5672/vhost)",
+        )
         exchange: str = Field("hms_ach.events", description="Topic exchange (declared durable if missing)")
 
     def __init__(self, settings: Config, store: Any = None):
@@ -29,21 +31,28 @@ class RabbitMqSink:
     async def _ensure(self) -> Any:
         if self._exchange is None or self._connection is None or self._connection.is_closed:
             await self.close()
-            self._connection = await aio_pika.connect(self.settings.url.get_secret_value(),
-                                                      timeout=self.settings.timeout_seconds)
+            self._connection = await aio_pika.connect(
+                self.settings.url.get_secret_value(), timeout=self.settings.timeout_seconds
+            )
             channel = await self._connection.channel(publisher_confirms=True)
-            self._exchange = await channel.declare_exchange(self.settings.exchange, aio_pika.ExchangeType.TOPIC,
-                                                            durable=True)
+            self._exchange = await channel.declare_exchange(
+                self.settings.exchange, aio_pika.ExchangeType.TOPIC, durable=True
+            )
         return self._exchange
 
     async def deliver(self, delivery: Delivery) -> DeliveryResult:
         try:
             exchange = await self._ensure()
-            message = aio_pika.Message(delivery.body(), content_type="application/json",
-                                       message_id=delivery.idempotency_key, type=delivery.event,
-                                       delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
-            confirmation = await exchange.publish(message, routing_key=delivery.event,
-                                                  timeout=self.settings.timeout_seconds)
+            message = aio_pika.Message(
+                delivery.body(),
+                content_type="application/json",
+                message_id=delivery.idempotency_key,
+                type=delivery.event,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            )
+            confirmation = await exchange.publish(
+                message, routing_key=delivery.event, timeout=self.settings.timeout_seconds
+            )
         except Exception as exc:
             await self.close()
             raise DeliveryError(f"publish failed: {type(exc).__name__}: {exc}") from exc

@@ -26,8 +26,12 @@ class SftpDestination(BaseModel):
     host: str = Field(description="SFTP server host name or address")
     port: int = Field(22, ge=1, le=65535, description="SSH port")
     username: str = Field(description="SSH user name")
-    password: SecretStr | None = Field(None, description="SSH password; use ${VAR} to take it from the environment")
-    password_file: str | None = Field(None, description="File whose first line is the SSH password (a mounted secret)")
+    password: SecretStr | None = Field(
+        None, description="SSH password; use ${VAR} to take it from the environment"
+    )
+    password_file: str | None = Field(
+        None, description="File whose first line is the SSH password (a mounted secret)"
+    )
     private_key_file: str | None = Field(None, description="SSH private key file (OpenSSH or PEM)")
     known_hosts: str = Field(description="known_hosts file pinning the server's host key (required)")
     remote_directory: str = Field(".", description="Directory on the server the files go to")
@@ -59,12 +63,21 @@ async def upload(dest: SftpDestination, local: Path, timeout_seconds: float = 60
 
     async def go() -> None:
         keys: Any = [dest.private_key_file] if dest.private_key_file else None
-        conn = await asyncio.wait_for(asyncssh.connect(
-            dest.host, port=dest.port, username=dest.username, password=password, client_keys=keys,
-            known_hosts=dest.known_hosts, agent_path=None, config=[],
-            login_timeout=dest.connect_timeout_seconds,
-            preferred_auth="publickey,password" if keys else "password,keyboard-interactive"),
-            dest.connect_timeout_seconds)
+        conn = await asyncio.wait_for(
+            asyncssh.connect(
+                dest.host,
+                port=dest.port,
+                username=dest.username,
+                password=password,
+                client_keys=keys,
+                known_hosts=dest.known_hosts,
+                agent_path=None,
+                config=[],
+                login_timeout=dest.connect_timeout_seconds,
+                preferred_auth="publickey,password" if keys else "password,keyboard-interactive",
+            ),
+            dest.connect_timeout_seconds,
+        )
         async with conn, conn.start_sftp_client() as sftp:
             await sftp.put(str(local), partial)
             if await sftp.exists(remote):
@@ -74,13 +87,16 @@ async def upload(dest: SftpDestination, local: Path, timeout_seconds: float = 60
     try:
         await asyncio.wait_for(go(), timeout_seconds)
     except asyncssh.HostKeyNotVerifiable as exc:
-        raise DeliveryError(f"{where}: the server's host key does not match known_hosts {dest.known_hosts}") from exc
+        raise DeliveryError(
+            f"{where}: the server's host key does not match known_hosts {dest.known_hosts}"
+        ) from exc
     except asyncssh.PermissionDenied as exc:
         raise DeliveryError(f"{where}: login refused for {dest.username} (wrong password or key)") from exc
     except (asyncssh.Error, OSError, TimeoutError) as exc:
         text = str(exc)
         if password:
             text = text.replace(password, "***")
-        raise DeliveryError(f"{where}: upload of {local.name} to {remote} failed: {type(exc).__name__}: "
-                            f"{text[:200]}") from exc
+        raise DeliveryError(
+            f"{where}: upload of {local.name} to {remote} failed: {type(exc).__name__}: {text[:200]}"
+        ) from exc
     return remote

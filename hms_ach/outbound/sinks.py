@@ -18,14 +18,19 @@ class SinkSettings(BaseModel):
     name: str = Field(description="Unique sink name; outbox rows are kept per sink")
     type: str = Field(description="Sink type (see hms_ach.outbound.SINK_TYPES)")
     enabled: bool = Field(True, description="false: declared but not delivered to (rows wait)")
-    events: list[str] = Field(default_factory=lambda: ["*"],
-                              description="Event names this sink receives; shell patterns (encounter.*)")
+    events: list[str] = Field(
+        default_factory=lambda: ["*"],
+        description="Event names this sink receives; shell patterns (encounter.*)",
+    )
     max_age_hours: float = Field(24.0, gt=0, description="Retry a failing row this long, then dead-letter it")
     retry_initial_seconds: float = Field(1.0, gt=0, description="First retry delay; doubled on each failure")
     retry_max_seconds: float = Field(300.0, gt=0, description="Longest delay between two attempts")
     timeout_seconds: float = Field(10.0, gt=0, description="Time limit of one delivery attempt")
-    from_beginning: bool = Field(False, description="A new sink also gets the events stored before it was "
-                                 "declared (default: only the ones after)")
+    from_beginning: bool = Field(
+        False,
+        description="A new sink also gets the events stored before it was "
+        "declared (default: only the ones after)",
+    )
 
     def wants(self, event: str) -> bool:
         """True if a pattern matches. The change feed (``record.*``) is matched only by patterns naming it,
@@ -52,8 +57,13 @@ class Delivery:
         return f"hms-ach-evt-{self.event_id}"
 
     def envelope(self) -> dict[str, Any]:
-        return {"id": self.idempotency_key, "event": self.event, "version": 1,
-                "occurredAt": self.occurred_at, "data": self.payload}
+        return {
+            "id": self.idempotency_key,
+            "event": self.event,
+            "version": 1,
+            "occurredAt": self.occurred_at,
+            "data": self.payload,
+        }
 
     def body(self) -> bytes:
         return orjson.dumps(self.envelope())
@@ -70,8 +80,14 @@ class DeliveryResult:
 class DeliveryError(Exception):
     """A failed attempt. ``permanent``: dead-letter now (no retry); ``retry_after``: seconds asked by the peer."""
 
-    def __init__(self, message: str, *, permanent: bool = False, retry_after: float | None = None,
-                 response: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        permanent: bool = False,
+        retry_after: float | None = None,
+        response: str | None = None,
+    ):
         super().__init__(message)
         self.permanent = permanent
         self.retry_after = retry_after

@@ -55,7 +55,9 @@ def retry_after_seconds(value: str | None) -> float | None:
 class WebhookSink:
     class Config(SinkSettings):
         url: str = Field(description="Where events are POSTed (https://...)")
-        secret: SecretStr = Field(description="Shared HMAC-SHA256 key; use ${VAR} to read it from the environment")
+        secret: SecretStr = Field(
+            description="Shared HMAC-SHA256 key; use ${VAR} to read it from the environment"
+        )
         headers: dict[str, str] = Field(default_factory=dict, description="Extra request headers")
 
     def __init__(self, settings: Config, store: Any = None):
@@ -65,10 +67,14 @@ class WebhookSink:
     async def deliver(self, delivery: Delivery) -> DeliveryResult:
         body = delivery.body()
         ts = str(int(time.time()))
-        headers = {**self.settings.headers, "Content-Type": "application/json",
-                   "X-HMS-ACH-Event": delivery.event, "X-HMS-ACH-Timestamp": ts,
-                   "X-HMS-ACH-Signature": signature(self.settings.secret.get_secret_value(), ts, body),
-                   "Idempotency-Key": delivery.idempotency_key}
+        headers = {
+            **self.settings.headers,
+            "Content-Type": "application/json",
+            "X-HMS-ACH-Event": delivery.event,
+            "X-HMS-ACH-Timestamp": ts,
+            "X-HMS-ACH-Signature": signature(self.settings.secret.get_secret_value(), ts, body),
+            "Idempotency-Key": delivery.idempotency_key,
+        }
         try:
             response = await self._client.post(self.settings.url, content=body, headers=headers)
         except httpx.TimeoutException as exc:
@@ -78,8 +84,11 @@ class WebhookSink:
         text = response.text[:2000]
         if 200 <= response.status_code < 300:
             return DeliveryResult(response=f"{response.status_code} {text}".strip())
-        raise DeliveryError(f"HTTP {response.status_code}", response=text,
-                            retry_after=retry_after_seconds(response.headers.get("Retry-After")))
+        raise DeliveryError(
+            f"HTTP {response.status_code}",
+            response=text,
+            retry_after=retry_after_seconds(response.headers.get("Retry-After")),
+        )
 
     async def close(self) -> None:
         await self._client.aclose()

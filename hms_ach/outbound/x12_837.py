@@ -69,7 +69,9 @@ class Payer(_Strict):
     id: str = Field(description="The insurance company id received in IN1-3.1")
     name: str = Field(description="Payer name (NM103 of loop 2010BB)")
     payer_id: str = Field(description="Payer identifier the clearinghouse knows (NM109, qualifier PI)")
-    filing_indicator: str = Field("CI", description="SBR09 claim filing indicator (CI commercial, MB Medicare B...)")
+    filing_indicator: str = Field(
+        "CI", description="SBR09 claim filing indicator (CI commercial, MB Medicare B...)"
+    )
 
 
 @dataclass
@@ -133,9 +135,12 @@ def _get(conn: Connection, reference: str | None) -> dict[str, Any] | None:
 
 class X12ClaimSink:
     class Config(SinkSettings):
-        events: list[str] = Field(default_factory=lambda: ["claim.created"],
-                                  description="Only claim.created is acted on")
-        directory: str = Field("outbox/837", description="Where 837 files are written (rejected/ beside them)")
+        events: list[str] = Field(
+            default_factory=lambda: ["claim.created"], description="Only claim.created is acted on"
+        )
+        directory: str = Field(
+            "outbox/837", description="Where 837 files are written (rejected/ beside them)"
+        )
         usage: str = Field("T", pattern="^[TP]$", description="ISA15: T test, P production")
         sender_id: str = Field(description="ISA06/GS02 interchange sender id")
         receiver_id: str = Field(description="ISA08/GS03 interchange receiver id")
@@ -143,23 +148,42 @@ class X12ClaimSink:
         submitter_contact: str = Field("BILLING OFFICE", description="PER02 contact name")
         submitter_phone: str = Field(description="PER04 telephone, digits only")
         receiver_name: str = Field(description="Loop 1000B receiver (clearinghouse) name")
-        place_of_service: str = Field("21", description="CLM05-1 place of service code (21 inpatient hospital)")
+        place_of_service: str = Field(
+            "21", description="CLM05-1 place of service code (21 inpatient hospital)"
+        )
         billing_provider: BillingProvider = Field(description="Loop 2010AA billing provider")
         payers: list[Payer] = Field(default_factory=list, description="Payers, matched on IN1-3.1")
-        sftp: SftpDestination | None = Field(None, description="Also upload every valid file to this SFTP server "
-                                             "(host key pinned by known_hosts)")
-        facility_type_code: str = Field("11", pattern=r"^\d{2}$", description="837I CLM05-1: the first two "
-                                        "digits of the type of bill (11 hospital inpatient)")
-        admission_type_code: str = Field("1", pattern=r"^\d$", description="837I CL101 priority of admission "
-                                         "(1 emergency, 2 urgent, 3 elective)")
-        admission_source_code: str = Field("7", pattern="^[0-9A-Z]$", description="837I CL102 point of origin "
-                                           "when PV1-14 has none (7 emergency room)")
-        patient_status_code: str = Field("01", pattern=r"^\d{2}$", description="837I CL103 patient status "
-                                         "(01 discharged home)")
-        revenue_codes: dict[str, str] = Field(default_factory=dict, description="837I SV201: CPT/HCPCS code -> "
-                                              "4-digit revenue code (99223: '0450')")
-        default_revenue_code: str | None = Field(None, pattern=r"^\d{4}$", description="837I SV201 for a "
-                                                 "procedure not in revenue_codes (none: such a claim is rejected)")
+        sftp: SftpDestination | None = Field(
+            None,
+            description="Also upload every valid file to this SFTP server (host key pinned by known_hosts)",
+        )
+        facility_type_code: str = Field(
+            "11",
+            pattern=r"^\d{2}$",
+            description="837I CLM05-1: the first two digits of the type of bill (11 hospital inpatient)",
+        )
+        admission_type_code: str = Field(
+            "1",
+            pattern=r"^\d$",
+            description="837I CL101 priority of admission (1 emergency, 2 urgent, 3 elective)",
+        )
+        admission_source_code: str = Field(
+            "7",
+            pattern="^[0-9A-Z]$",
+            description="837I CL102 point of origin when PV1-14 has none (7 emergency room)",
+        )
+        patient_status_code: str = Field(
+            "01", pattern=r"^\d{2}$", description="837I CL103 patient status (01 discharged home)"
+        )
+        revenue_codes: dict[str, str] = Field(
+            default_factory=dict,
+            description="837I SV201: CPT/HCPCS code -> 4-digit revenue code (99223: '0450')",
+        )
+        default_revenue_code: str | None = Field(
+            None,
+            pattern=r"^\d{4}$",
+            description="837I SV201 for a procedure not in revenue_codes (none: such a claim is rejected)",
+        )
 
     def __init__(self, settings: Config, store: Any):
         self.settings = settings
@@ -194,8 +218,10 @@ class X12ClaimSink:
             with self.store.reader.connect() as conn:
                 data = self._gather(conn, claim_ref)
         except ClaimError as exc:
-            return DeliveryResult(response=f"claim error: {exc}", followups=[
-                _followup("claim.error", {"claim": claim_ref, "reason": str(exc)})])
+            return DeliveryResult(
+                response=f"claim error: {exc}",
+                followups=[_followup("claim.error", {"claim": claim_ref, "reason": str(exc)})],
+            )
         with self.store.writer.begin() as conn:
             isa = next_number(conn, "x12.isa13")
             st = next_number(conn, "x12.st02")
@@ -206,16 +232,25 @@ class X12ClaimSink:
         if not pyx12_ok and not pyx12_errors:
             problems.append(Problem("pyx12", "the document is not valid (see the 999)"))
         name = f"837{'I' if built.institutional else 'P'}-e{delivery.event_id}-{isa:09d}"
-        facts = {"claim": claim_ref, "file": f"{name}.x12", "interchangeControlNumber": f"{isa:09d}",
-                 "transactionSetControlNumber": f"{st:04d}", "total": built.total}
+        facts = {
+            "claim": claim_ref,
+            "file": f"{name}.x12",
+            "interchangeControlNumber": f"{isa:09d}",
+            "transactionSetControlNumber": f"{st:04d}",
+            "total": built.total,
+        }
         if problems:
             rejected = self.directory / "rejected"
             rejected.mkdir(parents=True, exist_ok=True)
             _write(rejected / f"{name}.x12", built.text)
             _write(rejected / f"{name}.999", report)
             _write(rejected / f"{name}.errors.txt", "\n".join(map(str, problems)) + "\n")
-            return DeliveryResult(response=f"rejected: {len(problems)} problem(s)", followups=[
-                _followup("claim.file_rejected", {**facts, "problems": [str(p) for p in problems][:20]})])
+            return DeliveryResult(
+                response=f"rejected: {len(problems)} problem(s)",
+                followups=[
+                    _followup("claim.file_rejected", {**facts, "problems": [str(p) for p in problems][:20]})
+                ],
+            )
         self.directory.mkdir(parents=True, exist_ok=True)
         _write(self.directory / f"{name}.x12", built.text)
         return self.directory / f"{name}.x12", facts
@@ -231,18 +266,33 @@ class X12ClaimSink:
         payer_key = ((coverage.get("payor") or [{}])[0].get("identifier") or {}).get("value", "")
         payer = next((p for p in self.settings.payers if p.id == payer_key), None)
         if payer is None:
-            raise ClaimError(f"payer {payer_key!r} (IN1-3) is not configured in the x12_837 sink "
-                             f"{self.settings.name!r}; add it under payers:")
+            raise ClaimError(
+                f"payer {payer_key!r} (IN1-3) is not configured in the x12_837 sink "
+                f"{self.settings.name!r}; add it under payers:"
+            )
         relationship = ((coverage.get("relationship") or {}).get("coding") or [{}])[0].get("code")
         if relationship not in (None, "self"):
-            raise ClaimError(f"subscriber relationship {relationship!r}: only self-insured patients are supported")
+            raise ClaimError(
+                f"subscriber relationship {relationship!r}: only self-insured patients are supported"
+            )
         patient = _get(conn, (claim.get("patient") or {}).get("reference"))
         if patient is None:
             raise ClaimError("the claim's patient does not exist")
-        care_team = {c["sequence"]: _get(conn, c["provider"].get("reference")) for c in claim.get("careTeam", [])}
-        encounter = _get(conn, ((claim.get("item") or [{}])[0].get("encounter") or [{}])[0].get("reference")) or {}
-        return {"claim": claim, "coverage": coverage, "payer": payer, "patient": patient, "care_team": care_team,
-                "encounter": encounter, "attending": _get(conn, attending(encounter))}
+        care_team = {
+            c["sequence"]: _get(conn, c["provider"].get("reference")) for c in claim.get("careTeam", [])
+        }
+        encounter = (
+            _get(conn, ((claim.get("item") or [{}])[0].get("encounter") or [{}])[0].get("reference")) or {}
+        )
+        return {
+            "claim": claim,
+            "coverage": coverage,
+            "payer": payer,
+            "patient": patient,
+            "care_team": care_team,
+            "encounter": encounter,
+            "attending": _get(conn, attending(encounter)),
+        }
 
     # ------------------------------------------------------------------ rendering
     def render(self, data: dict[str, Any], isa: int, st: int) -> ClaimFile:
@@ -275,14 +325,28 @@ class X12ClaimSink:
         group = next((c.get("value") for c in coverage.get("class", []) if c.get("value")), "")
         seg("SBR", "P", "18", _clean(group, 50), "", "", "", "", "", payer.filing_indicator)
         name = (patient.get("name") or [{}])[0]
-        given = (name.get("given") or [""])
-        seg("NM1", "IL", "1", _clean(name.get("family"), 60), _clean(given[0], 35),
-            _clean(given[1] if len(given) > 1 else "", 25), "", "", "MI", _clean(coverage.get("subscriberId"), 80))
+        given = name.get("given") or [""]
+        seg(
+            "NM1",
+            "IL",
+            "1",
+            _clean(name.get("family"), 60),
+            _clean(given[0], 35),
+            _clean(given[1] if len(given) > 1 else "", 25),
+            "",
+            "",
+            "MI",
+            _clean(coverage.get("subscriberId"), 80),
+        )
         addr = (patient.get("address") or [{}])[0]
         if addr.get("line") and addr.get("city"):
             seg("N3", _clean(addr["line"][0], 55))
-            seg("N4", _clean(addr.get("city"), 30), _clean(addr.get("state"), 2),
-                re.sub(r"\D", "", str(addr.get("postalCode", ""))))
+            seg(
+                "N4",
+                _clean(addr.get("city"), 30),
+                _clean(addr.get("state"), 2),
+                re.sub(r"\D", "", str(addr.get("postalCode", ""))),
+            )
         gender = {"female": "F", "male": "M"}.get(str(patient.get("gender")), "U")
         if patient.get("birthDate"):
             seg("DMG", "D8", str(patient["birthDate"]).replace("-", ""), gender)
@@ -296,8 +360,10 @@ class X12ClaimSink:
             return self._envelope(segs, st_id, isa, version, now, total, problems, institutional)
         clm01 = _clean(claim["id"].replace("-", ""), 38)
         seg("CLM", clm01, _money(total), "", "", f"{s.place_of_service}:B:1", "Y", "A", "Y", "Y")
-        codes = [d["diagnosisCodeableConcept"]["coding"][0]["code"].replace(".", "").upper()
-                 for d in claim.get("diagnosis", [])][:12]
+        codes = [
+            d["diagnosisCodeableConcept"]["coding"][0]["code"].replace(".", "").upper()
+            for d in claim.get("diagnosis", [])
+        ][:12]
         if codes:
             seg("HI", *[("ABK" if i == 0 else "ABF") + ":" + c for i, c in enumerate(codes)])
         else:
@@ -305,25 +371,58 @@ class X12ClaimSink:
         rendering = data["care_team"].get(1)
         rendering_npi = ""
         if rendering:
-            ident: dict[str, Any] = next((i for i in rendering.get("identifier", [])
-                          if i.get("system") == "http://hl7.org/fhir/sid/us-npi"), {})
+            ident: dict[str, Any] = next(
+                (
+                    i
+                    for i in rendering.get("identifier", [])
+                    if i.get("system") == "http://hl7.org/fhir/sid/us-npi"
+                ),
+                {},
+            )
             rendering_npi = str(ident.get("value", ""))
             rname = (rendering.get("name") or [{}])[0]
             if rendering_npi:
-                seg("NM1", "82", "1", _clean(rname.get("family")), _clean((rname.get("given") or [""])[0], 35),
-                    "", "", "", "XX", rendering_npi)
+                seg(
+                    "NM1",
+                    "82",
+                    "1",
+                    _clean(rname.get("family")),
+                    _clean((rname.get("given") or [""])[0], 35),
+                    "",
+                    "",
+                    "",
+                    "XX",
+                    rendering_npi,
+                )
         data["rendering_npi"] = rendering_npi
         for n, item in enumerate(items, start=1):
             code = item["productOrService"]["coding"][0].get("code", "")
             seg("LX", str(n))
             pointers = ":".join(str(p) for p in item.get("diagnosisSequence", [1])[:4] if p <= 12) or "1"
-            seg("SV1", f"HC:{_clean(code, 48)}", _money(float(item.get("net", {}).get("value", 0))), "UN",
-                _money(float(item.get("quantity", {}).get("value", 1))), "", "", pointers)
+            seg(
+                "SV1",
+                f"HC:{_clean(code, 48)}",
+                _money(float(item.get("net", {}).get("value", 0))),
+                "UN",
+                _money(float(item.get("quantity", {}).get("value", 1))),
+                "",
+                "",
+                pointers,
+            )
             seg("DTP", "472", "D8", str(item.get("servicedDate", "")).replace("-", ""))
         return self._envelope(segs, st_id, isa, version, now, total, problems, institutional)
 
-    def _envelope(self, segs: list[str], st_id: str, isa: int, version: str, now: datetime, total: float,
-                  problems: list[Problem], institutional: bool) -> ClaimFile:
+    def _envelope(
+        self,
+        segs: list[str],
+        st_id: str,
+        isa: int,
+        version: str,
+        now: datetime,
+        total: float,
+        problems: list[Problem],
+        institutional: bool,
+    ) -> ClaimFile:
         s = self.settings
         segs.append(f"SE*{len(segs) + 1}*{st_id}")
         isa_date, isa_time = now.strftime("%y%m%d"), now.strftime("%H%M")
@@ -349,8 +448,13 @@ class X12ClaimSink:
         except (IndexError, ValueError):
             line_total = float("nan")
         if clm is None or round(float(clm[2]), 2) != line_total:
-            problems.append(Problem("CLM02", f"claim total {clm[2] if clm else '?'} is not the sum of the "
-                                             f"{line}{amount_at:02d} line amounts ({_money(line_total)})"))
+            problems.append(
+                Problem(
+                    "CLM02",
+                    f"claim total {clm[2] if clm else '?'} is not the sum of the "
+                    f"{line}{amount_at:02d} line amounts ({_money(line_total)})",
+                )
+            )
         for s in lines:
             if float(s[amount_at]) < 0:
                 problems.append(Problem(f"{line}{amount_at:02d}", f"negative line amount {s[amount_at]}"))
@@ -431,9 +535,13 @@ def _payload_of(path: Path, claim_ref: str) -> dict[str, Any]:
         parts = raw.strip().split("*")
         segments.setdefault(parts[0], parts)
     isa, st, clm = segments.get("ISA", []), segments.get("ST", []), segments.get("CLM", [])
-    return {"claim": claim_ref, "file": path.name, "interchangeControlNumber": isa[13] if len(isa) > 13 else "",
-            "transactionSetControlNumber": st[2] if len(st) > 2 else "",
-            "total": float(clm[2]) if len(clm) > 2 else None}
+    return {
+        "claim": claim_ref,
+        "file": path.name,
+        "interchangeControlNumber": isa[13] if len(isa) > 13 else "",
+        "transactionSetControlNumber": st[2] if len(st) > 2 else "",
+        "total": float(clm[2]) if len(clm) > 2 else None,
+    }
 
 
 def _write(path: Path, text: str) -> None:

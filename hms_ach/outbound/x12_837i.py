@@ -41,7 +41,9 @@ def _datetime(value: Any) -> datetime | None:
 def _npi_of(practitioner: dict[str, Any] | None) -> str:
     if not practitioner:
         return ""
-    ident: dict[str, Any] = next((i for i in practitioner.get("identifier", []) if i.get("system") == NPI_SYSTEM), {})
+    ident: dict[str, Any] = next(
+        (i for i in practitioner.get("identifier", []) if i.get("system") == NPI_SYSTEM), {}
+    )
     return str(ident.get("value", ""))
 
 
@@ -59,9 +61,16 @@ def revenue_code(settings: InstitutionalSettings, procedure: str) -> str | None:
     return settings.revenue_codes.get(procedure) or settings.default_revenue_code
 
 
-def claim_loops(seg: Callable[..., None], settings: InstitutionalSettings, data: dict[str, Any], total: float,
-                clean: Callable[..., str], money: Callable[[float], str], problems: list[Any],
-                problem: Callable[[str, str], Any]) -> None:
+def claim_loops(
+    seg: Callable[..., None],
+    settings: InstitutionalSettings,
+    data: dict[str, Any],
+    total: float,
+    clean: Callable[..., str],
+    money: Callable[[float], str],
+    problems: list[Any],
+    problem: Callable[[str, str], Any],
+) -> None:
     """Write loops 2300, 2310A and 2400 of an 837I through ``seg``; add what is missing to ``problems``."""
     claim, encounter = data["claim"], data.get("encounter") or {}
     items = claim.get("item", [])
@@ -77,18 +86,24 @@ def claim_loops(seg: Callable[..., None], settings: InstitutionalSettings, data:
     if first:
         seg("DTP", "434", "RD8", f"{first}-{max(first, last)}")
     else:
-        problems.append(problem("DTP*434", "the statement period is unknown (no encounter period, no service date)"))
+        problems.append(
+            problem("DTP*434", "the statement period is unknown (no encounter period, no service date)")
+        )
     if start is not None:
         seg("DTP", "435", "DT", start.strftime("%Y%m%d%H%M"))
     else:
         problems.append(problem("DTP*435", "the admission date (PV1-44) is missing"))
-    source = str(((encounter.get("hospitalization") or {}).get("admitSource") or {}).get("coding", [{}])[0]
-                 .get("code") or "")
+    source = str(
+        ((encounter.get("hospitalization") or {}).get("admitSource") or {}).get("coding", [{}])[0].get("code")
+        or ""
+    )
     if not re.fullmatch(r"[0-9A-Z]", source):
         source = settings.admission_source_code
     seg("CL1", settings.admission_type_code, source, settings.patient_status_code)
-    codes = [d["diagnosisCodeableConcept"]["coding"][0]["code"].replace(".", "").upper()
-             for d in claim.get("diagnosis", [])][:25]
+    codes = [
+        d["diagnosisCodeableConcept"]["coding"][0]["code"].replace(".", "").upper()
+        for d in claim.get("diagnosis", [])
+    ][:25]
     if codes:
         seg("HI", f"ABK:{codes[0]}")
         seg("HI", f"ABJ:{codes[0]}")
@@ -100,19 +115,40 @@ def claim_loops(seg: Callable[..., None], settings: InstitutionalSettings, data:
     npi = _npi_of(doctor)
     if doctor and npi:
         name = (doctor.get("name") or [{}])[0]
-        seg("NM1", "71", "1", clean(name.get("family")), clean((name.get("given") or [""])[0], 35), "", "", "",
-            "XX", npi)
+        seg(
+            "NM1",
+            "71",
+            "1",
+            clean(name.get("family")),
+            clean((name.get("given") or [""])[0], 35),
+            "",
+            "",
+            "",
+            "XX",
+            npi,
+        )
     else:
         problems.append(problem("NM1*71", "the encounter has no attending practitioner (PV1-7) with an NPI"))
     for n, item in enumerate(items, start=1):
         code = str(item["productOrService"]["coding"][0].get("code", ""))
         revenue = revenue_code(settings, code)
         if not revenue:
-            problems.append(problem("SV201", f"no revenue code for procedure {code!r}: add it under "
-                                             "revenue_codes or set default_revenue_code"))
+            problems.append(
+                problem(
+                    "SV201",
+                    f"no revenue code for procedure {code!r}: add it under "
+                    "revenue_codes or set default_revenue_code",
+                )
+            )
             revenue = ""
         seg("LX", str(n))
-        seg("SV2", revenue, f"HC:{clean(code, 48)}", money(float(item.get("net", {}).get("value", 0))), "UN",
-            money(float(item.get("quantity", {}).get("value", 1))))
+        seg(
+            "SV2",
+            revenue,
+            f"HC:{clean(code, 48)}",
+            money(float(item.get("net", {}).get("value", 0))),
+            "UN",
+            money(float(item.get("quantity", {}).get("value", 1))),
+        )
         if item.get("servicedDate"):
             seg("DTP", "472", "D8", str(item["servicedDate"]).replace("-", ""))

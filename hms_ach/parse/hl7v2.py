@@ -108,17 +108,24 @@ def read_header(raw: bytes) -> MshHeader:
         raise RejectError("message does not start with an MSH segment", "MSH", Err0357.SEGMENT_SEQUENCE)
     line = _SEGMENT_END.split(head.decode("latin-1"), maxsplit=1)[0]
     if len(line) < 8:
-        raise RejectError("MSH is truncated: the field separator and encoding characters are missing",
-                          "MSH-2", Err0357.REQUIRED_FIELD_MISSING)
+        raise RejectError(
+            "MSH is truncated: the field separator and encoding characters are missing",
+            "MSH-2",
+            Err0357.REQUIRED_FIELD_MISSING,
+        )
     fs = line[3]
     if fs.isalnum() or fs.isspace():
-        raise RejectError(f"MSH-1 field separator {fs!r} is not a usable separator", "MSH-1",
-                          Err0357.DATA_TYPE_ERROR)
+        raise RejectError(
+            f"MSH-1 field separator {fs!r} is not a usable separator", "MSH-1", Err0357.DATA_TYPE_ERROR
+        )
     enc = line[4:].split(fs, 1)[0]
     if len(enc) < 4 or len(set(enc[:4])) < 4 or any(c.isalnum() or c.isspace() or c == fs for c in enc[:4]):
         raise RejectError(
             f"MSH-2 encoding characters {enc!r} are invalid: expected four distinct non-alphanumeric "
-            "characters such as ^~\\&", "MSH-2", Err0357.DATA_TYPE_ERROR)
+            "characters such as ^~\\&",
+            "MSH-2",
+            Err0357.DATA_TYPE_ERROR,
+        )
     seps = Separators(fs, enc[0], enc[1], enc[2], enc[3])
     parts = line.split(fs)
     fields = ["MSH", fs] + parts[1:]
@@ -131,8 +138,12 @@ def codec_for(header: MshHeader, default_charset: str = "utf-8") -> str:
         return default_charset
     codec = CHARSETS.get(name)
     if codec is None:
-        raise RejectError(f"MSH-18 character set {header.charset!r} is not supported; "
-                          f"supported: {', '.join(sorted(CHARSETS))}", "MSH-18", Err0357.DATA_TYPE_ERROR)
+        raise RejectError(
+            f"MSH-18 character set {header.charset!r} is not supported; "
+            f"supported: {', '.join(sorted(CHARSETS))}",
+            "MSH-18",
+            Err0357.DATA_TYPE_ERROR,
+        )
     return codec
 
 
@@ -145,8 +156,11 @@ def decode(raw: bytes, header: MshHeader, default_charset: str = "utf-8") -> str
         where = _locate_offset(raw, exc.start, header.separators.field)
         raise ContentError(
             f"byte 0x{raw[exc.start]:02x} at offset {exc.start} is not valid {codec} "
-            f"(MSH-18 is {header.charset!r}" + (")" if header.charset else f", channel default {default_charset})"),
-            where, Err0357.DATA_TYPE_ERROR) from exc
+            f"(MSH-18 is {header.charset!r}"
+            + (")" if header.charset else f", channel default {default_charset})"),
+            where,
+            Err0357.DATA_TYPE_ERROR,
+        ) from exc
 
 
 def _locate_offset(raw: bytes, offset: int, fs: str) -> str:
@@ -245,8 +259,11 @@ def parse_text(text: str) -> Hl7Message:
         parts = seg_text.split(seps.field)
         name = parts[0].strip()
         if not _SEGMENT_NAME.match(name):
-            raise ContentError(f"segment {i + 1} has no valid segment id: {seg_text[:20]!r}",
-                               f"segment {i + 1}", Err0357.SEGMENT_SEQUENCE)
+            raise ContentError(
+                f"segment {i + 1} has no valid segment id: {seg_text[:20]!r}",
+                f"segment {i + 1}",
+                Err0357.SEGMENT_SEQUENCE,
+            )
         fields = ["MSH", seps.field] + parts[1:] if i == 0 else parts
         segments.append(Segment(name, fields, i, seps))
     return Hl7Message(header, segments, "\r".join(raw_segments))

@@ -69,8 +69,20 @@ def diff(before: Any, after: Any, path: str = "") -> list[dict[str, Any]]:
 
 def entry_hash(row: dict[str, Any]) -> str:
     """SHA-256 over the previous hash and every field of the row but its own hash and number."""
-    fields = {k: row[k] for k in ("recorded", "agent", "action", "entity_type", "entity_id", "version_id",
-                                  "message_id", "diff", "prev_hash")}
+    fields = {
+        k: row[k]
+        for k in (
+            "recorded",
+            "agent",
+            "action",
+            "entity_type",
+            "entity_id",
+            "version_id",
+            "message_id",
+            "diff",
+            "prev_hash",
+        )
+    }
     return hashlib.sha256(orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
@@ -159,10 +171,16 @@ def verify(conn: Connection) -> VerifyResult:
     for row in _rows(conn):
         data = dict(row._mapping)
         if data["prev_hash"] != prev:
-            return VerifyResult(checked, data["seq"], "its prev_hash is not the hash of the entry before it "
-                                                      "(an entry was removed, inserted or reordered)")
+            return VerifyResult(
+                checked,
+                data["seq"],
+                "its prev_hash is not the hash of the entry before it "
+                "(an entry was removed, inserted or reordered)",
+            )
         if entry_hash(data) != data["hash"]:
-            return VerifyResult(checked, data["seq"], "its content does not match its hash (the row was edited)")
+            return VerifyResult(
+                checked, data["seq"], "its content does not match its hash (the row was edited)"
+            )
         prev = data["hash"]
         checked += 1
     return VerifyResult(checked)
@@ -217,27 +235,44 @@ def as_audit_event(row: dict[str, Any]) -> dict[str, Any]:
     event: dict[str, Any] = {
         "resourceType": "AuditEvent",
         "id": f"audit-{row['seq']}",
-        "type": {"system": "http://terminology.hl7.org/CodeSystem/audit-event-type", "code": "rest",
-                 "display": "RESTful Operation"},
-        "subtype": [{"system": "http://hl7.org/fhir/restful-interaction",
-                     "code": {"create": "create", "update": "update", "delete": "delete"}[row["action"]]}],
+        "type": {
+            "system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
+            "code": "rest",
+            "display": "RESTful Operation",
+        },
+        "subtype": [
+            {
+                "system": "http://hl7.org/fhir/restful-interaction",
+                "code": {"create": "create", "update": "update", "delete": "delete"}[row["action"]],
+            }
+        ],
         "action": _ACTION_CODES[row["action"]],
         "recorded": row["recorded"],
         "outcome": "0",
         "agent": [{"who": {"display": row["agent"]}, "name": row["agent"], "requestor": True}],
         "source": {"observer": {"display": "hms-ach"}},
-        "entity": [{
-            "what": {"reference": f"{row['entity_type']}/{row['entity_id']}/_history/{row['version_id']}"},
-            "detail": [
-                {"type": "diff", "valueString": orjson.dumps(row["diff"]).decode()},
-                {"type": "hash", "valueString": row["hash"]},
-                {"type": "prev_hash", "valueString": row["prev_hash"]},
-            ],
-        }],
+        "entity": [
+            {
+                "what": {
+                    "reference": f"{row['entity_type']}/{row['entity_id']}/_history/{row['version_id']}"
+                },
+                "detail": [
+                    {"type": "diff", "valueString": orjson.dumps(row["diff"]).decode()},
+                    {"type": "hash", "valueString": row["hash"]},
+                    {"type": "prev_hash", "valueString": row["prev_hash"]},
+                ],
+            }
+        ],
     }
     if row["message_id"] is not None:
-        event["entity"].append({"what": {"identifier": {"system": "urn:hms-ach:message",
-                                                        "value": str(row["message_id"])}},
-                                "role": {"system": "http://terminology.hl7.org/CodeSystem/object-role",
-                                         "code": "20", "display": "Job"}})
+        event["entity"].append(
+            {
+                "what": {"identifier": {"system": "urn:hms-ach:message", "value": str(row["message_id"])}},
+                "role": {
+                    "system": "http://terminology.hl7.org/CodeSystem/object-role",
+                    "code": "20",
+                    "display": "Job",
+                },
+            }
+        )
     return event

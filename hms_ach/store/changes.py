@@ -35,10 +35,13 @@ class Change:
 
 
 #: name -> "module:function". Order is the registry's sorted order.
-LISTENERS = Registry("change listener", {
-    "audit": "hms_ach.store.audit:record",
-    "outbox": "hms_ach.outbound.events:record",
-})
+LISTENERS = Registry(
+    "change listener",
+    {
+        "audit": "hms_ach.store.audit:record",
+        "outbox": "hms_ach.outbound.events:record",
+    },
+)
 
 
 def notify(conn: Connection, change: Change) -> None:

@@ -88,7 +88,9 @@ class Store:
     def __init__(self, url: str):
         self.url = normalise_url(url)
         self.writer = make_engine(self.url, create=True, writer=True)
-        self.reader = self.writer if not is_sqlite(self.writer) else make_engine(self.url, create=False, writer=False)
+        self.reader = (
+            self.writer if not is_sqlite(self.writer) else make_engine(self.url, create=False, writer=False)
+        )
 
     @property
     def dialect(self) -> str:

@@ -38,25 +38,36 @@ class Compiled:
     processors: tuple[Callable[[Any], Any] | None, ...]
 
     def params(self, values: Mapping[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
-        out = [values.get(name) if proc is None else proc(values.get(name))
-               for name, proc in zip(self.names, self.processors, strict=True)]
+        out = [
+            values.get(name) if proc is None else proc(values.get(name))
+            for name, proc in zip(self.names, self.processors, strict=True)
+        ]
         return tuple(out) if self.positional else dict(zip(self.names, out, strict=True))
 
 
 _cache: dict[tuple[Any, ...], Compiled] = {}
 
 
-def _compile(stmt: Any, conn: Connection, key: tuple[Any, ...], column_keys: Sequence[str] | None,
-             types: Mapping[str, Any]) -> Compiled:
+def _compile(
+    stmt: Any,
+    conn: Connection,
+    key: tuple[Any, ...],
+    column_keys: Sequence[str] | None,
+    types: Mapping[str, Any],
+) -> Compiled:
     dialect = conn.dialect
-    compiled = stmt.compile(dialect=dialect, column_keys=list(column_keys) if column_keys is not None else None)
+    compiled = stmt.compile(
+        dialect=dialect, column_keys=list(column_keys) if column_keys is not None else None
+    )
     positional = bool(compiled.positional)
     names = tuple(compiled.positiontup) if positional else tuple(compiled.bind_names.values())
     if column_keys is not None:
         # A column default SQLAlchemy would compute (sqlmodel declares many) has no value here.
         missing = [n for n in names if n not in column_keys]
         if missing:
-            raise ValueError(f"fastexec: {key[1]!r} needs values for {missing} (no column defaults on this path)")
+            raise ValueError(
+                f"fastexec: {key[1]!r} needs values for {missing} (no column defaults on this path)"
+            )
     processors = []
     for name in names:
         type_ = types.get(name)
@@ -111,15 +122,22 @@ def insert_rows(conn: Connection, table: Table, rows: Iterable[Mapping[str, Any]
         cursor.close()
 
 
-def first_row(conn: Connection, name: str, stmt: Any, values: Mapping[str, Any],
-              table: Table | None = None) -> tuple[Any, ...] | None:
+def first_row(
+    conn: Connection, name: str, stmt: Any, values: Mapping[str, Any], table: Table | None = None
+) -> tuple[Any, ...] | None:
     """The first row of ``stmt`` (a SELECT, or an INSERT .. RETURNING) as a plain tuple in the order
     of its columns, or None. See :func:`execute` for ``name``, ``values`` and ``table``."""
     return execute(conn, name, stmt, values, table, fetch=True)
 
 
-def execute(conn: Connection, name: str, stmt: Any, values: Mapping[str, Any], table: Table | None = None,
-            fetch: bool = False) -> tuple[Any, ...] | None:
+def execute(
+    conn: Connection,
+    name: str,
+    stmt: Any,
+    values: Mapping[str, Any],
+    table: Table | None = None,
+    fetch: bool = False,
+) -> tuple[Any, ...] | None:
     """Run ``stmt`` once with ``values`` (its bind parameters by name) on ``conn``'s DBAPI cursor.
 
     ``name`` identifies the statement in the compiled-statement cache (statements are built once,

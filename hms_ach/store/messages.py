@@ -60,42 +60,87 @@ def insert_new(conn: Connection, meta: MessageMeta) -> int | None:
     duplicate. The unique constraint decides (``ON CONFLICT DO NOTHING``), so it is race-free."""
     stmt = _INSERT_NEW.get(conn.dialect.name)
     if stmt is None or not meta.idempotency_key:
-        raise ValueError(f"insert_new needs an idempotency key and SQLite or PostgreSQL, "
-                         f"not {conn.dialect.name}")
-    row = fastexec.first_row(conn, "message.insert_new", stmt, _values(meta, "received", True, None, None, None), T)
+        raise ValueError(
+            f"insert_new needs an idempotency key and SQLite or PostgreSQL, not {conn.dialect.name}"
+        )
+    row = fastexec.first_row(
+        conn, "message.insert_new", stmt, _values(meta, "received", True, None, None, None), T
+    )
     if row is None:
         return None
     _remember(conn, int(row[0]), meta)
     return int(row[0])
 
 
-def insert_message(conn: Connection, meta: MessageMeta, status: str = "received", *, keyed: bool = True,
-                   duplicate_of: int | None = None, ack_code: str | None = None, ack: str | None = None) -> int:
-    key = conn.execute(_INSERT, _values(meta, status, keyed, duplicate_of, ack_code, ack)).inserted_primary_key
+def insert_message(
+    conn: Connection,
+    meta: MessageMeta,
+    status: str = "received",
+    *,
+    keyed: bool = True,
+    duplicate_of: int | None = None,
+    ack_code: str | None = None,
+    ack: str | None = None,
+) -> int:
+    key = conn.execute(
+        _INSERT, _values(meta, status, keyed, duplicate_of, ack_code, ack)
+    ).inserted_primary_key
     if key is None:
         raise RuntimeError("the database returned no id for the stored message")
     _remember(conn, int(key[0]), meta)
     return int(key[0])
 
 
-def _values(meta: MessageMeta, status: str, keyed: bool, duplicate_of: int | None, ack_code: str | None,
-            ack: str | None) -> dict[str, Any]:
+def _values(
+    meta: MessageMeta,
+    status: str,
+    keyed: bool,
+    duplicate_of: int | None,
+    ack_code: str | None,
+    ack: str | None,
+) -> dict[str, Any]:
     now = datetime.now(UTC)
     return dict(
-        channel=meta.channel, raw=meta.raw, content_type=meta.content_type,
-        idempotency_key=meta.idempotency_key if keyed else None, control_id=meta.control_id,
-        sending_application=meta.sending_application, sending_facility=meta.sending_facility,
-        message_type=meta.message_type, version=meta.version, partition_key=meta.partition_key,
-        status=status, received_at=now, duplicate_of=duplicate_of, ack_code=ack_code, ack=ack,
-        processed_at=now if status != "received" else None, replay_count=0, error=None,
+        channel=meta.channel,
+        raw=meta.raw,
+        content_type=meta.content_type,
+        idempotency_key=meta.idempotency_key if keyed else None,
+        control_id=meta.control_id,
+        sending_application=meta.sending_application,
+        sending_facility=meta.sending_facility,
+        message_type=meta.message_type,
+        version=meta.version,
+        partition_key=meta.partition_key,
+        status=status,
+        received_at=now,
+        duplicate_of=duplicate_of,
+        ack_code=ack_code,
+        ack=ack,
+        processed_at=now if status != "received" else None,
+        replay_count=0,
+        error=None,
         error_location=None,
     )
 
 
-def finish(conn: Connection, message_id: int, status: str, ack_code: str | None, ack: str | None,
-           error: str | None = None, error_location: str | None = None, replay: bool = False) -> None:
-    values: dict[str, Any] = dict(status=status, ack_code=ack_code, ack=ack, error=error,
-                                  error_location=error_location, processed_at=datetime.now(UTC))
+def finish(
+    conn: Connection,
+    message_id: int,
+    status: str,
+    ack_code: str | None,
+    ack: str | None,
+    error: str | None = None,
+    error_location: str | None = None,
+    replay: bool = False,
+) -> None:
+    values: dict[str, Any] = dict(
+        status=status,
+        ack_code=ack_code,
+        ack=ack,
+        error=error,
+        error_location=error_location,
+        processed_at=datetime.now(UTC),
+    )
     if replay:
         values["replay_count"] = T.c.replay_count + 1
         conn.execute(update(T).where(T.c.id == message_id).values(**values))
@@ -110,14 +155,31 @@ def get(conn: Connection, message_id: int) -> Any:
     return conn.execute(select(T).where(T.c.id == message_id)).first()
 
 
-def list_messages(conn: Connection, status: str | None = None, message_type: str | None = None,
-                  since: datetime | None = None, limit: int = 100) -> list[Any]:
-    q = select(T.c.id, T.c.channel, T.c.control_id, T.c.message_type, T.c.status, T.c.ack_code,
-               T.c.error, T.c.error_location, T.c.received_at, T.c.replay_count)
+def list_messages(
+    conn: Connection,
+    status: str | None = None,
+    message_type: str | None = None,
+    since: datetime | None = None,
+    limit: int = 100,
+) -> list[Any]:
+    q = select(
+        T.c.id,
+        T.c.channel,
+        T.c.control_id,
+        T.c.message_type,
+        T.c.status,
+        T.c.ack_code,
+        T.c.error,
+        T.c.error_location,
+        T.c.received_at,
+        T.c.replay_count,
+    )
     if status:
         q = q.where(T.c.status == status)
     if message_type:
-        q = q.where(T.c.message_type.like(message_type.replace("*", "%") + ("" if "*" in message_type else "%")))
+        q = q.where(
+            T.c.message_type.like(message_type.replace("*", "%") + ("" if "*" in message_type else "%"))
+        )
     if since:
         q = q.where(T.c.received_at >= since)
     return list(conn.execute(q.order_by(desc(T.c.id)).limit(limit)).all())

@@ -71,11 +71,16 @@ class FhirRequestLine(SQLModel, table=True):
 
     message_id: int = Field(primary_key=True, description="The message row (content type fhir+json)")
     method: str = Field(max_length=10, description="POST, PUT or DELETE")
-    target: str = Field(default="", sa_type=Text,
-                        description="The URL under /fhir: Practitioner, Practitioner/123, "
-                                    "Practitioner?identifier=s|v, or empty for a Bundle")
+    target: str = Field(
+        default="",
+        sa_type=Text,
+        description="The URL under /fhir: Practitioner, Practitioner/123, "
+        "Practitioner?identifier=s|v, or empty for a Bundle",
+    )
     if_match: str | None = Field(default=None, max_length=255, description="The If-Match header, if any")
-    if_none_exist: str | None = Field(default=None, sa_type=Text, description="The If-None-Exist header, if any")
+    if_none_exist: str | None = Field(
+        default=None, sa_type=Text, description="The If-None-Exist header, if any"
+    )
 
 
 class ResourceBase(SQLModel):
@@ -253,8 +258,14 @@ class SearchString(SQLModel, table=True):
     __table_args__ = (
         # resource_id last: the index answers a search alone. text_pattern_ops: PostgreSQL serves
         # the prefix search (LIKE 'x%') from it whatever the database collation.
-        Index("ix_search_string_lookup", "resource_type", "param", "norm", "resource_id",
-              postgresql_ops={"norm": "text_pattern_ops"}),
+        Index(
+            "ix_search_string_lookup",
+            "resource_type",
+            "param",
+            "norm",
+            "resource_id",
+            postgresql_ops={"norm": "text_pattern_ops"},
+        ),
         Index("ix_search_string_owner", "resource_type", "resource_id"),
     )
 
@@ -284,7 +295,9 @@ class SearchDate(SQLModel, table=True):
 class SearchReference(SQLModel, table=True):
     __tablename__ = "search_reference"
     __table_args__ = (
-        Index("ix_search_reference_lookup", "resource_type", "param", "target_id", "target_type", "resource_id"),
+        Index(
+            "ix_search_reference_lookup", "resource_type", "param", "target_id", "target_type", "resource_id"
+        ),
         Index("ix_search_reference_owner", "resource_type", "resource_id"),
     )
 
@@ -302,7 +315,6 @@ INDEX_TABLES = {
     "date": SearchDate,
     "reference": SearchReference,
 }
-
 
 
 class OutboxEvent(SQLModel, table=True):
@@ -376,8 +388,9 @@ class CredentialAlert(SQLModel, table=True):
     """One alert per credential, expiry date and threshold, so the nightly scan never repeats one."""
 
     __tablename__ = "credential_alert"
-    __table_args__ = (UniqueConstraint("practitioner_id", "credential", "expires", "threshold",
-                                       name="uq_credential_alert"),)
+    __table_args__ = (
+        UniqueConstraint("practitioner_id", "credential", "expires", "threshold", name="uq_credential_alert"),
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     practitioner_id: str = Field(max_length=64)

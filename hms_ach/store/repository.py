@@ -68,12 +68,15 @@ def _strip_meta(resource: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in resource.items() if k not in ("id", "meta")}
 
 
-def _render(resource_type: str, rid: str, version: int, now: datetime,
-            content: dict[str, Any]) -> tuple[dict[str, Any], str]:
+def _render(
+    resource_type: str, rid: str, version: int, now: datetime, content: dict[str, Any]
+) -> tuple[dict[str, Any], str]:
     """The stored body of one version (``id`` and ``meta`` first) and its JSON text."""
-    body: dict[str, Any] = {"resourceType": resource_type, "id": rid,
-                            "meta": {"versionId": str(version),
-                                     "lastUpdated": now.isoformat().replace("+00:00", "Z")}}
+    body: dict[str, Any] = {
+        "resourceType": resource_type,
+        "id": rid,
+        "meta": {"versionId": str(version), "lastUpdated": now.isoformat().replace("+00:00", "Z")},
+    }
     body.update({k: v for k, v in content.items() if k not in ("resourceType", "id", "meta")})
     return body, dumps(body)
 
@@ -103,11 +106,21 @@ class _Statements:
         self.by_key = by_key.with_for_update() if lock else by_key
         self.by_value = by_value.with_for_update() if lock else by_value
         # RETURNING tells whether the row went in (rowcount is not reliable with every driver)
-        self.insert_keyed = insert_fn(table).on_conflict_do_nothing(
-            index_elements=["key_system", "key_value"]).returning(c.id)
-        self.update = update(table).where(c.id == bindparam("rid")).values(
-            version_id=bindparam("v"), last_updated=bindparam("t"), resource=bindparam("r"),
-            deleted=bindparam("d"))
+        self.insert_keyed = (
+            insert_fn(table)
+            .on_conflict_do_nothing(index_elements=["key_system", "key_value"])
+            .returning(c.id)
+        )
+        self.update = (
+            update(table)
+            .where(c.id == bindparam("rid"))
+            .values(
+                version_id=bindparam("v"),
+                last_updated=bindparam("t"),
+                resource=bindparam("r"),
+                deleted=bindparam("d"),
+            )
+        )
 
 
 @cache
@@ -140,12 +153,16 @@ class Repository:
     # ------------------------------------------------------------------ reads
     def get(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
         table = RECORD_TABLES[resource_type].__table__  # type: ignore[attr-defined]
-        row = self.conn.execute(select(table.c.resource, table.c.deleted).where(table.c.id == resource_id)).first()
+        row = self.conn.execute(
+            select(table.c.resource, table.c.deleted).where(table.c.id == resource_id)
+        ).first()
         if row is None:
             return None
         return orjson.loads(row.resource)  # type: ignore[no-any-return]
 
-    def find_by_key(self, resource_type: str, system: str | None, value: str) -> tuple[str, dict[str, Any]] | None:
+    def find_by_key(
+        self, resource_type: str, system: str | None, value: str
+    ) -> tuple[str, dict[str, Any]] | None:
         table = RECORD_TABLES[resource_type].__table__  # type: ignore[attr-defined]
         cond = and_(table.c.key_system == system, table.c.key_value == value)
         if system is None:
@@ -192,7 +209,9 @@ class Repository:
             return fastexec.first_row(self.conn, f"by_value:{st.name}", st.by_value, {"kv": value})
         return fastexec.first_row(self.conn, f"by_key:{st.name}", st.by_key, {"ks": system, "kv": value})
 
-    def upsert(self, rec: RecordWrite, content: dict[str, Any], message_id: int | None) -> WriteOutcome | None:
+    def upsert(
+        self, rec: RecordWrite, content: dict[str, Any], message_id: int | None
+    ) -> WriteOutcome | None:
         """Create or merge one record.
 
         A keyed record is looked up by its business key first (locked on PostgreSQL). When it is
@@ -212,8 +231,9 @@ class Repository:
                     return WriteOutcome(rec.resource_type, rid, 1, created=True, changed=True)
                 row = self._by_key(st, rec.key_system, rec.key_value)  # another writer created it first
                 if row is None:
-                    raise RuntimeError(f"{rec.resource_type} {rec.key_system}|{rec.key_value} was neither "
-                                       "inserted nor found")
+                    raise RuntimeError(
+                        f"{rec.resource_type} {rec.key_system}|{rec.key_value} was neither inserted nor found"
+                    )
             rid, version, old = row[0], row[1], _strip_meta(orjson.loads(row[2]))
             created = version == 0  # a placeholder claimed by a FHIR conditional create
         else:
@@ -223,8 +243,16 @@ class Repository:
         merged = self._merge(rec, old, content)
         if not created and merged == old:
             return WriteOutcome(rec.resource_type, rid, version, created=False, changed=False)
-        return self._store_version(rec.resource_type, rid, version + 1, merged, message_id, created,
-                                   before=None if created else old, live=not row[3])
+        return self._store_version(
+            rec.resource_type,
+            rid,
+            version + 1,
+            merged,
+            message_id,
+            created,
+            before=None if created else old,
+            live=not row[3],
+        )
 
     @staticmethod
     def _merge(rec: RecordWrite, old: dict[str, Any], content: dict[str, Any]) -> dict[str, Any]:
@@ -237,17 +265,27 @@ class Repository:
         merged["resourceType"] = rec.resource_type
         return merged  # type: ignore[no-any-return]
 
-    def _create(self, st: _Statements, rec: RecordWrite, rid: str, content: dict[str, Any],
-                message_id: int | None) -> bool:
+    def _create(
+        self, st: _Statements, rec: RecordWrite, rid: str, content: dict[str, Any], message_id: int | None
+    ) -> bool:
         """Insert version 1 of a new record with everything that goes with it; False when the
         business key was taken meanwhile (nothing was written then)."""
         now = datetime.now(UTC)
         body, text = _render(rec.resource_type, rid, 1, now, content)
-        values = {"id": rid, "key_system": rec.key_system if rec.key_value else None,
-                  "key_value": rec.key_value or None, "version_id": 1, "last_updated": now,
-                  "deleted": False, "resource": text}
+        values = {
+            "id": rid,
+            "key_system": rec.key_system if rec.key_value else None,
+            "key_value": rec.key_value or None,
+            "version_id": 1,
+            "last_updated": now,
+            "deleted": False,
+            "resource": text,
+        }
         if rec.key_value:
-            if fastexec.first_row(self.conn, f"insert_keyed:{st.name}", st.insert_keyed, values, st.table) is None:
+            if (
+                fastexec.first_row(self.conn, f"insert_keyed:{st.name}", st.insert_keyed, values, st.table)
+                is None
+            ):
                 return False
         else:
             fastexec.insert_rows(self.conn, st.table, [values])
@@ -255,8 +293,15 @@ class Repository:
         return True
 
     def _store_version(
-        self, resource_type: str, rid: str, version: int, content: dict[str, Any],
-        message_id: int | None, created: bool, deleted: bool = False, before: dict[str, Any] | None = None,
+        self,
+        resource_type: str,
+        rid: str,
+        version: int,
+        content: dict[str, Any],
+        message_id: int | None,
+        created: bool,
+        deleted: bool = False,
+        before: dict[str, Any] | None = None,
         live: bool = False,
     ) -> WriteOutcome:
         """Write ``content`` as version ``version`` of the existing row ``rid``.
@@ -278,27 +323,65 @@ class Repository:
             old_index = search_params.index_rows(resource_type, before)
         else:
             old_index = None
-        self._after_write(resource_type, rid, version, now, text, None if deleted else body,
-                          None if created else before, message_id, action, old_index, deleted)
+        self._after_write(
+            resource_type,
+            rid,
+            version,
+            now,
+            text,
+            None if deleted else body,
+            None if created else before,
+            message_id,
+            action,
+            old_index,
+            deleted,
+        )
         return WriteOutcome(resource_type, rid, version, created=created, changed=True)
 
-    def _after_write(self, resource_type: str, rid: str, version: int, now: datetime, text: str,
-                     body: dict[str, Any] | None, before: dict[str, Any] | None, message_id: int | None,
-                     action: str, old_index: dict[str, list[dict[str, Any]]] | None,
-                     deleted: bool = False) -> None:
+    def _after_write(
+        self,
+        resource_type: str,
+        rid: str,
+        version: int,
+        now: datetime,
+        text: str,
+        body: dict[str, Any] | None,
+        before: dict[str, Any] | None,
+        message_id: int | None,
+        action: str,
+        old_index: dict[str, list[dict[str, Any]]] | None,
+        deleted: bool = False,
+    ) -> None:
         """History row, search-index rows and change listeners of one new version. ``old_index``:
         the index rows the record has now, when known (else all are replaced)."""
-        fastexec.insert_rows(self.conn, _HISTORY, [{
-            "resource_type": resource_type, "id": rid, "version_id": version, "last_updated": now,
-            "deleted": deleted, "message_id": message_id, "resource": text}])
+        fastexec.insert_rows(
+            self.conn,
+            _HISTORY,
+            [
+                {
+                    "resource_type": resource_type,
+                    "id": rid,
+                    "version_id": version,
+                    "last_updated": now,
+                    "deleted": deleted,
+                    "message_id": message_id,
+                    "resource": text,
+                }
+            ],
+        )
         if old_index is not None:
             self._write_index(resource_type, rid, old_index, body)
         else:
             self.reindex(resource_type, rid, body)
         notify(self.conn, Change(resource_type, rid, version, action, before, body, message_id))
 
-    def _write_index(self, resource_type: str, rid: str, old: dict[str, list[dict[str, Any]]],
-                     resource: dict[str, Any] | None) -> None:
+    def _write_index(
+        self,
+        resource_type: str,
+        rid: str,
+        old: dict[str, list[dict[str, Any]]],
+        resource: dict[str, Any] | None,
+    ) -> None:
         """Rewrite the index rows of the kinds whose rows differ from ``old`` (those of the stored
         previous version); a kind whose rows did not change is not touched."""
         new = search_params.index_rows(resource_type, resource) if resource is not None else {}
@@ -310,8 +393,9 @@ class Repository:
             if before:
                 self.conn.execute(wipe, {"rt": resource_type, "rid": rid})
             if after:
-                fastexec.insert_rows(self.conn, add, [{"resource_type": resource_type, "resource_id": rid, **r}
-                                                      for r in after])
+                fastexec.insert_rows(
+                    self.conn, add, [{"resource_type": resource_type, "resource_id": rid, **r} for r in after]
+                )
 
     def reindex(self, resource_type: str, rid: str, resource: dict[str, Any] | None) -> None:
         """Replace every search-index row of one record (none when it is deleted)."""
@@ -320,17 +404,24 @@ class Repository:
             wipe, add = _index_statements(kind)
             self.conn.execute(wipe, {"rt": resource_type, "rid": rid})
             if rows.get(kind):
-                fastexec.insert_rows(self.conn, add, [{"resource_type": resource_type, "resource_id": rid, **r}
-                                                      for r in rows[kind]])
+                fastexec.insert_rows(
+                    self.conn,
+                    add,
+                    [{"resource_type": resource_type, "resource_id": rid, **r} for r in rows[kind]],
+                )
 
     # ------------------------------------------------------------------ actions
-    def run_action(self, action: StoreAction, resolved: dict[str, str], message_id: int | None) -> list[WriteOutcome]:
+    def run_action(
+        self, action: StoreAction, resolved: dict[str, str], message_id: int | None
+    ) -> list[WriteOutcome]:
         handler = ACTIONS.get(action.name)
         if handler is None:
             raise ContentError(f"unknown store action {action.name!r}; known: {sorted(ACTIONS)}")
         return handler(self, action.args, resolved, message_id)
 
-    def _merge_patient(self, args: dict[str, Any], resolved: dict[str, str], message_id: int | None) -> list[WriteOutcome]:
+    def _merge_patient(
+        self, args: dict[str, Any], resolved: dict[str, str], message_id: int | None
+    ) -> list[WriteOutcome]:
         """A40: mark the ``source`` patient replaced-by ``target`` and move its encounters over."""
         src_ref = resolved.get(str(args.get("source", "")).lstrip("@"), "")
         dst_ref = resolved.get(str(args.get("target", "")).lstrip("@"), "")
@@ -343,24 +434,54 @@ class Repository:
         src_content["active"] = False
         links = [lk for lk in src_content.get("link", []) if lk.get("other", {}).get("reference") != dst_ref]
         src_content["link"] = links + [{"other": {"reference": dst_ref}, "type": "replaced-by"}]
-        outcomes.append(self._store_version("Patient", src_id, self._version("Patient", src_id) + 1,
-                                            src_content, message_id, created=False))
+        outcomes.append(
+            self._store_version(
+                "Patient",
+                src_id,
+                self._version("Patient", src_id) + 1,
+                src_content,
+                message_id,
+                created=False,
+            )
+        )
         dst_content = _strip_meta(self.get("Patient", dst_id) or {})
         dlinks = [lk for lk in dst_content.get("link", []) if lk.get("other", {}).get("reference") != src_ref]
         dst_content["link"] = dlinks + [{"other": {"reference": src_ref}, "type": "replaces"}]
-        outcomes.append(self._store_version("Patient", dst_id, self._version("Patient", dst_id) + 1,
-                                            dst_content, message_id, created=False))
+        outcomes.append(
+            self._store_version(
+                "Patient",
+                dst_id,
+                self._version("Patient", dst_id) + 1,
+                dst_content,
+                message_id,
+                created=False,
+            )
+        )
         ref = SearchReference.__table__  # type: ignore[attr-defined]
-        enc_ids = self.conn.execute(
-            select(ref.c.resource_id).distinct().where(and_(
-                ref.c.resource_type == "Encounter", ref.c.param == "subject",
-                ref.c.target_type == "Patient", ref.c.target_id == src_id))
-        ).scalars().all()
+        enc_ids = (
+            self.conn.execute(
+                select(ref.c.resource_id)
+                .distinct()
+                .where(
+                    and_(
+                        ref.c.resource_type == "Encounter",
+                        ref.c.param == "subject",
+                        ref.c.target_type == "Patient",
+                        ref.c.target_id == src_id,
+                    )
+                )
+            )
+            .scalars()
+            .all()
+        )
         for eid in enc_ids:
             enc = _strip_meta(self.get("Encounter", eid) or {})
             enc["subject"] = {"reference": dst_ref}
-            outcomes.append(self._store_version("Encounter", eid, self._version("Encounter", eid) + 1,
-                                                enc, message_id, created=False))
+            outcomes.append(
+                self._store_version(
+                    "Encounter", eid, self._version("Encounter", eid) + 1, enc, message_id, created=False
+                )
+            )
         return outcomes
 
     def _version(self, resource_type: str, rid: str) -> int:

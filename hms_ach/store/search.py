@@ -39,8 +39,19 @@ from hms_ach.store.search_query import (
 )
 
 __all__ = [
-    "DEFAULT_COUNT", "MAX_COUNT", "ClauseContext", "SearchError", "SearchPage", "SearchQuery", "execute", "include_params",
-    "clause_context", "own_rows", "parse_query", "sort_params", "where_clauses",
+    "DEFAULT_COUNT",
+    "MAX_COUNT",
+    "ClauseContext",
+    "SearchError",
+    "SearchPage",
+    "SearchQuery",
+    "execute",
+    "include_params",
+    "clause_context",
+    "own_rows",
+    "parse_query",
+    "sort_params",
+    "where_clauses",
 ]
 
 
@@ -67,8 +78,9 @@ def _rows_of(ix: Table, rt: str, param: SearchParam, *conds: ColumnElement[bool]
     return select(ix.c.resource_id).where(ix.c.resource_type == rt, ix.c.param == param.name, *conds)
 
 
-def _in_index(t: Table, ix: Table, rt: str, crit: Criterion, cond: ColumnElement[bool],
-              ctx: ClauseContext | None = None) -> ColumnElement[bool]:
+def _in_index(
+    t: Table, ix: Table, rt: str, crit: Criterion, cond: ColumnElement[bool], ctx: ClauseContext | None = None
+) -> ColumnElement[bool]:
     if crit.modifier == "missing":
         rows = _rows_of(ix, rt, crit.param)
         return t.c.id.not_in(rows) if crit.values[0] == "true" else t.c.id.in_(rows)
@@ -167,8 +179,9 @@ def string_clause(t: Table, rt: str, crit: Criterion, ctx: ClauseContext) -> Col
     return _in_index(t, ix, rt, crit, or_(false(), *conds), ctx)
 
 
-def _date_condition(prefix: str, start: Any, end_gt: Any, end_le: Any, lo: datetime, hi: datetime
-                    ) -> ColumnElement[bool]:
+def _date_condition(
+    prefix: str, start: Any, end_gt: Any, end_le: Any, lo: datetime, hi: datetime
+) -> ColumnElement[bool]:
     """The R4 prefix table with the target range [start, end) and the search range [lo, hi)."""
     eq = and_(start >= lo, end_le(hi))
     conditions: dict[str, ColumnElement[bool]] = {
@@ -192,10 +205,13 @@ def date_clause(t: Table, rt: str, crit: Criterion, ctx: ClauseContext) -> Colum
         prefix, lo, hi = date_value(raw, crit.param.name)
         if crit.param.column is not None:
             col = t.c[crit.param.column]
-            conds.append(_date_condition(prefix, col, lambda x, c=col: c >= x, lambda x, c=col: c < x, lo, hi))
+            conds.append(
+                _date_condition(prefix, col, lambda x, c=col: c >= x, lambda x, c=col: c < x, lo, hi)
+            )
         else:
-            conds.append(_date_condition(prefix, ix.c.start, lambda x: ix.c.end > x,
-                                         lambda x: ix.c.end <= x, lo, hi))
+            conds.append(
+                _date_condition(prefix, ix.c.start, lambda x: ix.c.end > x, lambda x: ix.c.end <= x, lo, hi)
+            )
     cond = or_(false(), *conds)
     if crit.param.column is not None:
         return cond
@@ -234,8 +250,9 @@ def clause_context(query: SearchQuery, dialect: str) -> ClauseContext:
     return ClauseContext(dialect, narrowed)
 
 
-def where_clauses(query: SearchQuery, dialect: str = "sqlite",
-                  ctx: ClauseContext | None = None) -> list[ColumnElement[bool]]:
+def where_clauses(
+    query: SearchQuery, dialect: str = "sqlite", ctx: ClauseContext | None = None
+) -> list[ColumnElement[bool]]:
     """Every WHERE condition of ``query``; deleted records never match. ``ctx`` (default
     :func:`clause_context`) collects what the builders report, e.g. the index sets of the count."""
     t = _table(query.resource_type)
@@ -246,8 +263,9 @@ def where_clauses(query: SearchQuery, dialect: str = "sqlite",
     return conds
 
 
-def _count(conn: Connection, t: Table, where: list[ColumnElement[bool]], query: SearchQuery,
-           sets: list[Select[Any]]) -> int:
+def _count(
+    conn: Connection, t: Table, where: list[ColumnElement[bool]], query: SearchQuery, sets: list[Select[Any]]
+) -> int:
     """``Bundle.total``. When every criterion is a plain index match (``sets``, one per criterion),
     the count comes from the index alone: the ids in all of the sets. A deleted record and the
     placeholder of a conditional create have no index rows, so nothing is counted that the page
@@ -266,8 +284,11 @@ def _sort_expression(t: Table, rt: str, key: SortKey) -> ColumnElement[Any]:
     ix = _index(key.param.type)
     col = ix.c[{"string": "norm", "token": "value", "date": "start"}[key.param.type]]
     agg = func.max(col) if key.descending else func.min(col)
-    sub = select(agg).where(ix.c.resource_type == rt, ix.c.resource_id == t.c.id,
-                            ix.c.param == key.param.name).scalar_subquery()
+    sub = (
+        select(agg)
+        .where(ix.c.resource_type == rt, ix.c.resource_id == t.c.id, ix.c.param == key.param.name)
+        .scalar_subquery()
+    )
     missing: Any = FAR_PAST if key.param.type == "date" else ""
     return func.coalesce(sub, literal(missing, col.type))
 
@@ -328,7 +349,8 @@ def _included(conn: Connection, query: SearchQuery, ids: list[str]) -> list[tupl
     wanted: dict[str, set[str]] = {}
     for inc in query.includes:
         stmt = select(ix.c.target_type, ix.c.target_id).where(
-            ix.c.resource_type == inc.source, ix.c.param == inc.param.name, ix.c.resource_id.in_(ids))
+            ix.c.resource_type == inc.source, ix.c.param == inc.param.name, ix.c.resource_id.in_(ids)
+        )
         if inc.target:
             stmt = stmt.where(ix.c.target_type == inc.target)
         for target_type, target_id in conn.execute(stmt):
@@ -338,8 +360,11 @@ def _included(conn: Connection, query: SearchQuery, ids: list[str]) -> list[tupl
     out: list[tuple[str, str, str]] = []
     for target_type in sorted(wanted):
         tt = _table(target_type)
-        stmt = select(tt.c.id, tt.c.resource).where(tt.c.id.in_(sorted(wanted[target_type])),
-                                                    tt.c.deleted == false()).order_by(tt.c.id)
+        stmt = (
+            select(tt.c.id, tt.c.resource)
+            .where(tt.c.id.in_(sorted(wanted[target_type])), tt.c.deleted == false())
+            .order_by(tt.c.id)
+        )
         for rid, text in conn.execute(stmt):
             if (target_type, rid) not in seen:
                 seen.add((target_type, rid))

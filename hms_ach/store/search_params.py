@@ -71,8 +71,11 @@ DECLARATIONS: dict[str, dict[str, _Decl]] = {
         "subject": ("reference", "subject", ("Patient", "Group")),
         "patient": ("reference", "subject", ("Patient",)),
         "location": ("reference", "location.location", ("Location",)),
-        "participant": ("reference", "participant.individual",
-                        ("Practitioner", "PractitionerRole", "RelatedPerson")),
+        "participant": (
+            "reference",
+            "participant.individual",
+            ("Practitioner", "PractitionerRole", "RelatedPerson"),
+        ),
         "practitioner": ("reference", "participant.individual", ("Practitioner",)),
     },
     "Location": {
@@ -219,7 +222,9 @@ def date_range(text: str) -> tuple[datetime, datetime]:
     """
     match = _DATE_RE.match(text.strip())
     if match is None:
-        raise ValueError(f"{text!r} is not a FHIR date/dateTime (expected YYYY[-MM[-DD[Thh:mm[:ss][Z|+hh:mm]]]])")
+        raise ValueError(
+            f"{text!r} is not a FHIR date/dateTime (expected YYYY[-MM[-DD[Thh:mm[:ss][Z|+hh:mm]]]])"
+        )
     g = match.groupdict()
     year, month, day = int(g["y"]), int(g["m"] or 1), int(g["d"] or 1)
     hour, minute, second = int(g["H"] or 0), int(g["M"] or 0), int(g["S"] or 0)

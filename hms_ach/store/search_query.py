@@ -107,8 +107,11 @@ def sort_params(resource_type: str) -> list[str]:
 
 def include_params(resource_type: str) -> list[str]:
     """The ``_include`` values accepted for ``resource_type`` (``Type:param``)."""
-    return [f"{resource_type}:{p.name}" for p in SEARCH_PARAMS.get(resource_type, {}).values()
-            if p.type == "reference"]
+    return [
+        f"{resource_type}:{p.name}"
+        for p in SEARCH_PARAMS.get(resource_type, {}).values()
+        if p.type == "reference"
+    ]
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -118,7 +121,7 @@ def split_escaped(text: str, sep: str) -> list[str]:
     while i < len(text):
         ch = text[i]
         if ch == "\\" and i + 1 < len(text):
-            current.append(text[i:i + 2])
+            current.append(text[i : i + 2])
             i += 2
             continue
         if ch == sep:
@@ -152,7 +155,9 @@ def parse_query(resource_type: str, params: list[tuple[str, str]], *, strict: bo
     for key, value in params:
         limit = MAX_CURSOR_CHARS if key == "_cursor" else MAX_VALUE_CHARS
         if len(value) > limit or len(key) > 200:
-            raise SearchError(f"value of {key[:64]!r} is longer than {limit} characters", "too-long", key[:64])
+            raise SearchError(
+                f"value of {key[:64]!r} is longer than {limit} characters", "too-long", key[:64]
+            )
         if "\x00" in value or "\x00" in key:
             raise SearchError(f"parameter {key[:64]!r} contains a NUL character", "invalid", key[:64])
         if key in NEUTRAL_PARAMS or value == "":
@@ -169,8 +174,15 @@ def parse_query(resource_type: str, params: list[tuple[str, str]], *, strict: bo
             base = search_param(resource_type, name.split(".", 1)[0])
             if base is not None and base.type == "reference":
                 raise SearchError(f"chained parameter {key!r} is not supported", "not-supported", key)
-            if key.startswith("_include") or key.startswith("_revinclude") or key.startswith("_has") or strict:
-                raise SearchError(f"parameter {key!r} is not supported for {resource_type}", "not-supported", key)
+            if (
+                key.startswith("_include")
+                or key.startswith("_revinclude")
+                or key.startswith("_has")
+                or strict
+            ):
+                raise SearchError(
+                    f"parameter {key!r} is not supported for {resource_type}", "not-supported", key
+                )
             query.warnings.append(f"parameter {key!r} is not supported for {resource_type} and was ignored")
             continue
         query.criteria.append(_criterion(param, modifier or None, value, key))
@@ -198,25 +210,35 @@ def _result_param(query: SearchQuery, name: str, value: str, strict: bool) -> bo
             pname = item[1:] if desc else item
             param = search_param(rt, pname)
             if pname not in sort_params(rt) or param is None:
-                raise SearchError(f"cannot sort {rt} by {pname!r}; sortable: {', '.join(sort_params(rt))}",
-                                  "not-supported", "_sort")
+                raise SearchError(
+                    f"cannot sort {rt} by {pname!r}; sortable: {', '.join(sort_params(rt))}",
+                    "not-supported",
+                    "_sort",
+                )
             query.sort.append(SortKey(param, desc))
     elif name == "_include":
         parts = value.split(":")
         param = search_param(rt, parts[1]) if len(parts) in (2, 3) and parts[0] == rt else None
         if param is None or param.type != "reference" or (len(parts) == 3 and parts[2] not in RECORD_TABLES):
-            raise SearchError(f"_include={value!r} is not supported; supported: {', '.join(include_params(rt))}",
-                              "not-supported", "_include")
+            raise SearchError(
+                f"_include={value!r} is not supported; supported: {', '.join(include_params(rt))}",
+                "not-supported",
+                "_include",
+            )
         query.includes.append(Include(rt, param, parts[2] if len(parts) == 3 else None))
     elif name == "_total":
         if value not in ("none", "estimate", "accurate"):
-            raise SearchError(f"_total must be none, estimate or accurate, got {value!r}", "invalid", "_total")
+            raise SearchError(
+                f"_total must be none, estimate or accurate, got {value!r}", "invalid", "_total"
+            )
         query.total = value
     elif name == "_summary":
         if value == "count":
             query.count = 0
         elif strict:
-            raise SearchError(f"_summary={value!r} is not supported (only count)", "not-supported", "_summary")
+            raise SearchError(
+                f"_summary={value!r} is not supported (only count)", "not-supported", "_summary"
+            )
         else:
             query.warnings.append(f"_summary={value!r} is not supported and was ignored")
             return False
@@ -226,10 +248,15 @@ def _result_param(query: SearchQuery, name: str, value: str, strict: bool) -> bo
 def _criterion(param: SearchParam, modifier: str | None, value: str, key: str) -> Criterion:
     if modifier is not None:
         allowed = MODIFIERS[param.type]
-        is_type = param.type == "reference" and modifier in RECORD_TABLES and (
-            not param.targets or modifier in param.targets)
+        is_type = (
+            param.type == "reference"
+            and modifier in RECORD_TABLES
+            and (not param.targets or modifier in param.targets)
+        )
         if param.column is not None or (modifier not in allowed and not is_type):
-            raise SearchError(f"modifier :{modifier} is not supported on {param.name!r}", "not-supported", key)
+            raise SearchError(
+                f"modifier :{modifier} is not supported on {param.name!r}", "not-supported", key
+            )
     if modifier == "missing":
         if value not in ("true", "false"):
             raise SearchError(f"{key} must be true or false, got {value!r}", "invalid", key)
@@ -247,8 +274,11 @@ def date_value(text: str, key: str) -> tuple[str, datetime, datetime]:
     if re.search(r" \d{2}:\d{2}$", raw):  # an unencoded '+' of the offset arrives as a space
         raw = raw[:-6] + "+" + raw[-5:]
     if prefix not in DATE_PREFIXES:
-        raise SearchError(f"date prefix {prefix!r} in {key} is not supported; use one of {DATE_PREFIXES}",
-                          "not-supported", key)
+        raise SearchError(
+            f"date prefix {prefix!r} in {key} is not supported; use one of {DATE_PREFIXES}",
+            "not-supported",
+            key,
+        )
     try:
         lo, hi = date_range(unescape(raw))
     except ValueError as exc:
@@ -271,13 +301,16 @@ def encode_cursor(query: SearchQuery, keys: list[Any]) -> str:
 def _decode_cursor(token: str, query: SearchQuery) -> list[Any]:
     try:
         data = orjson.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        keys = [datetime.fromisoformat(k["t"]).astimezone(UTC) if isinstance(k, dict) else k for k in data["k"]]
+        keys = [
+            datetime.fromisoformat(k["t"]).astimezone(UTC) if isinstance(k, dict) else k for k in data["k"]
+        ]
         digest = data["q"]
     except (ValueError, TypeError, KeyError, binascii.Error, orjson.JSONDecodeError):
         raise SearchError("_cursor is not a cursor this server issued", "invalid", "_cursor") from None
     if digest != _digest(query) or len(keys) != len(query.sort) + 1:
-        raise SearchError("_cursor belongs to a different search; follow the next link as given",
-                          "invalid", "_cursor")
+        raise SearchError(
+            "_cursor belongs to a different search; follow the next link as given", "invalid", "_cursor"
+        )
     if not all(isinstance(k, str | datetime) for k in keys):
         raise SearchError("_cursor is not a cursor this server issued", "invalid", "_cursor")
     return keys

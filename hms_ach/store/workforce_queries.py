@@ -79,15 +79,22 @@ def all_records(conn: Connection, resource_type: str) -> list[dict[str, Any]]:
     return [orjson.loads(r) for r in rows]
 
 
-def scan(conn: Connection, resource_type: str, conds: Iterable[ColumnElement[bool]] = (), after: str = "",
-         first: int = SCAN_CHUNK) -> Iterator[dict[str, Any]]:
+def scan(
+    conn: Connection,
+    resource_type: str,
+    conds: Iterable[ColumnElement[bool]] = (),
+    after: str = "",
+    first: int = SCAN_CHUNK,
+) -> Iterator[dict[str, Any]]:
     """Live records meeting ``conds`` with id > ``after``, in id order, read ``first`` rows at a time
     at first and :data:`SCAN_CHUNK` after that; the caller stops iterating when its page is full."""
     t = table(resource_type)
     conds = list(conds)
     size = max(1, first)
     while True:
-        stmt = select(t.c.id, t.c.resource).where(*live(t), *conds, t.c.id > after).order_by(t.c.id).limit(size)
+        stmt = (
+            select(t.c.id, t.c.resource).where(*live(t), *conds, t.c.id > after).order_by(t.c.id).limit(size)
+        )
         rows = conn.execute(stmt).all()
         for row in rows:
             yield orjson.loads(row.resource)
@@ -118,13 +125,26 @@ def owned_by(resource_type: str, reference: str | None, dialect: str) -> ColumnE
     target = practitioner_id(reference)
     if target is None:
         if dialect == "sqlite":
-            return t.c.id.not_in(select(REFS.c.resource_id).where(REFS.c.resource_type == resource_type,
-                                                                  REFS.c.param == PRACTITIONER_PARAM))
-        return ~exists(select(literal(1)).where(REFS.c.resource_type == resource_type, REFS.c.resource_id == t.c.id,
-                                                REFS.c.param == PRACTITIONER_PARAM))
-    return t.c.id.in_(select(REFS.c.resource_id).where(
-        REFS.c.resource_type == resource_type, REFS.c.param == PRACTITIONER_PARAM,
-        REFS.c.target_id == target, REFS.c.target_type == "Practitioner"))
+            return t.c.id.not_in(
+                select(REFS.c.resource_id).where(
+                    REFS.c.resource_type == resource_type, REFS.c.param == PRACTITIONER_PARAM
+                )
+            )
+        return ~exists(
+            select(literal(1)).where(
+                REFS.c.resource_type == resource_type,
+                REFS.c.resource_id == t.c.id,
+                REFS.c.param == PRACTITIONER_PARAM,
+            )
+        )
+    return t.c.id.in_(
+        select(REFS.c.resource_id).where(
+            REFS.c.resource_type == resource_type,
+            REFS.c.param == PRACTITIONER_PARAM,
+            REFS.c.target_id == target,
+            REFS.c.target_type == "Practitioner",
+        )
+    )
 
 
 def assigned_to(resource_type: str, practitioner: str, dialect: str) -> ColumnElement[bool]:
@@ -132,16 +152,21 @@ def assigned_to(resource_type: str, practitioner: str, dialect: str) -> ColumnEl
     return owned_by(resource_type, f"Practitioner/{practitioner}", dialect)
 
 
-def _date_rows(resource_type: str, param: str, t: Table, cond: ColumnElement[bool], narrowed: bool
-               ) -> ColumnElement[bool]:
+def _date_rows(
+    resource_type: str, param: str, t: Table, cond: ColumnElement[bool], narrowed: bool
+) -> ColumnElement[bool]:
     if narrowed:  # few candidates already: look at their own date rows (owner index)
         return exists(select(literal(1)).where(*own_rows(DATES, resource_type, t, param), cond))
-    return t.c.id.in_(select(DATES.c.resource_id).where(DATES.c.resource_type == resource_type,
-                                                        DATES.c.param == param, cond))
+    return t.c.id.in_(
+        select(DATES.c.resource_id).where(
+            DATES.c.resource_type == resource_type, DATES.c.param == param, cond
+        )
+    )
 
 
-def starts_within(resource_type: str, ranges: Iterable[tuple[datetime | None, datetime | None]],
-                  narrowed: bool = True) -> ColumnElement[bool]:
+def starts_within(
+    resource_type: str, ranges: Iterable[tuple[datetime | None, datetime | None]], narrowed: bool = True
+) -> ColumnElement[bool]:
     """Records whose start (Shift ``date``, Timecard ``date`` = clockIn) lies in one of the UTC ranges
     ``[lo, hi)`` (None: open)."""
     t = table(resource_type)
@@ -158,28 +183,43 @@ def starts_within(resource_type: str, ranges: Iterable[tuple[datetime | None, da
 
 def with_status(resource_type: str, status: str) -> ColumnElement[bool]:
     t = table(resource_type)
-    return t.c.id.in_(select(TOKENS.c.resource_id).where(TOKENS.c.resource_type == resource_type,
-                                                         TOKENS.c.param == "status", TOKENS.c.value == clip(status)))
+    return t.c.id.in_(
+        select(TOKENS.c.resource_id).where(
+            TOKENS.c.resource_type == resource_type,
+            TOKENS.c.param == "status",
+            TOKENS.c.value == clip(status),
+        )
+    )
 
 
 # ---------------------------------------------------------------------------- shifts
-def overlap_candidates(conn: Connection, reference: str, start: datetime, end: datetime) -> list[dict[str, Any]]:
+def overlap_candidates(
+    conn: Connection, reference: str, start: datetime, end: datetime
+) -> list[dict[str, Any]]:
     """The shifts of ONE practitioner that may overlap ``[start, end)``: indexed as theirs, starting
     before ``end`` and ending after ``start`` (or without an ``end`` row: written before it was indexed);
     :func:`shift_overlap` decides."""
     t = table("Shift")
-    ends_after = exists(select(literal(1)).where(*own_rows(DATES, "Shift", t, SHIFT_END_PARAM),
-                                                 DATES.c.start > utc(start)))
+    ends_after = exists(
+        select(literal(1)).where(*own_rows(DATES, "Shift", t, SHIFT_END_PARAM), DATES.c.start > utc(start))
+    )
     no_end_row = ~exists(select(literal(1)).where(*own_rows(DATES, "Shift", t, SHIFT_END_PARAM)))
-    stmt = (select(t.c.resource)
-            .where(*live(t), owned_by("Shift", reference, conn.dialect.name),
-                   starts_within("Shift", [(None, end)], narrowed=practitioner_id(reference) is not None),
-                   or_(ends_after, no_end_row))
-            .order_by(t.c.id))
+    stmt = (
+        select(t.c.resource)
+        .where(
+            *live(t),
+            owned_by("Shift", reference, conn.dialect.name),
+            starts_within("Shift", [(None, end)], narrowed=practitioner_id(reference) is not None),
+            or_(ends_after, no_end_row),
+        )
+        .order_by(t.c.id)
+    )
     return [orjson.loads(r) for r in conn.execute(stmt).scalars()]
 
 
-def shift_overlap(conn: Connection, practitioner: str, start: datetime, end: datetime, skip: str | None) -> str | None:
+def shift_overlap(
+    conn: Connection, practitioner: str, start: datetime, end: datetime, skip: str | None
+) -> str | None:
     """The id of another live, not cancelled shift of ``practitioner`` (a reference) that overlaps
     ``[start, end)``; the earliest such shift when there are several. Reads only that practitioner's
     shifts around the window (see :func:`overlap_candidates`)."""
@@ -207,29 +247,48 @@ def unassigned_shifts(conn: Connection) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------- timecards
-def practitioner_timecards(conn: Connection, reference: str | None,
-                           ranges: Iterable[tuple[datetime | None, datetime | None]]) -> list[dict[str, Any]]:
+def practitioner_timecards(
+    conn: Connection, reference: str | None, ranges: Iterable[tuple[datetime | None, datetime | None]]
+) -> list[dict[str, Any]]:
     """The timecards of ONE practitioner (as :func:`owned_by` selects them) clocking in within one of
     the UTC ranges ``[lo, hi)``, in id order."""
     t = table("Timecard")
     ranges = list(ranges)
     if not ranges:
         return []
-    stmt = (select(t.c.resource)
-            .where(*live(t), owned_by("Timecard", reference, conn.dialect.name),
-                   # one employee's cards are few: check their dates; else the dates find the cards
-                   starts_within("Timecard", ranges, narrowed=practitioner_id(reference) is not None))
-            .order_by(t.c.id))
+    stmt = (
+        select(t.c.resource)
+        .where(
+            *live(t),
+            owned_by("Timecard", reference, conn.dialect.name),
+            # one employee's cards are few: check their dates; else the dates find the cards
+            starts_within("Timecard", ranges, narrowed=practitioner_id(reference) is not None),
+        )
+        .order_by(t.c.id)
+    )
     return [orjson.loads(r) for r in conn.execute(stmt).scalars()]
 
 
-def timecards_in_weeks(conn: Connection, reference: str | None, weeks: Iterable[datetime]) -> list[dict[str, Any]]:
+def timecards_in_weeks(
+    conn: Connection, reference: str | None, weeks: Iterable[datetime]
+) -> list[dict[str, Any]]:
     """The timecards of ONE practitioner clocking in during the ISO weeks starting at ``weeks`` (Mondays)."""
     return practitioner_timecards(conn, reference, [(w, w + timedelta(days=7)) for w in sorted(set(weeks))])
 
 
 __all__ = [
-    "all_records", "assigned_to", "get_record", "overlap_candidates", "owned_by", "practitioner_id",
-    "practitioner_timecards", "scan", "shift_overlap", "starts_within", "timecards_in_weeks", "unassigned_shifts",
-    "week_start", "with_status",
+    "all_records",
+    "assigned_to",
+    "get_record",
+    "overlap_candidates",
+    "owned_by",
+    "practitioner_id",
+    "practitioner_timecards",
+    "scan",
+    "shift_overlap",
+    "starts_within",
+    "timecards_in_weeks",
+    "unassigned_shifts",
+    "week_start",
+    "with_status",
 ]

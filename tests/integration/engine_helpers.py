@@ -20,7 +20,8 @@ async def start_fhir_engine(tmp_path: Path, store: Store) -> Engine:
     (tmp_path / "channels.yaml").write_text(
         "engine:\n  mappings: mappings\n  watch: false\n"
         "http:\n  host: 127.0.0.1\n  port: 0\n"
-        "channels:\n  - name: fhir_in\n    type: fhir_rest\n    max_body_bytes: 65536\n")
+        "channels:\n  - name: fhir_in\n    type: fhir_rest\n    max_body_bytes: 65536\n"
+    )
     eng = Engine(load_config(tmp_path / "channels.yaml"), database=store.url)
     await eng.start()
     return eng

@@ -28,7 +28,8 @@ def make_engine(tmp_path: Path, store_url: str, sinks_yaml: str) -> Engine:
         "http:\n  enabled: false\n"
         "channels:\n  - name: adt_in\n    type: mllp\n    host: 127.0.0.1\n    port: 0\n"
         "    idle_timeout_seconds: 5\n"
-        "sinks:\n" + sinks_yaml)
+        "sinks:\n" + sinks_yaml
+    )
     return Engine(load_config(tmp_path / "channels.yaml"), database=store_url)
 
 
@@ -65,11 +66,17 @@ class Receiver:
     async def handle(self, request: web.Request) -> web.Response:
         self.requests += 1
         body = await request.read()
-        if not verify(SECRET, request.headers.get("X-HMS-ACH-Timestamp", ""), body,
-                      request.headers.get("X-HMS-ACH-Signature", "")):
+        if not verify(
+            SECRET,
+            request.headers.get("X-HMS-ACH-Timestamp", ""),
+            body,
+            request.headers.get("X-HMS-ACH-Signature", ""),
+        ):
             self.bad_signatures += 1
             return web.Response(status=401)
-        code = self.status(self.requests) if self.status else (503 if self.requests <= self.fail_first else 200)
+        code = (
+            self.status(self.requests) if self.status else (503 if self.requests <= self.fail_first else 200)
+        )
         if code != 200:
             return web.Response(status=code, headers={"Retry-After": "0"})
         key = request.headers["Idempotency-Key"]

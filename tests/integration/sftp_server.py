@@ -24,8 +24,12 @@ class HostileSftp(asyncssh.SFTPServer):
         async for entry in super().scandir(path):
             yield entry
         for name in self.extra_names:
-            attrs = asyncssh.SFTPAttrs(type=asyncssh.FILEXFER_TYPE_REGULAR, size=4, permissions=0o100644,
-                                       mtime=int(time.time()) - 3600)
+            attrs = asyncssh.SFTPAttrs(
+                type=asyncssh.FILEXFER_TYPE_REGULAR,
+                size=4,
+                permissions=0o100644,
+                mtime=int(time.time()) - 3600,
+            )
             yield asyncssh.SFTPName(name, attrs=attrs)
 
 

@@ -41,7 +41,9 @@ async def test_audit_rows_events_and_verify(fhir_engine: Engine, store: Store) -
         assert first["entity"][0]["what"]["reference"] == f"Practitioner/{rid}/_history/1"
         update = events["entry"][1]["resource"]
         assert "Mensah" in update["entity"][0]["detail"][0]["valueString"]
-        by_agent = (await http.get("/fhir/AuditEvent", params={"agent": "fhir_in", "date": "ge2000-01-01"})).json()
+        by_agent = (
+            await http.get("/fhir/AuditEvent", params={"agent": "fhir_in", "date": "ge2000-01-01"})
+        ).json()
         assert len(by_agent["entry"]) == 4
         none = (await http.get("/fhir/AuditEvent", params={"date": "lt2000-01-01"})).json()
         assert none.get("entry", []) == []
@@ -50,12 +52,19 @@ async def test_audit_rows_events_and_verify(fhir_engine: Engine, store: Store) -
         api = (await http.get("/api/v1/audit", params={"entity": f"Practitioner/{rid}", "limit": 2})).json()
         assert [r["action"] for r in api["items"]] == ["create", "update"]
         assert api["next_cursor"]
-        rest = (await http.get("/api/v1/audit", params={"entity": f"Practitioner/{rid}",
-                                                        "cursor": api["next_cursor"]})).json()
+        rest = (
+            await http.get(
+                "/api/v1/audit", params={"entity": f"Practitioner/{rid}", "cursor": api["next_cursor"]}
+            )
+        ).json()
         assert [r["action"] for r in rest["items"]] == ["delete"]
         diff = api["items"][1]["diff"]
-        assert {"op": "replace", "path": "name", "old": [{"family": "Osei", "given": ["Amara"]}],
-                "new": [{"family": "Mensah", "given": ["Amara"]}]} in diff
+        assert {
+            "op": "replace",
+            "path": "name",
+            "old": [{"family": "Osei", "given": ["Amara"]}],
+            "new": [{"family": "Mensah", "given": ["Amara"]}],
+        } in diff
 
     code, out = verify(store.url)
     assert code == 0, out
@@ -76,6 +85,7 @@ async def test_chain_stays_linear_under_concurrent_writers(store: Store) -> None
         def run(conn):  # type: ignore[no-untyped-def]
             rec = RecordWrite("p", "Practitioner", "urn:x", f"P{n}", {"name": [{"family": f"F{n}"}]})
             return Repository(conn).upsert(rec, rec.content, None)
+
         return run
 
     try:

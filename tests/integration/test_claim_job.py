@@ -22,18 +22,26 @@ def _claims(store: Store) -> int:
 
 def _job_config(tmp_path: Path, store: Store, settle_hours: float) -> str:
     path = tmp_path / f"jobs_{settle_hours}.yaml"
-    path.write_text(f"engine:\n  database_url: '{store.url}'\n  mappings: mappings\n  watch: false\n"
-                    "http:\n  enabled: false\nchannels: []\n"
-                    f"jobs:\n  claim_creation:\n    settle_hours: {settle_hours}\n")
+    path.write_text(
+        f"engine:\n  database_url: '{store.url}'\n  mappings: mappings\n  watch: false\n"
+        "http:\n  enabled: false\nchannels: []\n"
+        f"jobs:\n  claim_creation:\n    settle_hours: {settle_hours}\n"
+    )
     return str(path)
 
 
-async def test_charges_after_discharge_get_their_claim_from_the_nightly_job(tmp_path: Path, store: Store) -> None:
+async def test_charges_after_discharge_get_their_claim_from_the_nightly_job(
+    tmp_path: Path, store: Store
+) -> None:
     receiver = Receiver()
     url = await receiver.start()
-    engine = make_engine(tmp_path, store.url, f"  - name: finance\n    type: webhook\n    url: {url}\n"
-                                              f"    secret: {SECRET}\n    events: ['claim.*']\n"
-                                              "    retry_initial_seconds: 0.05\n")
+    engine = make_engine(
+        tmp_path,
+        store.url,
+        f"  - name: finance\n    type: webhook\n    url: {url}\n"
+        f"    secret: {SECRET}\n    events: ['claim.*']\n"
+        "    retry_initial_seconds: 0.05\n",
+    )
     await engine.start()
     try:
         # discharged before any charge: the discharge makes no claim
@@ -42,18 +50,27 @@ async def test_charges_after_discharge_get_their_claim_from_the_nightly_job(tmp_
         assert _claims(store) == 0
         runner = CliRunner()
         # charges that changed within settle_hours are not complete yet
-        result = await asyncio.to_thread(runner.invoke, cli_app, ["jobs", "run", "claim_creation", "--config",
-                                                                  _job_config(tmp_path, store, 6)])
+        result = await asyncio.to_thread(
+            runner.invoke,
+            cli_app,
+            ["jobs", "run", "claim_creation", "--config", _job_config(tmp_path, store, 6)],
+        )
         assert result.exit_code == 0, result.output
         assert "created=0" in result.output and _claims(store) == 0
-        result = await asyncio.to_thread(runner.invoke, cli_app, ["jobs", "run", "claim_creation", "--config",
-                                                                  _job_config(tmp_path, store, 0)])
+        result = await asyncio.to_thread(
+            runner.invoke,
+            cli_app,
+            ["jobs", "run", "claim_creation", "--config", _job_config(tmp_path, store, 0)],
+        )
         assert result.exit_code == 0, result.output
         assert "claim_creation: ok: created=1, skipped=0, failed=0" in result.output
         await wait_for(lambda: "claim.created" in receiver.names())
         # a second run finds nothing left to do
-        result = await asyncio.to_thread(runner.invoke, cli_app, ["jobs", "run", "claim_creation", "--config",
-                                                                  _job_config(tmp_path, store, 0)])
+        result = await asyncio.to_thread(
+            runner.invoke,
+            cli_app,
+            ["jobs", "run", "claim_creation", "--config", _job_config(tmp_path, store, 0)],
+        )
         assert "created=0" in result.output
     finally:
         await engine.stop()

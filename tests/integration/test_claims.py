@@ -12,8 +12,11 @@ from hms_ach.store.db import Store
 
 
 def _sinks(url: str, directory: Path, payers: str | None = None) -> str:
-    payers = payers if payers is not None else (
-        "      - {id: BCBSOH01, name: Blue Cross Blue Shield of Ohio, payer_id: '00834'}\n")
+    payers = (
+        payers
+        if payers is not None
+        else ("      - {id: BCBSOH01, name: Blue Cross Blue Shield of Ohio, payer_id: '00834'}\n")
+    )
     return (
         f"  - name: finance\n    type: webhook\n    url: {url}\n    secret: {SECRET}\n"
         "    events: ['claim.*', 'encounter.discharged']\n    retry_initial_seconds: 0.05\n"
@@ -24,7 +27,8 @@ def _sinks(url: str, directory: Path, payers: str | None = None) -> str:
         "      tax_id: '311234567'\n      address: 100 Main St\n      city: Columbus\n      state: OH\n"
         "      zip: '432151234'\n"
         "    revenue_codes: {'99223': '0987', '71046': '0324'}\n"
-        "    payers:\n" + payers + ("" if payers else "      []\n"))
+        "    payers:\n" + payers + ("" if payers else "      []\n")
+    )
 
 
 def _outpatient(tmp_path: Path) -> list[str]:
@@ -47,14 +51,21 @@ async def test_discharge_makes_a_claim_and_an_837p_that_pyx12_accepts(tmp_path: 
     try:
         codes = await send_mllp(engine.channels["adt_in"].port, _outpatient(tmp_path))
         assert codes == ["AA", "AA", "AA"]
-        await wait_for(lambda: "claim.file_written" in receiver.names() or "claim.file_rejected" in receiver.names()
-                       or "claim.error" in receiver.names())
+        await wait_for(
+            lambda: (
+                "claim.file_written" in receiver.names()
+                or "claim.file_rejected" in receiver.names()
+                or "claim.error" in receiver.names()
+            )
+        )
     finally:
         await engine.stop()
         await receiver.stop()
     names = receiver.names()
     assert "claim.file_written" in names, receiver.events
-    assert names.index("encounter.discharged") < names.index("claim.created") < names.index("claim.file_written")
+    assert (
+        names.index("encounter.discharged") < names.index("claim.created") < names.index("claim.file_written")
+    )
     files = sorted(out.glob("*.x12"))
     assert len(files) == 1
     text = files[0].read_text()
@@ -66,7 +77,9 @@ async def test_discharge_makes_a_claim_and_an_837p_that_pyx12_accepts(tmp_path: 
     assert "NM1*IL*1*RIVERA*MARIA*ELENA***MI*XOH884512001" in text
 
 
-async def test_a_payer_missing_from_configuration_is_a_claim_error_and_no_file(tmp_path: Path, store: Store) -> None:
+async def test_a_payer_missing_from_configuration_is_a_claim_error_and_no_file(
+    tmp_path: Path, store: Store
+) -> None:
     receiver = Receiver()
     url = await receiver.start()
     out = tmp_path / "x12"
@@ -103,8 +116,13 @@ async def test_an_inpatient_discharge_makes_an_837i_that_pyx12_accepts(tmp_path:
     try:
         codes = await send_mllp(engine.channels["adt_in"].port, ["adt_a01.hl7", "dft_p03.hl7", "adt_a03.hl7"])
         assert codes == ["AA", "AA", "AA"]
-        await wait_for(lambda: "claim.file_written" in receiver.names() or "claim.file_rejected" in receiver.names()
-                       or "claim.error" in receiver.names())
+        await wait_for(
+            lambda: (
+                "claim.file_written" in receiver.names()
+                or "claim.file_rejected" in receiver.names()
+                or "claim.error" in receiver.names()
+            )
+        )
     finally:
         await engine.stop()
         await receiver.stop()
@@ -120,24 +138,36 @@ async def test_an_inpatient_discharge_makes_an_837i_that_pyx12_accepts(tmp_path:
     lines = [s.split("*") for s in segments if s.startswith("SV2*")]
     assert clm[2] == "475" and sum(float(x[3]) for x in lines) == 475  # CLM02 = sum of SV203
     assert clm[5] == "11:A:1"
-    assert ["SV2", "0324", "HC:71046", "125", "UN", "1"] in lines and ["SV2", "0987", "HC:99223", "350", "UN", "1"] in lines
+    assert ["SV2", "0324", "HC:71046", "125", "UN", "1"] in lines and [
+        "SV2",
+        "0987",
+        "HC:99223",
+        "350",
+        "UN",
+        "1",
+    ] in lines
     assert "HI*ABK:J189" in segments and "HI*ABJ:J189" in segments
     assert any(s.startswith("NM1*71*1*CHEN*LISA****XX*1234567893") for s in segments)  # attending, PV1-7
     assert any(s.startswith("DTP*435*DT*20261126") for s in segments)
     assert any(s.startswith("CL1*1*") for s in segments)
 
 
-async def test_an_837i_without_a_revenue_code_is_rejected_with_the_reason(tmp_path: Path, store: Store) -> None:
+async def test_an_837i_without_a_revenue_code_is_rejected_with_the_reason(
+    tmp_path: Path, store: Store
+) -> None:
     receiver = Receiver()
     url = await receiver.start()
     out = tmp_path / "x12"
-    sinks = _sinks(url, out).replace("    revenue_codes: {'99223': '0987', '71046': '0324'}\n",
-                                     "    revenue_codes: {'99223': '0987'}\n")
+    sinks = _sinks(url, out).replace(
+        "    revenue_codes: {'99223': '0987', '71046': '0324'}\n", "    revenue_codes: {'99223': '0987'}\n"
+    )
     engine = make_engine(tmp_path, store.url, sinks)
     await engine.start()
     try:
         await send_mllp(engine.channels["adt_in"].port, ["adt_a01.hl7", "dft_p03.hl7", "adt_a03.hl7"])
-        await wait_for(lambda: "claim.file_rejected" in receiver.names() or "claim.file_written" in receiver.names())
+        await wait_for(
+            lambda: "claim.file_rejected" in receiver.names() or "claim.file_written" in receiver.names()
+        )
     finally:
         await engine.stop()
         await receiver.stop()
@@ -182,7 +212,10 @@ async def test_837_files_are_uploaded_by_sftp_with_a_pinned_host_key(tmp_path: P
 
     root = tmp_path / "sftp_root"
     (root / "claims").mkdir(parents=True)
-    real_key, wrong_key = asyncssh.generate_private_key("ssh-ed25519"), asyncssh.generate_private_key("ssh-ed25519")
+    real_key, wrong_key = (
+        asyncssh.generate_private_key("ssh-ed25519"),
+        asyncssh.generate_private_key("ssh-ed25519"),
+    )
     server = await SftpServer(root, real_key).start()
     known_hosts = server.known_hosts(tmp_path / "known_hosts", wrong_key)  # pinned to the wrong key first
     receiver = Receiver()
@@ -190,15 +223,22 @@ async def test_837_files_are_uploaded_by_sftp_with_a_pinned_host_key(tmp_path: P
     out = tmp_path / "x12"
     sinks = _sinks(url, out) + (
         f"    sftp:\n      host: 127.0.0.1\n      port: {server.port}\n      username: {USER}\n"
-        f"      password: {PASSWORD}\n      known_hosts: {known_hosts}\n      remote_directory: /claims\n")
-    engine = make_engine(tmp_path, store.url, sinks.replace("retry_initial_seconds: 0.05",
-                                                            "retry_initial_seconds: 0.05\n    retry_max_seconds: 0.2"))
+        f"      password: {PASSWORD}\n      known_hosts: {known_hosts}\n      remote_directory: /claims\n"
+    )
+    engine = make_engine(
+        tmp_path,
+        store.url,
+        sinks.replace(
+            "retry_initial_seconds: 0.05", "retry_initial_seconds: 0.05\n    retry_max_seconds: 0.2"
+        ),
+    )
     table = OutboxRow.__table__  # type: ignore[attr-defined]
 
     def row() -> Any:
         with store.reader.connect() as conn:
-            return conn.execute(table.select().where(table.c.destination == "claims_837",
-                                                     table.c.event == "claim.created")).first()
+            return conn.execute(
+                table.select().where(table.c.destination == "claims_837", table.c.event == "claim.created")
+            ).first()
 
     await engine.start()
     try:
@@ -251,7 +291,11 @@ async def test_claims_and_coverage_are_read_and_searched_under_fhir(tmp_path: Pa
         coverage = (await http.get("/Coverage", params={"patient": claim["patient"]["reference"]})).json()
         assert len(coverage["entry"]) == 1
         declared = {r["type"]: r for r in (await http.get("/metadata")).json()["rest"][0]["resource"]}
-        assert {i["code"] for i in declared["Claim"]["interaction"]} == {"read", "vread", "history-instance",
-                                                                         "search-type"}
+        assert {i["code"] for i in declared["Claim"]["interaction"]} == {
+            "read",
+            "vread",
+            "history-instance",
+            "search-type",
+        }
         refused = await http.post("/Claim", json={"resourceType": "Claim"})
         assert refused.status_code in (404, 405)

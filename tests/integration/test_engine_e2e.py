@@ -31,7 +31,8 @@ async def engine(tmp_path: Path, store: Store) -> AsyncIterator[Engine]:
         "engine:\n  mappings: mappings\n  watch: false\n"
         "http:\n  host: 127.0.0.1\n  port: 0\n"
         "channels:\n  - name: adt_in\n    type: mllp\n    host: 127.0.0.1\n    port: 0\n"
-        "    idle_timeout_seconds: 5\n")
+        "    idle_timeout_seconds: 5\n"
+    )
     eng = Engine(load_config(tmp_path / "channels.yaml"), database=store.url)
     await eng.start()
     try:
@@ -75,8 +76,11 @@ async def test_admit_transfer_discharge_over_mllp_then_query_fhir(engine: Engine
         assert bundle["total"] == 1
         patient = bundle["entry"][0]["resource"]
         assert patient["birthDate"] == "1975-03-14"
-        encs = (await http.get("/Encounter", params={"patient": f"Patient/{patient['id']}",
-                                                     "_include": "Encounter:location"})).json()
+        encs = (
+            await http.get(
+                "/Encounter", params={"patient": f"Patient/{patient['id']}", "_include": "Encounter:location"}
+            )
+        ).json()
         enc = [e["resource"] for e in encs["entry"] if e["resource"]["resourceType"] == "Encounter"][0]
         assert enc["status"] == "finished" and "end" in enc["period"]
         beds = (await http.get("/Location", params={"operational-status": "H"})).json()
@@ -85,8 +89,11 @@ async def test_admit_transfer_discharge_over_mllp_then_query_fhir(engine: Engine
         assert read.headers["etag"] == f'W/"{enc["meta"]["versionId"]}"'
         assert read.headers["content-type"].startswith("application/fhir+json")
     client = AsyncFHIRClient(base, extra_headers={"Accept": "application/fhir+json"})
-    doctors = await client.resources("Practitioner").search(
-        identifier="http://hl7.org/fhir/sid/us-npi|1234567893").fetch()
+    doctors = (
+        await client.resources("Practitioner")
+        .search(identifier="http://hl7.org/fhir/sid/us-npi|1234567893")
+        .fetch()
+    )
     assert len(doctors) == 1 and doctors[0]["name"][0]["family"] == "Chen"
 
 
@@ -98,8 +105,11 @@ async def test_mllp_send_script_and_duplicates(engine: Engine, tmp_path: Path) -
     batch.write_bytes(one + b"\r\r" + one + b"\r")  # the same message twice
     script = Path(sys.executable).with_name("mllp_send")
     proc = await asyncio.to_thread(
-        subprocess.run, [str(script), "--port", str(port), "--loose", "--file", str(batch), "127.0.0.1"],
-        capture_output=True, timeout=60)
+        subprocess.run,
+        [str(script), "--port", str(port), "--loose", "--file", str(batch), "127.0.0.1"],
+        capture_output=True,
+        timeout=60,
+    )
     out = proc.stdout.decode()
     assert proc.returncode == 0, proc.stderr.decode()
     codes = [line.split("|")[1] for line in out.replace("\n", "\r").split("\r") if line.startswith("MSA")]
@@ -113,8 +123,10 @@ async def test_mllp_send_script_and_duplicates(engine: Engine, tmp_path: Path) -
 
 async def test_bad_input_gets_err_and_nothing_is_lost(engine: Engine) -> None:
     port = mllp_port(engine)
-    acks = await send_with_hl7_client(port, ["bad/missing_pid3.hl7", "bad/bad_sex_code.hl7",
-                                             "bad/unsupported_type.hl7", "bad/lf_separated.hl7"])
+    acks = await send_with_hl7_client(
+        port,
+        ["bad/missing_pid3.hl7", "bad/bad_sex_code.hl7", "bad/unsupported_type.hl7", "bad/lf_separated.hl7"],
+    )
     codes = [msa(a)[1] for a in acks]
     assert codes == ["AE", "AE", "AR", "AA"], acks
     assert all("\rERR|" in a.replace("\n", "\r") for a in acks[:3])
@@ -140,11 +152,15 @@ async def test_hot_reload_applies_valid_edits_and_refuses_broken_ones(engine: En
     assert msa(acks[0])[1] == "AE"
     table.write_text(table.read_text().replace("unmapped: error", "unmapped: error\nbroken: [\n"))
     assert engine.reload_mappings() is False
-    assert engine.health["status"] == "degraded" and "administrative_sex.yaml" in engine.health["reload_error"]
+    assert (
+        engine.health["status"] == "degraded" and "administrative_sex.yaml" in engine.health["reload_error"]
+    )
     async with httpx.AsyncClient(timeout=5) as http:
         health = (await http.get(f"http://127.0.0.1:{engine.http_port}/health")).json()
     assert health["status"] == "degraded"
-    table.write_text(table.read_text().replace("broken: [\n", "").replace("  X: other", "  X: other\n  Q: unknown"))
+    table.write_text(
+        table.read_text().replace("broken: [\n", "").replace("  X: other", "  X: other\n  Q: unknown")
+    )
     assert engine.reload_mappings() is True and engine.health["status"] == "ok"
     raw = (SAMPLES / "bad" / "bad_sex_code.hl7").read_bytes()
     ctrl = raw.split(b"\r")[0].split(b"|")[9]
@@ -161,7 +177,12 @@ async def test_oversize_message_gets_ar_and_is_recorded(engine: Engine) -> None:
 
     engine.channels["adt_in"].server.config.max_message_bytes = 1024 * 1024
     engine.channels["adt_in"].config.max_message_bytes = 1024 * 1024
-    huge = (SAMPLES / "adt_a01.hl7").read_bytes().replace(b"S-A01-0001", b"BIG-1") + b"NTE|1||" + b"x" * 20_000_000 + b"\r"
+    huge = (
+        (SAMPLES / "adt_a01.hl7").read_bytes().replace(b"S-A01-0001", b"BIG-1")
+        + b"NTE|1||"
+        + b"x" * 20_000_000
+        + b"\r"
+    )
     reader, writer = await asyncio.open_connection("127.0.0.1", mllp_port(engine))
     writer.write(frame(huge))
     await writer.drain()

@@ -21,15 +21,53 @@ from hms_ach.store.models import AuditEntry, Patient, ResourceHistory, SearchDat
 WHEN = datetime(2026, 2, 28, 23, 59, 58, 123456, tzinfo=UTC)
 
 ROWS: list[tuple[Any, dict[str, Any]]] = [
-    (SearchDate, {"resource_type": "Patient", "resource_id": "p1", "param": "birthdate",
-                  "start": datetime(1980, 2, 29, tzinfo=UTC), "end": datetime(1980, 3, 1, tzinfo=UTC)}),
-    (SearchToken, {"resource_type": "Patient", "resource_id": "p1", "param": "identifier",
-                   "system": None, "value": "MRN-1"}),
-    (ResourceHistory, {"resource_type": "Patient", "id": "p1", "version_id": 2, "last_updated": WHEN,
-                       "deleted": True, "message_id": None, "resource": '{"resourceType":"Patient"}'}),
-    (AuditEntry, {"recorded": "2026-02-28T23:59:58.123456Z", "agent": "adt", "action": "update",
-                  "entity_type": "Patient", "entity_id": "p1", "version_id": 2, "message_id": 7,
-                  "diff": "[]", "prev_hash": "0" * 64, "hash": "f" * 64}),
+    (
+        SearchDate,
+        {
+            "resource_type": "Patient",
+            "resource_id": "p1",
+            "param": "birthdate",
+            "start": datetime(1980, 2, 29, tzinfo=UTC),
+            "end": datetime(1980, 3, 1, tzinfo=UTC),
+        },
+    ),
+    (
+        SearchToken,
+        {
+            "resource_type": "Patient",
+            "resource_id": "p1",
+            "param": "identifier",
+            "system": None,
+            "value": "MRN-1",
+        },
+    ),
+    (
+        ResourceHistory,
+        {
+            "resource_type": "Patient",
+            "id": "p1",
+            "version_id": 2,
+            "last_updated": WHEN,
+            "deleted": True,
+            "message_id": None,
+            "resource": '{"resourceType":"Patient"}',
+        },
+    ),
+    (
+        AuditEntry,
+        {
+            "recorded": "2026-02-28T23:59:58.123456Z",
+            "agent": "adt",
+            "action": "update",
+            "entity_type": "Patient",
+            "entity_id": "p1",
+            "version_id": 2,
+            "message_id": 7,
+            "diff": "[]",
+            "prev_hash": "0" * 64,
+            "hash": "f" * 64,
+        },
+    ),
 ]
 
 
@@ -55,8 +93,16 @@ def test_a_row_is_stored_as_sqlalchemy_stores_it(store: Store, model: Any, row: 
 
 def test_many_rows_and_a_returning_insert(store: Store) -> None:
     table: Table = SearchToken.__table__  # type: ignore[attr-defined]
-    rows = [{"resource_type": "Patient", "resource_id": f"p{i}", "param": "identifier", "system": "urn:mrn",
-             "value": str(i)} for i in range(5)]
+    rows = [
+        {
+            "resource_type": "Patient",
+            "resource_id": f"p{i}",
+            "param": "identifier",
+            "system": "urn:mrn",
+            "value": str(i),
+        }
+        for i in range(5)
+    ]
     stmt = insert(table).returning(table.c.row_id)
     with store.writer.begin() as conn:
         fastexec.insert_rows(conn, table, rows)
@@ -91,8 +137,15 @@ def test_engine_cursor_listeners_see_its_statements(store: Store) -> None:
 def test_a_refused_row_raises_sqlalchemys_integrity_error(store: Store) -> None:
     """Callers catch sqlalchemy.exc.IntegrityError (a FHIR write answers 409); this path raises it too."""
     table: Table = Patient.__table__  # type: ignore[attr-defined]
-    row = {"id": "p1", "key_system": "urn:mrn", "key_value": "1", "version_id": 1, "last_updated": WHEN,
-           "deleted": False, "resource": "{}"}
+    row = {
+        "id": "p1",
+        "key_system": "urn:mrn",
+        "key_value": "1",
+        "version_id": 1,
+        "last_updated": WHEN,
+        "deleted": False,
+        "resource": "{}",
+    }
     with store.writer.begin() as conn:
         fastexec.insert_rows(conn, table, [row])
         nested = conn.begin_nested()

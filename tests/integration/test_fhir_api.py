@@ -34,57 +34,173 @@ def _rec(alias: str, rtype: str, key: str | None, content: dict[str, Any]) -> Re
 
 
 SEED = [
-    _rec("munoz", "Patient", "1001", {
-        "identifier": [{"system": MRN, "value": "1001"}],
-        "name": [{"family": "Muñoz", "given": ["José"]}], "gender": "male", "birthDate": "1980-02-29"}),
-    _rec("munoz2", "Patient", "1002", {
-        "identifier": [{"system": MRN, "value": "1002"}],
-        "name": [{"family": "Muñoz-Pérez", "given": ["Ana"]}], "gender": "female", "birthDate": "1975-06"}),
-    _rec("smith", "Patient", "1003", {
-        "identifier": [{"system": MRN, "value": "1003"}, {"system": "urn:ssn", "value": "999"},
-                       {"value": "LOCAL-7"}, {"system": "urn:x", "value": "A,B"}],
-        "name": [{"family": "Smith", "given": ["John", "Q"]}], "gender": "male", "birthDate": "2001-11-26"}),
-    _rec("obrien", "Patient", "1004", {
-        "identifier": [{"system": MRN, "value": "1004"}],
-        "name": [{"family": "O'Brien_", "given": ["Maeve"]}], "birthDate": "1990-01-01"}),
-    _rec("gone", "Patient", "1005", {
-        "identifier": [{"system": MRN, "value": "1005"}],
-        "name": [{"family": "Muñoz", "given": ["Deleted"]}], "gender": "male", "birthDate": "1980-02-29"}),
-    _rec("org", "Organization", "O1", {
-        "identifier": [{"system": "urn:org", "value": "O1"}], "name": "Hôpital Général", "alias": ["HG"],
-        "active": True}),
-    _rec("d1", "Practitioner", "D1", {
-        "identifier": [{"system": "http://hl7.org/fhir/sid/us-npi", "value": "1234567893"}],
-        "name": [{"family": "Nguyễn", "given": ["Thị"]}], "active": True}),
-    _rec("d2", "Practitioner", "D2", {
-        "identifier": [{"system": "http://hl7.org/fhir/sid/us-npi", "value": "1111111112"}],
-        "name": [{"family": "Álvarez", "given": ["Luis"]}], "active": False}),
-    _rec("r1", "PractitionerRole", "R1", {
-        "identifier": [{"system": "urn:role", "value": "R1"}], "practitioner": {"reference": "@d1"},
-        "organization": {"reference": "@org"}, "active": True,
-        "code": [{"coding": [{"system": "urn:roles", "code": "doctor"}]}]}),
-    _rec("ward", "Location", "4W", {
-        "identifier": [{"system": "urn:loc", "value": "4W"}], "name": "Ward 4 Wést", "alias": ["Quatre"],
-        "status": "active", "type": [{"coding": [{"system": "urn:loctype", "code": "WARD"}]}]}),
-    _rec("bed", "Location", "4W-412-B", {
-        "identifier": [{"system": "urn:loc", "value": "4W-412-B"}], "name": "Bed 412-B", "status": "suspended",
-        "operationalStatus": {"system": "http://terminology.hl7.org/CodeSystem/v2-0116", "code": "O"},
-        "partOf": {"reference": "@ward"}}),
-    _rec("e1", "Encounter", "V1", {
-        "identifier": [{"system": "urn:visit", "value": "V1"}], "status": "in-progress",
-        "class": {"system": ACT, "code": "IMP"}, "subject": {"reference": "@munoz"},
-        "period": {"start": "2026-11-26T08:00:00Z"}, "location": [{"location": {"reference": "@bed"}}],
-        "participant": [{"individual": {"reference": "@d1"}}]}),
-    _rec("e2", "Encounter", "V2", {
-        "identifier": [{"system": "urn:visit", "value": "V2"}], "status": "finished",
-        "class": {"system": ACT, "code": "AMB"}, "subject": {"reference": "@smith"},
-        "period": {"start": "2026-11-20T09:00:00Z", "end": "2026-11-20T10:00:00Z"},
-        "location": [{"location": {"reference": "@ward"}}], "participant": [{"individual": {"reference": "@d2"}}]}),
-    _rec("e3", "Encounter", "V3", {
-        "identifier": [{"system": "urn:visit", "value": "V3"}], "status": "finished",
-        "class": {"system": ACT, "code": "EMER"}, "subject": {"reference": "@munoz2"},
-        "period": {"start": "2026-10-01T00:00:00Z", "end": "2026-10-03T00:00:00Z"},
-        "participant": [{"individual": {"reference": "@r1"}}]}),
+    _rec(
+        "munoz",
+        "Patient",
+        "1001",
+        {
+            "identifier": [{"system": MRN, "value": "1001"}],
+            "name": [{"family": "Muñoz", "given": ["José"]}],
+            "gender": "male",
+            "birthDate": "1980-02-29",
+        },
+    ),
+    _rec(
+        "munoz2",
+        "Patient",
+        "1002",
+        {
+            "identifier": [{"system": MRN, "value": "1002"}],
+            "name": [{"family": "Muñoz-Pérez", "given": ["Ana"]}],
+            "gender": "female",
+            "birthDate": "1975-06",
+        },
+    ),
+    _rec(
+        "smith",
+        "Patient",
+        "1003",
+        {
+            "identifier": [
+                {"system": MRN, "value": "1003"},
+                {"system": "urn:ssn", "value": "999"},
+                {"value": "LOCAL-7"},
+                {"system": "urn:x", "value": "A,B"},
+            ],
+            "name": [{"family": "Smith", "given": ["John", "Q"]}],
+            "gender": "male",
+            "birthDate": "2001-11-26",
+        },
+    ),
+    _rec(
+        "obrien",
+        "Patient",
+        "1004",
+        {
+            "identifier": [{"system": MRN, "value": "1004"}],
+            "name": [{"family": "O'Brien_", "given": ["Maeve"]}],
+            "birthDate": "1990-01-01",
+        },
+    ),
+    _rec(
+        "gone",
+        "Patient",
+        "1005",
+        {
+            "identifier": [{"system": MRN, "value": "1005"}],
+            "name": [{"family": "Muñoz", "given": ["Deleted"]}],
+            "gender": "male",
+            "birthDate": "1980-02-29",
+        },
+    ),
+    _rec(
+        "org",
+        "Organization",
+        "O1",
+        {
+            "identifier": [{"system": "urn:org", "value": "O1"}],
+            "name": "Hôpital Général",
+            "alias": ["HG"],
+            "active": True,
+        },
+    ),
+    _rec(
+        "d1",
+        "Practitioner",
+        "D1",
+        {
+            "identifier": [{"system": "http://hl7.org/fhir/sid/us-npi", "value": "1234567893"}],
+            "name": [{"family": "Nguyễn", "given": ["Thị"]}],
+            "active": True,
+        },
+    ),
+    _rec(
+        "d2",
+        "Practitioner",
+        "D2",
+        {
+            "identifier": [{"system": "http://hl7.org/fhir/sid/us-npi", "value": "1111111112"}],
+            "name": [{"family": "Álvarez", "given": ["Luis"]}],
+            "active": False,
+        },
+    ),
+    _rec(
+        "r1",
+        "PractitionerRole",
+        "R1",
+        {
+            "identifier": [{"system": "urn:role", "value": "R1"}],
+            "practitioner": {"reference": "@d1"},
+            "organization": {"reference": "@org"},
+            "active": True,
+            "code": [{"coding": [{"system": "urn:roles", "code": "doctor"}]}],
+        },
+    ),
+    _rec(
+        "ward",
+        "Location",
+        "4W",
+        {
+            "identifier": [{"system": "urn:loc", "value": "4W"}],
+            "name": "Ward 4 Wést",
+            "alias": ["Quatre"],
+            "status": "active",
+            "type": [{"coding": [{"system": "urn:loctype", "code": "WARD"}]}],
+        },
+    ),
+    _rec(
+        "bed",
+        "Location",
+        "4W-412-B",
+        {
+            "identifier": [{"system": "urn:loc", "value": "4W-412-B"}],
+            "name": "Bed 412-B",
+            "status": "suspended",
+            "operationalStatus": {"system": "http://terminology.hl7.org/CodeSystem/v2-0116", "code": "O"},
+            "partOf": {"reference": "@ward"},
+        },
+    ),
+    _rec(
+        "e1",
+        "Encounter",
+        "V1",
+        {
+            "identifier": [{"system": "urn:visit", "value": "V1"}],
+            "status": "in-progress",
+            "class": {"system": ACT, "code": "IMP"},
+            "subject": {"reference": "@munoz"},
+            "period": {"start": "2026-11-26T08:00:00Z"},
+            "location": [{"location": {"reference": "@bed"}}],
+            "participant": [{"individual": {"reference": "@d1"}}],
+        },
+    ),
+    _rec(
+        "e2",
+        "Encounter",
+        "V2",
+        {
+            "identifier": [{"system": "urn:visit", "value": "V2"}],
+            "status": "finished",
+            "class": {"system": ACT, "code": "AMB"},
+            "subject": {"reference": "@smith"},
+            "period": {"start": "2026-11-20T09:00:00Z", "end": "2026-11-20T10:00:00Z"},
+            "location": [{"location": {"reference": "@ward"}}],
+            "participant": [{"individual": {"reference": "@d2"}}],
+        },
+    ),
+    _rec(
+        "e3",
+        "Encounter",
+        "V3",
+        {
+            "identifier": [{"system": "urn:visit", "value": "V3"}],
+            "status": "finished",
+            "class": {"system": ACT, "code": "EMER"},
+            "subject": {"reference": "@munoz2"},
+            "period": {"start": "2026-10-01T00:00:00Z", "end": "2026-10-03T00:00:00Z"},
+            "participant": [{"individual": {"reference": "@r1"}}],
+        },
+    ),
 ]
 
 
@@ -101,9 +217,13 @@ def ids(store: Store) -> dict[str, str]:
     found = _apply(store, SEED)
     table = RECORD_TABLES["Patient"].__table__  # type: ignore[attr-defined]
     with store.writer.begin() as conn:
-        content = orjson.loads(conn.execute(select(table.c.resource).where(table.c.id == found["gone"])).scalar_one())
+        content = orjson.loads(
+            conn.execute(select(table.c.resource).where(table.c.id == found["gone"])).scalar_one()
+        )
         content = {k: v for k, v in content.items() if k not in ("id", "meta")}
-        Repository(conn)._store_version("Patient", found["gone"], 2, content, None, False, deleted=True, before=content)
+        Repository(conn)._store_version(
+            "Patient", found["gone"], 2, content, None, False, deleted=True, before=content
+        )
     return found
 
 
@@ -111,8 +231,12 @@ def test_a_deleted_record_keeps_no_search_index_rows(store: Store, ids: dict[str
     with store.reader.connect() as conn:
         for model in INDEX_TABLES.values():
             t = model.__table__  # type: ignore[attr-defined]
-            assert conn.execute(select(func.count()).select_from(t).where(t.c.resource_id == ids["gone"])
-                                ).scalar_one() == 0
+            assert (
+                conn.execute(
+                    select(func.count()).select_from(t).where(t.c.resource_id == ids["gone"])
+                ).scalar_one()
+                == 0
+            )
         flag = RECORD_TABLES["Patient"].__table__.c.deleted  # type: ignore[attr-defined]
         assert conn.execute(select(flag).where(flag.table.c.id == ids["gone"])).scalar_one() is True
 
@@ -259,50 +383,53 @@ def test_vread_and_history(store: Store, http: httpx.Client, ids: dict[str, str]
 
 
 # ---------------------------------------------------------------------------- Patient parameters
-@pytest.mark.parametrize(("query", "expected"), [
-    ("identifier=urn:oid:1.2.3.mrn|1001", {"munoz"}),
-    ("identifier=1001", {"munoz"}),
-    ("identifier=wrong|1001", set()),
-    ("identifier=|LOCAL-7", {"smith"}),
-    ("identifier=|1001", set()),
-    ("identifier=urn:ssn|", {"smith"}),
-    ("identifier=urn:x|A\\,B", {"smith"}),
-    ("identifier=1001,1004", {"munoz", "obrien"}),
-    ("identifier:not=urn:oid:1.2.3.mrn|1001", {"munoz2", "smith", "obrien"}),
-    ("name=jos", {"munoz"}),
-    ("name=MUÑ", {"munoz", "munoz2"}),
-    ("name=munoz", {"munoz", "munoz2"}),
-    ("name=perez", set()),
-    ("name:contains=PEREZ", {"munoz2"}),
-    ("name:contains=o", {"munoz", "munoz2", "obrien", "smith"}),
-    ("family:exact=Muñoz", {"munoz"}),
-    ("family:exact=muñoz", set()),
-    ("family=o'brien_", {"obrien"}),
-    ("family=o'brie_", set()),
-    ("family=%25", set()),
-    ("family=_", set()),
-    ("given=jose&family=munoz", {"munoz"}),
-    ("given=ana,john", {"munoz2", "smith"}),
-    ("given=ana&given=john", set()),
-    ("gender=male", {"munoz", "smith"}),
-    ("gender=male,female", {"munoz", "munoz2", "smith"}),
-    ("gender:missing=true", {"obrien"}),
-    ("gender:missing=false", {"munoz", "munoz2", "smith"}),
-    ("birthdate=1980-02-29", {"munoz"}),
-    ("birthdate=1975", {"munoz2"}),
-    ("birthdate=1975-06-15", set()),
-    ("birthdate=gt1985", {"smith", "obrien"}),
-    ("birthdate=lt1980", {"munoz2"}),
-    ("birthdate=ge1990-01-01", {"obrien", "smith"}),
-    ("birthdate=le1980-02-29", {"munoz", "munoz2"}),
-    ("birthdate=ne1980-02-29", {"munoz2", "smith", "obrien"}),
-    ("birthdate=eb1990", {"munoz", "munoz2"}),
-    ("birthdate=sa1990", {"smith"}),
-    ("birthdate=ge1980&birthdate=lt2000", {"munoz", "obrien"}),
-    ("_lastUpdated=gt2000", {"munoz", "munoz2", "smith", "obrien"}),
-    ("_lastUpdated=lt2000", set()),
-    ("_lastUpdated=ge9000-01-01", set()),
-])
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("identifier=urn:oid:1.2.3.mrn|1001", {"munoz"}),
+        ("identifier=1001", {"munoz"}),
+        ("identifier=wrong|1001", set()),
+        ("identifier=|LOCAL-7", {"smith"}),
+        ("identifier=|1001", set()),
+        ("identifier=urn:ssn|", {"smith"}),
+        ("identifier=urn:x|A\\,B", {"smith"}),
+        ("identifier=1001,1004", {"munoz", "obrien"}),
+        ("identifier:not=urn:oid:1.2.3.mrn|1001", {"munoz2", "smith", "obrien"}),
+        ("name=jos", {"munoz"}),
+        ("name=MUÑ", {"munoz", "munoz2"}),
+        ("name=munoz", {"munoz", "munoz2"}),
+        ("name=perez", set()),
+        ("name:contains=PEREZ", {"munoz2"}),
+        ("name:contains=o", {"munoz", "munoz2", "obrien", "smith"}),
+        ("family:exact=Muñoz", {"munoz"}),
+        ("family:exact=muñoz", set()),
+        ("family=o'brien_", {"obrien"}),
+        ("family=o'brie_", set()),
+        ("family=%25", set()),
+        ("family=_", set()),
+        ("given=jose&family=munoz", {"munoz"}),
+        ("given=ana,john", {"munoz2", "smith"}),
+        ("given=ana&given=john", set()),
+        ("gender=male", {"munoz", "smith"}),
+        ("gender=male,female", {"munoz", "munoz2", "smith"}),
+        ("gender:missing=true", {"obrien"}),
+        ("gender:missing=false", {"munoz", "munoz2", "smith"}),
+        ("birthdate=1980-02-29", {"munoz"}),
+        ("birthdate=1975", {"munoz2"}),
+        ("birthdate=1975-06-15", set()),
+        ("birthdate=gt1985", {"smith", "obrien"}),
+        ("birthdate=lt1980", {"munoz2"}),
+        ("birthdate=ge1990-01-01", {"obrien", "smith"}),
+        ("birthdate=le1980-02-29", {"munoz", "munoz2"}),
+        ("birthdate=ne1980-02-29", {"munoz2", "smith", "obrien"}),
+        ("birthdate=eb1990", {"munoz", "munoz2"}),
+        ("birthdate=sa1990", {"smith"}),
+        ("birthdate=ge1980&birthdate=lt2000", {"munoz", "obrien"}),
+        ("_lastUpdated=gt2000", {"munoz", "munoz2", "smith", "obrien"}),
+        ("_lastUpdated=lt2000", set()),
+        ("_lastUpdated=ge9000-01-01", set()),
+    ],
+)
 def test_patient_search(http: httpx.Client, ids: dict[str, str], query: str, expected: set[str]) -> None:
     assert _found(http, ids, f"/Patient?{query}") == expected
 
@@ -321,34 +448,42 @@ def test_last_updated_today(http: httpx.Client, ids: dict[str, str]) -> None:
 
 
 # ---------------------------------------------------------------------------- other resource types
-@pytest.mark.parametrize(("query", "expected"), [
-    ("identifier=urn:visit|V2", {"e2"}),
-    ("status=finished", {"e2", "e3"}),
-    ("status=finished,in-progress", {"e1", "e2", "e3"}),
-    (f"class={ACT}|IMP", {"e1"}),
-    ("class=AMB,EMER", {"e2", "e3"}),
-    ("class=urn:other|IMP", set()),
-    ("date=2026-11-20", {"e2"}),
-    ("date=2026-11", {"e2"}),
-    ("date=ge2026-11-21", {"e1"}),
-    ("date=gt2026-11-20", {"e1"}),
-    ("date=lt2026-11-01", {"e3"}),
-    ("date=le2026-11-20", {"e2", "e3"}),
-    ("date=ne2026-11-20", {"e1", "e3"}),
-    ("date=sa2026-11-20", {"e1"}),
-    ("date=eb2026-11-20", {"e3"}),
-    ("date=ge2026-11-01&date=lt2026-11-25", {"e2"}),
-    ("date=2026-11-26T08:00:00Z", set()),
-    ("date=ge2026-11-26T09:00:00%2B01:00", {"e1"}),
-    ("date=ge2026-11-26T09:00:00+01:00", {"e1"}),
-])
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("identifier=urn:visit|V2", {"e2"}),
+        ("status=finished", {"e2", "e3"}),
+        ("status=finished,in-progress", {"e1", "e2", "e3"}),
+        (f"class={ACT}|IMP", {"e1"}),
+        ("class=AMB,EMER", {"e2", "e3"}),
+        ("class=urn:other|IMP", set()),
+        ("date=2026-11-20", {"e2"}),
+        ("date=2026-11", {"e2"}),
+        ("date=ge2026-11-21", {"e1"}),
+        ("date=gt2026-11-20", {"e1"}),
+        ("date=lt2026-11-01", {"e3"}),
+        ("date=le2026-11-20", {"e2", "e3"}),
+        ("date=ne2026-11-20", {"e1", "e3"}),
+        ("date=sa2026-11-20", {"e1"}),
+        ("date=eb2026-11-20", {"e3"}),
+        ("date=ge2026-11-01&date=lt2026-11-25", {"e2"}),
+        ("date=2026-11-26T08:00:00Z", set()),
+        ("date=ge2026-11-26T09:00:00%2B01:00", {"e1"}),
+        ("date=ge2026-11-26T09:00:00+01:00", {"e1"}),
+    ],
+)
 def test_encounter_search(http: httpx.Client, ids: dict[str, str], query: str, expected: set[str]) -> None:
     assert _found(http, ids, f"/Encounter?{query}") == expected
 
 
 def test_encounter_references(base: str, http: httpx.Client, ids: dict[str, str]) -> None:
     pid = ids["munoz"]
-    for value in (f"Patient/{pid}", pid, f"{base}/fhir/Patient/{pid}", f"http://elsewhere.example/Patient/{pid}"):
+    for value in (
+        f"Patient/{pid}",
+        pid,
+        f"{base}/fhir/Patient/{pid}",
+        f"http://elsewhere.example/Patient/{pid}",
+    ):
         assert _found(http, ids, f"/Encounter?patient={quote(value, safe='')}") == {"e1"}, value
         assert _found(http, ids, f"/Encounter?subject={quote(value, safe='')}") == {"e1"}, value
     assert _found(http, ids, f"/Encounter?subject:Patient={pid}") == {"e1"}
@@ -385,18 +520,30 @@ def test_location_practitioner_role_organization(http: httpx.Client, ids: dict[s
 
 # ---------------------------------------------------------------------------- result parameters
 def test_include(http: httpx.Client, ids: dict[str, str]) -> None:
-    url = ("/Encounter?_include=Encounter:patient&_include=Encounter:practitioner"
-           "&_include=Encounter:location&_sort=date")
+    url = (
+        "/Encounter?_include=Encounter:patient&_include=Encounter:practitioner"
+        "&_include=Encounter:location&_sort=date"
+    )
     bundle = _search(http, url)
     assert _matches(bundle) == [ids["e3"], ids["e2"], ids["e1"]]
-    included = {(e["resource"]["resourceType"], e["resource"]["id"]) for e in bundle["entry"]
-                if e["search"]["mode"] == "include"}
+    included = {
+        (e["resource"]["resourceType"], e["resource"]["id"])
+        for e in bundle["entry"]
+        if e["search"]["mode"] == "include"
+    }
     assert included == {("Patient", ids[a]) for a in ("munoz", "munoz2", "smith")} | {
-        ("Practitioner", ids["d1"]), ("Practitioner", ids["d2"]),
-        ("Location", ids["bed"]), ("Location", ids["ward"])}
+        ("Practitioner", ids["d1"]),
+        ("Practitioner", ids["d2"]),
+        ("Location", ids["bed"]),
+        ("Location", ids["ward"]),
+    }
     assert bundle["total"] == 3
-    subject = _search(http, f"/Encounter?_id={ids['e3']}&_include=Encounter:subject&_include=Encounter:participant")
-    kinds = sorted(e["resource"]["resourceType"] for e in subject["entry"] if e["search"]["mode"] == "include")
+    subject = _search(
+        http, f"/Encounter?_id={ids['e3']}&_include=Encounter:subject&_include=Encounter:participant"
+    )
+    kinds = sorted(
+        e["resource"]["resourceType"] for e in subject["entry"] if e["search"]["mode"] == "include"
+    )
     assert kinds == ["Patient", "PractitionerRole"]
     for entry in subject["entry"]:
         assert entry["fullUrl"].endswith(f"/{entry['resource']['resourceType']}/{entry['resource']['id']}")
@@ -438,8 +585,15 @@ def test_count(http: httpx.Client, ids: dict[str, str]) -> None:
 
 
 def _new_patients(store: Store, prefix: str, n: int) -> list[str]:
-    records = [_rec(f"{prefix}{i}", "Patient", f"{prefix}-{i}", {
-        "name": [{"family": f"Pager{prefix}{i:03d}"}], "birthDate": f"19{50 + i % 40}-01-01"}) for i in range(n)]
+    records = [
+        _rec(
+            f"{prefix}{i}",
+            "Patient",
+            f"{prefix}-{i}",
+            {"name": [{"family": f"Pager{prefix}{i:03d}"}], "birthDate": f"19{50 + i % 40}-01-01"},
+        )
+        for i in range(n)
+    ]
     return list(_apply(store, records).values())
 
 
@@ -499,10 +653,18 @@ def test_total_is_counted_unless_the_client_declines(http: httpx.Client, ids: di
 def test_post_search_form(http: httpx.Client, ids: dict[str, str]) -> None:
     r = http.post("/Patient/_search?gender=male", data={"family": "munoz"})
     assert r.status_code == 200 and _matches(r.json()) == [ids["munoz"]]
-    r = http.post("/Patient/_search", content=b'{"family": "munoz"}', headers={"Content-Type": "application/json"})
+    r = http.post(
+        "/Patient/_search", content=b'{"family": "munoz"}', headers={"Content-Type": "application/json"}
+    )
     _outcome(r, 415, "not-supported")
-    _outcome(http.post("/Patient/_search", content=b"x" * 70000,
-                       headers={"Content-Type": "application/x-www-form-urlencoded"}), 413)
+    _outcome(
+        http.post(
+            "/Patient/_search",
+            content=b"x" * 70000,
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        ),
+        413,
+    )
     _outcome(http.post("/Spaceship/_search", data={"a": "b"}), 404)
 
 
@@ -529,27 +691,43 @@ def test_unknown_parameters_and_strict_handling(http: httpx.Client, ids: dict[st
     assert http.get("/Patient?family=x", headers={"Prefer": "handling=strict"}).status_code == 200
 
 
-@pytest.mark.parametrize("query", [
-    "name:text=x", "gender:below=m", "birthdate:exact=1980", "_id:missing=true", "birthdate=ap1980",
-    "birthdate=1980-13", "birthdate=yesterday", "subject.name=x", "_has:Encounter:patient:status=x",
-    "family:missing=maybe", "_total=some", "_revinclude=Encounter:patient",
-])
+@pytest.mark.parametrize(
+    "query",
+    [
+        "name:text=x",
+        "gender:below=m",
+        "birthdate:exact=1980",
+        "_id:missing=true",
+        "birthdate=ap1980",
+        "birthdate=1980-13",
+        "birthdate=yesterday",
+        "subject.name=x",
+        "_has:Encounter:patient:status=x",
+        "family:missing=maybe",
+        "_total=some",
+        "_revinclude=Encounter:patient",
+    ],
+)
 def test_unsupported_searches_are_400(http: httpx.Client, query: str) -> None:
     target = "Encounter" if query.startswith("subject") else "Patient"
     _outcome(http.get(f"/{target}?{query}"), 400)
 
 
-@pytest.mark.parametrize("params", [
-    {"name": "' OR 1=1--"},
-    {"family": "x'; DROP TABLE patient; --"},
-    {"_id": "1' OR '1'='1"},
-    {"identifier": "a|b|c' OR 1=1"},
-    {"family": "\\"},
-    {"family": "%%%"},
-    {"given": "Robert'); DROP TABLE search_string;--"},
-])
-def test_injection_like_values_find_nothing(store: Store, http: httpx.Client, ids: dict[str, str],
-                                            params: dict[str, str]) -> None:
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"name": "' OR 1=1--"},
+        {"family": "x'; DROP TABLE patient; --"},
+        {"_id": "1' OR '1'='1"},
+        {"identifier": "a|b|c' OR 1=1"},
+        {"family": "\\"},
+        {"family": "%%%"},
+        {"given": "Robert'); DROP TABLE search_string;--"},
+    ],
+)
+def test_injection_like_values_find_nothing(
+    store: Store, http: httpx.Client, ids: dict[str, str], params: dict[str, str]
+) -> None:
     bundle = _search(http, "/Patient", params=params)
     assert bundle["total"] == 0
     table = RECORD_TABLES["Patient"].__table__  # type: ignore[attr-defined]
@@ -557,10 +735,17 @@ def test_injection_like_values_find_nothing(store: Store, http: httpx.Client, id
         assert conn.execute(select(func.count()).select_from(table)).scalar_one() == 5
 
 
-@pytest.mark.parametrize("params", [
-    {"_sort": ";DROP TABLE patient"}, {"_count": "-1"}, {"name": "x" * 5000}, {"family": "a\x00b"},
-    {"birthdate": "ge' or 1=1"}, {"_count": "99999999999999999999999x"},
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"_sort": ";DROP TABLE patient"},
+        {"_count": "-1"},
+        {"name": "x" * 5000},
+        {"family": "a\x00b"},
+        {"birthdate": "ge' or 1=1"},
+        {"_count": "99999999999999999999999x"},
+    ],
+)
 def test_hostile_values_are_400(http: httpx.Client, params: dict[str, str]) -> None:
     _outcome(http.get("/Patient", params=params), 400)
 
@@ -586,5 +771,7 @@ def test_fhirpy_client_pages_reads_and_counts(store: Store, base: str, ids: dict
     assert client.resources("Patient").search(name="muñoz").count() == 2
     patient = client.reference("Patient", ids["munoz"]).to_resource()
     assert patient["name"][0]["family"] == "Muñoz"
-    encounters = client.resources("Encounter").search(patient=ids["munoz"]).include("Encounter", "patient").fetch()
+    encounters = (
+        client.resources("Encounter").search(patient=ids["munoz"]).include("Encounter", "patient").fetch()
+    )
     assert [e["id"] for e in encounters] == [ids["e1"]]

@@ -44,8 +44,10 @@ async def remote(tmp_path: Path) -> AsyncIterator[Engine]:
 
 
 def _sink(base_url: str, extra: str = "") -> str:
-    return (f"  - name: mirror\n    type: fhir_push\n    base_url: {base_url}\n"
-            "    retry_initial_seconds: 0.05\n    retry_max_seconds: 1\n    timeout_seconds: 5\n" + extra)
+    return (
+        f"  - name: mirror\n    type: fhir_push\n    base_url: {base_url}\n"
+        "    retry_initial_seconds: 0.05\n    retry_max_seconds: 1\n    timeout_seconds: 5\n" + extra
+    )
 
 
 async def _local(tmp_path: Path, store: Store, sinks: str) -> Engine:
@@ -95,7 +97,9 @@ async def _admit_and_check(local: Engine, base: str, store: Store) -> None:
 
 
 @pytest.mark.parametrize("mode", ["conditional", "transaction"])
-async def test_an_admission_appears_on_the_remote(tmp_path: Path, store: Store, remote: Engine, mode: str) -> None:
+async def test_an_admission_appears_on_the_remote(
+    tmp_path: Path, store: Store, remote: Engine, mode: str
+) -> None:
     base = f"http://127.0.0.1:{remote.http_port}/fhir"
     local = await _local(tmp_path, store, _sink(base, f"    mode: {mode}\n"))
     try:
@@ -131,11 +135,19 @@ class Proxy:
             return web.Response(status=503, headers={"Retry-After": "1"}, text="maintenance")
         self.forwarded += 1
         async with httpx.AsyncClient(timeout=10) as client:
-            response = await client.request(request.method, f"{self.target}/{request.match_info['tail']}",
-                                            params=list(request.query.items()), content=await request.read(),
-                                            headers={"Content-Type": request.headers.get("Content-Type", ""),
-                                                     "Accept": "application/fhir+json"})
-        headers = {k: v for k, v in response.headers.items() if k.lower() in ("location", "etag", "content-type")}
+            response = await client.request(
+                request.method,
+                f"{self.target}/{request.match_info['tail']}",
+                params=list(request.query.items()),
+                content=await request.read(),
+                headers={
+                    "Content-Type": request.headers.get("Content-Type", ""),
+                    "Accept": "application/fhir+json",
+                },
+            )
+        headers = {
+            k: v for k, v in response.headers.items() if k.lower() in ("location", "etag", "content-type")
+        }
         return web.Response(status=response.status_code, body=response.content, headers=headers)
 
     async def start(self, extra: list[web.RouteDef] | None = None) -> str:
@@ -155,8 +167,9 @@ class Proxy:
             await self._runner.cleanup()
 
 
-async def test_a_remote_that_answers_503_then_recovers_loses_nothing(tmp_path: Path, store: Store,
-                                                                      remote: Engine) -> None:
+async def test_a_remote_that_answers_503_then_recovers_loses_nothing(
+    tmp_path: Path, store: Store, remote: Engine
+) -> None:
     proxy = Proxy(f"http://127.0.0.1:{remote.http_port}/fhir")
     url = await proxy.start()
     proxy.down = True
@@ -180,8 +193,9 @@ async def test_a_remote_that_answers_503_then_recovers_loses_nothing(tmp_path: P
     assert encounters[0]["subject"]["reference"] == f"Patient/{patients[0]['id']}"
 
 
-async def test_a_422_goes_to_dead_letter_with_the_operation_outcome(tmp_path: Path, store: Store,
-                                                                     remote: Engine) -> None:
+async def test_a_422_goes_to_dead_letter_with_the_operation_outcome(
+    tmp_path: Path, store: Store, remote: Engine
+) -> None:
     # Only Encounters are pushed: the remote has no Patient the Encounter could refer to and says 422.
     base = f"http://127.0.0.1:{remote.http_port}/fhir"
     local = await _local(tmp_path, store, _sink(base, "    resource_types: [Encounter]\n"))
@@ -200,12 +214,15 @@ async def test_a_422_goes_to_dead_letter_with_the_operation_outcome(tmp_path: Pa
 
 def _rsa_pem() -> tuple[str, Any]:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption()).decode()
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
     return pem, key.public_key()
 
 
-async def test_oauth2_private_key_jwt_token_is_fetched_and_used(tmp_path: Path, store: Store, remote: Engine) -> None:
+async def test_oauth2_private_key_jwt_token_is_fetched_and_used(
+    tmp_path: Path, store: Store, remote: Engine
+) -> None:
     pem, public_key = _rsa_pem()
     proxy = Proxy(f"http://127.0.0.1:{remote.http_port}/fhir", token="access-1")
     assertions: list[dict[str, Any]] = []
@@ -216,18 +233,31 @@ async def test_oauth2_private_key_jwt_token_is_fetched_and_used(tmp_path: Path, 
         if form.get("client_assertion_type") != "urn:ietf:params:oauth:client-assertion-type:jwt-bearer":
             return web.json_response({"error": "invalid_client"}, status=401)
         header = jwt.get_unverified_header(str(form["client_assertion"]))
-        claims = jwt.decode(str(form["client_assertion"]), public_key, algorithms=["RS384"],
-                            audience=token_url_box[0], issuer="hms-ach-push",
-                            options={"require": ["exp", "iat", "jti", "sub"]})
-        assertions.append({"header": header, "claims": claims, "scope": form.get("scope"),
-                           "grant_type": form.get("grant_type")})
+        claims = jwt.decode(
+            str(form["client_assertion"]),
+            public_key,
+            algorithms=["RS384"],
+            audience=token_url_box[0],
+            issuer="hms-ach-push",
+            options={"require": ["exp", "iat", "jti", "sub"]},
+        )
+        assertions.append(
+            {
+                "header": header,
+                "claims": claims,
+                "scope": form.get("scope"),
+                "grant_type": form.get("grant_type"),
+            }
+        )
         return web.json_response({"access_token": "access-1", "token_type": "bearer", "expires_in": 300})
 
     url = await proxy.start([web.post("/auth/token", token)])
     token_url_box.append(f"{url}/auth/token")
-    auth = (f"    auth:\n      type: client_credentials\n      token_url: {url}/auth/token\n"
-            "      client_id: hms-ach-push\n      private_key: ${TEST_PUSH_KEY}\n      key_id: key-1\n"
-            "      scope: system/Patient.write system/Encounter.write\n")
+    auth = (
+        f"    auth:\n      type: client_credentials\n      token_url: {url}/auth/token\n"
+        "      client_id: hms-ach-push\n      private_key: ${TEST_PUSH_KEY}\n      key_id: key-1\n"
+        "      scope: system/Patient.write system/Encounter.write\n"
+    )
     import os
 
     os.environ["TEST_PUSH_KEY"] = pem
@@ -244,7 +274,10 @@ async def test_oauth2_private_key_jwt_token_is_fetched_and_used(tmp_path: Path, 
     a = assertions[0]
     assert a["header"]["alg"] == "RS384" and a["header"]["kid"] == "key-1"
     assert a["claims"]["sub"] == "hms-ach-push" and a["claims"]["exp"] - a["claims"]["iat"] <= 300
-    assert a["grant_type"] == "client_credentials" and a["scope"] == "system/Patient.write system/Encounter.write"
+    assert (
+        a["grant_type"] == "client_credentials"
+        and a["scope"] == "system/Patient.write system/Encounter.write"
+    )
     assert proxy.forwarded > 0
 
 

@@ -22,16 +22,23 @@ STAFF = "urn:hms-ach:id:staff"
 NPI = "http://hl7.org/fhir/sid/us-npi"
 
 
-
 @pytest.fixture
 async def http(fhir_engine: Engine) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{fhir_engine.http_port}/fhir", timeout=30) as client:
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{fhir_engine.http_port}/fhir", timeout=30
+    ) as client:
         yield client
 
 
 def nurse(number: str = "E2001", family: str = "Osei", **extra: Any) -> dict[str, Any]:
-    return {"resourceType": "Practitioner", "identifier": [{"system": STAFF, "value": number}],
-            "active": True, "name": [{"family": family, "given": ["Amara"]}], "gender": "female", **extra}
+    return {
+        "resourceType": "Practitioner",
+        "identifier": [{"system": STAFF, "value": number}],
+        "active": True,
+        "name": [{"family": family, "given": ["Amara"]}],
+        "gender": "female",
+        **extra,
+    }
 
 
 def count(store: Store, model: Any) -> int:
@@ -65,14 +72,17 @@ async def test_create_read_update_delete(http: httpx.AsyncClient, store: Store) 
     resp = await http.put(f"/Practitioner/{rid}", json=changed, headers={**FHIR_JSON, "If-Match": 'W/"1"'})
     assert resp.status_code == 200, resp.text
     assert resp.headers["etag"] == 'W/"2"'
-    assert_outcome(await http.put(f"/Practitioner/{rid}", json=changed, headers={**FHIR_JSON, "If-Match": 'W/"1"'}),
-                   412)
+    assert_outcome(
+        await http.put(f"/Practitioner/{rid}", json=changed, headers={**FHIR_JSON, "If-Match": 'W/"1"'}), 412
+    )
     # the same content again makes no new version
     resp = await http.put(f"/Practitioner/{rid}", json=changed, headers=FHIR_JSON)
     assert resp.headers["etag"] == 'W/"2"'
 
     # conditional update by identifier
-    resp = await http.put(f"/Practitioner?identifier={STAFF}|E2001", json=nurse(family="Mensah"), headers=FHIR_JSON)
+    resp = await http.put(
+        f"/Practitioner?identifier={STAFF}|E2001", json=nurse(family="Mensah"), headers=FHIR_JSON
+    )
     assert resp.status_code == 200 and resp.json()["id"] == rid
     # ... which creates when nothing matches
     resp = await http.put(f"/Practitioner?identifier={STAFF}|E2002", json=nurse("E2002"), headers=FHIR_JSON)
@@ -90,17 +100,24 @@ async def test_create_read_update_delete(http: httpx.AsyncClient, store: Store) 
 
     # every accepted write is in the message store with its raw body
     with store.reader.connect() as conn:
-        rows = conn.execute(select(InboundMessage.content_type, InboundMessage.channel, InboundMessage.status,
-                                   InboundMessage.raw).order_by(InboundMessage.id)).all()  # type: ignore[arg-type]
+        rows = conn.execute(
+            select(
+                InboundMessage.content_type, InboundMessage.channel, InboundMessage.status, InboundMessage.raw
+            ).order_by(InboundMessage.id)
+        ).all()  # type: ignore[arg-type]
     assert rows[0].content_type == "fhir+json" and rows[0].channel == "fhir_in"
     assert json.loads(rows[0].raw)["name"][0]["family"] == "Osei"
     assert {r.status for r in rows} >= {"processed", "error"}
 
 
-async def test_twenty_parallel_conditional_creates_make_one_record(http: httpx.AsyncClient, store: Store) -> None:
+async def test_twenty_parallel_conditional_creates_make_one_record(
+    http: httpx.AsyncClient, store: Store
+) -> None:
     body = nurse("E3001", identifier=[{"system": NPI, "value": "1356702989"}])
     headers = {**FHIR_JSON, "If-None-Exist": f"identifier={NPI}|1356702989"}
-    responses = await asyncio.gather(*(http.post("/Practitioner", json=body, headers=headers) for _ in range(20)))
+    responses = await asyncio.gather(
+        *(http.post("/Practitioner", json=body, headers=headers) for _ in range(20))
+    )
     statuses = sorted(r.status_code for r in responses)
     assert statuses == [200] * 19 + [201], [r.text for r in responses if r.status_code not in (200, 201)]
     assert len({r.json()["id"] for r in responses}) == 1
@@ -108,7 +125,9 @@ async def test_twenty_parallel_conditional_creates_make_one_record(http: httpx.A
 
 
 async def test_conditional_create_on_a_non_key_identifier(http: httpx.AsyncClient) -> None:
-    body = nurse("E3002", identifier=[{"system": NPI, "value": "1245319599"}, {"system": STAFF, "value": "E3002"}])
+    body = nurse(
+        "E3002", identifier=[{"system": NPI, "value": "1245319599"}, {"system": STAFF, "value": "E3002"}]
+    )
     headers = {**FHIR_JSON, "If-None-Exist": f"identifier={STAFF}|E3002"}
     first = await http.post("/Practitioner", json=body, headers=headers)
     second = await http.post("/Practitioner", json=body, headers=headers)
@@ -130,7 +149,9 @@ async def test_sample_transaction_bundle_then_find_the_nurse(http: httpx.AsyncCl
     assert found["total"] == 1
     nurse_res = found["entry"][0]["resource"]
     assert len(nurse_res["qualification"]) == 2
-    roles = (await http.get("/PractitionerRole", params={"practitioner": f"Practitioner/{nurse_res['id']}"})).json()
+    roles = (
+        await http.get("/PractitionerRole", params={"practitioner": f"Practitioner/{nurse_res['id']}"})
+    ).json()
     assert roles["total"] == 1
     role = roles["entry"][0]["resource"]
     assert role["organization"]["reference"].startswith("Organization/")
@@ -148,15 +169,27 @@ async def test_sample_transaction_bundle_then_find_the_nurse(http: httpx.AsyncCl
 
 
 async def test_transaction_is_all_or_nothing(http: httpx.AsyncClient, store: Store) -> None:
-    bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"fullUrl": "urn:uuid:a1", "resource": nurse("E4001"),
-         "request": {"method": "POST", "url": "Practitioner"}},
-        {"fullUrl": "urn:uuid:a2", "resource": {"resourceType": "PractitionerRole",
-                                                "identifier": [{"system": "urn:r", "value": "R1"}],
-                                                "practitioner": {"reference": "urn:uuid:a1"},
-                                                "organization": {"reference": "Organization/does-not-exist"}},
-         "request": {"method": "POST", "url": "PractitionerRole"}},
-    ]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "fullUrl": "urn:uuid:a1",
+                "resource": nurse("E4001"),
+                "request": {"method": "POST", "url": "Practitioner"},
+            },
+            {
+                "fullUrl": "urn:uuid:a2",
+                "resource": {
+                    "resourceType": "PractitionerRole",
+                    "identifier": [{"system": "urn:r", "value": "R1"}],
+                    "practitioner": {"reference": "urn:uuid:a1"},
+                    "organization": {"reference": "Organization/does-not-exist"},
+                },
+                "request": {"method": "POST", "url": "PractitionerRole"},
+            },
+        ],
+    }
     assert_outcome(await http.post("", json=bundle, headers=FHIR_JSON), 422, "organization")
     assert count(store, Practitioner) == 0
     # the refused request is still in the message store, with its reason
@@ -166,10 +199,14 @@ async def test_transaction_is_all_or_nothing(http: httpx.AsyncClient, store: Sto
 
 
 async def test_batch_applies_each_entry_on_its_own(http: httpx.AsyncClient, store: Store) -> None:
-    bundle = {"resourceType": "Bundle", "type": "batch", "entry": [
-        {"resource": nurse("E5001"), "request": {"method": "POST", "url": "Practitioner"}},
-        {"resource": nurse("E5001"), "request": {"method": "POST", "url": "Practitioner"}},
-    ]}
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            {"resource": nurse("E5001"), "request": {"method": "POST", "url": "Practitioner"}},
+            {"resource": nurse("E5001"), "request": {"method": "POST", "url": "Practitioner"}},
+        ],
+    }
     resp = await http.post("", json=bundle, headers=FHIR_JSON)
     assert resp.status_code == 200, resp.text
     statuses = [e["response"]["status"] for e in resp.json()["entry"]]
@@ -178,38 +215,71 @@ async def test_batch_applies_each_entry_on_its_own(http: httpx.AsyncClient, stor
     assert count(store, Practitioner) == 1
 
 
-@pytest.mark.parametrize(("case", "status", "expression"), [
-    ("broken_reference", 400, "practitioner"),
-    ("duplicate_full_url", 400, "fullUrl"),
-    ("unknown_type_in_bundle", 404, None),
-    ("bad_gender", 422, "Practitioner.gender"),
-    ("bad_encounter_status", 422, "Encounter.status"),
-    ("missing_encounter_class", 400, "Encounter.class"),
-    ("not_a_bundle", 400, None),
-])
+@pytest.mark.parametrize(
+    ("case", "status", "expression"),
+    [
+        ("broken_reference", 400, "practitioner"),
+        ("duplicate_full_url", 400, "fullUrl"),
+        ("unknown_type_in_bundle", 404, None),
+        ("bad_gender", 422, "Practitioner.gender"),
+        ("bad_encounter_status", 422, "Encounter.status"),
+        ("missing_encounter_class", 400, "Encounter.class"),
+        ("not_a_bundle", 400, None),
+    ],
+)
 async def test_bad_bundles_give_an_outcome_and_change_nothing(
-    http: httpx.AsyncClient, store: Store, case: str, status: int, expression: str | None,
+    http: httpx.AsyncClient,
+    store: Store,
+    case: str,
+    status: int,
+    expression: str | None,
 ) -> None:
     role = {"resourceType": "PractitionerRole", "practitioner": {"reference": "urn:uuid:missing"}}
     entries: dict[str, list[dict[str, Any]]] = {
-        "broken_reference": [{"fullUrl": "urn:uuid:r1", "resource": role,
-                              "request": {"method": "POST", "url": "PractitionerRole"}}],
-        "duplicate_full_url": [{"fullUrl": "urn:uuid:x", "resource": nurse("E1"),
-                                "request": {"method": "POST", "url": "Practitioner"}},
-                               {"fullUrl": "urn:uuid:x", "resource": nurse("E2"),
-                                "request": {"method": "POST", "url": "Practitioner"}}],
-        "unknown_type_in_bundle": [{"resource": {"resourceType": "Spaceship"},
-                                    "request": {"method": "POST", "url": "Spaceship"}}],
-        "bad_gender": [{"resource": nurse(gender="robot"), "request": {"method": "POST", "url": "Practitioner"}}],
-        "bad_encounter_status": [{"resource": {"resourceType": "Encounter", "status": "bogus",
-                                               "class": {"code": "IMP"}},
-                                  "request": {"method": "POST", "url": "Encounter"}}],
-        "missing_encounter_class": [{"resource": {"resourceType": "Encounter", "status": "planned"},
-                                     "request": {"method": "POST", "url": "Encounter"}}],
+        "broken_reference": [
+            {
+                "fullUrl": "urn:uuid:r1",
+                "resource": role,
+                "request": {"method": "POST", "url": "PractitionerRole"},
+            }
+        ],
+        "duplicate_full_url": [
+            {
+                "fullUrl": "urn:uuid:x",
+                "resource": nurse("E1"),
+                "request": {"method": "POST", "url": "Practitioner"},
+            },
+            {
+                "fullUrl": "urn:uuid:x",
+                "resource": nurse("E2"),
+                "request": {"method": "POST", "url": "Practitioner"},
+            },
+        ],
+        "unknown_type_in_bundle": [
+            {"resource": {"resourceType": "Spaceship"}, "request": {"method": "POST", "url": "Spaceship"}}
+        ],
+        "bad_gender": [
+            {"resource": nurse(gender="robot"), "request": {"method": "POST", "url": "Practitioner"}}
+        ],
+        "bad_encounter_status": [
+            {
+                "resource": {"resourceType": "Encounter", "status": "bogus", "class": {"code": "IMP"}},
+                "request": {"method": "POST", "url": "Encounter"},
+            }
+        ],
+        "missing_encounter_class": [
+            {
+                "resource": {"resourceType": "Encounter", "status": "planned"},
+                "request": {"method": "POST", "url": "Encounter"},
+            }
+        ],
         "not_a_bundle": [],
     }
-    body: dict[str, Any] = {"resourceType": "Bundle", "type": "transaction",
-                            "entry": [nurse_entry("E9"), *entries[case]]}
+    body: dict[str, Any] = {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [nurse_entry("E9"), *entries[case]],
+    }
     if case == "not_a_bundle":
         body = nurse()
     assert_outcome(await http.post("", json=body, headers=FHIR_JSON), status, expression)
@@ -217,25 +287,37 @@ async def test_bad_bundles_give_an_outcome_and_change_nothing(
 
 
 def nurse_entry(number: str) -> dict[str, Any]:
-    return {"fullUrl": f"urn:uuid:{number}", "resource": nurse(number),
-            "request": {"method": "POST", "url": "Practitioner"}}
+    return {
+        "fullUrl": f"urn:uuid:{number}",
+        "resource": nurse(number),
+        "request": {"method": "POST", "url": "Practitioner"},
+    }
 
 
 async def test_bad_requests(http: httpx.AsyncClient, store: Store) -> None:
     xml = "<Practitioner xmlns='http://hl7.org/fhir'/>"
-    assert_outcome(await http.post("/Practitioner", content=xml, headers={"content-type": "application/fhir+xml"}),
-                   415)
-    big = nurse(text={"status": "generated", "div": "<div xmlns='http://www.w3.org/1999/xhtml'>"
-                      + "x" * 70000 + "</div>"})
+    assert_outcome(
+        await http.post("/Practitioner", content=xml, headers={"content-type": "application/fhir+xml"}), 415
+    )
+    big = nurse(
+        text={
+            "status": "generated",
+            "div": "<div xmlns='http://www.w3.org/1999/xhtml'>" + "x" * 70000 + "</div>",
+        }
+    )
     assert_outcome(await http.post("/Practitioner", json=big, headers=FHIR_JSON), 413)
     assert_outcome(await http.post("/Practitioner", content=b"{not json", headers=FHIR_JSON), 400)
     assert_outcome(await http.post("/Spaceship", json={"resourceType": "Spaceship"}, headers=FHIR_JSON), 404)
     assert_outcome(await http.post("/Patient", json=nurse(), headers=FHIR_JSON), 400)
     assert_outcome(await http.put("/Practitioner/nope", json=nurse(id="nope"), headers=FHIR_JSON), 404)
-    assert_outcome(await http.post("/Patient", json={"resourceType": "Patient", "gender": "robot"},
-                                   headers=FHIR_JSON), 422, "Patient.gender")
-    assert_outcome(await http.post("/Practitioner", json=nurse(), headers={**FHIR_JSON, "If-None-Exist": "name=x"}),
-                   400)
+    assert_outcome(
+        await http.post("/Patient", json={"resourceType": "Patient", "gender": "robot"}, headers=FHIR_JSON),
+        422,
+        "Patient.gender",
+    )
+    assert_outcome(
+        await http.post("/Practitioner", json=nurse(), headers={**FHIR_JSON, "If-None-Exist": "name=x"}), 400
+    )
     assert count(store, Practitioner) == 0
 
 
@@ -254,19 +336,34 @@ async def test_capability_statement_declares_what_the_server_does(http: httpx.As
     resources = {r.type: r for r in rest.resource}
     assert set(resources) == {*FHIR_TYPES, *READ_ONLY_FHIR_TYPES, "Basic", "AuditEvent"}
     for rtype in READ_ONLY_FHIR_TYPES:  # served, never written through /fhir
-        assert {i.code for i in resources[rtype].interaction} == {"read", "vread", "history-instance", "search-type"}
+        assert {i.code for i in resources[rtype].interaction} == {
+            "read",
+            "vread",
+            "history-instance",
+            "search-type",
+        }
         assert resources[rtype].conditionalCreate is None and resources[rtype].versioning == "versioned"
     for rtype in FHIR_TYPES:
         res = resources[rtype]
-        assert {i.code for i in res.interaction} == {"read", "vread", "history-instance", "search-type",
-                                                    "create", "update", "delete"}, rtype
+        assert {i.code for i in res.interaction} == {
+            "read",
+            "vread",
+            "history-instance",
+            "search-type",
+            "create",
+            "update",
+            "delete",
+        }, rtype
         assert (res.conditionalCreate, res.conditionalUpdate, res.updateCreate) == (True, True, False)
         assert res.conditionalDelete == "not-supported" and res.versioning == "versioned-update"
     assert {i.code for i in resources["Basic"].interaction} == {"create", "update"}
     audit_res = resources["AuditEvent"]
     assert [i.code for i in audit_res.interaction] == ["search-type"]
-    assert {(p.name, p.type) for p in audit_res.searchParam} == {("entity", "reference"), ("agent", "token"),
-                                                                 ("date", "date")}
+    assert {(p.name, p.type) for p in audit_res.searchParam} == {
+        ("entity", "reference"),
+        ("agent", "token"),
+        ("date", "date"),
+    }
     qual = next(p for p in resources["Practitioner"].searchParam if p.name == "qualification-period")
     assert qual.type == "date" and qual.definition and "qualification.period" in (qual.documentation or "")
 
@@ -275,18 +372,30 @@ async def test_capability_statement_declares_what_the_server_does(http: httpx.As
     created = await http.post("/Practitioner", json=nurse("E3001", qualification=licence), headers=FHIR_JSON)
     assert created.status_code == 201, created.text
     rid = created.json()["id"]
-    again = await http.post("/Practitioner", json=nurse("E3001"),
-                            headers={**FHIR_JSON, "If-None-Exist": f"identifier={STAFF}|E3001"})
+    again = await http.post(
+        "/Practitioner",
+        json=nurse("E3001"),
+        headers={**FHIR_JSON, "If-None-Exist": f"identifier={STAFF}|E3001"},
+    )
     assert again.status_code == 200 and again.json()["id"] == rid
     # update (versioned-update: a stale If-Match is refused) ...
-    upd = await http.put(f"/Practitioner/{rid}", json=nurse("E3001", family="Boateng", id=rid, qualification=licence),
-                         headers={**FHIR_JSON, "If-Match": 'W/"1"'})
+    upd = await http.put(
+        f"/Practitioner/{rid}",
+        json=nurse("E3001", family="Boateng", id=rid, qualification=licence),
+        headers={**FHIR_JSON, "If-Match": 'W/"1"'},
+    )
     assert upd.status_code == 200 and upd.headers["etag"] == 'W/"2"'
-    assert_outcome(await http.put(f"/Practitioner/{rid}", json=nurse("E3001", id=rid),
-                                  headers={**FHIR_JSON, "If-Match": 'W/"1"'}), 412)
+    assert_outcome(
+        await http.put(
+            f"/Practitioner/{rid}", json=nurse("E3001", id=rid), headers={**FHIR_JSON, "If-Match": 'W/"1"'}
+        ),
+        412,
+    )
     # ... which never creates (updateCreate false), while a conditional update does
-    assert_outcome(await http.put("/Practitioner/no-such-id", json=nurse("E3002", id="no-such-id"),
-                                  headers=FHIR_JSON), 404)
+    assert_outcome(
+        await http.put("/Practitioner/no-such-id", json=nurse("E3002", id="no-such-id"), headers=FHIR_JSON),
+        404,
+    )
     cond = await http.put(f"/Practitioner?identifier={STAFF}|E3002", json=nurse("E3002"), headers=FHIR_JSON)
     assert cond.status_code == 201
     # the custom qualification-period parameter
@@ -301,17 +410,29 @@ async def test_capability_statement_declares_what_the_server_does(http: httpx.As
     assert (await http.get(f"/Practitioner/{rid}")).status_code == 200
     # system-level transaction and batch
     for kind in ("transaction", "batch"):
-        bundle = {"resourceType": "Bundle", "type": kind, "entry": [
-            {"resource": nurse(f"E31{kind[:2]}"), "request": {"method": "POST", "url": "Practitioner"}}]}
+        bundle = {
+            "resourceType": "Bundle",
+            "type": kind,
+            "entry": [
+                {"resource": nurse(f"E31{kind[:2]}"), "request": {"method": "POST", "url": "Practitioner"}}
+            ],
+        }
         out = await http.post("", json=bundle, headers=FHIR_JSON)
         assert out.status_code == 200 and out.json()["type"] == f"{kind}-response", out.text
     # Basic (a shift): create and update by the shift's id
-    shift = {"resourceType": "Basic", "identifier": [{"system": "urn:hms-ach:id:shift", "value": "CS-1"}],
-             "code": {"coding": [{"system": "urn:hms-ach:code:basic-type", "code": "shift"}]},
-             "subject": {"reference": f"Practitioner/{rid}"},
-             "extension": [{"url": "urn:hms-ach:fhir:StructureDefinition/shift-period",
-                            "valuePeriod": {"start": "2026-12-01T07:00:00Z", "end": "2026-12-01T15:00:00Z"}},
-                           {"url": "urn:hms-ach:fhir:StructureDefinition/shift-status", "valueCode": "planned"}]}
+    shift = {
+        "resourceType": "Basic",
+        "identifier": [{"system": "urn:hms-ach:id:shift", "value": "CS-1"}],
+        "code": {"coding": [{"system": "urn:hms-ach:code:basic-type", "code": "shift"}]},
+        "subject": {"reference": f"Practitioner/{rid}"},
+        "extension": [
+            {
+                "url": "urn:hms-ach:fhir:StructureDefinition/shift-period",
+                "valuePeriod": {"start": "2026-12-01T07:00:00Z", "end": "2026-12-01T15:00:00Z"},
+            },
+            {"url": "urn:hms-ach:fhir:StructureDefinition/shift-status", "valueCode": "planned"},
+        ],
+    }
     made = await http.post("/Basic", json=shift, headers=FHIR_JSON)
     assert made.status_code == 201, made.text
     shift_id = made.json()["id"]
@@ -320,7 +441,11 @@ async def test_capability_statement_declares_what_the_server_does(http: httpx.As
     assert changed.status_code == 200 and changed.json()["status"] == "confirmed", changed.text
     assert (await http.get(f"/Basic/{shift_id}")).status_code in (400, 404)  # write-only, as declared
     # AuditEvent: search with its three parameters, and nothing else
-    events = (await http.get("/AuditEvent", params=[("entity", f"Practitioner/{rid}"), ("agent", "fhir_in"),
-                                                    ("date", "ge2020-01-01")])).json()
+    events = (
+        await http.get(
+            "/AuditEvent",
+            params=[("entity", f"Practitioner/{rid}"), ("agent", "fhir_in"), ("date", "ge2020-01-01")],
+        )
+    ).json()
     assert len(events["entry"]) == 2  # the create and the update
     assert_outcome(await http.get("/AuditEvent", params={"patient": "x"}), 400)

@@ -41,8 +41,12 @@ LOGGER = "hms_ach.inbound.mllp"
 
 
 def message(control_id: str, body: bytes = b"") -> bytes:
-    return (b"MSH|^~\\&|LAB|HOSP|EHR|HOSP|20240101120000||ADT^A01^ADT_A01|" + control_id.encode()
-            + b"|P|2.5.1\rPID|1||12345^^^HOSP^MR||DOE^JANE\r" + body)
+    return (
+        b"MSH|^~\\&|LAB|HOSP|EHR|HOSP|20240101120000||ADT^A01^ADT_A01|"
+        + control_id.encode()
+        + b"|P|2.5.1\rPID|1||12345^^^HOSP^MR||DOE^JANE\r"
+        + body
+    )
 
 
 def msa(ack: bytes) -> tuple[str, str]:
@@ -77,8 +81,9 @@ Start = Callable[..., Awaitable[MllpServer]]
 async def serve() -> AsyncIterator[Start]:
     servers: list[MllpServer] = []
 
-    async def start(handler: FrameHandler = aa_handler, on_oversize: OversizeHandler | None = oversize_ar,
-                    **settings: Any) -> MllpServer:
+    async def start(
+        handler: FrameHandler = aa_handler, on_oversize: OversizeHandler | None = oversize_ar, **settings: Any
+    ) -> MllpServer:
         server = MllpServer(MllpConfig(host="127.0.0.1", port=0, **settings), handler, on_oversize)
         await server.start()
         servers.append(server)
@@ -123,8 +128,16 @@ async def test_mllp_send_console_script_with_a_file(serve: Start, tmp_path: Path
     script = Path(sys.executable).parent / "mllp_send"
     command = [str(script)] if script.exists() else [sys.executable, "-m", "hl7.client"]
     proc = await asyncio.create_subprocess_exec(
-        *command, "--loose", "-f", str(path), "-p", str(server.port), "127.0.0.1",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        *command,
+        "--loose",
+        "-f",
+        str(path),
+        "-p",
+        str(server.port),
+        "127.0.0.1",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 15)
     assert proc.returncode == 0, err
     assert [msa(a) for a in out.split(FS)[:-1]] == [("AA", "F0"), ("AA", "F1"), ("AA", "F2")]
@@ -221,8 +234,9 @@ def _recv_frame(sock: socket.socket) -> bytes:
     return data
 
 
-async def test_oversize_message_gets_an_ar_with_bounded_memory(serve: Start,
-                                                               caplog: pytest.LogCaptureFixture) -> None:
+async def test_oversize_message_gets_an_ar_with_bounded_memory(
+    serve: Start, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger=LOGGER)
     server = await serve(max_message_bytes=1024 * 1024)
     big = message("BIG", b"OBX|1|ED|||" + b"A" * (20 * 1024 * 1024) + b"\r")
@@ -255,7 +269,9 @@ async def test_handler_error_closes_without_ack(serve: Start, caplog: pytest.Log
     caplog.set_level(logging.INFO, logger=LOGGER)
     server = await serve()
     with pytest.raises(MllpError) as info:
-        await send_messages("127.0.0.1", server.port, [message("OK1"), message("BOOM"), message("OK2")], timeout=5)
+        await send_messages(
+            "127.0.0.1", server.port, [message("OK1"), message("BOOM"), message("OK2")], timeout=5
+        )
     assert "message 2" in info.value.message
     assert [msa(a) for a in info.value.acks] == [("AA", "OK1")]
     assert "mllp.handler_failed" in events(caplog)
@@ -315,7 +331,11 @@ async def test_send_messages_to_a_python_hl7_server(tmp_path: Path) -> None:
     server = await hl7.mllp.start_hl7_server(answer, "127.0.0.1", 0, limit=1024 * 1024)
     port = server.sockets[0].getsockname()[1]
     try:
-        data = b"FHS|^~\\&\r\n" + b"".join(message(f"S{i}").replace(b"\r", b"\r\n") for i in range(4)) + b"FTS|1\r\n"
+        data = (
+            b"FHS|^~\\&\r\n"
+            + b"".join(message(f"S{i}").replace(b"\r", b"\r\n") for i in range(4))
+            + b"FTS|1\r\n"
+        )
         messages = split_messages(data)
         assert len(messages) == 4
         acks = await send_messages("127.0.0.1", port, messages, timeout=5)

@@ -16,8 +16,9 @@ from hms_ach.store.models import OutboxCursor
 
 
 def _sink(name: str = "s", **kw: Any) -> SinkSettings:
-    return SinkSettings(name=name, type="test", from_beginning=True, retry_initial_seconds=0.01,
-                        retry_max_seconds=0.05, **kw)
+    return SinkSettings(
+        name=name, type="test", from_beginning=True, retry_initial_seconds=0.01, retry_max_seconds=0.05, **kw
+    )
 
 
 class FakeSink:
@@ -65,7 +66,9 @@ def test_one_lease_per_sink_and_a_dead_instance_is_taken_over_with_redelivery(st
     with store.writer.begin() as conn:
         assert outbox.take_lease(conn, sink, "b", 30)
         again = outbox.pending_rows(conn, "s")
-    assert [r.row_id for r in again if isinstance(r, Delivery)] == [r.row_id for r in rows if isinstance(r, Delivery)]
+    assert [r.row_id for r in again if isinstance(r, Delivery)] == [
+        r.row_id for r in rows if isinstance(r, Delivery)
+    ]
 
 
 def test_fan_out_follows_each_sinks_filter(store: Store) -> None:

@@ -54,7 +54,9 @@ def test_admit_is_acked_after_commit_and_stored(pipeline: Pipeline) -> None:
     assert row.status == "processed" and row.ack == out.ack and bytes(row.raw).startswith(b"MSH|")
     patients = _resources(pipeline, "Patient")
     assert [p["name"][0]["family"] for p in patients] == ["Rivera"]
-    beds = [loc for loc in _resources(pipeline, "Location") if loc["physicalType"]["coding"][0]["code"] == "bd"]
+    beds = [
+        loc for loc in _resources(pipeline, "Location") if loc["physicalType"]["coding"][0]["code"] == "bd"
+    ]
     assert beds and beds[0]["operationalStatus"]["code"] == "O"
     enc = _resources(pipeline, "Encounter")[0]
     assert enc["status"] == "in-progress" and enc["class"]["code"] == "IMP"
@@ -86,8 +88,12 @@ def test_content_error_gets_ae_with_err_and_is_stored_for_replay(pipeline: Pipel
 
 
 def test_reject_and_fallback_ack(pipeline: Pipeline) -> None:
-    for name, code in [("bad/unsupported_type.hl7", "200"), ("bad/unsupported_version.hl7", "203"),
-                       ("bad/missing_msh10.hl7", "101"), ("bad/missing_msh9.hl7", "101")]:
+    for name, code in [
+        ("bad/unsupported_type.hl7", "200"),
+        ("bad/unsupported_version.hl7", "203"),
+        ("bad/missing_msh10.hl7", "101"),
+        ("bad/missing_msh9.hl7", "101"),
+    ]:
         out = _send(pipeline, name)
         assert out.ack_code == "AR", name
         assert f"|{code}^" in out.ack, (name, out.ack)
@@ -133,8 +139,10 @@ def test_replay_after_fix(pipeline: Pipeline, tmp_path: Path) -> None:
 
 def test_concurrent_writers_never_duplicate_a_business_key(pipeline: Pipeline) -> None:
     """Several pipelines (as several engine instances would) write one patient at once."""
-    raws = [(SAMPLES / "adt_a08.hl7").read_bytes().replace(b"|P|2.5.1", f"X{i}|P|2.5.1".encode(), 1)
-            for i in range(8)]
+    raws = [
+        (SAMPLES / "adt_a08.hl7").read_bytes().replace(b"|P|2.5.1", f"X{i}|P|2.5.1".encode(), 1)
+        for i in range(8)
+    ]
     errors: list[BaseException] = []
     store = pipeline.writer.store
     writers = [StoreWriter(store, max_batch=1) for _ in range(4)]
@@ -164,11 +172,16 @@ def test_a_charge_after_a_transfer_does_not_move_the_patient_back(pipeline: Pipe
     for name in ("adt_a01.hl7", "adt_a02.hl7", "dft_p03.hl7"):
         out = _send(pipeline, name)
         assert out.ack_code == "AA", (name, out.ack)
-    beds = {b["id"]: b for b in _resources(pipeline, "Location") if b["physicalType"]["coding"][0]["code"] == "bd"}
+    beds = {
+        b["id"]: b for b in _resources(pipeline, "Location") if b["physicalType"]["coding"][0]["code"] == "bd"
+    }
     enc = _resources(pipeline, "Encounter")[0]
     current = [loc for loc in enc["location"] if loc.get("status") == "active"]
     assert len(current) == 1
     bed = beds[current[0]["location"]["reference"].split("/", 1)[1]]
     assert bed["identifier"][0]["value"] == "GENHOSP/4W/414/B"
     status = {b["identifier"][0]["value"]: b["operationalStatus"]["code"] for b in beds.values()}
-    assert status == {"GENHOSP/4W/412/A": "H", "GENHOSP/4W/414/B": "O"}  # old bed to housekeeping, new occupied
+    assert status == {
+        "GENHOSP/4W/412/A": "H",
+        "GENHOSP/4W/414/B": "O",
+    }  # old bed to housekeeping, new occupied

@@ -20,10 +20,14 @@ async def _broker() -> aio_pika.abc.AbstractConnection:
     try:
         return await aio_pika.connect(URL, timeout=5)
     except Exception as exc:  # noqa: BLE001
-        pytest.fail(f"RabbitMQ is not running on 127.0.0.1:5672 (start it with `rabbitmq-server -detached`): {exc}")
+        pytest.fail(
+            f"RabbitMQ is not running on 127.0.0.1:5672 (start it with `rabbitmq-server -detached`): {exc}"
+        )
 
 
-async def test_topic_exchange_queue_gets_admission_bed_and_discharge_once(tmp_path: Path, store: Store) -> None:
+async def test_topic_exchange_queue_gets_admission_bed_and_discharge_once(
+    tmp_path: Path, store: Store
+) -> None:
     exchange_name = f"hms_ach.test.{uuid.uuid4().hex[:8]}"
     connection = await _broker()
     received: list[dict[str, object]] = []
@@ -41,12 +45,17 @@ async def test_topic_exchange_queue_gets_admission_bed_and_discharge_once(tmp_pa
                 keys.append(message.routing_key or "")
 
         await queue.consume(on_message)
-        engine = make_engine(tmp_path, store.url,
-                             f"  - name: bus\n    type: rabbitmq\n    url: {URL}\n    exchange: {exchange_name}\n"
-                             "    retry_initial_seconds: 0.05\n")
+        engine = make_engine(
+            tmp_path,
+            store.url,
+            f"  - name: bus\n    type: rabbitmq\n    url: {URL}\n    exchange: {exchange_name}\n"
+            "    retry_initial_seconds: 0.05\n",
+        )
         await engine.start()
         try:
-            codes = await send_mllp(engine.channels["adt_in"].port, ["adt_a01.hl7", "adt_a03.hl7", "mfn_m02.hl7"])
+            codes = await send_mllp(
+                engine.channels["adt_in"].port, ["adt_a01.hl7", "adt_a03.hl7", "mfn_m02.hl7"]
+            )
             assert codes == ["AA", "AA", "AA"]
             await wait_for(lambda: "encounter.discharged" in keys)
             await asyncio.sleep(0.5)

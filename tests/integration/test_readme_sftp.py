@@ -21,7 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _demo_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("sftp_demo_server", ROOT / "scripts" / "sftp_demo_server.py")
+    spec = importlib.util.spec_from_file_location(
+        "sftp_demo_server", ROOT / "scripts" / "sftp_demo_server.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -35,24 +37,38 @@ async def test_readme_sftp_walkthrough(tmp_path: Path, store: Store, monkeypatch
     try:
         monkeypatch.chdir(tmp_path)  # the channels' work_dir is relative, as for a user
         for name, value in {
-            "HMS_ACH_SFTP_ENABLED": "true", "HMS_ACH_SFTP_HOST": "127.0.0.1", "HMS_ACH_SFTP_PORT": str(port),
-            "HMS_ACH_SFTP_USER": demo.USER, "HMS_ACH_SFTP_PASSWORD_FILE": str(root / "password"),
-            "HMS_ACH_SFTP_KNOWN_HOSTS": str(root / "known_hosts"), "HMS_ACH_DATABASE_URL": store.url,
+            "HMS_ACH_SFTP_ENABLED": "true",
+            "HMS_ACH_SFTP_HOST": "127.0.0.1",
+            "HMS_ACH_SFTP_PORT": str(port),
+            "HMS_ACH_SFTP_USER": demo.USER,
+            "HMS_ACH_SFTP_PASSWORD_FILE": str(root / "password"),
+            "HMS_ACH_SFTP_KNOWN_HOSTS": str(root / "known_hosts"),
+            "HMS_ACH_DATABASE_URL": store.url,
         }.items():
             monkeypatch.setenv(name, value)
         config = str(ROOT / "channels.yaml")
-        for job, rows in (("poll:staff_roster_sftp", "4/4"), ("poll:shifts_sftp", "4/4"),
-                          ("poll:timecards_sftp", "3/3")):
-            result = await asyncio.to_thread(CliRunner().invoke, cli_app, ["jobs", "run", job, "--config", config])
+        for job, rows in (
+            ("poll:staff_roster_sftp", "4/4"),
+            ("poll:shifts_sftp", "4/4"),
+            ("poll:timecards_sftp", "3/3"),
+        ):
+            result = await asyncio.to_thread(
+                CliRunner().invoke, cli_app, ["jobs", "run", job, "--config", config]
+            )
             assert result.exit_code == 0, result.output
             assert f"processed ({rows} rows)" in result.output
     finally:
         server.close()
         await server.wait_closed()
     assert sorted(p.name for p in (root / "processed").iterdir()) == [
-        "shifts.csv", "staff_roster.csv", "timecards.csv"]
+        "shifts.csv",
+        "staff_roster.csv",
+        "timecards.csv",
+    ]
     assert list((root / "inbox").iterdir()) == []
     with store.reader.connect() as conn:
-        counts = [conn.execute(select(func.count()).select_from(t.__table__)).scalar_one()  # type: ignore[attr-defined]
-                  for t in (Practitioner, Shift, Timecard)]
+        counts = [
+            conn.execute(select(func.count()).select_from(t.__table__)).scalar_one()  # type: ignore[attr-defined]
+            for t in (Practitioner, Shift, Timecard)
+        ]
     assert counts == [4, 4, 3]

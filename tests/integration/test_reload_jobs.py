@@ -14,9 +14,11 @@ BASE = "engine:\n  mappings: mappings\n  watch: false\nhttp:\n  enabled: false\n
 
 
 def _sftp(name: str, interval: int, tmp_path: Path) -> str:
-    return (f"  - name: {name}\n    type: sftp_csv\n    host: 127.0.0.1\n    port: 2222\n    username: feed\n"
-            f"    password: pw\n    accept_any_host_key: true\n    dataset: staff_roster\n"
-            f"    poll_interval_seconds: {interval}\n    work_dir: {tmp_path / 'work'}\n")
+    return (
+        f"  - name: {name}\n    type: sftp_csv\n    host: 127.0.0.1\n    port: 2222\n    username: feed\n"
+        f"    password: pw\n    accept_any_host_key: true\n    dataset: staff_roster\n"
+        f"    poll_interval_seconds: {interval}\n    work_dir: {tmp_path / 'work'}\n"
+    )
 
 
 def _triggers(eng: Engine) -> dict[str, str]:
@@ -35,8 +37,12 @@ def _polled(eng: Engine, channel: str) -> object:
 async def test_reload_rebuilds_the_jobs(tmp_path: Path, store: Store) -> None:
     shutil.copytree(ROOT / "mappings", tmp_path / "mappings")
     config = tmp_path / "channels.yaml"
-    config.write_text(BASE + "channels:\n" + _sftp("roster_in", 300, tmp_path)
-                      + "jobs:\n  credential_expiry:\n    cron: '0 2 * * *'\n")
+    config.write_text(
+        BASE
+        + "channels:\n"
+        + _sftp("roster_in", 300, tmp_path)
+        + "jobs:\n  credential_expiry:\n    cron: '0 2 * * *'\n"
+    )
     eng = Engine(load_config(config), database=store.url)
     await eng.start()
     try:
@@ -48,9 +54,14 @@ async def test_reload_rebuilds_the_jobs(tmp_path: Path, store: Store) -> None:
         housekeeping_next = eng.scheduler.aps.get_job("housekeeping").next_run_time
 
         # a new channel, a changed poll interval, a new cron, and a job switched off
-        config.write_text(BASE + "channels:\n" + _sftp("roster_in", 120, tmp_path) + _sftp("shifts_in", 600, tmp_path)
-                          + "jobs:\n  credential_expiry:\n    cron: '15 4 * * *'\n"
-                          + "  claim_creation:\n    enabled: false\n")
+        config.write_text(
+            BASE
+            + "channels:\n"
+            + _sftp("roster_in", 120, tmp_path)
+            + _sftp("shifts_in", 600, tmp_path)
+            + "jobs:\n  credential_expiry:\n    cron: '15 4 * * *'\n"
+            + "  claim_creation:\n    enabled: false\n"
+        )
         assert await eng.reload_config()
         after = _triggers(eng)
         assert after["poll:roster_in"] == "interval[0:02:00]"
@@ -69,6 +80,11 @@ async def test_reload_rebuilds_the_jobs(tmp_path: Path, store: Store) -> None:
         assert eng.scheduler is None and eng.channels == {}
         config.write_text(BASE + "channels:\n" + _sftp("shifts_in", 600, tmp_path))
         assert await eng.reload_config()
-        assert set(_triggers(eng)) == {"poll:shifts_in", "credential_expiry", "housekeeping", "claim_creation"}
+        assert set(_triggers(eng)) == {
+            "poll:shifts_in",
+            "credential_expiry",
+            "housekeeping",
+            "claim_creation",
+        }
     finally:
         await eng.stop()

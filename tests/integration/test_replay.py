@@ -47,7 +47,8 @@ def workdir(tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch) -> Pa
     (tmp_path / "channels.yaml").write_text(
         "engine:\n  mappings: mappings\n  watch: false\n"
         "http:\n  host: 127.0.0.1\n  port: 0\n"
-        "channels:\n  - name: fhir_in\n    type: fhir_rest\n    max_body_bytes: 65536\n")
+        "channels:\n  - name: fhir_in\n    type: fhir_rest\n    max_body_bytes: 65536\n"
+    )
     monkeypatch.setenv("HMS_ACH_DATABASE_URL", store.url)
     return tmp_path
 
@@ -78,11 +79,17 @@ def snapshot(store: Store) -> tuple[Any, ...]:
 
 
 def _patient(mrn: str, family: str) -> dict[str, Any]:
-    return {"resourceType": "Patient", "identifier": [{"system": MRN, "value": mrn}],
-            "name": [{"family": family, "given": ["Ada"]}], "gender": "female"}
+    return {
+        "resourceType": "Patient",
+        "identifier": [{"system": MRN, "value": mrn}],
+        "name": [{"family": family, "given": ["Ada"]}],
+        "gender": "female",
+    }
 
 
-async def test_fhir_writes_refused_by_a_wrong_mapping_replay_after_the_fix(workdir: Path, store: Store) -> None:
+async def test_fhir_writes_refused_by_a_wrong_mapping_replay_after_the_fix(
+    workdir: Path, store: Store
+) -> None:
     mapping = workdir / "mappings" / "resources" / "patient_fhir.yaml"
     good = mapping.read_text()
     assert BROKEN_RULE in good
@@ -92,13 +99,25 @@ async def test_fhir_writes_refused_by_a_wrong_mapping_replay_after_the_fix(workd
     await eng.start()
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{eng.http_port}/fhir", timeout=30) as http:
-            created = await http.post("/Patient", json=_patient("M-1", "Lovelace"),
-                                      headers={**FHIR_JSON, "If-None-Exist": f"identifier={MRN}|M-1"})
-            updated = await http.put(f"/Patient?identifier={MRN}|M-2", json=_patient("M-2", "Byron"),
-                                     headers=FHIR_JSON)
-            bundle = {"resourceType": "Bundle", "type": "transaction", "entry": [
-                {"fullUrl": "urn:uuid:p3", "resource": _patient("M-3", "King"),
-                 "request": {"method": "POST", "url": "Patient"}}]}
+            created = await http.post(
+                "/Patient",
+                json=_patient("M-1", "Lovelace"),
+                headers={**FHIR_JSON, "If-None-Exist": f"identifier={MRN}|M-1"},
+            )
+            updated = await http.put(
+                f"/Patient?identifier={MRN}|M-2", json=_patient("M-2", "Byron"), headers=FHIR_JSON
+            )
+            bundle = {
+                "resourceType": "Bundle",
+                "type": "transaction",
+                "entry": [
+                    {
+                        "fullUrl": "urn:uuid:p3",
+                        "resource": _patient("M-3", "King"),
+                        "request": {"method": "POST", "url": "Patient"},
+                    }
+                ],
+            }
             in_bundle = await http.post("", json=bundle, headers=FHIR_JSON)
     finally:
         await eng.stop()
@@ -134,8 +153,12 @@ async def test_fhir_writes_refused_by_a_wrong_mapping_replay_after_the_fix(workd
 
 def employees(store: Store) -> dict[str, dict[str, Any]]:
     """Practitioners by employee number."""
-    return {i["value"]: p for p in records(store, "Practitioner") for i in p.get("identifier", [])
-            if i.get("system") == STAFF}
+    return {
+        i["value"]: p
+        for p in records(store, "Practitioner")
+        for i in p.get("identifier", [])
+        if i.get("system") == STAFF
+    }
 
 
 async def _poll_roster(workdir: Path, store: Store, host_key: asyncssh.SSHKey, text: str) -> None:
@@ -148,11 +171,24 @@ async def _poll_roster(workdir: Path, store: Store, host_key: asyncssh.SSHKey, t
         path.write_text(text)
         then = time.time() - 60
         os.utime(path, (then, then))
-        channel = SftpCsvChannel(SftpCsvConfig.model_validate(dict(
-            name="roster_in", type="sftp_csv", host="127.0.0.1", port=server.port, username=USER,
-            password=PASSWORD, known_hosts=str(server.known_hosts(workdir / "known_hosts")),
-            dataset="staff_roster", min_file_age_seconds=0, stable_seconds=0, work_dir=str(workdir / "work"))),
-            Pipeline(writer, MappingEngine(load_mappings(workdir / "mappings"))))
+        channel = SftpCsvChannel(
+            SftpCsvConfig.model_validate(
+                dict(
+                    name="roster_in",
+                    type="sftp_csv",
+                    host="127.0.0.1",
+                    port=server.port,
+                    username=USER,
+                    password=PASSWORD,
+                    known_hosts=str(server.known_hosts(workdir / "known_hosts")),
+                    dataset="staff_roster",
+                    min_file_age_seconds=0,
+                    stable_seconds=0,
+                    work_dir=str(workdir / "work"),
+                )
+            ),
+            Pipeline(writer, MappingEngine(load_mappings(workdir / "mappings"))),
+        )
         out = await channel.poll()
         assert [f.status for f in out.files] == ["error"], out.summary()
     finally:
@@ -164,8 +200,12 @@ async def test_bad_csv_row_replays_after_the_code_table_is_fixed(workdir: Path, 
     lines = (ROOT / "samples" / "csv" / "staff_roster.csv").read_text().splitlines()
     bad = lines[1].split(",")
     bad[0], bad[4] = "E1999", "N"  # a gender code the table does not know yet
-    await _poll_roster(workdir, store, asyncssh.generate_private_key("ssh-ed25519"),
-                       "\n".join([lines[0], lines[2], ",".join(bad)]) + "\n")
+    await _poll_roster(
+        workdir,
+        store,
+        asyncssh.generate_private_key("ssh-ed25519"),
+        "\n".join([lines[0], lines[2], ",".join(bad)]) + "\n",
+    )
     rows = message_rows(store)
     row = next(m for m in rows if m.status == "error" and "|" in (m.idempotency_key or ""))
     file_row = next(m for m in rows if m.control_id == "roster.csv")

@@ -37,9 +37,17 @@ def pipeline(store: Store) -> Iterator[Pipeline]:
 
 
 def _staff(p: Pipeline, employee: str, expires: date) -> None:
-    row = {"employee_id": employee, "npi": "", "family_name": "Test", "given_name": employee,
-           "license_number": f"LIC-{employee}", "license_type": "SL", "license_state": "OH",
-           "license_expires": expires.isoformat(), "active": "Y"}
+    row = {
+        "employee_id": employee,
+        "npi": "",
+        "family_name": "Test",
+        "given_name": employee,
+        "license_number": f"LIC-{employee}",
+        "license_type": "SL",
+        "license_state": "OH",
+        "license_expires": expires.isoformat(),
+        "active": "Y",
+    }
     result = p.engine.map_input("csv", "staff_roster", CsvRecord(row, 2, "t.csv", list(row)))
     p.writer.run_sync(lambda conn: Repository(conn).apply(result, None))
 
@@ -118,8 +126,9 @@ async def test_interval_job_runs_on_schedule_without_overlap(pipeline: Pipeline)
         count += 1
         return "ok"
 
-    settings = JobsSettings.model_validate({"credential_expiry": {"enabled": False},
-                                            "housekeeping": {"enabled": False}})
+    settings = JobsSettings.model_validate(
+        {"credential_expiry": {"enabled": False}, "housekeeping": {"enabled": False}}
+    )
     jobs = build_jobs(settings, pipeline.writer, {}) + [JobDef("slow", trigger_for(None, 0.1, "UTC"), slow)]
     sched = Scheduler(pipeline.writer.store, pipeline.writer, jobs, settings)
     assert await sched.start()

@@ -16,14 +16,38 @@ from hms_ach.store.repository import Repository
 
 
 def _fill(store: Store) -> dict[str, str]:
-    records = [RecordWrite(f"p{i}", "Practitioner", "urn:npi", f"N{i}",
-                           {"name": [{"family": f"Fam{i % 7}son", "given": ["A"]}]}) for i in range(40)]
-    records += [RecordWrite("pat", "Patient", "urn:mrn", "M1", {"name": [{"family": "Osei"}]}),
-                RecordWrite("bed", "Location", "urn:bed", "B1", {"name": "4W-1"})]
-    records += [RecordWrite(f"e{i}", "Encounter", "urn:visit", f"V{i}", {
-        "status": "in-progress", "subject": {"reference": "@pat"},
-        "period": {"start": f"2026-0{1 + i % 9}-01T10:00:00Z", "end": f"2026-0{1 + i % 9}-01T12:00:00Z"},
-        "location": [{"location": {"reference": "@bed"}}]}) for i in range(12)]
+    records = [
+        RecordWrite(
+            f"p{i}",
+            "Practitioner",
+            "urn:npi",
+            f"N{i}",
+            {"name": [{"family": f"Fam{i % 7}son", "given": ["A"]}]},
+        )
+        for i in range(40)
+    ]
+    records += [
+        RecordWrite("pat", "Patient", "urn:mrn", "M1", {"name": [{"family": "Osei"}]}),
+        RecordWrite("bed", "Location", "urn:bed", "B1", {"name": "4W-1"}),
+    ]
+    records += [
+        RecordWrite(
+            f"e{i}",
+            "Encounter",
+            "urn:visit",
+            f"V{i}",
+            {
+                "status": "in-progress",
+                "subject": {"reference": "@pat"},
+                "period": {
+                    "start": f"2026-0{1 + i % 9}-01T10:00:00Z",
+                    "end": f"2026-0{1 + i % 9}-01T12:00:00Z",
+                },
+                "location": [{"location": {"reference": "@bed"}}],
+            },
+        )
+        for i in range(12)
+    ]
     with store.writer.begin() as conn:
         out = Repository(conn).apply(MappingResult(records=records))
     return {o.resource_type: o.id for o in out}
@@ -76,8 +100,11 @@ def test_family_prefix_search_uses_the_string_index(store: Store) -> None:
 
 def test_encounter_patient_and_date_search_uses_indexes(store: Store) -> None:
     ids = _fill(store)
-    params = [("patient", f"Patient/{ids['Patient']}"), ("date", "ge2026-05-01"),
-              ("_include", "Encounter:location")]
+    params = [
+        ("patient", f"Patient/{ids['Patient']}"),
+        ("date", "ge2026-05-01"),
+        ("_include", "Encounter:location"),
+    ]
     plan = _plans(store, "Encounter", params)
     _assert_indexed(plan, ["search_reference", "search_date", "encounter", "location"], store.dialect)
     if store.dialect == "sqlite":  # the date is checked per candidate encounter, through its owner index
@@ -107,7 +134,10 @@ def test_the_total_of_index_only_criteria_is_counted_from_the_index(store: Store
     assert page.total == 6 and len(page.matches) == 2
     assert len(seen) == 1 and "from practitioner" not in seen[0] and "search_string" in seen[0], seen
     with store.reader.connect() as conn:  # a criterion on a record column still counts through the table
-        page = search.execute(conn, search.parse_query("Practitioner", [("family", "fam3"),
-                                                                        ("_lastUpdated", "ge2000-01-01"),
-                                                                        ("_count", "2")]))
+        page = search.execute(
+            conn,
+            search.parse_query(
+                "Practitioner", [("family", "fam3"), ("_lastUpdated", "ge2000-01-01"), ("_count", "2")]
+            ),
+        )
     assert page.total == 6

@@ -53,9 +53,18 @@ async def server(tmp_path: Path, host_key: asyncssh.SSHKey) -> AsyncIterator[Sft
 
 def _channel(server: SftpServer, pipeline: Pipeline, tmp_path: Path, **over: Any) -> SftpCsvChannel:
     settings: dict[str, Any] = dict(
-        name="roster_in", type="sftp_csv", host="127.0.0.1", port=server.port, username=USER, password=PASSWORD,
-        known_hosts=str(server.known_hosts(tmp_path / "known_hosts")), dataset="staff_roster",
-        min_file_age_seconds=0, stable_seconds=0, work_dir=str(tmp_path / "work"))
+        name="roster_in",
+        type="sftp_csv",
+        host="127.0.0.1",
+        port=server.port,
+        username=USER,
+        password=PASSWORD,
+        known_hosts=str(server.known_hosts(tmp_path / "known_hosts")),
+        dataset="staff_roster",
+        min_file_age_seconds=0,
+        stable_seconds=0,
+        work_dir=str(tmp_path / "work"),
+    )
     settings.update(over)
     return SftpCsvChannel(SftpCsvConfig.model_validate(settings), pipeline)
 
@@ -91,10 +100,24 @@ async def test_three_samples_lifecycle(server: SftpServer, pipeline: Pipeline, t
     (server.root / "inbox2").mkdir()
     for name in ("shifts.csv", "timecards.csv"):
         (server.root / "inbox2" / name).write_bytes((SAMPLES / name).read_bytes())
-    shifts = _channel(server, pipeline, tmp_path, name="shifts_in", dataset="shifts", remote_dir="inbox2",
-                      glob="shifts*.csv")
-    cards = _channel(server, pipeline, tmp_path, name="cards_in", dataset="timecards", remote_dir="inbox2",
-                     glob="timecards*.csv")
+    shifts = _channel(
+        server,
+        pipeline,
+        tmp_path,
+        name="shifts_in",
+        dataset="shifts",
+        remote_dir="inbox2",
+        glob="shifts*.csv",
+    )
+    cards = _channel(
+        server,
+        pipeline,
+        tmp_path,
+        name="cards_in",
+        dataset="timecards",
+        remote_dir="inbox2",
+        glob="timecards*.csv",
+    )
     assert (await shifts.poll()).files[0].status == "processed"
     assert (await cards.poll()).files[0].status == "processed"
     by_id = {s["identifier"][0]["value"]: s for s in _records(pipeline, "Shift")}
@@ -107,12 +130,24 @@ async def test_three_samples_lifecycle(server: SftpServer, pipeline: Pipeline, t
     assert len(file_rows) == 3 and all(m.content_type == "csv" for m in file_rows)
 
 
-async def test_bad_rows_go_to_err_csv_and_good_rows_are_stored(server: SftpServer, pipeline: Pipeline,
-                                                               tmp_path: Path) -> None:
+async def test_bad_rows_go_to_err_csv_and_good_rows_are_stored(
+    server: SftpServer, pipeline: Pipeline, tmp_path: Path
+) -> None:
     text = (SAMPLES / "staff_roster.csv").read_text()
     lines = text.splitlines()
-    bad = "\n".join([lines[0], lines[1], "E2001,1234567890,Ng,Al,M,1980-01-01,MD,ED,,,,,,,Y", lines[2],
-                     "E2002,,Short,Row", lines[3]]) + "\n"
+    bad = (
+        "\n".join(
+            [
+                lines[0],
+                lines[1],
+                "E2001,1234567890,Ng,Al,M,1980-01-01,MD,ED,,,,,,,Y",
+                lines[2],
+                "E2002,,Short,Row",
+                lines[3],
+            ]
+        )
+        + "\n"
+    )
     _put(server, "roster_bad.csv", bad.encode())
     channel = _channel(server, pipeline, tmp_path)
     out = await channel.poll()
@@ -128,14 +163,18 @@ async def test_bad_rows_go_to_err_csv_and_good_rows_are_stored(server: SftpServe
     # the row error is replayable: fix the mapping input (here: the stored raw row) and replay
     row = stored[0]
     with pipeline.writer.store.writer.begin() as conn:
-        conn.execute(messages.T.update().where(messages.T.c.id == row.id)
-                     .values(raw=bytes(row.raw).replace(b",1234567890,", b",,")))
+        conn.execute(
+            messages.T.update()
+            .where(messages.T.c.id == row.id)
+            .values(raw=bytes(row.raw).replace(b",1234567890,", b",,"))
+        )
     assert await asyncio.to_thread(replay_row, pipeline, row.id) == "processed"
     assert len(_records(pipeline, "Practitioner")) == 4
 
 
-async def test_crash_between_commit_and_move_doubles_nothing(server: SftpServer, pipeline: Pipeline,
-                                                             tmp_path: Path) -> None:
+async def test_crash_between_commit_and_move_doubles_nothing(
+    server: SftpServer, pipeline: Pipeline, tmp_path: Path
+) -> None:
     _put(server, "staff_roster.csv", (SAMPLES / "staff_roster.csv").read_bytes())
     channel = _channel(server, pipeline, tmp_path)
 
@@ -157,8 +196,9 @@ async def test_crash_between_commit_and_move_doubles_nothing(server: SftpServer,
     assert list(work for work in (tmp_path / "work").rglob("*") if work.is_file()) == []
 
 
-async def test_growing_young_and_hidden_files_are_left(server: SftpServer, pipeline: Pipeline,
-                                                       tmp_path: Path) -> None:
+async def test_growing_young_and_hidden_files_are_left(
+    server: SftpServer, pipeline: Pipeline, tmp_path: Path
+) -> None:
     growing = _put(server, "staff_roster.csv", (SAMPLES / "staff_roster.csv").read_bytes())
     _put(server, "young.csv", (SAMPLES / "staff_roster.csv").read_bytes(), age=0)
     _put(server, ".upload.csv", b"x")
@@ -174,36 +214,63 @@ async def test_growing_young_and_hidden_files_are_left(server: SftpServer, pipel
     assert _records(pipeline, "Practitioner") == []
 
 
-async def test_empty_bom_latin1_and_embedded_newlines(server: SftpServer, pipeline: Pipeline,
-                                                      tmp_path: Path) -> None:
+async def test_empty_bom_latin1_and_embedded_newlines(
+    server: SftpServer, pipeline: Pipeline, tmp_path: Path
+) -> None:
     header = (SAMPLES / "staff_roster.csv").read_text().splitlines()[0]
     _put(server, "a_empty.csv", b"")
-    _put(server, "b_bom.csv", ("\ufeff" + header + "\nE3001,,Bom,Ann,F,1980-01-01,RN,4W,,,,,,,Y\n").encode("utf-8"))
-    _put(server, "c_quoted.csv", (header + '\nE3002,,"Multi\nLine",Bo,M,1980-01-01,RN,4W,,,,,,,Y\n'
-                                  "E3003,,Ok,Cy,M,1980-01-01,RN,4W,,,,,,,Y\n").encode())
+    _put(
+        server,
+        "b_bom.csv",
+        ("\ufeff" + header + "\nE3001,,Bom,Ann,F,1980-01-01,RN,4W,,,,,,,Y\n").encode("utf-8"),
+    )
+    _put(
+        server,
+        "c_quoted.csv",
+        (
+            header + '\nE3002,,"Multi\nLine",Bo,M,1980-01-01,RN,4W,,,,,,,Y\n'
+            "E3003,,Ok,Cy,M,1980-01-01,RN,4W,,,,,,,Y\n"
+        ).encode(),
+    )
     out = await _channel(server, pipeline, tmp_path).poll()
     assert [(f.name, f.status, f.stored) for f in out.files] == [
-        ("a_empty.csv", "processed", 0), ("b_bom.csv", "processed", 1), ("c_quoted.csv", "processed", 2)]
+        ("a_empty.csv", "processed", 0),
+        ("b_bom.csv", "processed", 1),
+        ("c_quoted.csv", "processed", 2),
+    ]
     names = {p["name"][0]["family"] for p in _records(pipeline, "Practitioner")}
     assert names == {"Bom", "Multi\nLine", "Ok"}
 
-    _put(server, "d_latin1.csv", (header + "\nE3004,,Müller,Jürgen,M,1980-01-01,RN,4W,,,,,,,Y\n").encode("latin-1"))
+    _put(
+        server,
+        "d_latin1.csv",
+        (header + "\nE3004,,Müller,Jürgen,M,1980-01-01,RN,4W,,,,,,,Y\n").encode("latin-1"),
+    )
     out = await _channel(server, pipeline, tmp_path, name="latin", encoding="latin-1").poll()
     assert out.files[0].status == "processed"
     assert "Müller" in {p["name"][0]["family"] for p in _records(pipeline, "Practitioner")}
 
 
-async def test_latin1_file_read_as_utf8_is_an_error_not_a_crash(server: SftpServer, pipeline: Pipeline,
-                                                                tmp_path: Path) -> None:
+async def test_latin1_file_read_as_utf8_is_an_error_not_a_crash(
+    server: SftpServer, pipeline: Pipeline, tmp_path: Path
+) -> None:
     header = (SAMPLES / "staff_roster.csv").read_text().splitlines()[0]
-    _put(server, "latin.csv", (header + "\nE3005,,Ok,Al,M,1980-01-01,RN,4W,,,,,,,Y\n"
-                               "E3004,,Müller,Jürgen,M,1980-01-01,RN,4W,,,,,,,Y\n").encode("latin-1"))
+    _put(
+        server,
+        "latin.csv",
+        (
+            header + "\nE3005,,Ok,Al,M,1980-01-01,RN,4W,,,,,,,Y\n"
+            "E3004,,Müller,Jürgen,M,1980-01-01,RN,4W,,,,,,,Y\n"
+        ).encode("latin-1"),
+    )
     out = await _channel(server, pipeline, tmp_path).poll()
     assert out.files[0].status == "error"
     assert "not valid utf-8" in (server.root / "error" / "latin.csv.err.csv").read_text()
 
 
-async def test_hostile_names_and_symlinks(tmp_path: Path, host_key: asyncssh.SSHKey, pipeline: Pipeline) -> None:
+async def test_hostile_names_and_symlinks(
+    tmp_path: Path, host_key: asyncssh.SSHKey, pipeline: Pipeline
+) -> None:
     root = tmp_path / "sftp_root"
     (root / "inbox").mkdir(parents=True)
     outside = tmp_path / "secret.csv"
@@ -221,14 +288,20 @@ async def test_hostile_names_and_symlinks(tmp_path: Path, host_key: asyncssh.SSH
         await srv.close()
     assert out.files == [] and len(out.skipped) == 4 and again.files == []
     errors = [m for m in _messages(pipeline) if m.status == "error"]
-    assert sorted(m.control_id for m in errors) == ["name", "name", "name", "symlink"]  # once each, not per poll
+    assert sorted(m.control_id for m in errors) == [
+        "name",
+        "name",
+        "name",
+        "symlink",
+    ]  # once each, not per poll
     assert outside.read_text() == "employee_id\nE9\n"
     assert [p.name for p in (tmp_path / "work").rglob("*") if p.is_file()] == []
     assert not (tmp_path / "etc").exists()
 
 
 async def test_changed_host_key_and_wrong_password_are_stored_redacted(
-        server: SftpServer, pipeline: Pipeline, tmp_path: Path) -> None:
+    server: SftpServer, pipeline: Pipeline, tmp_path: Path
+) -> None:
     _put(server, "staff_roster.csv", (SAMPLES / "staff_roster.csv").read_bytes())
     other = asyncssh.generate_private_key("ssh-ed25519")
     channel = _channel(server, pipeline, tmp_path)
@@ -248,16 +321,26 @@ async def test_changed_host_key_and_wrong_password_are_stored_redacted(
 
 def test_config_refuses_unpinned_host_keys() -> None:
     with pytest.raises(ValueError, match="known_hosts is required"):
-        SftpCsvConfig.model_validate(dict(name="x", type="sftp_csv", host="h", username="u", password="p",
-                                          dataset="staff_roster"))
-    cfg = SftpCsvConfig.model_validate(dict(name="x", type="sftp_csv", host="h", username="u",
-                                            password="hunter2-xyz", dataset="staff_roster",
-                                            accept_any_host_key=True))
+        SftpCsvConfig.model_validate(
+            dict(name="x", type="sftp_csv", host="h", username="u", password="p", dataset="staff_roster")
+        )
+    cfg = SftpCsvConfig.model_validate(
+        dict(
+            name="x",
+            type="sftp_csv",
+            host="h",
+            username="u",
+            password="hunter2-xyz",
+            dataset="staff_roster",
+            accept_any_host_key=True,
+        )
+    )
     assert "hunter2-xyz" not in repr(cfg) and "hunter2-xyz" not in cfg.model_dump_json()
 
 
-async def test_delete_after_processing_and_streamed_download(server: SftpServer, pipeline: Pipeline,
-                                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_delete_after_processing_and_streamed_download(
+    server: SftpServer, pipeline: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import hms_ach.inbound.sftp_csv as mod
 
     monkeypatch.setattr(mod, "CHUNK_BYTES", 64)  # many reads: the download is streamed, never read whole
@@ -293,13 +376,21 @@ async def _poll_measured(channel: SftpCsvChannel) -> tuple[Any, float, int]:
     return out, seconds, peak
 
 
-@pytest.mark.parametrize("size", [
-    64 << 20,
-    pytest.param(2 << 30, marks=pytest.mark.skipif(
-        not os.environ.get("HMS_ACH_TEST_2GB"), reason="set HMS_ACH_TEST_2GB=1: about 95 s on 2 cores")),
-])
-async def test_a_huge_line_is_streamed_and_stored_as_an_error(server: SftpServer, pipeline: Pipeline,
-                                                             tmp_path: Path, size: int) -> None:
+@pytest.mark.parametrize(
+    "size",
+    [
+        64 << 20,
+        pytest.param(
+            2 << 30,
+            marks=pytest.mark.skipif(
+                not os.environ.get("HMS_ACH_TEST_2GB"), reason="set HMS_ACH_TEST_2GB=1: about 95 s on 2 cores"
+            ),
+        ),
+    ],
+)
+async def test_a_huge_line_is_streamed_and_stored_as_an_error(
+    server: SftpServer, pipeline: Pipeline, tmp_path: Path, size: int
+) -> None:
     """A file (sparse on the server's side) whose second row never ends.
 
     What is tested: the file is downloaded in chunks and hashed, then read with at most
@@ -318,7 +409,9 @@ async def test_a_huge_line_is_streamed_and_stored_as_an_error(server: SftpServer
     out, seconds, peak = await _poll_measured(_channel(server, pipeline, tmp_path))
     assert [f.status for f in out.files] == ["error"], out.summary()
     assert out.files[0].stored == 1 and out.files[0].errors[0][0] == 3
-    assert peak < min(size // 4, 64 << 20), f"peak Python allocations {peak >> 20} MiB for a {size >> 20} MiB file"
+    assert peak < min(size // 4, 64 << 20), (
+        f"peak Python allocations {peak >> 20} MiB for a {size >> 20} MiB file"
+    )
     stored = [m for m in _messages(pipeline) if m.status == "error" and "|" in (m.idempotency_key or "")]
     assert [m.error_location for m in stored] == ["huge.csv line 3"]
     assert "longer than max_record_chars 1000000" in stored[0].error
@@ -326,11 +419,14 @@ async def test_a_huge_line_is_streamed_and_stored_as_an_error(server: SftpServer
     # the stored error holds no row to run again, and replay says so instead of mapping an empty row
     with pytest.raises(ValueError, match="holds no row: huge.csv line 3"):
         await asyncio.to_thread(replay_row, pipeline, stored[0].id)
-    print(f"{size >> 20} MiB file: poll took {seconds:.1f} s, peak traced allocations {peak / (1 << 20):.1f} MiB")
+    print(
+        f"{size >> 20} MiB file: poll took {seconds:.1f} s, peak traced allocations {peak / (1 << 20):.1f} MiB"
+    )
 
 
-async def test_a_2_gb_file_over_max_file_bytes_is_not_downloaded(server: SftpServer, pipeline: Pipeline,
-                                                                 tmp_path: Path) -> None:
+async def test_a_2_gb_file_over_max_file_bytes_is_not_downloaded(
+    server: SftpServer, pipeline: Pipeline, tmp_path: Path
+) -> None:
     """A real 2 GiB file (sparse) over ``max_file_bytes`` is refused from its listed size: stored as an error
     naming it, left in the inbox, and never downloaded (the work directory stays empty)."""
     _sparse(server.root / "inbox" / "huge.csv", 2 << 30, b"employee_id\n")

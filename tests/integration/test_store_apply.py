@@ -33,8 +33,17 @@ NPI = "http://hl7.org/fhir/sid/us-npi"
 
 # Required value-set bindings that fhir.resources does not enforce (see GUIDE.md section 4).
 CODES = {
-    ("Encounter", "status"): {"planned", "arrived", "triaged", "in-progress", "onleave", "finished",
-                              "cancelled", "entered-in-error", "unknown"},
+    ("Encounter", "status"): {
+        "planned",
+        "arrived",
+        "triaged",
+        "in-progress",
+        "onleave",
+        "finished",
+        "cancelled",
+        "entered-in-error",
+        "unknown",
+    },
     ("Location", "status"): {"active", "suspended", "inactive"},
     ("Location", "mode"): {"instance", "kind"},
     ("Patient", "gender"): {"male", "female", "other", "unknown"},
@@ -186,8 +195,10 @@ def test_cancel_transfer_undoes_the_transfer(steps: Steps) -> None:
     assert (steps.bed_status("GENHOSP/4W/412/A"), steps.bed_status("GENHOSP/4W/414/B")) == ("O", "U")
     enc = steps.get("Encounter", VISIT, "V5001")
     assert enc["status"] == "in-progress"
-    assert enc["location"][0] == {"location": {"reference": steps.ref("Location", LOC, "GENHOSP/4W/412/A")},
-                                  "status": "active"}
+    assert enc["location"][0] == {
+        "location": {"reference": steps.ref("Location", LOC, "GENHOSP/4W/412/A")},
+        "status": "active",
+    }
     assert enc["location"][1]["location"]["reference"] == steps.ref("Location", LOC, "GENHOSP/4W/414/B")
     assert_valid_fhir(steps)
 

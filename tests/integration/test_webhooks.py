@@ -11,12 +11,16 @@ from hms_ach.store.db import Store
 
 
 def _sink(url: str, events: str = '["encounter.*", "bed.*"]') -> str:
-    return (f"  - name: dashboard\n    type: webhook\n    url: {url}\n    secret: {SECRET}\n"
-            f"    events: {events}\n    retry_initial_seconds: 0.05\n    retry_max_seconds: 0.3\n"
-            "    timeout_seconds: 2\n")
+    return (
+        f"  - name: dashboard\n    type: webhook\n    url: {url}\n    secret: {SECRET}\n"
+        f"    events: {events}\n    retry_initial_seconds: 0.05\n    retry_max_seconds: 0.3\n"
+        "    timeout_seconds: 2\n"
+    )
 
 
-async def test_admission_bed_and_discharge_events_arrive_once_each_signed(tmp_path: Path, store: Store) -> None:
+async def test_admission_bed_and_discharge_events_arrive_once_each_signed(
+    tmp_path: Path, store: Store
+) -> None:
     receiver = Receiver()
     url = await receiver.start()
     engine = make_engine(tmp_path, store.url, _sink(url))
@@ -34,8 +38,11 @@ async def test_admission_bed_and_discharge_events_arrive_once_each_signed(tmp_pa
     assert names.count("encounter.admitted") == 1
     assert names.count("encounter.transferred") == 1
     assert names.count("encounter.discharged") == 1
-    assert names.index("encounter.admitted") < names.index("encounter.transferred") < names.index(
-        "encounter.discharged")
+    assert (
+        names.index("encounter.admitted")
+        < names.index("encounter.transferred")
+        < names.index("encounter.discharged")
+    )
     assert "bed.status_changed" in names
     assert receiver.requests == len(names)  # each delivered exactly once
     admitted = receiver.events[names.index("encounter.admitted")]
@@ -62,7 +69,9 @@ async def test_a_503_receiver_loses_nothing_and_acks_keep_flowing(tmp_path: Path
     assert receiver.names() == ["encounter.admitted", "encounter.transferred", "encounter.discharged"]
 
 
-async def test_301_is_a_failure_that_dead_letters_after_max_age_then_retry_works(tmp_path: Path, store: Store) -> None:
+async def test_301_is_a_failure_that_dead_letters_after_max_age_then_retry_works(
+    tmp_path: Path, store: Store
+) -> None:
     from hms_ach.outbound import outbox
 
     answers = {"code": 301}

@@ -23,14 +23,27 @@ async def api(fhir_engine: Engine) -> AsyncIterator[httpx.AsyncClient]:
 
 def employee(number: str, department: str = "4 West nursing", **extra: Any) -> dict[str, Any]:
     soon = (datetime.now(UTC).date() + timedelta(days=10)).isoformat()
-    return {"employee_number": number, "family": f"Staff{number}", "given": ["Test"], "gender": "female",
-            "department": department,
-            "credentials": [
-                {"type": "RN", "number": f"RN-{number}", "issuer": "State Board of Nursing", "state": "CA",
-                 "valid_from": "2024-01-01", "valid_to": soon, "verification_status": "verified",
-                 "verification_source": "Nursys"},
-                {"type": "BLS", "number": f"BLS-{number}", "valid_to": "2020-01-01"},
-            ], **extra}
+    return {
+        "employee_number": number,
+        "family": f"Staff{number}",
+        "given": ["Test"],
+        "gender": "female",
+        "department": department,
+        "credentials": [
+            {
+                "type": "RN",
+                "number": f"RN-{number}",
+                "issuer": "State Board of Nursing",
+                "state": "CA",
+                "valid_from": "2024-01-01",
+                "valid_to": soon,
+                "verification_status": "verified",
+                "verification_source": "Nursys",
+            },
+            {"type": "BLS", "number": f"BLS-{number}", "valid_to": "2020-01-01"},
+        ],
+        **extra,
+    }
 
 
 def problem(resp: httpx.Response, status: int, location: str | None = None) -> dict[str, Any]:
@@ -79,20 +92,32 @@ async def test_shifts_swaps_timecards_and_compliance(api: httpx.AsyncClient) -> 
     day = datetime.now(UTC).replace(hour=7, minute=0, second=0, microsecond=0) + timedelta(days=2)
 
     def shift(emp: str | None, start: datetime, hours: int = 12, **extra: Any) -> dict[str, Any]:
-        return {"employee_id": emp, "department": "4 West nursing", "role": "RN",
-                "start": start.isoformat(), "end": (start + timedelta(hours=hours)).isoformat(), **extra}
+        return {
+            "employee_id": emp,
+            "department": "4 West nursing",
+            "role": "RN",
+            "start": start.isoformat(),
+            "end": (start + timedelta(hours=hours)).isoformat(),
+            **extra,
+        }
 
     s1 = await api.post("/api/v1/shifts", json=shift(a["id"], day))
     assert s1.status_code == 201, s1.text
-    problem(await api.post("/api/v1/shifts", json=shift(a["id"], day + timedelta(hours=6))), 422, "body.start")
+    problem(
+        await api.post("/api/v1/shifts", json=shift(a["id"], day + timedelta(hours=6))), 422, "body.start"
+    )
     problem(await api.post("/api/v1/shifts", json=shift(a["id"], day, hours=-1)), 422, "body.end")
     assert (await api.post("/api/v1/shifts", json=shift(None, day + timedelta(days=1)))).status_code == 201
     b_shift = (await api.post("/api/v1/shifts", json=shift(b["id"], day + timedelta(days=3)))).json()
 
     sid = s1.json()["id"]
-    swap = await api.post(f"/api/v1/shifts/{sid}/swap", json={"requested_by": a["id"], "replacement": b["id"]})
+    swap = await api.post(
+        f"/api/v1/shifts/{sid}/swap", json={"requested_by": a["id"], "replacement": b["id"]}
+    )
     assert swap.status_code == 200 and swap.json()["swap_request"]["status"] == "requested"
-    decided = await api.post(f"/api/v1/shifts/{sid}/swap/decision", json={"approve": True, "decided_by": "mgr"})
+    decided = await api.post(
+        f"/api/v1/shifts/{sid}/swap/decision", json={"approve": True, "decided_by": "mgr"}
+    )
     assert decided.status_code == 200, decided.text
     assert decided.json()["employee_id"] == b["id"] and decided.json()["status"] == "swapped"
     problem(await api.post(f"/api/v1/shifts/{sid}/swap/decision", json={"approve": True}), 409)
@@ -100,34 +125,69 @@ async def test_shifts_swaps_timecards_and_compliance(api: httpx.AsyncClient) -> 
     assert {s["id"] for s in mine["items"]} == {sid, b_shift["id"]}
     assert len((await api.get("/api/v1/shifts", params={"unfilled": True})).json()["items"]) == 1
 
-    problem(await api.post("/api/v1/timecards", json={
-        "employee_id": a["id"], "clock_in": day.isoformat(), "clock_out": (day - timedelta(hours=1)).isoformat()}),
-        422, "body.clock_out")
-    tc = await api.post("/api/v1/timecards", json={
-        "employee_id": a["id"], "clock_in": day.isoformat(), "clock_out": (day + timedelta(hours=10)).isoformat()})
+    problem(
+        await api.post(
+            "/api/v1/timecards",
+            json={
+                "employee_id": a["id"],
+                "clock_in": day.isoformat(),
+                "clock_out": (day - timedelta(hours=1)).isoformat(),
+            },
+        ),
+        422,
+        "body.clock_out",
+    )
+    tc = await api.post(
+        "/api/v1/timecards",
+        json={
+            "employee_id": a["id"],
+            "clock_in": day.isoformat(),
+            "clock_out": (day + timedelta(hours=10)).isoformat(),
+        },
+    )
     assert tc.status_code == 201, tc.text
     assert tc.json()["worked_minutes"] == 600 and tc.json()["overtime_minutes"] == 120
 
     status = (await api.get("/api/v1/compliance/status")).json()
     ward = status["departments"]["4 West nursing"]
-    assert ward == {"active_staff": 2, "expired_credentials": 2, "expiring_credentials": 2,
-                    "unfilled_shifts": 1, "overtime_hours": 2.0, "credential_alerts": {}}
+    assert ward == {
+        "active_staff": 2,
+        "expired_credentials": 2,
+        "expiring_credentials": 2,
+        "unfilled_shifts": 1,
+        "overtime_hours": 2.0,
+        "credential_alerts": {},
+    }
 
     audit = (await api.get("/api/v1/audit", params={"entity": "Shift"})).json()
     assert len(audit["items"]) >= 5
     assert audit["items"][0]["agent"] == "api"
     openapi = (await api.get("/openapi.json")).json()
-    assert {"/api/v1/employees", "/api/v1/shifts", "/api/v1/timecards", "/api/v1/credentials",
-            "/api/v1/compliance/status", "/api/v1/audit"} <= set(openapi["paths"])
+    assert {
+        "/api/v1/employees",
+        "/api/v1/shifts",
+        "/api/v1/timecards",
+        "/api/v1/credentials",
+        "/api/v1/compliance/status",
+        "/api/v1/audit",
+    } <= set(openapi["paths"])
     # shifts and timecards are not FHIR resources
     assert (await api.get("/fhir/Shift")).status_code == 404
 
 
-async def test_compliance_status_shows_the_credential_scan(api: httpx.AsyncClient, fhir_engine: Engine) -> None:
+async def test_compliance_status_shows_the_credential_scan(
+    api: httpx.AsyncClient, fhir_engine: Engine
+) -> None:
     """The alerts written by the credential-expiry job, by threshold and department, open or closed."""
     before = (await api.get("/api/v1/compliance/status")).json()["credential_scan"]
-    assert before == {"last_run": None, "alerts_raised": 0, "raised_by_threshold": {}, "raised_last_24h": 0,
-                      "open_by_threshold": {}, "last_alert_at": None}
+    assert before == {
+        "last_run": None,
+        "alerts_raised": 0,
+        "raised_by_threshold": {},
+        "raised_last_24h": 0,
+        "open_by_threshold": {},
+        "last_alert_at": None,
+    }
     a = (await api.post("/api/v1/employees", json=employee("E300"))).json()
     await api.post("/api/v1/employees", json=employee("E301", department="Emergency"))
     assert fhir_engine.scheduler is not None
@@ -172,7 +232,8 @@ async def test_readme_walkthrough(api: httpx.AsyncClient) -> None:
     clash["resource"]["identifier"][0]["value"] = "CLASH"
     clash["resource"]["subject"] = {"reference": f"Practitioner/{rid}"}
     clash["request"]["url"] = "Basic?identifier=urn:hms-ach:id:shift|CLASH"
-    resp = await api.post("/fhir", json={"resourceType": "Bundle", "type": "transaction", "entry": [clash]},
-                          headers=FHIR_JSON)
+    resp = await api.post(
+        "/fhir", json={"resourceType": "Bundle", "type": "transaction", "entry": [clash]}, headers=FHIR_JSON
+    )
     assert resp.status_code == 422, resp.text
     assert len((await api.get("/api/v1/shifts", params={"employee_id": rid})).json()["items"]) == 5

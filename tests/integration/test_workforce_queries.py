@@ -36,22 +36,77 @@ def _fill(store: Store, staff: int = STAFF) -> list[str]:
     Thursday (the same times for all), plus unfilled shifts and timecards of nobody on the roster."""
     records = []
     for i in range(staff):
-        records.append(RecordWrite(f"p{i}", "Practitioner", "urn:hms-ach:id:staff", f"E{i}",
-                                   {"name": [{"family": f"Staff{i}"}], "active": True}))
+        records.append(
+            RecordWrite(
+                f"p{i}",
+                "Practitioner",
+                "urn:hms-ach:id:staff",
+                f"E{i}",
+                {"name": [{"family": f"Staff{i}"}], "active": True},
+            )
+        )
         for d in range(4):
             start = MONDAY + timedelta(days=d)
-            records.append(RecordWrite(f"s{i}.{d}", "Shift", "urn:hms-ach:id:shift", f"S{i}.{d}", {
-                "identifier": [{"system": "urn:hms-ach:id:shift", "value": f"S{i}.{d}"}], "practitioner": {"reference": f"@p{i}"}, "status": "cancelled" if (i, d) == (1, 1) else "planned",
-                "start": start.isoformat(), "end": (start + timedelta(hours=12)).isoformat()}))
-            records.append(RecordWrite(f"t{i}.{d}", "Timecard", "urn:hms-ach:id:timecard", f"T{i}.{d}", {
-                "identifier": [{"system": "urn:hms-ach:id:timecard", "value": f"T{i}.{d}"}], "practitioner": {"reference": f"@p{i}"}, "clockIn": (start + timedelta(hours=i % 3)).isoformat(),
-                "clockOut": (start + timedelta(hours=10 + i % 3)).isoformat(), "workedMinutes": 600}))
+            records.append(
+                RecordWrite(
+                    f"s{i}.{d}",
+                    "Shift",
+                    "urn:hms-ach:id:shift",
+                    f"S{i}.{d}",
+                    {
+                        "identifier": [{"system": "urn:hms-ach:id:shift", "value": f"S{i}.{d}"}],
+                        "practitioner": {"reference": f"@p{i}"},
+                        "status": "cancelled" if (i, d) == (1, 1) else "planned",
+                        "start": start.isoformat(),
+                        "end": (start + timedelta(hours=12)).isoformat(),
+                    },
+                )
+            )
+            records.append(
+                RecordWrite(
+                    f"t{i}.{d}",
+                    "Timecard",
+                    "urn:hms-ach:id:timecard",
+                    f"T{i}.{d}",
+                    {
+                        "identifier": [{"system": "urn:hms-ach:id:timecard", "value": f"T{i}.{d}"}],
+                        "practitioner": {"reference": f"@p{i}"},
+                        "clockIn": (start + timedelta(hours=i % 3)).isoformat(),
+                        "clockOut": (start + timedelta(hours=10 + i % 3)).isoformat(),
+                        "workedMinutes": 600,
+                    },
+                )
+            )
     for d in range(3):
         start = MONDAY + timedelta(days=d)
-        records.append(RecordWrite(f"u{d}", "Shift", "urn:hms-ach:id:shift", f"U{d}", {
-            "identifier": [{"system": "urn:hms-ach:id:shift", "value": f"U{d}"}], "status": "planned", "start": start.isoformat(), "end": (start + timedelta(hours=8)).isoformat()}))
-        records.append(RecordWrite(f"v{d}", "Timecard", "urn:hms-ach:id:timecard", f"V{d}", {
-            "identifier": [{"system": "urn:hms-ach:id:timecard", "value": f"V{d}"}], "clockIn": start.isoformat(), "clockOut": (start + timedelta(hours=9)).isoformat(), "workedMinutes": 540}))
+        records.append(
+            RecordWrite(
+                f"u{d}",
+                "Shift",
+                "urn:hms-ach:id:shift",
+                f"U{d}",
+                {
+                    "identifier": [{"system": "urn:hms-ach:id:shift", "value": f"U{d}"}],
+                    "status": "planned",
+                    "start": start.isoformat(),
+                    "end": (start + timedelta(hours=8)).isoformat(),
+                },
+            )
+        )
+        records.append(
+            RecordWrite(
+                f"v{d}",
+                "Timecard",
+                "urn:hms-ach:id:timecard",
+                f"V{d}",
+                {
+                    "identifier": [{"system": "urn:hms-ach:id:timecard", "value": f"V{d}"}],
+                    "clockIn": start.isoformat(),
+                    "clockOut": (start + timedelta(hours=9)).isoformat(),
+                    "workedMinutes": 540,
+                },
+            )
+        )
     with store.writer.begin() as conn:
         out = Repository(conn).apply(MappingResult(records=records))
     return [o.id for o in out if o.resource_type == "Practitioner"]
@@ -97,15 +152,24 @@ def test_the_overlap_check_reads_one_employees_shifts_around_the_window(store: S
     staff = _fill(store)
     me = f"Practitioner/{staff[0]}"
     with store.reader.connect() as conn:
-        mine = {s["start"][:10]: s["id"] for s in _all(conn, "Shift")
-                if (s.get("practitioner") or {}).get("reference") == me}
+        mine = {
+            s["start"][:10]: s["id"]
+            for s in _all(conn, "Shift")
+            if (s.get("practitioner") or {}).get("reference") == me
+        }
         tuesday = MONDAY + timedelta(days=1)
         with _statements() as seen:
             # every employee works Tuesday 07:00-19:00; only mine is read, and it is the clash
-            found = wq.overlap_candidates(conn, me, tuesday + timedelta(hours=3), tuesday + timedelta(hours=5))
-            clash = wq.shift_overlap(conn, me, tuesday + timedelta(hours=3), tuesday + timedelta(hours=5), None)
+            found = wq.overlap_candidates(
+                conn, me, tuesday + timedelta(hours=3), tuesday + timedelta(hours=5)
+            )
+            clash = wq.shift_overlap(
+                conn, me, tuesday + timedelta(hours=3), tuesday + timedelta(hours=5), None
+            )
             # back to back is no overlap; the shift being replaced is not a clash with itself
-            after = wq.shift_overlap(conn, me, tuesday + timedelta(hours=12), tuesday + timedelta(hours=14), None)
+            after = wq.shift_overlap(
+                conn, me, tuesday + timedelta(hours=12), tuesday + timedelta(hours=14), None
+            )
             itself = wq.shift_overlap(conn, me, tuesday, tuesday + timedelta(hours=1), mine["2026-12-01"])
             # Tuesday 18:00 to Thursday 18:00 overlaps three of them: the earliest is named
             two = wq.shift_overlap(conn, me, tuesday + timedelta(hours=11), tuesday + timedelta(days=2), None)
@@ -117,7 +181,10 @@ def test_the_overlap_check_reads_one_employees_shifts_around_the_window(store: S
 
     # a cancelled shift is no clash (employee 1 cancelled Tuesday's)
     with store.reader.connect() as conn:
-        assert wq.shift_overlap(conn, f"Practitioner/{staff[1]}", tuesday, tuesday + timedelta(hours=1), None) is None
+        assert (
+            wq.shift_overlap(conn, f"Practitioner/{staff[1]}", tuesday, tuesday + timedelta(hours=1), None)
+            is None
+        )
 
 
 def test_a_shift_indexed_before_its_end_was_is_still_checked(store: Store) -> None:
@@ -180,26 +247,39 @@ async def _pages(api: httpx.AsyncClient, path: str, params: dict[str, Any]) -> l
             return items
 
 
-async def test_the_api_reads_through_the_index_with_the_same_answers(api: httpx.AsyncClient, store: Store) -> None:
+async def test_the_api_reads_through_the_index_with_the_same_answers(
+    api: httpx.AsyncClient, store: Store
+) -> None:
     staff = _fill(store)
     me = staff[5]
     tuesday = MONDAY + timedelta(days=1)
 
     def shift(start: datetime, hours: int = 4) -> dict[str, Any]:
-        return {"employee_id": me, "start": start.isoformat(), "end": (start + timedelta(hours=hours)).isoformat()}
+        return {
+            "employee_id": me,
+            "start": start.isoformat(),
+            "end": (start + timedelta(hours=hours)).isoformat(),
+        }
 
     with _statements() as seen:
         clash = await api.post("/api/v1/shifts", json=shift(tuesday + timedelta(hours=2)))
         assert clash.status_code == 422 and clash.json()["errors"][0]["location"] == "body.start", clash.text
         made = await api.post("/api/v1/shifts", json=shift(tuesday + timedelta(hours=12)))
         assert made.status_code == 201, made.text
-        moved = await api.put(f"/api/v1/shifts/{made.json()['id']}", json=shift(tuesday + timedelta(hours=13)))
+        moved = await api.put(
+            f"/api/v1/shifts/{made.json()['id']}", json=shift(tuesday + timedelta(hours=13))
+        )
         assert moved.status_code == 200, moved.text
         mine = (await api.get("/api/v1/shifts", params={"employee_id": me})).json()["items"]
         assert len(mine) == 5
-        card = await api.post("/api/v1/timecards", json={
-            "employee_id": me, "clock_in": (tuesday + timedelta(hours=13)).isoformat(),
-            "clock_out": (tuesday + timedelta(hours=15)).isoformat()})
+        card = await api.post(
+            "/api/v1/timecards",
+            json={
+                "employee_id": me,
+                "clock_in": (tuesday + timedelta(hours=13)).isoformat(),
+                "clock_out": (tuesday + timedelta(hours=15)).isoformat(),
+            },
+        )
         # Tuesday: 10 h already (employee 5 works 09:00-19:00), so all 2 h are over the 8 h day
         assert card.status_code == 201 and card.json()["overtime_minutes"] == 120, card.text
         cards = (await api.get("/api/v1/timecards", params={"employee_id": me})).json()["items"]
@@ -219,18 +299,26 @@ async def test_the_api_reads_through_the_index_with_the_same_answers(api: httpx.
         ({"status": "cancelled"}, lambda s: s["status"] == "cancelled"),
         ({"unfilled": "true"}, lambda s: s["employee_id"] is None),
         ({"unfilled": "false", "employee_id": staff[1]}, lambda s: s["employee_id"] == staff[1]),
-        ({"start_from": wed.isoformat(), "start_before": (wed + timedelta(days=1)).isoformat()},
-         lambda s: wed <= datetime.fromisoformat(s["start"]) < wed + timedelta(days=1)),
-        ({"employee_id": me, "start_from": wed.isoformat()},
-         lambda s: s["employee_id"] == me and datetime.fromisoformat(s["start"]) >= wed),
+        (
+            {"start_from": wed.isoformat(), "start_before": (wed + timedelta(days=1)).isoformat()},
+            lambda s: wed <= datetime.fromisoformat(s["start"]) < wed + timedelta(days=1),
+        ),
+        (
+            {"employee_id": me, "start_from": wed.isoformat()},
+            lambda s: s["employee_id"] == me and datetime.fromisoformat(s["start"]) >= wed,
+        ),
     ]
     for params, keep in cases:
         got = await _pages(api, "/api/v1/shifts", params)
         assert [s["id"] for s in got] == [s["id"] for s in shifts if keep(s)], params
     overtime = overtime_by_timecard(timecards)
-    want = sorted(({**timecard_view(t), "overtime_minutes": overtime.get(t["id"], 0)} for t in timecards),
-                  key=lambda t: t["id"])
+    want = sorted(
+        ({**timecard_view(t), "overtime_minutes": overtime.get(t["id"], 0)} for t in timecards),
+        key=lambda t: t["id"],
+    )
     assert await _pages(api, "/api/v1/timecards", {}) == want
-    assert await _pages(api, "/api/v1/timecards", {"employee_id": me}) == [t for t in want if t["employee_id"] == me]
+    assert await _pages(api, "/api/v1/timecards", {"employee_id": me}) == [
+        t for t in want if t["employee_id"] == me
+    ]
     employees = await _pages(api, "/api/v1/employees", {"active": "true"})
     assert [e["id"] for e in employees] == sorted(staff)

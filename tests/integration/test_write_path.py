@@ -51,8 +51,13 @@ def test_audit_chain_holds_across_a_failed_job_in_a_group_commit(store: Store) -
         raise ValueError("a content error after a write")
 
     try:
-        writer._commit([(lambda c: _write(c, _nurse("B1", "Kim")), _future()), (failing, _future()),
-                        (lambda c: _write(c, _nurse("B3", "Park")), _future())])
+        writer._commit(
+            [
+                (lambda c: _write(c, _nurse("B1", "Kim")), _future()),
+                (failing, _future()),
+                (lambda c: _write(c, _nurse("B3", "Park")), _future()),
+            ]
+        )
     finally:
         writer.stop()
     with store.reader.connect() as conn:

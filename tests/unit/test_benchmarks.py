@@ -43,7 +43,9 @@ def test_the_roster_is_seeded_with_unique_employees_and_valid_npis() -> None:
     assert len(rows) == 2000 and tuple(rows[0]) == ROSTER_COLUMNS
     assert len({r["employee_id"] for r in rows}) == 2000 and len({r["npi"] for r in rows}) == 2000
     assert all(is_valid_npi(r["npi"]) for r in rows)
-    assert ROSTER_COLUMNS == tuple((ROOT / "samples" / "csv" / "staff_roster.csv").read_text().splitlines()[0].split(","))
+    assert ROSTER_COLUMNS == tuple(
+        (ROOT / "samples" / "csv" / "staff_roster.csv").read_text().splitlines()[0].split(",")
+    )
 
 
 def test_stats_helpers() -> None:
@@ -54,8 +56,13 @@ def test_stats_helpers() -> None:
 @pytest.fixture(scope="module")
 def smoke_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--no-pg", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--smoke", "--no-pg", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = list(out.glob("*-smoke.json"))
     assert len(files) == 1, proc.stdout
@@ -74,16 +81,27 @@ def test_smoke_run_writes_valid_results(smoke_results: Path) -> None:
     assert set(figures["B"]["1_connection"]["ack_codes"]) <= {"AA", "CA"}
     assert figures["C"]["sizes"]
     d = figures["D"]
-    assert d["rows"] > 0 and d["poll_rows_per_s"]["median"] > 0 and len(d["polls"]) == results["settings"]["reps"]
+    assert (
+        d["rows"] > 0
+        and d["poll_rows_per_s"]["median"] > 0
+        and len(d["polls"]) == results["settings"]["reps"]
+    )
     assert d["csv_rows_per_s"]["median"] > 0 and d["download_mb_per_s"]["median"] > 0
     assert [r for r in results["table"] if r["figure"] == "D" and r["ratio"] is not None]
     assert figures["E"]["peak_rss_kb"] > 0
-    assert results["table"] and all({"figure", "value", "ceiling", "ratio"} <= set(r) for r in results["table"])
+    assert results["table"] and all(
+        {"figure", "value", "ceiling", "ratio"} <= set(r) for r in results["table"]
+    )
 
 
 def test_readme_table_renders_from_results(smoke_results: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--readme", str(smoke_results)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--readme", str(smoke_results)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "| figure | measure | value | ceiling / peer (same run) | ratio |" in proc.stdout
     assert "cores" in proc.stdout

@@ -10,14 +10,21 @@ from hms_ach.api.workforce import overtime_by_timecard
 
 
 def card(rid: str, who: str, clock_in: str, minutes: int) -> dict[str, Any]:
-    return {"id": rid, "practitioner": {"reference": f"Practitioner/{who}"}, "clockIn": clock_in,
-            "workedMinutes": minutes}
+    return {
+        "id": rid,
+        "practitioner": {"reference": f"Practitioner/{who}"},
+        "clockIn": clock_in,
+        "workedMinutes": minutes,
+    }
 
 
 def test_the_card_that_crosses_the_daily_line_carries_the_overtime() -> None:
     # stored out of order (a CSV file need not be sorted): the 12:00 card is the second of the day
-    cards = [card("b", "p1", "2026-12-01T12:00:00+00:00", 300), card("a", "p1", "2026-12-01T06:00:00+00:00", 300),
-             card("c", "p2", "2026-12-01T06:00:00+00:00", 300)]
+    cards = [
+        card("b", "p1", "2026-12-01T12:00:00+00:00", 300),
+        card("a", "p1", "2026-12-01T06:00:00+00:00", 300),
+        card("c", "p2", "2026-12-01T06:00:00+00:00", 300),
+    ]
     assert overtime_by_timecard(cards) == {"a": 0, "b": 120, "c": 0}
 
 

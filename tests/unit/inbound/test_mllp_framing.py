@@ -42,13 +42,17 @@ def test_frame_split_at_every_possible_boundary() -> None:
 def test_one_byte_at_a_time() -> None:
     stream = frame(MSG_A) + frame(MSG_B)
     framer = MllpFramer(1024)
-    events = feed_all(framer, [stream[i:i + 1] for i in range(len(stream))])
+    events = feed_all(framer, [stream[i : i + 1] for i in range(len(stream))])
     assert events == [Frame(MSG_A), Frame(MSG_B)]
 
 
 def test_several_frames_in_one_chunk() -> None:
     framer = MllpFramer(1024)
-    assert framer.feed(frame(MSG_A) + frame(MSG_B) + frame(MSG_A)) == [Frame(MSG_A), Frame(MSG_B), Frame(MSG_A)]
+    assert framer.feed(frame(MSG_A) + frame(MSG_B) + frame(MSG_A)) == [
+        Frame(MSG_A),
+        Frame(MSG_B),
+        Frame(MSG_A),
+    ]
 
 
 def test_stray_whitespace_between_frames_is_ignored() -> None:
@@ -70,7 +74,11 @@ def test_fs_without_cr_ends_the_frame() -> None:
     framer = MllpFramer(1024)
     assert framer.feed(VT + MSG_A + FS) == [Frame(MSG_A)]
     assert framer.feed(CR) == []
-    assert framer.feed(VT + MSG_B + FS + b"junk" + VT + MSG_A + FS + CR) == [Frame(MSG_B), Garbage(4), Frame(MSG_A)]
+    assert framer.feed(VT + MSG_B + FS + b"junk" + VT + MSG_A + FS + CR) == [
+        Frame(MSG_B),
+        Garbage(4),
+        Frame(MSG_A),
+    ]
 
 
 def test_vt_inside_a_frame_restarts_it() -> None:
@@ -106,7 +114,7 @@ def test_oversize_frame_is_discarded_with_bounded_memory() -> None:
     framer = MllpFramer(limit)
     events: list[FrameEvent] = []
     for i in range(0, len(stream), chunk_size):
-        events.extend(framer.feed(stream[i:i + chunk_size]))
+        events.extend(framer.feed(stream[i : i + chunk_size]))
         assert framer.buffered_bytes <= limit + chunk_size
         assert framer.buffered_bytes <= limit
     assert len(events) == 2
@@ -130,6 +138,7 @@ def test_invalid_limit() -> None:
 
 # -- splitting files into messages ------------------------------------------------------------
 
+
 def test_normalise_message_line_ends_and_blank_lines() -> None:
     lf = MSG_A.replace(b"\r", b"\n") + b"\n\n  \n"
     crlf = MSG_A.replace(b"\r", b"\r\n") + b"\r\n"
@@ -145,9 +154,17 @@ def test_split_messages_on_msh() -> None:
 
 
 def test_split_messages_skips_batch_envelope() -> None:
-    data = b"\n".join([
-        b"FHS|^~\\&|LAB", b"BHS|^~\\&|LAB", MSG_A.rstrip(b"\r"), MSG_B.rstrip(b"\r"), b"BTS|2", b"FTS|1", b"",
-    ])
+    data = b"\n".join(
+        [
+            b"FHS|^~\\&|LAB",
+            b"BHS|^~\\&|LAB",
+            MSG_A.rstrip(b"\r"),
+            MSG_B.rstrip(b"\r"),
+            b"BTS|2",
+            b"FTS|1",
+            b"",
+        ]
+    )
     assert split_messages(data) == [MSG_A, MSG_B]
 
 

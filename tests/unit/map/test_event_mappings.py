@@ -45,26 +45,65 @@ def installed(mset: MappingSet) -> Iterator[MappingEngine]:
 
 
 def test_every_event_has_a_mapping_and_golden_tests(mset: MappingSet) -> None:
-    derived = {"encounter.admitted", "encounter.transferred", "encounter.discharged", "encounter.cancelled",
-               "bed.status_changed", "practitioner.onboarded", "practitioner.updated", "shift.updated",
-               "timecard.recorded", "claim.created", "record.changed"}
+    derived = {
+        "encounter.admitted",
+        "encounter.transferred",
+        "encounter.discharged",
+        "encounter.cancelled",
+        "bed.status_changed",
+        "practitioner.onboarded",
+        "practitioner.updated",
+        "shift.updated",
+        "timecard.recorded",
+        "claim.created",
+        "record.changed",
+    }
     # not record changes: emitted by the credential-expiry job and the x12_837 sink, through payload_from
-    emitted = {"credential.expiring", "credential.expired", "claim.file_written", "claim.file_rejected",
-               "claim.error"}
+    emitted = {
+        "credential.expiring",
+        "credential.expired",
+        "claim.file_written",
+        "claim.file_rejected",
+        "claim.error",
+    }
     assert derived | emitted == set(events.EVENT_NAMES)
     assert {f.model.event for f in mset.events.values()} == derived | emitted
-    missing = [f.path.name for f in mset.events.values()
-               if not f.path.with_name(f.path.stem + "_test.yaml").exists()]
+    missing = [
+        f.path.name for f in mset.events.values() if not f.path.with_name(f.path.stem + "_test.yaml").exists()
+    ]
     assert not missing, f"event mappings without a *_test.yaml beside them: {missing}"
 
 
 def test_payloads_come_from_the_mappings_in_rule_order_with_nulls(installed: MappingEngine) -> None:
-    change = Change("Encounter", "12", 1, "create", None,
-                    {"resourceType": "Encounter", "status": "in-progress", "class": {"code": "IMP"},
-                     "subject": {"reference": "Patient/7", "display": "Maria Rivera"}}, None)
-    assert orjson.dumps(events.derive(change)) == orjson.dumps([("encounter.admitted", {
-        "resource": "Encounter/12", "versionId": 1, "patient": "Patient/7", "status": "in-progress",
-        "class": "IMP", "location": None})])
+    change = Change(
+        "Encounter",
+        "12",
+        1,
+        "create",
+        None,
+        {
+            "resourceType": "Encounter",
+            "status": "in-progress",
+            "class": {"code": "IMP"},
+            "subject": {"reference": "Patient/7", "display": "Maria Rivera"},
+        },
+        None,
+    )
+    assert orjson.dumps(events.derive(change)) == orjson.dumps(
+        [
+            (
+                "encounter.admitted",
+                {
+                    "resource": "Encounter/12",
+                    "versionId": 1,
+                    "patient": "Patient/7",
+                    "status": "in-progress",
+                    "class": "IMP",
+                    "location": None,
+                },
+            )
+        ]
+    )
     assert b"Rivera" not in orjson.dumps(events.derive(change))
 
 
@@ -77,8 +116,9 @@ def test_an_object_value_keeps_its_decimals_as_json_numbers(tmp_path: Path) -> N
     root = tmp_path / "mappings"
     shutil.copytree(MAPPINGS, root)
     path = root / "events" / "claim_created.yaml"
-    path.write_text(path.read_text(encoding="utf-8") + "  - target: money\n    source: after.total\n",
-                    encoding="utf-8")
+    path.write_text(
+        path.read_text(encoding="utf-8") + "  - target: money\n    source: after.total\n", encoding="utf-8"
+    )
     events.use_engine(MappingEngine(load_mappings(root)))
     try:
         change = Change("Claim", "3", 1, "create", None, {"total": {"value": 475.5, "currency": "USD"}}, None)
@@ -106,14 +146,26 @@ def test_an_analyst_changes_a_payload_by_editing_yaml(tmp_path: Path) -> None:
     root = tmp_path / "mappings"
     shutil.copytree(MAPPINGS, root)
     path = root / "events" / "timecard_recorded.yaml"
-    path.write_text(path.read_text(encoding="utf-8") + "  - target: hours\n    source: after.`hours`\n",
-                    encoding="utf-8")
+    path.write_text(
+        path.read_text(encoding="utf-8") + "  - target: hours\n    source: after.`hours`\n", encoding="utf-8"
+    )
     events.use_engine(MappingEngine(load_mappings(root)))
     try:
-        change = Change("Timecard", "21", 1, "create", None,
-                        {"practitioner": {"reference": "Practitioner/3"}, "hours": 11.5}, None)
-        assert events.derive(change) == [("timecard.recorded", {
-            "resource": "Timecard/21", "versionId": 1, "practitioner": "Practitioner/3", "hours": 11.5})]
+        change = Change(
+            "Timecard",
+            "21",
+            1,
+            "create",
+            None,
+            {"practitioner": {"reference": "Practitioner/3"}, "hours": 11.5},
+            None,
+        )
+        assert events.derive(change) == [
+            (
+                "timecard.recorded",
+                {"resource": "Timecard/21", "versionId": 1, "practitioner": "Practitioner/3", "hours": 11.5},
+            )
+        ]
     finally:
         events.use_engine(None)
 
@@ -122,8 +174,10 @@ def test_a_payload_rule_that_fails_keeps_the_change_with_the_base_payload(tmp_pa
     root = tmp_path / "mappings"
     shutil.copytree(MAPPINGS, root)
     path = root / "events" / "shift_updated.yaml"
-    path.write_text(path.read_text(encoding="utf-8") + "  - target: start\n    source: after.start\n"
-                    "    required: true\n", encoding="utf-8")
+    path.write_text(
+        path.read_text(encoding="utf-8") + "  - target: start\n    source: after.start\n    required: true\n",
+        encoding="utf-8",
+    )
     events.use_engine(MappingEngine(load_mappings(root)))
     try:
         change = Change("Shift", "8", 1, "create", None, {"status": "open"}, None)
@@ -139,17 +193,32 @@ def _tree_with(tmp_path: Path, name: str, text: str) -> Path:
     return root
 
 
-@pytest.mark.parametrize(("name", "text", "expected"), [
-    pytest.param("again.yaml", "kind: event\nevent: shift.updated\nrules: []\n",
-                 ["event shift.updated is already mapped by"], id="two mappings for one event are refused"),
-    pytest.param("bad.yaml", "kind: event\nevent: x.y\nrules:\n  - target: patient\n    record: patient\n",
-                 ["bad.yaml:5:5: `record:` makes or reads records; an event payload cannot"],
-                 id="an event mapping cannot make records"),
-    pytest.param("bad.yaml", "kind: event\nevent: x.y\nrules:\n  - target: patient\n    source: after.where(\n",
-                 ["bad.yaml:5:", "not a FHIRPath expression"], id="a bad FHIRPath names file and line"),
-])
-def test_a_bad_event_mapping_is_refused_saying_why(tmp_path: Path, name: str, text: str,
-                                                   expected: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        pytest.param(
+            "again.yaml",
+            "kind: event\nevent: shift.updated\nrules: []\n",
+            ["event shift.updated is already mapped by"],
+            id="two mappings for one event are refused",
+        ),
+        pytest.param(
+            "bad.yaml",
+            "kind: event\nevent: x.y\nrules:\n  - target: patient\n    record: patient\n",
+            ["bad.yaml:5:5: `record:` makes or reads records; an event payload cannot"],
+            id="an event mapping cannot make records",
+        ),
+        pytest.param(
+            "bad.yaml",
+            "kind: event\nevent: x.y\nrules:\n  - target: patient\n    source: after.where(\n",
+            ["bad.yaml:5:", "not a FHIRPath expression"],
+            id="a bad FHIRPath names file and line",
+        ),
+    ],
+)
+def test_a_bad_event_mapping_is_refused_saying_why(
+    tmp_path: Path, name: str, text: str, expected: list[str]
+) -> None:
     root = _tree_with(tmp_path, name, text)
     with pytest.raises(ConfigErrors) as err:
         load_mappings(root)
@@ -178,7 +247,9 @@ def _golden(tmp_path: Path, mset: MappingSet, payload: str) -> goldens.CaseResul
 
 
 def test_an_event_golden_passes_on_the_exact_payload(tmp_path: Path, mset: MappingSet) -> None:
-    result = _golden(tmp_path, mset, "{resource: Shift/8, versionId: 1, practitioner: Practitioner/3, status: open}")
+    result = _golden(
+        tmp_path, mset, "{resource: Shift/8, versionId: 1, practitioner: Practitioner/3, status: open}"
+    )
     assert result.passed, result.report()
 
 
@@ -189,14 +260,18 @@ def test_an_event_golden_shows_a_diff(tmp_path: Path, mset: MappingSet) -> None:
 
 
 def test_an_event_golden_checks_the_order(tmp_path: Path, mset: MappingSet) -> None:
-    result = _golden(tmp_path, mset, "{versionId: 1, resource: Shift/8, practitioner: Practitioner/3, status: open}")
+    result = _golden(
+        tmp_path, mset, "{versionId: 1, resource: Shift/8, practitioner: Practitioner/3, status: open}"
+    )
     assert not result.passed and "another order" in result.message
 
 
 def test_an_event_case_needs_a_payload_expectation(tmp_path: Path, mset: MappingSet) -> None:
     path = tmp_path / "x_test.yaml"
-    path.write_text(_EVENT_CASE.replace("payload: {payload}", "records: [{{resourceType: Shift}}]")
-                    .format(), encoding="utf-8")
+    path.write_text(
+        _EVENT_CASE.replace("payload: {payload}", "records: [{{resourceType: Shift}}]").format(),
+        encoding="utf-8",
+    )
     (result,) = goldens.run_golden_file(path, mset, ROOT)
     assert not result.passed and "`event:` goes with `expect: payload:`" in result.message
 
@@ -224,28 +299,45 @@ def test_payload_from_uses_the_mapping_and_falls_back_to_the_base(tmp_path: Path
     events.use_engine(MappingEngine(load_mappings(root)))
     try:
         assert events.payload_from("claim.error", {"resource": "Claim/3", **facts}, facts) == {
-            "claim": "Claim/3", "reason": "no coverage", "about": "Claim/3"}
+            "claim": "Claim/3",
+            "reason": "no coverage",
+            "about": "Claim/3",
+        }
         assert events.payload_from("no.such.event", {"resource": "Claim/3"}, facts) is facts
     finally:
         events.use_engine(None)
 
 
 def test_payload_from_a_failing_mapping_is_logged_and_the_base_is_kept(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    root = _with_rule(tmp_path, "claim_error.yaml", "  - target: file\n    source: file\n    required: true\n")
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = _with_rule(
+        tmp_path, "claim_error.yaml", "  - target: file\n    source: file\n    required: true\n"
+    )
     events.use_engine(MappingEngine(load_mappings(root)))
     try:
         facts = {"claim": "Claim/3", "reason": "no coverage"}
         assert events.payload_from("claim.error", {"resource": "Claim/3", **facts}, facts) is facts
     finally:
         events.use_engine(None)
-    assert [r.getMessage() for r in caplog.records if r.name == "hms_ach.outbound.events"] == ["events.payload_failed"]
+    assert [r.getMessage() for r in caplog.records if r.name == "hms_ach.outbound.events"] == [
+        "events.payload_failed"
+    ]
 
 
 def _practitioner_expiring(store: Store, expires: str) -> None:
     engine = MappingEngine(load_mappings(MAPPINGS))
-    row = {"employee_id": "E2", "npi": "", "family_name": "Test", "given_name": "E2", "license_number": "LIC-E2",
-           "license_type": "SL", "license_state": "OH", "license_expires": expires, "active": "Y"}
+    row = {
+        "employee_id": "E2",
+        "npi": "",
+        "family_name": "Test",
+        "given_name": "E2",
+        "license_number": "LIC-E2",
+        "license_type": "SL",
+        "license_state": "OH",
+        "license_expires": expires,
+        "active": "Y",
+    }
     result = engine.map_input("csv", "staff_roster", CsvRecord(row, 2, "t.csv", list(row)))
     with store.writer.begin() as conn:
         Repository(conn).apply(result, None)
@@ -270,13 +362,22 @@ def test_a_credential_payload_comes_from_its_mapping(tmp_path: Path, store: Stor
             assert scan(conn, 30, today)["expiring"] == 1
     finally:
         events.use_engine(None)
-    expected = {"version": 1, "practitioner": f"Practitioner/{practitioner}", "credential": "LIC-E2",
-                "type": "SL", "issuer": "OH", "expires": "2026-12-06",
-                "days_left": 10, "threshold": "expiring-30d"}
+    expected = {
+        "version": 1,
+        "practitioner": f"Practitioner/{practitioner}",
+        "credential": "LIC-E2",
+        "type": "SL",
+        "issuer": "OH",
+        "expires": "2026-12-06",
+        "days_left": 10,
+        "threshold": "expiring-30d",
+    }
     assert _credential_events(store) == [("credential.expiring", expected)]
     assert list(_credential_events(store)[0][1]) == list(expected)
     # an analyst adds an element: the job's next alert (a new threshold) carries it
-    root = _with_rule(tmp_path, "credential_expiring.yaml", "  - target: horizonDays\n    source: days_ahead\n")
+    root = _with_rule(
+        tmp_path, "credential_expiring.yaml", "  - target: horizonDays\n    source: days_ahead\n"
+    )
     events.use_engine(MappingEngine(load_mappings(root)))
     try:
         with store.writer.begin() as conn:
@@ -292,18 +393,39 @@ def test_a_credential_payload_comes_from_its_mapping(tmp_path: Path, store: Stor
 
 
 def _sink(directory: Path, store: Any = None) -> X12ClaimSink:
-    settings = X12ClaimSink.Config.model_validate({
-        "name": "claims_837", "type": "x12_837", "directory": str(directory), "sender_id": "GENHOSP",
-        "receiver_id": "CLEARHOUSE", "submitter_name": "General Hospital", "submitter_phone": "6145550100",
-        "receiver_name": "Ohio Clearing House",
-        "billing_provider": {"name": "General Hospital Physicians", "npi": "1245319599", "tax_id": "311234567",
-                             "address": "100 Main St", "city": "Columbus", "state": "OH", "zip": "432151234"}})
+    settings = X12ClaimSink.Config.model_validate(
+        {
+            "name": "claims_837",
+            "type": "x12_837",
+            "directory": str(directory),
+            "sender_id": "GENHOSP",
+            "receiver_id": "CLEARHOUSE",
+            "submitter_name": "General Hospital",
+            "submitter_phone": "6145550100",
+            "receiver_name": "Ohio Clearing House",
+            "billing_provider": {
+                "name": "General Hospital Physicians",
+                "npi": "1245319599",
+                "tax_id": "311234567",
+                "address": "100 Main St",
+                "city": "Columbus",
+                "state": "OH",
+                "zip": "432151234",
+            },
+        }
+    )
     return X12ClaimSink(settings, store)
 
 
 def _claim_created(event_id: int, claim: str) -> Delivery:
-    return Delivery(1, event_id, "claim.created", {"version": 1, "resource": claim, "versionId": 1},
-                    "2026-11-26T19:05:00Z", 0)
+    return Delivery(
+        1,
+        event_id,
+        "claim.created",
+        {"version": 1, "resource": claim, "versionId": 1},
+        "2026-11-26T19:05:00Z",
+        0,
+    )
 
 
 async def test_a_claim_file_written_payload_comes_from_its_mapping(tmp_path: Path) -> None:
@@ -312,19 +434,29 @@ async def test_a_claim_file_written_payload_comes_from_its_mapping(tmp_path: Pat
     # a file written by an earlier attempt: the redelivery emits claim.file_written for it
     shutil.copy(X12_FILE, out / "837P-e42-000000001.x12")
     sink = _sink(out)
-    before_mappings = {"claim": "Claim/30", "file": "837P-e42-000000001.x12",
-                       "interchangeControlNumber": "000000001", "transactionSetControlNumber": "0001",
-                       "total": 475.0}
+    before_mappings = {
+        "claim": "Claim/30",
+        "file": "837P-e42-000000001.x12",
+        "interchangeControlNumber": "000000001",
+        "transactionSetControlNumber": "0001",
+        "total": 475.0,
+    }
     assert (await sink.deliver(_claim_created(42, "Claim/30"))).followups == [
-        ("claim.file_written", before_mappings)]
+        ("claim.file_written", before_mappings)
+    ]
     events.use_engine(MappingEngine(load_mappings(MAPPINGS)))
     try:  # the shipped mapping: the same, and sftp null without an upload
         assert (await sink.deliver(_claim_created(42, "Claim/30"))).followups == [
-            ("claim.file_written", {**before_mappings, "sftp": None})]
+            ("claim.file_written", {**before_mappings, "sftp": None})
+        ]
     finally:
         events.use_engine(None)
-    root = _with_rule(tmp_path, "claim_file_written.yaml", "  - target: isaControl\n"
-                      "    source: interchangeControlNumber\n  - target: about\n    source: resource\n")
+    root = _with_rule(
+        tmp_path,
+        "claim_file_written.yaml",
+        "  - target: isaControl\n"
+        "    source: interchangeControlNumber\n  - target: about\n    source: resource\n",
+    )
     events.use_engine(MappingEngine(load_mappings(root)))
     try:
         ((event, body),) = (await sink.deliver(_claim_created(42, "Claim/30"))).followups
@@ -342,5 +474,6 @@ async def test_a_claim_error_payload_comes_from_its_mapping(tmp_path: Path, stor
         result = await sink.deliver(_claim_created(7, "Claim/99"))
     finally:
         events.use_engine(None)
-    assert result.followups == [("claim.error", {"claim": "Claim/99", "reason": "Claim/99 does not exist",
-                                                 "about": "Claim/99"})]
+    assert result.followups == [
+        ("claim.error", {"claim": "Claim/99", "reason": "Claim/99 does not exist", "about": "Claim/99"})
+    ]

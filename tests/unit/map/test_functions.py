@@ -13,9 +13,16 @@ from hms_ach.map.functions import FUNCTIONS, FunctionError, npi_is_valid
 KNOWN_BROKEN: dict[tuple[str, int], str] = {}
 
 EXAMPLES = [
-    pytest.param(name, given, args, expected, id=f"{name}[{i}]",
-                 marks=[pytest.mark.xfail(strict=True, reason=KNOWN_BROKEN[(name, i)])]
-                 if (name, i) in KNOWN_BROKEN else [])
+    pytest.param(
+        name,
+        given,
+        args,
+        expected,
+        id=f"{name}[{i}]",
+        marks=[pytest.mark.xfail(strict=True, reason=KNOWN_BROKEN[(name, i)])]
+        if (name, i) in KNOWN_BROKEN
+        else [],
+    )
     for name, spec in sorted(FUNCTIONS.items())
     for i, (given, args, expected) in enumerate(spec.examples)
 ]
@@ -39,18 +46,21 @@ def test_declared_args_match_the_signature(name: str) -> None:
     assert set(FUNCTIONS[name].args) == set(params)
 
 
-@pytest.mark.parametrize(("name", "given", "args"), [
-    ("hl7_datetime", "2026-11-26", {}),
-    ("hl7_datetime", "20261332", {}),
-    ("hl7_datetime", "20261126250000", {}),
-    ("hl7_datetime", "20261126083000", {"timezone": "Mars/Olympus"}),
-    ("hl7_date", "19751399", {}),
-    ("hl7_date", "yesterday", {}),
-    ("decimal", "12,50", {}),
-    ("npi", "1234567890", {}),
-    ("npi", "12345", {}),
-    ("format", ["a"], {"template": "{0}-{1}"}),
-])
+@pytest.mark.parametrize(
+    ("name", "given", "args"),
+    [
+        ("hl7_datetime", "2026-11-26", {}),
+        ("hl7_datetime", "20261332", {}),
+        ("hl7_datetime", "20261126250000", {}),
+        ("hl7_datetime", "20261126083000", {"timezone": "Mars/Olympus"}),
+        ("hl7_date", "19751399", {}),
+        ("hl7_date", "yesterday", {}),
+        ("decimal", "12,50", {}),
+        ("npi", "1234567890", {}),
+        ("npi", "12345", {}),
+        ("format", ["a"], {"template": "{0}-{1}"}),
+    ],
+)
 def test_bad_values_raise_function_errors(name: str, given: Any, args: dict[str, Any]) -> None:
     with pytest.raises(FunctionError) as info:
         FUNCTIONS[name].fn(given, **args)

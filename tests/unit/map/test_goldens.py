@@ -34,8 +34,11 @@ def mset() -> MappingSet:
 
 
 def test_every_message_mapping_has_golden_tests(mset: MappingSet) -> None:
-    missing = [f.path.name for f in mset.messages.values()
-               if not f.path.with_name(f.path.stem + "_test.yaml").exists()]
+    missing = [
+        f.path.name
+        for f in mset.messages.values()
+        if not f.path.with_name(f.path.stem + "_test.yaml").exists()
+    ]
     assert not missing, f"message mappings without a *_test.yaml beside them: {missing}"
 
 
@@ -85,22 +88,30 @@ def _run(tmp_path: Path, mset: MappingSet, text: str) -> goldens.CaseResult:
 
 
 def test_subset_passes_when_every_given_value_is_present(tmp_path: Path, mset: MappingSet) -> None:
-    result = _run(tmp_path, mset, _case(
-        "    expect:\n"
-        "      records:\n"
-        "        - resourceType: Patient\n"
-        "          content: {name: [{given: [Jane]}], birthDate: 1980-01-01}\n"
-    ))
+    result = _run(
+        tmp_path,
+        mset,
+        _case(
+            "    expect:\n"
+            "      records:\n"
+            "        - resourceType: Patient\n"
+            "          content: {name: [{given: [Jane]}], birthDate: 1980-01-01}\n"
+        ),
+    )
     assert result.passed, result.report()
 
 
 def test_subset_failure_shows_a_diff_naming_file_and_line(tmp_path: Path, mset: MappingSet) -> None:
-    result = _run(tmp_path, mset, _case(
-        "    expect:\n"
-        "      records:\n"
-        "        - resourceType: Encounter\n"
-        "          content: {status: finished}\n"
-    ))
+    result = _run(
+        tmp_path,
+        mset,
+        _case(
+            "    expect:\n"
+            "      records:\n"
+            "        - resourceType: Encounter\n"
+            "          content: {status: finished}\n"
+        ),
+    )
     assert not result.passed
     assert result.where.endswith("x_test.yaml:2")
     assert '-    "status": "finished"' in result.diff
@@ -109,47 +120,57 @@ def test_subset_failure_shows_a_diff_naming_file_and_line(tmp_path: Path, mset: 
 
 
 def test_exact_fails_on_extra_content(tmp_path: Path, mset: MappingSet) -> None:
-    result = _run(tmp_path, mset, _case(
-        "    match: exact\n"
-        "    expect:\n"
-        "      records:\n"
-        "        - resourceType: Patient\n"
-        "          content: {gender: female}\n"
-    ))
+    result = _run(
+        tmp_path,
+        mset,
+        _case(
+            "    match: exact\n"
+            "    expect:\n"
+            "      records:\n"
+            "        - resourceType: Patient\n"
+            "          content: {gender: female}\n"
+        ),
+    )
     assert not result.passed
     assert "expected exactly 1 records" in result.message
     assert '+      "birthDate": "1980-01-01"' in result.diff
 
 
 def test_references_are_shown_as_conditional_references(tmp_path: Path, mset: MappingSet) -> None:
-    result = _run(tmp_path, mset, _case(
-        "    expect:\n"
-        "      records:\n"
-        "        - resourceType: Encounter\n"
-        "          content:\n"
-        "            subject: {reference: 'Patient?identifier=urn:hms-ach:id:GENHOSP|500001'}\n"
-    ))
+    result = _run(
+        tmp_path,
+        mset,
+        _case(
+            "    expect:\n"
+            "      records:\n"
+            "        - resourceType: Encounter\n"
+            "          content:\n"
+            "            subject: {reference: 'Patient?identifier=urn:hms-ach:id:GENHOSP|500001'}\n"
+        ),
+    )
     assert result.passed, result.report()
 
 
 def test_absent_elements_are_checked(tmp_path: Path, mset: MappingSet) -> None:
-    result = _run(tmp_path, mset, _case(
-        "    expect:\n"
-        "      records:\n"
-        "        - resourceType: Encounter\n"
-        "          absent: [status, period.end]\n"
-    ))
+    result = _run(
+        tmp_path,
+        mset,
+        _case(
+            "    expect:\n"
+            "      records:\n"
+            "        - resourceType: Encounter\n"
+            "          absent: [status, period.end]\n"
+        ),
+    )
     assert not result.passed
     assert "Encounter.status must not be set" in result.message
     assert "period.end" not in result.message
 
 
 def test_missing_record_lists_what_was_produced(tmp_path: Path, mset: MappingSet) -> None:
-    result = _run(tmp_path, mset, _case(
-        "    expect:\n"
-        "      records:\n"
-        "        - resourceType: Practitioner\n"
-    ))
+    result = _run(
+        tmp_path, mset, _case("    expect:\n      records:\n        - resourceType: Practitioner\n")
+    )
     assert not result.passed
     assert "no Practitioner record" in result.message
     assert "Patient urn:hms-ach:id:GENHOSP|500001" in result.message
@@ -170,21 +191,37 @@ def test_wrong_error_is_described(tmp_path: Path, mset: MappingSet) -> None:
 
 
 def test_missing_sample_is_a_failed_case(tmp_path: Path, mset: MappingSet) -> None:
-    result = _run(tmp_path, mset, "cases:\n  - name: c\n    sample: samples/nope.hl7\n"
-                                  "    expect: {error: {code: '101'}}\n")
+    result = _run(
+        tmp_path,
+        mset,
+        "cases:\n  - name: c\n    sample: samples/nope.hl7\n    expect: {error: {code: '101'}}\n",
+    )
     assert not result.passed
     assert "cannot read sample 'samples/nope.hl7'" in result.message
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("cases:\n  - name: c\n    mesage: x\n    expect: {error: {}}\n", ["x_test.yaml:3:5", "did you mean 'message'"]),
-    ("cases:\n  - name: c\n    expect: {error: {}}\n", ["exactly one of `sample`, `message`, `csv`, `fhir` or `event`"]),
-    ("cases:\n  - name: c\n    message: x\n    expect: {}\n", ["expects nothing"]),
-    ("cases:\n  - name: c\n    message: x\n    expect:\n      records:\n        - resourceTyp: Patient\n",
-     ["x_test.yaml:6:11", "did you mean 'resourceType'"]),
-    ("cases: [\n", ["x_test.yaml:", "YAML syntax error"]),
-])
-def test_broken_golden_files_say_where(tmp_path: Path, mset: MappingSet, text: str, expected: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "cases:\n  - name: c\n    mesage: x\n    expect: {error: {}}\n",
+            ["x_test.yaml:3:5", "did you mean 'message'"],
+        ),
+        (
+            "cases:\n  - name: c\n    expect: {error: {}}\n",
+            ["exactly one of `sample`, `message`, `csv`, `fhir` or `event`"],
+        ),
+        ("cases:\n  - name: c\n    message: x\n    expect: {}\n", ["expects nothing"]),
+        (
+            "cases:\n  - name: c\n    message: x\n    expect:\n      records:\n        - resourceTyp: Patient\n",
+            ["x_test.yaml:6:11", "did you mean 'resourceType'"],
+        ),
+        ("cases: [\n", ["x_test.yaml:", "YAML syntax error"]),
+    ],
+)
+def test_broken_golden_files_say_where(
+    tmp_path: Path, mset: MappingSet, text: str, expected: list[str]
+) -> None:
     path = _write(tmp_path, text)
     with pytest.raises(ConfigErrors) as info:
         goldens.load_golden_file(path)

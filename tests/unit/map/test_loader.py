@@ -103,12 +103,19 @@ def test_typo_in_a_function_name(tmp_path: Path) -> None:
 
 
 def test_typo_in_a_table_name(tmp_path: Path) -> None:
-    text = _one(_tree(tmp_path, resource=RESOURCE.replace("table: administrative_sex", "table: administrative_sx")))
-    assert "resources/patient.yaml:12:5: unknown table 'administrative_sx'; did you mean 'administrative_sex'?" in text
+    text = _one(
+        _tree(tmp_path, resource=RESOURCE.replace("table: administrative_sex", "table: administrative_sx"))
+    )
+    assert (
+        "resources/patient.yaml:12:5: unknown table 'administrative_sx'; did you mean 'administrative_sex'?"
+        in text
+    )
 
 
 def test_missing_table(tmp_path: Path) -> None:
-    text = _one(_tree(tmp_path, resource=RESOURCE.replace("table: administrative_sex", "table: ethnic_group")))
+    text = _one(
+        _tree(tmp_path, resource=RESOURCE.replace("table: administrative_sex", "table: ethnic_group"))
+    )
     assert "resources/patient.yaml:12:5: unknown table 'ethnic_group'" in text
     assert "expected a name from mappings/tables" in text
 
@@ -118,11 +125,14 @@ def test_unknown_datatype_mapping_in_use(tmp_path: Path) -> None:
     assert "resources/patient.yaml:9:5: unknown datatype mapping 'xpn_nam'; did you mean 'xpn_name'?" in text
 
 
-@pytest.mark.parametrize(("path", "expected"), [
-    ("PID.8", "did you mean 'PID-8'?"),
-    ("PID.5.1", "did you mean 'PID-5.1'?"),
-    ("PID-0", "HL7 positions start at 1"),
-])
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("PID.8", "did you mean 'PID-8'?"),
+        ("PID.5.1", "did you mean 'PID-5.1'?"),
+        ("PID-0", "HL7 positions start at 1"),
+    ],
+)
 def test_wrong_path_syntax(tmp_path: Path, path: str, expected: str) -> None:
     text = _one(_tree(tmp_path, resource=RESOURCE.replace("source: PID-8", f"source: {path}")))
     assert "resources/patient.yaml:11:5:" in text
@@ -135,15 +145,20 @@ def test_record_layering_loop(tmp_path: Path) -> None:
     errors = _errors(_tree(tmp_path, resource=loop_a, **{"resources/other_patient.yaml": loop_b}))
     text = "\n".join(e.render() for e in errors)
     assert "use:/record: layering loops" in text
-    assert "resource:other_patient -> resource:patient -> resource:other_patient" in text \
+    assert (
+        "resource:other_patient -> resource:patient -> resource:other_patient" in text
         or "resource:patient -> resource:other_patient -> resource:patient" in text
+    )
     assert ".yaml:6:" in text  # the rules: key of the file where the loop closes
 
 
 def test_use_layering_loop(tmp_path: Path) -> None:
     looping = DATATYPE + "  - target: given[]\n    source: XPN.2\n    use: xpn_name\n"
     text = _one(_tree(tmp_path, datatype=looping))
-    assert "datatypes/xpn_name.yaml:3:1: use:/record: layering loops: datatype:xpn_name -> datatype:xpn_name" in text
+    assert (
+        "datatypes/xpn_name.yaml:3:1: use:/record: layering loops: datatype:xpn_name -> datatype:xpn_name"
+        in text
+    )
 
 
 def test_yaml_syntax_error(tmp_path: Path) -> None:
@@ -164,23 +179,35 @@ def test_unknown_parameter_in_with(tmp_path: Path) -> None:
 
 
 def test_unknown_alias_in_an_action(tmp_path: Path) -> None:
-    message = MESSAGE + "actions:\n  - action: merge_patient\n    args: {source: old_patient, target: patient}\n"
+    message = (
+        MESSAGE + "actions:\n  - action: merge_patient\n    args: {source: old_patient, target: patient}\n"
+    )
     text = _one(_tree(tmp_path, message=message))
     assert "messages/adt.yaml:8:" in text
     assert "unknown alias 'old_patient'" in text
 
 
 def test_all_errors_of_all_files_are_reported(tmp_path: Path) -> None:
-    resource = RESOURCE.replace("function: hl7_date", "function: hl7_dattime").replace("source: PID-8", "source: PID.8")
+    resource = RESOURCE.replace("function: hl7_date", "function: hl7_dattime").replace(
+        "source: PID-8", "source: PID.8"
+    )
     errors = _errors(_tree(tmp_path, resource=resource))
     assert len(errors) == 2
 
 
 def test_errors_never_leak_a_stack_trace(tmp_path: Path) -> None:
     """Garbage files of every shape still give ConfigErrors, not Python exceptions."""
-    for i, garbage in enumerate(["- a\n- b\n", "just text\n", "kind: resource\n", "kind: message\nmatch: 3\n",
-                                 "kind: table\nmap: [1, 2]\n", "\t\tkind: x", "kind: resource\nresource: Patient\n"
-                                 "rules:\n  - target: a\n    for_each: PID-3\n"]):
+    for i, garbage in enumerate(
+        [
+            "- a\n- b\n",
+            "just text\n",
+            "kind: resource\n",
+            "kind: message\nmatch: 3\n",
+            "kind: table\nmap: [1, 2]\n",
+            "\t\tkind: x",
+            "kind: resource\nresource: Patient\nrules:\n  - target: a\n    for_each: PID-3\n",
+        ]
+    ):
         root = tmp_path / f"t{i}"
         (root / "x").mkdir(parents=True)
         (root / "x" / "bad.yaml").write_text(garbage, encoding="utf-8")

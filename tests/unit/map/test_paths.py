@@ -7,19 +7,20 @@ import pytest
 from hms_ach.map.paths import MessagePath, PathSyntaxError, Scope, TypePath, compile_path
 from hms_ach.parse.hl7v2 import Hl7Message, parse_text
 
-MESSAGE = "\r".join([
-    "MSH|^~\\&|ADTSYS|GENHOSP|HMSACH|GENHOSP|20261126083000-0500||ADT^A01^ADT_A01|C1|P|2.5.1",
-    "PID|1||100001^^^GENHOSP^MR~123-45-6789^^^SSA^SS||Rivera^Maria^Elena||19750314|F",
-    "NK1|1|Rivera^Daniel|SPO",
-    "NK1|2|Rivera^Ana|DAU",
-    "PV1|1|I|4W^412^A^GENHOSP|||"
-    "|1234567893^Chen^Lisa^^^Dr^^^NPI&2.16.840.1.113883.4.6&ISO^L",
-    "ZPI|1|VIP\\T\\Gold",
-    "MFE|MAD|1",
-    "STF|S1",
-    "MFE|MUP|2",
-    "STF|S2",
-])
+MESSAGE = "\r".join(
+    [
+        "MSH|^~\\&|ADTSYS|GENHOSP|HMSACH|GENHOSP|20261126083000-0500||ADT^A01^ADT_A01|C1|P|2.5.1",
+        "PID|1||100001^^^GENHOSP^MR~123-45-6789^^^SSA^SS||Rivera^Maria^Elena||19750314|F",
+        "NK1|1|Rivera^Daniel|SPO",
+        "NK1|2|Rivera^Ana|DAU",
+        "PV1|1|I|4W^412^A^GENHOSP||||1234567893^Chen^Lisa^^^Dr^^^NPI&2.16.840.1.113883.4.6&ISO^L",
+        "ZPI|1|VIP\\T\\Gold",
+        "MFE|MAD|1",
+        "STF|S1",
+        "MFE|MUP|2",
+        "STF|S2",
+    ]
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,24 +32,27 @@ def _texts(path: str, message: Hl7Message, scope: Scope | None = None) -> list[s
     return [v.text for v in compile_path(path).resolve(scope or Scope(message))]
 
 
-@pytest.mark.parametrize(("path", "expected"), [
-    ("PID-5", ["Rivera^Maria^Elena"]),
-    ("PID-5.1", ["Rivera"]),
-    ("PID-5.2", ["Maria"]),
-    ("PID-3[2].1", ["123-45-6789"]),
-    ("PID-3[*].1", ["100001", "123-45-6789"]),
-    ("PID-3[CX.5=SS].1", ["123-45-6789"]),
-    ("PID-3[CX.5=XX].1", []),
-    ("PID-3.1", ["100001"]),
-    ("PV1-7.9.1", ["NPI"]),
-    ("PV1-7.9.2", ["2.16.840.1.113883.4.6"]),
-    ("NK1[2]-2.2", ["Ana"]),
-    ("NK1[*]-3", ["SPO", "DAU"]),
-    ("NK1-3", ["SPO"]),
-    ("ZPI-2", ["VIP&Gold"]),
-    ("PID-99", []),
-    ("OBX-5", []),
-])
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("PID-5", ["Rivera^Maria^Elena"]),
+        ("PID-5.1", ["Rivera"]),
+        ("PID-5.2", ["Maria"]),
+        ("PID-3[2].1", ["123-45-6789"]),
+        ("PID-3[*].1", ["100001", "123-45-6789"]),
+        ("PID-3[CX.5=SS].1", ["123-45-6789"]),
+        ("PID-3[CX.5=XX].1", []),
+        ("PID-3.1", ["100001"]),
+        ("PV1-7.9.1", ["NPI"]),
+        ("PV1-7.9.2", ["2.16.840.1.113883.4.6"]),
+        ("NK1[2]-2.2", ["Ana"]),
+        ("NK1[*]-3", ["SPO", "DAU"]),
+        ("NK1-3", ["SPO"]),
+        ("ZPI-2", ["VIP&Gold"]),
+        ("PID-99", []),
+        ("OBX-5", []),
+    ],
+)
 def test_message_paths_resolve(message: Hl7Message, path: str, expected: list[str]) -> None:
     assert _texts(path, message) == expected
 
@@ -91,17 +95,20 @@ def test_segment_paths() -> None:
     assert not compile_path("NK1-2").is_segment  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize(("path", "message_part"), [
-    ("PID.5.1", "did you mean 'PID-5.1'?"),
-    ("PID-0", "positions start at 1"),
-    ("PID-5.0", "positions start at 1"),
-    ("PID-3[0].1", "repetitions start at 1"),
-    ("NK1[0]-2", "segment repetitions start at 1"),
-    ("pid-5", "is not an HL7 path"),
-    ("PID-5..1", "is not an HL7 path"),
-    ("", "is not an HL7 path"),
-    ("XCN.1", "has no datatype context"),
-])
+@pytest.mark.parametrize(
+    ("path", "message_part"),
+    [
+        ("PID.5.1", "did you mean 'PID-5.1'?"),
+        ("PID-0", "positions start at 1"),
+        ("PID-5.0", "positions start at 1"),
+        ("PID-3[0].1", "repetitions start at 1"),
+        ("NK1[0]-2", "segment repetitions start at 1"),
+        ("pid-5", "is not an HL7 path"),
+        ("PID-5..1", "is not an HL7 path"),
+        ("", "is not an HL7 path"),
+        ("XCN.1", "has no datatype context"),
+    ],
+)
 def test_bad_paths_say_what_was_expected(path: str, message_part: str) -> None:
     with pytest.raises(PathSyntaxError) as info:
         compile_path(path)

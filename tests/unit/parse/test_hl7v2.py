@@ -12,7 +12,7 @@ SEGMENTS = [
     "MSH|^~\\&|ADTSYS|GENHOSP|HMSACH|GENHOSP|20261126083000-0500||ADT^A01^ADT_A01|C1|P|2.5.1",
     "PID|1||100001^^^GENHOSP^MR~123-45-6789^^^SSA^SS||O\\T\\Brien^Mary\\S\\Ann||19750314|F|||"
     "12 Oak St\\F\\Apt 4^^Columbus^OH",
-    "PV1|1|I|4W^412^A^GENHOSP||||1234567893^Chen^Lisa^^^Dr^^^NPI&2.16.840.1.113883.4.6&ISO^L|||\"\"",
+    'PV1|1|I|4W^412^A^GENHOSP||||1234567893^Chen^Lisa^^^Dr^^^NPI&2.16.840.1.113883.4.6&ISO^L|||""',
     "ZPI|1|a\\E\\b|\\X41\\\\R\\|\\.br\\",
 ]
 

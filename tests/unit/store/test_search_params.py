@@ -29,8 +29,15 @@ FULL: dict[str, dict[str, Any]] = {
     "Patient": {
         "resourceType": "Patient",
         "identifier": [{"system": MRN, "value": "12345"}, {"value": "no-system"}],
-        "name": [{"family": "Muñoz", "given": ["José", "Ángel"], "prefix": ["Sr."], "suffix": ["Jr"],
-                  "text": "José Ángel Muñoz"}],
+        "name": [
+            {
+                "family": "Muñoz",
+                "given": ["José", "Ángel"],
+                "prefix": ["Sr."],
+                "suffix": ["Jr"],
+                "text": "José Ángel Muñoz",
+            }
+        ],
         "gender": "male",
         "birthDate": "1980-02-29",
     },
@@ -42,8 +49,10 @@ FULL: dict[str, dict[str, Any]] = {
         "period": {"start": "2026-11-26T08:00:00+01:00"},
         "subject": {"reference": "Patient/p1"},
         "location": [{"location": {"reference": "Location/l1"}}],
-        "participant": [{"individual": {"reference": "Practitioner/d1"}},
-                        {"individual": {"reference": "PractitionerRole/r1"}}],
+        "participant": [
+            {"individual": {"reference": "Practitioner/d1"}},
+            {"individual": {"reference": "PractitionerRole/r1"}},
+        ],
     },
     "Location": {
         "resourceType": "Location",
@@ -52,10 +61,17 @@ FULL: dict[str, dict[str, Any]] = {
         "alias": ["4W"],
         "status": "active",
         "operationalStatus": {"system": "http://terminology.hl7.org/CodeSystem/v2-0116", "code": "O"},
-        "physicalType": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/location-physical-type",
-                                     "code": "bd"}]},
-        "type": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-RoleCode", "code": "HOSP"}],
-                  "text": "Hospital"}],
+        "physicalType": {
+            "coding": [
+                {"system": "http://terminology.hl7.org/CodeSystem/location-physical-type", "code": "bd"}
+            ]
+        },
+        "type": [
+            {
+                "coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-RoleCode", "code": "HOSP"}],
+                "text": "Hospital",
+            }
+        ],
         "partOf": {"reference": "Location/ward4"},
     },
     "Practitioner": {
@@ -133,9 +149,7 @@ def test_every_record_type_declares_parameters() -> None:
     assert set(SEARCH_PARAMS) == set(RECORD_TABLES)
 
 
-@pytest.mark.parametrize(
-    ("rtype", "name"), [(t, n) for t, params in SEARCH_PARAMS.items() for n in params]
-)
+@pytest.mark.parametrize(("rtype", "name"), [(t, n) for t, params in SEARCH_PARAMS.items() for n in params])
 def test_every_declared_parameter_yields_rows(rtype: str, name: str) -> None:
     param = SEARCH_PARAMS[rtype][name]
     assert _rows(rtype, param.type, name), f"{rtype}.{name} ({param.expression}) produced no index row"
@@ -144,8 +158,17 @@ def test_every_declared_parameter_yields_rows(rtype: str, name: str) -> None:
 def test_required_parameters_are_declared() -> None:
     required = {
         "Patient": {"identifier", "name", "family", "given", "birthdate", "gender"},
-        "Encounter": {"identifier", "patient", "subject", "status", "class", "date", "location",
-                      "practitioner", "participant"},
+        "Encounter": {
+            "identifier",
+            "patient",
+            "subject",
+            "status",
+            "class",
+            "date",
+            "location",
+            "practitioner",
+            "participant",
+        },
         "Location": {"identifier", "name", "status", "operational-status", "type", "partof"},
         "Practitioner": {"identifier", "name", "family", "given", "active"},
         "PractitionerRole": {"practitioner", "role", "organization", "active", "identifier"},
@@ -164,7 +187,9 @@ def test_common_parameters_apply_to_every_type() -> None:
 
 def test_walk_follows_lists_and_dicts() -> None:
     assert list(walk(FULL["Encounter"], "participant.individual")) == [
-        {"reference": "Practitioner/d1"}, {"reference": "PractitionerRole/r1"}]
+        {"reference": "Practitioner/d1"},
+        {"reference": "PractitionerRole/r1"},
+    ]
     assert list(walk(FULL["Patient"], "name.given")) == ["José", "Ángel"]
     assert list(walk(FULL["Patient"], "address.city")) == []
     assert list(walk({"a": None}, "a")) == []
@@ -180,10 +205,15 @@ def test_identifier_tokens() -> None:
 def test_coding_codeable_concept_code_and_boolean_tokens() -> None:
     assert _rows("Encounter", "token", "class") == [{"param": "class", "system": ACT, "value": "IMP"}]
     assert _rows("Location", "token", "type") == [
-        {"param": "type", "system": "http://terminology.hl7.org/CodeSystem/v3-RoleCode", "value": "HOSP"}]
+        {"param": "type", "system": "http://terminology.hl7.org/CodeSystem/v3-RoleCode", "value": "HOSP"}
+    ]
     assert _rows("Patient", "token", "gender") == [{"param": "gender", "system": None, "value": "male"}]
-    assert _rows("PractitionerRole", "token", "active") == [{"param": "active", "system": None, "value": "false"}]
-    assert _rows("PractitionerRole", "token", "role") == [{"param": "role", "system": "urn:roles", "value": "doctor"}]
+    assert _rows("PractitionerRole", "token", "active") == [
+        {"param": "active", "system": None, "value": "false"}
+    ]
+    assert _rows("PractitionerRole", "token", "role") == [
+        {"param": "role", "system": "urn:roles", "value": "doctor"}
+    ]
 
 
 def test_human_name_parts_are_each_a_string_row() -> None:
@@ -208,20 +238,25 @@ def test_long_values_are_truncated_to_255() -> None:
 
 def test_reference_rows_and_target_restriction() -> None:
     assert _rows("Encounter", "reference", "patient") == [
-        {"param": "patient", "target_type": "Patient", "target_id": "p1"}]
+        {"param": "patient", "target_type": "Patient", "target_id": "p1"}
+    ]
     assert len(_rows("Encounter", "reference", "participant")) == 2
     assert _rows("Encounter", "reference", "practitioner") == [
-        {"param": "practitioner", "target_type": "Practitioner", "target_id": "d1"}]
+        {"param": "practitioner", "target_type": "Practitioner", "target_id": "d1"}
+    ]
     group = index_rows("Encounter", {"subject": {"reference": "Group/g1"}})["reference"]
     assert [r["param"] for r in group] == ["subject"]
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("Patient/1", ("Patient", "1")),
-    ("http://example.org/fhir/Patient/1", ("Patient", "1")),
-    ("http://example.org/fhir/Patient/1/_history/3", ("Patient", "1")),
-    ("123", (None, "123")),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Patient/1", ("Patient", "1")),
+        ("http://example.org/fhir/Patient/1", ("Patient", "1")),
+        ("http://example.org/fhir/Patient/1/_history/3", ("Patient", "1")),
+        ("123", (None, "123")),
+    ],
+)
 def test_parse_reference(text: str, expected: tuple[str | None, str]) -> None:
     assert parse_reference(text) == expected
 
@@ -230,23 +265,42 @@ def _utc(*args: int) -> datetime:
     return datetime(*args, tzinfo=UTC)  # type: ignore[misc]
 
 
-@pytest.mark.parametrize(("text", "start", "end"), [
-    ("2026", _utc(2026, 1, 1), _utc(2027, 1, 1)),
-    ("2026-12", _utc(2026, 12, 1), _utc(2027, 1, 1)),
-    ("2026-02", _utc(2026, 2, 1), _utc(2026, 3, 1)),
-    ("2026-11-26", _utc(2026, 11, 26), _utc(2026, 11, 27)),
-    ("2026-11-26T10:15", _utc(2026, 11, 26, 10, 15), _utc(2026, 11, 26, 10, 16)),
-    ("2026-11-26T10:15:30Z", _utc(2026, 11, 26, 10, 15, 30), _utc(2026, 11, 26, 10, 15, 31)),
-    ("2026-11-26T10:15:30+02:00", _utc(2026, 11, 26, 8, 15, 30), _utc(2026, 11, 26, 8, 15, 31)),
-    ("2026-11-26T10:15:30.5-05:00", _utc(2026, 11, 26, 15, 15, 30, 500000), _utc(2026, 11, 26, 15, 15, 30, 600000)),
-    ("9999", _utc(9999, 1, 1), FAR_FUTURE),
-])
+@pytest.mark.parametrize(
+    ("text", "start", "end"),
+    [
+        ("2026", _utc(2026, 1, 1), _utc(2027, 1, 1)),
+        ("2026-12", _utc(2026, 12, 1), _utc(2027, 1, 1)),
+        ("2026-02", _utc(2026, 2, 1), _utc(2026, 3, 1)),
+        ("2026-11-26", _utc(2026, 11, 26), _utc(2026, 11, 27)),
+        ("2026-11-26T10:15", _utc(2026, 11, 26, 10, 15), _utc(2026, 11, 26, 10, 16)),
+        ("2026-11-26T10:15:30Z", _utc(2026, 11, 26, 10, 15, 30), _utc(2026, 11, 26, 10, 15, 31)),
+        ("2026-11-26T10:15:30+02:00", _utc(2026, 11, 26, 8, 15, 30), _utc(2026, 11, 26, 8, 15, 31)),
+        (
+            "2026-11-26T10:15:30.5-05:00",
+            _utc(2026, 11, 26, 15, 15, 30, 500000),
+            _utc(2026, 11, 26, 15, 15, 30, 600000),
+        ),
+        ("9999", _utc(9999, 1, 1), FAR_FUTURE),
+    ],
+)
 def test_date_ranges_follow_precision(text: str, start: datetime, end: datetime) -> None:
     assert date_range(text) == (start, end)
 
 
-@pytest.mark.parametrize("text", ["", "26-11-2026", "2026-13", "2026-02-30", "0000", "2026-11-26T25:00Z",
-                                  "2026-11-26T10:00+25:00", "yesterday", "2026-11-26 10:00"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "26-11-2026",
+        "2026-13",
+        "2026-02-30",
+        "0000",
+        "2026-11-26T25:00Z",
+        "2026-11-26T10:00+25:00",
+        "yesterday",
+        "2026-11-26 10:00",
+    ],
+)
 def test_bad_dates_are_refused(text: str) -> None:
     with pytest.raises(ValueError):
         date_range(text)
@@ -262,12 +316,20 @@ def test_period_rows_with_open_ends() -> None:
 
 def test_birthdate_is_a_day_range() -> None:
     assert _rows("Patient", "date", "birthdate") == [
-        {"param": "birthdate", "start": _utc(1980, 2, 29), "end": _utc(1980, 3, 1)}]
+        {"param": "birthdate", "start": _utc(1980, 2, 29), "end": _utc(1980, 3, 1)}
+    ]
 
 
 def test_unparseable_values_make_no_rows() -> None:
-    rows = index_rows("Patient", {"birthDate": "not a date", "gender": None, "name": [{"family": " "}],
-                                  "identifier": [{"system": "x"}]})
+    rows = index_rows(
+        "Patient",
+        {
+            "birthDate": "not a date",
+            "gender": None,
+            "name": [{"family": " "}],
+            "identifier": [{"system": "x"}],
+        },
+    )
     assert rows == {}
     assert index_rows("Encounter", {"subject": {"reference": "urn:uuid:abc"}}) == {}
 

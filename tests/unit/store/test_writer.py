@@ -40,6 +40,7 @@ def test_a_cancelled_caller_does_not_stop_the_writer(store: Store) -> None:
 def test_a_failing_job_fails_alone(store: Store) -> None:
     writer = StoreWriter(store)
     try:
+
         def boom(conn: Connection) -> None:
             raise ValueError("bad job")
 
