@@ -1,4 +1,4 @@
-"""The socket ceiling of figure B: hms-ach's own MLLP listener (:class:`hms_ach.inbound.mllp.MllpServer`)
+"""The socket ceiling of figure B: hms-ach's own MLLP listener (:class:`hms_ach.hl7v2.mllp.MllpServer`)
 with a handler that parses nothing, stores nothing and answers every frame with one fixed ACK.
 
 Run in its own process: ``python -m benchmarks.echo_server --port P``; stops on SIGINT or SIGTERM.
@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 
 from benchmarks.driver import listen_until_signalled
-from hms_ach import eventloop
-from hms_ach.inbound.mllp import MllpConfig, MllpServer
+from hms_ach.app import eventloop
+from hms_ach.hl7v2.mllp import MllpConfig, MllpServer
 
 #: An AA of the size the engine sends (about 150 bytes), built once.
 FIXED_ACK = (

@@ -153,9 +153,9 @@ def figure_a(run: Run) -> dict[str, Any]:
     """In-process parse + map of ADT^A01 (pipeline.evaluate), one thread, against parsers alone."""
     import hl7
 
-    from hms_ach.map.engine import MappingEngine
-    from hms_ach.map.loader import load_mappings
-    from hms_ach.pipeline import Hl7Policy, evaluate
+    from hms_ach.ingest.pipeline import Hl7Policy, evaluate
+    from hms_ach.mapping.engine import MappingEngine
+    from hms_ach.mapping.loader import load_mappings
 
     m = run.mode
     messages = a01_messages(max(m.a_messages, 50), seed=SEED, tag="A")
@@ -212,7 +212,7 @@ def figure_a(run: Run) -> dict[str, Any]:
         "hl7apy_msg_per_s": summary(samples["hl7apy"]),
         "split_msg_per_s": summary(samples["split"]),
         "notes": [
-            "evaluate = hms_ach.pipeline.evaluate: MSH checks, decode, parse, the shipped mappings",
+            "evaluate = hms_ach.ingest.pipeline.evaluate: MSH checks, decode, parse, the shipped mappings",
             "hl7.parse and hl7apy parse_message include decoding the bytes, nothing else",
             "split = str.split to segments, fields and components: no escapes, no objects",
         ],
@@ -338,9 +338,7 @@ def echo_ceiling(run: Run) -> dict[str, Any]:
     m = run.mode
     folder = run.folder("b-echo")
     port = procs.free_port()
-    out: dict[str, Any] = {
-        "how": "hms_ach.inbound.mllp.MllpServer, handler returns a fixed ACK (own process)"
-    }
+    out: dict[str, Any] = {"how": "hms_ach.hl7v2.mllp.MllpServer, handler returns a fixed ACK (own process)"}
     with procs.start_module("echo", "benchmarks.echo_server", ["--port", str(port)], folder, [port]):
         for conns in (1, 8):
             result = procs.run_driver(
@@ -563,10 +561,12 @@ async def _poll_roster(settings: dict[str, Any], url: str, mapping: Any) -> tupl
     """One poll of the sftp_csv channel on a fresh store: (PollResult, seconds, CPU seconds, Practitioners)."""
     from sqlalchemy import func, select
 
-    from hms_ach.inbound.sftp_csv import SftpCsvChannel, SftpCsvConfig
-    from hms_ach.pipeline import Pipeline
+    from hms_ach.channels.sftp_csv import SftpCsvChannel, SftpCsvConfig
+    from hms_ach.ingest.pipeline import Pipeline
     from hms_ach.store.db import Store
-    from hms_ach.store.models import Practitioner
+    from hms_ach.store.models import RECORD_TABLES
+
+    Practitioner = RECORD_TABLES["Practitioner"]
     from hms_ach.store.writer import StoreWriter
 
     store = Store(url)  # tables are created here, before the clock starts
@@ -593,7 +593,7 @@ async def _download_rates(
     seconds per repetition on one connection, and the connect + login seconds."""
     import asyncssh
 
-    from hms_ach.inbound.sftp_csv import CHUNK_BYTES
+    from hms_ach.channels.sftp_csv import CHUNK_BYTES
 
     t0 = time.perf_counter()
     async with await asyncssh.connect(
@@ -635,8 +635,8 @@ def figure_d(run: Run) -> dict[str, Any]:
     and the raw SFTP download of the same file."""
     import asyncio
 
-    from hms_ach.map.engine import MappingEngine
-    from hms_ach.map.loader import load_mappings
+    from hms_ach.mapping.engine import MappingEngine
+    from hms_ach.mapping.loader import load_mappings
 
     m = run.mode
     folder = run.folder("d")

@@ -44,12 +44,12 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 def hms_ach_command() -> list[str]:
-    """``hms-ach`` as installed beside this Python (the console script), else ``python -m hms_ach.cli``."""
+    """``hms-ach`` as installed beside this Python (the console script), else ``python -m hms_ach.app.cli``."""
     beside = Path(sys.executable).with_name("hms-ach")
     if beside.exists():
         return [str(beside)]
     found = shutil.which("hms-ach")
-    return [found] if found else [sys.executable, "-m", "hms_ach.cli"]
+    return [found] if found else [sys.executable, "-m", "hms_ach.app.cli"]
 
 
 def write_engine_config(folder: Path, database_url: str, mllp_port: int, http_port: int) -> Path:

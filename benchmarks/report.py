@@ -24,7 +24,7 @@ README_HEADING = "## Performance"
 
 # ------------------------------------------------------------------------------------------- machine
 def _event_loop() -> str:
-    from hms_ach.eventloop import loop_name
+    from hms_ach.app.eventloop import loop_name
 
     try:
         import httptools  # noqa: F401

@@ -4,7 +4,7 @@ A new sink type is one module with a class that has a ``Config`` (extending
 :class:`hms_ach.outbound.sinks.SinkSettings`) and ``async deliver(delivery)``, plus one line here.
 """
 
-from hms_ach.registry import Registry
+from hms_ach.core.registry import Registry
 
 #: ``type:`` of a ``sinks:`` entry in channels.yaml -> the sink class.
 SINK_TYPES = Registry(
@@ -12,7 +12,7 @@ SINK_TYPES = Registry(
     {
         "webhook": "hms_ach.outbound.webhook:WebhookSink",
         "rabbitmq": "hms_ach.outbound.rabbitmq:RabbitMqSink",
-        "x12_837": "hms_ach.outbound.x12_837:X12ClaimSink",
+        "x12_837": "hms_ach.billing.x12_837:X12ClaimSink",
         "fhir_push": "hms_ach.outbound.fhir_push:FhirPushSink",
     },
 )

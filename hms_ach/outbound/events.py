@@ -24,9 +24,9 @@ they are without an engine or a mapping).
 | practitioner.onboarded / practitioner.updated | a Practitioner is created / changed |
 | shift.updated | a Shift is created or changed |
 | timecard.recorded | a Timecard is created or changed |
-| claim.created | a Claim is created (see :mod:`hms_ach.outbound.claims`) |
-| claim.file_written / claim.file_rejected / claim.error | the 837 sink's outcome for a claim (:mod:`hms_ach.outbound.x12_837`) |
-| credential.expiring / credential.expired | emitted by the scheduler (:mod:`hms_ach.jobs.credentials`) |
+| claim.created | a Claim is created (see :mod:`hms_ach.billing.claims`) |
+| claim.file_written / claim.file_rejected / claim.error | the 837 sink's outcome for a claim (:mod:`hms_ach.billing.x12_837`) |
+| credential.expiring / credential.expired | emitted by the scheduler (:mod:`hms_ach.workforce.credentials`) |
 | record.changed | every new version of a FHIR resource record (the change feed of the fhir_push sink) |
 
 ``record.changed`` (payload: resource, versionId, action create|update|delete) is the change feed:
@@ -46,7 +46,7 @@ from hms_ach.outbound import outbox
 from hms_ach.store.changes import Change
 
 if TYPE_CHECKING:
-    from hms_ach.map.engine import MappingEngine
+    from hms_ach.mapping.engine import MappingEngine
 
 log = logging.getLogger("hms_ach.outbound.events")
 
@@ -242,6 +242,6 @@ def record(conn: Connection, change: Change) -> None:
     for event, body in derive(change):
         outbox.enqueue(conn, event, body)
         if event == "encounter.discharged":
-            from hms_ach.outbound.claims import claim_for_encounter
+            from hms_ach.billing.claims import claim_for_encounter
 
             claim_for_encounter(conn, change.id, change.message_id)

@@ -38,7 +38,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from sqlalchemy import select
 
-from hms_ach.fhir_refs import references, rewrite_references
+from hms_ach.core.references import references, rewrite_references
 from hms_ach.outbound.sinks import Delivery, DeliveryError, DeliveryResult, SinkSettings
 from hms_ach.outbound.webhook import retry_after_seconds
 from hms_ach.store.models import RECORD_TABLES

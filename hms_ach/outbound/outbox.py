@@ -3,7 +3,7 @@
 * :func:`enqueue` writes an ``outbox_event`` row on the caller's connection, so an event exists
   exactly when the change that caused it committed (the change listener in
   :mod:`hms_ach.outbound.events` calls it; other code, e.g. the credential scheduler, may too).
-* The :class:`Dispatcher` (an asyncio task per sink, started by :class:`hms_ach.runtime.Engine`)
+* The :class:`Dispatcher` (an asyncio task per sink, started by :class:`hms_ach.app.runtime.Engine`)
   holds a lease on the sink's ``outbox_cursor`` row, fans new events out into ``outbox`` rows for
   the sinks whose filter wants them, and delivers those rows one by one in id order: a failing row
   holds back the ones after it (per-destination ordering), is retried with exponential backoff and

@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from hms_ach.registry import Registry
+from hms_ach.core.registry import Registry
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,13 @@ Three kinds of table:
 
 from __future__ import annotations
 
+import types
 from datetime import UTC, datetime
 
 from sqlalchemy import Column, Index, LargeBinary, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
+
+from hms_ach.core.records import RECORD_TYPES, RecordType
 
 
 def utcnow() -> datetime:
@@ -95,111 +98,20 @@ class ResourceBase(SQLModel):
     resource: str = Field(sa_type=Text)
 
 
-def _record_args(name: str) -> tuple[object, ...]:
-    return (UniqueConstraint("key_system", "key_value", name=f"uq_{name}_key"),)
+def _record_table(record_type: RecordType) -> type[ResourceBase]:
+    """The table class of one record type (its current versions), named after the type."""
+    namespace = {
+        "__tablename__": record_type.table,
+        "__table_args__": (UniqueConstraint("key_system", "key_value", name=f"uq_{record_type.table}_key"),),
+        "__doc__": record_type.description,
+        "__module__": __name__,
+    }
+    cls = types.new_class(record_type.name, (ResourceBase,), {"table": True}, lambda ns: ns.update(namespace))
+    return cls
 
 
-class Patient(ResourceBase, table=True):
-    __tablename__ = "patient"
-    __table_args__ = _record_args("patient")
-
-
-class Encounter(ResourceBase, table=True):
-    __tablename__ = "encounter"
-    __table_args__ = _record_args("encounter")
-
-
-class Location(ResourceBase, table=True):
-    __tablename__ = "location"
-    __table_args__ = _record_args("location")
-
-
-class Practitioner(ResourceBase, table=True):
-    __tablename__ = "practitioner"
-    __table_args__ = _record_args("practitioner")
-
-
-class PractitionerRole(ResourceBase, table=True):
-    __tablename__ = "practitioner_role"
-    __table_args__ = _record_args("practitioner_role")
-
-
-class Organization(ResourceBase, table=True):
-    __tablename__ = "organization"
-    __table_args__ = _record_args("organization")
-
-
-class Shift(ResourceBase, table=True):
-    """A planned or worked shift (canonical record type ``Shift``; not a FHIR resource).
-
-    Content: identifier[], practitioner {reference}, role {coding, text}, department {reference or
-    display}, location {reference}, start, end (dateTime with offset), status (planned | confirmed |
-    swapped | cancelled), swapRequest {requestedBy, replacement, status: requested | approved |
-    rejected, decidedAt}.
-    """
-
-    __tablename__ = "shift"
-    __table_args__ = _record_args("shift")
-
-
-class Timecard(ResourceBase, table=True):
-    """A worked period from clock-in/clock-out events (canonical record type ``Timecard``).
-
-    Content: identifier[], practitioner {reference}, department, clockIn, clockOut (dateTime with
-    offset), workedMinutes, overtimeMinutes (by the configured overtime rule), shift {reference}.
-    """
-
-    __tablename__ = "timecard"
-    __table_args__ = _record_args("timecard")
-
-
-class Charge(ResourceBase, table=True):
-    """One billable service from a DFT^P03 FT1 segment (canonical record type ``Charge``).
-
-    Content: identifier[], encounter {reference}, patient {reference}, code {system, code, display}
-    (CPT/HCPCS), units, amount (extended, >= 0), date, performer {reference, npi}, diagnosis [codes],
-    insurance {payerId, payerName, memberId, groupNumber, subscriber {...}} from IN1.
-    """
-
-    __tablename__ = "charge"
-    __table_args__ = _record_args("charge")
-
-
-class Coverage(ResourceBase, table=True):
-    """A FHIR R4 Coverage from an IN1 segment (payer, member id, subscriber relationship)."""
-
-    __tablename__ = "coverage"
-    __table_args__ = _record_args("coverage")
-
-
-class Claim(ResourceBase, table=True):
-    """A FHIR R4 Claim made at discharge from the charges of one encounter (see outbound/claims.py)."""
-
-    __tablename__ = "claim"
-    __table_args__ = _record_args("claim")
-
-
-#: Record type -> table class. A new record type is one class above plus one line here.
-RECORD_TABLES: dict[str, type[ResourceBase]] = {
-    "Patient": Patient,
-    "Encounter": Encounter,
-    "Location": Location,
-    "Practitioner": Practitioner,
-    "PractitionerRole": PractitionerRole,
-    "Organization": Organization,
-    "Shift": Shift,
-    "Timecard": Timecard,
-    "Charge": Charge,
-    "Coverage": Coverage,
-    "Claim": Claim,
-}
-
-#: The record types that are FHIR R4 resources (served under /fhir); the others are canonical only.
-FHIR_TYPES = ("Patient", "Encounter", "Location", "Practitioner", "PractitionerRole", "Organization")
-#: FHIR R4 resources served read-only (read, vread, history, search): made by hms-ach, not written through /fhir.
-READ_ONLY_FHIR_TYPES = ("Coverage", "Claim")
-#: Every record type served under /fhir.
-SERVED_FHIR_TYPES = FHIR_TYPES + READ_ONLY_FHIR_TYPES
+#: Record type -> table class, one per row of RECORD_TYPES (hms_ach/core/records.py).
+RECORD_TABLES: dict[str, type[ResourceBase]] = {name: _record_table(rt) for name, rt in RECORD_TYPES.items()}
 
 
 class AuditEntry(SQLModel, table=True):
@@ -372,7 +284,7 @@ class ControlNumber(SQLModel, table=True):
 
 
 class JobRun(SQLModel, table=True):
-    """The last run of each scheduled job (see hms_ach/scheduler.py), shown by ``hms-ach jobs``."""
+    """The last run of each scheduled job (see hms_ach/app/scheduler.py), shown by ``hms-ach jobs``."""
 
     __tablename__ = "job_run"
 

@@ -23,8 +23,8 @@ from sqlalchemy import Connection, Table, and_, bindparam, delete, select, updat
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from hms_ach.errors import ContentError, Err0357
-from hms_ach.map.result import MappingResult, RecordWrite, StoreAction
+from hms_ach.core.errors import ContentError, Err0357
+from hms_ach.core.records import MappingResult, RecordWrite, StoreAction, merge_content
 from hms_ach.store import fastexec, search_params
 from hms_ach.store.changes import Change, notify
 from hms_ach.store.models import INDEX_TABLES, RECORD_TABLES, ResourceHistory, SearchReference
@@ -49,19 +49,6 @@ def new_id() -> str:
 
 def dumps(obj: Any) -> str:
     return orjson.dumps(obj).decode()
-
-
-def merge_content(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge ``new`` into ``old``: objects merge, lists and scalars replace, ``None`` deletes."""
-    out = dict(old)
-    for k, v in new.items():
-        if v is None:
-            out.pop(k, None)
-        elif isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = merge_content(out[k], v)
-        else:
-            out[k] = v
-    return out
 
 
 def _strip_meta(resource: dict[str, Any]) -> dict[str, Any]:

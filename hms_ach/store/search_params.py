@@ -1,6 +1,7 @@
 """FHIR R4 search parameters, declared as data.
 
-Each resource type lists its parameters as ``name -> (type, path[, target types])``. A path is a
+Each record type of :data:`hms_ach.core.records.RECORD_TYPES` lists its parameters as
+``name -> (type, path[, target types])``. A path is a
 small FHIRPath subset: dotted element names, with ``|`` joining alternatives
 (``"name.family | name.given"``). One declaration serves three readers:
 
@@ -22,6 +23,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Literal
+
+from hms_ach.core.records import RECORD_TYPES
 
 ParamType = Literal["token", "string", "date", "reference"]
 
@@ -49,106 +52,6 @@ class SearchParam:
         return " | ".join(self.paths)
 
 
-_Decl = tuple[str, str] | tuple[str, str, tuple[str, ...]]
-
-_HUMAN_NAME = "name.family | name.given | name.prefix | name.suffix | name.text"
-
-#: The declarations: resource type -> parameter name -> (type, path[, reference targets]).
-DECLARATIONS: dict[str, dict[str, _Decl]] = {
-    "Patient": {
-        "identifier": ("token", "identifier"),
-        "name": ("string", _HUMAN_NAME),
-        "family": ("string", "name.family"),
-        "given": ("string", "name.given"),
-        "birthdate": ("date", "birthDate"),
-        "gender": ("token", "gender"),
-    },
-    "Encounter": {
-        "identifier": ("token", "identifier"),
-        "status": ("token", "status"),
-        "class": ("token", "class"),
-        "date": ("date", "period"),
-        "subject": ("reference", "subject", ("Patient", "Group")),
-        "patient": ("reference", "subject", ("Patient",)),
-        "location": ("reference", "location.location", ("Location",)),
-        "participant": (
-            "reference",
-            "participant.individual",
-            ("Practitioner", "PractitionerRole", "RelatedPerson"),
-        ),
-        "practitioner": ("reference", "participant.individual", ("Practitioner",)),
-    },
-    "Location": {
-        "identifier": ("token", "identifier"),
-        "name": ("string", "name | alias"),
-        "status": ("token", "status"),
-        "operational-status": ("token", "operationalStatus"),
-        "type": ("token", "type"),
-        "physical-type": ("token", "physicalType"),
-        "partof": ("reference", "partOf", ("Location",)),
-    },
-    "Practitioner": {
-        "identifier": ("token", "identifier"),
-        "name": ("string", _HUMAN_NAME),
-        "family": ("string", "name.family"),
-        "given": ("string", "name.given"),
-        "active": ("token", "active"),
-        "gender": ("token", "gender"),
-        # custom (not in R4): the validity periods of the credentials; declared in the CapabilityStatement
-        "qualification-period": ("date", "qualification.period"),
-    },
-    "PractitionerRole": {
-        "identifier": ("token", "identifier"),
-        "practitioner": ("reference", "practitioner", ("Practitioner",)),
-        "organization": ("reference", "organization", ("Organization",)),
-        "location": ("reference", "location", ("Location",)),
-        "role": ("token", "code"),
-        "specialty": ("token", "specialty"),
-        "date": ("date", "period"),
-        "active": ("token", "active"),
-    },
-    # canonical-only record types (not served under /fhir): searched by the /api/v1 workforce API
-    "Shift": {
-        "identifier": ("token", "identifier"),
-        "practitioner": ("reference", "practitioner", ("Practitioner",)),
-        "date": ("date", "start"),
-        # custom: the end of the shift, so that an overlap check reads only the shifts around its window
-        "end": ("date", "end"),
-        "status": ("token", "status"),
-    },
-    "Timecard": {
-        "identifier": ("token", "identifier"),
-        "practitioner": ("reference", "practitioner", ("Practitioner",)),
-        "date": ("date", "clockIn"),
-    },
-    "Charge": {
-        "identifier": ("token", "identifier"),
-        "encounter": ("reference", "encounter", ("Encounter",)),
-        "patient": ("reference", "patient", ("Patient",)),
-    },
-    "Coverage": {
-        "identifier": ("token", "identifier"),
-        "beneficiary": ("reference", "beneficiary", ("Patient",)),
-        "patient": ("reference", "beneficiary", ("Patient",)),
-        "status": ("token", "status"),
-    },
-    "Claim": {
-        "identifier": ("token", "identifier"),
-        "status": ("token", "status"),
-        "use": ("token", "use"),
-        "created": ("date", "created"),
-        "patient": ("reference", "patient", ("Patient",)),
-        "encounter": ("reference", "item.encounter", ("Encounter",)),
-        "insurer": ("reference", "insurer", ("Organization",)),
-        "provider": ("reference", "provider", ("Practitioner", "PractitionerRole", "Organization")),
-    },
-    "Organization": {
-        "identifier": ("token", "identifier"),
-        "name": ("string", "name | alias"),
-        "active": ("token", "active"),
-    },
-}
-
 #: Parameters every resource type has, searched on record-table columns.
 COMMON_PARAMS: dict[str, SearchParam] = {
     "_id": SearchParam("_id", "token", ("id",), column="id"),
@@ -156,11 +59,11 @@ COMMON_PARAMS: dict[str, SearchParam] = {
 }
 
 
-def _build(decls: dict[str, dict[str, _Decl]]) -> dict[str, dict[str, SearchParam]]:
+def _build() -> dict[str, dict[str, SearchParam]]:
     out: dict[str, dict[str, SearchParam]] = {}
-    for rtype, params in decls.items():
+    for rtype, record_type in RECORD_TYPES.items():
         out[rtype] = {}
-        for name, decl in params.items():
+        for name, decl in record_type.params.items():
             kind, path = decl[0], decl[1]
             targets = decl[2] if len(decl) == 3 else ()
             paths = tuple(p.strip() for p in path.split("|"))
@@ -169,7 +72,7 @@ def _build(decls: dict[str, dict[str, _Decl]]) -> dict[str, dict[str, SearchPara
 
 
 #: resource type -> parameter name -> SearchParam (the declarations, parsed once).
-SEARCH_PARAMS: dict[str, dict[str, SearchParam]] = _build(DECLARATIONS)
+SEARCH_PARAMS: dict[str, dict[str, SearchParam]] = _build()
 
 
 def search_param(resource_type: str, name: str) -> SearchParam | None:

@@ -23,7 +23,7 @@ from urllib.parse import urlencode
 
 import orjson
 
-from hms_ach.errors import HmsAchError
+from hms_ach.core.errors import HmsAchError
 from hms_ach.store.models import RECORD_TABLES
 from hms_ach.store.search_params import SEARCH_PARAMS, SearchParam, date_range, search_param
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hms_ach.runtime import Engine
+from hms_ach.app.runtime import Engine
 from hms_ach.store.db import Store
 from tests.integration.engine_helpers import start_fhir_engine
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from hms_ach.config import load_config
-from hms_ach.runtime import Engine
+from hms_ach.app.config import load_config
+from hms_ach.app.runtime import Engine
 from hms_ach.store.db import Store
 
 ROOT = Path(__file__).resolve().parents[2]

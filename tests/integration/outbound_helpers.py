@@ -11,9 +11,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from hms_ach.config import load_config
+from hms_ach.app.config import load_config
+from hms_ach.app.runtime import Engine
 from hms_ach.outbound.webhook import verify
-from hms_ach.runtime import Engine
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "samples" / "hl7"

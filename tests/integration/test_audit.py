@@ -9,9 +9,9 @@ import httpx
 from sqlalchemy import text
 from typer.testing import CliRunner
 
-from hms_ach.cli import app as cli_app
-from hms_ach.map.result import RecordWrite
-from hms_ach.runtime import Engine
+from hms_ach.app.cli import app as cli_app
+from hms_ach.app.runtime import Engine
+from hms_ach.core.records import RecordWrite
 from hms_ach.store import audit
 from hms_ach.store.db import Store
 from hms_ach.store.repository import Repository

@@ -9,10 +9,12 @@ from outbound_helpers import SECRET, Receiver, make_engine, send_mllp, wait_for
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
-from hms_ach.cli import app as cli_app
-from hms_ach.jobs.claims import create_claims, unclaimed_encounters
+from hms_ach.app.cli import app as cli_app
+from hms_ach.billing.claim_job import create_claims, unclaimed_encounters
 from hms_ach.store.db import Store
-from hms_ach.store.models import Claim
+from hms_ach.store.models import RECORD_TABLES
+
+Claim = RECORD_TABLES["Claim"]
 
 
 def _claims(store: Store) -> int:

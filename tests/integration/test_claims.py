@@ -7,7 +7,7 @@ from typing import Any
 
 from outbound_helpers import SAMPLES, SECRET, Receiver, make_engine, send_mllp, wait_for
 
-from hms_ach.outbound.x12_837 import validate_with_pyx12
+from hms_ach.billing.x12_837 import validate_with_pyx12
 from hms_ach.store.db import Store
 
 
@@ -98,7 +98,7 @@ async def test_a_payer_missing_from_configuration_is_a_claim_error_and_no_file(
 
 
 async def test_control_numbers_are_unique_and_persisted(store: Store) -> None:
-    from hms_ach.outbound.x12_837 import next_number
+    from hms_ach.billing.x12_837 import next_number
 
     seen = []
     for _ in range(3):
@@ -267,7 +267,7 @@ async def test_claims_and_coverage_are_read_and_searched_under_fhir(tmp_path: Pa
     import httpx
     from fhir.resources.R4B.claim import Claim as R4BClaim
 
-    from hms_ach.api.app import create_app
+    from hms_ach.app.http import create_app
 
     engine = make_engine(tmp_path, store.url, "  []\n")
     await engine.start()

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from hms_ach.cli import app
-from hms_ach.map.engine import MappingEngine
-from hms_ach.map.loader import load_mappings
-from hms_ach.pipeline import Hl7Policy, Pipeline
+from hms_ach.app.cli import app
+from hms_ach.ingest.pipeline import Hl7Policy, Pipeline
+from hms_ach.mapping.engine import MappingEngine
+from hms_ach.mapping.loader import load_mappings
 from hms_ach.store.db import Store
 from hms_ach.store.writer import StoreWriter
 

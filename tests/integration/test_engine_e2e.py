@@ -16,8 +16,8 @@ import httpx
 import pytest
 from fhirpy import AsyncFHIRClient
 
-from hms_ach.config import load_config
-from hms_ach.runtime import Engine
+from hms_ach.app.config import load_config
+from hms_ach.app.runtime import Engine
 from hms_ach.store.db import Store
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -172,7 +172,7 @@ async def test_hot_reload_applies_valid_edits_and_refuses_broken_ones(engine: En
 
 
 async def test_oversize_message_gets_ar_and_is_recorded(engine: Engine) -> None:
-    from hms_ach.inbound.mllp import frame
+    from hms_ach.hl7v2.mllp import frame
     from hms_ach.store import messages
 
     engine.channels["adt_in"].server.config.max_message_bytes = 1024 * 1024

@@ -16,7 +16,10 @@ from sqlalchemy.exc import IntegrityError
 
 from hms_ach.store import fastexec
 from hms_ach.store.db import Store
-from hms_ach.store.models import AuditEntry, Patient, ResourceHistory, SearchDate, SearchToken
+from hms_ach.store.models import RECORD_TABLES, AuditEntry, ResourceHistory, SearchDate, SearchToken
+
+Patient = RECORD_TABLES["Patient"]
+
 
 WHEN = datetime(2026, 2, 28, 23, 59, 58, 123456, tzinfo=UTC)
 

@@ -17,10 +17,10 @@ from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 from fhirpy import SyncFHIRClient
 from sqlalchemy import func, select
 
-from hms_ach.api.app import create_app
-from hms_ach.map.result import MappingResult, RecordWrite
+from hms_ach.app.http import create_app
+from hms_ach.core.records import FHIR_SERVED, MappingResult, RecordWrite
 from hms_ach.store.db import Store
-from hms_ach.store.models import INDEX_TABLES, RECORD_TABLES, SERVED_FHIR_TYPES
+from hms_ach.store.models import INDEX_TABLES, RECORD_TABLES
 from hms_ach.store.repository import Repository
 from hms_ach.store.search_params import SEARCH_PARAMS
 
@@ -322,8 +322,8 @@ def test_capability_statement_is_valid_and_generated(http: httpx.Client) -> None
     cs = CapabilityStatement.model_validate(r.json())
     assert cs.fhirVersion == "4.0.1" and cs.kind == "instance" and cs.software.name == "hms-ach"
     resources = {res.type: res for res in cs.rest[0].resource}
-    assert set(resources) == {*SERVED_FHIR_TYPES, "AuditEvent"}
-    for rtype in SERVED_FHIR_TYPES:
+    assert set(resources) == {*FHIR_SERVED, "AuditEvent"}
+    for rtype in FHIR_SERVED:
         res = resources[rtype]
         assert {p.name for p in res.searchParam} == set(SEARCH_PARAMS[rtype])
         # no fhir_rest channel here: read-only, no write interactions, no transaction/batch

@@ -20,9 +20,10 @@ import hl7.client
 import hl7.mllp
 import pytest
 
-from hms_ach.errors import Err0357, RejectError
-from hms_ach.inbound.hl7_ack import build_ack, fallback_ack
-from hms_ach.inbound.mllp import (
+from hms_ach.core.errors import Err0357, RejectError
+from hms_ach.hl7v2.ack import build_ack, fallback_ack
+from hms_ach.hl7v2.client import send_messages, split_messages
+from hms_ach.hl7v2.mllp import (
     CR,
     FS,
     VT,
@@ -33,11 +34,10 @@ from hms_ach.inbound.mllp import (
     OversizeHandler,
     frame,
 )
-from hms_ach.inbound.mllp_client import send_messages, split_messages
-from hms_ach.parse.hl7v2 import read_header
+from hms_ach.hl7v2.parse import read_header
 
 MSA = re.compile(rb"MSA\|(\w+)\|([^|\r]*)")
-LOGGER = "hms_ach.inbound.mllp"
+LOGGER = "hms_ach.hl7v2.mllp"
 
 
 def message(control_id: str, body: bytes = b"") -> bytes:

@@ -10,9 +10,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from hms_ach.map.engine import MappingEngine
-from hms_ach.map.loader import load_mappings
-from hms_ach.pipeline import Hl7Policy, Pipeline
+from hms_ach.ingest.pipeline import Hl7Policy, Pipeline
+from hms_ach.mapping.engine import MappingEngine
+from hms_ach.mapping.loader import load_mappings
 from hms_ach.store import messages
 from hms_ach.store.db import Store
 from hms_ach.store.models import RECORD_TABLES

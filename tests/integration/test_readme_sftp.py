@@ -13,9 +13,12 @@ import pytest
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
-from hms_ach.cli import app as cli_app
+from hms_ach.app.cli import app as cli_app
 from hms_ach.store.db import Store
-from hms_ach.store.models import Practitioner, Shift, Timecard
+from hms_ach.store.models import RECORD_TABLES
+
+Practitioner, Shift, Timecard = (RECORD_TABLES[n] for n in ("Practitioner", "Shift", "Timecard"))
+
 
 ROOT = Path(__file__).resolve().parents[2]
 

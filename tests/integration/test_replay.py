@@ -21,13 +21,13 @@ import pytest
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
-from hms_ach.cli import app
-from hms_ach.config import load_config
-from hms_ach.inbound.sftp_csv import SftpCsvChannel, SftpCsvConfig
-from hms_ach.map.engine import MappingEngine
-from hms_ach.map.loader import load_mappings
-from hms_ach.pipeline import Pipeline
-from hms_ach.runtime import Engine
+from hms_ach.app.cli import app
+from hms_ach.app.config import load_config
+from hms_ach.app.runtime import Engine
+from hms_ach.channels.sftp_csv import SftpCsvChannel, SftpCsvConfig
+from hms_ach.ingest.pipeline import Pipeline
+from hms_ach.mapping.engine import MappingEngine
+from hms_ach.mapping.loader import load_mappings
 from hms_ach.store import audit, messages
 from hms_ach.store.db import Store
 from hms_ach.store.models import RECORD_TABLES, ResourceHistory

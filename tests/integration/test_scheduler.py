@@ -12,19 +12,19 @@ import orjson
 import pytest
 from sqlalchemy import select
 
-from hms_ach.jobs.credentials import scan
-from hms_ach.jobs.housekeeping import purge_messages
-from hms_ach.jobs.settings import JobsSettings
-from hms_ach.map.engine import MappingEngine
-from hms_ach.map.loader import load_mappings
-from hms_ach.map.paths import CsvRecord
-from hms_ach.pipeline import Pipeline
-from hms_ach.scheduler import JobDef, Scheduler, build_jobs, last_runs, trigger_for
+from hms_ach.app.job_settings import JobsSettings
+from hms_ach.app.scheduler import JobDef, Scheduler, build_jobs, last_runs, trigger_for
+from hms_ach.ingest.housekeeping import purge_messages
+from hms_ach.ingest.pipeline import Pipeline
+from hms_ach.mapping.engine import MappingEngine
+from hms_ach.mapping.loader import load_mappings
+from hms_ach.mapping.paths import CsvRecord
 from hms_ach.store import messages
 from hms_ach.store.db import Store
 from hms_ach.store.models import CredentialAlert, OutboxEvent
 from hms_ach.store.repository import Repository
 from hms_ach.store.writer import StoreWriter
+from hms_ach.workforce.credentials import scan
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import Connection, event
 
-from hms_ach.map.result import MappingResult, RecordWrite
+from hms_ach.core.records import MappingResult, RecordWrite
 from hms_ach.store import search
 from hms_ach.store.db import Store
 from hms_ach.store.repository import Repository

@@ -16,10 +16,10 @@ import orjson
 import pytest
 from sqlalchemy import select
 
-from hms_ach.inbound.sftp_csv import SftpCsvChannel, SftpCsvConfig, replay_row
-from hms_ach.map.engine import MappingEngine
-from hms_ach.map.loader import load_mappings
-from hms_ach.pipeline import Pipeline
+from hms_ach.channels.sftp_csv import SftpCsvChannel, SftpCsvConfig, replay_row
+from hms_ach.ingest.pipeline import Pipeline
+from hms_ach.mapping.engine import MappingEngine
+from hms_ach.mapping.loader import load_mappings
 from hms_ach.store import messages
 from hms_ach.store.db import Store
 from hms_ach.store.models import RECORD_TABLES
@@ -341,7 +341,7 @@ def test_config_refuses_unpinned_host_keys() -> None:
 async def test_delete_after_processing_and_streamed_download(
     server: SftpServer, pipeline: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import hms_ach.inbound.sftp_csv as mod
+    import hms_ach.channels.sftp_csv as mod
 
     monkeypatch.setattr(mod, "CHUNK_BYTES", 64)  # many reads: the download is streamed, never read whole
     monkeypatch.setattr(mod, "ROWS_PER_JOB", 2)

@@ -16,9 +16,9 @@ import pytest
 from fhir.resources.R4B import get_fhir_model_class
 from sqlalchemy import select
 
-from hms_ach.map.engine import MappingEngine
-from hms_ach.map.loader import MappingSet, load_mappings
-from hms_ach.parse.hl7v2 import parse
+from hms_ach.hl7v2.parse import parse
+from hms_ach.mapping.engine import MappingEngine
+from hms_ach.mapping.loader import MappingSet, load_mappings
 from hms_ach.store.db import Store
 from hms_ach.store.models import RECORD_TABLES
 from hms_ach.store.repository import Repository

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from hms_ach.runtime import Engine
+from hms_ach.app.runtime import Engine
 from tests.integration.engine_helpers import FHIR_JSON, ROOT
 
 

@@ -18,13 +18,13 @@ import pytest
 from sqlalchemy import Connection, delete, event
 from sqlalchemy.engine import Engine as SAEngine
 
-from hms_ach.api.workforce import overtime_by_timecard, overtime_of_page, shift_view, timecard_view
-from hms_ach.map.result import MappingResult, RecordWrite
-from hms_ach.runtime import Engine
+from hms_ach.app.runtime import Engine
+from hms_ach.core.records import MappingResult, RecordWrite
 from hms_ach.store import workforce_queries as wq
 from hms_ach.store.db import Store
 from hms_ach.store.models import SearchDate
 from hms_ach.store.repository import Repository
+from hms_ach.workforce.api import overtime_by_timecard, overtime_of_page, shift_view, timecard_view
 
 MONDAY = datetime(2026, 11, 30, 7, tzinfo=UTC)  # ISO week 49 of 2026
 STAFF = 150

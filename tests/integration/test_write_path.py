@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import Connection, event, text
 
-from hms_ach.map.result import MappingResult, RecordWrite
+from hms_ach.core.records import MappingResult, RecordWrite
 from hms_ach.store import audit, search
 from hms_ach.store.db import Store
 from hms_ach.store.repository import Repository

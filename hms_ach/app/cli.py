@@ -1,0 +1,643 @@
+"""The ``hms-ach`` command line: run the engine, check config, send test messages, inspect and
+replay stored messages, and check a corpus of HL7 files."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from collections import Counter, defaultdict
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from hms_ach.app.config import Config, load_config
+from hms_ach.core.errors import ConfigError, ConfigErrors
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="hms-ach: an HL7 v2 / FHIR R4 integration engine.",
+)
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="channels.yaml to use")]
+
+
+class _JsonLogFormatter(logging.Formatter):
+    _skip = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "ts": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "event": record.getMessage(),
+            "logger": record.name,
+        }
+        data.update({k: v for k, v in vars(record).items() if k not in self._skip})
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        return json.dumps(data, default=str)
+
+
+def _setup_logging(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonLogFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _load(config: Path) -> Config:
+    try:
+        return load_config(config)
+    except (ConfigErrors, ConfigError) as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from exc
+
+
+@app.command()
+def run(
+    config: ConfigOpt = Path("channels.yaml"),
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING")] = "INFO",
+) -> None:
+    """Start every channel in channels.yaml and the HTTP API (FHIR R4 at /fhir)."""
+    from hms_ach.app import eventloop
+    from hms_ach.app.runtime import Engine
+
+    _setup_logging(log_level)
+    cfg = _load(config)
+    try:
+        engine = Engine(cfg)
+    except (ConfigErrors, ConfigError) as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from exc
+    for ch in cfg.channels:
+        port = getattr(ch, "port", None)
+        typer.echo(
+            f"channel {ch.name} ({ch.type})" + (f" on port {port}" if port is not None else ""), err=True
+        )
+    if cfg.http.enabled:
+        typer.echo(f"FHIR R4 API on http://{cfg.http.host}:{cfg.http.port}/fhir", err=True)
+    typer.echo(f"store: {engine.store.url}; event loop: {eventloop.loop_name()}", err=True)
+    try:
+        eventloop.run(engine.serve())
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+def check(config: ConfigOpt = Path("channels.yaml")) -> None:
+    """Validate channels.yaml and every mapping; print file:line:col: message per error."""
+    from hms_ach.mapping.loader import load_mappings
+
+    errors: list[str] = []
+    cfg: Config | None = None
+    try:
+        cfg = load_config(config)
+    except ConfigErrors as exc:
+        errors.extend(e.render() for e in exc.errors)
+    mappings_dir = cfg.mappings_dir if cfg else config.resolve().parent / "mappings"
+    try:
+        mset = load_mappings(mappings_dir)
+    except ConfigErrors as exc:
+        errors.extend(e.render() for e in exc.errors)
+        mset = None
+    for line in errors:
+        typer.echo(line)
+    if errors:
+        typer.echo(f"{len(errors)} error(s)", err=True)
+        raise typer.Exit(1)
+    assert mset is not None
+    typer.echo(
+        f"ok: {config} with {len(cfg.channels) if cfg else 0} channel(s); "
+        f"{len(mset.files())} mapping file(s) in {mappings_dir}"
+    )
+
+
+@app.command()
+def send(
+    files: Annotated[list[Path], typer.Argument(help="HL7 files (one or more messages each)")],
+    host: str = "127.0.0.1",
+    port: int = 2575,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for each ACK")] = 30.0,
+) -> None:
+    """Send HL7 v2 files over MLLP and print each ACK."""
+    from hms_ach.core.errors import MessageError
+    from hms_ach.hl7v2.client import send_messages, split_messages
+
+    batch: list[tuple[Path, bytes]] = []
+    for f in files:
+        try:
+            batch.extend((f, msg) for msg in split_messages(f.read_bytes()))
+        except OSError as exc:
+            typer.echo(f"{f}: cannot read: {exc.strerror}", err=True)
+            raise typer.Exit(1) from exc
+        except MessageError as exc:
+            typer.echo(f"{f}: not an HL7 v2 message file: {exc}", err=True)
+            raise typer.Exit(1) from exc
+    if not batch:
+        typer.echo("no HL7 messages found in the files given", err=True)
+        raise typer.Exit(1)
+    from hms_ach.hl7v2.mllp import MllpError
+
+    error: MllpError | None = None
+    try:
+        acks = asyncio.run(send_messages(host, port, [m for _, m in batch], timeout=timeout))
+    except MllpError as exc:
+        acks, error = exc.acks, exc
+    failures = 0
+    for (f, _), ack in zip(batch, acks, strict=False):
+        text = ack.decode("utf-8", errors="replace").replace("\r", "\n").strip()
+        code = next(
+            (
+                line.split(text[3] if len(text) > 3 else "|")[1]
+                for line in text.split("\n")
+                if line.startswith("MSA")
+            ),
+            "?",
+        )
+        failures += code not in ("AA", "CA")
+        typer.echo(f"== {f} -> {code}\n{text}\n")
+    if error is not None or len(acks) < len(batch):
+        reason = error.message if error else "stopped"
+        typer.echo(f"{reason}: {len(batch) - len(acks)} message(s) got no ACK", err=True)
+        raise typer.Exit(1)
+    raise typer.Exit(1 if failures else 0)
+
+
+def _parse_since(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1] in units and text[:-1].isdigit():
+        return datetime.now(UTC) - timedelta(seconds=int(text[:-1]) * units[text[-1]])
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{text!r}: expected an ISO date/time or an age like 30m, 2h, 7d") from exc
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _store(config: Path) -> Any:
+    from hms_ach.store.db import Store, database_url
+
+    cfg = _load(config) if config.exists() else Config()
+    return Store(database_url(cfg.engine.database_url))
+
+
+@app.command()
+def messages(
+    config: ConfigOpt = Path("channels.yaml"),
+    status: Annotated[str | None, typer.Option(help="processed, error, rejected, duplicate")] = None,
+    type: Annotated[str | None, typer.Option("--type", help="message type, e.g. ADT^A01 or ADT")] = None,
+    since: Annotated[str | None, typer.Option(help="ISO time or age (30m, 2h, 7d)")] = None,
+    limit: int = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
+) -> None:
+    """List stored inbound messages, newest first."""
+    from hms_ach.store import messages as store_messages
+
+    store = _store(config)
+    with store.reader.connect() as conn:
+        rows = store_messages.list_messages(conn, status, type, _parse_since(since), limit)
+    if as_json:
+        for r in rows:
+            typer.echo(json.dumps(dict(r._mapping), default=str))
+        return
+    typer.echo(
+        f"{'id':>6}  {'received (UTC)':19}  {'channel':10}  {'type':9}  {'control id':16}  "
+        f"{'status':9}  ack  error"
+    )
+    for r in rows:
+        received = r.received_at.strftime("%Y-%m-%d %H:%M:%S") if r.received_at else ""
+        err = (f"{r.error_location}: " if r.error_location else "") + (r.error or "") if r.error else ""
+        typer.echo(
+            f"{r.id:>6}  {received:19}  {r.channel[:10]:10}  {r.message_type[:9]:9}  "
+            f"{r.control_id[:16]:16}  {r.status:9}  {r.ack_code or '':3}  {err[:80]}"
+        )
+
+
+@app.command()
+def replay(
+    ids: Annotated[list[int] | None, typer.Argument(help="message ids (see hms-ach messages)")] = None,
+    config: ConfigOpt = Path("channels.yaml"),
+    status: Annotated[str | None, typer.Option(help="replay the messages with this status")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="replay the messages received since (ISO time or 2h, 7d)")
+    ] = None,
+    mapping_dir: Annotated[
+        Path | None, typer.Option(help="use these mappings instead of the configured ones")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="show what would change; write nothing")] = False,
+    apply: Annotated[
+        bool, typer.Option("--apply", help="write the changes (the default without --dry-run)")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no diffs, one line per message")] = False,
+) -> None:
+    """Re-run stored messages through the current (or --mapping-dir) mappings; --dry-run shows the diff.
+
+    HL7 v2 messages, FHIR writes (fhir_rest) and bad CSV rows (sftp_csv) are each run again the way
+    they came in."""
+    from hms_ach.ingest.pipeline import Hl7Policy
+    from hms_ach.ingest.replay import replay_messages
+    from hms_ach.mapping.engine import MappingEngine
+    from hms_ach.mapping.loader import load_mappings
+    from hms_ach.store import messages as store_messages
+
+    if dry_run and apply:
+        raise typer.BadParameter("give --dry-run or --apply, not both")
+    cfg = _load(config) if config.exists() else Config()
+    store = _store(config)
+    try:
+        mset = load_mappings(mapping_dir or cfg.mappings_dir)
+    except ConfigErrors as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from exc
+    targets = list(ids or [])
+    if status or since:
+        with store.reader.connect() as conn:
+            targets += store_messages.ids_since(conn, _parse_since(since), status)
+    if not targets:
+        typer.echo("nothing to replay: give message ids, --status or --since", err=True)
+        raise typer.Exit(1)
+    policies = {
+        ch.name: Hl7Policy(
+            ch.name,
+            getattr(ch, "default_charset", "utf-8"),
+            list(getattr(ch, "accept_versions", Hl7Policy("x").versions)),
+            list(getattr(ch, "accept_processing_ids", ["P", "T", "D"])),
+        )
+        for ch in cfg.channels
+    }
+    bundle_limits = [int(getattr(ch, "max_bundle_entries", 1000)) for ch in cfg.channels]
+    from hms_ach.outbound import events
+
+    engine = MappingEngine(mset, cfg.engine.timezone)
+    events.use_engine(engine)  # the replayed changes' event payloads come from mappings/events/
+    reports = replay_messages(
+        store,
+        engine,
+        sorted(set(targets)),
+        policies,
+        apply=not dry_run,
+        max_bundle_entries=max(bundle_limits, default=1000),
+    )
+    store.dispose()
+    changed = 0
+    for r in reports:
+        changed += bool(r.changes)
+        typer.echo(
+            f"message {r.message_id} {r.message_type}: {r.status_before} -> {r.status_after} {r.ack_code}"
+            + (f" ({r.error})" if r.error else "")
+            + f", {len(r.changes)} record(s) would change".replace(
+                "would change", "changed" if not dry_run else "would change"
+            )
+        )
+        if not quiet:
+            for c in r.changes:
+                typer.echo(f"  {'new ' if c.created else ''}{c.reference}")
+                if c.diff:
+                    typer.echo("\n".join("    " + line for line in c.diff.splitlines()))
+    verb = "would change" if dry_run else "changed"
+    typer.echo(
+        f"{len(reports)} message(s) replayed, {changed} {verb} the store"
+        + (" (dry run: nothing written)" if dry_run else "")
+    )
+    failed = sum(1 for r in reports if r.status_after != "processed")
+    raise typer.Exit(1 if failed and not dry_run else 0)
+
+
+@app.command("corpus-check")
+def corpus_check(
+    directory: Annotated[Path, typer.Argument(help="folder searched for *.hl7 files")],
+    config: ConfigOpt = Path("channels.yaml"),
+    top: Annotated[int, typer.Option(help="reasons shown per message type")] = 3,
+) -> None:
+    """Feed every *.hl7 file under DIRECTORY through parse -> ACK -> map, in-process, with no network."""
+    from hms_ach.core.errors import MessageError
+    from hms_ach.hl7v2.client import split_messages
+    from hms_ach.ingest.pipeline import Hl7Policy, _ack_for, evaluate
+    from hms_ach.mapping.engine import MappingEngine
+    from hms_ach.mapping.loader import load_mappings
+
+    cfg = _load(config) if config.exists() else Config()
+    try:
+        engine = MappingEngine(load_mappings(cfg.mappings_dir), cfg.engine.timezone)
+    except ConfigErrors as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from exc
+    policy = Hl7Policy("corpus-check")
+    counts: dict[str, Counter[str]] = defaultdict(Counter)
+    reasons: dict[str, Counter[str]] = defaultdict(Counter)
+    crashes: list[str] = []
+    files = sorted(directory.rglob("*.hl7"))
+    total = 0
+    for path in files:
+        data = path.read_bytes()
+        try:
+            chunks = split_messages(data) or [data]
+        except MessageError:
+            chunks = [data]  # not a clean message stream: the whole file is one (rejected) message
+        except Exception as exc:  # noqa: BLE001 - reported as a crash below
+            crashes.append(f"{path}: split: {type(exc).__name__}: {exc}")
+            continue
+        for raw in chunks:
+            total += 1
+            try:
+                ev = evaluate(raw, policy, engine)
+                if ev.crashed:
+                    crashes.append(f"{path}: {ev.error}")
+                code = "AA" if ev.error is None else (ev.error.ack_code if ev.header else "AR")
+                _ack_for(ev, code, ev.error)
+            except Exception as exc:  # noqa: BLE001 - a crash is what this command looks for
+                crashes.append(f"{path}: {type(exc).__name__}: {exc}")
+                continue
+            mtype = (ev.header.message_type if ev.header else "") or "(no MSH)"
+            counts[mtype][code] += 1
+            if ev.error is not None:
+                reasons[mtype][_reason(ev.error)] += 1
+    typer.echo(f"{len(files)} files, {total} messages under {directory}\n")
+    typer.echo(f"{'message type':16} {'AA':>5} {'AE':>5} {'AR':>5}  commonest reasons")
+    for mtype in sorted(counts, key=lambda t: (-sum(counts[t].values()), t)):
+        c = counts[mtype]
+        common = "; ".join(f"{r} (x{n})" for r, n in reasons[mtype].most_common(top))
+        typer.echo(f"{mtype[:16]:16} {c['AA']:>5} {c['AE']:>5} {c['AR']:>5}  {common}")
+    totals = Counter[str]()
+    for c in counts.values():
+        totals.update(c)
+    typer.echo(f"{'total':16} {totals['AA']:>5} {totals['AE']:>5} {totals['AR']:>5}")
+    typer.echo(f"\ncrashes: {len(crashes)}")
+    for line in crashes[:50]:
+        typer.echo(f"  {line}")
+    raise typer.Exit(1 if crashes else 0)
+
+
+mapping_app = typer.Typer(no_args_is_help=True, help="Preview and test mappings without a running engine.")
+app.add_typer(mapping_app, name="mapping")
+
+
+def _mappings_dir(config: Path, mapping_dir: Path | None) -> Path:
+    if mapping_dir is not None:
+        return mapping_dir
+    cfg = _load(config) if config.exists() else Config()
+    return cfg.mappings_dir
+
+
+@mapping_app.command("preview")
+def mapping_preview(
+    sample: Annotated[Path, typer.Argument(help="an HL7 v2 file")],
+    config: ConfigOpt = Path("channels.yaml"),
+    mapping_dir: Annotated[Path | None, typer.Option(help="mapping directory to use")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="text or json")] = "text",
+    timezone: str = "UTC",
+) -> None:
+    """Show the parsed message, the records and FHIR resources it yields, and field lineage. Writes nothing."""
+    from hms_ach.core.errors import MessageError
+    from hms_ach.hl7v2.client import split_messages
+    from hms_ach.hl7v2.parse import parse
+    from hms_ach.mapping.engine import MappingEngine
+    from hms_ach.mapping.loader import load_mappings
+    from hms_ach.mapping.preview import preview
+
+    try:
+        engine = MappingEngine(load_mappings(_mappings_dir(config, mapping_dir)), timezone)
+    except ConfigErrors as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from exc
+    chunks = split_messages(sample.read_bytes()) or [sample.read_bytes()]
+    failed = False
+    for raw in chunks:
+        try:
+            pv = preview(engine, parse(raw))
+        except MessageError as exc:
+            typer.echo(
+                f"{sample}: {exc.ack_code} {exc.code} at {exc.location or '-'}: {exc.message}", err=True
+            )
+            failed = True
+            continue
+        typer.echo(json.dumps(pv.to_dict(), indent=2, ensure_ascii=False) if fmt == "json" else pv.to_text())
+    raise typer.Exit(1 if failed else 0)
+
+
+@mapping_app.command("coverage")
+def mapping_coverage(
+    samples: Annotated[list[Path], typer.Argument(help="HL7 v2 sample files")],
+    config: ConfigOpt = Path("channels.yaml"),
+    mapping_dir: Annotated[Path | None, typer.Option(help="mapping directory to use")] = None,
+) -> None:
+    """List the fields populated in the samples that no mapping reads: what the mappings drop."""
+    from hms_ach.core.errors import MessageError
+    from hms_ach.hl7v2.client import split_messages
+    from hms_ach.hl7v2.parse import parse
+    from hms_ach.mapping.coverage import Coverage
+    from hms_ach.mapping.engine import MappingEngine
+    from hms_ach.mapping.loader import load_mappings
+
+    try:
+        engine = MappingEngine(load_mappings(_mappings_dir(config, mapping_dir)))
+    except ConfigErrors as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from exc
+    cov = Coverage()
+    for sample in samples:
+        try:
+            chunks = split_messages(sample.read_bytes())
+        except (OSError, MessageError) as exc:
+            cov.errors.append(f"{sample}: {exc}")
+            continue
+        for raw in chunks:
+            try:
+                cov.add(engine, parse(raw))
+            except MessageError as exc:
+                cov.errors.append(f"{sample}: {exc}")
+    typer.echo(cov.to_text())
+
+
+@mapping_app.command("test")
+def mapping_test(
+    path: Annotated[Path | None, typer.Argument(help="a *_test.yaml file or a folder")] = None,
+    config: ConfigOpt = Path("channels.yaml"),
+    mapping_dir: Annotated[Path | None, typer.Option(help="mapping directory to use")] = None,
+) -> None:
+    """Run the golden tests (*_test.yaml beside the mappings); print a diff for each failure."""
+    from hms_ach.mapping import goldens
+    from hms_ach.mapping.loader import load_mappings
+
+    root = _mappings_dir(config, mapping_dir)
+    try:
+        mset = load_mappings(root)
+    except ConfigErrors as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from exc
+    target = path or root
+    files = [target] if target.is_file() else goldens.discover(target)
+    passed = failed = 0
+    for f in files:
+        for case in goldens.run_golden_file(f, mset, Path.cwd()):
+            if case.passed:
+                passed += 1
+                typer.echo(f"PASS {f}::{case.name}")
+            else:
+                failed += 1
+                typer.echo(f"FAIL {case.report()}")
+    typer.echo(f"{passed} passed, {failed} failed")
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
+def docs(root: Annotated[Path, typer.Option(help="repository root")] = Path(".")) -> None:
+    """Write docs/mapping-language.md, generated from the mapping schema and function registry."""
+    from hms_ach.mapping.docs import write_docs
+
+    typer.echo(f"wrote {write_docs(root)}")
+
+
+schema_app = typer.Typer(no_args_is_help=True, help="JSON Schemas for editor completion.")
+app.add_typer(schema_app, name="schema")
+
+
+@schema_app.command("mapping")
+def schema_mapping(output: Annotated[Path | None, typer.Option("--output", "-o")] = None) -> None:
+    """Print (or write) the JSON Schema of mapping files."""
+    from hms_ach.mapping.docs import json_schema
+
+    text = json.dumps(json_schema(), indent=2)
+    if output:
+        output.write_text(text + "\n", encoding="utf-8")
+        typer.echo(f"wrote {output}")
+    else:
+        typer.echo(text)
+
+
+from hms_ach.app.jobs_cli import jobs_app  # noqa: E402 - `hms-ach jobs` and `hms-ach jobs run NAME`
+
+app.add_typer(jobs_app, name="jobs")
+
+audit_app = typer.Typer(no_args_is_help=True, help="The audit trail of record changes.")
+app.add_typer(audit_app, name="audit")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    config: ConfigOpt = Path("channels.yaml"),
+    database: Annotated[str | None, typer.Option(help="store URL (default: from the config)")] = None,
+) -> None:
+    """Check the audit chain; exit 1 naming the first entry that was edited, removed or reordered."""
+    from hms_ach.store import audit
+    from hms_ach.store.db import Store
+
+    store = Store(database) if database else _store(config)
+    try:
+        with store.reader.connect() as conn:
+            result = audit.verify(conn)
+    finally:
+        store.dispose()
+    if result.ok:
+        typer.echo(f"audit chain intact: {result.checked} entries")
+        return
+    typer.echo(
+        f"audit chain broken at entry {result.bad_seq}: {result.reason} "
+        f"({result.checked} entries before it are intact)",
+        err=True,
+    )
+    raise typer.Exit(1)
+
+
+outbox_app = typer.Typer(help="The outbox of outbound events: what waits, what was delivered, dead letters.")
+app.add_typer(outbox_app, name="outbox")
+DatabaseOpt = Annotated[str | None, typer.Option(help="store URL (default: from the config)")]
+
+
+@outbox_app.callback(invoke_without_command=True)
+def outbox_list(
+    ctx: typer.Context,
+    config: ConfigOpt = Path("channels.yaml"),
+    database: DatabaseOpt = None,
+    status: Annotated[str | None, typer.Option(help="pending | delivered | dead: list those rows")] = None,
+    sink: Annotated[str | None, typer.Option(help="only this sink")] = None,
+    limit: Annotated[int, typer.Option(help="rows listed")] = 50,
+) -> None:
+    """Counts per sink and status; with --status, the rows themselves (newest first)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from hms_ach.outbound import outbox
+    from hms_ach.store.db import Store
+
+    store = Store(database) if database else _store(config)
+    try:
+        with store.reader.connect() as conn:
+            counts = outbox.summary(conn)
+            rows = outbox.list_rows(conn, status, sink, limit) if status else []
+    finally:
+        store.dispose()
+    if not counts:
+        typer.echo("outbox is empty")
+    for c in counts:
+        typer.echo(f"{c['destination']:<24} {c['status']:<10} {c['count']}")
+    for r in rows:
+        typer.echo(
+            f"#{r['id']} {r['destination']} {r['event']} {r['status']} attempts={r['attempts']} "
+            f"next={r['next_attempt_at']:%Y-%m-%d %H:%M:%S} error={r['last_error'] or '-'}"
+        )
+
+
+@outbox_app.command("retry")
+def outbox_retry(
+    row_id: Annotated[int | None, typer.Argument(help="outbox row id (see hms-ach outbox)")] = None,
+    dead: Annotated[bool, typer.Option("--dead", help="retry every dead row")] = False,
+    config: ConfigOpt = Path("channels.yaml"),
+    database: DatabaseOpt = None,
+) -> None:
+    """Put a dead (or delivered) row, or every dead row, back in the queue with a fresh retry window."""
+    from hms_ach.outbound import outbox
+    from hms_ach.store.db import Store
+
+    if row_id is None and not dead:
+        typer.echo("give a row id or --dead", err=True)
+        raise typer.Exit(2)
+    store = Store(database) if database else _store(config)
+    try:
+        with store.writer.begin() as conn:
+            count = outbox.retry(conn, row_id, dead=dead)
+    finally:
+        store.dispose()
+    typer.echo(f"{count} row(s) queued again")
+    if count == 0 and row_id is not None:
+        raise typer.Exit(1)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(
+    ctx: typer.Context,
+    quick: Annotated[bool, typer.Option("--quick", help="the short run (under two minutes)")] = False,
+) -> None:
+    """Run the benchmark suite and print its table; other options go to `python -m benchmarks`."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]  # benchmarks/ is not installed: it lives in the checkout
+    if not (root / "benchmarks" / "__main__.py").is_file():
+        typer.echo(f"no benchmarks/ in {root}: hms-ach bench runs from a source checkout", err=True)
+        raise typer.Exit(2)
+    argv = [sys.executable, "-m", "benchmarks", *(["--quick"] if quick else []), *ctx.args]
+    raise typer.Exit(subprocess.call(argv, cwd=root))
+
+
+def _reason(error: Any) -> str:
+    import re
+
+    text = f"{error.location}: {error.message}" if error.location else error.message
+    text = re.sub(r"'[^']*'", "'…'", text)
+    text = re.sub(r"\d{3,}", "N", text)
+    return text[:90]
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""``channels.yaml``: the engine's configuration, as typed models with file:line:col errors.
+
+* ``${VAR}`` and ``${VAR:-default}`` are replaced from the environment before validation.
+* ``channels:`` entries pick their settings model by ``type:`` from the channel registry
+  (:data:`hms_ach.channels.CHANNEL_TYPES`), so a new channel type needs no change here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from hms_ach.app.job_settings import JobsSettings
+from hms_ach.channels import CHANNEL_TYPES
+from hms_ach.core.errors import ConfigError, ConfigErrors, SourcePosition
+from hms_ach.mapping.loader import Positions, load_yaml, position_of
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EngineSettings(_Strict):
+    database_url: str | None = Field(
+        None,
+        description="Store URL (sqlite:///file.db or postgresql://...); HMS_ACH_DATABASE_URL wins over it; "
+        "default sqlite:///hms_ach.db in the working directory",
+    )
+    mappings: str = Field("mappings", description="Directory of the mapping files, relative to channels.yaml")
+    timezone: str = Field("UTC", description="IANA time zone assumed for HL7 times sent without a UTC offset")
+    watch: bool = Field(True, description="Reload channels.yaml and mappings when they change (hms-ach run)")
+
+
+class HttpSettings(_Strict):
+    enabled: bool = Field(True, description="Serve the HTTP API (FHIR R4 at /fhir, /health)")
+    host: str = Field("0.0.0.0", description="Address the HTTP server binds to")
+    port: int = Field(8080, ge=0, le=65535, description="TCP port of the HTTP server")
+
+
+class ChannelSettings(_Strict):
+    """Settings every channel has; each channel type's ``Config`` extends this."""
+
+    name: str = Field(description="Unique channel name, stored with every message it receives")
+    type: str = Field(description=f"Channel type: one of {', '.join(CHANNEL_TYPES.names())}")
+    enabled: bool = Field(True, description="false: declared but not started")
+
+
+class Config(_Strict):
+    engine: EngineSettings = Field(default_factory=EngineSettings)  # type: ignore[arg-type]
+    http: HttpSettings = Field(default_factory=HttpSettings)  # type: ignore[arg-type]
+    channels: list[Any] = Field(default_factory=list, description="Inbound channels")
+    sinks: list[Any] = Field(
+        default_factory=list, description="Outbound sinks fed by the outbox (webhook, rabbitmq, x12_837)"
+    )
+    jobs: JobsSettings = Field(
+        default_factory=JobsSettings,  # type: ignore[arg-type]
+        description="Scheduled jobs: credential-expiry scan, housekeeping",
+    )
+    source: str = Field(default="", exclude=True, description="The file this was read from")
+
+    @property
+    def base_dir(self) -> Path:
+        return Path(self.source).resolve().parent if self.source else Path.cwd()
+
+    @property
+    def mappings_dir(self) -> Path:
+        path = Path(self.engine.mappings)
+        return path if path.is_absolute() else self.base_dir / path
+
+
+def interpolate(value: Any, file: Path, positions: Positions, at: tuple[Any, ...] = ()) -> Any:
+    if isinstance(value, dict):
+        return {k: interpolate(v, file, positions, at + (k,)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, file, positions, at + (i,)) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def replace(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise ConfigError(
+            f"environment variable {name} is not set",
+            position_of(file, positions, at),
+            f"{name} in the environment, or a default: ${{{name}:-value}}",
+        )
+
+    return _VAR.sub(replace, value)
+
+
+def load_config(path: Path | str) -> Config:
+    """Read and check ``channels.yaml``; raises ConfigErrors listing every problem found."""
+    file = Path(path)
+    if not file.exists():
+        raise ConfigErrors(
+            [
+                ConfigError(
+                    f"{file} does not exist", SourcePosition(str(file)), "a channels.yaml (see the README)"
+                )
+            ]
+        )
+    try:
+        data, positions = load_yaml(file)
+    except ConfigError as exc:
+        raise ConfigErrors([exc]) from exc
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigErrors(
+            [
+                ConfigError(
+                    "channels.yaml must be a mapping",
+                    SourcePosition(str(file), 1, 1),
+                    "keys engine, http, channels",
+                )
+            ]
+        )
+    errors: list[ConfigError] = []
+    try:
+        data = interpolate(data, file, positions)
+    except ConfigError as exc:
+        raise ConfigErrors([exc]) from exc
+    try:
+        config = Config.model_validate({**data, "channels": [], "sinks": []})
+    except ValidationError as exc:
+        errors.extend(_translate(exc, file, positions, (), Config))
+        config = Config()
+    config.source = str(file)
+    from hms_ach.outbound import SINK_TYPES
+
+    channels = _load_typed("channel", CHANNEL_TYPES, data.get("channels") or [], file, positions, errors)
+    sinks = _load_typed("sink", SINK_TYPES, data.get("sinks") or [], file, positions, errors)
+    if errors:
+        raise ConfigErrors(errors)
+    config.channels = channels
+    config.sinks = sinks
+    return config
+
+
+def _load_typed(
+    kind: str,
+    registry: Any,
+    raw_entries: list[Any],
+    file: Path,
+    positions: Positions,
+    errors: list[ConfigError],
+) -> list[Any]:
+    """``channels:`` or ``sinks:`` entries: each one's settings model is picked by its ``type:`` from
+    ``registry`` (CHANNEL_TYPES or SINK_TYPES); names must be unique within the list."""
+    section = f"{kind}s"
+    entries: list[Any] = []
+    names: set[str] = set()
+    for i, raw in enumerate(raw_entries):
+        at = (section, i)
+        if not isinstance(raw, dict) or "type" not in raw:
+            errors.append(
+                ConfigError(
+                    f"a {kind} needs a `type:`",
+                    position_of(file, positions, at),
+                    f"one of {', '.join(registry.names())}",
+                )
+            )
+            continue
+        try:
+            cls = registry.load(str(raw["type"]))
+        except KeyError as exc:
+            errors.append(ConfigError(str(exc.args[0]), position_of(file, positions, at + ("type",))))
+            continue
+        try:
+            settings = cls.Config.model_validate(raw)
+        except ValidationError as exc:
+            errors.extend(_translate(exc, file, positions, at, cls.Config))
+            continue
+        if settings.name in names:
+            errors.append(
+                ConfigError(
+                    f"{kind} name {settings.name!r} is used twice",
+                    position_of(file, positions, at + ("name",)),
+                    f"unique {kind} names",
+                )
+            )
+        names.add(settings.name)
+        entries.append(settings)
+    return entries
+
+
+def _translate(
+    exc: ValidationError, file: Path, positions: Positions, at: tuple[Any, ...], model: type[BaseModel]
+) -> list[ConfigError]:
+    out = []
+    for err in exc.errors():
+        loc = at + tuple(err["loc"])
+        pos = position_of(file, positions, loc)
+        if err["type"] == "extra_forbidden":
+            owner: Any = model
+            for part in err["loc"][:-1]:
+                field = owner.model_fields.get(part) if isinstance(part, str) else None
+                owner = field.annotation if field is not None else owner
+            choices = list(getattr(owner, "model_fields", {}))
+            hint = difflib.get_close_matches(str(err["loc"][-1]), choices, n=1)
+            out.append(
+                ConfigError(
+                    f"unknown key {err['loc'][-1]!r}" + (f"; did you mean {hint[0]!r}?" if hint else ""),
+                    pos,
+                    f"one of {', '.join(choices)}" if choices else None,
+                )
+            )
+        elif err["type"] == "missing":
+            out.append(ConfigError(f"missing required key {'.'.join(map(str, err['loc']))!r}", pos))
+        else:
+            out.append(ConfigError(f"{'.'.join(map(str, err['loc']))}: {err['msg']}", pos))
+    return out

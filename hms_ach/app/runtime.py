@@ -1,0 +1,253 @@
+"""One engine process: the store, the group-commit writer, the pipeline, every channel declared in
+channels.yaml, and the HTTP API, on one asyncio loop.
+
+``hms-ach run`` builds an :class:`Engine` and calls :meth:`Engine.serve`. Tests build one on a
+temporary database with ports set to 0 and use :meth:`Engine.start` / :meth:`Engine.stop`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from hms_ach.app.config import Config, load_config
+from hms_ach.channels import CHANNEL_TYPES
+from hms_ach.core.errors import ConfigError, ConfigErrors
+from hms_ach.ingest.pipeline import Hl7Policy, Pipeline
+from hms_ach.mapping.engine import MappingEngine
+from hms_ach.mapping.loader import load_mappings
+from hms_ach.store.db import Store, database_url
+from hms_ach.store.writer import StoreWriter
+
+log = logging.getLogger("hms_ach.app.runtime")
+
+
+class Engine:
+    def __init__(self, config: Config, database: str | None = None):
+        self.config = config
+        self.store = Store(database or database_url(config.engine.database_url))
+        self.writer = StoreWriter(self.store)
+        self.mappings = load_mappings(config.mappings_dir)
+        self.pipeline = Pipeline(self.writer, MappingEngine(self.mappings, config.engine.timezone))
+        from hms_ach.outbound import events
+
+        events.use_engine(self.pipeline.engine)  # event payloads come from mappings/events/
+        self.channels: dict[str, Any] = {}
+        self.health: dict[str, Any] = {
+            "status": "ok",
+            "started_at": datetime.now(UTC).isoformat(),
+            "last_reload": None,
+            "reload_error": None,
+        }
+        self._http: Any = None
+        self._http_task: asyncio.Task[None] | None = None
+        self.http_port: int | None = None
+        self.dispatcher: Any = None  # hms_ach.outbound.outbox.Dispatcher, when sinks are declared
+        self._change_feed = False  # this engine has a sink that wants record.changed
+        self.scheduler: Any = (
+            None  # hms_ach.app.scheduler.Scheduler (SFTP polls, credential scan, housekeeping)
+        )
+
+    def policies(self) -> dict[str, Hl7Policy]:
+        return {name: ch.policy for name, ch in self.channels.items() if hasattr(ch, "policy")}
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self.writer.start()
+        await self._start_outbound()  # before the channels: a new sink gets every event from here on
+        for settings in self.config.channels:
+            if not settings.enabled:
+                continue
+            cls = CHANNEL_TYPES.load(settings.type)
+            channel = cls(settings, self.pipeline)
+            await channel.start()
+            self.channels[settings.name] = channel
+        if self.config.http.enabled:
+            await self._start_http()
+        await self._start_scheduler()
+
+    async def _start_scheduler(self) -> None:
+        """One scheduler per deployment (hms_ach/app/scheduler.py); on PostgreSQL the others stand by."""
+        if not self.config.jobs.enabled:
+            return
+        from hms_ach.app.scheduler import Scheduler, build_jobs
+
+        jobs = build_jobs(self.config.jobs, self.writer, self.channels)
+        self.scheduler = Scheduler(self.store, self.writer, jobs, self.config.jobs)
+        await self.scheduler.start()
+
+    async def _start_outbound(self) -> None:
+        """Deliver the outbox to the sinks of channels.yaml (inbound never waits for them)."""
+        if not self.config.sinks:
+            return
+        from hms_ach.outbound import SINK_TYPES, events
+        from hms_ach.outbound.outbox import Dispatcher
+
+        sinks = [SINK_TYPES.load(s.type)(s, self.store) for s in self.config.sinks]
+        self._change_feed = any(
+            s.wants("record.changed") for s in self.config.sinks
+        )  # disabled ones too: rows wait
+        if self._change_feed:
+            events.subscribe_change_feed()
+        self.dispatcher = Dispatcher(self.store, sinks)
+        await self.dispatcher.start()
+
+    async def _start_http(self) -> None:
+        import uvicorn
+
+        from hms_ach.app.http import create_app
+
+        app = create_app(self.store)
+        app.state.health = self.health
+        app.state.engine = self
+        config = uvicorn.Config(
+            app,
+            host=self.config.http.host,
+            port=self.config.http.port,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+        )
+        self._http = uvicorn.Server(config)
+        self._http.install_signal_handlers = lambda: None  # the engine handles signals
+        self._http_task = asyncio.create_task(self._http.serve())
+        while not self._http.started:
+            if self._http_task.done():
+                self._http_task.result()  # raises the startup error (port in use...)
+            await asyncio.sleep(0.02)
+        sockets = [s for server in self._http.servers for s in server.sockets]
+        self.http_port = sockets[0].getsockname()[1] if sockets else self.config.http.port
+        log.info("http.started", extra={"port": self.http_port})
+
+    async def stop(self) -> None:
+        if self.scheduler is not None:
+            await self.scheduler.stop()
+            self.scheduler = None
+        if self.dispatcher is not None:
+            await self.dispatcher.stop()
+            self.dispatcher = None
+        if self._change_feed:
+            from hms_ach.outbound import events
+
+            events.unsubscribe_change_feed()
+            self._change_feed = False
+        for channel in list(self.channels.values()):
+            await channel.stop()
+        self.channels.clear()
+        if self._http is not None:
+            self._http.should_exit = True
+            if self._http_task is not None:
+                await self._http_task
+            self._http = None
+        self.writer.stop()
+        self.store.dispose()
+
+    async def serve(self) -> None:
+        """Run until cancelled (Ctrl-C / SIGTERM), reloading mappings when files change."""
+        await self.start()
+        try:
+            if self.config.engine.watch:
+                await self._watch()
+            else:
+                await asyncio.Event().wait()
+        finally:
+            await self.stop()
+
+    # ------------------------------------------------------------------ hot reload
+    def reload_mappings(self) -> bool:
+        """Load the mapping files again; apply them only if they are all valid."""
+        try:
+            mset = load_mappings(self.config.mappings_dir)
+        except (ConfigErrors, ConfigError) as exc:
+            self.health["reload_error"] = str(exc)
+            self.health["status"] = "degraded"
+            log.error("config.reload_failed", extra={"errors": str(exc)})
+            return False
+        self.mappings = mset
+        self.pipeline.engine = MappingEngine(mset, self.config.engine.timezone)
+        from hms_ach.outbound import events
+
+        events.use_engine(self.pipeline.engine)
+        self.health.update(status="ok", reload_error=None, last_reload=datetime.now(UTC).isoformat())
+        log.info("config.reloaded")
+        return True
+
+    async def reload_config(self) -> bool:
+        """Re-read channels.yaml: restart only the channels whose settings changed, then the mappings.
+
+        An invalid file is refused: the running channels and mappings stay as they are.
+        """
+        try:
+            new = load_config(self.config.source)
+        except (ConfigErrors, ConfigError) as exc:
+            self.health.update(status="degraded", reload_error=str(exc))
+            log.error("config.reload_failed", extra={"errors": str(exc)})
+            return False
+        old = {c.name: c for c in self.config.channels}
+        wanted = {c.name: c for c in new.channels if c.enabled}
+        for name in list(self.channels):
+            if name not in wanted or wanted[name] != old.get(name):
+                await self.channels.pop(name).stop()
+        self.config = new
+        if not self.reload_mappings():
+            return False
+        for name, settings in wanted.items():
+            if name not in self.channels:
+                channel = CHANNEL_TYPES.load(settings.type)(settings, self.pipeline)
+                await channel.start()
+                self.channels[name] = channel
+        await self._reload_scheduler()
+        return True
+
+    async def _reload_scheduler(self) -> None:
+        """Rebuild the jobs from the new config and the channels now running (a restarted channel is a
+        new object: its poll job must poll it). A changed time zone or ``enabled`` restarts the scheduler."""
+        jobs = self.config.jobs
+        if self.scheduler is not None and (
+            not jobs.enabled or self.scheduler.settings.timezone != jobs.timezone
+        ):
+            await self.scheduler.stop()
+            self.scheduler = None
+        if self.scheduler is None:
+            await self._start_scheduler()
+            return
+        from hms_ach.app.scheduler import build_jobs
+
+        self.scheduler.replace_jobs(build_jobs(jobs, self.writer, self.channels), jobs)
+
+    async def _watch(self) -> None:
+        """Poll channels.yaml and the mapping files' modification times (no extra dependency needed)."""
+        snapshot = self._snapshot()
+        while True:
+            await asyncio.sleep(1.0)
+            current = self._snapshot()
+            if current == snapshot:
+                continue
+            config_changed = current.get("config") != snapshot.get("config")
+            snapshot = current
+            if config_changed and self.config.source:
+                await self.reload_config()
+            else:
+                self.reload_mappings()
+
+    def _snapshot(self) -> dict[str, float]:
+        snap = _mtimes(self.config.mappings_dir)
+        if self.config.source:
+            try:
+                snap["config"] = Path(self.config.source).stat().st_mtime
+            except OSError:
+                pass
+        return snap
+
+
+def _mtimes(root: Any) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for path in root.rglob("*.yaml"):
+        try:
+            out[str(path)] = path.stat().st_mtime
+        except OSError:
+            continue
+    return out

@@ -1,0 +1,324 @@
+"""The job scheduler: APScheduler 3.x, exactly one per deployment.
+
+Jobs: one poll per ``sftp_csv`` channel (on the channel's ``poll_interval_seconds`` or
+``poll_cron``), the credential-expiry scan and housekeeping (``jobs:`` in channels.yaml).
+
+* Every job has ``coalesce=True`` (missed runs are run once, not once per miss), ``max_instances=1``
+  (a run never overlaps the previous one) and a misfire grace time.
+* On PostgreSQL the scheduler first takes ``pg_try_advisory_lock`` on a dedicated connection kept
+  open for as long as it runs (the lock is per schema, so separate deployments in one database do
+  not block each other). An instance that does not get it schedules nothing and retries every
+  ``lock_retry_seconds``: when the holder dies its session ends, the lock is freed and a standby
+  takes over. SQLite is one process's store, so its scheduler needs no lock.
+* Each run's start and outcome go to the ``job_run`` table, which ``hms-ach jobs`` shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+from sqlalchemy import Connection, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from hms_ach.app.job_settings import JobSchedule, JobsSettings
+from hms_ach.store.db import Store
+from hms_ach.store.models import JobRun
+from hms_ach.store.writer import StoreWriter
+
+log = logging.getLogger("hms_ach.app.scheduler")
+RUNS = JobRun.__table__  # type: ignore[attr-defined]
+LOCK_SQL = text("SELECT pg_try_advisory_lock(hashtext('hms_ach.app.scheduler:' || current_schema()))")
+UNLOCK_SQL = text("SELECT pg_advisory_unlock(hashtext('hms_ach.app.scheduler:' || current_schema()))")
+
+
+@dataclass
+class JobDef:
+    """One scheduled job: ``run`` returns a one-line summary of what it did."""
+
+    name: str
+    trigger: BaseTrigger
+    run: Callable[[], Awaitable[str]]
+    misfire_grace_seconds: int = 3600
+    scheduled: bool = True
+
+
+def trigger_for(cron: str | None, interval_seconds: float | None, timezone: str) -> BaseTrigger:
+    if cron:
+        return CronTrigger.from_crontab(cron, timezone=timezone)
+    return IntervalTrigger(seconds=interval_seconds or 86400, timezone=timezone)
+
+
+def _schedule_job(name: str, sched: JobSchedule, tz: str, run: Callable[[], Awaitable[str]]) -> JobDef:
+    return JobDef(
+        name,
+        trigger_for(sched.cron, sched.interval_seconds, tz),
+        run,
+        sched.misfire_grace_seconds,
+        sched.enabled,
+    )
+
+
+def build_jobs(settings: JobsSettings, writer: StoreWriter, channels: dict[str, Any]) -> list[JobDef]:
+    """The jobs of a deployment: one poll per channel that has ``poll()``, then the built-in jobs."""
+    from hms_ach.billing.claim_job import create_claims
+    from hms_ach.ingest.housekeeping import purge_messages
+    from hms_ach.workforce.credentials import scan
+
+    jobs: list[JobDef] = []
+    for name, channel in channels.items():
+        if not hasattr(channel, "poll"):
+            continue
+        cfg = channel.config
+
+        async def poll(channel: Any = channel) -> str:
+            result = await channel.poll()
+            if result.error:
+                raise RuntimeError(result.error)
+            return str(result.summary())
+
+        jobs.append(
+            JobDef(
+                f"poll:{name}",
+                trigger_for(cfg.poll_cron, cfg.poll_interval_seconds, settings.timezone),
+                poll,
+                max(60, int(cfg.poll_interval_seconds or 3600)),
+            )
+        )
+
+    cred = settings.credential_expiry
+
+    async def credential_expiry() -> str:
+        counts = await writer.run(lambda conn: scan(conn, cred.days_ahead))
+        return ", ".join(f"{k}={v}" for k, v in counts.items())
+
+    house = settings.housekeeping
+
+    async def housekeeping() -> str:
+        count = await writer.run(lambda conn: purge_messages(conn, house.message_retention_days))
+        return f"{count} messages deleted"
+
+    jobs.append(_schedule_job("credential_expiry", cred, settings.timezone, credential_expiry))
+    jobs.append(_schedule_job("housekeeping", house, settings.timezone, housekeeping))
+    claims = settings.claim_creation
+
+    async def claim_creation() -> str:
+        counts = await writer.run(
+            lambda conn: create_claims(conn, claims.settle_hours, claims.max_claims_per_run)
+        )
+        return ", ".join(f"{k}={v}" for k, v in counts.items())
+
+    jobs.append(_schedule_job("claim_creation", claims, settings.timezone, claim_creation))
+    return jobs
+
+
+class Scheduler:
+    def __init__(self, store: Store, writer: StoreWriter, jobs: list[JobDef], settings: JobsSettings):
+        self.store = store
+        self.writer = writer
+        self.jobs = {j.name: j for j in jobs}
+        self.settings = settings
+        self.aps: AsyncIOScheduler | None = None
+        self.leader = False
+        self._lock_conn: Any = None
+        self._standby: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[Any]] = set()
+        self._writes: set[asyncio.Future[Any]] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> bool:
+        """Start scheduling if this instance gets the lock; else stand by. Returns whether it leads."""
+        if await asyncio.to_thread(self._take_lock):
+            self._start_aps()
+            return True
+        log.info("scheduler.standby", extra={"retry_seconds": self.settings.lock_retry_seconds})
+        self._standby = asyncio.create_task(self._wait_for_lock())
+        return False
+
+    async def stop(self) -> None:
+        if self._standby is not None:
+            self._standby.cancel()
+            try:
+                await self._standby
+            except asyncio.CancelledError:
+                pass
+            self._standby = None
+        if self.aps is not None:
+            self.aps.pause()
+            if self._running:  # let runs in progress finish their commits (bounded)
+                await asyncio.wait(set(self._running), timeout=self.settings.stop_timeout_seconds)
+            self.aps.shutdown(wait=False)
+            self.aps = None
+        if self._writes:  # bookkeeping commits of cancelled runs: let them land
+            await asyncio.wait(set(self._writes), timeout=self.settings.stop_timeout_seconds)
+        await asyncio.to_thread(self._release_lock)
+        self.leader = False
+
+    def _take_lock(self) -> bool:
+        if self.store.dialect != "postgresql":
+            self.leader = True
+            return True
+        conn = self.store.writer.connect().execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            got = bool(conn.execute(LOCK_SQL).scalar())
+        except Exception:
+            conn.close()
+            raise
+        if got:
+            self._lock_conn, self.leader = conn, True
+        else:
+            conn.close()
+        return got
+
+    def _release_lock(self) -> None:
+        conn, self._lock_conn = self._lock_conn, None
+        if conn is None:
+            return
+        try:
+            conn.execute(UNLOCK_SQL)
+        except Exception:  # noqa: BLE001 - closing the session frees the lock anyway
+            log.warning("scheduler.unlock_failed")
+        finally:
+            conn.invalidate()  # never hand a session holding the lock back to the pool
+            conn.close()
+
+    async def _wait_for_lock(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.lock_retry_seconds)
+            try:
+                if await asyncio.to_thread(self._take_lock):
+                    log.info("scheduler.took_over")
+                    self._start_aps()
+                    return
+            except Exception:  # noqa: BLE001 - the database may be down; try again later
+                log.exception("scheduler.lock_failed")
+
+    def _start_aps(self) -> None:
+        self.aps = AsyncIOScheduler(timezone=self.settings.timezone)
+        for job in self.jobs.values():
+            if job.scheduled:
+                self._add(job)
+        self.aps.start()
+        log.info("scheduler.started", extra={"jobs": sorted(self.jobs)})
+
+    def _add(self, job: JobDef) -> None:
+        assert self.aps is not None
+        self.aps.add_job(
+            self.run_job,
+            job.trigger,
+            args=[job.name],
+            id=job.name,
+            name=job.name,
+            coalesce=True,
+            max_instances=1,
+            misfire_grace_time=job.misfire_grace_seconds,
+            replace_existing=True,
+        )
+
+    def replace_jobs(self, jobs: list[JobDef], settings: JobsSettings) -> None:
+        """Take the jobs of a reloaded config (same time zone; see ``Engine.reload_config``).
+
+        A run looks its job up by name when it starts, so every job runs the new definition (a
+        restarted channel's poll polls the new channel). Only jobs whose schedule changed are
+        rescheduled; the others keep their next run. Runs in progress finish.
+        """
+        old, self.jobs, self.settings = self.jobs, {j.name: j for j in jobs}, settings
+        if self.aps is None:
+            return  # standing by: _start_aps schedules self.jobs when this instance takes over
+        for name, job in old.items():
+            new = self.jobs.get(name)
+            if (
+                job.scheduled
+                and (new is None or _when(new) != _when(job))
+                and self.aps.get_job(name) is not None
+            ):
+                self.aps.remove_job(name)
+        for name, job in self.jobs.items():
+            prev = old.get(name)
+            if job.scheduled and (prev is None or _when(prev) != _when(job)):
+                self._add(job)
+        log.info("scheduler.jobs_replaced", extra={"jobs": sorted(self.jobs)})
+
+    # ------------------------------------------------------------------ runs
+    async def run_job(self, name: str) -> tuple[str, str]:
+        """Run one job now and record its outcome; never raises (the outcome says what failed)."""
+        job = self.jobs.get(name)
+        if job is None:
+            raise KeyError(f"no job {name!r}; jobs: {', '.join(sorted(self.jobs))}")
+        task = asyncio.current_task()
+        if task is not None:
+            self._running.add(task)
+        try:
+            await self._write(_record_start(name))
+            try:
+                detail, status = await job.run(), "ok"
+            except Exception as exc:  # noqa: BLE001 - a failing job is recorded, the scheduler goes on
+                log.exception("job.failed", extra={"job": name})
+                detail, status = f"{type(exc).__name__}: {exc}"[:2000], "error"
+            await self._write(_record_end(name, status, detail))
+        finally:
+            if task is not None:
+                self._running.discard(task)
+        log.info("job.finished", extra={"job": name, "status": status})
+        return status, detail
+
+    async def _write(self, job: Callable[[Connection], None]) -> None:
+        """A writer job that a cancelled run does not cancel (its commit still lands)."""
+        fut = asyncio.ensure_future(self.writer.run(job))
+        self._writes.add(fut)
+        fut.add_done_callback(self._writes.discard)
+        await asyncio.shield(fut)
+
+    def next_run(self, name: str) -> datetime | None:
+        if self.aps is not None:
+            job = self.aps.get_job(name)
+            if job is not None:
+                return job.next_run_time  # type: ignore[no-any-return]
+        jd = self.jobs[name]
+        if not jd.scheduled:
+            return None
+        return jd.trigger.get_next_fire_time(None, datetime.now(UTC))  # type: ignore[no-any-return]
+
+
+def _when(job: JobDef) -> tuple[bool, str, int]:
+    """What decides when a job runs (a trigger's text names its type and settings)."""
+    return job.scheduled, str(job.trigger), job.misfire_grace_seconds
+
+
+def _record_start(name: str) -> Callable[[Connection], None]:
+    def job(conn: Connection) -> None:
+        insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+        conn.execute(
+            insert(RUNS).values(name=name, status="", runs=0).on_conflict_do_nothing(index_elements=["name"])
+        )
+        conn.execute(
+            update(RUNS)
+            .where(RUNS.c.name == name)
+            .values(started_at=datetime.now(UTC), status="running", runs=RUNS.c.runs + 1)
+        )
+
+    return job
+
+
+def _record_end(name: str, status: str, detail: str) -> Callable[[Connection], None]:
+    def job(conn: Connection) -> None:
+        conn.execute(
+            update(RUNS)
+            .where(RUNS.c.name == name)
+            .values(finished_at=datetime.now(UTC), status=status, detail=detail)
+        )
+
+    return job
+
+
+def last_runs(conn: Connection) -> dict[str, Any]:
+    return {r.name: r for r in conn.execute(select(RUNS)).all()}

@@ -1,0 +1,325 @@
+"""The record vocabulary shared by every layer: which record types exist, and what a mapping produces.
+
+* :data:`RECORD_TYPES` is the one table of canonical record types. Each row says whether the type is
+  a FHIR R4 resource served under ``/fhir``, whether FHIR clients may write it, whether the
+  ``fhir_push`` sink may mirror it, its table name and its search parameters. The store makes one
+  table per row, the search index and the CapabilityStatement read the parameters from here, and the
+  mapping loader accepts exactly these names. A new resource type is one row here, plus its mapping
+  YAML.
+* :class:`MappingResult` / :class:`RecordWrite` are the contract between the mapping engine
+  (``mapping/``) and the store (``store/``): plain data, so the preview can show it and the golden
+  tests can compare it. :func:`merge_content` is the one merge rule both use.
+
+References between records of one message are written ``{"reference": "@alias"}`` and resolved by
+the store to ``Type/id`` once the aliased record has its id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Mode = Literal["merge", "replace", "fill"]
+
+
+@dataclass
+class Lineage:
+    """Where one produced value came from: ``Encounter.location[0].location <- PV1-3 (4W^412^B)``."""
+
+    target: str
+    source: str
+    value: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.target} <- {self.source}" + (f" ({self.value})" if self.value else "")
+
+
+@dataclass
+class RecordWrite:
+    """Upsert one canonical record, keyed on its business identifier."""
+
+    alias: str
+    resource_type: str
+    key_system: str | None
+    key_value: str | None
+    content: dict[str, Any]
+    mode: Mode = "merge"
+    create: bool = True
+    lineage: list[Lineage] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return f"{self.key_system}|{self.key_value}" if self.key_value else "(no key)"
+
+
+@dataclass
+class StoreAction:
+    """A registered store operation beyond upserts, e.g. ``merge_patient``."""
+
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MappingResult:
+    mapping: str = ""
+    records: list[RecordWrite] = field(default_factory=list)
+    actions: list[StoreAction] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mapping": self.mapping,
+            "records": [
+                {
+                    "alias": r.alias,
+                    "resourceType": r.resource_type,
+                    "key": {"system": r.key_system, "value": r.key_value},
+                    "mode": r.mode,
+                    "create": r.create,
+                    "content": r.content,
+                }
+                for r in self.records
+            ],
+            "actions": [{"name": a.name, "args": a.args} for a in self.actions],
+        }
+
+
+# ---------------------------------------------------------------------------- record types
+#: A search parameter declaration: (type, FHIRPath-subset path[, reference target types]).
+#: ``type`` is token, string, date or reference; ``|`` joins alternative paths.
+ParamDecl = tuple[str, str] | tuple[str, str, tuple[str, ...]]
+
+
+@dataclass(frozen=True)
+class RecordType:
+    """One canonical record type: how it is stored, served, written, mirrored and searched."""
+
+    name: str
+    table: str
+    """The store table of its current versions (history and index rows are shared tables)."""
+    fhir: bool
+    """A FHIR R4 resource, served under /fhir (read, vread, history, search)."""
+    writable: bool
+    """FHIR clients may create, update and delete it through a ``fhir_rest`` channel."""
+    mirrored: bool
+    """The ``fhir_push`` sink may mirror it to a remote FHIR server."""
+    description: str
+    params: dict[str, ParamDecl]
+    """Search parameters (besides ``_id`` and ``_lastUpdated``, which every type has)."""
+
+
+_HUMAN_NAME = "name.family | name.given | name.prefix | name.suffix | name.text"
+
+#: The one table of record types. A new resource type is one row here and its mapping YAML.
+RECORD_TYPES: dict[str, RecordType] = {
+    "Patient": RecordType(
+        name="Patient",
+        table="patient",
+        fhir=True,
+        writable=True,
+        mirrored=True,
+        description=("A patient (PID), FHIR R4 Patient."),
+        params={
+            "identifier": ("token", "identifier"),
+            "name": ("string", _HUMAN_NAME),
+            "family": ("string", "name.family"),
+            "given": ("string", "name.given"),
+            "birthdate": ("date", "birthDate"),
+            "gender": ("token", "gender"),
+        },
+    ),
+    "Encounter": RecordType(
+        name="Encounter",
+        table="encounter",
+        fhir=True,
+        writable=True,
+        mirrored=True,
+        description=("A visit (PV1/PV2), FHIR R4 Encounter."),
+        params={
+            "identifier": ("token", "identifier"),
+            "status": ("token", "status"),
+            "class": ("token", "class"),
+            "date": ("date", "period"),
+            "subject": ("reference", "subject", ("Patient", "Group")),
+            "patient": ("reference", "subject", ("Patient",)),
+            "location": ("reference", "location.location", ("Location",)),
+            "participant": (
+                "reference",
+                "participant.individual",
+                ("Practitioner", "PractitionerRole", "RelatedPerson"),
+            ),
+            "practitioner": ("reference", "participant.individual", ("Practitioner",)),
+        },
+    ),
+    "Location": RecordType(
+        name="Location",
+        table="location",
+        fhir=True,
+        writable=True,
+        mirrored=True,
+        description=("A ward, room or bed (PV1-3, MFN), FHIR R4 Location."),
+        params={
+            "identifier": ("token", "identifier"),
+            "name": ("string", "name | alias"),
+            "status": ("token", "status"),
+            "operational-status": ("token", "operationalStatus"),
+            "type": ("token", "type"),
+            "physical-type": ("token", "physicalType"),
+            "partof": ("reference", "partOf", ("Location",)),
+        },
+    ),
+    "Practitioner": RecordType(
+        name="Practitioner",
+        table="practitioner",
+        fhir=True,
+        writable=True,
+        mirrored=True,
+        description=("A staff member with credentials (MFN^M02, rosters), FHIR R4 Practitioner."),
+        params={
+            "identifier": ("token", "identifier"),
+            "name": ("string", _HUMAN_NAME),
+            "family": ("string", "name.family"),
+            "given": ("string", "name.given"),
+            "active": ("token", "active"),
+            "gender": ("token", "gender"),
+            # custom (not in R4): the validity periods of the credentials; declared in the CapabilityStatement
+            "qualification-period": ("date", "qualification.period"),
+        },
+    ),
+    "PractitionerRole": RecordType(
+        name="PractitionerRole",
+        table="practitioner_role",
+        fhir=True,
+        writable=True,
+        mirrored=True,
+        description=("A staff member's role in a department, FHIR R4 PractitionerRole."),
+        params={
+            "identifier": ("token", "identifier"),
+            "practitioner": ("reference", "practitioner", ("Practitioner",)),
+            "organization": ("reference", "organization", ("Organization",)),
+            "location": ("reference", "location", ("Location",)),
+            "role": ("token", "code"),
+            "specialty": ("token", "specialty"),
+            "date": ("date", "period"),
+            "active": ("token", "active"),
+        },
+    ),
+    "Organization": RecordType(
+        name="Organization",
+        table="organization",
+        fhir=True,
+        writable=True,
+        mirrored=True,
+        description=("A payer, department or facility, FHIR R4 Organization."),
+        params={
+            "identifier": ("token", "identifier"),
+            "name": ("string", "name | alias"),
+            "active": ("token", "active"),
+        },
+    ),
+    "Shift": RecordType(
+        name="Shift",
+        table="shift",
+        fhir=False,
+        writable=False,
+        mirrored=False,
+        description=(
+            "A planned or worked shift (not a FHIR resource). Content: identifier[], practitioner {reference}, role {coding, text}, department {reference or display}, location {reference}, start, end (dateTime with offset), status (planned | confirmed | swapped | cancelled), swapRequest {requestedBy, replacement, status: requested | approved | rejected, decidedAt}."
+        ),
+        params={
+            "identifier": ("token", "identifier"),
+            "practitioner": ("reference", "practitioner", ("Practitioner",)),
+            "date": ("date", "start"),
+            # custom: the end of the shift, so that an overlap check reads only the shifts around its window
+            "end": ("date", "end"),
+            "status": ("token", "status"),
+        },
+    ),
+    "Timecard": RecordType(
+        name="Timecard",
+        table="timecard",
+        fhir=False,
+        writable=False,
+        mirrored=False,
+        description=(
+            "A worked period from clock-in/clock-out events (not a FHIR resource). Content: identifier[], practitioner {reference}, department, clockIn, clockOut (dateTime with offset), workedMinutes, overtimeMinutes (by the configured overtime rule), shift {reference}."
+        ),
+        params={
+            "identifier": ("token", "identifier"),
+            "practitioner": ("reference", "practitioner", ("Practitioner",)),
+            "date": ("date", "clockIn"),
+        },
+    ),
+    "Charge": RecordType(
+        name="Charge",
+        table="charge",
+        fhir=False,
+        writable=False,
+        mirrored=False,
+        description=(
+            "One billable service from a DFT^P03 FT1 segment (the 837's input; not a FHIR resource). Content: identifier[], encounter {reference}, patient {reference}, code {system, code, display} (CPT/HCPCS), units, amount (extended, >= 0), date, performer {reference, npi}, diagnosis [codes], insurance {payerId, payerName, memberId, groupNumber, subscriber {...}} from IN1."
+        ),
+        params={
+            "identifier": ("token", "identifier"),
+            "encounter": ("reference", "encounter", ("Encounter",)),
+            "patient": ("reference", "patient", ("Patient",)),
+        },
+    ),
+    "Coverage": RecordType(
+        name="Coverage",
+        table="coverage",
+        fhir=True,
+        writable=False,
+        mirrored=True,
+        description=(
+            "A FHIR R4 Coverage from an IN1 segment (payer, member id, subscriber relationship); served read-only."
+        ),
+        params={
+            "identifier": ("token", "identifier"),
+            "beneficiary": ("reference", "beneficiary", ("Patient",)),
+            "patient": ("reference", "beneficiary", ("Patient",)),
+            "status": ("token", "status"),
+        },
+    ),
+    "Claim": RecordType(
+        name="Claim",
+        table="claim",
+        fhir=True,
+        writable=False,
+        mirrored=True,
+        description=(
+            "A FHIR R4 Claim made at discharge from the charges of one encounter (billing/claims.py); served read-only."
+        ),
+        params={
+            "identifier": ("token", "identifier"),
+            "status": ("token", "status"),
+            "use": ("token", "use"),
+            "created": ("date", "created"),
+            "patient": ("reference", "patient", ("Patient",)),
+            "encounter": ("reference", "item.encounter", ("Encounter",)),
+            "insurer": ("reference", "insurer", ("Organization",)),
+            "provider": ("reference", "provider", ("Practitioner", "PractitionerRole", "Organization")),
+        },
+    ),
+}
+
+#: Record types served under /fhir, in table order.
+FHIR_SERVED: tuple[str, ...] = tuple(n for n, r in RECORD_TYPES.items() if r.fhir)
+#: Record types FHIR clients may write.
+FHIR_WRITABLE: tuple[str, ...] = tuple(n for n, r in RECORD_TYPES.items() if r.writable)
+#: Record types the fhir_push sink may mirror.
+MIRRORED: tuple[str, ...] = tuple(n for n, r in RECORD_TYPES.items() if r.mirrored)
+
+
+# ---------------------------------------------------------------------------- the merge rule
+def merge_content(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``new`` into ``old``: objects merge, lists and scalars replace, ``None`` deletes."""
+    out = dict(old)
+    for k, v in new.items():
+        if v is None:
+            out.pop(k, None)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge_content(out[k], v)
+        else:
+            out[k] = v
+    return out

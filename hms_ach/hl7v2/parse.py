@@ -1,0 +1,276 @@
+"""HL7 v2 ER7 reader: bytes in, a message whose segments, fields, repetitions and components are
+read with the standard's 1-based numbering.
+
+Why not python-hl7's ``hl7.parse`` for the whole message: it builds five levels of container
+objects for every field whether a mapping reads it or not. This reader splits segments and fields
+eagerly and components only when asked. Separators can never appear inside an escaped value, so
+splitting first and decoding escapes at the leaf is exact; the leaf decoding itself is python-hl7's
+``unescape`` (``\\F\\ \\S\\ \\T\\ \\R\\ \\E\\ \\Xhh\\`` ...), on a template message per set of
+encoding characters.
+
+Charsets follow MSH-18 (ASCII, 8859/n, UTF-8), with a per-channel default. Segment ends may be CR,
+LF or CRLF (senders and files differ): all are read as CR.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import hl7
+
+from hms_ach.core.errors import ContentError, Err0357, RejectError
+
+#: MSH-18 values (HL7 table 0211) -> Python codec.
+CHARSETS: dict[str, str] = {
+    "ASCII": "ascii",
+    "ISO IR6": "ascii",
+    "8859/1": "latin-1",
+    "ISO IR100": "latin-1",
+    "8859/2": "iso8859-2",
+    "8859/5": "iso8859-5",
+    "8859/7": "iso8859-7",
+    "8859/9": "iso8859-9",
+    "8859/15": "iso8859-15",
+    "UNICODE UTF-8": "utf-8",
+    "UTF-8": "utf-8",
+    "ISO IR192": "utf-8",
+    "UNICODE": "utf-8",
+    "WINDOWS-1252": "cp1252",
+}
+
+_SEGMENT_END = re.compile(r"\r\n|\n|\r")
+_SEGMENT_NAME = re.compile(r"^[A-Z][A-Z0-9]{2}$")
+
+
+@dataclass(frozen=True)
+class Separators:
+    field: str = "|"
+    component: str = "^"
+    repetition: str = "~"
+    escape: str = "\\"
+    subcomponent: str = "&"
+
+    @property
+    def encoding_characters(self) -> str:
+        return self.component + self.repetition + self.escape + self.subcomponent
+
+
+@dataclass
+class MshHeader:
+    """The fields of MSH that routing, de-duplication and the ACK need."""
+
+    separators: Separators
+    fields: list[str]
+
+    def get(self, n: int, component: int = 0) -> str:
+        """MSH-n (1-based, MSH-1 is the field separator), optionally one component."""
+        if n >= len(self.fields):
+            return ""
+        value = self.fields[n]
+        if component:
+            parts = value.split(self.separators.component)
+            value = parts[component - 1] if component <= len(parts) else ""
+        return value
+
+    sending_application = property(lambda self: self.get(3))
+    sending_facility = property(lambda self: self.get(4))
+    receiving_application = property(lambda self: self.get(5))
+    receiving_facility = property(lambda self: self.get(6))
+    message_code = property(lambda self: self.get(9, 1))
+    trigger_event = property(lambda self: self.get(9, 2))
+    message_structure = property(lambda self: self.get(9, 3))
+    control_id = property(lambda self: self.get(10))
+    processing_id = property(lambda self: self.get(11, 1))
+    version = property(lambda self: self.get(12, 1))
+    accept_ack_type = property(lambda self: self.get(15))
+    application_ack_type = property(lambda self: self.get(16))
+    charset = property(lambda self: self.get(18).split(self.separators.repetition)[0])
+
+    @property
+    def message_type(self) -> str:
+        return f"{self.message_code}^{self.trigger_event}" if self.trigger_event else self.message_code
+
+    @property
+    def enhanced_mode(self) -> bool:
+        return bool(self.accept_ack_type or self.application_ack_type)
+
+
+def read_header(raw: bytes) -> MshHeader:
+    """Read MSH from the start of ``raw`` without trusting anything else in the message.
+
+    Raises RejectError (-> AR) when there is no usable MSH.
+    """
+    head = raw.lstrip(b"\r\n \t\x0b")
+    if not head.startswith(b"MSH"):
+        raise RejectError("message does not start with an MSH segment", "MSH", Err0357.SEGMENT_SEQUENCE)
+    line = _SEGMENT_END.split(head.decode("latin-1"), maxsplit=1)[0]
+    if len(line) < 8:
+        raise RejectError(
+            "MSH is truncated: the field separator and encoding characters are missing",
+            "MSH-2",
+            Err0357.REQUIRED_FIELD_MISSING,
+        )
+    fs = line[3]
+    if fs.isalnum() or fs.isspace():
+        raise RejectError(
+            f"MSH-1 field separator {fs!r} is not a usable separator", "MSH-1", Err0357.DATA_TYPE_ERROR
+        )
+    enc = line[4:].split(fs, 1)[0]
+    if len(enc) < 4 or len(set(enc[:4])) < 4 or any(c.isalnum() or c.isspace() or c == fs for c in enc[:4]):
+        raise RejectError(
+            f"MSH-2 encoding characters {enc!r} are invalid: expected four distinct non-alphanumeric "
+            "characters such as ^~\\&",
+            "MSH-2",
+            Err0357.DATA_TYPE_ERROR,
+        )
+    seps = Separators(fs, enc[0], enc[1], enc[2], enc[3])
+    parts = line.split(fs)
+    fields = ["MSH", fs] + parts[1:]
+    return MshHeader(seps, fields)
+
+
+def codec_for(header: MshHeader, default_charset: str = "utf-8") -> str:
+    name = header.charset.strip().upper()
+    if not name:
+        return default_charset
+    codec = CHARSETS.get(name)
+    if codec is None:
+        raise RejectError(
+            f"MSH-18 character set {header.charset!r} is not supported; "
+            f"supported: {', '.join(sorted(CHARSETS))}",
+            "MSH-18",
+            Err0357.DATA_TYPE_ERROR,
+        )
+    return codec
+
+
+def decode(raw: bytes, header: MshHeader, default_charset: str = "utf-8") -> str:
+    """Decode ``raw`` as MSH-18 says; invalid bytes are a content error naming where they are."""
+    codec = codec_for(header, default_charset)
+    try:
+        return raw.decode(codec)
+    except UnicodeDecodeError as exc:
+        where = _locate_offset(raw, exc.start, header.separators.field)
+        raise ContentError(
+            f"byte 0x{raw[exc.start]:02x} at offset {exc.start} is not valid {codec} "
+            f"(MSH-18 is {header.charset!r}"
+            + (")" if header.charset else f", channel default {default_charset})"),
+            where,
+            Err0357.DATA_TYPE_ERROR,
+        ) from exc
+
+
+def _locate_offset(raw: bytes, offset: int, fs: str) -> str:
+    before = raw[:offset].decode("latin-1")
+    lines = _SEGMENT_END.split(before)
+    current = lines[-1]
+    name = current[:3]
+    index = current.count(fs)
+    if name == "MSH":
+        index += 1
+    same = sum(1 for seg in lines[:-1] if seg[:3] == name) + 1
+    return f"{name}[{same}]-{index}" if same > 1 else f"{name}-{index}"
+
+
+@lru_cache(maxsize=32)
+def _unescaper(seps: Separators) -> Any:
+    template = hl7.parse(f"MSH{seps.field}{seps.encoding_characters}{seps.field}X")
+    return template.unescape
+
+
+class Segment:
+    """One segment; ``field(n)`` uses the standard's numbering (MSH-1 is the field separator)."""
+
+    __slots__ = ("name", "fields", "index", "seps", "_unescape")
+
+    def __init__(self, name: str, fields: list[str], index: int, seps: Separators):
+        self.name = name
+        self.fields = fields
+        self.index = index
+        self.seps = seps
+
+    def field(self, n: int) -> str:
+        return self.fields[n] if 0 <= n < len(self.fields) else ""
+
+    def repetitions(self, n: int) -> list[str]:
+        value = self.field(n)
+        if self.name == "MSH" and n in (1, 2):
+            return [value]
+        return value.split(self.seps.repetition) if value else []
+
+    def unescape(self, value: str) -> str:
+        if self.seps.escape not in value:
+            return value
+        return str(_unescaper(self.seps)(value))
+
+    def __repr__(self) -> str:
+        return f"<Segment {self.name} #{self.index}>"
+
+
+@dataclass
+class Hl7Message:
+    """A parsed HL7 v2 message: ``header`` plus its ``segments`` in order."""
+
+    header: MshHeader
+    segments: list[Segment]
+    text: str = ""
+    _by_name: dict[str, list[Segment]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for seg in self.segments:
+            self._by_name.setdefault(seg.name, []).append(seg)
+
+    @property
+    def separators(self) -> Separators:
+        return self.header.separators
+
+    def all(self, name: str) -> list[Segment]:
+        return self._by_name.get(name, [])
+
+    def first(self, name: str) -> Segment | None:
+        segs = self._by_name.get(name)
+        return segs[0] if segs else None
+
+    @property
+    def message_type(self) -> str:
+        return self.header.message_type
+
+
+def split_segments(text: str) -> list[str]:
+    """Segments of ``text``, ended by CR, LF or CRLF; blank lines are dropped."""
+    parts = text.split("\r") if "\n" not in text else _SEGMENT_END.split(text)
+    return [s for s in parts if s and not s.isspace()]
+
+
+def parse_text(text: str) -> Hl7Message:
+    """Parse already-decoded ER7 text (segments ended by CR, LF or CRLF)."""
+    raw_segments = split_segments(text.lstrip("\x0b"))
+    if not raw_segments or not raw_segments[0].startswith("MSH"):
+        raise RejectError("message does not start with an MSH segment", "MSH", Err0357.SEGMENT_SEQUENCE)
+    header = read_header(raw_segments[0].encode("latin-1", errors="replace"))
+    # keep the decoded MSH fields (read_header saw latin-1 bytes of the raw text)
+    seps = header.separators
+    header = MshHeader(seps, ["MSH", seps.field] + raw_segments[0].split(seps.field)[1:])
+    segments: list[Segment] = []
+    for i, seg_text in enumerate(raw_segments):
+        parts = seg_text.split(seps.field)
+        name = parts[0].strip()
+        if not _SEGMENT_NAME.match(name):
+            raise ContentError(
+                f"segment {i + 1} has no valid segment id: {seg_text[:20]!r}",
+                f"segment {i + 1}",
+                Err0357.SEGMENT_SEQUENCE,
+            )
+        fields = ["MSH", seps.field] + parts[1:] if i == 0 else parts
+        segments.append(Segment(name, fields, i, seps))
+    return Hl7Message(header, segments, "\r".join(raw_segments))
+
+
+def parse(raw: bytes, default_charset: str = "utf-8") -> Hl7Message:
+    """Bytes -> message: MSH first (RejectError if unusable), then decode by MSH-18, then split."""
+    header = read_header(raw)
+    text = decode(raw, header, default_charset)
+    return parse_text(text)
