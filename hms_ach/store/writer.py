@@ -20,9 +20,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection
-
 from hms_ach.store.db import Store
+from hms_ach.store.port import Tx
 
 log = logging.getLogger("hms_ach.store.writer")
 T = TypeVar("T")
@@ -50,14 +49,14 @@ class StoreWriter:
             self._thread.join(timeout)
             self._thread = None
 
-    async def run(self, job: Callable[[Connection], T]) -> T:
+    async def run(self, job: Callable[[Tx], T]) -> T:
         """Run ``job`` in the next group transaction; returns after that transaction committed."""
         self.start()
         fut: Future[T] = Future()
         self._queue.put((job, fut))
         return await asyncio.wrap_future(fut)
 
-    def run_sync(self, job: Callable[[Connection], T]) -> T:
+    def run_sync(self, job: Callable[[Tx], T]) -> T:
         """The same, from a thread that is not an event loop (CLI, tests)."""
         self.start()
         fut: Future[T] = Future()
@@ -84,7 +83,7 @@ class StoreWriter:
             if stop:
                 return
 
-    def _commit(self, batch: list[tuple[Callable[[Connection], Any], Future[Any]]]) -> None:
+    def _commit(self, batch: list[tuple[Callable[[Tx], Any], Future[Any]]]) -> None:
         if len(batch) == 1:
             self._commit_one(*batch[0])
             return
@@ -118,7 +117,7 @@ class StoreWriter:
             else:
                 fut.set_result(result)
 
-    def _commit_one(self, job: Callable[[Connection], Any], fut: Future[Any]) -> None:
+    def _commit_one(self, job: Callable[[Tx], Any], fut: Future[Any]) -> None:
         """A batch of one job needs no SAVEPOINT: if the job fails, the whole transaction rolls back."""
         conn = self.store.writer.connect()
         try:
