@@ -13,8 +13,6 @@ import orjson
 from fastapi import FastAPI
 from starlette.responses import Response
 
-from hms_ach.channels.fhir_rest import fhir_write_router
-from hms_ach.fhir.audit_routes import audit_event_router
 from hms_ach.fhir.outcomes import install_handlers
 from hms_ach.fhir.routes import fhir_router
 from hms_ach.store.db import Store
@@ -27,9 +25,7 @@ def create_app(store: Store) -> FastAPI:
     app.state.store = store
     app.state.health = {"status": "ok"}
     install_handlers(app)
-    app.include_router(audit_event_router(store))  # before fhir_router: /fhir/AuditEvent is not a record type
     app.include_router(workforce_router(store))
-    app.include_router(fhir_write_router())
     app.include_router(fhir_router(store))
 
     @app.get("/health")

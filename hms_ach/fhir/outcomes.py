@@ -1,6 +1,9 @@
 """OperationOutcome responses: the one error shape of the HTTP API.
 
 Raise :class:`FhirError` anywhere in a route to answer with an OperationOutcome and an HTTP status.
+The store refuses with domain errors (:mod:`hms_ach.store.errors`); :func:`http_error` is the one
+place that gives each of them its HTTP status (a domain error that reaches a route unhandled is
+answered the same way).
 :func:`install_handlers` also turns request-validation errors, Starlette HTTP errors (unknown path,
 wrong method) and any unexpected exception into OperationOutcomes. An unexpected exception becomes
 a 500 whose body says nothing about the internals; the details go to the log only.
@@ -16,6 +19,17 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+
+from hms_ach.store.errors import (
+    Conflict,
+    DomainError,
+    Gone,
+    Invalid,
+    MultipleMatches,
+    NotFound,
+    RuleViolation,
+    VersionConflict,
+)
 
 log = logging.getLogger("hms_ach.app")
 
@@ -122,6 +136,30 @@ class FhirError(Exception):
         return outcome_response(self.status, outcome, self.headers)
 
 
+#: The HTTP status of each kind of domain error (the first class of the error's MRO found here).
+DOMAIN_STATUS: dict[type[DomainError], int] = {
+    Invalid: 400,
+    NotFound: 404,
+    Conflict: 409,
+    Gone: 410,
+    VersionConflict: 412,
+    MultipleMatches: 412,
+    RuleViolation: 422,
+}
+
+
+def http_error(exc: DomainError) -> FhirError:
+    """The HTTP answer to a domain error: its status, its issue code, message and expression."""
+    status = next((DOMAIN_STATUS[c] for c in type(exc).__mro__ if c in DOMAIN_STATUS), 422)
+    return FhirError(status, exc.code, exc.message, expression=exc.expression)
+
+
+async def _domain_error(_request: Request, exc: Exception) -> Response:
+    if not isinstance(exc, DomainError):  # registered for DomainError only
+        return await _unexpected(_request, exc)
+    return http_error(exc).response()
+
+
 async def _fhir_error(_request: Request, exc: Exception) -> Response:
     if not isinstance(exc, FhirError):  # registered for FhirError only
         return await _unexpected(_request, exc)
@@ -155,6 +193,7 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 def install_handlers(app: FastAPI) -> None:
     """Make every error response of ``app`` an OperationOutcome."""
     app.add_exception_handler(FhirError, _fhir_error)
+    app.add_exception_handler(DomainError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)

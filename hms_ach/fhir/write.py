@@ -1,4 +1,4 @@
-"""The FHIR write interactions as store work: validate, map, then one job in the group-commit writer.
+"""The FHIR write interactions: validate and map, then one job in the group-commit writer.
 
 Each request becomes a list of :class:`Operation` (one for create/update/delete, one per entry of a
 Bundle). :func:`prepare` validates and maps an operation before it reaches the writer (pure, no
@@ -7,32 +7,44 @@ checks the required value-set bindings that model does not, and the FHIR mapping
 (``mappings/messages/fhir_*.yaml``) turns the resource into a canonical record write.
 
 :func:`request_job` is the writer job: it stores the request like an inbound message (raw body,
-``fhir+json``), applies every operation inside a SAVEPOINT and records the outcome on the message
-row. A transaction Bundle is all-or-nothing: the first failing entry rolls every entry back, and
-only the message row (status ``error``) stays. Business keys are claimed with
-``INSERT .. ON CONFLICT DO NOTHING`` so that concurrent conditional creates make one record.
+``fhir+json``) with its request line, applies every operation through the store's FHIR
+interactions (:mod:`hms_ach.store.resources`) inside a SAVEPOINT and records the outcome on the
+message row. A transaction Bundle is all-or-nothing: the first failing entry rolls every entry
+back, and only the message row (status ``error``) stays. The store and the checks run inside the
+transaction (reference targets, shift rules) refuse with domain errors
+(:mod:`hms_ach.store.errors`); :func:`apply_request` turns them into the HTTP status and
+OperationOutcome of the entry or the request.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
 import orjson
-from sqlalchemy import Connection, and_, insert, select, update
-from sqlalchemy.exc import IntegrityError
 
 from hms_ach.core.errors import MessageError
-from hms_ach.core.records import FHIR_WRITABLE, RecordWrite, merge_content
+from hms_ach.core.records import FHIR_WRITABLE, RECORD_TYPES, RecordWrite
 from hms_ach.core.references import references, rewrite_references
-from hms_ach.fhir.outcomes import FhirError, operation_outcome
+from hms_ach.fhir.outcomes import FhirError, http_error, operation_outcome
 from hms_ach.mapping.engine import MappingEngine
-from hms_ach.store import messages
-from hms_ach.store.models import RECORD_TABLES, FhirRequestLine, SearchToken
-from hms_ach.store.repository import Repository, new_id
+from hms_ach.store import messages, resources
+from hms_ach.store.errors import (
+    AlreadyExists,
+    DomainError,
+    Invalid,
+    MultipleMatches,
+    NotFound,
+    RuleViolation,
+    UniqueViolation,
+    VersionConflict,
+)
+from hms_ach.store.port import Tx
+from hms_ach.store.resources import RequestLine, store_request_line, stored_request_line
 from hms_ach.store.workforce_queries import shift_overlap
 
 #: The resource types the FHIR REST channel writes. ``Basic`` carries what FHIR R4 has no resource
@@ -42,7 +54,6 @@ BASIC_TYPE_SYSTEM = "urn:hms-ach:code:basic-type"
 BASIC_RECORDS = {"shift": "Shift"}
 _ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _URN = "urn:uuid:"
-REQUEST_LINES = FhirRequestLine.__table__  # type: ignore[attr-defined]
 
 #: Required bindings fhir.resources does not enforce: resource type -> element -> allowed codes.
 REQUIRED_CODES: dict[str, dict[str, frozenset[str]]] = {
@@ -257,276 +268,25 @@ def prepare(op: Operation, engine: MappingEngine) -> None:
     op.resource_type = target
 
 
-# ---------------------------------------------------------------------------- references
-def _check_targets(conn: Connection, rtype: str, content: dict[str, Any], where: str) -> None:
+# ---------------------------------------------------------------------------- checks in the transaction
+def _check_targets(tx: Tx, rtype: str, content: dict[str, Any], where: str) -> None:
     """Every literal reference ``Type/id`` to a type we store must name a live record."""
     for path, ref in references(content):
         if ref.startswith(_URN):
-            raise FhirError(
-                400,
-                "not-found",
+            raise Invalid(
                 f"{ref[:80]} is not the fullUrl of any entry of this Bundle",
+                code="not-found",
                 expression=f"{where}{rtype}.{path}",
             )
         parts = ref.split("/")
-        if len(parts) != 2 or parts[0] not in RECORD_TABLES:
+        if len(parts) != 2 or parts[0] not in RECORD_TYPES:
             continue
-        t = RECORD_TABLES[parts[0]].__table__  # type: ignore[attr-defined]
-        row = conn.execute(select(t.c.version_id, t.c.deleted).where(t.c.id == parts[1])).first()
-        if row is None or row.version_id == 0 or row.deleted:
-            raise FhirError(
-                422,
-                "not-found",
+        if not resources.is_live(tx, parts[0], parts[1]):
+            raise RuleViolation(
                 f"{rtype}.{path} refers to {ref[:80]}, which does not exist",
+                code="not-found",
                 expression=f"{where}{rtype}.{path}",
             )
-
-
-# ---------------------------------------------------------------------------- store work
-def _etag_version(if_match: str | None) -> int | None:
-    if if_match is None:
-        return None
-    m = re.fullmatch(r'\s*(?:W/)?"?(\d{1,18})"?\s*', if_match)
-    if not m:
-        raise FhirError(400, "invalid", f'If-Match {if_match[:40]!r} is not an ETag like W/"3"')
-    return int(m.group(1))
-
-
-def parse_identifier_query(query: str, header: str) -> tuple[str | None, str]:
-    """``identifier=system|value`` (the only conditional criterion we accept) -> (system, value)."""
-    pairs = parse_qsl(query, keep_blank_values=True)
-    if len(pairs) != 1 or pairs[0][0] != "identifier" or not pairs[0][1]:
-        raise FhirError(400, "not-supported", f"{header} must be identifier=system|value, got {query[:80]!r}")
-    system, sep, value = pairs[0][1].rpartition("|")
-    if not value:
-        raise FhirError(400, "invalid", f"{header}: the identifier has no value")
-    return (system or None) if sep else None, value
-
-
-class Writer:
-    """Applies operations on ``conn`` inside the writer's transaction."""
-
-    def __init__(self, conn: Connection, message_id: int):
-        self.conn = conn
-        self.repo = Repository(conn)
-        self.message_id = message_id
-        self.lock = conn.dialect.name == "postgresql"
-
-    def _table(self, rtype: str) -> Any:
-        return RECORD_TABLES[rtype].__table__  # type: ignore[attr-defined]
-
-    def _row(self, rtype: str, rid: str) -> Any:
-        t = self._table(rtype)
-        q = select(
-            t.c.id, t.c.version_id, t.c.deleted, t.c.resource, t.c.key_system, t.c.key_value, t.c.last_updated
-        ).where(t.c.id == rid)
-        if self.lock:
-            q = q.with_for_update()
-        return self.conn.execute(q).first()
-
-    def _by_key(self, rtype: str, system: str | None, value: str) -> Any:
-        t = self._table(rtype)
-        cond = t.c.key_system.is_(None) if system is None else t.c.key_system == system
-        q = select(t.c.id).where(and_(cond, t.c.key_value == value))
-        return self.conn.execute(q).scalar()
-
-    def _by_identifier(self, rtype: str, system: str | None, value: str) -> list[str]:
-        t, ix = self._table(rtype), SearchToken.__table__  # type: ignore[attr-defined]
-        cond = [ix.c.resource_type == rtype, ix.c.param == "identifier", ix.c.value == value]
-        if system is not None:
-            cond.append(ix.c.system == system)
-        sub = select(ix.c.resource_id).where(*cond)
-        return list(
-            self.conn.execute(select(t.c.id).where(t.c.id.in_(sub), t.c.deleted.is_(False))).scalars()
-        )
-
-    def _claim(self, rec: RecordWrite) -> tuple[str, bool]:
-        """Insert a placeholder under the record's business key (ON CONFLICT DO NOTHING): (id, created)."""
-        t = self._table(rec.resource_type)
-        stmt = (
-            self.repo._insert(t)
-            .values(
-                id=new_id(),
-                key_system=rec.key_system,
-                key_value=rec.key_value,
-                version_id=0,
-                last_updated=datetime.now(UTC),
-                deleted=False,
-                resource="{}",
-            )
-            .on_conflict_do_nothing(index_elements=["key_system", "key_value"])
-        )
-        created = self.conn.execute(stmt).rowcount == 1
-        rid = self._by_key(rec.resource_type, rec.key_system, rec.key_value or "")
-        row = self._row(rec.resource_type, rid)
-        return rid, created or row.version_id == 0
-
-    def _result(self, rtype: str, rid: str, status: int) -> Result:
-        row = self._row(rtype, rid)
-        return Result(status, rtype, rid, int(row.version_id), row.resource, row.last_updated)
-
-    def _write(self, op: Operation, rid: str, created: bool, resolved: dict[str, str]) -> Result:
-        """Write ``op.record`` as the next version of ``rid`` (If-Match checked first)."""
-        rec = op.record
-        assert rec is not None
-        rtype = op.resource_type
-        row = self._row(rtype, rid)
-        expected = _etag_version(op.if_match)
-        if expected is not None and (created or expected != row.version_id):
-            raise FhirError(
-                412,
-                "conflict",
-                f"If-Match {op.if_match} does not match the current version "
-                f'W/"{0 if created else row.version_id}" of {rtype}/{rid}',
-            )
-        content = rewrite_references(rec.content, resolved)
-        _check_targets(self.conn, rtype, content, f"{op.where}." if op.where else "")
-        if rtype == "Shift":
-            check_shift(self.conn, rid, content, f"{op.where}.Basic" if op.where else "Basic")
-        old = (
-            {}
-            if created
-            else {k: v for k, v in orjson.loads(row.resource).items() if k not in ("id", "meta")}
-        )
-        if rec.key_value and (row.key_system, row.key_value) != (rec.key_system, rec.key_value):
-            other = self._by_key(rtype, rec.key_system, rec.key_value)
-            if other is not None and other != rid:
-                raise FhirError(
-                    409,
-                    "duplicate",
-                    f"{rtype}/{other} already has the identifier {rec.key_system}|{rec.key_value}",
-                )
-            t = self._table(rtype)
-            self.conn.execute(
-                update(t).where(t.c.id == rid).values(key_system=rec.key_system, key_value=rec.key_value)
-            )
-        if rec.mode == "replace":
-            merged = merge_content({}, content)
-        elif rec.mode == "fill":
-            merged = merge_content(content, old)
-        else:
-            merged = merge_content(old, content)
-        merged["resourceType"] = rtype
-        if not created and not row.deleted and merged == old:
-            return self._result(rtype, rid, 200)
-        self.repo._store_version(
-            rtype,
-            rid,
-            int(row.version_id) + 1,
-            merged,
-            self.message_id,
-            created,
-            before=None if created else old,
-        )
-        for extra in op.extra:
-            self.repo.upsert(extra, rewrite_references(extra.content, resolved), self.message_id)
-        result = self._result(rtype, rid, 201 if created else 200)
-        result.changed = True
-        return result
-
-    def apply(self, op: Operation, resolved: dict[str, str]) -> Result:
-        rtype = op.resource_type
-        if op.method == "DELETE":
-            return self.delete(op)
-        rec = op.record
-        assert rec is not None
-        if op.method == "POST":
-            if op.if_none_exist:
-                system, value = parse_identifier_query(op.if_none_exist, "If-None-Exist")
-                if rec.key_value and (system, value) == (rec.key_system, rec.key_value):
-                    rid, created = self._claim(rec)
-                    if not created:
-                        return self._result(rtype, rid, 200)
-                    return self._write(op, rid, True, resolved)
-                found = self._by_identifier(rtype, system, value)
-                if len(found) > 1:
-                    raise FhirError(
-                        412, "multiple-matches", f"If-None-Exist matches {len(found)} {rtype} records"
-                    )
-                if found:
-                    return self._result(rtype, found[0], 200)
-            if not rec.key_value:
-                rid = new_id()
-                t = self._table(rtype)
-                self.conn.execute(
-                    t.insert().values(
-                        id=rid,
-                        key_system=None,
-                        key_value=None,
-                        version_id=0,
-                        last_updated=datetime.now(UTC),
-                        deleted=False,
-                        resource="{}",
-                    )
-                )
-                return self._write(op, rid, True, resolved)
-            rid, created = self._claim(rec)
-            if not created:
-                raise FhirError(
-                    409,
-                    "duplicate",
-                    f"{rtype}/{rid} already has the identifier {rec.key_system}|"
-                    f"{rec.key_value}; use a conditional update (PUT {rtype}?identifier="
-                    f"system|value) or If-None-Exist",
-                )
-            return self._write(op, rid, True, resolved)
-        # PUT
-        if op.rid is not None:
-            row = self._row(rtype, op.rid)
-            if row is None or row.version_id == 0:
-                raise FhirError(
-                    404,
-                    "not-found",
-                    f"{rtype}/{op.rid} is not known; this server does not create "
-                    "on update (use POST or a conditional update)",
-                )
-            return self._write(op, op.rid, False, resolved)
-        system, value = parse_identifier_query(op.query or "", "the conditional update")
-        if rec.key_value and (system, value) == (rec.key_system, rec.key_value):
-            rid, created = self._claim(rec)
-            return self._write(op, rid, created, resolved)
-        found = self._by_identifier(rtype, system, value)
-        if len(found) > 1:
-            raise FhirError(
-                412, "multiple-matches", f"the conditional update matches {len(found)} {rtype} records"
-            )
-        if found:
-            return self._write(op, found[0], False, resolved)
-        op.if_none_exist = None
-        return self.apply(
-            Operation(
-                "POST",
-                rtype,
-                resource=op.resource,
-                if_match=op.if_match,
-                where=op.where,
-                record=rec,
-                extra=op.extra,
-            ),
-            resolved,
-        )
-
-    def delete(self, op: Operation) -> Result:
-        rtype = op.resource_type
-        rid = op.rid or ""
-        row = self._row(rtype, rid) if _ID_RE.match(rid) else None
-        if row is None or row.version_id == 0:
-            raise FhirError(404, "not-found", f"{rtype}/{rid[:64]} is not known")
-        expected = _etag_version(op.if_match)
-        if expected is not None and expected != row.version_id:
-            raise FhirError(
-                412,
-                "conflict",
-                f"If-Match {op.if_match} does not match the current version "
-                f'W/"{row.version_id}" of {rtype}/{rid}',
-            )
-        if row.deleted:
-            return Result(204, rtype, rid, int(row.version_id), None, row.last_updated)
-        old = {k: v for k, v in orjson.loads(row.resource).items() if k not in ("id", "meta")}
-        self.repo._store_version(
-            rtype, rid, int(row.version_id) + 1, old, self.message_id, False, deleted=True, before=old
-        )
-        return Result(204, rtype, rid, int(row.version_id) + 1, None, datetime.now(UTC), changed=True)
 
 
 def _instant(text: Any, where: str) -> datetime:
@@ -535,36 +295,136 @@ def _instant(text: Any, where: str) -> datetime:
     except ValueError:
         value = None
     if value is None or value.tzinfo is None:
-        raise FhirError(
-            422, "value", f"{str(text)[:40]!r} is not a dateTime with a UTC offset", expression=where
+        raise RuleViolation(
+            f"{str(text)[:40]!r} is not a dateTime with a UTC offset", code="value", expression=where
         )
     return value
 
 
-def check_shift(conn: Connection, rid: str, content: dict[str, Any], where: str) -> None:
+def check_shift(tx: Tx, rid: str, content: dict[str, Any], where: str) -> None:
     """A shift ends after it starts, has a known status and does not overlap its employee's others."""
     ext = f"{where}.extension"
     start, end = _instant(content.get("start"), ext), _instant(content.get("end"), ext)
     if end <= start:
-        raise FhirError(422, "invariant", "the shift ends before it starts", expression=ext)
+        raise RuleViolation("the shift ends before it starts", code="invariant", expression=ext)
     if content.get("status") not in ("planned", "confirmed", "swapped", "cancelled"):
-        raise FhirError(
-            422,
-            "code-invalid",
+        raise RuleViolation(
             f"shift status {str(content.get('status'))[:32]!r} is not one of "
             "planned, confirmed, swapped, cancelled",
+            code="code-invalid",
             expression=ext,
         )
     who = (content.get("practitioner") or {}).get("reference")
     if who and content.get("status") != "cancelled":
-        clash = shift_overlap(conn, who, start, end, rid)  # that employee's shifts only, by the index
+        clash = shift_overlap(tx, who, start, end, rid)  # that employee's shifts only, by the index
         if clash:
-            raise FhirError(
-                422,
-                "business-rule",
+            raise RuleViolation(
                 f"{who} already works shift Shift/{clash} then",
+                code="business-rule",
                 expression=f"{where}.subject",
             )
+
+
+def _etag_version(if_match: str | None) -> int | None:
+    if if_match is None:
+        return None
+    m = re.fullmatch(r'\s*(?:W/)?"?(\d{1,18})"?\s*', if_match)
+    if not m:
+        raise Invalid(f'If-Match {if_match[:40]!r} is not an ETag like W/"3"')
+    return int(m.group(1))
+
+
+def parse_identifier_query(query: str, header: str) -> tuple[str | None, str]:
+    """``identifier=system|value`` (the only conditional criterion we accept) -> (system, value)."""
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if len(pairs) != 1 or pairs[0][0] != "identifier" or not pairs[0][1]:
+        raise Invalid(f"{header} must be identifier=system|value, got {query[:80]!r}", code="not-supported")
+    system, sep, value = pairs[0][1].rpartition("|")
+    if not value:
+        raise Invalid(f"{header}: the identifier has no value")
+    return (system or None) if sep else None, value
+
+
+# ---------------------------------------------------------------------------- store work
+def _resource_write(tx: Tx, op: Operation, resolved: dict[str, str]) -> resources.ResourceWrite:
+    """``op``'s mapped record as a store write: references resolved, the If-Match read when the store
+    checks it, and the checks that need the record id (reference targets, shift rules)."""
+    rec = op.record
+    if rec is None:
+        raise RuntimeError(f"{op.where or op.resource_type}: the operation was not prepared")
+    rtype = op.resource_type
+    where = f"{op.where}." if op.where else ""
+
+    def check(rid: str, content: dict[str, Any]) -> None:
+        _check_targets(tx, rtype, content, where)
+        if rtype == "Shift":
+            check_shift(tx, rid, content, f"{op.where}.Basic" if op.where else "Basic")
+
+    return resources.ResourceWrite(
+        rec,
+        rewrite_references(rec.content, resolved),
+        [(extra, rewrite_references(extra.content, resolved)) for extra in op.extra],
+        expected_version=lambda: _etag_version(op.if_match),
+        check=check,
+    )
+
+
+def _apply(tx: Tx, op: Operation, resolved: dict[str, str], message_id: int) -> Result:
+    """Run ``op`` as the store interaction it names; refusals are domain errors."""
+    rtype = op.resource_type
+    if op.method == "DELETE":
+        rid = op.rid or ""
+        if not _ID_RE.match(rid):
+            raise NotFound(f"{rtype}/{rid[:64]}")
+        gone = resources.delete(tx, rtype, rid, message_id, lambda: _etag_version(op.if_match))
+        return Result(204, rtype, rid, gone.version, None, gone.last_updated, changed=gone.changed)
+    write = _resource_write(tx, op, resolved)
+    if op.method == "POST" and op.if_none_exist:
+        system, value = parse_identifier_query(op.if_none_exist, "If-None-Exist")
+        written = resources.create_unless_exists(tx, write, system, value, message_id)
+    elif op.method == "POST":
+        written = resources.create(tx, write, message_id)
+    elif op.rid is not None:
+        written = resources.update(tx, op.rid, write, message_id)
+    else:
+        system, value = parse_identifier_query(op.query or "", "the conditional update")
+        written = resources.update_by_identifier(tx, system, value, write, message_id)
+    return Result(
+        201 if written.created else 200,
+        rtype,
+        written.id,
+        written.version,
+        written.text,
+        written.last_updated,
+        changed=written.changed,
+    )
+
+
+def _refusal(exc: DomainError, op: Operation | None, batch: bool = False) -> FhirError:
+    """The HTTP answer to a refusal of ``op`` (None: of the request as a whole)."""
+    error = http_error(exc)
+    if isinstance(exc, UniqueViolation) and batch:
+        error.diagnostics = f"a unique constraint refused the write: {exc.error_type}"
+    if op is None:
+        return error
+    rtype = op.resource_type
+    if isinstance(exc, VersionConflict):
+        error.diagnostics = (
+            f'If-Match {op.if_match} does not match the current version W/"{exc.current}" of {exc.reference}'
+        )
+    elif isinstance(exc, MultipleMatches):
+        what = "If-None-Exist" if op.method == "POST" else "the conditional update"
+        error.diagnostics = f"{what} matches {exc.count} {rtype} records"
+    elif isinstance(exc, AlreadyExists):
+        error.diagnostics = (
+            f"{exc}; use a conditional update (PUT {rtype}?identifier=system|value) or If-None-Exist"
+        )
+    elif isinstance(exc, NotFound) and op.method == "PUT":
+        error.diagnostics = (
+            f"{exc.reference} is not known; this server does not create "
+            "on update (use POST or a conditional update)"
+        )
+    return error
 
 
 def order_entries(ops: list[Operation]) -> list[Operation]:
@@ -586,106 +446,82 @@ def order_entries(ops: list[Operation]) -> list[Operation]:
                 done.add(op.full_url)
             progressed = True
         if not progressed:
-            raise FhirError(
-                400,
-                "invalid",
-                "the Bundle's urn:uuid references form a cycle: " + ", ".join(op.where for op in pending),
+            raise Invalid(
+                "the Bundle's urn:uuid references form a cycle: " + ", ".join(op.where for op in pending)
             )
     return deletes + ordered
 
 
-@dataclass
-class RequestLine:
-    """The method, the URL under /fhir and the conditional headers of a write: stored beside its body
-    (table ``message_fhir_request``) so that ``hms-ach replay`` can run the same request again."""
+__all__ = [
+    "VERIFICATION_EXT",
+    "WRITE_TYPES",
+    "Operation",
+    "RequestLine",
+    "RequestOutcome",
+    "Result",
+    "apply_request",
+    "check_writable",
+    "prepare",
+    "record_rejection",
+    "rejection_job",
+    "request_job",
+    "store_request_line",
+    "stored_request_line",
+    "validate",
+]
 
-    method: str
-    target: str = ""  # Practitioner, Practitioner/123, Practitioner?identifier=s|v; "" for a Bundle
-    if_match: str | None = None
-    if_none_exist: str | None = None
 
-
-def store_request_line(conn: Connection, message_id: int, line: RequestLine | None) -> None:
-    if line is not None:
-        conn.execute(
-            insert(REQUEST_LINES).values(
-                message_id=message_id,
-                method=line.method[:10],
-                target=line.target,
-                if_match=line.if_match[:255] if line.if_match else None,
-                if_none_exist=line.if_none_exist,
-            )
+def check_writable(resource_type: str) -> None:
+    """404 (a type name) or 400 (not even one) unless ``resource_type`` is written here."""
+    if resource_type not in WRITE_TYPES:
+        raise FhirError(
+            404 if resource_type[:1].isupper() else 400,
+            "not-supported",
+            f"resource type {resource_type[:64]!r} cannot be written here; writable: "
+            f"{', '.join(WRITE_TYPES)}",
         )
-
-
-def stored_request_line(conn: Connection, message_id: int) -> RequestLine | None:
-    row = conn.execute(select(REQUEST_LINES).where(REQUEST_LINES.c.message_id == message_id)).first()
-    if row is None:
-        return None
-    return RequestLine(str(row.method), str(row.target or ""), row.if_match, row.if_none_exist)
 
 
 def request_job(
     meta: messages.MessageMeta, ops: list[Operation], kind: str, line: RequestLine | None = None
-) -> Any:
+) -> Callable[[Tx], RequestOutcome]:
     """The writer job for one request: ``kind`` is single, transaction or batch."""
 
-    def job(conn: Connection) -> RequestOutcome:
-        message_id = messages.insert_message(conn, meta, keyed=False)
-        store_request_line(conn, message_id, line)
-        return apply_request(conn, message_id, ops, kind)
+    def job(tx: Tx) -> RequestOutcome:
+        message_id = messages.insert_message(tx, meta, keyed=False)
+        store_request_line(tx, message_id, line)
+        return apply_request(tx, message_id, ops, kind)
 
     return job
 
 
 def apply_request(
-    conn: Connection, message_id: int, ops: list[Operation], kind: str, replay: bool = False
+    tx: Tx, message_id: int, ops: list[Operation], kind: str, replay: bool = False
 ) -> RequestOutcome:
     """Apply the prepared ``ops`` of the stored request ``message_id`` and record its outcome on the row."""
-    writer = Writer(conn, message_id)
     results: list[Result] = []
     error: FhirError | None = None
     if kind == "batch":
         for op in ops:
-            sp = conn.begin_nested()
             try:
-                results.append(writer.apply(op, {}))
-                sp.commit()
-            except FhirError as exc:
-                sp.rollback()
-                results.append(Result(exc.status, op.resource_type, outcome=_outcome(exc)))
-            except IntegrityError as exc:
-                sp.rollback()
-                results.append(
-                    Result(
-                        409,
-                        op.resource_type,
-                        outcome=operation_outcome(
-                            "conflict", f"a unique constraint refused the write: {type(exc.orig).__name__}"
-                        ),
-                    )
-                )
+                with resources.savepoint(tx):
+                    results.append(_apply(tx, op, {}, message_id))
+            except DomainError as exc:
+                refusal = _refusal(exc, op, batch=True)
+                results.append(Result(refusal.status, op.resource_type, outcome=_outcome(refusal)))
     else:
-        sp = conn.begin_nested()
         resolved: dict[str, str] = {}
+        current: Operation | None = None
         try:
-            for op in order_entries(ops) if kind == "transaction" else ops:
-                res = writer.apply(op, resolved)
-                if op.full_url and res.rid:
-                    resolved[op.full_url] = f"{res.resource_type}/{res.rid}"
-                results.append(res)
-            sp.commit()
-        except FhirError as exc:
-            sp.rollback()
-            error, results = exc, []
-        except IntegrityError as exc:
-            sp.rollback()
-            error, results = (
-                FhirError(
-                    409, "conflict", f"a unique constraint refused the write ({type(exc.orig).__name__})"
-                ),
-                [],
-            )
+            with resources.savepoint(tx):
+                for op in order_entries(ops) if kind == "transaction" else ops:
+                    current = op
+                    res = _apply(tx, op, resolved, message_id)
+                    if op.full_url and res.rid:
+                        resolved[op.full_url] = f"{res.resource_type}/{res.rid}"
+                    results.append(res)
+        except DomainError as exc:
+            error, results = _refusal(exc, current), []
     if kind == "transaction" and error is None:
         # keep the Bundle's entry order in the response
         by_op = dict(zip([id(o) for o in order_entries(ops)], results, strict=True))
@@ -698,7 +534,7 @@ def apply_request(
         }
     ).decode()
     messages.finish(
-        conn,
+        tx,
         message_id,
         status,
         str(error.status) if error else "200",
@@ -710,13 +546,15 @@ def apply_request(
     return RequestOutcome(message_id, results, error)
 
 
-def rejection_job(meta: messages.MessageMeta, error: FhirError, line: RequestLine | None = None) -> Any:
+def rejection_job(
+    meta: messages.MessageMeta, error: FhirError, line: RequestLine | None = None
+) -> Callable[[Tx], int]:
     """Store a request refused before it could be applied (bad JSON, invalid resource) with its reason."""
 
-    def job(conn: Connection) -> int:
-        message_id = messages.insert_message(conn, meta, keyed=False)
-        store_request_line(conn, message_id, line)
-        record_rejection(conn, message_id, error)
+    def job(tx: Tx) -> int:
+        message_id = messages.insert_message(tx, meta, keyed=False)
+        store_request_line(tx, message_id, line)
+        record_rejection(tx, message_id, error)
         return message_id
 
     return job
@@ -728,9 +566,9 @@ def _outcome(exc: FhirError) -> dict[str, Any]:
     )
 
 
-def record_rejection(conn: Connection, message_id: int, error: FhirError, replay: bool = False) -> None:
+def record_rejection(tx: Tx, message_id: int, error: FhirError, replay: bool = False) -> None:
     messages.finish(
-        conn,
+        tx,
         message_id,
         "rejected",
         str(error.status),

@@ -25,6 +25,7 @@ from sqlalchemy import Connection, bindparam, func, select, text
 
 from hms_ach.store import fastexec, txcache
 from hms_ach.store.changes import Change
+from hms_ach.store.db import Store
 from hms_ach.store.models import AuditEntry, InboundMessage
 
 T = AuditEntry.__table__  # type: ignore[attr-defined]
@@ -215,6 +216,12 @@ def search(conn: Connection, q: AuditQuery) -> tuple[list[dict[str, Any]], int |
     more = len(rows) > q.limit
     out = [_public(r) for r in rows[: q.limit]]
     return out, (out[-1]["seq"] if more and out else None)
+
+
+def search_trail(store: Store, q: AuditQuery) -> tuple[list[dict[str, Any]], int | None]:
+    """:func:`search` on a connection of the reader pool of ``store``."""
+    with store.reader.connect() as conn:
+        return search(conn, q)
 
 
 def count(conn: Connection) -> int:

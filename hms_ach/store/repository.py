@@ -230,7 +230,7 @@ class Repository:
         merged = self._merge(rec, old, content)
         if not created and merged == old:
             return WriteOutcome(rec.resource_type, rid, version, created=False, changed=False)
-        return self._store_version(
+        return self.write_version(
             rec.resource_type,
             rid,
             version + 1,
@@ -279,7 +279,7 @@ class Repository:
         self._after_write(rec.resource_type, rid, 1, now, text, body, None, message_id, "create", {})
         return True
 
-    def _store_version(
+    def write_version(
         self,
         resource_type: str,
         rid: str,
@@ -422,7 +422,7 @@ class Repository:
         links = [lk for lk in src_content.get("link", []) if lk.get("other", {}).get("reference") != dst_ref]
         src_content["link"] = links + [{"other": {"reference": dst_ref}, "type": "replaced-by"}]
         outcomes.append(
-            self._store_version(
+            self.write_version(
                 "Patient",
                 src_id,
                 self._version("Patient", src_id) + 1,
@@ -435,7 +435,7 @@ class Repository:
         dlinks = [lk for lk in dst_content.get("link", []) if lk.get("other", {}).get("reference") != src_ref]
         dst_content["link"] = dlinks + [{"other": {"reference": src_ref}, "type": "replaces"}]
         outcomes.append(
-            self._store_version(
+            self.write_version(
                 "Patient",
                 dst_id,
                 self._version("Patient", dst_id) + 1,
@@ -465,7 +465,7 @@ class Repository:
             enc = _strip_meta(self.get("Encounter", eid) or {})
             enc["subject"] = {"reference": dst_ref}
             outcomes.append(
-                self._store_version(
+                self.write_version(
                     "Encounter", eid, self._version("Encounter", eid) + 1, enc, message_id, created=False
                 )
             )

@@ -19,6 +19,7 @@ from sqlalchemy import func, select
 
 from hms_ach.app.http import create_app
 from hms_ach.core.records import FHIR_SERVED, MappingResult, RecordWrite
+from hms_ach.store import resources
 from hms_ach.store.db import Store
 from hms_ach.store.models import INDEX_TABLES, RECORD_TABLES
 from hms_ach.store.repository import Repository
@@ -215,15 +216,8 @@ def ids(store: Store) -> dict[str, str]:
     """Seed the store; the ``gone`` patient is deleted as a FHIR DELETE deletes it: a new version
     flagged deleted, whose search-index rows are removed (searches and their totals rely on that)."""
     found = _apply(store, SEED)
-    table = RECORD_TABLES["Patient"].__table__  # type: ignore[attr-defined]
     with store.writer.begin() as conn:
-        content = orjson.loads(
-            conn.execute(select(table.c.resource).where(table.c.id == found["gone"])).scalar_one()
-        )
-        content = {k: v for k, v in content.items() if k not in ("id", "meta")}
-        Repository(conn)._store_version(
-            "Patient", found["gone"], 2, content, None, False, deleted=True, before=content
-        )
+        resources.delete(conn, "Patient", found["gone"], None)
     return found
 
 

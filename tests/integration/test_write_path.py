@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import Connection, event, text
 
 from hms_ach.core.records import MappingResult, RecordWrite
-from hms_ach.store import audit, search
+from hms_ach.store import audit, resources, search
 from hms_ach.store.db import Store
 from hms_ach.store.repository import Repository
 from hms_ach.store.writer import StoreWriter
@@ -110,10 +110,8 @@ def test_index_rows_are_rewritten_only_when_they_change(store: Store) -> None:
 
 def test_a_deleted_record_written_again_is_indexed_again(store: Store) -> None:
     with store.writer.begin() as conn:
-        repo = Repository(conn)
         out = _write(conn, _nurse("D1", "Silva"))
-        current = repo.get("Practitioner", out.id) or {}
-        repo._store_version("Practitioner", out.id, 2, current, None, created=False, deleted=True)
+        resources.delete(conn, "Practitioner", out.id, None)
     assert _family(store, "silva") == []
     with store.writer.begin() as conn:
         again = _write(conn, _nurse("D1", "Silva", active=True))

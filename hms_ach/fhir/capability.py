@@ -1,0 +1,195 @@
+"""The CapabilityStatement served at ``/fhir/metadata``, generated from the record types.
+
+What it declares comes from the code that serves it: the served and writable types
+(:data:`~hms_ach.core.records.RECORD_TYPES`), their search parameters, ``_include`` and ``_sort``
+choices (:mod:`hms_ach.store.search`), the AuditEvent search and, when a ``fhir_rest`` channel is
+configured, the write interactions and transaction/batch.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from importlib import metadata as importlib_metadata
+from typing import Any
+
+from hms_ach.core.records import FHIR_SERVED
+from hms_ach.fhir.bundles import instant
+from hms_ach.fhir.write import WRITE_TYPES
+from hms_ach.store import search
+from hms_ach.store.search_params import COMMON_PARAMS, SEARCH_PARAMS
+
+FHIR_VERSION = "4.0.1"
+INTERACTIONS = ("read", "vread", "history-instance", "search-type")
+#: Served when a fhir_rest channel (hms_ach/channels/fhir_rest.py) is configured.
+WRITE_INTERACTIONS = ("create", "update", "delete")
+_WRITE_FLAGS: dict[str, Any] = {
+    "conditionalCreate": True,
+    "conditionalUpdate": True,
+    "conditionalDelete": "not-supported",
+}
+WRITE_DOC = (
+    "Writes are mapped into the canonical record (the elements a mapping does not read are not kept). "
+    "Update needs the record to exist (updateCreate: false) and honours If-Match (412 on a mismatch); "
+    "a conditional update (PUT ?identifier=system|value) creates when nothing matches. If-None-Exist "
+    "and conditional update accept identifier=[system|]value only. Delete stores a deleted version: "
+    "reads then answer 410 and history keeps every version."
+)
+
+
+def _software_version() -> str:
+    try:
+        return importlib_metadata.version("hms-ach")
+    except importlib_metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+#: The custom search parameters: (resource type, name) -> (canonical URL, what it matches).
+CUSTOM_PARAMS: dict[tuple[str, str], tuple[str, str]] = {
+    ("Practitioner", "qualification-period"): (
+        "urn:hms-ach:fhir:SearchParameter/Practitioner-qualification-period",
+        "Not in the base specification. A date search on Practitioner.qualification.period: matches a "
+        "practitioner with a qualification (licence, certification) whose period meets the criterion, with "
+        "the prefixes of a FHIR date search applied to the period as a range (an open end is unbounded). "
+        "Example: qualification-period=gt2026-06-30 finds practitioners with a qualification still valid "
+        "after that day.",
+    ),
+}
+
+#: AuditEvent search (hms_ach/fhir/audit_events.py): read-only, search-type only.
+AUDIT_PARAMS: list[dict[str, str]] = [
+    {
+        "name": "entity",
+        "type": "reference",
+        "definition": "http://hl7.org/fhir/SearchParameter/AuditEvent-entity",
+        "documentation": "The changed record, as Type/id; a bare type (Practitioner) matches every record of it",
+    },
+    {
+        "name": "agent",
+        "type": "token",
+        "documentation": "Who made the change: a channel name from channels.yaml, or api / api/<client>; "
+        "matched exactly or as the prefix before '/'. Unlike the base AuditEvent-agent "
+        "parameter this is a name, not a reference",
+    },
+    {
+        "name": "date",
+        "type": "date",
+        "definition": "http://hl7.org/fhir/SearchParameter/AuditEvent-date",
+        "documentation": "The recorded instant, with the eq/ge/gt/le/lt prefixes; repeat it for a range",
+    },
+]
+
+
+def _search_param(rtype: str, p: Any) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "name": p.name,
+        "type": p.type,
+        "documentation": f"{p.type} search on {rtype}.{p.expression}"
+        + (f" (references to {', '.join(p.targets)})" if p.targets else ""),
+    }
+    custom = CUSTOM_PARAMS.get((rtype, p.name))
+    if custom is not None:
+        entry["definition"], entry["documentation"] = custom
+    return entry
+
+
+def capability_statement(base: str, writes: bool = False) -> dict[str, Any]:
+    """The CapabilityStatement, generated from the record tables and search-parameter declarations.
+
+    ``writes``: a ``fhir_rest`` channel is configured, so the write interactions of
+    :mod:`hms_ach.channels.fhir_rest` are served (without one they answer 405 and are not declared).
+    """
+    resources = []
+    for rtype in FHIR_SERVED:
+        writable = writes and rtype in WRITE_TYPES
+        codes = list(INTERACTIONS) + (list(WRITE_INTERACTIONS) if writable else [])
+        entry: dict[str, Any] = {
+            "type": rtype,
+            "interaction": [{"code": code} for code in codes],
+            "versioning": "versioned-update" if writable else "versioned",
+            "readHistory": True,
+            "updateCreate": False,
+        }
+        if writable:
+            entry.update(_WRITE_FLAGS)
+        includes = search.include_params(rtype)
+        if includes:
+            entry["searchInclude"] = includes
+        entry["searchParam"] = [_search_param(rtype, p) for p in SEARCH_PARAMS.get(rtype, {}).values()]
+        entry["documentation"] = f"_sort accepts: {', '.join(search.sort_params(rtype))}" + (
+            ". " + WRITE_DOC
+            if writable
+            else ". Read-only: made by hms-ach (claims at discharge, coverage from IN1)"
+            if rtype not in WRITE_TYPES
+            else ""
+        )
+        resources.append(entry)
+    if writes and "Basic" in WRITE_TYPES:
+        resources.append(
+            {
+                "type": "Basic",
+                "interaction": [{"code": "create"}, {"code": "update"}],
+                "versioning": "versioned-update",
+                "readHistory": False,
+                "updateCreate": False,
+                "conditionalCreate": True,
+                "conditionalUpdate": True,
+                "conditionalDelete": "not-supported",
+                "documentation": "Write-only: a Basic whose code is shift (urn:hms-ach:code:basic-type) is stored as a "
+                "Shift record (read it through /api/v1/shifts); update takes the Shift id. A shift is "
+                "cancelled with status cancelled, not deleted.",
+            }
+        )
+    resources.append(
+        {
+            "type": "AuditEvent",
+            "interaction": [{"code": "search-type"}],
+            "documentation": "Read-only, rendered from the hash-chained audit trail (one entry per record version); "
+            "paging by _cursor, _count at most 200. No read or history of single entries.",
+            "searchParam": AUDIT_PARAMS,
+        }
+    )
+    rest: dict[str, Any] = {
+        "mode": "server",
+        "documentation": (
+            f"Search pages hold {search.DEFAULT_COUNT} entries by default and at most "
+            f"{search.MAX_COUNT}; paging is by cursor. Bundle.total is counted on every page; _total=none "
+            "(or estimate) saves that count when the client does not need it. "
+            "Prefer: handling=strict makes unknown parameters an error."
+        ),
+        "resource": resources,
+        "searchParam": [
+            {"name": "_id", "type": "token", "definition": "http://hl7.org/fhir/SearchParameter/Resource-id"},
+            {
+                "name": "_lastUpdated",
+                "type": "date",
+                "definition": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated",
+            },
+        ]
+        if set(COMMON_PARAMS) == {"_id", "_lastUpdated"}
+        else [],
+    }
+    if writes:
+        rest["interaction"] = [
+            {
+                "code": "transaction",
+                "documentation": "POST /fhir with a transaction Bundle: all entries or none; "
+                "urn:uuid references between entries are resolved",
+            },
+            {
+                "code": "batch",
+                "documentation": "POST /fhir with a batch Bundle: each entry succeeds or fails on its own",
+            },
+        ]
+    return {
+        "resourceType": "CapabilityStatement",
+        "id": "hms-ach",
+        "status": "active",
+        "date": instant(datetime.now(UTC)),
+        "publisher": "hms-ach",
+        "kind": "instance",
+        "software": {"name": "hms-ach", "version": _software_version()},
+        "implementation": {"description": "hms-ach FHIR R4 API", "url": base},
+        "fhirVersion": FHIR_VERSION,
+        "format": ["json"],
+        "rest": [rest],
+    }

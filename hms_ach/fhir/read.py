@@ -1,0 +1,185 @@
+"""The read interactions of ``/fhir``: read, vread, instance history and search.
+
+Records are served as the JSON text the store rendered at write time (:mod:`hms_ach.store.resources`
+reads them in one short read transaction); Bundles are assembled around those texts
+(:mod:`hms_ach.fhir.bundles`). Every refusal is a :class:`~hms_ach.fhir.outcomes.FhirError`.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from urllib.parse import parse_qsl
+
+import orjson
+from fastapi import Request
+from starlette.responses import Response
+
+from hms_ach.core.records import FHIR_SERVED
+from hms_ach.fhir.bundles import bundle, entry, instant
+from hms_ach.fhir.outcomes import FHIR_JSON, FhirError, operation_outcome
+from hms_ach.store import resources, search
+from hms_ach.store.db import Store
+
+MAX_FORM_BYTES = 64 * 1024
+HISTORY_DEFAULT_COUNT = 20
+_ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+
+
+def _http_date(value: datetime) -> str:
+    value = value if value.tzinfo else value.replace(tzinfo=UTC)
+    return format_datetime(value.astimezone(UTC), usegmt=True)
+
+
+def fhir_response(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(body, status_code=status, media_type=FHIR_JSON, headers=headers)
+
+
+def check_served(resource_type: str) -> None:
+    """404 unless ``resource_type`` is served at /fhir."""
+    if resource_type not in FHIR_SERVED:
+        raise FhirError(
+            404,
+            "not-supported",
+            f"resource type {resource_type[:64]!r} is not supported here; supported: {', '.join(FHIR_SERVED)}",
+        )
+
+
+def _not_found(resource_type: str, rid: str) -> FhirError:
+    return FhirError(404, "not-found", f"{resource_type}/{rid[:64]} is not known")
+
+
+def _version_headers(found: resources.StoredVersion) -> dict[str, str]:
+    return {"ETag": f'W/"{found.version}"', "Last-Modified": _http_date(found.last_updated)}
+
+
+# ---------------------------------------------------------------------------- handlers
+def read(store: Store, resource_type: str, rid: str, if_none_match: str | None) -> Response:
+    check_served(resource_type)
+    if not _ID_RE.match(rid):
+        raise _not_found(resource_type, rid)
+    found = resources.read(store, resource_type, rid)
+    if found is None:
+        raise _not_found(resource_type, rid)
+    headers = _version_headers(found)
+    if found.deleted:
+        raise FhirError(410, "deleted", f"{resource_type}/{rid} was deleted", headers=headers)
+    if if_none_match is not None and if_none_match.strip() == headers["ETag"]:
+        return Response(status_code=304, headers=headers)
+    return fhir_response(found.text.encode(), headers=headers)
+
+
+def vread(store: Store, resource_type: str, rid: str, vid: str) -> Response:
+    check_served(resource_type)
+    if not _ID_RE.match(rid) or not vid.isdigit() or len(vid) > 18:
+        raise _not_found(resource_type, f"{rid}/_history/{vid}")
+    found = resources.vread(store, resource_type, rid, int(vid))
+    if found is None:
+        raise _not_found(resource_type, f"{rid}/_history/{vid}")
+    headers = _version_headers(found)
+    if found.deleted:
+        raise FhirError(410, "deleted", f"{resource_type}/{rid} version {vid} is a deletion", headers=headers)
+    return fhir_response(found.text.encode(), headers=headers)
+
+
+def history(store: Store, base: str, resource_type: str, rid: str, params: dict[str, str]) -> Response:
+    check_served(resource_type)
+    if not _ID_RE.match(rid):
+        raise _not_found(resource_type, rid)
+    count = _history_int(params, "_count", HISTORY_DEFAULT_COUNT)
+    before = _history_int(params, "_cursor", None)
+    count = min(count if count is not None else HISTORY_DEFAULT_COUNT, search.MAX_COUNT)
+    page = resources.history(store, resource_type, rid, count, before)
+    if page is None:
+        raise _not_found(resource_type, rid)
+    url = f"{base}/{resource_type}/{rid}/_history"
+    links = [("self", f"{url}?_count={count}" + (f"&_cursor={before}" if before is not None else ""))]
+    if page.more:
+        links.append(("next", f"{url}?_count={count}&_cursor={page.versions[-1].version}"))
+    entries = []
+    for version in page.versions:
+        method = "DELETE" if version.deleted else ("POST" if version.version == 1 else "PUT")
+        status = (
+            "204 No Content" if version.deleted else ("201 Created" if version.version == 1 else "200 OK")
+        )
+        entries.append(
+            entry(
+                f"{base}/{resource_type}/{rid}",
+                None if version.deleted else version.text,
+                {
+                    "request": {
+                        "method": method,
+                        "url": resource_type if method == "POST" else f"{resource_type}/{rid}",
+                    },
+                    "response": {
+                        "status": status,
+                        "etag": f'W/"{version.version}"',
+                        "lastModified": instant(version.last_updated),
+                    },
+                },
+            )
+        )
+    return fhir_response(bundle("history", page.newest, links, entries))
+
+
+def _history_int(params: dict[str, str], name: str, default: int | None) -> int | None:
+    raw = params.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or len(raw) > 18:
+        raise FhirError(
+            400, "invalid", f"{name} must be a non-negative whole number, got {raw[:64]!r}", expression=name
+        )
+    return int(raw)
+
+
+def search_type(
+    store: Store, base: str, resource_type: str, params: list[tuple[str, str]], strict: bool
+) -> Response:
+    check_served(resource_type)
+    try:
+        query = search.parse_query(resource_type, params, strict=strict)
+        page = resources.search(store, query)
+    except search.SearchError as exc:
+        raise FhirError(400, exc.code, exc.diagnostics, expression=exc.expression) from exc
+    url = f"{base}/{resource_type}"
+    self_query = query.self_query()
+    links = [("self", f"{url}?{self_query}" if self_query else url)]
+    if page.next_cursor is not None:
+        links.append(("next", f"{url}?{query.next_query(page.next_cursor)}"))
+    entries = [entry(f"{url}/{rid}", text, {"search": {"mode": "match"}}) for rid, text in page.matches]
+    entries += [
+        entry(f"{base}/{rtype}/{rid}", text, {"search": {"mode": "include"}})
+        for rtype, rid, text in page.included
+    ]
+    if query.warnings:
+        outcome = operation_outcome("not-supported", "; ".join(query.warnings), severity="warning")
+        entries.append(
+            entry(f"urn:uuid:{uuid.uuid4()}", orjson.dumps(outcome).decode(), {"search": {"mode": "outcome"}})
+        )
+    return fhir_response(bundle("searchset", page.total, links, entries))
+
+
+async def form_params(request: Request) -> list[tuple[str, str]]:
+    """The form body of ``POST _search`` (size-limited), after the query-string parameters."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            raise FhirError(413, "too-costly", f"the search form is larger than {MAX_FORM_BYTES} bytes")
+    if not body:
+        return []
+    if ctype != "application/x-www-form-urlencoded":
+        raise FhirError(
+            415,
+            "not-supported",
+            f"a _search body must be application/x-www-form-urlencoded, not {ctype[:64] or 'untyped'!r}",
+        )
+    try:
+        text = bytes(body).decode("utf-8")
+    except UnicodeDecodeError:
+        raise FhirError(400, "invalid", "the search form is not UTF-8") from None
+    return parse_qsl(text, keep_blank_values=True)
