@@ -14,7 +14,7 @@ from typing import Any
 
 from hms_ach.core.records import FHIR_SERVED
 from hms_ach.fhir.bundles import instant
-from hms_ach.fhir.write import WRITE_TYPES
+from hms_ach.fhir.validation import WRITE_TYPES
 from hms_ach.store import search
 from hms_ach.store.search_params import COMMON_PARAMS, SEARCH_PARAMS
 
