@@ -25,9 +25,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from hms_ach.fhir import audit_events
 from hms_ach.fhir import read as reads
 from hms_ach.fhir import write_requests as writes
-from hms_ach.fhir.audit_events import search_audit_events
 from hms_ach.fhir.capability import capability_statement
 from hms_ach.fhir.outcomes import FhirError
 from hms_ach.store.db import Store
@@ -86,13 +86,13 @@ def fhir_router(store: Store) -> APIRouter:
 
     # ------------------------------------------------------------------ AuditEvent (not a record type)
     @router.get("/AuditEvent")
-    def audit_events(request: Request) -> Response:
-        return search_audit_events(store, request)
+    def search_audit_events(request: Request) -> Response:
+        return audit_events.search_audit_events(store, request)
 
     # ------------------------------------------------------------------ writes
     @router.post("")
     @router.post("/", include_in_schema=False)
-    async def transaction_or_batch(request: Request) -> Response:
+    async def bundle(request: Request) -> Response:
         return await writes.transaction_or_batch(request)
 
     @router.post("/{resource_type}")
