@@ -610,6 +610,41 @@ def outbox_retry(
         raise typer.Exit(1)
 
 
+@app.command("reindex")
+def reindex_command(
+    resource_types: Annotated[
+        list[str] | None,
+        typer.Option("--type", help="only this record type (repeatable); default: every type"),
+    ] = None,
+    config: ConfigOpt = Path("channels.yaml"),
+    database: DatabaseOpt = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="records per transaction")] = 500,
+) -> None:
+    """Rebuild the search index of the stored records from the current search-parameter declarations
+    (after adding or changing a parameter); prints the counts per record type."""
+    from hms_ach.store.db import Store
+    from hms_ach.store.reindex import ReindexCount, UnknownRecordTypeError, reindex
+
+    def report(c: ReindexCount) -> None:
+        typer.echo(
+            f"{c.resource_type:<17} {c.records} record(s) reindexed, {c.cleared} deleted, "
+            f"{c.rows} index row(s), {c.batches} batch(es)"
+        )
+
+    store = Store(database) if database else _store(config)
+    try:
+        counts = reindex(store, resource_types, batch_size=batch_size, progress=report)
+    except UnknownRecordTypeError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from exc
+    finally:
+        store.dispose()
+    typer.echo(
+        f"reindexed {sum(c.records for c in counts)} record(s) of {len(counts)} type(s), "
+        f"{sum(c.rows for c in counts)} index row(s)"
+    )
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def bench(
     ctx: typer.Context,
