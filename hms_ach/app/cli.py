@@ -464,6 +464,7 @@ def mapping_test(
     mapping_dir: Annotated[Path | None, typer.Option(help="mapping directory to use")] = None,
 ) -> None:
     """Run the golden tests (*_test.yaml beside the mappings); print a diff for each failure."""
+    from hms_ach.hl7v2.parse import parse
     from hms_ach.mapping import goldens
     from hms_ach.mapping.loader import load_mappings
 
@@ -477,7 +478,7 @@ def mapping_test(
     files = [target] if target.is_file() else goldens.discover(target)
     passed = failed = 0
     for f in files:
-        for case in goldens.run_golden_file(f, mset, Path.cwd()):
+        for case in goldens.run_golden_file(f, mset, Path.cwd(), parse):
             if case.passed:
                 passed += 1
                 typer.echo(f"PASS {f}::{case.name}")

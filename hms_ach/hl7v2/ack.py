@@ -17,7 +17,7 @@ import time
 from datetime import datetime
 
 from hms_ach.core.errors import Err0357, MessageError
-from hms_ach.hl7v2.parse import MshHeader, Separators
+from hms_ach.core.hl7message import MshHeader, Separators
 
 _ENHANCED = {"AA": "CA", "AE": "CE", "AR": "CR"}
 _counter = itertools.count(1)
