@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from hms_ach.core.errors import Err0357, RejectError
 from hms_ach.core.hl7message import MshHeader
@@ -69,6 +69,8 @@ class Hl7Policy:
 
 class Hl7PolicySettings(BaseModel):
     """The ``channels.yaml`` settings of a channel that takes HL7 v2 messages."""
+
+    model_config = ConfigDict(extra="forbid")
 
     default_charset: str = Field(
         DEFAULT_CHARSET,

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hms_ach.core.errors import MessageError
 from hms_ach.core.records import MappingResult
@@ -53,6 +53,8 @@ ROWS_PER_JOB = 500
 
 class CsvFileSettings(BaseModel):
     """How a channel's CSV files are read and mapped (``channels.yaml``)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     dataset: str = Field(description="The CSV mapping applied (its `match: {csv: DATASET}`)")
     encoding: str = Field(
