@@ -242,14 +242,12 @@ class FileDropChannel:
         except MessageError as exc:
             report.status = "error"
             report.errors = [(0, exc.location, exc.message)]
-            await self.hl7_files.fail(
-                message_id, report, f"no message read: {exc.message}", exc.location or name
-            )
+            await self.hl7_files.fail(message_id, f"no message read: {exc.message}", exc.location or name)
             return message_id, report
         if not chunks:
             report.status = "error"
             report.errors = [(0, "", "the file holds no HL7 v2 message")]
-            await self.hl7_files.fail(message_id, report, "the file holds no HL7 v2 message", name)
+            await self.hl7_files.fail(message_id, "the file holds no HL7 v2 message", name)
             return message_id, report
         for number, raw in enumerate(chunks, 1):
             outcome = await self.pipeline.process_hl7(raw, self.policy)

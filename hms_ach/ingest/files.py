@@ -152,7 +152,7 @@ class FileLog:
         done = Finish(report.status, "AE" if report.errors else "AA", None, error=error)
         await self.writer.run(lambda tx: finish(tx, message_id, done))
 
-    async def fail(self, message_id: int, report: FileReport, error: str, where: str) -> None:
+    async def fail(self, message_id: int, error: str, where: str) -> None:
         """Finish a file that could not be read at all: ``error`` stored as its reason."""
         done = Finish("error", "AE", None, error=error, error_location=where[:250])
         await self.writer.run(lambda tx: finish(tx, message_id, done))
