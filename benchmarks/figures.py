@@ -153,7 +153,8 @@ def figure_a(run: Run) -> dict[str, Any]:
     """In-process parse + map of ADT^A01 (pipeline.evaluate), one thread, against parsers alone."""
     import hl7
 
-    from hms_ach.ingest.pipeline import Hl7Policy, evaluate
+    from hms_ach.hl7v2.policy import Hl7Policy
+    from hms_ach.ingest.pipeline import evaluate
     from hms_ach.mapping.engine import MappingEngine
     from hms_ach.mapping.loader import load_mappings
 
@@ -593,7 +594,7 @@ async def _download_rates(
     seconds per repetition on one connection, and the connect + login seconds."""
     import asyncssh
 
-    from hms_ach.channels.sftp_csv import CHUNK_BYTES
+    from hms_ach.ingest.files import CHUNK_BYTES
 
     t0 = time.perf_counter()
     async with await asyncssh.connect(

@@ -16,7 +16,8 @@ from typing import Any
 from hms_ach.app.config import Config, load_config
 from hms_ach.channels import CHANNEL_TYPES
 from hms_ach.core.errors import ConfigError, ConfigErrors
-from hms_ach.ingest.pipeline import Hl7Policy, Pipeline
+from hms_ach.hl7v2.policy import Hl7Policy
+from hms_ach.ingest.pipeline import Pipeline
 from hms_ach.mapping.engine import MappingEngine
 from hms_ach.mapping.loader import load_mappings
 from hms_ach.store.db import Store, database_url

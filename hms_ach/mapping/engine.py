@@ -19,8 +19,8 @@ from functools import lru_cache
 from typing import Any
 
 from hms_ach.core.errors import Err0357, MappingError, RejectError
+from hms_ach.core.hl7message import Hl7Message
 from hms_ach.core.records import Lineage, MappingResult, Mode, RecordWrite, StoreAction, merge_content
-from hms_ach.hl7v2.parse import Hl7Message
 from hms_ach.mapping import spec
 from hms_ach.mapping.functions import FUNCTIONS, FunctionError
 from hms_ach.mapping.loader import LoadedFile, MappingSet
