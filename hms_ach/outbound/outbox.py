@@ -21,7 +21,7 @@ import os
 import random
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Concatenate, ParamSpec, TypeVar
 
@@ -108,7 +108,7 @@ class Dispatcher:
     def __init__(
         self,
         store: Store,
-        sinks: list[OutboxSink],
+        sinks: Sequence[OutboxSink],
         *,
         poll_seconds: float = 0.25,
         lease_seconds: float = 30.0,
@@ -121,7 +121,6 @@ class Dispatcher:
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
-        self.delivered = 0
 
     async def start(self) -> None:
         """Register every sink's cursor (so a new sink starts at this point), then start delivering."""
@@ -204,7 +203,6 @@ class Dispatcher:
                     return self.poll_seconds  # the head row waits for its backoff: nothing after it goes
                 continue
             await asyncio.to_thread(self._tx, mark_delivered, item.row_id, result)
-            self.delivered += 1
             log.info(
                 "outbox.delivered", extra={"sink": settings.name, "row": item.row_id, "event": item.event}
             )

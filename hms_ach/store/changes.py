@@ -52,17 +52,6 @@ def subscribe(listener: Listener) -> None:
         _listeners.append(listener)
 
 
-def unsubscribe(listener: Listener) -> None:
-    """Stop announcing changes to ``listener`` (nothing if it was not subscribed)."""
-    if listener in _listeners:
-        _listeners.remove(listener)
-
-
-def listeners() -> tuple[Listener, ...]:
-    """The subscribed listeners, in the order they run (the audit trail, always first, not included)."""
-    return tuple(_listeners)
-
-
 def notify(tx: Tx, change: Change) -> None:
     """Announce ``change`` in its own transaction: the audit trail, then each subscribed listener."""
     audit.record(tx, change)

@@ -264,9 +264,3 @@ def list_rows(
     if destination:
         q = q.where(ROWS.c.destination == destination)
     return [dict(r._mapping) for r in tx.execute(q).all()]
-
-
-def events_since(tx: Tx, after: int = 0) -> list[dict[str, Any]]:
-    """The events after id ``after``, oldest first (id, event, payload)."""
-    rows = tx.execute(select(EVENTS).where(EVENTS.c.id > after).order_by(EVENTS.c.id)).all()
-    return [{"id": r.id, "event": r.event, "payload": orjson.loads(r.payload)} for r in rows]

@@ -6,14 +6,22 @@ import asyncio
 from datetime import timedelta
 from typing import Any
 
+import orjson
 import pytest
-from sqlalchemy import update
+from sqlalchemy import Connection, select, update
 
 from hms_ach.outbound import outbox
 from hms_ach.outbound.sinks import Delivery, DeliveryError, DeliveryResult, SinkSettings
 from hms_ach.store import outbox as outbox_rows
 from hms_ach.store.db import Store
-from hms_ach.store.models import OutboxCursor
+from hms_ach.store.models import OutboxCursor, OutboxEvent
+
+
+def _events(conn: Connection) -> list[dict[str, Any]]:
+    """Every outbox event, oldest first (id, event, payload)."""
+    t = OutboxEvent.__table__  # type: ignore[attr-defined]
+    rows = conn.execute(select(t).order_by(t.c.id)).all()
+    return [{"id": r.id, "event": r.event, "payload": orjson.loads(r.payload)} for r in rows]
 
 
 def _sink(name: str = "s", **kw: Any) -> SinkSettings:
@@ -46,7 +54,7 @@ def test_an_event_is_written_only_if_its_transaction_commits(store: Store) -> No
         outbox_rows.enqueue(conn, "encounter.admitted", {"resource": "Encounter/2"})
         raise RuntimeError("the change failed")
     with store.reader.connect() as conn:
-        events = outbox_rows.events_since(conn)
+        events = _events(conn)
     assert [e["payload"]["resource"] for e in events] == ["Encounter/1"]
     assert events[0]["payload"]["version"] == 1
 
