@@ -568,8 +568,10 @@ async def _poll_roster(settings: dict[str, Any], url: str, mapping: Any) -> tupl
     from hms_ach.store.models import RECORD_TABLES
 
     Practitioner = RECORD_TABLES["Practitioner"]
+    from hms_ach.app.wiring import wire_listeners
     from hms_ach.store.writer import StoreWriter
 
+    wire_listeners()  # the roster's records write their events, as in the engine
     store = Store(url)  # tables are created here, before the clock starts
     writer = StoreWriter(store)
     writer.start()

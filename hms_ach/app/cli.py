@@ -271,9 +271,11 @@ def replay(
         if isinstance(ch, ChannelSettings) and isinstance(ch, Hl7PolicySettings)
     }
     bundle_limits = [int(getattr(ch, "max_bundle_entries", 1000)) for ch in cfg.channels]
+    from hms_ach.app.wiring import wire_listeners
     from hms_ach.outbound import events
 
     engine = MappingEngine(mset, cfg.engine.timezone)
+    wire_listeners()  # replayed changes write their events and claims, as in the engine
     events.use_engine(engine)  # the replayed changes' event payloads come from mappings/events/
     table = {  # content type -> replayer: how each kind of message is run again
         **replayers(engine, policies),
@@ -560,7 +562,7 @@ def outbox_list(
     """Counts per sink and status; with --status, the rows themselves (newest first)."""
     if ctx.invoked_subcommand is not None:
         return
-    from hms_ach.outbound import outbox
+    from hms_ach.store import outbox
     from hms_ach.store.db import Store
 
     store = Store(database) if database else _store(config)
@@ -589,7 +591,7 @@ def outbox_retry(
     database: DatabaseOpt = None,
 ) -> None:
     """Put a dead (or delivered) row, or every dead row, back in the queue with a fresh retry window."""
-    from hms_ach.outbound import outbox
+    from hms_ach.store import outbox
     from hms_ach.store.db import Store
 
     if row_id is None and not dead:
