@@ -153,7 +153,8 @@ def figure_a(run: Run) -> dict[str, Any]:
     """In-process parse + map of ADT^A01 (pipeline.evaluate), one thread, against parsers alone."""
     import hl7
 
-    from hms_ach.ingest.pipeline import Hl7Policy, evaluate
+    from hms_ach.hl7v2.policy import Hl7Policy
+    from hms_ach.ingest.pipeline import evaluate
     from hms_ach.mapping.engine import MappingEngine
     from hms_ach.mapping.loader import load_mappings
 
@@ -567,8 +568,10 @@ async def _poll_roster(settings: dict[str, Any], url: str, mapping: Any) -> tupl
     from hms_ach.store.models import RECORD_TABLES
 
     Practitioner = RECORD_TABLES["Practitioner"]
+    from hms_ach.app.wiring import wire_listeners
     from hms_ach.store.writer import StoreWriter
 
+    wire_listeners()  # the roster's records write their events, as in the engine
     store = Store(url)  # tables are created here, before the clock starts
     writer = StoreWriter(store)
     writer.start()
@@ -593,7 +596,7 @@ async def _download_rates(
     seconds per repetition on one connection, and the connect + login seconds."""
     import asyncssh
 
-    from hms_ach.channels.sftp_csv import CHUNK_BYTES
+    from hms_ach.ingest.files import CHUNK_BYTES
 
     t0 = time.perf_counter()
     async with await asyncssh.connect(

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
+from hms_ach.app.wiring import wire_listeners
 from hms_ach.store.db import Store, normalise_url
 
 PG_URL = os.environ.get("HMS_ACH_TEST_POSTGRES_URL")
@@ -29,6 +30,13 @@ def _admin(op: str, schema: str) -> None:
             conn.execute(text(f'{op} SCHEMA "{schema}"' + (" CASCADE" if op == "DROP" else "")))
     finally:
         engine.dispose()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _change_listeners() -> None:
+    """Record changes write their outbox events and a discharge its Claim, as in the engine: the
+    same one call the composition root makes (:func:`hms_ach.app.wiring.wire_listeners`)."""
+    wire_listeners()
 
 
 @pytest.fixture(params=STORE_BACKENDS)

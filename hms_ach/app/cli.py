@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from hms_ach.app.config import Config, load_config
+from hms_ach.app.config import ChannelSettings, Config, load_config
 from hms_ach.core.errors import ConfigError, ConfigErrors
 
 app = typer.Typer(
@@ -242,8 +242,9 @@ def replay(
 
     HL7 v2 messages, FHIR writes (fhir_rest) and bad CSV rows (sftp_csv) are each run again the way
     they came in."""
-    from hms_ach.ingest.pipeline import Hl7Policy
-    from hms_ach.ingest.replay import replay_messages
+    from hms_ach.fhir.replay import fhir_replayer
+    from hms_ach.hl7v2.policy import Hl7PolicySettings
+    from hms_ach.ingest.replay import replay_messages, replayers
     from hms_ach.mapping.engine import MappingEngine
     from hms_ach.mapping.loader import load_mappings
     from hms_ach.store import messages as store_messages
@@ -265,27 +266,22 @@ def replay(
         typer.echo("nothing to replay: give message ids, --status or --since", err=True)
         raise typer.Exit(1)
     policies = {
-        ch.name: Hl7Policy(
-            ch.name,
-            getattr(ch, "default_charset", "utf-8"),
-            list(getattr(ch, "accept_versions", Hl7Policy("x").versions)),
-            list(getattr(ch, "accept_processing_ids", ["P", "T", "D"])),
-        )
+        ch.name: ch.hl7_policy(ch.name)
         for ch in cfg.channels
+        if isinstance(ch, ChannelSettings) and isinstance(ch, Hl7PolicySettings)
     }
     bundle_limits = [int(getattr(ch, "max_bundle_entries", 1000)) for ch in cfg.channels]
+    from hms_ach.app.wiring import wire_listeners
     from hms_ach.outbound import events
 
     engine = MappingEngine(mset, cfg.engine.timezone)
+    wire_listeners()  # replayed changes write their events and claims, as in the engine
     events.use_engine(engine)  # the replayed changes' event payloads come from mappings/events/
-    reports = replay_messages(
-        store,
-        engine,
-        sorted(set(targets)),
-        policies,
-        apply=not dry_run,
-        max_bundle_entries=max(bundle_limits, default=1000),
-    )
+    table = {  # content type -> replayer: how each kind of message is run again
+        **replayers(engine, policies),
+        "fhir+json": fhir_replayer(engine, max(bundle_limits, default=1000)),
+    }
+    reports = replay_messages(store, sorted(set(targets)), table, apply=not dry_run)
     store.dispose()
     changed = 0
     for r in reports:
@@ -320,7 +316,8 @@ def corpus_check(
     """Feed every *.hl7 file under DIRECTORY through parse -> ACK -> map, in-process, with no network."""
     from hms_ach.core.errors import MessageError
     from hms_ach.hl7v2.client import split_messages
-    from hms_ach.ingest.pipeline import Hl7Policy, _ack_for, evaluate
+    from hms_ach.hl7v2.policy import Hl7Policy
+    from hms_ach.ingest.pipeline import ack_for, evaluate
     from hms_ach.mapping.engine import MappingEngine
     from hms_ach.mapping.loader import load_mappings
 
@@ -352,7 +349,7 @@ def corpus_check(
                 if ev.crashed:
                     crashes.append(f"{path}: {ev.error}")
                 code = "AA" if ev.error is None else (ev.error.ack_code if ev.header else "AR")
-                _ack_for(ev, code, ev.error)
+                ack_for(ev, code, ev.error)
             except Exception as exc:  # noqa: BLE001 - a crash is what this command looks for
                 crashes.append(f"{path}: {type(exc).__name__}: {exc}")
                 continue
@@ -464,6 +461,7 @@ def mapping_test(
     mapping_dir: Annotated[Path | None, typer.Option(help="mapping directory to use")] = None,
 ) -> None:
     """Run the golden tests (*_test.yaml beside the mappings); print a diff for each failure."""
+    from hms_ach.hl7v2.parse import parse
     from hms_ach.mapping import goldens
     from hms_ach.mapping.loader import load_mappings
 
@@ -477,7 +475,7 @@ def mapping_test(
     files = [target] if target.is_file() else goldens.discover(target)
     passed = failed = 0
     for f in files:
-        for case in goldens.run_golden_file(f, mset, Path.cwd()):
+        for case in goldens.run_golden_file(f, mset, Path.cwd(), parse):
             if case.passed:
                 passed += 1
                 typer.echo(f"PASS {f}::{case.name}")
@@ -564,7 +562,7 @@ def outbox_list(
     """Counts per sink and status; with --status, the rows themselves (newest first)."""
     if ctx.invoked_subcommand is not None:
         return
-    from hms_ach.outbound import outbox
+    from hms_ach.store import outbox
     from hms_ach.store.db import Store
 
     store = Store(database) if database else _store(config)
@@ -593,7 +591,7 @@ def outbox_retry(
     database: DatabaseOpt = None,
 ) -> None:
     """Put a dead (or delivered) row, or every dead row, back in the queue with a fresh retry window."""
-    from hms_ach.outbound import outbox
+    from hms_ach.store import outbox
     from hms_ach.store.db import Store
 
     if row_id is None and not dead:
@@ -608,6 +606,41 @@ def outbox_retry(
     typer.echo(f"{count} row(s) queued again")
     if count == 0 and row_id is not None:
         raise typer.Exit(1)
+
+
+@app.command("reindex")
+def reindex_command(
+    resource_types: Annotated[
+        list[str] | None,
+        typer.Option("--type", help="only this record type (repeatable); default: every type"),
+    ] = None,
+    config: ConfigOpt = Path("channels.yaml"),
+    database: DatabaseOpt = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="records per transaction")] = 500,
+) -> None:
+    """Rebuild the search index of the stored records from the current search-parameter declarations
+    (after adding or changing a parameter); prints the counts per record type."""
+    from hms_ach.store.db import Store
+    from hms_ach.store.reindex import ReindexCount, UnknownRecordTypeError, reindex
+
+    def report(c: ReindexCount) -> None:
+        typer.echo(
+            f"{c.resource_type:<17} {c.records} record(s) reindexed, {c.cleared} deleted, "
+            f"{c.rows} index row(s), {c.batches} batch(es)"
+        )
+
+    store = Store(database) if database else _store(config)
+    try:
+        counts = reindex(store, resource_types, batch_size=batch_size, progress=report)
+    except UnknownRecordTypeError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from exc
+    finally:
+        store.dispose()
+    typer.echo(
+        f"reindexed {sum(c.records for c in counts)} record(s) of {len(counts)} type(s), "
+        f"{sum(c.rows for c in counts)} index row(s)"
+    )
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

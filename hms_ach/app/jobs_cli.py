@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from hms_ach.core.errors import ConfigError, ConfigErrors
+
+if TYPE_CHECKING:
+    from hms_ach.app.runtime import Engine
+    from hms_ach.app.scheduler import Scheduler
 
 jobs_app = typer.Typer(
     no_args_is_help=False,
@@ -19,10 +23,11 @@ jobs_app = typer.Typer(
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="channels.yaml to use")]
 
 
-def _engine(config: Path) -> Any:
+def _engine(config: Path) -> Engine:
     from hms_ach.app.config import load_config
     from hms_ach.app.runtime import Engine
     from hms_ach.channels import CHANNEL_TYPES
+    from hms_ach.core.types import PollingChannel
 
     try:
         cfg = load_config(config)
@@ -31,13 +36,15 @@ def _engine(config: Path) -> Any:
         raise typer.Exit(2) from exc
     engine = Engine(cfg)
     for settings in cfg.channels:
-        cls = CHANNEL_TYPES.load(settings.type)
-        if settings.enabled and hasattr(cls, "poll"):
-            engine.channels[settings.name] = cls(settings, engine.pipeline)
+        if not settings.enabled:
+            continue
+        channel = CHANNEL_TYPES.load(settings.type)(settings, engine.pipeline)
+        if isinstance(channel, PollingChannel):  # only polls run here: no listener is started
+            engine.channels[settings.name] = channel
     return engine
 
 
-def _scheduler(engine: Any) -> Any:
+def _scheduler(engine: Engine) -> Scheduler:
     from hms_ach.app.scheduler import Scheduler, build_jobs
 
     jobs = build_jobs(engine.config.jobs, engine.writer, engine.channels)
@@ -50,7 +57,7 @@ def jobs_list(ctx: typer.Context, config: ConfigOpt = Path("channels.yaml")) -> 
     if ctx.invoked_subcommand is not None:
         ctx.obj = config
         return
-    from hms_ach.app.scheduler import last_runs
+    from hms_ach.store.job_runs import last_runs
 
     engine = _engine(config)
     try:
@@ -87,7 +94,7 @@ def jobs_run(
             raise typer.Exit(2)
         for channel in engine.channels.values():
             await channel.start()
-        return await sched.run_job(name)  # type: ignore[no-any-return]
+        return await sched.run_job(name)
 
     try:
         status, detail = asyncio.run(go())

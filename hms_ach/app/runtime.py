@@ -11,16 +11,24 @@ import asyncio
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hms_ach.app.config import Config, load_config
+from hms_ach.app.scheduler import Scheduler, build_jobs
+from hms_ach.app.wiring import wire_listeners
 from hms_ach.channels import CHANNEL_TYPES
 from hms_ach.core.errors import ConfigError, ConfigErrors
-from hms_ach.ingest.pipeline import Hl7Policy, Pipeline
+from hms_ach.core.types import Channel
+from hms_ach.ingest.pipeline import Pipeline
 from hms_ach.mapping.engine import MappingEngine
 from hms_ach.mapping.loader import load_mappings
+from hms_ach.outbound import events
+from hms_ach.outbound.outbox import Dispatcher
 from hms_ach.store.db import Store, database_url
 from hms_ach.store.writer import StoreWriter
+
+if TYPE_CHECKING:
+    import uvicorn
 
 log = logging.getLogger("hms_ach.app.runtime")
 
@@ -32,27 +40,21 @@ class Engine:
         self.writer = StoreWriter(self.store)
         self.mappings = load_mappings(config.mappings_dir)
         self.pipeline = Pipeline(self.writer, MappingEngine(self.mappings, config.engine.timezone))
-        from hms_ach.outbound import events
-
+        wire_listeners()  # record changes -> outbox events, discharge -> Claim (hms_ach/app/wiring.py)
         events.use_engine(self.pipeline.engine)  # event payloads come from mappings/events/
-        self.channels: dict[str, Any] = {}
+        self.channels: dict[str, Channel] = {}
         self.health: dict[str, Any] = {
             "status": "ok",
             "started_at": datetime.now(UTC).isoformat(),
             "last_reload": None,
             "reload_error": None,
         }
-        self._http: Any = None
+        self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task[None] | None = None
         self.http_port: int | None = None
-        self.dispatcher: Any = None  # hms_ach.outbound.outbox.Dispatcher, when sinks are declared
+        self.dispatcher: Dispatcher | None = None  # when sinks are declared
         self._change_feed = False  # this engine has a sink that wants record.changed
-        self.scheduler: Any = (
-            None  # hms_ach.app.scheduler.Scheduler (SFTP polls, credential scan, housekeeping)
-        )
-
-    def policies(self) -> dict[str, Hl7Policy]:
-        return {name: ch.policy for name, ch in self.channels.items() if hasattr(ch, "policy")}
+        self.scheduler: Scheduler | None = None  # polls and the jobs of JOB_TYPES, when jobs are enabled
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -61,8 +63,7 @@ class Engine:
         for settings in self.config.channels:
             if not settings.enabled:
                 continue
-            cls = CHANNEL_TYPES.load(settings.type)
-            channel = cls(settings, self.pipeline)
+            channel: Channel = CHANNEL_TYPES.load(settings.type)(settings, self.pipeline)
             await channel.start()
             self.channels[settings.name] = channel
         if self.config.http.enabled:
@@ -73,8 +74,6 @@ class Engine:
         """One scheduler per deployment (hms_ach/app/scheduler.py); on PostgreSQL the others stand by."""
         if not self.config.jobs.enabled:
             return
-        from hms_ach.app.scheduler import Scheduler, build_jobs
-
         jobs = build_jobs(self.config.jobs, self.writer, self.channels)
         self.scheduler = Scheduler(self.store, self.writer, jobs, self.config.jobs)
         await self.scheduler.start()
@@ -83,8 +82,7 @@ class Engine:
         """Deliver the outbox to the sinks of channels.yaml (inbound never waits for them)."""
         if not self.config.sinks:
             return
-        from hms_ach.outbound import SINK_TYPES, events
-        from hms_ach.outbound.outbox import Dispatcher
+        from hms_ach.outbound import SINK_TYPES
 
         sinks = [SINK_TYPES.load(s.type)(s, self.store) for s in self.config.sinks]
         self._change_feed = any(
@@ -112,7 +110,7 @@ class Engine:
             access_log=False,
         )
         self._http = uvicorn.Server(config)
-        self._http.install_signal_handlers = lambda: None  # the engine handles signals
+        self._http.install_signal_handlers = lambda: None  # type: ignore[attr-defined]  # uvicorn < 0.29: the engine handles signals
         self._http_task = asyncio.create_task(self._http.serve())
         while not self._http.started:
             if self._http_task.done():
@@ -130,8 +128,6 @@ class Engine:
             await self.dispatcher.stop()
             self.dispatcher = None
         if self._change_feed:
-            from hms_ach.outbound import events
-
             events.unsubscribe_change_feed()
             self._change_feed = False
         for channel in list(self.channels.values()):
@@ -168,8 +164,6 @@ class Engine:
             return False
         self.mappings = mset
         self.pipeline.engine = MappingEngine(mset, self.config.engine.timezone)
-        from hms_ach.outbound import events
-
         events.use_engine(self.pipeline.engine)
         self.health.update(status="ok", reload_error=None, last_reload=datetime.now(UTC).isoformat())
         log.info("config.reloaded")
@@ -196,7 +190,7 @@ class Engine:
             return False
         for name, settings in wanted.items():
             if name not in self.channels:
-                channel = CHANNEL_TYPES.load(settings.type)(settings, self.pipeline)
+                channel: Channel = CHANNEL_TYPES.load(settings.type)(settings, self.pipeline)
                 await channel.start()
                 self.channels[name] = channel
         await self._reload_scheduler()
@@ -214,8 +208,6 @@ class Engine:
         if self.scheduler is None:
             await self._start_scheduler()
             return
-        from hms_ach.app.scheduler import build_jobs
-
         self.scheduler.replace_jobs(build_jobs(jobs, self.writer, self.channels), jobs)
 
     async def _watch(self) -> None:
@@ -243,7 +235,7 @@ class Engine:
         return snap
 
 
-def _mtimes(root: Any) -> dict[str, float]:
+def _mtimes(root: Path) -> dict[str, float]:
     out: dict[str, float] = {}
     for path in root.rglob("*.yaml"):
         try:

@@ -1,23 +1,26 @@
 """The job scheduler: APScheduler 3.x, exactly one per deployment.
 
-Jobs: one poll per ``sftp_csv`` channel (on the channel's ``poll_interval_seconds`` or
-``poll_cron``), the credential-expiry scan and housekeeping (``jobs:`` in channels.yaml).
+Jobs: one ``poll:<channel>`` per polling channel (a :class:`hms_ach.core.types.PollingChannel`,
+e.g. ``sftp_csv``; on the channel's ``poll_interval_seconds`` or ``poll_cron``), then the jobs of
+:data:`hms_ach.app.jobs.JOB_TYPES` (credential-expiry scan, housekeeping, claim creation), each
+scheduled by its ``jobs:`` section in channels.yaml and run in one write transaction.
 
 * Every job has ``coalesce=True`` (missed runs are run once, not once per miss), ``max_instances=1``
   (a run never overlaps the previous one) and a misfire grace time.
-* On PostgreSQL the scheduler first takes ``pg_try_advisory_lock`` on a dedicated connection kept
-  open for as long as it runs (the lock is per schema, so separate deployments in one database do
-  not block each other). An instance that does not get it schedules nothing and retries every
+* On PostgreSQL the scheduler first takes the leader lock (:class:`hms_ach.store.leader_lock.LeaderLock`:
+  ``pg_try_advisory_lock`` on a dedicated connection kept open for as long as it runs; the lock is
+  per schema, so separate deployments in one database do not block each other). An instance that does not get it schedules nothing and retries every
   ``lock_retry_seconds``: when the holder dies its session ends, the lock is freed and a standby
   takes over. SQLite is one process's store, so its scheduler needs no lock.
-* Each run's start and outcome go to the ``job_run`` table, which ``hms-ach jobs`` shows.
+* Each run's start and outcome go to the ``job_run`` table (:mod:`hms_ach.store.job_runs`), which
+  ``hms-ach jobs`` shows.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -26,19 +29,19 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
-from sqlalchemy import Connection, select, text, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from hms_ach.app.job_settings import JobSchedule, JobsSettings
+from hms_ach.app.job_settings import JobsSettings
+from hms_ach.app.jobs import job_names, load_job
+from hms_ach.core.types import Channel, JobSchedule, PollingChannel
+from hms_ach.store import job_runs
 from hms_ach.store.db import Store
-from hms_ach.store.models import JobRun
+from hms_ach.store.leader_lock import LeaderLock
+from hms_ach.store.port import Tx
 from hms_ach.store.writer import StoreWriter
 
 log = logging.getLogger("hms_ach.app.scheduler")
-RUNS = JobRun.__table__  # type: ignore[attr-defined]
-LOCK_SQL = text("SELECT pg_try_advisory_lock(hashtext('hms_ach.app.scheduler:' || current_schema()))")
-UNLOCK_SQL = text("SELECT pg_advisory_unlock(hashtext('hms_ach.app.scheduler:' || current_schema()))")
+#: The leader lock's key (the schema is appended: one scheduler per deployment, not per database).
+LOCK_KEY = "hms_ach.app.scheduler:"
 
 
 @dataclass
@@ -68,56 +71,41 @@ def _schedule_job(name: str, sched: JobSchedule, tz: str, run: Callable[[], Awai
     )
 
 
-def build_jobs(settings: JobsSettings, writer: StoreWriter, channels: dict[str, Any]) -> list[JobDef]:
-    """The jobs of a deployment: one poll per channel that has ``poll()``, then the built-in jobs."""
-    from hms_ach.billing.claim_job import create_claims
-    from hms_ach.ingest.housekeeping import purge_messages
-    from hms_ach.workforce.credentials import scan
+def _poll_job(name: str, channel: PollingChannel, timezone: str) -> JobDef:
+    cfg = channel.config
 
-    jobs: list[JobDef] = []
-    for name, channel in channels.items():
-        if not hasattr(channel, "poll"):
-            continue
-        cfg = channel.config
+    async def poll(channel: PollingChannel = channel) -> str:  # bound here: a reload makes a new job
+        result = await channel.poll()
+        if result.error:
+            raise RuntimeError(result.error)
+        return str(result.summary())
 
-        async def poll(channel: Any = channel) -> str:
-            result = await channel.poll()
-            if result.error:
-                raise RuntimeError(result.error)
-            return str(result.summary())
+    return JobDef(
+        f"poll:{name}",
+        trigger_for(cfg.poll_cron, cfg.poll_interval_seconds, timezone),
+        poll,
+        max(60, int(cfg.poll_interval_seconds or 3600)),
+    )
 
-        jobs.append(
-            JobDef(
-                f"poll:{name}",
-                trigger_for(cfg.poll_cron, cfg.poll_interval_seconds, settings.timezone),
-                poll,
-                max(60, int(cfg.poll_interval_seconds or 3600)),
-            )
-        )
 
-    cred = settings.credential_expiry
+def _registered_job(name: str, settings: JobsSettings, writer: StoreWriter) -> JobDef:
+    job = load_job(name)
+    job_settings = settings.job(name)
 
-    async def credential_expiry() -> str:
-        counts = await writer.run(lambda conn: scan(conn, cred.days_ahead))
-        return ", ".join(f"{k}={v}" for k, v in counts.items())
+    async def run() -> str:
+        return await writer.run(lambda tx: job.run(tx, job_settings))
 
-    house = settings.housekeeping
+    return _schedule_job(name, job_settings, settings.timezone, run)
 
-    async def housekeeping() -> str:
-        count = await writer.run(lambda conn: purge_messages(conn, house.message_retention_days))
-        return f"{count} messages deleted"
 
-    jobs.append(_schedule_job("credential_expiry", cred, settings.timezone, credential_expiry))
-    jobs.append(_schedule_job("housekeeping", house, settings.timezone, housekeeping))
-    claims = settings.claim_creation
-
-    async def claim_creation() -> str:
-        counts = await writer.run(
-            lambda conn: create_claims(conn, claims.settle_hours, claims.max_claims_per_run)
-        )
-        return ", ".join(f"{k}={v}" for k, v in counts.items())
-
-    jobs.append(_schedule_job("claim_creation", claims, settings.timezone, claim_creation))
+def build_jobs(settings: JobsSettings, writer: StoreWriter, channels: Mapping[str, Channel]) -> list[JobDef]:
+    """The jobs of a deployment: one poll per polling channel, then the jobs of JOB_TYPES."""
+    jobs = [
+        _poll_job(name, channel, settings.timezone)
+        for name, channel in channels.items()
+        if isinstance(channel, PollingChannel)
+    ]
+    jobs += [_registered_job(name, settings, writer) for name in job_names()]
     return jobs
 
 
@@ -129,7 +117,7 @@ class Scheduler:
         self.settings = settings
         self.aps: AsyncIOScheduler | None = None
         self.leader = False
-        self._lock_conn: Any = None
+        self._lock = LeaderLock(store, LOCK_KEY)
         self._standby: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[Any]] = set()
         self._writes: set[asyncio.Future[Any]] = set()
@@ -164,32 +152,14 @@ class Scheduler:
         self.leader = False
 
     def _take_lock(self) -> bool:
-        if self.store.dialect != "postgresql":
-            self.leader = True
-            return True
-        conn = self.store.writer.connect().execution_options(isolation_level="AUTOCOMMIT")
-        try:
-            got = bool(conn.execute(LOCK_SQL).scalar())
-        except Exception:
-            conn.close()
-            raise
+        got = self._lock.try_take()
         if got:
-            self._lock_conn, self.leader = conn, True
-        else:
-            conn.close()
+            self.leader = True
         return got
 
     def _release_lock(self) -> None:
-        conn, self._lock_conn = self._lock_conn, None
-        if conn is None:
-            return
-        try:
-            conn.execute(UNLOCK_SQL)
-        except Exception:  # noqa: BLE001 - closing the session frees the lock anyway
+        if not self._lock.release():
             log.warning("scheduler.unlock_failed")
-        finally:
-            conn.invalidate()  # never hand a session holding the lock back to the pool
-            conn.close()
 
     async def _wait_for_lock(self) -> None:
         while True:
@@ -271,7 +241,7 @@ class Scheduler:
         log.info("job.finished", extra={"job": name, "status": status})
         return status, detail
 
-    async def _write(self, job: Callable[[Connection], None]) -> None:
+    async def _write(self, job: Callable[[Tx], None]) -> None:
         """A writer job that a cancelled run does not cancel (its commit still lands)."""
         fut = asyncio.ensure_future(self.writer.run(job))
         self._writes.add(fut)
@@ -294,31 +264,9 @@ def _when(job: JobDef) -> tuple[bool, str, int]:
     return job.scheduled, str(job.trigger), job.misfire_grace_seconds
 
 
-def _record_start(name: str) -> Callable[[Connection], None]:
-    def job(conn: Connection) -> None:
-        insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-        conn.execute(
-            insert(RUNS).values(name=name, status="", runs=0).on_conflict_do_nothing(index_elements=["name"])
-        )
-        conn.execute(
-            update(RUNS)
-            .where(RUNS.c.name == name)
-            .values(started_at=datetime.now(UTC), status="running", runs=RUNS.c.runs + 1)
-        )
-
-    return job
+def _record_start(name: str) -> Callable[[Tx], None]:
+    return lambda tx: job_runs.record_start(tx, name)
 
 
-def _record_end(name: str, status: str, detail: str) -> Callable[[Connection], None]:
-    def job(conn: Connection) -> None:
-        conn.execute(
-            update(RUNS)
-            .where(RUNS.c.name == name)
-            .values(finished_at=datetime.now(UTC), status=status, detail=detail)
-        )
-
-    return job
-
-
-def last_runs(conn: Connection) -> dict[str, Any]:
-    return {r.name: r for r in conn.execute(select(RUNS)).all()}
+def _record_end(name: str, status: str, detail: str) -> Callable[[Tx], None]:
+    return lambda tx: job_runs.record_end(tx, name, status, detail)

@@ -6,6 +6,8 @@ catches those: an encounter that is ``finished``, has billable charges, has no C
 charges have not changed for ``settle_hours`` (complete) gets its Claim, and with it the
 ``claim.created`` event that the x12_837 sink turns into a file. Each encounter is its own
 SAVEPOINT: one that fails is counted and logged, and the others still get their claims.
+
+The scheduler runs it as the ``claim_creation`` job (:class:`ClaimCreationJob`).
 """
 
 from __future__ import annotations
@@ -13,72 +15,39 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime, timedelta
 
-import orjson
-from sqlalchemy import Connection, and_, func, select
+from pydantic import Field
 
 from hms_ach.billing.claims import CLAIM_SYSTEM, claim_for_encounter
-from hms_ach.store.models import RECORD_TABLES, SearchReference
-
-Charge = RECORD_TABLES["Charge"]
-Claim = RECORD_TABLES["Claim"]
-Encounter = RECORD_TABLES["Encounter"]
-
+from hms_ach.core.types import JobSchedule
+from hms_ach.store import claim_queries
+from hms_ach.store.port import Tx
+from hms_ach.store.savepoint import savepoint
 
 log = logging.getLogger("hms_ach.billing.claim_job")
 
 
 def unclaimed_encounters(
-    conn: Connection, settle_hours: float, now: datetime | None = None, limit: int = 1000
+    tx: Tx, settle_hours: float, now: datetime | None = None, limit: int = 1000
 ) -> list[str]:
     """Ids of finished encounters with charges, no Claim, and no charge changed within ``settle_hours``."""
-    ref = SearchReference.__table__  # type: ignore[attr-defined]
-    charge = Charge.__table__  # type: ignore[attr-defined]
-    claim = Claim.__table__  # type: ignore[attr-defined]
-    enc = Encounter.__table__  # type: ignore[attr-defined]
     cutoff = (now or datetime.now(UTC)) - timedelta(hours=settle_hours)
-    latest = func.max(charge.c.last_updated)
-    charged = (
-        select(ref.c.target_id.label("encounter_id"), latest.label("latest"))
-        .join(charge, charge.c.id == ref.c.resource_id)
-        .where(
-            and_(
-                ref.c.resource_type == "Charge",
-                ref.c.param == "encounter",
-                ref.c.target_type == "Encounter",
-                charge.c.deleted.is_(False),
-            )
-        )
-        .group_by(ref.c.target_id)
-        .subquery()
-    )
-    claimed = select(claim.c.key_value).where(claim.c.key_system == CLAIM_SYSTEM)
-    rows = conn.execute(
-        select(enc.c.id, enc.c.resource, charged.c.latest)
-        .join(charged, charged.c.encounter_id == enc.c.id)
-        .where(and_(enc.c.deleted.is_(False), enc.c.id.not_in(claimed)))
-        .order_by(enc.c.id)
-        .limit(limit)
-    ).all()
     out = []
-    for row in rows:
-        latest_change = row.latest if row.latest.tzinfo else row.latest.replace(tzinfo=UTC)
-        if latest_change > cutoff:
+    for candidate in claim_queries.unclaimed_encounters(tx, CLAIM_SYSTEM, limit):
+        if candidate.charges_changed_at > cutoff:
             continue  # a charge changed recently: more may come
-        if orjson.loads(row.resource).get("status") == "finished":
-            out.append(str(row.id))
+        if candidate.content.get("status") == "finished":
+            out.append(candidate.encounter_id)
     return out
 
 
-def create_claims(conn: Connection, settle_hours: float, limit: int = 1000) -> dict[str, int]:
+def create_claims(tx: Tx, settle_hours: float, limit: int = 1000) -> dict[str, int]:
     """Make the missing claims; returns counts (created, skipped: no billable charge, failed)."""
     counts = {"created": 0, "skipped": 0, "failed": 0}
-    for encounter_id in unclaimed_encounters(conn, settle_hours, limit=limit):
-        savepoint = conn.begin_nested()
+    for encounter_id in unclaimed_encounters(tx, settle_hours, limit=limit):
         try:
-            made = claim_for_encounter(conn, encounter_id, None)
-            savepoint.commit()
+            with savepoint(tx):
+                made = claim_for_encounter(tx, encounter_id, None)
         except Exception as exc:  # noqa: BLE001 - one bad encounter must not stop the others
-            savepoint.rollback()
             counts["failed"] += 1
             log.error(
                 "claims.creation_failed",
@@ -88,3 +57,28 @@ def create_claims(conn: Connection, settle_hours: float, limit: int = 1000) -> d
         counts["created" if made else "skipped"] += 1
     log.info("claims.created", extra=counts)
     return counts
+
+
+class ClaimCreationSettings(JobSchedule):
+    """``jobs: claim_creation:`` in channels.yaml."""
+
+    cron: str | None = Field("0 1 * * *", description="Crontab schedule; daily at 01:00 by default")
+    settle_hours: float = Field(
+        12.0,
+        ge=0,
+        description="Charges of a discharged encounter are complete when none "
+        "has changed for this many hours",
+    )
+    max_claims_per_run: int = Field(
+        1000, ge=1, description="At most this many claims per run (the rest next run)"
+    )
+
+
+class ClaimCreationJob:
+    """The ``claim_creation`` job (a :class:`hms_ach.core.types.Job`): :func:`create_claims`."""
+
+    Settings = ClaimCreationSettings
+
+    def run(self, tx: Tx, settings: ClaimCreationSettings) -> str:
+        counts = create_claims(tx, settings.settle_hours, settings.max_claims_per_run)
+        return ", ".join(f"{k}={v}" for k, v in counts.items())

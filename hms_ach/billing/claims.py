@@ -1,8 +1,9 @@
 """Claims: at discharge the charges of an encounter become one FHIR R4 ``Claim``.
 
-:func:`claim_for_encounter` runs inside the discharge's own transaction (called by the change
-listener in :mod:`hms_ach.outbound.events` on ``encounter.discharged``), so a committed discharge
-always has its Claim and its ``claim.created`` event. The Claim is keyed on the encounter, so a
+:func:`on_change` is a change listener (see :mod:`hms_ach.store.changes`; subscribed by
+:func:`hms_ach.app.wiring.wire_listeners`, after the outbox's): on ``encounter.discharged`` it runs
+:func:`claim_for_encounter` inside the discharge's own transaction, so a committed discharge always
+has its Claim and its ``claim.created`` event. The Claim is keyed on the encounter, so a
 discharge sent twice, or cancelled and sent again, updates the same Claim.
 """
 
@@ -11,11 +12,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
-from sqlalchemy import Connection, and_, select
-
 from hms_ach.core.records import RecordWrite
-from hms_ach.store.models import RECORD_TABLES, SearchReference
+from hms_ach.outbound.events import encounter_events
+from hms_ach.store import record_reads
+from hms_ach.store.changes import Change
+from hms_ach.store.port import Tx
+from hms_ach.store.repository import Repository
 
 CLAIM_SYSTEM = "urn:hms-ach:claim"
 CPT = "http://www.ama-assn.org/go/cpt"
@@ -24,49 +26,25 @@ INPATIENT_CLASSES = frozenset({"IMP", "ACUTE", "NONAC"})
 ICD10 = "http://hl7.org/fhir/sid/icd-10-cm"
 
 
-def _referring(
-    conn: Connection, resource_type: str, param: str, target_type: str, target_id: str
-) -> list[str]:
-    ref = SearchReference.__table__  # type: ignore[attr-defined]
-    rows = (
-        conn.execute(
-            select(ref.c.resource_id)
-            .distinct()
-            .where(
-                and_(
-                    ref.c.resource_type == resource_type,
-                    ref.c.param == param,
-                    ref.c.target_type == target_type,
-                    ref.c.target_id == target_id,
-                )
-            )
-        )
-        .scalars()
-        .all()
-    )
-    return list(rows)
+def _referring_records(
+    tx: Tx, resource_type: str, param: str, target_type: str, target_id: str
+) -> list[dict[str, Any]]:
+    ids = record_reads.referring(tx, resource_type, param, target_type, target_id)
+    return record_reads.current(tx, resource_type, ids)
 
 
-def _load(conn: Connection, resource_type: str, ids: list[str]) -> list[dict[str, Any]]:
-    if not ids:
-        return []
-    table = RECORD_TABLES[resource_type].__table__  # type: ignore[attr-defined]
-    rows = conn.execute(select(table.c.resource).where(and_(table.c.id.in_(ids), table.c.deleted.is_(False))))
-    return [orjson.loads(r.resource) for r in rows]
-
-
-def charges_of(conn: Connection, encounter_id: str) -> list[dict[str, Any]]:
-    charges = _load(conn, "Charge", _referring(conn, "Charge", "encounter", "Encounter", encounter_id))
+def charges_of(tx: Tx, encounter_id: str) -> list[dict[str, Any]]:
+    charges = _referring_records(tx, "Charge", "encounter", "Encounter", encounter_id)
     return sorted(
         (c for c in charges if c.get("status", "billable") == "billable"),
         key=lambda c: (c.get("date", ""), c["id"]),
     )
 
 
-def coverage_of(conn: Connection, patient_id: str) -> dict[str, Any] | None:
+def coverage_of(tx: Tx, patient_id: str) -> dict[str, Any] | None:
     covs = [
         c
-        for c in _load(conn, "Coverage", _referring(conn, "Coverage", "beneficiary", "Patient", patient_id))
+        for c in _referring_records(tx, "Coverage", "beneficiary", "Patient", patient_id)
         if c.get("status") == "active"
     ]
     covs.sort(key=lambda c: (c.get("order", 99), c.get("meta", {}).get("lastUpdated", "")))
@@ -160,20 +138,25 @@ def build_claim(
     return {k: v for k, v in claim.items() if v not in (None, [])}
 
 
-def claim_for_encounter(conn: Connection, encounter_id: str, message_id: int | None) -> str | None:
+def claim_for_encounter(tx: Tx, encounter_id: str, message_id: int | None) -> str | None:
     """Make (or update) the Claim of a discharged encounter; returns its reference, None without charges."""
-    from hms_ach.store.repository import Repository
-
-    repo = Repository(conn)
+    repo = Repository(tx)
     encounter = repo.get("Encounter", encounter_id)
     if encounter is None:
         return None
-    charges = charges_of(conn, encounter_id)
+    charges = charges_of(tx, encounter_id)
     if not charges:
         return None
     subject = (encounter.get("subject") or {}).get("reference", "")
-    coverage = coverage_of(conn, subject.split("/", 1)[1]) if subject.startswith("Patient/") else None
+    coverage = coverage_of(tx, subject.split("/", 1)[1]) if subject.startswith("Patient/") else None
     content = build_claim(encounter, charges, coverage)
     rec = RecordWrite("claim", "Claim", CLAIM_SYSTEM, encounter_id, content, mode="replace")
     outcome = repo.upsert(rec, content, message_id)
     return outcome.reference if outcome else None
+
+
+def on_change(tx: Tx, change: Change) -> None:
+    """Change listener: a discharged encounter (``encounter.discharged``) gets its Claim, in the
+    discharge's own transaction."""
+    if change.resource_type == "Encounter" and "encounter.discharged" in encounter_events(change):
+        claim_for_encounter(tx, change.id, change.message_id)

@@ -36,16 +36,16 @@ from typing import Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import Connection, select, update
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from hms_ach.billing.x12_837i import REVENUE_CODE, attending, claim_loops
 from hms_ach.mapping.functions import npi_is_valid
 from hms_ach.outbound.events import payload_from
 from hms_ach.outbound.sftp_upload import SftpDestination, upload
 from hms_ach.outbound.sinks import Delivery, DeliveryResult, SinkSettings
-from hms_ach.store.models import RECORD_TABLES, ControlNumber
+from hms_ach.store import record_reads
+from hms_ach.store.control_numbers import next_number
+from hms_ach.store.db import Store
+from hms_ach.store.port import Tx
 
 _ICD10 = re.compile(r"^[A-TV-Z][0-9][0-9A-Z][0-9A-Z]{0,4}$")
 _PROC = re.compile(r"^(\d{5}|\d{4}[FTU]|[A-V]\d{4})$")
@@ -111,26 +111,9 @@ def _money(value: float) -> str:
     return text or "0"
 
 
-def next_number(conn: Connection, name: str) -> int:
-    """Hand out the next value of a persisted counter (1, 2, ...) in the caller's transaction."""
-    table = ControlNumber.__table__  # type: ignore[attr-defined]
-    ins = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
-    conn.execute(ins(table).values(name=name, value=0).on_conflict_do_nothing(index_elements=["name"]))
-    current = conn.execute(select(table.c.value).where(table.c.name == name).with_for_update()).scalar_one()
-    conn.execute(update(table).where(table.c.name == name).values(value=current + 1))
-    return int(current) + 1
-
-
-def _get(conn: Connection, reference: str | None) -> dict[str, Any] | None:
-    if not reference or "/" not in reference:
-        return None
-    rtype, rid = reference.split("/", 1)
-    model = RECORD_TABLES.get(rtype)
-    if model is None:
-        return None
-    table = model.__table__  # type: ignore[attr-defined]
-    row = conn.execute(select(table.c.resource).where(table.c.id == rid)).first()
-    return orjson.loads(row.resource) if row else None
+def _get(tx: Tx, reference: str | None) -> dict[str, Any] | None:
+    record = record_reads.stored(tx, reference)
+    return record.content if record is not None else None
 
 
 class X12ClaimSink:
@@ -185,7 +168,7 @@ class X12ClaimSink:
             description="837I SV201 for a procedure not in revenue_codes (none: such a claim is rejected)",
         )
 
-    def __init__(self, settings: Config, store: Any):
+    def __init__(self, settings: Config, store: Store):
         self.settings = settings
         self.store = store
         self.directory = Path(settings.directory)
@@ -255,7 +238,7 @@ class X12ClaimSink:
         _write(self.directory / f"{name}.x12", built.text)
         return self.directory / f"{name}.x12", facts
 
-    def _gather(self, conn: Connection, claim_ref: str) -> dict[str, Any]:
+    def _gather(self, conn: Tx, claim_ref: str) -> dict[str, Any]:
         claim = _get(conn, claim_ref)
         if claim is None:
             raise ClaimError(f"{claim_ref} does not exist")

@@ -13,5 +13,6 @@ CHANNEL_TYPES = Registry(
         "mllp": "hms_ach.channels.mllp:MllpChannel",
         "fhir_rest": "hms_ach.channels.fhir_rest:FhirRestChannel",
         "sftp_csv": "hms_ach.channels.sftp_csv:SftpCsvChannel",
+        "file_drop": "hms_ach.channels.file_drop:FileDropChannel",
     },
 )

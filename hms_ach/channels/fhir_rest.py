@@ -18,13 +18,9 @@ import logging
 from pydantic import Field
 
 from hms_ach.app.config import ChannelSettings
-from hms_ach.fhir.bundles import request_operations
 from hms_ach.ingest.pipeline import Pipeline
 
 log = logging.getLogger("hms_ach.channels.fhir_rest")
-#: ``request_operations`` is re-exported for ``hms_ach/ingest/replay.py``, which imports it from here;
-#: it lives in :mod:`hms_ach.fhir.bundles` (import it from there, then drop this re-export).
-__all__ = ["FhirRestChannel", "FhirRestChannelConfig", "request_operations"]
 
 
 class FhirRestChannelConfig(ChannelSettings):

@@ -13,25 +13,16 @@ from pydantic import Field
 from hms_ach.app.config import ChannelSettings
 from hms_ach.core.errors import Err0357, RejectError
 from hms_ach.hl7v2.mllp import MllpConfig, MllpServer
-from hms_ach.ingest.pipeline import Hl7Policy, Pipeline
+from hms_ach.hl7v2.policy import Hl7PolicySettings
+from hms_ach.ingest.pipeline import Pipeline
 
 log = logging.getLogger("hms_ach.channels.mllp")
 
 
-class MllpChannelConfig(ChannelSettings, MllpConfig):
+class MllpChannelConfig(ChannelSettings, MllpConfig, Hl7PolicySettings):
     """An MLLP listener for HL7 v2 messages."""
 
     type: str = Field("mllp", description="mllp")
-    default_charset: str = Field(
-        "utf-8", description="Python codec for messages whose MSH-18 is empty (e.g. utf-8, latin-1, ascii)"
-    )
-    accept_versions: list[str] = Field(
-        default_factory=lambda: ["2.1", "2.2", "2.3", "2.4", "2.5", "2.6", "2.7", "2.8"],
-        description="MSH-12 versions accepted (2.5 also accepts 2.5.1); others get AR with code 203",
-    )
-    accept_processing_ids: list[str] = Field(
-        default_factory=lambda: ["P", "T", "D"], description="MSH-11 processing ids accepted; others get AR"
-    )
 
 
 class MllpChannel:
@@ -40,12 +31,7 @@ class MllpChannel:
     def __init__(self, config: MllpChannelConfig, pipeline: Pipeline):
         self.config = config
         self.pipeline = pipeline
-        self.policy = Hl7Policy(
-            config.name,
-            config.default_charset,
-            list(config.accept_versions),
-            list(config.accept_processing_ids),
-        )
+        self.policy = config.hl7_policy(config.name)
         self.server = MllpServer(config, self._handle, self._oversize)
 
     @property

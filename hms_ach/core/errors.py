@@ -9,8 +9,7 @@ store can say what is wrong without a stack trace::
     ├── MessageError           an inbound message cannot be accepted as it is
     │   ├── RejectError        unusable header or unsupported type/event/version/processing id -> AR
     │   └── ContentError       the message is readable but its content breaks a rule      -> AE
-    │       └── MappingError   a mapping rule failed (required field missing, unmapped code, bad date)
-    └── StoreError             the store could not commit (the sender gets no ACK and resends)
+            └── MappingError   a mapping rule failed (required field missing, unmapped code, bad date)
 
 Third-party exceptions are translated at the boundary with ``raise ... from exc``.
 """
@@ -131,7 +130,3 @@ class ContentError(MessageError):
 
 class MappingError(ContentError):
     """A mapping rule failed on this message (required field missing, unmapped code, bad value)."""
-
-
-class StoreError(HmsAchError):
-    """The store could not commit; the sender gets no ACK and will resend."""

@@ -265,6 +265,29 @@ RECORD_TYPES: dict[str, RecordType] = {
             "patient": ("reference", "patient", ("Patient",)),
         },
     ),
+    "ChargeItem": RecordType(
+        name="ChargeItem",
+        table="charge_item",
+        fhir=True,
+        writable=False,
+        mirrored=True,
+        description=(
+            "A FHIR R4 ChargeItem from a DFT^P03 FT1 segment (the same charge as the Charge record, "
+            "served to FHIR clients); served read-only."
+        ),
+        params={
+            "identifier": ("token", "identifier"),
+            "patient": ("reference", "subject", ("Patient",)),
+            "subject": ("reference", "subject", ("Patient", "Group")),
+            "context": ("reference", "context", ("Encounter", "EpisodeOfCare")),
+            # custom (not in R4, where the visit is `context`; R5 renamed it `encounter`)
+            "encounter": ("reference", "context", ("Encounter",)),
+            "code": ("token", "code"),
+            "entered-date": ("date", "enteredDate"),
+            "occurrence": ("date", "occurrenceDateTime | occurrencePeriod"),
+            "performer-actor": ("reference", "performer.actor"),
+        },
+    ),
     "Coverage": RecordType(
         name="Coverage",
         table="coverage",

@@ -2,7 +2,8 @@
 
 * Original mode (MSH-15 and MSH-16 empty): MSA-1 is AA, AE or AR (HL7 table 0008).
 * Enhanced mode (MSH-15 or MSH-16 set): the commit ACK we send is CA, CE or CR, and MSH-15
-  (AL always, NE never, ER on error only, SU on success only) decides whether it is sent at all.
+  (AL always, NE never, ER on error only, SU on success only) decides whether it is sent at all
+  (:mod:`hms_ach.hl7v2.policy` holds these rules).
 * Errors carry an ERR segment: ERR-2 location (ERL), ERR-3 code from table 0357, ERR-4 severity,
   ERR-8 the text for a person; before v2.5 the location and code go in ERR-1 (ELD) instead.
 * ``fallback_ack`` builds an AR for a message whose MSH cannot be read; it cannot fail.
@@ -17,9 +18,9 @@ import time
 from datetime import datetime
 
 from hms_ach.core.errors import Err0357, MessageError
-from hms_ach.hl7v2.parse import MshHeader, Separators
+from hms_ach.core.hl7message import MshHeader, Separators
+from hms_ach.hl7v2.policy import ack_code_for
 
-_ENHANCED = {"AA": "CA", "AE": "CE", "AR": "CR"}
 _counter = itertools.count(1)
 _prefix = f"{os.getpid() % 100000:05d}"
 
@@ -88,11 +89,6 @@ def err_segment(error: MessageError, seps: Separators, version: str) -> str:
     return fs.join(["ERR", "", erl, hl7_code, "E", "", "", "", message])
 
 
-def ack_code_for(header: MshHeader | None, code: str) -> str:
-    """MSA-1 for ``code`` (AA/AE/AR): the commit codes CA/CE/CR in enhanced mode."""
-    return _ENHANCED[code] if header is not None and header.enhanced_mode else code
-
-
 def build_ack(header: MshHeader, code: str, error: MessageError | None = None) -> str:
     """The ACK (CR-separated, no MLLP framing) answering ``header`` with ``code`` (AA/AE/AR)."""
     seps = header.separators
@@ -123,20 +119,6 @@ def build_ack(header: MshHeader, code: str, error: MessageError | None = None) -
     if error is not None:
         segments.append(err_segment(error, seps, header.version))
     return "\r".join(segments) + "\r"
-
-
-def should_send(header: MshHeader, code: str) -> bool:
-    """Enhanced mode honours MSH-15 (AL/NE/ER/SU); original mode always answers."""
-    if not header.enhanced_mode:
-        return True
-    accept = header.accept_ack_type.strip().upper()
-    if accept == "NE":
-        return False
-    if accept == "ER":
-        return code != "AA"
-    if accept == "SU":
-        return code == "AA"
-    return True
 
 
 _CONTROL_ID = re.compile(rb"^MSH(.)")

@@ -1,5 +1,5 @@
-"""HL7 v2 ER7 reader: bytes in, a message whose segments, fields, repetitions and components are
-read with the standard's 1-based numbering.
+"""HL7 v2 ER7 reader: bytes in, a :class:`hms_ach.core.hl7message.Hl7Message` whose segments,
+fields, repetitions and components are read with the standard's 1-based numbering.
 
 Why not python-hl7's ``hl7.parse`` for the whole message: it builds five levels of container
 objects for every field whether a mapping reads it or not. This reader splits segments and fields
@@ -15,13 +15,13 @@ LF or CRLF (senders and files differ): all are read as CR.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import cast
 
 import hl7
 
 from hms_ach.core.errors import ContentError, Err0357, RejectError
+from hms_ach.core.hl7message import Hl7Message, MshHeader, Segment, Separators, Unescape
 
 #: MSH-18 values (HL7 table 0211) -> Python codec.
 CHARSETS: dict[str, str] = {
@@ -43,59 +43,6 @@ CHARSETS: dict[str, str] = {
 
 _SEGMENT_END = re.compile(r"\r\n|\n|\r")
 _SEGMENT_NAME = re.compile(r"^[A-Z][A-Z0-9]{2}$")
-
-
-@dataclass(frozen=True)
-class Separators:
-    field: str = "|"
-    component: str = "^"
-    repetition: str = "~"
-    escape: str = "\\"
-    subcomponent: str = "&"
-
-    @property
-    def encoding_characters(self) -> str:
-        return self.component + self.repetition + self.escape + self.subcomponent
-
-
-@dataclass
-class MshHeader:
-    """The fields of MSH that routing, de-duplication and the ACK need."""
-
-    separators: Separators
-    fields: list[str]
-
-    def get(self, n: int, component: int = 0) -> str:
-        """MSH-n (1-based, MSH-1 is the field separator), optionally one component."""
-        if n >= len(self.fields):
-            return ""
-        value = self.fields[n]
-        if component:
-            parts = value.split(self.separators.component)
-            value = parts[component - 1] if component <= len(parts) else ""
-        return value
-
-    sending_application = property(lambda self: self.get(3))
-    sending_facility = property(lambda self: self.get(4))
-    receiving_application = property(lambda self: self.get(5))
-    receiving_facility = property(lambda self: self.get(6))
-    message_code = property(lambda self: self.get(9, 1))
-    trigger_event = property(lambda self: self.get(9, 2))
-    message_structure = property(lambda self: self.get(9, 3))
-    control_id = property(lambda self: self.get(10))
-    processing_id = property(lambda self: self.get(11, 1))
-    version = property(lambda self: self.get(12, 1))
-    accept_ack_type = property(lambda self: self.get(15))
-    application_ack_type = property(lambda self: self.get(16))
-    charset = property(lambda self: self.get(18).split(self.separators.repetition)[0])
-
-    @property
-    def message_type(self) -> str:
-        return f"{self.message_code}^{self.trigger_event}" if self.trigger_event else self.message_code
-
-    @property
-    def enhanced_mode(self) -> bool:
-        return bool(self.accept_ack_type or self.application_ack_type)
 
 
 def read_header(raw: bytes) -> MshHeader:
@@ -176,67 +123,24 @@ def _locate_offset(raw: bytes, offset: int, fs: str) -> str:
 
 
 @lru_cache(maxsize=32)
-def _unescaper(seps: Separators) -> Any:
+def _unescaper(seps: Separators) -> Unescape:
     template = hl7.parse(f"MSH{seps.field}{seps.encoding_characters}{seps.field}X")
-    return template.unescape
+    return cast(Unescape, template.unescape)  # python-hl7's Message.unescape: str -> str
 
 
-class Segment:
-    """One segment; ``field(n)`` uses the standard's numbering (MSH-1 is the field separator)."""
-
-    __slots__ = ("name", "fields", "index", "seps", "_unescape")
-
-    def __init__(self, name: str, fields: list[str], index: int, seps: Separators):
-        self.name = name
-        self.fields = fields
-        self.index = index
-        self.seps = seps
-
-    def field(self, n: int) -> str:
-        return self.fields[n] if 0 <= n < len(self.fields) else ""
-
-    def repetitions(self, n: int) -> list[str]:
-        value = self.field(n)
-        if self.name == "MSH" and n in (1, 2):
-            return [value]
-        return value.split(self.seps.repetition) if value else []
-
-    def unescape(self, value: str) -> str:
-        if self.seps.escape not in value:
-            return value
-        return str(_unescaper(self.seps)(value))
-
-    def __repr__(self) -> str:
-        return f"<Segment {self.name} #{self.index}>"
-
-
-@dataclass
-class Hl7Message:
-    """A parsed HL7 v2 message: ``header`` plus its ``segments`` in order."""
-
-    header: MshHeader
-    segments: list[Segment]
-    text: str = ""
-    _by_name: dict[str, list[Segment]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for seg in self.segments:
-            self._by_name.setdefault(seg.name, []).append(seg)
-
-    @property
-    def separators(self) -> Separators:
-        return self.header.separators
-
-    def all(self, name: str) -> list[Segment]:
-        return self._by_name.get(name, [])
-
-    def first(self, name: str) -> Segment | None:
-        segs = self._by_name.get(name)
-        return segs[0] if segs else None
-
-    @property
-    def message_type(self) -> str:
-        return self.header.message_type
+__all__ = [
+    "CHARSETS",
+    "Hl7Message",
+    "MshHeader",
+    "Segment",
+    "Separators",
+    "codec_for",
+    "decode",
+    "parse",
+    "parse_text",
+    "read_header",
+    "split_segments",
+]
 
 
 def split_segments(text: str) -> list[str]:
@@ -255,6 +159,7 @@ def parse_text(text: str) -> Hl7Message:
     seps = header.separators
     header = MshHeader(seps, ["MSH", seps.field] + raw_segments[0].split(seps.field)[1:])
     segments: list[Segment] = []
+    unescape = _unescaper(seps)
     for i, seg_text in enumerate(raw_segments):
         parts = seg_text.split(seps.field)
         name = parts[0].strip()
@@ -265,7 +170,7 @@ def parse_text(text: str) -> Hl7Message:
                 Err0357.SEGMENT_SEQUENCE,
             )
         fields = ["MSH", seps.field] + parts[1:] if i == 0 else parts
-        segments.append(Segment(name, fields, i, seps))
+        segments.append(Segment(name, fields, i, seps, unescape))
     return Hl7Message(header, segments, "\r".join(raw_segments))
 
 

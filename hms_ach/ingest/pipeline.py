@@ -1,11 +1,25 @@
-"""The single path every HL7 v2 message takes: envelope -> parse -> map -> store (one transaction) -> ACK.
+"""The one ingest path: envelope -> evaluate -> commit (one transaction) -> outcome.
 
-1. ``evaluate`` (pure, no I/O): read MSH, check it, decode by MSH-18, parse, pick the message mapping
-   and run it. Problems become a RejectError (AR) or a ContentError (AE) with an HL7 location.
-2. ``commit_job`` (in the group-commit writer, one SAVEPOINT): store the raw message under its
-   idempotency key (MSH-3|MSH-4|MSH-10); a duplicate gets the stored ACK again and nothing else
-   happens; otherwise the records, their history and the ACK text are written together.
-3. Only after the transaction committed does the caller get the ACK to send.
+Every inbound message, whatever its transport and format, is committed by :func:`commit` inside a
+job of the group-commit writer (:mod:`hms_ach.store.writer`):
+
+1. **envelope**: the raw bytes and what is known of them (:data:`Envelope`: channel, content
+   type, idempotency key, sender, type...).
+2. **evaluate** (pure, no I/O): for HL7 v2, :func:`evaluate` reads MSH, checks it against the
+   channel's :class:`~hms_ach.hl7v2.policy.Hl7Policy`, decodes by MSH-18, parses, picks the message
+   mapping and runs it. Problems become a RejectError (AR) or a ContentError (AE) with an HL7
+   location. CSV rows are evaluated by :mod:`hms_ach.ingest.csv_rows`.
+3. **commit** (:func:`commit`, in the writer's transaction): the message row is stored under the
+   one idempotency rule: a keyed envelope goes in with ``INSERT .. ON CONFLICT DO NOTHING`` on
+   its key, and when the key was stored before nothing else happens and the caller gets a
+   :class:`Duplicate` (the earlier row's id, status and answer). Otherwise the caller's ``work``
+   writes the records (:func:`write_records`: one SAVEPOINT, a domain error rolls it back and
+   becomes the message's error) and returns the :class:`Finish` written on the row (status,
+   ACK code and text, error and its location), all in the same transaction.
+4. **outcome**: only after that transaction committed does the caller get its result (for
+   MLLP the ACK to send, for a file the move to ``processed/`` or ``error/``).
+
+Replay runs the same ``work`` again on the stored row (:func:`rerun`).
 """
 
 from __future__ import annotations
@@ -13,38 +27,147 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-from sqlalchemy import Connection
+from typing import Any, TypeAlias, TypeVar
 
 from hms_ach.core.errors import Err0357, MessageError, RejectError
 from hms_ach.core.records import MappingResult
-from hms_ach.hl7v2.ack import ack_code_for, build_ack, fallback_ack, should_send
+from hms_ach.hl7v2.ack import build_ack, fallback_ack
 from hms_ach.hl7v2.parse import MshHeader, codec_for, decode, parse_text, read_header
+from hms_ach.hl7v2.policy import Hl7Policy, ack_code_for, original_code, should_send
 from hms_ach.mapping.engine import MappingEngine
 from hms_ach.store import messages
+from hms_ach.store.port import Tx
 from hms_ach.store.repository import Repository, WriteOutcome
 from hms_ach.store.writer import StoreWriter
 
 log = logging.getLogger("hms_ach.ingest.pipeline")
 
+R = TypeVar("R")
 
-@dataclass
-class Hl7Policy:
-    """What a channel accepts, and how it reads text."""
+#: One inbound message as it arrived: raw bytes, metadata and its idempotency key (None: unkeyed).
+Envelope: TypeAlias = messages.MessageMeta
 
-    channel: str
-    default_charset: str = "utf-8"
-    versions: list[str] = field(
-        default_factory=lambda: ["2.1", "2.2", "2.3", "2.4", "2.5", "2.6", "2.7", "2.8"]
+
+# ---------------------------------------------------------------------- commit (every channel)
+@dataclass(frozen=True)
+class Finish:
+    """The final state of a message, written on its row in the commit's transaction."""
+
+    status: str  # processed | error | rejected (see store.messages.STATUSES)
+    ack_code: str | None  # MSA-1 for HL7 (AA, CE...), the HTTP status for REST, AA/AE for files
+    ack: str | None = None  # the answer's text (the ACK message, a JSON summary), if any
+    error: str | None = None
+    error_location: str | None = None  # an HL7 location, a JSON path, "file line 3 column x"
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    """The envelope's idempotency key was stored before: nothing was written for it."""
+
+    original_id: int
+    status: str
+    ack_code: str | None
+    ack: str | None
+
+
+#: What a channel does for a stored message: ``work(tx, message_id)`` writes the records and
+#: returns its result with the message's :class:`Finish` (None leaves the row ``received``, for a
+#: file whose rows are committed in later transactions and finished by :func:`finish`).
+Work: TypeAlias = Callable[[Tx, int], tuple[R, Finish | None]]
+
+
+def commit(tx: Tx, envelope: Envelope, work: Work[R]) -> R | Duplicate:
+    """Store ``envelope`` under the one idempotency rule and run ``work`` for it, in ``tx``.
+
+    A keyed envelope whose key is stored already returns :class:`Duplicate` and writes nothing;
+    an unkeyed one is always stored. Call it inside a writer job; the result is durable once the
+    job's transaction committed.
+    """
+    key = envelope.idempotency_key
+    if key:
+        # The unique key decides (INSERT .. ON CONFLICT DO NOTHING): None means stored before.
+        message_id = messages.insert_new(tx, envelope)
+        if message_id is None:
+            row = messages.find_by_key(tx, key)
+            if row is None:
+                raise RuntimeError(f"message key {key!r} conflicted but no stored message has it")
+            return Duplicate(int(row.id), str(row.status), row.ack_code, row.ack)
+    else:
+        message_id = messages.insert_message(tx, envelope, keyed=False)
+    return _run(tx, message_id, work, replay=False)
+
+
+def rerun(tx: Tx, message_id: int, work: Work[R]) -> R:
+    """Run ``work`` again for the stored message ``message_id`` (replay); its replay count goes up."""
+    return _run(tx, message_id, work, replay=True)
+
+
+def finish(tx: Tx, message_id: int, done: Finish, replay: bool = False) -> None:
+    """Write the final state of a stored message (a file whose rows were committed meanwhile)."""
+    messages.finish(
+        tx,
+        message_id,
+        done.status,
+        done.ack_code,
+        done.ack,
+        error=done.error,
+        error_location=done.error_location,
+        replay=replay,
     )
-    processing_ids: list[str] = field(default_factory=lambda: ["P", "T", "D"])
 
 
+def _run(tx: Tx, message_id: int, work: Work[R], replay: bool) -> R:
+    result, done = work(tx, message_id)
+    if done is not None:
+        finish(tx, message_id, done, replay)
+    return result
+
+
+def only_finish(done: Finish) -> Work[None]:
+    """Work that writes no records: the stored message is only finished with ``done``."""
+
+    def work(_tx: Tx, _message_id: int) -> tuple[None, Finish]:
+        return None, done
+
+    return work
+
+
+def record_duplicate(tx: Tx, envelope: Envelope, dup: Duplicate) -> int:
+    """Store a resent message as a ``duplicate`` row pointing at the original, with its answer."""
+    return messages.insert_message(
+        tx,
+        envelope,
+        "duplicate",
+        keyed=False,
+        duplicate_of=dup.original_id,
+        ack_code=dup.ack_code,
+        ack=dup.ack,
+    )
+
+
+def write_records(
+    tx: Tx, result: MappingResult, message_id: int
+) -> tuple[list[WriteOutcome], MessageError | None]:
+    """Upsert the records of ``result`` for message ``message_id`` in one SAVEPOINT.
+
+    A domain error (a missing reference target, an update-only record that is not there...) rolls
+    the savepoint back and is returned, so the message row can still be finished with it.
+    """
+    savepoint = tx.begin_nested()
+    try:
+        writes = Repository(tx).apply(result, message_id)
+        savepoint.commit()
+    except MessageError as exc:
+        savepoint.rollback()
+        return [], exc
+    return writes, None
+
+
+# ---------------------------------------------------------------------- HL7 v2
 @dataclass
 class Evaluation:
     raw: bytes
-    meta: messages.MessageMeta
+    meta: Envelope
     header: MshHeader | None = None
     result: MappingResult | None = None
     error: MessageError | None = None
@@ -53,7 +176,7 @@ class Evaluation:
 
 @dataclass
 class Outcome:
-    """What happened to one message, after commit."""
+    """What happened to one HL7 v2 message, after commit."""
 
     message_id: int | None
     status: str
@@ -69,13 +192,17 @@ class Outcome:
 
 
 def idempotency_key(header: MshHeader) -> str | None:
+    """MSH-3|MSH-4|MSH-10; None without a control id."""
     if not header.control_id:
         return None
     return f"{header.sending_application}|{header.sending_facility}|{header.control_id}"
 
 
-def _version_ok(version: str, accepted: list[str]) -> bool:
-    return any(version == v or version.startswith(v + ".") for v in accepted)
+def _describe(meta: Envelope, header: MshHeader) -> None:
+    meta.control_id = header.control_id[:200]
+    meta.sending_application = header.sending_application[:200]
+    meta.sending_facility = header.sending_facility[:200]
+    meta.message_type = header.message_type[:50]
 
 
 def evaluate(raw: bytes, policy: Hl7Policy, engine: MappingEngine) -> Evaluation:
@@ -88,31 +215,11 @@ def evaluate(raw: bytes, policy: Hl7Policy, engine: MappingEngine) -> Evaluation
         ev.error = exc
         return ev
     ev.header = header
-    meta.control_id = header.control_id[:200]
-    meta.sending_application = header.sending_application[:200]
-    meta.sending_facility = header.sending_facility[:200]
-    meta.message_type = header.message_type[:50]
+    _describe(meta, header)
     meta.version = header.version[:20]
     meta.idempotency_key = idempotency_key(header)
     try:
-        if not header.control_id:
-            raise RejectError("MSH-10 message control id is empty", "MSH-10", Err0357.REQUIRED_FIELD_MISSING)
-        if not header.message_code:
-            raise RejectError("MSH-9 message type is empty", "MSH-9", Err0357.REQUIRED_FIELD_MISSING)
-        if not _version_ok(header.version, policy.versions):
-            raise RejectError(
-                f"version {header.version or '(empty)'} is not accepted by channel {policy.channel} "
-                f"(accepts {', '.join(policy.versions)})",
-                "MSH-12",
-                Err0357.UNSUPPORTED_VERSION,
-            )
-        if header.processing_id not in policy.processing_ids:
-            raise RejectError(
-                f"processing id {header.processing_id or '(empty)'} is not accepted "
-                f"(accepts {', '.join(policy.processing_ids)})",
-                "MSH-11",
-                Err0357.UNSUPPORTED_PROCESSING_ID,
-            )
+        policy.check(header)
         text = decode(raw, header, policy.default_charset)
         message = parse_text(text)
         mapping = engine.mapping_for(message)
@@ -130,13 +237,15 @@ def evaluate(raw: bytes, policy: Hl7Policy, engine: MappingEngine) -> Evaluation
     return ev
 
 
-def _ack_for(ev: Evaluation, code: str, error: MessageError | None) -> str:
+def ack_for(ev: Evaluation, code: str, error: MessageError | None) -> str:
+    """The ACK text answering ``ev`` with ``code`` (AA/AE/AR); an AR that cannot fail without MSH."""
     if ev.header is None:
         return fallback_ack(ev.raw, error or RejectError("unreadable MSH"))
     return build_ack(ev.header, code, error)
 
 
-def _charset(ev: Evaluation, policy: Hl7Policy) -> str:
+def charset_of(ev: Evaluation, policy: Hl7Policy) -> str:
+    """The codec the ACK of ``ev`` is sent in (the message's own, ASCII when unknown)."""
     if ev.header is None:
         return "ascii"
     try:
@@ -145,75 +254,58 @@ def _charset(ev: Evaluation, policy: Hl7Policy) -> str:
         return "ascii"
 
 
-def commit_job(ev: Evaluation, policy: Hl7Policy) -> Callable[[Connection], Outcome]:
-    """The store work for one evaluated message, to run in the writer's transaction."""
+def hl7_work(ev: Evaluation, charset: str) -> Work[Outcome]:
+    """The records of ``ev`` (or its error) and its ACK, for the stored message."""
 
-    def job(conn: Connection) -> Outcome:
-        charset = _charset(ev, policy)
-        key = ev.meta.idempotency_key
-        if key:
-            # The unique key decides (INSERT .. ON CONFLICT DO NOTHING): None means stored before.
-            new_id = messages.insert_new(conn, ev.meta)
-            if new_id is None:
-                dup = _duplicate(conn, ev, key, charset)
-                if dup is None:
-                    raise RuntimeError(f"message key {key!r} conflicted but no stored message has it")
-                return dup
-            message_id = new_id
+    def work(tx: Tx, message_id: int) -> tuple[Outcome, Finish]:
+        error = ev.error
+        writes: list[WriteOutcome] = []
+        if error is None and ev.result is not None:
+            writes, error = write_records(tx, ev.result, message_id)
+        if error is None:
+            code, status = "AA", "processed"
         else:
-            message_id = messages.insert_message(conn, ev.meta, keyed=False)
-        return apply_evaluation(conn, ev, message_id, charset)
+            code = error.ack_code if ev.header is not None else "AR"
+            if isinstance(error, RejectError):
+                code = "AR"
+            status = "rejected" if code == "AR" else "error"
+        ack = ack_for(ev, code, error)
+        ack_code = ack_code_for(ev.header, code)
+        send = should_send(ev.header, code) if ev.header is not None else True
+        outcome = Outcome(
+            message_id, status, ack_code, ack, send, str(error) if error else None, writes, charset
+        )
+        done = Finish(
+            status,
+            ack_code,
+            ack,
+            error=error.message if error else None,
+            error_location=error.location if error else None,
+        )
+        return outcome, done
+
+    return work
+
+
+def commit_hl7(ev: Evaluation, policy: Hl7Policy) -> Callable[[Tx], Outcome]:
+    """The writer job for one evaluated HL7 v2 message; a resent one is answered with the stored ACK."""
+
+    def job(tx: Tx) -> Outcome:
+        charset = charset_of(ev, policy)
+        out = commit(tx, ev.meta, hl7_work(ev, charset))
+        if not isinstance(out, Duplicate):
+            return out
+        dup_id = record_duplicate(tx, ev.meta, out)
+        send = should_send(ev.header, original_code(out.ack_code or "")) if ev.header else True
+        return Outcome(dup_id, "duplicate", out.ack_code or "", out.ack or "", send, charset=charset)
 
     return job
 
 
-def _duplicate(conn: Connection, ev: Evaluation, key: str, charset: str) -> Outcome | None:
-    row = messages.find_by_key(conn, key)
-    if row is None:
-        return None
-    dup_id = messages.insert_message(
-        conn, ev.meta, "duplicate", keyed=False, duplicate_of=row.id, ack_code=row.ack_code, ack=row.ack
-    )
-    plain = {"CA": "AA", "CE": "AE", "CR": "AR"}.get(row.ack_code or "", row.ack_code or "AA")
-    send = should_send(ev.header, plain) if ev.header else True
-    return Outcome(dup_id, "duplicate", row.ack_code or "", row.ack or "", send, charset=charset)
-
-
-def apply_evaluation(
-    conn: Connection, ev: Evaluation, message_id: int, charset: str, replay: bool = False
-) -> Outcome:
-    """Write the records of ``ev`` (or its error) for the stored message ``message_id``."""
-    error = ev.error
-    writes: list[WriteOutcome] = []
-    if error is None and ev.result is not None:
-        savepoint = conn.begin_nested()
-        try:
-            writes = Repository(conn).apply(ev.result, message_id)
-            savepoint.commit()
-        except MessageError as exc:
-            savepoint.rollback()
-            error = exc
-    if error is None:
-        code, status = "AA", "processed"
-    else:
-        code = error.ack_code if ev.header is not None else "AR"
-        if isinstance(error, RejectError):
-            code = "AR"
-        status = "rejected" if code == "AR" else "error"
-    ack = _ack_for(ev, code, error)
-    ack_code = ack_code_for(ev.header, code)
-    messages.finish(
-        conn,
-        message_id,
-        status,
-        ack_code,
-        ack,
-        error=error.message if error else None,
-        error_location=error.location if error else None,
-        replay=replay,
-    )
-    send = should_send(ev.header, code) if ev.header is not None else True
-    return Outcome(message_id, status, ack_code, ack, send, str(error) if error else None, writes, charset)
+def replay_hl7(tx: Tx, message_id: int, raw: bytes, policy: Hl7Policy, engine: MappingEngine) -> Outcome:
+    """Evaluate the stored HL7 v2 message again and rewrite its records, status and ACK in ``tx``."""
+    ev = evaluate(raw, policy, engine)
+    return rerun(tx, message_id, hl7_work(ev, charset_of(ev, policy)))
 
 
 class Pipeline:
@@ -225,13 +317,13 @@ class Pipeline:
 
     async def process_hl7(self, raw: bytes, policy: Hl7Policy) -> Outcome:
         ev = evaluate(raw, policy, self.engine)
-        outcome = await self.writer.run(commit_job(ev, policy))
+        outcome = await self.writer.run(commit_hl7(ev, policy))
         _log(outcome, policy)
         return outcome
 
     def process_hl7_sync(self, raw: bytes, policy: Hl7Policy) -> Outcome:
         ev = evaluate(raw, policy, self.engine)
-        outcome = self.writer.run_sync(commit_job(ev, policy))
+        outcome = self.writer.run_sync(commit_hl7(ev, policy))
         _log(outcome, policy)
         return outcome
 
@@ -241,26 +333,26 @@ class Pipeline:
         ev = Evaluation(prefix, messages.MessageMeta(channel=policy.channel, raw=prefix), error=error)
         try:
             ev.header = read_header(prefix)
-            ev.meta.control_id = ev.header.control_id[:200]
-            ev.meta.message_type = ev.header.message_type[:50]
-            ev.meta.sending_application = ev.header.sending_application[:200]
-            ev.meta.sending_facility = ev.header.sending_facility[:200]
+            _describe(ev.meta, ev.header)
         except RejectError:
             ev.header = None
+        work = hl7_work(ev, "ascii")
 
-        def job(conn: Connection) -> Outcome:
-            message_id = messages.insert_message(conn, ev.meta, keyed=False)
-            return apply_evaluation(conn, ev, message_id, "ascii")
+        def job(tx: Tx) -> Outcome:
+            out = commit(tx, ev.meta, work)  # unkeyed: never a duplicate
+            if isinstance(out, Duplicate):
+                raise RuntimeError("an unkeyed message was taken for a duplicate")
+            return out
 
         outcome = await self.writer.run(job)
         _log(outcome, policy)
         return outcome
 
     def replay(self, message_id: int, policies: dict[str, Hl7Policy]) -> Outcome:
-        """Re-run a stored message through the current mappings; updates its row and records."""
+        """Re-run a stored HL7 v2 message through the current mappings; updates its row and records."""
 
-        def job(conn: Connection) -> Outcome:
-            row = messages.get(conn, message_id)
+        def job(tx: Tx) -> Outcome:
+            row = messages.get(tx, message_id)
             if row is None:
                 raise KeyError(f"no message with id {message_id}")
             if row.status == "duplicate" and row.duplicate_of:
@@ -268,8 +360,7 @@ class Pipeline:
                     f"message {message_id} is a duplicate of {row.duplicate_of}; replay that one"
                 )
             policy = policies.get(row.channel) or Hl7Policy(row.channel)
-            ev = evaluate(bytes(row.raw), policy, self.engine)
-            return apply_evaluation(conn, ev, message_id, _charset(ev, policy), replay=True)
+            return replay_hl7(tx, message_id, bytes(row.raw), policy, self.engine)
 
         return self.writer.run_sync(job)
 

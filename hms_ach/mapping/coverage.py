@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from hms_ach.hl7v2.parse import Hl7Message
+from hms_ach.core.hl7message import Hl7Message
 from hms_ach.mapping.engine import MappingEngine
 from hms_ach.mapping.preview import field_name
 

@@ -19,8 +19,8 @@ from functools import lru_cache
 from typing import Any
 
 from hms_ach.core.errors import Err0357, MappingError, RejectError
+from hms_ach.core.hl7message import Hl7Message
 from hms_ach.core.records import Lineage, MappingResult, Mode, RecordWrite, StoreAction, merge_content
-from hms_ach.hl7v2.parse import Hl7Message
 from hms_ach.mapping import spec
 from hms_ach.mapping.functions import FUNCTIONS, FunctionError
 from hms_ach.mapping.loader import LoadedFile, MappingSet
@@ -39,20 +39,9 @@ def _path(text: str, datatype: str | None, kind: str = "hl7v2") -> Source:
     return compile_source(text, kind, datatype)
 
 
-def _value_of(v: Value) -> Any:
-    """The value a rule uses: FHIR data as is, else the decoded text."""
-    return v.data if v.data is not None else v.text
-
-
-def _present(v: Value) -> Any:
-    """What a resolved value holds: FHIR data as is, HL7 raw text, else the decoded text."""
-    if v.data is not None:
-        return v.data
-    return v.raw if v.raw is not None else v.text
-
-
 def _blank(v: Value) -> bool:
-    """``_empty(_present(v))``, without the calls (it runs for every value read)."""
+    """Whether what a resolved value holds (FHIR data as is, HL7 raw text, else the decoded text)
+    is empty (see :func:`_empty`), without calls (it runs for every value read)."""
     x = v.data
     if x is None:
         x = v.raw if v.raw is not None else v.text
@@ -79,11 +68,6 @@ def _empty(value: Any) -> bool:
     if isinstance(value, (list, dict)):
         return not value or (isinstance(value, list) and all(_empty(v) for v in value))
     return False
-
-
-def _set(obj: dict[str, Any], target: str, value: Any) -> str:
-    """Set ``value`` at ``target`` in ``obj``; return the concrete path (``name[1]``)."""
-    return _set_tokens(obj, _target(target), value, True)
 
 
 def _set_tokens(obj: dict[str, Any], tokens: tuple[Token, ...], value: Any, trace: bool) -> str:

@@ -96,8 +96,8 @@ from ruamel.yaml.constructor import RoundTripConstructor
 from ruamel.yaml.error import MarkedYAMLError
 
 from hms_ach.core.errors import ConfigError, ConfigErrors, MessageError, SourcePosition
+from hms_ach.core.hl7message import Hl7Message
 from hms_ach.core.records import MappingResult, RecordWrite
-from hms_ach.hl7v2.parse import parse
 from hms_ach.mapping.engine import MappingEngine
 from hms_ach.mapping.loader import MappingSet, Positions, _plain, position_of
 from hms_ach.mapping.paths import CsvRecord
@@ -376,16 +376,24 @@ def _owner_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
 # ------------------------------------------------------------------ running
 
 
-def run_golden_file(path: Path, mset: MappingSet, repo_root: Path) -> list[CaseResult]:
-    """Run every case of one golden file; a broken file gives one failed result saying why."""
+#: Reads the bytes of an HL7 v2 sample into a message (:func:`hms_ach.hl7v2.parse.parse`, given by the caller).
+Hl7Parser = Callable[[bytes], Hl7Message]
+
+
+def run_golden_file(path: Path, mset: MappingSet, repo_root: Path, parse: Hl7Parser) -> list[CaseResult]:
+    """Run every case of one golden file; a broken file gives one failed result saying why.
+
+    ``parse`` reads the cases' HL7 v2 samples (the mapping layer does not parse messages itself)."""
     try:
         golden = load_golden_file(path)
     except ConfigErrors as exc:
         return [CaseResult(path.name, False, message=str(exc), file=str(path))]
-    return [run_case(golden, i, mset, repo_root) for i in range(len(golden.model.cases))]
+    return [run_case(golden, i, mset, repo_root, parse) for i in range(len(golden.model.cases))]
 
 
-def run_case(golden: LoadedGolden, index: int, mset: MappingSet, repo_root: Path) -> CaseResult:
+def run_case(
+    golden: LoadedGolden, index: int, mset: MappingSet, repo_root: Path, parse: Hl7Parser
+) -> CaseResult:
     """Run case ``index`` of a loaded golden file."""
     case = golden.model.cases[index]
     result = CaseResult(case.name, False, file=str(golden.path), line=golden.lines[index])

@@ -35,7 +35,7 @@ from dataclasses import field as _computed  # MessagePath has an attribute named
 from decimal import Decimal
 from typing import Any, NamedTuple
 
-from hms_ach.hl7v2.parse import Hl7Message, Segment
+from hms_ach.core.hl7message import Hl7Message, Segment
 
 INPUTS = ("hl7v2", "csv", "fhir")
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from hms_ach.core.hl7message import Hl7Message
 from hms_ach.core.records import MappingResult
-from hms_ach.hl7v2.parse import Hl7Message
 from hms_ach.mapping.engine import MappingEngine
 
 

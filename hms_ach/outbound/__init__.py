@@ -1,7 +1,9 @@
 """Outbound: the transactional outbox, the events derived from record changes, and the sinks.
 
 A new sink type is one module with a class that has a ``Config`` (extending
-:class:`hms_ach.outbound.sinks.SinkSettings`) and ``async deliver(delivery)``, plus one line here.
+:class:`hms_ach.outbound.sinks.SinkSettings`), is built as ``cls(config, store)`` and meets the
+:class:`hms_ach.core.types.Sink` contract (``settings``, ``async deliver(delivery)``,
+``async close()``; see :data:`hms_ach.outbound.sinks.OutboxSink`), plus one line here.
 """
 
 from hms_ach.core.registry import Registry

@@ -1,6 +1,7 @@
 """The events derived from record changes, written to the outbox in the change's own transaction.
 
-:func:`record` is a change listener (see :mod:`hms_ach.store.changes`). WHEN an event fires is
+:func:`on_change` is a change listener (see :mod:`hms_ach.store.changes`; subscribed by
+:func:`hms_ach.app.wiring.wire_listeners`). WHEN an event fires is
 decided here, in code, from the record before and after the change (:func:`fired`). WHAT its payload
 carries is declared as data, one ``kind: event`` mapping per event in ``mappings/events/`` (with
 golden tests beside them), run by the engine the runtime hands over with :func:`use_engine` (and
@@ -40,10 +41,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection
-
-from hms_ach.outbound import outbox
+from hms_ach.store import outbox
 from hms_ach.store.changes import Change
+from hms_ach.store.port import Tx
 
 if TYPE_CHECKING:
     from hms_ach.mapping.engine import MappingEngine
@@ -235,13 +235,9 @@ def derive(change: Change) -> list[tuple[str, dict[str, Any]]]:
     return [(event, payload(event, change)) for event in fired(change)]
 
 
-def record(conn: Connection, change: Change) -> None:
-    """Change listener: enqueue the change's events; at discharge, turn the encounter's charges into a Claim."""
+def on_change(tx: Tx, change: Change) -> None:
+    """Change listener: write the change's events to the outbox, in the change's own transaction."""
     if _feed_subscribers and change.resource_type in CHANGE_FEED_TYPES:
-        outbox.enqueue(conn, "record.changed", payload("record.changed", change))
+        outbox.enqueue(tx, "record.changed", payload("record.changed", change))
     for event, body in derive(change):
-        outbox.enqueue(conn, event, body)
-        if event == "encounter.discharged":
-            from hms_ach.billing.claims import claim_for_encounter
-
-            claim_for_encounter(conn, change.id, change.message_id)
+        outbox.enqueue(tx, event, body)

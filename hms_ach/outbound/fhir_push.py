@@ -36,12 +36,13 @@ from urllib.parse import quote
 import httpx
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
-from sqlalchemy import select
 
+from hms_ach.core.records import RECORD_TYPES
 from hms_ach.core.references import references, rewrite_references
 from hms_ach.outbound.sinks import Delivery, DeliveryError, DeliveryResult, SinkSettings
 from hms_ach.outbound.webhook import retry_after_seconds
-from hms_ach.store.models import RECORD_TABLES
+from hms_ach.store import record_reads
+from hms_ach.store.db import Store
 
 log = logging.getLogger("hms_ach.outbound.fhir_push")
 
@@ -280,7 +281,7 @@ class FhirPushSink:
 
         @model_validator(mode="after")
         def _known_types(self) -> FhirPushSink.Config:
-            unknown = [t for t in self.resource_types if t not in RECORD_TABLES]
+            unknown = [t for t in self.resource_types if t not in RECORD_TYPES]
             if unknown:
                 raise ValueError(
                     f"resource_types: {', '.join(unknown)} not known; expected some of "
@@ -290,7 +291,7 @@ class FhirPushSink:
                 raise ValueError(f"base_url {self.base_url!r} must start with http:// or https://")
             return self
 
-    def __init__(self, settings: Config, store: Any):
+    def __init__(self, settings: Config, store: Store):
         self.settings = settings
         self.store = store
         self.base = settings.base_url.rstrip("/")
@@ -306,20 +307,11 @@ class FhirPushSink:
         out: dict[str, LocalRecord] = {}
         with self.store.reader.connect() as conn:
             for ref in refs:
-                rtype, _, rid = ref.partition("/")
-                model = RECORD_TABLES.get(rtype)
-                if model is None or not rid:
-                    continue
-                t = model.__table__  # type: ignore[attr-defined]
-                row = conn.execute(
-                    select(t.c.key_system, t.c.key_value, t.c.deleted, t.c.resource, t.c.version_id).where(
-                        t.c.id == rid
-                    )
-                ).first()
+                row = record_reads.stored(conn, ref)
                 if row is None or row.version_id == 0:
                     continue
                 out[ref] = LocalRecord(
-                    rtype, rid, row.key_system, row.key_value, bool(row.deleted), orjson.loads(row.resource)
+                    row.resource_type, row.id, row.key_system, row.key_value, row.deleted, row.content
                 )
         return out
 

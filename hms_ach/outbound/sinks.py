@@ -1,13 +1,16 @@
-"""What every sink shares: its settings, the delivery it is handed, and how it reports failure."""
+"""What every sink shares: its settings, the delivery it is handed, how it reports failure, and the
+contract a sink class meets (:data:`OutboxSink`)."""
 
 from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
+
+from hms_ach.core.types import Sink
 
 
 class SinkSettings(BaseModel):
@@ -92,3 +95,8 @@ class DeliveryError(Exception):
         self.permanent = permanent
         self.retry_after = retry_after
         self.response = response
+
+
+#: A running sink, as the outbox dispatcher sees it (the :class:`hms_ach.core.types.Sink` contract
+#: with the outbox's types): ``settings``, ``async deliver(Delivery) -> DeliveryResult``, ``async close()``.
+OutboxSink: TypeAlias = Sink[SinkSettings, Delivery, DeliveryResult]

@@ -1,8 +1,8 @@
 """The audit trail: one append-only row per record change, chained by SHA-256.
 
-:func:`record` is a change listener (see :mod:`hms_ach.store.changes`): it runs inside the
-transaction that writes the record version, so the version and its audit row commit together or
-not at all. Each row holds who (the channel of the message, or the API client), when, which
+:func:`record` is the store's own change listener, always on (see :mod:`hms_ach.store.changes`):
+it runs inside the transaction that writes the record version, so the version and its audit row
+commit together or not at all. Each row holds who (the channel of the message, or the API client), when, which
 message or request, what changed (a JSON diff), the hash of the previous row and its own hash over
 all of that. Editing, deleting or reordering a row breaks the chain, and :func:`verify` names the
 first row that no longer fits.
@@ -18,15 +18,17 @@ import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from sqlalchemy import Connection, bindparam, func, select, text
 
 from hms_ach.store import fastexec, txcache
-from hms_ach.store.changes import Change
 from hms_ach.store.db import Store
 from hms_ach.store.models import AuditEntry, InboundMessage
+
+if TYPE_CHECKING:  # changes.py calls record() first on every change: it imports this module
+    from hms_ach.store.changes import Change
 
 T = AuditEntry.__table__  # type: ignore[attr-defined]
 M = InboundMessage.__table__  # type: ignore[attr-defined]

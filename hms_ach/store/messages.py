@@ -151,6 +151,17 @@ def finish(
 _FINISH = update(T).where(T.c.id == bindparam("mid"))
 
 
+def errors_under_key(conn: Connection, prefix: str) -> list[tuple[str, str | None, str | None]]:
+    """(control id, error, error location) of the messages whose idempotency key starts with
+    ``prefix``, in the order stored: the bad rows of one file."""
+    rows = conn.execute(
+        select(T.c.control_id, T.c.error, T.c.error_location)
+        .where(T.c.idempotency_key.like(prefix + "%"))
+        .order_by(T.c.id)
+    ).all()
+    return [(str(r.control_id), r.error, r.error_location) for r in rows]
+
+
 def get(conn: Connection, message_id: int) -> Any:
     return conn.execute(select(T).where(T.c.id == message_id)).first()
 

@@ -17,25 +17,44 @@ window (the rules could not have compared it either).
 Shift ``end`` rows exist only for shifts written since the parameter was declared (there is no
 reindex command): a shift without one is always a candidate of :func:`overlap_candidates`, so an
 existing store stays correct and only reads a little more until its shifts are rewritten.
+
+Besides the record reads, the workforce API reaches the store only through this module:
+:func:`read` (a reader connection), :func:`savepoint` (inside a writer job),
+:class:`StoredRoster` (the lookups of :class:`hms_ach.workforce.rules.Roster`), and the credential
+scan's alerts and last run (:func:`credential_alerts`, :func:`job_run`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from sqlalchemy import Connection, Table, and_, exists, literal, or_, select, true
 from sqlalchemy.sql.elements import ColumnElement
 
-from hms_ach.store.models import RECORD_TABLES, SearchDate, SearchReference, SearchToken
+from hms_ach.store.db import Store
+from hms_ach.store.models import (
+    RECORD_TABLES,
+    CredentialAlert,
+    JobRun,
+    SearchDate,
+    SearchReference,
+    SearchToken,
+)
+from hms_ach.store.port import Tx
 from hms_ach.store.search import own_rows
 from hms_ach.store.search_params import clip, parse_reference
 
 REFS: Table = SearchReference.__table__  # type: ignore[attr-defined]
 DATES: Table = SearchDate.__table__  # type: ignore[attr-defined]
 TOKENS: Table = SearchToken.__table__  # type: ignore[attr-defined]
+CREDENTIAL_ALERTS: Table = CredentialAlert.__table__  # type: ignore[attr-defined]
+JOB_RUNS: Table = JobRun.__table__  # type: ignore[attr-defined]
+T = TypeVar("T")
 PRACTITIONER_PARAM = "practitioner"
 #: The date parameter of each record type that the workforce API filters on (shift start, clock-in).
 START_PARAM = "date"
@@ -57,11 +76,18 @@ def utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
-def week_start(instant: datetime) -> datetime:
-    """Monday 00:00 UTC of the ISO week of ``instant``."""
-    day = utc(instant).date()
-    monday = day - timedelta(days=day.weekday())
-    return datetime(monday.year, monday.month, monday.day, tzinfo=UTC)
+# ---------------------------------------------------------------------------- connections
+def read(store: Store, work: Callable[[Tx], T]) -> T:
+    """``work`` on a connection of the store's reader pool: one read that is no part of a write
+    (lazy results such as :func:`scan` must be consumed inside ``work``)."""
+    with store.reader.connect() as conn:
+        return work(conn)
+
+
+def savepoint(tx: Tx) -> AbstractContextManager[object]:
+    """A SAVEPOINT in the writer's transaction ``tx``: released when the ``with`` block ends, rolled
+    back (and the exception passed on) when it raises, so the rest of the transaction stays."""
+    return tx.begin_nested()
 
 
 # ---------------------------------------------------------------------------- record reads
@@ -192,6 +218,42 @@ def with_status(resource_type: str, status: str) -> ColumnElement[bool]:
     )
 
 
+# ---------------------------------------------------------------------------- list pages
+def scan_shifts(
+    conn: Connection,
+    *,
+    employee_id: str | None = None,
+    status: str | None = None,
+    unfilled: bool | None = None,
+    start_from: datetime | None = None,
+    start_before: datetime | None = None,
+    after: str = "",
+    first: int = SCAN_CHUNK,
+) -> Iterator[dict[str, Any]]:
+    """:func:`scan` of the shifts the index selects for these filters (a superset: the caller applies
+    the exact filter): assigned to ``employee_id``, with ``status``, without an employee (``unfilled``
+    true; false selects all) and starting in ``[start_from, start_before)``."""
+    dialect = conn.dialect.name
+    conds = []
+    if employee_id is not None:
+        conds.append(assigned_to("Shift", employee_id, dialect))
+    if status is not None:
+        conds.append(with_status("Shift", status))
+    if unfilled:
+        conds.append(owned_by("Shift", None, dialect))
+    if start_from is not None or start_before is not None:
+        conds.append(starts_within("Shift", [(start_from, start_before)], narrowed=bool(conds)))
+    return scan(conn, "Shift", conds, after, first)
+
+
+def scan_timecards(
+    conn: Connection, *, employee_id: str | None = None, after: str = "", first: int = SCAN_CHUNK
+) -> Iterator[dict[str, Any]]:
+    """:func:`scan` of the timecards (of ``employee_id`` as the index has it, when given)."""
+    conds = [] if employee_id is None else [assigned_to("Timecard", employee_id, conn.dialect.name)]
+    return scan(conn, "Timecard", conds, after, first)
+
+
 # ---------------------------------------------------------------------------- shifts
 def overlap_candidates(
     conn: Connection, reference: str, start: datetime, end: datetime
@@ -222,7 +284,11 @@ def shift_overlap(
 ) -> str | None:
     """The id of another live, not cancelled shift of ``practitioner`` (a reference) that overlaps
     ``[start, end)``; the earliest such shift when there are several. Reads only that practitioner's
-    shifts around the window (see :func:`overlap_candidates`)."""
+    shifts around the window (see :func:`overlap_candidates`).
+
+    For the FHIR write path (:func:`hms_ach.fhir.write.check_shift`): it decides as
+    :func:`hms_ach.workforce.rules.overlapping_shift` does over :func:`overlap_candidates` (which the
+    /api/v1 writes use), and a test holds the two to the same answers."""
     clashes = []
     for s in overlap_candidates(conn, practitioner, start, end):
         if s.get("id") == skip or s.get("status") == "cancelled":
@@ -276,19 +342,83 @@ def timecards_in_weeks(
     return practitioner_timecards(conn, reference, [(w, w + timedelta(days=7)) for w in sorted(set(weeks))])
 
 
+# ---------------------------------------------------------------------------- rules' lookups
+class StoredRoster:
+    """The lookups of :class:`hms_ach.workforce.rules.Roster` in one transaction (or reader connection)."""
+
+    def __init__(self, conn: Connection):
+        self.conn = conn
+
+    def employee(self, employee_id: str) -> dict[str, Any] | None:
+        return get_record(self.conn, "Practitioner", employee_id)
+
+    def shift(self, shift_record_id: str) -> dict[str, Any] | None:
+        return get_record(self.conn, "Shift", shift_record_id)
+
+    def shifts_around(self, practitioner: str, start: datetime, end: datetime) -> list[dict[str, Any]]:
+        return overlap_candidates(self.conn, practitioner, start, end)
+
+    def timecards_between(self, practitioner: str, since: datetime, before: datetime) -> list[dict[str, Any]]:
+        return practitioner_timecards(self.conn, practitioner, [(since, before)])
+
+
+# ---------------------------------------------------------------------------- credential scan
+@dataclass(frozen=True)
+class AlertRow:
+    """One ``credential_alert`` row (see :mod:`hms_ach.workforce.credentials`)."""
+
+    practitioner_id: str
+    credential: str
+    expires: str
+    threshold: str
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class JobRunRow:
+    """The ``job_run`` row of one scheduled job: its last run."""
+
+    status: str
+    started_at: datetime | None
+    finished_at: datetime | None
+    detail: str | None
+
+
+def credential_alerts(conn: Connection) -> list[AlertRow]:
+    """Every credential alert raised, in the order they were raised."""
+    rows = conn.execute(select(CREDENTIAL_ALERTS).order_by(CREDENTIAL_ALERTS.c.id)).all()
+    return [AlertRow(r.practitioner_id, r.credential, r.expires, r.threshold, r.created_at) for r in rows]
+
+
+def job_run(conn: Connection, name: str) -> JobRunRow | None:
+    """The last run of the scheduled job ``name``, or None when it never ran."""
+    row = conn.execute(select(JOB_RUNS).where(JOB_RUNS.c.name == name)).first()
+    if row is None:
+        return None
+    return JobRunRow(row.status, row.started_at, row.finished_at, row.detail)
+
+
 __all__ = [
+    "AlertRow",
+    "JobRunRow",
+    "StoredRoster",
     "all_records",
     "assigned_to",
+    "credential_alerts",
     "get_record",
+    "job_run",
     "overlap_candidates",
     "owned_by",
     "practitioner_id",
     "practitioner_timecards",
+    "read",
+    "savepoint",
     "scan",
+    "scan_shifts",
+    "scan_timecards",
     "shift_overlap",
     "starts_within",
     "timecards_in_weeks",
     "unassigned_shifts",
-    "week_start",
     "with_status",
 ]

@@ -7,6 +7,8 @@ row is inserted with ``ON CONFLICT DO NOTHING`` and only a new row emits its out
 is declared in ``mappings/events/credential_expiring.yaml`` / ``credential_expired.yaml``, over the
 facts :func:`scan` hands over (see :func:`hms_ach.outbound.events.payload_from`). A renewed licence (a
 new end date) is a new credential expiry and is alerted again when its time comes.
+
+The scheduler runs the scan as the ``credential_expiry`` job (:class:`CredentialExpiryJob`).
 """
 
 from __future__ import annotations
@@ -15,21 +17,15 @@ import logging
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-import orjson
-from sqlalchemy import Connection, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from pydantic import Field
 
+from hms_ach.core.types import JobSchedule
 from hms_ach.outbound.events import payload_from
-from hms_ach.outbound.outbox import enqueue
-from hms_ach.store.models import RECORD_TABLES, CredentialAlert
-
-Practitioner = RECORD_TABLES["Practitioner"]
-
+from hms_ach.store import credential_alerts, record_reads
+from hms_ach.store.outbox import enqueue
+from hms_ach.store.port import Tx
 
 log = logging.getLogger("hms_ach.workforce.credentials")
-ALERTS = CredentialAlert.__table__  # type: ignore[attr-defined]
-PRACTITIONERS = Practitioner.__table__  # type: ignore[attr-defined]
 
 
 def _end_date(text: str) -> date | None:
@@ -65,17 +61,12 @@ def current_expiries(practitioner: dict[str, Any]) -> set[tuple[str, str]]:
     }
 
 
-def scan(conn: Connection, days_ahead: int = 30, today: date | None = None) -> dict[str, int]:
+def scan(tx: Tx, days_ahead: int = 30, today: date | None = None) -> dict[str, int]:
     """Record new alerts and emit their events; returns counts (new expiring, new expired, already alerted)."""
     today = today or datetime.now(UTC).date()
     horizon = today + timedelta(days=days_ahead)
-    insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
     counts = {"expiring": 0, "expired": 0, "already_alerted": 0}
-    rows = conn.execute(
-        select(PRACTITIONERS.c.id, PRACTITIONERS.c.resource).where(PRACTITIONERS.c.deleted.is_(False))
-    ).all()
-    for row in rows:
-        res = orjson.loads(row.resource)
+    for practitioner_id, res in record_reads.every_current(tx, "Practitioner"):
         for i, q in enumerate(res.get("qualification") or []):
             end_text = str((q.get("period") or {}).get("end") or "")
             end = _end_date(end_text) if end_text else None
@@ -84,25 +75,13 @@ def scan(conn: Connection, days_ahead: int = 30, today: date | None = None) -> d
             expired = end < today
             threshold = "expired" if expired else f"expiring-{days_ahead}d"
             credential = _credential(q, i)
-            stmt = insert(ALERTS).values(
-                practitioner_id=row.id,
-                credential=credential,
-                expires=end_text[:40],
-                threshold=threshold,
-                created_at=datetime.now(UTC),
-            )
-            new = conn.execute(
-                stmt.on_conflict_do_nothing(
-                    index_elements=["practitioner_id", "credential", "expires", "threshold"]
-                ).returning(ALERTS.c.id)
-            ).first()
-            if new is None:
+            if not credential_alerts.add(tx, practitioner_id, credential, end_text[:40], threshold):
                 counts["already_alerted"] += 1
                 continue
             kind = "expired" if expired else "expiring"
             counts[kind] += 1
             code = q.get("code") or {}
-            practitioner = f"Practitioner/{row.id}"
+            practitioner = f"Practitioner/{practitioner_id}"
             facts = {
                 "practitioner": practitioner,
                 "credential": credential,
@@ -120,6 +99,25 @@ def scan(conn: Connection, days_ahead: int = 30, today: date | None = None) -> d
                 "today": today.isoformat(),
                 "qualification": q,
             }
-            enqueue(conn, event, payload_from(event, context, facts))
+            enqueue(tx, event, payload_from(event, context, facts))
     log.info("credentials.scanned", extra=counts)
     return counts
+
+
+class CredentialExpirySettings(JobSchedule):
+    """``jobs: credential_expiry:`` in channels.yaml."""
+
+    cron: str | None = Field("0 2 * * *", description="Crontab schedule; daily at 02:00 by default")
+    days_ahead: int = Field(
+        30, ge=0, le=3650, description="Alert on credentials expiring within this many days"
+    )
+
+
+class CredentialExpiryJob:
+    """The ``credential_expiry`` job (a :class:`hms_ach.core.types.Job`): :func:`scan`."""
+
+    Settings = CredentialExpirySettings
+
+    def run(self, tx: Tx, settings: CredentialExpirySettings) -> str:
+        counts = scan(tx, settings.days_ahead)
+        return ", ".join(f"{k}={v}" for k, v in counts.items())

@@ -98,7 +98,7 @@ async def test_a_payer_missing_from_configuration_is_a_claim_error_and_no_file(
 
 
 async def test_control_numbers_are_unique_and_persisted(store: Store) -> None:
-    from hms_ach.billing.x12_837 import next_number
+    from hms_ach.store.control_numbers import next_number
 
     seen = []
     for _ in range(3):

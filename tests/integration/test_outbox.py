@@ -6,13 +6,22 @@ import asyncio
 from datetime import timedelta
 from typing import Any
 
+import orjson
 import pytest
-from sqlalchemy import update
+from sqlalchemy import Connection, select, update
 
 from hms_ach.outbound import outbox
 from hms_ach.outbound.sinks import Delivery, DeliveryError, DeliveryResult, SinkSettings
+from hms_ach.store import outbox as outbox_rows
 from hms_ach.store.db import Store
-from hms_ach.store.models import OutboxCursor
+from hms_ach.store.models import OutboxCursor, OutboxEvent
+
+
+def _events(conn: Connection) -> list[dict[str, Any]]:
+    """Every outbox event, oldest first (id, event, payload)."""
+    t = OutboxEvent.__table__  # type: ignore[attr-defined]
+    rows = conn.execute(select(t).order_by(t.c.id)).all()
+    return [{"id": r.id, "event": r.event, "payload": orjson.loads(r.payload)} for r in rows]
 
 
 def _sink(name: str = "s", **kw: Any) -> SinkSettings:
@@ -40,12 +49,12 @@ class FakeSink:
 
 def test_an_event_is_written_only_if_its_transaction_commits(store: Store) -> None:
     with store.writer.begin() as conn:
-        outbox.enqueue(conn, "encounter.admitted", {"resource": "Encounter/1"})
+        outbox_rows.enqueue(conn, "encounter.admitted", {"resource": "Encounter/1"})
     with pytest.raises(RuntimeError), store.writer.begin() as conn:
-        outbox.enqueue(conn, "encounter.admitted", {"resource": "Encounter/2"})
+        outbox_rows.enqueue(conn, "encounter.admitted", {"resource": "Encounter/2"})
         raise RuntimeError("the change failed")
     with store.reader.connect() as conn:
-        events = outbox.events_since(conn)
+        events = _events(conn)
     assert [e["payload"]["resource"] for e in events] == ["Encounter/1"]
     assert events[0]["payload"]["version"] == 1
 
@@ -53,7 +62,7 @@ def test_an_event_is_written_only_if_its_transaction_commits(store: Store) -> No
 def test_one_lease_per_sink_and_a_dead_instance_is_taken_over_with_redelivery(store: Store) -> None:
     sink = _sink()
     with store.writer.begin() as conn:
-        outbox.enqueue(conn, "bed.status_changed", {"resource": "Location/1"})
+        outbox_rows.enqueue(conn, "bed.status_changed", {"resource": "Location/1"})
     with store.writer.begin() as conn:
         assert outbox.take_lease(conn, sink, "a", 30)
     with store.writer.begin() as conn:
@@ -62,7 +71,7 @@ def test_one_lease_per_sink_and_a_dead_instance_is_taken_over_with_redelivery(st
     assert len(rows) == 1  # a "crashes" here: it delivered nothing it confirmed
     cursors = OutboxCursor.__table__  # type: ignore[attr-defined]
     with store.writer.begin() as conn:  # a's lease runs out
-        conn.execute(update(cursors).values(lease_until=outbox.now() - timedelta(seconds=1)))
+        conn.execute(update(cursors).values(lease_until=outbox_rows.now() - timedelta(seconds=1)))
     with store.writer.begin() as conn:
         assert outbox.take_lease(conn, sink, "b", 30)
         again = outbox.pending_rows(conn, "s")
@@ -74,7 +83,7 @@ def test_one_lease_per_sink_and_a_dead_instance_is_taken_over_with_redelivery(st
 def test_fan_out_follows_each_sinks_filter(store: Store) -> None:
     with store.writer.begin() as conn:
         for name in ("encounter.admitted", "bed.status_changed", "claim.created"):
-            outbox.enqueue(conn, name, {})
+            outbox_rows.enqueue(conn, name, {})
         outbox.take_lease(conn, _sink("dash", events=["encounter.*", "bed.*"]), "x", 30)
         outbox.take_lease(conn, _sink("fin", events=["claim.*"]), "x", 30)
         dash = [d.event for d in outbox.pending_rows(conn, "dash") if isinstance(d, Delivery)]
@@ -85,7 +94,7 @@ def test_fan_out_follows_each_sinks_filter(store: Store) -> None:
 async def test_dispatcher_retries_in_order_then_delivers_everything(store: Store) -> None:
     with store.writer.begin() as conn:
         for i in range(5):
-            outbox.enqueue(conn, "shift.updated", {"resource": f"Shift/{i}"})
+            outbox_rows.enqueue(conn, "shift.updated", {"resource": f"Shift/{i}"})
     sink = FakeSink(_sink(), fail=3)
     dispatcher = outbox.Dispatcher(store, [sink], poll_seconds=0.02)
     await dispatcher.start()
@@ -98,15 +107,15 @@ async def test_dispatcher_retries_in_order_then_delivers_everything(store: Store
         await dispatcher.stop()
     assert sink.seen == sorted(sink.seen) and len(sink.seen) == 5
     with store.reader.connect() as conn:
-        assert outbox.summary(conn) == [{"destination": "s", "status": "delivered", "count": 5}]
-        first = outbox.list_rows(conn, "delivered")[-1]
+        assert outbox_rows.summary(conn) == [{"destination": "s", "status": "delivered", "count": 5}]
+        first = outbox_rows.list_rows(conn, "delivered")[-1]
     assert first["attempts"] == 4
 
 
 async def test_two_instances_share_the_work_without_duplicates(store: Store) -> None:
     with store.writer.begin() as conn:
         for i in range(20):
-            outbox.enqueue(conn, "timecard.recorded", {"resource": f"Timecard/{i}"})
+            outbox_rows.enqueue(conn, "timecard.recorded", {"resource": f"Timecard/{i}"})
     sinks = [FakeSink(_sink(name)) for name in ("one", "two", "three")]
     twins = [FakeSink(_sink(name)) for name in ("one", "two", "three")]
     a = outbox.Dispatcher(store, sinks, poll_seconds=0.02, owner="a")
@@ -128,12 +137,12 @@ async def test_two_instances_share_the_work_without_duplicates(store: Store) -> 
 def test_dead_letter_after_max_age_and_retry(store: Store) -> None:
     sink = _sink(max_age_hours=0.000001)
     with store.writer.begin() as conn:
-        outbox.enqueue(conn, "claim.created", {})
+        outbox_rows.enqueue(conn, "claim.created", {})
         outbox.take_lease(conn, sink, "a", 30)
         row = next(r for r in outbox.pending_rows(conn, "s") if isinstance(r, Delivery))
         assert outbox.mark_failed(conn, row.row_id, sink, DeliveryError("timeout")) == "dead"
-        assert outbox.retry(conn, dead=True) == 1
-        assert outbox.summary(conn) == [{"destination": "s", "status": "pending", "count": 1}]
+        assert outbox_rows.retry(conn, dead=True) == 1
+        assert outbox_rows.summary(conn) == [{"destination": "s", "status": "pending", "count": 1}]
 
 
 def test_backoff_grows_and_is_capped() -> None:

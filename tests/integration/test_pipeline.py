@@ -10,7 +10,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from hms_ach.ingest.pipeline import Hl7Policy, Pipeline
+from hms_ach.hl7v2.policy import Hl7Policy
+from hms_ach.ingest.pipeline import Pipeline
 from hms_ach.mapping.engine import MappingEngine
 from hms_ach.mapping.loader import load_mappings
 from hms_ach.store import messages

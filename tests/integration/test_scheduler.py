@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import select
 
 from hms_ach.app.job_settings import JobsSettings
-from hms_ach.app.scheduler import JobDef, Scheduler, build_jobs, last_runs, trigger_for
+from hms_ach.app.scheduler import JobDef, Scheduler, build_jobs, trigger_for
 from hms_ach.ingest.housekeeping import purge_messages
 from hms_ach.ingest.pipeline import Pipeline
 from hms_ach.mapping.engine import MappingEngine
@@ -21,6 +21,7 @@ from hms_ach.mapping.loader import load_mappings
 from hms_ach.mapping.paths import CsvRecord
 from hms_ach.store import messages
 from hms_ach.store.db import Store
+from hms_ach.store.job_runs import last_runs
 from hms_ach.store.models import CredentialAlert, OutboxEvent
 from hms_ach.store.repository import Repository
 from hms_ach.store.writer import StoreWriter

@@ -16,7 +16,8 @@ import orjson
 import pytest
 from sqlalchemy import select
 
-from hms_ach.channels.sftp_csv import SftpCsvChannel, SftpCsvConfig, replay_row
+from hms_ach.channels.sftp_csv import SftpCsvChannel, SftpCsvConfig
+from hms_ach.ingest.csv_rows import replay_row
 from hms_ach.ingest.pipeline import Pipeline
 from hms_ach.mapping.engine import MappingEngine
 from hms_ach.mapping.loader import load_mappings
@@ -342,9 +343,10 @@ async def test_delete_after_processing_and_streamed_download(
     server: SftpServer, pipeline: Pipeline, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import hms_ach.channels.sftp_csv as mod
+    import hms_ach.ingest.csv_rows as rows_mod
 
     monkeypatch.setattr(mod, "CHUNK_BYTES", 64)  # many reads: the download is streamed, never read whole
-    monkeypatch.setattr(mod, "ROWS_PER_JOB", 2)
+    monkeypatch.setattr(rows_mod, "ROWS_PER_JOB", 2)
     _put(server, "staff_roster.csv", (SAMPLES / "staff_roster.csv").read_bytes())
     out = await _channel(server, pipeline, tmp_path, after="delete").poll()
     assert out.files[0].status == "processed" and out.files[0].stored == 4

@@ -72,7 +72,7 @@ async def test_a_503_receiver_loses_nothing_and_acks_keep_flowing(tmp_path: Path
 async def test_301_is_a_failure_that_dead_letters_after_max_age_then_retry_works(
     tmp_path: Path, store: Store
 ) -> None:
-    from hms_ach.outbound import outbox
+    from hms_ach.store import outbox
 
     answers = {"code": 301}
     receiver = Receiver(status=lambda _n: answers["code"])

@@ -24,7 +24,8 @@ from hms_ach.store import workforce_queries as wq
 from hms_ach.store.db import Store
 from hms_ach.store.models import SearchDate
 from hms_ach.store.repository import Repository
-from hms_ach.workforce.api import overtime_by_timecard, overtime_of_page, shift_view, timecard_view
+from hms_ach.workforce.api import overtime_of_page, shift_view, timecard_view
+from hms_ach.workforce.rules import overlapping_shift, overtime_by_timecard, week_start
 
 MONDAY = datetime(2026, 11, 30, 7, tzinfo=UTC)  # ISO week 49 of 2026
 STAFF = 150
@@ -187,6 +188,31 @@ def test_the_overlap_check_reads_one_employees_shifts_around_the_window(store: S
         )
 
 
+def test_the_fhir_overlap_query_and_the_rule_give_the_same_answers(store: Store) -> None:
+    """``wq.shift_overlap`` (the FHIR write path) decides as ``rules.overlapping_shift`` over the
+    candidates the /api/v1 writes read."""
+    staff = _fill(store, staff=3)
+    tuesday = MONDAY + timedelta(days=1)
+    windows = [
+        (tuesday + timedelta(hours=h), tuesday + timedelta(hours=h + n))
+        for h in (-30, 0, 11, 12)
+        for n in (1, 40)
+    ]
+    with store.reader.connect() as conn:
+        shifts = _all(conn, "Shift")
+        for who in [f"Practitioner/{p}" for p in staff] + ["Practitioner/nobody"]:
+            for skip in [None, *(s["id"] for s in shifts[:3])]:
+                for start, end in windows:
+                    candidates = wq.overlap_candidates(conn, who, start, end)
+                    assert wq.shift_overlap(conn, who, start, end, skip) == overlapping_shift(
+                        candidates, who, start, end, skip
+                    )
+                    # the candidates are a superset: the rule over every shift agrees
+                    assert overlapping_shift(shifts, who, start, end, skip) == overlapping_shift(
+                        candidates, who, start, end, skip
+                    )
+
+
 def test_a_shift_indexed_before_its_end_was_is_still_checked(store: Store) -> None:
     """Stores written before Shift ``end`` was declared have no end rows (there is no reindex)."""
     staff = _fill(store, staff=3)
@@ -209,9 +235,9 @@ def test_timecards_are_read_by_employee_and_week(store: Store) -> None:
     wednesday = MONDAY + timedelta(days=2, hours=4)  # employee 4 clocks in at 08:00
     with store.reader.connect() as conn:
         with _statements() as seen:
-            earlier = wq.practitioner_timecards(conn, me, [(wq.week_start(wednesday), wednesday)])
-            week = wq.timecards_in_weeks(conn, me, [wq.week_start(wednesday)])
-            nobody = wq.timecards_in_weeks(conn, None, [wq.week_start(wednesday)])
+            earlier = wq.practitioner_timecards(conn, me, [(week_start(wednesday), wednesday)])
+            week = wq.timecards_in_weeks(conn, me, [week_start(wednesday)])
+            nobody = wq.timecards_in_weeks(conn, None, [week_start(wednesday)])
         cards = _all(conn, "Timecard")
         page = [c for c in cards if c["identifier"][0]["value"] in ("T4.3", "T7.2", "V2", "T9.0")]
         with _statements() as page_reads:

@@ -15,6 +15,7 @@ from sqlalchemy import select
 
 from hms_ach.billing.x12_837 import X12ClaimSink
 from hms_ach.core.errors import ConfigErrors
+from hms_ach.hl7v2.parse import parse
 from hms_ach.mapping import goldens
 from hms_ach.mapping.engine import MappingEngine
 from hms_ach.mapping.loader import MappingSet, load_mappings
@@ -244,7 +245,7 @@ _EVENT_CASE = """cases:
 def _golden(tmp_path: Path, mset: MappingSet, payload: str) -> goldens.CaseResult:
     path = tmp_path / "x_test.yaml"
     path.write_text(_EVENT_CASE.format(payload=payload), encoding="utf-8")
-    (result,) = goldens.run_golden_file(path, mset, ROOT)
+    (result,) = goldens.run_golden_file(path, mset, ROOT, parse)
     return result
 
 
@@ -274,7 +275,7 @@ def test_an_event_case_needs_a_payload_expectation(tmp_path: Path, mset: Mapping
         _EVENT_CASE.replace("payload: {payload}", "records: [{{resourceType: Shift}}]").format(),
         encoding="utf-8",
     )
-    (result,) = goldens.run_golden_file(path, mset, ROOT)
+    (result,) = goldens.run_golden_file(path, mset, ROOT, parse)
     assert not result.passed and "`event:` goes with `expect: payload:`" in result.message
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from hms_ach.core.errors import ConfigErrors
+from hms_ach.hl7v2.parse import parse
 from hms_ach.mapping import goldens
 from hms_ach.mapping.loader import MappingSet, load_mappings
 
@@ -56,7 +57,7 @@ def test_every_good_sample_is_covered_by_a_golden_case() -> None:
 def test_golden_case(path: Path, index: int, load_error: str, mset: MappingSet) -> None:
     if load_error:
         pytest.fail(load_error, pytrace=False)
-    result = goldens.run_case(goldens.load_golden_file(path), index, mset, ROOT)
+    result = goldens.run_case(goldens.load_golden_file(path), index, mset, ROOT, parse)
     if not result.passed:
         pytest.fail(result.report(), pytrace=False)
 
@@ -82,7 +83,7 @@ def _case(body: str) -> str:
 
 
 def _run(tmp_path: Path, mset: MappingSet, text: str) -> goldens.CaseResult:
-    results = goldens.run_golden_file(_write(tmp_path, text), mset, ROOT)
+    results = goldens.run_golden_file(_write(tmp_path, text), mset, ROOT, parse)
     assert len(results) == 1
     return results[0]
 
@@ -227,7 +228,7 @@ def test_broken_golden_files_say_where(
         goldens.load_golden_file(path)
     for part in expected:
         assert part in str(info.value)
-    results = goldens.run_golden_file(path, mset, ROOT)
+    results = goldens.run_golden_file(path, mset, ROOT, parse)
     assert [r.passed for r in results] == [False]
 
 

@@ -121,6 +121,17 @@ FULL: dict[str, dict[str, Any]] = {
         "encounter": {"reference": "Encounter/e1"},
         "patient": {"reference": "Patient/p1"},
     },
+    "ChargeItem": {
+        "resourceType": "ChargeItem",
+        "identifier": [{"system": "urn:hms-ach:charge", "value": "T1"}],
+        "status": "billable",
+        "code": {"coding": [{"system": "http://www.ama-assn.org/go/cpt", "code": "99223"}]},
+        "subject": {"reference": "Patient/p1"},
+        "context": {"reference": "Encounter/e1"},
+        "occurrenceDateTime": "2026-11-26T09:30:00-05:00",
+        "enteredDate": "2026-11-27T02:00:00-05:00",
+        "performer": [{"actor": {"reference": "Practitioner/d1"}}],
+    },
     "Coverage": {
         "resourceType": "Coverage",
         "identifier": [{"system": "urn:hms-ach:coverage", "value": "M1"}],

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from hms_ach.workforce.api import overtime_by_timecard
+from hms_ach.workforce.rules import overtime_by_timecard
 
 
 def card(rid: str, who: str, clock_in: str, minutes: int) -> dict[str, Any]:

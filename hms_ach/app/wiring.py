@@ -1,0 +1,32 @@
+"""Who hears every record change: the one place the change listeners are subscribed.
+
+The store announces each new record version inside its transaction (:mod:`hms_ach.store.changes`)
+to its own audit trail, always, and then to the listeners subscribed here, in this order:
+
+1. :func:`hms_ach.outbound.events.on_change`: the change's events (``encounter.discharged``,
+   ``record.changed``...) into the outbox;
+2. :func:`hms_ach.billing.claims.on_change`: a discharged encounter gets its Claim (whose own
+   change then announces ``claim.created``).
+
+:class:`hms_ach.app.runtime.Engine` calls :func:`wire_listeners`; so does every other process that
+writes records (``hms-ach replay``, the benchmarks, the tests' stores). A new listener is one
+function ``listener(tx, change)`` plus one line in :data:`CHANGE_LISTENERS`.
+"""
+
+from __future__ import annotations
+
+from hms_ach.billing import claims
+from hms_ach.outbound import events
+from hms_ach.store import changes
+
+#: The change listeners after the audit trail, in the order they run.
+CHANGE_LISTENERS: tuple[changes.Listener, ...] = (
+    events.on_change,
+    claims.on_change,
+)
+
+
+def wire_listeners() -> None:
+    """Subscribe :data:`CHANGE_LISTENERS` to the store's record changes (again: no effect)."""
+    for listener in CHANGE_LISTENERS:
+        changes.subscribe(listener)

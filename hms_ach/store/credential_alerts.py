@@ -1,0 +1,36 @@
+"""The credential alerts already raised (table ``credential_alert``), so each is raised once.
+
+One row per (practitioner, credential, expiry date, threshold); :func:`add` inserts it with
+``ON CONFLICT DO NOTHING`` and says whether it was new. The scan that decides what to alert is
+:mod:`hms_ach.workforce.credentials`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from hms_ach.store.models import CredentialAlert
+from hms_ach.store.port import Tx
+
+ALERTS = CredentialAlert.__table__  # type: ignore[attr-defined]
+
+
+def add(tx: Tx, practitioner_id: str, credential: str, expires: str, threshold: str) -> bool:
+    """Record one alert in the caller's transaction; False when it was raised before."""
+    insert = pg_insert if tx.dialect.name == "postgresql" else sqlite_insert
+    stmt = insert(ALERTS).values(
+        practitioner_id=practitioner_id,
+        credential=credential,
+        expires=expires,
+        threshold=threshold,
+        created_at=datetime.now(UTC),
+    )
+    new = tx.execute(
+        stmt.on_conflict_do_nothing(
+            index_elements=["practitioner_id", "credential", "expires", "threshold"]
+        ).returning(ALERTS.c.id)
+    ).first()
+    return new is not None

@@ -1,0 +1,266 @@
+"""The outbox tables: outbound events, each sink's cursor and lease, and each sink's delivery rows.
+
+* ``outbox_event``: one row per event, written by :func:`enqueue` in the transaction of the change
+  that caused it, so an event exists exactly when its cause committed.
+* ``outbox_cursor``: per sink (``destination``), the last event fanned out to it and who holds its
+  lease. The lease row is taken with ``SELECT ... FOR UPDATE SKIP LOCKED`` so that several instances
+  share the sinks on PostgreSQL.
+* ``outbox``: per sink and event, the delivery row (pending, delivered, dead), its attempts and next
+  attempt time.
+
+The policy (which sink wants which event, backoff, when a row is dead) is the dispatcher's
+(:mod:`hms_ach.outbound.outbox`); here are only the statements it runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+from sqlalchemy import and_, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from hms_ach.store import fastexec
+from hms_ach.store.models import OutboxCursor, OutboxEvent, OutboxRow
+from hms_ach.store.port import Tx
+
+EVENTS = OutboxEvent.__table__  # type: ignore[attr-defined]
+ROWS = OutboxRow.__table__  # type: ignore[attr-defined]
+CURSORS = OutboxCursor.__table__  # type: ignore[attr-defined]
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def aware(value: datetime) -> datetime:
+    """A stored time as UTC-aware (SQLite hands times back naive)."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+_ENQUEUE = insert(EVENTS).returning(
+    EVENTS.c.id
+)  # built once: enqueue runs on the write path of every record change
+
+
+def enqueue(tx: Tx, event: str, payload: dict[str, Any]) -> int:
+    """Write one event in the caller's transaction; returns its id. ``payload`` gets ``version: 1``."""
+    body = {"version": 1, **payload}
+    row = fastexec.first_row(
+        tx,
+        "outbox.enqueue",
+        _ENQUEUE,
+        {"event": event, "payload": orjson.dumps(body).decode(), "created_at": now()},
+        EVENTS,
+    )
+    assert row is not None  # an INSERT .. RETURNING always has one
+    return int(row[0])
+
+
+def _insert_fn(tx: Tx) -> Any:
+    return pg_insert if tx.dialect.name == "postgresql" else sqlite_insert
+
+
+def ensure_cursor(tx: Tx, destination: str, from_beginning: bool) -> None:
+    """Create the sink's cursor if it is new: at the newest event, or before the first with ``from_beginning``."""
+    if (
+        tx.execute(select(CURSORS.c.destination).where(CURSORS.c.destination == destination)).first()
+        is not None
+    ):
+        return
+    start = 0
+    if not from_beginning:
+        start = int(tx.execute(select(func.coalesce(func.max(EVENTS.c.id), 0))).scalar_one())
+    tx.execute(
+        _insert_fn(tx)(CURSORS)
+        .values(destination=destination, last_event_id=start)
+        .on_conflict_do_nothing(index_elements=["destination"])
+    )
+
+
+def take_lease(
+    tx: Tx,
+    destination: str,
+    owner: str,
+    seconds: float,
+    *,
+    wants: Callable[[str], bool],
+    from_beginning: bool = False,
+) -> bool:
+    """Take or renew the lease of ``destination`` for ``owner`` and fan the events after its cursor
+    out to it (a pending row for each event ``wants`` accepts). False: another owner holds it."""
+    ensure_cursor(tx, destination, from_beginning)
+    row = tx.execute(
+        select(CURSORS).where(CURSORS.c.destination == destination).with_for_update(skip_locked=True)
+    ).first()
+    if row is None:  # another instance holds the row lock right now
+        return False
+    t = now()
+    if row.lease_owner not in (None, owner) and row.lease_until is not None and aware(row.lease_until) > t:
+        return False
+    last = row.last_event_id
+    events = tx.execute(
+        select(EVENTS.c.id, EVENTS.c.event, EVENTS.c.created_at)
+        .where(EVENTS.c.id > last)
+        .order_by(EVENTS.c.id)
+        .limit(1000)
+    ).all()
+    wanted = [e for e in events if wants(e.event)]
+    if wanted:
+        tx.execute(
+            insert(ROWS),
+            [
+                {
+                    "destination": destination,
+                    "event_id": e.id,
+                    "event": e.event,
+                    "status": "pending",
+                    "attempts": 0,
+                    "next_attempt_at": t,
+                    "created_at": e.created_at,
+                    "retry_from": e.created_at,
+                }
+                for e in wanted
+            ],
+        )
+    if events:
+        last = events[-1].id
+    tx.execute(
+        update(CURSORS)
+        .where(CURSORS.c.destination == destination)
+        .values(last_event_id=last, lease_owner=owner, lease_until=t + timedelta(seconds=seconds))
+    )
+    return True
+
+
+def release_lease(tx: Tx, destination: str, owner: str) -> None:
+    tx.execute(
+        update(CURSORS)
+        .where(and_(CURSORS.c.destination == destination, CURSORS.c.lease_owner == owner))
+        .values(lease_owner=None, lease_until=None)
+    )
+
+
+@dataclass(frozen=True)
+class PendingRow:
+    """A pending delivery row and its event."""
+
+    row_id: int
+    event_id: int
+    event: str
+    attempts: int
+    next_attempt_at: datetime  # UTC-aware
+    payload: str  # the event's JSON, as stored
+    created_at: datetime  # UTC-aware: when the event was written
+
+
+def pending_rows(tx: Tx, destination: str, limit: int = 50) -> list[PendingRow]:
+    """The next pending rows of ``destination`` in id order, up to and including the first one not
+    yet due (the rows after it wait for it: per-destination order)."""
+    rows = tx.execute(
+        select(
+            ROWS.c.id,
+            ROWS.c.event_id,
+            ROWS.c.event,
+            ROWS.c.attempts,
+            ROWS.c.next_attempt_at,
+            EVENTS.c.payload,
+            EVENTS.c.created_at,
+        )
+        .join(EVENTS, EVENTS.c.id == ROWS.c.event_id)
+        .where(and_(ROWS.c.destination == destination, ROWS.c.status == "pending"))
+        .order_by(ROWS.c.id)
+        .limit(limit)
+    ).all()
+    out: list[PendingRow] = []
+    t = now()
+    for r in rows:
+        due = aware(r.next_attempt_at)
+        out.append(PendingRow(r.id, r.event_id, r.event, r.attempts, due, r.payload, aware(r.created_at)))
+        if due > t:
+            break
+    return out
+
+
+def mark_delivered(tx: Tx, row_id: int, response: str | None) -> None:
+    tx.execute(
+        update(ROWS)
+        .where(ROWS.c.id == row_id)
+        .values(
+            status="delivered",
+            delivered_at=now(),
+            attempts=ROWS.c.attempts + 1,
+            last_error=None,
+            response=response,
+        )
+    )
+
+
+def retry_state(tx: Tx, row_id: int) -> tuple[int, datetime]:
+    """(attempts so far, start of the row's retry window, UTC-aware) of one row."""
+    row = tx.execute(select(ROWS.c.attempts, ROWS.c.retry_from).where(ROWS.c.id == row_id)).one()
+    return int(row.attempts), aware(row.retry_from)
+
+
+def mark_failed(
+    tx: Tx,
+    row_id: int,
+    *,
+    status: str,
+    attempts: int,
+    next_attempt_at: datetime,
+    last_error: str,
+    response: str | None,
+) -> None:
+    """Record a failed attempt: the row's new status (pending or dead) and when to try again."""
+    tx.execute(
+        update(ROWS)
+        .where(ROWS.c.id == row_id)
+        .values(
+            status=status,
+            attempts=attempts,
+            next_attempt_at=next_attempt_at,
+            last_error=last_error,
+            response=response,
+        )
+    )
+
+
+def retry(tx: Tx, row_id: int | None = None, *, dead: bool = False) -> int:
+    """Put one row (or every dead row) back to pending, with a fresh retry window. Returns the count."""
+    cond = ROWS.c.id == row_id if row_id is not None else ROWS.c.status == "dead"
+    if row_id is None and not dead:
+        return 0
+    t = now()
+    result = tx.execute(
+        update(ROWS)
+        .where(and_(cond, ROWS.c.status != "pending"))
+        .values(status="pending", attempts=0, next_attempt_at=t, retry_from=t)
+    )
+    return int(result.rowcount)
+
+
+def summary(tx: Tx) -> list[dict[str, Any]]:
+    """Row counts per destination and status."""
+    rows = tx.execute(
+        select(ROWS.c.destination, ROWS.c.status, func.count())
+        .group_by(ROWS.c.destination, ROWS.c.status)
+        .order_by(ROWS.c.destination, ROWS.c.status)
+    ).all()
+    return [{"destination": d, "status": s, "count": n} for d, s, n in rows]
+
+
+def list_rows(
+    tx: Tx, status: str | None = None, destination: str | None = None, limit: int = 50
+) -> list[dict[str, Any]]:
+    """Delivery rows, newest first."""
+    q = select(ROWS).order_by(ROWS.c.id.desc()).limit(limit)
+    if status:
+        q = q.where(ROWS.c.status == status)
+    if destination:
+        q = q.where(ROWS.c.destination == destination)
+    return [dict(r._mapping) for r in tx.execute(q).all()]

@@ -1,0 +1,158 @@
+"""Rebuild the search index from the current search-parameter declarations (``hms-ach reindex``).
+
+The write path indexes a record when it changes, with the parameters declared at that time in
+:data:`hms_ach.core.records.RECORD_TYPES`. A parameter added (or changed) later finds nothing among
+the records stored before it; and the write path rewrites only the kinds of index rows whose rows
+differ between the old and the new version, computed with today's declarations. Reindexing after a
+declaration change makes the index match the declarations again.
+
+For each record type, the current versions are read in batches in id order. Each batch is one job
+of the group-commit writer (:class:`hms_ach.store.writer.StoreWriter`), so one transaction: every
+index row of the batch's records is deleted and rebuilt with
+:func:`hms_ach.store.search_params.index_rows`. A deleted record (and a placeholder claimed by a
+FHIR conditional create, version 0) keeps no index row. On PostgreSQL the batch's records are
+locked (``FOR UPDATE``) so a concurrent write of one of them waits for the batch, never
+interleaves with it. Records, versions and history are not touched, and no change listener runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import orjson
+from sqlalchemy import Table, delete, select
+
+from hms_ach.core.errors import HmsAchError
+from hms_ach.core.records import RECORD_TYPES
+from hms_ach.store import fastexec, search_params
+from hms_ach.store.db import Store
+from hms_ach.store.models import INDEX_TABLES, RECORD_TABLES
+from hms_ach.store.port import Tx
+from hms_ach.store.writer import StoreWriter
+
+#: Records read and reindexed per transaction.
+DEFAULT_BATCH_SIZE = 500
+
+
+class UnknownRecordTypeError(HmsAchError, ValueError):
+    """A record type to reindex that RECORD_TYPES does not declare."""
+
+
+@dataclass
+class ReindexCount:
+    """What reindexing one record type did."""
+
+    resource_type: str
+    records: int = 0
+    """Current versions whose index rows were rebuilt."""
+    cleared: int = 0
+    """Deleted records (and placeholders), left without index rows."""
+    rows: int = 0
+    """Index rows written."""
+    batches: int = 0
+    """Transactions committed."""
+
+
+@dataclass(frozen=True)
+class ReindexBatch:
+    """What one batch did; ``last_id`` is the id to continue after (None: the type is done)."""
+
+    records: int
+    cleared: int
+    rows: int
+    last_id: str | None
+
+
+def _table(resource_type: str) -> Table:
+    table: Table = RECORD_TABLES[resource_type].__table__  # type: ignore[attr-defined]
+    return table
+
+
+def _index_table(kind: str) -> Table:
+    table: Table = INDEX_TABLES[kind].__table__  # type: ignore[attr-defined]
+    return table
+
+
+def reindex_batch(tx: Tx, resource_type: str, after: str, limit: int) -> ReindexBatch:
+    """Rebuild the index rows of the (at most ``limit``) records of ``resource_type`` whose id
+    sorts after ``after`` (``""``: from the first), in the caller's transaction ``tx``."""
+    t = _table(resource_type)
+    stmt = select(t.c.id, t.c.version_id, t.c.deleted, t.c.resource).where(t.c.id > after)
+    stmt = stmt.order_by(t.c.id).limit(limit)
+    if tx.dialect.name == "postgresql":
+        stmt = stmt.with_for_update()
+    found = tx.execute(stmt).all()
+    if not found:
+        return ReindexBatch(0, 0, 0, None)
+    ids = [row.id for row in found]
+    for kind in INDEX_TABLES:
+        index = _index_table(kind)
+        tx.execute(delete(index).where(index.c.resource_type == resource_type, index.c.resource_id.in_(ids)))
+    new_rows: dict[str, list[dict[str, Any]]] = {kind: [] for kind in INDEX_TABLES}
+    records = cleared = 0
+    for row in found:
+        if row.deleted or row.version_id == 0:
+            cleared += 1
+            continue
+        records += 1
+        body = orjson.loads(row.resource)
+        for kind, rows in search_params.index_rows(resource_type, body).items():
+            new_rows[kind].extend({"resource_type": resource_type, "resource_id": row.id, **r} for r in rows)
+    written = 0
+    for kind, rows in new_rows.items():
+        fastexec.insert_rows(tx, _index_table(kind), rows)
+        written += len(rows)
+    return ReindexBatch(records, cleared, written, ids[-1] if len(found) == limit else None)
+
+
+def reindex(
+    store: Store,
+    resource_types: Sequence[str] | None = None,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    writer: StoreWriter | None = None,
+    progress: Callable[[ReindexCount], None] | None = None,
+) -> list[ReindexCount]:
+    """Rebuild the search index of ``resource_types`` (default: every type of RECORD_TYPES).
+
+    Each batch of ``batch_size`` records is one job of ``writer`` (default: a writer of its own on
+    ``store``, stopped at the end). Call it from a thread that is not an event loop. ``progress`` is
+    called with each type's count when that type is done. Raises :class:`UnknownRecordTypeError`
+    before writing anything when a type is not declared.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be 1 or more, not {batch_size}")
+    types = list(resource_types) if resource_types else list(RECORD_TYPES)
+    unknown = [t for t in types if t not in RECORD_TYPES]
+    if unknown:
+        raise UnknownRecordTypeError(
+            f"cannot reindex {', '.join(unknown)}: not a record type; expected one of {', '.join(RECORD_TYPES)}"
+        )
+    own = writer is None
+    run = writer if writer is not None else StoreWriter(store)
+    counts: list[ReindexCount] = []
+    try:
+        for rtype in types:
+            count = ReindexCount(rtype)
+            after = ""
+            while True:
+                done = run.run_sync(
+                    partial(reindex_batch, resource_type=rtype, after=after, limit=batch_size)
+                )
+                count.records += done.records
+                count.cleared += done.cleared
+                count.rows += done.rows
+                count.batches += 1
+                if done.last_id is None:
+                    break
+                after = done.last_id
+            counts.append(count)
+            if progress is not None:
+                progress(count)
+    finally:
+        if own:
+            run.stop()
+    return counts
