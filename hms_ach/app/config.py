@@ -53,14 +53,14 @@ class ChannelSettings(_Strict):
 
 
 class Config(_Strict):
-    engine: EngineSettings = Field(default_factory=EngineSettings)  # type: ignore[arg-type]
-    http: HttpSettings = Field(default_factory=HttpSettings)  # type: ignore[arg-type]
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
     channels: list[Any] = Field(default_factory=list, description="Inbound channels")
     sinks: list[Any] = Field(
         default_factory=list, description="Outbound sinks fed by the outbox (webhook, rabbitmq, x12_837)"
     )
     jobs: JobsSettings = Field(
-        default_factory=JobsSettings,  # type: ignore[arg-type]
+        default_factory=JobsSettings,
         description="Scheduled jobs: credential-expiry scan, housekeeping",
     )
     source: str = Field(default="", exclude=True, description="The file this was read from")

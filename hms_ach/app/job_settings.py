@@ -75,6 +75,6 @@ class JobsSettings(_Strict):
     stop_timeout_seconds: float = Field(
         30, gt=0, description="On shutdown, how long runs in progress may finish"
     )
-    credential_expiry: CredentialExpirySettings = Field(default_factory=CredentialExpirySettings)  # type: ignore[arg-type]
-    housekeeping: HousekeepingSettings = Field(default_factory=HousekeepingSettings)  # type: ignore[arg-type]
-    claim_creation: ClaimCreationSettings = Field(default_factory=ClaimCreationSettings)  # type: ignore[arg-type]
+    credential_expiry: CredentialExpirySettings = Field(default_factory=CredentialExpirySettings)
+    housekeeping: HousekeepingSettings = Field(default_factory=HousekeepingSettings)
+    claim_creation: ClaimCreationSettings = Field(default_factory=ClaimCreationSettings)

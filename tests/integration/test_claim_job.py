@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from outbound_helpers import SECRET, Receiver, make_engine, send_mllp, wait_for
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
@@ -13,6 +12,7 @@ from hms_ach.app.cli import app as cli_app
 from hms_ach.billing.claim_job import create_claims, unclaimed_encounters
 from hms_ach.store.db import Store
 from hms_ach.store.models import RECORD_TABLES
+from tests.integration.outbound_helpers import SECRET, Receiver, make_engine, send_mllp, wait_for
 
 Claim = RECORD_TABLES["Claim"]
 

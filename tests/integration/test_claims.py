@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from outbound_helpers import SAMPLES, SECRET, Receiver, make_engine, send_mllp, wait_for
-
 from hms_ach.billing.x12_837 import validate_with_pyx12
 from hms_ach.store.db import Store
+from tests.integration.outbound_helpers import SAMPLES, SECRET, Receiver, make_engine, send_mllp, wait_for
 
 
 def _sinks(url: str, directory: Path, payers: str | None = None) -> str:

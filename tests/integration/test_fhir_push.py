@@ -20,7 +20,6 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from outbound_helpers import make_engine, send_mllp, wait_for
 from sqlalchemy import select
 
 from hms_ach.app.runtime import Engine
@@ -28,6 +27,7 @@ from hms_ach.outbound.fhir_push import FhirPushSink, PushAuth
 from hms_ach.store.db import Store
 from hms_ach.store.models import OutboxRow
 from tests.integration.engine_helpers import start_fhir_engine
+from tests.integration.outbound_helpers import make_engine, send_mllp, wait_for
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ from pathlib import Path
 import aio_pika
 import orjson
 import pytest
-from outbound_helpers import make_engine, send_mllp, wait_for
 
 from hms_ach.store.db import Store
+from tests.integration.outbound_helpers import make_engine, send_mllp, wait_for
 
 URL = "amqp://guest:guest@127.0.0.1:5672/"
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from outbound_helpers import SECRET, Receiver, make_engine, send_mllp, wait_for
-
 from hms_ach.store.db import Store
+from tests.integration.outbound_helpers import SECRET, Receiver, make_engine, send_mllp, wait_for
 
 
 def _sink(url: str, events: str = '["encounter.*", "bed.*"]') -> str:

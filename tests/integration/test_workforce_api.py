@@ -49,7 +49,7 @@ def employee(number: str, department: str = "4 West nursing", **extra: Any) -> d
 def problem(resp: httpx.Response, status: int, location: str | None = None) -> dict[str, Any]:
     assert resp.status_code == status, resp.text
     assert resp.headers["content-type"].startswith("application/problem+json")
-    body = resp.json()
+    body: dict[str, Any] = resp.json()
     assert body["status"] == status and body["title"] and body["detail"]
     if location:
         assert location in [e["location"] for e in body.get("errors", [])], body
