@@ -14,8 +14,9 @@ from typing import Annotated, Any
 
 import typer
 
-from hms_ach.app.config import ChannelSettings, Config, load_config
+from hms_ach.app.config import Config, load_config
 from hms_ach.core.errors import ConfigError, ConfigErrors
+from hms_ach.core.types import ChannelSettings
 
 app = typer.Typer(
     add_completion=False,

@@ -44,23 +44,15 @@ class HttpSettings(_Strict):
     port: int = Field(8080, ge=0, le=65535, description="TCP port of the HTTP server")
 
 
-class ChannelSettings(_Strict):
-    """Settings every channel has; each channel type's ``Config`` extends this."""
-
-    name: str = Field(description="Unique channel name, stored with every message it receives")
-    type: str = Field(description=f"Channel type: one of {', '.join(CHANNEL_TYPES.names())}")
-    enabled: bool = Field(True, description="false: declared but not started")
-
-
 class Config(_Strict):
-    engine: EngineSettings = Field(default_factory=EngineSettings)  # type: ignore[arg-type]
-    http: HttpSettings = Field(default_factory=HttpSettings)  # type: ignore[arg-type]
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
     channels: list[Any] = Field(default_factory=list, description="Inbound channels")
     sinks: list[Any] = Field(
         default_factory=list, description="Outbound sinks fed by the outbox (webhook, rabbitmq, x12_837)"
     )
     jobs: JobsSettings = Field(
-        default_factory=JobsSettings,  # type: ignore[arg-type]
+        default_factory=JobsSettings,
         description="Scheduled jobs: credential-expiry scan, housekeeping",
     )
     source: str = Field(default="", exclude=True, description="The file this was read from")

@@ -17,7 +17,7 @@ import logging
 
 from pydantic import Field
 
-from hms_ach.app.config import ChannelSettings
+from hms_ach.core.types import ChannelSettings
 from hms_ach.ingest.pipeline import Pipeline
 
 log = logging.getLogger("hms_ach.channels.fhir_rest")

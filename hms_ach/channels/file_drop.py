@@ -39,8 +39,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from hms_ach.app.config import ChannelSettings
 from hms_ach.core.errors import MessageError
+from hms_ach.core.types import ChannelSettings
 from hms_ach.hl7v2.client import split_messages
 from hms_ach.hl7v2.policy import Hl7PolicySettings
 from hms_ach.ingest.csv_rows import CsvFileSettings, CsvIngest

@@ -10,8 +10,8 @@ import logging
 
 from pydantic import Field
 
-from hms_ach.app.config import ChannelSettings
 from hms_ach.core.errors import Err0357, RejectError
+from hms_ach.core.types import ChannelSettings
 from hms_ach.hl7v2.mllp import MllpConfig, MllpServer
 from hms_ach.hl7v2.policy import Hl7PolicySettings
 from hms_ach.ingest.pipeline import Pipeline

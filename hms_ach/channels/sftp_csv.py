@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 
-from hms_ach.app.config import ChannelSettings
+from hms_ach.core.types import ChannelSettings
 from hms_ach.ingest.csv_rows import CsvFileSettings, CsvIngest
 from hms_ach.ingest.files import (
     CHUNK_BYTES,

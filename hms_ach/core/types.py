@@ -26,8 +26,19 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 # ---------------------------------------------------------------------------- channels
+class ChannelSettings(BaseModel):
+    """Settings every channel has; each channel type's ``Config`` extends this (its ``channels:``
+    entry in channels.yaml, picked by ``type:`` from ``CHANNEL_TYPES``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Unique channel name, stored with every message it receives")
+    type: str = Field(description="Channel type: a name of the channel registry (hms_ach/channels)")
+    enabled: bool = Field(True, description="false: declared but not started")
+
+
 class ChannelConfig(Protocol):
-    """What every channel's settings say (see ``ChannelSettings`` in :mod:`hms_ach.app.config`)."""
+    """What every channel's settings say (:class:`ChannelSettings` has it)."""
 
     @property
     def name(self) -> str: ...

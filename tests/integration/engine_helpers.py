@@ -8,6 +8,7 @@ from pathlib import Path
 
 from hms_ach.app.config import load_config
 from hms_ach.app.runtime import Engine
+from hms_ach.channels.mllp import MllpChannel
 from hms_ach.store.db import Store
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,3 +26,10 @@ async def start_fhir_engine(tmp_path: Path, store: Store) -> Engine:
     eng = Engine(load_config(tmp_path / "channels.yaml"), database=store.url)
     await eng.start()
     return eng
+
+
+def mllp_channel(engine: Engine, name: str = "adt_in") -> MllpChannel:
+    """The running MLLP channel ``name`` of ``engine`` (its port, its server)."""
+    channel = engine.channels[name]
+    assert isinstance(channel, MllpChannel), f"channel {name} is a {type(channel).__name__}"
+    return channel

@@ -12,11 +12,12 @@ from typing import Any
 
 import httpx
 from fhir.resources.R4B.chargeitem import ChargeItem as R4BChargeItem
-from outbound_helpers import make_engine, send_mllp
 
 from hms_ach.app.http import create_app
 from hms_ach.store.db import Store
 from hms_ach.store.search_params import SEARCH_PARAMS
+from tests.integration.engine_helpers import mllp_channel
+from tests.integration.outbound_helpers import make_engine, send_mllp
 
 CPT = "http://www.ama-assn.org/go/cpt"
 
@@ -30,7 +31,7 @@ async def test_dft_p03_charges_are_served_as_charge_items(tmp_path: Path, store:
     engine = make_engine(tmp_path, store.url, "  []\n")
     await engine.start()
     try:
-        codes = await send_mllp(engine.channels["adt_in"].port, ["adt_a01.hl7", "dft_p03.hl7"])
+        codes = await send_mllp(mllp_channel(engine).port, ["adt_a01.hl7", "dft_p03.hl7"])
         assert codes == ["AA", "AA"]
     finally:
         await engine.stop()

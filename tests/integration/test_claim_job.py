@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from outbound_helpers import SECRET, Receiver, make_engine, send_mllp, wait_for
 from sqlalchemy import func, select
 from typer.testing import CliRunner
 
@@ -13,6 +12,8 @@ from hms_ach.app.cli import app as cli_app
 from hms_ach.billing.claim_job import create_claims, unclaimed_encounters
 from hms_ach.store.db import Store
 from hms_ach.store.models import RECORD_TABLES
+from tests.integration.engine_helpers import mllp_channel
+from tests.integration.outbound_helpers import SECRET, Receiver, make_engine, send_mllp, wait_for
 
 Claim = RECORD_TABLES["Claim"]
 
@@ -47,7 +48,7 @@ async def test_charges_after_discharge_get_their_claim_from_the_nightly_job(
     await engine.start()
     try:
         # discharged before any charge: the discharge makes no claim
-        codes = await send_mllp(engine.channels["adt_in"].port, ["adt_a01.hl7", "adt_a03.hl7", "dft_p03.hl7"])
+        codes = await send_mllp(mllp_channel(engine).port, ["adt_a01.hl7", "adt_a03.hl7", "dft_p03.hl7"])
         assert codes == ["AA", "AA", "AA"]
         assert _claims(store) == 0
         runner = CliRunner()
@@ -86,7 +87,7 @@ async def test_only_finished_encounters_are_claimed(tmp_path: Path, store: Store
     engine = make_engine(tmp_path, store.url, "  []\n")
     await engine.start()
     try:
-        assert await send_mllp(engine.channels["adt_in"].port, ["adt_a01.hl7", "dft_p03.hl7"]) == ["AA", "AA"]
+        assert await send_mllp(mllp_channel(engine).port, ["adt_a01.hl7", "dft_p03.hl7"]) == ["AA", "AA"]
     finally:
         await engine.stop()
     with store.writer.begin() as conn:

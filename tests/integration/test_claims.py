@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from outbound_helpers import SAMPLES, SECRET, Receiver, make_engine, send_mllp, wait_for
-
 from hms_ach.billing.x12_837 import validate_with_pyx12
 from hms_ach.store.db import Store
+from tests.integration.engine_helpers import mllp_channel
+from tests.integration.outbound_helpers import SAMPLES, SECRET, Receiver, make_engine, send_mllp, wait_for
 
 
 def _sinks(url: str, directory: Path, payers: str | None = None) -> str:
@@ -49,7 +49,7 @@ async def test_discharge_makes_a_claim_and_an_837p_that_pyx12_accepts(tmp_path: 
     engine = make_engine(tmp_path, store.url, _sinks(url, out))
     await engine.start()
     try:
-        codes = await send_mllp(engine.channels["adt_in"].port, _outpatient(tmp_path))
+        codes = await send_mllp(mllp_channel(engine).port, _outpatient(tmp_path))
         assert codes == ["AA", "AA", "AA"]
         await wait_for(
             lambda: (
@@ -86,7 +86,7 @@ async def test_a_payer_missing_from_configuration_is_a_claim_error_and_no_file(
     engine = make_engine(tmp_path, store.url, _sinks(url, out, payers=""))
     await engine.start()
     try:
-        codes = await send_mllp(engine.channels["adt_in"].port, ["adt_a01.hl7", "dft_p03.hl7", "adt_a03.hl7"])
+        codes = await send_mllp(mllp_channel(engine).port, ["adt_a01.hl7", "dft_p03.hl7", "adt_a03.hl7"])
         assert codes == ["AA", "AA", "AA"]
         await wait_for(lambda: "claim.error" in receiver.names())
     finally:
@@ -114,7 +114,7 @@ async def test_an_inpatient_discharge_makes_an_837i_that_pyx12_accepts(tmp_path:
     engine = make_engine(tmp_path, store.url, _sinks(url, out))
     await engine.start()
     try:
-        codes = await send_mllp(engine.channels["adt_in"].port, ["adt_a01.hl7", "dft_p03.hl7", "adt_a03.hl7"])
+        codes = await send_mllp(mllp_channel(engine).port, ["adt_a01.hl7", "dft_p03.hl7", "adt_a03.hl7"])
         assert codes == ["AA", "AA", "AA"]
         await wait_for(
             lambda: (
@@ -164,7 +164,7 @@ async def test_an_837i_without_a_revenue_code_is_rejected_with_the_reason(
     engine = make_engine(tmp_path, store.url, sinks)
     await engine.start()
     try:
-        await send_mllp(engine.channels["adt_in"].port, ["adt_a01.hl7", "dft_p03.hl7", "adt_a03.hl7"])
+        await send_mllp(mllp_channel(engine).port, ["adt_a01.hl7", "dft_p03.hl7", "adt_a03.hl7"])
         await wait_for(
             lambda: "claim.file_rejected" in receiver.names() or "claim.file_written" in receiver.names()
         )
@@ -190,7 +190,7 @@ async def test_claim_is_served_as_fhir_claim(tmp_path: Path, store: Store) -> No
     engine = make_engine(tmp_path, store.url, _sinks(url, tmp_path / "x12"))
     await engine.start()
     try:
-        await send_mllp(engine.channels["adt_in"].port, ["adt_a01.hl7", "dft_p03.hl7", "adt_a03.hl7"])
+        await send_mllp(mllp_channel(engine).port, ["adt_a01.hl7", "dft_p03.hl7", "adt_a03.hl7"])
         await wait_for(lambda: "claim.created" in receiver.names())
     finally:
         await engine.stop()
@@ -242,7 +242,7 @@ async def test_837_files_are_uploaded_by_sftp_with_a_pinned_host_key(tmp_path: P
 
     await engine.start()
     try:
-        await send_mllp(engine.channels["adt_in"].port, ["adt_a01.hl7", "dft_p03.hl7", "adt_a03.hl7"])
+        await send_mllp(mllp_channel(engine).port, ["adt_a01.hl7", "dft_p03.hl7", "adt_a03.hl7"])
         await wait_for(lambda: row() is not None and row().attempts >= 1)
         first = row()
         assert first.status == "pending" and "host key does not match" in first.last_error
@@ -272,7 +272,7 @@ async def test_claims_and_coverage_are_read_and_searched_under_fhir(tmp_path: Pa
     engine = make_engine(tmp_path, store.url, "  []\n")
     await engine.start()
     try:
-        codes = await send_mllp(engine.channels["adt_in"].port, ["adt_a01.hl7", "dft_p03.hl7", "adt_a03.hl7"])
+        codes = await send_mllp(mllp_channel(engine).port, ["adt_a01.hl7", "dft_p03.hl7", "adt_a03.hl7"])
         assert codes == ["AA", "AA", "AA"]
     finally:
         await engine.stop()

@@ -19,6 +19,7 @@ from fhirpy import AsyncFHIRClient
 from hms_ach.app.config import load_config
 from hms_ach.app.runtime import Engine
 from hms_ach.store.db import Store
+from tests.integration.engine_helpers import mllp_channel
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "samples" / "hl7"
@@ -42,7 +43,7 @@ async def engine(tmp_path: Path, store: Store) -> AsyncIterator[Engine]:
 
 
 def mllp_port(engine: Engine) -> int:
-    return int(engine.channels["adt_in"].port)
+    return int(mllp_channel(engine).port)
 
 
 def msa(ack: str) -> list[str]:
@@ -138,7 +139,7 @@ async def test_bad_input_gets_err_and_nothing_is_lost(engine: Engine) -> None:
 
 
 async def test_idle_connection_is_closed(engine: Engine) -> None:
-    engine.channels["adt_in"].server.config.idle_timeout_seconds = 0.3
+    mllp_channel(engine).server.config.idle_timeout_seconds = 0.3
     reader, writer = await asyncio.open_connection("127.0.0.1", mllp_port(engine))
     data = await asyncio.wait_for(reader.read(), 5)  # EOF once the server gives up on us
     assert data == b""
@@ -175,8 +176,8 @@ async def test_oversize_message_gets_ar_and_is_recorded(engine: Engine) -> None:
     from hms_ach.hl7v2.mllp import frame
     from hms_ach.store import messages
 
-    engine.channels["adt_in"].server.config.max_message_bytes = 1024 * 1024
-    engine.channels["adt_in"].config.max_message_bytes = 1024 * 1024
+    mllp_channel(engine).server.config.max_message_bytes = 1024 * 1024
+    mllp_channel(engine).config.max_message_bytes = 1024 * 1024
     huge = (
         (SAMPLES / "adt_a01.hl7").read_bytes().replace(b"S-A01-0001", b"BIG-1")
         + b"NTE|1||"

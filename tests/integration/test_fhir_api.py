@@ -314,21 +314,22 @@ def test_capability_statement_is_valid_and_generated(http: httpx.Client) -> None
     r = http.get("/metadata")
     assert r.status_code == 200 and r.headers["content-type"] == FHIR_JSON
     cs = CapabilityStatement.model_validate(r.json())
+    assert cs.software and cs.rest
     assert cs.fhirVersion == "4.0.1" and cs.kind == "instance" and cs.software.name == "hms-ach"
-    resources = {res.type: res for res in cs.rest[0].resource}
+    resources = {res.type: res for res in cs.rest[0].resource or []}
     assert set(resources) == {*FHIR_SERVED, "AuditEvent"}
     for rtype in FHIR_SERVED:
         res = resources[rtype]
-        assert {p.name for p in res.searchParam} == set(SEARCH_PARAMS[rtype])
+        assert {p.name for p in res.searchParam or []} == set(SEARCH_PARAMS[rtype])
         # no fhir_rest channel here: read-only, no write interactions, no transaction/batch
-        assert {i.code for i in res.interaction} == {"read", "vread", "history-instance", "search-type"}
+        assert {i.code for i in res.interaction or []} == {"read", "vread", "history-instance", "search-type"}
         assert res.conditionalCreate is None and res.versioning == "versioned"
     assert not cs.rest[0].interaction
-    assert [i.code for i in resources["AuditEvent"].interaction] == ["search-type"]
-    assert {p.name for p in resources["AuditEvent"].searchParam} == {"entity", "agent", "date"}
-    qual = next(p for p in resources["Practitioner"].searchParam if p.name == "qualification-period")
+    assert [i.code for i in resources["AuditEvent"].interaction or []] == ["search-type"]
+    assert {p.name for p in resources["AuditEvent"].searchParam or []} == {"entity", "agent", "date"}
+    qual = next(p for p in resources["Practitioner"].searchParam or [] if p.name == "qualification-period")
     assert qual.definition == "urn:hms-ach:fhir:SearchParameter/Practitioner-qualification-period"
-    assert "Encounter:patient" in resources["Encounter"].searchInclude
+    assert "Encounter:patient" in (resources["Encounter"].searchInclude or [])
 
 
 def test_read_serves_stored_bytes_with_etag(store: Store, http: httpx.Client, ids: dict[str, str]) -> None:

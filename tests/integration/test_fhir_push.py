@@ -20,14 +20,14 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from outbound_helpers import make_engine, send_mllp, wait_for
 from sqlalchemy import select
 
 from hms_ach.app.runtime import Engine
 from hms_ach.outbound.fhir_push import FhirPushSink, PushAuth
 from hms_ach.store.db import Store
 from hms_ach.store.models import OutboxRow
-from tests.integration.engine_helpers import start_fhir_engine
+from tests.integration.engine_helpers import mllp_channel, start_fhir_engine
+from tests.integration.outbound_helpers import make_engine, send_mllp, wait_for
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ async def _mirrored(base: str) -> tuple[list[dict[str, Any]], list[dict[str, Any
 
 
 async def _admit_and_check(local: Engine, base: str, store: Store) -> None:
-    assert await send_mllp(local.channels["adt_in"].port, ["adt_a01.hl7"]) == ["AA"]
+    assert await send_mllp(mllp_channel(local).port, ["adt_a01.hl7"]) == ["AA"]
     state: dict[str, Any] = {}
 
     async def poll() -> bool:
@@ -105,7 +105,7 @@ async def test_an_admission_appears_on_the_remote(
     try:
         await _admit_and_check(local, base, store)
         # a transfer and a discharge update the same remote Encounter (no second one)
-        assert await send_mllp(local.channels["adt_in"].port, ["adt_a02.hl7", "adt_a03.hl7"]) == ["AA", "AA"]
+        assert await send_mllp(mllp_channel(local).port, ["adt_a02.hl7", "adt_a03.hl7"]) == ["AA", "AA"]
         await wait_for(lambda: all(r.status == "delivered" for r in _rows(store)) and len(_rows(store)) > 2)
         await asyncio.sleep(0.3)
         await wait_for(lambda: all(r.status == "delivered" for r in _rows(store)))
@@ -175,7 +175,7 @@ async def test_a_remote_that_answers_503_then_recovers_loses_nothing(
     proxy.down = True
     local = await _local(tmp_path, store, _sink(f"{url}/fhir"))
     try:
-        port = local.channels["adt_in"].port
+        port = mllp_channel(local).port
         # inbound is not held up by the outage: every message is acknowledged
         assert await send_mllp(port, ["adt_a01.hl7", "adt_a02.hl7"]) == ["AA", "AA"]
         await wait_for(lambda: proxy.refused >= 2)
@@ -200,7 +200,7 @@ async def test_a_422_goes_to_dead_letter_with_the_operation_outcome(
     base = f"http://127.0.0.1:{remote.http_port}/fhir"
     local = await _local(tmp_path, store, _sink(base, "    resource_types: [Encounter]\n"))
     try:
-        assert await send_mllp(local.channels["adt_in"].port, ["adt_a01.hl7"]) == ["AA"]
+        assert await send_mllp(mllp_channel(local).port, ["adt_a01.hl7"]) == ["AA"]
         await wait_for(lambda: any(r.status == "dead" for r in _rows(store)))
     finally:
         await local.stop()

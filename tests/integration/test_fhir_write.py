@@ -50,7 +50,7 @@ def count(store: Store, model: Any) -> int:
 
 def assert_outcome(resp: httpx.Response, status: int, expression: str | None = None) -> dict[str, Any]:
     assert resp.status_code == status, resp.text
-    body = resp.json()
+    body: dict[str, Any] = resp.json()
     assert body["resourceType"] == "OperationOutcome", body
     if expression:
         assert any(expression in e for e in body["issue"][0].get("expression", [])), body
@@ -103,10 +103,10 @@ async def test_create_read_update_delete(http: httpx.AsyncClient, store: Store) 
     # every accepted write is in the message store with its raw body
     with store.reader.connect() as conn:
         rows = conn.execute(
-            select(
+            select(  # type: ignore[call-overload]  # sqlmodel types these attributes as values, not columns
                 InboundMessage.content_type, InboundMessage.channel, InboundMessage.status, InboundMessage.raw
             ).order_by(InboundMessage.id)
-        ).all()  # type: ignore[arg-type]
+        ).all()
     assert rows[0].content_type == "fhir+json" and rows[0].channel == "fhir_in"
     assert json.loads(rows[0].raw)["name"][0]["family"] == "Osei"
     assert {r.status for r in rows} >= {"processed", "error"}
@@ -138,7 +138,8 @@ async def test_conditional_create_on_a_non_key_identifier(http: httpx.AsyncClien
 
 
 def onboarding_bundle() -> dict[str, Any]:
-    return json.loads((ROOT / "samples" / "fhir" / "onboard_nurse_bundle.json").read_text())
+    bundle: dict[str, Any] = json.loads((ROOT / "samples" / "fhir" / "onboard_nurse_bundle.json").read_text())
+    return bundle
 
 
 async def test_sample_transaction_bundle_then_find_the_nurse(http: httpx.AsyncClient) -> None:
@@ -197,6 +198,7 @@ async def test_transaction_is_all_or_nothing(http: httpx.AsyncClient, store: Sto
     # the refused request is still in the message store, with its reason
     with store.reader.connect() as conn:
         row = conn.execute(select(InboundMessage.status, InboundMessage.error)).first()  # type: ignore[call-overload]
+    assert row is not None
     assert row.status == "error" and "does-not-exist" in row.error
 
 
@@ -333,12 +335,13 @@ async def test_capability_statement_declares_what_the_server_does(http: httpx.As
     resp = await http.get("/metadata")
     assert resp.status_code == 200
     cs = CapabilityStatement.model_validate(resp.json())
+    assert cs.rest
     rest = cs.rest[0]
     assert {i.code for i in rest.interaction or []} == {"transaction", "batch"}
-    resources = {r.type: r for r in rest.resource}
+    resources = {r.type: r for r in rest.resource or []}
     assert set(resources) == {*FHIR_SERVED, "Basic", "AuditEvent"}
     for rtype in sorted(set(FHIR_SERVED) - set(FHIR_WRITABLE)):  # served, never written through /fhir
-        assert {i.code for i in resources[rtype].interaction} == {
+        assert {i.code for i in resources[rtype].interaction or []} == {
             "read",
             "vread",
             "history-instance",
@@ -347,7 +350,7 @@ async def test_capability_statement_declares_what_the_server_does(http: httpx.As
         assert resources[rtype].conditionalCreate is None and resources[rtype].versioning == "versioned"
     for rtype in FHIR_WRITABLE:
         res = resources[rtype]
-        assert {i.code for i in res.interaction} == {
+        assert {i.code for i in res.interaction or []} == {
             "read",
             "vread",
             "history-instance",
@@ -358,15 +361,15 @@ async def test_capability_statement_declares_what_the_server_does(http: httpx.As
         }, rtype
         assert (res.conditionalCreate, res.conditionalUpdate, res.updateCreate) == (True, True, False)
         assert res.conditionalDelete == "not-supported" and res.versioning == "versioned-update"
-    assert {i.code for i in resources["Basic"].interaction} == {"create", "update"}
+    assert {i.code for i in resources["Basic"].interaction or []} == {"create", "update"}
     audit_res = resources["AuditEvent"]
-    assert [i.code for i in audit_res.interaction] == ["search-type"]
-    assert {(p.name, p.type) for p in audit_res.searchParam} == {
+    assert [i.code for i in audit_res.interaction or []] == ["search-type"]
+    assert {(p.name, p.type) for p in audit_res.searchParam or []} == {
         ("entity", "reference"),
         ("agent", "token"),
         ("date", "date"),
     }
-    qual = next(p for p in resources["Practitioner"].searchParam if p.name == "qualification-period")
+    qual = next(p for p in resources["Practitioner"].searchParam or [] if p.name == "qualification-period")
     assert qual.type == "date" and qual.definition and "qualification.period" in (qual.documentation or "")
 
     # create, then conditional create (If-None-Exist) finds it instead of making a second
@@ -422,7 +425,7 @@ async def test_capability_statement_declares_what_the_server_does(http: httpx.As
         out = await http.post("", json=bundle, headers=FHIR_JSON)
         assert out.status_code == 200 and out.json()["type"] == f"{kind}-response", out.text
     # Basic (a shift): create and update by the shift's id
-    shift = {
+    shift: dict[str, Any] = {
         "resourceType": "Basic",
         "identifier": [{"system": "urn:hms-ach:id:shift", "value": "CS-1"}],
         "code": {"coding": [{"system": "urn:hms-ach:code:basic-type", "code": "shift"}]},

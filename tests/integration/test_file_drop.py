@@ -160,18 +160,18 @@ async def test_bad_files_go_to_error_with_their_reason(pipeline: Pipeline, tmp_p
         "roster_bad.csv",
         "roster_bad.csv.err.csv",
     ]
-    report = list(csv.reader(io.StringIO((error / "roster_bad.csv.err.csv").read_text())))
+    report: list[list[str]] = list(csv.reader(io.StringIO((error / "roster_bad.csv.err.csv").read_text())))
     assert report[0] == ["file", "line", "column", "reason"] and report[1][:2] == ["roster_bad.csv", "3"]
 
-    rows = {m.control_id: m for m in _messages(pipeline)}
-    garbage = rows["garbage.hl7"]
+    by_id = {m.control_id: m for m in _messages(pipeline)}
+    garbage = by_id["garbage.hl7"]
     assert garbage.status == "error" and "before the first MSH" in garbage.error  # the reason is stored
-    assert rows["bad_sex.hl7"].status == "error" and "1 of 1 messages" in rows["bad_sex.hl7"].error
+    assert by_id["bad_sex.hl7"].status == "error" and "1 of 1 messages" in by_id["bad_sex.hl7"].error
     ae = [m for m in _messages(pipeline) if m.content_type == "hl7v2"]
     assert len(ae) == 1 and ae[0].status == "error" and ae[0].ack_code == "AE"  # stored with its ACK
-    assert rows["roster_bad.csv"].status == "error"
+    assert by_id["roster_bad.csv"].status == "error"
     assert any(m.status == "error" and m.control_id == "roster_bad.csv:3" for m in _messages(pipeline))
-    assert "symlink" in rows and rows["symlink"].status == "error"
+    assert "symlink" in by_id and by_id["symlink"].status == "error"
     assert len(_records(pipeline, "Practitioner")) >= 1  # the good row of the CSV went in
 
 

@@ -6,12 +6,13 @@ import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
 from hms_ach.hl7v2.policy import Hl7Policy
-from hms_ach.ingest.pipeline import Pipeline
+from hms_ach.ingest.pipeline import Outcome, Pipeline
 from hms_ach.mapping.engine import MappingEngine
 from hms_ach.mapping.loader import load_mappings
 from hms_ach.store import messages
@@ -33,14 +34,14 @@ def pipeline(store: Store) -> Iterator[Pipeline]:
 POLICY = Hl7Policy("test")
 
 
-def _send(p: Pipeline, name: str, **replace: str) -> object:
+def _send(p: Pipeline, name: str, **replace: str) -> Outcome:
     raw = (SAMPLES / name).read_bytes()
     for old, new in replace.items():
         raw = raw.replace(old.encode(), new.encode())
     return p.process_hl7_sync(raw, POLICY)
 
 
-def _resources(p: Pipeline, rtype: str) -> list[dict]:
+def _resources(p: Pipeline, rtype: str) -> list[dict[str, Any]]:
     table = RECORD_TABLES[rtype].__table__  # type: ignore[attr-defined]
     with p.writer.store.reader.connect() as conn:
         return [orjson.loads(r.resource) for r in conn.execute(table.select())]
@@ -50,6 +51,7 @@ def test_admit_is_acked_after_commit_and_stored(pipeline: Pipeline) -> None:
     out = _send(pipeline, "adt_a01.hl7")
     assert out.status == "processed" and out.ack_code == "AA"
     assert "MSA|AA|" in out.ack
+    assert out.message_id is not None
     with pipeline.writer.store.reader.connect() as conn:
         row = messages.get(conn, out.message_id)
     assert row.status == "processed" and row.ack == out.ack and bytes(row.raw).startswith(b"MSH|")
@@ -82,6 +84,7 @@ def test_content_error_gets_ae_with_err_and_is_stored_for_replay(pipeline: Pipel
     assert out.status == "error" and out.ack_code == "AE"
     err = [seg for seg in out.ack.split("\r") if seg.startswith("ERR")][0].split("|")
     assert err[2].startswith("PID^1^8") and err[3].startswith("103^") and err[4] == "E"
+    assert out.message_id is not None
     with pipeline.writer.store.reader.connect() as conn:
         row = messages.get(conn, out.message_id)
     assert row.status == "error" and "administrative_sex" in row.error and row.error_location == "PID-8"
@@ -124,7 +127,7 @@ def test_enhanced_mode_commit_ack(pipeline: Pipeline) -> None:
 
 def test_replay_after_fix(pipeline: Pipeline, tmp_path: Path) -> None:
     out = _send(pipeline, "bad/bad_sex_code.hl7")
-    assert out.status == "error"
+    assert out.status == "error" and out.message_id is not None
     # fix the code table the way an analyst would, then replay the stored message
     fixed = tmp_path / "mappings"
     shutil.copytree(ROOT / "mappings", fixed)

@@ -9,9 +9,10 @@ from pathlib import Path
 import aio_pika
 import orjson
 import pytest
-from outbound_helpers import make_engine, send_mllp, wait_for
 
 from hms_ach.store.db import Store
+from tests.integration.engine_helpers import mllp_channel
+from tests.integration.outbound_helpers import make_engine, send_mllp, wait_for
 
 URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -53,9 +54,7 @@ async def test_topic_exchange_queue_gets_admission_bed_and_discharge_once(
         )
         await engine.start()
         try:
-            codes = await send_mllp(
-                engine.channels["adt_in"].port, ["adt_a01.hl7", "adt_a03.hl7", "mfn_m02.hl7"]
-            )
+            codes = await send_mllp(mllp_channel(engine).port, ["adt_a01.hl7", "adt_a03.hl7", "mfn_m02.hl7"])
             assert codes == ["AA", "AA", "AA"]
             await wait_for(lambda: "encounter.discharged" in keys)
             await asyncio.sleep(0.5)

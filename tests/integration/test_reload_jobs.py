@@ -7,6 +7,7 @@ from pathlib import Path
 
 from hms_ach.app.config import load_config
 from hms_ach.app.runtime import Engine
+from hms_ach.channels.sftp_csv import SftpCsvChannel
 from hms_ach.store.db import Store
 from tests.integration.engine_helpers import ROOT
 
@@ -51,6 +52,7 @@ async def test_reload_rebuilds_the_jobs(tmp_path: Path, store: Store) -> None:
         assert "hour='2'" in before["credential_expiry"]
         first_channel = eng.channels["roster_in"]
         assert _polled(eng, "roster_in") is first_channel
+        assert eng.scheduler is not None and eng.scheduler.aps is not None
         housekeeping_next = eng.scheduler.aps.get_job("housekeeping").next_run_time
 
         # a new channel, a changed poll interval, a new cron, and a job switched off
@@ -71,7 +73,10 @@ async def test_reload_rebuilds_the_jobs(tmp_path: Path, store: Store) -> None:
         # the poll job now belongs to the restarted channel, and an unchanged job kept its next run
         assert eng.channels["roster_in"] is not first_channel
         assert _polled(eng, "roster_in") is eng.channels["roster_in"]
-        assert eng.channels["roster_in"].config.poll_interval_seconds == 120
+        roster_in = eng.channels["roster_in"]
+        assert isinstance(roster_in, SftpCsvChannel)
+        assert roster_in.config.poll_interval_seconds == 120
+        assert eng.scheduler is not None and eng.scheduler.aps is not None
         assert eng.scheduler.aps.get_job("housekeeping").next_run_time == housekeeping_next
 
         # the channel removed: its poll job goes too; jobs disabled: the scheduler stops

@@ -230,6 +230,6 @@ async def test_bad_csv_row_replays_after_the_code_table_is_fixed(workdir: Path, 
     assert code == 1, out  # one of them could not be replayed
     assert "error -> processed AA" in out and "not replayable: message" in out, out
     assert employees(store)["E1999"]["gender"] == "other"
-    rows = {m.id: m for m in message_rows(store)}
-    assert rows[row.id].status == "processed" and rows[row.id].error is None
-    assert rows[file_row.id].status == "error" and rows[file_row.id].replay_count == 0
+    by_id = {m.id: m for m in message_rows(store)}
+    assert by_id[row.id].status == "processed" and by_id[row.id].error is None
+    assert by_id[file_row.id].status == "error" and by_id[file_row.id].replay_count == 0

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from outbound_helpers import SECRET, Receiver, make_engine, send_mllp, wait_for
-
 from hms_ach.store.db import Store
+from tests.integration.engine_helpers import mllp_channel
+from tests.integration.outbound_helpers import SECRET, Receiver, make_engine, send_mllp, wait_for
 
 
 def _sink(url: str, events: str = '["encounter.*", "bed.*"]') -> str:
@@ -26,7 +26,7 @@ async def test_admission_bed_and_discharge_events_arrive_once_each_signed(
     engine = make_engine(tmp_path, store.url, _sink(url))
     await engine.start()
     try:
-        port = engine.channels["adt_in"].port
+        port = mllp_channel(engine).port
         assert await send_mllp(port, ["adt_a01.hl7", "adt_a02.hl7", "adt_a03.hl7"]) == ["AA", "AA", "AA"]
         await wait_for(lambda: "encounter.discharged" in receiver.names())
         await asyncio.sleep(0.5)  # nothing more may come
@@ -58,7 +58,7 @@ async def test_a_503_receiver_loses_nothing_and_acks_keep_flowing(tmp_path: Path
     engine = make_engine(tmp_path, store.url, _sink(url, '["encounter.*"]'))
     await engine.start()
     try:
-        port = engine.channels["adt_in"].port
+        port = mllp_channel(engine).port
         codes = await asyncio.wait_for(send_mllp(port, ["adt_a01.hl7", "adt_a02.hl7", "adt_a03.hl7"]), 5)
         assert codes == ["AA", "AA", "AA"]  # inbound does not wait for the failing receiver
         await wait_for(lambda: len(receiver.events) == 3)
@@ -81,7 +81,7 @@ async def test_301_is_a_failure_that_dead_letters_after_max_age_then_retry_works
     engine = make_engine(tmp_path, store.url, sink)
     await engine.start()
     try:
-        assert await send_mllp(engine.channels["adt_in"].port, ["adt_a01.hl7"]) == ["AA"]
+        assert await send_mllp(mllp_channel(engine).port, ["adt_a01.hl7"]) == ["AA"]
 
         def dead() -> bool:
             with store.reader.connect() as conn:
