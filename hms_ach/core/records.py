@@ -106,6 +106,10 @@ class RecordType:
     description: str
     params: dict[str, ParamDecl]
     """Search parameters (besides ``_id`` and ``_lastUpdated``, which every type has)."""
+    custom_params: dict[str, str] = field(default_factory=dict)
+    """Parameters of ``params`` that are not in the base R4 specification: name -> what it matches.
+    The CapabilityStatement declares each with the canonical URL
+    ``urn:hms-ach:fhir:SearchParameter/<Type>-<name>`` and this text."""
 
 
 _HUMAN_NAME = "name.family | name.given | name.prefix | name.suffix | name.text"
@@ -182,8 +186,16 @@ RECORD_TYPES: dict[str, RecordType] = {
             "given": ("string", "name.given"),
             "active": ("token", "active"),
             "gender": ("token", "gender"),
-            # custom (not in R4): the validity periods of the credentials; declared in the CapabilityStatement
             "qualification-period": ("date", "qualification.period"),
+        },
+        custom_params={
+            "qualification-period": (
+                "Not in the base specification. A date search on Practitioner.qualification.period: matches "
+                "a practitioner with a qualification (licence, certification) whose period meets the "
+                "criterion, with the prefixes of a FHIR date search applied to the period as a range (an "
+                "open end is unbounded). Example: qualification-period=gt2026-06-30 finds practitioners "
+                "with a qualification still valid after that day."
+            ),
         },
     ),
     "PractitionerRole": RecordType(
@@ -280,12 +292,18 @@ RECORD_TYPES: dict[str, RecordType] = {
             "patient": ("reference", "subject", ("Patient",)),
             "subject": ("reference", "subject", ("Patient", "Group")),
             "context": ("reference", "context", ("Encounter", "EpisodeOfCare")),
-            # custom (not in R4, where the visit is `context`; R5 renamed it `encounter`)
             "encounter": ("reference", "context", ("Encounter",)),
             "code": ("token", "code"),
             "entered-date": ("date", "enteredDate"),
             "occurrence": ("date", "occurrenceDateTime | occurrencePeriod"),
             "performer-actor": ("reference", "performer.actor"),
+        },
+        custom_params={
+            "encounter": (
+                "Not in the R4 specification, where the visit of a ChargeItem is searched by `context` "
+                "(R5 renamed it `encounter`). A reference search on ChargeItem.context, Encounter only: "
+                "encounter=Encounter/123 finds the charges of that visit."
+            ),
         },
     ),
     "Coverage": RecordType(

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from importlib import metadata as importlib_metadata
 from typing import Any
 
-from hms_ach.core.records import FHIR_SERVED
+from hms_ach.core.records import FHIR_SERVED, RECORD_TYPES
 from hms_ach.fhir.bundles import instant
 from hms_ach.fhir.validation import WRITE_TYPES
 from hms_ach.store import search
@@ -42,18 +42,6 @@ def _software_version() -> str:
     except importlib_metadata.PackageNotFoundError:
         return "0.0.0"
 
-
-#: The custom search parameters: (resource type, name) -> (canonical URL, what it matches).
-CUSTOM_PARAMS: dict[tuple[str, str], tuple[str, str]] = {
-    ("Practitioner", "qualification-period"): (
-        "urn:hms-ach:fhir:SearchParameter/Practitioner-qualification-period",
-        "Not in the base specification. A date search on Practitioner.qualification.period: matches a "
-        "practitioner with a qualification (licence, certification) whose period meets the criterion, with "
-        "the prefixes of a FHIR date search applied to the period as a range (an open end is unbounded). "
-        "Example: qualification-period=gt2026-06-30 finds practitioners with a qualification still valid "
-        "after that day.",
-    ),
-}
 
 #: AuditEvent search (hms_ach/fhir/audit_events.py): read-only, search-type only.
 AUDIT_PARAMS: list[dict[str, str]] = [
@@ -86,9 +74,10 @@ def _search_param(rtype: str, p: Any) -> dict[str, Any]:
         "documentation": f"{p.type} search on {rtype}.{p.expression}"
         + (f" (references to {', '.join(p.targets)})" if p.targets else ""),
     }
-    custom = CUSTOM_PARAMS.get((rtype, p.name))
+    custom = RECORD_TYPES[rtype].custom_params.get(p.name)
     if custom is not None:
-        entry["definition"], entry["documentation"] = custom
+        entry["definition"] = f"urn:hms-ach:fhir:SearchParameter/{rtype}-{p.name}"
+        entry["documentation"] = custom
     return entry
 
 

@@ -14,7 +14,8 @@ import orjson
 
 from hms_ach.fhir.bundles import request_operations
 from hms_ach.fhir.outcomes import FhirError
-from hms_ach.fhir.write import RequestLine, apply_request, prepare, record_rejection, stored_request_line
+from hms_ach.fhir.write import RequestLine, apply_request, prepare, rejection, stored_request_line
+from hms_ach.ingest import pipeline
 from hms_ach.ingest.replay import Replayer, ReplayReport, change, not_replayable
 from hms_ach.mapping.engine import MappingEngine
 from hms_ach.store.port import Tx
@@ -49,9 +50,9 @@ def replay_fhir(conn: Tx, row: Any, engine: MappingEngine, max_bundle_entries: i
     except orjson.JSONDecodeError as exc:
         return not_replayable(row, f"the stored body is not JSON: {exc}")
     except FhirError as exc:
-        record_rejection(conn, mid, exc, replay=True)
+        pipeline.finish(conn, mid, rejection(exc), replay=True)
         return ReplayReport(mid, row.message_type, row.status, "rejected", str(exc.status), exc.diagnostics)
-    out = apply_request(conn, mid, ops, kind, replay=True)
+    out = pipeline.rerun(conn, mid, lambda tx, message_id: apply_request(tx, message_id, ops, kind))
     status = "error" if out.error else "processed"
     report = ReplayReport(
         mid,

@@ -21,7 +21,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
 import orjson
@@ -37,6 +37,8 @@ from hms_ach.fhir.validation import (
     WRITE_TYPES,
     validate,
 )
+from hms_ach.ingest import pipeline
+from hms_ach.ingest.pipeline import Duplicate, Finish
 from hms_ach.mapping.engine import MappingEngine
 from hms_ach.store import messages, resources
 from hms_ach.store.errors import (
@@ -52,6 +54,8 @@ from hms_ach.store.errors import (
 from hms_ach.store.port import Tx
 from hms_ach.store.resources import RequestLine, store_request_line, stored_request_line
 from hms_ach.store.workforce_queries import shift_overlap
+
+R = TypeVar("R")
 
 _ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _URN = "urn:uuid:"
@@ -331,7 +335,7 @@ __all__ = [
     "apply_request",
     "check_writable",
     "prepare",
-    "record_rejection",
+    "rejection",
     "rejection_job",
     "request_job",
     "store_request_line",
@@ -354,20 +358,23 @@ def check_writable(resource_type: str) -> None:
 def request_job(
     meta: messages.MessageMeta, ops: list[Operation], kind: str, line: RequestLine | None = None
 ) -> Callable[[Tx], RequestOutcome]:
-    """The writer job for one request: ``kind`` is single, transaction or batch."""
+    """The writer job for one request (``kind`` is single, transaction or batch): committed through
+    the one ingest path (:func:`hms_ach.ingest.pipeline.commit`) with the request's URL and headers
+    kept beside the body for replay."""
 
-    def job(tx: Tx) -> RequestOutcome:
-        message_id = messages.insert_message(tx, meta, keyed=False)
+    def work(tx: Tx, message_id: int) -> tuple[RequestOutcome, Finish]:
         store_request_line(tx, message_id, line)
         return apply_request(tx, message_id, ops, kind)
+
+    def job(tx: Tx) -> RequestOutcome:
+        return _unkeyed(pipeline.commit(tx, meta, work))
 
     return job
 
 
-def apply_request(
-    tx: Tx, message_id: int, ops: list[Operation], kind: str, replay: bool = False
-) -> RequestOutcome:
-    """Apply the prepared ``ops`` of the stored request ``message_id`` and record its outcome on the row."""
+def apply_request(tx: Tx, message_id: int, ops: list[Operation], kind: str) -> tuple[RequestOutcome, Finish]:
+    """Apply the prepared ``ops`` of the stored request ``message_id``; its outcome and how its
+    message row ends (the pipeline writes that on the row)."""
     results: list[Result] = []
     error: FhirError | None = None
     if kind == "batch":
@@ -395,24 +402,20 @@ def apply_request(
         # keep the Bundle's entry order in the response
         by_op = dict(zip([id(o) for o in order_entries(ops)], results, strict=True))
         results = [by_op[id(o)] for o in ops]
-    status = "error" if error else "processed"
     ack = orjson.dumps(
         {
             "status": error.status if error else [r.status for r in results],
             "location": [r.location for r in results],
         }
     ).decode()
-    messages.finish(
-        tx,
-        message_id,
-        status,
+    done = Finish(
+        "error" if error else "processed",
         str(error.status) if error else "200",
         ack,
         error=error.diagnostics if error else None,
         error_location=(error.expression or "")[:200] if error else None,
-        replay=replay,
     )
-    return RequestOutcome(message_id, results, error)
+    return RequestOutcome(message_id, results, error), done
 
 
 def rejection_job(
@@ -420,13 +423,21 @@ def rejection_job(
 ) -> Callable[[Tx], int]:
     """Store a request refused before it could be applied (bad JSON, invalid resource) with its reason."""
 
-    def job(tx: Tx) -> int:
-        message_id = messages.insert_message(tx, meta, keyed=False)
+    def work(tx: Tx, message_id: int) -> tuple[int, Finish]:
         store_request_line(tx, message_id, line)
-        record_rejection(tx, message_id, error)
-        return message_id
+        return message_id, rejection(error)
+
+    def job(tx: Tx) -> int:
+        return _unkeyed(pipeline.commit(tx, meta, work))
 
     return job
+
+
+def _unkeyed(result: R | Duplicate) -> R:
+    """FHIR requests are stored unkeyed (their records' business keys make them idempotent)."""
+    if isinstance(result, Duplicate):
+        raise RuntimeError(f"an unkeyed request was answered as a duplicate of {result.original_id}")
+    return result
 
 
 def _outcome(exc: FhirError) -> dict[str, Any]:
@@ -435,14 +446,12 @@ def _outcome(exc: FhirError) -> dict[str, Any]:
     )
 
 
-def record_rejection(tx: Tx, message_id: int, error: FhirError, replay: bool = False) -> None:
-    messages.finish(
-        tx,
-        message_id,
+def rejection(error: FhirError) -> Finish:
+    """How the message row of a request refused before it was applied ends."""
+    return Finish(
         "rejected",
         str(error.status),
         None,
         error=error.diagnostics,
         error_location=(error.expression or "")[:200] or None,
-        replay=replay,
     )

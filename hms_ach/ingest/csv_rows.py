@@ -335,8 +335,3 @@ def replay_stored_row(tx: Tx, engine: MappingEngine, message_id: int) -> RowRepl
         return RowReplay(done.status, outcome.reason or None, writes), done
 
     return rerun(tx, message_id, work)
-
-
-def replay_row(pipeline: Pipeline, message_id: int) -> str:
-    """Re-run one stored bad CSV row through the current mappings and commit; returns its new status."""
-    return str(pipeline.writer.run_sync(lambda tx: replay_stored_row(tx, pipeline.engine, message_id).status))

@@ -53,7 +53,7 @@ Envelope: TypeAlias = messages.MessageMeta
 class Finish:
     """The final state of a message, written on its row in the commit's transaction."""
 
-    status: str  # processed | error | rejected (see store.messages.STATUSES)
+    status: str  # processed | error | rejected (a row is received until finished; duplicate rows are added)
     ack_code: str | None  # MSA-1 for HL7 (AA, CE...), the HTTP status for REST, AA/AE for files
     ack: str | None = None  # the answer's text (the ACK message, a JSON summary), if any
     error: str | None = None
@@ -318,12 +318,6 @@ class Pipeline:
     async def process_hl7(self, raw: bytes, policy: Hl7Policy) -> Outcome:
         ev = evaluate(raw, policy, self.engine)
         outcome = await self.writer.run(commit_hl7(ev, policy))
-        _log(outcome, policy)
-        return outcome
-
-    def process_hl7_sync(self, raw: bytes, policy: Hl7Policy) -> Outcome:
-        ev = evaluate(raw, policy, self.engine)
-        outcome = self.writer.run_sync(commit_hl7(ev, policy))
         _log(outcome, policy)
         return outcome
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from hms_ach.core.records import MIRRORED
 from hms_ach.store import outbox
 from hms_ach.store.changes import Change
 from hms_ach.store.port import Tx
@@ -69,19 +70,9 @@ EVENT_NAMES = (
     "record.changed",
 )
 
-#: The record types whose every change is announced as ``record.changed`` (the FHIR resources we keep).
-CHANGE_FEED_TYPES = frozenset(
-    {
-        "Patient",
-        "Encounter",
-        "Location",
-        "Practitioner",
-        "PractitionerRole",
-        "Organization",
-        "Coverage",
-        "Claim",
-    }
-)
+#: The record types whose every change is announced as ``record.changed``: those the fhir_push sink
+#: may mirror (``mirrored`` in RECORD_TYPES).
+CHANGE_FEED_TYPES = frozenset(MIRRORED)
 
 
 _feed_subscribers = 0

@@ -37,7 +37,7 @@ import httpx
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
-from hms_ach.core.records import RECORD_TYPES
+from hms_ach.core.records import FHIR_WRITABLE, MIRRORED
 from hms_ach.core.references import references, rewrite_references
 from hms_ach.outbound.sinks import Delivery, DeliveryError, DeliveryResult, SinkSettings
 from hms_ach.outbound.webhook import retry_after_seconds
@@ -46,7 +46,9 @@ from hms_ach.store.db import Store
 
 log = logging.getLogger("hms_ach.outbound.fhir_push")
 
-DEFAULT_TYPES = ["Patient", "Encounter", "Location", "Practitioner", "PractitionerRole", "Organization"]
+#: Pushed unless resource_types says otherwise: the FHIR records taken in (not those hms-ach makes
+#: itself, such as Claim, Coverage and ChargeItem, which a sink names to get them).
+DEFAULT_TYPES = list(FHIR_WRITABLE)
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 FHIR_JSON = "application/fhir+json"
 #: Retried statuses below 500 (409/412: the remote saw a concurrent change; 429: slow down).
@@ -281,11 +283,10 @@ class FhirPushSink:
 
         @model_validator(mode="after")
         def _known_types(self) -> FhirPushSink.Config:
-            unknown = [t for t in self.resource_types if t not in RECORD_TYPES]
+            unknown = [t for t in self.resource_types if t not in MIRRORED]
             if unknown:
                 raise ValueError(
-                    f"resource_types: {', '.join(unknown)} not known; expected some of "
-                    f"{', '.join(DEFAULT_TYPES + ['Coverage', 'Claim'])}"
+                    f"resource_types: {', '.join(unknown)} not known; expected some of {', '.join(MIRRORED)}"
                 )
             if not self.base_url.startswith(("http://", "https://")):
                 raise ValueError(f"base_url {self.base_url!r} must start with http:// or https://")

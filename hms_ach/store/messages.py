@@ -18,8 +18,6 @@ from hms_ach.store.models import InboundMessage
 
 T = InboundMessage.__table__  # type: ignore[attr-defined]
 
-STATUSES = ("received", "processed", "error", "rejected", "duplicate")
-
 
 @dataclass
 class MessageMeta:

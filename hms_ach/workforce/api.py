@@ -48,6 +48,8 @@ from starlette.responses import Response
 from hms_ach.core.records import RecordWrite
 from hms_ach.fhir.outcomes import FhirError
 from hms_ach.fhir.write import VERIFICATION_EXT, Operation, prepare, request_job
+from hms_ach.ingest import pipeline
+from hms_ach.ingest.pipeline import Duplicate, Finish
 from hms_ach.store import audit, messages
 from hms_ach.store import workforce_queries as wq
 from hms_ach.store.db import Store
@@ -412,13 +414,15 @@ def overtime_of_page(tx: Tx, cards: list[dict[str, Any]]) -> dict[str, int]:
     return out
 
 
-def _record_job(meta: messages.MessageMeta, build: Callable[[Tx], RecordWrite]) -> Any:
-    """A writer job: store the request, build the record inside the transaction (so checks such as
-    overlaps see every committed shift), upsert it with history and audit. A rule's error rolls the
-    record back, finishes the stored request as an error and is the job's answer (a Problem)."""
+def _record_job(
+    meta: messages.MessageMeta, build: Callable[[Tx], RecordWrite]
+) -> Callable[[Tx], dict[str, Any] | Problem]:
+    """A writer job: the request is committed through the one ingest path
+    (:func:`hms_ach.ingest.pipeline.commit`); the record is built inside the transaction (so checks
+    such as overlaps see every committed shift) and upserted with history and audit. A rule's error
+    rolls the record back, finishes the stored request as an error and is the job's answer (a Problem)."""
 
-    def job(tx: Tx) -> dict[str, Any] | Problem:
-        message_id = messages.insert_message(tx, meta, keyed=False)
+    def work(tx: Tx, message_id: int) -> tuple[dict[str, Any] | Problem, Finish]:
         try:
             with wq.savepoint(tx):
                 rec = build(tx)
@@ -426,10 +430,15 @@ def _record_job(meta: messages.MessageMeta, build: Callable[[Tx], RecordWrite]) 
                 assert out is not None
         except WorkforceError as exc:
             problem = rule_problem(exc)
-            messages.finish(tx, message_id, "error", str(problem.status), None, error=problem.detail)
-            return problem
-        messages.finish(tx, message_id, "processed", "201" if out.created else "200", out.reference)
-        return {"created": out.created, **(wq.get_record(tx, out.resource_type, out.id) or {})}
+            return problem, Finish("error", str(problem.status), None, error=problem.detail)
+        done = Finish("processed", "201" if out.created else "200", out.reference)
+        return {"created": out.created, **(wq.get_record(tx, out.resource_type, out.id) or {})}, done
+
+    def job(tx: Tx) -> dict[str, Any] | Problem:
+        result = pipeline.commit(tx, meta, work)
+        if isinstance(result, Duplicate):  # the requests are stored unkeyed
+            raise RuntimeError(f"an unkeyed request was answered as a duplicate of {result.original_id}")
+        return result
 
     return job
 

@@ -15,6 +15,7 @@ from hms_ach.mapping.engine import MappingEngine
 from hms_ach.mapping.loader import load_mappings
 from hms_ach.store.db import Store
 from hms_ach.store.writer import StoreWriter
+from tests.integration.pipeline_helpers import process_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "samples" / "hl7"
@@ -28,7 +29,7 @@ def workdir(tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch) -> Pa
     writer = StoreWriter(store)
     pipeline = Pipeline(writer, MappingEngine(load_mappings(tmp_path / "mappings")))
     for name in ["adt_a01.hl7", "adt_a02.hl7", "bad/bad_sex_code.hl7", "adt_a01.hl7"]:
-        pipeline.process_hl7_sync((SAMPLES / name).read_bytes(), Hl7Policy("adt_in"))
+        process_sync(pipeline, (SAMPLES / name).read_bytes(), Hl7Policy("adt_in"))
     writer.stop()
     return tmp_path
 

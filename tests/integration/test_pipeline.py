@@ -19,6 +19,7 @@ from hms_ach.store import messages
 from hms_ach.store.db import Store
 from hms_ach.store.models import RECORD_TABLES
 from hms_ach.store.writer import StoreWriter
+from tests.integration.pipeline_helpers import process_sync
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "samples" / "hl7"
@@ -38,7 +39,7 @@ def _send(p: Pipeline, name: str, **replace: str) -> Outcome:
     raw = (SAMPLES / name).read_bytes()
     for old, new in replace.items():
         raw = raw.replace(old.encode(), new.encode())
-    return p.process_hl7_sync(raw, POLICY)
+    return process_sync(p, raw, POLICY)
 
 
 def _resources(p: Pipeline, rtype: str) -> list[dict[str, Any]]:
@@ -121,7 +122,7 @@ def test_enhanced_mode_commit_ack(pipeline: Pipeline) -> None:
     raw = (SAMPLES / "adt_a01_enhanced.hl7").read_bytes().replace(b"|AL|NE\r", b"|NE|NE\r", 1)
     assert b"|NE|NE\r" in raw
     header_ctrl = raw.split(b"\r")[0].split(b"|")[9]
-    out = pipeline.process_hl7_sync(raw.replace(header_ctrl, header_ctrl + b"X", 1), POLICY)
+    out = process_sync(pipeline, raw.replace(header_ctrl, header_ctrl + b"X", 1), POLICY)
     assert out.status == "processed" and out.send is False
 
 
@@ -154,7 +155,7 @@ def test_concurrent_writers_never_duplicate_a_business_key(pipeline: Pipeline) -
 
     def send(i: int) -> None:
         try:
-            pipes[i % 4].process_hl7_sync(raws[i], POLICY)
+            process_sync(pipes[i % 4], raws[i], POLICY)
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 

@@ -17,7 +17,6 @@ import pytest
 from sqlalchemy import select
 
 from hms_ach.channels.sftp_csv import SftpCsvChannel, SftpCsvConfig
-from hms_ach.ingest.csv_rows import replay_row
 from hms_ach.ingest.pipeline import Pipeline
 from hms_ach.mapping.engine import MappingEngine
 from hms_ach.mapping.loader import load_mappings
@@ -25,6 +24,7 @@ from hms_ach.store import messages
 from hms_ach.store.db import Store
 from hms_ach.store.models import RECORD_TABLES
 from hms_ach.store.writer import StoreWriter
+from tests.integration.pipeline_helpers import replay_row
 from tests.integration.sftp_server import PASSWORD, USER, HostileSftp, SftpServer
 
 ROOT = Path(__file__).resolve().parents[2]
