@@ -68,6 +68,7 @@ def run(
     """Start every channel in channels.yaml and the HTTP API (FHIR R4 at /fhir)."""
     from hms_ach.app import eventloop
     from hms_ach.app.runtime import Engine
+    from hms_ach.channels.mllp import MllpChannelConfig
 
     _setup_logging(log_level)
     cfg = _load(config)
@@ -77,7 +78,7 @@ def run(
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from exc
     for ch in cfg.channels:
-        port = getattr(ch, "port", None)
+        port = ch.port if isinstance(ch, MllpChannelConfig) else None
         typer.echo(
             f"channel {ch.name} ({ch.type})" + (f" on port {port}" if port is not None else ""), err=True
         )
@@ -271,7 +272,9 @@ def replay(
         for ch in cfg.channels
         if isinstance(ch, ChannelSettings) and isinstance(ch, Hl7PolicySettings)
     }
-    bundle_limits = [int(getattr(ch, "max_bundle_entries", 1000)) for ch in cfg.channels]
+    from hms_ach.channels.fhir_rest import FhirRestChannelConfig
+
+    bundle_limits = [ch.max_bundle_entries for ch in cfg.channels if isinstance(ch, FhirRestChannelConfig)]
     from hms_ach.app.wiring import wire_listeners
     from hms_ach.outbound import events
 

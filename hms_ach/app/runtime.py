@@ -17,6 +17,7 @@ from hms_ach.app.config import Config, load_config
 from hms_ach.app.scheduler import Scheduler, build_jobs
 from hms_ach.app.wiring import wire_listeners
 from hms_ach.channels import CHANNEL_TYPES
+from hms_ach.channels.fhir_rest import FhirRestChannel
 from hms_ach.core.errors import ConfigError, ConfigErrors
 from hms_ach.core.types import Channel
 from hms_ach.ingest.pipeline import Pipeline
@@ -93,14 +94,17 @@ class Engine:
         self.dispatcher = Dispatcher(self.store, sinks)
         await self.dispatcher.start()
 
+    def _fhir_write_channel(self) -> FhirRestChannel | None:
+        """The running ``fhir_rest`` channel, if one is configured: it takes the FHIR writes."""
+        return next((ch for ch in self.channels.values() if isinstance(ch, FhirRestChannel)), None)
+
     async def _start_http(self) -> None:
         import uvicorn
 
         from hms_ach.app.http import create_app
 
-        app = create_app(self.store)
+        app = create_app(self.store, lambda: self.pipeline, self._fhir_write_channel)
         app.state.health = self.health
-        app.state.engine = self
         config = uvicorn.Config(
             app,
             host=self.config.http.host,

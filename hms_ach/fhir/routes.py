@@ -71,17 +71,11 @@ def _base(request: Request) -> str:
     return str(request.base_url).rstrip("/") + "/fhir"
 
 
-def _writes_enabled(request: Request) -> bool:
-    engine = getattr(request.app.state, "engine", None)
-    return any(
-        getattr(getattr(ch, "config", None), "type", None) == "fhir_rest"
-        for ch in (getattr(engine, "channels", None) or {}).values()
-    )
-
-
-def fhir_router(store: Store) -> APIRouter:
-    """Every ``/fhir`` route over ``store`` (reads use ``store.reader``, writes the channel's pipeline)."""
+def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) -> APIRouter:
+    """Every ``/fhir`` route over ``store`` (reads use ``store.reader``; writes the pipeline of the
+    ``fhir_rest`` channel that ``write_channel`` finds, and answer 405 when it finds none)."""
     router = APIRouter(prefix="/fhir", tags=["fhir"])
+    find: writes.WriteChannel = write_channel or (lambda: None)
     negotiated = [Depends(negotiate)]
 
     # ------------------------------------------------------------------ AuditEvent (not a record type)
@@ -93,30 +87,28 @@ def fhir_router(store: Store) -> APIRouter:
     @router.post("")
     @router.post("/", include_in_schema=False)
     async def bundle(request: Request) -> Response:
-        return await writes.transaction_or_batch(request)
+        return await writes.transaction_or_batch(request, find)
 
     @router.post("/{resource_type}")
     async def create(resource_type: str, request: Request) -> Response:
-        return await writes.create(request, resource_type)
+        return await writes.create(request, find, resource_type)
 
     @router.put("/{resource_type}")
     async def conditional_update(resource_type: str, request: Request) -> Response:
-        return await writes.conditional_update(request, resource_type)
+        return await writes.conditional_update(request, find, resource_type)
 
     @router.put("/{resource_type}/{rid}")
     async def update(resource_type: str, rid: str, request: Request) -> Response:
-        return await writes.update(request, resource_type, rid)
+        return await writes.update(request, find, resource_type, rid)
 
     @router.delete("/{resource_type}/{rid}")
     async def delete(resource_type: str, rid: str, request: Request) -> Response:
-        return await writes.delete(request, resource_type, rid)
+        return await writes.delete(request, find, resource_type, rid)
 
     # ------------------------------------------------------------------ reads
     @router.get("/metadata", dependencies=negotiated)
     def metadata(request: Request) -> Response:
-        return reads.fhir_response(
-            orjson.dumps(capability_statement(_base(request), _writes_enabled(request)))
-        )
+        return reads.fhir_response(orjson.dumps(capability_statement(_base(request), find() is not None)))
 
     @router.get("/{resource_type}", dependencies=negotiated)
     def search_get(resource_type: str, request: Request) -> Response:

@@ -8,14 +8,16 @@ is read (size-limited), parsed into operations (:mod:`hms_ach.fhir.bundles`), va
 group-commit writer; the 201/200 is sent only after that commit. A request refused before it could
 be applied is stored too, with its reason (except bodies not read or not accepted: 405, 413, 415).
 
-The channel (:class:`~hms_ach.channels.fhir_rest.FhirRestChannel`) is looked up on
-``request.app.state.engine`` per request: without one the write routes answer 405.
+The channel (:class:`~hms_ach.channels.fhir_rest.FhirRestChannel`) is looked up per request with
+the :data:`WriteChannel` function the composition root gives :func:`hms_ach.fhir.routes.fhir_router`
+(channels come and go on reload): without one the write routes answer 405.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -40,14 +42,19 @@ log = logging.getLogger("hms_ach.channels.fhir_rest")
 JSON_TYPES = {"application/fhir+json", "application/json", "application/json+fhir"}
 
 
-def _channel(request: Request) -> FhirRestChannel:
-    engine = getattr(request.app.state, "engine", None)
-    for channel in (getattr(engine, "channels", None) or {}).values():
-        if isinstance(channel, FhirRestChannel):
-            return channel
-    raise FhirError(
-        405, "not-supported", "writes are not enabled: declare a channel of type fhir_rest in channels.yaml"
-    )
+#: Finds the running ``fhir_rest`` channel, if one is configured (None: writes answer 405).
+WriteChannel = Callable[[], FhirRestChannel | None]
+
+
+def _channel(find: WriteChannel) -> FhirRestChannel:
+    channel = find()
+    if channel is None:
+        raise FhirError(
+            405,
+            "not-supported",
+            "writes are not enabled: declare a channel of type fhir_rest in channels.yaml",
+        )
+    return channel
 
 
 async def _body(request: Request, channel: FhirRestChannel) -> tuple[bytes, Any]:
@@ -90,9 +97,11 @@ def _request_line(request: Request, target: str) -> RequestLine:
     )
 
 
-async def _run(request: Request, what: str, line: RequestLine) -> tuple[FhirRestChannel, RequestOutcome, str]:
+async def _run(
+    request: Request, find: WriteChannel, what: str, line: RequestLine
+) -> tuple[FhirRestChannel, RequestOutcome, str]:
     """Read, validate and map the request, then commit it with its request line."""
-    channel = _channel(request)
+    channel = _channel(find)
     raw = b""
     try:
         raw, body = await _body(request, channel) if request.method != "DELETE" else (b"", None)
@@ -128,40 +137,42 @@ def _single_response(request: Request, res: Result) -> Response:
 
 
 # ---------------------------------------------------------------------------- handlers
-async def transaction_or_batch(request: Request) -> Response:
+async def transaction_or_batch(request: Request, find: WriteChannel) -> Response:
     """``POST /fhir``: a transaction or batch Bundle."""
-    _ch, outcome, kind = await _run(request, "Bundle", _request_line(request, ""))
+    _ch, outcome, kind = await _run(request, find, "Bundle", _request_line(request, ""))
     return bundle_response(_base(request), kind, outcome.results)
 
 
-async def create(request: Request, resource_type: str) -> Response:
-    check_writable(resource_type)
-    _ch, outcome, _k = await _run(request, f"POST {resource_type}", _request_line(request, resource_type))
-    return _single_response(request, outcome.results[0])
-
-
-async def conditional_update(request: Request, resource_type: str) -> Response:
-    check_writable(resource_type)
-    line = _request_line(request, f"{resource_type}?{request.url.query}")
-    _ch, outcome, _k = await _run(request, f"PUT {resource_type}", line)
-    return _single_response(request, outcome.results[0])
-
-
-async def update(request: Request, resource_type: str, rid: str) -> Response:
+async def create(request: Request, find: WriteChannel, resource_type: str) -> Response:
     check_writable(resource_type)
     _ch, outcome, _k = await _run(
-        request, f"PUT {resource_type}", _request_line(request, f"{resource_type}/{rid}")
+        request, find, f"POST {resource_type}", _request_line(request, resource_type)
     )
     return _single_response(request, outcome.results[0])
 
 
-async def delete(request: Request, resource_type: str, rid: str) -> Response:
+async def conditional_update(request: Request, find: WriteChannel, resource_type: str) -> Response:
+    check_writable(resource_type)
+    line = _request_line(request, f"{resource_type}?{request.url.query}")
+    _ch, outcome, _k = await _run(request, find, f"PUT {resource_type}", line)
+    return _single_response(request, outcome.results[0])
+
+
+async def update(request: Request, find: WriteChannel, resource_type: str, rid: str) -> Response:
+    check_writable(resource_type)
+    _ch, outcome, _k = await _run(
+        request, find, f"PUT {resource_type}", _request_line(request, f"{resource_type}/{rid}")
+    )
+    return _single_response(request, outcome.results[0])
+
+
+async def delete(request: Request, find: WriteChannel, resource_type: str, rid: str) -> Response:
     check_writable(resource_type)
     if resource_type == "Basic":
         raise FhirError(
             405, "not-supported", "a shift sent as Basic is cancelled with status cancelled, not deleted"
         )
     _ch, outcome, _k = await _run(
-        request, f"DELETE {resource_type}", _request_line(request, f"{resource_type}/{rid}")
+        request, find, f"DELETE {resource_type}", _request_line(request, f"{resource_type}/{rid}")
     )
     return _single_response(request, outcome.results[0])

@@ -49,7 +49,7 @@ from hms_ach.core.records import RecordWrite
 from hms_ach.fhir.outcomes import FhirError
 from hms_ach.fhir.write import VERIFICATION_EXT, Operation, prepare, request_job
 from hms_ach.ingest import pipeline
-from hms_ach.ingest.pipeline import Duplicate, Finish
+from hms_ach.ingest.pipeline import Duplicate, Finish, Pipeline
 from hms_ach.store import audit, messages
 from hms_ach.store import workforce_queries as wq
 from hms_ach.store.db import Store
@@ -393,11 +393,8 @@ def _meta(request: Request, what: str, body: bytes) -> messages.MessageMeta:
     )
 
 
-def _engine(request: Request) -> Any:
-    engine = getattr(request.app.state, "engine", None)
-    if engine is None:
-        raise Problem(503, "Writes unavailable", "this API runs without an engine; writes need `hms-ach run`")
-    return engine
+#: Finds the engine's pipeline (None: this API runs without an engine, and writes answer 503).
+PipelineSource = Callable[[], Pipeline | None]
 
 
 # ---------------------------------------------------------------------------- reads and writes
@@ -443,14 +440,21 @@ def _record_job(
     return job
 
 
+def _pipeline(pipeline_of: PipelineSource | None) -> Pipeline:
+    pipeline = pipeline_of() if pipeline_of is not None else None
+    if pipeline is None:
+        raise Problem(503, "Writes unavailable", "this API runs without an engine; writes need `hms-ach run`")
+    return pipeline
+
+
 # ---------------------------------------------------------------------------- router
-def workforce_router(store: Store) -> APIRouter:
+def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) -> APIRouter:
     router = APIRouter(prefix="/api/v1", tags=["workforce"], route_class=ProblemRoute)
     limit_q = Query(50, ge=1, le=200, description="Page size")
     cursor_q = Query(None, description="next_cursor of the previous page")
 
     async def write_employee(request: Request, emp: EmployeeIn, rid: str | None) -> Response:
-        engine = _engine(request)
+        engine = _pipeline(pipeline_of)
         res = practitioner_json(emp)
         if rid is None:
             op = Operation(
@@ -464,7 +468,7 @@ def workforce_router(store: Store) -> APIRouter:
                 resource={**res, "id": rid},
                 if_match=request.headers.get("if-match"),
             )
-        prepare(op, engine.pipeline.engine)
+        prepare(op, engine.engine)
         raw = orjson.dumps(emp.model_dump(mode="json"))
         outcome = await engine.writer.run(request_job(_meta(request, "employee", raw), [op], "single"))
         if outcome.error is not None:
@@ -561,7 +565,7 @@ def workforce_router(store: Store) -> APIRouter:
         build: Callable[[Tx], RecordWrite],
         view: Callable[[dict[str, Any]], dict[str, Any]],
     ) -> Response:
-        engine = _engine(request)
+        engine = _pipeline(pipeline_of)
         out = await engine.writer.run(_record_job(_meta(request, what, raw), build))
         if isinstance(out, Problem):
             raise out
