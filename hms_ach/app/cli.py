@@ -204,7 +204,7 @@ def messages(
     from hms_ach.store import messages as store_messages
 
     store = _store(config)
-    with store.reader.connect() as conn:
+    with store.read() as conn:
         rows = store_messages.list_messages(conn, status, type, _parse_since(since), limit)
     if as_json:
         for r in rows:
@@ -262,7 +262,7 @@ def replay(
         raise typer.Exit(2) from exc
     targets = list(ids or [])
     if status or since:
-        with store.reader.connect() as conn:
+        with store.read() as conn:
             targets += store_messages.ids_since(conn, _parse_since(since), status)
     if not targets:
         typer.echo("nothing to replay: give message ids, --status or --since", err=True)
@@ -534,7 +534,7 @@ def audit_verify(
 
     store = Store(database) if database else _store(config)
     try:
-        with store.reader.connect() as conn:
+        with store.read() as conn:
             result = audit.verify(conn)
     finally:
         store.dispose()
@@ -571,7 +571,7 @@ def outbox_list(
 
     store = Store(database) if database else _store(config)
     try:
-        with store.reader.connect() as conn:
+        with store.read() as conn:
             counts = outbox.summary(conn)
             rows = outbox.list_rows(conn, status, sink, limit) if status else []
     finally:
@@ -603,7 +603,7 @@ def outbox_retry(
         raise typer.Exit(2)
     store = Store(database) if database else _store(config)
     try:
-        with store.writer.begin() as conn:
+        with store.transaction() as conn:
             count = outbox.retry(conn, row_id, dead=dead)
     finally:
         store.dispose()

@@ -62,7 +62,7 @@ def jobs_list(ctx: typer.Context, config: ConfigOpt = Path("channels.yaml")) -> 
     engine = _engine(config)
     try:
         sched = _scheduler(engine)
-        with engine.store.reader.connect() as conn:
+        with engine.store.read() as conn:
             runs = last_runs(conn)
         typer.echo(f"{'job':<28} {'next run':<26} {'last':<8} {'finished':<26} detail")
         for name in sched.jobs:

@@ -198,14 +198,14 @@ class X12ClaimSink:
         if existing:  # written by an attempt whose delivery was not confirmed (crash, failed upload)
             return existing[0], _payload_of(existing[0], claim_ref)
         try:
-            with self.store.reader.connect() as conn:
+            with self.store.read() as conn:
                 data = self._gather(conn, claim_ref)
         except ClaimError as exc:
             return DeliveryResult(
                 response=f"claim error: {exc}",
                 followups=[_followup("claim.error", {"claim": claim_ref, "reason": str(exc)})],
             )
-        with self.store.writer.begin() as conn:
+        with self.store.transaction() as conn:
             isa = next_number(conn, "x12.isa13")
             st = next_number(conn, "x12.st02")
         built = self.render(data, isa, st)

@@ -2,7 +2,7 @@
 
 A FHIR resource names other resources in ``Reference`` elements: objects with a ``reference`` string
 (``Patient/123``, ``urn:uuid:...``, an absolute URL) found at any depth. Two helpers over plain JSON
-(dicts, lists, scalars), shared by the FHIR REST write path (``inbound/fhir_write.py``: checks targets,
+(dicts, lists, scalars), shared by the FHIR REST write path (``fhir/write.py``: checks targets,
 orders Bundle entries, resolves ``urn:uuid`` fullUrls) and the ``fhir_push`` sink (``outbound/fhir_push.py``:
 follows and rewrites references to the remote's ids or to transaction fullUrls):
 

@@ -53,6 +53,7 @@ from hms_ach.store.errors import (
 )
 from hms_ach.store.port import Tx
 from hms_ach.store.resources import RequestLine, store_request_line, stored_request_line
+from hms_ach.store.savepoint import savepoint
 from hms_ach.store.workforce_queries import shift_overlap
 
 R = TypeVar("R")
@@ -380,7 +381,7 @@ def apply_request(tx: Tx, message_id: int, ops: list[Operation], kind: str) -> t
     if kind == "batch":
         for op in ops:
             try:
-                with resources.savepoint(tx):
+                with savepoint(tx):
                     results.append(_apply(tx, op, {}, message_id))
             except DomainError as exc:
                 refusal = _refusal(exc, op, batch=True)
@@ -389,7 +390,7 @@ def apply_request(tx: Tx, message_id: int, ops: list[Operation], kind: str) -> t
         resolved: dict[str, str] = {}
         current: Operation | None = None
         try:
-            with resources.savepoint(tx):
+            with savepoint(tx):
                 for op in order_entries(ops) if kind == "transaction" else ops:
                     current = op
                     res = _apply(tx, op, resolved, message_id)

@@ -1,4 +1,4 @@
-"""MLLP transport: framing, the listener and the client used by ``hms-ach send``.
+"""MLLP transport: framing and the listener (the client of ``hms-ach send`` is :mod:`hms_ach.hl7v2.client`).
 
 Only bytes move here; what a frame means (parse, store, which ACK) is the handler's business.
 

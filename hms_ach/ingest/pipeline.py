@@ -38,6 +38,7 @@ from hms_ach.mapping.engine import MappingEngine
 from hms_ach.store import messages
 from hms_ach.store.port import Tx
 from hms_ach.store.repository import Repository, WriteOutcome
+from hms_ach.store.savepoint import savepoint
 from hms_ach.store.writer import StoreWriter
 
 log = logging.getLogger("hms_ach.ingest.pipeline")
@@ -153,12 +154,10 @@ def write_records(
     A domain error (a missing reference target, an update-only record that is not there...) rolls
     the savepoint back and is returned, so the message row can still be finished with it.
     """
-    savepoint = tx.begin_nested()
     try:
-        writes = Repository(tx).apply(result, message_id)
-        savepoint.commit()
+        with savepoint(tx):
+            writes = Repository(tx).apply(result, message_id)
     except MessageError as exc:
-        savepoint.rollback()
         return [], exc
     return writes, None
 

@@ -146,9 +146,7 @@ def replay_messages(
     """Replay ``ids`` (in order) in one transaction, each by the replayer of its content type in
     ``table``; committed when ``apply``, else rolled back. Duplicates are skipped."""
     reports: list[ReplayReport] = []
-    conn = store.writer.connect()
-    txn = conn.begin()
-    try:
+    with store.transaction(commit=apply) as conn:
         for mid in ids:
             row = messages.get(conn, mid)
             if row is None or row.status == "duplicate":
@@ -164,13 +162,4 @@ def replay_messages(
                 )
                 continue
             reports.append(replayer(conn, row))
-        if apply:
-            txn.commit()
-        else:
-            txn.rollback()
-    except BaseException:
-        txn.rollback()
-        raise
-    finally:
-        conn.close()
     return reports

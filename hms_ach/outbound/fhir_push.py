@@ -306,7 +306,7 @@ class FhirPushSink:
     # ------------------------------------------------------------------ local reads (in a thread)
     def _load(self, refs: list[str]) -> dict[str, LocalRecord]:
         out: dict[str, LocalRecord] = {}
-        with self.store.reader.connect() as conn:
+        with self.store.read() as conn:
             for ref in refs:
                 row = record_reads.stored(conn, ref)
                 if row is None or row.version_id == 0:

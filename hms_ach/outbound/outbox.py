@@ -155,7 +155,7 @@ class Dispatcher:
 
     def _tx(self, fn: Callable[Concatenate[Tx, P], T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``fn(tx, ...)`` in a write transaction of its own (from a worker thread)."""
-        with self.store.writer.begin() as tx:
+        with self.store.transaction() as tx:
             return fn(tx, *args, **kwargs)
 
     async def _run(self, sink: OutboxSink) -> None:

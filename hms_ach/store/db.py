@@ -9,9 +9,11 @@ power loss: an ACK sent after commit then really means durable. Write transactio
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import Connection, event
 from sqlalchemy.engine import Engine, make_url
 from sqlmodel import SQLModel, create_engine
 
@@ -83,7 +85,11 @@ def is_sqlite(engine: Engine) -> bool:
 
 
 class Store:
-    """The engines of one store: ``writer`` (SQLite: BEGIN IMMEDIATE) and ``reader`` (deferred)."""
+    """The engines of one store: ``writer`` (SQLite: BEGIN IMMEDIATE) and ``reader`` (deferred).
+
+    Code outside ``store/`` reaches them through :meth:`read` and :meth:`transaction` (or the
+    group-commit writer), and hands the connection to store functions.
+    """
 
     def __init__(self, url: str):
         self.url = normalise_url(url)
@@ -95,6 +101,29 @@ class Store:
     @property
     def dialect(self) -> str:
         return self.writer.dialect.name
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A connection of the reader pool, for reads that are not part of a write."""
+        with self.reader.connect() as conn:
+            yield conn
+
+    @contextmanager
+    def transaction(self, commit: bool = True) -> Iterator[Connection]:
+        """A write transaction on a writer connection, outside the group-commit writer (the outbox
+        dispatcher, the 837 sink, replay, CLI maintenance): committed when the block ends, rolled
+        back when it raises or when ``commit`` is False (a dry run)."""
+        with self.writer.connect() as conn:
+            txn = conn.begin()
+            try:
+                yield conn
+            except BaseException:
+                txn.rollback()
+                raise
+            if commit:
+                txn.commit()
+            else:
+                txn.rollback()
 
     def dispose(self) -> None:
         self.writer.dispose()

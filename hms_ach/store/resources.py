@@ -4,7 +4,7 @@ conditional create and update, delete, and the request lines kept for replay.
 Reads take the :class:`~hms_ach.store.db.Store` and run in one short read transaction on its reader
 pool (on PostgreSQL one snapshot for all their statements). Writes take the writer's transaction
 (:data:`~hms_ach.store.port.Tx`) and never commit: the FHIR write job runs them inside it, each
-request or Bundle entry in a :func:`savepoint`.
+request or Bundle entry in a :func:`~hms_ach.store.savepoint.savepoint`.
 
 A write is described by a :class:`ResourceWrite`: the mapped record, its content with references
 resolved, the further records the mapping produced, the version the client expects (If-Match) and a
@@ -31,7 +31,6 @@ from sqlalchemy import update as sql_update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Row
-from sqlalchemy.exc import IntegrityError
 
 from hms_ach.core.records import RecordWrite, merge_content
 from hms_ach.store import search as fhir_search
@@ -41,7 +40,6 @@ from hms_ach.store.errors import (
     Conflict,
     MultipleMatches,
     NotFound,
-    UniqueViolation,
     VersionConflict,
 )
 from hms_ach.store.models import RECORD_TABLES, FhirRequestLine, ResourceHistory, SearchToken
@@ -193,22 +191,6 @@ class Written:
     @property
     def reference(self) -> str:
         return f"{self.resource_type}/{self.id}"
-
-
-@contextmanager
-def savepoint(tx: Tx) -> Iterator[None]:
-    """A SAVEPOINT around the block: released when it succeeds, rolled back when it raises. A unique
-    constraint that refuses a write inside it is raised as :class:`UniqueViolation`."""
-    sp = tx.begin_nested()
-    try:
-        yield
-    except IntegrityError as exc:
-        sp.rollback()
-        raise UniqueViolation(type(exc.orig).__name__) from exc
-    except BaseException:
-        sp.rollback()
-        raise
-    sp.commit()
 
 
 def _row(tx: Tx, resource_type: str, rid: str) -> _RecordRow | None:
@@ -459,7 +441,6 @@ __all__ = [
     "is_live",
     "read",
     "reading",
-    "savepoint",
     "search",
     "store_request_line",
     "stored_request_line",

@@ -14,12 +14,12 @@ whose ``practitioner`` is no indexable ``Practitioner/<id>`` reference has no re
 instead. A time that is no FHIR dateTime has no date row, so such a record is not found by a time
 window (the rules could not have compared it either).
 
-Shift ``end`` rows exist only for shifts written since the parameter was declared (there is no
-reindex command): a shift without one is always a candidate of :func:`overlap_candidates`, so an
-existing store stays correct and only reads a little more until its shifts are rewritten.
+Shift ``end`` rows exist for shifts written since the parameter was declared, or reindexed since
+(``hms-ach reindex --type Shift``): a shift without one is always a candidate of
+:func:`overlap_candidates`, so a store not reindexed stays correct and only reads a little more.
 
 Besides the record reads, the workforce API reaches the store only through this module:
-:func:`read` (a reader connection), :func:`savepoint` (inside a writer job),
+:func:`read` (a reader connection), :func:`~hms_ach.store.savepoint.savepoint` (inside a writer job),
 :class:`StoredRoster` (the lookups of :class:`hms_ach.workforce.rules.Roster`), and the credential
 scan's alerts and last run (:func:`credential_alerts`, :func:`job_run`).
 """
@@ -27,7 +27,6 @@ scan's alerts and last run (:func:`credential_alerts`, :func:`job_run`).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -46,6 +45,7 @@ from hms_ach.store.models import (
     SearchToken,
 )
 from hms_ach.store.port import Tx
+from hms_ach.store.savepoint import savepoint
 from hms_ach.store.search import own_rows
 from hms_ach.store.search_params import clip, parse_reference
 
@@ -82,12 +82,6 @@ def read(store: Store, work: Callable[[Tx], T]) -> T:
     (lazy results such as :func:`scan` must be consumed inside ``work``)."""
     with store.reader.connect() as conn:
         return work(conn)
-
-
-def savepoint(tx: Tx) -> AbstractContextManager[object]:
-    """A SAVEPOINT in the writer's transaction ``tx``: released when the ``with`` block ends, rolled
-    back (and the exception passed on) when it raises, so the rest of the transaction stays."""
-    return tx.begin_nested()
 
 
 # ---------------------------------------------------------------------------- record reads

@@ -55,6 +55,7 @@ from hms_ach.store import workforce_queries as wq
 from hms_ach.store.db import Store
 from hms_ach.store.port import Tx
 from hms_ach.store.repository import Repository
+from hms_ach.store.savepoint import savepoint
 from hms_ach.workforce import rules
 from hms_ach.workforce.rules import (
     CREDENTIAL_SCAN_JOB,
@@ -421,7 +422,7 @@ def _record_job(
 
     def work(tx: Tx, message_id: int) -> tuple[dict[str, Any] | Problem, Finish]:
         try:
-            with wq.savepoint(tx):
+            with savepoint(tx):
                 rec = build(tx)
                 out = Repository(tx).upsert(rec, rec.content, message_id)
                 assert out is not None

@@ -11,6 +11,7 @@ from hms_ach.core.records import RecordWrite
 from hms_ach.store import messages, resources
 from hms_ach.store.db import Store
 from hms_ach.store.errors import AlreadyExists, MultipleMatches, NotFound, RuleViolation, VersionConflict
+from hms_ach.store.savepoint import savepoint
 
 STAFF = "urn:hms-ach:id:staff"
 BADGE = "urn:example:badge"
@@ -65,21 +66,21 @@ def test_refusals_are_domain_errors(store: Store) -> None:
     with store.writer.begin() as tx:
         made = resources.create(tx, _write("E2", "Osei"), mid)
     with store.writer.begin() as tx:
-        with pytest.raises(AlreadyExists) as taken, resources.savepoint(tx):
+        with pytest.raises(AlreadyExists) as taken, savepoint(tx):
             resources.create(tx, _write("E2", "Other"), mid)
         assert taken.value.reference == f"Practitioner/{made.id}"
-        with pytest.raises(VersionConflict) as stale, resources.savepoint(tx):
+        with pytest.raises(VersionConflict) as stale, savepoint(tx):
             resources.update(tx, made.id, _write("E2", "Other", expected=7), mid)
         assert (stale.value.expected, stale.value.current) == (7, 1)
-        with pytest.raises(NotFound), resources.savepoint(tx):
+        with pytest.raises(NotFound), savepoint(tx):
             resources.update(tx, "nope", _write("E2", "Other"), mid)
-        with pytest.raises(NotFound), resources.savepoint(tx):
+        with pytest.raises(NotFound), savepoint(tx):
             resources.delete(tx, "Practitioner", "nope", mid)
 
         def refuse(rid: str, content: dict[str, Any]) -> None:
             raise RuleViolation(f"{rid} refused", code="business-rule")
 
-        with pytest.raises(RuleViolation), resources.savepoint(tx):
+        with pytest.raises(RuleViolation), savepoint(tx):
             resources.update(tx, made.id, _write("E2", "Other", check=refuse), mid)
     current = resources.read(store, "Practitioner", made.id)
     assert current is not None and current.version == 1 and '"Osei"' in current.text
@@ -98,10 +99,10 @@ def test_conditional_create_and_update(store: Store) -> None:
         # two records carry one badge number: the criterion is ambiguous
         resources.create(tx, _write("E5", "Silva", badge="B1"), mid)
         resources.create(tx, _write("E6", "Silva", badge="B1"), mid)
-        with pytest.raises(MultipleMatches) as many, resources.savepoint(tx):
+        with pytest.raises(MultipleMatches) as many, savepoint(tx):
             resources.update_by_identifier(tx, BADGE, "B1", _write("E7", "Silva"), mid)
         assert (many.value.resource_type, many.value.count) == ("Practitioner", 2)
-        with pytest.raises(MultipleMatches), resources.savepoint(tx):
+        with pytest.raises(MultipleMatches), savepoint(tx):
             resources.create_unless_exists(tx, _write("E7", "Silva"), None, "B1", mid)
 
 
