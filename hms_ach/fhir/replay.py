@@ -8,8 +8,6 @@ replay table of :func:`hms_ach.ingest.replay.replay_messages`.
 
 from __future__ import annotations
 
-from typing import Any
-
 import orjson
 
 from hms_ach.fhir.bundles import request_operations
@@ -18,19 +16,20 @@ from hms_ach.fhir.write import RequestLine, apply_request, prepare, rejection, s
 from hms_ach.ingest import pipeline
 from hms_ach.ingest.replay import Replayer, ReplayReport, change, not_replayable
 from hms_ach.mapping.engine import MappingEngine
+from hms_ach.store.messages import StoredMessage
 from hms_ach.store.port import Tx
 
 
 def fhir_replayer(engine: MappingEngine, max_bundle_entries: int) -> Replayer:
     """Stored FHIR writes, run again as the same request with ``engine``'s FHIR mappings."""
 
-    def replay(tx: Tx, row: Any) -> ReplayReport:
+    def replay(tx: Tx, row: StoredMessage) -> ReplayReport:
         return replay_fhir(tx, row, engine, max_bundle_entries)
 
     return replay
 
 
-def replay_fhir(conn: Tx, row: Any, engine: MappingEngine, max_bundle_entries: int) -> ReplayReport:
+def replay_fhir(conn: Tx, row: StoredMessage, engine: MappingEngine, max_bundle_entries: int) -> ReplayReport:
     mid = int(row.id)
     line = stored_request_line(conn, mid)
     if line is None:

@@ -35,6 +35,7 @@ from hms_ach.ingest.pipeline import replay_hl7
 from hms_ach.mapping.engine import MappingEngine
 from hms_ach.store import messages
 from hms_ach.store.db import Store
+from hms_ach.store.messages import StoredMessage
 from hms_ach.store.port import Tx
 from hms_ach.store.versions import version_body
 
@@ -79,13 +80,13 @@ def change(tx: Tx, resource_type: str, rid: str, version: int, reference: str) -
 
 
 #: Replays one stored message (the row of ``hms_ach.store.messages``) in the caller's transaction.
-Replayer: TypeAlias = Callable[[Tx, Any], ReplayReport]
+Replayer: TypeAlias = Callable[[Tx, StoredMessage], ReplayReport]
 
 
 def hl7_replayer(engine: MappingEngine, policies: Mapping[str, Hl7Policy]) -> Replayer:
     """HL7 v2 messages, evaluated again with their channel's policy (the default one when it is gone)."""
 
-    def replay(tx: Tx, row: Any) -> ReplayReport:
+    def replay(tx: Tx, row: StoredMessage) -> ReplayReport:
         policy = policies.get(row.channel) or Hl7Policy(row.channel)
         out = replay_hl7(tx, int(row.id), bytes(row.raw), policy, engine)
         report = ReplayReport(int(row.id), row.message_type, row.status, out.status, out.ack_code, out.error)
@@ -100,7 +101,7 @@ def hl7_replayer(engine: MappingEngine, policies: Mapping[str, Hl7Policy]) -> Re
 def csv_replayer(engine: MappingEngine) -> Replayer:
     """Stored bad CSV rows, mapped again with their dataset's mapping."""
 
-    def replay(tx: Tx, row: Any) -> ReplayReport:
+    def replay(tx: Tx, row: StoredMessage) -> ReplayReport:
         try:
             out = replay_stored_row(tx, engine, int(row.id))
         except (KeyError, ValueError) as exc:
@@ -116,7 +117,7 @@ def csv_replayer(engine: MappingEngine) -> Replayer:
     return replay
 
 
-def _whole_file(_tx: Tx, row: Any) -> ReplayReport:
+def _whole_file(_tx: Tx, row: StoredMessage) -> ReplayReport:
     return not_replayable(
         row, f"message {row.id} records a whole file: its messages are stored one by one (replay those)"
     )
@@ -128,7 +129,7 @@ def replayers(engine: MappingEngine, policies: Mapping[str, Hl7Policy]) -> dict[
     return {"hl7v2": hl7_replayer(engine, policies), "csv": csv_replayer(engine), "file": _whole_file}
 
 
-def not_replayable(row: Any, reason: str) -> ReplayReport:
+def not_replayable(row: StoredMessage, reason: str) -> ReplayReport:
     return ReplayReport(
         int(row.id),
         row.message_type,

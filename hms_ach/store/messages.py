@@ -35,6 +35,40 @@ class MessageMeta:
     partition_key: str | None = None
 
 
+@dataclass(frozen=True)
+class StoredMessage:
+    """One row of the message log, as stored (see :class:`hms_ach.store.models.InboundMessage`)."""
+
+    id: int
+    channel: str
+    idempotency_key: str | None
+    control_id: str
+    sending_application: str
+    sending_facility: str
+    message_type: str
+    version: str
+    content_type: str
+    status: str
+    error: str | None
+    error_location: str | None
+    ack_code: str | None
+    ack: str | None
+    raw: bytes
+    partition_key: str | None
+    duplicate_of: int | None
+    received_at: datetime
+    processed_at: datetime | None
+    replay_count: int
+
+
+def _stored(row: Any) -> StoredMessage | None:
+    if row is None:
+        return None
+    values = {f: getattr(row, f) for f in StoredMessage.__dataclass_fields__}
+    values["raw"] = bytes(values["raw"])  # some drivers hand back a memoryview
+    return StoredMessage(**values)
+
+
 _BY_KEY = select(T).where(T.c.idempotency_key == bindparam("key"))
 _INSERT = insert(T)
 #: INSERT .. ON CONFLICT (idempotency_key) DO NOTHING RETURNING id, per dialect
@@ -44,8 +78,8 @@ _INSERT_NEW = {
 }
 
 
-def find_by_key(conn: Connection, key: str) -> Any:
-    return conn.execute(_BY_KEY, {"key": key}).first()
+def find_by_key(conn: Connection, key: str) -> StoredMessage | None:
+    return _stored(conn.execute(_BY_KEY, {"key": key}).first())
 
 
 def _remember(conn: Connection, message_id: int, meta: MessageMeta) -> None:
@@ -160,8 +194,8 @@ def errors_under_key(conn: Connection, prefix: str) -> list[tuple[str, str | Non
     return [(str(r.control_id), r.error, r.error_location) for r in rows]
 
 
-def get(conn: Connection, message_id: int) -> Any:
-    return conn.execute(select(T).where(T.c.id == message_id)).first()
+def get(conn: Connection, message_id: int) -> StoredMessage | None:
+    return _stored(conn.execute(select(T).where(T.c.id == message_id)).first())
 
 
 def list_messages(
