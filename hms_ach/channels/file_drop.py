@@ -60,6 +60,10 @@ from hms_ach.ingest.pipeline import Pipeline
 log = logging.getLogger("hms_ach.channels.file_drop")
 
 
+#: ACK codes of a stored message (original and enhanced mode): a resend answered so is stored too.
+ACCEPTED = ("AA", "CA")
+
+
 class FileDropConfig(ChannelSettings, Hl7PolicySettings):
     """HL7 v2 and CSV files dropped in a local directory."""
 
@@ -252,8 +256,13 @@ class FileDropChannel:
         for number, raw in enumerate(chunks, 1):
             outcome = await self.pipeline.process_hl7(raw, self.policy)
             report.rows += 1
-            if outcome.status in ("processed", "duplicate"):
+            if outcome.status == "processed" or (
+                outcome.status == "duplicate" and outcome.ack_code in ACCEPTED
+            ):
                 report.stored += 1
+            elif outcome.status == "duplicate":  # sent before and refused then: still not stored
+                reason = f"message {outcome.message_id}: a resend of a message answered {outcome.ack_code}"
+                report.errors.append((number, "", reason))
             else:
                 reason = f"message {outcome.message_id}: {outcome.ack_code} {outcome.error or outcome.status}"
                 report.errors.append((number, "", reason))

@@ -191,3 +191,30 @@ async def test_file_drop_is_a_registered_channel_the_scheduler_polls(
     summary = await job.run()
     assert summary == "a01.hl7: processed (1/1 rows)"
     assert (tmp_path / "drop" / "processed" / "a01.hl7").exists()
+
+
+async def test_a_resent_message_is_judged_by_its_stored_answer(pipeline: Pipeline, tmp_path: Path) -> None:
+    """A file whose message was sent before is processed when that message was stored (AA), and
+    goes to error/ when it was refused (AR): a resend of a refused message is still not stored."""
+    admit = (HL7 / "adt_a01.hl7").read_bytes()
+    refused = admit.replace(b"|P|2.5.1", b"|Q|2.5.1", 1)  # processing id Q: answered AR
+    assert refused != admit
+    channel = _channel(pipeline, tmp_path)
+    await channel.start()
+    _drop(tmp_path, "first.hl7", refused)
+    _drop(tmp_path, "admit.hl7", admit.replace(b"S-A01-0001", b"S-A01-0002"))
+    first = await channel.poll()
+    assert sorted((f.name, f.status) for f in first.files) == [
+        ("admit.hl7", "processed"),
+        ("first.hl7", "error"),
+    ]
+
+    _drop(tmp_path, "again.hl7", refused)  # the same message (same MSH-3/4/10), another file
+    _drop(tmp_path, "admit_again.hl7", admit.replace(b"S-A01-0001", b"S-A01-0002"))
+    second = await channel.poll()
+    assert sorted((f.name, f.status) for f in second.files) == [
+        ("admit_again.hl7", "processed"),
+        ("again.hl7", "error"),
+    ], second.summary()
+    assert (tmp_path / "drop" / "error" / "again.hl7").exists()
+    assert (tmp_path / "drop" / "processed" / "admit_again.hl7").exists()

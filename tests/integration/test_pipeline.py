@@ -55,6 +55,7 @@ def test_admit_is_acked_after_commit_and_stored(pipeline: Pipeline) -> None:
     assert out.message_id is not None
     with pipeline.writer.store.reader.connect() as conn:
         row = messages.get(conn, out.message_id)
+        assert row is not None
     assert row.status == "processed" and row.ack == out.ack and bytes(row.raw).startswith(b"MSH|")
     patients = _resources(pipeline, "Patient")
     assert [p["name"][0]["family"] for p in patients] == ["Rivera"]
@@ -88,7 +89,10 @@ def test_content_error_gets_ae_with_err_and_is_stored_for_replay(pipeline: Pipel
     assert out.message_id is not None
     with pipeline.writer.store.reader.connect() as conn:
         row = messages.get(conn, out.message_id)
-    assert row.status == "error" and "administrative_sex" in row.error and row.error_location == "PID-8"
+        assert row is not None
+    assert (
+        row.status == "error" and "administrative_sex" in (row.error or "") and row.error_location == "PID-8"
+    )
     assert _resources(pipeline, "Patient") == []
 
 
@@ -138,7 +142,8 @@ def test_replay_after_fix(pipeline: Pipeline, tmp_path: Path) -> None:
     again = pipeline.replay(out.message_id, {})
     assert again.status == "processed" and again.ack_code == "AA"
     with pipeline.writer.store.reader.connect() as conn:
-        assert messages.get(conn, out.message_id).replay_count == 1
+        replayed = messages.get(conn, out.message_id)
+        assert replayed is not None and replayed.replay_count == 1
     assert len(_resources(pipeline, "Patient")) == 1
 
 
