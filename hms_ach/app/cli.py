@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 from collections import Counter, defaultdict
+from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,6 +17,7 @@ import typer
 
 from hms_ach.app.config import Config, load_config
 from hms_ach.core.errors import ConfigError, ConfigErrors
+from hms_ach.core.redact import error_kind, redact_url
 from hms_ach.core.types import ChannelSettings
 
 app = typer.Typer(
@@ -39,9 +41,28 @@ class _JsonLogFormatter(logging.Formatter):
             "logger": record.name,
         }
         data.update({k: v for k, v in vars(record).items() if k not in self._skip})
-        if record.exc_info:
-            data["exception"] = self.formatException(record.exc_info)
+        if record.exc_info and record.exc_info[1] is not None:
+            data.update(_exception_fields(record.exc_info[1]))
         return json.dumps(data, default=str)
+
+
+def _exception_fields(exc: BaseException) -> dict[str, Any]:
+    """An exception for a log line without its text, which can hold field values (a python-hl7
+    decode error) or bound SQL parameters: its kind (type, SQLSTATE), its causes' kinds, and where
+    it was raised (file:line in function, innermost last)."""
+    import traceback
+
+    causes: list[str] = []
+    seen = exc.__cause__ or exc.__context__
+    while seen is not None and len(causes) < 5:
+        causes.append(error_kind(seen))
+        seen = seen.__cause__ or seen.__context__
+    frames = traceback.extract_tb(exc.__traceback__)[-8:]
+    return {
+        "exception": error_kind(exc),
+        "exception_causes": causes,
+        "exception_at": [f"{Path(f.filename).name}:{f.lineno} in {f.name}" for f in frames],
+    }
 
 
 def _setup_logging(level: str = "INFO") -> None:
@@ -77,6 +98,16 @@ def run(
     except (ConfigErrors, ConfigError) as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from exc
+    except Exception as exc:  # noqa: BLE001 - the store cannot be opened (bad URL, unreachable): one line
+        from hms_ach.store.db import database_url
+
+        first = redact_url(str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+        typer.echo(
+            f"hms-ach: cannot open the store {redact_url(database_url(cfg.engine.database_url))}: "
+            f"{type(exc).__name__}: {first}"[:500],
+            err=True,
+        )
+        raise typer.Exit(1) from exc
     for ch in cfg.channels:
         port = ch.port if isinstance(ch, MllpChannelConfig) else None
         typer.echo(
@@ -84,11 +115,64 @@ def run(
         )
     if cfg.http.enabled:
         typer.echo(f"FHIR R4 API on http://{cfg.http.host}:{cfg.http.port}/fhir", err=True)
-    typer.echo(f"store: {engine.store.url}; event loop: {eventloop.loop_name()}", err=True)
+    typer.echo(f"store: {redact_url(engine.store.url)}; event loop: {eventloop.loop_name()}", err=True)
     try:
-        eventloop.run(engine.serve())
+        eventloop.run(_serve(engine))
     except KeyboardInterrupt:
         pass
+    except _StartError as exc:
+        typer.echo(f"hms-ach: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except SystemExit as exc:  # uvicorn exits from its task (out of the loop) when it cannot bind
+        if not cfg.http.enabled or engine.http_port is not None:
+            raise
+        typer.echo(f"hms-ach: {_start_failure(engine, exc)}", err=True)
+        raise typer.Exit(1) from None
+
+
+class _StartError(Exception):
+    """The engine could not start (a port in use...): the one line ``hms-ach run`` prints."""
+
+
+async def _serve(engine: Any) -> None:
+    """``engine.serve()``, with a failure to start (a port in use) turned into a _StartError."""
+    try:
+        await engine.serve()
+    except OSError as exc:
+        text = _start_failure(engine, exc)
+        with suppress(Exception):
+            await engine.stop()  # what did start (the writer, earlier channels) is stopped
+        raise _StartError(text) from None
+
+
+def _start_failure(engine: Any, exc: BaseException) -> str:
+    """Where the start failed and why: the first enabled channel that did not start, else HTTP."""
+    import errno
+    import os
+    import socket
+
+    cfg: Config = engine.config
+    failed = next((ch for ch in cfg.channels if ch.enabled and ch.name not in engine.channels), None)
+    if failed is not None and hasattr(failed, "port"):
+        host, port, what = getattr(failed, "host", "0.0.0.0"), failed.port, f"channel {failed.name}"
+    elif failed is not None:
+        return f"channel {failed.name} ({failed.type}) cannot start: {type(exc).__name__}: {exc}"
+    else:
+        host, port, what = cfg.http.host, cfg.http.port, "the HTTP API"
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None:  # uvicorn logged the reason and exited: find it by binding the address ourselves
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            try:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((host, port))
+            except OSError as bind_error:
+                code = bind_error.errno
+    reason = (
+        "address already in use"
+        if code == errno.EADDRINUSE
+        else (os.strerror(code).lower() if code else "it did not start")
+    )
+    return f"cannot listen on {host}:{port} ({what}): {reason}"
 
 
 @app.command()
@@ -127,9 +211,12 @@ def send(
     port: int = 2575,
     timeout: Annotated[float, typer.Option(help="seconds to wait for each ACK")] = 30.0,
 ) -> None:
-    """Send HL7 v2 files over MLLP and print each ACK."""
+    """Send HL7 v2 files over MLLP and print each ACK (none is awaited for a message with MSH-15 NE).
+
+    A timeout or a lost connection fails that message only: the next one is sent on a new
+    connection. The exit status is 1 when any message failed or got no positive ACK."""
     from hms_ach.core.errors import MessageError
-    from hms_ach.hl7v2.client import send_messages, split_messages
+    from hms_ach.hl7v2.client import send_each, split_messages
 
     batch: list[tuple[Path, bytes]] = []
     for f in files:
@@ -144,16 +231,17 @@ def send(
     if not batch:
         typer.echo("no HL7 messages found in the files given", err=True)
         raise typer.Exit(1)
-    from hms_ach.hl7v2.mllp import MllpError
-
-    error: MllpError | None = None
-    try:
-        acks = asyncio.run(send_messages(host, port, [m for _, m in batch], timeout=timeout))
-    except MllpError as exc:
-        acks, error = exc.acks, exc
+    results = asyncio.run(send_each(host, port, [m for _, m in batch], timeout=timeout))
     failures = 0
-    for (f, _), ack in zip(batch, acks, strict=False):
-        text = ack.decode("utf-8", errors="replace").replace("\r", "\n").strip()
+    for (f, _), sent in zip(batch, results, strict=True):
+        if sent.error is not None:
+            failures += 1
+            typer.echo(f"== {f} -> no ACK: {sent.error}\n", err=True)
+            continue
+        if sent.ack is None:
+            typer.echo(f"== {f} -> sent (MSH-15 NE: no ACK expected)\n")
+            continue
+        text = sent.ack.decode("utf-8", errors="replace").replace("\r", "\n").strip()
         code = next(
             (
                 line.split(text[3] if len(text) > 3 else "|")[1]
@@ -164,10 +252,8 @@ def send(
         )
         failures += code not in ("AA", "CA")
         typer.echo(f"== {f} -> {code}\n{text}\n")
-    if error is not None or len(acks) < len(batch):
-        reason = error.message if error else "stopped"
-        typer.echo(f"{reason}: {len(batch) - len(acks)} message(s) got no ACK", err=True)
-        raise typer.Exit(1)
+    if failures:
+        typer.echo(f"{failures} of {len(batch)} message(s) failed or got no positive ACK", err=True)
     raise typer.Exit(1 if failures else 0)
 
 

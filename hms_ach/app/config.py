@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from hms_ach.app.job_settings import JobsSettings
 from hms_ach.channels import CHANNEL_TYPES
 from hms_ach.core.errors import ConfigError, ConfigErrors, SourcePosition
+from hms_ach.core.timezones import IanaTimeZone
 from hms_ach.mapping.loader import Positions, load_yaml, position_of
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
@@ -34,7 +35,9 @@ class EngineSettings(_Strict):
         "default sqlite:///hms_ach.db in the working directory",
     )
     mappings: str = Field("mappings", description="Directory of the mapping files, relative to channels.yaml")
-    timezone: str = Field("UTC", description="IANA time zone assumed for HL7 times sent without a UTC offset")
+    timezone: IanaTimeZone = Field(
+        "UTC", description="IANA time zone assumed for HL7 times sent without a UTC offset"
+    )
     watch: bool = Field(True, description="Reload channels.yaml and mappings when they change (hms-ach run)")
 
 
@@ -205,6 +208,11 @@ def _translate(
                     pos,
                     f"one of {', '.join(choices)}" if choices else None,
                 )
+            )
+        elif err["type"] == "iana_timezone":
+            ctx = err.get("ctx") or {}
+            out.append(
+                ConfigError(f"{'.'.join(map(str, err['loc']))}: {err['msg']}", pos, ctx.get("expected"))
             )
         elif err["type"] == "missing":
             out.append(ConfigError(f"missing required key {'.'.join(map(str, err['loc']))!r}", pos))

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from hms_ach.app.jobs import JOB_TYPES, job_names
+from hms_ach.core.timezones import IanaTimeZone
 from hms_ach.core.types import JobSchedule
 
 
@@ -20,7 +21,7 @@ class _JobsBase(BaseModel):
         description="Run the scheduler in this engine (one per deployment: on PostgreSQL "
         "an advisory lock makes the other instances stand by)",
     )
-    timezone: str = Field("UTC", description="IANA time zone of the cron schedules")
+    timezone: IanaTimeZone = Field("UTC", description="IANA time zone of the cron schedules")
     lock_retry_seconds: float = Field(30, gt=0, description="How often a standby instance tries to take over")
     stop_timeout_seconds: float = Field(
         30, gt=0, description="On shutdown, how long runs in progress may finish"

@@ -18,6 +18,7 @@ from datetime import UTC, datetime, timedelta
 from pydantic import Field
 
 from hms_ach.billing.claims import CLAIM_SYSTEM, claim_for_encounter
+from hms_ach.core.redact import error_kind
 from hms_ach.core.types import JobSchedule
 from hms_ach.store import claim_queries
 from hms_ach.store.port import Tx
@@ -51,7 +52,7 @@ def create_claims(tx: Tx, settle_hours: float, limit: int = 1000) -> dict[str, i
             counts["failed"] += 1
             log.error(
                 "claims.creation_failed",
-                extra={"encounter": encounter_id, "error": f"{type(exc).__name__}: {exc}"[:300]},
+                extra={"encounter": encounter_id, "error": error_kind(exc)},
             )
             continue
         counts["created" if made else "skipped"] += 1

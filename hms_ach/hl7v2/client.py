@@ -1,4 +1,9 @@
-"""MLLP client: what ``hms-ach send`` uses to send files of HL7 v2 messages and collect the ACKs."""
+"""MLLP client: what ``hms-ach send`` uses to send files of HL7 v2 messages and collect the ACKs.
+
+:func:`send_each` (``hms-ach send``) waits for no ACK when a message's MSH-15 says NE, and goes on
+with the next message after a timeout or a lost connection (on a new connection, so that a late
+ACK is never taken for the next message's). :func:`send_messages` stops at the first failure.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import asyncio
 import re
 from collections import deque
 from contextlib import suppress
+from dataclasses import dataclass
 
 from hms_ach.core.errors import Err0357, RejectError
 from hms_ach.hl7v2.mllp import FS, VT, Frame, FrameEvent, MllpError, MllpFramer, OversizeFrame, frame
@@ -103,3 +109,74 @@ async def _next_ack(reader: asyncio.StreamReader, framer: MllpFramer, pending: d
         if not chunk:
             raise MllpError("the server closed the connection without an ACK")
         pending.extend(framer.feed(chunk))
+
+
+def expects_ack(message: bytes) -> bool:
+    """False when MSH-15 (accept acknowledgment type) is NE: the receiver sends no commit ACK.
+
+    An empty MSH-15 (original mode) and every other value expect one."""
+    first = _segments(message)[0] if _segments(message) else b""
+    if not first.startswith(b"MSH") or len(first) < 4:
+        return True
+    fields = first.split(first[3:4])  # fields[n - 1] is MSH-n: MSH-1 is the separator itself
+    return not (len(fields) > 14 and fields[14].strip().upper() == b"NE")
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What became of one message: its ACK, no ACK because none was asked (MSH-15 NE), or an error."""
+
+    ack: bytes | None = None
+    error: str | None = None
+    ack_expected: bool = True
+
+
+async def send_each(
+    host: str, port: int, messages: list[bytes], timeout: float = 30, max_ack_bytes: int = 1024 * 1024
+) -> list[Sent]:
+    """Send ``messages`` in order and return one :class:`Sent` per message; never raises MllpError.
+
+    ``timeout`` bounds the connect and each send+ACK round. A message whose MSH-15 is NE is written
+    and not waited for. After a failure the connection is closed and the next message opens a new one.
+    """
+    results: list[Sent] = []
+    conn: tuple[asyncio.StreamReader, asyncio.StreamWriter, MllpFramer, deque[FrameEvent]] | None = None
+    try:
+        for number, message in enumerate(messages, 1):
+            wants_ack = expects_ack(message)
+            try:
+                async with asyncio.timeout(timeout):
+                    if conn is None:
+                        try:
+                            reader, writer = await asyncio.open_connection(host, port)
+                        except OSError as exc:
+                            raise MllpError(f"cannot connect to {host}:{port}: {exc}") from exc
+                        conn = (reader, writer, MllpFramer(max_ack_bytes), deque())
+                    reader, writer, framer, pending = conn
+                    writer.write(frame(normalise_message(message)))
+                    await writer.drain()
+                    if not wants_ack:
+                        results.append(Sent(ack_expected=False))
+                        continue
+                    results.append(Sent(ack=await _next_ack(reader, framer, pending)))
+                    continue
+            except TimeoutError:
+                error = f"message {number}: no ACK from {host}:{port} within {timeout} s"
+            except MllpError as exc:
+                error = f"message {number}: {exc.message}"
+            except OSError as exc:
+                error = f"message {number}: connection to {host}:{port} failed: {exc}"
+            results.append(Sent(error=error, ack_expected=wants_ack))
+            if conn is not None:
+                await _close(conn[1])
+                conn = None
+    finally:
+        if conn is not None:
+            await _close(conn[1])
+    return results
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with suppress(OSError):
+        await writer.wait_closed()

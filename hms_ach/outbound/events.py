@@ -42,6 +42,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from hms_ach.core.records import MIRRORED
+from hms_ach.core.redact import error_kind
 from hms_ach.store import outbox
 from hms_ach.store.changes import Change
 from hms_ach.store.port import Tx
@@ -143,7 +144,7 @@ def payload_from(event: str, context: dict[str, Any], base: dict[str, Any]) -> d
             extra={
                 "event": event,
                 "resource": context.get("resource"),
-                "error": f"{type(exc).__name__}: {exc}",
+                "error": error_kind(exc),
             },
         )
         return base

@@ -27,6 +27,7 @@ from typing import Concatenate, ParamSpec, TypeVar
 
 import orjson
 
+from hms_ach.core.redact import error_kind
 from hms_ach.outbound.sinks import Delivery, DeliveryError, DeliveryResult, OutboxSink, SinkSettings
 from hms_ach.store import outbox as rows
 from hms_ach.store.db import Store
@@ -166,7 +167,7 @@ class Dispatcher:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - a store hiccup: try again shortly
-                log.error("outbox.dispatch_error", extra={"sink": settings.name, "error": str(exc)})
+                log.error("outbox.dispatch_error", extra={"sink": settings.name, "error": error_kind(exc)})
                 wait = max(self.poll_seconds, 1.0)
             await asyncio.sleep(max(0.01, wait))
 

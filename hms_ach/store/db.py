@@ -42,7 +42,7 @@ def make_engine(url: str, *, create: bool = True, writer: bool = True) -> Engine
     url = normalise_url(url)
     txcache.install()
     is_sqlite = make_url(url).get_backend_name() == "sqlite"
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"hide_parameters": True}  # no field values in SQL error text or logs
     if is_sqlite:
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
     else:

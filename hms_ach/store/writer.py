@@ -20,6 +20,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+from hms_ach.core.redact import error_kind
 from hms_ach.store.db import Store
 from hms_ach.store.port import Tx
 
@@ -100,7 +101,7 @@ class StoreWriter:
                         savepoint.rollback()
                         outcomes.append((fut, None, exc))
         except Exception as exc:  # noqa: BLE001 - the commit failed: nothing of the batch is durable
-            log.error("store.commit_failed", extra={"batch": len(batch), "error": str(exc)})
+            log.error("store.commit_failed", extra={"batch": len(batch), "error": error_kind(exc)})
             for _job, fut in batch:
                 if not fut.done():
                     fut.set_exception(exc)
@@ -131,7 +132,7 @@ class StoreWriter:
             try:
                 txn.commit()
             except Exception as exc:  # noqa: BLE001 - the commit failed: nothing is durable
-                log.error("store.commit_failed", extra={"batch": 1, "error": str(exc)})
+                log.error("store.commit_failed", extra={"batch": 1, "error": error_kind(exc)})
                 self._settle(fut, None, exc)
                 return
         finally:
