@@ -6,6 +6,10 @@
 * **ACK modes**: original mode (MSH-15 and MSH-16 empty) always answers AA, AE or AR (HL7 table
   0008); enhanced mode answers with the commit codes CA, CE or CR, sent as MSH-15 says (AL always,
   NE never, ER on error only, SU on success only).
+* **A reused control id** (``on_reused_control_id``): a message whose MSH-3, MSH-4 and MSH-10 were
+  stored before with *different* content (a true resend has the same content and gets the stored
+  ACK) is ``reject``-ed (the default: AR with an ERR at MSH-10, code 205, stored for review and
+  replay) or ``process``-ed as a new message (see :mod:`hms_ach.ingest.pipeline`).
 
 :class:`Hl7PolicySettings` are the same settings as they appear in ``channels.yaml`` for every
 channel that takes HL7 v2 (``mllp``, ``file_drop``).
@@ -14,6 +18,7 @@ channel that takes HL7 v2 (``mllp``, ``file_drop``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,6 +31,9 @@ DEFAULT_VERSIONS: tuple[str, ...] = ("2.1", "2.2", "2.3", "2.4", "2.5", "2.6", "
 DEFAULT_PROCESSING_IDS: tuple[str, ...] = ("P", "T", "D")
 #: The charset of a message whose MSH-18 is empty, unless a channel says otherwise.
 DEFAULT_CHARSET = "utf-8"
+
+#: What a channel does with a message reusing an earlier control id for different content.
+ReusedControlId: TypeAlias = Literal["reject", "process"]
 
 _ENHANCED = {"AA": "CA", "AE": "CE", "AR": "CR"}
 _ORIGINAL = {v: k for k, v in _ENHANCED.items()}
@@ -44,6 +52,7 @@ class Hl7Policy:
     default_charset: str = DEFAULT_CHARSET
     versions: list[str] = field(default_factory=lambda: list(DEFAULT_VERSIONS))
     processing_ids: list[str] = field(default_factory=lambda: list(DEFAULT_PROCESSING_IDS))
+    on_reused_control_id: ReusedControlId = "reject"
 
     def check(self, header: MshHeader) -> None:
         """Raise RejectError (AR) when ``header`` is not acceptable on this channel."""
@@ -84,10 +93,19 @@ class Hl7PolicySettings(BaseModel):
         default_factory=lambda: list(DEFAULT_PROCESSING_IDS),
         description="MSH-11 processing ids accepted; others get AR",
     )
+    on_reused_control_id: ReusedControlId = Field(
+        "reject",
+        description="a message reusing a stored MSH-3/MSH-4/MSH-10 with different content: reject "
+        "(AR, ERR MSH-10 code 205, stored for review and replay) or process (as a new message)",
+    )
 
     def hl7_policy(self, channel: str) -> Hl7Policy:
         return Hl7Policy(
-            channel, self.default_charset, list(self.accept_versions), list(self.accept_processing_ids)
+            channel,
+            self.default_charset,
+            list(self.accept_versions),
+            list(self.accept_processing_ids),
+            self.on_reused_control_id,
         )
 
 

@@ -16,6 +16,15 @@ job of the group-commit writer (:mod:`hms_ach.store.writer`):
    writes the records (:func:`write_records`: one SAVEPOINT, a domain error rolls it back and
    becomes the message's error) and returns the :class:`Finish` written on the row (status,
    ACK code and text, error and its location), all in the same transaction.
+
+   A keyed HL7 v2 message also carries its :func:`content_hash`, stored beside its row; on a key
+   conflict the hashes are compared (:attr:`Duplicate.same_content`). The same content is a true
+   resend: the stored answer, and a ``duplicate`` row. Different content under the same MSH-3,
+   MSH-4 and MSH-10 is a *reused control id* (:func:`commit_hl7`), handled as the channel's
+   ``on_reused_control_id`` says: ``reject`` stores it (raw, for review and replay) as
+   ``rejected`` with AR and an ERR at MSH-10 (code 205) and writes nothing else; ``process`` runs it
+   as a new message. Either way it is stored under the derived key :func:`reused_key` (the key
+   and the hash), so a resend of *it* is in turn a duplicate that gets its stored answer.
 4. **outcome**: only after that transaction committed does the caller get its result (for
    MLLP the ACK to send, for a file the move to ``processed/`` or ``error/``).
 
@@ -24,9 +33,10 @@ Replay runs the same ``work`` again on the stored row (:func:`rerun`).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeAlias, TypeVar
 
 from hms_ach.core.errors import Err0357, MessageError, RejectError
@@ -69,6 +79,9 @@ class Duplicate:
     status: str
     ack_code: str | None
     ack: str | None
+    #: False when the envelope's content hash differs from the stored message's (a reused key);
+    #: always True for an envelope without a content hash.
+    same_content: bool = True
 
 
 #: What a channel does for a stored message: ``work(tx, message_id)`` writes the records and
@@ -80,9 +93,10 @@ Work: TypeAlias = Callable[[Tx, int], tuple[R, Finish | None]]
 def commit(tx: Tx, envelope: Envelope, work: Work[R]) -> R | Duplicate:
     """Store ``envelope`` under the one idempotency rule and run ``work`` for it, in ``tx``.
 
-    A keyed envelope whose key is stored already returns :class:`Duplicate` and writes nothing;
-    an unkeyed one is always stored. Call it inside a writer job; the result is durable once the
-    job's transaction committed.
+    A keyed envelope whose key is stored already returns :class:`Duplicate` and writes nothing
+    (with ``same_content`` False when the envelope has a content hash that differs from the stored
+    message's); an unkeyed one is always stored. Call it inside a writer job; the result is durable
+    once the job's transaction committed.
     """
     key = envelope.idempotency_key
     if key:
@@ -92,10 +106,35 @@ def commit(tx: Tx, envelope: Envelope, work: Work[R]) -> R | Duplicate:
             row = messages.find_by_key(tx, key)
             if row is None:
                 raise RuntimeError(f"message key {key!r} conflicted but no stored message has it")
-            return Duplicate(int(row.id), str(row.status), row.ack_code, row.ack)
+            same = envelope.content_hash is None or _stored_hash(tx, row) == envelope.content_hash
+            return Duplicate(int(row.id), str(row.status), row.ack_code, row.ack, same)
     else:
         message_id = messages.insert_message(tx, envelope, keyed=False)
     return _run(tx, message_id, work, replay=False)
+
+
+def content_hash(raw: bytes) -> str:
+    """Hex SHA-256 of a message's content, as compared to tell a resend from a reused control id.
+
+    The content is the raw bytes as received, with any MLLP framing (VT at the start, FS CR at the
+    end) and segment-terminator differences taken out: CR LF and LF count as CR, and CRs at either
+    end are dropped. Nothing else is left out, MSH-7 (date/time of message) included: a sender that
+    resends a message repeats it byte for byte, MSH-7 too, so the normalised bytes match; a new
+    message under an old control id almost always differs in MSH-7 or beyond. Hashing bytes rather
+    than parsed fields keeps this exact, charset-independent and cheap.
+    """
+    body = raw.replace(b"\r\n", b"\r").replace(b"\n", b"\r").strip(b"\x0b\x1c\r")
+    return hashlib.sha256(body).hexdigest()
+
+
+def reused_key(key: str, digest: str) -> str:
+    """The idempotency key of a message that reused ``key`` with content hashed ``digest``."""
+    return f"{key}#sha256:{digest}"
+
+
+def _stored_hash(tx: Tx, row: messages.StoredMessage) -> str:
+    """The content hash of a stored message: as stored, or from its raw bytes (stored before hashes)."""
+    return messages.stored_content_hash(tx, row.id) or content_hash(row.raw)
 
 
 def rerun(tx: Tx, message_id: int, work: Work[R]) -> R:
@@ -217,6 +256,8 @@ def evaluate(raw: bytes, policy: Hl7Policy, engine: MappingEngine) -> Evaluation
     _describe(meta, header)
     meta.version = header.version[:20]
     meta.idempotency_key = idempotency_key(header)
+    if meta.idempotency_key:
+        meta.content_hash = content_hash(raw)
     try:
         policy.check(header)
         text = decode(raw, header, policy.default_charset)
@@ -286,12 +327,50 @@ def hl7_work(ev: Evaluation, charset: str) -> Work[Outcome]:
     return work
 
 
+def reused_control_id(ev: Evaluation, policy: Hl7Policy) -> Evaluation:
+    """``ev`` as the channel takes it when its control id was used before for different content:
+    unchanged under ``process``; under ``reject`` an AR at MSH-10 (205) that writes no records."""
+    if policy.on_reused_control_id == "process":
+        return ev
+    error = RejectError(
+        "MSH-10 control id reused with different content (an earlier message from this MSH-3/MSH-4 "
+        f"has it); channel {policy.channel} has on_reused_control_id: reject",
+        "MSH-10",
+        Err0357.DUPLICATE_KEY,
+    )
+    return replace(ev, result=None, error=error, crashed=False)
+
+
+def _reuses_control_id(tx: Tx, ev: Evaluation, message_id: int) -> bool:
+    """Another stored message has ``ev``'s key (MSH-3|MSH-4|MSH-10) with different content."""
+    key = ev.meta.idempotency_key
+    if not key or not ev.meta.content_hash:
+        return False
+    row = messages.find_by_key(tx, key)
+    return row is not None and row.id != message_id and _stored_hash(tx, row) != ev.meta.content_hash
+
+
 def commit_hl7(ev: Evaluation, policy: Hl7Policy) -> Callable[[Tx], Outcome]:
-    """The writer job for one evaluated HL7 v2 message; a resent one is answered with the stored ACK."""
+    """The writer job for one evaluated HL7 v2 message; a resent one is answered with the stored ACK,
+    one that reuses a stored control id for different content as the channel's policy says."""
 
     def job(tx: Tx) -> Outcome:
         charset = charset_of(ev, policy)
         out = commit(tx, ev.meta, hl7_work(ev, charset))
+        if isinstance(out, Duplicate) and not out.same_content and ev.meta.content_hash:
+            # Stored under a key of its own (the key and the hash): its own resend is a duplicate.
+            meta = replace(
+                ev.meta, idempotency_key=reused_key(str(ev.meta.idempotency_key), ev.meta.content_hash)
+            )
+            log.warning(
+                "message.reused_control_id",
+                extra={
+                    "channel": policy.channel,
+                    "original_id": out.original_id,
+                    "policy": policy.on_reused_control_id,
+                },
+            )
+            out = commit(tx, meta, hl7_work(reused_control_id(ev, policy), charset))
         if not isinstance(out, Duplicate):
             return out
         dup_id = record_duplicate(tx, ev.meta, out)
@@ -302,8 +381,15 @@ def commit_hl7(ev: Evaluation, policy: Hl7Policy) -> Callable[[Tx], Outcome]:
 
 
 def replay_hl7(tx: Tx, message_id: int, raw: bytes, policy: Hl7Policy, engine: MappingEngine) -> Outcome:
-    """Evaluate the stored HL7 v2 message again and rewrite its records, status and ACK in ``tx``."""
+    """Evaluate the stored HL7 v2 message again and rewrite its records, status and ACK in ``tx``.
+
+    A message that reused the control id of another stored message for different content is taken
+    as the channel's ``on_reused_control_id`` says now: still rejected under ``reject`` (the ERR
+    says why; set ``process`` on the channel to have it processed), processed under ``process``.
+    """
     ev = evaluate(raw, policy, engine)
+    if policy.on_reused_control_id != "process" and _reuses_control_id(tx, ev, message_id):
+        ev = reused_control_id(ev, policy)
     return rerun(tx, message_id, hl7_work(ev, charset_of(ev, policy)))
 
 

@@ -1,5 +1,8 @@
 """The message store: every inbound message, raw, with its status, error and the ACK we sent.
 
+A message whose :attr:`MessageMeta.content_hash` is set (keyed HL7 v2) also gets a row in
+``message_content_hash``, read back by :func:`stored_content_hash` when its key is met again.
+
 Functions take a SQLAlchemy connection inside the caller's transaction.
 """
 
@@ -14,9 +17,10 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from hms_ach.store import fastexec, txcache
-from hms_ach.store.models import InboundMessage
+from hms_ach.store.models import InboundMessage, MessageContentHash
 
 T = InboundMessage.__table__  # type: ignore[attr-defined]
+H = MessageContentHash.__table__  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -33,6 +37,8 @@ class MessageMeta:
     message_type: str = ""
     version: str = ""
     partition_key: str | None = None
+    #: Hex SHA-256 of the content (keyed HL7 v2): stored beside the row, compared on a key conflict.
+    content_hash: str | None = None
 
 
 @dataclass(frozen=True)
@@ -82,9 +88,29 @@ def find_by_key(conn: Connection, key: str) -> StoredMessage | None:
     return _stored(conn.execute(_BY_KEY, {"key": key}).first())
 
 
-def _remember(conn: Connection, message_id: int, meta: MessageMeta) -> None:
-    """Keep who sent the message for the rest of the transaction (the audit trail's agent)."""
+def _remember(conn: Connection, message_id: int, meta: MessageMeta, status: str = "received") -> None:
+    """Keep who sent the message for the rest of the transaction (the audit trail's agent), and
+    store its content hash (none for a ``duplicate`` row: its original has it)."""
     txcache.cache(conn)["message.sender"] = (message_id, meta.channel, meta.sending_application)
+    if meta.content_hash and status != "duplicate":
+        fastexec.execute(
+            conn,
+            "message.content_hash",
+            _INSERT_HASH,
+            {"message_id": message_id, "sha256": meta.content_hash},
+            H,
+        )
+
+
+_INSERT_HASH = insert(H)
+_HASH_OF = select(H.c.sha256).where(H.c.message_id == bindparam("mid"))
+
+
+def stored_content_hash(conn: Connection, message_id: int) -> str | None:
+    """The content hash stored for ``message_id``; None when none was (stored before hashes, or not
+    HL7 v2)."""
+    row = fastexec.first_row(conn, "message.content_hash_of", _HASH_OF, {"mid": message_id})
+    return str(row[0]) if row is not None else None
 
 
 def insert_new(conn: Connection, meta: MessageMeta) -> int | None:
@@ -119,7 +145,7 @@ def insert_message(
     ).inserted_primary_key
     if key is None:
         raise RuntimeError("the database returned no id for the stored message")
-    _remember(conn, int(key[0]), meta)
+    _remember(conn, int(key[0]), meta, status)
     return int(key[0])
 
 

@@ -86,6 +86,21 @@ class FhirRequestLine(SQLModel, table=True):
     )
 
 
+class MessageContentHash(SQLModel, table=True):
+    """The SHA-256 of a keyed HL7 v2 message's content, to tell a true resend (same content) from a
+    message that reuses an earlier control id (MSH-3, MSH-4, MSH-10) with different content.
+
+    A table of its own (not a column of ``message``) so that stores created before it gain it with
+    ``create_all`` and no migration; a message stored before it has no row here, and its hash is then
+    computed from its stored raw bytes.
+    """
+
+    __tablename__ = "message_content_hash"
+
+    message_id: int = Field(primary_key=True, description="The message row (content type hl7v2)")
+    sha256: str = Field(max_length=64, description="Hex SHA-256 of the normalised raw message")
+
+
 class ResourceBase(SQLModel):
     """Columns shared by every canonical record table."""
 
