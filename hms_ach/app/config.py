@@ -36,6 +36,17 @@ class EngineSettings(_Strict):
     mappings: str = Field("mappings", description="Directory of the mapping files, relative to channels.yaml")
     timezone: str = Field("UTC", description="IANA time zone assumed for HL7 times sent without a UTC offset")
     watch: bool = Field(True, description="Reload channels.yaml and mappings when they change (hms-ach run)")
+    commit_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="Longest wait for the store to commit a message; past it the sender gets AE/CE "
+        "(HTTP: 503) and may resend",
+    )
+    ready_probe_seconds: float = Field(
+        2.0,
+        gt=0,
+        description="Deadline of the trivial transaction /health/ready commits through the writer",
+    )
 
 
 class HttpSettings(_Strict):

@@ -38,7 +38,7 @@ class Engine:
     def __init__(self, config: Config, database: str | None = None):
         self.config = config
         self.store = Store(database or database_url(config.engine.database_url))
-        self.writer = StoreWriter(self.store)
+        self.writer = StoreWriter(self.store, commit_timeout=config.engine.commit_timeout_seconds)
         self.mappings = load_mappings(config.mappings_dir)
         self.pipeline = Pipeline(self.writer, MappingEngine(self.mappings, config.engine.timezone))
         wire_listeners()  # record changes -> outbox events, discharge -> Claim (hms_ach/app/wiring.py)
@@ -56,10 +56,12 @@ class Engine:
         self.dispatcher: Dispatcher | None = None  # when sinks are declared
         self._change_feed = False  # this engine has a sink that wants record.changed
         self.scheduler: Scheduler | None = None  # polls and the jobs of JOB_TYPES, when jobs are enabled
+        self._watchdog: asyncio.Task[None] | None = None  # restarts the writer thread if it exits
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         self.writer.start()
+        self._watchdog = asyncio.create_task(self._watch_writer())
         await self._start_outbound()  # before the channels: a new sink gets every event from here on
         for settings in self.config.channels:
             if not settings.enabled:
@@ -105,6 +107,7 @@ class Engine:
 
         app = create_app(self.store, lambda: self.pipeline, self._fhir_write_channel)
         app.state.health = self.health
+        app.state.readiness = self.readiness
         config = uvicorn.Config(
             app,
             host=self.config.http.host,
@@ -142,8 +145,34 @@ class Engine:
             if self._http_task is not None:
                 await self._http_task
             self._http = None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            await asyncio.gather(self._watchdog, return_exceptions=True)
+            self._watchdog = None
         self.writer.stop()
         self.store.dispose()
+
+    # ------------------------------------------------------------------ health
+    async def _watch_writer(self) -> None:
+        """The writer's supervisor: start its thread again if it exited (checked every second)."""
+        while True:
+            await asyncio.sleep(1.0)
+            self.writer.check()
+
+    async def readiness(self) -> dict[str, str]:
+        """The failed readiness checks (name -> why); empty when the engine can take messages."""
+        failed: dict[str, str] = {}
+        self.writer.check()
+        if not self.writer.alive:
+            failed["writer"] = "the writer thread is not running"
+        else:
+            reason = await self.writer.probe(self.config.engine.ready_probe_seconds)
+            if reason is not None:
+                failed["store"] = f"a trivial transaction did not commit: {reason}"
+        self.health["writer"] = self.writer.health.as_dict()
+        if self.health.get("reload_error"):
+            failed["mappings"] = "the last reload of channels.yaml or the mappings failed"
+        return failed
 
     async def serve(self) -> None:
         """Run until cancelled (Ctrl-C / SIGTERM), reloading mappings when files change."""
