@@ -47,6 +47,15 @@ class EngineSettings(_Strict):
         gt=0,
         description="Deadline of the trivial transaction /health/ready commits through the writer",
     )
+    store_unreachable_exit_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="hms-ach run exits non-zero when the store has failed every commit for this long "
+        "(so that a supervisor restarts it); 0: never",
+    )
+    min_free_disk_mb: int = Field(
+        64, ge=0, description="/health/ready fails when the SQLite database's disk has less free space"
+    )
 
 
 class HttpSettings(_Strict):

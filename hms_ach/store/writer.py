@@ -65,6 +65,7 @@ class WriterHealth:
     consecutive_failures: int = 0  # store failures since the last commit
     restarts: int = 0  # writer threads started again after one exited
     busy_since: float | None = None  # time.monotonic() when the current batch started, None when idle
+    failing_since: float | None = None  # time.monotonic() of the first failure since the last commit
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -300,11 +301,14 @@ class StoreWriter:
         self.jobs += jobs
         self._backoff = 0.0
         self.health.consecutive_failures = 0
+        self.health.failing_since = None
         self.health.last_commit_at = datetime.now(UTC).isoformat()
 
     def _failed(self, failure: _StoreFailure, jobs: int) -> None:
         h = self.health
         h.consecutive_failures += 1
+        if h.failing_since is None:
+            h.failing_since = time.monotonic()
         h.last_error = f"{failure.stage}: {type(failure.cause).__name__}"
         h.last_error_at = datetime.now(UTC).isoformat()
         self._backoff = min(BACKOFF_MAX, self._backoff * 2 if self._backoff else BACKOFF_FIRST)

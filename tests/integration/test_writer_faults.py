@@ -21,11 +21,12 @@ import hl7
 import hl7.mllp
 import httpx
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, event, text
 
 from hms_ach.app.config import load_config
 from hms_ach.app.runtime import Engine
 from hms_ach.store.db import Store, normalise_url
+from hms_ach.store.errors import StoreUnavailable
 from tests.conftest import PG_URL
 from tests.integration.engine_helpers import mllp_channel
 
@@ -34,12 +35,11 @@ SAMPLES = ROOT / "samples" / "hl7"
 DEADLINE = 1.0  # engine.commit_timeout_seconds in these tests
 
 
-async def _engine(tmp_path: Path, url: str) -> Engine:
+async def _engine(tmp_path: Path, url: str, engine_settings: str = "") -> Engine:
     shutil.copytree(ROOT / "mappings", tmp_path / "mappings")
     (tmp_path / "channels.yaml").write_text(
         f"engine:\n  mappings: mappings\n  watch: false\n  commit_timeout_seconds: {DEADLINE}\n"
-        "  ready_probe_seconds: 0.5\n"
-        "http:\n  host: 127.0.0.1\n  port: 0\n"
+        "  ready_probe_seconds: 0.5\n" + engine_settings + "http:\n  host: 127.0.0.1\n  port: 0\n"
         "channels:\n  - name: adt_in\n    type: mllp\n    host: 127.0.0.1\n    port: 0\n"
         "    idle_timeout_seconds: 10\n"
         "  - name: fhir_in\n    type: fhir_rest\n"
@@ -203,3 +203,58 @@ async def test_postgres_backends_killed_while_a_sender_runs(engine: Engine, stor
         assert _stored(store, c) == 1, c
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{engine.http_port}", timeout=10) as http:
         await _until_ready(http)
+
+
+async def test_run_ends_when_the_store_stays_unreachable(tmp_path: Path, store: Store) -> None:
+    """``serve()`` (``hms-ach run``) stops and raises StoreUnavailable after
+    store_unreachable_exit_seconds of failed commits, so that systemd or Docker restarts it."""
+    if store.dialect != "sqlite":
+        pytest.skip("the SQLite write lock")
+    shutil.copytree(ROOT / "mappings", tmp_path / "mappings")
+    (tmp_path / "channels.yaml").write_text(
+        "engine:\n  mappings: mappings\n  watch: false\n  commit_timeout_seconds: 1\n"
+        "  store_unreachable_exit_seconds: 1.5\n"
+        "http:\n  enabled: false\n"
+        "channels:\n  - name: adt_in\n    type: mllp\n    host: 127.0.0.1\n    port: 0\n"
+    )
+    eng = Engine(load_config(tmp_path / "channels.yaml"), database=store.url)
+
+    @event.listens_for(eng.store.writer, "connect")
+    def _short_busy_wait(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.execute("PRAGMA busy_timeout=100")  # a held lock fails a commit at once
+
+    eng.store.writer.dispose()
+    db = store.url.split("sqlite:///", 1)[1]
+    locker = sqlite3.connect(db, isolation_level=None, timeout=5)
+    serving = asyncio.create_task(eng.serve())
+    started = time.monotonic()
+    try:
+        while "adt_in" not in eng.channels:
+            await asyncio.sleep(0.02)
+        locker.execute("BEGIN IMMEDIATE")
+        ack = (await _send(mllp_channel(eng).port, [_a01("WF-EXIT-1")]))[0]
+        assert _msa(ack)[1] == "AE"
+        with pytest.raises(StoreUnavailable, match="every commit failed"):
+            await asyncio.wait_for(serving, 15)
+    finally:
+        if locker.in_transaction:
+            locker.execute("ROLLBACK")
+        locker.close()
+        if not serving.done():
+            serving.cancel()
+            await asyncio.gather(serving, return_exceptions=True)
+    assert time.monotonic() - started < 12
+    assert not eng.channels and not eng.writer.alive  # stopped on the way out
+
+
+async def test_ready_is_503_when_the_disk_is_short(tmp_path: Path, store: Store) -> None:
+    if store.dialect != "sqlite":
+        pytest.skip("the disk of the SQLite database")
+    eng = await _engine(tmp_path, store.url, "  min_free_disk_mb: 1000000000\n")
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{eng.http_port}", timeout=10) as http:
+            status, body = await _ready(http)
+            assert status == 503 and set(body["failed"]) == {"disk"}, body
+            assert (await http.get("/health/live")).status_code == 200
+    finally:
+        await eng.stop()
