@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -19,6 +19,9 @@ from hms_ach.app.config import Config, load_config
 from hms_ach.core.errors import ConfigError, ConfigErrors
 from hms_ach.core.redact import error_kind, redact_url
 from hms_ach.core.types import ChannelSettings
+
+if TYPE_CHECKING:
+    from hms_ach.app.runtime import Engine
 
 app = typer.Typer(
     add_completion=False,
@@ -134,10 +137,19 @@ class _StartError(Exception):
     """The engine could not start (a port in use...): the one line ``hms-ach run`` prints."""
 
 
-async def _serve(engine: Any) -> None:
-    """``engine.serve()``, with a failure to start (a port in use) turned into a _StartError."""
+async def _serve(engine: Engine) -> None:
+    """``engine.serve()``, with a failure to start (a port in use) turned into a _StartError, and
+    a store that stayed unreachable (the engine gave up on it) into one line too."""
+    from hms_ach.store.errors import StoreUnavailable
+
     try:
         await engine.serve()
+    except StoreUnavailable as exc:
+        with suppress(Exception):
+            await engine.stop()
+        raise _StartError(
+            f"the store stayed unreachable; stopping so that a supervisor restarts: {exc}"
+        ) from None
     except OSError as exc:
         text = _start_failure(engine, exc)
         with suppress(Exception):
@@ -145,16 +157,18 @@ async def _serve(engine: Any) -> None:
         raise _StartError(text) from None
 
 
-def _start_failure(engine: Any, exc: BaseException) -> str:
+def _start_failure(engine: Engine, exc: BaseException) -> str:
     """Where the start failed and why: the first enabled channel that did not start, else HTTP."""
     import errno
     import os
     import socket
 
+    from hms_ach.channels.mllp import MllpChannelConfig
+
     cfg: Config = engine.config
     failed = next((ch for ch in cfg.channels if ch.enabled and ch.name not in engine.channels), None)
-    if failed is not None and hasattr(failed, "port"):
-        host, port, what = getattr(failed, "host", "0.0.0.0"), failed.port, f"channel {failed.name}"
+    if isinstance(failed, MllpChannelConfig):
+        host, port, what = failed.host, failed.port, f"channel {failed.name}"
     elif failed is not None:
         return f"channel {failed.name} ({failed.type}) cannot start: {type(exc).__name__}: {exc}"
     else:

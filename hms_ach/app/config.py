@@ -39,6 +39,26 @@ class EngineSettings(_Strict):
         "UTC", description="IANA time zone assumed for HL7 times sent without a UTC offset"
     )
     watch: bool = Field(True, description="Reload channels.yaml and mappings when they change (hms-ach run)")
+    commit_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="Longest wait for the store to commit a message; past it the sender gets AE/CE "
+        "(HTTP: 503) and may resend",
+    )
+    ready_probe_seconds: float = Field(
+        2.0,
+        gt=0,
+        description="Deadline of the trivial transaction /health/ready commits through the writer",
+    )
+    store_unreachable_exit_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="hms-ach run exits non-zero when the store has failed every commit for this long "
+        "(so that a supervisor restarts it); 0: never",
+    )
+    min_free_disk_mb: int = Field(
+        64, ge=0, description="/health/ready fails when the SQLite database's disk has less free space"
+    )
 
 
 class HttpSettings(_Strict):

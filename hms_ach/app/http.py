@@ -1,12 +1,22 @@
-"""The HTTP application: the FHIR R4 API at ``/fhir`` and ``GET /health``.
+"""The HTTP application: the FHIR R4 API at ``/fhir``, ``/api/v1`` and the health answers.
 
 ``create_app(store)`` builds a FastAPI app over one :class:`~hms_ach.store.db.Store`. Error
 responses are OperationOutcomes everywhere. ``app.state.health`` is a plain dict served as the
 health document; other components may add their own keys to it.
+
+Health:
+
+* ``GET /health/live``: 200 while the process serves HTTP (liveness; restart it when this fails);
+* ``GET /health/ready``: 200 when every check of ``app.state.readiness`` passes (the engine's:
+  the writer thread runs, a trivial transaction commits through it within a short deadline, the
+  mappings are loaded), else 503 with a JSON body naming each failed check;
+* ``GET /health``: the health document, always 200, whose ``status`` says ``ok``, ``degraded``
+  (only the last reload failed: the previous mappings still serve) or ``unavailable``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -18,6 +28,9 @@ from hms_ach.fhir.routes import fhir_router
 from hms_ach.fhir.write_requests import WriteChannel
 from hms_ach.store.db import Store
 from hms_ach.workforce.api import PipelineSource, workforce_router
+
+#: The readiness checks: each failed check's name -> why (no field values); empty when ready.
+Readiness = Callable[[], Awaitable[dict[str, str]]]
 
 
 def create_app(
@@ -31,13 +44,34 @@ def create_app(
     app = FastAPI(title="hms-ach", description="HL7 v2 / FHIR R4 integration engine API")
     app.state.store = store
     app.state.health = {"status": "ok"}
+    app.state.readiness = None  # a Readiness, set by the engine
     install_handlers(app)
     app.include_router(workforce_router(store, pipeline_of))
     app.include_router(fhir_router(store, write_channel))
 
+    async def failed_checks() -> dict[str, str]:
+        readiness: Readiness | None = app.state.readiness
+        return await readiness() if readiness is not None else {}
+
     @app.get("/health")
-    def health() -> Response:
-        body: dict[str, Any] = app.state.health
+    async def health() -> Response:
+        failed = await failed_checks()
+        body: dict[str, Any] = dict(app.state.health)
+        if failed:
+            body["status"] = "degraded" if set(failed) == {"mappings"} else "unavailable"
+            body["failed"] = failed
+        elif app.state.readiness is not None:
+            body["status"] = "ok"
         return Response(orjson.dumps(body), media_type="application/json")
+
+    @app.get("/health/live")
+    def live() -> Response:
+        return Response(orjson.dumps({"status": "live"}), media_type="application/json")
+
+    @app.get("/health/ready")
+    async def ready() -> Response:
+        failed = await failed_checks()
+        body: dict[str, Any] = {"status": "unavailable", "failed": failed} if failed else {"status": "ready"}
+        return Response(orjson.dumps(body), status_code=503 if failed else 200, media_type="application/json")
 
     return app

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +28,7 @@ from hms_ach.mapping.loader import load_mappings
 from hms_ach.outbound import events
 from hms_ach.outbound.outbox import Dispatcher
 from hms_ach.store.db import Store, database_url
+from hms_ach.store.errors import StoreUnavailable
 from hms_ach.store.writer import StoreWriter
 
 if TYPE_CHECKING:
@@ -38,7 +41,7 @@ class Engine:
     def __init__(self, config: Config, database: str | None = None):
         self.config = config
         self.store = Store(database or database_url(config.engine.database_url))
-        self.writer = StoreWriter(self.store)
+        self.writer = StoreWriter(self.store, commit_timeout=config.engine.commit_timeout_seconds)
         self.mappings = load_mappings(config.mappings_dir)
         self.pipeline = Pipeline(self.writer, MappingEngine(self.mappings, config.engine.timezone))
         wire_listeners()  # record changes -> outbox events, discharge -> Claim (hms_ach/app/wiring.py)
@@ -56,10 +59,13 @@ class Engine:
         self.dispatcher: Dispatcher | None = None  # when sinks are declared
         self._change_feed = False  # this engine has a sink that wants record.changed
         self.scheduler: Scheduler | None = None  # polls and the jobs of JOB_TYPES, when jobs are enabled
+        self._watchdog: asyncio.Task[None] | None = None  # restarts the writer thread if it exits
+        self.store_lost = asyncio.Event()  # set when the store stayed unreachable too long
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         self.writer.start()
+        self._watchdog = asyncio.create_task(self._watch_writer())
         await self._start_outbound()  # before the channels: a new sink gets every event from here on
         for settings in self.config.channels:
             if not settings.enabled:
@@ -105,6 +111,7 @@ class Engine:
 
         app = create_app(self.store, lambda: self.pipeline, self._fhir_write_channel)
         app.state.health = self.health
+        app.state.readiness = self.readiness
         config = uvicorn.Config(
             app,
             host=self.config.http.host,
@@ -112,6 +119,7 @@ class Engine:
             log_level="warning",
             lifespan="off",
             access_log=False,
+            log_config=None,  # uvicorn's own handlers would print a second line when the port is taken
         )
         self._http = uvicorn.Server(config)
         self._http.install_signal_handlers = lambda: None  # type: ignore[attr-defined]  # uvicorn < 0.29: the engine handles signals
@@ -142,18 +150,73 @@ class Engine:
             if self._http_task is not None:
                 await self._http_task
             self._http = None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            await asyncio.gather(self._watchdog, return_exceptions=True)
+            self._watchdog = None
         self.writer.stop()
         self.store.dispose()
 
+    # ------------------------------------------------------------------ health
+    async def _watch_writer(self) -> None:
+        """The writer's supervisor, every second: start its thread again if it exited; while the
+        store fails, keep trying a trivial commit, and set :attr:`store_lost` when it has failed for
+        ``engine.store_unreachable_exit_seconds``."""
+        while True:
+            await asyncio.sleep(1.0)
+            self.writer.check()
+            health = self.writer.health
+            if not health.consecutive_failures:
+                continue
+            await self.writer.probe(self.config.engine.ready_probe_seconds)
+            limit = self.config.engine.store_unreachable_exit_seconds
+            since = health.failing_since
+            if limit and since is not None and time.monotonic() - since >= limit:
+                log.critical(
+                    "store.unreachable",
+                    extra={"seconds": limit, "last_error": health.last_error},
+                )
+                self.store_lost.set()
+                return
+
+    async def readiness(self) -> dict[str, str]:
+        """The failed readiness checks (name -> why); empty when the engine can take messages."""
+        failed: dict[str, str] = {}
+        self.writer.check()
+        if not self.writer.alive:
+            failed["writer"] = "the writer thread is not running"
+        else:
+            reason = await self.writer.probe(self.config.engine.ready_probe_seconds)
+            if reason is not None:
+                failed["store"] = f"a trivial transaction did not commit: {reason}"
+        self.health["writer"] = self.writer.health.as_dict()
+        disk = self._disk_problem()
+        if disk is not None:
+            failed["disk"] = disk
+        if self.health.get("reload_error"):
+            failed["mappings"] = "the last reload of channels.yaml or the mappings failed"
+        return failed
+
     async def serve(self) -> None:
-        """Run until cancelled (Ctrl-C / SIGTERM), reloading mappings when files change."""
+        """Run until cancelled (Ctrl-C / SIGTERM), reloading mappings when files change.
+
+        Raises :class:`StoreUnavailable` (after stopping everything) when the store stayed
+        unreachable for ``engine.store_unreachable_exit_seconds``: ``hms-ach run`` then exits
+        non-zero, so that a supervisor (systemd, Docker) restarts the process."""
         await self.start()
+        main = asyncio.create_task(self._watch() if self.config.engine.watch else asyncio.Event().wait())
+        lost = asyncio.create_task(self.store_lost.wait())
         try:
-            if self.config.engine.watch:
-                await self._watch()
+            done, _ = await asyncio.wait({main, lost}, return_when=asyncio.FIRST_COMPLETED)
+            if main in done:
+                main.result()
             else:
-                await asyncio.Event().wait()
+                seconds = self.config.engine.store_unreachable_exit_seconds
+                raise StoreUnavailable(f"every commit failed for {seconds:g} s")
         finally:
+            for task in (main, lost):
+                task.cancel()
+            await asyncio.gather(main, lost, return_exceptions=True)
             await self.stop()
 
     # ------------------------------------------------------------------ hot reload
@@ -237,6 +300,20 @@ class Engine:
             except OSError:
                 pass
         return snap
+
+    def _disk_problem(self) -> str | None:
+        """Why the SQLite database's disk is too full, or None (PostgreSQL: the server's business)."""
+        if self.store.dialect != "sqlite" or "sqlite:///" not in self.store.url:
+            return None
+        path = Path(self.store.url.split("sqlite:///", 1)[1].split("?", 1)[0])
+        try:
+            free = shutil.disk_usage(path.parent if path.parent.exists() else Path.cwd()).free
+        except OSError:
+            return None
+        wanted = self.config.engine.min_free_disk_mb * 1024 * 1024
+        if free < wanted:
+            return f"{free // (1024 * 1024)} MiB free, {self.config.engine.min_free_disk_mb} MiB wanted"
+        return None
 
 
 def _mtimes(root: Path) -> dict[str, float]:

@@ -2,6 +2,12 @@
 
 Transport (framing, limits, timeouts) is :mod:`hms_ach.hl7v2.mllp`; this module only connects
 it to :class:`hms_ach.ingest.pipeline.Pipeline` and states the channel's settings for channels.yaml.
+
+When the store cannot commit a message in time (:class:`~hms_ach.store.errors.StoreUnavailable`:
+the database is down or locked, or the writer's deadline passed), the sender gets a negative ACK
+(AE, CE in enhanced mode; ERR-3 207 "Application internal error" with a generic text) rather than
+a closed connection or no answer: it sends the message again later. Nothing of the message is
+half-stored; if its job committed after the deadline, the resend is answered from the duplicate store.
 """
 
 from __future__ import annotations
@@ -10,11 +16,14 @@ import logging
 
 from pydantic import Field
 
-from hms_ach.core.errors import Err0357, RejectError
+from hms_ach.core.errors import Err0357, MessageError, RejectError
 from hms_ach.core.types import ChannelSettings
 from hms_ach.hl7v2.mllp import MllpConfig, MllpServer
-from hms_ach.hl7v2.policy import Hl7PolicySettings
-from hms_ach.ingest.pipeline import Pipeline
+from hms_ach.hl7v2.parse import MshHeader, read_header
+from hms_ach.hl7v2.policy import Hl7Policy, Hl7PolicySettings, should_send
+from hms_ach.ingest.pipeline import Evaluation, Pipeline, ack_for, charset_of
+from hms_ach.store.errors import StoreUnavailable
+from hms_ach.store.messages import MessageMeta
 
 log = logging.getLogger("hms_ach.channels.mllp")
 
@@ -46,10 +55,27 @@ class MllpChannel:
         await self.server.close()
 
     async def _handle(self, frame: bytes, peer: str) -> bytes | None:
-        outcome = await self.pipeline.process_hl7(frame, self.policy)
+        try:
+            outcome = await self.pipeline.process_hl7(frame, self.policy)
+        except StoreUnavailable as exc:
+            log.warning(
+                "mllp.store_unavailable",
+                extra={"channel": self.config.name, "peer": peer, "reason": exc.reason},
+            )
+            return unavailable_ack(frame, self.policy)
         return outcome.ack_bytes() if outcome.send else None
 
     async def _oversize(self, prefix: bytes, size: int, peer: str) -> bytes | None:
+        try:
+            return await self._record_oversize(prefix, size)
+        except StoreUnavailable as exc:
+            log.warning(
+                "mllp.store_unavailable",
+                extra={"channel": self.config.name, "peer": peer, "reason": exc.reason},
+            )
+            return unavailable_ack(prefix, self.policy)
+
+    async def _record_oversize(self, prefix: bytes, size: int) -> bytes | None:
         error = RejectError(
             f"message of {size} bytes or more exceeds max_message_bytes {self.config.max_message_bytes}",
             "MSH",
@@ -57,3 +83,22 @@ class MllpChannel:
         )
         outcome = await self.pipeline.record_rejection(prefix, error, self.policy)
         return outcome.ack_bytes()
+
+
+#: The ERR-8 / MSA-3 text of the negative ACK sent when the store cannot commit (no internals).
+UNAVAILABLE_TEXT = "the message could not be stored now; send it again later"
+
+
+def unavailable_ack(frame: bytes, policy: Hl7Policy) -> bytes | None:
+    """The AE (CE in enhanced mode) answering ``frame`` when the store is unavailable, ERR-3 207;
+    None when the message asked for no negative commit ACK (MSH-15 NE or SU). Never raises."""
+    header: MshHeader | None
+    try:
+        header = read_header(frame)
+    except Exception:  # noqa: BLE001 - an unreadable MSH gets the fallback ACK
+        header = None
+    if header is not None and not should_send(header, "AE"):
+        return None
+    ev = Evaluation(frame, MessageMeta(channel=policy.channel, raw=frame), header=header)
+    error = MessageError(UNAVAILABLE_TEXT, "", Err0357.INTERNAL_ERROR)
+    return ack_for(ev, "AE", error).encode(charset_of(ev, policy), errors="replace")

@@ -28,6 +28,7 @@ from hms_ach.store.errors import (
     MultipleMatches,
     NotFound,
     RuleViolation,
+    StoreUnavailable,
     VersionConflict,
 )
 
@@ -145,6 +146,7 @@ DOMAIN_STATUS: dict[type[DomainError], int] = {
     VersionConflict: 412,
     MultipleMatches: 412,
     RuleViolation: 422,
+    StoreUnavailable: 503,  # transient: the client sends again later
 }
 
 

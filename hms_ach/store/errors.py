@@ -16,6 +16,10 @@ IssueType value set (``not-found``, ``duplicate``, ``business-rule``...) that na
     └── Conflict           a business key is taken
         ├── AlreadyExists  a create names a business key that another record has
         └── UniqueViolation  a unique constraint of the database refused the write
+    └── StoreUnavailable   the store cannot commit now (no connection, a lock held, a deadline passed)
+
+``StoreUnavailable`` is transient: nothing of the job is half-stored, and the same request sent
+again later is answered normally (or from the duplicate store, if the job committed after all).
 """
 
 from __future__ import annotations
@@ -111,6 +115,18 @@ class UniqueViolation(Conflict):
         super().__init__(f"a unique constraint refused the write ({error_type})")
 
 
+class StoreUnavailable(DomainError):
+    """The group-commit writer could not commit the job: the connection failed, the database is
+    locked, or the caller's deadline passed first. ``reason`` is a short text without field values
+    (the stage and the driver's error class, or "deadline"); answer 503 / AE and let the caller resend."""
+
+    default_code = "transient"
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(f"the store is unavailable ({reason}); try again later")
+
+
 __all__ = [
     "AlreadyExists",
     "Conflict",
@@ -120,6 +136,7 @@ __all__ = [
     "MultipleMatches",
     "NotFound",
     "RuleViolation",
+    "StoreUnavailable",
     "UniqueViolation",
     "VersionConflict",
 ]

@@ -8,6 +8,20 @@ job of the batch fails and no ACK is sent for any of them: the senders resend.
 
 With one connection per sender this gives SQLite throughput without giving up ``synchronous=FULL``;
 on PostgreSQL it also cuts round trips.
+
+The writer cannot die silently:
+
+* every failure of the store itself (connect, BEGIN, a statement that loses the connection,
+  COMMIT, ROLLBACK, close) is caught; the waiters of the batch get
+  :class:`~hms_ach.store.errors.StoreUnavailable`, the pool is emptied of its dead connections,
+  and the next batch waits a backoff (0.1 s doubling up to 5 s) before it connects again;
+* every wait has a deadline (``run(job, timeout=...)``, default ``commit_timeout``): past it the
+  caller gets ``StoreUnavailable``. A job that had not started is then never run; one that was
+  running may still commit, and the same message sent again is answered from the duplicate store;
+* if the thread exits anyway, the next ``run``/``run_sync`` (or :meth:`StoreWriter.check`) starts
+  a new one (``health.restarts`` counts them);
+* :class:`WriterHealth` says when the last commit succeeded, the last error (its stage and class,
+  never field values) and how many attempts failed in a row, for ``/health/ready``.
 """
 
 from __future__ import annotations
@@ -16,12 +30,19 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from hms_ach.core.redact import error_kind
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
 from hms_ach.store.db import Store
+from hms_ach.store.errors import StoreUnavailable
 from hms_ach.store.port import Tx
 
 log = logging.getLogger("hms_ach.store.writer")
@@ -29,123 +50,305 @@ T = TypeVar("T")
 
 _STOP = object()
 
+#: Reconnect backoff after a failure of the store: first wait, ceiling.
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 5.0
+
+
+@dataclass
+class WriterHealth:
+    """What ``/health/ready`` reads: the writer's last success and its failures since."""
+
+    last_commit_at: str | None = None  # ISO time of the last committed transaction
+    last_error: str | None = None  # "<stage>: <error class>" of the last failure, no field values
+    last_error_at: str | None = None
+    consecutive_failures: int = 0  # store failures since the last commit
+    restarts: int = 0  # writer threads started again after one exited
+    busy_since: float | None = None  # time.monotonic() when the current batch started, None when idle
+    failing_since: float | None = None  # time.monotonic() of the first failure since the last commit
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "last_commit_at": self.last_commit_at,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+            "consecutive_failures": self.consecutive_failures,
+            "restarts": self.restarts,
+        }
+
+
+class _StoreFailure(Exception):
+    """The store (not a job) failed at ``stage``; ``cause`` is the driver's error."""
+
+    def __init__(self, stage: str, cause: BaseException):
+        self.stage = stage
+        self.cause = cause
+        super().__init__(f"{stage}: {type(cause).__name__}")
+
+
+def _is_store_failure(exc: BaseException) -> bool:
+    """A lost connection, a lock timeout, a database that is not there: not the job's fault."""
+    if isinstance(exc, OperationalError | InterfaceError):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
 
 class StoreWriter:
-    def __init__(self, store: Store, max_batch: int = 128):
+    def __init__(self, store: Store, max_batch: int = 128, commit_timeout: float = 30.0):
         self.store = store
         self.max_batch = max_batch
+        self.commit_timeout = commit_timeout
         self._queue: queue.Queue[Any] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._backoff = 0.0
+        self.health = WriterHealth()
         self.batches = 0
         self.jobs = 0
 
+    # ------------------------------------------------------------------ thread supervision
     def start(self) -> None:
-        if self._thread is None:
+        """Start the writer thread, or start it again if it exited (the supervisor check)."""
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            if self._thread is not None:
+                self.health.restarts += 1
+                log.error("store.writer_restarted", extra={"restarts": self.health.restarts})
+            self._stopping.clear()
             self._thread = threading.Thread(target=self._loop, name="hms-ach-writer", daemon=True)
             self._thread.start()
 
+    check = start
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self, timeout: float = 10) -> None:
-        if self._thread is not None:
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._stopping.set()
             self._queue.put(_STOP)
-            self._thread.join(timeout)
-            self._thread = None
+            thread.join(timeout)
 
-    async def run(self, job: Callable[[Tx], T]) -> T:
-        """Run ``job`` in the next group transaction; returns after that transaction committed."""
-        self.start()
-        fut: Future[T] = Future()
-        self._queue.put((job, fut))
-        return await asyncio.wrap_future(fut)
+    # ------------------------------------------------------------------ callers
+    async def run(self, job: Callable[[Tx], T], timeout: float | None = None) -> T:
+        """Run ``job`` in the next group transaction; returns after that transaction committed.
 
-    def run_sync(self, job: Callable[[Tx], T]) -> T:
+        Raises :class:`StoreUnavailable` when the store fails or ``timeout`` seconds (default
+        ``commit_timeout``) pass first. After a timeout the job either never runs (it was still
+        queued) or may still commit later: a resend of the same message is then answered from the
+        duplicate store. The job's own errors are raised as they are."""
+        fut = self._submit(job)
+        wait = self.commit_timeout if timeout is None else timeout
+        try:
+            # on timeout or cancellation wait_for cancels the wrapper, which cancels ``fut``:
+            # a job that has not started never runs
+            return await asyncio.wait_for(asyncio.wrap_future(fut), wait)
+        except TimeoutError:
+            fut.cancel()
+            raise StoreUnavailable(f"no commit within {wait:g} s") from None
+
+    def run_sync(self, job: Callable[[Tx], T], timeout: float | None = None) -> T:
         """The same, from a thread that is not an event loop (CLI, tests)."""
+        fut = self._submit(job)
+        wait = self.commit_timeout if timeout is None else timeout
+        try:
+            return fut.result(wait)
+        except FutureTimeout:
+            fut.cancel()
+            raise StoreUnavailable(f"no commit within {wait:g} s") from None
+
+    def _submit(self, job: Callable[[Tx], T]) -> Future[T]:
         self.start()
         fut: Future[T] = Future()
         self._queue.put((job, fut))
-        return fut.result()
+        return fut
 
+    async def probe(self, timeout: float = 2.0) -> str | None:
+        """Commit a trivial transaction through the writer; None when it did, else why not."""
+        try:
+            await self.run(lambda tx: tx.execute(text("SELECT 1")).scalar_one(), timeout=timeout)
+        except StoreUnavailable as exc:
+            return exc.reason
+        return None
+
+    # ------------------------------------------------------------------ the thread
     def _loop(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is _STOP:
-                return
-            batch = [first]
-            stop = False
-            while len(batch) < self.max_batch:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stop = True
-                    break
-                batch.append(item)
-            self._commit(batch)
-            if stop:
-                return
+        batch: list[tuple[Callable[[Tx], Any], Future[Any]]] = []
+        try:
+            while True:
+                first = self._queue.get()
+                if first is _STOP:
+                    return
+                stop = False
+                batch = []
+                for item in self._take(first):
+                    if item is _STOP:
+                        stop = True
+                        break
+                    batch.append(item)
+                # a caller that gave up before its job started: the job is dropped, never half-run
+                batch = [(job, fut) for job, fut in batch if fut.set_running_or_notify_cancel()]
+                if batch:
+                    self._pause()
+                    self._commit(batch)
+                batch = []
+                if stop:
+                    return
+        except BaseException as exc:  # noqa: BLE001 - logged; the supervisor starts a new thread
+            log.critical("store.writer_died", extra={"error_type": type(exc).__name__})
+            for _job, fut in batch:
+                self._settle(fut, None, StoreUnavailable("the writer thread stopped"))
+
+    def _take(self, first: Any) -> list[Any]:
+        items = [first]
+        while len(items) < self.max_batch:
+            try:
+                items.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+            if items[-1] is _STOP:
+                break
+        return items
+
+    def _pause(self) -> None:
+        """Wait out the reconnect backoff after a failure of the store (stop cuts it short)."""
+        if self._backoff > 0:
+            self._stopping.wait(self._backoff)
 
     def _commit(self, batch: list[tuple[Callable[[Tx], Any], Future[Any]]]) -> None:
-        if len(batch) == 1:
-            self._commit_one(*batch[0])
-            return
-        outcomes: list[tuple[Future[Any], Any, BaseException | None]] = []
+        self.health.busy_since = time.monotonic()
         try:
-            with self.store.writer.begin() as conn:
+            if len(batch) == 1:
+                outcomes = self._commit_one(*batch[0])
+            else:
+                outcomes = self._commit_many(batch)
+        except _StoreFailure as failure:
+            self._failed(failure, len(batch))
+            unavailable = StoreUnavailable(f"{failure.stage} failed")
+            for _job, fut in batch:
+                self._settle(fut, None, unavailable)
+            return
+        except Exception as exc:  # noqa: BLE001 - anything else: still the batch's failure, never the thread's
+            self._failed(_StoreFailure("batch", exc), len(batch))
+            for _job, fut in batch:
+                self._settle(fut, None, StoreUnavailable("batch failed"))
+            return
+        finally:
+            self.health.busy_since = None
+        self._committed(len(batch))
+        for fut, result, error in outcomes:
+            self._settle(fut, result, error)
+
+    def _commit_many(
+        self, batch: list[tuple[Callable[[Tx], Any], Future[Any]]]
+    ) -> list[tuple[Future[Any], Any, BaseException | None]]:
+        outcomes: list[tuple[Future[Any], Any, BaseException | None]] = []
+        conn = _stage("connect", self.store.writer.connect)
+        try:
+            txn = _stage("begin", conn.begin)
+            try:
                 for job, fut in batch:
-                    savepoint = conn.begin_nested()
+                    savepoint = _stage("savepoint", conn.begin_nested)
                     try:
                         result = job(conn)
-                        savepoint.commit()
-                        outcomes.append((fut, result, None))
                     except Exception as exc:  # noqa: BLE001 - reported to the job's caller
-                        savepoint.rollback()
+                        if _is_store_failure(exc):
+                            raise _StoreFailure("statement", exc) from exc
+                        _stage("rollback to savepoint", savepoint.rollback)
                         outcomes.append((fut, None, exc))
-        except Exception as exc:  # noqa: BLE001 - the commit failed: nothing of the batch is durable
-            log.error("store.commit_failed", extra={"batch": len(batch), "error": error_kind(exc)})
-            for _job, fut in batch:
-                if not fut.done():
-                    fut.set_exception(exc)
-            return
-        self.batches += 1
-        self.jobs += len(batch)
-        for fut, result, error in outcomes:
-            # A caller that gave up (its connection closed, its task was cancelled) no
-            # longer waits; the job's work is committed all the same.
-            if fut.done():
-                continue
-            if error is not None:
-                fut.set_exception(error)
-            else:
-                fut.set_result(result)
+                        continue
+                    _stage("release savepoint", savepoint.commit)
+                    outcomes.append((fut, result, None))
+                _stage("commit", txn.commit)
+            except BaseException:
+                _quiet(txn.rollback)
+                raise
+        finally:
+            _quiet(conn.close)
+        return outcomes
 
-    def _commit_one(self, job: Callable[[Tx], Any], fut: Future[Any]) -> None:
+    def _commit_one(
+        self, job: Callable[[Tx], Any], fut: Future[Any]
+    ) -> list[tuple[Future[Any], Any, BaseException | None]]:
         """A batch of one job needs no SAVEPOINT: if the job fails, the whole transaction rolls back."""
-        conn = self.store.writer.connect()
+        conn = _stage("connect", self.store.writer.connect)
         try:
-            txn = conn.begin()
+            txn = _stage("begin", conn.begin)
             try:
                 result = job(conn)
             except Exception as exc:  # noqa: BLE001 - reported to the job's caller
-                txn.rollback()
-                self._settle(fut, None, exc)
-                return
+                if _is_store_failure(exc):
+                    _quiet(txn.rollback)
+                    raise _StoreFailure("statement", exc) from exc
+                _stage("rollback", txn.rollback)
+                return [(fut, None, exc)]
             try:
-                txn.commit()
-            except Exception as exc:  # noqa: BLE001 - the commit failed: nothing is durable
-                log.error("store.commit_failed", extra={"batch": 1, "error": error_kind(exc)})
-                self._settle(fut, None, exc)
-                return
+                _stage("commit", txn.commit)
+            except BaseException:
+                _quiet(txn.rollback)
+                raise
         finally:
-            conn.close()
+            _quiet(conn.close)
+        return [(fut, result, None)]
+
+    def _committed(self, jobs: int) -> None:
         self.batches += 1
-        self.jobs += 1
-        self._settle(fut, result, None)
+        self.jobs += jobs
+        self._backoff = 0.0
+        self.health.consecutive_failures = 0
+        self.health.failing_since = None
+        self.health.last_commit_at = datetime.now(UTC).isoformat()
+
+    def _failed(self, failure: _StoreFailure, jobs: int) -> None:
+        h = self.health
+        h.consecutive_failures += 1
+        if h.failing_since is None:
+            h.failing_since = time.monotonic()
+        h.last_error = f"{failure.stage}: {type(failure.cause).__name__}"
+        h.last_error_at = datetime.now(UTC).isoformat()
+        self._backoff = min(BACKOFF_MAX, self._backoff * 2 if self._backoff else BACKOFF_FIRST)
+        log.error(
+            "store.commit_failed",
+            extra={
+                "batch": jobs,
+                "stage": failure.stage,
+                "error_type": type(failure.cause).__name__,
+                "consecutive_failures": h.consecutive_failures,
+                "retry_in_seconds": self._backoff,
+            },
+        )
+        # drop the pool's connections: a dead one must not be handed out again
+        _quiet(self.store.writer.dispose)
 
     @staticmethod
     def _settle(fut: Future[Any], result: Any, error: BaseException | None) -> None:
         if fut.done():  # the caller gave up waiting; the work is committed all the same
             return
-        if error is not None:
-            fut.set_exception(error)
-        else:
-            fut.set_result(result)
+        try:
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(result)
+        except Exception:  # noqa: BLE001 - settled concurrently (InvalidStateError): nothing to do
+            pass
+
+
+def _stage(stage: str, call: Callable[[], T]) -> T:
+    """``call()``, with any failure reported as a failure of the store at ``stage``."""
+    try:
+        return call()
+    except Exception as exc:  # noqa: BLE001 - the store failed, not the job
+        raise _StoreFailure(stage, exc) from exc
+
+
+def _quiet(call: Callable[[], Any]) -> None:
+    """Clean-up after a failure (rollback, close): its own failure changes nothing."""
+    try:
+        call()
+    except Exception:  # noqa: BLE001 - the connection is already broken; the batch already failed
+        pass

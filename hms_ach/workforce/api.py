@@ -46,13 +46,14 @@ from pydantic import BaseModel, Field
 from starlette.responses import Response
 
 from hms_ach.core.records import RecordWrite
-from hms_ach.fhir.outcomes import FhirError
+from hms_ach.fhir.outcomes import FhirError, http_error
 from hms_ach.fhir.write import VERIFICATION_EXT, Operation, prepare, request_job
 from hms_ach.ingest import pipeline
 from hms_ach.ingest.pipeline import Duplicate, Finish, Pipeline
 from hms_ach.store import audit, messages
 from hms_ach.store import workforce_queries as wq
 from hms_ach.store.db import Store
+from hms_ach.store.errors import StoreUnavailable
 from hms_ach.store.port import Tx
 from hms_ach.store.repository import Repository
 from hms_ach.store.savepoint import savepoint
@@ -143,7 +144,9 @@ class ProblemRoute(APIRoute):
                     "the request does not match its schema",
                     _field_errors(list(exc.errors())),
                 ).response(request.url.path)
-            except FhirError as exc:
+            except (FhirError, StoreUnavailable) as exc:  # the store down: 503, the client resends
+                if isinstance(exc, StoreUnavailable):
+                    exc = http_error(exc)
                 errors = [{"location": exc.expression, "detail": exc.diagnostics}] if exc.expression else []
                 return Problem(
                     exc.status, exc.code.replace("-", " ").capitalize(), exc.diagnostics, errors
