@@ -222,7 +222,7 @@ def search(conn: Connection, q: AuditQuery) -> tuple[list[dict[str, Any]], int |
 
 def search_trail(store: Store, q: AuditQuery) -> tuple[list[dict[str, Any]], int | None]:
     """:func:`search` on a connection of the reader pool of ``store``."""
-    with store.reader.connect() as conn:
+    with store.read() as conn:
         return search(conn, q)
 
 

@@ -95,7 +95,7 @@ class HistoryPage:
 @contextmanager
 def reading(store: Store) -> Iterator[Tx]:
     """A short read transaction on the reader pool; on PostgreSQL one snapshot for all its statements."""
-    with store.reader.connect() as conn:
+    with store.read() as conn:
         if conn.dialect.name == "postgresql":
             conn.execution_options(isolation_level="REPEATABLE READ")
         with conn.begin():

@@ -80,7 +80,7 @@ def utc(value: datetime) -> datetime:
 def read(store: Store, work: Callable[[Tx], T]) -> T:
     """``work`` on a connection of the store's reader pool: one read that is no part of a write
     (lazy results such as :func:`scan` must be consumed inside ``work``)."""
-    with store.reader.connect() as conn:
+    with store.read() as conn:
         return work(conn)
 
 
