@@ -56,6 +56,12 @@ class EngineSettings(_Strict):
         description="hms-ach run exits non-zero when the store has failed every commit for this long "
         "(so that a supervisor restarts it); 0: never",
     )
+    data_dir: str = Field(
+        "data",
+        description="Directory of the engine's own secrets and checkpoints (the local token signing key, "
+        "the audit chain key, audit checkpoints), relative to channels.yaml; HMS_ACH_DATA_DIR wins over it; "
+        "created on first start with mode 0700",
+    )
     min_free_disk_mb: int = Field(
         64, ge=0, description="/health/ready fails when the SQLite database's disk has less free space"
     )
@@ -87,6 +93,12 @@ class Config(_Strict):
     @property
     def mappings_dir(self) -> Path:
         path = Path(self.engine.mappings)
+        return path if path.is_absolute() else self.base_dir / path
+
+    @property
+    def data_dir(self) -> Path:
+        """The engine's data directory (``HMS_ACH_DATA_DIR`` or ``engine.data_dir``); not created here."""
+        path = Path(os.environ.get("HMS_ACH_DATA_DIR") or self.engine.data_dir)
         return path if path.is_absolute() else self.base_dir / path
 
 
