@@ -223,12 +223,23 @@ def send(
     files: Annotated[list[Path], typer.Argument(help="HL7 files (one or more messages each)")],
     host: str = "127.0.0.1",
     port: int = 2575,
-    timeout: Annotated[float, typer.Option(help="seconds to wait for each ACK")] = 30.0,
+    timeout: Annotated[
+        float, typer.Option(help="seconds to wait for each message's ACKs (those always asked for)")
+    ] = 30.0,
+    conditional_ack_wait: Annotated[
+        float,
+        typer.Option(
+            help="seconds to wait for an ACK a message asks for only on error or only on success "
+            "(MSH-15 or MSH-16 ER/SU), once the others are in"
+        ),
+    ] = 1.0,
 ) -> None:
-    """Send HL7 v2 files over MLLP and print each ACK (none is awaited for a message with MSH-15 NE).
+    """Send HL7 v2 files over MLLP and print each ACK: in enhanced mode the commit ACK as MSH-15 asks
+    and the application ACK as MSH-16 asks (none is awaited for a message with MSH-15 and MSH-16 NE).
 
     A timeout or a lost connection fails that message only: the next one is sent on a new
-    connection. The exit status is 1 when any message failed or got no positive ACK."""
+    connection (a message whose MSH-16 AL asked for an application ACK fails when none came in
+    time). The exit status is 1 when any message failed or got a negative ACK (not AA or CA)."""
     from hms_ach.core.errors import MessageError
     from hms_ach.hl7v2.client import send_each, split_messages
 
@@ -245,30 +256,35 @@ def send(
     if not batch:
         typer.echo("no HL7 messages found in the files given", err=True)
         raise typer.Exit(1)
-    results = asyncio.run(send_each(host, port, [m for _, m in batch], timeout=timeout))
+    results = asyncio.run(
+        send_each(host, port, [m for _, m in batch], timeout=timeout, conditional_wait=conditional_ack_wait)
+    )
     failures = 0
     for (f, _), sent in zip(batch, results, strict=True):
         if sent.error is not None:
             failures += 1
             typer.echo(f"== {f} -> no ACK: {sent.error}\n", err=True)
             continue
-        if sent.ack is None:
-            typer.echo(f"== {f} -> sent (MSH-15 NE: no ACK expected)\n")
+        if not sent.acks:
+            typer.echo(f"== {f} -> sent (MSH-15/16 NE: no ACK expected)\n")
             continue
-        text = sent.ack.decode("utf-8", errors="replace").replace("\r", "\n").strip()
-        code = next(
-            (
-                line.split(text[3] if len(text) > 3 else "|")[1]
-                for line in text.split("\n")
-                if line.startswith("MSA")
-            ),
-            "?",
-        )
-        failures += code not in ("AA", "CA")
-        typer.echo(f"== {f} -> {code}\n{text}\n")
+        failed = False
+        for ack in sent.acks:
+            text = ack.decode("utf-8", errors="replace").replace("\r", "\n").strip()
+            code = _msa_1(text)
+            failed = failed or code not in ("AA", "CA")
+            kind = "application ACK" if ack is sent.app_ack else "ACK"
+            typer.echo(f"== {f} -> {kind} {code}\n{text}\n")
+        failures += failed
     if failures:
         typer.echo(f"{failures} of {len(batch)} message(s) failed or got no positive ACK", err=True)
     raise typer.Exit(1 if failures else 0)
+
+
+def _msa_1(text: str) -> str:
+    """MSA-1 of an ACK printed with LF between segments ('?' without an MSA)."""
+    sep = text[3] if len(text) > 3 else "|"
+    return next((line.split(sep)[1] for line in text.split("\n") if line.startswith("MSA" + sep)), "?")
 
 
 def _parse_since(text: str | None) -> datetime | None:

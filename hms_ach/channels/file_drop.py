@@ -257,14 +257,16 @@ class FileDropChannel:
             outcome = await self.pipeline.process_hl7(raw, self.policy)
             report.rows += 1
             if outcome.status == "processed" or (
-                outcome.status == "duplicate" and outcome.ack_code in ACCEPTED
+                outcome.status == "duplicate" and outcome.result_code in ACCEPTED
             ):
                 report.stored += 1
             elif outcome.status == "duplicate":  # sent before and refused then: still not stored
-                reason = f"message {outcome.message_id}: a resend of a message answered {outcome.ack_code}"
+                reason = f"message {outcome.message_id}: a resend of a message answered {outcome.result_code}"
                 report.errors.append((number, "", reason))
             else:
-                reason = f"message {outcome.message_id}: {outcome.ack_code} {outcome.error or outcome.status}"
+                reason = (
+                    f"message {outcome.message_id}: {outcome.result_code} {outcome.error or outcome.status}"
+                )
                 report.errors.append((number, "", reason))
         report.status = "error" if report.errors else "processed"
         await self.hl7_files.finish(message_id, report, unit="messages")

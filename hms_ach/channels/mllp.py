@@ -54,7 +54,9 @@ class MllpChannel:
     async def stop(self) -> None:
         await self.server.close()
 
-    async def _handle(self, frame: bytes, peer: str) -> bytes | None:
+    async def _handle(self, frame: bytes, peer: str) -> bytes | list[bytes] | None:
+        """The replies to one frame, after its commit: the ACK, and in enhanced mode the application
+        ACK right after it on the same connection, each when MSH-15/16 ask for it."""
         try:
             outcome = await self.pipeline.process_hl7(frame, self.policy)
         except StoreUnavailable as exc:
@@ -63,7 +65,7 @@ class MllpChannel:
                 extra={"channel": self.config.name, "peer": peer, "reason": exc.reason},
             )
             return unavailable_ack(frame, self.policy)
-        return outcome.ack_bytes() if outcome.send else None
+        return outcome.replies()
 
     async def _oversize(self, prefix: bytes, size: int, peer: str) -> bytes | None:
         try:

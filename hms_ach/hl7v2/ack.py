@@ -1,9 +1,13 @@
 """HL7 v2 acknowledgements: ACK text for an outcome, in original or enhanced mode.
 
-* Original mode (MSH-15 and MSH-16 empty): MSA-1 is AA, AE or AR (HL7 table 0008).
-* Enhanced mode (MSH-15 or MSH-16 set): the commit ACK we send is CA, CE or CR, and MSH-15
-  (AL always, NE never, ER on error only, SU on success only) decides whether it is sent at all
-  (:mod:`hms_ach.hl7v2.policy` holds these rules).
+* Original mode (MSH-15 and MSH-16 empty): one ACK, MSA-1 AA, AE or AR (HL7 table 0008); it is
+  the application ACK.
+* Enhanced mode (MSH-15 or MSH-16 set), :func:`acknowledge`: the commit ACK (CA, or CR for a
+  message refused before processing) and, unless refused, the application ACK (AA or AE, with the
+  ERR), a message of its own: MSH-9 ``ACK^<trigger>^ACK``, its own MSH-10, MSA-2 the original
+  MSH-10, and MSH-15/16 ``NE``/``NE`` (an ACK is never acknowledged). MSH-15 and MSH-16 decide
+  which of them is sent (:mod:`hms_ach.hl7v2.policy` holds these rules). A store that cannot
+  commit answers CE (:func:`build_ack` with AE).
 * Errors carry an ERR segment: ERR-2 location (ERL), ERR-3 code from table 0357, ERR-4 severity,
   ERR-8 the text for a person; before v2.5 the location and code go in ERR-1 (ELD) instead.
 * ``fallback_ack`` builds an AR for a message whose MSH cannot be read; it cannot fail.
@@ -15,11 +19,18 @@ import itertools
 import os
 import re
 import time
+from dataclasses import dataclass
 from datetime import datetime
 
 from hms_ach.core.errors import Err0357, MessageError
 from hms_ach.core.hl7message import MshHeader, Separators
-from hms_ach.hl7v2.policy import ack_code_for
+from hms_ach.hl7v2.policy import (
+    ack_code_for,
+    application_code,
+    commit_code,
+    should_send_application,
+    should_send_commit,
+)
 
 _counter = itertools.count(1)
 _prefix = f"{os.getpid() % 100000:05d}"
@@ -90,10 +101,20 @@ def err_segment(error: MessageError, seps: Separators, version: str) -> str:
 
 
 def build_ack(header: MshHeader, code: str, error: MessageError | None = None) -> str:
-    """The ACK (CR-separated, no MLLP framing) answering ``header`` with ``code`` (AA/AE/AR)."""
+    """The ACK (CR-separated, no MLLP framing) answering ``header`` with ``code`` (AA/AE/AR): in
+    enhanced mode the commit ACK CA/CE/CR (AE -> CE: not stored, send again)."""
+    return ack_message(header, ack_code_for(header, code), error)
+
+
+def ack_message(
+    header: MshHeader, ack_code: str, error: MessageError | None = None, application: bool = False
+) -> str:
+    """One ACK message answering ``header`` with MSA-1 ``ack_code`` and, for an error, its ERR.
+
+    ``application``: an enhanced-mode application ACK, whose MSH-15 and MSH-16 are NE (the sender
+    must not acknowledge it)."""
     seps = header.separators
     fs = seps.field
-    ack_code = ack_code_for(header, code)
     version = header.get(12) or "2.5.1"
     event = header.trigger_event
     msh_9 = seps.component.join(["ACK", event, "ACK"]) if event else "ACK"
@@ -111,6 +132,7 @@ def build_ack(header: MshHeader, code: str, error: MessageError | None = None) -
             _ack_control_id(),
             header.get(11) or "P",
             version,
+            *(["", "", "NE", "NE"] if application else []),
         ]
     )
     msa_text = escape(error.message, seps)[:80] if error else ""
@@ -119,6 +141,69 @@ def build_ack(header: MshHeader, code: str, error: MessageError | None = None) -
     if error is not None:
         segments.append(err_segment(error, seps, header.version))
     return "\r".join(segments) + "\r"
+
+
+@dataclass(frozen=True)
+class Acks:
+    """The answers to one message with a readable MSH, and which of them its MSH-15/16 ask for."""
+
+    ack: str  #: the one ACK (original mode) or the commit ACK (enhanced mode)
+    ack_code: str  #: its MSA-1: AA/AE/AR, or CA/CR
+    send: bool  #: original mode: always; enhanced mode: as MSH-15 says
+    app_ack: str | None = None  #: enhanced mode, unless refused at commit: the application ACK
+    app_code: str | None = None  #: its MSA-1: AA or AE
+    app_send: bool = False  #: as MSH-16 says
+
+    @property
+    def result_code(self) -> str:
+        """The code that says what became of the message: the application ACK's, else the first's."""
+        return self.app_code or self.ack_code
+
+    @property
+    def text(self) -> str:
+        """Both ACKs as stored with the message (one after the other; :func:`split_acks` parts them)."""
+        return self.ack + (self.app_ack or "")
+
+
+def acknowledge(header: MshHeader, code: str, error: MessageError | None = None) -> Acks:
+    """The ACKs answering a stored message whose outcome is ``code`` (AA/AE/AR) with ``error``.
+
+    Original mode: one ACK, ``code``, with the ERR. Enhanced mode: the commit ACK (CA; CR with the
+    ERR for AR) and, unless refused, the application ACK (AA; AE with the ERR). Each is built
+    whether or not it is sent, so that a resend is answered from what was stored."""
+    first = commit_code(header, code)
+    app = application_code(header, code)
+    ack = ack_message(header, first, error if app is None else None)
+    app_ack = ack_message(header, app, error, application=True) if app is not None else None
+    return Acks(
+        ack,
+        first,
+        should_send_commit(header, first),
+        app_ack,
+        app,
+        should_send_application(header, app),
+    )
+
+
+def split_acks(text: str) -> list[str]:
+    """The ACK messages of a stored answer (each starts with MSH): [ack] or [commit, application]."""
+    parts: list[str] = []
+    for segment in text.split("\r"):
+        if not segment:
+            continue
+        if segment.startswith("MSH") or not parts:
+            parts.append("")
+        parts[-1] += segment + "\r"
+    return parts
+
+
+def msa_code(ack: str) -> str:
+    """MSA-1 of one ACK message ('' when it has no MSA)."""
+    for segment in ack.split("\r"):
+        if segment.startswith("MSA") and len(segment) > 3:
+            fields = segment.split(segment[3])
+            return fields[1] if len(fields) > 1 else ""
+    return ""
 
 
 _CONTROL_ID = re.compile(rb"^MSH(.)")

@@ -1,8 +1,14 @@
 """MLLP client: what ``hms-ach send`` uses to send files of HL7 v2 messages and collect the ACKs.
 
-:func:`send_each` (``hms-ach send``) waits for no ACK when a message's MSH-15 says NE, and goes on
-with the next message after a timeout or a lost connection (on a new connection, so that a late
-ACK is never taken for the next message's). :func:`send_messages` stops at the first failure.
+:func:`send_each` (``hms-ach send``) reads the ACKs each message asks for: one in original mode; in
+enhanced mode the commit ACK as MSH-15 says and the application ACK as MSH-16 says, on the same
+connection (see ``docs/hl7-acks.md``). An ACK asked for always (AL, or an empty MSH-15) is waited
+for up to ``timeout``; one asked for only on error or only on success (ER, SU) that may never come
+is waited for ``conditional_wait`` seconds at most once the certain ones are in. An ACK whose MSA-2
+is not the message's MSH-10 (a late answer to an earlier message) is skipped. After a timeout or a
+lost connection it goes on with the next message on a new connection, so that a late ACK is never
+taken for the next message's. :func:`send_messages` reads one ACK per message and stops at the
+first failure.
 """
 
 from __future__ import annotations
@@ -12,8 +18,10 @@ import re
 from collections import deque
 from contextlib import suppress
 from dataclasses import dataclass
+from typing import TypeAlias
 
 from hms_ach.core.errors import Err0357, RejectError
+from hms_ach.hl7v2.ack import msa_code
 from hms_ach.hl7v2.mllp import FS, VT, Frame, FrameEvent, MllpError, MllpFramer, OversizeFrame, frame
 
 _LINE_END = re.compile(rb"\r\n|\n|\r")
@@ -111,39 +119,107 @@ async def _next_ack(reader: asyncio.StreamReader, framer: MllpFramer, pending: d
         pending.extend(framer.feed(chunk))
 
 
+def _msh_fields(message: bytes) -> list[bytes]:
+    """MSH split at its field separator: ``fields[n - 1]`` is MSH-n (MSH-1 is the separator itself)."""
+    segments = _segments(message)
+    first = segments[0] if segments else b""
+    if not first.startswith(b"MSH") or len(first) < 4:
+        return []
+    return first.split(first[3:4])
+
+
+def _msh(fields: list[bytes], n: int) -> str:
+    return fields[n - 1].decode("latin-1").strip().upper() if n - 1 < len(fields) else ""
+
+
 def expects_ack(message: bytes) -> bool:
     """False when MSH-15 (accept acknowledgment type) is NE: the receiver sends no commit ACK.
 
     An empty MSH-15 (original mode) and every other value expect one."""
-    first = _segments(message)[0] if _segments(message) else b""
-    if not first.startswith(b"MSH") or len(first) < 4:
-        return True
-    fields = first.split(first[3:4])  # fields[n - 1] is MSH-n: MSH-1 is the separator itself
-    return not (len(fields) > 14 and fields[14].strip().upper() == b"NE")
+    return _msh(_msh_fields(message), 15) != "NE"
+
+
+def ack_types(message: bytes) -> tuple[str, str] | None:
+    """(MSH-15, MSH-16) upper-cased, or None in original mode (both empty, or no readable MSH)."""
+    fields = _msh_fields(message)
+    accept, application = _msh(fields, 15), _msh(fields, 16)
+    return (accept, application) if accept or application else None
+
+
+#: What is still to come for a message: nothing, an ACK for sure, or an ACK that may not come.
+_DONE, _REQUIRED, _POSSIBLE = "done", "required", "possible"
+
+
+def _still_expected(types: tuple[str, str], commit: bytes | None, app: bytes | None) -> str:
+    """What the receiver still owes in enhanced mode, given what came (HL7 table 0155 conditions).
+
+    The commit ACK comes first: CR or CE ends the exchange (no application ACK follows a message
+    that was not accepted), and an application ACK means the commit ACK is settled too."""
+    accept, application = types
+    if app is not None or (commit is not None and msa_code(_text(commit)) in ("CR", "CE")):
+        return _DONE
+    app_wanted = {"AL": _REQUIRED, "ER": _POSSIBLE, "SU": _POSSIBLE}.get(application, _DONE)
+    if commit is None and accept != "NE":
+        if accept in ("ER", "SU"):  # may be skipped; an application ACK AL then comes in any case
+            return _REQUIRED if app_wanted == _REQUIRED else _POSSIBLE
+        return _REQUIRED  # AL, or empty: every receiver sends a first ACK
+    return app_wanted
+
+
+def _text(ack: bytes) -> str:
+    return ack.decode("latin-1")
+
+
+def _answers(ack: bytes, control_id: str) -> bool:
+    """MSA-2 of ``ack`` is ``control_id`` (an ACK without a readable MSA-2 is taken as an answer)."""
+    for segment in _text(ack).split("\r"):
+        if segment.startswith("MSA") and len(segment) > 3:
+            fields = segment.split(segment[3])
+            return len(fields) < 3 or not fields[2] or fields[2] == control_id
+    return True
 
 
 @dataclass(frozen=True)
 class Sent:
-    """What became of one message: its ACK, no ACK because none was asked (MSH-15 NE), or an error."""
+    """What became of one message: its ACK(s), no ACK because none was asked (MSH-15 NE), or an error.
+
+    ``ack`` is the one ACK (original mode) or the commit ACK (enhanced mode), ``app_ack`` the
+    application ACK (enhanced mode, MSH-16); either is None when it was not sent."""
 
     ack: bytes | None = None
     error: str | None = None
     ack_expected: bool = True
+    app_ack: bytes | None = None
+
+    @property
+    def acks(self) -> list[bytes]:
+        return [a for a in (self.ack, self.app_ack) if a is not None]
+
+
+_Conn: TypeAlias = tuple[asyncio.StreamReader, asyncio.StreamWriter, MllpFramer, deque[FrameEvent]]
 
 
 async def send_each(
-    host: str, port: int, messages: list[bytes], timeout: float = 30, max_ack_bytes: int = 1024 * 1024
+    host: str,
+    port: int,
+    messages: list[bytes],
+    timeout: float = 30,
+    max_ack_bytes: int = 1024 * 1024,
+    conditional_wait: float = 1.0,
 ) -> list[Sent]:
     """Send ``messages`` in order and return one :class:`Sent` per message; never raises MllpError.
 
-    ``timeout`` bounds the connect and each send+ACK round. A message whose MSH-15 is NE is written
-    and not waited for. After a failure the connection is closed and the next message opens a new one.
+    ``timeout`` bounds the connect and each send plus the ACKs always asked for; an ACK asked for
+    only on error or success (ER/SU) is waited for ``conditional_wait`` seconds more at most. A
+    message that asks for no ACK (MSH-15 NE, MSH-16 NE or empty) is written and not waited for.
+    After a failure the connection is closed and the next message opens a new one.
     """
     results: list[Sent] = []
-    conn: tuple[asyncio.StreamReader, asyncio.StreamWriter, MllpFramer, deque[FrameEvent]] | None = None
+    conn: _Conn | None = None
     try:
         for number, message in enumerate(messages, 1):
-            wants_ack = expects_ack(message)
+            types = ack_types(message)
+            wants_ack = types is None or _still_expected(types, None, None) != _DONE
             try:
                 async with asyncio.timeout(timeout):
                     if conn is None:
@@ -152,13 +228,14 @@ async def send_each(
                         except OSError as exc:
                             raise MllpError(f"cannot connect to {host}:{port}: {exc}") from exc
                         conn = (reader, writer, MllpFramer(max_ack_bytes), deque())
-                    reader, writer, framer, pending = conn
+                    writer = conn[1]
                     writer.write(frame(normalise_message(message)))
                     await writer.drain()
-                    if not wants_ack:
-                        results.append(Sent(ack_expected=False))
+                    if types is None:
+                        results.append(Sent(ack=await _next_ack(conn[0], conn[2], conn[3])))
                         continue
-                    results.append(Sent(ack=await _next_ack(reader, framer, pending)))
+                    commit, app = await _enhanced_acks(conn, message, types, conditional_wait)
+                    results.append(Sent(ack=commit, ack_expected=wants_ack, app_ack=app))
                     continue
             except TimeoutError:
                 error = f"message {number}: no ACK from {host}:{port} within {timeout} s"
@@ -174,6 +251,40 @@ async def send_each(
         if conn is not None:
             await _close(conn[1])
     return results
+
+
+async def _enhanced_acks(
+    conn: _Conn, message: bytes, types: tuple[str, str], conditional_wait: float
+) -> tuple[bytes | None, bytes | None]:
+    """Read the commit and application ACKs of one enhanced-mode message (see :func:`_still_expected`).
+
+    Runs under the caller's deadline; an ACK that may not come is waited for ``conditional_wait``."""
+    reader, _writer, framer, pending = conn
+    control_id = _msh_fields(message)[9].decode("latin-1") if len(_msh_fields(message)) > 9 else ""
+    app_wanted = types[1] in ("AL", "ER", "SU")
+    commit: bytes | None = None
+    app: bytes | None = None
+    while (expected := _still_expected(types, commit, app)) != _DONE:
+        if expected == _REQUIRED:
+            ack = await _next_ack(reader, framer, pending)
+        else:
+            try:
+                async with asyncio.timeout(conditional_wait):
+                    ack = await _next_ack(reader, framer, pending)
+            except TimeoutError:
+                break
+        if not _answers(ack, control_id):
+            continue  # a late answer to an earlier message
+        code = msa_code(_text(ack))
+        # An A* code is the application ACK when one is asked for; otherwise it is the first ACK
+        # (a receiver that answers an enhanced-mode message with an original-mode ACK).
+        if app_wanted and code.startswith("A") and app is None:
+            app = ack
+        elif commit is None:
+            commit = ack
+        else:
+            app = ack
+    return commit, app
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:

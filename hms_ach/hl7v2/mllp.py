@@ -202,7 +202,9 @@ def frame(payload: bytes) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # Listener
 
-FrameHandler = Callable[[bytes, str], Awaitable[bytes | None]]
+#: Returns the reply to a frame: one ACK, several sent in order (a commit ACK then an application
+#: ACK), or None / [] for none.
+FrameHandler = Callable[[bytes, str], Awaitable[bytes | list[bytes] | None]]
 OversizeHandler = Callable[[bytes, int, str], bytes | None | Awaitable[bytes | None]]
 
 
@@ -251,7 +253,8 @@ def _peer_name(writer: asyncio.StreamWriter) -> str:
 class MllpServer:
     """An MLLP listener on ``asyncio.start_server``; see the module docstring for the behaviour.
 
-    ``handler(payload, peer)`` returns the ACK to send (encoded, without MLLP framing) or None.
+    ``handler(payload, peer)`` returns the ACK to send (encoded, without MLLP framing), a list of
+    ACKs sent one after the other (each its own frame), or None.
     ``on_oversize(prefix, size, peer)`` (plain or async) returns the AR for a frame over the limit,
     after which the connection keeps going; without it, or when it returns None, the connection
     is closed.
@@ -411,7 +414,10 @@ class MllpServer:
                 "mllp.handler_failed", extra={"event": "mllp.handler_failed", "fields": {"peer": peer}}
             )
             return False
-        return ack is None or await self._send(conn, ack)
+        for reply in [ack] if isinstance(ack, bytes) else ack or []:
+            if not await self._send(conn, reply):
+                return False
+        return True
 
     async def _send(self, conn: _Connection, ack: bytes) -> bool:
         conn.writer.write(frame(ack))

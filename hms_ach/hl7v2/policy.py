@@ -3,9 +3,16 @@
 * **Acceptance** (:meth:`Hl7Policy.check`): MSH-10 and MSH-9 must be set, MSH-12 must be one of the
   accepted versions (``2.5`` also accepts ``2.5.1``), MSH-11 one of the accepted processing ids.
   A header that fails is a :class:`~hms_ach.core.errors.RejectError` (AR) naming the field.
-* **ACK modes**: original mode (MSH-15 and MSH-16 empty) always answers AA, AE or AR (HL7 table
-  0008); enhanced mode answers with the commit codes CA, CE or CR, sent as MSH-15 says (AL always,
-  NE never, ER on error only, SU on success only).
+* **ACK modes** (HL7 table 0008; see ``docs/hl7-acks.md``): original mode (MSH-15 and MSH-16
+  empty) always answers with one ACK, AA, AE or AR, which is the application ACK. Enhanced mode
+  (MSH-15 or MSH-16 set) answers with up to two: the commit (accept) ACK, CA when the message is
+  stored, CR when it is refused before processing (an unacceptable header, an unsupported type, a
+  reused control id, too big) and CE when it could not be stored (send it again); then, for a
+  message that was not refused, the application ACK, AA or AE. Each is sent as its own field says
+  (:func:`should_send_commit`: MSH-15, :func:`should_send_application`: MSH-16): AL always, NE
+  never, ER on error only, SU on success only. The standard requires both fields in enhanced mode;
+  when one is empty, an empty MSH-15 counts as AL (every MLLP sender waits for a first ACK) and an
+  empty MSH-16 as NE (an application ACK nobody waits for would be read as the next message's).
 * **A reused control id** (``on_reused_control_id``): a message whose MSH-3, MSH-4 and MSH-10 were
   stored before with *different* content (a true resend has the same content and gets the stored
   ACK) is ``reject``-ed (the default: AR with an ERR at MSH-10, code 205, stored for review and
@@ -123,11 +130,54 @@ def should_send(header: MshHeader, code: str) -> bool:
     """Enhanced mode honours MSH-15 (AL/NE/ER/SU); original mode always answers."""
     if not header.enhanced_mode:
         return True
-    accept = header.accept_ack_type.strip().upper()
-    if accept == "NE":
+    return ack_condition_met(header.accept_ack_type, code == "AA")
+
+
+def ack_condition_met(condition: str, success: bool) -> bool:
+    """Whether an ACK is sent under ``condition`` (HL7 table 0155: AL, NE, ER, SU; empty or
+    unknown counts as AL) for an outcome that is a ``success`` or not."""
+    value = condition.strip().upper()
+    if value == "NE":
         return False
-    if accept == "ER":
-        return code != "AA"
-    if accept == "SU":
-        return code == "AA"
+    if value == "ER":
+        return not success
+    if value == "SU":
+        return success
     return True
+
+
+def commit_code(header: MshHeader | None, code: str) -> str:
+    """MSA-1 of the first ACK for a stored message whose outcome is ``code`` (AA/AE/AR).
+
+    Original mode: ``code`` itself (the one ACK is the application ACK). Enhanced mode: CR for a
+    message refused before processing (AR), otherwise CA: a message with a content error (AE) was
+    committed to safe storage all the same, and its error goes in the application ACK."""
+    if header is None or not header.enhanced_mode:
+        return code
+    return "CR" if code == "AR" else "CA"
+
+
+def application_code(header: MshHeader | None, code: str) -> str | None:
+    """MSA-1 of the application ACK (AA/AE) of a message whose outcome is ``code``; None in original
+    mode (the one ACK is the application ACK) and for a message refused at commit (AR -> CR)."""
+    if header is None or not header.enhanced_mode or code == "AR":
+        return None
+    return code
+
+
+def should_send_commit(header: MshHeader | None, ack_code: str) -> bool:
+    """Whether the first ACK (MSA-1 ``ack_code``) is sent: always in original mode and for an
+    unreadable header; in enhanced mode as MSH-15 says (success: CA)."""
+    if header is None or not header.enhanced_mode:
+        return True
+    return ack_condition_met(header.accept_ack_type, ack_code in ("CA", "AA"))
+
+
+def should_send_application(header: MshHeader | None, app_code: str | None) -> bool:
+    """Whether the application ACK (MSA-1 ``app_code``, None: there is none) is sent: as MSH-16
+    says (success: AA; empty: NE); never in original mode."""
+    if header is None or app_code is None or not header.enhanced_mode:
+        return False
+    if not header.application_ack_type.strip():
+        return False
+    return ack_condition_met(header.application_ack_type, app_code == "AA")

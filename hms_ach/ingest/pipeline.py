@@ -41,9 +41,9 @@ from typing import Any, TypeAlias, TypeVar
 
 from hms_ach.core.errors import Err0357, MessageError, RejectError
 from hms_ach.core.records import MappingResult
-from hms_ach.hl7v2.ack import build_ack, fallback_ack
+from hms_ach.hl7v2.ack import Acks, acknowledge, build_ack, fallback_ack, msa_code, split_acks
 from hms_ach.hl7v2.parse import MshHeader, codec_for, decode, parse_text, read_header
-from hms_ach.hl7v2.policy import Hl7Policy, ack_code_for, original_code, should_send
+from hms_ach.hl7v2.policy import Hl7Policy, should_send_application, should_send_commit
 from hms_ach.mapping.engine import MappingEngine
 from hms_ach.store import messages
 from hms_ach.store.port import Tx
@@ -224,9 +224,31 @@ class Outcome:
     error: str | None = None
     writes: list[WriteOutcome] = field(default_factory=list)
     charset: str = "utf-8"
+    #: Enhanced mode (MSH-15/16), unless refused at commit: the application ACK, sent after ``ack``
+    #: when ``app_send`` (MSH-16 says so); see :func:`hms_ach.hl7v2.ack.acknowledge`.
+    app_ack: str | None = None
+    app_send: bool = False
 
     def ack_bytes(self) -> bytes:
         return self.ack.encode(self.charset, errors="replace")
+
+    @property
+    def app_code(self) -> str | None:
+        """MSA-1 of the application ACK (AA/AE), None without one."""
+        return msa_code(self.app_ack) if self.app_ack else None
+
+    @property
+    def result_code(self) -> str:
+        """What became of the message: the application ACK's code, else ``ack_code``."""
+        return self.app_code or self.ack_code
+
+    def replies(self) -> list[bytes]:
+        """The ACKs to send, in order: the commit (or only) ACK and the application ACK, each
+        when MSH-15/16 ask for it."""
+        out = [self.ack_bytes()] if self.send else []
+        if self.app_send and self.app_ack:
+            out.append(self.app_ack.encode(self.charset, errors="replace"))
+        return out
 
 
 def idempotency_key(header: MshHeader) -> str | None:
@@ -309,16 +331,26 @@ def hl7_work(ev: Evaluation, charset: str) -> Work[Outcome]:
             if isinstance(error, RejectError):
                 code = "AR"
             status = "rejected" if code == "AR" else "error"
-        ack = ack_for(ev, code, error)
-        ack_code = ack_code_for(ev.header, code)
-        send = should_send(ev.header, code) if ev.header is not None else True
+        if ev.header is None:
+            acks = Acks(ack_for(ev, code, error), code, True)
+        else:
+            acks = acknowledge(ev.header, code, error)
         outcome = Outcome(
-            message_id, status, ack_code, ack, send, str(error) if error else None, writes, charset
+            message_id,
+            status,
+            acks.ack_code,
+            acks.ack,
+            acks.send,
+            str(error) if error else None,
+            writes,
+            charset,
+            acks.app_ack,
+            acks.app_send,
         )
         done = Finish(
             status,
-            ack_code,
-            ack,
+            acks.result_code,
+            acks.text,
             error=error.message if error else None,
             error_location=error.location if error else None,
         )
@@ -374,10 +406,23 @@ def commit_hl7(ev: Evaluation, policy: Hl7Policy) -> Callable[[Tx], Outcome]:
         if not isinstance(out, Duplicate):
             return out
         dup_id = record_duplicate(tx, ev.meta, out)
-        send = should_send(ev.header, original_code(out.ack_code or "")) if ev.header else True
-        return Outcome(dup_id, "duplicate", out.ack_code or "", out.ack or "", send, charset=charset)
+        return stored_outcome(dup_id, ev.header, out, charset)
 
     return job
+
+
+def stored_outcome(dup_id: int, header: MshHeader | None, dup: Duplicate, charset: str) -> Outcome:
+    """The answer to a resend: the stored ACK and, when one was stored, the stored application
+    ACK, each sent as the (same) MSH-15/16 say."""
+    parts = split_acks(dup.ack or "")
+    ack = parts[0] if parts else ""
+    app_ack = parts[1] if len(parts) > 1 else None
+    ack_code = msa_code(ack) or dup.ack_code or ""
+    send = bool(ack) and should_send_commit(header, ack_code)
+    app_send = should_send_application(header, msa_code(app_ack) if app_ack else None)
+    return Outcome(
+        dup_id, "duplicate", ack_code, ack, send, charset=charset, app_ack=app_ack, app_send=app_send
+    )
 
 
 def replay_hl7(tx: Tx, message_id: int, raw: bytes, policy: Hl7Policy, engine: MappingEngine) -> Outcome:
