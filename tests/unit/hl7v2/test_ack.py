@@ -1,0 +1,84 @@
+"""ACK messages: original mode, and the commit and application ACKs of enhanced mode."""
+
+from __future__ import annotations
+
+import pytest
+
+from hms_ach.core.errors import ContentError, Err0357, RejectError
+from hms_ach.hl7v2.ack import acknowledge, build_ack, msa_code, split_acks
+from hms_ach.hl7v2.parse import MshHeader, read_header
+
+ERROR = ContentError(
+    "PID-8 value Q is not in table administrative_sex", "PID[1]-8", Err0357.TABLE_VALUE_NOT_FOUND
+)
+REFUSAL = RejectError("version 9.9 is not accepted", "MSH-12", Err0357.UNSUPPORTED_VERSION)
+
+
+def _header(accept: str = "", application: str = "") -> MshHeader:
+    tail = f"|||{accept}|{application}" if accept or application else ""
+    raw = f"MSH|^~\\&|LAB|HOSP|HMSACH|HOSP|20260101||ADT^A03^ADT_A03|MSG-7|P|2.5.1{tail}\r"
+    return read_header(raw.encode())
+
+
+def _segments(ack: str) -> dict[str, list[str]]:
+    return {s[:3]: s.split("|") for s in ack.split("\r") if s}
+
+
+def test_original_mode_one_ack_with_the_outcome_and_the_err() -> None:
+    for code, error in (("AA", None), ("AE", ERROR), ("AR", REFUSAL)):
+        acks = acknowledge(_header(), code, error)
+        assert (acks.ack_code, acks.send, acks.app_ack, acks.app_send) == (code, True, None, False)
+        segs = _segments(acks.ack)
+        assert segs["MSA"][1:3] == [code, "MSG-7"]
+        assert ("ERR" in segs) is (error is not None)
+        assert acks.result_code == code and acks.text == acks.ack
+
+
+def test_enhanced_mode_success_ca_then_aa() -> None:
+    acks = acknowledge(_header("AL", "AL"), "AA")
+    commit, app = _segments(acks.ack), _segments(acks.app_ack or "")
+    assert commit["MSA"][1:3] == ["CA", "MSG-7"] and "ERR" not in commit
+    assert app["MSA"][1:3] == ["AA", "MSG-7"] and "ERR" not in app
+    # the application ACK is a message of its own, which asks for no ACK back
+    assert app["MSH"][8] == "ACK^A03^ACK" and app["MSH"][9] != commit["MSH"][9]
+    assert app["MSH"][14:16] == ["NE", "NE"]
+    assert app["MSH"][2:6] == ["HMSACH", "HOSP", "LAB", "HOSP"]  # from the receiver to the sender
+    assert (acks.send, acks.app_send, acks.result_code) == (True, True, "AA")
+
+
+def test_enhanced_mode_content_error_is_committed_ca_and_reported_ae_with_err() -> None:
+    acks = acknowledge(_header("AL", "AL"), "AE", ERROR)
+    commit, app = _segments(acks.ack), _segments(acks.app_ack or "")
+    assert commit["MSA"][1] == "CA" and "ERR" not in commit
+    assert app["MSA"][1:3] == ["AE", "MSG-7"]
+    assert app["ERR"][2] == "PID^1^8^1" and app["ERR"][3].startswith("103^")
+    assert acks.result_code == "AE"
+
+
+def test_enhanced_mode_refusal_is_cr_with_err_and_no_application_ack() -> None:
+    acks = acknowledge(_header("AL", "AL"), "AR", REFUSAL)
+    commit = _segments(acks.ack)
+    assert commit["MSA"][1:3] == ["CR", "MSG-7"] and commit["ERR"][3].startswith("203^")
+    assert (acks.app_ack, acks.app_code, acks.app_send, acks.result_code) == (None, None, False, "CR")
+
+
+@pytest.mark.parametrize(("accept", "application"), [("NE", "NE"), ("ER", "ER"), ("SU", "SU"), ("NE", "AL")])
+def test_both_acks_are_built_whatever_is_sent(accept: str, application: str) -> None:
+    """A resend is answered from what was stored, so both ACKs are stored even when not sent."""
+    acks = acknowledge(_header(accept, application), "AA")
+    assert acks.app_ack is not None and split_acks(acks.text) == [acks.ack, acks.app_ack]
+    assert acks.send is (accept == "SU") and acks.app_send is (application in ("SU", "AL"))
+
+
+def test_split_acks_and_msa_code() -> None:
+    acks = acknowledge(_header("AL", "ER"), "AE", ERROR)
+    assert [msa_code(a) for a in split_acks(acks.text)] == ["CA", "AE"]
+    assert split_acks("") == [] and msa_code("MSH|^~\\&\r") == ""
+    one = build_ack(_header(), "AA")
+    assert split_acks(one) == [one]
+
+
+def test_build_ack_in_enhanced_mode_is_the_commit_code() -> None:
+    # AE -> CE: the answer of a store that could not commit (send again); no application ACK follows
+    assert msa_code(build_ack(_header("AL", "AL"), "AE", ERROR)) == "CE"
+    assert msa_code(build_ack(_header("AL", "AL"), "AA")) == "CA"
