@@ -43,7 +43,6 @@ DEFAULT_CHARSET = "utf-8"
 ReusedControlId: TypeAlias = Literal["reject", "process"]
 
 _ENHANCED = {"AA": "CA", "AE": "CE", "AR": "CR"}
-_ORIGINAL = {v: k for k, v in _ENHANCED.items()}
 
 
 def version_accepted(version: str, accepted: list[str] | tuple[str, ...]) -> bool:
@@ -117,13 +116,9 @@ class Hl7PolicySettings(BaseModel):
 
 
 def ack_code_for(header: MshHeader | None, code: str) -> str:
-    """MSA-1 for ``code`` (AA/AE/AR): the commit codes CA/CE/CR in enhanced mode."""
+    """MSA-1 for ``code`` (AA/AE/AR), the commit codes CA/CE/CR in enhanced mode: the answer
+    built without a stored message (CE: the store could not commit it)."""
     return _ENHANCED[code] if header is not None and header.enhanced_mode else code
-
-
-def original_code(ack_code: str) -> str:
-    """AA/AE/AR for a stored MSA-1 (CA -> AA ...); an empty code is AA."""
-    return _ORIGINAL.get(ack_code, ack_code or "AA")
 
 
 def should_send(header: MshHeader, code: str) -> bool:

@@ -89,7 +89,9 @@ def hl7_replayer(engine: MappingEngine, policies: Mapping[str, Hl7Policy]) -> Re
     def replay(tx: Tx, row: StoredMessage) -> ReplayReport:
         policy = policies.get(row.channel) or Hl7Policy(row.channel)
         out = replay_hl7(tx, int(row.id), bytes(row.raw), policy, engine)
-        report = ReplayReport(int(row.id), row.message_type, row.status, out.status, out.ack_code, out.error)
+        report = ReplayReport(
+            int(row.id), row.message_type, row.status, out.status, out.result_code, out.error
+        )
         report.changes = [
             change(tx, w.resource_type, w.id, w.version_id, w.reference) for w in out.writes if w.changed
         ]
