@@ -263,7 +263,7 @@ def send(
     for (f, _), sent in zip(batch, results, strict=True):
         if sent.error is not None:
             failures += 1
-            typer.echo(f"== {f} -> no ACK: {sent.error}\n", err=True)
+            typer.echo(f"== {f} -> failed: {sent.error}\n", err=True)
             continue
         if not sent.acks:
             typer.echo(f"== {f} -> sent (MSH-15/16 NE: no ACK expected)\n")

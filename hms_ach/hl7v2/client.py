@@ -220,6 +220,7 @@ async def send_each(
         for number, message in enumerate(messages, 1):
             types = ack_types(message)
             wants_ack = types is None or _still_expected(types, None, None) != _DONE
+            got = _Exchange()
             try:
                 async with asyncio.timeout(timeout):
                     if conn is None:
@@ -234,16 +235,22 @@ async def send_each(
                     if types is None:
                         results.append(Sent(ack=await _next_ack(conn[0], conn[2], conn[3])))
                         continue
-                    commit, app = await _enhanced_acks(conn, message, types, conditional_wait)
-                    results.append(Sent(ack=commit, ack_expected=wants_ack, app_ack=app))
+                    await _enhanced_acks(conn, message, types, conditional_wait, got)
+                    results.append(Sent(ack=got.commit, ack_expected=wants_ack, app_ack=got.app))
                     continue
             except TimeoutError:
                 error = f"message {number}: no ACK from {host}:{port} within {timeout} s"
+                if got.commit is not None:
+                    error = (
+                        f"message {number}: commit ACK {msa_code(_text(got.commit))} but no "
+                        f"application ACK (MSH-16 {types[1] if types else ''}) from {host}:{port} "
+                        f"within {timeout} s"
+                    )
             except MllpError as exc:
                 error = f"message {number}: {exc.message}"
             except OSError as exc:
                 error = f"message {number}: connection to {host}:{port} failed: {exc}"
-            results.append(Sent(error=error, ack_expected=wants_ack))
+            results.append(Sent(error=error, ack_expected=wants_ack, ack=got.commit))
             if conn is not None:
                 await _close(conn[1])
                 conn = None
@@ -253,18 +260,25 @@ async def send_each(
     return results
 
 
-async def _enhanced_acks(
-    conn: _Conn, message: bytes, types: tuple[str, str], conditional_wait: float
-) -> tuple[bytes | None, bytes | None]:
-    """Read the commit and application ACKs of one enhanced-mode message (see :func:`_still_expected`).
+@dataclass
+class _Exchange:
+    """The ACKs of one enhanced-mode message so far (kept when the deadline passes)."""
 
-    Runs under the caller's deadline; an ACK that may not come is waited for ``conditional_wait``."""
-    reader, _writer, framer, pending = conn
-    control_id = _msh_fields(message)[9].decode("latin-1") if len(_msh_fields(message)) > 9 else ""
-    app_wanted = types[1] in ("AL", "ER", "SU")
     commit: bytes | None = None
     app: bytes | None = None
-    while (expected := _still_expected(types, commit, app)) != _DONE:
+
+
+async def _enhanced_acks(
+    conn: _Conn, message: bytes, types: tuple[str, str], conditional_wait: float, got: _Exchange
+) -> None:
+    """Read the commit and application ACKs of one enhanced-mode message into ``got`` (see
+    :func:`_still_expected`). Runs under the caller's deadline; an ACK that may not come is waited
+    for ``conditional_wait`` seconds."""
+    reader, _writer, framer, pending = conn
+    fields = _msh_fields(message)
+    control_id = fields[9].decode("latin-1") if len(fields) > 9 else ""
+    app_wanted = types[1] in ("AL", "ER", "SU")
+    while (expected := _still_expected(types, got.commit, got.app)) != _DONE:
         if expected == _REQUIRED:
             ack = await _next_ack(reader, framer, pending)
         else:
@@ -278,13 +292,12 @@ async def _enhanced_acks(
         code = msa_code(_text(ack))
         # An A* code is the application ACK when one is asked for; otherwise it is the first ACK
         # (a receiver that answers an enhanced-mode message with an original-mode ACK).
-        if app_wanted and code.startswith("A") and app is None:
-            app = ack
-        elif commit is None:
-            commit = ack
+        if app_wanted and code.startswith("A") and got.app is None:
+            got.app = ack
+        elif got.commit is None:
+            got.commit = ack
         else:
-            app = ack
-    return commit, app
+            got.app = ack
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:

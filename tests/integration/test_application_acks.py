@@ -213,6 +213,36 @@ async def test_resends_get_both_stored_acks_and_hms_ach_send_reads_them(
     assert "bad.hl7 -> application ACK AE" in run.output and "MSA|AE|R-2" in out
 
 
+@pytest.mark.timeout(60)
+async def test_send_to_a_receiver_that_ignores_msh_16() -> None:
+    """A python-hl7 receiver that answers every message with one commit ACK CA, and before that a
+    stray ACK for a message never sent: ``send_each`` skips the stray one, keeps the commit ACK and
+    reports the missing application ACK (MSH-16 AL) after its deadline, then goes on."""
+
+    async def answer(reader: hl7.mllp.HL7StreamReader, writer: hl7.mllp.HL7StreamWriter) -> None:
+        try:
+            while True:
+                received = await reader.readmessage()
+                stray = hl7.parse(str(received.create_ack("AA")).replace("|S-", "|OLD-"))
+                writer.writemessage(stray)
+                writer.writemessage(received.create_ack("CA"))
+                await writer.drain()
+        except asyncio.IncompleteReadError:
+            writer.close()
+
+    server = await hl7.mllp.start_hl7_server(answer, "127.0.0.1", 0, limit=1 << 20)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        batch = [with_msh(OUTCOMES["ok"], "S-1", "AL", "AL"), with_msh(OUTCOMES["ok"], "S-2", "AL", "NE")]
+        sent = await send_each("127.0.0.1", port, batch, timeout=1.0)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert sent[0].ack is not None and msa_code(sent[0].ack.decode()) == "CA" and sent[0].app_ack is None
+    assert sent[0].error is not None and "but no application ACK (MSH-16 AL)" in sent[0].error
+    assert sent[1].error is None and sent[1].ack is not None and b"|CA|S-2" in sent[1].ack
+
+
 def test_a_store_that_cannot_commit_answers_ce_and_no_application_ack() -> None:
     policy = Hl7Policy("adt_in")
     ack = unavailable_ack(with_msh(OUTCOMES["ok"], "U-1", "AL", "AL"), policy)
