@@ -15,8 +15,9 @@ file of ``directory``:
    * an HL7 v2 file is split into messages at each MSH (as ``hms-ach send`` does; FHS/BHS/BTS/FTS
      batch lines are dropped) and each goes through the pipeline like an MLLP message, with the
      channel's HL7 policy: stored with its ACKs (not sent; see ``docs/hl7-acks.md``). A message
-     answered AE or AR (CR) is a bad "line" of the file (its number in the file). The file's own row (content type
-     ``file``) gets the file's status; a file with no MSH first is an error as a whole;
+     answered AE or AR (CR) is a bad "line" of the file (its number in the file). The file's own
+     row (content type ``file``) gets the file's status; a file with no MSH first is an error as a
+     whole;
    * a CSV file is read and mapped row by row with the channel's ``csv:`` settings
      (:class:`hms_ach.ingest.csv_rows.CsvIngest`, the same as ``sftp_csv``).
 4. **move** to ``processed/`` or ``error/`` (with ``NAME.err.csv`` beside it), or delete.
