@@ -209,8 +209,8 @@ async def send_each(
 ) -> list[Sent]:
     """Send ``messages`` in order and return one :class:`Sent` per message; never raises MllpError.
 
-    ``timeout`` bounds the connect and each send plus the ACKs always asked for; an ACK asked for
-    only on error or success (ER/SU) is waited for ``conditional_wait`` seconds more at most. A
+    ``timeout`` bounds the connect, the send and all the ACKs of each message; within it, an ACK
+    asked for only on error or only on success (ER/SU) is waited for ``conditional_wait`` at most. A
     message that asks for no ACK (MSH-15 NE, MSH-16 NE or empty) is written and not waited for.
     After a failure the connection is closed and the next message opens a new one.
     """
