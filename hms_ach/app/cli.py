@@ -813,6 +813,7 @@ def token_command(
         load_or_create_key,
         parse_ttl,
         split_values,
+        token_ttl,
     )
     from hms_ach.auth.roles import ROLES
     from hms_ach.auth.settings import with_environment
@@ -831,7 +832,7 @@ def token_command(
         )
         raise typer.Exit(2)
     try:
-        ttl_seconds = parse_ttl(ttl) if ttl is not None else None
+        ttl_seconds = token_ttl(settings, parse_ttl(ttl) if ttl is not None else None)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--ttl") from exc
     roles = split_values(role or [])

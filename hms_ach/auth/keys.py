@@ -183,6 +183,7 @@ class OidcKeySource:
         self._discovery: dict[str, Any] | None = None
         self._fetched_at: float | None = None  # monotonic time of the last successful JWKS fetch
         self._attempted_at: float | None = None  # monotonic time of the last fetch attempt
+        self._generation = 0  # how many refreshes were attempted
         self._lock = asyncio.Lock()
         #: how many times the JWKS was fetched (successfully); for tests and metrics.
         self.fetch_count = 0
@@ -210,12 +211,12 @@ class OidcKeySource:
         key = _select(self._keys, kid, alg)
         if key is not None and not self._stale(now):
             return key
-        if key is None or self._stale(now):
-            seen = self._attempted_at
-            async with self._lock:
-                if self._attempted_at == seen and self._may_retry(time.monotonic()):
-                    await self._refresh()
-            key = _select(self._keys, kid, alg)
+        generation = self._generation
+        async with self._lock:
+            # a request that waited while another one refreshed uses that refresh's result
+            if self._generation == generation and self._may_retry(time.monotonic()):
+                await self._refresh()
+        key = _select(self._keys, kid, alg)
         if key is not None:
             return key
         if not self._keys:
@@ -228,7 +229,13 @@ class OidcKeySource:
             await self._refresh()
 
     async def _refresh(self) -> None:
-        self._attempted_at = time.monotonic()
+        try:
+            await self._fetch()
+        finally:
+            self._attempted_at = time.monotonic()
+            self._generation += 1
+
+    async def _fetch(self) -> None:
         s = self._settings
         try:
             doc = await fetch_json(

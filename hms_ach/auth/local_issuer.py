@@ -152,6 +152,14 @@ def _nest(path: str, value: Any) -> dict[str, Any]:
     return out
 
 
+def token_ttl(settings: AuthSettings, ttl_seconds: int | None) -> int:
+    """The lifetime of a token: ``ttl_seconds`` or the default; ValueError past the maximum."""
+    ttl = ttl_seconds if ttl_seconds is not None else settings.local_token_ttl_seconds
+    if ttl <= 0 or ttl > settings.local_max_token_ttl_seconds:
+        raise ValueError(f"a token lifetime must be 1 to {settings.local_max_token_ttl_seconds} seconds")
+    return ttl
+
+
 def issue_token(
     settings: AuthSettings, signing_key: LocalSigningKey, request: TokenRequest, now: float | None = None
 ) -> str:
@@ -161,9 +169,7 @@ def issue_token(
     ``jti``, ``scope``, and when given ``patient``, the roles at ``auth.roles_claim``, ``employee_id``
     and ``department``. Raises ValueError for a TTL over ``auth.local_max_token_ttl_seconds``.
     """
-    ttl = request.ttl_seconds if request.ttl_seconds is not None else settings.local_token_ttl_seconds
-    if ttl <= 0 or ttl > settings.local_max_token_ttl_seconds:
-        raise ValueError(f"a token lifetime must be 1 to {settings.local_max_token_ttl_seconds} seconds")
+    ttl = token_ttl(settings, request.ttl_seconds)
     issued = int(time.time() if now is None else now)
     claims: dict[str, Any] = {
         "iss": settings.effective_issuer,
