@@ -94,6 +94,11 @@ class Authenticator:
         claims = await self._verifier.verify(token)
         return caller_from_claims(claims, self.settings.roles_claim, source_address)
 
+    @property
+    def key_source(self) -> KeySource | None:
+        """Where the verification keys come from (None in off mode)."""
+        return self._keys
+
     def jwks(self) -> dict[str, Any] | None:
         """The JWKS to publish at ``/.well-known/jwks.json`` (the local issuer's public key), or None
         when the engine issues no tokens (oidc: the provider publishes its own)."""
