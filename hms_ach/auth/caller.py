@@ -47,6 +47,11 @@ class Caller:
     authenticated: bool = True
 
     @property
+    def subject(self) -> str:
+        """``sub``, under the name the HTTP access log reads (``request.state.caller.subject``)."""
+        return self.sub
+
+    @property
     def policy(self) -> ScopePolicy:
         """The ``/fhir`` access the token's SMART scopes grant."""
         return ScopePolicy(self.scopes, self.patient)

@@ -41,6 +41,7 @@ async def test_a_valid_token_gives_the_caller(local: LocalIssuer) -> None:
         "urn:hms-ach:local",
     )
     assert caller.source_address == "10.0.0.7" and caller.authenticated
+    assert caller.subject == "tester"  # the name the HTTP access log reads
     assert caller.policy.allows("Observation", "search") and not caller.policy.allows("Observation", "create")
     assert caller.scopes.other == ("launch/patient", "openid")
 
