@@ -23,6 +23,9 @@ STATUS_OF: dict[BearerErrorCode | None, int] = {
     "insufficient_scope": 403,
 }
 
+#: Retry-After of a 503 (the issuer's keys could not be fetched).
+RETRY_AFTER_SECONDS = 5
+
 #: The realm of every challenge.
 REALM = "hms-ach"
 
@@ -72,11 +75,15 @@ def _quoted(value: str) -> str:
 
 def challenge(error: AuthError) -> tuple[int, dict[str, str]]:
     """The HTTP status and headers that answer ``error``: 401/400/403 with
-    ``WWW-Authenticate: Bearer realm="hms-ach", error="...", error_description="..."`` (RFC 6750 section 3)."""
+    ``WWW-Authenticate: Bearer realm="hms-ach", error="...", error_description="..."`` (RFC 6750 section 3);
+    503 (the issuer's keys cannot be fetched) also carries ``Retry-After``."""
     parts = [f"realm={_quoted(REALM)}"]
     if error.code is not None:
         parts.append(f"error={_quoted(error.code)}")
         parts.append(f"error_description={_quoted(error.description)}")
         if error.scope:
             parts.append(f"scope={_quoted(error.scope)}")
-    return error.status, {"WWW-Authenticate": "Bearer " + ", ".join(parts)}
+    headers = {"WWW-Authenticate": "Bearer " + ", ".join(parts)}
+    if error.status == 503:
+        headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return error.status, headers

@@ -21,20 +21,18 @@ headers are never fetched nor trusted.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import time
 from collections.abc import Mapping
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 import httpx
 from joserfc.errors import JoseError
 from joserfc.jwk import Key, KeySet
 
 from hms_ach.auth.errors import AuthError, invalid_token
-from hms_ach.auth.settings import AuthSettings
+from hms_ach.auth.settings import AuthSettings, https_or_loopback_url
 from hms_ach.core.redact import error_kind
 
 log = logging.getLogger("hms_ach.auth")
@@ -124,25 +122,10 @@ class StaticKeySource:
         return key
 
 
-def _url_allowed(url: str) -> bool:
-    parts = urlsplit(url)
-    if parts.scheme == "https":
-        return bool(parts.hostname)
-    if parts.scheme != "http" or not parts.hostname:
-        return False
-    host = parts.hostname
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 async def fetch_json(client: httpx.AsyncClient, url: str, max_bytes: int, timeout_seconds: float) -> Any:
     """GET ``url`` and parse its JSON body: status 200 only, no redirects, the body read no further
     than ``max_bytes``, the whole request within ``timeout_seconds``. Raises DocumentError."""
-    if not _url_allowed(url):
+    if not https_or_loopback_url(url):
         raise DocumentError("only https URLs (or http on a loopback host) are fetched")
     try:
         async with asyncio.timeout(timeout_seconds):
@@ -177,7 +160,7 @@ class OidcKeySource:
             raise ValueError("an oidc key source needs auth.issuer")
         self._settings = settings
         self._issuer = settings.issuer
-        self._client = client or httpx.AsyncClient(timeout=settings.http_timeout_seconds, trust_env=False)
+        self._client = client or httpx.AsyncClient(timeout=settings.http_timeout_seconds)
         self._owns_client = client is None
         self._keys: dict[str, Key] = {}
         self._discovery: dict[str, Any] | None = None

@@ -17,6 +17,7 @@ import ipaddress
 import os
 from collections.abc import Iterable, Mapping
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -124,8 +125,10 @@ class AuthSettings(BaseModel):
                 raise ValueError(
                     f"mode oidc needs {' and '.join(missing)} (or {', '.join('HMS_ACH_AUTH_' + m.upper() for m in missing)})"
                 )
-            if not (self.issuer or "").startswith(("https://", "http://")):
-                raise ValueError("mode oidc needs an http(s) issuer URL")
+            if not https_or_loopback_url(self.issuer or ""):
+                raise ValueError(
+                    "mode oidc needs an https issuer URL (http only on a loopback host, for tests)"
+                )
         return self
 
     @property
@@ -142,6 +145,15 @@ class AuthSettings(BaseModel):
     def effective_algorithms(self) -> list[str]:
         """The pinned algorithm list: ES256 alone in local mode, the configured list in oidc mode."""
         return [LOCAL_ALGORITHM] if self.mode == "local" else list(self.algorithms)
+
+
+def https_or_loopback_url(url: str) -> bool:
+    """Whether the engine may fetch ``url``: https, or http on a loopback host (a provider on the
+    same machine, as in the tests)."""
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        return bool(parts.hostname)
+    return parts.scheme == "http" and is_loopback_host(parts.hostname or "")
 
 
 def with_environment(settings: AuthSettings, environ: Mapping[str, str] | None = None) -> AuthSettings:

@@ -169,7 +169,7 @@ async def test_a_provider_naming_another_issuer_is_not_trusted(
     with pytest.raises(KeysUnavailableError) as caught:
         await verifier.verify(provider.token(kid, key))
     status, headers = challenge(caught.value)
-    assert status == 503 and "WWW-Authenticate" in headers
+    assert status == 503 and "WWW-Authenticate" in headers and headers["Retry-After"] == "5"
     assert provider.hits["jwks"] == 0
     assert any(
         getattr(r, "reason", "") == "the discovery document names another issuer" for r in caplog.records

@@ -33,8 +33,10 @@ def test_symmetric_and_none_algorithms_cannot_be_configured(alg: str) -> None:
 def test_oidc_needs_an_issuer_url_and_an_audience() -> None:
     with pytest.raises(ValidationError, match="mode oidc needs issuer and audience"):
         AuthSettings(mode="oidc")
-    with pytest.raises(ValidationError, match="http"):
-        AuthSettings(mode="oidc", issuer="idp.example", audience="api")
+    for issuer in ("idp.example", "http://idp.example", "ftp://127.0.0.1", "https://"):
+        with pytest.raises(ValidationError, match="needs an https issuer URL"):
+            AuthSettings(mode="oidc", issuer=issuer, audience="api")
+    assert AuthSettings(mode="oidc", issuer="http://127.0.0.1:4000", audience="api").issuer
     s = AuthSettings(mode="oidc", issuer="https://idp.example/realms/h", audience="hms-ach")
     assert s.effective_algorithms == ["RS256", "PS256", "ES256"]
 
