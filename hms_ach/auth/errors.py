@@ -69,6 +69,21 @@ def insufficient_scope(description: str, scope: str | None = None) -> AuthError:
     return AuthError("insufficient_scope", description, scope)
 
 
+#: The FHIR IssueType code of an OperationOutcome answering each error (http://hl7.org/fhir/issue-type).
+FHIR_ISSUE_CODE: dict[BearerErrorCode | None, str] = {
+    None: "login",
+    "invalid_request": "invalid",
+    "invalid_token": "security",
+    "insufficient_scope": "forbidden",
+}
+
+
+def fhir_issue_code(error: AuthError) -> str:
+    """The OperationOutcome ``issue.code`` for ``error`` on ``/fhir`` (``exception`` when the
+    issuer's keys cannot be fetched: a 503)."""
+    return "exception" if error.status == 503 else FHIR_ISSUE_CODE[error.code]
+
+
 def _quoted(value: str) -> str:
     return '"' + _UNSAFE.sub("?", value) + '"'
 

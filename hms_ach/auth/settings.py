@@ -80,6 +80,12 @@ class AuthSettings(BaseModel):
         description="Dotted path of the claim that lists the caller's /api/v1 roles, e.g. roles or "
         "realm_access.roles (Keycloak)",
     )
+    verified_token_cache_entries: int = Field(
+        4096,
+        ge=0,
+        description="Verified tokens remembered (until they expire, at most jwks_cache_seconds) so that a "
+        "client's next request skips the signature check; 0: verify every request",
+    )
     jwks_cache_seconds: float = Field(
         300.0,
         gt=0,

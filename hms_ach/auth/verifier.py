@@ -19,7 +19,11 @@ Descriptions never quote the token or a library's exception text.
 
 from __future__ import annotations
 
+import hashlib
 import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from joserfc import jws, jwt
@@ -60,24 +64,55 @@ class _Registry(jws.JWSRegistry):
 class TokenVerifier:
     """Verifies bearer tokens against one issuer (see the module docstring)."""
 
-    def __init__(self, settings: AuthSettings, keys: KeySource):
+    def __init__(self, settings: AuthSettings, keys: KeySource, clock: Callable[[], float] = time.time):
         self._settings = settings
         self._keys = keys
+        self._clock = clock
         self._algorithms = settings.effective_algorithms
         self._issuer = settings.effective_issuer
         self._audience = settings.effective_audience
+        # SHA-256 of a verified token -> (its claims, the wall-clock time it may be used until)
+        self._verified: OrderedDict[bytes, tuple[dict[str, Any], float]] = OrderedDict()
 
     @property
     def settings(self) -> AuthSettings:
         return self._settings
 
     async def verify(self, token: str) -> dict[str, Any]:
-        """The verified claims of ``token``; raises AuthError (``invalid_token``) when it is not acceptable."""
+        """The verified claims of ``token``; raises AuthError (``invalid_token``) when it is not acceptable.
+
+        A token verified before is answered from memory (``auth.verified_token_cache_entries``, least
+        recently used first out) while its ``exp`` (plus the leeway) has not passed, and for no longer
+        than ``auth.jwks_cache_seconds`` after it was verified. Only the exact same bytes hit: the key
+        is the token's SHA-256, so a changed token is verified from scratch.
+        """
         raw = token.encode("utf-8", errors="replace")
         if len(raw) > self._settings.max_token_bytes:
             raise invalid_token(f"the token is longer than {self._settings.max_token_bytes} bytes")
         if not _COMPACT_JWS.match(raw):
             raise invalid_token("not a signed JWT (JWS compact serialization)")
+        capacity = self._settings.verified_token_cache_entries
+        digest = hashlib.sha256(raw).digest()
+        now = self._clock()
+        hit = self._verified.get(digest)
+        if hit is not None:
+            if now < hit[1]:
+                self._verified.move_to_end(digest)
+                return dict(hit[0])
+            del self._verified[digest]
+            if now >= float(hit[0]["exp"]) + self._settings.leeway_seconds:
+                raise invalid_token("the token has expired")
+        claims = await self._verify(raw, int(now))
+        if capacity > 0:
+            until = min(
+                float(claims["exp"]) + self._settings.leeway_seconds, now + self._settings.jwks_cache_seconds
+            )
+            self._verified[digest] = (claims, until)
+            while len(self._verified) > capacity:
+                self._verified.popitem(last=False)
+        return dict(claims)
+
+    async def _verify(self, raw: bytes, now: int) -> dict[str, Any]:
         registry = _Registry(algorithms=self._algorithms, strict_check_header=False)
         try:
             header = jws.extract_compact(raw, registry=registry).headers()
@@ -101,11 +136,12 @@ class TokenVerifier:
         except (JoseError, ValueError, TypeError) as exc:
             raise invalid_token("the token cannot be verified (malformed)") from exc
         claims = dict(decoded.claims)
-        self._check_claims(claims)
+        self._check_claims(claims, now)
         return claims
 
-    def _check_claims(self, claims: dict[str, Any]) -> None:
+    def _check_claims(self, claims: dict[str, Any], now: int) -> None:
         claims_registry = jwt.JWTClaimsRegistry(
+            now=now,
             leeway=self._settings.leeway_seconds,
             iss={"essential": True, "value": self._issuer},
             aud={"essential": True, "value": self._audience},

@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
+from joserfc.jwk import Key
 
 from hms_ach.auth import AuthError, AuthSettings, Caller, challenge, create_authenticator
+from hms_ach.auth.keys import StaticKeySource
 from hms_ach.auth.local_issuer import load_or_create_key
+from hms_ach.auth.verifier import TokenVerifier
 from tests.unit.auth import jwt_forge
 from tests.unit.auth.conftest import LocalIssuer
 
@@ -251,3 +255,63 @@ async def test_off_mode_lets_every_request_in_as_unauthenticated(tmp_path: Path)
     assert not caller.authenticated and caller.source_address == "127.0.0.1"
     assert caller.policy.allows("Patient", "delete") and caller.grant("audit.read").unrestricted
     assert not (tmp_path / "data").exists()  # off mode creates no key
+
+
+class CountingKeys:
+    """The local issuer's key source, counting lookups (each one is a full verification)."""
+
+    def __init__(self, jwks: dict[str, Any]):
+        self.inner = StaticKeySource(jwks)
+        self.lookups = 0
+
+    async def key_for(self, kid: str | None, alg: str) -> Key:
+        self.lookups += 1
+        return await self.inner.key_for(kid, alg)
+
+
+def cached_verifier(
+    local: LocalIssuer, now: list[float], **settings: Any
+) -> tuple[TokenVerifier, CountingKeys]:
+    jwks = local.authenticator.jwks()
+    assert jwks is not None
+    keys = CountingKeys(jwks)
+    verifier = TokenVerifier(AuthSettings(**settings), keys, clock=lambda: now[0])
+    return verifier, keys
+
+
+async def test_a_verified_token_is_remembered_until_it_expires(local: LocalIssuer) -> None:
+    now = [time.time()]
+    verifier, keys = cached_verifier(local, now, leeway_seconds=5)
+    token = local.token(exp=int(now[0]) + 60)
+    for _ in range(3):
+        assert (await verifier.verify(token))["sub"] == "tester"
+    assert keys.lookups == 1
+    now[0] += 60 + 5 + 1  # past exp and the leeway: refused although remembered
+    with pytest.raises(AuthError, match="expired"):
+        await verifier.verify(token)
+    # a changed token is verified from scratch, and refused
+    head, _, signature = token.split(".")
+    other = jwt_forge.b64json(local.claims(exp=int(now[0]) + 60, scope="system/*.cruds"))
+    with pytest.raises(AuthError, match="signature does not verify"):
+        await verifier.verify(f"{head}.{other}.{signature}")
+
+
+async def test_the_memory_is_bounded_in_entries_and_time(local: LocalIssuer) -> None:
+    now = [time.time()]
+    verifier, keys = cached_verifier(local, now, verified_token_cache_entries=2, jwks_cache_seconds=30)
+    tokens = [local.token(jti=f"t{i}", exp=int(now[0]) + 3600) for i in range(3)]
+    for token in tokens:
+        await verifier.verify(token)
+    await verifier.verify(tokens[2])
+    await verifier.verify(tokens[1])
+    assert keys.lookups == 3
+    await verifier.verify(tokens[0])  # the least recently used was dropped
+    assert keys.lookups == 4
+    now[0] += 31  # past jwks_cache_seconds: verified again (a key the issuer withdrew stops working)
+    await verifier.verify(tokens[0])
+    assert keys.lookups == 5
+    off, off_keys = cached_verifier(local, now, verified_token_cache_entries=0)
+    token = local.token(exp=int(now[0]) + 60)
+    await off.verify(token)
+    await off.verify(token)
+    assert off_keys.lookups == 2
