@@ -98,28 +98,30 @@ class OpenIdProvider:
 
 
 @pytest.fixture
-async def provider() -> AsyncIterator[OpenIdProvider]:
+async def provider(tmp_path: Path) -> AsyncIterator[OpenIdProvider]:
     await asyncio.to_thread(_install_provider)
     node = shutil.which("node")
     assert node is not None
-    process = await asyncio.create_subprocess_exec(
-        node,
-        "server.mjs",
-        cwd=PEER,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "OIDC_TEST_AUDIENCE": AUDIENCE, "NODE_ENV": "test"},
-    )
+    stderr_path = tmp_path / "oidc-provider.stderr"
+    with stderr_path.open("wb") as stderr:  # a file, so that its warnings can never fill a pipe
+        process = await asyncio.create_subprocess_exec(
+            node,
+            "server.mjs",
+            cwd=PEER,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=stderr,
+            env={**os.environ, "OIDC_TEST_AUDIENCE": AUDIENCE, "NODE_ENV": "test"},
+        )
     try:
-        assert process.stdout is not None and process.stderr is not None
+        assert process.stdout is not None
         try:
             line = await asyncio.wait_for(process.stdout.readline(), START_SECONDS)
         except TimeoutError:
             pytest.fail(f"the OpenID provider did not start within {START_SECONDS} s")
         if not line:
-            err = await asyncio.wait_for(process.stderr.read(8192), 5)
-            pytest.fail(f"the OpenID provider exited: {err.decode(errors='replace')}")
+            await asyncio.wait_for(process.wait(), 10)
+            pytest.fail(f"the OpenID provider exited: {stderr_path.read_text(errors='replace')[-2000:]}")
         ready = json.loads(line)
         async with httpx.AsyncClient(timeout=10, trust_env=False) as client:
             yield OpenIdProvider(ready["issuer"], ready["kid"], client)
