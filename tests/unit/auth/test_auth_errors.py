@@ -1,4 +1,5 @@
-"""RFC 6750 challenges: status, WWW-Authenticate and the OperationOutcome issue code of each error."""
+"""hms_ach/auth/errors.py (named apart from a future tests/unit/core/test_errors.py: test basenames must be unique): RFC 6750
+challenges: status, WWW-Authenticate and the OperationOutcome issue code of each error."""
 
 from __future__ import annotations
 
