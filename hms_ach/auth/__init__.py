@@ -25,7 +25,7 @@ from hms_ach.auth.errors import AuthError, challenge
 from hms_ach.auth.roles import ACTIONS, ROLE_RULES, Grant
 from hms_ach.auth.scopes import ParsedScopes, ScopePolicy, SmartScope, parse_scopes
 from hms_ach.auth.settings import AuthSettings, check_off_mode, with_environment
-from hms_ach.auth.smart import capability_security, smart_configuration
+from hms_ach.auth.smart import capability_security, openapi_security, smart_configuration
 
 __all__ = [
     "ACTIONS",
@@ -45,6 +45,7 @@ __all__ = [
     "challenge",
     "check_off_mode",
     "create_authenticator",
+    "openapi_security",
     "parse_scopes",
     "smart_configuration",
     "with_environment",

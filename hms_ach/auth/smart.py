@@ -6,6 +6,9 @@ extension.
 * ``local``: the engine issues tokens with ``hms-ach token`` and has no OAuth endpoint, so the
   documents name only its JWKS (``/.well-known/jwks.json``) and the scopes it understands.
 * ``off``: nothing is published (:func:`capability_security` returns None).
+
+:func:`openapi_security` is the same for the OpenAPI document (``components.securitySchemes`` and
+the document-wide ``security`` requirement).
 """
 
 from __future__ import annotations
@@ -134,3 +137,27 @@ def capability_security(
     if uris:
         security["extension"] = [{"url": OAUTH_URIS_EXTENSION, "extension": uris}]
     return security
+
+
+def openapi_security(settings: AuthSettings) -> tuple[dict[str, Any], list[dict[str, list[str]]]]:
+    """``components.securitySchemes`` and the top-level ``security`` of the OpenAPI document: an HTTP
+    bearer (JWT) scheme, and in oidc mode also the provider's OpenID Connect discovery URL. Both are
+    empty when auth is off."""
+    if settings.mode == "off":
+        return {}, []
+    schemes: dict[str, Any] = {
+        "bearer": {
+            "type": "http",
+            "scheme": "bearer",
+            "bearerFormat": "JWT",
+            "description": "An access token: `hms-ach token` (local mode) or the OpenID provider (oidc mode)",
+        }
+    }
+    requirement: list[dict[str, list[str]]] = [{"bearer": []}]
+    if settings.mode == "oidc" and settings.issuer:
+        schemes["openid"] = {
+            "type": "openIdConnect",
+            "openIdConnectUrl": settings.issuer.rstrip("/") + "/.well-known/openid-configuration",
+        }
+        requirement.append({"openid": []})
+    return schemes, requirement

@@ -6,7 +6,7 @@ from typing import Any
 
 from fhir.resources.R4B.capabilitystatement import CapabilityStatementRestSecurity
 
-from hms_ach.auth import AuthSettings, capability_security, smart_configuration
+from hms_ach.auth import AuthSettings, capability_security, openapi_security, smart_configuration
 from hms_ach.auth.smart import OAUTH_URIS_EXTENSION
 
 OIDC = AuthSettings(mode="oidc", issuer="https://idp.example/realms/h", audience="hms-ach")
@@ -64,3 +64,16 @@ def test_rest_security_in_local_and_off_modes() -> None:
     assert local is not None and "extension" not in local and "hms-ach token" in local["description"]
     CapabilityStatementRestSecurity.model_validate(local)
     assert capability_security(AuthSettings(mode="off")) is None
+
+
+def test_openapi_security_schemes() -> None:
+    schemes, requirement = openapi_security(AuthSettings())
+    assert schemes["bearer"]["type"] == "http" and schemes["bearer"]["scheme"] == "bearer"
+    assert requirement == [{"bearer": []}]
+    schemes, requirement = openapi_security(OIDC)
+    assert (
+        schemes["openid"]["openIdConnectUrl"]
+        == "https://idp.example/realms/h/.well-known/openid-configuration"
+    )
+    assert requirement == [{"bearer": []}, {"openid": []}]
+    assert openapi_security(AuthSettings(mode="off")) == ({}, [])
