@@ -99,7 +99,7 @@ def key_map(jwks: Mapping[str, Any]) -> dict[str, Key]:
     for item in usable:
         try:
             key_set = KeySet.import_key_set({"keys": [item]})
-        except (JoseError, ValueError, TypeError):
+        except (JoseError, ValueError, TypeError, KeyError):
             continue  # one bad key does not spoil the others
         for key in key_set.keys:
             if key.kid is not None:
@@ -144,11 +144,11 @@ async def fetch_json(client: httpx.AsyncClient, url: str, max_bytes: int, timeou
                         raise DocumentError(f"larger than {max_bytes} bytes")
     except TimeoutError as exc:
         raise DocumentError(f"no complete answer within {timeout_seconds:g} s") from exc
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise DocumentError(f"request failed ({error_kind(exc)})") from exc
     try:
         return json.loads(bytes(body))
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:
         raise DocumentError("not JSON") from exc
 
 
@@ -242,6 +242,12 @@ class OidcKeySource:
             log.warning(
                 "auth.jwks_refresh_failed",
                 extra={"issuer": self._issuer, "reason": str(exc), "keys_kept": len(self._keys)},
+            )
+            return
+        except Exception as exc:  # a document we did not foresee must not fail the request
+            log.error(
+                "auth.jwks_refresh_failed",
+                extra={"issuer": self._issuer, "reason": error_kind(exc), "keys_kept": len(self._keys)},
             )
             return
         self._discovery = doc

@@ -156,10 +156,14 @@ class AuthSettings(BaseModel):
 def https_or_loopback_url(url: str) -> bool:
     """Whether the engine may fetch ``url``: https, or http on a loopback host (a provider on the
     same machine, as in the tests)."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:  # e.g. a malformed IPv6 literal
+        return False
     if parts.scheme == "https":
-        return bool(parts.hostname)
-    return parts.scheme == "http" and is_loopback_host(parts.hostname or "")
+        return bool(host)
+    return parts.scheme == "http" and is_loopback_host(host or "")
 
 
 def with_environment(settings: AuthSettings, environ: Mapping[str, str] | None = None) -> AuthSettings:

@@ -37,6 +37,7 @@ class Provider:
     jwks_delay_seconds: float = 0.0
     jwks_padding_bytes: int = 0
     redirect_jwks: bool = False
+    jwks_raw: bytes | None = None
     hits: dict[str, int] = field(default_factory=lambda: {"discovery": 0, "jwks": 0})
     #: set at teardown, so that a delayed answer does not hold the server's shutdown
     release: asyncio.Event = field(default_factory=asyncio.Event)
@@ -81,6 +82,8 @@ async def provider() -> AsyncIterator[Provider]:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(state.release.wait(), state.jwks_delay_seconds)
         body: dict[str, Any] = {"keys": [{**jwt_forge.public_jwk(k), "kid": kid} for kid, k in state.keys]}
+        if state.jwks_raw is not None:
+            return web.Response(body=state.jwks_raw, content_type="application/json")
         if state.jwks_padding_bytes:
             # streamed without a Content-Length: the reader must stop by itself
             response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
@@ -221,7 +224,14 @@ async def test_known_keys_are_kept_when_a_refresh_fails(
 
 async def test_only_https_or_loopback_http_is_fetched() -> None:
     async with httpx.AsyncClient() as client:
-        for url in ("http://idp.example/jwks", "ftp://127.0.0.1/jwks", "file:///etc/passwd", "https:///x"):
+        for url in (
+            "http://idp.example/jwks",
+            "ftp://127.0.0.1/jwks",
+            "file:///etc/passwd",
+            "https:///x",
+            "https://[bad/jwks",
+            "http://127.0.0.1.evil.example/jwks",
+        ):
             with pytest.raises(DocumentError, match="only https URLs"):
                 await fetch_json(client, url, 1024, 1.0)
 
@@ -245,3 +255,23 @@ def test_key_map_skips_keys_that_are_not_public_signing_keys() -> None:
         key_map({"keys": [{"kty": "oct", "k": "c2VjcmV0"}]})
     with pytest.raises(DocumentError, match="no keys list"):
         key_map({"keys": "none"})
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b"[" * 100_000,  # nested past Python's recursion limit
+        b'{"keys": [{"kty": "EC", "crv": "P-256"}, {"kty": "RSA", "n": 5, "e": null}, 7, null]}',
+        b'{"keys": {"kty": "EC"}}',
+        b"[]",
+    ],
+)
+async def test_garbage_from_the_provider_is_a_503_not_a_crash(
+    provider: Provider, source_of: TokenVerifierType, body: bytes
+) -> None:
+    provider.jwks_raw = body
+    verifier, _ = source_of()
+    kid, key = provider.keys[0]
+    with pytest.raises(KeysUnavailableError):
+        await verifier.verify(provider.token(kid, key))
