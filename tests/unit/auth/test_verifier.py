@@ -315,3 +315,49 @@ async def test_the_memory_is_bounded_in_entries_and_time(local: LocalIssuer) -> 
     await off.verify(token)
     await off.verify(token)
     assert off_keys.lookups == 2
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "e30.e30.e30",  # {} {} {}
+        "W10.W10.",  # [] []
+        "bnVsbA.bnVsbA.",  # null null
+        jwt_forge.b64url(b'{"alg": 7}') + ".e30.",
+        jwt_forge.b64url(b'{"alg": "ES256", "kid": ["a"]}') + ".e30.",
+        jwt_forge.b64url(b"\xff\xfe") + ".e30.",
+        "a" * 40 + "." + "b" * 40 + "." + "c" * 86,
+        "..",
+        "." * 3000,
+    ],
+)
+async def test_garbage_tokens_are_refused_never_crash(local: LocalIssuer, raw: str) -> None:
+    with pytest.raises(AuthError) as caught:
+        await local.authenticator.authenticate(f"Bearer {raw}", None)
+    assert caught.value.code in ("invalid_token", "invalid_request")
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"aud": 42},
+        {"iss": ["urn:hms-ach:local"]},
+        {"exp": True},
+        {"exp": -1},
+        {"nbf": "soon"},
+        {"sub": {"id": 1}},
+        {"sub": ""},
+    ],
+)
+async def test_signed_but_malformed_claims_are_refused(local: LocalIssuer, overrides: dict[str, Any]) -> None:
+    with pytest.raises(AuthError) as caught:
+        await local.authenticator.authenticate(f"Bearer {local.token(**overrides)}", None)
+    assert caught.value.code == "invalid_token"
+
+
+async def test_odd_optional_claims_are_ignored_not_trusted(local: LocalIssuer) -> None:
+    token = local.token(scope=7, roles={"admin": True}, patient=12, employee_id=["E1"], department=[1, "ICU"])
+    caller = await local.authenticator.authenticate(f"Bearer {token}", None)
+    assert caller.scopes.resource == () and caller.roles == frozenset()
+    assert caller.patient is None and caller.employee_id is None and caller.departments == {"ICU"}
+    assert not caller.policy.allows("Patient", "read")
