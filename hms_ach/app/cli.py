@@ -788,6 +788,98 @@ def _reason(error: Any) -> str:
     return text[:90]
 
 
+@app.command("token")
+def token_command(
+    scope: Annotated[
+        str,
+        typer.Option(
+            "--scope",
+            help='SMART scopes, space-separated: "patient/*.read", "user/Practitioner.rs", "system/*.cruds"',
+        ),
+    ],
+    patient: Annotated[
+        str | None, typer.Option("--patient", help="the patient id patient/ scopes are limited to")
+    ] = None,
+    sub: Annotated[str, typer.Option("--sub", help="the subject: who the token is for")] = "hms-ach-cli",
+    role: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--role", help="an /api/v1 role (repeatable): hr_admin, scheduler, employee, auditor, integration"
+        ),
+    ] = None,
+    employee_id: Annotated[
+        str | None, typer.Option("--employee-id", help="the employee the employee role acts as")
+    ] = None,
+    department: Annotated[
+        list[str] | None,
+        typer.Option("--department", help="a department the scheduler role covers (repeatable)"),
+    ] = None,
+    ttl: Annotated[
+        str | None,
+        typer.Option("--ttl", help="lifetime: 3600, 15m, 1h, 7d (default auth.local_token_ttl_seconds)"),
+    ] = None,
+    config: ConfigOpt = Path("channels.yaml"),
+) -> None:
+    """Print a bearer token of the engine's local issuer (auth.mode local); the signing key is created
+    in the data directory on first use."""
+    from hms_ach.auth.local_issuer import (
+        KeyFileError,
+        TokenRequest,
+        issue_token,
+        load_or_create_key,
+        parse_ttl,
+        split_values,
+        token_ttl,
+    )
+    from hms_ach.auth.roles import ROLES
+    from hms_ach.auth.settings import with_environment
+
+    cfg = _load(config)
+    try:
+        settings = with_environment(cfg.auth)
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from exc
+    if settings.mode != "local":
+        typer.echo(
+            f"auth mode is {settings.mode}: hms-ach token issues tokens of the local issuer only"
+            + (" (get tokens from the OpenID provider)" if settings.mode == "oidc" else ""),
+            err=True,
+        )
+        raise typer.Exit(2)
+    try:
+        ttl_seconds = token_ttl(settings, parse_ttl(ttl) if ttl is not None else None)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--ttl") from exc
+    roles = split_values(role or [])
+    unknown = [r for r in roles if r not in ROLES]
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown role {', '.join(unknown)}; one of {', '.join(ROLES)}", param_hint="--role"
+        )
+    if not scope.split() and not roles:
+        raise typer.BadParameter("give at least one scope (or a --role)", param_hint="--scope")
+    try:
+        key = load_or_create_key(cfg.data_dir)
+    except KeyFileError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from exc
+    request = TokenRequest(
+        scope=scope,
+        sub=sub,
+        patient=patient,
+        roles=roles,
+        employee_id=employee_id,
+        departments=split_values(department or []),
+        ttl_seconds=ttl_seconds,
+    )
+    try:
+        token = issue_token(settings, key, request)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--ttl") from exc
+    typer.echo(token)
+
+
 def main() -> None:
     app()
 

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hms_ach.app.job_settings import JobsSettings
+from hms_ach.auth.settings import AuthSettings
 from hms_ach.channels import CHANNEL_TYPES
 from hms_ach.core.errors import ConfigError, ConfigErrors, SourcePosition
 from hms_ach.core.timezones import IanaTimeZone
@@ -76,6 +77,10 @@ class HttpSettings(_Strict):
 class Config(_Strict):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    auth: AuthSettings = Field(
+        default_factory=AuthSettings,
+        description="Who may call the HTTP API: local (the engine's own tokens, hms-ach token), oidc or off",
+    )
     channels: list[Any] = Field(default_factory=list, description="Inbound channels")
     sinks: list[Any] = Field(
         default_factory=list, description="Outbound sinks fed by the outbox (webhook, rabbitmq, x12_837)"

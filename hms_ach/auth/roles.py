@@ -1,0 +1,118 @@
+"""The ``/api/v1`` roles, as data, and the one function that applies them.
+
+Roles come from the claim ``auth.roles_claim`` names (``roles``, or ``realm_access.roles``...). Each
+role grants actions (:data:`ACTIONS`), each limited to a reach:
+
+* ``any``: every record;
+* ``department``: records of the caller's ``department`` claim (one value or a list);
+* ``own``: records of the caller's own ``employee_id`` claim.
+
+:data:`ROLE_RULES` is the table; :func:`grant` folds a caller's roles into one :class:`Grant` for an
+action, which a route asks about a target record (:meth:`Grant.permits`) or turns into a filter for a
+list (:attr:`Grant.unrestricted`, :attr:`Grant.employee_ids`, :attr:`Grant.departments`).
+An unknown role grants nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+Reach = Literal["any", "department", "own"]
+
+#: The /api/v1 actions, and the routes each stands for.
+ACTIONS: dict[str, str] = {
+    "employees.read": "GET /api/v1/employees, GET /api/v1/employees/{id}",
+    "employees.write": "POST /api/v1/employees, PUT /api/v1/employees/{id}",
+    "credentials.read": "GET /api/v1/credentials",
+    "shifts.read": "GET /api/v1/shifts",
+    "shifts.write": "POST /api/v1/shifts, PUT /api/v1/shifts/{id}",
+    "swaps.request": "POST /api/v1/shifts/{id}/swap",
+    "swaps.decide": "POST /api/v1/shifts/{id}/swap/decision",
+    "timecards.read": "GET /api/v1/timecards",
+    "timecards.write": "POST /api/v1/timecards",
+    "compliance.read": "GET /api/v1/compliance/status",
+    "audit.read": "GET /api/v1/audit",
+}
+
+_WORKFORCE = tuple(a for a in ACTIONS if not a.startswith("audit."))
+
+#: role -> action -> reach. hr_admin: every workforce read and write; scheduler: shifts and swap
+#: decisions in their departments; employee: their own record, shifts and timecards, and swap requests
+#: of their own shifts; auditor: the audit trail and the compliance report, read-only; integration:
+#: system use (feeds and exports), every workforce read and write.
+ROLE_RULES: dict[str, dict[str, Reach]] = {
+    "hr_admin": {action: "any" for action in _WORKFORCE},
+    "scheduler": {
+        "employees.read": "department",
+        "credentials.read": "department",
+        "shifts.read": "department",
+        "shifts.write": "department",
+        "swaps.decide": "department",
+        "timecards.read": "department",
+    },
+    "employee": {
+        "employees.read": "own",
+        "credentials.read": "own",
+        "shifts.read": "own",
+        "swaps.request": "own",
+        "timecards.read": "own",
+        "timecards.write": "own",
+    },
+    "auditor": {"audit.read": "any", "compliance.read": "any"},
+    "integration": {action: "any" for action in _WORKFORCE},
+}
+
+#: Every role :data:`ROLE_RULES` knows.
+ROLES = tuple(ROLE_RULES)
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a caller's roles allow for one action: everything (``unrestricted``), or records of
+    ``employee_ids`` (own) or ``departments``; nothing when all three are empty."""
+
+    action: str
+    unrestricted: bool = False
+    employee_ids: frozenset[str] = frozenset()
+    departments: frozenset[str] = frozenset()
+
+    @property
+    def allowed(self) -> bool:
+        """Whether the action is allowed on at least some records."""
+        return self.unrestricted or bool(self.employee_ids) or bool(self.departments)
+
+    def permits(self, employee_id: str | None = None, department: str | None = None) -> bool:
+        """Whether the action is allowed on a record of ``employee_id`` in ``department`` (either may
+        be unknown: None, which only an unrestricted grant permits)."""
+        if self.unrestricted:
+            return True
+        if employee_id is not None and employee_id in self.employee_ids:
+            return True
+        return department is not None and department in self.departments
+
+
+def grant(
+    roles: Iterable[str],
+    action: str,
+    employee_id: str | None = None,
+    departments: Iterable[str] = (),
+) -> Grant:
+    """Fold ``roles`` into the grant for ``action``. ``employee_id`` and ``departments`` are the
+    caller's claims; an ``own`` reach without an employee_id claim (or a ``department`` reach without
+    a department) grants nothing. Raises KeyError for an action not in :data:`ACTIONS`."""
+    if action not in ACTIONS:
+        raise KeyError(f"unknown /api/v1 action {action!r}; one of {', '.join(ACTIONS)}")
+    unrestricted = False
+    own: set[str] = set()
+    depts: set[str] = set()
+    for role in roles:
+        reach = ROLE_RULES.get(role, {}).get(action)
+        if reach == "any":
+            unrestricted = True
+        elif reach == "own" and employee_id:
+            own.add(employee_id)
+        elif reach == "department":
+            depts.update(d for d in departments if d)
+    return Grant(action, unrestricted, frozenset(own), frozenset(depts))

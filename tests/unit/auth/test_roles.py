@@ -1,0 +1,71 @@
+"""The /api/v1 roles: hr_admin, scheduler (by department), employee (own records), auditor, integration."""
+
+from __future__ import annotations
+
+import pytest
+
+from hms_ach.auth import ACTIONS, ROLE_RULES, Caller
+from hms_ach.auth.roles import grant
+
+
+def caller(*roles: str, employee_id: str | None = None, departments: tuple[str, ...] = ()) -> Caller:
+    return Caller(
+        sub="u", roles=frozenset(roles), employee_id=employee_id, departments=frozenset(departments)
+    )
+
+
+def test_every_rule_names_a_known_action() -> None:
+    for role, rules in ROLE_RULES.items():
+        assert set(rules) <= set(ACTIONS), role
+        assert set(rules.values()) <= {"any", "department", "own"}, role
+
+
+def test_hr_admin_does_every_workforce_write_but_not_the_audit_trail() -> None:
+    hr = caller("hr_admin")
+    for action in ACTIONS:
+        assert hr.grant(action).unrestricted is (action != "audit.read"), action
+
+
+def test_employee_sees_only_their_own_shifts_and_cannot_approve_swaps() -> None:
+    emp = caller("employee", employee_id="E1")
+    shifts = emp.grant("shifts.read")
+    assert shifts.permits(employee_id="E1") and not shifts.permits(employee_id="E2")
+    assert not shifts.unrestricted and shifts.employee_ids == {"E1"}
+    assert emp.grant("swaps.request").permits(employee_id="E1")
+    assert not emp.grant("swaps.request").permits(employee_id="E2")
+    assert not emp.grant("swaps.decide").allowed
+    assert not emp.grant("shifts.write").allowed
+    assert emp.grant("timecards.write").permits(employee_id="E1")
+    # the role without an employee_id claim grants nothing
+    assert not caller("employee").grant("shifts.read").allowed
+
+
+def test_scheduler_is_limited_to_their_departments() -> None:
+    sched = caller("scheduler", departments=("ICU", "ER"))
+    edit = sched.grant("shifts.write")
+    assert edit.permits(department="ICU") and edit.permits(department="ER")
+    assert not edit.permits(department="Oncology") and not edit.permits()
+    assert sched.grant("swaps.decide").permits(department="ER")
+    assert not sched.grant("employees.write").allowed and not sched.grant("audit.read").allowed
+    assert not caller("scheduler").grant("shifts.write").allowed  # no department claim: nothing
+
+
+def test_auditor_reads_the_trail_and_writes_nothing() -> None:
+    aud = caller("auditor")
+    assert aud.grant("audit.read").unrestricted and aud.grant("compliance.read").unrestricted
+    writes = [a for a in ACTIONS if a.endswith((".write", ".decide", ".request"))]
+    assert writes and not any(aud.grant(a).allowed for a in writes)
+
+
+def test_integration_is_system_use() -> None:
+    integ = caller("integration")
+    assert integ.grant("employees.write").unrestricted and integ.grant("timecards.write").unrestricted
+
+
+def test_roles_combine_and_unknown_roles_grant_nothing() -> None:
+    both = caller("employee", "scheduler", employee_id="E1", departments=("ICU",))
+    g = both.grant("shifts.read")
+    assert g.permits(employee_id="E1") and g.permits(department="ICU") and not g.permits("E2", "ER")
+    assert not caller("root", "admin", "HR_ADMIN").grant("employees.write").allowed
+    with pytest.raises(KeyError, match="unknown /api/v1 action"):
+        grant(["hr_admin"], "employees.drop")
