@@ -105,7 +105,7 @@ def plain_hash(row: dict[str, Any]) -> str:
 
 def keyed_hash(row: dict[str, Any], entry_key: bytes) -> str:
     """HMAC-SHA256 under the entry key over the same fields as :func:`plain_hash`."""
-    return hmac.new(entry_key, _payload(row), hashlib.sha256).hexdigest()
+    return hmac.digest(entry_key, _payload(row), "sha256").hex()
 
 
 def entry_hash(row: dict[str, Any], seal: AuditSeal = DEFAULT_SEAL) -> str:

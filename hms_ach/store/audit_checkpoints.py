@@ -172,7 +172,9 @@ def append_checkpoint(conn: Connection, seal: AuditSeal, kind: str = "checkpoint
             fcntl.flock(fd, fcntl.LOCK_EX)  # one writer at a time, across processes too
             last_raw = _last_line(fd)
             last = _parse(last_raw, 0, path) if last_raw else None
-            if last is not None and kind == "anchor":
+            if last is None:
+                kind = "anchor"  # the first line marks where the keyed chain begins
+            elif kind == "anchor":
                 return None  # the file has its anchor already
             if last is not None and (last.count, last.head_seq, last.head) == (count, head_seq, head):
                 return None
@@ -204,8 +206,12 @@ def anchor(store: Store, seal: AuditSeal) -> Checkpoint | None:
             return None
     except FileNotFoundError:
         pass
-    with store.read() as conn:
-        return append_checkpoint(conn, seal, "anchor")
+    try:
+        with store.read() as conn:
+            return append_checkpoint(conn, seal, "anchor")
+    except Exception:  # noqa: BLE001 - the store is unreachable now: the first checkpoint run anchors
+        log.warning("audit.anchor_deferred", extra={"path": str(seal.checkpoint_path)})
+        return None
 
 
 # ---------------------------------------------------------------------------- the job

@@ -15,7 +15,7 @@ key, can check a candidate value), never the value. Without a key the token is p
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import hmac
 from typing import Any
 
@@ -32,14 +32,24 @@ def token(value: Any, seal: AuditSeal) -> str:
         return value  # masked already (when a stored diff is read back)
     if seal.mask_key is None:
         return UNKEYED_TOKEN
-    digest = hmac.new(seal.mask_key, orjson.dumps(value, option=orjson.OPT_SORT_KEYS), hashlib.sha256)
-    return "masked:" + digest.hexdigest()[:16]
+    digest = hmac.digest(seal.mask_key, orjson.dumps(value, option=orjson.OPT_SORT_KEYS), "sha256")
+    return "masked:" + digest.hex()[:16]
+
+
+@functools.lru_cache(maxsize=16)
+def _needles(systems: frozenset[str], fields: frozenset[str]) -> tuple[bytes, ...]:
+    """What the JSON of a record must contain for anything in it to be masked."""
+    keys = {f.rsplit(".", 1)[-1] for f in fields}
+    return tuple(orjson.dumps(s) for s in systems) + tuple(orjson.dumps(k) + b":" for k in keys)
 
 
 def mask(content: dict[str, Any] | None, seal: AuditSeal) -> dict[str, Any] | None:
     """``content`` with the sensitive values of ``seal`` replaced by tokens (a copy where needed;
     ``content`` itself is never changed)."""
     if content is None or not (seal.mask_systems or seal.mask_fields):
+        return content
+    raw = orjson.dumps(content)  # a few microseconds: most records have nothing to mask
+    if not any(needle in raw for needle in _needles(seal.mask_systems, seal.mask_fields)):
         return content
     masked = _walk(content, "", seal)
     return masked if isinstance(masked, dict) else content
@@ -65,7 +75,7 @@ def mask_diff(entries: list[dict[str, Any]], seal: AuditSeal) -> list[dict[str, 
 
 def _walk(value: Any, path: str, seal: AuditSeal) -> Any:
     if isinstance(value, list):
-        items = [_walk(v, path, seal) for v in value]
+        items = [_walk(v, path, seal) if isinstance(v, dict | list) else v for v in value]
         return items if any(a is not b for a, b in zip(items, value, strict=True)) else value
     if not isinstance(value, dict):
         return value
@@ -73,12 +83,15 @@ def _walk(value: Any, path: str, seal: AuditSeal) -> Any:
     secret_identifier = (
         isinstance(value.get("system"), str) and value["system"] in seal.mask_systems and "value" in value
     )
+    dotted = any("." in f for f in seal.mask_fields)
     for key, item in value.items():
-        sub = f"{path}.{key}" if path else key
+        sub = (f"{path}.{key}" if path else key) if dotted else key
         if (secret_identifier and key == "value") or key in seal.mask_fields or sub in seal.mask_fields:
             new = token(item, seal) if item is not None else None
-        else:
+        elif isinstance(item, dict | list):
             new = _walk(item, sub, seal)
+        else:
+            continue
         if new is not item:
             if out is None:
                 out = dict(value)
