@@ -187,3 +187,29 @@ def test_plain_chain_of_earlier_versions_still_verifies(store: Store, tmp_path: 
     code, out = verify(store, config)
     assert code == 1
     assert out.startswith("audit trail NOT intact: checkpoint-mismatch: entry 3 "), out
+
+
+def test_upgrade_and_checkpoint_job_through_the_cli(store: Store, tmp_path: Path) -> None:
+    """A store with the plain chain of an earlier version; the engine's first start (here through
+    ``hms-ach jobs run``) creates the key and the anchor; later entries are keyed and checkpointed."""
+    write_records(store, 1, 3)
+    config = tmp_path / "channels.yaml"
+    mappings = Path(__file__).resolve().parents[2] / "mappings"
+    config.write_text(
+        f"engine:\n  database_url: '{store.url}'\n  mappings: '{mappings}'\n  watch: false\n"
+        "http:\n  enabled: false\n"
+    )
+    runner = CliRunner()
+    first = runner.invoke(cli_app, ["jobs", "run", "audit_checkpoint", "--config", str(config)])
+    assert first.exit_code == 0, first.output
+    assert first.output.strip() == "audit_checkpoint: ok: trail unchanged since the last checkpoint"
+    assert (tmp_path / "data" / "audit.key").exists()
+
+    audit.install(store, AuditSettings(), tmp_path / "data", create=False)  # as hms-ach replay does
+    write_records(store, 4, 2)
+    second = runner.invoke(cli_app, ["jobs", "run", "audit_checkpoint", "--config", str(config)])
+    assert second.output.strip() == "audit_checkpoint: ok: checkpoint: 5 entries up to entry 5", second.output
+    code, out = verify(store, config)
+    assert code == 0, out
+    assert out.startswith("intact: 5 entries, last checkpoint at ") and "(5 entries)" in out, out
+    assert out.endswith("the first 3 carry the unkeyed chain written before the key"), out
