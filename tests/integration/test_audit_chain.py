@@ -123,12 +123,15 @@ def test_chain_recomputed_with_another_key_is_named(store: Store, trail: Path) -
     assert out.startswith("audit trail NOT intact: recomputed: entries from 3 on "), out
 
 
-def test_deleted_middle_entries_are_named(store: Store, trail: Path) -> None:
+@pytest.mark.parametrize(
+    ("deleted", "named"), [("3, 4", "after entry 2"), ("1, 2", "at the start of the trail")]
+)
+def test_deleted_entries_are_named(store: Store, trail: Path, deleted: str, named: str) -> None:
     with store.transaction() as tx:
-        tx.execute(text("DELETE FROM audit_entry WHERE seq IN (3, 4)"))
+        tx.execute(text(f"DELETE FROM audit_entry WHERE seq IN ({deleted})"))
     code, out = verify(store, trail)
     assert code == 1
-    assert out.startswith("audit trail NOT intact: deleted: entries were deleted after entry 2"), out
+    assert out.startswith(f"audit trail NOT intact: deleted: entries were deleted {named}"), out
 
 
 def test_truncated_tail_is_named(store: Store, trail: Path) -> None:
