@@ -196,6 +196,7 @@ PROBLEMS = {
     "checkpoint-mismatch": "the trail does not match a checkpoint",
     "forged-checkpoint": "a checkpoint is forged or damaged",
     "no-key": "the audit key is missing",
+    "unreadable": "the checkpoint file cannot be read",
 }
 
 
@@ -240,7 +241,7 @@ class _Walk:
         self.legacy = 0
 
     def own_hash(self, row: dict[str, Any]) -> str:
-        """ "keyed", "plain" or "" (matches neither) for the row's stored hash."""
+        """Which hash the row's stored hash is: keyed, plain, or "" (neither matches)."""
         key = self.seal.entry_key
         if key is not None and hmac.compare_digest(keyed_hash(row, key), row["hash"]):
             return "keyed"
