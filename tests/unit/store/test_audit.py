@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from hms_ach.store import audit
 from hms_ach.store.audit_keys import AuditSeal
@@ -19,7 +20,9 @@ def test_every_problem_verify_names_is_documented() -> None:
 
 
 def test_keyed_hash_depends_on_the_key_and_plain_hash_is_unchanged() -> None:
-    row = {k: "x" for k in ("recorded", "agent", "action", "entity_type", "entity_id", "diff", "prev_hash")}
+    row: dict[str, Any] = {
+        k: "x" for k in ("recorded", "agent", "action", "entity_type", "entity_id", "diff", "prev_hash")
+    }
     row.update(version_id=1, message_id=None)
     # the plain chain of earlier versions, byte for byte: databases written by them keep verifying
     assert audit.plain_hash(row) == audit.entry_hash(row) == OLD_HASH
