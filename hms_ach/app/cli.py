@@ -667,12 +667,17 @@ def audit_verify(
             checkpoints = read_checkpoints(cp_path, seal) if cp_path is not None else []
         except CheckpointError as exc:
             broken(exc.kind, str(exc))
-    store = Store(database) if database else Store(database_url(cfg.engine.database_url))
+    url = database or database_url(cfg.engine.database_url)
     try:
-        with store.read() as conn:
-            result = audit.verify(conn, seal, checkpoints)
-    finally:
-        store.dispose()
+        store = Store(url)
+        try:
+            with store.read() as conn:
+                result = audit.verify(conn, seal, checkpoints)
+        finally:
+            store.dispose()
+    except Exception as exc:  # noqa: BLE001 - the store cannot be read (bad URL, unreachable): one line
+        typer.echo(f"hms-ach: cannot read the store {redact_url(url)}: {type(exc).__name__}", err=True)
+        raise typer.Exit(2) from exc
     if not result.ok:
         broken(result.problem, result.reason)
     last = result.last_checkpoint

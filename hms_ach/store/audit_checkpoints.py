@@ -209,8 +209,10 @@ def anchor(store: Store, seal: AuditSeal) -> Checkpoint | None:
     try:
         with store.read() as conn:
             return append_checkpoint(conn, seal, "anchor")
-    except Exception:  # noqa: BLE001 - the store is unreachable now: the first checkpoint run anchors
-        log.warning("audit.anchor_deferred", extra={"path": str(seal.checkpoint_path)})
+    except Exception as exc:  # noqa: BLE001 - the store or the file is unusable now: the first job run anchors
+        log.warning(
+            "audit.anchor_deferred", extra={"path": str(seal.checkpoint_path), "error": type(exc).__name__}
+        )
         return None
 
 

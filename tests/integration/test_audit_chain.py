@@ -216,3 +216,14 @@ def test_upgrade_and_checkpoint_job_through_the_cli(store: Store, tmp_path: Path
     assert code == 0, out
     assert out.startswith("intact: 5 entries, last checkpoint at ") and "(5 entries)" in out, out
     assert out.endswith("the first 3 carry the unkeyed chain written before the key"), out
+
+
+def test_unreachable_store_is_one_line(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        cli_app,
+        ["audit", "verify", "--config", str(tmp_path / "none.yaml"), "--database",
+         "postgresql://nobody:secret@127.0.0.1:1/none?connect_timeout=2"],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert result.output.startswith("hms-ach: cannot read the store postgresql://nobody:***@127.0.0.1:1/none")
+    assert "secret" not in result.output and len(result.output.strip().splitlines()) == 1
