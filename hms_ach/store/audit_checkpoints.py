@@ -80,15 +80,19 @@ def sign(fields: dict[str, Any], seal: AuditSeal) -> str:
     return hmac.new(seal.checkpoint_key, payload, hashlib.sha256).hexdigest()
 
 
-def trail_head(conn: Connection) -> tuple[int, int, str]:
-    """(entries, number of the last entry, its hash) of the trail; (0, 0, "") when it is empty."""
+def trail_head(conn: Connection, since: Checkpoint | None = None) -> tuple[int, int, str]:
+    """(entries, number of the last entry, its hash) of the trail; (0, 0, "") when it is empty.
+    With ``since`` (the last checkpoint) only the entries after it are counted."""
     last = conn.execute(select(T.c.seq, T.c.hash).order_by(T.c.seq.desc()).limit(1)).first()
     if last is None:
         return 0, 0, ""
     # Entries are appended under the chain lock and commit in number order: every entry up to the
     # last one seen is committed, so this count is the trail's length at that entry.
-    count = conn.execute(select(func.count()).select_from(T).where(T.c.seq <= last.seq)).scalar_one()
-    return int(count), int(last.seq), str(last.hash)
+    counted = select(func.count()).select_from(T).where(T.c.seq <= last.seq)
+    base = 0
+    if since is not None and since.head_seq <= last.seq:
+        counted, base = counted.where(T.c.seq > since.head_seq), since.count
+    return base + int(conn.execute(counted).scalar_one()), int(last.seq), str(last.hash)
 
 
 def _parse(raw: bytes, number: int, path: Path) -> Checkpoint:
@@ -164,7 +168,6 @@ def append_checkpoint(conn: Connection, seal: AuditSeal, kind: str = "checkpoint
     path = seal.checkpoint_path
     if seal.checkpoint_key is None or path is None:
         return None
-    count, head_seq, head = trail_head(conn)
     ensure_data_dir(path.parent)
     with _lock:
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
@@ -176,6 +179,7 @@ def append_checkpoint(conn: Connection, seal: AuditSeal, kind: str = "checkpoint
                 kind = "anchor"  # the first line marks where the keyed chain begins
             elif kind == "anchor":
                 return None  # the file has its anchor already
+            count, head_seq, head = trail_head(conn, last)
             if last is not None and (last.count, last.head_seq, last.head) == (count, head_seq, head):
                 return None
             fields = {

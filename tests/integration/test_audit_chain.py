@@ -227,3 +227,19 @@ def test_unreachable_store_is_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert result.output.startswith("hms-ach: cannot read the store postgresql://nobody:***@127.0.0.1:1/none")
     assert "secret" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_truncated_tail_stays_caught_after_new_entries(store: Store, trail: Path) -> None:
+    """The tail is deleted and the engine goes on writing: the new entries link to what is left,
+    but the checkpoint's head is gone (SQLite reuses its number, PostgreSQL does not)."""
+    with store.transaction() as tx:
+        tx.execute(text("DELETE FROM audit_entry WHERE seq > 4"))
+    write_records(store, 7, 3)
+    checkpoint(store)
+    code, out = verify(store, trail)
+    assert code == 1
+    expected = {
+        "sqlite": "audit trail NOT intact: checkpoint-mismatch: entry 6 is not what the checkpoint of ",
+        "postgresql": "audit trail NOT intact: deleted: entry 6, the head of the checkpoint of ",
+    }[store.dialect]
+    assert out.startswith(expected), out
