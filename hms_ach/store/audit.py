@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -41,6 +42,8 @@ from hms_ach.store.models import AuditEntry, InboundMessage
 
 if TYPE_CHECKING:  # changes.py calls record() first on every change: it imports this module
     from hms_ach.store.changes import Change
+
+log = logging.getLogger("hms_ach.store.audit")
 
 T = AuditEntry.__table__  # type: ignore[attr-defined]
 M = InboundMessage.__table__  # type: ignore[attr-defined]
@@ -182,7 +185,30 @@ def install(store: Store, settings: AuditSettings, data_dir: Path, *, create: bo
     attach(store, seal)
     if create:
         anchor(store, seal)
+        _check_last_entry(store, seal)
     return seal
+
+
+def _check_last_entry(store: Store, seal: AuditSeal) -> None:
+    """Warn when the trail's last entry was not made with this key: instances that share a
+    database must share the key (``audit.key_file``), or the trail stops verifying."""
+    try:
+        with store.read() as conn:
+            last = conn.execute(select(T).order_by(T.c.seq.desc()).limit(1)).first()
+    except Exception as exc:  # noqa: BLE001 - the store is unreachable now; the writer reports it
+        log.warning("audit.key_check_skipped", extra={"error": type(exc).__name__})
+        return
+    if last is None or seal.entry_key is None:
+        return
+    row = dict(last._mapping)
+    if (
+        not hmac.compare_digest(keyed_hash(row, seal.entry_key), row["hash"])
+        and plain_hash(row) != row["hash"]
+    ):
+        log.warning(
+            "audit.key_mismatch",
+            extra={"seq": row["seq"], "key_id": seal.key_id, "key_path": str(seal.key_path)},
+        )
 
 
 # ---------------------------------------------------------------------------- verify

@@ -243,3 +243,17 @@ def test_truncated_tail_stays_caught_after_new_entries(store: Store, trail: Path
         "postgresql": "audit trail NOT intact: deleted: entry 6, the head of the checkpoint of ",
     }[store.dialect]
     assert out.startswith(expected), out
+
+
+def test_an_engine_with_another_key_is_warned_at_start(
+    store: Store, trail: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A second instance on the same database with a key of its own (not the shared secret)."""
+    other = Store(store.url)
+    try:
+        with caplog.at_level("WARNING", logger="hms_ach.store.audit"):
+            audit.install(other, AuditSettings(), tmp_path / "other-data")
+    finally:
+        other.dispose()
+    warned = [r for r in caplog.records if r.message == "audit.key_mismatch"]
+    assert len(warned) == 1 and warned[0].__dict__["seq"] == 6
