@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -301,10 +301,17 @@ def _parse_since(text: str | None) -> datetime | None:
 
 
 def _store(config: Path) -> Any:
+    from hms_ach.store import audit
     from hms_ach.store.db import Store, database_url
 
     cfg = _load(config) if config.exists() else Config()
-    return Store(database_url(cfg.engine.database_url))
+    store = Store(database_url(cfg.engine.database_url))
+    try:  # what this process writes (replay) is chained with the engine's audit key, if it has one
+        audit.install(store, cfg.audit, cfg.data_dir, create=False)
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from exc
+    return store
 
 
 @app.command()
@@ -644,25 +651,60 @@ def audit_verify(
     config: ConfigOpt = Path("channels.yaml"),
     database: Annotated[str | None, typer.Option(help="store URL (default: from the config)")] = None,
 ) -> None:
-    """Check the audit chain; exit 1 naming the first entry that was edited, removed or reordered."""
-    from hms_ach.store import audit
-    from hms_ach.store.db import Store
+    """Check the audit trail against its key and its signed checkpoints (docs/audit.md).
 
-    store = Store(database) if database else _store(config)
+    Exit 0 with "intact: N entries, last checkpoint at T"; exit 1 with one line naming what was
+    found: an edited entry, a chain recomputed without the key, deleted entries, a truncated tail,
+    a forged checkpoint."""
+    from hms_ach.store import audit
+    from hms_ach.store.audit_checkpoints import CheckpointError, read_checkpoints
+    from hms_ach.store.audit_keys import open_seal
+    from hms_ach.store.db import Store, database_url
+
+    cfg = _load(config) if config.exists() else Config()
     try:
-        with store.read() as conn:
-            result = audit.verify(conn)
-    finally:
-        store.dispose()
-    if result.ok:
-        typer.echo(f"audit chain intact: {result.checked} entries")
-        return
-    typer.echo(
-        f"audit chain broken at entry {result.bad_seq}: {result.reason} "
-        f"({result.checked} entries before it are intact)",
-        err=True,
+        seal = open_seal(cfg.audit, cfg.data_dir, create=False)
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from exc
+
+    def broken(problem: str, reason: str) -> NoReturn:
+        typer.echo(f"audit trail NOT intact: {problem}: {reason}", err=True)
+        raise typer.Exit(1)
+
+    cp_path = seal.checkpoint_path
+    if seal.key is None:
+        if cp_path is not None and cp_path.exists():
+            broken("no-key", f"there is no audit key at {seal.key_path}, so the checkpoints in {cp_path} "
+                   "cannot be checked (set audit.key_file or HMS_ACH_AUDIT_KEY_FILE)")  # fmt: skip
+        checkpoints = []
+    else:
+        try:
+            checkpoints = read_checkpoints(cp_path, seal) if cp_path is not None else []
+        except CheckpointError as exc:
+            broken(exc.kind, str(exc))
+    url = database or database_url(cfg.engine.database_url)
+    try:
+        store = Store(url)
+        try:
+            with store.read() as conn:
+                result = audit.verify(conn, seal, checkpoints)
+        finally:
+            store.dispose()
+    except Exception as exc:  # noqa: BLE001 - the store cannot be read (bad URL, unreachable): one line
+        typer.echo(f"hms-ach: cannot read the store {redact_url(url)}: {type(exc).__name__}", err=True)
+        raise typer.Exit(2) from exc
+    if not result.ok:
+        broken(result.problem, result.reason)
+    last = result.last_checkpoint
+    line = f"intact: {result.checked} entries, " + (
+        f"last checkpoint at {last.at} ({last.count} entries)" if last else "no checkpoint yet"
     )
-    raise typer.Exit(1)
+    if seal.key is None:
+        line += f"; no audit key at {seal.key_path}: only the unkeyed chain was checked"
+    elif result.legacy:
+        line += f"; the first {result.legacy} carry the unkeyed chain written before the key"
+    typer.echo(line)
 
 
 outbox_app = typer.Typer(help="The outbox of outbound events: what waits, what was delivered, dead letters.")

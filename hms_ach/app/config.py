@@ -21,6 +21,7 @@ from hms_ach.channels import CHANNEL_TYPES
 from hms_ach.core.errors import ConfigError, ConfigErrors, SourcePosition
 from hms_ach.core.timezones import IanaTimeZone
 from hms_ach.mapping.loader import Positions, load_yaml, position_of
+from hms_ach.store.audit_settings import AuditSettings
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 
@@ -88,6 +89,10 @@ class Config(_Strict):
     jobs: JobsSettings = Field(
         default_factory=JobsSettings,
         description="Scheduled jobs: credential-expiry scan, housekeeping",
+    )
+    audit: AuditSettings = Field(
+        default_factory=AuditSettings,
+        description="The audit trail: its key, its checkpoint file, the values its diffs mask (docs/audit.md)",
     )
     source: str = Field(default="", exclude=True, description="The file this was read from")
 

@@ -20,6 +20,7 @@ JOB_TYPES = Registry(
         "credential_expiry": "hms_ach.workforce.credentials:CredentialExpiryJob",
         "housekeeping": "hms_ach.ingest.housekeeping:HousekeepingJob",
         "claim_creation": "hms_ach.billing.claim_job:ClaimCreationJob",
+        "audit_checkpoint": "hms_ach.store.audit_checkpoints:AuditCheckpointJob",
     },
 )
 

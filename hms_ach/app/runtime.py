@@ -27,6 +27,7 @@ from hms_ach.mapping.engine import MappingEngine
 from hms_ach.mapping.loader import load_mappings
 from hms_ach.outbound import events
 from hms_ach.outbound.outbox import Dispatcher
+from hms_ach.store import audit
 from hms_ach.store.db import Store, database_url
 from hms_ach.store.errors import StoreUnavailable
 from hms_ach.store.writer import StoreWriter
@@ -41,6 +42,7 @@ class Engine:
     def __init__(self, config: Config, database: str | None = None):
         self.config = config
         self.store = Store(database or database_url(config.engine.database_url))
+        audit.install(self.store, config.audit, config.data_dir)  # the audit key, the anchor (docs/audit.md)
         self.writer = StoreWriter(self.store, commit_timeout=config.engine.commit_timeout_seconds)
         self.mappings = load_mappings(config.mappings_dir)
         self.pipeline = Pipeline(self.writer, MappingEngine(self.mappings, config.engine.timezone))

@@ -1,11 +1,18 @@
-"""The audit trail: one append-only row per record change, chained by SHA-256.
+"""The audit trail: one append-only row per record change, chained by HMAC-SHA256.
 
 :func:`record` is the store's own change listener, always on (see :mod:`hms_ach.store.changes`):
 it runs inside the transaction that writes the record version, so the version and its audit row
 commit together or not at all. Each row holds who (the channel of the message, or the API client), when, which
-message or request, what changed (a JSON diff), the hash of the previous row and its own hash over
-all of that. Editing, deleting or reordering a row breaks the chain, and :func:`verify` names the
-first row that no longer fits.
+message or request, what changed (a JSON diff, sensitive values masked by
+:mod:`hms_ach.store.audit_mask`), the hash of the previous row and its own hash over all of that.
+
+The hash is an HMAC-SHA256 under the audit key of the store (:mod:`hms_ach.store.audit_keys`),
+which is not in the database: someone who can write the database cannot recompute the chain after
+an edit. A store without a key writes the plain SHA-256 chain of earlier versions; such entries
+are accepted only before the first keyed one and, once there is a checkpoint file, only up to its
+anchor. :func:`verify` walks the chain and the signed checkpoints
+(:mod:`hms_ach.store.audit_checkpoints`) and names what it finds: an edited entry, a recomputed
+chain, deleted entries, a truncated tail, a forged checkpoint.
 
 The chain stays linear under concurrent writers: on PostgreSQL the writer takes a
 transaction-level advisory lock before reading the last hash; SQLite write transactions are
@@ -15,20 +22,28 @@ serialised already (``BEGIN IMMEDIATE``).
 from __future__ import annotations
 
 import hashlib
+import hmac
+import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from sqlalchemy import Connection, bindparam, func, select, text
 
-from hms_ach.store import fastexec, txcache
+from hms_ach.store import audit_mask, fastexec, txcache
+from hms_ach.store.audit_checkpoints import Checkpoint, anchor
+from hms_ach.store.audit_keys import DEFAULT_SEAL, AuditSeal, attach, open_seal, seal_for
+from hms_ach.store.audit_settings import AuditSettings
 from hms_ach.store.db import Store
 from hms_ach.store.models import AuditEntry, InboundMessage
 
 if TYPE_CHECKING:  # changes.py calls record() first on every change: it imports this module
     from hms_ach.store.changes import Change
+
+log = logging.getLogger("hms_ach.store.audit")
 
 T = AuditEntry.__table__  # type: ignore[attr-defined]
 M = InboundMessage.__table__  # type: ignore[attr-defined]
@@ -37,6 +52,17 @@ GENESIS = "0" * 64
 #: Key of the PostgreSQL advisory lock that serialises appends to the chain ("hmsaudit").
 ADVISORY_LOCK_KEY = 0x686D7361756474
 _META = ("meta",)
+_HASHED = (
+    "recorded",
+    "agent",
+    "action",
+    "entity_type",
+    "entity_id",
+    "version_id",
+    "message_id",
+    "diff",
+    "prev_hash",
+)
 
 
 def instant(value: datetime | None = None) -> str:
@@ -70,23 +96,24 @@ def diff(before: Any, after: Any, path: str = "") -> list[dict[str, Any]]:
     return [{"op": "replace", "path": path, "old": before, "new": after}]
 
 
-def entry_hash(row: dict[str, Any]) -> str:
-    """SHA-256 over the previous hash and every field of the row but its own hash and number."""
-    fields = {
-        k: row[k]
-        for k in (
-            "recorded",
-            "agent",
-            "action",
-            "entity_type",
-            "entity_id",
-            "version_id",
-            "message_id",
-            "diff",
-            "prev_hash",
-        )
-    }
-    return hashlib.sha256(orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)).hexdigest()
+def _payload(row: dict[str, Any]) -> bytes:
+    return orjson.dumps({k: row[k] for k in _HASHED}, option=orjson.OPT_SORT_KEYS)
+
+
+def plain_hash(row: dict[str, Any]) -> str:
+    """The unkeyed chain of earlier versions: SHA-256 over the previous hash and every field of
+    the row but its own hash and number."""
+    return hashlib.sha256(_payload(row)).hexdigest()
+
+
+def keyed_hash(row: dict[str, Any], entry_key: bytes) -> str:
+    """HMAC-SHA256 under the entry key over the same fields as :func:`plain_hash`."""
+    return hmac.digest(entry_key, _payload(row), "sha256").hex()
+
+
+def entry_hash(row: dict[str, Any], seal: AuditSeal = DEFAULT_SEAL) -> str:
+    """The hash ``seal`` gives the row: keyed when the seal has a key, else plain."""
+    return keyed_hash(row, seal.entry_key) if seal.entry_key is not None else plain_hash(row)
 
 
 _AGENT = select(M.c.channel, M.c.sending_application).where(M.c.id == bindparam("mid"))
@@ -124,11 +151,14 @@ def record(conn: Connection, change: Change) -> None:
     cache (:mod:`hms_ach.store.txcache`), which a rolled-back SAVEPOINT empties: the next entry
     then reads the chain's end again, so an undone entry is never linked to.
     """
+    seal = seal_for(conn)
     cache = txcache.cache(conn)
     _lock_chain(conn, cache)
     last = cache.get("audit.last_hash")
     if last is None:
         last = conn.execute(_LAST_HASH).scalar()
+    before = audit_mask.mask(change.before, seal)
+    after = audit_mask.mask(change.after, seal)
     row: dict[str, Any] = {
         "recorded": instant(),
         "agent": _agent(conn, change.message_id, cache),
@@ -137,56 +167,207 @@ def record(conn: Connection, change: Change) -> None:
         "entity_id": change.id,
         "version_id": change.version_id,
         "message_id": change.message_id,
-        "diff": orjson.dumps(diff(change.before or {}, change.after or {})).decode(),
+        "diff": orjson.dumps(diff(before or {}, after or {})).decode(),
         "prev_hash": last or GENESIS,
     }
-    row["hash"] = entry_hash(row)
+    row["hash"] = entry_hash(row, seal)
     fastexec.insert_rows(conn, T, [row])
     cache["audit.last_hash"] = row["hash"]
 
 
+def install(store: Store, settings: AuditSettings, data_dir: Path, *, create: bool = True) -> AuditSeal:
+    """Give the audit trail of ``store`` its key and masking rules (``audit:`` of channels.yaml).
+
+    The engine (``create``) reads the key or creates it in ``data_dir`` on first start, and writes
+    the anchor checkpoint if the checkpoint file is new. Other processes that write (``hms-ach
+    replay``) pass ``create=False``: they use the key if it exists and never create one."""
+    seal = open_seal(settings, data_dir, create=create)
+    attach(store, seal)
+    if create:
+        anchor(store, seal)
+        _check_last_entry(store, seal)
+    return seal
+
+
+def _check_last_entry(store: Store, seal: AuditSeal) -> None:
+    """Warn when the trail's last entry was not made with this key: instances that share a
+    database must share the key (``audit.key_file``), or the trail stops verifying."""
+    try:
+        with store.read() as conn:
+            last = conn.execute(select(T).order_by(T.c.seq.desc()).limit(1)).first()
+    except Exception as exc:  # noqa: BLE001 - the store is unreachable now; the writer reports it
+        log.warning("audit.key_check_skipped", extra={"error": type(exc).__name__})
+        return
+    if last is None or seal.entry_key is None:
+        return
+    row = dict(last._mapping)
+    if (
+        not hmac.compare_digest(keyed_hash(row, seal.entry_key), row["hash"])
+        and plain_hash(row) != row["hash"]
+    ):
+        log.warning(
+            "audit.key_mismatch",
+            extra={"seq": row["seq"], "key_id": seal.key_id, "key_path": str(seal.key_path)},
+        )
+
+
 # ---------------------------------------------------------------------------- verify
+#: What :func:`verify` can find, as named in its results and by ``hms-ach audit verify``.
+PROBLEMS = {
+    "edited": "an entry was edited",
+    "recomputed": "the chain was recomputed without the audit key",
+    "deleted": "entries were deleted",
+    "reordered": "entries were inserted or reordered",
+    "truncated": "the tail of the trail was deleted",
+    "checkpoint-mismatch": "the trail does not match a checkpoint",
+    "forged-checkpoint": "a checkpoint is forged or damaged",
+    "no-key": "the audit key is missing",
+    "unreadable": "the checkpoint file cannot be read",
+}
+
+
 @dataclass
 class VerifyResult:
     checked: int
     bad_seq: int | None = None
     reason: str = ""
+    problem: str = ""  # a key of PROBLEMS; "" when intact
+    legacy: int = 0  # entries of the plain (unkeyed) chain before the keyed one
+    checkpoints: list[Checkpoint] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return self.bad_seq is None
+        return not self.problem
+
+    @property
+    def last_checkpoint(self) -> Checkpoint | None:
+        return self.checkpoints[-1] if self.checkpoints else None
 
 
-def _rows(conn: Connection, batch: int = 1000) -> Iterator[Any]:
+def _rows(conn: Connection, batch: int = 1000) -> Iterator[dict[str, Any]]:
     after = 0
     while True:
         rows = conn.execute(select(T).where(T.c.seq > after).order_by(T.c.seq).limit(batch)).all()
         if not rows:
             return
-        yield from rows
+        for r in rows:
+            yield dict(r._mapping)
         after = rows[-1].seq
 
 
-def verify(conn: Connection) -> VerifyResult:
-    """Walk the chain from the first row; stop at the first row whose links or hash do not hold."""
-    prev = GENESIS
-    checked = 0
-    for row in _rows(conn):
-        data = dict(row._mapping)
-        if data["prev_hash"] != prev:
-            return VerifyResult(
-                checked,
-                data["seq"],
-                "its prev_hash is not the hash of the entry before it "
-                "(an entry was removed, inserted or reordered)",
-            )
-        if entry_hash(data) != data["hash"]:
-            return VerifyResult(
-                checked, data["seq"], "its content does not match its hash (the row was edited)"
-            )
-        prev = data["hash"]
+class _Walk:
+    """The state of one walk along the chain (see :func:`verify`)."""
+
+    def __init__(self, seal: AuditSeal, checkpoints: list[Checkpoint]):
+        self.seal = seal
+        self.anchor = checkpoints[0] if checkpoints and checkpoints[0].kind == "anchor" else None
+        self.pending = [cp for cp in checkpoints if cp.head_seq]  # in head order (checked on reading)
+        self.next_cp = 0
+        self.keyed_seen = False
+        self.legacy = 0
+
+    def own_hash(self, row: dict[str, Any]) -> str:
+        """Which hash the row's stored hash is: keyed, plain, or "" (neither matches)."""
+        key = self.seal.entry_key
+        if key is not None and hmac.compare_digest(keyed_hash(row, key), row["hash"]):
+            return "keyed"
+        if plain_hash(row) == row["hash"]:
+            return "plain"
+        return ""
+
+    def plain_allowed(self, row: dict[str, Any]) -> bool:
+        if self.seal.entry_key is None:
+            return True
+        if self.keyed_seen:
+            return False
+        return self.anchor is None or row["seq"] <= self.anchor.head_seq
+
+
+def verify(
+    conn: Connection, seal: AuditSeal = DEFAULT_SEAL, checkpoints: list[Checkpoint] | None = None
+) -> VerifyResult:
+    """Walk the chain from the first row and check it against ``checkpoints`` (already read and
+    their signatures checked); stop at the first thing that does not hold and name it."""
+    cps = checkpoints or []
+    walk = _Walk(seal, cps)
+    prev, prev_seq, checked = GENESIS, 0, 0
+    rows = _rows(conn)
+    row = next(rows, None)
+    while row is not None:
+        following = next(rows, None)
+        seq = row["seq"]
+        kind = walk.own_hash(row)
+        if kind == "plain" and not walk.plain_allowed(row):
+            return _broken(
+                checked, seq, "recomputed", walk,
+                f"entry {seq} carries an unkeyed SHA-256 hash where the chain is keyed: the chain was "
+                "recomputed from here by someone without the audit key",
+            )  # fmt: skip
+        if not kind:
+            chained = following is not None and following["prev_hash"] == row["hash"]
+            if seal.entry_key is None and (chained or checked == 0):
+                return _broken(
+                    checked, seq, "no-key", walk,
+                    f"entries from {seq} on do not carry the unkeyed chain: they are keyed and there is "
+                    "no audit key to check them (or they were rewritten)",
+                )  # fmt: skip
+            if chained and following is not None and not walk.own_hash(following):
+                return _broken(
+                    checked, seq, "recomputed", walk,
+                    f"entries from {seq} on carry hashes the audit key did not make: the chain was "
+                    "recomputed from here without the key",
+                )  # fmt: skip
+            reason = f"entry {seq} does not match its hash: its content was edited after it was written"
+            if seal.entry_key is None:
+                reason += " (or it is keyed and the audit key is missing)"
+            return _broken(checked, seq, "edited", walk, reason)
+        if row["prev_hash"] != prev:
+            if seq != prev_seq + 1:
+                where = f"after entry {prev_seq}" if prev_seq else "at the start of the trail"
+                return _broken(
+                    checked, seq, "deleted", walk,
+                    f"entries were deleted {where}: entry {seq} does not link to the entry before it",
+                )  # fmt: skip
+            return _broken(
+                checked, seq, "reordered", walk,
+                f"entry {seq} does not link to entry {prev_seq}: entries were inserted or reordered",
+            )  # fmt: skip
         checked += 1
-    return VerifyResult(checked)
+        if kind == "keyed":
+            walk.keyed_seen = True
+        else:
+            walk.legacy += 1
+        while walk.next_cp < len(walk.pending) and walk.pending[walk.next_cp].head_seq <= seq:
+            cp = walk.pending[walk.next_cp]
+            walk.next_cp += 1
+            if cp.head_seq < seq:
+                return _broken(
+                    checked - 1, seq, "deleted", walk,
+                    f"entry {cp.head_seq}, the head of the checkpoint of {cp.at}, was deleted",
+                )  # fmt: skip
+            if cp.head != row["hash"] or cp.count != checked:
+                return _broken(
+                    checked - 1, seq, "checkpoint-mismatch", walk,
+                    f"entry {seq} is not what the checkpoint of {cp.at} recorded "
+                    f"({cp.count} entries up to entry {seq}; the trail now has {checked} up to it): "
+                    "entries before it were deleted or replaced",
+                )  # fmt: skip
+        prev, prev_seq = row["hash"], seq
+        row = following
+    last = cps[-1] if cps else None
+    if last is not None and last.head_seq > prev_seq:
+        return _broken(
+            checked, None, "truncated", walk,
+            f"the trail ends at entry {prev_seq} ({checked} entries) but the checkpoint of {last.at} "
+            f"recorded {last.count} entries up to entry {last.head_seq}: the tail was deleted",
+        )  # fmt: skip
+    result = VerifyResult(checked, legacy=walk.legacy)
+    result.checkpoints = cps
+    return result
+
+
+def _broken(checked: int, seq: int | None, problem: str, walk: _Walk, reason: str) -> VerifyResult:
+    return VerifyResult(checked, seq, reason, problem, walk.legacy)
 
 
 # ---------------------------------------------------------------------------- reads
@@ -216,7 +397,8 @@ def search(conn: Connection, q: AuditQuery) -> tuple[list[dict[str, Any]], int |
         stmt = stmt.where(T.c.recorded < q.until)
     rows = conn.execute(stmt.order_by(T.c.seq).limit(q.limit + 1)).all()
     more = len(rows) > q.limit
-    out = [_public(r) for r in rows[: q.limit]]
+    seal = seal_for(conn)
+    out = [_public(r, seal) for r in rows[: q.limit]]
     return out, (out[-1]["seq"] if more and out else None)
 
 
@@ -230,9 +412,9 @@ def count(conn: Connection) -> int:
     return int(conn.execute(select(func.count()).select_from(T)).scalar_one())
 
 
-def _public(row: Any) -> dict[str, Any]:
+def _public(row: Any, seal: AuditSeal) -> dict[str, Any]:
     data = dict(row._mapping)
-    data["diff"] = orjson.loads(data["diff"])
+    data["diff"] = audit_mask.mask_diff(orjson.loads(data["diff"]), seal)
     return data
 
 

@@ -4,6 +4,7 @@ checked by ``hms-ach audit verify`` (which fails once a row is edited by hand)."
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import httpx
 from sqlalchemy import text
@@ -20,12 +21,12 @@ from tests.integration.engine_helpers import FHIR_JSON
 from tests.integration.test_fhir_write import nurse
 
 
-def verify(url: str) -> tuple[int, str]:
-    result = CliRunner().invoke(cli_app, ["audit", "verify", "--database", url])
+def verify(url: str, config: Path) -> tuple[int, str]:
+    result = CliRunner().invoke(cli_app, ["audit", "verify", "--config", str(config), "--database", url])
     return result.exit_code, result.output
 
 
-async def test_audit_rows_events_and_verify(fhir_engine: Engine, store: Store) -> None:
+async def test_audit_rows_events_and_verify(fhir_engine: Engine, store: Store, tmp_path: Path) -> None:
     port = fhir_engine.http_port
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
         created = (await http.post("/fhir/Practitioner", json=nurse(), headers=FHIR_JSON)).json()
@@ -66,12 +67,12 @@ async def test_audit_rows_events_and_verify(fhir_engine: Engine, store: Store) -
             "new": [{"family": "Mensah", "given": ["Amara"]}],
         } in diff
 
-    code, out = verify(store.url)
+    code, out = verify(store.url, tmp_path / "channels.yaml")
     assert code == 0, out
     assert "4 entries" in out
     with store.writer.begin() as conn:
         conn.execute(text("UPDATE audit_entry SET agent = 'mallory' WHERE seq = 2"))
-    code, out = verify(store.url)
+    code, out = verify(store.url, tmp_path / "channels.yaml")
     assert code == 1
     assert "entry 2" in out
 

@@ -90,6 +90,7 @@ async def test_reload_rebuilds_the_jobs(tmp_path: Path, store: Store) -> None:
             "credential_expiry",
             "housekeeping",
             "claim_creation",
+            "audit_checkpoint",
         }
     finally:
         await eng.stop()
