@@ -183,4 +183,6 @@ class FileLog:
             await self.writer.run(lambda tx: commit(tx, meta, only_finish(done)))
         except Exception:  # noqa: BLE001 - recording an error must never stop the poll
             log.exception("%s.error_not_stored", self.source, extra={"channel": self.channel})
-        log.warning("%s.%s_error", self.source, kind, extra={"channel": self.channel, "error": text})
+        # The reason is stored with the error row (it can name a file, whose name may identify a
+        # patient): the log line says only which channel and what kind of problem.
+        log.warning("%s.%s_error", self.source, kind, extra={"channel": self.channel, "kind": kind})
