@@ -81,6 +81,19 @@ def _exception_fields(exc: BaseException) -> dict[str, Any]:
 _QUIET_LOGGERS = ("httpx", "httpcore", "sqlalchemy", "asyncssh", "aio_pika", "aiormq", "uvicorn.access")
 
 
+def _quiet_libraries() -> None:
+    """Quiet the libraries that log values. python-hl7 logs the field it cannot unescape and the
+    segment it cannot place, at WARNING and ERROR, under loggers named by its files' paths: those
+    are silenced (what it could not decode still reaches our parser and its ERR)."""
+    import hl7.containers
+    import hl7.util
+
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for module in (hl7.util, hl7.containers):
+        logging.getLogger(module.__file__).setLevel(logging.CRITICAL + 1)
+
+
 def _setup_logging(level: str = "INFO", settings: LoggingSettings | None = None, stream: Any = None) -> None:
     """Log JSON lines to ``stream`` (stderr) from the root logger at ``level``: exceptions without
     their text, repeated identical warnings and errors rate-limited as ``settings`` say (on by
@@ -99,8 +112,7 @@ def _setup_logging(level: str = "INFO", settings: LoggingSettings | None = None,
         old.flush()  # a replaced rate limiter writes its pending summaries first
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for name in _QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
+    _quiet_libraries()
 
 
 def _load(config: Path) -> Config:
@@ -801,6 +813,7 @@ def _reason(error: Any) -> str:
 
 
 def main() -> None:
+    _quiet_libraries()  # every command: the ones that log nothing themselves parse HL7 too
     app()
 
 
