@@ -166,6 +166,7 @@ async def _send(port: int, raw: bytes) -> bytes | None:
 
 async def _engine(tmp_path: Path, store: Store, peer: RefusingPeer) -> Engine:
     shutil.copytree(ROOT / "mappings", tmp_path / "mappings")
+    (tmp_path / "drop").mkdir()
     (tmp_path / "channels.yaml").write_text(
         "engine:\n  mappings: mappings\n  watch: false\n  commit_timeout_seconds: 30\n"
         "http:\n  host: 127.0.0.1\n  port: 0\n"
@@ -173,6 +174,9 @@ async def _engine(tmp_path: Path, store: Store, peer: RefusingPeer) -> Engine:
         "channels:\n"
         "  - name: adt_in\n    type: mllp\n    host: 127.0.0.1\n    port: 0\n    idle_timeout_seconds: 5\n"
         "  - name: fhir_in\n    type: fhir_rest\n"
+        f"  - name: drop_in\n    type: file_drop\n    directory: {tmp_path / 'drop'}\n"
+        f"    work_dir: {tmp_path / 'work'}\n    poll_interval_seconds: 3600\n    min_file_age_seconds: 0\n"
+        "    stable_seconds: 0\n    max_file_bytes: 4096\n"
         "sinks:\n"
         f"  - name: mirror\n    type: fhir_push\n    base_url: http://127.0.0.1:{peer.port}/fhir\n"
         "    retry_initial_seconds: 0.05\n    retry_max_seconds: 0.2\n    timeout_seconds: 5\n"
@@ -221,6 +225,14 @@ async def test_no_field_value_reaches_any_log_line(
             )
             assert (await client.get(f"/api/v1/employees/{MARKER}?q={MARKER}")).status_code == 404
 
+        # files whose names carry the marker: too large, a symbolic link, and one with a bad message
+        drop = tmp_path / "drop"
+        (drop / f"{MARKER}_big.hl7").write_bytes(GOOD * 10)
+        (drop / f"{MARKER}_link.hl7").symlink_to(drop / f"{MARKER}_big.hl7")
+        (drop / f"{MARKER}_sex.hl7").write_bytes(BAD_HL7["bad sex code"].replace(b"HYG-2", b"HYG-9"))
+        polled = await engine.channels["drop_in"].poll()  # type: ignore[attr-defined]
+        assert len(polled.skipped) == 2 and len(polled.files) == 1, polled
+
         # the sink fails on the marked patient: its peer's answer echoes the identifier
         deadline = asyncio.get_running_loop().time() + 30
         while "outbox.delivery_failed" not in log_stream.getvalue():
@@ -238,7 +250,14 @@ async def test_no_field_value_reaches_any_log_line(
     lines = [json.loads(line) for line in output.splitlines()]
     events = {line["event"] for line in lines}
     # the failure paths were taken and logged
-    assert {"outbox.delivery_failed", "http.request", "message.error"} <= events, sorted(events)
+    logged = {
+        "outbox.delivery_failed",
+        "http.request",
+        "message.error",
+        "file.size_error",
+        "file.symlink_error",
+    }
+    assert logged <= events, sorted(events)
     assert any(
         line["event"] == "http.request" and line["route"] == "/fhir/{resource_type}/{rid}" for line in lines
     )
