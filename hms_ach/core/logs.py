@@ -5,7 +5,8 @@
 
     (logger name, level, message template, exception kind)
 
-The message template is ``record.msg`` before ``%`` formatting, and the exception kind is the
+The message template is ``record.msg`` before ``%`` formatting (or the record's ``event`` field,
+when a caller names its event that way and formats the message itself), and the exception kind is the
 exception's type name (with its SQLSTATE for database errors, :func:`hms_ach.core.redact.error_kind`).
 Per group, the first ``burst`` records of each ``interval_seconds`` window pass; later ones are
 counted and dropped. When a group's window has ended with records dropped, one summary line is
@@ -41,7 +42,8 @@ def record_key(record: logging.LogRecord) -> LogKey:
     of their exception (no formatted values)."""
     exc = record.exc_info[1] if record.exc_info else None
     kind = error_kind(exc) if exc is not None else ""
-    return (record.name, record.levelno, str(record.msg), kind)
+    event = record.__dict__.get("event")  # a stable event name given as a field (hl7v2.mllp's events)
+    return (record.name, record.levelno, event if isinstance(event, str) else str(record.msg), kind)
 
 
 class RateLimitedHandler(logging.Handler):

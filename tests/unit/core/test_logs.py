@@ -94,7 +94,12 @@ def test_different_errors_and_info_events_are_not_held_back(logger: logging.Logg
             raise KeyError("x")
         except KeyError:
             logger.exception("a.failed")  # another exception kind: another group
+        for name in ("mllp.garbage_discarded", "mllp.send_timeout"):  # named by an `event` field
+            logger.warning("%s", f"{name} peer=10.0.0.{len(out.records)}", extra={"event": name})
     events = [(r.getMessage(), r.levelno, bool(r.exc_info)) for r in out.records]
+    assert sorted(r.__dict__["event"] for r in out.records if "event" in r.__dict__) == sorted(
+        ["mllp.garbage_discarded", "mllp.send_timeout"] * 2
+    )
     assert events.count(("message.processed", logging.INFO, False)) == 50
     assert events.count(("a.failed", logging.ERROR, False)) == 2
     assert events.count(("b.failed", logging.ERROR, False)) == 2
