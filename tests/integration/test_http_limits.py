@@ -94,6 +94,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                 pass
             assert time.monotonic() < deadline, "the server did not answer /health/live within 90 s"
             time.sleep(0.2)
+        with httpx.Client(base_url=srv.base, timeout=30) as client:  # lazy set-up is not body memory
+            for method, path, ctype in ROUTES:
+                client.request(method, path, content=b"{}", headers={"content-type": ctype})
         yield srv
     finally:
         process.send_signal(signal.SIGTERM)
