@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
-from hms_ach.app.config import Config, load_config
+from hms_ach.app.config import Config, LoggingSettings, load_config
 from hms_ach.core.errors import ConfigError, ConfigErrors
 from hms_ach.core.redact import error_kind, redact_url
 from hms_ach.core.types import ChannelSettings
@@ -34,7 +34,12 @@ ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="channels.yaml t
 
 
 class _JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, event (the message), logger, then the record's extra
+    fields. An extra field named like one of the first four is written as ``field_<name>``. An
+    exception is written as its kind and where it was raised, never its text (see _exception_fields)."""
+
     _skip = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+    _reserved = frozenset({"ts", "level", "event", "logger"})
 
     def format(self, record: logging.LogRecord) -> str:
         data: dict[str, Any] = {
@@ -43,7 +48,9 @@ class _JsonLogFormatter(logging.Formatter):
             "event": record.getMessage(),
             "logger": record.name,
         }
-        data.update({k: v for k, v in vars(record).items() if k not in self._skip})
+        for key, value in vars(record).items():
+            if key not in self._skip:
+                data[f"field_{key}" if key in self._reserved else key] = value
         if record.exc_info and record.exc_info[1] is not None:
             data.update(_exception_fields(record.exc_info[1]))
         return json.dumps(data, default=str)
@@ -68,12 +75,44 @@ def _exception_fields(exc: BaseException) -> dict[str, Any]:
     }
 
 
-def _setup_logging(level: str = "INFO") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+#: Libraries whose INFO/DEBUG lines carry values: httpx logs each request's URL (a conditional
+#: FHIR URL holds an identifier), SQLAlchemy its statements, asyncssh file names, aio-pika frames.
+#: They log warnings and errors only; uvicorn's access log is replaced by http.request events.
+_QUIET_LOGGERS = ("httpx", "httpcore", "sqlalchemy", "asyncssh", "aio_pika", "aiormq", "uvicorn.access")
+
+
+def _quiet_libraries() -> None:
+    """Quiet the libraries that log values. python-hl7 logs the field it cannot unescape and the
+    segment it cannot place, at WARNING and ERROR, under loggers named by its files' paths: those
+    are silenced (what it could not decode still reaches our parser and its ERR)."""
+    import hl7.containers
+    import hl7.util
+
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for module in (hl7.util, hl7.containers):
+        logging.getLogger(module.__file__).setLevel(logging.CRITICAL + 1)
+
+
+def _setup_logging(level: str = "INFO", settings: LoggingSettings | None = None, stream: Any = None) -> None:
+    """Log JSON lines to ``stream`` (stderr) from the root logger at ``level``: exceptions without
+    their text, repeated identical warnings and errors rate-limited as ``settings`` say (on by
+    default), and the chatty libraries quieted. Called again once channels.yaml is read."""
+    from hms_ach.core.logs import RateLimitedHandler
+
+    settings = settings or LoggingSettings()
+    handler: logging.Handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(_JsonLogFormatter())
+    if settings.rate_limit_enabled:
+        handler = RateLimitedHandler(
+            handler, burst=settings.rate_limit_burst, interval_seconds=settings.rate_limit_interval_seconds
+        )
     root = logging.getLogger()
+    for old in root.handlers:
+        old.flush()  # a replaced rate limiter writes its pending summaries first
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    _quiet_libraries()
 
 
 def _load(config: Path) -> Config:
@@ -96,6 +135,7 @@ def run(
 
     _setup_logging(log_level)
     cfg = _load(config)
+    _setup_logging(log_level, cfg.logging)
     try:
         engine = Engine(cfg)
     except (ConfigErrors, ConfigError) as exc:
@@ -923,6 +963,7 @@ def token_command(
 
 
 def main() -> None:
+    _quiet_libraries()  # every command: the ones that log nothing themselves parse HL7 too
     app()
 
 

@@ -73,6 +73,33 @@ class HttpSettings(_Strict):
     enabled: bool = Field(True, description="Serve the HTTP API (FHIR R4 at /fhir, /health)")
     host: str = Field("0.0.0.0", description="Address the HTTP server binds to")
     port: int = Field(8080, ge=0, le=65535, description="TCP port of the HTTP server")
+    access_log: bool = Field(
+        True,
+        description="Log one http.request event per request: method, route template (never the concrete "
+        "ids), status, duration_ms, client address and the authenticated caller; never query values",
+    )
+    max_body_bytes: int = Field(
+        32 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body on any route, counted while it streams in (Content-Length or "
+        "chunked); larger ones are answered 413 (an OperationOutcome on /fhir, a problem on /api/v1) "
+        "before the rest is read. A fhir_rest channel's own max_body_bytes may be lower, not higher",
+    )
+
+
+class LoggingSettings(_Strict):
+    rate_limit_enabled: bool = Field(
+        True,
+        description="Rate-limit repeated identical warnings and errors (same logger, event and exception "
+        "kind): the first rate_limit_burst lines per rate_limit_interval_seconds pass, then one "
+        "log.suppressed line counts the rest",
+    )
+    rate_limit_burst: int = Field(
+        10, ge=1, description="Identical warning/error lines let through per interval before suppressing"
+    )
+    rate_limit_interval_seconds: float = Field(
+        60.0, gt=0, description="Length of the window in which rate_limit_burst identical lines pass"
+    )
 
 
 class Config(_Strict):
@@ -81,6 +108,9 @@ class Config(_Strict):
     auth: AuthSettings = Field(
         default_factory=AuthSettings,
         description="Who may call the HTTP API: local (the engine's own tokens, hms-ach token), oidc or off",
+    )
+    logging: LoggingSettings = Field(
+        default_factory=LoggingSettings, description="Log output: rate limiting of repeated errors"
     )
     channels: list[Any] = Field(default_factory=list, description="Inbound channels")
     sinks: list[Any] = Field(

@@ -1,7 +1,9 @@
 """The HTTP application: the FHIR R4 API at ``/fhir``, ``/api/v1`` and the health answers.
 
 ``create_app(store)`` builds a FastAPI app over one :class:`~hms_ach.store.db.Store`. Error
-responses are OperationOutcomes everywhere. ``app.state.health`` is a plain dict served as the
+responses are OperationOutcomes, and RFC 9457 problems under ``/api/v1``. Every route's request
+body is limited to ``http.max_body_bytes`` (:mod:`hms_ach.app.body_limit`), and each request is
+one ``http.request`` event of the access log (:mod:`hms_ach.app.access_log`). ``app.state.health`` is a plain dict served as the
 health document; other components may add their own keys to it.
 
 Health:
@@ -23,6 +25,9 @@ import orjson
 from fastapi import FastAPI
 from starlette.responses import Response
 
+from hms_ach.app.access_log import AccessLogMiddleware
+from hms_ach.app.body_limit import BodyLimitMiddleware
+from hms_ach.app.config import HttpSettings
 from hms_ach.fhir.outcomes import install_handlers
 from hms_ach.fhir.routes import fhir_router
 from hms_ach.fhir.write_requests import WriteChannel
@@ -37,10 +42,13 @@ def create_app(
     store: Store,
     pipeline_of: PipelineSource | None = None,
     write_channel: WriteChannel | None = None,
+    settings: HttpSettings | None = None,
 ) -> FastAPI:
     """A FastAPI app serving ``store``. Writes need the running engine's parts, found per request
     (a reload replaces them): ``pipeline_of`` for /api/v1, ``write_channel`` (the ``fhir_rest``
-    channel) for /fhir; without them the write routes answer 503 and 405."""
+    channel) for /fhir; without them the write routes answer 503 and 405. ``settings`` (the
+    ``http:`` section) sets the body limit of every route and the access log."""
+    settings = settings or HttpSettings()
     app = FastAPI(title="hms-ach", description="HL7 v2 / FHIR R4 integration engine API")
     app.state.store = store
     app.state.health = {"status": "ok"}
@@ -74,4 +82,8 @@ def create_app(
         body: dict[str, Any] = {"status": "unavailable", "failed": failed} if failed else {"status": "ready"}
         return Response(orjson.dumps(body), status_code=503 if failed else 200, media_type="application/json")
 
+    # The last added runs first: the access log sees the 413s of the body limit too.
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    if settings.access_log:
+        app.add_middleware(AccessLogMiddleware)
     return app

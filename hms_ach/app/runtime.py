@@ -111,7 +111,9 @@ class Engine:
 
         from hms_ach.app.http import create_app
 
-        app = create_app(self.store, lambda: self.pipeline, self._fhir_write_channel)
+        app = create_app(
+            self.store, lambda: self.pipeline, self._fhir_write_channel, settings=self.config.http
+        )
         app.state.health = self.health
         app.state.readiness = self.readiness
         config = uvicorn.Config(

@@ -41,6 +41,7 @@ from typing import Literal
 from pydantic import Field
 
 from hms_ach.core.errors import MessageError
+from hms_ach.core.redact import error_kind
 from hms_ach.core.types import ChannelSettings
 from hms_ach.hl7v2.client import split_messages
 from hms_ach.hl7v2.policy import Hl7PolicySettings
@@ -135,7 +136,10 @@ class FileDropChannel:
             except OSError as exc:
                 text = f"{type(exc).__name__}: {exc.strerror or exc}"
                 await self.problems.record_error("directory", text, daily=True)
-                log.error("file_drop.poll_failed", extra={"channel": self.config.name, "error": text})
+                log.error(
+                    "file_drop.poll_failed",
+                    extra={"channel": self.config.name, "error": error_kind(exc), "errno": exc.errno},
+                )
                 return PollResult(error=text)
 
     def _kind(self, name: str) -> str | None:

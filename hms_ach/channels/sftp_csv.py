@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 
+from hms_ach.core.redact import error_kind
 from hms_ach.core.types import ChannelSettings
 from hms_ach.ingest.csv_rows import CsvFileSettings, CsvIngest
 from hms_ach.ingest.files import (
@@ -148,7 +149,10 @@ class SftpCsvChannel:
                 return await self._poll()
             except PollError as exc:
                 await self.csv.record_error("connection", str(exc), daily=True)
-                log.error("sftp.poll_failed", extra={"channel": self.config.name, "error": str(exc)})
+                log.error(  # the server's text is stored with the error row, not logged
+                    "sftp.poll_failed",
+                    extra={"channel": self.config.name, "error": error_kind(exc.__cause__ or exc)},
+                )
                 return PollResult(error=str(exc))
 
     async def _poll(self) -> PollResult:

@@ -187,7 +187,8 @@ async def _http_error(_request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
-    log.exception("api.unexpected_error", extra={"path": request.url.path, "error_type": type(exc).__name__})
+    route = getattr(request.scope.get("route"), "path", None)  # the template: a concrete path holds ids
+    log.exception("api.unexpected_error", extra={"route": route, "error_type": type(exc).__name__})
     outcome = operation_outcome("exception", "internal server error; the event is in the server log")
     return outcome_response(500, outcome)
 

@@ -182,5 +182,9 @@ class FileLog:
         try:
             await self.writer.run(lambda tx: commit(tx, meta, only_finish(done)))
         except Exception:  # noqa: BLE001 - recording an error must never stop the poll
-            log.exception("%s.error_not_stored", self.source, extra={"channel": self.channel})
-        log.warning("%s.%s_error", self.source, kind, extra={"channel": self.channel, "error": text})
+            log.exception(f"{self.source}.error_not_stored", extra={"channel": self.channel})
+        # The reason is stored with the error row (it can name a file, whose name may identify a
+        # patient): the log line says only which channel and what kind of problem.
+        # The event name is built here, not by %-formatting: the log rate limiter groups lines by
+        # their template, and a name error must not hide a size error.
+        log.warning(f"{self.source}.{kind}_error", extra={"channel": self.channel, "kind": kind})

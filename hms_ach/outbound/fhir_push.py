@@ -38,6 +38,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from hms_ach.core.records import FHIR_WRITABLE, MIRRORED
+from hms_ach.core.redact import redact_url
 from hms_ach.core.references import references, rewrite_references
 from hms_ach.outbound.sinks import Delivery, DeliveryError, DeliveryResult, SinkSettings
 from hms_ach.outbound.webhook import retry_after_seconds
@@ -257,7 +258,9 @@ class TokenSource:
         except (TypeError, ValueError):
             lifetime = 300.0
         self._expires = time.monotonic() + max(lifetime, 31.0)
-        log.info("fhir_push.token_fetched", extra={"token_url": auth.token_url, "expires_in": lifetime})
+        log.info(
+            "fhir_push.token_fetched", extra={"token_url": redact_url(auth.token_url), "expires_in": lifetime}
+        )
 
 
 class FhirPushSink:

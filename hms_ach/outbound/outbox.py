@@ -19,6 +19,7 @@ import asyncio
 import logging
 import os
 import random
+import re
 import socket
 import uuid
 from collections.abc import Callable, Sequence
@@ -36,6 +37,15 @@ from hms_ach.store.port import Tx
 log = logging.getLogger("hms_ach.outbound.outbox")
 T = TypeVar("T")
 P = ParamSpec("P")
+
+
+_HTTP_STATUS = re.compile(r"\bHTTP (\d{3})\b")
+
+
+def _http_status(text: str) -> int | None:
+    """The HTTP status a sink's error names ("HTTP 503"), for the log line; None if it names none."""
+    found = _HTTP_STATUS.search(text)
+    return int(found.group(1)) if found else None
 
 
 def backoff_seconds(attempts: int, initial: float, maximum: float) -> float:
@@ -190,14 +200,16 @@ class Dispatcher:
                     exc if isinstance(exc, DeliveryError) else DeliveryError(f"{type(exc).__name__}: {exc}")
                 )
                 status = await asyncio.to_thread(self._tx, mark_failed, item.row_id, settings, error)
-                log.warning(
+                log.warning(  # the error's text (URLs with identifiers, the peer's answer) is in the row
                     "outbox.delivery_failed",
                     extra={
                         "sink": settings.name,
                         "row": item.row_id,
-                        "event": item.event,
+                        "outbox_event": item.event,
                         "status": status,
-                        "error": str(error)[:200],
+                        "error": error_kind(error.__cause__ or exc),
+                        "http_status": _http_status(str(error)),
+                        "permanent": error.permanent,
                     },
                 )
                 if status == "pending":
@@ -205,6 +217,7 @@ class Dispatcher:
                 continue
             await asyncio.to_thread(self._tx, mark_delivered, item.row_id, result)
             log.info(
-                "outbox.delivered", extra={"sink": settings.name, "row": item.row_id, "event": item.event}
+                "outbox.delivered",
+                extra={"sink": settings.name, "row": item.row_id, "outbox_event": item.event},
             )
         return 0.0 if len(batch) >= 50 else self.poll_seconds
