@@ -1,0 +1,188 @@
+"""Issue 13 item 4: ``hms-ach run`` stops gracefully on SIGTERM and SIGINT. A real process under
+load from real MLLP senders, a real webhook receiver, on SQLite and PostgreSQL.
+
+* SIGTERM under load: exit 0; every message ACKed AA is stored exactly once; a message in flight
+  is ACKed or never ACKed (none lost: sent again, it is stored once); the outbox leases are
+  released and the SQLite WAL is checkpointed, so the next start delivers the pending webhooks at
+  once (not after the 30 s lease).
+* Past ``engine.shutdown_grace_seconds`` the process exits 1 and says what was still running; a
+  second signal during the drain exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from hms_ach.store.db import Store
+from tests.integration.engine_process import (
+    EngineProcess,
+    SendLog,
+    send_one_each,
+    send_until_closed,
+    stored_counts,
+)
+from tests.integration.outbound_helpers import SECRET, Receiver
+
+SENDERS = 4
+
+
+def _webhook(url: str) -> str:
+    return (
+        f"  - name: dashboard\n    type: webhook\n    url: {url}\n    secret: {SECRET}\n"
+        '    events: ["encounter.*"]\n    retry_initial_seconds: 0.05\n    retry_max_seconds: 0.3\n'
+        "    timeout_seconds: 2\n"
+    )
+
+
+def _outbox_state(store: Store) -> tuple[int, int]:
+    """(pending delivery rows, sink leases held)."""
+    with store.read() as conn:
+        pending = conn.execute(text("SELECT COUNT(*) FROM outbox WHERE status = 'pending'")).scalar_one()
+        leased = conn.execute(
+            text("SELECT COUNT(*) FROM outbox_cursor WHERE lease_owner IS NOT NULL")
+        ).scalar_one()
+    return int(pending), int(leased)
+
+
+@pytest.mark.timeout(180)
+async def test_sigterm_under_load_loses_nothing_and_the_next_start_delivers_at_once(
+    tmp_path: Path, store: Store
+) -> None:
+    receiver = Receiver(status=lambda n: 503 if refusing else 200)
+    refusing = True  # the first run: every delivery fails, so rows are pending and the lease held
+    url = await receiver.start()
+    engine = EngineProcess(
+        tmp_path, store.url, engine_yaml="  shutdown_grace_seconds: 20\n", sinks_yaml=_webhook(url)
+    )
+    store.dispose()  # no connection of the test's own keeps the SQLite WAL open
+    sent = SendLog()
+    try:
+        await engine.start()
+        senders = [
+            asyncio.create_task(send_until_closed(engine.mllp_port, f"LC-{s}", sent)) for s in range(SENDERS)
+        ]
+        deadline = time.monotonic() + 30
+        while len(sent.acked()) < 40 or receiver.requests == 0:  # under load, with deliveries failing
+            assert time.monotonic() < deadline, (len(sent.acked()), receiver.requests)
+            await asyncio.sleep(0.05)
+        engine.signal(signal.SIGTERM)
+        stopping_at = time.monotonic()
+        code = await engine.wait(30)
+        took = time.monotonic() - stopping_at
+        await asyncio.wait_for(asyncio.gather(*senders), 30)  # each ends when its connection closes
+
+        assert code == 0, engine.output()[-3000:]
+        assert took < 20, took
+        names = [e.get("event") for e in engine.events()]
+        assert "engine.stopping" in names and "engine.stopped" in names
+        assert "engine.stop_timeout" not in names and "Traceback" not in engine.output()
+        stopped = engine.event("engine.stopped")
+        assert stopped is not None
+        if store.dialect == "sqlite":
+            assert stopped["wal_checkpointed"] is True
+            wal = Path(store.url.split("sqlite:///", 1)[1] + "-wal")
+            assert not wal.exists() or wal.stat().st_size == 0, wal.stat().st_size
+
+        acked, unanswered = sent.acked(), sent.unanswered()
+        assert set(sent.codes.values()) <= {"AA", None}, sent.codes
+        assert len(unanswered) <= SENDERS
+        counts = stored_counts(store, list(sent.codes))
+        assert all(counts[c] == 1 for c in acked), {c: counts[c] for c in acked if counts[c] != 1}
+        assert all(counts[c] <= 1 for c in unanswered), {c: counts[c] for c in unanswered}
+        pending, leased = _outbox_state(store)
+        assert pending > 0 and leased == 0, (pending, leased)  # the lease was released on the way out
+        store.dispose()
+
+        # the next start: the receiver takes deliveries now, and gets the first within seconds
+        refusing = False
+        refused = receiver.requests
+        await engine.start()
+        deadline = time.monotonic() + 25
+        while not receiver.events:
+            assert time.monotonic() < deadline, "no delivery within 25 s of the restart"
+            await asyncio.sleep(0.05)
+        first_delivery = time.time() - engine.ready_at
+        assert receiver.requests > refused and first_delivery < 5, first_delivery  # the lease was 30 s
+
+        # none lost: the unanswered ones sent again are stored once; nothing was stored twice
+        assert await send_one_each(engine.mllp_port, unanswered) == ["AA"] * len(unanswered)
+        engine.signal(signal.SIGINT)  # Ctrl-C drains the same way
+        assert await engine.wait(30) == 0, engine.output()[-3000:]
+        counts = stored_counts(store, list(sent.codes))
+        assert set(counts.values()) == {1}, {c: n for c, n in counts.items() if n != 1}
+        assert receiver.bad_signatures == 0
+    finally:
+        engine.kill()
+        await receiver.stop()
+
+
+async def _hold_a_message_in_flight(engine: EngineProcess, db: Path) -> tuple[sqlite3.Connection, SendLog]:
+    """Another process holds the SQLite write lock; one message is sent and waits for its commit."""
+    locker = sqlite3.connect(db, isolation_level=None, timeout=5)
+    locker.execute("BEGIN IMMEDIATE")
+    sent = SendLog()
+    asyncio.create_task(send_until_closed(engine.mllp_port, "LC-HELD", sent, limit=1))
+    deadline = time.monotonic() + 10
+    while not sent.codes:
+        assert time.monotonic() < deadline, "the message was not sent"
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.3)  # it reached the writer, which waits for the lock
+    return locker, sent
+
+
+@pytest.mark.timeout(120)
+async def test_past_the_grace_period_it_exits_1_saying_what_still_runs(tmp_path: Path) -> None:
+    db = tmp_path / "store.db"
+    engine = EngineProcess(tmp_path, f"sqlite:///{db}", engine_yaml="  shutdown_grace_seconds: 1.5\n")
+    locker: sqlite3.Connection | None = None
+    try:
+        await engine.start()
+        locker, sent = await _hold_a_message_in_flight(engine, db)
+        engine.signal(signal.SIGTERM)
+        started = time.monotonic()
+        code = await engine.wait(30)
+        assert code == 1 and time.monotonic() - started < 12, (code, engine.output()[-3000:])
+        lines = [line for line in engine.output().splitlines() if line.startswith("hms-ach:")]
+        assert len(lines) == 1, engine.output()[-3000:]
+        assert "grace period of 1.5 s" in lines[0] and "channel adt_in: 1 MLLP connection(s) open" in lines[0]
+        timeout = engine.event("engine.stop_timeout")
+        assert timeout is not None and timeout["still_running"], timeout
+        assert "Traceback" not in engine.output()
+        assert sent.codes == {"LC-HELD-0": None}  # never ACKed: the sender sends it again
+    finally:
+        if locker is not None:
+            locker.execute("ROLLBACK")
+            locker.close()
+        engine.kill()
+
+
+@pytest.mark.timeout(120)
+async def test_a_second_signal_during_the_drain_exits_at_once(tmp_path: Path) -> None:
+    db = tmp_path / "store.db"
+    engine = EngineProcess(tmp_path, f"sqlite:///{db}", engine_yaml="  shutdown_grace_seconds: 60\n")
+    locker: sqlite3.Connection | None = None
+    try:
+        await engine.start()
+        locker, sent = await _hold_a_message_in_flight(engine, db)
+        engine.signal(signal.SIGTERM)
+        await engine.wait_for_event("engine.stopping", within=10)
+        assert engine.proc is not None and engine.proc.poll() is None  # draining: the message waits
+        engine.signal(signal.SIGTERM)
+        started = time.monotonic()
+        code = await engine.wait(10)
+        assert code == 128 + signal.SIGTERM and time.monotonic() - started < 5, code
+        forced = engine.event("engine.stop_forced")
+        assert forced is not None and forced["signal"] == "SIGTERM", engine.output()[-3000:]
+        assert sent.codes == {"LC-HELD-0": None}
+    finally:
+        if locker is not None:
+            locker.execute("ROLLBACK")
+            locker.close()
+        engine.kill()
