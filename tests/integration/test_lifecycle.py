@@ -5,6 +5,7 @@ load from real MLLP senders, a real webhook receiver, on SQLite and PostgreSQL.
   is ACKed or never ACKed (none lost: sent again, it is stored once); the outbox leases are
   released and the SQLite WAL is checkpointed, so the next start delivers the pending webhooks at
   once (not after the 30 s lease).
+* A file_drop poll in progress ends after its current file; the rest wait for the next start.
 * Past ``engine.shutdown_grace_seconds`` the process exits 1 and says what was still running; a
   second signal during the drain exits at once.
 """
@@ -20,10 +21,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
+from hms_ach.app.config import load_config
+from hms_ach.app.runtime import Engine
 from hms_ach.store.db import Store
 from tests.integration.engine_process import (
+    ROOT,
     EngineProcess,
     SendLog,
+    a01,
     send_one_each,
     send_until_closed,
     stored_counts,
@@ -186,3 +191,51 @@ async def test_a_second_signal_during_the_drain_exits_at_once(tmp_path: Path) ->
             locker.execute("ROLLBACK")
             locker.close()
         engine.kill()
+
+
+@pytest.mark.timeout(120)
+async def test_a_poll_in_progress_stops_after_its_current_file(tmp_path: Path, store: Store) -> None:
+    """The file_drop poll run by the scheduler ends after the file it is on; the files after it wait
+    in the inbox for the next start, which takes them, each message stored once."""
+    inbox = tmp_path / "drop"
+    inbox.mkdir()
+    files = 60
+    for n in range(files):
+        (inbox / f"{n:03d}.hl7").write_bytes(a01(f"FD-{n}", f"FD{n}"))
+    (tmp_path / "channels.yaml").write_text(
+        f"engine:\n  mappings: {ROOT / 'mappings'}\n  watch: false\nhttp:\n  enabled: false\n"
+        f"channels:\n  - name: drop_in\n    type: file_drop\n    directory: {inbox}\n"
+        f"    poll_interval_seconds: 0.2\n    min_file_age_seconds: 0\n    stable_seconds: 0\n"
+        f"    work_dir: {tmp_path / 'work'}\n"
+    )
+    processed = inbox / "processed"
+
+    def done() -> int:
+        return len(list(processed.glob("*.hl7"))) if processed.exists() else 0
+
+    engine = Engine(load_config(tmp_path / "channels.yaml"), database=store.url)
+    await engine.start()
+    try:
+        deadline = time.monotonic() + 30
+        while done() == 0:
+            assert time.monotonic() < deadline, "the poll did not start"
+            await asyncio.sleep(0.01)
+    finally:
+        started = time.monotonic()
+        await engine.stop()
+    assert time.monotonic() - started < 10
+    first = done()
+    assert 0 < first < files, first
+    assert len(list(inbox.glob("*.hl7"))) == files - first  # the rest wait, untouched
+
+    engine = Engine(load_config(tmp_path / "channels.yaml"), database=store.url)
+    await engine.start()
+    try:
+        deadline = time.monotonic() + 60
+        while done() < files:
+            assert time.monotonic() < deadline, done()
+            await asyncio.sleep(0.05)
+    finally:
+        await engine.stop()
+    counts = stored_counts(store, [f"FD-{n}" for n in range(files)])
+    assert set(counts.values()) == {1}, {c: n for c, n in counts.items() if n != 1}
