@@ -38,11 +38,13 @@ class EngineProcess:
         engine_yaml: str = "",
         sinks_yaml: str = "",
         http: bool = False,
+        log_level: str = "INFO",
     ):
         self.config = tmp_path / "channels.yaml"
         self.log_path = tmp_path / "engine.log"
         self.database_url = database_url
         self.http = http
+        self.log_level = log_level
         self.config.write_text(
             f"engine:\n  mappings: {ROOT / 'mappings'}\n  watch: false\n"
             + engine_yaml
@@ -63,7 +65,16 @@ class EngineProcess:
         self._log = self.log_path.open("ab")
         env = {**os.environ, "HMS_ACH_DATABASE_URL": self.database_url}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hms_ach.app.cli", "run", "-c", str(self.config)],
+            [
+                sys.executable,
+                "-m",
+                "hms_ach.app.cli",
+                "run",
+                "-c",
+                str(self.config),
+                "--log-level",
+                self.log_level,
+            ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=self._log,
