@@ -204,9 +204,7 @@ async def _serve(engine: Engine) -> None:
         await engine.serve()
     except ShutdownTimeout as exc:
         raise _StopTimeout(str(exc)) from None
-    except StoreUnavailable as exc:
-        with suppress(Exception):
-            await engine.stop()
+    except StoreUnavailable as exc:  # serve() stopped everything before it raised this
         raise _StartError(
             f"the store stayed unreachable; stopping so that a supervisor restarts: {exc}"
         ) from None
