@@ -340,6 +340,7 @@ class Engine:
         main = asyncio.create_task(self._watch() if self.config.engine.watch else asyncio.Event().wait())
         lost = asyncio.create_task(self.store_lost.wait())
         asked = asyncio.create_task(self._stop_requested.wait())
+        drain = False  # True once only the stop request is left to act on
         try:
             done, _ = await asyncio.wait({main, lost, asked}, return_when=asyncio.FIRST_COMPLETED)
             if main in done:
@@ -347,11 +348,12 @@ class Engine:
             elif lost in done:
                 seconds = self.config.engine.store_unreachable_exit_seconds
                 raise StoreUnavailable(f"every commit failed for {seconds:g} s")
+            drain = True
         finally:
             for task in (main, lost, asked):
                 task.cancel()
             await asyncio.gather(main, lost, asked, return_exceptions=True)
-            if not self._stop_requested.is_set():
+            if not drain:
                 await self.stop()  # a failure or a cancellation: stop without a deadline
         grace = self.config.engine.shutdown_grace_seconds
         still_running = await self.shutdown(grace)
