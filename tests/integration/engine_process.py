@@ -27,8 +27,9 @@ VT, FS_CR = b"\x0b", b"\x1c\r"
 
 
 class EngineProcess:
-    """One ``hms-ach run`` process at a time on one channels.yaml (MLLP channel ``adt_in``); it can
-    be started again on the same store. Its stderr (the JSON log) goes to ``log_path``."""
+    """One ``hms-ach run`` process at a time on one channels.yaml (MLLP channel ``adt_in``, plus
+    ``channels_yaml``); it can be started again on the same store. Its stderr (the JSON log) goes
+    to ``log_path``."""
 
     def __init__(
         self,
@@ -39,6 +40,7 @@ class EngineProcess:
         sinks_yaml: str = "",
         http: bool = False,
         log_level: str = "INFO",
+        channels_yaml: str = "",
     ):
         self.config = tmp_path / "channels.yaml"
         self.log_path = tmp_path / "engine.log"
@@ -50,7 +52,7 @@ class EngineProcess:
             + engine_yaml
             + f"http:\n  enabled: {'true' if http else 'false'}\n  host: 127.0.0.1\n  port: 0\n"
             "channels:\n  - name: adt_in\n    type: mllp\n    host: 127.0.0.1\n    port: 0\n"
-            "    idle_timeout_seconds: 10\n" + (f"sinks:\n{sinks_yaml}" if sinks_yaml else "")
+            "    idle_timeout_seconds: 10\n" + channels_yaml + (f"sinks:\n{sinks_yaml}" if sinks_yaml else "")
         )
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None

@@ -5,6 +5,8 @@ load from real MLLP senders, a real webhook receiver, on SQLite and PostgreSQL.
   is ACKed or never ACKed (none lost: sent again, it is stored once); the outbox leases are
   released and the SQLite WAL is checkpointed, so the next start delivers the pending webhooks at
   once (not after the 30 s lease).
+* The drain closes the MLLP and HTTP ports at once and still answers the message and the FHIR
+  write in flight.
 * A file_drop poll in progress ends after its current file; the rest wait for the next start.
 * Past ``engine.shutdown_grace_seconds`` the process exits 1 and says what was still running; a
   second signal during the drain exits at once.
@@ -16,8 +18,10 @@ import asyncio
 import signal
 import sqlite3
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import text
 
@@ -31,6 +35,7 @@ from tests.integration.engine_process import (
     a01,
     send_one_each,
     send_until_closed,
+    sqlite_stored_counts,
     stored_counts,
 )
 from tests.integration.outbound_helpers import SECRET, Receiver
@@ -246,3 +251,73 @@ async def test_a_poll_in_progress_stops_after_its_current_file(tmp_path: Path, s
         await engine.stop()
     counts = stored_counts(store, [f"FD-{n}" for n in range(files)])
     assert set(counts.values()) == {1}, {c: n for c, n in counts.items() if n != 1}
+
+
+async def _refused(connect: Callable[[], Awaitable[object]], within: float = 10) -> None:
+    """``connect()`` fails (nothing listens any more) within ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            await connect()
+        except (OSError, httpx.TransportError):
+            return
+        assert time.monotonic() < deadline, "still accepting"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.timeout(120)
+async def test_the_drain_stops_accepting_and_answers_what_is_in_flight(tmp_path: Path) -> None:
+    """An MLLP message and a FHIR write wait for the store when SIGTERM comes: the ports close at
+    once, yet both are committed and answered (AA, 201) once the store commits, and the exit is 0."""
+    db = tmp_path / "store.db"
+    engine = EngineProcess(
+        tmp_path,
+        f"sqlite:///{db}",
+        engine_yaml="  shutdown_grace_seconds: 30\n",
+        http=True,
+        log_level="DEBUG",
+        channels_yaml="  - name: fhir_in\n    type: fhir_rest\n",
+    )
+    locker: sqlite3.Connection | None = None
+    try:
+        await engine.start()
+        base = f"http://127.0.0.1:{engine.http_port}"
+        async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+            locker, sent, sender = await _hold_a_message_in_flight(engine, db)
+            write = asyncio.create_task(
+                http.post(
+                    "/fhir/Patient",
+                    content=b'{"resourceType": "Patient", "name": [{"family": "Drain"}]}',
+                    headers={"content-type": "application/fhir+json"},
+                )
+            )
+            await asyncio.sleep(1.0)  # the request is in the engine (nothing logs it), waiting for the store
+            engine.signal(signal.SIGTERM)
+            await engine.wait_for_event("engine.stopping", within=10)
+
+            async def mllp() -> None:
+                _reader, writer = await asyncio.open_connection("127.0.0.1", engine.mllp_port)
+                writer.close()
+
+            async def fresh_http() -> None:
+                async with httpx.AsyncClient(base_url=base, timeout=2) as other:
+                    await other.get("/health/live")
+
+            await _refused(mllp)  # no new connections while the old ones finish
+            await _refused(fresh_http)
+            assert engine.proc is not None and engine.proc.poll() is None
+            locker.execute("ROLLBACK")  # the store commits again
+            locker.close()
+            locker = None
+            response = await asyncio.wait_for(write, 30)
+            await asyncio.wait_for(sender, 30)
+        assert response.status_code == 201, response.text
+        assert sent.codes == {"LC-HELD-0": "AA"}
+        assert await engine.wait(30) == 0, engine.output()[-3000:]
+        assert engine.event("engine.stopped") is not None
+        assert sqlite_stored_counts(db, ["LC-HELD-0"]) == {"LC-HELD-0": 1}
+    finally:
+        if locker is not None:
+            locker.execute("ROLLBACK")
+            locker.close()
+        engine.kill()
