@@ -51,7 +51,21 @@ async def _engine(tmp_path: Path, url: str, engine_settings: str = "") -> Engine
 
 
 @pytest.fixture
+async def pg_engine(tmp_path: Path, store: Store) -> AsyncIterator[Engine]:
+    """:func:`engine`, on PostgreSQL only (skipped before an engine is built on SQLite)."""
+    if store.dialect != "postgresql":
+        pytest.skip("pg_terminate_backend needs PostgreSQL")
+    async for eng in _named_engine(tmp_path, store):
+        yield eng
+
+
+@pytest.fixture
 async def engine(tmp_path: Path, store: Store) -> AsyncIterator[Engine]:
+    async for eng in _named_engine(tmp_path, store):
+        yield eng
+
+
+async def _named_engine(tmp_path: Path, store: Store) -> AsyncIterator[Engine]:
     url = store.url
     if store.dialect == "postgresql":  # name the engine's connections, to find them in pg_stat_activity
         url += f"&application_name=hmsach_{tmp_path.name[-20:]}"
@@ -174,11 +188,12 @@ def _terminate(application_name: str) -> int:
 
 
 @pytest.mark.parametrize("senders", [1, 8])
-async def test_postgres_backends_killed_while_senders_run(engine: Engine, store: Store, senders: int) -> None:
+async def test_postgres_backends_killed_while_senders_run(
+    pg_engine: Engine, store: Store, senders: int
+) -> None:
     """One sender, then eight concurrent ones (each on its own connection, so the writer's batches
     hold several senders' messages when their connection dies)."""
-    if store.dialect != "postgresql":
-        pytest.skip("pg_terminate_backend needs PostgreSQL")
+    engine = pg_engine
     application_name = engine.store.url.rsplit("application_name=", 1)[1]
     port = mllp_channel(engine).port
     per_sender = 40 // senders
