@@ -166,6 +166,9 @@ def run(
     except _StartError as exc:
         typer.echo(f"hms-ach: {exc}", err=True)
         raise typer.Exit(1) from None
+    except _StopTimeout as exc:
+        typer.echo(f"hms-ach: {exc}", err=True)
+        _exit_now(1)  # what is still running (a stuck commit, a worker thread) must not hold the exit
     except SystemExit as exc:  # uvicorn exits from its task (out of the loop) when it cannot bind
         if not cfg.http.enabled or engine.http_port is not None:
             raise
@@ -177,16 +180,71 @@ class _StartError(Exception):
     """The engine could not start (a port in use...): the one line ``hms-ach run`` prints."""
 
 
+class _StopTimeout(Exception):
+    """The drain did not finish within ``engine.shutdown_grace_seconds`` (the line says what ran)."""
+
+
+#: Seconds past ``engine.shutdown_grace_seconds`` after which a stuck process exits all the same.
+_HARD_EXIT_MARGIN_SECONDS = 10.0
+
+
+def _exit_now(code: int) -> None:
+    """Flush what was written and end the process at once, without waiting for threads."""
+    import os
+
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(Exception):
+            stream.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
+def _install_stop_signals(engine: Engine) -> list[int]:
+    """SIGTERM and SIGINT drain the engine (:meth:`Engine.request_stop`); a second one during the
+    drain exits at once with 128 + the signal's number. Returns the signals handled this way."""
+    import signal
+    import threading
+
+    loop = asyncio.get_running_loop()
+    log = logging.getLogger("hms_ach.app.cli")
+
+    def on_signal(sig: signal.Signals) -> None:
+        if engine.request_stop(sig.name):
+            grace = engine.config.engine.shutdown_grace_seconds
+            backstop = threading.Timer(grace + _HARD_EXIT_MARGIN_SECONDS, _backstop, args=(grace,))
+            backstop.daemon = True  # the process hangs past the grace period: exit all the same
+            backstop.start()
+            return
+        log.warning("engine.stop_forced", extra={"signal": sig.name, "phase": engine.stop_phase})
+        _exit_now(128 + int(sig))
+
+    def _backstop(grace: float) -> None:
+        log.error("engine.stop_hung", extra={"grace_seconds": grace, "phase": engine.stop_phase})
+        _exit_now(1)
+
+    handled: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, on_signal, sig)
+        except (NotImplementedError, RuntimeError):  # no signal handlers on this loop (Windows)
+            continue
+        handled.append(sig)
+    return handled
+
+
 async def _serve(engine: Engine) -> None:
-    """``engine.serve()``, with a failure to start (a port in use) turned into a _StartError, and
-    a store that stayed unreachable (the engine gave up on it) into one line too."""
+    """``engine.serve()`` with SIGTERM and SIGINT draining it gracefully, a failure to start (a
+    port in use) turned into a _StartError, a store that stayed unreachable (the engine gave up on
+    it) into one line too, and a drain past its grace period into a _StopTimeout."""
+    from hms_ach.app.runtime import ShutdownTimeout
     from hms_ach.store.errors import StoreUnavailable
 
+    handled = _install_stop_signals(engine)
     try:
         await engine.serve()
-    except StoreUnavailable as exc:
-        with suppress(Exception):
-            await engine.stop()
+    except ShutdownTimeout as exc:
+        raise _StopTimeout(str(exc)) from None
+    except StoreUnavailable as exc:  # serve() stopped everything before it raised this
         raise _StartError(
             f"the store stayed unreachable; stopping so that a supervisor restarts: {exc}"
         ) from None
@@ -195,6 +253,10 @@ async def _serve(engine: Engine) -> None:
         with suppress(Exception):
             await engine.stop()  # what did start (the writer, earlier channels) is stopped
         raise _StartError(text) from None
+    finally:
+        loop = asyncio.get_running_loop()
+        for sig in handled:
+            loop.remove_signal_handler(sig)
 
 
 def _start_failure(engine: Engine, exc: BaseException) -> str:

@@ -67,6 +67,12 @@ class EngineSettings(_Strict):
     min_free_disk_mb: int = Field(
         64, ge=0, description="/health/ready fails when the SQLite database's disk has less free space"
     )
+    shutdown_grace_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="On SIGTERM or SIGINT, hms-ach run stops accepting, finishes the messages in flight and "
+        "exits 0 within this time; past it it exits 1 and logs what was still running",
+    )
 
 
 class HttpSettings(_Strict):

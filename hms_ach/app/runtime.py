@@ -8,19 +8,24 @@ temporary database with ports set to 0 and use :meth:`Engine.start` / :meth:`Eng
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import math
 import shutil
 import time
+from collections.abc import Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from hms_ach.app.config import Config, load_config
 from hms_ach.app.scheduler import Scheduler, build_jobs
 from hms_ach.app.wiring import wire_listeners
 from hms_ach.channels import CHANNEL_TYPES
 from hms_ach.channels.fhir_rest import FhirRestChannel
+from hms_ach.channels.mllp import MllpChannel
 from hms_ach.core.errors import ConfigError, ConfigErrors
+from hms_ach.core.redact import error_kind
 from hms_ach.core.types import Channel
 from hms_ach.ingest.pipeline import Pipeline
 from hms_ach.mapping.engine import MappingEngine
@@ -28,6 +33,7 @@ from hms_ach.mapping.loader import load_mappings
 from hms_ach.outbound import events
 from hms_ach.outbound.outbox import Dispatcher
 from hms_ach.store import audit
+from hms_ach.store import outbox as outbox_rows
 from hms_ach.store.db import Store, database_url
 from hms_ach.store.errors import StoreUnavailable
 from hms_ach.store.writer import StoreWriter
@@ -36,6 +42,20 @@ if TYPE_CHECKING:
     import uvicorn
 
 log = logging.getLogger("hms_ach.app.runtime")
+T = TypeVar("T")
+
+
+class ShutdownTimeout(Exception):
+    """The drain did not finish within ``engine.shutdown_grace_seconds``; ``still_running`` says
+    what was still going on (``hms-ach run`` prints it and exits 1)."""
+
+    def __init__(self, grace_seconds: float, still_running: list[str]):
+        self.grace_seconds = grace_seconds
+        self.still_running = still_running
+        super().__init__(
+            f"not stopped within the grace period of {grace_seconds:g} s; still running: "
+            + ("; ".join(still_running) or "nothing known")
+        )
 
 
 class Engine:
@@ -63,6 +83,9 @@ class Engine:
         self.scheduler: Scheduler | None = None  # polls and the jobs of JOB_TYPES, when jobs are enabled
         self._watchdog: asyncio.Task[None] | None = None  # restarts the writer thread if it exits
         self.store_lost = asyncio.Event()  # set when the store stayed unreachable too long
+        self._stop_requested = asyncio.Event()  # set by request_stop (SIGTERM/SIGINT in hms-ach run)
+        self.stop_reason: str | None = None  # what asked for the stop (the signal's name)
+        self.stop_phase: str | None = None  # the phase of stop() running now, for the timeout report
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -124,9 +147,12 @@ class Engine:
             lifespan="off",
             access_log=False,
             log_config=None,  # uvicorn's own handlers would print a second line when the port is taken
+            timeout_graceful_shutdown=math.ceil(self.config.engine.shutdown_grace_seconds),
         )
         self._http = uvicorn.Server(config)
-        self._http.install_signal_handlers = lambda: None  # type: ignore[attr-defined]  # uvicorn < 0.29: the engine handles signals
+        # The engine handles SIGTERM/SIGINT (hms-ach run drains everything, HTTP included): uvicorn
+        # must neither take the signals over while it serves nor raise them again when it ends.
+        self._http.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
         self._http_task = asyncio.create_task(self._http.serve())
         while not self._http.started:
             if self._http_task.done():
@@ -136,30 +162,134 @@ class Engine:
         self.http_port = sockets[0].getsockname()[1] if sockets else self.config.http.port
         log.info("http.started", extra={"port": self.http_port})
 
-    async def stop(self) -> None:
-        if self.scheduler is not None:
-            await self.scheduler.stop()
-            self.scheduler = None
-        if self.dispatcher is not None:
-            await self.dispatcher.stop()
-            self.dispatcher = None
-        if self._change_feed:
-            events.unsubscribe_change_feed()
-            self._change_feed = False
-        for channel in list(self.channels.values()):
-            await channel.stop()
-        self.channels.clear()
-        if self._http is not None:
-            self._http.should_exit = True
-            if self._http_task is not None:
-                await self._http_task
-            self._http = None
+    def request_stop(self, reason: str) -> bool:
+        """Ask :meth:`serve` to drain and return (``hms-ach run`` calls it on SIGTERM/SIGINT).
+        False when a stop was already requested: the caller then decides (a second signal exits)."""
+        if self._stop_requested.is_set():
+            return False
+        self.stop_reason = reason
+        self._stop_requested.set()
+        return True
+
+    async def stop(self) -> bool | None:
+        """Stop everything, in an order that loses nothing; safe to call again.
+
+        1. ``intake``: at once on every channel stop accepting (the scheduler's polls, the MLLP
+           listeners, HTTP); the frames, requests and polls in flight finish and are answered.
+        2. ``outbound``: the sinks' deliveries stop and this process's outbox leases are released,
+           so that the next start (or another instance) delivers at once instead of after the lease.
+        3. ``writer``: the jobs still queued are committed, then the writer thread ends.
+        4. ``store``: SQLite's WAL is checkpointed into the database file and truncated, and every
+           connection is closed.
+
+        Returns whether the WAL checkpoint completed (None on PostgreSQL)."""
+        await self._phase("intake", self._stop_intake())
+        await self._phase("outbound", self._stop_outbound())
         if self._watchdog is not None:
             self._watchdog.cancel()
             await asyncio.gather(self._watchdog, return_exceptions=True)
             self._watchdog = None
-        self.writer.stop()
-        self.store.dispose()
+        await self._phase("writer", asyncio.to_thread(self.writer.stop))
+        checkpointed: bool | None = await self._phase("store", asyncio.to_thread(self.store.close))
+        self.stop_phase = None
+        return checkpointed
+
+    async def _phase(self, name: str, work: Coroutine[Any, Any, T]) -> T:
+        self.stop_phase = name
+        started = time.monotonic()
+        result = await work
+        log.info("engine.stop_phase", extra={"phase": name, "seconds": round(time.monotonic() - started, 3)})
+        return result
+
+    async def _stop_intake(self) -> None:
+        async def scheduler() -> None:
+            if self.scheduler is not None:
+                await self.scheduler.stop()  # no new polls or jobs; runs in progress finish
+                self.scheduler = None
+
+        async def channel(name: str, ch: Channel) -> None:
+            await ch.stop()  # MLLP: no new connections, busy ones finish their frame and its ACK
+            self.channels.pop(name, None)
+
+        async def http() -> None:
+            if self._http is not None:
+                self._http.should_exit = True  # uvicorn stops accepting and finishes open requests
+                if self._http_task is not None:
+                    await self._http_task
+                self._http = None
+
+        parts = [scheduler(), http(), *(channel(n, ch) for n, ch in list(self.channels.items()))]
+        for failure in await asyncio.gather(*parts, return_exceptions=True):
+            if isinstance(failure, BaseException):
+                if isinstance(failure, asyncio.CancelledError):
+                    raise failure
+                log.error("engine.stop_failed", extra={"phase": "intake", "error": error_kind(failure)})
+        self.channels.clear()
+
+    async def _stop_outbound(self) -> None:
+        if self.dispatcher is not None:
+            owner = self.dispatcher.owner
+            await self.dispatcher.stop()
+            self.dispatcher = None
+            # The dispatcher released each sink's lease; a lease renewal that was already running in
+            # a worker thread when it stopped may have taken one again. Release them all once more.
+            try:
+                released = await asyncio.to_thread(self._release_leases, owner)
+            except Exception as exc:  # noqa: BLE001 - the store is down: the leases expire anyway
+                log.warning("outbox.lease_release_failed", extra={"error": error_kind(exc)})
+            else:
+                if released:
+                    log.info("outbox.leases_released", extra={"count": released})
+        if self._change_feed:
+            events.unsubscribe_change_feed()
+            self._change_feed = False
+
+    def _release_leases(self, owner: str) -> int:
+        with self.store.transaction() as tx:
+            return outbox_rows.release_leases(tx, owner)
+
+    def still_running(self) -> list[str]:
+        """What a stop that is taking too long is waiting for, in words (no field values)."""
+        out: list[str] = []
+        if self.stop_phase is not None:
+            out.append(f"phase {self.stop_phase}")
+        if self.scheduler is not None and self.scheduler.running_jobs:
+            out.append("scheduler jobs " + ", ".join(self.scheduler.running_jobs))
+        for name, ch in self.channels.items():
+            if isinstance(ch, MllpChannel) and ch.server.connection_count:
+                out.append(f"channel {name}: {ch.server.connection_count} MLLP connection(s) open")
+            else:
+                out.append(f"channel {name} stopping")
+        if self._http is not None:
+            out.append("HTTP requests in progress")
+        if self.dispatcher is not None:
+            out.append("outbox deliveries")
+        busy = self.writer.health.busy_since
+        if busy is not None:
+            out.append(f"a store commit running for {time.monotonic() - busy:.1f} s")
+        return out
+
+    async def shutdown(self, grace_seconds: float) -> list[str]:
+        """:meth:`stop` within ``grace_seconds``, logging ``engine.stopping`` and ``engine.stopped``
+        (or ``engine.stop_timeout``). Returns what was still running when the grace period ended:
+        empty when the engine stopped cleanly."""
+        started = time.monotonic()
+        log.info(
+            "engine.stopping",
+            extra={"reason": self.stop_reason or "stop", "grace_seconds": grace_seconds},
+        )
+        try:
+            async with asyncio.timeout(grace_seconds):
+                checkpointed = await self.stop()
+        except TimeoutError:
+            still = self.still_running()
+            log.error("engine.stop_timeout", extra={"grace_seconds": grace_seconds, "still_running": still})
+            return still or ["the stop sequence"]
+        log.info(
+            "engine.stopped",
+            extra={"seconds": round(time.monotonic() - started, 3), "wal_checkpointed": checkpointed},
+        )
+        return []
 
     # ------------------------------------------------------------------ health
     async def _watch_writer(self) -> None:
@@ -202,26 +332,37 @@ class Engine:
         return failed
 
     async def serve(self) -> None:
-        """Run until cancelled (Ctrl-C / SIGTERM), reloading mappings when files change.
+        """Run until :meth:`request_stop` (SIGTERM/SIGINT in ``hms-ach run``) or cancellation,
+        reloading mappings when files change; then drain within ``engine.shutdown_grace_seconds``
+        (:meth:`shutdown`).
 
-        Raises :class:`StoreUnavailable` (after stopping everything) when the store stayed
-        unreachable for ``engine.store_unreachable_exit_seconds``: ``hms-ach run`` then exits
-        non-zero, so that a supervisor (systemd, Docker) restarts the process."""
+        Raises :class:`ShutdownTimeout` when the drain did not finish in time, and
+        :class:`StoreUnavailable` (after stopping everything) when the store stayed unreachable for
+        ``engine.store_unreachable_exit_seconds``: ``hms-ach run`` then exits non-zero, so that a
+        supervisor (systemd, Docker) restarts the process."""
         await self.start()
         main = asyncio.create_task(self._watch() if self.config.engine.watch else asyncio.Event().wait())
         lost = asyncio.create_task(self.store_lost.wait())
+        asked = asyncio.create_task(self._stop_requested.wait())
+        drain = False  # True once only the stop request is left to act on
         try:
-            done, _ = await asyncio.wait({main, lost}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({main, lost, asked}, return_when=asyncio.FIRST_COMPLETED)
             if main in done:
                 main.result()
-            else:
+            elif lost in done:
                 seconds = self.config.engine.store_unreachable_exit_seconds
                 raise StoreUnavailable(f"every commit failed for {seconds:g} s")
+            drain = True
         finally:
-            for task in (main, lost):
+            for task in (main, lost, asked):
                 task.cancel()
-            await asyncio.gather(main, lost, return_exceptions=True)
-            await self.stop()
+            await asyncio.gather(main, lost, asked, return_exceptions=True)
+            if not drain:
+                await self.stop()  # a failure or a cancellation: stop without a deadline
+        grace = self.config.engine.shutdown_grace_seconds
+        still_running = await self.shutdown(grace)
+        if still_running:
+            raise ShutdownTimeout(grace, still_running)
 
     # ------------------------------------------------------------------ hot reload
     def reload_mappings(self) -> bool:

@@ -119,7 +119,7 @@ class Scheduler:
         self.leader = False
         self._lock = LeaderLock(store, LOCK_KEY)
         self._standby: asyncio.Task[None] | None = None
-        self._running: set[asyncio.Task[Any]] = set()
+        self._running: dict[asyncio.Task[Any], str] = {}  # runs in progress -> job name
         self._writes: set[asyncio.Future[Any]] = set()
 
     # ------------------------------------------------------------------ lifecycle
@@ -150,6 +150,11 @@ class Scheduler:
             await asyncio.wait(set(self._writes), timeout=self.settings.stop_timeout_seconds)
         await asyncio.to_thread(self._release_lock)
         self.leader = False
+
+    @property
+    def running_jobs(self) -> list[str]:
+        """The names of the jobs running now (a stop waits for them)."""
+        return sorted(self._running.values())
 
     def _take_lock(self) -> bool:
         got = self._lock.try_take()
@@ -226,7 +231,7 @@ class Scheduler:
             raise KeyError(f"no job {name!r}; jobs: {', '.join(sorted(self.jobs))}")
         task = asyncio.current_task()
         if task is not None:
-            self._running.add(task)
+            self._running[task] = name
         try:
             await self._write(_record_start(name))
             try:
@@ -237,7 +242,7 @@ class Scheduler:
             await self._write(_record_end(name, status, detail))
         finally:
             if task is not None:
-                self._running.discard(task)
+                self._running.pop(task, None)
         log.info("job.finished", extra={"job": name, "status": status})
         return status, detail
 

@@ -115,13 +115,15 @@ class FileDropChannel:
         )  # names, sizes, the directory
         self.csv = CsvIngest(pipeline, config.name, config.csv, "file") if config.csv else None
         self._lock = asyncio.Lock()
+        self._stopping = False  # set by stop(): a poll in progress ends after its current file
 
     async def start(self) -> None:
+        self._stopping = False
         self.work.mkdir(parents=True, exist_ok=True)
         log.info("channel.started", extra={"channel": self.config.name, "type": "file_drop"})
 
     async def stop(self) -> None:
-        return None
+        self._stopping = True
 
     # ------------------------------------------------------------------ poll
     async def poll(self) -> PollResult:
@@ -131,6 +133,8 @@ class FileDropChannel:
                 self.work.mkdir(parents=True, exist_ok=True)
                 result = PollResult()
                 for name, size, mtime in await self._candidates(result):
+                    if self._stopping:  # the engine is stopping: the rest waits for the next start
+                        break
                     result.files.append(await self._process_file(name, size, mtime))
                 return result
             except OSError as exc:

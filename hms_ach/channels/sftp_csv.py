@@ -132,13 +132,15 @@ class SftpCsvChannel:
         self.csv = CsvIngest(pipeline, config.name, config, "sftp")
         #: test hook: called after the file's records are committed, before the move
         self.before_move: Any = None
+        self._stopping = False  # set by stop(): a poll in progress ends after its current file
 
     async def start(self) -> None:
+        self._stopping = False
         self.work.mkdir(parents=True, exist_ok=True)
         log.info("channel.started", extra={"channel": self.config.name, "type": "sftp_csv"})
 
     async def stop(self) -> None:
-        return None
+        self._stopping = True
 
     # ------------------------------------------------------------------ poll
     async def poll(self) -> PollResult:
@@ -163,6 +165,8 @@ class SftpCsvChannel:
             async with await asyncio.wait_for(self._connect(), self.config.connect_timeout_seconds) as conn:
                 async with conn.start_sftp_client() as sftp:
                     for entry in await self._candidates(sftp, result):
+                        if self._stopping:  # the engine is stopping: the rest waits for the next start
+                            break
                         result.files.append(await self._process_file(sftp, entry))
         except asyncssh.HostKeyNotVerifiable as exc:
             raise PollError(f"the server's host key does not match known_hosts: {self._redact(exc)}") from exc

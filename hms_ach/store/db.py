@@ -9,12 +9,14 @@ power loss: an ACK sent after commit then really means durable. Write transactio
 from __future__ import annotations
 
 import os
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Connection, event
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlmodel import SQLModel, create_engine
 
 from hms_ach.store import (
@@ -23,6 +25,8 @@ from hms_ach.store import (
 )
 
 DEFAULT_DATABASE_URL = "sqlite:///hms_ach.db"
+#: How long the WAL checkpoint of a stopping engine waits for another connection's lock.
+CHECKPOINT_BUSY_MS = 1000
 
 
 def database_url(configured: str | None = None) -> str:
@@ -129,3 +133,37 @@ class Store:
         self.writer.dispose()
         if self.reader is not self.writer:
             self.reader.dispose()
+
+    def checkpoint(self) -> bool | None:
+        """SQLite: copy the WAL into the database file and truncate it to 0 bytes
+        (``PRAGMA wal_checkpoint(TRUNCATE)``), so that a stopped engine leaves a self-contained
+        database file. True when the checkpoint completed, False when a reader or writer of another
+        connection kept it from completing (the WAL stays valid: the next start replays it), None on
+        PostgreSQL (nothing to do)."""
+        if not is_sqlite(self.writer):
+            return None
+        if self.reader is not self.writer:
+            self.reader.dispose()  # our own idle readers must not hold the WAL open
+        raw = self.writer.raw_connection()  # autocommit (isolation_level None): no BEGIN around it
+        try:
+            cursor = raw.cursor()
+            try:
+                # another process holding the write lock must not hold up a stop for busy_timeout
+                cursor.execute(f"PRAGMA busy_timeout={CHECKPOINT_BUSY_MS}")
+                cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                row = cursor.fetchone()
+            finally:
+                cursor.close()
+        finally:
+            raw.close()
+        return row is not None and int(row[0]) == 0  # (busy, log frames, checkpointed frames)
+
+    def close(self) -> bool | None:
+        """Checkpoint (SQLite) and close every pooled connection; what :meth:`checkpoint` returned
+        (False also when the checkpoint failed: a full disk, a database that went away)."""
+        try:
+            return self.checkpoint()
+        except (DBAPIError, sqlite3.Error):
+            return False
+        finally:
+            self.dispose()

@@ -145,6 +145,14 @@ def release_lease(tx: Tx, destination: str, owner: str) -> None:
     )
 
 
+def release_leases(tx: Tx, owner: str) -> int:
+    """Release every sink lease ``owner`` still holds (a stopping process); how many it held."""
+    result = tx.execute(
+        update(CURSORS).where(CURSORS.c.lease_owner == owner).values(lease_owner=None, lease_until=None)
+    )
+    return int(result.rowcount)
+
+
 @dataclass(frozen=True)
 class PendingRow:
     """A pending delivery row and its event."""

@@ -3,7 +3,8 @@
 * SQLite: another connection holds the write lock past the commit deadline. The sender gets AE
   (ERR-3 207) within the deadline, FHIR writes get 503, ``/health/ready`` says 503; once the lock
   is released intake resumes without a restart and the message sent again is stored once.
-* PostgreSQL: the engine's connections are killed (``pg_terminate_backend``) while a sender runs.
+* PostgreSQL: the engine's connections are killed (``pg_terminate_backend``) while one sender, or
+  eight concurrent senders, run.
   Every message is ACKed AA and stored once, or answered negatively; intake resumes.
 """
 
@@ -50,7 +51,21 @@ async def _engine(tmp_path: Path, url: str, engine_settings: str = "") -> Engine
 
 
 @pytest.fixture
+async def pg_engine(tmp_path: Path, store: Store) -> AsyncIterator[Engine]:
+    """:func:`engine`, on PostgreSQL only (skipped before an engine is built on SQLite)."""
+    if store.dialect != "postgresql":
+        pytest.skip("pg_terminate_backend needs PostgreSQL")
+    async for eng in _named_engine(tmp_path, store):
+        yield eng
+
+
+@pytest.fixture
 async def engine(tmp_path: Path, store: Store) -> AsyncIterator[Engine]:
+    async for eng in _named_engine(tmp_path, store):
+        yield eng
+
+
+async def _named_engine(tmp_path: Path, store: Store) -> AsyncIterator[Engine]:
     url = store.url
     if store.dialect == "postgresql":  # name the engine's connections, to find them in pg_stat_activity
         url += f"&application_name=hmsach_{tmp_path.name[-20:]}"
@@ -172,12 +187,18 @@ def _terminate(application_name: str) -> int:
         admin.dispose()
 
 
-async def test_postgres_backends_killed_while_a_sender_runs(engine: Engine, store: Store) -> None:
-    if store.dialect != "postgresql":
-        pytest.skip("pg_terminate_backend needs PostgreSQL")
+@pytest.mark.parametrize("senders", [1, 8])
+async def test_postgres_backends_killed_while_senders_run(
+    pg_engine: Engine, store: Store, senders: int
+) -> None:
+    """One sender, then eight concurrent ones (each on its own connection, so the writer's batches
+    hold several senders' messages when their connection dies)."""
+    engine = pg_engine
     application_name = engine.store.url.rsplit("application_name=", 1)[1]
     port = mllp_channel(engine).port
-    ids = [f"WF-PG-{n:03d}" for n in range(40)]
+    per_sender = 40 // senders
+    feeds = [[f"WF-PG-{s}-{n:03d}" for n in range(per_sender)] for s in range(senders)]
+    ids = [c for feed in feeds for c in feed]
     killed = 0
 
     async def killer() -> None:
@@ -187,8 +208,9 @@ async def test_postgres_backends_killed_while_a_sender_runs(engine: Engine, stor
             killed += await asyncio.to_thread(_terminate, application_name)
 
     kill_task = asyncio.create_task(killer())
-    acks = await _send(port, [_a01(c) for c in ids])
+    results = await asyncio.gather(*(_send(port, [_a01(c) for c in feed]) for feed in feeds))
     await kill_task
+    acks = [a for feed_acks in results for a in feed_acks]
     assert killed > 0
     codes = {c: _msa(a)[1] for c, a in zip(ids, acks, strict=True)}
     assert set(codes.values()) <= {"AA", "AE"}, codes
