@@ -35,7 +35,8 @@ ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="channels.yaml t
 
 class _JsonLogFormatter(logging.Formatter):
     """One JSON object per line: ts, level, event (the message), logger, then the record's extra
-    fields. An extra field named like one of the first four is written as ``field_<name>``. An
+    fields. An extra ``event`` string is the event's name (it wins over the message); another extra
+    field named like one of the first four is written as ``field_<name>``. An
     exception is written as its kind and where it was raised, never its text (see _exception_fields)."""
 
     _skip = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
@@ -49,7 +50,9 @@ class _JsonLogFormatter(logging.Formatter):
             "logger": record.name,
         }
         for key, value in vars(record).items():
-            if key not in self._skip:
+            if key == "event" and isinstance(value, str):
+                data["event"] = value  # a structured event's stable name (the message holds its k=v text)
+            elif key not in self._skip:
                 data[f"field_{key}" if key in self._reserved else key] = value
         if record.exc_info and record.exc_info[1] is not None:
             data.update(_exception_fields(record.exc_info[1]))

@@ -32,7 +32,7 @@ from hms_ach.mapping.engine import MappingEngine
 from hms_ach.mapping.loader import load_mappings
 from hms_ach.outbound import events
 from hms_ach.outbound.outbox import Dispatcher
-from hms_ach.store import audit
+from hms_ach.store import audit, audit_checkpoints
 from hms_ach.store import outbox as outbox_rows
 from hms_ach.store.db import Store, database_url
 from hms_ach.store.errors import StoreUnavailable
@@ -179,7 +179,7 @@ class Engine:
         2. ``outbound``: the sinks' deliveries stop and this process's outbox leases are released,
            so that the next start (or another instance) delivers at once instead of after the lease.
         3. ``writer``: the jobs still queued are committed, then the writer thread ends.
-        4. ``store``: SQLite's WAL is checkpointed into the database file and truncated, and every
+        4. ``store``: a signed audit checkpoint is appended (docs/audit.md), SQLite's WAL is checkpointed into the database file and truncated, and every
            connection is closed.
 
         Returns whether the WAL checkpoint completed (None on PostgreSQL)."""
@@ -190,9 +190,13 @@ class Engine:
             await asyncio.gather(self._watchdog, return_exceptions=True)
             self._watchdog = None
         await self._phase("writer", asyncio.to_thread(self.writer.stop))
-        checkpointed: bool | None = await self._phase("store", asyncio.to_thread(self.store.close))
+        checkpointed: bool | None = await self._phase("store", asyncio.to_thread(self._close_store))
         self.stop_phase = None
         return checkpointed
+
+    def _close_store(self) -> bool | None:
+        audit_checkpoints.final_checkpoint(self.store)  # the trail's head, signed, outside the store
+        return self.store.close()
 
     async def _phase(self, name: str, work: Coroutine[Any, Any, T]) -> T:
         self.stop_phase = name

@@ -201,6 +201,18 @@ def append_checkpoint(conn: Connection, seal: AuditSeal, kind: str = "checkpoint
     return Checkpoint(**{k: v for k, v in fields.items()})  # type: ignore[arg-type]
 
 
+def final_checkpoint(store: Store) -> Checkpoint | None:
+    """The checkpoint written when the engine stops cleanly (after the writer's last commit), so that
+    a tail deleted while the engine is down is caught; never raises (a failure is logged)."""
+    try:
+        with store.read() as conn:
+            seal = seal_for(conn)
+            return append_checkpoint(conn, seal) if seal.key is not None else None
+    except Exception as exc:  # noqa: BLE001 - stopping goes on; the scheduled job writes the next one
+        log.warning("audit.checkpoint_failed", extra={"error": type(exc).__name__})
+        return None
+
+
 def anchor(store: Store, seal: AuditSeal) -> Checkpoint | None:
     """Write the anchor (the first checkpoint) unless the checkpoint file has lines already."""
     if seal.checkpoint_path is None or seal.key is None:

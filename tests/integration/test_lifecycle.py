@@ -24,7 +24,9 @@ from pathlib import Path
 import httpx
 import pytest
 from sqlalchemy import text
+from typer.testing import CliRunner
 
+from hms_ach.app.cli import app as cli_app
 from hms_ach.app.config import load_config
 from hms_ach.app.runtime import Engine
 from hms_ach.store.db import Store
@@ -59,6 +61,11 @@ def _outbox_state(store: Store) -> tuple[int, int]:
             text("SELECT COUNT(*) FROM outbox_cursor WHERE lease_owner IS NOT NULL")
         ).scalar_one()
     return int(pending), int(leased)
+
+
+def _audit_count(store: Store) -> int:
+    with store.read() as conn:
+        return int(conn.execute(text("SELECT COUNT(*) FROM audit_entry")).scalar_one())
 
 
 @pytest.mark.timeout(180)
@@ -110,6 +117,14 @@ async def test_sigterm_under_load_loses_nothing_and_the_next_start_delivers_at_o
         assert all(counts[c] <= 1 for c in unanswered), {c: counts[c] for c in unanswered}
         pending, leased = _outbox_state(store)
         assert pending > 0 and leased == 0, (pending, leased)  # the lease was released on the way out
+        # the clean stop signed the audit trail's head into the checkpoint file (docs/audit.md)
+        verified = CliRunner().invoke(
+            cli_app, ["audit", "verify", "--config", str(engine.config), "--database", store.url]
+        )
+        assert verified.exit_code == 0 and f"intact: {_audit_count(store)} entries" in verified.output, (
+            verified.output
+        )
+        assert f"({_audit_count(store)} entries)" in verified.output, verified.output  # the last checkpoint
         store.dispose()
 
         # the next start: the receiver takes deliveries now, and gets the first within seconds
