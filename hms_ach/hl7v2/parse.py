@@ -58,12 +58,19 @@ def read_header(raw: bytes) -> MshHeader:
             Err0357.REQUIRED_FIELD_MISSING,
         )
     fs = line[3]
-    if fs.isalnum() or fs.isspace():
+    if fs.isalnum() or fs.isspace() or not fs.isprintable():
         raise RejectError(
-            f"MSH-1 field separator {fs!r} is not a usable separator", "MSH-1", Err0357.DATA_TYPE_ERROR
+            f"MSH-1 field separator {fs!r} is not a usable separator (a printable character that is "
+            "not a letter, digit or space)",
+            "MSH-1",
+            Err0357.DATA_TYPE_ERROR,
         )
     enc = line[4:].split(fs, 1)[0]
-    if len(enc) < 4 or len(set(enc[:4])) < 4 or any(c.isalnum() or c.isspace() or c == fs for c in enc[:4]):
+    if (
+        len(enc) < 4
+        or len(set(enc[:4])) < 4
+        or any(c.isalnum() or c.isspace() or not c.isprintable() or c == fs for c in enc[:4])
+    ):
         raise RejectError(
             f"MSH-2 encoding characters {enc!r} are invalid: expected four distinct non-alphanumeric "
             "characters such as ^~\\&",

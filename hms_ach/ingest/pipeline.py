@@ -48,6 +48,8 @@ from hms_ach.core.redact import error_kind
 from hms_ach.hl7v2.ack import build_ack, fallback_ack
 from hms_ach.hl7v2.limits import (
     DEFAULT_MAX_RECORD_BYTES,
+    MAX_APPLICATION_CHARS,
+    MAX_CONTROL_ID_CHARS,
     MAX_IDENTIFIER_CHARS,
     check_header,
     check_message,
@@ -413,8 +415,21 @@ def ack_for(ev: Evaluation, code: str, error: MessageError | None) -> str:
     if ev.header is None:
         ack = fallback_ack(ev.raw, error or RejectError("unreadable MSH"))
     else:
-        ack = build_ack(ev.header, code, error)
+        ack = build_ack(_echoable(ev.header), code, error)
     return ack.replace("\x00", "")
+
+
+def _echoable(header: MshHeader) -> MshHeader:
+    """``header`` with every field clipped to what an ACK may echo (MSH-10 to
+    :data:`MAX_CONTROL_ID_CHARS`, the others to :data:`MAX_APPLICATION_CHARS`): a sender's 5 MB
+    MSH-10 is refused, never reflected back at it."""
+    if all(len(f) <= MAX_CONTROL_ID_CHARS for f in header.fields):
+        return header
+    clipped = [
+        f[: MAX_CONTROL_ID_CHARS if n == 10 else MAX_APPLICATION_CHARS] if n > 2 else f
+        for n, f in enumerate(header.fields)
+    ]
+    return MshHeader(header.separators, clipped)
 
 
 def charset_of(ev: Evaluation, policy: Hl7Policy) -> str:
