@@ -50,7 +50,8 @@ def read_header(raw: bytes) -> MshHeader:
     head = raw.lstrip(b"\r\n \t\x0b")
     if not head.startswith(b"MSH"):
         raise RejectError("message does not start with an MSH segment", "MSH", Err0357.SEGMENT_SEQUENCE)
-    line = _SEGMENT_END.split(head.decode("latin-1"), maxsplit=1)[0]
+    ends = [i for i in (head.find(b"\r"), head.find(b"\n")) if i >= 0]
+    line = head[: min(ends)].decode("latin-1") if ends else head.decode("latin-1")
     if len(line) < 8:
         raise RejectError(
             "MSH is truncated: the field separator and encoding characters are missing",
