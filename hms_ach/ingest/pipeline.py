@@ -206,6 +206,29 @@ def record_duplicate(tx: Tx, envelope: Envelope, dup: Duplicate) -> int:
 INTERNAL_ERROR_TEXT = "the message could not be processed (internal error); it is stored for replay"
 
 
+def find_nul(value: Any, path: str, index: str = "[{}]") -> str | None:
+    """The path of the first string (or object key) of the JSON ``value`` that holds a NUL
+    character, None when none does: ``Patient.name[0].family`` from ``path`` ``Patient``, or with
+    ``index`` ``".{}"``, ``body.given.0``. The one NUL rule of the JSON writes (FHIR, ``/api/v1``):
+    refused with the path, the same on both databases. Iterative: any depth is safe."""
+    stack: list[tuple[Any, str]] = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return where
+        elif isinstance(item, dict):
+            for key, inner in reversed(list(item.items())):
+                name = str(key)
+                if "\x00" in name:
+                    return where
+                stack.append((inner, f"{where}.{name}"))
+        elif isinstance(item, list):
+            for i in range(len(item) - 1, -1, -1):
+                stack.append((item[i], where + index.format(i)))
+    return None
+
+
 def check_records(result: MappingResult, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> None:
     """Raise ContentError (ERR-3 104 or 102) when a mapped record cannot be stored the same way on
     every database: a business identifier longer than the key columns (255 characters), a NUL

@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
+import orjson
 import pytest
 from sqlalchemy import func, select, text
 
@@ -23,7 +25,7 @@ from hms_ach.store import messages
 from hms_ach.store.db import Store
 from hms_ach.store.messages import StoredMessage
 from hms_ach.store.models import RECORD_TABLES
-from tests.integration.engine_helpers import mllp_channel
+from tests.integration.engine_helpers import FHIR_JSON, mllp_channel
 
 ROOT = Path(__file__).resolve().parents[2]
 A01 = normalise_message((ROOT / "samples" / "hl7" / "adt_a01.hl7").read_bytes())
@@ -176,9 +178,9 @@ async def test_structure_past_the_caps_gets_ar_at_once_and_writes_nothing(engine
     _assert_stored(engine, sent, "rejected", "MSH")
 
 
-async def test_an_unforeseen_store_error_gets_a_generic_ae_and_is_stored(engine: Engine) -> None:
-    # a real database refusal no code path expects: a trigger on the patient table
-    with engine.store.writer.begin() as conn:
+def _refuse_inserts(store: Store, table: str) -> None:
+    """A real database refusal that no code path expects: a trigger that fails every insert."""
+    with store.writer.begin() as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(
                 text(
@@ -188,17 +190,21 @@ async def test_an_unforeseen_store_error_gets_a_generic_ae_and_is_stored(engine:
             )
             conn.execute(
                 text(
-                    "CREATE TRIGGER poison_refuse BEFORE INSERT ON patient "
+                    f"CREATE TRIGGER poison_refuse BEFORE INSERT ON {table} "
                     "FOR EACH ROW EXECUTE FUNCTION poison_refuse()"
                 )
             )
         else:
             conn.execute(
                 text(
-                    "CREATE TRIGGER poison_refuse BEFORE INSERT ON patient "
+                    f"CREATE TRIGGER poison_refuse BEFORE INSERT ON {table} "
                     "BEGIN SELECT RAISE(ABORT, 'refused: secret value'); END"
                 )
             )
+
+
+async def test_an_unforeseen_store_error_gets_a_generic_ae_and_is_stored(engine: Engine) -> None:
+    _refuse_inserts(engine.store, "patient")
     sent = _with(b"|Hives", b"|Rash", b"UNFORESEEN")
     for _ in range(2):
         code, msa, err = await _send(engine, sent)
@@ -207,3 +213,62 @@ async def test_an_unforeseen_store_error_gets_a_generic_ae_and_is_stored(engine:
         row = _assert_stored(engine, sent, "error", "")
         assert "secret" not in (row.error or "") and "store error:" in (row.error or "")
     assert _records(engine, "Patient") == 0
+
+
+async def test_http_writes_refuse_nul_and_overlong_identifiers_with_the_path(fhir_engine: Engine) -> None:
+    def nurse(value: str = "E9001", family: str = "Osei") -> bytes:
+        return orjson.dumps(
+            {
+                "resourceType": "Practitioner",
+                "identifier": [{"system": "urn:hms-ach:id:staff", "value": value}],
+                "name": [{"family": family, "given": ["Amara"]}],
+            }
+        )
+
+    def issue(resp: httpx.Response, status: int) -> dict[str, Any]:
+        assert resp.status_code == status, resp.text
+        body: dict[str, Any] = resp.json()
+        assert body["resourceType"] == "OperationOutcome" and "Error" not in resp.text
+        return dict(body["issue"][0])
+
+    base = f"http://127.0.0.1:{fhir_engine.http_port}"
+    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+        sent = nurse(family="Os\u0000ei")
+        found = issue(await http.post("/fhir/Practitioner", content=sent, headers=FHIR_JSON), 400)
+        assert found["code"] == "invalid" and found["expression"] == ["Practitioner.name[0].family"]
+        with fhir_engine.store.read() as conn:
+            row = messages.get(conn, int(messages.list_messages(conn, limit=1)[0].id))
+        assert row is not None and row.raw == sent and row.status == "rejected"
+        assert row.error_location == "Practitioner.name[0].family"
+
+        resp = await http.post("/fhir/Practitioner", content=nurse("7" * 300), headers=FHIR_JSON)
+        found = issue(resp, 422)
+        assert found["code"] == "too-long" and found["expression"] == ["Practitioner.identifier.value"]
+        resp = await http.put("/fhir/Practitioner/a%00b", content=nurse(), headers=FHIR_JSON)
+        assert issue(resp, 400)["code"] == "invalid"
+
+        resp = await http.post(
+            "/api/v1/employees",
+            content=b'{"employee_number": "E9002", "family": "Os\\u0000ei", "given": ["A"]}',
+            headers={"content-type": "application/json"},
+        )
+        assert resp.status_code == 422, resp.text
+        assert resp.json()["errors"][0]["location"] == "body.family"
+        start = "2026-12-07T07:00:00+00:00"
+        shift = {"shift_id": "S" * 300, "start": start, "end": "2026-12-07T15:00:00+00:00"}
+        resp = await http.post("/api/v1/shifts", json=shift)
+        assert resp.status_code == 422, resp.text
+        assert resp.json()["errors"][0]["location"] == "body.shift_id"
+    assert _records(fhir_engine, "Practitioner") == 0
+
+    if not fhir_engine.store.url.startswith("postgresql"):
+        return  # SQLite's RAISE() is a constraint error, which a FHIR write answers 409 (foreseen)
+    _refuse_inserts(fhir_engine.store, "practitioner")
+    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+        sent = nurse("E9003")
+        found = issue(await http.post("/fhir/Practitioner", content=sent, headers=FHIR_JSON), 500)
+        assert found["code"] == "exception" and "secret" not in str(found)
+    with fhir_engine.store.read() as conn:
+        row = messages.get(conn, int(messages.list_messages(conn, limit=1)[0].id))
+    assert row is not None and row.raw == sent and row.status == "error"
+    assert "store error:" in (row.error or "") and "secret" not in (row.error or "")
