@@ -142,10 +142,10 @@ def check_structure(text: str, header: MshHeader, limits: Hl7Limits) -> None:
         return
     counts: dict[str, int] = {}
     for line in text.replace("\r\n", "\r").replace("\n", "\r").split("\r"):
-        if line.count(seps.repetition) < cap:
-            continue
         name = line[:3]
         counts[name] = counts.get(name, 0) + 1
+        if line.count(seps.repetition) < cap:
+            continue
         parts = line.split(seps.field)
         for i, value in enumerate(parts):
             if value.count(seps.repetition) >= cap:

@@ -284,8 +284,14 @@ def write_records(
     """Upsert the records of ``result`` for message ``message_id`` in one SAVEPOINT.
 
     A domain error (a missing reference target, an update-only record that is not there...) rolls
-    the savepoint back and is returned, so the message row can still be finished with it.
+    the savepoint back and is returned, so the message row can still be finished with it. The
+    records pass :func:`check_records` first (every channel's: HL7 v2 and CSV rows alike), so no
+    value reaches the database that one of the two would refuse.
     """
+    try:
+        check_records(result)
+    except ContentError as exc:
+        return [], exc
     try:
         with savepoint(tx):
             writes = Repository(tx).apply(result, message_id)
