@@ -110,6 +110,10 @@ async def test_a_nul_character_gets_ae_naming_the_field(engine: Engine) -> None:
         assert _erl(err) == _erl_of(location) and err[3].startswith("102^"), location
         row = _assert_stored(engine, sent, "error", location)
         assert "NUL" in (row.error or "")
+        again = await asyncio.to_thread(
+            engine.pipeline.replay, row.id, {"adt_in": mllp_channel(engine).policy}
+        )
+        assert (again.status, again.ack_code) == ("error", "AE")  # replayable: the same answer
     assert _erl_of("PID-5.1") == "PID^1^5^1^1"
     assert _records(engine, "Patient") == 0
 
@@ -213,6 +217,13 @@ async def test_an_unforeseen_store_error_gets_a_generic_ae_and_is_stored(engine:
         row = _assert_stored(engine, sent, "error", "")
         assert "secret" not in (row.error or "") and "store error:" in (row.error or "")
     assert _records(engine, "Patient") == 0
+    # once the cause is gone, the stored message is replayed and processed
+    with engine.store.writer.begin() as conn:
+        on = " ON patient" if conn.dialect.name == "postgresql" else ""
+        conn.execute(text(f"DROP TRIGGER poison_refuse{on}"))
+    again = await asyncio.to_thread(engine.pipeline.replay, row.id, {"adt_in": mllp_channel(engine).policy})
+    assert (again.status, again.ack_code) == ("processed", "AA")
+    assert _records(engine, "Patient") == 1
 
 
 async def test_http_writes_refuse_nul_and_overlong_identifiers_with_the_path(fhir_engine: Engine) -> None:
