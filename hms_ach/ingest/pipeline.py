@@ -309,6 +309,9 @@ class Evaluation:
     result: MappingResult | None = None
     error: MessageError | None = None
     crashed: bool = False  # an unexpected exception (a bug) was turned into the error
+    #: for a crash: the exception's kind and where it was raised (``ValueError at engine.py:12 (f)``),
+    #: never its text; for developers' tools (the ACK says only that an internal error happened)
+    crash: str | None = None
 
 
 @dataclass
@@ -386,11 +389,12 @@ def evaluate(raw: bytes, policy: Hl7Policy, engine: MappingEngine) -> Evaluation
         ev.error = exc
     except Exception as exc:  # noqa: BLE001 - a bug must become an AE, never a crash
         # no traceback and no exception text: both can hold field values
+        kind, where = error_kind(exc), _where(exc)
         log.error(
-            "pipeline.unexpected_error",
-            extra={"channel": policy.channel, "error_kind": error_kind(exc), "where": _where(exc)},
+            "pipeline.unexpected_error", extra={"channel": policy.channel, "error_kind": kind, "where": where}
         )
         ev.crashed = True
+        ev.crash = f"{kind} at {where}"
         ev.error = MessageError(
             "internal error while mapping the message; it is stored for replay", "", Err0357.INTERNAL_ERROR
         )

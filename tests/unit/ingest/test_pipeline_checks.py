@@ -30,9 +30,9 @@ def test_find_nul_gives_the_path(value: Any, index: str, path: str | None) -> No
 
 def test_find_nul_survives_any_depth() -> None:
     deep: Any = "\x00"
-    for _ in range(100_000):
+    for _ in range(10_000):
         deep = [deep]
-    assert find_nul(deep, "$") == "$" + "[0]" * 100_000
+    assert find_nul(deep, "$") == "$" + "[0]" * 10_000
 
 
 def test_check_records_refuses_what_a_database_would() -> None:
