@@ -5,7 +5,7 @@ inserted NUL / FS (0x1c) / VT (0x0b) bytes, a field repeated thousands of times,
 overlong fields (MSH-3/MSH-10 included), ``\\X00\\`` and malformed escapes, bad encoding
 characters, deleted segments, and combinations of them. They are sent over eight connections at
 once, each frame answered before the next is sent. The acceptance: every message gets an ACK
-(AA/AE/AR), nothing crashes (no connection closed, no ``pipeline.unexpected_error``), no log
+(AA/AE/AR, or CA/CE/CR when a mutation made MSH-16 non-empty), nothing crashes (no connection closed, no ``pipeline.unexpected_error``), no log
 record carries a traceback, and the channel still takes a good message afterwards.
 
 ``FUZZ_MESSAGES`` per database (2,500: 5,000 with both databases) and ``FUZZ_SEED`` can be set in
