@@ -44,6 +44,7 @@ from hms_ach.core.errors import MessageError
 from hms_ach.core.redact import error_kind
 from hms_ach.core.types import ChannelSettings
 from hms_ach.hl7v2.client import split_messages
+from hms_ach.hl7v2.limits import Hl7LimitSettings
 from hms_ach.hl7v2.policy import Hl7PolicySettings
 from hms_ach.ingest.csv_rows import CsvFileSettings, CsvIngest
 from hms_ach.ingest.files import (
@@ -66,7 +67,7 @@ log = logging.getLogger("hms_ach.channels.file_drop")
 ACCEPTED = ("AA", "CA")
 
 
-class FileDropConfig(ChannelSettings, Hl7PolicySettings):
+class FileDropConfig(ChannelSettings, Hl7LimitSettings, Hl7PolicySettings):
     """HL7 v2 and CSV files dropped in a local directory."""
 
     type: str = Field("file_drop", description="file_drop")

@@ -18,6 +18,7 @@ from pydantic import Field
 
 from hms_ach.core.errors import Err0357, MessageError, RejectError
 from hms_ach.core.types import ChannelSettings
+from hms_ach.hl7v2.limits import Hl7LimitSettings
 from hms_ach.hl7v2.mllp import MllpConfig, MllpServer
 from hms_ach.hl7v2.parse import MshHeader, read_header
 from hms_ach.hl7v2.policy import Hl7Policy, Hl7PolicySettings, should_send
@@ -28,7 +29,7 @@ from hms_ach.store.messages import MessageMeta
 log = logging.getLogger("hms_ach.channels.mllp")
 
 
-class MllpChannelConfig(ChannelSettings, MllpConfig, Hl7PolicySettings):
+class MllpChannelConfig(ChannelSettings, MllpConfig, Hl7LimitSettings, Hl7PolicySettings):
     """An MLLP listener for HL7 v2 messages."""
 
     type: str = Field("mllp", description="mllp")

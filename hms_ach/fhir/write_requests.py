@@ -25,9 +25,13 @@ from fastapi import Request
 from starlette.responses import Response
 
 from hms_ach.channels.fhir_rest import FhirRestChannel
+from hms_ach.core.errors import ContentError, Err0357
+from hms_ach.core.records import MappingResult
+from hms_ach.core.redact import error_kind
 from hms_ach.fhir.bundles import bundle_response, request_operations
 from hms_ach.fhir.outcomes import FHIR_JSON, FhirError
 from hms_ach.fhir.write import (
+    Operation,
     RequestLine,
     RequestOutcome,
     Result,
@@ -36,10 +40,23 @@ from hms_ach.fhir.write import (
     rejection_job,
     request_job,
 )
+from hms_ach.ingest.pipeline import (
+    INTERNAL_ERROR_TEXT,
+    Duplicate,
+    Finish,
+    check_records,
+    commit,
+    find_nul,
+)
 from hms_ach.store import messages
+from hms_ach.store.errors import StoreUnavailable
+from hms_ach.store.port import Tx
+from hms_ach.store.resources import store_request_line
 
 log = logging.getLogger("hms_ach.channels.fhir_rest")
 JSON_TYPES = {"application/fhir+json", "application/json", "application/json+fhir"}
+#: The width of the stored If-Match header (``message_fhir_request.if_match``).
+MAX_IF_MATCH_CHARS = 255
 
 
 #: Finds the running ``fhir_rest`` channel, if one is configured (None: writes answer 405).
@@ -57,7 +74,7 @@ def _channel(find: WriteChannel) -> FhirRestChannel:
     return channel
 
 
-async def _body(request: Request, channel: FhirRestChannel) -> tuple[bytes, Any]:
+async def _body(request: Request, channel: FhirRestChannel) -> bytes:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype not in JSON_TYPES:
         raise FhirError(
@@ -74,10 +91,80 @@ async def _body(request: Request, channel: FhirRestChannel) -> tuple[bytes, Any]
         body += chunk
         if len(body) > limit:
             raise FhirError(413, "too-costly", f"the body exceeds max_body_bytes {limit}")
+    return bytes(body)
+
+
+def _parse(body: bytes) -> Any:
+    """The JSON of ``body``; a NUL character in any of its strings is refused with its path (400)."""
     try:
-        return bytes(body), orjson.loads(body)
+        parsed = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise FhirError(400, "structure", f"the body is not valid JSON: {exc}") from None
+    root = parsed.get("resourceType") if isinstance(parsed, dict) else None
+    where = find_nul(parsed, root if isinstance(root, str) and root.isalnum() else "$")
+    if where is not None:
+        raise FhirError(
+            400,
+            "invalid",
+            "the value contains a NUL character (U+0000), which is not accepted",
+            expression=where,
+        )
+    return parsed
+
+
+def _line_storable(line: RequestLine) -> bool:
+    return not any("\x00" in (v or "") for v in (line.target, line.if_match, line.if_none_exist)) and (
+        line.if_match is None or len(line.if_match) <= MAX_IF_MATCH_CHARS
+    )
+
+
+def _check_line(line: RequestLine) -> None:
+    """Refuse a request line that the message store could not keep (a NUL in the URL, an If-Match
+    wider than its column) before anything is stored; the request is then stored without it."""
+    if any("\x00" in (v or "") for v in (line.target, line.if_match, line.if_none_exist)):
+        raise FhirError(400, "invalid", "the URL or a header contains a NUL character (U+0000)")
+    if line.if_match is not None and len(line.if_match) > MAX_IF_MATCH_CHARS:
+        raise FhirError(400, "invalid", f"If-Match is longer than {MAX_IF_MATCH_CHARS} characters")
+
+
+def _check_records(ops: list[Operation]) -> None:
+    """The mapped records of ``ops`` pass the store's limits (identifier width, NUL, size)."""
+    for op in ops:
+        records = [r for r in [op.record, *op.extra] if r is not None]
+        try:
+            check_records(MappingResult(records=records))  # the HL7 v2 channels' default size cap
+        except ContentError as exc:
+            code = "too-long" if exc.code == Err0357.VALUE_TOO_LONG else "invalid"
+            where = f"{op.where}.{exc.location}".lstrip(".") if op.where else exc.location
+            raise FhirError(422, code, exc.message, expression=where) from None
+
+
+async def _store_failed(
+    channel: FhirRestChannel, meta: messages.MessageMeta, line: RequestLine, exc: BaseException
+) -> FhirError:
+    """Store a request whose job failed for a reason not foreseen as an ``error`` (a fresh job:
+    the failed one was rolled back), and the generic 500 that answers it (no exception text)."""
+    kind = error_kind(exc)
+    log.error("fhir.store_failed", extra={"channel": channel.config.name, "error_kind": kind})
+    error = FhirError(500, "exception", INTERNAL_ERROR_TEXT)
+
+    def work(tx: Tx, message_id: int) -> tuple[int, Finish]:
+        store_request_line(tx, message_id, line)
+        return message_id, Finish("error", "500", None, error=f"{INTERNAL_ERROR_TEXT} (store error: {kind})")
+
+    def job(tx: Tx) -> int:
+        out = commit(tx, meta, work)
+        if isinstance(out, Duplicate):
+            raise RuntimeError("an unkeyed request was taken for a duplicate")
+        return out
+
+    try:
+        await channel.pipeline.writer.run(job)
+    except StoreUnavailable:
+        raise
+    except Exception as again:  # noqa: BLE001 - the store refuses even this: the client resends
+        raise StoreUnavailable(f"the request could not be stored ({error_kind(again)})") from None
+    return error
 
 
 def _meta(channel: FhirRestChannel, request: Request, raw: bytes, what: str) -> messages.MessageMeta:
@@ -104,17 +191,25 @@ async def _run(
     channel = _channel(find)
     raw = b""
     try:
-        raw, body = await _body(request, channel) if request.method != "DELETE" else (b"", None)
+        _check_line(line)
+        raw = await _body(request, channel) if request.method != "DELETE" else b""
+        body = _parse(raw) if request.method != "DELETE" else None
         ops, kind = request_operations(line, body, channel.config.max_bundle_entries)
         for op in ops:
             prepare(op, channel.pipeline.engine)
+        _check_records(ops)
     except FhirError as exc:
         if exc.status not in (405, 415, 413):  # bodies we did not read or accept are not stored
-            await channel.pipeline.writer.run(rejection_job(_meta(channel, request, raw, what), exc, line))
+            keep = line if _line_storable(line) else RequestLine(line.method, "", None, None)
+            await channel.pipeline.writer.run(rejection_job(_meta(channel, request, raw, what), exc, keep))
         raise
-    outcome: RequestOutcome = await channel.pipeline.writer.run(
-        request_job(_meta(channel, request, raw, what), ops, kind, line)
-    )
+    meta = _meta(channel, request, raw, what)
+    try:
+        outcome: RequestOutcome = await channel.pipeline.writer.run(request_job(meta, ops, kind, line))
+    except (FhirError, StoreUnavailable):
+        raise
+    except Exception as exc:  # noqa: BLE001 - not foreseen: stored as an error, a generic 500
+        raise await _store_failed(channel, meta, line, exc) from None
     log.info(
         "message.%s",
         "error" if outcome.error else "processed",

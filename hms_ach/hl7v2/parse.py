@@ -4,9 +4,9 @@ fields, repetitions and components are read with the standard's 1-based numberin
 Why not python-hl7's ``hl7.parse`` for the whole message: it builds five levels of container
 objects for every field whether a mapping reads it or not. This reader splits segments and fields
 eagerly and components only when asked. Separators can never appear inside an escaped value, so
-splitting first and decoding escapes at the leaf is exact; the leaf decoding itself is python-hl7's
-``unescape`` (``\\F\\ \\S\\ \\T\\ \\R\\ \\E\\ \\Xhh\\`` ...), on a template message per set of
-encoding characters.
+splitting first and decoding escapes at the leaf is exact; the leaf decoder (``\\F\\ \\S\\ \\T\\
+\\R\\ \\E\\ \\Xhh\\`` ...) is our own, one per set of encoding characters: it never raises, never logs
+a value, and bounds what a repeat count can add.
 
 Charsets follow MSH-18 (ASCII, 8859/n, UTF-8), with a per-channel default. Segment ends may be CR,
 LF or CRLF (senders and files differ): all are read as CR.
@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import re
 from functools import lru_cache
-from typing import cast
-
-import hl7
 
 from hms_ach.core.errors import ContentError, Err0357, RejectError
 from hms_ach.core.hl7message import Hl7Message, MshHeader, Segment, Separators, Unescape
@@ -53,7 +50,8 @@ def read_header(raw: bytes) -> MshHeader:
     head = raw.lstrip(b"\r\n \t\x0b")
     if not head.startswith(b"MSH"):
         raise RejectError("message does not start with an MSH segment", "MSH", Err0357.SEGMENT_SEQUENCE)
-    line = _SEGMENT_END.split(head.decode("latin-1"), maxsplit=1)[0]
+    ends = [i for i in (head.find(b"\r"), head.find(b"\n")) if i >= 0]
+    line = head[: min(ends)].decode("latin-1") if ends else head.decode("latin-1")
     if len(line) < 8:
         raise RejectError(
             "MSH is truncated: the field separator and encoding characters are missing",
@@ -61,12 +59,19 @@ def read_header(raw: bytes) -> MshHeader:
             Err0357.REQUIRED_FIELD_MISSING,
         )
     fs = line[3]
-    if fs.isalnum() or fs.isspace():
+    if fs.isalnum() or fs.isspace() or not fs.isprintable():
         raise RejectError(
-            f"MSH-1 field separator {fs!r} is not a usable separator", "MSH-1", Err0357.DATA_TYPE_ERROR
+            f"MSH-1 field separator {fs!r} is not a usable separator (a printable character that is "
+            "not a letter, digit or space)",
+            "MSH-1",
+            Err0357.DATA_TYPE_ERROR,
         )
     enc = line[4:].split(fs, 1)[0]
-    if len(enc) < 4 or len(set(enc[:4])) < 4 or any(c.isalnum() or c.isspace() or c == fs for c in enc[:4]):
+    if (
+        len(enc) < 4
+        or len(set(enc[:4])) < 4
+        or any(c.isalnum() or c.isspace() or not c.isprintable() or c == fs for c in enc[:4])
+    ):
         raise RejectError(
             f"MSH-2 encoding characters {enc!r} are invalid: expected four distinct non-alphanumeric "
             "characters such as ^~\\&",
@@ -122,10 +127,78 @@ def _locate_offset(raw: bytes, offset: int, fs: str) -> str:
     return f"{name}[{same}]-{index}" if same > 1 else f"{name}-{index}"
 
 
+#: Text of the formatting escapes of HL7 v2 chapter 2 (``\\.br\\``...); a number after ``.sp``,
+#: ``.in``, ``.ti`` or ``.sk`` repeats it (up to :data:`MAX_ESCAPE_REPEAT` times).
+_FORMATTING = {
+    ".br": "\r",
+    ".sp": "\r",
+    ".ce": "\r",
+    ".fi": "",
+    ".nf": "",
+    ".in": "    ",
+    ".ti": "    ",
+    ".sk": " ",
+}
+#: The most times a formatting escape may repeat its text (``\\.sp5\\``): no escape can inflate a
+#: value without bound.
+MAX_ESCAPE_REPEAT = 100
+_HEX = re.compile(r"^(?:[0-9A-Fa-f]{2})+$")
+
+
 @lru_cache(maxsize=32)
 def _unescaper(seps: Separators) -> Unescape:
-    template = hl7.parse(f"MSH{seps.field}{seps.encoding_characters}{seps.field}X")
-    return cast(Unescape, template.unescape)  # python-hl7's Message.unescape: str -> str
+    """The decoder of the escape sequences of one value, for one set of encoding characters.
+
+    ``\\F\\ \\S\\ \\T\\ \\R\\ \\E\\`` give the separators, ``\\Xhh..\\`` the characters of its hex
+    pairs, the formatting escapes their text; highlighting (``\\H\\ \\N\\``), character-set switches
+    (``\\C..\\ \\M..\\``), local escapes (``\\Z..\\``), malformed hex and an unterminated escape are
+    dropped. It never raises and never logs (python-hl7's decoder logs the field's value and a
+    traceback on a malformed escape, and a repeat count could make it build a huge string)."""
+    named = {
+        "F": seps.field,
+        "S": seps.component,
+        "T": seps.subcomponent,
+        "R": seps.repetition,
+        "E": seps.escape,
+    }
+    esc = seps.escape
+
+    def unescape(value: str) -> str:
+        if esc not in value:
+            return value
+        parts = value.split(esc)
+        out: list[str] = []
+        # even parts are text, odd parts escape sequences; an even count of parts means the last
+        # sequence has no closing escape character: it is dropped
+        last = len(parts) if len(parts) % 2 else len(parts) - 1
+        for i in range(last):
+            part = parts[i]
+            if i % 2 == 0:
+                out.append(part)
+            else:
+                out.append(_sequence(part, named))
+        return "".join(out)
+
+    return unescape
+
+
+def _sequence(seq: str, named: dict[str, str]) -> str:
+    if seq in named:
+        return named[seq]
+    if seq[:1] in ("X", "x"):
+        digits = seq[1:]
+        if not _HEX.match(digits):
+            return ""
+        return "".join(chr(int(digits[i : i + 2], 16)) for i in range(0, len(digits), 2))
+    text = _FORMATTING.get(seq[:3])
+    if text is None:
+        return ""
+    count = seq[3:].strip()
+    if not count:
+        return text
+    if not count.isdigit():
+        return ""
+    return text * min(int(count), MAX_ESCAPE_REPEAT)
 
 
 __all__ = [
@@ -165,7 +238,8 @@ def parse_text(text: str) -> Hl7Message:
         name = parts[0].strip()
         if not _SEGMENT_NAME.match(name):
             raise ContentError(
-                f"segment {i + 1} has no valid segment id: {seg_text[:20]!r}",
+                f"segment {i + 1} has no valid segment id (expected three capital letters or digits, "
+                "the first a letter)",
                 f"segment {i + 1}",
                 Err0357.SEGMENT_SEQUENCE,
             )

@@ -39,13 +39,29 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeAlias, TypeVar
 
-from hms_ach.core.errors import Err0357, MessageError, RejectError
-from hms_ach.core.records import MappingResult
+import orjson
+
+from hms_ach.core.errors import ContentError, Err0357, MessageError, RejectError
+from hms_ach.core.hl7message import Hl7Message
+from hms_ach.core.records import MappingResult, RecordWrite
+from hms_ach.core.redact import error_kind
 from hms_ach.hl7v2.ack import Acks, acknowledge, build_ack, fallback_ack, msa_code, split_acks
+from hms_ach.hl7v2.limits import (
+    DEFAULT_MAX_RECORD_BYTES,
+    MAX_APPLICATION_CHARS,
+    MAX_CONTROL_ID_CHARS,
+    MAX_IDENTIFIER_CHARS,
+    check_header,
+    check_message,
+    check_structure,
+    limits_of,
+)
 from hms_ach.hl7v2.parse import MshHeader, codec_for, decode, parse_text, read_header
 from hms_ach.hl7v2.policy import Hl7Policy, should_send_application, should_send_commit
 from hms_ach.mapping.engine import MappingEngine
+from hms_ach.mapping.loader import LoadedFile
 from hms_ach.store import messages
+from hms_ach.store.errors import StoreUnavailable
 from hms_ach.store.port import Tx
 from hms_ach.store.repository import Repository, WriteOutcome
 from hms_ach.store.savepoint import savepoint
@@ -185,14 +201,97 @@ def record_duplicate(tx: Tx, envelope: Envelope, dup: Duplicate) -> int:
     )
 
 
+#: The generic text answering a message that failed in the store for a reason not foreseen (no
+#: exception text: it can hold field values or SQL).
+INTERNAL_ERROR_TEXT = "the message could not be processed (internal error); it is stored for replay"
+
+
+def find_nul(value: Any, path: str, index: str = "[{}]") -> str | None:
+    """The path of the first string (or object key) of the JSON ``value`` that holds a NUL
+    character, None when none does: ``Patient.name[0].family`` from ``path`` ``Patient``, or with
+    ``index`` ``".{}"``, ``body.given.0``. The one NUL rule of the JSON writes (FHIR, ``/api/v1``):
+    refused with the path, the same on both databases. Iterative: any depth is safe."""
+    stack: list[tuple[Any, str]] = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return where
+        elif isinstance(item, dict):
+            for key, inner in reversed(list(item.items())):
+                name = str(key)
+                if "\x00" in name:
+                    return where
+                stack.append((inner, f"{where}.{name}"))
+        elif isinstance(item, list):
+            for i in range(len(item) - 1, -1, -1):
+                stack.append((item[i], where + index.format(i)))
+    return None
+
+
+def check_records(result: MappingResult, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> None:
+    """Raise ContentError (ERR-3 104 or 102) when a mapped record cannot be stored the same way on
+    every database: a business identifier longer than the key columns (255 characters), a NUL
+    character anywhere in it, or its JSON larger than ``max_record_bytes``. The location is the
+    record (``Patient.identifier``); :func:`evaluate` turns it into the HL7 field when it can.
+
+    Every channel's records pass here before they are written (HL7 v2 in :func:`evaluate`, FHIR and
+    ``/api/v1`` writes in their request checks), so the database never sees a value it would
+    refuse on PostgreSQL and take on SQLite."""
+    for rec in result.records:
+        _check_record(rec, max_record_bytes)
+
+
+def _check_record(rec: RecordWrite, max_record_bytes: int) -> None:
+    for part, value in (("system", rec.key_system), ("value", rec.key_value)):
+        if not value:
+            continue
+        if "\x00" in value:
+            raise ContentError(
+                f"the {rec.resource_type} identifier {part} contains a NUL character (0x00)",
+                f"{rec.resource_type}.identifier.{part}",
+                Err0357.DATA_TYPE_ERROR,
+            )
+        if len(value) > MAX_IDENTIFIER_CHARS:
+            raise ContentError(
+                f"the {rec.resource_type} identifier {part} is {len(value)} characters long; "
+                f"at most {MAX_IDENTIFIER_CHARS} are accepted",
+                f"{rec.resource_type}.identifier.{part}",
+                Err0357.VALUE_TOO_LONG,
+            )
+    try:
+        body = orjson.dumps(rec.content)
+    except (TypeError, orjson.JSONEncodeError):
+        return  # not JSON-ready here (the store renders it); the size is checked where it can be
+    if b"\\u0000" in body:
+        raise ContentError(
+            f"the {rec.resource_type} record contains a NUL character (0x00), which cannot be stored",
+            rec.resource_type,
+            Err0357.DATA_TYPE_ERROR,
+        )
+    if len(body) > max_record_bytes:
+        raise ContentError(
+            f"the {rec.resource_type} record is {len(body)} bytes of JSON; at most {max_record_bytes} "
+            "are stored per record (max_record_bytes)",
+            rec.resource_type,
+            Err0357.VALUE_TOO_LONG,
+        )
+
+
 def write_records(
     tx: Tx, result: MappingResult, message_id: int
 ) -> tuple[list[WriteOutcome], MessageError | None]:
     """Upsert the records of ``result`` for message ``message_id`` in one SAVEPOINT.
 
     A domain error (a missing reference target, an update-only record that is not there...) rolls
-    the savepoint back and is returned, so the message row can still be finished with it.
+    the savepoint back and is returned, so the message row can still be finished with it. The
+    records pass :func:`check_records` first (every channel's: HL7 v2 and CSV rows alike), so no
+    value reaches the database that one of the two would refuse.
     """
+    try:
+        check_records(result)
+    except ContentError as exc:
+        return [], exc
     try:
         with savepoint(tx):
             writes = Repository(tx).apply(result, message_id)
@@ -210,6 +309,9 @@ class Evaluation:
     result: MappingResult | None = None
     error: MessageError | None = None
     crashed: bool = False  # an unexpected exception (a bug) was turned into the error
+    #: for a crash: the exception's kind and where it was raised (``ValueError at engine.py:12 (f)``),
+    #: never its text; for developers' tools (the ACK says only that an internal error happened)
+    crash: str | None = None
 
 
 @dataclass
@@ -266,9 +368,15 @@ def _describe(meta: Envelope, header: MshHeader) -> None:
 
 
 def evaluate(raw: bytes, policy: Hl7Policy, engine: MappingEngine) -> Evaluation:
-    """Parse and map ``raw``; never raises for bad input (the problem is in ``.error``)."""
+    """Parse, check and map ``raw``; never raises for bad input (the problem is in ``.error``).
+
+    The checks of :mod:`hms_ach.hl7v2.limits` run before anything is mapped: the header fields of
+    the key (AR), the structure caps (AR, before the text is split) and NUL characters (AE); the
+    mapped records then pass :func:`check_records`. A message refused at the header is stored
+    without a key (its key could not be stored), so each resend is stored and answered again."""
     meta = messages.MessageMeta(channel=policy.channel, raw=raw)
     ev = Evaluation(raw, meta)
+    limits = limits_of(policy)
     try:
         header = read_header(raw)
     except RejectError as exc:
@@ -277,33 +385,106 @@ def evaluate(raw: bytes, policy: Hl7Policy, engine: MappingEngine) -> Evaluation
     ev.header = header
     _describe(meta, header)
     meta.version = header.version[:20]
+    try:
+        check_header(header)
+    except RejectError as exc:
+        ev.error = exc
+        return ev
     meta.idempotency_key = idempotency_key(header)
     if meta.idempotency_key:
         meta.content_hash = content_hash(raw)
     try:
         policy.check(header)
         text = decode(raw, header, policy.default_charset)
+        check_structure(text, header, limits)
         message = parse_text(text)
+        check_message(message)
         mapping = engine.mapping_for(message)
         pid = message.first("PID")
         meta.partition_key = pid.field(3).split(header.separators.component)[0][:200] if pid else None
         ev.result = engine.map_message(message, mapping, lineage=False)  # lineage is for the preview only
+        try:
+            check_records(ev.result, limits.max_record_bytes)
+        except ContentError as exc:
+            raise _in_message(exc, engine, message, mapping) from None
     except MessageError as exc:
         ev.error = exc
-    except Exception as exc:  # noqa: BLE001 - a bug must become an AE with its reason, never a crash
-        log.exception("pipeline.unexpected_error")
+    except Exception as exc:  # noqa: BLE001 - a bug must become an AE, never a crash
+        # no traceback and no exception text: both can hold field values
+        kind, where = error_kind(exc), _where(exc)
+        log.error(
+            "pipeline.unexpected_error", extra={"channel": policy.channel, "error_kind": kind, "where": where}
+        )
         ev.crashed = True
+        ev.crash = f"{kind} at {where}"
         ev.error = MessageError(
-            f"internal error while mapping: {type(exc).__name__}: {exc}", "", Err0357.INTERNAL_ERROR
+            "internal error while mapping the message; it is stored for replay", "", Err0357.INTERNAL_ERROR
         )
     return ev
 
 
+def _where(exc: BaseException) -> str:
+    """``module:line`` of the innermost frame of ``exc`` (where a bug is), without its text."""
+    tb = exc.__traceback__
+    if tb is None:
+        return ""
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    return f"{code.co_filename.rsplit('/', 1)[-1]}:{tb.tb_lineno} ({code.co_name})"
+
+
+def _in_message(
+    error: ContentError, engine: MappingEngine, message: Hl7Message, mapping: LoadedFile
+) -> ContentError:
+    """``error`` (located at a record element such as ``Patient.identifier.value``) located at the
+    HL7 field the value came from, found by mapping the message again with lineage (only on this
+    error path). Unchanged when lineage does not say."""
+    target = error.location
+    if "." not in target:
+        return error
+    try:
+        traced = engine.map_message(message, mapping, lineage=True)
+    except Exception:  # noqa: BLE001 - it mapped once; if not now, keep the record's location
+        return error
+    rtype, _, element = target.partition(".")
+    element = element.rsplit(".", 1)[0]  # identifier.value -> identifier
+    found = [
+        line
+        for rec in traced.records
+        if rec.resource_type == rtype
+        for line in rec.lineage
+        if element in line.target and line.source[:3].isalnum() and "-" in line.source
+    ]
+    # the long value is the one shortened in the lineage ("...")
+    found.sort(key=lambda line: not line.value.endswith("..."))
+    if not found:
+        return error
+    where = found[0].source.split(" ")[0]
+    return ContentError(f"{where}: {error.message}", where, error.code)
+
+
 def ack_for(ev: Evaluation, code: str, error: MessageError | None) -> str:
-    """The ACK text answering ``ev`` with ``code`` (AA/AE/AR); an AR that cannot fail without MSH."""
+    """The ACK text answering ``ev`` with ``code`` (AA/AE/AR); an AR that cannot fail without MSH.
+    A NUL character echoed from the message's header is left out (it could not be stored)."""
     if ev.header is None:
-        return fallback_ack(ev.raw, error or RejectError("unreadable MSH"))
-    return build_ack(ev.header, code, error)
+        ack = fallback_ack(ev.raw, error or RejectError("unreadable MSH"))
+    else:
+        ack = build_ack(_echoable(ev.header), code, error)
+    return ack.replace("\x00", "")
+
+
+def _echoable(header: MshHeader) -> MshHeader:
+    """``header`` with every field clipped to what an ACK may echo (MSH-10 to
+    :data:`MAX_CONTROL_ID_CHARS`, the others to :data:`MAX_APPLICATION_CHARS`): a sender's 5 MB
+    MSH-10 is refused, never reflected back at it."""
+    if all(len(f) <= MAX_CONTROL_ID_CHARS for f in header.fields):
+        return header
+    clipped = [
+        f[: MAX_CONTROL_ID_CHARS if n == 10 else MAX_APPLICATION_CHARS] if n > 2 else f
+        for n, f in enumerate(header.fields)
+    ]
+    return MshHeader(header.separators, clipped)
 
 
 def charset_of(ev: Evaluation, policy: Hl7Policy) -> str:
@@ -438,6 +619,50 @@ def replay_hl7(tx: Tx, message_id: int, raw: bytes, policy: Hl7Policy, engine: M
     return rerun(tx, message_id, hl7_work(ev, charset_of(ev, policy)))
 
 
+def store_failed(ev: Evaluation, policy: Hl7Policy, exc: BaseException) -> Callable[[Tx], Outcome]:
+    """The writer job that stores ``ev`` as an ``error`` after its own job failed in the store for
+    a reason not foreseen (any error of the job that is not :class:`StoreUnavailable`; that job's
+    transaction or savepoint was rolled back, so this one starts clean).
+
+    The message is stored unkeyed with its raw bytes and only the descriptive columns that cannot
+    be the cause (its key could be), answered AE (CE in enhanced mode) with ERR-3 207 and the
+    generic :data:`INTERNAL_ERROR_TEXT`; the row's error adds the reason kind (the error's class
+    and SQLSTATE, never its text) for the operator. ``hms-ach replay`` runs it again after a fix.
+    Raises :class:`StoreUnavailable` if even that cannot be stored."""
+    kind = error_kind(exc)
+    log.error("message.store_failed", extra={"channel": policy.channel, "error_kind": kind})
+    meta = messages.MessageMeta(
+        channel=policy.channel,
+        raw=ev.raw,
+        control_id=ev.meta.control_id[:64],
+        message_type=ev.meta.message_type,
+        version=ev.meta.version,
+    )
+    failed = Evaluation(
+        ev.raw, meta, ev.header, error=MessageError(INTERNAL_ERROR_TEXT, "", Err0357.INTERNAL_ERROR)
+    )
+    work = hl7_work(failed, charset_of(failed, policy))
+
+    def noted(tx: Tx, message_id: int) -> tuple[Outcome, Finish | None]:
+        outcome, done = work(tx, message_id)
+        if done is not None:
+            done = replace(done, error=f"{done.error} (store error: {kind})")
+        return outcome, done
+
+    def job(tx: Tx) -> Outcome:
+        try:
+            out = commit(tx, meta, noted)
+        except StoreUnavailable:
+            raise
+        except Exception as again:  # noqa: BLE001 - the store refuses even this: try later
+            raise StoreUnavailable(f"the message could not be stored ({error_kind(again)})") from None
+        if isinstance(out, Duplicate):
+            raise RuntimeError("an unkeyed message was taken for a duplicate")
+        return out
+
+    return job
+
+
 class Pipeline:
     """Runs messages through evaluate -> commit with the current mapping engine (hot-swappable)."""
 
@@ -447,7 +672,12 @@ class Pipeline:
 
     async def process_hl7(self, raw: bytes, policy: Hl7Policy) -> Outcome:
         ev = evaluate(raw, policy, self.engine)
-        outcome = await self.writer.run(commit_hl7(ev, policy))
+        try:
+            outcome = await self.writer.run(commit_hl7(ev, policy))
+        except StoreUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - not foreseen: stored as an error, answered AE
+            outcome = await self.writer.run(store_failed(ev, policy, exc))
         _log(outcome, policy)
         return outcome
 
@@ -468,7 +698,12 @@ class Pipeline:
                 raise RuntimeError("an unkeyed message was taken for a duplicate")
             return out
 
-        outcome = await self.writer.run(job)
+        try:
+            outcome = await self.writer.run(job)
+        except StoreUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - not foreseen: stored as an error, answered AE
+            outcome = await self.writer.run(store_failed(ev, policy, exc))
         _log(outcome, policy)
         return outcome
 

@@ -3,6 +3,12 @@
 A message whose :attr:`MessageMeta.content_hash` is set (keyed HL7 v2) also gets a row in
 ``message_content_hash``, read back by :func:`stored_content_hash` when its key is met again.
 
+The raw message is stored as bytes (``LargeBinary``: BLOB on SQLite, bytea on PostgreSQL),
+exactly as received, NUL bytes and all, so any message can be replayed. The text columns that
+describe it (control id, sender, type, error, ACK...) never hold a NUL character: PostgreSQL
+refuses one in text, SQLite takes it, so :func:`storable` replaces it with U+FFFD on both. (Whether
+a message *with* a NUL is accepted is decided before the store, in :mod:`hms_ach.hl7v2.limits`.)
+
 Functions take a SQLAlchemy connection inside the caller's transaction.
 """
 
@@ -149,6 +155,13 @@ def insert_message(
     return int(key[0])
 
 
+def storable(value: str | None) -> str | None:
+    """``value`` as a text column can hold it on every database: a NUL character becomes U+FFFD."""
+    if value is None or "\x00" not in value:
+        return value
+    return value.replace("\x00", "\ufffd")
+
+
 def _values(
     meta: MessageMeta,
     status: str,
@@ -162,18 +175,18 @@ def _values(
         channel=meta.channel,
         raw=meta.raw,
         content_type=meta.content_type,
-        idempotency_key=meta.idempotency_key if keyed else None,
-        control_id=meta.control_id,
-        sending_application=meta.sending_application,
-        sending_facility=meta.sending_facility,
-        message_type=meta.message_type,
-        version=meta.version,
-        partition_key=meta.partition_key,
+        idempotency_key=storable(meta.idempotency_key) if keyed else None,
+        control_id=storable(meta.control_id),
+        sending_application=storable(meta.sending_application),
+        sending_facility=storable(meta.sending_facility),
+        message_type=storable(meta.message_type),
+        version=storable(meta.version),
+        partition_key=storable(meta.partition_key),
         status=status,
         received_at=now,
         duplicate_of=duplicate_of,
-        ack_code=ack_code,
-        ack=ack,
+        ack_code=storable(ack_code),
+        ack=storable(ack),
         processed_at=now if status != "received" else None,
         replay_count=0,
         error=None,
@@ -193,10 +206,10 @@ def finish(
 ) -> None:
     values: dict[str, Any] = dict(
         status=status,
-        ack_code=ack_code,
-        ack=ack,
-        error=error,
-        error_location=error_location,
+        ack_code=storable(ack_code),
+        ack=storable(ack),
+        error=storable(error),
+        error_location=storable(error_location),
         processed_at=datetime.now(UTC),
     )
     if replay:

@@ -33,10 +33,11 @@ Only the compliance figures, a report over everyone, read every employee and tim
 from __future__ import annotations
 
 import base64
+import logging
 import uuid
 from collections.abc import Callable, Coroutine, Iterable
 from datetime import UTC, date, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
 from fastapi import APIRouter, Query, Request
@@ -45,7 +46,9 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from hms_ach.core.records import RecordWrite
+from hms_ach.core.errors import ContentError
+from hms_ach.core.records import MappingResult, RecordWrite
+from hms_ach.core.redact import error_kind
 from hms_ach.fhir.outcomes import FhirError, http_error
 from hms_ach.fhir.write import VERIFICATION_EXT, Operation, prepare, request_job
 from hms_ach.ingest import pipeline
@@ -76,6 +79,9 @@ from hms_ach.workforce.rules import (
     ext,
     iso,
 )
+
+log = logging.getLogger("hms_ach.workforce.api")
+T = TypeVar("T")
 
 PROBLEM_JSON = "application/problem+json"
 API_CHANNEL = "api"
@@ -113,6 +119,28 @@ def rule_problem(exc: WorkforceError, part: str = "body") -> Problem:
     return Problem(status, exc.title, exc.detail, errors)
 
 
+async def _refuse_nul(request: Request) -> None:
+    """A JSON body with a NUL character in any string is refused with its location (422), the
+    same on both databases (PostgreSQL cannot store one); see :func:`hms_ach.ingest.pipeline.find_nul`."""
+    if request.method not in ("POST", "PUT", "PATCH"):
+        return
+    body = await request.body()  # kept by the request: the route reads it again
+    if b"\\u0000" not in body and b"\x00" not in body:
+        return
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return  # the route answers an invalid body
+    where = pipeline.find_nul(parsed, "body", ".{}")
+    if where is not None:
+        raise Problem(
+            422,
+            "Invalid request",
+            "the request does not match its schema",
+            [{"location": where, "detail": "contains a NUL character (U+0000), which is not accepted"}],
+        )
+
+
 def _field_errors(errors: list[Any], prefix: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
     return [
         {
@@ -132,6 +160,7 @@ class ProblemRoute(APIRoute):
 
         async def guarded(request: Request) -> Response:
             try:
+                await _refuse_nul(request)
                 return await handler(request)
             except Problem as exc:
                 return exc.response(request.url.path)
@@ -427,6 +456,7 @@ def _record_job(
         try:
             with savepoint(tx):
                 rec = build(tx)
+                _check_record(rec)
                 out = Repository(tx).upsert(rec, rec.content, message_id)
                 assert out is not None
         except WorkforceError as exc:
@@ -442,6 +472,40 @@ def _record_job(
         return result
 
     return job
+
+
+def _check_record(rec: RecordWrite) -> None:
+    """The record passes the store's limits (identifier width, NUL, size), else a 422 naming it."""
+    try:
+        pipeline.check_records(MappingResult(records=[rec]))
+    except ContentError as exc:
+        raise InvalidRequest(
+            "Invalid request", exc.message, _BODY_FIELD.get(exc.location, exc.location), exc.message
+        ) from None
+
+
+#: The request field a record's identifier comes from, by record location.
+_BODY_FIELD = {"Shift.identifier.value": "shift_id", "Timecard.identifier.value": "timecard_id"}
+
+
+async def _run_write(engine: Pipeline, meta: messages.MessageMeta, job: Callable[[Tx], T]) -> T:
+    """Run a write's job; one that fails in the store for a reason not foreseen is stored as an
+    ``error`` in a fresh job and answered 500 with a generic text (no exception text)."""
+    try:
+        return await engine.writer.run(job)
+    except (Problem, WorkforceError, FhirError, StoreUnavailable):
+        raise
+    except Exception as exc:  # noqa: BLE001 - not foreseen: stored, answered generically
+        kind = error_kind(exc)
+        log.error("api.store_failed", extra={"error_kind": kind})
+        done = Finish("error", "500", None, error=f"{pipeline.INTERNAL_ERROR_TEXT} (store error: {kind})")
+        try:
+            await engine.writer.run(lambda tx: pipeline.commit(tx, meta, pipeline.only_finish(done)))
+        except StoreUnavailable:
+            raise
+        except Exception as again:  # noqa: BLE001 - the store refuses even this: the client resends
+            raise StoreUnavailable(f"the request could not be stored ({error_kind(again)})") from None
+        raise Problem(500, "Internal error", pipeline.INTERNAL_ERROR_TEXT) from None
 
 
 def _pipeline(pipeline_of: PipelineSource | None) -> Pipeline:
@@ -474,7 +538,8 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
             )
         prepare(op, engine.engine)
         raw = orjson.dumps(emp.model_dump(mode="json"))
-        outcome = await engine.writer.run(request_job(_meta(request, "employee", raw), [op], "single"))
+        meta = _meta(request, "employee", raw)
+        outcome = await _run_write(engine, meta, request_job(meta, [op], "single"))
         if outcome.error is not None:
             raise outcome.error
         result = outcome.results[0]
@@ -570,7 +635,8 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
         view: Callable[[dict[str, Any]], dict[str, Any]],
     ) -> Response:
         engine = _pipeline(pipeline_of)
-        out = await engine.writer.run(_record_job(_meta(request, what, raw), build))
+        meta = _meta(request, what, raw)
+        out = await _run_write(engine, meta, _record_job(meta, build))
         if isinstance(out, Problem):
             raise out
         created = out.pop("created")
