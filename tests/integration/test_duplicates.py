@@ -169,11 +169,8 @@ def test_settings_default_to_reject_and_reach_the_policy() -> None:
 def test_cli_replay_under_process(tmp_path: Path, store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     shutil.copytree(ROOT / "mappings", tmp_path / "mappings")
     config = (ROOT / "channels.yaml").read_text()
-    reject, process = (
-        "    on_reused_control_id: reject\n\n  # FHIR",
-        "    on_reused_control_id: process\n\n  # FHIR",
-    )
-    assert reject in config
+    reject, process = "    on_reused_control_id: reject\n", "    on_reused_control_id: process\n"
+    assert reject in config  # the adt_in channel's (the first) is the one replay reads
     (tmp_path / "channels.yaml").write_text(config)
     monkeypatch.setenv("HMS_ACH_DATABASE_URL", store.url)
     writer = StoreWriter(store)
@@ -189,7 +186,7 @@ def test_cli_replay_under_process(tmp_path: Path, store: Store, monkeypatch: pyt
 
     code, out = replay()  # under reject it stays rejected, and says why
     assert code == 1 and "rejected -> rejected AR" in out and "on_reused_control_id: reject" in out
-    (tmp_path / "channels.yaml").write_text(config.replace(reject, process))
+    (tmp_path / "channels.yaml").write_text(config.replace(reject, process, 1))
     code, out = replay()
     assert code == 0 and "rejected -> processed AA" in out, out
     with store.read() as conn:
