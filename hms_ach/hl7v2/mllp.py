@@ -30,11 +30,20 @@ import logging
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hms_ach.core.errors import HmsAchError
+from hms_ach.hl7v2.mllp_limits import (
+    BUFFER_BUDGET,
+    EVICTED,
+    FRAME_TIMEOUT,
+    IDLE_TIMEOUT,
+    BufferBudget,
+    FrameClock,
+    admit,
+)
 
 VT = b"\x0b"  #: start block
 FS = b"\x1c"  #: end block
@@ -98,7 +107,7 @@ class TruncatedFrame:
 
 FrameEvent = Frame | OversizeFrame | Garbage | TruncatedFrame
 
-_OUTSIDE, _INSIDE, _DISCARDING = "outside", "inside", "discarding"
+_OUTSIDE, _INSIDE, _DISCARDING, _ABANDONED = "outside", "inside", "discarding", "abandoned"
 
 
 class MllpFramer:
@@ -125,9 +134,23 @@ class MllpFramer:
     @property
     def in_frame(self) -> bool:
         """True between a VT and its FS (including while an oversize frame is being skipped)."""
-        return self._state != _OUTSIDE
+        return self._state in (_INSIDE, _DISCARDING)
+
+    def buffered_after(self, nbytes: int) -> int:
+        """The most bytes this framer can hold (buffered or in the frames it returns) after being
+        fed ``nbytes`` more: what a connection claims from the buffer budget before a read."""
+        if self._state == _INSIDE:
+            return len(self._buffer) + nbytes
+        return 0 if self._state == _ABANDONED else nbytes
+
+    def abandon(self) -> None:
+        """Drop the unfinished frame now (its memory is freed) and ignore everything fed later."""
+        self._reset()
+        self._state = _ABANDONED
 
     def feed(self, data: bytes) -> list[FrameEvent]:
+        if self._state == _ABANDONED:
+            return []
         events: list[FrameEvent] = []
         view = memoryview(data)
         pos, end_of_data = 0, len(data)
@@ -160,7 +183,7 @@ class MllpFramer:
 
     def finish(self) -> list[FrameEvent]:
         """The stream ended: a frame still open is reported as truncated and dropped."""
-        if self._state == _OUTSIDE:
+        if self._state in (_OUTSIDE, _ABANDONED):
             return []
         size = self._size
         self._reset()
@@ -205,9 +228,11 @@ def frame(payload: bytes) -> bytes:
 FrameHandler = Callable[[bytes, str], Awaitable[bytes | None]]
 OversizeHandler = Callable[[bytes, int, str], bytes | None | Awaitable[bytes | None]]
 
+MIB = 1024 * 1024
+
 
 class MllpConfig(BaseModel):
-    """Settings of one MLLP listener."""
+    """Settings of one MLLP listener (see docs/reliability.md, "MLLP limits")."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -216,36 +241,118 @@ class MllpConfig(BaseModel):
         2575, ge=0, le=65535, description="TCP port to listen on; 0 lets the OS choose (tests)."
     )
     max_message_bytes: int = Field(
-        16 * 1024 * 1024,
+        16 * MIB,
         ge=1,
         description="Largest payload (bytes between VT and FS) accepted; longer frames are skipped and "
-        "answered by the oversize callback (an AR).",
+        "answered by the oversize callback (an AR). Also the most one connection buffers.",
     )
     idle_timeout_seconds: float = Field(
         300.0,
         gt=0,
-        description="A connection that sends nothing (or cannot take our ACK) for this long is closed.",
+        description="Between frames, a connection must start its next frame within this long of its "
+        "last answer (or of connecting), else it is closed; CR, LF or other bytes between frames do "
+        "not reset this clock.",
+    )
+    frame_timeout_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="A frame must end (FS) within this long of its first byte (VT), however steadily "
+        "it arrives, else the connection is closed without an answer.",
+    )
+    min_bytes_per_second: float = Field(
+        1024.0,
+        ge=0,
+        description="Inside a frame, each rate_window_seconds must bring at least this many bytes per "
+        "second on average, else the connection is closed; 0 turns the check off.",
+    )
+    rate_window_seconds: float = Field(
+        10.0, gt=0, description="The window over which min_bytes_per_second is measured."
+    )
+    ack_send_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="A peer that does not take our ACK within this long (it stopped reading) is "
+        "disconnected.",
     )
     max_connections: int = Field(
-        100, ge=1, description="Open connections allowed at once; further connections are closed at once."
+        100,
+        ge=1,
+        description="Open connections allowed at once. At the cap a new connection closes an idle one "
+        "(between frames), if there is one, and is refused otherwise.",
+    )
+    max_connections_per_source: int = Field(
+        20,
+        ge=1,
+        description="Open connections allowed from one source address. At the cap a new connection "
+        "from it closes that source's longest-idle connection, if one is idle, and is refused otherwise.",
+    )
+    process_buffer_budget_bytes: int = Field(
+        256 * MIB,
+        ge=1,
+        description="Bytes of unfinished and in-process frames that all MLLP connections of the "
+        "process may hold together (the smallest value among running MLLP channels applies). Past it "
+        "the connection holding the largest unfinished frame is closed without an answer.",
     )
     read_chunk_bytes: int = Field(
-        65536, ge=512, le=16 * 1024 * 1024, description="Bytes read from a socket per read call."
+        65536, ge=512, le=16 * MIB, description="Bytes read from a socket per read call."
     )
 
+    @model_validator(mode="after")
+    def _budget_holds_one_message(self) -> Self:
+        if self.max_message_bytes > self.process_buffer_budget_bytes:
+            raise ValueError(
+                f"max_message_bytes ({self.max_message_bytes}) must not exceed "
+                f"process_buffer_budget_bytes ({self.process_buffer_budget_bytes}): "
+                "a message of the maximum size could never be buffered"
+            )
+        return self
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, eq=False)
 class _Connection:
-    peer: str
+    """One open connection: what the listener, the admission rule and the budget know of it."""
+
+    peer: str  # host:port, for the logs
+    source: str  # host: the unit of max_connections_per_source
     writer: asyncio.StreamWriter
+    framer: MllpFramer
+    clock: FrameClock
     busy: bool = False  # True while a frame of this connection is being handled or answered
+    frames_seen: int = 0  # frames completed (Frame or OversizeFrame)
+    close_reason: str | None = None  # set when the listener decided to close it
+
+    @property
+    def idle_since(self) -> float:
+        return self.clock.idle_since
+
+    @property
+    def evictable(self) -> bool:
+        return not self.busy and not self.framer.in_frame and self.close_reason is None
+
+    def close(self, reason: str, *, abort: bool = False) -> None:
+        """Close from outside its task: drop its unfinished frame now, close (or reset) the socket;
+        its task then sees EOF and ends with ``reason``."""
+        if self.close_reason is None:
+            self.close_reason = reason
+        self.framer.abandon()
+        if abort:
+            self.writer.transport.abort()
+        else:
+            self.writer.close()
 
 
-def _peer_name(writer: asyncio.StreamWriter) -> str:
+#: The buffer budget every :class:`MllpServer` of the process shares unless given its own.
+PROCESS_BUFFER_BUDGET: BufferBudget[_Connection] = BufferBudget(
+    MllpConfig.model_fields["process_buffer_budget_bytes"].default
+)
+
+
+def _peer_of(writer: asyncio.StreamWriter) -> tuple[str, str]:
+    """(``host:port``, ``host``) of the peer."""
     peer = writer.get_extra_info("peername")
     if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
-    return str(peer)
+        return f"{peer[0]}:{peer[1]}", str(peer[0])
+    return str(peer), str(peer)
 
 
 class MllpServer:
@@ -254,13 +361,25 @@ class MllpServer:
     ``handler(payload, peer)`` returns the ACK to send (encoded, without MLLP framing) or None.
     ``on_oversize(prefix, size, peer)`` (plain or async) returns the AR for a frame over the limit,
     after which the connection keeps going; without it, or when it returns None, the connection
-    is closed.
+    is closed. ``budget`` is the buffer budget to share (the process-wide one by default).
+
+    Limits (:mod:`hms_ach.hl7v2.mllp_limits`): the idle, frame and rate clocks of each connection,
+    the per-source and total connection caps with eviction of idle connections, and the buffer
+    budget. Each closes a connection with a structured ``mllp.*`` event naming the peer and the
+    reason, never the payload.
     """
 
-    def __init__(self, config: MllpConfig, handler: FrameHandler, on_oversize: OversizeHandler | None = None):
+    def __init__(
+        self,
+        config: MllpConfig,
+        handler: FrameHandler,
+        on_oversize: OversizeHandler | None = None,
+        budget: BufferBudget[_Connection] | None = None,
+    ):
         self.config = config
         self._handler = handler
         self._on_oversize = on_oversize
+        self._budget = PROCESS_BUFFER_BUDGET if budget is None else budget
         self._server: asyncio.Server | None = None
         self._connections: dict[asyncio.Task[Any], _Connection] = {}
         self._stopping = False
@@ -276,24 +395,37 @@ class MllpServer:
     def connection_count(self) -> int:
         return len(self._connections)
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of frames held by this listener's connections now (unfinished or being handled)."""
+        return sum(self._budget.held_by(conn) for conn in self._connections.values())
+
     async def start(self) -> None:
         self._stopping = False
         limit = max(self.config.read_chunk_bytes, 65536)
         self._server = await asyncio.start_server(
             self._serve, self.config.host, self.config.port, limit=limit
         )
+        self._budget.register(self, self.config.process_buffer_budget_bytes)
         _event(logging.INFO, "mllp.listening", host=self.config.host, port=self.port)
 
-    async def close(self, grace_seconds: float = 10.0) -> None:
-        """Stop accepting, close idle connections, let busy ones finish their current frame
-        (up to ``grace_seconds``, then cancel them) and wait until all are gone."""
-        if self._server is None:
+    def stop_accepting(self) -> None:
+        """Stop listening (idempotent). Connections between frames are closed now; a connection
+        inside a frame or being answered may finish that frame and get its ACK, then is closed."""
+        if self._server is None or self._stopping:
             return
         self._stopping = True
         self._server.close()
         for conn in self._connections.values():
-            if not conn.busy:
-                conn.writer.close()
+            if conn.evictable:
+                conn.close("server_stopping")
+
+    async def close(self, grace_seconds: float = 10.0) -> None:
+        """:meth:`stop_accepting`, then wait up to ``grace_seconds`` for the connections still
+        finishing a frame, cancel those left, and return when all are gone."""
+        if self._server is None:
+            return
+        self.stop_accepting()
         tasks = list(self._connections)
         if tasks:
             _done, late = await asyncio.wait(tasks, timeout=grace_seconds)
@@ -302,6 +434,7 @@ class MllpServer:
             await asyncio.gather(*late, return_exceptions=True)
         await self._server.wait_closed()
         self._server = None
+        self._budget.unregister(self)
         _event(logging.INFO, "mllp.stopped")
 
     async def __aenter__(self) -> MllpServer:
@@ -312,31 +445,34 @@ class MllpServer:
         await self.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = _peer_name(writer)
-        if self._stopping or len(self._connections) >= self.config.max_connections:
-            _event(
-                logging.WARNING,
-                "mllp.connection_rejected",
-                peer=peer,
-                open=len(self._connections),
-                max_connections=self.config.max_connections,
-            )
+        peer, source = _peer_of(writer)
+        if not self._admit(peer, source):
             writer.close()
             with suppress(OSError):
                 await writer.wait_closed()
             return
         task = asyncio.current_task()
         assert task is not None  # we always run inside the task start_server made
-        conn = _Connection(peer, writer)
+        cfg = self.config
+        clock = FrameClock(
+            idle_timeout_seconds=cfg.idle_timeout_seconds,
+            frame_timeout_seconds=cfg.frame_timeout_seconds,
+            min_bytes_per_second=cfg.min_bytes_per_second,
+            rate_window_seconds=cfg.rate_window_seconds,
+            now=asyncio.get_running_loop().time(),
+        )
+        conn = _Connection(peer, source, writer, MllpFramer(cfg.max_message_bytes), clock)
         self._connections[task] = conn
         _event(logging.INFO, "mllp.connection_opened", peer=peer)
         reason = "eof"
         try:
             reason = await self._read_loop(reader, conn)
         except (ConnectionError, OSError) as exc:
-            reason = f"network_error:{type(exc).__name__}"
+            reason = conn.close_reason or f"network_error:{type(exc).__name__}"
         finally:
             try:
+                conn.framer.abandon()
+                self._budget.release(conn)
                 writer.close()
                 with suppress(OSError, asyncio.CancelledError):
                     await writer.wait_closed()
@@ -344,34 +480,136 @@ class MllpServer:
             finally:
                 del self._connections[task]  # only now, so that close() waits for this task
 
+    def _admit(self, peer: str, source: str) -> bool:
+        """Apply the connection caps to a new connection (closing an idle one to make room)."""
+        if self._stopping:
+            _event(logging.INFO, "mllp.connection_rejected", peer=peer, limit="server_stopping")
+            return False
+        open_now = [c for c in self._connections.values() if c.close_reason is None]
+        decision = admit(
+            open_now,
+            source,
+            max_connections=self.config.max_connections,
+            max_connections_per_source=self.config.max_connections_per_source,
+        )
+        if not decision.admitted:
+            _event(
+                logging.WARNING,
+                "mllp.connection_rejected",
+                peer=peer,
+                limit=decision.limit,
+                open=len(open_now),
+                max_connections=self.config.max_connections,
+                max_connections_per_source=self.config.max_connections_per_source,
+            )
+            return False
+        if decision.evict is not None:
+            victim = decision.evict
+            idle = asyncio.get_running_loop().time() - victim.idle_since
+            _event(
+                logging.INFO,
+                "mllp.connection_evicted",
+                peer=victim.peer,
+                limit=decision.limit,
+                idle_seconds=round(idle, 3),
+                frames=victim.frames_seen,
+            )
+            victim.close(EVICTED)
+        return True
+
     async def _read_loop(self, reader: asyncio.StreamReader, conn: _Connection) -> str:
-        framer = MllpFramer(self.config.max_message_bytes)
-        while not self._stopping:
+        loop = asyncio.get_running_loop()
+        framer, clock, budget = conn.framer, conn.clock, self._budget
+        while True:
+            if conn.close_reason is not None:
+                return conn.close_reason
+            if self._stopping and not framer.in_frame:
+                return "server_stopping"
             try:
-                async with asyncio.timeout(self.config.idle_timeout_seconds):
+                async with asyncio.timeout_at(clock.deadline()):
                     chunk = await reader.read(self.config.read_chunk_bytes)
             except TimeoutError:
-                _event(
-                    logging.INFO,
-                    "mllp.idle_timeout",
-                    peer=conn.peer,
-                    seconds=self.config.idle_timeout_seconds,
-                    in_frame=framer.in_frame,
-                )
-                return "idle_timeout"
+                reason = clock.expired(loop.time())
+                if reason is None:
+                    continue
+                self._limit_event(conn, reason)
+                return reason
+            if conn.close_reason is not None:
+                return conn.close_reason
+            if chunk and not self._claim(conn, len(chunk)):
+                return BUFFER_BUDGET
             events = framer.feed(chunk) if chunk else framer.finish()
-            conn.busy = True
-            try:
-                for event in events:
-                    if self._stopping:
-                        return "server_stopping"
-                    if not await self._on_event(event, conn):
-                        return "handler_failed" if isinstance(event, Frame) else "oversize"
-            finally:
-                conn.busy = False
+            completed = sum(isinstance(e, (Frame, OversizeFrame)) for e in events)
+            conn.frames_seen += completed
+            clock.received(loop.time(), len(chunk), in_frame=framer.in_frame, completed=completed > 0)
+            pinned = sum(len(e.payload) for e in events if isinstance(e, Frame))
+            budget.hold(conn, framer.buffered_bytes, pinned)
+            if events:
+                conn.busy = True
+                try:
+                    for event in events:
+                        ok = await self._on_event(event, conn)
+                        if isinstance(event, Frame):
+                            pinned -= len(event.payload)
+                            budget.hold(conn, framer.buffered_bytes, pinned)
+                        if conn.close_reason is not None:
+                            return conn.close_reason
+                        if not ok:
+                            return "handler_failed" if isinstance(event, Frame) else "oversize"
+                finally:
+                    conn.busy = False
+                if completed:
+                    clock.answered(loop.time())
             if not chunk:
                 return "eof"
-        return "server_stopping"
+            reason = clock.expired(loop.time())
+            if reason is not None:
+                self._limit_event(conn, reason)
+                return reason
+
+    def _claim(self, conn: _Connection, nbytes: int) -> bool:
+        """Make room in the buffer budget for ``nbytes`` more of this connection; False when this
+        connection is the one to go (it holds the largest unfinished frame)."""
+        victims = self._budget.claim(conn, conn.framer.buffered_after(nbytes))
+        if not victims:
+            return True
+        limit, used = self._budget.limit_bytes, self._budget.used_bytes
+        for victim in victims:
+            _event(
+                logging.WARNING,
+                "mllp.buffer_budget_exceeded",
+                peer=victim.peer,
+                buffered=victim.framer.buffered_bytes,
+                budget_bytes=limit,
+                used_bytes=used,
+            )
+            if victim is conn:
+                conn.framer.abandon()
+                conn.close_reason = BUFFER_BUDGET
+            else:
+                victim.close(BUFFER_BUDGET, abort=True)
+        return conn.close_reason is None
+
+    def _limit_event(self, conn: _Connection, reason: str) -> None:
+        cfg = self.config
+        if reason == IDLE_TIMEOUT:
+            _event(
+                logging.INFO,
+                "mllp.idle_timeout",
+                peer=conn.peer,
+                seconds=cfg.idle_timeout_seconds,
+                in_frame=conn.framer.in_frame,
+            )
+        elif reason == FRAME_TIMEOUT:
+            _event(logging.WARNING, "mllp.frame_timeout", peer=conn.peer, seconds=cfg.frame_timeout_seconds)
+        else:
+            _event(
+                logging.WARNING,
+                "mllp.frame_too_slow",
+                peer=conn.peer,
+                min_bytes_per_second=cfg.min_bytes_per_second,
+                window_seconds=cfg.rate_window_seconds,
+            )
 
     async def _on_event(self, event: FrameEvent, conn: _Connection) -> bool:
         """Act on one framing event; False means: close this connection now."""
@@ -414,9 +652,11 @@ class MllpServer:
         return ack is None or await self._send(conn, ack)
 
     async def _send(self, conn: _Connection, ack: bytes) -> bool:
+        if conn.close_reason is not None:
+            return False
         conn.writer.write(frame(ack))
         try:
-            async with asyncio.timeout(self.config.idle_timeout_seconds):
+            async with asyncio.timeout(self.config.ack_send_timeout_seconds):
                 await conn.writer.drain()
         except TimeoutError:
             _event(logging.WARNING, "mllp.send_timeout", peer=conn.peer)

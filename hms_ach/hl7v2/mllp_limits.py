@@ -1,0 +1,255 @@
+"""The limits of the MLLP listener that no single read can enforce, as socket-free pieces.
+
+:class:`FrameClock`
+    When the next read of a connection must complete, and why the connection is closed when it
+    does not. Three clocks, none of which a byte of chatter resets:
+
+    * **idle** (outside a frame): a frame must start within ``idle_timeout_seconds`` of the end of
+      the previous frame's answer (or of the connection's start). CR, LF or garbage between frames
+      do not count as activity.
+    * **frame**: a frame must end (FS) within ``frame_timeout_seconds`` of the VT that opened it.
+      A VT inside a frame (a truncated frame restarted) does not restart this clock.
+    * **rate** (inside a frame): over each window of ``rate_window_seconds`` the frame must bring at
+      least ``min_bytes_per_second`` on average.
+
+:class:`BufferBudget`
+    The bytes of unfinished frames that all the connections sharing it may hold together. A
+    connection claims room before it buffers a chunk; when the claim does not fit, the holders of
+    the most buffered bytes are named for eviction (possibly the claimant itself) until it fits.
+
+:func:`admit`
+    Whether a new connection from a source address is let in, and which open connection, if any,
+    makes room for it: per-source and total caps, evicting an idle connection (between frames and
+    not being answered) rather than refusing a new sender while idle holders sit on every slot.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+#: Reasons a connection is closed by a limit (they appear as ``reason=`` in the logs).
+IDLE_TIMEOUT = "idle_timeout"
+FRAME_TIMEOUT = "frame_timeout"
+FRAME_TOO_SLOW = "frame_too_slow"
+BUFFER_BUDGET = "buffer_budget"
+EVICTED = "evicted_for_new_connection"
+PER_SOURCE_LIMIT = "per_source_limit"
+MAX_CONNECTIONS = "max_connections"
+
+
+class FrameClock:
+    """The idle, frame and rate clocks of one connection (times from one monotonic clock)."""
+
+    def __init__(
+        self,
+        *,
+        idle_timeout_seconds: float,
+        frame_timeout_seconds: float,
+        min_bytes_per_second: float,
+        rate_window_seconds: float,
+        now: float,
+    ):
+        self.idle_timeout_seconds = idle_timeout_seconds
+        self.frame_timeout_seconds = frame_timeout_seconds
+        self.min_bytes_per_second = min_bytes_per_second
+        self.rate_window_seconds = rate_window_seconds
+        self.idle_since = now
+        self.in_frame = False
+        self.frame_started = now
+        self._window_started = now
+        self._window_bytes = 0
+
+    def received(self, now: float, nbytes: int, *, in_frame: bool, completed: bool) -> None:
+        """A chunk of ``nbytes`` was read at ``now``; after it a frame is open (``in_frame``) or not,
+        and ``completed`` says whether a frame ended (FS) inside it."""
+        if in_frame and (completed or not self.in_frame):
+            self.frame_started = self._window_started = now  # a new frame opened in this chunk
+            self._window_bytes = 0
+        elif in_frame:
+            self._window_bytes += nbytes
+        elif completed:
+            self.idle_since = now
+        self.in_frame = in_frame
+
+    def answered(self, now: float) -> None:
+        """The frames of a chunk were handled and answered: the idle clock restarts, and so does the
+        rate window of a frame that kept arriving meanwhile (it was not being read)."""
+        self.idle_since = now
+        self._window_started = now
+        self._window_bytes = 0
+
+    def deadline(self) -> float:
+        """The time by which the next read must bring something, or :meth:`expired` is to be asked."""
+        if not self.in_frame:
+            return self.idle_since + self.idle_timeout_seconds
+        end = self.frame_started + self.frame_timeout_seconds
+        if self.min_bytes_per_second > 0:
+            end = min(end, self._window_started + self.rate_window_seconds)
+        return end
+
+    def expired(self, now: float) -> str | None:
+        """The reason to close the connection at ``now``, or None; a rate window that has run its
+        course and was fast enough is closed and the next one starts."""
+        if not self.in_frame:
+            return IDLE_TIMEOUT if now >= self.idle_since + self.idle_timeout_seconds else None
+        if now >= self.frame_started + self.frame_timeout_seconds:
+            return FRAME_TIMEOUT
+        if self.min_bytes_per_second > 0 and now >= self._window_started + self.rate_window_seconds:
+            elapsed = now - self._window_started
+            if self._window_bytes < self.min_bytes_per_second * elapsed:
+                return FRAME_TOO_SLOW
+            self._window_started = now
+            self._window_bytes = 0
+        return None
+
+
+H = TypeVar("H", bound=Hashable)
+
+
+@dataclass(slots=True)
+class _Holding:
+    buffered: int = 0  # bytes of an unfinished frame: freed when the holder is evicted
+    pinned: int = 0  # bytes of complete frames being handled: freed when the handler returns
+
+
+class BufferBudget(Generic[H]):
+    """Bytes of unfinished frames that every connection sharing this budget may hold together.
+
+    The limit is the smallest of the limits registered by the listeners using the budget (one
+    process-wide budget serves every MLLP channel), or ``default_limit_bytes`` when none is.
+    """
+
+    def __init__(self, default_limit_bytes: int):
+        if default_limit_bytes < 1:
+            raise ValueError("default_limit_bytes must be at least 1")
+        self.default_limit_bytes = default_limit_bytes
+        self._limits: dict[int, int] = {}
+        self._holdings: dict[H, _Holding] = {}
+        self._used = 0
+
+    @property
+    def limit_bytes(self) -> int:
+        return min(self._limits.values(), default=self.default_limit_bytes)
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    def register(self, owner: object, limit_bytes: int) -> None:
+        """``owner`` (a listener) uses this budget with at most ``limit_bytes`` for all its users."""
+        self._limits[id(owner)] = limit_bytes
+
+    def unregister(self, owner: object) -> None:
+        self._limits.pop(id(owner), None)
+
+    def held_by(self, holder: H) -> int:
+        holding = self._holdings.get(holder)
+        return 0 if holding is None else holding.buffered + holding.pinned
+
+    def claim(self, holder: H, buffered: int) -> list[H]:
+        """``holder`` is about to hold up to ``buffered`` bytes of an unfinished frame. Returns the
+        holders to evict so that the total fits, largest unfinished frame first; the list may name
+        ``holder`` itself (then it gets no room). An evicted holder's unfinished bytes are counted
+        as freed at once: the caller must drop them."""
+        self._set(holder, buffered, None)
+        victims: list[H] = []
+        limit = self.limit_bytes
+        while self._used > limit:
+            victim = max(self._holdings, key=lambda h: self._holdings[h].buffered, default=None)
+            if victim is None or self._holdings[victim].buffered == 0:
+                if holder not in victims:  # only pinned bytes left: the claimant cannot have room
+                    victims.append(holder)
+                    self._set(holder, 0, None)
+                break
+            victims.append(victim)
+            self._set(victim, 0, None)
+        return victims
+
+    def hold(self, holder: H, buffered: int, pinned: int) -> None:
+        """Record what ``holder`` holds now (never more than it claimed; nobody is evicted)."""
+        self._set(holder, buffered, pinned)
+
+    def release(self, holder: H) -> None:
+        """``holder`` holds nothing any more (its connection closed)."""
+        holding = self._holdings.pop(holder, None)
+        if holding is not None:
+            self._used -= holding.buffered + holding.pinned
+
+    def _set(self, holder: H, buffered: int, pinned: int | None) -> None:
+        holding = self._holdings.get(holder)
+        if holding is None:
+            holding = self._holdings[holder] = _Holding()
+        self._used -= holding.buffered + holding.pinned
+        holding.buffered = buffered
+        if pinned is not None:
+            holding.pinned = pinned
+        self._used += holding.buffered + holding.pinned
+
+
+class Slot(Protocol):
+    """What :func:`admit` needs to know about an open connection."""
+
+    @property
+    def source(self) -> str:
+        """The peer's address (without the port)."""
+        ...
+
+    @property
+    def idle_since(self) -> float:
+        """When its last frame was answered, or when it opened."""
+        ...
+
+    @property
+    def evictable(self) -> bool:
+        """Between frames and not being answered: closing it loses nothing."""
+        ...
+
+    @property
+    def frames_seen(self) -> int:
+        """Frames it has completed."""
+        ...
+
+
+S = TypeVar("S", bound=Slot)
+
+
+@dataclass(frozen=True)
+class Admission(Generic[S]):
+    """The answer of :func:`admit`: ``admitted``, the connection to close to make room (if any),
+    and the limit that was met (``""`` when none was)."""
+
+    admitted: bool
+    evict: S | None
+    limit: str
+
+
+def admit(
+    open_slots: Sequence[S], source: str, *, max_connections: int, max_connections_per_source: int
+) -> Admission[S]:
+    """Decide on a new connection from ``source`` given the connections open now.
+
+    * Under both caps: admitted.
+    * ``source`` already holds ``max_connections_per_source``: its own longest-idle evictable
+      connection makes room; with none, the new connection is refused. Other sources are never
+      touched on this source's behalf.
+    * The total is at ``max_connections``: an evictable connection makes room, chosen as the one
+      that never completed a frame, then the one whose source holds the most connections, then the
+      longest idle. With none evictable (every connection is inside a frame or being answered,
+      which the frame clocks bound) the new connection is refused.
+    """
+    same = [s for s in open_slots if s.source == source]
+    if len(same) >= max_connections_per_source:
+        victim = min((s for s in same if s.evictable), key=lambda s: s.idle_since, default=None)
+        return Admission(victim is not None, victim, PER_SOURCE_LIMIT)
+    if len(open_slots) >= max_connections:
+        per_source = Counter(s.source for s in open_slots)
+        victim = min(
+            (s for s in open_slots if s.evictable),
+            key=lambda s: (s.frames_seen > 0, -per_source[s.source], s.idle_since),
+            default=None,
+        )
+        return Admission(victim is not None, victim, MAX_CONNECTIONS)
+    return Admission(True, None, "")
