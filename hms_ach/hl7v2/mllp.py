@@ -39,9 +39,11 @@ from hms_ach.hl7v2.mllp_limits import (
     BUFFER_BUDGET,
     EVICTED,
     FRAME_TIMEOUT,
+    FRAME_TOO_SLOW,
     IDLE_TIMEOUT,
     BufferBudget,
     FrameClock,
+    SourceStrikes,
     admit,
 )
 
@@ -293,6 +295,14 @@ class MllpConfig(BaseModel):
         "process may hold together (the smallest value among running MLLP channels applies). Past it "
         "the connection holding the largest unfinished frame is closed without an answer.",
     )
+    listen_backlog: int = Field(
+        1024,
+        ge=1,
+        le=65535,
+        description="Connections the kernel queues before the listener accepts them (capped by the "
+        "OS, net.core.somaxconn on Linux). A full queue makes new senders wait for SYN retransmits "
+        "(1 s, 3 s, ...), so keep it well above the connection churn of a busy second.",
+    )
     read_chunk_bytes: int = Field(
         65536, ge=512, le=16 * MIB, description="Bytes read from a socket per read call."
     )
@@ -319,6 +329,7 @@ class _Connection:
     clock: FrameClock
     busy: bool = False  # True while a frame of this connection is being handled or answered
     frames_seen: int = 0  # frames completed (Frame or OversizeFrame)
+    bytes_received: int = 0
     close_reason: str | None = None  # set when the listener decided to close it
 
     @property
@@ -328,6 +339,12 @@ class _Connection:
     @property
     def evictable(self) -> bool:
         return not self.busy and not self.framer.in_frame and self.close_reason is None
+
+    @property
+    def open_frame_since(self) -> float | None:
+        if self.busy or not self.framer.in_frame or self.close_reason is not None:
+            return None
+        return self.clock.frame_started
 
     def close(self, reason: str, *, abort: bool = False) -> None:
         """Close from outside its task: drop its unfinished frame now, close (or reset) the socket;
@@ -340,6 +357,13 @@ class _Connection:
         else:
             self.writer.close()
 
+
+#: Reasons to close a connection that count against its source (see SourceStrikes); an eviction
+#: counts only for a connection that never completed a frame.
+_STRIKING = frozenset({IDLE_TIMEOUT, FRAME_TIMEOUT, FRAME_TOO_SLOW, BUFFER_BUDGET, EVICTED})
+
+#: A source's refused connections are logged once per this many seconds (with a count).
+REJECTION_LOG_SECONDS = 10.0
 
 #: The buffer budget every :class:`MllpServer` of the process shares unless given its own.
 PROCESS_BUFFER_BUDGET: BufferBudget[_Connection] = BufferBudget(
@@ -382,6 +406,8 @@ class MllpServer:
         self._budget = PROCESS_BUFFER_BUDGET if budget is None else budget
         self._server: asyncio.Server | None = None
         self._connections: dict[asyncio.Task[Any], _Connection] = {}
+        self._strikes = SourceStrikes()
+        self._rejections: dict[str, tuple[int, float]] = {}  # source -> (not logged, last logged)
         self._stopping = False
 
     @property
@@ -404,7 +430,7 @@ class MllpServer:
         self._stopping = False
         limit = max(self.config.read_chunk_bytes, 65536)
         self._server = await asyncio.start_server(
-            self._serve, self.config.host, self.config.port, limit=limit
+            self._serve, self.config.host, self.config.port, limit=limit, backlog=self.config.listen_backlog
         )
         self._budget.register(self, self.config.process_buffer_budget_bytes)
         _event(logging.INFO, "mllp.listening", host=self.config.host, port=self.port)
@@ -470,13 +496,22 @@ class MllpServer:
         except (ConnectionError, OSError) as exc:
             reason = conn.close_reason or f"network_error:{type(exc).__name__}"
         finally:
+            if reason in _STRIKING and (conn.frames_seen == 0 or reason != EVICTED):
+                self._strikes.strike(source, asyncio.get_running_loop().time())
             try:
                 conn.framer.abandon()
                 self._budget.release(conn)
                 writer.close()
                 with suppress(OSError, asyncio.CancelledError):
                     await writer.wait_closed()
-                _event(logging.INFO, "mllp.connection_closed", peer=peer, reason=reason)
+                _event(
+                    logging.INFO,
+                    "mllp.connection_closed",
+                    peer=peer,
+                    reason=reason,
+                    frames=conn.frames_seen,
+                    bytes=conn.bytes_received,
+                )
             finally:
                 del self._connections[task]  # only now, so that close() waits for this task
 
@@ -491,31 +526,49 @@ class MllpServer:
             source,
             max_connections=self.config.max_connections,
             max_connections_per_source=self.config.max_connections_per_source,
+            now=asyncio.get_running_loop().time(),
+            strikes=self._strikes,
         )
         if not decision.admitted:
-            _event(
-                logging.WARNING,
-                "mllp.connection_rejected",
-                peer=peer,
-                limit=decision.limit,
-                open=len(open_now),
-                max_connections=self.config.max_connections,
-                max_connections_per_source=self.config.max_connections_per_source,
-            )
+            self._log_rejection(peer, source, decision.limit, len(open_now))
             return False
         if decision.evict is not None:
             victim = decision.evict
-            idle = asyncio.get_running_loop().time() - victim.idle_since
+            in_frame = victim.framer.in_frame
+            since = victim.clock.frame_started if in_frame else victim.idle_since
             _event(
                 logging.INFO,
                 "mllp.connection_evicted",
                 peer=victim.peer,
                 limit=decision.limit,
-                idle_seconds=round(idle, 3),
+                in_frame=in_frame,
+                seconds=round(asyncio.get_running_loop().time() - since, 3),
                 frames=victim.frames_seen,
             )
-            victim.close(EVICTED)
+            victim.close(EVICTED, abort=in_frame)
         return True
+
+    def _log_rejection(self, peer: str, source: str, limit: str, open_count: int) -> None:
+        """Log a refused connection: the first of a source, then one line per source every
+        REJECTION_LOG_SECONDS with how many were refused meanwhile (a flood is not a log flood)."""
+        now = asyncio.get_running_loop().time()
+        count, last = self._rejections.get(source, (0, -REJECTION_LOG_SECONDS))
+        if now - last < REJECTION_LOG_SECONDS:
+            self._rejections[source] = (count + 1, last)
+            return
+        if len(self._rejections) >= 4096:
+            self._rejections.clear()
+        self._rejections[source] = (0, now)
+        _event(
+            logging.WARNING,
+            "mllp.connection_rejected",
+            peer=peer,
+            limit=limit,
+            open=open_count,
+            max_connections=self.config.max_connections,
+            max_connections_per_source=self.config.max_connections_per_source,
+            not_logged_before=count,
+        )
 
     async def _read_loop(self, reader: asyncio.StreamReader, conn: _Connection) -> str:
         loop = asyncio.get_running_loop()
@@ -527,6 +580,11 @@ class MllpServer:
                 return "server_stopping"
             try:
                 async with asyncio.timeout_at(clock.deadline()):
+                    room = self._room_to_wait_for(conn)
+                    if room:
+                        await budget.wait_for_room(room)
+                        clock.resumed(loop.time())
+                        continue
                     chunk = await reader.read(self.config.read_chunk_bytes)
             except TimeoutError:
                 reason = clock.expired(loop.time())
@@ -536,6 +594,7 @@ class MllpServer:
                 return reason
             if conn.close_reason is not None:
                 return conn.close_reason
+            conn.bytes_received += len(chunk)
             if chunk and not self._claim(conn, len(chunk)):
                 return BUFFER_BUDGET
             events = framer.feed(chunk) if chunk else framer.finish()
@@ -566,6 +625,19 @@ class MllpServer:
             if reason is not None:
                 self._limit_event(conn, reason)
                 return reason
+
+    def _room_to_wait_for(self, conn: _Connection) -> int:
+        """The free budget this connection must wait for before it is read further, or 0 (read now).
+
+        Large unfinished frames (over budget / (4 x max_connections)) may fill only three quarters
+        of the budget; the last quarter is kept for small frames (every connection may hold one),
+        so that ordinary messages are read at once however full the budget is."""
+        chunk = self.config.read_chunk_bytes
+        limit = self._budget.limit_bytes
+        small = max(chunk, limit // (4 * self.config.max_connections))
+        if conn.framer.buffered_bytes < small or self._budget.room_for(chunk + limit // 4):
+            return 0
+        return chunk + limit // 4
 
     def _claim(self, conn: _Connection, nbytes: int) -> bool:
         """Make room in the buffer budget for ``nbytes`` more of this connection; False when this

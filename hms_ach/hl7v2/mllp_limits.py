@@ -10,12 +10,15 @@
     * **frame**: a frame must end (FS) within ``frame_timeout_seconds`` of the VT that opened it.
       A VT inside a frame (a truncated frame restarted) does not restart this clock.
     * **rate** (inside a frame): over each window of ``rate_window_seconds`` the frame must bring at
-      least ``min_bytes_per_second`` on average.
+      least ``min_bytes_per_second`` on average. Time the listener itself spends not reading (while
+      it answers, or while the frame waits for buffer room) does not count against the sender.
 
 :class:`BufferBudget`
     The bytes of unfinished frames that all the connections sharing it may hold together. A
-    connection claims room before it buffers a chunk; when the claim does not fit, the holders of
+    connection claims room for each chunk it buffers; when the claim does not fit, the holders of
     the most buffered bytes are named for eviction (possibly the claimant itself) until it fits.
+    The listener lets only small frames claim like that; a large frame waits for room first
+    (:meth:`BufferBudget.wait_for_room`), so that a full budget stops reading instead of churning.
 
 :func:`admit`
     Whether a new connection from a source address is let in, and which open connection, if any,
@@ -25,6 +28,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -81,6 +85,12 @@ class FrameClock:
         self._window_started = now
         self._window_bytes = 0
 
+    def resumed(self, now: float) -> None:
+        """The frame was held back (waiting for buffer room) and is read again: the rate window
+        restarts, since the sender was not slow; the frame clock keeps running."""
+        self._window_started = now
+        self._window_bytes = 0
+
     def deadline(self) -> float:
         """The time by which the next read must bring something, or :meth:`expired` is to be asked."""
         if not self.in_frame:
@@ -129,6 +139,7 @@ class BufferBudget(Generic[H]):
         self._limits: dict[int, int] = {}
         self._holdings: dict[H, _Holding] = {}
         self._used = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     @property
     def limit_bytes(self) -> int:
@@ -144,6 +155,22 @@ class BufferBudget(Generic[H]):
 
     def unregister(self, owner: object) -> None:
         self._limits.pop(id(owner), None)
+
+    def room_for(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more fit without evicting anyone."""
+        return self._used + nbytes <= self.limit_bytes
+
+    async def wait_for_room(self, nbytes: int) -> None:
+        """Return once ``nbytes`` more fit (the caller bounds the wait with its own deadline)."""
+        while not self.room_for(nbytes):
+            waiter = asyncio.get_running_loop().create_future()
+            entry = (nbytes, waiter)
+            self._waiters.append(entry)
+            try:
+                await waiter
+            finally:
+                if entry in self._waiters:
+                    self._waiters.remove(entry)
 
     def held_by(self, holder: H) -> int:
         holding = self._holdings.get(holder)
@@ -177,16 +204,65 @@ class BufferBudget(Generic[H]):
         holding = self._holdings.pop(holder, None)
         if holding is not None:
             self._used -= holding.buffered + holding.pinned
+            self._wake()
 
     def _set(self, holder: H, buffered: int, pinned: int | None) -> None:
         holding = self._holdings.get(holder)
         if holding is None:
             holding = self._holdings[holder] = _Holding()
+        before = self._used
         self._used -= holding.buffered + holding.pinned
         holding.buffered = buffered
         if pinned is not None:
             holding.pinned = pinned
         self._used += holding.buffered + holding.pinned
+        if self._used < before:
+            self._wake()
+
+    def _wake(self) -> None:
+        """Wake the waiters whose room is there now (only those: a waiter woken for nothing costs)."""
+        if not self._waiters:
+            return
+        room = self.limit_bytes - self._used
+        still: list[tuple[int, asyncio.Future[None]]] = []
+        for nbytes, waiter in self._waiters:
+            if nbytes > room:
+                still.append((nbytes, waiter))
+            elif not waiter.done():
+                waiter.set_result(None)
+        self._waiters = still
+
+
+class SourceStrikes:
+    """Which source addresses recently had a connection closed by a limit without completing a
+    frame (idle, evicted, frame timeout, too slow, buffer budget): a strike each, forgotten after
+    ``memory_seconds`` without a new one. At the total cap, connections of struck sources are
+    evicted before those of sources in good standing, so that a flood of abusive connections
+    recycles itself rather than the connection a legitimate sender has just opened."""
+
+    def __init__(self, memory_seconds: float = 60.0, max_sources: int = 4096):
+        self.memory_seconds = memory_seconds
+        self.max_sources = max_sources
+        self._strikes: dict[str, tuple[int, float]] = {}
+
+    def strike(self, source: str, now: float) -> None:
+        count = self.count(source, now)
+        self._strikes.pop(source, None)
+        self._strikes[source] = (count + 1, now)  # re-inserted: the dict stays oldest-first
+        if len(self._strikes) > self.max_sources:
+            for old in list(self._strikes)[: len(self._strikes) // 2]:
+                del self._strikes[old]
+
+    def count(self, source: str, now: float) -> int:
+        entry = self._strikes.get(source)
+        if entry is None or now - entry[1] >= self.memory_seconds:
+            return 0
+        return entry[0]
+
+
+#: A frame open this long is far slower than any sender on a working network: when every slot is
+#: taken and none is idle, the connection holding the oldest such frame makes room for a new one.
+STALE_FRAME_SECONDS = 1.0
 
 
 class Slot(Protocol):
@@ -212,6 +288,11 @@ class Slot(Protocol):
         """Frames it has completed."""
         ...
 
+    @property
+    def open_frame_since(self) -> float | None:
+        """When its unfinished frame began, or None (no frame open, or one being answered)."""
+        ...
+
 
 S = TypeVar("S", bound=Slot)
 
@@ -226,30 +307,54 @@ class Admission(Generic[S]):
     limit: str
 
 
+def _stale_frame(slots: Sequence[S], now: float) -> S | None:
+    """The connection whose unfinished frame is the oldest, if it is older than STALE_FRAME_SECONDS."""
+    started = [(s.open_frame_since, s) for s in slots if s.open_frame_since is not None]
+    if not started:
+        return None
+    since, oldest = min(started, key=lambda pair: pair[0])
+    return oldest if now - since >= STALE_FRAME_SECONDS else None
+
+
 def admit(
-    open_slots: Sequence[S], source: str, *, max_connections: int, max_connections_per_source: int
+    open_slots: Sequence[S],
+    source: str,
+    *,
+    max_connections: int,
+    max_connections_per_source: int,
+    now: float,
+    strikes: SourceStrikes | None = None,
 ) -> Admission[S]:
     """Decide on a new connection from ``source`` given the connections open now.
 
     * Under both caps: admitted.
+    * At a cap, a source with ``strikes`` is refused: it may take a free slot, never evict.
     * ``source`` already holds ``max_connections_per_source``: its own longest-idle evictable
-      connection makes room; with none, the new connection is refused. Other sources are never
-      touched on this source's behalf.
+      connection makes room, else its oldest frame open for STALE_FRAME_SECONDS or more; with
+      neither, the new connection is refused. Other sources are never touched on its behalf.
     * The total is at ``max_connections``: an evictable connection makes room, chosen as the one
-      that never completed a frame, then the one whose source holds the most connections, then the
-      longest idle. With none evictable (every connection is inside a frame or being answered,
-      which the frame clocks bound) the new connection is refused.
+      that never completed a frame, then the one whose source has the most ``strikes``, then the
+      one whose source holds the most connections, then the longest idle; with none idle, the
+      oldest frame open for STALE_FRAME_SECONDS or more. With neither (every connection is being
+      answered or inside a young frame) it is refused.
     """
     same = [s for s in open_slots if s.source == source]
+    at_cap = len(same) >= max_connections_per_source or len(open_slots) >= max_connections
+    if at_cap and strikes is not None and strikes.count(source, now):
+        limit = PER_SOURCE_LIMIT if len(same) >= max_connections_per_source else MAX_CONNECTIONS
+        return Admission(False, None, limit)  # a struck source takes free slots only
     if len(same) >= max_connections_per_source:
         victim = min((s for s in same if s.evictable), key=lambda s: s.idle_since, default=None)
+        victim = victim or _stale_frame(same, now)
         return Admission(victim is not None, victim, PER_SOURCE_LIMIT)
     if len(open_slots) >= max_connections:
         per_source = Counter(s.source for s in open_slots)
+        struck = {src: strikes.count(src, now) for src in per_source} if strikes else {}
         victim = min(
             (s for s in open_slots if s.evictable),
-            key=lambda s: (s.frames_seen > 0, -per_source[s.source], s.idle_since),
+            key=lambda s: (s.frames_seen > 0, -struck.get(s.source, 0), -per_source[s.source], s.idle_since),
             default=None,
         )
+        victim = victim or _stale_frame(open_slots, now)
         return Admission(victim is not None, victim, MAX_CONNECTIONS)
     return Admission(True, None, "")

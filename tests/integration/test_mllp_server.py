@@ -352,28 +352,37 @@ async def test_bytes_between_frames_do_not_keep_a_connection_open(
     writer.close()
 
 
-async def test_buffer_budget_closes_the_connection_holding_the_largest_unfinished_frame(
+async def test_a_full_buffer_budget_holds_large_frames_back_and_lets_small_ones_through(
     serve: Start, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger=LOGGER)
     budget: BufferBudget[Any] = BufferBudget(1024 * 1024)
     server = await serve(
-        max_message_bytes=1024 * 1024, process_buffer_budget_bytes=1024 * 1024, budget=budget
+        max_message_bytes=1024 * 1024,
+        process_buffer_budget_bytes=1024 * 1024,
+        max_connections=4,
+        min_bytes_per_second=1000,
+        rate_window_seconds=0.5,
+        budget=budget,
     )
     hog = await asyncio.open_connection("127.0.0.1", server.port)
-    hog[1].write(VT + message("HOG") + b"NTE|1||" + b"h" * 700_000)  # never finished
+    hog[1].write(VT + message("HOG") + b"NTE|1||" + b"h" * 600_000)  # then it stalls, unterminated
     await hog[1].drain()
-    await wait_until(lambda: server.buffered_bytes >= 700_000)
-    legit = await asyncio.open_connection("127.0.0.1", server.port)
-    body = b"OBX|1|ED|||" + b"a" * 400_000 + b"\r"
-    legit[1].write(frame(message("BIGLEGIT", body)))
-    await legit[1].drain()
-    assert msa(await asyncio.wait_for(legit[0].readuntil(FS + CR), 10)) == ("AA", "BIGLEGIT")
+    await wait_until(lambda: server.buffered_bytes >= 600_000)
+    big = await asyncio.open_connection("127.0.0.1", server.port)
+    big[1].write(frame(message("BIGLEGIT", b"OBX|1|ED|||" + b"a" * 400_000 + b"\r")))
+    await big[1].drain()
+    small = await asyncio.open_connection("127.0.0.1", server.port)
+    # the small message is read and answered at once, while the big one waits for room
+    assert await exchange(*small, "SMALL") == ("AA", "SMALL")
+    assert budget.used_bytes <= 1024 * 1024 - 200 * 1024
+    # the stalled hog is closed by its rate clock; then the big one gets the room and its AA
+    assert msa(await asyncio.wait_for(big[0].readuntil(FS + CR), 10)) == ("AA", "BIGLEGIT")
     assert await wait_for_eof(hog[0]) == b""
-    assert "mllp.buffer_budget_exceeded" in events(caplog)
+    assert "mllp.frame_too_slow" in events(caplog)
     assert budget.used_bytes <= 1024 * 1024
-    legit[1].close()
-    hog[1].close()
+    for _r, w in (hog, big, small):
+        w.close()
     await wait_until(lambda: server.connection_count == 0)
     assert budget.used_bytes == 0
 

@@ -15,6 +15,7 @@ from hms_ach.hl7v2.mllp_limits import (
     PER_SOURCE_LIMIT,
     BufferBudget,
     FrameClock,
+    SourceStrikes,
     admit,
 )
 
@@ -99,6 +100,14 @@ def test_answering_restarts_the_rate_window_of_a_pipelined_frame() -> None:
     assert c.deadline() == 5.0
 
 
+def test_a_frame_held_back_for_buffer_room_is_not_judged_slow() -> None:
+    c = clock(min_rate=100)
+    c.received(0.0, 1, in_frame=True, completed=False)
+    c.resumed(5.0)  # the listener did not read it from 0 to 5 s
+    assert c.expired(5.0) is None and c.deadline() == 7.0
+    assert c.expired(10.0) == FRAME_TIMEOUT  # the frame clock kept running
+
+
 def test_rate_check_off() -> None:
     c = clock(min_rate=0)
     c.received(0.0, 1, in_frame=True, completed=False)
@@ -172,40 +181,41 @@ class FakeSlot:
     idle_since: float
     evictable: bool = True
     frames_seen: int = 1
+    open_frame_since: float | None = None
 
 
 def test_admitted_under_both_caps() -> None:
-    decision = admit([FakeSlot("a", 0)], "b", max_connections=3, max_connections_per_source=2)
+    decision = admit([FakeSlot("a", 0)], "b", max_connections=3, max_connections_per_source=2, now=10.0)
     assert decision.admitted and decision.evict is None
 
 
 def test_per_source_cap_evicts_that_sources_longest_idle() -> None:
     slots = [FakeSlot("a", 5), FakeSlot("a", 1), FakeSlot("b", 0)]
-    decision = admit(slots, "a", max_connections=10, max_connections_per_source=2)
+    decision = admit(slots, "a", max_connections=10, max_connections_per_source=2, now=10.0)
     assert decision.admitted and decision.evict is slots[1] and decision.limit == PER_SOURCE_LIMIT
 
 
 def test_per_source_cap_refuses_when_none_of_its_connections_is_idle() -> None:
     slots = [FakeSlot("a", 5, evictable=False), FakeSlot("a", 1, evictable=False), FakeSlot("b", 0)]
-    decision = admit(slots, "a", max_connections=10, max_connections_per_source=2)
+    decision = admit(slots, "a", max_connections=10, max_connections_per_source=2, now=10.0)
     assert not decision.admitted and decision.evict is None and decision.limit == PER_SOURCE_LIMIT
 
 
 def test_total_cap_prefers_connections_that_never_sent_a_frame() -> None:
     slots = [FakeSlot("legit", 0, frames_seen=3), FakeSlot("x", 8, frames_seen=0)]
-    decision = admit(slots, "new", max_connections=2, max_connections_per_source=5)
+    decision = admit(slots, "new", max_connections=2, max_connections_per_source=5, now=10.0)
     assert decision.admitted and decision.evict is slots[1] and decision.limit == MAX_CONNECTIONS
 
 
 def test_total_cap_then_prefers_the_most_crowded_source_then_the_longest_idle() -> None:
     slots = [FakeSlot("legit", 0), FakeSlot("crowd", 5), FakeSlot("crowd", 3), FakeSlot("other", 1)]
-    decision = admit(slots, "new", max_connections=4, max_connections_per_source=5)
+    decision = admit(slots, "new", max_connections=4, max_connections_per_source=5, now=10.0)
     assert decision.evict is slots[2]
 
 
 def test_total_cap_refuses_when_every_connection_is_busy_or_inside_a_frame() -> None:
     slots = [FakeSlot("a", 0, evictable=False), FakeSlot("b", 0, evictable=False)]
-    decision = admit(slots, "c", max_connections=2, max_connections_per_source=5)
+    decision = admit(slots, "c", max_connections=2, max_connections_per_source=5, now=10.0)
     assert not decision.admitted and decision.limit == MAX_CONNECTIONS
 
 
@@ -228,3 +238,66 @@ def test_every_limit_setting_is_described() -> None:
     ):
         field = MllpConfig.model_fields[name]
         assert field.description and field.default is not None, name
+
+
+def test_total_cap_with_none_idle_evicts_the_oldest_stale_frame() -> None:
+    slots = [
+        FakeSlot("legit", 0, evictable=False, open_frame_since=9.9),  # a message arriving now
+        FakeSlot("slow", 0, evictable=False, open_frame_since=4.0),
+        FakeSlot("slower", 0, evictable=False, open_frame_since=2.0),
+        FakeSlot("busy", 0, evictable=False),  # being answered
+    ]
+    decision = admit(slots, "new", max_connections=4, max_connections_per_source=5, now=10.0)
+    assert decision.admitted and decision.evict is slots[2]
+
+
+def test_young_frames_are_never_evicted() -> None:
+    slots = [FakeSlot("a", 0, evictable=False, open_frame_since=9.5)]
+    assert not admit(slots, "b", max_connections=1, max_connections_per_source=5, now=10.0).admitted
+    assert not admit(slots, "a", max_connections=5, max_connections_per_source=1, now=10.0).admitted
+
+
+def test_per_source_cap_with_none_idle_evicts_that_sources_stale_frame() -> None:
+    slots = [FakeSlot("a", 0, evictable=False, open_frame_since=1.0), FakeSlot("b", 0, open_frame_since=0.0)]
+    decision = admit(slots, "a", max_connections=10, max_connections_per_source=1, now=10.0)
+    assert decision.evict is slots[0]
+
+
+def test_total_cap_evicts_struck_sources_before_a_new_legitimate_connection() -> None:
+    strikes = SourceStrikes(memory_seconds=60)
+    for t in (1.0, 2.0):
+        strikes.strike("flood", t)
+    strikes.strike("flood2", 3.0)
+    slots = [FakeSlot("legit", 1.0, frames_seen=0), FakeSlot("flood", 9.0, frames_seen=0)]
+    slots.append(FakeSlot("flood2", 8.0, frames_seen=0))
+    decision = admit(slots, "new", max_connections=3, max_connections_per_source=5, now=10.0, strikes=strikes)
+    assert decision.evict is slots[1]  # most strikes first, though the newest
+
+
+def test_strikes_are_forgotten_and_bounded() -> None:
+    strikes = SourceStrikes(memory_seconds=10, max_sources=4)
+    strikes.strike("a", 0.0)
+    strikes.strike("a", 5.0)
+    assert strikes.count("a", 14.0) == 2 and strikes.count("a", 15.0) == 0
+    for i in range(5):
+        strikes.strike(f"s{i}", 6.0)
+    assert strikes.count("s4", 6.0) == 1 and strikes.count("a", 6.0) == 0  # the oldest were dropped
+
+
+def test_a_struck_source_never_evicts() -> None:
+    strikes = SourceStrikes()
+    strikes.strike("flood", 5.0)
+    slots = [FakeSlot("legit", 1.0), FakeSlot("flood", 1.0)]
+    for cap, per_source in ((2, 5), (5, 1)):
+        decision = admit(
+            slots,
+            "flood",
+            max_connections=cap,
+            max_connections_per_source=per_source,
+            now=10.0,
+            strikes=strikes,
+        )
+        assert not decision.admitted and decision.evict is None
+    assert admit(
+        slots, "flood", max_connections=3, max_connections_per_source=5, now=10.0, strikes=strikes
+    ).admitted
