@@ -20,6 +20,19 @@ what it keeps and lenient about what it skips:
 The listener processes the frames of one connection strictly in order, one at a time, and sends
 an ACK only when the handler returns one. A handler error closes the connection without an ACK,
 so that the sender resends. Logs are structured events named ``mllp.*`` and never hold payloads.
+
+Limits against slow, idle and greedy clients (the pieces are in :mod:`hms_ach.hl7v2.mllp_limits`;
+docs/reliability.md, "MLLP limits", is the operator's account):
+
+* each connection has an idle clock (between frames; chatter does not reset it), a frame clock
+  (VT to FS) and a minimum byte rate inside a frame;
+* connections are capped per source address and in total; at a cap an idle connection (or, with
+  none, one stuck in a frame for a second or more) makes room, and a source with recent strikes
+  (connections closed by a limit) may take free slots only;
+* the bytes of unfinished and in-process frames are bounded per connection
+  (``max_message_bytes``) and, across every listener of the process, by one
+  :class:`~hms_ach.hl7v2.mllp_limits.BufferBudget`: large frames may use three quarters of it and
+  wait (unread) when that is full; small frames always find room in the last quarter.
 """
 
 from __future__ import annotations
@@ -309,11 +322,12 @@ class MllpConfig(BaseModel):
 
     @model_validator(mode="after")
     def _budget_holds_one_message(self) -> Self:
-        if self.max_message_bytes > self.process_buffer_budget_bytes:
+        if self.max_message_bytes * 4 > self.process_buffer_budget_bytes * 3:
             raise ValueError(
-                f"max_message_bytes ({self.max_message_bytes}) must not exceed "
-                f"process_buffer_budget_bytes ({self.process_buffer_budget_bytes}): "
-                "a message of the maximum size could never be buffered"
+                f"max_message_bytes ({self.max_message_bytes}) must not exceed three quarters of "
+                f"process_buffer_budget_bytes ({self.process_buffer_budget_bytes}): large frames "
+                "may hold only that much of the budget, so a message of the maximum size could "
+                "never be buffered"
             )
         return self
 
@@ -358,9 +372,10 @@ class _Connection:
             self.writer.close()
 
 
-#: Reasons to close a connection that count against its source (see SourceStrikes); an eviction
-#: counts only for a connection that never completed a frame.
-_STRIKING = frozenset({IDLE_TIMEOUT, FRAME_TIMEOUT, FRAME_TOO_SLOW, BUFFER_BUDGET, EVICTED})
+#: Reasons to close a connection that count against its source (see SourceStrikes): misbehaving
+#: inside a frame, or sitting idle without ever completing a frame.
+_STRIKING = frozenset({FRAME_TIMEOUT, FRAME_TOO_SLOW, BUFFER_BUDGET})
+_STRIKING_IF_FRAMELESS = frozenset({IDLE_TIMEOUT, EVICTED})
 
 #: A source's refused connections are logged once per this many seconds (with a count).
 REJECTION_LOG_SECONDS = 10.0
@@ -496,7 +511,7 @@ class MllpServer:
         except (ConnectionError, OSError) as exc:
             reason = conn.close_reason or f"network_error:{type(exc).__name__}"
         finally:
-            if reason in _STRIKING and (conn.frames_seen == 0 or reason != EVICTED):
+            if reason in _STRIKING or (reason in _STRIKING_IF_FRAMELESS and conn.frames_seen == 0):
                 self._strikes.strike(source, asyncio.get_running_loop().time())
             try:
                 conn.framer.abandon()

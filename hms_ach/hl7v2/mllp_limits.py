@@ -234,9 +234,9 @@ class BufferBudget(Generic[H]):
 
 
 class SourceStrikes:
-    """Which source addresses recently had a connection closed by a limit without completing a
-    frame (idle, evicted, frame timeout, too slow, buffer budget): a strike each, forgotten after
-    ``memory_seconds`` without a new one. At the total cap, connections of struck sources are
+    """Which source addresses recently had a connection closed by a limit (inside a frame: the
+    frame or rate clock or the buffer budget; idle or evicted: only if it never completed a frame):
+    a strike each, forgotten after ``memory_seconds`` without a new one. At the total cap, connections of struck sources are
     evicted before those of sources in good standing, so that a flood of abusive connections
     recycles itself rather than the connection a legitimate sender has just opened."""
 

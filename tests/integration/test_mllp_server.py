@@ -358,7 +358,7 @@ async def test_a_full_buffer_budget_holds_large_frames_back_and_lets_small_ones_
     caplog.set_level(logging.INFO, logger=LOGGER)
     budget: BufferBudget[Any] = BufferBudget(1024 * 1024)
     server = await serve(
-        max_message_bytes=1024 * 1024,
+        max_message_bytes=700_000,
         process_buffer_budget_bytes=1024 * 1024,
         max_connections=4,
         min_bytes_per_second=1000,

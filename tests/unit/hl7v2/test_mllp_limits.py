@@ -224,7 +224,8 @@ def test_total_cap_refuses_when_every_connection_is_busy_or_inside_a_frame() -> 
 
 def test_config_refuses_a_budget_smaller_than_one_message() -> None:
     with pytest.raises(ValueError, match="process_buffer_budget_bytes"):
-        MllpConfig(max_message_bytes=2048, process_buffer_budget_bytes=1024)
+        MllpConfig(max_message_bytes=2048, process_buffer_budget_bytes=2048)
+    MllpConfig(max_message_bytes=1536, process_buffer_budget_bytes=2048)  # three quarters is enough
 
 
 def test_every_limit_setting_is_described() -> None:
