@@ -42,7 +42,7 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -345,6 +345,7 @@ class _Connection:
     frames_seen: int = 0  # frames completed (Frame or OversizeFrame)
     bytes_received: int = 0
     close_reason: str | None = None  # set when the listener decided to close it
+    closed: asyncio.Event = field(default_factory=asyncio.Event)  # set with close_reason
 
     @property
     def idle_since(self) -> float:
@@ -365,6 +366,7 @@ class _Connection:
         its task then sees EOF and ends with ``reason``."""
         if self.close_reason is None:
             self.close_reason = reason
+        self.closed.set()
         self.framer.abandon()
         if abort:
             self.writer.transport.abort()
@@ -593,13 +595,14 @@ class MllpServer:
                 return conn.close_reason
             if self._stopping and not framer.in_frame:
                 return "server_stopping"
+            room = self._room_to_wait_for(conn)
+            if room:
+                reason = await self._wait_for_room(conn, room)
+                if reason is not None:
+                    return reason
+                continue
             try:
                 async with asyncio.timeout_at(clock.deadline()):
-                    room = self._room_to_wait_for(conn)
-                    if room:
-                        await budget.wait_for_room(room)
-                        clock.resumed(loop.time())
-                        continue
                     chunk = await reader.read(self.config.read_chunk_bytes)
             except TimeoutError:
                 reason = clock.expired(loop.time())
@@ -641,6 +644,46 @@ class MllpServer:
                 self._limit_event(conn, reason)
                 return reason
 
+    async def _wait_for_room(self, conn: _Connection, room: int) -> str | None:
+        """Hold a large frame back, unread, until the budget has ``room`` free; None then.
+
+        Meanwhile the frame clock runs but the rate clock does not (the window restarts after).
+        When no room comes for ``rate_window_seconds``, the connection holding the largest
+        unfinished frame (possibly this one) is closed to make some. A close from outside
+        (eviction, stop) ends the wait at once. Returns the reason to close this connection."""
+        loop = asyncio.get_running_loop()
+        while True:
+            waiter = asyncio.ensure_future(self._budget.wait_for_room(room))
+            closed = asyncio.ensure_future(conn.closed.wait())
+            frame_left = conn.clock.frame_deadline() - loop.time()
+            timeout = max(0.0, min(frame_left, self.config.rate_window_seconds))
+            try:
+                done, _pending = await asyncio.wait(
+                    {waiter, closed}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                waiter.cancel()
+                closed.cancel()
+            if conn.close_reason is not None:
+                return conn.close_reason
+            if done:
+                conn.clock.resumed(loop.time())
+                return None
+            if loop.time() >= conn.clock.frame_deadline():
+                self._limit_event(conn, FRAME_TIMEOUT)
+                return FRAME_TIMEOUT
+            if self._budget.room_for(room):
+                continue
+            victim = self._budget.largest()
+            if victim is None:
+                continue
+            self._budget_event(victim)
+            self._budget.drop(victim)
+            if victim is conn:
+                conn.framer.abandon()
+                return BUFFER_BUDGET
+            victim.close(BUFFER_BUDGET, abort=True)
+
     def _room_to_wait_for(self, conn: _Connection) -> int:
         """The free budget this connection must wait for before it is read further, or 0 (read now).
 
@@ -660,22 +703,25 @@ class MllpServer:
         victims = self._budget.claim(conn, conn.framer.buffered_after(nbytes))
         if not victims:
             return True
-        limit, used = self._budget.limit_bytes, self._budget.used_bytes
         for victim in victims:
-            _event(
-                logging.WARNING,
-                "mllp.buffer_budget_exceeded",
-                peer=victim.peer,
-                buffered=victim.framer.buffered_bytes,
-                budget_bytes=limit,
-                used_bytes=used,
-            )
+            self._budget_event(victim)
             if victim is conn:
                 conn.framer.abandon()
                 conn.close_reason = BUFFER_BUDGET
+                conn.closed.set()
             else:
                 victim.close(BUFFER_BUDGET, abort=True)
         return conn.close_reason is None
+
+    def _budget_event(self, victim: _Connection) -> None:
+        _event(
+            logging.WARNING,
+            "mllp.buffer_budget_exceeded",
+            peer=victim.peer,
+            buffered=victim.framer.buffered_bytes,
+            budget_bytes=self._budget.limit_bytes,
+            used_bytes=self._budget.used_bytes,
+        )
 
     def _limit_event(self, conn: _Connection, reason: str) -> None:
         cfg = self.config

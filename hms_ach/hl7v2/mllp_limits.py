@@ -18,7 +18,9 @@
     connection claims room for each chunk it buffers; when the claim does not fit, the holders of
     the most buffered bytes are named for eviction (possibly the claimant itself) until it fits.
     The listener lets only small frames claim like that; a large frame waits for room first
-    (:meth:`BufferBudget.wait_for_room`), so that a full budget stops reading instead of churning.
+    (:meth:`BufferBudget.wait_for_room`), so that a full budget stops reading instead of churning,
+    and when no room comes for a rate window the largest unfinished frame is dropped
+    (:meth:`BufferBudget.largest`, :meth:`BufferBudget.drop`).
 
 :func:`admit`
     Whether a new connection from a source address is let in, and which open connection, if any,
@@ -90,6 +92,10 @@ class FrameClock:
         restarts, since the sender was not slow; the frame clock keeps running."""
         self._window_started = now
         self._window_bytes = 0
+
+    def frame_deadline(self) -> float:
+        """When the open frame must have ended (meaningful inside a frame)."""
+        return self.frame_started + self.frame_timeout_seconds
 
     def deadline(self) -> float:
         """The time by which the next read must bring something, or :meth:`expired` is to be asked."""
@@ -194,6 +200,16 @@ class BufferBudget(Generic[H]):
             victims.append(victim)
             self._set(victim, 0, None)
         return victims
+
+    def largest(self) -> H | None:
+        """The holder of the largest unfinished frame, or None when nobody holds one."""
+        victim = max(self._holdings, key=lambda h: self._holdings[h].buffered, default=None)
+        return victim if victim is not None and self._holdings[victim].buffered > 0 else None
+
+    def drop(self, holder: H) -> None:
+        """``holder``'s unfinished frame is dropped (evicted): its bytes are free now."""
+        if holder in self._holdings:
+            self._set(holder, 0, None)
 
     def hold(self, holder: H, buffered: int, pinned: int) -> None:
         """Record what ``holder`` holds now (never more than it claimed; nobody is evicted)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import pytest
@@ -148,6 +149,29 @@ def test_pinned_bytes_are_never_evicted_but_count() -> None:
     budget.release("busy")
     assert budget.used_bytes == 0
     assert budget.claim("new", 200) == []
+
+
+def test_budget_largest_and_drop() -> None:
+    budget: BufferBudget[str] = BufferBudget(1000)
+    assert budget.largest() is None
+    budget.claim("a", 300)
+    budget.claim("b", 500)
+    budget.hold("c", 0, 100)  # pinned only: not a candidate
+    assert budget.largest() == "b"
+    budget.drop("b")
+    assert budget.used_bytes == 400 and budget.largest() == "a"
+
+
+async def test_wait_for_room_returns_when_enough_is_released() -> None:
+    budget: BufferBudget[str] = BufferBudget(1000)
+    budget.claim("a", 900)
+    waiting = asyncio.ensure_future(budget.wait_for_room(300))
+    await asyncio.sleep(0)
+    budget.hold("a", 800, 0)  # 100 freed: not enough, the waiter sleeps on
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    budget.release("a")
+    await asyncio.wait_for(waiting, 1)
 
 
 def test_budget_limit_is_the_smallest_registered() -> None:
