@@ -344,6 +344,8 @@ class _Connection:
     busy: bool = False  # True while a frame of this connection is being handled or answered
     frames_seen: int = 0  # frames completed (Frame or OversizeFrame)
     bytes_received: int = 0
+    garbage_bytes: int = 0  # bytes discarded outside frames
+    truncated_frames: int = 0  # frames cut short by a VT
     close_reason: str | None = None  # set when the listener decided to close it
     closed: asyncio.Event = field(default_factory=asyncio.Event)  # set with close_reason
 
@@ -521,6 +523,7 @@ class MllpServer:
                 writer.close()
                 with suppress(OSError, asyncio.CancelledError):
                     await writer.wait_closed()
+                extra = {"garbage_bytes": conn.garbage_bytes, "truncated_frames": conn.truncated_frames}
                 _event(
                     logging.INFO,
                     "mllp.connection_closed",
@@ -528,6 +531,7 @@ class MllpServer:
                     reason=reason,
                     frames=conn.frames_seen,
                     bytes=conn.bytes_received,
+                    **{k: v for k, v in extra.items() if v},
                 )
             finally:
                 del self._connections[task]  # only now, so that close() waits for this task
@@ -747,11 +751,17 @@ class MllpServer:
     async def _on_event(self, event: FrameEvent, conn: _Connection) -> bool:
         """Act on one framing event; False means: close this connection now."""
         peer = conn.peer
+        # the first of each per connection is logged, the rest are counted in mllp.connection_closed
+        # (a stream of junk or of VTs must not turn into a stream of log lines)
         if isinstance(event, Garbage):
-            _event(logging.WARNING, "mllp.garbage_discarded", peer=peer, bytes=event.size)
+            if not conn.garbage_bytes:
+                _event(logging.WARNING, "mllp.garbage_discarded", peer=peer, bytes=event.size)
+            conn.garbage_bytes += event.size
             return True
         if isinstance(event, TruncatedFrame):
-            _event(logging.WARNING, "mllp.truncated_frame", peer=peer, bytes=event.size)
+            if not conn.truncated_frames:
+                _event(logging.WARNING, "mllp.truncated_frame", peer=peer, bytes=event.size)
+            conn.truncated_frames += 1
             return True
         if isinstance(event, OversizeFrame):
             _event(

@@ -388,6 +388,27 @@ async def test_a_full_buffer_budget_holds_large_frames_back_and_lets_small_ones_
     assert budget.used_bytes == 0
 
 
+async def test_a_stream_of_junk_and_vts_is_not_a_stream_of_log_lines(
+    serve: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    server = await serve()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    for _ in range(20):
+        writer.write(b"junk" + VT * 500)  # 500 truncated frames and 4 bytes of garbage each time
+        await writer.drain()
+    writer.write(CR + frame(message("AFTER")))  # the connection still works
+    await writer.drain()
+    assert msa(await asyncio.wait_for(reader.readuntil(FS + CR), 5)) == ("AA", "AFTER")
+    writer.close()
+    await wait_until(lambda: server.connection_count == 0)
+    names = events(caplog)
+    assert names.count("mllp.truncated_frame") == 1 and names.count("mllp.garbage_discarded") == 1
+    closed = [r for r in caplog.records if getattr(r, "event", "") == "mllp.connection_closed"]
+    fields = closed[-1].fields  # type: ignore[attr-defined]
+    assert fields["truncated_frames"] >= 9_999 and fields["garbage_bytes"] == 4
+
+
 async def test_stop_accepting_lets_a_frame_in_progress_finish(serve: Start) -> None:
     server = await serve()
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
