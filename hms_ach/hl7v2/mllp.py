@@ -342,6 +342,7 @@ class _Connection:
     framer: MllpFramer
     clock: FrameClock
     busy: bool = False  # True while a frame of this connection is being handled or answered
+    held_back: bool = False  # True while its large frame waits for buffer room, unread
     frames_seen: int = 0  # frames completed (Frame or OversizeFrame)
     bytes_received: int = 0
     garbage_bytes: int = 0  # bytes discarded outside frames
@@ -455,15 +456,16 @@ class MllpServer:
         _event(logging.INFO, "mllp.listening", host=self.config.host, port=self.port)
 
     def stop_accepting(self) -> None:
-        """Stop listening (idempotent). Connections between frames are closed now; a connection
-        inside a frame or being answered may finish that frame and get its ACK, then is closed."""
+        """Stop listening (idempotent). Connections between frames (or whose large frame is held
+        back for buffer room) are closed now; a connection inside a frame or being answered may
+        finish that frame and get its ACK, then is closed."""
         if self._server is None or self._stopping:
             return
         self._stopping = True
         self._server.close()
         for conn in self._connections.values():
-            if conn.evictable:
-                conn.close("server_stopping")
+            if conn.evictable or conn.held_back:  # a held-back frame may never get its room
+                conn.close("server_stopping", abort=conn.held_back)
 
     async def close(self, grace_seconds: float = 10.0) -> None:
         """:meth:`stop_accepting`, then wait up to ``grace_seconds`` for the connections still
@@ -661,11 +663,13 @@ class MllpServer:
             closed = asyncio.ensure_future(conn.closed.wait())
             frame_left = conn.clock.frame_deadline() - loop.time()
             timeout = max(0.0, min(frame_left, self.config.rate_window_seconds))
+            conn.held_back = True
             try:
                 done, _pending = await asyncio.wait(
                     {waiter, closed}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
             finally:
+                conn.held_back = False
                 waiter.cancel()
                 closed.cancel()
             if conn.close_reason is not None:

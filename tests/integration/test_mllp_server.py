@@ -388,6 +388,24 @@ async def test_a_full_buffer_budget_holds_large_frames_back_and_lets_small_ones_
     assert budget.used_bytes == 0
 
 
+async def test_close_does_not_wait_for_a_frame_held_back_for_buffer_room(serve: Start) -> None:
+    budget: BufferBudget[Any] = BufferBudget(1024 * 1024)
+    server = await serve(
+        max_message_bytes=780_000, process_buffer_budget_bytes=1024 * 1024, max_connections=4, budget=budget
+    )
+    hog = await asyncio.open_connection("127.0.0.1", server.port)
+    hog[1].write(VT + message("HOG") + b"NTE|1||" + b"h" * 760_000)  # held back at three quarters
+    await hog[1].drain()
+    await wait_until(lambda: server.buffered_bytes >= 600_000)
+    await asyncio.sleep(0.3)
+    started = time.monotonic()
+    await server.close(grace_seconds=5)
+    assert time.monotonic() - started < 2
+    assert await wait_for_eof(hog[0]) == b""
+    hog[1].close()
+    assert budget.used_bytes == 0
+
+
 async def test_a_stream_of_junk_and_vts_is_not_a_stream_of_log_lines(
     serve: Start, caplog: pytest.LogCaptureFixture
 ) -> None:
