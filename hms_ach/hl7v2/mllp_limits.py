@@ -22,10 +22,12 @@
     and when no room comes for a rate window the largest unfinished frame is dropped
     (:meth:`BufferBudget.largest`, :meth:`BufferBudget.drop`).
 
-:func:`admit`
+:func:`admit` and :class:`SourceStrikes`
     Whether a new connection from a source address is let in, and which open connection, if any,
     makes room for it: per-source and total caps, evicting an idle connection (between frames and
-    not being answered) rather than refusing a new sender while idle holders sit on every slot.
+    not being answered), or one stuck in a frame for a second or more, rather than refusing a new
+    sender while such holders sit on every slot. Sources whose connections were recently closed
+    by a limit (strikes) may take free slots only, and their connections are evicted first.
 """
 
 from __future__ import annotations
