@@ -20,6 +20,19 @@ what it keeps and lenient about what it skips:
 The listener processes the frames of one connection strictly in order, one at a time, and sends
 an ACK only when the handler returns one. A handler error closes the connection without an ACK,
 so that the sender resends. Logs are structured events named ``mllp.*`` and never hold payloads.
+
+Limits against slow, idle and greedy clients (the pieces are in :mod:`hms_ach.hl7v2.mllp_limits`;
+docs/reliability.md, "MLLP limits", is the operator's account):
+
+* each connection has an idle clock (between frames; chatter does not reset it), a frame clock
+  (VT to FS) and a minimum byte rate inside a frame;
+* connections are capped per source address and in total; at a cap an idle connection (or, with
+  none, one stuck in a frame for a second or more) makes room, and a source with recent strikes
+  (connections closed by a limit) may take free slots only;
+* the bytes of unfinished and in-process frames are bounded per connection
+  (``max_message_bytes``) and, across every listener of the process, by one
+  :class:`~hms_ach.hl7v2.mllp_limits.BufferBudget`: large frames may use three quarters of it and
+  wait (unread) when that is full; small frames always find room in the last quarter.
 """
 
 from __future__ import annotations
@@ -29,12 +42,23 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hms_ach.core.errors import HmsAchError
+from hms_ach.hl7v2.mllp_limits import (
+    BUFFER_BUDGET,
+    EVICTED,
+    FRAME_TIMEOUT,
+    FRAME_TOO_SLOW,
+    IDLE_TIMEOUT,
+    BufferBudget,
+    FrameClock,
+    SourceStrikes,
+    admit,
+)
 
 VT = b"\x0b"  #: start block
 FS = b"\x1c"  #: end block
@@ -98,7 +122,7 @@ class TruncatedFrame:
 
 FrameEvent = Frame | OversizeFrame | Garbage | TruncatedFrame
 
-_OUTSIDE, _INSIDE, _DISCARDING = "outside", "inside", "discarding"
+_OUTSIDE, _INSIDE, _DISCARDING, _ABANDONED = "outside", "inside", "discarding", "abandoned"
 
 
 class MllpFramer:
@@ -125,9 +149,23 @@ class MllpFramer:
     @property
     def in_frame(self) -> bool:
         """True between a VT and its FS (including while an oversize frame is being skipped)."""
-        return self._state != _OUTSIDE
+        return self._state in (_INSIDE, _DISCARDING)
+
+    def buffered_after(self, nbytes: int) -> int:
+        """The most bytes this framer can hold (buffered or in the frames it returns) after being
+        fed ``nbytes`` more: what a connection claims from the buffer budget before a read."""
+        if self._state == _INSIDE:
+            return len(self._buffer) + nbytes
+        return 0 if self._state == _ABANDONED else nbytes
+
+    def abandon(self) -> None:
+        """Drop the unfinished frame now (its memory is freed) and ignore everything fed later."""
+        self._reset()
+        self._state = _ABANDONED
 
     def feed(self, data: bytes) -> list[FrameEvent]:
+        if self._state == _ABANDONED:
+            return []
         events: list[FrameEvent] = []
         view = memoryview(data)
         pos, end_of_data = 0, len(data)
@@ -160,7 +198,7 @@ class MllpFramer:
 
     def finish(self) -> list[FrameEvent]:
         """The stream ended: a frame still open is reported as truncated and dropped."""
-        if self._state == _OUTSIDE:
+        if self._state in (_OUTSIDE, _ABANDONED):
             return []
         size = self._size
         self._reset()
@@ -207,9 +245,11 @@ def frame(payload: bytes) -> bytes:
 FrameHandler = Callable[[bytes, str], Awaitable[bytes | list[bytes] | None]]
 OversizeHandler = Callable[[bytes, int, str], bytes | None | Awaitable[bytes | None]]
 
+MIB = 1024 * 1024
+
 
 class MllpConfig(BaseModel):
-    """Settings of one MLLP listener."""
+    """Settings of one MLLP listener (see docs/reliability.md, "MLLP limits")."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -218,36 +258,147 @@ class MllpConfig(BaseModel):
         2575, ge=0, le=65535, description="TCP port to listen on; 0 lets the OS choose (tests)."
     )
     max_message_bytes: int = Field(
-        16 * 1024 * 1024,
+        16 * MIB,
         ge=1,
         description="Largest payload (bytes between VT and FS) accepted; longer frames are skipped and "
-        "answered by the oversize callback (an AR).",
+        "answered by the oversize callback (an AR). Also the most one connection buffers.",
     )
     idle_timeout_seconds: float = Field(
         300.0,
         gt=0,
-        description="A connection that sends nothing (or cannot take our ACK) for this long is closed.",
+        description="Between frames, a connection must start its next frame within this long of its "
+        "last answer (or of connecting), else it is closed; CR, LF or other bytes between frames do "
+        "not reset this clock.",
+    )
+    frame_timeout_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="A frame must end (FS) within this long of its first byte (VT), however steadily "
+        "it arrives, else the connection is closed without an answer.",
+    )
+    min_bytes_per_second: float = Field(
+        1024.0,
+        ge=0,
+        description="Inside a frame, each rate_window_seconds must bring at least this many bytes per "
+        "second on average, else the connection is closed; 0 turns the check off.",
+    )
+    rate_window_seconds: float = Field(
+        10.0, gt=0, description="The window over which min_bytes_per_second is measured."
+    )
+    ack_send_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="A peer that does not take our ACK within this long (it stopped reading) is "
+        "disconnected.",
     )
     max_connections: int = Field(
-        100, ge=1, description="Open connections allowed at once; further connections are closed at once."
+        100,
+        ge=1,
+        description="Open connections allowed at once. At the cap a new connection closes an idle one "
+        "(between frames), if there is one, and is refused otherwise.",
+    )
+    max_connections_per_source: int = Field(
+        20,
+        ge=1,
+        description="Open connections allowed from one source address. At the cap a new connection "
+        "from it closes that source's longest-idle connection, if one is idle, and is refused otherwise.",
+    )
+    process_buffer_budget_bytes: int = Field(
+        256 * MIB,
+        ge=1,
+        description="Bytes of unfinished and in-process frames that all MLLP connections of the "
+        "process may hold together (the smallest value among running MLLP channels applies). Past it "
+        "the connection holding the largest unfinished frame is closed without an answer.",
+    )
+    listen_backlog: int = Field(
+        1024,
+        ge=1,
+        le=65535,
+        description="Connections the kernel queues before the listener accepts them (capped by the "
+        "OS, net.core.somaxconn on Linux). A full queue makes new senders wait for SYN retransmits "
+        "(1 s, 3 s, ...), so keep it well above the connection churn of a busy second.",
     )
     read_chunk_bytes: int = Field(
-        65536, ge=512, le=16 * 1024 * 1024, description="Bytes read from a socket per read call."
+        65536, ge=512, le=16 * MIB, description="Bytes read from a socket per read call."
     )
 
+    @model_validator(mode="after")
+    def _budget_holds_one_message(self) -> Self:
+        if self.max_message_bytes * 4 > self.process_buffer_budget_bytes * 3:
+            raise ValueError(
+                f"max_message_bytes ({self.max_message_bytes}) must not exceed three quarters of "
+                f"process_buffer_budget_bytes ({self.process_buffer_budget_bytes}): large frames "
+                "may hold only that much of the budget, so a message of the maximum size could "
+                "never be buffered"
+            )
+        return self
 
-@dataclass(slots=True)
+
+@dataclass(slots=True, eq=False)
 class _Connection:
-    peer: str
+    """One open connection: what the listener, the admission rule and the budget know of it."""
+
+    peer: str  # host:port, for the logs
+    source: str  # host: the unit of max_connections_per_source
     writer: asyncio.StreamWriter
+    framer: MllpFramer
+    clock: FrameClock
     busy: bool = False  # True while a frame of this connection is being handled or answered
+    held_back: bool = False  # True while its large frame waits for buffer room, unread
+    frames_seen: int = 0  # frames completed (Frame or OversizeFrame)
+    bytes_received: int = 0
+    garbage_bytes: int = 0  # bytes discarded outside frames
+    truncated_frames: int = 0  # frames cut short by a VT
+    close_reason: str | None = None  # set when the listener decided to close it
+    closed: asyncio.Event = field(default_factory=asyncio.Event)  # set with close_reason
+
+    @property
+    def idle_since(self) -> float:
+        return self.clock.idle_since
+
+    @property
+    def evictable(self) -> bool:
+        return not self.busy and not self.framer.in_frame and self.close_reason is None
+
+    @property
+    def open_frame_since(self) -> float | None:
+        if self.busy or not self.framer.in_frame or self.close_reason is not None:
+            return None
+        return self.clock.frame_started
+
+    def close(self, reason: str, *, abort: bool = False) -> None:
+        """Close from outside its task: drop its unfinished frame now, close (or reset) the socket;
+        its task then sees EOF and ends with ``reason``."""
+        if self.close_reason is None:
+            self.close_reason = reason
+        self.closed.set()
+        self.framer.abandon()
+        if abort:
+            self.writer.transport.abort()
+        else:
+            self.writer.close()
 
 
-def _peer_name(writer: asyncio.StreamWriter) -> str:
+#: Reasons to close a connection that count against its source (see SourceStrikes): misbehaving
+#: inside a frame, or sitting idle without ever completing a frame.
+_STRIKING = frozenset({FRAME_TIMEOUT, FRAME_TOO_SLOW, BUFFER_BUDGET})
+_STRIKING_IF_FRAMELESS = frozenset({IDLE_TIMEOUT, EVICTED})
+
+#: A source's refused connections are logged once per this many seconds (with a count).
+REJECTION_LOG_SECONDS = 10.0
+
+#: The buffer budget every :class:`MllpServer` of the process shares unless given its own.
+PROCESS_BUFFER_BUDGET: BufferBudget[_Connection] = BufferBudget(
+    MllpConfig.model_fields["process_buffer_budget_bytes"].default
+)
+
+
+def _peer_of(writer: asyncio.StreamWriter) -> tuple[str, str]:
+    """(``host:port``, ``host``) of the peer."""
     peer = writer.get_extra_info("peername")
     if isinstance(peer, tuple) and len(peer) >= 2:
-        return f"{peer[0]}:{peer[1]}"
-    return str(peer)
+        return f"{peer[0]}:{peer[1]}", str(peer[0])
+    return str(peer), str(peer)
 
 
 class MllpServer:
@@ -257,15 +408,29 @@ class MllpServer:
     ACKs sent one after the other (each its own frame), or None.
     ``on_oversize(prefix, size, peer)`` (plain or async) returns the AR for a frame over the limit,
     after which the connection keeps going; without it, or when it returns None, the connection
-    is closed.
+    is closed. ``budget`` is the buffer budget to share (the process-wide one by default).
+
+    Limits (:mod:`hms_ach.hl7v2.mllp_limits`): the idle, frame and rate clocks of each connection,
+    the per-source and total connection caps with eviction of idle connections, and the buffer
+    budget. Each closes a connection with a structured ``mllp.*`` event naming the peer and the
+    reason, never the payload.
     """
 
-    def __init__(self, config: MllpConfig, handler: FrameHandler, on_oversize: OversizeHandler | None = None):
+    def __init__(
+        self,
+        config: MllpConfig,
+        handler: FrameHandler,
+        on_oversize: OversizeHandler | None = None,
+        budget: BufferBudget[_Connection] | None = None,
+    ):
         self.config = config
         self._handler = handler
         self._on_oversize = on_oversize
+        self._budget = PROCESS_BUFFER_BUDGET if budget is None else budget
         self._server: asyncio.Server | None = None
         self._connections: dict[asyncio.Task[Any], _Connection] = {}
+        self._strikes = SourceStrikes()
+        self._rejections: dict[str, tuple[int, float]] = {}  # source -> (not logged, last logged)
         self._stopping = False
 
     @property
@@ -279,24 +444,38 @@ class MllpServer:
     def connection_count(self) -> int:
         return len(self._connections)
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of frames held by this listener's connections now (unfinished or being handled)."""
+        return sum(self._budget.held_by(conn) for conn in self._connections.values())
+
     async def start(self) -> None:
         self._stopping = False
         limit = max(self.config.read_chunk_bytes, 65536)
         self._server = await asyncio.start_server(
-            self._serve, self.config.host, self.config.port, limit=limit
+            self._serve, self.config.host, self.config.port, limit=limit, backlog=self.config.listen_backlog
         )
+        self._budget.register(self, self.config.process_buffer_budget_bytes)
         _event(logging.INFO, "mllp.listening", host=self.config.host, port=self.port)
 
-    async def close(self, grace_seconds: float = 10.0) -> None:
-        """Stop accepting, close idle connections, let busy ones finish their current frame
-        (up to ``grace_seconds``, then cancel them) and wait until all are gone."""
-        if self._server is None:
+    def stop_accepting(self) -> None:
+        """Stop listening (idempotent). Connections between frames (or whose large frame is held
+        back for buffer room) are closed now; a connection inside a frame or being answered may
+        finish that frame and get its ACK, then is closed."""
+        if self._server is None or self._stopping:
             return
         self._stopping = True
         self._server.close()
         for conn in self._connections.values():
-            if not conn.busy:
-                conn.writer.close()
+            if conn.evictable or conn.held_back:  # a held-back frame may never get its room
+                conn.close("server_stopping", abort=conn.held_back)
+
+    async def close(self, grace_seconds: float = 10.0) -> None:
+        """:meth:`stop_accepting`, then wait up to ``grace_seconds`` for the connections still
+        finishing a frame, cancel those left, and return when all are gone."""
+        if self._server is None:
+            return
+        self.stop_accepting()
         tasks = list(self._connections)
         if tasks:
             _done, late = await asyncio.wait(tasks, timeout=grace_seconds)
@@ -305,6 +484,7 @@ class MllpServer:
             await asyncio.gather(*late, return_exceptions=True)
         await self._server.wait_closed()
         self._server = None
+        self._budget.unregister(self)
         _event(logging.INFO, "mllp.stopped")
 
     async def __aenter__(self) -> MllpServer:
@@ -315,75 +495,280 @@ class MllpServer:
         await self.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = _peer_name(writer)
-        if self._stopping or len(self._connections) >= self.config.max_connections:
-            _event(
-                logging.WARNING,
-                "mllp.connection_rejected",
-                peer=peer,
-                open=len(self._connections),
-                max_connections=self.config.max_connections,
-            )
+        peer, source = _peer_of(writer)
+        if not self._admit(peer, source):
             writer.close()
             with suppress(OSError):
                 await writer.wait_closed()
             return
         task = asyncio.current_task()
         assert task is not None  # we always run inside the task start_server made
-        conn = _Connection(peer, writer)
+        cfg = self.config
+        clock = FrameClock(
+            idle_timeout_seconds=cfg.idle_timeout_seconds,
+            frame_timeout_seconds=cfg.frame_timeout_seconds,
+            min_bytes_per_second=cfg.min_bytes_per_second,
+            rate_window_seconds=cfg.rate_window_seconds,
+            now=asyncio.get_running_loop().time(),
+        )
+        conn = _Connection(peer, source, writer, MllpFramer(cfg.max_message_bytes), clock)
         self._connections[task] = conn
         _event(logging.INFO, "mllp.connection_opened", peer=peer)
         reason = "eof"
         try:
             reason = await self._read_loop(reader, conn)
         except (ConnectionError, OSError) as exc:
-            reason = f"network_error:{type(exc).__name__}"
+            reason = conn.close_reason or f"network_error:{type(exc).__name__}"
         finally:
+            if reason in _STRIKING or (reason in _STRIKING_IF_FRAMELESS and conn.frames_seen == 0):
+                self._strikes.strike(source, asyncio.get_running_loop().time())
             try:
+                conn.framer.abandon()
+                self._budget.release(conn)
                 writer.close()
                 with suppress(OSError, asyncio.CancelledError):
                     await writer.wait_closed()
-                _event(logging.INFO, "mllp.connection_closed", peer=peer, reason=reason)
+                extra = {"garbage_bytes": conn.garbage_bytes, "truncated_frames": conn.truncated_frames}
+                _event(
+                    logging.INFO,
+                    "mllp.connection_closed",
+                    peer=peer,
+                    reason=reason,
+                    frames=conn.frames_seen,
+                    bytes=conn.bytes_received,
+                    **{k: v for k, v in extra.items() if v},
+                )
             finally:
                 del self._connections[task]  # only now, so that close() waits for this task
 
+    def _admit(self, peer: str, source: str) -> bool:
+        """Apply the connection caps to a new connection (closing an idle one to make room)."""
+        if self._stopping:
+            _event(logging.INFO, "mllp.connection_rejected", peer=peer, limit="server_stopping")
+            return False
+        open_now = [c for c in self._connections.values() if c.close_reason is None]
+        decision = admit(
+            open_now,
+            source,
+            max_connections=self.config.max_connections,
+            max_connections_per_source=self.config.max_connections_per_source,
+            now=asyncio.get_running_loop().time(),
+            strikes=self._strikes,
+        )
+        if not decision.admitted:
+            self._log_rejection(peer, source, decision.limit, len(open_now))
+            return False
+        if decision.evict is not None:
+            victim = decision.evict
+            in_frame = victim.framer.in_frame
+            since = victim.clock.frame_started if in_frame else victim.idle_since
+            _event(
+                logging.INFO,
+                "mllp.connection_evicted",
+                peer=victim.peer,
+                limit=decision.limit,
+                in_frame=in_frame,
+                seconds=round(asyncio.get_running_loop().time() - since, 3),
+                frames=victim.frames_seen,
+            )
+            victim.close(EVICTED, abort=in_frame)
+        return True
+
+    def _log_rejection(self, peer: str, source: str, limit: str, open_count: int) -> None:
+        """Log a refused connection: the first of a source, then one line per source every
+        REJECTION_LOG_SECONDS with how many were refused meanwhile (a flood is not a log flood)."""
+        now = asyncio.get_running_loop().time()
+        count, last = self._rejections.get(source, (0, -REJECTION_LOG_SECONDS))
+        if now - last < REJECTION_LOG_SECONDS:
+            self._rejections[source] = (count + 1, last)
+            return
+        if len(self._rejections) >= 4096:
+            self._rejections.clear()
+        self._rejections[source] = (0, now)
+        _event(
+            logging.WARNING,
+            "mllp.connection_rejected",
+            peer=peer,
+            limit=limit,
+            open=open_count,
+            max_connections=self.config.max_connections,
+            max_connections_per_source=self.config.max_connections_per_source,
+            not_logged_before=count,
+        )
+
     async def _read_loop(self, reader: asyncio.StreamReader, conn: _Connection) -> str:
-        framer = MllpFramer(self.config.max_message_bytes)
-        while not self._stopping:
+        loop = asyncio.get_running_loop()
+        framer, clock, budget = conn.framer, conn.clock, self._budget
+        while True:
+            if conn.close_reason is not None:
+                return conn.close_reason
+            if self._stopping and not framer.in_frame:
+                return "server_stopping"
+            room = self._room_to_wait_for(conn)
+            if room:
+                reason = await self._wait_for_room(conn, room)
+                if reason is not None:
+                    return reason
+                continue
             try:
-                async with asyncio.timeout(self.config.idle_timeout_seconds):
+                async with asyncio.timeout_at(clock.deadline()):
                     chunk = await reader.read(self.config.read_chunk_bytes)
             except TimeoutError:
-                _event(
-                    logging.INFO,
-                    "mllp.idle_timeout",
-                    peer=conn.peer,
-                    seconds=self.config.idle_timeout_seconds,
-                    in_frame=framer.in_frame,
-                )
-                return "idle_timeout"
+                reason = clock.expired(loop.time())
+                if reason is None:
+                    continue
+                self._limit_event(conn, reason)
+                return reason
+            if conn.close_reason is not None:
+                return conn.close_reason
+            conn.bytes_received += len(chunk)
+            if chunk and not self._claim(conn, len(chunk)):
+                return BUFFER_BUDGET
             events = framer.feed(chunk) if chunk else framer.finish()
-            conn.busy = True
-            try:
-                for event in events:
-                    if self._stopping:
-                        return "server_stopping"
-                    if not await self._on_event(event, conn):
-                        return "handler_failed" if isinstance(event, Frame) else "oversize"
-            finally:
-                conn.busy = False
+            completed = sum(isinstance(e, (Frame, OversizeFrame)) for e in events)
+            conn.frames_seen += completed
+            clock.received(loop.time(), len(chunk), in_frame=framer.in_frame, completed=completed > 0)
+            pinned = sum(len(e.payload) for e in events if isinstance(e, Frame))
+            budget.hold(conn, framer.buffered_bytes, pinned)
+            if events:
+                conn.busy = True
+                try:
+                    for event in events:
+                        ok = await self._on_event(event, conn)
+                        if isinstance(event, Frame):
+                            pinned -= len(event.payload)
+                            budget.hold(conn, framer.buffered_bytes, pinned)
+                        if conn.close_reason is not None:
+                            return conn.close_reason
+                        if not ok:
+                            return "handler_failed" if isinstance(event, Frame) else "oversize"
+                finally:
+                    conn.busy = False
+                if completed:
+                    clock.answered(loop.time())
             if not chunk:
                 return "eof"
-        return "server_stopping"
+            reason = clock.expired(loop.time())
+            if reason is not None:
+                self._limit_event(conn, reason)
+                return reason
+
+    async def _wait_for_room(self, conn: _Connection, room: int) -> str | None:
+        """Hold a large frame back, unread, until the budget has ``room`` free; None then.
+
+        Meanwhile the frame clock runs but the rate clock does not (the window restarts after).
+        When no room comes for ``rate_window_seconds``, the connection holding the largest
+        unfinished frame (possibly this one) is closed to make some. A close from outside
+        (eviction, stop) ends the wait at once. Returns the reason to close this connection."""
+        loop = asyncio.get_running_loop()
+        while True:
+            waiter = asyncio.ensure_future(self._budget.wait_for_room(room))
+            closed = asyncio.ensure_future(conn.closed.wait())
+            frame_left = conn.clock.frame_deadline() - loop.time()
+            timeout = max(0.0, min(frame_left, self.config.rate_window_seconds))
+            conn.held_back = True
+            try:
+                done, _pending = await asyncio.wait(
+                    {waiter, closed}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                conn.held_back = False
+                waiter.cancel()
+                closed.cancel()
+            if conn.close_reason is not None:
+                return conn.close_reason
+            if done:
+                conn.clock.resumed(loop.time())
+                return None
+            if loop.time() >= conn.clock.frame_deadline():
+                self._limit_event(conn, FRAME_TIMEOUT)
+                return FRAME_TIMEOUT
+            if self._budget.room_for(room):
+                continue
+            victim = self._budget.largest()
+            if victim is None:
+                continue
+            self._budget_event(victim)
+            self._budget.drop(victim)
+            if victim is conn:
+                conn.framer.abandon()
+                return BUFFER_BUDGET
+            victim.close(BUFFER_BUDGET, abort=True)
+
+    def _room_to_wait_for(self, conn: _Connection) -> int:
+        """The free budget this connection must wait for before it is read further, or 0 (read now).
+
+        Large unfinished frames (over budget / (4 x max_connections)) may fill only three quarters
+        of the budget; the last quarter is kept for small frames (every connection may hold one),
+        so that ordinary messages are read at once however full the budget is."""
+        chunk = self.config.read_chunk_bytes
+        limit = self._budget.limit_bytes
+        small = max(chunk, limit // (4 * self.config.max_connections))
+        if conn.framer.buffered_bytes < small or self._budget.room_for(chunk + limit // 4):
+            return 0
+        return chunk + limit // 4
+
+    def _claim(self, conn: _Connection, nbytes: int) -> bool:
+        """Make room in the buffer budget for ``nbytes`` more of this connection; False when this
+        connection is the one to go (it holds the largest unfinished frame)."""
+        victims = self._budget.claim(conn, conn.framer.buffered_after(nbytes))
+        if not victims:
+            return True
+        for victim in victims:
+            self._budget_event(victim)
+            if victim is conn:
+                conn.framer.abandon()
+                conn.close_reason = BUFFER_BUDGET
+                conn.closed.set()
+            else:
+                victim.close(BUFFER_BUDGET, abort=True)
+        return conn.close_reason is None
+
+    def _budget_event(self, victim: _Connection) -> None:
+        _event(
+            logging.WARNING,
+            "mllp.buffer_budget_exceeded",
+            peer=victim.peer,
+            buffered=victim.framer.buffered_bytes,
+            budget_bytes=self._budget.limit_bytes,
+            used_bytes=self._budget.used_bytes,
+        )
+
+    def _limit_event(self, conn: _Connection, reason: str) -> None:
+        cfg = self.config
+        if reason == IDLE_TIMEOUT:
+            _event(
+                logging.INFO,
+                "mllp.idle_timeout",
+                peer=conn.peer,
+                seconds=cfg.idle_timeout_seconds,
+                in_frame=conn.framer.in_frame,
+            )
+        elif reason == FRAME_TIMEOUT:
+            _event(logging.WARNING, "mllp.frame_timeout", peer=conn.peer, seconds=cfg.frame_timeout_seconds)
+        else:
+            _event(
+                logging.WARNING,
+                "mllp.frame_too_slow",
+                peer=conn.peer,
+                min_bytes_per_second=cfg.min_bytes_per_second,
+                window_seconds=cfg.rate_window_seconds,
+            )
 
     async def _on_event(self, event: FrameEvent, conn: _Connection) -> bool:
         """Act on one framing event; False means: close this connection now."""
         peer = conn.peer
+        # the first of each per connection is logged, the rest are counted in mllp.connection_closed
+        # (a stream of junk or of VTs must not turn into a stream of log lines)
         if isinstance(event, Garbage):
-            _event(logging.WARNING, "mllp.garbage_discarded", peer=peer, bytes=event.size)
+            if not conn.garbage_bytes:
+                _event(logging.WARNING, "mllp.garbage_discarded", peer=peer, bytes=event.size)
+            conn.garbage_bytes += event.size
             return True
         if isinstance(event, TruncatedFrame):
-            _event(logging.WARNING, "mllp.truncated_frame", peer=peer, bytes=event.size)
+            if not conn.truncated_frames:
+                _event(logging.WARNING, "mllp.truncated_frame", peer=peer, bytes=event.size)
+            conn.truncated_frames += 1
             return True
         if isinstance(event, OversizeFrame):
             _event(
@@ -420,9 +805,11 @@ class MllpServer:
         return True
 
     async def _send(self, conn: _Connection, ack: bytes) -> bool:
+        if conn.close_reason is not None:
+            return False
         conn.writer.write(frame(ack))
         try:
-            async with asyncio.timeout(self.config.idle_timeout_seconds):
+            async with asyncio.timeout(self.config.ack_send_timeout_seconds):
                 await conn.writer.drain()
         except TimeoutError:
             _event(logging.WARNING, "mllp.send_timeout", peer=conn.peer)

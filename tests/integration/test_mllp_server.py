@@ -12,6 +12,7 @@ import sys
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from hms_ach.hl7v2.mllp import (
     OversizeHandler,
     frame,
 )
+from hms_ach.hl7v2.mllp_limits import BufferBudget
 from hms_ach.hl7v2.parse import read_header
 
 MSA = re.compile(rb"MSA\|(\w+)\|([^|\r]*)")
@@ -82,9 +84,15 @@ async def serve() -> AsyncIterator[Start]:
     servers: list[MllpServer] = []
 
     async def start(
-        handler: FrameHandler = aa_handler, on_oversize: OversizeHandler | None = oversize_ar, **settings: Any
+        handler: FrameHandler = aa_handler,
+        on_oversize: OversizeHandler | None = oversize_ar,
+        budget: BufferBudget[Any] | None = None,
+        **settings: Any,
     ) -> MllpServer:
-        server = MllpServer(MllpConfig(host="127.0.0.1", port=0, **settings), handler, on_oversize)
+        config = MllpConfig(host="127.0.0.1", port=0, **settings)
+        server = MllpServer(
+            config, handler, on_oversize, budget if budget is not None else BufferBudget(1 << 30)
+        )
         await server.start()
         servers.append(server)
         return server
@@ -190,27 +198,251 @@ async def test_idle_connection_is_closed(serve: Start, caplog: pytest.LogCapture
     assert len(acks) == 2
 
 
-async def test_connection_cap(serve: Start, caplog: pytest.LogCaptureFixture) -> None:
+async def open_from(
+    port: int, source: str = "127.0.0.1"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the listener from the loopback address ``source`` (Linux routes 127/8 to lo)."""
+    return await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+
+
+async def exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, control_id: str
+) -> tuple[str, str]:
+    writer.write(frame(message(control_id)))
+    await writer.drain()
+    return msa(await asyncio.wait_for(reader.readuntil(FS + CR), 5))
+
+
+async def wait_until(condition: Callable[[], bool], within: float = 5) -> None:
+    async with asyncio.timeout(within):
+        while not condition():
+            await asyncio.sleep(0.01)
+
+
+async def test_connection_cap_closes_the_longest_idle_connection_for_a_new_one(
+    serve: Start, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger=LOGGER)
     server = await serve(max_connections=2)
     held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
-    for reader, writer in held:  # make sure both are registered as open
-        writer.write(frame(message("H")))
-        await writer.drain()
-        assert msa(await asyncio.wait_for(reader.readuntil(FS + CR), 5))[0] == "AA"
+    for i, (reader, writer) in enumerate(held):  # both registered, the first one idle longest
+        assert await exchange(reader, writer, f"H{i}") == ("AA", f"H{i}")
     assert server.connection_count == 2
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    assert await exchange(reader, writer, "NEW") == ("AA", "NEW")
+    assert await wait_for_eof(held[0][0]) == b""  # the longest idle made room
+    assert await exchange(*held[1], "STILL") == ("AA", "STILL")
+    assert "mllp.connection_evicted" in events(caplog)
+    for _reader, w in (held[1], (reader, writer)):
+        w.close()
+
+
+async def test_connection_cap_refuses_when_every_connection_is_inside_a_frame(
+    serve: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    server = await serve(max_connections=2)
+    held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(2)]
+    for _reader, writer in held:
+        writer.write(VT + message("PART")[:20])  # a frame begun, not finished
+        await writer.drain()
+    await wait_until(lambda: server.buffered_bytes >= 40)
     reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
     assert await wait_for_eof(reader) == b""
     writer.close()
     assert "mllp.connection_rejected" in events(caplog)
-    held[0][1].close()
-    await held[0][1].wait_closed()
-    for _ in range(100):
-        if server.connection_count < 2:
-            break
-        await asyncio.sleep(0.01)
-    assert [msa(a) for a in await send_messages("127.0.0.1", server.port, [message("N1")])] == [("AA", "N1")]
-    held[1][1].close()
+    for r, w in held:  # the frames can still be finished and answered
+        w.write(message("PART")[20:] + FS + CR)
+        await w.drain()
+        assert msa(await asyncio.wait_for(r.readuntil(FS + CR), 5)) == ("AA", "PART")
+        w.close()
+
+
+async def test_per_source_limit_leaves_other_sources_alone(
+    serve: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    server = await serve(max_connections=10, max_connections_per_source=2)
+    crowd = [await open_from(server.port, "127.0.0.2") for _ in range(2)]
+    for _reader, writer in crowd:  # both inside a frame: not evictable
+        writer.write(VT + b"MSH|")
+        await writer.drain()
+    await wait_until(lambda: server.buffered_bytes >= 8)
+    third = await open_from(server.port, "127.0.0.2")
+    assert await wait_for_eof(third[0]) == b""  # refused: its source is at the cap
+    third[1].close()
+    assert "mllp.connection_rejected" in events(caplog)
+    legit = await open_from(server.port, "127.0.0.1")
+    assert await exchange(*legit, "LEGIT") == ("AA", "LEGIT")
+    for _r, w in [*crowd, legit]:
+        w.close()
+
+
+async def test_per_source_limit_recycles_that_sources_idle_connection(serve: Start) -> None:
+    server = await serve(max_connections=10, max_connections_per_source=1)
+    first = await open_from(server.port, "127.0.0.3")
+    assert await exchange(*first, "ONE") == ("AA", "ONE")
+    second = await open_from(server.port, "127.0.0.3")  # e.g. the sender restarted
+    assert await exchange(*second, "TWO") == ("AA", "TWO")
+    assert await wait_for_eof(first[0]) == b""
+    first[1].close()
+    second[1].close()
+
+
+async def test_frame_timeout_closes_a_steady_trickle(serve: Start, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    server = await serve(frame_timeout_seconds=0.8, min_bytes_per_second=0, idle_timeout_seconds=30)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    started = time.monotonic()
+    writer.write(VT)
+    closed = False
+    async with asyncio.timeout(5):
+        while not closed:  # one byte every 50 ms: never idle, never finishing
+            writer.write(b"x")
+            with suppress(ConnectionError):
+                await writer.drain()
+            closed = reader.at_eof()
+            with suppress(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    closed = closed or await reader.read(10) == b""
+    assert 0.7 <= time.monotonic() - started < 3
+    assert "mllp.frame_timeout" in events(caplog)
+    writer.close()
+
+
+async def test_a_frame_slower_than_the_minimum_rate_is_closed(
+    serve: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    server = await serve(frame_timeout_seconds=30, min_bytes_per_second=1000, rate_window_seconds=0.5)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(VT + b"MSH|")  # then nothing: 4 bytes in the first window
+    await writer.drain()
+    started = time.monotonic()
+    assert await wait_for_eof(reader) == b""
+    assert time.monotonic() - started < 3
+    assert "mllp.frame_too_slow" in events(caplog)
+    writer.close()
+
+
+async def test_bytes_between_frames_do_not_keep_a_connection_open(
+    serve: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    server = await serve(idle_timeout_seconds=0.6)
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    assert await exchange(reader, writer, "FIRST") == ("AA", "FIRST")
+    started = time.monotonic()
+
+    async def chatter() -> None:
+        with suppress(ConnectionError):
+            while True:
+                writer.write(b"\r")
+                await writer.drain()
+                await asyncio.sleep(0.05)
+
+    talking = asyncio.create_task(chatter())
+    try:
+        assert await wait_for_eof(reader) == b""
+    finally:
+        talking.cancel()
+        await asyncio.gather(talking, return_exceptions=True)
+    assert 0.5 <= time.monotonic() - started < 3
+    assert "mllp.idle_timeout" in events(caplog)
+    writer.close()
+
+
+async def test_a_full_buffer_budget_holds_large_frames_back_and_lets_small_ones_through(
+    serve: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    budget: BufferBudget[Any] = BufferBudget(1024 * 1024)
+    server = await serve(
+        max_message_bytes=700_000,
+        process_buffer_budget_bytes=1024 * 1024,
+        max_connections=4,
+        min_bytes_per_second=1000,
+        rate_window_seconds=0.5,
+        budget=budget,
+    )
+    hog = await asyncio.open_connection("127.0.0.1", server.port)
+    hog[1].write(VT + message("HOG") + b"NTE|1||" + b"h" * 600_000)  # then it stalls, unterminated
+    await hog[1].drain()
+    await wait_until(lambda: server.buffered_bytes >= 600_000)
+    big = await asyncio.open_connection("127.0.0.1", server.port)
+    big[1].write(frame(message("BIGLEGIT", b"OBX|1|ED|||" + b"a" * 400_000 + b"\r")))
+    await big[1].drain()
+    small = await asyncio.open_connection("127.0.0.1", server.port)
+    # the small message is read and answered at once, while the big one waits for room
+    assert await exchange(*small, "SMALL") == ("AA", "SMALL")
+    assert budget.used_bytes <= 1024 * 1024 - 200 * 1024
+    # no room comes for a rate window: the hog (the largest unfinished frame) is closed, and the
+    # big message gets the room and its AA
+    assert msa(await asyncio.wait_for(big[0].readuntil(FS + CR), 10)) == ("AA", "BIGLEGIT")
+    assert await wait_for_eof(hog[0]) == b""
+    assert "mllp.buffer_budget_exceeded" in events(caplog)
+    assert budget.used_bytes <= 1024 * 1024
+    for _r, w in (hog, big, small):
+        w.close()
+    await wait_until(lambda: server.connection_count == 0)
+    assert budget.used_bytes == 0
+
+
+async def test_close_does_not_wait_for_a_frame_held_back_for_buffer_room(serve: Start) -> None:
+    budget: BufferBudget[Any] = BufferBudget(1024 * 1024)
+    server = await serve(
+        max_message_bytes=780_000, process_buffer_budget_bytes=1024 * 1024, max_connections=4, budget=budget
+    )
+    hog = await asyncio.open_connection("127.0.0.1", server.port)
+    hog[1].write(VT + message("HOG") + b"NTE|1||" + b"h" * 760_000)  # held back at three quarters
+    await hog[1].drain()
+    await wait_until(lambda: server.buffered_bytes >= 600_000)
+    await asyncio.sleep(0.3)
+    started = time.monotonic()
+    await server.close(grace_seconds=5)
+    assert time.monotonic() - started < 2
+    assert await wait_for_eof(hog[0]) == b""
+    hog[1].close()
+    assert budget.used_bytes == 0
+
+
+async def test_a_stream_of_junk_and_vts_is_not_a_stream_of_log_lines(
+    serve: Start, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    server = await serve()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    for _ in range(20):
+        writer.write(b"junk" + VT * 500)  # 500 truncated frames and 4 bytes of garbage each time
+        await writer.drain()
+    writer.write(CR + frame(message("AFTER")))  # the connection still works
+    await writer.drain()
+    assert msa(await asyncio.wait_for(reader.readuntil(FS + CR), 5)) == ("AA", "AFTER")
+    writer.close()
+    await wait_until(lambda: server.connection_count == 0)
+    names = events(caplog)
+    assert names.count("mllp.truncated_frame") == 1 and names.count("mllp.garbage_discarded") == 1
+    closed = [r for r in caplog.records if getattr(r, "event", "") == "mllp.connection_closed"]
+    fields = closed[-1].fields  # type: ignore[attr-defined]
+    assert fields["truncated_frames"] >= 9_999 and fields["garbage_bytes"] == 4
+
+
+async def test_stop_accepting_lets_a_frame_in_progress_finish(serve: Start) -> None:
+    server = await serve()
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(VT + message("HALF")[:25])
+    await writer.drain()
+    await wait_until(lambda: server.buffered_bytes >= 25 and server.connection_count == 2)
+    closing = asyncio.create_task(server.close(grace_seconds=5))
+    assert await wait_for_eof(idle_reader) == b""  # between frames: closed at once
+    writer.write(message("HALF")[25:] + FS + CR)
+    await writer.drain()
+    assert msa(await asyncio.wait_for(reader.readuntil(FS + CR), 5)) == ("AA", "HALF")
+    assert await wait_for_eof(reader) == b""  # then closed
+    await asyncio.wait_for(closing, 5)
+    writer.close()
+    idle_writer.close()
 
 
 def _send_big_then_small(port: int, big: bytes) -> tuple[bytes, bytes]:
