@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hms_ach.core.errors import MessageError
 from hms_ach.core.records import MappingResult
+from hms_ach.core.redact import error_kind
 from hms_ach.ingest.files import FileLog, FileReport
 from hms_ach.ingest.pipeline import Finish, Pipeline, commit, only_finish, rerun, write_records
 from hms_ach.mapping.engine import MappingEngine
@@ -187,8 +188,8 @@ def map_row(engine: MappingEngine, dataset: str, row: RowOutcome, name: str) -> 
     except MessageError as exc:
         row.column, row.reason = column_of(exc), exc.message
     except Exception as exc:  # noqa: BLE001 - a mapping bug is that row's error, not a crash
-        log.exception("csv.row_unexpected_error")
-        row.reason = f"internal error while mapping: {type(exc).__name__}: {exc}"
+        log.error("csv.row_unexpected_error", extra={"line": row.line, "error": error_kind(exc)})
+        row.reason = f"internal error while mapping ({error_kind(exc)})"
     return row
 
 
