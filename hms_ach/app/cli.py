@@ -150,6 +150,10 @@ async def _serve(engine: Engine) -> None:
         raise _StartError(
             f"the store stayed unreachable; stopping so that a supervisor restarts: {exc}"
         ) from None
+    except ConfigError as exc:  # auth refused (mode off on a public address), an unusable signing key
+        with suppress(Exception):
+            await engine.stop()
+        raise _StartError(exc.render()) from None
     except OSError as exc:
         text = _start_failure(engine, exc)
         with suppress(Exception):
@@ -200,6 +204,8 @@ def check(config: ConfigOpt = Path("channels.yaml")) -> None:
         cfg = load_config(config)
     except ConfigErrors as exc:
         errors.extend(e.render() for e in exc.errors)
+    if cfg is not None:
+        errors.extend(_auth_errors(config, cfg))
     mappings_dir = cfg.mappings_dir if cfg else config.resolve().parent / "mappings"
     try:
         mset = load_mappings(mappings_dir)
@@ -216,6 +222,18 @@ def check(config: ConfigOpt = Path("channels.yaml")) -> None:
         f"ok: {config} with {len(cfg.channels) if cfg else 0} channel(s); "
         f"{len(mset.files())} mapping file(s) in {mappings_dir}"
     )
+
+
+def _auth_errors(path: Path, cfg: Config) -> list[str]:
+    """What ``hms-ach run`` would refuse in ``auth:``: invalid environment overrides, ``mode: off``
+    with a listener on a non-loopback address."""
+    from hms_ach.app.runtime import auth_settings
+
+    try:
+        auth_settings(cfg)
+    except ConfigError as exc:
+        return [f"{path}: auth: {exc.render()}"]
+    return []
 
 
 @app.command()

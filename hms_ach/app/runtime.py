@@ -18,10 +18,13 @@ from typing import TYPE_CHECKING, Any
 from hms_ach.app.config import Config, load_config
 from hms_ach.app.scheduler import Scheduler, build_jobs
 from hms_ach.app.wiring import wire_listeners
+from hms_ach.auth.authenticate import Authenticator, create_authenticator
+from hms_ach.auth.settings import AuthSettings, check_off_mode, with_environment
 from hms_ach.channels import CHANNEL_TYPES
 from hms_ach.channels.fhir_rest import FhirRestChannel
 from hms_ach.core.errors import ConfigError, ConfigErrors
 from hms_ach.core.types import Channel
+from hms_ach.hl7v2.mllp import MllpConfig
 from hms_ach.ingest.pipeline import Pipeline
 from hms_ach.mapping.engine import MappingEngine
 from hms_ach.mapping.loader import load_mappings
@@ -53,6 +56,7 @@ class Engine:
             "last_reload": None,
             "reload_error": None,
         }
+        self.authenticator: Authenticator | None = None  # created when the HTTP API starts
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task[None] | None = None
         self.http_port: int | None = None
@@ -64,6 +68,8 @@ class Engine:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        if self.config.http.enabled:  # first: a refused auth mode or an unwritable key starts nothing
+            self.authenticator = create_authenticator(auth_settings(self.config), self.config.data_dir)
         self.writer.start()
         self._watchdog = asyncio.create_task(self._watch_writer())
         await self._start_outbound()  # before the channels: a new sink gets every event from here on
@@ -109,7 +115,12 @@ class Engine:
 
         from hms_ach.app.http import create_app
 
-        app = create_app(self.store, lambda: self.pipeline, self._fhir_write_channel)
+        if self.authenticator is None:
+            self.authenticator = create_authenticator(auth_settings(self.config), self.config.data_dir)
+        await self.authenticator.start()
+        app = create_app(
+            self.store, lambda: self.pipeline, self._fhir_write_channel, authenticator=self.authenticator
+        )
         app.state.health = self.health
         app.state.readiness = self.readiness
         config = uvicorn.Config(
@@ -150,6 +161,9 @@ class Engine:
             if self._http_task is not None:
                 await self._http_task
             self._http = None
+        if self.authenticator is not None:
+            await self.authenticator.aclose()
+            self.authenticator = None
         if self._watchdog is not None:
             self._watchdog.cancel()
             await asyncio.gather(self._watchdog, return_exceptions=True)
@@ -314,6 +328,21 @@ class Engine:
         if free < wanted:
             return f"{free // (1024 * 1024)} MiB free, {self.config.engine.min_free_disk_mb} MiB wanted"
         return None
+
+
+def listener_hosts(config: Config) -> list[str]:
+    """The bind address of every listener of ``config``: the HTTP API and each enabled MLLP channel."""
+    hosts = [config.http.host] if config.http.enabled else []
+    hosts += [c.host for c in config.channels if c.enabled and isinstance(c, MllpConfig)]
+    return hosts
+
+
+def auth_settings(config: Config) -> AuthSettings:
+    """``auth:`` of ``config`` with the environment overrides applied; a ConfigError when they are
+    invalid, or when ``mode: off`` is asked for while a listener binds to a non-loopback address."""
+    settings = with_environment(config.auth)
+    check_off_mode(settings, listener_hosts(config))
+    return settings
 
 
 def _mtimes(root: Path) -> dict[str, float]:

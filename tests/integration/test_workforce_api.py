@@ -12,12 +12,14 @@ import httpx
 import pytest
 
 from hms_ach.app.runtime import Engine
-from tests.integration.engine_helpers import FHIR_JSON, ROOT
+from tests.integration.engine_helpers import FHIR_JSON, ROOT, auth_headers
 
 
 @pytest.fixture
 async def api(fhir_engine: Engine) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{fhir_engine.http_port}", timeout=30) as client:
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{fhir_engine.http_port}", timeout=30, headers=auth_headers(fhir_engine)
+    ) as client:
         yield client
 
 
