@@ -16,8 +16,8 @@ turns the answers into the engine's terms:
 * :class:`WriteGuard` decides every write operation, one request or each entry of a Bundle, before
   anything is applied.
 
-Without a caller in the request state (an app built without authentication, as some tests do) the
-scopes are not checked at all: the composition root always installs the middleware.
+A request without a caller in its state is refused (401): the scopes are never skipped. With
+``auth.mode: off`` the middleware lets every request in as an anonymous caller holding every scope.
 """
 
 from __future__ import annotations
@@ -39,17 +39,15 @@ from hms_ach.store import resources, search
 from hms_ach.store.db import Store
 from hms_ach.store.search_params import in_patient_compartment
 
-_UNWIRED = object()
-#: Every record of every type: no caller in the request state (authentication not installed).
+#: Allowed, not limited to a compartment (the default of the read handlers' ``decision``).
 UNLIMITED = Decision(True)
 
 
-def policy_of(request: Request) -> ScopePolicy | None:
-    """The caller's scope policy; None when the app runs without authentication (nothing checked)."""
-    caller: Any = getattr(request.state, REQUEST_STATE_ATTRIBUTE, _UNWIRED)
-    if caller is _UNWIRED:
-        return None
-    if not isinstance(caller, Caller):  # the middleware ran but let no caller in: never expected
+def policy_of(request: Request) -> ScopePolicy:
+    """The caller's scope policy; 401 when the request has no authenticated caller (the middleware
+    was not installed, or let the request in without one: never expected)."""
+    caller: Any = getattr(request.state, REQUEST_STATE_ATTRIBUTE, None)
+    if not isinstance(caller, Caller):
         raise FhirError(
             401, "login", "no authenticated caller", headers={"WWW-Authenticate": 'Bearer realm="hms-ach"'}
         )
@@ -64,10 +62,8 @@ def refusal(policy: ScopePolicy, resource_type: str, interaction: str) -> FhirEr
     return FhirError(403, "forbidden", f"{error.description}; it needs a scope like {scope}", headers=headers)
 
 
-def decide(policy: ScopePolicy | None, resource_type: str, interaction: str) -> Decision:
+def decide(policy: ScopePolicy, resource_type: str, interaction: str) -> Decision:
     """The decision for ``interaction`` on ``resource_type``; raises 403 when it is not allowed."""
-    if policy is None:
-        return UNLIMITED
     decision = policy.decide(resource_type, interaction)
     if not decision.allowed:
         raise refusal(policy, resource_type, interaction)
@@ -79,11 +75,9 @@ def require(request: Request, resource_type: str, interaction: str) -> Decision:
     return decide(policy_of(request), resource_type, interaction)
 
 
-def search_access(policy: ScopePolicy | None) -> search.Access:
+def search_access(policy: ScopePolicy) -> search.Access:
     """What a search by this caller may return: every served type it may search, each unlimited
     (``user/``, ``system/``) or limited to its patient's compartment (``patient/`` only)."""
-    if policy is None:
-        return search.EVERYTHING
     types: dict[str, str | None] = {}
     for rtype in FHIR_SERVED:
         decision = policy.decide(rtype, "search")
@@ -132,17 +126,15 @@ class WriteGuard:
     """
 
     store: Store
-    policy: ScopePolicy | None
+    policy: ScopePolicy
 
     @property
     def reads(self) -> bool:
         """Whether :meth:`allowed` may read the store (only a token with a ``patient`` claim)."""
-        return self.policy is not None and self.policy.patient is not None
+        return self.policy.patient is not None
 
     def check(self, op: Operation) -> None:
         """Raise the 403 or 404 that refuses ``op``; return when it is allowed."""
-        if self.policy is None:
-            return
         patient: str | None = None
         for interaction in interactions_of(op):
             decision = decide(self.policy, op.resource_type, interaction)
