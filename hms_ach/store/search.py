@@ -398,6 +398,9 @@ def _included(conn: Connection, query: SearchQuery, ids: list[str]) -> list[tupl
     ix = _index("reference")
     wanted: dict[str, set[str]] = {}
     for inc in query.includes:
+        targets = (inc.target,) if inc.target else inc.param.targets
+        if targets and not any(query.access.visible(tt) for tt in targets):
+            continue  # the caller may see none of the types it can point at
         stmt = select(ix.c.target_type, ix.c.target_id).where(
             ix.c.resource_type == inc.source, ix.c.param == inc.param.name, ix.c.resource_id.in_(ids)
         )

@@ -16,11 +16,14 @@ from typing import Any
 import httpx
 import pytest
 from fhirpy import AsyncFHIRClient
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from hms_ach.app.runtime import Engine
+from hms_ach.core.records import FHIR_SERVED, MappingResult, RecordWrite
+from hms_ach.store import search
 from hms_ach.store.db import Store
 from hms_ach.store.models import RECORD_TABLES
+from hms_ach.store.repository import Repository
 from tests.integration.engine_helpers import FHIR_JSON, auth_headers
 
 pytestmark = pytest.mark.timeout(120)
@@ -159,6 +162,12 @@ async def test_patient_token_sees_only_its_compartment(world: World) -> None:
             "total"
         ] == 0
         assert (await searched(http, "/Encounter", params={"_summary": "count"}))["total"] == 1
+        counted = await searched(http, "/Patient", params={"family": "rivera", "_summary": "count"})
+        assert counted["total"] == 1
+        page = await searched(http, "/Encounter", params={"_count": "1"})
+        assert ids(page) == {f"Encounter/{w.encounter_a}"} and "next" not in {
+            link["relation"] for link in page["link"]
+        }
         assert (await searched(http, "/Practitioner"))["total"] == 0
         resp = await http.post(
             "/Encounter/_search",
@@ -361,3 +370,102 @@ async def test_system_token_may_do_everything(world: World) -> None:
             "entry": [{"resource": practitioner("E9"), "request": {"method": "POST", "url": "Practitioner"}}],
         }
         assert (await http.post("", json=bundle, headers=FHIR_JSON)).status_code == 200
+
+
+# ---------------------------------------------------------------------------- in the store
+def _fill(store: Store) -> dict[str, str]:
+    """Two patients with 6 and 3 encounters, all at one location; returns alias -> id."""
+    records = [
+        RecordWrite("a", "Patient", MRN, "A", {"name": [{"family": "Rivera"}]}),
+        RecordWrite("b", "Patient", MRN, "B", {"name": [{"family": "Rivera"}]}),
+        RecordWrite("bed", "Location", "urn:bed", "B1", {"name": "4W-1"}),
+    ]
+    records += [
+        RecordWrite(
+            f"e{i}",
+            "Encounter",
+            VISIT,
+            f"V{i}",
+            {
+                "status": "in-progress",
+                "subject": {"reference": "@a" if i < 6 else "@b"},
+                "location": [{"location": {"reference": "@bed"}}],
+            },
+        )
+        for i in range(9)
+    ]
+    with store.writer.begin() as conn:
+        out = Repository(conn).apply(MappingResult(records=records))
+    return {r.alias: o.id for r, o in zip(records, out, strict=True)}
+
+
+def _run(
+    store: Store, query: search.SearchQuery, plans: list[str] | None = None
+) -> tuple[search.SearchPage, list[str]]:
+    """The page of ``query`` and the SELECT statements (with their bound values) it ran; with
+    ``plans``, the query plan lines of those statements are added to it."""
+    seen: list[tuple[str, Any]] = []
+
+    def grab(_c: Any, _cur: Any, statement: str, parameters: Any, *_a: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            seen.append((statement, parameters))
+
+    with store.reader.connect() as conn:
+        event.listen(conn, "before_cursor_execute", grab)
+        with conn.begin():
+            page = search.execute(conn, query)
+        event.remove(conn, "before_cursor_execute", grab)
+        for statement, parameters in seen if plans is not None else ():
+            with conn.begin():
+                if conn.dialect.name == "sqlite":
+                    explained = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters)
+                    plans += [str(row[-1]) for row in explained]
+                else:
+                    conn.exec_driver_sql("SET LOCAL enable_seqscan = off")  # the tables are tiny
+                    plans += [str(row[0]) for row in conn.exec_driver_sql("EXPLAIN " + statement, parameters)]
+    return page, [f"{statement} {parameters!r}" for statement, parameters in seen]
+
+
+def test_user_and_system_grants_add_nothing_to_the_sql(store: Store) -> None:
+    """Cost: a caller whose grants are not limited to a compartment runs exactly the statements of an
+    unrestricted search; a patient/ caller runs as many statements, each with one more condition."""
+    ids = _fill(store)
+    params = [("status", "in-progress"), ("_count", "2"), ("_include", "Encounter:location")]
+    unlimited = search.Access(dict.fromkeys(FHIR_SERVED))
+    page, plain = _run(store, search.parse_query("Encounter", params))
+    same, scoped = _run(store, search.parse_query("Encounter", params, access=unlimited))
+    assert scoped == plain and page.total == same.total == 9
+
+    limited = search.Access({"Encounter": ids["a"], "Patient": ids["a"]})  # no Location: not included
+    plans: list[str] = []
+    mine, statements = _run(store, search.parse_query("Encounter", params, access=limited), plans)
+    assert mine.total == 6 and len(mine.matches) == 2 and mine.included == []
+    assert len(statements) == len(plain) - 2  # no include query at all: Location is not visible
+    assert all(ids["a"] in s for s in statements), "the patient id is a bound value of every statement"
+    text = "\n".join(plans)  # the compartment is read through the reference lookup index, no scan
+    if store.dialect == "sqlite":
+        assert "SCAN search_reference" not in text and "SEARCH search_reference USING" in text, text
+    else:
+        assert "Seq Scan on search_reference" not in text and "search_reference" in text, text
+
+    # paging through the compartment returns each of its records exactly once
+    seen: list[str] = []
+    query = search.parse_query("Encounter", [("_count", "4")], access=limited)
+    while True:
+        page, _ = _run(store, query)
+        seen += [rid for rid, _text in page.matches]
+        if page.next_cursor is None:
+            break
+        query = search.parse_query(
+            "Encounter", [("_count", "4"), ("_cursor", page.next_cursor)], access=limited
+        )
+    assert sorted(seen) == sorted(ids[f"e{i}"] for i in range(6))
+
+    # a type outside the compartment matches nothing; the Patient compartment holds the patient itself
+    bed = search.Access({"Location": ids["a"]})
+    assert _run(store, search.parse_query("Location", [], access=bed))[0].total == 0
+    who = search.Access({"Patient": ids["b"]})
+    found, _ = _run(
+        store, search.parse_query("Patient", [("family", "rivera"), ("_total", "accurate")], access=who)
+    )
+    assert [rid for rid, _t in found.matches] == [ids["b"]] and found.total == 1
