@@ -415,7 +415,9 @@ def _run(
         with conn.begin():
             page = search.execute(conn, query)
         event.remove(conn, "before_cursor_execute", grab)
-        for statement, parameters in seen if plans is not None else ():
+        for statement, parameters in seen:
+            if plans is None:
+                break
             with conn.begin():
                 if conn.dialect.name == "sqlite":
                     explained = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters)
