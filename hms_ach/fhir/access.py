@@ -23,6 +23,7 @@ A request without a caller in its state is refused (401): the scopes are never s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -75,9 +76,11 @@ def require(request: Request, resource_type: str, interaction: str) -> Decision:
     return decide(policy_of(request), resource_type, interaction)
 
 
+@lru_cache(maxsize=1024)
 def search_access(policy: ScopePolicy) -> search.Access:
     """What a search by this caller may return: every served type it may search, each unlimited
-    (``user/``, ``system/``) or limited to its patient's compartment (``patient/`` only)."""
+    (``user/``, ``system/``) or limited to its patient's compartment (``patient/`` only). Remembered
+    per policy (scopes and patient), so a client's next search does not decide every type again."""
     types: dict[str, str | None] = {}
     for rtype in FHIR_SERVED:
         decision = policy.decide(rtype, "search")
