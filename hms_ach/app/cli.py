@@ -118,6 +118,7 @@ def run(
         )
     if cfg.http.enabled:
         typer.echo(f"FHIR R4 API on http://{cfg.http.host}:{cfg.http.port}/fhir", err=True)
+        typer.echo(_auth_line(cfg), err=True)
     typer.echo(f"store: {redact_url(engine.store.url)}; event loop: {eventloop.loop_name()}", err=True)
     try:
         eventloop.run(_serve(engine))
@@ -222,6 +223,21 @@ def check(config: ConfigOpt = Path("channels.yaml")) -> None:
         f"ok: {config} with {len(cfg.channels) if cfg else 0} channel(s); "
         f"{len(mset.files())} mapping file(s) in {mappings_dir}"
     )
+
+
+def _auth_line(cfg: Config) -> str:
+    """How callers authenticate, for the start-up lines of ``hms-ach run``."""
+    from hms_ach.auth.settings import with_environment
+
+    try:
+        settings = with_environment(cfg.auth)
+    except ConfigError:
+        return "auth: invalid (see the error below)"
+    return {
+        "local": 'auth: local (bearer tokens from: hms-ach token --scope "user/*.rs")',
+        "oidc": f"auth: oidc, tokens of {settings.issuer}",
+        "off": "auth: OFF (every request is let in; loopback only)",
+    }[settings.mode]
 
 
 def _auth_errors(path: Path, cfg: Config) -> list[str]:

@@ -28,7 +28,7 @@ from starlette.responses import Response
 from hms_ach.fhir import access, audit_events
 from hms_ach.fhir import read as reads
 from hms_ach.fhir import write_requests as writes
-from hms_ach.fhir.capability import capability_statement
+from hms_ach.fhir.capability import capability_statement, security_of
 from hms_ach.fhir.outcomes import FhirError
 from hms_ach.store.db import Store
 from hms_ach.store.search import Access
@@ -121,7 +121,10 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
     # ------------------------------------------------------------------ reads
     @router.get("/metadata", dependencies=negotiated)
     def metadata(request: Request) -> Response:
-        return reads.fhir_response(orjson.dumps(capability_statement(_base(request), find() is not None)))
+        security = security_of(getattr(request.app.state, "authenticator", None))
+        return reads.fhir_response(
+            orjson.dumps(capability_statement(_base(request), find() is not None, security))
+        )
 
     @router.get("/{resource_type}", dependencies=negotiated)
     def search_get(resource_type: str, request: Request) -> Response:
