@@ -123,8 +123,8 @@ class WriteGuard:
     """Decides the write operations of one request by the caller's scopes, before any is applied.
 
     Under ``patient/`` scopes a write must stay inside the patient's compartment: the new content
-    must be in it (else 403), and the record an update or delete targets must be in it (else 404, as
-    a read). The targets are read on the reader pool just before the request is queued for the
+    must be in it (else 403), and the record an update or delete targets, or that a conditional
+    create or update matches, must be in it (else 404, as a read). The targets are read on the reader pool just before the request is queued for the
     writer, so a record moved out of the compartment in between is a race this check does not see.
     """
 
@@ -160,12 +160,15 @@ class WriteGuard:
                 check_record(Decision(True, patient), rtype, rid, found.text)
 
     def _targets(self, op: Operation) -> list[str]:
-        """The ids of the existing records ``op`` changes (by id, or found by its identifier)."""
-        if op.method == "POST":
+        """The ids of the existing records ``op`` changes or answers with: by id, or found by the
+        identifier of a conditional update or a conditional create (``If-None-Exist``, whose match is
+        returned as it is)."""
+        if op.method == "POST" and not op.if_none_exist:
             return []
-        if op.rid is not None:
+        if op.method != "POST" and op.rid is not None:
             return [op.rid]
-        pairs = parse_qsl(op.query or "", keep_blank_values=True)
+        condition = op.if_none_exist if op.method == "POST" else op.query
+        pairs = parse_qsl(condition or "", keep_blank_values=True)
         if len(pairs) != 1 or pairs[0][0] != "identifier":
             return []  # refused as malformed when applied
         try:

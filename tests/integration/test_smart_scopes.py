@@ -222,6 +222,7 @@ async def test_patient_write_token_stays_in_its_compartment(world: World, store:
         changed = {**encounter("V-A2", w.patient_a), "id": mine, "status": "finished"}
         assert (await http.put(f"/Encounter/{mine}", json=changed, headers=FHIR_JSON)).status_code == 200
         assert (await http.delete(f"/Encounter/{mine}")).status_code == 204
+        assert (await http.get(f"/Encounter/{mine}")).status_code == 410  # deleted, and in the compartment
 
         # content for another patient: 403; another patient's record: 404
         resp = await http.post("/Encounter", json=encounter("V-B2", w.patient_b), headers=FHIR_JSON)
@@ -238,6 +239,13 @@ async def test_patient_write_token_stays_in_its_compartment(world: World, store:
             headers=FHIR_JSON,
         )
         assert resp.status_code == 404, resp.text
+        # a conditional create whose identifier matches B's encounter would answer with it: 404
+        resp = await http.post(
+            "/Encounter",
+            json=encounter("V-B", w.patient_a),
+            headers={**FHIR_JSON, "If-None-Exist": f"identifier={VISIT}|V-B"},
+        )
+        assert resp.status_code == 404 and w.patient_b not in resp.text, resp.text
 
         # a transaction with one entry outside the compartment writes nothing
         before = rows(store, "Encounter")
