@@ -93,16 +93,21 @@ def not_found(resource_type: str, rid: str) -> FhirError:
     return FhirError(404, "not-found", f"{resource_type}/{rid[:64]} is not known")
 
 
-def check_record(decision: Decision, resource_type: str, rid: str, text: str) -> None:
-    """404 unless the stored record (its JSON ``text``) is in the decision's patient compartment."""
+def check_record(
+    decision: Decision, resource_type: str, rid: str, text: str, what: str | None = None
+) -> None:
+    """404 unless the stored record ``resource_type/rid`` (one version's JSON ``text``) is in the
+    decision's patient compartment; ``what`` names it in the answer (default ``rid``)."""
     if decision.patient is None:
         return
     try:
         content = orjson.loads(text)
     except orjson.JSONDecodeError:
-        raise not_found(resource_type, rid) from None
-    if not in_patient_compartment(resource_type, rid, content, decision.patient):
-        raise not_found(resource_type, rid)
+        raise not_found(resource_type, what or rid) from None
+    if not isinstance(content, dict) or not in_patient_compartment(
+        resource_type, rid, content, decision.patient
+    ):
+        raise not_found(resource_type, what or rid)
 
 
 # ---------------------------------------------------------------------------- writes

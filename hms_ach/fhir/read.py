@@ -86,7 +86,7 @@ def vread(store: Store, resource_type: str, rid: str, vid: str, decision: Decisi
     found = resources.vread(store, resource_type, rid, int(vid))
     if found is None:
         raise _not_found(resource_type, f"{rid}/_history/{vid}")
-    check_record(decision, resource_type, f"{rid}/_history/{vid}", found.text)
+    check_record(decision, resource_type, rid, found.text, f"{rid}/_history/{vid}")
     headers = _version_headers(found)
     if found.deleted:
         raise FhirError(410, "deleted", f"{resource_type}/{rid} version {vid} is a deletion", headers=headers)

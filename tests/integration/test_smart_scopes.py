@@ -137,8 +137,14 @@ async def test_patient_token_sees_only_its_compartment(world: World) -> None:
     w = world
     async with w.client("patient/*.read", patient=w.patient_a) as http:
         # reads: inside the compartment 200, outside 404 (as if the record did not exist)
-        assert (await http.get(f"/Patient/{w.patient_a}")).status_code == 200
-        assert (await http.get(f"/Encounter/{w.encounter_a}")).status_code == 200
+        for url in (
+            f"/Patient/{w.patient_a}",
+            f"/Patient/{w.patient_a}/_history/1",
+            f"/Patient/{w.patient_a}/_history",
+            f"/Encounter/{w.encounter_a}",
+            f"/Encounter/{w.encounter_a}/_history/1",
+        ):
+            assert (await http.get(url)).status_code == 200, url
         for url in (
             f"/Patient/{w.patient_b}",
             f"/Encounter/{w.encounter_b}",
