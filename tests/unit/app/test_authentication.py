@@ -12,7 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fastapi import Request
+from fastapi import Request, WebSocket, WebSocketDisconnect
+from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from hms_ach.app.cli import app as cli_app
@@ -212,3 +213,20 @@ def test_the_shipped_configuration_authenticates(monkeypatch: pytest.MonkeyPatch
     config = load_config(ROOT / "channels.yaml")
     assert auth_settings(config).mode == "local"
     assert json.dumps(config.auth.model_dump())  # typed, serialisable settings
+
+
+def test_websockets_are_authenticated_too(sqlite: Store, local: LocalIssuer) -> None:  # noqa: F811
+    app = create_app(sqlite, authenticator=local.authenticator)
+
+    @app.websocket("/ws")
+    async def echo_caller(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text(websocket.state.caller.sub)
+        await websocket.close()
+
+    client = TestClient(app)
+    with pytest.raises(WebSocketDisconnect) as refused, client.websocket_connect("/ws"):
+        pass
+    assert refused.value.code == 1008
+    with client.websocket_connect("/ws", headers=bearer(local.token(sub="ws-user"))) as ws:
+        assert ws.receive_text() == "ws-user"
