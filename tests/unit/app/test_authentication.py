@@ -12,8 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fastapi import Request, WebSocket, WebSocketDisconnect
-from fastapi.testclient import TestClient
+from fastapi import Request, WebSocket
+from starlette.types import ASGIApp, Message
 from typer.testing import CliRunner
 
 from hms_ach.app.cli import app as cli_app
@@ -215,7 +215,35 @@ def test_the_shipped_configuration_authenticates(monkeypatch: pytest.MonkeyPatch
     assert json.dumps(config.auth.model_dump())  # typed, serialisable settings
 
 
-def test_websockets_are_authenticated_too(sqlite: Store, local: LocalIssuer) -> None:  # noqa: F811
+async def _websocket(app: ASGIApp, headers: list[tuple[bytes, bytes]]) -> list[Message]:
+    """Connect to ``/ws`` as an ASGI server would; the messages the app sent."""
+    inbox: list[Message] = [{"type": "websocket.connect"}]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return inbox.pop(0) if inbox else {"type": "websocket.disconnect", "code": 1000}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "websocket",
+        "asgi": {"version": "3.0"},
+        "scheme": "ws",
+        "path": "/ws",
+        "raw_path": b"/ws",
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers,
+        "client": ("127.0.0.1", 4711),
+        "server": ("test", 80),
+        "subprotocols": [],
+    }
+    await app(scope, receive, send)
+    return sent
+
+
+async def test_websockets_are_authenticated_too(sqlite: Store, local: LocalIssuer) -> None:  # noqa: F811
     app = create_app(sqlite, authenticator=local.authenticator)
 
     @app.websocket("/ws")
@@ -224,9 +252,9 @@ def test_websockets_are_authenticated_too(sqlite: Store, local: LocalIssuer) -> 
         await websocket.send_text(websocket.state.caller.sub)
         await websocket.close()
 
-    client = TestClient(app)
-    with pytest.raises(WebSocketDisconnect) as refused, client.websocket_connect("/ws"):
-        pass
-    assert refused.value.code == 1008
-    with client.websocket_connect("/ws", headers=bearer(local.token(sub="ws-user"))) as ws:
-        assert ws.receive_text() == "ws-user"
+    refused = await _websocket(app, [])
+    assert [(m["type"], m.get("code")) for m in refused] == [("websocket.close", 1008)]
+    token = local.token(sub="ws-user").encode()
+    accepted = await _websocket(app, [(b"authorization", b"Bearer " + token)])
+    assert [m["type"] for m in accepted][:2] == ["websocket.accept", "websocket.send"]
+    assert accepted[1]["text"] == "ws-user"
