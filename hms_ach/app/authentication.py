@@ -13,6 +13,9 @@ answers stream as before). For each HTTP request it:
    ``WWW-Authenticate: Bearer ...`` challenge, an OperationOutcome as the body, except under
    ``/api/v1`` where it is an RFC 9457 problem (:func:`auth_error_response`).
 
+A WebSocket connection (no route serves one today) is authenticated the same way and closed with
+code 1008 when refused.
+
 Routes decide what the caller may do (SMART scopes on ``/fhir``, roles on ``/api/v1``) and answer
 403 ``insufficient_scope`` with :func:`auth_error_response` too.
 
@@ -79,7 +82,7 @@ class AuthenticationMiddleware:
         self.authenticator = authenticator
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):  # lifespan
             await self.app(scope, receive, send)
             return
         state: dict[str, Any] = scope.setdefault("state", {})
@@ -98,6 +101,9 @@ class AuthenticationMiddleware:
         try:
             caller = await self.authenticator.authenticate(authorization, peer)
         except AuthError as exc:
+            if scope["type"] == "websocket":  # no route serves one today; refuse it like HTTP would
+                await send({"type": "websocket.close", "code": 1008, "reason": "authentication required"})
+                return
             await auth_error_response(exc, path)(scope, receive, send)
             return
         state[REQUEST_STATE_ATTRIBUTE] = caller

@@ -2,8 +2,9 @@
 
 Each route names its action (``shifts.read``, ``swaps.decide``... :data:`hms_ach.auth.roles.ACTIONS`)
 and asks :func:`access_for` for an :class:`Access`: the caller's :class:`~hms_ach.auth.roles.Grant`
-for that action, with the caller's own employee ids resolved. The ``employee_id`` claim may hold the
+for that action, with the caller's own employee resolved. The ``employee_id`` claim may hold the
 Practitioner id or the employee number (the ``STAFF_SYSTEM`` identifier): both name the same person.
+A claim that names no stored employee grants nothing (403 saying so).
 
 * An action the caller's roles do not grant at all: :class:`RoleDenied` (403) before anything is read.
 * A record outside the grant (another employee's shift, a shift of another department):
@@ -20,8 +21,9 @@ from hms_ach.auth.caller import Caller
 from hms_ach.auth.roles import Grant
 from hms_ach.workforce.rules import WorkforceError
 
-#: Finds the Practitioner id of an employee number (None when there is none).
-EmployeeNumberLookup = Callable[[str], str | None]
+#: The Practitioner id an ``employee_id`` claim names: the claim itself when it is a stored
+#: Practitioner id, else the Practitioner with that employee number; None when there is none.
+EmployeeLookup = Callable[[str], str | None]
 
 
 class RoleDenied(WorkforceError):
@@ -67,21 +69,22 @@ class Access:
             raise RoleDenied(f"your roles do not allow {self.action} on {what}", self.action)
 
 
-def access_for(caller: Caller | None, action: str, lookup: EmployeeNumberLookup) -> Access:
+def access_for(caller: Caller | None, action: str, lookup: EmployeeLookup) -> Access:
     """The caller's :class:`Access` for ``action``; :class:`RoleDenied` when its roles grant none.
 
     ``caller`` is ``request.state.caller`` (None only when no authentication ran, which grants
-    nothing); ``lookup`` resolves an ``employee_id`` claim that is an employee number."""
+    nothing); ``lookup`` resolves the ``employee_id`` claim to a Practitioner id."""
     if caller is None:
         raise RoleDenied(f"no authenticated caller: {action} needs a role", action)
     grant = caller.grant(action)
     if not grant.allowed:
         roles = ", ".join(sorted(caller.roles)) or "none"
         raise RoleDenied(f"{action} is not allowed to the roles of this token ({roles})", action)
-    own: set[str] = set()
-    for claimed in grant.employee_ids:
-        own.add(claimed)
-        resolved = lookup(claimed)
-        if resolved is not None:
-            own.add(resolved)
+    own = {resolved for resolved in map(lookup, grant.employee_ids) if resolved is not None}
+    if not own and not grant.unrestricted and not grant.departments:
+        raise RoleDenied(
+            "the employee_id claim of this token names no stored employee (a Practitioner id or an "
+            "employee number)",
+            action,
+        )
     return Access(grant, frozenset(own))

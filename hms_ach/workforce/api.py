@@ -476,14 +476,21 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
     limit_q = Query(50, ge=1, le=200, description="Page size")
     cursor_q = Query(None, description="next_cursor of the previous page")
 
-    def employee_of_number(number: str) -> str | None:
-        found = wq.read(store, lambda tx: Repository(tx).find_by_key("Practitioner", STAFF_SYSTEM, number))
-        return found[0] if found else None
+    def employee_named(claim: str) -> str | None:
+        """The Practitioner id an ``employee_id`` claim names: its id, or its employee number."""
+
+        def find(tx: Tx) -> str | None:
+            if wq.get_record(tx, "Practitioner", claim) is not None:
+                return claim
+            found = Repository(tx).find_by_key("Practitioner", STAFF_SYSTEM, claim)
+            return found[0] if found else None
+
+        return wq.read(store, find)
 
     def allowed(request: Request, action: str) -> Access:
         """The caller's access for ``action`` (docs/security.md, Roles); RoleDenied (403) if none."""
         caller = getattr(request.state, REQUEST_STATE_ATTRIBUTE, None)
-        return access_for(caller, action, employee_of_number)
+        return access_for(caller, action, employee_named)
 
     def narrowed(access: Access, employee_id: str | None) -> str | None:
         """The ``employee_id`` filter of a list: an own-records-only caller (an employee) sees its

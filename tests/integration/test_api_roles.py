@@ -130,9 +130,11 @@ async def test_an_employee_sees_and_acts_on_its_own_records_only(
         denied(await http.post("/api/v1/shifts", json=shift(a["id"], ICU, 9)))
         denied(await http.post("/api/v1/employees", json=employee("E399", ICU)))
         denied(await http.get("/api/v1/audit"))
-    # an employee token without an employee_id claim may do nothing
+    # an employee token without an employee_id claim, or naming nobody stored, may do nothing
     async with client(fhir_engine, base, ("employee",), sub="nobody") as http:
         denied(await http.get("/api/v1/shifts"))
+    async with client(fhir_engine, base, ("employee",), sub="ghost", employee_id="E999") as http:
+        assert "names no stored employee" in denied(await http.get("/api/v1/timecards"))["detail"]
 
 
 async def test_a_scheduler_acts_in_its_departments_only(

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fastapi import Request
+from fastapi import Request, WebSocket
+from starlette.types import ASGIApp, Message
 from typer.testing import CliRunner
 
 from hms_ach.app.cli import app as cli_app
@@ -212,3 +213,48 @@ def test_the_shipped_configuration_authenticates(monkeypatch: pytest.MonkeyPatch
     config = load_config(ROOT / "channels.yaml")
     assert auth_settings(config).mode == "local"
     assert json.dumps(config.auth.model_dump())  # typed, serialisable settings
+
+
+async def _websocket(app: ASGIApp, headers: list[tuple[bytes, bytes]]) -> list[Message]:
+    """Connect to ``/ws`` as an ASGI server would; the messages the app sent."""
+    inbox: list[Message] = [{"type": "websocket.connect"}]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return inbox.pop(0) if inbox else {"type": "websocket.disconnect", "code": 1000}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "websocket",
+        "asgi": {"version": "3.0"},
+        "scheme": "ws",
+        "path": "/ws",
+        "raw_path": b"/ws",
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers,
+        "client": ("127.0.0.1", 4711),
+        "server": ("test", 80),
+        "subprotocols": [],
+    }
+    await app(scope, receive, send)
+    return sent
+
+
+async def test_websockets_are_authenticated_too(sqlite: Store, local: LocalIssuer) -> None:  # noqa: F811
+    app = create_app(sqlite, authenticator=local.authenticator)
+
+    @app.websocket("/ws")
+    async def echo_caller(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text(websocket.state.caller.sub)
+        await websocket.close()
+
+    refused = await _websocket(app, [])
+    assert [(m["type"], m.get("code")) for m in refused] == [("websocket.close", 1008)]
+    token = local.token(sub="ws-user").encode()
+    accepted = await _websocket(app, [(b"authorization", b"Bearer " + token)])
+    assert [m["type"] for m in accepted][:2] == ["websocket.accept", "websocket.send"]
+    assert accepted[1]["text"] == "ws-user"
