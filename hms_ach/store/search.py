@@ -286,8 +286,9 @@ CLAUSE_BUILDERS = {
 
 def clause_context(query: SearchQuery, dialect: str) -> ClauseContext:
     """The context of ``query``'s clause builders: narrowed when a plain reference or token
-    criterion selects the candidates first."""
+    criterion, or the patient compartment of a ``patient/`` grant, selects the candidates first."""
     narrowed = any(c.param.type in ("reference", "token") and c.modifier is None for c in query.criteria)
+    narrowed = narrowed or query.access.compartment(query.resource_type) is not None
     return ClauseContext(dialect, narrowed)
 
 

@@ -404,6 +404,7 @@ def _fill(store: Store) -> dict[str, str]:
                 "status": "in-progress",
                 "subject": {"reference": "@a" if i < 6 else "@b"},
                 "location": [{"location": {"reference": "@bed"}}],
+                "period": {"start": f"2026-0{1 + i}-01T10:00:00Z", "end": f"2026-0{1 + i}-01T12:00:00Z"},
             },
         )
         for i in range(9)
@@ -476,6 +477,13 @@ def test_user_and_system_grants_add_nothing_to_the_sql(store: Store) -> None:
             "Encounter", [("_count", "4"), ("_cursor", page.next_cursor)], access=limited
         )
     assert sorted(seen) == sorted(ids[f"e{i}"] for i in range(6))
+
+    # a date criterion is checked per candidate of the compartment; the total is counted inside it
+    dated = [("date", "ge2026-04-01"), ("_count", "1"), ("_total", "accurate")]
+    page, _ = _run(store, search.parse_query("Encounter", dated, access=limited))
+    assert page.total == 3 and len(page.matches) == 1  # A's visits in months 4, 5 and 6
+    page, _ = _run(store, search.parse_query("Encounter", dated))
+    assert page.total == 6  # everyone's: months 4 to 9
 
     # a type outside the compartment matches nothing; the Patient compartment holds the patient itself
     bed = search.Access({"Location": ids["a"]})
