@@ -161,6 +161,7 @@ def run(
         )
     if cfg.http.enabled:
         typer.echo(f"FHIR R4 API on http://{cfg.http.host}:{cfg.http.port}/fhir", err=True)
+        typer.echo(_auth_line(cfg), err=True)
     typer.echo(f"store: {redact_url(engine.store.url)}; event loop: {eventloop.loop_name()}", err=True)
     try:
         eventloop.run(_serve(engine))
@@ -251,6 +252,10 @@ async def _serve(engine: Engine) -> None:
         raise _StartError(
             f"the store stayed unreachable; stopping so that a supervisor restarts: {exc}"
         ) from None
+    except ConfigError as exc:  # auth refused (mode off on a public address), an unusable signing key
+        with suppress(Exception):
+            await engine.stop()
+        raise _StartError(exc.render()) from None
     except OSError as exc:
         text = _start_failure(engine, exc)
         with suppress(Exception):
@@ -305,6 +310,8 @@ def check(config: ConfigOpt = Path("channels.yaml")) -> None:
         cfg = load_config(config)
     except ConfigErrors as exc:
         errors.extend(e.render() for e in exc.errors)
+    if cfg is not None:
+        errors.extend(_auth_errors(config, cfg))
     mappings_dir = cfg.mappings_dir if cfg else config.resolve().parent / "mappings"
     try:
         mset = load_mappings(mappings_dir)
@@ -321,6 +328,33 @@ def check(config: ConfigOpt = Path("channels.yaml")) -> None:
         f"ok: {config} with {len(cfg.channels) if cfg else 0} channel(s); "
         f"{len(mset.files())} mapping file(s) in {mappings_dir}"
     )
+
+
+def _auth_line(cfg: Config) -> str:
+    """How callers authenticate, for the start-up lines of ``hms-ach run``."""
+    from hms_ach.auth.settings import with_environment
+
+    try:
+        settings = with_environment(cfg.auth)
+    except ConfigError:
+        return "auth: invalid (see the error below)"
+    return {
+        "local": 'auth: local (bearer tokens from: hms-ach token --scope "user/*.rs")',
+        "oidc": f"auth: oidc, tokens of {settings.issuer}",
+        "off": "auth: OFF (every request is let in; loopback only)",
+    }[settings.mode]
+
+
+def _auth_errors(path: Path, cfg: Config) -> list[str]:
+    """What ``hms-ach run`` would refuse in ``auth:``: invalid environment overrides, ``mode: off``
+    with a listener on a non-loopback address."""
+    from hms_ach.app.runtime import auth_settings
+
+    try:
+        auth_settings(cfg)
+    except ConfigError as exc:
+        return [f"{path}: auth: {exc.render()}"]
+    return []
 
 
 @app.command()

@@ -26,8 +26,10 @@ from fastapi import FastAPI
 from starlette.responses import Response
 
 from hms_ach.app.access_log import AccessLogMiddleware
+from hms_ach.app.authentication import AuthenticationMiddleware, install_openapi_security, well_known_router
 from hms_ach.app.body_limit import BodyLimitMiddleware
 from hms_ach.app.config import HttpSettings
+from hms_ach.auth.authenticate import Authenticator
 from hms_ach.fhir.outcomes import install_handlers
 from hms_ach.fhir.routes import fhir_router
 from hms_ach.fhir.write_requests import WriteChannel
@@ -43,17 +45,25 @@ def create_app(
     pipeline_of: PipelineSource | None = None,
     write_channel: WriteChannel | None = None,
     settings: HttpSettings | None = None,
+    *,
+    authenticator: Authenticator,
 ) -> FastAPI:
     """A FastAPI app serving ``store``. Writes need the running engine's parts, found per request
     (a reload replaces them): ``pipeline_of`` for /api/v1, ``write_channel`` (the ``fhir_rest``
     channel) for /fhir; without them the write routes answer 503 and 405. ``settings`` (the
-    ``http:`` section) sets the body limit of every route and the access log."""
+    ``http:`` section) sets the body limit of every route and the access log.
+
+    ``authenticator`` checks the bearer token of every request but ``/health*``, ``/.well-known/*``
+    and the API description (:mod:`hms_ach.app.authentication`); its ``off`` mode lets every request
+    in as an anonymous caller."""
     settings = settings or HttpSettings()
     app = FastAPI(title="hms-ach", description="HL7 v2 / FHIR R4 integration engine API")
     app.state.store = store
     app.state.health = {"status": "ok"}
     app.state.readiness = None  # a Readiness, set by the engine
+    app.state.authenticator = authenticator
     install_handlers(app)
+    _install_authentication(app, authenticator)
     app.include_router(workforce_router(store, pipeline_of))
     app.include_router(fhir_router(store, write_channel))
 
@@ -87,3 +97,11 @@ def create_app(
     if settings.access_log:
         app.add_middleware(AccessLogMiddleware)
     return app
+
+
+def _install_authentication(app: FastAPI, authenticator: Authenticator) -> None:
+    """Bearer authentication on every route but the public ones, ``/.well-known`` and the OpenAPI
+    security schemes (see :mod:`hms_ach.app.authentication`)."""
+    app.add_middleware(AuthenticationMiddleware, authenticator=authenticator)
+    app.include_router(well_known_router(authenticator))
+    install_openapi_security(app, authenticator)

@@ -21,12 +21,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from hms_ach.app.config import Config, load_config
 from hms_ach.app.scheduler import Scheduler, build_jobs
 from hms_ach.app.wiring import wire_listeners
+from hms_ach.auth.authenticate import Authenticator, create_authenticator
+from hms_ach.auth.settings import AuthSettings, check_off_mode, with_environment
 from hms_ach.channels import CHANNEL_TYPES
 from hms_ach.channels.fhir_rest import FhirRestChannel
 from hms_ach.channels.mllp import MllpChannel
 from hms_ach.core.errors import ConfigError, ConfigErrors
 from hms_ach.core.redact import error_kind
 from hms_ach.core.types import Channel
+from hms_ach.hl7v2.mllp import MllpConfig
 from hms_ach.ingest.pipeline import Pipeline
 from hms_ach.mapping.engine import MappingEngine
 from hms_ach.mapping.loader import load_mappings
@@ -75,6 +78,7 @@ class Engine:
             "last_reload": None,
             "reload_error": None,
         }
+        self.authenticator: Authenticator | None = None  # created when the HTTP API starts
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task[None] | None = None
         self.http_port: int | None = None
@@ -89,6 +93,8 @@ class Engine:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        if self.config.http.enabled:  # first: a refused auth mode or an unwritable key starts nothing
+            self.authenticator = create_authenticator(auth_settings(self.config), self.config.data_dir)
         self.writer.start()
         self._watchdog = asyncio.create_task(self._watch_writer())
         await self._start_outbound()  # before the channels: a new sink gets every event from here on
@@ -134,8 +140,15 @@ class Engine:
 
         from hms_ach.app.http import create_app
 
+        if self.authenticator is None:
+            self.authenticator = create_authenticator(auth_settings(self.config), self.config.data_dir)
+        await self.authenticator.start()
         app = create_app(
-            self.store, lambda: self.pipeline, self._fhir_write_channel, settings=self.config.http
+            self.store,
+            lambda: self.pipeline,
+            self._fhir_write_channel,
+            settings=self.config.http,
+            authenticator=self.authenticator,
         )
         app.state.health = self.health
         app.state.readiness = self.readiness
@@ -179,8 +192,8 @@ class Engine:
         2. ``outbound``: the sinks' deliveries stop and this process's outbox leases are released,
            so that the next start (or another instance) delivers at once instead of after the lease.
         3. ``writer``: the jobs still queued are committed, then the writer thread ends.
-        4. ``store``: a signed audit checkpoint is appended (docs/audit.md), SQLite's WAL is checkpointed into the database file and truncated, and every
-           connection is closed.
+        4. ``store``: a signed audit checkpoint is appended (docs/audit.md), SQLite's WAL is
+           checkpointed into the database file and truncated, and every connection is closed.
 
         Returns whether the WAL checkpoint completed (None on PostgreSQL)."""
         await self._phase("intake", self._stop_intake())
@@ -247,6 +260,9 @@ class Engine:
         if self._change_feed:
             events.unsubscribe_change_feed()
             self._change_feed = False
+        if self.authenticator is not None:  # HTTP has stopped: no request needs it any more
+            await self.authenticator.aclose()
+            self.authenticator = None
 
     def _release_leases(self, owner: str) -> int:
         with self.store.transaction() as tx:
@@ -463,6 +479,21 @@ class Engine:
         if free < wanted:
             return f"{free // (1024 * 1024)} MiB free, {self.config.engine.min_free_disk_mb} MiB wanted"
         return None
+
+
+def listener_hosts(config: Config) -> list[str]:
+    """The bind address of every listener of ``config``: the HTTP API and each enabled MLLP channel."""
+    hosts = [config.http.host] if config.http.enabled else []
+    hosts += [c.host for c in config.channels if c.enabled and isinstance(c, MllpConfig)]
+    return hosts
+
+
+def auth_settings(config: Config) -> AuthSettings:
+    """``auth:`` of ``config`` with the environment overrides applied; a ConfigError when they are
+    invalid, or when ``mode: off`` is asked for while a listener binds to a non-loopback address."""
+    settings = with_environment(config.auth)
+    check_off_mode(settings, listener_hosts(config))
+    return settings
 
 
 def _mtimes(root: Path) -> dict[str, float]:

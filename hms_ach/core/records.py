@@ -110,7 +110,15 @@ class RecordType:
     """Parameters of ``params`` that are not in the base R4 specification: name -> what it matches.
     The CapabilityStatement declares each with the canonical URL
     ``urn:hms-ach:fhir:SearchParameter/<Type>-<name>`` and this text."""
+    patient_compartment: tuple[str, ...] = ()
+    """How a record of this type belongs to the compartment of a Patient (FHIR R4
+    CompartmentDefinition ``patient``): the reference parameters of ``params`` whose Patient target
+    is that patient, or :data:`THE_PATIENT_ITSELF` for the Patient record. Empty: not in the Patient
+    compartment (a token limited to one patient's compartment sees no record of this type)."""
 
+
+#: In :attr:`RecordType.patient_compartment`: the record's own id is the patient's (Patient only).
+THE_PATIENT_ITSELF = "_id"
 
 _HUMAN_NAME = "name.family | name.given | name.prefix | name.suffix | name.text"
 
@@ -123,6 +131,7 @@ RECORD_TYPES: dict[str, RecordType] = {
         writable=True,
         mirrored=True,
         description=("A patient (PID), FHIR R4 Patient."),
+        patient_compartment=(THE_PATIENT_ITSELF,),
         params={
             "identifier": ("token", "identifier"),
             "name": ("string", _HUMAN_NAME),
@@ -139,6 +148,7 @@ RECORD_TYPES: dict[str, RecordType] = {
         writable=True,
         mirrored=True,
         description=("A visit (PV1/PV2), FHIR R4 Encounter."),
+        patient_compartment=("patient",),
         params={
             "identifier": ("token", "identifier"),
             "status": ("token", "status"),
@@ -287,6 +297,7 @@ RECORD_TYPES: dict[str, RecordType] = {
             "A FHIR R4 ChargeItem from a DFT^P03 FT1 segment (the same charge as the Charge record, "
             "served to FHIR clients); served read-only."
         ),
+        patient_compartment=("subject",),
         params={
             "identifier": ("token", "identifier"),
             "patient": ("reference", "subject", ("Patient",)),
@@ -315,6 +326,7 @@ RECORD_TYPES: dict[str, RecordType] = {
         description=(
             "A FHIR R4 Coverage from an IN1 segment (payer, member id, subscriber relationship); served read-only."
         ),
+        patient_compartment=("beneficiary",),
         params={
             "identifier": ("token", "identifier"),
             "beneficiary": ("reference", "beneficiary", ("Patient",)),
@@ -331,6 +343,7 @@ RECORD_TYPES: dict[str, RecordType] = {
         description=(
             "A FHIR R4 Claim made at discharge from the charges of one encounter (billing/claims.py); served read-only."
         ),
+        patient_compartment=("patient",),
         params={
             "identifier": ("token", "identifier"),
             "status": ("token", "status"),
@@ -348,6 +361,11 @@ RECORD_TYPES: dict[str, RecordType] = {
 FHIR_SERVED: tuple[str, ...] = tuple(n for n, r in RECORD_TYPES.items() if r.fhir)
 #: Record types FHIR clients may write.
 FHIR_WRITABLE: tuple[str, ...] = tuple(n for n, r in RECORD_TYPES.items() if r.writable)
+#: Record types in the Patient compartment: type -> how a record belongs to it (see
+#: :attr:`RecordType.patient_compartment`).
+PATIENT_COMPARTMENT: dict[str, tuple[str, ...]] = {
+    n: r.patient_compartment for n, r in RECORD_TYPES.items() if r.patient_compartment
+}
 #: Record types the fhir_push sink may mirror.
 MIRRORED: tuple[str, ...] = tuple(n for n, r in RECORD_TYPES.items() if r.mirrored)
 

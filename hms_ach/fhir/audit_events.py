@@ -48,8 +48,10 @@ def date_bounds(values: list[str], name: str = "date") -> tuple[str | None, str 
     return since, until
 
 
-def search_audit_events(store: Store, request: Request) -> Response:
-    """``GET /fhir/AuditEvent``: a searchset of the audit entries matching the query parameters."""
+def search_audit_events(store: Store, request: Request, visible: bool = True) -> Response:
+    """``GET /fhir/AuditEvent``: a searchset of the audit entries matching the query parameters;
+    empty when the caller may not see the trail (``visible``: a grant limited to a patient
+    compartment, which the trail is not in)."""
     params = request.query_params
     known = {"entity", "agent", "date", "_count", "_cursor", "_format"}
     unknown = sorted(set(params) - known)
@@ -72,7 +74,7 @@ def search_audit_events(store: Store, request: Request) -> Response:
         after_seq=int(cursor_text),
         limit=min(int(count_text), MAX_COUNT),
     )
-    rows, next_seq = audit.search_trail(store, q)
+    rows, next_seq = audit.search_trail(store, q) if visible else ([], None)
     base = str(request.base_url).rstrip("/") + "/fhir/AuditEvent"
     keep = [(k, v) for k, v in params.multi_items() if k != "_cursor"]
     links = [{"relation": "self", "url": f"{base}?{urlencode(params.multi_items())}"}]

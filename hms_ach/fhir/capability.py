@@ -3,7 +3,8 @@
 What it declares comes from the code that serves it: the served and writable types
 (:data:`~hms_ach.core.records.RECORD_TYPES`), their search parameters, ``_include`` and ``_sort``
 choices (:mod:`hms_ach.store.search`), the AuditEvent search and, when a ``fhir_rest`` channel is
-configured, the write interactions and transaction/batch.
+configured, the write interactions and transaction/batch; ``rest.security`` (SMART on FHIR, with the
+``oauth-uris`` extension in oidc mode) comes from the authenticator (:func:`security_of`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from datetime import UTC, datetime
 from importlib import metadata as importlib_metadata
 from typing import Any
 
+from hms_ach.auth.authenticate import Authenticator
+from hms_ach.auth.smart import capability_security
 from hms_ach.core.records import FHIR_SERVED, RECORD_TYPES
 from hms_ach.fhir.bundles import instant
 from hms_ach.fhir.validation import WRITE_TYPES
@@ -81,7 +84,17 @@ def _search_param(rtype: str, p: Any) -> dict[str, Any]:
     return entry
 
 
-def capability_statement(base: str, writes: bool = False) -> dict[str, Any]:
+def security_of(authenticator: Authenticator | None) -> dict[str, Any] | None:
+    """``rest.security`` for the engine's authenticator (``app.state.authenticator``); None when
+    authentication is off or unknown."""
+    if authenticator is None:
+        return None
+    return capability_security(authenticator.settings, authenticator.discovery())
+
+
+def capability_statement(
+    base: str, writes: bool = False, security: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The CapabilityStatement, generated from the record tables and search-parameter declarations.
 
     ``writes``: a ``fhir_rest`` channel is configured, so the write interactions of
@@ -157,6 +170,8 @@ def capability_statement(base: str, writes: bool = False) -> dict[str, Any]:
         if set(COMMON_PARAMS) == {"_id", "_lastUpdated"}
         else [],
     }
+    if security is not None:
+        rest["security"] = security
     if writes:
         rest["interaction"] = [
             {

@@ -17,7 +17,9 @@ import orjson
 from fastapi import Request
 from starlette.responses import Response
 
+from hms_ach.auth.scopes import Decision
 from hms_ach.core.records import FHIR_SERVED
+from hms_ach.fhir.access import UNLIMITED, check_record
 from hms_ach.fhir.bundles import bundle, entry, instant
 from hms_ach.fhir.outcomes import FHIR_JSON, FhirError, operation_outcome
 from hms_ach.store import resources, search
@@ -56,13 +58,17 @@ def _version_headers(found: resources.StoredVersion) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------- handlers
-def read(store: Store, resource_type: str, rid: str, if_none_match: str | None) -> Response:
+def read(
+    store: Store, resource_type: str, rid: str, if_none_match: str | None, decision: Decision = UNLIMITED
+) -> Response:
+    """``GET T/id``; outside the ``decision``'s patient compartment the record is not known (404)."""
     check_served(resource_type)
     if not _ID_RE.match(rid):
         raise _not_found(resource_type, rid)
     found = resources.read(store, resource_type, rid)
     if found is None:
         raise _not_found(resource_type, rid)
+    check_record(decision, resource_type, rid, found.text)
     headers = _version_headers(found)
     if found.deleted:
         raise FhirError(410, "deleted", f"{resource_type}/{rid} was deleted", headers=headers)
@@ -71,23 +77,40 @@ def read(store: Store, resource_type: str, rid: str, if_none_match: str | None) 
     return fhir_response(found.text.encode(), headers=headers)
 
 
-def vread(store: Store, resource_type: str, rid: str, vid: str) -> Response:
+def vread(store: Store, resource_type: str, rid: str, vid: str, decision: Decision = UNLIMITED) -> Response:
+    """``GET T/id/_history/vid``; a version outside the ``decision``'s patient compartment is not
+    known (404): membership is decided by that version's own content."""
     check_served(resource_type)
     if not _ID_RE.match(rid) or not vid.isdigit() or len(vid) > 18:
         raise _not_found(resource_type, f"{rid}/_history/{vid}")
     found = resources.vread(store, resource_type, rid, int(vid))
     if found is None:
         raise _not_found(resource_type, f"{rid}/_history/{vid}")
+    check_record(decision, resource_type, rid, found.text, f"{rid}/_history/{vid}")
     headers = _version_headers(found)
     if found.deleted:
         raise FhirError(410, "deleted", f"{resource_type}/{rid} version {vid} is a deletion", headers=headers)
     return fhir_response(found.text.encode(), headers=headers)
 
 
-def history(store: Store, base: str, resource_type: str, rid: str, params: dict[str, str]) -> Response:
+def history(
+    store: Store,
+    base: str,
+    resource_type: str,
+    rid: str,
+    params: dict[str, str],
+    decision: Decision = UNLIMITED,
+) -> Response:
+    """``GET T/id/_history``; under a patient compartment the record's current version must be in it
+    (else 404), and then every version is served."""
     check_served(resource_type)
     if not _ID_RE.match(rid):
         raise _not_found(resource_type, rid)
+    if decision.patient is not None:
+        current = resources.read(store, resource_type, rid)
+        if current is None:
+            raise _not_found(resource_type, rid)
+        check_record(decision, resource_type, rid, current.text)
     count = _history_int(params, "_count", HISTORY_DEFAULT_COUNT)
     before = _history_int(params, "_cursor", None)
     count = min(count if count is not None else HISTORY_DEFAULT_COUNT, search.MAX_COUNT)
@@ -100,6 +123,11 @@ def history(store: Store, base: str, resource_type: str, rid: str, params: dict[
         links.append(("next", f"{url}?_count={count}&_cursor={page.versions[-1].version}"))
     entries = []
     for version in page.versions:
+        if decision.patient is not None and not version.deleted:
+            try:
+                check_record(decision, resource_type, rid, version.text)
+            except FhirError:
+                continue  # a version from before the record entered the compartment
         method = "DELETE" if version.deleted else ("POST" if version.version == 1 else "PUT")
         status = (
             "204 No Content" if version.deleted else ("201 Created" if version.version == 1 else "200 OK")
@@ -136,11 +164,18 @@ def _history_int(params: dict[str, str], name: str, default: int | None) -> int 
 
 
 def search_type(
-    store: Store, base: str, resource_type: str, params: list[tuple[str, str]], strict: bool
+    store: Store,
+    base: str,
+    resource_type: str,
+    params: list[tuple[str, str]],
+    strict: bool,
+    access: search.Access = search.EVERYTHING,
 ) -> Response:
+    """``GET T`` and ``POST T/_search``: the matches and ``_include``-s the caller may see
+    (``access``, applied in the SQL)."""
     check_served(resource_type)
     try:
-        query = search.parse_query(resource_type, params, strict=strict)
+        query = search.parse_query(resource_type, params, strict=strict, access=access)
         page = resources.search(store, query)
     except search.SearchError as exc:
         raise FhirError(400, exc.code, exc.diagnostics, expression=exc.expression) from exc

@@ -25,12 +25,13 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from hms_ach.fhir import audit_events
+from hms_ach.fhir import access, audit_events
 from hms_ach.fhir import read as reads
 from hms_ach.fhir import write_requests as writes
-from hms_ach.fhir.capability import capability_statement
+from hms_ach.fhir.capability import capability_statement, security_of
 from hms_ach.fhir.outcomes import FhirError
 from hms_ach.store.db import Store
+from hms_ach.store.search import Access
 
 JSON_TYPES = {"application/fhir+json", "application/json", "application/json+fhir", "text/json", "json"}
 ACCEPT_ANY = {"*/*", "application/*"}
@@ -71,6 +72,13 @@ def _base(request: Request) -> str:
     return str(request.base_url).rstrip("/") + "/fhir"
 
 
+def _search_access(request: Request, resource_type: str) -> Access:
+    """403 unless the caller may search ``resource_type``; then what the search may return."""
+    policy = access.policy_of(request)
+    access.decide(policy, resource_type, "search")
+    return access.search_access(policy)
+
+
 def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) -> APIRouter:
     """Every ``/fhir`` route over ``store`` (reads use ``store.reader``; writes the pipeline of the
     ``fhir_rest`` channel that ``write_channel`` finds, and answer 405 when it finds none)."""
@@ -81,69 +89,86 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
     # ------------------------------------------------------------------ AuditEvent (not a record type)
     @router.get("/AuditEvent")
     def search_audit_events(request: Request) -> Response:
-        return audit_events.search_audit_events(store, request)
+        decision = access.require(request, "AuditEvent", "search")
+        # The trail is not in the Patient compartment: a patient/ grant sees no entry.
+        return audit_events.search_audit_events(store, request, visible=decision.patient is None)
 
     # ------------------------------------------------------------------ writes
+    def guard(request: Request) -> access.WriteGuard:
+        return access.WriteGuard(store, access.policy_of(request))
+
     @router.post("")
     @router.post("/", include_in_schema=False)
     async def bundle(request: Request) -> Response:
-        return await writes.transaction_or_batch(request, find)
+        return await writes.transaction_or_batch(request, find, guard(request))
 
     @router.post("/{resource_type}")
     async def create(resource_type: str, request: Request) -> Response:
-        return await writes.create(request, find, resource_type)
+        return await writes.create(request, find, resource_type, guard(request))
 
     @router.put("/{resource_type}")
     async def conditional_update(resource_type: str, request: Request) -> Response:
-        return await writes.conditional_update(request, find, resource_type)
+        return await writes.conditional_update(request, find, resource_type, guard(request))
 
     @router.put("/{resource_type}/{rid}")
     async def update(resource_type: str, rid: str, request: Request) -> Response:
-        return await writes.update(request, find, resource_type, rid)
+        return await writes.update(request, find, resource_type, rid, guard(request))
 
     @router.delete("/{resource_type}/{rid}")
     async def delete(resource_type: str, rid: str, request: Request) -> Response:
-        return await writes.delete(request, find, resource_type, rid)
+        return await writes.delete(request, find, resource_type, rid, guard(request))
 
     # ------------------------------------------------------------------ reads
     @router.get("/metadata", dependencies=negotiated)
     def metadata(request: Request) -> Response:
-        return reads.fhir_response(orjson.dumps(capability_statement(_base(request), find() is not None)))
+        security = security_of(getattr(request.app.state, "authenticator", None))
+        return reads.fhir_response(
+            orjson.dumps(capability_statement(_base(request), find() is not None, security))
+        )
 
     @router.get("/{resource_type}", dependencies=negotiated)
     def search_get(resource_type: str, request: Request) -> Response:
+        reads.check_served(resource_type)
+        scope = _search_access(request, resource_type)
         params = list(request.query_params.multi_items())
-        return reads.search_type(store, _base(request), resource_type, params, _strict(request))
+        return reads.search_type(store, _base(request), resource_type, params, _strict(request), scope)
 
     @router.post("/{resource_type}/_search", dependencies=negotiated)
     async def search_post(resource_type: str, request: Request) -> Response:
         reads.check_served(resource_type)
+        scope = _search_access(request, resource_type)
         params = list(request.query_params.multi_items()) + await reads.form_params(request)
         return await run_in_threadpool(
-            reads.search_type, store, _base(request), resource_type, params, _strict(request)
+            reads.search_type, store, _base(request), resource_type, params, _strict(request), scope
         )
 
     inline = store.dialect == "sqlite"
 
     @router.get("/{resource_type}/{rid}", dependencies=negotiated)
     async def read(resource_type: str, rid: str, request: Request) -> Response:
+        reads.check_served(resource_type)
+        decision = access.require(request, resource_type, "read")
+        inm = request.headers.get("if-none-match")
         # A read by id is one primary-key look-up. On SQLite (a local file, no pool to wait for) it
         # runs on the event loop: a thread hand-off would cost more than the read. On PostgreSQL
         # it waits on the network and the pool, so it goes to the thread pool like the searches.
         if inline:
-            return reads.read(store, resource_type, rid, request.headers.get("if-none-match"))
-        return await run_in_threadpool(
-            reads.read, store, resource_type, rid, request.headers.get("if-none-match")
-        )
+            return reads.read(store, resource_type, rid, inm, decision)
+        return await run_in_threadpool(reads.read, store, resource_type, rid, inm, decision)
 
     @router.get("/{resource_type}/{rid}/_history", dependencies=negotiated)
     def history(resource_type: str, rid: str, request: Request) -> Response:
-        return reads.history(store, _base(request), resource_type, rid, dict(request.query_params))
+        reads.check_served(resource_type)
+        decision = access.require(request, resource_type, "history")
+        params = dict(request.query_params)
+        return reads.history(store, _base(request), resource_type, rid, params, decision)
 
     @router.get("/{resource_type}/{rid}/_history/{vid}", dependencies=negotiated)
-    async def vread(resource_type: str, rid: str, vid: str) -> Response:
+    async def vread(resource_type: str, rid: str, vid: str, request: Request) -> Response:
+        reads.check_served(resource_type)
+        decision = access.require(request, resource_type, "vread")
         if inline:  # one primary-key look-up, as read
-            return reads.vread(store, resource_type, rid, vid)
-        return await run_in_threadpool(reads.vread, store, resource_type, rid, vid)
+            return reads.vread(store, resource_type, rid, vid, decision)
+        return await run_in_threadpool(reads.vread, store, resource_type, rid, vid, decision)
 
     return router

@@ -22,12 +22,14 @@ from typing import Any
 
 import orjson
 from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from hms_ach.channels.fhir_rest import FhirRestChannel
 from hms_ach.core.errors import ContentError, Err0357
 from hms_ach.core.records import MappingResult
 from hms_ach.core.redact import error_kind
+from hms_ach.fhir.access import WriteGuard
 from hms_ach.fhir.bundles import bundle_response, request_operations
 from hms_ach.fhir.outcomes import FHIR_JSON, FhirError
 from hms_ach.fhir.write import (
@@ -185,16 +187,24 @@ def _request_line(request: Request, target: str) -> RequestLine:
 
 
 async def _run(
-    request: Request, find: WriteChannel, what: str, line: RequestLine
+    request: Request, find: WriteChannel, what: str, line: RequestLine, guard: WriteGuard
 ) -> tuple[FhirRestChannel, RequestOutcome, str]:
-    """Read, validate and map the request, then commit it with its request line."""
+    """Read the request, decide its operations by the caller's scopes, validate and map them, then
+    commit them with the request line. In a batch, the entries the scopes refuse are not applied:
+    their 403/404 results take their places in the outcome."""
     channel = _channel(find)
     raw = b""
+    refused: dict[int, Result] = {}
     try:
         _check_line(line)
         raw = await _body(request, channel) if request.method != "DELETE" else b""
         body = _parse(raw) if request.method != "DELETE" else None
         ops, kind = request_operations(line, body, channel.config.max_bundle_entries)
+        # Under patient/ scopes the guard reads the records a write targets: on the thread pool.
+        refused = (
+            await run_in_threadpool(guard.allowed, ops, kind) if guard.reads else guard.allowed(ops, kind)
+        )
+        ops = [op for i, op in enumerate(ops) if i not in refused]
         for op in ops:
             prepare(op, channel.pipeline.engine)
         _check_records(ops)
@@ -210,6 +220,10 @@ async def _run(
         raise
     except Exception as exc:  # noqa: BLE001 - not foreseen: stored as an error, a generic 500
         raise await _store_failed(channel, meta, line, exc) from None
+    if refused and outcome.error is None:
+        applied = iter(outcome.results)
+        total = len(ops) + len(refused)
+        outcome.results = [refused[i] if i in refused else next(applied) for i in range(total)]
     log.info(
         "message.%s",
         "error" if outcome.error else "processed",
@@ -232,42 +246,48 @@ def _single_response(request: Request, res: Result) -> Response:
 
 
 # ---------------------------------------------------------------------------- handlers
-async def transaction_or_batch(request: Request, find: WriteChannel) -> Response:
+async def transaction_or_batch(request: Request, find: WriteChannel, guard: WriteGuard) -> Response:
     """``POST /fhir``: a transaction or batch Bundle."""
-    _ch, outcome, kind = await _run(request, find, "Bundle", _request_line(request, ""))
+    _ch, outcome, kind = await _run(request, find, "Bundle", _request_line(request, ""), guard)
     return bundle_response(_base(request), kind, outcome.results)
 
 
-async def create(request: Request, find: WriteChannel, resource_type: str) -> Response:
+async def create(request: Request, find: WriteChannel, resource_type: str, guard: WriteGuard) -> Response:
     check_writable(resource_type)
     _ch, outcome, _k = await _run(
-        request, find, f"POST {resource_type}", _request_line(request, resource_type)
+        request, find, f"POST {resource_type}", _request_line(request, resource_type), guard
     )
     return _single_response(request, outcome.results[0])
 
 
-async def conditional_update(request: Request, find: WriteChannel, resource_type: str) -> Response:
+async def conditional_update(
+    request: Request, find: WriteChannel, resource_type: str, guard: WriteGuard
+) -> Response:
     check_writable(resource_type)
     line = _request_line(request, f"{resource_type}?{request.url.query}")
-    _ch, outcome, _k = await _run(request, find, f"PUT {resource_type}", line)
+    _ch, outcome, _k = await _run(request, find, f"PUT {resource_type}", line, guard)
     return _single_response(request, outcome.results[0])
 
 
-async def update(request: Request, find: WriteChannel, resource_type: str, rid: str) -> Response:
+async def update(
+    request: Request, find: WriteChannel, resource_type: str, rid: str, guard: WriteGuard
+) -> Response:
     check_writable(resource_type)
     _ch, outcome, _k = await _run(
-        request, find, f"PUT {resource_type}", _request_line(request, f"{resource_type}/{rid}")
+        request, find, f"PUT {resource_type}", _request_line(request, f"{resource_type}/{rid}"), guard
     )
     return _single_response(request, outcome.results[0])
 
 
-async def delete(request: Request, find: WriteChannel, resource_type: str, rid: str) -> Response:
+async def delete(
+    request: Request, find: WriteChannel, resource_type: str, rid: str, guard: WriteGuard
+) -> Response:
     check_writable(resource_type)
     if resource_type == "Basic":
         raise FhirError(
             405, "not-supported", "a shift sent as Basic is cancelled with status cancelled, not deleted"
         )
     _ch, outcome, _k = await _run(
-        request, find, f"DELETE {resource_type}", _request_line(request, f"{resource_type}/{rid}")
+        request, find, f"DELETE {resource_type}", _request_line(request, f"{resource_type}/{rid}"), guard
     )
     return _single_response(request, outcome.results[0])

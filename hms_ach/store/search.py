@@ -20,11 +20,14 @@ from typing import Any
 from sqlalchemy import Connection, Select, Table, and_, exists, false, func, intersect, literal, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 
+from hms_ach.core.records import PATIENT_COMPARTMENT, THE_PATIENT_ITSELF
 from hms_ach.store.models import INDEX_TABLES, RECORD_TABLES
 from hms_ach.store.search_params import FAR_PAST, SearchParam, clip, normalise, parse_reference
 from hms_ach.store.search_query import (
     DEFAULT_COUNT,
+    EVERYTHING,
     MAX_COUNT,
+    Access,
     Criterion,
     SearchError,
     SearchQuery,
@@ -40,6 +43,8 @@ from hms_ach.store.search_query import (
 
 __all__ = [
     "DEFAULT_COUNT",
+    "EVERYTHING",
+    "Access",
     "MAX_COUNT",
     "ClauseContext",
     "SearchError",
@@ -48,6 +53,7 @@ __all__ = [
     "execute",
     "include_params",
     "clause_context",
+    "compartment_clause",
     "own_rows",
     "parse_query",
     "sort_params",
@@ -105,6 +111,8 @@ class ClauseContext:
     dialect: str = "sqlite"
     narrowed: bool = False
     index_sets: list[Select[Any]] = field(default_factory=list)
+    limit_sets: list[Select[Any]] = field(default_factory=list)
+    """The index-row selects of the access limits (the patient compartment), beside the criteria's."""
 
 
 def own_rows(ix: Table, rt: str, t: Table, param: str) -> list[ColumnElement[bool]]:
@@ -235,6 +243,39 @@ def reference_clause(t: Table, rt: str, crit: Criterion, ctx: ClauseContext) -> 
     return _in_index(t, ix, rt, crit, or_(false(), *conds), ctx)
 
 
+def _compartment_rows(rt: str, params: list[str], patient: str) -> Select[Any]:
+    """The ids of the ``rt`` records whose reference ``params`` point at ``Patient/patient``
+    (the lookup index: resource_type, param, target_id, target_type)."""
+    ix = _index("reference")
+    param = ix.c.param == params[0] if len(params) == 1 else ix.c.param.in_(params)
+    return select(ix.c.resource_id).where(
+        ix.c.resource_type == rt, param, ix.c.target_id == patient, ix.c.target_type == "Patient"
+    )
+
+
+def compartment_clause(
+    t: Table, rt: str, patient: str, ctx: ClauseContext | None = None
+) -> ColumnElement[bool]:
+    """The ``rt`` record ``t`` is in the compartment of ``Patient/patient`` (FHIR R4 Patient
+    CompartmentDefinition, declared in :data:`hms_ach.core.records.PATIENT_COMPARTMENT`): the
+    Patient itself, or a record whose compartment reference parameter points at it. A type outside
+    the compartment matches nothing. The patient id is a bound value. When the condition is a plain
+    index set, it is reported in ``ctx`` so that the count can still come from the index alone."""
+    declared = PATIENT_COMPARTMENT.get(rt, ())
+    params = [p for p in declared if p != THE_PATIENT_ITSELF]
+    conds: list[ColumnElement[bool]] = []
+    if THE_PATIENT_ITSELF in declared:
+        conds.append(t.c.id == patient)
+    if params:
+        rows = _compartment_rows(rt, params, patient)
+        conds.append(t.c.id.in_(rows))
+        if ctx is not None and not conds[:-1]:
+            ctx.limit_sets.append(rows)
+    if not conds:
+        return false()
+    return conds[0] if len(conds) == 1 else or_(*conds)
+
+
 CLAUSE_BUILDERS = {
     "token": token_clause,
     "string": string_clause,
@@ -245,8 +286,9 @@ CLAUSE_BUILDERS = {
 
 def clause_context(query: SearchQuery, dialect: str) -> ClauseContext:
     """The context of ``query``'s clause builders: narrowed when a plain reference or token
-    criterion selects the candidates first."""
+    criterion, or the patient compartment of a ``patient/`` grant, selects the candidates first."""
     narrowed = any(c.param.type in ("reference", "token") and c.modifier is None for c in query.criteria)
+    narrowed = narrowed or query.access.compartment(query.resource_type) is not None
     return ClauseContext(dialect, narrowed)
 
 
@@ -260,19 +302,25 @@ def where_clauses(
     conds: list[ColumnElement[bool]] = [t.c.deleted == false()]
     for crit in query.criteria:
         conds.append(CLAUSE_BUILDERS[crit.param.type](t, query.resource_type, crit, ctx))
+    patient = query.access.compartment(query.resource_type)
+    if patient is not None:  # only under patient/ scopes: user/ and system/ searches get no condition
+        conds.append(compartment_clause(t, query.resource_type, patient, ctx))
     return conds
 
 
 def _count(
-    conn: Connection, t: Table, where: list[ColumnElement[bool]], query: SearchQuery, sets: list[Select[Any]]
+    conn: Connection, t: Table, where: list[ColumnElement[bool]], query: SearchQuery, ctx: ClauseContext
 ) -> int:
     """``Bundle.total``. When every criterion is a plain index match (``sets``, one per criterion),
     the count comes from the index alone: the ids in all of the sets. A deleted record and the
     placeholder of a conditional create have no index rows, so nothing is counted that the page
     query would not return, and no record row is read (over a million Practitioners, counting the
     matches of a common family name through the records read 25,000 rows scattered over the
-    file). Otherwise it is one COUNT over the record table with the page's criteria."""
-    if query.criteria and len(sets) == len(query.criteria):
+    file). Otherwise it is one COUNT over the record table with the page's criteria. The patient
+    compartment of a ``patient/`` scope is one more index set (``ctx.limit_sets``)."""
+    sets = ctx.index_sets + ctx.limit_sets
+    limited = query.access.compartment(query.resource_type) is not None
+    if query.criteria and len(ctx.index_sets) == len(query.criteria) and (ctx.limit_sets or not limited):
         ids = sets[0].distinct() if len(sets) == 1 else intersect(*sets)
         return int(conn.execute(select(func.count()).select_from(ids.subquery())).scalar_one())
     return int(conn.execute(select(func.count()).select_from(t).where(*where)).scalar_one())
@@ -317,7 +365,7 @@ def execute(conn: Connection, query: SearchQuery) -> SearchPage:
     counting = query.total in ("auto", "accurate")
     if query.count == 0:
         if query.total != "none":
-            total = _count(conn, t, where, query, ctx.index_sets)
+            total = _count(conn, t, where, query, ctx)
         return SearchPage([], [], total, None)
     keys = [_sort_expression(t, query.resource_type, k).label(f"k{i}") for i, k in enumerate(query.sort)]
     inner = select(t.c.id, t.c.resource, *keys).where(*where).subquery("matches")
@@ -337,24 +385,30 @@ def execute(conn: Connection, query: SearchQuery) -> SearchPage:
     if query.after is None and not more and query.total != "none":
         total = len(rows)  # every match is on this first page: no need to count
     elif counting:
-        total = _count(conn, t, where, query, ctx.index_sets)
+        total = _count(conn, t, where, query, ctx)
     matches = [(r.id, r.resource) for r in rows]
     return SearchPage(matches, _included(conn, query, [m[0] for m in matches]), total, next_cursor)
 
 
 def _included(conn: Connection, query: SearchQuery, ids: list[str]) -> list[tuple[str, str, str]]:
+    """The records the page's ``_include`` references point at, of the types the caller may see
+    (``query.access``), each limited to its patient compartment when the caller's grant on that type
+    is; both limits are conditions of the SQL."""
     if not query.includes or not ids:
         return []
     ix = _index("reference")
     wanted: dict[str, set[str]] = {}
     for inc in query.includes:
+        targets = (inc.target,) if inc.target else inc.param.targets
+        if targets and not any(query.access.visible(tt) for tt in targets):
+            continue  # the caller may see none of the types it can point at
         stmt = select(ix.c.target_type, ix.c.target_id).where(
             ix.c.resource_type == inc.source, ix.c.param == inc.param.name, ix.c.resource_id.in_(ids)
         )
         if inc.target:
             stmt = stmt.where(ix.c.target_type == inc.target)
         for target_type, target_id in conn.execute(stmt):
-            if target_type in RECORD_TABLES:
+            if target_type in RECORD_TABLES and query.access.visible(target_type):
                 wanted.setdefault(target_type, set()).add(target_id)
     seen = {(query.resource_type, i) for i in ids}
     out: list[tuple[str, str, str]] = []
@@ -365,6 +419,9 @@ def _included(conn: Connection, query: SearchQuery, ids: list[str]) -> list[tupl
             .where(tt.c.id.in_(sorted(wanted[target_type])), tt.c.deleted == false())
             .order_by(tt.c.id)
         )
+        patient = query.access.compartment(target_type)
+        if patient is not None:
+            stmt = stmt.where(compartment_clause(tt, target_type, patient))
         for rid, text in conn.execute(stmt):
             if (target_type, rid) not in seen:
                 seen.add((target_type, rid))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Literal
 
-from hms_ach.core.records import RECORD_TYPES
+from hms_ach.core.records import PATIENT_COMPARTMENT, RECORD_TYPES, THE_PATIENT_ITSELF
 
 ParamType = Literal["token", "string", "date", "reference"]
 
@@ -277,3 +277,24 @@ def index_rows(resource_type: str, resource: dict[str, Any]) -> dict[str, list[d
                         seen.add(key)
                         rows.append(row)
     return {kind: rows for kind, rows in out.items() if rows}
+
+
+def in_patient_compartment(resource_type: str, rid: str, resource: dict[str, Any], patient: str) -> bool:
+    """Whether the record ``resource_type/rid`` with content ``resource`` is in the compartment of
+    ``Patient/patient``: the same rule as the search condition
+    (:func:`hms_ach.store.search.compartment_clause`), applied to one record's content (a read, a
+    vread of an older version, or the content of a write)."""
+    declared = PATIENT_COMPARTMENT.get(resource_type, ())
+    if THE_PATIENT_ITSELF in declared and rid == patient:
+        return True
+    params = SEARCH_PARAMS.get(resource_type, {})
+    for name in declared:
+        param = params.get(name)
+        if param is None or param.type != "reference":
+            continue
+        for path in param.paths:
+            for value in walk(resource, path):
+                for row in _rows_for(param, value):
+                    if row["target_type"] == "Patient" and row["target_id"] == patient:
+                        return True
+    return False

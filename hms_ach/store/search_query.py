@@ -16,6 +16,7 @@ import base64
 import binascii
 import hashlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -77,6 +78,31 @@ class Include:
     target: str | None = None
 
 
+@dataclass(frozen=True)
+class Access:
+    """Which records a search may return (the caller's SMART scopes, decided by the HTTP layer).
+
+    ``types`` maps each record type the caller may see to ``None`` (every record of the type) or a
+    patient id (only the records in that patient's compartment, see
+    :attr:`hms_ach.core.records.RecordType.patient_compartment`); a type not in it is not visible
+    (its ``_include``-d records are left out). ``types=None`` (the default) sees everything, and adds
+    no condition to the SQL.
+    """
+
+    types: Mapping[str, str | None] | None = None
+
+    def visible(self, resource_type: str) -> bool:
+        return self.types is None or resource_type in self.types
+
+    def compartment(self, resource_type: str) -> str | None:
+        """The patient whose compartment limits ``resource_type``, or None (not limited)."""
+        return None if self.types is None else self.types.get(resource_type)
+
+
+#: No limit: every record of every type.
+EVERYTHING = Access()
+
+
 @dataclass
 class SearchQuery:
     resource_type: str
@@ -91,6 +117,9 @@ class SearchQuery:
     understood: list[tuple[str, str]] = field(default_factory=list)
     """The parameters acted on, in request order (for the self link and the cursor digest)."""
     warnings: list[str] = field(default_factory=list)
+    access: Access = EVERYTHING
+    """What the caller may see: the matches are limited to ``access.compartment(resource_type)`` and
+    the included records to the visible types (each in its compartment), in the SQL."""
 
     def self_query(self) -> str:
         return urlencode(self.understood)
@@ -144,13 +173,16 @@ def unescape(text: str) -> str:
     return "".join(out)
 
 
-def parse_query(resource_type: str, params: list[tuple[str, str]], *, strict: bool = False) -> SearchQuery:
-    """Parse request parameters for a search on ``resource_type``; raises SearchError on bad input."""
+def parse_query(
+    resource_type: str, params: list[tuple[str, str]], *, strict: bool = False, access: Access = EVERYTHING
+) -> SearchQuery:
+    """Parse request parameters for a search on ``resource_type`` by a caller who may see ``access``;
+    raises SearchError on bad input."""
     if resource_type not in RECORD_TABLES:
         raise SearchError(f"resource type {resource_type!r} is not supported", "not-supported")
     if len(params) > MAX_PARAMETERS:
         raise SearchError(f"too many parameters ({len(params)}, at most {MAX_PARAMETERS})", "too-costly")
-    query = SearchQuery(resource_type)
+    query = SearchQuery(resource_type, access=access)
     cursor: str | None = None
     for key, value in params:
         limit = MAX_CURSOR_CHARS if key == "_cursor" else MAX_VALUE_CHARS

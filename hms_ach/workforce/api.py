@@ -46,6 +46,8 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
+from hms_ach.auth.caller import REQUEST_STATE_ATTRIBUTE
+from hms_ach.auth.errors import challenge, insufficient_scope
 from hms_ach.core.errors import ContentError
 from hms_ach.core.records import MappingResult, RecordWrite
 from hms_ach.core.redact import error_kind
@@ -61,6 +63,7 @@ from hms_ach.store.port import Tx
 from hms_ach.store.repository import Repository
 from hms_ach.store.savepoint import savepoint
 from hms_ach.workforce import rules
+from hms_ach.workforce.access import Access, RoleDenied, access_for
 from hms_ach.workforce.rules import (
     CREDENTIAL_SCAN_JOB,
     CREDENTIAL_SYSTEM,
@@ -86,15 +89,28 @@ T = TypeVar("T")
 PROBLEM_JSON = "application/problem+json"
 API_CHANNEL = "api"
 #: The status that answers each kind of rule error (the most specific class that matches).
-RULE_STATUS: dict[type[WorkforceError], int] = {InvalidRequest: 422, RecordNotFound: 404, StateConflict: 409}
+RULE_STATUS: dict[type[WorkforceError], int] = {
+    InvalidRequest: 422,
+    RecordNotFound: 404,
+    StateConflict: 409,
+    RoleDenied: 403,
+}
 
 
 # ---------------------------------------------------------------------------- problem details
 class Problem(Exception):
     """An RFC 9457 problem details answer."""
 
-    def __init__(self, status: int, title: str, detail: str, errors: list[dict[str, Any]] | None = None):
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        errors: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         self.status, self.title, self.detail, self.errors = status, title, detail, errors or []
+        self.headers = headers or {}
         super().__init__(detail)
 
     def response(self, instance: str = "") -> Response:
@@ -108,7 +124,9 @@ class Problem(Exception):
             body["instance"] = instance
         if self.errors:
             body["errors"] = self.errors
-        return Response(orjson.dumps(body), status_code=self.status, media_type=PROBLEM_JSON)
+        return Response(
+            orjson.dumps(body), status_code=self.status, media_type=PROBLEM_JSON, headers=self.headers
+        )
 
 
 def rule_problem(exc: WorkforceError, part: str = "body") -> Problem:
@@ -116,7 +134,8 @@ def rule_problem(exc: WorkforceError, part: str = "body") -> Problem:
     (``body`` or ``query``)."""
     status = next((s for kind, s in RULE_STATUS.items() if isinstance(exc, kind)), 422)
     errors = [{"location": f"{part}.{exc.field}", "detail": exc.reason or exc.detail}] if exc.field else []
-    return Problem(status, exc.title, exc.detail, errors)
+    headers = challenge(insufficient_scope(exc.detail))[1] if isinstance(exc, RoleDenied) else None
+    return Problem(status, exc.title, exc.detail, errors, headers)
 
 
 async def _refuse_nul(request: Request) -> None:
@@ -521,7 +540,34 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
     limit_q = Query(50, ge=1, le=200, description="Page size")
     cursor_q = Query(None, description="next_cursor of the previous page")
 
+    def employee_named(claim: str) -> str | None:
+        """The Practitioner id an ``employee_id`` claim names: its id, or its employee number."""
+
+        def find(tx: Tx) -> str | None:
+            if wq.get_record(tx, "Practitioner", claim) is not None:
+                return claim
+            found = Repository(tx).find_by_key("Practitioner", STAFF_SYSTEM, claim)
+            return found[0] if found else None
+
+        return wq.read(store, find)
+
+    def allowed(request: Request, action: str) -> Access:
+        """The caller's access for ``action`` (docs/security.md, Roles); RoleDenied (403) if none."""
+        caller = getattr(request.state, REQUEST_STATE_ATTRIBUTE, None)
+        return access_for(caller, action, employee_named)
+
+    def narrowed(access: Access, employee_id: str | None) -> str | None:
+        """The ``employee_id`` filter of a list: an own-records-only caller (an employee) sees its
+        own records; asking for someone else's is refused."""
+        if not access.own_only:
+            return employee_id
+        if employee_id is not None:
+            access.require(employee_id, None, "the records of another employee")
+            return employee_id
+        return next(iter(access.own_ids)) if len(access.own_ids) == 1 else None
+
     async def write_employee(request: Request, emp: EmployeeIn, rid: str | None) -> Response:
+        allowed(request, "employees.write").require(rid, emp.department, "this employee")
         engine = _pipeline(pipeline_of)
         res = practitioner_json(emp)
         if rid is None:
@@ -553,15 +599,20 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
 
     @router.get("/employees", summary="List employees (Practitioners)")
     def list_employees(
+        request: Request,
         department: str | None = None,
         active: bool | None = None,
         limit: int = limit_q,
         cursor: str | None = cursor_q,
     ) -> dict[str, Any]:
+        access = allowed(request, "employees.read")
+
         def keep(res: dict[str, Any]) -> bool:
             emp = employee_view(res)
-            return (department is None or emp["department"] == department) and (
-                active is None or emp["active"] == active
+            return (
+                (department is None or emp["department"] == department)
+                and (active is None or emp["active"] == active)
+                and access.permits(emp["id"], emp["department"])
             )
 
         after = _after(cursor)
@@ -571,11 +622,14 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
         return {"items": [employee_view(r) for r in page], "next_cursor": nxt}
 
     @router.get("/employees/{employee_id}", summary="One employee")
-    def get_employee(employee_id: str) -> dict[str, Any]:
+    def get_employee(employee_id: str, request: Request) -> dict[str, Any]:
+        access = allowed(request, "employees.read")
         res = wq.read(store, lambda tx: wq.get_record(tx, "Practitioner", employee_id))
         if res is None:
             raise Problem(404, "Not found", f"no employee {employee_id[:64]}")
-        return employee_view(res)
+        view = employee_view(res)
+        access.require(view["id"], view["department"], "this employee")
+        return view
 
     @router.post("/employees", status_code=201, summary="Create or update an employee by employee_number")
     async def create_employee(emp: EmployeeIn, request: Request) -> Response:
@@ -587,15 +641,19 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
 
     @router.get("/credentials", summary="Credentials, optionally only those expiring soon")
     def list_credentials(
+        request: Request,
         expiring_within_days: int | None = Query(None, ge=0, le=3650),
         include_expired: bool = Query(False, description="with expiring_within_days: also list expired ones"),
         limit: int = limit_q,
         cursor: str | None = cursor_q,
     ) -> dict[str, Any]:
+        access = allowed(request, "credentials.read")
         today = datetime.now(UTC).date()
         items = []
         for res in wq.read(store, lambda tx: wq.all_records(tx, "Practitioner")):
             emp = employee_view(res)
+            if not access.permits(emp["id"], emp["department"]):
+                continue
             for i, cred in enumerate(emp["credentials"]):
                 days_left = rules.days_left(cred["valid_to"], today)
                 if not rules.credential_due(days_left, expiring_within_days, include_expired):
@@ -615,6 +673,11 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
         return _page(items, limit, cursor, key="key")
 
     # ------------------------------------------------------------------ shifts
+    def require_shift(access: Access, shift: dict[str, Any]) -> None:
+        """RoleDenied unless ``access`` covers the stored ``shift`` (its employee or department)."""
+        view = shift_view(shift)
+        access.require(view["employee_id"], view["department"], "this shift")
+
     def shift_plan(body: ShiftIn, shift_id: str | None) -> ShiftPlan:
         return ShiftPlan(
             start=body.start,
@@ -646,6 +709,7 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
 
     @router.get("/shifts", summary="Shifts by employee, period and status")
     def list_shifts(
+        request: Request,
         employee_id: str | None = None,
         status: str | None = None,
         start_from: Annotated[datetime | None, Query(description="shifts starting at or after")] = None,
@@ -654,13 +718,16 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
         limit: int = limit_q,
         cursor: str | None = cursor_q,
     ) -> dict[str, Any]:
+        access = allowed(request, "shifts.read")
+        employee_id = narrowed(access, employee_id)
         lo = _query_time(start_from, "start_from")
         hi = _query_time(start_before, "start_before")
 
         def keep(res: dict[str, Any]) -> bool:  # the index narrows; this is the filter
             s = shift_view(res)
             if not (
-                (employee_id is None or s["employee_id"] == employee_id)
+                access.permits(s["employee_id"], s["department"])
+                and (employee_id is None or s["employee_id"] == employee_id)
                 and (status is None or s["status"] == status)
                 and (unfilled is None or (s["employee_id"] is None) == unfilled)
             ):
@@ -690,11 +757,16 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
 
     @router.post("/shifts", status_code=201, summary="Create (or, with the same shift_id, replace) a shift")
     async def create_shift(body: ShiftIn, request: Request) -> Response:
+        access = allowed(request, "shifts.write")
+        access.require(body.employee_id, body.department, "a shift of this department")
+
         def build(tx: Tx) -> RecordWrite:
             existing = None
             if body.shift_id:
                 found = Repository(tx).find_by_key("Shift", SHIFT_SYSTEM, body.shift_id)
                 existing = {**found[1], "id": found[0]} if found else None
+            if existing is not None:
+                require_shift(access, existing)
             return rules.shift_record(wq.StoredRoster(tx), shift_plan(body, body.shift_id), existing)
 
         return await run_record(
@@ -703,9 +775,13 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
 
     @router.put("/shifts/{shift_record_id}", summary="Replace a shift")
     async def update_shift(shift_record_id: str, body: ShiftIn, request: Request) -> Response:
+        access = allowed(request, "shifts.write")
+        access.require(body.employee_id, body.department, "a shift of this department")
+
         def build(tx: Tx) -> RecordWrite:
             roster = wq.StoredRoster(tx)
             existing = rules.existing_shift(roster, shift_record_id)
+            require_shift(access, existing)
             return rules.shift_record(roster, shift_plan(body, existing["identifier"][0]["value"]), existing)
 
         return await run_record(
@@ -714,7 +790,12 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
 
     @router.post("/shifts/{shift_record_id}/swap", summary="Ask to swap a shift to another employee")
     async def request_swap(shift_record_id: str, body: SwapIn, request: Request) -> Response:
+        access = allowed(request, "swaps.request")
+        if not access.unrestricted:
+            access.require(body.requested_by, None, "a swap requested for someone else")
+
         def build(tx: Tx) -> RecordWrite:
+            require_shift(access, rules.existing_shift(wq.StoredRoster(tx), shift_record_id))
             return rules.swap_request(
                 wq.StoredRoster(tx), shift_record_id, body.requested_by, body.replacement
             )
@@ -723,7 +804,10 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
 
     @router.post("/shifts/{shift_record_id}/swap/decision", summary="Approve or reject a swap request")
     async def decide_swap(shift_record_id: str, body: SwapDecision, request: Request) -> Response:
+        access = allowed(request, "swaps.decide")
+
         def build(tx: Tx) -> RecordWrite:
+            require_shift(access, rules.existing_shift(wq.StoredRoster(tx), shift_record_id))
             return rules.swap_decision(wq.StoredRoster(tx), shift_record_id, body.approve, body.decided_by)
 
         return await run_record(
@@ -733,6 +817,7 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
     # ------------------------------------------------------------------ timecards
     @router.post("/timecards", status_code=201, summary="Record a worked period from clock-in/clock-out")
     async def create_timecard(body: TimecardIn, request: Request) -> Response:
+        allowed(request, "timecards.write").require(body.employee_id, body.department, "this timecard")
         clock_in, clock_out = rules.check_clock_times(body.clock_in, body.clock_out)
         period = ClockedPeriod(
             employee_id=body.employee_id,
@@ -752,10 +837,19 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
 
     @router.get("/timecards", summary="Timecards by employee")
     def list_timecards(
-        employee_id: str | None = None, limit: int = limit_q, cursor: str | None = cursor_q
+        request: Request,
+        employee_id: str | None = None,
+        limit: int = limit_q,
+        cursor: str | None = cursor_q,
     ) -> dict[str, Any]:
+        access = allowed(request, "timecards.read")
+        employee_id = narrowed(access, employee_id)
+
         def keep(res: dict[str, Any]) -> bool:
-            return employee_id is None or timecard_view(res)["employee_id"] == employee_id
+            card = timecard_view(res)
+            return access.permits(card["employee_id"], card["department"]) and (
+                employee_id is None or card["employee_id"] == employee_id
+            )
 
         after = _after(cursor)
 
@@ -772,7 +866,12 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
     @router.get(
         "/compliance/status", summary="Active staff, credential, shift and overtime counts by department"
     )
-    def compliance_status(expiring_within_days: int = Query(30, ge=0, le=3650)) -> dict[str, Any]:
+    def compliance_status(
+        request: Request, expiring_within_days: int = Query(30, ge=0, le=3650)
+    ) -> dict[str, Any]:
+        access = allowed(request, "compliance.read")
+        if not access.unrestricted:  # a report over everyone
+            raise RoleDenied("the compliance report covers every department", access.action)
         now = datetime.now(UTC)
 
         def gather(
@@ -810,6 +909,7 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
 
     @router.get("/audit", summary="The audit trail, filtered by entity (Practitioner/123), agent and time")
     def list_audit(
+        request: Request,
         entity: str | None = Query(None, description="Type/id or a type"),
         agent: str | None = None,
         since: datetime | None = None,
@@ -817,6 +917,7 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
         limit: int = limit_q,
         cursor: str | None = cursor_q,
     ) -> dict[str, Any]:
+        allowed(request, "audit.read")
         after = 0
         if cursor:
             if not cursor.isdigit():

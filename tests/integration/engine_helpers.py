@@ -1,5 +1,11 @@
 """A running engine with the fhir_rest channel on a loopback port, for the FHIR write, audit and
-workforce API tests."""
+workforce API tests, and the bearer tokens to call it.
+
+Authentication is on in every engine the tests start (``auth.mode: local``, the shipped default): the
+signing key is created in the test's temporary data directory, and :func:`auth_headers` mints a token
+with :func:`hms_ach.auth.local_issuer.issue_token`, as ``hms-ach token`` does. By default the token
+may do everything (:data:`FULL_SCOPE`, :data:`FULL_ROLES`); tests of access control ask for less.
+In-process apps (``create_app``) take :func:`local_authenticator` over a temporary directory."""
 
 from __future__ import annotations
 
@@ -8,11 +14,78 @@ from pathlib import Path
 
 from hms_ach.app.config import load_config
 from hms_ach.app.runtime import Engine
+from hms_ach.auth.authenticate import Authenticator, create_authenticator
+from hms_ach.auth.local_issuer import TokenRequest, issue_token
+from hms_ach.auth.settings import AuthSettings
 from hms_ach.channels.mllp import MllpChannel
 from hms_ach.store.db import Store
 
 ROOT = Path(__file__).resolve().parents[2]
 FHIR_JSON = {"content-type": "application/fhir+json"}
+#: The SMART scopes and /api/v1 roles of a token that may do everything.
+FULL_SCOPE = "system/*.cruds"
+FULL_ROLES = ("hr_admin", "auditor")
+
+
+def local_authenticator(data_dir: Path) -> Authenticator:
+    """A ``mode: local`` authenticator whose signing key lives in ``data_dir`` (created there)."""
+    return create_authenticator(AuthSettings(mode="local"), data_dir)
+
+
+def engine_authenticator(engine: Engine) -> Authenticator:
+    """The running engine's authenticator (its HTTP API is started)."""
+    assert engine.authenticator is not None, "the engine's HTTP API is not started"
+    return engine.authenticator
+
+
+def mint_token(
+    authenticator: Authenticator | Engine,
+    scope: str = FULL_SCOPE,
+    roles: tuple[str, ...] = FULL_ROLES,
+    *,
+    sub: str = "test-client",
+    patient: str | None = None,
+    employee_id: str | None = None,
+    departments: tuple[str, ...] = (),
+    ttl_seconds: int | None = None,
+) -> str:
+    """A token of the local issuer of ``authenticator`` (or of a running engine), as ``hms-ach token``
+    prints it."""
+    auth = engine_authenticator(authenticator) if isinstance(authenticator, Engine) else authenticator
+    assert auth.local_key is not None, "auth.mode is not local"
+    request = TokenRequest(
+        scope=scope,
+        sub=sub,
+        patient=patient,
+        roles=roles,
+        employee_id=employee_id,
+        departments=departments,
+        ttl_seconds=ttl_seconds,
+    )
+    return issue_token(auth.settings, auth.local_key, request)
+
+
+def auth_headers(
+    authenticator: Authenticator | Engine,
+    scope: str = FULL_SCOPE,
+    roles: tuple[str, ...] = FULL_ROLES,
+    *,
+    sub: str = "test-client",
+    patient: str | None = None,
+    employee_id: str | None = None,
+    departments: tuple[str, ...] = (),
+) -> dict[str, str]:
+    """``Authorization: Bearer <token>`` with a token of :func:`mint_token`."""
+    token = mint_token(
+        authenticator,
+        scope,
+        roles,
+        sub=sub,
+        patient=patient,
+        employee_id=employee_id,
+        departments=departments,
+    )
+    return {"authorization": f"Bearer {token}"}
 
 
 async def start_fhir_engine(tmp_path: Path, store: Store) -> Engine:

@@ -17,7 +17,7 @@ from hms_ach.store import audit
 from hms_ach.store.db import Store
 from hms_ach.store.repository import Repository
 from hms_ach.store.writer import StoreWriter
-from tests.integration.engine_helpers import FHIR_JSON
+from tests.integration.engine_helpers import FHIR_JSON, auth_headers
 from tests.integration.test_fhir_write import nurse
 
 
@@ -28,7 +28,9 @@ def verify(url: str, config: Path) -> tuple[int, str]:
 
 async def test_audit_rows_events_and_verify(fhir_engine: Engine, store: Store, tmp_path: Path) -> None:
     port = fhir_engine.http_port
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{port}", timeout=30, headers=auth_headers(fhir_engine)
+    ) as http:
         created = (await http.post("/fhir/Practitioner", json=nurse(), headers=FHIR_JSON)).json()
         rid = created["id"]
         await http.put(f"/fhir/Practitioner/{rid}", json=nurse(family="Mensah", id=rid), headers=FHIR_JSON)

@@ -16,7 +16,7 @@ from fhir.resources.R4B.chargeitem import ChargeItem as R4BChargeItem
 from hms_ach.app.http import create_app
 from hms_ach.store.db import Store
 from hms_ach.store.search_params import SEARCH_PARAMS
-from tests.integration.engine_helpers import mllp_channel
+from tests.integration.engine_helpers import auth_headers, local_authenticator, mllp_channel
 from tests.integration.outbound_helpers import make_engine, send_mllp
 
 CPT = "http://www.ama-assn.org/go/cpt"
@@ -36,8 +36,11 @@ async def test_dft_p03_charges_are_served_as_charge_items(tmp_path: Path, store:
     finally:
         await engine.stop()
 
-    transport = httpx.ASGITransport(app=create_app(store))
-    async with httpx.AsyncClient(transport=transport, base_url="http://test/fhir") as http:
+    auth = local_authenticator(tmp_path / "data")
+    transport = httpx.ASGITransport(app=create_app(store, authenticator=auth))
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://test/fhir", headers=auth_headers(auth)
+    ) as http:
 
         async def search(**params: str) -> list[dict[str, Any]]:
             r = await http.get("/ChargeItem", params=params)

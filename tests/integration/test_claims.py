@@ -7,7 +7,7 @@ from typing import Any
 
 from hms_ach.billing.x12_837 import validate_with_pyx12
 from hms_ach.store.db import Store
-from tests.integration.engine_helpers import mllp_channel
+from tests.integration.engine_helpers import auth_headers, local_authenticator, mllp_channel
 from tests.integration.outbound_helpers import SAMPLES, SECRET, Receiver, make_engine, send_mllp, wait_for
 
 
@@ -276,8 +276,11 @@ async def test_claims_and_coverage_are_read_and_searched_under_fhir(tmp_path: Pa
         assert codes == ["AA", "AA", "AA"]
     finally:
         await engine.stop()
-    transport = httpx.ASGITransport(app=create_app(store))
-    async with httpx.AsyncClient(transport=transport, base_url="http://test/fhir") as http:
+    auth = local_authenticator(tmp_path / "data")
+    transport = httpx.ASGITransport(app=create_app(store, authenticator=auth))
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://test/fhir", headers=auth_headers(auth)
+    ) as http:
         found = (await http.get("/Claim", params={"status": "active"})).json()
         assert found["resourceType"] == "Bundle" and len(found["entry"]) == 1
         claim = found["entry"][0]["resource"]

@@ -19,7 +19,7 @@ from fhirpy import AsyncFHIRClient
 from hms_ach.app.config import load_config
 from hms_ach.app.runtime import Engine
 from hms_ach.store.db import Store
-from tests.integration.engine_helpers import mllp_channel
+from tests.integration.engine_helpers import auth_headers, mllp_channel
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "samples" / "hl7"
@@ -72,7 +72,8 @@ async def test_admit_transfer_discharge_over_mllp_then_query_fhir(engine: Engine
     acks = await send_with_hl7_client(port, ["adt_a01.hl7", "adt_a02.hl7", "adt_a03.hl7", "mfn_m02.hl7"])
     assert [msa(a)[1] for a in acks] == ["AA", "AA", "AA", "AA"], acks
     base = f"http://127.0.0.1:{engine.http_port}/fhir"
-    async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+    headers = auth_headers(engine)
+    async with httpx.AsyncClient(base_url=base, timeout=10, headers=headers) as http:
         bundle = (await http.get("/Patient", params={"family": "rivera"})).json()
         assert bundle["total"] == 1
         patient = bundle["entry"][0]["resource"]
@@ -89,7 +90,9 @@ async def test_admit_transfer_discharge_over_mllp_then_query_fhir(engine: Engine
         read = await http.get(f"/Encounter/{enc['id']}")
         assert read.headers["etag"] == f'W/"{enc["meta"]["versionId"]}"'
         assert read.headers["content-type"].startswith("application/fhir+json")
-    client = AsyncFHIRClient(base, extra_headers={"Accept": "application/fhir+json"})
+    client = AsyncFHIRClient(
+        base, authorization=headers["authorization"], extra_headers={"Accept": "application/fhir+json"}
+    )
     doctors = (
         await client.resources("Practitioner")
         .search(identifier="http://hl7.org/fhir/sid/us-npi|1234567893")

@@ -6,6 +6,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -18,12 +19,14 @@ from fhirpy import SyncFHIRClient
 from sqlalchemy import func, select
 
 from hms_ach.app.http import create_app
+from hms_ach.auth.authenticate import Authenticator
 from hms_ach.core.records import FHIR_SERVED, MappingResult, RecordWrite
 from hms_ach.store import resources
 from hms_ach.store.db import Store
 from hms_ach.store.models import INDEX_TABLES, RECORD_TABLES
 from hms_ach.store.repository import Repository
 from hms_ach.store.search_params import SEARCH_PARAMS
+from tests.integration.engine_helpers import auth_headers, local_authenticator
 
 MRN = "urn:oid:1.2.3.mrn"
 ACT = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
@@ -261,8 +264,19 @@ class _Server:
 
 
 @pytest.fixture
-def base(store: Store) -> Iterator[str]:
-    app = create_app(store)
+def auth(tmp_path: Path) -> Authenticator:
+    return local_authenticator(tmp_path / "data")
+
+
+@pytest.fixture
+def token(auth: Authenticator) -> dict[str, str]:
+    """The headers of a token that may read everything."""
+    return auth_headers(auth)
+
+
+@pytest.fixture
+def base(store: Store, auth: Authenticator) -> Iterator[str]:
+    app = create_app(store, authenticator=auth)
 
     def boom() -> None:
         raise RuntimeError("secret internal detail")
@@ -273,8 +287,8 @@ def base(store: Store) -> Iterator[str]:
 
 
 @pytest.fixture
-def http(base: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=f"{base}/fhir", timeout=10) as client:
+def http(base: str, token: dict[str, str]) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=f"{base}/fhir", timeout=10, headers=token) as client:
         yield client
 
 
@@ -370,7 +384,7 @@ def test_vread_and_history(store: Store, http: httpx.Client, ids: dict[str, str]
     page = http.get(f"/Patient/{pid}/_history", params={"_count": 2}).json()
     assert len(page["entry"]) == 2
     nxt = next(lk["url"] for lk in page["link"] if lk["relation"] == "next")
-    rest = httpx.get(nxt).json()
+    rest = http.get(nxt).json()
     assert [e["resource"]["meta"]["versionId"] for e in rest["entry"]] == ["1"]
     assert not any(lk["relation"] == "next" for lk in rest["link"])
     _outcome(http.get("/Patient/nobody/_history"), 404)
@@ -745,8 +759,8 @@ def test_hostile_values_are_400(http: httpx.Client, params: dict[str, str]) -> N
     _outcome(http.get("/Patient", params=params), 400)
 
 
-def test_unexpected_errors_are_500_outcomes_without_details(base: str) -> None:
-    r = httpx.get(f"{base}/boom")
+def test_unexpected_errors_are_500_outcomes_without_details(base: str, token: dict[str, str]) -> None:
+    r = httpx.get(f"{base}/boom", headers=token)
     body = _outcome(r, 500, "exception")
     assert "secret" not in r.text and "Traceback" not in r.text
     assert body["issue"][0]["severity"] == "error"
@@ -758,9 +772,11 @@ def test_health(base: str) -> None:
 
 
 # ---------------------------------------------------------------------------- a real FHIR client as peer
-def test_fhirpy_client_pages_reads_and_counts(store: Store, base: str, ids: dict[str, str]) -> None:
+def test_fhirpy_client_pages_reads_and_counts(
+    store: Store, base: str, token: dict[str, str], ids: dict[str, str]
+) -> None:
     made = set(_new_patients(store, "f", 25))
-    client = SyncFHIRClient(f"{base}/fhir")
+    client = SyncFHIRClient(f"{base}/fhir", authorization=token["authorization"])
     found = client.resources("Patient").search(family="pagerf").limit(7).fetch_all()
     assert len(found) == 25 and {p["id"] for p in found} == made
     assert client.resources("Patient").search(name="muñoz").count() == 2

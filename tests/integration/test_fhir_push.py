@@ -26,7 +26,7 @@ from hms_ach.app.runtime import Engine
 from hms_ach.outbound.fhir_push import FhirPushSink, PushAuth
 from hms_ach.store.db import Store
 from hms_ach.store.models import OutboxRow
-from tests.integration.engine_helpers import mllp_channel, start_fhir_engine
+from tests.integration.engine_helpers import auth_headers, mint_token, mllp_channel, start_fhir_engine
 from tests.integration.outbound_helpers import make_engine, send_mllp, wait_for
 
 
@@ -57,9 +57,18 @@ async def _local(tmp_path: Path, store: Store, sinks: str) -> Engine:
     return engine
 
 
-async def _search(base: str, query: str) -> list[dict[str, Any]]:
-    async with httpx.AsyncClient(timeout=10) as client:
-        response = await client.get(f"{base}/{query}")
+def _remote_base(remote: Engine) -> str:
+    return f"http://127.0.0.1:{remote.http_port}/fhir"
+
+
+def _bearer(remote: Engine) -> str:
+    """The sink's ``auth:`` with a token of the remote instance's local issuer."""
+    return f"    auth:\n      type: bearer\n      token: {mint_token(remote, 'system/*.cruds', ())}\n"
+
+
+async def _search(remote: Engine, query: str) -> list[dict[str, Any]]:
+    async with httpx.AsyncClient(timeout=10, headers=auth_headers(remote)) as client:
+        response = await client.get(f"{_remote_base(remote)}/{query}")
     assert response.status_code == 200, response.text
     return [e["resource"] for e in response.json().get("entry", [])]
 
@@ -70,11 +79,11 @@ def _rows(store: Store) -> list[Any]:
         return list(conn.execute(select(table).where(table.c.destination == "mirror").order_by(table.c.id)))
 
 
-async def _mirrored(base: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    return await _search(base, "Patient"), await _search(base, "Encounter")
+async def _mirrored(remote: Engine) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    return await _search(remote, "Patient"), await _search(remote, "Encounter")
 
 
-async def _admit_and_check(local: Engine, base: str, store: Store) -> None:
+async def _admit_and_check(local: Engine, remote: Engine, store: Store) -> None:
     assert await send_mllp(mllp_channel(local).port, ["adt_a01.hl7"]) == ["AA"]
     state: dict[str, Any] = {}
 
@@ -86,13 +95,13 @@ async def _admit_and_check(local: Engine, base: str, store: Store) -> None:
     while not await poll():
         assert time.monotonic() < deadline, [(r.event, r.status, r.last_error) for r in state["rows"]]
         await asyncio.sleep(0.1)
-    patients, encounters = await _mirrored(base)
+    patients, encounters = await _mirrored(remote)
     assert len(patients) == 1 and len(encounters) == 1
     patient, encounter = patients[0], encounters[0]
     # the remote's own ids, linked to each other, found by the sender's business identifiers
     assert encounter["subject"]["reference"] == f"Patient/{patient['id']}"
     ident = patient["identifier"][0]
-    found = await _search(base, f"Patient?identifier={ident['system']}|{ident['value']}")
+    found = await _search(remote, f"Patient?identifier={ident['system']}|{ident['value']}")
     assert [p["id"] for p in found] == [patient["id"]]
 
 
@@ -100,10 +109,10 @@ async def _admit_and_check(local: Engine, base: str, store: Store) -> None:
 async def test_an_admission_appears_on_the_remote(
     tmp_path: Path, store: Store, remote: Engine, mode: str
 ) -> None:
-    base = f"http://127.0.0.1:{remote.http_port}/fhir"
-    local = await _local(tmp_path, store, _sink(base, f"    mode: {mode}\n"))
+    base = _remote_base(remote)
+    local = await _local(tmp_path, store, _sink(base, f"    mode: {mode}\n" + _bearer(remote)))
     try:
-        await _admit_and_check(local, base, store)
+        await _admit_and_check(local, remote, store)
         # a transfer and a discharge update the same remote Encounter (no second one)
         assert await send_mllp(mllp_channel(local).port, ["adt_a02.hl7", "adt_a03.hl7"]) == ["AA", "AA"]
         await wait_for(lambda: all(r.status == "delivered" for r in _rows(store)) and len(_rows(store)) > 2)
@@ -111,15 +120,16 @@ async def test_an_admission_appears_on_the_remote(
         await wait_for(lambda: all(r.status == "delivered" for r in _rows(store)))
     finally:
         await local.stop()
-    encounters = await _search(base, "Encounter")
+    encounters = await _search(remote, "Encounter")
     assert len(encounters) == 1 and encounters[0]["status"] == "finished"
 
 
 class Proxy:
     """Forwards to the remote; answers 503 (Retry-After: 1) while ``down``, or 401 to a wrong token."""
 
-    def __init__(self, target: str, token: str | None = None):
-        self.target = target
+    def __init__(self, target: Engine, token: str | None = None):
+        self.target = _remote_base(target)
+        self.upstream_authorization = auth_headers(target)["authorization"]
         self.token = token
         self.down = False
         self.refused = 0
@@ -143,6 +153,7 @@ class Proxy:
                 headers={
                     "Content-Type": request.headers.get("Content-Type", ""),
                     "Accept": "application/fhir+json",
+                    "Authorization": self.upstream_authorization,
                 },
             )
         headers = {
@@ -170,7 +181,7 @@ class Proxy:
 async def test_a_remote_that_answers_503_then_recovers_loses_nothing(
     tmp_path: Path, store: Store, remote: Engine
 ) -> None:
-    proxy = Proxy(f"http://127.0.0.1:{remote.http_port}/fhir")
+    proxy = Proxy(remote)
     url = await proxy.start()
     proxy.down = True
     local = await _local(tmp_path, store, _sink(f"{url}/fhir"))
@@ -187,8 +198,7 @@ async def test_a_remote_that_answers_503_then_recovers_loses_nothing(
     finally:
         await local.stop()
         await proxy.stop()
-    base = f"http://127.0.0.1:{remote.http_port}/fhir"
-    patients, encounters = await _mirrored(base)
+    patients, encounters = await _mirrored(remote)
     assert len(patients) == 1 and len(encounters) == 1
     assert encounters[0]["subject"]["reference"] == f"Patient/{patients[0]['id']}"
 
@@ -197,8 +207,9 @@ async def test_a_422_goes_to_dead_letter_with_the_operation_outcome(
     tmp_path: Path, store: Store, remote: Engine
 ) -> None:
     # Only Encounters are pushed: the remote has no Patient the Encounter could refer to and says 422.
-    base = f"http://127.0.0.1:{remote.http_port}/fhir"
-    local = await _local(tmp_path, store, _sink(base, "    resource_types: [Encounter]\n"))
+    base = _remote_base(remote)
+    sink = _sink(base, "    resource_types: [Encounter]\n" + _bearer(remote))
+    local = await _local(tmp_path, store, sink)
     try:
         assert await send_mllp(mllp_channel(local).port, ["adt_a01.hl7"]) == ["AA"]
         await wait_for(lambda: any(r.status == "dead" for r in _rows(store)))
@@ -224,7 +235,7 @@ async def test_oauth2_private_key_jwt_token_is_fetched_and_used(
     tmp_path: Path, store: Store, remote: Engine
 ) -> None:
     pem, public_key = _rsa_pem()
-    proxy = Proxy(f"http://127.0.0.1:{remote.http_port}/fhir", token="access-1")
+    proxy = Proxy(remote, token="access-1")
     assertions: list[dict[str, Any]] = []
     token_url_box: list[str] = []
 
@@ -266,7 +277,7 @@ async def test_oauth2_private_key_jwt_token_is_fetched_and_used(
     finally:
         del os.environ["TEST_PUSH_KEY"]
     try:
-        await _admit_and_check(local, f"http://127.0.0.1:{remote.http_port}/fhir", store)
+        await _admit_and_check(local, remote, store)
     finally:
         await local.stop()
         await proxy.stop()

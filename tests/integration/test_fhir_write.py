@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from hms_ach.app.runtime import Engine
 from hms_ach.store.db import Store
 from hms_ach.store.models import RECORD_TABLES, InboundMessage
-from tests.integration.engine_helpers import FHIR_JSON, ROOT
+from tests.integration.engine_helpers import FHIR_JSON, ROOT, auth_headers
 
 Practitioner = RECORD_TABLES["Practitioner"]
 
@@ -27,7 +27,9 @@ NPI = "http://hl7.org/fhir/sid/us-npi"
 @pytest.fixture
 async def http(fhir_engine: Engine) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(
-        base_url=f"http://127.0.0.1:{fhir_engine.http_port}/fhir", timeout=30
+        base_url=f"http://127.0.0.1:{fhir_engine.http_port}/fhir",
+        timeout=30,
+        headers=auth_headers(fhir_engine),
     ) as client:
         yield client
 

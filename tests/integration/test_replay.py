@@ -32,7 +32,7 @@ from hms_ach.store import audit, messages
 from hms_ach.store.db import Store
 from hms_ach.store.models import RECORD_TABLES, ResourceHistory
 from hms_ach.store.writer import StoreWriter
-from tests.integration.engine_helpers import FHIR_JSON, ROOT
+from tests.integration.engine_helpers import FHIR_JSON, ROOT, auth_headers
 from tests.integration.sftp_server import PASSWORD, USER, SftpServer
 
 STAFF = "urn:hms-ach:id:staff"
@@ -98,7 +98,9 @@ async def test_fhir_writes_refused_by_a_wrong_mapping_replay_after_the_fix(
     eng = Engine(load_config(workdir / "channels.yaml"), database=store.url)
     await eng.start()
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{eng.http_port}/fhir", timeout=30) as http:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{eng.http_port}/fhir", timeout=30, headers=auth_headers(eng)
+        ) as http:
             created = await http.post(
                 "/Patient",
                 json=_patient("M-1", "Lovelace"),

@@ -10,14 +10,18 @@ from typing import Any
 
 import httpx
 import pytest
+from typer.testing import CliRunner
 
+from hms_ach.app.cli import app as cli_app
 from hms_ach.app.runtime import Engine
-from tests.integration.engine_helpers import FHIR_JSON, ROOT
+from tests.integration.engine_helpers import FHIR_JSON, ROOT, auth_headers
 
 
 @pytest.fixture
 async def api(fhir_engine: Engine) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{fhir_engine.http_port}", timeout=30) as client:
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{fhir_engine.http_port}", timeout=30, headers=auth_headers(fhir_engine)
+    ) as client:
         yield client
 
 
@@ -213,7 +217,24 @@ async def test_compliance_status_shows_the_credential_scan(
     assert status["departments"]["4 West nursing"]["credential_alerts"] == {"expired": 1}
 
 
-async def test_readme_walkthrough(api: httpx.AsyncClient) -> None:
+def readme_token(engine: Engine) -> str:
+    """The README's token: ``hms-ach token --scope "user/*.cruds" --role hr_admin --role auditor``,
+    run on the engine's channels.yaml (so on its data directory and signing key)."""
+    args = ["token", "--scope", "user/*.cruds", "--role", "hr_admin", "--role", "auditor"]
+    result = CliRunner().invoke(cli_app, [*args, "--config", engine.config.source])
+    assert result.exit_code == 0, result.output
+    return result.output.strip()
+
+
+async def test_readme_walkthrough(fhir_engine: Engine) -> None:
+    headers = {"authorization": f"Bearer {readme_token(fhir_engine)}"}
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{fhir_engine.http_port}", timeout=30, headers=headers
+    ) as api:
+        await walkthrough(api)
+
+
+async def walkthrough(api: httpx.AsyncClient) -> None:
     bundle = json.loads((ROOT / "samples" / "fhir" / "onboard_nurse_bundle.json").read_text())
     assert (await api.post("/fhir", json=bundle, headers=FHIR_JSON)).status_code == 200
     nurse = (await api.get("/fhir/Practitioner", params={"identifier": "urn:hms-ach:id:staff|E2001"})).json()

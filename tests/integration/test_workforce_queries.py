@@ -26,6 +26,7 @@ from hms_ach.store.models import SearchDate
 from hms_ach.store.repository import Repository
 from hms_ach.workforce.api import overtime_of_page, shift_view, timecard_view
 from hms_ach.workforce.rules import overlapping_shift, overtime_by_timecard, week_start
+from tests.integration.engine_helpers import auth_headers
 
 MONDAY = datetime(2026, 11, 30, 7, tzinfo=UTC)  # ISO week 49 of 2026
 STAFF = 150
@@ -255,7 +256,9 @@ def test_timecards_are_read_by_employee_and_week(store: Store) -> None:
 # ---------------------------------------------------------------------------- through the API
 @pytest.fixture
 async def api(fhir_engine: Engine) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{fhir_engine.http_port}", timeout=30) as client:
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{fhir_engine.http_port}", timeout=30, headers=auth_headers(fhir_engine)
+    ) as client:
         yield client
 
 

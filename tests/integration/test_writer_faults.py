@@ -29,7 +29,7 @@ from hms_ach.app.runtime import Engine
 from hms_ach.store.db import Store, normalise_url
 from hms_ach.store.errors import StoreUnavailable
 from tests.conftest import PG_URL
-from tests.integration.engine_helpers import mllp_channel
+from tests.integration.engine_helpers import auth_headers, mllp_channel
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "samples" / "hl7"
@@ -132,7 +132,9 @@ async def test_sqlite_lock_held_past_the_deadline_gets_ae_then_intake_resumes(
     if store.dialect != "sqlite":
         pytest.skip("the SQLite write lock")
     port = mllp_channel(engine).port
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{engine.http_port}", timeout=10) as http:
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{engine.http_port}", timeout=10, headers=auth_headers(engine)
+    ) as http:
         assert (await http.get("/health/live")).status_code == 200
         await _until_ready(http)
         assert (await http.get("/health")).json()["status"] == "ok"

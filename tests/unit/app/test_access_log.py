@@ -17,6 +17,7 @@ from hms_ach.app.access_log import CALLER_ATTRIBUTE, AccessLogMiddleware, Caller
 from hms_ach.app.config import HttpSettings
 from hms_ach.app.http import create_app
 from hms_ach.store.db import Store
+from tests.integration.engine_helpers import auth_headers, local_authenticator
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,9 @@ def access() -> Iterator[list[logging.LogRecord]]:
 
 def _app(tmp_path: Path, access_log: bool = True) -> tuple[FastAPI, Store]:
     store = Store(f"sqlite:///{tmp_path}/s.db")
-    app = create_app(store, settings=HttpSettings(access_log=access_log))
+    authenticator = local_authenticator(tmp_path / "data")
+    app = create_app(store, settings=HttpSettings(access_log=access_log), authenticator=authenticator)
+    app.state.test_headers = auth_headers(authenticator, sub="ZZSUBJECT-free")
 
     @app.get("/whoami/{who}")
     def whoami(who: str, request: Request) -> dict[str, str]:
@@ -72,20 +75,30 @@ async def test_the_event_names_the_route_template_and_the_caller(
     app, store = _app(tmp_path)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False, client=("10.0.0.7", 4242))
     try:
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://test", headers=app.state.test_headers
+        ) as client:
             assert (await client.get("/whoami/ZZPATHVALUE?token=ZZQUERY")).status_code == 200
             assert (await client.get("/fhir/Patient/ZZPATHVALUE")).status_code == 404
             assert (await client.get("/boom")).status_code == 500
+            assert (await client.get("/fhir/Patient", headers={"Authorization": ""})).status_code == 401
     finally:
         store.dispose()
-    assert [r.getMessage() for r in access] == ["http.request"] * 3
-    first, second, third = (_fields(r) for r in access)
+    assert [r.getMessage() for r in access] == ["http.request"] * 4
+    first, second, third, refused = (_fields(r) for r in access)
     assert first["route"] == "/whoami/{who}" and first["caller"] == "svc-11" and first["status"] == 200
     assert first["client"] == "10.0.0.7:4242" and first["method"] == "GET"
     assert isinstance(first["duration_ms"], float) and first["duration_ms"] >= 0
-    assert second == {**second, "route": "/fhir/{resource_type}/{rid}", "status": 404, "caller": None}
+    # the caller authentication found (the token's sub), never the token
+    assert second == {
+        **second,
+        "route": "/fhir/{resource_type}/{rid}",
+        "status": 404,
+        "caller": "ZZSUBJECT-free",
+    }
     assert third["route"] == "/boom" and third["status"] == 500
-    assert all("ZZ" not in repr(r.__dict__) for r in access)
+    assert refused["status"] == 401 and refused["caller"] is None
+    assert all("ZZPATHVALUE" not in repr(r.__dict__) and "ZZQUERY" not in repr(r.__dict__) for r in access)
     assert isinstance(ServiceCaller("x"), Caller)
 
 
