@@ -16,7 +16,7 @@ from hms_ach.hl7v2.policy import Hl7Policy
 from hms_ach.ingest.pipeline import commit_hl7, evaluate
 from hms_ach.store.audit_settings import US_SSN
 from hms_ach.store.db import Store
-from tests.integration.engine_helpers import FHIR_JSON
+from tests.integration.engine_helpers import FHIR_JSON, auth_headers
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -59,7 +59,9 @@ async def test_ssn_masked_in_rows_audit_events_and_api(fhir_engine: Engine, stor
         commit_hl7(evaluate(adt_with_ssn(), policy, fhir_engine.pipeline.engine), policy)
     )
     assert outcome.ack_code == "AA", outcome.ack_code
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{fhir_engine.http_port}", timeout=30) as http:
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{fhir_engine.http_port}", timeout=30, headers=auth_headers(fhir_engine)
+    ) as http:
         created = await http.post("/fhir/Patient", json=patient("123-45-6789"), headers=FHIR_JSON)
         assert created.status_code == 201, created.text
         pid = created.json()["id"]

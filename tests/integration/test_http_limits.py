@@ -22,6 +22,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.integration.engine_helpers import local_authenticator, mint_token
+
 ROOT = Path(__file__).resolve().parents[2]
 LIMIT = 1024 * 1024  # http.max_body_bytes of the server under test
 BIG = 200 * 1024 * 1024  # the body a client tries to send
@@ -35,6 +37,11 @@ class Server:
     process: subprocess.Popen[bytes]
     port: int
     log: Path
+    token: str  # a bearer token of the engine's own issuer (every route but /health needs one)
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
 
     @property
     def base(self) -> str:
@@ -82,7 +89,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             stderr=subprocess.STDOUT,
             cwd=base,
         )
-    srv = Server(process, port, log)
+    # the engine's local issuer keeps its key in <config dir>/data: a token signed with it
+    token = mint_token(local_authenticator(base / "data"), sub="http-limits")
+    srv = Server(process, port, log, token)
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -94,7 +103,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                 pass
             assert time.monotonic() < deadline, "the server did not answer /health/live within 90 s"
             time.sleep(0.2)
-        with httpx.Client(base_url=srv.base, timeout=30) as client:  # lazy set-up is not body memory
+        with httpx.Client(base_url=srv.base, timeout=30, headers=srv.auth) as client:  # lazy set-up
             for method, path, ctype in ROUTES:
                 client.request(method, path, content=b"{}", headers={"content-type": ctype})
         yield srv
@@ -128,9 +137,10 @@ def _read_response(sock: socket.socket, deadline: float) -> tuple[int, dict[str,
     return status, headers, body[:length]
 
 
-def _request_head(method: str, path: str, ctype: str, framing: str) -> bytes:
+def _request_head(method: str, path: str, ctype: str, framing: str, token: str) -> bytes:
     return (
-        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\n{framing}\r\n\r\n"
+        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {ctype}\r\n"
+        f"Authorization: Bearer {token}\r\n{framing}\r\n\r\n"
     ).encode()
 
 
@@ -162,7 +172,7 @@ def test_a_declared_oversize_body_is_refused_before_a_byte_is_read(
 ) -> None:
     before = server.peak_rss()
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(_request_head(method, path, ctype, f"Content-Length: {BIG}"))
+        sock.sendall(_request_head(method, path, ctype, f"Content-Length: {BIG}", server.token))
         status, headers, body = _read_response(sock, time.monotonic() + 20)
     assert status == 413
     assert headers["connection"] == "close"
@@ -182,7 +192,7 @@ def test_a_chunked_oversize_body_is_refused_while_it_streams(
     sent = 0
     deadline = time.monotonic() + 60
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-        sock.sendall(_request_head(method, path, ctype, "Transfer-Encoding: chunked"))
+        sock.sendall(_request_head(method, path, ctype, "Transfer-Encoding: chunked", server.token))
         answered = False
         while sent < BIG and not answered:
             sock.settimeout(5)
@@ -207,7 +217,7 @@ def test_a_chunked_oversize_body_is_refused_while_it_streams(
 
 def test_bodies_under_the_limit_are_served_with_content_length_or_chunked(server: Server) -> None:
     employee = {"employee_number": "HTTPLIM-1", "family": "Limit", "given": ["Body"]}
-    with httpx.Client(base_url=server.base, timeout=30) as client:
+    with httpx.Client(base_url=server.base, timeout=30, headers=server.auth) as client:
         created = client.post("/api/v1/employees", json=employee)
         assert created.status_code == 201, created.text
 
@@ -227,7 +237,7 @@ def test_bodies_under_the_limit_are_served_with_content_length_or_chunked(server
 
 
 def test_one_access_log_event_per_request_with_the_route_template(server: Server) -> None:
-    with httpx.Client(base_url=server.base, timeout=30) as client:
+    with httpx.Client(base_url=server.base, timeout=30, headers=server.auth) as client:
         assert client.get("/fhir/Patient/ZZACCESSID?name=ZZQUERYVALUE").status_code == 404
         assert client.get("/api/v1/employees/ZZEMPLOYEE?x=ZZQUERYVALUE").status_code == 404
         assert client.get("/no/such/ZZPATH").status_code == 404
@@ -247,7 +257,7 @@ def test_one_access_log_event_per_request_with_the_route_template(server: Server
     assert "ZZPATH" not in text
     assert "uvicorn.access" not in text and '"GET /' not in text  # uvicorn's own access log is off
     fhir = next(e for e in events if e["route"] == "/fhir/{resource_type}/{rid}")
-    assert fhir["method"] == "GET" and fhir["status"] == 404 and fhir["caller"] is None
+    assert fhir["method"] == "GET" and fhir["status"] == 404 and fhir["caller"] == "http-limits"
     assert isinstance(fhir["duration_ms"], float) and str(fhir["client"]).startswith("127.0.0.1:")
     assert any(e["route"] == "/api/v1/employees/{employee_id}" and e["status"] == 404 for e in events)
     assert any(e["route"] == "(unmatched)" and e["status"] == 404 for e in events)

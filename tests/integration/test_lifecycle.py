@@ -30,6 +30,7 @@ from hms_ach.app.cli import app as cli_app
 from hms_ach.app.config import load_config
 from hms_ach.app.runtime import Engine
 from hms_ach.store.db import Store
+from tests.integration.engine_helpers import auth_headers, local_authenticator
 from tests.integration.engine_process import (
     ROOT,
     EngineProcess,
@@ -297,7 +298,8 @@ async def test_the_drain_stops_accepting_and_answers_what_is_in_flight(tmp_path:
     try:
         await engine.start()
         base = f"http://127.0.0.1:{engine.http_port}"
-        async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+        token = auth_headers(local_authenticator(tmp_path / "data"))  # the engine's own issuer
+        async with httpx.AsyncClient(base_url=base, timeout=30, headers=token) as http:
             locker, sent, sender = await _hold_a_message_in_flight(engine, db)
             write = asyncio.create_task(
                 http.post(

@@ -26,7 +26,7 @@ from hms_ach.app.cli import _setup_logging
 from hms_ach.app.config import LoggingSettings, load_config
 from hms_ach.app.runtime import Engine
 from hms_ach.store.db import Store
-from tests.integration.engine_helpers import mllp_channel
+from tests.integration.engine_helpers import auth_headers, mllp_channel
 
 ROOT = Path(__file__).resolve().parents[2]
 MARKER = "ZZMARKERZZ"
@@ -211,7 +211,7 @@ async def test_no_field_value_reaches_any_log_line(
 
         base = f"http://127.0.0.1:{engine.http_port}"
         fhir = {"content-type": "application/fhir+json"}
-        async with httpx.AsyncClient(base_url=base, timeout=20) as client:
+        async with httpx.AsyncClient(base_url=base, timeout=20, headers=auth_headers(engine)) as client:
             patient = {"resourceType": "Patient", "gender": MARKER, "name": [{"family": MARKER}]}
             assert (await client.post("/fhir/Patient", json=patient, headers=fhir)).status_code in (400, 422)
             bad_json = f'{{"resourceType": "Patient", "name": [{{"family": "{MARKER}"'

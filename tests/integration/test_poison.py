@@ -25,7 +25,7 @@ from hms_ach.store import messages
 from hms_ach.store.db import Store
 from hms_ach.store.messages import StoredMessage
 from hms_ach.store.models import RECORD_TABLES
-from tests.integration.engine_helpers import FHIR_JSON, mllp_channel
+from tests.integration.engine_helpers import FHIR_JSON, auth_headers, mllp_channel
 
 ROOT = Path(__file__).resolve().parents[2]
 A01 = normalise_message((ROOT / "samples" / "hl7" / "adt_a01.hl7").read_bytes())
@@ -243,7 +243,7 @@ async def test_http_writes_refuse_nul_and_overlong_identifiers_with_the_path(fhi
         return dict(body["issue"][0])
 
     base = f"http://127.0.0.1:{fhir_engine.http_port}"
-    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+    async with httpx.AsyncClient(base_url=base, timeout=30, headers=auth_headers(fhir_engine)) as http:
         sent = nurse(family="Os\u0000ei")
         found = issue(await http.post("/fhir/Practitioner", content=sent, headers=FHIR_JSON), 400)
         assert found["code"] == "invalid" and found["expression"] == ["Practitioner.name[0].family"]
@@ -275,7 +275,7 @@ async def test_http_writes_refuse_nul_and_overlong_identifiers_with_the_path(fhi
     if not fhir_engine.store.url.startswith("postgresql"):
         return  # SQLite's RAISE() is a constraint error, which a FHIR write answers 409 (foreseen)
     _refuse_inserts(fhir_engine.store, "practitioner")
-    async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+    async with httpx.AsyncClient(base_url=base, timeout=30, headers=auth_headers(fhir_engine)) as http:
         sent = nurse("E9003")
         found = issue(await http.post("/fhir/Practitioner", content=sent, headers=FHIR_JSON), 500)
         assert found["code"] == "exception" and "secret" not in str(found)
