@@ -112,7 +112,10 @@ def _setup_logging(level: str = "INFO", settings: LoggingSettings | None = None,
         )
     root = logging.getLogger()
     for old in root.handlers:
-        old.flush()  # a replaced rate limiter writes its pending summaries first
+        try:
+            old.flush()  # a replaced rate limiter writes its pending summaries first
+        except (ValueError, OSError):  # its stream is gone (closed): nothing more can be written there
+            pass
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     _quiet_libraries()
