@@ -40,8 +40,12 @@ from hms_ach.auth.smart import LOCAL_JWKS_PATH, openapi_security, smart_configur
 from hms_ach.fhir.outcomes import operation_outcome, outcome_response
 from hms_ach.workforce.api import Problem
 
-#: Paths answered without a token: the health checks and the published keys and configuration.
-PUBLIC_PREFIXES = ("/health", "/.well-known/")
+#: Paths answered without a token: the health checks and the published keys and configuration
+#: (SMART discovery is at the FHIR base too: ``/fhir/.well-known/smart-configuration``).
+PUBLIC_PREFIXES = ("/health", "/.well-known/", "/fhir/.well-known/")
+#: The FHIR CapabilityStatement: public, as on every FHIR server, since a client reads it (and the
+#: SMART oauth-uris in it) before it has a token; it holds no record data.
+CAPABILITY_PATHS = frozenset({"/fhir/metadata"})
 #: The API description: public, because it describes the routes and holds no record data.
 DOCUMENTATION_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 #: The prefix whose errors are RFC 9457 problems (every other path answers OperationOutcomes).
@@ -58,7 +62,7 @@ _PROBLEM_TITLES = {
 
 def is_public(path: str) -> bool:
     """Whether ``path`` is served without a token."""
-    return path.startswith(PUBLIC_PREFIXES) or path in DOCUMENTATION_PATHS
+    return path.startswith(PUBLIC_PREFIXES) or path in DOCUMENTATION_PATHS or path in CAPABILITY_PATHS
 
 
 def auth_error_response(error: AuthError, path: str) -> Response:
@@ -113,9 +117,9 @@ class AuthenticationMiddleware:
 def well_known_router(authenticator: Authenticator) -> APIRouter:
     """``GET /.well-known/jwks.json`` (the local issuer's public key; 404 in the other modes) and
     ``GET /.well-known/smart-configuration`` (SMART App Launch 2.x)."""
-    router = APIRouter(prefix="/.well-known", tags=["authorization"])
+    router = APIRouter(tags=["authorization"])
 
-    @router.get(LOCAL_JWKS_PATH.removeprefix("/.well-known"))
+    @router.get(LOCAL_JWKS_PATH)
     def jwks() -> Response:
         keys = authenticator.jwks()
         if keys is None:
@@ -127,7 +131,8 @@ def well_known_router(authenticator: Authenticator) -> APIRouter:
             )
         return Response(orjson.dumps(keys), media_type="application/json")
 
-    @router.get("/smart-configuration")
+    @router.get("/.well-known/smart-configuration")
+    @router.get("/fhir/.well-known/smart-configuration", include_in_schema=False)  # at the FHIR base too
     def smart(request: Request) -> Response:
         doc = smart_configuration(authenticator.settings, str(request.base_url), authenticator.discovery())
         return Response(orjson.dumps(doc), media_type="application/json")

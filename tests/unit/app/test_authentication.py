@@ -75,6 +75,13 @@ async def test_public_paths_need_no_token(http: httpx.AsyncClient, local: LocalI
     smart = (await http.get("/.well-known/smart-configuration")).json()
     assert smart["jwks_uri"] == "http://test/.well-known/jwks.json"
     assert "permission-v2" in smart["capabilities"]
+    # SMART discovery at the FHIR base, and the CapabilityStatement, as a client reads them first
+    assert (await http.get("/fhir/.well-known/smart-configuration")).json() == smart
+    cs = await http.get("/fhir/metadata")
+    assert cs.status_code == 200 and cs.json()["rest"][0]["security"]["service"][0]["coding"][0]["code"] == (
+        "SMART-on-FHIR"
+    )
+    assert (await http.get("/fhir/Patient")).status_code == 401  # nothing else under /fhir
 
 
 async def test_openapi_declares_the_bearer_scheme(http: httpx.AsyncClient) -> None:
