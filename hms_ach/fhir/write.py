@@ -17,7 +17,9 @@ OperationOutcome of the entry or the request.
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -55,6 +57,7 @@ from hms_ach.store.port import Tx
 from hms_ach.store.resources import RequestLine, store_request_line, stored_request_line
 from hms_ach.store.savepoint import savepoint
 from hms_ach.store.workforce_queries import shift_overlap
+from hms_ach.store.writer import StoreWriter
 
 R = TypeVar("R")
 
@@ -140,6 +143,21 @@ def prepare(op: Operation, engine: MappingEngine) -> None:
     op.record = primary[0]
     op.extra = [r for r in result.records if r is not primary[0]]
     op.resource_type = target
+
+
+async def prepare_all(ops: list[Operation], engine: MappingEngine) -> None:
+    """:func:`prepare` every operation; a Bundle's in a worker thread, so that validating and mapping
+    a thousand entries never holds up the event loop (and the other channels' ACKs)."""
+    if len(ops) <= 1:
+        for op in ops:
+            prepare(op, engine)
+        return
+    await asyncio.to_thread(_prepare_each, ops, engine)
+
+
+def _prepare_each(ops: list[Operation], engine: MappingEngine) -> None:
+    for op in ops:
+        prepare(op, engine)
 
 
 # ---------------------------------------------------------------------------- checks in the transaction
@@ -336,11 +354,13 @@ __all__ = [
     "apply_request",
     "check_writable",
     "prepare",
+    "prepare_all",
     "rejection",
     "rejection_job",
     "request_job",
     "store_request_line",
     "stored_request_line",
+    "submit_request",
     "validate",
 ]
 
@@ -379,13 +399,7 @@ def apply_request(tx: Tx, message_id: int, ops: list[Operation], kind: str) -> t
     results: list[Result] = []
     error: FhirError | None = None
     if kind == "batch":
-        for op in ops:
-            try:
-                with savepoint(tx):
-                    results.append(_apply(tx, op, {}, message_id))
-            except DomainError as exc:
-                refusal = _refusal(exc, op, batch=True)
-                results.append(Result(refusal.status, op.resource_type, outcome=_outcome(refusal)))
+        results = _apply_batch_entries(tx, message_id, ops)
     else:
         resolved: dict[str, str] = {}
         current: Operation | None = None
@@ -403,20 +417,116 @@ def apply_request(tx: Tx, message_id: int, ops: list[Operation], kind: str) -> t
         # keep the Bundle's entry order in the response
         by_op = dict(zip([id(o) for o in order_entries(ops)], results, strict=True))
         results = [by_op[id(o)] for o in ops]
+    return RequestOutcome(message_id, results, error), _request_finish(results, error)
+
+
+def _apply_batch_entries(tx: Tx, message_id: int, ops: list[Operation]) -> list[Result]:
+    """Batch entries are independent: each in its own SAVEPOINT, a refusal answers that entry only."""
+    results: list[Result] = []
+    for op in ops:
+        try:
+            with savepoint(tx):
+                results.append(_apply(tx, op, {}, message_id))
+        except DomainError as exc:
+            refusal = _refusal(exc, op, batch=True)
+            results.append(Result(refusal.status, op.resource_type, outcome=_outcome(refusal)))
+    return results
+
+
+def _request_finish(results: list[Result], error: FhirError | None) -> Finish:
+    """How the message row of an applied request ends: its status and the ACK text kept for it."""
     ack = orjson.dumps(
         {
             "status": error.status if error else [r.status for r in results],
             "location": [r.location for r in results],
         }
     ).decode()
-    done = Finish(
+    return Finish(
         "error" if error else "processed",
         str(error.status) if error else "200",
         ack,
         error=error.diagnostics if error else None,
         error_location=(error.expression or "")[:200] if error else None,
     )
-    return RequestOutcome(message_id, results, error), done
+
+
+async def submit_request(
+    writer: StoreWriter,
+    meta: messages.MessageMeta,
+    ops: list[Operation],
+    kind: str,
+    line: RequestLine | None,
+    slice_seconds: float,
+) -> RequestOutcome:
+    """Commit the prepared request through ``writer`` without starving the other channels.
+
+    A request of one operation is one light job in its channel's lane. A transaction Bundle is one
+    heavy job (it is all-or-nothing, so it cannot be split): the writer puts at most one heavy job
+    in a batch. A batch Bundle's entries are independent, so they are applied in slices of about
+    ``slice_seconds`` of writer time (at least one entry each), each slice a heavy job committed
+    on its own in a lane of its own request: other channels' messages are committed between the
+    slices. The message row is stored with the first slice (status ``received``) and finished with
+    the last. A slice that cannot commit (503) leaves the entries of the slices before it applied
+    and the row ``received``; a resend of the Bundle repairs that (conditional entries find their
+    records, plain creates answer 409 for the records already made).
+    """
+    lane = meta.channel if len(ops) <= 1 else f"{meta.channel}/{meta.control_id}"
+    if kind != "batch" or len(ops) <= 1:
+        job = request_job(meta, ops, kind, line)
+        outcome: RequestOutcome = await writer.run(job, lane=lane, heavy=len(ops) > 1)
+        return outcome
+    message_id, results = await writer.run(
+        _batch_first_job(meta, ops, line, slice_seconds), lane=lane, heavy=True
+    )
+    while len(results) < len(ops):
+        results += await writer.run(
+            _batch_slice_job(message_id, ops, list(results), slice_seconds), lane=lane, heavy=True
+        )
+    return RequestOutcome(message_id, results)
+
+
+def _apply_batch_slice(
+    tx: Tx, message_id: int, ops: list[Operation], done: list[Result], slice_seconds: float
+) -> list[Result]:
+    """Apply the entries after the ``done`` ones, at least one, until ``slice_seconds`` have passed;
+    the last slice also finishes the message row."""
+    stop_at = time.monotonic() + slice_seconds
+    start = len(done)
+    results = _apply_batch_entries(tx, message_id, ops[start : start + 1])
+    for op in ops[start + 1 :]:
+        if time.monotonic() >= stop_at:
+            break
+        results += _apply_batch_entries(tx, message_id, [op])
+    if start + len(results) == len(ops):
+        pipeline.finish(tx, message_id, _request_finish(done + results, None))
+    return results
+
+
+def _batch_first_job(
+    meta: messages.MessageMeta, ops: list[Operation], line: RequestLine | None, slice_seconds: float
+) -> Callable[[Tx], tuple[int, list[Result]]]:
+    """Store the batch request (its row stays ``received`` until its last entry) and apply the
+    first slice of its entries."""
+
+    def work(tx: Tx, message_id: int) -> tuple[tuple[int, list[Result]], Finish | None]:
+        store_request_line(tx, message_id, line)
+        return (message_id, _apply_batch_slice(tx, message_id, ops, [], slice_seconds)), None
+
+    def job(tx: Tx) -> tuple[int, list[Result]]:
+        return _unkeyed(pipeline.commit(tx, meta, work))
+
+    return job
+
+
+def _batch_slice_job(
+    message_id: int, ops: list[Operation], done: list[Result], slice_seconds: float
+) -> Callable[[Tx], list[Result]]:
+    """Apply the next slice of a batch request's entries (those after the ``done`` ones)."""
+
+    def job(tx: Tx) -> list[Result]:
+        return _apply_batch_slice(tx, message_id, ops, done, slice_seconds)
+
+    return job
 
 
 def rejection_job(

@@ -32,9 +32,9 @@ from hms_ach.fhir.write import (
     RequestOutcome,
     Result,
     check_writable,
-    prepare,
+    prepare_all,
     rejection_job,
-    request_job,
+    submit_request,
 )
 from hms_ach.store import messages
 
@@ -106,14 +106,18 @@ async def _run(
     try:
         raw, body = await _body(request, channel) if request.method != "DELETE" else (b"", None)
         ops, kind = request_operations(line, body, channel.config.max_bundle_entries)
-        for op in ops:
-            prepare(op, channel.pipeline.engine)
+        await prepare_all(ops, channel.pipeline.engine)
     except FhirError as exc:
         if exc.status not in (405, 415, 413):  # bodies we did not read or accept are not stored
             await channel.pipeline.writer.run(rejection_job(_meta(channel, request, raw, what), exc, line))
         raise
-    outcome: RequestOutcome = await channel.pipeline.writer.run(
-        request_job(_meta(channel, request, raw, what), ops, kind, line)
+    outcome: RequestOutcome = await submit_request(
+        channel.pipeline.writer,
+        _meta(channel, request, raw, what),
+        ops,
+        kind,
+        line,
+        channel.config.batch_slice_seconds,
     )
     log.info(
         "message.%s",

@@ -22,6 +22,13 @@ The writer cannot die silently:
   a new one (``health.restarts`` counts them);
 * :class:`WriterHealth` says when the last commit succeeded, the last error (its stage and class,
   never field values) and how many attempts failed in a row, for ``/health/ready``.
+
+Fairness between channels: every job is queued in a *lane* (``run(job, lane=...)``; the default
+lane is ``"default"``), and a batch is formed round-robin over the lanes that have work: one job of
+each lane in turn until ``max_batch``, the lane served last going to the back. A job submitted with
+``heavy=True`` (a slice of a Bundle, a transaction Bundle) is limited to one per batch, so one lane's
+backlog can never fill a batch, and a message of another lane waits for at most one heavy job
+before its commit. See docs/reliability.md, "Fairness between channels".
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -49,6 +57,70 @@ log = logging.getLogger("hms_ach.store.writer")
 T = TypeVar("T")
 
 _STOP = object()
+
+#: The lane of jobs submitted without one.
+DEFAULT_LANE = "default"
+
+
+@dataclass(eq=False)
+class _Job:
+    """A queued job: its work, its caller's future, its lane, and whether it is heavy."""
+
+    work: Callable[[Tx], Any]
+    fut: Future[Any]
+    lane: str = DEFAULT_LANE
+    heavy: bool = False
+
+
+class _Lanes:
+    """The writer thread's own view of the queue: the waiting jobs by lane, served round-robin."""
+
+    def __init__(self) -> None:
+        self._lanes: dict[str, deque[_Job]] = {}  # insertion order is the round-robin order
+
+    def __bool__(self) -> bool:
+        return bool(self._lanes)
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._lanes.values())
+
+    def add(self, job: _Job) -> None:
+        self._lanes.setdefault(job.lane, deque()).append(job)
+
+    def batch(self, max_jobs: int) -> list[_Job]:
+        """Up to ``max_jobs`` jobs, one lane at a time in turn; at most one heavy job in all."""
+        taken: list[_Job] = []
+        heavy_taken = False
+        while len(taken) < max_jobs:
+            progressed = False
+            for lane in list(self._lanes):
+                if len(taken) >= max_jobs:
+                    break
+                q = self._lanes[lane]
+                while q and q[0].fut.cancelled():  # its caller gave up before it started
+                    q.popleft()
+                if not q:
+                    del self._lanes[lane]
+                    continue
+                if q[0].heavy and heavy_taken:
+                    continue  # this lane waits for the next batch
+                job = q.popleft()
+                heavy_taken = heavy_taken or job.heavy
+                taken.append(job)
+                progressed = True
+                # the lane goes to the back: the next batch starts with the lanes not served here
+                del self._lanes[lane]
+                if q:
+                    self._lanes[lane] = q
+            if not progressed:
+                break
+        return taken
+
+    def drop_all(self) -> list[_Job]:
+        jobs = [job for q in self._lanes.values() for job in q]
+        self._lanes.clear()
+        return jobs
+
 
 #: Reconnect backoff after a failure of the store: first wait, ceiling.
 BACKOFF_FIRST = 0.1
@@ -135,14 +207,24 @@ class StoreWriter:
             thread.join(timeout)
 
     # ------------------------------------------------------------------ callers
-    async def run(self, job: Callable[[Tx], T], timeout: float | None = None) -> T:
+    async def run(
+        self,
+        job: Callable[[Tx], T],
+        timeout: float | None = None,
+        lane: str = DEFAULT_LANE,
+        heavy: bool = False,
+    ) -> T:
         """Run ``job`` in the next group transaction; returns after that transaction committed.
+
+        ``lane`` names whose work it is (a channel, a request): batches are formed round-robin
+        over the lanes. ``heavy`` marks a long job (a Bundle or a slice of one): at most one goes
+        in a batch, so the other jobs of that batch wait for one heavy job at most.
 
         Raises :class:`StoreUnavailable` when the store fails or ``timeout`` seconds (default
         ``commit_timeout``) pass first. After a timeout the job either never runs (it was still
         queued) or may still commit later: a resend of the same message is then answered from the
         duplicate store. The job's own errors are raised as they are."""
-        fut = self._submit(job)
+        fut = self._submit(job, lane, heavy)
         wait = self.commit_timeout if timeout is None else timeout
         try:
             # on timeout or cancellation wait_for cancels the wrapper, which cancels ``fut``:
@@ -152,9 +234,15 @@ class StoreWriter:
             fut.cancel()
             raise StoreUnavailable(f"no commit within {wait:g} s") from None
 
-    def run_sync(self, job: Callable[[Tx], T], timeout: float | None = None) -> T:
+    def run_sync(
+        self,
+        job: Callable[[Tx], T],
+        timeout: float | None = None,
+        lane: str = DEFAULT_LANE,
+        heavy: bool = False,
+    ) -> T:
         """The same, from a thread that is not an event loop (CLI, tests)."""
-        fut = self._submit(job)
+        fut = self._submit(job, lane, heavy)
         wait = self.commit_timeout if timeout is None else timeout
         try:
             return fut.result(wait)
@@ -162,10 +250,10 @@ class StoreWriter:
             fut.cancel()
             raise StoreUnavailable(f"no commit within {wait:g} s") from None
 
-    def _submit(self, job: Callable[[Tx], T]) -> Future[T]:
+    def _submit(self, job: Callable[[Tx], T], lane: str = DEFAULT_LANE, heavy: bool = False) -> Future[T]:
         self.start()
         fut: Future[T] = Future()
-        self._queue.put((job, fut))
+        self._queue.put(_Job(job, fut, lane, heavy))
         return fut
 
     async def probe(self, timeout: float = 2.0) -> str | None:
@@ -178,65 +266,67 @@ class StoreWriter:
 
     # ------------------------------------------------------------------ the thread
     def _loop(self) -> None:
-        batch: list[tuple[Callable[[Tx], Any], Future[Any]]] = []
+        lanes = _Lanes()
+        batch: list[_Job] = []
         try:
+            stop = False
             while True:
-                first = self._queue.get()
-                if first is _STOP:
-                    return
-                stop = False
-                batch = []
-                for item in self._take(first):
-                    if item is _STOP:
-                        stop = True
+                if not lanes:
+                    if stop:
+                        return
+                    stop = self._intake(lanes, self._queue.get())
+                # everything queued meanwhile joins its lane before the batch is formed
+                while not stop:
+                    try:
+                        stop = self._intake(lanes, self._queue.get_nowait())
+                    except queue.Empty:
                         break
-                    batch.append(item)
+                batch = lanes.batch(self.max_batch)
                 # a caller that gave up before its job started: the job is dropped, never half-run
-                batch = [(job, fut) for job, fut in batch if fut.set_running_or_notify_cancel()]
+                batch = [job for job in batch if job.fut.set_running_or_notify_cancel()]
                 if batch:
                     self._pause()
                     self._commit(batch)
                 batch = []
-                if stop:
-                    return
         except BaseException as exc:  # noqa: BLE001 - logged; the supervisor starts a new thread
             log.critical("store.writer_died", extra={"error_type": type(exc).__name__})
-            for _job, fut in batch:
-                self._settle(fut, None, StoreUnavailable("the writer thread stopped"))
+            for job in batch + lanes.drop_all():
+                self._settle(job.fut, None, StoreUnavailable("the writer thread stopped"))
 
-    def _take(self, first: Any) -> list[Any]:
-        items = [first]
-        while len(items) < self.max_batch:
-            try:
-                items.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-            if items[-1] is _STOP:
-                break
-        return items
+    @staticmethod
+    def _intake(lanes: _Lanes, item: Any) -> bool:
+        """Queue ``item`` in its lane; True for the stop mark (the jobs queued before it still run)."""
+        if item is _STOP:
+            return True
+        if isinstance(item, _Job):
+            lanes.add(item)
+        else:  # a bare (job, future) pair
+            job, fut = item
+            lanes.add(_Job(job, fut))
+        return False
 
     def _pause(self) -> None:
         """Wait out the reconnect backoff after a failure of the store (stop cuts it short)."""
         if self._backoff > 0:
             self._stopping.wait(self._backoff)
 
-    def _commit(self, batch: list[tuple[Callable[[Tx], Any], Future[Any]]]) -> None:
+    def _commit(self, batch: list[_Job]) -> None:
         self.health.busy_since = time.monotonic()
         try:
             if len(batch) == 1:
-                outcomes = self._commit_one(*batch[0])
+                outcomes = self._commit_one(batch[0].work, batch[0].fut)
             else:
-                outcomes = self._commit_many(batch)
+                outcomes = self._commit_many([(job.work, job.fut) for job in batch])
         except _StoreFailure as failure:
             self._failed(failure, len(batch))
             unavailable = StoreUnavailable(f"{failure.stage} failed")
-            for _job, fut in batch:
-                self._settle(fut, None, unavailable)
+            for job in batch:
+                self._settle(job.fut, None, unavailable)
             return
         except Exception as exc:  # noqa: BLE001 - anything else: still the batch's failure, never the thread's
             self._failed(_StoreFailure("batch", exc), len(batch))
-            for _job, fut in batch:
-                self._settle(fut, None, StoreUnavailable("batch failed"))
+            for job in batch:
+                self._settle(job.fut, None, StoreUnavailable("batch failed"))
             return
         finally:
             self.health.busy_since = None
