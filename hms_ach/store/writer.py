@@ -286,7 +286,7 @@ class StoreWriter:
                 batch = [job for job in batch if job.fut.set_running_or_notify_cancel()]
                 if batch:
                     self._pause()
-                    self._commit(batch)
+                    self._commit([(job.work, job.fut) for job in batch])
                 batch = []
         except BaseException as exc:  # noqa: BLE001 - logged; the supervisor starts a new thread
             log.critical("store.writer_died", extra={"error_type": type(exc).__name__})
@@ -310,23 +310,23 @@ class StoreWriter:
         if self._backoff > 0:
             self._stopping.wait(self._backoff)
 
-    def _commit(self, batch: list[_Job]) -> None:
+    def _commit(self, batch: list[tuple[Callable[[Tx], Any], Future[Any]]]) -> None:
         self.health.busy_since = time.monotonic()
         try:
             if len(batch) == 1:
-                outcomes = self._commit_one(batch[0].work, batch[0].fut)
+                outcomes = self._commit_one(*batch[0])
             else:
-                outcomes = self._commit_many([(job.work, job.fut) for job in batch])
+                outcomes = self._commit_many(batch)
         except _StoreFailure as failure:
             self._failed(failure, len(batch))
             unavailable = StoreUnavailable(f"{failure.stage} failed")
-            for job in batch:
-                self._settle(job.fut, None, unavailable)
+            for _work, fut in batch:
+                self._settle(fut, None, unavailable)
             return
         except Exception as exc:  # noqa: BLE001 - anything else: still the batch's failure, never the thread's
             self._failed(_StoreFailure("batch", exc), len(batch))
-            for job in batch:
-                self._settle(job.fut, None, StoreUnavailable("batch failed"))
+            for _work, fut in batch:
+                self._settle(fut, None, StoreUnavailable("batch failed"))
             return
         finally:
             self.health.busy_since = None
