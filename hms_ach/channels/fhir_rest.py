@@ -34,7 +34,7 @@ class FhirRestChannelConfig(ChannelSettings):
     )
     max_bundle_entries: int = Field(1000, ge=1, description="Bundles with more entries are refused with 413")
     batch_slice_seconds: float = Field(
-        0.02,
+        0.01,
         gt=0,
         le=10,
         description="A batch Bundle's entries are applied in slices of about this much writer time, each "

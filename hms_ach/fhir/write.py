@@ -155,9 +155,17 @@ async def prepare_all(ops: list[Operation], engine: MappingEngine) -> None:
     await asyncio.to_thread(_prepare_each, ops, engine)
 
 
+#: While a Bundle is validated and mapped in its worker thread, it pauses this long after every
+#: ``PREPARE_PAUSE_EVERY`` entries, so that the event loop gets the interpreter lock promptly.
+PREPARE_PAUSE_SECONDS = 0.001
+PREPARE_PAUSE_EVERY = 10
+
+
 def _prepare_each(ops: list[Operation], engine: MappingEngine) -> None:
-    for op in ops:
+    for i, op in enumerate(ops, start=1):
         prepare(op, engine)
+        if i % PREPARE_PAUSE_EVERY == 0:
+            time.sleep(PREPARE_PAUSE_SECONDS)
 
 
 # ---------------------------------------------------------------------------- checks in the transaction

@@ -26,9 +26,9 @@ The writer cannot die silently:
 Fairness between channels: every job is queued in a *lane* (``run(job, lane=...)``; the default
 lane is ``"default"``), and a batch is formed round-robin over the lanes that have work: one job of
 each lane in turn until ``max_batch``, the lane served last going to the back. A job submitted with
-``heavy=True`` (a slice of a Bundle, a transaction Bundle) is limited to one per batch, so one lane's
-backlog can never fill a batch, and a message of another lane waits for at most one heavy job
-before its commit. See docs/reliability.md, "Fairness between channels".
+``heavy=True`` (a slice of a Bundle, a transaction Bundle) runs in a batch of its own, and heavy and
+light batches alternate while both kinds wait: one lane's backlog can never fill a batch, and a
+light job (an HL7 message) waits for at most the one heavy job running when it came. See docs/reliability.md, "Fairness between channels".
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ class _Lanes:
 
     def __init__(self) -> None:
         self._lanes: dict[str, deque[_Job]] = {}  # insertion order is the round-robin order
+        self._heavy_last = False  # the last batch was a heavy job
 
     def __bool__(self) -> bool:
         return bool(self._lanes)
@@ -88,33 +89,41 @@ class _Lanes:
         self._lanes.setdefault(job.lane, deque()).append(job)
 
     def batch(self, max_jobs: int) -> list[_Job]:
-        """Up to ``max_jobs`` jobs, one lane at a time in turn; at most one heavy job in all."""
+        """The next batch: a heavy job alone, or up to ``max_jobs`` light jobs taken one lane at a
+        time in turn. Heavy and light batches alternate while both kinds wait, so a light job
+        waits for at most the one heavy job running when it came."""
+        self._drop_cancelled()
+        heavy_lane = next((lane for lane, q in self._lanes.items() if q[0].heavy), None)
+        light_waiting = any(not q[0].heavy for q in self._lanes.values())
+        if heavy_lane is not None and not (light_waiting and self._heavy_last):
+            self._heavy_last = True
+            return [self._take(heavy_lane)]
+        self._heavy_last = False
         taken: list[_Job] = []
-        heavy_taken = False
         while len(taken) < max_jobs:
-            progressed = False
-            for lane in list(self._lanes):
-                if len(taken) >= max_jobs:
-                    break
-                q = self._lanes[lane]
-                while q and q[0].fut.cancelled():  # its caller gave up before it started
-                    q.popleft()
-                if not q:
-                    del self._lanes[lane]
-                    continue
-                if q[0].heavy and heavy_taken:
-                    continue  # this lane waits for the next batch
-                job = q.popleft()
-                heavy_taken = heavy_taken or job.heavy
-                taken.append(job)
-                progressed = True
-                # the lane goes to the back: the next batch starts with the lanes not served here
-                del self._lanes[lane]
-                if q:
-                    self._lanes[lane] = q
-            if not progressed:
+            lanes = [lane for lane, q in self._lanes.items() if not q[0].heavy]
+            if not lanes:
                 break
+            for lane in lanes[: max_jobs - len(taken)]:
+                taken.append(self._take(lane))
         return taken
+
+    def _take(self, lane: str) -> _Job:
+        """The lane's first job; the lane goes to the back (the next batch starts with the others)."""
+        q = self._lanes.pop(lane)
+        job = q.popleft()
+        if q:
+            self._lanes[lane] = q
+        return job
+
+    def _drop_cancelled(self) -> None:
+        """Jobs whose callers gave up before they started are dropped, never run."""
+        for lane in list(self._lanes):
+            q = self._lanes[lane]
+            while q and q[0].fut.cancelled():
+                q.popleft()
+            if not q:
+                del self._lanes[lane]
 
     def drop_all(self) -> list[_Job]:
         jobs = [job for q in self._lanes.values() for job in q]
@@ -217,8 +226,8 @@ class StoreWriter:
         """Run ``job`` in the next group transaction; returns after that transaction committed.
 
         ``lane`` names whose work it is (a channel, a request): batches are formed round-robin
-        over the lanes. ``heavy`` marks a long job (a Bundle or a slice of one): at most one goes
-        in a batch, so the other jobs of that batch wait for one heavy job at most.
+        over the lanes. ``heavy`` marks a long job (a Bundle or a slice of one): it is committed in
+        a batch of its own, alternating with batches of light jobs.
 
         Raises :class:`StoreUnavailable` when the store fails or ``timeout`` seconds (default
         ``commit_timeout``) pass first. After a timeout the job either never runs (it was still
