@@ -483,26 +483,43 @@ async def submit_request(
         job = request_job(meta, ops, kind, line)
         outcome: RequestOutcome = await writer.run(job, lane=lane, heavy=len(ops) > 1)
         return outcome
-    message_id, results = await writer.run(
-        _batch_first_job(meta, ops, line, slice_seconds), lane=lane, heavy=True
-    )
+    budget = _SliceBudget(slice_seconds, writer.others_waiting)
+    message_id, results = await writer.run(_batch_first_job(meta, ops, line, budget), lane=lane, heavy=True)
     while len(results) < len(ops):
         results += await writer.run(
-            _batch_slice_job(message_id, ops, list(results), slice_seconds), lane=lane, heavy=True
+            _batch_slice_job(message_id, ops, list(results), budget), lane=lane, heavy=True
         )
     return RequestOutcome(message_id, results)
 
 
+#: A slice of a batch Bundle goes on past ``batch_slice_seconds`` while no other job waits, up to
+#: this many times that: a Bundle alone needs fewer commits, and a job that comes meanwhile waits
+#: for the entry being applied when it came, or at most this long.
+MAX_SLICE_FACTOR = 10
+
+
+@dataclass
+class _SliceBudget:
+    seconds: float
+    others_waiting: Callable[[], bool]
+
+    def over(self, started: float) -> bool:
+        spent = time.monotonic() - started
+        if spent >= self.seconds * MAX_SLICE_FACTOR:
+            return True
+        return spent >= self.seconds and self.others_waiting()
+
+
 def _apply_batch_slice(
-    tx: Tx, message_id: int, ops: list[Operation], done: list[Result], slice_seconds: float
+    tx: Tx, message_id: int, ops: list[Operation], done: list[Result], budget: _SliceBudget
 ) -> list[Result]:
     """Apply the entries after the ``done`` ones, at least one, until ``slice_seconds`` have passed;
     the last slice also finishes the message row."""
-    stop_at = time.monotonic() + slice_seconds
+    started = time.monotonic()
     start = len(done)
     results = _apply_batch_entries(tx, message_id, ops[start : start + 1])
     for op in ops[start + 1 :]:
-        if time.monotonic() >= stop_at:
+        if budget.over(started):
             break
         results += _apply_batch_entries(tx, message_id, [op])
     if start + len(results) == len(ops):
@@ -511,14 +528,14 @@ def _apply_batch_slice(
 
 
 def _batch_first_job(
-    meta: messages.MessageMeta, ops: list[Operation], line: RequestLine | None, slice_seconds: float
+    meta: messages.MessageMeta, ops: list[Operation], line: RequestLine | None, budget: _SliceBudget
 ) -> Callable[[Tx], tuple[int, list[Result]]]:
     """Store the batch request (its row stays ``received`` until its last entry) and apply the
     first slice of its entries."""
 
     def work(tx: Tx, message_id: int) -> tuple[tuple[int, list[Result]], Finish | None]:
         store_request_line(tx, message_id, line)
-        return (message_id, _apply_batch_slice(tx, message_id, ops, [], slice_seconds)), None
+        return (message_id, _apply_batch_slice(tx, message_id, ops, [], budget)), None
 
     def job(tx: Tx) -> tuple[int, list[Result]]:
         return _unkeyed(pipeline.commit(tx, meta, work))
@@ -527,12 +544,12 @@ def _batch_first_job(
 
 
 def _batch_slice_job(
-    message_id: int, ops: list[Operation], done: list[Result], slice_seconds: float
+    message_id: int, ops: list[Operation], done: list[Result], budget: _SliceBudget
 ) -> Callable[[Tx], list[Result]]:
     """Apply the next slice of a batch request's entries (those after the ``done`` ones)."""
 
     def job(tx: Tx) -> list[Result]:
-        return _apply_batch_slice(tx, message_id, ops, done, slice_seconds)
+        return _apply_batch_slice(tx, message_id, ops, done, budget)
 
     return job
 
