@@ -13,6 +13,10 @@ back, and only the message row (status ``error``) stays. The store and the check
 transaction (reference targets, shift rules) refuse with domain errors
 (:mod:`hms_ach.store.errors`); :func:`apply_request` turns them into the HTTP status and
 OperationOutcome of the entry or the request.
+
+So that a big Bundle cannot starve the other channels (docs/reliability.md, "Fairness between
+channels"), :func:`prepare_all` validates and maps a Bundle in a worker thread, and
+:func:`submit_request` commits a batch Bundle in time-bounded slices between other jobs.
 """
 
 from __future__ import annotations
@@ -469,14 +473,15 @@ async def submit_request(
     """Commit the prepared request through ``writer`` without starving the other channels.
 
     A request of one operation is one light job in its channel's lane. A transaction Bundle is one
-    heavy job (it is all-or-nothing, so it cannot be split): the writer puts at most one heavy job
-    in a batch. A batch Bundle's entries are independent, so they are applied in slices of about
-    ``slice_seconds`` of writer time (at least one entry each), each slice a heavy job committed
-    on its own in a lane of its own request: other channels' messages are committed between the
-    slices. The message row is stored with the first slice (status ``received``) and finished with
-    the last. A slice that cannot commit (503) leaves the entries of the slices before it applied
-    and the row ``received``; a resend of the Bundle repairs that (conditional entries find their
-    records, plain creates answer 409 for the records already made).
+    heavy job (it is all-or-nothing, so it cannot be split), which the writer commits in a batch
+    of its own. A batch Bundle's entries are independent, so they are applied in slices, each a
+    heavy job committed on its own in the request's own lane, and other channels' messages are
+    committed between the slices. A slice applies at least one entry and ends once it has used
+    ``slice_seconds`` of writer time while another job waits, or ``MAX_SLICE_FACTOR`` times that
+    in any case. The message row is stored with the first slice (status ``received``) and finished
+    with the last. A slice that cannot commit (503) leaves the entries of the slices before it
+    applied and the row ``received``; a resend of the Bundle repairs that (conditional entries
+    find their records, plain creates answer 409 for the records already made).
     """
     lane = meta.channel if len(ops) <= 1 else f"{meta.channel}/{meta.control_id}"
     if kind != "batch" or len(ops) <= 1:
@@ -500,6 +505,8 @@ MAX_SLICE_FACTOR = 10
 
 @dataclass
 class _SliceBudget:
+    """When a slice of a batch Bundle ends: ``seconds`` spent while ``others_waiting()``."""
+
     seconds: float
     others_waiting: Callable[[], bool]
 
@@ -513,8 +520,8 @@ class _SliceBudget:
 def _apply_batch_slice(
     tx: Tx, message_id: int, ops: list[Operation], done: list[Result], budget: _SliceBudget
 ) -> list[Result]:
-    """Apply the entries after the ``done`` ones, at least one, until ``slice_seconds`` have passed;
-    the last slice also finishes the message row."""
+    """Apply the entries after the ``done`` ones, at least one, until ``budget`` is over; the last
+    slice also finishes the message row."""
     started = time.monotonic()
     start = len(done)
     results = _apply_batch_entries(tx, message_id, ops[start : start + 1])

@@ -28,7 +28,8 @@ lane is ``"default"``), and a batch is formed round-robin over the lanes that ha
 each lane in turn until ``max_batch``, the lane served last going to the back. A job submitted with
 ``heavy=True`` (a slice of a Bundle, a transaction Bundle) runs in a batch of its own, and heavy and
 light batches alternate while both kinds wait: one lane's backlog can never fill a batch, and a
-light job (an HL7 message) waits for at most the one heavy job running when it came. See docs/reliability.md, "Fairness between channels".
+light job (an HL7 message) waits for at most the one heavy job running when it came. See
+docs/reliability.md, "Fairness between channels".
 """
 
 from __future__ import annotations
