@@ -33,6 +33,13 @@ class FhirRestChannelConfig(ChannelSettings):
         description="Larger request bodies are refused with 413 and never held in memory",
     )
     max_bundle_entries: int = Field(1000, ge=1, description="Bundles with more entries are refused with 413")
+    batch_slice_seconds: float = Field(
+        0.01,
+        gt=0,
+        le=10,
+        description="A batch Bundle's entries are applied in slices of about this much writer time, each "
+        "committed on its own with other channels' messages in between (a transaction Bundle is one commit)",
+    )
 
 
 class FhirRestChannel:

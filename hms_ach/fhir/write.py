@@ -13,11 +13,17 @@ back, and only the message row (status ``error``) stays. The store and the check
 transaction (reference targets, shift rules) refuse with domain errors
 (:mod:`hms_ach.store.errors`); :func:`apply_request` turns them into the HTTP status and
 OperationOutcome of the entry or the request.
+
+So that a big Bundle cannot starve the other channels (docs/reliability.md, "Fairness between
+channels"), :func:`prepare_all` validates and maps a Bundle in a worker thread, and
+:func:`submit_request` commits a batch Bundle in time-bounded slices between other jobs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -55,6 +61,7 @@ from hms_ach.store.port import Tx
 from hms_ach.store.resources import RequestLine, store_request_line, stored_request_line
 from hms_ach.store.savepoint import savepoint
 from hms_ach.store.workforce_queries import shift_overlap
+from hms_ach.store.writer import StoreWriter
 
 R = TypeVar("R")
 
@@ -140,6 +147,29 @@ def prepare(op: Operation, engine: MappingEngine) -> None:
     op.record = primary[0]
     op.extra = [r for r in result.records if r is not primary[0]]
     op.resource_type = target
+
+
+async def prepare_all(ops: list[Operation], engine: MappingEngine) -> None:
+    """:func:`prepare` every operation; a Bundle's in a worker thread, so that validating and mapping
+    a thousand entries never holds up the event loop (and the other channels' ACKs)."""
+    if len(ops) <= 1:
+        for op in ops:
+            prepare(op, engine)
+        return
+    await asyncio.to_thread(_prepare_each, ops, engine)
+
+
+#: While a Bundle is validated and mapped in its worker thread, it pauses this long after every
+#: ``PREPARE_PAUSE_EVERY`` entries, so that the event loop gets the interpreter lock promptly.
+PREPARE_PAUSE_SECONDS = 0.001
+PREPARE_PAUSE_EVERY = 10
+
+
+def _prepare_each(ops: list[Operation], engine: MappingEngine) -> None:
+    for i, op in enumerate(ops, start=1):
+        prepare(op, engine)
+        if i % PREPARE_PAUSE_EVERY == 0:
+            time.sleep(PREPARE_PAUSE_SECONDS)
 
 
 # ---------------------------------------------------------------------------- checks in the transaction
@@ -336,11 +366,13 @@ __all__ = [
     "apply_request",
     "check_writable",
     "prepare",
+    "prepare_all",
     "rejection",
     "rejection_job",
     "request_job",
     "store_request_line",
     "stored_request_line",
+    "submit_request",
     "validate",
 ]
 
@@ -379,13 +411,7 @@ def apply_request(tx: Tx, message_id: int, ops: list[Operation], kind: str) -> t
     results: list[Result] = []
     error: FhirError | None = None
     if kind == "batch":
-        for op in ops:
-            try:
-                with savepoint(tx):
-                    results.append(_apply(tx, op, {}, message_id))
-            except DomainError as exc:
-                refusal = _refusal(exc, op, batch=True)
-                results.append(Result(refusal.status, op.resource_type, outcome=_outcome(refusal)))
+        results = _apply_batch_entries(tx, message_id, ops)
     else:
         resolved: dict[str, str] = {}
         current: Operation | None = None
@@ -403,20 +429,136 @@ def apply_request(tx: Tx, message_id: int, ops: list[Operation], kind: str) -> t
         # keep the Bundle's entry order in the response
         by_op = dict(zip([id(o) for o in order_entries(ops)], results, strict=True))
         results = [by_op[id(o)] for o in ops]
+    return RequestOutcome(message_id, results, error), _request_finish(results, error)
+
+
+def _apply_batch_entries(tx: Tx, message_id: int, ops: list[Operation]) -> list[Result]:
+    """Batch entries are independent: each in its own SAVEPOINT, a refusal answers that entry only."""
+    results: list[Result] = []
+    for op in ops:
+        try:
+            with savepoint(tx):
+                results.append(_apply(tx, op, {}, message_id))
+        except DomainError as exc:
+            refusal = _refusal(exc, op, batch=True)
+            results.append(Result(refusal.status, op.resource_type, outcome=_outcome(refusal)))
+    return results
+
+
+def _request_finish(results: list[Result], error: FhirError | None) -> Finish:
+    """How the message row of an applied request ends: its status and the ACK text kept for it."""
     ack = orjson.dumps(
         {
             "status": error.status if error else [r.status for r in results],
             "location": [r.location for r in results],
         }
     ).decode()
-    done = Finish(
+    return Finish(
         "error" if error else "processed",
         str(error.status) if error else "200",
         ack,
         error=error.diagnostics if error else None,
         error_location=(error.expression or "")[:200] if error else None,
     )
-    return RequestOutcome(message_id, results, error), done
+
+
+async def submit_request(
+    writer: StoreWriter,
+    meta: messages.MessageMeta,
+    ops: list[Operation],
+    kind: str,
+    line: RequestLine | None,
+    slice_seconds: float,
+) -> RequestOutcome:
+    """Commit the prepared request through ``writer`` without starving the other channels.
+
+    A request of one operation is one light job in its channel's lane. A transaction Bundle is one
+    heavy job (it is all-or-nothing, so it cannot be split), which the writer commits in a batch
+    of its own. A batch Bundle's entries are independent, so they are applied in slices, each a
+    heavy job committed on its own in the request's own lane, and other channels' messages are
+    committed between the slices. A slice applies at least one entry and ends once it has used
+    ``slice_seconds`` of writer time while another job waits, or ``MAX_SLICE_FACTOR`` times that
+    in any case. The message row is stored with the first slice (status ``received``) and finished
+    with the last. A slice that cannot commit (503) leaves the entries of the slices before it
+    applied and the row ``received``; a resend of the Bundle repairs that (conditional entries
+    find their records, plain creates answer 409 for the records already made).
+    """
+    lane = meta.channel if len(ops) <= 1 else f"{meta.channel}/{meta.control_id}"
+    if kind != "batch" or len(ops) <= 1:
+        job = request_job(meta, ops, kind, line)
+        outcome: RequestOutcome = await writer.run(job, lane=lane, heavy=len(ops) > 1)
+        return outcome
+    budget = _SliceBudget(slice_seconds, writer.others_waiting)
+    message_id, results = await writer.run(_batch_first_job(meta, ops, line, budget), lane=lane, heavy=True)
+    while len(results) < len(ops):
+        results += await writer.run(
+            _batch_slice_job(message_id, ops, list(results), budget), lane=lane, heavy=True
+        )
+    return RequestOutcome(message_id, results)
+
+
+#: A slice of a batch Bundle goes on past ``batch_slice_seconds`` while no other job waits, up to
+#: this many times that: a Bundle alone needs fewer commits, and a job that comes meanwhile waits
+#: for the entry being applied when it came, or at most this long.
+MAX_SLICE_FACTOR = 10
+
+
+@dataclass
+class _SliceBudget:
+    """When a slice of a batch Bundle ends: ``seconds`` spent while ``others_waiting()``."""
+
+    seconds: float
+    others_waiting: Callable[[], bool]
+
+    def over(self, started: float) -> bool:
+        spent = time.monotonic() - started
+        if spent >= self.seconds * MAX_SLICE_FACTOR:
+            return True
+        return spent >= self.seconds and self.others_waiting()
+
+
+def _apply_batch_slice(
+    tx: Tx, message_id: int, ops: list[Operation], done: list[Result], budget: _SliceBudget
+) -> list[Result]:
+    """Apply the entries after the ``done`` ones, at least one, until ``budget`` is over; the last
+    slice also finishes the message row."""
+    started = time.monotonic()
+    start = len(done)
+    results = _apply_batch_entries(tx, message_id, ops[start : start + 1])
+    for op in ops[start + 1 :]:
+        if budget.over(started):
+            break
+        results += _apply_batch_entries(tx, message_id, [op])
+    if start + len(results) == len(ops):
+        pipeline.finish(tx, message_id, _request_finish(done + results, None))
+    return results
+
+
+def _batch_first_job(
+    meta: messages.MessageMeta, ops: list[Operation], line: RequestLine | None, budget: _SliceBudget
+) -> Callable[[Tx], tuple[int, list[Result]]]:
+    """Store the batch request (its row stays ``received`` until its last entry) and apply the
+    first slice of its entries."""
+
+    def work(tx: Tx, message_id: int) -> tuple[tuple[int, list[Result]], Finish | None]:
+        store_request_line(tx, message_id, line)
+        return (message_id, _apply_batch_slice(tx, message_id, ops, [], budget)), None
+
+    def job(tx: Tx) -> tuple[int, list[Result]]:
+        return _unkeyed(pipeline.commit(tx, meta, work))
+
+    return job
+
+
+def _batch_slice_job(
+    message_id: int, ops: list[Operation], done: list[Result], budget: _SliceBudget
+) -> Callable[[Tx], list[Result]]:
+    """Apply the next slice of a batch request's entries (those after the ``done`` ones)."""
+
+    def job(tx: Tx) -> list[Result]:
+        return _apply_batch_slice(tx, message_id, ops, done, budget)
+
+    return job
 
 
 def rejection_job(

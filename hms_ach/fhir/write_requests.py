@@ -38,9 +38,9 @@ from hms_ach.fhir.write import (
     RequestOutcome,
     Result,
     check_writable,
-    prepare,
+    prepare_all,
     rejection_job,
-    request_job,
+    submit_request,
 )
 from hms_ach.ingest.pipeline import (
     INTERNAL_ERROR_TEXT,
@@ -205,8 +205,7 @@ async def _run(
             await run_in_threadpool(guard.allowed, ops, kind) if guard.reads else guard.allowed(ops, kind)
         )
         ops = [op for i, op in enumerate(ops) if i not in refused]
-        for op in ops:
-            prepare(op, channel.pipeline.engine)
+        await prepare_all(ops, channel.pipeline.engine)
         _check_records(ops)
     except FhirError as exc:
         if exc.status not in (405, 415, 413):  # bodies we did not read or accept are not stored
@@ -215,7 +214,9 @@ async def _run(
         raise
     meta = _meta(channel, request, raw, what)
     try:
-        outcome: RequestOutcome = await channel.pipeline.writer.run(request_job(meta, ops, kind, line))
+        outcome: RequestOutcome = await submit_request(
+            channel.pipeline.writer, meta, ops, kind, line, channel.config.batch_slice_seconds
+        )
     except (FhirError, StoreUnavailable):
         raise
     except Exception as exc:  # noqa: BLE001 - not foreseen: stored as an error, a generic 500

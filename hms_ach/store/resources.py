@@ -193,11 +193,22 @@ class Written:
         return f"{self.resource_type}/{self.id}"
 
 
+def _row_columns(t: Table) -> tuple[Any, ...]:
+    """The columns of a record row that a write reads (by :func:`_row`, or returned by its insert)."""
+    return (
+        t.c.id,
+        t.c.version_id,
+        t.c.deleted,
+        t.c.resource,
+        t.c.key_system,
+        t.c.key_value,
+        t.c.last_updated,
+    )
+
+
 def _row(tx: Tx, resource_type: str, rid: str) -> _RecordRow | None:
     t = _table(resource_type)
-    q = select(
-        t.c.id, t.c.version_id, t.c.deleted, t.c.resource, t.c.key_system, t.c.key_value, t.c.last_updated
-    ).where(t.c.id == rid)
+    q = select(*_row_columns(t)).where(t.c.id == rid)
     if tx.dialect.name == "postgresql":
         q = q.with_for_update()
     return tx.execute(q).first()
@@ -248,23 +259,27 @@ def _placeholder(resource_type: str, rid: str, system: str | None, value: str | 
     }
 
 
-def _claim(tx: Tx, rec: RecordWrite) -> tuple[str, bool]:
-    """Insert a placeholder under the record's business key (ON CONFLICT DO NOTHING): (id, created).
-    ``created`` is also true when an earlier placeholder was never written (version 0)."""
+def _claim(tx: Tx, rec: RecordWrite) -> tuple[str, bool, _RecordRow | None]:
+    """Insert a placeholder under the record's business key (ON CONFLICT DO NOTHING): (id, created,
+    the placeholder row when this insert made it). ``created`` is also true when an earlier
+    placeholder was never written (version 0)."""
     t = _table(rec.resource_type)
     dialect_insert = pg_insert if tx.dialect.name == "postgresql" else sqlite_insert
     stmt = (
         dialect_insert(t)
         .values(**_placeholder(rec.resource_type, new_id(), rec.key_system, rec.key_value))
         .on_conflict_do_nothing(index_elements=["key_system", "key_value"])
+        .returning(*_row_columns(t))
     )
-    created = tx.execute(stmt).rowcount == 1
+    fresh = tx.execute(stmt).first()
+    if fresh is not None:  # made here: its id and row are known without reading them again
+        return str(fresh.id), True, fresh
     rid = _id_by_key(tx, rec.resource_type, rec.key_system, rec.key_value or "")
     if rid is None:
         raise RuntimeError(
             f"{rec.resource_type} {rec.key_system}|{rec.key_value} was neither claimed nor found"
         )
-    return rid, created or _live_row(tx, rec.resource_type, rid).version_id == 0
+    return rid, _live_row(tx, rec.resource_type, rid).version_id == 0, None
 
 
 def _current(tx: Tx, resource_type: str, rid: str, created: bool = False, changed: bool = False) -> Written:
@@ -272,10 +287,13 @@ def _current(tx: Tx, resource_type: str, rid: str, created: bool = False, change
     return Written(resource_type, rid, int(row.version_id), row.resource, row.last_updated, created, changed)
 
 
-def _write(tx: Tx, w: ResourceWrite, rid: str, created: bool, message_id: int) -> Written:
-    """Write ``w`` as the next version of ``rid`` (the expected version is checked first)."""
+def _write(
+    tx: Tx, w: ResourceWrite, rid: str, created: bool, message_id: int, row: _RecordRow | None = None
+) -> Written:
+    """Write ``w`` as the next version of ``rid`` (the expected version is checked first); ``row``:
+    the record row when the caller has just inserted it (else it is read, locked on PostgreSQL)."""
     rec, rtype = w.record, w.resource_type
-    row = _live_row(tx, rtype, rid)
+    row = row if row is not None else _live_row(tx, rtype, rid)
     expected = w.expected_version() if w.expected_version is not None else None
     if expected is not None and (created or expected != row.version_id):
         raise VersionConflict(f"{rtype}/{rid}", expected, 0 if created else int(row.version_id))
@@ -313,14 +331,15 @@ def create(tx: Tx, w: ResourceWrite, message_id: int) -> Written:
     rec = w.record
     if not rec.key_value:
         rid = new_id()
-        tx.execute(
-            insert(_table(rec.resource_type)).values(**_placeholder(rec.resource_type, rid, None, None))
-        )
-        return _write(tx, w, rid, True, message_id)
-    rid, created = _claim(tx, rec)
+        t = _table(rec.resource_type)
+        made = tx.execute(
+            insert(t).values(**_placeholder(rec.resource_type, rid, None, None)).returning(*_row_columns(t))
+        ).one()
+        return _write(tx, w, rid, True, message_id, made)
+    rid, created, fresh = _claim(tx, rec)
     if not created:
         raise AlreadyExists(f"{rec.resource_type}/{rid}", f"{rec.key_system}|{rec.key_value}")
-    return _write(tx, w, rid, True, message_id)
+    return _write(tx, w, rid, True, message_id, fresh)
 
 
 def create_unless_exists(
@@ -330,10 +349,10 @@ def create_unless_exists(
     (nothing written); more than one is refused (MultipleMatches); else :func:`create`."""
     rec, rtype = w.record, w.resource_type
     if rec.key_value and (system, value) == (rec.key_system, rec.key_value):
-        rid, created = _claim(tx, rec)
+        rid, created, fresh = _claim(tx, rec)
         if not created:
             return _current(tx, rtype, rid)
-        return _write(tx, w, rid, True, message_id)
+        return _write(tx, w, rid, True, message_id, fresh)
     found = ids_by_identifier(tx, rtype, system, value)
     if len(found) > 1:
         raise MultipleMatches(rtype, len(found))
@@ -358,8 +377,8 @@ def update_by_identifier(
     more than one is refused (MultipleMatches); none: the record is created."""
     rec, rtype = w.record, w.resource_type
     if rec.key_value and (system, value) == (rec.key_system, rec.key_value):
-        rid, created = _claim(tx, rec)
-        return _write(tx, w, rid, created, message_id)
+        rid, created, fresh = _claim(tx, rec)
+        return _write(tx, w, rid, created, message_id, fresh)
     found = ids_by_identifier(tx, rtype, system, value)
     if len(found) > 1:
         raise MultipleMatches(rtype, len(found))

@@ -22,6 +22,14 @@ The writer cannot die silently:
   a new one (``health.restarts`` counts them);
 * :class:`WriterHealth` says when the last commit succeeded, the last error (its stage and class,
   never field values) and how many attempts failed in a row, for ``/health/ready``.
+
+Fairness between channels: every job is queued in a *lane* (``run(job, lane=...)``; the default
+lane is ``"default"``), and a batch is formed round-robin over the lanes that have work: one job of
+each lane in turn until ``max_batch``, the lane served last going to the back. A job submitted with
+``heavy=True`` (a slice of a Bundle, a transaction Bundle) runs in a batch of its own, and heavy and
+light batches alternate while both kinds wait: one lane's backlog can never fill a batch, and a
+light job (an HL7 message) waits for at most the one heavy job running when it came. See
+docs/reliability.md, "Fairness between channels".
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -49,6 +58,79 @@ log = logging.getLogger("hms_ach.store.writer")
 T = TypeVar("T")
 
 _STOP = object()
+
+#: The lane of jobs submitted without one.
+DEFAULT_LANE = "default"
+
+
+@dataclass(eq=False)
+class _Job:
+    """A queued job: its work, its caller's future, its lane, and whether it is heavy."""
+
+    work: Callable[[Tx], Any]
+    fut: Future[Any]
+    lane: str = DEFAULT_LANE
+    heavy: bool = False
+
+
+class _Lanes:
+    """The writer thread's own view of the queue: the waiting jobs by lane, served round-robin."""
+
+    def __init__(self) -> None:
+        self._lanes: dict[str, deque[_Job]] = {}  # insertion order is the round-robin order
+        self._heavy_last = False  # the last batch was a heavy job
+
+    def __bool__(self) -> bool:
+        return bool(self._lanes)
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._lanes.values())
+
+    def add(self, job: _Job) -> None:
+        self._lanes.setdefault(job.lane, deque()).append(job)
+
+    def batch(self, max_jobs: int) -> list[_Job]:
+        """The next batch: a heavy job alone, or up to ``max_jobs`` light jobs taken one lane at a
+        time in turn. Heavy and light batches alternate while both kinds wait, so a light job
+        waits for at most the one heavy job running when it came."""
+        self._drop_cancelled()
+        heavy_lane = next((lane for lane, q in self._lanes.items() if q[0].heavy), None)
+        light_waiting = any(not q[0].heavy for q in self._lanes.values())
+        if heavy_lane is not None and not (light_waiting and self._heavy_last):
+            self._heavy_last = True
+            return [self._take(heavy_lane)]
+        self._heavy_last = False
+        taken: list[_Job] = []
+        while len(taken) < max_jobs:
+            lanes = [lane for lane, q in self._lanes.items() if not q[0].heavy]
+            if not lanes:
+                break
+            for lane in lanes[: max_jobs - len(taken)]:
+                taken.append(self._take(lane))
+        return taken
+
+    def _take(self, lane: str) -> _Job:
+        """The lane's first job; the lane goes to the back (the next batch starts with the others)."""
+        q = self._lanes.pop(lane)
+        job = q.popleft()
+        if q:
+            self._lanes[lane] = q
+        return job
+
+    def _drop_cancelled(self) -> None:
+        """Jobs whose callers gave up before they started are dropped, never run."""
+        for lane in list(self._lanes):
+            q = self._lanes[lane]
+            while q and q[0].fut.cancelled():
+                q.popleft()
+            if not q:
+                del self._lanes[lane]
+
+    def drop_all(self) -> list[_Job]:
+        jobs = [job for q in self._lanes.values() for job in q]
+        self._lanes.clear()
+        return jobs
+
 
 #: Reconnect backoff after a failure of the store: first wait, ceiling.
 BACKOFF_FIRST = 0.1
@@ -103,6 +185,7 @@ class StoreWriter:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._backoff = 0.0
+        self._lanes: _Lanes | None = None  # the writer thread's own, read only on that thread
         self.health = WriterHealth()
         self.batches = 0
         self.jobs = 0
@@ -135,14 +218,24 @@ class StoreWriter:
             thread.join(timeout)
 
     # ------------------------------------------------------------------ callers
-    async def run(self, job: Callable[[Tx], T], timeout: float | None = None) -> T:
+    async def run(
+        self,
+        job: Callable[[Tx], T],
+        timeout: float | None = None,
+        lane: str = DEFAULT_LANE,
+        heavy: bool = False,
+    ) -> T:
         """Run ``job`` in the next group transaction; returns after that transaction committed.
+
+        ``lane`` names whose work it is (a channel, a request): batches are formed round-robin
+        over the lanes. ``heavy`` marks a long job (a Bundle or a slice of one): it is committed in
+        a batch of its own, alternating with batches of light jobs.
 
         Raises :class:`StoreUnavailable` when the store fails or ``timeout`` seconds (default
         ``commit_timeout``) pass first. After a timeout the job either never runs (it was still
         queued) or may still commit later: a resend of the same message is then answered from the
         duplicate store. The job's own errors are raised as they are."""
-        fut = self._submit(job)
+        fut = self._submit(job, lane, heavy)
         wait = self.commit_timeout if timeout is None else timeout
         try:
             # on timeout or cancellation wait_for cancels the wrapper, which cancels ``fut``:
@@ -152,9 +245,15 @@ class StoreWriter:
             fut.cancel()
             raise StoreUnavailable(f"no commit within {wait:g} s") from None
 
-    def run_sync(self, job: Callable[[Tx], T], timeout: float | None = None) -> T:
+    def run_sync(
+        self,
+        job: Callable[[Tx], T],
+        timeout: float | None = None,
+        lane: str = DEFAULT_LANE,
+        heavy: bool = False,
+    ) -> T:
         """The same, from a thread that is not an event loop (CLI, tests)."""
-        fut = self._submit(job)
+        fut = self._submit(job, lane, heavy)
         wait = self.commit_timeout if timeout is None else timeout
         try:
             return fut.result(wait)
@@ -162,10 +261,10 @@ class StoreWriter:
             fut.cancel()
             raise StoreUnavailable(f"no commit within {wait:g} s") from None
 
-    def _submit(self, job: Callable[[Tx], T]) -> Future[T]:
+    def _submit(self, job: Callable[[Tx], T], lane: str = DEFAULT_LANE, heavy: bool = False) -> Future[T]:
         self.start()
         fut: Future[T] = Future()
-        self._queue.put((job, fut))
+        self._queue.put(_Job(job, fut, lane, heavy))
         return fut
 
     async def probe(self, timeout: float = 2.0) -> str | None:
@@ -177,43 +276,50 @@ class StoreWriter:
         return None
 
     # ------------------------------------------------------------------ the thread
+    def others_waiting(self) -> bool:
+        """Whether jobs wait behind the running one. For a job on the writer thread that can stop
+        early (a slice of a batch Bundle), so that they get their commit sooner."""
+        return not self._queue.empty() or bool(self._lanes)
+
     def _loop(self) -> None:
-        batch: list[tuple[Callable[[Tx], Any], Future[Any]]] = []
+        lanes = self._lanes = _Lanes()
+        batch: list[_Job] = []
         try:
+            stop = False
             while True:
-                first = self._queue.get()
-                if first is _STOP:
-                    return
-                stop = False
-                batch = []
-                for item in self._take(first):
-                    if item is _STOP:
-                        stop = True
+                if not lanes:
+                    if stop:
+                        return
+                    stop = self._intake(lanes, self._queue.get())
+                # everything queued meanwhile joins its lane before the batch is formed
+                while not stop:
+                    try:
+                        stop = self._intake(lanes, self._queue.get_nowait())
+                    except queue.Empty:
                         break
-                    batch.append(item)
+                batch = lanes.batch(self.max_batch)
                 # a caller that gave up before its job started: the job is dropped, never half-run
-                batch = [(job, fut) for job, fut in batch if fut.set_running_or_notify_cancel()]
+                batch = [job for job in batch if job.fut.set_running_or_notify_cancel()]
                 if batch:
                     self._pause()
-                    self._commit(batch)
+                    self._commit([(job.work, job.fut) for job in batch])
                 batch = []
-                if stop:
-                    return
         except BaseException as exc:  # noqa: BLE001 - logged; the supervisor starts a new thread
             log.critical("store.writer_died", extra={"error_type": type(exc).__name__})
-            for _job, fut in batch:
-                self._settle(fut, None, StoreUnavailable("the writer thread stopped"))
+            for job in batch + lanes.drop_all():
+                self._settle(job.fut, None, StoreUnavailable("the writer thread stopped"))
 
-    def _take(self, first: Any) -> list[Any]:
-        items = [first]
-        while len(items) < self.max_batch:
-            try:
-                items.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-            if items[-1] is _STOP:
-                break
-        return items
+    @staticmethod
+    def _intake(lanes: _Lanes, item: Any) -> bool:
+        """Queue ``item`` in its lane; True for the stop mark (the jobs queued before it still run)."""
+        if item is _STOP:
+            return True
+        if isinstance(item, _Job):
+            lanes.add(item)
+        else:  # a bare (job, future) pair
+            job, fut = item
+            lanes.add(_Job(job, fut))
+        return False
 
     def _pause(self) -> None:
         """Wait out the reconnect backoff after a failure of the store (stop cuts it short)."""
@@ -230,12 +336,12 @@ class StoreWriter:
         except _StoreFailure as failure:
             self._failed(failure, len(batch))
             unavailable = StoreUnavailable(f"{failure.stage} failed")
-            for _job, fut in batch:
+            for _work, fut in batch:
                 self._settle(fut, None, unavailable)
             return
         except Exception as exc:  # noqa: BLE001 - anything else: still the batch's failure, never the thread's
             self._failed(_StoreFailure("batch", exc), len(batch))
-            for _job, fut in batch:
+            for _work, fut in batch:
                 self._settle(fut, None, StoreUnavailable("batch failed"))
             return
         finally:
