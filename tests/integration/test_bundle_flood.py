@@ -31,7 +31,7 @@ from hms_ach.app.cli import tune_interpreter
 from hms_ach.app.config import load_config
 from hms_ach.app.runtime import Engine
 from hms_ach.store.db import Store
-from tests.integration.engine_helpers import FHIR_JSON, mllp_channel
+from tests.integration.engine_helpers import FHIR_JSON, auth_headers, mllp_channel
 
 ROOT = Path(__file__).resolve().parents[2]
 FEED_RATE = 10  # messages a second, one sender waiting for each ACK
@@ -111,7 +111,7 @@ async def test_a_bundle_flood_does_not_starve_an_mllp_feed(engine: Engine, store
         await asyncio.sleep(1.0)  # the feed is running before the flood
         started = time.monotonic()
         async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{engine.http_port}/fhir", timeout=120
+            base_url=f"http://127.0.0.1:{engine.http_port}/fhir", timeout=120, headers=auth_headers(engine)
         ) as http:
             while time.monotonic() - started < FLOOD_SECONDS:
                 n = len(answers)
@@ -169,7 +169,7 @@ async def test_a_batch_bundle_in_many_slices_is_answered_and_stored_as_one_reque
         batch["entry"][3]["resource"]["identifier"][0]["value"] = "F7-1"  # the same as entry 1
         batch["entry"][4]["request"] = {"method": "PUT", "url": "Practitioner/not-there"}
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{eng.http_port}/fhir", timeout=30) as http:
-            answer = await http.post("", json=batch, headers=FHIR_JSON)
+            answer = await http.post("", json=batch, headers={**FHIR_JSON, **auth_headers(eng)})
         batches_before = eng.writer.batches
     finally:
         await eng.stop()
