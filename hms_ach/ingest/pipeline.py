@@ -671,13 +671,15 @@ class Pipeline:
         self.engine = engine
 
     async def process_hl7(self, raw: bytes, policy: Hl7Policy) -> Outcome:
+        """Evaluate and commit one HL7 message; its writer jobs run in its channel's lane, so that
+        one busy channel cannot fill every group commit (store/writer.py)."""
         ev = evaluate(raw, policy, self.engine)
         try:
-            outcome = await self.writer.run(commit_hl7(ev, policy))
+            outcome = await self.writer.run(commit_hl7(ev, policy), lane=policy.channel)
         except StoreUnavailable:
             raise
         except Exception as exc:  # noqa: BLE001 - not foreseen: stored as an error, answered AE
-            outcome = await self.writer.run(store_failed(ev, policy, exc))
+            outcome = await self.writer.run(store_failed(ev, policy, exc), lane=policy.channel)
         _log(outcome, policy)
         return outcome
 
@@ -699,11 +701,11 @@ class Pipeline:
             return out
 
         try:
-            outcome = await self.writer.run(job)
+            outcome = await self.writer.run(job, lane=policy.channel)
         except StoreUnavailable:
             raise
         except Exception as exc:  # noqa: BLE001 - not foreseen: stored as an error, answered AE
-            outcome = await self.writer.run(store_failed(ev, policy, exc))
+            outcome = await self.writer.run(store_failed(ev, policy, exc), lane=policy.channel)
         _log(outcome, policy)
         return outcome
 
