@@ -23,6 +23,7 @@ import re
 import socket
 import uuid
 from collections.abc import Callable, Sequence
+from contextlib import suppress
 from datetime import datetime, timedelta
 from typing import Concatenate, ParamSpec, TypeVar
 
@@ -113,6 +114,10 @@ def mark_failed(tx: Tx, row_id: int, sink: SinkSettings, error: DeliveryError) -
 
 
 # ---------------------------------------------------------------------------- the dispatcher
+#: How long stop() lets a delivery in flight finish before it cancels the sink's task.
+STOP_DRAIN_SECONDS = 10.0
+
+
 class Dispatcher:
     """Delivers the outbox rows of every enabled sink; one asyncio task per sink."""
 
@@ -132,6 +137,7 @@ class Dispatcher:
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._wake = asyncio.Event()  # set by stop(): a task waiting between rounds ends at once
 
     async def start(self) -> None:
         """Register every sink's cursor (so a new sink starts at this point), then start delivering."""
@@ -147,10 +153,14 @@ class Dispatcher:
         # The flag as well as the cancel: on Python 3.11 asyncio.wait_for can swallow a cancellation
         # that arrives just as its inner await completes, and the loop must end all the same.
         self._stopping = True
-        for task in self._tasks:
-            task.cancel()
+        self._wake.set()
         if self._tasks:
-            _done, stuck = await asyncio.wait(self._tasks, timeout=30)
+            # A delivery in flight finishes and is marked (else its receiver gets it twice after a
+            # restart); then the round ends, since no further row is taken once stopping.
+            _done, busy = await asyncio.wait(self._tasks, timeout=STOP_DRAIN_SECONDS)
+            for task in busy:
+                task.cancel()
+            _done, stuck = await asyncio.wait(busy, timeout=30) if busy else (set(), set())
             for task in stuck:
                 log.error("outbox.stop_timeout", extra={"task": task.get_name()})
         self._tasks.clear()
@@ -179,7 +189,8 @@ class Dispatcher:
             except Exception as exc:  # noqa: BLE001 - a store hiccup: try again shortly
                 log.error("outbox.dispatch_error", extra={"sink": settings.name, "error": error_kind(exc)})
                 wait = max(self.poll_seconds, 1.0)
-            await asyncio.sleep(max(0.01, wait))
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.01, wait))
 
     async def _round(self, sink: OutboxSink, settings: SinkSettings) -> float:
         """Deliver what is due; returns how long to wait before the next round."""
@@ -188,6 +199,8 @@ class Dispatcher:
             return self.poll_seconds * 4
         batch = await asyncio.to_thread(self._tx, pending_rows, settings.name)
         for item in batch:
+            if self._stopping:
+                return 0.0  # the rows not taken wait for the next start (the lease is released)
             if isinstance(item, datetime):
                 return min(self.poll_seconds * 4, max(0.0, (item - rows.now()).total_seconds()))
             try:
