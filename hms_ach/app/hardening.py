@@ -27,6 +27,7 @@ it needs the caller), the routes. See docs/security.md, "HTTP hardening".
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 from collections.abc import Sequence
 
@@ -39,6 +40,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from hms_ach.app.config import HttpSettings
 from hms_ach.fhir.outcomes import operation_outcome, outcome_response
 from hms_ach.workforce.api import Problem
+
+log = logging.getLogger("hms_ach.http")
 
 #: Paths never checked against the Host allow-list: the health checks (probes use the pod IP).
 HOST_EXEMPT_PREFIX = "/health"
@@ -215,5 +218,9 @@ def install_hardening(app: FastAPI, settings: HttpSettings) -> None:
             allow_credentials=False,
             max_age=CORS_MAX_AGE_SECONDS,
         )
-    app.add_middleware(HostAllowListMiddleware, allowed_hosts=settings.effective_allowed_hosts())
+    allowed = settings.effective_allowed_hosts()
+    if settings.allowed_hosts is None and settings.host.strip("[]") in ("0.0.0.0", "::"):
+        # bound to every interface, answering the loopback names only: say so once, at start
+        log.info("http.allowed_hosts_default", extra={"allowed_hosts": allowed})
+    app.add_middleware(HostAllowListMiddleware, allowed_hosts=allowed)
     app.add_middleware(SecurityHeadersMiddleware, hsts_max_age_seconds=settings.hsts_max_age_seconds)
