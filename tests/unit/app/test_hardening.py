@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from hms_ach.app.config import HttpSettings
+from hms_ach.app.config import HttpSettings, load_config
 from hms_ach.app.hardening import HostAllowListMiddleware, holds_phi, host_name
+from hms_ach.core.errors import ConfigErrors
 
 
 @pytest.mark.parametrize(
@@ -53,3 +56,28 @@ def test_phi_paths() -> None:
         assert holds_phi(path), path
     for path in ("/fhir/metadata", "/fhir/.well-known/smart-configuration", "/health", "/docs", "/fhirx"):
         assert not holds_phi(path), path
+
+
+def test_channels_yaml_errors_of_the_hardening_settings(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "http:\n  allowed_hosts: [hms-ach.hospital.example]\n  cors_origins: [https://app.example]\n"
+        "  rate_limit: {requests_per_second: 5, burst: 10}\n"
+    )
+    http = load_config(config).http
+    assert http.effective_allowed_hosts() == ["hms-ach.hospital.example"]
+    assert (http.rate_limit.requests_per_second, http.rate_limit.burst, http.rate_limit.enabled) == (
+        5,
+        10,
+        True,
+    )
+    for text, expected in [
+        ("http:\n  cors_origins: [https://app.example/]\n", ["c.yaml:2:", "not an origin"]),
+        ("http:\n  rate_limit: {requests_per_second: 0}\n", ["c.yaml:2:", "requests_per_second"]),
+        ("http:\n  rate_limit: {brust: 3}\n", ["did you mean 'burst'"]),
+    ]:
+        config.write_text(text)
+        with pytest.raises(ConfigErrors) as info:
+            load_config(config)
+        for part in expected:
+            assert part in str(info.value), (text, str(info.value))
