@@ -65,6 +65,8 @@ def write_engine_config(folder: Path, database_url: str, mllp_port: int, http_po
         "http:\n"
         "  host: 127.0.0.1\n"
         f"  port: {http_port}\n"
+        "  rate_limit:\n"
+        "    enabled: false  # the load drivers are one client sending as fast as they can\n"
         "# the load drivers send no bearer token: authentication off (allowed: every listener is loopback)\n"
         "auth:\n"
         "  mode: off\n"

@@ -41,8 +41,9 @@ from hms_ach.fhir.outcomes import operation_outcome, outcome_response
 from hms_ach.workforce.api import Problem
 
 #: Paths answered without a token: the health checks and the published keys and configuration
-#: (SMART discovery is at the FHIR base too: ``/fhir/.well-known/smart-configuration``).
-PUBLIC_PREFIXES = ("/health", "/.well-known/", "/fhir/.well-known/")
+#: (SMART discovery is at the FHIR base too: ``/fhir/.well-known/smart-configuration``), and the
+#: Swagger UI and ReDoc files of /docs and /redoc (``/docs/assets/``, served by the engine).
+PUBLIC_PREFIXES = ("/health", "/.well-known/", "/fhir/.well-known/", "/docs/assets/")
 #: The FHIR CapabilityStatement: public, as on every FHIR server, since a client reads it (and the
 #: SMART oauth-uris in it) before it has a token; it holds no record data.
 CAPABILITY_PATHS = frozenset({"/fhir/metadata"})

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from hms_ach.app.job_settings import JobsSettings
 from hms_ach.auth.settings import AuthSettings
@@ -75,6 +75,32 @@ class EngineSettings(_Strict):
     )
 
 
+class RateLimitSettings(_Strict):
+    """``http.rate_limit``: a token bucket per client (see docs/security.md, HTTP hardening)."""
+
+    enabled: bool = Field(
+        True, description="Limit the request rate of each client; false: no limit (the benchmarks' engine)"
+    )
+    requests_per_second: float = Field(
+        200.0,
+        gt=0,
+        description="Requests per second a client may make on average (its bucket refills at this rate); "
+        "a client is the token's sub (its client_id when the token has one), else the source address",
+    )
+    burst: int = Field(
+        400,
+        ge=1,
+        description="Requests a client may make at once after being idle (the size of its bucket); past it "
+        "the answer is 429 with Retry-After",
+    )
+    max_clients: int = Field(
+        10000,
+        ge=1,
+        description="Buckets kept at most; idle clients' full buckets are dropped first, then the least "
+        "recently seen (a dropped client starts again with a full bucket)",
+    )
+
+
 class HttpSettings(_Strict):
     enabled: bool = Field(True, description="Serve the HTTP API (FHIR R4 at /fhir, /health)")
     host: str = Field("0.0.0.0", description="Address the HTTP server binds to")
@@ -91,6 +117,52 @@ class HttpSettings(_Strict):
         "chunked); larger ones are answered 413 (an OperationOutcome on /fhir, a problem on /api/v1) "
         "before the rest is read. A fhir_rest channel's own max_body_bytes may be lower, not higher",
     )
+    allowed_hosts: list[str] | None = Field(
+        None,
+        description="Host header values the server answers (names or addresses, port ignored; '*.example.org' "
+        "for its subdomains; '*' for any); other requests get 400, against DNS rebinding. /health* is "
+        "exempt (probes use the pod IP). Default (null): localhost, 127.0.0.1, ::1 and the bind host when "
+        "it is a concrete address; add the public name the clients use",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Browser origins (scheme://host[:port]) allowed to call the API cross-origin, with "
+        "preflight answered; empty: no Access-Control-* header is ever sent (cross-origin calls fail)",
+    )
+    rate_limit: RateLimitSettings = Field(
+        default_factory=RateLimitSettings,
+        description="Per-client token bucket: requests_per_second, burst; 429 with Retry-After past it",
+    )
+    hsts_max_age_seconds: int = Field(
+        31536000,
+        ge=0,
+        description="Strict-Transport-Security max-age sent on answers served over HTTPS (never over plain "
+        "HTTP); 0: no HSTS header",
+    )
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin == "*":
+                continue
+            scheme, sep, rest = origin.partition("://")
+            if scheme not in ("http", "https") or not sep or not rest or "/" in rest:
+                raise ValueError(
+                    f"{origin!r} is not an origin: expected scheme://host[:port] (no path, no trailing /), or *"
+                )
+        return origins
+
+    def effective_allowed_hosts(self) -> list[str]:
+        """``allowed_hosts``, or the default: the loopback names and addresses and the bind host when it
+        is a concrete address (not 0.0.0.0 or ::)."""
+        if self.allowed_hosts is not None:
+            return list(self.allowed_hosts)
+        hosts = ["localhost", "127.0.0.1", "::1"]
+        bind = self.host.strip("[]").lower()
+        if bind and bind not in ("0.0.0.0", "::", "*") and bind not in hosts:
+            hosts.append(bind)
+        return hosts
 
 
 class LoggingSettings(_Strict):

@@ -6,6 +6,18 @@ body is limited to ``http.max_body_bytes`` (:mod:`hms_ach.app.body_limit`), and 
 one ``http.request`` event of the access log (:mod:`hms_ach.app.access_log`). ``app.state.health`` is a plain dict served as the
 health document; other components may add their own keys to it.
 
+The middleware, outermost first (docs/security.md, "HTTP hardening"):
+
+1. the access log (it sees every answer, the refusals below included);
+2. the security headers (:mod:`hms_ach.app.hardening`), on every answer;
+3. the Host allow-list (400), then CORS when ``http.cors_origins`` is set (preflights answered
+   here, before authentication: they carry no token);
+4. the body limit (413);
+5. authentication (401), which sets the caller;
+6. the rate limit (429, :mod:`hms_ach.app.rate_limit`), per caller: so inside authentication;
+7. the routes. ``/docs`` and ``/redoc`` load their assets from ``/docs/assets/`` (the
+   fastapi-offline package), never from a CDN.
+
 Health:
 
 * ``GET /health/live``: 200 while the process serves HTTP (liveness; restart it when this fails);
@@ -23,18 +35,24 @@ from typing import Any
 
 import orjson
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from starlette.responses import Response
 
 from hms_ach.app.access_log import AccessLogMiddleware
 from hms_ach.app.authentication import AuthenticationMiddleware, install_openapi_security, well_known_router
 from hms_ach.app.body_limit import BodyLimitMiddleware
-from hms_ach.app.config import HttpSettings
+from hms_ach.app.config import HttpSettings, RateLimitSettings
+from hms_ach.app.hardening import install_hardening
+from hms_ach.app.rate_limit import RateLimitMiddleware
 from hms_ach.auth.authenticate import Authenticator
 from hms_ach.fhir.outcomes import install_handlers
 from hms_ach.fhir.routes import fhir_router
 from hms_ach.fhir.write_requests import WriteChannel
 from hms_ach.store.db import Store
 from hms_ach.workforce.api import PipelineSource, workforce_router
+
+#: Where /docs and /redoc load the Swagger UI and ReDoc assets from (served by the engine; public).
+DOCUMENTATION_ASSETS = "/docs/assets"
 
 #: The readiness checks: each failed check's name -> why (no field values); empty when ready.
 Readiness = Callable[[], Awaitable[dict[str, str]]]
@@ -57,12 +75,19 @@ def create_app(
     and the API description (:mod:`hms_ach.app.authentication`); its ``off`` mode lets every request
     in as an anonymous caller."""
     settings = settings or HttpSettings()
-    app = FastAPI(title="hms-ach", description="HL7 v2 / FHIR R4 integration engine API")
+    app = FastAPIOffline(
+        title="hms-ach",
+        description="HL7 v2 / FHIR R4 integration engine API",
+        static_url=DOCUMENTATION_ASSETS,
+        # no call to the public swagger.io validator: /docs makes no request off this server
+        swagger_ui_parameters={"validatorUrl": None},
+    )
     app.state.store = store
     app.state.health = {"status": "ok"}
     app.state.readiness = None  # a Readiness, set by the engine
     app.state.authenticator = authenticator
     install_handlers(app)
+    _install_rate_limit(app, settings.rate_limit)  # added first: the innermost, it sees the caller
     _install_authentication(app, authenticator)
     app.include_router(workforce_router(store, pipeline_of))
     app.include_router(fhir_router(store, write_channel))
@@ -92,11 +117,18 @@ def create_app(
         body: dict[str, Any] = {"status": "unavailable", "failed": failed} if failed else {"status": "ready"}
         return Response(orjson.dumps(body), status_code=503 if failed else 200, media_type="application/json")
 
-    # The last added runs first: the access log sees the 413s of the body limit too.
+    # The last added runs first: the access log sees the 400s, 413s, 401s and 429s too.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    install_hardening(app, settings)
     if settings.access_log:
         app.add_middleware(AccessLogMiddleware)
     return app
+
+
+def _install_rate_limit(app: FastAPI, settings: RateLimitSettings) -> None:
+    """The per-client token bucket (:mod:`hms_ach.app.rate_limit`), unless ``enabled: false``."""
+    if settings.enabled:
+        app.add_middleware(RateLimitMiddleware, settings=settings)
 
 
 def _install_authentication(app: FastAPI, authenticator: Authenticator) -> None:

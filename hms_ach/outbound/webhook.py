@@ -7,6 +7,11 @@ Headers sent (see docs/webhooks.md for how to verify them):
 * ``Idempotency-Key``: the same for every attempt of one event (``hms-ach-evt-<id>``);
 * ``X-HMS-ACH-Event``: the event name.
 
+The sink refuses the example secret of channels.yaml and the docs (:data:`EXAMPLE_SECRETS`)
+unless its ``url`` is a loopback address: that is the "dev mode" of the webhook walkthrough
+(``scripts/webhook_receiver.py`` on 127.0.0.1), where no event leaves the machine. A receiver
+elsewhere needs a secret of its own, or anyone who read the docs could sign events for it.
+
 Any 2xx is delivered. Everything else (3xx included: redirects are not followed), a timeout or a
 connection error is a failed attempt that is retried; ``Retry-After`` on 429/503 is honoured.
 """
@@ -15,13 +20,21 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 
 from hms_ach.outbound.sinks import Delivery, DeliveryError, DeliveryResult, SinkSettings
+
+#: The example secrets of channels.yaml and docs/webhooks.md: refused unless the url is loopback.
+EXAMPLE_SECRETS = frozenset({"dev-secret-change-me"})
+#: The longest timestamp (Unix seconds) and signature header ``verify`` looks at; longer ones are refused.
+_LONGEST_TIMESTAMP = 20
+_LONGEST_SIGNATURE = 100
 
 
 def signature(secret: str, timestamp: str, body: bytes) -> str:
@@ -29,13 +42,36 @@ def signature(secret: str, timestamp: str, body: bytes) -> str:
     return "v1=" + mac.hexdigest()
 
 
-def verify(secret: str, timestamp: str, body: bytes, header: str, tolerance_seconds: float = 300) -> bool:
-    """What a receiver does: recompute the signature, compare in constant time, refuse stale timestamps."""
+def verify(
+    secret: str, timestamp: object, body: object, header: object, tolerance_seconds: float = 300
+) -> bool:
+    """What a receiver does: recompute the signature, compare in constant time, refuse stale timestamps.
+
+    Never raises on what a sender controls: a missing (None), empty, non-ASCII, malformed or huge
+    timestamp or signature header, or a body that is not bytes, is False."""
+    if not isinstance(timestamp, str) or not isinstance(header, str) or not isinstance(body, bytes):
+        return False
+    if not timestamp or len(timestamp) > _LONGEST_TIMESTAMP or len(header) > _LONGEST_SIGNATURE:
+        return False
+    if not (timestamp.isascii() and timestamp.isdigit() and header.isascii()):
+        return False  # int() would take " 1_7", Arabic digits; compare_digest refuses non-ASCII str
+    if abs(time.time() - int(timestamp)) > tolerance_seconds:
+        return False
+    return hmac.compare_digest(signature(secret, timestamp, body).encode(), header.encode())
+
+
+def is_loopback_url(url: str) -> bool:
+    """Whether ``url`` names this machine (localhost, 127.0.0.0/8, ::1)."""
     try:
-        age = abs(time.time() - int(timestamp))
+        host = (urlsplit(url).hostname or "").rstrip(".").lower()
     except ValueError:
         return False
-    return age <= tolerance_seconds and hmac.compare_digest(signature(secret, timestamp, body), header)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -59,6 +95,20 @@ class WebhookSink:
             description="Shared HMAC-SHA256 key; use ${VAR} to read it from the environment"
         )
         headers: dict[str, str] = Field(default_factory=dict, description="Extra request headers")
+
+        @field_validator("secret")
+        @classmethod
+        def _no_example_secret(cls, secret: SecretStr, info: ValidationInfo) -> SecretStr:
+            url = info.data.get("url")
+            enabled = info.data.get("enabled", True)
+            if secret.get_secret_value() in EXAMPLE_SECRETS and enabled and isinstance(url, str):
+                if not is_loopback_url(url):
+                    raise ValueError(
+                        "this is the example secret of channels.yaml and the docs, refused for a url that is "
+                        "not on this machine (only a loopback url may use it, for trying things out); set "
+                        "HMS_ACH_WEBHOOK_SECRET to a random value of your own, e.g. `openssl rand -hex 32`"
+                    )
+            return secret
 
     def __init__(self, settings: Config, store: Any = None):
         self.settings = settings

@@ -39,7 +39,7 @@ async def test_dft_p03_charges_are_served_as_charge_items(tmp_path: Path, store:
     auth = local_authenticator(tmp_path / "data")
     transport = httpx.ASGITransport(app=create_app(store, authenticator=auth))
     async with httpx.AsyncClient(
-        transport=transport, base_url="http://test/fhir", headers=auth_headers(auth)
+        transport=transport, base_url="http://localhost/fhir", headers=auth_headers(auth)
     ) as http:
 
         async def search(**params: str) -> list[dict[str, Any]]:

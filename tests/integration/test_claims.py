@@ -279,7 +279,7 @@ async def test_claims_and_coverage_are_read_and_searched_under_fhir(tmp_path: Pa
     auth = local_authenticator(tmp_path / "data")
     transport = httpx.ASGITransport(app=create_app(store, authenticator=auth))
     async with httpx.AsyncClient(
-        transport=transport, base_url="http://test/fhir", headers=auth_headers(auth)
+        transport=transport, base_url="http://localhost/fhir", headers=auth_headers(auth)
     ) as http:
         found = (await http.get("/Claim", params={"status": "active"})).json()
         assert found["resourceType"] == "Bundle" and len(found["entry"]) == 1

@@ -76,7 +76,7 @@ async def test_the_event_names_the_route_template_and_the_caller(
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False, client=("10.0.0.7", 4242))
     try:
         async with httpx.AsyncClient(
-            transport=transport, base_url="http://test", headers=app.state.test_headers
+            transport=transport, base_url="http://localhost", headers=app.state.test_headers
         ) as client:
             assert (await client.get("/whoami/ZZPATHVALUE?token=ZZQUERY")).status_code == 200
             assert (await client.get("/fhir/Patient/ZZPATHVALUE")).status_code == 404
@@ -106,7 +106,7 @@ async def test_the_access_log_can_be_turned_off(tmp_path: Path, access: list[log
     app, store = _app(tmp_path, access_log=False)
     try:
         async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://test"
+            transport=httpx.ASGITransport(app=app), base_url="http://localhost"
         ) as client:
             assert (await client.get("/health/live")).status_code == 200
     finally:

@@ -47,7 +47,7 @@ async def http(sqlite: Store, local: LocalIssuer) -> AsyncIterator[httpx.AsyncCl
         return {"sub": caller.sub, "authenticated": caller.authenticated, "peer": caller.source_address}
 
     transport = httpx.ASGITransport(app=app, client=("127.0.0.5", 4711))
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
         yield client
 
 
@@ -73,7 +73,7 @@ async def test_public_paths_need_no_token(http: httpx.AsyncClient, local: LocalI
     assert jwks == local.authenticator.jwks() and jwks["keys"][0]["kid"] == local.kid
     assert "d" not in jwks["keys"][0]  # the public key only
     smart = (await http.get("/.well-known/smart-configuration")).json()
-    assert smart["jwks_uri"] == "http://test/.well-known/jwks.json"
+    assert smart["jwks_uri"] == "http://localhost/.well-known/jwks.json"
     assert "permission-v2" in smart["capabilities"]
     # SMART discovery at the FHIR base, and the CapabilityStatement, as a client reads them first
     assert (await http.get("/fhir/.well-known/smart-configuration")).json() == smart
@@ -157,7 +157,7 @@ async def test_malformed_authorization_is_400(http: httpx.AsyncClient) -> None:
 async def test_off_mode_lets_requests_in_as_anonymous(sqlite: Store, tmp_path: Path) -> None:
     authenticator = create_authenticator(AuthSettings(mode="off"), tmp_path / "data")
     app = create_app(sqlite, authenticator=authenticator)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as http:
         assert (await http.get("/fhir/Patient")).status_code == 200
         assert (await http.get("/.well-known/jwks.json")).status_code == 404  # no local issuer
         doc = (await http.get("/openapi.json")).json()
@@ -241,7 +241,7 @@ async def _websocket(app: ASGIApp, headers: list[tuple[bytes, bytes]]) -> list[M
         "raw_path": b"/ws",
         "root_path": "",
         "query_string": b"",
-        "headers": headers,
+        "headers": [(b"host", b"localhost"), *headers],  # the Host allow-list checks WebSockets too
         "client": ("127.0.0.1", 4711),
         "server": ("test", 80),
         "subprotocols": [],
