@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from hms_ach.auth.settings import AuthSettings
 from hms_ach.channels import CHANNEL_TYPES
 from hms_ach.core.errors import ConfigError, ConfigErrors, SourcePosition
 from hms_ach.core.timezones import IanaTimeZone
+from hms_ach.core.tls import TlsConfigError, server_context
 from hms_ach.mapping.loader import Positions, load_yaml, position_of
 from hms_ach.store.audit_settings import AuditSettings
 
@@ -75,6 +77,17 @@ class EngineSettings(_Strict):
     )
 
 
+class HttpTlsSettings(_Strict):
+    cert: str = Field(
+        "",
+        description="PEM certificate (chain) served on the HTTP port, which then speaks HTTPS only "
+        "(TLS 1.2 or later); relative to the working directory; HMS_ACH_TLS_CERT wins over it",
+    )
+    key: str = Field(
+        "", description="PEM private key of cert (empty: inside the cert file); HMS_ACH_TLS_KEY wins over it"
+    )
+
+
 class HttpSettings(_Strict):
     enabled: bool = Field(True, description="Serve the HTTP API (FHIR R4 at /fhir, /health)")
     host: str = Field("0.0.0.0", description="Address the HTTP server binds to")
@@ -91,6 +104,26 @@ class HttpSettings(_Strict):
         "chunked); larger ones are answered 413 (an OperationOutcome on /fhir, a problem on /api/v1) "
         "before the rest is read. A fhir_rest channel's own max_body_bytes may be lower, not higher",
     )
+    tls: HttpTlsSettings = Field(
+        default_factory=HttpTlsSettings,
+        description="HTTPS: with a cert the HTTP port serves TLS 1.2+ only (docs/security.md, TLS)",
+    )
+
+    def tls_files(self) -> tuple[str, str] | None:
+        """(cert, key) of HTTPS after the HMS_ACH_TLS_CERT / HMS_ACH_TLS_KEY overrides; None: plain HTTP."""
+        cert = os.environ.get("HMS_ACH_TLS_CERT") or self.tls.cert
+        key = os.environ.get("HMS_ACH_TLS_KEY") or self.tls.key
+        return (cert, key) if cert else None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The HTTPS server context, or None for plain HTTP; TlsConfigError (one line naming the
+        setting and the file) when a file is missing, unreadable or the key does not match."""
+        files = self.tls_files()
+        if files is None:
+            if os.environ.get("HMS_ACH_TLS_KEY") or self.tls.key:
+                raise TlsConfigError("http.tls.key is set without http.tls.cert (or HMS_ACH_TLS_CERT)")
+            return None
+        return server_context(files[0], files[1] or None, what="http.tls")
 
 
 class LoggingSettings(_Strict):
@@ -146,6 +179,30 @@ class Config(_Strict):
         """The engine's data directory (``HMS_ACH_DATA_DIR`` or ``engine.data_dir``); not created here."""
         path = Path(os.environ.get("HMS_ACH_DATA_DIR") or self.engine.data_dir)
         return path if path.is_absolute() else self.base_dir / path
+
+
+def tls_errors(config: Config) -> list[str]:
+    """What would stop HTTPS or MLLP over TLS from starting (``hms-ach check`` and ``run``): one line
+    per problem, naming the setting and the file (environment overrides applied)."""
+    from hms_ach.channels.mllp import MllpChannelConfig, effective_config
+
+    errors: list[str] = []
+    if config.http.enabled:
+        try:
+            config.http.ssl_context()
+        except TlsConfigError as exc:
+            errors.append(f"{config.source or 'channels.yaml'}: {exc.render()}")
+    for channel in config.channels:
+        if not isinstance(channel, MllpChannelConfig) or not channel.enabled:
+            continue
+        tls = effective_config(channel).tls
+        if tls is None:
+            continue
+        try:
+            tls.context(f"channel {channel.name}: tls")
+        except TlsConfigError as exc:
+            errors.append(f"{config.source or 'channels.yaml'}: {exc.render()}")
+    return errors
 
 
 def interpolate(value: Any, file: Path, positions: Positions, at: tuple[Any, ...] = ()) -> Any:

@@ -40,14 +40,24 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hms_ach.core.errors import HmsAchError
+from hms_ach.core.tls import (
+    LOOPBACK_ONLY,
+    CertSubject,
+    MllpTlsSettings,
+    SourceAllowList,
+    check_cidrs,
+    subject_allowed,
+    subject_of,
+)
 from hms_ach.hl7v2.mllp_limits import (
     BUFFER_BUDGET,
     EVICTED,
@@ -240,8 +250,24 @@ def frame(payload: bytes) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # Listener
 
+
+class Peer(str):
+    """Who is at the other end of a connection, as handlers get it: the string is ``host:port``
+    (what the logs show); ``host`` is the source address and ``cert_subject`` the subject of the
+    client certificate verified during a mutual-TLS handshake (None over plain TCP or without one)."""
+
+    host: str
+    cert_subject: CertSubject | None
+
+    def __new__(cls, text: str, host: str, cert_subject: CertSubject | None = None) -> Peer:
+        peer = super().__new__(cls, text)
+        peer.host = host
+        peer.cert_subject = cert_subject
+        return peer
+
+
 #: Returns the reply to a frame: one ACK, several sent in order (a commit ACK then an application
-#: ACK), or None / [] for none.
+#: ACK), or None / [] for none. The ``peer`` passed is a :class:`Peer` (a ``str``).
 FrameHandler = Callable[[bytes, str], Awaitable[bytes | list[bytes] | None]]
 OversizeHandler = Callable[[bytes, int, str], bytes | None | Awaitable[bytes | None]]
 
@@ -321,6 +347,22 @@ class MllpConfig(BaseModel):
     read_chunk_bytes: int = Field(
         65536, ge=512, le=16 * MIB, description="Bytes read from a socket per read call."
     )
+    allow_from: list[str] = Field(
+        default_factory=lambda: list(LOOPBACK_ONLY),
+        description="Source addresses allowed to connect, as CIDR networks (IPv4 and IPv6); other "
+        "sources are closed at once. Default (key absent): loopback only, 127.0.0.0/8 and ::1; "
+        "[0.0.0.0/0, ::/0] allows every source",
+    )
+    tls: MllpTlsSettings | None = Field(
+        None,
+        description="MLLP over TLS (TLS 1.2 or later), optionally with client certificates (mTLS); "
+        "absent: plain TCP unless HMS_ACH_MLLP_TLS_CERT is set",
+    )
+
+    @field_validator("allow_from")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        return check_cidrs(value)
 
     @model_validator(mode="after")
     def _budget_holds_one_message(self) -> Self:
@@ -350,6 +392,9 @@ class _Connection:
     garbage_bytes: int = 0  # bytes discarded outside frames
     truncated_frames: int = 0  # frames cut short by a VT
     close_reason: str | None = None  # set when the listener decided to close it
+    #: True until a TLS upgrade completes: a failed one leaves the stream without its protocol,
+    #: so its ``wait_closed()`` would never return
+    handshaking: bool = False
     closed: asyncio.Event = field(default_factory=asyncio.Event)  # set with close_reason
 
     @property
@@ -379,10 +424,14 @@ class _Connection:
             self.writer.close()
 
 
+#: Reasons to close a TLS connection before its first frame.
+TLS_HANDSHAKE_FAILED = "tls_handshake_failed"
+TLS_SUBJECT_REFUSED = "tls_subject_refused"
+
 #: Reasons to close a connection that count against its source (see SourceStrikes): misbehaving
 #: inside a frame, or sitting idle without ever completing a frame.
 _STRIKING = frozenset({FRAME_TIMEOUT, FRAME_TOO_SLOW, BUFFER_BUDGET})
-_STRIKING_IF_FRAMELESS = frozenset({IDLE_TIMEOUT, EVICTED})
+_STRIKING_IF_FRAMELESS = frozenset({IDLE_TIMEOUT, EVICTED, TLS_HANDSHAKE_FAILED, TLS_SUBJECT_REFUSED})
 
 #: A source's refused connections are logged once per this many seconds (with a count).
 REJECTION_LOG_SECONDS = 10.0
@@ -391,6 +440,18 @@ REJECTION_LOG_SECONDS = 10.0
 PROCESS_BUFFER_BUDGET: BufferBudget[_Connection] = BufferBudget(
     MllpConfig.model_fields["process_buffer_budget_bytes"].default
 )
+
+
+def _tls_fields(conn: _Connection) -> dict[str, Any]:
+    """The TLS facts of a connection for ``mllp.connection_opened`` (none over plain TCP)."""
+    ssl_object = conn.writer.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return {}
+    subject = conn.peer.cert_subject if isinstance(conn.peer, Peer) else None
+    fields: dict[str, Any] = {"tls": ssl_object.version()}
+    if subject is not None:
+        fields["subject"] = subject.rfc4514
+    return fields
 
 
 def _peer_of(writer: asyncio.StreamWriter) -> tuple[str, str]:
@@ -432,6 +493,9 @@ class MllpServer:
         self._strikes = SourceStrikes()
         self._rejections: dict[str, tuple[int, float]] = {}  # source -> (not logged, last logged)
         self._stopping = False
+        self._allow_from = SourceAllowList(config.allow_from)
+        #: The server TLS context (built from ``config.tls``; TlsConfigError when unusable), or None.
+        self.ssl_context: ssl.SSLContext | None = config.tls.context("tls") if config.tls else None
 
     @property
     def port(self) -> int:
@@ -496,6 +560,10 @@ class MllpServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer, source = _peer_of(writer)
+        if not self._allow_from.allows(source):
+            self._log_rejection(peer, source, "allow_from", len(self._connections))
+            writer.transport.abort()
+            return
         if not self._admit(peer, source):
             writer.close()
             with suppress(OSError):
@@ -511,12 +579,15 @@ class MllpServer:
             rate_window_seconds=cfg.rate_window_seconds,
             now=asyncio.get_running_loop().time(),
         )
-        conn = _Connection(peer, source, writer, MllpFramer(cfg.max_message_bytes), clock)
+        conn = _Connection(Peer(peer, source), source, writer, MllpFramer(cfg.max_message_bytes), clock)
         self._connections[task] = conn
-        _event(logging.INFO, "mllp.connection_opened", peer=peer)
         reason = "eof"
         try:
-            reason = await self._read_loop(reader, conn)
+            if self.ssl_context is not None:
+                reason = await self._handshake(conn)
+            if reason == "eof":
+                _event(logging.INFO, "mllp.connection_opened", peer=peer, **_tls_fields(conn))
+                reason = await self._read_loop(reader, conn)
         except (ConnectionError, OSError) as exc:
             reason = conn.close_reason or f"network_error:{type(exc).__name__}"
         finally:
@@ -525,9 +596,12 @@ class MllpServer:
             try:
                 conn.framer.abandon()
                 self._budget.release(conn)
-                writer.close()
-                with suppress(OSError, asyncio.CancelledError):
-                    await writer.wait_closed()
+                if conn.handshaking:
+                    writer.transport.abort()
+                else:
+                    writer.close()
+                    with suppress(OSError, asyncio.CancelledError):
+                        await writer.wait_closed()
                 extra = {"garbage_bytes": conn.garbage_bytes, "truncated_frames": conn.truncated_frames}
                 _event(
                     logging.INFO,
@@ -540,6 +614,39 @@ class MllpServer:
                 )
             finally:
                 del self._connections[task]  # only now, so that close() waits for this task
+
+    async def _handshake(self, conn: _Connection) -> str:
+        """Upgrade the connection to TLS (within the handshake deadline) and check the client
+        certificate's subject against the allow-list; ``eof`` when it may go on, else the reason
+        to close it. The connection counts against the connection caps meanwhile, and is idle
+        for them: at a cap it may be closed to make room."""
+        tls = self.config.tls
+        assert tls is not None and self.ssl_context is not None  # only called with TLS on
+        conn.handshaking = True
+        try:
+            await conn.writer.start_tls(self.ssl_context, ssl_handshake_timeout=tls.handshake_timeout_seconds)
+            conn.handshaking = False
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            if conn.close_reason is not None:
+                return conn.close_reason
+            detail = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else type(exc).__name__
+            _event(logging.WARNING, "mllp.tls_handshake_failed", peer=conn.peer, error=detail)
+            return TLS_HANDSHAKE_FAILED
+        if conn.close_reason is not None:
+            return conn.close_reason
+        ssl_object = conn.writer.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        subject = subject_of(der)
+        conn.peer = Peer(str(conn.peer), conn.source, subject)
+        if not subject_allowed(subject, tls.allowed_subjects):
+            _event(
+                logging.WARNING,
+                "mllp.tls_subject_refused",
+                peer=conn.peer,
+                subject=subject.rfc4514 if subject else "-",
+            )
+            return TLS_SUBJECT_REFUSED
+        return "eof"
 
     def _admit(self, peer: str, source: str) -> bool:
         """Apply the connection caps to a new connection (closing an idle one to make room)."""
