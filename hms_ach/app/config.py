@@ -123,7 +123,13 @@ class HttpSettings(_Strict):
             if os.environ.get("HMS_ACH_TLS_KEY") or self.tls.key:
                 raise TlsConfigError("http.tls.key is set without http.tls.cert (or HMS_ACH_TLS_CERT)")
             return None
-        return server_context(files[0], files[1] or None, what="http.tls")
+        from_env = bool(os.environ.get("HMS_ACH_TLS_CERT") or os.environ.get("HMS_ACH_TLS_KEY"))
+        try:
+            return server_context(files[0], files[1] or None, what="http.tls")
+        except TlsConfigError as exc:
+            if not from_env:
+                raise
+            raise TlsConfigError(f"{exc.message} (HMS_ACH_TLS_CERT / HMS_ACH_TLS_KEY are set)") from exc
 
 
 class LoggingSettings(_Strict):

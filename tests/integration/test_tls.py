@@ -550,3 +550,54 @@ def test_check_names_an_unusable_tls_file(tmp_path: Path, pki: Pki) -> None:
     key_mismatch = _engine_yaml(tmp_path / "b", pki, http_cert=pki.lab.cert)
     result = CliRunner().invoke(cli_app, ["check", "--config", str(key_mismatch)])
     assert result.exit_code == 1 and "http.tls: cannot load certificate" in result.output
+
+
+def test_mllp_over_tls_on_the_engines_event_loop(pki: Pki) -> None:
+    """The same exchange on the loop ``hms-ach run`` uses (uvloop where installed): its TLS layer
+    must get the ClientHello, and our stream must be the one that is answered."""
+    from hms_ach.app import eventloop
+
+    async def exchange() -> tuple[bytes, str | None, int]:
+        tls = MllpTlsSettings(
+            cert=str(pki.server.cert),
+            key=str(pki.server.key),
+            client_ca=str(pki.ca.cert),
+            handshake_timeout_seconds=0.5,
+        )
+        server, recorder = _listener(tls)
+        async with server:
+            context = client_context(str(pki.ca.cert), str(pki.lab.cert), str(pki.lab.key))
+            acks = await send_messages("127.0.0.1", server.port, [MESSAGE], timeout=10, ssl_context=context)
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)  # never says hello
+            async with asyncio.timeout(10):
+                await reader.read(100)
+            writer.close()
+            async with asyncio.timeout(5):
+                while server.connection_count:
+                    await asyncio.sleep(0.01)
+        peer = recorder.peers[0]
+        subject = peer.cert_subject if isinstance(peer, Peer) else None
+        return acks[0], subject.common_name if subject else None, server.connection_count
+
+    ack, cn, left = eventloop.run(exchange())
+    assert _msa(ack) == ["AA", "TLS1"]
+    assert cn == "lab-analyzer" and left == 0
+
+
+async def test_at_the_connection_cap_a_stalled_handshake_makes_room(pki: Pki) -> None:
+    tls = MllpTlsSettings(cert=str(pki.server.cert), key=str(pki.server.key), handshake_timeout_seconds=30)
+    server, recorder = _listener(tls, max_connections=1)
+    async with server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)  # holds the only slot
+        try:
+            async with asyncio.timeout(5):
+                while server.connection_count == 0:
+                    await asyncio.sleep(0.01)
+            acks = await send_messages(
+                "127.0.0.1", server.port, [MESSAGE], timeout=10, ssl_context=client_context(str(pki.ca.cert))
+            )
+            async with asyncio.timeout(5):
+                assert await reader.read(100) == b""  # evicted long before its 30 s deadline
+        finally:
+            writer.close()
+    assert _msa(acks[0]) == ["AA", "TLS1"] and len(recorder.peers) == 1
