@@ -325,8 +325,9 @@ async def test_mutual_tls_refuses(pki: Pki, client: str, caplog: pytest.LogCaptu
 
 
 @needs_openssl
-async def test_tls_1_1_is_refused(pki: Pki) -> None:
+async def test_tls_1_1_is_refused(pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
     server, recorder = _listener(MllpTlsSettings(cert=str(pki.server.cert), key=str(pki.server.key)))
+    caplog.set_level(logging.INFO, logger="hms_ach.hl7v2.mllp")
     assert server.ssl_context is not None
     assert server.ssl_context.minimum_version == MINIMUM_TLS_VERSION == ssl.TLSVersion.TLSv1_2
     async with server:
@@ -336,6 +337,8 @@ async def test_tls_1_1_is_refused(pki: Pki) -> None:
         )
     assert reply == b""
     assert recorder.peers == []
+    failed = [r for r in caplog.records if getattr(r, "event", "") == "mllp.tls_handshake_failed"]
+    assert [r.fields["error"] for r in failed] == ["UNSUPPORTED_PROTOCOL"]  # type: ignore[attr-defined]
 
 
 async def test_a_stalled_handshake_is_closed_at_its_deadline_and_counts_as_a_connection(pki: Pki) -> None:
