@@ -164,7 +164,9 @@ def run(
     for ch in cfg.channels:
         port = ch.port if isinstance(ch, MllpChannelConfig) else None
         typer.echo(
-            f"channel {ch.name} ({ch.type})" + (f" on port {port}" if port is not None else ""), err=True
+            f"channel {ch.name} ({ch.type})"
+            + (f" on port {port}{_mllp_tls_note(ch)}" if isinstance(ch, MllpChannelConfig) else ""),
+            err=True,
         )
     if cfg.http.enabled:
         scheme = "https" if cfg.http.tls_files() else "http"
@@ -186,6 +188,16 @@ def run(
             raise
         typer.echo(f"hms-ach: {_start_failure(engine, exc)}", err=True)
         raise typer.Exit(1) from None
+
+
+def _mllp_tls_note(channel: Any) -> str:
+    """How an mllp channel is reached, for the start-up lines: TLS or not, and from where."""
+    from hms_ach.channels.mllp import effective_config
+
+    settings = effective_config(channel)
+    tls = settings.tls
+    how = "" if tls is None else (", TLS with client certificates" if tls.client_ca else ", TLS")
+    return f"{how}, from {', '.join(settings.allow_from)}"
 
 
 class _StartError(Exception):

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from hms_ach.app.config import Config, load_config
+from hms_ach.app.config import Config, load_config, tls_errors
 from hms_ach.app.scheduler import Scheduler, build_jobs
 from hms_ach.app.wiring import wire_listeners
 from hms_ach.auth.authenticate import Authenticator, create_authenticator
@@ -414,6 +414,9 @@ class Engine:
         """
         try:
             new = load_config(self.config.source)
+            unusable_tls = tls_errors(new)  # a channel must not stop for a certificate it cannot load
+            if unusable_tls:
+                raise ConfigError("; ".join(unusable_tls))
         except (ConfigErrors, ConfigError) as exc:
             self.health.update(status="degraded", reload_error=str(exc))
             log.error("config.reload_failed", extra={"errors": str(exc)})
