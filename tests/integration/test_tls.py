@@ -379,13 +379,20 @@ def _from_127_0_0_2(port: int) -> bytes:
             return b""
 
 
-async def test_allow_from_refuses_a_source_outside_the_list(caplog: pytest.LogCaptureFixture) -> None:
-    server, recorder = _listener(None, allow_from=["127.0.0.1/32"])
+@pytest.mark.parametrize("transport", ["tcp", "tls"])
+async def test_allow_from_refuses_a_source_outside_the_list(
+    pki: Pki, transport: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    tls = MllpTlsSettings(cert=str(pki.server.cert), key=str(pki.server.key)) if transport == "tls" else None
+    context = client_context(str(pki.ca.cert)) if tls else None
+    server, recorder = _listener(tls, allow_from=["127.0.0.1/32"])
     caplog.set_level(logging.INFO, logger="hms_ach.hl7v2.mllp")
     async with server:
-        for _ in range(3):
+        for _ in range(3):  # over TLS too it is closed before any handshake (no TLS reply comes)
             assert await asyncio.to_thread(_from_127_0_0_2, server.port) == b""
-        acks = await send_messages("127.0.0.1", server.port, [MESSAGE], timeout=10)  # inside the list
+        acks = await send_messages(  # inside the list
+            "127.0.0.1", server.port, [MESSAGE], timeout=10, ssl_context=context
+        )
     assert _msa(acks[0]) == ["AA", "TLS1"]
     assert [p.host for p in recorder.peers if isinstance(p, Peer)] == ["127.0.0.1"]
     rejected = [r for r in caplog.records if getattr(r, "event", "") == "mllp.connection_rejected"]
