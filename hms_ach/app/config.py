@@ -12,7 +12,7 @@ import os
 import re
 import ssl
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -21,7 +21,7 @@ from hms_ach.auth.settings import AuthSettings
 from hms_ach.channels import CHANNEL_TYPES
 from hms_ach.core.errors import ConfigError, ConfigErrors, SourcePosition
 from hms_ach.core.timezones import IanaTimeZone
-from hms_ach.core.tls import TlsConfigError, server_context
+from hms_ach.core.tls import MllpTlsSettings, TlsConfigError, server_context
 from hms_ach.mapping.loader import Positions, load_yaml, position_of
 from hms_ach.store.audit_settings import AuditSettings
 
@@ -81,7 +81,7 @@ class HttpTlsSettings(_Strict):
     cert: str = Field(
         "",
         description="PEM certificate (chain) served on the HTTP port, which then speaks HTTPS only "
-        "(TLS 1.2 or later); relative to the working directory; HMS_ACH_TLS_CERT wins over it",
+        "(TLS 1.2 or later); relative to channels.yaml; HMS_ACH_TLS_CERT wins over it",
     )
     key: str = Field(
         "", description="PEM private key of cert (empty: inside the cert file); HMS_ACH_TLS_KEY wins over it"
@@ -277,9 +277,30 @@ def load_config(path: Path | str) -> Config:
     sinks = _load_typed("sink", SINK_TYPES, data.get("sinks") or [], file, positions, errors)
     if errors:
         raise ConfigErrors(errors)
-    config.channels = channels
+    config.channels = [_with_tls_paths_resolved(c, config.base_dir) for c in channels]
     config.sinks = sinks
+    config.http.tls = _resolved(config.http.tls, config.base_dir)
     return config
+
+
+_TlsFiles = TypeVar("_TlsFiles", HttpTlsSettings, MllpTlsSettings)
+
+
+def _resolved(tls: _TlsFiles, base: Path) -> _TlsFiles:
+    """``tls`` with its relative file paths made relative to ``base`` (channels.yaml's directory)."""
+    update = {
+        name: str(base / value)
+        for name in ("cert", "key", "client_ca")
+        if isinstance(value := getattr(tls, name, ""), str) and value and not Path(value).is_absolute()
+    }
+    return tls.model_copy(update=update) if update else tls
+
+
+def _with_tls_paths_resolved(channel: Any, base: Path) -> Any:
+    tls = getattr(channel, "tls", None)
+    if not isinstance(tls, MllpTlsSettings):
+        return channel
+    return channel.model_copy(update={"tls": _resolved(tls, base)})
 
 
 def _load_typed(

@@ -187,7 +187,9 @@ class MllpTlsSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     cert: str = Field(
-        "", description="PEM certificate (chain) the listener presents; HMS_ACH_MLLP_TLS_CERT wins over it"
+        "",
+        description="PEM certificate (chain) the listener presents, relative to channels.yaml; "
+        "HMS_ACH_MLLP_TLS_CERT wins over it",
     )
     key: str = Field(
         "",

@@ -560,6 +560,19 @@ def test_check_names_an_unusable_tls_file(tmp_path: Path, pki: Pki) -> None:
     key_mismatch = _engine_yaml(tmp_path / "b", pki, http_cert=pki.lab.cert)
     result = CliRunner().invoke(cli_app, ["check", "--config", str(key_mismatch)])
     assert result.exit_code == 1 and "http.tls: cannot load certificate" in result.output
+    # relative paths are relative to channels.yaml, not to the working directory
+    beside = tmp_path / "c"
+    beside.mkdir()
+    path = _engine_yaml(beside, pki)
+    shutil.copy(pki.server.cert, beside / "server.crt")
+    shutil.copy(pki.server.key, beside / "server.key")
+    text = path.read_text()
+    path.write_text(
+        text.replace(str(pki.server.cert), "server.crt").replace(str(pki.server.key), "server.key")
+    )
+    result = CliRunner().invoke(cli_app, ["check", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    assert load_config(path).http.tls.cert == str(beside / "server.crt")
 
 
 def test_mllp_over_tls_on_the_engines_event_loop(pki: Pki) -> None:
