@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
-from hms_ach.app.config import Config, LoggingSettings, load_config
+from hms_ach.app.config import Config, LoggingSettings, load_config, tls_errors
 from hms_ach.core.errors import ConfigError, ConfigErrors
 from hms_ach.core.redact import error_kind, redact_url
 from hms_ach.core.types import ChannelSettings
@@ -142,6 +142,10 @@ def run(
     _setup_logging(log_level)
     cfg = _load(config)
     _setup_logging(log_level, cfg.logging)
+    unusable_tls = tls_errors(cfg)
+    if unusable_tls:
+        typer.echo("\n".join(unusable_tls), err=True)
+        raise typer.Exit(2)
     try:
         engine = Engine(cfg)
     except (ConfigErrors, ConfigError) as exc:
@@ -160,10 +164,13 @@ def run(
     for ch in cfg.channels:
         port = ch.port if isinstance(ch, MllpChannelConfig) else None
         typer.echo(
-            f"channel {ch.name} ({ch.type})" + (f" on port {port}" if port is not None else ""), err=True
+            f"channel {ch.name} ({ch.type})"
+            + (f" on port {port}{_mllp_tls_note(ch)}" if isinstance(ch, MllpChannelConfig) else ""),
+            err=True,
         )
     if cfg.http.enabled:
-        typer.echo(f"FHIR R4 API on http://{cfg.http.host}:{cfg.http.port}/fhir", err=True)
+        scheme = "https" if cfg.http.tls_files() else "http"
+        typer.echo(f"FHIR R4 API on {scheme}://{cfg.http.host}:{cfg.http.port}/fhir", err=True)
         typer.echo(_auth_line(cfg), err=True)
     typer.echo(f"store: {redact_url(engine.store.url)}; event loop: {eventloop.loop_name()}", err=True)
     try:
@@ -181,6 +188,16 @@ def run(
             raise
         typer.echo(f"hms-ach: {_start_failure(engine, exc)}", err=True)
         raise typer.Exit(1) from None
+
+
+def _mllp_tls_note(channel: Any) -> str:
+    """How an mllp channel is reached, for the start-up lines: TLS or not, and from where."""
+    from hms_ach.channels.mllp import effective_config
+
+    settings = effective_config(channel)
+    tls = settings.tls
+    how = "" if tls is None else (", TLS with client certificates" if tls.client_ca else ", TLS")
+    return f"{how}, from {', '.join(settings.allow_from)}"
 
 
 class _StartError(Exception):
@@ -336,6 +353,7 @@ def check(config: ConfigOpt = Path("channels.yaml")) -> None:
         errors.extend(e.render() for e in exc.errors)
     if cfg is not None:
         errors.extend(_auth_errors(config, cfg))
+        errors.extend(tls_errors(cfg))
     mappings_dir = cfg.mappings_dir if cfg else config.resolve().parent / "mappings"
     try:
         mset = load_mappings(mappings_dir)
@@ -396,6 +414,23 @@ def send(
             "(MSH-15 or MSH-16 ER/SU), once the others are in"
         ),
     ] = 1.0,
+    tls: Annotated[
+        bool,
+        typer.Option(
+            "--tls",
+            help="MLLP over TLS (1.2 or later); the server's certificate must be trusted (the system's "
+            "CAs, or --cacert) and name --host",
+        ),
+    ] = False,
+    cacert: Annotated[
+        Path | None, typer.Option(help="PEM CA certificate(s) to trust for the server (with --tls)")
+    ] = None,
+    cert: Annotated[
+        Path | None, typer.Option(help="PEM client certificate to present, for mutual TLS (with --tls)")
+    ] = None,
+    key: Annotated[
+        Path | None, typer.Option(help="PEM private key of --cert (default: inside the --cert file)")
+    ] = None,
 ) -> None:
     """Send HL7 v2 files over MLLP and print each ACK: in enhanced mode the commit ACK as MSH-15 asks
     and the application ACK as MSH-16 asks (none is awaited for a message with MSH-15 and MSH-16 NE).
@@ -404,8 +439,21 @@ def send(
     connection (a message whose MSH-16 AL asked for an application ACK fails when none came in
     time). The exit status is 1 when any message failed or got a negative ACK (not AA or CA)."""
     from hms_ach.core.errors import MessageError
+    from hms_ach.core.tls import TlsConfigError, client_context
     from hms_ach.hl7v2.client import send_each, split_messages
 
+    if not tls and (cacert or cert or key):
+        typer.echo("--cacert, --cert and --key need --tls", err=True)
+        raise typer.Exit(2)
+    ssl_context = None
+    if tls:
+        try:
+            ssl_context = client_context(
+                str(cacert) if cacert else None, str(cert) if cert else None, str(key) if key else None
+            )
+        except TlsConfigError as exc:
+            typer.echo(exc.render(), err=True)
+            raise typer.Exit(2) from exc
     batch: list[tuple[Path, bytes]] = []
     for f in files:
         try:
@@ -420,7 +468,14 @@ def send(
         typer.echo("no HL7 messages found in the files given", err=True)
         raise typer.Exit(1)
     results = asyncio.run(
-        send_each(host, port, [m for _, m in batch], timeout=timeout, conditional_wait=conditional_ack_wait)
+        send_each(
+            host,
+            port,
+            [m for _, m in batch],
+            timeout=timeout,
+            conditional_wait=conditional_ack_wait,
+            ssl_context=ssl_context,
+        )
     )
     failures = 0
     for (f, _), sent in zip(batch, results, strict=True):

@@ -10,8 +10,9 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import ssl
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -20,6 +21,7 @@ from hms_ach.auth.settings import AuthSettings
 from hms_ach.channels import CHANNEL_TYPES
 from hms_ach.core.errors import ConfigError, ConfigErrors, SourcePosition
 from hms_ach.core.timezones import IanaTimeZone
+from hms_ach.core.tls import MllpTlsSettings, TlsConfigError, server_context
 from hms_ach.mapping.loader import Positions, load_yaml, position_of
 from hms_ach.store.audit_settings import AuditSettings
 
@@ -101,6 +103,17 @@ class RateLimitSettings(_Strict):
     )
 
 
+class HttpTlsSettings(_Strict):
+    cert: str = Field(
+        "",
+        description="PEM certificate (chain) served on the HTTP port, which then speaks HTTPS only "
+        "(TLS 1.2 or later); relative to channels.yaml; HMS_ACH_TLS_CERT wins over it",
+    )
+    key: str = Field(
+        "", description="PEM private key of cert (empty: inside the cert file); HMS_ACH_TLS_KEY wins over it"
+    )
+
+
 class HttpSettings(_Strict):
     enabled: bool = Field(True, description="Serve the HTTP API (FHIR R4 at /fhir, /health)")
     host: str = Field("0.0.0.0", description="Address the HTTP server binds to")
@@ -164,6 +177,33 @@ class HttpSettings(_Strict):
             hosts.append(bind)
         return hosts
 
+    tls: HttpTlsSettings = Field(
+        default_factory=HttpTlsSettings,
+        description="HTTPS: with a cert the HTTP port serves TLS 1.2+ only (docs/security.md, TLS)",
+    )
+
+    def tls_files(self) -> tuple[str, str] | None:
+        """(cert, key) of HTTPS after the HMS_ACH_TLS_CERT / HMS_ACH_TLS_KEY overrides; None: plain HTTP."""
+        cert = os.environ.get("HMS_ACH_TLS_CERT") or self.tls.cert
+        key = os.environ.get("HMS_ACH_TLS_KEY") or self.tls.key
+        return (cert, key) if cert else None
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The HTTPS server context, or None for plain HTTP; TlsConfigError (one line naming the
+        setting and the file) when a file is missing, unreadable or the key does not match."""
+        files = self.tls_files()
+        if files is None:
+            if os.environ.get("HMS_ACH_TLS_KEY") or self.tls.key:
+                raise TlsConfigError("http.tls.key is set without http.tls.cert (or HMS_ACH_TLS_CERT)")
+            return None
+        from_env = bool(os.environ.get("HMS_ACH_TLS_CERT") or os.environ.get("HMS_ACH_TLS_KEY"))
+        try:
+            return server_context(files[0], files[1] or None, what="http.tls")
+        except TlsConfigError as exc:
+            if not from_env:
+                raise
+            raise TlsConfigError(f"{exc.message} (HMS_ACH_TLS_CERT / HMS_ACH_TLS_KEY are set)") from exc
+
 
 class LoggingSettings(_Strict):
     rate_limit_enabled: bool = Field(
@@ -218,6 +258,30 @@ class Config(_Strict):
         """The engine's data directory (``HMS_ACH_DATA_DIR`` or ``engine.data_dir``); not created here."""
         path = Path(os.environ.get("HMS_ACH_DATA_DIR") or self.engine.data_dir)
         return path if path.is_absolute() else self.base_dir / path
+
+
+def tls_errors(config: Config) -> list[str]:
+    """What would stop HTTPS or MLLP over TLS from starting (``hms-ach check`` and ``run``): one line
+    per problem, naming the setting and the file (environment overrides applied)."""
+    from hms_ach.channels.mllp import MllpChannelConfig, effective_config
+
+    errors: list[str] = []
+    if config.http.enabled:
+        try:
+            config.http.ssl_context()
+        except TlsConfigError as exc:
+            errors.append(f"{config.source or 'channels.yaml'}: {exc.render()}")
+    for channel in config.channels:
+        if not isinstance(channel, MllpChannelConfig) or not channel.enabled:
+            continue
+        tls = effective_config(channel).tls
+        if tls is None:
+            continue
+        try:
+            tls.context(f"channel {channel.name}: tls")
+        except TlsConfigError as exc:
+            errors.append(f"{config.source or 'channels.yaml'}: {exc.render()}")
+    return errors
 
 
 def interpolate(value: Any, file: Path, positions: Positions, at: tuple[Any, ...] = ()) -> Any:
@@ -286,9 +350,30 @@ def load_config(path: Path | str) -> Config:
     sinks = _load_typed("sink", SINK_TYPES, data.get("sinks") or [], file, positions, errors)
     if errors:
         raise ConfigErrors(errors)
-    config.channels = channels
+    config.channels = [_with_tls_paths_resolved(c, config.base_dir) for c in channels]
     config.sinks = sinks
+    config.http.tls = _resolved(config.http.tls, config.base_dir)
     return config
+
+
+_TlsFiles = TypeVar("_TlsFiles", HttpTlsSettings, MllpTlsSettings)
+
+
+def _resolved(tls: _TlsFiles, base: Path) -> _TlsFiles:
+    """``tls`` with its relative file paths made relative to ``base`` (channels.yaml's directory)."""
+    update = {
+        name: str(base / value)
+        for name in ("cert", "key", "client_ca")
+        if isinstance(value := getattr(tls, name, ""), str) and value and not Path(value).is_absolute()
+    }
+    return tls.model_copy(update=update) if update else tls
+
+
+def _with_tls_paths_resolved(channel: Any, base: Path) -> Any:
+    tls = getattr(channel, "tls", None)
+    if not isinstance(tls, MllpTlsSettings):
+        return channel
+    return channel.model_copy(update={"tls": _resolved(tls, base)})
 
 
 def _load_typed(

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from hms_ach.app.config import Config, load_config
+from hms_ach.app.config import Config, load_config, tls_errors
 from hms_ach.app.scheduler import Scheduler, build_jobs
 from hms_ach.app.wiring import wire_listeners
 from hms_ach.auth.authenticate import Authenticator, create_authenticator
@@ -152,6 +152,8 @@ class Engine:
         )
         app.state.health = self.health
         app.state.readiness = self.readiness
+        ssl_context = self.config.http.ssl_context()  # TlsConfigError (a ConfigError): one line
+        app.state.tls = ssl_context is not None  # HTTPS: the security headers add HSTS
         config = uvicorn.Config(
             app,
             host=self.config.http.host,
@@ -162,6 +164,10 @@ class Engine:
             log_config=None,  # uvicorn's own handlers would print a second line when the port is taken
             timeout_graceful_shutdown=math.ceil(self.config.engine.shutdown_grace_seconds),
         )
+        if ssl_context is not None:
+            # our context (TLS 1.2 floor, AEAD suites) instead of the one uvicorn would build from files
+            config.load()
+            config.ssl = ssl_context
         self._http = uvicorn.Server(config)
         # The engine handles SIGTERM/SIGINT (hms-ach run drains everything, HTTP included): uvicorn
         # must neither take the signals over while it serves nor raise them again when it ends.
@@ -408,6 +414,9 @@ class Engine:
         """
         try:
             new = load_config(self.config.source)
+            unusable_tls = tls_errors(new)  # a channel must not stop for a certificate it cannot load
+            if unusable_tls:
+                raise ConfigError("; ".join(unusable_tls))
         except (ConfigErrors, ConfigError) as exc:
             self.health.update(status="degraded", reload_error=str(exc))
             log.error("config.reload_failed", extra={"errors": str(exc)})

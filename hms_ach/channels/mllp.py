@@ -17,6 +17,7 @@ import logging
 from pydantic import Field
 
 from hms_ach.core.errors import Err0357, MessageError, RejectError
+from hms_ach.core.tls import mllp_tls_with_environment
 from hms_ach.core.types import ChannelSettings
 from hms_ach.hl7v2.limits import Hl7LimitSettings
 from hms_ach.hl7v2.mllp import MllpConfig, MllpServer
@@ -39,10 +40,10 @@ class MllpChannel:
     Config = MllpChannelConfig
 
     def __init__(self, config: MllpChannelConfig, pipeline: Pipeline):
-        self.config = config
+        self.config = effective_config(config)
         self.pipeline = pipeline
         self.policy = config.hl7_policy(config.name)
-        self.server = MllpServer(config, self._handle, self._oversize)
+        self.server = MllpServer(self.config, self._handle, self._oversize)
 
     @property
     def port(self) -> int:
@@ -50,7 +51,16 @@ class MllpChannel:
 
     async def start(self) -> None:
         await self.server.start()
-        log.info("channel.started", extra={"channel": self.config.name, "port": self.server.port})
+        tls = self.config.tls
+        log.info(
+            "channel.started",
+            extra={
+                "channel": self.config.name,
+                "port": self.server.port,
+                "tls": "off" if tls is None else ("mtls" if tls.client_ca else "on"),
+                "allow_from": ",".join(self.config.allow_from),
+            },
+        )
 
     async def stop(self) -> None:
         await self.server.close()
@@ -86,6 +96,12 @@ class MllpChannel:
         )
         outcome = await self.pipeline.record_rejection(prefix, error, self.policy)
         return outcome.ack_bytes()
+
+
+def effective_config(config: MllpChannelConfig) -> MllpChannelConfig:
+    """The channel's settings with the HMS_ACH_MLLP_TLS_* environment variables applied to ``tls``."""
+    tls = mllp_tls_with_environment(config.tls)
+    return config if tls is config.tls else config.model_copy(update={"tls": tls})
 
 
 #: The ERR-8 / MSA-3 text of the negative ACK sent when the store cannot commit (no internals).

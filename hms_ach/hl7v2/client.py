@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 from collections import deque
 from contextlib import suppress
 from dataclasses import dataclass
@@ -65,19 +66,47 @@ def split_messages(data: bytes) -> list[bytes]:
     return [b"".join(s + b"\r" for s in segments) for segments in messages]
 
 
+async def connect(
+    host: str, port: int, ssl_context: ssl.SSLContext | None = None, handshake_timeout: float = 30
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Open an MLLP connection, over TLS when ``ssl_context`` is given (the server's certificate is
+    checked against ``host`` as the context says). Raises MllpError saying why it failed."""
+    try:
+        if ssl_context is None:
+            return await asyncio.open_connection(host, port)
+        return await asyncio.open_connection(
+            host, port, ssl=ssl_context, server_hostname=host, ssl_handshake_timeout=handshake_timeout
+        )
+    except ssl.SSLCertVerificationError as exc:
+        why = exc.verify_message or exc.reason or "verification failed"
+        raise MllpError(f"cannot connect to {host}:{port}: server certificate not trusted: {why}") from exc
+    except ssl.SSLError as exc:
+        raise MllpError(
+            f"cannot connect to {host}:{port}: TLS handshake failed: {exc.reason or exc}"
+        ) from exc
+    except OSError as exc:
+        raise MllpError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from exc
+
+
 async def send_messages(
-    host: str, port: int, messages: list[bytes], timeout: float = 30, max_ack_bytes: int = 1024 * 1024
+    host: str,
+    port: int,
+    messages: list[bytes],
+    timeout: float = 30,
+    max_ack_bytes: int = 1024 * 1024,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> list[bytes]:
     """Send ``messages`` in order on one connection, each after the ACK of the one before.
 
     Returns the ACK payloads (unframed). ``timeout`` bounds the connect and each send+ACK round;
     an ACK over ``max_ack_bytes`` is an error. Raises MllpError (with the ACKs so far) on failure.
+    With ``ssl_context`` the connection is TLS (see :func:`connect`).
     """
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(host, port)
-    except (OSError, TimeoutError) as exc:
-        raise MllpError(f"cannot connect to {host}:{port}: {exc or 'timed out'}") from exc
+            reader, writer = await connect(host, port, ssl_context, timeout)
+    except TimeoutError as exc:
+        raise MllpError(f"cannot connect to {host}:{port}: timed out") from exc
     framer = MllpFramer(max_ack_bytes)
     pending: deque[FrameEvent] = deque()
     acks: list[bytes] = []
@@ -206,13 +235,15 @@ async def send_each(
     timeout: float = 30,
     max_ack_bytes: int = 1024 * 1024,
     conditional_wait: float = 1.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> list[Sent]:
     """Send ``messages`` in order and return one :class:`Sent` per message; never raises MllpError.
 
     ``timeout`` bounds the connect, the send and all the ACKs of each message; within it, an ACK
     asked for only on error or only on success (ER/SU) is waited for ``conditional_wait`` at most. A
     message that asks for no ACK (MSH-15 NE, MSH-16 NE or empty) is written and not waited for.
-    After a failure the connection is closed and the next message opens a new one.
+    After a failure the connection is closed and the next message opens a new one. With
+    ``ssl_context`` every connection is TLS (see :func:`connect`).
     """
     results: list[Sent] = []
     conn: _Conn | None = None
@@ -224,10 +255,7 @@ async def send_each(
             try:
                 async with asyncio.timeout(timeout):
                     if conn is None:
-                        try:
-                            reader, writer = await asyncio.open_connection(host, port)
-                        except OSError as exc:
-                            raise MllpError(f"cannot connect to {host}:{port}: {exc}") from exc
+                        reader, writer = await connect(host, port, ssl_context, timeout)
                         conn = (reader, writer, MllpFramer(max_ack_bytes), deque())
                     writer = conn[1]
                     writer.write(frame(normalise_message(message)))

@@ -40,14 +40,25 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hms_ach.core.errors import HmsAchError
+from hms_ach.core.tls import (
+    LOOPBACK_ONLY,
+    CertSubject,
+    MllpTlsSettings,
+    SourceAllowList,
+    check_cidrs,
+    subject_allowed,
+    subject_of,
+)
 from hms_ach.hl7v2.mllp_limits import (
     BUFFER_BUDGET,
     EVICTED,
@@ -240,8 +251,24 @@ def frame(payload: bytes) -> bytes:
 # ---------------------------------------------------------------------------------------------
 # Listener
 
+
+class Peer(str):
+    """Who is at the other end of a connection, as handlers get it: the string is ``host:port``
+    (what the logs show); ``host`` is the source address and ``cert_subject`` the subject of the
+    client certificate verified during a mutual-TLS handshake (None over plain TCP or without one)."""
+
+    host: str
+    cert_subject: CertSubject | None
+
+    def __new__(cls, text: str, host: str, cert_subject: CertSubject | None = None) -> Peer:
+        peer = super().__new__(cls, text)
+        peer.host = host
+        peer.cert_subject = cert_subject
+        return peer
+
+
 #: Returns the reply to a frame: one ACK, several sent in order (a commit ACK then an application
-#: ACK), or None / [] for none.
+#: ACK), or None / [] for none. The ``peer`` passed is a :class:`Peer` (a ``str``).
 FrameHandler = Callable[[bytes, str], Awaitable[bytes | list[bytes] | None]]
 OversizeHandler = Callable[[bytes, int, str], bytes | None | Awaitable[bytes | None]]
 
@@ -321,6 +348,22 @@ class MllpConfig(BaseModel):
     read_chunk_bytes: int = Field(
         65536, ge=512, le=16 * MIB, description="Bytes read from a socket per read call."
     )
+    allow_from: list[str] = Field(
+        default_factory=lambda: list(LOOPBACK_ONLY),
+        description="Source addresses allowed to connect, as CIDR networks (IPv4 and IPv6); other "
+        "sources are closed at once. Default (key absent): loopback only, 127.0.0.0/8 and ::1; "
+        "[0.0.0.0/0, ::/0] allows every source",
+    )
+    tls: MllpTlsSettings | None = Field(
+        None,
+        description="MLLP over TLS (TLS 1.2 or later), optionally with client certificates (mTLS); "
+        "absent: plain TCP unless HMS_ACH_MLLP_TLS_CERT is set",
+    )
+
+    @field_validator("allow_from")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        return check_cidrs(value)
 
     @model_validator(mode="after")
     def _budget_holds_one_message(self) -> Self:
@@ -340,7 +383,7 @@ class _Connection:
 
     peer: str  # host:port, for the logs
     source: str  # host: the unit of max_connections_per_source
-    writer: asyncio.StreamWriter
+    writer: asyncio.StreamWriter | None  # None while its TLS handshake runs
     framer: MllpFramer
     clock: FrameClock
     busy: bool = False  # True while a frame of this connection is being handled or answered
@@ -350,6 +393,8 @@ class _Connection:
     garbage_bytes: int = 0  # bytes discarded outside frames
     truncated_frames: int = 0  # frames cut short by a VT
     close_reason: str | None = None  # set when the listener decided to close it
+    #: The task serving it: closing it during its TLS handshake (no writer yet) cancels the handshake
+    task: asyncio.Task[Any] | None = None
     closed: asyncio.Event = field(default_factory=asyncio.Event)  # set with close_reason
 
     @property
@@ -373,16 +418,23 @@ class _Connection:
             self.close_reason = reason
         self.closed.set()
         self.framer.abandon()
-        if abort:
+        if self.writer is None:
+            if self.task is not None:
+                self.task.cancel()
+        elif abort:
             self.writer.transport.abort()
         else:
             self.writer.close()
 
 
+#: Reasons to close a TLS connection before its first frame.
+TLS_HANDSHAKE_FAILED = "tls_handshake_failed"
+TLS_SUBJECT_REFUSED = "tls_subject_refused"
+
 #: Reasons to close a connection that count against its source (see SourceStrikes): misbehaving
 #: inside a frame, or sitting idle without ever completing a frame.
 _STRIKING = frozenset({FRAME_TIMEOUT, FRAME_TOO_SLOW, BUFFER_BUDGET})
-_STRIKING_IF_FRAMELESS = frozenset({IDLE_TIMEOUT, EVICTED})
+_STRIKING_IF_FRAMELESS = frozenset({IDLE_TIMEOUT, EVICTED, TLS_HANDSHAKE_FAILED, TLS_SUBJECT_REFUSED})
 
 #: A source's refused connections are logged once per this many seconds (with a count).
 REJECTION_LOG_SECONDS = 10.0
@@ -393,9 +445,41 @@ PROCESS_BUFFER_BUDGET: BufferBudget[_Connection] = BufferBudget(
 )
 
 
-def _peer_of(writer: asyncio.StreamWriter) -> tuple[str, str]:
-    """(``host:port``, ``host``) of the peer."""
-    peer = writer.get_extra_info("peername")
+def _tls_fields(conn: _Connection) -> dict[str, Any]:
+    """The TLS facts of a connection for ``mllp.connection_opened`` (none over plain TCP)."""
+    ssl_object = conn.writer.get_extra_info("ssl_object") if conn.writer is not None else None
+    if ssl_object is None:
+        return {}
+    subject = conn.peer.cert_subject if isinstance(conn.peer, Peer) else None
+    fields: dict[str, Any] = {"tls": ssl_object.version()}
+    if subject is not None:
+        fields["subject"] = subject.rfc4514
+    return fields
+
+
+async def _listen(host: str, port: int, backlog: int) -> socket.socket:
+    """A listening, non-blocking TCP socket on the first address ``host`` resolves to."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    if not infos:
+        raise OSError(f"cannot resolve {host!r}")
+    family, kind, proto, _name, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _peer_of(peer: Any) -> tuple[str, str]:
+    """(``host:port``, ``host``) of a peer address (``peername``)."""
     if isinstance(peer, tuple) and len(peer) >= 2:
         return f"{peer[0]}:{peer[1]}", str(peer[0])
     return str(peer), str(peer)
@@ -432,10 +516,17 @@ class MllpServer:
         self._strikes = SourceStrikes()
         self._rejections: dict[str, tuple[int, float]] = {}  # source -> (not logged, last logged)
         self._stopping = False
+        self._allow_from = SourceAllowList(config.allow_from)
+        self._listener: socket.socket | None = None  # the listening socket of a TLS listener
+        self._accept_task: asyncio.Task[None] | None = None
+        #: The server TLS context (built from ``config.tls``; TlsConfigError when unusable), or None.
+        self.ssl_context: ssl.SSLContext | None = config.tls.context("tls") if config.tls else None
 
     @property
     def port(self) -> int:
         """The bound port (the OS-chosen one when configured with port 0)."""
+        if self._listener is not None:
+            return int(self._listener.getsockname()[1])
         if self._server is None or not self._server.sockets:
             raise RuntimeError("MllpServer is not started")
         return int(self._server.sockets[0].getsockname()[1])
@@ -452,9 +543,20 @@ class MllpServer:
     async def start(self) -> None:
         self._stopping = False
         limit = max(self.config.read_chunk_bytes, 65536)
-        self._server = await asyncio.start_server(
-            self._serve, self.config.host, self.config.port, limit=limit, backlog=self.config.listen_backlog
-        )
+        if self.ssl_context is None:
+            self._server = await asyncio.start_server(
+                self._serve,
+                self.config.host,
+                self.config.port,
+                limit=limit,
+                backlog=self.config.listen_backlog,
+            )
+        else:
+            # TLS: our own accept loop, so that a connection is checked (allow_from, the caps) before
+            # its handshake and counts against the caps during it; the loop's TLS layer then takes
+            # the socket over before a byte is read from it
+            self._listener = await _listen(self.config.host, self.config.port, self.config.listen_backlog)
+            self._accept_task = asyncio.create_task(self._accept(self._listener, limit))
         self._budget.register(self, self.config.process_buffer_budget_bytes)
         _event(logging.INFO, "mllp.listening", host=self.config.host, port=self.port)
 
@@ -462,10 +564,15 @@ class MllpServer:
         """Stop listening (idempotent). Connections between frames (or whose large frame is held
         back for buffer room) are closed now; a connection inside a frame or being answered may
         finish that frame and get its ACK, then is closed."""
-        if self._server is None or self._stopping:
+        if (self._server is None and self._listener is None) or self._stopping:
             return
         self._stopping = True
-        self._server.close()
+        if self._server is not None:
+            self._server.close()
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+        if self._listener is not None:
+            self._listener.close()
         for conn in self._connections.values():
             if conn.evictable or conn.held_back:  # a held-back frame may never get its room
                 conn.close("server_stopping", abort=conn.held_back)
@@ -473,17 +580,22 @@ class MllpServer:
     async def close(self, grace_seconds: float = 10.0) -> None:
         """:meth:`stop_accepting`, then wait up to ``grace_seconds`` for the connections still
         finishing a frame, cancel those left, and return when all are gone."""
-        if self._server is None:
+        if self._server is None and self._listener is None:
             return
         self.stop_accepting()
+        if self._accept_task is not None:
+            await asyncio.gather(self._accept_task, return_exceptions=True)
         tasks = list(self._connections)
         if tasks:
             _done, late = await asyncio.wait(tasks, timeout=grace_seconds)
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-        await self._server.wait_closed()
+        if self._server is not None:
+            await self._server.wait_closed()
         self._server = None
+        self._listener = None
+        self._accept_task = None
         self._budget.unregister(self)
         _event(logging.INFO, "mllp.stopped")
 
@@ -495,14 +607,89 @@ class MllpServer:
         await self.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer, source = _peer_of(writer)
-        if not self._admit(peer, source):
-            writer.close()
-            with suppress(OSError):
-                await writer.wait_closed()
+        """Serve one plain-TCP connection (the callback of ``asyncio.start_server``)."""
+        peer, source = _peer_of(writer.get_extra_info("peername"))
+        conn = self._open(peer, source, writer)
+        if conn is None:
+            writer.transport.abort()
             return
+        await self._run(conn, reader)
+
+    async def _accept(self, listener: socket.socket, limit: int) -> None:
+        """The accept loop of a TLS listener: one task per connection, until cancelled."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, address = await loop.sock_accept(listener)
+            except OSError as exc:  # out of file descriptors...: the kernel queues meanwhile
+                if self._stopping:
+                    return
+                _event(logging.WARNING, "mllp.accept_failed", error=type(exc).__name__)
+                await asyncio.sleep(0.1)
+                continue
+            # the task registers itself in _connections (close() waits for it there)
+            asyncio.get_running_loop().create_task(self._serve_tls(sock, address, limit))
+
+    async def _serve_tls(self, sock: socket.socket, address: Any, limit: int) -> None:
+        """Serve one TLS connection: the checks, the handshake (within its deadline), the client
+        certificate's subject, then frames as over plain TCP."""
+        peer, source = _peer_of(address)
+        conn = self._open(peer, source, None)
+        if conn is None:
+            sock.close()
+            return
+        tls, context = self.config.tls, self.ssl_context
+        assert tls is not None and context is not None  # only TLS listeners accept here
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=limit)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        try:
+            # (uvloop returns its TLS protocol, not ours, as the second item: ours is kept here)
+            transport, _protocol = await loop.connect_accepted_socket(
+                lambda: protocol,
+                sock,
+                ssl=context,
+                ssl_handshake_timeout=tls.handshake_timeout_seconds,
+            )
+        except asyncio.CancelledError:
+            sock.close()
+            if conn.close_reason is None:  # cancelled from outside, not closed by this listener
+                self._forget(conn)
+                raise
+            self._closed(conn, conn.close_reason)
+            return
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            sock.close()
+            detail = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else type(exc).__name__
+            _event(logging.WARNING, "mllp.tls_handshake_failed", peer=peer, error=detail)
+            self._closed(conn, TLS_HANDSHAKE_FAILED)
+            return
+        conn.writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        if conn.close_reason is None:
+            ssl_object = conn.writer.get_extra_info("ssl_object")
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+            subject = subject_of(der)
+            conn.peer = Peer(peer, source, subject)
+            if not subject_allowed(subject, tls.allowed_subjects):
+                _event(
+                    logging.WARNING,
+                    "mllp.tls_subject_refused",
+                    peer=peer,
+                    subject=subject.rfc4514 if subject else "-",
+                )
+                conn.close_reason = TLS_SUBJECT_REFUSED
+        await self._run(conn, reader)
+
+    def _open(self, peer: str, source: str, writer: asyncio.StreamWriter | None) -> _Connection | None:
+        """Check a new connection (allow_from, then the caps) and register it under the current
+        task; None when it is refused (the caller closes it)."""
+        if not self._allow_from.allows(source):
+            self._log_rejection(peer, source, "allow_from", len(self._connections))
+            return None
+        if not self._admit(peer, source):
+            return None
         task = asyncio.current_task()
-        assert task is not None  # we always run inside the task start_server made
+        assert task is not None  # we always run inside a task of our own
         cfg = self.config
         clock = FrameClock(
             idle_timeout_seconds=cfg.idle_timeout_seconds,
@@ -511,35 +698,54 @@ class MllpServer:
             rate_window_seconds=cfg.rate_window_seconds,
             now=asyncio.get_running_loop().time(),
         )
-        conn = _Connection(peer, source, writer, MllpFramer(cfg.max_message_bytes), clock)
+        conn = _Connection(Peer(peer, source), source, writer, MllpFramer(cfg.max_message_bytes), clock)
+        conn.task = task
         self._connections[task] = conn
-        _event(logging.INFO, "mllp.connection_opened", peer=peer)
-        reason = "eof"
+        return conn
+
+    async def _run(self, conn: _Connection, reader: asyncio.StreamReader) -> None:
+        """Read and answer frames until the connection ends; then close it and log why."""
+        writer = conn.writer
+        assert writer is not None  # the handshake, if any, is done
+        reason = conn.close_reason or "eof"
         try:
-            reason = await self._read_loop(reader, conn)
+            if conn.close_reason is None:
+                _event(logging.INFO, "mllp.connection_opened", peer=str(conn.peer), **_tls_fields(conn))
+                reason = await self._read_loop(reader, conn)
         except (ConnectionError, OSError) as exc:
             reason = conn.close_reason or f"network_error:{type(exc).__name__}"
         finally:
-            if reason in _STRIKING or (reason in _STRIKING_IF_FRAMELESS and conn.frames_seen == 0):
-                self._strikes.strike(source, asyncio.get_running_loop().time())
             try:
                 conn.framer.abandon()
                 self._budget.release(conn)
                 writer.close()
                 with suppress(OSError, asyncio.CancelledError):
                     await writer.wait_closed()
-                extra = {"garbage_bytes": conn.garbage_bytes, "truncated_frames": conn.truncated_frames}
-                _event(
-                    logging.INFO,
-                    "mllp.connection_closed",
-                    peer=peer,
-                    reason=reason,
-                    frames=conn.frames_seen,
-                    bytes=conn.bytes_received,
-                    **{k: v for k, v in extra.items() if v},
-                )
             finally:
-                del self._connections[task]  # only now, so that close() waits for this task
+                self._closed(conn, reason)
+
+    def _closed(self, conn: _Connection, reason: str) -> None:
+        """The connection is gone: strike its source if it misbehaved, log, and forget it."""
+        try:
+            if reason in _STRIKING or (reason in _STRIKING_IF_FRAMELESS and conn.frames_seen == 0):
+                self._strikes.strike(conn.source, asyncio.get_running_loop().time())
+            extra = {"garbage_bytes": conn.garbage_bytes, "truncated_frames": conn.truncated_frames}
+            _event(
+                logging.INFO,
+                "mllp.connection_closed",
+                peer=str(conn.peer),
+                reason=reason,
+                frames=conn.frames_seen,
+                bytes=conn.bytes_received,
+                **{k: v for k, v in extra.items() if v},
+            )
+        finally:
+            self._forget(conn)
+
+    def _forget(self, conn: _Connection) -> None:
+        """Drop the connection (only at its very end, so that close() waits for its task)."""
+        if conn.task is not None:
+            self._connections.pop(conn.task, None)
 
     def _admit(self, peer: str, source: str) -> bool:
         """Apply the connection caps to a new connection (closing an idle one to make room)."""
@@ -805,12 +1011,13 @@ class MllpServer:
         return True
 
     async def _send(self, conn: _Connection, ack: bytes) -> bool:
-        if conn.close_reason is not None:
+        writer = conn.writer
+        if conn.close_reason is not None or writer is None:
             return False
-        conn.writer.write(frame(ack))
+        writer.write(frame(ack))
         try:
             async with asyncio.timeout(self.config.ack_send_timeout_seconds):
-                await conn.writer.drain()
+                await writer.drain()
         except TimeoutError:
             _event(logging.WARNING, "mllp.send_timeout", peer=conn.peer)
             return False
