@@ -170,7 +170,8 @@ def run(
         )
     if cfg.http.enabled:
         scheme = "https" if cfg.http.tls_files() else "http"
-        typer.echo(f"FHIR R4 API on {scheme}://{cfg.http.host}:{cfg.http.port}/fhir", err=True)
+        shown = "localhost" if cfg.http.host in ("0.0.0.0", "::", "") else cfg.http.host  # an allowed Host
+        typer.echo(f"FHIR R4 API on {scheme}://{shown}:{cfg.http.port}/fhir", err=True)
         typer.echo(_auth_line(cfg), err=True)
     typer.echo(f"store: {redact_url(engine.store.url)}; event loop: {eventloop.loop_name()}", err=True)
     try:
