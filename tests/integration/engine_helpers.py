@@ -10,6 +10,8 @@ In-process apps (``create_app``) take :func:`local_authenticator` over a tempora
 from __future__ import annotations
 
 import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from hms_ach.app.config import load_config
@@ -88,17 +90,43 @@ def auth_headers(
     return {"authorization": f"Bearer {token}"}
 
 
-async def start_fhir_engine(tmp_path: Path, store: Store) -> Engine:
-    """Copy the repository's mappings beside a minimal channels.yaml and start the engine on ``store``."""
+def mllp_yaml(name: str = "adt_in", *settings: str) -> str:
+    """A channels.yaml list entry: an MLLP channel on a free loopback port, plus ``settings`` lines
+    (``"idle_timeout_seconds: 5"``)."""
+    return f"  - name: {name}\n    type: mllp\n    host: 127.0.0.1\n    port: 0\n" + "".join(
+        f"    {line}\n" for line in settings
+    )
+
+
+async def start_engine(tmp_path: Path, store: Store, channels: str) -> Engine:
+    """Copy the repository's mappings beside a channels.yaml listing ``channels`` (HTTP on a free
+    loopback port) and start the engine on ``store``."""
     shutil.copytree(ROOT / "mappings", tmp_path / "mappings")
     (tmp_path / "channels.yaml").write_text(
         "engine:\n  mappings: mappings\n  watch: false\n"
         "http:\n  host: 127.0.0.1\n  port: 0\n"
-        "channels:\n  - name: fhir_in\n    type: fhir_rest\n    max_body_bytes: 65536\n"
+        "channels:\n" + channels
     )
     eng = Engine(load_config(tmp_path / "channels.yaml"), database=store.url)
     await eng.start()
     return eng
+
+
+@asynccontextmanager
+async def running_engine(tmp_path: Path, store: Store, channels: str) -> AsyncIterator[Engine]:
+    """:func:`start_engine`, stopped when the block ends (for fixtures)."""
+    eng = await start_engine(tmp_path, store, channels)
+    try:
+        yield eng
+    finally:
+        await eng.stop()
+
+
+async def start_fhir_engine(tmp_path: Path, store: Store) -> Engine:
+    """The engine with one fhir_rest channel (``fhir_in``) on ``store``."""
+    return await start_engine(
+        tmp_path, store, "  - name: fhir_in\n    type: fhir_rest\n    max_body_bytes: 65536\n"
+    )
 
 
 def mllp_channel(engine: Engine, name: str = "adt_in") -> MllpChannel:

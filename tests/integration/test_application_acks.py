@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,7 +18,6 @@ import pytest
 from typer.testing import CliRunner
 
 from hms_ach.app.cli import app
-from hms_ach.app.config import load_config
 from hms_ach.app.runtime import Engine
 from hms_ach.channels.file_drop import FileDropChannel, FileDropConfig
 from hms_ach.channels.mllp import unavailable_ack
@@ -32,7 +30,7 @@ from hms_ach.mapping.loader import load_mappings
 from hms_ach.store import messages
 from hms_ach.store.db import Store
 from hms_ach.store.writer import StoreWriter
-from tests.integration.engine_helpers import mllp_channel
+from tests.integration.engine_helpers import mllp_channel, mllp_yaml, running_engine
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "samples" / "hl7"
@@ -89,19 +87,8 @@ def fields(ack: str, segment: str) -> list[str]:
 
 @pytest.fixture
 async def engine(tmp_path: Path, store: Store) -> AsyncIterator[Engine]:
-    shutil.copytree(ROOT / "mappings", tmp_path / "mappings")
-    (tmp_path / "channels.yaml").write_text(
-        "engine:\n  mappings: mappings\n  watch: false\n"
-        "http:\n  host: 127.0.0.1\n  port: 0\n"
-        "channels:\n  - name: adt_in\n    type: mllp\n    host: 127.0.0.1\n    port: 0\n"
-        "    idle_timeout_seconds: 30\n"
-    )
-    eng = Engine(load_config(tmp_path / "channels.yaml"), database=store.url)
-    await eng.start()
-    try:
+    async with running_engine(tmp_path, store, mllp_yaml("adt_in", "idle_timeout_seconds: 30")) as eng:
         yield eng
-    finally:
-        await eng.stop()
 
 
 class Hl7Sender:

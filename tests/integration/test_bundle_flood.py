@@ -31,7 +31,7 @@ from hms_ach.app.cli import tune_interpreter
 from hms_ach.app.config import load_config
 from hms_ach.app.runtime import Engine
 from hms_ach.store.db import Store
-from tests.integration.engine_helpers import FHIR_JSON, auth_headers, mllp_channel
+from tests.integration.engine_helpers import FHIR_JSON, auth_headers, mllp_channel, mllp_yaml, start_engine
 
 ROOT = Path(__file__).resolve().parents[2]
 FEED_RATE = 10  # messages a second, one sender waiting for each ACK
@@ -45,15 +45,8 @@ pytestmark = pytest.mark.timeout(150)
 
 @pytest.fixture
 async def engine(tmp_path: Path, store: Store) -> AsyncIterator[Engine]:
-    shutil.copytree(ROOT / "mappings", tmp_path / "mappings")
-    (tmp_path / "channels.yaml").write_text(
-        "engine:\n  mappings: mappings\n  watch: false\n"
-        "http:\n  host: 127.0.0.1\n  port: 0\n"
-        "channels:\n  - name: adt_in\n    type: mllp\n    host: 127.0.0.1\n    port: 0\n"
-        "  - name: fhir_in\n    type: fhir_rest\n    max_body_bytes: 4000000\n"
-    )
-    eng = Engine(load_config(tmp_path / "channels.yaml"), database=store.url)
-    await eng.start()
+    channels = mllp_yaml("adt_in") + "  - name: fhir_in\n    type: fhir_rest\n    max_body_bytes: 4000000\n"
+    eng = await start_engine(tmp_path, store, channels)
     switch_interval = sys.getswitchinterval()
     tune_interpreter()  # as hms-ach run does
     try:

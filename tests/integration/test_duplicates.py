@@ -15,7 +15,6 @@ from sqlalchemy import delete, func, select
 from typer.testing import CliRunner
 
 from hms_ach.app.cli import app
-from hms_ach.app.config import load_config
 from hms_ach.app.runtime import Engine
 from hms_ach.hl7v2.client import send_messages
 from hms_ach.hl7v2.policy import Hl7Policy, Hl7PolicySettings
@@ -27,7 +26,7 @@ from hms_ach.store.db import Store
 from hms_ach.store.messages import StoredMessage
 from hms_ach.store.models import RECORD_TABLES, MessageContentHash, ResourceHistory
 from hms_ach.store.writer import StoreWriter
-from tests.integration.engine_helpers import mllp_channel
+from tests.integration.engine_helpers import mllp_channel, mllp_yaml, running_engine
 from tests.integration.pipeline_helpers import process_sync
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -196,21 +195,11 @@ def test_cli_replay_under_process(tmp_path: Path, store: Store, monkeypatch: pyt
 
 @pytest.fixture
 async def engine(tmp_path: Path, store: Store) -> AsyncIterator[Engine]:
-    shutil.copytree(ROOT / "mappings", tmp_path / "mappings")
-    (tmp_path / "channels.yaml").write_text(
-        "engine:\n  mappings: mappings\n  watch: false\n"
-        "http:\n  host: 127.0.0.1\n  port: 0\n"
-        "channels:\n  - name: adt_in\n    type: mllp\n    host: 127.0.0.1\n    port: 0\n"
-        "    idle_timeout_seconds: 5\n"
-        "  - name: adt_open\n    type: mllp\n    host: 127.0.0.1\n    port: 0\n"
-        "    idle_timeout_seconds: 5\n    on_reused_control_id: process\n"
+    channels = mllp_yaml("adt_in", "idle_timeout_seconds: 5") + mllp_yaml(
+        "adt_open", "idle_timeout_seconds: 5", "on_reused_control_id: process"
     )
-    eng = Engine(load_config(tmp_path / "channels.yaml"), database=store.url)
-    await eng.start()
-    try:
+    async with running_engine(tmp_path, store, channels) as eng:
         yield eng
-    finally:
-        await eng.stop()
 
 
 def _msa(ack: bytes) -> list[str]:

@@ -4,7 +4,6 @@ httpx and fhirpy, hot reload of a mapping edit. SQLite always, PostgreSQL when c
 from __future__ import annotations
 
 import asyncio
-import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -16,10 +15,9 @@ import httpx
 import pytest
 from fhirpy import AsyncFHIRClient
 
-from hms_ach.app.config import load_config
 from hms_ach.app.runtime import Engine
 from hms_ach.store.db import Store
-from tests.integration.engine_helpers import auth_headers, mllp_channel
+from tests.integration.engine_helpers import auth_headers, mllp_channel, mllp_yaml, running_engine
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "samples" / "hl7"
@@ -27,19 +25,8 @@ SAMPLES = ROOT / "samples" / "hl7"
 
 @pytest.fixture
 async def engine(tmp_path: Path, store: Store) -> AsyncIterator[Engine]:
-    shutil.copytree(ROOT / "mappings", tmp_path / "mappings")
-    (tmp_path / "channels.yaml").write_text(
-        "engine:\n  mappings: mappings\n  watch: false\n"
-        "http:\n  host: 127.0.0.1\n  port: 0\n"
-        "channels:\n  - name: adt_in\n    type: mllp\n    host: 127.0.0.1\n    port: 0\n"
-        "    idle_timeout_seconds: 5\n"
-    )
-    eng = Engine(load_config(tmp_path / "channels.yaml"), database=store.url)
-    await eng.start()
-    try:
+    async with running_engine(tmp_path, store, mllp_yaml("adt_in", "idle_timeout_seconds: 5")) as eng:
         yield eng
-    finally:
-        await eng.stop()
 
 
 def mllp_port(engine: Engine) -> int:

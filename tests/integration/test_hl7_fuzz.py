@@ -18,19 +18,17 @@ import asyncio
 import logging
 import os
 import random
-import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
-from hms_ach.app.config import load_config
 from hms_ach.app.runtime import Engine
 from hms_ach.hl7v2.client import normalise_message
 from hms_ach.hl7v2.parse import read_header
 from hms_ach.store.db import Store
-from tests.integration.engine_helpers import mllp_channel
+from tests.integration.engine_helpers import mllp_channel, mllp_yaml, running_engine
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = int(os.environ.get("FUZZ_SEED", "20261206"))
@@ -186,19 +184,8 @@ def mutated(seed: int, count: int) -> list[bytes]:
 # ---------------------------------------------------------------------------- the run
 @pytest.fixture
 async def engine(tmp_path: Path, store: Store) -> AsyncIterator[Engine]:
-    shutil.copytree(ROOT / "mappings", tmp_path / "mappings")
-    (tmp_path / "channels.yaml").write_text(
-        "engine:\n  mappings: mappings\n  watch: false\n"
-        "http:\n  host: 127.0.0.1\n  port: 0\n"
-        "channels:\n  - name: adt_in\n    type: mllp\n    host: 127.0.0.1\n    port: 0\n"
-        "    idle_timeout_seconds: 30\n"
-    )
-    eng = Engine(load_config(tmp_path / "channels.yaml"), database=store.url)
-    await eng.start()
-    try:
+    async with running_engine(tmp_path, store, mllp_yaml("adt_in", "idle_timeout_seconds: 30")) as eng:
         yield eng
-    finally:
-        await eng.stop()
 
 
 async def _read_ack(reader: asyncio.StreamReader) -> bytes:

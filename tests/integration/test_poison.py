@@ -6,7 +6,6 @@ ACK naming the field or the cap, and its raw bytes are stored for replay."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,7 +16,6 @@ import orjson
 import pytest
 from sqlalchemy import func, select, text
 
-from hms_ach.app.config import load_config
 from hms_ach.app.runtime import Engine
 from hms_ach.hl7v2.ack import location_parts
 from hms_ach.hl7v2.client import normalise_message, send_messages
@@ -25,7 +23,7 @@ from hms_ach.store import messages
 from hms_ach.store.db import Store
 from hms_ach.store.messages import StoredMessage
 from hms_ach.store.models import RECORD_TABLES
-from tests.integration.engine_helpers import FHIR_JSON, auth_headers, mllp_channel
+from tests.integration.engine_helpers import FHIR_JSON, auth_headers, mllp_channel, mllp_yaml, running_engine
 
 ROOT = Path(__file__).resolve().parents[2]
 A01 = normalise_message((ROOT / "samples" / "hl7" / "adt_a01.hl7").read_bytes())
@@ -34,19 +32,8 @@ PID = b"PID|1||100001^^^GENHOSP^MR~123-45-6789^^^SSA^SS||Rivera^Maria^Elena^^Mrs
 
 @pytest.fixture
 async def engine(tmp_path: Path, store: Store) -> AsyncIterator[Engine]:
-    shutil.copytree(ROOT / "mappings", tmp_path / "mappings")
-    (tmp_path / "channels.yaml").write_text(
-        "engine:\n  mappings: mappings\n  watch: false\n"
-        "http:\n  host: 127.0.0.1\n  port: 0\n"
-        "channels:\n  - name: adt_in\n    type: mllp\n    host: 127.0.0.1\n    port: 0\n"
-        "    idle_timeout_seconds: 10\n"
-    )
-    eng = Engine(load_config(tmp_path / "channels.yaml"), database=store.url)
-    await eng.start()
-    try:
+    async with running_engine(tmp_path, store, mllp_yaml("adt_in", "idle_timeout_seconds: 10")) as eng:
         yield eng
-    finally:
-        await eng.stop()
 
 
 def _erl(err: list[str]) -> str:
