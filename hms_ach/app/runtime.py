@@ -37,6 +37,7 @@ from hms_ach.outbound import events
 from hms_ach.outbound.outbox import Dispatcher
 from hms_ach.store import audit, audit_checkpoints
 from hms_ach.store import outbox as outbox_rows
+from hms_ach.store.access_log import AccessLog
 from hms_ach.store.db import Store, database_url
 from hms_ach.store.errors import StoreUnavailable
 from hms_ach.store.writer import StoreWriter
@@ -67,6 +68,8 @@ class Engine:
         self.store = Store(database or database_url(config.engine.database_url))
         audit.install(self.store, config.audit, config.data_dir)  # the audit key, the anchor (docs/audit.md)
         self.writer = StoreWriter(self.store, commit_timeout=config.engine.commit_timeout_seconds)
+        # Access records of reads (docs/audit.md), queued by the HTTP routes and written in batches.
+        self.access_audit = AccessLog(self.writer.run_sync)
         self.mappings = load_mappings(config.mappings_dir)
         self.pipeline = Pipeline(self.writer, MappingEngine(self.mappings, config.engine.timezone))
         wire_listeners()  # record changes -> outbox events, discharge -> Claim (hms_ach/app/wiring.py)
@@ -96,6 +99,7 @@ class Engine:
         if self.config.http.enabled:  # first: a refused auth mode or an unwritable key starts nothing
             self.authenticator = create_authenticator(auth_settings(self.config), self.config.data_dir)
         self.writer.start()
+        self.access_audit.start()
         self._watchdog = asyncio.create_task(self._watch_writer())
         await self._start_outbound()  # before the channels: a new sink gets every event from here on
         for settings in self.config.channels:
@@ -152,6 +156,7 @@ class Engine:
         )
         app.state.health = self.health
         app.state.readiness = self.readiness
+        app.state.access_audit = self.access_audit
         config = uvicorn.Config(
             app,
             host=self.config.http.host,
@@ -202,6 +207,7 @@ class Engine:
             self._watchdog.cancel()
             await asyncio.gather(self._watchdog, return_exceptions=True)
             self._watchdog = None
+        await self._phase("access_audit", asyncio.to_thread(self.access_audit.stop))  # flushed via the writer
         await self._phase("writer", asyncio.to_thread(self.writer.stop))
         checkpointed: bool | None = await self._phase("store", asyncio.to_thread(self._close_store))
         self.stop_phase = None
@@ -347,6 +353,10 @@ class Engine:
         disk = self._disk_problem()
         if disk is not None:
             failed["disk"] = disk
+        access_problem = self.access_audit.problem()
+        self.health["access_audit"] = self.access_audit.health()
+        if access_problem is not None:
+            failed["access_audit"] = access_problem
         if self.health.get("reload_error"):
             failed["mappings"] = "the last reload of channels.yaml or the mappings failed"
         return failed

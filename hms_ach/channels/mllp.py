@@ -23,6 +23,7 @@ from hms_ach.hl7v2.mllp import MllpConfig, MllpServer
 from hms_ach.hl7v2.parse import MshHeader, read_header
 from hms_ach.hl7v2.policy import Hl7Policy, Hl7PolicySettings, should_send
 from hms_ach.ingest.pipeline import Evaluation, Pipeline, ack_for, charset_of
+from hms_ach.store import audit
 from hms_ach.store.errors import StoreUnavailable
 from hms_ach.store.messages import MessageMeta
 
@@ -59,7 +60,10 @@ class MllpChannel:
         """The replies to one frame, after its commit: the ACK, and in enhanced mode the application
         ACK right after it on the same connection, each when MSH-15/16 ask for it."""
         try:
-            outcome = await self.pipeline.process_hl7(frame, self.policy)
+            actor = audit.actor_json(
+                kind="mllp", channel=self.config.name, peer=peer, certificate_subject=None
+            )  # certificate_subject: set from the peer info once MLLP TLS lands
+            outcome = await self.pipeline.process_hl7(frame, self.policy, actor)
         except StoreUnavailable as exc:
             log.warning(
                 "mllp.store_unavailable",

@@ -670,8 +670,10 @@ class Pipeline:
         self.writer = writer
         self.engine = engine
 
-    async def process_hl7(self, raw: bytes, policy: Hl7Policy) -> Outcome:
+    async def process_hl7(self, raw: bytes, policy: Hl7Policy, actor: str | None = None) -> Outcome:
+        """``actor``: who sent it (JSON, see :func:`hms_ach.store.audit.actor_json`), for the audit trail."""
         ev = evaluate(raw, policy, self.engine)
+        ev.meta.actor = actor
         try:
             outcome = await self.writer.run(commit_hl7(ev, policy))
         except StoreUnavailable:
