@@ -722,8 +722,8 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
         try:
             access = allowed(request, "shifts.read")
             employee_id = narrowed(access, employee_id)
-        except Problem as refused:  # denied reads are audited too (docs/audit.md)
-            access_log.record_request(request, "search-type", "shifts", refused.status)
+        except RoleDenied:  # denied reads are audited too (docs/audit.md)
+            access_log.record_request(request, "search-type", "shifts", 403)
             raise
         lo = _query_time(start_from, "start_from")
         hi = _query_time(start_before, "start_before")
