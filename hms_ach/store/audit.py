@@ -446,13 +446,13 @@ def _change_agent(row: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(actor, dict):
         return agent
     if actor.get("sub"):
-        agent["who"] = {"identifier": {"system": "urn:hms-ach:sub", "value": str(actor["sub"])}}
-        agent["name"] = str(actor["sub"])
-        agent["altId"] = row["agent"]
+        # who: the authenticated caller; name stays the channel (or the API) that took the request
+        agent["who"] = {
+            "identifier": {"system": "urn:hms-ach:sub", "value": str(actor["sub"])},
+            "display": row["agent"],
+        }
     if actor.get("client_id"):
-        agent.setdefault("extension", []).append(
-            {"url": "urn:hms-ach:client_id", "valueString": str(actor["client_id"])}
-        )
+        agent["altId"] = str(actor["client_id"])
     if actor.get("roles"):
         agent["role"] = [{"text": str(r)} for r in actor["roles"]]
     address = actor.get("source_address") or actor.get("peer")
