@@ -69,7 +69,13 @@ class Engine:
         audit.install(self.store, config.audit, config.data_dir)  # the audit key, the anchor (docs/audit.md)
         self.writer = StoreWriter(self.store, commit_timeout=config.engine.commit_timeout_seconds)
         # Access records of reads (docs/audit.md), queued by the HTTP routes and written in batches.
-        self.access_audit = AccessLog(self.writer.run_sync)
+        self.access_audit = AccessLog(
+            self.writer.run_sync,
+            max_queue_entries=config.audit.access_queue_entries,
+            max_batch_entries=config.audit.access_batch_entries,
+            flush_interval_seconds=config.audit.access_flush_interval_seconds,
+            overflow_wait_seconds=config.audit.access_overflow_wait_seconds,
+        )
         self.mappings = load_mappings(config.mappings_dir)
         self.pipeline = Pipeline(self.writer, MappingEngine(self.mappings, config.engine.timezone))
         wire_listeners()  # record changes -> outbox events, discharge -> Claim (hms_ach/app/wiring.py)
@@ -156,7 +162,8 @@ class Engine:
         )
         app.state.health = self.health
         app.state.readiness = self.readiness
-        app.state.access_audit = self.access_audit
+        if self.config.audit.access_records:
+            app.state.access_audit = self.access_audit
         config = uvicorn.Config(
             app,
             host=self.config.http.host,
