@@ -128,7 +128,9 @@ def record_request(
         return
     client = request.client
     sub, actor = http_actor(getattr(request.state, "caller", None), client.host if client else None)
-    query = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    scope = request.scope  # the raw path and query: cheaper than building request.url
+    raw_query: bytes = scope.get("query_string", b"")
+    query = str(scope.get("path", "")) + ("?" + raw_query.decode("latin-1") if raw_query else "")
     recorder.record(Access(subtype, resource_type, outcome, sub, actor, list(entities), result_count, query))
 
 
