@@ -194,6 +194,9 @@ async def test_a_workforce_read_of_shifts_is_audited(engine: Engine) -> None:
         assert (await client.get("/api/v1/shifts", headers=ok)).status_code == 200
         employee = auth_headers(engine, "", ("employee",), sub="emp-1", employee_id="E-1")
         assert (await client.get("/api/v1/shifts?employee_id=E-2", headers=employee)).status_code == 403
+        health = (await client.get("/health")).json()
+        assert set(health["access_audit"]) == {"queued", "written", "dropped", "failed_batches"}
+        assert health["access_audit"]["dropped"] == 0
     read = (await events(engine, "agent=sched-1"))[0]
     assert read["subtype"][0]["code"] == "search-type" and read["outcome"] == "0"
     assert _agent(read)["role"] == [{"text": "scheduler"}]
