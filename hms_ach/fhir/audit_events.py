@@ -276,30 +276,6 @@ def record_access(
     access_log.record_request(request, subtype, resource_type, outcome, entities, result_count)
 
 
-_METHOD_SUBTYPES = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
-
-
-def interaction_of(method: str, path: str) -> tuple[str, str]:
-    """(subtype, resource type) of a request refused before routing, from its method and path:
-    ``GET /fhir/T`` search-type, ``/fhir/T/id`` read, ``.../_history`` history, ``.../_history/v``
-    vread; under ``/api/v1`` the first path segment is the type (``shifts``)."""
-    parts = [p for p in path.split("/") if p]
-    if parts[:1] == ["fhir"]:
-        parts = parts[1:]
-    elif parts[:2] == ["api", "v1"]:
-        parts = parts[2:]
-    rtype = parts[0][:64] if parts else ""
-    if method not in ("GET", "HEAD"):
-        if len(parts) >= 2 and parts[1] == "_search":
-            return "search-type", rtype
-        return _METHOD_SUBTYPES.get(method, method.lower()[:16]), rtype
-    if len(parts) <= 1:
-        return "search-type", rtype
-    if len(parts) >= 3 and parts[2] == "_history":
-        return ("vread" if len(parts) >= 4 else "history"), rtype
-    return "read", rtype
-
-
 def record_refusal(scope: MutableMapping[str, Any], status: int, peer: str | None) -> None:
     """Queue the access record of a request refused before routing (401 from the authentication
     middleware): no caller, its source address, the interaction and query it asked for."""
@@ -308,8 +284,12 @@ def record_refusal(scope: MutableMapping[str, Any], status: int, peer: str | Non
     if recorder is None:
         return
     path = str(scope.get("path", ""))
-    subtype, rtype = interaction_of(str(scope.get("method", "GET")), path)
+    subtype, rtype = access_log.interaction_of(str(scope.get("method", "GET")), path)
     query_bytes = scope.get("query_string", b"")
     query = path + ("?" + query_bytes.decode("latin-1") if query_bytes else "")
     sub, actor = access_log.http_actor(None, peer)
     recorder.record(access_log.Access(subtype, rtype, status, sub, actor, (), None, query))
+
+
+#: Kept here for callers of the FHIR layer; defined with the access records.
+interaction_of = access_log.interaction_of

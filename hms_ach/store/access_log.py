@@ -134,6 +134,30 @@ def record_request(
     recorder.record(Access(subtype, resource_type, outcome, sub, actor, list(entities), result_count, query))
 
 
+_METHOD_SUBTYPES = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+
+
+def interaction_of(method: str, path: str) -> tuple[str, str]:
+    """(subtype, resource type) of a request refused before routing, from its method and path:
+    ``GET /fhir/T`` search-type, ``/fhir/T/id`` read, ``.../_history`` history, ``.../_history/v``
+    vread; under ``/api/v1`` the first path segment is the type (``shifts``)."""
+    parts = [p for p in path.split("/") if p]
+    if parts[:1] == ["fhir"]:
+        parts = parts[1:]
+    elif parts[:2] == ["api", "v1"]:
+        parts = parts[2:]
+    rtype = parts[0][:64] if parts else ""
+    if method not in ("GET", "HEAD"):
+        if len(parts) >= 2 and parts[1] == "_search":
+            return "search-type", rtype
+        return _METHOD_SUBTYPES.get(method, method.lower()[:16]), rtype
+    if len(parts) <= 1:
+        return "search-type", rtype
+    if len(parts) >= 3 and parts[2] == "_history":
+        return ("vread" if len(parts) >= 4 else "history"), rtype
+    return "read", rtype
+
+
 def _payload(row: dict[str, Any]) -> bytes:
     return orjson.dumps({k: row[k] for k in _HASHED}, option=orjson.OPT_SORT_KEYS)
 

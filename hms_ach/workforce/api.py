@@ -170,12 +170,26 @@ def _field_errors(errors: list[Any], prefix: tuple[Any, ...] = ()) -> list[dict[
     ]
 
 
+#: GET paths that write their own access record (with what they returned) or none (the audit trail).
+_SELF_RECORDED = frozenset({"/api/v1/shifts", "/api/v1/audit"})
+
+
 class ProblemRoute(APIRoute):
     """Routes whose errors (validation, Problem, a rule's error, FhirError from the write path) are
     problem details."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+
+        async def audited(request: Request) -> Response:
+            """Every GET of staff data writes an access record with its status (docs/audit.md);
+            ``GET /shifts`` records its own (with the shifts returned), the trail's readers none."""
+            response = await guarded(request)
+            path = str(request.scope.get("path", ""))
+            if request.method == "GET" and path not in _SELF_RECORDED:
+                subtype, rtype = access_log.interaction_of("GET", path)
+                access_log.record_request(request, subtype, rtype, response.status_code)
+            return response
 
         async def guarded(request: Request) -> Response:
             try:
@@ -200,7 +214,7 @@ class ProblemRoute(APIRoute):
                     exc.status, exc.code.replace("-", " ").capitalize(), exc.diagnostics, errors
                 ).response(request.url.path)
 
-        return guarded
+        return audited
 
 
 # ---------------------------------------------------------------------------- models

@@ -204,6 +204,21 @@ async def test_a_workforce_read_of_shifts_is_audited(engine: Engine) -> None:
     assert denied["outcomeDesc"] == "HTTP 403"
 
 
+async def test_workforce_reads_of_staff_are_audited(engine: Engine) -> None:
+    async with httpx.AsyncClient(base_url=_base(engine), timeout=30) as client:
+        hr = auth_headers(engine, "", ("hr_admin",), sub="hr-1")
+        assert (await client.get("/api/v1/employees", headers=hr)).status_code == 200
+        assert (await client.get("/api/v1/employees/nobody", headers=hr)).status_code == 404
+        assert (await client.get("/api/v1/audit", headers=hr)).status_code in (200, 403)  # not recorded
+    found = await events(engine, "agent=hr-1", want=2)
+    assert sorted((e["subtype"][0]["code"], e["outcomeDesc"]) for e in found) == [
+        ("read", "HTTP 404"),
+        ("search-type", "HTTP 200"),
+    ]
+    query = next(e for e in found[0]["entity"] if e.get("role", {}).get("code") == "24")
+    assert query["description"].startswith("/api/v1/employees")
+
+
 async def test_queued_records_are_flushed_on_shutdown(tmp_path: Path, store: Store) -> None:
     eng = Engine(load_config(_minimal_config(tmp_path)), database=store.url)
     await eng.start()
