@@ -203,8 +203,10 @@ class Engine:
            listeners, HTTP); the frames, requests and polls in flight finish and are answered.
         2. ``outbound``: the sinks' deliveries stop and this process's outbox leases are released,
            so that the next start (or another instance) delivers at once instead of after the lease.
-        3. ``writer``: the jobs still queued are committed, then the writer thread ends.
-        4. ``store``: a signed audit checkpoint is appended (docs/audit.md), SQLite's WAL is
+        3. ``access_audit``: the queued access records are written (through the writer), then its
+           thread ends (docs/audit.md).
+        4. ``writer``: the jobs still queued are committed, then the writer thread ends.
+        5. ``store``: a signed audit checkpoint is appended (docs/audit.md), SQLite's WAL is
            checkpointed into the database file and truncated, and every connection is closed.
 
         Returns whether the WAL checkpoint completed (None on PostgreSQL)."""
