@@ -502,43 +502,58 @@ def figure_c(
         targets_file = folder / f"targets-{key}.json"
         targets = state.targets()
         targets_file.write_bytes(orjson.dumps(targets))
-        engine, _mllp, http = procs.start_engine(folder, url)
-        try:
-            for kind in KINDS:
-                result = procs.run_driver(
-                    "benchmarks.http_load",
-                    [
-                        "--port",
-                        str(http),
-                        "--kind",
-                        kind,
-                        "--targets",
-                        str(targets_file),
-                        "--seconds",
-                        str(m.c_seconds),
-                        "--reps",
-                        str(m.reps),
-                        "--warmup",
-                        "40",
-                        "--concurrency",
-                        "8",
-                        "--seed",
-                        str(SEED),
-                        "--timeout",
-                        "120",
-                    ],
-                    timeout=m.reps * (m.c_seconds + 120) + 180,
-                )
-                entry[kind] = _runs_summary(result["runs"], "req_per_s")
-                bad = {s: n for r in result["runs"] for s, n in r["statuses"].items() if s != "200"}
-                if bad:
-                    entry[kind]["problem"] = f"non-200 responses: {bad}"
-                run.say(
-                    f"C[{label}] {key} {kind}: {entry[kind]['req_per_s']['median']} req/s, "
-                    f"p99 {entry[kind]['p99_ms']['median']} ms"
-                )
-        finally:
-            engine.stop()
+        # The same kinds with authentication and the access audit off, then on (issue 14 "Cost"):
+        # the "<kind>" entries are off (as before), "<kind>_secured" on, "<kind>_secured_ratio" on/off.
+        for secured in (False, True):
+            engine, _mllp, http = procs.start_engine(folder, url, secured=secured)
+            extra: list[str] = []
+            if secured:
+                token_file = folder / "bench-token.txt"
+                token_file.write_text(procs.bench_token(folder))
+                extra = ["--token-file", str(token_file)]
+            suffix = "_secured" if secured else ""
+            try:
+                for kind in KINDS:
+                    result = procs.run_driver(
+                        "benchmarks.http_load",
+                        [
+                            "--port",
+                            str(http),
+                            "--kind",
+                            kind,
+                            "--targets",
+                            str(targets_file),
+                            "--seconds",
+                            str(m.c_seconds),
+                            "--reps",
+                            str(m.reps),
+                            "--warmup",
+                            "40",
+                            "--concurrency",
+                            "8",
+                            "--seed",
+                            str(SEED),
+                            "--timeout",
+                            "120",
+                            *extra,
+                        ],
+                        timeout=m.reps * (m.c_seconds + 120) + 180,
+                    )
+                    summary = _runs_summary(result["runs"], "req_per_s")
+                    entry[kind + suffix] = summary
+                    bad = {s: n for r in result["runs"] for s, n in r["statuses"].items() if s != "200"}
+                    if bad:
+                        summary["problem"] = f"non-200 responses: {bad}"
+                    run.say(
+                        f"C[{label}] {key} {kind}{' (auth+audit on)' if secured else ''}: "
+                        f"{summary['req_per_s']['median']} req/s, p99 {summary['p99_ms']['median']} ms"
+                    )
+            finally:
+                engine.stop()
+        for kind in KINDS:
+            off, on = entry[kind]["req_per_s"]["median"], entry[kind + "_secured"]["req_per_s"]["median"]
+            entry[kind + "_secured_ratio"] = round(on / off, 3) if off else None
+            run.say(f"C[{label}] {key} {kind}: auth+audit on / off = {entry[kind + '_secured_ratio']}")
         entry["store_ceiling"] = _store_ceiling(url, targets, m.c_seconds / 2, m.reps)
         out["sizes"][key] = entry
         if not complete:

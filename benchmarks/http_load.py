@@ -132,7 +132,7 @@ async def _worker(
             path = request_path(kind, targets, rng)
             req = (
                 f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: application/fhir+json\r\n"
-                f"Connection: keep-alive\r\n\r\n"
+                f"{_extra_headers[0]}Connection: keep-alive\r\n\r\n"
             ).encode("ascii")
             t0 = clock()
             writer.write(req)
@@ -146,6 +146,10 @@ async def _worker(
     finally:
         await close_quietly(writer)
     return done
+
+
+#: Header lines sent with every request (``--token-file``: the bearer token), CRLF-terminated.
+_extra_headers = [""]
 
 
 async def run_once(
@@ -213,7 +217,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=0, help="requests sent first, not counted")
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--token-file", help="send Authorization: Bearer <the file's content> with every request")
     args = p.parse_args(argv)
+    if args.token_file:
+        _extra_headers[0] = f"Authorization: Bearer {Path(args.token_file).read_text().strip()}\r\n"
     print_result(main_async(args), (*RUN_ERRORS, ValueError))
 
 

@@ -52,9 +52,21 @@ def hms_ach_command() -> list[str]:
     return [found] if found else [sys.executable, "-m", "hms_ach.app.cli"]
 
 
-def write_engine_config(folder: Path, database_url: str, mllp_port: int, http_port: int) -> Path:
-    """A channels.yaml like the shipped one: one MLLP channel and the HTTP API, on loopback ports."""
+def write_engine_config(
+    folder: Path, database_url: str, mllp_port: int, http_port: int, secured: bool = False
+) -> Path:
+    """A channels.yaml like the shipped one: one MLLP channel and the HTTP API, on loopback ports.
+
+    ``secured``: authentication on (``auth.mode: local``, the key in ``folder/data``: the driver
+    sends a token of :func:`bench_token`) and an access record per read; otherwise both off."""
     path = folder / "channels.yaml"
+    security = (
+        "# authentication and the access audit on: the driver sends a token of the local issuer\n"
+        "auth:\n  mode: local\naudit:\n  access_records: true\n"
+        if secured
+        else "# the load drivers send no bearer token: authentication off (allowed: every listener is loopback)\n"
+        "auth:\n  mode: off\naudit:\n  access_records: false\n"
+    )
     path.write_text(
         "# written by benchmarks/procs.py for one benchmark run\n"
         "engine:\n"
@@ -62,15 +74,14 @@ def write_engine_config(folder: Path, database_url: str, mllp_port: int, http_po
         f"  mappings: {MAPPINGS}\n"
         "  timezone: UTC\n"
         "  watch: true\n"
+        f"  data_dir: {folder / 'data'}\n"
         "http:\n"
         "  host: 127.0.0.1\n"
         f"  port: {http_port}\n"
         "  rate_limit:\n"
         "    enabled: false  # the load drivers are one client sending as fast as they can\n"
-        "# the load drivers send no bearer token: authentication off (allowed: every listener is loopback)\n"
-        "auth:\n"
-        "  mode: off\n"
-        "channels:\n"
+        + security
+        + "channels:\n"
         "  - name: adt_in\n"
         "    type: mllp\n"
         "    host: 127.0.0.1\n"
@@ -177,10 +188,10 @@ class Service:
         self.stop()
 
 
-def start_engine(folder: Path, database_url: str) -> tuple[Service, int, int]:
+def start_engine(folder: Path, database_url: str, secured: bool = False) -> tuple[Service, int, int]:
     """``hms-ach run --config <folder>/channels.yaml`` on ``database_url``; returns (service, mllp, http)."""
     mllp, http = free_port(), free_port()
-    config = write_engine_config(folder, database_url, mllp, http)
+    config = write_engine_config(folder, database_url, mllp, http, secured)
     svc = Service(
         "engine",
         [*hms_ach_command(), "run", "--config", str(config)],
@@ -250,3 +261,14 @@ def run_driver(
     if "error" in result:
         raise BenchmarkError(f"{module}: {result['error']}")
     return result
+
+
+def bench_token(folder: Path) -> str:
+    """A token of the local issuer of the engine whose config :func:`write_engine_config` wrote in
+    ``folder`` (``hms-ach token``), that may read and search everything for a day."""
+    out = subprocess.run(
+        [*hms_ach_command(), "token", "--config", str(folder / "channels.yaml"), "--scope", "system/*.rs",
+         "--sub", "bench-driver", "--ttl", "1d"],
+        capture_output=True, text=True, timeout=60, check=True, env=child_env(), cwd=folder,
+    )  # fmt: skip
+    return out.stdout.strip()

@@ -326,6 +326,18 @@ def _c_rows(c: dict[str, Any] | None, fig: str, suffix: str) -> list[dict[str, A
                     note=run.get("problem", ""),
                 )
             )
+            secured = entry.get(kind + "_secured")
+            if secured:
+                rows.append(
+                    _row(
+                        fig,
+                        f"{_C_LABELS[kind]}{suffix} @ {size}, auth + access audit on",
+                        f"{_spread(secured['req_per_s'], 'req/s')}; {_lat(secured)}",
+                        f"same, auth and access audit off: {_spread(run['req_per_s'], 'req/s')}",
+                        ratio(_med(secured["req_per_s"]), _med(run["req_per_s"])),
+                        note=secured.get("problem", ""),
+                    )
+                )
             if kind == "read" and http:
                 rows.append(
                     _row(

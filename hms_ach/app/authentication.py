@@ -37,6 +37,7 @@ from hms_ach.auth.authenticate import Authenticator
 from hms_ach.auth.caller import REQUEST_STATE_ATTRIBUTE
 from hms_ach.auth.errors import AuthError, challenge, fhir_issue_code
 from hms_ach.auth.smart import LOCAL_JWKS_PATH, openapi_security, smart_configuration
+from hms_ach.fhir.audit_events import record_refusal
 from hms_ach.fhir.outcomes import operation_outcome, outcome_response
 from hms_ach.workforce.api import Problem
 
@@ -109,7 +110,9 @@ class AuthenticationMiddleware:
             if scope["type"] == "websocket":  # no route serves one today; refuse it like HTTP would
                 await send({"type": "websocket.close", "code": 1008, "reason": "authentication required"})
                 return
-            await auth_error_response(exc, path)(scope, receive, send)
+            response = auth_error_response(exc, path)
+            record_refusal(scope, response.status_code, peer)  # the access trail (docs/audit.md)
+            await response(scope, receive, send)
             return
         state[REQUEST_STATE_ATTRIBUTE] = caller
         await self.app(scope, receive, send)

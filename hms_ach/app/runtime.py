@@ -37,6 +37,7 @@ from hms_ach.outbound import events
 from hms_ach.outbound.outbox import Dispatcher
 from hms_ach.store import audit, audit_checkpoints
 from hms_ach.store import outbox as outbox_rows
+from hms_ach.store.access_log import AccessLog
 from hms_ach.store.db import Store, database_url
 from hms_ach.store.errors import StoreUnavailable
 from hms_ach.store.writer import StoreWriter
@@ -67,6 +68,14 @@ class Engine:
         self.store = Store(database or database_url(config.engine.database_url))
         audit.install(self.store, config.audit, config.data_dir)  # the audit key, the anchor (docs/audit.md)
         self.writer = StoreWriter(self.store, commit_timeout=config.engine.commit_timeout_seconds)
+        # Access records of reads (docs/audit.md), queued by the HTTP routes and written in batches.
+        self.access_audit = AccessLog(
+            self.writer.run_sync,
+            max_queue_entries=config.audit.access_queue_entries,
+            max_batch_entries=config.audit.access_batch_entries,
+            flush_interval_seconds=config.audit.access_flush_interval_seconds,
+            overflow_wait_seconds=config.audit.access_overflow_wait_seconds,
+        )
         self.mappings = load_mappings(config.mappings_dir)
         self.pipeline = Pipeline(self.writer, MappingEngine(self.mappings, config.engine.timezone))
         wire_listeners()  # record changes -> outbox events, discharge -> Claim (hms_ach/app/wiring.py)
@@ -96,6 +105,7 @@ class Engine:
         if self.config.http.enabled:  # first: a refused auth mode or an unwritable key starts nothing
             self.authenticator = create_authenticator(auth_settings(self.config), self.config.data_dir)
         self.writer.start()
+        self.access_audit.start()
         self._watchdog = asyncio.create_task(self._watch_writer())
         await self._start_outbound()  # before the channels: a new sink gets every event from here on
         for settings in self.config.channels:
@@ -154,6 +164,8 @@ class Engine:
         app.state.readiness = self.readiness
         ssl_context = self.config.http.ssl_context()  # TlsConfigError (a ConfigError): one line
         app.state.tls = ssl_context is not None  # HTTPS: the security headers add HSTS
+        if self.config.audit.access_records:
+            app.state.access_audit = self.access_audit
         config = uvicorn.Config(
             app,
             host=self.config.http.host,
@@ -197,8 +209,10 @@ class Engine:
            listeners, HTTP); the frames, requests and polls in flight finish and are answered.
         2. ``outbound``: the sinks' deliveries stop and this process's outbox leases are released,
            so that the next start (or another instance) delivers at once instead of after the lease.
-        3. ``writer``: the jobs still queued are committed, then the writer thread ends.
-        4. ``store``: a signed audit checkpoint is appended (docs/audit.md), SQLite's WAL is
+        3. ``access_audit``: the queued access records are written (through the writer), then its
+           thread ends (docs/audit.md).
+        4. ``writer``: the jobs still queued are committed, then the writer thread ends.
+        5. ``store``: a signed audit checkpoint is appended (docs/audit.md), SQLite's WAL is
            checkpointed into the database file and truncated, and every connection is closed.
 
         Returns whether the WAL checkpoint completed (None on PostgreSQL)."""
@@ -208,6 +222,7 @@ class Engine:
             self._watchdog.cancel()
             await asyncio.gather(self._watchdog, return_exceptions=True)
             self._watchdog = None
+        await self._phase("access_audit", asyncio.to_thread(self.access_audit.stop))  # flushed via the writer
         await self._phase("writer", asyncio.to_thread(self.writer.stop))
         checkpointed: bool | None = await self._phase("store", asyncio.to_thread(self._close_store))
         self.stop_phase = None
@@ -353,6 +368,10 @@ class Engine:
         disk = self._disk_problem()
         if disk is not None:
             failed["disk"] = disk
+        access_problem = self.access_audit.problem()
+        self.health["access_audit"] = self.access_audit.health()
+        if access_problem is not None:
+            failed["access_audit"] = access_problem
         if self.health.get("reload_error"):
             failed["mappings"] = "the last reload of channels.yaml or the mappings failed"
         return failed

@@ -24,6 +24,7 @@ from hms_ach.hl7v2.mllp import MllpConfig, MllpServer
 from hms_ach.hl7v2.parse import MshHeader, read_header
 from hms_ach.hl7v2.policy import Hl7Policy, Hl7PolicySettings, should_send
 from hms_ach.ingest.pipeline import Evaluation, Pipeline, ack_for, charset_of
+from hms_ach.store import audit
 from hms_ach.store.errors import StoreUnavailable
 from hms_ach.store.messages import MessageMeta
 
@@ -69,7 +70,14 @@ class MllpChannel:
         """The replies to one frame, after its commit: the ACK, and in enhanced mode the application
         ACK right after it on the same connection, each when MSH-15/16 ask for it."""
         try:
-            outcome = await self.pipeline.process_hl7(frame, self.policy)
+            subject = getattr(peer, "cert_subject", None)  # a Peer from the listener (mutual TLS)
+            actor = audit.actor_json(
+                kind="mllp",
+                channel=self.config.name,
+                peer=str(peer),
+                certificate_subject=str(subject) if subject is not None else None,
+            )
+            outcome = await self.pipeline.process_hl7(frame, self.policy, actor)
         except StoreUnavailable as exc:
             log.warning(
                 "mllp.store_unavailable",

@@ -2,13 +2,23 @@
 
 The route is declared in :mod:`hms_ach.fhir.routes`; :func:`search_audit_events` answers it.
 
-Parameters: ``entity`` (``Practitioner/123`` or a type), ``agent`` (channel or client name),
-``date`` (``ge``/``gt``/``le``/``lt`` prefixes on the recorded instant, repeatable), ``_count`` and
-``_cursor`` (keyset paging on the chain order).
+Two kinds of entries are served: the change trail (:mod:`hms_ach.store.audit`, subtypes create,
+update, delete; ids ``audit-N``) and the access records (:mod:`hms_ach.store.access_log`, subtypes
+read, vread, search-type, history, export; ids ``access-N``) in the IHE BALP patterns.
+
+Parameters: ``entity`` (``Patient/123`` or a type) or ``patient`` (``Patient/123`` or ``123``),
+``agent`` (channel or client name; the caller's ``sub`` for access records), ``subtype``,
+``date`` (``ge``/``gt``/``le``/``lt`` prefixes on the recorded instant, repeatable), ``_count``,
+``_cursor`` (keyset paging on the change trail) and ``_access_cursor`` (on the access records).
+
+:func:`record_access` is what the read routes call: it queues one access record (never waits for
+a commit) on the engine's :class:`~hms_ach.store.access_log.AccessLog` (``app.state.access_audit``).
 """
 
 from __future__ import annotations
 
+import base64
+from collections.abc import MutableMapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlencode
@@ -18,7 +28,7 @@ from fastapi import Request
 from starlette.responses import Response
 
 from hms_ach.fhir.outcomes import FHIR_JSON, FhirError
-from hms_ach.store import audit
+from hms_ach.store import access_log, audit
 from hms_ach.store.db import Store
 from hms_ach.store.search_params import date_range
 
@@ -48,52 +58,238 @@ def date_bounds(values: list[str], name: str = "date") -> tuple[str | None, str 
     return since, until
 
 
+CHANGE_SUBTYPES = ("create", "update", "delete")
+ACCESS_SUBTYPES = ("read", "vread", "search-type", "history", "export")
+
+
 def search_audit_events(store: Store, request: Request, visible: bool = True) -> Response:
-    """``GET /fhir/AuditEvent``: a searchset of the audit entries matching the query parameters;
-    empty when the caller may not see the trail (``visible``: a grant limited to a patient
-    compartment, which the trail is not in)."""
+    """``GET /fhir/AuditEvent``: a searchset of the change entries and access records matching the
+    query parameters; empty when the caller may not see the trail (``visible``: a grant limited to
+    a patient compartment, which the trail is not in)."""
     params = request.query_params
-    known = {"entity", "agent", "date", "_count", "_cursor", "_format"}
+    known = {
+        "entity",
+        "patient",
+        "agent",
+        "date",
+        "subtype",
+        "_count",
+        "_cursor",
+        "_access_cursor",
+        "_format",
+    }
     unknown = sorted(set(params) - known)
     if unknown:
         raise FhirError(
             400,
             "not-supported",
-            f"unknown AuditEvent search parameter(s): {', '.join(unknown)}; supported: entity, agent, date",
+            f"unknown AuditEvent search parameter(s): {', '.join(unknown)}; "
+            "supported: entity, patient, agent, date, subtype",
             expression=unknown[0],
         )
     count_text, cursor_text = params.get("_count", "50"), params.get("_cursor", "0")
-    if not count_text.isdigit() or not cursor_text.isdigit():
-        raise FhirError(400, "invalid", "_count and _cursor must be whole numbers")
+    access_cursor_text = params.get("_access_cursor", "0")
+    if not count_text.isdigit() or not cursor_text.isdigit() or not access_cursor_text.isdigit():
+        raise FhirError(400, "invalid", "_count, _cursor and _access_cursor must be whole numbers")
+    subtype = params.get("subtype")
+    if subtype is not None and subtype not in CHANGE_SUBTYPES + ACCESS_SUBTYPES:
+        raise FhirError(
+            400,
+            "invalid",
+            f"subtype={subtype[:40]!r} is not known; use one of {', '.join(CHANGE_SUBTYPES + ACCESS_SUBTYPES)}",
+            expression="subtype",
+        )
+    entity = params.get("entity")
+    patient = params.get("patient")
+    if patient is not None:
+        entity = patient if patient.startswith("Patient/") else f"Patient/{patient}"
     since, until = date_bounds(params.getlist("date"))
-    q = audit.AuditQuery(
-        entity=params.get("entity"),
-        agent=params.get("agent"),
-        since=since,
-        until=until,
-        after_seq=int(cursor_text),
-        limit=min(int(count_text), MAX_COUNT),
-    )
-    rows, next_seq = audit.search_trail(store, q) if visible else ([], None)
+    limit = min(int(count_text), MAX_COUNT)
+    rows: list[dict[str, Any]] = []
+    accesses: list[dict[str, Any]] = []
+    next_seq = next_access = None
+    if visible and (subtype is None or subtype in CHANGE_SUBTYPES):
+        q = audit.AuditQuery(
+            entity=entity,
+            agent=params.get("agent"),
+            since=since,
+            until=until,
+            after_seq=int(cursor_text),
+            limit=limit,
+        )
+        rows, next_seq = audit.search_trail(store, q)
+        if subtype is not None:
+            rows = [r for r in rows if r["action"] == subtype]
+    if visible and (subtype is None or subtype in ACCESS_SUBTYPES):
+        aq = access_log.AccessQuery(
+            entity=entity,
+            agent=params.get("agent"),
+            subtype=subtype,
+            since=since,
+            until=until,
+            after_seq=int(access_cursor_text),
+            limit=limit,
+        )
+        accesses, next_access = access_log.search_records(store, aq)
     base = str(request.base_url).rstrip("/") + "/fhir/AuditEvent"
-    keep = [(k, v) for k, v in params.multi_items() if k != "_cursor"]
+    keep = [(k, v) for k, v in params.multi_items() if k not in ("_cursor", "_access_cursor")]
     links = [{"relation": "self", "url": f"{base}?{urlencode(params.multi_items())}"}]
-    if next_seq is not None:
-        links.append({"relation": "next", "url": f"{base}?{urlencode(keep + [('_cursor', str(next_seq))])}"})
+    if next_seq is not None or next_access is not None:
+        cursors = [("_cursor", str(next_seq if next_seq is not None else _END))]
+        cursors.append(("_access_cursor", str(next_access if next_access is not None else _END)))
+        links.append({"relation": "next", "url": f"{base}?{urlencode(keep + cursors)}"})
+    entries = [
+        {
+            "fullUrl": f"{base}/audit-{r['seq']}",
+            "resource": audit.as_audit_event(r),
+            "search": {"mode": "match"},
+        }
+        for r in rows
+    ]
+    entries += [
+        {"fullUrl": f"{base}/access-{r['seq']}", "resource": as_access_event(r), "search": {"mode": "match"}}
+        for r in accesses
+    ]
     bundle: dict[str, Any] = {
         "resourceType": "Bundle",
         "type": "searchset",
         "meta": {"lastUpdated": datetime.now(UTC).isoformat().replace("+00:00", "Z")},
         "link": links,
-        "entry": [
-            {
-                "fullUrl": f"{base}/audit-{r['seq']}",
-                "resource": audit.as_audit_event(r),
-                "search": {"mode": "match"},
-            }
-            for r in rows
-        ],
+        "entry": entries,
     }
-    if next_seq is None and int(cursor_text) == 0:
-        bundle["total"] = len(rows)  # every match is on this first page (the trail is not counted otherwise)
+    if next_seq is None and next_access is None and int(cursor_text) == 0 and int(access_cursor_text) == 0:
+        bundle["total"] = len(
+            entries
+        )  # every match is on this first page (the trail is not counted otherwise)
     return Response(orjson.dumps(bundle), media_type=FHIR_JSON)
+
+
+#: A cursor past every entry: the next page of a kind that has no more.
+_END = 2**62
+
+
+# ---------------------------------------------------------------------------- access records
+_BALP_OUTCOME = {True: "0", False: "4"}  # success / minor failure (the request was refused or failed)
+
+
+def as_access_event(row: dict[str, Any]) -> dict[str, Any]:
+    """An access record as a FHIR R4 AuditEvent in the IHE BALP patterns (Basic Audit Log Patterns):
+    type ``rest``, subtype the interaction, the caller as the requestor agent with its network
+    address, the server as the custodian agent, an entity per patient or record returned, and the
+    query as an entity (type query, its text in ``query``, base64 as R4 wants)."""
+    actor = orjson.loads(row["actor"]) if row["actor"] else {}
+    ok = 200 <= int(row["outcome"]) < 400
+    who: dict[str, Any] = {"display": "anonymous (refused before authentication)"}
+    if row["sub"]:
+        who = {"identifier": {"system": "urn:hms-ach:sub", "value": row["sub"]}}
+    requestor: dict[str, Any] = {
+        "type": {
+            "coding": [
+                {"system": "http://terminology.hl7.org/CodeSystem/v3-ParticipationType", "code": "IRCP"}
+            ]
+        },
+        "who": who,
+        "requestor": True,
+    }
+    if isinstance(actor, dict):
+        if actor.get("client_id"):
+            requestor["altId"] = str(actor["client_id"])
+        if actor.get("roles"):
+            requestor["role"] = [{"text": str(r)} for r in actor["roles"]]
+        if actor.get("source_address"):
+            requestor["network"] = {"address": str(actor["source_address"]), "type": "2"}
+    server = {
+        "type": {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                    "code": "custodian",
+                }
+            ]
+        },
+        "who": {"display": "hms-ach"},
+        "requestor": False,
+    }
+    event: dict[str, Any] = {
+        "resourceType": "AuditEvent",
+        "id": f"access-{row['seq']}",
+        "type": {
+            "system": "http://terminology.hl7.org/CodeSystem/audit-event-type",
+            "code": "rest",
+            "display": "RESTful Operation",
+        },
+        "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": row["subtype"]}],
+        "action": "E" if row["subtype"] in ("search-type", "export") else "R",
+        "recorded": row["recorded"],
+        "outcome": _BALP_OUTCOME[ok],
+        "outcomeDesc": f"HTTP {row['outcome']}",
+        "agent": [requestor, server],
+        "source": {"observer": {"display": "hms-ach"}},
+        "entity": [],
+    }
+    for ref in row["entities"].split():
+        patient = ref.startswith("Patient/")
+        item: dict[str, Any] = {"what": {"reference": ref}}
+        item["type"] = {
+            "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
+            "code": "1",
+            "display": "Person" if patient else "System Object",
+        }
+        if patient:
+            item["role"] = {
+                "system": "http://terminology.hl7.org/CodeSystem/object-role",
+                "code": "1",
+                "display": "Patient",
+            }
+        event["entity"].append(item)
+    if row["query"]:
+        query: dict[str, Any] = {
+            "type": {
+                "system": "http://terminology.hl7.org/CodeSystem/audit-entity-type",
+                "code": "2",
+                "display": "System Object",
+            },
+            "role": {
+                "system": "http://terminology.hl7.org/CodeSystem/object-role",
+                "code": "24",
+                "display": "Query",
+            },
+            "query": base64.b64encode(row["query"].encode()).decode(),
+            "description": row["query"],
+        }
+        if row["result_count"] is not None:
+            query["detail"] = [{"type": "result-count", "valueString": str(row["result_count"])}]
+        event["entity"].append(query)
+    return event
+
+
+def record_access(
+    request: Request,
+    subtype: str,
+    resource_type: str,
+    outcome: int,
+    entities: Sequence[str] = (),
+    result_count: int | None = None,
+) -> None:
+    """Queue one access record for ``request`` (its caller, path and query); never waits for a commit.
+    Does nothing when the engine runs no access audit (a bare app in a test)."""
+    access_log.record_request(request, subtype, resource_type, outcome, entities, result_count)
+
+
+def record_refusal(scope: MutableMapping[str, Any], status: int, peer: str | None) -> None:
+    """Queue the access record of a request refused before routing (401 from the authentication
+    middleware): no caller, its source address, the interaction and query it asked for."""
+    app = scope.get("app")
+    recorder: access_log.AccessLog | None = getattr(getattr(app, "state", None), "access_audit", None)
+    if recorder is None:
+        return
+    path = str(scope.get("path", ""))
+    subtype, rtype = access_log.interaction_of(str(scope.get("method", "GET")), path)
+    query_bytes = scope.get("query_string", b"")
+    query = path + ("?" + query_bytes.decode("latin-1") if query_bytes else "")
+    sub, actor = access_log.http_actor(None, peer)
+    recorder.record(access_log.Access(subtype, rtype, status, sub, actor, (), None, query))
+
+
+#: Kept here for callers of the FHIR layer; defined with the access records.
+interaction_of = access_log.interaction_of

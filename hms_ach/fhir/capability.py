@@ -58,14 +58,27 @@ AUDIT_PARAMS: list[dict[str, str]] = [
         "name": "agent",
         "type": "token",
         "documentation": "Who made the change: a channel name from channels.yaml, or api / api/<client>; "
-        "matched exactly or as the prefix before '/'. Unlike the base AuditEvent-agent "
-        "parameter this is a name, not a reference",
+        "matched exactly or as the prefix before '/'; for an access, the caller's sub. Unlike the "
+        "base AuditEvent-agent parameter this is a name, not a reference",
     },
     {
         "name": "date",
         "type": "date",
         "definition": "http://hl7.org/fhir/SearchParameter/AuditEvent-date",
         "documentation": "The recorded instant, with the eq/ge/gt/le/lt prefixes; repeat it for a range",
+    },
+    {
+        "name": "patient",
+        "type": "reference",
+        "definition": "http://hl7.org/fhir/SearchParameter/AuditEvent-patient",
+        "documentation": "Patient/id or id: the changes of that Patient, and the accesses that returned "
+        "it or a record referring to it",
+    },
+    {
+        "name": "subtype",
+        "type": "token",
+        "definition": "http://hl7.org/fhir/SearchParameter/AuditEvent-subtype",
+        "documentation": "create, update, delete (changes); read, vread, search-type, history (accesses)",
     },
 ]
 

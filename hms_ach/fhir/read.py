@@ -28,6 +28,21 @@ from hms_ach.store.db import Store
 MAX_FORM_BYTES = 64 * 1024
 HISTORY_DEFAULT_COUNT = 20
 _ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_PATIENT_REF = re.compile(r'"reference":\s*"(Patient/[A-Za-z0-9\-.]{1,64})"')
+
+
+class Seen:
+    """What a read handed out, for its access record: the references (each record, and the patients
+    it refers to) and, for a search, the number of matches."""
+
+    def __init__(self) -> None:
+        self.refs: list[str] = []
+        self.count: int | None = None
+
+    def add(self, resource_type: str, rid: str, text: str | None) -> None:
+        self.refs.append(f"{resource_type}/{rid}")
+        if text is not None and resource_type != "Patient":
+            self.refs.extend(_PATIENT_REF.findall(text))
 
 
 def _http_date(value: datetime) -> str:
@@ -59,7 +74,12 @@ def _version_headers(found: resources.StoredVersion) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------- handlers
 def read(
-    store: Store, resource_type: str, rid: str, if_none_match: str | None, decision: Decision = UNLIMITED
+    store: Store,
+    resource_type: str,
+    rid: str,
+    if_none_match: str | None,
+    decision: Decision = UNLIMITED,
+    seen: Seen | None = None,
 ) -> Response:
     """``GET T/id``; outside the ``decision``'s patient compartment the record is not known (404)."""
     check_served(resource_type)
@@ -69,6 +89,8 @@ def read(
     if found is None:
         raise _not_found(resource_type, rid)
     check_record(decision, resource_type, rid, found.text)
+    if seen is not None:
+        seen.add(resource_type, rid, found.text)
     headers = _version_headers(found)
     if found.deleted:
         raise FhirError(410, "deleted", f"{resource_type}/{rid} was deleted", headers=headers)
@@ -77,7 +99,14 @@ def read(
     return fhir_response(found.text.encode(), headers=headers)
 
 
-def vread(store: Store, resource_type: str, rid: str, vid: str, decision: Decision = UNLIMITED) -> Response:
+def vread(
+    store: Store,
+    resource_type: str,
+    rid: str,
+    vid: str,
+    decision: Decision = UNLIMITED,
+    seen: Seen | None = None,
+) -> Response:
     """``GET T/id/_history/vid``; a version outside the ``decision``'s patient compartment is not
     known (404): membership is decided by that version's own content."""
     check_served(resource_type)
@@ -87,6 +116,8 @@ def vread(store: Store, resource_type: str, rid: str, vid: str, decision: Decisi
     if found is None:
         raise _not_found(resource_type, f"{rid}/_history/{vid}")
     check_record(decision, resource_type, rid, found.text, f"{rid}/_history/{vid}")
+    if seen is not None:
+        seen.add(resource_type, rid, found.text)
     headers = _version_headers(found)
     if found.deleted:
         raise FhirError(410, "deleted", f"{resource_type}/{rid} version {vid} is a deletion", headers=headers)
@@ -100,6 +131,7 @@ def history(
     rid: str,
     params: dict[str, str],
     decision: Decision = UNLIMITED,
+    seen: Seen | None = None,
 ) -> Response:
     """``GET T/id/_history``; under a patient compartment the record's current version must be in it
     (else 404), and then every version is served."""
@@ -128,6 +160,8 @@ def history(
                 check_record(decision, resource_type, rid, version.text)
             except FhirError:
                 continue  # a version from before the record entered the compartment
+        if seen is not None:
+            seen.add(resource_type, rid, version.text)
         method = "DELETE" if version.deleted else ("POST" if version.version == 1 else "PUT")
         status = (
             "204 No Content" if version.deleted else ("201 Created" if version.version == 1 else "200 OK")
@@ -170,6 +204,7 @@ def search_type(
     params: list[tuple[str, str]],
     strict: bool,
     access: search.Access = search.EVERYTHING,
+    seen: Seen | None = None,
 ) -> Response:
     """``GET T`` and ``POST T/_search``: the matches and ``_include``-s the caller may see
     (``access``, applied in the SQL)."""
@@ -184,6 +219,12 @@ def search_type(
     links = [("self", f"{url}?{self_query}" if self_query else url)]
     if page.next_cursor is not None:
         links.append(("next", f"{url}?{query.next_query(page.next_cursor)}"))
+    if seen is not None:
+        for rid, text in page.matches:
+            seen.add(resource_type, rid, text)
+        for rtype, rid, text in page.included:
+            seen.add(rtype, rid, text)
+        seen.count = page.total if page.total is not None else len(page.matches)
     entries = [entry(f"{url}/{rid}", text, {"search": {"mode": "match"}}) for rid, text in page.matches]
     entries += [
         entry(f"{base}/{rtype}/{rid}", text, {"search": {"mode": "include"}})

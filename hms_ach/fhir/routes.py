@@ -19,6 +19,8 @@ threadpool on short reader connections. Every error is an OperationOutcome (see
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import orjson
 from fastapi import APIRouter, Depends, Request
@@ -79,6 +81,28 @@ def _search_access(request: Request, resource_type: str) -> Access:
     return access.search_access(policy)
 
 
+@contextmanager
+def _audited(
+    request: Request, subtype: str, resource_type: str, seen: reads.Seen, rid: str | None = None
+) -> Iterator[Callable[[Response], Response]]:
+    """Record one access for the read inside the block: ``done(response)`` records its status and
+    what ``seen`` collected; a :class:`FhirError` (403, 404, 410...) is recorded with its status and
+    the record asked for, then raised on. Queues only: never waits for a commit."""
+
+    def done(response: Response) -> Response:
+        audit_events.record_access(
+            request, subtype, resource_type, response.status_code, seen.refs, seen.count
+        )
+        return response
+
+    try:
+        yield done
+    except FhirError as exc:
+        asked = [f"{resource_type}/{rid}"] if rid is not None else []
+        audit_events.record_access(request, subtype, resource_type, exc.status, seen.refs or asked)
+        raise
+
+
 def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) -> APIRouter:
     """Every ``/fhir`` route over ``store`` (reads use ``store.reader``; writes the pipeline of the
     ``fhir_rest`` channel that ``write_channel`` finds, and answer 405 when it finds none)."""
@@ -128,47 +152,68 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
 
     @router.get("/{resource_type}", dependencies=negotiated)
     def search_get(resource_type: str, request: Request) -> Response:
-        reads.check_served(resource_type)
-        scope = _search_access(request, resource_type)
-        params = list(request.query_params.multi_items())
-        return reads.search_type(store, _base(request), resource_type, params, _strict(request), scope)
+        seen = reads.Seen()
+        with _audited(request, "search-type", resource_type, seen) as done:
+            reads.check_served(resource_type)
+            scope = _search_access(request, resource_type)
+            params = list(request.query_params.multi_items())
+            return done(
+                reads.search_type(store, _base(request), resource_type, params, _strict(request), scope, seen)
+            )
 
     @router.post("/{resource_type}/_search", dependencies=negotiated)
     async def search_post(resource_type: str, request: Request) -> Response:
-        reads.check_served(resource_type)
-        scope = _search_access(request, resource_type)
-        params = list(request.query_params.multi_items()) + await reads.form_params(request)
-        return await run_in_threadpool(
-            reads.search_type, store, _base(request), resource_type, params, _strict(request), scope
-        )
+        seen = reads.Seen()
+        with _audited(request, "search-type", resource_type, seen) as done:
+            reads.check_served(resource_type)
+            scope = _search_access(request, resource_type)
+            params = list(request.query_params.multi_items()) + await reads.form_params(request)
+            return done(
+                await run_in_threadpool(
+                    reads.search_type,
+                    store,
+                    _base(request),
+                    resource_type,
+                    params,
+                    _strict(request),
+                    scope,
+                    seen,
+                )
+            )
 
     inline = store.dialect == "sqlite"
 
     @router.get("/{resource_type}/{rid}", dependencies=negotiated)
     async def read(resource_type: str, rid: str, request: Request) -> Response:
-        reads.check_served(resource_type)
-        decision = access.require(request, resource_type, "read")
-        inm = request.headers.get("if-none-match")
-        # A read by id is one primary-key look-up. On SQLite (a local file, no pool to wait for) it
-        # runs on the event loop: a thread hand-off would cost more than the read. On PostgreSQL
-        # it waits on the network and the pool, so it goes to the thread pool like the searches.
-        if inline:
-            return reads.read(store, resource_type, rid, inm, decision)
-        return await run_in_threadpool(reads.read, store, resource_type, rid, inm, decision)
+        seen = reads.Seen()
+        with _audited(request, "read", resource_type, seen, rid) as done:
+            reads.check_served(resource_type)
+            decision = access.require(request, resource_type, "read")
+            inm = request.headers.get("if-none-match")
+            # A read by id is one primary-key look-up. On SQLite (a local file, no pool to wait for) it
+            # runs on the event loop: a thread hand-off would cost more than the read. On PostgreSQL
+            # it waits on the network and the pool, so it goes to the thread pool like the searches.
+            if inline:
+                return done(reads.read(store, resource_type, rid, inm, decision, seen))
+            return done(await run_in_threadpool(reads.read, store, resource_type, rid, inm, decision, seen))
 
     @router.get("/{resource_type}/{rid}/_history", dependencies=negotiated)
     def history(resource_type: str, rid: str, request: Request) -> Response:
-        reads.check_served(resource_type)
-        decision = access.require(request, resource_type, "history")
-        params = dict(request.query_params)
-        return reads.history(store, _base(request), resource_type, rid, params, decision)
+        seen = reads.Seen()
+        with _audited(request, "history", resource_type, seen, rid) as done:
+            reads.check_served(resource_type)
+            decision = access.require(request, resource_type, "history")
+            params = dict(request.query_params)
+            return done(reads.history(store, _base(request), resource_type, rid, params, decision, seen))
 
     @router.get("/{resource_type}/{rid}/_history/{vid}", dependencies=negotiated)
     async def vread(resource_type: str, rid: str, vid: str, request: Request) -> Response:
-        reads.check_served(resource_type)
-        decision = access.require(request, resource_type, "vread")
-        if inline:  # one primary-key look-up, as read
-            return reads.vread(store, resource_type, rid, vid, decision)
-        return await run_in_threadpool(reads.vread, store, resource_type, rid, vid, decision)
+        seen = reads.Seen()
+        with _audited(request, "vread", resource_type, seen, rid) as done:
+            reads.check_served(resource_type)
+            decision = access.require(request, resource_type, "vread")
+            if inline:  # one primary-key look-up, as read
+                return done(reads.vread(store, resource_type, rid, vid, decision, seen))
+            return done(await run_in_threadpool(reads.vread, store, resource_type, rid, vid, decision, seen))
 
     return router

@@ -50,7 +50,7 @@ from hms_ach.ingest.pipeline import (
     commit,
     find_nul,
 )
-from hms_ach.store import messages
+from hms_ach.store import access_log, messages
 from hms_ach.store.errors import StoreUnavailable
 from hms_ach.store.port import Tx
 from hms_ach.store.resources import store_request_line
@@ -177,6 +177,7 @@ def _meta(channel: FhirRestChannel, request: Request, raw: bytes, what: str) -> 
         content_type="fhir+json",
         control_id=request_id,
         message_type=what[:50],
+        actor=access_log.request_actor(request),
     )
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from hms_ach.ingest.pipeline import Duplicate, Envelope, Finish, commit, finish, only_finish
-from hms_ach.store import messages
+from hms_ach.store import audit, messages
 from hms_ach.store.port import Tx
 from hms_ach.store.writer import StoreWriter
 
@@ -125,6 +125,8 @@ class FileLog:
             idempotency_key=key,
             control_id=control_id[:200],
             sending_application=self.source,
+            # who for the audit trail: the channel, the transport and the file (with its line, for a row)
+            actor=audit.actor_json(kind=self.source, channel=self.channel, file=control_id[:200]),
             message_type=self.message_type,
             raw=raw,
         )

@@ -670,10 +670,12 @@ class Pipeline:
         self.writer = writer
         self.engine = engine
 
-    async def process_hl7(self, raw: bytes, policy: Hl7Policy) -> Outcome:
+    async def process_hl7(self, raw: bytes, policy: Hl7Policy, actor: str | None = None) -> Outcome:
         """Evaluate and commit one HL7 message; its writer jobs run in its channel's lane, so that
-        one busy channel cannot fill every group commit (store/writer.py)."""
+        one busy channel cannot fill every group commit (store/writer.py). ``actor``: who sent it
+        (JSON, see :func:`hms_ach.store.audit.actor_json`), for the audit trail."""
         ev = evaluate(raw, policy, self.engine)
+        ev.meta.actor = actor
         try:
             outcome = await self.writer.run(commit_hl7(ev, policy), lane=policy.channel)
         except StoreUnavailable:

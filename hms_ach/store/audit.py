@@ -97,7 +97,24 @@ def diff(before: Any, after: Any, path: str = "") -> list[dict[str, Any]]:
 
 
 def _payload(row: dict[str, Any]) -> bytes:
-    return orjson.dumps({k: row[k] for k in _HASHED}, option=orjson.OPT_SORT_KEYS)
+    """The hashed fields; ``actor`` only when set, so entries written before it verify unchanged."""
+    fields = {k: row[k] for k in _HASHED}
+    if row.get("actor") is not None:
+        fields["actor"] = row["actor"]
+    return orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
+
+
+def actor_json(**fields: Any) -> str:
+    """Who acted, as the ``actor`` text of an audit entry: ``kind`` (http, mllp, file, system) and
+    its fields, None values kept (a field is named even when unknown, e.g. ``certificate_subject``)."""
+    return orjson.dumps(fields, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def _actor(message_id: int | None, cache: dict[str, Any]) -> str | None:
+    cached = cache.get("message.actor")  # (id, actor JSON), see store/messages.py
+    if cached is not None and message_id is not None and cached[0] == message_id:
+        return cached[1]  # type: ignore[no-any-return]
+    return None
 
 
 def plain_hash(row: dict[str, Any]) -> str:
@@ -169,6 +186,7 @@ def record(conn: Connection, change: Change) -> None:
         "message_id": change.message_id,
         "diff": orjson.dumps(diff(before or {}, after or {})).decode(),
         "prev_hash": last or GENESIS,
+        "actor": _actor(change.message_id, cache),
     }
     row["hash"] = entry_hash(row, seal)
     fastexec.insert_rows(conn, T, [row])
@@ -421,6 +439,35 @@ def _public(row: Any, seal: AuditSeal) -> dict[str, Any]:
 _ACTION_CODES = {"create": "C", "update": "U", "delete": "D"}
 
 
+def _change_agent(row: dict[str, Any]) -> dict[str, Any]:
+    """The AuditEvent agent of a change entry: the channel (``agent``), and who acted when known."""
+    agent: dict[str, Any] = {"who": {"display": row["agent"]}, "name": row["agent"], "requestor": True}
+    actor = orjson.loads(row["actor"]) if row.get("actor") else None
+    if not isinstance(actor, dict):
+        return agent
+    if actor.get("sub"):
+        # who: the authenticated caller; name stays the channel (or the API) that took the request
+        agent["who"] = {
+            "identifier": {"system": "urn:hms-ach:sub", "value": str(actor["sub"])},
+            "display": row["agent"],
+        }
+    if actor.get("client_id"):
+        agent["altId"] = str(actor["client_id"])
+    if actor.get("roles"):
+        agent["role"] = [{"text": str(r)} for r in actor["roles"]]
+    address = actor.get("source_address") or actor.get("peer")
+    if address:
+        agent["network"] = {"address": str(address), "type": "2"}
+    details = [
+        {"url": f"urn:hms-ach:{k}", "valueString": str(actor[k])}
+        for k in ("kind", "channel", "peer", "certificate_subject", "file")
+        if actor.get(k)
+    ]
+    if details:
+        agent.setdefault("extension", []).extend(details)
+    return agent
+
+
 def as_audit_event(row: dict[str, Any]) -> dict[str, Any]:
     """An audit row rendered as a FHIR R4 AuditEvent (rest operation on the record)."""
     event: dict[str, Any] = {
@@ -440,7 +487,7 @@ def as_audit_event(row: dict[str, Any]) -> dict[str, Any]:
         "action": _ACTION_CODES[row["action"]],
         "recorded": row["recorded"],
         "outcome": "0",
-        "agent": [{"who": {"display": row["agent"]}, "name": row["agent"], "requestor": True}],
+        "agent": [_change_agent(row)],
         "source": {"observer": {"display": "hms-ach"}},
         "entity": [
             {

@@ -36,3 +36,28 @@ class AuditSettings(BaseModel):
         "(`ssn`, at any depth) or a dotted path from the record root (`contact.ssn`; list "
         "positions are skipped)",
     )
+    access_records: bool = Field(
+        True,
+        description="Write an access record (a BALP AuditEvent) for every read, search, history and "
+        "refusal of patient or staff data; off only to measure its cost (benchmarks) or in development",
+    )
+    access_queue_entries: int = Field(
+        10000,
+        ge=100,
+        le=1_000_000,
+        description="Access records waiting to be written at most; past it a read waits up to "
+        "access_overflow_wait_seconds for room, then its record is dropped, counted and logged, and "
+        "readiness fails for a minute",
+    )
+    access_batch_entries: int = Field(
+        500, ge=1, le=10_000, description="Access records written in one transaction at most"
+    )
+    access_flush_interval_seconds: float = Field(
+        0.2, gt=0, le=60, description="Longest time an access record waits in the queue before it is written"
+    )
+    access_overflow_wait_seconds: float = Field(
+        0.05,
+        ge=0,
+        le=5,
+        description="How long a read waits for room in a full access queue before its record is dropped",
+    )

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, event
+from sqlalchemy import Connection, event, inspect, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlmodel import SQLModel, create_engine
@@ -58,7 +58,22 @@ def make_engine(url: str, *, create: bool = True, writer: bool = True) -> Engine
         _configure_sqlite(engine, immediate=writer)
     if create:
         SQLModel.metadata.create_all(engine)
+        _add_columns(engine)
     return engine
+
+
+#: Columns added to existing tables after the first release: (table, column, SQL type). create_all
+#: makes new tables only, so a store of an earlier version gains these here, once, on open.
+_ADDED_COLUMNS = (("audit_entry", "actor", "TEXT"),)
+
+
+def _add_columns(engine: Engine) -> None:
+    inspector = inspect(engine)
+    for table, column, sql_type in _ADDED_COLUMNS:
+        if column not in {c["name"] for c in inspector.get_columns(table)}:
+            guard = "IF NOT EXISTS " if engine.dialect.name == "postgresql" else ""  # two starting at once
+            with engine.begin() as conn:
+                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {guard}{column} {sql_type}"))
 
 
 def _configure_sqlite(engine: Engine, *, immediate: bool) -> None:

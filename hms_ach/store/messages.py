@@ -45,6 +45,8 @@ class MessageMeta:
     partition_key: str | None = None
     #: Hex SHA-256 of the content (keyed HL7 v2): stored beside the row, compared on a key conflict.
     content_hash: str | None = None
+    #: Who sent it, as JSON for the audit trail's ``actor`` (see :func:`hms_ach.store.audit.actor_json`).
+    actor: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,9 @@ def find_by_key(conn: Connection, key: str) -> StoredMessage | None:
 def _remember(conn: Connection, message_id: int, meta: MessageMeta, status: str = "received") -> None:
     """Keep who sent the message for the rest of the transaction (the audit trail's agent), and
     store its content hash (none for a ``duplicate`` row: its original has it)."""
-    txcache.cache(conn)["message.sender"] = (message_id, meta.channel, meta.sending_application)
+    cache = txcache.cache(conn)
+    cache["message.sender"] = (message_id, meta.channel, meta.sending_application)
+    cache["message.actor"] = (message_id, meta.actor)
     if meta.content_hash and status != "duplicate":
         fastexec.execute(
             conn,

@@ -149,6 +149,40 @@ class AuditEntry(SQLModel, table=True):
     diff: str = Field(sa_type=Text, description="JSON list of {op, path, old, new}")
     prev_hash: str = Field(max_length=64)
     hash: str = Field(max_length=64, unique=True)
+    actor: str | None = Field(
+        default=None,
+        sa_type=Text,
+        description="who acted, JSON (http: sub, client_id, roles, source_address; mllp: channel, peer, "
+        "certificate_subject; file: channel, file); hashed when set. Added after the first release: "
+        "db.make_engine adds the column to older stores",
+    )
+
+
+class AccessRecord(SQLModel, table=True):
+    """One access (read, vread, search, history, export) of patient or staff data, or its refusal.
+
+    Written in batches by :mod:`hms_ach.store.access_log`; served as BALP AuditEvents at /fhir/AuditEvent.
+    """
+
+    __tablename__ = "access_record"
+    __table_args__ = (
+        Index("ix_access_recorded", "recorded"),
+        Index("ix_access_sub", "sub"),
+    )
+
+    seq: int | None = Field(default=None, primary_key=True)
+    recorded: str = Field(max_length=40, description="UTC instant, fixed-width ISO 8601 (sorts as text)")
+    subtype: str = Field(max_length=32, description="read | vread | search-type | history | export")
+    resource_type: str = Field(max_length=64, description="the type read or searched; '' when unknown")
+    outcome: int = Field(description="the HTTP status answered (200, 401, 403, 404...)")
+    sub: str = Field(default="", max_length=255, description="the caller's sub ('' before authentication)")
+    actor: str = Field(sa_type=Text, description="who, JSON: sub, client_id, roles, source_address")
+    entities: str = Field(
+        default="", sa_type=Text, description="space-separated references returned ('Patient/1 Patient/2')"
+    )
+    result_count: int | None = Field(default=None, description="matches of a search")
+    query: str = Field(default="", sa_type=Text, description="the request's path and query string")
+    hash: str = Field(max_length=64, description="HMAC-SHA256 of the row under the audit entry key")
 
 
 class ResourceHistory(SQLModel, table=True):

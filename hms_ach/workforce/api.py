@@ -55,7 +55,7 @@ from hms_ach.fhir.outcomes import FhirError, http_error
 from hms_ach.fhir.write import VERIFICATION_EXT, Operation, prepare, request_job
 from hms_ach.ingest import pipeline
 from hms_ach.ingest.pipeline import Duplicate, Finish, Pipeline
-from hms_ach.store import audit, messages
+from hms_ach.store import access_log, audit, messages
 from hms_ach.store import workforce_queries as wq
 from hms_ach.store.db import Store
 from hms_ach.store.errors import StoreUnavailable
@@ -170,12 +170,26 @@ def _field_errors(errors: list[Any], prefix: tuple[Any, ...] = ()) -> list[dict[
     ]
 
 
+#: GET paths that write their own access record (with what they returned) or none (the audit trail).
+_SELF_RECORDED = frozenset({"/api/v1/shifts", "/api/v1/audit"})
+
+
 class ProblemRoute(APIRoute):
     """Routes whose errors (validation, Problem, a rule's error, FhirError from the write path) are
     problem details."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
+
+        async def audited(request: Request) -> Response:
+            """Every GET of staff data writes an access record with its status (docs/audit.md);
+            ``GET /shifts`` records its own (with the shifts returned), the trail's readers none."""
+            response = await guarded(request)
+            path = str(request.scope.get("path", ""))
+            if request.method == "GET" and path not in _SELF_RECORDED:
+                subtype, rtype = access_log.interaction_of("GET", path)
+                access_log.record_request(request, subtype, rtype, response.status_code)
+            return response
 
         async def guarded(request: Request) -> Response:
             try:
@@ -200,7 +214,7 @@ class ProblemRoute(APIRoute):
                     exc.status, exc.code.replace("-", " ").capitalize(), exc.diagnostics, errors
                 ).response(request.url.path)
 
-        return guarded
+        return audited
 
 
 # ---------------------------------------------------------------------------- models
@@ -442,6 +456,7 @@ def _meta(request: Request, what: str, body: bytes) -> messages.MessageMeta:
         message_type=what[:50],
         control_id=request.headers.get("x-request-id", "")[:200] or str(uuid.uuid4()),
         sending_application=client,
+        actor=access_log.request_actor(request),
     )
 
 
@@ -718,8 +733,12 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
         limit: int = limit_q,
         cursor: str | None = cursor_q,
     ) -> dict[str, Any]:
-        access = allowed(request, "shifts.read")
-        employee_id = narrowed(access, employee_id)
+        try:
+            access = allowed(request, "shifts.read")
+            employee_id = narrowed(access, employee_id)
+        except RoleDenied:  # denied reads are audited too (docs/audit.md)
+            access_log.record_request(request, "search-type", "shifts", 403)
+            raise
         lo = _query_time(start_from, "start_from")
         hi = _query_time(start_before, "start_before")
 
@@ -753,7 +772,11 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
             return _scan_page(found, keep, limit)
 
         page, nxt = wq.read(store, page_of)
-        return {"items": [shift_view(s) for s in page], "next_cursor": nxt}
+        items = [shift_view(s) for s in page]
+        seen = [f"Shift/{s['id']}" for s in items]
+        seen += [f"Practitioner/{s['employee_id']}" for s in items if s["employee_id"]]
+        access_log.record_request(request, "search-type", "shifts", 200, seen, len(items))
+        return {"items": items, "next_cursor": nxt}
 
     @router.post("/shifts", status_code=201, summary="Create (or, with the same shift_id, replace) a shift")
     async def create_shift(body: ShiftIn, request: Request) -> Response:

@@ -340,7 +340,13 @@ def test_capability_statement_is_valid_and_generated(http: httpx.Client) -> None
         assert res.conditionalCreate is None and res.versioning == "versioned"
     assert not cs.rest[0].interaction
     assert [i.code for i in resources["AuditEvent"].interaction or []] == ["search-type"]
-    assert {p.name for p in resources["AuditEvent"].searchParam or []} == {"entity", "agent", "date"}
+    assert {p.name for p in resources["AuditEvent"].searchParam or []} == {
+        "entity",
+        "agent",
+        "date",
+        "patient",
+        "subtype",
+    }
     qual = next(p for p in resources["Practitioner"].searchParam or [] if p.name == "qualification-period")
     assert qual.definition == "urn:hms-ach:fhir:SearchParameter/Practitioner-qualification-period"
     assert "Encounter:patient" in (resources["Encounter"].searchInclude or [])

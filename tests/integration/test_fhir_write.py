@@ -370,6 +370,8 @@ async def test_capability_statement_declares_what_the_server_does(http: httpx.As
         ("entity", "reference"),
         ("agent", "token"),
         ("date", "date"),
+        ("patient", "reference"),
+        ("subtype", "token"),
     }
     qual = next(p for p in resources["Practitioner"].searchParam or [] if p.name == "qualification-period")
     assert qual.type == "date" and qual.definition and "qualification.period" in (qual.documentation or "")
@@ -455,4 +457,4 @@ async def test_capability_statement_declares_what_the_server_does(http: httpx.As
         )
     ).json()
     assert len(events["entry"]) == 2  # the create and the update
-    assert_outcome(await http.get("/AuditEvent", params={"patient": "x"}), 400)
+    assert_outcome(await http.get("/AuditEvent", params={"outcome": "x"}), 400)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
 import os
 import shutil
@@ -28,6 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fhirpy import AsyncFHIRClient
+from sqlalchemy import text
 from typer.testing import CliRunner
 
 from hms_ach.app.cli import app as cli_app
@@ -531,6 +533,14 @@ async def test_engine_serves_https_to_httpx_and_fhirpy_and_mllp_tls_to_hms_ach_s
         )
         assert sent.returncode == 0, sent.stderr
         assert "-> ACK AA" in sent.stdout
+        # the audit trail names the sender by its certificate subject (issue 14, item 5)
+        with engine.store.read() as conn:
+            actors = [
+                json.loads(a)
+                for (a,) in conn.execute(text("SELECT actor FROM audit_entry WHERE actor IS NOT NULL"))
+            ]
+        assert actors and all(a["kind"] == "mllp" for a in actors)
+        assert {a["certificate_subject"] for a in actors} == {"CN=lab-analyzer,O=Test Hospital,C=US"}, actors
         # the server certificate is verified by default: without --cacert it is not trusted
         untrusted = await asyncio.to_thread(
             _hms_ach,

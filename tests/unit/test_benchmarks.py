@@ -80,6 +80,11 @@ def test_smoke_run_writes_valid_results(smoke_results: Path) -> None:
     assert figures["B"]["1_connection"]["msg_per_s"]["samples"]
     assert set(figures["B"]["1_connection"]["ack_codes"]) <= {"AA", "CA"}
     assert figures["C"]["sizes"]
+    for entry in figures["C"]["sizes"].values():  # each query with auth + access audit on, beside off
+        for kind in ("read", "family", "encounter"):
+            assert entry[kind + "_secured"]["req_per_s"]["median"] > 0
+            assert "problem" not in entry[kind + "_secured"], entry[kind + "_secured"]["problem"]
+            assert entry[kind + "_secured_ratio"] is not None
     d = figures["D"]
     assert (
         d["rows"] > 0
