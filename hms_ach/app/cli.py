@@ -875,9 +875,9 @@ def audit_verify(
     Exit 0 with "intact: N entries, last checkpoint at T"; exit 1 with one line naming what was
     found: an edited entry, a chain recomputed without the key, deleted entries, a truncated tail,
     a forged checkpoint."""
-    from hms_ach.store import audit
+    from hms_ach.store import access_log, audit
     from hms_ach.store.audit_checkpoints import CheckpointError, read_checkpoints
-    from hms_ach.store.audit_keys import open_seal
+    from hms_ach.store.audit_keys import attach, open_seal
     from hms_ach.store.db import Store, database_url
 
     cfg = _load(config) if config.exists() else Config()
@@ -903,11 +903,15 @@ def audit_verify(
         except CheckpointError as exc:
             broken(exc.kind, str(exc))
     url = database or database_url(cfg.engine.database_url)
+    edited_access: list[int] = []
     try:
         store = Store(url)
         try:
+            attach(store, seal)
             with store.read() as conn:
                 result = audit.verify(conn, seal, checkpoints)
+                if seal.key is not None:  # each access record carries an HMAC under the same key
+                    edited_access = access_log.verify_rows(conn)
         finally:
             store.dispose()
     except Exception as exc:  # noqa: BLE001 - the store cannot be read (bad URL, unreachable): one line
@@ -915,6 +919,11 @@ def audit_verify(
         raise typer.Exit(2) from exc
     if not result.ok:
         broken(result.problem, result.reason)
+    if edited_access:
+        shown = ", ".join(str(seq) for seq in edited_access[:10])
+        broken(
+            "edited-access-record", f"{len(edited_access)} access record(s) do not match their hash: {shown}"
+        )
     last = result.last_checkpoint
     line = f"intact: {result.checked} entries, " + (
         f"last checkpoint at {last.at} ({last.count} entries)" if last else "no checkpoint yet"

@@ -19,8 +19,10 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, select, text
+from typer.testing import CliRunner
 
+from hms_ach.app.cli import app as cli_app
 from hms_ach.app.config import load_config
 from hms_ach.app.runtime import Engine
 from hms_ach.hl7v2.client import send_messages
@@ -238,6 +240,16 @@ async def test_queued_records_are_flushed_on_shutdown(tmp_path: Path, store: Sto
         assert access_log.verify_rows(conn) == []
     reopened.dispose()
     assert count == 50 and eng.access_audit.queued == 0
+
+    # `hms-ach audit verify` checks the access records too, and names an edited one
+    args = ["audit", "verify", "--config", str(eng.config.source), "--database", store.url]
+    verified = CliRunner().invoke(cli_app, args)
+    assert verified.exit_code == 0, verified.output
+    with store.writer.begin() as conn:  # someone with database access hides who read what
+        conn.execute(text("UPDATE access_record SET sub = 'nobody' WHERE seq = 7"))
+    tampered = CliRunner().invoke(cli_app, args)
+    assert tampered.exit_code == 1 and "edited-access-record" in tampered.output, tampered.output
+    assert ": 7" in tampered.output
 
 
 def test_a_full_queue_drops_counts_and_fails_readiness(store: Store) -> None:
