@@ -142,6 +142,9 @@ class RateLimitedHandler(logging.Handler):
             return out
 
     def flush(self) -> None:
+        stream = getattr(self.target, "stream", None)
+        if stream is not None and getattr(stream, "closed", False):
+            return  # the stream is gone (a test runner's capture, a closed pipe): nothing can be written
         for summary in self.pending_summaries():
             self.target.handle(summary)
         self.target.flush()
