@@ -151,7 +151,7 @@ class Acks:
     ack_code: str  #: its MSA-1: AA/AE/AR, or CA/CR
     send: bool  #: original mode: always; enhanced mode: as MSH-15 says
     app_ack: str | None = None  #: enhanced mode, unless refused at commit: the application ACK
-    app_code: str | None = None  #: its MSA-1: AA or AE
+    app_code: str | None = None  #: its MSA-1: AA or AE (AR: refused, and MSH-15 suppressed the CR)
     app_send: bool = False  #: as MSH-16 says
 
     @property
@@ -169,10 +169,15 @@ def acknowledge(header: MshHeader, code: str, error: MessageError | None = None)
     """The ACKs answering a stored message whose outcome is ``code`` (AA/AE/AR) with ``error``.
 
     Original mode: one ACK, ``code``, with the ERR. Enhanced mode: the commit ACK (CA; CR with the
-    ERR for AR) and, unless refused, the application ACK (AA; AE with the ERR). Each is built
+    ERR for AR) and, unless refused, the application ACK (AA; AE with the ERR); a refused message
+    whose MSH-15 suppresses the CR gets an application ACK AR with the ERR instead. Each is built
     whether or not it is sent, so that a resend is answered from what was stored."""
     first = commit_code(header, code)
     app = application_code(header, code)
+    if app is None and first == "CR" and not should_send_commit(header, first):
+        # Refused, and MSH-15 (NE, SU) wants no CR: were the application ACK left out too, a sender
+        # waiting for the one MSH-16 asked for (AL, ER) would never learn of the refusal. It says AR.
+        app = "AR"
     ack = ack_message(header, first, error if app is None else None)
     app_ack = ack_message(header, app, error, application=True) if app is not None else None
     return Acks(
