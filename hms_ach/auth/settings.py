@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Iterable, Mapping
 from typing import Literal
@@ -21,6 +20,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hms_ach.core.addresses import is_loopback_host
 from hms_ach.core.errors import ConfigError
 
 AuthMode = Literal["local", "oidc", "off"]
@@ -186,18 +186,6 @@ def with_environment(settings: AuthSettings, environ: Mapping[str, str] | None =
             f"auth settings with {names} from the environment are invalid: {what}",
             expected=f"{ENV_MODE} one of local, oidc, off",
         ) from exc
-
-
-def is_loopback_host(host: str) -> bool:
-    """Whether a bind address is loopback only (127.0.0.0/8, ::1, localhost). ``0.0.0.0``, ``::``
-    and any other name are not: they can be reached from other hosts."""
-    name = host.strip().strip("[]").lower()
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 def check_off_mode(settings: AuthSettings, bind_hosts: Iterable[str]) -> None:

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import time
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 
+from hms_ach.core.addresses import is_loopback_url
 from hms_ach.outbound.sinks import Delivery, DeliveryError, DeliveryResult, SinkSettings
 
 #: The example secrets of channels.yaml and docs/webhooks.md: refused unless the url is loopback.
@@ -58,20 +57,6 @@ def verify(
     if abs(time.time() - int(timestamp)) > tolerance_seconds:
         return False
     return hmac.compare_digest(signature(secret, timestamp, body).encode(), header.encode())
-
-
-def is_loopback_url(url: str) -> bool:
-    """Whether ``url`` names this machine (localhost, 127.0.0.0/8, ::1)."""
-    try:
-        host = (urlsplit(url).hostname or "").rstrip(".").lower()
-    except ValueError:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def retry_after_seconds(value: str | None) -> float | None:

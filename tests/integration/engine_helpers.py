@@ -13,6 +13,7 @@ import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 from hms_ach.app.config import load_config
 from hms_ach.app.runtime import Engine
@@ -71,22 +72,11 @@ def auth_headers(
     authenticator: Authenticator | Engine,
     scope: str = FULL_SCOPE,
     roles: tuple[str, ...] = FULL_ROLES,
-    *,
-    sub: str = "test-client",
-    patient: str | None = None,
-    employee_id: str | None = None,
-    departments: tuple[str, ...] = (),
+    **claims: Any,
 ) -> dict[str, str]:
-    """``Authorization: Bearer <token>`` with a token of :func:`mint_token`."""
-    token = mint_token(
-        authenticator,
-        scope,
-        roles,
-        sub=sub,
-        patient=patient,
-        employee_id=employee_id,
-        departments=departments,
-    )
+    """``Authorization: Bearer <token>`` with a token of :func:`mint_token` (``claims``: its keyword
+    arguments, ``sub=``, ``patient=``...)."""
+    token = mint_token(authenticator, scope, roles, **claims)
     return {"authorization": f"Bearer {token}"}
 
 

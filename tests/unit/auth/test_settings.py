@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from hms_ach.app.config import load_config
 from hms_ach.auth import AuthSettings, check_off_mode, with_environment
-from hms_ach.auth.settings import is_loopback_host
+from hms_ach.core.addresses import is_loopback_host
 from hms_ach.core.errors import ConfigError, ConfigErrors
 
 ROOT = Path(__file__).resolve().parents[3]
