@@ -13,6 +13,8 @@ Kinds (targets come from the ``--targets`` JSON written by the bulk loader):
 * ``read``: ``GET /fhir/Practitioner/<id>``
 * ``family``: ``GET /fhir/Practitioner?family=<name>&_count=20``
 * ``encounter``: ``GET /fhir/Encounter?patient=Patient/<id>&date=ge<date>&_include=Encounter:location``
+* ``create``: ``POST /fhir/Practitioner``, a new Practitioner with an identifier of its own each time
+  (FHIR ingest; answered 201)
 * ``ping``: ``GET /ping`` (the HTTP ceiling server)
 """
 
@@ -24,6 +26,7 @@ import functools
 import json
 import random
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -48,9 +51,29 @@ def request_path(kind: str, targets: dict[str, Any], rng: random.Random) -> str:
             f"/fhir/Encounter?patient=Patient/{rng.choice(targets['patients'])}"
             f"&date=ge{targets['date_ge']}&_include=Encounter:location"
         )
+    if kind == "create":
+        return "/fhir/Practitioner"
     if kind == "ping":
         return "/ping"
     raise ValueError(f"unknown kind {kind!r}")
+
+
+#: Kinds that write: the request is a POST with a body, and 201 is the answer expected.
+WRITE_KINDS = frozenset({"create"})
+
+
+def request_body(kind: str, rng: random.Random) -> bytes:
+    """The body of a ``create``: a Practitioner whose identifier no other request uses (a random
+    uuid, not the seeded ``rng``: the same store is loaded again by the next variant's run)."""
+    number = uuid.uuid4().hex[:16]
+    return json.dumps(
+        {
+            "resourceType": "Practitioner",
+            "identifier": [{"system": "urn:bench:staff", "value": f"B{number}"}],
+            "name": [{"family": f"Bench{number[:6]}", "given": ["Ann"]}],
+            "active": True,
+        }
+    ).encode()
 
 
 async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -82,7 +105,7 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 
 def check(kind: str, status: int, body: bytes, checks: Counter[str], stats: dict[str, list[int]]) -> None:
     """Look inside a response: is it what was asked for? Counts problems in ``checks``."""
-    if status != 200:
+    if status != (201 if kind in WRITE_KINDS else 200):
         checks[f"status_{status}"] += 1
         return
     try:
@@ -90,7 +113,7 @@ def check(kind: str, status: int, body: bytes, checks: Counter[str], stats: dict
     except ValueError:
         checks["not_json"] += 1
         return
-    if kind == "read":
+    if kind in ("read", "create"):
         checks["ok" if doc.get("resourceType") == "Practitioner" else "wrong_type"] += 1
     elif kind in ("family", "family_nototal", "encounter"):
         if doc.get("resourceType") != "Bundle":
@@ -130,10 +153,18 @@ async def _worker(
         while budget[0] > 0 and clock() < deadline:
             budget[0] -= 1
             path = request_path(kind, targets, rng)
-            req = (
-                f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: application/fhir+json\r\n"
-                f"{_extra_headers[0]}Connection: keep-alive\r\n\r\n"
-            ).encode("ascii")
+            if kind in WRITE_KINDS:
+                body_out = request_body(kind, rng)
+                req = (
+                    f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: application/fhir+json\r\n"
+                    f"Content-Type: application/fhir+json\r\nContent-Length: {len(body_out)}\r\n"
+                    f"{_extra_headers[0]}Connection: keep-alive\r\n\r\n"
+                ).encode("ascii") + body_out
+            else:
+                req = (
+                    f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: application/fhir+json\r\n"
+                    f"{_extra_headers[0]}Connection: keep-alive\r\n\r\n"
+                ).encode("ascii")
             t0 = clock()
             writer.write(req)
             status, body = await _read_response(reader)

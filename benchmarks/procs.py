@@ -55,7 +55,8 @@ def hms_ach_command() -> list[str]:
 def write_engine_config(
     folder: Path, database_url: str, mllp_port: int, http_port: int, secured: bool = False
 ) -> Path:
-    """A channels.yaml like the shipped one: one MLLP channel and the HTTP API, on loopback ports.
+    """A channels.yaml like the shipped one: one MLLP channel, a fhir_rest channel and the HTTP API, on
+    loopback ports.
 
     ``secured``: authentication on (``auth.mode: local``, the key in ``folder/data``: the driver
     sends a token of :func:`bench_token`) and an access record per read; otherwise both off."""
@@ -87,7 +88,9 @@ def write_engine_config(
         "    host: 127.0.0.1\n"
         f"    port: {mllp_port}\n"
         "    idle_timeout_seconds: 60\n"
-        "    max_connections: 100\n",
+        "    max_connections: 100\n"
+        "  - name: fhir_in  # FHIR writes (figure C's create)\n"
+        "    type: fhir_rest\n",
         encoding="utf-8",
     )
     return path
@@ -265,9 +268,9 @@ def run_driver(
 
 def bench_token(folder: Path) -> str:
     """A token of the local issuer of the engine whose config :func:`write_engine_config` wrote in
-    ``folder`` (``hms-ach token``), that may read and search everything for a day."""
+    ``folder`` (``hms-ach token``), that may create, read and search everything for a day."""
     out = subprocess.run(
-        [*hms_ach_command(), "token", "--config", str(folder / "channels.yaml"), "--scope", "system/*.rs",
+        [*hms_ach_command(), "token", "--config", str(folder / "channels.yaml"), "--scope", "system/*.crs",
          "--sub", "bench-driver", "--ttl", "1d"],
         capture_output=True, text=True, timeout=60, check=True, env=child_env(), cwd=folder,
     )  # fmt: skip

@@ -296,6 +296,7 @@ _C_LABELS = {
     "read": "read Practitioner by id",
     "family": "Practitioner?family=X&_count=20",
     "encounter": "Encounter?patient&date=ge&_include=Encounter:location",
+    "create": "POST /fhir/Practitioner (FHIR ingest)",
 }
 
 
@@ -310,7 +311,7 @@ def _c_rows(c: dict[str, Any] | None, fig: str, suffix: str) -> list[dict[str, A
     for entry in sizes:
         n = entry["counts"]["Practitioner"]
         size = f"{n:,} Practitioners" + ("" if entry.get("complete", True) else " (load budget hit)")
-        for kind in ("read", "family", "encounter"):
+        for kind in ("read", "family", "encounter", "create"):
             if kind not in entry:
                 continue
             run = entry[kind]
@@ -321,8 +322,8 @@ def _c_rows(c: dict[str, Any] | None, fig: str, suffix: str) -> list[dict[str, A
                     fig,
                     f"{_C_LABELS[kind]}{suffix} @ {size}, concurrency 8",
                     value,
-                    f"same query in-process, 1 thread, no HTTP: {_spread(store, 'q/s')}",
-                    ratio(_med(run["req_per_s"]), _med(store)),
+                    f"same query in-process, 1 thread, no HTTP: {_spread(store, 'q/s')}" if store else "",
+                    ratio(_med(run["req_per_s"]), _med(store)) if store else None,
                     note=run.get("problem", ""),
                 )
             )

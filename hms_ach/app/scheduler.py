@@ -33,7 +33,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from hms_ach.app.job_settings import JobsSettings
 from hms_ach.app.jobs import job_names, load_job
 from hms_ach.core.types import Channel, JobSchedule, PollingChannel
-from hms_ach.store import job_runs
+from hms_ach.store import audit, job_runs
 from hms_ach.store.db import Store
 from hms_ach.store.leader_lock import LeaderLock
 from hms_ach.store.port import Tx
@@ -92,8 +92,14 @@ def _registered_job(name: str, settings: JobsSettings, writer: StoreWriter) -> J
     job = load_job(name)
     job_settings = settings.job(name)
 
+    actor = audit.actor_json(kind="system", job=name)
+
+    def run_in(tx: Tx) -> str:
+        with audit.acting(tx, actor):  # the job is who changes records here, in the audit trail
+            return job.run(tx, job_settings)
+
     async def run() -> str:
-        return await writer.run(lambda tx: job.run(tx, job_settings))
+        return await writer.run(run_in)
 
     return _schedule_job(name, job_settings, settings.timezone, run)
 

@@ -161,6 +161,10 @@ def search_audit_events(store: Store, request: Request, visible: bool = True) ->
         bundle["total"] = len(
             entries
         )  # every match is on this first page (the trail is not counted otherwise)
+    # Reading the trail is an access too: its diffs and queries are patient and staff data. The
+    # record names the records whose trail was returned (not the access records' own entities).
+    seen = [f"{r['entity_type']}/{r['entity_id']}" for r in rows]
+    record_access(request, "search-type", "AuditEvent", 200, seen, len(entries))
     return Response(orjson.dumps(bundle), media_type=FHIR_JSON)
 
 

@@ -113,7 +113,11 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
     # ------------------------------------------------------------------ AuditEvent (not a record type)
     @router.get("/AuditEvent")
     def search_audit_events(request: Request) -> Response:
-        decision = access.require(request, "AuditEvent", "search")
+        try:
+            decision = access.require(request, "AuditEvent", "search")
+        except FhirError as exc:  # a refused read of the trail is recorded too
+            audit_events.record_access(request, "search-type", "AuditEvent", exc.status)
+            raise
         # The trail is not in the Patient compartment: a patient/ grant sees no entry.
         return audit_events.search_audit_events(store, request, visible=decision.patient is None)
 

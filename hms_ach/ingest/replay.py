@@ -33,7 +33,7 @@ from hms_ach.hl7v2.policy import Hl7Policy
 from hms_ach.ingest.csv_rows import replay_stored_row
 from hms_ach.ingest.pipeline import replay_hl7
 from hms_ach.mapping.engine import MappingEngine
-from hms_ach.store import messages
+from hms_ach.store import audit, messages
 from hms_ach.store.db import Store
 from hms_ach.store.messages import StoredMessage
 from hms_ach.store.port import Tx
@@ -144,10 +144,11 @@ def not_replayable(row: StoredMessage, reason: str) -> ReplayReport:
 
 
 def replay_messages(
-    store: Store, ids: list[int], table: Mapping[str, Replayer], apply: bool
+    store: Store, ids: list[int], table: Mapping[str, Replayer], apply: bool, actor: str | None = None
 ) -> list[ReplayReport]:
     """Replay ``ids`` (in order) in one transaction, each by the replayer of its content type in
-    ``table``; committed when ``apply``, else rolled back. Duplicates are skipped."""
+    ``table``; committed when ``apply``, else rolled back. Duplicates are skipped. ``actor`` (an
+    ``audit.actor_json`` text): who replays, the actor of every audit entry the replay writes."""
     reports: list[ReplayReport] = []
     with store.transaction(commit=apply) as conn:
         for mid in ids:
@@ -164,5 +165,9 @@ def replay_messages(
                     )
                 )
                 continue
-            reports.append(replayer(conn, row))
+            if actor is None:
+                reports.append(replayer(conn, row))
+                continue
+            with audit.acting(conn, actor):
+                reports.append(replayer(conn, row))
     return reports

@@ -13,9 +13,13 @@ most once a second); :meth:`AccessLog.problem` then fails the engine's readiness
 ``overflow_window_seconds`` pass without a drop. :meth:`AccessLog.stop` flushes what is queued.
 
 The rows go to their own table (``access_record``), not the change chain of :mod:`hms_ach.store.audit`:
-reads would otherwise serialise on the chain's lock and make the change trail grow with every search.
-Each row carries an HMAC-SHA256 of its content under the audit entry key (an edited row is caught by
-:func:`verify_rows`); rows deleted from the table are not detected (docs/audit.md says so).
+reads would otherwise serialise on the change chain's lock and make the change trail grow with every
+search. The access records form a chain of their own: each row carries the hash of the row before it
+(``prev_hash``) and an HMAC-SHA256 over its content and that link under the audit entry key. A batch
+appends under a lock of its own (a PostgreSQL advisory lock; SQLite has one writer), so the chain has
+one order across engines. :func:`verify_chain` walks it: an edited row, rows deleted from the middle
+and, against the signed checkpoints (:mod:`hms_ach.store.audit_checkpoints`), a deleted tail are each
+found and named. Rows written before the chain existed (``prev_hash`` NULL) keep their own HMAC.
 """
 
 from __future__ import annotations
@@ -28,17 +32,20 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, func, select, text
 
 from hms_ach.auth.caller import Caller
 from hms_ach.store import fastexec
-from hms_ach.store.audit import instant
+from hms_ach.store.audit import GENESIS, instant, iter_rows
 from hms_ach.store.audit_keys import seal_for
 from hms_ach.store.db import Store
 from hms_ach.store.models import AccessRecord
+
+if TYPE_CHECKING:  # audit_checkpoints reads the access chain's head: it imports this module
+    from hms_ach.store.audit_checkpoints import Checkpoint
 
 log = logging.getLogger("hms_ach.store.access_log")
 
@@ -47,6 +54,8 @@ T = AccessRecord.__table__  # type: ignore[attr-defined]
 #: At most this many references are kept per record (a search page is at most 1000 anyway).
 MAX_ENTITIES = 1000
 MAX_QUERY_CHARS = 4000
+#: Key of the PostgreSQL advisory lock that serialises appends to the access chain ("hmsaccs").
+ACCESS_LOCK_KEY = 0x686D7361636373
 _HASHED = (
     "recorded",
     "subtype",
@@ -159,38 +168,132 @@ def interaction_of(method: str, path: str) -> tuple[str, str]:
 
 
 def _payload(row: dict[str, Any]) -> bytes:
-    return orjson.dumps({k: row[k] for k in _HASHED}, option=orjson.OPT_SORT_KEYS)
+    """The hashed fields; the link (``prev_hash``) only when set, so rows written before the chain
+    verify unchanged."""
+    fields = {k: row[k] for k in _HASHED}
+    if row.get("prev_hash") is not None:
+        fields["prev_hash"] = row["prev_hash"]
+    return orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
 
 
 def row_hash(row: dict[str, Any], entry_key: bytes | None) -> str:
-    """HMAC-SHA256 of the row under the audit entry key; plain SHA-256 for a store without a key."""
+    """HMAC-SHA256 of the row (and its link) under the audit entry key; plain SHA-256 without a key."""
     if entry_key is None:
         return hashlib.sha256(_payload(row)).hexdigest()
     return hmac.digest(entry_key, _payload(row), "sha256").hex()
 
 
+_LAST = select(T.c.hash).order_by(T.c.seq.desc()).limit(1)
+
+
 def insert(conn: Connection, accesses: Iterable[Access]) -> int:
-    """Insert ``accesses`` in ``conn``'s transaction; returns how many."""
+    """Append ``accesses`` to the access chain in ``conn``'s transaction; returns how many."""
+    batch = list(accesses)
+    if not batch:
+        return 0
     key = seal_for(conn).entry_key
+    if conn.dialect.name == "postgresql":  # one order across engines; held until the commit
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ACCESS_LOCK_KEY})
+    prev = conn.execute(_LAST).scalar() or GENESIS
     rows = []
-    for access in accesses:
+    for access in batch:
         row = access.row()
-        row["hash"] = row_hash(row, key)
+        row["prev_hash"] = prev
+        row["hash"] = prev = row_hash(row, key)
         rows.append(row)
-    if rows:
-        fastexec.insert_rows(conn, T, rows)
+    fastexec.insert_rows(conn, T, rows)
     return len(rows)
 
 
-def verify_rows(conn: Connection) -> list[int]:
-    """The ``seq`` of every access record whose content does not match its hash (edited)."""
+def access_head(conn: Connection, since: Checkpoint | None = None) -> tuple[int, int, str]:
+    """(records, number of the last record, its hash) of the access chain; (0, 0, "") when empty.
+    With ``since`` (the last checkpoint) only the records after its access head are counted."""
+    last = conn.execute(select(T.c.seq, T.c.hash).order_by(T.c.seq.desc()).limit(1)).first()
+    if last is None:
+        return 0, 0, ""
+    counted = select(func.count()).select_from(T).where(T.c.seq <= last.seq)
+    base = 0
+    if since is not None and 0 < since.access_head_seq <= last.seq:
+        counted, base = counted.where(T.c.seq > since.access_head_seq), since.access_count
+    return base + int(conn.execute(counted).scalar_one()), int(last.seq), str(last.hash)
+
+
+@dataclass
+class ChainResult:
+    """What :func:`verify_chain` found: ``problem`` is "" when the chain holds, else one of
+    ``edited-access-record``, ``deleted-access-records``, ``truncated-access-records``,
+    ``access-checkpoint-mismatch``; ``reason`` says where."""
+
+    checked: int
+    problem: str = ""
+    reason: str = ""
+    legacy: int = 0  # rows written before the chain (no link)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problem
+
+
+def verify_chain(conn: Connection, checkpoints: Sequence[Checkpoint] = ()) -> ChainResult:
+    """Walk the access chain from its first row; stop at the first thing that does not hold and name it.
+
+    ``checkpoints`` (read and their signatures checked): each records how many access records there
+    were up to which one, so a deleted tail, or rows deleted and the chain relinked before a
+    checkpoint's head, are found too."""
     key = seal_for(conn).entry_key
-    bad = []
-    for r in conn.execute(select(T).order_by(T.c.seq)):
-        row = dict(r._mapping)
+    pending = [cp for cp in checkpoints if cp.access_head_seq]
+    next_cp = 0
+    prev, prev_seq, checked, legacy = GENESIS, 0, 0, 0
+    for row in iter_rows(conn, T, 2000):
+        seq = int(row["seq"])
         if not hmac.compare_digest(row_hash(row, key), row["hash"]):
-            bad.append(int(row["seq"]))
-    return bad
+            return ChainResult(
+                checked, "edited-access-record",
+                f"access record {seq} does not match its hash: it was edited after it was written",
+                legacy,
+            )  # fmt: skip
+        if row["prev_hash"] is None:
+            if checked > legacy:  # an unlinked row after linked ones: its link was removed
+                return ChainResult(
+                    checked, "edited-access-record",
+                    f"access record {seq} has lost its link to the record before it", legacy,
+                )  # fmt: skip
+            legacy += 1
+        elif row["prev_hash"] != prev:
+            where = f"after access record {prev_seq}" if prev_seq else "at the start of the access records"
+            return ChainResult(
+                checked, "deleted-access-records",
+                f"access records were deleted {where}: record {seq} does not link to the one before it",
+                legacy,
+            )  # fmt: skip
+        checked += 1
+        while next_cp < len(pending) and pending[next_cp].access_head_seq <= seq:
+            cp = pending[next_cp]
+            next_cp += 1
+            if cp.access_head_seq < seq:
+                return ChainResult(
+                    checked - 1, "deleted-access-records",
+                    f"access record {cp.access_head_seq}, the head of the checkpoint of {cp.at}, was deleted",
+                    legacy,
+                )  # fmt: skip
+            if cp.access_head != row["hash"] or cp.access_count != checked:
+                return ChainResult(
+                    checked - 1, "access-checkpoint-mismatch",
+                    f"access record {seq} is not what the checkpoint of {cp.at} recorded "
+                    f"({cp.access_count} records up to it; there are now {checked}): "
+                    "records before it were deleted or replaced",
+                    legacy,
+                )  # fmt: skip
+        prev, prev_seq = row["hash"], seq
+    last = pending[-1] if pending else None
+    if last is not None and last.access_head_seq > prev_seq:
+        return ChainResult(
+            checked, "truncated-access-records",
+            f"the access records end at {prev_seq} ({checked} records) but the checkpoint of {last.at} "
+            f"recorded {last.access_count} up to record {last.access_head_seq}: the tail was deleted",
+            legacy,
+        )  # fmt: skip
+    return ChainResult(checked, legacy=legacy)
 
 
 # ---------------------------------------------------------------------------- the batcher

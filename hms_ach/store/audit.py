@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import logging
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -110,7 +111,26 @@ def actor_json(**fields: Any) -> str:
     return orjson.dumps(fields, option=orjson.OPT_SORT_KEYS).decode()
 
 
-def _actor(message_id: int | None, cache: dict[str, Any]) -> str | None:
+_ACTING = "hms_ach.acting"
+
+
+@contextmanager
+def acting(conn: Connection, actor: str) -> Iterator[None]:
+    """Within this block, ``actor`` (an ``actor_json`` text) is who acts on ``conn``: the actor of the
+    audit entries of a scheduled job or a replay, whose changes come from no received message. Kept
+    on the connection (not in the transaction cache), so a rolled-back savepoint inside the block
+    does not lose it; the block's end removes it, so the next job of a group commit is not named."""
+    conn.info[_ACTING] = actor
+    try:
+        yield
+    finally:
+        conn.info.pop(_ACTING, None)
+
+
+def _actor(conn: Connection, message_id: int | None, cache: dict[str, Any]) -> str | None:
+    acting_now = conn.info.get(_ACTING)  # a job or a replay, see acting()
+    if acting_now is not None:
+        return acting_now  # type: ignore[no-any-return]
     cached = cache.get("message.actor")  # (id, actor JSON), see store/messages.py
     if cached is not None and message_id is not None and cached[0] == message_id:
         return cached[1]  # type: ignore[no-any-return]
@@ -186,7 +206,7 @@ def record(conn: Connection, change: Change) -> None:
         "message_id": change.message_id,
         "diff": orjson.dumps(diff(before or {}, after or {})).decode(),
         "prev_hash": last or GENESIS,
-        "actor": _actor(change.message_id, cache),
+        "actor": _actor(conn, change.message_id, cache),
     }
     row["hash"] = entry_hash(row, seal)
     fastexec.insert_rows(conn, T, [row])
@@ -262,10 +282,12 @@ class VerifyResult:
         return self.checkpoints[-1] if self.checkpoints else None
 
 
-def _rows(conn: Connection, batch: int = 1000) -> Iterator[dict[str, Any]]:
+def iter_rows(conn: Connection, table: Any, batch: int = 1000) -> Iterator[dict[str, Any]]:
+    """Every row of ``table`` in ``seq`` order, read ``batch`` rows at a time (a chain is walked
+    without holding it all in memory)."""
     after = 0
     while True:
-        rows = conn.execute(select(T).where(T.c.seq > after).order_by(T.c.seq).limit(batch)).all()
+        rows = conn.execute(select(table).where(table.c.seq > after).order_by(table.c.seq).limit(batch)).all()
         if not rows:
             return
         for r in rows:
@@ -309,7 +331,7 @@ def verify(
     cps = checkpoints or []
     walk = _Walk(seal, cps)
     prev, prev_seq, checked = GENESIS, 0, 0
-    rows = _rows(conn)
+    rows = iter_rows(conn, T)
     row = next(rows, None)
     while row is not None:
         following = next(rows, None)
@@ -445,6 +467,10 @@ def _change_agent(row: dict[str, Any]) -> dict[str, Any]:
     actor = orjson.loads(row["actor"]) if row.get("actor") else None
     if not isinstance(actor, dict):
         return agent
+    if actor.get("kind") in ("system", "replay") and (actor.get("job") or actor.get("user")):
+        # who: the scheduled job, or the operating-system user who replayed the message
+        who = f"job:{actor['job']}" if actor.get("job") else f"user:{actor['user']}"
+        agent["who"] = {"identifier": {"system": "urn:hms-ach:actor", "value": who}, "display": row["agent"]}
     if actor.get("sub"):
         # who: the authenticated caller; name stays the channel (or the API) that took the request
         agent["who"] = {
@@ -460,7 +486,7 @@ def _change_agent(row: dict[str, Any]) -> dict[str, Any]:
         agent["network"] = {"address": str(address), "type": "2"}
     details = [
         {"url": f"urn:hms-ach:{k}", "valueString": str(actor[k])}
-        for k in ("kind", "channel", "peer", "certificate_subject", "file")
+        for k in ("kind", "channel", "peer", "certificate_subject", "file", "job", "command", "user", "host")
         if actor.get(k)
     ]
     if details:

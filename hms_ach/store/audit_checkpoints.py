@@ -1,7 +1,8 @@
 """Signed checkpoints of the audit trail, kept outside the database, and the job that writes them.
 
 A checkpoint is one JSON line appended (and fsynced) to ``audit-checkpoints.jsonl`` in the data
-directory: how many entries the trail had, the number and hash of its last entry, when, and the key
+directory: how many entries the trail had, the number and hash of its last entry, the same three for
+the chain of access records (:mod:`hms_ach.store.access_log`; lines of format 2), when, and the key
 id, signed with HMAC-SHA256 under the audit key (a key derived for checkpoints). Each line also
 carries the signature of the line before it, so lines cannot be dropped from the middle of the file
 unnoticed. ``hms-ach audit verify`` checks the trail against every checkpoint: a trail that ends
@@ -39,7 +40,9 @@ from hms_ach.store.models import AuditEntry
 log = logging.getLogger("hms_ach.store.audit_checkpoints")
 
 T = AuditEntry.__table__  # type: ignore[attr-defined]
-FORMAT_VERSION = 1
+#: 2: the access chain's head (``access_count``, ``access_head_seq``, ``access_head``) is signed too.
+FORMAT_VERSION = 2
+_ACCESS_FIELDS = ("access_count", "access_head_seq", "access_head")
 MAX_LINE_BYTES = 4096
 _lock = threading.Lock()
 
@@ -57,11 +60,17 @@ class Checkpoint:
     key_id: str
     prev: str
     sig: str
+    access_count: int = 0
+    access_head_seq: int = 0
+    access_head: str = ""
     line: int = 0
 
     def signed_fields(self) -> dict[str, Any]:
         data = asdict(self)
         del data["sig"], data["line"]
+        if self.v < 2:  # format 1 did not record the access chain
+            for name in _ACCESS_FIELDS:
+                del data[name]
         return data
 
 
@@ -111,6 +120,9 @@ def _parse(raw: bytes, number: int, path: Path) -> Checkpoint:
             key_id=str(data["key_id"]),
             prev=str(data["prev"]),
             sig=str(data["sig"]),
+            access_count=int(data.get("access_count", 0)),
+            access_head_seq=int(data.get("access_head_seq", 0)),
+            access_head=str(data.get("access_head", "")),
             line=number,
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
@@ -147,7 +159,11 @@ def read_checkpoints(path: Path, seal: AuditSeal) -> list[Checkpoint]:
             raise CheckpointError(
                 f"{where} does not follow the line before it: checkpoint lines were removed or reordered"
             )
-        if out and (cp.head_seq < out[-1].head_seq or cp.count < out[-1].count):
+        if out and (
+            cp.head_seq < out[-1].head_seq
+            or cp.count < out[-1].count
+            or (cp.v >= 2 and out[-1].v >= 2 and cp.access_count < out[-1].access_count)
+        ):
             raise CheckpointError(f"{where} goes back behind the checkpoint before it")
         prev_sig = cp.sig
         out.append(cp)
@@ -165,6 +181,8 @@ def _last_line(fd: int) -> bytes:
 def append_checkpoint(conn: Connection, seal: AuditSeal, kind: str = "checkpoint") -> Checkpoint | None:
     """Sign the trail's head as read on ``conn`` and append it to the seal's checkpoint file (fsync);
     None when it is the head of the last checkpoint already (or the seal has no key or file)."""
+    from hms_ach.store import access_log  # it imports audit, which imports this module
+
     path = seal.checkpoint_path
     if seal.checkpoint_key is None or path is None:
         return None
@@ -180,7 +198,15 @@ def append_checkpoint(conn: Connection, seal: AuditSeal, kind: str = "checkpoint
             elif kind == "anchor":
                 return None  # the file has its anchor already
             count, head_seq, head = trail_head(conn, last)
-            if last is not None and (last.count, last.head_seq, last.head) == (count, head_seq, head):
+            access = access_log.access_head(conn, last if last is not None and last.v >= 2 else None)
+            if last is not None and (
+                last.count,
+                last.head_seq,
+                last.head,
+                last.access_count,
+                last.access_head_seq,
+                last.access_head,
+            ) == (count, head_seq, head, *access):
                 return None
             fields = {
                 "v": FORMAT_VERSION,
@@ -191,13 +217,19 @@ def append_checkpoint(conn: Connection, seal: AuditSeal, kind: str = "checkpoint
                 "head": head,
                 "key_id": seal.key_id,
                 "prev": last.sig if last is not None else "",
+                "access_count": access[0],
+                "access_head_seq": access[1],
+                "access_head": access[2],
             }
             fields["sig"] = sign(fields, seal)
             os.write(fd, orjson.dumps(fields, option=orjson.OPT_SORT_KEYS) + b"\n")
             os.fsync(fd)
         finally:
             os.close(fd)  # releases the flock
-    log.info("audit.checkpoint_written", extra={"kind": kind, "count": count, "head_seq": head_seq})
+    log.info(
+        "audit.checkpoint_written",
+        extra={"kind": kind, "count": count, "head_seq": head_seq, "access_count": access[0]},
+    )
     return Checkpoint(**{k: v for k, v in fields.items()})  # type: ignore[arg-type]
 
 

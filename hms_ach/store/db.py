@@ -64,7 +64,7 @@ def make_engine(url: str, *, create: bool = True, writer: bool = True) -> Engine
 
 #: Columns added to existing tables after the first release: (table, column, SQL type). create_all
 #: makes new tables only, so a store of an earlier version gains these here, once, on open.
-_ADDED_COLUMNS = (("audit_entry", "actor", "TEXT"),)
+_ADDED_COLUMNS = (("audit_entry", "actor", "TEXT"), ("access_record", "prev_hash", "VARCHAR(64)"))
 
 
 def _add_columns(engine: Engine) -> None:

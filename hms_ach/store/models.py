@@ -182,7 +182,12 @@ class AccessRecord(SQLModel, table=True):
     )
     result_count: int | None = Field(default=None, description="matches of a search")
     query: str = Field(default="", sa_type=Text, description="the request's path and query string")
-    hash: str = Field(max_length=64, description="HMAC-SHA256 of the row under the audit entry key")
+    prev_hash: str | None = Field(
+        default=None, max_length=64, description="hash of the access record before it (the chain's link)"
+    )
+    hash: str = Field(
+        max_length=64, description="HMAC-SHA256 of the row and its link under the audit entry key"
+    )
 
 
 class ResourceHistory(SQLModel, table=True):

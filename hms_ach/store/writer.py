@@ -169,9 +169,11 @@ class _StoreFailure(Exception):
 
 
 def _is_store_failure(exc: BaseException) -> bool:
-    """A lost connection, a lock timeout, a database that is not there: not the job's fault."""
+    """A lost connection, a lock timeout, a database that is not there: not the job's fault. A
+    program limit the job's own data hit (SQLSTATE class 54 on PostgreSQL, e.g. an index row too
+    large) is the job's fault: it is stored as that message's error, never taken for an outage."""
     if isinstance(exc, OperationalError | InterfaceError):
-        return True
+        return not str(getattr(exc.orig, "sqlstate", "") or "").startswith("54")
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
 

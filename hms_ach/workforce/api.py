@@ -170,8 +170,8 @@ def _field_errors(errors: list[Any], prefix: tuple[Any, ...] = ()) -> list[dict[
     ]
 
 
-#: GET paths that write their own access record (with what they returned) or none (the audit trail).
-_SELF_RECORDED = frozenset({"/api/v1/shifts", "/api/v1/audit"})
+#: GET paths that write their own access record (with what they returned).
+_SELF_RECORDED = frozenset({"/api/v1/shifts"})
 
 
 class ProblemRoute(APIRoute):
@@ -182,8 +182,8 @@ class ProblemRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def audited(request: Request) -> Response:
-            """Every GET of staff data writes an access record with its status (docs/audit.md);
-            ``GET /shifts`` records its own (with the shifts returned), the trail's readers none."""
+            """Every GET of staff data, the audit trail's included, writes an access record with its
+            status (docs/audit.md); ``GET /shifts`` records its own (with the shifts returned)."""
             response = await guarded(request)
             path = str(request.scope.get("path", ""))
             if request.method == "GET" and path not in _SELF_RECORDED:

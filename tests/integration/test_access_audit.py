@@ -211,14 +211,19 @@ async def test_workforce_reads_of_staff_are_audited(engine: Engine) -> None:
         hr = auth_headers(engine, "", ("hr_admin",), sub="hr-1")
         assert (await client.get("/api/v1/employees", headers=hr)).status_code == 200
         assert (await client.get("/api/v1/employees/nobody", headers=hr)).status_code == 404
-        assert (await client.get("/api/v1/audit", headers=hr)).status_code in (200, 403)  # not recorded
-    found = await events(engine, "agent=hr-1", want=2)
+        assert (await client.get("/api/v1/audit", headers=hr)).status_code == 403  # refused: recorded too
+    found = await events(engine, "agent=hr-1", want=3)
     assert sorted((e["subtype"][0]["code"], e["outcomeDesc"]) for e in found) == [
         ("read", "HTTP 404"),
         ("search-type", "HTTP 200"),
+        ("search-type", "HTTP 403"),
     ]
-    query = next(e for e in found[0]["entity"] if e.get("role", {}).get("code") == "24")
-    assert query["description"].startswith("/api/v1/employees")
+    queries = [next(x for x in e["entity"] if x.get("role", {}).get("code") == "24") for e in found]
+    assert sorted(q["description"].split("?")[0] for q in queries) == [
+        "/api/v1/audit",
+        "/api/v1/employees",
+        "/api/v1/employees/nobody",
+    ]
 
 
 async def test_queued_records_are_flushed_on_shutdown(tmp_path: Path, store: Store) -> None:
@@ -237,7 +242,7 @@ async def test_queued_records_are_flushed_on_shutdown(tmp_path: Path, store: Sto
     audit.install(reopened, eng.config.audit, eng.config.data_dir, create=False)  # its key, to verify
     with reopened.read() as conn:
         count = len(conn.execute(select(AccessRecord.__table__)).all())  # type: ignore[attr-defined]
-        assert access_log.verify_rows(conn) == []
+        assert access_log.verify_chain(conn).ok
     reopened.dispose()
     assert count == 50 and eng.access_audit.queued == 0
 
@@ -249,7 +254,7 @@ async def test_queued_records_are_flushed_on_shutdown(tmp_path: Path, store: Sto
         conn.execute(text("UPDATE access_record SET sub = 'nobody' WHERE seq = 7"))
     tampered = CliRunner().invoke(cli_app, args)
     assert tampered.exit_code == 1 and "edited-access-record" in tampered.output, tampered.output
-    assert ": 7" in tampered.output
+    assert "access record 7 " in tampered.output
 
 
 def test_a_full_queue_drops_counts_and_fails_readiness(store: Store) -> None:
@@ -312,3 +317,25 @@ def test_a_store_of_an_earlier_version_gains_the_actor_column(tmp_path: Path) ->
         assert old.actor is None
     finally:
         store.dispose()
+
+
+async def test_reading_the_trail_is_itself_recorded(engine: Engine) -> None:
+    """The trail holds patient and staff data (diffs, queries): its readers are recorded too."""
+    async with httpx.AsyncClient(base_url=_base(engine), timeout=30) as client:
+        writer = auth_headers(engine, "user/Patient.cruds", ("integration",), sub="writer-1")
+        body = {"resourceType": "Patient", "identifier": [{"system": MRN, "value": "TRAIL-1"}]}
+        created = await client.post("/fhir/Patient", json=body, headers=writer | FHIR_JSON)
+        assert created.status_code == 201, created.text
+        pid = created.json()["id"]
+        reader = auth_headers(engine, "user/AuditEvent.rs", AUDITOR, sub="auditor-2")
+        assert (await client.get(f"/fhir/AuditEvent?entity=Patient/{pid}", headers=reader)).status_code == 200
+    found = await events(engine, "agent=auditor-2&subtype=search-type")
+    assert len(found) == 1 and found[0]["outcomeDesc"] == "HTTP 200"
+    assert f"Patient/{pid}" in _refs(found[0])  # whose trail was read
+    query = next(x for x in found[0]["entity"] if x.get("role", {}).get("code") == "24")
+    assert query["description"] == f"/fhir/AuditEvent?entity=Patient/{pid}"
+    async with httpx.AsyncClient(base_url=_base(engine), timeout=30) as client:  # no AuditEvent scope
+        nosy = auth_headers(engine, "user/Patient.rs", ("integration",), sub="nosy-1")
+        assert (await client.get("/fhir/AuditEvent", headers=nosy)).status_code == 403
+    refused = await events(engine, "agent=nosy-1")
+    assert len(refused) == 1 and refused[0]["outcomeDesc"] == "HTTP 403"

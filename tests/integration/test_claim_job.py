@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from sqlalchemy import func, select
+import orjson
+from sqlalchemy import func, select, text
 from typer.testing import CliRunner
 
 from hms_ach.app.cli import app as cli_app
@@ -81,6 +82,16 @@ async def test_charges_after_discharge_get_their_claim_from_the_nightly_job(
     assert _claims(store) == 1 and receiver.names().count("claim.created") == 1
     created = receiver.events[receiver.names().index("claim.created")]["data"]
     assert created["total"] == 475.0
+    # the claim's audit entry names the job that made it (no message did)
+    with store.read() as conn:
+        actors = (
+            conn.execute(
+                text("SELECT actor FROM audit_entry WHERE entity_type = 'Claim' AND action = 'create'")
+            )
+            .scalars()
+            .all()
+        )
+    assert [orjson.loads(a) for a in actors] == [{"kind": "system", "job": "claim_creation"}]
 
 
 async def test_only_finished_encounters_are_claimed(tmp_path: Path, store: Store) -> None:

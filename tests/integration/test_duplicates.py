@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, text
 from typer.testing import CliRunner
 
 from hms_ach.app.cli import app
@@ -191,6 +191,17 @@ def test_cli_replay_under_process(tmp_path: Path, store: Store, monkeypatch: pyt
     with store.read() as conn:
         row = messages.get(conn, int(rejected.message_id or 0))
     assert row is not None and row.status == "processed"
+    # the records the replay wrote name who replayed, not the original sender
+    with store.read() as conn:
+        actors = (
+            conn.execute(
+                text("SELECT actor FROM audit_entry WHERE message_id = :m"), {"m": rejected.message_id}
+            )
+            .scalars()
+            .all()
+        )
+    assert actors and all(orjson.loads(a)["kind"] == "replay" for a in actors)
+    assert orjson.loads(actors[0])["command"] == "hms-ach replay"
 
 
 @pytest.fixture

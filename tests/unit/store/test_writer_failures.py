@@ -4,11 +4,13 @@ PostgreSQL when configured)."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import pytest
 from sqlalchemy import Connection, text
+from sqlalchemy.exc import OperationalError
 
 from hms_ach.store.db import Store
 from hms_ach.store.errors import StoreUnavailable
@@ -111,4 +113,28 @@ def test_every_wait_has_a_deadline_and_a_queued_job_past_it_never_runs(store: St
         assert ran == ["slow"]  # the running job committed late; the queued one was dropped
     finally:
         gate.set()
+        writer.stop()
+
+
+def test_a_program_limit_is_the_jobs_error_not_an_outage(store: Store) -> None:
+    """PostgreSQL's SQLSTATE 54000 (an index row over the btree limit) is raised to the job's caller
+    as its own error, so the pipeline stores that message as an error (AE), and the writer counts
+    no outage."""
+    if store.dialect != "postgresql":
+        pytest.skip("SQLSTATE class 54 (program limit exceeded) is PostgreSQL's")
+    with store.transaction() as conn:
+        conn.execute(text("CREATE TABLE wf_limit (v TEXT PRIMARY KEY)"))
+    writer = StoreWriter(store, commit_timeout=10)
+    try:
+
+        def too_wide(conn: Connection) -> None:  # 8 kB of random hex: not compressible below 2.7 kB
+            conn.execute(text("INSERT INTO wf_limit (v) VALUES (:v)"), {"v": os.urandom(4000).hex()})
+
+        with pytest.raises(OperationalError) as caught:
+            writer.run_sync(too_wide)
+        assert not isinstance(caught.value, StoreUnavailable)
+        assert getattr(caught.value.orig, "sqlstate", "") == "54000"
+        assert writer.alive and writer.health.consecutive_failures == 0
+        assert writer.run_sync(lambda c: int(c.execute(text("SELECT 7")).scalar_one())) == 7
+    finally:
         writer.stop()
