@@ -27,6 +27,8 @@ from typing import Any, Protocol, runtime_checkable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from hms_ach.core import metrics
+
 log = logging.getLogger("hms_ach.http.access")
 
 #: The attribute of ``request.state`` (the key of ``scope["state"]``) that names the caller.
@@ -66,11 +68,16 @@ def _client(scope: Scope) -> str | None:
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
-class AccessLogMiddleware:
-    """ASGI middleware writing one ``http.request`` event (INFO) per HTTP request."""
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
-    def __init__(self, app: ASGIApp) -> None:
+
+class AccessLogMiddleware:
+    """ASGI middleware writing one ``http.request`` event (INFO) per HTTP request (unless
+    ``log_requests`` is False), and timing every request for ``hms_ach_http_request_seconds``."""
+
+    def __init__(self, app: ASGIApp, log_requests: bool = True) -> None:
         self.app = app
+        self.log_requests = log_requests
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -87,12 +94,22 @@ class AccessLogMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            fields: dict[str, Any] = {
-                "method": scope.get("method", ""),
-                "route": route_template(scope),
-                "status": status[0] if status else 500,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 1),
-                "client": _client(scope),
-                "caller": caller_of(scope),
-            }
-            log.info("http.request", extra=fields)
+            seconds = time.perf_counter() - started
+            method, route, code = (
+                str(scope.get("method", "")),
+                route_template(scope),
+                status[0] if status else 500,
+            )
+            metrics.HTTP_REQUESTS.labels(
+                method if method in _METHODS else "other", route, metrics.status_class(code)
+            ).observe(seconds)
+            if self.log_requests:
+                fields: dict[str, Any] = {
+                    "method": method,
+                    "route": route,
+                    "status": code,
+                    "duration_ms": round(seconds * 1000, 1),
+                    "client": _client(scope),
+                    "caller": caller_of(scope),
+                }
+                log.info("http.request", extra=fields)

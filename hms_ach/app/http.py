@@ -43,6 +43,7 @@ from hms_ach.app.authentication import AuthenticationMiddleware, install_openapi
 from hms_ach.app.body_limit import BodyLimitMiddleware
 from hms_ach.app.config import HttpSettings, RateLimitSettings
 from hms_ach.app.hardening import install_hardening
+from hms_ach.app.metrics import install_metrics_route
 from hms_ach.app.rate_limit import RateLimitMiddleware
 from hms_ach.auth.authenticate import Authenticator
 from hms_ach.fhir.outcomes import install_handlers
@@ -120,8 +121,8 @@ def create_app(
     # The last added runs first: the access log sees the 400s, 413s, 401s and 429s too.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     install_hardening(app, settings)
-    if settings.access_log:
-        app.add_middleware(AccessLogMiddleware)
+    app.add_middleware(AccessLogMiddleware, log_requests=settings.access_log)  # and the latency metric
+    install_metrics_route(app)
     return app
 
 

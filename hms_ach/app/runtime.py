@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from hms_ach.app.config import Config, load_config, tls_errors
+from hms_ach.app.metrics import EngineState, release_state, serve_state
 from hms_ach.app.scheduler import Scheduler, build_jobs
 from hms_ach.app.wiring import wire_listeners
 from hms_ach.auth.authenticate import Authenticator, create_authenticator
@@ -98,6 +99,7 @@ class Engine:
         self.store_lost = asyncio.Event()  # set when the store stayed unreachable too long
         self._stop_requested = asyncio.Event()  # set by request_stop (SIGTERM/SIGINT in hms-ach run)
         self.stop_reason: str | None = None  # what asked for the stop (the signal's name)
+        self._metrics: EngineState | None = None  # what /metrics reads from this engine while it runs
         self.stop_phase: str | None = None  # the phase of stop() running now, for the timeout report
 
     # ------------------------------------------------------------------ lifecycle
@@ -117,6 +119,8 @@ class Engine:
         if self.config.http.enabled:
             await self._start_http()
         await self._start_scheduler()
+        self._metrics = self._metrics_state()
+        serve_state(self._metrics)
 
     async def _start_scheduler(self) -> None:
         """One scheduler per deployment (hms_ach/app/scheduler.py); on PostgreSQL the others stand by."""
@@ -140,6 +144,32 @@ class Engine:
             events.subscribe_change_feed()
         self.dispatcher = Dispatcher(self.store, sinks)
         await self.dispatcher.start()
+
+    def _metrics_state(self) -> EngineState:
+        """What a scrape of /metrics reads from this engine (hms_ach/app/metrics.py)."""
+
+        def open_rows() -> list[tuple[str, str, int]]:
+            with self.store.read() as conn:
+                return outbox_rows.open_counts(conn)
+
+        def connections() -> list[tuple[str, int]]:
+            out = []
+            for name, channel in list(self.channels.items()):
+                count = getattr(getattr(channel, "server", None), "connection_count", None)
+                if isinstance(count, int):
+                    out.append((name, count))
+            return out
+
+        return EngineState(
+            writer_queue=lambda: self.writer.queued,
+            writer_up=lambda: self.writer.alive,
+            writer_failures=lambda: self.writer.health.consecutive_failures,
+            outbox_rows=open_rows,
+            pools=self.store.pool_states,
+            access_queue=lambda: self.access_audit.queued,
+            access_dropped=lambda: self.access_audit.dropped,
+            connections=connections,
+        )
 
     def _fhir_write_channel(self) -> FhirRestChannel | None:
         """The running ``fhir_rest`` channel, if one is configured: it takes the FHIR writes."""
@@ -224,6 +254,8 @@ class Engine:
             self._watchdog = None
         await self._phase("access_audit", asyncio.to_thread(self.access_audit.stop))  # flushed via the writer
         await self._phase("writer", asyncio.to_thread(self.writer.stop))
+        if self._metrics is not None:
+            release_state(self._metrics)
         checkpointed: bool | None = await self._phase("store", asyncio.to_thread(self._close_store))
         self.stop_phase = None
         return checkpointed

@@ -32,6 +32,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from hms_ach.app.job_settings import JobsSettings
 from hms_ach.app.jobs import job_names, load_job
+from hms_ach.core import metrics
 from hms_ach.core.types import Channel, JobSchedule, PollingChannel
 from hms_ach.store import audit, job_runs
 from hms_ach.store.db import Store
@@ -250,6 +251,7 @@ class Scheduler:
             if task is not None:
                 self._running.pop(task, None)
         log.info("job.finished", extra={"job": name, "status": status})
+        metrics.JOB_RUNS.labels(name, status).inc()
         return status, detail
 
     async def _write(self, job: Callable[[Tx], None]) -> None:

@@ -34,14 +34,16 @@ ACTIONS: dict[str, str] = {
     "timecards.write": "POST /api/v1/timecards",
     "compliance.read": "GET /api/v1/compliance/status",
     "audit.read": "GET /api/v1/audit",
+    "metrics.read": "GET /metrics",
 }
 
-_WORKFORCE = tuple(a for a in ACTIONS if not a.startswith("audit."))
+_WORKFORCE = tuple(a for a in ACTIONS if not a.startswith(("audit.", "metrics.")))
 
 #: role -> action -> reach. hr_admin: every workforce read and write; scheduler: shifts and swap
 #: decisions in their departments; employee: their own record, shifts and timecards, and swap requests
 #: of their own shifts; auditor: the audit trail and the compliance report, read-only; integration:
-#: system use (feeds and exports), every workforce read and write.
+#: system use (feeds and exports), every workforce read and write, and the metrics; operator: the
+#: engine's metrics (GET /metrics), no patient or staff data.
 ROLE_RULES: dict[str, dict[str, Reach]] = {
     "hr_admin": {action: "any" for action in _WORKFORCE},
     "scheduler": {
@@ -61,7 +63,8 @@ ROLE_RULES: dict[str, dict[str, Reach]] = {
         "timecards.write": "own",
     },
     "auditor": {"audit.read": "any", "compliance.read": "any"},
-    "integration": {action: "any" for action in _WORKFORCE},
+    "integration": {action: "any" for action in (*_WORKFORCE, "metrics.read")},
+    "operator": {"metrics.read": "any"},
 }
 
 #: Every role :data:`ROLE_RULES` knows.

@@ -13,9 +13,11 @@ half-stored; if its job committed after the deadline, the resend is answered fro
 from __future__ import annotations
 
 import logging
+import time
 
 from pydantic import Field
 
+from hms_ach.core import metrics
 from hms_ach.core.errors import Err0357, MessageError, RejectError
 from hms_ach.core.tls import mllp_tls_with_environment
 from hms_ach.core.types import ChannelSettings
@@ -69,6 +71,7 @@ class MllpChannel:
     async def _handle(self, frame: bytes, peer: str) -> bytes | list[bytes] | None:
         """The replies to one frame, after its commit: the ACK, and in enhanced mode the application
         ACK right after it on the same connection, each when MSH-15/16 ask for it."""
+        started = time.perf_counter()
         try:
             subject = getattr(peer, "cert_subject", None)  # a Peer from the listener (mutual TLS)
             actor = audit.actor_json(
@@ -83,7 +86,9 @@ class MllpChannel:
                 "mllp.store_unavailable",
                 extra={"channel": self.config.name, "peer": peer, "reason": exc.reason},
             )
+            _count(self.config.name, frame, "unavailable", "", started)
             return unavailable_ack(frame, self.policy)
+        _count(self.config.name, frame, outcome.status, outcome.ack_code, started)
         return outcome.replies()
 
     async def _oversize(self, prefix: bytes, size: int, peer: str) -> bytes | None:
@@ -104,6 +109,17 @@ class MllpChannel:
         )
         outcome = await self.pipeline.record_rejection(prefix, error, self.policy)
         return outcome.ack_bytes()
+
+
+def _count(channel: str, frame: bytes, status: str, ack_code: str, started: float) -> None:
+    """The message and ACK-latency metrics of one answered frame (docs/metrics.md)."""
+    try:
+        header = read_header(frame)
+        message_type = f"{header.message_code}^{header.get(9, 2)}"
+    except MessageError:
+        message_type = "invalid"
+    metrics.MESSAGES.labels(channel, metrics.message_type_label(message_type), status, ack_code).inc()
+    metrics.ACK_LATENCY.labels(channel).observe(time.perf_counter() - started)
 
 
 def effective_config(config: MllpChannelConfig) -> MllpChannelConfig:

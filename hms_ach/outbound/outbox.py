@@ -29,6 +29,7 @@ from typing import Concatenate, ParamSpec, TypeVar
 
 import orjson
 
+from hms_ach.core import metrics
 from hms_ach.core.redact import error_kind
 from hms_ach.outbound.sinks import Delivery, DeliveryError, DeliveryResult, OutboxSink, SinkSettings
 from hms_ach.store import outbox as rows
@@ -213,6 +214,7 @@ class Dispatcher:
                     exc if isinstance(exc, DeliveryError) else DeliveryError(f"{type(exc).__name__}: {exc}")
                 )
                 status = await asyncio.to_thread(self._tx, mark_failed, item.row_id, settings, error)
+                metrics.OUTBOX_DELIVERIES.labels(settings.name, "dead" if status == "dead" else "retry").inc()
                 log.warning(  # the error's text (URLs with identifiers, the peer's answer) is in the row
                     "outbox.delivery_failed",
                     extra={
@@ -229,6 +231,9 @@ class Dispatcher:
                     return self.poll_seconds  # the head row waits for its backoff: nothing after it goes
                 continue
             await asyncio.to_thread(self._tx, mark_delivered, item.row_id, result)
+            metrics.OUTBOX_DELIVERIES.labels(settings.name, "delivered").inc()
+            written = datetime.fromisoformat(item.occurred_at.replace("Z", "+00:00"))
+            metrics.OUTBOX_LAG.labels(settings.name).observe(max(0.0, (rows.now() - written).total_seconds()))
             log.info(
                 "outbox.delivered",
                 extra={"sink": settings.name, "row": item.row_id, "outbox_event": item.event},

@@ -144,6 +144,19 @@ class Store:
             else:
                 txn.rollback()
 
+    def pool_states(self) -> list[tuple[str, int, int]]:
+        """(pool, connections in use, idle connections) of the writer's and the readers' pools."""
+        out = []
+        pools = [("writer", self.writer)] + (
+            [("reader", self.reader)] if self.reader is not self.writer else []
+        )
+        for name, engine in pools:
+            pool = engine.pool
+            in_use = getattr(pool, "checkedout", lambda: 0)()
+            idle = getattr(pool, "checkedin", lambda: 0)()
+            out.append((name, int(in_use), int(idle)))
+        return out
+
     def dispose(self) -> None:
         self.writer.dispose()
         if self.reader is not self.writer:

@@ -262,6 +262,17 @@ def summary(tx: Tx) -> list[dict[str, Any]]:
     return [{"destination": d, "status": s, "count": n} for d, s, n in rows]
 
 
+def open_counts(tx: Tx) -> list[tuple[str, str, int]]:
+    """(destination, status, count) of the rows still waiting (``pending``) or dead-lettered: the
+    delivered rows, most of the table, are not counted."""
+    rows = tx.execute(
+        select(ROWS.c.destination, ROWS.c.status, func.count())
+        .where(ROWS.c.status.in_(("pending", "dead")))
+        .group_by(ROWS.c.destination, ROWS.c.status)
+    ).all()
+    return [(str(d), str(s), int(n)) for d, s, n in rows]
+
+
 def list_rows(
     tx: Tx, status: str | None = None, destination: str | None = None, limit: int = 50
 ) -> list[dict[str, Any]]:

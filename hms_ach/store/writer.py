@@ -50,6 +50,7 @@ from typing import Any, TypeVar
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
+from hms_ach.core import metrics
 from hms_ach.store.db import Store
 from hms_ach.store.errors import StoreUnavailable
 from hms_ach.store.port import Tx
@@ -211,6 +212,13 @@ class StoreWriter:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def queued(self) -> int:
+        """Jobs waiting: those not yet taken by the thread and those in its lanes (a gauge's view,
+        read from another thread without a lock)."""
+        lanes = getattr(self, "_lanes", None)
+        return self._queue.qsize() + (len(lanes) if lanes is not None else 0)
+
     def stop(self, timeout: float = 10) -> None:
         with self._lock:
             thread, self._thread = self._thread, None
@@ -347,7 +355,10 @@ class StoreWriter:
                 self._settle(fut, None, StoreUnavailable("batch failed"))
             return
         finally:
+            busy = time.monotonic() - (self.health.busy_since or time.monotonic())
             self.health.busy_since = None
+        metrics.WRITER_BATCH_SECONDS.observe(busy)
+        metrics.WRITER_BATCH_JOBS.observe(len(batch))
         self._committed(len(batch))
         for fut, result, error in outcomes:
             self._settle(fut, result, error)
@@ -414,6 +425,7 @@ class StoreWriter:
 
     def _failed(self, failure: _StoreFailure, jobs: int) -> None:
         h = self.health
+        metrics.WRITER_FAILURES.labels(failure.stage).inc()
         h.consecutive_failures += 1
         if h.failing_since is None:
             h.failing_since = time.monotonic()

@@ -23,7 +23,13 @@ def test_every_rule_names_a_known_action() -> None:
 def test_hr_admin_does_every_workforce_write_but_not_the_audit_trail() -> None:
     hr = caller("hr_admin")
     for action in ACTIONS:
-        assert hr.grant(action).unrestricted is (action != "audit.read"), action
+        assert hr.grant(action).unrestricted is (action not in ("audit.read", "metrics.read")), action
+
+
+def test_operator_reads_the_metrics_and_no_record() -> None:
+    op = caller("operator")
+    assert [a for a in ACTIONS if op.grant(a).allowed] == ["metrics.read"]
+    assert caller("integration").grant("metrics.read").unrestricted
 
 
 def test_employee_sees_only_their_own_shifts_and_cannot_approve_swaps() -> None:
