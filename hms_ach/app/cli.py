@@ -9,14 +9,20 @@ import json
 import logging
 import socket
 import sys
+import warnings
 from collections import Counter, defaultdict
 from contextlib import suppress
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
+from hms_ach.app.cli_common import ConfigOpt, MessageStatus
+from hms_ach.app.cli_common import load_or_exit as _load
+from hms_ach.app.cli_common import parse_since as _parse_since
+from hms_ach.app.cli_common import store_of as _store
 from hms_ach.app.config import Config, LoggingSettings, load_config, tls_errors
 from hms_ach.core.errors import ConfigError, ConfigErrors
 from hms_ach.core.redact import error_kind, redact_url
@@ -31,8 +37,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="hms-ach: an HL7 v2 / FHIR R4 integration engine.",
 )
-
-ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="channels.yaml to use")]
 
 
 class _JsonLogFormatter(logging.Formatter):
@@ -121,14 +125,6 @@ def _setup_logging(level: str = "INFO", settings: LoggingSettings | None = None,
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     _quiet_libraries()
-
-
-def _load(config: Path) -> Config:
-    try:
-        return load_config(config)
-    except (ConfigErrors, ConfigError) as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from exc
 
 
 @app.command()
@@ -405,8 +401,17 @@ def _auth_errors(path: Path, cfg: Config) -> list[str]:
 @app.command()
 def send(
     files: Annotated[list[Path], typer.Argument(help="HL7 files (one or more messages each)")],
-    host: str = "127.0.0.1",
-    port: int = 2575,
+    host: Annotated[
+        str | None,
+        typer.Option(help="default: the first MLLP channel's host in --config (127.0.0.1 for 0.0.0.0)"),
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(
+            help="default: HMS_ACH_MLLP_PORT, else the first MLLP channel's port in --config, else 2575"
+        ),
+    ] = None,
+    config: ConfigOpt = Path("channels.yaml"),
     timeout: Annotated[
         float, typer.Option(help="seconds to wait for each message's ACKs (those always asked for)")
     ] = 30.0,
@@ -457,16 +462,18 @@ def send(
         except TlsConfigError as exc:
             typer.echo(exc.render(), err=True)
             raise typer.Exit(2) from exc
+    host, port = _send_address(config, host, port)
     batch: list[tuple[Path, bytes]] = []
+    unreadable = 0  # a file that cannot be read fails alone: the others are still sent
     for f in files:
         try:
             batch.extend((f, msg) for msg in split_messages(f.read_bytes()))
         except OSError as exc:
             typer.echo(f"{f}: cannot read: {exc.strerror}", err=True)
-            raise typer.Exit(1) from exc
+            unreadable += 1
         except MessageError as exc:
             typer.echo(f"{f}: not an HL7 v2 message file: {exc}", err=True)
-            raise typer.Exit(1) from exc
+            unreadable += 1
     if not batch:
         typer.echo("no HL7 messages found in the files given", err=True)
         raise typer.Exit(1)
@@ -499,72 +506,34 @@ def send(
         failures += failed
     if failures:
         typer.echo(f"{failures} of {len(batch)} message(s) failed or got no positive ACK", err=True)
-    raise typer.Exit(1 if failures else 0)
+    if unreadable:
+        typer.echo(f"{unreadable} file(s) could not be read or held no HL7 message", err=True)
+    raise typer.Exit(1 if failures or unreadable else 0)
+
+
+def _send_address(config: Path, host: str | None, port: int | None) -> tuple[str, int]:
+    """Where ``hms-ach send`` connects: the options, else what ``hms-ach run`` listens on with the same
+    environment (HMS_ACH_MLLP_PORT, or the first MLLP channel of ``config``), else 127.0.0.1:2575."""
+    import os
+
+    from hms_ach.channels.mllp import MllpChannelConfig
+
+    env_port = os.environ.get("HMS_ACH_MLLP_PORT", "")
+    if port is None and env_port.isdigit():
+        port = int(env_port)
+    if (host is None or port is None) and config.exists():
+        channel = next((c for c in _load(config).channels if isinstance(c, MllpChannelConfig)), None)
+        if channel is not None:
+            bound = str(channel.host)
+            host = host or ("127.0.0.1" if bound in ("0.0.0.0", "::", "") else bound)  # noqa: S104 - a client
+            port = port if port is not None else int(channel.port)
+    return host or "127.0.0.1", port if port is not None else 2575
 
 
 def _msa_1(text: str) -> str:
     """MSA-1 of an ACK printed with LF between segments ('?' without an MSA)."""
     sep = text[3] if len(text) > 3 else "|"
     return next((line.split(sep)[1] for line in text.split("\n") if line.startswith("MSA" + sep)), "?")
-
-
-def _parse_since(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if text[-1] in units and text[:-1].isdigit():
-        return datetime.now(UTC) - timedelta(seconds=int(text[:-1]) * units[text[-1]])
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise typer.BadParameter(f"{text!r}: expected an ISO date/time or an age like 30m, 2h, 7d") from exc
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def _store(config: Path) -> Any:
-    from hms_ach.store import audit
-    from hms_ach.store.db import Store, database_url
-
-    cfg = _load(config) if config.exists() else Config()
-    store = Store(database_url(cfg.engine.database_url))
-    try:  # what this process writes (replay) is chained with the engine's audit key, if it has one
-        audit.install(store, cfg.audit, cfg.data_dir, create=False)
-    except ConfigError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from exc
-    return store
-
-
-@app.command()
-def messages(
-    config: ConfigOpt = Path("channels.yaml"),
-    status: Annotated[str | None, typer.Option(help="processed, error, rejected, duplicate")] = None,
-    type: Annotated[str | None, typer.Option("--type", help="message type, e.g. ADT^A01 or ADT")] = None,
-    since: Annotated[str | None, typer.Option(help="ISO time or age (30m, 2h, 7d)")] = None,
-    limit: int = 50,
-    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per line")] = False,
-) -> None:
-    """List stored inbound messages, newest first."""
-    from hms_ach.store import messages as store_messages
-
-    store = _store(config)
-    with store.read() as conn:
-        rows = store_messages.list_messages(conn, status, type, _parse_since(since), limit)
-    if as_json:
-        for r in rows:
-            typer.echo(json.dumps(dict(r._mapping), default=str))
-        return
-    typer.echo(
-        f"{'id':>6}  {'received (UTC)':19}  {'channel':10}  {'type':9}  {'control id':16}  "
-        f"{'status':9}  ack  error"
-    )
-    for r in rows:
-        received = r.received_at.strftime("%Y-%m-%d %H:%M:%S") if r.received_at else ""
-        err = (f"{r.error_location}: " if r.error_location else "") + (r.error or "") if r.error else ""
-        typer.echo(
-            f"{r.id:>6}  {received:19}  {r.channel[:10]:10}  {r.message_type[:9]:9}  "
-            f"{r.control_id[:16]:16}  {r.status:9}  {r.ack_code or '':3}  {err[:80]}"
-        )
 
 
 def _os_user() -> str | None:
@@ -579,12 +548,13 @@ def _os_user() -> str | None:
 def replay(
     ids: Annotated[list[int] | None, typer.Argument(help="message ids (see hms-ach messages)")] = None,
     config: ConfigOpt = Path("channels.yaml"),
-    status: Annotated[str | None, typer.Option(help="replay the messages with this status")] = None,
+    status: Annotated[MessageStatus | None, typer.Option(help="replay the messages with this status")] = None,
     since: Annotated[
         str | None, typer.Option(help="replay the messages received since (ISO time or 2h, 7d)")
     ] = None,
     mapping_dir: Annotated[
-        Path | None, typer.Option(help="use these mappings instead of the configured ones")
+        Path | None,
+        typer.Option(help="use these mappings instead of the configured ones", exists=True, file_okay=False),
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="show what would change; write nothing")] = False,
     apply: Annotated[
@@ -615,7 +585,7 @@ def replay(
     targets = list(ids or [])
     if status or since:
         with store.read() as conn:
-            targets += store_messages.ids_since(conn, _parse_since(since), status)
+            targets += store_messages.ids_since(conn, _parse_since(since), status.value if status else None)
     if not targets:
         typer.echo("nothing to replay: give message ids, --status or --since", err=True)
         raise typer.Exit(1)
@@ -668,7 +638,9 @@ def replay(
 
 @app.command("corpus-check")
 def corpus_check(
-    directory: Annotated[Path, typer.Argument(help="folder searched for *.hl7 files")],
+    directory: Annotated[
+        Path, typer.Argument(help="folder searched for *.hl7 files", exists=True, file_okay=False)
+    ],
     config: ConfigOpt = Path("channels.yaml"),
     top: Annotated[int, typer.Option(help="reasons shown per message type")] = 3,
 ) -> None:
@@ -743,12 +715,21 @@ def _mappings_dir(config: Path, mapping_dir: Path | None) -> Path:
     return cfg.mappings_dir
 
 
+class PreviewFormat(StrEnum):
+    """How ``mapping preview`` prints."""
+
+    text = "text"
+    json = "json"
+
+
 @mapping_app.command("preview")
 def mapping_preview(
-    sample: Annotated[Path, typer.Argument(help="an HL7 v2 file")],
+    sample: Annotated[Path, typer.Argument(help="an HL7 v2 file", exists=True, dir_okay=False)],
     config: ConfigOpt = Path("channels.yaml"),
-    mapping_dir: Annotated[Path | None, typer.Option(help="mapping directory to use")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="text or json")] = "text",
+    mapping_dir: Annotated[
+        Path | None, typer.Option(help="mapping directory to use", exists=True, file_okay=False)
+    ] = None,
+    fmt: Annotated[PreviewFormat, typer.Option("--format", help="text or json")] = PreviewFormat.text,
     timezone: str = "UTC",
 ) -> None:
     """Show the parsed message, the records and FHIR resources it yields, and field lineage. Writes nothing."""
@@ -783,7 +764,9 @@ def mapping_preview(
 def mapping_coverage(
     samples: Annotated[list[Path], typer.Argument(help="HL7 v2 sample files")],
     config: ConfigOpt = Path("channels.yaml"),
-    mapping_dir: Annotated[Path | None, typer.Option(help="mapping directory to use")] = None,
+    mapping_dir: Annotated[
+        Path | None, typer.Option(help="mapping directory to use", exists=True, file_okay=False)
+    ] = None,
 ) -> None:
     """List the fields populated in the samples that no mapping reads: what the mappings drop."""
     from hms_ach.core.errors import MessageError
@@ -817,7 +800,9 @@ def mapping_coverage(
 def mapping_test(
     path: Annotated[Path | None, typer.Argument(help="a *_test.yaml file or a folder")] = None,
     config: ConfigOpt = Path("channels.yaml"),
-    mapping_dir: Annotated[Path | None, typer.Option(help="mapping directory to use")] = None,
+    mapping_dir: Annotated[
+        Path | None, typer.Option(help="mapping directory to use", exists=True, file_okay=False)
+    ] = None,
 ) -> None:
     """Run the golden tests (*_test.yaml beside the mappings); print a diff for each failure."""
     from hms_ach.hl7v2.parse import parse
@@ -870,9 +855,11 @@ def schema_mapping(output: Annotated[Path | None, typer.Option("--output", "-o")
         typer.echo(text)
 
 
+from hms_ach.app import cli_messages  # noqa: E402 - `hms-ach messages` and `hms-ach messages show ID`
 from hms_ach.app.jobs_cli import jobs_app  # noqa: E402 - `hms-ach jobs` and `hms-ach jobs run NAME`
 
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(cli_messages.messages_app, name="messages")
 
 audit_app = typer.Typer(no_args_is_help=True, help="The audit trail of record changes.")
 app.add_typer(audit_app, name="audit")
@@ -952,12 +939,20 @@ app.add_typer(outbox_app, name="outbox")
 DatabaseOpt = Annotated[str | None, typer.Option(help="store URL (default: from the config)")]
 
 
+class OutboxStatus(StrEnum):
+    """The statuses of an outbox row."""
+
+    pending = "pending"
+    delivered = "delivered"
+    dead = "dead"
+
+
 @outbox_app.callback(invoke_without_command=True)
 def outbox_list(
     ctx: typer.Context,
     config: ConfigOpt = Path("channels.yaml"),
     database: DatabaseOpt = None,
-    status: Annotated[str | None, typer.Option(help="pending | delivered | dead: list those rows")] = None,
+    status: Annotated[OutboxStatus | None, typer.Option(help="list the rows with this status")] = None,
     sink: Annotated[str | None, typer.Option(help="only this sink")] = None,
     limit: Annotated[int, typer.Option(help="rows listed")] = 50,
 ) -> None:
@@ -971,7 +966,7 @@ def outbox_list(
     try:
         with store.read() as conn:
             counts = outbox.summary(conn)
-            rows = outbox.list_rows(conn, status, sink, limit) if status else []
+            rows = outbox.list_rows(conn, status.value, sink, limit) if status else []
     finally:
         store.dispose()
     if not counts:
@@ -1162,7 +1157,18 @@ def token_command(
     typer.echo(token)
 
 
+#: Libraries whose import-time warnings are for their own maintainers, not for our users: asyncssh
+#: (imported by the SFTP channel and sink) warns five times that cryptography deprecates DSA.
+_QUIET_WARNING_MODULES = r"(asyncssh|cryptography)(\..*)?$"
+
+
+def quiet_dependency_warnings() -> None:
+    """No warning of those libraries reaches the user (every ``hms-ach`` command)."""
+    warnings.filterwarnings("ignore", module=_QUIET_WARNING_MODULES)
+
+
 def main() -> None:
+    quiet_dependency_warnings()
     _quiet_libraries()  # every command: the ones that log nothing themselves parse HL7 too
     app()
 

@@ -67,8 +67,17 @@ def make_engine(url: str, *, create: bool = True, writer: bool = True) -> Engine
 _ADDED_COLUMNS = (("audit_entry", "actor", "TEXT"), ("access_record", "prev_hash", "VARCHAR(64)"))
 
 
+#: Indexes added to existing tables after the first release: (name, table, columns). create_all makes
+#: them only with new tables, so a store of an earlier version gains these on open (IF NOT EXISTS).
+_ADDED_INDEXES = (("ix_history_message", "resource_history", "message_id"),)
+
+
 def _add_columns(engine: Engine) -> None:
     inspector = inspect(engine)
+    for name, table, columns in _ADDED_INDEXES:
+        if name not in {ix["name"] for ix in inspector.get_indexes(table)}:  # built once, on first open
+            with engine.begin() as conn:
+                conn.execute(text(f"CREATE INDEX IF NOT EXISTS {name} ON {table} ({columns})"))
     for table, column, sql_type in _ADDED_COLUMNS:
         if column not in {c["name"] for c in inspector.get_columns(table)}:
             guard = "IF NOT EXISTS " if engine.dialect.name == "postgresql" else ""  # two starting at once

@@ -23,10 +23,11 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from hms_ach.store import fastexec, txcache
-from hms_ach.store.models import InboundMessage, MessageContentHash
+from hms_ach.store.models import InboundMessage, MessageContentHash, ResourceHistory
 
 T = InboundMessage.__table__  # type: ignore[attr-defined]
 H = MessageContentHash.__table__  # type: ignore[attr-defined]
+H_VERSIONS = ResourceHistory.__table__  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -269,6 +270,19 @@ def list_messages(
     if since:
         q = q.where(T.c.received_at >= since)
     return list(conn.execute(q.order_by(desc(T.c.id)).limit(limit)).all())
+
+
+def versions_written(conn: Connection, message_id: int, limit: int = 1000) -> list[dict[str, Any]]:
+    """The record versions ``message_id`` wrote (type, id, version, deleted, the resource JSON text),
+    in the order written; through ``ix_history_message``."""
+    rows = conn.execute(
+        select(H_VERSIONS.c.resource_type, H_VERSIONS.c.id, H_VERSIONS.c.version_id, H_VERSIONS.c.deleted,
+               H_VERSIONS.c.resource)
+        .where(H_VERSIONS.c.message_id == message_id)
+        .order_by(H_VERSIONS.c.last_updated, H_VERSIONS.c.resource_type, H_VERSIONS.c.id)
+        .limit(limit)
+    ).all()  # fmt: skip
+    return [dict(r._mapping) for r in rows]
 
 
 def ids_since(conn: Connection, since: datetime | None, status: str | None = None) -> list[int]:

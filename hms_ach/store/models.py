@@ -194,6 +194,8 @@ class ResourceHistory(SQLModel, table=True):
     """Every version of every record, appended on each change."""
 
     __tablename__ = "resource_history"
+    # what one message wrote (`hms-ach messages show ID --records`, the console's message view)
+    __table_args__ = (Index("ix_history_message", "message_id"),)
 
     resource_type: str = Field(primary_key=True, max_length=64)
     id: str = Field(primary_key=True, max_length=64)

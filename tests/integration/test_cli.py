@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,3 +87,76 @@ def test_corpus_check_and_preview(workdir: Path) -> None:
     assert code == 0
     assert "Encounter.location[0].location <- record location_bed from PV1-3" in out
     assert "PID-5 (XPN patient name) = Rivera^Maria" in out
+
+
+def test_messages_status_takes_only_known_values_and_the_table_fits_the_terminal(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, out = run(workdir, "messages", "--status", "errors")
+    assert code == 2 and "errors" in out and "processed" in out  # the choices are named
+    monkeypatch.setenv("COLUMNS", "80")
+    code, out = run(workdir, "messages")
+    assert code == 0 and all(len(line) <= 80 for line in out.splitlines()), out
+    assert "B-SEX" in out.replace("\n", "")  # the error column folds, it is not cut
+
+
+def test_messages_show_prints_the_raw_message_its_ack_and_its_records(workdir: Path) -> None:
+    _, listed = run(workdir, "messages", "--type", "ADT^A01", "--status", "processed", "--json")
+    message_id = listed.split('"id": ')[1].split(",")[0]
+    code, out = run(workdir, "messages", "show", message_id)
+    assert code == 0, out
+    assert "status        processed" in out and "-- ACK\nMSH|" in out and "MSA|AA|" in out
+    assert "\nPID|" in out  # one segment per line
+    assert "Patient/" in out and "Encounter/" in out and "version 1" in out
+    code, raw = run(workdir, "messages", "show", message_id, "--raw")
+    assert code == 0 and raw.startswith("MSH|") and "-- ACK" not in raw
+    code, ack = run(workdir, "messages", "show", message_id, "--ack")
+    assert code == 0 and ack.startswith("MSH|") and "\nMSA|AA|" in ack
+    code, records = run(workdir, "messages", "show", message_id, "--records")
+    lines = [json.loads(line) for line in records.splitlines()]
+    assert code == 0 and {ln["reference"].split("/")[0] for ln in lines} >= {"Patient", "Encounter"}
+    assert all(ln["resource"]["resourceType"] == ln["reference"].split("/")[0] for ln in lines)
+    code, out = run(workdir, "messages", "show", "999999")
+    assert code == 1 and "no message with id 999999" in out
+
+
+def test_commands_print_no_dependency_warnings() -> None:
+    """asyncssh (the SFTP channel and sink import it when they start) warns on import that
+    cryptography deprecates DSA; under every ``hms-ach`` command the user sees none of it."""
+
+    def stderr_of(script: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-W", "default", "-c", script], capture_output=True, text=True, timeout=120
+        )
+        return done.stderr
+
+    assert "DeprecationWarning" in stderr_of("import asyncssh")  # what users saw before
+    quiet = (
+        "from hms_ach.app.cli import quiet_dependency_warnings; quiet_dependency_warnings(); import asyncssh"
+    )
+    assert stderr_of(quiet) == ""
+
+
+def _flat(text: str) -> str:
+    """Typer's boxed error text as one line (the box may wrap a sentence)."""
+    return " ".join(text.replace("│", " ").split())
+
+
+def test_paths_that_do_not_exist_are_errors(workdir: Path) -> None:
+    code, out = run(workdir, "corpus-check", str(workdir / "nope"))
+    assert code == 2 and "does not exist" in _flat(out), out
+    code, out = run(workdir, "mapping", "preview", str(workdir / "missing.hl7"))
+    assert code == 2 and "does not exist" in _flat(out) and "Traceback" not in out
+    code, out = run(workdir, "outbox", "--status", "bogus")
+    assert code == 2 and "bogus" in out
+
+
+def test_send_uses_the_port_run_listens_on(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With nothing listening, the error names the address: HMS_ACH_MLLP_PORT, as for run."""
+    monkeypatch.setenv("HMS_ACH_MLLP_PORT", "1")
+    code, out = run(
+        workdir, "send", str(SAMPLES / "adt_a01.hl7"), str(workdir / "unreadable.hl7"), "--timeout", "2"
+    )
+    assert code == 1
+    assert "unreadable.hl7: cannot read" in out  # reported, and the other file was still sent
+    assert "adt_a01.hl7 -> failed" in out and "127.0.0.1:1" in out, out
