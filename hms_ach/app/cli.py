@@ -855,11 +855,12 @@ def schema_mapping(output: Annotated[Path | None, typer.Option("--output", "-o")
         typer.echo(text)
 
 
-from hms_ach.app import cli_messages  # noqa: E402 - `hms-ach messages` and `hms-ach messages show ID`
+from hms_ach.app import cli_init, cli_messages  # noqa: E402 - `hms-ach init`, `hms-ach messages [show ID]`
 from hms_ach.app.jobs_cli import jobs_app  # noqa: E402 - `hms-ach jobs` and `hms-ach jobs run NAME`
 
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(cli_messages.messages_app, name="messages")
+app.command("init")(cli_init.init)
 
 audit_app = typer.Typer(no_args_is_help=True, help="The audit trail of record changes.")
 app.add_typer(audit_app, name="audit")

@@ -10,10 +10,14 @@ In-process apps (``create_app``) take :func:`local_authenticator` over a tempora
 from __future__ import annotations
 
 import shutil
-from collections.abc import AsyncIterator
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from hms_ach.app.config import load_config
 from hms_ach.app.runtime import Engine
@@ -124,3 +128,20 @@ def mllp_channel(engine: Engine, name: str = "adt_in") -> MllpChannel:
     channel = engine.channels[name]
     assert isinstance(channel, MllpChannel), f"channel {name} is a {type(channel).__name__}"
     return channel
+
+
+def wait_until_live(
+    base: str, process: subprocess.Popen[Any], output: Callable[[], str], within: float
+) -> None:
+    """Poll ``base``/health/live until it answers 200; fail with the process's ``output`` if the
+    process ends first, or after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        assert process.poll() is None, output()
+        try:
+            if httpx.get(f"{base}/health/live", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"{base} did not answer /health/live within {within:.0f} s"
+        time.sleep(0.2)

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.engine_helpers import local_authenticator, mint_token
+from tests.integration.engine_helpers import local_authenticator, mint_token, wait_until_live
 
 ROOT = Path(__file__).resolve().parents[2]
 LIMIT = 1024 * 1024  # http.max_body_bytes of the server under test
@@ -93,16 +93,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     token = mint_token(local_authenticator(base / "data"), sub="http-limits")
     srv = Server(process, port, log, token)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"{srv.base}/health/live", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not answer /health/live within 90 s"
-            time.sleep(0.2)
+        wait_until_live(srv.base, process, log.read_text, 90)
         with httpx.Client(base_url=srv.base, timeout=30, headers=srv.auth) as client:  # lazy set-up
             for method, path, ctype in ROUTES:
                 client.request(method, path, content=b"{}", headers={"content-type": ctype})
