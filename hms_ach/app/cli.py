@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
-from hms_ach.app.cli_common import ConfigOpt, MessageStatus
+from hms_ach.app.cli_common import ConfigOpt, MessageStatus, progress
 from hms_ach.app.cli_common import load_or_exit as _load
 from hms_ach.app.cli_common import parse_since as _parse_since
 from hms_ach.app.cli_common import store_of as _store
@@ -610,7 +610,9 @@ def replay(
     from hms_ach.store.audit import actor_json
 
     who = actor_json(kind="replay", command="hms-ach replay", user=_os_user(), host=socket.gethostname())
-    reports = replay_messages(store, sorted(set(targets)), table, apply=not dry_run, actor=who)
+    ids = sorted(set(targets))
+    with progress("replay", len(ids)) as advance:
+        reports = replay_messages(store, ids, table, apply=not dry_run, actor=who, on_each=advance)
     store.dispose()
     changed = 0
     for r in reports:
@@ -645,10 +647,7 @@ def corpus_check(
     top: Annotated[int, typer.Option(help="reasons shown per message type")] = 3,
 ) -> None:
     """Feed every *.hl7 file under DIRECTORY through parse -> ACK -> map, in-process, with no network."""
-    from hms_ach.core.errors import MessageError
-    from hms_ach.hl7v2.client import split_messages
     from hms_ach.hl7v2.policy import Hl7Policy
-    from hms_ach.ingest.pipeline import ack_for, evaluate
     from hms_ach.mapping.engine import MappingEngine
     from hms_ach.mapping.loader import load_mappings
 
@@ -664,30 +663,62 @@ def corpus_check(
     crashes: list[str] = []
     files = sorted(directory.rglob("*.hl7"))
     total = 0
-    for path in files:
-        data = path.read_bytes()
+    with progress("corpus-check", len(files)) as advance:
+        for path in files:
+            advance(1)
+            total += _check_file(path, engine, policy, counts, reasons, crashes)
+    _corpus_report(directory, files, total, counts, reasons, crashes, top)
+
+
+def _check_file(
+    path: Path,
+    engine: Any,
+    policy: Any,
+    counts: dict[str, Counter[str]],
+    reasons: dict[str, Counter[str]],
+    crashes: list[str],
+) -> int:
+    """Run one file's messages through parse -> ACK -> map, counting outcomes; returns how many."""
+    from hms_ach.core.errors import MessageError
+    from hms_ach.hl7v2.client import split_messages
+    from hms_ach.ingest.pipeline import ack_for, evaluate
+
+    total = 0
+    data = path.read_bytes()
+    try:
+        chunks = split_messages(data) or [data]
+    except MessageError:
+        chunks = [data]  # not a clean message stream: the whole file is one (rejected) message
+    except Exception as exc:  # noqa: BLE001 - reported as a crash below
+        crashes.append(f"{path}: split: {type(exc).__name__}: {exc}")
+        return 0
+    for raw in chunks:
+        total += 1
         try:
-            chunks = split_messages(data) or [data]
-        except MessageError:
-            chunks = [data]  # not a clean message stream: the whole file is one (rejected) message
-        except Exception as exc:  # noqa: BLE001 - reported as a crash below
-            crashes.append(f"{path}: split: {type(exc).__name__}: {exc}")
+            ev = evaluate(raw, policy, engine)
+            if ev.crashed:
+                crashes.append(f"{path}: {ev.error}")
+            code = "AA" if ev.error is None else (ev.error.ack_code if ev.header else "AR")
+            ack_for(ev, code, ev.error)
+        except Exception as exc:  # noqa: BLE001 - a crash is what this command looks for
+            crashes.append(f"{path}: {type(exc).__name__}: {exc}")
             continue
-        for raw in chunks:
-            total += 1
-            try:
-                ev = evaluate(raw, policy, engine)
-                if ev.crashed:
-                    crashes.append(f"{path}: {ev.error}")
-                code = "AA" if ev.error is None else (ev.error.ack_code if ev.header else "AR")
-                ack_for(ev, code, ev.error)
-            except Exception as exc:  # noqa: BLE001 - a crash is what this command looks for
-                crashes.append(f"{path}: {type(exc).__name__}: {exc}")
-                continue
-            mtype = (ev.header.message_type if ev.header else "") or "(no MSH)"
-            counts[mtype][code] += 1
-            if ev.error is not None:
-                reasons[mtype][_reason(ev.error)] += 1
+        mtype = (ev.header.message_type if ev.header else "") or "(no MSH)"
+        counts[mtype][code] += 1
+        if ev.error is not None:
+            reasons[mtype][_reason(ev.error)] += 1
+    return total
+
+
+def _corpus_report(
+    directory: Path,
+    files: list[Path],
+    total: int,
+    counts: dict[str, Counter[str]],
+    reasons: dict[str, Counter[str]],
+    crashes: list[str],
+    top: int,
+) -> None:
     typer.echo(f"{len(files)} files, {total} messages under {directory}\n")
     typer.echo(f"{'message type':16} {'AA':>5} {'AE':>5} {'AR':>5}  commonest reasons")
     for mtype in sorted(counts, key=lambda t: (-sum(counts[t].values()), t)):
@@ -724,40 +755,138 @@ class PreviewFormat(StrEnum):
 
 @mapping_app.command("preview")
 def mapping_preview(
-    sample: Annotated[Path, typer.Argument(help="an HL7 v2 file", exists=True, dir_okay=False)],
+    sample: Annotated[
+        Path,
+        typer.Argument(
+            help="an HL7 v2 file, a CSV file (with --dataset) or a FHIR resource as JSON",
+            exists=True,
+            dir_okay=False,
+        ),
+    ],
     config: ConfigOpt = Path("channels.yaml"),
     mapping_dir: Annotated[
         Path | None, typer.Option(help="mapping directory to use", exists=True, file_okay=False)
     ] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(help="the CSV dataset (e.g. staff_roster): SAMPLE is a CSV file, each row previewed"),
+    ] = None,
+    row: Annotated[
+        int | None, typer.Option(help="with --dataset: only the row on this line of the file")
+    ] = None,
     fmt: Annotated[PreviewFormat, typer.Option("--format", help="text or json")] = PreviewFormat.text,
     timezone: str = "UTC",
 ) -> None:
-    """Show the parsed message, the records and FHIR resources it yields, and field lineage. Writes nothing."""
+    """Show the input, the records and FHIR resources it yields, and field lineage. Writes nothing.
+
+    HL7 v2 by default; a CSV file with --dataset (the mapping of that dataset, as the sftp_csv and
+    file_drop channels use it); a .json file (or one starting with "{") as a FHIR write."""
     from hms_ach.core.errors import MessageError
-    from hms_ach.hl7v2.client import split_messages
-    from hms_ach.hl7v2.parse import parse
     from hms_ach.mapping.engine import MappingEngine
     from hms_ach.mapping.loader import load_mappings
-    from hms_ach.mapping.preview import preview
 
     try:
         engine = MappingEngine(load_mappings(_mappings_dir(config, mapping_dir)), timezone)
     except ConfigErrors as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from exc
-    chunks = split_messages(sample.read_bytes()) or [sample.read_bytes()]
+    data = sample.read_bytes()
+    if dataset is not None:
+        previews = _csv_previews(engine, sample, data, dataset, row)
+    elif sample.suffix.lower() == ".json" or data.lstrip()[:1] == b"{":
+        previews = _fhir_previews(engine, sample, data)
+    else:
+        previews = _hl7_previews(engine, data)
     failed = False
-    for raw in chunks:
-        try:
-            pv = preview(engine, parse(raw))
-        except MessageError as exc:
-            typer.echo(
-                f"{sample}: {exc.ack_code} {exc.code} at {exc.location or '-'}: {exc.message}", err=True
-            )
+    for pv in previews:
+        if isinstance(pv, MessageError):
+            typer.echo(f"{sample}: {pv.ack_code} {pv.code} at {pv.location or '-'}: {pv.message}", err=True)
             failed = True
             continue
         typer.echo(json.dumps(pv.to_dict(), indent=2, ensure_ascii=False) if fmt == "json" else pv.to_text())
     raise typer.Exit(1 if failed else 0)
+
+
+def _hl7_previews(engine: Any, data: bytes) -> list[Any]:
+    from hms_ach.core.errors import MessageError
+    from hms_ach.hl7v2.client import split_messages
+    from hms_ach.hl7v2.parse import parse
+    from hms_ach.mapping.preview import preview
+
+    out: list[Any] = []
+    try:
+        chunks = split_messages(data) or [data]
+    except MessageError as exc:
+        return [exc]
+    for raw in chunks:
+        try:
+            out.append(preview(engine, parse(raw)))
+        except MessageError as exc:
+            out.append(exc)
+    return out
+
+
+def _csv_previews(engine: Any, sample: Path, data: bytes, dataset: str, row: int | None) -> list[Any]:
+    """One preview per row of the CSV ``data`` (the header is line 1), or of line ``row`` only."""
+    import csv
+    import io
+
+    from hms_ach.core.errors import MessageError
+    from hms_ach.mapping.paths import CsvRecord
+    from hms_ach.mapping.preview import preview_csv_row
+
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        typer.echo(f"{sample}: not UTF-8 text at byte {exc.start}", err=True)
+        raise typer.Exit(1) from exc
+    reader = csv.DictReader(io.StringIO(text))
+    out: list[Any] = []
+    for values in reader:
+        line = reader.line_num
+        if row is not None and line != row:
+            continue
+        record = CsvRecord(
+            {k: v or "" for k, v in values.items() if k is not None}, line, sample.name, list(values)
+        )
+        try:
+            out.append(preview_csv_row(engine, dataset, record))
+        except MessageError as exc:
+            out.append(exc)
+    if not out:
+        typer.echo(f"{sample}: no data row" + (f" on line {row}" if row is not None else ""), err=True)
+        raise typer.Exit(1)
+    return out
+
+
+def _fhir_previews(engine: Any, sample: Path, data: bytes) -> list[Any]:
+    """The preview of a FHIR resource, or of each entry's resource of a Bundle (a transaction or
+    batch as a client would POST it)."""
+    from hms_ach.core.errors import MessageError
+    from hms_ach.mapping.preview import preview_fhir
+
+    try:
+        resource = json.loads(data)
+    except ValueError as exc:
+        typer.echo(f"{sample}: not JSON: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    if not isinstance(resource, dict):
+        typer.echo(f"{sample}: a FHIR resource is a JSON object", err=True)
+        raise typer.Exit(1)
+    resources = [resource]
+    if resource.get("resourceType") == "Bundle":
+        entries = resource.get("entry")
+        listed: list[Any] = entries if isinstance(entries, list) else []
+        resources = [
+            e["resource"] for e in listed if isinstance(e, dict) and isinstance(e.get("resource"), dict)
+        ]
+    out: list[Any] = []
+    for item in resources:
+        try:
+            out.append(preview_fhir(engine, item))
+        except MessageError as exc:
+            out.append(exc)
+    return out
 
 
 @mapping_app.command("coverage")

@@ -1,14 +1,20 @@
 """What the ``hms-ach`` sub-command modules share: the ``--config`` option, loading channels.yaml with
-one clear line on error, the store of a config, and the ``--since`` parser."""
+one clear line on error, the store of a config, the ``--since`` parser and the progress bar."""
 
 from __future__ import annotations
 
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from hms_ach.app.config import Config, load_config
 from hms_ach.core.errors import ConfigError, ConfigErrors
@@ -62,3 +68,28 @@ def store_of(config: Path) -> Any:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from exc
     return store
+
+
+@contextmanager
+def progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr for a long command (replay, corpus-check...): yields ``advance(n)``.
+    Shown on a terminal only, so pipes and logs get none; ``HMS_ACH_PROGRESS=1`` forces it, ``0``
+    turns it off."""
+    wanted = os.environ.get("HMS_ACH_PROGRESS", "")
+    show = wanted == "1" or (wanted != "0" and sys.stderr.isatty())
+    if not show or total <= 0:
+
+        def nothing(_n: int = 1) -> None:
+            return None
+
+        yield nothing
+        return
+    console = Console(stderr=True, force_terminal=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(description, total=total)
+
+        def advance(n: int = 1) -> None:
+            bar.advance(task, n)
+
+        yield advance

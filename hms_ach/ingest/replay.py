@@ -144,14 +144,22 @@ def not_replayable(row: StoredMessage, reason: str) -> ReplayReport:
 
 
 def replay_messages(
-    store: Store, ids: list[int], table: Mapping[str, Replayer], apply: bool, actor: str | None = None
+    store: Store,
+    ids: list[int],
+    table: Mapping[str, Replayer],
+    apply: bool,
+    actor: str | None = None,
+    on_each: Callable[[int], None] | None = None,
 ) -> list[ReplayReport]:
     """Replay ``ids`` (in order) in one transaction, each by the replayer of its content type in
     ``table``; committed when ``apply``, else rolled back. Duplicates are skipped. ``actor`` (an
-    ``audit.actor_json`` text): who replays, the actor of every audit entry the replay writes."""
+    ``audit.actor_json`` text): who replays, the actor of every audit entry the replay writes.
+    ``on_each(1)`` is called as each message is taken (a progress bar)."""
     reports: list[ReplayReport] = []
     with store.transaction(commit=apply) as conn:
         for mid in ids:
+            if on_each is not None:
+                on_each(1)
             row = messages.get(conn, mid)
             if row is None or row.status == "duplicate":
                 continue

@@ -1,8 +1,9 @@
 """``hms-ach mapping preview``: what a mapping does to one sample, with nothing written anywhere.
 
-Four views: the parsed message as a tree with positions (field names from hl7apy's HL7 tables),
-the canonical records, the FHIR resources they become (checked with the fhir.resources R4B
-models), and the lineage of every produced field.
+Four views: the input as a tree with positions (an HL7 v2 message with field names from hl7apy's
+HL7 tables; a CSV row's columns; a FHIR resource's elements), the canonical records, the FHIR
+resources they become (checked with the fhir.resources R4B models), and the lineage of every
+produced field.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from hms_ach.core.hl7message import Hl7Message
 from hms_ach.core.records import MappingResult
 from hms_ach.mapping.engine import MappingEngine
+from hms_ach.mapping.paths import CsvRecord
 
 
 @lru_cache(maxsize=8)
@@ -124,7 +126,32 @@ class Preview:
 def preview(engine: MappingEngine, msg: Hl7Message) -> Preview:
     """Map ``msg`` without touching a store; references point at ``Type/<alias>`` placeholders."""
     mapping = engine.mapping_for(msg)
-    result = engine.map_message(msg, mapping)
+    return _preview(str(mapping.path), message_tree(msg), engine.map_message(msg, mapping))
+
+
+def preview_csv_row(engine: MappingEngine, dataset: str, row: CsvRecord) -> Preview:
+    """Map one CSV row of ``dataset`` as the sftp_csv and file_drop channels do; writes nothing."""
+    mapping = engine.input_mapping("csv", dataset)
+    fields = [_leaf(column, value) for column, value in row.values.items()]
+    tree = [{"segment": f"{row.source or dataset} line {row.line}", "fields": fields}]
+    return _preview(str(mapping.path), tree, engine.map_input("csv", dataset, row))
+
+
+def preview_fhir(engine: MappingEngine, resource: dict[str, Any]) -> Preview:
+    """Map one FHIR resource as a FHIR write (the fhir_rest channel) maps it; writes nothing."""
+    rtype = str(resource.get("resourceType", ""))
+    mapping = engine.input_mapping("fhir", rtype)
+    fields = [_leaf(name, json.dumps(value, ensure_ascii=False)) for name, value in resource.items()]
+    tree = [{"segment": rtype or "(no resourceType)", "fields": fields}]
+    return _preview(str(mapping.path), tree, engine.map_input("fhir", rtype, resource))
+
+
+def _leaf(path: str, value: str) -> dict[str, Any]:
+    """A node of the input tree that is not an HL7 field: a CSV column or a FHIR element."""
+    return {"path": path, "name": "", "datatype": "", "value": value, "components": []}
+
+
+def _preview(mapping: str, tree: list[dict[str, Any]], result: MappingResult) -> Preview:
     by_alias = {r.alias: r for r in result.records}
     resources = []
     issues: list[str] = []
@@ -133,7 +160,7 @@ def preview(engine: MappingEngine, msg: Hl7Message) -> Preview:
         body.update(_placeholder_refs(rec.content, by_alias))
         resources.append(body)
         issues.extend(validate_fhir(body))
-    return Preview(str(mapping.path), message_tree(msg), result, resources, issues)
+    return Preview(mapping, tree, result, resources, issues)
 
 
 def _safe_id(alias: str) -> str:

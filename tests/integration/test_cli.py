@@ -160,3 +160,37 @@ def test_send_uses_the_port_run_listens_on(workdir: Path, monkeypatch: pytest.Mo
     assert code == 1
     assert "unreadable.hl7: cannot read" in out  # reported, and the other file was still sent
     assert "adt_a01.hl7 -> failed" in out and "127.0.0.1:1" in out, out
+
+
+def test_long_commands_show_progress_on_a_terminal_only(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HMS_ACH_PROGRESS", "1")  # as on a terminal
+    code, out = run(workdir, "corpus-check", str(SAMPLES))
+    files = len(list(SAMPLES.rglob("*.hl7")))
+    assert code == 0 and "corpus-check" in out and f"{files}/{files}" in out, out
+    code, out = run(workdir, "replay", "--since", "1h", "--dry-run")
+    assert code == 0 and "replay" in out and "3/3" in out, out  # the duplicate is taken out first
+    monkeypatch.setenv("HMS_ACH_PROGRESS", "0")  # a pipe or a log
+    code, out = run(workdir, "corpus-check", str(SAMPLES))
+    assert code == 0 and f"{files}/{files}" not in out
+
+
+def test_preview_takes_csv_rows_and_fhir_json(workdir: Path) -> None:
+    roster = ROOT / "samples" / "csv" / "staff_roster.csv"
+    code, out = run(workdir, "mapping", "preview", str(roster), "--dataset", "staff_roster", "--row", "2")
+    assert code == 0, out
+    assert "staff_roster.csv line 2" in out and "employee_id = E1001" in out
+    assert '"resourceType": "Practitioner"' in out and "Chen" in out
+    code, out = run(workdir, "mapping", "preview", str(roster), "--dataset", "staff_roster")
+    assert code == 0 and out.count("== canonical records") == len(roster.read_text().splitlines()) - 1
+    code, out = run(workdir, "mapping", "preview", str(roster), "--dataset", "no_such_dataset", "--row", "2")
+    assert code == 1 and "no mapping handles csv input 'no_such_dataset'" in out and "Traceback" not in out
+    bundle = ROOT / "samples" / "fhir" / "onboard_nurse_bundle.json"
+    code, out = run(workdir, "mapping", "preview", str(bundle))
+    assert code == 0, out
+    assert "== canonical records" in out and "Practitioner key" in out
+    bad = workdir / "bad.json"
+    bad.write_text("{not json")
+    code, out = run(workdir, "mapping", "preview", str(bad))
+    assert code == 1 and "not JSON" in out and "Traceback" not in out
