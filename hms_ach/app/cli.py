@@ -932,8 +932,18 @@ def mapping_test(
     mapping_dir: Annotated[
         Path | None, typer.Option(help="mapping directory to use", exists=True, file_okay=False)
     ] = None,
+    update: Annotated[
+        bool,
+        typer.Option(
+            "--update",
+            help="after showing each failure's diff, rewrite that case's expect: with what it produces now",
+        ),
+    ] = False,
 ) -> None:
-    """Run the golden tests (*_test.yaml beside the mappings); print a diff for each failure."""
+    """Run the golden tests (*_test.yaml beside the mappings); print a diff for each failure.
+
+    With --update the failing cases' expectations are rewritten in their files (review them with
+    git diff); the exit status is then 0 when every failing case was rewritten."""
     from hms_ach.hl7v2.parse import parse
     from hms_ach.mapping import goldens
     from hms_ach.mapping.loader import load_mappings
@@ -944,19 +954,31 @@ def mapping_test(
     except ConfigErrors as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from exc
+    from hms_ach.mapping.golden_update import update_golden_file
+
     target = path or root
     files = [target] if target.is_file() else goldens.discover(target)
-    passed = failed = 0
+    passed = failed = rewritten = 0
     for f in files:
-        for case in goldens.run_golden_file(f, mset, Path.cwd(), parse):
+        if update:
+            try:
+                results, updated = update_golden_file(f, mset, Path.cwd(), parse)
+            except ConfigErrors as exc:
+                results, updated = [goldens.CaseResult(f.name, False, message=str(exc), file=str(f))], []
+        else:
+            results, updated = goldens.run_golden_file(f, mset, Path.cwd(), parse), []
+        for case in results:
             if case.passed:
                 passed += 1
                 typer.echo(f"PASS {f}::{case.name}")
             else:
                 failed += 1
                 typer.echo(f"FAIL {case.report()}")
-    typer.echo(f"{passed} passed, {failed} failed")
-    raise typer.Exit(1 if failed else 0)
+                if case.name in updated:
+                    rewritten += 1
+                    typer.echo(f"UPDATED {f}::{case.name}: expect: now holds what it produces")
+    typer.echo(f"{passed} passed, {failed} failed" + (f", {rewritten} updated" if update else ""))
+    raise typer.Exit(1 if failed > rewritten else 0)
 
 
 @app.command()

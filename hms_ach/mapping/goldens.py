@@ -401,20 +401,13 @@ def run_case(
     if case.event is not None:
         return _run_event_case(result, case, case.event, engine)
     try:
-        if case.csv is not None:
-            record = CsvRecord(dict(case.csv.row), case.csv.line, f"{golden.path.name}", list(case.csv.row))
-            mapped = engine.map_input("csv", case.csv.dataset, record)
-        elif case.fhir is not None:
-            mapped = engine.map_input("fhir", str(case.fhir.get("resourceType", "")), case.fhir)
-        else:
-            try:
-                raw = _message_bytes(case, repo_root)
-            except OSError as exc:
-                result.message = (
-                    f"cannot read sample {case.sample!r} (relative to {repo_root}): {exc.strerror or exc}"
-                )
-                return result
-            mapped = engine.map_message(parse(raw))
+        try:
+            mapped = produce(case, golden.path, engine, repo_root, parse)
+        except OSError as exc:
+            result.message = (
+                f"cannot read sample {case.sample!r} (relative to {repo_root}): {exc.strerror or exc}"
+            )
+            return result
     except MessageError as exc:
         return _check_error(result, case, exc)
     except Exception as exc:  # a bug in the engine or a mapping: report it as this case's failure
@@ -435,6 +428,19 @@ def run_case(
     result.message = "\n".join(problems)
     result.diff = "\n".join(diffs)
     return result
+
+
+def produce(
+    case: GoldenCase, path: Path, engine: MappingEngine, repo_root: Path, parse: Hl7Parser
+) -> MappingResult:
+    """What the case's input (a CSV row, a FHIR resource, an HL7 v2 sample or inline message) maps
+    to; raises MessageError as the mapping does, OSError for an unreadable sample."""
+    if case.csv is not None:
+        record = CsvRecord(dict(case.csv.row), case.csv.line, f"{path.name}", list(case.csv.row))
+        return engine.map_input("csv", case.csv.dataset, record)
+    if case.fhir is not None:
+        return engine.map_input("fhir", str(case.fhir.get("resourceType", "")), case.fhir)
+    return engine.map_message(parse(_message_bytes(case, repo_root)))
 
 
 def _run_event_case(

@@ -194,3 +194,24 @@ def test_preview_takes_csv_rows_and_fhir_json(workdir: Path) -> None:
     bad.write_text("{not json")
     code, out = run(workdir, "mapping", "preview", str(bad))
     assert code == 1 and "not JSON" in out and "Traceback" not in out
+
+
+def test_mapping_test_update_accepts_the_new_output(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mapping edit breaks a golden case: --update shows the diff, rewrites that case's expect (the
+    file's comments and other cases kept), and the tests pass again."""
+    monkeypatch.chdir(ROOT)  # the goldens' samples are relative to the repository
+    mappings = workdir / "mappings"
+    bed = mappings / "resources" / "location_bed.yaml"
+    bed.write_text(bed.read_text().replace('args: {separator: " "}', 'args: {separator: "-"}'))
+    golden = mappings / "messages" / "adt_a01_test.yaml"
+    before = golden.read_text()
+    args = ["mapping", "test", str(golden), "--mapping-dir", str(mappings)]
+    code, out = run(workdir, *args)
+    assert code == 1 and "FAIL" in out and "4W-412-A" in out
+    code, out = run(workdir, *args, "--update")
+    assert code == 0 and "UPDATED" in out and "4W-412-A" in out, out  # the diff is shown first
+    after = golden.read_text()
+    assert after.splitlines()[0] == before.splitlines()[0]  # the comment stays
+    assert "name: 4W-412-A" in after and "name: 4W 412 A" not in after
+    code, out = run(workdir, *args)
+    assert code == 0 and "FAIL" not in out, out
