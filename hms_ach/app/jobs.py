@@ -21,6 +21,7 @@ JOB_TYPES = Registry(
         "housekeeping": "hms_ach.ingest.housekeeping:HousekeepingJob",
         "claim_creation": "hms_ach.billing.claim_job:ClaimCreationJob",
         "audit_checkpoint": "hms_ach.store.audit_checkpoints:AuditCheckpointJob",
+        "alerts": "hms_ach.outbound.alerts:AlertJob",
     },
 )
 

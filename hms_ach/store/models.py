@@ -339,6 +339,18 @@ class ControlNumber(SQLModel, table=True):
     value: int = 0
 
 
+class AlertState(SQLModel, table=True):
+    """Each alert rule's state (see hms_ach/outbound/alerts.py): an episode fires once and recovers once."""
+
+    __tablename__ = "alert_state"
+
+    name: str = Field(primary_key=True, max_length=200)
+    firing: bool = False
+    since: datetime | None = Field(default=None, description="When the current state began")
+    value: str = Field(default="", max_length=400, description="What the rule measured last")
+    checked_at: datetime | None = None
+
+
 class JobRun(SQLModel, table=True):
     """The last run of each scheduled job (see hms_ach/app/scheduler.py), shown by ``hms-ach jobs``."""
 

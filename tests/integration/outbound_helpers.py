@@ -20,7 +20,9 @@ SAMPLES = ROOT / "samples" / "hl7"
 SECRET = "test-secret-0123456789"
 
 
-def make_engine(tmp_path: Path, store_url: str, sinks_yaml: str) -> Engine:
+def make_engine(tmp_path: Path, store_url: str, sinks_yaml: str, extra_yaml: str = "") -> Engine:
+    """An engine with one MLLP channel (``adt_in``), no HTTP, the sinks of ``sinks_yaml`` and any
+    further top-level sections (``jobs:``...) of ``extra_yaml``."""
     if not (tmp_path / "mappings").exists():
         shutil.copytree(ROOT / "mappings", tmp_path / "mappings")
     (tmp_path / "channels.yaml").write_text(
@@ -28,7 +30,7 @@ def make_engine(tmp_path: Path, store_url: str, sinks_yaml: str) -> Engine:
         "http:\n  enabled: false\n"
         "channels:\n  - name: adt_in\n    type: mllp\n    host: 127.0.0.1\n    port: 0\n"
         "    idle_timeout_seconds: 5\n"
-        "sinks:\n" + sinks_yaml
+        "sinks:\n" + sinks_yaml + extra_yaml
     )
     return Engine(load_config(tmp_path / "channels.yaml"), database=store_url)
 

@@ -23,7 +23,13 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_the_jobs_are_listed_in_registry_order() -> None:
-    assert job_names() == ["credential_expiry", "housekeeping", "claim_creation", "audit_checkpoint"]
+    assert job_names() == [
+        "credential_expiry",
+        "housekeeping",
+        "claim_creation",
+        "audit_checkpoint",
+        "alerts",
+    ]
 
 
 @pytest.mark.parametrize("name", list(JOB_TYPES.entries))
