@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from hms_ach.core.errors import MessageError
+
 Mode = Literal["merge", "replace", "fill"]
 
 
@@ -65,6 +67,9 @@ class MappingResult:
     mapping: str = ""
     records: list[RecordWrite] = field(default_factory=list)
     actions: list[StoreAction] = field(default_factory=list)
+    #: failures of rules and records marked ``critical: false``: the message is stored without
+    #: them and answered AA with an ERR of severity W per warning
+    warnings: list[MessageError] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -26,6 +26,7 @@ import itertools
 import os
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -90,7 +91,8 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(n) for n in nums[:3]) or (2, 5)
 
 
-def err_segment(error: MessageError, seps: Separators, version: str) -> str:
+def err_segment(error: MessageError, seps: Separators, version: str, severity: str = "E") -> str:
+    """The ERR of ``error``; ``severity`` is ERR-4 (HL7 table 0516: E error, W warning)."""
     fs, cs, ss = seps.field, seps.component, seps.subcomponent
     code = error.code or Err0357.INTERNAL_ERROR
     code_text = Err0357.TEXT.get(code, "")
@@ -104,7 +106,7 @@ def err_segment(error: MessageError, seps: Separators, version: str) -> str:
     erl = cs.join(parts).rstrip(cs)
     hl7_code = cs.join([code, escape(code_text, seps), "HL70357"])
     # ERR-1 (empty) | ERR-2 location | ERR-3 code | ERR-4 severity | ERR-5..7 | ERR-8 user message
-    return fs.join(["ERR", "", erl, hl7_code, "E", "", "", "", message])
+    return fs.join(["ERR", "", erl, hl7_code, severity, "", "", "", message])
 
 
 #: MFI-6 response levels (HL7 table 0179) that ask for an MFK
@@ -161,11 +163,12 @@ def mfk_message(
     request: MasterFile,
     error: MessageError | None = None,
     application: bool = False,
+    warnings: Sequence[MessageError] = (),
 ) -> str:
     """The MFK answering the MFN ``header``/``request`` with MSA-1 ``ack_code`` (AA, AE, AR)."""
     seps = header.separators
     fs, cs = seps.field, seps.component
-    ack = ack_message(header, ack_code, error, application, message_code="MFK")
+    ack = ack_message(header, ack_code, error, application, message_code="MFK", warnings=warnings)
     status = "S" if ack_code in ("AA", "CA") else "U"
     done = _timestamp() if status == "S" else ""
     mfas = [
@@ -198,12 +201,14 @@ def ack_message(
     error: MessageError | None = None,
     application: bool = False,
     message_code: str = "ACK",
+    warnings: Sequence[MessageError] = (),
 ) -> str:
     """One ACK message answering ``header`` with MSA-1 ``ack_code`` and, for an error, its ERR.
 
     ``application``: an enhanced-mode application ACK, whose MSH-15 and MSH-16 are NE (the sender
     must not acknowledge it). ``message_code`` MFK: the MSH, MSA and ERR of an MFK (see
-    :func:`mfk_message`)."""
+    :func:`mfk_message`). ``warnings``: one ERR of severity W each (the parts of a message stored
+    without what a rule marked ``critical: false`` could not map)."""
     seps = header.separators
     fs = seps.field
     version = header.get(12) or "2.5.1"
@@ -232,6 +237,7 @@ def ack_message(
     segments = [msh, msa]
     if error is not None:
         segments.append(err_segment(error, seps, header.version))
+    segments.extend(err_segment(w, seps, header.version, "W") for w in warnings)
     return "\r".join(segments) + "\r"
 
 
@@ -258,7 +264,11 @@ class Acks:
 
 
 def acknowledge(
-    header: MshHeader, code: str, error: MessageError | None = None, request: MasterFile | None = None
+    header: MshHeader,
+    code: str,
+    error: MessageError | None = None,
+    request: MasterFile | None = None,
+    warnings: Sequence[MessageError] = (),
 ) -> Acks:
     """The ACKs answering a stored message whose outcome is ``code`` (AA/AE/AR) with ``error``.
 
@@ -266,23 +276,27 @@ def acknowledge(
     ERR for AR) and, unless refused, the application ACK (AA; AE with the ERR); a refused message
     whose MSH-15 suppresses the CR gets an application ACK AR with the ERR instead. Each is built
     whether or not it is sent, so that a resend is answered from what was stored. ``request``: an
-    MFN that asked for an MFK (:func:`master_file`); the application answer is that MFK."""
+    MFN that asked for an MFK (:func:`master_file`); the application answer is that MFK.
+    ``warnings`` (a processed message, AA): an ERR of severity W each, on the application answer."""
     first = commit_code(header, code)
     app = application_code(header, code)
     if app is None and first == "CR" and not should_send_commit(header, first):
         # Refused, and MSH-15 (NE, SU) wants no CR: were the application ACK left out too, a sender
         # waiting for the one MSH-16 asked for (AL, ER) would never learn of the refusal. It says AR.
         app = "AR"
-    if request is not None and app is None and first in ("AA", "AE", "AR"):  # original mode
-        ack = mfk_message(header, first, request, error)
+    original = app is None and first in ("AA", "AE", "AR")
+    if request is not None and original:
+        ack = mfk_message(header, first, request, error, warnings=warnings)
     else:
-        ack = ack_message(header, first, error if app is None else None)
+        ack = ack_message(
+            header, first, error if app is None else None, warnings=warnings if original else ()
+        )
     if app is None:
         app_ack = None
     elif request is not None:
-        app_ack = mfk_message(header, app, request, error, application=True)
+        app_ack = mfk_message(header, app, request, error, application=True, warnings=warnings)
     else:
-        app_ack = ack_message(header, app, error, application=True)
+        app_ack = ack_message(header, app, error, application=True, warnings=warnings)
     return Acks(
         ack,
         first,

@@ -527,7 +527,8 @@ def hl7_work(ev: Evaluation, charset: str) -> Work[Outcome]:
         if ev.header is None:
             acks = Acks(ack_for(ev, code, error), code, True)
         else:
-            acks = acknowledge(ev.header, code, error, ev.master_file)
+            warnings = ev.result.warnings if error is None and ev.result is not None else []
+            acks = acknowledge(ev.header, code, error, ev.master_file, warnings)
         outcome = Outcome(
             message_id,
             status,
@@ -544,12 +545,24 @@ def hl7_work(ev: Evaluation, charset: str) -> Work[Outcome]:
             status,
             acks.result_code,
             acks.text,
-            error=error.message if error else None,
-            error_location=error.location if error else None,
+            error=error.message if error else _warnings_text(ev),
+            error_location=error.location if error else _warnings_location(ev),
         )
         return outcome, done
 
     return work
+
+
+def _warnings_text(ev: Evaluation) -> str | None:
+    """What a processed message was stored without (rules and records marked ``critical: false``
+    that failed), kept on the message row as its error text, prefixed ``warning:``."""
+    if ev.result is None or not ev.result.warnings:
+        return None
+    return "; ".join(f"warning: {w.message}" for w in ev.result.warnings)[:2000]
+
+
+def _warnings_location(ev: Evaluation) -> str | None:
+    return ev.result.warnings[0].location or None if ev.result is not None and ev.result.warnings else None
 
 
 def reused_control_id(ev: Evaluation, policy: Hl7Policy) -> Evaluation:

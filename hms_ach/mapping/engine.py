@@ -331,6 +331,7 @@ class MappingEngine:
                     entry.as_,
                     entry.create,
                     entry.mode,
+                    entry.critical,
                 )
             )
         actions = [(a.action, dict(a.args)) for a in m.actions]
@@ -338,7 +339,7 @@ class MappingEngine:
 
         def run_message(scope: Scope, trace: bool) -> MappingResult:
             run = _Run(MappingResult(mapping=mapping_name), trace)
-            for holds, record, scopes, first_only, with_, as_, create, mode in entries:
+            for holds, record, scopes, first_only, with_, as_, create, mode, critical in entries:
                 if holds is not None and not holds(scope, {}):
                     continue
                 res = resource_fn(record, kind)
@@ -349,7 +350,10 @@ class MappingEngine:
                     if first_only:
                         entry_scopes = entry_scopes[:1]
                 for entry_scope in entry_scopes:
-                    alias = res(run, entry_scope, dict(with_), as_, create, mode)
+                    if critical:
+                        alias = res(run, entry_scope, dict(with_), as_, create, mode)
+                    else:
+                        alias = _tolerant_record(run, res, entry_scope, dict(with_), as_, create, mode)
                     if alias and as_:
                         run.as_names[as_] = alias
             for name, args in actions:
@@ -675,11 +679,12 @@ class MappingEngine:
                 body = _dirtying(body)
             holds = self._compile_when(rule.when, kind)
             if rule.for_each:
-                out.append(_for_each(holds, self._compile_children(rule.for_each, kind), body))
+                fn = _for_each(holds, self._compile_children(rule.for_each, kind), body)
             elif holds is not None:
-                out.append(_guarded(holds, body))
+                fn = _guarded(holds, body)
             else:
-                out.append(body)
+                fn = body
+            out.append(fn if rule.critical else _tolerant(fn))
         return out
 
     def _compile_rule(self, f: LoadedFile, rule: spec.Rule, kind: str) -> RuleFn:
@@ -870,6 +875,43 @@ def _compile_ref(
         lineage.append(Lineage(where, source))
 
     return ref
+
+
+def _tolerant(body: RuleFn) -> RuleFn:
+    """A rule marked ``critical: false``: its failure is a warning on the result, not an error."""
+
+    def tolerant(
+        run: _Run, scope: Scope, params: dict[str, Any], obj: dict[str, Any], prefix: str, lineage: Trace
+    ) -> None:
+        try:
+            body(run, scope, params, obj, prefix, lineage)
+        except MappingError as exc:
+            run.result.warnings.append(exc)
+
+    return tolerant
+
+
+def _tolerant_record(
+    run: _Run,
+    res: ResourceFn,
+    scope: Scope,
+    given: dict[str, Any],
+    as_: str | None,
+    create: bool | None,
+    mode: Mode | None,
+) -> str | None:
+    """A record entry marked ``critical: false``: when it fails, the records it added are taken back
+    (references to it are then dropped) and the failure is a warning on the result."""
+    made = len(run.result.records)
+    try:
+        return res(run, scope, given, as_, create, mode)
+    except MappingError as exc:
+        for rec in run.result.records[made:]:
+            if rec.key_value:
+                run.by_key.pop((rec.resource_type, rec.key_system, rec.key_value), None)
+        del run.result.records[made:]
+        run.result.warnings.append(exc)
+        return None
 
 
 def _dirtying(body: RuleFn) -> RuleFn:

@@ -20,6 +20,7 @@ from hms_ach.ingest.pipeline import Pipeline
 from hms_ach.mapping.engine import MappingEngine
 from hms_ach.mapping.loader import load_mappings
 from hms_ach.outbound import events
+from hms_ach.store import messages
 from hms_ach.store.db import Store
 from hms_ach.store.models import OutboxEvent
 from hms_ach.store.repository import Repository
@@ -195,3 +196,21 @@ async def test_bed_status_leave_and_pending_events(pipeline: Pipeline, store: St
     assert names.count("encounter.admitted") == 1  # neither A22 nor A13-like returns count as admissions
     bed = next(p for e, p in outbox(store) if e == "bed.status_changed" and p["status"] == "K")
     assert bed["resource"] == ref(store, "4W-412-B")
+
+
+async def test_a04_without_visit_number_or_admit_time_stores_the_demographics_with_a_warning(
+    pipeline: Pipeline, store: Store
+) -> None:
+    raw = adt("A04", "W-1", pid("100777"), "PV1|1|O|CLINIC^^^GENHOSP")
+    outcome = await pipeline.process_hl7(raw, POLICY)
+    segments = {s[:3]: s.split("|") for s in outcome.ack.split("\r") if s}
+    assert segments["MSA"][1] == "AA"
+    assert segments["ERR"][4] == "W" and segments["ERR"][2].startswith("PV1^1^19")
+    assert record(store, "Patient", VISIT, "100777")["birthDate"] == "1975-03-14"
+    with store.reader.connect() as conn:
+        row = messages.get(conn, outcome.message_id or 0)
+    assert row is not None and row.status == "processed"
+    assert row.error is not None and row.error.startswith("warning: ") and row.error_location == "PV1-19"
+    # a resend is answered from what was stored: the same AA with its warning
+    again = await pipeline.process_hl7(raw, POLICY)
+    assert again.ack == outcome.ack

@@ -159,3 +159,12 @@ def test_enhanced_mode_mfn_gets_ca_then_the_mfk_as_application_ack() -> None:
     assert acks.app_ack is not None and acks.app_code == "AA"
     assert acks.app_ack.split("\r")[0].split("|")[8] == "MFK^M02^MFK_M01"
     assert acks.app_ack.count("\rMFA|") == 2
+
+
+def test_warnings_are_err_segments_of_severity_w_on_an_aa() -> None:
+    warning = ContentError("PV1-19 visit number is empty", "PV1-19", Err0357.REQUIRED_FIELD_MISSING)
+    acks = acknowledge(_header(), "AA", None, None, [warning])
+    segments = _segments(acks.ack)
+    assert acks.ack_code == "AA" and segments["ERR"][4] == "W" and segments["ERR"][2] == "PV1^1^19^1"
+    enhanced = acknowledge(_header("AL", "AL"), "AA", None, None, [warning])
+    assert "ERR" not in enhanced.ack and enhanced.app_ack is not None and "|W|" in enhanced.app_ack
