@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from hms_ach.core.errors import MessageError
+
 Mode = Literal["merge", "replace", "fill"]
 
 
@@ -65,6 +67,9 @@ class MappingResult:
     mapping: str = ""
     records: list[RecordWrite] = field(default_factory=list)
     actions: list[StoreAction] = field(default_factory=list)
+    #: failures of rules and records marked ``critical: false``: the message is stored without
+    #: them and answered AA with an ERR of severity W per warning
+    warnings: list[MessageError] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -371,14 +376,76 @@ MIRRORED: tuple[str, ...] = tuple(n for n, r in RECORD_TYPES.items() if r.mirror
 
 
 # ---------------------------------------------------------------------------- the merge rule
-def merge_content(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge ``new`` into ``old``: objects merge, lists and scalars replace, ``None`` deletes."""
+def merge_content(old: dict[str, Any], new: dict[str, Any], history: bool = False) -> dict[str, Any]:
+    """Deep-merge ``new`` into ``old``: objects merge, lists and scalars replace, ``None`` deletes.
+
+    ``history`` (a message updating a stored record): a ``location`` list of location entries
+    (Encounter.location) is merged by :func:`merge_location_history` instead of replaced."""
     out = dict(old)
     for k, v in new.items():
         if v is None:
             out.pop(k, None)
         elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = merge_content(out[k], v)
+        elif history and k == "location" and _is_history(v) and (k not in out or _is_history(out[k])):
+            out[k] = merge_location_history(out.get(k) or [], v)
         else:
             out[k] = v
+    return out
+
+
+def _is_history(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(i, dict) and isinstance(i.get("location"), dict) for i in value)
+    )
+
+
+def _location_ref(item: dict[str, Any]) -> Any:
+    return item["location"].get("reference")
+
+
+def merge_location_history(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Encounter.location with its history: the message's entries first (the current one, ``active``,
+    at [0]), then the stored entries it does not name.
+
+    * An entry the message names again keeps its stored ``period.start`` (the stay began then); an
+      ``active`` one loses its ``period.end`` (a cancelled discharge).
+    * A stored ``active`` entry the message does not name is ``completed``: the patient left it.
+    * A ``completed`` entry without ``period.end`` ends when the current entry started.
+    * An entry with status ``cancelled`` (a pending transfer withdrawn, A26) removes that location:
+      it never was the patient's, so no trace of it is kept.
+    """
+    by_ref = {_location_ref(i): i for i in old}
+    current_start = next(
+        ((i.get("period") or {}).get("start") for i in new if i.get("status") == "active"), None
+    )
+    named = {_location_ref(i) for i in new}
+    out: list[dict[str, Any]] = []
+
+    def ended(item: dict[str, Any]) -> dict[str, Any]:
+        period = item.get("period") or {}
+        if current_start and not period.get("end"):
+            item = {**item, "period": {**period, "end": current_start}}
+        return item
+
+    for item in new:
+        if item.get("status") == "cancelled":
+            continue
+        prior = by_ref.get(_location_ref(item))
+        if prior is not None:
+            start = (prior.get("period") or {}).get("start")
+            item = merge_content(prior, item)
+            if start:
+                item["period"] = {**(item.get("period") or {}), "start": start}
+            if item.get("status") == "active" and "end" in (item.get("period") or {}):
+                item["period"] = {k: v for k, v in item["period"].items() if k != "end"}
+        out.append(ended(item) if item.get("status") == "completed" else item)
+    for item in old:
+        if _location_ref(item) in named:
+            continue
+        if item.get("status") == "active":
+            item = ended({**item, "status": "completed"})
+        out.append(item)
     return out

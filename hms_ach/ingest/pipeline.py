@@ -45,7 +45,16 @@ from hms_ach.core.errors import ContentError, Err0357, MessageError, RejectError
 from hms_ach.core.hl7message import Hl7Message
 from hms_ach.core.records import MappingResult, RecordWrite
 from hms_ach.core.redact import error_kind
-from hms_ach.hl7v2.ack import Acks, acknowledge, build_ack, fallback_ack, msa_code, split_acks
+from hms_ach.hl7v2.ack import (
+    Acks,
+    MasterFile,
+    acknowledge,
+    build_ack,
+    fallback_ack,
+    master_file,
+    msa_code,
+    split_acks,
+)
 from hms_ach.hl7v2.limits import (
     DEFAULT_MAX_RECORD_BYTES,
     MAX_APPLICATION_CHARS,
@@ -312,6 +321,8 @@ class Evaluation:
     #: for a crash: the exception's kind and where it was raised (``ValueError at engine.py:12 (f)``),
     #: never its text; for developers' tools (the ACK says only that an internal error happened)
     crash: str | None = None
+    #: an MFN whose MFI-6 asks for an MFK (AL, ER): its answer is the MFK, one MFA per MFE
+    master_file: MasterFile | None = None
 
 
 @dataclass
@@ -399,6 +410,7 @@ def evaluate(raw: bytes, policy: Hl7Policy, engine: MappingEngine) -> Evaluation
         check_structure(text, header, limits)
         message = parse_text(text)
         check_message(message)
+        ev.master_file = master_file(message)
         mapping = engine.mapping_for(message)
         pid = message.first("PID")
         meta.partition_key = pid.field(3).split(header.separators.component)[0][:200] if pid else None
@@ -515,7 +527,8 @@ def hl7_work(ev: Evaluation, charset: str) -> Work[Outcome]:
         if ev.header is None:
             acks = Acks(ack_for(ev, code, error), code, True)
         else:
-            acks = acknowledge(ev.header, code, error)
+            warnings = ev.result.warnings if error is None and ev.result is not None else []
+            acks = acknowledge(ev.header, code, error, ev.master_file, warnings)
         outcome = Outcome(
             message_id,
             status,
@@ -532,12 +545,24 @@ def hl7_work(ev: Evaluation, charset: str) -> Work[Outcome]:
             status,
             acks.result_code,
             acks.text,
-            error=error.message if error else None,
-            error_location=error.location if error else None,
+            error=error.message if error else _warnings_text(ev),
+            error_location=error.location if error else _warnings_location(ev),
         )
         return outcome, done
 
     return work
+
+
+def _warnings_text(ev: Evaluation) -> str | None:
+    """What a processed message was stored without (rules and records marked ``critical: false``
+    that failed), kept on the message row as its error text, prefixed ``warning:``."""
+    if ev.result is None or not ev.result.warnings:
+        return None
+    return "; ".join(f"warning: {w.message}" for w in ev.result.warnings)[:2000]
+
+
+def _warnings_location(ev: Evaluation) -> str | None:
+    return ev.result.warnings[0].location or None if ev.result is not None and ev.result.warnings else None
 
 
 def reused_control_id(ev: Evaluation, policy: Hl7Policy) -> Evaluation:

@@ -24,7 +24,15 @@ from hms_ach.core.records import Lineage, MappingResult, Mode, RecordWrite, Stor
 from hms_ach.mapping import spec
 from hms_ach.mapping.functions import FUNCTIONS, FunctionError
 from hms_ach.mapping.loader import LoadedFile, MappingSet
-from hms_ach.mapping.paths import MessagePath, PathSyntaxError, Scope, Source, Value, compile_source
+from hms_ach.mapping.paths import (
+    MessagePath,
+    PathSyntaxError,
+    Scope,
+    Source,
+    Value,
+    compile_source,
+    primitive_source,
+)
 from hms_ach.mapping.terminology import lookup
 
 _TOKEN = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:\[(\d*)\])?")
@@ -37,6 +45,12 @@ Trace = list[Lineage] | None
 @lru_cache(maxsize=4096)
 def _path(text: str, datatype: str | None, kind: str = "hl7v2") -> Source:
     return compile_source(text, kind, datatype)
+
+
+@lru_cache(maxsize=4096)
+def _leaf(text: str, kind: str = "hl7v2") -> Source:
+    """The source a primitive target reads: ``PID-7`` -> ``PID-7.1`` (TS.1), ``FT1-11`` -> MO.1."""
+    return primitive_source(_path(text, "*", kind))
 
 
 def _blank(v: Value) -> bool:
@@ -317,6 +331,7 @@ class MappingEngine:
                     entry.as_,
                     entry.create,
                     entry.mode,
+                    entry.critical,
                 )
             )
         actions = [(a.action, dict(a.args)) for a in m.actions]
@@ -324,7 +339,7 @@ class MappingEngine:
 
         def run_message(scope: Scope, trace: bool) -> MappingResult:
             run = _Run(MappingResult(mapping=mapping_name), trace)
-            for holds, record, scopes, first_only, with_, as_, create, mode in entries:
+            for holds, record, scopes, first_only, with_, as_, create, mode, critical in entries:
                 if holds is not None and not holds(scope, {}):
                     continue
                 res = resource_fn(record, kind)
@@ -335,7 +350,10 @@ class MappingEngine:
                     if first_only:
                         entry_scopes = entry_scopes[:1]
                 for entry_scope in entry_scopes:
-                    alias = res(run, entry_scope, dict(with_), as_, create, mode)
+                    if critical:
+                        alias = res(run, entry_scope, dict(with_), as_, create, mode)
+                    else:
+                        alias = _tolerant_record(run, res, entry_scope, dict(with_), as_, create, mode)
                     if alias and as_:
                         run.as_names[as_] = alias
             for name, args in actions:
@@ -449,19 +467,21 @@ class MappingEngine:
         return build
 
     # ------------------------------------------------------------------ paths and conditions
-    def _compile_first(self, source: str | list[str], kind: str) -> First:
-        """The first non-empty value of ``source`` (a path, or a list of paths tried in order)."""
+    def _compile_first(self, source: str | list[str], kind: str, primitive: bool = False) -> First:
+        """The first non-empty value of ``source`` (a path, or a list of paths tried in order);
+        ``primitive``: each path narrowed to its datatype's first component (see ``primitive_source``)."""
+        compiled = _leaf if primitive else (lambda text, kind: _path(text, "*", kind))
         resolvers = []
         for text in source if isinstance(source, list) else [source]:
             try:
-                resolvers.append(_path(text, "*", kind).resolve)
+                resolvers.append(compiled(text, kind).resolve)
             except PathSyntaxError as exc:
                 resolvers.append(_raiser(exc))
 
         if len(resolvers) == 1:
             (resolve,) = resolvers
             if isinstance(source, str):
-                fast = getattr(_path(source, "*", kind), "first", None)
+                fast = getattr(compiled(source, kind), "first", None)
                 if fast is not None:
                     return fast  # type: ignore[no-any-return]
 
@@ -528,7 +548,10 @@ class MappingEngine:
         return holds_all
 
     def _compile_condition(self, cond: spec.Condition, kind: str) -> Holds:
-        first = self._compile_first(cond.source, kind) if cond.source is not None else None
+        compares = cond.equals is not None or cond.not_equals is not None or cond.in_ is not None
+        compares = compares or cond.not_in is not None
+        # a comparison reads the primitive (PV1-2 = I); "is there a value" looks at the whole field
+        first = self._compile_first(cond.source, kind, compares) if cond.source is not None else None
         param = cond.param or ""
         exists, equals, not_equals, in_, not_in = (
             cond.exists,
@@ -606,8 +629,8 @@ class MappingEngine:
         self, v: spec.ValueSpec, f: LoadedFile, kind: str, what: str, check: bool = True
     ) -> Produce:
         """The value of ``v`` and the values it was read from; ``check=False`` skips ``required``."""
-        sources = [self._compile_first(t, kind) for t in v.sources] if v.sources else None
-        first = self._compile_first(v.source, kind) if not sources and v.source else None
+        sources = [self._compile_first(t, kind, True) for t in v.sources] if v.sources else None
+        first = self._compile_first(v.source, kind, True) if not sources and v.source else None
         has_constant = "value" in v.model_fields_set
         constant, param = v.value, v.param
         no_location = v.source if isinstance(v.source, str) else what
@@ -656,11 +679,12 @@ class MappingEngine:
                 body = _dirtying(body)
             holds = self._compile_when(rule.when, kind)
             if rule.for_each:
-                out.append(_for_each(holds, self._compile_children(rule.for_each, kind), body))
+                fn = _for_each(holds, self._compile_children(rule.for_each, kind), body)
             elif holds is not None:
-                out.append(_guarded(holds, body))
+                fn = _guarded(holds, body)
             else:
-                out.append(body)
+                fn = body
+            out.append(fn if rule.critical else _tolerant(fn))
         return out
 
     def _compile_rule(self, f: LoadedFile, rule: spec.Rule, kind: str) -> RuleFn:
@@ -708,7 +732,7 @@ class MappingEngine:
         self, f: LoadedFile, rule: spec.Rule, kind: str, set_value: Callable[[dict[str, Any], Any, bool], str]
     ) -> RuleFn:
         """The commonest rule: one ``source`` (or a list tried in order), then function, table, default."""
-        first = self._compile_first(rule.source or "", kind)
+        first = self._compile_first(rule.source or "", kind, True)
         no_location = rule.source if isinstance(rule.source, str) else rule.target
         convert = self._compile_convert(rule, f, rule.target)
         default = rule.default
@@ -735,7 +759,7 @@ class MappingEngine:
     ) -> RuleFn:
         """A list target with one source path takes every value the path yields."""
         try:
-            resolve = _path(str(rule.source), "*", kind).resolve
+            resolve = _leaf(str(rule.source), kind).resolve
         except PathSyntaxError as exc:
             resolve = _raiser(exc)
         convert = self._compile_convert(rule, f, rule.target)
@@ -851,6 +875,43 @@ def _compile_ref(
         lineage.append(Lineage(where, source))
 
     return ref
+
+
+def _tolerant(body: RuleFn) -> RuleFn:
+    """A rule marked ``critical: false``: its failure is a warning on the result, not an error."""
+
+    def tolerant(
+        run: _Run, scope: Scope, params: dict[str, Any], obj: dict[str, Any], prefix: str, lineage: Trace
+    ) -> None:
+        try:
+            body(run, scope, params, obj, prefix, lineage)
+        except MappingError as exc:
+            run.result.warnings.append(exc)
+
+    return tolerant
+
+
+def _tolerant_record(
+    run: _Run,
+    res: ResourceFn,
+    scope: Scope,
+    given: dict[str, Any],
+    as_: str | None,
+    create: bool | None,
+    mode: Mode | None,
+) -> str | None:
+    """A record entry marked ``critical: false``: when it fails, the records it added are taken back
+    (references to it are then dropped) and the failure is a warning on the result."""
+    made = len(run.result.records)
+    try:
+        return res(run, scope, given, as_, create, mode)
+    except MappingError as exc:
+        for rec in run.result.records[made:]:
+            if rec.key_value:
+                run.by_key.pop((rec.resource_type, rec.key_system, rec.key_value), None)
+        del run.result.records[made:]
+        run.result.warnings.append(exc)
+        return None
 
 
 def _dirtying(body: RuleFn) -> RuleFn:

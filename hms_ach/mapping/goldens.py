@@ -146,6 +146,14 @@ class Expectation(_Strict):
     records: list[ExpectedRecord] = Field(default_factory=list, description="Records the message must yield")
     actions: list[ExpectedAction] | None = Field(None, description="Store actions the message must yield")
     error: ExpectedError | None = Field(None, description="The error mapping must fail with")
+    warnings: list[ExpectedError] | None = Field(
+        None,
+        description="The warnings the message must be stored with (rules and records marked "
+        "`critical: false` that failed), in order; [] for none",
+    )
+    no_records: list[str] = Field(
+        default_factory=list, description="Record types the message must not yield, e.g. [Encounter]"
+    )
 
 
 class CsvInput(_Strict):
@@ -312,6 +320,8 @@ def load_golden_file(path: Path) -> LoadedGolden:
             and case.expect.error is None
             and case.expect.actions is None
             and case.expect.payload is None
+            and case.expect.warnings is None
+            and not case.expect.no_records
         ):
             errors.append(
                 ConfigError(
@@ -424,6 +434,11 @@ def run_case(
     )
     if case.expect.actions is not None:
         _check_actions(case, mapped, problems, diffs)
+    if case.expect.warnings is not None:
+        _check_warnings(case.expect.warnings, mapped, problems)
+    for rtype in case.expect.no_records:
+        if any(r.resource_type == rtype for r in mapped.records):
+            problems.append(f"a {rtype} record was produced; expected none")
     result.passed = not problems
     result.message = "\n".join(problems)
     result.diff = "\n".join(diffs)
@@ -495,6 +510,25 @@ def _check_error(result: CaseResult, case: GoldenCase, exc: MessageError) -> Cas
     if wrong:
         result.message = "wrong error: " + "; ".join(wrong)
     return result
+
+
+def _check_warnings(want: list[ExpectedError], mapped: MappingResult, problems: list[str]) -> None:
+    got = mapped.warnings
+    if len(got) != len(want):
+        problems.append(
+            f"expected {len(want)} warning(s), got {len(got)}: "
+            + ("; ".join(f"{w.code} at {w.location or '-'}: {w.message}" for w in got) or "none")
+        )
+        return
+    for i, (w, exc) in enumerate(zip(want, got, strict=True), start=1):
+        for key, value in (("code", exc.code), ("location", exc.location)):
+            expected = getattr(w, key)
+            if expected is not None and str(expected) != str(value):
+                problems.append(f"warning {i}: {key}: expected {expected!r}, got {value!r}")
+        if w.message is not None and w.message not in exc.message:
+            problems.append(
+                f"warning {i}: message: expected it to contain {w.message!r}, got {exc.message!r}"
+            )
 
 
 def _describe_expected_error(err: ExpectedError) -> str:

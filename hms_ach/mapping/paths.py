@@ -23,6 +23,12 @@ first loop segment are used (PID read inside a ``for_each: FT1``), never another
 Nested ``rules:`` under a ``for_each`` or ``source`` read the current value with any datatype name
 (``XTN.1``, ``CX.4.1``).
 
+Datatype-exact reading: where a rule needs a primitive (a function, a table, a leaf element), the
+source is narrowed by :func:`primitive_source` to the first component of the field's v2.5 datatype,
+to the depth the datatype defines: ``PID-7`` reads TS.1 (so ``19750314^D`` gives ``19750314``),
+``FT1-11`` reads CP.1.1 = MO.1 (``100&USD`` gives ``100``), ``XCN.9`` reads HD.1. Whole values still
+go to ``use:``, ``record:`` and ``rules:`` (a datatype mapping needs every component).
+
 A compiled path's ``resolve(ctx)`` returns a list of :class:`Value` (string plus concrete location,
 for lineage and error locations such as ``PID-3[2].1``).
 """
@@ -30,9 +36,10 @@ for lineage and error locations such as ``PID-3[2].1``).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from dataclasses import field as _computed  # MessagePath has an attribute named `field`
 from decimal import Decimal
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 from hms_ach.core.hl7message import Hl7Message, Segment
@@ -265,6 +272,74 @@ class TypePath:
 
 
 Path = MessagePath | TypePath
+
+
+# ---------------------------------------------------------------- v2.5 datatypes (hl7apy's tables)
+@lru_cache(maxsize=1)
+def _v25_elements() -> dict[str, Any]:
+    """hl7apy's v2.5 structure tables ({} when hl7apy cannot load them: no narrowing then)."""
+    try:
+        from hl7apy import load_library
+
+        elements: dict[str, Any] = load_library("2.5").ELEMENTS
+    except Exception:  # noqa: BLE001 - a missing or broken hl7apy only turns narrowing off
+        return {}
+    return elements
+
+
+@lru_cache(maxsize=2048)
+def field_datatype(segment: str, field_no: int) -> str | None:
+    """The v2.5 datatype of ``SEG-n`` (``PID-7`` -> TS); None for Z-segments and unknown fields."""
+    found = _v25_elements().get("Field", {}).get(f"{segment}_{field_no}")
+    return str(found[2]) if found else None
+
+
+@lru_cache(maxsize=2048)
+def component_datatype(datatype: str, comp: int) -> str | None:
+    """The v2.5 datatype of component ``comp`` of ``datatype`` (``CP``, 1 -> MO); None if unknown."""
+    found = _v25_elements().get("Component", {}).get(f"{datatype}_{comp}")
+    return str(found[2]) if found else None
+
+
+def is_composite(datatype: str | None) -> bool:
+    """Whether ``datatype`` has components (TS, CWE, MO...), not a primitive (DTM, ST, NM...)."""
+    return datatype is not None and component_datatype(datatype, 1) is not None
+
+
+def primitive_source(path: Source) -> Source:
+    """``path`` narrowed to the primitive a leaf needs: the first component of its datatype, to the
+    depth the datatype defines (``PID-7`` -> ``PID-7.1``, ``FT1-11`` -> ``FT1-11.1.1``,
+    ``CX.4`` -> ``CX.4.1``). Unknown datatypes (Z-segments, ``varies``) and paths that already name
+    a primitive are returned as they are."""
+    if isinstance(path, MessagePath):
+        if path.field is None or path.sub is not None:
+            return path
+        dtype = field_datatype(path.segment, path.field)
+    elif isinstance(path, TypePath):
+        if path.sub is not None:
+            return path
+        dtype = path.dtype
+    else:
+        return path
+    comp, sub = path.comp, None
+    if comp is None:
+        if not is_composite(dtype):
+            return path
+        comp = 1
+        dtype = component_datatype(dtype or "", 1)
+    else:
+        dtype = component_datatype(dtype, comp) if dtype else None
+    if is_composite(dtype):
+        sub = 1
+    if comp == path.comp and sub is None:
+        return path
+    narrowed = replace(path, comp=comp, sub=sub)
+    # lineage and error locations keep naming the place the mapping wrote (PID-7, not PID-7.1)
+    if isinstance(narrowed, MessagePath):
+        object.__setattr__(narrowed, "_comp_suffix", path._comp_suffix)  # type: ignore[union-attr]
+    else:
+        object.__setattr__(narrowed, "_suffix", path._suffix)  # type: ignore[union-attr]
+    return narrowed
 
 
 def compile_path(text: str, datatype: str | None = None) -> Path:

@@ -103,6 +103,12 @@ class Rule(ValueSpec):
     remove: bool = Field(
         False, description="Remove the target from the stored record (e.g. period.end on A13)"
     )
+    critical: bool = Field(
+        True,
+        description="false: when this rule fails on a message (an unknown code, a bad value, a required "
+        "value missing), the target is left unset, the rest of the message is stored, and the failure "
+        "is a warning (ACK AA with an ERR of severity W)",
+    )
 
 
 class KeySpec(_Strict):
@@ -194,6 +200,12 @@ class RecordEntry(_Strict):
         None,
         description="Overrides the resource mapping's mode for this message: e.g. `fill` for a message "
         "that only refers to a record another feed owns (a charge names the visit but must not move it)",
+    )
+    critical: bool = Field(
+        True,
+        description="false: when this record cannot be built (e.g. a visit without a visit number or "
+        "admit time), it is left out, the message's other records are stored, and the failure is a "
+        "warning (ACK AA with an ERR of severity W); references to it are dropped",
     )
 
 

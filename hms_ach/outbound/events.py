@@ -17,9 +17,15 @@ they are without an engine or a mapping).
 
 | event | when |
 |---|---|
-| encounter.admitted | an Encounter is created in-progress, or moves to in-progress |
+| encounter.admitted | an Encounter is created in-progress, or moves to in-progress from planned (or no status) |
+| encounter.admission_pending | an Encounter is created planned, or moves to planned (A05, A14) |
 | encounter.transferred | the current location (location[0]) of an in-progress Encounter changes |
+| encounter.transfer_pending / encounter.transfer_pending_cancelled | a planned location appears / is withdrawn (A15 / A26) |
+| encounter.class_changed | the class of an existing Encounter changes (A06, A07) |
+| encounter.leave_started / encounter.leave_ended | the status becomes onleave / goes from onleave to in-progress (A21 / A22) |
+| encounter.discharge_pending / encounter.discharge_pending_cancelled | the expected discharge is set / removed (A16 / A25) |
 | encounter.discharged | an Encounter's status becomes finished |
+| encounter.discharge_cancelled | a finished Encounter is in progress again (A13) |
 | encounter.cancelled | an Encounter's status becomes entered-in-error or cancelled |
 | bed.status_changed | a Location's operationalStatus code changes |
 | practitioner.onboarded / practitioner.updated | a Practitioner is created / changed |
@@ -54,8 +60,17 @@ log = logging.getLogger("hms_ach.outbound.events")
 
 EVENT_NAMES = (
     "encounter.admitted",
+    "encounter.admission_pending",
     "encounter.transferred",
+    "encounter.transfer_pending",
+    "encounter.transfer_pending_cancelled",
+    "encounter.class_changed",
+    "encounter.leave_started",
+    "encounter.leave_ended",
+    "encounter.discharge_pending",
+    "encounter.discharge_pending_cancelled",
     "encounter.discharged",
+    "encounter.discharge_cancelled",
     "encounter.cancelled",
     "bed.status_changed",
     "practitioner.onboarded",
@@ -171,6 +186,24 @@ def payload(event: str, change: Change) -> dict[str, Any]:
     return payload_from(event, context, _base(change))
 
 
+#: the extension an A16 pending discharge sets (mappings/resources/encounter.yaml)
+EXPECTED_DISCHARGE = "urn:hms-ach:extension:expected-discharge"
+
+
+def _planned_locations(enc: dict[str, Any]) -> set[str]:
+    return {
+        ref
+        for item in enc.get("location") or []
+        if isinstance(item, dict) and item.get("status") == "planned"
+        for ref in [_ref(item.get("location"))]
+        if ref
+    }
+
+
+def _expects_discharge(enc: dict[str, Any]) -> bool:
+    return any(isinstance(e, dict) and e.get("url") == EXPECTED_DISCHARGE for e in enc.get("extension") or [])
+
+
 def encounter_events(change: Change) -> list[str]:
     after = change.after
     if after is None:
@@ -178,7 +211,13 @@ def encounter_events(change: Change) -> list[str]:
     before = change.before or {}
     status, old_status = after.get("status"), before.get("status") if change.before is not None else None
     out: list[str] = []
-    if status == "in-progress" and old_status != "in-progress":
+    if status == "planned" and old_status != "planned":
+        out.append("encounter.admission_pending")
+    if status == "in-progress" and old_status == "finished":
+        out.append("encounter.discharge_cancelled")
+    elif status == "in-progress" and old_status == "onleave":
+        out.append("encounter.leave_ended")
+    elif status == "in-progress" and old_status != "in-progress":
         out.append("encounter.admitted")
     elif (
         status == "in-progress"
@@ -187,6 +226,21 @@ def encounter_events(change: Change) -> list[str]:
         and _current_location(after) != _current_location(before)
     ):
         out.append("encounter.transferred")
+    if status == "onleave" and old_status != "onleave":
+        out.append("encounter.leave_started")
+    if change.before is not None:
+        if _code(after.get("class")) != _code(before.get("class")) and _code(before.get("class")):
+            out.append("encounter.class_changed")
+        planned, was_planned = _planned_locations(after), _planned_locations(before)
+        if planned - was_planned:
+            out.append("encounter.transfer_pending")
+        current = _current_location(after)
+        if any(ref != current for ref in was_planned - planned):
+            out.append("encounter.transfer_pending_cancelled")
+        if _expects_discharge(after) and not _expects_discharge(before):
+            out.append("encounter.discharge_pending")
+        elif _expects_discharge(before) and not _expects_discharge(after) and status != "finished":
+            out.append("encounter.discharge_pending_cancelled")
     if status == "finished" and old_status != "finished":
         out.append("encounter.discharged")
     if status in ("entered-in-error", "cancelled") and old_status != status:

@@ -248,7 +248,8 @@ class Repository:
         elif rec.mode == "fill":
             merged = _drop_nones(merge_content(content, old))  # what is stored wins
         else:
-            merged = _drop_nones(merge_content(old, content))
+            # Encounter.location keeps its history (core.records.merge_location_history)
+            merged = _drop_nones(merge_content(old, content, history=True))
         merged["resourceType"] = rec.resource_type
         return merged  # type: ignore[no-any-return]
 

@@ -195,10 +195,13 @@ def test_cancel_transfer_undoes_the_transfer(steps: Steps) -> None:
     assert (steps.bed_status("GENHOSP/4W/412/A"), steps.bed_status("GENHOSP/4W/414/B")) == ("O", "U")
     enc = steps.get("Encounter", VISIT, "V5001")
     assert enc["status"] == "in-progress"
-    assert enc["location"][0] == {
+    current = enc["location"][0]
+    assert {k: current[k] for k in ("location", "status")} == {
         "location": {"reference": steps.ref("Location", LOC, "GENHOSP/4W/412/A")},
         "status": "active",
     }
+    # back in the first bed: the stay there counts from the admission (the history keeps its start)
+    assert current["period"] == {"start": "2026-11-26T08:15:00-05:00"}
     assert enc["location"][1]["location"]["reference"] == steps.ref("Location", LOC, "GENHOSP/4W/414/B")
     assert_valid_fhir(steps)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from hms_ach.core.errors import ContentError, Err0357, RejectError
-from hms_ach.hl7v2.ack import acknowledge, build_ack, msa_code, split_acks
-from hms_ach.hl7v2.parse import MshHeader, read_header
+from hms_ach.hl7v2.ack import MasterFile, acknowledge, build_ack, master_file, msa_code, split_acks
+from hms_ach.hl7v2.parse import MshHeader, parse_text, read_header
 
 ERROR = ContentError(
     "PID-8 value Q is not in table administrative_sex", "PID[1]-8", Err0357.TABLE_VALUE_NOT_FOUND
@@ -82,3 +82,89 @@ def test_build_ack_in_enhanced_mode_is_the_commit_code() -> None:
     # AE -> CE: the answer of a store that could not commit (send again); no application ACK follows
     assert msa_code(build_ack(_header("AL", "AL"), "AE", ERROR)) == "CE"
     assert msa_code(build_ack(_header("AL", "AL"), "AA")) == "CA"
+
+
+MFN = "\r".join(
+    [
+        "MSH|^~\\&|HR|HOSP|HMSACH|HOSP|20260101||MFN^M02^MFN_M02|MFN-9|P|2.5.1{tail}",
+        "MFI|PRA^Practitioner master file^HL70175||UPD|||{level}",
+        "MFE|MAD|MFN-0001|20260101|1356702989^^NPI|CE",
+        "STF|1356702989^^NPI",
+        "MFE|MUP|MFN-0002|20260101|1234567893^^NPI|CE",
+        "STF|1234567893^^NPI",
+    ]
+)
+
+
+def _mfn(level: str, tail: str = "") -> tuple[MshHeader, MasterFile | None]:
+    message = parse_text(MFN.format(level=level, tail=tail))
+    return message.header, master_file(message)
+
+
+def test_mfn_with_mfi6_al_is_answered_mfk_with_one_mfa_per_mfe() -> None:
+    header, request = _mfn("AL")
+    assert request is not None
+    acks = acknowledge(header, "AA", None, request)
+    lines = [s.split("|") for s in acks.ack.split("\r") if s]
+    assert [f[0] for f in lines] == ["MSH", "MSA", "MFI", "MFA", "MFA"]
+    assert lines[0][8] == "MFK^M02^MFK_M01"
+    assert lines[1][1:3] == ["AA", "MFN-9"]
+    assert lines[2][1] == "PRA^Practitioner master file^HL70175" and lines[2][6] == "AL"
+    first, second = lines[3], lines[4]
+    assert (first[1], first[2], first[4].split("^")[0], first[5], first[6]) == (
+        "MAD",
+        "MFN-0001",
+        "S",
+        "1356702989^^NPI",
+        "CE",
+    )
+    assert first[3]  # MFA-3 completion time
+    assert (second[2], second[4].split("^")[0]) == ("MFN-0002", "S")
+    # hl7apy reads it as a valid MFK_M01 (structure and required fields)
+    from hl7apy.consts import VALIDATION_LEVEL
+    from hl7apy.parser import parse_message
+
+    parsed = parse_message(acks.ack, validation_level=VALIDATION_LEVEL.STRICT)
+    assert parsed.name == "MFK_M01" or parsed.msh.msh_9.to_er7() == "MFK^M02^MFK_M01"
+
+
+def test_a_refused_mfn_says_u_for_every_entry_and_carries_the_err() -> None:
+    header, request = _mfn("AL")
+    assert request is not None
+    acks = acknowledge(header, "AE", ERROR, request)
+    segments = [s.split("|") for s in acks.ack.split("\r") if s]
+    assert [f[0] for f in segments] == ["MSH", "MSA", "ERR", "MFI", "MFA", "MFA"]
+    assert {f[4].split("^")[0] for f in segments if f[0] == "MFA"} == {"U"}
+    assert all(f[3] == "" for f in segments if f[0] == "MFA")
+
+
+def test_mfi6_er_lists_only_the_entries_not_posted() -> None:
+    header, request = _mfn("ER")
+    assert request is not None
+    ok = acknowledge(header, "AA", None, request)
+    assert [s[:3] for s in ok.ack.split("\r") if s] == ["MSH", "MSA", "MFI"]
+    failed = acknowledge(header, "AE", ERROR, request)
+    assert [s[:3] for s in failed.ack.split("\r") if s].count("MFA") == 2
+
+
+def test_mfi6_ne_or_an_adt_gets_the_plain_ack() -> None:
+    assert _mfn("NE")[1] is None
+    assert master_file(parse_text("MSH|^~\\&|A|B|C|D|2026||ADT^A01|1|P|2.5.1\rMFI|X||UPD|||AL")) is None
+
+
+def test_enhanced_mode_mfn_gets_ca_then_the_mfk_as_application_ack() -> None:
+    header, request = _mfn("AL", "|||AL|AL")
+    acks = acknowledge(header, "AA", None, request)
+    assert acks.ack_code == "CA" and "MFA" not in acks.ack
+    assert acks.app_ack is not None and acks.app_code == "AA"
+    assert acks.app_ack.split("\r")[0].split("|")[8] == "MFK^M02^MFK_M01"
+    assert acks.app_ack.count("\rMFA|") == 2
+
+
+def test_warnings_are_err_segments_of_severity_w_on_an_aa() -> None:
+    warning = ContentError("PV1-19 visit number is empty", "PV1-19", Err0357.REQUIRED_FIELD_MISSING)
+    acks = acknowledge(_header(), "AA", None, None, [warning])
+    segments = _segments(acks.ack)
+    assert acks.ack_code == "AA" and segments["ERR"][4] == "W" and segments["ERR"][2] == "PV1^1^19^1"
+    enhanced = acknowledge(_header("AL", "AL"), "AA", None, None, [warning])
+    assert "ERR" not in enhanced.ack and enhanced.app_ack is not None and "|W|" in enhanced.app_ack

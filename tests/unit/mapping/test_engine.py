@@ -60,3 +60,31 @@ def test_references_between_records_of_one_message_are_resolved(engine: MappingE
     encounter = next(r for r in result.records if r.resource_type == "Encounter")
     assert encounter.content["subject"] == {"reference": "@patient"}
     assert "@as:" not in repr(result.to_dict())
+
+
+def test_a_rule_that_is_not_critical_fails_as_a_warning(tmp_path: Path) -> None:
+    """`critical: false` on a rule: a site-local code (PID-8 Q) leaves gender unset and is a warning;
+    without it the same message is an error."""
+    import shutil
+
+    from hms_ach.core.errors import MappingError
+
+    root = tmp_path / "mappings"
+    shutil.copytree(ROOT / "mappings", root)
+    patient = root / "resources" / "patient.yaml"
+    text = patient.read_text()
+    rule = "  - target: gender\n    source: PID-8\n    table: administrative_sex\n"
+    assert rule in text
+    raw = (
+        b"MSH|^~\\&|ADTSYS|GENHOSP|HMSACH|GENHOSP|20261126||ADT^A04|C1|P|2.5.1\r"
+        b"PID|1||100001^^^GENHOSP^MR||Rivera^Maria||19750314|Q\r"
+        b"PV1|1|O|CLINIC^^^GENHOSP||||||||||||||||V1^^^GENHOSP^VN\r"
+    )
+    with pytest.raises(MappingError):
+        MappingEngine(load_mappings(root)).map_message(parse(raw))
+    patient.write_text(text.replace(rule, rule + "    critical: false\n"))
+    result = MappingEngine(load_mappings(root)).map_message(parse(raw))
+    stored = next(r for r in result.records if r.resource_type == "Patient")
+    assert "gender" not in stored.content and stored.content["birthDate"] == "1975-03-14"
+    assert [(w.code, w.location) for w in result.warnings] == [("103", "PID-8")]
+    assert any(r.resource_type == "Encounter" for r in result.records)

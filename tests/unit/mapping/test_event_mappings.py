@@ -50,8 +50,17 @@ def installed(mset: MappingSet) -> Iterator[MappingEngine]:
 def test_every_event_has_a_mapping_and_golden_tests(mset: MappingSet) -> None:
     derived = {
         "encounter.admitted",
+        "encounter.admission_pending",
         "encounter.transferred",
+        "encounter.transfer_pending",
+        "encounter.transfer_pending_cancelled",
+        "encounter.class_changed",
+        "encounter.leave_started",
+        "encounter.leave_ended",
+        "encounter.discharge_pending",
+        "encounter.discharge_pending_cancelled",
         "encounter.discharged",
+        "encounter.discharge_cancelled",
         "encounter.cancelled",
         "bed.status_changed",
         "practitioner.onboarded",

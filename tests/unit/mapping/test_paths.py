@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from hms_ach.hl7v2.parse import Hl7Message, parse_text
-from hms_ach.mapping.paths import MessagePath, PathSyntaxError, Scope, TypePath, compile_path
+from hms_ach.mapping.paths import (
+    MessagePath,
+    PathSyntaxError,
+    Scope,
+    TypePath,
+    compile_path,
+    primitive_source,
+)
 
 MESSAGE = "\r".join(
     [
@@ -124,3 +131,32 @@ def test_datatype_path_in_another_datatype_context() -> None:
 def test_any_datatype_name_inside_nested_rules() -> None:
     assert isinstance(compile_path("PLN.4", "*"), TypePath)
     assert isinstance(compile_path("ST", "*"), TypePath)
+
+
+@pytest.mark.parametrize(
+    ("text", "comp", "sub"),
+    [
+        ("PID-7", 1, None),  # TS -> TS.1 (DTM)
+        ("FT1-11", 1, 1),  # CP -> CP.1 (MO) -> MO.1 (NM)
+        ("FT1-11.1", 1, 1),  # MO -> MO.1
+        ("FT1-4", 1, 1),  # DR -> DR.1 (TS) -> TS.1
+        ("PV1-19.1", 1, None),  # already a primitive (ST)
+        ("PV1-2", None, None),  # IS: a primitive field
+        ("ZPI-1", None, None),  # a Z-segment: datatype unknown, read as written
+        ("MFE-4", None, None),  # varies: read as written
+    ],
+)
+def test_primitive_source_reads_the_datatypes_first_component(
+    text: str, comp: int | None, sub: int | None
+) -> None:
+    path = primitive_source(compile_path(text, "*"))
+    assert isinstance(path, MessagePath)
+    assert (path.comp, path.sub) == (comp, sub)
+
+
+def test_primitive_source_of_a_datatype_path_and_its_location() -> None:
+    path = primitive_source(compile_path("CX.4", "*"))
+    assert isinstance(path, TypePath) and (path.comp, path.sub) == (4, 1)
+    msg = parse_text("MSH|^~\\&|A|B|C|D|20260101||ADT^A04|1|P|2.3\rPID|1||1^^^H^MR||Doe^J||19750314^D")
+    (value,) = primitive_source(compile_path("PID-7", "*")).resolve(Scope(msg))
+    assert (value.text, value.location) == ("19750314", "PID-7")
