@@ -254,7 +254,7 @@ def overlap_candidates(
 ) -> list[dict[str, Any]]:
     """The shifts of ONE practitioner that may overlap ``[start, end)``: indexed as theirs, starting
     before ``end`` and ending after ``start`` (or without an ``end`` row: written before it was indexed);
-    :func:`shift_overlap` decides."""
+    :func:`hms_ach.workforce.rules.overlapping_shift` decides."""
     t = table("Shift")
     ends_after = exists(
         select(literal(1)).where(*own_rows(DATES, "Shift", t, SHIFT_END_PARAM), DATES.c.start > utc(start))
@@ -271,31 +271,6 @@ def overlap_candidates(
         .order_by(t.c.id)
     )
     return [orjson.loads(r) for r in conn.execute(stmt).scalars()]
-
-
-def shift_overlap(
-    conn: Connection, practitioner: str, start: datetime, end: datetime, skip: str | None
-) -> str | None:
-    """The id of another live, not cancelled shift of ``practitioner`` (a reference) that overlaps
-    ``[start, end)``; the earliest such shift when there are several. Reads only that practitioner's
-    shifts around the window (see :func:`overlap_candidates`).
-
-    For the FHIR write path (:func:`hms_ach.fhir.write.check_shift`): it decides as
-    :func:`hms_ach.workforce.rules.overlapping_shift` does over :func:`overlap_candidates` (which the
-    /api/v1 writes use), and a test holds the two to the same answers."""
-    clashes = []
-    for s in overlap_candidates(conn, practitioner, start, end):
-        if s.get("id") == skip or s.get("status") == "cancelled":
-            continue
-        if (s.get("practitioner") or {}).get("reference") != practitioner:
-            continue
-        try:
-            s_start, s_end = datetime.fromisoformat(s["start"]), datetime.fromisoformat(s["end"])
-        except (KeyError, TypeError, ValueError):
-            continue
-        if s_start < end and start < s_end:
-            clashes.append((utc(s_start), str(s["id"])))
-    return min(clashes)[1] if clashes else None
 
 
 def unassigned_shifts(conn: Connection) -> list[dict[str, Any]]:
@@ -410,7 +385,6 @@ __all__ = [
     "scan",
     "scan_shifts",
     "scan_timecards",
-    "shift_overlap",
     "starts_within",
     "timecards_in_weeks",
     "unassigned_shifts",
