@@ -24,11 +24,11 @@ from hms_ach.store import workforce_queries as wq
 from hms_ach.store.db import Store
 from hms_ach.store.models import SearchDate
 from hms_ach.store.repository import Repository
-from hms_ach.workforce.api import overtime_of_page, shift_view, timecard_view
 from hms_ach.workforce import settings as workforce_settings
+from hms_ach.workforce.api import overtime_of_page, shift_view, timecard_view
 from hms_ach.workforce.overtime import overtime_by_timecard
-from hms_ach.workforce.settings import WorkforceSettings
 from hms_ach.workforce.rules import overlapping_shift, week_start
+from hms_ach.workforce.settings import WorkforceSettings
 from tests.integration.engine_helpers import auth_headers
 
 MONDAY = datetime(2026, 11, 30, 7, tzinfo=UTC)  # ISO week 49 of 2026
