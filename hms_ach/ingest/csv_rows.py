@@ -55,9 +55,10 @@ _COLUMN = re.compile(r"column (?:'([^']*)'|\"([^\"]*)\")")
 #: Rows mapped and committed per writer job.
 ROWS_PER_JOB = 500
 
-#: A check of the records one CSV row wrote, in the row's transaction: it raises a MessageError
-#: (its location naming the column, ``column 'employee_id'``) to refuse the row.
-RowCheck = Callable[[Tx, list[WriteOutcome]], None]
+#: A check of the records one CSV row wrote (its mapped records, and what was written of them), in
+#: the row's transaction: it raises a MessageError (its location naming the column,
+#: ``column 'employee_id'``) to refuse the row.
+RowCheck = Callable[[Tx, MappingResult, list[WriteOutcome]], None]
 _row_checks: list[RowCheck] = []
 
 
@@ -85,7 +86,7 @@ def write_row(
             if error is None:
                 for check in _row_checks:
                     try:
-                        check(tx, writes)
+                        check(tx, result, writes)
                     except MessageError as exc:
                         raise _Refused(exc) from None
     except _Refused as refused:

@@ -49,9 +49,15 @@ def released_shift(shift: dict[str, Any]) -> dict[str, Any]:
 
 
 def offboard(
-    tx: Tx, practitioner_id: str, version_id: int, message_id: int | None, now: datetime | None = None
+    tx: Tx,
+    practitioner_id: str,
+    version_id: int,
+    message_id: int | None,
+    before: dict[str, Any],
+    now: datetime | None = None,
 ) -> dict[str, Any]:
-    """Release the practitioner's future shifts, close its alerts, emit ``practitioner.offboarded``."""
+    """Release the practitioner's future shifts, close its alerts (those open while it was active:
+    ``before``), emit ``practitioner.offboarded``."""
     now = now or datetime.now(UTC)
     ref = f"Practitioner/{practitioner_id}"
     released = []
@@ -71,8 +77,7 @@ def offboard(
             RecordWrite("shift", "Shift", SHIFT_SYSTEM, key, content, mode="replace"), content, message_id
         )
         released.append(f"Shift/{shift['id']}")
-    practitioner = wq.get_record(tx, "Practitioner", practitioner_id) or {}
-    held = current_expiries(practitioner)
+    held = current_expiries(before)
     closed = sum(
         1 for a in credential_alerts.of_practitioner(tx, practitioner_id) if (a.credential, a.expires) in held
     )
@@ -127,7 +132,7 @@ def on_change(tx: Tx, change: Change) -> None:
             and change.before is not None
             and change.before.get("active") is not False
         ):
-            offboard(tx, change.id, change.version_id, change.message_id)
+            offboard(tx, change.id, change.version_id, change.message_id, change.before)
     elif change.resource_type == "Timecard":
         overtime_reached(tx, change)
 

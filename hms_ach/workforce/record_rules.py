@@ -6,15 +6,18 @@ read back (references resolved) and passes :func:`hms_ach.workforce.shift_rules.
 :func:`hms_ach.workforce.timecard_rules.check_timecard`. A broken rule refuses the row: a
 :class:`~hms_ach.core.errors.ContentError` whose message starts with the rule's code
 (``[timecard.unknown_employee] ...``) and whose location names the CSV column, which the row's
-``.err.csv`` report shows.
+``.err.csv`` report shows. A row naming a staff member who is not stored (the mapping drops such a
+reference) is refused as ``shift.unknown_employee`` / ``timecard.unknown_employee``, never stored
+as an unfilled shift or an orphan timecard.
 """
 
 from __future__ import annotations
 
 from hms_ach.core.errors import ContentError
+from hms_ach.core.records import MappingResult
 from hms_ach.store import workforce_queries as wq
 from hms_ach.store.port import Tx
-from hms_ach.store.repository import WriteOutcome
+from hms_ach.store.repository import Repository, WriteOutcome
 from hms_ach.workforce.rules import RuleBroken
 from hms_ach.workforce.shift_rules import check_shift
 from hms_ach.workforce.timecard_rules import check_timecard
@@ -32,9 +35,24 @@ CSV_COLUMNS = {
 }
 
 
-def check_csv_writes(tx: Tx, writes: list[WriteOutcome]) -> None:
+def named_employee_missing(tx: Tx, result: MappingResult) -> bool:
+    """Whether the row names a staff member (a Practitioner it only refers to) who is not stored:
+    its reference was dropped, and the Shift would be stored as unfilled."""
+    repo = Repository(tx)
+    for rec in result.records:
+        if rec.resource_type == "Practitioner" and not rec.create and rec.key_value:
+            if repo.find_by_key("Practitioner", rec.key_system, rec.key_value) is None:
+                return True
+    return False
+
+
+def check_csv_writes(tx: Tx, result: MappingResult, writes: list[WriteOutcome]) -> None:
     """The workforce rules over the Shifts and Timecards one row wrote (see the module docstring)."""
     roster = wq.StoredRoster(tx)
+    kinds = {w.resource_type for w in writes}
+    if kinds & {"Shift", "Timecard"} and named_employee_missing(tx, result):
+        code = "shift.unknown_employee" if "Shift" in kinds else "timecard.unknown_employee"
+        raise ContentError(f"[{code}] the row names no stored employee", "column 'employee_id'")
     for write in writes:
         if write.resource_type not in ("Shift", "Timecard") or not write.changed:
             continue

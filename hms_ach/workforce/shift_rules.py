@@ -207,6 +207,8 @@ def check_shift(
             f"the shift lasts {round(hours, 2):g} h (at most {settings.max_shift_hours:g} h)",
             "end",
         )
+    if "practitioner" in content and not ref:  # named, but no stored employee (a CSV row's unknown one)
+        raise RuleBroken("shift.unknown_employee", "the shift names no stored employee", "practitioner")
     if not ref or status == "cancelled":
         return
     rtype, _, employee_id = ref.partition("/")
