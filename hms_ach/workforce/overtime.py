@@ -12,7 +12,7 @@ contract (``workforce.overtime.contracts``), else the default:
 | ``daily`` | minutes over ``daily_hours`` in one local day |
 | ``weekly`` | minutes over ``weekly_hours`` (40: FLSA) in one local week, Monday to Sunday |
 | ``daily_weekly`` | both: over the day, then the straight time over the week (the default) |
-| ``8_80`` | over ``daily_hours`` (8) a day, then the straight time over ``period_hours`` (80) in the 14-day period |
+| ``8/80`` | over ``daily_hours`` (8) a day, then the straight time over ``period_hours`` (80) in the 14-day period |
 
 Minutes counted as daily overtime are not counted again towards the weekly or period line.
 
@@ -56,18 +56,18 @@ def minutes_over(contract: ContractOvertime, day: int, regular: int, worked: int
 
     The daily line is applied first; only the minutes it left as straight time count towards the
     weekly (or period) line, so no minute is overtime twice."""
-    daily_line = contract.rule_set in ("daily", "daily_weekly", "8_80")
+    daily_line = contract.rule_set in ("daily", "daily_weekly", "8/80")
     daily = _line(day, worked, round(contract.daily_hours * 60)) if daily_line else 0
     straight = worked - daily
     if contract.rule_set == "daily":
         return daily, straight
-    limit = contract.period_hours if contract.rule_set == "8_80" else contract.weekly_hours
+    limit = contract.period_hours if contract.rule_set == "8/80" else contract.weekly_hours
     longer = _line(regular, straight, round(limit * 60))
     return daily + longer, straight
 
 
 def _period_index(day: date, settings: OvertimeSettings) -> int:
-    return (day - date.fromisoformat(settings.period_start)).days // 14
+    return (day - settings.period_start).days // 14
 
 
 def overtime_by_timecard(
@@ -96,7 +96,7 @@ def overtime_by_timecard(
             week, period = (iso.year, iso.week), _period_index(day, ot)
             worked = int(tc.get("workedMinutes") or 0)
             contract = ot.contract(department if isinstance(department, str) else None)
-            prior = by_period.get(period, 0) if contract.rule_set == "8_80" else by_week.get(week, 0)
+            prior = by_period.get(period, 0) if contract.rule_set == "8/80" else by_week.get(week, 0)
             out[rid], straight = minutes_over(contract, by_day.get(day, 0), prior, worked)
             by_day[day] = by_day.get(day, 0) + worked
             by_week[week] = by_week.get(week, 0) + straight

@@ -8,12 +8,13 @@ and on every reload); a process that never calls it (a script, a unit test) gets
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-OvertimeRuleSet = Literal["daily", "weekly", "daily_weekly", "8_80"]
+OvertimeRuleSet = Literal["daily", "weekly", "daily_weekly", "8/80"]
 
 
 class _Strict(BaseModel):
@@ -49,8 +50,8 @@ class OvertimeSettings(ContractOvertime):
         default_factory=dict,
         description="IANA time zone of each department (by its name): overtime is counted per local day there",
     )
-    period_start: str = Field(
-        "2024-01-01", description="8/80: the first day of some 14-day pay period (ISO date, local time)"
+    period_start: date = Field(
+        date(2024, 1, 1), description="8/80: the first day of some 14-day pay period (a date, local time)"
     )
     contracts: dict[str, ContractOvertime] = Field(
         default_factory=dict,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Any
 
 from hms_ach.workforce.overtime import hours, overtime_by_timecard
@@ -65,15 +66,15 @@ def test_rule_sets() -> None:
     # ten 9 h days in a 14-day period (90 h): daily 1 h each; 8/80 the more of 10 h daily or 10 h over 80
     days = [f"2026-12-{d:02d}" for d in (7, 8, 9, 10, 11, 14, 15, 16, 17, 18)]
     cards = [card(d, "p1", f"{d}T08:00:00+00:00", 540) for d in days]
-    period = {"period_start": "2026-12-07"}
+    period = {"period_start": date(2026, 12, 7)}
 
     def total(**kw: Any) -> int:
         return sum(overtime_by_timecard(cards, rules(**period, **kw)).values())
 
     assert total(rule_set="daily") == 600
     assert total(rule_set="weekly") == 600  # 45 h in each week
-    assert total(rule_set="8_80") == 600
-    assert total(rule_set="8_80", daily_hours=12) == 600  # all of it from the 80 h line now
+    assert total(rule_set="8/80") == 600
+    assert total(rule_set="8/80", daily_hours=12) == 600  # all of it from the 80 h line now
     assert total(rule_set="weekly", weekly_hours=50) == 0
     # per contract: the ER works 12 h days, weekly only
     er = rules(contracts={"ER": ContractOvertime(rule_set="daily", daily_hours=12)})
