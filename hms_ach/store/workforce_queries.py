@@ -29,10 +29,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from typing import Any, TypeVar
 
 import orjson
-from sqlalchemy import Connection, Table, and_, exists, literal, or_, select, true
+from sqlalchemy import Connection, Select, Table, and_, bindparam, exists, literal, or_, select, true
 from sqlalchemy.sql.elements import ColumnElement
 
 from hms_ach.store.db import Store
@@ -85,10 +86,16 @@ def read(store: Store, work: Callable[[Tx], T]) -> T:
 
 
 # ---------------------------------------------------------------------------- record reads
+@cache
+def _by_id(resource_type: str) -> Select[Any]:
+    """The statement of :func:`get_record`, built once per type (bound: ``rid``)."""
+    t = table(resource_type)
+    return select(t.c.resource).where(t.c.id == bindparam("rid"), *live(t))
+
+
 def get_record(conn: Connection, resource_type: str, rid: str) -> dict[str, Any] | None:
     """One live record by id (primary key)."""
-    t = table(resource_type)
-    row = conn.execute(select(t.c.resource).where(t.c.id == rid, *live(t))).scalar()
+    row = conn.execute(_by_id(resource_type), {"rid": rid}).scalar()
     return orjson.loads(row) if row else None
 
 
@@ -282,6 +289,24 @@ def unassigned_shifts(conn: Connection) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------- timecards
+@cache
+def _timecards_window(dialect: str) -> Select[Any]:
+    """The timecards of one indexed practitioner (bound: ``target``) clocking in within
+    ``[lo, hi)``: the statement of the rules' common read, built once (bound values, cached SQL)."""
+    t = table("Timecard")
+    theirs = t.c.id.in_(
+        select(REFS.c.resource_id).where(
+            REFS.c.resource_type == "Timecard",
+            REFS.c.param == PRACTITIONER_PARAM,
+            REFS.c.target_id == bindparam("target"),
+            REFS.c.target_type == "Practitioner",
+        )
+    )
+    window = and_(DATES.c.start >= bindparam("lo"), DATES.c.start < bindparam("hi"))
+    dated = exists(select(literal(1)).where(*own_rows(DATES, "Timecard", t, START_PARAM), window))
+    return select(t.c.resource).where(*live(t), theirs, dated).order_by(t.c.id)
+
+
 def practitioner_timecards(
     conn: Connection, reference: str | None, ranges: Iterable[tuple[datetime | None, datetime | None]]
 ) -> list[dict[str, Any]]:
@@ -291,6 +316,11 @@ def practitioner_timecards(
     ranges = list(ranges)
     if not ranges:
         return []
+    target = practitioner_id(reference)
+    if target is not None and len(ranges) == 1 and ranges[0][0] is not None and ranges[0][1] is not None:
+        params = {"target": target, "lo": utc(ranges[0][0]), "hi": utc(ranges[0][1])}
+        rows = conn.execute(_timecards_window(conn.dialect.name), params).scalars()
+        return [orjson.loads(r) for r in rows]
     stmt = (
         select(t.c.resource)
         .where(

@@ -17,7 +17,7 @@ from hms_ach.core.errors import ContentError
 from hms_ach.core.records import MappingResult
 from hms_ach.store import workforce_queries as wq
 from hms_ach.store.port import Tx
-from hms_ach.store.repository import Repository, WriteOutcome
+from hms_ach.store.repository import WriteOutcome
 from hms_ach.workforce.rules import RuleBroken
 from hms_ach.workforce.shift_rules import check_shift
 from hms_ach.workforce.timecard_rules import check_timecard
@@ -35,30 +35,28 @@ CSV_COLUMNS = {
 }
 
 
-def named_employee_missing(tx: Tx, result: MappingResult) -> bool:
-    """Whether the row names a staff member (a Practitioner it only refers to) who is not stored:
-    its reference was dropped, and the Shift would be stored as unfilled."""
-    repo = Repository(tx)
-    for rec in result.records:
-        if rec.resource_type == "Practitioner" and not rec.create and rec.key_value:
-            if repo.find_by_key("Practitioner", rec.key_system, rec.key_value) is None:
-                return True
-    return False
+def names_an_employee(result: MappingResult) -> bool:
+    """Whether the row names a staff member (a Practitioner it only refers to, by a key): when the
+    written Shift or Timecard then has no practitioner, that one is not stored (the mapping dropped
+    the reference) and the record would be an unfilled shift or an orphan."""
+    return any(
+        rec.resource_type == "Practitioner" and not rec.create and bool(rec.key_value)
+        for rec in result.records
+    )
 
 
 def check_csv_writes(tx: Tx, result: MappingResult, writes: list[WriteOutcome]) -> None:
     """The workforce rules over the Shifts and Timecards one row wrote (see the module docstring)."""
     roster = wq.StoredRoster(tx)
-    kinds = {w.resource_type for w in writes}
-    if kinds & {"Shift", "Timecard"} and named_employee_missing(tx, result):
-        code = "shift.unknown_employee" if "Shift" in kinds else "timecard.unknown_employee"
-        raise ContentError(f"[{code}] the row names no stored employee", "column 'employee_id'")
     for write in writes:
         if write.resource_type not in ("Shift", "Timecard") or not write.changed:
             continue
         record = wq.get_record(tx, write.resource_type, write.id)
         if record is None:
             continue
+        if not record.get("practitioner") and names_an_employee(result):
+            code = "shift.unknown_employee" if write.resource_type == "Shift" else "timecard.unknown_employee"
+            raise ContentError(f"[{code}] the row names no stored employee", "column 'employee_id'")
         try:
             if write.resource_type == "Shift":
                 check_shift(roster, record, write.id)
