@@ -18,12 +18,13 @@ import pytest
 from sqlalchemy import select
 
 from hms_ach.app.runtime import Engine
+from hms_ach.hl7v2.policy import Hl7Policy
 from hms_ach.ingest.csv_rows import CsvFileSettings, CsvIngest
 from hms_ach.ingest.files import FileReport
 from hms_ach.store.models import OutboxEvent
 from hms_ach.workforce import settings as workforce_settings
 from hms_ach.workforce.settings import WorkforceSettings
-from tests.integration.engine_helpers import FHIR_JSON, auth_headers
+from tests.integration.engine_helpers import FHIR_JSON, ROOT, auth_headers
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -463,3 +464,26 @@ async def test_offboarding_from_every_source(world: World, tmp_path: Path) -> No
     offboarded = outbox(engine, "practitioner.offboarded")
     assert [e["resource"] for e in offboarded] == [f"Practitioner/{p}" for p in (ann, bob, old)]
     assert offboarded[-1]["alertsClosed"] == 1
+
+
+async def test_offboarding_from_an_mfn_m02_deactivation(world: World) -> None:
+    raw = (ROOT / "samples" / "hl7" / "mfn_m02.hl7").read_bytes()
+    added = await world.engine.pipeline.process_hl7(raw, Hl7Policy("mfn_in"))
+    assert added.ack_code == "AA", added.ack
+    staff = (await world.api.get("/api/v1/employees", params={"limit": 200})).json()["items"]
+    amara = next(e["id"] for e in staff if e["npi"] == "1356702989")
+    made = await world.api.post("/api/v1/shifts", json=shift(amara, MONDAY + timedelta(days=4), 8, role=None))
+    assert made.status_code == 201, made.text
+    # MFE-1 MDC: the master file deactivates her
+    segments = raw.replace(b"\r\n", b"\r").replace(b"\n", b"\r").split(b"\r")
+    kept = [s for s in segments if s.startswith((b"MSH", b"MFI"))] + segments[2:5]
+    deactivate = b"\r".join(kept).replace(b"S-M02-0001", b"S-M02-0099").replace(b"MFE|MAD|", b"MFE|MDC|")
+    done = await world.engine.pipeline.process_hl7(deactivate + b"\r", Hl7Policy("mfn_in"))
+    assert done.ack_code == "AA", done.ack
+    unfilled = (await world.api.get("/api/v1/shifts", params={"unfilled": "true"})).json()["items"]
+    assert [(s["id"], s["status"]) for s in unfilled] == [(made.json()["id"], "open")]
+    assert outbox(world.engine, "practitioner.offboarded")[-1]["resource"] == f"Practitioner/{amara}"
+    refused(
+        await world.api.post("/api/v1/shifts", json=shift(amara, MONDAY + timedelta(days=5), 8)),
+        "shift.employee_inactive",
+    )
