@@ -149,16 +149,6 @@ def without_meta(record: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k not in ("id", "meta")}
 
 
-def known_employee(
-    roster: Roster, employee_id: str, title: str, field: str, detail: str | None = None
-) -> dict[str, Any]:
-    """The Practitioner ``employee_id``, or :class:`InvalidRequest` at ``field``."""
-    res = roster.employee(employee_id)
-    if res is None:
-        raise InvalidRequest(title, detail or f"no employee {employee_id[:64]}", field, "unknown employee")
-    return res
-
-
 def existing_shift(roster: Roster, shift_record_id: str) -> dict[str, Any]:
     """The Shift ``shift_record_id``, or :class:`RecordNotFound`."""
     existing = roster.shift(shift_record_id)
@@ -187,21 +177,6 @@ def overlapping_shift(
         if s_start < end and start < s_end:
             clashes.append((s_start.astimezone(UTC), str(s["id"])))
     return min(clashes)[1] if clashes else None
-
-
-def no_overlap(
-    roster: Roster, practitioner: str, start: datetime, end: datetime, skip: str | None, who: str, field: str
-) -> None:
-    """:class:`InvalidRequest` at ``field`` when ``practitioner`` already works another shift then
-    (``who`` says whom the message is about: the employee, the replacement)."""
-    clash = overlapping_shift(roster.shifts_around(practitioner, start, end), practitioner, start, end, skip)
-    if clash:
-        raise InvalidRequest(
-            "Overlapping shift",
-            f"the {who} already works shift {clash} then",
-            field,
-            f"overlaps shift {clash}",
-        )
 
 
 # ---------------------------------------------------------------------------- weeks
