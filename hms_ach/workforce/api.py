@@ -19,14 +19,16 @@ Conventions:
 * errors are RFC 9457 problem details (``application/problem+json``) whose ``errors`` list each
   failing field with its location (``body.clock_out``, ``query.limit``); a rule's error
   (:class:`hms_ach.workforce.rules.WorkforceError`) answers 422 when the request is invalid, 404 when
-  its record does not exist and 409 when the record's state forbids it.
+  its record does not exist, 409 when the record's state forbids it and 403 when a rule says who may
+  act; a workforce rule's stable code is the problem's ``code`` member (docs/workforce-rules.md).
 
-Overtime (see :mod:`hms_ach.workforce.rules`) is computed when read, so timecards from every source
-(this API, CSV files, FHIR) follow the same rule.
+Overtime (see :mod:`hms_ach.workforce.overtime`) is computed when read, so timecards from every
+source (this API, CSV files, kiosk events) follow the same rule.
 
 Reads go through the search index (see :mod:`hms_ach.store.workforce_queries`): an overlap check
-reads the shifts of one employee around the new shift, a timecard the employee's timecards of its
-ISO week, and a list page only the records it shows (plus, for timecards, the weeks they fall in).
+reads the shifts of one employee around the new shift (and its week, for the weekly limit), a
+timecard the employee's timecards of the 15 days before it, and a list page only the records it
+shows (plus, for timecards, the 15 days before each, which decide its overtime).
 Only the compliance figures, a report over everyone, read every employee and timecard.
 """
 
