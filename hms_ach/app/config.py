@@ -24,6 +24,7 @@ from hms_ach.core.timezones import IanaTimeZone
 from hms_ach.core.tls import MllpTlsSettings, TlsConfigError, server_context
 from hms_ach.mapping.loader import Positions, load_yaml, position_of
 from hms_ach.store.audit_settings import AuditSettings
+from hms_ach.workforce.settings import WorkforceSettings
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 
@@ -237,6 +238,11 @@ class Config(_Strict):
     jobs: JobsSettings = Field(
         default_factory=JobsSettings,
         description="Scheduled jobs: credential-expiry scan, housekeeping",
+    )
+    workforce: WorkforceSettings = Field(
+        default_factory=WorkforceSettings,
+        description="Workforce rules for shifts, swaps, timecards and overtime from every source "
+        "(docs/workforce-rules.md)",
     )
     audit: AuditSettings = Field(
         default_factory=AuditSettings,

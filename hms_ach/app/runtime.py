@@ -42,6 +42,7 @@ from hms_ach.store.access_log import AccessLog
 from hms_ach.store.db import Store, database_url
 from hms_ach.store.errors import StoreUnavailable
 from hms_ach.store.writer import StoreWriter
+from hms_ach.workforce import settings as workforce_settings
 
 if TYPE_CHECKING:
     import uvicorn
@@ -81,6 +82,7 @@ class Engine:
         self.pipeline = Pipeline(self.writer, MappingEngine(self.mappings, config.engine.timezone))
         wire_listeners()  # record changes -> outbox events, discharge -> Claim (hms_ach/app/wiring.py)
         events.use_engine(self.pipeline.engine)  # event payloads come from mappings/events/
+        workforce_settings.use(config.workforce)  # the workforce rules' limits (docs/workforce-rules.md)
         self.channels: dict[str, Channel] = {}
         self.health: dict[str, Any] = {
             "status": "ok",
@@ -478,6 +480,7 @@ class Engine:
             if name not in wanted or wanted[name] != old.get(name):
                 await self.channels.pop(name).stop()
         self.config = new
+        workforce_settings.use(new.workforce)
         if not self.reload_mappings():
             return False
         for name, settings in wanted.items():

@@ -6,7 +6,12 @@ to its own audit trail, always, and then to the listeners subscribed here, in th
 1. :func:`hms_ach.outbound.events.on_change`: the change's events (``encounter.discharged``,
    ``record.changed``...) into the outbox;
 2. :func:`hms_ach.billing.claims.on_change`: a discharged encounter gets its Claim (whose own
-   change then announces ``claim.created``).
+   change then announces ``claim.created``);
+3. :func:`hms_ach.workforce.listeners.on_change`: offboarding (an inactive Practitioner's future
+   shifts released) and ``overtime.threshold_reached``.
+
+It also subscribes the CSV row check (:func:`hms_ach.ingest.csv_rows.use_row_check`): the workforce
+rules over what each row wrote (:func:`hms_ach.workforce.record_rules.check_csv_writes`).
 
 :class:`hms_ach.app.runtime.Engine` calls :func:`wire_listeners`; so does every other process that
 writes records (``hms-ach replay``, the benchmarks, the tests' stores). A new listener is one
@@ -16,13 +21,16 @@ function ``listener(tx, change)`` plus one line in :data:`CHANGE_LISTENERS`.
 from __future__ import annotations
 
 from hms_ach.billing import claims
+from hms_ach.ingest import csv_rows
 from hms_ach.outbound import events
 from hms_ach.store import changes
+from hms_ach.workforce import listeners, record_rules
 
 #: The change listeners after the audit trail, in the order they run.
 CHANGE_LISTENERS: tuple[changes.Listener, ...] = (
     events.on_change,
     claims.on_change,
+    listeners.on_change,
 )
 
 
@@ -30,3 +38,4 @@ def wire_listeners() -> None:
     """Subscribe :data:`CHANGE_LISTENERS` to the store's record changes (again: no effect)."""
     for listener in CHANGE_LISTENERS:
         changes.subscribe(listener)
+    csv_rows.use_row_check(record_rules.check_csv_writes)

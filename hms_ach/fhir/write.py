@@ -60,8 +60,10 @@ from hms_ach.store.errors import (
 from hms_ach.store.port import Tx
 from hms_ach.store.resources import RequestLine, store_request_line, stored_request_line
 from hms_ach.store.savepoint import savepoint
-from hms_ach.store.workforce_queries import shift_overlap
+from hms_ach.store.workforce_queries import StoredRoster
 from hms_ach.store.writer import StoreWriter
+from hms_ach.workforce import shift_rules
+from hms_ach.workforce.rules import RuleBroken
 
 R = TypeVar("R")
 
@@ -193,40 +195,18 @@ def _check_targets(tx: Tx, rtype: str, content: dict[str, Any], where: str) -> N
             )
 
 
-def _instant(text: Any, where: str) -> datetime:
-    try:
-        value = datetime.fromisoformat(str(text))
-    except ValueError:
-        value = None
-    if value is None or value.tzinfo is None:
-        raise RuleViolation(
-            f"{str(text)[:40]!r} is not a dateTime with a UTC offset", code="value", expression=where
-        )
-    return value
-
-
 def check_shift(tx: Tx, rid: str, content: dict[str, Any], where: str) -> None:
-    """A shift ends after it starts, has a known status and does not overlap its employee's others."""
-    ext = f"{where}.extension"
-    start, end = _instant(content.get("start"), ext), _instant(content.get("end"), ext)
-    if end <= start:
-        raise RuleViolation("the shift ends before it starts", code="invariant", expression=ext)
-    if content.get("status") not in ("planned", "confirmed", "swapped", "cancelled"):
+    """The workforce assignment rules (:func:`hms_ach.workforce.shift_rules.check_shift`, the same
+    ones /api/v1 and CSV rows pass): a broken one is a business-rule OperationOutcome whose
+    diagnostics start with the rule's code (``[shift.overlap] ...``)."""
+    try:
+        shift_rules.check_shift(StoredRoster(tx), content, rid)
+    except RuleBroken as exc:
+        element = "subject" if exc.element == "practitioner" else "extension"
+        code = "code-invalid" if exc.code == "shift.unknown_status" else "business-rule"
         raise RuleViolation(
-            f"shift status {str(content.get('status'))[:32]!r} is not one of "
-            "planned, confirmed, swapped, cancelled",
-            code="code-invalid",
-            expression=ext,
-        )
-    who = (content.get("practitioner") or {}).get("reference")
-    if who and content.get("status") != "cancelled":
-        clash = shift_overlap(tx, who, start, end, rid)  # that employee's shifts only, by the index
-        if clash:
-            raise RuleViolation(
-                f"{who} already works shift Shift/{clash} then",
-                code="business-rule",
-                expression=f"{where}.subject",
-            )
+            f"[{exc.code}] {exc.detail}", code=code, expression=f"{where}.{element}"
+        ) from None
 
 
 def _etag_version(if_match: str | None) -> int | None:

@@ -13,6 +13,9 @@ Given a local copy of a file and its key (:func:`hms_ach.ingest.files.file_key`)
    on their business keys for the file's message; a bad row is stored as its own ``csv`` message
    (status ``error``, keyed on file key and line, through :func:`hms_ach.ingest.pipeline.commit`)
    so that it can be replayed after a fix;
+   The records a row wrote then pass the row checks (:func:`use_row_check`: the workforce rules,
+   subscribed by the composition root); a refusal rolls that row's writes back and makes it an
+   error row with the rule's reason (``[timecard.unknown_employee] ...``);
 5. **finish** the file's row with its status (``processed``, or ``error`` when a row was bad).
 
 A half-processed file read again changes nothing for the rows already written (keyed upserts that
@@ -44,12 +47,51 @@ from hms_ach.mapping.paths import CsvRecord
 from hms_ach.store import messages
 from hms_ach.store.port import Tx
 from hms_ach.store.repository import WriteOutcome
+from hms_ach.store.savepoint import savepoint
 
 log = logging.getLogger("hms_ach.ingest.csv_rows")
 
 _COLUMN = re.compile(r"column (?:'([^']*)'|\"([^\"]*)\")")
 #: Rows mapped and committed per writer job.
 ROWS_PER_JOB = 500
+
+#: A check of the records one CSV row wrote (its mapped records, and what was written of them), in
+#: the row's transaction: it raises a MessageError (its location naming the column,
+#: ``column 'employee_id'``) to refuse the row.
+RowCheck = Callable[[Tx, MappingResult, list[WriteOutcome]], None]
+_row_checks: list[RowCheck] = []
+
+
+def use_row_check(check: RowCheck) -> None:
+    """Run ``check`` on the records of every CSV row from now on (again: no effect)."""
+    if check not in _row_checks:
+        _row_checks.append(check)
+
+
+class _Refused(Exception):
+    def __init__(self, error: MessageError):
+        self.error = error
+
+
+def write_row(
+    tx: Tx, result: MappingResult, message_id: int
+) -> tuple[list[WriteOutcome], MessageError | None]:
+    """:func:`hms_ach.ingest.pipeline.write_records` of one row, then the row checks; a refusal
+    rolls the row's writes back and is returned as its error."""
+    if not _row_checks:
+        return write_records(tx, result, message_id)
+    try:
+        with savepoint(tx):
+            writes, error = write_records(tx, result, message_id)
+            if error is None:
+                for check in _row_checks:
+                    try:
+                        check(tx, result, writes)
+                    except MessageError as exc:
+                        raise _Refused(exc) from None
+    except _Refused as refused:
+        return [], refused.error
+    return writes, error
 
 
 class CsvFileSettings(BaseModel):
@@ -227,7 +269,7 @@ def rows_job(
         stored = 0
         for row in chunk:
             if not row.reason and row.result is not None:
-                _writes, error = write_records(tx, row.result, message_id)
+                _writes, error = write_row(tx, row.result, message_id)
                 if error is None:
                     stored += 1
                     continue
@@ -326,7 +368,7 @@ def replay_stored_row(tx: Tx, engine: MappingEngine, message_id: int) -> RowRepl
     def work(tx: Tx, mid: int) -> tuple[RowReplay, Finish]:
         writes: list[WriteOutcome] = []
         if not outcome.reason and outcome.result is not None:
-            writes, error = write_records(tx, outcome.result, mid)
+            writes, error = write_row(tx, outcome.result, mid)
             if error is not None:
                 outcome.reason, outcome.column = error.message, column_of(error)
         if outcome.reason:

@@ -7,8 +7,10 @@ One row per (practitioner, credential, expiry date, threshold); :func:`add` inse
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -34,3 +36,22 @@ def add(tx: Tx, practitioner_id: str, credential: str, expires: str, threshold: 
         ).returning(ALERTS.c.id)
     ).first()
     return new is not None
+
+
+@dataclass(frozen=True)
+class RaisedAlert:
+    """One alert row: the credential and expiry it was raised for."""
+
+    credential: str
+    expires: str
+    threshold: str
+
+
+def of_practitioner(tx: Tx, practitioner_id: str) -> list[RaisedAlert]:
+    """The alerts raised for one practitioner, in the order they were raised."""
+    rows = tx.execute(
+        select(ALERTS.c.credential, ALERTS.c.expires, ALERTS.c.threshold)
+        .where(ALERTS.c.practitioner_id == practitioner_id)
+        .order_by(ALERTS.c.id)
+    ).all()
+    return [RaisedAlert(r.credential, r.expires, r.threshold) for r in rows]

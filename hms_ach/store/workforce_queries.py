@@ -29,10 +29,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from typing import Any, TypeVar
 
 import orjson
-from sqlalchemy import Connection, Table, and_, exists, literal, or_, select, true
+from sqlalchemy import Connection, Select, Table, and_, bindparam, exists, literal, or_, select, true
 from sqlalchemy.sql.elements import ColumnElement
 
 from hms_ach.store.db import Store
@@ -85,10 +86,16 @@ def read(store: Store, work: Callable[[Tx], T]) -> T:
 
 
 # ---------------------------------------------------------------------------- record reads
+@cache
+def _by_id(resource_type: str) -> Select[Any]:
+    """The statement of :func:`get_record`, built once per type (bound: ``rid``)."""
+    t = table(resource_type)
+    return select(t.c.resource).where(t.c.id == bindparam("rid"), *live(t))
+
+
 def get_record(conn: Connection, resource_type: str, rid: str) -> dict[str, Any] | None:
     """One live record by id (primary key)."""
-    t = table(resource_type)
-    row = conn.execute(select(t.c.resource).where(t.c.id == rid, *live(t))).scalar()
+    row = conn.execute(_by_id(resource_type), {"rid": rid}).scalar()
     return orjson.loads(row) if row else None
 
 
@@ -254,7 +261,7 @@ def overlap_candidates(
 ) -> list[dict[str, Any]]:
     """The shifts of ONE practitioner that may overlap ``[start, end)``: indexed as theirs, starting
     before ``end`` and ending after ``start`` (or without an ``end`` row: written before it was indexed);
-    :func:`shift_overlap` decides."""
+    :func:`hms_ach.workforce.rules.overlapping_shift` decides."""
     t = table("Shift")
     ends_after = exists(
         select(literal(1)).where(*own_rows(DATES, "Shift", t, SHIFT_END_PARAM), DATES.c.start > utc(start))
@@ -273,31 +280,6 @@ def overlap_candidates(
     return [orjson.loads(r) for r in conn.execute(stmt).scalars()]
 
 
-def shift_overlap(
-    conn: Connection, practitioner: str, start: datetime, end: datetime, skip: str | None
-) -> str | None:
-    """The id of another live, not cancelled shift of ``practitioner`` (a reference) that overlaps
-    ``[start, end)``; the earliest such shift when there are several. Reads only that practitioner's
-    shifts around the window (see :func:`overlap_candidates`).
-
-    For the FHIR write path (:func:`hms_ach.fhir.write.check_shift`): it decides as
-    :func:`hms_ach.workforce.rules.overlapping_shift` does over :func:`overlap_candidates` (which the
-    /api/v1 writes use), and a test holds the two to the same answers."""
-    clashes = []
-    for s in overlap_candidates(conn, practitioner, start, end):
-        if s.get("id") == skip or s.get("status") == "cancelled":
-            continue
-        if (s.get("practitioner") or {}).get("reference") != practitioner:
-            continue
-        try:
-            s_start, s_end = datetime.fromisoformat(s["start"]), datetime.fromisoformat(s["end"])
-        except (KeyError, TypeError, ValueError):
-            continue
-        if s_start < end and start < s_end:
-            clashes.append((utc(s_start), str(s["id"])))
-    return min(clashes)[1] if clashes else None
-
-
 def unassigned_shifts(conn: Connection) -> list[dict[str, Any]]:
     """The shifts without an indexed practitioner (the unfilled ones, and any whose practitioner
     reference cannot be indexed), in id order: the index answers which, only those are read."""
@@ -307,6 +289,24 @@ def unassigned_shifts(conn: Connection) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------- timecards
+@cache
+def _timecards_window(dialect: str) -> Select[Any]:
+    """The timecards of one indexed practitioner (bound: ``target``) clocking in within
+    ``[lo, hi)``: the statement of the rules' common read, built once (bound values, cached SQL)."""
+    t = table("Timecard")
+    theirs = t.c.id.in_(
+        select(REFS.c.resource_id).where(
+            REFS.c.resource_type == "Timecard",
+            REFS.c.param == PRACTITIONER_PARAM,
+            REFS.c.target_id == bindparam("target"),
+            REFS.c.target_type == "Practitioner",
+        )
+    )
+    window = and_(DATES.c.start >= bindparam("lo"), DATES.c.start < bindparam("hi"))
+    dated = exists(select(literal(1)).where(*own_rows(DATES, "Timecard", t, START_PARAM), window))
+    return select(t.c.resource).where(*live(t), theirs, dated).order_by(t.c.id)
+
+
 def practitioner_timecards(
     conn: Connection, reference: str | None, ranges: Iterable[tuple[datetime | None, datetime | None]]
 ) -> list[dict[str, Any]]:
@@ -316,6 +316,11 @@ def practitioner_timecards(
     ranges = list(ranges)
     if not ranges:
         return []
+    target = practitioner_id(reference)
+    if target is not None and len(ranges) == 1 and ranges[0][0] is not None and ranges[0][1] is not None:
+        params = {"target": target, "lo": utc(ranges[0][0]), "hi": utc(ranges[0][1])}
+        rows = conn.execute(_timecards_window(conn.dialect.name), params).scalars()
+        return [orjson.loads(r) for r in rows]
     stmt = (
         select(t.c.resource)
         .where(
@@ -410,7 +415,6 @@ __all__ = [
     "scan",
     "scan_shifts",
     "scan_timecards",
-    "shift_overlap",
     "starts_within",
     "timecards_in_weeks",
     "unassigned_shifts",

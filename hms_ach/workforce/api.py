@@ -19,14 +19,16 @@ Conventions:
 * errors are RFC 9457 problem details (``application/problem+json``) whose ``errors`` list each
   failing field with its location (``body.clock_out``, ``query.limit``); a rule's error
   (:class:`hms_ach.workforce.rules.WorkforceError`) answers 422 when the request is invalid, 404 when
-  its record does not exist and 409 when the record's state forbids it.
+  its record does not exist, 409 when the record's state forbids it and 403 when a rule says who may
+  act; a workforce rule's stable code is the problem's ``code`` member (docs/workforce-rules.md).
 
-Overtime (see :mod:`hms_ach.workforce.rules`) is computed when read, so timecards from every source
-(this API, CSV files, FHIR) follow the same rule.
+Overtime (see :mod:`hms_ach.workforce.overtime`) is computed when read, so timecards from every
+source (this API, CSV files, kiosk events) follow the same rule.
 
 Reads go through the search index (see :mod:`hms_ach.store.workforce_queries`): an overlap check
-reads the shifts of one employee around the new shift, a timecard the employee's timecards of its
-ISO week, and a list page only the records it shows (plus, for timecards, the weeks they fall in).
+reads the shifts of one employee around the new shift (and its week, for the weekly limit), a
+timecard the employee's timecards of the 15 days before it, and a list page only the records it
+shows (plus, for timecards, the 15 days before each, which decide its overtime).
 Only the compliance figures, a report over everyone, read every employee and timecard.
 """
 
@@ -36,7 +38,7 @@ import base64
 import logging
 import uuid
 from collections.abc import Callable, Coroutine, Iterable
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
@@ -62,8 +64,10 @@ from hms_ach.store.errors import StoreUnavailable
 from hms_ach.store.port import Tx
 from hms_ach.store.repository import Repository
 from hms_ach.store.savepoint import savepoint
-from hms_ach.workforce import rules
+from hms_ach.workforce import rules, swap_rules, timecard_rules
 from hms_ach.workforce.access import Access, RoleDenied, access_for
+from hms_ach.workforce.overtime import LOOKBACK, overtime_by_timecard
+from hms_ach.workforce.overtime import clock_in as clock_in_of
 from hms_ach.workforce.rules import (
     CREDENTIAL_SCAN_JOB,
     CREDENTIAL_SYSTEM,
@@ -73,10 +77,9 @@ from hms_ach.workforce.rules import (
     SOURCE_EXT,
     STAFF_SYSTEM,
     STATE_EXT,
-    ClockedPeriod,
     InvalidRequest,
+    NotPermitted,
     RecordNotFound,
-    ShiftPlan,
     StateConflict,
     WorkforceError,
     ext,
@@ -94,6 +97,7 @@ RULE_STATUS: dict[type[WorkforceError], int] = {
     RecordNotFound: 404,
     StateConflict: 409,
     RoleDenied: 403,
+    NotPermitted: 403,
 }
 
 
@@ -108,9 +112,11 @@ class Problem(Exception):
         detail: str,
         errors: list[dict[str, Any]] | None = None,
         headers: dict[str, str] | None = None,
+        code: str | None = None,
     ):
         self.status, self.title, self.detail, self.errors = status, title, detail, errors or []
         self.headers = headers or {}
+        self.code = code
         super().__init__(detail)
 
     def response(self, instance: str = "") -> Response:
@@ -122,6 +128,8 @@ class Problem(Exception):
         }
         if instance:
             body["instance"] = instance
+        if self.code:  # the workforce rule broken (docs/workforce-rules.md)
+            body["code"] = self.code
         if self.errors:
             body["errors"] = self.errors
         return Response(
@@ -134,8 +142,9 @@ def rule_problem(exc: WorkforceError, part: str = "body") -> Problem:
     (``body`` or ``query``)."""
     status = next((s for kind, s in RULE_STATUS.items() if isinstance(exc, kind)), 422)
     errors = [{"location": f"{part}.{exc.field}", "detail": exc.reason or exc.detail}] if exc.field else []
-    headers = challenge(insufficient_scope(exc.detail))[1] if isinstance(exc, RoleDenied) else None
-    return Problem(status, exc.title, exc.detail, errors, headers)
+    refused = isinstance(exc, RoleDenied | NotPermitted)
+    headers = challenge(insufficient_scope(exc.detail))[1] if refused else None
+    return Problem(status, exc.title, exc.detail, errors, headers, exc.code)
 
 
 async def _refuse_nul(request: Request) -> None:
@@ -253,7 +262,9 @@ class ShiftIn(BaseModel):
     location_id: str | None = Field(None, description="Location id")
     start: datetime = Field(description="Start, with a UTC offset")
     end: datetime = Field(description="End, with a UTC offset; after start")
-    status: Literal["planned", "confirmed", "swapped", "cancelled"] = "planned"
+    status: Literal["planned", "confirmed", "swapped", "cancelled", "open"] = Field(
+        "planned", description="open: an unfilled shift (no employee_id) waiting for someone"
+    )
 
 
 class SwapIn(BaseModel):
@@ -263,7 +274,17 @@ class SwapIn(BaseModel):
 
 class SwapDecision(BaseModel):
     approve: bool
-    decided_by: str | None = None
+    decided_by: str | None = Field(
+        None, description="Ignored: the decision records the caller (its token's subject)"
+    )
+
+
+class ClockEventIn(BaseModel):
+    employee_id: str = Field(description="Practitioner id")
+    at: datetime = Field(description="When the employee clocked in or out, with a UTC offset")
+    timecard_id: str | None = Field(None, description="clock-in: your id of the timecard opened")
+    shift_id: str | None = Field(None, description="clock-in: the Shift record id worked, if any")
+    department: str | None = None
 
 
 class TimecardIn(BaseModel):
@@ -466,15 +487,31 @@ PipelineSource = Callable[[], Pipeline | None]
 
 # ---------------------------------------------------------------------------- reads and writes
 def overtime_of_page(tx: Tx, cards: list[dict[str, Any]]) -> dict[str, int]:
-    """:func:`hms_ach.workforce.rules.overtime_by_timecard` for ``cards`` only: per employee, it reads
-    the timecards of the ISO weeks those cards fall in (the rule never looks beyond a card's week),
-    not every timecard."""
+    """:func:`hms_ach.workforce.overtime.overtime_by_timecard` for ``cards`` only: per employee, it
+    reads the timecards clocking in up to :data:`~hms_ach.workforce.overtime.LOOKBACK` before each
+    card (a rule never looks further back than a 14-day period), not every timecard."""
+    ranges: dict[str, list[tuple[datetime | None, datetime | None]]] = {}
+    for card in cards:
+        start = clock_in_of(card)
+        if start is not None:
+            ranges.setdefault(rules.practitioner_of(card), []).append(
+                (start - LOOKBACK, start + timedelta(days=1))
+            )
     out: dict[str, int] = {}
-    for ref, starts in rules.weeks_by_employee(cards).items():
+    for ref, windows in ranges.items():
         context = [
-            tc for tc in wq.timecards_in_weeks(tx, ref or None, starts) if rules.practitioner_of(tc) == ref
+            tc
+            for tc in wq.practitioner_timecards(tx, ref or None, windows)
+            if rules.practitioner_of(tc) == ref
         ]
-        out.update(rules.overtime_by_timecard(context))
+        overtime = overtime_by_timecard(context)
+        out.update(
+            {
+                str(c.get("id")): overtime.get(str(c.get("id")), 0)
+                for c in cards
+                if rules.practitioner_of(c) == ref
+            }
+        )
     return out
 
 
@@ -693,8 +730,8 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
         view = shift_view(shift)
         access.require(view["employee_id"], view["department"], "this shift")
 
-    def shift_plan(body: ShiftIn, shift_id: str | None) -> ShiftPlan:
-        return ShiftPlan(
+    def shift_plan(body: ShiftIn, shift_id: str | None) -> swap_rules.ShiftPlan:
+        return swap_rules.ShiftPlan(
             start=body.start,
             end=body.end,
             status=body.status,
@@ -790,7 +827,7 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
                 existing = {**found[1], "id": found[0]} if found else None
             if existing is not None:
                 require_shift(access, existing)
-            return rules.shift_record(wq.StoredRoster(tx), shift_plan(body, body.shift_id), existing)
+            return swap_rules.shift_record(wq.StoredRoster(tx), shift_plan(body, body.shift_id), existing)
 
         return await run_record(
             request, "shift", orjson.dumps(body.model_dump(mode="json")), build, shift_view
@@ -805,33 +842,45 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
             roster = wq.StoredRoster(tx)
             existing = rules.existing_shift(roster, shift_record_id)
             require_shift(access, existing)
-            return rules.shift_record(roster, shift_plan(body, existing["identifier"][0]["value"]), existing)
+            return swap_rules.shift_record(
+                roster, shift_plan(body, existing["identifier"][0]["value"]), existing
+            )
 
         return await run_record(
             request, "shift", orjson.dumps(body.model_dump(mode="json")), build, shift_view
         )
 
+    def swap_caller(request: Request, access: Access) -> swap_rules.SwapCaller:
+        """The caller as the swap rules see it: its subject, own employees and scheduled departments."""
+        caller = getattr(request.state, REQUEST_STATE_ATTRIBUTE, None)
+        return swap_rules.SwapCaller(
+            subject=str(getattr(caller, "sub", "") or "unknown")[:200],
+            own_ids=access.own_ids,
+            any_department=access.unrestricted,
+            departments=access.grant.departments,
+        )
+
     @router.post("/shifts/{shift_record_id}/swap", summary="Ask to swap a shift to another employee")
     async def request_swap(shift_record_id: str, body: SwapIn, request: Request) -> Response:
-        access = allowed(request, "swaps.request")
-        if not access.unrestricted:
-            access.require(body.requested_by, None, "a swap requested for someone else")
+        try:
+            access = allowed(request, "swaps.request")
+        except RoleDenied:  # a scheduler asks on behalf of its staff
+            access = allowed(request, "swaps.decide")
+        caller = swap_caller(request, access)
 
         def build(tx: Tx) -> RecordWrite:
-            require_shift(access, rules.existing_shift(wq.StoredRoster(tx), shift_record_id))
-            return rules.swap_request(
-                wq.StoredRoster(tx), shift_record_id, body.requested_by, body.replacement
+            return swap_rules.swap_request(
+                wq.StoredRoster(tx), shift_record_id, body.requested_by, body.replacement, caller
             )
 
         return await run_record(request, "shift swap", orjson.dumps(body.model_dump()), build, shift_view)
 
     @router.post("/shifts/{shift_record_id}/swap/decision", summary="Approve or reject a swap request")
     async def decide_swap(shift_record_id: str, body: SwapDecision, request: Request) -> Response:
-        access = allowed(request, "swaps.decide")
+        caller = swap_caller(request, allowed(request, "swaps.decide"))
 
         def build(tx: Tx) -> RecordWrite:
-            require_shift(access, rules.existing_shift(wq.StoredRoster(tx), shift_record_id))
-            return rules.swap_decision(wq.StoredRoster(tx), shift_record_id, body.approve, body.decided_by)
+            return swap_rules.swap_decision(wq.StoredRoster(tx), shift_record_id, body.approve, caller)
 
         return await run_record(
             request, "shift swap decision", orjson.dumps(body.model_dump()), build, shift_view
@@ -841,8 +890,8 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
     @router.post("/timecards", status_code=201, summary="Record a worked period from clock-in/clock-out")
     async def create_timecard(body: TimecardIn, request: Request) -> Response:
         allowed(request, "timecards.write").require(body.employee_id, body.department, "this timecard")
-        clock_in, clock_out = rules.check_clock_times(body.clock_in, body.clock_out)
-        period = ClockedPeriod(
+        clock_in, clock_out = timecard_rules.check_clock_times(body.clock_in, body.clock_out)
+        period = timecard_rules.ClockedPeriod(
             employee_id=body.employee_id,
             clock_in=clock_in,
             clock_out=clock_out,
@@ -852,10 +901,49 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
         )
 
         def build(tx: Tx) -> RecordWrite:
-            return rules.timecard_record(wq.StoredRoster(tx), period)
+            return timecard_rules.timecard_record(wq.StoredRoster(tx), period)
 
         return await run_record(
             request, "timecard", orjson.dumps(body.model_dump(mode="json")), build, timecard_view
+        )
+
+    @router.post("/timecards/clock-in", status_code=201, summary="A kiosk clock-in: opens a timecard")
+    async def clock_in(body: ClockEventIn, request: Request) -> Response:
+        allowed(request, "timecards.write").require(body.employee_id, body.department, "this timecard")
+        at = rules.aware(body.at, "at")
+
+        def build(tx: Tx) -> RecordWrite:
+            try:
+                return timecard_rules.clock_in_record(
+                    wq.StoredRoster(tx),
+                    body.employee_id,
+                    at,
+                    body.timecard_id,
+                    body.shift_id,
+                    body.department,
+                )
+            except rules.RuleBroken as exc:
+                exc.field = {**timecard_rules.TIMECARD_FIELDS, "clockIn": "at"}.get(exc.element, exc.element)
+                raise
+
+        return await run_record(
+            request, "clock-in", orjson.dumps(body.model_dump(mode="json")), build, timecard_view
+        )
+
+    @router.post("/timecards/clock-out", summary="A kiosk clock-out: closes the employee's open timecard")
+    async def clock_out(body: ClockEventIn, request: Request) -> Response:
+        allowed(request, "timecards.write").require(body.employee_id, body.department, "this timecard")
+        at = rules.aware(body.at, "at")
+
+        def build(tx: Tx) -> RecordWrite:
+            try:
+                return timecard_rules.clock_out_record(wq.StoredRoster(tx), body.employee_id, at)
+            except rules.RuleBroken as exc:
+                exc.field = {**timecard_rules.TIMECARD_FIELDS, "clockOut": "at"}.get(exc.element, exc.element)
+                raise
+
+        return await run_record(
+            request, "clock-out", orjson.dumps(body.model_dump(mode="json")), build, timecard_view
         )
 
     @router.get("/timecards", summary="Timecards by employee")

@@ -67,6 +67,8 @@ def scan(tx: Tx, days_ahead: int = 30, today: date | None = None) -> dict[str, i
     horizon = today + timedelta(days=days_ahead)
     counts = {"expiring": 0, "expired": 0, "already_alerted": 0}
     for practitioner_id, res in record_reads.every_current(tx, "Practitioner"):
+        if res.get("active") is False:  # offboarded: its alerts are closed, none is raised
+            continue
         for i, q in enumerate(res.get("qualification") or []):
             end_text = str((q.get("period") or {}).get("end") or "")
             end = _end_date(end_text) if end_text else None

@@ -13,10 +13,11 @@ maps each error class to its status and answers with problem details:
 * :class:`RecordNotFound`: the shift the request is about does not exist;
 * :class:`StateConflict`: a swap decision on a shift that has no swap request waiting.
 
-Overtime rule: minutes over ``HMS_ACH_OVERTIME_DAILY_HOURS`` (default 8) in one UTC day or over
-``HMS_ACH_OVERTIME_WEEKLY_HOURS`` (default 40) in one ISO week, whichever is more, counted on the
-timecard that crosses the line, in clock-in order (:func:`overtime_minutes`,
-:func:`overtime_by_timecard`).
+* :class:`NotPermitted`: a rule on who may act (a swap asked by someone not the owner...);
+* :class:`RuleBroken`: a workforce rule with its stable code (``shift.credential_expired``...): the
+  rules themselves are in :mod:`hms_ach.workforce.shift_rules`, :mod:`hms_ach.workforce.swap_rules`,
+  :mod:`hms_ach.workforce.timecard_rules` and :mod:`hms_ach.workforce.overtime`, configured by the
+  ``workforce:`` section of channels.yaml (:mod:`hms_ach.workforce.settings`).
 
 Overlap rule: two shifts of one employee overlap when their half-open periods ``[start, end)``
 intersect; a cancelled shift overlaps nothing, and a shift never overlaps itself
@@ -25,16 +26,14 @@ intersect; a cancelled shift overlaps nothing, and a shift never overlaps itself
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
 
 from hms_ach.core.errors import HmsAchError
-from hms_ach.core.records import RecordWrite
 from hms_ach.workforce.credentials import current_expiries
+from hms_ach.workforce.overtime import hours, overtime_by_timecard
 
 STAFF_SYSTEM = "urn:hms-ach:id:staff"
 NPI_SYSTEM = "http://hl7.org/fhir/sid/us-npi"
@@ -46,7 +45,6 @@ SOURCE_EXT = "urn:hms-ach:fhir:StructureDefinition/verification-source"
 STATE_EXT = "urn:hms-ach:fhir:StructureDefinition/issuing-state"
 #: The scheduled job whose alerts the compliance figures report (hms_ach/workforce/credentials.py).
 CREDENTIAL_SCAN_JOB = "credential_expiry"
-SHIFT_STATUSES = ("planned", "confirmed", "swapped", "cancelled")
 
 
 # ---------------------------------------------------------------------------- errors
@@ -56,8 +54,15 @@ class WorkforceError(HmsAchError):
     ``title`` names the rule broken, ``detail`` says what is wrong; ``field`` is the request field
     at fault (``start``, ``employee_id``...) and ``reason`` what is wrong with it, when one is."""
 
-    def __init__(self, title: str, detail: str, field: str | None = None, reason: str | None = None):
-        self.title, self.detail, self.field, self.reason = title, detail, field, reason
+    def __init__(
+        self,
+        title: str,
+        detail: str,
+        field: str | None = None,
+        reason: str | None = None,
+        code: str | None = None,
+    ):
+        self.title, self.detail, self.field, self.reason, self.code = title, detail, field, reason, code
         super().__init__(f"{field}: {detail}" if field else detail)
 
 
@@ -71,6 +76,21 @@ class RecordNotFound(WorkforceError):
 
 class StateConflict(WorkforceError):
     """The record is not in a state that allows the request (no swap request waiting)."""
+
+
+class NotPermitted(WorkforceError):
+    """A rule says who may do this, and the caller is not one of them (not the shift's owner...)."""
+
+
+class RuleBroken(InvalidRequest):
+    """A workforce rule refuses the record: ``code`` names the rule (stable, e.g.
+    ``shift.credential_expired``), ``element`` the record element at fault (``practitioner``,
+    ``start``, ``clockIn``...), which each path names in its own terms (a request field, a CSV
+    column, a FHIR expression)."""
+
+    def __init__(self, code: str, detail: str, element: str, field: str | None = None):
+        super().__init__("Workforce rule broken", detail, field or element, detail, code)
+        self.element = element
 
 
 # ---------------------------------------------------------------------------- lookups
@@ -129,16 +149,6 @@ def without_meta(record: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k not in ("id", "meta")}
 
 
-def known_employee(
-    roster: Roster, employee_id: str, title: str, field: str, detail: str | None = None
-) -> dict[str, Any]:
-    """The Practitioner ``employee_id``, or :class:`InvalidRequest` at ``field``."""
-    res = roster.employee(employee_id)
-    if res is None:
-        raise InvalidRequest(title, detail or f"no employee {employee_id[:64]}", field, "unknown employee")
-    return res
-
-
 def existing_shift(roster: Roster, shift_record_id: str) -> dict[str, Any]:
     """The Shift ``shift_record_id``, or :class:`RecordNotFound`."""
     existing = roster.shift(shift_record_id)
@@ -169,288 +179,12 @@ def overlapping_shift(
     return min(clashes)[1] if clashes else None
 
 
-def no_overlap(
-    roster: Roster, practitioner: str, start: datetime, end: datetime, skip: str | None, who: str, field: str
-) -> None:
-    """:class:`InvalidRequest` at ``field`` when ``practitioner`` already works another shift then
-    (``who`` says whom the message is about: the employee, the replacement)."""
-    clash = overlapping_shift(roster.shifts_around(practitioner, start, end), practitioner, start, end, skip)
-    if clash:
-        raise InvalidRequest(
-            "Overlapping shift",
-            f"the {who} already works shift {clash} then",
-            field,
-            f"overlaps shift {clash}",
-        )
-
-
-# ---------------------------------------------------------------------------- shifts and swaps
-@dataclass(frozen=True)
-class ShiftPlan:
-    """A shift as a request describes it (``employee_id`` None: an unfilled shift)."""
-
-    start: datetime
-    end: datetime
-    status: str = "planned"
-    shift_id: str | None = None
-    employee_id: str | None = None
-    role: str | None = None
-    department: str | None = None
-    location_id: str | None = None
-
-
-def shift_record(roster: Roster, plan: ShiftPlan, existing: dict[str, Any] | None) -> RecordWrite:
-    """The Shift record for ``plan``, replacing ``existing`` (None: a new shift).
-
-    The shift ends after it starts; an employee it names exists and, unless the shift is cancelled,
-    works no other shift then. A replaced shift keeps its swap request."""
-    start, end = aware(plan.start, "start"), aware(plan.end, "end")
-    if end <= start:
-        raise InvalidRequest("Invalid shift", "the shift ends before it starts", "end", "must be after start")
-    content: dict[str, Any] = {
-        "resourceType": "Shift",
-        "start": iso(start),
-        "end": iso(end),
-        "status": plan.status,
-    }
-    shift_id = plan.shift_id or (existing or {}).get("identifier", [{}])[0].get("value") or str(uuid.uuid4())
-    content["identifier"] = [{"system": SHIFT_SYSTEM, "value": shift_id}]
-    if plan.employee_id:
-        known_employee(roster, plan.employee_id, "Invalid shift", "employee_id")
-        ref = f"Practitioner/{plan.employee_id}"
-        content["practitioner"] = {"reference": ref}
-        if plan.status != "cancelled":
-            no_overlap(roster, ref, start, end, (existing or {}).get("id"), "employee", "start")
-    if plan.role:
-        content["role"] = {"text": plan.role}
-    if plan.department:
-        content["department"] = {"display": plan.department}
-    if plan.location_id:
-        content["location"] = {"reference": f"Location/{plan.location_id}"}
-    if existing and existing.get("swapRequest"):
-        content["swapRequest"] = existing["swapRequest"]
-    return RecordWrite("shift", "Shift", SHIFT_SYSTEM, shift_id, content, mode="replace")
-
-
-def _shift_write(existing: dict[str, Any], content: dict[str, Any]) -> RecordWrite:
-    return RecordWrite(
-        "shift", "Shift", SHIFT_SYSTEM, existing["identifier"][0]["value"], content, mode="replace"
-    )
-
-
-def swap_request(
-    roster: Roster, shift_record_id: str, requested_by: str, replacement: str, now: datetime | None = None
-) -> RecordWrite:
-    """The shift with a swap request to ``replacement`` (who must exist) waiting for a decision."""
-    existing = existing_shift(roster, shift_record_id)
-    known_employee(roster, replacement, "Invalid swap", "replacement", "unknown replacement")
-    content = without_meta(existing)
-    content["swapRequest"] = {
-        "requestedBy": {"reference": f"Practitioner/{requested_by}"},
-        "replacement": {"reference": f"Practitioner/{replacement}"},
-        "status": "requested",
-        "requestedAt": iso(now or datetime.now(UTC)),
-    }
-    return _shift_write(existing, content)
-
-
-def swap_decision(
-    roster: Roster,
-    shift_record_id: str,
-    approve: bool,
-    decided_by: str | None,
-    now: datetime | None = None,
-) -> RecordWrite:
-    """The shift with its waiting swap request approved or rejected.
-
-    Only a ``requested`` swap can be decided. Approved, the shift goes to the replacement (who must
-    not work another shift then) with status ``swapped``; rejected, it stays as it is."""
-    existing = existing_shift(roster, shift_record_id)
-    swap = existing.get("swapRequest") or {}
-    if swap.get("status") != "requested":
-        raise StateConflict("No open swap request", "this shift has no swap request waiting for a decision")
-    content = without_meta(existing)
-    swap = {
-        **swap,
-        "status": "approved" if approve else "rejected",
-        "decidedAt": iso(now or datetime.now(UTC)),
-    }
-    if decided_by:
-        swap["decidedBy"] = decided_by
-    if approve:
-        ref = swap["replacement"]["reference"]
-        start, end = datetime.fromisoformat(existing["start"]), datetime.fromisoformat(existing["end"])
-        no_overlap(roster, ref, start, end, existing["id"], "replacement", "approve")
-        content["practitioner"] = {"reference": ref}
-        content["status"] = "swapped"
-    content["swapRequest"] = swap
-    return _shift_write(existing, content)
-
-
-# ---------------------------------------------------------------------------- overtime
-@dataclass(frozen=True)
-class OvertimeLimits:
-    """Minutes of work in one UTC day and in one ISO week beyond which minutes are overtime."""
-
-    daily_minutes: int = 8 * 60
-    weekly_minutes: int = 40 * 60
-
-    @classmethod
-    def from_env(cls) -> OvertimeLimits:
-        """``HMS_ACH_OVERTIME_DAILY_HOURS`` (default 8) and ``HMS_ACH_OVERTIME_WEEKLY_HOURS`` (default 40)."""
-        return cls(
-            int(float(os.environ.get("HMS_ACH_OVERTIME_DAILY_HOURS", "8")) * 60),
-            int(float(os.environ.get("HMS_ACH_OVERTIME_WEEKLY_HOURS", "40")) * 60),
-        )
-
-
-def overtime_minutes(
-    prior_day: int, prior_week: int, worked: int, limits: OvertimeLimits | None = None
-) -> int:
-    """The overtime of a timecard of ``worked`` minutes, after ``prior_day`` minutes already worked
-    that day and ``prior_week`` that week: what it adds over the daily or the weekly line, whichever
-    is more (``limits`` None: from the environment)."""
-    limits = limits or OvertimeLimits.from_env()
-    daily, weekly = limits.daily_minutes, limits.weekly_minutes
-    day = max(0, prior_day + worked - daily) - max(0, prior_day - daily)
-    week = max(0, prior_week + worked - weekly) - max(0, prior_week - weekly)
-    return max(day, week)
-
-
+# ---------------------------------------------------------------------------- weeks
 def week_start(instant: datetime) -> datetime:
     """Monday 00:00 UTC of the ISO week of ``instant``."""
     day = instant.astimezone(UTC).date()
     monday = day - timedelta(days=day.weekday())
     return datetime(monday.year, monday.month, monday.day, tzinfo=UTC)
-
-
-def _clock_in(tc: dict[str, Any]) -> datetime | None:
-    try:
-        return datetime.fromisoformat(str(tc.get("clockIn"))).astimezone(UTC)
-    except ValueError:
-        return None
-
-
-def overtime_by_timecard(
-    timecards: list[dict[str, Any]], limits: OvertimeLimits | None = None
-) -> dict[str, int]:
-    """Overtime minutes of every timecard (by record id), whatever wrote it (API, CSV, FHIR):
-    each employee's timecards are taken in clock-in order and the rule is applied to the minutes
-    already worked that UTC day and ISO week, so the timecard that crosses the line carries it.
-    Timecards whose clock-in cannot be read are left out."""
-    limits = limits or OvertimeLimits.from_env()
-    per_employee: dict[str, list[tuple[datetime, dict[str, Any]]]] = {}
-    for tc in timecards:
-        start = _clock_in(tc)
-        if start is not None:
-            per_employee.setdefault(practitioner_of(tc), []).append((start, tc))
-    out: dict[str, int] = {}
-    for cards in per_employee.values():
-        cards.sort(key=lambda item: item[0])
-        by_day: dict[date, int] = {}
-        by_week: dict[tuple[int, int], int] = {}
-        for start, tc in cards:
-            worked = int(tc.get("workedMinutes") or 0)
-            iso_day = start.isocalendar()
-            day, week = start.date(), (iso_day.year, iso_day.week)
-            out[str(tc.get("id"))] = overtime_minutes(
-                by_day.get(day, 0), by_week.get(week, 0), worked, limits
-            )
-            by_day[day] = by_day.get(day, 0) + worked
-            by_week[week] = by_week.get(week, 0) + worked
-    return out
-
-
-def weeks_by_employee(timecards: Iterable[dict[str, Any]]) -> dict[str, set[datetime]]:
-    """The ISO weeks (their Monday, UTC) each employee's ``timecards`` fall in: the overtime of a
-    timecard depends only on the employee's timecards of its week."""
-    weeks: dict[str, set[datetime]] = {}
-    for tc in timecards:
-        start = _clock_in(tc)
-        if start is not None:
-            weeks.setdefault(practitioner_of(tc), set()).add(week_start(start))
-    return weeks
-
-
-# ---------------------------------------------------------------------------- timecards
-@dataclass(frozen=True)
-class ClockedPeriod:
-    """A worked period as a request describes it."""
-
-    employee_id: str
-    clock_in: datetime
-    clock_out: datetime
-    timecard_id: str | None = None
-    shift_id: str | None = None
-    department: str | None = None
-
-
-def check_clock_times(clock_in: datetime, clock_out: datetime) -> tuple[datetime, datetime]:
-    """Both times have a UTC offset and the timecard clocks out after it clocks in."""
-    clock_in, clock_out = aware(clock_in, "clock_in"), aware(clock_out, "clock_out")
-    if clock_out <= clock_in:
-        raise InvalidRequest(
-            "Invalid timecard",
-            "the timecard clocks out before it clocks in",
-            "clock_out",
-            "must be after clock_in",
-        )
-    return clock_in, clock_out
-
-
-def prior_minutes(
-    timecards: Iterable[dict[str, Any]], practitioner: str, timecard_id: str, clock_in: datetime
-) -> tuple[int, int]:
-    """Minutes ``practitioner`` worked before ``clock_in`` that UTC day and that ISO week, on the
-    timecards (other than ``timecard_id``) that clock in earlier: the rule runs in clock-in order."""
-    day, week = clock_in.astimezone(UTC).date(), clock_in.astimezone(UTC).isocalendar()[:2]
-    prior_day = prior_week = 0
-    for tc in timecards:
-        if practitioner_of(tc) != practitioner:
-            continue
-        if (tc.get("identifier") or [{}])[0].get("value") == timecard_id:
-            continue
-        t_in = datetime.fromisoformat(tc["clockIn"]).astimezone(UTC)
-        if t_in >= clock_in:
-            continue
-        if t_in.date() == day:
-            prior_day += int(tc.get("workedMinutes", 0))
-        if t_in.isocalendar()[:2] == week:
-            prior_week += int(tc.get("workedMinutes", 0))
-    return prior_day, prior_week
-
-
-def timecard_record(roster: Roster, period: ClockedPeriod) -> RecordWrite:
-    """The Timecard record of ``period`` (times checked by :func:`check_clock_times`) with its worked
-    and overtime minutes; the employee must exist, and gives the department when the period has none."""
-    emp = known_employee(roster, period.employee_id, "Invalid timecard", "employee_id")
-    ref = f"Practitioner/{period.employee_id}"
-    tc_id = period.timecard_id or str(uuid.uuid4())
-    clock_in, clock_out = period.clock_in, period.clock_out
-    # the employee's timecards clocking in earlier in the same ISO week (the day is in it)
-    earlier = roster.timecards_between(ref, week_start(clock_in), clock_in)
-    prior_day, prior_week = prior_minutes(earlier, ref, tc_id, clock_in)
-    worked = int((clock_out - clock_in) / timedelta(minutes=1))
-    content: dict[str, Any] = {
-        "resourceType": "Timecard",
-        "identifier": [{"system": TIMECARD_SYSTEM, "value": tc_id}],
-        "practitioner": {"reference": ref},
-        "clockIn": iso(clock_in),
-        "clockOut": iso(clock_out),
-        "workedMinutes": worked,
-        "overtimeMinutes": overtime_minutes(prior_day, prior_week, worked),
-        "department": period.department or department_of(emp),
-    }
-    if period.shift_id:
-        content["shift"] = {"reference": f"Shift/{period.shift_id}"}
-    return RecordWrite(
-        "timecard",
-        "Timecard",
-        TIMECARD_SYSTEM,
-        tc_id,
-        {k: v for k, v in content.items() if v is not None},
-        mode="replace",
-    )
 
 
 # ---------------------------------------------------------------------------- credentials
@@ -567,9 +301,15 @@ def compliance(
         ):
             dept((s.get("department") or {}).get("display"))["unfilled_shifts"] += 1
     overtime = overtime_by_timecard(timecards)
+    minutes: dict[str, int] = {}
     for tc in timecards:
-        dept(tc.get("department"))["overtime_hours"] += round(overtime.get(str(tc.get("id")), 0) / 60, 2)
+        name = str(tc.get("department") or "(none)")
+        dept(name)
+        minutes[name] = minutes.get(name, 0) + overtime.get(str(tc.get("id")), 0)
+    for name, total in minutes.items():
+        by[name]["overtime_hours"] = hours(total)
     totals: dict[str, Any] = {k: sum(d[k] for d in by.values()) for k in FIGURES}
+    totals["overtime_hours"] = hours(sum(minutes.values()))
     scan = credential_scan(staff, alerts, scan_run, now, dept)
     totals["credential_alerts"] = scan["open_by_threshold"]
     return Compliance(dict(sorted(by.items())), totals, scan)
@@ -598,7 +338,9 @@ def credential_scan(
         created = alert.created_at if alert.created_at.tzinfo else alert.created_at.replace(tzinfo=UTC)
         recent += created > now - timedelta(days=1)
         res = people.get(str(alert.practitioner_id))
-        if res is None or (str(alert.credential), str(alert.expires)) not in current_expiries(res):
+        if res is None or res.get("active") is False:  # offboarding closes the alerts
+            continue
+        if (str(alert.credential), str(alert.expires)) not in current_expiries(res):
             continue
         open_[threshold] = open_.get(threshold, 0) + 1
         counts = dept(department_of(res))["credential_alerts"]

@@ -1,0 +1,136 @@
+"""The workforce rules' settings: the ``workforce:`` section of channels.yaml.
+
+Every rule of :mod:`hms_ach.workforce.shift_rules`, :mod:`hms_ach.workforce.timecard_rules` and
+:mod:`hms_ach.workforce.overtime` reads its limits from here, whichever path wrote the record
+(/api/v1, FHIR, CSV). The composition root hands the loaded section over with :func:`use` (at start
+and on every reload); a process that never calls it (a script, a unit test) gets the defaults.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+OvertimeRuleSet = Literal["daily", "weekly", "daily_weekly", "8/80"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _zone(name: str) -> str:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(
+            f"unknown time zone {name!r}; expected an IANA name such as America/New_York"
+        ) from exc
+    return name
+
+
+class ContractOvertime(_Strict):
+    """The overtime rule of one contract (a department, or a staff member's contract code)."""
+
+    rule_set: OvertimeRuleSet = Field("daily_weekly", description="Which overtime rule set applies")
+    daily_hours: float = Field(8, gt=0, le=24, description="Hours per local day before overtime")
+    weekly_hours: float = Field(40, gt=0, le=168, description="Hours per week before overtime")
+    period_hours: float = Field(80, gt=0, le=336, description="8/80: hours per 14-day period before overtime")
+
+
+class OvertimeSettings(ContractOvertime):
+    """How overtime is counted (the default contract) and where the days start."""
+
+    default_timezone: str = Field(
+        "UTC", description="IANA time zone of the local day for a department not in department_timezones"
+    )
+    department_timezones: dict[str, str] = Field(
+        default_factory=dict,
+        description="IANA time zone of each department (by its name): overtime is counted per local day there",
+    )
+    period_start: date = Field(
+        date(2024, 1, 1), description="8/80: the first day of some 14-day pay period (a date, local time)"
+    )
+    contracts: dict[str, ContractOvertime] = Field(
+        default_factory=dict,
+        description="Per-contract rules, by department name: they replace the default rule for that department",
+    )
+
+    @field_validator("default_timezone")
+    @classmethod
+    def _check_default(cls, value: str) -> str:
+        return _zone(value)
+
+    @field_validator("department_timezones")
+    @classmethod
+    def _check_departments(cls, value: dict[str, str]) -> dict[str, str]:
+        for zone in value.values():
+            _zone(zone)
+        return value
+
+    def timezone(self, department: str | None) -> ZoneInfo:
+        """The time zone whose local days count for ``department``."""
+        return ZoneInfo(self.department_timezones.get(department or "", self.default_timezone))
+
+    def contract(self, department: str | None) -> ContractOvertime:
+        """The overtime rule of ``department``: its contract, else the default one."""
+        return self.contracts.get(department or "", self)
+
+
+class SwapSettings(_Strict):
+    """Shift swaps."""
+
+    auto_approve_qualified_peers: bool = Field(
+        False,
+        description="Approve a swap at once when the replacement passes every assignment rule and holds the "
+        "same role as the shift (a qualified peer); otherwise a scheduler of the department decides",
+    )
+
+
+class WorkforceSettings(_Strict):
+    """``workforce:`` in channels.yaml: the rules applied to shifts, swaps and timecards from every source."""
+
+    role_credentials: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Shift role -> the credential types (qualification codes) required, valid on every day "
+        "of the shift; the employee must also hold a qualification of the role's own code. A role not "
+        "listed is not checked for qualifications",
+    )
+    max_shift_hours: float = Field(16, gt=0, le=48, description="Longest shift, in hours")
+    min_rest_hours: float = Field(
+        8, ge=0, le=48, description="Shortest rest between two shifts of one employee, in hours"
+    )
+    max_weekly_hours: float = Field(
+        60,
+        gt=0,
+        le=168,
+        description="Most scheduled hours of one employee in one ISO week (Monday to Sunday, UTC)",
+    )
+    max_timecard_hours: float = Field(
+        24, gt=0, le=72, description="Longest timecard (clock-in to clock-out), in hours"
+    )
+    overtime: OvertimeSettings = Field(default_factory=OvertimeSettings, description="Overtime rules")
+    swaps: SwapSettings = Field(default_factory=SwapSettings, description="Shift swap rules")
+
+    def required_credentials(self, role: str) -> list[str]:
+        """The credential types a shift of ``role`` needs."""
+        return self.role_credentials.get(role, [])
+
+
+_current = WorkforceSettings()
+
+
+def use(settings: WorkforceSettings) -> None:
+    """Apply ``settings`` from now on (the runtime calls it at start and on every reload)."""
+    global _current
+    _current = settings
+
+
+def current() -> WorkforceSettings:
+    """The settings in force."""
+    return _current
+
+
+__all__ = ["ContractOvertime", "OvertimeSettings", "SwapSettings", "WorkforceSettings", "current", "use"]
