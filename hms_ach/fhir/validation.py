@@ -1,9 +1,12 @@
 """Validation of a FHIR resource written to ``/fhir`` before it is mapped (pure, no I/O).
 
-The R4B model from ``fhir.resources`` checks structure and data types; :func:`check_codes` checks
-the required value-set bindings that model does not (gender, status, class, our verification
-status extension, the Basic code that names a canonical record type). A refusal is a
-:class:`~hms_ach.fhir.outcomes.FhirError` naming the element: 400 for structure, 422 for codes.
+Every resource a client writes (create, update, each transaction or batch entry) is checked against
+R4 by :func:`hms_ach.mapping.fhir_instance.problems`: element names, cardinality (no array where R4
+allows one value), JSON types, required elements and required bindings at any depth, then the R4B
+model of ``fhir.resources`` for formats. :func:`check_codes` adds our own rules (the Basic code that
+names a canonical record type, Encounter.class codes, the verification status extension). A refusal
+is a :class:`~hms_ach.fhir.outcomes.FhirError` naming the element in ``expression``: 400 for
+structure, types and required elements, 422 for a code outside its binding.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Any
 
 from hms_ach.core.records import FHIR_WRITABLE
 from hms_ach.fhir.outcomes import FhirError
+from hms_ach.mapping.fhir_instance import problems
 
 #: The resource types the FHIR REST channel writes. ``Basic`` carries what FHIR R4 has no resource
 #: for (its code says which canonical record type): a ``shift`` becomes a Shift record.
@@ -52,11 +56,8 @@ VERIFICATION_EXT = "urn:hms-ach:fhir:StructureDefinition/verification-status"
 VERIFICATION_CODES = frozenset({"verified", "unverified", "pending", "failed", "expired"})
 
 
-def _where(prefix: str, loc: tuple[Any, ...]) -> str:
-    text = prefix
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return text
+#: Problems counted per refused resource (the first is named; the rest are counted).
+MAX_PROBLEMS = 20
 
 
 def validate(resource: Any, where: str = "") -> str:
@@ -77,22 +78,17 @@ def validate(resource: Any, where: str = "") -> str:
             f"resource type {rtype[:64]!r} cannot be written here; writable: {', '.join(WRITE_TYPES)}",
             expression=f"{where}resourceType".lstrip("."),
         )
-    import pydantic
-    from fhir.resources.R4B import get_fhir_model_class
-
-    try:
-        get_fhir_model_class(rtype).model_validate(resource)
-    except pydantic.ValidationError as exc:
-        errors = exc.errors()
-        first = errors[0]
-        loc = _where(f"{where}{rtype}", tuple(first.get("loc", ())))
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    found = problems(resource, limit=MAX_PROBLEMS)
+    if found:
+        first = found[0]
+        loc = f"{where}{first.expression}"
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
         raise FhirError(
-            400,
-            "structure" if first.get("type") != "missing" else "required",
-            f"{loc}: {first.get('msg', 'invalid')}{more}",
+            422 if first.code == "code-invalid" else 400,
+            first.code,
+            f"{loc}: {first.message}{more}",
             expression=loc,
-        ) from None
+        )
     check_codes(rtype, resource, where)
     return rtype
 

@@ -20,6 +20,41 @@ from typing import Any
 NUMBER_TYPES = frozenset({"integer", "decimal", "positiveInt", "unsignedInt", "integer64"})
 BOOLEAN_TYPE = "boolean"
 
+#: Required bindings whose code list the R4B models cut short (they end it with "+"): the R4 lists.
+_ENCOUNTER_STATUS = frozenset(
+    {
+        "planned",
+        "arrived",
+        "triaged",
+        "in-progress",
+        "onleave",
+        "finished",
+        "cancelled",
+        "entered-in-error",
+        "unknown",
+    }
+)
+COMPLETED_CODES: dict[tuple[str, str], frozenset[str]] = {
+    ("Encounter", "status"): _ENCOUNTER_STATUS,
+    ("EncounterStatusHistory", "status"): _ENCOUNTER_STATUS,
+    ("Task", "status"): frozenset(
+        {
+            "draft",
+            "requested",
+            "received",
+            "accepted",
+            "rejected",
+            "ready",
+            "cancelled",
+            "in-progress",
+            "on-hold",
+            "failed",
+            "completed",
+            "entered-in-error",
+        }
+    ),
+}
+
 _STEP = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:\[(\d*)\])?")
 
 
@@ -114,7 +149,7 @@ def elements(type_name: str) -> dict[str, Element] | None:
         ftype, many = found
         name = info.alias or field_name
         enum = extra.get("enum_values")
-        codes = (
+        codes = COMPLETED_CODES.get((type_name, name)) or (
             frozenset(str(c) for c in enum) if isinstance(enum, list) and enum and "+" not in enum else None
         )
         required = bool(extra.get("element_required")) or info.is_required()
