@@ -5,6 +5,7 @@ reaches the store. SQLite always, PostgreSQL when HMS_ACH_TEST_POSTGRES_URL is s
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,18 @@ import hl7
 import hl7.mllp
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
+from typer.testing import CliRunner
 
+from hms_ach.app.cli import app
 from hms_ach.app.runtime import Engine
+from hms_ach.hl7v2.policy import Hl7Policy
+from hms_ach.ingest.pipeline import Pipeline
+from hms_ach.mapping.engine import MappingEngine
+from hms_ach.mapping.loader import load_mappings
 from hms_ach.store.db import Store
-from hms_ach.store.models import RECORD_TABLES
+from hms_ach.store.models import RECORD_TABLES, ResourceHistory
+from hms_ach.store.writer import StoreWriter
 from tests.integration.engine_helpers import (
     FHIR_JSON,
     ROOT,
@@ -26,6 +34,7 @@ from tests.integration.engine_helpers import (
     mllp_yaml,
     running_engine,
 )
+from tests.integration.pipeline_helpers import process_sync
 
 
 @pytest.fixture
@@ -184,3 +193,48 @@ async def test_a_target_typo_is_refused_at_reload_and_never_reaches_the_store(
             bundle = (await client.get("/Patient")).json()
         stored = [e["resource"] for e in bundle["entry"]]
         assert stored and all("gendr" not in p and p.get("gender") for p in stored), stored
+
+
+def test_reindex_validate_lists_the_stored_versions_that_fail_r4(store: Store) -> None:
+    """Every sample message ingested: all clean. A version stored the old way (an address array) is
+    reported with type/id/version and the element, and the command exits 1."""
+    writer = StoreWriter(store)
+    pipeline = Pipeline(writer, MappingEngine(load_mappings(ROOT / "mappings")))
+    for path in sorted((ROOT / "samples" / "hl7").glob("*.hl7")):
+        process_sync(pipeline, path.read_bytes(), Hl7Policy("adt_in"))
+    writer.stop()
+    assert count(store, "Patient") > 0 and count(store, "Location") > 0
+
+    code, out = run_cli("reindex", "--validate", "--database", store.url)
+    assert code == 0, out
+    assert out.strip().splitlines()[-1].startswith("0 invalid version(s) of ")
+
+    history = ResourceHistory.__table__  # type: ignore[attr-defined]
+    with store.writer.begin() as conn:
+        row = conn.execute(
+            select(history.c.id, history.c.version_id, history.c.resource)
+            .where(history.c.resource_type == "Location")
+            .order_by(history.c.id, history.c.version_id)
+            .limit(1)
+        ).one()
+        body = json.loads(row.resource)
+        body["address"] = [{"city": "Springfield"}]
+        conn.execute(
+            update(history)
+            .where(
+                history.c.resource_type == "Location",
+                history.c.id == row.id,
+                history.c.version_id == row.version_id,
+            )
+            .values(resource=json.dumps(body))
+        )
+    code, out = run_cli("reindex", "--validate", "--type", "Location", "--database", store.url)
+    assert code == 1, out
+    lines = out.strip().splitlines()
+    assert lines[0].startswith(f"Location/{row.id}/_history/{row.version_id}  Location.address: "), out
+    assert "holds one value" in lines[0] and lines[-1].startswith("1 invalid version(s)")
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.output
