@@ -19,7 +19,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from hms_ach.mapping.fhir_structure import BOOLEAN_TYPE, NUMBER_TYPES, Element, elements, suggest
+from hms_ach.mapping.fhir_structure import (
+    BOOLEAN_TYPE,
+    NUMBER_TYPES,
+    Element,
+    elements,
+    required_elements,
+    suggest,
+)
 
 #: Walk no deeper than this (a resource nests a few levels; a hostile body may nest thousands).
 MAX_DEPTH = 32
@@ -100,8 +107,8 @@ def _walk(
             _add(out, limit, where, f"{key} holds one value (0..1) in R4, not an array", "structure")
         else:
             _value(value, element, where, out, limit, depth)
-    for name, element in elems.items():
-        if element.required and name not in obj and f"_{name}" not in obj:
+    for name in required_elements(type_name):
+        if name not in obj and f"_{name}" not in obj:
             _add(out, limit, f"{path}.{name}", f"{type_name}.{name} is required (1..)", "required")
 
 

@@ -72,10 +72,11 @@ class Element:
     """Cardinality ``1..``."""
     codes: frozenset[str] | None
     """The allowed codes when the element has a required binding that the model lists in full."""
+    primitive: bool = False
+    """A primitive type (``code``, ``string``...): set from ``type`` when the element is made."""
 
-    @property
-    def primitive(self) -> bool:
-        return self.type[:1].islower()
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "primitive", self.type[:1].islower())
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,12 @@ def elements(type_name: str) -> dict[str, Element] | None:
         required = bool(extra.get("element_required")) or info.is_required()
         out[name] = Element(name, ftype, many, required, codes)
     return out
+
+
+@lru_cache(maxsize=512)
+def required_elements(type_name: str) -> tuple[str, ...]:
+    """The names of the ``1..`` elements of ``type_name`` (empty for an unknown type)."""
+    return tuple(name for name, e in (elements(type_name) or {}).items() if e.required)
 
 
 def is_type(type_name: str) -> bool:
