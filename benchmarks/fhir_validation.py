@@ -4,8 +4,11 @@
 
 Prints medians over ``--repeat`` runs of:
 
-* per resource: the R4 check alone (:func:`hms_ach.mapping.fhir_instance.problems`: the element
-  walk, then the R4B model), the walk alone, the R4B model alone (what the write path ran before);
+* per resource: the R4 check of the write path (:func:`hms_ach.mapping.fhir_instance.problems`, the
+  element walk), the same followed by the R4B model as a second opinion, and the R4B model of
+  ``fhir.resources`` alone (what the write path ran before issue 15);
+* prepares/s: validate (or not) and map with the shipped mapping, the CPU of a create before the
+  store;
 * creates/s of distinct Practitioners through the FHIR write path (validate, map with the shipped
   mapping, one commit each through the group-commit writer on a fresh SQLite store), with the
   validator, and with it replaced by a function that only returns the resource type.
@@ -86,6 +89,26 @@ def creates_per_second(count: int, validating: bool) -> float:
     return count / elapsed
 
 
+def prepares_per_second(count: int, validating: bool) -> float:
+    """Validate (or not) and map ``count`` Practitioners: the CPU of a create before the store."""
+    from hms_ach.fhir import write
+    from hms_ach.mapping.engine import MappingEngine
+    from hms_ach.mapping.loader import load_mappings
+
+    engine = MappingEngine(load_mappings(ROOT / "mappings"))
+    bodies = [practitioner(i) for i in range(count)]
+    original = write.validate
+    if not validating:
+        write.validate = lambda resource, where="": str(resource["resourceType"])
+    try:
+        started = time.perf_counter()
+        for body in bodies:
+            write.prepare(write.Operation("POST", "Practitioner", resource=body), engine)
+        return count / (time.perf_counter() - started)
+    finally:
+        write.validate = original
+
+
 def run(count: int, repeat: int) -> dict[str, float]:
     import pydantic
     from fhir.resources.R4B import get_fhir_model_class
@@ -106,8 +129,13 @@ def run(count: int, repeat: int) -> dict[str, float]:
     for _ in range(repeat):
         for name, value in (
             ("r4_check_us", per_resource_us(fhir_instance.problems, bodies)),
-            ("walk_only_us", per_resource_us(lambda b: fhir_instance.problems(b, model_check=False), bodies)),
+            (
+                "r4_check_plus_model_us",
+                per_resource_us(lambda b: fhir_instance.problems(b, model_check=True), bodies),
+            ),
             ("r4b_model_only_us", per_resource_us(model_only, bodies)),
+            ("prepares_per_s_validating", prepares_per_second(count, True)),
+            ("prepares_per_s_not_validating", prepares_per_second(count, False)),
             ("creates_per_s_validating", creates_per_second(count, True)),
             ("creates_per_s_not_validating", creates_per_second(count, False)),
         ):
@@ -115,6 +143,9 @@ def run(count: int, repeat: int) -> dict[str, float]:
     medians = {k: statistics.median(v) for k, v in samples.items()}
     medians["validation_share_of_create"] = (
         1 - medians["creates_per_s_validating"] / medians["creates_per_s_not_validating"]
+    )
+    medians["validation_share_of_prepare"] = (
+        1 - medians["prepares_per_s_validating"] / medians["prepares_per_s_not_validating"]
     )
     return medians
 

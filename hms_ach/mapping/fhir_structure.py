@@ -72,6 +72,10 @@ class Element:
     """Cardinality ``1..``."""
     codes: frozenset[str] | None
     """The allowed codes when the element has a required binding that the model lists in full."""
+    choice: str | None = None
+    """The choice group of a ``[x]`` element (``deceased`` for deceasedBoolean), else None."""
+    choice_required: bool = False
+    """The choice group is ``1..1``: one of its elements must be there."""
     primitive: bool = False
     """A primitive type (``code``, ``string``...): set from ``type`` when the element is made."""
 
@@ -154,7 +158,16 @@ def elements(type_name: str) -> dict[str, Element] | None:
             frozenset(str(c) for c in enum) if isinstance(enum, list) and enum and "+" not in enum else None
         )
         required = bool(extra.get("element_required")) or info.is_required()
-        out[name] = Element(name, ftype, many, required, codes)
+        group = extra.get("one_of_many")
+        out[name] = Element(
+            name,
+            ftype,
+            many,
+            required,
+            codes,
+            str(group) if group else None,
+            bool(extra.get("one_of_many_required")),
+        )
     return out
 
 
@@ -162,6 +175,19 @@ def elements(type_name: str) -> dict[str, Element] | None:
 def required_elements(type_name: str) -> tuple[str, ...]:
     """The names of the ``1..`` elements of ``type_name`` (empty for an unknown type)."""
     return tuple(name for name, e in (elements(type_name) or {}).items() if e.required)
+
+
+@lru_cache(maxsize=512)
+def choice_groups(type_name: str) -> tuple[tuple[str, tuple[str, ...], bool], ...]:
+    """The ``[x]`` groups of ``type_name``: (group, its element names, required)."""
+    groups: dict[str, list[Element]] = {}
+    for e in (elements(type_name) or {}).values():
+        if e.choice:
+            groups.setdefault(e.choice, []).append(e)
+    return tuple(
+        (g, tuple(e.name for e in members), any(e.choice_required for e in members))
+        for g, members in groups.items()
+    )
 
 
 def is_type(type_name: str) -> bool:

@@ -176,6 +176,8 @@ async def test_a_target_typo_is_refused_at_reload_and_never_reaches_the_store(
         assert engine.reload_mappings() is False
         error = str(engine.health["reload_error"])
         assert "patient.yaml:" in error and "did you mean 'gender'?" in error
+        code, out = run_cli("check", "--config", str(tmp_path / "channels.yaml"))
+        assert code != 0 and "Patient has no element 'gendr'" in out, out
 
         raw = (ROOT / "samples" / "hl7" / "adt_a01.hl7").read_bytes().decode("latin-1").replace("\n", "\r")
         reader, writer = await hl7.mllp.open_hl7_connection("127.0.0.1", int(mllp_channel(engine).port))
