@@ -2,8 +2,8 @@
 
 Every resource a client writes (create, update, each transaction or batch entry) is checked against
 R4 by :func:`hms_ach.mapping.fhir_instance.problems`: element names, cardinality (no array where R4
-allows one value), JSON types, required elements and required bindings at any depth, then the R4B
-model of ``fhir.resources`` for formats. :func:`check_codes` adds our own rules (the Basic code that
+allows one value), JSON types, primitive formats, choice types, required elements and required
+bindings at any depth. :func:`check_codes` adds our own rules (the Basic code that
 names a canonical record type, Encounter.class codes, the verification status extension). A refusal
 is a :class:`~hms_ach.fhir.outcomes.FhirError` naming the element in ``expression``: 400 for
 structure, types and required elements, 422 for a code outside its binding.

@@ -11,9 +11,9 @@ Two passes:
    exist in the calendar) and the choice types (at most one ``deceased[x]``, exactly one of a
    required ``[x]``);
 2. optionally (``model_check=True``), when the walk finds nothing, the R4B model of
-   ``fhir.resources`` as a second opinion. The write path does not run it: the walk finds what it
-   finds (tested on the R4 specification's examples and on invalid bodies) at a fraction of its cost
-   (``benchmarks/fhir_validation.py``).
+   ``fhir.resources`` as a second opinion. The write path does not run it: on the R4 examples and
+   thousands of invalid variants of them it found nothing the walk missed, at several times the
+   walk's cost (docs/fhir-validation.md, ``benchmarks/fhir_validation.py``).
 
 The FHIR write path (:mod:`hms_ach.fhir.validation`) refuses a resource with a problem, and
 ``hms-ach reindex --validate`` reports stored versions that have one.

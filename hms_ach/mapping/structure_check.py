@@ -225,11 +225,11 @@ class _Checker:
             )
             return None
         if not compatible(element, produced):
+            written = produced if produced[:1].islower() else f"{produced} ({rule.use or 'reference'})"
             self._err(
                 f,
                 tloc,
-                f"{element.name} is a {element.type} in R4, but this rule writes "
-                f"{'a ' + produced if produced[:1].islower() else 'a ' + produced + ' (' + (rule.use or 'reference') + ')'}",
+                f"{element.name} is a {element.type} in R4, but this rule writes a {written}",
                 f"a value of type {element.type}",
             )
             return None
