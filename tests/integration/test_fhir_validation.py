@@ -240,3 +240,11 @@ def test_reindex_validate_lists_the_stored_versions_that_fail_r4(store: Store) -
 def run_cli(*args: str) -> tuple[int, str]:
     result = CliRunner().invoke(app, list(args))
     return result.exit_code, result.output
+
+
+def test_the_validation_benchmark_runs() -> None:
+    from benchmarks.fhir_validation import run
+
+    figures = run(20, 1)
+    assert figures["r4_check_us"] > 0 and figures["creates_per_s_validating"] > 0
+    assert figures["prepares_per_s_not_validating"] > 0
