@@ -1,5 +1,8 @@
 """Is this JSON a valid FHIR R4 resource? Every problem, each naming its element (pure, no I/O).
 
+A problem names the element and what is wrong, never the value found there (it may be a birth date or
+a name, and the messages go to OperationOutcomes, the message log and ``reindex --validate``).
+
 Two passes:
 
 1. a walk over the JSON with the element table of :mod:`hms_ach.mapping.fhir_structure`: unknown
@@ -205,24 +208,24 @@ def _value(value: Any, element: Element, where: str, out: list[Problem], limit: 
         elif element.type != "decimal" and (
             isinstance(value, float) or value < _MINIMUM.get(element.type, value)
         ):
-            _add(out, limit, where, f"{element.name} is a {element.type}: {value!r} is not one", "value")
+            _add(out, limit, where, f"{element.name} is a {element.type}: this number is not one", "value")
         return
     if not isinstance(value, str):
         _add(out, limit, where, f"{element.name} is a {element.type}: send a JSON string", "value")
         return
     form = FORMATS.get(element.type)
     if form is not None and not form.fullmatch(value):
-        _add(out, limit, where, f"{value[:40]!r} is not a valid {element.type}", "value")
+        _add(out, limit, where, f"{element.name}: not a valid {element.type}", "value")
         return
     if element.type in ("date", "dateTime", "instant") and not _real_date(value):
-        _add(out, limit, where, f"{value[:40]!r} is not a date of the calendar", "value")
+        _add(out, limit, where, f"{element.name}: not a date of the calendar", "value")
         return
     if element.codes is not None and value not in element.codes:
         _add(
             out,
             limit,
             where,
-            f"{value[:64]!r} is not a code of {element.name} (required binding: "
+            f"{element.name}: not one of the codes of its required binding ("
             f"{', '.join(sorted(element.codes))})",
             "code-invalid",
         )

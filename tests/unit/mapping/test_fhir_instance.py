@@ -30,7 +30,12 @@ def practitioner(**extra: Any) -> dict[str, Any]:
         (practitioner(name=[{"family": 7}]), "Practitioner.name[0].family", "value", "JSON string"),
         (practitioner(name=[{"use": "robot"}]), "Practitioner.name[0].use", "code-invalid", "official"),
         (practitioner(gender="robot"), "Practitioner.gender", "code-invalid", "female"),
-        (practitioner(birthDate="1980-02-31x"), "Practitioner.birthDate", "value", "not a valid date"),
+        (
+            practitioner(birthDate="1980-02-31x"),
+            "Practitioner.birthDate",
+            "value",
+            "birthDate: not a valid date",
+        ),
         (
             practitioner(birthDate="1980-02-31"),
             "Practitioner.birthDate",
