@@ -1166,11 +1166,24 @@ def reindex_command(
     config: ConfigOpt = Path("channels.yaml"),
     database: DatabaseOpt = None,
     batch_size: Annotated[int, typer.Option(min=1, help="records per transaction")] = 500,
+    validate: Annotated[
+        bool,
+        typer.Option(
+            "--validate",
+            help="instead: check every stored version against FHIR R4 and list those that fail "
+            "(exit 1 when any does); changes nothing",
+        ),
+    ] = False,
 ) -> None:
     """Rebuild the search index of the stored records from the current search-parameter declarations
-    (after adding or changing a parameter); prints the counts per record type."""
+    (after adding or changing a parameter); prints the counts per record type. With --validate,
+    report the stored versions that are not valid R4 instead."""
     from hms_ach.store.db import Store
     from hms_ach.store.reindex import ReindexCount, UnknownRecordTypeError, reindex
+
+    if validate:
+        _validate_stored(Store(database) if database else _store(config), resource_types, batch_size)
+        return
 
     def report(c: ReindexCount) -> None:
         typer.echo(
@@ -1190,6 +1203,28 @@ def reindex_command(
         f"reindexed {sum(c.records for c in counts)} record(s) of {len(counts)} type(s), "
         f"{sum(c.rows for c in counts)} index row(s)"
     )
+
+
+def _validate_stored(store: Any, resource_types: list[str] | None, batch_size: int) -> None:
+    """``reindex --validate``: one line per stored version that fails R4, then a summary."""
+    from hms_ach.store.reindex import UnknownRecordTypeError, invalid_versions
+
+    checked: dict[str, int] = {}
+    bad = 0
+    try:
+        for found in invalid_versions(
+            store, resource_types, batch_size=batch_size, checked=lambda t, n: checked.update({t: n})
+        ):
+            bad += 1
+            typer.echo(found.render())
+    except UnknownRecordTypeError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from exc
+    finally:
+        store.dispose()
+    typer.echo(f"{bad} invalid version(s) of {sum(checked.values())} checked in {len(checked)} type(s)")
+    if bad:
+        raise typer.Exit(1)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

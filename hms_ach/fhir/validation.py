@@ -1,9 +1,12 @@
 """Validation of a FHIR resource written to ``/fhir`` before it is mapped (pure, no I/O).
 
-The R4B model from ``fhir.resources`` checks structure and data types; :func:`check_codes` checks
-the required value-set bindings that model does not (gender, status, class, our verification
-status extension, the Basic code that names a canonical record type). A refusal is a
-:class:`~hms_ach.fhir.outcomes.FhirError` naming the element: 400 for structure, 422 for codes.
+Every resource a client writes (create, update, each transaction or batch entry) is checked against
+R4 by :func:`hms_ach.mapping.fhir_instance.problems`: element names, cardinality (no array where R4
+allows one value), JSON types, primitive formats, choice types, required elements and required
+bindings at any depth. :func:`check_codes` adds our own rules (the Basic code that
+names a canonical record type, Encounter.class codes, the verification status extension). A refusal
+is a :class:`~hms_ach.fhir.outcomes.FhirError` naming the element in ``expression``: 400 for
+structure, types and required elements, 422 for a code outside its binding.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Any
 
 from hms_ach.core.records import FHIR_WRITABLE
 from hms_ach.fhir.outcomes import FhirError
+from hms_ach.mapping.fhir_instance import problems
 
 #: The resource types the FHIR REST channel writes. ``Basic`` carries what FHIR R4 has no resource
 #: for (its code says which canonical record type): a ``shift`` becomes a Shift record.
@@ -19,30 +23,6 @@ WRITE_TYPES = (*FHIR_WRITABLE, "Basic")
 BASIC_TYPE_SYSTEM = "urn:hms-ach:code:basic-type"
 BASIC_RECORDS = {"shift": "Shift"}
 
-#: Required bindings fhir.resources does not enforce: resource type -> element -> allowed codes.
-REQUIRED_CODES: dict[str, dict[str, frozenset[str]]] = {
-    "Patient": {"gender": frozenset({"male", "female", "other", "unknown"})},
-    "Practitioner": {"gender": frozenset({"male", "female", "other", "unknown"})},
-    "Encounter": {
-        "status": frozenset(
-            {
-                "planned",
-                "arrived",
-                "triaged",
-                "in-progress",
-                "onleave",
-                "finished",
-                "cancelled",
-                "entered-in-error",
-                "unknown",
-            }
-        )
-    },
-    "Location": {
-        "status": frozenset({"active", "suspended", "inactive"}),
-        "mode": frozenset({"instance", "kind"}),
-    },
-}
 #: Encounter.class codes (v3 ActEncounterCode, the R4 extensible binding's codes we accept).
 ENCOUNTER_CLASSES = frozenset(
     {"AMB", "EMER", "FLD", "HH", "IMP", "ACUTE", "NONAC", "OBSENC", "PRENC", "SS", "VR"}
@@ -52,11 +32,8 @@ VERIFICATION_EXT = "urn:hms-ach:fhir:StructureDefinition/verification-status"
 VERIFICATION_CODES = frozenset({"verified", "unverified", "pending", "failed", "expired"})
 
 
-def _where(prefix: str, loc: tuple[Any, ...]) -> str:
-    text = prefix
-    for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return text
+#: Problems counted per refused resource (the first is named; the rest are counted).
+MAX_PROBLEMS = 20
 
 
 def validate(resource: Any, where: str = "") -> str:
@@ -77,37 +54,23 @@ def validate(resource: Any, where: str = "") -> str:
             f"resource type {rtype[:64]!r} cannot be written here; writable: {', '.join(WRITE_TYPES)}",
             expression=f"{where}resourceType".lstrip("."),
         )
-    import pydantic
-    from fhir.resources.R4B import get_fhir_model_class
-
-    try:
-        get_fhir_model_class(rtype).model_validate(resource)
-    except pydantic.ValidationError as exc:
-        errors = exc.errors()
-        first = errors[0]
-        loc = _where(f"{where}{rtype}", tuple(first.get("loc", ())))
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    found = problems(resource, limit=MAX_PROBLEMS)
+    if found:
+        first = found[0]
+        loc = f"{where}{first.expression}"
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
         raise FhirError(
-            400,
-            "structure" if first.get("type") != "missing" else "required",
-            f"{loc}: {first.get('msg', 'invalid')}{more}",
+            422 if first.code == "code-invalid" else 400,
+            first.code,
+            f"{loc}: {first.message}{more}",
             expression=loc,
-        ) from None
+        )
     check_codes(rtype, resource, where)
     return rtype
 
 
 def check_codes(rtype: str, resource: dict[str, Any], where: str = "") -> None:
-    """The required value-set bindings (gender, status, class...) that the R4B models do not check."""
-    for element, allowed in REQUIRED_CODES.get(rtype, {}).items():
-        value = resource.get(element)
-        if value is not None and value not in allowed:
-            raise FhirError(
-                422,
-                "code-invalid",
-                f"{rtype}.{element} {str(value)[:64]!r} is not one of {', '.join(sorted(allowed))}",
-                expression=f"{where}{rtype}.{element}",
-            )
+    """Our own code rules, beyond R4's required bindings (which the R4 check has enforced already)."""
     if rtype == "Basic":
         codes = [
             c.get("code")
@@ -127,8 +90,7 @@ def check_codes(rtype: str, resource: dict[str, Any], where: str = "") -> None:
             raise FhirError(
                 422,
                 "code-invalid",
-                f"Encounter.class {str(cls.get('code'))[:32]!r} is not one of "
-                f"{', '.join(sorted(ENCOUNTER_CLASSES))}",
+                f"Encounter.class: not one of {', '.join(sorted(ENCOUNTER_CLASSES))}",
                 expression=f"{where}Encounter.class",
             )
     if rtype == "Practitioner":
@@ -138,8 +100,7 @@ def check_codes(rtype: str, resource: dict[str, Any], where: str = "") -> None:
                     raise FhirError(
                         422,
                         "code-invalid",
-                        f"verification status {str(ext.get('valueCode'))[:32]!r} is not one of "
-                        f"{', '.join(sorted(VERIFICATION_CODES))}",
+                        f"the verification status is not one of {', '.join(sorted(VERIFICATION_CODES))}",
                         expression=f"{where}Practitioner.qualification[{i}].extension",
                     )
             period = qual.get("period") or {}

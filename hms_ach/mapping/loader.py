@@ -270,6 +270,10 @@ def load_mappings(root: Path | str) -> MappingSet:
         bucket[loaded.name] = loaded
     if not errors:
         errors.extend(_Linker(mset).link())
+    if not errors:  # the R4 / HL7 v2.5 structure check (mapping/structure_check.py)
+        from hms_ach.mapping.structure_check import check_mapping_set
+
+        errors.extend(check_mapping_set(mset))
     if errors:
         raise ConfigErrors(errors)
     return mset

@@ -13,11 +13,16 @@ index row of the batch's records is deleted and rebuilt with
 FHIR conditional create, version 0) keeps no index row. On PostgreSQL the batch's records are
 locked (``FOR UPDATE``) so a concurrent write of one of them waits for the batch, never
 interleaves with it. Records, versions and history are not touched, and no change listener runs.
+
+:func:`invalid_versions` (``hms-ach reindex --validate``) reads instead: every stored version of
+every FHIR record type, in keyset order, checked against R4 with
+:func:`hms_ach.mapping.fhir_instance.problems`. It finds what was stored before the write-time and
+load-time checks existed (``Location.address`` as an array), so it can be repaired.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -27,9 +32,10 @@ from sqlalchemy import Table, delete, select
 
 from hms_ach.core.errors import HmsAchError
 from hms_ach.core.records import RECORD_TYPES
+from hms_ach.mapping.fhir_instance import problems
 from hms_ach.store import fastexec, search_params
 from hms_ach.store.db import Store
-from hms_ach.store.models import INDEX_TABLES, RECORD_TABLES
+from hms_ach.store.models import INDEX_TABLES, RECORD_TABLES, ResourceHistory
 from hms_ach.store.port import Tx
 from hms_ach.store.writer import StoreWriter
 
@@ -156,3 +162,75 @@ def reindex(
         if own:
             run.stop()
     return counts
+
+
+@dataclass(frozen=True)
+class InvalidVersion:
+    """A stored version that is not valid R4: the first problem found, and how many there are."""
+
+    resource_type: str
+    id: str
+    version_id: int
+    expression: str
+    message: str
+    problems: int
+
+    def render(self) -> str:
+        more = f" (and {self.problems - 1} more)" if self.problems > 1 else ""
+        return f"{self.resource_type}/{self.id}/_history/{self.version_id}  {self.expression}: {self.message}{more}"
+
+
+def _check_types(resource_types: Sequence[str] | None) -> list[str]:
+    types = list(resource_types) if resource_types else list(RECORD_TYPES)
+    unknown = [t for t in types if t not in RECORD_TYPES]
+    if unknown:
+        raise UnknownRecordTypeError(
+            f"cannot validate {', '.join(unknown)}: not a record type; expected one of {', '.join(RECORD_TYPES)}"
+        )
+    return [t for t in types if RECORD_TYPES[t].fhir]  # Shift, Timecard... are not R4 resources
+
+
+def invalid_versions(
+    store: Store,
+    resource_types: Sequence[str] | None = None,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    checked: Callable[[str, int], None] | None = None,
+) -> Iterator[InvalidVersion]:
+    """Every stored version (history, deleted ones excepted) of the FHIR record types that fails R4,
+    read in batches of ``batch_size`` in (id, version) order; ``checked(type, n)`` is called with the
+    number of versions checked of each type when that type is done. Read-only."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be 1 or more, not {batch_size}")
+    h: Table = ResourceHistory.__table__  # type: ignore[attr-defined]
+    for rtype in _check_types(resource_types):
+        after: tuple[str, int] = ("", -1)
+        total = 0
+        while True:
+            stmt = (
+                select(h.c.id, h.c.version_id, h.c.resource)
+                .where(h.c.resource_type == rtype, h.c.deleted.is_(False))
+                .where((h.c.id > after[0]) | ((h.c.id == after[0]) & (h.c.version_id > after[1])))
+                .order_by(h.c.id, h.c.version_id)
+                .limit(batch_size)
+            )
+            with store.reader.connect() as conn:
+                rows = conn.execute(stmt).all()
+            for row in rows:
+                total += 1
+                try:
+                    body = orjson.loads(row.resource)
+                except orjson.JSONDecodeError:
+                    yield InvalidVersion(rtype, row.id, int(row.version_id), rtype, "not JSON", 1)
+                    continue
+                found = problems(body)
+                if found:
+                    first = found[0]
+                    yield InvalidVersion(
+                        rtype, row.id, int(row.version_id), first.expression, first.message, len(found)
+                    )
+            if len(rows) < batch_size:
+                break
+            after = (rows[-1].id, int(rows[-1].version_id))
+        if checked is not None:
+            checked(rtype, total)
