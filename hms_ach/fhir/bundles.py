@@ -17,7 +17,9 @@ from typing import Any
 import orjson
 from starlette.responses import Response
 
-from hms_ach.fhir.outcomes import FHIR_JSON, FhirError
+from hms_ach.core.records import FHIR_SERVED
+from hms_ach.fhir.basic import as_fhir, fhir_type
+from hms_ach.fhir.outcomes import FHIR_JSON, FhirError, operation_outcome
 from hms_ach.fhir.write import Operation, RequestLine, Result, check_writable
 
 
@@ -170,21 +172,34 @@ def bundle_operations(body: Any, max_entries: int) -> tuple[list[Operation], str
     return ops, kind
 
 
-def bundle_response(base: str, kind: str, results: list[Result]) -> Response:
-    """The transaction-response or batch-response Bundle (``base``: the server's /fhir URL)."""
+def bundle_response(base: str, kind: str, results: list[Result], prefer: str = "representation") -> Response:
+    """The transaction-response or batch-response Bundle (``base``: the server's /fhir URL).
+
+    ``prefer`` is the request's ``Prefer: return=``: ``minimal`` leaves the resources out,
+    ``OperationOutcome`` puts an outcome in each entry's response instead. A record that is not a
+    FHIR resource appears in its FHIR form (a shift as its ``Basic``) without a ``fullUrl`` (it is
+    not readable under /fhir), or, with no FHIR form, as its status alone; never as itself."""
     entries = []
     for res in results:
         response: dict[str, Any] = {"status": _STATUS_TEXT.get(res.status, str(res.status))}
+        served = res.resource_type in FHIR_SERVED
         if res.rid:
-            response["location"] = f"{res.location}"
+            if served:
+                response["location"] = f"{res.location}"
             response["etag"] = f'W/"{res.version}"'
+            if res.last_updated is not None:
+                response["lastModified"] = instant(res.last_updated)
         if res.outcome is not None:
             response["outcome"] = res.outcome
-        item: dict[str, Any] = {"response": response}
-        if res.rid:
+        elif prefer == "OperationOutcome" and res.rid:
+            response["outcome"] = written_outcome(res)
+        item: dict[str, Any] = {}
+        if res.rid and served:
             item["fullUrl"] = f"{base}/{res.resource_type}/{res.rid}"
-        if res.body:
-            item["resource"] = orjson.loads(res.body)
+        body = as_fhir(res.resource_type, res.body) if prefer == "representation" else None
+        if body:
+            item["resource"] = orjson.loads(body)
+        item["response"] = response
         entries.append(item)
     envelope = {
         "resourceType": "Bundle",
@@ -193,3 +208,11 @@ def bundle_response(base: str, kind: str, results: list[Result]) -> Response:
         "entry": entries,
     }
     return Response(orjson.dumps(envelope), status_code=200, media_type=FHIR_JSON)
+
+
+def written_outcome(res: Result) -> dict[str, Any]:
+    """The OperationOutcome that answers a write under ``Prefer: return=OperationOutcome``."""
+    what = {201: "created", 200: "updated", 204: "deleted"}.get(res.status, "processed")
+    ftype = fhir_type(res.resource_type) or res.resource_type
+    ref = f"{ftype}/{res.rid}" if res.rid else ftype
+    return operation_outcome("informational", f"{ref} {what} (version {res.version})", severity="information")

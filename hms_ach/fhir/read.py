@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import UTC, datetime
-from email.utils import format_datetime
+from email.utils import format_datetime, parsedate_to_datetime
 from urllib.parse import parse_qsl
 
 import orjson
@@ -50,6 +50,19 @@ def _http_date(value: datetime) -> str:
     return format_datetime(value.astimezone(UTC), usegmt=True)
 
 
+def _not_modified_since(last_updated: datetime, header: str) -> bool:
+    """Whether ``last_updated`` is not after the HTTP date ``header`` (compared to the second, as
+    HTTP dates are); a header that is not an HTTP date is ignored (RFC 9110 13.1.3)."""
+    try:
+        since = parsedate_to_datetime(header.strip())
+    except (TypeError, ValueError, IndexError):
+        return False
+    if since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    updated = last_updated if last_updated.tzinfo else last_updated.replace(tzinfo=UTC)
+    return updated.replace(microsecond=0) <= since
+
+
 def fhir_response(body: bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(body, status_code=status, media_type=FHIR_JSON, headers=headers)
 
@@ -80,8 +93,11 @@ def read(
     if_none_match: str | None,
     decision: Decision = UNLIMITED,
     seen: Seen | None = None,
+    if_modified_since: str | None = None,
 ) -> Response:
-    """``GET T/id``; outside the ``decision``'s patient compartment the record is not known (404)."""
+    """``GET T/id``; outside the ``decision``'s patient compartment the record is not known (404).
+    ``If-None-Match`` (the current ETag) and ``If-Modified-Since`` (not changed since) answer 304;
+    when both are sent, If-None-Match decides (RFC 9110 13.1.3)."""
     check_served(resource_type)
     if not _ID_RE.match(rid):
         raise _not_found(resource_type, rid)
@@ -94,7 +110,10 @@ def read(
     headers = _version_headers(found)
     if found.deleted:
         raise FhirError(410, "deleted", f"{resource_type}/{rid} was deleted", headers=headers)
-    if if_none_match is not None and if_none_match.strip() == headers["ETag"]:
+    if if_none_match is not None:
+        if if_none_match.strip() == headers["ETag"]:
+            return Response(status_code=304, headers=headers)
+    elif if_modified_since is not None and _not_modified_since(found.last_updated, if_modified_since):
         return Response(status_code=304, headers=headers)
     return fhir_response(found.text.encode(), headers=headers)
 

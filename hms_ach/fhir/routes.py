@@ -37,6 +37,8 @@ from hms_ach.store.search import Access
 
 JSON_TYPES = {"application/fhir+json", "application/json", "application/json+fhir", "text/json", "json"}
 ACCEPT_ANY = {"*/*", "application/*"}
+#: Every read answers HEAD too: the headers of the GET, no body (RFC 9110 9.3.2).
+READ_METHODS = ["GET", "HEAD"]
 
 
 # ---------------------------------------------------------------------------- negotiation
@@ -63,6 +65,14 @@ async def negotiate(request: Request) -> None:
         if weight > 0 and (mtype.lower() in JSON_TYPES or mtype in ACCEPT_ANY):
             return
     raise FhirError(406, "not-supported", "none of the Accept types is served; use application/fhir+json")
+
+
+def head_only(request: Request, response: Response) -> Response:
+    """For a HEAD request, ``response`` without its body (its headers, Content-Length included)."""
+    if request.method != "HEAD":
+        return response
+    headers = {k: v for k, v in response.headers.items() if k.lower() != "content-type"}
+    return Response(None, response.status_code, headers=headers, media_type=response.media_type)
 
 
 def _strict(request: Request) -> bool:
@@ -93,7 +103,7 @@ def _audited(
         audit_events.record_access(
             request, subtype, resource_type, response.status_code, seen.refs, seen.count
         )
-        return response
+        return head_only(request, response)
 
     try:
         yield done
@@ -111,46 +121,56 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
     negotiated = [Depends(negotiate)]
 
     # ------------------------------------------------------------------ AuditEvent (not a record type)
-    @router.get("/AuditEvent")
+    @router.api_route("/AuditEvent", methods=READ_METHODS)
     def search_audit_events(request: Request) -> Response:
         decision = access.require(request, "AuditEvent", "search")
         # The trail is not in the Patient compartment: a patient/ grant sees no entry.
-        return audit_events.search_audit_events(store, request, visible=decision.patient is None)
+        return head_only(
+            request, audit_events.search_audit_events(store, request, visible=decision.patient is None)
+        )
+
+    @router.api_route("/AuditEvent/{rid}", dependencies=negotiated, methods=READ_METHODS)
+    def read_audit_event(rid: str, request: Request) -> Response:
+        decision = access.require(request, "AuditEvent", "read")
+        return head_only(request, audit_events.read_audit_event(store, rid, visible=decision.patient is None))
 
     # ------------------------------------------------------------------ writes
     def guard(request: Request) -> access.WriteGuard:
         return access.WriteGuard(store, access.policy_of(request))
 
-    @router.post("")
-    @router.post("/", include_in_schema=False)
+    @router.post("", dependencies=negotiated)
+    @router.post("/", include_in_schema=False, dependencies=negotiated)
     async def bundle(request: Request) -> Response:
         return await writes.transaction_or_batch(request, find, guard(request))
 
-    @router.post("/{resource_type}")
+    @router.post("/{resource_type}", dependencies=negotiated)
     async def create(resource_type: str, request: Request) -> Response:
         return await writes.create(request, find, resource_type, guard(request))
 
-    @router.put("/{resource_type}")
+    @router.put("/{resource_type}", dependencies=negotiated)
     async def conditional_update(resource_type: str, request: Request) -> Response:
         return await writes.conditional_update(request, find, resource_type, guard(request))
 
-    @router.put("/{resource_type}/{rid}")
+    @router.put("/{resource_type}/{rid}", dependencies=negotiated)
     async def update(resource_type: str, rid: str, request: Request) -> Response:
         return await writes.update(request, find, resource_type, rid, guard(request))
 
-    @router.delete("/{resource_type}/{rid}")
+    @router.delete("/{resource_type}/{rid}", dependencies=negotiated)
     async def delete(resource_type: str, rid: str, request: Request) -> Response:
         return await writes.delete(request, find, resource_type, rid, guard(request))
 
     # ------------------------------------------------------------------ reads
-    @router.get("/metadata", dependencies=negotiated)
+    @router.api_route("/metadata", dependencies=negotiated, methods=READ_METHODS)
     def metadata(request: Request) -> Response:
         security = security_of(getattr(request.app.state, "authenticator", None))
-        return reads.fhir_response(
-            orjson.dumps(capability_statement(_base(request), find() is not None, security))
+        return head_only(
+            request,
+            reads.fhir_response(
+                orjson.dumps(capability_statement(_base(request), find() is not None, security))
+            ),
         )
 
-    @router.get("/{resource_type}", dependencies=negotiated)
+    @router.api_route("/{resource_type}", dependencies=negotiated, methods=READ_METHODS)
     def search_get(resource_type: str, request: Request) -> Response:
         seen = reads.Seen()
         with _audited(request, "search-type", resource_type, seen) as done:
@@ -183,21 +203,24 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
 
     inline = store.dialect == "sqlite"
 
-    @router.get("/{resource_type}/{rid}", dependencies=negotiated)
+    @router.api_route("/{resource_type}/{rid}", dependencies=negotiated, methods=READ_METHODS)
     async def read(resource_type: str, rid: str, request: Request) -> Response:
         seen = reads.Seen()
         with _audited(request, "read", resource_type, seen, rid) as done:
             reads.check_served(resource_type)
             decision = access.require(request, resource_type, "read")
             inm = request.headers.get("if-none-match")
+            ims = request.headers.get("if-modified-since")
             # A read by id is one primary-key look-up. On SQLite (a local file, no pool to wait for) it
             # runs on the event loop: a thread hand-off would cost more than the read. On PostgreSQL
             # it waits on the network and the pool, so it goes to the thread pool like the searches.
             if inline:
-                return done(reads.read(store, resource_type, rid, inm, decision, seen))
-            return done(await run_in_threadpool(reads.read, store, resource_type, rid, inm, decision, seen))
+                return done(reads.read(store, resource_type, rid, inm, decision, seen, ims))
+            return done(
+                await run_in_threadpool(reads.read, store, resource_type, rid, inm, decision, seen, ims)
+            )
 
-    @router.get("/{resource_type}/{rid}/_history", dependencies=negotiated)
+    @router.api_route("/{resource_type}/{rid}/_history", dependencies=negotiated, methods=READ_METHODS)
     def history(resource_type: str, rid: str, request: Request) -> Response:
         seen = reads.Seen()
         with _audited(request, "history", resource_type, seen, rid) as done:
@@ -206,7 +229,7 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
             params = dict(request.query_params)
             return done(reads.history(store, _base(request), resource_type, rid, params, decision, seen))
 
-    @router.get("/{resource_type}/{rid}/_history/{vid}", dependencies=negotiated)
+    @router.api_route("/{resource_type}/{rid}/_history/{vid}", dependencies=negotiated, methods=READ_METHODS)
     async def vread(resource_type: str, rid: str, vid: str, request: Request) -> Response:
         seen = reads.Seen()
         with _audited(request, "vread", resource_type, seen, rid) as done:

@@ -123,7 +123,14 @@ def prepare(op: Operation, engine: MappingEngine) -> None:
             expression=f"{op.where}.resourceType".lstrip("."),
         )
     assert op.resource is not None
-    if op.method == "PUT" and op.rid and op.resource.get("id") not in (None, op.rid):
+    if op.method == "PUT" and op.rid and op.resource.get("id") is None:
+        raise FhirError(
+            400,
+            "required",
+            f"an update must carry the id of the URL in the body ({rtype}.id = {op.rid!r})",
+            expression=f"{op.where}.resource.id" if op.where else f"{rtype}.id",
+        )
+    if op.method == "PUT" and op.rid and op.resource.get("id") != op.rid:
         raise FhirError(
             400,
             "invalid",
@@ -259,7 +266,16 @@ def _resource_write(tx: Tx, op: Operation, resolved: dict[str, str]) -> resource
     rtype = op.resource_type
     where = f"{op.where}." if op.where else ""
 
+    body_id = (op.resource or {}).get("id")
+
     def check(rid: str, content: dict[str, Any]) -> None:
+        if op.method == "PUT" and op.rid is None and body_id is not None and body_id != rid:
+            # a conditional update names its record by the criterion; a body id must agree with it
+            raise Invalid(
+                f"the body's id {str(body_id)[:64]!r} is not the id of the record the conditional "
+                f"update matches ({rtype}/{rid}); leave the id out or send the matched one",
+                expression=f"{where}{rtype}.id",
+            )
         _check_targets(tx, rtype, content, where)
         if rtype == "Shift":
             check_shift(tx, rid, content, f"{op.where}.Basic" if op.where else "Basic")

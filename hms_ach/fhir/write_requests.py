@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
+from datetime import UTC
+from email.utils import format_datetime
 from typing import Any
 
 import orjson
@@ -30,7 +32,8 @@ from hms_ach.core.errors import ContentError, Err0357
 from hms_ach.core.records import MappingResult
 from hms_ach.core.redact import error_kind
 from hms_ach.fhir.access import WriteGuard
-from hms_ach.fhir.bundles import bundle_response, request_operations
+from hms_ach.fhir.basic import as_fhir, fhir_type
+from hms_ach.fhir.bundles import bundle_response, request_operations, written_outcome
 from hms_ach.fhir.outcomes import FHIR_JSON, FhirError
 from hms_ach.fhir.write import (
     Operation,
@@ -240,18 +243,50 @@ def _base(request: Request) -> str:
     return str(request.base_url).rstrip("/") + "/fhir"
 
 
+#: The ``Prefer: return=`` values (RFC 7240, FHIR R4 3.1.0.5.2); representation is the default.
+RETURN_PREFERENCES = ("minimal", "representation", "OperationOutcome")
+
+
+def prefer_return(request: Request) -> str:
+    """What the client asked a write to return (``Prefer: return=...``); an unknown value is ignored
+    (a preference, not a requirement)."""
+    for part in request.headers.get("prefer", "").replace(";", ",").split(","):
+        name, _, value = part.strip().partition("=")
+        if name.strip().lower() == "return" and value.strip().strip('"') in RETURN_PREFERENCES:
+            return value.strip().strip('"')
+    return "representation"
+
+
 def _single_response(request: Request, res: Result) -> Response:
     if res.status == 204:
         return Response(status_code=204, headers={"ETag": f'W/"{res.version}"'})
-    headers = {"ETag": f'W/"{res.version}"', "Location": f"{_base(request)}/{res.location}"}
-    return Response(res.body or "{}", status_code=res.status, media_type=FHIR_JSON, headers=headers)
+    headers = {
+        "ETag": f'W/"{res.version}"',
+        "Location": f"{_base(request)}/{fhir_type(res.resource_type) or res.resource_type}/{res.rid}"
+        f"/_history/{res.version}",
+    }
+    if res.last_updated is not None:
+        headers["Last-Modified"] = format_datetime(
+            (
+                res.last_updated if res.last_updated.tzinfo else res.last_updated.replace(tzinfo=UTC)
+            ).astimezone(UTC),
+            usegmt=True,
+        )
+    wanted = prefer_return(request)
+    body = as_fhir(res.resource_type, res.body)
+    if wanted == "minimal":
+        return Response(status_code=res.status, headers=headers)
+    if wanted == "OperationOutcome" or body is None:
+        outcome = orjson.dumps(written_outcome(res))
+        return Response(outcome, status_code=res.status, media_type=FHIR_JSON, headers=headers)
+    return Response(body, status_code=res.status, media_type=FHIR_JSON, headers=headers)
 
 
 # ---------------------------------------------------------------------------- handlers
 async def transaction_or_batch(request: Request, find: WriteChannel, guard: WriteGuard) -> Response:
     """``POST /fhir``: a transaction or batch Bundle."""
     _ch, outcome, kind = await _run(request, find, "Bundle", _request_line(request, ""), guard)
-    return bundle_response(_base(request), kind, outcome.results)
+    return bundle_response(_base(request), kind, outcome.results, prefer_return(request))
 
 
 async def create(request: Request, find: WriteChannel, resource_type: str, guard: WriteGuard) -> Response:
