@@ -27,7 +27,7 @@ from hms_ach.store.db import Store
 
 MAX_FORM_BYTES = 64 * 1024
 HISTORY_DEFAULT_COUNT = 20
-_ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+ID_RE = _ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _PATIENT_REF = re.compile(r'"reference":\s*"(Patient/[A-Za-z0-9\-.]{1,64})"')
 
 

@@ -155,6 +155,10 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
     async def update(resource_type: str, rid: str, request: Request) -> Response:
         return await writes.update(request, find, resource_type, rid, guard(request))
 
+    @router.patch("/{resource_type}/{rid}", dependencies=negotiated)
+    async def patch(resource_type: str, rid: str, request: Request) -> Response:
+        return await writes.patch(request, find, resource_type, rid, guard(request))
+
     @router.delete("/{resource_type}/{rid}", dependencies=negotiated)
     async def delete(resource_type: str, rid: str, request: Request) -> Response:
         return await writes.delete(request, find, resource_type, rid, guard(request))

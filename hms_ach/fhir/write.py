@@ -84,6 +84,8 @@ class Operation:
     where: str = ""  # "Bundle.entry[3]" for errors
     record: RecordWrite | None = None
     extra: list[RecordWrite] = field(default_factory=list)
+    refused: FhirError | None = None
+    """A batch entry refused before it could be applied (malformed, invalid): answered with this."""
 
 
 @dataclass
@@ -96,6 +98,7 @@ class Result:
     last_updated: datetime | None = None
     outcome: dict[str, Any] | None = None
     changed: bool = False  # this request wrote a new version (replay diffs it against the one before)
+    read_body: bool = False  # a batch's GET entry: ``body`` is the answer (a resource or a searchset)
 
     @property
     def location(self) -> str:
@@ -164,6 +167,30 @@ async def prepare_all(ops: list[Operation], engine: MappingEngine) -> None:
             prepare(op, engine)
         return
     await asyncio.to_thread(_prepare_each, ops, engine)
+
+
+def prepare_batch(ops: list[Operation], engine: MappingEngine) -> dict[int, FhirError]:
+    """:func:`prepare` every operation of a batch (independent entries): the refusal of each entry
+    that fails, by index, instead of failing the batch. Runs in a worker thread like
+    :func:`prepare_all`."""
+
+    def each() -> dict[int, FhirError]:
+        failed: dict[int, FhirError] = {}
+        for i, op in enumerate(ops, start=1):
+            try:
+                prepare(op, engine)
+            except FhirError as exc:
+                failed[i - 1] = exc
+            if i % PREPARE_PAUSE_EVERY == 0:
+                time.sleep(PREPARE_PAUSE_SECONDS)
+        return failed
+
+    return each()
+
+
+def refused_result(op: Operation, error: FhirError) -> Result:
+    """The result of a batch entry refused before it was applied."""
+    return Result(error.status, op.resource_type, outcome=_outcome(error))
 
 
 #: While a Bundle is validated and mapped in its worker thread, it pauses this long after every
@@ -383,6 +410,8 @@ __all__ = [
     "check_writable",
     "prepare",
     "prepare_all",
+    "prepare_batch",
+    "refused_result",
     "rejection",
     "rejection_job",
     "request_job",
