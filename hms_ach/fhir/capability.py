@@ -24,7 +24,7 @@ from hms_ach.store.search_params import COMMON_PARAMS, SEARCH_PARAMS
 FHIR_VERSION = "4.0.1"
 INTERACTIONS = ("read", "vread", "history-instance", "search-type")
 #: Served when a fhir_rest channel (hms_ach/channels/fhir_rest.py) is configured.
-WRITE_INTERACTIONS = ("create", "update", "delete")
+WRITE_INTERACTIONS = ("create", "update", "patch", "delete")
 _WRITE_FLAGS: dict[str, Any] = {
     "conditionalCreate": True,
     "conditionalUpdate": True,
@@ -37,7 +37,9 @@ WRITE_DOC = (
     "a conditional update (PUT ?identifier=system|value) creates when nothing matches, and refuses (400) "
     "a body id that is not the matched record's. If-None-Exist "
     "and conditional update accept identifier=[system|]value only. Delete stores a deleted version: "
-    "reads then answer 410 and history keeps every version."
+    "reads then answer 410 and history keeps every version. PATCH takes a JSON Patch "
+    "(application/json-patch+json; FHIRPath Patch is not supported), honours If-Match and is "
+    "validated and stored like an update."
 )
 
 
@@ -185,7 +187,8 @@ def capability_statement(
             "(gender, status...) matches system|code through the element's implicit system. Every read "
             "answers HEAD; a read honours If-None-Match and If-Modified-Since (304). Writes honour "
             "Prefer: return=minimal|representation|OperationOutcome (transactions and batches too) and "
-            "Accept (406 unless JSON)."
+            "Accept (406 unless JSON). _summary (true, text, data, count, false) and _elements work on "
+            "searches and reads; a cut-down resource is tagged SUBSETTED."
         ),
         "resource": resources,
         "searchParam": [

@@ -22,6 +22,7 @@ from hms_ach.core.records import FHIR_SERVED
 from hms_ach.fhir.access import UNLIMITED, check_record
 from hms_ach.fhir.bundles import bundle, entry, instant
 from hms_ach.fhir.outcomes import FHIR_JSON, FhirError, operation_outcome
+from hms_ach.fhir.subsetting import NOTHING, SUMMARY_MODES, Subset, cut_text, parse_elements
 from hms_ach.store import resources, search
 from hms_ach.store.db import Store
 
@@ -94,6 +95,7 @@ def read(
     decision: Decision = UNLIMITED,
     seen: Seen | None = None,
     if_modified_since: str | None = None,
+    subset: Subset = NOTHING,
 ) -> Response:
     """``GET T/id``; outside the ``decision``'s patient compartment the record is not known (404).
     ``If-None-Match`` (the current ETag) and ``If-Modified-Since`` (not changed since) answer 304;
@@ -115,7 +117,26 @@ def read(
             return Response(status_code=304, headers=headers)
     elif if_modified_since is not None and _not_modified_since(found.last_updated, if_modified_since):
         return Response(status_code=304, headers=headers)
-    return fhir_response(found.text.encode(), headers=headers)
+    return fhir_response(cut_text(found.text, subset).encode(), headers=headers)
+
+
+def read_subset(params: list[tuple[str, str]]) -> Subset:
+    """The ``_summary`` and ``_elements`` of a read (400 for a value that is not one)."""
+    summary: str | None = None
+    elements: tuple[str, ...] | None = None
+    for key, value in params:
+        if key == "_summary" and value:
+            if value not in SUMMARY_MODES or value == "count":
+                raise FhirError(
+                    400,
+                    "invalid",
+                    f"_summary on a read must be true, text, data or false, got {value[:40]!r}",
+                    expression="_summary",
+                )
+            summary = value
+        elif key == "_elements" and value:
+            elements = parse_elements(value)
+    return Subset(summary, elements)
 
 
 def vread(
@@ -244,9 +265,14 @@ def search_type(
         for rtype, rid, text in page.included:
             seen.add(rtype, rid, text)
         seen.count = page.total if page.total is not None else len(page.matches)
-    entries = [entry(f"{url}/{rid}", text, {"search": {"mode": "match"}}) for rid, text in page.matches]
+    subset = Subset(query.summary, tuple(query.elements) if query.elements is not None else None)
+    included = Subset(query.summary)  # _elements is about the matches; _summary about every entry
+    entries = [
+        entry(f"{url}/{rid}", cut_text(text, subset), {"search": {"mode": "match"}})
+        for rid, text in page.matches
+    ]
     entries += [
-        entry(f"{base}/{rtype}/{rid}", text, {"search": {"mode": "include"}})
+        entry(f"{base}/{rtype}/{rid}", cut_text(text, included), {"search": {"mode": "include"}})
         for rtype, rid, text in page.included
     ]
     if query.warnings:

@@ -215,13 +215,16 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
             decision = access.require(request, resource_type, "read")
             inm = request.headers.get("if-none-match")
             ims = request.headers.get("if-modified-since")
+            subset = reads.read_subset(list(request.query_params.multi_items()))
             # A read by id is one primary-key look-up. On SQLite (a local file, no pool to wait for) it
             # runs on the event loop: a thread hand-off would cost more than the read. On PostgreSQL
             # it waits on the network and the pool, so it goes to the thread pool like the searches.
             if inline:
-                return done(reads.read(store, resource_type, rid, inm, decision, seen, ims))
+                return done(reads.read(store, resource_type, rid, inm, decision, seen, ims, subset))
             return done(
-                await run_in_threadpool(reads.read, store, resource_type, rid, inm, decision, seen, ims)
+                await run_in_threadpool(
+                    reads.read, store, resource_type, rid, inm, decision, seen, ims, subset
+                )
             )
 
     @router.api_route("/{resource_type}/{rid}/_history", dependencies=negotiated, methods=READ_METHODS)

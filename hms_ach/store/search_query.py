@@ -50,7 +50,9 @@ MODIFIERS: dict[str, set[str]] = {
     "reference": {"missing"},
 }
 #: Result parameters we act on, and those accepted without effect.
-RESULT_PARAMS = {"_count", "_sort", "_include", "_total", "_cursor", "_summary"}
+RESULT_PARAMS = {"_count", "_sort", "_include", "_total", "_cursor", "_summary", "_elements"}
+#: The ``_summary`` values (the FHIR layer cuts the resources; ``count`` serves no entries).
+SUMMARY_VALUES = ("true", "text", "data", "count", "false")
 NEUTRAL_PARAMS = {"_format", "_pretty"}
 SORTABLE_TYPES = {"string", "date", "token"}
 
@@ -126,6 +128,10 @@ class SearchQuery:
     understood: list[tuple[str, str]] = field(default_factory=list)
     """The parameters acted on, in request order (for the self link and the cursor digest)."""
     warnings: list[str] = field(default_factory=list)
+    summary: str | None = None
+    """``_summary``: true, text, data, count or false (None: not asked)."""
+    elements: list[str] | None = None
+    """``_elements``: the top-level element names asked for (None: not asked)."""
     access: Access = EVERYTHING
     """What the caller may see: the matches are limited to ``access.compartment(resource_type)`` and
     the included records to the visible types (each in its compartment), in the SQL."""
@@ -274,15 +280,21 @@ def _result_param(query: SearchQuery, name: str, value: str, strict: bool) -> bo
             )
         query.total = value
     elif name == "_summary":
+        if value not in SUMMARY_VALUES:
+            raise SearchError(
+                f"_summary must be one of {', '.join(SUMMARY_VALUES)}, got {value[:40]!r}",
+                "invalid",
+                "_summary",
+            )
         if value == "count":
             query.count = 0
-        elif strict:
-            raise SearchError(
-                f"_summary={value!r} is not supported (only count)", "not-supported", "_summary"
-            )
-        else:
-            query.warnings.append(f"_summary={value!r} is not supported and was ignored")
-            return False
+        query.summary = value
+    elif name == "_elements":
+        names = [n.strip().rsplit(".", 1)[-1] for n in value.split(",") if n.strip()]
+        bad = [n for n in names if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]{0,63}", n)]
+        if bad:
+            raise SearchError(f"_elements: {bad[0][:64]!r} is not an element name", "invalid", "_elements")
+        query.elements = names
     return True
 
 

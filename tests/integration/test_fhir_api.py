@@ -339,7 +339,7 @@ def test_capability_statement_is_valid_and_generated(http: httpx.Client) -> None
         assert {i.code for i in res.interaction or []} == {"read", "vread", "history-instance", "search-type"}
         assert res.conditionalCreate is None and res.versioning == "versioned"
     assert not cs.rest[0].interaction
-    assert [i.code for i in resources["AuditEvent"].interaction or []] == ["search-type"]
+    assert [i.code for i in resources["AuditEvent"].interaction or []] == ["read", "search-type"]
     assert {p.name for p in resources["AuditEvent"].searchParam or []} == {
         "entity",
         "agent",

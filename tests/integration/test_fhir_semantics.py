@@ -405,3 +405,49 @@ async def test_patch_needs_the_update_scope(fhir_engine: Engine) -> None:
         )
         outcome(resp, 403)
         assert "update" in resp.json()["issue"][0]["diagnostics"]
+
+
+def subsetted(resource: dict[str, Any]) -> bool:
+    return any(t.get("code") == "SUBSETTED" for t in resource.get("meta", {}).get("tag", []))
+
+
+async def test_summary_and_elements(http: httpx.AsyncClient) -> None:
+    full = nurse(
+        "E1",
+        gender="female",
+        birthDate="1980-05-01",
+        text={"status": "generated", "div": '<div xmlns="http://www.w3.org/1999/xhtml">Amara Osei</div>'},
+        qualification=[{"code": {"text": "RN"}}],
+    )
+    rid = await create(http, full)
+    stored = (await http.get(f"/Practitioner/{rid}")).json()
+    assert not subsetted(stored)
+
+    async def match(query: str) -> dict[str, Any]:
+        resp = await http.get(f"/Practitioner?_id={rid}&{query}")
+        assert resp.status_code == 200, resp.text
+        found: dict[str, Any] = resp.json()["entry"][0]["resource"]
+        return found
+
+    summary = await match("_summary=true")  # qualification is not a summary element of Practitioner
+    assert subsetted(summary) and "qualification" not in summary and "text" not in summary
+    assert summary["gender"] == "female" and summary["name"] == stored["name"] and summary["id"] == rid
+    # the mapping keeps no narrative: data leaves nothing out, text keeps only id and meta
+    data = await match("_summary=data")
+    assert "text" not in stored and data == stored
+    text = await match("_summary=text")
+    assert subsetted(text) and set(text) == {"resourceType", "id", "meta"}
+    assert not subsetted(await match("_summary=false"))
+    elements = await match("_elements=gender,Practitioner.birthDate")
+    assert set(elements) == {"resourceType", "id", "meta", "gender", "birthDate"} and subsetted(elements)
+    counted = (await http.get(f"/Practitioner?_id={rid}&_summary=count")).json()
+    assert counted["total"] == 1 and "entry" not in counted
+    outcome(await http.get("/Practitioner?_summary=maybe"), 400, "_summary")
+    outcome(await http.get("/Practitioner?_elements=a-b"), 400, "_elements")
+
+    # on a read too
+    read = (await http.get(f"/Practitioner/{rid}", params={"_elements": "name"})).json()
+    assert set(read) == {"resourceType", "id", "meta", "name"} and subsetted(read)
+    read = (await http.get(f"/Practitioner/{rid}", params={"_summary": "true"})).json()
+    assert subsetted(read) and "qualification" not in read
+    outcome(await http.get(f"/Practitioner/{rid}", params={"_summary": "count"}), 400)

@@ -359,17 +359,19 @@ async def test_capability_statement_declares_what_the_server_does(http: httpx.As
             "search-type",
             "create",
             "update",
+            "patch",
             "delete",
         }, rtype
         assert (res.conditionalCreate, res.conditionalUpdate, res.updateCreate) == (True, True, False)
         assert res.conditionalDelete == "not-supported" and res.versioning == "versioned-update"
     assert {i.code for i in resources["Basic"].interaction or []} == {"create", "update"}
     audit_res = resources["AuditEvent"]
-    assert [i.code for i in audit_res.interaction or []] == ["search-type"]
+    assert [i.code for i in audit_res.interaction or []] == ["read", "search-type"]
     assert {(p.name, p.type) for p in audit_res.searchParam or []} == {
         ("entity", "reference"),
         ("agent", "token"),
         ("date", "date"),
+        ("_lastUpdated", "date"),
         ("patient", "reference"),
         ("subtype", "token"),
     }
