@@ -7,11 +7,13 @@ reads them in one short read transaction); Bundles are assembled around those te
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import uuid
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 import orjson
 from fastapi import Request
@@ -23,8 +25,9 @@ from hms_ach.fhir.access import UNLIMITED, check_record
 from hms_ach.fhir.bundles import bundle, entry, instant
 from hms_ach.fhir.outcomes import FHIR_JSON, FhirError, operation_outcome
 from hms_ach.fhir.subsetting import NOTHING, SUMMARY_MODES, Subset, cut_text, parse_elements
-from hms_ach.store import resources, search
+from hms_ach.store import resources, search, versions
 from hms_ach.store.db import Store
+from hms_ach.store.search_params import date_range
 
 MAX_FORM_BYTES = 64 * 1024
 HISTORY_DEFAULT_COUNT = 20
@@ -183,6 +186,16 @@ def history(
         if current is None:
             raise _not_found(resource_type, rid)
         check_record(decision, resource_type, rid, current.text)
+    if params.get("_since") or params.get("_at"):
+        return history_versions(
+            store,
+            base,
+            f"{resource_type}/{rid}/_history",
+            {resource_type: decision.patient},
+            rid,
+            params,
+            seen,
+        )
     count = _history_int(params, "_count", HISTORY_DEFAULT_COUNT)
     before = _history_int(params, "_cursor", None)
     count = min(count if count is not None else HISTORY_DEFAULT_COUNT, search.MAX_COUNT)
@@ -202,28 +215,98 @@ def history(
                 continue  # a version from before the record entered the compartment
         if seen is not None:
             seen.add(resource_type, rid, version.text)
-        method = "DELETE" if version.deleted else ("POST" if version.version == 1 else "PUT")
-        status = (
-            "204 No Content" if version.deleted else ("201 Created" if version.version == 1 else "200 OK")
-        )
         entries.append(
-            entry(
-                f"{base}/{resource_type}/{rid}",
-                None if version.deleted else version.text,
-                {
-                    "request": {
-                        "method": method,
-                        "url": resource_type if method == "POST" else f"{resource_type}/{rid}",
-                    },
-                    "response": {
-                        "status": status,
-                        "etag": f'W/"{version.version}"',
-                        "lastModified": instant(version.last_updated),
-                    },
-                },
+            _history_entry(
+                base, resource_type, rid, version.version, version.deleted, version.text, version.last_updated
             )
         )
     return fhir_response(bundle("history", page.newest, links, entries))
+
+
+def _history_entry(
+    base: str, resource_type: str, rid: str, number: int, deleted: bool, text: str, updated: datetime
+) -> bytes:
+    method = "DELETE" if deleted else ("POST" if number == 1 else "PUT")
+    status = "204 No Content" if deleted else ("201 Created" if number == 1 else "200 OK")
+    return entry(
+        f"{base}/{resource_type}/{rid}",
+        None if deleted else text,
+        {
+            "request": {
+                "method": method,
+                "url": resource_type if method == "POST" else f"{resource_type}/{rid}",
+            },
+            "response": {"status": status, "etag": f'W/"{number}"', "lastModified": instant(updated)},
+        },
+    )
+
+
+def _history_instant(params: dict[str, str], name: str) -> datetime | None:
+    raw = params.get(name)
+    if not raw:
+        return None
+    try:
+        lo, _hi = date_range(raw.replace(" ", "+"))
+    except ValueError as exc:
+        raise FhirError(400, "invalid", f"{name}: {exc}", expression=name) from None
+    return lo
+
+
+def _history_cursor(raw: str | None) -> tuple[datetime, str, str, int] | None:
+    if not raw:
+        return None
+    try:
+        when, rtype, rid, number = orjson.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+        return datetime.fromisoformat(when), str(rtype), str(rid), int(number)
+    except (ValueError, TypeError, binascii.Error, orjson.JSONDecodeError):
+        raise FhirError(
+            400, "invalid", "_page is not a history cursor this server issued", expression="_page"
+        ) from None
+
+
+def _encode_history_cursor(key: tuple[datetime, str, str, int]) -> str:
+    raw = orjson.dumps([key[0].isoformat(), key[1], key[2], key[3]])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def history_versions(
+    store: Store,
+    base: str,
+    path: str,
+    types: dict[str, str | None],
+    rid: str | None,
+    params: dict[str, str],
+    seen: Seen | None = None,
+) -> Response:
+    """Type-level (``GET T/_history``), system-level (``GET /_history``) and, with ``_since`` or
+    ``_at``, instance-level history: the versions of ``types`` (each mapped to None, or to the patient
+    whose compartment limits what the caller may see of it), newest first, ``_count`` per page with a
+    ``next`` link. ``_since``: changed at or after; ``_at``: the versions current at that instant."""
+    count = _history_int(params, "_count", HISTORY_DEFAULT_COUNT)
+    count = min(count if count is not None else HISTORY_DEFAULT_COUNT, search.MAX_COUNT)
+    since, at = _history_instant(params, "_since"), _history_instant(params, "_at")
+    after = _history_cursor(params.get("_page"))
+    query = versions.HistoryQuery(tuple(sorted(types)), rid, since, at, count, after)
+    page, nxt = versions.read_history(store, query) if types else ([], None)
+    keep = [(k, params[k]) for k in ("_count", "_since", "_at") if params.get(k)]
+    url = f"{base}/{path}"
+    links = [("self", f"{url}?{urlencode(keep + ([('_page', params['_page'])] if after else []))}")]
+    if nxt is not None:
+        links.append(("next", f"{url}?{urlencode([*keep, ('_page', _encode_history_cursor(nxt))])}"))
+    entries = []
+    for v in page:
+        patient = types.get(v.resource_type)
+        if patient is not None:
+            try:
+                check_record(Decision(True, patient), v.resource_type, v.id, v.text)
+            except FhirError:
+                continue  # outside the compartment the caller's grant is limited to
+        if seen is not None:
+            seen.add(v.resource_type, v.id, v.text)
+        entries.append(
+            _history_entry(base, v.resource_type, v.id, v.version, v.deleted, v.text, v.last_updated)
+        )
+    return fhir_response(bundle("history", None, links, entries))
 
 
 def _history_int(params: dict[str, str], name: str, default: int | None) -> int | None:

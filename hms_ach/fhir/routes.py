@@ -27,6 +27,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from hms_ach.core.records import FHIR_SERVED
 from hms_ach.fhir import access, audit_events
 from hms_ach.fhir import read as reads
 from hms_ach.fhir import write_requests as writes
@@ -89,6 +90,22 @@ def _search_access(request: Request, resource_type: str) -> Access:
     policy = access.policy_of(request)
     access.decide(policy, resource_type, "search")
     return access.search_access(policy)
+
+
+def _history_types(request: Request, wanted: tuple[str, ...]) -> dict[str, str | None]:
+    """The types of a type-level (one, 403 unless granted) or system-level history (those the caller
+    may see; none is a 403), each mapped to the patient whose compartment limits it, or None."""
+    policy = access.policy_of(request)
+    if len(wanted) == 1:
+        return {wanted[0]: access.decide(policy, wanted[0], "history-type").patient}
+    types = {}
+    for rtype in wanted:
+        decision = policy.decide(rtype, "history-type")
+        if decision.allowed:
+            types[rtype] = decision.patient
+    if not types:
+        raise access.refusal(policy, "*", "history-type")
+    return types
 
 
 @contextmanager
@@ -173,6 +190,24 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
                 orjson.dumps(capability_statement(_base(request), find() is not None, security))
             ),
         )
+
+    @router.api_route("/_history", dependencies=negotiated, methods=READ_METHODS)
+    def history_system(request: Request) -> Response:
+        seen = reads.Seen()
+        with _audited(request, "history", "", seen) as done:
+            types = _history_types(request, FHIR_SERVED)
+            params = dict(request.query_params)
+            return done(reads.history_versions(store, _base(request), "_history", types, None, params, seen))
+
+    @router.api_route("/{resource_type}/_history", dependencies=negotiated, methods=READ_METHODS)
+    def history_type(resource_type: str, request: Request) -> Response:
+        seen = reads.Seen()
+        with _audited(request, "history", resource_type, seen) as done:
+            reads.check_served(resource_type)
+            types = _history_types(request, (resource_type,))
+            params = dict(request.query_params)
+            path = f"{resource_type}/_history"
+            return done(reads.history_versions(store, _base(request), path, types, None, params, seen))
 
     @router.api_route("/{resource_type}", dependencies=negotiated, methods=READ_METHODS)
     def search_get(resource_type: str, request: Request) -> Response:

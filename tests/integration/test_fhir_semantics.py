@@ -6,6 +6,7 @@ fhirclient). SQLite always, PostgreSQL when HMS_ACH_TEST_POSTGRES_URL is set."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -451,3 +452,66 @@ async def test_summary_and_elements(http: httpx.AsyncClient) -> None:
     read = (await http.get(f"/Practitioner/{rid}", params={"_summary": "true"})).json()
     assert subsetted(read) and "qualification" not in read
     outcome(await http.get(f"/Practitioner/{rid}", params={"_summary": "count"}), 400)
+
+
+async def test_type_and_system_history(fhir_engine: Engine, http: httpx.AsyncClient) -> None:
+    first = await create(http, nurse("Y1"))
+    await asyncio.sleep(0.05)
+    middle = datetime.now(UTC)
+    await asyncio.sleep(0.05)
+    second = await create(http, nurse("Y2"))
+    changed = await http.put(
+        f"/Practitioner/{first}", json=nurse("Y1", "Boateng", id=first), headers=FHIR_JSON
+    )
+    assert changed.status_code == 200
+    org = await create(
+        http,
+        {
+            "resourceType": "Organization",
+            "name": "Ward 3",
+            "identifier": [{"system": "urn:o", "value": "W3"}],
+        },
+    )
+
+    def keys(body: dict[str, Any]) -> list[tuple[str, str]]:
+        return [(e["fullUrl"].split("/fhir/")[1], e["response"]["etag"]) for e in body.get("entry", [])]
+
+    typed = await http.get("/Practitioner/_history")
+    assert typed.status_code == 200, typed.text
+    assert typed.json()["type"] == "history"
+    assert keys(typed.json()) == [
+        (f"Practitioner/{first}", 'W/"2"'),
+        (f"Practitioner/{second}", 'W/"1"'),
+        (f"Practitioner/{first}", 'W/"1"'),
+    ]
+    ClientBundle(typed.json())
+    system = (await http.get("/_history")).json()
+    assert keys(system)[0] == (f"Organization/{org}", 'W/"1"') and len(keys(system)) == 4
+
+    # _since: changed at or after; _at: the versions current then
+    stamp = middle.isoformat().replace("+00:00", "Z")
+    since = (await http.get("/Practitioner/_history", params={"_since": stamp})).json()
+    assert keys(since) == [(f"Practitioner/{first}", 'W/"2"'), (f"Practitioner/{second}", 'W/"1"')]
+    at = (await http.get("/Practitioner/_history", params={"_at": stamp})).json()
+    assert keys(at) == [(f"Practitioner/{first}", 'W/"1"')]
+    inst = (await http.get(f"/Practitioner/{first}/_history", params={"_since": stamp})).json()
+    assert keys(inst) == [(f"Practitioner/{first}", 'W/"2"')]
+
+    # _count pages through every version exactly once
+    seen: list[tuple[str, str]] = []
+    url: str | None = "/_history?_count=1"
+    while url:
+        page = (await http.get(url)).json()
+        seen += keys(page)
+        url = next((lk["url"] for lk in page["link"] if lk["relation"] == "next"), None)
+    assert seen == keys(system)
+    outcome(await http.get("/_history", params={"_since": "yesterday"}), 400, "_since")
+    outcome(await http.get("/_history", params={"_page": "junk"}), 400)
+
+    # history-type needs the s letter of the type; a system history shows only the granted types
+    only_orgs = auth_headers(fhir_engine, scope="system/Organization.rs")
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{fhir_engine.http_port}/fhir", timeout=30, headers=only_orgs
+    ) as limited:
+        outcome(await limited.get("/Practitioner/_history"), 403)
+        assert keys((await limited.get("/_history")).json()) == [(f"Organization/{org}", 'W/"1"')]
