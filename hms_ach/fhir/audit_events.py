@@ -61,7 +61,7 @@ def date_bounds(values: list[str], name: str = "date") -> tuple[str | None, str 
 
 
 CHANGE_SUBTYPES = ("create", "update", "delete")
-ACCESS_SUBTYPES = ("read", "vread", "search-type", "history", "export")
+ACCESS_SUBTYPES = ("read", "vread", "search-type", "search-system", "history", "export")
 
 
 def search_audit_events(store: Store, request: Request, visible: bool = True) -> Response:
@@ -249,7 +249,7 @@ def as_access_event(row: dict[str, Any]) -> dict[str, Any]:
             "display": "RESTful Operation",
         },
         "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": row["subtype"]}],
-        "action": "E" if row["subtype"] in ("search-type", "export") else "R",
+        "action": "E" if row["subtype"] in ("search-type", "search-system", "export") else "R",
         "recorded": row["recorded"],
         "outcome": _BALP_OUTCOME[ok],
         "outcomeDesc": f"HTTP {row['outcome']}",

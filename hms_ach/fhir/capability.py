@@ -22,7 +22,7 @@ from hms_ach.store import search
 from hms_ach.store.search_params import COMMON_PARAMS, SEARCH_PARAMS
 
 FHIR_VERSION = "4.0.1"
-INTERACTIONS = ("read", "vread", "history-instance", "search-type")
+INTERACTIONS = ("read", "vread", "history-instance", "history-type", "search-type")
 #: Served when a fhir_rest channel (hms_ach/channels/fhir_rest.py) is configured.
 WRITE_INTERACTIONS = ("create", "update", "patch", "delete")
 _WRITE_FLAGS: dict[str, Any] = {
@@ -188,7 +188,8 @@ def capability_statement(
             "answers HEAD; a read honours If-None-Match and If-Modified-Since (304). Writes honour "
             "Prefer: return=minimal|representation|OperationOutcome (transactions and batches too) and "
             "Accept (406 unless JSON). _summary (true, text, data, count, false) and _elements work on "
-            "searches and reads; a cut-down resource is tagged SUBSETTED."
+            "searches and reads; a cut-down resource is tagged SUBSETTED. Instance, type and system "
+            "history take _since, _at and _count."
         ),
         "resource": resources,
         "searchParam": [
@@ -204,8 +205,21 @@ def capability_statement(
     }
     if security is not None:
         rest["security"] = security
+    rest["interaction"] = [
+        {
+            "code": "search-system",
+            "documentation": "GET /fhir?_type=A,B&...: the same search on each type in turn (every type "
+            "the token may search when _type is absent), paged across them; a parameter must be "
+            "declared by every type searched",
+        },
+        {
+            "code": "history-system",
+            "documentation": "GET /fhir/_history: the versions of every type the token may see, newest "
+            "first; _since, _at, _count (paging by the next link)",
+        },
+    ]
     if writes:
-        rest["interaction"] = [
+        rest["interaction"] += [
             {
                 "code": "transaction",
                 "documentation": "POST /fhir with a transaction Bundle: all entries or none; "

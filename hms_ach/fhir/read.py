@@ -387,3 +387,105 @@ async def form_params(request: Request) -> list[tuple[str, str]]:
     except UnicodeDecodeError:
         raise FhirError(400, "invalid", "the search form is not UTF-8") from None
     return parse_qsl(text, keep_blank_values=True)
+
+
+def _system_cursor(raw: str | None, types: list[str]) -> tuple[int, str | None]:
+    if not raw:
+        return 0, None
+    try:
+        data = orjson.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
+        index, inner = int(data["t"]), data["c"]
+    except (ValueError, TypeError, KeyError, binascii.Error, orjson.JSONDecodeError):
+        raise FhirError(
+            400, "invalid", "_page is not a cursor this server issued", expression="_page"
+        ) from None
+    if not 0 <= index < len(types) or not (inner is None or isinstance(inner, str)):
+        raise FhirError(400, "invalid", "_page belongs to a different search", expression="_page")
+    return index, inner
+
+
+def _encode_system_cursor(index: int, inner: str | None) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps({"t": index, "c": inner})).decode().rstrip("=")
+
+
+def search_system(
+    store: Store,
+    base: str,
+    types: list[str],
+    params: list[tuple[str, str]],
+    strict: bool,
+    access: search.Access = search.EVERYTHING,
+    seen: Seen | None = None,
+) -> Response:
+    """``GET /fhir?_type=A,B&...``: the same search on each of ``types`` in turn, one page of
+    ``_count`` across them (the ``next`` link carries the type and that type's cursor, so paging
+    never skips or repeats), ``Bundle.total`` the sum of the types' totals. A parameter must be
+    declared by every type searched (``_id`` and ``_lastUpdated`` are)."""
+    own = [(k, v) for k, v in params if k not in ("_type", "_page", "_cursor", "_count")]
+    count_text = next((v for k, v in params if k == "_count" and v), None)
+    try:
+        count = min(int(count_text), search.MAX_COUNT) if count_text is not None else search.DEFAULT_COUNT
+    except ValueError:
+        raise FhirError(
+            400, "invalid", f"_count must be a whole number, got {count_text!r}", expression="_count"
+        ) from None
+    if count < 0:
+        raise FhirError(400, "invalid", "_count must not be negative", expression="_count")
+    index, inner = _system_cursor(next((v for k, v in params if k == "_page"), None), types)
+    matches: list[tuple[str, str, str]] = []
+    included: list[tuple[str, str, str]] = []
+    total: int | None = 0
+    warnings: list[str] = []
+    subset = NOTHING
+    next_cursor: str | None = None
+    for i, rtype in enumerate(types):
+        room = count - len(matches)
+        asked = [*own, ("_count", str(max(room, 0)))]
+        if i == index and inner:
+            asked.append(("_cursor", inner))
+        try:
+            query = search.parse_query(rtype, asked, strict=strict, access=access)  # checks every type
+            if total is not None and query.total != "none":
+                counted = search.parse_query(rtype, [*own, ("_count", "0")], access=access)
+                found = resources.search(store, counted).total
+                total = None if found is None else total + found
+            else:
+                total = None
+            if i < index or next_cursor is not None:
+                continue  # served on an earlier page, or left for the next one
+            if room <= 0:
+                next_cursor = _encode_system_cursor(i, None)
+                continue
+            page = resources.search(store, query)
+        except search.SearchError as exc:
+            raise FhirError(400, exc.code, f"{rtype}: {exc.diagnostics}", expression=exc.expression) from exc
+        subset = Subset(query.summary, tuple(query.elements) if query.elements is not None else None)
+        warnings += [w for w in query.warnings if w not in warnings]
+        matches += [(rtype, rid, text) for rid, text in page.matches]
+        included += page.included
+        if page.next_cursor is not None:
+            next_cursor = _encode_system_cursor(i, page.next_cursor)
+    keep = [(k, v) for k, v in params if k not in ("_page", "_cursor")]
+    links = [("self", f"{base}?{urlencode(keep)}")]
+    if next_cursor is not None and count > 0:
+        links.append(("next", f"{base}?{urlencode([*keep, ('_page', next_cursor)])}"))
+    if seen is not None:
+        for rtype, rid, text in matches + included:
+            seen.add(rtype, rid, text)
+        seen.count = total if total is not None else len(matches)
+    entries = [
+        entry(f"{base}/{rtype}/{rid}", cut_text(text, subset), {"search": {"mode": "match"}})
+        for rtype, rid, text in matches
+    ]
+    entries += [
+        entry(
+            f"{base}/{rtype}/{rid}", cut_text(text, Subset(subset.summary)), {"search": {"mode": "include"}}
+        )
+        for rtype, rid, text in included
+    ]
+    if warnings:
+        outcome = operation_outcome("not-supported", "; ".join(warnings), severity="warning")
+        entries.append(
+            entry(f"urn:uuid:{uuid.uuid4()}", orjson.dumps(outcome).decode(), {"search": {"mode": "outcome"}})
+        )
+    return fhir_response(bundle("searchset", total, links, entries))

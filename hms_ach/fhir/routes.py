@@ -191,6 +191,29 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
             ),
         )
 
+    @router.api_route("", dependencies=negotiated, methods=READ_METHODS)
+    @router.api_route("/", dependencies=negotiated, methods=READ_METHODS, include_in_schema=False)
+    def search_system(request: Request) -> Response:
+        seen = reads.Seen()
+        with _audited(request, "search-system", "", seen) as done:
+            policy = access.policy_of(request)
+            named = [
+                t.strip() for v in request.query_params.getlist("_type") for t in v.split(",") if t.strip()
+            ]
+            for rtype in named:
+                reads.check_served(rtype)
+                access.decide(policy, rtype, "search")
+            types = list(dict.fromkeys(named)) or [
+                t for t in FHIR_SERVED if policy.decide(t, "search").allowed
+            ]
+            if not types:
+                raise access.refusal(policy, "*", "search")
+            scope = access.search_access(policy)
+            params = list(request.query_params.multi_items())
+            return done(
+                reads.search_system(store, _base(request), types, params, _strict(request), scope, seen)
+            )
+
     @router.api_route("/_history", dependencies=negotiated, methods=READ_METHODS)
     def history_system(request: Request) -> Response:
         seen = reads.Seen()

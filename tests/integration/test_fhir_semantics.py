@@ -515,3 +515,59 @@ async def test_type_and_system_history(fhir_engine: Engine, http: httpx.AsyncCli
     ) as limited:
         outcome(await limited.get("/Practitioner/_history"), 403)
         assert keys((await limited.get("/_history")).json()) == [(f"Organization/{org}", 'W/"1"')]
+
+
+async def test_system_search_with_type(fhir_engine: Engine, http: httpx.AsyncClient) -> None:
+    nurses = {await create(http, nurse(f"T{i}")) for i in range(3)}
+    orgs = {
+        await create(
+            http,
+            {
+                "resourceType": "Organization",
+                "name": f"W{i}",
+                "identifier": [{"system": "urn:o", "value": f"T{i}"}],
+            },
+        )
+        for i in range(2)
+    }
+    today = datetime.now(UTC).date().isoformat()
+    body = (
+        await http.get("", params={"_type": "Practitioner,Organization", "_lastUpdated": f"ge{today}"})
+    ).json()
+    assert body.get("type") == "searchset" and body["total"] == 5, body
+    ClientBundle(body)
+    found = {e["fullUrl"].split("/fhir/")[1] for e in body["entry"]}
+    assert found == {f"Practitioner/{i}" for i in nurses} | {f"Organization/{i}" for i in orgs}
+
+    # pages of 2 across the types: every match exactly once
+    pages: list[str] = []
+    url: str | None = "?_type=Practitioner,Organization&_count=2"
+    while url:
+        page = (await http.get(url)).json()
+        assert page["total"] == 5
+        pages += [e["fullUrl"].split("/fhir/")[1] for e in page.get("entry", [])]
+        url = next((lk["url"] for lk in page["link"] if lk["relation"] == "next"), None)
+    assert sorted(pages) == sorted(found) and len(pages) == 5
+
+    # a parameter every type declares; one that a type lacks is a 400 naming it
+    only = (await http.get("", params={"_type": "Practitioner,Organization", "name": "W1"})).json()
+    assert [e["resource"]["resourceType"] for e in only.get("entry", [])] == ["Organization"]
+    outcome(
+        await http.get(
+            "",
+            params={"_type": "Practitioner,Organization", "gender": "female"},
+            headers={"Prefer": "handling=strict"},
+        ),
+        400,
+        "Organization",
+    )
+    outcome(await http.get("", params={"_type": "Shift"}), 404)
+
+    # a type the token may not search is refused; without _type only the granted types are searched
+    orgs_only = auth_headers(fhir_engine, scope="system/Organization.rs")
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{fhir_engine.http_port}/fhir", timeout=30, headers=orgs_only
+    ) as limited:
+        outcome(await limited.get("", params={"_type": "Practitioner"}), 403)
+        every = (await limited.get("")).json()
+        assert {e["resource"]["resourceType"] for e in every["entry"]} == {"Organization"}

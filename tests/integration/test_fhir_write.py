@@ -339,7 +339,12 @@ async def test_capability_statement_declares_what_the_server_does(http: httpx.As
     cs = CapabilityStatement.model_validate(resp.json())
     assert cs.rest
     rest = cs.rest[0]
-    assert {i.code for i in rest.interaction or []} == {"transaction", "batch"}
+    assert {i.code for i in rest.interaction or []} == {
+        "transaction",
+        "batch",
+        "history-system",
+        "search-system",
+    }
     resources = {r.type: r for r in rest.resource or []}
     assert set(resources) == {*FHIR_SERVED, "Basic", "AuditEvent"}
     for rtype in sorted(set(FHIR_SERVED) - set(FHIR_WRITABLE)):  # served, never written through /fhir
@@ -347,6 +352,7 @@ async def test_capability_statement_declares_what_the_server_does(http: httpx.As
             "read",
             "vread",
             "history-instance",
+            "history-type",
             "search-type",
         }
         assert resources[rtype].conditionalCreate is None and resources[rtype].versioning == "versioned"
@@ -356,6 +362,7 @@ async def test_capability_statement_declares_what_the_server_does(http: httpx.As
             "read",
             "vread",
             "history-instance",
+            "history-type",
             "search-type",
             "create",
             "update",
