@@ -27,7 +27,7 @@ from hms_ach.fhir.outcomes import FHIR_JSON, FhirError, operation_outcome
 from hms_ach.fhir.subsetting import NOTHING, SUMMARY_MODES, Subset, cut_text, parse_elements
 from hms_ach.store import resources, search, versions
 from hms_ach.store.db import Store
-from hms_ach.store.search_params import date_range
+from hms_ach.store.search_params import date_range, search_param
 
 MAX_FORM_BYTES = 64 * 1024
 HISTORY_DEFAULT_COUNT = 20
@@ -422,6 +422,19 @@ def search_system(
     never skips or repeats), ``Bundle.total`` the sum of the types' totals. A parameter must be
     declared by every type searched (``_id`` and ``_lastUpdated`` are)."""
     own = [(k, v) for k, v in params if k not in ("_type", "_page", "_cursor", "_count")]
+    for key, _value in own:
+        name = key.partition(":")[0]
+        if name.startswith("_"):
+            continue
+        lacking = [t for t in types if search_param(t, name) is None]
+        if lacking and len(lacking) < len(types):  # unknown to every type: a warning as usual
+            raise FhirError(
+                400,
+                "not-supported",
+                f"parameter {key[:64]!r} is not declared for {', '.join(lacking)}; a system search "
+                "takes the parameters every type searched declares",
+                expression=key[:64],
+            )
     count_text = next((v for k, v in params if k == "_count" and v), None)
     try:
         count = min(int(count_text), search.MAX_COUNT) if count_text is not None else search.DEFAULT_COUNT
