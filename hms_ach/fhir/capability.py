@@ -38,7 +38,8 @@ WRITE_DOC = (
     "a body id that is not the matched record's. If-None-Exist "
     "and conditional update accept identifier=[system|]value only. Delete stores a deleted version: "
     "reads then answer 410 and history keeps every version. PATCH takes a JSON Patch "
-    "(application/json-patch+json; FHIRPath Patch is not supported), honours If-Match and is "
+    "(application/json-patch+json) or a JSON Merge Patch (application/merge-patch+json; FHIRPath "
+    "Patch is not supported), honours If-Match and is "
     "validated and stored like an update."
 )
 

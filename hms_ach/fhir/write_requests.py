@@ -68,8 +68,9 @@ from hms_ach.store.resources import store_request_line
 
 log = logging.getLogger("hms_ach.channels.fhir_rest")
 JSON_TYPES = {"application/fhir+json", "application/json", "application/json+fhir"}
-#: PATCH takes a JSON Patch (RFC 6902).
-PATCH_TYPES = {"application/json-patch+json"}
+#: PATCH takes a JSON Patch (RFC 6902) or a JSON Merge Patch (RFC 7396); with a plain JSON type a
+#: list is a JSON Patch and an object a merge patch (what fhirpy's ``patch()`` sends).
+PATCH_TYPES = {"application/json-patch+json", "application/merge-patch+json", *JSON_TYPES}
 #: A PATCH without If-Match is applied to the version it read; when another write comes between,
 #: it is read and applied again, at most this many times (then 409).
 PATCH_ATTEMPTS = 3
@@ -99,7 +100,8 @@ async def _body(request: Request, channel: FhirRestChannel, accepted: set[str] =
             415,
             "not-supported",
             f"content type {ctype[:64] or '(none)'!r} is not accepted for PATCH; send a JSON Patch "
-            "(application/json-patch+json). FHIRPath Patch is not supported",
+            "(application/json-patch+json) or a JSON Merge Patch (application/merge-patch+json). "
+            "FHIRPath Patch is not supported",
         )
     if ctype not in accepted:
         raise FhirError(
@@ -447,7 +449,8 @@ async def delete(
 async def patch(
     request: Request, find: WriteChannel, resource_type: str, rid: str, guard: WriteGuard
 ) -> Response:
-    """``PATCH T/id`` with a JSON Patch (RFC 6902): applied to the current version, then written as
+    """``PATCH T/id`` with a JSON Patch (RFC 6902) or a JSON Merge Patch (RFC 7396): applied to the
+    current version, then written as
     an update of the whole resource (validated, mapped, scoped as ``update`` and stored like a PUT,
     so ``hms-ach replay`` runs it as one). ``If-Match`` is honoured (412); without it the patch is
     applied to the version read, and read and applied again if another write came between."""
@@ -456,7 +459,8 @@ async def patch(
         raise FhirError(405, "not-supported", "a shift sent as Basic is updated with PUT, not patched")
     channel = _channel(find)
     _check_line(_request_line(request, f"{resource_type}/{rid}"))
-    doc = _parse_patch(await _body(request, channel, PATCH_TYPES))
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    doc = _parse_patch(await _body(request, channel, PATCH_TYPES), ctype)
     if_match = request.headers.get("if-match")
     if not reads_mod.ID_RE.match(rid):
         raise FhirError(404, "not-found", f"{resource_type}/{rid[:64]} is not known")
@@ -484,20 +488,48 @@ async def patch(
     raise RuntimeError("unreachable")  # the loop returns or raises
 
 
-def _parse_patch(raw: bytes) -> list[dict[str, Any]]:
-    """The operations of a JSON Patch document (400 unless it is a list of operation objects)."""
+def _parse_patch(raw: bytes, ctype: str) -> list[dict[str, Any]] | dict[str, Any]:
+    """The operations of a JSON Patch document (a list of operation objects), or the object of a
+    JSON Merge Patch; 400 for anything else."""
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise FhirError(400, "structure", f"the JSON Patch is not valid JSON: {exc}") from None
+        raise FhirError(400, "structure", f"the patch is not valid JSON: {exc}") from None
+    if ctype != "application/json-patch+json" and isinstance(doc, dict):
+        return doc  # a merge patch
+    if ctype == "application/merge-patch+json":
+        raise FhirError(400, "structure", "a JSON Merge Patch is an object")
     if not isinstance(doc, list) or not all(isinstance(op, dict) and "op" in op for op in doc):
         raise FhirError(400, "structure", 'a JSON Patch is a list of operations like {"op": "replace", ...}')
     return doc
 
 
-def _apply_patch(doc: list[dict[str, Any]], resource: dict[str, Any], resource_type: str, rid: str) -> Any:
-    """``resource`` with the JSON Patch ``doc`` applied; a patch that cannot be applied (a failed
-    ``test``, a path that does not exist) is 422, one that changes the id or type 400."""
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7396: ``patch``'s members replace ``target``'s, objects merge, ``null`` removes."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
+def _apply_patch(
+    doc: list[dict[str, Any]] | dict[str, Any], resource: dict[str, Any], resource_type: str, rid: str
+) -> Any:
+    """``resource`` with the JSON Patch or merge patch ``doc`` applied; a patch that cannot be applied
+    (a failed ``test``, a path that does not exist) is 422, one that changes the id or type 400."""
+    if isinstance(doc, dict):
+        patched = merge_patch(resource, {**doc, "meta": None} if "meta" in doc else doc)
+        if patched.get("resourceType") != resource_type or patched.get("id") != rid:
+            raise FhirError(
+                400, "invalid", f"a patch may not change the resourceType or id of {resource_type}/{rid}"
+            )
+        patched.pop("meta", None)
+        return patched
     try:
         patched = jsonpatch.apply_patch(resource, doc)
     except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as exc:

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from fhirclient.models.bundle import Bundle as ClientBundle
+from fhirpy import AsyncFHIRClient
 
 from hms_ach.app.runtime import Engine
 from tests.integration.engine_helpers import FHIR_JSON, auth_headers
@@ -383,7 +384,9 @@ async def test_json_patch(http: httpx.AsyncClient) -> None:
         "gender",
     )
     # not a JSON Patch: 415; unknown record: 404
-    outcome(await http.patch(f"/Practitioner/{rid}", json=ops, headers=FHIR_JSON), 415, "JSON Patch")
+    plain = {"content-type": "text/plain"}
+    outcome(await http.patch(f"/Practitioner/{rid}", content=b"[]", headers=plain), 415, "JSON Patch")
+
     outcome(await http.patch("/Practitioner/unknown", json=ops, headers=PATCH), 404)
     assert (await http.get(f"/Practitioner/{rid}")).headers["etag"] == 'W/"3"'
 
@@ -567,3 +570,26 @@ async def test_system_search_with_type(fhir_engine: Engine, http: httpx.AsyncCli
         outcome(await limited.get("", params={"_type": "Practitioner"}), 403)
         every = (await limited.get("")).json()
         assert {e["resource"]["resourceType"] for e in every["entry"]} == {"Organization"}
+
+
+async def test_fhirpy_patch_is_a_merge_patch(fhir_engine: Engine, http: httpx.AsyncClient) -> None:
+    rid = await create(http, nurse("M1", "Osei", gender="female", birthDate="1980-05-01"))
+    client = AsyncFHIRClient(
+        f"http://127.0.0.1:{fhir_engine.http_port}/fhir",
+        authorization=auth_headers(fhir_engine)["authorization"],
+    )
+    patched = await client.patch(
+        "Practitioner", rid, name=[{"family": "Mensah", "given": ["Amara"]}], birthDate=None
+    )
+    assert patched["name"][0]["family"] == "Mensah" and "birthDate" not in patched
+    assert patched["gender"] == "female" and patched["meta"]["versionId"] == "2"
+    merge = {"content-type": "application/merge-patch+json"}
+    resp = await http.patch(f"/Practitioner/{rid}", json={"gender": "male"}, headers=merge)
+    assert resp.status_code == 200 and resp.json()["gender"] == "male"
+    outcome(
+        await http.patch(f"/Practitioner/{rid}", json=[{"op": "remove", "path": "/gender"}], headers=merge),
+        400,
+    )
+    outcome(
+        await http.patch(f"/Practitioner/{rid}", json={"id": "other"}, headers=merge), 400, "may not change"
+    )
