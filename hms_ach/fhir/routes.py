@@ -4,14 +4,17 @@ Every FHIR route is declared here, in matching order; the handlers live in their
 
 =====================================  ==========================================================
 ``GET /fhir/metadata``                 :mod:`hms_ach.fhir.capability`
-``GET /fhir/AuditEvent``               :mod:`hms_ach.fhir.audit_events` (before the record types)
+``GET /fhir/AuditEvent[/id]``          :mod:`hms_ach.fhir.audit_events` (before the record types)
 ``POST /fhir``, ``POST|PUT /fhir/T``,  :mod:`hms_ach.fhir.write_requests` (with a ``fhir_rest``
-``PUT|DELETE /fhir/T/id``              channel; 405 without one)
+``PUT|PATCH|DELETE /fhir/T/id``        channel; 405 without one)
+``GET /fhir``, ``/fhir/_history``      :mod:`hms_ach.fhir.read` (system search ``_type``, history)
+``GET /fhir/T/_history``               :mod:`hms_ach.fhir.read` (type history)
 ``GET /fhir/T``, ``POST T/_search``    :mod:`hms_ach.fhir.read` (search)
 ``GET /fhir/T/id``, ``_history[/v]``   :mod:`hms_ach.fhir.read` (read, history, vread)
 =====================================  ==========================================================
 
-The read routes negotiate the format (JSON only, 406 otherwise). Database work runs in FastAPI's
+Every GET route answers HEAD too (:func:`head_only`: the GET's headers, no body). Every route
+negotiates the format (JSON only, 406 otherwise), the writes included. Database work runs in FastAPI's
 threadpool on short reader connections. Every error is an OperationOutcome (see
 :mod:`hms_ach.fhir.outcomes`).
 """
@@ -38,8 +41,6 @@ from hms_ach.store.search import Access
 
 JSON_TYPES = {"application/fhir+json", "application/json", "application/json+fhir", "text/json", "json"}
 ACCEPT_ANY = {"*/*", "application/*"}
-#: Every read answers HEAD too: the headers of the GET, no body (RFC 9110 9.3.2).
-READ_METHODS = ["GET", "HEAD"]
 
 
 # ---------------------------------------------------------------------------- negotiation
@@ -138,7 +139,8 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
     negotiated = [Depends(negotiate)]
 
     # ------------------------------------------------------------------ AuditEvent (not a record type)
-    @router.api_route("/AuditEvent", methods=READ_METHODS)
+    @router.get("/AuditEvent")
+    @router.head("/AuditEvent", include_in_schema=False)
     def search_audit_events(request: Request) -> Response:
         decision = access.require(request, "AuditEvent", "search")
         # The trail is not in the Patient compartment: a patient/ grant sees no entry.
@@ -146,7 +148,8 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
             request, audit_events.search_audit_events(store, request, visible=decision.patient is None)
         )
 
-    @router.api_route("/AuditEvent/{rid}", dependencies=negotiated, methods=READ_METHODS)
+    @router.get("/AuditEvent/{rid}", dependencies=negotiated)
+    @router.head("/AuditEvent/{rid}", dependencies=negotiated, include_in_schema=False)
     def read_audit_event(rid: str, request: Request) -> Response:
         decision = access.require(request, "AuditEvent", "read")
         return head_only(request, audit_events.read_audit_event(store, rid, visible=decision.patient is None))
@@ -181,7 +184,8 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
         return await writes.delete(request, find, resource_type, rid, guard(request))
 
     # ------------------------------------------------------------------ reads
-    @router.api_route("/metadata", dependencies=negotiated, methods=READ_METHODS)
+    @router.get("/metadata", dependencies=negotiated)
+    @router.head("/metadata", dependencies=negotiated, include_in_schema=False)
     def metadata(request: Request) -> Response:
         security = security_of(getattr(request.app.state, "authenticator", None))
         return head_only(
@@ -191,8 +195,10 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
             ),
         )
 
-    @router.api_route("", dependencies=negotiated, methods=READ_METHODS)
-    @router.api_route("/", dependencies=negotiated, methods=READ_METHODS, include_in_schema=False)
+    @router.get("", dependencies=negotiated)
+    @router.head("", dependencies=negotiated, include_in_schema=False)
+    @router.get("/", dependencies=negotiated, include_in_schema=False)
+    @router.head("/", dependencies=negotiated, include_in_schema=False)
     def search_system(request: Request) -> Response:
         seen = reads.Seen()
         with _audited(request, "search-system", "", seen) as done:
@@ -214,7 +220,8 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
                 reads.search_system(store, _base(request), types, params, _strict(request), scope, seen)
             )
 
-    @router.api_route("/_history", dependencies=negotiated, methods=READ_METHODS)
+    @router.get("/_history", dependencies=negotiated)
+    @router.head("/_history", dependencies=negotiated, include_in_schema=False)
     def history_system(request: Request) -> Response:
         seen = reads.Seen()
         with _audited(request, "history", "", seen) as done:
@@ -222,7 +229,8 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
             params = dict(request.query_params)
             return done(reads.history_versions(store, _base(request), "_history", types, None, params, seen))
 
-    @router.api_route("/{resource_type}/_history", dependencies=negotiated, methods=READ_METHODS)
+    @router.get("/{resource_type}/_history", dependencies=negotiated)
+    @router.head("/{resource_type}/_history", dependencies=negotiated, include_in_schema=False)
     def history_type(resource_type: str, request: Request) -> Response:
         seen = reads.Seen()
         with _audited(request, "history", resource_type, seen) as done:
@@ -232,7 +240,8 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
             path = f"{resource_type}/_history"
             return done(reads.history_versions(store, _base(request), path, types, None, params, seen))
 
-    @router.api_route("/{resource_type}", dependencies=negotiated, methods=READ_METHODS)
+    @router.get("/{resource_type}", dependencies=negotiated)
+    @router.head("/{resource_type}", dependencies=negotiated, include_in_schema=False)
     def search_get(resource_type: str, request: Request) -> Response:
         seen = reads.Seen()
         with _audited(request, "search-type", resource_type, seen) as done:
@@ -265,7 +274,8 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
 
     inline = store.dialect == "sqlite"
 
-    @router.api_route("/{resource_type}/{rid}", dependencies=negotiated, methods=READ_METHODS)
+    @router.get("/{resource_type}/{rid}", dependencies=negotiated)
+    @router.head("/{resource_type}/{rid}", dependencies=negotiated, include_in_schema=False)
     async def read(resource_type: str, rid: str, request: Request) -> Response:
         seen = reads.Seen()
         with _audited(request, "read", resource_type, seen, rid) as done:
@@ -285,7 +295,8 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
                 )
             )
 
-    @router.api_route("/{resource_type}/{rid}/_history", dependencies=negotiated, methods=READ_METHODS)
+    @router.get("/{resource_type}/{rid}/_history", dependencies=negotiated)
+    @router.head("/{resource_type}/{rid}/_history", dependencies=negotiated, include_in_schema=False)
     def history(resource_type: str, rid: str, request: Request) -> Response:
         seen = reads.Seen()
         with _audited(request, "history", resource_type, seen, rid) as done:
@@ -294,7 +305,8 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
             params = dict(request.query_params)
             return done(reads.history(store, _base(request), resource_type, rid, params, decision, seen))
 
-    @router.api_route("/{resource_type}/{rid}/_history/{vid}", dependencies=negotiated, methods=READ_METHODS)
+    @router.get("/{resource_type}/{rid}/_history/{vid}", dependencies=negotiated)
+    @router.head("/{resource_type}/{rid}/_history/{vid}", dependencies=negotiated, include_in_schema=False)
     async def vread(resource_type: str, rid: str, vid: str, request: Request) -> Response:
         seen = reads.Seen()
         with _audited(request, "vread", resource_type, seen, rid) as done:
