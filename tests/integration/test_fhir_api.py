@@ -350,6 +350,7 @@ def test_capability_statement_is_valid_and_generated(http: httpx.Client) -> None
         "entity",
         "agent",
         "date",
+        "_lastUpdated",
         "patient",
         "subtype",
     }
