@@ -257,7 +257,7 @@ def check_shift(tx: Tx, rid: str, content: dict[str, Any], where: str) -> None:
         clash = shift_overlap(tx, who, start, end, rid)  # that employee's shifts only, by the index
         if clash:
             raise RuleViolation(
-                f"{who} already works shift Shift/{clash} then",
+                f"{who} already works shift Basic/{clash} then",  # the id a FHIR client uses
                 code="business-rule",
                 expression=f"{where}.subject",
             )

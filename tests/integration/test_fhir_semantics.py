@@ -593,3 +593,36 @@ async def test_fhirpy_patch_is_a_merge_patch(fhir_engine: Engine, http: httpx.As
     outcome(
         await http.patch(f"/Practitioner/{rid}", json={"id": "other"}, headers=merge), 400, "may not change"
     )
+
+
+async def test_an_overlapping_shift_in_a_batch_names_it_as_basic(http: httpx.AsyncClient) -> None:
+    rid = await create(http, nurse("O1"))
+
+    def shift(number: str) -> dict[str, Any]:
+        return {
+            "resourceType": "Basic",
+            "identifier": [{"system": "urn:hms-ach:id:shift", "value": number}],
+            "code": {"coding": [{"system": "urn:hms-ach:code:basic-type", "code": "shift"}]},
+            "subject": {"reference": f"Practitioner/{rid}"},
+            "extension": [
+                {
+                    "url": "urn:hms-ach:fhir:StructureDefinition/shift-period",
+                    "valuePeriod": {"start": "2026-12-05T07:00:00Z", "end": "2026-12-05T15:00:00Z"},
+                }
+            ],
+        }
+
+    batch = {
+        "resourceType": "Bundle",
+        "type": "batch",
+        "entry": [
+            {"resource": shift(n), "request": {"method": "POST", "url": "Basic"}} for n in ("O-1", "O-2")
+        ],
+    }
+    resp = await http.post("", json=batch, headers=FHIR_JSON)
+    assert resp.status_code == 200, resp.text
+    first, second = resp.json()["entry"]
+    assert first["response"]["status"] == "201 Created" and second["response"]["status"].startswith("422")
+    assert f"Basic/{first['resource']['id']}" in second["response"]["outcome"]["issue"][0]["diagnostics"]
+    assert "Shift" not in resp.text
+    ClientBundle(resp.json())
