@@ -1,6 +1,7 @@
-"""FHIR ``AuditEvent`` search at /fhir/AuditEvent, rendered from the audit trail (read-only).
+"""FHIR ``AuditEvent`` search and read at /fhir/AuditEvent, rendered from the audit trail (read-only).
 
-The route is declared in :mod:`hms_ach.fhir.routes`; :func:`search_audit_events` answers it.
+The routes are declared in :mod:`hms_ach.fhir.routes`; :func:`search_audit_events` and
+:func:`read_audit_event` answer them. Every ``fullUrl`` of a search resolves with a read.
 
 Two kinds of entries are served: the change trail (:mod:`hms_ach.store.audit`, subtypes create,
 update, delete; ids ``audit-N``) and the access records (:mod:`hms_ach.store.access_log`, subtypes
@@ -8,7 +9,8 @@ read, vread, search-type, history, export; ids ``access-N``) in the IHE BALP pat
 
 Parameters: ``entity`` (``Patient/123`` or a type) or ``patient`` (``Patient/123`` or ``123``),
 ``agent`` (channel or client name; the caller's ``sub`` for access records), ``subtype``,
-``date`` (``ge``/``gt``/``le``/``lt`` prefixes on the recorded instant, repeatable), ``_count``,
+``date`` and ``_lastUpdated`` (``ge``/``gt``/``le``/``lt``/``eq`` prefixes on the recorded
+instant, repeatable; an entry is never changed, so both are its recording time), ``_count``,
 ``_cursor`` (keyset paging on the change trail) and ``_access_cursor`` (on the access records).
 
 :func:`record_access` is what the read routes call: it queues one access record (never waits for
@@ -59,7 +61,7 @@ def date_bounds(values: list[str], name: str = "date") -> tuple[str | None, str 
 
 
 CHANGE_SUBTYPES = ("create", "update", "delete")
-ACCESS_SUBTYPES = ("read", "vread", "search-type", "history", "export")
+ACCESS_SUBTYPES = ("read", "vread", "search-type", "search-system", "history", "export")
 
 
 def search_audit_events(store: Store, request: Request, visible: bool = True) -> Response:
@@ -72,6 +74,7 @@ def search_audit_events(store: Store, request: Request, visible: bool = True) ->
         "patient",
         "agent",
         "date",
+        "_lastUpdated",
         "subtype",
         "_count",
         "_cursor",
@@ -84,7 +87,7 @@ def search_audit_events(store: Store, request: Request, visible: bool = True) ->
             400,
             "not-supported",
             f"unknown AuditEvent search parameter(s): {', '.join(unknown)}; "
-            "supported: entity, patient, agent, date, subtype",
+            "supported: entity, patient, agent, date, _lastUpdated, subtype",
             expression=unknown[0],
         )
     count_text, cursor_text = params.get("_count", "50"), params.get("_cursor", "0")
@@ -104,6 +107,11 @@ def search_audit_events(store: Store, request: Request, visible: bool = True) ->
     if patient is not None:
         entity = patient if patient.startswith("Patient/") else f"Patient/{patient}"
     since, until = date_bounds(params.getlist("date"))
+    # An AuditEvent is written once, when it is recorded: its _lastUpdated is its date.
+    if params.getlist("_lastUpdated"):
+        since2, until2 = date_bounds(params.getlist("_lastUpdated"), "_lastUpdated")
+        since = max(x for x in (since, since2) if x is not None) if since or since2 else None
+        until = min(x for x in (until, until2) if x is not None) if until or until2 else None
     limit = min(int(count_text), MAX_COUNT)
     rows: list[dict[str, Any]] = []
     accesses: list[dict[str, Any]] = []
@@ -168,6 +176,28 @@ def search_audit_events(store: Store, request: Request, visible: bool = True) ->
     return Response(orjson.dumps(bundle), media_type=FHIR_JSON)
 
 
+def read_audit_event(store: Store, rid: str, visible: bool = True) -> Response:
+    """``GET /fhir/AuditEvent/{id}``: one change entry (``audit-N``) or access record
+    (``access-N``), the same resource a search serves with that id; 404 for any other id, and when
+    the caller may not see the trail (``visible``)."""
+    kind, _, number = rid.partition("-")
+    if not visible or kind not in ("audit", "access") or not number.isdigit() or len(number) > 18:
+        raise FhirError(404, "not-found", f"AuditEvent/{rid[:64]} is not known")
+    seq = int(number)
+    resource: dict[str, Any] | None = None
+    if kind == "audit" and seq > 0:
+        rows, _next = audit.search_trail(store, audit.AuditQuery(after_seq=seq - 1, limit=1))
+        if rows and rows[0]["seq"] == seq:
+            resource = audit.as_audit_event(rows[0])
+    elif kind == "access" and seq > 0:
+        found, _more = access_log.search_records(store, access_log.AccessQuery(after_seq=seq - 1, limit=1))
+        if found and found[0]["seq"] == seq:
+            resource = as_access_event(found[0])
+    if resource is None:
+        raise FhirError(404, "not-found", f"AuditEvent/{rid[:64]} is not known")
+    return Response(orjson.dumps(resource), media_type=FHIR_JSON)
+
+
 #: A cursor past every entry: the next page of a kind that has no more.
 _END = 2**62
 
@@ -223,7 +253,7 @@ def as_access_event(row: dict[str, Any]) -> dict[str, Any]:
             "display": "RESTful Operation",
         },
         "subtype": [{"system": "http://hl7.org/fhir/restful-interaction", "code": row["subtype"]}],
-        "action": "E" if row["subtype"] in ("search-type", "export") else "R",
+        "action": "E" if row["subtype"] in ("search-type", "search-system", "export") else "R",
         "recorded": row["recorded"],
         "outcome": _BALP_OUTCOME[ok],
         "outcomeDesc": f"HTTP {row['outcome']}",

@@ -22,9 +22,9 @@ from hms_ach.store import search
 from hms_ach.store.search_params import COMMON_PARAMS, SEARCH_PARAMS
 
 FHIR_VERSION = "4.0.1"
-INTERACTIONS = ("read", "vread", "history-instance", "search-type")
+INTERACTIONS = ("read", "vread", "history-instance", "history-type", "search-type")
 #: Served when a fhir_rest channel (hms_ach/channels/fhir_rest.py) is configured.
-WRITE_INTERACTIONS = ("create", "update", "delete")
+WRITE_INTERACTIONS = ("create", "update", "patch", "delete")
 _WRITE_FLAGS: dict[str, Any] = {
     "conditionalCreate": True,
     "conditionalUpdate": True,
@@ -32,10 +32,15 @@ _WRITE_FLAGS: dict[str, Any] = {
 }
 WRITE_DOC = (
     "Writes are mapped into the canonical record (the elements a mapping does not read are not kept). "
-    "Update needs the record to exist (updateCreate: false) and honours If-Match (412 on a mismatch); "
-    "a conditional update (PUT ?identifier=system|value) creates when nothing matches. If-None-Exist "
+    "Update needs the record to exist (updateCreate: false), the body's id to be the URL's (400 when "
+    "it is missing or differs) and honours If-Match (412 on a mismatch); "
+    "a conditional update (PUT ?identifier=system|value) creates when nothing matches, and refuses (400) "
+    "a body id that is not the matched record's. If-None-Exist "
     "and conditional update accept identifier=[system|]value only. Delete stores a deleted version: "
-    "reads then answer 410 and history keeps every version."
+    "reads then answer 410 and history keeps every version. PATCH takes a JSON Patch "
+    "(application/json-patch+json) or a JSON Merge Patch (application/merge-patch+json; FHIRPath "
+    "Patch is not supported), honours If-Match and is "
+    "validated and stored like an update."
 )
 
 
@@ -46,7 +51,7 @@ def _software_version() -> str:
         return "0.0.0"
 
 
-#: AuditEvent search (hms_ach/fhir/audit_events.py): read-only, search-type only.
+#: AuditEvent search (hms_ach/fhir/audit_events.py): read-only, read and search-type.
 AUDIT_PARAMS: list[dict[str, str]] = [
     {
         "name": "entity",
@@ -66,6 +71,13 @@ AUDIT_PARAMS: list[dict[str, str]] = [
         "type": "date",
         "definition": "http://hl7.org/fhir/SearchParameter/AuditEvent-date",
         "documentation": "The recorded instant, with the eq/ge/gt/le/lt prefixes; repeat it for a range",
+    },
+    {
+        "name": "_lastUpdated",
+        "type": "date",
+        "definition": "http://hl7.org/fhir/SearchParameter/Resource-lastUpdated",
+        "documentation": "The recorded instant (an entry is never changed after it is recorded), with "
+        "the eq/ge/gt/le/lt prefixes",
     },
     {
         "name": "patient",
@@ -157,9 +169,10 @@ def capability_statement(
     resources.append(
         {
             "type": "AuditEvent",
-            "interaction": [{"code": "search-type"}],
-            "documentation": "Read-only, rendered from the hash-chained audit trail (one entry per record version); "
-            "paging by _cursor, _count at most 200. No read or history of single entries.",
+            "interaction": [{"code": "read"}, {"code": "search-type"}],
+            "documentation": "Read-only, rendered from the hash-chained audit trail (one entry per record version) "
+            "and the access records; paging by _cursor, _count at most 200. Every fullUrl of a search "
+            "is readable by id (audit-N, access-N). No history of single entries.",
             "searchParam": AUDIT_PARAMS,
         }
     )
@@ -169,7 +182,15 @@ def capability_statement(
             f"Search pages hold {search.DEFAULT_COUNT} entries by default and at most "
             f"{search.MAX_COUNT}; paging is by cursor. Bundle.total is counted on every page; _total=none "
             "(or estimate) saves that count when the client does not need it. "
-            "Prefer: handling=strict makes unknown parameters an error."
+            "Prefer: handling=strict makes unknown parameters an error. Every parameter takes :missing; "
+            "date parameters take the eq, ne, gt, lt, ge, le, sa, eb and ap prefixes (ap: the value's range "
+            "widened by a tenth of its distance from now, at least a day); a token on a code element "
+            "(gender, status...) matches system|code through the element's implicit system. Every read "
+            "answers HEAD; a read honours If-None-Match and If-Modified-Since (304). Writes honour "
+            "Prefer: return=minimal|representation|OperationOutcome (transactions and batches too) and "
+            "Accept (406 unless JSON). _summary (true, text, data, count, false) and _elements work on "
+            "searches and reads; a cut-down resource is tagged SUBSETTED. Instance, type and system "
+            "history take _since, _at and _count."
         ),
         "resource": resources,
         "searchParam": [
@@ -185,8 +206,21 @@ def capability_statement(
     }
     if security is not None:
         rest["security"] = security
+    rest["interaction"] = [
+        {
+            "code": "search-system",
+            "documentation": "GET /fhir?_type=A,B&...: the same search on each type in turn (every type "
+            "the token may search when _type is absent), paged across them; a parameter must be "
+            "declared by every type searched",
+        },
+        {
+            "code": "history-system",
+            "documentation": "GET /fhir/_history: the versions of every type the token may see, newest "
+            "first; _since, _at, _count (paging by the next link)",
+        },
+    ]
     if writes:
-        rest["interaction"] = [
+        rest["interaction"] += [
             {
                 "code": "transaction",
                 "documentation": "POST /fhir with a transaction Bundle: all entries or none; "
@@ -194,7 +228,9 @@ def capability_statement(
             },
             {
                 "code": "batch",
-                "documentation": "POST /fhir with a batch Bundle: each entry succeeds or fails on its own",
+                "documentation": "POST /fhir with a batch Bundle: each entry succeeds or fails on its own "
+                "(a malformed or invalid entry answers with its own 4xx and an OperationOutcome); GET entries "
+                "(Type/id, Type?query) are answered after the writes",
             },
         ]
     return {

@@ -44,6 +44,8 @@ def replay_fhir(conn: Tx, row: StoredMessage, engine: MappingEngine, max_bundle_
     try:
         body = orjson.loads(bytes(row.raw)) if line.method != "DELETE" else None
         ops, kind = request_operations(line, body, max_bundle_entries)
+        # a batch's malformed entries and reads were never applied: nothing to replay
+        ops = [op for op in ops if op.refused is None and op.method != "GET"]
         for op in ops:
             prepare(op, engine)
     except orjson.JSONDecodeError as exc:

@@ -4,14 +4,17 @@ Every FHIR route is declared here, in matching order; the handlers live in their
 
 =====================================  ==========================================================
 ``GET /fhir/metadata``                 :mod:`hms_ach.fhir.capability`
-``GET /fhir/AuditEvent``               :mod:`hms_ach.fhir.audit_events` (before the record types)
+``GET /fhir/AuditEvent[/id]``          :mod:`hms_ach.fhir.audit_events` (before the record types)
 ``POST /fhir``, ``POST|PUT /fhir/T``,  :mod:`hms_ach.fhir.write_requests` (with a ``fhir_rest``
-``PUT|DELETE /fhir/T/id``              channel; 405 without one)
+``PUT|PATCH|DELETE /fhir/T/id``        channel; 405 without one)
+``GET /fhir``, ``/fhir/_history``      :mod:`hms_ach.fhir.read` (system search ``_type``, history)
+``GET /fhir/T/_history``               :mod:`hms_ach.fhir.read` (type history)
 ``GET /fhir/T``, ``POST T/_search``    :mod:`hms_ach.fhir.read` (search)
 ``GET /fhir/T/id``, ``_history[/v]``   :mod:`hms_ach.fhir.read` (read, history, vread)
 =====================================  ==========================================================
 
-The read routes negotiate the format (JSON only, 406 otherwise). Database work runs in FastAPI's
+Every GET route answers HEAD too (:func:`head_only`: the GET's headers, no body). Every route
+negotiates the format (JSON only, 406 otherwise), the writes included. Database work runs in FastAPI's
 threadpool on short reader connections. Every error is an OperationOutcome (see
 :mod:`hms_ach.fhir.outcomes`).
 """
@@ -27,6 +30,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from hms_ach.core.records import FHIR_SERVED
 from hms_ach.fhir import access, audit_events
 from hms_ach.fhir import read as reads
 from hms_ach.fhir import write_requests as writes
@@ -65,6 +69,14 @@ async def negotiate(request: Request) -> None:
     raise FhirError(406, "not-supported", "none of the Accept types is served; use application/fhir+json")
 
 
+def head_only(request: Request, response: Response) -> Response:
+    """For a HEAD request, ``response`` without its body (its headers, Content-Length included)."""
+    if request.method != "HEAD":
+        return response
+    headers = {k: v for k, v in response.headers.items() if k.lower() != "content-type"}
+    return Response(None, response.status_code, headers=headers, media_type=response.media_type)
+
+
 def _strict(request: Request) -> bool:
     prefer = request.headers.get("prefer", "")
     return any(p.strip().replace(" ", "") == "handling=strict" for p in re.split(r"[,;]", prefer))
@@ -81,6 +93,22 @@ def _search_access(request: Request, resource_type: str) -> Access:
     return access.search_access(policy)
 
 
+def _history_types(request: Request, wanted: tuple[str, ...]) -> dict[str, str | None]:
+    """The types of a type-level (one, 403 unless granted) or system-level history (those the caller
+    may see; none is a 403), each mapped to the patient whose compartment limits it, or None."""
+    policy = access.policy_of(request)
+    if len(wanted) == 1:
+        return {wanted[0]: access.decide(policy, wanted[0], "history-type").patient}
+    types = {}
+    for rtype in wanted:
+        decision = policy.decide(rtype, "history-type")
+        if decision.allowed:
+            types[rtype] = decision.patient
+    if not types:
+        raise access.refusal(policy, "*", "history-type")
+    return types
+
+
 @contextmanager
 def _audited(
     request: Request, subtype: str, resource_type: str, seen: reads.Seen, rid: str | None = None
@@ -93,7 +121,7 @@ def _audited(
         audit_events.record_access(
             request, subtype, resource_type, response.status_code, seen.refs, seen.count
         )
-        return response
+        return head_only(request, response)
 
     try:
         yield done
@@ -112,6 +140,7 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
 
     # ------------------------------------------------------------------ AuditEvent (not a record type)
     @router.get("/AuditEvent")
+    @router.head("/AuditEvent", include_in_schema=False)
     def search_audit_events(request: Request) -> Response:
         try:
             decision = access.require(request, "AuditEvent", "search")
@@ -119,42 +148,104 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
             audit_events.record_access(request, "search-type", "AuditEvent", exc.status)
             raise
         # The trail is not in the Patient compartment: a patient/ grant sees no entry.
-        return audit_events.search_audit_events(store, request, visible=decision.patient is None)
+        return head_only(
+            request, audit_events.search_audit_events(store, request, visible=decision.patient is None)
+        )
+
+    @router.get("/AuditEvent/{rid}", dependencies=negotiated)
+    @router.head("/AuditEvent/{rid}", dependencies=negotiated, include_in_schema=False)
+    def read_audit_event(rid: str, request: Request) -> Response:
+        decision = access.require(request, "AuditEvent", "read")
+        return head_only(request, audit_events.read_audit_event(store, rid, visible=decision.patient is None))
 
     # ------------------------------------------------------------------ writes
     def guard(request: Request) -> access.WriteGuard:
         return access.WriteGuard(store, access.policy_of(request))
 
-    @router.post("")
-    @router.post("/", include_in_schema=False)
+    @router.post("", dependencies=negotiated)
+    @router.post("/", include_in_schema=False, dependencies=negotiated)
     async def bundle(request: Request) -> Response:
         return await writes.transaction_or_batch(request, find, guard(request))
 
-    @router.post("/{resource_type}")
+    @router.post("/{resource_type}", dependencies=negotiated)
     async def create(resource_type: str, request: Request) -> Response:
         return await writes.create(request, find, resource_type, guard(request))
 
-    @router.put("/{resource_type}")
+    @router.put("/{resource_type}", dependencies=negotiated)
     async def conditional_update(resource_type: str, request: Request) -> Response:
         return await writes.conditional_update(request, find, resource_type, guard(request))
 
-    @router.put("/{resource_type}/{rid}")
+    @router.put("/{resource_type}/{rid}", dependencies=negotiated)
     async def update(resource_type: str, rid: str, request: Request) -> Response:
         return await writes.update(request, find, resource_type, rid, guard(request))
 
-    @router.delete("/{resource_type}/{rid}")
+    @router.patch("/{resource_type}/{rid}", dependencies=negotiated)
+    async def patch(resource_type: str, rid: str, request: Request) -> Response:
+        return await writes.patch(request, find, resource_type, rid, guard(request))
+
+    @router.delete("/{resource_type}/{rid}", dependencies=negotiated)
     async def delete(resource_type: str, rid: str, request: Request) -> Response:
         return await writes.delete(request, find, resource_type, rid, guard(request))
 
     # ------------------------------------------------------------------ reads
     @router.get("/metadata", dependencies=negotiated)
+    @router.head("/metadata", dependencies=negotiated, include_in_schema=False)
     def metadata(request: Request) -> Response:
         security = security_of(getattr(request.app.state, "authenticator", None))
-        return reads.fhir_response(
-            orjson.dumps(capability_statement(_base(request), find() is not None, security))
+        return head_only(
+            request,
+            reads.fhir_response(
+                orjson.dumps(capability_statement(_base(request), find() is not None, security))
+            ),
         )
 
+    @router.get("", dependencies=negotiated)
+    @router.head("", dependencies=negotiated, include_in_schema=False)
+    @router.get("/", dependencies=negotiated, include_in_schema=False)
+    @router.head("/", dependencies=negotiated, include_in_schema=False)
+    def search_system(request: Request) -> Response:
+        seen = reads.Seen()
+        with _audited(request, "search-system", "", seen) as done:
+            policy = access.policy_of(request)
+            named = [
+                t.strip() for v in request.query_params.getlist("_type") for t in v.split(",") if t.strip()
+            ]
+            for rtype in named:
+                reads.check_served(rtype)
+                access.decide(policy, rtype, "search")
+            types = list(dict.fromkeys(named)) or [
+                t for t in FHIR_SERVED if policy.decide(t, "search").allowed
+            ]
+            if not types:
+                raise access.refusal(policy, "*", "search")
+            scope = access.search_access(policy)
+            params = list(request.query_params.multi_items())
+            return done(
+                reads.search_system(store, _base(request), types, params, _strict(request), scope, seen)
+            )
+
+    @router.get("/_history", dependencies=negotiated)
+    @router.head("/_history", dependencies=negotiated, include_in_schema=False)
+    def history_system(request: Request) -> Response:
+        seen = reads.Seen()
+        with _audited(request, "history", "", seen) as done:
+            types = _history_types(request, FHIR_SERVED)
+            params = dict(request.query_params)
+            return done(reads.history_versions(store, _base(request), "_history", types, None, params, seen))
+
+    @router.get("/{resource_type}/_history", dependencies=negotiated)
+    @router.head("/{resource_type}/_history", dependencies=negotiated, include_in_schema=False)
+    def history_type(resource_type: str, request: Request) -> Response:
+        seen = reads.Seen()
+        with _audited(request, "history", resource_type, seen) as done:
+            reads.check_served(resource_type)
+            types = _history_types(request, (resource_type,))
+            params = dict(request.query_params)
+            path = f"{resource_type}/_history"
+            return done(reads.history_versions(store, _base(request), path, types, None, params, seen))
+
     @router.get("/{resource_type}", dependencies=negotiated)
+    @router.head("/{resource_type}", dependencies=negotiated, include_in_schema=False)
     def search_get(resource_type: str, request: Request) -> Response:
         seen = reads.Seen()
         with _audited(request, "search-type", resource_type, seen) as done:
@@ -188,20 +279,28 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
     inline = store.dialect == "sqlite"
 
     @router.get("/{resource_type}/{rid}", dependencies=negotiated)
+    @router.head("/{resource_type}/{rid}", dependencies=negotiated, include_in_schema=False)
     async def read(resource_type: str, rid: str, request: Request) -> Response:
         seen = reads.Seen()
         with _audited(request, "read", resource_type, seen, rid) as done:
             reads.check_served(resource_type)
             decision = access.require(request, resource_type, "read")
             inm = request.headers.get("if-none-match")
+            ims = request.headers.get("if-modified-since")
+            subset = reads.read_subset(list(request.query_params.multi_items()))
             # A read by id is one primary-key look-up. On SQLite (a local file, no pool to wait for) it
             # runs on the event loop: a thread hand-off would cost more than the read. On PostgreSQL
             # it waits on the network and the pool, so it goes to the thread pool like the searches.
             if inline:
-                return done(reads.read(store, resource_type, rid, inm, decision, seen))
-            return done(await run_in_threadpool(reads.read, store, resource_type, rid, inm, decision, seen))
+                return done(reads.read(store, resource_type, rid, inm, decision, seen, ims, subset))
+            return done(
+                await run_in_threadpool(
+                    reads.read, store, resource_type, rid, inm, decision, seen, ims, subset
+                )
+            )
 
     @router.get("/{resource_type}/{rid}/_history", dependencies=negotiated)
+    @router.head("/{resource_type}/{rid}/_history", dependencies=negotiated, include_in_schema=False)
     def history(resource_type: str, rid: str, request: Request) -> Response:
         seen = reads.Seen()
         with _audited(request, "history", resource_type, seen, rid) as done:
@@ -211,6 +310,7 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
             return done(reads.history(store, _base(request), resource_type, rid, params, decision, seen))
 
     @router.get("/{resource_type}/{rid}/_history/{vid}", dependencies=negotiated)
+    @router.head("/{resource_type}/{rid}/_history/{vid}", dependencies=negotiated, include_in_schema=False)
     async def vread(resource_type: str, rid: str, vid: str, request: Request) -> Response:
         seen = reads.Seen()
         with _audited(request, "vread", resource_type, seen, rid) as done:

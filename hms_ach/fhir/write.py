@@ -86,6 +86,8 @@ class Operation:
     where: str = ""  # "Bundle.entry[3]" for errors
     record: RecordWrite | None = None
     extra: list[RecordWrite] = field(default_factory=list)
+    refused: FhirError | None = None
+    """A batch entry refused before it could be applied (malformed, invalid): answered with this."""
 
 
 @dataclass
@@ -98,6 +100,7 @@ class Result:
     last_updated: datetime | None = None
     outcome: dict[str, Any] | None = None
     changed: bool = False  # this request wrote a new version (replay diffs it against the one before)
+    read_body: bool = False  # a batch's GET entry: ``body`` is the answer (a resource or a searchset)
 
     @property
     def location(self) -> str:
@@ -125,7 +128,14 @@ def prepare(op: Operation, engine: MappingEngine) -> None:
             expression=f"{op.where}.resourceType".lstrip("."),
         )
     assert op.resource is not None
-    if op.method == "PUT" and op.rid and op.resource.get("id") not in (None, op.rid):
+    if op.method == "PUT" and op.rid and op.resource.get("id") is None:
+        raise FhirError(
+            400,
+            "required",
+            f"an update must carry the id of the URL in the body ({rtype}.id = {op.rid!r})",
+            expression=f"{op.where}.resource.id" if op.where else f"{rtype}.id",
+        )
+    if op.method == "PUT" and op.rid and op.resource.get("id") != op.rid:
         raise FhirError(
             400,
             "invalid",
@@ -159,6 +169,30 @@ async def prepare_all(ops: list[Operation], engine: MappingEngine) -> None:
             prepare(op, engine)
         return
     await asyncio.to_thread(_prepare_each, ops, engine)
+
+
+def prepare_batch(ops: list[Operation], engine: MappingEngine) -> dict[int, FhirError]:
+    """:func:`prepare` every operation of a batch (independent entries): the refusal of each entry
+    that fails, by index, instead of failing the batch. Runs in a worker thread like
+    :func:`prepare_all`."""
+
+    def each() -> dict[int, FhirError]:
+        failed: dict[int, FhirError] = {}
+        for i, op in enumerate(ops, start=1):
+            try:
+                prepare(op, engine)
+            except FhirError as exc:
+                failed[i - 1] = exc
+            if i % PREPARE_PAUSE_EVERY == 0:
+                time.sleep(PREPARE_PAUSE_SECONDS)
+        return failed
+
+    return each()
+
+
+def refused_result(op: Operation, error: FhirError) -> Result:
+    """The result of a batch entry refused before it was applied."""
+    return Result(error.status, op.resource_type, outcome=_outcome(error))
 
 
 #: While a Bundle is validated and mapped in its worker thread, it pauses this long after every
@@ -239,7 +273,16 @@ def _resource_write(tx: Tx, op: Operation, resolved: dict[str, str]) -> resource
     rtype = op.resource_type
     where = f"{op.where}." if op.where else ""
 
+    body_id = (op.resource or {}).get("id")
+
     def check(rid: str, content: dict[str, Any]) -> None:
+        if op.method == "PUT" and op.rid is None and body_id is not None and body_id != rid:
+            # a conditional update names its record by the criterion; a body id must agree with it
+            raise Invalid(
+                f"the body's id {str(body_id)[:64]!r} is not the id of the record the conditional "
+                f"update matches ({rtype}/{rid}); leave the id out or send the matched one",
+                expression=f"{where}{rtype}.id",
+            )
         _check_targets(tx, rtype, content, where)
         if rtype == "Shift":
             check_shift(tx, rid, content, f"{op.where}.Basic" if op.where else "Basic")
@@ -347,6 +390,8 @@ __all__ = [
     "check_writable",
     "prepare",
     "prepare_all",
+    "prepare_batch",
+    "refused_result",
     "rejection",
     "rejection_job",
     "request_job",

@@ -15,11 +15,17 @@ the :data:`WriteChannel` function the composition root gives :func:`hms_ach.fhir
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Callable
+from datetime import UTC
+from email.utils import format_datetime
 from typing import Any
+from urllib.parse import parse_qsl
 
+import jsonpatch
+import jsonpointer
 import orjson
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
@@ -29,8 +35,11 @@ from hms_ach.channels.fhir_rest import FhirRestChannel
 from hms_ach.core.errors import ContentError, Err0357
 from hms_ach.core.records import MappingResult
 from hms_ach.core.redact import error_kind
+from hms_ach.fhir import access, audit_events
+from hms_ach.fhir import read as reads_mod
 from hms_ach.fhir.access import WriteGuard
-from hms_ach.fhir.bundles import bundle_response, request_operations
+from hms_ach.fhir.basic import as_fhir, fhir_type
+from hms_ach.fhir.bundles import bundle_response, request_operations, written_outcome
 from hms_ach.fhir.outcomes import FHIR_JSON, FhirError
 from hms_ach.fhir.write import (
     Operation,
@@ -39,6 +48,8 @@ from hms_ach.fhir.write import (
     Result,
     check_writable,
     prepare_all,
+    prepare_batch,
+    refused_result,
     rejection_job,
     submit_request,
 )
@@ -50,13 +61,19 @@ from hms_ach.ingest.pipeline import (
     commit,
     find_nul,
 )
-from hms_ach.store import access_log, messages
+from hms_ach.store import access_log, messages, resources
 from hms_ach.store.errors import StoreUnavailable
 from hms_ach.store.port import Tx
 from hms_ach.store.resources import store_request_line
 
 log = logging.getLogger("hms_ach.channels.fhir_rest")
 JSON_TYPES = {"application/fhir+json", "application/json", "application/json+fhir"}
+#: PATCH takes a JSON Patch (RFC 6902) or a JSON Merge Patch (RFC 7396); with a plain JSON type a
+#: list is a JSON Patch and an object a merge patch (what fhirpy's ``patch()`` sends).
+PATCH_TYPES = {"application/json-patch+json", "application/merge-patch+json", *JSON_TYPES}
+#: A PATCH without If-Match is applied to the version it read; when another write comes between,
+#: it is read and applied again, at most this many times (then 409).
+PATCH_ATTEMPTS = 3
 #: The width of the stored If-Match header (``message_fhir_request.if_match``).
 MAX_IF_MATCH_CHARS = 255
 
@@ -76,9 +93,17 @@ def _channel(find: WriteChannel) -> FhirRestChannel:
     return channel
 
 
-async def _body(request: Request, channel: FhirRestChannel) -> bytes:
+async def _body(request: Request, channel: FhirRestChannel, accepted: set[str] = JSON_TYPES) -> bytes:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype not in JSON_TYPES:
+    if accepted is PATCH_TYPES and ctype not in PATCH_TYPES:
+        raise FhirError(
+            415,
+            "not-supported",
+            f"content type {ctype[:64] or '(none)'!r} is not accepted for PATCH; send a JSON Patch "
+            "(application/json-patch+json) or a JSON Merge Patch (application/merge-patch+json). "
+            "FHIRPath Patch is not supported",
+        )
+    if ctype not in accepted:
         raise FhirError(
             415,
             "not-supported",
@@ -127,6 +152,70 @@ def _check_line(line: RequestLine) -> None:
         raise FhirError(400, "invalid", "the URL or a header contains a NUL character (U+0000)")
     if line.if_match is not None and len(line.if_match) > MAX_IF_MATCH_CHARS:
         raise FhirError(400, "invalid", f"If-Match is longer than {MAX_IF_MATCH_CHARS} characters")
+
+
+def _records_failed(ops: list[Operation]) -> dict[int, FhirError]:
+    """:func:`_check_records` per entry of a batch: the refusal of each entry that fails, by index."""
+    failed: dict[int, FhirError] = {}
+    for i, op in enumerate(ops):
+        try:
+            _check_records([op])
+        except FhirError as exc:
+            failed[i] = exc
+    return failed
+
+
+async def _batch_reads(request: Request, guard: WriteGuard, reads: dict[int, Operation]) -> dict[int, Result]:
+    """Answer the GET entries of a batch (after its writes, so they see them): each a read
+    (``T/id``) or a search (``T?query``) decided by the caller's scopes and recorded in the access
+    audit like the same request on its own; a refusal answers that entry only."""
+    out: dict[int, Result] = {}
+    for i, op in reads.items():
+        try:
+            out[i] = await run_in_threadpool(_batch_read, request, guard, op)
+        except FhirError as exc:
+            out[i] = refused_result(op, exc)
+    return out
+
+
+def _batch_read(request: Request, guard: WriteGuard, op: Operation) -> Result:
+    store, rtype = guard.store, op.resource_type
+    seen = reads_mod.Seen()
+    base = _base(request)
+    if op.rid is not None and "/" not in op.rid and not op.query:
+        try:
+            reads_mod.check_served(rtype)
+            decision = access.decide(guard.policy, rtype, "read")
+            resp = reads_mod.read(store, rtype, op.rid, None, decision, seen)
+        except FhirError as exc:
+            audit_events.record_access(request, "read", rtype, exc.status, seen.refs or [f"{rtype}/{op.rid}"])
+            raise
+        audit_events.record_access(request, "read", rtype, resp.status_code, seen.refs, seen.count)
+        return Result(200, rtype, op.rid, _etag(resp), bytes(resp.body).decode(), read_body=True)
+    if op.rid is not None:
+        raise FhirError(
+            400,
+            "not-supported",
+            f"{op.where}.request.url: a batch reads Type/id or searches Type?query",
+            expression=f"{op.where}.request.url",
+        )
+    try:
+        reads_mod.check_served(rtype)
+        access.decide(guard.policy, rtype, "search")
+        scope = access.search_access(guard.policy)
+        params = parse_qsl(op.query or "", keep_blank_values=True)
+        resp = reads_mod.search_type(store, base, rtype, params, False, scope, seen)
+    except FhirError as exc:
+        audit_events.record_access(request, "search-type", rtype, exc.status, seen.refs)
+        raise
+    audit_events.record_access(request, "search-type", rtype, resp.status_code, seen.refs, seen.count)
+    return Result(200, "Bundle", "", 0, bytes(resp.body).decode(), read_body=True)
+
+
+def _etag(resp: Response) -> int:
+    tag = resp.headers.get("etag", "")
+    digits = "".join(c for c in tag if c.isdigit())
+    return int(digits) if digits else 0
 
 
 def _check_records(ops: list[Operation]) -> None:
@@ -188,26 +277,53 @@ def _request_line(request: Request, target: str) -> RequestLine:
 
 
 async def _run(
-    request: Request, find: WriteChannel, what: str, line: RequestLine, guard: WriteGuard
+    request: Request,
+    find: WriteChannel,
+    what: str,
+    line: RequestLine,
+    guard: WriteGuard,
+    raw_body: bytes | None = None,
 ) -> tuple[FhirRestChannel, RequestOutcome, str]:
     """Read the request, decide its operations by the caller's scopes, validate and map them, then
     commit them with the request line. In a batch, the entries the scopes refuse are not applied:
-    their 403/404 results take their places in the outcome."""
+    their 403/404 results take their places in the outcome. ``raw_body``: the body to write, when it
+    is not the request's (a PATCH writes the patched resource)."""
     channel = _channel(find)
     raw = b""
     refused: dict[int, Result] = {}
+    reads: dict[int, Operation] = {}
+    total = 0
     try:
         _check_line(line)
-        raw = await _body(request, channel) if request.method != "DELETE" else b""
-        body = _parse(raw) if request.method != "DELETE" else None
+        if raw_body is not None:
+            raw = raw_body
+        elif request.method != "DELETE":
+            raw = await _body(request, channel)
+        body = _parse(raw) if line.method != "DELETE" else None
         ops, kind = request_operations(line, body, channel.config.max_bundle_entries)
+        # A batch's malformed entries and its reads are answered apart from its writes.
+        refused = {i: refused_result(op, op.refused) for i, op in enumerate(ops) if op.refused}
+        reads = {i: op for i, op in enumerate(ops) if op.method == "GET" and i not in refused}
+        writes = [i for i in range(len(ops)) if i not in refused and i not in reads]
+        pending = [ops[i] for i in writes]
         # Under patient/ scopes the guard reads the records a write targets: on the thread pool.
-        refused = (
-            await run_in_threadpool(guard.allowed, ops, kind) if guard.reads else guard.allowed(ops, kind)
+        by_guard = (
+            await run_in_threadpool(guard.allowed, pending, kind)
+            if guard.reads
+            else guard.allowed(pending, kind)
         )
-        ops = [op for i, op in enumerate(ops) if i not in refused]
-        await prepare_all(ops, channel.pipeline.engine)
-        _check_records(ops)
+        refused.update({writes[j]: res for j, res in by_guard.items()})
+        writes = [i for i in writes if i not in refused]
+        if kind == "batch":
+            failed = await asyncio.to_thread(prepare_batch, [ops[i] for i in writes], channel.pipeline.engine)
+            failed.update(_records_failed([ops[i] for i in writes]))
+            refused.update({writes[j]: refused_result(ops[writes[j]], exc) for j, exc in failed.items()})
+            writes = [i for i in writes if i not in refused]
+        else:
+            await prepare_all([ops[i] for i in writes], channel.pipeline.engine)
+            _check_records([ops[i] for i in writes])
+        total = len(ops)
+        ops = [ops[i] for i in writes]
     except FhirError as exc:
         if exc.status not in (405, 415, 413):  # bodies we did not read or accept are not stored
             keep = line if _line_storable(line) else RequestLine(line.method, "", None, None)
@@ -222,10 +338,13 @@ async def _run(
         raise
     except Exception as exc:  # noqa: BLE001 - not foreseen: stored as an error, a generic 500
         raise await _store_failed(channel, meta, line, exc) from None
-    if refused and outcome.error is None:
+    if (refused or reads) and outcome.error is None:
+        read_results = await _batch_reads(request, guard, reads)
         applied = iter(outcome.results)
-        total = len(ops) + len(refused)
-        outcome.results = [refused[i] if i in refused else next(applied) for i in range(total)]
+        outcome.results = [
+            refused[i] if i in refused else read_results[i] if i in read_results else next(applied)
+            for i in range(total)
+        ]
     log.info(
         "message.%s",
         "error" if outcome.error else "processed",
@@ -240,18 +359,50 @@ def _base(request: Request) -> str:
     return str(request.base_url).rstrip("/") + "/fhir"
 
 
+#: The ``Prefer: return=`` values (RFC 7240, FHIR R4 3.1.0.5.2); representation is the default.
+RETURN_PREFERENCES = ("minimal", "representation", "OperationOutcome")
+
+
+def prefer_return(request: Request) -> str:
+    """What the client asked a write to return (``Prefer: return=...``); an unknown value is ignored
+    (a preference, not a requirement)."""
+    for part in request.headers.get("prefer", "").replace(";", ",").split(","):
+        name, _, value = part.strip().partition("=")
+        if name.strip().lower() == "return" and value.strip().strip('"') in RETURN_PREFERENCES:
+            return value.strip().strip('"')
+    return "representation"
+
+
 def _single_response(request: Request, res: Result) -> Response:
     if res.status == 204:
         return Response(status_code=204, headers={"ETag": f'W/"{res.version}"'})
-    headers = {"ETag": f'W/"{res.version}"', "Location": f"{_base(request)}/{res.location}"}
-    return Response(res.body or "{}", status_code=res.status, media_type=FHIR_JSON, headers=headers)
+    headers = {
+        "ETag": f'W/"{res.version}"',
+        "Location": f"{_base(request)}/{fhir_type(res.resource_type) or res.resource_type}/{res.rid}"
+        f"/_history/{res.version}",
+    }
+    if res.last_updated is not None:
+        headers["Last-Modified"] = format_datetime(
+            (
+                res.last_updated if res.last_updated.tzinfo else res.last_updated.replace(tzinfo=UTC)
+            ).astimezone(UTC),
+            usegmt=True,
+        )
+    wanted = prefer_return(request)
+    body = as_fhir(res.resource_type, res.body)
+    if wanted == "minimal":
+        return Response(status_code=res.status, headers=headers)
+    if wanted == "OperationOutcome" or body is None:
+        outcome = orjson.dumps(written_outcome(res))
+        return Response(outcome, status_code=res.status, media_type=FHIR_JSON, headers=headers)
+    return Response(body, status_code=res.status, media_type=FHIR_JSON, headers=headers)
 
 
 # ---------------------------------------------------------------------------- handlers
 async def transaction_or_batch(request: Request, find: WriteChannel, guard: WriteGuard) -> Response:
     """``POST /fhir``: a transaction or batch Bundle."""
     _ch, outcome, kind = await _run(request, find, "Bundle", _request_line(request, ""), guard)
-    return bundle_response(_base(request), kind, outcome.results)
+    return bundle_response(_base(request), kind, outcome.results, prefer_return(request))
 
 
 async def create(request: Request, find: WriteChannel, resource_type: str, guard: WriteGuard) -> Response:
@@ -293,3 +444,105 @@ async def delete(
         request, find, f"DELETE {resource_type}", _request_line(request, f"{resource_type}/{rid}"), guard
     )
     return _single_response(request, outcome.results[0])
+
+
+async def patch(
+    request: Request, find: WriteChannel, resource_type: str, rid: str, guard: WriteGuard
+) -> Response:
+    """``PATCH T/id`` with a JSON Patch (RFC 6902) or a JSON Merge Patch (RFC 7396): applied to the
+    current version, then written as
+    an update of the whole resource (validated, mapped, scoped as ``update`` and stored like a PUT,
+    so ``hms-ach replay`` runs it as one). ``If-Match`` is honoured (412); without it the patch is
+    applied to the version read, and read and applied again if another write came between."""
+    check_writable(resource_type)
+    if resource_type == "Basic":
+        raise FhirError(405, "not-supported", "a shift sent as Basic is updated with PUT, not patched")
+    channel = _channel(find)
+    _check_line(_request_line(request, f"{resource_type}/{rid}"))
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    doc = _parse_patch(await _body(request, channel, PATCH_TYPES), ctype)
+    if_match = request.headers.get("if-match")
+    if not reads_mod.ID_RE.match(rid):
+        raise FhirError(404, "not-found", f"{resource_type}/{rid[:64]} is not known")
+    for attempt in range(1, PATCH_ATTEMPTS + 1):
+        current = await run_in_threadpool(resources.read, guard.store, resource_type, rid)
+        if current is None:
+            raise FhirError(404, "not-found", f"{resource_type}/{rid[:64]} is not known")
+        if current.deleted:
+            raise FhirError(410, "deleted", f"{resource_type}/{rid} was deleted")
+        patched = _apply_patch(doc, orjson.loads(current.text), resource_type, rid)
+        line = RequestLine("PUT", f"{resource_type}/{rid}", if_match or f'W/"{current.version}"', None)
+        try:
+            _ch, outcome, _k = await _run(
+                request, find, f"PATCH {resource_type}", line, guard, raw_body=orjson.dumps(patched)
+            )
+        except FhirError as exc:
+            if exc.status != 412 or if_match is not None:
+                raise
+            if attempt == PATCH_ATTEMPTS:
+                raise FhirError(
+                    409, "conflict", f"{resource_type}/{rid} kept changing while the patch was applied"
+                ) from None
+            continue
+        return _single_response(request, outcome.results[0])
+    raise RuntimeError("unreachable")  # the loop returns or raises
+
+
+def _parse_patch(raw: bytes, ctype: str) -> list[dict[str, Any]] | dict[str, Any]:
+    """The operations of a JSON Patch document (a list of operation objects), or the object of a
+    JSON Merge Patch; 400 for anything else."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise FhirError(400, "structure", f"the patch is not valid JSON: {exc}") from None
+    if ctype != "application/json-patch+json" and isinstance(doc, dict):
+        return doc  # a merge patch
+    if ctype == "application/merge-patch+json":
+        raise FhirError(400, "structure", "a JSON Merge Patch is an object")
+    if not isinstance(doc, list) or not all(isinstance(op, dict) and "op" in op for op in doc):
+        raise FhirError(400, "structure", 'a JSON Patch is a list of operations like {"op": "replace", ...}')
+    return doc
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7396: ``patch``'s members replace ``target``'s, objects merge, ``null`` removes."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge_patch(out.get(key), value)
+    return out
+
+
+def _apply_patch(
+    doc: list[dict[str, Any]] | dict[str, Any], resource: dict[str, Any], resource_type: str, rid: str
+) -> Any:
+    """``resource`` with the JSON Patch or merge patch ``doc`` applied; a patch that cannot be applied
+    (a failed ``test``, a path that does not exist) is 422, one that changes the id or type 400."""
+    if isinstance(doc, dict):
+        patched = merge_patch(resource, {**doc, "meta": None} if "meta" in doc else doc)
+        if patched.get("resourceType") != resource_type or patched.get("id") != rid:
+            raise FhirError(
+                400, "invalid", f"a patch may not change the resourceType or id of {resource_type}/{rid}"
+            )
+        patched.pop("meta", None)
+        return patched
+    try:
+        patched = jsonpatch.apply_patch(resource, doc)
+    except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as exc:
+        raise FhirError(422, "processing", f"the JSON Patch cannot be applied: {exc}") from None
+    except (TypeError, ValueError, KeyError, IndexError) as exc:
+        raise FhirError(400, "structure", f"the JSON Patch is malformed: {exc}") from None
+    if (
+        not isinstance(patched, dict)
+        or patched.get("resourceType") != resource_type
+        or patched.get("id") != rid
+    ):
+        raise FhirError(
+            400, "invalid", f"a patch may not change the resourceType or id of {resource_type}/{rid}"
+        )
+    patched.pop("meta", None)  # the store writes meta
+    return patched

@@ -17,12 +17,32 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Select, Table, and_, exists, false, func, intersect, literal, or_, select
+from sqlalchemy import (
+    Connection,
+    Select,
+    Table,
+    and_,
+    exists,
+    false,
+    func,
+    intersect,
+    literal,
+    or_,
+    select,
+    true,
+)
 from sqlalchemy.sql.elements import ColumnElement
 
 from hms_ach.core.records import PATIENT_COMPARTMENT, THE_PATIENT_ITSELF
 from hms_ach.store.models import INDEX_TABLES, RECORD_TABLES
-from hms_ach.store.search_params import FAR_PAST, SearchParam, clip, normalise, parse_reference
+from hms_ach.store.search_params import (
+    FAR_PAST,
+    IMPLICIT_SYSTEMS,
+    SearchParam,
+    clip,
+    normalise,
+    parse_reference,
+)
 from hms_ach.store.search_query import (
     DEFAULT_COUNT,
     EVERYTHING,
@@ -135,8 +155,11 @@ def _owned(t: Table, ix: Table, rt: str, crit: Criterion, cond: ColumnElement[bo
 def token_clause(t: Table, rt: str, crit: Criterion, ctx: ClauseContext) -> ColumnElement[bool]:
     """``system|code``, ``code``, ``|code`` (no system), ``system|`` (any code in system)."""
     if crit.param.column is not None:
+        if crit.modifier == "missing":  # a column is never missing
+            return true() if crit.values[0] == "false" else false()
         return t.c[crit.param.column].in_([unescape(v) for v in crit.values])
     ix = _index("token")
+    implicit = IMPLICIT_SYSTEMS.get((rt, crit.param.name))
     conds: list[ColumnElement[bool]] = []
     for raw in crit.values:
         parts = split_escaped(raw, "|")
@@ -144,7 +167,13 @@ def token_clause(t: Table, rt: str, crit: Criterion, ctx: ClauseContext) -> Colu
             conds.append(ix.c.value == clip(unescape(parts[0])))
             continue
         system, code = unescape(parts[0]), unescape("|".join(parts[1:]))
-        sys_cond = ix.c.system.is_(None) if system == "" else ix.c.system == clip(system)
+        sys_cond: ColumnElement[bool]
+        if system == "":
+            sys_cond = ix.c.system.is_(None)
+        elif system == implicit:  # a bare code is stored without its (implicit) system
+            sys_cond = or_(ix.c.system.is_(None), ix.c.system == clip(system))
+        else:
+            sys_cond = ix.c.system == clip(system)
         conds.append(and_(sys_cond, ix.c.value == clip(code)) if code else sys_cond)
     return _in_index(t, ix, rt, crit, or_(false(), *conds), ctx)
 
@@ -201,6 +230,8 @@ def _date_condition(
         "le": or_(start < lo, eq),
         "sa": start >= hi,
         "eb": end_le(lo),
+        # approximately: the target overlaps the search range widened by date_value
+        "ap": and_(start < hi, end_gt(lo)),
     }
     return conditions[prefix]
 
@@ -209,6 +240,10 @@ def date_clause(t: Table, rt: str, crit: Criterion, ctx: ClauseContext) -> Colum
     """Date prefixes over precision ranges; ``_lastUpdated`` treats the column as an instant."""
     conds: list[ColumnElement[bool]] = []
     ix = _index("date")
+    if crit.modifier == "missing":
+        if crit.param.column is not None:  # a column is never missing
+            return true() if crit.values[0] == "false" else false()
+        return _in_index(t, ix, rt, crit, false(), ctx)
     for raw in crit.values:
         prefix, lo, hi = date_value(raw, crit.param.name)
         if crit.param.column is not None:

@@ -75,6 +75,20 @@ def _build() -> dict[str, dict[str, SearchParam]]:
 SEARCH_PARAMS: dict[str, dict[str, SearchParam]] = _build()
 
 
+#: The implicit code system of token parameters on ``code`` elements (a bare code in the resource,
+#: bound to one value set): ``gender=http://hl7.org/fhir/administrative-gender|female`` matches the
+#: ``"gender": "female"`` stored without a system. (resource type, parameter) -> system.
+IMPLICIT_SYSTEMS: dict[tuple[str, str], str] = {
+    ("Patient", "gender"): "http://hl7.org/fhir/administrative-gender",
+    ("Practitioner", "gender"): "http://hl7.org/fhir/administrative-gender",
+    ("Encounter", "status"): "http://hl7.org/fhir/encounter-status",
+    ("Location", "status"): "http://hl7.org/fhir/location-status",
+    ("Claim", "status"): "http://hl7.org/fhir/fm-status",
+    ("Claim", "use"): "http://hl7.org/fhir/claim-use",
+    ("Coverage", "status"): "http://hl7.org/fhir/fm-status",
+}
+
+
 def search_param(resource_type: str, name: str) -> SearchParam | None:
     """The parameter ``name`` of ``resource_type`` (including ``_id``/``_lastUpdated``), or None."""
     return COMMON_PARAMS.get(name) or SEARCH_PARAMS.get(resource_type, {}).get(name)

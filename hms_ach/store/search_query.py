@@ -18,7 +18,7 @@ import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
 
@@ -26,14 +26,23 @@ import orjson
 
 from hms_ach.core.errors import HmsAchError
 from hms_ach.store.models import RECORD_TABLES
-from hms_ach.store.search_params import SEARCH_PARAMS, SearchParam, date_range, search_param
+from hms_ach.store.search_params import (
+    FAR_FUTURE,
+    FAR_PAST,
+    SEARCH_PARAMS,
+    SearchParam,
+    date_range,
+    search_param,
+)
 
 DEFAULT_COUNT = 20
 MAX_COUNT = 100
 MAX_VALUE_CHARS = 1000
 MAX_CURSOR_CHARS = 8000
 MAX_PARAMETERS = 100
-DATE_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb")
+DATE_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
+#: ``ap`` widens the value's range by this share of its distance from now (at least a day each way).
+APPROXIMATE_SHARE = 0.1
 MODIFIERS: dict[str, set[str]] = {
     "token": {"not", "missing"},
     "string": {"exact", "contains", "missing"},
@@ -41,7 +50,9 @@ MODIFIERS: dict[str, set[str]] = {
     "reference": {"missing"},
 }
 #: Result parameters we act on, and those accepted without effect.
-RESULT_PARAMS = {"_count", "_sort", "_include", "_total", "_cursor", "_summary"}
+RESULT_PARAMS = {"_count", "_sort", "_include", "_total", "_cursor", "_summary", "_elements"}
+#: The ``_summary`` values (the FHIR layer cuts the resources; ``count`` serves no entries).
+SUMMARY_VALUES = ("true", "text", "data", "count", "false")
 NEUTRAL_PARAMS = {"_format", "_pretty"}
 SORTABLE_TYPES = {"string", "date", "token"}
 
@@ -117,6 +128,10 @@ class SearchQuery:
     understood: list[tuple[str, str]] = field(default_factory=list)
     """The parameters acted on, in request order (for the self link and the cursor digest)."""
     warnings: list[str] = field(default_factory=list)
+    summary: str | None = None
+    """``_summary``: true, text, data, count or false (None: not asked)."""
+    elements: list[str] | None = None
+    """``_elements``: the top-level element names asked for (None: not asked)."""
     access: Access = EVERYTHING
     """What the caller may see: the matches are limited to ``access.compartment(resource_type)`` and
     the included records to the visible types (each in its compartment), in the SQL."""
@@ -265,15 +280,21 @@ def _result_param(query: SearchQuery, name: str, value: str, strict: bool) -> bo
             )
         query.total = value
     elif name == "_summary":
+        if value not in SUMMARY_VALUES:
+            raise SearchError(
+                f"_summary must be one of {', '.join(SUMMARY_VALUES)}, got {value[:40]!r}",
+                "invalid",
+                "_summary",
+            )
         if value == "count":
             query.count = 0
-        elif strict:
-            raise SearchError(
-                f"_summary={value!r} is not supported (only count)", "not-supported", "_summary"
-            )
-        else:
-            query.warnings.append(f"_summary={value!r} is not supported and was ignored")
-            return False
+        query.summary = value
+    elif name == "_elements":
+        names = [n.strip().rsplit(".", 1)[-1] for n in value.split(",") if n.strip()]
+        bad = [n for n in names if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]{0,63}", n)]
+        if bad:
+            raise SearchError(f"_elements: {bad[0][:64]!r} is not an element name", "invalid", "_elements")
+        query.elements = names
     return True
 
 
@@ -285,7 +306,8 @@ def _criterion(param: SearchParam, modifier: str | None, value: str, key: str) -
             and modifier in RECORD_TABLES
             and (not param.targets or modifier in param.targets)
         )
-        if param.column is not None or (modifier not in allowed and not is_type):
+        on_column = param.column is not None and modifier != "missing"
+        if on_column or (modifier not in allowed and not is_type):
             raise SearchError(
                 f"modifier :{modifier} is not supported on {param.name!r}", "not-supported", key
             )
@@ -301,21 +323,42 @@ def _criterion(param: SearchParam, modifier: str | None, value: str, key: str) -
 
 
 def date_value(text: str, key: str) -> tuple[str, datetime, datetime]:
-    prefix = text[:2] if text[:2].isalpha() else "eq"
-    raw = text[2:] if text[:2].isalpha() else text
+    """(prefix, start, end) of one date search value; ``ap`` gets the widened range it matches."""
+    head = re.match(r"[a-z]{2}", text)
+    prefix = head.group(0) if head else "eq"
+    raw = text[2:] if head else text
     if re.search(r" \d{2}:\d{2}$", raw):  # an unencoded '+' of the offset arrives as a space
         raw = raw[:-6] + "+" + raw[-5:]
-    if prefix not in DATE_PREFIXES:
+    if head and prefix not in DATE_PREFIXES:
         raise SearchError(
-            f"date prefix {prefix!r} in {key} is not supported; use one of {DATE_PREFIXES}",
-            "not-supported",
+            f"{key}={text[:40]!r} is not a date search value: expected an optional prefix "
+            f"({', '.join(DATE_PREFIXES)}) then YYYY[-MM[-DD[Thh:mm[:ss][Z|+hh:mm]]]]",
+            "invalid",
             key,
         )
     try:
         lo, hi = date_range(unescape(raw))
     except ValueError as exc:
         raise SearchError(f"{key}: {exc}", "invalid", key) from None
+    if prefix == "ap":
+        lo, hi = _approximately(lo, hi)
     return prefix, lo, hi
+
+
+def _approximately(lo: datetime, hi: datetime) -> tuple[datetime, datetime]:
+    """The range ``ap`` matches: ``[lo, hi)`` widened each way by a tenth of its distance from now,
+    and by at least a day (the spec leaves the width to the server)."""
+    distance = abs(datetime.now(UTC) - lo)
+    margin = max(distance * APPROXIMATE_SHARE, timedelta(days=1))
+    try:
+        wide_lo = lo - margin
+    except OverflowError:
+        wide_lo = FAR_PAST
+    try:
+        wide_hi = hi + margin
+    except OverflowError:
+        wide_hi = FAR_FUTURE
+    return max(wide_lo, FAR_PAST), min(wide_hi, FAR_FUTURE)
 
 
 # ---------------------------------------------------------------------------- cursor

@@ -339,7 +339,12 @@ async def test_capability_statement_declares_what_the_server_does(http: httpx.As
     cs = CapabilityStatement.model_validate(resp.json())
     assert cs.rest
     rest = cs.rest[0]
-    assert {i.code for i in rest.interaction or []} == {"transaction", "batch"}
+    assert {i.code for i in rest.interaction or []} == {
+        "transaction",
+        "batch",
+        "history-system",
+        "search-system",
+    }
     resources = {r.type: r for r in rest.resource or []}
     assert set(resources) == {*FHIR_SERVED, "Basic", "AuditEvent"}
     for rtype in sorted(set(FHIR_SERVED) - set(FHIR_WRITABLE)):  # served, never written through /fhir
@@ -347,6 +352,7 @@ async def test_capability_statement_declares_what_the_server_does(http: httpx.As
             "read",
             "vread",
             "history-instance",
+            "history-type",
             "search-type",
         }
         assert resources[rtype].conditionalCreate is None and resources[rtype].versioning == "versioned"
@@ -356,20 +362,23 @@ async def test_capability_statement_declares_what_the_server_does(http: httpx.As
             "read",
             "vread",
             "history-instance",
+            "history-type",
             "search-type",
             "create",
             "update",
+            "patch",
             "delete",
         }, rtype
         assert (res.conditionalCreate, res.conditionalUpdate, res.updateCreate) == (True, True, False)
         assert res.conditionalDelete == "not-supported" and res.versioning == "versioned-update"
     assert {i.code for i in resources["Basic"].interaction or []} == {"create", "update"}
     audit_res = resources["AuditEvent"]
-    assert [i.code for i in audit_res.interaction or []] == ["search-type"]
+    assert [i.code for i in audit_res.interaction or []] == ["read", "search-type"]
     assert {(p.name, p.type) for p in audit_res.searchParam or []} == {
         ("entity", "reference"),
         ("agent", "token"),
         ("date", "date"),
+        ("_lastUpdated", "date"),
         ("patient", "reference"),
         ("subtype", "token"),
     }
@@ -447,7 +456,13 @@ async def test_capability_statement_declares_what_the_server_does(http: httpx.As
     shift_id = made.json()["id"]
     shift["extension"][1]["valueCode"] = "confirmed"
     changed = await http.put(f"/Basic/{shift_id}", json={**shift, "id": shift_id}, headers=FHIR_JSON)
-    assert changed.status_code == 200 and changed.json()["status"] == "confirmed", changed.text
+    assert changed.status_code == 200, changed.text
+    # answered as the Basic it was sent as, never as the canonical Shift record
+    basic = changed.json()
+    assert basic["resourceType"] == "Basic" and basic["id"] == shift_id
+    assert {"url": "urn:hms-ach:fhir:StructureDefinition/shift-status", "valueCode": "confirmed"} in basic[
+        "extension"
+    ]
     assert (await http.get(f"/Basic/{shift_id}")).status_code in (400, 404)  # write-only, as declared
     # AuditEvent: search with its three parameters, and nothing else
     events = (
