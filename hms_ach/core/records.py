@@ -376,6 +376,15 @@ MIRRORED: tuple[str, ...] = tuple(n for n, r in RECORD_TYPES.items() if r.mirror
 
 
 # ---------------------------------------------------------------------------- the merge rule
+
+#: Values a mapping may write that are instructions to the merge (:func:`merge_content`), never
+#: stored: (FHIR type, element) -> codes. The mapping check lets them pass a required binding.
+#: ``EncounterLocation.status`` ``cancelled``: a pending transfer withdrawn (A26), the entry removed.
+MERGE_DIRECTIVES: dict[tuple[str, str], frozenset[str]] = {
+    ("EncounterLocation", "status"): frozenset({"cancelled"})
+}
+
+
 def merge_content(old: dict[str, Any], new: dict[str, Any], history: bool = False) -> dict[str, Any]:
     """Deep-merge ``new`` into ``old``: objects merge, lists and scalars replace, ``None`` deletes.
 

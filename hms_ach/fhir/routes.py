@@ -155,8 +155,15 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
     @router.get("/AuditEvent/{rid}", dependencies=negotiated)
     @router.head("/AuditEvent/{rid}", dependencies=negotiated, include_in_schema=False)
     def read_audit_event(rid: str, request: Request) -> Response:
-        decision = access.require(request, "AuditEvent", "read")
-        return head_only(request, audit_events.read_audit_event(store, rid, visible=decision.patient is None))
+        ref = f"AuditEvent/{rid[:64]}"
+        try:
+            decision = access.require(request, "AuditEvent", "read")
+            answer = audit_events.read_audit_event(store, rid, visible=decision.patient is None)
+        except FhirError as exc:  # a refused or unknown read of the trail is recorded too
+            audit_events.record_access(request, "read", "AuditEvent", exc.status, [ref])
+            raise
+        audit_events.record_access(request, "read", "AuditEvent", 200, [ref])
+        return head_only(request, answer)
 
     # ------------------------------------------------------------------ writes
     def guard(request: Request) -> access.WriteGuard:

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from hms_ach.core.errors import ConfigError
+from hms_ach.core.records import MERGE_DIRECTIVES
 from hms_ach.mapping import spec
 from hms_ach.mapping.fhir_structure import Produced, compatible, elements, resolve_target
 from hms_ach.mapping.functions import FUNCTIONS
@@ -234,7 +235,8 @@ class _Checker:
             )
             return None
         if element.codes is not None and "value" in rule.model_fields_set and isinstance(rule.value, str):
-            if rule.value not in element.codes:
+            directives = MERGE_DIRECTIVES.get((root, element.name), frozenset())
+            if rule.value not in element.codes | directives:
                 self._err(
                     f,
                     (*rloc, "value"),

@@ -339,3 +339,8 @@ async def test_reading_the_trail_is_itself_recorded(engine: Engine) -> None:
         assert (await client.get("/fhir/AuditEvent", headers=nosy)).status_code == 403
     refused = await events(engine, "agent=nosy-1")
     assert len(refused) == 1 and refused[0]["outcomeDesc"] == "HTTP 403"
+    async with httpx.AsyncClient(base_url=_base(engine), timeout=30) as client:  # a read by id, too
+        reader = auth_headers(engine, "user/AuditEvent.rs", AUDITOR, sub="auditor-3")
+        assert (await client.get("/fhir/AuditEvent/access-1", headers=reader)).status_code == 200
+    read = await events(engine, "agent=auditor-3&subtype=read")
+    assert len(read) == 1 and _refs(read[0]) == ["AuditEvent/access-1"]
