@@ -15,6 +15,7 @@ the :data:`WriteChannel` function the composition root gives :func:`hms_ach.fhir
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from hms_ach.channels.fhir_rest import FhirRestChannel
 from hms_ach.core.errors import ContentError, Err0357
 from hms_ach.core.records import MappingResult
 from hms_ach.core.redact import error_kind
+from hms_ach.fhir import transaction
 from hms_ach.fhir.access import WriteGuard
 from hms_ach.fhir.bundles import bundle_response, request_operations
 from hms_ach.fhir.outcomes import FHIR_JSON, FhirError
@@ -208,6 +210,8 @@ async def _run(
         ops = [op for i, op in enumerate(ops) if i not in refused]
         await prepare_all(ops, channel.pipeline.engine)
         _check_records(ops)
+        if kind == "transaction":  # what the writer need not do, done now in a worker thread
+            await asyncio.to_thread(transaction.plan, ops)
     except FhirError as exc:
         if exc.status not in (405, 415, 413):  # bodies we did not read or accept are not stored
             keep = line if _line_storable(line) else RequestLine(line.method, "", None, None)

@@ -57,7 +57,7 @@ async def engine(tmp_path: Path, store: Store) -> AsyncIterator[Engine]:
         await eng.stop()
 
 
-def _bundle(number: int) -> bytes:
+def _bundle(number: int, kind: str = "batch") -> bytes:
     entries = [
         {
             "fullUrl": f"urn:uuid:flood-{number}-{i}",
@@ -72,7 +72,7 @@ def _bundle(number: int) -> bytes:
         }
         for i in range(ENTRIES)
     ]
-    return json.dumps({"resourceType": "Bundle", "type": "batch", "entry": entries}).encode()
+    return json.dumps({"resourceType": "Bundle", "type": kind, "entry": entries}).encode()
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -87,8 +87,9 @@ async def _stop_feed(feed: asyncio.subprocess.Process) -> dict[str, Any]:
     return result
 
 
-async def test_a_bundle_flood_does_not_starve_an_mllp_feed(engine: Engine, store: Store) -> None:
-    bodies = [_bundle(n) for n in range(3)]  # built before the feed starts; more on demand
+@pytest.mark.parametrize("kind", ["batch", "transaction"])
+async def test_a_bundle_flood_does_not_starve_an_mllp_feed(engine: Engine, store: Store, kind: str) -> None:
+    bodies = [_bundle(n, kind) for n in range(3)]  # built before the feed starts; more on demand
     feed = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -108,7 +109,7 @@ async def test_a_bundle_flood_does_not_starve_an_mllp_feed(engine: Engine, store
         ) as http:
             while time.monotonic() - started < FLOOD_SECONDS:
                 n = len(answers)
-                body = bodies[n] if n < len(bodies) else _bundle(n)
+                body = bodies[n] if n < len(bodies) else _bundle(n, kind)
                 answers.append(await http.post("", content=body, headers=FHIR_JSON))
         flood_seconds = time.monotonic() - started
     finally:
@@ -118,7 +119,7 @@ async def test_a_bundle_flood_does_not_starve_an_mllp_feed(engine: Engine, store
     for answer in answers:
         assert answer.status_code == 200, answer.text[:500]
         reply = answer.json()
-        assert reply["type"] == "batch-response"
+        assert reply["type"] == f"{kind}-response"
         assert [e["response"]["status"] for e in reply["entry"]] == ["201 Created"] * ENTRIES
     with store.read() as conn:
         stored = conn.execute(
@@ -135,7 +136,7 @@ async def test_a_bundle_flood_does_not_starve_an_mllp_feed(engine: Engine, store
     assert result["bad"] == []
     p50, p99, worst = _quantile(due, 0.5), _quantile(due, 0.99), max(due)
     summary = (
-        f"{store.dialect}: {len(answers)} Bundles x {ENTRIES} entries in {flood_seconds:.1f} s; "
+        f"{store.dialect}: {len(answers)} {kind} Bundles x {ENTRIES} entries in {flood_seconds:.1f} s; "
         f"feed {len(due)} ACKs, p50 {p50:.0f} ms, p99 {p99:.0f} ms, max {worst:.0f} ms"
     )
     print(summary)
