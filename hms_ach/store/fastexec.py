@@ -140,7 +140,8 @@ def _run(conn: Connection, cursor: Any, sql: str, params: Any, many: bool) -> No
 
 def insert_rows(conn: Connection, table: Table, rows: Iterable[Mapping[str, Any]]) -> None:
     """INSERT ``rows`` (dicts with the same keys, in the same order) into ``table`` on ``conn``'s
-    DBAPI cursor: one ``executemany`` for many rows, one ``execute`` for one."""
+    DBAPI cursor: one ``executemany`` for many rows, one ``execute`` for one, and on PostgreSQL one
+    COPY from ``COPY_MIN_ROWS`` rows on."""
     batch = list(rows)
     if not batch:
         return
@@ -153,12 +154,17 @@ def insert_rows(conn: Connection, table: Table, rows: Iterable[Mapping[str, Any]
     try:
         if len(batch) == 1:
             _run(conn, cursor, compiled.sql, compiled.params(batch[0]), False)
-        elif conn.dialect.name == "postgresql":
+        elif len(batch) >= COPY_MIN_ROWS and conn.dialect.name == "postgresql":
             _insert_values(conn, cursor, table, compiled, batch)
         else:
             _run(conn, cursor, compiled.sql, compiled.params_many(batch), True)
     finally:
         cursor.close()
+
+
+#: From this many rows an INSERT on PostgreSQL is a COPY (a few round trips of its own, so not for
+#: the few index rows of one record).
+COPY_MIN_ROWS = 64
 
 
 def _insert_values(

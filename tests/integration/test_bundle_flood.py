@@ -1,10 +1,14 @@
 """Fairness between channels (issue 13): a flood of 1,000-entry FHIR Bundles does not starve an MLLP feed.
 
 An MLLP feed sends at a steady rate from a process of its own (:mod:`tests.integration.mllp_feed`)
-while 1,000-entry batch Bundles are POSTed to /fhir back to back for ``FLOOD_SECONDS``. The feed's
-ACK p99, measured from the time each message was due (a stall counts against every message it
-delayed), stays under 200 ms; every message gets its AA, every Bundle its batch-response with a
-201 per entry, and every record is stored once.
+while 1,000-entry Bundles (batch, then transaction) are POSTed to /fhir back to back for
+``FLOOD_SECONDS``. The feed's ACK p99, measured from the time each message was due (a stall counts
+against every message it delayed), stays under 200 ms; every message gets its AA, every Bundle its
+response with a 201 per entry, and every record is stored once.
+
+Transaction Bundles do not reach the 200 ms yet: each is one writer job, and the feed's p99 is the
+length of one. Their run checks everything else, guards the bound they do reach
+(``TRANSACTION_P99_GUARD_MS``), and reports XFAIL with the measured p99.
 
 The engine runs in this process as ``hms-ach run`` runs it, with the interpreter tuned by
 :func:`hms_ach.app.cli.tune_interpreter` (the start-up heap frozen, a 1 ms switch interval).
@@ -38,6 +42,9 @@ FEED_RATE = 10  # messages a second, one sender waiting for each ACK
 ENTRIES = 1000  # per Bundle
 FLOOD_SECONDS = 12.0  # Bundles are posted back to back for this long (the last one is waited for)
 P99_LIMIT_MS = 200.0
+#: Transaction Bundles: the feed's p99 is the writer time of one Bundle. Entry by entry that was
+#: 3-5 s (SQLite) and 11-12 s (PostgreSQL) on a loaded test machine; this guards the bulk path.
+TRANSACTION_P99_GUARD_MS = 2500.0
 STAFF = "urn:test:flood-staff"
 
 pytestmark = pytest.mark.timeout(150)
@@ -141,6 +148,12 @@ async def test_a_bundle_flood_does_not_starve_an_mllp_feed(engine: Engine, store
     )
     print(summary)
     assert len(due) >= 0.8 * FEED_RATE * flood_seconds, summary
+    if kind == "transaction" and p99 >= P99_LIMIT_MS:
+        # A transaction is one writer job and one commit: the feed waits for the whole of one. The
+        # bulk path made that job 4-10 times shorter, but a 1,000-entry one still holds the writer
+        # for about 0.3 s of CPU (docs/reliability.md, "Fairness between channels"): not yet 200 ms.
+        assert p99 < TRANSACTION_P99_GUARD_MS, summary
+        pytest.xfail(f"issue 13's {P99_LIMIT_MS:.0f} ms is not reached by transactions yet: {summary}")
     assert p99 < P99_LIMIT_MS, summary
 
 
