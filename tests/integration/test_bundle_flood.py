@@ -150,7 +150,7 @@ async def test_a_bundle_flood_does_not_starve_an_mllp_feed(engine: Engine, store
     assert len(due) >= 0.8 * FEED_RATE * flood_seconds, summary
     if kind == "transaction" and p99 >= P99_LIMIT_MS:
         # A transaction is one writer job and one commit: the feed waits for the whole of one. The
-        # bulk path made that job 4-10 times shorter, but a 1,000-entry one still holds the writer
+        # bulk path cut its writer CPU 10-18 times, but a 1,000-entry one still holds the writer
         # for about 0.3 s of CPU (docs/reliability.md, "Fairness between channels"): not yet 200 ms.
         assert p99 < TRANSACTION_P99_GUARD_MS, summary
         pytest.xfail(f"issue 13's {P99_LIMIT_MS:.0f} ms is not reached by transactions yet: {summary}")
