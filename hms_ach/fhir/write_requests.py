@@ -211,7 +211,7 @@ async def _run(
         await prepare_all(ops, channel.pipeline.engine)
         _check_records(ops)
         if kind == "transaction":  # what the writer need not do, done now in a worker thread
-            await asyncio.to_thread(transaction.plan, ops)
+            await _plan(channel, ops)
     except FhirError as exc:
         if exc.status not in (405, 415, 413):  # bodies we did not read or accept are not stored
             keep = line if _line_storable(line) else RequestLine(line.method, "", None, None)
@@ -238,6 +238,20 @@ async def _run(
     if outcome.error is not None:
         raise outcome.error
     return channel, outcome, kind
+
+
+async def _plan(channel: FhirRestChannel, ops: list[Operation]) -> None:
+    """Plan a transaction's entries for the bulk path (:func:`hms_ach.fhir.transaction.plan`). It is
+    only a head start: should it fail, the writer does that work itself."""
+    try:
+        await asyncio.to_thread(transaction.plan, ops)
+    except Exception as exc:  # noqa: BLE001 - the request goes on without a plan
+        for op in ops:
+            op.plan = None
+        log.warning(
+            "fhir.transaction_plan_failed",
+            extra={"channel": channel.config.name, "error_kind": error_kind(exc)},
+        )
 
 
 def _base(request: Request) -> str:
