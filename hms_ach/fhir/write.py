@@ -16,7 +16,9 @@ OperationOutcome of the entry or the request.
 
 So that a big Bundle cannot starve the other channels (docs/reliability.md, "Fairness between
 channels"), :func:`prepare_all` validates and maps a Bundle in a worker thread, and
-:func:`submit_request` commits a batch Bundle in time-bounded slices between other jobs.
+:func:`submit_request` commits a batch Bundle in time-bounded slices between other jobs. A
+transaction Bundle stays one job, but its runs of creates and key-conditional writes are written
+in bulk (:mod:`hms_ach.fhir.transaction`), falling back to :func:`_apply` entry by entry.
 """
 
 from __future__ import annotations
