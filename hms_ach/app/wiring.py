@@ -34,8 +34,12 @@ CHANGE_LISTENERS: tuple[changes.Listener, ...] = (
 )
 
 
+#: The listeners that also take many changes at once (the bulk path of a transaction Bundle).
+MANY_LISTENERS: dict[changes.Listener, changes.ManyListener] = {events.on_change: events.on_changes}
+
+
 def wire_listeners() -> None:
     """Subscribe :data:`CHANGE_LISTENERS` to the store's record changes (again: no effect)."""
     for listener in CHANGE_LISTENERS:
-        changes.subscribe(listener)
+        changes.subscribe(listener, MANY_LISTENERS.get(listener))
     csv_rows.use_row_check(record_rules.check_csv_writes)

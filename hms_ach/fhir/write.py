@@ -16,7 +16,9 @@ OperationOutcome of the entry or the request.
 
 So that a big Bundle cannot starve the other channels (docs/reliability.md, "Fairness between
 channels"), :func:`prepare_all` validates and maps a Bundle in a worker thread, and
-:func:`submit_request` commits a batch Bundle in time-bounded slices between other jobs.
+:func:`submit_request` commits a batch Bundle in time-bounded slices between other jobs. A
+transaction Bundle stays one job, but its runs of creates and key-conditional writes are written
+in bulk (:mod:`hms_ach.fhir.transaction`), falling back to :func:`_apply` entry by entry.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class Operation:
     extra: list[RecordWrite] = field(default_factory=list)
     refused: FhirError | None = None
     """A batch entry refused before it could be applied (malformed, invalid): answered with this."""
+    plan: Any = None  # a transaction entry's work done before the writer (hms_ach.fhir.transaction.plan)
 
 
 @dataclass
@@ -250,6 +253,10 @@ def _etag_version(if_match: str | None) -> int | None:
     if not m:
         raise Invalid(f'If-Match {if_match[:40]!r} is not an ETag like W/"3"')
     return int(m.group(1))
+
+
+#: The version an If-Match header names (None without one); Invalid when it is not an ETag.
+etag_version = _etag_version
 
 
 def parse_identifier_query(query: str, header: str) -> tuple[str | None, str]:
@@ -435,24 +442,36 @@ def apply_request(tx: Tx, message_id: int, ops: list[Operation], kind: str) -> t
     message row ends (the pipeline writes that on the row)."""
     results: list[Result] = []
     error: FhirError | None = None
+    ordered = ops
     if kind == "batch":
         results = _apply_batch_entries(tx, message_id, ops)
     else:
         resolved: dict[str, str] = {}
         current: Operation | None = None
+
+        def apply_one(op: Operation) -> Result:
+            nonlocal current
+            current = op
+            res = _apply(tx, op, resolved, message_id)
+            if op.full_url and res.rid:
+                resolved[op.full_url] = f"{res.resource_type}/{res.rid}"
+            return res
+
         try:
             with savepoint(tx):
-                for op in order_entries(ops) if kind == "transaction" else ops:
-                    current = op
-                    res = _apply(tx, op, resolved, message_id)
-                    if op.full_url and res.rid:
-                        resolved[op.full_url] = f"{res.resource_type}/{res.rid}"
-                    results.append(res)
+                if kind == "transaction":
+                    # imported here: hms_ach.fhir.transaction builds on this module
+                    from hms_ach.fhir.transaction import apply_transaction
+
+                    ordered = order_entries(ops)
+                    results = apply_transaction(tx, message_id, ordered, resolved, apply_one)
+                else:
+                    results = [apply_one(op) for op in ops]
         except DomainError as exc:
             error, results = _refusal(exc, current), []
     if kind == "transaction" and error is None:
         # keep the Bundle's entry order in the response
-        by_op = dict(zip([id(o) for o in order_entries(ops)], results, strict=True))
+        by_op = dict(zip([id(o) for o in ordered], results, strict=True))
         results = [by_op[id(o)] for o in ops]
     return RequestOutcome(message_id, results, error), _request_finish(results, error)
 

@@ -37,6 +37,7 @@ from hms_ach.core.records import MappingResult
 from hms_ach.core.redact import error_kind
 from hms_ach.fhir import access, audit_events
 from hms_ach.fhir import read as reads_mod
+from hms_ach.fhir import transaction
 from hms_ach.fhir.access import WriteGuard
 from hms_ach.fhir.basic import as_fhir, fhir_type
 from hms_ach.fhir.bundles import bundle_response, request_operations, written_outcome
@@ -324,6 +325,8 @@ async def _run(
             _check_records([ops[i] for i in writes])
         total = len(ops)
         ops = [ops[i] for i in writes]
+        if kind == "transaction":  # what the writer need not do, done now in a worker thread
+            await _plan(channel, ops)
     except FhirError as exc:
         if exc.status not in (405, 415, 413):  # bodies we did not read or accept are not stored
             keep = line if _line_storable(line) else RequestLine(line.method, "", None, None)
@@ -353,6 +356,20 @@ async def _run(
     if outcome.error is not None:
         raise outcome.error
     return channel, outcome, kind
+
+
+async def _plan(channel: FhirRestChannel, ops: list[Operation]) -> None:
+    """Plan a transaction's entries for the bulk path (:func:`hms_ach.fhir.transaction.plan`). It is
+    only a head start: should it fail, the writer does that work itself."""
+    try:
+        await asyncio.to_thread(transaction.plan, ops)
+    except Exception as exc:  # noqa: BLE001 - the request goes on without a plan
+        for op in ops:
+            op.plan = None
+        log.warning(
+            "fhir.transaction_plan_failed",
+            extra={"channel": channel.config.name, "error_kind": error_kind(exc)},
+        )
 
 
 def _base(request: Request) -> str:

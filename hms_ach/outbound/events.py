@@ -290,3 +290,15 @@ def on_change(tx: Tx, change: Change) -> None:
         outbox.enqueue(tx, "record.changed", payload("record.changed", change))
     for event, body in derive(change):
         outbox.enqueue(tx, event, body)
+
+
+def on_changes(tx: Tx, changes: list[Change]) -> None:
+    """:func:`on_change` for many changes (a transaction Bundle's), their events written with one
+    INSERT, in the same order."""
+    rows: list[tuple[str, dict[str, Any]]] = []
+    for change in changes:
+        if _feed_subscribers and change.resource_type in CHANGE_FEED_TYPES:
+            rows.append(("record.changed", payload("record.changed", change)))
+        rows.extend(derive(change))
+    if rows:
+        outbox.enqueue_many(tx, rows)

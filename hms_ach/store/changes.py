@@ -41,15 +41,21 @@ class Change:
 
 #: A change listener: runs in the change's own transaction; raising rolls the change back.
 Listener: TypeAlias = Callable[[Tx, Change], None]
+#: The same listener for many changes at once, in their order (e.g. one INSERT for all their rows).
+ManyListener: TypeAlias = Callable[[Tx, list[Change]], None]
 
 _listeners: list[Listener] = []
+_many: dict[Listener, ManyListener] = {}
 
 
-def subscribe(listener: Listener) -> None:
+def subscribe(listener: Listener, many: ManyListener | None = None) -> None:
     """Announce every record change to ``listener`` from now on, after the audit trail and the
-    listeners subscribed before it. Subscribing a listener that is already subscribed does nothing."""
+    listeners subscribed before it. Subscribing a listener that is already subscribed does nothing.
+    ``many``: what :func:`notify_many` calls instead of ``listener`` once per change."""
     if listener not in _listeners:
         _listeners.append(listener)
+    if many is not None:
+        _many[listener] = many
 
 
 def notify(tx: Tx, change: Change) -> None:
@@ -57,3 +63,20 @@ def notify(tx: Tx, change: Change) -> None:
     audit.record(tx, change)
     for listener in _listeners:
         listener(tx, change)
+
+
+def notify_many(tx: Tx, changes: list[Change]) -> None:
+    """Announce ``changes`` (in order) in their transaction: the audit trail for all of them, then
+    each listener for all of them (its ``many`` variant when it has one). The same rows as
+    :func:`notify` per change; only the order of rows *between* tables differs (a listener's
+    writes come after the whole group's audit entries)."""
+    if not changes:
+        return
+    audit.record_many(tx, changes)
+    for listener in _listeners:
+        many = _many.get(listener)
+        if many is not None:
+            many(tx, changes)
+        else:
+            for change in changes:
+                listener(tx, change)

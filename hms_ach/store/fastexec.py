@@ -15,13 +15,15 @@ SQLAlchemy's exceptions. Its ``before_cursor_execute`` and
 ``after_cursor_execute`` listeners are still called, with ``context=None``, so that statement
 counters, tracing and logging hooks on the engine see these statements too.
 
-Only INSERTs and single-row key look-ups go here; everything else stays on SQLAlchemy.
+Only INSERTs, single-row key look-ups and the many-row UPDATEs and DELETEs of a transaction Bundle
+go here; everything else stays on SQLAlchemy.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import Connection, Table, insert
@@ -44,6 +46,38 @@ class Compiled:
         ]
         return tuple(out) if self.positional else dict(zip(self.names, out, strict=True))
 
+    def params_many(self, rows: Sequence[Mapping[str, Any]], as_tuples: bool = False) -> list[Any]:
+        """:meth:`params` of each row, the values picked by one C-level getter, and each converted
+        value reused while the same object repeats (the one write time of a transaction's rows)."""
+        pick = _getter(self.names)
+        try:
+            picked = [pick(row) for row in rows]
+        except KeyError:  # a row without some bind name: that value is None
+            return [self.params(row) for row in rows]
+        converting = [(i, proc) for i, proc in enumerate(self.processors) if proc is not None]
+        if converting:
+            out = [list(p) for p in picked]
+            for i, proc in converting:
+                last: Any = object()
+                done: Any = None
+                for p in out:
+                    if p[i] is not last:
+                        last, done = p[i], proc(p[i])
+                    p[i] = done
+            picked = [tuple(p) for p in out]
+        if self.positional or as_tuples:
+            return picked
+        return [dict(zip(self.names, p, strict=True)) for p in picked]
+
+
+def _getter(names: tuple[str, ...]) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
+    if not names:
+        return lambda row: ()
+    get = itemgetter(*names)
+    if len(names) == 1:
+        return lambda row: (get(row),)
+    return get
+
 
 _cache: dict[tuple[Any, ...], Compiled] = {}
 
@@ -54,6 +88,7 @@ def _compile(
     key: tuple[Any, ...],
     column_keys: Sequence[str] | None,
     types: Mapping[str, Any],
+    bind_types: bool = False,
 ) -> Compiled:
     dialect = conn.dialect
     compiled = stmt.compile(
@@ -71,6 +106,8 @@ def _compile(
     processors = []
     for name in names:
         type_ = types.get(name)
+        if type_ is None and bind_types:  # a bindparam() compared with or assigned to a column has its type
+            type_ = compiled.binds[name].type
         # dialect_impl: the dialect's own type (SQLite's DATETIME formats datetimes as text)
         processors.append(type_.dialect_impl(dialect).bind_processor(dialect) if type_ is not None else None)
     found = Compiled(compiled.string, names, positional, tuple(processors))
@@ -103,7 +140,8 @@ def _run(conn: Connection, cursor: Any, sql: str, params: Any, many: bool) -> No
 
 def insert_rows(conn: Connection, table: Table, rows: Iterable[Mapping[str, Any]]) -> None:
     """INSERT ``rows`` (dicts with the same keys, in the same order) into ``table`` on ``conn``'s
-    DBAPI cursor: one ``executemany`` for many rows, one ``execute`` for one."""
+    DBAPI cursor: one ``executemany`` for many rows, one ``execute`` for one, and on PostgreSQL one
+    COPY from ``COPY_MIN_ROWS`` rows on."""
     batch = list(rows)
     if not batch:
         return
@@ -116,10 +154,45 @@ def insert_rows(conn: Connection, table: Table, rows: Iterable[Mapping[str, Any]
     try:
         if len(batch) == 1:
             _run(conn, cursor, compiled.sql, compiled.params(batch[0]), False)
+        elif len(batch) >= COPY_MIN_ROWS and conn.dialect.name == "postgresql":
+            _insert_values(conn, cursor, table, compiled, batch)
         else:
-            _run(conn, cursor, compiled.sql, [compiled.params(r) for r in batch], True)
+            _run(conn, cursor, compiled.sql, compiled.params_many(batch), True)
     finally:
         cursor.close()
+
+
+#: From this many rows an INSERT on PostgreSQL is a COPY (a few round trips of its own, so not for
+#: the few index rows of one record).
+COPY_MIN_ROWS = 64
+
+
+def _insert_values(
+    conn: Connection,
+    cursor: Any,
+    table: Table,
+    compiled: Compiled,
+    rows: list[Mapping[str, Any]],
+) -> None:
+    """INSERT many rows on PostgreSQL with one ``COPY .. FROM STDIN``: psycopg's ``executemany``
+    sends (and the server runs) one statement a row, and a multi-row ``VALUES`` costs psycopg more
+    to parse than the rows cost to send. COPY runs the table's constraints as an INSERT does."""
+    quote = conn.dialect.identifier_preparer
+    columns = ", ".join(quote.quote(table.c[name].name) for name in compiled.names)  # the INSERT's order
+    sql = f"COPY {quote.format_table(table)} ({columns}) FROM STDIN"
+    values = compiled.params_many(rows, as_tuples=True)  # in the order of compiled.names
+    dispatch = conn.dispatch
+    for before in dispatch.before_cursor_execute:
+        before(conn, cursor, sql, values, None, True)
+    dbapi_error = conn.dialect.loaded_dbapi.Error
+    try:
+        with cursor.copy(sql) as copy:
+            for row in values:
+                copy.write_row(row)
+    except dbapi_error as exc:
+        raise DBAPIError.instance(sql, values, exc, dbapi_error, dialect=conn.dialect, ismulti=True) from exc
+    for after in dispatch.after_cursor_execute:
+        after(conn, cursor, sql, values, None, True)
 
 
 def first_row(
@@ -158,3 +231,25 @@ def execute(
     finally:
         cursor.close()
     return tuple(row) if row is not None else None
+
+
+def execute_many(
+    conn: Connection, name: str, stmt: Any, rows: Sequence[Mapping[str, Any]], table: Table | None = None
+) -> None:
+    """Run ``stmt`` (an UPDATE or DELETE) once per item of ``rows`` (dicts with the same keys) with
+    one ``executemany``; ``name`` and ``table`` as for :func:`execute`. A bind parameter that is not
+    a column of ``table`` is converted by its own type (``bindparam("t")`` set into a DateTime column
+    is a DateTime)."""
+    if not rows:
+        return
+    keys = tuple(rows[0]) if table is not None else None
+    cache_key = ("stmt", name, keys, conn.dialect.name, conn.dialect.paramstyle)
+    compiled = _cache.get(cache_key)
+    if compiled is None:
+        types = {c.key: c.type for c in table.c} if table is not None else {}
+        compiled = _compile(stmt, conn, cache_key, keys, types, bind_types=True)
+    cursor = _cursor(conn)
+    try:
+        _run(conn, cursor, compiled.sql, compiled.params_many(rows), True)
+    finally:
+        cursor.close()

@@ -512,3 +512,11 @@ def _resolve_aliases(value: Any, resolved: dict[str, str]) -> Any:
     if isinstance(value, list):
         return [v for v in (_resolve_aliases(v, resolved) for v in value) if v is not None]
     return value
+
+
+# The statements and rendering of the write path, shared with hms_ach.store.bulk (which writes the
+# same rows for many versions at once).
+render = _render
+record_statements = _statements
+index_statements = _index_statements
+HISTORY_TABLE = _HISTORY

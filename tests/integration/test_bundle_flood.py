@@ -1,10 +1,14 @@
 """Fairness between channels (issue 13): a flood of 1,000-entry FHIR Bundles does not starve an MLLP feed.
 
 An MLLP feed sends at a steady rate from a process of its own (:mod:`tests.integration.mllp_feed`)
-while 1,000-entry batch Bundles are POSTed to /fhir back to back for ``FLOOD_SECONDS``. The feed's
-ACK p99, measured from the time each message was due (a stall counts against every message it
-delayed), stays under 200 ms; every message gets its AA, every Bundle its batch-response with a
-201 per entry, and every record is stored once.
+while 1,000-entry Bundles (batch, then transaction) are POSTed to /fhir back to back for
+``FLOOD_SECONDS``. The feed's ACK p99, measured from the time each message was due (a stall counts
+against every message it delayed), stays under 200 ms; every message gets its AA, every Bundle its
+response with a 201 per entry, and every record is stored once.
+
+Transaction Bundles do not reach the 200 ms yet: each is one writer job, and the feed's p99 is the
+length of one. Their run checks everything else, guards the bound they do reach
+(``TRANSACTION_P99_GUARD_MS``), and reports XFAIL with the measured p99.
 
 The engine runs in this process as ``hms-ach run`` runs it, with the interpreter tuned by
 :func:`hms_ach.app.cli.tune_interpreter` (the start-up heap frozen, a 1 ms switch interval).
@@ -38,6 +42,9 @@ FEED_RATE = 10  # messages a second, one sender waiting for each ACK
 ENTRIES = 1000  # per Bundle
 FLOOD_SECONDS = 12.0  # Bundles are posted back to back for this long (the last one is waited for)
 P99_LIMIT_MS = 200.0
+#: Transaction Bundles: the feed's p99 is the writer time of one Bundle. Entry by entry it was 8 s
+#: on SQLite (load average 6); the bulk path measured 0.4-1.3 s on both databases. This guards that.
+TRANSACTION_P99_GUARD_MS = 3000.0
 STAFF = "urn:test:flood-staff"
 
 pytestmark = pytest.mark.timeout(150)
@@ -57,7 +64,7 @@ async def engine(tmp_path: Path, store: Store) -> AsyncIterator[Engine]:
         await eng.stop()
 
 
-def _bundle(number: int) -> bytes:
+def _bundle(number: int, kind: str = "batch") -> bytes:
     entries = [
         {
             "fullUrl": f"urn:uuid:flood-{number}-{i}",
@@ -72,7 +79,7 @@ def _bundle(number: int) -> bytes:
         }
         for i in range(ENTRIES)
     ]
-    return json.dumps({"resourceType": "Bundle", "type": "batch", "entry": entries}).encode()
+    return json.dumps({"resourceType": "Bundle", "type": kind, "entry": entries}).encode()
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -87,8 +94,9 @@ async def _stop_feed(feed: asyncio.subprocess.Process) -> dict[str, Any]:
     return result
 
 
-async def test_a_bundle_flood_does_not_starve_an_mllp_feed(engine: Engine, store: Store) -> None:
-    bodies = [_bundle(n) for n in range(3)]  # built before the feed starts; more on demand
+@pytest.mark.parametrize("kind", ["batch", "transaction"])
+async def test_a_bundle_flood_does_not_starve_an_mllp_feed(engine: Engine, store: Store, kind: str) -> None:
+    bodies = [_bundle(n, kind) for n in range(3)]  # built before the feed starts; more on demand
     feed = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -108,7 +116,7 @@ async def test_a_bundle_flood_does_not_starve_an_mllp_feed(engine: Engine, store
         ) as http:
             while time.monotonic() - started < FLOOD_SECONDS:
                 n = len(answers)
-                body = bodies[n] if n < len(bodies) else _bundle(n)
+                body = bodies[n] if n < len(bodies) else _bundle(n, kind)
                 answers.append(await http.post("", content=body, headers=FHIR_JSON))
         flood_seconds = time.monotonic() - started
     finally:
@@ -118,7 +126,7 @@ async def test_a_bundle_flood_does_not_starve_an_mllp_feed(engine: Engine, store
     for answer in answers:
         assert answer.status_code == 200, answer.text[:500]
         reply = answer.json()
-        assert reply["type"] == "batch-response"
+        assert reply["type"] == f"{kind}-response"
         assert [e["response"]["status"] for e in reply["entry"]] == ["201 Created"] * ENTRIES
     with store.read() as conn:
         stored = conn.execute(
@@ -135,11 +143,17 @@ async def test_a_bundle_flood_does_not_starve_an_mllp_feed(engine: Engine, store
     assert result["bad"] == []
     p50, p99, worst = _quantile(due, 0.5), _quantile(due, 0.99), max(due)
     summary = (
-        f"{store.dialect}: {len(answers)} Bundles x {ENTRIES} entries in {flood_seconds:.1f} s; "
+        f"{store.dialect}: {len(answers)} {kind} Bundles x {ENTRIES} entries in {flood_seconds:.1f} s; "
         f"feed {len(due)} ACKs, p50 {p50:.0f} ms, p99 {p99:.0f} ms, max {worst:.0f} ms"
     )
     print(summary)
     assert len(due) >= 0.8 * FEED_RATE * flood_seconds, summary
+    if kind == "transaction" and p99 >= P99_LIMIT_MS:
+        # A transaction is one writer job and one commit: the feed waits for the whole of one. The
+        # bulk path cut its writer CPU 10-18 times, but a 1,000-entry one still holds the writer
+        # for about 0.3 s of CPU (docs/reliability.md, "Fairness between channels"): not yet 200 ms.
+        assert p99 < TRANSACTION_P99_GUARD_MS, summary
+        pytest.xfail(f"issue 13's {P99_LIMIT_MS:.0f} ms is not reached by transactions yet: {summary}")
     assert p99 < P99_LIMIT_MS, summary
 
 

@@ -61,3 +61,42 @@ def test_a_listener_that_raises_rolls_the_change_back(store: Store, monkeypatch:
         _patient(tx, "2")
     assert _count(store, RECORD_TABLES["Patient"].__table__) == 0  # type: ignore[attr-defined]
     assert _count(store, AuditEntry.__table__) == 0  # type: ignore[attr-defined]
+
+
+def test_many_changes_are_announced_in_order_to_each_listener_once(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """notify_many (a transaction Bundle's bulk path): the audit rows of all changes, chained in
+    their order, then each listener: its ``many`` variant once, or the listener once per change."""
+    monkeypatch.setattr(changes, "_listeners", [])
+    monkeypatch.setattr(changes, "_many", {})
+    heard: list[tuple[str, list[str]]] = []
+    audit = AuditEntry.__table__  # type: ignore[attr-defined]
+
+    def one(tx: Tx, change: changes.Change) -> None:
+        heard.append(("one", [change.id]))
+
+    def bulk(tx: Tx, change: changes.Change) -> None:
+        raise AssertionError("the many variant is called instead")
+
+    def bulk_many(tx: Tx, many: list[changes.Change]) -> None:
+        audited = tx.execute(select(func.count()).select_from(audit)).scalar_one()
+        heard.append((f"many after {audited} audit rows", [c.id for c in many]))
+
+    changes.subscribe(bulk, bulk_many)
+    changes.subscribe(one)
+    made = [changes.Change("Patient", f"p{i}", 1, "create", None, {"id": f"p{i}"}, None) for i in range(3)]
+    with store.writer.begin() as tx:
+        changes.notify_many(tx, made)
+    assert heard == [
+        ("many after 3 audit rows", ["p0", "p1", "p2"]),
+        ("one", ["p0"]),
+        ("one", ["p1"]),
+        ("one", ["p2"]),
+    ]
+    with store.reader.connect() as conn:
+        rows = conn.execute(
+            select(audit.c.entity_id, audit.c.prev_hash, audit.c.hash).order_by(audit.c.seq)
+        ).all()
+    assert [r.entity_id for r in rows] == ["p0", "p1", "p2"]
+    assert [r.prev_hash for r in rows[1:]] == [r.hash for r in rows[:-1]]  # one chain, in order

@@ -1,0 +1,118 @@
+"""The writer time of one 1,000-entry FHIR transaction Bundle: entry by entry, and through the bulk
+path (hms_ach/fhir/transaction.py), in one run (docs/reliability.md, "Fairness between channels").
+
+    python -m benchmarks.transaction_writer [--database URL] [--bundles N] [--entries N]
+
+Each mode writes ``--bundles`` transactions of new Practitioners into a fresh store (SQLite in a
+temporary directory unless ``--database`` names another, e.g. a PostgreSQL schema of its own), as
+``POST /fhir`` does: validated and mapped, planned, then one heavy writer job. It prints, per
+mode, the median wall and writer-thread CPU time of the job, and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from hms_ach.app.wiring import wire_listeners
+from hms_ach.fhir import transaction
+from hms_ach.fhir.bundles import bundle_operations
+from hms_ach.fhir.write import RequestOutcome, prepare_all, request_job
+from hms_ach.mapping.engine import MappingEngine
+from hms_ach.mapping.loader import load_mappings
+from hms_ach.outbound import events
+from hms_ach.store import messages
+from hms_ach.store.db import Store
+from hms_ach.store.writer import StoreWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bundle(prefix: str, number: int, entries: int) -> dict[str, Any]:
+    return {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry": [
+            {
+                "fullUrl": f"urn:uuid:b{number}-{i}",
+                "resource": {
+                    "resourceType": "Practitioner",
+                    "identifier": [{"system": "urn:bench:staff", "value": f"{prefix}{number}-{i}"}],
+                    "active": True,
+                    "name": [{"family": "Osei", "given": ["Amara"]}],
+                    "gender": "female",
+                },
+                "request": {"method": "POST", "url": "Practitioner"},
+            }
+            for i in range(entries)
+        ],
+    }
+
+
+async def run(
+    url: str, mapping: MappingEngine, prefix: str, bundles: int, entries: int
+) -> list[tuple[float, float]]:
+    """(wall, CPU) seconds of each Bundle's writer job (identifiers start with ``prefix``)."""
+    store = Store(url)
+    writer = StoreWriter(store)
+    times: list[tuple[float, float]] = []
+    try:
+        for n in range(bundles):
+            ops, kind = bundle_operations(bundle(prefix, n, entries), entries)
+            await prepare_all(ops, mapping)
+            transaction.plan(ops)
+            meta = messages.MessageMeta(
+                channel="bench", raw=b"{}", content_type="fhir+json", control_id=str(uuid.uuid4())
+            )
+            job = request_job(meta, ops, kind)
+
+            def timed(tx: Any, job: Any = job) -> RequestOutcome:
+                wall, cpu = time.perf_counter(), time.thread_time()
+                out: RequestOutcome = job(tx)
+                times.append((time.perf_counter() - wall, time.thread_time() - cpu))
+                return out
+
+            outcome = await writer.run(timed, heavy=True, timeout=300)
+            if outcome.error is not None or any(r.status != 201 for r in outcome.results):
+                raise SystemExit(f"bundle {n} was not stored: {outcome.error}")
+    finally:
+        writer.stop()
+        store.dispose()
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--database", help="a store URL (default: a new SQLite file)")
+    parser.add_argument("--bundles", type=int, default=4)
+    parser.add_argument("--entries", type=int, default=1000)
+    args = parser.parse_args()
+    wire_listeners()
+    mapping = MappingEngine(load_mappings(ROOT / "mappings"))
+    events.use_engine(mapping)  # event payloads from mappings/events/, as the engine writes them
+    results: dict[str, tuple[float, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in ("entry by entry", "bulk"):
+            url = args.database or f"sqlite:///{tmp}/{mode.replace(' ', '_')}.db"
+            saved = transaction.MIN_GROUP
+            transaction.MIN_GROUP = 10**9 if mode == "entry by entry" else saved
+            try:
+                times = asyncio.run(run(url, mapping, mode[0], args.bundles, args.entries))
+            finally:
+                transaction.MIN_GROUP = saved
+            wall = statistics.median(t[0] for t in times)
+            cpu = statistics.median(t[1] for t in times)
+            results[mode] = (wall, cpu)
+            print(f"{mode:>15}: writer job median {wall * 1000:.0f} ms wall, {cpu * 1000:.0f} ms CPU")
+    (w0, c0), (w1, c1) = results["entry by entry"], results["bulk"]
+    print(f"{'ratio':>15}: {w0 / w1:.1f}x wall, {c0 / c1:.1f}x CPU")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""Many record versions in a few statements: the writer-side half of a FHIR transaction Bundle.
+
+A transaction Bundle is all-or-nothing, so it is one writer job and one commit. Written entry by
+entry (:mod:`hms_ach.store.resources`), each entry costs about ten statements (claim, update,
+history, index rows, audit, outbox, read back), and a 1,000-entry Bundle holds the writer for
+seconds. This module writes a group of entries with a few statements for all of them:
+
+* :func:`find_by_keys`: the records that already have the entries' business keys, one SELECT per
+  resource type (``FOR UPDATE`` on PostgreSQL, as the per-entry claim locks them);
+* :func:`live_ids`: which of the records the entries refer to exist and are not deleted;
+* :func:`write_versions`: the new versions, with one ``executemany`` per table: record rows
+  (INSERT for new records, UPDATE for existing ones), history rows, search-index rows, then the
+  change listeners for all of them (:func:`hms_ach.store.changes.notify_many`: the audit chain in
+  order, the outbox events).
+
+The caller (:mod:`hms_ach.fhir.transaction`) decides everything a per-entry write decides (which
+record an entry targets, If-Match, merge, no-op) from the rows read here, and runs the group in a
+SAVEPOINT. Whatever this path does not cover raises :class:`Fallback`; the caller then rolls the
+group back and writes it entry by entry, so the outcome (and every refusal) is the per-entry one.
+New records are inserted with a plain INSERT after the key look-up: should another writer insert
+the same key meanwhile (another instance on PostgreSQL), the unique constraint refuses the INSERT,
+and the per-entry path then runs with its race-free claim.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Table, select
+
+from hms_ach.store import fastexec, search_params
+from hms_ach.store.changes import Change, notify_many
+from hms_ach.store.models import INDEX_TABLES, RECORD_TABLES
+from hms_ach.store.port import Tx
+from hms_ach.store.repository import HISTORY_TABLE, index_statements, record_statements, render
+
+#: Values per SELECT of :func:`find_by_keys` and :func:`live_ids`.
+CHUNK = 500
+
+
+class Fallback(Exception):
+    """The bulk path does not cover this group: roll it back and write it entry by entry."""
+
+
+@dataclass(frozen=True)
+class Existing:
+    """A record row as the bulk path reads it."""
+
+    id: str
+    version: int
+    deleted: bool
+    resource: str
+    last_updated: datetime
+
+
+@dataclass
+class NewVersion:
+    """One version to write: ``content`` is the merged resource (``resourceType`` set); ``before``
+    the content of the version it follows (None for a new record)."""
+
+    resource_type: str
+    id: str
+    version: int
+    content: dict[str, Any]
+    created: bool
+    before: dict[str, Any] | None = None
+    rendered: Rendered | None = None  # rendered before the writer (a new record's version 1)
+
+
+@dataclass
+class Rendered:
+    """A version rendered before the writer (:func:`render_ahead`): its body and text carry
+    ``stamp`` where the time of the write goes, and its search-index rows are made."""
+
+    body: dict[str, Any]
+    text: str
+    stamp: str
+    index: dict[str, list[dict[str, Any]]]
+
+
+def render_ahead(resource_type: str, rid: str, version: int, content: dict[str, Any]) -> Rendered:
+    """Render a version and make its index rows now, to be written by :func:`write_versions`
+    (which puts the time of the write in place of the stamp): the index rows do not depend on
+    ``meta`` (``_lastUpdated`` reads the record's column)."""
+    stamp = f"hms-ach-last-updated-{uuid.uuid4().hex}"
+    body, text = render(resource_type, rid, version, _STAMP_TIME, content)
+    body["meta"]["lastUpdated"] = stamp
+    text = text.replace(_STAMP_TEXT, stamp, 1)
+    return Rendered(body, text, stamp, search_params.index_rows(resource_type, body))
+
+
+_STAMP_TIME = datetime(1, 1, 1, tzinfo=UTC)
+_STAMP_TEXT = _STAMP_TIME.isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What :func:`write_versions` stored for one :class:`NewVersion`."""
+
+    text: str
+    last_updated: datetime
+
+
+def _table(resource_type: str) -> Table:
+    return RECORD_TABLES[resource_type].__table__  # type: ignore[attr-defined, no-any-return]
+
+
+def _chunks(items: list[Any]) -> Iterable[list[Any]]:
+    for i in range(0, len(items), CHUNK):
+        yield items[i : i + CHUNK]
+
+
+def find_by_keys(tx: Tx, resource_type: str, keys: list[tuple[str, str]]) -> dict[tuple[str, str], Existing]:
+    """The rows of ``resource_type`` with the business keys ``(system, value)`` (locked on
+    PostgreSQL), by key: one SELECT per system (and per ``CHUNK`` values), on the key's unique index."""
+    t = _table(resource_type)
+    by_system: dict[str, set[str]] = {}
+    for system, value in keys:
+        by_system.setdefault(system, set()).add(value)
+    found: dict[tuple[str, str], Existing] = {}
+    for system, values in by_system.items():
+        for chunk in _chunks(sorted(values)):
+            q = select(
+                t.c.key_value, t.c.id, t.c.version_id, t.c.deleted, t.c.resource, t.c.last_updated
+            ).where(t.c.key_system == system, t.c.key_value.in_(chunk))
+            if tx.dialect.name == "postgresql":
+                q = q.with_for_update()
+            for r in tx.execute(q):
+                found[(system, r.key_value)] = Existing(
+                    str(r.id), int(r.version_id), bool(r.deleted), r.resource, r.last_updated
+                )
+    return found
+
+
+def live_ids(tx: Tx, resource_type: str, ids: Iterable[str]) -> set[str]:
+    """Those of ``ids`` that are records of ``resource_type`` that exist and are not deleted."""
+    t = _table(resource_type)
+    live: set[str] = set()
+    for chunk in _chunks(sorted(set(ids))):
+        q = select(t.c.id).where(t.c.id.in_(chunk), t.c.version_id != 0, t.c.deleted.is_(False))
+        live.update(str(i) for i in tx.execute(q).scalars())
+    return live
+
+
+def _insert_grouped(tx: Tx, table: Table, rows: list[dict[str, Any]]) -> None:
+    """INSERT ``rows`` with one ``executemany`` per run of rows with the same keys."""
+    start = 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or tuple(rows[i]) != tuple(rows[start]):
+            fastexec.insert_rows(tx, table, rows[start:i])
+            start = i
+
+
+def write_versions(
+    tx: Tx,
+    versions: list[NewVersion],
+    keys: Mapping[str, tuple[str | None, str | None]],
+    message_id: int | None,
+) -> list[Stored]:
+    """Write ``versions`` (record rows, history, search index, change listeners) with a few
+    statements per table; ``keys``: the business key of each new record, by id."""
+    now = datetime.now(UTC)
+    stored: list[Stored] = []
+    inserts: dict[str, list[dict[str, Any]]] = {}
+    updates: dict[str, list[dict[str, Any]]] = {}
+    history: list[dict[str, Any]] = []
+    index: dict[str, list[dict[str, Any]]] = {kind: [] for kind in INDEX_TABLES}
+    wipes: list[dict[str, Any]] = []
+    changes: list[Change] = []
+    when = now.isoformat().replace("+00:00", "Z")  # as render() writes it
+    for v in versions:
+        ahead = v.rendered
+        if ahead is not None:
+            body, text, rows_by_kind = ahead.body, ahead.text.replace(ahead.stamp, when, 1), ahead.index
+            body["meta"]["lastUpdated"] = when
+        else:
+            body, text = render(v.resource_type, v.id, v.version, now, v.content)
+            rows_by_kind = search_params.index_rows(v.resource_type, body)
+        stored.append(Stored(text, now))
+        if v.created and v.version == 1:
+            system, value = keys.get(v.id, (None, None))
+            inserts.setdefault(v.resource_type, []).append(
+                {
+                    "id": v.id,
+                    "key_system": system if value else None,
+                    "key_value": value or None,
+                    "version_id": 1,
+                    "last_updated": now,
+                    "deleted": False,
+                    "resource": text,
+                }
+            )
+        else:
+            updates.setdefault(v.resource_type, []).append(
+                {"rid": v.id, "v": v.version, "t": now, "r": text, "d": False}
+            )
+            wipes.append({"rt": v.resource_type, "rid": v.id})
+        history.append(
+            {
+                "resource_type": v.resource_type,
+                "id": v.id,
+                "version_id": v.version,
+                "last_updated": now,
+                "deleted": False,
+                "message_id": message_id,
+                "resource": text,
+            }
+        )
+        for kind, rows in rows_by_kind.items():
+            index[kind].extend({"resource_type": v.resource_type, "resource_id": v.id, **r} for r in rows)
+        action = "create" if v.created else "update"
+        changes.append(Change(v.resource_type, v.id, v.version, action, v.before, body, message_id))
+    dialect = tx.dialect.name
+    for rtype, rows in inserts.items():
+        fastexec.insert_rows(tx, _table(rtype), rows)
+    for rtype, rows in updates.items():
+        st = record_statements(rtype, dialect)
+        fastexec.execute_many(tx, f"update:{st.name}", st.update, rows)
+    fastexec.insert_rows(tx, HISTORY_TABLE, history)
+    for kind, rows in index.items():
+        wipe, table = index_statements(kind)
+        fastexec.execute_many(tx, f"wipe_index:{kind}", wipe, wipes)
+        _insert_grouped(tx, table, rows)
+    notify_many(tx, changes)
+    return stored
