@@ -35,9 +35,8 @@ from hms_ach.channels.fhir_rest import FhirRestChannel
 from hms_ach.core.errors import ContentError, Err0357
 from hms_ach.core.records import MappingResult
 from hms_ach.core.redact import error_kind
-from hms_ach.fhir import access, audit_events
+from hms_ach.fhir import access, audit_events, transaction
 from hms_ach.fhir import read as reads_mod
-from hms_ach.fhir import transaction
 from hms_ach.fhir.access import WriteGuard
 from hms_ach.fhir.basic import as_fhir, fhir_type
 from hms_ach.fhir.bundles import bundle_response, request_operations, written_outcome

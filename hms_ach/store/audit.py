@@ -188,34 +188,12 @@ def record(conn: Connection, change: Change) -> None:
     cache (:mod:`hms_ach.store.txcache`), which a rolled-back SAVEPOINT empties: the next entry
     then reads the chain's end again, so an undone entry is never linked to.
     """
-    seal = seal_for(conn)
-    cache = txcache.cache(conn)
-    _lock_chain(conn, cache)
-    last = cache.get("audit.last_hash")
-    if last is None:
-        last = conn.execute(_LAST_HASH).scalar()
-    before = audit_mask.mask(change.before, seal)
-    after = audit_mask.mask(change.after, seal)
-    row: dict[str, Any] = {
-        "recorded": instant(),
-        "agent": _agent(conn, change.message_id, cache),
-        "action": change.action,
-        "entity_type": change.resource_type,
-        "entity_id": change.id,
-        "version_id": change.version_id,
-        "message_id": change.message_id,
-        "diff": orjson.dumps(diff(before or {}, after or {})).decode(),
-        "prev_hash": last or GENESIS,
-        "actor": _actor(conn, change.message_id, cache),
-    }
-    row["hash"] = entry_hash(row, seal)
-    fastexec.insert_rows(conn, T, [row])
-    cache["audit.last_hash"] = row["hash"]
+    record_many(conn, [change])
 
 
 def record_many(conn: Connection, changes: list[Change]) -> None:
-    """:func:`record` for each of ``changes`` in turn, the rows inserted with one statement: the same
-    entries, chained in the same order (the bulk path of a transaction Bundle)."""
+    """Append one chained audit row for each of ``changes`` in turn, inserted with one statement
+    (one change for the listener, many for the bulk path of a transaction Bundle)."""
     if not changes:
         return
     seal = seal_for(conn)
@@ -238,7 +216,7 @@ def record_many(conn: Connection, changes: list[Change]) -> None:
             "message_id": change.message_id,
             "diff": orjson.dumps(diff(before or {}, after or {})).decode(),
             "prev_hash": last or GENESIS,
-            "actor": _actor(change.message_id, cache),
+            "actor": _actor(conn, change.message_id, cache),
         }
         row["hash"] = last = entry_hash(row, seal)
         rows.append(row)
