@@ -175,6 +175,7 @@ async def test_a_batch_bundle_in_many_slices_is_answered_and_stored_as_one_reque
         batch["entry"] = batch["entry"][:5]
         batch["entry"][3]["resource"]["identifier"][0]["value"] = "F7-1"  # the same as entry 1
         batch["entry"][4]["request"] = {"method": "PUT", "url": "Practitioner/not-there"}
+        batch["entry"][4]["resource"]["id"] = "not-there"  # an update names its target in its body too
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{eng.http_port}/fhir", timeout=30) as http:
             answer = await http.post("", json=batch, headers={**FHIR_JSON, **auth_headers(eng)})
         batches_before = eng.writer.batches

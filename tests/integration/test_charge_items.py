@@ -85,6 +85,7 @@ async def test_dft_p03_charges_are_served_as_charge_items(tmp_path: Path, store:
             "read",
             "vread",
             "history-instance",
+            "history-type",
             "search-type",
         }
         params = {p["name"] for p in charge_item["searchParam"]}

@@ -298,6 +298,7 @@ async def test_claims_and_coverage_are_read_and_searched_under_fhir(tmp_path: Pa
             "read",
             "vread",
             "history-instance",
+            "history-type",
             "search-type",
         }
         refused = await http.post("/Claim", json={"resourceType": "Claim"})
