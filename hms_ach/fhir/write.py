@@ -241,9 +241,10 @@ def check_shift(tx: Tx, rid: str, content: dict[str, Any], where: str) -> None:
     except RuleBroken as exc:
         element = "subject" if exc.element == "practitioner" else "extension"
         code = "code-invalid" if exc.code == "shift.unknown_status" else "business-rule"
-        raise RuleViolation(
-            f"[{exc.code}] {exc.detail}", code=code, expression=f"{where}.{element}"
-        ) from None
+        detail = exc.detail
+        if exc.other is not None:  # the clashing shift, by the id a FHIR client knows it by
+            detail = detail.replace(f"shift {exc.other}", f"shift Basic/{exc.other}")
+        raise RuleViolation(f"[{exc.code}] {detail}", code=code, expression=f"{where}.{element}") from None
 
 
 def _etag_version(if_match: str | None) -> int | None:

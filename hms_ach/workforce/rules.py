@@ -88,9 +88,12 @@ class RuleBroken(InvalidRequest):
     ``start``, ``clockIn``...), which each path names in its own terms (a request field, a CSV
     column, a FHIR expression)."""
 
-    def __init__(self, code: str, detail: str, element: str, field: str | None = None):
+    def __init__(
+        self, code: str, detail: str, element: str, field: str | None = None, other: str | None = None
+    ):
         super().__init__("Workforce rule broken", detail, field or element, detail, code)
         self.element = element
+        self.other = other  # the id of the record it clashes with (an overlapping shift), if any
 
 
 # ---------------------------------------------------------------------------- lookups

@@ -139,7 +139,9 @@ def check_limits(
     ]
     clash = overlapping_shift(others, ref, start, end, skip)
     if clash:
-        raise RuleBroken("shift.overlap", f"the employee already works shift {clash} then", "start")
+        raise RuleBroken(
+            "shift.overlap", f"the employee already works shift {clash} then", "start", other=clash
+        )
     weekly: dict[datetime, float] = {}
 
     def add(s_start: datetime, s_end: datetime) -> None:
