@@ -32,6 +32,10 @@ FHIR_JSON = {"content-type": "application/fhir+json"}
 #: The SMART scopes and /api/v1 roles of a token that may do everything.
 FULL_SCOPE = "system/*.cruds"
 FULL_ROLES = ("hr_admin", "auditor")
+#: The identifier system of staff numbers (Practitioner.identifier).
+STAFF = "urn:hms-ach:id:staff"
+#: The interactions of a record type the FHIR API serves but never writes (its CapabilityStatement).
+READ_INTERACTIONS = frozenset({"read", "vread", "history-instance", "history-type", "search-type"})
 
 
 def local_authenticator(data_dir: Path) -> Authenticator:
@@ -82,6 +86,18 @@ def auth_headers(
     arguments, ``sub=``, ``patient=``...)."""
     token = mint_token(authenticator, scope, roles, **claims)
     return {"authorization": f"Bearer {token}"}
+
+
+def nurse(number: str = "E2001", family: str = "Osei", **extra: Any) -> dict[str, Any]:
+    """An active Practitioner with staff number ``number`` (a FHIR write body), plus ``extra`` elements."""
+    return {
+        "resourceType": "Practitioner",
+        "identifier": [{"system": STAFF, "value": number}],
+        "active": True,
+        "name": [{"family": family, "given": ["Amara"]}],
+        "gender": "female",
+        **extra,
+    }
 
 
 def mllp_yaml(name: str = "adt_in", *settings: str) -> str:

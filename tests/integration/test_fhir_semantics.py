@@ -7,31 +7,18 @@ fhirclient). SQLite always, PostgreSQL when HMS_ACH_TEST_POSTGRES_URL is set."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
 
 import httpx
-import pytest
 from fhirclient.models.bundle import Bundle as ClientBundle
 from fhirpy import AsyncFHIRClient
 
 from hms_ach.app.runtime import Engine
-from tests.integration.engine_helpers import FHIR_JSON, auth_headers
+from tests.integration.engine_helpers import FHIR_JSON, STAFF, auth_headers
 
-STAFF = "urn:hms-ach:id:staff"
 GENDER = "http://hl7.org/fhir/administrative-gender"
-
-
-@pytest.fixture
-async def http(fhir_engine: Engine) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        base_url=f"http://127.0.0.1:{fhir_engine.http_port}/fhir",
-        timeout=30,
-        headers=auth_headers(fhir_engine),
-    ) as client:
-        yield client
 
 
 def nurse(number: str, family: str = "Osei", **extra: Any) -> dict[str, Any]:
