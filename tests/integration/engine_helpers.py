@@ -100,6 +100,32 @@ def nurse(number: str = "E2001", family: str = "Osei", **extra: Any) -> dict[str
     }
 
 
+def basic_shift(
+    number: str,
+    practitioner_id: str,
+    start: str = "2026-12-01T07:00:00Z",
+    end: str = "2026-12-01T15:00:00Z",
+    status: str | None = "planned",
+) -> dict[str, Any]:
+    """A shift as FHIR ``Basic`` (a write body): shift id ``number`` of ``Practitioner/practitioner_id``,
+    from ``start`` to ``end``, with a status extension unless ``status`` is None."""
+    extension: list[dict[str, Any]] = [
+        {
+            "url": "urn:hms-ach:fhir:StructureDefinition/shift-period",
+            "valuePeriod": {"start": start, "end": end},
+        }
+    ]
+    if status is not None:
+        extension.append({"url": "urn:hms-ach:fhir:StructureDefinition/shift-status", "valueCode": status})
+    return {
+        "resourceType": "Basic",
+        "identifier": [{"system": "urn:hms-ach:id:shift", "value": number}],
+        "code": {"coding": [{"system": "urn:hms-ach:code:basic-type", "code": "shift"}]},
+        "subject": {"reference": f"Practitioner/{practitioner_id}"},
+        "extension": extension,
+    }
+
+
 def mllp_yaml(name: str = "adt_in", *settings: str) -> str:
     """A channels.yaml list entry: an MLLP channel on a free loopback port, plus ``settings`` lines
     (``"idle_timeout_seconds: 5"``)."""

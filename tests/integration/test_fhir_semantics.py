@@ -16,7 +16,7 @@ from fhirclient.models.bundle import Bundle as ClientBundle
 from fhirpy import AsyncFHIRClient
 
 from hms_ach.app.runtime import Engine
-from tests.integration.engine_helpers import FHIR_JSON, STAFF, auth_headers
+from tests.integration.engine_helpers import FHIR_JSON, STAFF, auth_headers, basic_shift
 
 GENDER = "http://hl7.org/fhir/administrative-gender"
 
@@ -228,19 +228,7 @@ async def test_audit_events_read_and_last_updated(http: httpx.AsyncClient) -> No
 
 async def test_a_shift_is_answered_as_basic_that_fhirclient_parses(http: httpx.AsyncClient) -> None:
     rid = await create(http, nurse("B1"))
-    shift: dict[str, Any] = {
-        "resourceType": "Basic",
-        "identifier": [{"system": "urn:hms-ach:id:shift", "value": "SEM-1"}],
-        "code": {"coding": [{"system": "urn:hms-ach:code:basic-type", "code": "shift"}]},
-        "subject": {"reference": f"Practitioner/{rid}"},
-        "extension": [
-            {
-                "url": "urn:hms-ach:fhir:StructureDefinition/shift-period",
-                "valuePeriod": {"start": "2026-12-01T07:00:00Z", "end": "2026-12-01T15:00:00Z"},
-            },
-            {"url": "urn:hms-ach:fhir:StructureDefinition/shift-status", "valueCode": "planned"},
-        ],
-    }
+    shift = basic_shift("SEM-1", rid)
     for kind in ("transaction", "batch"):
         shift["identifier"][0]["value"] = f"SEM-{kind}"
         day = "02" if kind == "batch" else "01"  # no overlap with the other shift
@@ -586,18 +574,7 @@ async def test_an_overlapping_shift_in_a_batch_names_it_as_basic(http: httpx.Asy
     rid = await create(http, nurse("O1"))
 
     def shift(number: str) -> dict[str, Any]:
-        return {
-            "resourceType": "Basic",
-            "identifier": [{"system": "urn:hms-ach:id:shift", "value": number}],
-            "code": {"coding": [{"system": "urn:hms-ach:code:basic-type", "code": "shift"}]},
-            "subject": {"reference": f"Practitioner/{rid}"},
-            "extension": [
-                {
-                    "url": "urn:hms-ach:fhir:StructureDefinition/shift-period",
-                    "valuePeriod": {"start": "2026-12-05T07:00:00Z", "end": "2026-12-05T15:00:00Z"},
-                }
-            ],
-        }
+        return basic_shift(number, rid, "2026-12-05T07:00:00Z", "2026-12-05T15:00:00Z", status=None)
 
     batch = {
         "resourceType": "Bundle",

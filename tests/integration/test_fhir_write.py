@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from hms_ach.store.db import Store
 from hms_ach.store.models import RECORD_TABLES, InboundMessage
-from tests.integration.engine_helpers import FHIR_JSON, READ_INTERACTIONS, ROOT, STAFF, nurse
+from tests.integration.engine_helpers import FHIR_JSON, READ_INTERACTIONS, ROOT, STAFF, basic_shift, nurse
 
 Practitioner = RECORD_TABLES["Practitioner"]
 
@@ -404,19 +404,7 @@ async def test_capability_statement_declares_what_the_server_does(http: httpx.As
         out = await http.post("", json=bundle, headers=FHIR_JSON)
         assert out.status_code == 200 and out.json()["type"] == f"{kind}-response", out.text
     # Basic (a shift): create and update by the shift's id
-    shift: dict[str, Any] = {
-        "resourceType": "Basic",
-        "identifier": [{"system": "urn:hms-ach:id:shift", "value": "CS-1"}],
-        "code": {"coding": [{"system": "urn:hms-ach:code:basic-type", "code": "shift"}]},
-        "subject": {"reference": f"Practitioner/{rid}"},
-        "extension": [
-            {
-                "url": "urn:hms-ach:fhir:StructureDefinition/shift-period",
-                "valuePeriod": {"start": "2026-12-01T07:00:00Z", "end": "2026-12-01T15:00:00Z"},
-            },
-            {"url": "urn:hms-ach:fhir:StructureDefinition/shift-status", "valueCode": "planned"},
-        ],
-    }
+    shift = basic_shift("CS-1", rid)
     made = await http.post("/Basic", json=shift, headers=FHIR_JSON)
     assert made.status_code == 201, made.text
     shift_id = made.json()["id"]
