@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -39,13 +40,16 @@ def _change_listeners() -> None:
     wire_listeners()
 
 
-@pytest.fixture(params=STORE_BACKENDS)
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    """An empty store with all tables created: SQLite, or PostgreSQL in a schema of its own."""
-    if request.param == "sqlite":
-        s = Store(f"sqlite:///{tmp_path}/store.db")
-        yield s
-        s.dispose()
+@contextmanager
+def empty_store(backend: str, tmp_path: Path, name: str = "store") -> Iterator[Store]:
+    """An empty store with all tables created, disposed of (its schema dropped) when the block ends:
+    SQLite in ``tmp_path``/``name``.db, or PostgreSQL (``backend`` "postgres") in a schema of its own."""
+    if backend == "sqlite":
+        s = Store(f"sqlite:///{tmp_path}/{name}.db")
+        try:
+            yield s
+        finally:
+            s.dispose()
         return
     assert PG_URL
     schema = f"test_{uuid.uuid4().hex[:12]}"
@@ -57,3 +61,10 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     finally:
         s.dispose()
         _admin("DROP", schema)
+
+
+@pytest.fixture(params=STORE_BACKENDS)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """An empty store with all tables created: SQLite, or PostgreSQL in a schema of its own."""
+    with empty_store(request.param, tmp_path) as s:
+        yield s

@@ -12,7 +12,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from hms_ach.store.db import Store
 from hms_ach.store.models import ResourceHistory
 from hms_ach.store.port import Tx
-from hms_ach.store.resources import reading
+from hms_ach.store.resources import StoredVersion, reading
 
 H = ResourceHistory.__table__  # type: ignore[attr-defined]
 
@@ -29,18 +29,6 @@ def version_body(tx: Tx, resource_type: str, rid: str, version: int) -> str | No
 
 # ---------------------------------------------------------------------------- type and system history
 @dataclass(frozen=True)
-class Version:
-    """One stored version, as the history interactions serve it (``text``: the resource JSON)."""
-
-    resource_type: str
-    id: str
-    version: int
-    last_updated: datetime
-    deleted: bool
-    text: str
-
-
-@dataclass(frozen=True)
 class HistoryQuery:
     """Which versions a history asks for: of ``types`` (None: every type), of one record ``rid``,
     changed at or after ``since``, current at ``at``; ``count`` per page after the ``after`` key."""
@@ -53,7 +41,7 @@ class HistoryQuery:
     after: tuple[datetime, str, str, int] | None = None
 
 
-def history(tx: Tx, q: HistoryQuery) -> tuple[list[Version], tuple[datetime, str, str, int] | None]:
+def history(tx: Tx, q: HistoryQuery) -> tuple[list[StoredVersion], tuple[datetime, str, str, int] | None]:
     """One page of versions, newest first (by last update, then type, id and version, so that a page
     boundary is exact), and the key to pass as ``after`` for the next page (None: no more).
 
@@ -93,7 +81,9 @@ def history(tx: Tx, q: HistoryQuery) -> tuple[list[Version], tuple[datetime, str
     )
     rows = tx.execute(stmt).all()
     page = [
-        Version(r.resource_type, r.id, int(r.version_id), r.last_updated, bool(r.deleted), str(r.resource))
+        StoredVersion(
+            r.resource_type, r.id, int(r.version_id), r.last_updated, bool(r.deleted), str(r.resource)
+        )
         for r in rows[: q.count]
     ]
     more = len(rows) > q.count and page
@@ -103,7 +93,7 @@ def history(tx: Tx, q: HistoryQuery) -> tuple[list[Version], tuple[datetime, str
 
 def read_history(
     store: Store, q: HistoryQuery
-) -> tuple[list[Version], tuple[datetime, str, str, int] | None]:
+) -> tuple[list[StoredVersion], tuple[datetime, str, str, int] | None]:
     """:func:`history` in one short read transaction on the reader pool."""
     with reading(store) as conn:
         return history(conn, q)

@@ -32,6 +32,10 @@ FHIR_JSON = {"content-type": "application/fhir+json"}
 #: The SMART scopes and /api/v1 roles of a token that may do everything.
 FULL_SCOPE = "system/*.cruds"
 FULL_ROLES = ("hr_admin", "auditor")
+#: The identifier system of staff numbers (Practitioner.identifier).
+STAFF = "urn:hms-ach:id:staff"
+#: The interactions of a record type the FHIR API serves but never writes (its CapabilityStatement).
+READ_INTERACTIONS = frozenset({"read", "vread", "history-instance", "history-type", "search-type"})
 
 
 def local_authenticator(data_dir: Path) -> Authenticator:
@@ -82,6 +86,44 @@ def auth_headers(
     arguments, ``sub=``, ``patient=``...)."""
     token = mint_token(authenticator, scope, roles, **claims)
     return {"authorization": f"Bearer {token}"}
+
+
+def nurse(number: str = "E2001", family: str = "Osei", **extra: Any) -> dict[str, Any]:
+    """An active Practitioner with staff number ``number`` (a FHIR write body), plus ``extra`` elements."""
+    return {
+        "resourceType": "Practitioner",
+        "identifier": [{"system": STAFF, "value": number}],
+        "active": True,
+        "name": [{"family": family, "given": ["Amara"]}],
+        "gender": "female",
+        **extra,
+    }
+
+
+def basic_shift(
+    number: str,
+    practitioner_id: str,
+    start: str = "2026-12-01T07:00:00Z",
+    end: str = "2026-12-01T15:00:00Z",
+    status: str | None = "planned",
+) -> dict[str, Any]:
+    """A shift as FHIR ``Basic`` (a write body): shift id ``number`` of ``Practitioner/practitioner_id``,
+    from ``start`` to ``end``, with a status extension unless ``status`` is None."""
+    extension: list[dict[str, Any]] = [
+        {
+            "url": "urn:hms-ach:fhir:StructureDefinition/shift-period",
+            "valuePeriod": {"start": start, "end": end},
+        }
+    ]
+    if status is not None:
+        extension.append({"url": "urn:hms-ach:fhir:StructureDefinition/shift-status", "valueCode": status})
+    return {
+        "resourceType": "Basic",
+        "identifier": [{"system": "urn:hms-ach:id:shift", "value": number}],
+        "code": {"coding": [{"system": "urn:hms-ach:code:basic-type", "code": "shift"}]},
+        "subject": {"reference": f"Practitioner/{practitioner_id}"},
+        "extension": extension,
+    }
 
 
 def mllp_yaml(name: str = "adt_in", *settings: str) -> str:

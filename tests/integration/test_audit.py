@@ -17,8 +17,7 @@ from hms_ach.store import audit
 from hms_ach.store.db import Store
 from hms_ach.store.repository import Repository
 from hms_ach.store.writer import StoreWriter
-from tests.integration.engine_helpers import FHIR_JSON, auth_headers
-from tests.integration.test_fhir_write import nurse
+from tests.integration.engine_helpers import FHIR_JSON, auth_headers, nurse
 
 
 def verify(url: str, config: Path) -> tuple[int, str]:

@@ -26,7 +26,7 @@ from hms_ach.store.db import Store
 from hms_ach.store.models import INDEX_TABLES, RECORD_TABLES
 from hms_ach.store.repository import Repository
 from hms_ach.store.search_params import SEARCH_PARAMS
-from tests.integration.engine_helpers import auth_headers, local_authenticator
+from tests.integration.engine_helpers import READ_INTERACTIONS, auth_headers, local_authenticator
 
 MRN = "urn:oid:1.2.3.mrn"
 ACT = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
@@ -336,13 +336,7 @@ def test_capability_statement_is_valid_and_generated(http: httpx.Client) -> None
         res = resources[rtype]
         assert {p.name for p in res.searchParam or []} == set(SEARCH_PARAMS[rtype])
         # no fhir_rest channel here: read-only, no write interactions, no transaction/batch
-        assert {i.code for i in res.interaction or []} == {
-            "read",
-            "vread",
-            "history-instance",
-            "history-type",
-            "search-type",
-        }
+        assert {i.code for i in res.interaction or []} == READ_INTERACTIONS
         assert res.conditionalCreate is None and res.versioning == "versioned"
     assert {i.code for i in cs.rest[0].interaction or []} == {"history-system", "search-system"}
     assert [i.code for i in resources["AuditEvent"].interaction or []] == ["read", "search-type"]

@@ -7,31 +7,18 @@ fhirclient). SQLite always, PostgreSQL when HMS_ACH_TEST_POSTGRES_URL is set."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
 
 import httpx
-import pytest
 from fhirclient.models.bundle import Bundle as ClientBundle
 from fhirpy import AsyncFHIRClient
 
 from hms_ach.app.runtime import Engine
-from tests.integration.engine_helpers import FHIR_JSON, auth_headers
+from tests.integration.engine_helpers import FHIR_JSON, STAFF, auth_headers, basic_shift
 
-STAFF = "urn:hms-ach:id:staff"
 GENDER = "http://hl7.org/fhir/administrative-gender"
-
-
-@pytest.fixture
-async def http(fhir_engine: Engine) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        base_url=f"http://127.0.0.1:{fhir_engine.http_port}/fhir",
-        timeout=30,
-        headers=auth_headers(fhir_engine),
-    ) as client:
-        yield client
 
 
 def nurse(number: str, family: str = "Osei", **extra: Any) -> dict[str, Any]:
@@ -241,19 +228,7 @@ async def test_audit_events_read_and_last_updated(http: httpx.AsyncClient) -> No
 
 async def test_a_shift_is_answered_as_basic_that_fhirclient_parses(http: httpx.AsyncClient) -> None:
     rid = await create(http, nurse("B1"))
-    shift: dict[str, Any] = {
-        "resourceType": "Basic",
-        "identifier": [{"system": "urn:hms-ach:id:shift", "value": "SEM-1"}],
-        "code": {"coding": [{"system": "urn:hms-ach:code:basic-type", "code": "shift"}]},
-        "subject": {"reference": f"Practitioner/{rid}"},
-        "extension": [
-            {
-                "url": "urn:hms-ach:fhir:StructureDefinition/shift-period",
-                "valuePeriod": {"start": "2026-12-01T07:00:00Z", "end": "2026-12-01T15:00:00Z"},
-            },
-            {"url": "urn:hms-ach:fhir:StructureDefinition/shift-status", "valueCode": "planned"},
-        ],
-    }
+    shift = basic_shift("SEM-1", rid)
     for kind in ("transaction", "batch"):
         shift["identifier"][0]["value"] = f"SEM-{kind}"
         day = "02" if kind == "batch" else "01"  # no overlap with the other shift
@@ -599,18 +574,7 @@ async def test_an_overlapping_shift_in_a_batch_names_it_as_basic(http: httpx.Asy
     rid = await create(http, nurse("O1"))
 
     def shift(number: str) -> dict[str, Any]:
-        return {
-            "resourceType": "Basic",
-            "identifier": [{"system": "urn:hms-ach:id:shift", "value": number}],
-            "code": {"coding": [{"system": "urn:hms-ach:code:basic-type", "code": "shift"}]},
-            "subject": {"reference": f"Practitioner/{rid}"},
-            "extension": [
-                {
-                    "url": "urn:hms-ach:fhir:StructureDefinition/shift-period",
-                    "valuePeriod": {"start": "2026-12-05T07:00:00Z", "end": "2026-12-05T15:00:00Z"},
-                }
-            ],
-        }
+        return basic_shift(number, rid, "2026-12-05T07:00:00Z", "2026-12-05T15:00:00Z", status=None)
 
     batch = {
         "resourceType": "Bundle",

@@ -31,10 +31,9 @@ from hms_ach.store.db import Store
 from hms_ach.store.models import INDEX_TABLES, RECORD_TABLES
 from hms_ach.store.resources import RequestLine
 from hms_ach.store.writer import StoreWriter
-from tests.conftest import PG_URL, _admin
-from tests.integration.engine_helpers import ROOT
+from tests.conftest import empty_store
+from tests.integration.engine_helpers import ROOT, STAFF, nurse
 
-STAFF = "urn:hms-ach:id:staff"
 ROLES = "urn:test:roles"
 TYPES = ("Practitioner", "PractitionerRole")
 
@@ -47,21 +46,8 @@ def mapping() -> MappingEngine:
 @pytest.fixture
 def twin(store: Store, tmp_path: Path) -> Iterator[Store]:
     """A second empty store on the same database as ``store``."""
-    if store.dialect == "sqlite":
-        s = Store(f"sqlite:///{tmp_path}/twin.db")
+    with empty_store("sqlite" if store.dialect == "sqlite" else "postgres", tmp_path, "twin") as s:
         yield s
-        s.dispose()
-        return
-    assert PG_URL
-    schema = f"test_{uuid.uuid4().hex[:12]}"
-    _admin("CREATE", schema)
-    sep = "&" if "?" in PG_URL else "?"
-    s = Store(f"{PG_URL}{sep}options=-csearch_path%3D{schema}")
-    try:
-        yield s
-    finally:
-        s.dispose()
-        _admin("DROP", schema)
 
 
 @pytest.fixture
@@ -70,16 +56,6 @@ async def writers(store: Store, twin: Store) -> AsyncIterator[tuple[StoreWriter,
     yield bulk, single
     bulk.stop()
     single.stop()
-
-
-def nurse(number: str, family: str = "Osei") -> dict[str, Any]:
-    return {
-        "resourceType": "Practitioner",
-        "identifier": [{"system": STAFF, "value": number}],
-        "active": True,
-        "name": [{"family": family, "given": ["Amara"]}],
-        "gender": "female",
-    }
 
 
 def role(number: str, practitioner: str) -> dict[str, Any]:

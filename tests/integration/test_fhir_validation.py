@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,6 @@ from sqlalchemy import func, select, update
 from typer.testing import CliRunner
 
 from hms_ach.app.cli import app
-from hms_ach.app.runtime import Engine
 from hms_ach.hl7v2.policy import Hl7Policy
 from hms_ach.ingest.pipeline import Pipeline
 from hms_ach.mapping.engine import MappingEngine
@@ -35,16 +33,6 @@ from tests.integration.engine_helpers import (
     running_engine,
 )
 from tests.integration.pipeline_helpers import process_sync
-
-
-@pytest.fixture
-async def http(fhir_engine: Engine) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        base_url=f"http://127.0.0.1:{fhir_engine.http_port}/fhir",
-        timeout=30,
-        headers=auth_headers(fhir_engine),
-    ) as client:
-        yield client
 
 
 def count(store: Store, rtype: str) -> int:

@@ -6,43 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 from sqlalchemy import func, select
 
-from hms_ach.app.runtime import Engine
 from hms_ach.store.db import Store
 from hms_ach.store.models import RECORD_TABLES, InboundMessage
-from tests.integration.engine_helpers import FHIR_JSON, ROOT, auth_headers
+from tests.integration.engine_helpers import FHIR_JSON, READ_INTERACTIONS, ROOT, STAFF, basic_shift, nurse
 
 Practitioner = RECORD_TABLES["Practitioner"]
 
-STAFF = "urn:hms-ach:id:staff"
 NPI = "http://hl7.org/fhir/sid/us-npi"
-
-
-@pytest.fixture
-async def http(fhir_engine: Engine) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        base_url=f"http://127.0.0.1:{fhir_engine.http_port}/fhir",
-        timeout=30,
-        headers=auth_headers(fhir_engine),
-    ) as client:
-        yield client
-
-
-def nurse(number: str = "E2001", family: str = "Osei", **extra: Any) -> dict[str, Any]:
-    return {
-        "resourceType": "Practitioner",
-        "identifier": [{"system": STAFF, "value": number}],
-        "active": True,
-        "name": [{"family": family, "given": ["Amara"]}],
-        "gender": "female",
-        **extra,
-    }
 
 
 def count(store: Store, model: Any) -> int:
@@ -348,22 +324,12 @@ async def test_capability_statement_declares_what_the_server_does(http: httpx.As
     resources = {r.type: r for r in rest.resource or []}
     assert set(resources) == {*FHIR_SERVED, "Basic", "AuditEvent"}
     for rtype in sorted(set(FHIR_SERVED) - set(FHIR_WRITABLE)):  # served, never written through /fhir
-        assert {i.code for i in resources[rtype].interaction or []} == {
-            "read",
-            "vread",
-            "history-instance",
-            "history-type",
-            "search-type",
-        }
+        assert {i.code for i in resources[rtype].interaction or []} == READ_INTERACTIONS
         assert resources[rtype].conditionalCreate is None and resources[rtype].versioning == "versioned"
     for rtype in FHIR_WRITABLE:
         res = resources[rtype]
         assert {i.code for i in res.interaction or []} == {
-            "read",
-            "vread",
-            "history-instance",
-            "history-type",
-            "search-type",
+            *READ_INTERACTIONS,
             "create",
             "update",
             "patch",
@@ -438,19 +404,7 @@ async def test_capability_statement_declares_what_the_server_does(http: httpx.As
         out = await http.post("", json=bundle, headers=FHIR_JSON)
         assert out.status_code == 200 and out.json()["type"] == f"{kind}-response", out.text
     # Basic (a shift): create and update by the shift's id
-    shift: dict[str, Any] = {
-        "resourceType": "Basic",
-        "identifier": [{"system": "urn:hms-ach:id:shift", "value": "CS-1"}],
-        "code": {"coding": [{"system": "urn:hms-ach:code:basic-type", "code": "shift"}]},
-        "subject": {"reference": f"Practitioner/{rid}"},
-        "extension": [
-            {
-                "url": "urn:hms-ach:fhir:StructureDefinition/shift-period",
-                "valuePeriod": {"start": "2026-12-01T07:00:00Z", "end": "2026-12-01T15:00:00Z"},
-            },
-            {"url": "urn:hms-ach:fhir:StructureDefinition/shift-status", "valueCode": "planned"},
-        ],
-    }
+    shift = basic_shift("CS-1", rid)
     made = await http.post("/Basic", json=shift, headers=FHIR_JSON)
     assert made.status_code == 201, made.text
     shift_id = made.json()["id"]

@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from hms_ach.hl7v2.parse import parse
 from hms_ach.mapping.engine import MappingEngine
+from hms_ach.mapping.fhir_structure import COMPLETED_CODES
 from hms_ach.mapping.loader import MappingSet, load_mappings
 from hms_ach.store.db import Store
 from hms_ach.store.models import RECORD_TABLES
@@ -33,17 +34,7 @@ NPI = "http://hl7.org/fhir/sid/us-npi"
 
 # Required value-set bindings that fhir.resources does not enforce (see GUIDE.md section 4).
 CODES = {
-    ("Encounter", "status"): {
-        "planned",
-        "arrived",
-        "triaged",
-        "in-progress",
-        "onleave",
-        "finished",
-        "cancelled",
-        "entered-in-error",
-        "unknown",
-    },
+    ("Encounter", "status"): COMPLETED_CODES[("Encounter", "status")],
     ("Location", "status"): {"active", "suspended", "inactive"},
     ("Location", "mode"): {"instance", "kind"},
     ("Patient", "gender"): {"male", "female", "other", "unknown"},

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -10,35 +10,7 @@ import pytest
 
 from hms_ach.workforce import rules
 from hms_ach.workforce.rules import InvalidRequest
-
-MONDAY = datetime(2026, 11, 30, 7, tzinfo=UTC)  # ISO week 49 of 2026
-TUESDAY = MONDAY + timedelta(days=1)
-
-
-@dataclass
-class Roster:
-    """Employees, shifts and timecards by record id; the lookups answer exactly (no index superset)."""
-
-    employees: dict[str, dict[str, Any]] = field(default_factory=dict)
-    shifts: dict[str, dict[str, Any]] = field(default_factory=dict)
-    timecards: list[dict[str, Any]] = field(default_factory=list)
-
-    def employee(self, employee_id: str) -> dict[str, Any] | None:
-        return self.employees.get(employee_id)
-
-    def shift(self, shift_record_id: str) -> dict[str, Any] | None:
-        return self.shifts.get(shift_record_id)
-
-    def shifts_around(self, practitioner: str, start: datetime, end: datetime) -> list[dict[str, Any]]:
-        return list(self.shifts.values())  # a superset: the rule decides
-
-    def timecards_between(self, practitioner: str, since: datetime, before: datetime) -> list[dict[str, Any]]:
-        return [
-            tc
-            for tc in self.timecards
-            if rules.practitioner_of(tc) == practitioner
-            and since <= datetime.fromisoformat(tc["clockIn"]) < before
-        ]
+from tests.unit.workforce.memory_roster import MONDAY, TUESDAY, MemoryRoster
 
 
 def stored_shift(rid: str, who: str | None, start: datetime, hours: int = 12, **extra: Any) -> dict[str, Any]:
@@ -68,9 +40,9 @@ def card(rid: str, who: str, clock_in: datetime, minutes: int) -> dict[str, Any]
 
 
 @pytest.fixture
-def roster() -> Roster:
+def roster() -> MemoryRoster:
     ward = {"extension": [{"url": rules.DEPARTMENT_EXT, "valueString": "4 West"}]}
-    return Roster(
+    return MemoryRoster(
         employees={"ann": {"id": "ann", **ward}, "bob": {"id": "bob"}},
         shifts={"s1": stored_shift("s1", "ann", TUESDAY), "s2": stored_shift("s2", "bob", MONDAY)},
     )
