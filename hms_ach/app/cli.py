@@ -1258,9 +1258,10 @@ def token_command(
         str,
         typer.Option(
             "--scope",
-            help='SMART scopes, space-separated: "patient/*.read", "user/Practitioner.rs", "system/*.cruds"',
+            help='SMART scopes for /fhir, space-separated: "patient/*.read", "user/Practitioner.rs", '
+            '"system/*.cruds"; none for a token that only carries roles (/api/v1, /metrics)',
         ),
-    ],
+    ] = "",
     patient: Annotated[
         str | None, typer.Option("--patient", help="the patient id patient/ scopes are limited to")
     ] = None,

@@ -69,6 +69,17 @@ async def test_round_trip(workdir: Path) -> None:
     assert caller.expires_at is not None
 
 
+async def test_a_token_with_roles_only(workdir: Path) -> None:
+    """No --scope: a token for /api/v1 or /metrics carries roles and grants nothing under /fhir."""
+    code, out, err = token(workdir, "--role", "operator", "--sub", "prometheus")
+    assert code == 0, err
+    cfg = load_config(workdir / "channels.yaml")
+    authenticator = create_authenticator(with_environment(cfg.auth, {}), cfg.data_dir)
+    caller = await authenticator.authenticate(f"Bearer {out.strip()}", "127.0.0.1")
+    assert caller.roles == {"operator"} and caller.grant("metrics.read").allowed
+    assert not caller.scopes.texts  # no /fhir access
+
+
 def test_the_data_dir_variable_is_honoured(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HMS_ACH_DATA_DIR", str(workdir / "secrets"))
     code, _, err = token(workdir, "--scope", "system/*.rs")
