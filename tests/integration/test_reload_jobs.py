@@ -91,6 +91,7 @@ async def test_reload_rebuilds_the_jobs(tmp_path: Path, store: Store) -> None:
             "housekeeping",
             "claim_creation",
             "audit_checkpoint",
+            "alerts",
         }
     finally:
         await eng.stop()
