@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import lru_cache
 from importlib import metadata
-from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import REGISTRY
@@ -36,7 +36,9 @@ from hms_ach.auth.caller import Caller
 log = logging.getLogger("hms_ach.app.metrics")
 
 
+@lru_cache(maxsize=1)
 def _version() -> str:
+    """The installed version, read once (it cannot change while the process runs)."""
     try:
         return metadata.version("hms-ach")
     except metadata.PackageNotFoundError:  # run from a source tree that was not installed
@@ -55,7 +57,6 @@ class EngineState:
     access_queue: Callable[[], int] = lambda: 0
     access_dropped: Callable[[], int] = lambda: 0
     connections: Callable[[], Iterable[tuple[str, int]]] = lambda: ()
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class EngineCollector(Collector):
