@@ -10,7 +10,6 @@ import logging
 import socket
 import sys
 import warnings
-from collections import Counter, defaultdict
 from contextlib import suppress
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -638,103 +637,6 @@ def replay(
     raise typer.Exit(1 if failed and not dry_run else 0)
 
 
-@app.command("corpus-check")
-def corpus_check(
-    directory: Annotated[
-        Path, typer.Argument(help="folder searched for *.hl7 files", exists=True, file_okay=False)
-    ],
-    config: ConfigOpt = Path("channels.yaml"),
-    top: Annotated[int, typer.Option(help="reasons shown per message type")] = 3,
-) -> None:
-    """Feed every *.hl7 file under DIRECTORY through parse -> ACK -> map, in-process, with no network."""
-    from hms_ach.hl7v2.policy import Hl7Policy
-    from hms_ach.mapping.engine import MappingEngine
-    from hms_ach.mapping.loader import load_mappings
-
-    cfg = _load(config) if config.exists() else Config()
-    try:
-        engine = MappingEngine(load_mappings(cfg.mappings_dir), cfg.engine.timezone)
-    except ConfigErrors as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from exc
-    policy = Hl7Policy("corpus-check")
-    counts: dict[str, Counter[str]] = defaultdict(Counter)
-    reasons: dict[str, Counter[str]] = defaultdict(Counter)
-    crashes: list[str] = []
-    files = sorted(directory.rglob("*.hl7"))
-    total = 0
-    with progress("corpus-check", len(files)) as advance:
-        for path in files:
-            advance(1)
-            total += _check_file(path, engine, policy, counts, reasons, crashes)
-    _corpus_report(directory, files, total, counts, reasons, crashes, top)
-
-
-def _check_file(
-    path: Path,
-    engine: Any,
-    policy: Any,
-    counts: dict[str, Counter[str]],
-    reasons: dict[str, Counter[str]],
-    crashes: list[str],
-) -> int:
-    """Run one file's messages through parse -> ACK -> map, counting outcomes; returns how many."""
-    from hms_ach.core.errors import MessageError
-    from hms_ach.hl7v2.client import split_messages
-    from hms_ach.ingest.pipeline import ack_for, evaluate
-
-    total = 0
-    data = path.read_bytes()
-    try:
-        chunks = split_messages(data) or [data]
-    except MessageError:
-        chunks = [data]  # not a clean message stream: the whole file is one (rejected) message
-    except Exception as exc:  # noqa: BLE001 - reported as a crash below
-        crashes.append(f"{path}: split: {type(exc).__name__}: {exc}")
-        return 0
-    for raw in chunks:
-        total += 1
-        try:
-            ev = evaluate(raw, policy, engine)
-            if ev.crashed:
-                crashes.append(f"{path}: {ev.error}")
-            code = "AA" if ev.error is None else (ev.error.ack_code if ev.header else "AR")
-            ack_for(ev, code, ev.error)
-        except Exception as exc:  # noqa: BLE001 - a crash is what this command looks for
-            crashes.append(f"{path}: {type(exc).__name__}: {exc}")
-            continue
-        mtype = (ev.header.message_type if ev.header else "") or "(no MSH)"
-        counts[mtype][code] += 1
-        if ev.error is not None:
-            reasons[mtype][_reason(ev.error)] += 1
-    return total
-
-
-def _corpus_report(
-    directory: Path,
-    files: list[Path],
-    total: int,
-    counts: dict[str, Counter[str]],
-    reasons: dict[str, Counter[str]],
-    crashes: list[str],
-    top: int,
-) -> None:
-    typer.echo(f"{len(files)} files, {total} messages under {directory}\n")
-    typer.echo(f"{'message type':16} {'AA':>5} {'AE':>5} {'AR':>5}  commonest reasons")
-    for mtype in sorted(counts, key=lambda t: (-sum(counts[t].values()), t)):
-        c = counts[mtype]
-        common = "; ".join(f"{r} (x{n})" for r, n in reasons[mtype].most_common(top))
-        typer.echo(f"{mtype[:16]:16} {c['AA']:>5} {c['AE']:>5} {c['AR']:>5}  {common}")
-    totals = Counter[str]()
-    for c in counts.values():
-        totals.update(c)
-    typer.echo(f"{'total':16} {totals['AA']:>5} {totals['AE']:>5} {totals['AR']:>5}")
-    typer.echo(f"\ncrashes: {len(crashes)}")
-    for line in crashes[:50]:
-        typer.echo(f"  {line}")
-    raise typer.Exit(1 if crashes else 0)
-
-
 mapping_app = typer.Typer(no_args_is_help=True, help="Preview and test mappings without a running engine.")
 app.add_typer(mapping_app, name="mapping")
 
@@ -1006,12 +908,13 @@ def schema_mapping(output: Annotated[Path | None, typer.Option("--output", "-o")
         typer.echo(text)
 
 
-from hms_ach.app import cli_init, cli_messages  # noqa: E402 - `hms-ach init`, `hms-ach messages [show ID]`
+from hms_ach.app import cli_corpus, cli_init, cli_messages  # noqa: E402 - corpus-check, init, messages
 from hms_ach.app.jobs_cli import jobs_app  # noqa: E402 - `hms-ach jobs` and `hms-ach jobs run NAME`
 
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(cli_messages.messages_app, name="messages")
 app.command("init")(cli_init.init)
+app.command("corpus-check")(cli_corpus.corpus_check)
 
 audit_app = typer.Typer(no_args_is_help=True, help="The audit trail of record changes.")
 app.add_typer(audit_app, name="audit")
@@ -1241,15 +1144,6 @@ def bench(
         raise typer.Exit(2)
     argv = [sys.executable, "-m", "benchmarks", *(["--quick"] if quick else []), *ctx.args]
     raise typer.Exit(subprocess.call(argv, cwd=root))
-
-
-def _reason(error: Any) -> str:
-    import re
-
-    text = f"{error.location}: {error.message}" if error.location else error.message
-    text = re.sub(r"'[^']*'", "'…'", text)
-    text = re.sub(r"\d{3,}", "N", text)
-    return text[:90]
 
 
 @app.command("token")

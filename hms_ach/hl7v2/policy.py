@@ -66,16 +66,28 @@ class Hl7Policy:
             raise RejectError("MSH-10 message control id is empty", "MSH-10", Err0357.REQUIRED_FIELD_MISSING)
         if not header.message_code:
             raise RejectError("MSH-9 message type is empty", "MSH-9", Err0357.REQUIRED_FIELD_MISSING)
+        if not header.version:
+            raise RejectError(
+                f"MSH-12 version id is empty (channel {self.channel} accepts {', '.join(self.versions)})",
+                "MSH-12",
+                Err0357.REQUIRED_FIELD_MISSING,
+            )
         if not version_accepted(header.version, self.versions):
             raise RejectError(
-                f"version {header.version or '(empty)'} is not accepted by channel {self.channel} "
+                f"version {header.version} is not accepted by channel {self.channel} "
                 f"(accepts {', '.join(self.versions)})",
                 "MSH-12",
                 Err0357.UNSUPPORTED_VERSION,
             )
+        if not header.processing_id:
+            raise RejectError(
+                f"MSH-11 processing id is empty (accepts {', '.join(self.processing_ids)})",
+                "MSH-11",
+                Err0357.REQUIRED_FIELD_MISSING,
+            )
         if header.processing_id not in self.processing_ids:
             raise RejectError(
-                f"processing id {header.processing_id or '(empty)'} is not accepted "
+                f"processing id {header.processing_id} is not accepted "
                 f"(accepts {', '.join(self.processing_ids)})",
                 "MSH-11",
                 Err0357.UNSUPPORTED_PROCESSING_ID,
