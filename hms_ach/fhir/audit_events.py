@@ -12,6 +12,10 @@ Parameters: ``entity`` (``Patient/123`` or a type) or ``patient`` (``Patient/123
 ``date`` and ``_lastUpdated`` (``ge``/``gt``/``le``/``lt``/``eq`` prefixes on the recorded
 instant, repeatable; an entry is never changed, so both are its recording time), ``_count``,
 ``_cursor`` (keyset paging on the change trail) and ``_access_cursor`` (on the access records).
+An unknown parameter is ignored, with a warning in an OperationOutcome entry (search mode
+``outcome``), unless ``Prefer: handling=strict`` asks for a 400. Every parameter takes ``:missing`` (``true``/``false``). The first page fixes a snapshot: its next
+links carry ``_upto`` and ``_access_upto``, the newest entries when the search began, so that
+paging ends even while the paging itself is being recorded as access.
 
 :func:`record_access` is what the read routes call: it queues one access record (never waits for
 a commit) on the engine's :class:`~hms_ach.store.access_log.AccessLog` (``app.state.access_audit``).
@@ -20,6 +24,7 @@ a commit) on the engine's :class:`~hms_ach.store.access_log.AccessLog` (``app.st
 from __future__ import annotations
 
 import base64
+import uuid
 from collections.abc import MutableMapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -29,12 +34,16 @@ import orjson
 from fastapi import Request
 from starlette.responses import Response
 
-from hms_ach.fhir.outcomes import FHIR_JSON, FhirError
+from hms_ach.fhir.outcomes import FHIR_JSON, FhirError, operation_outcome
 from hms_ach.store import access_log, audit
 from hms_ach.store.db import Store
 from hms_ach.store.search_params import date_range
 
 MAX_COUNT = 200
+#: The search parameters of AuditEvent (the CapabilityStatement declares the same).
+SEARCH_PARAMS = ("entity", "patient", "agent", "date", "_lastUpdated", "subtype")
+#: Parameters every AuditEvent served has a value for: ``:missing=true`` matches nothing.
+ALWAYS_PRESENT = ("agent", "date", "_lastUpdated", "subtype")
 
 
 def date_bounds(values: list[str], name: str = "date") -> tuple[str | None, str | None]:
@@ -64,25 +73,26 @@ CHANGE_SUBTYPES = ("create", "update", "delete")
 ACCESS_SUBTYPES = ("read", "vread", "search-type", "search-system", "history", "export")
 
 
-def search_audit_events(store: Store, request: Request, visible: bool = True) -> Response:
+def search_audit_events(
+    store: Store, request: Request, visible: bool = True, strict: bool = False
+) -> Response:
     """``GET /fhir/AuditEvent``: a searchset of the change entries and access records matching the
     query parameters; empty when the caller may not see the trail (``visible``: a grant limited to
     a patient compartment, which the trail is not in)."""
     params = request.query_params
     known = {
-        "entity",
-        "patient",
-        "agent",
-        "date",
-        "_lastUpdated",
-        "subtype",
+        *SEARCH_PARAMS,
+        *(f"{name}:missing" for name in SEARCH_PARAMS),
         "_count",
         "_cursor",
         "_access_cursor",
+        "_upto",
+        "_access_upto",
         "_format",
     }
     unknown = sorted(set(params) - known)
-    if unknown:
+    ignored = [] if strict else unknown  # lenient handling (the default): ignored, and said so
+    if unknown and strict:
         raise FhirError(
             400,
             "not-supported",
@@ -92,8 +102,20 @@ def search_audit_events(store: Store, request: Request, visible: bool = True) ->
         )
     count_text, cursor_text = params.get("_count", "50"), params.get("_cursor", "0")
     access_cursor_text = params.get("_access_cursor", "0")
-    if not count_text.isdigit() or not cursor_text.isdigit() or not access_cursor_text.isdigit():
-        raise FhirError(400, "invalid", "_count, _cursor and _access_cursor must be whole numbers")
+    paging = (
+        count_text,
+        cursor_text,
+        access_cursor_text,
+        params.get("_upto", "0"),
+        params.get("_access_upto", "0"),
+    )
+    if not all(text.isdigit() for text in paging):
+        raise FhirError(
+            400, "invalid", "_count, _cursor, _access_cursor, _upto and _access_upto must be whole numbers"
+        )
+    missing = _missing(params)
+    if any(missing.get(name) for name in ALWAYS_PRESENT):
+        visible = False  # every AuditEvent has an agent, a date and a subtype: nothing matches
     subtype = params.get("subtype")
     if subtype is not None and subtype not in CHANGE_SUBTYPES + ACCESS_SUBTYPES:
         raise FhirError(
@@ -113,22 +135,28 @@ def search_audit_events(store: Store, request: Request, visible: bool = True) ->
         since = max(x for x in (since, since2) if x is not None) if since or since2 else None
         until = min(x for x in (until, until2) if x is not None) if until or until2 else None
     limit = min(int(count_text), MAX_COUNT)
+    first_page = "_upto" not in params
+    upto = audit.last_seq(store) if first_page else min(int(params["_upto"]), _MAX_SEQ)
+    access_upto = access_log.last_seq(store) if first_page else min(int(params["_access_upto"]), _MAX_SEQ)
     rows: list[dict[str, Any]] = []
     accesses: list[dict[str, Any]] = []
     next_seq = next_access = None
-    if visible and (subtype is None or subtype in CHANGE_SUBTYPES):
+    # a cursor at _END (or past any seq): that half of the trail is done; a bound past the column's
+    # range would be refused by PostgreSQL
+    if visible and int(cursor_text) < _MAX_SEQ and (subtype is None or subtype in CHANGE_SUBTYPES):
         q = audit.AuditQuery(
             entity=entity,
             agent=params.get("agent"),
             since=since,
             until=until,
             after_seq=int(cursor_text),
+            upto_seq=upto,
             limit=limit,
         )
         rows, next_seq = audit.search_trail(store, q)
         if subtype is not None:
             rows = [r for r in rows if r["action"] == subtype]
-    if visible and (subtype is None or subtype in ACCESS_SUBTYPES):
+    if visible and int(access_cursor_text) < _MAX_SEQ and (subtype is None or subtype in ACCESS_SUBTYPES):
         aq = access_log.AccessQuery(
             entity=entity,
             agent=params.get("agent"),
@@ -136,17 +164,23 @@ def search_audit_events(store: Store, request: Request, visible: bool = True) ->
             since=since,
             until=until,
             after_seq=int(access_cursor_text),
+            upto_seq=access_upto,
             limit=limit,
         )
         accesses, next_access = access_log.search_records(store, aq)
     base = str(request.base_url).rstrip("/") + "/fhir/AuditEvent"
-    keep = [(k, v) for k, v in params.multi_items() if k not in ("_cursor", "_access_cursor")]
+    keep = [
+        (k, v)
+        for k, v in params.multi_items()
+        if k not in ("_cursor", "_access_cursor", "_upto", "_access_upto")
+    ]
+    keep += [("_upto", str(upto)), ("_access_upto", str(access_upto))]
     links = [{"relation": "self", "url": f"{base}?{urlencode(params.multi_items())}"}]
     if next_seq is not None or next_access is not None:
         cursors = [("_cursor", str(next_seq if next_seq is not None else _END))]
         cursors.append(("_access_cursor", str(next_access if next_access is not None else _END)))
         links.append({"relation": "next", "url": f"{base}?{urlencode(keep + cursors)}"})
-    entries = [
+    entries: list[dict[str, Any]] = [
         {
             "fullUrl": f"{base}/audit-{r['seq']}",
             "resource": audit.as_audit_event(r),
@@ -158,6 +192,17 @@ def search_audit_events(store: Store, request: Request, visible: bool = True) ->
         {"fullUrl": f"{base}/access-{r['seq']}", "resource": as_access_event(r), "search": {"mode": "match"}}
         for r in accesses
     ]
+    entries = [e for e in entries if _presence_matches(e["resource"], missing)]
+    matches = len(entries)
+    if ignored:
+        text = f"parameter(s) {', '.join(repr(k[:64]) for k in ignored)} not supported for AuditEvent and ignored"
+        entries.append(
+            {
+                "fullUrl": f"urn:uuid:{uuid.uuid4()}",
+                "resource": operation_outcome("not-supported", text, severity="warning"),
+                "search": {"mode": "outcome"},
+            }
+        )
     bundle: dict[str, Any] = {
         "resourceType": "Bundle",
         "type": "searchset",
@@ -166,14 +211,37 @@ def search_audit_events(store: Store, request: Request, visible: bool = True) ->
         "entry": entries,
     }
     if next_seq is None and next_access is None and int(cursor_text) == 0 and int(access_cursor_text) == 0:
-        bundle["total"] = len(
-            entries
-        )  # every match is on this first page (the trail is not counted otherwise)
+        bundle["total"] = matches  # every match is on this first page (the trail is not counted otherwise)
     # Reading the trail is an access too: its diffs and queries are patient and staff data. The
     # record names the records whose trail was returned (not the access records' own entities).
     seen = [f"{r['entity_type']}/{r['entity_id']}" for r in rows]
     record_access(request, "search-type", "AuditEvent", 200, seen, len(entries))
     return Response(orjson.dumps(bundle), media_type=FHIR_JSON)
+
+
+def _missing(params: Any) -> dict[str, bool]:
+    """The ``name:missing=true|false`` of the query, by parameter name."""
+    out: dict[str, bool] = {}
+    for name in SEARCH_PARAMS:
+        value = params.get(f"{name}:missing")
+        if value is None:
+            continue
+        if value not in ("true", "false"):
+            raise FhirError(
+                400, "invalid", f"{name}:missing takes true or false", expression=f"{name}:missing"
+            )
+        out[name] = value == "true"
+    return out
+
+
+def _presence_matches(event: dict[str, Any], missing: dict[str, bool]) -> bool:
+    """Whether ``event`` has (or lacks) the elements ``entity:missing`` / ``patient:missing`` ask about."""
+    refs = [(e.get("what") or {}).get("reference", "") for e in event.get("entity") or []]
+    present = {
+        "entity": any(refs),
+        "patient": any(r.startswith("Patient/") for r in refs),
+    }
+    return all(present[name] != is_missing for name, is_missing in missing.items() if name in present)
 
 
 def read_audit_event(store: Store, rid: str, visible: bool = True) -> Response:
@@ -184,6 +252,8 @@ def read_audit_event(store: Store, rid: str, visible: bool = True) -> Response:
     if not visible or kind not in ("audit", "access") or not number.isdigit() or len(number) > 18:
         raise FhirError(404, "not-found", f"AuditEvent/{rid[:64]} is not known")
     seq = int(number)
+    if seq > _MAX_SEQ:
+        raise FhirError(404, "not-found", f"AuditEvent/{rid[:64]} is not known")
     resource: dict[str, Any] | None = None
     if kind == "audit" and seq > 0:
         rows, _next = audit.search_trail(store, audit.AuditQuery(after_seq=seq - 1, limit=1))
@@ -200,6 +270,9 @@ def read_audit_event(store: Store, rid: str, visible: bool = True) -> Response:
 
 #: A cursor past every entry: the next page of a kind that has no more.
 _END = 2**62
+#: The largest ``seq`` the trail's tables hold (a 32-bit key on PostgreSQL): a cursor or id past it
+#: matches nothing, and is never sent to the database as a bound it would refuse.
+_MAX_SEQ = 2**31 - 1
 
 
 # ---------------------------------------------------------------------------- access records

@@ -149,7 +149,10 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
             raise
         # The trail is not in the Patient compartment: a patient/ grant sees no entry.
         return head_only(
-            request, audit_events.search_audit_events(store, request, visible=decision.patient is None)
+            request,
+            audit_events.search_audit_events(
+                store, request, visible=decision.patient is None, strict=_strict(request)
+            ),
         )
 
     @router.get("/AuditEvent/{rid}", dependencies=negotiated)

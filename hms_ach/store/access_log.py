@@ -452,12 +452,15 @@ class AccessQuery:
     since: str | None = None
     until: str | None = None
     after_seq: int = 0
+    upto_seq: int | None = None  # inclusive: a paging snapshot (rows added later are not served)
     limit: int = 50
 
 
 def search(conn: Connection, q: AccessQuery) -> tuple[list[dict[str, Any]], int | None]:
     """The access records matching ``q`` in order, and the ``seq`` to continue after (None: no more)."""
     stmt = select(T).where(T.c.seq > q.after_seq)
+    if q.upto_seq is not None:
+        stmt = stmt.where(T.c.seq <= q.upto_seq)
     if q.entity:
         rtype, _, rid = q.entity.partition("/")
         if rid:
@@ -479,6 +482,12 @@ def search(conn: Connection, q: AccessQuery) -> tuple[list[dict[str, Any]], int 
     rows = conn.execute(stmt.order_by(T.c.seq).limit(q.limit + 1)).all()
     out = [dict(r._mapping) for r in rows[: q.limit]]
     return out, (out[-1]["seq"] if len(rows) > q.limit and out else None)
+
+
+def last_seq(store: Store) -> int:
+    """The ``seq`` of the newest access record (0: none): the upper bound of a paging snapshot."""
+    with store.read() as conn:
+        return int(conn.execute(select(func.max(T.c.seq))).scalar_one() or 0)
 
 
 def search_records(store: Store, q: AccessQuery) -> tuple[list[dict[str, Any]], int | None]:

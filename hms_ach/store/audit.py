@@ -429,12 +429,15 @@ class AuditQuery:
     since: str | None = None  # inclusive, an instant or date text
     until: str | None = None  # exclusive
     after_seq: int = 0
+    upto_seq: int | None = None  # inclusive: a paging snapshot (rows added later are not served)
     limit: int = 50
 
 
 def search(conn: Connection, q: AuditQuery) -> tuple[list[dict[str, Any]], int | None]:
     """The rows matching ``q`` in chain order, and the ``seq`` to continue after (None: no more)."""
     stmt = select(T).where(T.c.seq > q.after_seq)
+    if q.upto_seq is not None:
+        stmt = stmt.where(T.c.seq <= q.upto_seq)
     if q.entity:
         rtype, _, rid = q.entity.partition("/")
         stmt = stmt.where(T.c.entity_type == rtype)
@@ -451,6 +454,12 @@ def search(conn: Connection, q: AuditQuery) -> tuple[list[dict[str, Any]], int |
     seal = seal_for(conn)
     out = [_public(r, seal) for r in rows[: q.limit]]
     return out, (out[-1]["seq"] if more and out else None)
+
+
+def last_seq(store: Store) -> int:
+    """The ``seq`` of the newest change entry (0: none): the upper bound of a paging snapshot."""
+    with store.read() as conn:
+        return int(conn.execute(select(func.max(T.c.seq))).scalar_one() or 0)
 
 
 def search_trail(store: Store, q: AuditQuery) -> tuple[list[dict[str, Any]], int | None]:

@@ -49,7 +49,8 @@ async def test_audit_rows_events_and_verify(fhir_engine: Engine, store: Store, t
         assert len(by_agent["entry"]) == 4
         none = (await http.get("/fhir/AuditEvent", params={"date": "lt2000-01-01"})).json()
         assert none.get("entry", []) == []
-        assert (await http.get("/fhir/AuditEvent", params={"bogus": "1"})).status_code == 400
+        strict = {"prefer": "handling=strict"}  # else an unknown parameter is ignored, with a warning
+        assert (await http.get("/fhir/AuditEvent", params={"bogus": "1"}, headers=strict)).status_code == 400
 
         api = (await http.get("/api/v1/audit", params={"entity": f"Practitioner/{rid}", "limit": 2})).json()
         assert [r["action"] for r in api["items"]] == ["create", "update"]
