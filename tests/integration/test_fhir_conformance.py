@@ -46,11 +46,11 @@ from tests.integration.engine_helpers import (
     mllp_yaml,
     running_engine,
 )
+from tests.integration.npm_peers import install_npm_peer
 
 PEER = ROOT / "tests" / "peers" / "fhir_validator"
 EXAMPLES = ROOT / "tests" / "fixtures" / "fhir_examples"
 SAMPLES = ROOT / "samples"
-NPM_CI_SECONDS = 240
 VALIDATE_SECONDS = 180
 PAGE = 7  # small, so that paging is walked on every type with more than a page
 MAX_PAGES = 40
@@ -58,35 +58,12 @@ READS_PER_TYPE = (
     6  # read, vread and history of the first few of each type (every one is validated from its searchset)
 )
 STRICT = {"prefer": "handling=strict"}
-_OFFLINE_HINTS = ("ENOTFOUND", "EAI_AGAIN", "ECONNREFUSED", "ETIMEDOUT", "network", "fetch failed")
 
 pytestmark = pytest.mark.timeout(600)
 
 
 def _install_validator() -> None:
-    """``npm ci`` into tests/peers/fhir_validator when node_modules is missing; skip when the registry
-    is out of reach."""
-    if (PEER / "node_modules" / "@medplum" / "core" / "package.json").exists():
-        return
-    npm = shutil.which("npm")
-    if npm is None or shutil.which("node") is None:
-        pytest.fail("Node 20+ and npm are needed to run the R4 validators of this test")
-    try:
-        done = subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=PEER,
-            capture_output=True,
-            text=True,
-            timeout=NPM_CI_SECONDS,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.skip(f"npm ci did not finish within {NPM_CI_SECONDS} s: is the npm registry reachable?")
-    if done.returncode != 0:
-        output = done.stdout + done.stderr
-        if any(hint in output for hint in _OFFLINE_HINTS):
-            pytest.skip("npm cannot reach the registry to install the validators: " + output.strip()[-300:])
-        pytest.fail(f"npm ci failed in {PEER}:\n{output[-2000:]}")
+    install_npm_peer(PEER, "@medplum/core", "the R4 validators of this test")
 
 
 def validate(documents: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:

@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import shutil
-import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,48 +29,19 @@ from hms_ach.auth import (
 )
 from hms_ach.auth.authenticate import Authenticator
 from hms_ach.auth.keys import OidcKeySource
+from tests.integration.npm_peers import NPM_CI_SECONDS, install_npm_peer
 
 PEER = Path(__file__).resolve().parents[1] / "peers" / "oidc"
 AUDIENCE = "urn:hms-ach:oidc-test"
 CLIENT = ("engine-test", "engine-test-secret")
-NPM_CI_SECONDS = 240
 START_SECONDS = 30
-_OFFLINE_HINTS = (
-    "ENOTFOUND",
-    "EAI_AGAIN",
-    "ECONNREFUSED",
-    "ETIMEDOUT",
-    "ECONNRESET",
-    "network",
-    "ENETUNREACH",
-)
 
 pytestmark = pytest.mark.timeout(NPM_CI_SECONDS + 120)
 
 
 def _install_provider() -> None:
     """``npm ci`` into tests/peers/oidc when node_modules is missing; skip when the registry is out of reach."""
-    if (PEER / "node_modules" / "oidc-provider" / "package.json").exists():
-        return
-    npm = shutil.which("npm")
-    if npm is None or shutil.which("node") is None:
-        pytest.fail("Node 20+ and npm are needed to run the OpenID provider of this test")
-    try:
-        done = subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=PEER,
-            capture_output=True,
-            text=True,
-            timeout=NPM_CI_SECONDS,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.skip(f"npm ci did not finish within {NPM_CI_SECONDS} s: is the npm registry reachable?")
-    if done.returncode != 0:
-        output = done.stdout + done.stderr
-        if any(hint in output for hint in _OFFLINE_HINTS):
-            pytest.skip("npm cannot reach the registry to install oidc-provider: " + output.strip()[-300:])
-        pytest.fail(f"npm ci failed in {PEER}:\n{output[-2000:]}")
+    install_npm_peer(PEER, "oidc-provider", "the OpenID provider of this test")
 
 
 @dataclass
