@@ -1,8 +1,8 @@
 """The CapabilityStatement served at ``/fhir/metadata``, generated from the record types.
 
 What it declares comes from the code that serves it: the served and writable types
-(:data:`~hms_ach.core.records.RECORD_TYPES`), their search parameters, ``_include`` and ``_sort``
-choices (:mod:`hms_ach.store.search`), the AuditEvent search and, when a ``fhir_rest`` channel is
+(:data:`~hms_ach.core.records.RECORD_TYPES`), their search parameters (with the types each reference
+chains to), ``_include``, ``_revinclude``, ``_has`` and ``_sort`` choices (:mod:`hms_ach.store.search`), the AuditEvent search and, when a ``fhir_rest`` channel is
 configured, the write interactions and transaction/batch; ``rest.security`` (SMART on FHIR, with the
 ``oauth-uris`` extension in oidc mode) comes from the authenticator (:func:`security_of`).
 """

@@ -2,7 +2,10 @@
 
 :func:`execute` runs a :class:`~hms_ach.store.search_query.SearchQuery` on a connection with
 SQLAlchemy Core: one clause builder per parameter type, each an ``IN`` sub-select on that type's
-index table; every user value is a bound parameter.
+index table; every user value is a bound parameter. A chained parameter and ``_has`` are
+sub-selects on the reference index and the other type's index tables (:func:`chain_clause`,
+:func:`has_clause`); ``_include``/``_revinclude`` run once per directive, round and type reached
+(:func:`_included`), within the bounds :data:`MAX_INCLUDED` and :data:`MAX_INCLUDE_DEPTH`.
 
 Paging is keyset paging. The page is ordered by the sort keys and then the record id, and the next
 page starts strictly after the keys of the last row served (carried by the cursor). A record whose

@@ -6,6 +6,12 @@ escapes ``\\,`` ``\\|`` ``\\$`` as in the spec) and checks them against the decl
 :class:`SearchError`, which the API renders as a 400 OperationOutcome; unknown parameters are
 ignored with a warning unless strict handling is requested.
 
+Across references: ``_include``/``_revinclude`` (with ``:iterate``) become :class:`Include`
+directives; a chained parameter (``subject:Patient.family``) and ``_has``
+(``_has:Encounter:subject:status``) become a :class:`Criterion` with a :class:`Link` to the
+criterion on the other type. Both are one level deep; what they may name comes from the same
+declarations (:func:`revinclude_params`, :func:`chain_targets`) the CapabilityStatement lists.
+
 The cursor (``_cursor``) is opaque to clients: base64url JSON holding the sort keys and id of the
 last row served plus a digest of the query it belongs to, so it cannot be replayed on another search.
 """

@@ -18,8 +18,12 @@ import pytest
 from fhirpy import AsyncFHIRClient
 
 from hms_ach.app.runtime import Engine
-from hms_ach.store import search_query
+from hms_ach.store import search, search_query
+from hms_ach.store.db import Store
 from tests.integration.engine_helpers import FHIR_JSON, STAFF, auth_headers
+from tests.integration.test_search_plans import _assert_indexed as assert_indexed
+from tests.integration.test_search_plans import _fill as fill_plan_store
+from tests.integration.test_search_plans import _plans as search_plans
 
 MRN = "urn:oid:1.2.3.mrn"
 ROLE = "http://terminology.hl7.org/CodeSystem/practitioner-role"
@@ -164,6 +168,8 @@ async def test_revinclude(world: World, http: httpx.AsyncClient) -> None:
     assert refs(both, "include") == {w.ref("r1"), w.ref("r2")}
     star = await found(http, f"/Location?_id={w.ids['icu']}&_revinclude=*")
     assert refs(star, "include") == {w.ref("e2"), w.ref("e3"), w.ref("r2")}
+    every = await found(http, f"/Encounter?_id={w.ids['e1']}&_include=*")
+    assert refs(every, "include") == {w.ref("okafor"), w.ref("ward")}
     # _include and _revinclude together, each included record once
     mixed = await found(
         http,
@@ -431,3 +437,42 @@ async def test_declared_include_values_work(world: World, http: httpx.AsyncClien
                     await found(http, f"/{rtype}", params={f"{param['name']}:{target}._id": "x"})
                     declared += 1
     assert declared > 20
+
+
+# ---------------------------------------------------------------------------- query plans
+@pytest.mark.parametrize(
+    ("resource_type", "params", "tables"),
+    [
+        (
+            "Encounter",
+            [("subject.family", "osei")],
+            ["search_reference", "search_string", "encounter", "patient"],
+        ),
+        (
+            "Encounter",
+            [("location.name", "4w")],
+            ["search_reference", "search_string", "encounter", "location"],
+        ),
+        (
+            "Patient",
+            [("_has:Encounter:subject:status", "in-progress")],
+            ["search_reference", "search_token", "patient"],
+        ),
+    ],
+)
+def test_chain_and_has_are_sub_selects_served_by_indexes(
+    store: Store, resource_type: str, params: list[tuple[str, str]], tables: list[str]
+) -> None:
+    """A chain and a _has are sub-selects of the page statement: each table read through an index."""
+    fill_plan_store(store)
+    assert_indexed(search_plans(store, resource_type, params), tables, store.dialect)
+
+
+def test_revinclude_is_one_indexed_statement(store: Store) -> None:
+    ids = fill_plan_store(store)
+    params = [("_id", ids["Patient"]), ("_revinclude", "Encounter:subject")]
+    with store.reader.connect() as conn:
+        page = search.execute(conn, search.parse_query("Patient", params))
+    assert len(page.included) == 12 and {t for t, _, _ in page.included} == {"Encounter"}
+    plan = search_plans(store, "Patient", params)
+    assert_indexed(plan, ["search_reference", "encounter"], store.dialect)
