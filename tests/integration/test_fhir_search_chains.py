@@ -153,7 +153,7 @@ def refused(resp: httpx.Response, status: int, *texts: str) -> str:
 
 
 # ---------------------------------------------------------------------------- _revinclude
-async def test_revinclude(world: World, http: httpx.AsyncClient) -> None:
+async def check_revinclude(world: World, http: httpx.AsyncClient) -> None:
     w = world
     bundle = await found(http, f"/Patient?_id={w.ids['okafor']}&_revinclude=Encounter:subject")
     assert refs(bundle) == {w.ref("okafor")}
@@ -183,7 +183,7 @@ async def test_revinclude(world: World, http: httpx.AsyncClient) -> None:
     assert refs(located, "include") == {w.ref("e1"), w.ref("r1")}
 
 
-async def test_revinclude_errors(world: World, http: httpx.AsyncClient) -> None:
+async def check_revinclude_errors(world: World, http: httpx.AsyncClient) -> None:
     refused(await http.get("/Patient?_revinclude=Encounter:location"), 400, "Encounter:subject")
     refused(await http.get("/Patient?_revinclude=Encounter"), 400, "expected Type:param")
     refused(await http.get("/Patient?_revinclude=Shift:practitioner"), 400, "not supported")
@@ -192,7 +192,7 @@ async def test_revinclude_errors(world: World, http: httpx.AsyncClient) -> None:
     refused(await http.get("/Patient?_include=Encounter:subject"), 400, "Patient")
 
 
-async def test_included_count_is_bounded_with_a_warning(
+async def check_included_count_is_bounded_with_a_warning(
     world: World, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(search_query, "MAX_INCLUDED", 2)
@@ -207,7 +207,7 @@ async def test_included_count_is_bounded_with_a_warning(
 
 
 # ---------------------------------------------------------------------------- :iterate
-async def test_include_and_revinclude_iterate(world: World, http: httpx.AsyncClient) -> None:
+async def check_include_and_revinclude_iterate(world: World, http: httpx.AsyncClient) -> None:
     w = world
     # Practitioner <- PractitionerRole -> Location: the role is reached by _revinclude, its location by iterate
     bundle = await found(
@@ -239,7 +239,7 @@ async def test_include_and_revinclude_iterate(world: World, http: httpx.AsyncCli
     assert refs(recurse, "include") == refs(bundle, "include")
 
 
-async def test_iterate_stops_at_the_depth_bound(
+async def check_iterate_stops_at_the_depth_bound(
     world: World, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     w = world
@@ -254,7 +254,7 @@ async def test_iterate_stops_at_the_depth_bound(
 
 
 # ---------------------------------------------------------------------------- chaining
-async def test_chained_parameters(world: World, http: httpx.AsyncClient) -> None:
+async def check_chained_parameters(world: World, http: httpx.AsyncClient) -> None:
     w = world
     cases = {
         "/Encounter?subject:Patient.family=okafor": {"e1", "e2"},
@@ -274,7 +274,7 @@ async def test_chained_parameters(world: World, http: httpx.AsyncClient) -> None
         assert bundle["total"] == len(aliases), url
 
 
-async def test_chain_errors(world: World, http: httpx.AsyncClient) -> None:
+async def check_chain_errors(world: World, http: httpx.AsyncClient) -> None:
     # several target types: the type modifier is required
     refused(await http.get("/Encounter?participant.family=x"), 400, "needs a type modifier", "participant:")
     refused(
@@ -288,7 +288,7 @@ async def test_chain_errors(world: World, http: httpx.AsyncClient) -> None:
 
 
 # ---------------------------------------------------------------------------- _has
-async def test_has(world: World, http: httpx.AsyncClient) -> None:
+async def check_has(world: World, http: httpx.AsyncClient) -> None:
     w = world
     cases = {
         "/Patient?_has:Encounter:subject:status=in-progress": {"okafor", "lind"},
@@ -307,7 +307,7 @@ async def test_has(world: World, http: httpx.AsyncClient) -> None:
         assert bundle["total"] == len(aliases), url
 
 
-async def test_has_errors(world: World, http: httpx.AsyncClient) -> None:
+async def check_has_errors(world: World, http: httpx.AsyncClient) -> None:
     refused(await http.get("/Patient?_has:Encounter:subject=x"), 400, "_has:Type:reference:parameter=value")
     refused(await http.get("/Patient?_has=x"), 400, "_has:Type:reference:parameter=value")
     refused(await http.get("/Patient?_has:Encounter::status=x"), 400, "expected")
@@ -335,7 +335,7 @@ async def _pages(http: httpx.AsyncClient, url: str, kept: list[str]) -> list[str
         page = await found(http, links["next"])
 
 
-async def test_paging_keeps_the_parameters(world: World, http: httpx.AsyncClient) -> None:
+async def check_paging_keeps_the_parameters(world: World, http: httpx.AsyncClient) -> None:
     w = world
     url = (
         f"/Encounter?subject.identifier={MRN}|A1,{MRN}|A2&_include=Encounter:subject"
@@ -353,7 +353,7 @@ async def test_paging_keeps_the_parameters(world: World, http: httpx.AsyncClient
     assert set(served) == {w.ref("okafor"), w.ref("lind")} and len(served) == 2
 
 
-async def test_links_to_types_the_token_may_not_read(world: World) -> None:
+async def check_links_to_types_the_token_may_not_read(world: World) -> None:
     w = world
     headers = auth_headers(w.engine, "system/Encounter.rs", ())
     base = f"http://127.0.0.1:{w.engine.http_port}/fhir"
@@ -373,7 +373,7 @@ async def test_links_to_types_the_token_may_not_read(world: World) -> None:
         }
 
 
-async def test_access_audit_records_included_resources(world: World, http: httpx.AsyncClient) -> None:
+async def check_access_audit_records_included_resources(world: World, http: httpx.AsyncClient) -> None:
     """The access record of a search names the revincluded records, as it names _include-d ones
     (the records are written in the background: polled)."""
     w = world
@@ -389,7 +389,7 @@ async def test_access_audit_records_included_resources(world: World, http: httpx
 
 
 # ---------------------------------------------------------------------------- a real client, the CapabilityStatement
-async def test_fhirpy_revinclude_and_chaining(world: World) -> None:
+async def check_fhirpy_revinclude_and_chaining(world: World) -> None:
     w = world
     client = AsyncFHIRClient(
         f"http://127.0.0.1:{w.engine.http_port}/fhir", authorization=auth_headers(w.engine)["authorization"]
@@ -410,7 +410,7 @@ async def test_fhirpy_revinclude_and_chaining(world: World) -> None:
     assert [p["id"] for p in has] == [w.ids["berg"]]
 
 
-async def test_declared_include_values_work(world: World, http: httpx.AsyncClient) -> None:
+async def check_declared_include_values_work(world: World, http: httpx.AsyncClient) -> None:
     statement = (await http.get("/metadata")).json()
     declared = 0
     for resource in statement["rest"][0]["resource"]:
@@ -437,6 +437,38 @@ async def test_declared_include_values_work(world: World, http: httpx.AsyncClien
                     await found(http, f"/{rtype}", params={f"{param['name']}:{target}._id": "x"})
                     declared += 1
     assert declared > 20
+
+
+# ---------------------------------------------------------------------------- the tests
+# One engine and one world per test; the checks above only read, so a test runs several of them.
+async def test_revinclude_and_iterate(world: World, http: httpx.AsyncClient) -> None:
+    await check_revinclude(world, http)
+    await check_revinclude_errors(world, http)
+    await check_include_and_revinclude_iterate(world, http)
+
+
+async def test_include_bounds(world: World, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    await check_included_count_is_bounded_with_a_warning(world, http, monkeypatch)
+    monkeypatch.undo()
+    await check_iterate_stops_at_the_depth_bound(world, http, monkeypatch)
+
+
+async def test_chains_and_has(world: World, http: httpx.AsyncClient) -> None:
+    await check_chained_parameters(world, http)
+    await check_chain_errors(world, http)
+    await check_has(world, http)
+    await check_has_errors(world, http)
+
+
+async def test_paging_access_and_audit(world: World, http: httpx.AsyncClient) -> None:
+    await check_access_audit_records_included_resources(world, http)  # first: the only search yet
+    await check_paging_keeps_the_parameters(world, http)
+    await check_links_to_types_the_token_may_not_read(world)
+
+
+async def test_a_real_client_and_the_declared_values(world: World, http: httpx.AsyncClient) -> None:
+    await check_fhirpy_revinclude_and_chaining(world)
+    await check_declared_include_values_work(world, http)
 
 
 # ---------------------------------------------------------------------------- query plans
