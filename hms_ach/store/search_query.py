@@ -393,18 +393,39 @@ def _chain_criterion(resource_type: str, key: str, value: str, access: Access) -
             key[:80],
         )
     inner_name, _, inner_modifier = tail.partition(":")
-    inner_param = search_param(target, inner_name)
-    if inner_param is None:
-        known = ["_id", "_lastUpdated", *SEARCH_PARAMS.get(target, {})]
+    known = ", ".join(["_id", "_lastUpdated", *SEARCH_PARAMS.get(target, {})])
+    link = _link(
+        target,
+        inner_name,
+        inner_modifier or None,
+        value,
+        key,
+        access,
+        f"chained parameter {key[:80]!r}",
+        f"known: {known}",
+    )
+    return Criterion(ref, None, [value], chain=link)
+
+
+def _link(
+    other: str,
+    name: str,
+    modifier: str | None,
+    value: str,
+    key: str,
+    access: Access,
+    what: str,
+    expected: str,
+) -> Link:
+    """The far side of a chain or ``_has``: the criterion ``name[:modifier]=value`` on ``other``
+    records (which the caller must be allowed to read); ``what`` and ``expected`` word the error."""
+    param = search_param(other, name) if "." not in name else None
+    if param is None:
         raise SearchError(
-            f"chained parameter {key[:80]!r}: {target} has no search parameter {inner_name[:64]!r}; "
-            f"known: {', '.join(known)}",
-            "not-supported",
-            key[:80],
+            f"{what}: {other} has no search parameter {name[:64]!r}; {expected}", "not-supported", key[:80]
         )
-    _check_visible(target, key, access)
-    inner = _criterion(inner_param, inner_modifier or None, value, key)
-    return Criterion(ref, None, [value], chain=Link(target, inner))
+    _check_visible(other, key, access)
+    return Link(other, _criterion(param, modifier, value, key))
 
 
 HAS_FORM = "_has:Type:reference:parameter=value"
@@ -440,17 +461,9 @@ def _has_criterion(resource_type: str, key: str, value: str, access: Access) -> 
             "not-supported",
             key[:80],
         )
-    inner_param = search_param(source, inner_name)
-    if inner_param is None or "." in inner_name:
-        raise SearchError(
-            f"{key[:80]!r}: {source} has no search parameter {inner_name[:64]!r} (chains and nested _has are "
-            f"not supported inside _has); expected {HAS_FORM}",
-            "not-supported",
-            key[:80],
-        )
-    _check_visible(source, key, access)
-    inner = _criterion(inner_param, inner_modifier, value, key)
-    return Criterion(ref, None, [value], has=Link(source, inner))
+    expected = f"chains and nested _has are not supported inside _has; expected {HAS_FORM}"
+    link = _link(source, inner_name, inner_modifier, value, key, access, repr(key[:80]), expected)
+    return Criterion(ref, None, [value], has=link)
 
 
 def _result_param(query: SearchQuery, name: str, value: str, strict: bool) -> bool:
