@@ -500,6 +500,13 @@ def search_system(
         bounded += page.warnings
         if page.next_cursor is not None:
             next_cursor = _encode_system_cursor(i, page.next_cursor)
+    served = {(rtype, rid) for rtype, rid, _ in matches}
+    unique = []
+    for rtype, rid, text in included:  # a record included from several types is served once
+        if (rtype, rid) not in served:
+            served.add((rtype, rid))
+            unique.append((rtype, rid, text))
+    included = unique
     keep = [(k, v) for k, v in params if k not in ("_page", "_cursor")]
     links = [("self", f"{base}?{urlencode(keep)}")]
     if next_cursor is not None and count > 0:

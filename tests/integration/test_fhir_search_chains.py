@@ -168,6 +168,11 @@ async def check_revinclude(world: World, http: httpx.AsyncClient) -> None:
     assert refs(both, "include") == {w.ref("r1"), w.ref("r2")}
     star = await found(http, f"/Location?_id={w.ids['icu']}&_revinclude=*")
     assert refs(star, "include") == {w.ref("e2"), w.ref("e3"), w.ref("r2")}
+    # a system search: each type's revincludes, a record reached from two types served once
+    system = await found(http, f"?_type=Patient,Location&_id={w.ids['okafor']},{w.ids['ward']}&_revinclude=*")
+    assert refs(system) == {w.ref("okafor"), w.ref("ward")}
+    included = [f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in system["entry"][2:]]
+    assert sorted(included) == sorted([w.ref("e1"), w.ref("e2"), w.ref("r1")])
     every = await found(http, f"/Encounter?_id={w.ids['e1']}&_include=*")
     assert refs(every, "include") == {w.ref("okafor"), w.ref("ward")}
     # _include and _revinclude together, each included record once
