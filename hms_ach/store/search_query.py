@@ -281,7 +281,7 @@ def parse_query(
             query.criteria.append(_has_criterion(resource_type, key, value, access))
             query.understood.append((key, value))
             continue
-        if "." in key and not key.startswith("_"):
+        if "." in key and search_param(resource_type, key.partition(".")[0].partition(":")[0]) is not None:
             query.criteria.append(_chain_criterion(resource_type, key, value, access))
             query.understood.append((key, value))
             continue

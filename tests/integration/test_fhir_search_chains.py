@@ -287,6 +287,10 @@ async def check_chain_errors(world: World, http: httpx.AsyncClient) -> None:
     )
     refused(await http.get("/Encounter?subject:Location.name=x"), 400, "does not point at 'Location'")
     refused(await http.get("/Encounter?status.name=x"), 400, "not a reference parameter")
+    lenient = await found(http, "/Encounter?nickname.name=x&status=finished")  # unknown: ignored, as usual
+    assert refs(lenient) == {world.ref("e2")}
+    assert [e for e in lenient["entry"] if e["search"]["mode"] == "outcome"]
+    refused(await http.get("/Encounter?nickname.name=x", headers={"Prefer": "handling=strict"}), 400)
     refused(await http.get("/Encounter?subject.organization.name=x"), 400, "one level")
     refused(await http.get("/Encounter?subject.birthdate=soon"), 400, "date search value")
     refused(await http.get("/Encounter?subject.family:below=x"), 400, "modifier")
