@@ -1,8 +1,8 @@
 """The CapabilityStatement served at ``/fhir/metadata``, generated from the record types.
 
 What it declares comes from the code that serves it: the served and writable types
-(:data:`~hms_ach.core.records.RECORD_TYPES`), their search parameters, ``_include`` and ``_sort``
-choices (:mod:`hms_ach.store.search`), the AuditEvent search and, when a ``fhir_rest`` channel is
+(:data:`~hms_ach.core.records.RECORD_TYPES`), their search parameters (with the types each reference
+chains to), ``_include``, ``_revinclude``, ``_has`` and ``_sort`` choices (:mod:`hms_ach.store.search`), the AuditEvent search and, when a ``fhir_rest`` channel is
 configured, the write interactions and transaction/batch; ``rest.security`` (SMART on FHIR, with the
 ``oauth-uris`` extension in oidc mode) comes from the authenticator (:func:`security_of`).
 """
@@ -106,7 +106,34 @@ def _search_param(rtype: str, p: Any) -> dict[str, Any]:
     if custom is not None:
         entry["definition"] = f"urn:hms-ach:fhir:SearchParameter/{rtype}-{p.name}"
         entry["documentation"] = custom
+    if p.type == "reference":
+        entry["documentation"] += _chain_doc(p)
     return entry
+
+
+def _chain_doc(p: Any) -> str:
+    """What a reference parameter chains to (``search.chain_targets``), for its documentation."""
+    targets = search.chain_targets(p)
+    if not targets:
+        return ""
+    form = (
+        f"{p.name}.<parameter>"
+        if len(targets) == 1
+        else f"{p.name}:<Type>.<parameter> (the type is required)"
+    )
+    return f"; chains one level to {', '.join(targets)}: {form}"
+
+
+def _search_links_doc(rtype: str) -> str:
+    """The resource documentation of the reference searches of ``rtype``: ``_has`` forms and the
+    ``:iterate`` bounds, from the same declarations the search parses."""
+    has = [f"_has:{value}:<parameter>" for value in search.revinclude_params(rtype)]
+    return (
+        (f". _has (one level): {', '.join(has)}" if has else "")
+        + f". _include:iterate and _revinclude:iterate take Type:param of any served type (at most "
+        f"{search.MAX_INCLUDE_DEPTH} links from a match); at most {search.MAX_INCLUDED} included "
+        "resources per page (then a warning OperationOutcome)"
+    )
 
 
 def security_of(authenticator: Authenticator | None) -> dict[str, Any] | None:
@@ -140,9 +167,14 @@ def capability_statement(
             entry.update(_WRITE_FLAGS)
         includes = search.include_params(rtype)
         if includes:
-            entry["searchInclude"] = includes
+            entry["searchInclude"] = [*includes, "*"]
+        revincludes = search.revinclude_params(rtype)
+        if revincludes:
+            entry["searchRevInclude"] = [*revincludes, "*"]
         entry["searchParam"] = [_search_param(rtype, p) for p in SEARCH_PARAMS.get(rtype, {}).values()]
-        entry["documentation"] = f"_sort accepts: {', '.join(search.sort_params(rtype))}" + (
+        entry["documentation"] = (
+            f"_sort accepts: {', '.join(search.sort_params(rtype))}" + _search_links_doc(rtype)
+        ) + (
             ". " + WRITE_DOC
             if writable
             else ". Read-only: made by hms-ach (claims at discharge, coverage from IN1)"

@@ -336,7 +336,7 @@ def search_type(
         query = search.parse_query(resource_type, params, strict=strict, access=access)
         page = resources.search(store, query)
     except search.SearchError as exc:
-        raise FhirError(400, exc.code, exc.diagnostics, expression=exc.expression) from exc
+        raise search_failure(exc) from exc
     url = f"{base}/{resource_type}"
     self_query = query.self_query()
     links = [("self", f"{url}?{self_query}" if self_query else url)]
@@ -358,12 +358,31 @@ def search_type(
         entry(f"{base}/{rtype}/{rid}", cut_text(text, included), {"search": {"mode": "include"}})
         for rtype, rid, text in page.included
     ]
-    if query.warnings:
-        outcome = operation_outcome("not-supported", "; ".join(query.warnings), severity="warning")
-        entries.append(
-            entry(f"urn:uuid:{uuid.uuid4()}", orjson.dumps(outcome).decode(), {"search": {"mode": "outcome"}})
-        )
+    entries += _warning_entries(query.warnings, page.warnings)
     return fhir_response(bundle("searchset", page.total, links, entries))
+
+
+def search_failure(exc: search.SearchError) -> FhirError:
+    """The answer to a search the store refused: 403 for a link to records the token may not read
+    (a chain or ``_has``), else 400."""
+    status = 403 if exc.code == "forbidden" else 400
+    return FhirError(status, exc.code, exc.diagnostics, expression=exc.expression)
+
+
+def _warning_entries(ignored: list[str], bounded: list[str]) -> list[bytes]:
+    """The ``outcome`` entry of a searchset: one warning issue for the parameters ignored, one per
+    bound hit (included resources left out); none when there is nothing to say."""
+    issues = []
+    if ignored:
+        issues += operation_outcome("not-supported", "; ".join(ignored), severity="warning")["issue"]
+    for text in bounded:
+        issues += operation_outcome("too-costly", text, severity="warning")["issue"]
+    if not issues:
+        return []
+    outcome = {"resourceType": "OperationOutcome", "issue": issues}
+    return [
+        entry(f"urn:uuid:{uuid.uuid4()}", orjson.dumps(outcome).decode(), {"search": {"mode": "outcome"}})
+    ]
 
 
 async def form_params(request: Request) -> list[tuple[str, str]]:
@@ -449,6 +468,7 @@ def search_system(
     included: list[tuple[str, str, str]] = []
     total: int | None = 0
     warnings: list[str] = []
+    bounded: list[str] = []
     subset = NOTHING
     next_cursor: str | None = None
     for i, rtype in enumerate(types):
@@ -471,13 +491,22 @@ def search_system(
                 continue
             page = resources.search(store, query)
         except search.SearchError as exc:
-            raise FhirError(400, exc.code, f"{rtype}: {exc.diagnostics}", expression=exc.expression) from exc
+            exc.diagnostics = f"{rtype}: {exc.diagnostics}"
+            raise search_failure(exc) from exc
         subset = Subset(query.summary, tuple(query.elements) if query.elements is not None else None)
         warnings += [w for w in query.warnings if w not in warnings]
         matches += [(rtype, rid, text) for rid, text in page.matches]
         included += page.included
+        bounded += page.warnings
         if page.next_cursor is not None:
             next_cursor = _encode_system_cursor(i, page.next_cursor)
+    served = {(rtype, rid) for rtype, rid, _ in matches}
+    unique = []
+    for rtype, rid, text in included:  # a record included from several types is served once
+        if (rtype, rid) not in served:
+            served.add((rtype, rid))
+            unique.append((rtype, rid, text))
+    included = unique
     keep = [(k, v) for k, v in params if k not in ("_page", "_cursor")]
     links = [("self", f"{base}?{urlencode(keep)}")]
     if next_cursor is not None and count > 0:
@@ -496,9 +525,5 @@ def search_system(
         )
         for rtype, rid, text in included
     ]
-    if warnings:
-        outcome = operation_outcome("not-supported", "; ".join(warnings), severity="warning")
-        entries.append(
-            entry(f"urn:uuid:{uuid.uuid4()}", orjson.dumps(outcome).decode(), {"search": {"mode": "outcome"}})
-        )
+    entries += _warning_entries(warnings, bounded)
     return fhir_response(bundle("searchset", total, links, entries))

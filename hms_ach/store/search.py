@@ -2,7 +2,10 @@
 
 :func:`execute` runs a :class:`~hms_ach.store.search_query.SearchQuery` on a connection with
 SQLAlchemy Core: one clause builder per parameter type, each an ``IN`` sub-select on that type's
-index table; every user value is a bound parameter.
+index table; every user value is a bound parameter. A chained parameter and ``_has`` are
+sub-selects on the reference index and the other type's index tables (:func:`chain_clause`,
+:func:`has_clause`); ``_include``/``_revinclude`` run once per directive, round and type reached
+(:func:`_included`), within the bounds :data:`MAX_INCLUDED` and :data:`MAX_INCLUDE_DEPTH`.
 
 Paging is keyset paging. The page is ordered by the sort keys and then the record id, and the next
 page starts strictly after the keys of the last row served (carried by the cursor). A record whose
@@ -47,15 +50,21 @@ from hms_ach.store.search_query import (
     DEFAULT_COUNT,
     EVERYTHING,
     MAX_COUNT,
+    MAX_INCLUDE_DEPTH,
+    MAX_INCLUDED,
     Access,
     Criterion,
+    Include,
     SearchError,
     SearchQuery,
     SortKey,
+    chain_targets,
     date_value,
     encode_cursor,
     include_params,
     parse_query,
+    points_at,
+    revinclude_params,
     sort_params,
     split_escaped,
     unescape,
@@ -66,12 +75,16 @@ __all__ = [
     "EVERYTHING",
     "Access",
     "MAX_COUNT",
+    "MAX_INCLUDED",
+    "MAX_INCLUDE_DEPTH",
     "ClauseContext",
     "SearchError",
     "SearchPage",
     "SearchQuery",
     "execute",
+    "chain_targets",
     "include_params",
+    "revinclude_params",
     "clause_context",
     "compartment_clause",
     "own_rows",
@@ -86,9 +99,11 @@ class SearchPage:
     matches: list[tuple[str, str]]
     """(id, stored resource JSON) of the page, in order."""
     included: list[tuple[str, str, str]]
-    """(type, id, stored resource JSON) of the ``_include``-d records."""
+    """(type, id, stored resource JSON) of the ``_include``-d and ``_revinclude``-d records."""
     total: int | None
     next_cursor: str | None
+    warnings: list[str] = field(default_factory=list)
+    """What the page left out (included resources past the bound), for a warning OperationOutcome."""
 
 
 # ---------------------------------------------------------------------------- SQL builders
@@ -319,6 +334,54 @@ CLAUSE_BUILDERS = {
 }
 
 
+def _linked_ids(other: str, inner: Criterion, dialect: str, access: Access) -> Select[Any]:
+    """The ids of the live ``other`` records matching ``inner`` (within the caller's patient
+    compartment of ``other``): the far side of a chain or ``_has``, as a sub-select."""
+    ot = _table(other)
+    conds = [ot.c.deleted == false()]
+    conds.append(CLAUSE_BUILDERS[inner.param.type](ot, other, inner, ClauseContext(dialect)))
+    patient = access.compartment(other)
+    if patient is not None:
+        conds.append(compartment_clause(ot, other, patient))
+    return select(ot.c.id).where(*conds)
+
+
+def chain_clause(
+    t: Table, rt: str, crit: Criterion, ctx: ClauseContext, access: Access = EVERYTHING
+) -> ColumnElement[bool]:
+    """``ref:Type.param=value``: the record's reference ``crit.param`` points at a ``Type`` record
+    matching the inner criterion. One statement: the reference rows whose target is in the
+    sub-select of matching targets (their own index tables), no look-up per record."""
+    link = crit.chain
+    if link is None:
+        raise ValueError(f"{crit.param.name}: a chain_clause needs a chained criterion")
+    ix = _index("reference")
+    targets = _linked_ids(link.other, link.inner, ctx.dialect, access)
+    rows = _rows_of(ix, rt, crit.param, ix.c.target_type == link.other, ix.c.target_id.in_(targets))
+    ctx.index_sets.append(rows)
+    return t.c.id.in_(rows)
+
+
+def has_clause(
+    t: Table, rt: str, crit: Criterion, ctx: ClauseContext, access: Access = EVERYTHING
+) -> ColumnElement[bool]:
+    """``_has:Type:ref:param=value``: some ``Type`` record matching the inner criterion refers to
+    the record through ``ref`` (``crit.param``, a parameter of ``Type``). The reference targets may
+    name records that do not exist, so this set is not counted from the index alone."""
+    link = crit.has
+    if link is None:
+        raise ValueError(f"{crit.param.name}: a has_clause needs a _has criterion")
+    ix = _index("reference")
+    sources = _linked_ids(link.other, link.inner, ctx.dialect, access)
+    rows = select(ix.c.target_id).where(
+        ix.c.resource_type == link.other,
+        ix.c.param == crit.param.name,
+        ix.c.target_type == rt,
+        ix.c.resource_id.in_(sources),
+    )
+    return t.c.id.in_(rows)
+
+
 def clause_context(query: SearchQuery, dialect: str) -> ClauseContext:
     """The context of ``query``'s clause builders: narrowed when a plain reference or token
     criterion, or the patient compartment of a ``patient/`` grant, selects the candidates first."""
@@ -336,7 +399,12 @@ def where_clauses(
     ctx = ctx or clause_context(query, dialect)
     conds: list[ColumnElement[bool]] = [t.c.deleted == false()]
     for crit in query.criteria:
-        conds.append(CLAUSE_BUILDERS[crit.param.type](t, query.resource_type, crit, ctx))
+        if crit.chain is not None:
+            conds.append(chain_clause(t, query.resource_type, crit, ctx, query.access))
+        elif crit.has is not None:
+            conds.append(has_clause(t, query.resource_type, crit, ctx, query.access))
+        else:
+            conds.append(CLAUSE_BUILDERS[crit.param.type](t, query.resource_type, crit, ctx))
     patient = query.access.compartment(query.resource_type)
     if patient is not None:  # only under patient/ scopes: user/ and system/ searches get no condition
         conds.append(compartment_clause(t, query.resource_type, patient, ctx))
@@ -422,43 +490,99 @@ def execute(conn: Connection, query: SearchQuery) -> SearchPage:
     elif counting:
         total = _count(conn, t, where, query, ctx)
     matches = [(r.id, r.resource) for r in rows]
-    return SearchPage(matches, _included(conn, query, [m[0] for m in matches]), total, next_cursor)
+    included, warnings = _included(conn, query, [m[0] for m in matches])
+    return SearchPage(matches, included, total, next_cursor, warnings)
 
 
-def _included(conn: Connection, query: SearchQuery, ids: list[str]) -> list[tuple[str, str, str]]:
-    """The records the page's ``_include`` references point at, of the types the caller may see
-    (``query.access``), each limited to its patient compartment when the caller's grant on that type
-    is; both limits are conditions of the SQL."""
+Found = list[tuple[str, str, str]]
+"""(type, id, stored resource JSON) of included records."""
+
+
+def _included(conn: Connection, query: SearchQuery, ids: list[str]) -> tuple[Found, list[str]]:
+    """The records the page's ``_include``/``_revinclude`` directives reach, and the warnings of the
+    bounds hit.
+
+    The directives start from the matches; those marked ``:iterate`` are applied again to the
+    records the previous round added, up to :data:`MAX_INCLUDE_DEPTH` links from a match. Each
+    directive of a round is one statement per record type it reaches (an ``IN`` sub-select on the
+    reference index), at most ``query.max_included`` records in all. Only the types the caller may
+    see (``query.access``) are followed, each limited to its patient compartment when the caller's
+    grant on that type is; both limits are conditions of the SQL."""
     if not query.includes or not ids:
-        return []
-    ix = _index("reference")
-    wanted: dict[str, set[str]] = {}
-    for inc in query.includes:
-        targets = (inc.target,) if inc.target else inc.param.targets
-        if targets and not any(query.access.visible(tt) for tt in targets):
-            continue  # the caller may see none of the types it can point at
-        stmt = select(ix.c.target_type, ix.c.target_id).where(
-            ix.c.resource_type == inc.source, ix.c.param == inc.param.name, ix.c.resource_id.in_(ids)
-        )
-        if inc.target:
-            stmt = stmt.where(ix.c.target_type == inc.target)
-        for target_type, target_id in conn.execute(stmt):
-            if target_type in RECORD_TABLES and query.access.visible(target_type):
-                wanted.setdefault(target_type, set()).add(target_id)
+        return [], []
     seen = {(query.resource_type, i) for i in ids}
-    out: list[tuple[str, str, str]] = []
-    for target_type in sorted(wanted):
-        tt = _table(target_type)
-        stmt = (
-            select(tt.c.id, tt.c.resource)
-            .where(tt.c.id.in_(sorted(wanted[target_type])), tt.c.deleted == false())
-            .order_by(tt.c.id)
-        )
-        patient = query.access.compartment(target_type)
+    out: Found = []
+    warnings: list[str] = []
+    frontier: dict[str, list[str]] = {query.resource_type: ids}
+    directives = list(query.includes)
+    depth = 0
+    while frontier and directives:
+        if depth == MAX_INCLUDE_DEPTH:
+            if any(_follow(conn, query, inc, frontier, 1, seen) for inc in directives):
+                warnings.append(
+                    f"_include:iterate/_revinclude:iterate stopped at {MAX_INCLUDE_DEPTH} links from the "
+                    "matches; more records are reachable"
+                )
+            break
+        added: dict[str, list[str]] = {}
+        for inc in directives:
+            room = query.max_included - len(out)
+            for rtype, rid, text in _follow(conn, query, inc, frontier, room + 1, seen):
+                if len(out) == query.max_included:
+                    warnings.append(
+                        f"more than {query.max_included} included resources: the first "
+                        f"{query.max_included} are served; narrow the search or lower _count"
+                    )
+                    return out, warnings
+                seen.add((rtype, rid))
+                out.append((rtype, rid, text))
+                added.setdefault(rtype, []).append(rid)
+        frontier = added
+        directives = [inc for inc in query.includes if inc.iterate]
+        depth += 1
+    return out, warnings
+
+
+def _follow(
+    conn: Connection,
+    query: SearchQuery,
+    inc: Include,
+    frontier: dict[str, list[str]],
+    limit: int,
+    seen: set[tuple[str, str]],
+) -> Found:
+    """The records not in ``seen`` that ``inc`` reaches from the ``frontier`` records (type -> ids),
+    at most ``limit``, ordered by type and id."""
+    ix = _index("reference")
+    links: list[tuple[str, ColumnElement[bool]]] = []  # (type of the records to fetch, their ids)
+    if inc.reverse:
+        starts = [
+            and_(ix.c.target_type == rtype, ix.c.target_id.in_(rids))
+            for rtype, rids in sorted(frontier.items())
+            if (inc.target is None or inc.target == rtype) and points_at(inc.param, rtype)
+        ]
+        if starts:
+            rows = select(ix.c.resource_id).where(
+                ix.c.resource_type == inc.source, ix.c.param == inc.param.name, or_(*starts)
+            )
+            links.append((inc.source, _table(inc.source).c.id.in_(rows)))
+    elif inc.source in frontier:
+        owners = ix.c.resource_type == inc.source, ix.c.param == inc.param.name
+        starts_at = ix.c.resource_id.in_(frontier[inc.source])
+        for target in [inc.target] if inc.target else chain_targets(inc.param):
+            rows = select(ix.c.target_id).where(*owners, starts_at, ix.c.target_type == target)
+            links.append((target, _table(target).c.id.in_(rows)))
+    out: Found = []
+    for rtype, cond in links:
+        if not query.access.visible(rtype) or len(out) >= limit:
+            continue
+        tt = _table(rtype)
+        stmt = select(tt.c.id, tt.c.resource).where(cond, tt.c.deleted == false())
+        patient = query.access.compartment(rtype)
         if patient is not None:
-            stmt = stmt.where(compartment_clause(tt, target_type, patient))
-        for rid, text in conn.execute(stmt):
-            if (target_type, rid) not in seen:
-                seen.add((target_type, rid))
-                out.append((target_type, rid, text))
+            stmt = stmt.where(compartment_clause(tt, rtype, patient))
+        already = sum(1 for t, _ in seen if t == rtype)  # rows that may come back and be skipped
+        for rid, text in conn.execute(stmt.order_by(tt.c.id).limit(limit - len(out) + already)):
+            if (rtype, rid) not in seen and len(out) < limit:
+                out.append((rtype, rid, text))
     return out

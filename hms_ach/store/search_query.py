@@ -6,6 +6,12 @@ escapes ``\\,`` ``\\|`` ``\\$`` as in the spec) and checks them against the decl
 :class:`SearchError`, which the API renders as a 400 OperationOutcome; unknown parameters are
 ignored with a warning unless strict handling is requested.
 
+Across references: ``_include``/``_revinclude`` (with ``:iterate``) become :class:`Include`
+directives; a chained parameter (``subject:Patient.family``) and ``_has``
+(``_has:Encounter:subject:status``) become a :class:`Criterion` with a :class:`Link` to the
+criterion on the other type. Both are one level deep; what they may name comes from the same
+declarations (:func:`revinclude_params`, :func:`chain_targets`) the CapabilityStatement lists.
+
 The cursor (``_cursor``) is opaque to clients: base64url JSON holding the sort keys and id of the
 last row served plus a digest of the query it belongs to, so it cannot be replayed on another search.
 """
@@ -25,6 +31,7 @@ from urllib.parse import urlencode
 import orjson
 
 from hms_ach.core.errors import HmsAchError
+from hms_ach.core.records import FHIR_SERVED
 from hms_ach.store.models import RECORD_TABLES
 from hms_ach.store.search_params import (
     FAR_FUTURE,
@@ -50,10 +57,24 @@ MODIFIERS: dict[str, set[str]] = {
     "reference": {"missing"},
 }
 #: Result parameters we act on, and those accepted without effect.
-RESULT_PARAMS = {"_count", "_sort", "_include", "_total", "_cursor", "_summary", "_elements"}
+RESULT_PARAMS = {"_count", "_sort", "_total", "_cursor", "_summary", "_elements"}
 #: The ``_summary`` values (the FHIR layer cuts the resources; ``count`` serves no entries).
 SUMMARY_VALUES = ("true", "text", "data", "count", "false")
 NEUTRAL_PARAMS = {"_format", "_pretty"}
+#: ``_include`` / ``_revinclude`` with their ``:iterate`` forms (``:recurse`` is the STU3 name of ``:iterate``).
+INCLUDE_KEYS = {
+    "_include": (False, False),
+    "_include:iterate": (False, True),
+    "_include:recurse": (False, True),
+    "_revinclude": (True, False),
+    "_revinclude:iterate": (True, True),
+    "_revinclude:recurse": (True, True),
+}
+#: At most this many included (``_include``/``_revinclude``) resources per page; past it the page
+#: carries a warning OperationOutcome.
+MAX_INCLUDED = 1000
+#: ``:iterate`` follows references at most this many links away from a match.
+MAX_INCLUDE_DEPTH = 3
 SORTABLE_TYPES = {"string", "date", "token"}
 
 
@@ -69,11 +90,25 @@ class SearchError(HmsAchError):
 
 @dataclass
 class Criterion:
-    """One occurrence of a search parameter: its values are OR-ed, occurrences are AND-ed."""
+    """One occurrence of a search parameter: its values are OR-ed, occurrences are AND-ed.
+
+    A chained parameter (``subject:Patient.family=x``) is a criterion on the reference ``param`` with
+    a ``chain``; a reverse chain (``_has:Encounter:subject:status=x``) one with ``has``, whose
+    ``param`` is the referring type's reference parameter."""
 
     param: SearchParam
     modifier: str | None
     values: list[str]
+    chain: Link | None = None
+    has: Link | None = None
+
+
+@dataclass
+class Link:
+    """The other end of a chain or ``_has``: the criterion ``inner`` on the records of ``other``."""
+
+    other: str
+    inner: Criterion
 
 
 @dataclass
@@ -84,9 +119,15 @@ class SortKey:
 
 @dataclass
 class Include:
+    """``_include`` (the records ``source``'s ``param`` points at) or, ``reverse``, ``_revinclude``
+    (the ``source`` records whose ``param`` points at the records found); ``iterate`` applies it to
+    the included records too."""
+
     source: str
     param: SearchParam
     target: str | None = None
+    reverse: bool = False
+    iterate: bool = False
 
 
 @dataclass(frozen=True)
@@ -135,6 +176,8 @@ class SearchQuery:
     access: Access = EVERYTHING
     """What the caller may see: the matches are limited to ``access.compartment(resource_type)`` and
     the included records to the visible types (each in its compartment), in the SQL."""
+    max_included: int = 0
+    """At most this many included resources (set from :data:`MAX_INCLUDED` by :func:`parse_query`)."""
 
     def self_query(self) -> str:
         return urlencode(self.understood)
@@ -156,6 +199,27 @@ def include_params(resource_type: str) -> list[str]:
         for p in SEARCH_PARAMS.get(resource_type, {}).values()
         if p.type == "reference"
     ]
+
+
+def points_at(param: SearchParam, resource_type: str) -> bool:
+    """Whether the reference parameter ``param`` may point at a ``resource_type`` record."""
+    return param.type == "reference" and (not param.targets or resource_type in param.targets)
+
+
+def revinclude_params(resource_type: str) -> list[str]:
+    """The ``_revinclude`` values accepted for ``resource_type``: every ``Type:param`` of a served
+    type whose reference parameter may point at it (the same links ``_has`` follows)."""
+    return [
+        f"{source}:{p.name}"
+        for source in FHIR_SERVED
+        for p in SEARCH_PARAMS.get(source, {}).values()
+        if points_at(p, resource_type)
+    ]
+
+
+def chain_targets(param: SearchParam) -> list[str]:
+    """The served types a chain through the reference parameter ``param`` may reach."""
+    return [t for t in FHIR_SERVED if points_at(param, t)]
 
 
 # ---------------------------------------------------------------------------- parsing
@@ -209,6 +273,18 @@ def parse_query(
             raise SearchError(f"parameter {key[:64]!r} contains a NUL character", "invalid", key[:64])
         if key in NEUTRAL_PARAMS or value == "":
             continue
+        if key in INCLUDE_KEYS:
+            query.includes.extend(_includes(resource_type, key, value))
+            query.understood.append((key, value))
+            continue
+        if key.startswith("_has:") or key == "_has":
+            query.criteria.append(_has_criterion(resource_type, key, value, access))
+            query.understood.append((key, value))
+            continue
+        if "." in key and search_param(resource_type, key.partition(".")[0].partition(":")[0]) is not None:
+            query.criteria.append(_chain_criterion(resource_type, key, value, access))
+            query.understood.append((key, value))
+            continue
         name, _, modifier = key.partition(":")
         if name in RESULT_PARAMS and not modifier:
             if name == "_cursor":
@@ -218,15 +294,7 @@ def parse_query(
             continue
         param = search_param(resource_type, name)
         if param is None:
-            base = search_param(resource_type, name.split(".", 1)[0])
-            if base is not None and base.type == "reference":
-                raise SearchError(f"chained parameter {key!r} is not supported", "not-supported", key)
-            if (
-                key.startswith("_include")
-                or key.startswith("_revinclude")
-                or key.startswith("_has")
-                or strict
-            ):
+            if key.startswith("_include") or key.startswith("_revinclude") or strict:
                 raise SearchError(
                     f"parameter {key!r} is not supported for {resource_type}", "not-supported", key
                 )
@@ -237,7 +305,165 @@ def parse_query(
     if cursor is not None:
         query.after = _decode_cursor(cursor, query)
         query.understood.append(("_cursor", cursor))
+    query.max_included = MAX_INCLUDED
     return query
+
+
+def _includes(resource_type: str, key: str, value: str) -> list[Include]:
+    """The directives of one ``_include``/``_revinclude`` parameter: ``Type:param[:target]`` or
+    ``*`` (every reference parameter of the searched type, or every one that may point at it)."""
+    reverse, iterate = INCLUDE_KEYS[key]
+    supported = revinclude_params(resource_type) if reverse else include_params(resource_type)
+    if value == "*" and not iterate:
+        out = []
+        for item in supported:
+            source, _, pname = item.partition(":")
+            param = search_param(source, pname)
+            if param is not None:
+                out.append(Include(source, param, None, reverse, False))
+        return out
+    parts = value.split(":")
+    source = parts[0]
+    param = search_param(source, parts[1]) if len(parts) in (2, 3) and source in FHIR_SERVED else None
+    target = parts[2] if len(parts) == 3 else None
+    fits = param is not None and param.type == "reference"
+    if fits and param is not None and target is not None:
+        fits = target in FHIR_SERVED and points_at(param, target)
+    if fits and param is not None and not iterate:
+        # without :iterate the directive starts from the matches
+        fits = points_at(param, resource_type) if reverse else source == resource_type
+    if not fits or param is None:
+        what = "a reference parameter of a served type" if iterate else ", ".join(supported) or "none"
+        raise SearchError(
+            f"{key}={value[:80]!r} is not supported for {resource_type}; expected Type:param[:target]"
+            f"{' or *' if not iterate else ''}, supported: {what}",
+            "not-supported",
+            key,
+        )
+    return [Include(source, param, target, reverse, iterate)]
+
+
+def _check_visible(resource_type: str, key: str, access: Access) -> None:
+    if not access.visible(resource_type):
+        raise SearchError(
+            f"{key[:80]!r} searches {resource_type} records, which this token may not read",
+            "forbidden",
+            key[:80],
+        )
+
+
+def _chain_criterion(resource_type: str, key: str, value: str, access: Access) -> Criterion:
+    """``ref[:Type].param[:modifier]=value``: the records whose reference ``ref`` points at a
+    ``Type`` record matching ``param``; one level only."""
+    head, _, tail = key.partition(".")
+    ref_name, _, type_modifier = head.partition(":")
+    ref = search_param(resource_type, ref_name)
+    if ref is None or ref.type != "reference":
+        raise SearchError(
+            f"chained parameter {key[:80]!r}: {ref_name[:64]!r} is not a reference parameter of "
+            f"{resource_type}; chain through one of: "
+            f"{', '.join(p.name for p in SEARCH_PARAMS.get(resource_type, {}).values() if p.type == 'reference')}",
+            "not-supported",
+            key[:80],
+        )
+    if "." in tail:
+        raise SearchError(
+            f"chained parameter {key[:80]!r} is more than one level deep; chains are supported one level "
+            f"deep (e.g. {ref_name}.identifier=...)",
+            "not-supported",
+            key[:80],
+        )
+    targets = chain_targets(ref)
+    if type_modifier:
+        if type_modifier not in targets:
+            raise SearchError(
+                f"chained parameter {key[:80]!r}: {ref_name} does not point at {type_modifier[:64]!r} here; "
+                f"expected one of: {', '.join(targets) or 'none'}",
+                "not-supported",
+                key[:80],
+            )
+        target = type_modifier
+    elif len(targets) == 1:
+        target = targets[0]
+    else:
+        raise SearchError(
+            f"chained parameter {key[:80]!r} needs a type modifier: {resource_type}.{ref_name} may point "
+            f"at {', '.join(targets)}; write e.g. {ref_name}:{targets[0]}.{tail[:64]}",
+            "invalid",
+            key[:80],
+        )
+    inner_name, _, inner_modifier = tail.partition(":")
+    known = ", ".join(["_id", "_lastUpdated", *SEARCH_PARAMS.get(target, {})])
+    link = _link(
+        target,
+        inner_name,
+        inner_modifier or None,
+        value,
+        key,
+        access,
+        f"chained parameter {key[:80]!r}",
+        f"known: {known}",
+    )
+    return Criterion(ref, None, [value], chain=link)
+
+
+def _link(
+    other: str,
+    name: str,
+    modifier: str | None,
+    value: str,
+    key: str,
+    access: Access,
+    what: str,
+    expected: str,
+) -> Link:
+    """The far side of a chain or ``_has``: the criterion ``name[:modifier]=value`` on ``other``
+    records (which the caller must be allowed to read); ``what`` and ``expected`` word the error."""
+    param = search_param(other, name) if "." not in name else None
+    if param is None:
+        raise SearchError(
+            f"{what}: {other} has no search parameter {name[:64]!r}; {expected}", "not-supported", key[:80]
+        )
+    _check_visible(other, key, access)
+    return Link(other, _criterion(param, modifier, value, key))
+
+
+HAS_FORM = "_has:Type:reference:parameter=value"
+
+
+def _has_criterion(resource_type: str, key: str, value: str, access: Access) -> Criterion:
+    """``_has:Type:ref:param[:modifier]=value``: the records a ``Type`` record matching ``param``
+    refers to through ``ref``; one level only."""
+    parts = key.split(":")
+    if len(parts) not in (4, 5) or not all(parts[1:]):
+        nested = len(parts) > 4 and parts[3] == "_has"
+        raise SearchError(
+            f"{key[:80]!r} is not a _has parameter: "
+            + ("_has is supported one level deep; " if nested else "")
+            + f"expected {HAS_FORM}",
+            "invalid",
+            key[:80],
+        )
+    _, source, ref_name, inner_name = parts[:4]
+    inner_modifier = parts[4] if len(parts) == 5 else None
+    if source not in FHIR_SERVED:
+        raise SearchError(
+            f"{key[:80]!r}: {source[:64]!r} is not a served resource type; expected {HAS_FORM}",
+            "not-supported",
+            key[:80],
+        )
+    ref = search_param(source, ref_name)
+    if ref is None or not points_at(ref, resource_type):
+        links = [i.partition(":")[2] for i in revinclude_params(resource_type) if i.startswith(source + ":")]
+        raise SearchError(
+            f"{key[:80]!r}: {source} has no reference parameter {ref_name[:64]!r} that may point at "
+            f"{resource_type}; expected one of: {', '.join(links) or 'none'}",
+            "not-supported",
+            key[:80],
+        )
+    expected = f"chains and nested _has are not supported inside _has; expected {HAS_FORM}"
+    link = _link(source, inner_name, inner_modifier, value, key, access, repr(key[:80]), expected)
+    return Criterion(ref, None, [value], has=link)
 
 
 def _result_param(query: SearchQuery, name: str, value: str, strict: bool) -> bool:
@@ -263,16 +489,6 @@ def _result_param(query: SearchQuery, name: str, value: str, strict: bool) -> bo
                     "_sort",
                 )
             query.sort.append(SortKey(param, desc))
-    elif name == "_include":
-        parts = value.split(":")
-        param = search_param(rt, parts[1]) if len(parts) in (2, 3) and parts[0] == rt else None
-        if param is None or param.type != "reference" or (len(parts) == 3 and parts[2] not in RECORD_TABLES):
-            raise SearchError(
-                f"_include={value!r} is not supported; supported: {', '.join(include_params(rt))}",
-                "not-supported",
-                "_include",
-            )
-        query.includes.append(Include(rt, param, parts[2] if len(parts) == 3 else None))
     elif name == "_total":
         if value not in ("none", "estimate", "accurate"):
             raise SearchError(
