@@ -93,3 +93,13 @@ def install(router: APIRouter, store: Store, negotiated: list[Any]) -> None:
     @router.get("/$export-file/{export_id}/{name}")
     async def export_file(export_id: str, name: str, request: Request) -> Response:
         return await run_in_threadpool(export.download, request, store, export_id, name)
+
+
+def declared() -> tuple[dict[str, list[dict[str, str]]], list[dict[str, str]]]:
+    """The operations the CapabilityStatement declares: per resource type, and system-wide (each
+    with its canonical OperationDefinition)."""
+    per_type: dict[str, list[dict[str, str]]] = {
+        focal: [{"name": "everything", "definition": url}] for focal, url in everything.DEFINITIONS.items()
+    }
+    per_type["Patient"].append({"name": "export", "definition": export.DEFINITIONS["patient"]})
+    return per_type, [{"name": "export", "definition": export.DEFINITIONS["system"]}]
