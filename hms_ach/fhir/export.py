@@ -418,6 +418,10 @@ class ExportManager:
         except _Stopping:
             log.info("export.paused", extra={"export": export_id, "type_index": progress.get("index")})
         except Exception as exc:
+            with self.store.read() as conn:
+                if export_queries.export_row(conn, export_id) is None:  # cancelled meanwhile
+                    self.remove_files(str(directory))
+                    return
             log.error("export.failed", extra={"export": export_id, "error": type(exc).__name__})
             with self.store.transaction() as tx:
                 export_queries.finish(

@@ -15,7 +15,7 @@ files
 ``GET /fhir/T/id``, ``_history[/v]``   :mod:`hms_ach.fhir.read` (read, history, vread)
 =====================================  ==========================================================
 
-Every GET route answers HEAD too (:func:`head_only`: the GET's headers, no body). Every route
+Every GET route but the operations' answers HEAD too (:func:`head_only`: the GET's headers, no body). Every route
 negotiates the format (JSON only, 406 otherwise), the writes included. Database work runs in FastAPI's
 threadpool on short reader connections. Every error is an OperationOutcome (see
 :mod:`hms_ach.fhir.outcomes`).

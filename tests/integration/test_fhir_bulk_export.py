@@ -7,6 +7,7 @@ SQLite always, PostgreSQL when HMS_ACH_TEST_POSTGRES_URL is set."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from benchmarks.bulk_load import LoadState, load
 from hms_ach.app.config import load_config
 from hms_ach.app.runtime import Engine
 from hms_ach.fhir.export import ExportManager, ExportSettings
+from hms_ach.store import export_queries
 from hms_ach.store.db import Store
 from tests.integration.engine_helpers import FHIR_JSON, auth_headers, start_fhir_engine
 
@@ -161,6 +163,18 @@ async def test_cancel_deletes_the_files(fhir_engine: Engine, http: httpx.AsyncCl
     assert (await http.delete(status_url)).status_code == 404
 
 
+class StopsAfterThreeBatches(ExportManager):
+    """The worker, asked to stop (as by an engine stop) once it has committed three batches."""
+
+    saves = 0
+
+    def _save(self, export_id: str, progress: dict[str, Any], lease: datetime | None) -> None:
+        self.saves += 1
+        if self.saves == 3:
+            self._stopping.set()
+        super()._save(export_id, progress, lease)
+
+
 async def test_an_export_resumes_after_a_restart(tmp_path: Path, store: Store) -> None:
     """The engine stops after the first batches; started again on the same store it finishes the
     export: every record exactly once."""
@@ -171,23 +185,11 @@ async def test_an_export_resumes_after_a_restart(tmp_path: Path, store: Store) -
     base = f"http://127.0.0.1:{engine.http_port}/fhir"
     assert engine.exports is not None
     engine.exports.stop()  # no worker: the kick-off waits
-    engine.exports.settings = ExportSettings(batch_size=50)
     headers = auth_headers(engine)
     async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30) as http:
         status_url = await kick_off(http, _type="Patient")
     # run the worker by hand for three batches, then stop it as an engine stop does
-    manager = ExportManager(store, engine.exports.root, ExportSettings(batch_size=50))
-    original = manager._save  # noqa: SLF001
-    saves = 0
-
-    def counting(*args: Any) -> None:
-        nonlocal saves
-        saves += 1
-        if saves == 3:
-            manager._stopping.set()  # noqa: SLF001
-        original(*args)
-
-    manager._save = counting  # type: ignore[method-assign]  # noqa: SLF001
+    manager = StopsAfterThreeBatches(store, engine.exports.root, ExportSettings(batch_size=50))
     await asyncio.to_thread(manager.run_pending)
     export_file = engine.exports.root / status_url.rsplit("/", 1)[1] / "Patient.ndjson"
     assert 0 < len(export_file.read_bytes().splitlines()) < 300
@@ -214,3 +216,32 @@ async def test_an_export_resumes_after_a_restart(tmp_path: Path, store: Store) -
         assert len(ids) == 300 and len(set(ids)) == 300
     finally:
         await engine.stop()
+
+
+def test_old_exports_are_deleted_with_their_files(tmp_path: Path, store: Store) -> None:
+    manager = ExportManager(store, tmp_path / "exports", ExportSettings(retention_hours=1))
+    now = datetime.now(UTC)
+    for export_id, age in (("old", timedelta(hours=2)), ("new", timedelta(minutes=5))):
+        (tmp_path / "exports" / export_id).mkdir(parents=True)
+        (tmp_path / "exports" / export_id / "Patient.ndjson").write_bytes(b"{}\n")
+        row = {
+            "id": export_id,
+            "status": "complete",
+            "kind": "system",
+            "sub": "s",
+            "client_id": None,
+            "request": "r",
+            "base": "b",
+            "types": "[]",
+            "since": None,
+            "transaction_time": now - age,
+            "directory": str(tmp_path / "exports" / export_id),
+            "created_at": now - age,
+        }
+        with store.transaction() as tx:
+            export_queries.insert_export(tx, row)
+    manager._cleanup()  # noqa: SLF001  (what the worker runs every cleanup_every_seconds)
+    assert not (tmp_path / "exports" / "old").exists() and (tmp_path / "exports" / "new").exists()
+    with store.read() as conn:
+        assert export_queries.export_row(conn, "old") is None
+        assert export_queries.export_row(conn, "new") is not None

@@ -14,6 +14,7 @@ from fhirclient.models.bundle import Bundle as ClientBundle
 from fhirpy import AsyncFHIRClient
 
 from hms_ach.app.runtime import Engine
+from hms_ach.fhir.capability import capability_statement
 from hms_ach.fhir.everything import patient_params, reference_params
 from tests.integration.engine_helpers import FHIR_JSON, STAFF, auth_headers
 
@@ -72,6 +73,15 @@ async def all_pages(http: httpx.AsyncClient, url: str) -> list[str]:
         out += refs(body)
         next_url = next((link["url"] for link in body.get("link", []) if link["relation"] == "next"), None)
     return out
+
+
+def test_the_capability_statement_declares_the_operations() -> None:
+    rest = capability_statement("http://x/fhir")["rest"][0]
+    ops = {r["type"]: [o["name"] for o in r.get("operation", [])] for r in rest["resource"]}
+    assert ops["Patient"] == ["everything", "export"] and ops["Encounter"] == ["everything"]
+    assert rest["operation"] == [
+        {"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"}
+    ]
 
 
 def test_the_compartment_comes_from_the_record_types() -> None:
