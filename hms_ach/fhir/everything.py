@@ -20,12 +20,9 @@ served is recorded as an access.
 
 from __future__ import annotations
 
-import base64
-import binascii
 from datetime import datetime
 from urllib.parse import urlencode
 
-import orjson
 from starlette.responses import Response
 
 from hms_ach.auth.scopes import Decision
@@ -34,6 +31,7 @@ from hms_ach.fhir import read as reads
 from hms_ach.fhir.access import check_record, not_found
 from hms_ach.fhir.bundles import bundle, entry
 from hms_ach.fhir.outcomes import FhirError
+from hms_ach.fhir.read import _encode_system_cursor, _system_cursor
 from hms_ach.store import export_queries, resources, search
 from hms_ach.store.db import Store
 from hms_ach.store.export_queries import Pointing, Slice
@@ -103,25 +101,6 @@ def encounter_slices(
     return out
 
 
-def _cursor(raw: str | None, count: int) -> tuple[int, str | None]:
-    if not raw:
-        return 0, None
-    try:
-        data = orjson.loads(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)))
-        index, after = int(data["s"]), data["a"]
-    except (ValueError, TypeError, KeyError, binascii.Error, orjson.JSONDecodeError):
-        raise FhirError(
-            400, "invalid", "_page is not a cursor this server issued", expression="_page"
-        ) from None
-    if not 0 <= index < count or not (after is None or isinstance(after, str)):
-        raise FhirError(400, "invalid", "_page belongs to a different $everything", expression="_page")
-    return index, after
-
-
-def _encode(index: int, after: str | None) -> str:
-    return base64.urlsafe_b64encode(orjson.dumps({"s": index, "a": after})).decode().rstrip("=")
-
-
 def _since(params: list[tuple[str, str]]) -> datetime | None:
     raw = next((v for k, v in params if k == "_since" and v), None)
     if raw is None:
@@ -182,7 +161,9 @@ def everything(
         with resources.reading(store) as conn:
             referenced = export_queries.references_of(conn, focal, rid)
         slices = encounter_slices(rid, referenced, types, access, since)
-    index, after = _cursor(next((v for k, v in params if k == "_page"), None), max(len(slices), 1))
+    # the cursor of a system search: (index of the slice, last id served there)
+    raw_page = next((v for k, v in params if k == "_page"), None)
+    index, after = _system_cursor(raw_page, [s.resource_type for s in slices])
     served: list[tuple[str, str, str]] = []
     next_cursor: str | None = None
     with resources.reading(store) as conn:
@@ -191,10 +172,10 @@ def everything(
             rows = export_queries.page(conn, slices[i], after if i == index else None, room + 1)
             served += [(slices[i].resource_type, r_id, text) for r_id, text in rows[:room]]
             if len(rows) > room:  # this type has more than fits: the next page resumes inside it
-                next_cursor = _encode(i, served[-1][1])
+                next_cursor = _encode_system_cursor(i, served[-1][1])
                 break
             if len(served) == count and i + 1 < len(slices):
-                next_cursor = _encode(i + 1, None)
+                next_cursor = _encode_system_cursor(i + 1, None)
                 break
     keep = [(k, v) for k, v in params if k in ("_since", "_type", "_count") and v]
     url = f"{base}/{focal}/{rid}/$everything"

@@ -21,17 +21,11 @@ from hms_ach.app.runtime import Engine
 from hms_ach.fhir.export import ExportManager, ExportSettings
 from hms_ach.store import export_queries
 from hms_ach.store.db import Store
-from tests.integration.engine_helpers import FHIR_JSON, auth_headers, start_fhir_engine
+from tests.integration.engine_helpers import auth_headers, start_fhir_engine
+from tests.integration.test_fhir_everything import create
 
 ASYNC = {"prefer": "respond-async", "accept": "application/fhir+json"}
 MRN = "urn:hms-ach:id:mrn"
-
-
-async def create(http: httpx.AsyncClient, body: dict[str, Any]) -> str:
-    resp = await http.post(f"/{body['resourceType']}", json=body, headers=FHIR_JSON)
-    assert resp.status_code == 201, resp.text
-    rid: str = resp.json()["id"]
-    return rid
 
 
 async def seed(http: httpx.AsyncClient, patients: int = 3) -> list[str]:
