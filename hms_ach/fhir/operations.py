@@ -92,7 +92,11 @@ def install(router: APIRouter, store: Store, negotiated: list[Any]) -> None:
 
     @router.get("/$export-file/{export_id}/{name}")
     async def export_file(export_id: str, name: str, request: Request) -> Response:
-        return await run_in_threadpool(export.download, request, store, export_id, name)
+        try:
+            return await run_in_threadpool(export.download, request, store, export_id, name)
+        except FhirError as exc:  # a refused download is recorded too (the success is, with its count)
+            audit_events.record_access(request, "export", "", exc.status)
+            raise
 
 
 def declared() -> tuple[dict[str, list[dict[str, str]]], list[dict[str, str]]]:

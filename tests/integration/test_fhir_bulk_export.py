@@ -239,3 +239,33 @@ def test_old_exports_are_deleted_with_their_files(tmp_path: Path, store: Store) 
     with store.read() as conn:
         assert export_queries.export_row(conn, "old") is None
         assert export_queries.export_row(conn, "new") is not None
+
+
+class CancelledMidway(ExportManager):
+    """The worker, whose export is cancelled (its row deleted, as DELETE does) after its first batch."""
+
+    def _save(self, export_id: str, progress: dict[str, Any], lease: datetime | None) -> None:
+        with self.store.transaction() as tx:
+            export_queries.delete_export(tx, export_id)
+        super()._save(export_id, progress, lease)
+
+
+async def test_cancel_while_running_stops_the_worker_and_deletes_the_files(
+    tmp_path: Path, store: Store
+) -> None:
+    load(store.url, LoadState(seed=16), practitioners=0, patients=40)
+    engine = await start_fhir_engine(tmp_path, store)
+    try:
+        assert engine.exports is not None
+        engine.exports.stop()  # no worker: the kick-off waits for the one below
+        base = f"http://127.0.0.1:{engine.http_port}/fhir"
+        async with httpx.AsyncClient(base_url=base, headers=auth_headers(engine), timeout=30) as http:
+            status_url = await kick_off(http, _type="Patient")
+            running = (await http.get(status_url)).headers["x-progress"]
+            assert running.startswith("accepted")
+            manager = CancelledMidway(store, engine.exports.root, ExportSettings(batch_size=10))
+            await asyncio.to_thread(manager.run_pending)
+            assert not (engine.exports.root / status_url.rsplit("/", 1)[1]).exists()
+            assert (await http.get(status_url)).status_code == 404
+    finally:
+        await engine.stop()

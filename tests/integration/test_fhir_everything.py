@@ -10,10 +10,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import pytest
 from fhirclient.models.bundle import Bundle as ClientBundle
 from fhirpy import AsyncFHIRClient
 
 from hms_ach.app.runtime import Engine
+from hms_ach.core.records import RECORD_TYPES, RecordType
 from hms_ach.fhir.capability import capability_statement
 from hms_ach.fhir.everything import patient_params, reference_params
 from tests.integration.engine_helpers import FHIR_JSON, STAFF, auth_headers
@@ -84,11 +86,24 @@ def test_the_capability_statement_declares_the_operations() -> None:
     ]
 
 
-def test_the_compartment_comes_from_the_record_types() -> None:
+def test_the_compartment_comes_from_the_record_types(monkeypatch: pytest.MonkeyPatch) -> None:
     assert patient_params("Encounter") == ("patient", "subject")
     assert patient_params("Coverage") == ("beneficiary", "patient")
     assert patient_params("Location") == ()
     assert "subject" in reference_params("Encounter")
+    # a new type with a patient parameter belongs with no change to $everything
+    allergy = RecordType(
+        name="AllergyIntolerance",
+        table="allergy_intolerance",
+        fhir=True,
+        writable=False,
+        mirrored=False,
+        description="test",
+        params={"patient": ("reference", "patient", ("Patient",)), "asserter": ("reference", "asserter")},
+    )
+    monkeypatch.setitem(RECORD_TYPES, "AllergyIntolerance", allergy)
+    assert patient_params("AllergyIntolerance") == ("patient",)
+    assert reference_params("AllergyIntolerance") == ("asserter", "patient")
 
 
 async def test_patient_everything_with_fhirpy(fhir_engine: Engine, http: httpx.AsyncClient) -> None:
