@@ -22,6 +22,7 @@ from hms_ach.channels import CHANNEL_TYPES
 from hms_ach.core.errors import ConfigError, ConfigErrors, SourcePosition
 from hms_ach.core.timezones import IanaTimeZone
 from hms_ach.core.tls import MllpTlsSettings, TlsConfigError, server_context
+from hms_ach.fhir.export import ExportSettings
 from hms_ach.mapping.loader import Positions, load_yaml, position_of
 from hms_ach.store.audit_settings import AuditSettings
 from hms_ach.workforce.settings import WorkforceSettings
@@ -247,6 +248,10 @@ class Config(_Strict):
     audit: AuditSettings = Field(
         default_factory=AuditSettings,
         description="The audit trail: its key, its checkpoint file, the values its diffs mask (docs/audit.md)",
+    )
+    bulk_export: ExportSettings = Field(
+        default_factory=ExportSettings,
+        description="Bulk Data $export: retention of the files, batch size, worker lease (docs/fhir-api.md)",
     )
     source: str = Field(default="", exclude=True, description="The file this was read from")
 

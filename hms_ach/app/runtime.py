@@ -30,6 +30,7 @@ from hms_ach.channels.mllp import MllpChannel
 from hms_ach.core.errors import ConfigError, ConfigErrors
 from hms_ach.core.redact import error_kind
 from hms_ach.core.types import Channel
+from hms_ach.fhir.export import ExportManager
 from hms_ach.hl7v2.mllp import MllpConfig
 from hms_ach.ingest.pipeline import Pipeline
 from hms_ach.mapping.engine import MappingEngine
@@ -103,6 +104,7 @@ class Engine:
         self.stop_reason: str | None = None  # what asked for the stop (the signal's name)
         self._metrics: EngineState | None = None  # what /metrics reads from this engine while it runs
         self.stop_phase: str | None = None  # the phase of stop() running now, for the timeout report
+        self.exports: ExportManager | None = None  # the Bulk Data $export worker, with the HTTP API
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -194,6 +196,9 @@ class Engine:
         )
         app.state.health = self.health
         app.state.readiness = self.readiness
+        self.exports = ExportManager(self.store, self.config.data_dir / "exports", self.config.bulk_export)
+        self.exports.start()  # resumes the exports a previous run left unfinished
+        app.state.exports = self.exports
         ssl_context = self.config.http.ssl_context()  # TlsConfigError (a ConfigError): one line
         app.state.tls = ssl_context is not None  # HTTPS: the security headers add HSTS
         if self.config.audit.access_records:
@@ -289,6 +294,9 @@ class Engine:
                 if self._http_task is not None:
                     await self._http_task
                 self._http = None
+            if self.exports is not None:  # a running export pauses; the next start resumes it
+                await asyncio.to_thread(self.exports.stop)
+                self.exports = None
 
         parts = [scheduler(), http(), *(channel(n, ch) for n, ch in list(self.channels.items()))]
         for failure in await asyncio.gather(*parts, return_exceptions=True):

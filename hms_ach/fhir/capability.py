@@ -16,6 +16,7 @@ from typing import Any
 from hms_ach.auth.authenticate import Authenticator
 from hms_ach.auth.smart import capability_security
 from hms_ach.core.records import FHIR_SERVED, RECORD_TYPES
+from hms_ach.fhir import operations
 from hms_ach.fhir.bundles import instant
 from hms_ach.fhir.validation import WRITE_TYPES
 from hms_ach.store import search
@@ -238,6 +239,11 @@ def capability_statement(
     }
     if security is not None:
         rest["security"] = security
+    per_type, system_operations = operations.declared()  # $everything, Bulk Data $export
+    for item in resources:
+        if item["type"] in per_type:
+            item["operation"] = per_type[item["type"]]
+    rest["operation"] = system_operations
     rest["interaction"] = [
         {
             "code": "search-system",

@@ -5,6 +5,8 @@ Every FHIR route is declared here, in matching order; the handlers live in their
 =====================================  ==========================================================
 ``GET /fhir/metadata``                 :mod:`hms_ach.fhir.capability`
 ``GET /fhir/AuditEvent[/id]``          :mod:`hms_ach.fhir.audit_events` (before the record types)
+``$everything``, ``$export``, status,  :mod:`hms_ach.fhir.operations` (before the record types)
+files
 ``POST /fhir``, ``POST|PUT /fhir/T``,  :mod:`hms_ach.fhir.write_requests` (with a ``fhir_rest``
 ``PUT|PATCH|DELETE /fhir/T/id``        channel; 405 without one)
 ``GET /fhir``, ``/fhir/_history``      :mod:`hms_ach.fhir.read` (system search ``_type``, history)
@@ -13,7 +15,7 @@ Every FHIR route is declared here, in matching order; the handlers live in their
 ``GET /fhir/T/id``, ``_history[/v]``   :mod:`hms_ach.fhir.read` (read, history, vread)
 =====================================  ==========================================================
 
-Every GET route answers HEAD too (:func:`head_only`: the GET's headers, no body). Every route
+Every GET route but the operations' answers HEAD too (:func:`head_only`: the GET's headers, no body). Every route
 negotiates the format (JSON only, 406 otherwise), the writes included. Database work runs in FastAPI's
 threadpool on short reader connections. Every error is an OperationOutcome (see
 :mod:`hms_ach.fhir.outcomes`).
@@ -31,7 +33,7 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from hms_ach.core.records import FHIR_SERVED
-from hms_ach.fhir import access, audit_events
+from hms_ach.fhir import access, audit_events, operations
 from hms_ach.fhir import read as reads
 from hms_ach.fhir import write_requests as writes
 from hms_ach.fhir.capability import capability_statement, security_of
@@ -167,6 +169,9 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
             raise
         audit_events.record_access(request, "read", "AuditEvent", 200, [ref])
         return head_only(request, answer)
+
+    # ------------------------------------------------------------------ operations ($everything, $export)
+    operations.install(router, store, negotiated)
 
     # ------------------------------------------------------------------ writes
     def guard(request: Request) -> access.WriteGuard:

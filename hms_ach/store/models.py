@@ -378,3 +378,33 @@ class CredentialAlert(SQLModel, table=True):
     expires: str = Field(max_length=40, description="qualification.period.end as stored")
     threshold: str = Field(max_length=40, description="expiring-30d | expired")
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class BulkExport(SQLModel, table=True):
+    """One Bulk Data ``$export`` request and its progress (see hms_ach/fhir/export.py): the state a
+    restarted engine resumes from. The NDJSON files live under the data directory (``directory``)."""
+
+    __tablename__ = "bulk_export"
+    __table_args__ = (Index("ix_bulk_export_status", "status", "created_at"),)
+
+    id: str = Field(primary_key=True, max_length=64, description="random, unguessable; in the status URL")
+    status: str = Field(max_length=16, description="accepted | running | complete | failed")
+    kind: str = Field(max_length=16, description="system | patient")
+    sub: str = Field(max_length=255, description="the kick-off caller's sub: only it may poll and download")
+    client_id: str | None = Field(default=None, max_length=255, description="the kick-off caller's client")
+    request: str = Field(sa_type=Text, description="the kick-off URL (the manifest's request)")
+    base: str = Field(sa_type=Text, description="the /fhir base URL the file URLs are built on")
+    types: str = Field(sa_type=Text, description="JSON list of the resource types exported, in order")
+    since: datetime | None = Field(default=None, description="_since: records changed at or after it")
+    transaction_time: datetime = Field(description="the kick-off instant (the manifest's transactionTime)")
+    directory: str = Field(sa_type=Text, description="where its NDJSON files are written")
+    progress: str = Field(
+        default="{}",
+        sa_type=Text,
+        description="JSON: the type being written (index), the last id written, the file's length then, "
+        "and the files done [{type, file, count}]",
+    )
+    error: str | None = Field(default=None, sa_type=Text, description="why it failed (no field values)")
+    lease_until: datetime | None = Field(default=None, description="while a worker writes it")
+    created_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None
