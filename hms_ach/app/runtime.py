@@ -194,6 +194,7 @@ class Engine:
         )
         app.state.health = self.health
         app.state.readiness = self.readiness
+        app.state.console_engine = self  # the console's channel control, replay and workbench
         ssl_context = self.config.http.ssl_context()  # TlsConfigError (a ConfigError): one line
         app.state.tls = ssl_context is not None  # HTTPS: the security headers add HSTS
         if self.config.audit.access_records:
