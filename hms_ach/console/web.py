@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 from fastapi import Request
 from jinja2 import Environment, PackageLoader, select_autoescape
@@ -99,10 +100,24 @@ async def require_post(request: Request, permission: str) -> tuple[Session, dict
     """:func:`require`, plus the CSRF token of the form (field ``csrf``) or the ``X-CSRF-Token``
     header; ConsoleRefusal 403 without it. Returns the session and the form's fields."""
     session = require(request, permission)
-    form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+    form = await url_encoded_form(request)
     if not session.csrf_ok(form.get("csrf") or request.headers.get("x-csrf-token")):
         raise ConsoleRefusal(403, "the form's CSRF token is missing or wrong: reload the page and try again")
     return session, form
+
+
+async def url_encoded_form(request: Request) -> dict[str, str]:
+    """The fields of an ``application/x-www-form-urlencoded`` body (the console's forms; the body
+    size is already capped by the HTTP layer). ConsoleRefusal 415 for another content type."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await request.body()
+    if body and kind != "application/x-www-form-urlencoded":
+        raise ConsoleRefusal(415, f"a console form is sent url-encoded, not as {kind or 'no content type'}")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConsoleRefusal(400, f"the form is not UTF-8 text (byte {exc.start})") from exc
+    return {k: v for k, v in parse_qsl(text, keep_blank_values=True)}
 
 
 def record_access(
