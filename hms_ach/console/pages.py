@@ -499,7 +499,7 @@ async def audit_page(request: Request) -> Response:
         return changes, accesses, check
 
     changes, accesses, check = await asyncio.to_thread(read)
-    return render(request, "audit.html", session=session, entity=entity, user=user, changes=changes,
+    return render(request, "audit.html", session=session, entity=entity, who=user, changes=changes,
                   accesses=accesses, check=check)  # fmt: skip
 
 

@@ -52,10 +52,12 @@ def login_link(engine: Any, roles: tuple[str, ...] = ("operator", "analyst", "au
 def dead_row(store: Store) -> int:
     """One dead outbox row of a sink ``hooks`` with its last error (as the dispatcher leaves it)."""
     with store.transaction() as conn:
-        event_id = conn.execute(
+        event_key = conn.execute(
             insert(OutboxEvent.__table__).values(event="encounter.admitted", payload="{}")  # type: ignore[attr-defined]
-        ).inserted_primary_key[0]
-        row_id = conn.execute(
+        ).inserted_primary_key
+        assert event_key is not None
+        event_id = event_key[0]
+        row_key = conn.execute(
             insert(OutboxRow.__table__).values(  # type: ignore[attr-defined]
                 destination="hooks",
                 event_id=event_id,
@@ -64,8 +66,9 @@ def dead_row(store: Store) -> int:
                 attempts=9,
                 last_error="HTTP 503 from the receiver",
             )
-        ).inserted_primary_key[0]
-    return int(row_id)
+        ).inserted_primary_key
+    assert row_key is not None
+    return int(row_key[0])
 
 
 def screenshot_dirs(tmp_path: Path) -> list[Path]:
