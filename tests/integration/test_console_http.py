@@ -18,7 +18,13 @@ from hms_ach.console.session import LOGIN_CLIENT_ID
 from hms_ach.hl7v2.client import send_messages
 from hms_ach.store.access_log import AccessQuery, search_records
 from hms_ach.store.db import Store
-from tests.integration.engine_helpers import ROOT, engine_authenticator, mllp_channel, mllp_yaml, running_engine
+from tests.integration.engine_helpers import (
+    ROOT,
+    engine_authenticator,
+    mllp_channel,
+    mllp_yaml,
+    running_engine,
+)
 
 A01 = (ROOT / "samples" / "hl7" / "adt_a01.hl7").read_bytes()
 
@@ -50,7 +56,9 @@ async def signed_in(engine: Any, sub: str, *roles: str) -> tuple[httpx.AsyncClie
 async def wait_for_access(store: Store, sub: str, subtype: str, entity: str) -> dict[str, Any]:
     deadline = time.monotonic() + 5
     while True:
-        rows, _ = await asyncio.to_thread(search_records, store, AccessQuery(agent=sub, subtype=subtype, limit=1000))
+        rows, _ = await asyncio.to_thread(
+            search_records, store, AccessQuery(agent=sub, subtype=subtype, limit=1000)
+        )
         found = [r for r in rows if entity in (r["entities"] or "").split()]
         if found:
             return found[-1]
@@ -73,10 +81,17 @@ async def test_roles_csrf_access_records_and_search(store: Store, tmp_path: Path
         auditor, auditor_csrf = await signed_in(engine, "aud", "auditor")
         try:
             # the patient identifier search finds the message that wrote that patient, and is recorded
-            found = await operator.get("/console/messages", params={"patient": "urn:hms-ach:id:GENHOSP|100001"})
+            found = await operator.get(
+                "/console/messages", params={"patient": "urn:hms-ach:id:GENHOSP|100001"}
+            )
             assert "S-A01-0001" in found.text
-            assert "S-A01-0001" in (await operator.get("/console/messages", params={"patient": "100001"})).text
-            assert "no message matches" in (await operator.get("/console/messages", params={"patient": "999"})).text
+            assert (
+                "S-A01-0001" in (await operator.get("/console/messages", params={"patient": "100001"})).text
+            )
+            assert (
+                "no message matches"
+                in (await operator.get("/console/messages", params={"patient": "999"})).text
+            )
             message_id = re.search(r'href="/console/messages/(\d+)"', found.text)
             assert message_id is not None
             mid = message_id.group(1)
@@ -95,11 +110,17 @@ async def test_roles_csrf_access_records_and_search(store: Store, tmp_path: Path
             assert (await analyst.get("/console/audit")).status_code == 403
             refused = await analyst.post("/console/channels/adt_in/pause", data={"csrf": analyst_csrf})
             assert refused.status_code == 403
-            apply = await analyst.post(f"/console/messages/{mid}/replay", data={"csrf": analyst_csrf, "apply": "1"})
+            apply = await analyst.post(
+                f"/console/messages/{mid}/replay", data={"csrf": analyst_csrf, "apply": "1"}
+            )
             assert apply.status_code == 403  # a dry run only
-            assert (await analyst.post(f"/console/messages/{mid}/replay", data={"csrf": analyst_csrf})).status_code == 200
+            assert (
+                await analyst.post(f"/console/messages/{mid}/replay", data={"csrf": analyst_csrf})
+            ).status_code == 200
             async with httpx.AsyncClient() as stranger:  # no session cookie
-                assert (await stranger.get(f"http://127.0.0.1:{engine.http_port}/console/messages")).status_code == 401
+                assert (
+                    await stranger.get(f"http://127.0.0.1:{engine.http_port}/console/messages")
+                ).status_code == 401
 
             # CSRF: a POST without the session's token, or with another session's, changes nothing
             for data in ({}, {"csrf": "forged"}, {"csrf": auditor_csrf}):
@@ -109,11 +130,15 @@ async def test_roles_csrf_access_records_and_search(store: Store, tmp_path: Path
             assert isinstance(channel, FileDropChannel) and not channel.pause_switch.paused
 
             # a paused file_drop channel skips its polls; resumed, it takes the file
-            assert (await operator.post("/console/channels/drop_in/pause", data={"csrf": csrf})).status_code == 303
+            assert (
+                await operator.post("/console/channels/drop_in/pause", data={"csrf": csrf})
+            ).status_code == 303
             (drop / "a01.hl7").write_bytes(A01.replace(b"S-A01-0001", b"DROP-1"))
             skipped = await channel.poll()
             assert skipped.skipped == ["channel paused"] and not skipped.files
-            assert (await operator.post("/console/channels/drop_in/resume", data={"csrf": csrf})).status_code == 303
+            assert (
+                await operator.post("/console/channels/drop_in/resume", data={"csrf": csrf})
+            ).status_code == 303
             assert [f.status for f in (await channel.poll()).files] == ["processed"]
             await wait_for_access(store, "olga", "pause", "Channel/drop_in")
 

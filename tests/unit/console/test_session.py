@@ -23,7 +23,9 @@ class Clock:
 
 
 def login(jti: str = "j1", client_id: str = LOGIN_CLIENT_ID, expires_at: int = 1_000_300) -> Caller:
-    return Caller(sub="olga", client_id=client_id, roles=frozenset({"operator"}), token_id=jti, expires_at=expires_at)
+    return Caller(
+        sub="olga", client_id=client_id, roles=frozenset({"operator"}), token_id=jti, expires_at=expires_at
+    )
 
 
 def test_a_login_link_opens_one_session_and_only_once() -> None:
