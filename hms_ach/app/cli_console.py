@@ -12,6 +12,7 @@ import typer
 
 from hms_ach.app.cli_common import ConfigOpt, load_or_exit
 from hms_ach.app.config import Config
+from hms_ach.app.runtime import auth_settings
 from hms_ach.auth.local_issuer import (
     KeyFileError,
     TokenRequest,
@@ -19,7 +20,6 @@ from hms_ach.auth.local_issuer import (
     load_or_create_key,
     split_values,
 )
-from hms_ach.auth.settings import with_environment
 from hms_ach.console.roles import CONSOLE_ROLES
 from hms_ach.console.session import LOGIN_CLIENT_ID, LOGIN_TTL_SECONDS
 from hms_ach.core.errors import ConfigError
@@ -38,11 +38,10 @@ def console_command(
 ) -> None:
     """Print a one-time link that signs in to the web console at /console (valid 5 minutes)."""
     cfg = load_or_exit(config)
-    try:
-        settings = with_environment(cfg.auth)
+    try:  # the environment overrides, and off mode only on loopback, as hms-ach run checks them
+        settings = auth_settings(cfg)
     except ConfigError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from exc
+        raise typer.BadParameter(str(exc), param_hint="--config") from exc
     base = (url or _base_url(cfg)).rstrip("/")
     if settings.mode == "off":
         typer.echo(f"{base}/console/login  (auth mode off: no token needed)")
@@ -61,11 +60,6 @@ def console_command(
             f"unknown console role {', '.join(unknown)}; one of {', '.join(CONSOLE_ROLES)}",
             param_hint="--role",
         )
-    try:
-        key = load_or_create_key(cfg.data_dir)
-    except KeyFileError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from exc
     request = TokenRequest(
         scope="",
         sub=sub or _os_user(),
@@ -73,7 +67,12 @@ def console_command(
         ttl_seconds=min(LOGIN_TTL_SECONDS, settings.local_max_token_ttl_seconds),
         client_id=LOGIN_CLIENT_ID,
     )
-    typer.echo(f"{base}/console/login?token={issue_token(settings, key, request)}")
+    try:  # the signing key is created in the data directory on first use, as by hms-ach token
+        token = issue_token(settings, load_or_create_key(cfg.data_dir), request)
+    except KeyFileError as exc:
+        typer.echo(f"cannot sign the login link: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"{base}/console/login?token={token}")
 
 
 def _base_url(cfg: Config) -> str:

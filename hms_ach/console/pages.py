@@ -23,7 +23,7 @@ from hms_ach.auth.caller import Caller
 from hms_ach.auth.errors import AuthError
 from hms_ach.console import control
 from hms_ach.console.roles import CONSOLE_ROLES
-from hms_ach.console.session import COOKIE_NAME, LoginRefused, SessionStore, cookie_attributes
+from hms_ach.console.session import COOKIE_NAME, LoginRefused, Session, SessionStore, cookie_attributes
 from hms_ach.console.web import (
     STATIC_DIR,
     ConsoleRefusal,
@@ -369,19 +369,15 @@ def _previews(engine: control.ConsoleEngine, kind: str, dataset: str, sample: st
     return [preview(mapper, parse(text.encode("utf-8")))]
 
 
+def _workbench(request: Request, session: Session, **shown: Any) -> Response:
+    """The workbench page: the form (``kind``, ``dataset``, ``sample``), ``previews`` and ``results``."""
+    page: dict[str, Any] = {"kind": "hl7", "dataset": "", "sample": "", "previews": [], "results": None}
+    return render(request, "workbench.html", session=session, **(page | shown))
+
+
 @router.get("/workbench")
 def workbench(request: Request) -> Response:
-    session = require(request, "workbench.use")
-    return render(
-        request,
-        "workbench.html",
-        session=session,
-        kind="hl7",
-        dataset="",
-        sample="",
-        previews=[],
-        results=None,
-    )
+    return _workbench(request, require(request, "workbench.use"))
 
 
 @router.post("/workbench")
@@ -402,16 +398,7 @@ async def workbench_preview(request: Request) -> Response:
         else {"pv": p, "lineage": [str(x) for r in p.result.records for x in r.lineage]}
         for p in previews
     ]
-    return render(
-        request,
-        "workbench.html",
-        session=session,
-        kind=kind,
-        dataset=dataset,
-        sample=sample,
-        previews=shown,
-        results=None,
-    )
+    return _workbench(request, session, kind=kind, dataset=dataset, sample=sample, previews=shown)
 
 
 @router.post("/workbench/goldens")
@@ -425,17 +412,7 @@ async def workbench_goldens(request: Request) -> Response:
             results.extend(goldens.run_golden_file(f, engine.mappings, Path.cwd(), parse))
         return results
 
-    results = await asyncio.to_thread(run)
-    return render(
-        request,
-        "workbench.html",
-        session=session,
-        kind="hl7",
-        dataset="",
-        sample="",
-        previews=[],
-        results=results,
-    )
+    return _workbench(request, session, results=await asyncio.to_thread(run))
 
 
 # ---------------------------------------------------------------------- channel control

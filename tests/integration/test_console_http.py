@@ -11,16 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from typer.testing import CliRunner, Result
 
-from hms_ach.auth.local_issuer import TokenRequest, issue_token
+from hms_ach.app.cli import app
 from hms_ach.channels.file_drop import FileDropChannel
-from hms_ach.console.session import LOGIN_CLIENT_ID
 from hms_ach.hl7v2.client import send_messages
 from hms_ach.store.access_log import AccessQuery, search_records
 from hms_ach.store.db import Store
 from tests.integration.engine_helpers import (
     ROOT,
-    engine_authenticator,
     mllp_channel,
     mllp_yaml,
     running_engine,
@@ -29,17 +28,21 @@ from tests.integration.engine_helpers import (
 A01 = (ROOT / "samples" / "hl7" / "adt_a01.hl7").read_bytes()
 
 
-async def signed_in(engine: Any, sub: str, *roles: str) -> tuple[httpx.AsyncClient, str]:
-    """A client holding the session cookie of ``sub`` with ``roles``, and the session's CSRF token."""
-    auth = engine_authenticator(engine)
-    assert auth.local_key is not None
-    token = issue_token(
-        auth.settings,
-        auth.local_key,
-        TokenRequest(scope="", sub=sub, roles=roles, ttl_seconds=60, client_id=LOGIN_CLIENT_ID),
-    )
-    client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{engine.http_port}")
-    answer = await client.get("/console/login", params={"token": token})
+def cli_link(config: Path, *args: str) -> Result:
+    return CliRunner().invoke(app, ["console", *args, "--config", str(config)])
+
+
+async def signed_in(engine: Any, config: Path, sub: str, *roles: str) -> tuple[httpx.AsyncClient, str]:
+    """A client holding the session cookie of ``sub`` with ``roles`` (its link printed by
+    ``hms-ach console``), and the session's CSRF token."""
+    base = f"http://127.0.0.1:{engine.http_port}"
+    flags = [f"--role={r}" for r in roles]
+    printed = await asyncio.to_thread(cli_link, config, *flags, "--sub", sub, "--url", base)
+    assert printed.exit_code == 0, printed.output
+    link = printed.output.strip()
+    assert link.startswith(f"{base}/console/login?token=")
+    client = httpx.AsyncClient(base_url=base)
+    answer = await client.get(link)
     assert answer.status_code == 303, answer.text
     cookie = answer.headers["set-cookie"].lower()
     assert "httponly" in cookie and "samesite=strict" in cookie and "path=/console" in cookie
@@ -76,9 +79,9 @@ async def test_roles_csrf_access_records_and_search(store: Store, tmp_path: Path
     async with running_engine(tmp_path, store, channels) as engine:
         acks = await send_messages("127.0.0.1", mllp_channel(engine).port, [A01], timeout=10)
         assert b"MSA|AA" in acks[0]
-        operator, csrf = await signed_in(engine, "olga", "operator")
-        analyst, analyst_csrf = await signed_in(engine, "ana", "analyst")
-        auditor, auditor_csrf = await signed_in(engine, "aud", "auditor")
+        operator, csrf = await signed_in(engine, tmp_path / "channels.yaml", "olga", "operator")
+        analyst, analyst_csrf = await signed_in(engine, tmp_path / "channels.yaml", "ana", "analyst")
+        auditor, auditor_csrf = await signed_in(engine, tmp_path / "channels.yaml", "aud", "auditor")
         try:
             # the patient identifier search finds the message that wrote that patient, and is recorded
             found = await operator.get(
@@ -154,3 +157,18 @@ async def test_roles_csrf_access_records_and_search(store: Store, tmp_path: Path
         finally:
             for client in (operator, analyst, auditor):
                 await client.aclose()
+
+
+def test_the_console_command_refuses_what_it_cannot_sign(tmp_path: Path) -> None:
+    config = tmp_path / "channels.yaml"
+    config.write_text("engine:\n  data_dir: data\nhttp:\n  host: 127.0.0.1\n  port: 8123\nchannels: []\n")
+    printed = cli_link(config, "--role", "analyst")
+    assert printed.exit_code == 0 and printed.output.startswith("http://127.0.0.1:8123/console/login?token=")
+    bogus = cli_link(config, "--role", "root")
+    assert bogus.exit_code == 2 and "unknown console role root" in bogus.output
+    config.write_text(
+        "engine:\n  data_dir: data\nauth:\n  mode: oidc\n  issuer: https://idp.example\n"
+        "  audience: urn:x\nchannels: []\n"
+    )
+    oidc = cli_link(config)
+    assert oidc.exit_code == 2 and "not built yet" in oidc.output
