@@ -48,8 +48,8 @@ def console_command(
         return
     if settings.mode != "local":
         typer.echo(
-            f"auth mode is {settings.mode}: console sign-in through the OpenID provider is not built yet; "
-            "the login link needs auth.mode local",
+            f"auth mode is {settings.mode}: sign in at the OpenID provider by opening {base}/console/login "
+            "(the one-time link is for auth.mode local)",
             err=True,
         )
         raise typer.Exit(2)

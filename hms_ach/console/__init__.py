@@ -2,6 +2,8 @@
 and the running engine, with one small script of our own for the self-refreshing parts.
 
 * :mod:`~hms_ach.console.session`: login links, sessions, CSRF (no web framework);
+* :mod:`~hms_ach.console.oidc`: sign-in at an OpenID provider (authorization code with PKCE);
+* :mod:`~hms_ach.console.settings`: ``console:`` in channels.yaml;
 * :mod:`~hms_ach.console.roles`: which console role may do what;
 * :mod:`~hms_ach.console.control`: what the console needs of the engine (a Protocol);
 * :mod:`~hms_ach.console.web`: templates, the session cookie and the checks of every request;

@@ -171,4 +171,4 @@ def test_the_console_command_refuses_what_it_cannot_sign(tmp_path: Path) -> None
         "  audience: urn:x\nchannels: []\n"
     )
     oidc = cli_link(config)
-    assert oidc.exit_code == 2 and "not built yet" in oidc.output
+    assert oidc.exit_code == 2 and "/console/login" in oidc.output
