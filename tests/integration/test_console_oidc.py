@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -19,6 +20,7 @@ import pytest
 from hms_ach.app.config import load_config
 from hms_ach.app.runtime import Engine
 from hms_ach.store.db import Store
+from tests.conftest import empty_store
 from tests.integration.engine_helpers import ROOT
 from tests.integration.test_oidc_provider import PEER, _install_provider
 
@@ -36,7 +38,14 @@ def free_port() -> int:
         return port
 
 
-async def test_oidc_sign_in_with_pkce_in_chromium(store: Store, tmp_path: Path) -> None:
+@pytest.fixture
+def sqlite(tmp_path: Path) -> Iterator[Store]:
+    """SQLite only: the sign-in does not depend on the store, and a browser test is slow."""
+    with empty_store("sqlite", tmp_path) as store:
+        yield store
+
+
+async def test_oidc_sign_in_with_pkce_in_chromium(sqlite: Store, tmp_path: Path) -> None:
     playwright = pytest.importorskip("playwright.async_api", reason="playwright is not installed")
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no {CHROMIUM} (Debian's chromium package): the OIDC sign-in is not driven in a browser")
@@ -65,7 +74,7 @@ async def test_oidc_sign_in_with_pkce_in_chromium(store: Store, tmp_path: Path) 
             f"console:\n  oidc_client_id: {CLIENT_ID}\n"
             "channels: []\n"
         )
-        engine = Engine(load_config(tmp_path / "channels.yaml"), database=store.url)
+        engine = Engine(load_config(tmp_path / "channels.yaml"), database=sqlite.url)
         await engine.start()
         async with playwright.async_playwright() as pw:
             browser = await pw.chromium.launch(executable_path=CHROMIUM)
