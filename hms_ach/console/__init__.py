@@ -7,6 +7,7 @@ and the running engine, with one small script of our own for the self-refreshing
 * :mod:`~hms_ach.console.roles`: which console role may do what;
 * :mod:`~hms_ach.console.control`: what the console needs of the engine (a Protocol);
 * :mod:`~hms_ach.console.web`: templates, the session cookie and the checks of every request;
+* :mod:`~hms_ach.console.signin`: sign-in (link, OIDC callback) and sign-out;
 * :mod:`~hms_ach.console.pages`: the pages and actions; :func:`install_console` mounts them.
 """
 
