@@ -1,7 +1,7 @@
 """The console's HTTP glue: templates, the session cookie, the CSRF check, role checks, access records.
 
 :func:`install_console` mounts the console on an app: the pages of :mod:`hms_ach.console.pages`
-under ``/console`` and the vendored files under ``/console/static``. The bearer authentication of
+under ``/console`` and its own script and style sheet under ``/console/static``. The bearer authentication of
 the API lets ``/console`` through (``app/authentication.py``): the console authenticates by its own
 session cookie here, and sets ``request.state.caller`` so the access log and the audit trail name
 the user.
