@@ -157,6 +157,12 @@ async def test_console_tour_in_chromium(store: Store, tmp_path: Path) -> None:
             lineage = await page.text_content("#previews .lineage") or ""
             assert "PID-5" in lineage and "Patient" in lineage
 
+            # or a file chosen in the page fills the sample (read by the browser, sent like pasted text)
+            sample = tmp_path / "sample.csv"
+            sample.write_text("a,b\n1,2\n")
+            await page.set_input_files("#sample-file", str(sample))
+            await page.wait_for_function("document.getElementById('sample').value.startsWith('a,b')")
+
             # pause: the next MLLP sender waits for its ACK; resume: it is served
             await page.goto(f"{base}/console/channels")
             await page.locator("tr[data-channel='adt_in'] button").click()

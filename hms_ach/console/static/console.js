@@ -15,7 +15,17 @@
     }
     setTimeout(tick, every);
   }
+  // A file chosen in an <input type="file" data-fill="ID"> is read here, in the browser, into the
+  // text area ID (the mapping workbench's sample): it is sent like pasted text.
+  function fill(input) {
+    input.addEventListener("change", function () {
+      var target = document.getElementById(input.getAttribute("data-fill"));
+      if (!target || !input.files || !input.files[0]) { return; }
+      input.files[0].text().then(function (text) { target.value = text; });
+    });
+  }
   document.addEventListener("DOMContentLoaded", function () {
     document.querySelectorAll("[data-refresh-url]").forEach(refresh);
+    document.querySelectorAll("input[type=file][data-fill]").forEach(fill);
   });
 })();
