@@ -45,6 +45,8 @@ from hms_ach.workforce.api import Problem
 #: (SMART discovery is at the FHIR base too: ``/fhir/.well-known/smart-configuration``), and the
 #: Swagger UI and ReDoc files of /docs and /redoc (``/docs/assets/``, served by the engine).
 PUBLIC_PREFIXES = ("/health", "/.well-known/", "/fhir/.well-known/", "/docs/assets/")
+#: The web console: it authenticates by its own session cookie (hms_ach/console/web.py), not bearer tokens.
+CONSOLE_PREFIX = "/console"
 #: The FHIR CapabilityStatement: public, as on every FHIR server, since a client reads it (and the
 #: SMART oauth-uris in it) before it has a token; it holds no record data.
 CAPABILITY_PATHS = frozenset({"/fhir/metadata"})
@@ -64,7 +66,13 @@ _PROBLEM_TITLES = {
 
 def is_public(path: str) -> bool:
     """Whether ``path`` is served without a token."""
-    return path.startswith(PUBLIC_PREFIXES) or path in DOCUMENTATION_PATHS or path in CAPABILITY_PATHS
+    return (
+        path.startswith(PUBLIC_PREFIXES)
+        or path in DOCUMENTATION_PATHS
+        or path in CAPABILITY_PATHS
+        or path == CONSOLE_PREFIX
+        or path.startswith(CONSOLE_PREFIX + "/")
+    )
 
 
 def auth_error_response(error: AuthError, path: str) -> Response:

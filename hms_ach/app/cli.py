@@ -912,6 +912,9 @@ from hms_ach.app import cli_corpus, cli_init, cli_messages  # noqa: E402 - corpu
 from hms_ach.app.jobs_cli import jobs_app  # noqa: E402 - `hms-ach jobs` and `hms-ach jobs run NAME`
 
 app.add_typer(jobs_app, name="jobs")
+from hms_ach.app.cli_console import console_command  # noqa: E402 - `hms-ach console`
+
+app.command("console")(console_command)
 app.add_typer(cli_messages.messages_app, name="messages")
 app.command("init")(cli_init.init)
 app.command("corpus-check")(cli_corpus.corpus_check)

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hms_ach.app.job_settings import JobsSettings
 from hms_ach.auth.settings import AuthSettings
 from hms_ach.channels import CHANNEL_TYPES
+from hms_ach.console.settings import ConsoleSettings
 from hms_ach.core.errors import ConfigError, ConfigErrors, SourcePosition
 from hms_ach.core.timezones import IanaTimeZone
 from hms_ach.core.tls import MllpTlsSettings, TlsConfigError, server_context
@@ -252,6 +253,10 @@ class Config(_Strict):
     bulk_export: ExportSettings = Field(
         default_factory=ExportSettings,
         description="Bulk Data $export: retention of the files, batch size, worker lease (docs/fhir-api.md)",
+    )
+    console: ConsoleSettings = Field(
+        default_factory=ConsoleSettings,
+        description="The web console at /console: its OpenID Connect client in oidc mode (docs/console.md)",
     )
     source: str = Field(default="", exclude=True, description="The file this was read from")
 

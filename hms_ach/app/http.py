@@ -46,6 +46,7 @@ from hms_ach.app.hardening import install_hardening
 from hms_ach.app.metrics import install_metrics_route
 from hms_ach.app.rate_limit import RateLimitMiddleware
 from hms_ach.auth.authenticate import Authenticator
+from hms_ach.console import install_console
 from hms_ach.fhir.outcomes import install_handlers
 from hms_ach.fhir.routes import fhir_router
 from hms_ach.fhir.write_requests import WriteChannel
@@ -92,6 +93,7 @@ def create_app(
     _install_authentication(app, authenticator)
     app.include_router(workforce_router(store, pipeline_of))
     app.include_router(fhir_router(store, write_channel))
+    install_console(app)  # the web console at /console (hms_ach/console, docs/console.md)
 
     async def failed_checks() -> dict[str, str]:
         readiness: Readiness | None = app.state.readiness

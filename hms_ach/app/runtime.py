@@ -199,6 +199,7 @@ class Engine:
         self.exports = ExportManager(self.store, self.config.data_dir / "exports", self.config.bulk_export)
         self.exports.start()  # resumes the exports a previous run left unfinished
         app.state.exports = self.exports
+        app.state.console_engine = self  # the console's channel control, replay and workbench
         ssl_context = self.config.http.ssl_context()  # TlsConfigError (a ConfigError): one line
         app.state.tls = ssl_context is not None  # HTTPS: the security headers add HSTS
         if self.config.audit.access_records:

@@ -40,6 +40,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from hms_ach.channels.pausing import PauseSwitch
 from hms_ach.core.errors import MessageError
 from hms_ach.core.redact import error_kind
 from hms_ach.core.types import ChannelSettings
@@ -116,6 +117,7 @@ class FileDropChannel:
         )  # names, sizes, the directory
         self.csv = CsvIngest(pipeline, config.name, config.csv, "file") if config.csv else None
         self._lock = asyncio.Lock()
+        self.pause_switch = PauseSwitch()  # the console's pause: polls are skipped
         self._stopping = False  # set by stop(): a poll in progress ends after its current file
 
     async def start(self) -> None:
@@ -129,6 +131,8 @@ class FileDropChannel:
     # ------------------------------------------------------------------ poll
     async def poll(self) -> PollResult:
         """One poll of the directory. Never raises for file problems: they are stored and returned."""
+        if self.pause_switch.paused:  # the console paused the channel: this poll is skipped
+            return PollResult(skipped=["channel paused"])
         async with self._lock:
             try:
                 self.work.mkdir(parents=True, exist_ok=True)

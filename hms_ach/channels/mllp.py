@@ -17,6 +17,7 @@ import time
 
 from pydantic import Field
 
+from hms_ach.channels.pausing import PauseSwitch
 from hms_ach.core import metrics
 from hms_ach.core.errors import Err0357, MessageError, RejectError
 from hms_ach.core.tls import mllp_tls_with_environment
@@ -47,6 +48,7 @@ class MllpChannel:
         self.pipeline = pipeline
         self.policy = config.hl7_policy(config.name)
         self.server = MllpServer(self.config, self._handle, self._oversize)
+        self.pause_switch = PauseSwitch()  # the console's pause: frames wait for the resume
 
     @property
     def port(self) -> int:
@@ -70,7 +72,9 @@ class MllpChannel:
 
     async def _handle(self, frame: bytes, peer: str) -> bytes | list[bytes] | None:
         """The replies to one frame, after its commit: the ACK, and in enhanced mode the application
-        ACK right after it on the same connection, each when MSH-15/16 ask for it."""
+        ACK right after it on the same connection, each when MSH-15/16 ask for it. While the channel
+        is paused (:mod:`hms_ach.channels.pausing`) the frame waits here, unanswered."""
+        await self.pause_switch.wait_until_running()
         started = time.perf_counter()
         try:
             subject = getattr(peer, "cert_subject", None)  # a Peer from the listener (mutual TLS)

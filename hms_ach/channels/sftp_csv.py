@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 
+from hms_ach.channels.pausing import PauseSwitch
 from hms_ach.core.redact import error_kind
 from hms_ach.core.types import ChannelSettings
 from hms_ach.ingest.csv_rows import CsvFileSettings, CsvIngest
@@ -128,6 +129,7 @@ class SftpCsvChannel:
         self.config = config
         self.pipeline = pipeline
         self._lock = asyncio.Lock()
+        self.pause_switch = PauseSwitch()  # the console's pause: polls are skipped
         self.work = Path(config.work_dir).resolve() / slug(config.name)
         self.csv = CsvIngest(pipeline, config.name, config, "sftp")
         #: test hook: called after the file's records are committed, before the move
@@ -145,6 +147,8 @@ class SftpCsvChannel:
     # ------------------------------------------------------------------ poll
     async def poll(self) -> PollResult:
         """One poll of the inbox. Never raises for remote problems: they are stored and returned."""
+        if self.pause_switch.paused:  # the console paused the channel: this poll is skipped
+            return PollResult(skipped=["channel paused"])
         async with self._lock:
             self.work.mkdir(parents=True, exist_ok=True)
             try:
