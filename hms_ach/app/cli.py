@@ -776,6 +776,10 @@ def mapping_preview(
     ] = None,
     fmt: Annotated[PreviewFormat, typer.Option("--format", help="text or json")] = PreviewFormat.text,
     timezone: str = "UTC",
+    transform: Annotated[
+        str | None,
+        typer.Option(help="a kind: hl7 transform (mappings/hl7/): show the message after it and which rule changed what"),
+    ] = None,
 ) -> None:
     """Show the input, the records and FHIR resources it yields, and field lineage. Writes nothing.
 
@@ -791,7 +795,9 @@ def mapping_preview(
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from exc
     data = sample.read_bytes()
-    if dataset is not None:
+    if transform is not None:
+        previews = _transform_previews(engine, transform, data)
+    elif dataset is not None:
         previews = _csv_previews(engine, sample, data, dataset, row)
     elif sample.suffix.lower() == ".json" or data.lstrip()[:1] == b"{":
         previews = _fhir_previews(engine, sample, data)
@@ -805,6 +811,26 @@ def mapping_preview(
             continue
         typer.echo(json.dumps(pv.to_dict(), indent=2, ensure_ascii=False) if fmt == "json" else pv.to_text())
     raise typer.Exit(1 if failed else 0)
+
+
+def _transform_previews(engine: Any, name: str, data: bytes) -> list[Any]:
+    """One transform preview per message of ``data`` (docs/hl7-routing.md)."""
+    from hms_ach.hl7v2.client import split_messages
+    from hms_ach.mapping.hl7_transform import TransformError
+    from hms_ach.mapping.preview import preview_transform
+
+    out: list[Any] = []
+    for raw in split_messages(data) or [data]:
+        try:
+            out.append(preview_transform(engine, name, raw))
+        except KeyError as exc:
+            typer.echo(str(exc.args[0]), err=True)
+            raise typer.Exit(2) from exc
+        except TransformError as exc:
+            from hms_ach.core.errors import ContentError
+
+            out.append(ContentError(exc.message, exc.location))
+    return out
 
 
 def _hl7_previews(engine: Any, data: bytes) -> list[Any]:
