@@ -778,7 +778,9 @@ def mapping_preview(
     timezone: str = "UTC",
     transform: Annotated[
         str | None,
-        typer.Option(help="a kind: hl7 transform (mappings/hl7/): show the message after it and which rule changed what"),
+        typer.Option(
+            help="a kind: hl7 transform (mappings/hl7/): show the message after it and which rule changed what"
+        ),
     ] = None,
 ) -> None:
     """Show the input, the records and FHIR resources it yields, and field lineage. Writes nothing.

@@ -203,7 +203,9 @@ def apply(transform: spec.Hl7TransformMapping, raw: bytes, tables: dict[str, spe
             before = len(msg.segments)
             msg.segments = [p for p in msg.segments if p[0] != rule.drop or p[0] == "MSH"]
             if len(msg.segments) != before:
-                changes.append(Change(number, rule.drop, f"{before - len(msg.segments)} segment(s)", "", "drop"))
+                changes.append(
+                    Change(number, rule.drop, f"{before - len(msg.segments)} segment(s)", "", "drop")
+                )
             continue
         target = parse_path(rule.set or "")
         source = parse_path(rule.copy_from) if rule.copy_from else None
@@ -212,15 +214,15 @@ def apply(transform: spec.Hl7TransformMapping, raw: bytes, tables: dict[str, spe
         for parts in msg.segments:
             if parts[0] != target.segment:
                 continue
-            before = msg.read_in(parts, target)
-            new = rule.value if rule.value is not None else copied if copied is not None else before
+            old = msg.read_in(parts, target)
+            new = rule.value if rule.value is not None else copied if copied is not None else old
             if rule.table:
                 new = _table_value(tables[rule.table], rule.table, new, str(target))
                 if rule.value is not None or source is not None:
                     how += f", table {rule.table}"
-            if new != before:
+            if new != old:
                 msg.put(parts, target, new)
-                changes.append(Change(number, str(target), before, new, how))
+                changes.append(Change(number, str(target), old, new, how))
     return Transformed(msg.encode(), changes)
 
 
@@ -252,7 +254,13 @@ def problems(transform: spec.Hl7TransformMapping, tables: set[str]) -> list[tupl
             out.append((at + ("table",), f"unknown code table {rule.table!r}", "a kind: table file's name"))
         if rule.when is not None:
             if rule.when.param is not None or rule.when.source is None:
-                out.append((at + ("when",), "a transform condition tests a `source` path", "when: {source: PATH, ...}"))
+                out.append(
+                    (
+                        at + ("when",),
+                        "a transform condition tests a `source` path",
+                        "when: {source: PATH, ...}",
+                    )
+                )
             else:
                 try:
                     parse_path(rule.when.source)

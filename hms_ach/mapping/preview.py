@@ -234,5 +234,8 @@ def preview_transform(engine: MappingEngine, name: str, raw: bytes) -> Transform
     return TransformPreview(
         name,
         done.message.decode("utf-8", "replace"),
-        [{"rule": c.rule, "path": c.path, "before": c.before, "after": c.after, "how": c.how} for c in done.changes],
+        [
+            {"rule": c.rule, "path": c.path, "before": c.before, "after": c.after, "how": c.how}
+            for c in done.changes
+        ],
     )

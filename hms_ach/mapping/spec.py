@@ -309,7 +309,8 @@ class Hl7Edit(_Strict):
     value: str | None = Field(None, description="A constant: the new value, as ER7 text")
     copy_from: str | None = Field(None, alias="copy", description="Path whose value is written, e.g. MSH-3")
     table: str | None = Field(
-        None, description="Code table (mappings/tables) the value (or the target's own value) is mapped through"
+        None,
+        description="Code table (mappings/tables) the value (or the target's own value) is mapped through",
     )
     when: Condition | None = Field(None, description="The edit runs only when this holds")
     description: str = Field("", description="Why the edit is there")

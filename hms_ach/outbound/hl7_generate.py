@@ -7,15 +7,16 @@
 | practitioner.onboarded | MFN^M02^MFN_M02, MFE-1 MAD (MSH, MFI, MFE, STF) | the Practitioner |
 | practitioner.updated | MFN^M02^MFN_M02, MFE-1 MUP (MSH, MFI, MFE, STF) | the Practitioner |
 
-The records are read as they are when the row is delivered (the current version). The base message
+The record the event is about is read in the version the event names (``versionId``), the
+records it points to (the Patient, the bed) as they are when the row is delivered. The base message
 carries the fields below; a sink's ``generate_transform`` (a ``kind: hl7`` mapping) sets what a
 receiver needs beyond them (MSH-5/6, local codes) and maps codes through tables. MSH-10 is
 ``HMS`` + the event id, the same on every attempt, so that a receiver can drop a resend.
 
 * PID-3 every identifier (value^^^^type code), PID-5 the first name (family^given^middle), PID-7
   birthDate, PID-8 gender (M, F, O, U);
-* PV1-2 class (IMP I, EMER E, AMB O, other codes as they are), PV1-3 the current location's
-  reference id, PV1-19 the first identifier, PV1-44 / PV1-45 the period's start / end;
+* PV1-2 class (IMP I, EMER E, AMB O, other codes as they are), PV1-3 the current location (a bed keyed
+  facility/ward/room/bed), PV1-19 the first identifier, PV1-44 / PV1-45 the period's start / end;
 * MFI-1 ``PRA`` (table 0175), MFI-3 ``UPD``, MFI-6 ``NE``; MFE-3 the event time; MFE-4 / STF-1 the first
   identifier (value^^system), MFE-5 ``CE``; STF-2 every identifier; STF-3 the name; STF-7 active (A) or not (I).
 """
@@ -64,11 +65,17 @@ def hl7_time(value: Any) -> str:
     return moment.strftime("%Y%m%d%H%M%S%z")
 
 
-def _read(store: Store, reference: Any) -> dict[str, Any]:
+def _read(store: Store, reference: Any, version: Any = None) -> dict[str, Any]:
+    """The record ``reference`` names: its version ``version`` when given (the one the event is
+    about, so that an admission delivered after the discharge still shows the admission), else its
+    current version."""
     if not isinstance(reference, str) or "/" not in reference:
         raise DeliveryError(f"the event names no record ({reference!r})", permanent=True)
     kind, _, rid = reference.partition("/")
-    stored = resources.read(store, kind, rid)
+    if isinstance(version, int):
+        stored = resources.vread(store, kind, rid, version)
+    else:
+        stored = resources.read(store, kind, rid)
     if stored is None or stored.deleted:
         raise DeliveryError(f"{reference} no longer exists", permanent=True)
     record: dict[str, Any] = orjson.loads(stored.text)
@@ -108,7 +115,7 @@ def _msh(delivery: Delivery, message_type: str, sender: str, facility: str, now:
 
 
 def _adt(store: Store, delivery: Delivery, msh: str, trigger: str, now: str) -> list[str]:
-    enc = _read(store, delivery.payload.get("resource"))
+    enc = _read(store, delivery.payload.get("resource"), delivery.payload.get("versionId"))
     patient = _read(store, (enc.get("subject") or {}).get("reference"))
     pid = [
         "PID",
@@ -126,14 +133,30 @@ def _adt(store: Store, delivery: Delivery, msh: str, trigger: str, now: str) -> 
     where = ((locations[0].get("location") or {}).get("reference") or "") if locations else ""
     visit = _identifiers(enc)
     period = enc.get("period") or {}
-    pv1 = ["PV1", "1", _CLASS.get(klass, klass), escape(where.partition("/")[2])] + [""] * 15
+    pv1 = ["PV1", "1", _CLASS.get(klass, klass), _pl(store, where)] + [""] * 15
     pv1 += [escape(visit[0]["value"]) if visit else ""] + [""] * 24
     pv1 += [hl7_time(period.get("start")), hl7_time(period.get("end"))]
     return [msh, f"EVN|{trigger}|{now}", "|".join(pid), "|".join(pv1).rstrip("|")]
 
 
+def _pl(store: Store, reference: str) -> str:
+    """PV1-3 (PL: point of care^room^bed^facility) from a Location keyed ``facility/ward/room/bed``
+    (urn:hms-ach:location, as the inbound ADT mappings key beds); '' for any other location."""
+    if not reference:
+        return ""
+    try:
+        location = _read(store, reference)
+    except DeliveryError:
+        return ""
+    for identifier in _identifiers(location):
+        parts = str(identifier["value"]).split("/")
+        if identifier.get("system") == "urn:hms-ach:location" and len(parts) == 4:
+            return "^".join(escape(p) for p in [*parts[1:], parts[0]]).rstrip("^")
+    return ""
+
+
 def _mfn(store: Store, delivery: Delivery, msh: str, action: str, now: str) -> list[str]:
-    who = _read(store, delivery.payload.get("resource"))
+    who = _read(store, delivery.payload.get("resource"), delivery.payload.get("versionId"))
     ids = _identifiers(who)
     key = f"{escape(ids[0]['value'])}^^{escape(ids[0].get('system') or '')}".rstrip("^") if ids else ""
     if not key:

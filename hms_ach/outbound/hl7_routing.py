@@ -59,7 +59,9 @@ def parse_filter(text: str) -> HeaderFilter:
     """A route's ``filter`` text as a test; ValueError saying what is expected."""
     found = _FILTER.match(text)
     if found is None:
-        raise ValueError(f"filter {text!r}: expected `PATH = VALUE`, `PATH != VALUE`, `PATH in A, B` or `PATH`")
+        raise ValueError(
+            f"filter {text!r}: expected `PATH = VALUE`, `PATH != VALUE`, `PATH in A, B` or `PATH`"
+        )
     path, op, rest = found.groups()
     parse_path(path)
     if op is None:

@@ -48,7 +48,9 @@ class MllpClientTls(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    cafile: str = Field("", description="PEM CA certificate(s) the receiver's certificate must chain to; empty: system CAs")
+    cafile: str = Field(
+        "", description="PEM CA certificate(s) the receiver's certificate must chain to; empty: system CAs"
+    )
     cert: str = Field("", description="PEM client certificate to present (mutual TLS); empty: none")
     key: str = Field("", description="PEM private key of cert (empty: inside the cert file)")
 
@@ -87,10 +89,12 @@ class MllpSink:
         ack_timeout_seconds: float = Field(30.0, gt=0, description="Time limit for the ACK of one message")
         max_ack_bytes: int = Field(1024 * 1024, gt=0, description="Largest ACK read")
         on_negative_ack: Literal["dead-letter", "retry"] = Field(
-            "dead-letter", description="An AE/AR (CE/CR) answer: dead-letter the row, or retry it with backoff"
+            "dead-letter",
+            description="An AE/AR (CE/CR) answer: dead-letter the row, or retry it with backoff",
         )
         routes: list[hl7_routing.Route] = Field(
-            default_factory=list, description="Inbound messages forwarded to this receiver (any route matches)"
+            default_factory=list,
+            description="Inbound messages forwarded to this receiver (any route matches)",
         )
         generate_transform: str | None = Field(
             None, description="A kind: hl7 mapping applied to generated messages (MSH-5/6 of the receiver...)"
@@ -154,7 +158,9 @@ class MllpSink:
                 try:
                     admitted = route.admits(Er7(raw))
                 except TransformError as exc:
-                    raise DeliveryError(f"stored message {message_id}: {exc.message}", permanent=True) from exc
+                    raise DeliveryError(
+                        f"stored message {message_id}: {exc.message}", permanent=True
+                    ) from exc
                 if admitted:
                     return self._transform(route.transform, raw)
             return f"not routed: no route's filter admits message {message_id}"

@@ -42,7 +42,9 @@ class Hl7Receiver:
                     return
                 if self.delay_seconds:
                     await asyncio.sleep(self.delay_seconds)
-                writer.writemessage(message.create_ack("AE" if action == "AE" else action if action == "AR" else "AA"))
+                writer.writemessage(
+                    message.create_ack("AE" if action == "AE" else action if action == "AR" else "AA")
+                )
                 await writer.drain()
                 if action not in ("AE", "AR"):
                     self.accepted.append(str(message))
@@ -51,7 +53,8 @@ class Hl7Receiver:
 
     async def start(self) -> int:
         self._server = await hl7.mllp.start_hl7_server(self._client, "127.0.0.1", 0, limit=1024 * 1024)
-        self.port = int(self._server.sockets[0].getsockname()[1])
+        sockets = getattr(self._server, "sockets", None) or []
+        self.port = int(sockets[0].getsockname()[1])
         return self.port
 
     async def stop(self) -> None:
