@@ -1160,6 +1160,32 @@ def outbox_list(
         )
 
 
+@outbox_app.command("show")
+def outbox_show(
+    row_id: Annotated[int, typer.Argument(help="outbox row id (see hms-ach outbox --status ...)")],
+    config: ConfigOpt = Path("channels.yaml"),
+    database: DatabaseOpt = None,
+) -> None:
+    """One row in full: its event and payload, its status and attempts, the last error and the
+    receiver's answer (for an mllp sink: the ACK and the message sent, one segment per line)."""
+    from hms_ach.store import outbox
+    from hms_ach.store.db import Store
+
+    store = Store(database) if database else _store(config)
+    try:
+        with store.read() as conn:
+            row = outbox.get_row(conn, row_id)
+    finally:
+        store.dispose()
+    if row is None:
+        typer.echo(f"outbox row {row_id} does not exist (see `hms-ach outbox --status pending`)", err=True)
+        raise typer.Exit(1)
+    typer.echo(
+        f"#{row['id']} {row['destination']} {row['event']} {row['status']} attempts={row['attempts']}\n"
+        f"payload: {row['payload']}\nerror: {row['last_error'] or '-'}\nanswer:\n{row['response'] or '-'}"
+    )
+
+
 @outbox_app.command("retry")
 def outbox_retry(
     row_id: Annotated[int | None, typer.Argument(help="outbox row id (see hms-ach outbox)")] = None,

@@ -58,7 +58,7 @@ class HeaderFilter:
 def parse_filter(text: str) -> HeaderFilter:
     """A route's ``filter`` text as a test; ValueError saying what is expected."""
     found = _FILTER.match(text)
-    if found is None:
+    if found is None or (found.group(3) or "").startswith(("=", "!")):
         raise ValueError(
             f"filter {text!r}: expected `PATH = VALUE`, `PATH != VALUE`, `PATH in A, B` or `PATH`"
         )

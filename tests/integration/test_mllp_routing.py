@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from typer.testing import CliRunner
+
+from hms_ach.app.cli import app
 from hms_ach.store import outbox
 from hms_ach.store.db import Store
 from tests.integration.engine_helpers import mllp_channel
@@ -86,3 +89,7 @@ async def test_an_ae_dead_letters_under_the_default_policy_and_a_filter_skips(
     assert "answered AE" in str(rows[0]["last_error"])
     assert str(rows[1]["response"]).startswith("not routed")
     assert len(receiver.received) == 1
+    shown = CliRunner().invoke(app, ["outbox", "show", str(rows[0]["id"]), "--database", store.url])
+    assert shown.exit_code == 0, shown.output
+    assert "dead" in shown.output and "MSA|AE|S-A01-0001" in shown.output
+    assert "sent:\nMSH|^~\\&|ADTSYS|GENHOSP|DOWNSTREAM|DOWNFAC|" in shown.output

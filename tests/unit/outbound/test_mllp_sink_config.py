@@ -1,0 +1,56 @@
+"""The mllp sink's settings: which events it wants, route filters, refused settings."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from hms_ach.mapping.hl7_transform import Er7
+from hms_ach.outbound.hl7_routing import parse_filter
+from hms_ach.outbound.mllp_sink import MllpSink, answer_text
+from hms_ach.outbound.webhook import WebhookSink
+
+
+def _config(**extra: object) -> MllpSink.Config:
+    return MllpSink.Config.model_validate(
+        {"name": "down", "type": "mllp", "host": "127.0.0.1", "port": 2575, **extra}
+    )
+
+
+def test_routes_match_channel_and_type_and_nothing_else_is_wanted() -> None:
+    cfg = _config(routes=[{"channel": "adt*", "message_types": ["ADT^A0*"]}])
+    assert cfg.wants("hl7.received.adt_in.ADT^A01")
+    assert cfg.wants("hl7.received.adt.main.ADT^A08")  # a channel name with a dot
+    assert not cfg.wants("hl7.received.lab_in.ADT^A01")
+    assert not cfg.wants("hl7.received.adt_in.ORU^R01")
+    assert not cfg.wants("encounter.admitted")  # no events: nothing generated
+
+
+def test_generated_events_must_be_ones_a_message_is_built_from() -> None:
+    assert _config(events=["practitioner.*"]).wants("practitioner.updated")
+    with pytest.raises(ValidationError, match="no HL7 v2 message is generated"):
+        _config(events=["claim.created"])
+    for bad in ("PV1-2 ===", "PV1 = I", "PV1-2 like I"):
+        with pytest.raises(ValidationError, match="expected"):
+            _config(routes=[{"filter": bad}])
+
+
+def test_a_star_sink_does_not_get_routed_messages() -> None:
+    hook = WebhookSink.Config.model_validate(
+        {"name": "w", "type": "webhook", "url": "http://127.0.0.1/x", "secret": "s" * 20}
+    )
+    assert hook.wants("encounter.admitted") and not hook.wants("hl7.received.adt_in.ADT^A01")
+
+
+def test_filters() -> None:
+    msg = Er7(b"MSH|^~\\&|A|B|C|D|1||ADT^A01|1|P|2.5.1\rPV1|1|I\r")
+    assert parse_filter("PV1-2 = I").holds(msg)
+    assert not parse_filter("PV1-2 != I").holds(msg)
+    assert parse_filter("PV1-2 in E, I").holds(msg)
+    assert not parse_filter("PV1-3").holds(msg)
+
+
+def test_the_kept_answer_puts_the_ack_first() -> None:
+    text = answer_text(b"MSH|x\rPID|1\r", b"MSH|y\rMSA|AA|1\r")
+    assert text == "ack:\nMSH|y\nMSA|AA|1\nsent:\nMSH|x\nPID|1"
+    assert answer_text(b"MSH|x\r", None).startswith("ack:\n(none)\n")
