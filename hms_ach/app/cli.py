@@ -359,6 +359,10 @@ def check(config: ConfigOpt = Path("channels.yaml")) -> None:
     except ConfigErrors as exc:
         errors.extend(e.render() for e in exc.errors)
         mset = None
+    if cfg is not None and mset is not None:
+        from hms_ach.outbound.mllp_sink import unknown_transforms
+
+        errors.extend(unknown_transforms(list(cfg.sinks), set(mset.transforms), str(config)))
     for line in errors:
         typer.echo(line)
     if errors:

@@ -248,3 +248,22 @@ class MllpSink:
 
 
 _MSH10 = parse_path("MSH-10")
+
+
+def unknown_transforms(sinks: list[Any], transforms: set[str], source: str = "channels.yaml") -> list[str]:
+    """``hms-ach check``: one line per ``transform:`` / ``generate_transform:`` of an mllp sink that
+    names no loaded ``kind: hl7`` mapping (delivery would retry its rows until one is loaded)."""
+    out: list[str] = []
+    known = ", ".join(sorted(transforms)) or "none"
+    for sink in sinks:
+        if not isinstance(sink, MllpSink.Config):
+            continue
+        named = [(f"routes[{i}].transform", r.transform) for i, r in enumerate(sink.routes)]
+        named.append(("generate_transform", sink.generate_transform))
+        for where, name in named:
+            if name is not None and name not in transforms:
+                out.append(
+                    f"{source}: sink {sink.name}: {where}: no kind: hl7 mapping is named {name!r} "
+                    f"(expected one of: {known})"
+                )
+    return out

@@ -54,3 +54,15 @@ def test_the_kept_answer_puts_the_ack_first() -> None:
     text = answer_text(b"MSH|x\rPID|1\r", b"MSH|y\rMSA|AA|1\r")
     assert text == "ack:\nMSH|y\nMSA|AA|1\nsent:\nMSH|x\nPID|1"
     assert answer_text(b"MSH|x\r", None).startswith("ack:\n(none)\n")
+
+
+def test_check_names_a_transform_that_is_not_loaded() -> None:
+    from hms_ach.outbound.mllp_sink import unknown_transforms
+
+    cfg = _config(routes=[{"transform": "adt_to_downstream"}, {"transform": "nope"}], generate_transform="x")
+    assert unknown_transforms([cfg], {"adt_to_downstream"}, "c.yaml") == [
+        "c.yaml: sink down: routes[1].transform: no kind: hl7 mapping is named 'nope' "
+        "(expected one of: adt_to_downstream)",
+        "c.yaml: sink down: generate_transform: no kind: hl7 mapping is named 'x' "
+        "(expected one of: adt_to_downstream)",
+    ]
