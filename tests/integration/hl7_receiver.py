@@ -5,6 +5,7 @@ to chosen deliveries, or drop the connection without an answer."""
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -51,8 +52,10 @@ class Hl7Receiver:
         finally:
             writer.close()
 
-    async def start(self) -> int:
-        self._server = await hl7.mllp.start_hl7_server(self._client, "127.0.0.1", 0, limit=1024 * 1024)
+    async def start(self, ssl_context: ssl.SSLContext | None = None) -> int:
+        self._server = await hl7.mllp.start_hl7_server(
+            self._client, "127.0.0.1", 0, limit=1024 * 1024, ssl=ssl_context
+        )
         sockets = getattr(self._server, "sockets", None) or []
         self.port = int(sockets[0].getsockname()[1])
         return self.port

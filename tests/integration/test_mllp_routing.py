@@ -27,9 +27,9 @@ def routed_sink(port: int, extra: str = "", policy: str = "retry") -> str:
     )
 
 
-def _rows(store: Store) -> list[dict[str, object]]:
+def _rows(store: Store, sink: str = "downstream") -> list[dict[str, object]]:
     with store.read() as conn:
-        return sorted(outbox.list_rows(conn, destination="downstream"), key=lambda r: int(str(r["id"])))
+        return sorted(outbox.list_rows(conn, destination=sink), key=lambda r: int(str(r["id"])))
 
 
 async def test_a01_a08_a03_arrive_once_in_order_transformed_despite_an_ae_and_a_drop(
@@ -93,3 +93,33 @@ async def test_an_ae_dead_letters_under_the_default_policy_and_a_filter_skips(
     assert shown.exit_code == 0, shown.output
     assert "dead" in shown.output and "MSA|AE|S-A01-0001" in shown.output
     assert "sent:\nMSH|^~\\&|ADTSYS|GENHOSP|DOWNSTREAM|DOWNFAC|" in shown.output
+
+
+async def test_routed_over_tls_to_a_receiver_whose_certificate_is_checked(
+    tmp_path: Path, store: Store
+) -> None:
+    from hms_ach.core.tls import server_context
+    from tests.integration.test_tls import Authority
+
+    ca = Authority(tmp_path, "downstream-ca")
+    issued = ca.issue("downstream", server=True)
+    other = Authority(tmp_path, "other-ca")
+    receiver = Hl7Receiver()
+    port = await receiver.start(server_context(str(issued.cert), str(issued.key)))
+    trusted = routed_sink(port, "    tls: {cafile: " + str(ca.cert) + "}\n")
+    untrusted = trusted.replace("name: downstream", "name: untrusted").replace(str(ca.cert), str(other.cert))
+    engine = make_engine(tmp_path, store.url, trusted + untrusted)
+    await engine.start()
+    try:
+        assert await send_mllp(mllp_channel(engine).port, ["adt_a01.hl7"]) == ["AA"]
+        await wait_for(lambda: len(receiver.accepted) == 1)
+        await wait_for(
+            lambda: bool(_rows(store, "untrusted")) and bool(_rows(store, "untrusted")[0]["last_error"])
+        )
+        refused = _rows(store, "untrusted")[0]
+    finally:
+        await engine.stop()
+        await receiver.stop()
+    assert segments(receiver.accepted[0])["MSH"][4] == "DOWNSTREAM"
+    assert refused["status"] == "pending" and "certificate not trusted" in str(refused["last_error"])
+    assert len(receiver.accepted) == 1

@@ -82,3 +82,27 @@ def test_the_loader_refuses_a_broken_transform_with_file_line_col(tmp_path: Path
     assert "t.yaml:3:" in text and "not an HL7 path" in text
     assert "t.yaml:6:" in text and "unknown code table 'nope'" in text
     assert "t.yaml:7:" in text and "cannot drop 'MSH'" in text
+
+
+def test_mapping_preview_shows_the_message_after_and_the_lineage() -> None:
+    from typer.testing import CliRunner
+
+    from hms_ach.app.cli import app
+
+    root = Path(__file__).resolve().parents[3]
+    result = CliRunner().invoke(
+        app,
+        [
+            "mapping",
+            "preview",
+            str(root / "samples/hl7/adt_a01.hl7"),
+            "--transform",
+            "adt_to_downstream",
+            "--mapping-dir",
+            str(root / "mappings"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "MSH|^~\\&|ADTSYS|GENHOSP|DOWNSTREAM|DOWNFAC|" in result.output
+    assert "PV1-2      'I' -> 'IN'  (rule 3: table patient_class_downstream)" in result.output
+    assert "NK1|" not in result.output
