@@ -1,6 +1,6 @@
 """The downstream receiver of the routing benchmark: hms-ach's own MLLP listener answering each frame
 AA, MSA-2 = the frame's MSH-10, after ``--delay-ms`` (a slow downstream system). No parsing beyond
-MSH-10, nothing stored.
+MSH-10, nothing stored (the listener of :mod:`benchmarks.echo_server` with another handler).
 
 Run in its own process: ``python -m benchmarks.hl7_downstream --port P [--delay-ms D]``.
 """
@@ -10,9 +10,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from benchmarks.driver import listen_until_signalled
+from benchmarks import echo_server
 from hms_ach.app import eventloop
-from hms_ach.hl7v2.mllp import MllpConfig, MllpServer
 
 
 def ack_for(payload: bytes) -> bytes:
@@ -30,13 +29,7 @@ async def serve(host: str, port: int, delay_seconds: float) -> None:
             await asyncio.sleep(delay_seconds)
         return ack_for(payload)
 
-    config = MllpConfig.model_validate(
-        {"host": host, "port": port, "idle_timeout_seconds": 120, "max_connections": 10}
-    )
-    server = MllpServer(config, handler)
-    await server.start()
-    await listen_until_signalled(server.port)
-    await server.close(grace_seconds=2)
+    await echo_server.serve(host, port, handler)
 
 
 def main() -> None:

@@ -86,7 +86,11 @@ class MllpSink:
         port: int = Field(ge=1, le=65535, description="The receiver's MLLP port")
         tls: MllpClientTls | None = Field(None, description="TLS to the receiver; none: plain TCP")
         connect_timeout_seconds: float = Field(10.0, gt=0, description="Time limit to open the connection")
-        ack_timeout_seconds: float = Field(30.0, gt=0, description="Time limit for the ACK of one message")
+        ack_timeout_seconds: float = Field(
+            30.0,
+            gt=0,
+            description="Time limit for the ACK of one message (timeout_seconds is raised to connect + ACK when lower)",
+        )
         max_ack_bytes: int = Field(1024 * 1024, gt=0, description="Largest ACK read")
         on_negative_ack: Literal["dead-letter", "retry"] = Field(
             "dead-letter",
@@ -112,6 +116,14 @@ class MllpSink:
                 )
             return self
 
+        @model_validator(mode="after")
+        def _attempt_fits_its_steps(self) -> MllpSink.Config:
+            # the dispatcher gives one attempt timeout_seconds (+5); the connect and the ACK wait fit in it
+            self.timeout_seconds = max(
+                self.timeout_seconds, self.connect_timeout_seconds + self.ack_timeout_seconds
+            )
+            return self
+
         def wants(self, event: str) -> bool:
             if event.startswith(hl7_routing.EVENT_PREFIX):
                 return any(route.takes(event) for route in self.routes)
@@ -126,7 +138,7 @@ class MllpSink:
         self._conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         self._framer = MllpFramer(settings.max_ack_bytes)
         self._pending: deque[FrameEvent] = deque()
-        self._routing = bool(settings.routes) and settings.enabled
+        self._routing = bool(settings.routes)  # a disabled sink's rows wait too, as for every sink
         if self._routing:
             hl7_routing.subscribe()
 
@@ -209,6 +221,9 @@ class MllpSink:
             async with asyncio.timeout(s.ack_timeout_seconds):
                 await writer.drain()
                 ack = await self._read_ack(reader, control_id)
+        except asyncio.CancelledError:
+            self._abandon()  # stopped mid-exchange: a late ACK must not meet the next message
+            raise
         except TimeoutError as exc:
             await self._drop()
             raise DeliveryError(
@@ -235,6 +250,11 @@ class MllpSink:
         if self._routing:
             self._routing = False
             hl7_routing.unsubscribe()
+
+    def _abandon(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn[1].close()
 
     async def _drop(self) -> None:
         """Close the connection (after a failure: the next message opens a new one)."""

@@ -66,3 +66,8 @@ def test_check_names_a_transform_that_is_not_loaded() -> None:
         "c.yaml: sink down: generate_transform: no kind: hl7 mapping is named 'x' "
         "(expected one of: adt_to_downstream)",
     ]
+
+
+def test_one_attempt_has_time_for_the_connect_and_the_ack() -> None:
+    assert _config(connect_timeout_seconds=5, ack_timeout_seconds=30).timeout_seconds == 35
+    assert _config(timeout_seconds=60, ack_timeout_seconds=3).timeout_seconds == 60
