@@ -32,6 +32,10 @@ from hms_ach.store.port import Tx
 
 #: The prefix of the routed-message events; only an ``mllp`` sink's routes match them.
 EVENT_PREFIX = "hl7.received."
+#: An event name is at most 64 characters (the outbox column): the channel name in it is clipped to
+#: this many, MSH-9.1 and MSH-9.2 to :data:`_CODE` each (13 + 32 + 1 + 8 + 1 + 8 = 63).
+_CHANNEL = 32
+_CODE = 8
 
 _FILTER = re.compile(r"^\s*([A-Z][A-Z0-9]{2}-[0-9.]+)\s*(?:(=|!=|in)\s*(.*?))?\s*$")
 
@@ -101,7 +105,7 @@ class Route(BaseModel):
         if not event.startswith(EVENT_PREFIX):
             return False
         channel, _, kind = event[len(EVENT_PREFIX) :].rpartition(".")
-        return fnmatch.fnmatchcase(channel, self.channel) and any(
+        return fnmatch.fnmatchcase(channel, self.channel[:_CHANNEL]) and any(
             fnmatch.fnmatchcase(kind, pattern) for pattern in self.message_types
         )
 
@@ -110,7 +114,11 @@ class Route(BaseModel):
 
 
 def event_name(channel: str, header: MshHeader) -> str:
-    return f"{EVENT_PREFIX}{channel}.{header.message_code}^{header.trigger_event}"
+    """``hl7.received.<channel>.<MSH-9.1>^<MSH-9.2>``, each part clipped so that it fits the outbox
+    (a sender's long or odd MSH-9 must never fail the message's transaction)."""
+    code = header.message_code[:_CODE].replace(".", "_")
+    trigger = header.trigger_event[:_CODE].replace(".", "_")
+    return f"{EVENT_PREFIX}{channel[:_CHANNEL]}.{code}^{trigger}"
 
 
 def on_message(tx: Tx, meta: MessageMeta, message_id: int, header: MshHeader) -> None:

@@ -71,3 +71,15 @@ def test_check_names_a_transform_that_is_not_loaded() -> None:
 def test_one_attempt_has_time_for_the_connect_and_the_ack() -> None:
     assert _config(connect_timeout_seconds=5, ack_timeout_seconds=30).timeout_seconds == 35
     assert _config(timeout_seconds=60, ack_timeout_seconds=3).timeout_seconds == 60
+
+
+def test_event_names_fit_the_outbox_column_whatever_the_channel_and_msh_9() -> None:
+    from hms_ach.hl7v2.parse import read_header
+    from hms_ach.outbound.hl7_routing import Route, event_name
+
+    header = read_header(b"MSH|^~\\&|A|B|C|D|1||ADT.X^A01_VERY_LONG_EVENT|1|P|2.5.1\r")
+    channel = "a_channel_with_a_very_long_name_indeed_over_32"
+    name = event_name(channel, header)
+    assert len(name) <= 64 and name.endswith(".ADT_X^A01_VERY")
+    assert Route(channel=channel, message_types=["ADT_X^*"]).takes(name)
+    assert not Route(channel="other", message_types=["*"]).takes(name)
