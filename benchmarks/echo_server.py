@@ -10,7 +10,7 @@ import argparse
 
 from benchmarks.driver import listen_until_signalled
 from hms_ach.app import eventloop
-from hms_ach.hl7v2.mllp import MllpConfig, MllpServer
+from hms_ach.hl7v2.mllp import FrameHandler, MllpConfig, MllpServer
 
 #: An AA of the size the engine sends (about 150 bytes), built once.
 FIXED_ACK = (
@@ -23,11 +23,12 @@ async def _handler(payload: bytes, peer: str) -> bytes:
     return FIXED_ACK
 
 
-async def serve(host: str, port: int) -> None:
+async def serve(host: str, port: int, handler: FrameHandler = _handler) -> None:
+    """Listen on ``host:port`` with ``handler`` (the fixed ACK by default) until signalled."""
     config = MllpConfig.model_validate(
         {"host": host, "port": port, "idle_timeout_seconds": 60, "max_connections": 100}
     )
-    server = MllpServer(config, _handler)
+    server = MllpServer(config, handler)
     await server.start()
     await listen_until_signalled(server.port)
     await server.close(grace_seconds=2)

@@ -358,6 +358,10 @@ def check(config: ConfigOpt = Path("channels.yaml")) -> None:
     except ConfigErrors as exc:
         errors.extend(e.render() for e in exc.errors)
         mset = None
+    if cfg is not None and mset is not None:
+        from hms_ach.outbound.mllp_sink import unknown_transforms
+
+        errors.extend(unknown_transforms(list(cfg.sinks), set(mset.transforms), str(config)))
     for line in errors:
         typer.echo(line)
     if errors:
@@ -678,6 +682,12 @@ def mapping_preview(
     ] = None,
     fmt: Annotated[PreviewFormat, typer.Option("--format", help="text or json")] = PreviewFormat.text,
     timezone: str = "UTC",
+    transform: Annotated[
+        str | None,
+        typer.Option(
+            help="a kind: hl7 transform (mappings/hl7/): show the message after it and which rule changed what"
+        ),
+    ] = None,
 ) -> None:
     """Show the input, the records and FHIR resources it yields, and field lineage. Writes nothing.
 
@@ -693,7 +703,9 @@ def mapping_preview(
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from exc
     data = sample.read_bytes()
-    if dataset is not None:
+    if transform is not None:
+        previews = _transform_previews(engine, transform, data)
+    elif dataset is not None:
         previews = _csv_previews(engine, sample, data, dataset, row)
     elif sample.suffix.lower() == ".json" or data.lstrip()[:1] == b"{":
         previews = _fhir_previews(engine, sample, data)
@@ -707,6 +719,26 @@ def mapping_preview(
             continue
         typer.echo(json.dumps(pv.to_dict(), indent=2, ensure_ascii=False) if fmt == "json" else pv.to_text())
     raise typer.Exit(1 if failed else 0)
+
+
+def _transform_previews(engine: Any, name: str, data: bytes) -> list[Any]:
+    """One transform preview per message of ``data`` (docs/hl7-routing.md)."""
+    from hms_ach.hl7v2.client import split_messages
+    from hms_ach.mapping.hl7_transform import TransformError
+    from hms_ach.mapping.preview import preview_transform
+
+    out: list[Any] = []
+    for raw in split_messages(data) or [data]:
+        try:
+            out.append(preview_transform(engine, name, raw))
+        except KeyError as exc:
+            typer.echo(str(exc.args[0]), err=True)
+            raise typer.Exit(2) from exc
+        except TransformError as exc:
+            from hms_ach.core.errors import ContentError
+
+            out.append(ContentError(exc.message, exc.location))
+    return out
 
 
 def _hl7_previews(engine: Any, data: bytes) -> list[Any]:
@@ -1036,6 +1068,32 @@ def outbox_list(
             f"#{r['id']} {r['destination']} {r['event']} {r['status']} attempts={r['attempts']} "
             f"next={r['next_attempt_at']:%Y-%m-%d %H:%M:%S} error={r['last_error'] or '-'}"
         )
+
+
+@outbox_app.command("show")
+def outbox_show(
+    row_id: Annotated[int, typer.Argument(help="outbox row id (see hms-ach outbox --status ...)")],
+    config: ConfigOpt = Path("channels.yaml"),
+    database: DatabaseOpt = None,
+) -> None:
+    """One row in full: its event and payload, its status and attempts, the last error and the
+    receiver's answer (for an mllp sink: the ACK and the message sent, one segment per line)."""
+    from hms_ach.store import outbox
+    from hms_ach.store.db import Store
+
+    store = Store(database) if database else _store(config)
+    try:
+        with store.read() as conn:
+            row = outbox.get_row(conn, row_id)
+    finally:
+        store.dispose()
+    if row is None:
+        typer.echo(f"outbox row {row_id} does not exist (see `hms-ach outbox --status pending`)", err=True)
+        raise typer.Exit(1)
+    typer.echo(
+        f"#{row['id']} {row['destination']} {row['event']} {row['status']} attempts={row['attempts']}\n"
+        f"payload: {row['payload']}\nerror: {row['last_error'] or '-'}\nanswer:\n{row['response'] or '-'}"
+    )
 
 
 @outbox_app.command("retry")

@@ -199,7 +199,7 @@ def _text(ack: bytes) -> str:
     return ack.decode("latin-1")
 
 
-def _answers(ack: bytes, control_id: str) -> bool:
+def answers(ack: bytes, control_id: str) -> bool:
     """MSA-2 of ``ack`` is ``control_id`` (an ACK without a readable MSA-2 is taken as an answer)."""
     for segment in _text(ack).split("\r"):
         if segment.startswith("MSA") and len(segment) > 3:
@@ -315,7 +315,7 @@ async def _enhanced_acks(
                     ack = await _next_ack(reader, framer, pending)
             except TimeoutError:
                 break
-        if not _answers(ack, control_id):
+        if not answers(ack, control_id):
             continue  # a late answer to an earlier message
         code = msa_code(_text(ack))
         # An A* code is the application ACK when one is asked for; otherwise it is the first ACK

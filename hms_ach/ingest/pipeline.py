@@ -78,6 +78,12 @@ from hms_ach.store.writer import StoreWriter
 
 log = logging.getLogger("hms_ach.ingest.pipeline")
 
+#: Called in the transaction of every HL7 v2 message stored as processed, with its envelope, its
+#: stored id and its MSH: the outbound routing of the ``mllp`` sink (hms_ach.outbound.hl7_routing)
+#: subscribes here while a sink routes inbound messages, so that the outbox row commits with the
+#: message (the delivery contract). Empty: nothing is called.
+MESSAGE_ROUTERS: list[Callable[[Tx, Envelope, int, MshHeader], None]] = []
+
 R = TypeVar("R")
 
 #: One inbound message as it arrived: raw bytes, metadata and its idempotency key (None: unkeyed).
@@ -519,6 +525,9 @@ def hl7_work(ev: Evaluation, charset: str) -> Work[Outcome]:
             writes, error = write_records(tx, ev.result, message_id)
         if error is None:
             code, status = "AA", "processed"
+            if ev.header is not None:
+                for route in MESSAGE_ROUTERS:
+                    route(tx, ev.meta, message_id, ev.header)
         else:
             code = error.ack_code if ev.header is not None else "AR"
             if isinstance(error, RejectError):

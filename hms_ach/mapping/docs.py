@@ -150,6 +150,8 @@ def generate() -> str:
         ("Datatype mappings (`kind: datatype`)", spec.DatatypeMapping),
         ("Code tables (`kind: table`)", spec.CodeTable),
         ("Event payloads (`kind: event`)", spec.EventMapping),
+        ("Outbound HL7 v2 transforms (`kind: hl7`)", spec.Hl7TransformMapping),
+        ("Transform edits (`rules:` items of `kind: hl7`)", spec.Hl7Edit),
     ]
     for title, model in sections:
         out.append(f"## {title}\n")

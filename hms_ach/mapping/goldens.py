@@ -143,6 +143,9 @@ class ExpectedError(_Strict):
 
 class Expectation(_Strict):
     payload: dict[str, Any] | None = Field(None, description="An event case: the exact payload")
+    hl7: str | None = Field(
+        None, description="A transform case: the message after the edits, one segment per line (exact)"
+    )
     records: list[ExpectedRecord] = Field(default_factory=list, description="Records the message must yield")
     actions: list[ExpectedAction] | None = Field(None, description="Store actions the message must yield")
     error: ExpectedError | None = Field(None, description="The error mapping must fail with")
@@ -201,6 +204,9 @@ class GoldenCase(_Strict):
         None, description="A FHIR resource (JSON as YAML) sent to the FHIR channel"
     )
     event: EventInput | None = Field(None, description="A record change an event payload mapping is run on")
+    transform: str | None = Field(
+        None, description="A kind: hl7 transform (mappings/hl7/) run on `message`/`sample`; expect `hl7:`"
+    )
     match: Literal["subset", "exact"] = Field("subset", description="How records are compared")
     timezone: str = Field("UTC", description="Zone assumed for times sent without a UTC offset")
     expect: Expectation = Field(description="What the message must map to")
@@ -320,6 +326,7 @@ def load_golden_file(path: Path) -> LoadedGolden:
             and case.expect.error is None
             and case.expect.actions is None
             and case.expect.payload is None
+            and case.expect.hl7 is None
             and case.expect.warnings is None
             and not case.expect.no_records
         ):
@@ -410,6 +417,8 @@ def run_case(
     engine = MappingEngine(mset, case.timezone)
     if case.event is not None:
         return _run_event_case(result, case, case.event, engine)
+    if case.transform is not None:
+        return _run_transform_case(result, case, case.transform, mset, repo_root)
     try:
         try:
             mapped = produce(case, golden.path, engine, repo_root, parse)
@@ -480,6 +489,35 @@ def _run_event_case(
         result.message = (
             f"{given.event} payload elements are in another order: expected {list(want or {})}, "
             f"got {list(payload)} (receivers see the JSON as written)"
+        )
+    else:
+        result.passed = True
+    return result
+
+
+def _run_transform_case(
+    result: CaseResult, case: GoldenCase, name: str, mset: MappingSet, repo_root: Path
+) -> CaseResult:
+    """Run a kind: hl7 transform on the case's message; the result must be exactly ``expect: hl7``."""
+    from hms_ach.mapping.hl7_transform import TransformError, apply
+
+    loaded = mset.transforms.get(name)
+    if loaded is None:
+        result.message = f"no kind: hl7 mapping is named {name!r} (expected a file in mappings/hl7)"
+        return result
+    tables = {n: f.model for n, f in mset.tables.items()}
+    try:
+        got = apply(loaded.model, _message_bytes(case, repo_root), tables).message.decode("utf-8", "replace")
+    except (TransformError, OSError) as exc:
+        result.message = f"transform {name} failed: {exc}"
+        return result
+    want = _message_bytes(case, repo_root).decode() if case.expect.hl7 is None else ""
+    if case.expect.hl7 is not None:
+        want = "".join(ln.strip() + "\r" for ln in case.expect.hl7.splitlines() if ln.strip())
+    if got != want:
+        result.message = f"transform {name}: the message differs"
+        result.diff = "\n".join(
+            difflib.unified_diff(want.split("\r"), got.split("\r"), "expected", "transformed", lineterm="")
         )
     else:
         result.passed = True

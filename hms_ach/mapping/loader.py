@@ -222,6 +222,7 @@ class MappingSet:
     datatypes: dict[str, LoadedFile] = field(default_factory=dict)
     tables: dict[str, LoadedFile] = field(default_factory=dict)
     events: dict[str, LoadedFile] = field(default_factory=dict)
+    transforms: dict[str, LoadedFile] = field(default_factory=dict)
     _by_event: dict[str, LoadedFile] = field(default_factory=dict)
     _by_type: dict[tuple[str, str], LoadedFile] = field(default_factory=dict)
     _by_input: dict[tuple[str, str], LoadedFile] = field(default_factory=dict)
@@ -250,6 +251,7 @@ class MappingSet:
             *self.datatypes.values(),
             *self.tables.values(),
             *self.events.values(),
+            *self.transforms.values(),
         ]
 
 
@@ -275,6 +277,7 @@ def load_mappings(root: Path | str) -> MappingSet:
         "datatype": mset.datatypes,
         "table": mset.tables,
         "event": mset.events,
+        "hl7": mset.transforms,
     }
     for path in sorted(root.rglob("*.yaml")):
         if path.name.endswith("_test.yaml"):
@@ -342,6 +345,11 @@ class _Linker:
             self._rules(f, f.model.rules, ("rules",), f.model.datatype, set())
         for f in self.mset.events.values():
             self._event(f)
+        for f in self.mset.transforms.values():
+            from hms_ach.mapping.hl7_transform import problems
+
+            for loc, msg, expected in problems(f.model, set(self.mset.tables)):
+                self._err(f, loc, msg, expected)
         self._loops()
         return self.errors
 

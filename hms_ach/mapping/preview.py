@@ -197,3 +197,45 @@ def validate_fhir(resource: dict[str, Any]) -> list[str]:
     except Exception as exc:  # noqa: BLE001 - an unknown type is an issue to show, not a crash
         return [f"{resource.get('resourceType')}: {exc}"]
     return []
+
+
+@dataclass
+class TransformPreview:
+    """What a ``kind: hl7`` transform does to one message: the message after, and which rule changed
+    which field (``mapping preview --transform NAME``)."""
+
+    transform: str
+    message: str
+    changes: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"transform": self.transform, "message": self.message.split("\r"), "lineage": self.changes}
+
+    def to_text(self) -> str:
+        lines = [f"== transform {self.transform}: the message after", *self.message.rstrip("\r").split("\r")]
+        lines.append("== lineage")
+        lines += [
+            f"{c['path']:<10} {c['before']!r} -> {c['after']!r}  (rule {c['rule']}: {c['how']})"
+            for c in self.changes
+        ] or ["(no field changed)"]
+        return "\n".join(lines)
+
+
+def preview_transform(engine: MappingEngine, name: str, raw: bytes) -> TransformPreview:
+    """Run the transform ``name`` of the engine's mapping set on ``raw``. KeyError: no such
+    transform; :class:`hms_ach.mapping.hl7_transform.TransformError` when a rule cannot apply."""
+    from hms_ach.mapping.hl7_transform import apply
+
+    loaded = engine.mset.transforms.get(name)
+    if loaded is None:
+        raise KeyError(f"no kind: hl7 mapping is named {name!r}; known: {sorted(engine.mset.transforms)}")
+    tables = {n: f.model for n, f in engine.mset.tables.items()}
+    done = apply(loaded.model, raw, tables)
+    return TransformPreview(
+        name,
+        done.message.decode("utf-8", "replace"),
+        [
+            {"rule": c.rule, "path": c.path, "before": c.before, "after": c.after, "how": c.how}
+            for c in done.changes
+        ],
+    )

@@ -11,7 +11,9 @@ Five kinds of file live under ``mappings/``:
 * ``kind: datatype`` (mappings/datatypes/) how one HL7 datatype (XPN, CX, XAD...) becomes a FHIR
   element, reused by every resource mapping;
 * ``kind: table``    (mappings/tables/) a code table: HL7 codes to FHIR codes;
-* ``kind: event``    (mappings/events/) what the payload of one outbound event carries.
+* ``kind: event``    (mappings/events/) what the payload of one outbound event carries;
+* ``kind: hl7``      (mappings/hl7/) an outbound HL7 v2 transform: fields set, copied or mapped
+  through a code table, segments dropped (run by the ``mllp`` sink, hms_ach/mapping/hl7_transform.py).
 """
 
 from __future__ import annotations
@@ -294,8 +296,41 @@ class EventMapping(_Strict):
     rules: list[Rule] = Field(default_factory=list, description="The payload elements, in order")
 
 
+class Hl7Edit(_Strict):
+    """One edit of an outbound HL7 v2 message. Give ``set`` (a field, component or subcomponent:
+    PID-8, MSH-5.1, PV1-3.1.2) or ``drop`` (a segment name: every such segment goes). A ``set`` takes
+    its new value from ``value`` (a constant) or ``copy`` (another path of the message as it is at
+    this rule), or, with ``table`` alone, from the target's own value mapped through the code table;
+    ``table`` also maps a ``copy``. A ``set`` changes every occurrence of the segment and the first
+    repetition of the field."""
+
+    set: str | None = Field(None, description="Path to write, e.g. MSH-5, PID-8, PV1-3.1")
+    drop: str | None = Field(None, description="Segment to remove (every occurrence), e.g. NK1")
+    value: str | None = Field(None, description="A constant: the new value, as ER7 text")
+    copy_from: str | None = Field(None, alias="copy", description="Path whose value is written, e.g. MSH-3")
+    table: str | None = Field(
+        None,
+        description="Code table (mappings/tables) the value (or the target's own value) is mapped through",
+    )
+    when: Condition | None = Field(None, description="The edit runs only when this holds")
+    description: str = Field("", description="Why the edit is there")
+
+
+class Hl7TransformMapping(_Strict):
+    """An outbound HL7 v2 transform (mappings/hl7/): the edits made, in order, to a message an
+    ``mllp`` sink routes or generates (``transform:`` of a route). Preview it with
+    ``hms-ach mapping preview --transform NAME``; golden cases give ``transform:`` and
+    ``expect: hl7:`` (the message after the edits)."""
+
+    kind: Literal["hl7"] = Field(description="hl7")
+    name: str | None = Field(None, description="Name routes use with `transform:`; defaults to the file name")
+    description: str = Field("", description="What the transform is for (which receiver)")
+    rules: list[Hl7Edit] = Field(default_factory=list, description="The edits, applied in order")
+
+
 MappingFile = Annotated[
-    ResourceMapping | DatatypeMapping | MessageMapping | CodeTable | EventMapping, Field(discriminator="kind")
+    ResourceMapping | DatatypeMapping | MessageMapping | CodeTable | EventMapping | Hl7TransformMapping,
+    Field(discriminator="kind"),
 ]
 
 KINDS: dict[str, type[BaseModel]] = {
@@ -304,6 +339,7 @@ KINDS: dict[str, type[BaseModel]] = {
     "datatype": DatatypeMapping,
     "table": CodeTable,
     "event": EventMapping,
+    "hl7": Hl7TransformMapping,
 }
 
 Rule.model_rebuild()

@@ -116,6 +116,11 @@ def use_engine(engine: MappingEngine | None) -> None:
     _engine = engine
 
 
+def current_engine() -> MappingEngine | None:
+    """The engine :func:`use_engine` set (the mapping set a sink reads its transforms from)."""
+    return _engine
+
+
 def _ref(value: Any) -> str | None:
     if isinstance(value, dict):
         ref = value.get("reference")

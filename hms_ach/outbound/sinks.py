@@ -37,9 +37,11 @@ class SinkSettings(BaseModel):
 
     def wants(self, event: str) -> bool:
         """True if a pattern matches. The change feed (``record.*``) is matched only by patterns naming it,
-        so that ``*`` keeps meaning "every business event" and does not pull in every record version."""
-        if event.startswith("record."):
-            return any(p.startswith("record.") and fnmatch.fnmatchcase(event, p) for p in self.events)
+        so that ``*`` keeps meaning "every business event" and does not pull in every record version;
+        the same holds for ``hl7.*`` (inbound messages routed to mllp sinks)."""
+        for feed in ("record.", "hl7."):  # hl7.received.*: the routed inbound messages (mllp sinks)
+            if event.startswith(feed):
+                return any(p.startswith(feed) and fnmatch.fnmatchcase(event, p) for p in self.events)
         return any(fnmatch.fnmatchcase(event, pattern) for pattern in self.events)
 
 

@@ -301,3 +301,11 @@ def list_rows(
     if destination:
         q = q.where(ROWS.c.destination == destination)
     return [dict(r._mapping) for r in tx.execute(q).all()]
+
+
+def get_row(tx: Tx, row_id: int) -> dict[str, Any] | None:
+    """One delivery row with its event's payload (``hms-ach outbox show``); None when unknown."""
+    row = tx.execute(
+        select(ROWS, EVENTS.c.payload).join(EVENTS, EVENTS.c.id == ROWS.c.event_id).where(ROWS.c.id == row_id)
+    ).first()
+    return dict(row._mapping) if row is not None else None
