@@ -1012,6 +1012,9 @@ from hms_ach.app.jobs_cli import jobs_app  # noqa: E402 - `hms-ach jobs` and `hm
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(cli_messages.messages_app, name="messages")
 app.command("init")(cli_init.init)
+from hms_ach.app.cli_notify import notify_app  # noqa: E402 - `hms-ach notify preview|test`
+
+app.add_typer(notify_app, name="notify")
 
 audit_app = typer.Typer(no_args_is_help=True, help="The audit trail of record changes.")
 app.add_typer(audit_app, name="audit")

@@ -222,6 +222,7 @@ class MappingSet:
     datatypes: dict[str, LoadedFile] = field(default_factory=dict)
     tables: dict[str, LoadedFile] = field(default_factory=dict)
     events: dict[str, LoadedFile] = field(default_factory=dict)
+    notifications: dict[str, LoadedFile] = field(default_factory=dict)
     _by_event: dict[str, LoadedFile] = field(default_factory=dict)
     _by_type: dict[tuple[str, str], LoadedFile] = field(default_factory=dict)
     _by_input: dict[tuple[str, str], LoadedFile] = field(default_factory=dict)
@@ -250,6 +251,7 @@ class MappingSet:
             *self.datatypes.values(),
             *self.tables.values(),
             *self.events.values(),
+            *self.notifications.values(),
         ]
 
 
@@ -275,6 +277,7 @@ def load_mappings(root: Path | str) -> MappingSet:
         "datatype": mset.datatypes,
         "table": mset.tables,
         "event": mset.events,
+        "notification": mset.notifications,
     }
     for path in sorted(root.rglob("*.yaml")):
         if path.name.endswith("_test.yaml"):

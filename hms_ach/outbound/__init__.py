@@ -16,5 +16,6 @@ SINK_TYPES = Registry(
         "rabbitmq": "hms_ach.outbound.rabbitmq:RabbitMqSink",
         "x12_837": "hms_ach.billing.x12_837:X12ClaimSink",
         "fhir_push": "hms_ach.outbound.fhir_push:FhirPushSink",
+        "notify": "hms_ach.outbound.notify:NotifySink",
     },
 )
