@@ -12,10 +12,10 @@ import orjson
 import pytest
 from sqlalchemy import select
 
-from hms_ach.mapping.paths import CsvRecord
 from hms_ach.ingest.pipeline import Pipeline
 from hms_ach.mapping.engine import MappingEngine
 from hms_ach.mapping.loader import load_mappings
+from hms_ach.mapping.paths import CsvRecord
 from hms_ach.store.db import Store
 from hms_ach.store.models import OutboxEvent
 from hms_ach.store.repository import Repository
