@@ -150,6 +150,8 @@ def generate() -> str:
         ("Datatype mappings (`kind: datatype`)", spec.DatatypeMapping),
         ("Code tables (`kind: table`)", spec.CodeTable),
         ("Event payloads (`kind: event`)", spec.EventMapping),
+        ("Notifications (`kind: notification`)", spec.NotificationMapping),
+        ("Notification examples (`examples:` items)", spec.NotificationExample),
     ]
     for title, model in sections:
         out.append(f"## {title}\n")

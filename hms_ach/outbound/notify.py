@@ -131,7 +131,10 @@ class NotifySink:
     def __init__(self, settings: Config, store: Store):
         self.settings = settings
         self.store = store
-        self.templates: dict[str, Notification] = load_notifications(Path(settings.templates_dir))
+        # a disabled sink (the shipped channels.yaml's) never reads its folder, which may not exist here
+        self.templates: dict[str, Notification] = (
+            load_notifications(Path(settings.templates_dir)) if settings.enabled else {}
+        )
         self._client = (
             httpx.AsyncClient(timeout=settings.timeout_seconds, follow_redirects=False)
             if settings.channel == "http"
