@@ -179,3 +179,21 @@ async def test_a_refused_smtp_login_is_retried_and_names_no_address(tmp_path: Pa
         await sink.close()
     assert not refused.value.permanent and "SMTP 535" in str(refused.value)
     assert ONCALL not in str(refused.value) and not smtp.mailbox.messages
+
+
+async def test_starttls_is_required_not_opportunistic(store: Store) -> None:
+    """A server that does not offer STARTTLS gets nothing: a failed attempt, no mail in clear."""
+    with SmtpServer() as smtp:
+        settings = NotifySink.Config(
+            name="mail",
+            type="notify",
+            channel="email",
+            templates_dir=str(TEMPLATES),
+            smtp_port=smtp.port,
+            operators=[ONCALL],
+        )
+        sink = NotifySink(settings, store)
+        with pytest.raises(DeliveryError) as refused:
+            await sink.deliver(_delivery("alert.firing", FIRING))
+        await sink.close()
+    assert not refused.value.permanent and not smtp.mailbox.messages
