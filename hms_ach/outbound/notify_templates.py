@@ -17,7 +17,7 @@ from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import SandboxedEnvironment
 
 from hms_ach.core.errors import ConfigError, ConfigErrors, SourcePosition
-from hms_ach.mapping.loader import load_yaml, validate_file
+from hms_ach.mapping.loader import load_mappings
 from hms_ach.mapping.spec import NotificationMapping
 
 _TEXT = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False)
@@ -50,7 +50,7 @@ class Notification:
 
 
 def load_notifications(folder: Path | str) -> dict[str, Notification]:
-    """Every ``kind: notification`` file of ``folder`` by event name; errors name ``file:line:col``."""
+    """Every ``kind: notification`` file under ``folder`` by event name; errors name ``file:line:col``."""
     root = Path(folder)
     if not root.is_dir():
         raise ConfigErrors(
@@ -62,30 +62,22 @@ def load_notifications(folder: Path | str) -> dict[str, Notification]:
                 )
             ]
         )
+    mset = load_mappings(root)  # every file checked as `hms-ach check` checks it (file:line:col)
     found: dict[str, Notification] = {}
     errors: list[ConfigError] = []
-    for path in sorted(root.glob("*.yaml")):
-        try:
-            data, positions = load_yaml(path)
-            model = validate_file(path, data, positions)
-        except ConfigError as exc:
-            errors.append(exc)
-            continue
-        except ConfigErrors as exc:
-            errors.extend(exc.errors)
-            continue
-        if not isinstance(model, NotificationMapping):
-            continue  # another kind of mapping file: not ours
+    for loaded in sorted(mset.notifications.values(), key=lambda f: f.path):
+        model = loaded.model
+        assert isinstance(model, NotificationMapping)  # the loader's notification bucket
         if model.event in found:
             errors.append(
                 ConfigError(
                     f"event {model.event!r} already has a notification in {found[model.event].path.name}",
-                    SourcePosition(str(path)),
+                    SourcePosition(str(loaded.path)),
                     "one notification file per event",
                 )
             )
             continue
-        found[model.event] = Notification(path, model)
+        found[model.event] = Notification(loaded.path, model)
     if errors:
         raise ConfigErrors(errors)
     return found

@@ -6,21 +6,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Any
 
-import orjson
 import pytest
-from sqlalchemy import select
 
 from hms_ach.ingest.pipeline import Pipeline
 from hms_ach.mapping.engine import MappingEngine
 from hms_ach.mapping.loader import load_mappings
-from hms_ach.mapping.paths import CsvRecord
 from hms_ach.store.db import Store
-from hms_ach.store.models import OutboxEvent
-from hms_ach.store.repository import Repository
 from hms_ach.store.writer import StoreWriter
 from hms_ach.workforce.credentials import CredentialExpirySettings, scan, threshold_reached
+from tests.integration.test_scheduler import _events, _staff
 
 ROOT = Path(__file__).resolve().parents[2]
 D = date(2026, 11, 1)
@@ -34,26 +29,7 @@ def pipeline(store: Store) -> Iterator[Pipeline]:
 
 
 def _licence(p: Pipeline, expires: date) -> None:
-    row = {
-        "employee_id": "E7",
-        "npi": "",
-        "family_name": "Lopez",
-        "given_name": "Maria",
-        "license_number": "LIC-E7",
-        "license_type": "RN",
-        "license_state": "OH",
-        "license_expires": expires.isoformat(),
-        "active": "Y",
-    }
-    result = p.engine.map_input("csv", "staff_roster", CsvRecord(row, 2, "t.csv", list(row)))
-    p.writer.run_sync(lambda conn: Repository(conn).apply(result, None))
-
-
-def _events(p: Pipeline) -> list[tuple[str, dict[str, Any]]]:
-    t = OutboxEvent.__table__  # type: ignore[attr-defined]
-    with p.writer.store.reader.connect() as conn:
-        rows = conn.execute(select(t).where(t.c.event.like("credential.%")).order_by(t.c.id))
-        return [(r.event, orjson.loads(r.payload)) for r in rows]
+    _staff(p, "E7", expires)
 
 
 def _scan(p: Pipeline, day: date) -> dict[str, int]:

@@ -160,20 +160,29 @@ async def test_http_channel_posts_json_and_skips_what_is_not_for_it(store: Store
         await gateway.stop()
 
 
+def _mail_sink(smtp: SmtpServer, store: Store, **settings: Any) -> NotifySink:
+    """A notify sink mailing the operators through ``smtp``, with ``settings`` on top."""
+    config = NotifySink.Config(
+        name="mail",
+        type="notify",
+        channel="email",
+        templates_dir=str(TEMPLATES),
+        smtp_port=smtp.port,
+        operators=[ONCALL],
+        **settings,
+    )
+    return NotifySink(config, store)
+
+
 async def test_a_refused_smtp_login_is_retried_and_names_no_address(tmp_path: Path, store: Store) -> None:
     with SmtpServer(tmp_path) as smtp:
-        settings = NotifySink.Config(
-            name="mail",
-            type="notify",
-            channel="email",
-            templates_dir=str(TEMPLATES),
-            smtp_port=smtp.port,
+        sink = _mail_sink(
+            smtp,
+            store,
             smtp_ca_file=str(smtp.cert),
             smtp_username=SMTP_USER,
             smtp_password="not-the-password",
-            operators=[ONCALL],
         )
-        sink = NotifySink(settings, store)
         with pytest.raises(DeliveryError) as refused:
             await sink.deliver(_delivery("alert.firing", FIRING))
         await sink.close()
@@ -184,15 +193,7 @@ async def test_a_refused_smtp_login_is_retried_and_names_no_address(tmp_path: Pa
 async def test_starttls_is_required_not_opportunistic(store: Store) -> None:
     """A server that does not offer STARTTLS gets nothing: a failed attempt, no mail in clear."""
     with SmtpServer() as smtp:
-        settings = NotifySink.Config(
-            name="mail",
-            type="notify",
-            channel="email",
-            templates_dir=str(TEMPLATES),
-            smtp_port=smtp.port,
-            operators=[ONCALL],
-        )
-        sink = NotifySink(settings, store)
+        sink = _mail_sink(smtp, store)
         with pytest.raises(DeliveryError) as refused:
             await sink.deliver(_delivery("alert.firing", FIRING))
         await sink.close()
