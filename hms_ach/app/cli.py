@@ -1132,6 +1132,7 @@ def outbox_list(
         typer.echo(
             f"#{r['id']} {r['destination']} {r['event']} {r['status']} attempts={r['attempts']} "
             f"next={r['next_attempt_at']:%Y-%m-%d %H:%M:%S} error={r['last_error'] or '-'}"
+            + (f" response={r['response'][:200]}" if r.get("response") else "")
         )
 
 

@@ -13,7 +13,9 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import update
+from typer.testing import CliRunner
 
+from hms_ach.app.cli import app
 from hms_ach.app.runtime import Engine
 from hms_ach.store import outbox
 from hms_ach.store import recipient_queries as rq
@@ -91,6 +93,17 @@ async def _seed(engine: Engine) -> dict[str, str]:
             ),
             "peer": await _create(api, _person("N-2", "Ken", "Ito", "ken.ito@hospital.test")),
             "manager": await _create(api, _person("M-1", "Ruth", "Ames", MANAGER_MAIL)),
+            # no e-mail and no department: her alerts are stored warnings, never a failed row
+            "unreachable": await _create(
+                api,
+                {
+                    "resourceType": "Practitioner",
+                    "identifier": [{"system": STAFF, "value": "N-3"}],
+                    "active": True,
+                    "name": [{"family": "Ng", "given": ["Ann"]}],
+                    "qualification": [{**licence, "identifier": [{"value": "RN-500001"}]}],
+                },
+            ),
             "org": org,
         }
         for who, code in (("nurse", "nurse"), ("peer", "nurse"), ("manager", "manager")):
@@ -147,7 +160,7 @@ async def test_expiry_mails_nurse_once_per_threshold_then_escalate_to_manager(
     try:
         assert engine.scheduler is not None
         outcome = await engine.scheduler.run_job("credential_expiry")
-        assert outcome[0] == "ok" and "escalated=1" in outcome[1] and "expiring=0" in outcome[1]
+        assert outcome[0] == "ok" and "escalated=2" in outcome[1] and "expiring=0" in outcome[1]
         await wait_for(lambda: len(smtp.mailbox.messages) == 2)
         escalation = smtp.mailbox.to(MANAGER_MAIL)
         assert [m["Subject"] for m in escalation] == [
@@ -160,6 +173,17 @@ async def test_expiry_mails_nurse_once_per_threshold_then_escalate_to_manager(
         await engine.stop()
     assert len(smtp.mailbox.to(NURSE_MAIL)) == 1 and len(smtp.mailbox.messages) == 2
     rows = _sent_rows(store)
-    assert sorted(r["event"] for r in rows) == ["credential.escalated", "credential.expiring"]
+    assert sorted(r["event"] for r in rows) == ["credential.escalated"] * 2 + ["credential.expiring"] * 2
     assert {r["status"] for r in rows} == {"delivered"}
-    assert {r["response"] for r in rows} == {"sent 1 (employee)", "sent 1 (managers)"}
+    assert {r["response"] for r in rows} == {
+        "sent 1 (employee)",
+        "sent 1 (managers)",
+        "sent 0 (nobody); unresolved: employee (no email contact)",
+        "sent 0 (nobody); unresolved: managers (none found)",
+    }
+    listed = CliRunner().invoke(app, ["outbox", "--status", "delivered", "--database", store.url])
+    assert (
+        listed.exit_code == 0
+        and "response=sent 0 (nobody); unresolved: managers (none found)" in listed.output
+    )
+    assert "@" not in listed.output  # no address is stored or shown
