@@ -79,7 +79,7 @@ class NotifySink:
         )
         templates_dir: str = Field(
             "mappings/notifications",
-            description="Folder of the kind: notification templates (relative to the working directory)",
+            description="Folder of the kind: notification templates (relative to channels.yaml's folder)",
         )
         manager_role_codes: list[str] = Field(
             default_factory=lambda: ["manager"],

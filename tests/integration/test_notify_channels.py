@@ -13,6 +13,8 @@ import pytest
 from aiohttp import web
 from prometheus_client import REGISTRY
 
+from hms_ach.app.config import load_config
+from hms_ach.core.errors import ConfigErrors
 from hms_ach.outbound.notify import NotifySink
 from hms_ach.outbound.sinks import Delivery, DeliveryError
 from hms_ach.store.db import Store
@@ -198,3 +200,24 @@ async def test_starttls_is_required_not_opportunistic(store: Store) -> None:
             await sink.deliver(_delivery("alert.firing", FIRING))
         await sink.close()
     assert not refused.value.permanent and not smtp.mailbox.messages
+
+
+def test_config_resolves_template_paths_and_checks_the_sinks_alert_rules_name(tmp_path: Path) -> None:
+    sinks = (
+        "sinks:\n  - name: people\n    type: notify\n    channel: email\n    enabled: false\n"
+        "    templates_dir: mappings/notifications\n    smtp_ca_file: certs/ca.pem\n"
+    )
+    rule = (
+        "jobs:\n  alerts:\n    rules:\n      - {name: dead, kind: dead_letters, threshold: 1, sinks: [%s]}\n"
+    )
+    (tmp_path / "channels.yaml").write_text("channels: []\n" + sinks + rule % "people")
+    sink = load_config(tmp_path / "channels.yaml").sinks[0]
+    assert sink.templates_dir == str(tmp_path / "mappings" / "notifications")
+    assert sink.smtp_ca_file == str(tmp_path / "certs" / "ca.pem")
+    (tmp_path / "channels.yaml").write_text("channels: []\n" + sinks + rule % "pager")
+    with pytest.raises(ConfigErrors) as exc:
+        load_config(tmp_path / "channels.yaml")
+    assert "channels.yaml:12:" in str(exc.value)  # the rule's line
+    assert "names sink 'pager', which is not a notify sink" in str(exc.value) and "['people']" in str(
+        exc.value
+    )
