@@ -29,6 +29,7 @@ import logging
 import ssl
 from dataclasses import dataclass
 from email.message import EmailMessage
+from email.utils import formatdate
 from pathlib import Path
 from typing import Any, Literal
 
@@ -231,6 +232,7 @@ class NotifySink:
         msg["To"] = target.address
         msg["Subject"] = out.subject
         msg["Message-ID"] = f"<{delivery.idempotency_key}.{index}@hms-ach>"
+        msg["Date"] = formatdate(usegmt=True)
         msg["X-HMS-ACH-Event"] = delivery.event
         msg.set_content(out.text)
         if out.html is not None:

@@ -142,6 +142,7 @@ async def test_expiry_mails_nurse_once_per_threshold_then_escalate_to_manager(
         await wait_for(lambda: len(smtp.mailbox.messages) == 1)
         mail = smtp.mailbox.to(NURSE_MAIL)[0]
         assert mail["Subject"] == "Your RN licence RN-449812 expires in 25 days"
+        assert mail["Message-ID"].startswith("<hms-ach-evt-") and mail["Date"]  # the same on a resend
         body = mail.get_body(("plain",))
         assert body is not None and "Dear Maria Lopez," in body.get_content()
         assert "(issued by Ohio Board of Nursing)" in body.get_content()
