@@ -950,6 +950,9 @@ app.command("console")(console_command)
 app.add_typer(cli_messages.messages_app, name="messages")
 app.command("init")(cli_init.init)
 app.command("corpus-check")(cli_corpus.corpus_check)
+from hms_ach.app.cli_notify import notify_app  # noqa: E402 - `hms-ach notify preview|test`
+
+app.add_typer(notify_app, name="notify")
 
 audit_app = typer.Typer(no_args_is_help=True, help="The audit trail of record changes.")
 app.add_typer(audit_app, name="audit")
@@ -1067,6 +1070,7 @@ def outbox_list(
         typer.echo(
             f"#{r['id']} {r['destination']} {r['event']} {r['status']} attempts={r['attempts']} "
             f"next={r['next_attempt_at']:%Y-%m-%d %H:%M:%S} error={r['last_error'] or '-'}"
+            + (f" response={r['response'][:200]}" if r.get("response") else "")
         )
 
 

@@ -364,10 +364,11 @@ def load_config(path: Path | str) -> Config:
 
     channels = _load_typed("channel", CHANNEL_TYPES, data.get("channels") or [], file, positions, errors)
     sinks = _load_typed("sink", SINK_TYPES, data.get("sinks") or [], file, positions, errors)
+    errors.extend(_alert_sink_errors(config, sinks, file, positions))
     if errors:
         raise ConfigErrors(errors)
     config.channels = [_with_tls_paths_resolved(c, config.base_dir) for c in channels]
-    config.sinks = sinks
+    config.sinks = [_with_sink_paths_resolved(s, config.base_dir) for s in sinks]
     config.http.tls = _resolved(config.http.tls, config.base_dir)
     return config
 
@@ -470,3 +471,31 @@ def _translate(
         else:
             out.append(ConfigError(f"{'.'.join(map(str, err['loc']))}: {err['msg']}", pos))
     return out
+
+
+def _with_sink_paths_resolved(sink: Any, base: Path) -> Any:
+    """A notify sink's ``templates_dir`` and ``smtp_ca_file``, relative to channels.yaml's folder."""
+    update = {
+        name: str(base / value)
+        for name in ("templates_dir", "smtp_ca_file")
+        if isinstance(value := getattr(sink, name, None), str) and not Path(value).is_absolute()
+    }
+    return sink.model_copy(update=update) if update else sink
+
+
+def _alert_sink_errors(
+    config: Config, sinks: list[Any], file: Path, positions: Positions
+) -> list[ConfigError]:
+    """Alert rules whose ``sinks:`` name no notify sink of this file."""
+    notify = sorted(s.name for s in sinks if getattr(s, "type", None) == "notify")
+    rules = getattr(getattr(config.jobs, "alerts", None), "rules", None) or []
+    return [
+        ConfigError(
+            f"alert rule {rule.name!r} names sink {name!r}, which is not a notify sink of this file",
+            position_of(file, positions, ("jobs", "alerts", "rules", i, "sinks")),
+            f"one of {notify}" if notify else "a sinks: entry with type: notify",
+        )
+        for i, rule in enumerate(rules)
+        for name in rule.sinks
+        if name not in notify
+    ]

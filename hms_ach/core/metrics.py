@@ -70,6 +70,11 @@ HTTP_REQUESTS = Histogram(
     ["method", "route", "status"],
     buckets=LATENCY_BUCKETS,
 )
+NOTIFY_UNRESOLVED = Counter(
+    "hms_ach_notify_unresolved_recipients",
+    "Notification recipients the notify sink could not resolve, by sink and rule (employee, managers, peers)",
+    ["sink", "rule"],
+)
 
 
 def message_type_label(message_type: str | None) -> str:

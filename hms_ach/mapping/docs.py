@@ -152,6 +152,8 @@ def generate() -> str:
         ("Event payloads (`kind: event`)", spec.EventMapping),
         ("Outbound HL7 v2 transforms (`kind: hl7`)", spec.Hl7TransformMapping),
         ("Transform edits (`rules:` items of `kind: hl7`)", spec.Hl7Edit),
+        ("Notifications (`kind: notification`)", spec.NotificationMapping),
+        ("Notification examples (`examples:` items)", spec.NotificationExample),
     ]
     for title, model in sections:
         out.append(f"## {title}\n")

@@ -223,6 +223,7 @@ class MappingSet:
     tables: dict[str, LoadedFile] = field(default_factory=dict)
     events: dict[str, LoadedFile] = field(default_factory=dict)
     transforms: dict[str, LoadedFile] = field(default_factory=dict)
+    notifications: dict[str, LoadedFile] = field(default_factory=dict)
     _by_event: dict[str, LoadedFile] = field(default_factory=dict)
     _by_type: dict[tuple[str, str], LoadedFile] = field(default_factory=dict)
     _by_input: dict[tuple[str, str], LoadedFile] = field(default_factory=dict)
@@ -252,6 +253,7 @@ class MappingSet:
             *self.tables.values(),
             *self.events.values(),
             *self.transforms.values(),
+            *self.notifications.values(),
         ]
 
 
@@ -278,6 +280,7 @@ def load_mappings(root: Path | str) -> MappingSet:
         "table": mset.tables,
         "event": mset.events,
         "hl7": mset.transforms,
+        "notification": mset.notifications,
     }
     for path in sorted(root.rglob("*.yaml")):
         if path.name.endswith("_test.yaml"):

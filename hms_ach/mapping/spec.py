@@ -4,7 +4,7 @@ Everything about the language comes from here: the loader validates files agains
 (with ``file:line:col`` errors), ``hms-ach schema mapping`` writes their JSON Schema, and
 ``hms-ach docs`` generates docs/mapping-language.md from their descriptions.
 
-Five kinds of file live under ``mappings/``:
+Six kinds of file live under ``mappings/``:
 
 * ``kind: message``  (mappings/messages/) which message it handles and which records it yields;
 * ``kind: resource`` (mappings/resources/) how one canonical record is built, and its business key;
@@ -14,13 +14,14 @@ Five kinds of file live under ``mappings/``:
 * ``kind: event``    (mappings/events/) what the payload of one outbound event carries;
 * ``kind: hl7``      (mappings/hl7/) an outbound HL7 v2 transform: fields set, copied or mapped
   through a code table, segments dropped (run by the ``mllp`` sink, hms_ach/mapping/hl7_transform.py).
+* ``kind: notification`` (mappings/notifications/) the message to people a ``notify`` sink sends.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Strict(BaseModel):
@@ -328,8 +329,90 @@ class Hl7TransformMapping(_Strict):
     rules: list[Hl7Edit] = Field(default_factory=list, description="The edits, applied in order")
 
 
+#: The recipient rules a notification may name (besides fixed addresses).
+RECIPIENT_RULES = ("employee", "managers", "peers", "operators")
+
+
+class NotificationExample(_Strict):
+    """A golden case of a notification: a sample event payload and what the message must say."""
+
+    name: str = Field(description="Name of the case, shown when it fails")
+    payload: dict[str, Any] = Field(description="The event payload (and `employee:` facts) to render with")
+    subject: str | None = Field(None, description="The exact subject expected")
+    text_contains: list[str] = Field(
+        default_factory=list, description="Pieces of text the rendered text body must contain"
+    )
+    html_contains: list[str] = Field(
+        default_factory=list, description="Pieces of text the rendered html body must contain"
+    )
+
+
+class NotificationMapping(_Strict):
+    """A message to people for one outbound event (mappings/notifications/), sent by a `notify` sink.
+
+    `subject`, `text` and `html` are Jinja2 templates, rendered in a sandbox (html with autoescape)
+    over the event payload (`payload.days_left`, `payload.credential`...), the `employee` the event
+    is about (`employee.name`, `employee.given`; empty when it names none) and the `recipient`
+    (`recipient.name`, `recipient.rule`). `recipients` says who gets it: `employee` (the
+    Practitioner's telecom), `managers` (the practitioners whose PractitionerRole in the same
+    Organization has a manager role code), `peers` (the others with the employee's role there),
+    `operators` (the addresses in the sink's `operators:` setting, e.g. for alerts) or a fixed
+    address. `examples` are its golden tests, run by `hms-ach notify test` and CI.
+    """
+
+    kind: Literal["notification"] = Field(description="notification")
+    name: str | None = Field(None, description="Name of the notification; defaults to the file name")
+    description: str = Field("", description="When it is sent and to whom")
+    event: str = Field(description="The event it is sent for, e.g. credential.expiring")
+    subject: str = Field(min_length=1, description="Jinja2 template of the subject (one line)")
+    text: str = Field(min_length=1, description="Jinja2 template of the plain-text body")
+    html: str | None = Field(None, description="Jinja2 template of an HTML body (autoescaped); optional")
+    recipients: list[str] = Field(
+        default_factory=lambda: ["employee"],
+        min_length=1,
+        description="employee | managers | peers | operators (the sink's `operators:`) | a fixed address "
+        "(name@host, or +phone for http)",
+    )
+    examples: list[NotificationExample] = Field(
+        default_factory=list, description="Golden cases: a sample payload and the expected message"
+    )
+
+    @field_validator("subject", "text", "html")
+    @classmethod
+    def _template_syntax(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from jinja2 import TemplateSyntaxError
+        from jinja2.sandbox import SandboxedEnvironment
+
+        try:
+            SandboxedEnvironment().parse(value)
+        except TemplateSyntaxError as exc:
+            raise ValueError(
+                f"Jinja2 syntax error on line {exc.lineno} of the template: {exc.message}"
+            ) from exc
+        return value
+
+    @field_validator("recipients")
+    @classmethod
+    def _recipient_rules(cls, value: list[str]) -> list[str]:
+        for rule in value:
+            if rule not in RECIPIENT_RULES and "@" not in rule and not rule.startswith("+"):
+                raise ValueError(
+                    f"unknown recipient {rule!r}: expected one of {', '.join(RECIPIENT_RULES)}, an e-mail "
+                    "address or a +phone number"
+                )
+        return value
+
+
 MappingFile = Annotated[
-    ResourceMapping | DatatypeMapping | MessageMapping | CodeTable | EventMapping | Hl7TransformMapping,
+    ResourceMapping
+    | DatatypeMapping
+    | MessageMapping
+    | CodeTable
+    | EventMapping
+    | Hl7TransformMapping
+    | NotificationMapping,
     Field(discriminator="kind"),
 ]
 
@@ -340,6 +423,7 @@ KINDS: dict[str, type[BaseModel]] = {
     "table": CodeTable,
     "event": EventMapping,
     "hl7": Hl7TransformMapping,
+    "notification": NotificationMapping,
 }
 
 Rule.model_rebuild()

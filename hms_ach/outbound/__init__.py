@@ -17,5 +17,6 @@ SINK_TYPES = Registry(
         "x12_837": "hms_ach.billing.x12_837:X12ClaimSink",
         "fhir_push": "hms_ach.outbound.fhir_push:FhirPushSink",
         "mllp": "hms_ach.outbound.mllp_sink:MllpSink",
+        "notify": "hms_ach.outbound.notify:NotifySink",
     },
 )

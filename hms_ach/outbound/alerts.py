@@ -2,8 +2,10 @@
 when a rule starts to hold and an ``alert.resolved`` event when it stops, once per episode.
 
 The events go through the outbox like every other event, so any sink that subscribes to
-``alert.*`` delivers them (a webhook to the on-call tool, RabbitMQ, and the notification sink for
-people when it exists), retried and dead-lettered like the rest. Each rule's state is stored
+``alert.*`` delivers them (a webhook to the on-call tool, RabbitMQ, or a ``notify`` sink that
+e-mails people with the templates of mappings/notifications/alert_*.yaml), retried and
+dead-lettered like the rest. A rule that names ``sinks:`` is sent to people only by those notify
+sinks (its payload carries the names); other sinks still get it. Each rule's state is stored
 (``alert_state``): a restart neither fires an episode again nor forgets to resolve it, and with
 several engines the scheduler's single leader runs the job.
 
@@ -52,6 +54,11 @@ class AlertRule(BaseModel):
     window_minutes: float = Field(15, gt=0, description="error_rate: the window looked at")
     min_messages: int = Field(10, ge=1, description="error_rate: fewer messages in the window never fire")
     minutes: float = Field(30, gt=0, description="silence: how long without a message fires")
+    sinks: list[str] = Field(
+        default_factory=list,
+        description="notify sinks that send this rule's alerts to people (e-mail); empty: every notify "
+        "sink subscribed to alert.*. Webhook and other sinks subscribed to alert.* get every rule's",
+    )
 
     @model_validator(mode="after")
     def _target(self) -> AlertRule:
@@ -125,6 +132,8 @@ def check_rules(tx: Tx, rules: list[AlertRule], now: datetime | None = None) -> 
             "threshold": rule.threshold,
             "at": now.isoformat().replace("+00:00", "Z"),
         }
+        if rule.sinks:
+            payload["sinks"] = list(rule.sinks)
         if not holds and since is not None:
             payload["duration_seconds"] = round((now - since).total_seconds())
         outbox.enqueue(tx, "alert.firing" if holds else "alert.resolved", payload)

@@ -33,7 +33,7 @@ they are without an engine or a mapping).
 | timecard.recorded | a Timecard is created or changed |
 | claim.created | a Claim is created (see :mod:`hms_ach.billing.claims`) |
 | claim.file_written / claim.file_rejected / claim.error | the 837 sink's outcome for a claim (:mod:`hms_ach.billing.x12_837`) |
-| credential.expiring / credential.expired | emitted by the scheduler (:mod:`hms_ach.workforce.credentials`) |
+| credential.expiring / credential.expired / credential.escalated | emitted by the scheduler (:mod:`hms_ach.workforce.credentials`) |
 | practitioner.offboarded / overtime.threshold_reached | emitted by the workforce rules (:mod:`hms_ach.workforce.listeners`) |
 | record.changed | every new version of a FHIR resource record (the change feed of the fhir_push sink) |
 
@@ -78,6 +78,7 @@ EVENT_NAMES = (
     "practitioner.updated",
     "credential.expiring",
     "credential.expired",
+    "credential.escalated",
     "practitioner.offboarded",
     "overtime.threshold_reached",
     "shift.updated",
