@@ -31,7 +31,7 @@ from typing import Any
 
 import orjson
 
-from hms_ach.core.records import RECORD_TYPES, merge_content
+from hms_ach.core.records import RECORD_MERGERS, RECORD_TYPES, Mode, merge_by_mode
 from hms_ach.core.references import references, rewrite_references
 from hms_ach.fhir.write import Operation, Result, etag_version, parse_identifier_query
 from hms_ach.store import bulk
@@ -58,6 +58,8 @@ def _entry(op: Operation) -> _Entry | None:
     """``op`` as a bulk entry, or None when the per-entry path must write it."""
     rec = op.record
     if rec is None or op.extra or op.method == "DELETE" or op.resource_type == "Shift":
+        return None
+    if op.resource_type in RECORD_MERGERS:  # merged by source and found by its match policy: per entry
         return None
     if rec.key_value and rec.key_system is None:
         return None
@@ -169,13 +171,8 @@ def _content(text: str) -> dict[str, Any]:
     return {k: v for k, v in orjson.loads(text).items() if k not in ("id", "meta")}
 
 
-def _merged(mode: str, old: dict[str, Any], content: dict[str, Any], rtype: str) -> dict[str, Any]:
-    if mode == "replace":
-        merged = merge_content({}, content)
-    elif mode == "fill":
-        merged = merge_content(content, old)
-    else:
-        merged = merge_content(old, content)
+def _merged(mode: Mode, old: dict[str, Any], content: dict[str, Any], rtype: str) -> dict[str, Any]:
+    merged = merge_by_mode(mode, old, content)
     merged["resourceType"] = rtype
     return merged
 
