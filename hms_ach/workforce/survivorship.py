@@ -103,6 +103,23 @@ def _item_key(element: str, item: Any) -> str:
     return orjson.dumps(item, option=orjson.OPT_SORT_KEYS).decode()
 
 
+def _by_key(element: str, items: list[Any]) -> dict[str, Any]:
+    """The entries of a repeating element by key; a key that one list holds twice (two staff
+    numbers in one system, from one source) is told apart by the entry's value."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key = _item_key(element, item)
+        if key in out:
+            value = item.get("value") if isinstance(item, dict) else None
+            key = (
+                f"{key}|{value}"
+                if value
+                else f"{key}|{orjson.dumps(item, option=orjson.OPT_SORT_KEYS).decode()}"
+            )
+        out[key] = item
+    return out
+
+
 #: Practitioner elements whose entries merge by key; the others are settled whole.
 KEYED = frozenset({"identifier", "telecom", "qualification", "address", "extension", "communication"})
 
@@ -200,9 +217,8 @@ class _Merge:
             for i in (old.get(element) or [])
             if not (element == "extension" and isinstance(i, dict) and i.get("url") in _OWN)
         ]
-        stored = {_item_key(element, i): i for i in stored_list}
-        incoming_list = new.get(element) or []
-        incoming = {_item_key(element, i): i for i in incoming_list}
+        stored = _by_key(element, stored_list)
+        incoming = _by_key(element, new.get(element) or [])
         merged: dict[str, Any] = {}
         for key, item in {**stored, **incoming}.items():
             path = f"{element}[{key}]"
