@@ -314,6 +314,35 @@ def merge(inp: MergeInput) -> dict[str, Any]:
     return out
 
 
+def explain(content: dict[str, Any], source: str, rules: SurvivorshipSettings) -> list[str]:
+    """For ``hms-ach mapping preview --source``: each element path of ``content`` (a Practitioner
+    a mapping produced), the sources its rule ranks, and where ``source`` stands among them."""
+    state = _Merge(rules, MergeInput("Practitioner", {}, content, source, "merge"))
+    lines: list[str] = []
+    for element, value in content.items():
+        if element in ("resourceType", "id", "meta"):
+            continue
+        items = _by_key(element, value) if element in KEYED and isinstance(value, list) else {"": value}
+        for key, item in items.items():
+            paths = [f"{element}[{key}]" if key else element]
+            if element == "qualification":
+                paths.append(f"{paths[0]}.verification")
+            for path in paths:
+                rule = state.rule(path, element, item)
+                if not rule:
+                    lines.append(f"{path} <- {source}: no rule, the last write wins")
+                    continue
+                rank = rule.index(source) if source in rule else len(rule)
+                above, below = rule[:rank], rule[rank + 1 :] if source in rule else []
+                standing = f"rank {rank + 1} of {len(rule)}" if source in rule else "not listed, below all"
+                lines.append(
+                    f"{path} <- {source}: {standing} in [{', '.join(rule)}]"
+                    + (f"; kept over {', '.join(below)}" if below else "")
+                    + (f"; yields to {', '.join(above)}" if above else "")
+                )
+    return lines
+
+
 def match_identifiers(content: dict[str, Any]) -> list[tuple[str, str]]:
     """The match policy: ``content``'s identifiers of the ``match_systems``, in that order."""
     rules = current().survivorship
@@ -354,6 +383,7 @@ __all__ = [
     "CONFLICT_EXT",
     "SOURCE_EXT",
     "conflicts_of",
+    "explain",
     "install",
     "match_identifiers",
     "merge",

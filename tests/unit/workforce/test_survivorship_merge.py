@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
+from hms_ach.app.cli import app
 from hms_ach.app.config import load_config
 from hms_ach.core.errors import ConfigErrors
 from hms_ach.core.records import MergeInput, Mode
@@ -126,3 +128,28 @@ def test_an_unknown_element_is_refused_with_its_place(tmp_path: Path) -> None:
     with pytest.raises(ConfigErrors) as caught:
         load_config(path)
     assert f"{path}:3:5:" in str(caught.value) and "unknown element 'gendr'" in str(caught.value)
+
+
+def test_mapping_preview_shows_where_a_source_stands(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[3]
+    result = CliRunner().invoke(
+        app,
+        [
+            "mapping",
+            "preview",
+            str(root / "samples" / "hl7" / "mfn_m02.hl7"),
+            "--config",
+            str(root / "channels.yaml"),
+            "--mapping-dir",
+            str(root / "mappings"),
+            "--source",
+            "adt_in",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    section = result.output.split("== survivorship (as source adt_in)")[1]
+    assert "Practitioner key http://hl7.org/fhir/sid/us-npi|1356702989" in section
+    assert (
+        "qualification[RN-884213] <- adt_in: rank 1 of 4 in [adt_in, fhir_in, staff_roster_sftp, drop_in]"
+    ) in section
+    assert "qualification[RN-884213].verification <- adt_in: not listed, below all in [fhir_in]" in section
