@@ -195,7 +195,11 @@ class _Merge:
             "refused": self.source,
             "value": orjson.dumps(incoming, option=orjson.OPT_SORT_KEYS).decode(),
         }
-        log.warning("practitioner.conflict", extra={"element": path, "kept": holder, "refused": self.source})
+        # the element's name only: a path can hold an identifier or a licence number
+        element = path.split("[", 1)[0]
+        log.warning(
+            "practitioner.conflict", extra={"element": element, "kept": holder, "refused": self.source}
+        )
         return False
 
     def whole(self, out: dict[str, Any], old: dict[str, Any], new: dict[str, Any], element: str) -> None:

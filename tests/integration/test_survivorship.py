@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,12 +23,11 @@ import httpx
 import orjson
 import pytest
 
-from hms_ach.app.config import load_config
 from hms_ach.app.runtime import Engine
 from hms_ach.channels.file_drop import FileDropChannel
 from hms_ach.store.db import Store
 from hms_ach.workforce.survivorship import CONFLICT_EVENT, SOURCE_EXT, conflicts_of, sources_of
-from tests.integration.engine_helpers import FHIR_JSON, STAFF, auth_headers, mllp_channel
+from tests.integration.engine_helpers import FHIR_JSON, STAFF, auth_headers, mllp_channel, start_engine
 
 ROOT = Path(__file__).resolve().parents[2]
 MFN = (ROOT / "samples" / "hl7" / "mfn_m02.hl7").read_bytes()
@@ -57,22 +55,19 @@ workforce:
 
 
 async def _engine(tmp_path: Path, store: Store, rules: str = RULES) -> Engine:
-    shutil.copytree(ROOT / "mappings", tmp_path / "mappings")
+    """The engine with the three channels (MLLP, FHIR, a CSV roster drop), then ``rules`` (a
+    top-level ``workforce:`` section after the channel list)."""
     (tmp_path / "drop").mkdir()
-    (tmp_path / "channels.yaml").write_text(
-        "engine:\n  mappings: mappings\n  watch: false\n"
-        "http:\n  host: 127.0.0.1\n  port: 0\n"
-        "channels:\n"
+    return await start_engine(
+        tmp_path,
+        store,
         "  - {name: adt_in, type: mllp, host: 127.0.0.1, port: 0}\n"
         "  - {name: fhir_in, type: fhir_rest, max_body_bytes: 262144}\n"
         "  - name: roster_drop\n    type: file_drop\n"
         f"    directory: {tmp_path / 'drop'}\n    work_dir: {tmp_path / 'work'}\n"
         "    csv: {dataset: staff_roster}\n    min_file_age_seconds: 0\n    stable_seconds: 0\n"
-        "    poll_interval_seconds: 3600\n" + rules
+        "    poll_interval_seconds: 3600\n" + rules,
     )
-    eng = Engine(load_config(tmp_path / "channels.yaml"), database=store.url)
-    await eng.start()
-    return eng
 
 
 async def _mfn(eng: Engine, raw: bytes = MFN) -> str:
