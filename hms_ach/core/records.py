@@ -8,7 +8,9 @@
   YAML.
 * :class:`MappingResult` / :class:`RecordWrite` are the contract between the mapping engine
   (``mapping/``) and the store (``store/``): plain data, so the preview can show it and the golden
-  tests can compare it. :func:`merge_content` is the one merge rule both use.
+  tests can compare it. :func:`merge_content` is the one merge rule both use;
+  :func:`merge_record` applies it by a write's mode, or a record type's own rule when one is
+  installed (:data:`RECORD_MERGERS`: Practitioner survivorship, merged by source).
 
 References between records of one message are written ``{"reference": "@alias"}`` and resolved by
 the store to ``Type/id`` once the aliased record has its id.
