@@ -688,6 +688,13 @@ def mapping_preview(
             help="a kind: hl7 transform (mappings/hl7/): show the message after it and which rule changed what"
         ),
     ] = None,
+    source: Annotated[
+        str | None,
+        typer.Option(
+            help="a channel name: show where this source stands for each Practitioner element "
+            "(workforce.survivorship of --config; docs/survivorship.md)"
+        ),
+    ] = None,
 ) -> None:
     """Show the input, the records and FHIR resources it yields, and field lineage. Writes nothing.
 
@@ -717,7 +724,17 @@ def mapping_preview(
             typer.echo(f"{sample}: {pv.ack_code} {pv.code} at {pv.location or '-'}: {pv.message}", err=True)
             failed = True
             continue
-        typer.echo(json.dumps(pv.to_dict(), indent=2, ensure_ascii=False) if fmt == "json" else pv.to_text())
+        standing = None
+        if source is not None and hasattr(pv, "result"):  # a transform preview has no records
+            standing = _survivorship_lines(config, pv.result, source)
+        if fmt == "json":
+            body = pv.to_dict() | ({"survivorship": standing} if standing is not None else {})
+            typer.echo(json.dumps(body, indent=2, ensure_ascii=False))
+        else:
+            text = pv.to_text()
+            if standing is not None:
+                text += f"\n\n== survivorship (as source {source})\n" + "\n".join(f"  {x}" for x in standing)
+            typer.echo(text)
     raise typer.Exit(1 if failed else 0)
 
 
@@ -739,6 +756,19 @@ def _transform_previews(engine: Any, name: str, data: bytes) -> list[Any]:
 
             out.append(ContentError(exc.message, exc.location))
     return out
+
+
+def _survivorship_lines(config: Path, result: Any, source: str) -> list[str]:
+    """Where ``source`` stands for each element of the Practitioner records of ``result``."""
+    from hms_ach.workforce.survivorship import explain
+
+    rules = (_load(config) if config.exists() else Config()).workforce.survivorship
+    lines: list[str] = []
+    for rec in result.records:
+        if rec.resource_type == "Practitioner":
+            lines.append(f"Practitioner key {rec.key}")
+            lines.extend(f"  {line}" for line in explain(rec.content, source, rules))
+    return lines
 
 
 def _hl7_previews(engine: Any, data: bytes) -> list[Any]:

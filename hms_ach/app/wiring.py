@@ -8,7 +8,9 @@ to its own audit trail, always, and then to the listeners subscribed here, in th
 2. :func:`hms_ach.billing.claims.on_change`: a discharged encounter gets its Claim (whose own
    change then announces ``claim.created``);
 3. :func:`hms_ach.workforce.listeners.on_change`: offboarding (an inactive Practitioner's future
-   shifts released) and ``overtime.threshold_reached``.
+   shifts released) and ``overtime.threshold_reached``;
+4. :func:`hms_ach.workforce.survivorship.on_change`: ``practitioner.conflict`` for a conflict the
+   survivorship rules could not settle.
 
 It also subscribes the CSV row check (:func:`hms_ach.ingest.csv_rows.use_row_check`): the workforce
 rules over what each row wrote (:func:`hms_ach.workforce.record_rules.check_csv_writes`).
@@ -24,13 +26,14 @@ from hms_ach.billing import claims
 from hms_ach.ingest import csv_rows
 from hms_ach.outbound import events
 from hms_ach.store import changes
-from hms_ach.workforce import listeners, record_rules
+from hms_ach.workforce import listeners, record_rules, survivorship
 
 #: The change listeners after the audit trail, in the order they run.
 CHANGE_LISTENERS: tuple[changes.Listener, ...] = (
     events.on_change,
     claims.on_change,
     listeners.on_change,
+    survivorship.on_change,
 )
 
 
@@ -43,3 +46,4 @@ def wire_listeners() -> None:
     for listener in CHANGE_LISTENERS:
         changes.subscribe(listener, MANY_LISTENERS.get(listener))
     csv_rows.use_row_check(record_rules.check_csv_writes)
+    survivorship.install()  # Practitioner: merged by source, found by the match policy

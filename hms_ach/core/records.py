@@ -8,7 +8,9 @@
   YAML.
 * :class:`MappingResult` / :class:`RecordWrite` are the contract between the mapping engine
   (``mapping/``) and the store (``store/``): plain data, so the preview can show it and the golden
-  tests can compare it. :func:`merge_content` is the one merge rule both use.
+  tests can compare it. :func:`merge_content` is the one merge rule both use;
+  :func:`merge_record` applies it by a write's mode, or a record type's own rule when one is
+  installed (:data:`RECORD_MERGERS`: Practitioner survivorship, merged by source).
 
 References between records of one message are written ``{"reference": "@alias"}`` and resolved by
 the store to ``Type/id`` once the aliased record has its id.
@@ -16,6 +18,7 @@ the store to ``Type/id`` once the aliased record has its id.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -458,3 +461,63 @@ def merge_location_history(old: list[dict[str, Any]], new: list[dict[str, Any]])
             item = ended({**item, "status": "completed"})
         out.append(item)
     return out
+
+
+# ---------------------------------------------------------------------------- per-type merges (survivorship)
+
+
+@dataclass(frozen=True)
+class MergeInput:
+    """One write of a record that a type's own merge rule settles (:data:`RECORD_MERGERS`)."""
+
+    resource_type: str
+    old: dict[str, Any]
+    """The stored content (``{}`` for a new record)."""
+    new: dict[str, Any]
+    """What the source sends."""
+    source: str
+    """The source of the write: the inbound channel's name (``""`` when not known)."""
+    mode: Mode
+
+
+#: A record type's own merge rule: the content to store for one write.
+RecordMerger = Callable[[MergeInput], dict[str, Any]]
+#: A record type's match policy: the ``(system, value)`` identifiers of a content that name the
+#: same record, in the order they are tried, when its business key finds none.
+RecordMatcher = Callable[[dict[str, Any]], list[tuple[str, str]]]
+
+#: Record types whose writes are merged by their own rule instead of :func:`merge_by_mode`, and
+#: found by their own match policy. Empty unless the composition root installs one
+#: (:func:`hms_ach.workforce.survivorship.install` for Practitioner); a type not here merges as
+#: its RecordWrite's ``mode`` says.
+RECORD_MERGERS: dict[str, RecordMerger] = {}
+RECORD_MATCHERS: dict[str, RecordMatcher] = {}
+
+
+def merge_by_mode(
+    mode: Mode, old: dict[str, Any], new: dict[str, Any], history: bool = False
+) -> dict[str, Any]:
+    """The merge every record type gets by default: ``replace`` takes ``new`` whole, ``fill`` keeps
+    what is stored and fills the gaps, ``merge`` deep-merges ``new`` into ``old``
+    (:func:`merge_content`; ``history``: Encounter.location keeps its history)."""
+    if mode == "replace":
+        return merge_content({}, new)
+    if mode == "fill":
+        return merge_content(new, old)
+    return merge_content(old, new, history=history)
+
+
+def merge_record(
+    resource_type: str,
+    mode: Mode,
+    old: dict[str, Any],
+    new: dict[str, Any],
+    source: str = "",
+    history: bool = False,
+) -> dict[str, Any]:
+    """The content to store when ``source`` writes ``new`` over ``old``: the type's own rule
+    (:data:`RECORD_MERGERS`) when it has one, else :func:`merge_by_mode`."""
+    merger = RECORD_MERGERS.get(resource_type)
+    if merger is None:
+        return merge_by_mode(mode, old, new, history)
+    return merger(MergeInput(resource_type, old, new, source, mode))

@@ -31,13 +31,13 @@ from typing import Any
 
 import orjson
 
-from hms_ach.core.records import RECORD_TYPES, merge_content
+from hms_ach.core.records import RECORD_MATCHERS, RECORD_MERGERS, RECORD_TYPES, Mode, merge_record
 from hms_ach.core.references import references, rewrite_references
 from hms_ach.fhir.write import Operation, Result, etag_version, parse_identifier_query
 from hms_ach.store import bulk
 from hms_ach.store.errors import DomainError
 from hms_ach.store.port import Tx
-from hms_ach.store.repository import new_id
+from hms_ach.store.repository import Repository, new_id
 from hms_ach.store.savepoint import savepoint
 
 #: A run of fewer eligible entries than this is written entry by entry (nothing to gain).
@@ -114,7 +114,8 @@ def plan(ops: list[Operation]) -> None:
         content = rewrite_references(rec.content, urls)
         found = references(content)
         rendered = None
-        if not any(ref.startswith(_URN) for _path, ref in found):
+        # a type merged by its source (survivorship) is merged in the writer, which knows the source
+        if not any(ref.startswith(_URN) for _path, ref in found) and rtype not in RECORD_MERGERS:
             merged = _merged(rec.mode, {}, content, rtype)
             rendered = bulk.render_ahead(rtype, rids[id(e.op)], 1, merged)
         refs = [(parts[0], parts[1]) for parts in (ref.split("/") for _p, ref in found) if _stored(parts)]
@@ -169,13 +170,10 @@ def _content(text: str) -> dict[str, Any]:
     return {k: v for k, v in orjson.loads(text).items() if k not in ("id", "meta")}
 
 
-def _merged(mode: str, old: dict[str, Any], content: dict[str, Any], rtype: str) -> dict[str, Any]:
-    if mode == "replace":
-        merged = merge_content({}, content)
-    elif mode == "fill":
-        merged = merge_content(content, old)
-    else:
-        merged = merge_content(old, content)
+def _merged(
+    mode: Mode, old: dict[str, Any], content: dict[str, Any], rtype: str, source: str = ""
+) -> dict[str, Any]:
+    merged = merge_record(rtype, mode, old, content, source)
     merged["resourceType"] = rtype
     return merged
 
@@ -207,6 +205,9 @@ def _write_group(tx: Tx, message_id: int, group: list[_Entry], resolved: dict[st
             raise bulk.Fallback("a claimed or taken key")  # per entry: a stale claim, or AlreadyExists
         planned: _Plan | None = e.op.plan
         rid = row.id if row is not None else planned.rid if planned is not None else new_id()
+        if row is None and e.kind == "update" and rtype in RECORD_MATCHERS:
+            if Repository(tx).matched_id(rtype, rec.content) is not None:
+                raise bulk.Fallback("the match policy finds the record")  # per entry: updated
         if row is None:
             new_keys[rid] = (rec.key_system, rec.key_value)
         targets.append((rid, row))
@@ -244,6 +245,7 @@ def _write_group(tx: Tx, message_id: int, group: list[_Entry], resolved: dict[st
     live = {(rtype, rid) for rtype, ids in wanted.items() for rid in bulk.live_ids(tx, rtype, ids)}
 
     # 4. what each entry writes, decided as the per-entry path decides it
+    repo = Repository(tx)  # the source of the request, for a type merged by source
     results: list[Result | None] = []
     versions: list[bulk.NewVersion] = []
     for e, (rid, row), content, entry_refs, planned in zip(
@@ -265,7 +267,7 @@ def _write_group(tx: Tx, message_id: int, group: list[_Entry], resolved: dict[st
             results.append(None)
             continue
         old = {} if row is None else _content(row.resource)
-        merged = _merged(rec.mode, old, content, rtype)
+        merged = _merged(rec.mode, old, content, rtype, repo.source_of(rtype, message_id))
         if row is not None and not row.deleted and merged == old:  # no change: no new version
             results.append(Result(200, rtype, rid, row.version, row.resource, row.last_updated))
             continue

@@ -35,6 +35,7 @@ they are without an engine or a mapping).
 | claim.file_written / claim.file_rejected / claim.error | the 837 sink's outcome for a claim (:mod:`hms_ach.billing.x12_837`) |
 | credential.expiring / credential.expired / credential.escalated | emitted by the scheduler (:mod:`hms_ach.workforce.credentials`) |
 | practitioner.offboarded / overtime.threshold_reached | emitted by the workforce rules (:mod:`hms_ach.workforce.listeners`) |
+| practitioner.conflict | two sources disagree on a Practitioner element and no survivorship rule ranks them (:mod:`hms_ach.workforce.survivorship`) |
 | record.changed | every new version of a FHIR resource record (the change feed of the fhir_push sink) |
 
 ``record.changed`` (payload: resource, versionId, action create|update|delete) is the change feed:
@@ -80,6 +81,7 @@ EVENT_NAMES = (
     "credential.expired",
     "credential.escalated",
     "practitioner.offboarded",
+    "practitioner.conflict",
     "overtime.threshold_reached",
     "shift.updated",
     "timecard.recorded",

@@ -24,10 +24,24 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from hms_ach.core.errors import ContentError, Err0357
-from hms_ach.core.records import MappingResult, RecordWrite, StoreAction, merge_content
+from hms_ach.core.records import (
+    RECORD_MATCHERS,
+    RECORD_MERGERS,
+    MappingResult,
+    RecordWrite,
+    StoreAction,
+    merge_record,
+)
 from hms_ach.store import fastexec, search_params
 from hms_ach.store.changes import Change, notify
-from hms_ach.store.models import INDEX_TABLES, RECORD_TABLES, ResourceHistory, SearchReference
+from hms_ach.store.models import (
+    INDEX_TABLES,
+    RECORD_TABLES,
+    InboundMessage,
+    ResourceHistory,
+    SearchReference,
+    SearchToken,
+)
 
 
 @dataclass
@@ -136,6 +150,7 @@ class Repository:
         self._dialect = dialect
         self._insert = pg_insert if dialect == "postgresql" else sqlite_insert
         self._lock = dialect == "postgresql"
+        self._sources: dict[int, str] = {}
 
     # ------------------------------------------------------------------ reads
     def get(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
@@ -209,11 +224,14 @@ class Repository:
         st = _statements(rec.resource_type, self._dialect)
         if rec.key_value:
             row = self._by_key(st, rec.key_system, rec.key_value)
+            if row is None and rec.resource_type in RECORD_MATCHERS:
+                matched = self.matched_id(rec.resource_type, content)
+                row = None if matched is None else self._by_id(st, matched)
             if row is None:
                 if not rec.create:
                     return None
                 rid = new_id()
-                first = self._merge(rec, {}, content)
+                first = self._merge(rec, {}, content, message_id)
                 if self._create(st, rec, rid, first, message_id):
                     return WriteOutcome(rec.resource_type, rid, 1, created=True, changed=True)
                 row = self._by_key(st, rec.key_system, rec.key_value)  # another writer created it first
@@ -225,9 +243,9 @@ class Repository:
             created = version == 0  # a placeholder claimed by a FHIR conditional create
         else:
             rid = new_id()
-            self._create(st, rec, rid, self._merge(rec, {}, content), message_id)
+            self._create(st, rec, rid, self._merge(rec, {}, content, message_id), message_id)
             return WriteOutcome(rec.resource_type, rid, 1, created=True, changed=True)
-        merged = self._merge(rec, old, content)
+        merged = self._merge(rec, old, content, message_id)
         if not created and merged == old:
             return WriteOutcome(rec.resource_type, rid, version, created=False, changed=False)
         return self.write_version(
@@ -241,15 +259,58 @@ class Repository:
             live=not row[3],
         )
 
-    @staticmethod
-    def _merge(rec: RecordWrite, old: dict[str, Any], content: dict[str, Any]) -> dict[str, Any]:
-        if rec.mode == "replace":
-            merged = _drop_nones(merge_content({}, content))
-        elif rec.mode == "fill":
-            merged = _drop_nones(merge_content(content, old))  # what is stored wins
-        else:
-            # Encounter.location keeps its history (core.records.merge_location_history)
-            merged = _drop_nones(merge_content(old, content, history=True))
+    def _by_id(self, st: _Statements, rid: str) -> tuple[Any, ...] | None:
+        """(id, version_id, resource, deleted) of the record ``rid`` (locked on PostgreSQL)."""
+        c = st.table.c
+        q = select(c.id, c.version_id, c.resource, c.deleted).where(c.id == rid)
+        row = self.conn.execute(q.with_for_update() if self._lock else q).first()
+        return None if row is None else tuple(row)
+
+    def matched_id(self, resource_type: str, content: dict[str, Any]) -> str | None:
+        """The one live record the type's match policy (:data:`hms_ach.core.records.RECORD_MATCHERS`)
+        finds for ``content``: its identifiers are tried in the policy's order, and the first that
+        names exactly one live record decides. None: no policy, or no identifier names one record."""
+        matcher = RECORD_MATCHERS.get(resource_type)
+        if matcher is None:
+            return None
+        table = RECORD_TABLES[resource_type].__table__  # type: ignore[attr-defined]
+        ix = SearchToken.__table__  # type: ignore[attr-defined]
+        for system, value in matcher(content):
+            sub = select(ix.c.resource_id).where(
+                ix.c.resource_type == resource_type,
+                ix.c.param == "identifier",
+                ix.c.system == system,
+                ix.c.value == value,
+            )
+            ids = {
+                str(i)
+                for i in self.conn.execute(
+                    select(table.c.id).where(
+                        table.c.id.in_(sub), table.c.deleted.is_(False), table.c.version_id > 0
+                    )
+                ).scalars()
+            }
+            if len(ids) == 1:
+                return ids.pop()
+        return None
+
+    def source_of(self, resource_type: str, message_id: int | None) -> str:
+        """The inbound channel of message ``message_id``: the source a type's own merge rule
+        (:data:`hms_ach.core.records.RECORD_MERGERS`) ranks; ``""`` for other types or no message."""
+        if message_id is None or resource_type not in RECORD_MERGERS:
+            return ""
+        if message_id not in self._sources:
+            t = InboundMessage.__table__  # type: ignore[attr-defined]
+            found = self.conn.execute(select(t.c.channel).where(t.c.id == message_id)).scalar()
+            self._sources[message_id] = "" if found is None else str(found)
+        return self._sources[message_id]
+
+    def _merge(
+        self, rec: RecordWrite, old: dict[str, Any], content: dict[str, Any], message_id: int | None
+    ) -> dict[str, Any]:
+        # Encounter.location keeps its history (core.records.merge_location_history)
+        source = self.source_of(rec.resource_type, message_id)
+        merged = _drop_nones(merge_record(rec.resource_type, rec.mode, old, content, source, history=True))
         merged["resourceType"] = rec.resource_type
         return merged  # type: ignore[no-any-return]
 

@@ -32,7 +32,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Row
 
-from hms_ach.core.records import RecordWrite, merge_content
+from hms_ach.core.records import RECORD_MATCHERS, RecordWrite, merge_record
 from hms_ach.store import search as fhir_search
 from hms_ach.store.db import Store
 from hms_ach.store.errors import (
@@ -308,16 +308,11 @@ def _write(
         tx.execute(
             sql_update(t).where(t.c.id == rid).values(key_system=rec.key_system, key_value=rec.key_value)
         )
-    if rec.mode == "replace":
-        merged = merge_content({}, w.content)
-    elif rec.mode == "fill":
-        merged = merge_content(w.content, old)
-    else:
-        merged = merge_content(old, w.content)
+    repo = Repository(tx)
+    merged = merge_record(rtype, rec.mode, old, w.content, repo.source_of(rtype, message_id))
     merged["resourceType"] = rtype
     if not created and not row.deleted and merged == old:
         return _current(tx, rtype, rid)
-    repo = Repository(tx)
     repo.write_version(
         rtype, rid, int(row.version_id) + 1, merged, message_id, created, before=None if created else old
     )
@@ -376,7 +371,10 @@ def update_by_identifier(
     """Conditional update: the one live record with the identifier ``[system|]value`` is updated;
     more than one is refused (MultipleMatches); none: the record is created."""
     rec, rtype = w.record, w.resource_type
+    matched = _matched(tx, w)
     if rec.key_value and (system, value) == (rec.key_system, rec.key_value):
+        if matched is not None:
+            return _write(tx, w, matched, False, message_id)
         rid, created, fresh = _claim(tx, rec)
         return _write(tx, w, rid, created, message_id, fresh)
     found = ids_by_identifier(tx, rtype, system, value)
@@ -384,7 +382,20 @@ def update_by_identifier(
         raise MultipleMatches(rtype, len(found))
     if found:
         return _write(tx, w, found[0], False, message_id)
+    if matched is not None:  # the same staff member under another identifier (the match policy)
+        return _write(tx, w, matched, False, message_id)
     return create(tx, w, message_id)
+
+
+def _matched(tx: Tx, w: ResourceWrite) -> str | None:
+    """For a type with a match policy (:data:`hms_ach.core.records.RECORD_MATCHERS`), whose business
+    key names no record yet: the one record the policy finds for the write's identifiers."""
+    rec = w.record
+    if rec.resource_type not in RECORD_MATCHERS:
+        return None
+    if rec.key_value and _id_by_key(tx, rec.resource_type, rec.key_system, rec.key_value) is not None:
+        return None
+    return Repository(tx).matched_id(rec.resource_type, w.content)
 
 
 def delete(

@@ -89,6 +89,63 @@ class SwapSettings(_Strict):
     )
 
 
+#: The Practitioner elements a survivorship rule may name (besides ``identifier:<system>``,
+#: ``qualification:<code>`` and ``qualification.verification``).
+PRACTITIONER_ELEMENTS = (
+    "identifier",
+    "active",
+    "name",
+    "telecom",
+    "address",
+    "gender",
+    "birthDate",
+    "photo",
+    "qualification",
+    "communication",
+    "extension",
+)
+
+
+class SurvivorshipSettings(_Strict):
+    """One staff record from many sources: who wins each Practitioner element, and who is who
+    (docs/survivorship.md)."""
+
+    enabled: bool = Field(
+        True,
+        description="Merge Practitioner writes element by element by their source (off: each write merges "
+        "as its mapping's mode says, and the last source wins)",
+    )
+    match_systems: list[str] = Field(
+        default_factory=lambda: ["http://hl7.org/fhir/sid/us-npi", "urn:hms-ach:id:staff"],
+        description="The match policy: identifier systems that name one staff member, tried in this order "
+        "when a write's business key finds no Practitioner; the first that names exactly one decides",
+    )
+    elements: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Element -> its sources (inbound channel names), highest priority first. Elements: "
+        + ", ".join(PRACTITIONER_ELEMENTS)
+        + ", identifier:<system>, qualification:<code>, qualification.verification. A source not listed "
+        "ranks below the listed ones; an element not listed takes the last write",
+    )
+
+    @field_validator("elements")
+    @classmethod
+    def _check_elements(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, sources in value.items():
+            base = name.split(":", 1)[0]
+            if name == "qualification.verification" or (
+                base in PRACTITIONER_ELEMENTS and (":" not in name or base in ("identifier", "qualification"))
+            ):
+                if len(set(sources)) != len(sources):
+                    raise ValueError(f"{name}: a source is listed twice in {sources}")
+                continue
+            raise ValueError(
+                f"unknown element {name!r}; expected one of {', '.join(PRACTITIONER_ELEMENTS)}, "
+                "identifier:<system>, qualification:<code> or qualification.verification"
+            )
+        return value
+
+
 class WorkforceSettings(_Strict):
     """``workforce:`` in channels.yaml: the rules applied to shifts, swaps and timecards from every source."""
 
@@ -113,6 +170,10 @@ class WorkforceSettings(_Strict):
     )
     overtime: OvertimeSettings = Field(default_factory=OvertimeSettings, description="Overtime rules")
     swaps: SwapSettings = Field(default_factory=SwapSettings, description="Shift swap rules")
+    survivorship: SurvivorshipSettings = Field(
+        default_factory=SurvivorshipSettings,
+        description="One staff record from many sources: element rules and the match policy",
+    )
 
     def required_credentials(self, role: str) -> list[str]:
         """The credential types a shift of ``role`` needs."""
@@ -133,4 +194,12 @@ def current() -> WorkforceSettings:
     return _current
 
 
-__all__ = ["ContractOvertime", "OvertimeSettings", "SwapSettings", "WorkforceSettings", "current", "use"]
+__all__ = [
+    "ContractOvertime",
+    "OvertimeSettings",
+    "SurvivorshipSettings",
+    "SwapSettings",
+    "WorkforceSettings",
+    "current",
+    "use",
+]

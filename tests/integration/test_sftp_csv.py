@@ -141,9 +141,9 @@ async def test_bad_rows_go_to_err_csv_and_good_rows_are_stored(
             [
                 lines[0],
                 lines[1],
-                "E2001,1234567890,Ng,Al,M,1980-01-01,MD,ED,,,,,,,Y",
+                "E9001,1234567890,Ng,Al,M,1980-01-01,MD,ED,,,,,,,Y",
                 lines[2],
-                "E2002,,Short,Row",
+                "E9002,,Short,Row",
                 lines[3],
             ]
         )
