@@ -418,7 +418,7 @@ async def test_capability_statement_declares_what_the_server_does(http: httpx.As
         "extension"
     ]
     assert (await http.get(f"/Basic/{shift_id}")).status_code in (400, 404)  # write-only, as declared
-    # AuditEvent: search with its three parameters, and nothing else
+    # AuditEvent: search with its declared parameters; others are ignored, or refused when strict
     events = (
         await http.get(
             "/AuditEvent",
@@ -426,4 +426,5 @@ async def test_capability_statement_declares_what_the_server_does(http: httpx.As
         )
     ).json()
     assert len(events["entry"]) == 2  # the create and the update
-    assert_outcome(await http.get("/AuditEvent", params={"outcome": "x"}), 400)
+    strict = {"prefer": "handling=strict"}
+    assert_outcome(await http.get("/AuditEvent", params={"outcome": "x"}, headers=strict), 400)
