@@ -391,7 +391,7 @@ RECORD_TYPES: dict[str, RecordType] = {
             "A FHIR R4 Condition (category encounter-diagnosis) from an ADT DG1 segment, linked from "
             "Encounter.diagnosis; served read-only."
         ),
-        patient_compartment=("patient",),
+        patient_compartment=("patient", "asserter"),
         params={
             "identifier": ("token", "identifier"),
             "patient": ("reference", "subject", ("Patient",)),

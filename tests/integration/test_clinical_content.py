@@ -141,6 +141,14 @@ async def test_clinical_content_is_stored_linked_and_searchable_by_patient(
         assert await search("Condition", encounter="Encounter/other") == []
         assert await search("Observation", date="lt2026-11-26") == []
 
+        # a patient/ token sees these types only in its patient's compartment
+        for who, expected in ((patient["id"], 1), ("someone-else", 0)):
+            scoped = auth_headers(auth, "patient/*.read", (), patient=who)
+            for rtype in CLINICAL:
+                r = await http.get(f"/{rtype}", headers=scoped)
+                assert r.status_code == 200, r.text
+                assert len(_entries(r.json())) == expected, (who, rtype)
+
         declared = {r["type"]: r for r in (await http.get("/metadata")).json()["rest"][0]["resource"]}
         for rtype in CLINICAL:
             assert {p["name"] for p in declared[rtype]["searchParam"]} == set(SEARCH_PARAMS[rtype])
