@@ -180,6 +180,7 @@ class Repository:
         outcomes: list[WriteOutcome] = []
         resolved: dict[str, str] = {}
         pending = [(rec, _aliases_in(rec.content)) for rec in result.records]  # each walked once
+        deferred: list[RecordWrite] = []
         while pending:
             progressed = False
             for item in list(pending):
@@ -195,12 +196,18 @@ class Repository:
                     outcomes.append(outcome)
                 else:
                     resolved[rec.alias] = ""
+            if not progressed and _break_cycle(self, pending, resolved, deferred, message_id, outcomes):
+                continue
             if not progressed:
                 missing = sorted(set().union(*(needs for _rec, needs in pending)) - set(resolved))
                 raise ContentError(
                     f"records {[r.alias for r, _needs in pending]} refer to {missing}, which no rule of this mapping produces",
                     code=Err0357.INTERNAL_ERROR,
                 )
+        for rec in deferred:  # the references a broken cycle left out, now that their targets exist
+            outcome = self.upsert(rec, _resolve_aliases(rec.content, resolved), message_id)
+            if outcome is not None:
+                outcomes.append(outcome)
         for action in result.actions:
             outcomes.extend(self.run_action(action, resolved, message_id))
         return outcomes
@@ -544,6 +551,56 @@ class Repository:
 ACTIONS = {
     "merge_patient": Repository._merge_patient,
 }
+
+
+def _break_cycle(
+    repo: Repository,
+    pending: list[tuple[RecordWrite, set[str]]],
+    resolved: dict[str, str],
+    deferred: list[RecordWrite],
+    message_id: int | None,
+    outcomes: list[WriteOutcome],
+) -> bool:
+    """Records that refer to each other (an Encounter's ``diagnosis`` and that Condition's
+    ``encounter``): write the first merge-mode record of the cycle without the references to records
+    not yet written, and write it again with them once they are (``deferred``). Merging leaves an
+    element the first write omits as it is stored, so a resend changes nothing. False: no cycle."""
+    waiting = {rec.alias for rec, _needs in pending}
+    for item in pending:
+        rec, needs = item
+        if rec.mode != "merge" or not needs - resolved.keys() <= waiting:
+            continue
+        pending.remove(item)
+        outcome = repo.upsert(rec, _without_aliases(rec.content, resolved), message_id)
+        resolved[rec.alias] = outcome.reference if outcome is not None else ""
+        if outcome is not None:
+            outcomes.append(outcome)
+            deferred.append(rec)
+        return True
+    return False
+
+
+def _without_aliases(value: Any, resolved: dict[str, str]) -> Any:
+    """``value`` with its references resolved, leaving out (not deleting) the elements that refer
+    to a record not written yet or not written at all."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            item = _without_aliases(v, resolved)
+            if item is not _UNSET:
+                out[k] = item
+        ref = out.get("reference")
+        if isinstance(ref, str) and ref.startswith("@"):
+            if not resolved.get(ref[1:]):
+                return _UNSET
+            out["reference"] = resolved[ref[1:]]
+        return out if out or not value else _UNSET
+    if isinstance(value, list):
+        return [i for i in (_without_aliases(v, resolved) for v in value) if i is not _UNSET]
+    return value
+
+
+_UNSET = object()
 
 
 def _aliases_in(value: Any) -> set[str]:

@@ -86,6 +86,10 @@ IMPLICIT_SYSTEMS: dict[tuple[str, str], str] = {
     ("Claim", "status"): "http://hl7.org/fhir/fm-status",
     ("Claim", "use"): "http://hl7.org/fhir/claim-use",
     ("Coverage", "status"): "http://hl7.org/fhir/fm-status",
+    ("AllergyIntolerance", "type"): "http://hl7.org/fhir/allergy-intolerance-type",
+    ("AllergyIntolerance", "category"): "http://hl7.org/fhir/allergy-intolerance-category",
+    ("AllergyIntolerance", "criticality"): "http://hl7.org/fhir/allergy-intolerance-criticality",
+    ("Observation", "status"): "http://hl7.org/fhir/observation-status",
 }
 
 
