@@ -116,7 +116,7 @@ def plan(ops: list[Operation]) -> None:
         rendered = None
         if not any(ref.startswith(_URN) for _path, ref in found):
             merged = _merged(rec.mode, {}, content, rtype)
-            rendered = bulk.render_ahead(rtype, rids[id(e.op)], 1, merged)
+            rendered = bulk.render_ahead(rtype, rids[id(e.op)], merged)
         refs = [(parts[0], parts[1]) for parts in (ref.split("/") for _p, ref in found) if _stored(parts)]
         e.op.plan = _Plan(rids[id(e.op)], urls, content, refs, rendered)
         if i % PLAN_PAUSE_EVERY == 0:

@@ -531,7 +531,9 @@ async def submit_request(
     lane = meta.channel if len(ops) <= 1 else f"{meta.channel}/{meta.control_id}"
     if kind != "batch" or len(ops) <= 1:
         job = request_job(meta, ops, kind, line)
-        outcome: RequestOutcome = await writer.run(job, lane=lane, heavy=len(ops) > 1)
+        outcome: RequestOutcome = await writer.run(
+            job, lane=lane, heavy=len(ops) > 1, apart=kind == "transaction" and len(ops) > 1
+        )
         return outcome
     budget = _SliceBudget(slice_seconds, writer.others_waiting)
     message_id, results = await writer.run(_batch_first_job(meta, ops, line, budget), lane=lane, heavy=True)
