@@ -519,7 +519,7 @@ async def submit_request(
 
     A request of one operation is one light job in its channel's lane. A transaction Bundle is one
     heavy job (it is all-or-nothing, so it cannot be split), which the writer commits in a batch
-    of its own. A batch Bundle's entries are independent, so they are applied in slices, each a
+    of its own (on PostgreSQL apart: on its second connection, while other jobs commit). A batch Bundle's entries are independent, so they are applied in slices, each a
     heavy job committed on its own in the request's own lane, and other channels' messages are
     committed between the slices. A slice applies at least one entry and ends once it has used
     ``slice_seconds`` of writer time while another job waits, or ``MAX_SLICE_FACTOR`` times that

@@ -6,9 +6,11 @@ while 1,000-entry Bundles (batch, then transaction) are POSTed to /fhir back to 
 against every message it delayed), stays under 200 ms; every message gets its AA, every Bundle its
 response with a 201 per entry, and every record is stored once.
 
-Transaction Bundles do not reach the 200 ms yet: each is one writer job, and the feed's p99 is the
-length of one. Their run checks everything else, guards the bound they do reach
-(``TRANSACTION_P99_GUARD_MS``), and reports XFAIL with the measured p99.
+Transaction Bundles do not reach the 200 ms yet. Each is one transaction: on SQLite one writer
+job, and the feed's p99 is the length of one; on PostgreSQL it commits on the writer's second
+connection, and the feed waits for its audit/outbox tail and for a CPU the Bundles keep busy.
+Their run checks everything else, guards the bound they do reach (``TRANSACTION_P99_GUARD_MS``),
+and reports XFAIL with the measured p99.
 
 The engine runs in this process as ``hms-ach run`` runs it, with the interpreter tuned by
 :func:`hms_ach.app.cli.tune_interpreter` (the start-up heap frozen, a 1 ms switch interval).
@@ -149,9 +151,10 @@ async def test_a_bundle_flood_does_not_starve_an_mllp_feed(engine: Engine, store
     print(summary)
     assert len(due) >= 0.8 * FEED_RATE * flood_seconds, summary
     if kind == "transaction" and p99 >= P99_LIMIT_MS:
-        # A transaction is one writer job and one commit: the feed waits for the whole of one. The
-        # bulk path cut its writer CPU 10-18 times, but a 1,000-entry one still holds the writer
-        # for about 0.3 s of CPU (docs/reliability.md, "Fairness between channels"): not yet 200 ms.
+        # A transaction is one commit. On SQLite the feed waits for the whole of one (about 0.1 s
+        # of writer CPU for 1,000 entries, stretched by the machine's load); on PostgreSQL for its
+        # tail under the audit lock and for the CPU (docs/reliability.md, "Fairness between
+        # channels"): not yet 200 ms on a loaded 2-core machine.
         assert p99 < TRANSACTION_P99_GUARD_MS, summary
         pytest.xfail(f"issue 13's {P99_LIMIT_MS:.0f} ms is not reached by transactions yet: {summary}")
     assert p99 < P99_LIMIT_MS, summary
