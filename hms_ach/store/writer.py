@@ -214,27 +214,28 @@ class StoreWriter:
     def start(self) -> None:
         """Start the writer thread, or start it again if it exited (the supervisor check)."""
         with self._lock:
-            if self._thread is not None and self._thread.is_alive():
-                return
-            if self._thread is not None:
-                self.health.restarts += 1
-                log.error("store.writer_restarted", extra={"restarts": self.health.restarts})
-            self._stopping.clear()
-            self._thread = threading.Thread(target=self._loop, name="hms-ach-writer", daemon=True)
-            self._thread.start()
+            self._thread = self._revive(self._thread, self._loop, "hms-ach-writer")
 
     def _start_apart(self) -> None:
-        """Start the thread of heavy jobs, or start it again if it exited."""
+        """Start the thread of the jobs run apart, or start it again if it exited."""
         with self._lock:
-            if self._apart_thread is not None and self._apart_thread.is_alive():
-                return
-            if self._apart_thread is not None:
-                self.health.restarts += 1
-                log.error("store.writer_restarted", extra={"restarts": self.health.restarts})
-            self._apart_thread = threading.Thread(
-                target=self._apart_loop, name="hms-ach-writer-heavy", daemon=True
+            self._apart_thread = self._revive(self._apart_thread, self._apart_loop, "hms-ach-writer-apart")
+
+    def _revive(
+        self, thread: threading.Thread | None, target: Callable[[], None], name: str
+    ) -> threading.Thread:
+        """``thread`` while it runs; else a new one (a restart, counted, if one had run before)."""
+        if thread is not None and thread.is_alive():
+            return thread
+        if thread is not None:
+            self.health.restarts += 1
+            log.error(
+                "store.writer_restarted", extra={"restarts": self.health.restarts, "writer_thread": name}
             )
-            self._apart_thread.start()
+        self._stopping.clear()
+        fresh = threading.Thread(target=target, name=name, daemon=True)
+        fresh.start()
+        return fresh
 
     def check(self) -> None:
         """The supervisor check: start again whichever writer thread exited."""
@@ -342,7 +343,7 @@ class StoreWriter:
         return not self._queue.empty() or bool(self._lanes)
 
     def _apart_loop(self) -> None:
-        """The thread of heavy jobs (``apart``): one job, one transaction, one at a time."""
+        """The thread of the jobs run apart: one job, one transaction, one at a time."""
         job: _Job | None = None
         try:
             while True:
