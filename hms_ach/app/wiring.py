@@ -40,10 +40,15 @@ CHANGE_LISTENERS: tuple[changes.Listener, ...] = (
 #: The listeners that also take many changes at once (the bulk path of a transaction Bundle).
 MANY_LISTENERS: dict[changes.Listener, changes.ManyListener] = {events.on_change: events.on_changes}
 
+#: The listeners whose rows for a change can be made before the writer (a transaction Bundle's plan).
+PREPARED_LISTENERS: dict[changes.Listener, changes.Prepared] = {
+    events.on_change: changes.Prepared(events.prepare_change, events.write_prepared)
+}
+
 
 def wire_listeners() -> None:
     """Subscribe :data:`CHANGE_LISTENERS` to the store's record changes (again: no effect)."""
     for listener in CHANGE_LISTENERS:
-        changes.subscribe(listener, MANY_LISTENERS.get(listener))
+        changes.subscribe(listener, MANY_LISTENERS.get(listener), PREPARED_LISTENERS.get(listener))
     csv_rows.use_row_check(record_rules.check_csv_writes)
     survivorship.install()  # Practitioner: merged by source, found by the match policy

@@ -1,7 +1,8 @@
 """The entries of a transaction Bundle, written in groups with a few statements each.
 
-A transaction Bundle is all-or-nothing: one writer job, one commit. So that a 1,000-entry Bundle
-holds the writer for a short time (docs/reliability.md, "Fairness between channels"), runs of
+A transaction Bundle is all-or-nothing: one writer job, one commit (on PostgreSQL on the writer's
+second connection, :mod:`hms_ach.store.writer`). So that a 1,000-entry Bundle holds the writer
+for a short time (docs/reliability.md, "Fairness between channels"), runs of
 consecutive entries (in :func:`~hms_ach.fhir.write.order_entries` order) that are creates,
 conditional creates or conditional updates on the record's own business key are written as one
 group with :mod:`hms_ach.store.bulk`:
@@ -84,7 +85,8 @@ def _entry(op: Operation) -> _Entry | None:
 class _Plan:
     """A transaction entry's work done before the writer, on the guess that its record is new
     (the usual case of a load): its id, its content with the Bundle's fullUrls resolved (``urls``:
-    those it refers to, and what they were resolved to), and its version 1 rendered and indexed.
+    those it refers to, and what they were resolved to), and its version 1 rendered and indexed,
+    with the change listeners' rows (its outbox events) made (:func:`bulk.render_ahead`).
     The writer uses it only when the guess holds."""
 
     rid: str
@@ -117,7 +119,7 @@ def plan(ops: list[Operation]) -> None:
         # a type merged by its source (survivorship) is merged in the writer, which knows the source
         if not any(ref.startswith(_URN) for _path, ref in found) and rtype not in RECORD_MERGERS:
             merged = _merged(rec.mode, {}, content, rtype)
-            rendered = bulk.render_ahead(rtype, rids[id(e.op)], 1, merged)
+            rendered = bulk.render_ahead(rtype, rids[id(e.op)], merged)
         refs = [(parts[0], parts[1]) for parts in (ref.split("/") for _p, ref in found) if _stored(parts)]
         e.op.plan = _Plan(rids[id(e.op)], urls, content, refs, rendered)
         if i % PLAN_PAUSE_EVERY == 0:

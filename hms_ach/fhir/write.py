@@ -519,7 +519,7 @@ async def submit_request(
 
     A request of one operation is one light job in its channel's lane. A transaction Bundle is one
     heavy job (it is all-or-nothing, so it cannot be split), which the writer commits in a batch
-    of its own. A batch Bundle's entries are independent, so they are applied in slices, each a
+    of its own (on PostgreSQL apart: on its second connection, while other jobs commit). A batch Bundle's entries are independent, so they are applied in slices, each a
     heavy job committed on its own in the request's own lane, and other channels' messages are
     committed between the slices. A slice applies at least one entry and ends once it has used
     ``slice_seconds`` of writer time while another job waits, or ``MAX_SLICE_FACTOR`` times that
@@ -531,7 +531,9 @@ async def submit_request(
     lane = meta.channel if len(ops) <= 1 else f"{meta.channel}/{meta.control_id}"
     if kind != "batch" or len(ops) <= 1:
         job = request_job(meta, ops, kind, line)
-        outcome: RequestOutcome = await writer.run(job, lane=lane, heavy=len(ops) > 1)
+        outcome: RequestOutcome = await writer.run(
+            job, lane=lane, heavy=len(ops) > 1, apart=kind == "transaction" and len(ops) > 1
+        )
         return outcome
     budget = _SliceBudget(slice_seconds, writer.others_waiting)
     message_id, results = await writer.run(_batch_first_job(meta, ops, line, budget), lane=lane, heavy=True)

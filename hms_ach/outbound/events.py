@@ -303,10 +303,20 @@ def on_change(tx: Tx, change: Change) -> None:
 def on_changes(tx: Tx, changes: list[Change]) -> None:
     """:func:`on_change` for many changes (a transaction Bundle's), their events written with one
     INSERT, in the same order."""
+    write_prepared(tx, [row for change in changes for row in prepare_change(change)])
+
+
+def prepare_change(change: Change) -> list[tuple[str, str]]:
+    """What :func:`on_change` writes for ``change``, made without the store (before the writer, for
+    a transaction Bundle's planned entries): each event with its payload as stored text."""
     rows: list[tuple[str, dict[str, Any]]] = []
-    for change in changes:
-        if _feed_subscribers and change.resource_type in CHANGE_FEED_TYPES:
-            rows.append(("record.changed", payload("record.changed", change)))
-        rows.extend(derive(change))
+    if _feed_subscribers and change.resource_type in CHANGE_FEED_TYPES:
+        rows.append(("record.changed", payload("record.changed", change)))
+    rows.extend(derive(change))
+    return [(event, outbox.payload_text(body)) for event, body in rows]
+
+
+def write_prepared(tx: Tx, rows: list[tuple[str, str]]) -> None:
+    """Write the events :func:`prepare_change` made (for many changes, in their order) with one INSERT."""
     if rows:
-        outbox.enqueue_many(tx, rows)
+        outbox.enqueue_many(tx, [(event, text) for event, text in rows])

@@ -175,6 +175,15 @@ def _agent(conn: Connection, message_id: int | None, cache: dict[str, Any]) -> s
     return who[:255]
 
 
+def lock_chain(conn: Connection) -> None:
+    """Take the audit chain's lock for the rest of ``conn``'s transaction (PostgreSQL; once per
+    transaction). Every outbox event is written under it too (:func:`hms_ach.store.outbox.enqueue`),
+    so that events are committed in the order of their ids even when two transactions write at once
+    (a transaction Bundle apart, another instance): a sink's cursor never passes an event that is
+    committed later."""
+    _lock_chain(conn, txcache.cache(conn))
+
+
 def _lock_chain(conn: Connection, cache: dict[str, Any]) -> None:
     if conn.dialect.name == "postgresql" and not cache.get("audit.locked"):
         conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ADVISORY_LOCK_KEY})
@@ -198,28 +207,32 @@ def record_many(conn: Connection, changes: list[Change]) -> None:
         return
     seal = seal_for(conn)
     cache = txcache.cache(conn)
-    _lock_chain(conn, cache)
-    last = cache.get("audit.last_hash")
-    if last is None:
-        last = conn.execute(_LAST_HASH).scalar()
+    # the rows first, their links after the chain's lock: the lock (PostgreSQL: other writers wait
+    # for it) is held only for the hashes, the INSERT and the rest of the transaction
     rows: list[dict[str, Any]] = []
     for change in changes:
         before = audit_mask.mask(change.before, seal)
         after = audit_mask.mask(change.after, seal)
-        row: dict[str, Any] = {
-            "recorded": instant(),
-            "agent": _agent(conn, change.message_id, cache),
-            "action": change.action,
-            "entity_type": change.resource_type,
-            "entity_id": change.id,
-            "version_id": change.version_id,
-            "message_id": change.message_id,
-            "diff": orjson.dumps(diff(before or {}, after or {})).decode(),
-            "prev_hash": last or GENESIS,
-            "actor": _actor(conn, change.message_id, cache),
-        }
+        rows.append(
+            {
+                "agent": _agent(conn, change.message_id, cache),
+                "action": change.action,
+                "entity_type": change.resource_type,
+                "entity_id": change.id,
+                "version_id": change.version_id,
+                "message_id": change.message_id,
+                "diff": orjson.dumps(diff(before or {}, after or {})).decode(),
+                "actor": _actor(conn, change.message_id, cache),
+            }
+        )
+    _lock_chain(conn, cache)
+    last = cache.get("audit.last_hash")
+    if last is None:
+        last = conn.execute(_LAST_HASH).scalar()
+    for row in rows:
+        row["recorded"] = instant()
+        row["prev_hash"] = last or GENESIS
         row["hash"] = last = entry_hash(row, seal)
-        rows.append(row)
     fastexec.insert_rows(conn, T, rows)
     cache["audit.last_hash"] = last
 

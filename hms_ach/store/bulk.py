@@ -33,7 +33,7 @@ from typing import Any
 from sqlalchemy import Table, select
 
 from hms_ach.store import fastexec, search_params
-from hms_ach.store.changes import Change, notify_many
+from hms_ach.store.changes import Ahead, Change, notify_many, prepare
 from hms_ach.store.models import INDEX_TABLES, RECORD_TABLES
 from hms_ach.store.port import Tx
 from hms_ach.store.repository import HISTORY_TABLE, index_statements, record_statements, render
@@ -80,17 +80,26 @@ class Rendered:
     text: str
     stamp: str
     index: dict[str, list[dict[str, Any]]]
+    ahead: Ahead  # the change listeners' rows for the new record (changes.prepare), stamped too
 
 
-def render_ahead(resource_type: str, rid: str, version: int, content: dict[str, Any]) -> Rendered:
-    """Render a version and make its index rows now, to be written by :func:`write_versions`
-    (which puts the time of the write in place of the stamp): the index rows do not depend on
-    ``meta`` (``_lastUpdated`` reads the record's column)."""
+def render_ahead(resource_type: str, rid: str, content: dict[str, Any]) -> Rendered:
+    """Render version 1 of a new record and make its index rows and the change listeners' rows
+    now, to be written by :func:`write_versions` (which puts the time of the write in place of the
+    stamp): the index rows do not depend on ``meta`` (``_lastUpdated`` reads the record's column)."""
     stamp = f"hms-ach-last-updated-{uuid.uuid4().hex}"
-    body, text = render(resource_type, rid, version, _STAMP_TIME, content)
+    body, text = render(resource_type, rid, 1, _STAMP_TIME, content)
     body["meta"]["lastUpdated"] = stamp
     text = text.replace(_STAMP_TEXT, stamp, 1)
-    return Rendered(body, text, stamp, search_params.index_rows(resource_type, body))
+    ahead = prepare(Change(resource_type, rid, 1, "create", None, body, None))
+    return Rendered(body, text, stamp, search_params.index_rows(resource_type, body), ahead)
+
+
+def _restamp(ahead: Ahead, stamp: str, when: str) -> Ahead:
+    return {
+        listener: [(name, text.replace(stamp, when)) for name, text in rows]
+        for listener, rows in ahead.items()
+    }
 
 
 _STAMP_TIME = datetime(1, 1, 1, tzinfo=UTC)
@@ -171,13 +180,16 @@ def write_versions(
     index: dict[str, list[dict[str, Any]]] = {kind: [] for kind in INDEX_TABLES}
     wipes: list[dict[str, Any]] = []
     changes: list[Change] = []
+    prepared: list[Ahead | None] = []
     when = now.isoformat().replace("+00:00", "Z")  # as render() writes it
     for v in versions:
         ahead = v.rendered
         if ahead is not None:
             body, text, rows_by_kind = ahead.body, ahead.text.replace(ahead.stamp, when, 1), ahead.index
             body["meta"]["lastUpdated"] = when
+            prepared.append(_restamp(ahead.ahead, ahead.stamp, when))
         else:
+            prepared.append(None)
             body, text = render(v.resource_type, v.id, v.version, now, v.content)
             rows_by_kind = search_params.index_rows(v.resource_type, body)
         stored.append(Stored(text, now))
@@ -225,5 +237,5 @@ def write_versions(
         wipe, table = index_statements(kind)
         fastexec.execute_many(tx, f"wipe_index:{kind}", wipe, wipes)
         _insert_grouped(tx, table, rows)
-    notify_many(tx, changes)
+    notify_many(tx, changes, prepared)
     return stored

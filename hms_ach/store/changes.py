@@ -10,11 +10,16 @@ The store knows no listener but its own. The composition root subscribes the oth
 (:func:`hms_ach.app.wiring.wire_listeners`: the outbox of outbound events, then discharge -> Claim);
 a process that writes without it (a script, a test that builds no engine) records the audit trail
 only. A new listener is one function ``listener(tx, change) -> None`` plus one line there.
+
+A listener may also say how to make its rows for a change without the store (:class:`Prepared`):
+a transaction Bundle's planned entries then have them made before the writer
+(:func:`prepare`, in a worker thread), and the writer only inserts them (:func:`notify_many`'s
+``prepared``), so that the writer's one job for the whole Bundle is shorter.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
@@ -44,18 +49,42 @@ Listener: TypeAlias = Callable[[Tx, Change], None]
 #: The same listener for many changes at once, in their order (e.g. one INSERT for all their rows).
 ManyListener: TypeAlias = Callable[[Tx, list[Change]], None]
 
+
+@dataclass(frozen=True)
+class Prepared:
+    """A listener in two halves: ``make`` its rows for a change (pure: no store, any thread; each
+    row a ``(name, text)`` pair), and ``write`` the rows of many changes, in their order."""
+
+    make: Callable[[Change], list[tuple[str, str]]]
+    write: Callable[[Tx, list[tuple[str, str]]], None]
+
+
+#: Rows made ahead by :func:`prepare`: by listener, the rows of one change.
+Ahead: TypeAlias = Mapping[Listener, list[tuple[str, str]]]
+
 _listeners: list[Listener] = []
 _many: dict[Listener, ManyListener] = {}
+_prepared: dict[Listener, Prepared] = {}
 
 
-def subscribe(listener: Listener, many: ManyListener | None = None) -> None:
+def subscribe(listener: Listener, many: ManyListener | None = None, prepared: Prepared | None = None) -> None:
     """Announce every record change to ``listener`` from now on, after the audit trail and the
     listeners subscribed before it. Subscribing a listener that is already subscribed does nothing.
-    ``many``: what :func:`notify_many` calls instead of ``listener`` once per change."""
+    ``many``: what :func:`notify_many` calls instead of ``listener`` once per change; ``prepared``:
+    the same in two halves, so that its rows can be made before the writer (it is then used
+    instead of ``many``, and must write the same rows)."""
     if listener not in _listeners:
         _listeners.append(listener)
     if many is not None:
         _many[listener] = many
+    if prepared is not None:
+        _prepared[listener] = prepared
+
+
+def prepare(change: Change) -> dict[Listener, list[tuple[str, str]]]:
+    """The rows of ``change`` of each listener that can make them ahead (:class:`Prepared`), made
+    now (outside the writer). Texts that hold the change's time (a stamp) are fixed at write time."""
+    return {listener: p.make(change) for listener, p in _prepared.items() if listener in _listeners}
 
 
 def notify(tx: Tx, change: Change) -> None:
@@ -65,15 +94,27 @@ def notify(tx: Tx, change: Change) -> None:
         listener(tx, change)
 
 
-def notify_many(tx: Tx, changes: list[Change]) -> None:
+def notify_many(tx: Tx, changes: list[Change], prepared: Sequence[Ahead | None] | None = None) -> None:
     """Announce ``changes`` (in order) in their transaction: the audit trail for all of them, then
     each listener for all of them (its ``many`` variant when it has one). The same rows as
     :func:`notify` per change; only the order of rows *between* tables differs (a listener's
-    writes come after the whole group's audit entries)."""
+    writes come after the whole group's audit entries).
+
+    ``prepared``: for each change, the rows :func:`prepare` made ahead (or None); a listener with
+    :class:`Prepared` halves writes those, and makes now only the rows not made ahead."""
     if not changes:
         return
     audit.record_many(tx, changes)
     for listener in _listeners:
+        halves = _prepared.get(listener)
+        if halves is not None:
+            rows: list[tuple[str, str]] = []
+            for i, change in enumerate(changes):
+                ahead = prepared[i] if prepared is not None else None
+                made = ahead.get(listener) if ahead is not None else None
+                rows.extend(made if made is not None else halves.make(change))
+            halves.write(tx, rows)
+            continue
         many = _many.get(listener)
         if many is not None:
             many(tx, changes)

@@ -24,7 +24,7 @@ from sqlalchemy import and_, func, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from hms_ach.store import fastexec
+from hms_ach.store import audit, fastexec
 from hms_ach.store.models import OutboxCursor, OutboxEvent, OutboxRow
 from hms_ach.store.port import Tx
 
@@ -49,29 +49,36 @@ _ENQUEUE = insert(EVENTS).returning(
 
 def enqueue(tx: Tx, event: str, payload: dict[str, Any]) -> int:
     """Write one event in the caller's transaction; returns its id. ``payload`` gets ``version: 1``."""
-    body = {"version": 1, **payload}
+    audit.lock_chain(tx)  # ids committed in their order (see audit.lock_chain)
     row = fastexec.first_row(
         tx,
         "outbox.enqueue",
         _ENQUEUE,
-        {"event": event, "payload": orjson.dumps(body).decode(), "created_at": now()},
+        {"event": event, "payload": payload_text(payload), "created_at": now()},
         EVENTS,
     )
     assert row is not None  # an INSERT .. RETURNING always has one
     return int(row[0])
 
 
-def enqueue_many(tx: Tx, events: list[tuple[str, dict[str, Any]]]) -> None:
+def payload_text(payload: dict[str, Any]) -> str:
+    """The stored text of an event's ``payload`` (with ``version: 1``), as :func:`enqueue` writes it."""
+    return orjson.dumps({"version": 1, **payload}).decode()
+
+
+def enqueue_many(tx: Tx, events: list[tuple[str, dict[str, Any] | str]]) -> None:
     """:func:`enqueue` for each ``(event, payload)`` in turn, with one INSERT for all of them (the
-    ids are given in this order, as one by one)."""
+    ids are given in this order, as one by one). A payload may be given as its
+    :func:`payload_text` already (made before the writer)."""
     created_at = now()
+    audit.lock_chain(tx)  # ids committed in their order (see audit.lock_chain)
     fastexec.insert_rows(
         tx,
         EVENTS,
         [
             {
                 "event": event,
-                "payload": orjson.dumps({"version": 1, **payload}).decode(),
+                "payload": payload if isinstance(payload, str) else payload_text(payload),
                 "created_at": created_at,
             }
             for event, payload in events

@@ -30,6 +30,16 @@ each lane in turn until ``max_batch``, the lane served last going to the back. A
 light batches alternate while both kinds wait: one lane's backlog can never fill a batch, and a
 light job (an HL7 message) waits for at most the one heavy job running when it came. See
 docs/reliability.md, "Fairness between channels".
+
+On PostgreSQL a heavy job submitted with ``apart=True`` (a transaction Bundle) does not hold up
+the others at all: it runs on a second thread with a connection of its own, one such job at a
+time, in its own transaction, while the writer thread goes on committing batches. It is still one
+transaction, so a transaction Bundle stays all-or-nothing; the two transactions meet only at the
+locks they share (the rows both write, and the audit chain's advisory lock, which the bulk path of
+a transaction takes only for its tail: the audit and outbox rows and the commit), and PostgreSQL
+orders them. A job that takes the audit lock early (one that writes entry by entry) gains nothing
+apart: it would hold the writer thread's jobs for as long as it runs. SQLite has one write lock
+for the file, so there ``apart`` is ignored and the job alternates with light batches.
 """
 
 from __future__ import annotations
@@ -179,8 +189,15 @@ def _is_store_failure(exc: BaseException) -> bool:
 
 
 class StoreWriter:
-    def __init__(self, store: Store, max_batch: int = 128, commit_timeout: float = 30.0):
+    def __init__(
+        self, store: Store, max_batch: int = 128, commit_timeout: float = 30.0, apart: bool | None = None
+    ):
+        """``apart``: run the jobs submitted with ``apart=True`` on a thread and connection of their
+        own (default: on PostgreSQL, where two transactions can write at once)."""
         self.store = store
+        self.apart = store.dialect == "postgresql" if apart is None else apart
+        self._apart_queue: queue.Queue[Any] = queue.Queue()
+        self._apart_thread: threading.Thread | None = None
         self.max_batch = max_batch
         self.commit_timeout = commit_timeout
         self._queue: queue.Queue[Any] = queue.Queue()
@@ -197,16 +214,34 @@ class StoreWriter:
     def start(self) -> None:
         """Start the writer thread, or start it again if it exited (the supervisor check)."""
         with self._lock:
-            if self._thread is not None and self._thread.is_alive():
-                return
-            if self._thread is not None:
-                self.health.restarts += 1
-                log.error("store.writer_restarted", extra={"restarts": self.health.restarts})
-            self._stopping.clear()
-            self._thread = threading.Thread(target=self._loop, name="hms-ach-writer", daemon=True)
-            self._thread.start()
+            self._thread = self._revive(self._thread, self._loop, "hms-ach-writer")
 
-    check = start
+    def _start_apart(self) -> None:
+        """Start the thread of the jobs run apart, or start it again if it exited."""
+        with self._lock:
+            self._apart_thread = self._revive(self._apart_thread, self._apart_loop, "hms-ach-writer-apart")
+
+    def _revive(
+        self, thread: threading.Thread | None, target: Callable[[], None], name: str
+    ) -> threading.Thread:
+        """``thread`` while it runs; else a new one (a restart, counted, if one had run before)."""
+        if thread is not None and thread.is_alive():
+            return thread
+        if thread is not None:
+            self.health.restarts += 1
+            log.error(
+                "store.writer_restarted", extra={"restarts": self.health.restarts, "writer_thread": name}
+            )
+        self._stopping.clear()
+        fresh = threading.Thread(target=target, name=name, daemon=True)
+        fresh.start()
+        return fresh
+
+    def check(self) -> None:
+        """The supervisor check: start again whichever writer thread exited."""
+        self.start()
+        if self._apart_thread is not None:
+            self._start_apart()
 
     @property
     def alive(self) -> bool:
@@ -217,15 +252,21 @@ class StoreWriter:
         """Jobs waiting: those not yet taken by the thread and those in its lanes (a gauge's view,
         read from another thread without a lock)."""
         lanes = getattr(self, "_lanes", None)
-        return self._queue.qsize() + (len(lanes) if lanes is not None else 0)
+        return self._queue.qsize() + (len(lanes) if lanes is not None else 0) + self._apart_queue.qsize()
 
     def stop(self, timeout: float = 10) -> None:
         with self._lock:
             thread, self._thread = self._thread, None
-        if thread is not None:
+            apart, self._apart_thread = self._apart_thread, None
+        if thread is not None or apart is not None:
             self._stopping.set()
+        if apart is not None:
+            self._apart_queue.put(_STOP)
+        if thread is not None:
             self._queue.put(_STOP)
             thread.join(timeout)
+        if apart is not None:
+            apart.join(timeout)
 
     # ------------------------------------------------------------------ callers
     async def run(
@@ -234,18 +275,21 @@ class StoreWriter:
         timeout: float | None = None,
         lane: str = DEFAULT_LANE,
         heavy: bool = False,
+        apart: bool = False,
     ) -> T:
         """Run ``job`` in the next group transaction; returns after that transaction committed.
 
         ``lane`` names whose work it is (a channel, a request): batches are formed round-robin
         over the lanes. ``heavy`` marks a long job (a Bundle or a slice of one): it is committed in
-        a batch of its own, alternating with batches of light jobs.
+        a batch of its own, alternating with batches of light jobs. ``apart`` (with ``heavy``): a
+        long job that takes the shared locks only at its end; on PostgreSQL it is committed on a
+        connection of its own, concurrently with the other jobs.
 
         Raises :class:`StoreUnavailable` when the store fails or ``timeout`` seconds (default
         ``commit_timeout``) pass first. After a timeout the job either never runs (it was still
         queued) or may still commit later: a resend of the same message is then answered from the
         duplicate store. The job's own errors are raised as they are."""
-        fut = self._submit(job, lane, heavy)
+        fut = self._submit(job, lane, heavy, apart)
         wait = self.commit_timeout if timeout is None else timeout
         try:
             # on timeout or cancellation wait_for cancels the wrapper, which cancels ``fut``:
@@ -261,9 +305,10 @@ class StoreWriter:
         timeout: float | None = None,
         lane: str = DEFAULT_LANE,
         heavy: bool = False,
+        apart: bool = False,
     ) -> T:
         """The same, from a thread that is not an event loop (CLI, tests)."""
-        fut = self._submit(job, lane, heavy)
+        fut = self._submit(job, lane, heavy, apart)
         wait = self.commit_timeout if timeout is None else timeout
         try:
             return fut.result(wait)
@@ -271,9 +316,15 @@ class StoreWriter:
             fut.cancel()
             raise StoreUnavailable(f"no commit within {wait:g} s") from None
 
-    def _submit(self, job: Callable[[Tx], T], lane: str = DEFAULT_LANE, heavy: bool = False) -> Future[T]:
-        self.start()
+    def _submit(
+        self, job: Callable[[Tx], T], lane: str = DEFAULT_LANE, heavy: bool = False, apart: bool = False
+    ) -> Future[T]:
         fut: Future[T] = Future()
+        if heavy and apart and self.apart:
+            self._start_apart()
+            self._apart_queue.put(_Job(job, fut, lane, heavy))
+            return fut
+        self.start()
         self._queue.put(_Job(job, fut, lane, heavy))
         return fut
 
@@ -290,6 +341,33 @@ class StoreWriter:
         """Whether jobs wait behind the running one. For a job on the writer thread that can stop
         early (a slice of a batch Bundle), so that they get their commit sooner."""
         return not self._queue.empty() or bool(self._lanes)
+
+    def _apart_loop(self) -> None:
+        """The thread of the jobs run apart: one job, one transaction, one at a time."""
+        job: _Job | None = None
+        try:
+            while True:
+                item = self._apart_queue.get()
+                if item is _STOP:
+                    return
+                job = item
+                assert isinstance(job, _Job)
+                if job.fut.set_running_or_notify_cancel():  # else its caller gave up: never run
+                    self._pause()
+                    self._commit([(job.work, job.fut)], track=False)
+                job = None
+        except BaseException as exc:  # noqa: BLE001 - logged; the next heavy job starts a new thread
+            log.critical("store.writer_died", extra={"error_type": type(exc).__name__})
+            left = [job] if job is not None else []
+            while True:
+                try:
+                    item = self._apart_queue.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, _Job):
+                    left.append(item)
+            for j in left:
+                self._settle(j.fut, None, StoreUnavailable("the writer thread stopped"))
 
     def _loop(self) -> None:
         lanes = self._lanes = _Lanes()
@@ -336,8 +414,12 @@ class StoreWriter:
         if self._backoff > 0:
             self._stopping.wait(self._backoff)
 
-    def _commit(self, batch: list[tuple[Callable[[Tx], Any], Future[Any]]]) -> None:
-        self.health.busy_since = time.monotonic()
+    def _commit(self, batch: list[tuple[Callable[[Tx], Any], Future[Any]]], track: bool = True) -> None:
+        """Commit ``batch`` and settle its futures. ``track``: the batch is the writer thread's, whose
+        start ``health.busy_since`` shows (a heavy job apart does not hold up the others)."""
+        started = time.monotonic()
+        if track:
+            self.health.busy_since = started
         try:
             if len(batch) == 1:
                 outcomes = self._commit_one(*batch[0])
@@ -355,8 +437,9 @@ class StoreWriter:
                 self._settle(fut, None, StoreUnavailable("batch failed"))
             return
         finally:
-            busy = time.monotonic() - (self.health.busy_since or time.monotonic())
-            self.health.busy_since = None
+            busy = time.monotonic() - started
+            if track:
+                self.health.busy_since = None
         metrics.WRITER_BATCH_SECONDS.observe(busy)
         metrics.WRITER_BATCH_JOBS.observe(len(batch))
         self._committed(len(batch))

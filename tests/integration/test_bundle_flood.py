@@ -6,8 +6,10 @@ while 1,000-entry Bundles (batch, then transaction) are POSTed to /fhir back to 
 against every message it delayed), stays under 200 ms; every message gets its AA, every Bundle its
 response with a 201 per entry, and every record is stored once.
 
-Transaction Bundles do not reach the 200 ms yet: each is one writer job, and the feed's p99 is the
-length of one. Their run checks everything else, guards the bound they do reach
+Transaction Bundles on PostgreSQL commit on the writer's second connection, and the feed waits
+only for each one's audit/outbox tail: they are held to the 200 ms like batch Bundles. On SQLite
+a transaction is one writer job under the one write lock, and the feed's p99 is the length of
+one: that run checks everything else, guards the bound it does reach
 (``TRANSACTION_P99_GUARD_MS``), and reports XFAIL with the measured p99.
 
 The engine runs in this process as ``hms-ach run`` runs it, with the interpreter tuned by
@@ -42,8 +44,8 @@ FEED_RATE = 10  # messages a second, one sender waiting for each ACK
 ENTRIES = 1000  # per Bundle
 FLOOD_SECONDS = 12.0  # Bundles are posted back to back for this long (the last one is waited for)
 P99_LIMIT_MS = 200.0
-#: Transaction Bundles: the feed's p99 is the writer time of one Bundle. Entry by entry it was 8 s
-#: on SQLite (load average 6); the bulk path measured 0.4-1.3 s on both databases. This guards that.
+#: Transaction Bundles on SQLite: the feed's p99 is the writer time of one Bundle. Entry by entry it
+#: was 8 s (load average 6); the bulk path measured 0.3-1.3 s. This guards that.
 TRANSACTION_P99_GUARD_MS = 3000.0
 STAFF = "urn:test:flood-staff"
 
@@ -148,12 +150,12 @@ async def test_a_bundle_flood_does_not_starve_an_mllp_feed(engine: Engine, store
     )
     print(summary)
     assert len(due) >= 0.8 * FEED_RATE * flood_seconds, summary
-    if kind == "transaction" and p99 >= P99_LIMIT_MS:
-        # A transaction is one writer job and one commit: the feed waits for the whole of one. The
-        # bulk path cut its writer CPU 10-18 times, but a 1,000-entry one still holds the writer
-        # for about 0.3 s of CPU (docs/reliability.md, "Fairness between channels"): not yet 200 ms.
+    if kind == "transaction" and store.dialect == "sqlite" and p99 >= P99_LIMIT_MS:
+        # On SQLite a transaction is one writer job: the feed waits for the whole of one (about
+        # 0.1 s of writer CPU for 1,000 entries, stretched by the machine's load; docs/reliability.md,
+        # "Fairness between channels"): not 200 ms on a 2-core machine.
         assert p99 < TRANSACTION_P99_GUARD_MS, summary
-        pytest.xfail(f"issue 13's {P99_LIMIT_MS:.0f} ms is not reached by transactions yet: {summary}")
+        pytest.xfail(f"issue 13's {P99_LIMIT_MS:.0f} ms is not reached by SQLite transactions: {summary}")
     assert p99 < P99_LIMIT_MS, summary
 
 

@@ -89,7 +89,8 @@ def transaction_of(entries: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def submit(writer: StoreWriter, mapping: MappingEngine, bundle: dict[str, Any]) -> RequestOutcome:
-    """As ``POST /fhir`` does it: operations, validated and mapped, planned, one heavy writer job."""
+    """As ``POST /fhir`` does it: operations, validated and mapped, planned, one heavy writer job
+    (apart: on PostgreSQL on the writer's second connection)."""
     ops, kind = bundle_operations(bundle, 1000)
     await prepare_all(ops, mapping)
     transaction.plan(ops)
@@ -101,7 +102,7 @@ async def submit(writer: StoreWriter, mapping: MappingEngine, bundle: dict[str, 
         message_type="Bundle",
     )
     outcome: RequestOutcome = await writer.run(
-        request_job(meta, ops, kind, RequestLine("POST", "")), heavy=True
+        request_job(meta, ops, kind, RequestLine("POST", "")), heavy=True, apart=True
     )
     return outcome
 

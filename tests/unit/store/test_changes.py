@@ -100,3 +100,30 @@ def test_many_changes_are_announced_in_order_to_each_listener_once(
         ).all()
     assert [r.entity_id for r in rows] == ["p0", "p1", "p2"]
     assert [r.prev_hash for r in rows[1:]] == [r.hash for r in rows[:-1]]  # one chain, in order
+
+
+def test_a_prepared_listener_writes_the_rows_made_ahead_and_makes_the_others(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """notify_many: a listener in two halves (changes.Prepared) writes the rows prepare() made
+    before the writer for the changes that have them, makes the others' now, in the changes' order,
+    with one write for all."""
+    monkeypatch.setattr(changes, "_listeners", [])
+    monkeypatch.setattr(changes, "_prepared", {})
+    written: list[list[tuple[str, str]]] = []
+
+    def listener(tx: Tx, change: changes.Change) -> None:
+        raise AssertionError("the prepared halves run instead")
+
+    def make(change: changes.Change) -> list[tuple[str, str]]:
+        return [("made", change.id)]
+
+    changes.subscribe(listener, prepared=changes.Prepared(make, lambda tx, rows: written.append(rows)))
+    first, second = (changes.Change("Patient", rid, 1, "create", None, {}, None) for rid in ("p1", "p2"))
+    ahead = changes.prepare(first)
+    assert ahead == {listener: [("made", "p1")]}
+    ahead = {listener: [("ahead", "p1")]}  # what a plan made (e.g. with the write time stamped in)
+    with store.writer.begin() as tx:
+        changes.notify_many(tx, [first, second], [ahead, None])
+    assert written == [[("ahead", "p1"), ("made", "p2")]]
+    assert _count(store, AuditEntry.__table__) == 2  # type: ignore[attr-defined]  # the audit trail
