@@ -9,6 +9,7 @@ README.md under ``## Performance``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -21,6 +22,7 @@ import orjson
 
 from benchmarks import figures, report
 from benchmarks.procs import REPO, BenchmarkError
+from hms_ach.app.cli_common import progress
 
 ALL_FIGURES = ("A", "B", "C", "D", "E", "F")
 
@@ -48,13 +50,23 @@ def _measure(
     except Exception as exc:  # noqa: BLE001 - one figure failing must not lose the others
         run.say(f"{name}: FAILED: {str(exc)[:500]}")
         failures.append(name)
+        _figure_done(1)
         return {
             "status": f"failed: {type(exc).__name__}: {exc}"[:2000],
             "traceback": traceback.format_exc()[-4000:],
         }
     out["wall_seconds"] = round(time.monotonic() - t0, 1)
     out["load_average_at_end"] = os.getloadavg()  # a high value says other work shared the CPUs
+    _figure_done(1)
     return out
+
+
+def _no_progress(_n: int = 1) -> None:
+    return None
+
+
+#: Advances the progress bar of the run (a figure done); set by :func:`run_suite`.
+_figure_done: Callable[[int], None] = _no_progress
 
 
 def run_suite(mode_name: str, only: set[str], with_pg: bool | None, out_dir: Path, keep: bool) -> int:
@@ -80,6 +92,9 @@ def run_suite(mode_name: str, only: set[str], with_pg: bool | None, out_dir: Pat
     figs = results["figures"]
     failures: list[str] = []
     run.say(f"benchmarks, {mode_name} mode; scratch folder {run.tmp}")
+    global _figure_done
+    bar = contextlib.ExitStack()  # the progress bar: on stderr, on a terminal only
+    _figure_done = bar.enter_context(progress("bench figures", len(only & set(ALL_FIGURES))))
     try:
         if "A" in only:
             figs["A"] = _measure("A", lambda: figures.figure_a(run), run, failures)
@@ -136,6 +151,8 @@ def run_suite(mode_name: str, only: set[str], with_pg: bool | None, out_dir: Pat
             else:
                 figs["F"] = {"status": f"skipped in {mode_name} mode (run with --pg to include PostgreSQL)"}
     finally:
+        bar.close()
+        _figure_done = _no_progress
         run.cleanup()
     finished = report.now()
     results["finished_at"] = finished.isoformat()

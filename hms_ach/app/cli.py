@@ -1177,7 +1177,7 @@ def reindex_command(
     (after adding or changing a parameter); prints the counts per record type. With --validate,
     report the stored versions that are not valid R4 instead."""
     from hms_ach.store.db import Store
-    from hms_ach.store.reindex import ReindexCount, UnknownRecordTypeError, reindex
+    from hms_ach.store.reindex import ReindexCount, UnknownRecordTypeError, record_total, reindex
 
     if validate:
         _validate_stored(Store(database) if database else _store(config), resource_types, batch_size)
@@ -1191,7 +1191,11 @@ def reindex_command(
 
     store = Store(database) if database else _store(config)
     try:
-        counts = reindex(store, resource_types, batch_size=batch_size, progress=report)
+        total = record_total(store, resource_types)
+        with progress("reindex", total) as advance:
+            counts = reindex(
+                store, resource_types, batch_size=batch_size, progress=report, batch_done=advance
+            )
     except UnknownRecordTypeError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from exc
@@ -1205,16 +1209,21 @@ def reindex_command(
 
 def _validate_stored(store: Any, resource_types: list[str] | None, batch_size: int) -> None:
     """``reindex --validate``: one line per stored version that fails R4, then a summary."""
-    from hms_ach.store.reindex import UnknownRecordTypeError, invalid_versions
+    from hms_ach.store.reindex import UnknownRecordTypeError, invalid_versions, version_total
 
     checked: dict[str, int] = {}
     bad = 0
     try:
-        for found in invalid_versions(
-            store, resource_types, batch_size=batch_size, checked=lambda t, n: checked.update({t: n})
-        ):
-            bad += 1
-            typer.echo(found.render())
+        with progress("validate", version_total(store, resource_types)) as advance:
+            for found in invalid_versions(
+                store,
+                resource_types,
+                batch_size=batch_size,
+                checked=lambda t, n: checked.update({t: n}),
+                batch_done=advance,
+            ):
+                bad += 1
+                typer.echo(found.render())
     except UnknownRecordTypeError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from exc

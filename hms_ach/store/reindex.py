@@ -28,7 +28,7 @@ from functools import partial
 from typing import Any
 
 import orjson
-from sqlalchemy import Table, delete, select
+from sqlalchemy import Table, delete, func, select
 
 from hms_ach.core.errors import HmsAchError
 from hms_ach.core.records import RECORD_TYPES
@@ -114,6 +114,22 @@ def reindex_batch(tx: Tx, resource_type: str, after: str, limit: int) -> Reindex
     return ReindexBatch(records, cleared, written, ids[-1] if len(found) == limit else None)
 
 
+def record_total(store: Store, resource_types: Sequence[str] | None = None) -> int:
+    """How many stored records (deleted ones included) :func:`reindex` of ``resource_types`` reads."""
+    types = [t for t in (resource_types or RECORD_TYPES) if t in RECORD_TYPES]
+    with store.reader.connect() as conn:
+        return sum(int(conn.execute(select(func.count()).select_from(_table(t))).scalar_one()) for t in types)
+
+
+def version_total(store: Store, resource_types: Sequence[str] | None = None) -> int:
+    """How many stored versions (deleted ones excepted) :func:`invalid_versions` of ``resource_types`` reads."""
+    h: Table = ResourceHistory.__table__  # type: ignore[attr-defined]
+    types = _check_types(resource_types)
+    stmt = select(func.count()).select_from(h).where(h.c.resource_type.in_(types), h.c.deleted.is_(False))
+    with store.reader.connect() as conn:
+        return int(conn.execute(stmt).scalar_one())
+
+
 def reindex(
     store: Store,
     resource_types: Sequence[str] | None = None,
@@ -121,13 +137,15 @@ def reindex(
     batch_size: int = DEFAULT_BATCH_SIZE,
     writer: StoreWriter | None = None,
     progress: Callable[[ReindexCount], None] | None = None,
+    batch_done: Callable[[int], None] | None = None,
 ) -> list[ReindexCount]:
     """Rebuild the search index of ``resource_types`` (default: every type of RECORD_TYPES).
 
-    Each batch of ``batch_size`` records is one job of ``writer`` (default: a writer of its own on
-    ``store``, stopped at the end). Call it from a thread that is not an event loop. ``progress`` is
-    called with each type's count when that type is done. Raises :class:`UnknownRecordTypeError`
-    before writing anything when a type is not declared.
+        Each batch of ``batch_size`` records is one job of ``writer`` (default: a writer of its own on
+        ``store``, stopped at the end). Call it from a thread that is not an event loop. ``progress`` is
+        called with each type's count when that type is done, ``batch_done`` with the number of records
+    a batch read (for a progress bar; :func:`record_total` is the whole). Raises :class:`UnknownRecordTypeError`
+        before writing anything when a type is not declared.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be 1 or more, not {batch_size}")
@@ -152,6 +170,8 @@ def reindex(
                 count.cleared += done.cleared
                 count.rows += done.rows
                 count.batches += 1
+                if batch_done is not None:
+                    batch_done(done.records + done.cleared)
                 if done.last_id is None:
                     break
                 after = done.last_id
@@ -196,10 +216,12 @@ def invalid_versions(
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     checked: Callable[[str, int], None] | None = None,
+    batch_done: Callable[[int], None] | None = None,
 ) -> Iterator[InvalidVersion]:
     """Every stored version (history, deleted ones excepted) of the FHIR record types that fails R4,
     read in batches of ``batch_size`` in (id, version) order; ``checked(type, n)`` is called with the
-    number of versions checked of each type when that type is done. Read-only."""
+    number of versions checked of each type when that type is done, ``batch_done(n)`` after each batch
+    of ``n`` versions (:func:`version_total` is the whole). Read-only."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be 1 or more, not {batch_size}")
     h: Table = ResourceHistory.__table__  # type: ignore[attr-defined]
@@ -216,6 +238,8 @@ def invalid_versions(
             )
             with store.reader.connect() as conn:
                 rows = conn.execute(stmt).all()
+            if batch_done is not None and rows:
+                batch_done(len(rows))
             for row in rows:
                 total += 1
                 try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -171,6 +172,10 @@ def test_long_commands_show_progress_on_a_terminal_only(
     assert code == 0 and "corpus-check" in out and f"{files}/{files}" in out, out
     code, out = run(workdir, "replay", "--since", "1h", "--dry-run")
     assert code == 0 and "replay" in out and "3/3" in out, out  # the duplicate is taken out first
+    for args, bar in ((("reindex",), "reindex"), (("reindex", "--validate"), "validate")):
+        code, out = run(workdir, *args)
+        shown = re.findall(rf"{bar}\s[^\n]*?(\d+)/(\d+)", out)  # the bar's states, the last one at the end
+        assert code == 0 and shown and shown[-1][0] == shown[-1][1] and int(shown[-1][0]) > 0, out
     monkeypatch.setenv("HMS_ACH_PROGRESS", "0")  # a pipe or a log
     code, out = run(workdir, "corpus-check", str(SAMPLES))
     assert code == 0 and f"{files}/{files}" not in out
