@@ -26,7 +26,8 @@ import ssl
 from collections import deque
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from hms_ach.core.tls import client_context
 from hms_ach.hl7v2.ack import msa_code
@@ -116,6 +117,16 @@ class MllpSink:
                 )
             return self
 
+        @model_validator(mode="wrap")
+        @classmethod
+        def _route_errors_name_the_sink(
+            cls, data: Any, handler: ModelWrapValidatorHandler[MllpSink.Config]
+        ) -> MllpSink.Config:
+            try:
+                return handler(data)
+            except ValidationError as exc:
+                raise _naming_the_sink(exc, data) from None
+
         @model_validator(mode="after")
         def _attempt_fits_its_steps(self) -> MllpSink.Config:
             # the dispatcher gives one attempt timeout_seconds (+5); the connect and the ACK wait fit in it
@@ -140,7 +151,7 @@ class MllpSink:
         self._pending: deque[FrameEvent] = deque()
         self._routing = bool(settings.routes)  # a disabled sink's rows wait too, as for every sink
         if self._routing:
-            hl7_routing.subscribe()
+            hl7_routing.subscribe(settings.routes)
 
     # ------------------------------------------------------------------ what to send
     def _transform(self, name: str | None, raw: bytes) -> bytes:
@@ -168,7 +179,7 @@ class MllpSink:
             raw = await asyncio.to_thread(_stored_raw, self.store, message_id)
             for route in self.settings.route_for(delivery.event):
                 try:
-                    admitted = route.admits(Er7(raw))
+                    admitted = route.admits(Er7(raw), delivery.payload)
                 except TransformError as exc:
                     raise DeliveryError(
                         f"stored message {message_id}: {exc.message}", permanent=True
@@ -249,7 +260,7 @@ class MllpSink:
         await self._drop()
         if self._routing:
             self._routing = False
-            hl7_routing.unsubscribe()
+            hl7_routing.unsubscribe(self.settings.routes)
 
     def _abandon(self) -> None:
         conn, self._conn = self._conn, None
@@ -268,6 +279,24 @@ class MllpSink:
 
 
 _MSH10 = parse_path("MSH-10")
+
+
+def _naming_the_sink(exc: ValidationError, data: Any) -> ValidationError:
+    """``exc`` with its route errors (a filter or fhirpath that does not compile) prefixed with the
+    sink's name and the route's index, so that `hms-ach check` names sink, route and expression."""
+    name = data.get("name") if isinstance(data, dict) else None
+    details: list[InitErrorDetails] = []
+    for err in exc.errors():
+        loc = err["loc"]
+        if loc[:1] == ("routes",) and len(loc) >= 3 and err["type"] == "value_error":
+            text = f"sink {name}: routes[{loc[1]}].{'.'.join(str(p) for p in loc[2:])}: {err['ctx']['error']}"
+            kind = PydanticCustomError("value_error", "{text}", {"text": text})
+            details.append(InitErrorDetails(type=kind, loc=loc, input=err["input"]))
+        else:
+            details.append(
+                InitErrorDetails(type=err["type"], loc=loc, input=err["input"], ctx=err.get("ctx", {}))
+            )
+    return ValidationError.from_exception_data(exc.title, details)
 
 
 def unknown_transforms(sinks: list[Any], transforms: set[str], source: str = "channels.yaml") -> list[str]:

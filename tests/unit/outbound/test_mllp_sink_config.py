@@ -83,3 +83,55 @@ def test_event_names_fit_the_outbox_column_whatever_the_channel_and_msh_9() -> N
     assert len(name) <= 64 and name.endswith(".ADT_X^A01_VERY")
     assert Route(channel=channel, message_types=["ADT_X^*"]).takes(name)
     assert not Route(channel="other", message_types=["*"]).takes(name)
+
+
+def test_a_fhirpath_filter_is_compiled_at_load_and_a_broken_one_names_sink_route_and_expression() -> None:
+    from hms_ach.outbound.hl7_routing import record_filter
+
+    encounter = {"resourceType": "Encounter", "class": {"code": "IMP"}}
+    patient = {"resourceType": "Patient", "address": [{"state": "OH"}, {"state": "PA"}]}
+    assert record_filter("Encounter.class.code = 'IMP'").holds([patient, encounter])
+    # FHIRPath's `=` compares whole collections: with two addresses, test one of them with where()
+    assert not record_filter("Patient.address.state = 'PA'").holds([patient, encounter])
+    assert record_filter("Patient.address.where(state = 'PA').exists()").holds([patient, encounter])
+    assert record_filter("Patient.address.state = 'OH'").holds([{**patient, "address": [{"state": "OH"}]}])
+    assert not record_filter("Patient.address.state = 'NY'").holds([patient, encounter])
+    assert not record_filter("Encounter.class.code = 'IMP'").holds([patient])  # no record of the type
+    assert record_filter("Encounter.class.code = 'IMP'") is record_filter("Encounter.class.code = 'IMP'")
+    for bad, why in (
+        ("Encounter.class.code == 'IMP'", "column 23"),
+        ("Encounter.class.code = ", "column 24"),
+        ("Encounter.class.code = 'IMP')", "unexpected ')'"),
+        ("Encounter.nosuch()", "Not implemented: nosuch"),
+        ("Gizmo.code = 'x'", "does not start with a record type"),
+    ):
+        with pytest.raises(ValidationError) as caught:
+            _config(routes=[{}, {"fhirpath": bad}])
+        text = str(caught.value)
+        assert f"sink down: routes[1].fhirpath: fhirpath {bad!r}" in text and why in text, text
+
+
+def test_fhirpath_outcomes_are_evaluated_once_per_expression_for_the_routes_that_take_the_event() -> None:
+    from hms_ach.core.records import MappingResult, RecordWrite
+    from hms_ach.outbound import hl7_routing
+
+    inpatient = "Encounter.class.code = 'IMP'"
+    a = _config(routes=[{"message_types": ["ADT^A01"], "fhirpath": inpatient}]).routes
+    b = _config(routes=[{"fhirpath": inpatient}, {"channel": "lab", "fhirpath": "Patient.active"}]).routes
+    result = MappingResult(records=[RecordWrite("e", "Encounter", "s", "1", {"class": {"code": "IMP"}})])
+    hl7_routing.subscribe(a)
+    hl7_routing.subscribe(b)
+    try:
+        assert hl7_routing.fhirpath_outcomes("hl7.received.adt.ADT^A01", result) == {inpatient: True}
+        assert hl7_routing.fhirpath_outcomes("hl7.received.lab.ORU^R01", None) == {
+            inpatient: False,
+            "Patient.active": False,
+        }
+    finally:
+        hl7_routing.unsubscribe(a)
+        hl7_routing.unsubscribe(b)
+    assert hl7_routing.fhirpath_outcomes("hl7.received.adt.ADT^A01", result) == {}
+    msg = Er7(b"MSH|^~\\&|A|B|C|D|1||ADT^A01|1|P|2.5.1\rPV1|1|I\r")
+    assert a[0].admits(msg, {"fhirpath": {inpatient: True}})
+    assert not a[0].admits(msg, {"fhirpath": {inpatient: False}})
+    assert not a[0].admits(msg, {})  # stored before the route existed: not evaluated, not routed
