@@ -80,8 +80,9 @@ class MllpSink:
     class Config(SinkSettings):
         events: list[str] = Field(
             default_factory=list,
-            description="Record events to generate messages from: encounter.admitted (ADT^A01), "
-            "encounter.discharged (ADT^A03), practitioner.onboarded / practitioner.updated (MFN^M02)",
+            description="Record events to generate messages from, each built by the kind: hl7 file whose "
+            "generate: names it: encounter.admitted (ADT^A01), encounter.discharged (ADT^A03), "
+            "practitioner.onboarded / practitioner.updated (MFN^M02) are shipped",
         )
         host: str = Field(description="The receiver's host name or address")
         port: int = Field(ge=1, le=65535, description="The receiver's MLLP port")
@@ -107,16 +108,6 @@ class MllpSink:
         sending_application: str = Field("HMS-ACH", description="MSH-3 of generated messages")
         sending_facility: str = Field("", description="MSH-4 of generated messages")
 
-        @model_validator(mode="after")
-        def _generated_events_known(self) -> MllpSink.Config:
-            unknown = [p for p in self.events if not fnmatch.filter(hl7_generate.GENERATED, p)]
-            if unknown:
-                raise ValueError(
-                    f"events {unknown}: no HL7 v2 message is generated from them; expected some of "
-                    f"{', '.join(hl7_generate.GENERATED)}"
-                )
-            return self
-
         @model_validator(mode="wrap")
         @classmethod
         def _route_errors_name_the_sink(
@@ -138,7 +129,10 @@ class MllpSink:
         def wants(self, event: str) -> bool:
             if event.startswith(hl7_routing.EVENT_PREFIX):
                 return any(route.takes(event) for route in self.routes)
-            return event in hl7_generate.GENERATED and super().wants(event)
+            engine = events.current_engine()  # a generate file of the loaded mappings builds it
+            return (
+                engine is not None and event in hl7_generate.generators(engine.mset) and super().wants(event)
+            )
 
         def route_for(self, event: str) -> list[hl7_routing.Route]:
             return [route for route in self.routes if route.takes(event)]
@@ -188,8 +182,14 @@ class MllpSink:
                     return self._transform(route.transform, raw)
             return f"not routed: no route's filter admits message {message_id}"
         s = self.settings
+        engine = events.current_engine()
         built = await asyncio.to_thread(
-            hl7_generate.build, self.store, delivery, s.sending_application, s.sending_facility
+            hl7_generate.build,
+            self.store,
+            delivery,
+            s.sending_application,
+            s.sending_facility,
+            engine.mset if engine is not None else None,
         )
         return self._transform(s.generate_transform, built)
 
@@ -299,9 +299,13 @@ def _naming_the_sink(exc: ValidationError, data: Any) -> ValidationError:
     return ValidationError.from_exception_data(exc.title, details)
 
 
-def unknown_transforms(sinks: list[Any], transforms: set[str], source: str = "channels.yaml") -> list[str]:
+def unknown_transforms(
+    sinks: list[Any], transforms: set[str], source: str = "channels.yaml", generated: set[str] | None = None
+) -> list[str]:
     """``hms-ach check``: one line per ``transform:`` / ``generate_transform:`` of an mllp sink that
-    names no loaded ``kind: hl7`` mapping (delivery would retry its rows until one is loaded)."""
+    names no loaded ``kind: hl7`` mapping (delivery would retry its rows until one is loaded), and,
+    given the events the loaded generate files build messages from, per ``events:`` pattern that
+    matches none of them."""
     out: list[str] = []
     known = ", ".join(sorted(transforms)) or "none"
     for sink in sinks:
@@ -315,4 +319,12 @@ def unknown_transforms(sinks: list[Any], transforms: set[str], source: str = "ch
                     f"{source}: sink {sink.name}: {where}: no kind: hl7 mapping is named {name!r} "
                     f"(expected one of: {known})"
                 )
+        unknown = (
+            [p for p in sink.events if not fnmatch.filter(generated, p)] if generated is not None else []
+        )
+        if unknown:
+            out.append(
+                f"{source}: sink {sink.name}: events {unknown}: no HL7 v2 message is generated from them "
+                f"(expected some of: {', '.join(sorted(generated or [])) or 'none'}; a kind: hl7 file's generate:)"
+            )
     return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -9,6 +11,8 @@ from hms_ach.mapping.hl7_transform import Er7
 from hms_ach.outbound.hl7_routing import parse_filter
 from hms_ach.outbound.mllp_sink import MllpSink, answer_text
 from hms_ach.outbound.webhook import WebhookSink
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _config(**extra: object) -> MllpSink.Config:
@@ -26,10 +30,27 @@ def test_routes_match_channel_and_type_and_nothing_else_is_wanted() -> None:
     assert not cfg.wants("encounter.admitted")  # no events: nothing generated
 
 
-def test_generated_events_must_be_ones_a_message_is_built_from() -> None:
-    assert _config(events=["practitioner.*"]).wants("practitioner.updated")
-    with pytest.raises(ValidationError, match="no HL7 v2 message is generated"):
-        _config(events=["claim.created"])
+def test_generated_events_must_be_ones_a_generate_file_builds_and_filters_must_parse() -> None:
+    from hms_ach.mapping.engine import MappingEngine
+    from hms_ach.mapping.loader import load_mappings
+    from hms_ach.outbound import events, hl7_generate
+    from hms_ach.outbound.mllp_sink import unknown_transforms
+
+    mset = load_mappings(ROOT / "mappings")
+    generated = set(hl7_generate.generators(mset))
+    assert {"encounter.admitted", "encounter.discharged", "practitioner.onboarded"} <= generated
+    previous = events.current_engine()
+    events.use_engine(MappingEngine(mset))
+    try:
+        assert _config(events=["practitioner.*"]).wants("practitioner.updated")
+        assert not _config(events=["*"]).wants("claim.created")  # no generate file builds it
+    finally:
+        events.use_engine(previous)
+    cfg = _config(events=["practitioner.*", "claim.created"])
+    assert unknown_transforms([cfg], set(mset.transforms), "c.yaml", generated) == [
+        "c.yaml: sink down: events ['claim.created']: no HL7 v2 message is generated from them "
+        f"(expected some of: {', '.join(sorted(generated))}; a kind: hl7 file's generate:)"
+    ]
     for bad in ("PV1-2 ===", "PV1 = I", "PV1-2 like I"):
         with pytest.raises(ValidationError, match="expected"):
             _config(routes=[{"filter": bad}])
