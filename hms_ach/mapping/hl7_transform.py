@@ -431,11 +431,16 @@ class GenerateInput:
         )
 
 
-def _first(fn: Any, context: Any, env: dict[str, Any], where: str) -> str:
+def _evaluate(fn: Any, context: Any, env: dict[str, Any], where: str) -> list[Any]:
     try:
-        found = fn(context, env)
+        found: list[Any] = fn(context, env)
     except Exception as exc:  # noqa: BLE001 - fhirpathpy raises plain exceptions on odd data
         raise TransformError(f"{where}: the FHIRPath failed: {exc}", where) from exc
+    return found
+
+
+def _first(fn: Any, context: Any, env: dict[str, Any], where: str) -> str:
+    found = _evaluate(fn, context, env, where)
     if not found or found[0] is None:
         return ""
     return "true" if found[0] is True else "false" if found[0] is False else str(found[0])
@@ -491,7 +496,7 @@ def generate(
     for number, item in enumerate(gen.fields, 1):
         target = parse_path(item.set)
         if item.for_each is not None:
-            items = compile_fhirpath(item.for_each)(record, env)
+            items = _evaluate(compile_fhirpath(item.for_each), record, env, item.set)
             text = message.rs.join(_field_value(item, it, env, tables) for it in items)
         else:
             text = _field_value(item, record, env, tables)

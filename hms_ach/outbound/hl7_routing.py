@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from hms_ach.core.records import RECORD_TYPES, MappingResult
 from hms_ach.hl7v2.parse import MshHeader
@@ -139,18 +139,11 @@ class Route(BaseModel):
         None, description="A kind: hl7 mapping (mappings/hl7/) applied before sending; none: sent as received"
     )
 
-    @field_validator("filter")
+    @field_validator("filter", "fhirpath")
     @classmethod
-    def _filter_parses(cls, value: str | None) -> str | None:
+    def _filters_compile(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None:
-            parse_filter(value)
-        return value
-
-    @field_validator("fhirpath")
-    @classmethod
-    def _fhirpath_compiles(cls, value: str | None) -> str | None:
-        if value is not None:
-            record_filter(value)
+            (parse_filter if info.field_name == "filter" else record_filter)(value)
         return value
 
     def takes(self, event: str) -> bool:

@@ -8,9 +8,8 @@ from pathlib import Path
 
 from hms_ach.store import outbox
 from hms_ach.store.db import Store
-from tests.integration.engine_helpers import mllp_channel
-from tests.integration.hl7_receiver import Hl7Receiver, segments
-from tests.integration.outbound_helpers import ROOT, make_engine, send_mllp, wait_for
+from tests.integration.hl7_receiver import received_from, segments
+from tests.integration.outbound_helpers import ROOT, make_engine
 
 
 async def test_an_edited_generate_file_changes_the_generated_message(tmp_path: Path, store: Store) -> None:
@@ -22,20 +21,13 @@ async def test_an_edited_generate_file_changes_the_generated_message(tmp_path: P
             '    - {set: PV1-1, value: "1"}\n    - {set: PV1-5, fhirpath: "\'PRE-\' + status"}\n',
         )
     )
-    receiver = Hl7Receiver()
-    port = await receiver.start()
     sink = (
-        f"  - name: adt_out\n    type: mllp\n    host: 127.0.0.1\n    port: {port}\n"
+        "  - name: adt_out\n    type: mllp\n    host: 127.0.0.1\n    port: {}\n"
         "    events: [encounter.admitted]\n    ack_timeout_seconds: 3\n    sending_facility: GENHOSP\n"
     )
-    engine = make_engine(tmp_path, store.url, sink)
-    await engine.start()
-    try:
-        assert await send_mllp(mllp_channel(engine).port, ["adt_a01.hl7"]) == ["AA"]
-        await wait_for(lambda: len(receiver.accepted) == 1)
-    finally:
-        await engine.stop()
-        await receiver.stop()
+    receiver = await received_from(
+        lambda port: make_engine(tmp_path, store.url, sink.format(port)), ["adt_a01.hl7"], 1
+    )
     got = segments(receiver.accepted[0])
     assert got["PV1"][5] == "PRE-in-progress"  # the added field, from the Encounter's status
     assert got["MSH"][2:4] == ["HMS-ACH", "GENHOSP"] and got["MSH"][9].startswith("HMS")  # MSH-3, 4, 10
