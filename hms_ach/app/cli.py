@@ -359,9 +359,11 @@ def check(config: ConfigOpt = Path("channels.yaml")) -> None:
         errors.extend(e.render() for e in exc.errors)
         mset = None
     if cfg is not None and mset is not None:
+        from hms_ach.outbound.hl7_generate import generators
         from hms_ach.outbound.mllp_sink import unknown_transforms
 
-        errors.extend(unknown_transforms(list(cfg.sinks), set(mset.transforms), str(config)))
+        generated = set(generators(mset))
+        errors.extend(unknown_transforms(list(cfg.sinks), set(mset.transforms), str(config), generated))
     for line in errors:
         typer.echo(line)
     if errors:
@@ -745,7 +747,8 @@ def _transform_previews(engine: Any, name: str, data: bytes) -> list[Any]:
     from hms_ach.mapping.preview import preview_transform
 
     out: list[Any] = []
-    for raw in split_messages(data) or [data]:
+    generated = data.lstrip()[:1] == b"{"  # the records JSON of a generate file (docs/hl7-routing.md)
+    for raw in [data] if generated else split_messages(data) or [data]:
         try:
             out.append(preview_transform(engine, name, raw))
         except KeyError as exc:

@@ -81,8 +81,9 @@ log = logging.getLogger("hms_ach.ingest.pipeline")
 #: Called in the transaction of every HL7 v2 message stored as processed, with its envelope, its
 #: stored id and its MSH: the outbound routing of the ``mllp`` sink (hms_ach.outbound.hl7_routing)
 #: subscribes here while a sink routes inbound messages, so that the outbox row commits with the
-#: message (the delivery contract). Empty: nothing is called.
-MESSAGE_ROUTERS: list[Callable[[Tx, Envelope, int, MshHeader], None]] = []
+#: message (the delivery contract); it gets the records the message produced (FHIRPath filters).
+#: Empty: nothing is called.
+MESSAGE_ROUTERS: list[Callable[[Tx, Envelope, int, MshHeader, MappingResult | None], None]] = []
 
 R = TypeVar("R")
 
@@ -527,7 +528,7 @@ def hl7_work(ev: Evaluation, charset: str) -> Work[Outcome]:
             code, status = "AA", "processed"
             if ev.header is not None:
                 for route in MESSAGE_ROUTERS:
-                    route(tx, ev.meta, message_id, ev.header)
+                    route(tx, ev.meta, message_id, ev.header, ev.result)
         else:
             code = error.ack_code if ev.header is not None else "AR"
             if isinstance(error, RejectError):

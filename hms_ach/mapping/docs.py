@@ -152,6 +152,9 @@ def generate() -> str:
         ("Event payloads (`kind: event`)", spec.EventMapping),
         ("Outbound HL7 v2 transforms (`kind: hl7`)", spec.Hl7TransformMapping),
         ("Transform edits (`rules:` items of `kind: hl7`)", spec.Hl7Edit),
+        ("Generated messages (`generate:` of `kind: hl7`)", spec.Hl7Generate),
+        ("Records read (`generate.records:` values)", spec.Hl7RecordRead),
+        ("Generated fields (`generate.fields:` items)", spec.Hl7Field),
         ("Notifications (`kind: notification`)", spec.NotificationMapping),
         ("Notification examples (`examples:` items)", spec.NotificationExample),
     ]

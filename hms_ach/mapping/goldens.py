@@ -90,6 +90,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.constructor import RoundTripConstructor
@@ -207,6 +208,11 @@ class GoldenCase(_Strict):
     transform: str | None = Field(
         None, description="A kind: hl7 transform (mappings/hl7/) run on `message`/`sample`; expect `hl7:`"
     )
+    generated: dict[str, Any] | None = Field(
+        None,
+        description="A generate file's input (with `transform:`): {event, eventId, now, sender, facility, "
+        "records: {record: {...}, patient: {...}}}; expect `hl7:`",
+    )
     match: Literal["subset", "exact"] = Field("subset", description="How records are compared")
     timezone: str = Field("UTC", description="Zone assumed for times sent without a UTC offset")
     expect: Expectation = Field(description="What the message must map to")
@@ -304,10 +310,12 @@ def load_golden_file(path: Path) -> LoadedGolden:
     errors: list[ConfigError] = []
     seen: set[str] = set()
     for i, case in enumerate(model.cases):
-        if sum(x is not None for x in (case.sample, case.message, case.csv, case.fhir, case.event)) != 1:
+        given = (case.sample, case.message, case.csv, case.fhir, case.event, case.generated)
+        if sum(x is not None for x in given) != 1:
             errors.append(
                 ConfigError(
-                    f"case {case.name!r} needs exactly one of `sample`, `message`, `csv`, `fhir` or `event`",
+                    f"case {case.name!r} needs exactly one of `sample`, `message`, `csv`, `fhir` or `event` "
+                    "(or `generated` with `transform`)",
                     position_of(path, positions, ("cases", i)),
                     "sample: PATH or message: ER7 text",
                 )
@@ -321,6 +329,14 @@ def load_golden_file(path: Path) -> LoadedGolden:
                 )
             )
         seen.add(case.name)
+        if case.generated is not None and case.transform is None:
+            errors.append(
+                ConfigError(
+                    f"case {case.name!r} gives `generated:` records without `transform:`",
+                    position_of(path, positions, ("cases", i, "generated")),
+                    "transform: the generate file's name",
+                )
+            )
         if (
             not case.expect.records
             and case.expect.error is None
@@ -498,8 +514,9 @@ def _run_event_case(
 def _run_transform_case(
     result: CaseResult, case: GoldenCase, name: str, mset: MappingSet, repo_root: Path
 ) -> CaseResult:
-    """Run a kind: hl7 transform on the case's message; the result must be exactly ``expect: hl7``."""
-    from hms_ach.mapping.hl7_transform import TransformError, apply
+    """Run a kind: hl7 transform on the case's message (a generate file: on its ``generated:``
+    records); the result must be exactly ``expect: hl7``."""
+    from hms_ach.mapping.hl7_transform import TransformError, run
 
     loaded = mset.transforms.get(name)
     if loaded is None:
@@ -507,7 +524,7 @@ def _run_transform_case(
         return result
     tables = {n: f.model for n, f in mset.tables.items()}
     try:
-        got = apply(loaded.model, _message_bytes(case, repo_root), tables).message.decode("utf-8", "replace")
+        got = run(loaded.model, _message_bytes(case, repo_root), tables).message.decode("utf-8", "replace")
     except (TransformError, OSError) as exc:
         result.message = f"transform {name} failed: {exc}"
         return result
@@ -525,6 +542,8 @@ def _run_transform_case(
 
 
 def _message_bytes(case: GoldenCase, repo_root: Path) -> bytes:
+    if case.generated is not None:
+        return orjson.dumps(case.generated)
     if case.sample is not None:
         return (repo_root / case.sample).read_bytes()
     lines = [ln.strip() for ln in (case.message or "").splitlines()]

@@ -15,7 +15,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
+
+import orjson
+from antlr4 import CommonTokenStream, InputStream, Token  # type: ignore[import-untyped]
+from antlr4.error.ErrorListener import ErrorListener  # type: ignore[import-untyped]
+from fhirpathpy import compile as fhirpath_compile
+from fhirpathpy.parser.generated.FHIRPathLexer import FHIRPathLexer
+from fhirpathpy.parser.generated.FHIRPathParser import FHIRPathParser
 
 from hms_ach.mapping import spec
 
@@ -266,4 +275,245 @@ def problems(transform: spec.Hl7TransformMapping, tables: set[str]) -> list[tupl
                     parse_path(rule.when.source)
                 except ValueError as exc:
                     out.append((at + ("when", "source"), str(exc), "SEG-n[.c[.s]]"))
+    if transform.generate is not None:
+        out.extend(_generate_problems(transform.generate, tables))
     return out
+
+
+def _generate_problems(gen: spec.Hl7Generate, tables: set[str]) -> list[tuple[tuple[Any, ...], str, str]]:
+    out: list[tuple[tuple[Any, ...], str, str]] = []
+    if not re.match(r"^[A-Z0-9]{3}\^[A-Z0-9]{3}(\^[A-Z0-9_]+)?$", gen.message_type):
+        out.append(
+            (("generate", "message_type"), f"{gen.message_type!r} is not an MSH-9", "e.g. ADT^A01^ADT_A01")
+        )
+    for i, seg in enumerate(gen.segments):
+        if not _SEGMENT.match(seg) or seg == "MSH":
+            out.append((("generate", "segments", i), f"{seg!r} is not a segment after MSH", "e.g. EVN, PID"))
+    env: dict[str, Any] = {name: {} for name in gen.records} | {"now": "", "event": ""}
+    expressions: list[tuple[tuple[Any, ...], str]] = [
+        (("generate", "records", name, "reference"), r.reference) for name, r in gen.records.items()
+    ]
+    for i, item in enumerate(gen.fields):
+        at: tuple[Any, ...] = ("generate", "fields", i)
+        given = [k for k in ("value", "fhirpath", "components") if getattr(item, k) is not None]
+        if len(given) != 1:
+            out.append(
+                (
+                    at,
+                    f"a field needs exactly one of value, fhirpath, components (has {given or 'none'})",
+                    "value: TEXT, fhirpath: EXPR or components: [EXPR, ...]",
+                )
+            )
+        try:
+            path = parse_path(item.set)
+            if path.segment == "MSH" and path.field <= 2 or path.segment not in [*gen.segments, "MSH"]:
+                out.append(
+                    (
+                        at + ("set",),
+                        f"{item.set!r} is not in a segment the message has",
+                        f"a path in {', '.join(['MSH', *gen.segments])} (not MSH-1/2)",
+                    )
+                )
+        except ValueError as exc:
+            out.append((at + ("set",), str(exc), "SEG-n[.c[.s]]"))
+        if item.table and item.table not in tables:
+            out.append((at + ("table",), f"unknown code table {item.table!r}", "a kind: table file's name"))
+        if item.table and item.fhirpath is None:
+            out.append((at + ("table",), "`table` maps a `fhirpath` value", "fhirpath: with table:"))
+        if item.fhirpath is not None:
+            expressions.append((at + ("fhirpath",), item.fhirpath))
+        if item.for_each is not None:
+            expressions.append((at + ("for_each",), item.for_each))
+        expressions += [(at + ("components", j), c) for j, c in enumerate(item.components or []) if c]
+    for loc, text in expressions:
+        try:
+            compile_fhirpath(text)(
+                {"resourceType": "Basic"}, env
+            )  # a trial run: unknown functions, variables
+        except Exception as exc:  # noqa: BLE001 - antlr and fhirpathpy raise plain exceptions
+            out.append(
+                (
+                    loc,
+                    f"FHIRPath {text!r}: {exc}",
+                    "a FHIRPath expression; variables: " + ", ".join(f"%{v}" for v in env),
+                )
+            )
+    return out
+
+
+# ---------------------------------------------------------------------- generated messages
+class _Refuse(ErrorListener):  # type: ignore[misc]
+    """fhirpathpy's parser recovers from syntax errors silently: this listener makes them errors."""
+
+    def syntaxError(self, recognizer: Any, symbol: Any, line: int, column: int, msg: str, e: Any) -> None:  # noqa: N802
+        raise ValueError(f"column {column + 1}: {msg}")
+
+
+@lru_cache(maxsize=1024)
+def compile_fhirpath(text: str) -> Any:
+    """``text`` parsed strictly (fhirpathpy alone accepts ``a == b`` or a stray ``)``) and compiled,
+    once per distinct text; ValueError saying where the syntax breaks."""
+    lexer = FHIRPathLexer(InputStream(text))
+    lexer.removeErrorListeners()
+    lexer.addErrorListener(_Refuse())
+    tokens = CommonTokenStream(lexer)
+    parser = FHIRPathParser(tokens)
+    parser.removeErrorListeners()
+    parser.addErrorListener(_Refuse())
+    try:
+        parser.expression()
+    except ValueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - antlr raises plain exceptions
+        raise ValueError(str(exc)) from exc
+    if tokens.LA(1) != Token.EOF:
+        raise ValueError(f"column {tokens.LT(1).column + 1}: unexpected {tokens.LT(1).text!r}")
+    return fhirpath_compile(text)
+
+
+def escape(value: Any) -> str:
+    """Text as an ER7 value: the separators escaped (\\F\\ \\S\\ \\T\\ \\R\\ \\E\\), line ends dropped."""
+    text = str(value)
+    for raw, esc in (("\\", "\\E\\"), ("|", "\\F\\"), ("^", "\\S\\"), ("&", "\\T\\"), ("~", "\\R\\")):
+        text = text.replace(raw, esc)
+    return text.replace("\r", " ").replace("\n", " ")
+
+
+def hl7_time(value: Any) -> str:
+    """A FHIR date or dateTime as an HL7 DTM (YYYYMMDD[HHMM[SS]][+ZZZZ]); '' when absent."""
+    if not isinstance(value, str) or not value:
+        return ""
+    if len(value) <= 10:
+        return value.replace("-", "")
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return ""
+    return moment.strftime("%Y%m%d%H%M%S%z")
+
+
+@dataclass
+class GenerateInput:
+    """What a generated message is built from: the event, and the records by name (``record`` is the
+    one the event is about). As JSON (preview samples, golden cases)::
+
+        {"event": "encounter.admitted", "eventId": 7, "now": "20261206120000+0000",
+         "sender": "HMS-ACH", "facility": "GENHOSP",
+         "records": {"record": {"resourceType": "Encounter", ...}, "patient": {...}}}
+    """
+
+    event: str
+    records: dict[str, dict[str, Any]]
+    event_id: int | str = 1
+    now: str = ""
+    sender: str = "HMS-ACH"
+    facility: str = ""
+
+    @classmethod
+    def from_json(cls, data: bytes) -> GenerateInput:
+        try:
+            doc = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise TransformError(f"the input of a generated message is not JSON: {exc}", "input") from exc
+        if not isinstance(doc, dict) or not isinstance(doc.get("records"), dict):
+            raise TransformError(
+                "the input of a generated message is a JSON object with `event` and `records` "
+                '({"record": {...}, "patient": {...}})',
+                "input",
+            )
+        return cls(
+            str(doc.get("event") or ""),
+            {str(k): v for k, v in doc["records"].items() if isinstance(v, dict)},
+            doc.get("eventId", 1),
+            str(doc.get("now") or ""),
+            str(doc.get("sender", "HMS-ACH")),
+            str(doc.get("facility", "")),
+        )
+
+
+def _evaluate(fn: Any, context: Any, env: dict[str, Any], where: str) -> list[Any]:
+    try:
+        found: list[Any] = fn(context, env)
+    except Exception as exc:  # noqa: BLE001 - fhirpathpy raises plain exceptions on odd data
+        raise TransformError(f"{where}: the FHIRPath failed: {exc}", where) from exc
+    return found
+
+
+def _first(fn: Any, context: Any, env: dict[str, Any], where: str) -> str:
+    found = _evaluate(fn, context, env, where)
+    if not found or found[0] is None:
+        return ""
+    return "true" if found[0] is True else "false" if found[0] is False else str(found[0])
+
+
+def _field_value(
+    item: spec.Hl7Field, context: Any, env: dict[str, Any], tables: dict[str, spec.CodeTable]
+) -> str:
+    """The ER7 text of one repetition of ``item`` evaluated on ``context``."""
+    where = item.set
+    if item.value is not None:
+        return item.value
+    if item.components is not None:
+        parts = [_first(compile_fhirpath(c), context, env, where) if c else "" for c in item.components]
+        return "^".join(escape(p) for p in parts).rstrip("^")
+    text = _first(compile_fhirpath(item.fhirpath or ""), context, env, where)
+    if item.format == "dtm":
+        text = hl7_time(text)
+    if item.table:
+        return _table_value(tables[item.table], item.table, text, where)
+    return escape(text)
+
+
+def _source_of(item: spec.Hl7Field) -> str:
+    """Where a generated field's value came from, for the lineage."""
+    how = "generate: value" if item.value is not None else f"generate: fhirpath {item.fhirpath}"
+    if item.components is not None:
+        how = f"generate: components {', '.join(c for c in item.components if c)}"
+    if item.for_each is not None:
+        how += f" for each {item.for_each}"
+    return (
+        how + (f", table {item.table}" if item.table else "") + (", as DTM" if item.format == "dtm" else "")
+    )
+
+
+def generate(
+    transform: spec.Hl7TransformMapping, given: GenerateInput, tables: dict[str, spec.CodeTable]
+) -> Transformed:
+    """The message ``transform.generate`` builds from ``given``, then the transform's ``rules``; the
+    lineage names the field of the file that set each value (``field 3: fhirpath gender``)."""
+    gen = transform.generate
+    if gen is None:
+        raise TransformError(
+            f"the transform has no `generate:`; it edits a message ({given.event})", "generate"
+        )
+    now = given.now or datetime.now(UTC).strftime("%Y%m%d%H%M%S+0000")
+    msh = f"MSH|^~\\&|{escape(given.sender)}|{escape(given.facility)}|||{now}||{gen.message_type}"
+    msh += f"|HMS{given.event_id}|P|2.5.1"
+    message = Er7(("\r".join([msh, *gen.segments]) + "\r").encode("utf-8"))
+    record = given.records.get("record", {})
+    env = {name: given.records.get(name, {}) for name in gen.records} | {"now": now, "event": given.event}
+    changes: list[Change] = []
+    for number, item in enumerate(gen.fields, 1):
+        target = parse_path(item.set)
+        if item.for_each is not None:
+            items = _evaluate(compile_fhirpath(item.for_each), record, env, item.set)
+            text = message.rs.join(_field_value(item, it, env, tables) for it in items)
+        else:
+            text = _field_value(item, record, env, tables)
+        for parts in message.segments:
+            if parts[0] == target.segment and text:
+                message.put(parts, target, text)
+                changes.append(Change(number, str(target), "", text, _source_of(item)))
+    built = message.encode()
+    if not transform.rules:
+        return Transformed(built, changes)
+    done = apply(transform, built, tables)
+    return Transformed(done.message, changes + done.changes)
+
+
+def run(transform: spec.Hl7TransformMapping, data: bytes, tables: dict[str, spec.CodeTable]) -> Transformed:
+    """A transform on ``data``: a message to edit, or, for a ``generate:`` file, the JSON of a
+    :class:`GenerateInput` (preview samples and golden cases)."""
+    if transform.generate is not None:
+        return generate(transform, GenerateInput.from_json(data), tables)
+    return apply(transform, data, tables)

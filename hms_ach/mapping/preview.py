@@ -222,15 +222,16 @@ class TransformPreview:
 
 
 def preview_transform(engine: MappingEngine, name: str, raw: bytes) -> TransformPreview:
-    """Run the transform ``name`` of the engine's mapping set on ``raw``. KeyError: no such
-    transform; :class:`hms_ach.mapping.hl7_transform.TransformError` when a rule cannot apply."""
-    from hms_ach.mapping.hl7_transform import apply
+    """Run the transform ``name`` of the engine's mapping set on ``raw`` (for a ``generate:`` file,
+    the JSON of the records it builds from). KeyError: no such transform;
+    :class:`hms_ach.mapping.hl7_transform.TransformError` when a rule cannot apply."""
+    from hms_ach.mapping.hl7_transform import run
 
     loaded = engine.mset.transforms.get(name)
     if loaded is None:
         raise KeyError(f"no kind: hl7 mapping is named {name!r}; known: {sorted(engine.mset.transforms)}")
     tables = {n: f.model for n, f in engine.mset.tables.items()}
-    done = apply(loaded.model, raw, tables)
+    done = run(loaded.model, raw, tables)
     return TransformPreview(
         name,
         done.message.decode("utf-8", "replace"),

@@ -317,16 +317,77 @@ class Hl7Edit(_Strict):
     description: str = Field("", description="Why the edit is there")
 
 
+class Hl7RecordRead(_Strict):
+    """A record a generated message reads besides the one its event is about."""
+
+    reference: str = Field(
+        description="FHIRPath over the event's record giving the reference to read, e.g. subject.reference"
+    )
+    required: bool = Field(
+        False, description="true: no message without it (the row is dead-lettered); false: read as empty"
+    )
+
+
+class Hl7Field(_Strict):
+    """One field (component, subcomponent) of a generated message: where its value comes from.
+    Give exactly one of ``value`` (a constant), ``fhirpath`` (an expression; its first result) or
+    ``components`` (one expression per component, "" for an empty one). The context of the
+    expressions is the event's record (at the version the event names), or each item of
+    ``for_each``; the other records are ``%name`` (see ``records``), ``%now`` is the message's time
+    (DTM) and ``%event`` the event's name. Values are escaped as ER7 text; trailing empty components
+    are dropped."""
+
+    set: str = Field(description="Path written, e.g. PID-8, PV1-3, MSH-5.1")
+    value: str | None = Field(None, description="A constant, as ER7 text (not escaped)")
+    fhirpath: str | None = Field(None, description="FHIRPath whose first result is the value, e.g. gender")
+    components: list[str] | None = Field(
+        None, description="One FHIRPath per component, in order; '' leaves a component empty"
+    )
+    for_each: str | None = Field(
+        None,
+        description="FHIRPath giving a list: the field repeats once per item (~), the expressions are "
+        "evaluated on each item; no item: the field stays empty",
+    )
+    table: str | None = Field(None, description="Code table (mappings/tables) the value is mapped through")
+    format: Literal["text", "dtm"] = Field(
+        "text", description="dtm: a FHIR date or dateTime written as an HL7 DTM (YYYYMMDD[HHMMSS+ZZZZ])"
+    )
+    description: str = Field("", description="Where the value comes from, in words")
+
+
+class Hl7Generate(_Strict):
+    """How a message is built from a record event: its type, its segments in order (after MSH) and
+    its fields. MSH is built by the engine: MSH-3/4 the sink's sending application and facility,
+    MSH-7 the time, MSH-9 ``message_type``, MSH-10 ``HMS`` + the event id (the same on every
+    attempt), MSH-11 P, MSH-12 2.5.1."""
+
+    events: list[str] = Field(
+        description="Record events the message is built from, e.g. [encounter.admitted]"
+    )
+    message_type: str = Field(description="MSH-9, e.g. ADT^A01^ADT_A01")
+    segments: list[str] = Field(description="The segments after MSH, in order, e.g. [EVN, PID, PV1]")
+    records: dict[str, Hl7RecordRead] = Field(
+        default_factory=dict,
+        description="Further records read, by the name expressions use (%patient), at their current version",
+    )
+    fields: list[Hl7Field] = Field(default_factory=list, description="The fields filled, in order")
+
+
 class Hl7TransformMapping(_Strict):
     """An outbound HL7 v2 transform (mappings/hl7/): the edits made, in order, to a message an
     ``mllp`` sink routes or generates (``transform:`` of a route). Preview it with
     ``hms-ach mapping preview --transform NAME``; golden cases give ``transform:`` and
-    ``expect: hl7:`` (the message after the edits)."""
+    ``expect: hl7:`` (the message after the edits). With ``generate:``, the file also builds the
+    message from a record event (the sink's ``events:``), before its ``rules``; its preview and
+    golden cases take the records as JSON (``generated:``)."""
 
     kind: Literal["hl7"] = Field(description="hl7")
     name: str | None = Field(None, description="Name routes use with `transform:`; defaults to the file name")
     description: str = Field("", description="What the transform is for (which receiver)")
     rules: list[Hl7Edit] = Field(default_factory=list, description="The edits, applied in order")
+    generate: Hl7Generate | None = Field(
+        None, description="Build the message from a record event (then apply `rules`); none: a transform only"
+    )
 
 
 #: The recipient rules a notification may name (besides fixed addresses).

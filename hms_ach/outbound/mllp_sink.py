@@ -26,7 +26,8 @@ import ssl
 from collections import deque
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ModelWrapValidatorHandler, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from hms_ach.core.tls import client_context
 from hms_ach.hl7v2.ack import msa_code
@@ -79,8 +80,9 @@ class MllpSink:
     class Config(SinkSettings):
         events: list[str] = Field(
             default_factory=list,
-            description="Record events to generate messages from: encounter.admitted (ADT^A01), "
-            "encounter.discharged (ADT^A03), practitioner.onboarded / practitioner.updated (MFN^M02)",
+            description="Record events to generate messages from, each built by the kind: hl7 file whose "
+            "generate: names it: encounter.admitted (ADT^A01), encounter.discharged (ADT^A03), "
+            "practitioner.onboarded / practitioner.updated (MFN^M02) are shipped",
         )
         host: str = Field(description="The receiver's host name or address")
         port: int = Field(ge=1, le=65535, description="The receiver's MLLP port")
@@ -106,15 +108,15 @@ class MllpSink:
         sending_application: str = Field("HMS-ACH", description="MSH-3 of generated messages")
         sending_facility: str = Field("", description="MSH-4 of generated messages")
 
-        @model_validator(mode="after")
-        def _generated_events_known(self) -> MllpSink.Config:
-            unknown = [p for p in self.events if not fnmatch.filter(hl7_generate.GENERATED, p)]
-            if unknown:
-                raise ValueError(
-                    f"events {unknown}: no HL7 v2 message is generated from them; expected some of "
-                    f"{', '.join(hl7_generate.GENERATED)}"
-                )
-            return self
+        @model_validator(mode="wrap")
+        @classmethod
+        def _route_errors_name_the_sink(
+            cls, data: Any, handler: ModelWrapValidatorHandler[MllpSink.Config]
+        ) -> MllpSink.Config:
+            try:
+                return handler(data)
+            except ValidationError as exc:
+                raise _naming_the_sink(exc, data) from None
 
         @model_validator(mode="after")
         def _attempt_fits_its_steps(self) -> MllpSink.Config:
@@ -127,7 +129,10 @@ class MllpSink:
         def wants(self, event: str) -> bool:
             if event.startswith(hl7_routing.EVENT_PREFIX):
                 return any(route.takes(event) for route in self.routes)
-            return event in hl7_generate.GENERATED and super().wants(event)
+            engine = events.current_engine()  # a generate file of the loaded mappings builds it
+            return (
+                engine is not None and event in hl7_generate.generators(engine.mset) and super().wants(event)
+            )
 
         def route_for(self, event: str) -> list[hl7_routing.Route]:
             return [route for route in self.routes if route.takes(event)]
@@ -140,7 +145,7 @@ class MllpSink:
         self._pending: deque[FrameEvent] = deque()
         self._routing = bool(settings.routes)  # a disabled sink's rows wait too, as for every sink
         if self._routing:
-            hl7_routing.subscribe()
+            hl7_routing.subscribe(settings.routes)
 
     # ------------------------------------------------------------------ what to send
     def _transform(self, name: str | None, raw: bytes) -> bytes:
@@ -168,7 +173,7 @@ class MllpSink:
             raw = await asyncio.to_thread(_stored_raw, self.store, message_id)
             for route in self.settings.route_for(delivery.event):
                 try:
-                    admitted = route.admits(Er7(raw))
+                    admitted = route.admits(Er7(raw), delivery.payload)
                 except TransformError as exc:
                     raise DeliveryError(
                         f"stored message {message_id}: {exc.message}", permanent=True
@@ -177,8 +182,14 @@ class MllpSink:
                     return self._transform(route.transform, raw)
             return f"not routed: no route's filter admits message {message_id}"
         s = self.settings
+        engine = events.current_engine()
         built = await asyncio.to_thread(
-            hl7_generate.build, self.store, delivery, s.sending_application, s.sending_facility
+            hl7_generate.build,
+            self.store,
+            delivery,
+            s.sending_application,
+            s.sending_facility,
+            engine.mset if engine is not None else None,
         )
         return self._transform(s.generate_transform, built)
 
@@ -249,7 +260,7 @@ class MllpSink:
         await self._drop()
         if self._routing:
             self._routing = False
-            hl7_routing.unsubscribe()
+            hl7_routing.unsubscribe(self.settings.routes)
 
     def _abandon(self) -> None:
         conn, self._conn = self._conn, None
@@ -270,9 +281,31 @@ class MllpSink:
 _MSH10 = parse_path("MSH-10")
 
 
-def unknown_transforms(sinks: list[Any], transforms: set[str], source: str = "channels.yaml") -> list[str]:
+def _naming_the_sink(exc: ValidationError, data: Any) -> ValidationError:
+    """``exc`` with its route errors (a filter or fhirpath that does not compile) prefixed with the
+    sink's name and the route's index, so that `hms-ach check` names sink, route and expression."""
+    name = data.get("name") if isinstance(data, dict) else None
+    details: list[InitErrorDetails] = []
+    for err in exc.errors():
+        loc = err["loc"]
+        if loc[:1] == ("routes",) and len(loc) >= 3 and err["type"] == "value_error":
+            text = f"sink {name}: routes[{loc[1]}].{'.'.join(str(p) for p in loc[2:])}: {err['ctx']['error']}"
+            kind = PydanticCustomError("value_error", "{text}", {"text": text})
+            details.append(InitErrorDetails(type=kind, loc=loc, input=err["input"]))
+        else:
+            details.append(
+                InitErrorDetails(type=err["type"], loc=loc, input=err["input"], ctx=err.get("ctx", {}))
+            )
+    return ValidationError.from_exception_data(exc.title, details)
+
+
+def unknown_transforms(
+    sinks: list[Any], transforms: set[str], source: str = "channels.yaml", generated: set[str] | None = None
+) -> list[str]:
     """``hms-ach check``: one line per ``transform:`` / ``generate_transform:`` of an mllp sink that
-    names no loaded ``kind: hl7`` mapping (delivery would retry its rows until one is loaded)."""
+    names no loaded ``kind: hl7`` mapping (delivery would retry its rows until one is loaded), and,
+    given the events the loaded generate files build messages from, per ``events:`` pattern that
+    matches none of them."""
     out: list[str] = []
     known = ", ".join(sorted(transforms)) or "none"
     for sink in sinks:
@@ -286,4 +319,12 @@ def unknown_transforms(sinks: list[Any], transforms: set[str], source: str = "ch
                     f"{source}: sink {sink.name}: {where}: no kind: hl7 mapping is named {name!r} "
                     f"(expected one of: {known})"
                 )
+        unknown = (
+            [p for p in sink.events if not fnmatch.filter(generated, p)] if generated is not None else []
+        )
+        if unknown:
+            out.append(
+                f"{source}: sink {sink.name}: events {unknown}: no HL7 v2 message is generated from them "
+                f"(expected some of: {', '.join(sorted(generated or [])) or 'none'}; a kind: hl7 file's generate:)"
+            )
     return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable
+from contextlib import AsyncExitStack
 from typing import Any
 
 import hl7
@@ -73,3 +74,20 @@ def segments(message: str) -> dict[str, list[str]]:
         if line[:3] and line[:3] not in out:
             out[line[:3]] = line.split("|")
     return out
+
+
+async def received_from(engine_for: Callable[[int], Any], samples: list[str], count: int) -> Hl7Receiver:
+    """A receiver that got ``count`` messages from the engine ``engine_for(receiver port)`` after the
+    samples were sent to its ``adt_in`` channel (each answered AA); engine and receiver are stopped."""
+    from tests.integration.engine_helpers import mllp_channel
+    from tests.integration.outbound_helpers import send_mllp, wait_for
+
+    receiver = Hl7Receiver()
+    async with AsyncExitStack() as stack:
+        stack.push_async_callback(receiver.stop)
+        engine = engine_for(await receiver.start())
+        await engine.start()
+        stack.push_async_callback(engine.stop)
+        assert await send_mllp(mllp_channel(engine).port, samples) == ["AA"] * len(samples)
+        await wait_for(lambda: len(receiver.accepted) == count)
+    return receiver

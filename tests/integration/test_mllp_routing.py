@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import orjson
 from typer.testing import CliRunner
 
 from hms_ach.app.cli import app
@@ -123,3 +124,35 @@ async def test_routed_over_tls_to_a_receiver_whose_certificate_is_checked(
     assert segments(receiver.accepted[0])["MSH"][4] == "DOWNSTREAM"
     assert refused["status"] == "pending" and "certificate not trusted" in str(refused["last_error"])
     assert len(receiver.accepted) == 1
+
+
+async def test_a_fhirpath_filter_routes_by_the_records_the_message_produced(
+    tmp_path: Path, store: Store
+) -> None:
+    receiver = Hl7Receiver()
+    port = await receiver.start()
+    sink = routed_sink(port).replace(
+        "        transform: adt_to_downstream\n",
+        "        transform: adt_to_downstream\n"
+        "        fhirpath: \"Encounter.status = 'finished' and Encounter.class.code = 'IMP'\"\n",
+    )
+    engine = make_engine(tmp_path, store.url, sink)
+    await engine.start()
+    try:
+        codes = await send_mllp(mllp_channel(engine).port, ["adt_a01.hl7", "adt_a08.hl7", "adt_a03.hl7"])
+        assert codes == ["AA", "AA", "AA"]
+        await wait_for(
+            lambda: len(_rows(store)) == 3 and all(r["status"] == "delivered" for r in _rows(store))
+        )
+    finally:
+        await engine.stop()
+        await receiver.stop()
+    rows = _rows(store)  # the outcome was decided in the inbound transaction and kept on the event
+    expression = "Encounter.status = 'finished' and Encounter.class.code = 'IMP'"
+    with store.read() as conn:
+        payloads = [
+            orjson.loads(str((outbox.get_row(conn, int(str(r["id"]))) or {})["payload"])) for r in rows
+        ]
+    assert [p["fhirpath"] for p in payloads] == [{expression: False}, {expression: False}, {expression: True}]
+    assert [str(r["response"]).startswith("not routed") for r in rows] == [True, True, False]
+    assert [segments(m)["MSH"][9] for m in receiver.accepted] == ["S-A03-0001"]  # only the discharge

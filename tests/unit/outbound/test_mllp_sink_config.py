@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -9,6 +11,8 @@ from hms_ach.mapping.hl7_transform import Er7
 from hms_ach.outbound.hl7_routing import parse_filter
 from hms_ach.outbound.mllp_sink import MllpSink, answer_text
 from hms_ach.outbound.webhook import WebhookSink
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _config(**extra: object) -> MllpSink.Config:
@@ -26,10 +30,27 @@ def test_routes_match_channel_and_type_and_nothing_else_is_wanted() -> None:
     assert not cfg.wants("encounter.admitted")  # no events: nothing generated
 
 
-def test_generated_events_must_be_ones_a_message_is_built_from() -> None:
-    assert _config(events=["practitioner.*"]).wants("practitioner.updated")
-    with pytest.raises(ValidationError, match="no HL7 v2 message is generated"):
-        _config(events=["claim.created"])
+def test_generated_events_must_be_ones_a_generate_file_builds_and_filters_must_parse() -> None:
+    from hms_ach.mapping.engine import MappingEngine
+    from hms_ach.mapping.loader import load_mappings
+    from hms_ach.outbound import events, hl7_generate
+    from hms_ach.outbound.mllp_sink import unknown_transforms
+
+    mset = load_mappings(ROOT / "mappings")
+    generated = set(hl7_generate.generators(mset))
+    assert {"encounter.admitted", "encounter.discharged", "practitioner.onboarded"} <= generated
+    previous = events.current_engine()
+    events.use_engine(MappingEngine(mset))
+    try:
+        assert _config(events=["practitioner.*"]).wants("practitioner.updated")
+        assert not _config(events=["*"]).wants("claim.created")  # no generate file builds it
+    finally:
+        events.use_engine(previous)
+    cfg = _config(events=["practitioner.*", "claim.created"])
+    assert unknown_transforms([cfg], set(mset.transforms), "c.yaml", generated) == [
+        "c.yaml: sink down: events ['claim.created']: no HL7 v2 message is generated from them "
+        f"(expected some of: {', '.join(sorted(generated))}; a kind: hl7 file's generate:)"
+    ]
     for bad in ("PV1-2 ===", "PV1 = I", "PV1-2 like I"):
         with pytest.raises(ValidationError, match="expected"):
             _config(routes=[{"filter": bad}])
@@ -83,3 +104,55 @@ def test_event_names_fit_the_outbox_column_whatever_the_channel_and_msh_9() -> N
     assert len(name) <= 64 and name.endswith(".ADT_X^A01_VERY")
     assert Route(channel=channel, message_types=["ADT_X^*"]).takes(name)
     assert not Route(channel="other", message_types=["*"]).takes(name)
+
+
+def test_a_fhirpath_filter_is_compiled_at_load_and_a_broken_one_names_sink_route_and_expression() -> None:
+    from hms_ach.outbound.hl7_routing import record_filter
+
+    encounter = {"resourceType": "Encounter", "class": {"code": "IMP"}}
+    patient = {"resourceType": "Patient", "address": [{"state": "OH"}, {"state": "PA"}]}
+    assert record_filter("Encounter.class.code = 'IMP'").holds([patient, encounter])
+    # FHIRPath's `=` compares whole collections: with two addresses, test one of them with where()
+    assert not record_filter("Patient.address.state = 'PA'").holds([patient, encounter])
+    assert record_filter("Patient.address.where(state = 'PA').exists()").holds([patient, encounter])
+    assert record_filter("Patient.address.state = 'OH'").holds([{**patient, "address": [{"state": "OH"}]}])
+    assert not record_filter("Patient.address.state = 'NY'").holds([patient, encounter])
+    assert not record_filter("Encounter.class.code = 'IMP'").holds([patient])  # no record of the type
+    assert record_filter("Encounter.class.code = 'IMP'") is record_filter("Encounter.class.code = 'IMP'")
+    for bad, why in (
+        ("Encounter.class.code == 'IMP'", "column 23"),
+        ("Encounter.class.code = ", "column 24"),
+        ("Encounter.class.code = 'IMP')", "unexpected ')'"),
+        ("Encounter.nosuch()", "Not implemented: nosuch"),
+        ("Gizmo.code = 'x'", "does not start with a record type"),
+    ):
+        with pytest.raises(ValidationError) as caught:
+            _config(routes=[{}, {"fhirpath": bad}])
+        text = str(caught.value)
+        assert f"sink down: routes[1].fhirpath: fhirpath {bad!r}" in text and why in text, text
+
+
+def test_fhirpath_outcomes_are_evaluated_once_per_expression_for_the_routes_that_take_the_event() -> None:
+    from hms_ach.core.records import MappingResult, RecordWrite
+    from hms_ach.outbound import hl7_routing
+
+    inpatient = "Encounter.class.code = 'IMP'"
+    a = _config(routes=[{"message_types": ["ADT^A01"], "fhirpath": inpatient}]).routes
+    b = _config(routes=[{"fhirpath": inpatient}, {"channel": "lab", "fhirpath": "Patient.active"}]).routes
+    result = MappingResult(records=[RecordWrite("e", "Encounter", "s", "1", {"class": {"code": "IMP"}})])
+    hl7_routing.subscribe(a)
+    hl7_routing.subscribe(b)
+    try:
+        assert hl7_routing.fhirpath_outcomes("hl7.received.adt.ADT^A01", result) == {inpatient: True}
+        assert hl7_routing.fhirpath_outcomes("hl7.received.lab.ORU^R01", None) == {
+            inpatient: False,
+            "Patient.active": False,
+        }
+    finally:
+        hl7_routing.unsubscribe(a)
+        hl7_routing.unsubscribe(b)
+    assert hl7_routing.fhirpath_outcomes("hl7.received.adt.ADT^A01", result) == {}
+    msg = Er7(b"MSH|^~\\&|A|B|C|D|1||ADT^A01|1|P|2.5.1\rPV1|1|I\r")
+    assert a[0].admits(msg, {"fhirpath": {inpatient: True}})
+    assert not a[0].admits(msg, {"fhirpath": {inpatient: False}})
+    assert not a[0].admits(msg, {})  # stored before the route existed: not evaluated, not routed
