@@ -421,12 +421,12 @@ def records_by_id(conn: Connection, resource_type: str, ids: Iterable[str]) -> d
 
 
 def _within(column: Any, since: datetime | None, before: datetime | None) -> list[ColumnElement[bool]]:
-    """``column`` (a UTC time stored without its offset) in ``[since, before)``."""
+    """``column`` (a time column of the store's UTC type) in ``[since, before)``."""
     conds = []
     if since is not None:
-        conds.append(column >= utc(since).replace(tzinfo=None))
+        conds.append(column >= utc(since))
     if before is not None:
-        conds.append(column < utc(before).replace(tzinfo=None))
+        conds.append(column < utc(before))
     return conds
 
 

@@ -1003,9 +1003,10 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
             raise RoleDenied("the compliance report covers every department", access.action)
         period = Period(_query_time(period_from, "from"), _query_time(period_to, "to"))
         if period.start and period.end and period.end <= period.start:
-            raise rules.InvalidRequest(
+            wrong = rules.InvalidRequest(
                 "Invalid request", "'to' must be after 'from'", "to", "not after 'from'"
             )
+            raise rule_problem(wrong, "query")
         now = datetime.now(UTC)
 
         def gather(tx: Tx) -> Inputs:
