@@ -1,17 +1,19 @@
 """GET /api/v1/compliance/status against a running engine: hours worked, overtime hours and cost
-(from the role's rate), rule violations by code (refused on /api/v1 and FHIR), offboardings, the
+(from the role's rate), rule violations by code (refused on /api/v1, FHIR and as a CSV row), offboardings, the
 department names resolved to one Organization, and the department and period filters."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from hms_ach.app.runtime import Engine
+from hms_ach.ingest.csv_rows import CsvFileSettings, CsvIngest
 from hms_ach.workforce import settings as workforce_settings
 from hms_ach.workforce.settings import WorkforceSettings
 from tests.integration.engine_helpers import FHIR_JSON, auth_headers
@@ -69,7 +71,23 @@ async def status(api: httpx.AsyncClient, **params: str) -> dict[str, Any]:
     return body
 
 
-async def test_compliance_gains_and_filters(api: httpx.AsyncClient) -> None:
+async def csv_timecard_of_nobody(engine: Engine, tmp_path: Path) -> None:
+    """A timecards CSV whose one row names an unknown employee: an error row, not a stored card."""
+    path = tmp_path / "timecards.csv"
+    clock_in, clock_out = MONDAY.isoformat(), (MONDAY + timedelta(hours=8)).isoformat()
+    path.write_text(
+        "timecard_id,employee_id,npi,department,clock_in,clock_out,shift_id\n"
+        f"T-X,NOBODY,,4W,{clock_in},{clock_out},\n"
+    )
+    csv_in = CsvIngest(engine.pipeline, "timecards_in", CsvFileSettings(dataset="timecards"), "test")
+    _mid, report = await csv_in.ingest(path, path.name, f"test:{path.name}", {"path": path.name})
+    assert (report.stored, len(report.errors)) == (0, 1), report
+    assert report.errors[0][2].startswith("[timecard.unknown_employee]"), report
+
+
+async def test_compliance_gains_and_filters(
+    api: httpx.AsyncClient, fhir_engine: Engine, tmp_path: Path
+) -> None:
     for code, name, aliases in (("NURS-4W", WARD, ("4W",)), ("ED", "Emergency", ())):
         url = f"/fhir/Organization?identifier=urn:hms-ach:id:department|{code}"
         await created(await api.put(url, json=organization(code, name, *aliases), headers=FHIR_JSON))
@@ -120,6 +138,7 @@ async def test_compliance_gains_and_filters(api: httpx.AsyncClient) -> None:
     }
     resp = await api.post("/api/v1/timecards", json=overlap)
     assert resp.status_code == 422 and resp.json()["code"] == "timecard.overlap", resp.text
+    await csv_timecard_of_nobody(fhir_engine, tmp_path)
     # C leaves: offboarded
     c = employee("C", "ED", active=False)
     await created(await api.put(f"/api/v1/employees/{ids['C']}", json=c))
@@ -135,7 +154,11 @@ async def test_compliance_gains_and_filters(api: httpx.AsyncClient) -> None:
     assert ward["overtime_hours"] == round(185 / 60, 2) and ward["overtime_hours_unpriced"] == 1.08
     assert ward["overtime_cost"] == 120.0  # 2 h x 40.00 x 1.5
     assert every["totals"]["hours_worked"] == round(1385 / 60, 2) and every["totals"]["offboarded"] == 1
-    assert every["rule_violations"] == {"shift.too_long": 2, "timecard.overlap": 1}
+    assert every["rule_violations"] == {
+        "shift.too_long": 2,  # /api/v1 and FHIR
+        "timecard.overlap": 1,  # /api/v1
+        "timecard.unknown_employee": 1,  # a CSV row
+    }
 
     # the department filter: by code, name or alias, all to the one Organization
     for name in ("NURS-4W", "4 west nursing", "4w"):

@@ -12,7 +12,6 @@ list shows its first items), and a string ``"…"`` stands for any value.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import os
 import re
@@ -21,7 +20,6 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import httpx
@@ -33,6 +31,7 @@ from hms_ach.app.config import load_config
 from hms_ach.app.runtime import Engine
 from hms_ach.store.db import Store
 from tests.integration.engine_helpers import mllp_channel
+from tests.integration.test_readme_sftp import _demo_module  # the demo server script, loaded
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -118,16 +117,6 @@ def _is_part(shown: Any, got: Any) -> bool:
     except AssertionError:
         return False
     return True
-
-
-def _demo_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "sftp_demo_readme", ROOT / "scripts" / "sftp_demo_server.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class Shell:
