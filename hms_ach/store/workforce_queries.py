@@ -21,11 +21,13 @@ Shift ``end`` rows exist for shifts written since the parameter was declared, or
 Besides the record reads, the workforce API reaches the store only through this module:
 :func:`read` (a reader connection), :func:`~hms_ach.store.savepoint.savepoint` (inside a writer job),
 :class:`StoredRoster` (the lookups of :class:`hms_ach.workforce.rules.Roster`), and the credential
-scan's alerts and last run (:func:`credential_alerts`, :func:`job_run`).
+scan's alerts and last run (:func:`credential_alerts`, :func:`job_run`), and the compliance report's
+reads of the outbox events (:func:`offboardings`) and of the refused writes (:func:`rule_violations`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -40,7 +42,9 @@ from hms_ach.store.db import Store
 from hms_ach.store.models import (
     RECORD_TABLES,
     CredentialAlert,
+    InboundMessage,
     JobRun,
+    OutboxEvent,
     SearchDate,
     SearchReference,
     SearchToken,
@@ -55,6 +59,11 @@ DATES: Table = SearchDate.__table__  # type: ignore[attr-defined]
 TOKENS: Table = SearchToken.__table__  # type: ignore[attr-defined]
 CREDENTIAL_ALERTS: Table = CredentialAlert.__table__  # type: ignore[attr-defined]
 JOB_RUNS: Table = JobRun.__table__  # type: ignore[attr-defined]
+MESSAGES: Table = InboundMessage.__table__  # type: ignore[attr-defined]
+EVENTS: Table = OutboxEvent.__table__  # type: ignore[attr-defined]
+#: A workforce rule's code as every write path stores it in a refused write's error: ``[shift.too_long]``.
+RULE_CODE = re.compile(r"\[((?:shift|swap|timecard)\.[a-z][a-z0-9_]*)\]")
+OFFBOARDED_EVENT = "practitioner.offboarded"
 T = TypeVar("T")
 PRACTITIONER_PARAM = "practitioner"
 #: The date parameter of each record type that the workforce API filters on (shift start, clock-in).
@@ -397,6 +406,70 @@ def job_run(conn: Connection, name: str) -> JobRunRow | None:
     return JobRunRow(row.status, row.started_at, row.finished_at, row.detail)
 
 
+# ---------------------------------------------------------------------------- compliance report
+def records_by_id(conn: Connection, resource_type: str, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The live records of ``resource_type`` among ``ids``, by reference (``Shift/<id>``)."""
+    t = table(resource_type)
+    wanted = sorted({i for i in ids if i and len(i) <= 64})
+    out: dict[str, dict[str, Any]] = {}
+    for n in range(0, len(wanted), SCAN_CHUNK):
+        stmt = select(t.c.resource).where(*live(t), t.c.id.in_(wanted[n : n + SCAN_CHUNK]))
+        for row in conn.execute(stmt).scalars():
+            res = orjson.loads(row)
+            out[f"{resource_type}/{res.get('id')}"] = res
+    return out
+
+
+def _within(column: Any, since: datetime | None, before: datetime | None) -> list[ColumnElement[bool]]:
+    """``column`` (a time column of the store's UTC type) in ``[since, before)``."""
+    conds = []
+    if since is not None:
+        conds.append(column >= utc(since))
+    if before is not None:
+        conds.append(column < utc(before))
+    return conds
+
+
+def offboardings(
+    conn: Connection, since: datetime | None = None, before: datetime | None = None
+) -> list[tuple[str, datetime]]:
+    """The ``practitioner.offboarded`` events written in ``[since, before)``: (practitioner
+    reference, written at), oldest first."""
+    stmt = (
+        select(EVENTS.c.payload, EVENTS.c.created_at)
+        .where(EVENTS.c.event == OFFBOARDED_EVENT, *_within(EVENTS.c.created_at, since, before))
+        .order_by(EVENTS.c.id)
+    )
+    out = []
+    for payload, created in conn.execute(stmt).all():
+        ref = orjson.loads(payload).get("resource")
+        out.append((str(ref or ""), created if created.tzinfo else created.replace(tzinfo=UTC)))
+    return out
+
+
+def rule_violations(
+    conn: Connection, since: datetime | None = None, before: datetime | None = None
+) -> list[tuple[str, datetime]]:
+    """The writes refused by a workforce rule and stored in ``[since, before)``: (rule code, stored
+    at), oldest first. Every path stores the code in the error (``[shift.too_long] ...``): /api/v1
+    requests, FHIR writes and CSV rows (each row is a stored message)."""
+    stmt = (
+        select(MESSAGES.c.error, MESSAGES.c.received_at)
+        .where(
+            MESSAGES.c.status.in_(("error", "rejected")),
+            MESSAGES.c.error.contains("["),
+            *_within(MESSAGES.c.received_at, since, before),
+        )
+        .order_by(MESSAGES.c.id)
+    )
+    out = []
+    for error, received in conn.execute(stmt).all():
+        found = RULE_CODE.search(error or "")
+        if found:
+            out.append((found.group(1), received if received.tzinfo else received.replace(tzinfo=UTC)))
+    return out
+
+
 __all__ = [
     "AlertRow",
     "JobRunRow",
@@ -406,11 +479,14 @@ __all__ = [
     "credential_alerts",
     "get_record",
     "job_run",
+    "offboardings",
     "overlap_candidates",
     "owned_by",
     "practitioner_id",
     "practitioner_timecards",
     "read",
+    "records_by_id",
+    "rule_violations",
     "savepoint",
     "scan",
     "scan_shifts",

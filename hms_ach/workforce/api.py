@@ -29,7 +29,7 @@ Reads go through the search index (see :mod:`hms_ach.store.workforce_queries`): 
 reads the shifts of one employee around the new shift (and its week, for the weekly limit), a
 timecard the employee's timecards of the 15 days before it, and a list page only the records it
 shows (plus, for timecards, the 15 days before each, which decide its overtime).
-Only the compliance figures, a report over everyone, read every employee and timecard.
+Only the compliance figures, a report over everyone, read every employee, Organization and timecard.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ from hms_ach.store.repository import Repository
 from hms_ach.store.savepoint import savepoint
 from hms_ach.workforce import rules, swap_rules, timecard_rules
 from hms_ach.workforce.access import Access, RoleDenied, access_for
+from hms_ach.workforce.compliance import Inputs, Period, compliance, linked_shift_refs
 from hms_ach.workforce.overtime import LOOKBACK, overtime_by_timecard
 from hms_ach.workforce.overtime import clock_in as clock_in_of
 from hms_ach.workforce.rules import (
@@ -532,7 +533,9 @@ def _record_job(
                 assert out is not None
         except WorkforceError as exc:
             problem = rule_problem(exc)
-            return problem, Finish("error", str(problem.status), None, error=problem.detail)
+            # the rule's code is stored with the refusal: the compliance report counts it
+            stored = f"[{exc.code}] {problem.detail}" if exc.code else problem.detail
+            return problem, Finish("error", str(problem.status), None, error=stored)
         done = Finish("processed", "201" if out.created else "200", out.reference)
         return {"created": out.created, **(wq.get_record(tx, out.resource_type, out.id) or {})}, done
 
@@ -591,6 +594,10 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
     router = APIRouter(prefix="/api/v1", tags=["workforce"], route_class=ProblemRoute)
     limit_q = Query(50, ge=1, le=200, description="Page size")
     cursor_q = Query(None, description="next_cursor of the previous page")
+    from_q = Query(
+        None, alias="from", description="Hours, overtime, violations and offboardings from (inclusive)"
+    )
+    to_q = Query(None, alias="to", description="Hours, overtime, violations and offboardings to (exclusive)")
 
     def employee_named(claim: str) -> str | None:
         """The Practitioner id an ``employee_id`` claim names: its id, or its employee number."""
@@ -975,46 +982,62 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
 
     # ------------------------------------------------------------------ compliance and audit
     @router.get(
-        "/compliance/status", summary="Active staff, credential, shift and overtime counts by department"
+        "/compliance/status",
+        summary="Staff, credentials, shifts, hours, overtime and its cost, rule violations and offboardings "
+        "by department",
     )
     def compliance_status(
-        request: Request, expiring_within_days: int = Query(30, ge=0, le=3650)
+        request: Request,
+        expiring_within_days: int = Query(30, ge=0, le=3650),
+        department: str | None = Query(
+            None,
+            max_length=255,
+            description="One department: an Organization identifier value, name or alias (or the text "
+            "as stored, for a department that names no Organization)",
+        ),
+        period_from: datetime | None = from_q,
+        period_to: datetime | None = to_q,
     ) -> dict[str, Any]:
         access = allowed(request, "compliance.read")
         if not access.unrestricted:  # a report over everyone
             raise RoleDenied("the compliance report covers every department", access.action)
+        period = Period(_query_time(period_from, "from"), _query_time(period_to, "to"))
+        if period.start and period.end and period.end <= period.start:
+            wrong = rules.InvalidRequest(
+                "Invalid request", "'to' must be after 'from'", "to", "not after 'from'"
+            )
+            raise rule_problem(wrong, "query")
         now = datetime.now(UTC)
 
-        def gather(
-            tx: Tx,
-        ) -> tuple[
-            list[dict[str, Any]],
-            list[dict[str, Any]],
-            list[dict[str, Any]],
-            list[wq.AlertRow],
-            wq.JobRunRow | None,
-        ]:
-            alerts = wq.credential_alerts(tx)
-            scan_run = wq.job_run(tx, CREDENTIAL_SCAN_JOB)
-            # a report over everyone: every employee and timecard is read; of the shifts only those
-            # without an employee (the index tells which)
-            return (
-                wq.all_records(tx, "Practitioner"),
-                wq.unassigned_shifts(tx),
-                wq.all_records(tx, "Timecard"),
-                alerts,
-                scan_run,
+        def gather(tx: Tx) -> Inputs:
+            # a report over everyone: every employee, Organization and timecard is read; of the shifts
+            # only those without an employee (the index tells which) and those the timecards link to
+            timecards = wq.all_records(tx, "Timecard")
+            linked = [r.split("/", 1)[1] for r in linked_shift_refs(timecards)]
+            return Inputs(
+                staff=wq.all_records(tx, "Practitioner"),
+                unfilled=wq.unassigned_shifts(tx),
+                timecards=timecards,
+                alerts=list(wq.credential_alerts(tx)),
+                scan_run=wq.job_run(tx, CREDENTIAL_SCAN_JOB),
+                organizations=wq.all_records(tx, "Organization"),
+                linked_shifts=wq.records_by_id(tx, "Shift", linked),
+                offboardings=wq.offboardings(tx, period.start, period.end),
+                violations=wq.rule_violations(tx, period.start, period.end),
             )
 
-        staff, shifts, timecards, alerts, scan_run = wq.read(store, gather)
-        figures = rules.compliance(
-            staff, shifts, timecards, list(alerts), scan_run, now, expiring_within_days
-        )
+        figures = compliance(wq.read(store, gather), now, expiring_within_days, period, department)
         return {
             "as_of": iso(now),
             "expiring_within_days": expiring_within_days,
+            "period": {
+                "from": iso(period.start) if period.start else None,
+                "to": iso(period.end) if period.end else None,
+            },
+            "department": department,
             "departments": figures.departments,
             "totals": figures.totals,
+            "rule_violations": figures.rule_violations,
             "credential_scan": figures.credential_scan,
         }
 

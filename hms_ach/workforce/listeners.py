@@ -6,7 +6,7 @@
 * **Offboarding.** A Practitioner that was active and is now ``active: false``: each of its shifts
   that has not started (and is not cancelled) is released: no employee, status ``open``; its
   credential alerts are closed (an alert of an inactive practitioner is no longer open, see
-  :func:`hms_ach.workforce.rules.credential_scan`; the expiry scan raises none for it); and
+  :func:`hms_ach.workforce.compliance.credential_scan`; the expiry scan raises none for it); and
   ``practitioner.offboarded`` is written to the outbox with the shifts released and the number of
   alerts closed. New shifts for it are refused (``shift.employee_inactive``).
 * **Overtime.** A Timecard, clocked out, that carries overtime when its employee's timecards are

@@ -1,4 +1,4 @@
-"""The workforce rules: shifts, overlaps, swaps, timecards, overtime, credentials and compliance.
+"""The workforce rules: shifts, overlaps, swaps, timecards, overtime and credentials.
 
 Plain functions over the stored records (the FHIR-shaped JSON of Practitioner, ``Shift`` and
 ``Timecard``), with no HTTP and no SQL. What a rule must look up (an employee, a shift, the shifts
@@ -26,14 +26,11 @@ intersect; a cancelled shift overlaps nothing, and a shift never overlaps itself
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
 
 from hms_ach.core.errors import HmsAchError
-from hms_ach.workforce.credentials import current_expiries
-from hms_ach.workforce.overtime import hours, overtime_by_timecard
 
 STAFF_SYSTEM = "urn:hms-ach:id:staff"
 NPI_SYSTEM = "http://hl7.org/fhir/sid/us-npi"
@@ -43,7 +40,7 @@ CREDENTIAL_SYSTEM = "urn:hms-ach:code:credential-type"
 DEPARTMENT_EXT = "urn:hms-ach:fhir:StructureDefinition/department"
 SOURCE_EXT = "urn:hms-ach:fhir:StructureDefinition/verification-source"
 STATE_EXT = "urn:hms-ach:fhir:StructureDefinition/issuing-state"
-#: The scheduled job whose alerts the compliance figures report (hms_ach/workforce/credentials.py).
+#: The scheduled job whose alerts the compliance figures (hms_ach/workforce/compliance.py) report.
 CREDENTIAL_SCAN_JOB = "credential_expiry"
 
 
@@ -211,157 +208,3 @@ def credential_due(left: int | None, within_days: int | None, include_expired: b
 def credential_ends(practitioner: dict[str, Any]) -> list[str | None]:
     """The last valid day (``period.end`` as stored) of each of the practitioner's qualifications."""
     return [(q.get("period") or {}).get("end") for q in practitioner.get("qualification") or []]
-
-
-# ---------------------------------------------------------------------------- compliance
-class RaisedAlert(Protocol):
-    """An alert the credential-expiry scan raised (one per credential, expiry and threshold)."""
-
-    @property
-    def practitioner_id(self) -> str: ...
-    @property
-    def credential(self) -> str: ...
-    @property
-    def expires(self) -> str: ...
-    @property
-    def threshold(self) -> str: ...
-    @property
-    def created_at(self) -> datetime: ...
-
-
-class JobRunFacts(Protocol):
-    """The last run of a scheduled job."""
-
-    @property
-    def status(self) -> str: ...
-    @property
-    def started_at(self) -> datetime | None: ...
-    @property
-    def finished_at(self) -> datetime | None: ...
-    @property
-    def detail(self) -> str | None: ...
-
-
-FIGURES = ("active_staff", "expired_credentials", "expiring_credentials", "unfilled_shifts", "overtime_hours")
-
-
-@dataclass
-class Compliance:
-    """The compliance figures: per department, their totals, and the credential scan."""
-
-    departments: dict[str, dict[str, Any]]
-    totals: dict[str, Any]
-    credential_scan: dict[str, Any]
-
-
-def compliance(
-    staff: list[dict[str, Any]],
-    shifts: list[dict[str, Any]],
-    timecards: list[dict[str, Any]],
-    alerts: list[RaisedAlert],
-    scan_run: JobRunFacts | None,
-    now: datetime,
-    expiring_within_days: int,
-) -> Compliance:
-    """Per department (of the practitioner; "(none)" without one): active staff, their expired and
-    expiring credentials (ending within ``expiring_within_days``), the unfilled shifts among
-    ``shifts`` (no employee, not cancelled, not over), the overtime hours of the timecards, and the
-    open credential alerts by threshold (see :func:`credential_scan`)."""
-    today = now.date()
-    by: dict[str, dict[str, Any]] = {}
-
-    def dept(name: str | None) -> dict[str, Any]:
-        return by.setdefault(
-            name or "(none)",
-            {
-                "active_staff": 0,
-                "expired_credentials": 0,
-                "expiring_credentials": 0,
-                "unfilled_shifts": 0,
-                "overtime_hours": 0.0,
-                "credential_alerts": {},
-            },
-        )
-
-    for res in staff:
-        d = dept(department_of(res))
-        if not res.get("active", True):
-            continue
-        d["active_staff"] += 1
-        for end in credential_ends(res):
-            left = days_left(end, today)
-            if left is None:
-                continue
-            if left < 0:
-                d["expired_credentials"] += 1
-            elif left <= expiring_within_days:
-                d["expiring_credentials"] += 1
-    for s in shifts:
-        if (
-            s.get("practitioner") is None
-            and s.get("status") != "cancelled"
-            and datetime.fromisoformat(s["end"]) > now
-        ):
-            dept((s.get("department") or {}).get("display"))["unfilled_shifts"] += 1
-    overtime = overtime_by_timecard(timecards)
-    minutes: dict[str, int] = {}
-    for tc in timecards:
-        name = str(tc.get("department") or "(none)")
-        dept(name)
-        minutes[name] = minutes.get(name, 0) + overtime.get(str(tc.get("id")), 0)
-    for name, total in minutes.items():
-        by[name]["overtime_hours"] = hours(total)
-    totals: dict[str, Any] = {k: sum(d[k] for d in by.values()) for k in FIGURES}
-    totals["overtime_hours"] = hours(sum(minutes.values()))
-    scan = credential_scan(staff, alerts, scan_run, now, dept)
-    totals["credential_alerts"] = scan["open_by_threshold"]
-    return Compliance(dict(sorted(by.items())), totals, scan)
-
-
-def credential_scan(
-    staff: list[dict[str, Any]],
-    alerts: list[RaisedAlert],
-    scan_run: JobRunFacts | None,
-    now: datetime,
-    dept: Callable[[str | None], dict[str, Any]],
-) -> dict[str, Any]:
-    """What the credential-expiry scan (hms_ach/workforce/credentials.py) found: its last run, and its alerts.
-
-    An alert is open while the practitioner still holds that credential with that end date; one
-    whose licence was renewed (a new end date) or removed is counted as raised but not open. Open
-    alerts are added to their practitioner's department (``dept``) as ``credential_alerts`` by
-    threshold."""
-    people = {str(res.get("id")): res for res in staff}
-    raised: dict[str, int] = {}
-    open_: dict[str, int] = {}
-    recent = 0
-    for alert in alerts:
-        threshold = str(alert.threshold)
-        raised[threshold] = raised.get(threshold, 0) + 1
-        created = alert.created_at if alert.created_at.tzinfo else alert.created_at.replace(tzinfo=UTC)
-        recent += created > now - timedelta(days=1)
-        res = people.get(str(alert.practitioner_id))
-        if res is None or res.get("active") is False:  # offboarding closes the alerts
-            continue
-        if (str(alert.credential), str(alert.expires)) not in current_expiries(res):
-            continue
-        open_[threshold] = open_.get(threshold, 0) + 1
-        counts = dept(department_of(res))["credential_alerts"]
-        counts[threshold] = counts.get(threshold, 0) + 1
-    last = None
-    if scan_run is not None:
-        last = {
-            "status": scan_run.status,
-            "started_at": iso(scan_run.started_at) if scan_run.started_at else None,
-            "finished_at": iso(scan_run.finished_at) if scan_run.finished_at else None,
-            "detail": scan_run.detail,
-        }
-    last_alert = max((a.created_at for a in alerts), default=None)
-    return {
-        "last_run": last,
-        "alerts_raised": sum(raised.values()),
-        "raised_by_threshold": dict(sorted(raised.items())),
-        "raised_last_24h": recent,
-        "open_by_threshold": dict(sorted(open_.items())),
-        "last_alert_at": iso(last_alert) if last_alert else None,
-    }

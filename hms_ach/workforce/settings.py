@@ -9,7 +9,8 @@ and on every reload); a process that never calls it (a script, a unit test) gets
 from __future__ import annotations
 
 from datetime import date
-from typing import Literal
+from decimal import Decimal
+from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -173,6 +174,14 @@ class WorkforceSettings(_Strict):
     survivorship: SurvivorshipSettings = Field(
         default_factory=SurvivorshipSettings,
         description="One staff record from many sources: element rules and the match policy",
+    )
+    pay_rates: dict[str, Annotated[Decimal, Field(gt=0, le=10000)]] = Field(
+        default_factory=dict,
+        description="Shift role -> straight-time hourly rate, which prices the overtime of the timecards "
+        "linked to a shift of that role in the compliance status; a role not listed is left unpriced",
+    )
+    overtime_pay_multiplier: Decimal = Field(
+        Decimal("1.5"), ge=1, le=5, description="Overtime pay = overtime hours x the role's rate x this"
     )
 
     def required_credentials(self, role: str) -> list[str]:

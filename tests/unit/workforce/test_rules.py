@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from hms_ach.workforce import rules
+from hms_ach.workforce.compliance import Inputs, compliance
 from hms_ach.workforce.rules import InvalidRequest
 from tests.unit.workforce.memory_roster import MONDAY, TUESDAY, MemoryRoster
 
@@ -171,30 +172,41 @@ def test_compliance_figures_by_department() -> None:
         Alert("p3", "p3-0", "2026-12-31", "expiring-30d", now - timedelta(days=3)),
     ]
     run = Run("ok", now - timedelta(minutes=5), now, None)
-    figures = rules.compliance(staff, shifts, timecards, list(alerts), run, now, 30)
+    figures = compliance(Inputs(staff, shifts, timecards, list(alerts), run), now, 30)
+    unresolved = {"organization": None, "resolution": "unresolved", "offboarded": 0, "overtime_cost": 0.0}
+    no_time = {"hours_worked": 0.0, "overtime_hours": 0.0, "overtime_hours_unpriced": 0.0}
     assert figures.departments == {
         "(none)": {
+            **unresolved,
+            **no_time,
+            "names": [],
             "active_staff": 1,
             "expired_credentials": 0,
             "expiring_credentials": 1,
             "unfilled_shifts": 0,
-            "overtime_hours": 0.0,
             "credential_alerts": {"expiring-30d": 1},
         },
         "ER": {
+            **unresolved,
+            **no_time,
+            "names": ["ER"],
             "active_staff": 0,
             "expired_credentials": 0,
             "expiring_credentials": 0,
             "unfilled_shifts": 0,
-            "overtime_hours": 0.0,
+            "hours_worked": 1.0,
             "credential_alerts": {},
         },
         "ICU": {
+            **unresolved,
+            "names": ["ICU"],
             "active_staff": 1,
             "expired_credentials": 1,
             "expiring_credentials": 1,
             "unfilled_shifts": 1,
+            "hours_worked": 10.0,
             "overtime_hours": 2.0,
+            "overtime_hours_unpriced": 2.0,
             "credential_alerts": {"expired": 1},
         },
     }
@@ -203,7 +215,11 @@ def test_compliance_figures_by_department() -> None:
         "expired_credentials": 1,
         "expiring_credentials": 2,
         "unfilled_shifts": 1,
+        "offboarded": 0,
+        "hours_worked": 11.0,
         "overtime_hours": 2.0,
+        "overtime_hours_unpriced": 2.0,
+        "overtime_cost": 0.0,
         "credential_alerts": {"expired": 1, "expiring-30d": 1},
     }
     assert figures.credential_scan == {
@@ -222,6 +238,6 @@ def test_compliance_figures_by_department() -> None:
 
 
 def test_no_scan_yet() -> None:
-    figures = rules.compliance([], [], [], [], None, datetime(2026, 12, 1, tzinfo=UTC), 30)
+    figures = compliance(Inputs([], [], [], [], None), datetime(2026, 12, 1, tzinfo=UTC), 30)
     assert figures.departments == {} and figures.totals["active_staff"] == 0
     assert figures.credential_scan["last_run"] is None and figures.credential_scan["last_alert_at"] is None
