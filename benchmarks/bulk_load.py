@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import Engine, Index, insert, text
+from sqlalchemy import Connection, Engine, Index, Table, insert, text
 
 from benchmarks.data import EPOCH, Generator, encounter, locations, patient, practitioner, seeded_uuid
 from hms_ach.store.db import make_engine
@@ -110,17 +110,34 @@ class _Batch:
 
     def flush(self, engine: Engine) -> int:
         written = 0
+        put = _copy if engine.dialect.name == "postgresql" else _insert
         with engine.begin() as conn:
             for rtype, rows in self.records.items():
                 if rows:
-                    conn.execute(insert(RECORD_TABLES[rtype].__table__), rows)  # type: ignore[attr-defined]
+                    put(conn, RECORD_TABLES[rtype].__table__, rows)  # type: ignore[attr-defined]
                     written += len(rows)
             for kind, rows in self.index.items():
                 if rows:
-                    conn.execute(insert(INDEX_TABLES[kind].__table__), rows)  # type: ignore[attr-defined]
+                    put(conn, INDEX_TABLES[kind].__table__, rows)  # type: ignore[attr-defined]
                     written += len(rows)
         self.__init__()  # type: ignore[misc]
         return written
+
+
+def _insert(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+    conn.execute(insert(table), rows)
+
+
+def _copy(conn: Connection, table: Table, rows: list[dict[str, Any]]) -> None:
+    """PostgreSQL: the rows through ``COPY ... FROM STDIN`` on the connection's psycopg driver
+    connection (several times faster than multi-row INSERTs for a 1 M store). The columns are those
+    the rows name; the others (the index tables' ``row_id``) take their defaults as with INSERT."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    names = ", ".join(f'"{c}"' for c in columns)
+    driver: Any = conn.connection.driver_connection
+    with driver.cursor() as cursor, cursor.copy(f'COPY "{table.name}" ({names}) FROM STDIN') as copy:
+        for row in rows:
+            copy.write_row([row.get(c) for c in columns])
 
 
 def _secondary_indexes() -> list[Index]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for size in (int(s) for s in args.sizes.split(",")):
         patients = max(1, (size - size // 100) // 3)  # each patient comes with two encounters
+        load_average_before = os.getloadavg()
         t0 = time.perf_counter()
         load(url, state, practitioners=size // 100, patients=patients)
         loaded = time.perf_counter() - t0
@@ -126,7 +128,14 @@ def main(argv: list[str] | None = None) -> int:
             text=True,
         )
         result = json.loads(child.stdout.strip().splitlines()[-1])
-        result |= {"size_asked": size, "load_seconds": round(loaded, 1), "store_counts": state.counts()}
+        result |= {
+            "size_asked": size,
+            "load_seconds": round(loaded, 1),
+            "store_counts": state.counts(),
+            # the machine is shared: 1/5/15-minute load averages before seeding and after the export
+            "load_average_before": [round(x, 2) for x in load_average_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        }
         print(json.dumps(result), flush=True)
         runs.append(result)
     figure = {

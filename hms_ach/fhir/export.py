@@ -1,6 +1,7 @@
 """Bulk Data Access IG v2 ``$export``: kick-off, status, cancel, the NDJSON files, and the worker.
 
-* **Kick-off** (``GET /fhir/$export`` system level, ``GET /fhir/Patient/$export`` patient level)
+* **Kick-off** (``GET /fhir/$export`` system level, ``GET /fhir/Patient/$export`` patient level;
+  or ``POST`` to the same URL with the parameters in a ``Parameters`` body, :func:`post_params`)
   needs ``Prefer: respond-async`` and a token whose ``system/`` scopes allow reading and searching
   the types exported (``system/*.read``, v2 ``system/*.rs``). It stores the request as a
   ``bulk_export`` row and answers 202 with ``Content-Location`` (the status URL). Group-level
@@ -135,14 +136,67 @@ def candidate_types(kind: str) -> list[str]:
     return [t for t in FHIR_SERVED if t == "Patient" or patient_params(t)]
 
 
-def kick_off(request: Request, store: Store, kind: str) -> Response:
-    """``GET [base]/$export`` or ``GET [base]/Patient/$export``: 202 with the status URL."""
+#: The largest Parameters body a POST kick-off may carry.
+MAX_PARAMETERS_BYTES = 65536
+
+
+def post_params(request: Request, body: bytes) -> list[tuple[str, str]]:
+    """The kick-off parameters of ``POST [base]/$export`` (or ``Patient/$export``): a FHIR
+    ``Parameters`` body, each ``parameter`` a name and one string-like ``value[x]`` (``_type`` may
+    repeat). An empty body asks for everything. Query parameters are refused: a POST takes them from
+    its body only."""
+    if request.query_params:
+        raise FhirError(
+            400, "invalid", "a POST kick-off takes its parameters from its Parameters body, not the URL"
+        )
+    if not body.strip():
+        return []
+    if len(body) > MAX_PARAMETERS_BYTES:
+        raise FhirError(413, "too-costly", f"the Parameters body exceeds {MAX_PARAMETERS_BYTES} bytes")
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind not in ("application/fhir+json", "application/json"):
+        raise FhirError(
+            415, "not-supported", f"content type {kind[:64]!r}: expected application/fhir+json Parameters"
+        )
+    try:
+        parsed: Any = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise FhirError(400, "structure", f"the body is not JSON: {exc}; expected Parameters") from None
+    if not isinstance(parsed, dict) or parsed.get("resourceType") != "Parameters":
+        raise FhirError(400, "structure", "the body must be a Parameters resource", expression="Parameters")
+    entries = parsed.get("parameter", [])
+    if not isinstance(entries, list):
+        raise FhirError(
+            400, "structure", "Parameters.parameter must be a list", expression="Parameters.parameter"
+        )
+    params: list[tuple[str, str]] = []
+    for i, entry in enumerate(entries):
+        where = f"Parameters.parameter[{i}]"
+        values = [v for k, v in entry.items() if k.startswith("value")] if isinstance(entry, dict) else []
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or len(values) != 1 or not isinstance(values[0], str):
+            raise FhirError(
+                400,
+                "structure",
+                f"{where}: expected a name and one string value (valueString, valueInstant...)",
+                expression=where,
+            )
+        params.append((name, values[0]))
+    return params
+
+
+def kick_off(
+    request: Request, store: Store, kind: str, posted: list[tuple[str, str]] | None = None
+) -> Response:
+    """``GET [base]/$export`` or ``GET [base]/Patient/$export`` (the parameters in the query), or
+    the same URL POSTed with the parameters of ``posted`` (:func:`post_params`): 202 with the status
+    URL."""
     manager = _manager(request)
     caller = caller_of(request)
     prefer = [p.strip().lower() for p in request.headers.get("prefer", "").split(",")]
     if "respond-async" not in prefer:
         raise FhirError(400, "invalid", "a bulk export needs the header 'Prefer: respond-async'")
-    params = list(request.query_params.multi_items())
+    params = list(request.query_params.multi_items()) if posted is None else posted
     unknown = sorted({k for k, _v in params} - KICK_OFF_PARAMS)
     if unknown:
         raise FhirError(

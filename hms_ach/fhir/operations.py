@@ -51,6 +51,17 @@ def _recorded(request: Request, rtype: str, work: Callable[[], Response]) -> Res
     return answer
 
 
+async def _posted_kick_off(request: Request, store: Store, kind: str, rtype: str) -> Response:
+    """A POST kick-off: the body read here, then parsed and run like the GET one (both recorded)."""
+    body = await request.body()
+    return await run_in_threadpool(
+        _recorded,
+        request,
+        rtype,
+        lambda: export.kick_off(request, store, kind, export.post_params(request, body)),
+    )
+
+
 def install(router: APIRouter, store: Store, negotiated: list[Any]) -> None:
     """Add the operation routes to ``router`` (the ``/fhir`` one)."""
 
@@ -69,6 +80,14 @@ def install(router: APIRouter, store: Store, negotiated: list[Any]) -> None:
     @router.get("/Patient/$export", dependencies=negotiated)
     def patient_export(request: Request) -> Response:
         return _recorded(request, "Patient", lambda: export.kick_off(request, store, "patient"))
+
+    @router.post("/$export", dependencies=negotiated)
+    async def system_export_post(request: Request) -> Response:
+        return await _posted_kick_off(request, store, "system", "")
+
+    @router.post("/Patient/$export", dependencies=negotiated)
+    async def patient_export_post(request: Request) -> Response:
+        return await _posted_kick_off(request, store, "patient", "Patient")
 
     @router.get("/Group/{gid}/$export", dependencies=negotiated)
     def group_export(gid: str, request: Request) -> Response:
