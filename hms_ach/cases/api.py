@@ -91,12 +91,21 @@ def _ref(value: Any) -> str | None:
     return str(value["reference"]) if isinstance(value, dict) and value.get("reference") else None
 
 
+def _before(text: str, now: datetime) -> bool:
+    """Whether the dateTime ``text`` (a due time; one written over FHIR may be anything) is before ``now``."""
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)) < now
+
+
 def case_view(task: dict[str, Any], now: datetime) -> dict[str, Any]:
     """The JSON of a case, from its Task."""
     owner = _ref(task.get("owner")) or ""
     due = _ext_value(task, DUE_EXT)
     closed = task.get("status") in CLOSED_STATUSES
-    overdue = bool(due) and not closed and datetime.fromisoformat(str(due).replace("Z", "+00:00")) < now
+    overdue = bool(due) and not closed and _before(str(due), now)
     return {
         "id": task.get("id"),
         "version": int((task.get("meta") or {}).get("versionId", 0)),

@@ -67,3 +67,15 @@ def test_window_department_verification_and_missing_credentials() -> None:
         "credential MD is valid only from 2027-01-01",
     )
     assert judge(Candidate("a", shifts=ON_SHIFT), RULE, None, NOW).reasons == ("no credential MD",)
+
+
+def test_case_view_of_a_task_written_over_fhir() -> None:
+    from hms_ach.cases.api import DUE_EXT, case_view
+
+    task = {"id": "t1", "status": "ready", "extension": [{"url": DUE_EXT, "valueDateTime": "not a date"}]}
+    view = case_view(task, NOW)
+    assert (view["case_type"], view["overdue"], view["assignee"]) == (None, False, None)
+    task["extension"] = [{"url": DUE_EXT, "valueDateTime": "2026-12-06T11:00:00"}]
+    assert case_view(task, NOW)["overdue"] is True
+    task["status"] = "completed"
+    assert case_view(task, NOW)["overdue"] is False
