@@ -4,7 +4,7 @@ Everything about the language comes from here: the loader validates files agains
 (with ``file:line:col`` errors), ``hms-ach schema mapping`` writes their JSON Schema, and
 ``hms-ach docs`` generates docs/mapping-language.md from their descriptions.
 
-Six kinds of file live under ``mappings/``:
+These kinds of file live under ``mappings/``:
 
 * ``kind: message``  (mappings/messages/) which message it handles and which records it yields;
 * ``kind: resource`` (mappings/resources/) how one canonical record is built, and its business key;

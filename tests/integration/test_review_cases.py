@@ -26,7 +26,7 @@ from hms_ach.workforce.rules import CREDENTIAL_SYSTEM
 from tests.integration.engine_helpers import FHIR_JSON, ROOT, auth_headers, basic_shift, nurse
 from tests.integration.outbound_helpers import SECRET, Receiver, wait_for
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(240)
 
 
 def _iso(moment: datetime) -> str:
@@ -156,7 +156,7 @@ async def test_a_case_goes_to_the_one_qualified_reviewer_and_is_announced(
             assert r.status_code == 422 and r.json()["errors"][0]["location"] == "body.case_type"
 
         # the signed webhooks (the receiver checks every signature)
-        await wait_for(lambda: len(receiver.events) >= 4)
+        await wait_for(lambda: len(receiver.events) >= 4, timeout=60)
         assert receiver.bad_signatures == 0
         assert receiver.names() == ["case.created", "case.assigned", "case.created", "case.unassigned"]
         assigned = receiver.events[1]["data"]
