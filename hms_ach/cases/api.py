@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -33,7 +34,7 @@ from hms_ach.core.records import RecordWrite
 from hms_ach.ingest import pipeline
 from hms_ach.ingest.pipeline import Duplicate, Finish, Pipeline
 from hms_ach.outbound.events import payload_from
-from hms_ach.store import outbox
+from hms_ach.store import messages, outbox
 from hms_ach.store import workforce_queries as wq
 from hms_ach.store.db import Store
 from hms_ach.store.port import Tx
@@ -178,7 +179,9 @@ def _events(tx: Tx, task: dict[str, Any], wf: Workflow, choice: Choice) -> None:
         outbox.enqueue(tx, "case.unassigned", payload_from("case.unassigned", queued, queued))
 
 
-def open_case_job(meta: Any, wf: Workflow, case: CaseIn) -> Any:
+def open_case_job(
+    meta: messages.MessageMeta, wf: Workflow, case: CaseIn
+) -> Callable[[Tx], tuple[int, dict[str, Any]]]:
     """The writer job of ``POST /review/cases``: the request stored, the case chosen for, written and
     announced in one transaction. Answers (status, case JSON)."""
     case_id = case.case_id or str(uuid.uuid4())
