@@ -25,6 +25,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from hms_ach.mapping.fhir_structure import COMPLETED_CODES
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -407,21 +409,8 @@ class NotificationMapping(_Strict):
         return value
 
 
-#: FHIR R4 Task.status codes (required binding TaskStatus).
-TASK_STATUSES = (
-    "draft",
-    "requested",
-    "received",
-    "accepted",
-    "rejected",
-    "ready",
-    "cancelled",
-    "in-progress",
-    "on-hold",
-    "failed",
-    "completed",
-    "entered-in-error",
-)
+#: FHIR R4 Task.status codes (required binding TaskStatus; the R4B model cuts it short).
+TASK_STATUSES = tuple(sorted(COMPLETED_CODES[("Task", "status")]))
 #: FHIR R4 Task.priority codes (required binding RequestPriority).
 TASK_PRIORITIES = ("routine", "urgent", "asap", "stat")
 
