@@ -164,7 +164,8 @@ class WorkforceSettings(_Strict):
         60,
         gt=0,
         le=168,
-        description="Most scheduled hours of one employee in one ISO week (Monday to Sunday, UTC)",
+        description="Most scheduled hours of one employee in one week (Monday to Sunday, local time in the "
+        "department's time zone, as overtime.department_timezones says)",
     )
     max_timecard_hours: float = Field(
         24, gt=0, le=72, description="Longest timecard (clock-in to clock-out), in hours"
