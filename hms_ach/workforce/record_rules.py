@@ -6,7 +6,8 @@ read back (references resolved) and passes :func:`hms_ach.workforce.shift_rules.
 :func:`hms_ach.workforce.timecard_rules.check_timecard`. A broken rule refuses the row: a
 :class:`~hms_ach.core.errors.ContentError` whose message starts with the rule's code
 (``[timecard.unknown_employee] ...``) and whose location names the CSV column, which the row's
-``.err.csv`` report shows. A row naming a staff member who is not stored (the mapping drops such a
+``.err.csv`` report shows. A Practitioner the row wrote (the staff roster) must carry a configured
+overtime contract, if any (``employee.unknown_contract`` at column ``overtime_contract``). A row naming a staff member who is not stored (the mapping drops such a
 reference) is refused as ``shift.unknown_employee`` / ``timecard.unknown_employee``, never stored
 as an unfilled shift or an orphan timecard.
 """
@@ -18,6 +19,7 @@ from hms_ach.core.records import MappingResult
 from hms_ach.store import workforce_queries as wq
 from hms_ach.store.port import Tx
 from hms_ach.store.repository import WriteOutcome
+from hms_ach.workforce.overtime import check_contract
 from hms_ach.workforce.rules import RuleBroken
 from hms_ach.workforce.shift_rules import check_shift
 from hms_ach.workforce.timecard_rules import check_timecard
@@ -46,7 +48,14 @@ def names_an_employee(result: MappingResult) -> bool:
 
 
 def check_csv_writes(tx: Tx, result: MappingResult, writes: list[WriteOutcome]) -> None:
-    """The workforce rules over the Shifts and Timecards one row wrote (see the module docstring)."""
+    """The workforce rules over the Practitioners, Shifts and Timecards one row wrote (see the module
+    docstring)."""
+    for rec in result.records:
+        if rec.resource_type == "Practitioner" and rec.create:
+            try:
+                check_contract(rec.content, "employee.unknown_contract")
+            except RuleBroken as exc:
+                raise ContentError(f"[{exc.code}] {exc.detail}", "column 'overtime_contract'") from None
     roster = wq.StoredRoster(tx)
     for write in writes:
         if write.resource_type not in ("Shift", "Timecard") or not write.changed:
