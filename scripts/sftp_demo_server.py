@@ -3,7 +3,7 @@
     .venv/bin/python scripts/sftp_demo_server.py [PORT]        # default port 2222
 
 On first start it makes ./sftp_demo/ with:
-  inbox/        staff_roster.csv, shifts.csv and timecards.csv from samples/csv (dated an hour ago,
+  inbox/        staff_roster.csv, shifts.csv, timecards.csv and clock_events.csv from samples/csv (dated an hour ago,
                 so the channels' minimum file age is met)
   host_key      the server's key (kept, so the pinned key stays valid across restarts)
   known_hosts   that key pinned for 127.0.0.1:PORT: the channels' `known_hosts:`

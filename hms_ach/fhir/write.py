@@ -65,6 +65,7 @@ from hms_ach.store.savepoint import savepoint
 from hms_ach.store.workforce_queries import StoredRoster
 from hms_ach.store.writer import StoreWriter
 from hms_ach.workforce import shift_rules
+from hms_ach.workforce.overtime import check_contract
 from hms_ach.workforce.rules import RuleBroken
 
 R = TypeVar("R")
@@ -294,6 +295,15 @@ def _resource_write(tx: Tx, op: Operation, resolved: dict[str, str]) -> resource
         _check_targets(tx, rtype, content, where)
         if rtype == "Shift":
             check_shift(tx, rid, content, f"{op.where}.Basic" if op.where else "Basic")
+        if rtype == "Practitioner":
+            try:  # the overtime contract it carries is configured (docs/workforce-rules.md)
+                check_contract(content, "employee.unknown_contract")
+            except RuleBroken as exc:
+                raise RuleViolation(
+                    f"[{exc.code}] {exc.detail}",
+                    code="business-rule",
+                    expression=f"{where}Practitioner.extension",
+                ) from None
 
     return resources.ResourceWrite(
         rec,

@@ -67,7 +67,13 @@ from hms_ach.store.savepoint import savepoint
 from hms_ach.workforce import rules, swap_rules, timecard_rules
 from hms_ach.workforce.access import Access, RoleDenied, access_for
 from hms_ach.workforce.compliance import Inputs, Period, compliance, linked_shift_refs
-from hms_ach.workforce.overtime import LOOKBACK, overtime_by_timecard
+from hms_ach.workforce.overtime import (
+    CONTRACT_EXT,
+    LOOKBACK,
+    check_contract,
+    contracts_of,
+    overtime_by_timecard,
+)
 from hms_ach.workforce.overtime import clock_in as clock_in_of
 from hms_ach.workforce.rules import (
     CREDENTIAL_SCAN_JOB,
@@ -253,6 +259,12 @@ class EmployeeIn(BaseModel):
     active: bool = True
     department: str | None = Field(None, description="Department the employee belongs to")
     credentials: list[Credential] = Field(default_factory=list)
+    overtime_contract: str | None = Field(
+        None,
+        max_length=64,
+        description="The employee's overtime contract: a name in workforce.overtime.contracts (wins over "
+        "the department's)",
+    )
 
 
 class ShiftIn(BaseModel):
@@ -315,6 +327,8 @@ def practitioner_json(emp: EmployeeIn) -> dict[str, Any]:
         res["gender"] = emp.gender
     if emp.department:
         res["extension"] = [{"url": DEPARTMENT_EXT, "valueString": emp.department}]
+    if emp.overtime_contract:
+        res.setdefault("extension", []).append({"url": CONTRACT_EXT, "valueCode": emp.overtime_contract})
     quals = []
     for c in emp.credentials:
         q: dict[str, Any] = {
@@ -376,6 +390,7 @@ def employee_view(res: dict[str, Any]) -> dict[str, Any]:
         "active": res.get("active", True),
         "department": ext(res, DEPARTMENT_EXT),
         "credentials": credentials_of(res),
+        "overtime_contract": ext(res, CONTRACT_EXT),
     }
 
 
@@ -505,7 +520,8 @@ def overtime_of_page(tx: Tx, cards: list[dict[str, Any]]) -> dict[str, int]:
             for tc in wq.practitioner_timecards(tx, ref or None, windows)
             if rules.practitioner_of(tc) == ref
         ]
-        overtime = overtime_by_timecard(context)
+        employee = wq.StoredRoster(tx).employee(ref.partition("/")[2]) if ref else None
+        overtime = overtime_by_timecard(context, contracts=contracts_of([employee]))
         out.update(
             {
                 str(c.get("id")): overtime.get(str(c.get("id")), 0)
@@ -629,6 +645,7 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
         allowed(request, "employees.write").require(rid, emp.department, "this employee")
         engine = _pipeline(pipeline_of)
         res = practitioner_json(emp)
+        check_contract(res, "employee.unknown_contract", "overtime_contract")
         if rid is None:
             op = Operation(
                 "PUT", "Practitioner", query=f"identifier={STAFF_SYSTEM}|{emp.employee_number}", resource=res

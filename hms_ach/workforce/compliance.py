@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 from hms_ach.workforce.credentials import current_expiries
 from hms_ach.workforce.departments import Department, Directory
-from hms_ach.workforce.overtime import clock_in, hours, overtime_by_timecard
+from hms_ach.workforce.overtime import clock_in, contracts_of, hours, overtime_by_timecard
 from hms_ach.workforce.rules import credential_ends, days_left, department_of, iso
 from hms_ach.workforce.settings import WorkforceSettings, current
 
@@ -218,7 +218,7 @@ def _staff(tally: _Tally, staff: list[dict[str, Any]], now: datetime, within: in
 
 
 def _timecards(tally: _Tally, facts: Inputs, period: Period, settings: WorkforceSettings) -> None:
-    overtime = overtime_by_timecard(facts.timecards, settings)
+    overtime = overtime_by_timecard(facts.timecards, settings, contracts_of(facts.staff))
     for tc in facts.timecards:
         key = tally.key(str(tc["department"]) if tc.get("department") else None)
         if not period.holds(clock_in(tc)):

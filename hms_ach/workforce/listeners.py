@@ -29,7 +29,7 @@ from hms_ach.store.outbox import enqueue
 from hms_ach.store.port import Tx
 from hms_ach.store.repository import Repository
 from hms_ach.workforce.credentials import current_expiries
-from hms_ach.workforce.overtime import LOOKBACK, clock_in, hours, overtime_by_timecard
+from hms_ach.workforce.overtime import LOOKBACK, clock_in, contract_code, hours, overtime_by_timecard
 from hms_ach.workforce.rules import SHIFT_SYSTEM, practitioner_of, without_meta
 from hms_ach.workforce.settings import current
 
@@ -107,7 +107,8 @@ def overtime_reached(tx: Tx, change: Change) -> None:
         return
     context = wq.practitioner_timecards(tx, ref, [(start - LOOKBACK, start + timedelta(days=1))])
     context = [tc for tc in context if tc.get("id") != change.id] + [{**after, "id": change.id}]
-    minutes = overtime_by_timecard(context).get(change.id, 0)
+    carried = contract_code(wq.StoredRoster(tx).employee(ref.partition("/")[2]))
+    minutes = overtime_by_timecard(context, contracts={ref: carried}).get(change.id, 0)
     if minutes <= 0:
         return
     department = after.get("department") if isinstance(after.get("department"), str) else None
@@ -117,7 +118,7 @@ def overtime_reached(tx: Tx, change: Change) -> None:
         "department": department,
         "overtimeMinutes": minutes,
         "overtimeHours": hours(minutes),
-        "ruleSet": current().overtime.contract(department).rule_set,
+        "ruleSet": current().overtime.contract(department, carried).rule_set,
     }
     enqueue(tx, "overtime.threshold_reached", payload_from("overtime.threshold_reached", facts, facts))
 

@@ -4,8 +4,10 @@ Every timecard, whatever wrote it (API, CSV, FHIR), is counted the same way: eac
 timecards are taken in clock-in order, and a timecard belongs to the local day (and week, and 14-day
 period) of its clock-in in its department's time zone (``workforce.overtime.department_timezones``,
 else ``default_timezone``): a night shift from 19:00 to 07:00 at -05:00 is one day's work, the day it
-started. The timecard that crosses a line carries the overtime. The rule set of a department is its
-contract (``workforce.overtime.contracts``), else the default:
+started. The timecard that crosses a line carries the overtime. The rule set of an employee is the
+contract they carry (the Practitioner extension :data:`CONTRACT_EXT`, a valueCode naming one of
+``workforce.overtime.contracts``), else their department's contract (the same table, by department
+name), else the default:
 
 | rule set | overtime |
 |---|---|
@@ -21,11 +23,15 @@ Minutes are integers; :func:`hours` shows them as hours rounded to 2 decimals (n
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from hms_ach.workforce.rules import RuleBroken, ext
 from hms_ach.workforce.settings import ContractOvertime, OvertimeSettings, WorkforceSettings, current
+
+#: The Practitioner extension (valueCode) naming the employee's overtime contract.
+CONTRACT_EXT = "urn:hms-ach:fhir:StructureDefinition/overtime-contract"
 
 #: How far back the timecards that decide one timecard's overtime may clock in (a 14-day period).
 LOOKBACK = timedelta(days=15)
@@ -43,6 +49,38 @@ def clock_in(tc: dict[str, Any]) -> datetime | None:
     except ValueError:
         return None
     return value if value.tzinfo is not None else None
+
+
+def contract_code(practitioner: dict[str, Any] | None) -> str | None:
+    """The overtime contract code a Practitioner carries (:data:`CONTRACT_EXT`), or None."""
+    code = ext(practitioner, CONTRACT_EXT) if practitioner else None
+    return str(code) if code else None
+
+
+def contracts_of(practitioners: Iterable[dict[str, Any] | None]) -> dict[str, str | None]:
+    """The contract each stored Practitioner carries, by reference (``Practitioner/<id>``), for
+    :func:`overtime_by_timecard`."""
+    return {f"Practitioner/{p.get('id')}": contract_code(p) for p in practitioners if p is not None}
+
+
+def check_contract(
+    practitioner: dict[str, Any],
+    code: str,
+    element: str = "overtimeContract",
+    settings: WorkforceSettings | None = None,
+) -> None:
+    """The contract the Practitioner carries, if any, is one of ``workforce.overtime.contracts``;
+    else :class:`RuleBroken` ``code`` (``employee.unknown_contract``, ``timecard.unknown_contract``)
+    at ``element``."""
+    name = contract_code(practitioner)
+    known = (settings or current()).overtime.contracts
+    if name is not None and name not in known:
+        listed = ", ".join(sorted(known)[:20]) or "none are configured"
+        raise RuleBroken(
+            code,
+            f"overtime contract {name[:64]!r} is not one of workforce.overtime.contracts ({listed})",
+            element,
+        )
 
 
 def _line(prior: int, worked: int, limit: int) -> int:
@@ -71,11 +109,17 @@ def _period_index(day: date, settings: OvertimeSettings) -> int:
 
 
 def overtime_by_timecard(
-    timecards: Iterable[dict[str, Any]], settings: WorkforceSettings | None = None
+    timecards: Iterable[dict[str, Any]],
+    settings: WorkforceSettings | None = None,
+    contracts: Mapping[str, str | None] | None = None,
 ) -> dict[str, int]:
-    """Overtime minutes of every timecard (by record id; see the module docstring). Timecards whose
-    clock-in cannot be read are left out; an open one (not clocked out) counts no minutes yet."""
+    """Overtime minutes of every timecard (by record id; see the module docstring). ``contracts``
+    names the contract each employee carries (by Practitioner reference, :func:`contract_code`); an
+    employee not in it, or whose contract is no longer configured, counts by their department's.
+    Timecards whose clock-in cannot be read are left out; an open one (not clocked out) counts no
+    minutes yet."""
     ot = (settings or current()).overtime
+    carried = contracts or {}
     per_employee: dict[str, list[tuple[datetime, str, dict[str, Any]]]] = {}
     for tc in timecards:
         start = clock_in(tc)
@@ -83,7 +127,7 @@ def overtime_by_timecard(
             who = str((tc.get("practitioner") or {}).get("reference") or "")
             per_employee.setdefault(who, []).append((start.astimezone(UTC), str(tc.get("id")), tc))
     out: dict[str, int] = {}
-    for cards in per_employee.values():
+    for who, cards in per_employee.items():
         cards.sort(key=lambda item: (item[0], item[1]))
         by_day: dict[date, int] = {}
         by_week: dict[tuple[int, int], int] = {}
@@ -95,7 +139,7 @@ def overtime_by_timecard(
             iso = local.isocalendar()
             week, period = (iso.year, iso.week), _period_index(day, ot)
             worked = int(tc.get("workedMinutes") or 0)
-            contract = ot.contract(department if isinstance(department, str) else None)
+            contract = ot.contract(department if isinstance(department, str) else None, carried.get(who))
             prior = by_period.get(period, 0) if contract.rule_set == "8/80" else by_week.get(week, 0)
             out[rid], straight = minutes_over(contract, by_day.get(day, 0), prior, worked)
             by_day[day] = by_day.get(day, 0) + worked
@@ -104,4 +148,14 @@ def overtime_by_timecard(
     return out
 
 
-__all__ = ["LOOKBACK", "clock_in", "hours", "minutes_over", "overtime_by_timecard"]
+__all__ = [
+    "CONTRACT_EXT",
+    "LOOKBACK",
+    "check_contract",
+    "clock_in",
+    "contract_code",
+    "contracts_of",
+    "hours",
+    "minutes_over",
+    "overtime_by_timecard",
+]

@@ -56,7 +56,9 @@ class OvertimeSettings(ContractOvertime):
     )
     contracts: dict[str, ContractOvertime] = Field(
         default_factory=dict,
-        description="Per-contract rules, by department name: they replace the default rule for that department",
+        description="Per-contract rules by name: a department's name (its staff's rule), or a contract code an "
+        "employee carries (the Practitioner extension urn:hms-ach:fhir:StructureDefinition/overtime-contract), "
+        "which wins over the department's",
     )
 
     @field_validator("default_timezone")
@@ -75,8 +77,12 @@ class OvertimeSettings(ContractOvertime):
         """The time zone whose local days count for ``department``."""
         return ZoneInfo(self.department_timezones.get(department or "", self.default_timezone))
 
-    def contract(self, department: str | None) -> ContractOvertime:
-        """The overtime rule of ``department``: its contract, else the default one."""
+    def contract(self, department: str | None, employee_contract: str | None = None) -> ContractOvertime:
+        """The overtime rule of an employee of ``department``: the contract the employee carries
+        (``employee_contract``) when it is one of :attr:`contracts`, else the department's, else the
+        default one."""
+        if employee_contract and employee_contract in self.contracts:
+            return self.contracts[employee_contract]
         return self.contracts.get(department or "", self)
 
 
@@ -164,7 +170,8 @@ class WorkforceSettings(_Strict):
         60,
         gt=0,
         le=168,
-        description="Most scheduled hours of one employee in one ISO week (Monday to Sunday, UTC)",
+        description="Most scheduled hours of one employee in one week (Monday to Sunday, local time in the "
+        "department's time zone, as overtime.department_timezones says)",
     )
     max_timecard_hours: float = Field(
         24, gt=0, le=72, description="Longest timecard (clock-in to clock-out), in hours"

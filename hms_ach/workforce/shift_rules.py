@@ -18,7 +18,14 @@ the first rule it breaks:
 | ``shift.credential_expired`` | ... each valid (not failed) on every day of the shift |
 | ``shift.overlap`` | no other shift of the employee overlaps it |
 | ``shift.rest_too_short`` | at least ``workforce.min_rest_hours`` between two shifts of the employee |
-| ``shift.weekly_hours_exceeded`` | at most ``workforce.max_weekly_hours`` scheduled per ISO week (UTC) |
+| ``shift.weekly_hours_exceeded`` | at most ``workforce.max_weekly_hours`` scheduled per local week |
+
+Weeks and days are LOCAL, in the department's time zone, resolved as overtime resolves it
+(``workforce.overtime.department_timezones``, else ``default_timezone``): the department is the
+shift's ``department.display``, else the employee's department extension. A week runs from Monday
+00:00 to the next Monday 00:00 local time (so a shift late on Sunday evening at -05:00, already
+Monday in UTC, counts in the week it started locally), and a credential must be valid on every local
+day the shift touches.
 
 The role and credential rules apply to the roles listed in ``workforce.role_credentials`` (role ->
 required credential types); a shift of a role not listed is not checked for qualifications. An
@@ -27,17 +34,17 @@ unfilled shift (no employee) or a cancelled one is checked for its times, status
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, tzinfo
 from typing import Any
 
 from hms_ach.workforce.rules import (
     CREDENTIAL_SYSTEM,
     Roster,
     RuleBroken,
+    department_of,
     ext,
     overlapping_shift,
     practitioner_of,
-    week_start,
 )
 from hms_ach.workforce.settings import WorkforceSettings, current
 
@@ -92,15 +99,46 @@ def valid_between(q: dict[str, Any], first: date, last: date) -> bool:
     return (start is None or start <= first) and (end is None or end >= last)
 
 
+def local_week_start(moment: datetime, zone: tzinfo) -> datetime:
+    """Monday 00:00 local time (in ``zone``) of the week of ``moment``, as an aware datetime."""
+    day = moment.astimezone(zone).date()
+    monday = day - timedelta(days=day.weekday())
+    return datetime(monday.year, monday.month, monday.day, tzinfo=zone)
+
+
+def next_week_start(week: datetime) -> datetime:
+    """The Monday 00:00 local time after ``week`` (one from :func:`local_week_start`); wall-clock
+    arithmetic in the week's own zone, so a week with a DST change lasts 167 or 169 hours."""
+    return week + timedelta(days=7)
+
+
+def shift_zone(
+    content: dict[str, Any], employee: dict[str, Any] | None, settings: WorkforceSettings
+) -> tzinfo:
+    """The time zone of the shift's local days and weeks: its department's (``department.display``,
+    else the employee's department), as overtime resolves it."""
+    department = (content.get("department") or {}).get("display")
+    if not department and employee is not None:
+        department = department_of(employee)
+    return settings.overtime.timezone(str(department) if department else None)
+
+
 def check_qualified(
-    employee: dict[str, Any], role: str, start: datetime, end: datetime, settings: WorkforceSettings
+    employee: dict[str, Any],
+    role: str,
+    start: datetime,
+    end: datetime,
+    settings: WorkforceSettings,
+    zone: tzinfo | None = None,
 ) -> None:
-    """The employee holds ``role`` and every credential it requires, valid on the shift's days."""
+    """The employee holds ``role`` and every credential it requires, valid on the shift's local days
+    (in ``zone``; default UTC)."""
     quals = employee.get("qualification") or []
     held = {credential_type(q) for q in quals}
     if role not in held:
         raise RuleBroken("shift.role_not_held", f"the employee holds no {role[:40]} qualification", "role")
-    first, last = start.astimezone(UTC).date(), (end - timedelta(microseconds=1)).astimezone(UTC).date()
+    here = zone or UTC
+    first, last = start.astimezone(here).date(), (end - timedelta(microseconds=1)).astimezone(here).date()
     for needed in settings.required_credentials(role):
         mine = [q for q in quals if credential_type(q) == needed]
         if not mine:
@@ -126,12 +164,20 @@ def _period(s: dict[str, Any]) -> tuple[datetime, datetime] | None:
 
 
 def check_limits(
-    roster: Roster, ref: str, start: datetime, end: datetime, skip: str | None, settings: WorkforceSettings
+    roster: Roster,
+    ref: str,
+    start: datetime,
+    end: datetime,
+    skip: str | None,
+    settings: WorkforceSettings,
+    zone: tzinfo | None = None,
 ) -> None:
-    """No overlap, enough rest before and after, and the week's scheduled hours within the limit."""
+    """No overlap, enough rest before and after, and the scheduled hours of each local week (in
+    ``zone``, default UTC) within the limit."""
+    here = zone or settings.overtime.timezone(None)
     rest = timedelta(hours=settings.min_rest_hours)
-    lo = min(start - rest, week_start(start))
-    hi = max(end + rest, week_start(end) + timedelta(days=7))
+    lo = min(start - rest, local_week_start(start, here))
+    hi = max(end + rest, next_week_start(local_week_start(end, here)))
     others = [
         s
         for s in roster.shifts_around(ref, lo, hi)
@@ -146,9 +192,10 @@ def check_limits(
 
     def add(s_start: datetime, s_end: datetime) -> None:
         at = s_start
-        while at < s_end:  # a shift over Sunday midnight counts in both weeks
-            nxt = min(s_end, week_start(at) + timedelta(days=7))
-            weekly[week_start(at)] = weekly.get(week_start(at), 0.0) + (nxt - at) / timedelta(hours=1)
+        while at < s_end:  # a shift over Sunday midnight (local) counts in both weeks
+            week = local_week_start(at, here)
+            nxt = min(s_end, next_week_start(week))
+            weekly[week] = weekly.get(week, 0.0) + (nxt - at) / timedelta(hours=1)
             at = nxt
 
     for s in others:
@@ -172,7 +219,7 @@ def check_limits(
             raise RuleBroken(
                 "shift.weekly_hours_exceeded",
                 f"{round(hours, 2):g} h scheduled in the week of {week.date().isoformat()} "
-                f"(at most {settings.max_weekly_hours:g} h)",
+                f"({week.tzname()} time; at most {settings.max_weekly_hours:g} h)",
                 "start",
             )
 
@@ -221,10 +268,19 @@ def check_shift(
         raise RuleBroken(
             "shift.employee_inactive", "the employee is inactive and takes no new shifts", "practitioner"
         )
+    zone = shift_zone(content, employee, settings)
     role = (content.get("role") or {}).get("text")
     if role and str(role) in settings.role_credentials:
-        check_qualified(employee, str(role), start, end, settings)
-    check_limits(roster, ref, start, end, rid, settings)
+        check_qualified(employee, str(role), start, end, settings, zone)
+    check_limits(roster, ref, start, end, rid, settings, zone)
 
 
-__all__ = ["SHIFT_STATUSES", "check_qualified", "check_shift", "credential_type", "valid_between"]
+__all__ = [
+    "SHIFT_STATUSES",
+    "check_qualified",
+    "check_shift",
+    "credential_type",
+    "local_week_start",
+    "shift_zone",
+    "valid_between",
+]

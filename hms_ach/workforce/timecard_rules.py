@@ -7,6 +7,7 @@
 | code | rule |
 |---|---|
 | ``timecard.unknown_employee`` | the timecard names a stored employee (never a stored orphan) |
+| ``timecard.unknown_contract`` | the overtime contract the employee carries is configured |
 | ``timecard.invalid_time`` | clockIn (and clockOut, when there) are dateTimes with a UTC offset |
 | ``timecard.ends_before_start`` | it clocks out after it clocks in |
 | ``timecard.too_long`` | no longer than ``workforce.max_timecard_hours`` |
@@ -27,7 +28,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from hms_ach.core.records import RecordWrite
-from hms_ach.workforce.overtime import LOOKBACK, overtime_by_timecard
+from hms_ach.workforce.overtime import LOOKBACK, check_contract, contract_code, overtime_by_timecard
 from hms_ach.workforce.rules import (
     TIMECARD_SYSTEM,
     Roster,
@@ -90,7 +91,7 @@ def check_timecard(
     """Every timecard rule (see the module docstring) for ``content`` (record id ``rid``, None: new)."""
     settings = settings or current()
     ref = practitioner_of(content)
-    _employee(roster, ref)
+    check_contract(_employee(roster, ref), "timecard.unknown_contract", "practitioner", settings)
     start = instant(content.get("clockIn"), "clockIn", "timecard.invalid_time")
     end = (
         instant(content.get("clockOut"), "clockOut", "timecard.invalid_time")
@@ -209,9 +210,10 @@ def timecard_record(
         )
         if (tc.get("identifier") or [{}])[0].get("value") != tc_id
     ]
-    content["overtimeMinutes"] = overtime_by_timecard([*context, {**content, "id": "(new)"}], settings)[
-        "(new)"
-    ]
+    counted = overtime_by_timecard(
+        [*context, {**content, "id": "(new)"}], settings, {ref: contract_code(employee)}
+    )
+    content["overtimeMinutes"] = counted["(new)"]
     return _write(tc_id, content)
 
 

@@ -1,6 +1,6 @@
 """The README's SFTP walkthrough, as a newcomer runs it: scripts/sftp_demo_server.py serves the sample
 CSVs, the shipped channels.yaml is pointed at it through the environment, and one `hms-ach jobs run`
-per channel stores the staff, shifts and timecards and moves the files to processed/."""
+per channel stores the staff, shifts, timecards and kiosk clock events and moves the files to processed/."""
 
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ async def test_readme_sftp_walkthrough(tmp_path: Path, store: Store, monkeypatch
             ("poll:staff_roster_sftp", "4/4"),
             ("poll:shifts_sftp", "4/4"),
             ("poll:timecards_sftp", "3/3"),
+            ("poll:clock_events_sftp", "4/4"),
         ):
             result = await asyncio.to_thread(
                 CliRunner().invoke, cli_app, ["jobs", "run", job, "--config", config]
@@ -64,6 +65,7 @@ async def test_readme_sftp_walkthrough(tmp_path: Path, store: Store, monkeypatch
         server.close()
         await server.wait_closed()
     assert sorted(p.name for p in (root / "processed").iterdir()) == [
+        "clock_events.csv",
         "shifts.csv",
         "staff_roster.csv",
         "timecards.csv",
@@ -74,4 +76,4 @@ async def test_readme_sftp_walkthrough(tmp_path: Path, store: Store, monkeypatch
             conn.execute(select(func.count()).select_from(t.__table__)).scalar_one()  # type: ignore[attr-defined]
             for t in (Practitioner, Shift, Timecard)
         ]
-    assert counts == [4, 4, 3]
+    assert counts == [4, 4, 5]  # 3 timecards from timecards.csv, 2 from the clock events

@@ -5,7 +5,16 @@ from __future__ import annotations
 from datetime import date
 from typing import Any
 
-from hms_ach.workforce.overtime import hours, overtime_by_timecard
+import pytest
+
+from hms_ach.workforce.overtime import (
+    CONTRACT_EXT,
+    check_contract,
+    contract_code,
+    hours,
+    overtime_by_timecard,
+)
+from hms_ach.workforce.rules import RuleBroken
 from hms_ach.workforce.settings import ContractOvertime, OvertimeSettings, WorkforceSettings
 
 
@@ -80,6 +89,29 @@ def test_rule_sets() -> None:
     er = rules(contracts={"ER": ContractOvertime(rule_set="daily", daily_hours=12)})
     assert overtime_by_timecard([card("x", "p1", "2026-12-07T08:00:00+00:00", 660, "ER")], er) == {"x": 0}
     assert overtime_by_timecard([card("x", "p1", "2026-12-07T08:00:00+00:00", 660, "ICU")], er) == {"x": 180}
+
+
+def test_the_employee_contract_wins_over_the_department() -> None:
+    er = rules(
+        contracts={
+            "ER": ContractOvertime(rule_set="daily", daily_hours=12),
+            "SHORT": ContractOvertime(rule_set="daily", daily_hours=6),
+        }
+    )
+    ann = [card("x", "p1", "2026-12-07T08:00:00+00:00", 660, "ER")]
+    assert overtime_by_timecard(ann, er, {"Practitioner/p1": "SHORT"}) == {"x": 300}
+    assert overtime_by_timecard(ann, er, {"Practitioner/p2": "SHORT"}) == {"x": 0}  # another's contract
+    assert overtime_by_timecard(ann, er, {"Practitioner/p1": "GONE"}) == {"x": 0}  # unknown: the department's
+    assert er.overtime.contract("ICU", "SHORT").daily_hours == 6
+
+
+def test_an_unknown_contract_is_a_rule_error() -> None:
+    carrying = {"extension": [{"url": CONTRACT_EXT, "valueCode": "NOPE"}]}
+    assert contract_code(carrying) == "NOPE" and contract_code({}) is None and contract_code(None) is None
+    with pytest.raises(RuleBroken) as err:
+        check_contract(carrying, "employee.unknown_contract", settings=WorkforceSettings())
+    assert (err.value.code, err.value.element) == ("employee.unknown_contract", "overtimeContract")
+    check_contract({}, "employee.unknown_contract", settings=WorkforceSettings())  # none carried: fine
 
 
 def test_hours_are_rounded_and_unreadable_cards_left_out() -> None:

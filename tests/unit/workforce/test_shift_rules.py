@@ -9,7 +9,7 @@ import pytest
 
 from hms_ach.workforce import rules
 from hms_ach.workforce.rules import RuleBroken
-from hms_ach.workforce.settings import WorkforceSettings
+from hms_ach.workforce.settings import OvertimeSettings, WorkforceSettings
 from hms_ach.workforce.shift_rules import check_shift, valid_between
 from tests.unit.workforce.memory_roster import (
     MONDAY,
@@ -130,3 +130,43 @@ def test_a_credential_is_valid_on_every_day_of_the_shift() -> None:
     assert valid_between(qualification("RN", None), first, last)  # no end
     assert not valid_between({**q, "period": {"end": "soon"}}, first, last)
     assert rules.practitioner_of({"practitioner": {"reference": "Practitioner/x"}}) == "Practitioner/x"
+
+
+def test_the_weekly_limit_counts_the_local_week() -> None:
+    # 4 West works at -05:00. Five 12 h shifts Monday to Friday of the local week of 30 Nov make 60 h;
+    # a shift from 19:00 on Sunday 6 Dec local (00:00 Monday 7 Dec UTC) is in that local week.
+    eastern = WorkforceSettings(
+        role_credentials=RN_RULES.role_credentials,
+        overtime=OvertimeSettings(department_timezones={"4 West": "America/New_York"}),
+    )
+    local_monday = MONDAY + timedelta(hours=5)  # 07:00 local
+    roster = MemoryRoster(
+        employees={"ann": nurse("ann")},
+        shifts={f"w{d}": stored_shift(f"w{d}", "ann", local_monday + timedelta(days=d)) for d in range(5)},
+    )
+    sunday_evening = local_monday + timedelta(days=6, hours=12)  # 2026-12-07T00:00Z
+    assert sunday_evening.weekday() == 0  # Monday, in UTC
+    late = shift("ann", sunday_evening, hours=4)
+    assert code(roster, late, eastern) == "shift.weekly_hours_exceeded"
+    with pytest.raises(RuleBroken) as err:
+        check_shift(roster, late, None, eastern)
+    assert "week of 2026-11-30" in err.value.detail
+    # counted per UTC week (no department time zone), the same shift is in the next week and passes
+    check_shift(roster, late, None, RN_RULES)
+    # without a shift department, the employee's department decides the zone
+    late.pop("department", None)
+    assert code(roster, late, eastern) == "shift.weekly_hours_exceeded"
+
+
+def test_a_credential_is_checked_on_the_local_days() -> None:
+    # the BLS certificate ends on 6 Dec; a shift from 20:00 on 6 Dec at -05:00 is 01:00 on 7 Dec in UTC
+    eastern = WorkforceSettings(
+        role_credentials=RN_RULES.role_credentials,
+        overtime=OvertimeSettings(department_timezones={"4 West": "America/New_York"}),
+    )
+    roster = MemoryRoster(
+        employees={"ann": nurse("ann", qualification("RN"), qualification("BLS", "2026-12-06"))}
+    )
+    evening = shift("ann", MONDAY + timedelta(days=6, hours=18), hours=3)  # 2026-12-07T01:00Z
+    check_shift(roster, evening, None, eastern)
+    assert code(roster, evening, RN_RULES) == "shift.credential_expired"
