@@ -38,6 +38,7 @@ CHANGES: dict[str, tuple[str, tuple[Any, Any, Any]]] = {
     "Encounter": ("/status", ("in-progress", "finished", "cancelled")),
     "PractitionerRole": ("/active", (False, True, False)),
     "Basic": ("/extension/1/valueCode", ("confirmed", "swapped", "cancelled")),
+    "Group": ("/name", ("Scratch cohort 2", "Scratch cohort 3", "Scratch cohort 4")),
 }
 
 
@@ -98,6 +99,14 @@ def scratch(world: World, rtype: str) -> dict[str, Any]:
             "practitioner": {"reference": f"Practitioner/{world.practitioner}"},
         },
         "Basic": lambda: basic_shift(n, world.practitioner, *shift_day(world.counter)),
+        "Group": lambda: {
+            "resourceType": "Group",
+            "identifier": ident,
+            "type": "person",
+            "actual": True,
+            "name": "Scratch cohort",
+            "member": [{"entity": {"reference": f"Patient/{world.patient}"}}],
+        },
     }
     assert rtype in bodies, f"{rtype} declares writes but this test has no scratch body for it: add one"
     return bodies[rtype]()
@@ -216,10 +225,13 @@ async def everything(world: World, rtype: str, rid: str) -> None:
     }
 
 
-async def export(world: World, rtype: str, _rid: str) -> None:
-    """A kick-off at the level the entry declares it (system when ``rtype`` is empty), run to its
-    manifest, every line read back through fhir.resources."""
+async def export(world: World, rtype: str, rid: str) -> None:
+    """A kick-off at the level the entry declares it (system when ``rtype`` is empty; a Group's on
+    the scratch Group, whose member is the world's patient), run to its manifest, every line read
+    back through fhir.resources."""
     path = f"/{rtype}/$export" if rtype else "/$export"
+    if rtype == "Group":
+        path = f"/Group/{rid}/$export"
     resp = await world.http.get(path, headers=ASYNC)
     assert resp.status_code == 202, f"{path}: {resp.text[:300]}"
     done = await wait_done(world.http, resp.headers["content-location"])
@@ -297,6 +309,7 @@ async def test_every_declared_write_and_operation_answers_as_declared(
     } <= declared
     assert {
         ("Patient", "$export"),
+        ("Group", "$export"),
         ("system", "$export"),
         ("system", "transaction"),
         ("system", "batch"),

@@ -198,6 +198,17 @@ FULL: dict[str, dict[str, Any]] = {
         "valueString": "see report",
         "valueDateTime": "2026-11-26",
     },
+    "Group": {
+        "resourceType": "Group",
+        "identifier": [{"system": "urn:hms-ach:cohort", "value": "g1"}],
+        "type": "person",
+        "actual": True,
+        "code": {"coding": [{"system": "http://snomed.info/sct", "code": "73211009"}]},
+        "characteristic": [
+            {"code": {"coding": [{"code": "diabetic"}]}, "valueBoolean": True, "exclude": False}
+        ],
+        "member": [{"entity": {"reference": "Patient/p1"}}],
+    },
 }
 
 
