@@ -46,6 +46,7 @@ from hms_ach.app.hardening import install_hardening
 from hms_ach.app.metrics import install_metrics_route
 from hms_ach.app.rate_limit import RateLimitMiddleware
 from hms_ach.auth.authenticate import Authenticator
+from hms_ach.cases.api import cases_router
 from hms_ach.console import install_console
 from hms_ach.fhir.outcomes import install_handlers
 from hms_ach.fhir.routes import fhir_router
@@ -92,6 +93,7 @@ def create_app(
     _install_rate_limit(app, settings.rate_limit)  # added first: the innermost, it sees the caller
     _install_authentication(app, authenticator)
     app.include_router(workforce_router(store, pipeline_of))
+    app.include_router(cases_router(store, pipeline_of))  # review cases (docs/review-cases.md)
     app.include_router(fhir_router(store, write_channel))
     install_console(app)  # the web console at /console (hms_ach/console, docs/console.md)
 

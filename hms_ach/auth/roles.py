@@ -35,15 +35,18 @@ ACTIONS: dict[str, str] = {
     "compliance.read": "GET /api/v1/compliance/status",
     "audit.read": "GET /api/v1/audit",
     "metrics.read": "GET /metrics",
+    "cases.create": "POST /api/v1/review/cases",
+    "cases.read": "GET /api/v1/review/cases",
 }
 
-_WORKFORCE = tuple(a for a in ACTIONS if not a.startswith(("audit.", "metrics.")))
+_WORKFORCE = tuple(a for a in ACTIONS if not a.startswith(("audit.", "metrics.", "cases.")))
 
 #: role -> action -> reach. hr_admin: every workforce read and write; scheduler: shifts and swap
 #: decisions in their departments; employee: their own record, shifts and timecards, and swap requests
 #: of their own shifts; auditor: the audit trail and the compliance report, read-only; integration:
 #: system use (feeds and exports), every workforce read and write, and the metrics; operator: the
-#: engine's metrics (GET /metrics), no patient or staff data.
+#: engine's metrics (GET /metrics), no patient or staff data. integration and auditor also reach the
+#: review cases (cases.*), reviewer and supervisor only them.
 ROLE_RULES: dict[str, dict[str, Reach]] = {
     "hr_admin": {action: "any" for action in _WORKFORCE},
     "scheduler": {
@@ -62,9 +65,13 @@ ROLE_RULES: dict[str, dict[str, Reach]] = {
         "timecards.read": "own",
         "timecards.write": "own",
     },
-    "auditor": {"audit.read": "any", "compliance.read": "any"},
-    "integration": {action: "any" for action in (*_WORKFORCE, "metrics.read")},
+    "auditor": {"audit.read": "any", "compliance.read": "any", "cases.read": "any"},
+    "integration": {action: "any" for action in (*_WORKFORCE, "metrics.read", "cases.create", "cases.read")},
     "operator": {"metrics.read": "any"},
+    # Review cases (docs/review-cases.md): a reviewer sees the cases assigned to them; a supervisor
+    # opens cases and sees every case (the escalation queue).
+    "reviewer": {"cases.read": "own"},
+    "supervisor": {"cases.create": "any", "cases.read": "any"},
 }
 
 #: Every role :data:`ROLE_RULES` knows.

@@ -157,6 +157,11 @@ def generate() -> str:
         ("Generated fields (`generate.fields:` items)", spec.Hl7Field),
         ("Notifications (`kind: notification`)", spec.NotificationMapping),
         ("Notification examples (`examples:` items)", spec.NotificationExample),
+        ("Case workflows (`kind: workflow`)", spec.WorkflowMapping),
+        ("Workflow assignment (`assignment:`)", spec.WorkflowAssignment),
+        ("Workflow states (`states:` items)", spec.WorkflowState),
+        ("Workflow SLA (`sla:` of a state)", spec.WorkflowSla),
+        ("Workflow transitions (`transitions:` items)", spec.WorkflowTransition),
     ]
     for title, model in sections:
         out.append(f"## {title}\n")

@@ -224,6 +224,7 @@ class MappingSet:
     events: dict[str, LoadedFile] = field(default_factory=dict)
     transforms: dict[str, LoadedFile] = field(default_factory=dict)
     notifications: dict[str, LoadedFile] = field(default_factory=dict)
+    workflows: dict[str, LoadedFile] = field(default_factory=dict)
     _by_event: dict[str, LoadedFile] = field(default_factory=dict)
     _by_type: dict[tuple[str, str], LoadedFile] = field(default_factory=dict)
     _by_input: dict[tuple[str, str], LoadedFile] = field(default_factory=dict)
@@ -254,6 +255,7 @@ class MappingSet:
             *self.events.values(),
             *self.transforms.values(),
             *self.notifications.values(),
+            *self.workflows.values(),
         ]
 
 
@@ -281,6 +283,7 @@ def load_mappings(root: Path | str) -> MappingSet:
         "event": mset.events,
         "hl7": mset.transforms,
         "notification": mset.notifications,
+        "workflow": mset.workflows,
     }
     for path in sorted(root.rglob("*.yaml")):
         if path.name.endswith("_test.yaml"):
@@ -348,6 +351,8 @@ class _Linker:
             self._rules(f, f.model.rules, ("rules",), f.model.datatype, set())
         for f in self.mset.events.values():
             self._event(f)
+        for f in self.mset.workflows.values():
+            self._workflow(f)
         generated: dict[str, str] = {}
         for f in self.mset.transforms.values():
             from hms_ach.mapping.hl7_transform import problems
@@ -451,6 +456,49 @@ class _Linker:
                         alias,
                         sorted(aliases),
                     )
+
+    def _workflow(self, f: LoadedFile) -> None:
+        """A workflow's states are unique, and its initial state, transitions and escalation targets
+        name declared states; no transition leaves a final state."""
+        m = f.model
+        names: dict[str, int] = {}
+        for i, state in enumerate(m.states):
+            if state.name in names:
+                self._err(f, ("states", i, "name"), f"state {state.name!r} is declared twice", "unique names")
+            names.setdefault(state.name, i)
+        choices = list(names)
+        expected = f"one of the states {', '.join(choices)}"
+        if m.initial not in names:
+            self._err(f, ("initial",), f"unknown state {m.initial!r}", expected, m.initial, choices)
+        for i, state in enumerate(m.states):
+            if state.sla is not None and state.sla.escalate_to not in names:
+                self._err(
+                    f,
+                    ("states", i, "sla", "escalate_to"),
+                    f"unknown state {state.sla.escalate_to!r}",
+                    expected,
+                    state.sla.escalate_to,
+                    choices,
+                )
+        seen: set[tuple[str, str]] = set()
+        for i, move in enumerate(m.transitions):
+            for part, value in (("from", move.from_state), ("to", move.to)):
+                if value not in names:
+                    self._err(
+                        f, ("transitions", i, part), f"unknown state {value!r}", expected, value, choices
+                    )
+            if move.from_state in names and m.states[names[move.from_state]].final:
+                self._err(
+                    f,
+                    ("transitions", i, "from"),
+                    f"state {move.from_state!r} is final: no transition may leave it",
+                    "a state without final: true",
+                )
+            if (move.from_state, move.to) in seen:
+                self._err(
+                    f, ("transitions", i), f"transition {move.from_state} -> {move.to} is declared twice"
+                )
+            seen.add((move.from_state, move.to))
 
     def _event(self, f: LoadedFile) -> None:
         m: spec.EventMapping = f.model

@@ -4,7 +4,7 @@ Everything about the language comes from here: the loader validates files agains
 (with ``file:line:col`` errors), ``hms-ach schema mapping`` writes their JSON Schema, and
 ``hms-ach docs`` generates docs/mapping-language.md from their descriptions.
 
-Six kinds of file live under ``mappings/``:
+These kinds of file live under ``mappings/``:
 
 * ``kind: message``  (mappings/messages/) which message it handles and which records it yields;
 * ``kind: resource`` (mappings/resources/) how one canonical record is built, and its business key;
@@ -15,6 +15,8 @@ Six kinds of file live under ``mappings/``:
 * ``kind: hl7``      (mappings/hl7/) an outbound HL7 v2 transform: fields set, copied or mapped
   through a code table, segments dropped (run by the ``mllp`` sink, hms_ach/mapping/hl7_transform.py).
 * ``kind: notification`` (mappings/notifications/) the message to people a ``notify`` sink sends.
+* ``kind: workflow`` (mappings/workflows/) a case type on FHIR Task: its states, transitions, roles,
+  form, assignment and SLAs (run by hms_ach/cases/, docs/review-cases.md).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from hms_ach.mapping.fhir_structure import COMPLETED_CODES
 
 
 class _Strict(BaseModel):
@@ -466,6 +470,100 @@ class NotificationMapping(_Strict):
         return value
 
 
+#: FHIR R4 Task.status codes (required binding TaskStatus; the R4B model cuts it short).
+TASK_STATUSES = tuple(sorted(COMPLETED_CODES[("Task", "status")]))
+#: FHIR R4 Task.priority codes (required binding RequestPriority).
+TASK_PRIORITIES = ("routine", "urgent", "asap", "stat")
+
+
+class WorkflowSla(_Strict):
+    """How long a case may stay in a state, by the case's priority, and where it goes when late."""
+
+    minutes: dict[str, int] = Field(
+        description="Task.priority (routine | urgent | asap | stat) -> minutes allowed in the state; a "
+        "priority not listed has no timer",
+    )
+    escalate_to: str = Field(description="The state a late case moves to, e.g. escalated")
+    notify_role: str | None = Field(None, description="The role whose queue the late case appears in")
+
+    @field_validator("minutes")
+    @classmethod
+    def _priorities(cls, value: dict[str, int]) -> dict[str, int]:
+        for priority, minutes in value.items():
+            if priority not in TASK_PRIORITIES:
+                raise ValueError(
+                    f"unknown priority {priority!r}: expected one of {', '.join(TASK_PRIORITIES)}"
+                )
+            if minutes <= 0:
+                raise ValueError(f"the SLA of priority {priority!r} is {minutes} minutes: expected > 0")
+        return value
+
+
+class WorkflowState(_Strict):
+    """One business state of a case: the FHIR Task.status it implies and its SLA."""
+
+    name: str = Field(
+        min_length=1, pattern=r"^[a-z][a-z0-9-]*$", description="Task.businessStatus code, e.g. in-review"
+    )
+    status: str = Field(description="The Task.status a case in this state has, e.g. in-progress")
+    description: str = Field("", description="What the state means")
+    sla: WorkflowSla | None = Field(None, description="The SLA timer of the state; none: no timer")
+    final: bool = Field(False, description="The case is closed in this state (no SLA, not open)")
+
+    @field_validator("status")
+    @classmethod
+    def _task_status(cls, value: str) -> str:
+        if value not in TASK_STATUSES:
+            raise ValueError(f"unknown Task.status {value!r}: expected one of {', '.join(TASK_STATUSES)}")
+        return value
+
+
+class WorkflowTransition(_Strict):
+    """A move a case may make from one state to another, and who may make it."""
+
+    from_state: str = Field(alias="from", description="The state the case is in")
+    to: str = Field(description="The state it moves to")
+    roles: list[str] = Field(
+        min_length=1, description="Roles allowed to make the move (docs/security.md), e.g. reviewer"
+    )
+    description: str = Field("", description="When the move is made")
+
+
+class WorkflowAssignment(_Strict):
+    """Who a new case is assigned to: the next available reviewer (docs/review-cases.md)."""
+
+    role: str = Field(
+        min_length=1,
+        description="The PractitionerRole.code code a reviewer holds, e.g. reviewer (practitioner-role)",
+    )
+    credentials: list[str] = Field(
+        default_factory=list,
+        description="Practitioner.qualification codes every reviewer must hold, valid on the day",
+    )
+    shift_window_minutes: int = Field(
+        0, ge=0, le=1440, description="A reviewer whose shift starts within this many minutes also qualifies"
+    )
+
+
+class WorkflowMapping(_Strict):
+    """A case workflow on FHIR Task (mappings/workflows/): the case type, its states (Task.status
+    with a business status), the allowed transitions and the roles that may move them, the form
+    findings answer (a Questionnaire id), who a new case is assigned to, and the SLA of each state
+    per priority with its escalation target. hms_ach/cases/ runs it; docs/review-cases.md."""
+
+    kind: Literal["workflow"] = Field(description="workflow")
+    name: str | None = Field(None, description="The case type code (Task.code); defaults to the file name")
+    description: str = Field("", description="What kind of case it is")
+    display: str = Field("", description="The case type's display text (Task.code.text)")
+    form: str = Field(min_length=1, description="The id of the Questionnaire the findings answer")
+    initial: str = Field(description="The state of a new case")
+    assignment: WorkflowAssignment = Field(description="Who a new case is assigned to")
+    states: list[WorkflowState] = Field(min_length=1, description="The business states, in order")
+    transitions: list[WorkflowTransition] = Field(
+        default_factory=list, description="The moves allowed between states"
+    )
+
+
 MappingFile = Annotated[
     ResourceMapping
     | DatatypeMapping
@@ -473,7 +571,8 @@ MappingFile = Annotated[
     | CodeTable
     | EventMapping
     | Hl7TransformMapping
-    | NotificationMapping,
+    | NotificationMapping
+    | WorkflowMapping,
     Field(discriminator="kind"),
 ]
 
@@ -485,6 +584,7 @@ KINDS: dict[str, type[BaseModel]] = {
     "event": EventMapping,
     "hl7": Hl7TransformMapping,
     "notification": NotificationMapping,
+    "workflow": WorkflowMapping,
 }
 
 Rule.model_rebuild()

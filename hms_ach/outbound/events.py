@@ -36,6 +36,7 @@ they are without an engine or a mapping).
 | credential.expiring / credential.expired / credential.escalated | emitted by the scheduler (:mod:`hms_ach.workforce.credentials`) |
 | practitioner.offboarded / overtime.threshold_reached | emitted by the workforce rules (:mod:`hms_ach.workforce.listeners`) |
 | practitioner.conflict | two sources disagree on a Practitioner element and no survivorship rule ranks them (:mod:`hms_ach.workforce.survivorship`) |
+| case.created / case.assigned / case.unassigned | emitted by the review cases (:mod:`hms_ach.cases.api`): a case opened, given to a reviewer, or queued with nobody qualifying |
 | record.changed | every new version of a FHIR resource record (the change feed of the fhir_push sink) |
 
 ``record.changed`` (payload: resource, versionId, action create|update|delete) is the change feed:
@@ -90,6 +91,9 @@ EVENT_NAMES = (
     "claim.file_rejected",
     "claim.error",
     "record.changed",
+    "case.created",
+    "case.assigned",
+    "case.unassigned",
 )
 
 #: The record types whose every change is announced as ``record.changed``: those the fhir_push sink

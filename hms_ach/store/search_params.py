@@ -254,7 +254,13 @@ def _dates(value: Any) -> Iterator[tuple[datetime, datetime]]:
         yield start, max(start, end)
 
 
-def _references(value: Any, targets: tuple[str, ...]) -> Iterator[tuple[str, str]]:
+#: Reference parameter paths whose element is a canonical (``url[|version]``), not a Reference.
+CANONICAL_PATHS = frozenset({"questionnaire"})
+
+
+def _references(value: Any, targets: tuple[str, ...], canonical: bool = False) -> Iterator[tuple[str, str]]:
+    if canonical and isinstance(value, str):  # QuestionnaireResponse.questionnaire
+        value = {"reference": value.split("|", 1)[0]}
     if not isinstance(value, dict) or not isinstance(value.get("reference"), str):
         return
     rtype, rid = parse_reference(value["reference"])
@@ -277,7 +283,7 @@ def _rows_for(param: SearchParam, value: Any) -> Iterator[dict[str, Any]]:
         for start, end in _dates(value):
             yield {"param": param.name, "start": start, "end": end}
     else:
-        for rtype, rid in _references(value, param.targets):
+        for rtype, rid in _references(value, param.targets, param.expression in CANONICAL_PATHS):
             yield {"param": param.name, "target_type": rtype, "target_id": rid}
 
 

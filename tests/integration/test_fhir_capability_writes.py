@@ -38,6 +38,9 @@ CHANGES: dict[str, tuple[str, tuple[Any, Any, Any]]] = {
     "Encounter": ("/status", ("in-progress", "finished", "cancelled")),
     "PractitionerRole": ("/active", (False, True, False)),
     "Basic": ("/extension/1/valueCode", ("confirmed", "swapped", "cancelled")),
+    "Task": ("/status", ("accepted", "in-progress", "on-hold")),
+    "Questionnaire": ("/status", ("retired", "active", "retired")),
+    "QuestionnaireResponse": ("/status", ("amended", "completed", "amended")),
     "Group": ("/name", ("Scratch cohort 2", "Scratch cohort 3", "Scratch cohort 4")),
 }
 
@@ -99,6 +102,18 @@ def scratch(world: World, rtype: str) -> dict[str, Any]:
             "practitioner": {"reference": f"Practitioner/{world.practitioner}"},
         },
         "Basic": lambda: basic_shift(n, world.practitioner, *shift_day(world.counter)),
+        "Task": lambda: {
+            "resourceType": "Task",
+            "identifier": ident,
+            "status": "requested",
+            "intent": "order",
+        },
+        "Questionnaire": lambda: {"resourceType": "Questionnaire", "identifier": ident, "status": "active"},
+        "QuestionnaireResponse": lambda: {  # identifier is 0..1 here
+            "resourceType": "QuestionnaireResponse",
+            "identifier": ident[0],
+            "status": "completed",
+        },
         "Group": lambda: {
             "resourceType": "Group",
             "identifier": ident,
@@ -119,7 +134,7 @@ def shift_day(n: int) -> tuple[str, str]:
 
 
 def identifier_query(body: dict[str, Any]) -> str:
-    ident = body["identifier"][0]
+    ident = body["identifier"] if isinstance(body["identifier"], dict) else body["identifier"][0]
     return f"identifier={ident['system']}|{ident['value']}"
 
 

@@ -23,7 +23,16 @@ def test_every_rule_names_a_known_action() -> None:
 def test_hr_admin_does_every_workforce_write_but_not_the_audit_trail() -> None:
     hr = caller("hr_admin")
     for action in ACTIONS:
-        assert hr.grant(action).unrestricted is (action not in ("audit.read", "metrics.read")), action
+        expected = action not in ("audit.read", "metrics.read") and not action.startswith("cases.")
+        assert hr.grant(action).unrestricted is expected, action
+
+
+def test_review_case_roles() -> None:
+    assert [a for a in ACTIONS if caller("supervisor").grant(a).allowed] == ["cases.create", "cases.read"]
+    assert [a for a in ACTIONS if caller("reviewer").grant(a).allowed] == []  # own: needs employee_id
+    assert caller("auditor").grant("cases.read").unrestricted
+    assert not caller("auditor").grant("cases.create").allowed
+    assert caller("integration").grant("cases.create").unrestricted
 
 
 def test_operator_reads_the_metrics_and_no_record() -> None:
