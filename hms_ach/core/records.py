@@ -528,6 +528,30 @@ RECORD_TYPES: dict[str, RecordType] = {
             "source": ("reference", "source"),
         },
     ),
+    "Group": RecordType(
+        name="Group",
+        table="fhir_group",
+        fhir=True,
+        writable=True,
+        mirrored=True,
+        description=(
+            "A FHIR R4 Group (a cohort of patients, a care team's panel) written through FHIR; its "
+            "Patient members are what Group/[id]/$export exports."
+        ),
+        patient_compartment=("member",),
+        params={
+            "identifier": ("token", "identifier"),
+            "type": ("token", "type"),
+            "actual": ("token", "actual"),
+            "code": ("token", "code"),
+            "member": (
+                "reference",
+                "member.entity",
+                ("Patient", "Practitioner", "PractitionerRole", "Group"),
+            ),
+            "characteristic": ("token", "characteristic.code"),
+        },
+    ),
 }
 
 #: Record types served under /fhir, in table order.

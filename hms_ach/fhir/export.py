@@ -1,11 +1,14 @@
 """Bulk Data Access IG v2 ``$export``: kick-off, status, cancel, the NDJSON files, and the worker.
 
-* **Kick-off** (``GET /fhir/$export`` system level, ``GET /fhir/Patient/$export`` patient level;
-  or ``POST`` to the same URL with the parameters in a ``Parameters`` body, :func:`post_params`)
-  needs ``Prefer: respond-async`` and a token whose ``system/`` scopes allow reading and searching
-  the types exported (``system/*.read``, v2 ``system/*.rs``). It stores the request as a
-  ``bulk_export`` row and answers 202 with ``Content-Location`` (the status URL). Group-level
-  export is answered 404: Group is not a stored type here (docs/fhir-api.md).
+* **Kick-off** (``GET /fhir/$export`` system level, ``GET /fhir/Patient/$export`` patient level,
+  ``GET /fhir/Group/<id>/$export`` group level; or ``POST`` to the same URL with the parameters in a
+  ``Parameters`` body, :func:`post_params`) needs ``Prefer: respond-async`` and a token whose
+  ``system/`` scopes allow reading and searching the types exported (``system/*.read``, v2
+  ``system/*.rs``), and Group too for a group export. It stores the request as a ``bulk_export``
+  row and answers 202 with ``Content-Location`` (the status URL). A group export holds the
+  compartments of the Group's Patient members as they are at kick-off (:func:`member_patients`: a
+  member marked ``inactive`` is left out, one that is not a Patient ignored); an unknown Group is
+  404.
 * **Status** (``GET /fhir/$export-status/<id>``): 202 with ``X-Progress`` and ``Retry-After`` while
   the export runs; 200 with the completion manifest when done; 500 with an OperationOutcome when it
   failed. ``DELETE`` on it cancels the export and deletes its files (202); then it is 404.
@@ -46,7 +49,7 @@ from hms_ach.fhir import read as reads
 from hms_ach.fhir.bundles import instant
 from hms_ach.fhir.everything import asked_types, patient_params
 from hms_ach.fhir.outcomes import FhirError, operation_outcome
-from hms_ach.store import export_queries
+from hms_ach.store import export_queries, record_reads
 from hms_ach.store.db import Store
 from hms_ach.store.export_queries import Pointing, Slice
 from hms_ach.store.search_params import date_range
@@ -60,7 +63,10 @@ KICK_OFF_PARAMS = {"_type", "_since", "_outputFormat"}
 DEFINITIONS = {
     "system": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export",
     "patient": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export",
+    "group": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export",
 }
+#: The most Patient members a group export takes (their ids are bound values of one query).
+MAX_GROUP_MEMBERS = 10000
 SYSTEM_SCOPE = "system/*.read"
 
 
@@ -130,7 +136,7 @@ def _manager(request: Request) -> ExportManager:
 # ---------------------------------------------------------------------------- kick-off
 def candidate_types(kind: str) -> list[str]:
     """The types a ``kind`` export may hold: every served type (system), or the Patient and the types
-    that refer to a patient (patient)."""
+    that refer to a patient (patient, group)."""
     if kind == "system":
         return list(FHIR_SERVED)
     return [t for t in FHIR_SERVED if t == "Patient" or patient_params(t)]
@@ -185,14 +191,61 @@ def post_params(request: Request, body: bytes) -> list[tuple[str, str]]:
     return params
 
 
+def member_patients(group: dict[str, Any], base: str) -> list[str]:
+    """The ids of the Patients ``group`` has as members: each ``member.entity`` that refers to a
+    Patient (``Patient/<id>``, or absolute on ``base``; a ``_history`` suffix dropped), unless the
+    member is ``inactive``. Sorted, each once."""
+    ids: set[str] = set()
+    for member in group.get("member") or []:
+        if not isinstance(member, dict) or member.get("inactive") is True:
+            continue
+        entity = member.get("entity")
+        ref = entity.get("reference") if isinstance(entity, dict) else None
+        if not isinstance(ref, str):
+            continue
+        ref = ref.split("/_history/")[0]
+        if ref.startswith(base + "/"):
+            ref = ref[len(base) + 1 :]
+        rtype, _, rid = ref.partition("/")
+        if rtype == "Patient" and rid and "/" not in rid:
+            ids.add(rid)
+    return sorted(ids)
+
+
+def _group_patients(store: Store, caller: Caller, group_id: str, base: str) -> list[str]:
+    """The Patient members of ``Group/group_id`` for a group export (403 without a Group scope, 404
+    for an unknown or deleted Group)."""
+    if not exportable(caller, "Group"):
+        raise _refusal("Group")
+    with store.read() as conn:
+        found = record_reads.stored(conn, f"Group/{group_id}")
+    if found is None or found.deleted or found.version_id == 0:
+        raise FhirError(404, "not-found", f"Group {group_id[:64]!r} is not known")
+    patients = member_patients(found.content, base)
+    if len(patients) > MAX_GROUP_MEMBERS:
+        raise FhirError(
+            422,
+            "too-costly",
+            f"Group {group_id[:64]!r} has {len(patients)} Patient members; a group export takes at "
+            f"most {MAX_GROUP_MEMBERS}",
+        )
+    return patients
+
+
 def kick_off(
-    request: Request, store: Store, kind: str, posted: list[tuple[str, str]] | None = None
+    request: Request,
+    store: Store,
+    kind: str,
+    posted: list[tuple[str, str]] | None = None,
+    group_id: str | None = None,
 ) -> Response:
-    """``GET [base]/$export`` or ``GET [base]/Patient/$export`` (the parameters in the query), or
-    the same URL POSTed with the parameters of ``posted`` (:func:`post_params`): 202 with the status
-    URL."""
+    """``GET [base]/$export``, ``GET [base]/Patient/$export`` or ``GET [base]/Group/<group_id>/$export``
+    (the parameters in the query), or the same URL POSTed with the parameters of ``posted``
+    (:func:`post_params`): 202 with the status URL."""
     manager = _manager(request)
     caller = caller_of(request)
+    base = str(request.base_url).rstrip("/") + "/fhir"
+    patients = _group_patients(store, caller, group_id or "", base) if kind == "group" else None
     prefer = [p.strip().lower() for p in request.headers.get("prefer", "").split(",")]
     if "respond-async" not in prefer:
         raise FhirError(400, "invalid", "a bulk export needs the header 'Prefer: respond-async'")
@@ -240,7 +293,9 @@ def kick_off(
                 400, "invalid", f"_since: {exc}; expected an instant", expression="_since"
             ) from None
     export_id = uuid.uuid4().hex
-    base = str(request.base_url).rstrip("/") + "/fhir"
+    progress: dict[str, Any] = {"index": 0, "after": None, "offset": 0, "count": 0, "output": []}
+    if patients is not None:
+        progress["patients"] = patients  # the members at kick-off: a resumed export keeps them
     now = datetime.now(UTC)
     row = {
         "id": export_id,
@@ -254,7 +309,7 @@ def kick_off(
         "since": since,
         "transaction_time": now,
         "directory": str(manager.root / export_id),
-        "progress": orjson.dumps({"index": 0, "after": None, "offset": 0, "count": 0, "output": []}).decode(),
+        "progress": orjson.dumps(progress).decode(),
         "created_at": now,
     }
     with store.transaction() as tx:
@@ -336,10 +391,17 @@ def download(request: Request, store: Store, export_id: str, name: str) -> Respo
 
 
 # ---------------------------------------------------------------------------- the worker
-def export_slice(kind: str, resource_type: str, since: datetime | None) -> Slice:
-    """What an export of ``kind`` reads of ``resource_type``."""
-    if kind == "patient" and resource_type != "Patient":
-        return Slice(resource_type, since, pointing=(Pointing(patient_params(resource_type), "Patient"),))
+def export_slice(
+    kind: str, resource_type: str, since: datetime | None, patients: list[str] | None = None
+) -> Slice:
+    """What an export of ``kind`` reads of ``resource_type``; a group export, the compartments of
+    ``patients`` only."""
+    members = tuple(patients or ()) if kind == "group" else None
+    if kind in ("patient", "group") and resource_type != "Patient":
+        pointing = Pointing(patient_params(resource_type), "Patient", members)
+        return Slice(resource_type, since, pointing=(pointing,))
+    if members is not None:
+        return Slice(resource_type, since, ids=members)
     return Slice(resource_type, since)
 
 
@@ -501,7 +563,7 @@ class ExportManager:
         offset = int(progress.get("offset", 0))
         if not path.exists() or path.stat().st_size < offset:  # lost since the last commit: start over
             offset, progress["after"], progress["count"] = 0, None, 0
-        s = export_slice(kind, rtype, since)
+        s = export_slice(kind, rtype, since, progress.get("patients"))
         with open(path, "r+b" if path.exists() else "wb") as out:
             out.truncate(offset)
             out.seek(offset)

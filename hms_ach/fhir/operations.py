@@ -51,14 +51,16 @@ def _recorded(request: Request, rtype: str, work: Callable[[], Response]) -> Res
     return answer
 
 
-async def _posted_kick_off(request: Request, store: Store, kind: str, rtype: str) -> Response:
+async def _posted_kick_off(
+    request: Request, store: Store, kind: str, rtype: str, group_id: str | None = None
+) -> Response:
     """A POST kick-off: the body read here, then parsed and run like the GET one (both recorded)."""
     body = await request.body()
     return await run_in_threadpool(
         _recorded,
         request,
         rtype,
-        lambda: export.kick_off(request, store, kind, export.post_params(request, body)),
+        lambda: export.kick_off(request, store, kind, export.post_params(request, body), group_id),
     )
 
 
@@ -91,15 +93,11 @@ def install(router: APIRouter, store: Store, negotiated: list[Any]) -> None:
 
     @router.get("/Group/{gid}/$export", dependencies=negotiated)
     def group_export(gid: str, request: Request) -> Response:
-        def refuse() -> Response:
-            raise FhirError(
-                404,
-                "not-supported",
-                "Group is not a resource type stored here, so there is no group-level $export; "
-                "use Patient/$export (every patient) or $export",
-            )
+        return _recorded(request, "Group", lambda: export.kick_off(request, store, "group", None, gid))
 
-        return _recorded(request, "Group", refuse)
+    @router.post("/Group/{gid}/$export", dependencies=negotiated)
+    async def group_export_post(gid: str, request: Request) -> Response:
+        return await _posted_kick_off(request, store, "group", "Group", gid)
 
     @router.get("/$export-status/{export_id}")
     async def export_status(export_id: str, request: Request) -> Response:
@@ -125,4 +123,5 @@ def declared() -> tuple[dict[str, list[dict[str, str]]], list[dict[str, str]]]:
         focal: [{"name": "everything", "definition": url}] for focal, url in everything.DEFINITIONS.items()
     }
     per_type["Patient"].append({"name": "export", "definition": export.DEFINITIONS["patient"]})
+    per_type["Group"] = [{"name": "export", "definition": export.DEFINITIONS["group"]}]
     return per_type, [{"name": "export", "definition": export.DEFINITIONS["system"]}]

@@ -352,6 +352,13 @@ def _check_visible(resource_type: str, key: str, access: Access) -> None:
         )
 
 
+def _untyped_chain_target(targets: list[str]) -> str | None:
+    """The target of a chain without a type modifier through a reference that may point at a
+    Patient or a Group (and no other served type): the Patient (``subject.identifier`` is the
+    patient's, as before Group was served; ``subject:Group.`` reaches a Group). None: ambiguous."""
+    return "Patient" if sorted(targets) == ["Group", "Patient"] else None
+
+
 def _chain_criterion(resource_type: str, key: str, value: str, access: Access) -> Criterion:
     """``ref[:Type].param[:modifier]=value``: the records whose reference ``ref`` points at a
     ``Type`` record matching ``param``; one level only."""
@@ -385,6 +392,8 @@ def _chain_criterion(resource_type: str, key: str, value: str, access: Access) -
         target = type_modifier
     elif len(targets) == 1:
         target = targets[0]
+    elif (untyped := _untyped_chain_target(targets)) is not None:
+        target = untyped
     else:
         raise SearchError(
             f"chained parameter {key[:80]!r} needs a type modifier: {resource_type}.{ref_name} may point "

@@ -41,6 +41,7 @@ CHANGES: dict[str, tuple[str, tuple[Any, Any, Any]]] = {
     "Task": ("/status", ("accepted", "in-progress", "on-hold")),
     "Questionnaire": ("/status", ("retired", "active", "retired")),
     "QuestionnaireResponse": ("/status", ("amended", "completed", "amended")),
+    "Group": ("/name", ("Scratch cohort 2", "Scratch cohort 3", "Scratch cohort 4")),
 }
 
 
@@ -112,6 +113,14 @@ def scratch(world: World, rtype: str) -> dict[str, Any]:
             "resourceType": "QuestionnaireResponse",
             "identifier": ident[0],
             "status": "completed",
+        },
+        "Group": lambda: {
+            "resourceType": "Group",
+            "identifier": ident,
+            "type": "person",
+            "actual": True,
+            "name": "Scratch cohort",
+            "member": [{"entity": {"reference": f"Patient/{world.patient}"}}],
         },
     }
     assert rtype in bodies, f"{rtype} declares writes but this test has no scratch body for it: add one"
@@ -231,10 +240,13 @@ async def everything(world: World, rtype: str, rid: str) -> None:
     }
 
 
-async def export(world: World, rtype: str, _rid: str) -> None:
-    """A kick-off at the level the entry declares it (system when ``rtype`` is empty), run to its
-    manifest, every line read back through fhir.resources."""
+async def export(world: World, rtype: str, rid: str) -> None:
+    """A kick-off at the level the entry declares it (system when ``rtype`` is empty; a Group's on
+    the scratch Group, whose member is the world's patient), run to its manifest, every line read
+    back through fhir.resources."""
     path = f"/{rtype}/$export" if rtype else "/$export"
+    if rtype == "Group":
+        path = f"/Group/{rid}/$export"
     resp = await world.http.get(path, headers=ASYNC)
     assert resp.status_code == 202, f"{path}: {resp.text[:300]}"
     done = await wait_done(world.http, resp.headers["content-location"])
@@ -312,6 +324,7 @@ async def test_every_declared_write_and_operation_answers_as_declared(
     } <= declared
     assert {
         ("Patient", "$export"),
+        ("Group", "$export"),
         ("system", "$export"),
         ("system", "transaction"),
         ("system", "batch"),

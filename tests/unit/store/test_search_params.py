@@ -243,6 +243,17 @@ FULL: dict[str, dict[str, Any]] = {
         "basedOn": [{"reference": "ServiceRequest/s1"}],
         "partOf": [{"reference": "Procedure/x1"}],
     },
+    "Group": {
+        "resourceType": "Group",
+        "identifier": [{"system": "urn:hms-ach:cohort", "value": "g1"}],
+        "type": "person",
+        "actual": True,
+        "code": {"coding": [{"system": "http://snomed.info/sct", "code": "73211009"}]},
+        "characteristic": [
+            {"code": {"coding": [{"code": "diabetic"}]}, "valueBoolean": True, "exclude": False}
+        ],
+        "member": [{"entity": {"reference": "Patient/p1"}}],
+    },
 }
 
 
