@@ -224,8 +224,11 @@ async def _openssl_exchange(port: int, *args: str, payload: bytes = MESSAGE, dea
     assert proc.stdin is not None and proc.stdout is not None
     received = b""
     try:
-        proc.stdin.write(frame(payload))
-        await proc.stdin.drain()
+        try:
+            proc.stdin.write(frame(payload))
+            await proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # openssl already ended (a refused handshake can be that quick): read what it said
         async with asyncio.timeout(deadline):
             while FS not in received:
                 chunk = await proc.stdout.read(4096)
