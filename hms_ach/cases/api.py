@@ -45,11 +45,11 @@ from hms_ach.workforce.api import (
     PipelineSource,
     Problem,
     ProblemRoute,
-    _after,
-    _meta,
-    _pipeline,
-    _run_write,
-    _scan_page,
+    cursor_after,
+    run_write,
+    running_pipeline,
+    scan_page,
+    write_meta,
 )
 from hms_ach.workforce.rules import DEPARTMENT_EXT, ext, iso
 
@@ -254,11 +254,11 @@ def cases_router(store: Store, pipeline_of: PipelineSource | None = None) -> API
     @router.post("/review/cases", status_code=201, summary="Open a review case and assign it")
     async def open_case(case: CaseIn, request: Request) -> Response:
         allowed(request, "cases.create")
-        engine = _pipeline(pipeline_of)
+        engine = running_pipeline(pipeline_of)
         wf = workflow_of(engine, case.case_type)
         raw = orjson.dumps(case.model_dump(mode="json"))
-        meta = _meta(request, "review_case", raw)
-        status, view = await _run_write(engine, meta, open_case_job(meta, wf, case))
+        meta = write_meta(request, "review_case", raw)
+        status, view = await run_write(engine, meta, open_case_job(meta, wf, case))
         return Response(
             orjson.dumps(view),
             status_code=status,
@@ -290,9 +290,9 @@ def cases_router(store: Store, pipeline_of: PipelineSource | None = None) -> API
                 and (case_type is None or view["case_type"] == case_type)
             )
 
-        after = _after(cursor)
+        after = cursor_after(cursor)
         page, nxt = wq.read(
-            store, lambda tx: _scan_page(wq.scan(tx, "Task", (), after, first=limit + 1), keep, limit)
+            store, lambda tx: scan_page(wq.scan(tx, "Task", (), after, first=limit + 1), keep, limit)
         )
         return {"items": [case_view(t, now) for t in page], "next_cursor": nxt}
 

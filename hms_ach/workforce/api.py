@@ -436,7 +436,7 @@ def _query_time(value: datetime | None, name: str) -> datetime | None:
         raise rule_problem(exc, "query") from None
 
 
-def _after(cursor: str | None) -> str:
+def cursor_after(cursor: str | None) -> str:
     """The last key served, from a ``next_cursor`` this API gave out."""
     if not cursor:
         return ""
@@ -461,13 +461,13 @@ def _cursor(key: Any) -> str:
 
 def _page(items: list[dict[str, Any]], limit: int, cursor: str | None, key: str = "id") -> dict[str, Any]:
     """Keyset page over ``items`` sorted by ``key``: the cursor carries the last key served."""
-    after = _after(cursor)
+    after = cursor_after(cursor)
     items = sorted((i for i in items if str(i[key]) > after), key=lambda i: str(i[key]))
     page = items[:limit]
     return {"items": page, "next_cursor": _cursor(page[-1][key]) if len(items) > limit else None}
 
 
-def _scan_page(
+def scan_page(
     records: Iterable[dict[str, Any]], keep: Callable[[dict[str, Any]], bool], limit: int
 ) -> tuple[list[dict[str, Any]], str | None]:
     """A keyset page (by record id) of the ``records`` (in id order, after the cursor) that ``keep``.
@@ -484,7 +484,7 @@ def _scan_page(
     return page, _cursor(page[-1]["id"]) if len(found) > limit else None
 
 
-def _meta(request: Request, what: str, body: bytes) -> messages.MessageMeta:
+def write_meta(request: Request, what: str, body: bytes) -> messages.MessageMeta:
     client = request.headers.get("x-client-id", "")[:200]
     return messages.MessageMeta(
         channel=API_CHANNEL,
@@ -578,7 +578,7 @@ def _check_record(rec: RecordWrite) -> None:
 _BODY_FIELD = {"Shift.identifier.value": "shift_id", "Timecard.identifier.value": "timecard_id"}
 
 
-async def _run_write(engine: Pipeline, meta: messages.MessageMeta, job: Callable[[Tx], T]) -> T:
+async def run_write(engine: Pipeline, meta: messages.MessageMeta, job: Callable[[Tx], T]) -> T:
     """Run a write's job; one that fails in the store for a reason not foreseen is stored as an
     ``error`` in a fresh job and answered 500 with a generic text (no exception text)."""
     try:
@@ -598,7 +598,7 @@ async def _run_write(engine: Pipeline, meta: messages.MessageMeta, job: Callable
         raise Problem(500, "Internal error", pipeline.INTERNAL_ERROR_TEXT) from None
 
 
-def _pipeline(pipeline_of: PipelineSource | None) -> Pipeline:
+def running_pipeline(pipeline_of: PipelineSource | None) -> Pipeline:
     pipeline = pipeline_of() if pipeline_of is not None else None
     if pipeline is None:
         raise Problem(503, "Writes unavailable", "this API runs without an engine; writes need `hms-ach run`")
@@ -643,7 +643,7 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
 
     async def write_employee(request: Request, emp: EmployeeIn, rid: str | None) -> Response:
         allowed(request, "employees.write").require(rid, emp.department, "this employee")
-        engine = _pipeline(pipeline_of)
+        engine = running_pipeline(pipeline_of)
         res = practitioner_json(emp)
         check_contract(res, "employee.unknown_contract", "overtime_contract")
         if rid is None:
@@ -660,8 +660,8 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
             )
         prepare(op, engine.engine)
         raw = orjson.dumps(emp.model_dump(mode="json"))
-        meta = _meta(request, "employee", raw)
-        outcome = await _run_write(engine, meta, request_job(meta, [op], "single"))
+        meta = write_meta(request, "employee", raw)
+        outcome = await run_write(engine, meta, request_job(meta, [op], "single"))
         if outcome.error is not None:
             raise outcome.error
         result = outcome.results[0]
@@ -691,9 +691,9 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
                 and access.permits(emp["id"], emp["department"])
             )
 
-        after = _after(cursor)
+        after = cursor_after(cursor)
         page, nxt = wq.read(
-            store, lambda tx: _scan_page(wq.scan(tx, "Practitioner", (), after, first=limit + 1), keep, limit)
+            store, lambda tx: scan_page(wq.scan(tx, "Practitioner", (), after, first=limit + 1), keep, limit)
         )
         return {"items": [employee_view(r) for r in page], "next_cursor": nxt}
 
@@ -773,9 +773,9 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
         build: Callable[[Tx], RecordWrite],
         view: Callable[[dict[str, Any]], dict[str, Any]],
     ) -> Response:
-        engine = _pipeline(pipeline_of)
-        meta = _meta(request, what, raw)
-        out = await _run_write(engine, meta, _record_job(meta, build))
+        engine = running_pipeline(pipeline_of)
+        meta = write_meta(request, what, raw)
+        out = await run_write(engine, meta, _record_job(meta, build))
         if isinstance(out, Problem):
             raise out
         created = out.pop("created")
@@ -817,7 +817,7 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
             st = datetime.fromisoformat(s["start"])
             return (lo is None or st >= lo) and (hi is None or st < hi)
 
-        after = _after(cursor)
+        after = cursor_after(cursor)
 
         def page_of(tx: Tx) -> tuple[list[dict[str, Any]], str | None]:
             found = wq.scan_shifts(
@@ -830,7 +830,7 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
                 after=after,
                 first=limit + 1,
             )
-            return _scan_page(found, keep, limit)
+            return scan_page(found, keep, limit)
 
         page, nxt = wq.read(store, page_of)
         items = [shift_view(s) for s in page]
@@ -986,11 +986,11 @@ def workforce_router(store: Store, pipeline_of: PipelineSource | None = None) ->
                 employee_id is None or card["employee_id"] == employee_id
             )
 
-        after = _after(cursor)
+        after = cursor_after(cursor)
 
         def page_of(tx: Tx) -> tuple[list[dict[str, Any]], str | None, dict[str, int]]:
             found = wq.scan_timecards(tx, employee_id=employee_id, after=after, first=limit + 1)
-            cards, nxt = _scan_page(found, keep, limit)
+            cards, nxt = scan_page(found, keep, limit)
             return cards, nxt, overtime_of_page(tx, cards)
 
         cards, nxt, overtime = wq.read(store, page_of)
