@@ -19,7 +19,8 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
@@ -29,12 +30,12 @@ from starlette.responses import Response
 
 from hms_ach.auth.caller import REQUEST_STATE_ATTRIBUTE
 from hms_ach.cases.assignment import ASSIGNED_AT_EXT, CLOSED_STATUSES, Choice, candidates, choose
+from hms_ach.cases.transitions import DUE_EXT, announce, event_facts, set_due
 from hms_ach.cases.workflow import CASE_SYSTEM, Workflow, case_type_of, state_of, workflows
 from hms_ach.core.records import RecordWrite
 from hms_ach.ingest import pipeline
 from hms_ach.ingest.pipeline import Duplicate, Finish, Pipeline
-from hms_ach.outbound.events import payload_from
-from hms_ach.store import messages, outbox
+from hms_ach.store import messages
 from hms_ach.store import workforce_queries as wq
 from hms_ach.store.db import Store
 from hms_ach.store.port import Tx
@@ -55,8 +56,6 @@ from hms_ach.workforce.rules import DEPARTMENT_EXT, ext, iso
 
 log = logging.getLogger("hms_ach.cases.api")
 
-#: Task.extension: when the case is due to leave its state (its SLA; absent: no timer).
-DUE_EXT = "urn:hms-ach:fhir:StructureDefinition/case-due"
 _REFERENCE = r"^[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}$"
 
 
@@ -152,31 +151,25 @@ def task_json(wf: Workflow, case: CaseIn, case_id: str, choice: Choice, now: dat
     if choice.chosen is not None:
         task["owner"] = {"reference": f"Practitioner/{choice.chosen}"}
         extensions.append({"url": ASSIGNED_AT_EXT, "valueDateTime": stamp})
-    minutes = wf.sla_minutes(state.name, case.priority)
-    if minutes is not None:
-        extensions.append({"url": DUE_EXT, "valueDateTime": iso(now + timedelta(minutes=minutes))})
     if extensions:
         task["extension"] = extensions
+    set_due(task, wf, state.name, now)
     return task
 
 
 def _events(tx: Tx, task: dict[str, Any], wf: Workflow, choice: Choice) -> None:
     """case.created, then case.assigned or case.unassigned, into the outbox of ``tx``."""
-    base = {
-        "resource": f"Task/{task['id']}",
-        "versionId": int(task["meta"]["versionId"]),
-        "caseType": wf.name,
-        "priority": task.get("priority"),
-    }
+    base = event_facts(task, wf)
     owner = _ref(task.get("owner"))
-    created = {**base, "state": state_of(task), "focus": _ref(task.get("focus")), "owner": owner}
-    outbox.enqueue(tx, "case.created", payload_from("case.created", created, created))
+    announce(
+        tx,
+        "case.created",
+        {**base, "state": state_of(task), "focus": _ref(task.get("focus")), "owner": owner},
+    )
     if owner is not None:
-        assigned = {**base, "owner": owner}
-        outbox.enqueue(tx, "case.assigned", payload_from("case.assigned", assigned, assigned))
+        announce(tx, "case.assigned", {**base, "owner": owner})
     else:
-        queued = {**base, "considered": len(choice.considered)}
-        outbox.enqueue(tx, "case.unassigned", payload_from("case.unassigned", queued, queued))
+        announce(tx, "case.unassigned", {**base, "considered": len(choice.considered)})
 
 
 def open_case_job(
@@ -228,18 +221,30 @@ def open_case_job(
     return job
 
 
-def cases_router(store: Store, pipeline_of: PipelineSource | None = None) -> APIRouter:
-    router = APIRouter(prefix="/api/v1", tags=["review cases"], route_class=ProblemRoute)
+@dataclass(frozen=True)
+class CaseApi:
+    """What every route module of the cases API needs: the store, the running engine, the caller's
+    access and the workflows. Each module (``hms_ach/cases/*_api.py``) adds its routes with one
+    ``install(router, api)`` function, listed in :data:`SECTIONS`."""
 
-    def practitioner_named(claim: str) -> str | None:
+    store: Store
+    pipeline_of: PipelineSource | None
+
+    def practitioner_named(self, claim: str) -> str | None:
         """The ``employee_id`` claim of a reviewer: their Practitioner id, when it is stored."""
-        return wq.read(store, lambda tx: claim if wq.get_record(tx, "Practitioner", claim) else None)
+        return wq.read(self.store, lambda tx: claim if wq.get_record(tx, "Practitioner", claim) else None)
 
-    def allowed(request: Request, action: str) -> Access:
+    def allowed(self, request: Request, action: str) -> Access:
+        """The caller's access for ``action`` (docs/security.md); a Problem 401/403 when none."""
         caller = getattr(request.state, REQUEST_STATE_ATTRIBUTE, None)
-        return access_for(caller, action, practitioner_named)
+        return access_for(caller, action, self.practitioner_named)
 
-    def workflow_of(engine: Pipeline, name: str) -> Workflow:
+    def engine(self) -> Pipeline:
+        """The running engine's pipeline; a Problem 503 without one."""
+        return running_pipeline(self.pipeline_of)
+
+    def workflow_of(self, engine: Pipeline, name: str, location: str = "body.case_type") -> Workflow:
+        """The workflow ``name`` of the engine's mappings; a Problem 422 naming ``location`` when unknown."""
         known = workflows(engine.engine.mset)
         wf = known.get(name)
         if wf is None:
@@ -247,15 +252,30 @@ def cases_router(store: Store, pipeline_of: PipelineSource | None = None) -> API
                 422,
                 "Invalid request",
                 f"unknown case type {name[:64]!r}",
-                [{"location": "body.case_type", "detail": f"expected one of {', '.join(known) or '(none)'}"}],
+                [{"location": location, "detail": f"expected one of {', '.join(known) or '(none)'}"}],
             )
         return wf
+
+
+def cases_router(store: Store, pipeline_of: PipelineSource | None = None) -> APIRouter:
+    router = APIRouter(prefix="/api/v1", tags=["review cases"], route_class=ProblemRoute)
+    api = CaseApi(store, pipeline_of)
+    _install_cases(router, api)
+    for install in SECTIONS:
+        install(router, api)
+    return router
+
+
+def _install_cases(router: APIRouter, api: CaseApi) -> None:
+    """``POST`` and ``GET /review/cases``."""
+    store = api.store
+    allowed = api.allowed
 
     @router.post("/review/cases", status_code=201, summary="Open a review case and assign it")
     async def open_case(case: CaseIn, request: Request) -> Response:
         allowed(request, "cases.create")
-        engine = running_pipeline(pipeline_of)
-        wf = workflow_of(engine, case.case_type)
+        engine = api.engine()
+        wf = api.workflow_of(engine, case.case_type)
         raw = orjson.dumps(case.model_dump(mode="json"))
         meta = write_meta(request, "review_case", raw)
         status, view = await run_write(engine, meta, open_case_job(meta, wf, case))
@@ -296,4 +316,6 @@ def cases_router(store: Store, pipeline_of: PipelineSource | None = None) -> API
         )
         return {"items": [case_view(t, now) for t in page], "next_cursor": nxt}
 
-    return router
+
+#: The route modules of the cases API after the cases themselves, each ``install(router, api)``.
+SECTIONS: tuple[Callable[[APIRouter, CaseApi], None], ...] = ()

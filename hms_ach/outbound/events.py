@@ -37,6 +37,7 @@ they are without an engine or a mapping).
 | practitioner.offboarded / overtime.threshold_reached | emitted by the workforce rules (:mod:`hms_ach.workforce.listeners`) |
 | practitioner.conflict | two sources disagree on a Practitioner element and no survivorship rule ranks them (:mod:`hms_ach.workforce.survivorship`) |
 | case.created / case.assigned / case.unassigned | emitted by the review cases (:mod:`hms_ach.cases.api`): a case opened, given to a reviewer, or queued with nobody qualifying |
+| case.status_changed / case.escalated / case.resolved | a case moved between workflow states (:mod:`hms_ach.cases.transitions`); escalated: into the workflow's escalation state; resolved: into a final state |
 | record.changed | every new version of a FHIR resource record (the change feed of the fhir_push sink) |
 
 ``record.changed`` (payload: resource, versionId, action create|update|delete) is the change feed:
@@ -94,6 +95,9 @@ EVENT_NAMES = (
     "case.created",
     "case.assigned",
     "case.unassigned",
+    "case.status_changed",
+    "case.escalated",
+    "case.resolved",
 )
 
 #: The record types whose every change is announced as ``record.changed``: those the fhir_push sink
