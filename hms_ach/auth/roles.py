@@ -37,9 +37,11 @@ ACTIONS: dict[str, str] = {
     "metrics.read": "GET /metrics",
     "cases.create": "POST /api/v1/review/cases",
     "cases.read": "GET /api/v1/review/cases",
+    "cases.audit": "GET /api/v1/review/{caseId}/audit-log",
+    "analytics.review": "GET /api/v1/analytics/review",
 }
 
-_WORKFORCE = tuple(a for a in ACTIONS if not a.startswith(("audit.", "metrics.", "cases.")))
+_WORKFORCE = tuple(a for a in ACTIONS if not a.startswith(("audit.", "metrics.", "cases.", "analytics.")))
 
 #: role -> action -> reach. hr_admin: every workforce read and write; scheduler: shifts and swap
 #: decisions in their departments; employee: their own record, shifts and timecards, and swap requests
@@ -65,13 +67,24 @@ ROLE_RULES: dict[str, dict[str, Reach]] = {
         "timecards.read": "own",
         "timecards.write": "own",
     },
-    "auditor": {"audit.read": "any", "compliance.read": "any", "cases.read": "any"},
+    "auditor": {
+        "audit.read": "any",
+        "compliance.read": "any",
+        "cases.read": "any",
+        "cases.audit": "any",  # a case's audit log (docs/review-cases.md)
+        "analytics.review": "any",
+    },
     "integration": {action: "any" for action in (*_WORKFORCE, "metrics.read", "cases.create", "cases.read")},
     "operator": {"metrics.read": "any"},
     # Review cases (docs/review-cases.md): a reviewer sees the cases assigned to them; a supervisor
     # opens cases and sees every case (the escalation queue).
-    "reviewer": {"cases.read": "own"},
-    "supervisor": {"cases.create": "any", "cases.read": "any"},
+    "reviewer": {"cases.read": "own", "cases.audit": "own"},
+    "supervisor": {
+        "cases.create": "any",
+        "cases.read": "any",
+        "cases.audit": "any",
+        "analytics.review": "any",
+    },
 }
 
 #: Every role :data:`ROLE_RULES` knows.

@@ -192,10 +192,13 @@ def search_messages(conn: Connection, f: MessageFilter) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class ChainCheck:
-    """The result of checking both chains (changes and access records): ``ok`` and one line."""
+    """The result of checking both chains (changes and access records): ``ok`` and one line;
+    when broken, ``problem`` names what was found and ``at`` the change entry where (when known)."""
 
     ok: bool
     summary: str
+    problem: str = ""
+    at: int | None = None
 
 
 def verify_trails(conn: Connection) -> ChainCheck:
@@ -205,15 +208,17 @@ def verify_trails(conn: Connection) -> ChainCheck:
     try:
         checkpoints = read_checkpoints(seal.checkpoint_path, seal) if seal.checkpoint_path else []
     except CheckpointError as exc:
-        return ChainCheck(False, f"checkpoints: {exc.kind}: {exc}")
+        return ChainCheck(False, f"checkpoints: {exc.kind}: {exc}", exc.kind)
     result = audit.verify(conn, seal, checkpoints)
     if not result.ok:
-        return ChainCheck(False, f"change trail NOT intact: {result.problem}: {result.reason}")
+        summary = f"change trail NOT intact: {result.problem}: {result.reason}"
+        return ChainCheck(False, summary, result.problem, result.bad_seq)
     line = f"change trail intact: {result.checked} entries"
     if seal.key is not None:
         access = access_log.verify_chain(conn, checkpoints)
         if not access.ok:
-            return ChainCheck(False, f"access records NOT intact: {access.problem}: {access.reason}")
+            summary = f"access records NOT intact: {access.problem}: {access.reason}"
+            return ChainCheck(False, summary, access.problem)
         line += f"; {access.checked} access records chained"
     else:
         line += "; no audit key: only the unkeyed chain was checked"

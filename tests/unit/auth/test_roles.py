@@ -23,16 +23,25 @@ def test_every_rule_names_a_known_action() -> None:
 def test_hr_admin_does_every_workforce_write_but_not_the_audit_trail() -> None:
     hr = caller("hr_admin")
     for action in ACTIONS:
-        expected = action not in ("audit.read", "metrics.read") and not action.startswith("cases.")
+        expected = action not in ("audit.read", "metrics.read") and not action.startswith(
+            ("cases.", "analytics.")
+        )
         assert hr.grant(action).unrestricted is expected, action
 
 
 def test_review_case_roles() -> None:
-    assert [a for a in ACTIONS if caller("supervisor").grant(a).allowed] == ["cases.create", "cases.read"]
+    supervisor = [a for a in ACTIONS if caller("supervisor").grant(a).allowed]
+    assert supervisor[:2] == ["cases.create", "cases.read"]
+    assert {"cases.audit", "analytics.review"} <= set(supervisor)
     assert [a for a in ACTIONS if caller("reviewer").grant(a).allowed] == []  # own: needs employee_id
     assert caller("auditor").grant("cases.read").unrestricted
     assert not caller("auditor").grant("cases.create").allowed
     assert caller("integration").grant("cases.create").unrestricted
+    # the audit log of a case: auditors and supervisors every case, a reviewer their own
+    assert caller("auditor").grant("cases.audit").unrestricted
+    assert caller("reviewer", employee_id="P1").grant("cases.audit").employee_ids == {"P1"}
+    assert caller("auditor").grant("analytics.review").unrestricted
+    assert not caller("reviewer", employee_id="P1").grant("analytics.review").allowed
 
 
 def test_operator_reads_the_metrics_and_no_record() -> None:
