@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from pypdf import PdfReader
+from sqlalchemy import text
 
 from hms_ach.app.runtime import Engine
 from hms_ach.cases.audit_log import CASE_EXT
@@ -168,8 +169,8 @@ async def test_the_audit_log_lists_every_action_in_order_and_renders_a_pdf(
             # the PDF: the same entries, in the same order
             r = await http.get(url, headers={**auditor, "accept": "application/pdf"})
             assert r.status_code == 200 and r.headers["content-type"] == "application/pdf"
-            text = "\n".join(page.extract_text() for page in PdfReader(io.BytesIO(r.content)).pages)
-            assert "Audit log of case AUD-1" in text and "intact" in text
+            pdf_text = "\n".join(page.extract_text() for page in PdfReader(io.BytesIO(r.content)).pages)
+            assert "Audit log of case AUD-1" in pdf_text and "intact" in pdf_text
             marks = [
                 f"triage, assigned to {a1}",
                 "triage -> in-review",
@@ -178,8 +179,8 @@ async def test_the_audit_log_lists_every_action_in_order_and_renders_a_pdf(
                 "in-review -> resolved",
                 f"read {url} -> 200",
             ]
-            places = [text.find(m) for m in marks]
-            assert all(p >= 0 for p in places), (places, text)
+            places = [pdf_text.find(m) for m in marks]
+            assert all(p >= 0 for p in places), (places, pdf_text)
             assert places == sorted(places)
 
             # a reviewer sees the log of their own case only; an unknown case is a 404
@@ -190,5 +191,19 @@ async def test_the_audit_log_lists_every_action_in_order_and_renders_a_pdf(
             assert r.status_code == 403 and r.headers["content-type"] == "application/problem+json"
             r = await http.get("/api/v1/review/no-such-case/audit-log", headers=auditor)
             assert r.status_code == 404
+
+            # an edited entry of the trail: the log says where the chain breaks, as audit verify does
+            with store.transaction() as tx:
+                seq = tx.execute(
+                    text("SELECT seq FROM audit_entry WHERE entity_id = :id AND version_id = 2"),
+                    {"id": task_id},
+                ).scalar_one()
+                tx.execute(text("UPDATE audit_entry SET agent = 'mallory' WHERE seq = :seq"), {"seq": seq})
+            integrity = (await http.get(url, headers=auditor)).json()["integrity"]
+            assert (integrity["intact"], integrity["problem"], integrity["broken_at"]) == (
+                False,
+                "edited",
+                seq,
+            )
     finally:
         await engine.stop()
