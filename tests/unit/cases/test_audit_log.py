@@ -89,3 +89,10 @@ def test_the_pdf_holds_the_entries_in_order() -> None:
     places = [text.find(e.detail) for e in entries]
     assert -1 not in places and places == sorted(places)
     assert "aud-?" in text  # outside Latin-1: replaced, not an error
+
+
+def test_a_detail_longer_than_a_line_wraps() -> None:
+    detail = "changed: " + ", ".join(f"element{i}" for i in range(60))
+    log = AuditLog("Task/t", None, [Entry("2026-12-01T10:00:00Z", "a", "updated", "Task/t", 2, detail)], {})
+    text = PdfReader(io.BytesIO(render_pdf(log, "now"))).pages[0].extract_text()
+    assert "element0," in text and "element59" in text and "NOT intact" in text
