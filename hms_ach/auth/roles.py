@@ -37,9 +37,12 @@ ACTIONS: dict[str, str] = {
     "metrics.read": "GET /metrics",
     "cases.create": "POST /api/v1/review/cases",
     "cases.read": "GET /api/v1/review/cases",
+    "complaints.create": "POST /api/v1/complaints",
+    "complaints.read": "GET /api/v1/complaints, GET /api/v1/complaints/{id}",
+    "complaints.resolve": "POST /api/v1/complaints/{id}/resolve",
 }
 
-_WORKFORCE = tuple(a for a in ACTIONS if not a.startswith(("audit.", "metrics.", "cases.")))
+_WORKFORCE = tuple(a for a in ACTIONS if not a.startswith(("audit.", "metrics.", "cases.", "complaints.")))
 
 #: role -> action -> reach. hr_admin: every workforce read and write; scheduler: shifts and swap
 #: decisions in their departments; employee: their own record, shifts and timecards, and swap requests
@@ -71,8 +74,24 @@ ROLE_RULES: dict[str, dict[str, Reach]] = {
     # Review cases (docs/review-cases.md): a reviewer sees the cases assigned to them; a supervisor
     # opens cases and sees every case (the escalation queue).
     "reviewer": {"cases.read": "own"},
-    "supervisor": {"cases.create": "any", "cases.read": "any"},
+    "supervisor": {
+        "cases.create": "any",
+        "cases.read": "any",
+        "complaints.create": "any",
+        "complaints.read": "any",
+        "complaints.resolve": "any",
+    },
+    # Complaints (docs/review-cases.md, Complaints): an officer logs complaints taken by phone or at
+    # the desk, and reads and resolves those of their department (the department claim).
+    "complaints-officer": {
+        "complaints.create": "any",
+        "complaints.read": "department",
+        "complaints.resolve": "department",
+    },
 }
+
+# integration (a patient portal, a call-centre system) logs complaints and reads them back.
+ROLE_RULES["integration"].update({"complaints.create": "any", "complaints.read": "any"})
 
 #: Every role :data:`ROLE_RULES` knows.
 ROLES = tuple(ROLE_RULES)

@@ -317,5 +317,8 @@ def _install_cases(router: APIRouter, api: CaseApi) -> None:
         return {"items": [case_view(t, now) for t in page], "next_cursor": nxt}
 
 
+# The sections import CaseApi and the case helpers above from this module: imported last.
+from hms_ach.cases import complaints_api  # noqa: E402
+
 #: The route modules of the cases API after the cases themselves, each ``install(router, api)``.
-SECTIONS: tuple[Callable[[APIRouter, CaseApi], None], ...] = ()
+SECTIONS: tuple[Callable[[APIRouter, CaseApi], None], ...] = (complaints_api.install,)

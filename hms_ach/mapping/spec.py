@@ -550,7 +550,10 @@ class WorkflowCategory(_Strict):
     """One category of case (a complaint's subject) and the department that handles it."""
 
     code: str = Field(
-        min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9-]*$", description="The category code, e.g. billing"
+        min_length=1,
+        max_length=64,
+        pattern=r"^[a-z][a-z0-9-]*$",
+        description="The category code, e.g. billing",
     )
     display: str = Field("", description="What the category covers")
     department: str = Field(
