@@ -556,11 +556,13 @@ class WorkflowCategory(_Strict):
         description="The category code, e.g. billing",
     )
     display: str = Field("", description="What the category covers")
-    department: str = Field(
+    department: str | None = Field(
+        None,
         min_length=1,
         max_length=64,
         description="The department that handles it: the department text the staff records carry "
-        "(a Practitioner's department extension, an Organization identifier such as PRIVACY)",
+        "(a Practitioner's department extension, an Organization identifier such as PRIVACY); "
+        "none: the routing's default_department",
     )
     priority: str | None = Field(
         None, description="Task.priority of its cases when the request names none (default: routine)"
@@ -579,7 +581,7 @@ class WorkflowRouting(_Strict):
     then chosen among that department's holders of the assignment role."""
 
     default_department: str = Field(
-        min_length=1, max_length=64, description="The department of a case whose category names none"
+        min_length=1, max_length=64, description="The department of a category that names none"
     )
     categories: list[WorkflowCategory] = Field(
         min_length=1, description="The categories a case may name, each with its department"

@@ -23,16 +23,39 @@ def test_every_rule_names_a_known_action() -> None:
 def test_hr_admin_does_every_workforce_write_but_not_the_audit_trail() -> None:
     hr = caller("hr_admin")
     for action in ACTIONS:
-        expected = action not in ("audit.read", "metrics.read") and not action.startswith("cases.")
+        expected = action not in ("audit.read", "metrics.read") and not action.startswith(
+            ("cases.", "complaints.")
+        )
         assert hr.grant(action).unrestricted is expected, action
 
 
 def test_review_case_roles() -> None:
-    assert [a for a in ACTIONS if caller("supervisor").grant(a).allowed] == ["cases.create", "cases.read"]
+    assert [a for a in ACTIONS if caller("supervisor").grant(a).allowed if a.startswith("cases.")] == [
+        "cases.create",
+        "cases.read",
+    ]
     assert [a for a in ACTIONS if caller("reviewer").grant(a).allowed] == []  # own: needs employee_id
     assert caller("auditor").grant("cases.read").unrestricted
     assert not caller("auditor").grant("cases.create").allowed
     assert caller("integration").grant("cases.create").unrestricted
+
+
+def test_complaint_roles() -> None:
+    complaints = [a for a in ACTIONS if a.startswith("complaints.")]
+    assert complaints == ["complaints.create", "complaints.read", "complaints.resolve"]
+    assert all(caller("supervisor").grant(a).unrestricted for a in complaints)
+    officer = caller("complaints-officer", departments=("PRIVACY",))
+    assert officer.grant("complaints.create").unrestricted
+    assert officer.grant("complaints.resolve").permits(department="PRIVACY")
+    assert not officer.grant("complaints.resolve").permits(department="BILLING-OFFICE")
+    assert not caller("complaints-officer").grant("complaints.read").allowed  # no department claim
+    assert [a for a in complaints if caller("integration").grant(a).unrestricted] == [
+        "complaints.create",
+        "complaints.read",
+    ]
+    assert not any(
+        caller(r).grant(a).allowed for r in ("hr_admin", "auditor", "reviewer") for a in complaints
+    )
 
 
 def test_operator_reads_the_metrics_and_no_record() -> None:
