@@ -207,6 +207,7 @@ def complaint_task(
     """The Task of a new complaint: a case of ``wf`` about the patient (else the complainant),
     requested by the complainant, in the routed department, with its category."""
     from hms_ach.cases.api import CaseIn, task_json  # api.py lists this module's routes: imported late
+
     case = CaseIn(
         case_type=wf.name,
         case_id=complaint_id,
@@ -243,6 +244,7 @@ def complaint_view(task: dict[str, Any], now: datetime) -> dict[str, Any]:
     """The JSON of a complaint: the case view, its category, the complainant's reference (never
     their name or contacts) and, once resolved, the resolution's reference and whether upheld."""
     from hms_ach.cases.api import case_view
+
     view = case_view(task, now)
     view["complaint_id"] = view.pop("case_id")
     view["category"] = category_of(task)
@@ -265,6 +267,7 @@ def complaint_facts(task: dict[str, Any], wf: Workflow) -> dict[str, Any]:
 
 def _announce_logged(tx: Tx, task: dict[str, Any], wf: Workflow, choice: Choice) -> None:
     from hms_ach.cases.api import _events
+
     _events(tx, task, wf, choice)  # case.created, case.assigned | case.unassigned
     facts = complaint_facts(task, wf)
     category, department = category_of(task), ext(task, DEPARTMENT_EXT)

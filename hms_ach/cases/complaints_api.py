@@ -37,8 +37,7 @@ from hms_ach.cases.complaints import (
 )
 from hms_ach.cases.transitions import MoveRefused
 from hms_ach.cases.workflow import Workflow, case_type_of, workflows
-from hms_ach.ingest import pipeline
-from hms_ach.ingest.pipeline import Duplicate, Finish, Pipeline
+from hms_ach.ingest.pipeline import Finish, Pipeline
 from hms_ach.store import messages
 from hms_ach.store import workforce_queries as wq
 from hms_ach.store.port import Tx
@@ -119,19 +118,9 @@ def log_job(
             )
         return (status, view), Finish("processed", str(status), f"Task/{task['id']}")
 
-    return _committed(meta, work)
+    from hms_ach.cases.api import request_job  # api.py lists this module's routes: imported late
 
-
-def _committed(
-    meta: messages.MessageMeta, work: pipeline.Work[tuple[int, dict[str, Any]]]
-) -> Callable[[Tx], tuple[int, dict[str, Any]]]:
-    def job(tx: Tx) -> tuple[int, dict[str, Any]]:
-        result = pipeline.commit(tx, meta, work)
-        if isinstance(result, Duplicate):  # the requests are stored unkeyed
-            raise RuntimeError(f"an unkeyed request was answered as a duplicate of {result.original_id}")
-        return result
-
-    return job
+    return request_job(meta, work)
 
 
 def resolve_job(
@@ -165,7 +154,9 @@ def resolve_job(
         log.info("complaint.resolved", extra={"case": f"Task/{task_id}", "upheld": body.upheld})
         return (200, complaint_view(written, now)), Finish("processed", "200", f"Task/{task_id}")
 
-    return _committed(meta, work)
+    from hms_ach.cases.api import request_job  # api.py lists this module's routes: imported late
+
+    return request_job(meta, work)
 
 
 def install(router: APIRouter, api: CaseApi) -> None:

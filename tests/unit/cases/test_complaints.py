@@ -3,7 +3,6 @@ complainant's record, the way to the resolved state, and the request's validatio
 
 from __future__ import annotations
 
-import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -113,16 +112,16 @@ def test_bad_requests(changes: dict[str, Any], message: str) -> None:
     assert message in str(caught.value)
 
 
-def _broken(tmp_path: Path, old: str, new: str) -> str:
-    root = tmp_path / "mappings"
-    shutil.copytree(ROOT / "mappings", root)
-    path = root / "workflows" / "complaint.yaml"
-    text = path.read_text(encoding="utf-8")
-    assert old in text
-    path.write_text(text.replace(old, new, 1), encoding="utf-8")
-    with pytest.raises(ConfigErrors) as caught:
-        load_mappings(root)
-    return str(caught.value)
+def _check_edited(tmp_path: Path, old: str, new: str) -> str:
+    """What loading the shipped complaint workflow, with ``old`` replaced by ``new``, is refused for."""
+    folder = tmp_path / "mappings" / "workflows"
+    folder.mkdir(parents=True)
+    shipped = (ROOT / "mappings" / "workflows" / "complaint.yaml").read_text(encoding="utf-8")
+    assert old in shipped
+    (folder / "complaint.yaml").write_text(shipped.replace(old, new, 1), encoding="utf-8")
+    with pytest.raises(ConfigErrors) as refused:
+        load_mappings(tmp_path / "mappings")
+    return str(refused.value)
 
 
 @pytest.mark.parametrize(
@@ -156,4 +155,4 @@ def _broken(tmp_path: Path, old: str, new: str) -> str:
     ],
 )
 def test_routing_checks_name_file_line_col(tmp_path: Path, old: str, new: str, expected: str) -> None:
-    assert expected in _broken(tmp_path, old, new)
+    assert expected in _check_edited(tmp_path, old, new)
