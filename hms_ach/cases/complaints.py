@@ -132,8 +132,8 @@ class ResolutionIn(BaseModel):
 
 
 class ComplaintRefused(Exception):
-    """A complaint request the data refuses: ``reason`` is ``unknown-category`` or ``taken`` (the
-    complaint id names a case of another type)."""
+    """A complaint request the data refuses: ``reason`` is ``unknown-category``, ``unknown-patient``
+    or ``taken`` (the complaint id names a case of another type)."""
 
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
@@ -294,6 +294,8 @@ def log_complaint(
             raise ComplaintRefused("taken", f"the id {complaint_id!r} names a case that is not a complaint")
         return 200, task, None
     department, priority = route(wf, complaint.category, complaint.priority)
+    if complaint.patient and wq.get_record(tx, "Patient", complaint.patient.split("/", 1)[1]) is None:
+        raise ComplaintRefused("unknown-patient", f"no stored {complaint.patient}")
     rtype, person = complainant_record(complaint, complaint_id)
     requester = _upsert(tx, rtype, COMPLAINANT_SYSTEM, complaint_id, person, message_id)
     rule = wf.spec.assignment

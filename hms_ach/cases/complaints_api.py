@@ -73,7 +73,8 @@ def _workflow(engine: Pipeline) -> Workflow:
 def _refused(exc: ComplaintRefused) -> Problem:
     if exc.reason == "taken":
         return Problem(409, "Conflict", exc.detail, [{"location": "body.complaint_id", "detail": exc.detail}])
-    return Problem(422, "Invalid request", exc.detail, [{"location": "body.category", "detail": exc.detail}])
+    location = "body.patient" if exc.reason == "unknown-patient" else "body.category"
+    return Problem(422, "Invalid request", exc.detail, [{"location": location, "detail": exc.detail}])
 
 
 def _complaint(task: dict[str, Any] | None, complaint_id: str) -> dict[str, Any]:

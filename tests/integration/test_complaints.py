@@ -309,6 +309,7 @@ async def test_bad_complaints_are_422_problems(tmp_path: Path, store: Store, smt
                 "body.complainant",
             ),
             ({**good, "patient": "Encounter/1"}, "body.patient"),
+            ({**good, "patient": "Patient/not-stored"}, "body.patient"),
             ({**good, "priority": "soon"}, "body.priority"),
             ({**good, "occurred_at": "2026-12-01T10:30:00"}, "body"),
             ({**good, "description": ""}, "body.description"),
