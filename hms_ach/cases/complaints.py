@@ -233,7 +233,14 @@ def category_of(task: dict[str, Any]) -> str | None:
 
 
 def _kind(output: Any) -> str | None:
-    return (output.get("type") or {}).get("text") if isinstance(output, dict) else None
+    kind = output.get("type") if isinstance(output, dict) else None
+    return str(kind.get("text")) if isinstance(kind, dict) and kind.get("text") else None
+
+
+def _reference(value: Any) -> str | None:
+    """``value.reference`` of a Reference; None for anything else (a Task written over FHIR may hold
+    anything)."""
+    return str(value["reference"]) if isinstance(value, dict) and value.get("reference") else None
 
 
 def _output(task: dict[str, Any], kind: str) -> dict[str, Any] | None:
@@ -248,10 +255,10 @@ def complaint_view(task: dict[str, Any], now: datetime) -> dict[str, Any]:
     view = case_view(task, now)
     view["complaint_id"] = view.pop("case_id")
     view["category"] = category_of(task)
-    view["complainant"] = (task.get("requester") or {}).get("reference")
+    view["complainant"] = _reference(task.get("requester"))
     resolution = _output(task, "resolution")
     upheld = _output(task, "upheld")
-    view["resolution"] = ((resolution or {}).get("valueReference") or {}).get("reference")
+    view["resolution"] = _reference((resolution or {}).get("valueReference"))
     view["upheld"] = upheld.get("valueBoolean") if upheld else None
     return view
 
@@ -261,7 +268,7 @@ def complaint_facts(task: dict[str, Any], wf: Workflow) -> dict[str, Any]:
     return {
         **event_facts(task, wf),
         "complaint": case_id_of(task),
-        "requester": (task.get("requester") or {}).get("reference"),
+        "requester": _reference(task.get("requester")),
     }
 
 
@@ -271,9 +278,9 @@ def _announce_logged(tx: Tx, task: dict[str, Any], wf: Workflow, choice: Choice)
     _events(tx, task, wf, choice)  # case.created, case.assigned | case.unassigned
     facts = complaint_facts(task, wf)
     category, department = category_of(task), ext(task, DEPARTMENT_EXT)
-    patient = (task.get("for") or {}).get("reference")
+    patient = _reference(task.get("for"))
     announce(tx, "complaint.logged", {**facts, "category": category, "patient": patient})
-    owner = (task.get("owner") or {}).get("reference")
+    owner = _reference(task.get("owner"))
     announce(
         tx, "complaint.routed", {**facts, "category": category, "department": department, "owner": owner}
     )

@@ -19,6 +19,7 @@ from hms_ach.cases.complaints import (
     category_of,
     complainant_record,
     complaint_task,
+    complaint_view,
     path_to,
     route,
 )
@@ -85,6 +86,23 @@ def test_the_task_names_the_requester_not_the_person(complaint: Workflow) -> Non
         complaint, _body(), "CMP-2", "Patient/9", "BILLING-OFFICE", "routine", Choice(None, ()), NOW
     )
     assert alone["focus"] == {"reference": "Patient/9"} and "for" not in alone
+
+
+def test_the_view_of_a_task_written_over_fhir_with_odd_elements(complaint: Workflow) -> None:
+    task = {
+        "id": "t1",
+        "code": complaint.code(),
+        "requester": "RelatedPerson/1",
+        "output": [{"type": "resolution", "valueReference": 5}, "x", {"type": {"text": "upheld"}}],
+        "extension": [{"url": CATEGORY_EXT, "valueCode": "billing"}],
+    }
+    view = complaint_view(task, NOW)
+    assert (view["complainant"], view["resolution"], view["upheld"], view["category"]) == (
+        None,
+        None,
+        None,
+        "billing",
+    )
 
 
 def test_the_way_to_resolved(complaint: Workflow) -> None:
