@@ -39,9 +39,14 @@ ACTIONS: dict[str, str] = {
     "cases.read": "GET /api/v1/review/cases",
     "cases.audit": "GET /api/v1/review/{caseId}/audit-log",
     "analytics.review": "GET /api/v1/analytics/review",
+    "complaints.create": "POST /api/v1/complaints",
+    "complaints.read": "GET /api/v1/complaints, GET /api/v1/complaints/{id}",
+    "complaints.resolve": "POST /api/v1/complaints/{id}/resolve",
 }
 
-_WORKFORCE = tuple(a for a in ACTIONS if not a.startswith(("audit.", "metrics.", "cases.", "analytics.")))
+#: The action prefixes that are not workforce data (hr_admin and integration get every other action).
+_NOT_WORKFORCE = ("audit.", "metrics.", "cases.", "analytics.", "complaints.")
+_WORKFORCE = tuple(a for a in ACTIONS if not a.startswith(_NOT_WORKFORCE))
 
 #: role -> action -> reach. hr_admin: every workforce read and write; scheduler: shifts and swap
 #: decisions in their departments; employee: their own record, shifts and timecards, and swap requests
@@ -74,7 +79,19 @@ ROLE_RULES: dict[str, dict[str, Reach]] = {
         "cases.audit": "any",  # a case's audit log (docs/review-cases.md)
         "analytics.review": "any",
     },
-    "integration": {action: "any" for action in (*_WORKFORCE, "metrics.read", "cases.create", "cases.read")},
+    # integration (a triage engine, a patient portal, a call-centre system) opens and reads cases, and
+    # logs complaints and reads them back.
+    "integration": {
+        action: "any"
+        for action in (
+            *_WORKFORCE,
+            "metrics.read",
+            "cases.create",
+            "cases.read",
+            "complaints.create",
+            "complaints.read",
+        )
+    },
     "operator": {"metrics.read": "any"},
     # Review cases (docs/review-cases.md): a reviewer sees the cases assigned to them; a supervisor
     # opens cases and sees every case (the escalation queue).
@@ -84,6 +101,16 @@ ROLE_RULES: dict[str, dict[str, Reach]] = {
         "cases.read": "any",
         "cases.audit": "any",
         "analytics.review": "any",
+        "complaints.create": "any",
+        "complaints.read": "any",
+        "complaints.resolve": "any",
+    },
+    # Complaints (docs/review-cases.md, Complaints): an officer logs complaints taken by phone or at
+    # the desk, and reads and resolves those of their department (the department claim).
+    "complaints-officer": {
+        "complaints.create": "any",
+        "complaints.read": "department",
+        "complaints.resolve": "department",
     },
 }
 

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import orjson
 from fastapi import APIRouter, Query, Request
@@ -56,6 +56,8 @@ from hms_ach.workforce.api import (
 from hms_ach.workforce.rules import DEPARTMENT_EXT, ext, iso
 
 log = logging.getLogger("hms_ach.cases.api")
+
+R = TypeVar("R")
 
 _REFERENCE = r"^[A-Z][A-Za-z]{1,63}/[A-Za-z0-9\-.]{1,64}$"
 
@@ -213,7 +215,14 @@ def open_case_job(
         }
         return (201, view), Finish("processed", "201", out.reference)
 
-    def job(tx: Tx) -> tuple[int, dict[str, Any]]:
+    return request_job(meta, work)
+
+
+def request_job(meta: messages.MessageMeta, work: pipeline.Work[R]) -> Callable[[Tx], R]:
+    """The writer job of an ``/api/v1`` write: the request stored (unkeyed) and ``work`` run for it
+    in one transaction (:func:`hms_ach.ingest.pipeline.commit`)."""
+
+    def job(tx: Tx) -> R:
         result = pipeline.commit(tx, meta, work)
         if isinstance(result, Duplicate):  # the requests are stored unkeyed
             raise RuntimeError(f"an unkeyed request was answered as a duplicate of {result.original_id}")
@@ -318,7 +327,11 @@ def _install_cases(router: APIRouter, api: CaseApi) -> None:
         return {"items": [case_view(t, now) for t in page], "next_cursor": nxt}
 
 
+# The sections import CaseApi and the case helpers above from this module: imported last.
+from hms_ach.cases import complaints_api  # noqa: E402
+
 #: The route modules of the cases API after the cases themselves, each ``install(router, api)``.
 SECTIONS: tuple[Callable[[APIRouter, CaseApi], None], ...] = (
     audit_api.install,  # GET /review/{caseId}/audit-log, GET /analytics/review
+    complaints_api.install,  # /complaints
 )

@@ -162,6 +162,8 @@ def generate() -> str:
         ("Workflow states (`states:` items)", spec.WorkflowState),
         ("Workflow SLA (`sla:` of a state)", spec.WorkflowSla),
         ("Workflow transitions (`transitions:` items)", spec.WorkflowTransition),
+        ("Workflow routing (`routing:`)", spec.WorkflowRouting),
+        ("Routing categories (`routing.categories:` items)", spec.WorkflowCategory),
     ]
     for title, model in sections:
         out.append(f"## {title}\n")

@@ -395,7 +395,7 @@ class Hl7TransformMapping(_Strict):
 
 
 #: The recipient rules a notification may name (besides fixed addresses).
-RECIPIENT_RULES = ("employee", "managers", "peers", "operators")
+RECIPIENT_RULES = ("employee", "managers", "peers", "operators", "requester")
 
 
 class NotificationExample(_Strict):
@@ -421,8 +421,9 @@ class NotificationMapping(_Strict):
     (`recipient.name`, `recipient.rule`). `recipients` says who gets it: `employee` (the
     Practitioner's telecom), `managers` (the practitioners whose PractitionerRole in the same
     Organization has a manager role code), `peers` (the others with the employee's role there),
-    `operators` (the addresses in the sink's `operators:` setting, e.g. for alerts) or a fixed
-    address. `examples` are its golden tests, run by `hms-ach notify test` and CI.
+    `operators` (the addresses in the sink's `operators:` setting, e.g. for alerts), `requester` (the
+    case's requester the payload names, e.g. a complainant: the contact of the stored RelatedPerson or
+    Patient, by their preferred channel) or a fixed address. `examples` are its golden tests, run by `hms-ach notify test` and CI.
     """
 
     kind: Literal["notification"] = Field(description="notification")
@@ -435,8 +436,8 @@ class NotificationMapping(_Strict):
     recipients: list[str] = Field(
         default_factory=lambda: ["employee"],
         min_length=1,
-        description="employee | managers | peers | operators (the sink's `operators:`) | a fixed address "
-        "(name@host, or +phone for http)",
+        description="employee | managers | peers | operators (the sink's `operators:`) | requester (the "
+        "payload's `requester`: a RelatedPerson or Patient) | a fixed address (name@host, or +phone for http)",
     )
     examples: list[NotificationExample] = Field(
         default_factory=list, description="Golden cases: a sample payload and the expected message"
@@ -545,6 +546,62 @@ class WorkflowAssignment(_Strict):
     )
 
 
+class WorkflowCategory(_Strict):
+    """One category of case (a complaint's subject) and the department that handles it."""
+
+    code: str = Field(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[a-z][a-z0-9-]*$",
+        description="The category code, e.g. billing",
+    )
+    display: str = Field("", description="What the category covers")
+    department: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="The department that handles it: the department text the staff records carry "
+        "(a Practitioner's department extension, an Organization identifier such as PRIVACY); "
+        "none: the routing's default_department",
+    )
+    priority: str | None = Field(
+        None, description="Task.priority of its cases when the request names none (default: routine)"
+    )
+
+    @field_validator("priority")
+    @classmethod
+    def _priority(cls, value: str | None) -> str | None:
+        if value is not None and value not in TASK_PRIORITIES:
+            raise ValueError(f"unknown priority {value!r}: expected one of {', '.join(TASK_PRIORITIES)}")
+        return value
+
+
+class WorkflowRouting(_Strict):
+    """Which department a new case goes to, by its category (a complaint's subject); its officer is
+    then chosen among that department's holders of the assignment role."""
+
+    default_department: str = Field(
+        min_length=1, max_length=64, description="The department of a category that names none"
+    )
+    categories: list[WorkflowCategory] = Field(
+        min_length=1, description="The categories a case may name, each with its department"
+    )
+
+    @field_validator("categories")
+    @classmethod
+    def _unique(cls, value: list[WorkflowCategory]) -> list[WorkflowCategory]:
+        seen: set[str] = set()
+        for category in value:
+            if category.code in seen:
+                raise ValueError(f"category {category.code!r} is listed twice: expected unique codes")
+            seen.add(category.code)
+        return value
+
+    def category(self, code: str) -> WorkflowCategory | None:
+        """The category ``code``; None when the routing has none."""
+        return next((c for c in self.categories if c.code == code), None)
+
+
 class WorkflowMapping(_Strict):
     """A case workflow on FHIR Task (mappings/workflows/): the case type, its states (Task.status
     with a business status), the allowed transitions and the roles that may move them, the form
@@ -561,6 +618,9 @@ class WorkflowMapping(_Strict):
     states: list[WorkflowState] = Field(min_length=1, description="The business states, in order")
     transitions: list[WorkflowTransition] = Field(
         default_factory=list, description="The moves allowed between states"
+    )
+    routing: WorkflowRouting | None = Field(
+        None, description="Department by category (complaints); none: the request names the department"
     )
 
 

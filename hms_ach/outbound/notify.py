@@ -8,6 +8,7 @@ For each outbox row the sink
    by the sinks it names;
 2. resolves the template's ``recipients`` from the store (:mod:`hms_ach.store.recipient_queries`):
    the employee the payload names (``practitioner``), the managers of her department, qualified peers,
+   the case's ``requester`` (a complainant, on the channel they prefer),
    the sink's ``operators`` (for alerts) or fixed addresses. A recipient that cannot be resolved (no such Practitioner, no e-mail, no
    manager) is counted (``hms_ach_notify_unresolved_recipients_total``), logged without any address
    and written into the row's stored response, which ``hms-ach outbox`` shows; it never fails the row;
@@ -53,6 +54,7 @@ from hms_ach.outbound.sinks import Delivery, DeliveryError, DeliveryResult, Sink
 from hms_ach.outbound.webhook import retry_after_seconds
 from hms_ach.store import recipient_queries as rq
 from hms_ach.store.db import Store
+from hms_ach.store.port import Tx
 
 log = logging.getLogger("hms_ach.outbound.notify")
 
@@ -165,6 +167,11 @@ class NotifySink:
                     if not self.settings.operators:
                         unresolved.append("operators (the sink has no operators:)")
                     targets += [Target(a, rule, None) for a in self.settings.operators]
+                    continue
+                if rule == "requester":
+                    found, missing = requester_target(conn, payload, system)
+                    targets += found
+                    unresolved += missing
                     continue
                 if rule not in ("employee", "managers", "peers"):
                     targets.append(Target(rule, "address", None))
@@ -281,6 +288,21 @@ class NotifySink:
                     f"HTTP {response.status_code} from the gateway",
                     retry_after=retry_after_seconds(response.headers.get("Retry-After")),
                 )
+
+
+def requester_target(tx: Tx, payload: dict[str, Any], system: str) -> tuple[list[Target], list[str]]:
+    """The ``requester`` rule: the case's requester the payload names (a complainant's RelatedPerson
+    or Patient), at their contact of ``system``, unless they prefer another channel."""
+    person = rq.requester(tx, payload.get("requester") if isinstance(payload.get("requester"), str) else None)
+    if person is None:
+        return [], ["requester (no stored RelatedPerson or Patient in the event)"]
+    preferred = rq.preferred_system(person)
+    address = person.contact(system)
+    if address is None:
+        return [], [f"requester (no {system} contact)"]
+    if preferred is not None and preferred != system:
+        return [], [f"requester (prefers {preferred})"]
+    return [Target(address, "requester", person)], []
 
 
 def render_body(template: str, facts: dict[str, Any]) -> bytes:

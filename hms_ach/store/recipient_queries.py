@@ -116,3 +116,30 @@ def peers(tx: Tx, employee: str) -> list[Person]:
     pid = employee.removeprefix("Practitioner/")
     people = (practitioner(tx, ref) for ref in _colleagues(tx, pid, None))
     return [p for p in people if p is not None and p.active]
+
+
+#: The record types a case's requester (a complainant) may be stored as.
+REQUESTER_TYPES = ("RelatedPerson", "Patient")
+
+
+def requester(tx: Tx, reference: str | None) -> Person | None:
+    """The requester of a case (a complainant): the RelatedPerson or Patient ``reference`` if it is
+    stored and not deleted. Its contact points come preferred first (``rank`` 1 before the others)."""
+    if not reference or reference.split("/", 1)[0] not in REQUESTER_TYPES:
+        return None
+    row = stored(tx, reference)
+    if row is None or row.deleted or row.version_id == 0:
+        return None
+    points = [t for t in row.content.get("telecom") or [] if isinstance(t, dict)]
+    ranked = sorted(points, key=_rank)
+    return _person(reference, {**row.content, "telecom": ranked})
+
+
+def _rank(point: dict[str, Any]) -> int:
+    rank = point.get("rank")
+    return rank if isinstance(rank, int) else 1 << 30
+
+
+def preferred_system(person: Person) -> str | None:
+    """The contact system a requester prefers (their first contact point, :func:`requester`)."""
+    return next((sys for sys, value in person.telecom if value), None)

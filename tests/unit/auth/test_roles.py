@@ -24,7 +24,7 @@ def test_hr_admin_does_every_workforce_write_but_not_the_audit_trail() -> None:
     hr = caller("hr_admin")
     for action in ACTIONS:
         expected = action not in ("audit.read", "metrics.read") and not action.startswith(
-            ("cases.", "analytics.")
+            ("cases.", "analytics.", "complaints.")
         )
         assert hr.grant(action).unrestricted is expected, action
 
@@ -42,6 +42,24 @@ def test_review_case_roles() -> None:
     assert caller("reviewer", employee_id="P1").grant("cases.audit").employee_ids == {"P1"}
     assert caller("auditor").grant("analytics.review").unrestricted
     assert not caller("reviewer", employee_id="P1").grant("analytics.review").allowed
+
+
+def test_complaint_roles() -> None:
+    complaints = [a for a in ACTIONS if a.startswith("complaints.")]
+    assert complaints == ["complaints.create", "complaints.read", "complaints.resolve"]
+    assert all(caller("supervisor").grant(a).unrestricted for a in complaints)
+    officer = caller("complaints-officer", departments=("PRIVACY",))
+    assert officer.grant("complaints.create").unrestricted
+    assert officer.grant("complaints.resolve").permits(department="PRIVACY")
+    assert not officer.grant("complaints.resolve").permits(department="BILLING-OFFICE")
+    assert not caller("complaints-officer").grant("complaints.read").allowed  # no department claim
+    assert [a for a in complaints if caller("integration").grant(a).unrestricted] == [
+        "complaints.create",
+        "complaints.read",
+    ]
+    assert not any(
+        caller(r).grant(a).allowed for r in ("hr_admin", "auditor", "reviewer") for a in complaints
+    )
 
 
 def test_operator_reads_the_metrics_and_no_record() -> None:
