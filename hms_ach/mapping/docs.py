@@ -162,6 +162,7 @@ def generate() -> str:
         ("Workflow states (`states:` items)", spec.WorkflowState),
         ("Workflow SLA (`sla:` of a state)", spec.WorkflowSla),
         ("Workflow transitions (`transitions:` items)", spec.WorkflowTransition),
+        ("Workflow policies (`policies:` items)", spec.WorkflowPolicy),
     ]
     for title, model in sections:
         out.append(f"## {title}\n")
