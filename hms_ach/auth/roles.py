@@ -37,6 +37,9 @@ ACTIONS: dict[str, str] = {
     "metrics.read": "GET /metrics",
     "cases.create": "POST /api/v1/review/cases",
     "cases.read": "GET /api/v1/review/cases",
+    "cases.findings": "POST /api/v1/review/{caseId}/findings",
+    "cases.sign": "POST /api/v1/review/{caseId}/sign",
+    "cases.queue": "GET /api/v1/review/queue",
 }
 
 _WORKFORCE = tuple(a for a in ACTIONS if not a.startswith(("audit.", "metrics.", "cases.")))
@@ -73,6 +76,13 @@ ROLE_RULES: dict[str, dict[str, Reach]] = {
     "reviewer": {"cases.read": "own"},
     "supervisor": {"cases.create": "any", "cases.read": "any"},
 }
+
+# Findings and signatures (docs/review-cases.md): a reviewer submits and signs the findings of the
+# cases assigned to them, a supervisor those of any case; the escalation queue is the supervisor's,
+# and an auditor may read it.
+ROLE_RULES["reviewer"].update({"cases.findings": "own", "cases.sign": "own"})
+ROLE_RULES["supervisor"].update({"cases.findings": "any", "cases.sign": "any", "cases.queue": "any"})
+ROLE_RULES["auditor"].update({"cases.queue": "any"})
 
 #: Every role :data:`ROLE_RULES` knows.
 ROLES = tuple(ROLE_RULES)
