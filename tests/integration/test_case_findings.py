@@ -93,7 +93,9 @@ async def test_unsigned_findings_escalate_and_signed_ones_resolve(tmp_path: Path
             patient = {"resourceType": "Patient", "identifier": [{"system": "urn:test:mrn", "value": "F1"}]}
             r = await http.post("/fhir/Patient", json=patient, headers={**admin, **FHIR_JSON})
             assert r.status_code == 201, r.text
-            focus = f"Patient/{r.json()['id']}"  # a stored focus: the findings' subject, written back over FHIR
+            focus = (
+                f"Patient/{r.json()['id']}"  # a stored focus: the findings' subject, written back over FHIR
+            )
             supervisor = auth_headers(engine, roles=("supervisor",))
             body = {"case_type": "clinical-review", "case_id": "REV-F1", "focus": focus}
             r = await http.post("/api/v1/review/cases", json=body, headers=supervisor)
