@@ -171,7 +171,8 @@ async def test_unsigned_findings_escalate_and_signed_ones_resolve(tmp_path: Path
             R4BProvenance.model_validate(provs[0].serialize())  # type: ignore[no-untyped-call]
 
             # the findings rewritten over FHIR: the signature no longer holds
-            tampered = {k: v for k, v in response.serialize().items() if k != "meta"}
+            served: dict[str, Any] = response.serialize()  # type: ignore[no-untyped-call]
+            tampered = {k: v for k, v in served.items() if k != "meta"}
             tampered["item"][1]["answer"] = [{"valueInteger": 2}]
             r = await http.put(f"/fhir/{findings}", json=tampered, headers={**admin, **FHIR_JSON})
             assert r.status_code == 200, r.text
