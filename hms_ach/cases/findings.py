@@ -253,16 +253,29 @@ class Settled:
         }
 
 
-def settle(
-    tx: Tx,
-    wf: Workflow,
-    task: dict[str, Any],
-    response: dict[str, Any],
-    actor: str,
-    now: datetime,
-    message_id: int,
-) -> Settled:
+@dataclass(frozen=True)
+class Act:
+    """One write for a caller, in the writer's transaction: the case's workflow, who acts (the
+    moves' actor), when, and the stored request the record versions belong to."""
+
+    tx: Tx
+    wf: Workflow
+    actor: str
+    now: datetime
+    message_id: int
+
+
+@dataclass(frozen=True)
+class Signer:
+    """Who signs (``Practitioner/<id>``) and the key that signs for them."""
+
+    reference: str
+    key: SigningKey
+
+
+def settle(act: Act, task: dict[str, Any], response: dict[str, Any]) -> Settled:
     """Run the policies over ``response`` and move the case where they send it."""
+    wf = act.wf
     violations = evaluate(wf.spec.policies, response)
     goal = outcome_state(wf, violations)
     here = state_of(task) or ""
@@ -271,24 +284,17 @@ def settle(
         raise FindingsRefused("closed", f"a {wf.name} case in state {here!r} cannot reach {goal!r}")
     reason = reason_of(violations)
     for state in steps:
-        task = move(tx, wf, task, state, actor=actor, now=now, message_id=message_id, reason=reason).task
+        moved = move(
+            act.tx, wf, task, state, actor=act.actor, now=act.now, message_id=act.message_id, reason=reason
+        )
+        task = moved.task
     return Settled(task, response, violations, steps)
 
 
-def submit(
-    tx: Tx,
-    wf: Workflow,
-    prepared: Prepared,
-    *,
-    actor: str,
-    now: datetime,
-    message_id: int,
-    key: SigningKey | None = None,
-    signer: str | None = None,
-) -> Settled:
-    """Store the findings, link them from the case, sign them when ``key`` is given (by ``signer``),
-    announce ``case.findings_submitted`` and move the case by the policies."""
-    repo = Repository(tx)
+def submit(act: Act, prepared: Prepared, signer: Signer | None = None) -> Settled:
+    """Store the findings, link them from the case, sign them when a ``signer`` is given, announce
+    ``case.findings_submitted`` and move the case by the policies."""
+    tx, wf = act.tx, act.wf
     ident = prepared.response["identifier"]
     rec = RecordWrite(
         "findings",
@@ -298,99 +304,83 @@ def submit(
         prepared.response,
         mode="replace",
     )
-    out = repo.upsert(rec, prepared.response, message_id)
+    out = Repository(tx).upsert(rec, prepared.response, act.message_id)
     if out is None:
         raise RuntimeError("the findings were not written")
     response = wq.get_record(tx, "QuestionnaireResponse", out.id) or {}
     task = copy.deepcopy(load_case(tx, wf, str(prepared.task["id"])))
-    task["output"] = [
-        *(task.get("output") or []),
-        {
-            "type": {"text": FINDINGS_OUTPUT},
-            "valueReference": {"reference": f"QuestionnaireResponse/{out.id}"},
-        },
-    ]
-    task = write_case(tx, task, message_id)
+    link = {
+        "type": {"text": FINDINGS_OUTPUT},
+        "valueReference": {"reference": f"QuestionnaireResponse/{out.id}"},
+    }
+    task["output"] = [*(task.get("output") or []), link]
+    task = write_case(tx, task, act.message_id)
     made = None
-    if key is not None and signer is not None:
-        response, made = _sign(tx, wf, task, response, key, signer, now, message_id)
-    violations = evaluate(wf.spec.policies, response)
+    if signer is not None:
+        response, made = _sign(act, task, response, signer)
+    found = counts(evaluate(wf.spec.policies, response))
     facts = {
         **event_facts(task, wf),
         "resource": f"QuestionnaireResponse/{out.id}",
         "case": f"Task/{task['id']}",
-        "errors": counts(violations)["error"],
-        "warnings": counts(violations)["warning"],
-        "information": counts(violations)["information"],
+        "errors": found["error"],
+        "warnings": found["warning"],
+        "information": found["information"],
     }
     announce(tx, "case.findings_submitted", facts)
-    settled = settle(tx, wf, task, response, actor, now, message_id)
+    settled = settle(act, task, response)
     settled.provenance = made
     return settled
 
 
-def sign_findings(
-    tx: Tx,
-    wf: Workflow,
-    task_id: str,
-    key: SigningKey,
-    signer: str,
-    *,
-    actor: str,
-    now: datetime,
-    message_id: int,
-) -> Settled:
-    """Sign the case's latest findings by ``signer`` with ``key``, then move it by the policies."""
-    task = load_case(tx, wf, task_id)
-    if wf.state(state_of(task) or wf.spec.initial).final:
+def sign_findings(act: Act, task_id: str, signer: Signer) -> Settled:
+    """Sign the case's latest findings, then move the case by the policies."""
+    task = load_case(act.tx, act.wf, task_id)
+    if act.wf.state(state_of(task) or act.wf.spec.initial).final:
         raise FindingsRefused("closed", f"the case is closed (state {state_of(task)})")
     qid = findings_of(task)
-    response = wq.get_record(tx, "QuestionnaireResponse", qid) if qid else None
+    response = wq.get_record(act.tx, "QuestionnaireResponse", qid) if qid else None
     if response is None:
         raise FindingsRefused("no-findings", f"case Task/{task_id[:64]} has no findings to sign")
-    response, made = _sign(tx, wf, task, response, key, signer, now, message_id)
-    settled = settle(tx, wf, task, response, actor, now, message_id)
+    response, made = _sign(act, task, response, signer)
+    settled = settle(act, task, response)
     settled.provenance = made
     return settled
 
 
 def _sign(
-    tx: Tx,
-    wf: Workflow,
-    task: dict[str, Any],
-    response: dict[str, Any],
-    key: SigningKey,
-    signer: str,
-    now: datetime,
-    message_id: int,
+    act: Act, task: dict[str, Any], response: dict[str, Any], signer: Signer
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Sign ``response`` (as stored): the Provenance stored, the response's next version carrying the
     signature extension, ``case.signed`` announced. Answers (response as written, Provenance)."""
-    repo = Repository(tx)
+    tx, repo = act.tx, Repository(act.tx)
     version = int(response["meta"]["versionId"])
     signed_ref = f"QuestionnaireResponse/{response['id']}/_history/{version}"
-    content = provenance(signed_ref, f"Task/{task['id']}", signer, sign(response, key), key, iso(now))
-    out = repo.upsert(
-        RecordWrite("signature", "Provenance", None, None, content, mode="replace"), content, message_id
-    )
+    token = sign(response, signer.key)
+    content = provenance(signed_ref, f"Task/{task['id']}", signer.reference, token, signer.key, iso(act.now))
+    rec = RecordWrite("signature", "Provenance", None, None, content, mode="replace")
+    out = repo.upsert(rec, content, act.message_id)
     if out is None:
         raise RuntimeError("the signature's Provenance was not written")
     made = wq.get_record(tx, "Provenance", out.id) or {}
-    nxt = with_signature(response, out.id)
+    rid = str(response["id"])
     repo.write_version(
-        "QuestionnaireResponse", str(response["id"]), version + 1, nxt, message_id, False, before=response
+        "QuestionnaireResponse",
+        rid,
+        version + 1,
+        with_signature(response, out.id),
+        act.message_id,
+        False,
+        before=response,
     )
-    written = wq.get_record(tx, "QuestionnaireResponse", str(response["id"])) or {}
-    announce(
-        tx,
-        "case.signed",
-        {
-            **event_facts(task, wf),
-            "resource": f"Provenance/{out.id}",
-            "case": f"Task/{task['id']}",
-            "target": signed_ref,
-            "signer": signer,
-            "onBehalf": key.engine,
-        },
-    )
+    written = wq.get_record(tx, "QuestionnaireResponse", rid) or {}
+    facts = {
+        **event_facts(task, act.wf),
+        "resource": f"Provenance/{out.id}",
+        "case": f"Task/{task['id']}",
+        "target": signed_ref,
+        "signer": signer.reference,
+        "onBehalf": signer.key.engine,
+    }
+    announce(tx, "case.signed", facts)
     return written, made

@@ -25,8 +25,10 @@ from starlette.responses import Response
 
 from hms_ach.auth.caller import REQUEST_STATE_ATTRIBUTE
 from hms_ach.cases.findings import (
+    Act,
     FindingsRefused,
     Settled,
+    Signer,
     evaluate,
     findings_of,
     prepare,
@@ -159,7 +161,8 @@ def install(router: APIRouter, api: CaseApi) -> None:
 
         def work(tx: Tx, message_id: int) -> Settled:
             fresh = prepare(tx, wf, case_id, body, signer, now)  # the case as it is now, in the writer
-            return submit(tx, wf, fresh, actor=actor, now=now, message_id=message_id, key=key, signer=signer)
+            signing = Signer(signer, key) if key is not None and signer is not None else None
+            return submit(Act(tx, wf, actor, now, message_id), fresh, signing)
 
         meta = write_meta(request, "review_findings", raw)
         result = await run_write(engine, meta, _write_job(meta, work))
@@ -180,7 +183,7 @@ def install(router: APIRouter, api: CaseApi) -> None:
         now = datetime.now(UTC)
 
         def work(tx: Tx, message_id: int) -> Settled:
-            return sign_findings(tx, wf, case_id, key, signer, actor=actor, now=now, message_id=message_id)
+            return sign_findings(Act(tx, wf, actor, now, message_id), case_id, Signer(signer, key))
 
         meta = write_meta(request, "review_signature", b"{}")
         result = await run_write(engine, meta, _write_job(meta, work))

@@ -21,9 +21,9 @@ from fhir.resources.R4B.questionnaireresponse import QuestionnaireResponse as R4
 from fhirpy import AsyncFHIRClient
 
 from hms_ach.store.db import Store
-from tests.integration.engine_helpers import FHIR_JSON, auth_headers, basic_shift
+from tests.integration.engine_helpers import FHIR_JSON, auth_headers
 from tests.integration.outbound_helpers import Receiver, wait_for
-from tests.integration.test_review_cases import _engine, _iso, _reviewer
+from tests.integration.test_review_cases import _engine, reviewer_on_shift
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -53,32 +53,6 @@ def _answers(score: Any = 7, attest: bool = True) -> dict[str, Any]:
     }
 
 
-async def _reviewer_on_shift(http: httpx.AsyncClient, admin: dict[str, str], number: str) -> str:
-    """A reviewer with a valid MD licence, the reviewer role and a shift now; their Practitioner id."""
-    now = datetime.now(UTC)
-    r = await http.post(
-        "/fhir/Practitioner",
-        json=_reviewer(number, now.date() + timedelta(days=365)),
-        headers={**admin, **FHIR_JSON},
-    )
-    assert r.status_code == 201, r.text
-    pid = str(r.json()["id"])
-    role = {
-        "resourceType": "PractitionerRole",
-        "identifier": [{"system": "urn:hms-ach:id:role", "value": f"{number}-reviewer"}],
-        "active": True,
-        "practitioner": {"reference": f"Practitioner/{pid}"},
-        "code": [{"coding": [{"system": "urn:hms-ach:code:case-role", "code": "reviewer"}]}],
-    }
-    r = await http.post("/fhir/PractitionerRole", json=role, headers={**admin, **FHIR_JSON})
-    assert r.status_code == 201, r.text
-    start = now - timedelta(hours=1)
-    shift = basic_shift(f"S-{number}", pid, _iso(start), _iso(start + timedelta(hours=8)))
-    r = await http.post("/fhir/Basic", json=shift, headers={**admin, **FHIR_JSON})
-    assert r.status_code == 201, r.text
-    return pid
-
-
 async def test_unsigned_findings_escalate_and_signed_ones_resolve(tmp_path: Path, store: Store) -> None:
     receiver = Receiver()
     engine = await _engine(tmp_path, store, await receiver.start())
@@ -86,7 +60,10 @@ async def test_unsigned_findings_escalate_and_signed_ones_resolve(tmp_path: Path
         base = f"http://127.0.0.1:{engine.http_port}"
         admin = auth_headers(engine)
         async with httpx.AsyncClient(base_url=base, timeout=30) as http:
-            pid = await _reviewer_on_shift(http, admin, "F1")
+            now = datetime.now(UTC)
+            pid = await reviewer_on_shift(
+                http, admin, "F1", now.date() + timedelta(days=365), now - timedelta(hours=1)
+            )
             r = await http.post("/fhir/Questionnaire", json=FORM, headers={**admin, **FHIR_JSON})
             assert r.status_code == 201, r.text
             form_id = r.json()["id"]
