@@ -29,6 +29,7 @@ from hms_ach.cases.signatures import SigningKey, provenance, sign, with_signatur
 from hms_ach.cases.transitions import announce, event_facts, move, write_case
 from hms_ach.cases.workflow import Workflow, case_type_of, state_of
 from hms_ach.core.records import RecordWrite
+from hms_ach.mapping.fhir_instance import problems
 from hms_ach.mapping.hl7_transform import compile_fhirpath
 from hms_ach.mapping.spec import WorkflowPolicy
 from hms_ach.store import workforce_queries as wq
@@ -222,6 +223,10 @@ def prepare(
         e for e in qr.get("extension") or [] if not (isinstance(e, dict) and e.get("url") == CASE_EXT)
     ]
     qr["extension"] = [*extensions, {"url": CASE_EXT, "valueReference": {"reference": f"Task/{task_id}"}}]
+    wrong = problems(qr, limit=20)  # FHIR R4: elements, types, required elements and bindings
+    if wrong:
+        errors = [{"location": f"body.{p.expression}", "detail": p.message} for p in wrong]
+        raise FindingsRefused("invalid", "the body is not a valid FHIR R4 QuestionnaireResponse", errors)
     issues = validate_response(form, qr)
     if issues:
         errors = [{"location": f"item[linkId={i.link_id}]", "detail": i.message} for i in issues]

@@ -85,6 +85,12 @@ async def test_unsigned_findings_escalate_and_signed_ones_resolve(tmp_path: Path
             r = await http.post(f"/api/v1/review/{case}/findings", json=_answers("seven"), headers=reviewer)
             assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json"
             assert [e["location"] for e in r.json()["errors"]] == ["item[linkId=score]"]
+            # not a valid R4 QuestionnaireResponse: 422 naming the element
+            r = await http.post(
+                f"/api/v1/review/{case}/findings", json={**_answers(), "status": "finished"}, headers=reviewer
+            )
+            assert r.status_code == 422, r.text
+            assert "status" in r.json()["errors"][0]["location"], r.text
             # only the case's reviewer (or a supervisor) submits
             r = await http.post(f"/api/v1/review/{case}/findings", json=_answers(), headers=stranger)
             assert r.status_code == 403, r.text
