@@ -140,6 +140,16 @@ def load_case(tx: Tx, wf: Workflow | None, task_id: str) -> dict[str, Any]:
     return task
 
 
+def _refuse_closed(wf: Workflow, task: dict[str, Any]) -> None:
+    """Refuse a case in a final state, or in a state its workflow does not have (a Task written over
+    FHIR may say anything)."""
+    state = state_of(task) or ""
+    if state not in {s.name for s in wf.spec.states}:
+        raise FindingsRefused("closed", f"the case's state {state[:64]!r} is not a state of {wf.name}")
+    if wf.state(state).final:
+        raise FindingsRefused("closed", f"the case is closed (state {state})")
+
+
 def form_of(tx: Tx, form: str) -> dict[str, Any] | None:
     """The workflow's form: the Questionnaire with id ``form``, or else the one whose identifier value,
     name or url (its last segment) is ``form``."""
@@ -185,8 +195,7 @@ def prepare(
     """Fill and check the findings ``body`` for the case; :class:`FindingsRefused` when they cannot
     be taken."""
     task = load_case(tx, wf, task_id)
-    if wf.state(state_of(task) or wf.spec.initial).final:
-        raise FindingsRefused("closed", f"the case is closed (state {state_of(task)})")
+    _refuse_closed(wf, task)
     form = form_of(tx, wf.spec.form)
     if form is None:
         raise FindingsRefused(
@@ -341,8 +350,7 @@ def submit(act: Act, prepared: Prepared, signer: Signer | None = None) -> Settle
 def sign_findings(act: Act, task_id: str, signer: Signer) -> Settled:
     """Sign the case's latest findings, then move the case by the policies."""
     task = load_case(act.tx, act.wf, task_id)
-    if act.wf.state(state_of(task) or act.wf.spec.initial).final:
-        raise FindingsRefused("closed", f"the case is closed (state {state_of(task)})")
+    _refuse_closed(act.wf, task)
     qid = findings_of(task)
     response = wq.get_record(act.tx, "QuestionnaireResponse", qid) if qid else None
     if response is None:
