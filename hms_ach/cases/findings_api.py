@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -35,7 +36,15 @@ from hms_ach.cases.findings import (
     sign_findings,
     submit,
 )
-from hms_ach.cases.signatures import SigningKey, signed_version, verify
+from hms_ach.cases.signatures import (
+    SIGNER_KEYS_DIR,
+    SignerKeyError,
+    SigningKey,
+    public_keys,
+    registered_key,
+    signed_version,
+    verify,
+)
 from hms_ach.cases.transitions import MoveRefused, escalation_states
 from hms_ach.cases.workflow import Workflow, case_type_of, state_of, workflows
 from hms_ach.ingest import pipeline
@@ -75,21 +84,34 @@ def _actor(request: Request) -> str:
     return _caller_practitioner(request) or str(getattr(caller, "sub", "") or "anonymous")
 
 
-def engine_key(request: Request) -> SigningKey:
-    """The engine's signing key (the local issuer's EC P-256 key); a Problem 503 without one."""
+def _local_key(request: Request) -> tuple[SigningKey, Path] | None:
+    """The engine's signing key (the local issuer's EC P-256 key) and the folder of the signers' own
+    keys beside it in the data directory; None without a local issuer."""
     auth = getattr(request.app.state, "authenticator", None)
     local = getattr(auth, "local_key", None)
     if local is None:
+        return None
+    return SigningKey(local.key, local.kid, engine=True), Path(local.path).parent / SIGNER_KEYS_DIR
+
+
+def signing_key(request: Request, practitioner: str) -> SigningKey:
+    """The key that signs for ``Practitioner/<id>``: their registered key, else the engine's on
+    their behalf; a Problem 503 without either."""
+    found = _local_key(request)
+    if found is None:
         raise Problem(503, "Signing unavailable", "the engine has no signing key (auth.mode is not local)")
-    return SigningKey(local.key, local.kid, engine=True)
+    engine, folder = found
+    try:
+        own = registered_key(folder, practitioner.split("/", 1)[1])
+    except SignerKeyError as exc:
+        log.error("case.signer_key_unusable", extra={"signer": practitioner, "error": str(exc)})
+        raise Problem(503, "Signing unavailable", "the signer's registered key cannot be used") from None
+    return own or engine
 
 
 def _public_keys(request: Request) -> dict[str, ECKey]:
-    auth = getattr(request.app.state, "authenticator", None)
-    local = getattr(auth, "local_key", None)
-    if local is None:
-        return {}
-    return {local.kid: ECKey.import_key(local.public_jwk())}
+    found = _local_key(request)
+    return public_keys(found[1], found[0]) if found is not None else {}
 
 
 def _write_job(
@@ -147,11 +169,11 @@ def install(router: APIRouter, api: CaseApi) -> None:
         _, wf = case_of(request, case_id, "cases.findings")
         engine = api.engine()
         signer = _caller_practitioner(request)
-        key = engine_key(request) if sign else None
         if sign and signer is None:
             raise Problem(
                 403, "Forbidden", "signing needs a token with an employee_id claim (your Practitioner)"
             )
+        key = signing_key(request, signer) if sign and signer is not None else None
         now = datetime.now(UTC)
         try:  # checked before anything is stored: a refused body changes nothing
             wq.read(api.store, lambda tx: prepare(tx, wf, case_id, body, signer, now))
@@ -178,7 +200,7 @@ def install(router: APIRouter, api: CaseApi) -> None:
             raise Problem(
                 403, "Forbidden", "signing needs a token with an employee_id claim (your Practitioner)"
             )
-        key = engine_key(request)
+        key = signing_key(request, signer)
         actor = _actor(request)
         now = datetime.now(UTC)
 

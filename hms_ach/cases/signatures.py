@@ -6,8 +6,9 @@ signature to the findings, their next version, does not change what was signed).
 that JSON itself; the Provenance names the version (``target[0]`` is
 ``QuestionnaireResponse/<id>/_history/<n>``) and the case (``target[1]``, ``Task/<id>``).
 
-The key: the signer's own key when one is registered for them, else the engine's signing key (the
-local issuer's EC P-256 key, :mod:`hms_ach.auth.local_issuer`) signs on their behalf. The JWS header
+The key: the signer's own key when one is registered for them (:func:`registered_key`: a PEM file
+``signer_keys/<Practitioner id>.pem`` in the engine's data directory), else the engine's signing key
+(the local issuer's EC P-256 key, :mod:`hms_ach.auth.local_issuer`) signs on their behalf. The JWS header
 ``kid`` names the key; when the engine signed, ``Provenance.agent[1]`` is the engine acting
 ``onBehalfOf`` the signer and ``signature[0].who`` is the engine (``onBehalfOf`` the signer).
 
@@ -21,8 +22,12 @@ from __future__ import annotations
 import base64
 import copy
 import hashlib
+import os
+import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -39,6 +44,9 @@ SIG_FORMAT = "application/jose"
 ENGINE_KEY_SYSTEM = "urn:hms-ach:id:signing-key"
 #: The one algorithm signatures are made and accepted with.
 ALGORITHM = "ES256"
+#: The folder of the data directory holding the signers' own keys: ``<Practitioner id>.pem``.
+SIGNER_KEYS_DIR = "signer_keys"
+_KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-.]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,44 @@ class Verdict:
             "kid": self.kid,
             "when": self.when,
         }
+
+
+class SignerKeyError(Exception):
+    """A signer's registered key file that cannot be used (readable by others, not EC P-256)."""
+
+
+def registered_key(directory: Path, practitioner_id: str) -> SigningKey | None:
+    """The signer's own key: ``directory/<practitioner_id>.pem`` (PKCS#8 PEM, EC P-256, mode 0600);
+    None when none is registered. :class:`SignerKeyError` for a file that cannot be used."""
+    if not _KEY_NAME.match(practitioner_id):
+        return None
+    path = directory / f"{practitioner_id}.pem"
+    try:
+        mode = path.stat().st_mode
+        if os.name == "posix" and mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise SignerKeyError(f"{path}: others may read the key (mode {stat.S_IMODE(mode):o}); chmod 600")
+        key = ECKey.import_key(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, JoseError, ValueError, TypeError) as exc:
+        raise SignerKeyError(f"{path}: not a readable EC private key ({type(exc).__name__})") from exc
+    if key.as_dict().get("crv") != "P-256" or not key.is_private:
+        raise SignerKeyError(f"{path}: not an EC P-256 private key")
+    return SigningKey(key, key.thumbprint(), engine=False)
+
+
+def public_keys(directory: Path, engine: SigningKey | None) -> dict[str, ECKey]:
+    """The public keys signatures are checked with, by kid: the engine's and every registered
+    signer's (a file that cannot be used is left out)."""
+    keys = [engine] if engine is not None else []
+    for path in sorted(directory.glob("*.pem")) if directory.is_dir() else []:
+        try:
+            found = registered_key(directory, path.stem)
+        except SignerKeyError:
+            continue
+        if found is not None:
+            keys.append(found)
+    return {k.kid: ECKey.import_key(k.key.as_dict(private=False)) for k in keys}
 
 
 def canonical(response: Mapping[str, Any]) -> bytes:

@@ -19,6 +19,7 @@ import pytest
 from fhir.resources.R4B.provenance import Provenance as R4BProvenance
 from fhir.resources.R4B.questionnaireresponse import QuestionnaireResponse as R4BResponse
 from fhirpy import AsyncFHIRClient
+from joserfc.jwk import ECKey
 
 from hms_ach.store.db import Store
 from tests.integration.engine_helpers import FHIR_JSON, auth_headers
@@ -193,6 +194,12 @@ async def test_findings_signed_at_once_still_escalate_on_a_score_out_of_range(
             r = await http.post("/api/v1/review/cases", json=body, headers=supervisor)
             assert r.status_code == 201 and r.json()["assignee"] is None, r.text  # queued: no reviewer
             case = r.json()["id"]
+            # the supervisor's own key is registered: the signature is theirs, not on their behalf
+            own = ECKey.generate_key("P-256", private=True)
+            folder = engine.config.data_dir / "signer_keys"
+            folder.mkdir(mode=0o700)
+            (folder / "sup-1.pem").write_bytes(own.as_pem(private=True))
+            (folder / "sup-1.pem").chmod(0o600)
             r = await http.post(
                 f"/api/v1/review/{case}/findings",
                 params={"sign": "true"},
@@ -207,7 +214,10 @@ async def test_findings_signed_at_once_still_escalate_on_a_score_out_of_range(
                 ("attestation", "warning"),
             }
             r = await http.get(f"/api/v1/review/{case}/signatures", headers=supervisor)
-            assert [c["valid"] for c in r.json()["items"]] == [True]
+            assert [(c["valid"], c["kid"]) for c in r.json()["items"]] == [(True, own.thumbprint())]
+            prov = (await http.get(f"/fhir/{out['provenance']}", headers=admin)).json()
+            assert prov["signature"][0]["who"] == {"reference": "Practitioner/sup-1"}
+            assert "onBehalfOf" not in prov["signature"][0] and len(prov["agent"]) == 1
             # signing without findings, and an unknown case
             other = {**body, "case_id": "REV-F3"}
             r = await http.post("/api/v1/review/cases", json=other, headers=supervisor)

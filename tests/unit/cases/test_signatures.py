@@ -4,15 +4,20 @@ verification of each against its key, the version it names and the findings as t
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 from typing import Any
 
+import pytest
 from joserfc.jwk import ECKey
 
 from hms_ach.cases.signatures import (
     SIGNATURE_EXT,
+    SignerKeyError,
     SigningKey,
     canonical,
     provenance,
+    public_keys,
+    registered_key,
     sign,
     signed_version,
     verify,
@@ -93,3 +98,25 @@ def test_what_breaks_a_signature() -> None:
     assert verify({**prov, "signature": []}, _public(key), QR, latest).reason.startswith(
         "no application/jose"
     )
+
+
+def test_a_signers_registered_key(tmp_path: Path) -> None:
+    key = ECKey.generate_key("P-256", private=True)
+    path = tmp_path / "d1.pem"
+    path.write_bytes(key.as_pem(private=True))
+    path.chmod(0o600)
+    own = registered_key(tmp_path, "d1")
+    assert own is not None and not own.engine and own.kid == key.thumbprint()
+    assert registered_key(tmp_path, "d2") is None  # none registered: the engine signs on behalf
+    assert registered_key(tmp_path, "../d1") is None  # never a path outside the folder
+    prov = provenance(
+        "QuestionnaireResponse/q1/_history/1", "Task/t1", "Practitioner/d1", sign(QR, own), own, "x"
+    )
+    assert len(prov["agent"]) == 1 and "onBehalfOf" not in prov["signature"][0]
+    engine = _key()
+    keys = public_keys(tmp_path, engine)
+    assert set(keys) == {engine.kid, own.kid}
+    path.chmod(0o644)
+    with pytest.raises(SignerKeyError, match="others may read"):
+        registered_key(tmp_path, "d1")
+    assert set(public_keys(tmp_path, engine)) == {engine.kid}  # an unusable file is left out
