@@ -42,6 +42,9 @@ ACTIONS: dict[str, str] = {
     "complaints.create": "POST /api/v1/complaints",
     "complaints.read": "GET /api/v1/complaints, GET /api/v1/complaints/{id}",
     "complaints.resolve": "POST /api/v1/complaints/{id}/resolve",
+    "cases.findings": "POST /api/v1/review/{caseId}/findings",
+    "cases.sign": "POST /api/v1/review/{caseId}/sign",
+    "cases.queue": "GET /api/v1/review/queue",
 }
 
 #: The action prefixes that are not workforce data (hr_admin and integration get every other action).
@@ -113,6 +116,13 @@ ROLE_RULES: dict[str, dict[str, Reach]] = {
         "complaints.resolve": "department",
     },
 }
+
+# Findings and signatures (docs/review-cases.md): a reviewer submits and signs the findings of the
+# cases assigned to them, a supervisor those of any case; the escalation queue is the supervisor's,
+# and an auditor may read it.
+ROLE_RULES["reviewer"].update({"cases.findings": "own", "cases.sign": "own"})
+ROLE_RULES["supervisor"].update({"cases.findings": "any", "cases.sign": "any", "cases.queue": "any"})
+ROLE_RULES["auditor"].update({"cases.queue": "any"})
 
 #: Every role :data:`ROLE_RULES` knows.
 ROLES = tuple(ROLE_RULES)

@@ -15,7 +15,7 @@ it was written (``lastModified``; the store's write time when absent). The figur
   ``case-sla-breached`` extension, or (a case without that extension) enter an escalation state
   by the engine itself (the note says ``by hms-ach``: the SLA timer);
 * **policy-violation rate**: of the findings of the cases (QuestionnaireResponses in a version's
-  ``Task.output``) authored in the window, the share :func:`has_policy_violation` flags;
+  ``Task.output``) authored in the window, the share :func:`violating_findings` flags (an error policy broken when submitted);
 * **reopen rate**: of the cases with a version written in the window, the share with a version in
   the window that leaves a final state, or leaves an escalation state for a state neither final
   nor escalation (``escalated -> in-review``).
@@ -31,14 +31,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from hms_ach.cases.findings import POLICY_VIOLATION_EXT
 from hms_ach.cases.transitions import ENGINE_ACTOR, escalation_states
 from hms_ach.cases.workflow import Workflow, case_type_of, state_of
 from hms_ach.store.case_audit_queries import RecordVersion
 
 #: Task.extension: the case breached its SLA (written by the SLA timer when it escalates).
 SLA_BREACHED_EXT = "urn:hms-ach:fhir:StructureDefinition/case-sla-breached"
-#: QuestionnaireResponse.extension: a policy rule the findings failed (one per violation).
-POLICY_VIOLATION_EXT = "urn:hms-ach:fhir:StructureDefinition/policy-violation"
 
 
 @dataclass(frozen=True)
@@ -173,10 +172,22 @@ def reopened(steps: list[Step], rules: Rules, window: Window) -> bool:
     return False
 
 
-def has_policy_violation(findings: dict[str, Any]) -> bool:
-    """Whether a findings QuestionnaireResponse failed a policy rule: it carries a
-    :data:`POLICY_VIOLATION_EXT` extension. The one place the policy-violation rate asks."""
-    return _has_ext(findings, POLICY_VIOLATION_EXT)
+def violating_findings(histories: Mapping[str, list[RecordVersion]]) -> set[str]:
+    """The ids of the findings that broke an error policy when submitted: their ``Task.output``
+    entry carries a :data:`POLICY_VIOLATION_EXT` extension in some version of their case. The one
+    place the policy-violation rate asks."""
+    out: set[str] = set()
+    for versions in histories.values():
+        for v in versions:
+            for o in v.content.get("output") or []:
+                ref = (o.get("valueReference") or {}).get("reference") if isinstance(o, dict) else None
+                if (
+                    isinstance(ref, str)
+                    and ref.startswith("QuestionnaireResponse/")
+                    and _has_ext(o, POLICY_VIOLATION_EXT)
+                ):
+                    out.add(ref.split("/", 1)[1])
+    return out
 
 
 def findings_of(histories: Mapping[str, list[RecordVersion]]) -> set[str]:
@@ -238,8 +249,9 @@ def compute(
         n = sla_breaches(steps, case_rules, window)
         breaches += n
         breached_cases += n > 0
-    counted = [qr for qr in findings.values() if window.holds(parse_instant(qr.get("authored")))]
-    violations = sum(has_policy_violation(qr) for qr in counted)
+    counted = [qid for qid, qr in findings.items() if window.holds(parse_instant(qr.get("authored")))]
+    flagged = violating_findings(histories)
+    violations = sum(qid in flagged for qid in counted)
     return {
         "window": {"start": window.start.isoformat(), "end": window.end.isoformat()},
         "percentile": "nearest-rank",

@@ -528,6 +528,27 @@ RECORD_TYPES: dict[str, RecordType] = {
             "source": ("reference", "source"),
         },
     ),
+    "Provenance": RecordType(
+        name="Provenance",
+        table="provenance",
+        fhir=True,
+        writable=False,
+        mirrored=True,
+        description=(
+            "The electronic signature of a case's findings (docs/review-cases.md), FHIR R4 Provenance "
+            "with a JWS in signature.data; written by POST /api/v1/review/{caseId}/sign only, served "
+            "read-only."
+        ),
+        patient_compartment=("patient",),
+        params={
+            "target": ("reference", "target"),
+            "agent": ("reference", "agent.who"),
+            "patient": ("reference", "target", ("Patient",)),
+            "recorded": ("date", "recorded"),
+            "signature-type": ("token", "signature.type"),
+            "entity": ("reference", "entity.what"),
+        },
+    ),
     "Group": RecordType(
         name="Group",
         table="fhir_group",

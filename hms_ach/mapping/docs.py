@@ -164,6 +164,7 @@ def generate() -> str:
         ("Workflow transitions (`transitions:` items)", spec.WorkflowTransition),
         ("Workflow routing (`routing:`)", spec.WorkflowRouting),
         ("Routing categories (`routing.categories:` items)", spec.WorkflowCategory),
+        ("Workflow policies (`policies:` items)", spec.WorkflowPolicy),
     ]
     for title, model in sections:
         out.append(f"## {title}\n")

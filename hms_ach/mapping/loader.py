@@ -499,6 +499,33 @@ class _Linker:
                     f, ("transitions", i), f"transition {move.from_state} -> {move.to} is declared twice"
                 )
             seen.add((move.from_state, move.to))
+        for part in ("on_findings", "on_violation"):
+            value = getattr(m, part)
+            if value is not None and value not in names:
+                self._err(f, (part,), f"unknown state {value!r}", expected, value, choices)
+        from hms_ach.mapping.hl7_transform import compile_fhirpath  # it imports the loader's spec
+
+        ids: set[str] = set()
+        for i, policy in enumerate(m.policies):
+            if policy.id in ids:
+                self._err(f, ("policies", i, "id"), f"policy {policy.id!r} is declared twice", "unique ids")
+            ids.add(policy.id)
+            try:
+                compile_fhirpath(policy.expression)
+            except ValueError as exc:
+                self._err(
+                    f,
+                    ("policies", i, "expression"),
+                    f"the FHIRPath does not compile: {exc}",
+                    "a FHIRPath expression over the QuestionnaireResponse",
+                )
+        if m.policies and (m.on_findings is None or m.on_violation is None):
+            self._err(
+                f,
+                ("policies",),
+                "policies need on_findings and on_violation",
+                "the states a case moves to when its findings pass and when they break an error rule",
+            )
 
     def _event(self, f: LoadedFile) -> None:
         m: spec.EventMapping = f.model

@@ -602,6 +602,25 @@ class WorkflowRouting(_Strict):
         return next((c for c in self.categories if c.code == code), None)
 
 
+class WorkflowPolicy(_Strict):
+    """A rule the findings of a case must keep: a FHIRPath over the QuestionnaireResponse that is
+    true when the rule holds (docs/review-cases.md, "Findings and policies")."""
+
+    id: str = Field(
+        min_length=1, pattern=r"^[a-z][a-z0-9-]*$", description="The rule's code, e.g. signature-required"
+    )
+    description: str = Field("", description="What the rule checks")
+    expression: str = Field(
+        min_length=1,
+        description="FHIRPath over the QuestionnaireResponse that must be true, e.g. "
+        "item.where(linkId = 'score').answer.valueInteger <= 10",
+    )
+    severity: Literal["error", "warning", "information"] = Field(
+        "error", description="error: the case moves to on_violation; warning, information: reported only"
+    )
+    message: str = Field(min_length=1, description="What a violation says (no patient data)")
+
+
 class WorkflowMapping(_Strict):
     """A case workflow on FHIR Task (mappings/workflows/): the case type, its states (Task.status
     with a business status), the allowed transitions and the roles that may move them, the form
@@ -621,6 +640,15 @@ class WorkflowMapping(_Strict):
     )
     routing: WorkflowRouting | None = Field(
         None, description="Department by category (complaints); none: the request names the department"
+    )
+    policies: list[WorkflowPolicy] = Field(
+        default_factory=list, description="The rules the findings must keep, run on every submission"
+    )
+    on_findings: str | None = Field(
+        None, description="The state a case moves to when its findings break no error rule, e.g. resolved"
+    )
+    on_violation: str | None = Field(
+        None, description="The state a case moves to when its findings break an error rule, e.g. escalated"
     )
 
 

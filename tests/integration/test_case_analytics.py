@@ -22,7 +22,8 @@ import httpx
 import pytest
 
 from hms_ach.app.runtime import Engine
-from hms_ach.cases.analytics import POLICY_VIOLATION_EXT, SLA_BREACHED_EXT
+from hms_ach.cases.analytics import SLA_BREACHED_EXT
+from hms_ach.cases.findings import POLICY_VIOLATION_EXT
 from hms_ach.cases.transitions import write_case
 from hms_ach.cases.workflow import CASE_SYSTEM, workflows
 from hms_ach.core.records import RecordWrite
@@ -115,12 +116,14 @@ async def _seed(engine: Engine) -> None:
                 if case_id == "C4" and state == "escalated":
                     task["extension"] = [{"url": SLA_BREACHED_EXT, "valueDateTime": at}]
                 if findings is not None and n == len(steps) - 1:
-                    output = [
-                        {
-                            "type": {"text": "findings"},
-                            "valueReference": {"reference": _qr(tx, case_id, *findings, message_id)},
-                        }
-                    ]
+                    authored_at, violation = findings
+                    link: dict[str, Any] = {
+                        "type": {"text": "findings"},
+                        "valueReference": {"reference": _qr(tx, case_id, authored_at, message_id)},
+                    }
+                    if violation:  # as the findings code marks an error policy broken when submitted
+                        link["extension"] = [{"url": POLICY_VIOLATION_EXT, "valueCode": "signature-required"}]
+                    output = [link]
                 if output:
                     task["output"] = output
                 write_case(tx, task, message_id)
@@ -128,14 +131,12 @@ async def _seed(engine: Engine) -> None:
     await write_as(engine, "seed", "seed_cases", work)
 
 
-def _qr(tx: Tx, case_id: str, authored: str, violation: bool, message_id: int) -> str:
+def _qr(tx: Tx, case_id: str, authored: str, message_id: int) -> str:
     content: dict[str, Any] = {
         "identifier": {"system": "urn:test:findings", "value": case_id},
         "status": "completed",
         "authored": authored,
     }
-    if violation:
-        content["extension"] = [{"url": POLICY_VIOLATION_EXT, "valueString": "signature-required"}]
     out = Repository(tx).upsert(
         RecordWrite("findings", "QuestionnaireResponse", "urn:test:findings", case_id, content),
         content,

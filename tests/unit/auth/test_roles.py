@@ -30,9 +30,9 @@ def test_hr_admin_does_every_workforce_write_but_not_the_audit_trail() -> None:
 
 
 def test_review_case_roles() -> None:
-    supervisor = [a for a in ACTIONS if caller("supervisor").grant(a).allowed]
-    assert supervisor[:2] == ["cases.create", "cases.read"]
-    assert {"cases.audit", "analytics.review"} <= set(supervisor)
+    supervised = [a for a in ACTIONS if caller("supervisor").grant(a).allowed]
+    assert {"cases.create", "cases.read", "cases.audit", "analytics.review"} <= set(supervised)
+    assert all(a.startswith(("cases.", "analytics.", "complaints.")) for a in supervised)
     assert [a for a in ACTIONS if caller("reviewer").grant(a).allowed] == []  # own: needs employee_id
     assert caller("auditor").grant("cases.read").unrestricted
     assert not caller("auditor").grant("cases.create").allowed
@@ -60,6 +60,17 @@ def test_complaint_roles() -> None:
     assert not any(
         caller(r).grant(a).allowed for r in ("hr_admin", "auditor", "reviewer") for a in complaints
     )
+
+
+def test_findings_signatures_and_the_escalation_queue() -> None:
+    reviewer = caller("reviewer", employee_id="E1")
+    for action in ("cases.findings", "cases.sign"):
+        assert reviewer.grant(action).employee_ids == {"E1"} and not reviewer.grant(action).unrestricted
+        assert caller("supervisor").grant(action).unrestricted
+        assert not caller("auditor").grant(action).allowed
+    assert caller("supervisor").grant("cases.queue").unrestricted
+    assert caller("auditor").grant("cases.queue").unrestricted
+    assert not reviewer.grant("cases.queue").allowed
 
 
 def test_operator_reads_the_metrics_and_no_record() -> None:

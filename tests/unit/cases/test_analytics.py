@@ -6,15 +6,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 from hms_ach.cases.analytics import (
-    POLICY_VIOLATION_EXT,
     Rules,
     Step,
     Window,
-    has_policy_violation,
     percentile,
     reopened,
     sla_breaches,
+    violating_findings,
 )
+from hms_ach.cases.findings import POLICY_VIOLATION_EXT
+from hms_ach.store.case_audit_queries import RecordVersion
 
 RULES = Rules(final=frozenset({"resolved"}), escalation=frozenset({"escalated"}))
 NOV = Window(datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC))
@@ -65,6 +66,17 @@ def test_sla_breaches_by_the_extension_or_the_engines_escalation() -> None:
     assert sla_breaches(flagged, RULES, NOV) == 1
 
 
-def test_a_policy_violation_is_the_extension() -> None:
-    assert has_policy_violation({"extension": [{"url": POLICY_VIOLATION_EXT, "valueString": "x"}]})
-    assert not has_policy_violation({"status": "completed"})
+def test_a_policy_violation_is_the_extension_of_the_findings_output() -> None:
+    def version(*outputs: dict[str, Any]) -> RecordVersion:
+        return RecordVersion(
+            "Task", "t", 1, datetime(2026, 11, 1, tzinfo=UTC), False, {"output": list(outputs)}
+        )
+
+    flagged = {
+        "type": {"text": "findings"},
+        "valueReference": {"reference": "QuestionnaireResponse/q1"},
+        "extension": [{"url": POLICY_VIOLATION_EXT, "valueCode": "signature-required"}],
+    }
+    clean = {"type": {"text": "findings"}, "valueReference": {"reference": "QuestionnaireResponse/q2"}}
+    assert violating_findings({"t": [version(flagged, clean)]}) == {"q1"}
+    assert violating_findings({"t": [version(clean)]}) == set()

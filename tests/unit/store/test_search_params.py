@@ -243,6 +243,26 @@ FULL: dict[str, dict[str, Any]] = {
         "basedOn": [{"reference": "ServiceRequest/s1"}],
         "partOf": [{"reference": "Procedure/x1"}],
     },
+    "Provenance": {
+        "resourceType": "Provenance",
+        "target": [
+            {"reference": "QuestionnaireResponse/r1/_history/1"},
+            {"reference": "Task/t1"},
+            {"reference": "Patient/p1"},
+        ],
+        "recorded": "2026-12-06T10:05:00Z",
+        "agent": [{"who": {"reference": "Practitioner/d1"}}],
+        "entity": [{"role": "source", "what": {"reference": "QuestionnaireResponse/r1/_history/1"}}],
+        "signature": [
+            {
+                "type": [{"system": "urn:iso-astm:E1762-95:2013", "code": "1.2.840.10065.1.12.1.1"}],
+                "when": "2026-12-06T10:05:00Z",
+                "who": {"reference": "Practitioner/d1"},
+                "sigFormat": "application/jose",
+                "data": "ZXhhbXBsZQ==",
+            }
+        ],
+    },
     "Group": {
         "resourceType": "Group",
         "identifier": [{"system": "urn:hms-ach:cohort", "value": "g1"}],
