@@ -38,6 +38,7 @@ they are without an engine or a mapping).
 | practitioner.conflict | two sources disagree on a Practitioner element and no survivorship rule ranks them (:mod:`hms_ach.workforce.survivorship`) |
 | case.created / case.assigned / case.unassigned | emitted by the review cases (:mod:`hms_ach.cases.api`): a case opened, given to a reviewer, or queued with nobody qualifying |
 | case.status_changed / case.escalated / case.resolved | a case moved between workflow states (:mod:`hms_ach.cases.transitions`); escalated: into the workflow's escalation state; resolved: into a final state |
+| case.sla_breached / case.handed_back | emitted by the case_timers job: a case stayed past its state's SLA (:mod:`hms_ach.cases.sla`; once per entry into the state), a reviewer who left handed a case back (:mod:`hms_ach.cases.handback`) |
 | record.changed | every new version of a FHIR resource record (the change feed of the fhir_push sink) |
 
 ``record.changed`` (payload: resource, versionId, action create|update|delete) is the change feed:
@@ -98,6 +99,8 @@ EVENT_NAMES = (
     "case.status_changed",
     "case.escalated",
     "case.resolved",
+    "case.sla_breached",
+    "case.handed_back",
 )
 
 #: The record types whose every change is announced as ``record.changed``: those the fhir_push sink

@@ -1,0 +1,30 @@
+"""The open cases: the Tasks of a workflow whose state is not final, read through the search index.
+
+The SLA timers (:mod:`hms_ach.cases.sla`) and the hand-back (:mod:`hms_ach.cases.handback`) look
+at these only; a closed case is never read by them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from hms_ach.cases.workflow import Workflow, case_type_of, state_of
+from hms_ach.store import workforce_queries as wq
+from hms_ach.store.port import Tx
+
+
+def open_cases(tx: Tx, known: Mapping[str, Workflow]) -> Iterator[tuple[Workflow, dict[str, Any]]]:
+    """(workflow, Task) of every case of ``known`` whose state is not final, read through the
+    ``status`` index (the Task.status values of the workflows' open states)."""
+    statuses = sorted({s.status for wf in known.values() for s in wf.spec.states if not s.final})
+    seen: set[str] = set()
+    for status in statuses:
+        for task in wq.scan(tx, "Task", [wq.with_status("Task", status)]):
+            wf = known.get(case_type_of(task) or "")
+            state = state_of(task)
+            if wf is None or state is None or str(task.get("id")) in seen:
+                continue
+            seen.add(str(task.get("id")))
+            if state in wf.open_states():
+                yield wf, task
