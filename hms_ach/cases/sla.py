@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from hms_ach.cases import handback
 from hms_ach.cases.open_cases import open_cases
@@ -67,6 +67,14 @@ class CaseTimerSettings(JobSchedule):
     handback: bool = Field(
         True, description="false: only the SLA timers run (no hand-back, no assignment from the queue)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cron_instead(cls, data: Any) -> Any:
+        """A ``cron:`` given without ``interval_seconds`` replaces the default interval."""
+        if isinstance(data, dict) and data.get("cron") and "interval_seconds" not in data:
+            return {**data, "interval_seconds": None}
+        return data
 
 
 def moment(text: Any) -> datetime | None:
