@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Table, and_, select
+from sqlalchemy import Table, select
 
 from hms_ach.store.models import SearchToken
 from hms_ach.store.port import Tx
@@ -131,20 +131,9 @@ _TOKENS: Table = SearchToken.__table__  # type: ignore[attr-defined]
 def role_holders(tx: Tx, code: str) -> list[Person]:
     """The active practitioners with an active PractitionerRole whose ``code`` holds ``code`` (any
     code system), in id order of their roles."""
-    role_ids = list(
-        tx.execute(
-            select(_TOKENS.c.resource_id)
-            .distinct()
-            .where(
-                and_(
-                    _TOKENS.c.resource_type == "PractitionerRole",
-                    _TOKENS.c.param == "role",
-                    _TOKENS.c.value == clip(code),
-                )
-            )
-            .order_by(_TOKENS.c.resource_id)
-        ).scalars()
-    )
+    t = _TOKENS
+    holding = (t.c.resource_type == "PractitionerRole", t.c.param == "role", t.c.value == clip(code))
+    role_ids = sorted(set(tx.execute(select(t.c.resource_id).where(*holding)).scalars()))
     found: list[str] = []
     for role in current(tx, "PractitionerRole", role_ids):
         who = _ref_id(role.get("practitioner"), "Practitioner")
