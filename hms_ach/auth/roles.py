@@ -37,6 +37,7 @@ ACTIONS: dict[str, str] = {
     "metrics.read": "GET /metrics",
     "cases.create": "POST /api/v1/review/cases",
     "cases.read": "GET /api/v1/review/cases",
+    "cases.assign": "POST /api/v1/review/{caseId}/assign",
 }
 
 _WORKFORCE = tuple(a for a in ACTIONS if not a.startswith(("audit.", "metrics.", "cases.")))
@@ -69,9 +70,9 @@ ROLE_RULES: dict[str, dict[str, Reach]] = {
     "integration": {action: "any" for action in (*_WORKFORCE, "metrics.read", "cases.create", "cases.read")},
     "operator": {"metrics.read": "any"},
     # Review cases (docs/review-cases.md): a reviewer sees the cases assigned to them; a supervisor
-    # opens cases and sees every case (the escalation queue).
+    # opens cases, sees every case (the escalation queue) and assigns them.
     "reviewer": {"cases.read": "own"},
-    "supervisor": {"cases.create": "any", "cases.read": "any"},
+    "supervisor": {"cases.create": "any", "cases.read": "any", "cases.assign": "any"},
 }
 
 #: Every role :data:`ROLE_RULES` knows.

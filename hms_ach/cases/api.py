@@ -317,5 +317,8 @@ def _install_cases(router: APIRouter, api: CaseApi) -> None:
         return {"items": [case_view(t, now) for t in page], "next_cursor": nxt}
 
 
+# The sections import CaseApi and case_view from here, so they are imported once those exist.
+from hms_ach.cases import assign_api  # noqa: E402
+
 #: The route modules of the cases API after the cases themselves, each ``install(router, api)``.
-SECTIONS: tuple[Callable[[APIRouter, CaseApi], None], ...] = ()
+SECTIONS: tuple[Callable[[APIRouter, CaseApi], None], ...] = (assign_api.install,)

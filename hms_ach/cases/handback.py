@@ -87,26 +87,34 @@ def _owner_id(task: dict[str, Any]) -> str | None:
     return ref.split("/", 1)[1] if ref.startswith("Practitioner/") and "/" in ref else None
 
 
-def _give(
-    tx: Tx, wf: Workflow, task: dict[str, Any], choice: Choice, now: datetime, why: str
-) -> dict[str, Any]:
-    """The case's next version: owned by the chosen reviewer (or nobody), with the note ``why``
-    followed by the choice's explanation."""
+def give(tx: Tx, task: dict[str, Any], chosen: str | None, now: datetime, note: str) -> dict[str, Any]:
+    """Write the case's next version owned by ``Practitioner/<chosen>`` (None: nobody, queued), with
+    ``note`` (ids and codes only); answers the Task as stored."""
     stamp = iso(now)
     nxt = copy.deepcopy(task)
     extensions = [
         e for e in nxt.get("extension") or [] if not (isinstance(e, dict) and e.get("url") == ASSIGNED_AT_EXT)
     ]
     nxt.pop("owner", None)
-    if choice.chosen is not None:
-        nxt["owner"] = {"reference": f"Practitioner/{choice.chosen}"}
+    if chosen is not None:
+        nxt["owner"] = {"reference": f"Practitioner/{chosen}"}
         extensions.append({"url": ASSIGNED_AT_EXT, "valueDateTime": stamp})
     if extensions:
         nxt["extension"] = extensions
     else:
         nxt.pop("extension", None)
-    nxt["note"] = [*(nxt.get("note") or []), {"time": stamp, "text": f"{why} {choice.explanation()}"}]
+    nxt["note"] = [*(nxt.get("note") or []), {"time": stamp, "text": note}]
     return write_case(tx, nxt, None)
+
+
+def announce_owner(tx: Tx, wf: Workflow, written: dict[str, Any], considered: int) -> None:
+    """``case.assigned`` (the Task has a Practitioner owner) or ``case.unassigned`` (queued)."""
+    base = event_facts(written, wf)
+    owner = _owner_id(written)
+    if owner is not None:
+        announce(tx, "case.assigned", {**base, "owner": f"Practitioner/{owner}"})
+    else:
+        announce(tx, "case.unassigned", {**base, "considered": considered})
 
 
 def hand_back(
@@ -116,18 +124,16 @@ def hand_back(
     queue it; announces ``case.handed_back`` and ``case.assigned`` / ``case.unassigned``."""
     choice = pool.choose(wf, ext(task, DEPARTMENT_EXT), now, without=owner)
     why = f"handed back by Practitioner/{owner}: {reason}."
-    written = _give(tx, wf, task, choice, now, why)
-    base = event_facts(written, wf)
+    written = give(tx, task, choice.chosen, now, f"{why} {choice.explanation()}")
     new_owner = f"Practitioner/{choice.chosen}" if choice.chosen else None
-    announce(
-        tx,
-        "case.handed_back",
-        {**base, "from": f"Practitioner/{owner}", "reason": reason, "owner": new_owner},
-    )
-    if new_owner is not None:
-        announce(tx, "case.assigned", {**base, "owner": new_owner})
-    else:
-        announce(tx, "case.unassigned", {**base, "considered": len(choice.considered)})
+    facts = {
+        **event_facts(written, wf),
+        "from": f"Practitioner/{owner}",
+        "reason": reason,
+        "owner": new_owner,
+    }
+    announce(tx, "case.handed_back", facts)
+    announce_owner(tx, wf, written, len(choice.considered))
     return written
 
 
@@ -141,6 +147,8 @@ def reassign(tx: Tx, known: Mapping[str, Workflow], now: datetime, grace_minutes
         if pool is None:
             pool = pools[wf.name] = ReviewerPool(tx, wf, now)
         owner = _owner_id(task)
+        if owner is None and task.get("owner"):
+            continue  # owned by something other than a Practitioner (written over FHIR): left alone
         try:
             with savepoint(tx):
                 current = wq.get_record(tx, "Task", str(task["id"])) or task
@@ -161,12 +169,8 @@ def reassign(tx: Tx, known: Mapping[str, Workflow], now: datetime, grace_minutes
                 choice = pool.choose(wf, ext(current, DEPARTMENT_EXT), now, without=None)
                 if choice.chosen is None:
                     continue  # still nobody: it stays queued, nothing written
-                written = _give(tx, wf, current, choice, now, "from the queue:")
-                announce(
-                    tx,
-                    "case.assigned",
-                    {**event_facts(written, wf), "owner": f"Practitioner/{choice.chosen}"},
-                )
+                written = give(tx, current, choice.chosen, now, f"from the queue: {choice.explanation()}")
+                announce_owner(tx, wf, written, len(choice.considered))
                 assigned += 1
                 log.info("case.dequeued", extra={"case": f"Task/{task['id']}"})
         except Exception as exc:  # noqa: BLE001 - one case's failure costs only its own writes

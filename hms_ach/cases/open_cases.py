@@ -1,4 +1,5 @@
 """The open cases: the Tasks of a workflow whose state is not final, read through the search index.
+A Task with a case type but no case identifier (written over FHIR) is no case the engine moves.
 
 The SLA timers (:mod:`hms_ach.cases.sla`) and the hand-back (:mod:`hms_ach.cases.handback`) look
 at these only; a closed case is never read by them.
@@ -9,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from hms_ach.cases.transitions import case_id_of
 from hms_ach.cases.workflow import Workflow, case_type_of, state_of
 from hms_ach.store import workforce_queries as wq
 from hms_ach.store.port import Tx
@@ -23,7 +25,7 @@ def open_cases(tx: Tx, known: Mapping[str, Workflow]) -> Iterator[tuple[Workflow
         for task in wq.scan(tx, "Task", [wq.with_status("Task", status)]):
             wf = known.get(case_type_of(task) or "")
             state = state_of(task)
-            if wf is None or state is None or str(task.get("id")) in seen:
+            if wf is None or state is None or case_id_of(task) is None or str(task.get("id")) in seen:
                 continue
             seen.add(str(task.get("id")))
             if state in wf.open_states():

@@ -7,7 +7,8 @@ engine and its scheduler's ``case_timers`` job.
   no transition to its escalate_to) gets its one ``case.sla_breached`` and stays. The supervisor
   (holder of the ``supervisor`` PractitionerRole) gets one mail per event at a real SMTP server.
 * An offboarded reviewer's case goes to the other qualified reviewer; when that one leaves too and
-  nobody qualifies it is queued, and it is given to a reviewer as soon as they come on shift.
+  nobody qualifies it is queued, and it is given to a reviewer as soon as they come on shift. A
+  supervisor assigns it to a named reviewer (who must qualify) or has the engine choose again.
 """
 
 from __future__ import annotations
@@ -275,14 +276,32 @@ async def test_handback_on_offboarding_reassigns_then_queues_then_assigns_who_co
             assert task["owner"] == {"reference": f"Practitioner/{later}"}
             assert task["note"][-1]["text"].startswith(f"from the queue: assigned to Practitioner/{later}")
 
-        want = ["case.handed_back", "case.assigned", "case.handed_back", "case.unassigned", "case.assigned"]
+            # a supervisor: a named reviewer must qualify; {} chooses again
+            sup = auth_headers(engine, roles=("supervisor",))
+            url = f"/api/v1/review/{case['id']}/assign"
+            r = await api.post(url, json={"reviewer": owner}, headers=sup)
+            assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json"
+            assert r.json()["errors"] == [{"location": "body.reviewer", "detail": "not active"}]
+            r = await api.post(url, json={}, headers=sup)
+            assert r.status_code == 200, r.text
+            assert r.json()["assignee"] == later
+            assert r.json()["assignment"]["explanation"].startswith(f"assigned to Practitioner/{later}")
+            r = await api.post(url, json={"reviewer": later}, headers=sup)
+            assert r.status_code == 200 and r.json()["assignee"] == later
+            mine = auth_headers(engine, roles=("reviewer",), employee_id=later)
+            assert (await api.post(url, json={}, headers=mine)).status_code == 403
+            assert (await api.post("/api/v1/review/nope/assign", json={}, headers=sup)).status_code == 404
+
+        want = ["case.handed_back", "case.assigned", "case.handed_back", "case.unassigned"] + [
+            "case.assigned"
+        ] * 3
         await wait_for(lambda: receiver.names()[2:] == want, timeout=60)
         handed = [e["data"] for e in receiver.events if e["event"] == "case.handed_back"]
         assert [(h["from"], h["reason"], h["owner"]) for h in handed] == [
             (f"Practitioner/{owner}", "offboarded", f"Practitioner/{other}"),
             (f"Practitioner/{other}", "offboarded", None),
         ]
-        assert receiver.events[-1]["data"]["owner"] == f"Practitioner/{later}"
+        assert {e["data"]["owner"] for e in receiver.events[-3:]} == {f"Practitioner/{later}"}
     finally:
         await engine.stop()
         await receiver.stop()
