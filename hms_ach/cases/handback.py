@@ -29,8 +29,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from hms_ach.cases.assignment import ASSIGNED_AT_EXT, Candidate, Choice, candidates, choose
-from hms_ach.cases.open_cases import open_cases
-from hms_ach.cases.transitions import announce, event_facts, write_case
+from hms_ach.cases.open_cases import CaseChanged, open_cases, write_next
+from hms_ach.cases.transitions import announce, event_facts
 from hms_ach.cases.workflow import Workflow
 from hms_ach.store import workforce_queries as wq
 from hms_ach.store.port import Tx
@@ -104,7 +104,7 @@ def give(tx: Tx, task: dict[str, Any], chosen: str | None, now: datetime, note: 
     else:
         nxt.pop("extension", None)
     nxt["note"] = [*(nxt.get("note") or []), {"time": stamp, "text": note}]
-    return write_case(tx, nxt, None)
+    return write_next(tx, task, nxt)
 
 
 def announce_owner(tx: Tx, wf: Workflow, written: dict[str, Any], considered: int) -> None:
@@ -173,6 +173,8 @@ def reassign(tx: Tx, known: Mapping[str, Workflow], now: datetime, grace_minutes
                 announce_owner(tx, wf, written, len(choice.considered))
                 assigned += 1
                 log.info("case.dequeued", extra={"case": f"Task/{task['id']}"})
+        except CaseChanged:  # written meanwhile: the next run sees it as it is now
+            log.info("case.handback_deferred", extra={"case": f"Task/{task.get('id')}"})
         except Exception as exc:  # noqa: BLE001 - one case's failure costs only its own writes
             failed += 1
             log.error(

@@ -31,7 +31,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from hms_ach.cases import handback
-from hms_ach.cases.open_cases import open_cases
+from hms_ach.cases.open_cases import CaseChanged, open_cases, write_next
 from hms_ach.cases.transitions import (
     DUE_EXT,
     ENGINE_ACTOR,
@@ -39,7 +39,6 @@ from hms_ach.cases.transitions import (
     announce,
     event_facts,
     move,
-    write_case,
 )
 from hms_ach.cases.workflow import Workflow, state_of, workflows
 from hms_ach.core.types import JobSchedule
@@ -134,7 +133,7 @@ def record_breach(
     mark = [{"url": "state", "valueCode": state}, {"url": "due", "valueDateTime": due}]
     nxt["extension"] = [*others, {"url": BREACHED_EXT, "extension": mark}]
     nxt["note"] = [*(nxt.get("note") or []), {"time": stamp, "text": f"SLA of {state} passed (due {due})"}]
-    written = write_case(tx, nxt, None)
+    written = write_next(tx, task, nxt)
     owner = (written.get("owner") or {}).get("reference")
     facts = {
         **event_facts(written, wf),
@@ -170,6 +169,9 @@ def check_timers(tx: Tx, known: Mapping[str, Workflow], now: datetime) -> tuple[
         try:
             with savepoint(tx):  # one case's failure costs only its own writes
                 _, moved_to = record_breach(tx, wf, task, found[0], found[1], now)
+        except CaseChanged:  # written meanwhile: the next run sees it as it is now
+            log.info("case.sla_deferred", extra={"case": f"Task/{task.get('id')}"})
+            continue
         except Exception as exc:  # noqa: BLE001 - the other cases still get their timers
             failed += 1
             log.error(

@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from hms_ach.app.runtime import Engine
+from hms_ach.cases.open_cases import CaseChanged, write_next
 from hms_ach.cases.sla import BREACHED_EXT, recorded_breach
 from hms_ach.cases.transitions import DUE_EXT, move, write_case
 from hms_ach.cases.workflow import state_of, workflows
@@ -305,3 +306,19 @@ async def test_handback_on_offboarding_reassigns_then_queues_then_assigns_who_co
     finally:
         await engine.stop()
         await receiver.stop()
+
+
+def test_a_case_written_meanwhile_is_not_written_over(store: Store) -> None:
+    """Two timers racing (another instance, ``hms-ach jobs run`` beside the scheduler): the one whose
+    read is stale writes nothing, so a breach is never recorded (nor announced) twice."""
+    first = {
+        "identifier": [{"system": "urn:hms-ach:id:case", "value": "REV-RACE"}],
+        "status": "in-progress",
+        "intent": "order",
+    }
+    with store.transaction() as tx, audit.acting(tx, audit.actor_json(kind="test")):
+        read = write_case(tx, first, None)
+        write_case(tx, {**read, "priority": "urgent"}, None)  # someone else's version 2
+        with pytest.raises(CaseChanged):
+            write_next(tx, read, {**read, "priority": "stat"})
+    assert _task(store, read["id"])["priority"] == "urgent"
