@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 from hms_ach.cases.assignment import ASSIGNED_AT_EXT, Candidate, Choice, candidates, choose
-from hms_ach.cases.open_cases import CaseChanged, open_cases, write_next
+from hms_ach.cases.open_cases import CaseChanged, write_next
 from hms_ach.cases.transitions import announce, event_facts
 from hms_ach.cases.workflow import Workflow
 from hms_ach.store import workforce_queries as wq
@@ -72,6 +72,10 @@ class ReviewerPool:
 
     def __init__(self, tx: Tx, wf: Workflow, now: datetime):
         self.by_id = {c.practitioner_id: c for c in candidates(tx, wf.spec.assignment, now)}
+
+    def anyone_for(self, wf: Workflow, department: str | None, now: datetime) -> bool:
+        """Whether some holder qualifies for a case of ``department`` now (nothing is counted)."""
+        return choose(self.by_id.values(), wf.spec.assignment, department, now).chosen is not None
 
     def choose(self, wf: Workflow, department: str | None, now: datetime, without: str | None) -> Choice:
         pool = [c for pid, c in self.by_id.items() if pid != without]
@@ -137,25 +141,35 @@ def hand_back(
     return written
 
 
-def reassign(tx: Tx, known: Mapping[str, Workflow], now: datetime, grace_minutes: int) -> Reassigned:
-    """Hand back the cases of reviewers who left and assign queued cases (see the module docstring)."""
+def reassign(
+    tx: Tx, cases: Iterable[tuple[Workflow, dict[str, Any]]], now: datetime, grace_minutes: int, limit: int
+) -> Reassigned:
+    """Hand back the cases of reviewers who left and assign queued cases, among ``cases`` (the open
+    cases as read by :func:`~hms_ach.cases.open_cases.open_cases`; a case is read again before it
+    is written), ``limit`` cases at the most. See the module docstring."""
     grace = timedelta(minutes=grace_minutes)
     pools: dict[str, ReviewerPool] = {}
     handed = assigned = queued = failed = 0
-    for wf, task in list(open_cases(tx, known)):
-        pool = pools.get(wf.name)
-        if pool is None:
-            pool = pools[wf.name] = ReviewerPool(tx, wf, now)
+    for wf, task in cases:
+        if assigned + queued + failed >= limit:  # each case changed is one of these
+            break
         owner = _owner_id(task)
         if owner is None and task.get("owner"):
             continue  # owned by something other than a Practitioner (written over FHIR): left alone
+        pool = pools.get(wf.name)
+        if pool is None:
+            pool = pools[wf.name] = ReviewerPool(tx, wf, now)
+        reason = leaving(owner, pool.by_id, wf, now, grace) if owner is not None else None
+        if owner is not None and reason is None:
+            continue  # the owner keeps it: nothing read or written
+        if owner is None and not pool.anyone_for(wf, ext(task, DEPARTMENT_EXT), now):
+            continue  # queued and still nobody qualifies: nothing read or written
         try:
             with savepoint(tx):
-                current = wq.get_record(tx, "Task", str(task["id"])) or task
-                if owner is not None:
-                    reason = leaving(owner, pool.by_id, wf, now, grace)
-                    if reason is None:
-                        continue
+                current = wq.get_record(tx, "Task", str(task["id"]))
+                if current is None or _owner_id(current) != owner:
+                    raise CaseChanged(f"Task/{task['id']} changed while it was being checked")
+                if owner is not None and reason is not None:
                     written = hand_back(tx, wf, current, owner, reason, pool, now)
                     handed += 1
                     given = _owner_id(written) is not None

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -65,6 +65,12 @@ class CaseTimerSettings(JobSchedule):
     )
     handback: bool = Field(
         True, description="false: only the SLA timers run (no hand-back, no assignment from the queue)"
+    )
+    max_cases_per_run: int = Field(
+        100,
+        ge=1,
+        description="How many cases one run changes at most (a run is one writer transaction); the "
+        "others are changed by the next runs",
     )
 
     @model_validator(mode="before")
@@ -159,13 +165,18 @@ def record_breach(
     return moved.task, escalate_to
 
 
-def check_timers(tx: Tx, known: Mapping[str, Workflow], now: datetime) -> tuple[int, int, int]:
-    """Record every new breach among the open cases; answers (breached, escalated, failed)."""
+def check_timers(
+    tx: Tx, cases: Iterable[tuple[Workflow, dict[str, Any]]], now: datetime, limit: int
+) -> tuple[int, int, int]:
+    """Record the new breaches among ``cases`` (the open cases as read), ``limit`` at the most;
+    answers (breached, escalated, failed)."""
     breached = escalated = failed = 0
-    for wf, task in list(open_cases(tx, known)):
+    for wf, task in cases:
         found = breach(task, wf, now)
         if found is None:
             continue
+        if breached + failed >= limit:
+            break
         try:
             with savepoint(tx):  # one case's failure costs only its own writes
                 _, moved_to = record_breach(tx, wf, task, found[0], found[1], now)
@@ -200,10 +211,13 @@ class CaseTimerJob:
         if not known:
             return "no workflows loaded: nothing checked"
         now = datetime.now(UTC)
-        breached, escalated, failed = check_timers(tx, known, now)
+        cases = list(open_cases(tx, known))  # one read for both; a case written by the timers is
+        limit = settings.max_cases_per_run  # read again by the hand-back
+        breached, escalated, failed = check_timers(tx, cases, now, limit)
         summary = f"breached={breached}, escalated={escalated}"
         if settings.handback:
-            done = handback.reassign(tx, known, now, settings.handback_grace_minutes)
+            left = max(0, limit - breached - failed)
+            done = handback.reassign(tx, cases, now, settings.handback_grace_minutes, left)
             summary += f", handed_back={done.handed_back}, assigned={done.assigned}, queued={done.queued}"
             failed += done.failed
         if failed:  # logged per case (case.sla_failed); the others are committed

@@ -23,15 +23,18 @@ import pytest
 
 from hms_ach.app.runtime import Engine
 from hms_ach.cases.open_cases import CaseChanged, write_next
-from hms_ach.cases.sla import BREACHED_EXT, recorded_breach
+from hms_ach.cases.sla import BREACHED_EXT, CaseTimerJob, CaseTimerSettings, recorded_breach
 from hms_ach.cases.transitions import DUE_EXT, move, write_case
 from hms_ach.cases.workflow import state_of, workflows
+from hms_ach.mapping.engine import MappingEngine
+from hms_ach.mapping.loader import load_mappings
+from hms_ach.outbound import events
 from hms_ach.store import audit, outbox
 from hms_ach.store import workforce_queries as wq
 from hms_ach.store.db import Store
 from hms_ach.store.port import Tx
 from hms_ach.workforce.rules import CREDENTIAL_SYSTEM, iso
-from tests.integration.engine_helpers import FHIR_JSON, auth_headers, basic_shift, nurse, start_engine
+from tests.integration.engine_helpers import FHIR_JSON, ROOT, auth_headers, basic_shift, nurse, start_engine
 from tests.integration.notify_helpers import SmtpServer
 from tests.integration.outbound_helpers import SECRET, Receiver, wait_for
 
@@ -322,3 +325,34 @@ def test_a_case_written_meanwhile_is_not_written_over(store: Store) -> None:
         with pytest.raises(CaseChanged):
             write_next(tx, read, {**read, "priority": "stat"})
     assert _task(store, read["id"])["priority"] == "urgent"
+
+
+def test_a_run_changes_at_most_max_cases_per_run_and_the_next_run_the_rest(store: Store) -> None:
+    mset = load_mappings(ROOT / "mappings")
+    wf = workflows(mset)["clinical-review"]
+    late = iso(datetime.now(UTC) - timedelta(minutes=1))
+    before = events.current_engine()
+    events.use_engine(MappingEngine(mset))  # the job reads the workflows of the running engine's mappings
+    try:
+        with store.transaction() as tx, audit.acting(tx, audit.actor_json(kind="test")):
+            for n in range(3):
+                task = {
+                    "identifier": [{"system": "urn:hms-ach:id:case", "value": f"REV-{n}"}],
+                    "status": "in-progress",
+                    "businessStatus": wf.business_status("in-review"),
+                    "code": wf.code(),
+                    "intent": "order",
+                    "priority": "urgent",
+                    "extension": [{"url": DUE_EXT, "valueDateTime": late}],
+                }
+                write_case(tx, task, None)
+        settings = CaseTimerSettings(max_cases_per_run=2, handback=False)
+        summaries = []
+        for _ in range(3):
+            with store.transaction() as tx, audit.acting(tx, audit.actor_json(kind="test")):
+                summaries.append(CaseTimerJob().run(tx, settings))
+    finally:
+        events.use_engine(before)
+    assert summaries == ["breached=2, escalated=2", "breached=1, escalated=1", "breached=0, escalated=0"]
+    with store.read() as conn:
+        assert [state_of(t) for t in wq.scan(conn, "Task")] == ["escalated"] * 3
