@@ -53,6 +53,9 @@ log = logging.getLogger("hms_ach.cases.sla")
 BREACHED_EXT = "urn:hms-ach:fhir:StructureDefinition/case-sla-breached"
 
 
+_CAP = "How many cases one run changes at most (a run is one writer transaction); the others wait"
+
+
 class CaseTimerSettings(JobSchedule):
     """``jobs: case_timers:`` in channels.yaml."""
 
@@ -66,12 +69,7 @@ class CaseTimerSettings(JobSchedule):
     handback: bool = Field(
         True, description="false: only the SLA timers run (no hand-back, no assignment from the queue)"
     )
-    max_cases_per_run: int = Field(
-        100,
-        ge=1,
-        description="How many cases one run changes at most (a run is one writer transaction); the "
-        "others are changed by the next runs",
-    )
+    max_cases_per_run: int = Field(100, ge=1, description=_CAP)
 
     @model_validator(mode="before")
     @classmethod
