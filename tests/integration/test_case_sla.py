@@ -8,7 +8,8 @@ engine and its scheduler's ``case_timers`` job.
   (holder of the ``supervisor`` PractitionerRole) gets one mail per event at a real SMTP server.
 * An offboarded reviewer's case goes to the other qualified reviewer; when that one leaves too and
   nobody qualifies it is queued, and it is given to a reviewer as soon as they come on shift. A
-  supervisor assigns it to a named reviewer (who must qualify) or has the engine choose again.
+  supervisor assigns it to a named reviewer (who must qualify) or has the engine choose again. When
+  that reviewer's shift ended more than the grace ago, the case goes back to the queue.
 """
 
 from __future__ import annotations
@@ -296,16 +297,30 @@ async def test_handback_on_offboarding_reassigns_then_queues_then_assigns_who_co
             assert (await api.post(url, json={}, headers=mine)).status_code == 403
             assert (await api.post("/api/v1/review/nope/assign", json={}, headers=sup)).status_code == 404
 
-        want = ["case.handed_back", "case.assigned", "case.handed_back", "case.unassigned"] + [
-            "case.assigned"
-        ] * 3
+            # R3's shift ended an hour ago (more than the 30 minutes' grace): off shift, back to the queue
+            now = datetime.now(UTC)
+            ended = basic_shift("S-R3", later, iso(now - timedelta(hours=9)), iso(now - timedelta(hours=1)))
+            r = await api.put(
+                "/fhir/Basic",
+                params={"identifier": "urn:hms-ach:id:shift|S-R3"},
+                json=ended,
+                headers=FHIR_JSON,
+            )
+            assert r.status_code == 200, r.text
+            outcome = await engine.scheduler.run_job("case_timers")
+            assert outcome == ("ok", "breached=0, escalated=0, handed_back=1, assigned=0, queued=1")
+            assert "owner" not in _task(store, case["id"])
+
+        want = ["case.handed_back", "case.assigned", "case.handed_back", "case.unassigned"]
+        want += ["case.assigned"] * 3 + ["case.handed_back", "case.unassigned"]
         await wait_for(lambda: receiver.names()[2:] == want, timeout=60)
         handed = [e["data"] for e in receiver.events if e["event"] == "case.handed_back"]
         assert [(h["from"], h["reason"], h["owner"]) for h in handed] == [
             (f"Practitioner/{owner}", "offboarded", f"Practitioner/{other}"),
             (f"Practitioner/{other}", "offboarded", None),
+            (f"Practitioner/{later}", "off-shift", None),
         ]
-        assert {e["data"]["owner"] for e in receiver.events[-3:]} == {f"Practitioner/{later}"}
+        assert {e["data"]["owner"] for e in receiver.events[-5:-2]} == {f"Practitioner/{later}"}
     finally:
         await engine.stop()
         await receiver.stop()
