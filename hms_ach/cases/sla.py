@@ -15,9 +15,12 @@ writes when the case enters a state with an SLA) has passed:
 
 Exactly once per entry into a state: the breach, the events and the move commit in one savepoint
 of the job's transaction, and a case whose :data:`BREACHED_EXT` already names its state and due
-time is skipped, so a second run, a restarted engine or another instance never fires it again.
-Entering the state again gives a new due time, hence a new breach. The same job then hands back
-the cases of reviewers who left (:mod:`hms_ach.cases.handback`).
+time is skipped, so a second run, a restarted engine or another instance never fires it again;
+and a breach is written only over the version of the Task that was read
+(:func:`~hms_ach.cases.open_cases.write_next`), so two runs racing do not both write it. Entering
+the state again gives a new due time, hence a new breach. The same job then hands back the cases
+of reviewers who left (:mod:`hms_ach.cases.handback`). A run is one writer transaction: it changes
+``max_cases_per_run`` cases at most, the next runs the others.
 """
 
 from __future__ import annotations
