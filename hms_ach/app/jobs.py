@@ -22,6 +22,7 @@ JOB_TYPES = Registry(
         "claim_creation": "hms_ach.billing.claim_job:ClaimCreationJob",
         "audit_checkpoint": "hms_ach.store.audit_checkpoints:AuditCheckpointJob",
         "alerts": "hms_ach.outbound.alerts:AlertJob",
+        "case_timers": "hms_ach.cases.sla:CaseTimerJob",
     },
 )
 

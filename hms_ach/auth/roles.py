@@ -45,6 +45,7 @@ ACTIONS: dict[str, str] = {
     "cases.findings": "POST /api/v1/review/{caseId}/findings",
     "cases.sign": "POST /api/v1/review/{caseId}/sign",
     "cases.queue": "GET /api/v1/review/queue",
+    "cases.assign": "POST /api/v1/review/{caseId}/assign",
 }
 
 #: The action prefixes that are not workforce data (hr_admin and integration get every other action).
@@ -97,11 +98,12 @@ ROLE_RULES: dict[str, dict[str, Reach]] = {
     },
     "operator": {"metrics.read": "any"},
     # Review cases (docs/review-cases.md): a reviewer sees the cases assigned to them; a supervisor
-    # opens cases and sees every case (the escalation queue).
+    # opens cases, sees every case (the escalation queue) and assigns them.
     "reviewer": {"cases.read": "own", "cases.audit": "own"},
     "supervisor": {
         "cases.create": "any",
         "cases.read": "any",
+        "cases.assign": "any",
         "cases.audit": "any",
         "analytics.review": "any",
         "complaints.create": "any",

@@ -328,10 +328,11 @@ def _install_cases(router: APIRouter, api: CaseApi) -> None:
 
 
 # The sections import CaseApi and the case helpers above from this module: imported last.
-from hms_ach.cases import complaints_api  # noqa: E402
+from hms_ach.cases import assign_api, complaints_api  # noqa: E402
 
 #: The route modules of the cases API after the cases themselves, each ``install(router, api)``.
 SECTIONS: tuple[Callable[[APIRouter, CaseApi], None], ...] = (
+    assign_api.install,  # POST /review/{caseId}/assign
     audit_api.install,  # GET /review/{caseId}/audit-log, GET /analytics/review
     complaints_api.install,  # /complaints
     findings_api.install,  # findings, signatures, the escalation queue

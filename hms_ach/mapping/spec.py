@@ -395,7 +395,7 @@ class Hl7TransformMapping(_Strict):
 
 
 #: The recipient rules a notification may name (besides fixed addresses).
-RECIPIENT_RULES = ("employee", "managers", "peers", "operators", "requester")
+RECIPIENT_RULES = ("employee", "managers", "peers", "operators", "requester", "notify_role")
 
 
 class NotificationExample(_Strict):
@@ -421,9 +421,12 @@ class NotificationMapping(_Strict):
     (`recipient.name`, `recipient.rule`). `recipients` says who gets it: `employee` (the
     Practitioner's telecom), `managers` (the practitioners whose PractitionerRole in the same
     Organization has a manager role code), `peers` (the others with the employee's role there),
+    `role:<code>` (every holder of an active PractitionerRole with that code), `notify_role` (the
+    holders of the role the payload names in `notifyRole`, e.g. a late case's supervisor),
     `operators` (the addresses in the sink's `operators:` setting, e.g. for alerts), `requester` (the
     case's requester the payload names, e.g. a complainant: the contact of the stored RelatedPerson or
-    Patient, by their preferred channel) or a fixed address. `examples` are its golden tests, run by `hms-ach notify test` and CI.
+    Patient, by their preferred channel) or a fixed address. `examples` are its golden tests, run by
+    `hms-ach notify test` and CI.
     """
 
     kind: Literal["notification"] = Field(description="notification")
@@ -436,8 +439,10 @@ class NotificationMapping(_Strict):
     recipients: list[str] = Field(
         default_factory=lambda: ["employee"],
         min_length=1,
-        description="employee | managers | peers | operators (the sink's `operators:`) | requester (the "
-        "payload's `requester`: a RelatedPerson or Patient) | a fixed address (name@host, or +phone for http)",
+        description="employee | managers | peers | operators (the sink's `operators:`) | role:<code> (the "
+        "holders of an active PractitionerRole with that code, e.g. role:supervisor) | notify_role (the "
+        "holders of the role the payload names in `notifyRole`) | requester (the payload's `requester`: a "
+        "RelatedPerson or Patient) | a fixed address (name@host, or +phone for http)",
     )
     examples: list[NotificationExample] = Field(
         default_factory=list, description="Golden cases: a sample payload and the expected message"
@@ -463,10 +468,11 @@ class NotificationMapping(_Strict):
     @classmethod
     def _recipient_rules(cls, value: list[str]) -> list[str]:
         for rule in value:
-            if rule not in RECIPIENT_RULES and "@" not in rule and not rule.startswith("+"):
+            role = rule.startswith("role:") and len(rule) > len("role:")
+            if rule not in RECIPIENT_RULES and not role and "@" not in rule and not rule.startswith("+"):
                 raise ValueError(
-                    f"unknown recipient {rule!r}: expected one of {', '.join(RECIPIENT_RULES)}, an e-mail "
-                    "address or a +phone number"
+                    f"unknown recipient {rule!r}: expected one of {', '.join(RECIPIENT_RULES)}, role:<code>, "
+                    "an e-mail address or a +phone number"
                 )
         return value
 

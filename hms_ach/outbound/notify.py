@@ -8,8 +8,10 @@ For each outbox row the sink
    by the sinks it names;
 2. resolves the template's ``recipients`` from the store (:mod:`hms_ach.store.recipient_queries`):
    the employee the payload names (``practitioner``), the managers of her department, qualified peers,
-   the case's ``requester`` (a complainant, on the channel they prefer),
-   the sink's ``operators`` (for alerts) or fixed addresses. A recipient that cannot be resolved (no such Practitioner, no e-mail, no
+   the holders of a role (``role:<code>``, or ``notify_role``: the role the payload names in
+   ``notifyRole``, e.g. a late case's supervisor), the case's ``requester`` (a complainant, on the
+   channel they prefer), the sink's ``operators`` (for alerts) or fixed addresses. A recipient that
+   cannot be resolved (no such Practitioner, no e-mail, no
    manager) is counted (``hms_ach_notify_unresolved_recipients_total``), logged without any address
    and written into the row's stored response, which ``hms-ach outbox`` shows; it never fails the row;
 3. renders the template per recipient and sends it: ``channel: email`` over SMTP (STARTTLS or
@@ -173,13 +175,16 @@ class NotifySink:
                     targets += found
                     unresolved += missing
                     continue
-                if rule not in ("employee", "managers", "peers"):
+                if rule == "notify_role" or rule.startswith("role:"):
+                    code = rule.removeprefix("role:") if rule != "notify_role" else payload.get("notifyRole")
+                    people = rq.role_holders(conn, str(code)) if code else []
+                elif rule not in ("employee", "managers", "peers"):
                     targets.append(Target(rule, "address", None))
                     continue
-                if employee is None:
+                elif employee is None:
                     unresolved.append(f"{rule} (no stored Practitioner in the event)")
                     continue
-                if rule == "employee":
+                elif rule == "employee":
                     people = [employee]
                 elif rule == "managers":
                     people = rq.managers(conn, employee.reference, self.settings.manager_role_codes)

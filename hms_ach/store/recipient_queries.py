@@ -6,9 +6,12 @@
   an Organization where the employee has a PractitionerRole, whose ``code`` holds one of the manager
   role codes (``manager`` by default; configurable per sink);
 * qualified peers (for a swap): the practitioners with an active PractitionerRole of the same role
-  code in the same Organization as one of the employee's, the employee excepted.
+  code in the same Organization as one of the employee's, the employee excepted;
+* the holders of a role (``role:<code>``, ``notify_role``): the practitioners of the active
+  PractitionerRoles whose ``code`` holds it (the ``role`` token index), e.g. the supervisors told
+  of a late review case.
 
-Lookups go through the reference index (``search_reference``), so none of them scans every record.
+Lookups go through the reference and token indexes, so none of them scans every record.
 """
 
 from __future__ import annotations
@@ -17,8 +20,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from sqlalchemy import Table, select
+
+from hms_ach.store.models import SearchToken
 from hms_ach.store.port import Tx
 from hms_ach.store.record_reads import current, referring, stored
+from hms_ach.store.search_params import clip
 
 
 @dataclass(frozen=True)
@@ -143,3 +150,23 @@ def _rank(point: dict[str, Any]) -> int:
 def preferred_system(person: Person) -> str | None:
     """The contact system a requester prefers (their first contact point, :func:`requester`)."""
     return next((sys for sys, value in person.telecom if value), None)
+
+
+_TOKENS: Table = SearchToken.__table__  # type: ignore[attr-defined]
+
+
+def role_holders(tx: Tx, code: str) -> list[Person]:
+    """The active practitioners with an active PractitionerRole whose ``code`` holds ``code`` (any
+    code system), in id order of their roles."""
+    t = _TOKENS
+    holding = (t.c.resource_type == "PractitionerRole", t.c.param == "role", t.c.value == clip(code))
+    role_ids = sorted(set(tx.execute(select(t.c.resource_id).where(*holding)).scalars()))
+    found: list[str] = []
+    for role in current(tx, "PractitionerRole", role_ids):
+        who = _ref_id(role.get("practitioner"), "Practitioner")
+        if role.get("active") is not False and who is not None and code in _codes(role):
+            ref = f"Practitioner/{who}"
+            if ref not in found:
+                found.append(ref)
+    people = (practitioner(tx, ref) for ref in found)
+    return [p for p in people if p is not None and p.active]

@@ -92,6 +92,7 @@ async def test_reload_rebuilds_the_jobs(tmp_path: Path, store: Store) -> None:
             "claim_creation",
             "audit_checkpoint",
             "alerts",
+            "case_timers",
         }
     finally:
         await eng.stop()

@@ -29,6 +29,7 @@ def test_the_jobs_are_listed_in_registry_order() -> None:
         "claim_creation",
         "audit_checkpoint",
         "alerts",
+        "case_timers",
     ]
 
 

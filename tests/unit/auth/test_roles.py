@@ -31,7 +31,9 @@ def test_hr_admin_does_every_workforce_write_but_not_the_audit_trail() -> None:
 
 def test_review_case_roles() -> None:
     supervised = [a for a in ACTIONS if caller("supervisor").grant(a).allowed]
-    assert {"cases.create", "cases.read", "cases.audit", "analytics.review"} <= set(supervised)
+    assert {"cases.create", "cases.read", "cases.assign", "cases.audit", "analytics.review"} <= set(
+        supervised
+    )
     assert all(a.startswith(("cases.", "analytics.", "complaints.")) for a in supervised)
     assert [a for a in ACTIONS if caller("reviewer").grant(a).allowed] == []  # own: needs employee_id
     assert caller("auditor").grant("cases.read").unrestricted

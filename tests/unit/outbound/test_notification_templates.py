@@ -101,3 +101,15 @@ def test_sink_settings_refuse_what_cannot_work() -> None:
     with pytest.raises(ValidationError, match="go together"):
         NotifySink.Config(**base, channel="email", smtp_username="u")
     assert render_body('{"to": {{ to | tojson }}}', {"to": 'a"b'}) == b'{"to":"a\\"b"}'
+
+
+def test_role_recipients_name_a_role_code(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text(
+        "kind: notification\nevent: x.y\nsubject: s\ntext: t\nrecipients: ['role:supervisor', notify_role]\n"
+    )
+    assert load_notifications(tmp_path)["x.y"].model.recipients == ["role:supervisor", "notify_role"]
+    (tmp_path / "a.yaml").write_text(
+        "kind: notification\nevent: x.y\nsubject: s\ntext: t\nrecipients: ['role:']\n"
+    )
+    with pytest.raises(ConfigErrors, match="unknown recipient 'role:'"):
+        load_notifications(tmp_path)
