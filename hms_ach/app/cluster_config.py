@@ -122,14 +122,14 @@ class ClusterConfig:
                 raise ValueError(f"config version {newer.seq}: file name {name!r} is not a mapping path")
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text, encoding="utf-8")
-        for old in base.iterdir():  # keep only the version being loaded
-            if old != target and old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
         return target
 
     def ran(self, newer: Newer) -> None:
         """This instance now runs ``newer`` (blocking: recorded in ``config_instance``)."""
         self.seq, self.digest, self.refused = newer.seq, newer.digest, None
+        for old in (self.data_dir / MATERIALISED_DIR).iterdir():  # the older versions' texts
+            if old.is_dir() and not old.name.startswith(f"{newer.seq}-"):
+                shutil.rmtree(old, ignore_errors=True)
         with self.store.transaction() as tx:
             config_version.record_running(tx, self.instance, self.seq, self.digest, "ok")
 
@@ -141,7 +141,10 @@ class ClusterConfig:
 
     def _publish(self, d: str, files: dict[str, str]) -> None:
         with self.store.transaction() as tx:
+            before = config_version.latest(tx)
             self.seq = config_version.publish(tx, d, files, self.instance)
             self.digest, self.refused = d, None
             config_version.record_running(tx, self.instance, self.seq, d, "ok")
-        log.info("config.published", extra={"seq": self.seq, "digest": d[:16], "files": len(files)})
+        new = before is None or before.seq != self.seq
+        event = "config.published" if new else "config.version_running"  # the same files as published
+        log.info(event, extra={"seq": self.seq, "digest": d[:16], "files": len(files)})

@@ -20,8 +20,9 @@ import random
 import re
 import shutil
 import signal
+import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -40,8 +41,9 @@ from hms_ach.hl7v2.policy import Hl7Policy
 from hms_ach.ingest.pipeline import Pipeline
 from hms_ach.mapping.engine import MappingEngine
 from hms_ach.mapping.loader import load_mappings
-from hms_ach.store import config_version
+from hms_ach.store import config_version, job_runs
 from hms_ach.store.db import Store
+from hms_ach.store.port import Tx
 from hms_ach.store.writer import StoreWriter
 from tests.conftest import PG_URL, empty_store
 from tests.integration.engine_process import FS_CR, VT, EngineProcess
@@ -123,6 +125,47 @@ async def test_a_reload_on_one_instance_reaches_the_other_and_a_bad_version_is_r
     finally:
         await b.stop()
         await a.stop()
+
+
+# ---------------------------------------------------------------------------- conflicts
+def test_a_deadlock_between_two_instances_writers_is_retried_and_both_commit(tmp_path: Path) -> None:
+    """Two instances' writers lock the same two rows in opposite orders: PostgreSQL refuses one
+    transaction (deadlock); its writer runs it again, and both commit."""
+    with empty_store("postgres", tmp_path) as one:
+        other = Store(one.url)
+        with one.transaction() as tx:
+            job_runs.record_start(tx, "row-a")
+            job_runs.record_start(tx, "row-b")
+        meet = threading.Barrier(2)
+        attempts = {"row-a": 0, "row-b": 0}
+
+        def job(first: str, second: str) -> Callable[[Tx], str]:
+            def run(tx: Tx) -> str:
+                attempts[first] += 1
+                job_runs.record_start(tx, first)  # row lock on ``first``
+                if attempts[first] == 1:
+                    meet.wait(10)  # both hold their first row: each now waits for the other's
+                job_runs.record_start(tx, second)
+                return first
+
+            return run
+
+        writers = [StoreWriter(one), StoreWriter(other)]
+        try:
+            futures = [
+                writers[0]._submit(job("row-a", "row-b")),
+                writers[1]._submit(job("row-b", "row-a")),
+            ]
+            assert sorted(f.result(30) for f in futures) == ["row-a", "row-b"]
+        finally:
+            for w in writers:
+                w.stop()
+            other.dispose()
+        assert sorted(attempts.values()) == [1, 2]  # one of them ran again
+        assert all(w.health.consecutive_failures == 0 for w in writers)  # not taken for an outage
+        with one.read() as conn:
+            runs = job_runs.last_runs(conn)
+        assert (runs["row-a"].runs, runs["row-b"].runs) == (3, 3)  # each job's two updates, once
 
 
 # ---------------------------------------------------------------------------- the cluster test
@@ -360,11 +403,14 @@ async def test_three_instances_one_killed_lose_nothing_and_keep_each_patients_or
 
     # every ACKed message stored exactly once (a resend after the kill is a duplicate row)
     with pg.read() as conn:
-        stored = dict(
-            conn.execute(
-                text("SELECT control_id, COUNT(*) FROM message WHERE status != 'duplicate' GROUP BY control_id")
+        stored: dict[str, int] = {
+            str(cid): int(n)
+            for cid, n in conn.execute(
+                text(
+                    "SELECT control_id, COUNT(*) FROM message WHERE status != 'duplicate' GROUP BY control_id"
+                )
             ).all()
-        )
+        }
     assert acked_after_kill == len(sent.codes) == PATIENTS * 5
     assert {c: stored.get(c, 0) for c in sent.acked() if stored.get(c, 0) != 1} == {}
 
@@ -389,7 +435,11 @@ async def test_three_instances_one_killed_lose_nothing_and_keep_each_patients_or
 
     # the scheduler: one leader at a time; the job never ran on two instances at once
     leader_runs = [
-        [_ts(ev) for ev in e.events() if ev.get("event") == "job.finished" and ev.get("job") == "housekeeping"]
+        [
+            _ts(ev)
+            for ev in e.events()
+            if ev.get("event") == "job.finished" and ev.get("job") == "housekeeping"
+        ]
         for e in engines
     ]
     took_over = [e.event("scheduler.took_over") for e in engines[1:]]
@@ -399,7 +449,7 @@ async def test_three_instances_one_killed_lose_nothing_and_keep_each_patients_or
     assert all(t.timestamp() <= killed_at for t in leader_runs[0])
     assert leader_runs[new_leader] and all(t.timestamp() > killed_at for t in leader_runs[new_leader])
     with pg.read() as conn:
-        runs = conn.execute(text("SELECT runs, status FROM job_run WHERE name = 'housekeeping'")).one()
+        job_row = conn.execute(text("SELECT runs FROM job_run WHERE name = 'housekeeping'")).one()
     finished = len(leader_runs[0]) + len(leader_runs[new_leader])
-    assert runs[0] - finished in (0, 1), (runs, finished)  # 1: the run the kill cut short
+    assert int(job_row[0]) - finished in (0, 1), (job_row, finished)  # 1: the run the kill cut short
     assert time.monotonic() - started < 140
