@@ -35,7 +35,10 @@ from sqlalchemy import text
 
 from hms_ach.app import cluster_config
 from hms_ach.app.config import load_config
+from hms_ach.app.job_settings import JobsSettings
+from hms_ach.app.jobs import job_names
 from hms_ach.app.runtime import Engine
+from hms_ach.app.scheduler import JobDef, Scheduler, trigger_for
 from hms_ach.app.wiring import wire_listeners
 from hms_ach.hl7v2.policy import Hl7Policy
 from hms_ach.ingest.pipeline import Pipeline
@@ -166,6 +169,56 @@ def test_a_deadlock_between_two_instances_writers_is_retried_and_both_commit(tmp
         with one.read() as conn:
             runs = job_runs.last_runs(conn)
         assert (runs["row-a"].runs, runs["row-b"].runs) == (3, 3)  # each job's two updates, once
+
+
+# ---------------------------------------------------------------------------- the scheduler's leader
+async def test_a_leader_whose_lock_session_ends_stops_before_another_takes_over(tmp_path: Path) -> None:
+    """The leader's lock session is terminated while its process lives on (a network break): it
+    must not go on scheduling while the standby takes over. Every run is recorded with who ran
+    it and when: no two runs of different instances overlap, and both instances ran the job."""
+    runs: list[tuple[str, float, float]] = []
+
+    def job(who: str) -> JobDef:
+        async def run() -> str:
+            started = time.monotonic()
+            await asyncio.sleep(0.05)
+            runs.append((who, started, time.monotonic()))
+            return "ok"
+
+        return JobDef("tick", trigger_for(None, 0.2, "UTC"), run)
+
+    def settings(retry: float) -> JobsSettings:
+        no_jobs = {name: {"enabled": False} for name in job_names()}
+        return JobsSettings.model_validate({"lock_retry_seconds": retry, **no_jobs})
+
+    with empty_store("postgres", tmp_path) as one:
+        other = Store(one.url)
+        writers = [StoreWriter(one), StoreWriter(other)]
+        a = Scheduler(one, writers[0], [job("a")], settings(5.0))  # b retries sooner: b takes over
+        b = Scheduler(other, writers[1], [job("b")], settings(0.3))
+        try:
+            assert await a.start() is True
+            assert await b.start() is False
+            await _until(lambda: len(runs) >= 3, 10, "a runs the job")
+            lock_conn = a._lock._conn
+            assert lock_conn is not None
+            backend = lock_conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+            with one.transaction() as tx:
+                tx.execute(text("SELECT pg_terminate_backend(:p)"), {"p": backend})
+            await _until(lambda: any(who == "b" for who, _s, _e in runs), 15, "b takes over")
+            await asyncio.sleep(1.0)
+            assert not a.leader and a.aps is None  # a noticed and stands by
+            assert b.leader
+        finally:
+            await a.stop()
+            await b.stop()
+            for w in writers:
+                w.stop()
+            other.dispose()
+    by_a = [(s, e) for who, s, e in runs if who == "a"]
+    by_b = [(s, e) for who, s, e in runs if who == "b"]
+    assert by_a and by_b
+    assert max(e for _s, e in by_a) < min(s for s, _e in by_b)  # a's last run ended before b's first
 
 
 # ---------------------------------------------------------------------------- the cluster test
