@@ -157,11 +157,10 @@ class Engine:
             await asyncio.sleep(cluster_config.POLL_SECONDS)
             try:
                 newer = await asyncio.wait_for(asyncio.to_thread(cluster.poll), 30)
+                if newer is not None:
+                    await self._load_cluster_version(newer)
             except Exception as exc:  # noqa: BLE001 - the store is down: the writer's health says so
                 log.warning("config.version_check_failed", extra={"error": error_kind(exc)})
-                continue
-            if newer is not None:
-                await self._load_cluster_version(newer)
 
     async def _load_cluster_version(self, newer: cluster_config.Newer) -> None:
         assert self.cluster is not None

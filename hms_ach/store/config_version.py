@@ -6,7 +6,8 @@ Two small tables, created on first use (``CREATE TABLE IF NOT EXISTS`` semantics
   the ``digest`` (SHA-256 over the files' relative paths and contents), the files' texts (JSON,
   relative path -> text), when and by which instance it was published. The newest row is what the
   deployment runs; an instance that loads its own files (at start, or a reload of changed files)
-  publishes them, the others load the texts from here (docs/scale-out.md).
+  publishes them, the others load the texts from here (docs/scale-out.md). The newest
+  :data:`KEEP_VERSIONS` are kept.
 * ``config_instance``: one row per instance: the version it runs now, when it loaded it, and
   whether its last attempt was ``ok`` or ``refused`` (the texts failed the check; the instance
   keeps its last good mappings) with the first line of why.
@@ -51,6 +52,8 @@ INSTANCES = Table(
 
 #: How much of a refusal's text is kept in ``config_instance.detail``.
 MAX_DETAIL_CHARS = 2000
+#: Versions kept (the newest ones); older rows are deleted when a version is published.
+KEEP_VERSIONS = 100
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,7 @@ def publish(tx: Tx, digest: str, files: dict[str, str], instance: str) -> int:
         )
         .returning(VERSIONS.c.seq)
     ).scalar_one()
+    tx.execute(VERSIONS.delete().where(VERSIONS.c.seq <= int(seq) - KEEP_VERSIONS))
     return int(seq)
 
 

@@ -38,3 +38,13 @@ def test_each_instance_has_one_row_saying_what_it_runs(store: Store) -> None:
     refused = rows["host:2"]
     assert (refused.seq, refused.digest, refused.status) == (2, "d2", "refused")
     assert refused.detail is not None and len(refused.detail) == config_version.MAX_DETAIL_CHARS
+
+
+def test_only_the_newest_versions_are_kept(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config_version, "KEEP_VERSIONS", 3)
+    config_version.ensure_tables(store)
+    with store.transaction() as tx:
+        seqs = [config_version.publish(tx, f"d{i}", {"a.yaml": str(i)}, "host:1") for i in range(5)]
+        with pytest.raises(KeyError):
+            config_version.files_of(tx, seqs[1])
+        assert [config_version.files_of(tx, s) for s in seqs[2:]] == [{"a.yaml": str(i)} for i in (2, 3, 4)]
