@@ -125,11 +125,20 @@ class ClusterConfig:
         return target
 
     def ran(self, newer: Newer) -> None:
-        """This instance now runs ``newer`` (blocking: recorded in ``config_instance``)."""
+        """This instance now runs ``newer``: :meth:`adopt`, then :meth:`record` (blocking)."""
+        self.adopt(newer)
+        self.record()
+
+    def adopt(self, newer: Newer) -> None:
+        """This instance now runs ``newer`` (in memory only: call it with the swap of mappings)."""
         self.seq, self.digest, self.refused = newer.seq, newer.digest, None
-        for old in (self.data_dir / MATERIALISED_DIR).iterdir():  # the older versions' texts
+        base = self.data_dir / MATERIALISED_DIR
+        for old in base.iterdir() if base.is_dir() else ():  # the older versions' texts
             if old.is_dir() and not old.name.startswith(f"{newer.seq}-"):
                 shutil.rmtree(old, ignore_errors=True)
+
+    def record(self) -> None:
+        """Record in ``config_instance`` that this instance runs its version (blocking)."""
         with self.store.transaction() as tx:
             config_version.record_running(tx, self.instance, self.seq, self.digest, "ok")
 

@@ -175,7 +175,8 @@ class Engine:
             await asyncio.to_thread(self.cluster.refuse, newer, why)
             return
         self._use_mappings(mset)
-        await asyncio.to_thread(self.cluster.ran, newer)
+        self.cluster.adopt(newer)  # with the swap: what health and readiness say matches what runs
+        await asyncio.to_thread(self.cluster.record)
         self.health["config_version"] = {"seq": newer.seq, "digest": newer.digest[:16]}
         metrics.CONFIG_LOADS.labels("cluster", "ok").inc()
         log.info("config.cluster_version_loaded", extra={"seq": newer.seq, "digest": newer.digest[:16]})
