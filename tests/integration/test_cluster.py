@@ -44,7 +44,7 @@ from hms_ach.hl7v2.policy import Hl7Policy
 from hms_ach.ingest.pipeline import Pipeline
 from hms_ach.mapping.engine import MappingEngine
 from hms_ach.mapping.loader import load_mappings
-from hms_ach.store import config_version, job_runs
+from hms_ach.store import config_version, conflicts, job_runs
 from hms_ach.store.db import Store
 from hms_ach.store.port import Tx
 from hms_ach.store.writer import StoreWriter
@@ -164,7 +164,8 @@ def test_a_deadlock_between_two_instances_writers_is_retried_and_both_commit(tmp
             for w in writers:
                 w.stop()
             other.dispose()
-        assert sorted(attempts.values()) == [1, 2]  # one of them ran again
+        # one of them ran again (more than once if the machine is slow enough for a second refusal)
+        assert min(attempts.values()) == 1 and 1 < max(attempts.values()) <= conflicts.MAX_ATTEMPTS
         assert all(w.health.consecutive_failures == 0 for w in writers)  # not taken for an outage
         with one.read() as conn:
             runs = job_runs.last_runs(conn)
