@@ -408,11 +408,10 @@ async def replay_on_one_instance(tmp_path: Path, orders: dict[int, list[str]], s
     return single
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(90)  # the bound of the whole run; about 30 s of it is the dead instance's lease
 async def test_three_instances_one_killed_lose_nothing_and_keep_each_patients_order(
     tmp_path: Path, pg: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    started = time.monotonic()
     monkeypatch.setenv("HMS_ACH_AUDIT_KEY_FILE", str(tmp_path / "audit.key"))  # one key, one trail
     receiver = Receiver()
     url = await receiver.start()
@@ -506,4 +505,3 @@ async def test_three_instances_one_killed_lose_nothing_and_keep_each_patients_or
         job_row = conn.execute(text("SELECT runs FROM job_run WHERE name = 'housekeeping'")).one()
     finished = len(leader_runs[0]) + len(leader_runs[new_leader])
     assert int(job_row[0]) - finished in (0, 1), (job_row, finished)  # 1: the run the kill cut short
-    assert time.monotonic() - started < 140
