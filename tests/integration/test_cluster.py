@@ -109,6 +109,18 @@ async def test_a_reload_on_one_instance_reaches_the_other_and_a_bad_version_is_r
             running = {i.instance: i for i in config_version.instances(conn)}
         assert {i.status for i in running.values()} == {"ok"}
         assert {i.seq for i in running.values()} == {a.cluster.seq}
+        # b's own files did not change: a reload there keeps the cluster's version
+        assert b.reload_mappings() and _table_value(b) is False
+        # a broken edit on a is refused there and never published
+        published = a.cluster.seq
+        good = table.read_text()
+        table.write_text("kind: table\nmap: [\n")
+        assert not a.reload_mappings()
+        assert _table_value(a) is False and a.cluster.seq == published
+        with pg.read() as conn:
+            newest = config_version.latest(conn)
+        assert newest is not None and newest.seq == published
+        table.write_text(good)
 
         # a version b cannot load (published by an instance with a newer engine, say): refused there
         files = cluster_config.mapping_files(tmp_path / "a" / "mappings")
