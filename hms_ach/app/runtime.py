@@ -11,13 +11,16 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 import shutil
+import socket
 import time
 from collections.abc import Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from hms_ach.app import cluster_config
 from hms_ach.app.config import Config, load_config, tls_errors
 from hms_ach.app.metrics import EngineState, release_state, serve_state
 from hms_ach.app.scheduler import Scheduler, build_jobs
@@ -27,6 +30,7 @@ from hms_ach.auth.settings import AuthSettings, check_off_mode, with_environment
 from hms_ach.channels import CHANNEL_TYPES
 from hms_ach.channels.fhir_rest import FhirRestChannel
 from hms_ach.channels.mllp import MllpChannel
+from hms_ach.core import metrics
 from hms_ach.core.errors import ConfigError, ConfigErrors
 from hms_ach.core.redact import error_kind
 from hms_ach.core.types import Channel
@@ -34,7 +38,7 @@ from hms_ach.fhir.export import ExportManager
 from hms_ach.hl7v2.mllp import MllpConfig
 from hms_ach.ingest.pipeline import Pipeline
 from hms_ach.mapping.engine import MappingEngine
-from hms_ach.mapping.loader import load_mappings
+from hms_ach.mapping.loader import MappingSet, load_mappings
 from hms_ach.outbound import events
 from hms_ach.outbound.outbox import Dispatcher
 from hms_ach.store import audit, audit_checkpoints
@@ -105,6 +109,9 @@ class Engine:
         self._metrics: EngineState | None = None  # what /metrics reads from this engine while it runs
         self.stop_phase: str | None = None  # the phase of stop() running now, for the timeout report
         self.exports: ExportManager | None = None  # the Bulk Data $export worker, with the HTTP API
+        # PostgreSQL: the mapping version shared by every instance on the database (docs/scale-out.md)
+        self.cluster: cluster_config.ClusterConfig | None = None
+        self._cluster_task: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -113,6 +120,7 @@ class Engine:
         self.writer.start()
         self.access_audit.start()
         self._watchdog = asyncio.create_task(self._watch_writer())
+        await self._start_cluster_config()
         await self._start_outbound()  # before the channels: a new sink gets every event from here on
         for settings in self.config.channels:
             if not settings.enabled:
@@ -125,6 +133,53 @@ class Engine:
         await self._start_scheduler()
         self._metrics = self._metrics_state()
         serve_state(self._metrics)
+
+    async def _start_cluster_config(self) -> None:
+        """PostgreSQL: publish the mapping files this instance started with as the cluster's version,
+        then follow the versions the other instances publish (docs/scale-out.md)."""
+        if self.store.dialect != "postgresql":
+            return
+        instance = f"{socket.gethostname()}:{os.getpid()}"
+        cluster = cluster_config.ClusterConfig(self.store, self.config.data_dir, instance)
+        files = await asyncio.to_thread(cluster_config.mapping_files, self.config.mappings_dir)
+        await asyncio.to_thread(cluster.start, files)
+        self.cluster = cluster
+        self.health["config_version"] = {"seq": cluster.seq, "digest": cluster.digest[:16]}
+        self._cluster_task = asyncio.create_task(self._follow_cluster())
+
+    async def _follow_cluster(self) -> None:
+        """Every ``POLL_SECONDS``: publish a local reload, load a version another instance published.
+        Never ends on a failure: the store being down or a version failing the check is logged and
+        shown in the readiness report, and the last good mappings keep running."""
+        assert self.cluster is not None
+        cluster = self.cluster
+        while True:
+            await asyncio.sleep(cluster_config.POLL_SECONDS)
+            try:
+                newer = await asyncio.wait_for(asyncio.to_thread(cluster.poll), 30)
+                if newer is not None:
+                    await self._load_cluster_version(newer)
+            except Exception as exc:  # noqa: BLE001 - the store is down: the writer's health says so
+                log.warning("config.version_check_failed", extra={"error": error_kind(exc)})
+
+    async def _load_cluster_version(self, newer: cluster_config.Newer) -> None:
+        assert self.cluster is not None
+        try:
+            folder = await asyncio.to_thread(self.cluster.materialise, newer)
+            mset = await asyncio.to_thread(load_mappings, folder)
+        except (ConfigErrors, ConfigError, ValueError, OSError) as exc:
+            why = f"config version {newer.seq} ({newer.digest[:16]}) refused: {exc}"
+            self.health.update(status="degraded", reload_error=why)
+            metrics.CONFIG_LOADS.labels("cluster", "refused").inc()
+            log.error("config.cluster_version_refused", extra={"seq": newer.seq, "errors": str(exc)})
+            await asyncio.to_thread(self.cluster.refuse, newer, why)
+            return
+        self._use_mappings(mset)
+        self.cluster.adopt(newer)  # with the swap: what health and readiness say matches what runs
+        await asyncio.to_thread(self.cluster.record)
+        self.health["config_version"] = {"seq": newer.seq, "digest": newer.digest[:16]}
+        metrics.CONFIG_LOADS.labels("cluster", "ok").inc()
+        log.info("config.cluster_version_loaded", extra={"seq": newer.seq, "digest": newer.digest[:16]})
 
     async def _start_scheduler(self) -> None:
         """One scheduler per deployment (hms_ach/app/scheduler.py); on PostgreSQL the others stand by."""
@@ -254,6 +309,10 @@ class Engine:
            checkpointed into the database file and truncated, and every connection is closed.
 
         Returns whether the WAL checkpoint completed (None on PostgreSQL)."""
+        if self._cluster_task is not None:
+            self._cluster_task.cancel()
+            await asyncio.gather(self._cluster_task, return_exceptions=True)
+            self._cluster_task = None
         await self._phase("intake", self._stop_intake())
         await self._phase("outbound", self._stop_outbound())
         if self._watchdog is not None:
@@ -417,6 +476,12 @@ class Engine:
             failed["access_audit"] = access_problem
         if self.health.get("reload_error"):
             failed["mappings"] = "the last reload of channels.yaml or the mappings failed"
+            if self.cluster is not None and self.cluster.refused is not None:
+                seq = self.cluster.refused[0]
+                failed["mappings"] = (
+                    f"config version {seq}, published by another instance, failed the check here;"
+                    f" version {self.cluster.seq} still runs"
+                )
         return failed
 
     async def serve(self) -> None:
@@ -454,20 +519,37 @@ class Engine:
 
     # ------------------------------------------------------------------ hot reload
     def reload_mappings(self) -> bool:
-        """Load the mapping files again; apply them only if they are all valid."""
+        """Load the mapping files again; apply them only if they are all valid.
+
+        On PostgreSQL (:attr:`cluster`) files unchanged since this instance last read them are not
+        loaded again (the version the cluster runs stays); changed and valid ones are published,
+        and every other instance loads them within seconds (docs/scale-out.md)."""
+        files: dict[str, str] | None = None
         try:
+            if self.cluster is not None:
+                files = cluster_config.mapping_files(self.config.mappings_dir)
+                if not self.cluster.local_changed(files):
+                    return True
             mset = load_mappings(self.config.mappings_dir)
-        except (ConfigErrors, ConfigError) as exc:
+        except (ConfigErrors, ConfigError, OSError, UnicodeDecodeError) as exc:
             self.health["reload_error"] = str(exc)
             self.health["status"] = "degraded"
+            metrics.CONFIG_LOADS.labels("local", "refused").inc()
             log.error("config.reload_failed", extra={"errors": str(exc)})
             return False
+        self._use_mappings(mset)
+        if self.cluster is not None and files is not None:
+            self.cluster.queue_publish(files)  # published by _follow_cluster within POLL_SECONDS
+        metrics.CONFIG_LOADS.labels("local", "ok").inc()
+        log.info("config.reloaded")
+        return True
+
+    def _use_mappings(self, mset: MappingSet) -> None:
+        """Run ``mset`` from the next message on (the pipeline, the event payloads)."""
         self.mappings = mset
         self.pipeline.engine = MappingEngine(mset, self.config.engine.timezone)
         events.use_engine(self.pipeline.engine)
         self.health.update(status="ok", reload_error=None, last_reload=datetime.now(UTC).isoformat())
-        log.info("config.reloaded")
-        return True
 
     async def reload_config(self) -> bool:
         """Re-read channels.yaml: restart only the channels whose settings changed, then the mappings.

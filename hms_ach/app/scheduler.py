@@ -11,7 +11,11 @@ scheduled by its ``jobs:`` section in channels.yaml and run in one write transac
   ``pg_try_advisory_lock`` on a dedicated connection kept open for as long as it runs; the lock is
   per schema, so separate deployments in one database do not block each other). An instance that does not get it schedules nothing and retries every
   ``lock_retry_seconds``: when the holder dies its session ends, the lock is freed and a standby
-  takes over. SQLite is one process's store, so its scheduler needs no lock.
+  takes over. Before each scheduled run the leader checks that its session still holds the lock
+  (the session can end while the process lives: a network break, a restarted server); when it does
+  not, the run is skipped, the scheduler stops and stands by (``scheduler.leadership_lost``), so
+  two instances never run a job at once. SQLite is one process's store, so its scheduler needs no
+  lock.
 * Each run's start and outcome go to the ``job_run`` table (:mod:`hms_ach.store.job_runs`), which
   ``hms-ach jobs`` shows.
 """
@@ -195,7 +199,7 @@ class Scheduler:
     def _add(self, job: JobDef) -> None:
         assert self.aps is not None
         self.aps.add_job(
-            self.run_job,
+            self._scheduled_run,
             job.trigger,
             args=[job.name],
             id=job.name,
@@ -231,6 +235,29 @@ class Scheduler:
         log.info("scheduler.jobs_replaced", extra={"jobs": sorted(self.jobs)})
 
     # ------------------------------------------------------------------ runs
+    async def _scheduled_run(self, name: str) -> None:
+        """A run the schedule starts: only while this instance still holds the leader lock."""
+        try:
+            held = await asyncio.to_thread(self._lock.still_held)
+        except Exception:  # noqa: BLE001 - cannot tell: do not act as the leader
+            held = False
+        if not held:
+            await self._lose_leadership(name)
+            return
+        await self.run_job(name)
+
+    async def _lose_leadership(self, name: str) -> None:
+        """The lock's session ended: stop scheduling (runs in progress finish) and stand by."""
+        if self.aps is None:
+            return
+        log.critical("scheduler.leadership_lost", extra={"job": name})
+        aps, self.aps = self.aps, None
+        aps.shutdown(wait=False)
+        self.leader = False
+        await asyncio.to_thread(self._release_lock)  # drops the dead session
+        if self._standby is None or self._standby.done():
+            self._standby = asyncio.create_task(self._wait_for_lock())
+
     async def run_job(self, name: str) -> tuple[str, str]:
         """Run one job now and record its outcome; never raises (the outcome says what failed)."""
         job = self.jobs.get(name)

@@ -43,6 +43,12 @@ WRITER_BATCH_JOBS = Histogram(
     "Jobs committed together in one group commit",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
+CONFIG_LOADS = Counter(
+    "hms_ach_config_loads",
+    "Mapping loads by source (local: this instance's files; cluster: a version another instance"
+    " published) and outcome (ok; refused: the last good mappings stay)",
+    ["source", "outcome"],
+)
 WRITER_FAILURES = Counter(
     "hms_ach_writer_failures",
     "Group commits that failed in the store, by stage (connect, begin, statement, commit...)",

@@ -33,9 +33,10 @@ Replay runs the same ``work`` again on the stored row (:func:`rerun`).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeAlias, TypeVar
 
@@ -69,7 +70,7 @@ from hms_ach.hl7v2.parse import MshHeader, codec_for, decode, parse_text, read_h
 from hms_ach.hl7v2.policy import Hl7Policy, should_send_application, should_send_commit
 from hms_ach.mapping.engine import MappingEngine
 from hms_ach.mapping.loader import LoadedFile
-from hms_ach.store import messages
+from hms_ach.store import conflicts, messages
 from hms_ach.store.errors import StoreUnavailable
 from hms_ach.store.port import Tx
 from hms_ach.store.repository import Repository, WriteOutcome
@@ -698,6 +699,26 @@ def store_failed(ev: Evaluation, policy: Hl7Policy, exc: BaseException) -> Calla
     return job
 
 
+# --- cluster (task J, docs/scale-out.md): a unique violation caused by a concurrent insert of the
+# same key by another instance; the message's job runs again and then finds the committed row.
+async def retry_unique(run: Callable[[], Awaitable[R]]) -> R:
+    """``run()``, again (bounded by ``conflicts.MAX_ATTEMPTS``) while it fails on a unique violation."""
+    for attempt in range(conflicts.MAX_ATTEMPTS - 1):
+        try:
+            return await run()
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            if not conflicts.is_unique_violation(exc):
+                raise
+            log.warning("message.conflict_retry", extra={"attempt": attempt + 1})
+            await asyncio.sleep(conflicts.pause(attempt))
+    return await run()
+
+
+# --- end cluster
+
+
 class Pipeline:
     """Runs messages through evaluate -> commit with the current mapping engine (hot-swappable)."""
 
@@ -712,7 +733,7 @@ class Pipeline:
         ev = evaluate(raw, policy, self.engine)
         ev.meta.actor = actor
         try:
-            outcome = await self.writer.run(commit_hl7(ev, policy), lane=policy.channel)
+            outcome = await retry_unique(lambda: self.writer.run(commit_hl7(ev, policy), lane=policy.channel))
         except StoreUnavailable:
             raise
         except Exception as exc:  # noqa: BLE001 - not foreseen: stored as an error, answered AE

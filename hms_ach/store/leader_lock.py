@@ -2,8 +2,10 @@
 
 On PostgreSQL it is ``pg_try_advisory_lock`` on a dedicated connection kept open while held (the
 key is per schema, so separate deployments in one database do not block each other); when the
-holder dies its session ends and the lock is free. SQLite is one process's store: the lock is
-always granted.
+holder dies its session ends and the lock is free. The session can also end while the holder
+lives on (a network break, ``pg_terminate_backend``, a server restart): :meth:`LeaderLock.still_held`
+tells, and the holder must ask before it acts as the leader. SQLite is one process's store: the
+lock is always granted.
 """
 
 from __future__ import annotations
@@ -14,6 +16,11 @@ from hms_ach.store.db import Store
 
 _LOCK_SQL = "SELECT pg_try_advisory_lock(hashtext(:key || current_schema()))"
 _UNLOCK_SQL = "SELECT pg_advisory_unlock(hashtext(:key || current_schema()))"
+#: Whether this session holds an advisory lock (the lock's connection holds nothing else).
+_HELD_SQL = (
+    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+    " AND pid = pg_backend_pid())"
+)
 
 
 class LeaderLock:
@@ -41,6 +48,19 @@ class LeaderLock:
         else:
             conn.close()
         return got
+
+    def still_held(self) -> bool:
+        """Whether this instance still holds the lock: its session is alive and has it. False also
+        when the session cannot be reached (then :meth:`release` drops it, and ``try_take`` may
+        take the lock again on a new session)."""
+        if self.store.dialect != "postgresql":
+            return True
+        if self._conn is None:
+            return False
+        try:
+            return bool(self._conn.execute(text(_HELD_SQL)).scalar())
+        except Exception:  # noqa: BLE001 - a broken session holds no lock
+            return False
 
     def release(self) -> bool:
         """Let the lock go (if held). False: the unlock statement failed; the lock is freed all the

@@ -61,6 +61,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from hms_ach.core import metrics
+from hms_ach.store import conflicts
 from hms_ach.store.db import Store
 from hms_ach.store.errors import StoreUnavailable
 from hms_ach.store.port import Tx
@@ -421,10 +422,10 @@ class StoreWriter:
         if track:
             self.health.busy_since = started
         try:
-            if len(batch) == 1:
-                outcomes = self._commit_one(*batch[0])
-            else:
-                outcomes = self._commit_many(batch)
+            # --- cluster (task J, docs/scale-out.md): a deadlock or serialization failure against
+            # another instance's transaction rolled the batch back whole; run it again, bounded.
+            outcomes = conflicts.retrying(lambda: self._commit_batch(batch), _conflicted)
+            # --- end cluster
         except _StoreFailure as failure:
             self._failed(failure, len(batch))
             unavailable = StoreUnavailable(f"{failure.stage} failed")
@@ -445,6 +446,13 @@ class StoreWriter:
         self._committed(len(batch))
         for fut, result, error in outcomes:
             self._settle(fut, result, error)
+
+    def _commit_batch(
+        self, batch: list[tuple[Callable[[Tx], Any], Future[Any]]]
+    ) -> list[tuple[Future[Any], Any, BaseException | None]]:
+        if len(batch) == 1:
+            return self._commit_one(*batch[0])
+        return self._commit_many(batch)
 
     def _commit_many(
         self, batch: list[tuple[Callable[[Tx], Any], Future[Any]]]
@@ -539,6 +547,11 @@ class StoreWriter:
                 fut.set_result(result)
         except Exception:  # noqa: BLE001 - settled concurrently (InvalidStateError): nothing to do
             pass
+
+
+def _conflicted(exc: BaseException) -> bool:
+    """Cluster (task J): the batch failed on a conflict with a concurrent transaction, not an outage."""
+    return isinstance(exc, _StoreFailure) and conflicts.is_retryable(exc.cause)
 
 
 def _stage(stage: str, call: Callable[[], T]) -> T:
