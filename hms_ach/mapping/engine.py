@@ -12,6 +12,8 @@ the preview) is recorded only when asked for: the pipeline does not store it.
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 from collections.abc import Callable
 from dataclasses import replace
@@ -36,6 +38,11 @@ from hms_ach.mapping.paths import (
 from hms_ach.mapping.terminology import lookup
 
 _TOKEN = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:\[(\d*)\])?")
+
+log = logging.getLogger(__name__)
+
+#: set to 1 to run every mapping interpreted (diagnosis: compare with the compiled path)
+INTERPRETED_ENV = "HMS_ACH_MAPPING_INTERPRETED"
 
 Token = tuple[str, "int | None | str"]
 #: lineage is a list when the run records it, None when it does not (the pipeline)
@@ -223,6 +230,11 @@ class MappingEngine:
         self._resources: dict[tuple[str, str], ResourceFn] = {}
         self._datatypes: dict[tuple[str, str], list[RuleFn]] = {}
         self._events: dict[str, EventFn | None] = {}
+        #: compiled message mappings (hms_ach.mapping.compiler) by id of their file; None: interpreted
+        self._compiled: dict[int, Callable[[Hl7Message], MappingResult] | None] = {}
+        #: why a message mapping stays interpreted, by mapping name (``hms-ach check --verbose``)
+        self.fallbacks: dict[str, str] = {}
+        self.interpreted_only = os.environ.get(INTERPRETED_ENV, "") not in ("", "0")
 
     # ------------------------------------------------------------------ entry points
     def mapping_for(self, msg: Hl7Message) -> LoadedFile:
@@ -259,7 +271,42 @@ class MappingEngine:
         """Map ``msg``; with ``seen``, every HL7 position the mapping read is added to it (coverage);
         ``lineage=False`` skips recording where each value came from (nothing but the preview reads it)."""
         f = mapping or self.mapping_for(msg)
+        if not lineage and seen is None and not self.interpreted_only:
+            compiled = self.compiled(f)
+            if compiled is not None:
+                return compiled(msg)
         return self._message_fn(f, "hl7v2")(Scope(msg, seen=seen), lineage)
+
+    def map_interpreted(self, msg: Hl7Message, mapping: LoadedFile | None = None) -> MappingResult:
+        """Map ``msg`` on the interpreted path without lineage (to compare with the compiled one)."""
+        f = mapping or self.mapping_for(msg)
+        return self._message_fn(f, "hl7v2")(Scope(msg), False)
+
+    def compiled(self, f: LoadedFile) -> Callable[[Hl7Message], MappingResult] | None:
+        """The compiled form of HL7 v2 message mapping ``f`` (made once, then cached with this
+        engine and so with its MappingSet); None when the compiler does not handle one of its
+        constructs: the mapping then runs interpreted, and ``fallbacks`` says why."""
+        key = id(f)
+        if key in self._compiled:
+            return self._compiled[key]
+        from hms_ach.mapping.compiler import Unsupported, compile_message
+
+        fn: Callable[[Hl7Message], MappingResult] | None
+        try:
+            fn = compile_message(self.mset, f, self.timezone)
+        except Unsupported as exc:
+            fn = None
+            self.fallbacks[f.name] = str(exc)
+            log.debug("mapping.compile_fallback", extra={"mapping": f.name, "reason": str(exc)})
+        self._compiled[key] = fn
+        return fn
+
+    def compile_all(self) -> dict[str, str]:
+        """Compile every HL7 v2 message mapping now; returns the fallbacks (mapping -> reason)."""
+        for f in self.mset.messages.values():
+            if f.model.match.input == "hl7v2":
+                self.compiled(f)
+        return dict(self.fallbacks)
 
     def input_mapping(self, kind: str, name: str) -> LoadedFile:
         """The message mapping for a CSV dataset or FHIR resourceType; RejectError when there is none."""

@@ -100,6 +100,7 @@ from hms_ach.core.errors import ConfigError, ConfigErrors, MessageError, SourceP
 from hms_ach.core.hl7message import Hl7Message
 from hms_ach.core.records import MappingResult, RecordWrite
 from hms_ach.mapping.engine import MappingEngine
+from hms_ach.mapping.compiler_check import compiled_difference
 from hms_ach.mapping.loader import MappingSet, Positions, _plain, position_of
 from hms_ach.mapping.paths import CsvRecord
 
@@ -445,6 +446,9 @@ def run_case(
             return result
     except MessageError as exc:
         return _check_error(result, case, exc)
+    except PathsDiffer as exc:
+        result.message = str(exc)
+        return result
     except Exception as exc:  # a bug in the engine or a mapping: report it as this case's failure
         result.message = f"mapping crashed: {type(exc).__name__}: {exc}"
         return result
@@ -480,7 +484,16 @@ def produce(
         return engine.map_input("csv", case.csv.dataset, record)
     if case.fhir is not None:
         return engine.map_input("fhir", str(case.fhir.get("resourceType", "")), case.fhir)
-    return engine.map_message(parse(_message_bytes(case, repo_root)))
+    message = parse(_message_bytes(case, repo_root))
+    mapping = engine.mapping_for(message)
+    differs = compiled_difference(engine, message, mapping)
+    if differs is not None:
+        raise PathsDiffer(f"the compiled and the interpreted mapping differ at {differs}")
+    return engine.map_message(message, mapping)
+
+
+class PathsDiffer(Exception):
+    """The compiled mapping of a case's message did not give what the interpreted one gives."""
 
 
 def _run_event_case(
