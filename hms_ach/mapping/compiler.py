@@ -127,7 +127,9 @@ class _Gen:
             out.append(f"{ind}for {s} in {base}[{n - 1}:{n}]:")
         return ind + "    "
 
-    def component(self, out: list[str], ind: str, rep: str, raw: str, comp: int | None, sub: int | None) -> None:
+    def component(
+        self, out: list[str], ind: str, rep: str, raw: str, comp: int | None, sub: int | None
+    ) -> None:
         if comp is None:
             out.append(f"{ind}{raw} = {rep}")
             return
@@ -211,7 +213,14 @@ class _Gen:
             out.append(f"{inner}    break")
 
     def first(
-        self, out: list[str], ind: str, source: str | list[str], scope: _Scope, primitive: bool, v: str, at: str
+        self,
+        out: list[str],
+        ind: str,
+        source: str | list[str],
+        scope: _Scope,
+        primitive: bool,
+        v: str,
+        at: str,
     ) -> None:
         """Emit code setting ``v`` to the decoded text of the first non-blank value of ``source``
         (None when there is none) and ``at`` to where it was; ``raw`` + ``v`` + ``_w`` for the raw."""
@@ -241,7 +250,9 @@ class _Gen:
         msg = v.required if isinstance(v.required, str) else f"{loc} is required but empty"
         return self.const((f"{f.name}: {msg}", loc), "Q")
 
-    def convert(self, out: list[str], ind: str, v: spec.ValueSpec, f: LoadedFile, what: str, val: str, where: str) -> None:
+    def convert(
+        self, out: list[str], ind: str, v: spec.ValueSpec, f: LoadedFile, what: str, val: str, where: str
+    ) -> None:
         """Emit the rule's ``function`` then ``table`` on ``val`` (``where``: the location expression)."""
         if v.function:
             spec_fn = FUNCTIONS[v.function]
@@ -268,10 +279,19 @@ class _Gen:
             else:
                 out.append(f"{ind}    _tk = str({val}).strip()")
                 out.append(f"{ind}    _tf = _folded({t}).get(_tk.upper())")
-            out.append(f"{ind}    {val} = _tf if _tf is not None else _lookup({t}, {name}, str({val}), {where})")
+            out.append(
+                f"{ind}    {val} = _tf if _tf is not None else _lookup({t}, {name}, str({val}), {where})"
+            )
 
     def value(
-        self, out: list[str], ind: str, v: spec.ValueSpec, f: LoadedFile, scope: _Scope, what: str, check: bool
+        self,
+        out: list[str],
+        ind: str,
+        v: spec.ValueSpec,
+        f: LoadedFile,
+        scope: _Scope,
+        what: str,
+        check: bool,
     ) -> str:
         """Emit ``_compile_value``'s produce; returns the variable holding the value."""
         val = self.var("_v")
@@ -485,7 +505,9 @@ class _Gen:
         val = self.value(out, ind, rule, f, scope, rule.target, True)
         self.emit(out, ind, rule, obj, val, None)
 
-    def list_rule(self, out: list[str], ind: str, f: LoadedFile, rule: spec.Rule, scope: _Scope, obj: str) -> None:
+    def list_rule(
+        self, out: list[str], ind: str, f: LoadedFile, rule: spec.Rule, scope: _Scope, obj: str
+    ) -> None:
         path = self.path(str(rule.source), True)
         added = self.var("_added")
         out.append(f"{ind}{added} = 0")
@@ -509,7 +531,9 @@ class _Gen:
             out.append(f"{ind}if not {added}:")
             out.append(f"{ind}    raise _MappingError({fail}[0], {fail}[1], _E101)")
 
-    def builder(self, out: list[str], ind: str, f: LoadedFile, rule: spec.Rule, scope: _Scope, obj: str) -> None:
+    def builder(
+        self, out: list[str], ind: str, f: LoadedFile, rule: spec.Rule, scope: _Scope, obj: str
+    ) -> None:
         cur = ind
         inner = scope
         if rule.source:
@@ -517,7 +541,9 @@ class _Gen:
             paths = [self.path(t, False) for t in texts]
             shapes = {(type(p), getattr(p, "segment", None)) for p in paths}
             if len(shapes) > 1:
-                raise Unsupported(f"{f.name}: {rule.target}: sources of a built value from different segments")
+                raise Unsupported(
+                    f"{f.name}: {rule.target}: sources of a built value from different segments"
+                )
             g, gat = self.var("_g"), self.var("_at")
             self.first(out, ind, rule.source, scope, False, g, gat)
             fail_source = self.require(rule, f, rule.source)
@@ -585,11 +611,11 @@ class _Gen:
         return fn
 
     def resource_fn(self, name: str, scope: _Scope) -> str:
-        key = ("R", name, scope.shape)
-        fn = self.made.get(key)
+        made_key = ("R", name, scope.shape)
+        fn = self.made.get(made_key)
         if fn is not None:
             return fn
-        fn = self.made[key] = f"_R{len(self.made)}_{name}"
+        fn = self.made[made_key] = f"_R{len(self.made)}_{name}"
         f = self.mset.resources[name]
         m: spec.ResourceMapping = f.model
         sc = self.callee_scope(scope.shape)

@@ -23,7 +23,14 @@ def outcome(run: Callable[[], MappingResult]) -> dict[str, Any]:
     try:
         result = run()
     except MessageError as exc:
-        return {"error": {"type": type(exc).__name__, "message": exc.message, "location": exc.location, "code": exc.code}}
+        return {
+            "error": {
+                "type": type(exc).__name__,
+                "message": exc.message,
+                "location": exc.location,
+                "code": exc.code,
+            }
+        }
     return {
         "mapping": result.mapping,
         "records": [
@@ -56,7 +63,7 @@ def first_difference(a: Any, b: Any, where: str = "") -> str | None:
                 return found
         return None
     if isinstance(a, (list, tuple)):
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=False)):
             found = first_difference(x, y, f"{where}[{i}]")
             if found:
                 return found
@@ -66,13 +73,13 @@ def first_difference(a: Any, b: Any, where: str = "") -> str | None:
     return None if a == b else f"{where or '(top)'}: interpreted {a!r}, compiled {b!r}"
 
 
-def compiled_difference(engine: MappingEngine, msg: Hl7Message, mapping: LoadedFile | None = None) -> str | None:
+def compiled_difference(
+    engine: MappingEngine, msg: Hl7Message, mapping: LoadedFile | None = None
+) -> str | None:
     """Where the compiled mapping of ``msg`` differs from the interpreted one; None when they agree
     (or when the mapping is not compiled: then only one path exists)."""
     f = mapping or engine.mapping_for(msg)
     compiled = engine.compiled(f)
     if compiled is None:
         return None
-    return first_difference(
-        outcome(lambda: engine.map_interpreted(msg, f)), outcome(lambda: compiled(msg))
-    )
+    return first_difference(outcome(lambda: engine.map_interpreted(msg, f)), outcome(lambda: compiled(msg)))
