@@ -30,7 +30,6 @@ from hms_ach.mapping import compiler_runtime, spec
 from hms_ach.mapping.engine import (
     _empty,
     _field_location,
-    _finish_refs,
     _fresh,
     _given,
     _leaf,
@@ -69,6 +68,13 @@ class _Scope:
 
 
 _TOP = _Scope(None, None, None, None, '""')
+
+
+def _e(v: str) -> str:
+    """An inline test equal to ``_empty(v)`` (a call only for lists and objects)."""
+    return f"({v} is None or {v} == '' or {v} == '\"\"' or (isinstance({v}, (list, dict)) and _empty({v})))"
+
+
 _BLANK = ("", '""')
 
 
@@ -262,7 +268,7 @@ class _Gen:
             fn = self.const(spec_fn.fn, "F")
             a = self.const(args, "A")
             prefix = self.const(f"{f.name}: {what}: ", "K")
-            out.append(f"{ind}if not _empty({val}):")
+            out.append(f"{ind}if not {_e(val)}:")
             out.append(f"{ind}    try:")
             out.append(f"{ind}        {val} = {fn}({val}, **{a})")
             out.append(f"{ind}    except FunctionError as _exc:")
@@ -271,7 +277,7 @@ class _Gen:
             table = self.mset.tables[v.table].model
             t = self.const(table, "T")
             name = self.const(v.table, "K")
-            out.append(f"{ind}if not _empty({val}):")
+            out.append(f"{ind}if not {_e(val)}:")
             if table.case_sensitive:
                 m = self.const(table.map, "M")
                 out.append(f"{ind}    _tk = str({val}).strip()")
@@ -325,11 +331,11 @@ class _Gen:
             out.append(f"{ind}{val} = None")
         self.convert(out, ind, v, f, what, val, where)
         if v.default is not None:
-            out.append(f"{ind}if _empty({val}):")
+            out.append(f"{ind}if {_e(val)}:")
             out.append(f"{ind}    {val} = {self.const(v.default)}")
         fail = self.require(v, f, v.source or v.sources or what) if check else None
         if fail:
-            out.append(f"{ind}if _empty({val}):")
+            out.append(f"{ind}if {_e(val)}:")
             out.append(f"{ind}    raise _MappingError({fail}[0], {fail}[1], _E101)")
         return val
 
@@ -352,7 +358,7 @@ class _Gen:
         """``_emit``: an empty value runs only the required check; others are copied and set."""
         out.append(
             f"{ind}if {val} is None or {val} == '' or {val} == '\"\"' "
-            f"or ({val}.__class__ in (list, dict) and _empty({val})):"
+            f"or ({val}.__class__ in (list, dict) and {_e(val)}):"
         )
         if fail:
             out.append(f"{ind}    raise _MappingError({fail}[0], {fail}[1], _E101)")
@@ -389,7 +395,7 @@ class _Gen:
                 )
             tests = []
             if cond.exists is not None:
-                tests.append(f"(not _empty({val})) != {cond.exists!r}")
+                tests.append(f"(not {_e(val)}) != {cond.exists!r}")
             if cond.equals is not None:
                 tests.append(f"{val} != {cond.equals!r}")
             if cond.not_equals is not None:
@@ -399,7 +405,7 @@ class _Gen:
             if cond.not_in is not None:
                 tests.append(f"{val} in {self.const(list(cond.not_in))}")
             if not tests:
-                tests.append(f"_empty({val})")
+                tests.append(f"{_e(val)}")
             out.append(f"{cur}if {' or '.join(tests)}:")
             out.append(f"{cur}    {ok} = False")
         return ok
@@ -516,7 +522,7 @@ class _Gen:
             item = self.var("_it")
             o.append(f"{bi}{item} = unesc({raw}) if ESC in {raw} else {raw}")
             self.convert(o, bi, rule, f, rule.target, item, f"_rt_location(msg, {at})")
-            o.append(f"{bi}if not _empty({item}):")
+            o.append(f"{bi}if not {_e(item)}:")
             o.append(f"{bi}    if isinstance({item}, (dict, list)):")
             o.append(f"{bi}        {item} = _fresh({item}, run)")
             self.set_target(o, bi + "    ", rule.target, obj, item)
@@ -572,7 +578,7 @@ class _Gen:
             alias = self.var("_alias")
             out.append(f"{cur}{alias} = {fn}(run, k, {self.scope_args(inner)}, {given}, None, None, None)")
             out.append(f"{cur}{value} = {{'reference': '@' + {alias}}} if {alias} else None")
-        out.append(f"{cur}if _empty({value}):")
+        out.append(f"{cur}if {_e(value)}:")
         if fail:
             out.append(f"{cur}    raise _MappingError({fail}[0], {fail}[1], _E101)")
         else:
@@ -636,8 +642,8 @@ class _Gen:
             first = False
             system = self.value(out, cur, key.system, f, sc, "key.system", False)
             val = self.value(out, cur, key.value, f, sc, "key.value", False)
-            out.append(f"{cur}if not _empty({val}):")
-            out.append(f"{cur}    key_system = None if _empty({system}) else str({system})")
+            out.append(f"{cur}if not {_e(val)}:")
+            out.append(f"{cur}    key_system = None if {_e(system)} else str({system})")
             out.append(f"{cur}    key_value = str({val})")
             if key.fallback is None and key.value.required and not skip:
                 primary = m.key.value  # type: ignore[union-attr]
@@ -728,7 +734,7 @@ class _Gen:
                 f"{{k_: run.as_names.get(v_.lstrip('@'), '') for k_, v_ in {args}.items()}}))"
             )
         out.append(f"{i}if run.dirty:")
-        out.append(f"{i}    _finish_refs(run)")
+        out.append(f"{i}    _rt_finish_refs(run)")
         out.append(f"{i}return run.result")
         return out
 
@@ -752,7 +758,6 @@ def generate(mset: MappingSet, f: LoadedFile, timezone: str) -> tuple[str, dict[
 _GLOBALS: dict[str, Any] = {
     "_empty": _empty,
     "_fresh": _fresh,
-    "_finish_refs": _finish_refs,
     "_given": _given,
     "_set_tokens": _set_tokens,
     "_folded": _folded,
@@ -770,6 +775,7 @@ _GLOBALS: dict[str, Any] = {
     "_rt_segment_location": compiler_runtime.segment_location,
     "_rt_function_error": compiler_runtime.function_error,
     "_rt_undo_records": compiler_runtime.undo_records,
+    "_rt_finish_refs": compiler_runtime.finish_refs,
 }
 
 

@@ -61,3 +61,35 @@ def undo_records(run: Any, made: int, exc: MappingError) -> None:
             run.by_key.pop((rec.resource_type, rec.key_system, rec.key_value), None)
     del run.result.records[made:]
     run.result.warnings.append(exc)
+
+
+def finish_refs(run: Any) -> None:
+    """What the interpreter's ``_finish_refs`` does, in place: ``ref:`` placeholders become record
+    aliases, refs to records not made are dropped with the object holding them, and None or empty
+    items leave lists. In place is safe here: the generated code copies every constant, table and
+    function value it sets, so no record shares an object with a mapping file or another record."""
+    as_names = run.as_names
+
+    def keep(value: Any) -> bool:
+        if value.__class__ is dict:
+            ref = value.get("reference")
+            if ref.__class__ is str and ref.startswith("@as:"):
+                alias = as_names.get(ref[4:])
+                if alias is None:
+                    return False
+                value["reference"] = "@" + alias
+            drop = [
+                k for k, v in value.items() if (v.__class__ is dict or v.__class__ is list) and not keep(v)
+            ]
+            for k in drop:
+                del value[k]
+            return True
+        value[:] = [
+            v
+            for v in value
+            if (v.__class__ is not dict and v.__class__ is not list or keep(v)) and v is not None and v != {}
+        ]
+        return True
+
+    for rec in run.result.records:
+        keep(rec.content)
