@@ -36,7 +36,6 @@ from hms_ach.mapping.engine import (
     _may_leave_holes,
     _path,
     _Run,
-    _set_tokens,
     _target,
 )
 from hms_ach.mapping.functions import FUNCTIONS, FunctionError
@@ -89,6 +88,9 @@ class _Gen:
         self.functions: list[list[str]] = []
         self.made: dict[tuple[Any, ...], str] = {}
         self.counter = itertools.count()
+        #: whether a ``ref:`` set here stays the object in the record (no merge can copy it): then it
+        #: is resolved in place at the end, without the walk over every record
+        self.ref_in_place = True
 
     # ------------------------------------------------------------------ plumbing
     def const(self, value: Any, prefix: str = "K") -> str:
@@ -352,7 +354,31 @@ class _Gen:
         if len(tokens) == 1 and tokens[0][1] == "+":
             out.append(f"{ind}{obj}.setdefault({tokens[0][0]!r}, []).append({val})")
             return
-        out.append(f"{ind}_set_tokens({obj}, {self.const(tokens)}, {val}, False)")
+        # the walk of the interpreter's _set_tokens, unrolled for this target
+        out.append(f"{ind}_nd = {obj}")
+        last_i = len(tokens) - 1
+        for i, (name, idx) in enumerate(tokens):
+            last = i == last_i
+            if idx is None:
+                out.append(f"{ind}_nd[{name!r}] = {val}" if last else f"{ind}_nd = _nd.setdefault({name!r}, {{}})")
+                continue
+            out.append(f"{ind}_ls = _nd.setdefault({name!r}, [])")
+            if idx == "+":
+                out.append(f"{ind}_ls.append({val})" if last else f"{ind}_nd = {{}}\n{ind}_ls.append(_nd)")
+                continue
+            n = int(idx)
+            if n > 0:
+                out.append(f"{ind}if len(_ls) < {n}:")
+                out.append(f"{ind}    run.dirty = True")
+            out.append(f"{ind}while len(_ls) <= {n}:")
+            out.append(f"{ind}    _ls.append({{}})")
+            if not last:
+                out.append(f"{ind}_nd = _ls[{n}]")
+                continue
+            out.append(f"{ind}if isinstance({val}, dict) and isinstance(_ls[{n}], dict):")
+            out.append(f"{ind}    _ls[{n}] = _merge_content(_ls[{n}], {val})")
+            out.append(f"{ind}else:")
+            out.append(f"{ind}    _ls[{n}] = {val}")
 
     def emit(self, out: list[str], ind: str, rule: spec.Rule, obj: str, val: str, fail: str | None) -> None:
         """``_emit``: an empty value runs only the required check; others are copied and set."""
@@ -472,7 +498,9 @@ class _Gen:
             if not rule.critical:
                 out.append(f"{ind}try:")
                 cur = ind + "    "
-            holes = _may_leave_holes(rule)
+            # a list item removed leaves a None for the walk to drop; an index past the list's end
+            # leaves {} holes, flagged where the padding happens (set_target)
+            holes = _may_leave_holes(rule) and rule.remove
 
             def body(o: list[str], bi: str, sc: _Scope, rule: spec.Rule = rule, holes: bool = holes) -> None:
                 if holes:
@@ -502,8 +530,14 @@ class _Gen:
             self.builder(out, ind, f, rule, scope, obj)
             return
         if rule.ref:
-            out.append(f"{ind}run.dirty = True")
-            self.set_target(out, ind, rule.target, obj, repr({"reference": "@as:" + rule.ref}))
+            ref = repr({"reference": "@as:" + rule.ref})
+            if self.ref_in_place and not any(isinstance(idx, int) for _, idx in _target(rule.target)):
+                out.append(f"{ind}_rd = {ref}")
+                out.append(f"{ind}refs.append(_rd)")
+                self.set_target(out, ind, rule.target, obj, "_rd")
+            else:
+                out.append(f"{ind}run.dirty = True")
+                self.set_target(out, ind, rule.target, obj, ref)
             return
         if rule.target.endswith("[]") and isinstance(rule.source, str):
             self.list_rule(out, ind, f, rule, scope, obj)
@@ -565,7 +599,11 @@ class _Gen:
         value = self.var("_b")
         if rule.rules is not None:
             out.append(f"{cur}{value} = {{}}")
+            saved = self.ref_in_place
+            if any(isinstance(idx, int) for _, idx in _target(rule.target)):
+                self.ref_in_place = False  # the built object may be merged into one already there
             self.rules(out, cur, f, rule.rules, inner, value)
+            self.ref_in_place = saved
         elif rule.use:
             fn = self.datatype_fn(rule.use, inner)
             out.append(f"{cur}{value} = {{}}")
@@ -610,9 +648,11 @@ class _Gen:
         fn = self.made[key] = f"_D{len(self.made)}_{name}"
         dt = self.mset.datatypes[name]
         out = [f"def {fn}(run, k, seg, val, comps, loc, obj):"]
-        out.append("    msg, by, CS, RS, SS, ESC, unesc = k")
+        out.append("    msg, by, CS, RS, SS, ESC, unesc, refs = k")
         out.append("    params = {}")
+        saved, self.ref_in_place = self.ref_in_place, False  # its objects may be set at any target
         self.rules(out, "    ", dt, dt.model.rules, self.callee_scope(scope.shape), "obj")
+        self.ref_in_place = saved
         self.functions.append(out)
         return fn
 
@@ -627,7 +667,7 @@ class _Gen:
         sc = self.callee_scope(scope.shape)
         out = [f"def {fn}(run, k, seg, val, comps, loc, given, preferred, create, mode_override):"]
         i = "    "
-        out.append(f"{i}msg, by, CS, RS, SS, ESC, unesc = k")
+        out.append(f"{i}msg, by, CS, RS, SS, ESC, unesc, refs = k")
         out.append(f"{i}params = dict({self.const({k: p.default for k, p in m.params.items()})})")
         out.append(f"{i}params.update(given)")
         out.append(f"{i}key_system = key_value = None")
@@ -662,6 +702,7 @@ class _Gen:
         out.append(f"{i}if key_value:")
         out.append(f"{i}    existing = run.by_key.get(({res}, key_system, key_value))")
         out.append(f"{i}    if existing is not None:")
+        out.append(f"{i}        run.dirty = True  # the merge copies objects: refs are resolved by the walk")
         out.append(f"{i}        existing.content = _merge_content(existing.content, content)")
         out.append(f"{i}        return existing.alias")
         out.append(f"{i}run.counter += 1")
@@ -689,7 +730,8 @@ class _Gen:
         # every segment of a message shares the parser's decoder of its encoding characters
         out.append(f"{i}unesc = msg.segments[0]._unescape if msg.segments else (lambda x: x)")
         out.append(f"{i}by = msg._by_name")
-        out.append(f"{i}k = (msg, by, CS, RS, SS, ESC, unesc)")
+        out.append(f"{i}refs = []")
+        out.append(f"{i}k = (msg, by, CS, RS, SS, ESC, unesc, refs)")
         out.append(f"{i}params = {{}}")
         out.append(f"{i}run = _Run(_MappingResult(mapping={str(f.path.name)!r}), False)")
         for entry in m.records:
@@ -733,7 +775,7 @@ class _Gen:
                 f"{i}run.result.actions.append(_StoreAction({a.action!r}, "
                 f"{{k_: run.as_names.get(v_.lstrip('@'), '') for k_, v_ in {args}.items()}}))"
             )
-        out.append(f"{i}if run.dirty:")
+        out.append(f"{i}if run.dirty or (refs and not _rt_resolve_refs(run, refs)):")
         out.append(f"{i}    _rt_finish_refs(run)")
         out.append(f"{i}return run.result")
         return out
@@ -759,7 +801,6 @@ _GLOBALS: dict[str, Any] = {
     "_empty": _empty,
     "_fresh": _fresh,
     "_given": _given,
-    "_set_tokens": _set_tokens,
     "_folded": _folded,
     "_lookup": lookup,
     "_merge_content": merge_content,
@@ -776,6 +817,7 @@ _GLOBALS: dict[str, Any] = {
     "_rt_function_error": compiler_runtime.function_error,
     "_rt_undo_records": compiler_runtime.undo_records,
     "_rt_finish_refs": compiler_runtime.finish_refs,
+    "_rt_resolve_refs": compiler_runtime.resolve_refs,
 }
 
 

@@ -93,3 +93,15 @@ def finish_refs(run: Any) -> None:
 
     for rec in run.result.records:
         keep(rec.content)
+
+
+def resolve_refs(run: Any, refs: list[dict[str, Any]]) -> bool:
+    """Resolve the ``ref:`` objects the generated code set (and kept) in place; False when one names
+    a record that was not made (the caller then runs :func:`finish_refs`, which drops it)."""
+    as_names = run.as_names
+    for ref in refs:
+        alias = as_names.get(ref["reference"][4:])
+        if alias is None:
+            return False
+        ref["reference"] = "@" + alias
+    return True
