@@ -59,7 +59,7 @@ class _Scope:
     segname: str | None  # its name, known when the code is generated
     val: str | None  # variable holding the current raw value (a datatype value)
     comps: str | None  # variable holding it split into components
-    loc: str  # expression of the scope's location
+    loc: str  # variable holding the scope's location: an At tuple, made text only for an error
 
     @property
     def shape(self) -> tuple[str | None, bool]:
@@ -286,7 +286,8 @@ class _Gen:
                 out.append(f"{ind}    _tf = {m}.get(_tk)")
             else:
                 out.append(f"{ind}    _tk = str({val}).strip()")
-                out.append(f"{ind}    _tf = _folded({t}).get(_tk.upper())")
+                folded = self.const(_folded(table), "M")  # the table's codes upper-cased, once
+                out.append(f"{ind}    _tf = {folded}.get(_tk.upper())")
             out.append(
                 f"{ind}    {val} = _tf if _tf is not None else _lookup({t}, {name}, str({val}), {where})"
             )
@@ -360,7 +361,9 @@ class _Gen:
         for i, (name, idx) in enumerate(tokens):
             last = i == last_i
             if idx is None:
-                out.append(f"{ind}_nd[{name!r}] = {val}" if last else f"{ind}_nd = _nd.setdefault({name!r}, {{}})")
+                out.append(
+                    f"{ind}_nd[{name!r}] = {val}" if last else f"{ind}_nd = _nd.setdefault({name!r}, {{}})"
+                )
                 continue
             out.append(f"{ind}_ls = _nd.setdefault({name!r}, [])")
             if idx == "+":
@@ -380,19 +383,23 @@ class _Gen:
             out.append(f"{ind}else:")
             out.append(f"{ind}    _ls[{n}] = {val}")
 
-    def emit(self, out: list[str], ind: str, rule: spec.Rule, obj: str, val: str, fail: str | None) -> None:
-        """``_emit``: an empty value runs only the required check; others are copied and set."""
-        out.append(
-            f"{ind}if {val} is None or {val} == '' or {val} == '\"\"' "
-            f"or ({val}.__class__ in (list, dict) and {_e(val)}):"
-        )
+    def emit(
+        self, out: list[str], ind: str, rule: spec.Rule, obj: str, val: str, fail: str | None, text_only: bool
+    ) -> None:
+        """``_emit``: an empty value runs only the required check; others are copied and set.
+        ``text_only``: the value is text or None (read from the message, nothing applied after)."""
+        if text_only:
+            out.append(f"{ind}if {val} is None or {val} == '' or {val} == '\"\"':")
+        else:
+            out.append(f"{ind}if {_e(val)}:")
         if fail:
             out.append(f"{ind}    raise _MappingError({fail}[0], {fail}[1], _E101)")
         else:
             out.append(f"{ind}    pass")
         out.append(f"{ind}else:")
-        out.append(f"{ind}    if isinstance({val}, (dict, list)):")
-        out.append(f"{ind}        {val} = _fresh({val}, run)")
+        if not text_only:
+            out.append(f"{ind}    if isinstance({val}, (dict, list)):")
+            out.append(f"{ind}        {val} = _fresh({val}, run)")
         self.set_target(out, ind + "    ", rule.target, obj, val)
 
     # ------------------------------------------------------------------ conditions and loops
@@ -462,13 +469,13 @@ class _Gen:
             if isinstance(path, MessagePath) and path.is_segment:
                 s = at.split(", ")[1]
                 loc = self.var("_l")
-                o.append(f"{ci}{loc} = _rt_segment_location(msg, {s})")
+                o.append(f"{ci}{loc} = {at}")
                 child = _Scope(s, path.segment, None, None, loc)
             else:
                 val, comps, loc = self.var("_val"), self.var("_cs"), self.var("_l")
                 o.append(f"{ci}{val} = {raw}")
                 o.append(f"{ci}{comps} = {raw}.split(CS)")
-                o.append(f"{ci}{loc} = _rt_location(msg, {at})")
+                o.append(f"{ci}{loc} = {at}")
                 segvar = at.split(", ")[1] if isinstance(path, MessagePath) else scope.seg
                 segname = path.segment if isinstance(path, MessagePath) else scope.segname
                 child = _Scope(segvar, segname, val, comps, loc)
@@ -482,7 +489,7 @@ class _Gen:
         val, comps, loc = self.var("_val"), self.var("_cs"), self.var("_l")
         out.append(f"{ind}{val} = {raw}")
         out.append(f"{ind}{comps} = {raw}.split(CS)")
-        out.append(f"{ind}{loc} = _rt_location(msg, {at})")
+        out.append(f"{ind}{loc} = {at}")
         if isinstance(path, MessagePath):
             segv = self.var("_sg")
             out.append(f"{ind}{segv} = {at}[1]")
@@ -543,7 +550,9 @@ class _Gen:
             self.list_rule(out, ind, f, rule, scope, obj)
             return
         val = self.value(out, ind, rule, f, scope, rule.target, True)
-        self.emit(out, ind, rule, obj, val, None)
+        text_only = bool(rule.source or rule.sources) and not (rule.function or rule.table)
+        text_only = text_only and rule.default is None and not rule.sources
+        self.emit(out, ind, rule, obj, val, None, text_only)
 
     def list_rule(
         self, out: list[str], ind: str, f: LoadedFile, rule: spec.Rule, scope: _Scope, obj: str
@@ -616,7 +625,7 @@ class _Gen:
             alias = self.var("_alias")
             out.append(f"{cur}{alias} = {fn}(run, k, {self.scope_args(inner)}, {given}, None, None, None)")
             out.append(f"{cur}{value} = {{'reference': '@' + {alias}}} if {alias} else None")
-        out.append(f"{cur}if {_e(value)}:")
+        out.append(f"{cur}if not {value}:")  # an object or None: empty is falsy
         if fail:
             out.append(f"{cur}    raise _MappingError({fail}[0], {fail}[1], _E101)")
         else:
@@ -801,7 +810,6 @@ _GLOBALS: dict[str, Any] = {
     "_empty": _empty,
     "_fresh": _fresh,
     "_given": _given,
-    "_folded": _folded,
     "_lookup": lookup,
     "_merge_content": merge_content,
     "_Run": _Run,
@@ -813,7 +821,6 @@ _GLOBALS: dict[str, Any] = {
     "FunctionError": FunctionError,
     "_rt_group": compiler_runtime.group,
     "_rt_location": compiler_runtime.location,
-    "_rt_segment_location": compiler_runtime.segment_location,
     "_rt_function_error": compiler_runtime.function_error,
     "_rt_undo_records": compiler_runtime.undo_records,
     "_rt_finish_refs": compiler_runtime.finish_refs,

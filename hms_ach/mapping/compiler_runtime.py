@@ -16,7 +16,7 @@ from hms_ach.mapping.paths import MessagePath, TypePath
 
 #: where a read value came from, kept cheap until an error needs it as text:
 #: (path, segment, repetitions in the field, repetition number) for a message path,
-#: (path, None, location of the current value, 0) for a datatype path
+#: (path, None, where the current value is, 0) for a datatype path
 At = tuple[Any, Any, Any, int]
 
 
@@ -40,8 +40,8 @@ def segment_location(message: Hl7Message, seg: Segment) -> str:
 def location(message: Hl7Message, at: At) -> str:
     """The concrete location of a read value (``PID-3[2].1``), as the interpreter names it."""
     path, seg, count, rep = at
-    if isinstance(path, TypePath):
-        return str(count) + path._suffix
+    if isinstance(path, TypePath):  # count: where the current value is (text, or its own At)
+        return (count if isinstance(count, str) else location(message, count)) + path._suffix
     assert isinstance(path, MessagePath)  # noqa: S101 - built only by the generated code
     where = segment_location(message, seg)
     if path.field is None:
