@@ -704,7 +704,9 @@ class _Gen:
             out.append(f"{i}if key_value is None:")
             out.append(f"{i}    return None")
         out.append(f"{i}content = {{}}")
+        saved, self.ref_in_place = self.ref_in_place, True  # a record's content is its own
         self.rules(out, i, f, m.rules, sc, "content")
+        self.ref_in_place = saved
         res = repr(m.resource)
         out.append(f"{i}if not content and not key_value:")
         out.append(f"{i}    return None")
@@ -730,9 +732,9 @@ class _Gen:
         self.functions.append(out)
         return fn
 
-    def message(self, f: LoadedFile) -> list[str]:
+    def message(self, f: LoadedFile, name: str) -> list[str]:
         m: spec.MessageMapping = f.model
-        out = ["def run_message(msg):"]
+        out = [f"def {name}(msg):"]
         i = "    "
         out.append(f"{i}seps = msg.header.separators")
         out.append(f"{i}CS, RS, SS, ESC = seps.component, seps.repetition, seps.subcomponent, seps.escape")
@@ -790,22 +792,6 @@ class _Gen:
         return out
 
 
-def generate(mset: MappingSet, f: LoadedFile, timezone: str) -> tuple[str, dict[str, Any]]:
-    """The Python source of message mapping ``f`` and the constants it refers to."""
-    if not isinstance(f.model, spec.MessageMapping):
-        raise Unsupported(f"{f.name} is not a message mapping")
-    if f.model.match.input != "hl7v2":
-        raise Unsupported(f"{f.name}: only HL7 v2 input is compiled")
-    gen = _Gen(mset, timezone)
-    main = gen.message(f)
-    lines: list[str] = []
-    for fn in gen.functions:
-        lines.extend(fn)
-        lines.append("")
-    lines.extend(main)
-    return "\n".join(lines) + "\n", gen.consts
-
-
 _GLOBALS: dict[str, Any] = {
     "_empty": _empty,
     "_fresh": _fresh,
@@ -828,13 +814,49 @@ _GLOBALS: dict[str, Any] = {
 }
 
 
-def compile_message(mset: MappingSet, f: LoadedFile, timezone: str) -> CompiledFn:
-    """Generate and ``compile()`` message mapping ``f``; raise :class:`Unsupported` when a construct
-    is not compiled (the caller then keeps the interpreted path for this mapping)."""
-    source, consts = generate(mset, f, timezone)
-    namespace = dict(_GLOBALS)
-    namespace.update(consts)
-    code = compile(source, f"<compiled mapping {f.name}>", "exec")
-    exec(code, namespace)  # noqa: S102 - our own generated source, from checked mappings
-    fn: CompiledFn = namespace["run_message"]
-    return fn
+class MappingCompiler:
+    """Compiles the message mappings of one MappingSet. The functions of resource and datatype
+    mappings are generated and compiled once and shared by every message mapping that runs them
+    (``encounter`` serves most ADT events), so each further message mapping adds little code."""
+
+    def __init__(self, mset: MappingSet, timezone: str):
+        self.gen = _Gen(mset, timezone)
+        self.namespace: dict[str, Any] = dict(_GLOBALS)
+        self.count = 0
+
+    def source(self, f: LoadedFile) -> tuple[str, str]:
+        """The source this mapping adds (new shared functions, then its own) and its function's
+        name; raises :class:`Unsupported` (and forgets what it began) when a construct is not compiled."""
+        if not isinstance(f.model, spec.MessageMapping):
+            raise Unsupported(f"{f.name} is not a message mapping")
+        if f.model.match.input != "hl7v2":
+            raise Unsupported(f"{f.name}: only HL7 v2 input is compiled")
+        gen = self.gen
+        made, functions = dict(gen.made), len(gen.functions)
+        self.count += 1
+        name = f"_M{self.count}_{f.name}".replace("-", "_")
+        try:
+            main = gen.message(f, name)
+        except Unsupported:
+            gen.made, gen.functions = made, gen.functions[:functions]
+            raise
+        lines: list[str] = []
+        for fn in gen.functions[functions:]:
+            lines.extend(fn)
+            lines.append("")
+        lines.extend(main)
+        return "\n".join(lines) + "\n", name
+
+    def compile(self, f: LoadedFile) -> CompiledFn:
+        """Generate and ``compile()`` message mapping ``f``: (message) -> MappingResult."""
+        source, name = self.source(f)
+        self.namespace.update(self.gen.consts)
+        code = compile(source, f"<compiled mapping {f.name}>", "exec")
+        exec(code, self.namespace)  # noqa: S102 - our own generated source, from checked mappings
+        fn: CompiledFn = self.namespace[name]
+        return fn
+
+
+def generate(mset: MappingSet, f: LoadedFile, timezone: str) -> str:
+    """The whole Python source of message mapping ``f`` on its own (to read or debug)."""
+    return MappingCompiler(mset, timezone).source(f)[0]

@@ -235,6 +235,7 @@ class MappingEngine:
         #: why a message mapping stays interpreted, by mapping name (``hms-ach check --verbose``)
         self.fallbacks: dict[str, str] = {}
         self.interpreted_only = os.environ.get(INTERPRETED_ENV, "") not in ("", "0")
+        self._compiler: Any = None  # hms_ach.mapping.compiler.MappingCompiler, made on first use
 
     # ------------------------------------------------------------------ entry points
     def mapping_for(self, msg: Hl7Message) -> LoadedFile:
@@ -289,11 +290,13 @@ class MappingEngine:
         key = id(f)
         if key in self._compiled:
             return self._compiled[key]
-        from hms_ach.mapping.compiler import Unsupported, compile_message
+        from hms_ach.mapping.compiler import MappingCompiler, Unsupported
 
+        if self._compiler is None:
+            self._compiler = MappingCompiler(self.mset, self.timezone)
         fn: Callable[[Hl7Message], MappingResult] | None
         try:
-            fn = compile_message(self.mset, f, self.timezone)
+            fn = self._compiler.compile(f)
         except Unsupported as exc:
             fn = None
             self.fallbacks[f.name] = str(exc)
