@@ -19,6 +19,8 @@ raise :class:`Unsupported` with the reason; the engine then keeps that mapping i
 from __future__ import annotations
 
 import itertools
+import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import replace as dc_replace
@@ -42,6 +44,8 @@ from hms_ach.mapping.functions import FUNCTIONS, FunctionError
 from hms_ach.mapping.loader import LoadedFile, MappingSet
 from hms_ach.mapping.paths import MessagePath, PathSyntaxError, Source, TypePath
 from hms_ach.mapping.terminology import _folded, lookup
+
+log = logging.getLogger(__name__)
 
 #: the generated function: (message, trace) -> MappingResult, like the interpreter's
 CompiledFn = Callable[[Any], MappingResult]
@@ -823,6 +827,25 @@ class MappingCompiler:
         self.gen = _Gen(mset, timezone)
         self.namespace: dict[str, Any] = dict(_GLOBALS)
         self.count = 0
+        #: compiled message mappings by id of their file (None: interpreted), and why not compiled
+        self.functions: dict[int, CompiledFn | None] = {}
+        self.fallbacks: dict[str, str] = {}
+        self.lock = threading.Lock()
+
+    def compiled(self, f: LoadedFile) -> CompiledFn | None:
+        """``f`` compiled (once), or None when it stays interpreted (``fallbacks`` says why)."""
+        key = id(f)
+        if key in self.functions:
+            return self.functions[key]
+        with self.lock:  # the pipeline may map on several threads
+            if key not in self.functions:
+                try:
+                    self.functions[key] = self.compile(f)
+                except Unsupported as exc:
+                    self.functions[key] = None
+                    self.fallbacks[f.name] = str(exc)
+                    log.debug("mapping.compile_fallback", extra={"mapping": f.name, "reason": str(exc)})
+        return self.functions[key]
 
     def source(self, f: LoadedFile) -> tuple[str, str]:
         """The source this mapping adds (new shared functions, then its own) and its function's
@@ -855,6 +878,25 @@ class MappingCompiler:
         exec(code, self.namespace)  # noqa: S102 - our own generated source, from checked mappings
         fn: CompiledFn = self.namespace[name]
         return fn
+
+
+#: the attribute of a MappingSet holding its compilers, by timezone
+_CACHE = "_hms_ach_compilers"
+_CACHE_LOCK = threading.Lock()
+
+
+def compiler_for(mset: MappingSet, timezone: str) -> MappingCompiler:
+    """The compiler of ``mset`` for ``timezone``, kept on the MappingSet itself: it lives and goes
+    with the set (a reload makes a new set, hence new compiled code)."""
+    with _CACHE_LOCK:
+        compilers: dict[str, MappingCompiler] | None = getattr(mset, _CACHE, None)
+        if compilers is None:
+            compilers = {}
+            setattr(mset, _CACHE, compilers)
+        found = compilers.get(timezone)
+        if found is None:
+            found = compilers[timezone] = MappingCompiler(mset, timezone)
+        return found
 
 
 def generate(mset: MappingSet, f: LoadedFile, timezone: str) -> str:

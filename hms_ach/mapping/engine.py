@@ -12,7 +12,6 @@ the preview) is recorded only when asked for: the pipeline does not store it.
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from collections.abc import Callable
@@ -39,7 +38,6 @@ from hms_ach.mapping.terminology import lookup
 
 _TOKEN = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:\[(\d*)\])?")
 
-log = logging.getLogger(__name__)
 
 #: set to 1 to run every mapping interpreted (diagnosis: compare with the compiled path)
 INTERPRETED_ENV = "HMS_ACH_MAPPING_INTERPRETED"
@@ -230,12 +228,7 @@ class MappingEngine:
         self._resources: dict[tuple[str, str], ResourceFn] = {}
         self._datatypes: dict[tuple[str, str], list[RuleFn]] = {}
         self._events: dict[str, EventFn | None] = {}
-        #: compiled message mappings (hms_ach.mapping.compiler) by id of their file; None: interpreted
-        self._compiled: dict[int, Callable[[Hl7Message], MappingResult] | None] = {}
-        #: why a message mapping stays interpreted, by mapping name (``hms-ach check --verbose``)
-        self.fallbacks: dict[str, str] = {}
         self.interpreted_only = os.environ.get(INTERPRETED_ENV, "") not in ("", "0")
-        self._compiler: Any = None  # hms_ach.mapping.compiler.MappingCompiler, made on first use
 
     # ------------------------------------------------------------------ entry points
     def mapping_for(self, msg: Hl7Message) -> LoadedFile:
@@ -284,25 +277,19 @@ class MappingEngine:
         return self._message_fn(f, "hl7v2")(Scope(msg), False)
 
     def compiled(self, f: LoadedFile) -> Callable[[Hl7Message], MappingResult] | None:
-        """The compiled form of HL7 v2 message mapping ``f`` (made once, then cached with this
-        engine and so with its MappingSet); None when the compiler does not handle one of its
-        constructs: the mapping then runs interpreted, and ``fallbacks`` says why."""
-        key = id(f)
-        if key in self._compiled:
-            return self._compiled[key]
-        from hms_ach.mapping.compiler import MappingCompiler, Unsupported
+        """The compiled form of HL7 v2 message mapping ``f``, made once and cached with the
+        MappingSet (engines of one set share it); None when the compiler does not handle one of
+        its constructs: the mapping then runs interpreted, and ``fallbacks`` says why."""
+        from hms_ach.mapping.compiler import compiler_for
 
-        if self._compiler is None:
-            self._compiler = MappingCompiler(self.mset, self.timezone)
-        fn: Callable[[Hl7Message], MappingResult] | None
-        try:
-            fn = self._compiler.compile(f)
-        except Unsupported as exc:
-            fn = None
-            self.fallbacks[f.name] = str(exc)
-            log.debug("mapping.compile_fallback", extra={"mapping": f.name, "reason": str(exc)})
-        self._compiled[key] = fn
-        return fn
+        return compiler_for(self.mset, self.timezone).compiled(f)
+
+    @property
+    def fallbacks(self) -> dict[str, str]:
+        """Why a message mapping stays interpreted, by mapping name (of those compiled so far)."""
+        from hms_ach.mapping.compiler import compiler_for
+
+        return dict(compiler_for(self.mset, self.timezone).fallbacks)
 
     def compile_all(self) -> dict[str, str]:
         """Compile every HL7 v2 message mapping now; returns the fallbacks (mapping -> reason)."""

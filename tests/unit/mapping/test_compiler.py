@@ -163,12 +163,17 @@ def test_the_environment_switch_forces_the_interpreted_path(
 ) -> None:
     monkeypatch.setenv(INTERPRETED_ENV, "1")
     engine = MappingEngine(mset)
+
+    def no_compiling(*_: object) -> None:
+        raise AssertionError("the compiled path was used")
+
+    monkeypatch.setattr(MappingEngine, "compiled", no_compiling)
     msg = parse((ROOT / "samples" / "hl7" / "adt_a01.hl7").read_bytes())
-    engine.map_message(msg, lineage=False)
-    assert engine._compiled == {}
+    assert engine.map_message(msg, lineage=False).records
 
 
 def test_what_does_not_compile_says_why(mset: MappingSet) -> None:
     csv = next(f for f in mset.messages.values() if f.model.match.input == "csv")
     with pytest.raises(Unsupported, match="only HL7 v2"):
         generate(mset, csv, "UTC")
+    assert "def _M1_adt_a01(msg):" in generate(mset, mset.messages["adt_a01"], "UTC")
