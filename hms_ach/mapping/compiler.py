@@ -73,6 +73,11 @@ class _Scope:
 _TOP = _Scope(None, None, None, None, '""')
 
 
+def _t(v: str) -> str:
+    """An inline test equal to ``_empty(v)`` for a value known to be text or None."""
+    return f"({v} is None or {v} == '' or {v} == '\"\"')"
+
+
 def _e(v: str) -> str:
     """An inline test equal to ``_empty(v)`` (a call only for lists and objects)."""
     return f"({v} is None or {v} == '' or {v} == '\"\"' or (isinstance({v}, (list, dict)) and _empty({v})))"
@@ -263,9 +268,19 @@ class _Gen:
         return self.const((f"{f.name}: {msg}", loc), "Q")
 
     def convert(
-        self, out: list[str], ind: str, v: spec.ValueSpec, f: LoadedFile, what: str, val: str, where: str
+        self,
+        out: list[str],
+        ind: str,
+        v: spec.ValueSpec,
+        f: LoadedFile,
+        what: str,
+        val: str,
+        where: str,
+        text: bool = False,
     ) -> None:
-        """Emit the rule's ``function`` then ``table`` on ``val`` (``where``: the location expression)."""
+        """Emit the rule's ``function`` then ``table`` on ``val`` (``where``: the location expression;
+        ``text``: ``val`` is known to be text or None)."""
+        empty = _t if text else _e
         if v.function:
             spec_fn = FUNCTIONS[v.function]
             args = dict(v.args)
@@ -274,7 +289,7 @@ class _Gen:
             fn = self.const(spec_fn.fn, "F")
             a = self.const(args, "A")
             prefix = self.const(f"{f.name}: {what}: ", "K")
-            out.append(f"{ind}if not {_e(val)}:")
+            out.append(f"{ind}if not {empty(val)}:")
             out.append(f"{ind}    try:")
             out.append(f"{ind}        {val} = {fn}({val}, **{a})")
             out.append(f"{ind}    except FunctionError as _exc:")
@@ -283,7 +298,7 @@ class _Gen:
             table = self.mset.tables[v.table].model
             t = self.const(table, "T")
             name = self.const(v.table, "K")
-            out.append(f"{ind}if not {_e(val)}:")
+            out.append(f"{ind}if not {(_e if v.function else empty)(val)}:")
             if table.case_sensitive:
                 m = self.const(table.map, "M")
                 out.append(f"{ind}    _tk = str({val}).strip()")
@@ -305,8 +320,9 @@ class _Gen:
         scope: _Scope,
         what: str,
         check: bool,
-    ) -> str:
-        """Emit ``_compile_value``'s produce; returns the variable holding the value."""
+    ) -> tuple[str, bool]:
+        """Emit ``_compile_value``'s produce; returns the variable holding the value, and whether
+        it is known to be text or None (read from the message, no function, table or default)."""
         val = self.var("_v")
         no_location = repr(v.source if isinstance(v.source, str) else what)
         where = no_location
@@ -336,15 +352,18 @@ class _Gen:
             out.append(f"{ind}{val} = params.get({v.param!r})")
         else:
             out.append(f"{ind}{val} = None")
-        self.convert(out, ind, v, f, what, val, where)
+        is_text = bool(v.source) and not v.sources
+        self.convert(out, ind, v, f, what, val, where, is_text)
+        is_text = is_text and not (v.function or v.table)
         if v.default is not None:
-            out.append(f"{ind}if {_e(val)}:")
+            out.append(f"{ind}if {(_t if is_text else _e)(val)}:")
             out.append(f"{ind}    {val} = {self.const(v.default)}")
+            is_text = is_text and isinstance(v.default, str)
         fail = self.require(v, f, v.source or v.sources or what) if check else None
         if fail:
-            out.append(f"{ind}if {_e(val)}:")
+            out.append(f"{ind}if {(_t if is_text else _e)(val)}:")
             out.append(f"{ind}    raise _MappingError({fail}[0], {fail}[1], _E101)")
-        return val
+        return val, is_text
 
     # ------------------------------------------------------------------ targets
     def set_target(self, out: list[str], ind: str, target: str, obj: str, val: str) -> None:
@@ -553,9 +572,7 @@ class _Gen:
         if rule.target.endswith("[]") and isinstance(rule.source, str):
             self.list_rule(out, ind, f, rule, scope, obj)
             return
-        val = self.value(out, ind, rule, f, scope, rule.target, True)
-        text_only = bool(rule.source or rule.sources) and not (rule.function or rule.table)
-        text_only = text_only and rule.default is None and not rule.sources
+        val, text_only = self.value(out, ind, rule, f, scope, rule.target, True)
         self.emit(out, ind, rule, obj, val, None, text_only)
 
     def list_rule(
@@ -568,8 +585,8 @@ class _Gen:
         def each(o: list[str], bi: str, raw: str, at: str) -> None:
             item = self.var("_it")
             o.append(f"{bi}{item} = unesc({raw}) if ESC in {raw} else {raw}")
-            self.convert(o, bi, rule, f, rule.target, item, f"_rt_location(msg, {at})")
-            o.append(f"{bi}if not {_e(item)}:")
+            self.convert(o, bi, rule, f, rule.target, item, f"_rt_location(msg, {at})", True)
+            o.append(f"{bi}if not {(_e if rule.function or rule.table else _t)(item)}:")
             o.append(f"{bi}    if isinstance({item}, (dict, list)):")
             o.append(f"{bi}        {item} = _fresh({item}, run)")
             self.set_target(o, bi + "    ", rule.target, obj, item)
@@ -693,10 +710,12 @@ class _Gen:
                 out.append(f"{i}if key_value is None:")
                 cur = i + "    "
             first = False
-            system = self.value(out, cur, key.system, f, sc, "key.system", False)
-            val = self.value(out, cur, key.value, f, sc, "key.value", False)
-            out.append(f"{cur}if not {_e(val)}:")
-            out.append(f"{cur}    key_system = None if {_e(system)} else str({system})")
+            system, system_text = self.value(out, cur, key.system, f, sc, "key.system", False)
+            val, val_text = self.value(out, cur, key.value, f, sc, "key.value", False)
+            out.append(f"{cur}if not {(_t if val_text else _e)(val)}:")
+            out.append(
+                f"{cur}    key_system = None if {(_t if system_text else _e)(system)} else str({system})"
+            )
             out.append(f"{cur}    key_value = str({val})")
             if key.fallback is None and key.value.required and not skip:
                 primary = m.key.value  # type: ignore[union-attr]

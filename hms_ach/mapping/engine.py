@@ -8,6 +8,11 @@ resolved to compiled :mod:`~hms_ach.mapping.paths` objects, its functions and ta
 arguments, its targets split into element steps and its ``required`` errors prepared. A message
 then runs only those closures; nothing of the YAML tree is interpreted per message. Lineage (for
 the preview) is recorded only when asked for: the pipeline does not store it.
+
+That is the interpreted path: the preview (lineage), coverage and CSV and FHIR inputs run it. An
+HL7 v2 message mapped without lineage runs the Python code generated from its mapping by
+:mod:`hms_ach.mapping.compiler` instead (same result, checked by the goldens), unless the compiler
+does not handle a construct of it (``fallbacks``) or ``HMS_ACH_MAPPING_INTERPRETED=1`` is set.
 """
 
 from __future__ import annotations
