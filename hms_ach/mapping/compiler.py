@@ -451,7 +451,7 @@ class _Gen:
                 )
             tests = []
             if cond.exists is not None:
-                tests.append(f"(not {_e(val)}) != {cond.exists!r}")
+                tests.append(f"(not {_t(val)}) != {cond.exists!r}")  # the tested value is text
             if cond.equals is not None:
                 tests.append(f"{val} != {cond.equals!r}")
             if cond.not_equals is not None:
@@ -461,7 +461,7 @@ class _Gen:
             if cond.not_in is not None:
                 tests.append(f"{val} in {self.const(list(cond.not_in))}")
             if not tests:
-                tests.append(f"{_e(val)}")
+                tests.append(f"{_t(val)}")
             out.append(f"{cur}if {' or '.join(tests)}:")
             out.append(f"{cur}    {ok} = False")
         return ok
