@@ -406,20 +406,20 @@ class _Gen:
             out.append(f"{ind}else:")
             out.append(f"{ind}    _ls[{n}] = {val}")
 
+    @staticmethod
+    def unless_empty(out: list[str], ind: str, empty: str, fail: str | None) -> None:
+        """Emit ``if EMPTY: <raise the required error, or nothing> else:``; the caller writes the
+        ``else`` body one level in."""
+        out.append(f"{ind}if {empty}:")
+        out.append(f"{ind}    raise _MappingError({fail}[0], {fail}[1], _E101)" if fail else f"{ind}    pass")
+        out.append(f"{ind}else:")
+
     def emit(
         self, out: list[str], ind: str, rule: spec.Rule, obj: str, val: str, fail: str | None, text_only: bool
     ) -> None:
         """``_emit``: an empty value runs only the required check; others are copied and set.
         ``text_only``: the value is text or None (read from the message, nothing applied after)."""
-        if text_only:
-            out.append(f"{ind}if {val} is None or {val} == '' or {val} == '\"\"':")
-        else:
-            out.append(f"{ind}if {_e(val)}:")
-        if fail:
-            out.append(f"{ind}    raise _MappingError({fail}[0], {fail}[1], _E101)")
-        else:
-            out.append(f"{ind}    pass")
-        out.append(f"{ind}else:")
+        self.unless_empty(out, ind, (_t if text_only else _e)(val), fail)
         if not text_only:
             out.append(f"{ind}    if isinstance({val}, (dict, list)):")
             out.append(f"{ind}        {val} = _fresh({val}, run)")
@@ -465,6 +465,15 @@ class _Gen:
             out.append(f"{cur}if {' or '.join(tests)}:")
             out.append(f"{cur}    {ok} = False")
         return ok
+
+    def guarded(self, out: list[str], ind: str, when: Any, scope: _Scope) -> str:
+        """Emit ``when``'s test and open its block; returns the indent of what it guards."""
+        ok = self.when(out, ind, when, scope)
+        if ok is None:
+            return ind
+        out.append(f"{ind}if {ok}:")
+        out.append(f"{ind}    pass")
+        return ind + "    "
 
     def children(
         self,
@@ -537,12 +546,7 @@ class _Gen:
                     o.append(f"{bi}run.dirty = True")
                 self.rule(o, bi, f, rule, sc, obj)
 
-            ok = self.when(out, cur, rule.when, scope)
-            inner = cur
-            if ok:
-                out.append(f"{cur}if {ok}:")
-                inner = cur + "    "
-                out.append(f"{inner}pass")
+            inner = self.guarded(out, cur, rule.when, scope)
             if rule.for_each:
                 self.children(out, inner, rule.for_each, scope, body)
             else:
@@ -616,13 +620,7 @@ class _Gen:
                 )
             g, gat = self.var("_g"), self.var("_at")
             self.first(out, ind, rule.source, scope, False, g, gat)
-            fail_source = self.require(rule, f, rule.source)
-            out.append(f"{ind}if {g} is None:")
-            if fail_source:
-                out.append(f"{ind}    raise _MappingError({fail_source}[0], {fail_source}[1], _E101)")
-            else:
-                out.append(f"{ind}    pass")
-            out.append(f"{ind}else:")
+            self.unless_empty(out, ind, f"{g} is None", self.require(rule, f, rule.source))
             cur = ind + "    "
             inner = self.with_value(out, cur, scope, f"{g}_raw", gat, paths[0])
         fail = self.require(rule, f, rule.source or rule.use or rule.record or rule.target)
@@ -646,12 +644,7 @@ class _Gen:
             alias = self.var("_alias")
             out.append(f"{cur}{alias} = {fn}(run, k, {self.scope_args(inner)}, {given}, None, None, None)")
             out.append(f"{cur}{value} = {{'reference': '@' + {alias}}} if {alias} else None")
-        out.append(f"{cur}if not {value}:")  # an object or None: empty is falsy
-        if fail:
-            out.append(f"{cur}    raise _MappingError({fail}[0], {fail}[1], _E101)")
-        else:
-            out.append(f"{cur}    pass")
-        out.append(f"{cur}else:")
+        self.unless_empty(out, cur, f"not {value}", fail)  # an object or None: empty is falsy
         self.set_target(out, cur + "    ", rule.target, obj, value)
 
     # ------------------------------------------------------------------ functions
@@ -670,12 +663,20 @@ class _Gen:
             "loc",
         )
 
-    def datatype_fn(self, name: str, scope: _Scope) -> str:
-        key = ("D", name, scope.shape)
+    def function_name(self, kind: str, name: str, scope: _Scope) -> tuple[str, bool]:
+        """The generated function of mapping ``name`` for this scope shape; True when it is to be
+        written now (one function per mapping and shape, shared by all its callers)."""
+        key = (kind, name, scope.shape)
         fn = self.made.get(key)
         if fn is not None:
+            return fn, False
+        fn = self.made[key] = f"_{kind}{len(self.made)}_{name}"
+        return fn, True
+
+    def datatype_fn(self, name: str, scope: _Scope) -> str:
+        fn, new = self.function_name("D", name, scope)
+        if not new:
             return fn
-        fn = self.made[key] = f"_D{len(self.made)}_{name}"
         dt = self.mset.datatypes[name]
         out = [f"def {fn}(run, k, seg, val, comps, loc, obj):"]
         out.append("    msg, by, CS, RS, SS, ESC, unesc, refs = k")
@@ -687,11 +688,9 @@ class _Gen:
         return fn
 
     def resource_fn(self, name: str, scope: _Scope) -> str:
-        made_key = ("R", name, scope.shape)
-        fn = self.made.get(made_key)
-        if fn is not None:
+        fn, new = self.function_name("R", name, scope)
+        if not new:
             return fn
-        fn = self.made[made_key] = f"_R{len(self.made)}_{name}"
         f = self.mset.resources[name]
         m: spec.ResourceMapping = f.model
         sc = self.callee_scope(scope.shape)
@@ -757,24 +756,21 @@ class _Gen:
 
     def message(self, f: LoadedFile, name: str) -> list[str]:
         m: spec.MessageMapping = f.model
-        out = [f"def {name}(msg):"]
         i = "    "
-        out.append(f"{i}seps = msg.header.separators")
-        out.append(f"{i}CS, RS, SS, ESC = seps.component, seps.repetition, seps.subcomponent, seps.escape")
-        # every segment of a message shares the parser's decoder of its encoding characters
-        out.append(f"{i}unesc = msg.segments[0]._unescape if msg.segments else (lambda x: x)")
-        out.append(f"{i}by = msg._by_name")
-        out.append(f"{i}refs = []")
-        out.append(f"{i}k = (msg, by, CS, RS, SS, ESC, unesc, refs)")
-        out.append(f"{i}params = {{}}")
-        out.append(f"{i}run = _Run(_MappingResult(mapping={str(f.path.name)!r}), False)")
+        out = [
+            f"def {name}(msg):",
+            "    seps = msg.header.separators",
+            "    CS, RS, SS, ESC = seps.component, seps.repetition, seps.subcomponent, seps.escape",
+            # every segment of a message shares the parser's decoder of its encoding characters
+            "    unesc = msg.segments[0]._unescape if msg.segments else (lambda x: x)",
+            "    by = msg._by_name",
+            "    refs = []  # the ref: objects set, resolved in place at the end",
+            "    k = (msg, by, CS, RS, SS, ESC, unesc, refs)",
+            "    params = {}",
+            f"    run = _Run(_MappingResult(mapping={str(f.path.name)!r}), False)",
+        ]
         for entry in m.records:
-            ok = self.when(out, i, entry.when, _TOP)
-            cur = i
-            if ok:
-                out.append(f"{i}if {ok}:")
-                cur = i + "    "
-                out.append(f"{cur}pass")
+            cur = self.guarded(out, i, entry.when, _TOP)
 
             def call(o: list[str], bi: str, sc: _Scope, entry: spec.RecordEntry = entry) -> None:
                 fn = self.resource_fn(entry.record, sc)
