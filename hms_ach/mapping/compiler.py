@@ -121,14 +121,17 @@ class _Gen:
             raise Unsupported(f"path {text!r} does not compile: {exc}") from exc
 
     # ------------------------------------------------------------------ reading values
-    def segments(self, out: list[str], ind: str, path: MessagePath, scope: _Scope, s: str) -> str:
-        """Emit the loop header binding ``s`` to each segment ``path`` reads; returns the new indent.
-        The segment list is bound to a variable first (``_ss``)."""
+    def segments(
+        self, out: list[str], ind: str, path: MessagePath, scope: _Scope, s: str
+    ) -> tuple[str, bool]:
+        """Emit the block binding ``s`` to each segment ``path`` reads; returns the new indent, and
+        whether the block is a loop (else it runs at most once: no ``break`` may end it)."""
         name = repr(path.segment)
         sel = path.segment_sel
         if scope.seg is not None and scope.segname == path.segment and sel is None:
-            out.append(f"{ind}for {s} in ({scope.seg},):")
-            return ind + "    "
+            out.append(f"{ind}{s} = {scope.seg}")
+            out.append(f"{ind}if True:")
+            return ind + "    ", False
         if scope.seg is None:
             base = f"by.get({name}, ())"
         else:
@@ -136,13 +139,15 @@ class _Gen:
         if sel is None:
             ss = self.var("_ss")
             out.append(f"{ind}{ss} = {base}")
-            out.append(f"{ind}for {s} in {ss}[:1]:")
-        elif sel == "*":
+            out.append(f"{ind}if {ss}:")
+            out.append(f"{ind}    {s} = {ss}[0]")
+            return ind + "    ", False
+        if sel == "*":
             out.append(f"{ind}for {s} in {base}:")
         else:
             n = int(sel)
             out.append(f"{ind}for {s} in {base}[{n - 1}:{n}]:")
-        return ind + "    "
+        return ind + "    ", True
 
     def component(
         self, out: list[str], ind: str, rep: str, raw: str, comp: int | None, sub: int | None
@@ -188,10 +193,10 @@ class _Gen:
             raise Unsupported(f"{path.text}: not an HL7 path")
         s, x, reps, r, ri = (self.var(p) for p in ("_s", "_x", "_rp", "_r", "_ri"))
         pc = self.const(path, "P")
-        inner = self.segments(out, ind, path, scope, s)
+        inner, loops = self.segments(out, ind, path, scope, s)
         if path.field is None:
             body(out, inner, f"{s}.name", f"({pc}, {s}, 0, 0)")
-            if stop:
+            if stop and loops:
                 out.append(f"{inner}if {stop}:")
                 out.append(f"{inner}    break")
             return
@@ -225,7 +230,7 @@ class _Gen:
             if stop:
                 out.append(f"{ind2}if {stop}:")
                 out.append(f"{ind2}    break")
-        if stop:
+        if stop and loops:
             out.append(f"{inner}if {stop}:")
             out.append(f"{inner}    break")
 
@@ -238,9 +243,10 @@ class _Gen:
         primitive: bool,
         v: str,
         at: str,
+        keep: bool = True,
     ) -> None:
         """Emit code setting ``v`` to the decoded text of the first non-blank value of ``source``
-        (None when there is none) and ``at`` to where it was; ``raw`` + ``v`` + ``_w`` for the raw."""
+        (None when there is none); with ``keep``, ``at`` to where it was and ``<v>_raw`` to its raw text."""
         out.append(f"{ind}{v} = None")
         texts = source if isinstance(source, list) else [source]
         for i, text in enumerate(texts):
@@ -253,8 +259,9 @@ class _Gen:
             def take(o: list[str], bi: str, raw: str, where: str) -> None:
                 o.append(f"{bi}if {raw} != '' and {raw} != '\"\"':")
                 o.append(f"{bi}    {v} = unesc({raw}) if ESC in {raw} else {raw}")
-                o.append(f"{bi}    {v}_raw = {raw}")
-                o.append(f"{bi}    {at} = {where}")
+                if keep:  # where it was, and the raw text (for a value built from it)
+                    o.append(f"{bi}    {v}_raw = {raw}")
+                    o.append(f"{bi}    {at} = {where}")
 
             self.each(out, cur, path, scope, take, stop=f"{v} is not None")
 
@@ -333,18 +340,19 @@ class _Gen:
             out.append(f"{ind}{at0} = None")
             for text in v.sources:
                 g, gat = self.var("_g"), self.var("_at")
-                self.first(out, ind, text, scope, True, g, gat)
+                self.first(out, ind, text, scope, True, g, gat, bool(v.function or v.table))
                 out.append(f"{ind}if {g} is None:")
                 out.append(f"{ind}    {parts}.append('')")
                 out.append(f"{ind}else:")
                 out.append(f"{ind}    {parts}.append({g})")
-                out.append(f"{ind}    if {at0} is None:")
-                out.append(f"{ind}        {at0} = {gat}")
+                if v.function or v.table:  # only an error of theirs names where the value was
+                    out.append(f"{ind}    if {at0} is None:")
+                    out.append(f"{ind}        {at0} = {gat}")
             out.append(f"{ind}{val} = {parts} if any({parts}) else None")
             where = f"(_rt_location(msg, {at0}) if {at0} is not None else {no_location})"
         elif v.source:
             gat = self.var("_at")
-            self.first(out, ind, v.source, scope, True, val, gat)
+            self.first(out, ind, v.source, scope, True, val, gat, bool(v.function or v.table))
             where = f"(_rt_location(msg, {gat}) if {val} is not None else {no_location})"
         elif "value" in v.model_fields_set:
             out.append(f"{ind}{val} = {self.const(v.value)}")
@@ -440,7 +448,7 @@ class _Gen:
             val = self.var("_cv")
             if cond.source is not None:
                 g, gat = self.var("_g"), self.var("_at")
-                self.first(out, cur, cond.source, scope, compares, g, gat)
+                self.first(out, cur, cond.source, scope, compares, g, gat, False)
                 out.append(f"{cur}{val} = {g} if {g} is not None else ''")
             else:
                 raw = self.var("_cp")
