@@ -177,3 +177,10 @@ def test_what_does_not_compile_says_why(mset: MappingSet) -> None:
     with pytest.raises(Unsupported, match="only HL7 v2"):
         generate(mset, csv, "UTC")
     assert "def _M1_adt_a01(msg):" in generate(mset, mset.messages["adt_a01"], "UTC")
+
+
+def test_engines_of_one_mapping_set_share_the_compiled_code(mset: MappingSet) -> None:
+    adt = mset.messages["adt_a01"]
+    first, second = MappingEngine(mset, "Europe/Paris"), MappingEngine(mset, "Europe/Paris")
+    assert first.compiled(adt) is second.compiled(adt) is not None
+    assert MappingEngine(mset, "UTC").compiled(adt) is not first.compiled(adt)  # times read differ
