@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from hms_ach.core.errors import MessageError
+from hms_ach.core.hl7message import Hl7Message
+from hms_ach.core.records import MappingResult
 from hms_ach.hl7v2.parse import parse
 from hms_ach.mapping import goldens
 from hms_ach.mapping.compiler import Unsupported, generate
 from hms_ach.mapping.compiler_check import compiled_difference, first_difference, outcome
 from hms_ach.mapping.engine import INTERPRETED_ENV, MappingEngine
-from hms_ach.mapping.loader import MappingSet, load_mappings
+from hms_ach.mapping.loader import LoadedFile, MappingSet, load_mappings
 
 ROOT = Path(__file__).resolve().parents[3]
 MAPPINGS = ROOT / "mappings"
@@ -184,3 +187,28 @@ def test_engines_of_one_mapping_set_share_the_compiled_code(mset: MappingSet) ->
     first, second = MappingEngine(mset, "Europe/Paris"), MappingEngine(mset, "Europe/Paris")
     assert first.compiled(adt) is second.compiled(adt) is not None
     assert MappingEngine(mset, "UTC").compiled(adt) is not first.compiled(adt)  # times read differ
+
+
+def test_a_golden_case_fails_where_the_compiled_path_differs(
+    mset: MappingSet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    golden = goldens.load_golden_file(MAPPINGS / "messages" / "adt_a01_test.yaml")
+    index = next(i for i, c in enumerate(golden.model.cases) if c.sample and c.expect.error is None)
+    assert goldens.run_case(golden, index, mset, ROOT, parse).passed
+    real = MappingEngine.compiled
+
+    def drifted(self: MappingEngine, f: LoadedFile) -> Callable[[Hl7Message], MappingResult]:
+        fn = real(self, f)
+        assert fn is not None
+
+        def run(msg: Hl7Message) -> MappingResult:
+            result = fn(msg)
+            result.records[0].content["gender"] = "unknown-drift"
+            return result
+
+        return run
+
+    monkeypatch.setattr(MappingEngine, "compiled", drifted)
+    failed = goldens.run_case(golden, index, mset, ROOT, parse)
+    assert not failed.passed
+    assert "compiled and the interpreted mapping differ at records[0].content.gender" in failed.message
