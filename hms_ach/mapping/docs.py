@@ -82,6 +82,27 @@ rules:
 
 Empty means: missing, the empty string, or HL7's explicit null `""`.
 
+## Compiled mappings
+
+On the hot path (the pipeline, with no lineage) each HL7 v2 message mapping runs as Python code
+generated from it: one function per message mapping, with its resource and datatype mappings as
+plain functions beside it, made once per loaded mapping set. The code reads fields and components
+by index, decodes escapes only in the values it reads, and gives exactly the records, warnings and
+errors (text, location, code) of the interpreted engine; every golden case runs both and fails at
+the first place where they differ.
+
+- What compiles: every construct of HL7 v2 message, resource and datatype mappings (paths with
+  any selector, `for_each`, `context`, `when`, `use`, `record`, `ref`, nested `rules`, functions,
+  tables, defaults, `required`, `critical: false`, keys with fallbacks).
+- What stays interpreted: CSV and FHIR inputs, `hms-ach mapping preview` (lineage), coverage, a
+  `use:`/`record:` whose `source:` list mixes paths into different segments (today only
+  `mfn_m02`, through `practitioner_role_stf`), and a datatype path (`XCN.1`) read where there is
+  no datatype value. The engine logs `mapping.compile_fallback` at DEBUG with the reason, and
+  `MappingEngine.fallbacks` lists them.
+- A mapping is compiled on its first message; resource and datatype mappings are compiled once
+  and shared by every message mapping that uses them.
+- `HMS_ACH_MAPPING_INTERPRETED=1` in the environment runs every mapping interpreted (diagnosis).
+
 ## HL7 paths
 """
 

@@ -8,10 +8,16 @@ resolved to compiled :mod:`~hms_ach.mapping.paths` objects, its functions and ta
 arguments, its targets split into element steps and its ``required`` errors prepared. A message
 then runs only those closures; nothing of the YAML tree is interpreted per message. Lineage (for
 the preview) is recorded only when asked for: the pipeline does not store it.
+
+That is the interpreted path: the preview (lineage), coverage and CSV and FHIR inputs run it. An
+HL7 v2 message mapped without lineage runs the Python code generated from its mapping by
+:mod:`hms_ach.mapping.compiler` instead (same result, checked by the goldens), unless the compiler
+does not handle a construct of it (``fallbacks``) or ``HMS_ACH_MAPPING_INTERPRETED=1`` is set.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import replace
@@ -36,6 +42,10 @@ from hms_ach.mapping.paths import (
 from hms_ach.mapping.terminology import lookup
 
 _TOKEN = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?:\[(\d*)\])?")
+
+
+#: set to 1 to run every mapping interpreted (diagnosis: compare with the compiled path)
+INTERPRETED_ENV = "HMS_ACH_MAPPING_INTERPRETED"
 
 Token = tuple[str, "int | None | str"]
 #: lineage is a list when the run records it, None when it does not (the pipeline)
@@ -223,6 +233,7 @@ class MappingEngine:
         self._resources: dict[tuple[str, str], ResourceFn] = {}
         self._datatypes: dict[tuple[str, str], list[RuleFn]] = {}
         self._events: dict[str, EventFn | None] = {}
+        self.interpreted_only = os.environ.get(INTERPRETED_ENV, "") not in ("", "0")
 
     # ------------------------------------------------------------------ entry points
     def mapping_for(self, msg: Hl7Message) -> LoadedFile:
@@ -259,7 +270,38 @@ class MappingEngine:
         """Map ``msg``; with ``seen``, every HL7 position the mapping read is added to it (coverage);
         ``lineage=False`` skips recording where each value came from (nothing but the preview reads it)."""
         f = mapping or self.mapping_for(msg)
+        if not lineage and seen is None and not self.interpreted_only:
+            compiled = self.compiled(f)
+            if compiled is not None:
+                return compiled(msg)
         return self._message_fn(f, "hl7v2")(Scope(msg, seen=seen), lineage)
+
+    def map_interpreted(self, msg: Hl7Message, mapping: LoadedFile | None = None) -> MappingResult:
+        """Map ``msg`` on the interpreted path without lineage (to compare with the compiled one)."""
+        f = mapping or self.mapping_for(msg)
+        return self._message_fn(f, "hl7v2")(Scope(msg), False)
+
+    def compiled(self, f: LoadedFile) -> Callable[[Hl7Message], MappingResult] | None:
+        """The compiled form of HL7 v2 message mapping ``f``, made once and cached with the
+        MappingSet (engines of one set share it); None when the compiler does not handle one of
+        its constructs: the mapping then runs interpreted, and ``fallbacks`` says why."""
+        from hms_ach.mapping.compiler import compiler_for
+
+        return compiler_for(self.mset, self.timezone).compiled(f)
+
+    @property
+    def fallbacks(self) -> dict[str, str]:
+        """Why a message mapping stays interpreted, by mapping name (of those compiled so far)."""
+        from hms_ach.mapping.compiler import compiler_for
+
+        return dict(compiler_for(self.mset, self.timezone).fallbacks)
+
+    def compile_all(self) -> dict[str, str]:
+        """Compile every HL7 v2 message mapping now; returns the fallbacks (mapping -> reason)."""
+        for f in self.mset.messages.values():
+            if f.model.match.input == "hl7v2":
+                self.compiled(f)
+        return dict(self.fallbacks)
 
     def input_mapping(self, kind: str, name: str) -> LoadedFile:
         """The message mapping for a CSV dataset or FHIR resourceType; RejectError when there is none."""

@@ -99,6 +99,7 @@ from ruamel.yaml.error import MarkedYAMLError
 from hms_ach.core.errors import ConfigError, ConfigErrors, MessageError, SourcePosition
 from hms_ach.core.hl7message import Hl7Message
 from hms_ach.core.records import MappingResult, RecordWrite
+from hms_ach.mapping.compiler_check import compiled_difference
 from hms_ach.mapping.engine import MappingEngine
 from hms_ach.mapping.loader import MappingSet, Positions, _plain, position_of
 from hms_ach.mapping.paths import CsvRecord
@@ -445,6 +446,9 @@ def run_case(
             return result
     except MessageError as exc:
         return _check_error(result, case, exc)
+    except PathsDiffer as exc:
+        result.message = str(exc)
+        return result
     except Exception as exc:  # a bug in the engine or a mapping: report it as this case's failure
         result.message = f"mapping crashed: {type(exc).__name__}: {exc}"
         return result
@@ -480,7 +484,16 @@ def produce(
         return engine.map_input("csv", case.csv.dataset, record)
     if case.fhir is not None:
         return engine.map_input("fhir", str(case.fhir.get("resourceType", "")), case.fhir)
-    return engine.map_message(parse(_message_bytes(case, repo_root)))
+    message = parse(message_bytes(case, repo_root))
+    mapping = engine.mapping_for(message)
+    differs = compiled_difference(engine, message, mapping)
+    if differs is not None:
+        raise PathsDiffer(f"the compiled and the interpreted mapping differ at {differs}")
+    return engine.map_message(message, mapping)
+
+
+class PathsDiffer(Exception):
+    """The compiled mapping of a case's message did not give what the interpreted one gives."""
 
 
 def _run_event_case(
@@ -524,11 +537,11 @@ def _run_transform_case(
         return result
     tables = {n: f.model for n, f in mset.tables.items()}
     try:
-        got = run(loaded.model, _message_bytes(case, repo_root), tables).message.decode("utf-8", "replace")
+        got = run(loaded.model, message_bytes(case, repo_root), tables).message.decode("utf-8", "replace")
     except (TransformError, OSError) as exc:
         result.message = f"transform {name} failed: {exc}"
         return result
-    want = _message_bytes(case, repo_root).decode() if case.expect.hl7 is None else ""
+    want = message_bytes(case, repo_root).decode() if case.expect.hl7 is None else ""
     if case.expect.hl7 is not None:
         want = "".join(ln.strip() + "\r" for ln in case.expect.hl7.splitlines() if ln.strip())
     if got != want:
@@ -541,7 +554,8 @@ def _run_transform_case(
     return result
 
 
-def _message_bytes(case: GoldenCase, repo_root: Path) -> bytes:
+def message_bytes(case: GoldenCase, repo_root: Path) -> bytes:
+    """The bytes a case maps: its generated input, its sample file, or its inline message."""
     if case.generated is not None:
         return orjson.dumps(case.generated)
     if case.sample is not None:
