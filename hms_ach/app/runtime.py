@@ -84,7 +84,7 @@ class Engine:
             overflow_wait_seconds=config.audit.access_overflow_wait_seconds,
         )
         self.mappings = load_mappings(config.mappings_dir)
-        self.pipeline = Pipeline(self.writer, MappingEngine(self.mappings, config.engine.timezone))
+        self.pipeline = Pipeline(self.writer, _compiled_engine(self.mappings, config.engine.timezone))
         wire_listeners()  # record changes -> outbox events, discharge -> Claim (hms_ach/app/wiring.py)
         events.use_engine(self.pipeline.engine)  # event payloads come from mappings/events/
         workforce_settings.use(config.workforce)  # the workforce rules' limits (docs/workforce-rules.md)
@@ -547,7 +547,7 @@ class Engine:
     def _use_mappings(self, mset: MappingSet) -> None:
         """Run ``mset`` from the next message on (the pipeline, the event payloads)."""
         self.mappings = mset
-        self.pipeline.engine = MappingEngine(mset, self.config.engine.timezone)
+        self.pipeline.engine = _compiled_engine(mset, self.config.engine.timezone)
         events.use_engine(self.pipeline.engine)
         self.health.update(status="ok", reload_error=None, last_reload=datetime.now(UTC).isoformat())
 
@@ -658,3 +658,12 @@ def _mtimes(root: Path) -> dict[str, float]:
         except OSError:
             continue
     return out
+
+
+def _compiled_engine(mset: MappingSet, timezone: str) -> MappingEngine:
+    """A mapping engine whose HL7 v2 message mappings are compiled now, not on their first message
+    (docs/mapping-language.md, "Compiled mappings"); those that fall back to the interpreter are logged."""
+    engine = MappingEngine(mset, timezone)
+    fallbacks = engine.compile_all()
+    log.info("mappings.compiled", extra={"mappings": len(mset.messages), "interpreted": sorted(fallbacks)})
+    return engine
