@@ -24,6 +24,7 @@ from hms_ach.app.scheduler import Scheduler, build_jobs
 from hms_ach.app.wiring import wire_listeners
 from hms_ach.auth.authenticate import Authenticator, create_authenticator
 from hms_ach.auth.settings import AuthSettings, check_off_mode, with_environment
+from hms_ach.cases.forms import publish_forms
 from hms_ach.channels import CHANNEL_TYPES
 from hms_ach.channels.fhir_rest import FhirRestChannel
 from hms_ach.channels.mllp import MllpChannel
@@ -105,6 +106,7 @@ class Engine:
         self._metrics: EngineState | None = None  # what /metrics reads from this engine while it runs
         self.stop_phase: str | None = None  # the phase of stop() running now, for the timeout report
         self.exports: ExportManager | None = None  # the Bulk Data $export worker, with the HTTP API
+        self._forms_task: asyncio.Task[None] | None = None  # publishing the forms after a reload
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -113,6 +115,7 @@ class Engine:
         self.writer.start()
         self.access_audit.start()
         self._watchdog = asyncio.create_task(self._watch_writer())
+        await self._publish_forms()  # the workflows' forms as Questionnaire/<id> (docs/review-cases.md)
         await self._start_outbound()  # before the channels: a new sink gets every event from here on
         for settings in self.config.channels:
             if not settings.enabled:
@@ -465,9 +468,21 @@ class Engine:
         self.mappings = mset
         self.pipeline.engine = MappingEngine(mset, self.config.engine.timezone)
         events.use_engine(self.pipeline.engine)
+        if self.writer.alive:  # published in the background; a failure is logged, never fatal
+            with contextlib.suppress(RuntimeError):  # no running loop (a test's direct call): at start
+                self._forms_task = asyncio.get_running_loop().create_task(self._publish_forms())
         self.health.update(status="ok", reload_error=None, last_reload=datetime.now(UTC).isoformat())
         log.info("config.reloaded")
         return True
+
+    async def _publish_forms(self) -> None:
+        """Write the forms of the mappings (forms/<id>.json) as Questionnaire/<id>; the same content
+        again writes nothing. A failure is logged (the forms are published at the next reload)."""
+        forms = {form_id: f.model for form_id, f in self.mappings.forms.items()}
+        try:
+            await self.writer.run(lambda tx: publish_forms(tx, forms))
+        except Exception as exc:  # the engine runs on; findings are checked against the files
+            log.error("forms.publish_failed", extra={"error": error_kind(exc)})
 
     async def reload_config(self) -> bool:
         """Re-read channels.yaml: restart only the channels whose settings changed, then the mappings.
@@ -570,7 +585,7 @@ def auth_settings(config: Config) -> AuthSettings:
 
 def _mtimes(root: Path) -> dict[str, float]:
     out: dict[str, float] = {}
-    for path in root.rglob("*.yaml"):
+    for path in [*root.rglob("*.yaml"), *root.rglob("*.json")]:  # mappings and forms
         try:
             out[str(path)] = path.stat().st_mtime
         except OSError:

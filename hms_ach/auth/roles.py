@@ -37,6 +37,8 @@ ACTIONS: dict[str, str] = {
     "metrics.read": "GET /metrics",
     "cases.create": "POST /api/v1/review/cases",
     "cases.read": "GET /api/v1/review/cases",
+    "cases.move": "POST /api/v1/review/{caseId}/transitions",
+    "cases.comment": "POST /api/v1/review/{caseId}/comments",
 }
 
 _WORKFORCE = tuple(a for a in ACTIONS if not a.startswith(("audit.", "metrics.", "cases.")))
@@ -66,12 +68,22 @@ ROLE_RULES: dict[str, dict[str, Reach]] = {
         "timecards.write": "own",
     },
     "auditor": {"audit.read": "any", "compliance.read": "any", "cases.read": "any"},
-    "integration": {action: "any" for action in (*_WORKFORCE, "metrics.read", "cases.create", "cases.read")},
+    "integration": {
+        action: "any"
+        for action in (
+            *_WORKFORCE,
+            "metrics.read",
+            "cases.create",
+            "cases.read",
+            "cases.move",
+            "cases.comment",
+        )
+    },
     "operator": {"metrics.read": "any"},
     # Review cases (docs/review-cases.md): a reviewer sees the cases assigned to them; a supervisor
     # opens cases and sees every case (the escalation queue).
-    "reviewer": {"cases.read": "own"},
-    "supervisor": {"cases.create": "any", "cases.read": "any"},
+    "reviewer": {"cases.read": "own", "cases.move": "own", "cases.comment": "own"},
+    "supervisor": {"cases.create": "any", "cases.read": "any", "cases.move": "any", "cases.comment": "any"},
 }
 
 #: Every role :data:`ROLE_RULES` knows.

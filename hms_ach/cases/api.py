@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field
 from starlette.responses import Response
 
 from hms_ach.auth.caller import REQUEST_STATE_ATTRIBUTE
+from hms_ach.cases import flow_api
 from hms_ach.cases.assignment import ASSIGNED_AT_EXT, CLOSED_STATUSES, Choice, candidates, choose
 from hms_ach.cases.transitions import DUE_EXT, announce, event_facts, set_due
 from hms_ach.cases.workflow import CASE_SYSTEM, Workflow, case_type_of, state_of, workflows
@@ -318,4 +319,6 @@ def _install_cases(router: APIRouter, api: CaseApi) -> None:
 
 
 #: The route modules of the cases API after the cases themselves, each ``install(router, api)``.
-SECTIONS: tuple[Callable[[APIRouter, CaseApi], None], ...] = ()
+SECTIONS: tuple[Callable[[APIRouter, CaseApi], None], ...] = (
+    flow_api.install,  # GET /review/cases/{caseId}, /review/{caseId}/transitions and comments
+)

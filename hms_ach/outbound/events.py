@@ -38,6 +38,7 @@ they are without an engine or a mapping).
 | practitioner.conflict | two sources disagree on a Practitioner element and no survivorship rule ranks them (:mod:`hms_ach.workforce.survivorship`) |
 | case.created / case.assigned / case.unassigned | emitted by the review cases (:mod:`hms_ach.cases.api`): a case opened, given to a reviewer, or queued with nobody qualifying |
 | case.status_changed / case.escalated / case.resolved | a case moved between workflow states (:mod:`hms_ach.cases.transitions`); escalated: into the workflow's escalation state; resolved: into a final state |
+| case.commented | a comment (Communication) was added to a case (:mod:`hms_ach.cases.flow_api`); the payload carries references, never the text |
 | record.changed | every new version of a FHIR resource record (the change feed of the fhir_push sink) |
 
 ``record.changed`` (payload: resource, versionId, action create|update|delete) is the change feed:
@@ -98,6 +99,7 @@ EVENT_NAMES = (
     "case.status_changed",
     "case.escalated",
     "case.resolved",
+    "case.commented",
 )
 
 #: The record types whose every change is announced as ``record.changed``: those the fhir_push sink
