@@ -479,10 +479,13 @@ class Engine:
         """Write the forms of the mappings (forms/<id>.json) as Questionnaire/<id>; the same content
         again writes nothing. A failure is logged (the forms are published at the next reload)."""
         forms = {form_id: f.model for form_id, f in self.mappings.forms.items()}
-        try:
-            await self.writer.run(lambda tx: publish_forms(tx, forms))
-        except Exception as exc:  # the engine runs on; findings are checked against the files
-            log.error("forms.publish_failed", extra={"error": error_kind(exc)})
+        for attempt in range(3):  # a store that failed a commit is often back a moment later
+            try:
+                await self.writer.run(lambda tx: publish_forms(tx, forms))
+                return
+            except Exception as exc:  # the engine runs on; findings are checked against the files
+                log.error("forms.publish_failed", extra={"error": error_kind(exc), "attempt": attempt + 1})
+            await asyncio.sleep(0.5 * (attempt + 1))
 
     async def reload_config(self) -> bool:
         """Re-read channels.yaml: restart only the channels whose settings changed, then the mappings.
