@@ -358,6 +358,11 @@ def check(config: ConfigOpt = Path("channels.yaml")) -> None:
     except ConfigErrors as exc:
         errors.extend(e.render() for e in exc.errors)
         mset = None
+    if mset is not None:  # the workflow goldens replay cases through the workflows
+        from hms_ach.cases import workflow_goldens
+
+        for golden in workflow_goldens.discover(mappings_dir):
+            errors.extend(r.report() for r in workflow_goldens.run_file(golden, mset) if not r.passed)
     if cfg is not None and mset is not None:
         from hms_ach.outbound.hl7_generate import generators
         from hms_ach.outbound.mllp_sink import unknown_transforms
@@ -923,11 +928,16 @@ def mapping_test(
         raise typer.Exit(2) from exc
     from hms_ach.mapping.golden_update import update_golden_file
 
+    from hms_ach.cases import workflow_goldens
+
     target = path or root
     files = [target] if target.is_file() else goldens.discover(target)
+    files = sorted({*files, *workflow_goldens.discover(target)})
     passed = failed = rewritten = 0
     for f in files:
-        if update:
+        if goldens.is_workflow_golden(f):  # replayed through the workflow (no --update for these)
+            results, updated = workflow_goldens.run_file(f, mset), []
+        elif update:
             try:
                 results, updated = update_golden_file(f, mset, Path.cwd(), parse)
             except ConfigErrors as exc:

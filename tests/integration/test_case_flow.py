@@ -18,8 +18,10 @@ import httpx
 import pytest
 from fhirpy import AsyncFHIRClient
 
+from hms_ach.cases.forms import publish_forms
+from hms_ach.mapping.loader import load_mappings
 from hms_ach.store.db import Store
-from tests.integration.engine_helpers import FHIR_JSON, auth_headers, basic_shift
+from tests.integration.engine_helpers import FHIR_JSON, ROOT, auth_headers, basic_shift
 from tests.integration.outbound_helpers import Receiver, wait_for
 from tests.integration.test_review_cases import _engine, _iso, _reviewer
 
@@ -218,3 +220,17 @@ async def test_forms_are_published_once_for_the_same_content(tmp_path: Path, sto
         finally:
             await engine.stop()
             await receiver.stop()
+
+
+def test_forms_are_published_under_their_ids_once(store: Store) -> None:
+    forms = {k: f.model for k, f in load_mappings(ROOT / "mappings").forms.items()}
+    with store.transaction() as tx:
+        assert publish_forms(tx, forms) == [
+            "Questionnaire/clinical-review-findings",
+            "Questionnaire/complaint-resolution",
+        ]
+    with store.transaction() as tx:
+        assert publish_forms(tx, forms) == []  # the same content: no new version
+    changed = {**forms, "complaint-resolution": {**forms["complaint-resolution"], "version": "2"}}
+    with store.transaction() as tx:
+        assert publish_forms(tx, changed) == ["Questionnaire/complaint-resolution"]

@@ -32,7 +32,9 @@ def test_review_case_roles() -> None:
     assert all(a.startswith("cases.") for a in supervised)
     assert {"cases.create", "cases.read", "cases.move", "cases.comment"} <= set(supervised)
     mine = caller("reviewer", employee_id="d1")
-    assert {a for a in ("cases.read", "cases.move", "cases.comment") if mine.grant(a).employee_ids == {"d1"}} == {
+    assert {
+        a for a in ("cases.read", "cases.move", "cases.comment") if mine.grant(a).employee_ids == {"d1"}
+    } == {
         "cases.read",
         "cases.move",
         "cases.comment",
