@@ -926,9 +926,8 @@ def mapping_test(
     except ConfigErrors as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from exc
-    from hms_ach.mapping.golden_update import update_golden_file
-
     from hms_ach.cases import workflow_goldens
+    from hms_ach.mapping.golden_update import update_golden_file
 
     target = path or root
     files = [target] if target.is_file() else goldens.discover(target)

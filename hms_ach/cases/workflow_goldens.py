@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from hms_ach.cases.transitions import MoveRefused, check_move, move_events
 from hms_ach.cases.workflow import Workflow, workflows
-from hms_ach.core.errors import ConfigError, ConfigErrors, SourcePosition
+from hms_ach.core.errors import ConfigError, ConfigErrors
 from hms_ach.mapping.goldens import CaseResult, is_workflow_golden
 from hms_ach.mapping.loader import MappingSet, Positions, load_yaml, position_of
 from hms_ach.mapping.spec import TASK_PRIORITIES
