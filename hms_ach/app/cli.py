@@ -933,6 +933,7 @@ def mapping_test(
     files = [target] if target.is_file() else goldens.discover(target)
     files = sorted({*files, *workflow_goldens.discover(target)})
     passed = failed = rewritten = 0
+    updated: list[str]
     for f in files:
         if goldens.is_workflow_golden(f):  # replayed through the workflow (no --update for these)
             results, updated = workflow_goldens.run_file(f, mset), []
