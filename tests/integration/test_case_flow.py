@@ -21,37 +21,11 @@ from fhirpy import AsyncFHIRClient
 from hms_ach.cases.forms import publish_forms
 from hms_ach.mapping.loader import load_mappings
 from hms_ach.store.db import Store
-from tests.integration.engine_helpers import FHIR_JSON, ROOT, auth_headers, basic_shift
+from tests.integration.engine_helpers import FHIR_JSON, ROOT, auth_headers
 from tests.integration.outbound_helpers import Receiver, wait_for
-from tests.integration.test_review_cases import _engine, _iso, _reviewer
+from tests.integration.test_review_cases import _engine, _reviewer, add_reviewer
 
 pytestmark = pytest.mark.timeout(240)
-
-
-async def _on_shift_reviewer(http: httpx.AsyncClient, admin: dict[str, str], number: str) -> str:
-    """A Practitioner with a valid MD licence, the reviewer role and a shift now; its id."""
-    now = datetime.now(UTC)
-    r = await http.post(
-        "/fhir/Practitioner",
-        json=_reviewer(number, now.date() + timedelta(days=365)),
-        headers={**admin, **FHIR_JSON},
-    )
-    assert r.status_code == 201, r.text
-    pid = str(r.json()["id"])
-    role = {
-        "resourceType": "PractitionerRole",
-        "identifier": [{"system": "urn:hms-ach:id:role", "value": f"{number}-reviewer"}],
-        "active": True,
-        "practitioner": {"reference": f"Practitioner/{pid}"},
-        "code": [{"coding": [{"system": "urn:hms-ach:code:case-role", "code": "reviewer"}]}],
-    }
-    r = await http.post("/fhir/PractitionerRole", json=role, headers={**admin, **FHIR_JSON})
-    assert r.status_code == 201, r.text
-    start = now - timedelta(hours=1)
-    shift = basic_shift(f"S-{number}", pid, _iso(start), _iso(start + timedelta(hours=8)))
-    r = await http.post("/fhir/Basic", json=shift, headers={**admin, **FHIR_JSON})
-    assert r.status_code == 201, r.text
-    return pid
 
 
 def _states(case: dict[str, Any]) -> list[tuple[str, str]]:
@@ -65,7 +39,10 @@ async def test_a_case_moves_through_its_workflow_and_gathers_comments(tmp_path: 
         base = f"http://127.0.0.1:{engine.http_port}"
         admin = auth_headers(engine)
         async with httpx.AsyncClient(base_url=base, timeout=30) as http:
-            mine = await _on_shift_reviewer(http, admin, "F1")
+            now = datetime.now(UTC)
+            mine = await add_reviewer(
+                http, admin, "F1", now.date() + timedelta(days=365), now - timedelta(hours=1)
+            )
             stranger = str(
                 (
                     await http.post(

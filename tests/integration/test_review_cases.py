@@ -42,6 +42,31 @@ def _reviewer(number: str, licence_end: date) -> dict[str, Any]:
     return nurse(number, family=f"Reviewer{number}", qualification=[licence])
 
 
+async def add_reviewer(
+    http: httpx.AsyncClient, admin: dict[str, str], number: str, licence_end: date, shift_start: datetime
+) -> str:
+    """Over FHIR: a Practitioner with an MD licence until ``licence_end``, the reviewer role and an
+    8-hour shift from ``shift_start``; its id."""
+    r = await http.post(
+        "/fhir/Practitioner", json=_reviewer(number, licence_end), headers={**admin, **FHIR_JSON}
+    )
+    assert r.status_code == 201, r.text
+    pid = str(r.json()["id"])
+    role = {
+        "resourceType": "PractitionerRole",
+        "identifier": [{"system": "urn:hms-ach:id:role", "value": f"{number}-reviewer"}],
+        "active": True,
+        "practitioner": {"reference": f"Practitioner/{pid}"},
+        "code": [{"coding": [{"system": "urn:hms-ach:code:case-role", "code": "reviewer"}]}],
+    }
+    r = await http.post("/fhir/PractitionerRole", json=role, headers={**admin, **FHIR_JSON})
+    assert r.status_code == 201, r.text
+    shift = basic_shift(f"S-{number}", pid, _iso(shift_start), _iso(shift_start + timedelta(hours=8)))
+    r = await http.post("/fhir/Basic", json=shift, headers={**admin, **FHIR_JSON})
+    assert r.status_code == 201, r.text
+    return pid
+
+
 async def _engine(tmp_path: Path, store: Store, hook: str) -> Engine:
     shutil.copytree(ROOT / "mappings", tmp_path / "mappings")
     (tmp_path / "channels.yaml").write_text(
@@ -74,23 +99,7 @@ async def test_a_case_goes_to_the_one_qualified_reviewer_and_is_announced(
                 ("R2", today - timedelta(days=3), now - timedelta(hours=2)),  # licence expired
                 ("R3", today + timedelta(days=365), now + timedelta(hours=3)),  # off shift now
             ):
-                r = await http.post(
-                    "/fhir/Practitioner", json=_reviewer(number, licence_end), headers={**admin, **FHIR_JSON}
-                )
-                assert r.status_code == 201, r.text
-                pid = ids[number] = r.json()["id"]
-                role = {
-                    "resourceType": "PractitionerRole",
-                    "identifier": [{"system": "urn:hms-ach:id:role", "value": f"{number}-reviewer"}],
-                    "active": True,
-                    "practitioner": {"reference": f"Practitioner/{pid}"},
-                    "code": [{"coding": [{"system": "urn:hms-ach:code:case-role", "code": "reviewer"}]}],
-                }
-                r = await http.post("/fhir/PractitionerRole", json=role, headers={**admin, **FHIR_JSON})
-                assert r.status_code == 201, r.text
-                shift = basic_shift(f"S-{number}", pid, _iso(start), _iso(start + timedelta(hours=8)))
-                r = await http.post("/fhir/Basic", json=shift, headers={**admin, **FHIR_JSON})
-                assert r.status_code == 201, r.text
+                ids[number] = await add_reviewer(http, admin, number, licence_end, start)
 
             supervisor = auth_headers(engine, roles=("supervisor",))
             body = {

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
-from hms_ach.core.errors import ConfigErrors
 from hms_ach.mapping.form_files import form_paths
 from hms_ach.mapping.loader import load_mappings
+from tests.unit.cases.test_workflow import _broken
 
 ROOT = Path(__file__).resolve().parents[3]
 FORM = "workflows/forms/clinical-review-findings.json"
@@ -23,18 +22,6 @@ def test_the_shipped_forms_are_loaded_by_id() -> None:
         "clinical-review-findings.json",
         "complaint-resolution.json",
     ]
-
-
-def _broken(tmp_path: Path, file: str, old: str, new: str) -> str:
-    root = tmp_path / "mappings"
-    shutil.copytree(ROOT / "mappings", root)
-    path = root / file
-    text = path.read_text(encoding="utf-8")
-    assert old in text
-    path.write_text(text.replace(old, new, 1), encoding="utf-8")
-    with pytest.raises(ConfigErrors) as caught:
-        load_mappings(root)
-    return str(caught.value)
 
 
 @pytest.mark.parametrize(
@@ -85,4 +72,4 @@ def _broken(tmp_path: Path, file: str, old: str, new: str) -> str:
 def test_broken_forms_are_refused_with_their_place(
     tmp_path: Path, file: str, old: str, new: str, expected: str
 ) -> None:
-    assert expected in _broken(tmp_path, file, old, new)
+    assert expected in _broken(tmp_path, old, new, file)
