@@ -22,10 +22,13 @@ from typing import Any
 
 from hms_ach.core.records import RecordWrite
 from hms_ach.mapping.form_files import ANSWER_TYPES, FORM_SYSTEM, MAX_VALUE_EXT, MIN_VALUE_EXT
+from hms_ach.store import audit
 from hms_ach.store.port import Tx
 from hms_ach.store.repository import Repository
 
 log = logging.getLogger("hms_ach.cases.forms")
+#: The actor of the forms' versions in the audit trail (a job of the engine's own).
+PUBLISHER = "forms.publish"
 
 
 @dataclass(frozen=True)
@@ -183,13 +186,14 @@ def publish_forms(tx: Tx, forms: Mapping[str, Mapping[str, Any]]) -> list[str]:
     forms that got a new version (a form whose content is stored already gets none)."""
     repo = Repository(tx)
     written: list[str] = []
-    for form_id, questionnaire in sorted(forms.items()):
-        content = {k: v for k, v in questionnaire.items() if k not in ("id", "meta")}
-        content.setdefault("identifier", [{"system": FORM_SYSTEM, "value": form_id}])
-        rec = RecordWrite("form", "Questionnaire", FORM_SYSTEM, form_id, content, mode="replace")
-        out = repo.upsert(rec, content, None, new_record_id=form_id)
-        if out is not None and out.changed:
-            written.append(out.reference)
+    with audit.acting(tx, audit.actor_json(kind="system", job=PUBLISHER)):  # who wrote them, audited
+        for form_id, questionnaire in sorted(forms.items()):
+            content = {k: v for k, v in questionnaire.items() if k not in ("id", "meta")}
+            content.setdefault("identifier", [{"system": FORM_SYSTEM, "value": form_id}])
+            rec = RecordWrite("form", "Questionnaire", FORM_SYSTEM, form_id, content, mode="replace")
+            out = repo.upsert(rec, content, None, new_record_id=form_id)
+            if out is not None and out.changed:
+                written.append(out.reference)
     if written:
         log.info("forms.published", extra={"forms": written})
     return written
