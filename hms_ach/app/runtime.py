@@ -263,6 +263,9 @@ class Engine:
             self._watchdog.cancel()
             await asyncio.gather(self._watchdog, return_exceptions=True)
             self._watchdog = None
+        if self._forms_task is not None:  # the forms of the last reload: written, or at the next start
+            await asyncio.gather(self._forms_task, return_exceptions=True)
+            self._forms_task = None
         await self._phase("access_audit", asyncio.to_thread(self.access_audit.stop))  # flushed via the writer
         await self._phase("writer", asyncio.to_thread(self.writer.stop))
         if self._metrics is not None:

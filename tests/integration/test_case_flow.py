@@ -20,6 +20,7 @@ from fhirpy import AsyncFHIRClient
 
 from hms_ach.cases.forms import publish_forms
 from hms_ach.mapping.loader import load_mappings
+from hms_ach.store import resources
 from hms_ach.store.db import Store
 from tests.integration.engine_helpers import FHIR_JSON, ROOT, auth_headers
 from tests.integration.outbound_helpers import Receiver, wait_for
@@ -187,13 +188,23 @@ async def test_forms_are_published_once_for_the_same_content(tmp_path: Path, sto
         receiver = Receiver()
         engine = await _engine(tmp_path / str(attempt), store, await receiver.start())
         try:
-            assert engine.reload_mappings()
+            assert engine.reload_mappings()  # the same forms again: nothing written
             admin = auth_headers(engine)
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{engine.http_port}", timeout=30) as http:
                 for form_id in ("clinical-review-findings", "complaint-resolution"):
                     r = await http.get(f"/fhir/Questionnaire/{form_id}/_history", headers=admin)
                     assert r.status_code == 200, r.text
                     assert r.json()["total"] == 1
+            if attempt == 1:  # a changed form is published again at the next reload
+                form = tmp_path / "1" / "mappings" / "workflows" / "forms" / "complaint-resolution.json"
+                form.write_text(form.read_text().replace('"version": "1"', '"version": "2"'))
+                assert engine.reload_mappings()
+
+                def version() -> int:
+                    found = resources.read(store, "Questionnaire", "complaint-resolution")
+                    return found.version if found is not None else 0
+
+                await wait_for(lambda: version() == 2)
         finally:
             await engine.stop()
             await receiver.stop()
