@@ -252,7 +252,7 @@ def comment_view(comm: dict[str, Any]) -> dict[str, Any]:
 def threaded(comments: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Comment views in thread order: threads by the time their first comment was sent (then id),
     replies under the comment they answer in the same order, each with its ``depth``. A reply to a
-    comment not among ``comments`` starts a thread of its own."""
+    comment not among ``comments`` starts a thread of its own; every comment is listed once."""
     views = [comment_view(c) for c in comments]
     ids = {v["id"] for v in views}
     children: dict[str | None, list[dict[str, Any]]] = {}
@@ -262,15 +262,21 @@ def threaded(comments: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for group in children.values():
         group.sort(key=lambda v: (str(v["sent"] or ""), str(v["id"])))
     out: list[dict[str, Any]] = []
-    stack = [(v, 0) for v in reversed(children.get(None, []))]
     seen: set[str] = set()
-    while stack:
-        view, depth = stack.pop()
-        if view["id"] in seen:
-            continue
-        seen.add(view["id"])
-        out.append({**view, "depth": depth})
-        stack.extend((c, depth + 1) for c in reversed(children.get(view["id"], [])))
+
+    def walk(roots: list[dict[str, Any]]) -> None:
+        stack = [(v, 0) for v in reversed(roots)]
+        while stack:
+            view, depth = stack.pop()
+            if view["id"] in seen:
+                continue
+            seen.add(view["id"])
+            out.append({**view, "depth": depth})
+            stack.extend((c, depth + 1) for c in reversed(children.get(view["id"], [])))
+
+    walk(children.get(None, []))
+    for view in sorted(views, key=lambda v: (str(v["sent"] or ""), str(v["id"]))):
+        walk([view])  # replies in a loop (written over FHIR) start a thread: no comment is left out
     return out
 
 
