@@ -41,6 +41,7 @@ from hms_ach.ingest import pipeline
 from hms_ach.ingest.pipeline import Duplicate, Finish
 from hms_ach.store import audit, messages, resources
 from hms_ach.store import workforce_queries as wq
+from hms_ach.store.db import Store
 from hms_ach.store.port import Tx
 from hms_ach.store.repository import Repository
 from hms_ach.store.savepoint import savepoint
@@ -175,7 +176,7 @@ class CaseFlow:
         return self.api.workflow_of(engine, case_type_of(task) or "", "Task.code")
 
 
-def history_of(store: Any, case_id: str) -> list[dict[str, Any]]:
+def history_of(store: Store, case_id: str) -> list[dict[str, Any]]:
     """The states of case ``case_id`` from its version history, oldest first: a version that leaves
     the state as it was (an owner's change) adds none. ``by`` is the version's author in the audit
     trail (the caller's subject, or the channel or job that wrote it)."""
@@ -186,7 +187,8 @@ def history_of(store: Any, case_id: str) -> list[dict[str, Any]]:
     authors: dict[int, str] = {}
     for row in rows:
         actor = orjson.loads(row["actor"]) if row.get("actor") else {}
-        authors[int(row["version_id"])] = str(actor.get("sub") or row.get("agent") or "")
+        who = actor.get("sub") or actor.get("job") or row.get("agent")  # a caller, a job, a channel
+        authors[int(row["version_id"])] = str(who or "")
     out: list[dict[str, Any]] = []
     for version in reversed(page.versions):
         if version.deleted or not version.text:
@@ -280,7 +282,7 @@ def threaded(comments: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def comments_of(store: Any, case_id: str) -> tuple[list[dict[str, Any]], bool]:
+def comments_of(store: Store, case_id: str) -> tuple[list[dict[str, Any]], bool]:
     """The Communications about ``Task/case_id`` (at most :data:`MAX_COMMENTS`), and whether there
     were more."""
     found: list[dict[str, Any]] = []
