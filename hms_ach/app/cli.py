@@ -358,6 +358,11 @@ def check(config: ConfigOpt = Path("channels.yaml")) -> None:
     except ConfigErrors as exc:
         errors.extend(e.render() for e in exc.errors)
         mset = None
+    if mset is not None:  # the workflow goldens replay cases through the workflows
+        from hms_ach.cases import workflow_goldens
+
+        for golden in workflow_goldens.discover(mappings_dir):
+            errors.extend(r.report() for r in workflow_goldens.run_file(golden, mset) if not r.passed)
     if cfg is not None and mset is not None:
         from hms_ach.outbound.hl7_generate import generators
         from hms_ach.outbound.mllp_sink import unknown_transforms
@@ -921,13 +926,18 @@ def mapping_test(
     except ConfigErrors as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from exc
+    from hms_ach.cases import workflow_goldens
     from hms_ach.mapping.golden_update import update_golden_file
 
     target = path or root
     files = [target] if target.is_file() else goldens.discover(target)
+    files = sorted({*files, *workflow_goldens.discover(target)})
     passed = failed = rewritten = 0
+    updated: list[str]
     for f in files:
-        if update:
+        if goldens.is_workflow_golden(f):  # replayed through the workflow (no --update for these)
+            results, updated = workflow_goldens.run_file(f, mset), []
+        elif update:
             try:
                 results, updated = update_golden_file(f, mset, Path.cwd(), parse)
             except ConfigErrors as exc:

@@ -30,12 +30,12 @@ MATERIALISED_DIR = "cluster-mappings"
 
 
 def mapping_files(root: Path) -> dict[str, str]:
-    """The mapping files under ``root`` as the loader reads them: relative POSIX path -> text."""
-    return {
-        path.relative_to(root).as_posix(): path.read_text(encoding="utf-8")
-        for path in sorted(root.rglob("*.yaml"))
-        if not path.name.endswith("_test.yaml")
-    }
+    """The mapping files under ``root`` as the loader reads them: relative POSIX path -> text (the
+    YAML files, goldens left out, and the workflows' form files, ``*.json``)."""
+    paths = [p for p in root.rglob("*.yaml") if not p.name.endswith("_test.yaml")] + list(
+        root.rglob("*.json")
+    )
+    return {path.relative_to(root).as_posix(): path.read_text(encoding="utf-8") for path in sorted(paths)}
 
 
 def digest(files: dict[str, str]) -> str:

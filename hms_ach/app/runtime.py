@@ -27,6 +27,7 @@ from hms_ach.app.scheduler import Scheduler, build_jobs
 from hms_ach.app.wiring import wire_listeners
 from hms_ach.auth.authenticate import Authenticator, create_authenticator
 from hms_ach.auth.settings import AuthSettings, check_off_mode, with_environment
+from hms_ach.cases.forms import publish_forms
 from hms_ach.channels import CHANNEL_TYPES
 from hms_ach.channels.fhir_rest import FhirRestChannel
 from hms_ach.channels.mllp import MllpChannel
@@ -112,6 +113,7 @@ class Engine:
         # PostgreSQL: the mapping version shared by every instance on the database (docs/scale-out.md)
         self.cluster: cluster_config.ClusterConfig | None = None
         self._cluster_task: asyncio.Task[None] | None = None
+        self._forms_task: asyncio.Task[None] | None = None  # publishing the forms after a reload
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -121,6 +123,7 @@ class Engine:
         self.access_audit.start()
         self._watchdog = asyncio.create_task(self._watch_writer())
         await self._start_cluster_config()
+        await self._publish_forms()  # the workflows' forms as Questionnaire/<id> (docs/review-cases.md)
         await self._start_outbound()  # before the channels: a new sink gets every event from here on
         for settings in self.config.channels:
             if not settings.enabled:
@@ -319,6 +322,9 @@ class Engine:
             self._watchdog.cancel()
             await asyncio.gather(self._watchdog, return_exceptions=True)
             self._watchdog = None
+        if self._forms_task is not None:  # the forms of the last reload: written, or at the next start
+            await asyncio.gather(self._forms_task, return_exceptions=True)
+            self._forms_task = None
         await self._phase("access_audit", asyncio.to_thread(self.access_audit.stop))  # flushed via the writer
         await self._phase("writer", asyncio.to_thread(self.writer.stop))
         if self._metrics is not None:
@@ -545,11 +551,27 @@ class Engine:
         return True
 
     def _use_mappings(self, mset: MappingSet) -> None:
-        """Run ``mset`` from the next message on (the pipeline, the event payloads)."""
+        """Run ``mset`` from the next message on (the pipeline, the event payloads), and publish its
+        forms in the background."""
         self.mappings = mset
         self.pipeline.engine = _compiled_engine(mset, self.config.engine.timezone)
         events.use_engine(self.pipeline.engine)
+        if self.writer.alive:  # published in the background; a failure is logged, never fatal
+            with contextlib.suppress(RuntimeError):  # no running loop (a test's direct call): at start
+                self._forms_task = asyncio.get_running_loop().create_task(self._publish_forms())
         self.health.update(status="ok", reload_error=None, last_reload=datetime.now(UTC).isoformat())
+
+    async def _publish_forms(self) -> None:
+        """Write the forms of the mappings (forms/<id>.json) as Questionnaire/<id>; the same content
+        again writes nothing. A failure is logged (the forms are published at the next reload)."""
+        forms = {form_id: f.model for form_id, f in self.mappings.forms.items()}
+        for attempt in range(3):  # a store that failed a commit is often back a moment later
+            try:
+                await self.writer.run(lambda tx: publish_forms(tx, forms))
+                return
+            except Exception as exc:  # the engine runs on; findings are checked against the files
+                log.error("forms.publish_failed", extra={"error": error_kind(exc), "attempt": attempt + 1})
+            await asyncio.sleep(0.5 * (attempt + 1))
 
     async def reload_config(self) -> bool:
         """Re-read channels.yaml: restart only the channels whose settings changed, then the mappings.
@@ -652,7 +674,7 @@ def auth_settings(config: Config) -> AuthSettings:
 
 def _mtimes(root: Path) -> dict[str, float]:
     out: dict[str, float] = {}
-    for path in root.rglob("*.yaml"):
+    for path in [*root.rglob("*.yaml"), *root.rglob("*.json")]:  # mappings and forms
         try:
             out[str(path)] = path.stat().st_mtime
         except OSError:

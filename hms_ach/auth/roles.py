@@ -46,6 +46,8 @@ ACTIONS: dict[str, str] = {
     "cases.sign": "POST /api/v1/review/{caseId}/sign",
     "cases.queue": "GET /api/v1/review/queue",
     "cases.assign": "POST /api/v1/review/{caseId}/assign",
+    "cases.move": "POST /api/v1/review/{caseId}/transitions",
+    "cases.comment": "POST /api/v1/review/{caseId}/comments",
 }
 
 #: The action prefixes that are not workforce data (hr_admin and integration get every other action).
@@ -94,15 +96,19 @@ ROLE_RULES: dict[str, dict[str, Reach]] = {
             "cases.read",
             "complaints.create",
             "complaints.read",
+            "cases.move",
+            "cases.comment",
         )
     },
     "operator": {"metrics.read": "any"},
     # Review cases (docs/review-cases.md): a reviewer sees the cases assigned to them; a supervisor
     # opens cases, sees every case (the escalation queue) and assigns them.
-    "reviewer": {"cases.read": "own", "cases.audit": "own"},
+    "reviewer": {"cases.read": "own", "cases.audit": "own", "cases.move": "own", "cases.comment": "own"},
     "supervisor": {
         "cases.create": "any",
         "cases.read": "any",
+        "cases.move": "any",
+        "cases.comment": "any",
         "cases.assign": "any",
         "cases.audit": "any",
         "analytics.review": "any",

@@ -29,7 +29,7 @@ from pydantic import BaseModel, Field
 from starlette.responses import Response
 
 from hms_ach.auth.caller import REQUEST_STATE_ATTRIBUTE
-from hms_ach.cases import audit_api, findings_api
+from hms_ach.cases import audit_api, findings_api, flow_api
 from hms_ach.cases.assignment import ASSIGNED_AT_EXT, CLOSED_STATUSES, Choice, candidates, choose
 from hms_ach.cases.transitions import DUE_EXT, announce, event_facts, set_due
 from hms_ach.cases.workflow import CASE_SYSTEM, Workflow, case_type_of, state_of, workflows
@@ -336,4 +336,5 @@ SECTIONS: tuple[Callable[[APIRouter, CaseApi], None], ...] = (
     audit_api.install,  # GET /review/{caseId}/audit-log, GET /analytics/review
     complaints_api.install,  # /complaints
     findings_api.install,  # findings, signatures, the escalation queue
+    flow_api.install,  # GET /review/cases/{caseId}, /review/{caseId}/transitions and comments
 )

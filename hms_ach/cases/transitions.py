@@ -115,6 +115,41 @@ def announce(tx: Tx, event: str, facts: dict[str, Any]) -> None:
     outbox.enqueue(tx, event, payload_from(event, facts, facts))
 
 
+def check_move(wf: Workflow, from_state: str, to_state: str, roles: Iterable[str] | None) -> None:
+    """Raise :class:`MoveRefused` unless the workflow ``wf`` has the move from ``from_state`` to
+    ``to_state`` and (``roles`` not None) the roles may make it. Pure: the workflow goldens
+    (:mod:`hms_ach.cases.workflow_goldens`) replay cases with it."""
+    if not any(t.from_state == from_state and t.to == to_state for t in wf.spec.transitions):
+        allowed = sorted({t.to for t in wf.spec.transitions if t.from_state == from_state})
+        raise MoveRefused(
+            "not-allowed",
+            f"a {wf.name} case in state {from_state!r} cannot move to {to_state!r}"
+            f" (allowed: {', '.join(allowed) or 'none, the state is final'})",
+        )
+    if roles is not None and not wf.may_move(from_state, to_state, roles):
+        needed = sorted(
+            {
+                r
+                for t in wf.spec.transitions
+                if t.from_state == from_state and t.to == to_state
+                for r in t.roles
+            }
+        )
+        raise MoveRefused(
+            "forbidden", f"moving from {from_state} to {to_state} needs one of the roles {', '.join(needed)}"
+        )
+
+
+def move_events(wf: Workflow, to_state: str) -> list[str]:
+    """The events a move into ``to_state`` announces, in order."""
+    events = ["case.status_changed"]
+    if to_state in escalation_states(wf):
+        events.append("case.escalated")
+    if wf.state(to_state).final:
+        events.append("case.resolved")
+    return events
+
+
 def move(
     tx: Tx,
     wf: Workflow,
@@ -135,25 +170,7 @@ def move(
     if case_type_of(task) != wf.name:
         raise MoveRefused("not-a-case", f"the Task is not a {wf.name} case")
     from_state = state_of(task) or ""
-    if not any(t.from_state == from_state and t.to == to_state for t in wf.spec.transitions):
-        allowed = sorted({t.to for t in wf.spec.transitions if t.from_state == from_state})
-        raise MoveRefused(
-            "not-allowed",
-            f"a {wf.name} case in state {from_state!r} cannot move to {to_state!r}"
-            f" (allowed: {', '.join(allowed) or 'none, the state is final'})",
-        )
-    if roles is not None and not wf.may_move(from_state, to_state, roles):
-        needed = sorted(
-            {
-                r
-                for t in wf.spec.transitions
-                if t.from_state == from_state and t.to == to_state
-                for r in t.roles
-            }
-        )
-        raise MoveRefused(
-            "forbidden", f"moving from {from_state} to {to_state} needs one of the roles {', '.join(needed)}"
-        )
+    check_move(wf, from_state, to_state, roles)
     state = wf.state(to_state)
     stamp = iso(now)
     nxt = copy.deepcopy(task)
@@ -171,9 +188,11 @@ def move(
     written = write_case(tx, nxt, message_id)
     facts = event_facts(written, wf)
     changed = {**facts, "from": from_state, "to": to_state, "status": state.status, "actor": actor}
-    announce(tx, "case.status_changed", changed)
-    if to_state in escalation_states(wf):
-        announce(tx, "case.escalated", {**facts, "from": from_state, "reason": reason})
-    if state.final:
-        announce(tx, "case.resolved", {**facts, "state": to_state, "status": state.status})
+    payloads = {
+        "case.status_changed": changed,
+        "case.escalated": {**facts, "from": from_state, "reason": reason},
+        "case.resolved": {**facts, "state": to_state, "status": state.status},
+    }
+    for event in move_events(wf, to_state):
+        announce(tx, event, payloads[event])
     return Moved(written, from_state, to_state)

@@ -549,6 +549,31 @@ RECORD_TYPES: dict[str, RecordType] = {
             "entity": ("reference", "entity.what"),
         },
     ),
+    "Communication": RecordType(
+        name="Communication",
+        table="communication",
+        fhir=True,
+        writable=True,
+        mirrored=True,
+        description=(
+            "A comment on a case (docs/review-cases.md), FHIR R4 Communication: about the Task, partOf "
+            "the comment it replies to, sender the commenting Practitioner."
+        ),
+        patient_compartment=("patient",),
+        params={
+            "identifier": ("token", "identifier"),
+            "about": ("reference", "about"),
+            "part-of": ("reference", "partOf"),
+            "sender": ("reference", "sender"),
+            "recipient": ("reference", "recipient"),
+            "sent": ("date", "sent"),
+            "status": ("token", "status"),
+            "subject": ("reference", "subject"),
+            "patient": ("reference", "subject", ("Patient",)),
+            "encounter": ("reference", "encounter", ("Encounter",)),
+            "category": ("token", "category"),
+        },
+    ),
     "Group": RecordType(
         name="Group",
         table="fhir_group",

@@ -273,11 +273,24 @@ _TextTimestamps.add_constructor("tag:yaml.org,2002:timestamp", RoundTripConstruc
 
 
 def discover(mappings_root: Path | str) -> list[Path]:
-    """Every ``*_test.yaml`` under ``mappings_root`` (or the file itself), sorted."""
+    """Every ``*_test.yaml`` under ``mappings_root`` (or the file itself), sorted; the workflow
+    goldens excepted (:func:`is_workflow_golden`)."""
     root = Path(mappings_root)
     if root.is_file():
         return [root]
-    return sorted(root.rglob("*_test.yaml"))
+    return sorted(p for p in root.rglob("*_test.yaml") if not is_workflow_golden(p))
+
+
+# ------------------------------------------------------------------ workflow goldens (run elsewhere)
+
+#: The folder of the case workflows: its ``*_test.yaml`` replay cases through a workflow's
+#: transitions and are run by :mod:`hms_ach.cases.workflow_goldens`, not by this module.
+WORKFLOW_FOLDER = "workflows"
+
+
+def is_workflow_golden(path: Path) -> bool:
+    """Whether ``path`` is a workflow golden file (``mappings/workflows/*_test.yaml``)."""
+    return path.parent.name == WORKFLOW_FOLDER and path.name.endswith("_test.yaml")
 
 
 def load_golden_file(path: Path) -> LoadedGolden:

@@ -225,6 +225,8 @@ class MappingSet:
     transforms: dict[str, LoadedFile] = field(default_factory=dict)
     notifications: dict[str, LoadedFile] = field(default_factory=dict)
     workflows: dict[str, LoadedFile] = field(default_factory=dict)
+    #: The forms the workflows name (forms/<id>.json; hms_ach/mapping/form_files.py), by id.
+    forms: dict[str, LoadedFile] = field(default_factory=dict)
     _by_event: dict[str, LoadedFile] = field(default_factory=dict)
     _by_type: dict[tuple[str, str], LoadedFile] = field(default_factory=dict)
     _by_input: dict[tuple[str, str], LoadedFile] = field(default_factory=dict)
@@ -310,6 +312,13 @@ def load_mappings(root: Path | str) -> MappingSet:
             )
             continue
         bucket[loaded.name] = loaded
+    from hms_ach.mapping.form_files import form_paths, load_form
+
+    for path in form_paths(root):
+        form, problems = load_form(path)
+        errors.extend(problems)
+        if form is not None and not problems:
+            mset.forms[path.stem] = form
     if not errors:
         errors.extend(_Linker(mset).link())
     if not errors:  # the R4 / HL7 v2.5 structure check (mapping/structure_check.py)
@@ -480,6 +489,16 @@ class _Linker:
                     state.sla.escalate_to,
                     choices,
                 )
+        if m.form not in self.mset.forms:
+            forms = sorted(self.mset.forms)
+            self._err(
+                f,
+                ("form",),
+                f"unknown form {m.form!r}",
+                f"the id of a form file in {f.path.parent / 'forms'}: {', '.join(forms) or 'none'}",
+                m.form,
+                forms,
+            )
         seen: set[tuple[str, str]] = set()
         for i, move in enumerate(m.transitions):
             for part, value in (("from", move.from_state), ("to", move.to)):

@@ -637,7 +637,11 @@ class WorkflowMapping(_Strict):
     name: str | None = Field(None, description="The case type code (Task.code); defaults to the file name")
     description: str = Field("", description="What kind of case it is")
     display: str = Field("", description="The case type's display text (Task.code.text)")
-    form: str = Field(min_length=1, description="The id of the Questionnaire the findings answer")
+    form: str = Field(
+        min_length=1,
+        description="The id of the Questionnaire the findings answer: a form file forms/<id>.json beside "
+        "the workflow (an R4 Questionnaire, published as Questionnaire/<id>)",
+    )
     initial: str = Field(description="The state of a new case")
     assignment: WorkflowAssignment = Field(description="Who a new case is assigned to")
     states: list[WorkflowState] = Field(min_length=1, description="The business states, in order")

@@ -41,6 +41,7 @@ they are without an engine or a mapping).
 | complaint.logged / complaint.routed / complaint.acknowledged / complaint.resolved | emitted by the complaints (:mod:`hms_ach.cases.complaints`): a complaint logged, routed to its department (and officer, or queued), acknowledged to the complainant, resolved with the notice to the complainant |
 | case.findings_submitted / case.signed | a case's findings were stored (with their policy violations counted by severity) / signed (a Provenance with a JWS) (:mod:`hms_ach.cases.findings`) |
 | case.sla_breached / case.handed_back | emitted by the case_timers job: a case stayed past its state's SLA (:mod:`hms_ach.cases.sla`; once per entry into the state), a reviewer who left handed a case back (:mod:`hms_ach.cases.handback`) |
+| case.commented | a comment (Communication) was added to a case (:mod:`hms_ach.cases.flow_api`); the payload carries references, never the text |
 | record.changed | every new version of a FHIR resource record (the change feed of the fhir_push sink) |
 
 ``record.changed`` (payload: resource, versionId, action create|update|delete) is the change feed:
@@ -109,6 +110,7 @@ EVENT_NAMES = (
     "case.signed",
     "case.sla_breached",
     "case.handed_back",
+    "case.commented",
 )
 
 #: The record types whose every change is announced as ``record.changed``: those the fhir_push sink

@@ -219,9 +219,14 @@ class Repository:
         return fastexec.first_row(self.conn, f"by_key:{st.name}", st.by_key, {"ks": system, "kv": value})
 
     def upsert(
-        self, rec: RecordWrite, content: dict[str, Any], message_id: int | None
+        self,
+        rec: RecordWrite,
+        content: dict[str, Any],
+        message_id: int | None,
+        new_record_id: str | None = None,
     ) -> WriteOutcome | None:
-        """Create or merge one record.
+        """Create or merge one record (``new_record_id``: the id a keyed record gets when this
+        creates it, e.g. a shipped form's ``Questionnaire/<form id>``; default a new UUID).
 
         A keyed record is looked up by its business key first (locked on PostgreSQL). When it is
         not there and ``rec.create`` allows, its first version is inserted whole with
@@ -237,7 +242,7 @@ class Repository:
             if row is None:
                 if not rec.create:
                     return None
-                rid = new_id()
+                rid = new_record_id or new_id()
                 first = self._merge(rec, {}, content, message_id)
                 if self._create(st, rec, rid, first, message_id):
                     return WriteOutcome(rec.resource_type, rid, 1, created=True, changed=True)

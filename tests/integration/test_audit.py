@@ -71,7 +71,7 @@ async def test_audit_rows_events_and_verify(fhir_engine: Engine, store: Store, t
 
     code, out = verify(store.url, tmp_path / "channels.yaml")
     assert code == 0, out
-    assert "4 entries" in out
+    assert "6 entries" in out  # the 4 writes and the 2 shipped forms published at start
     with store.writer.begin() as conn:
         conn.execute(text("UPDATE audit_entry SET agent = 'mallory' WHERE seq = 2"))
     code, out = verify(store.url, tmp_path / "channels.yaml")

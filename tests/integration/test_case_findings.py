@@ -24,7 +24,7 @@ from joserfc.jwk import ECKey
 from hms_ach.store.db import Store
 from tests.integration.engine_helpers import FHIR_JSON, auth_headers
 from tests.integration.outbound_helpers import Receiver, wait_for
-from tests.integration.test_review_cases import _engine, reviewer_on_shift
+from tests.integration.test_review_cases import _engine, add_reviewer
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -62,7 +62,7 @@ async def test_unsigned_findings_escalate_and_signed_ones_resolve(tmp_path: Path
         admin = auth_headers(engine)
         async with httpx.AsyncClient(base_url=base, timeout=30) as http:
             now = datetime.now(UTC)
-            pid = await reviewer_on_shift(
+            pid = await add_reviewer(
                 http, admin, "F1", now.date() + timedelta(days=365), now - timedelta(hours=1)
             )
             r = await http.post("/fhir/Questionnaire", json=FORM, headers={**admin, **FHIR_JSON})

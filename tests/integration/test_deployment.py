@@ -65,7 +65,11 @@ def test_init_scaffolds_a_deployment_that_checks(tmp_path: Path) -> None:
 def test_every_mappings_folder_is_installed_with_the_wheel() -> None:
     data_files = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
     listed = {k.removeprefix("share/hms-ach/mappings/") for k in data_files if "/mappings/" in k}
-    folders = {p.name for p in (ROOT / "mappings").iterdir() if p.is_dir() and any(p.glob("*.yaml"))}
+    folders = {  # mapping folders, and the forms (R4 Questionnaire JSON) of the workflows
+        p.relative_to(ROOT / "mappings").as_posix()
+        for p in (ROOT / "mappings").rglob("*")
+        if p.is_dir() and (any(p.glob("*.yaml")) or any(p.glob("*.json")))
+    }
     assert listed == folders
     assert not list((ROOT / "mappings").glob("*.yaml")) and not list((ROOT / "mappings").glob("*/*/*.yaml"))
 

@@ -96,7 +96,8 @@ async def test_system_export_end_to_end(fhir_engine: Engine, http: httpx.AsyncCl
     files = await read_files(http, manifest)
     assert sorted(p["id"] for p in files["Patient"]) == sorted(patients)
     assert len(files["Encounter"]) == 3 and len(files["Location"]) == 1
-    assert {o["type"] for o in manifest["output"]} == {"Patient", "Encounter", "Location"}
+    # and the shipped workflow forms, published at start (docs/review-cases.md)
+    assert {o["type"] for o in manifest["output"]} == {"Patient", "Encounter", "Location", "Questionnaire"}
 
     # _type and _since; the patient level leaves the ward out
     typed = (await wait_done(http, await kick_off(http, _type="Encounter"))).json()

@@ -42,6 +42,7 @@ CHANGES: dict[str, tuple[str, tuple[Any, Any, Any]]] = {
     "Questionnaire": ("/status", ("retired", "active", "retired")),
     "QuestionnaireResponse": ("/status", ("amended", "completed", "amended")),
     "Group": ("/name", ("Scratch cohort 2", "Scratch cohort 3", "Scratch cohort 4")),
+    "Communication": ("/status", ("in-progress", "completed", "stopped")),
 }
 
 
@@ -113,6 +114,12 @@ def scratch(world: World, rtype: str) -> dict[str, Any]:
             "resourceType": "QuestionnaireResponse",
             "identifier": ident[0],
             "status": "completed",
+        },
+        "Communication": lambda: {
+            "resourceType": "Communication",
+            "identifier": ident,
+            "status": "completed",
+            "payload": [{"contentString": "Scratch comment"}],
         },
         "Group": lambda: {
             "resourceType": "Group",

@@ -42,11 +42,11 @@ def _reviewer(number: str, licence_end: date) -> dict[str, Any]:
     return nurse(number, family=f"Reviewer{number}", qualification=[licence])
 
 
-async def reviewer_on_shift(
-    http: httpx.AsyncClient, admin: dict[str, str], number: str, licence_end: date, start: datetime
+async def add_reviewer(
+    http: httpx.AsyncClient, admin: dict[str, str], number: str, licence_end: date, shift_start: datetime
 ) -> str:
-    """A reviewer (Practitioner with an MD licence to ``licence_end``, the reviewer PractitionerRole,
-    an 8-hour shift from ``start``) written over FHIR; their Practitioner id."""
+    """Over FHIR: a Practitioner with an MD licence until ``licence_end``, the reviewer role and an
+    8-hour shift from ``shift_start``; its id."""
     r = await http.post(
         "/fhir/Practitioner", json=_reviewer(number, licence_end), headers={**admin, **FHIR_JSON}
     )
@@ -61,7 +61,7 @@ async def reviewer_on_shift(
     }
     r = await http.post("/fhir/PractitionerRole", json=role, headers={**admin, **FHIR_JSON})
     assert r.status_code == 201, r.text
-    shift = basic_shift(f"S-{number}", pid, _iso(start), _iso(start + timedelta(hours=8)))
+    shift = basic_shift(f"S-{number}", pid, _iso(shift_start), _iso(shift_start + timedelta(hours=8)))
     r = await http.post("/fhir/Basic", json=shift, headers={**admin, **FHIR_JSON})
     assert r.status_code == 201, r.text
     return pid
@@ -99,7 +99,7 @@ async def test_a_case_goes_to_the_one_qualified_reviewer_and_is_announced(
                 ("R2", today - timedelta(days=3), now - timedelta(hours=2)),  # licence expired
                 ("R3", today + timedelta(days=365), now + timedelta(hours=3)),  # off shift now
             ):
-                ids[number] = await reviewer_on_shift(http, admin, number, licence_end, start)
+                ids[number] = await add_reviewer(http, admin, number, licence_end, start)
 
             supervisor = auth_headers(engine, roles=("supervisor",))
             body = {

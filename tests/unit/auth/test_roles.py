@@ -34,7 +34,16 @@ def test_review_case_roles() -> None:
     assert {"cases.create", "cases.read", "cases.assign", "cases.audit", "analytics.review"} <= set(
         supervised
     )
+    assert {"cases.move", "cases.comment"} <= set(supervised)
     assert all(a.startswith(("cases.", "analytics.", "complaints.")) for a in supervised)
+    mine = caller("reviewer", employee_id="d1")
+    assert {
+        a for a in ("cases.read", "cases.move", "cases.comment") if mine.grant(a).employee_ids == {"d1"}
+    } == {
+        "cases.read",
+        "cases.move",
+        "cases.comment",
+    }
     assert [a for a in ACTIONS if caller("reviewer").grant(a).allowed] == []  # own: needs employee_id
     assert caller("auditor").grant("cases.read").unrestricted
     assert not caller("auditor").grant("cases.create").allowed

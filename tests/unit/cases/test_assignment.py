@@ -13,7 +13,7 @@ RULE = WorkflowAssignment(role="reviewer", credentials=["MD"])
 MD = Credential("MD", date(2025, 1, 1), date(2027, 1, 1), "verified")
 
 
-def test_only_the_licensed_reviewer_on_shift_is_chosen_and_the_others_are_explained() -> None:
+def test_only_the_licensed_add_reviewer_is_chosen_and_the_others_are_explained() -> None:
     ok = Candidate("a", credentials=(MD,), shifts=ON_SHIFT)
     expired = Candidate("b", credentials=(Credential("MD", None, date(2026, 11, 30)),), shifts=ON_SHIFT)
     off = Candidate("c", credentials=(MD,), shifts=((NOW + timedelta(hours=3), NOW + timedelta(hours=11)),))

@@ -37,10 +37,11 @@ def test_shipped_workflows(shipped: dict[str, Workflow]) -> None:
     assert case_type_of({}) is None and state_of({"businessStatus": {"text": "x"}}) is None
 
 
-def _broken(tmp_path: Path, old: str, new: str) -> str:
+def _broken(tmp_path: Path, old: str, new: str, file: str = "workflows/clinical-review.yaml") -> str:
+    """The errors of the shipped mappings with ``old`` replaced by ``new`` in ``file``."""
     root = tmp_path / "mappings"
     shutil.copytree(ROOT / "mappings", root)
-    path = root / "workflows" / "clinical-review.yaml"
+    path = root / file
     text = path.read_text(encoding="utf-8")
     assert old in text
     path.write_text(text.replace(old, new, 1), encoding="utf-8")

@@ -263,6 +263,22 @@ FULL: dict[str, dict[str, Any]] = {
             }
         ],
     },
+    "Communication": {
+        "resourceType": "Communication",
+        "identifier": [{"system": "urn:hms-ach:id:case-comment", "value": "c2"}],
+        "status": "completed",
+        "category": [
+            {"coding": [{"system": "urn:hms-ach:code:communication-category", "code": "case-comment"}]}
+        ],
+        "about": [{"reference": "Task/t1"}],
+        "partOf": [{"reference": "Communication/c1"}],
+        "subject": {"reference": "Patient/p1"},
+        "encounter": {"reference": "Encounter/e1"},
+        "sender": {"reference": "Practitioner/d1"},
+        "recipient": [{"reference": "Practitioner/d2"}],
+        "sent": "2026-12-06T10:00:00Z",
+        "payload": [{"contentString": "see the notes"}],
+    },
     "Group": {
         "resourceType": "Group",
         "identifier": [{"system": "urn:hms-ach:cohort", "value": "g1"}],
