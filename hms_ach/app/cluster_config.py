@@ -118,7 +118,7 @@ class ClusterConfig:
         shutil.rmtree(target, ignore_errors=True)
         for name, text in newer.files.items():
             path = (target / name).resolve()
-            if not path.is_relative_to(target.resolve()) or not name.endswith(".yaml"):
+            if not path.is_relative_to(target.resolve()) or not name.endswith((".yaml", ".json")):
                 raise ValueError(f"config version {newer.seq}: file name {name!r} is not a mapping path")
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text, encoding="utf-8")

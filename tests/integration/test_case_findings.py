@@ -28,17 +28,9 @@ from tests.integration.test_review_cases import _engine, add_reviewer
 
 pytestmark = pytest.mark.timeout(240)
 
-FORM = {
-    "resourceType": "Questionnaire",
-    "identifier": [{"system": "urn:hms-ach:id:form", "value": "clinical-review-findings"}],
-    "name": "clinical-review-findings",
-    "status": "active",
-    "item": [
-        {"linkId": "finding", "text": "Finding", "type": "string", "required": True},
-        {"linkId": "score", "text": "Severity score (0-10)", "type": "integer", "required": True},
-        {"linkId": "physician-attestation", "text": "I attest", "type": "boolean"},
-    ],
-}
+#: The shipped findings form (mappings/workflows/forms/clinical-review-findings.json), published at start.
+FORM_ID = "clinical-review-findings"
+OUTCOME = {"system": "urn:hms-ach:code:review-outcome", "code": "appropriate"}
 
 
 def _answers(score: Any = 7, attest: bool = True) -> dict[str, Any]:
@@ -47,7 +39,7 @@ def _answers(score: Any = 7, attest: bool = True) -> dict[str, Any]:
         "resourceType": "QuestionnaireResponse",
         "status": "completed",
         "item": [
-            {"linkId": "finding", "answer": [{"valueString": "Documentation complete"}]},
+            {"linkId": "outcome", "answer": [{"valueCoding": OUTCOME}]},
             {"linkId": "score", "answer": [value]},
             {"linkId": "physician-attestation", "answer": [{"valueBoolean": attest}]},
         ],
@@ -65,9 +57,7 @@ async def test_unsigned_findings_escalate_and_signed_ones_resolve(tmp_path: Path
             pid = await add_reviewer(
                 http, admin, "F1", now.date() + timedelta(days=365), now - timedelta(hours=1)
             )
-            r = await http.post("/fhir/Questionnaire", json=FORM, headers={**admin, **FHIR_JSON})
-            assert r.status_code == 201, r.text
-            form_id = r.json()["id"]
+            form_id = FORM_ID
             patient = {"resourceType": "Patient", "identifier": [{"system": "urn:test:mrn", "value": "F1"}]}
             r = await http.post("/fhir/Patient", json=patient, headers={**admin, **FHIR_JSON})
             assert r.status_code == 201, r.text
@@ -179,7 +169,7 @@ async def test_unsigned_findings_escalate_and_signed_ones_resolve(tmp_path: Path
         await receiver.stop()
 
 
-async def test_findings_signed_at_once_still_escalate_on_a_score_out_of_range(
+async def test_findings_signed_at_once_resolve_with_a_warning_and_an_out_of_range_score_is_refused(
     tmp_path: Path, store: Store
 ) -> None:
     receiver = Receiver()
@@ -187,8 +177,6 @@ async def test_findings_signed_at_once_still_escalate_on_a_score_out_of_range(
     try:
         admin = auth_headers(engine)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{engine.http_port}", timeout=30) as http:
-            r = await http.post("/fhir/Questionnaire", json=FORM, headers={**admin, **FHIR_JSON})
-            assert r.status_code == 201, r.text
             body = {"case_type": "clinical-review", "case_id": "REV-F2", "focus": "Encounter/e2"}
             supervisor = auth_headers(engine, roles=("supervisor",), employee_id="sup-1")
             r = await http.post("/api/v1/review/cases", json=body, headers=supervisor)
@@ -200,19 +188,27 @@ async def test_findings_signed_at_once_still_escalate_on_a_score_out_of_range(
             folder.mkdir(mode=0o700)
             (folder / "sup-1.pem").write_bytes(own.as_pem(private=True))
             (folder / "sup-1.pem").chmod(0o600)
+            # a score outside the form's 0..10: refused by the form, nothing stored
             r = await http.post(
                 f"/api/v1/review/{case}/findings",
                 params={"sign": "true"},
-                json=_answers(11, attest=False),
+                json=_answers(11),
+                headers=supervisor,
+            )
+            assert r.status_code == 422 and [e["location"] for e in r.json()["errors"]] == [
+                "item[linkId=score]"
+            ]
+            r = await http.post(
+                f"/api/v1/review/{case}/findings",
+                params={"sign": "true"},
+                json=_answers(7, attest=False),
                 headers=supervisor,
             )
             assert r.status_code == 201, r.text
             out = r.json()
-            assert out["state"] == "escalated" and out["provenance"] is not None
-            assert {(v["policy"], v["severity"]) for v in out["violations"]} == {
-                ("score-range", "error"),
-                ("attestation", "warning"),
-            }
+            # signed at once: only the attestation warning, so the case resolves
+            assert out["state"] == "resolved" and out["provenance"] is not None
+            assert {(v["policy"], v["severity"]) for v in out["violations"]} == {("attestation", "warning")}
             r = await http.get(f"/api/v1/review/{case}/signatures", headers=supervisor)
             assert [(c["valid"], c["kid"]) for c in r.json()["items"]] == [(True, own.thumbprint())]
             prov = (await http.get(f"/fhir/{out['provenance']}", headers=admin)).json()
