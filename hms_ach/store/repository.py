@@ -8,12 +8,21 @@ creates it. A write that changes nothing makes no new version.
 
 The hot path runs statements built once per table with bound parameters, rewrites only the kinds
 of search-index rows that changed, and writes a new record's first version with one INSERT.
+
+:meth:`Repository.apply` (the records of one message) writes each record row at once, but gathers
+what goes with the versions it writes (history rows, search-index rows, change announcements) and
+writes them at its end: one ``executemany`` per table for the whole message, and one
+:func:`~hms_ach.store.changes.notify_many` (one chained audit INSERT, the listeners' ``many``
+variants). A record written twice in one message (a reference cycle) gets its index rows once, from
+its last version. Reads of index rows inside ``apply`` (a type's match policy, a store action) see
+the gathered rows first. Everything stays in the caller's transaction (and SAVEPOINT), so a failure
+undoes the message whole as before; other callers (FHIR writes, listeners) write at once.
 """
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
 from typing import Any
@@ -33,7 +42,7 @@ from hms_ach.core.records import (
     merge_record,
 )
 from hms_ach.store import fastexec, search_params
-from hms_ach.store.changes import Change, notify
+from hms_ach.store.changes import Change, notify, notify_many
 from hms_ach.store.models import (
     INDEX_TABLES,
     RECORD_TABLES,
@@ -132,6 +141,22 @@ def _statements(resource_type: str, dialect: str) -> _Statements:
 
 
 _HISTORY = ResourceHistory.__table__  # type: ignore[attr-defined]
+_MESSAGES = InboundMessage.__table__  # type: ignore[attr-defined]
+_MESSAGE_CHANNEL = select(_MESSAGES.c.channel).where(_MESSAGES.c.id == bindparam("mid"))
+
+
+#: Index rows by kind (token/string/date/reference), as :func:`search_params.index_rows` makes them.
+IndexRows = dict[str, list[dict[str, Any]]]
+
+
+@dataclass
+class _Gathered:
+    """What :meth:`Repository.apply` writes at its end: history rows, the index rows of each record
+    it wrote (those stored before it, None when unknown, and its last version's), and the changes."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    index: dict[tuple[str, str], tuple[IndexRows | None, IndexRows]] = field(default_factory=dict)
+    changes: list[Change] = field(default_factory=list)
 
 
 @cache
@@ -151,6 +176,7 @@ class Repository:
         self._insert = pg_insert if dialect == "postgresql" else sqlite_insert
         self._lock = dialect == "postgresql"
         self._sources: dict[int, str] = {}
+        self._gathered: _Gathered | None = None  # set while apply() runs
 
     # ------------------------------------------------------------------ reads
     def get(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
@@ -176,7 +202,47 @@ class Repository:
 
     # ------------------------------------------------------------------ writes
     def apply(self, result: MappingResult, message_id: int | None = None) -> list[WriteOutcome]:
-        """Write every record of ``result`` (references resolved in dependency order), then its actions."""
+        """Write every record of ``result`` (references resolved in dependency order), then its
+        actions; the history, index rows and change announcements of all of them go in together
+        at the end (see the module docstring)."""
+        if self._gathered is not None:  # nested (a listener's write): the outer apply writes them
+            return self._apply(result, message_id)
+        self._gathered = _Gathered()
+        try:
+            outcomes = self._apply(result, message_id)
+            self.flush()
+        finally:
+            self._gathered = None
+        return outcomes
+
+    def flush(self) -> None:
+        """Write what :meth:`apply` gathered so far: history rows, index rows, then the changes."""
+        g = self._gathered
+        if g is None:
+            return
+        self._gathered = _Gathered()
+        fastexec.insert_rows(self.conn, _HISTORY, g.history)
+        for kind in INDEX_TABLES:
+            wipes: list[dict[str, Any]] = []
+            adds: list[dict[str, Any]] = []
+            for (rtype, rid), (old, new) in g.index.items():
+                after = new.get(kind, [])
+                if old is not None:
+                    before = old.get(kind, [])
+                    if before == after:
+                        continue
+                    if before:
+                        wipes.append({"rt": rtype, "rid": rid})
+                else:
+                    wipes.append({"rt": rtype, "rid": rid})
+                adds.extend({"resource_type": rtype, "resource_id": rid, **r} for r in after)
+            wipe, add = _index_statements(kind)
+            if wipes:
+                fastexec.execute_many(self.conn, f"wipe_index:{kind}", wipe, wipes)
+            fastexec.insert_rows(self.conn, add, adds)
+        notify_many(self.conn, g.changes)
+
+    def _apply(self, result: MappingResult, message_id: int | None) -> list[WriteOutcome]:
         outcomes: list[WriteOutcome] = []
         resolved: dict[str, str] = {}
         pending = [(rec, _aliases_in(rec.content)) for rec in result.records]  # each walked once
@@ -208,6 +274,8 @@ class Repository:
             outcome = self.upsert(rec, _resolve_aliases(rec.content, resolved), message_id)
             if outcome is not None:
                 outcomes.append(outcome)
+        if result.actions:
+            self.flush()  # an action reads index rows (an A40 finds the source patient's encounters)
         for action in result.actions:
             outcomes.extend(self.run_action(action, resolved, message_id))
         return outcomes
@@ -280,6 +348,7 @@ class Repository:
         matcher = RECORD_MATCHERS.get(resource_type)
         if matcher is None:
             return None
+        self.flush()  # the identifiers of records this message wrote are found too
         table = RECORD_TABLES[resource_type].__table__  # type: ignore[attr-defined]
         ix = SearchToken.__table__  # type: ignore[attr-defined]
         for system, value in matcher(content):
@@ -307,9 +376,8 @@ class Repository:
         if message_id is None or resource_type not in RECORD_MERGERS:
             return ""
         if message_id not in self._sources:
-            t = InboundMessage.__table__  # type: ignore[attr-defined]
-            found = self.conn.execute(select(t.c.channel).where(t.c.id == message_id)).scalar()
-            self._sources[message_id] = "" if found is None else str(found)
+            row = fastexec.first_row(self.conn, "message_channel", _MESSAGE_CHANNEL, {"mid": message_id})
+            self._sources[message_id] = "" if row is None or row[0] is None else str(row[0])
         return self._sources[message_id]
 
     def _merge(
@@ -371,7 +439,12 @@ class Repository:
             before = self.get(resource_type, rid)
         now = datetime.now(UTC)
         body, text = _render(resource_type, rid, version, now, content)
-        self.conn.execute(st.update, {"rid": rid, "v": version, "t": now, "r": text, "d": deleted})
+        fastexec.execute_many(
+            self.conn,
+            f"update:{st.name}",
+            st.update,
+            [{"rid": rid, "v": version, "t": now, "r": text, "d": deleted}],
+        )
         action = "delete" if deleted else "create" if created else "update"
         if created and version == 1:
             old_index: dict[str, list[dict[str, Any]]] | None = {}  # a placeholder never has index rows
@@ -409,27 +482,33 @@ class Repository:
         deleted: bool = False,
     ) -> None:
         """History row, search-index rows and change listeners of one new version. ``old_index``:
-        the index rows the record has now, when known (else all are replaced)."""
-        fastexec.insert_rows(
-            self.conn,
-            _HISTORY,
-            [
-                {
-                    "resource_type": resource_type,
-                    "id": rid,
-                    "version_id": version,
-                    "last_updated": now,
-                    "deleted": deleted,
-                    "message_id": message_id,
-                    "resource": text,
-                }
-            ],
-        )
+        the index rows the record has now, when known (else all are replaced). Inside
+        :meth:`apply` they are gathered and written at its end."""
+        history = {
+            "resource_type": resource_type,
+            "id": rid,
+            "version_id": version,
+            "last_updated": now,
+            "deleted": deleted,
+            "message_id": message_id,
+            "resource": text,
+        }
+        change = Change(resource_type, rid, version, action, before, body, message_id)
+        g = self._gathered
+        if g is not None:
+            g.history.append(history)
+            new = search_params.index_rows(resource_type, body) if body is not None else {}
+            key = (resource_type, rid)
+            stored = g.index[key][0] if key in g.index else old_index  # as stored before this apply
+            g.index[key] = (stored, new)
+            g.changes.append(change)
+            return
+        fastexec.insert_rows(self.conn, _HISTORY, [history])
         if old_index is not None:
             self._write_index(resource_type, rid, old_index, body)
         else:
             self.reindex(resource_type, rid, body)
-        notify(self.conn, Change(resource_type, rid, version, action, before, body, message_id))
+        notify(self.conn, change)
 
     def _write_index(
         self,
