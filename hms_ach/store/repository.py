@@ -246,7 +246,8 @@ class Repository:
         outcomes: list[WriteOutcome] = []
         resolved: dict[str, str] = {}
         pending = [(rec, _aliases_in(rec.content)) for rec in result.records]  # each walked once
-        deferred: list[RecordWrite] = []
+        reserved: dict[str, str] = {}  # alias -> the id taken for a record of a reference cycle
+        referrers: list[RecordWrite] = []  # records written with a reference to a reserved id
         while pending:
             progressed = False
             for item in list(pending):
@@ -256,13 +257,21 @@ class Repository:
                 pending.remove(item)
                 progressed = True
                 content = _resolve_aliases(rec.content, resolved) if needs else rec.content
-                outcome = self.upsert(rec, content, message_id)
+                taken = reserved.get(rec.alias)
+                outcome = self.upsert(rec, content, message_id, taken)
+                if needs & reserved.keys():
+                    referrers.append(rec)
+                resolved[rec.alias] = outcome.reference if outcome is not None else ""
                 if outcome is not None:
-                    resolved[rec.alias] = outcome.reference
                     outcomes.append(outcome)
-                else:
-                    resolved[rec.alias] = ""
-            if not progressed and _break_cycle(self, pending, resolved, deferred, message_id, outcomes):
+                if taken is not None and (outcome is None or outcome.id != taken):
+                    # another writer created it meanwhile (PostgreSQL): point the records that
+                    # were written with the reserved id at the one it has
+                    for ref in referrers:
+                        again = self.upsert(ref, _resolve_aliases(ref.content, resolved), message_id)
+                        if again is not None:
+                            outcomes.append(again)
+            if not progressed and _reserve_cycle(self, pending, resolved, reserved):
                 continue
             if not progressed:
                 missing = sorted(set().union(*(needs for _rec, needs in pending)) - set(resolved))
@@ -270,10 +279,6 @@ class Repository:
                     f"records {[r.alias for r, _needs in pending]} refer to {missing}, which no rule of this mapping produces",
                     code=Err0357.INTERNAL_ERROR,
                 )
-        for rec in deferred:  # the references a broken cycle left out, now that their targets exist
-            outcome = self.upsert(rec, _resolve_aliases(rec.content, resolved), message_id)
-            if outcome is not None:
-                outcomes.append(outcome)
         if result.actions:
             self.flush()  # an action reads index rows (an A40 finds the source patient's encounters)
         for action in result.actions:
@@ -287,7 +292,7 @@ class Repository:
         return fastexec.first_row(self.conn, f"by_key:{st.name}", st.by_key, {"ks": system, "kv": value})
 
     def upsert(
-        self, rec: RecordWrite, content: dict[str, Any], message_id: int | None
+        self, rec: RecordWrite, content: dict[str, Any], message_id: int | None, rid: str | None = None
     ) -> WriteOutcome | None:
         """Create or merge one record.
 
@@ -295,8 +300,10 @@ class Repository:
         not there and ``rec.create`` allows, its first version is inserted whole with
         ``ON CONFLICT (key_system, key_value) DO NOTHING``: the unique constraint decides who
         creates it, and the loser of a race reads the winner's row and merges into it.
+        ``rid``: the id a new record gets (one :meth:`reserve_id` gave); a stored one keeps its own.
         """
         st = _statements(rec.resource_type, self._dialect)
+        reserved = rid
         if rec.key_value:
             row = self._by_key(st, rec.key_system, rec.key_value)
             if row is None and rec.resource_type in RECORD_MATCHERS:
@@ -305,7 +312,7 @@ class Repository:
             if row is None:
                 if not rec.create:
                     return None
-                rid = new_id()
+                rid = reserved or new_id()
                 first = self._merge(rec, {}, content, message_id)
                 if self._create(st, rec, rid, first, message_id):
                     return WriteOutcome(rec.resource_type, rid, 1, created=True, changed=True)
@@ -317,7 +324,7 @@ class Repository:
             rid, version, old = row[0], row[1], _strip_meta(orjson.loads(row[2]))
             created = version == 0  # a placeholder claimed by a FHIR conditional create
         else:
-            rid = new_id()
+            rid = reserved or new_id()
             self._create(st, rec, rid, self._merge(rec, {}, content, message_id), message_id)
             return WriteOutcome(rec.resource_type, rid, 1, created=True, changed=True)
         merged = self._merge(rec, old, content, message_id)
@@ -333,6 +340,21 @@ class Repository:
             before=None if created else old,
             live=not row[3],
         )
+
+    def reserve_id(self, rec: RecordWrite, content: dict[str, Any]) -> str | None:
+        """The id :meth:`upsert` will give ``rec``: the stored record's (found as ``upsert`` finds
+        it, locked on PostgreSQL), else a new one; None when it is not stored and would not be
+        created. Only a writer that creates the record first in between makes ``upsert`` differ."""
+        if not rec.key_value:
+            return new_id()
+        st = _statements(rec.resource_type, self._dialect)
+        row = self._by_key(st, rec.key_system, rec.key_value)
+        if row is None and rec.resource_type in RECORD_MATCHERS:
+            matched = self.matched_id(rec.resource_type, content)
+            row = None if matched is None else self._by_id(st, matched)
+        if row is not None:
+            return str(row[0])
+        return new_id() if rec.create else None
 
     def _by_id(self, st: _Statements, rid: str) -> tuple[Any, ...] | None:
         """(id, version_id, resource, deleted) of the record ``rid`` (locked on PostgreSQL)."""
@@ -632,29 +654,28 @@ ACTIONS = {
 }
 
 
-def _break_cycle(
+def _reserve_cycle(
     repo: Repository,
     pending: list[tuple[RecordWrite, set[str]]],
     resolved: dict[str, str],
-    deferred: list[RecordWrite],
-    message_id: int | None,
-    outcomes: list[WriteOutcome],
+    reserved: dict[str, str],
 ) -> bool:
     """Records that refer to each other (an Encounter's ``diagnosis`` and that Condition's
-    ``encounter``): write the first merge-mode record of the cycle without the references to records
-    not yet written, and write it again with them once they are (``deferred``). Merging leaves an
-    element the first write omits as it is stored, so a resend changes nothing. False: no cycle."""
+    ``encounter``): the first merge-mode record of the cycle gets its id before it is written (the
+    stored record's, found by its business key or match policy, or a new one), so the records that
+    refer to it are written with their references, and it is written once, after them, with its
+    own. One it would not create (``create: false``, not stored) is referred to by none. False: no
+    cycle."""
     waiting = {rec.alias for rec, _needs in pending}
-    for item in pending:
-        rec, needs = item
-        if rec.mode != "merge" or not needs - resolved.keys() <= waiting:
+    for rec, needs in pending:
+        if rec.mode != "merge" or rec.alias in reserved or not needs - resolved.keys() <= waiting:
             continue
-        pending.remove(item)
-        outcome = repo.upsert(rec, _without_aliases(rec.content, resolved), message_id)
-        resolved[rec.alias] = outcome.reference if outcome is not None else ""
-        if outcome is not None:
-            outcomes.append(outcome)
-            deferred.append(rec)
+        rid = repo.reserve_id(rec, _without_aliases(rec.content, resolved))
+        if rid is None:
+            resolved[rec.alias] = ""
+        else:
+            reserved[rec.alias] = rid
+            resolved[rec.alias] = f"{rec.resource_type}/{rid}"
         return True
     return False
 
