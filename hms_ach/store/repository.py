@@ -370,7 +370,9 @@ class Repository:
         matcher = RECORD_MATCHERS.get(resource_type)
         if matcher is None:
             return None
-        self.flush()  # the identifiers of records this message wrote are found too
+        g = self._gathered
+        if g is not None and any(rtype == resource_type for rtype, _rid in g.index):
+            self.flush()  # the identifiers of the records of this type this message wrote are found too
         table = RECORD_TABLES[resource_type].__table__  # type: ignore[attr-defined]
         ix = SearchToken.__table__  # type: ignore[attr-defined]
         for system, value in matcher(content):
