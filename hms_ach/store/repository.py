@@ -159,6 +159,22 @@ class _Gathered:
     changes: list[Change] = field(default_factory=list)
 
 
+def _gathered_identifiers(g: _Gathered, resource_type: str, wanted: set[tuple[Any, Any]]) -> bool:
+    """Whether the index rows gathered for records of ``resource_type`` (their new rows, or the
+    stored rows they replace) hold an ``identifier`` (system, value) of ``wanted``, or may (rows
+    not known): a search of those identifiers must then see the gathered rows written first."""
+    for (rtype, _rid), (old, new) in g.index.items():
+        if rtype != resource_type:
+            continue
+        if old is None:
+            return True
+        for rows in (old, new):
+            for row in rows.get("token", ()):
+                if row["param"] == "identifier" and (row["system"], row["value"]) in wanted:
+                    return True
+    return False
+
+
 @cache
 def _index_statements(kind: str) -> tuple[Any, Table]:
     t = INDEX_TABLES[kind].__table__  # type: ignore[attr-defined]
@@ -370,12 +386,12 @@ class Repository:
         matcher = RECORD_MATCHERS.get(resource_type)
         if matcher is None:
             return None
-        g = self._gathered
-        if g is not None and any(rtype == resource_type for rtype, _rid in g.index):
-            self.flush()  # the identifiers of the records of this type this message wrote are found too
+        wanted = list(matcher(content))
+        if self._gathered is not None and _gathered_identifiers(self._gathered, resource_type, set(wanted)):
+            self.flush()  # the identifier rows this message wrote (or is about to replace) count
         table = RECORD_TABLES[resource_type].__table__  # type: ignore[attr-defined]
         ix = SearchToken.__table__  # type: ignore[attr-defined]
-        for system, value in matcher(content):
+        for system, value in wanted:
             sub = select(ix.c.resource_id).where(
                 ix.c.resource_type == resource_type,
                 ix.c.param == "identifier",

@@ -14,6 +14,7 @@ import orjson
 import pytest
 from sqlalchemy import func, select
 
+from hms_ach.core import records
 from hms_ach.core.records import MappingResult, RecordWrite
 from hms_ach.store import search_params
 from hms_ach.store.db import Store
@@ -211,3 +212,45 @@ def test_a_diagnosis_created_by_another_writer_meanwhile_is_the_one_referred_to(
     assert problem["encounter"]["reference"] == f"Encounter/{visit['id']}"
     expected = search_params.index_rows("Encounter", visit)
     assert _same_index(_index(store, "Encounter", visit["id"]), expected)
+
+
+NPI = "http://hl7.org/fhir/sid/us-npi"
+STAFF = "urn:test:staff"
+
+
+def _doctor(alias: str, key: str, npis: list[str]) -> RecordWrite:
+    identifiers = [{"system": STAFF, "value": key}] + [{"system": NPI, "value": n} for n in npis]
+    return RecordWrite(alias, "Practitioner", STAFF, key, {"identifier": identifiers})
+
+
+@pytest.fixture
+def match_by_npi(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A match policy for Practitioner: the same NPI is the same person (as survivorship's)."""
+
+    def npis(content: dict[str, Any]) -> list[tuple[str, str]]:
+        return [(NPI, str(i["value"])) for i in content.get("identifier", []) if i.get("system") == NPI]
+
+    monkeypatch.setitem(records.RECORD_MATCHERS, "Practitioner", npis)
+    # merged by mode (lists replace), not by source, so that a message can drop an identifier
+    monkeypatch.delitem(records.RECORD_MERGERS, "Practitioner", raising=False)
+
+
+@pytest.mark.usefixtures("match_by_npi")
+def test_the_match_policy_finds_a_record_written_earlier_in_the_same_message(store: Store) -> None:
+    _apply(
+        store, MappingResult("test", [_doctor("a", "S1", ["1234567893"]), _doctor("b", "S2", ["1234567893"])])
+    )
+
+    assert len(_stored(store, "Practitioner")) == 1
+
+
+@pytest.mark.usefixtures("match_by_npi")
+def test_the_match_policy_does_not_find_an_identifier_the_same_message_removed(store: Store) -> None:
+    _apply(store, MappingResult("test", [_doctor("a", "S1", ["1234567893"])]))
+
+    # S1 loses the NPI, then S2 comes with it: S2 is somebody else
+    _apply(store, MappingResult("test", [_doctor("a", "S1", []), _doctor("b", "S2", ["1234567893"])]))
+
+    stored = {r["identifier"][0]["value"]: r for r in _stored(store, "Practitioner")}
+    assert sorted(stored) == ["S1", "S2"]
+    assert [i["system"] for i in stored["S1"]["identifier"]] == [STAFF]
