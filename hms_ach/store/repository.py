@@ -15,7 +15,7 @@ writes them at its end: one ``executemany`` per table for the whole message, and
 :func:`~hms_ach.store.changes.notify_many` (one chained audit INSERT, the listeners' ``many``
 variants). A record written twice in one message (a reference cycle) gets its index rows once, from
 its last version. Reads of index rows inside ``apply`` (a type's match policy, a store action) see
-the gathered rows first. Everything stays in the caller's transaction (and SAVEPOINT), so a failure
+what was gathered (written first where it matters). Everything stays in the caller's transaction (and SAVEPOINT), so a failure
 undoes the message whole as before; other callers (FHIR writes, listeners) write at once.
 """
 
