@@ -191,7 +191,7 @@ def publish_forms(tx: Tx, forms: Mapping[str, Mapping[str, Any]]) -> list[str]:
             content = {k: v for k, v in questionnaire.items() if k not in ("id", "meta")}
             content.setdefault("identifier", [{"system": FORM_SYSTEM, "value": form_id}])
             rec = RecordWrite("form", "Questionnaire", FORM_SYSTEM, form_id, content, mode="replace")
-            out = repo.upsert(rec, content, None, new_record_id=form_id)
+            out = repo.upsert(rec, content, None, rid=form_id)
             if out is not None and out.changed:
                 written.append(out.reference)
     if written:

@@ -8,12 +8,21 @@ creates it. A write that changes nothing makes no new version.
 
 The hot path runs statements built once per table with bound parameters, rewrites only the kinds
 of search-index rows that changed, and writes a new record's first version with one INSERT.
+
+:meth:`Repository.apply` (the records of one message) writes each record row at once, but gathers
+what goes with the versions it writes (history rows, search-index rows, change announcements) and
+writes them at its end: one ``executemany`` per table for the whole message, and one
+:func:`~hms_ach.store.changes.notify_many` (one chained audit INSERT, the listeners' ``many``
+variants). A record written twice in one message (a reference cycle) gets its index rows once, from
+its last version. Reads of index rows inside ``apply`` (a type's match policy, a store action) see
+what was gathered (written first where it matters). Everything stays in the caller's transaction (and SAVEPOINT), so a failure
+undoes the message whole as before; other callers (FHIR writes, listeners) write at once.
 """
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
 from typing import Any
@@ -33,7 +42,7 @@ from hms_ach.core.records import (
     merge_record,
 )
 from hms_ach.store import fastexec, search_params
-from hms_ach.store.changes import Change, notify
+from hms_ach.store.changes import Change, notify, notify_many
 from hms_ach.store.models import (
     INDEX_TABLES,
     RECORD_TABLES,
@@ -132,6 +141,38 @@ def _statements(resource_type: str, dialect: str) -> _Statements:
 
 
 _HISTORY = ResourceHistory.__table__  # type: ignore[attr-defined]
+_MESSAGES = InboundMessage.__table__  # type: ignore[attr-defined]
+_MESSAGE_CHANNEL = select(_MESSAGES.c.channel).where(_MESSAGES.c.id == bindparam("mid"))
+
+
+#: Index rows by kind (token/string/date/reference), as :func:`search_params.index_rows` makes them.
+IndexRows = dict[str, list[dict[str, Any]]]
+
+
+@dataclass
+class _Gathered:
+    """What :meth:`Repository.apply` writes at its end: history rows, the index rows of each record
+    it wrote (those stored before it, None when unknown, and its last version's), and the changes."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    index: dict[tuple[str, str], tuple[IndexRows | None, IndexRows]] = field(default_factory=dict)
+    changes: list[Change] = field(default_factory=list)
+
+
+def _gathered_identifiers(g: _Gathered, resource_type: str, wanted: set[tuple[Any, Any]]) -> bool:
+    """Whether the index rows gathered for records of ``resource_type`` (their new rows, or the
+    stored rows they replace) hold an ``identifier`` (system, value) of ``wanted``, or may (rows
+    not known): a search of those identifiers must then see the gathered rows written first."""
+    for (rtype, _rid), (old, new) in g.index.items():
+        if rtype != resource_type:
+            continue
+        if old is None:
+            return True
+        for rows in (old, new):
+            for row in rows.get("token", ()):
+                if row["param"] == "identifier" and (row["system"], row["value"]) in wanted:
+                    return True
+    return False
 
 
 @cache
@@ -151,6 +192,7 @@ class Repository:
         self._insert = pg_insert if dialect == "postgresql" else sqlite_insert
         self._lock = dialect == "postgresql"
         self._sources: dict[int, str] = {}
+        self._gathered: _Gathered | None = None  # set while apply() runs
 
     # ------------------------------------------------------------------ reads
     def get(self, resource_type: str, resource_id: str) -> dict[str, Any] | None:
@@ -176,11 +218,52 @@ class Repository:
 
     # ------------------------------------------------------------------ writes
     def apply(self, result: MappingResult, message_id: int | None = None) -> list[WriteOutcome]:
-        """Write every record of ``result`` (references resolved in dependency order), then its actions."""
+        """Write every record of ``result`` (references resolved in dependency order), then its
+        actions; the history, index rows and change announcements of all of them go in together
+        at the end (see the module docstring)."""
+        if self._gathered is not None:  # nested (a listener's write): the outer apply writes them
+            return self._apply(result, message_id)
+        self._gathered = _Gathered()
+        try:
+            outcomes = self._apply(result, message_id)
+            self.flush()
+        finally:
+            self._gathered = None
+        return outcomes
+
+    def flush(self) -> None:
+        """Write what :meth:`apply` gathered so far: history rows, index rows, then the changes."""
+        g = self._gathered
+        if g is None:
+            return
+        self._gathered = _Gathered()
+        fastexec.insert_rows(self.conn, _HISTORY, g.history)
+        for kind in INDEX_TABLES:
+            wipes: list[dict[str, Any]] = []
+            adds: list[dict[str, Any]] = []
+            for (rtype, rid), (old, new) in g.index.items():
+                after = new.get(kind, [])
+                if old is not None:
+                    before = old.get(kind, [])
+                    if before == after:
+                        continue
+                    if before:
+                        wipes.append({"rt": rtype, "rid": rid})
+                else:
+                    wipes.append({"rt": rtype, "rid": rid})
+                adds.extend({"resource_type": rtype, "resource_id": rid, **r} for r in after)
+            wipe, add = _index_statements(kind)
+            if wipes:
+                fastexec.execute_many(self.conn, f"wipe_index:{kind}", wipe, wipes)
+            fastexec.insert_rows(self.conn, add, adds)
+        notify_many(self.conn, g.changes)
+
+    def _apply(self, result: MappingResult, message_id: int | None) -> list[WriteOutcome]:
         outcomes: list[WriteOutcome] = []
         resolved: dict[str, str] = {}
         pending = [(rec, _aliases_in(rec.content)) for rec in result.records]  # each walked once
-        deferred: list[RecordWrite] = []
+        reserved: dict[str, str] = {}  # alias -> the id taken for a record of a reference cycle
+        referrers: list[RecordWrite] = []  # records written with a reference to a reserved id
         while pending:
             progressed = False
             for item in list(pending):
@@ -190,13 +273,21 @@ class Repository:
                 pending.remove(item)
                 progressed = True
                 content = _resolve_aliases(rec.content, resolved) if needs else rec.content
-                outcome = self.upsert(rec, content, message_id)
+                taken = reserved.get(rec.alias)
+                outcome = self.upsert(rec, content, message_id, taken)
+                if needs & reserved.keys():
+                    referrers.append(rec)
+                resolved[rec.alias] = outcome.reference if outcome is not None else ""
                 if outcome is not None:
-                    resolved[rec.alias] = outcome.reference
                     outcomes.append(outcome)
-                else:
-                    resolved[rec.alias] = ""
-            if not progressed and _break_cycle(self, pending, resolved, deferred, message_id, outcomes):
+                if taken is not None and (outcome is None or outcome.id != taken):
+                    # another writer created it meanwhile (PostgreSQL): point the records that
+                    # were written with the reserved id at the one it has
+                    for ref in referrers:
+                        again = self.upsert(ref, _resolve_aliases(ref.content, resolved), message_id)
+                        if again is not None:
+                            outcomes.append(again)
+            if not progressed and _reserve_cycle(self, pending, resolved, reserved):
                 continue
             if not progressed:
                 missing = sorted(set().union(*(needs for _rec, needs in pending)) - set(resolved))
@@ -204,10 +295,8 @@ class Repository:
                     f"records {[r.alias for r, _needs in pending]} refer to {missing}, which no rule of this mapping produces",
                     code=Err0357.INTERNAL_ERROR,
                 )
-        for rec in deferred:  # the references a broken cycle left out, now that their targets exist
-            outcome = self.upsert(rec, _resolve_aliases(rec.content, resolved), message_id)
-            if outcome is not None:
-                outcomes.append(outcome)
+        if result.actions:
+            self.flush()  # an action reads index rows (an A40 finds the source patient's encounters)
         for action in result.actions:
             outcomes.extend(self.run_action(action, resolved, message_id))
         return outcomes
@@ -219,21 +308,19 @@ class Repository:
         return fastexec.first_row(self.conn, f"by_key:{st.name}", st.by_key, {"ks": system, "kv": value})
 
     def upsert(
-        self,
-        rec: RecordWrite,
-        content: dict[str, Any],
-        message_id: int | None,
-        new_record_id: str | None = None,
+        self, rec: RecordWrite, content: dict[str, Any], message_id: int | None, rid: str | None = None
     ) -> WriteOutcome | None:
-        """Create or merge one record (``new_record_id``: the id a keyed record gets when this
-        creates it, e.g. a shipped form's ``Questionnaire/<form id>``; default a new UUID).
+        """Create or merge one record.
 
         A keyed record is looked up by its business key first (locked on PostgreSQL). When it is
         not there and ``rec.create`` allows, its first version is inserted whole with
         ``ON CONFLICT (key_system, key_value) DO NOTHING``: the unique constraint decides who
         creates it, and the loser of a race reads the winner's row and merges into it.
+        ``rid``: the id a new record gets (one :meth:`reserve_id` gave, or a shipped form's
+        ``Questionnaire/<form id>``; default a new UUID); a stored one keeps its own.
         """
         st = _statements(rec.resource_type, self._dialect)
+        reserved = rid
         if rec.key_value:
             row = self._by_key(st, rec.key_system, rec.key_value)
             if row is None and rec.resource_type in RECORD_MATCHERS:
@@ -242,7 +329,7 @@ class Repository:
             if row is None:
                 if not rec.create:
                     return None
-                rid = new_record_id or new_id()
+                rid = reserved or new_id()
                 first = self._merge(rec, {}, content, message_id)
                 if self._create(st, rec, rid, first, message_id):
                     return WriteOutcome(rec.resource_type, rid, 1, created=True, changed=True)
@@ -254,7 +341,7 @@ class Repository:
             rid, version, old = row[0], row[1], _strip_meta(orjson.loads(row[2]))
             created = version == 0  # a placeholder claimed by a FHIR conditional create
         else:
-            rid = new_id()
+            rid = reserved or new_id()
             self._create(st, rec, rid, self._merge(rec, {}, content, message_id), message_id)
             return WriteOutcome(rec.resource_type, rid, 1, created=True, changed=True)
         merged = self._merge(rec, old, content, message_id)
@@ -271,6 +358,21 @@ class Repository:
             live=not row[3],
         )
 
+    def reserve_id(self, rec: RecordWrite, content: dict[str, Any]) -> str | None:
+        """The id :meth:`upsert` will give ``rec``: the stored record's (found as ``upsert`` finds
+        it, locked on PostgreSQL), else a new one; None when it is not stored and would not be
+        created. Only a writer that creates the record first in between makes ``upsert`` differ."""
+        if not rec.key_value:
+            return new_id()
+        st = _statements(rec.resource_type, self._dialect)
+        row = self._by_key(st, rec.key_system, rec.key_value)
+        if row is None and rec.resource_type in RECORD_MATCHERS:
+            matched = self.matched_id(rec.resource_type, content)
+            row = None if matched is None else self._by_id(st, matched)
+        if row is not None:
+            return str(row[0])
+        return new_id() if rec.create else None
+
     def _by_id(self, st: _Statements, rid: str) -> tuple[Any, ...] | None:
         """(id, version_id, resource, deleted) of the record ``rid`` (locked on PostgreSQL)."""
         c = st.table.c
@@ -285,9 +387,12 @@ class Repository:
         matcher = RECORD_MATCHERS.get(resource_type)
         if matcher is None:
             return None
+        wanted = list(matcher(content))
+        if self._gathered is not None and _gathered_identifiers(self._gathered, resource_type, set(wanted)):
+            self.flush()  # the identifier rows this message wrote (or is about to replace) count
         table = RECORD_TABLES[resource_type].__table__  # type: ignore[attr-defined]
         ix = SearchToken.__table__  # type: ignore[attr-defined]
-        for system, value in matcher(content):
+        for system, value in wanted:
             sub = select(ix.c.resource_id).where(
                 ix.c.resource_type == resource_type,
                 ix.c.param == "identifier",
@@ -312,9 +417,8 @@ class Repository:
         if message_id is None or resource_type not in RECORD_MERGERS:
             return ""
         if message_id not in self._sources:
-            t = InboundMessage.__table__  # type: ignore[attr-defined]
-            found = self.conn.execute(select(t.c.channel).where(t.c.id == message_id)).scalar()
-            self._sources[message_id] = "" if found is None else str(found)
+            row = fastexec.first_row(self.conn, "message_channel", _MESSAGE_CHANNEL, {"mid": message_id})
+            self._sources[message_id] = "" if row is None or row[0] is None else str(row[0])
         return self._sources[message_id]
 
     def _merge(
@@ -376,7 +480,12 @@ class Repository:
             before = self.get(resource_type, rid)
         now = datetime.now(UTC)
         body, text = _render(resource_type, rid, version, now, content)
-        self.conn.execute(st.update, {"rid": rid, "v": version, "t": now, "r": text, "d": deleted})
+        fastexec.execute_many(
+            self.conn,
+            f"update:{st.name}",
+            st.update,
+            [{"rid": rid, "v": version, "t": now, "r": text, "d": deleted}],
+        )
         action = "delete" if deleted else "create" if created else "update"
         if created and version == 1:
             old_index: dict[str, list[dict[str, Any]]] | None = {}  # a placeholder never has index rows
@@ -414,27 +523,33 @@ class Repository:
         deleted: bool = False,
     ) -> None:
         """History row, search-index rows and change listeners of one new version. ``old_index``:
-        the index rows the record has now, when known (else all are replaced)."""
-        fastexec.insert_rows(
-            self.conn,
-            _HISTORY,
-            [
-                {
-                    "resource_type": resource_type,
-                    "id": rid,
-                    "version_id": version,
-                    "last_updated": now,
-                    "deleted": deleted,
-                    "message_id": message_id,
-                    "resource": text,
-                }
-            ],
-        )
+        the index rows the record has now, when known (else all are replaced). Inside
+        :meth:`apply` they are gathered and written at its end."""
+        history = {
+            "resource_type": resource_type,
+            "id": rid,
+            "version_id": version,
+            "last_updated": now,
+            "deleted": deleted,
+            "message_id": message_id,
+            "resource": text,
+        }
+        change = Change(resource_type, rid, version, action, before, body, message_id)
+        g = self._gathered
+        if g is not None:
+            g.history.append(history)
+            new = search_params.index_rows(resource_type, body) if body is not None else {}
+            key = (resource_type, rid)
+            stored = g.index[key][0] if key in g.index else old_index  # as stored before this apply
+            g.index[key] = (stored, new)
+            g.changes.append(change)
+            return
+        fastexec.insert_rows(self.conn, _HISTORY, [history])
         if old_index is not None:
             self._write_index(resource_type, rid, old_index, body)
         else:
             self.reindex(resource_type, rid, body)
-        notify(self.conn, Change(resource_type, rid, version, action, before, body, message_id))
+        notify(self.conn, change)
 
     def _write_index(
         self,
@@ -558,29 +673,28 @@ ACTIONS = {
 }
 
 
-def _break_cycle(
+def _reserve_cycle(
     repo: Repository,
     pending: list[tuple[RecordWrite, set[str]]],
     resolved: dict[str, str],
-    deferred: list[RecordWrite],
-    message_id: int | None,
-    outcomes: list[WriteOutcome],
+    reserved: dict[str, str],
 ) -> bool:
     """Records that refer to each other (an Encounter's ``diagnosis`` and that Condition's
-    ``encounter``): write the first merge-mode record of the cycle without the references to records
-    not yet written, and write it again with them once they are (``deferred``). Merging leaves an
-    element the first write omits as it is stored, so a resend changes nothing. False: no cycle."""
+    ``encounter``): the first merge-mode record of the cycle gets its id before it is written (the
+    stored record's, found by its business key or match policy, or a new one), so the records that
+    refer to it are written with their references, and it is written once, after them, with its
+    own. One it would not create (``create: false``, not stored) is referred to by none. False: no
+    cycle."""
     waiting = {rec.alias for rec, _needs in pending}
-    for item in pending:
-        rec, needs = item
-        if rec.mode != "merge" or not needs - resolved.keys() <= waiting:
+    for rec, needs in pending:
+        if rec.mode != "merge" or rec.alias in reserved or not needs - resolved.keys() <= waiting:
             continue
-        pending.remove(item)
-        outcome = repo.upsert(rec, _without_aliases(rec.content, resolved), message_id)
-        resolved[rec.alias] = outcome.reference if outcome is not None else ""
-        if outcome is not None:
-            outcomes.append(outcome)
-            deferred.append(rec)
+        rid = repo.reserve_id(rec, _without_aliases(rec.content, resolved))
+        if rid is None:
+            resolved[rec.alias] = ""
+        else:
+            reserved[rec.alias] = rid
+            resolved[rec.alias] = f"{rec.resource_type}/{rid}"
         return True
     return False
 
