@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fhirpy import AsyncFHIRClient
 from pypdf import PdfReader
 
 from hms_ach.store.db import Store
@@ -117,6 +118,35 @@ async def test_review_use_case_5_1(tmp_path: Path, store: Store) -> None:
             marks = [detail for _, _, detail in task_changes]
             at = [text.find(m) for m in marks]
             assert -1 not in at and at == sorted(at), (marks, at)
+
+            # everything over FHIR too: fhirpy creates a Task, finds it by owner and status, and reads
+            # the case's findings
+            client = AsyncFHIRClient(
+                f"http://127.0.0.1:{engine.http_port}/fhir",
+                authorization=admin["authorization"],
+                extra_headers={"Accept": "application/fhir+json"},
+            )
+            task = client.resource(
+                "Task",
+                identifier=[{"system": "urn:test:task", "value": "T-51"}],
+                status="in-progress",
+                intent="order",
+                owner={"reference": f"Practitioner/{r1}"},
+                description="Call the ward about the missing notes",
+            )
+            await task.save()
+            found = (
+                await client.resources("Task")
+                .search(owner=f"Practitioner/{r1}", status="in-progress")
+                .fetch()
+            )
+            assert [t["id"] for t in found] == [task["id"]]
+            stored = (await http.get(f"/fhir/Task/{cid}", headers=admin)).json()
+            (output,) = stored["output"]
+            qr_id = output["valueReference"]["reference"].split("/", 1)[1]
+            qr = await client.reference("QuestionnaireResponse", qr_id).to_resource()
+            assert qr.serialize()["questionnaire"] == "Questionnaire/clinical-review-findings"
+            assert qr.serialize()["author"] == {"reference": f"Practitioner/{r1}"}
 
         # the signed webhooks: created, assigned, ..., escalated, ..., resolved
         await wait_for(lambda: "case.resolved" in receiver.names(), timeout=60)
