@@ -145,8 +145,9 @@ async def test_review_use_case_5_1(tmp_path: Path, store: Store) -> None:
             (output,) = stored["output"]
             qr_id = output["valueReference"]["reference"].split("/", 1)[1]
             qr = await client.reference("QuestionnaireResponse", qr_id).to_resource()
-            assert qr.serialize()["questionnaire"] == "Questionnaire/clinical-review-findings"
-            assert qr.serialize()["author"] == {"reference": f"Practitioner/{r1}"}
+            content = qr.serialize()  # type: ignore[no-untyped-call]
+            assert content["questionnaire"] == "Questionnaire/clinical-review-findings"
+            assert content["author"] == {"reference": f"Practitioner/{r1}"}
 
         # the signed webhooks: created, assigned, ..., escalated, ..., resolved
         await wait_for(lambda: "case.resolved" in receiver.names(), timeout=60)
