@@ -125,7 +125,8 @@ def test_the_total_of_index_only_criteria_is_counted_from_the_index(store: Store
         if "count(" in statement.lower():
             seen.append(" ".join(statement.split()).lower())
 
-    params = [("family", "fam3"), ("_count", "2")]  # 6 matches: a second page, so the total is counted
+    # 6 matches: a second page, so the total is counted when asked
+    params = [("family", "fam3"), ("_count", "2"), ("_total", "accurate")]
     with store.reader.connect() as conn:
         event.listen(conn, "before_cursor_execute", grab)
         with conn.begin():
@@ -137,7 +138,70 @@ def test_the_total_of_index_only_criteria_is_counted_from_the_index(store: Store
         page = search.execute(
             conn,
             search.parse_query(
-                "Practitioner", [("family", "fam3"), ("_lastUpdated", "ge2000-01-01"), ("_count", "2")]
+                "Practitioner",
+                [("family", "fam3"), ("_lastUpdated", "ge2000-01-01"), ("_count", "2"), ("_total", "accurate")],
             ),
         )
     assert page.total == 6
+
+
+def _statements(store: Store, resource_type: str, params: list[tuple[str, str]]) -> tuple[list[str], Any]:
+    """The SELECT statements ``search.execute`` runs for the query (whitespace folded, lower case), and
+    its page."""
+    seen: list[str] = []
+
+    def grab(_c: Any, _cur: Any, statement: str, *_a: Any) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            seen.append(" ".join(statement.split()).lower())
+
+    with store.reader.connect() as conn:
+        event.listen(conn, "before_cursor_execute", grab)
+        with conn.begin():
+            page = search.execute(conn, search.parse_query(resource_type, params))
+        event.remove(conn, "before_cursor_execute", grab)
+    return seen, page
+
+
+def test_no_total_is_counted_unless_asked(store: Store) -> None:
+    """Without _total a page with more pages after it carries no total, and no COUNT runs (over a
+    million records the count of a common family name cost more than the page)."""
+    _fill(store)
+    seen, page = _statements(store, "Practitioner", [("family", "fam3"), ("_count", "2")])
+    assert page.total is None and len(page.matches) == 2 and page.next_cursor is not None
+    assert seen and not any("count(" in s for s in seen), seen
+    seen, page = _statements(store, "Practitioner", [("family", "fam3"), ("_count", "20")])
+    assert page.total == 6 and len(seen) == 1  # every match on the first page: its length, free
+
+
+def test_the_family_page_reads_only_the_records_it_serves(store: Store) -> None:
+    """The page's ids come from the string index alone (keyset on the id, past the cursor), and
+    only those records are read: the practitioner table is joined to the page's ids, not searched
+    with the criterion."""
+    _fill(store)
+    seen, first = _statements(store, "Practitioner", [("family", "fam3"), ("_count", "4")])
+    assert len(seen) == 1 and "limit" in seen[0], seen
+    inner = seen[0].split(" from (", 1)[1]
+    assert "from search_string" in inner and "practitioner" not in inner.split(") as page")[0], seen[0]
+    assert first.next_cursor is not None
+    cursor = ("_cursor", first.next_cursor)
+    rest = search.parse_query("Practitioner", [("family", "fam3"), ("_count", "4"), cursor])
+    with store.reader.connect() as conn:
+        second = search.execute(conn, rest)
+    ids = [m[0] for m in first.matches + second.matches]
+    assert len(ids) == 6 and ids == sorted(set(ids)) and second.next_cursor is None
+
+
+def test_an_estimated_total_is_bounded(store: Store, monkeypatch: Any) -> None:
+    """``_total=estimate`` counts at most ESTIMATE_BOUND matches: exact below it; past it a lower
+    bound (SQLite) or the planner's estimate (PostgreSQL), with a warning saying which."""
+    _fill(store)
+    params = [("family", "fam3"), ("_count", "2"), ("_total", "estimate")]
+    _, page = _statements(store, "Practitioner", params)
+    assert page.total == 6 and not page.warnings
+    monkeypatch.setattr(search, "ESTIMATE_BOUND", 3)
+    _, page = _statements(store, "Practitioner", params)
+    assert len(page.matches) == 2 and len(page.warnings) == 1, page.warnings
+    if store.dialect == "sqlite":
+        assert page.total == 3 and "lower bound" in page.warnings[0]
+    else:
+        assert page.total is not None and page.total >= 4 and "estimate" in page.warnings[0]
