@@ -77,6 +77,7 @@ __all__ = [
     "EVERYTHING",
     "Access",
     "MAX_COUNT",
+    "ESTIMATE_BOUND",
     "MAX_INCLUDED",
     "MAX_INCLUDE_DEPTH",
     "ClauseContext",

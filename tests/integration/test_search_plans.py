@@ -139,7 +139,12 @@ def test_the_total_of_index_only_criteria_is_counted_from_the_index(store: Store
             conn,
             search.parse_query(
                 "Practitioner",
-                [("family", "fam3"), ("_lastUpdated", "ge2000-01-01"), ("_count", "2"), ("_total", "accurate")],
+                [
+                    ("family", "fam3"),
+                    ("_lastUpdated", "ge2000-01-01"),
+                    ("_count", "2"),
+                    ("_total", "accurate"),
+                ],
             ),
         )
     assert page.total == 6
