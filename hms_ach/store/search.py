@@ -576,8 +576,11 @@ def _page_ids(sets: list[Select[Any]], query: SearchQuery) -> Select[Any]:
         col = rows.selected_columns[0]
         narrowed.append(rows.where(col > after) if after is not None else rows)
     if len(narrowed) == 1:
-        col = narrowed[0].selected_columns[0]
-        return narrowed[0].with_only_columns(col.label("rid")).distinct().order_by(col).limit(query.count + 1)
+        # ordered by ``resource_id || ''``, which no index provides: else a planner may walk the owner
+        # index (resource_type, resource_id) in id order and test every row of the type until the
+        # page is full (PostgreSQL does on small tables, and a rare name would read them all)
+        rid = narrowed[0].selected_columns[0].concat("").label("rid")
+        return narrowed[0].with_only_columns(rid).distinct().order_by(rid).limit(query.count + 1)
     both = intersect(*narrowed).subquery("both")
     rid = both.c[0]
     return select(rid.label("rid")).order_by(rid).limit(query.count + 1)
