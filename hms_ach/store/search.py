@@ -7,7 +7,10 @@ sub-selects on the reference index and the other type's index tables (:func:`cha
 :func:`has_clause`); ``_include``/``_revinclude`` run once per directive, round and type reached
 (:func:`_included`), within the bounds :data:`MAX_INCLUDED` and :data:`MAX_INCLUDE_DEPTH`.
 
-Paging is keyset paging. The page is ordered by the sort keys and then the record id, and the next
+Paging is keyset paging. When every criterion is a plain index match and no ``_sort`` is asked, the
+page's ids come from the index alone and only the page's records are read (:func:`_narrow_page`);
+``Bundle.total`` is counted only when asked (:func:`page_total`). The page is ordered by the sort
+keys and then the record id, and the next
 page starts strictly after the keys of the last row served (carried by the cursor). A record whose
 sort keys do not change while a client pages is therefore returned exactly once, whatever is
 inserted or deleted meanwhile; the default order (by ``_id``) never changes, so with it no record
