@@ -38,6 +38,10 @@ from sqlalchemy import (
     or_,
     select,
     true,
+    union_all,
+)
+from sqlalchemy import (
+    text as sql_text,
 )
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -525,8 +529,11 @@ def execute(conn: Connection, query: SearchQuery) -> SearchPage:
         counted, warning = page_total(conn, t, where, query, ctx, asked_only=False)
         return SearchPage([], [], counted, None, [warning] if warning else [])
     sets = _index_only_sets(query, ctx)
-    if sets is not None and not query.sort:
-        rows: list[Any] = _narrow_page(conn, t, sets, query)
+    prefix = _one_prefix(query, conn.dialect.name)
+    if prefix is not None and (ids := _prefix_page_ids(conn, query, prefix)) is not None:
+        rows: list[Any] = _narrow_page(conn, t, ids, query)
+    elif sets is not None and not query.sort:
+        rows = _narrow_page(conn, t, _page_ids(sets, query), query)
     else:
         rows = _wide_page(conn, t, where, query)
     more = len(rows) > query.count
@@ -556,11 +563,13 @@ def _index_only_sets(query: SearchQuery, ctx: ClauseContext) -> list[Select[Any]
     return None
 
 
-def _narrow_page(conn: Connection, t: Table, sets: list[Select[Any]], query: SearchQuery) -> list[Any]:
-    """The page by id from the index alone: the first ``count + 1`` matching ids past the cursor
-    (index-only, no record row read), then those records (a LEFT JOIN, so that an id whose record
-    is gone still counts for the cursor and paging never skips). Rows: (id, resource or None)."""
-    ids = _page_ids(sets, query).subquery("page")
+def _narrow_page(conn: Connection, t: Table, page_ids: Select[Any], query: SearchQuery) -> list[Any]:
+    """The page by id from the index alone: ``page_ids``, the first ``count + 1`` matching ids past
+    the cursor (index-only, no record row read), then those records (a LEFT JOIN, so that an id whose
+    record is gone still counts for the cursor and paging never skips). Rows: (id, resource or None)."""
+    if query.count == 0:
+        return []
+    ids = page_ids.subquery("page")
     stmt = (
         select(ids.c.rid, t.c.resource)
         .select_from(ids.outerjoin(t, and_(t.c.id == ids.c.rid, t.c.deleted == false())))
@@ -585,8 +594,69 @@ def _page_ids(sets: list[Select[Any]], query: SearchQuery) -> Select[Any]:
         rid = narrowed[0].selected_columns[0].concat("").label("rid")
         return narrowed[0].with_only_columns(rid).distinct().order_by(rid).limit(query.count + 1)
     both = intersect(*narrowed).subquery("both")
-    rid = both.c[0]
-    return select(rid.label("rid")).order_by(rid).limit(query.count + 1)
+    first = both.c[0]
+    return select(first.label("rid")).order_by(first).limit(query.count + 1)
+
+
+#: A string prefix matching at most this many distinct normalised values is paged value by value.
+MAX_PREFIX_VALUES = 32
+
+#: The distinct normalised values of one string parameter in ``[lo, hi)``, one index seek each (a
+#: skip scan: SQLite has no loose index scan of its own), at most ``cap + 1`` of them.
+_PREFIX_VALUES = sql_text(
+    """WITH RECURSIVE found(v, i) AS (
+    SELECT (SELECT min(norm) FROM search_string
+            WHERE resource_type = :rt AND param = :param AND norm >= :lo AND norm < :hi), 0
+    UNION ALL
+    SELECT (SELECT min(norm) FROM search_string
+            WHERE resource_type = :rt AND param = :param AND norm > found.v AND norm < :hi), found.i + 1
+    FROM found WHERE found.v IS NOT NULL AND found.i < :cap
+)
+SELECT v FROM found WHERE v IS NOT NULL"""
+)
+
+
+def _one_prefix(query: SearchQuery, dialect: str) -> str | None:
+    """The normalised prefix when ``query`` is one default (starts-with) string criterion with one
+    value, no ``_sort`` and no compartment limit, on SQLite; else None."""
+    if dialect != "sqlite" or query.sort or len(query.criteria) != 1:
+        return None
+    if query.access.compartment(query.resource_type) is not None:
+        return None
+    crit = query.criteria[0]
+    if crit.param.type != "string" or crit.modifier is not None or crit.chain or crit.has:
+        return None
+    if crit.param.column is not None or len(crit.values) != 1:
+        return None
+    return clip(normalise(unescape(crit.values[0])))
+
+
+def _prefix_page_ids(conn: Connection, query: SearchQuery, prefix: str) -> Select[Any] | None:
+    """The page's ids of a string prefix search, read value by value: the distinct normalised values
+    starting with ``prefix`` (:data:`_PREFIX_VALUES`), then for each the first ``count + 1`` ids
+    past the cursor, which the lookup index (resource_type, param, norm, resource_id) holds in id
+    order, merged. This reads about ``count + 1`` index entries per value however many records share
+    the name (a common family name over a million records has thousands). None when the prefix has
+    more than :data:`MAX_PREFIX_VALUES` values (the caller pages through every match instead)."""
+    crit = query.criteria[0]
+    rt = query.resource_type
+    bounds = {"rt": rt, "param": crit.param.name, "lo": prefix, "hi": prefix + TOP, "cap": MAX_PREFIX_VALUES}
+    values = list(conn.execute(_PREFIX_VALUES, bounds).scalars())
+    if len(values) > MAX_PREFIX_VALUES:
+        return None
+    ix = _index("string")
+    after = query.after[-1] if query.after is not None else None
+    limit = query.count + 1
+    pieces = []
+    for value in values or [prefix]:  # no value: one piece that finds nothing
+        piece = select(ix.c.resource_id.label("rid")).where(
+            ix.c.resource_type == rt, ix.c.param == crit.param.name, ix.c.norm == value
+        )
+        if after is not None:
+            piece = piece.where(ix.c.resource_id > after)
+        pieces.append(select(piece.order_by(ix.c.resource_id).limit(limit).subquery().c.rid))
+    merged = (pieces[0] if len(pieces) == 1 else union_all(*pieces)).subquery("merged")
+    return select(merged.c.rid).distinct().order_by(merged.c.rid).limit(limit)
 
 
 def _wide_page(conn: Connection, t: Table, where: list[ColumnElement[bool]], query: SearchQuery) -> list[Any]:
