@@ -602,24 +602,32 @@ def _page_ids(sets: list[Select[Any]], query: SearchQuery) -> Select[Any]:
 MAX_PREFIX_VALUES = 32
 
 #: The distinct normalised values of one string parameter in ``[lo, hi)``, one index seek each (a
-#: skip scan: SQLite has no loose index scan of its own), at most ``cap + 1`` of them.
-_PREFIX_VALUES = sql_text(
-    """WITH RECURSIVE found(v, i) AS (
-    SELECT (SELECT min(norm) FROM search_string
-            WHERE resource_type = :rt AND param = :param AND norm >= :lo AND norm < :hi), 0
+#: skip scan: neither database has a loose index scan of its own), at most ``cap + 1`` of them.
+#: PostgreSQL compares with the ``text_pattern_ops`` operators of the lookup index (byte order).
+_PREFIX_VALUES = {
+    dialect: sql_text(
+        f"""WITH RECURSIVE found(v, i) AS (
+    SELECT (SELECT {first} FROM search_string
+            WHERE resource_type = :rt AND param = :param AND norm {ge} :lo AND norm {lt} :hi{tail}), 0
     UNION ALL
-    SELECT (SELECT min(norm) FROM search_string
-            WHERE resource_type = :rt AND param = :param AND norm > found.v AND norm < :hi), found.i + 1
+    SELECT (SELECT {first} FROM search_string
+            WHERE resource_type = :rt AND param = :param AND norm {gt} found.v AND norm {lt} :hi{tail}),
+           found.i + 1
     FROM found WHERE found.v IS NOT NULL AND found.i < :cap
 )
 SELECT v FROM found WHERE v IS NOT NULL"""
-)
+    )
+    for dialect, first, ge, gt, lt, tail in (
+        ("sqlite", "min(norm)", ">=", ">", "<", ""),
+        ("postgresql", "norm", "~>=~", "~>~", "~<~", " ORDER BY norm USING ~<~ LIMIT 1"),
+    )
+}
 
 
 def _one_prefix(query: SearchQuery, dialect: str) -> str | None:
     """The normalised prefix when ``query`` is one default (starts-with) string criterion with one
-    value, no ``_sort`` and no compartment limit, on SQLite; else None."""
-    if dialect != "sqlite" or query.sort or len(query.criteria) != 1:
+    value, no ``_sort`` and no compartment limit; else None."""
+    if dialect not in _PREFIX_VALUES or query.sort or len(query.criteria) != 1:
         return None
     if query.access.compartment(query.resource_type) is not None:
         return None
@@ -641,7 +649,7 @@ def _prefix_page_ids(conn: Connection, query: SearchQuery, prefix: str) -> Selec
     crit = query.criteria[0]
     rt = query.resource_type
     bounds = {"rt": rt, "param": crit.param.name, "lo": prefix, "hi": prefix + TOP, "cap": MAX_PREFIX_VALUES}
-    values = list(conn.execute(_PREFIX_VALUES, bounds).scalars())
+    values = list(conn.execute(_PREFIX_VALUES[conn.dialect.name], bounds).scalars())
     if len(values) > MAX_PREFIX_VALUES:
         return None
     ix = _index("string")
