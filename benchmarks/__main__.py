@@ -34,8 +34,8 @@ NOTES = [
     "B: every sender waits for each ACK before sending the next message; each message has a new MSH-10, so "
     "nothing is answered as a duplicate. The mix is ADT A01/A08/A03 with some MFN^M02.",
     "C: the store is filled directly (record rows and search-index rows; no history rows), then served by "
-    "hms-ach run; searches are sent as the issue names them, so each page's Bundle.total is counted (from the "
-    "search index alone when every criterion is an index match).",
+    "hms-ach run; searches are sent as the issue names them, without _total, so (since issue 20) a page carries "
+    "Bundle.total only when every match is on it, and nothing is counted otherwise.",
     "D: one poll of the sftp_csv channel in the benchmark process, on a fresh SQLite store each time, from an "
     "asyncssh SFTP server in its own process on loopback; every row is a new Practitioner.",
     "E: 8 senders for as long as the time limit allows; RSS is sampled from /proc/<pid>/status.",
