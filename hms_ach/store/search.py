@@ -523,14 +523,17 @@ def execute(conn: Connection, query: SearchQuery) -> SearchPage:
     carries its length, which costs nothing.
     """
     t = _table(query.resource_type)
-    ctx = clause_context(query, conn.dialect.name)
-    where = where_clauses(query, conn.dialect.name, ctx)
+    dialect = conn.dialect.name
+    prefix = _one_prefix(query, dialect) if query.count > 0 else None
+    ids = _prefix_page_ids(conn, query, prefix) if prefix is not None else None
+    ctx = clause_context(query, dialect)
+    # the criteria's SQL, built only when a statement needs it (the name-by-name page does not)
+    where = where_clauses(query, dialect, ctx) if ids is None else []
     if query.count == 0:
         counted, warning = page_total(conn, t, where, query, ctx, asked_only=False)
         return SearchPage([], [], counted, None, [warning] if warning else [])
     sets = _index_only_sets(query, ctx)
-    prefix = _one_prefix(query, conn.dialect.name)
-    if prefix is not None and (ids := _prefix_page_ids(conn, query, prefix)) is not None:
+    if ids is not None:
         rows: list[Any] = _narrow_page(conn, t, ids, query)
     elif sets is not None and not query.sort:
         rows = _narrow_page(conn, t, _page_ids(sets, query), query)
@@ -546,7 +549,8 @@ def execute(conn: Connection, query: SearchQuery) -> SearchPage:
     warnings: list[str] = []
     if query.after is None and not more and query.total != "none":
         total = len(rows)  # every match is on this first page: no need to count
-    else:
+    elif query.total in ("accurate", "estimate"):
+        where = where or where_clauses(query, dialect, ctx)
         total, warning = page_total(conn, t, where, query, ctx)
         warnings += [warning] if warning else []
     matches = [(r[0], r[1]) for r in rows if r[1] is not None]
