@@ -545,15 +545,15 @@ def execute(conn: Connection, query: SearchQuery) -> SearchPage:
     if more:
         last = rows[-1]
         next_cursor = encode_cursor(query, [*last[2:], last[0]])
+    matches = [(r[0], r[1]) for r in rows if r[1] is not None]  # an index-only id whose record is gone: none
     total: int | None = None
     warnings: list[str] = []
     if query.after is None and not more and query.total != "none":
-        total = len(rows)  # every match is on this first page: no need to count
+        total = len(matches)  # every match is on this first page: no need to count
     elif query.total in ("accurate", "estimate"):
         where = where or where_clauses(query, dialect, ctx)
         total, warning = page_total(conn, t, where, query, ctx)
         warnings += [warning] if warning else []
-    matches = [(r[0], r[1]) for r in rows if r[1] is not None]
     included, include_warnings = _included(conn, query, [m[0] for m in matches])
     return SearchPage(matches, included, total, next_cursor, warnings + include_warnings)
 
