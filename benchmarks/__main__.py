@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import sys
 import time
@@ -33,8 +34,8 @@ NOTES = [
     "B: every sender waits for each ACK before sending the next message; each message has a new MSH-10, so "
     "nothing is answered as a duplicate. The mix is ADT A01/A08/A03 with some MFN^M02.",
     "C: the store is filled directly (record rows and search-index rows; no history rows), then served by "
-    "hms-ach run; searches are sent as the issue names them, so each page's Bundle.total is counted (from the "
-    "search index alone when every criterion is an index match).",
+    "hms-ach run; searches are sent as the issue names them, without _total, so (since issue 20) a page carries "
+    "Bundle.total only when every match is on it, and nothing is counted otherwise.",
     "D: one poll of the sftp_csv channel in the benchmark process, on a fresh SQLite store each time, from an "
     "asyncssh SFTP server in its own process on loopback; every row is a new Practitioner.",
     "E: 8 senders for as long as the time limit allows; RSS is sampled from /proc/<pid>/status.",
@@ -69,8 +70,17 @@ def _no_progress(_n: int = 1) -> None:
 _figure_done: Callable[[int], None] = _no_progress
 
 
-def run_suite(mode_name: str, only: set[str], with_pg: bool | None, out_dir: Path, keep: bool) -> int:
+def run_suite(
+    mode_name: str,
+    only: set[str],
+    with_pg: bool | None,
+    out_dir: Path,
+    keep: bool,
+    sizes: tuple[int, ...] | None = None,
+) -> int:
     mode = figures.MODES[mode_name]
+    if sizes:  # figure C (and F's C) at these store sizes instead of the mode's
+        mode = dataclasses.replace(mode, c_sizes=sizes, f_sizes=sizes)
     run = figures.Run(mode, keep=keep)
     started = report.now()
     results: dict[str, Any] = {
@@ -219,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         help="print the README performance table from a results file (default: newest full run)",
     )
     p.add_argument("--write-readme", action="store_true", help="with --readme: write it into README.md")
+    p.add_argument(
+        "--sizes",
+        help="comma-separated Practitioner counts the store of figure C (and F) is grown to, in turn "
+        "(default: the mode's, e.g. 100000,1000000 in the full run)",
+    )
     args = p.parse_args(argv)
     if args.readme is not None:
         return render_readme(args.readme or None, args.write_readme)
@@ -229,7 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = only - set(ALL_FIGURES)
     if unknown:
         p.error(f"unknown figures {sorted(unknown)}; known: {', '.join(ALL_FIGURES)}")
-    return run_suite(mode, only, args.pg, args.out, args.keep_tmp)
+    try:
+        sizes = tuple(int(x) for x in args.sizes.split(",") if x.strip()) if args.sizes else None
+    except ValueError:
+        p.error(f"--sizes takes comma-separated whole numbers, got {args.sizes!r}")
+    if sizes is not None and (not sizes or min(sizes) < 20 or list(sizes) != sorted(sizes)):
+        p.error(f"--sizes takes growing counts of at least 20, got {args.sizes!r}")
+    return run_suite(mode, only, args.pg, args.out, args.keep_tmp, sizes)
 
 
 if __name__ == "__main__":

@@ -213,8 +213,9 @@ def capability_statement(
         "mode": "server",
         "documentation": (
             f"Search pages hold {search.DEFAULT_COUNT} entries by default and at most "
-            f"{search.MAX_COUNT}; paging is by cursor. Bundle.total is counted on every page; _total=none "
-            "(or estimate) saves that count when the client does not need it. "
+            f"{search.MAX_COUNT}; paging is by cursor. Bundle.total is given only when asked (or free: a first "
+            "page holding every match carries its length): _total=accurate counts on every page, "
+            f"_total=estimate counts up to {search.ESTIMATE_BOUND} and estimates past that. "
             "Prefer: handling=strict makes unknown parameters an error. Every parameter takes :missing; "
             "date parameters take the eq, ne, gt, lt, ge, le, sa, eb and ap prefixes (ap: the value's range "
             "widened by a tenth of its distance from now, at least a day); a token on a code element "

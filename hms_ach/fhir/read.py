@@ -438,7 +438,9 @@ def search_system(
 ) -> Response:
     """``GET /fhir?_type=A,B&...``: the same search on each of ``types`` in turn, one page of
     ``_count`` across them (the ``next`` link carries the type and that type's cursor, so paging
-    never skips or repeats), ``Bundle.total`` the sum of the types' totals. A parameter must be
+    never skips or repeats). ``Bundle.total``, as for one type, only when asked (``_total=accurate``
+    or ``estimate``: the sum of the types' totals; ``_count=0``) or free (every match on the first
+    page). A parameter must be
     declared by every type searched (``_id`` and ``_lastUpdated`` are)."""
     own = [(k, v) for k, v in params if k not in ("_type", "_page", "_cursor", "_count")]
     for key, _value in own:
@@ -466,7 +468,12 @@ def search_system(
     index, inner = _system_cursor(next((v for k, v in params if k == "_page"), None), types)
     matches: list[tuple[str, str, str]] = []
     included: list[tuple[str, str, str]] = []
-    total: int | None = 0
+    asked_total = next((v for k, v in params if k == "_total"), "auto")
+    only_total = count == 0 or ("_summary", "count") in params  # the total is the whole answer
+    counting = asked_total in ("accurate", "estimate") or (only_total and asked_total != "none")
+    counted = [*own, ("_count", "0")]  # _total stays in own: estimate is bounded per type
+    free = asked_total == "auto" and not only_total and index == 0 and not inner
+    total: int | None = 0 if counting else None
     warnings: list[str] = []
     bounded: list[str] = []
     subset = NOTHING
@@ -478,12 +485,10 @@ def search_system(
             asked.append(("_cursor", inner))
         try:
             query = search.parse_query(rtype, asked, strict=strict, access=access)  # checks every type
-            if total is not None and query.total != "none":
-                counted = search.parse_query(rtype, [*own, ("_count", "0")], access=access)
-                found = resources.search(store, counted).total
-                total = None if found is None else total + found
-            else:
-                total = None
+            if total is not None and counting:
+                counted_page = resources.search(store, search.parse_query(rtype, counted, access=access))
+                bounded += [w for w in counted_page.warnings if w not in bounded]
+                total = None if counted_page.total is None else total + counted_page.total
             if i < index or next_cursor is not None:
                 continue  # served on an earlier page, or left for the next one
             if room <= 0:
@@ -500,6 +505,8 @@ def search_system(
         bounded += page.warnings
         if page.next_cursor is not None:
             next_cursor = _encode_system_cursor(i, page.next_cursor)
+    if free and next_cursor is None:
+        total = len(matches)  # no total asked, and every match is on this first page: its length, free
     served = {(rtype, rid) for rtype, rid, _ in matches}
     unique = []
     for rtype, rid, text in included:  # a record included from several types is served once

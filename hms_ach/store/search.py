@@ -7,7 +7,10 @@ sub-selects on the reference index and the other type's index tables (:func:`cha
 :func:`has_clause`); ``_include``/``_revinclude`` run once per directive, round and type reached
 (:func:`_included`), within the bounds :data:`MAX_INCLUDED` and :data:`MAX_INCLUDE_DEPTH`.
 
-Paging is keyset paging. The page is ordered by the sort keys and then the record id, and the next
+Paging is keyset paging. When every criterion is a plain index match and no ``_sort`` is asked, the
+page's ids come from the index alone and only the page's records are read (:func:`_narrow_page`);
+``Bundle.total`` is counted only when asked (:func:`page_total`). The page is ordered by the sort
+keys and then the record id, and the next
 page starts strictly after the keys of the last row served (carried by the cursor). A record whose
 sort keys do not change while a client pages is therefore returned exactly once, whatever is
 inserted or deleted meanwhile; the default order (by ``_id``) never changes, so with it no record
@@ -20,7 +23,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import (
+    CompoundSelect,
     Connection,
     Select,
     Table,
@@ -33,6 +38,10 @@ from sqlalchemy import (
     or_,
     select,
     true,
+    union_all,
+)
+from sqlalchemy import (
+    text as sql_text,
 )
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -75,6 +84,7 @@ __all__ = [
     "EVERYTHING",
     "Access",
     "MAX_COUNT",
+    "ESTIMATE_BOUND",
     "MAX_INCLUDED",
     "MAX_INCLUDE_DEPTH",
     "ClauseContext",
@@ -141,7 +151,7 @@ class ClauseContext:
 
     ``index_sets`` collects, as the builders run, the index-row selects of the criteria that are a
     plain "the record has a matching index row". When every criterion is one, the matches can be
-    counted from the index alone (:func:`_count`)."""
+    counted from the index alone (:func:`_match_ids`)."""
 
     dialect: str = "sqlite"
     narrowed: bool = False
@@ -411,22 +421,69 @@ def where_clauses(
     return conds
 
 
-def _count(
-    conn: Connection, t: Table, where: list[ColumnElement[bool]], query: SearchQuery, ctx: ClauseContext
-) -> int:
-    """``Bundle.total``. When every criterion is a plain index match (``sets``, one per criterion),
-    the count comes from the index alone: the ids in all of the sets. A deleted record and the
-    placeholder of a conditional create have no index rows, so nothing is counted that the page
-    query would not return, and no record row is read (over a million Practitioners, counting the
-    matches of a common family name through the records read 25,000 rows scattered over the
-    file). Otherwise it is one COUNT over the record table with the page's criteria. The patient
+#: ``_total=estimate`` counts at most this many matches; past it the total is estimated.
+ESTIMATE_BOUND = 1000
+
+
+def page_total(
+    conn: Connection,
+    t: Table,
+    where: list[ColumnElement[bool]],
+    query: SearchQuery,
+    ctx: ClauseContext,
+    *,
+    asked_only: bool = True,
+) -> tuple[int | None, str | None]:
+    """``Bundle.total`` as ``_total`` asks, and the warning that goes with an estimate.
+
+    Without ``_total`` (``auto``) no total is counted: a count reads every match once per page, which
+    over a million records costs more than the page itself. ``asked_only=False`` (a ``_count=0`` or
+    ``_summary=count`` request, whose whole answer is the total) counts it then. ``accurate`` counts
+    (every match, :func:`_match_ids`); ``estimate`` counts at most :data:`ESTIMATE_BOUND` matches, exact below that;
+    past it PostgreSQL gives the planner's row estimate for the matches (at least the bound) and
+    SQLite, which has no such estimate, the bound itself as a lower bound, with a warning saying so.
+    """
+    if query.total == "none" or (query.total == "auto" and asked_only):
+        return None, None
+    ids = _match_ids(t, where, query, ctx)
+    if query.total != "estimate":
+        return int(conn.execute(select(func.count()).select_from(ids.subquery())).scalar_one()), None
+    bounded = select(func.count()).select_from(ids.limit(ESTIMATE_BOUND + 1).subquery())
+    found = int(conn.execute(bounded).scalar_one())
+    if found <= ESTIMATE_BOUND:
+        return found, None
+    if conn.dialect.name == "postgresql":
+        return max(found, _planner_rows(conn, ids)), (
+            "Bundle.total is the database planner's estimate (_total=estimate); _total=accurate counts"
+        )
+    return ESTIMATE_BOUND, (
+        f"Bundle.total is a lower bound: more than {ESTIMATE_BOUND} records match (_total=estimate); "
+        "_total=accurate counts them"
+    )
+
+
+def _planner_rows(conn: Connection, ids: Select[Any] | CompoundSelect[Any]) -> int:
+    """PostgreSQL's estimate of the rows ``ids`` returns (EXPLAIN, nothing run)."""
+    compiled = ids.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+    row = conn.exec_driver_sql("EXPLAIN (FORMAT JSON) " + str(compiled), compiled.params).scalar_one()
+    plan = orjson.loads(row) if isinstance(row, str | bytes) else row
+    return int(plan[0]["Plan"]["Plan Rows"])
+
+
+def _match_ids(
+    t: Table, where: list[ColumnElement[bool]], query: SearchQuery, ctx: ClauseContext
+) -> Select[Any] | CompoundSelect[Any]:
+    """The ids of every match, for counting. When every criterion is a plain index match (one
+    index set per criterion), they come from the index alone: the ids in all of the sets. A deleted
+    record and the placeholder of a conditional create have no index rows, so nothing is counted
+    that the page query would not return, and no record row is read (over a million Practitioners,
+    counting the matches of a common family name through the records read 25,000 rows scattered
+    over the file). Otherwise the ids of the record table with the page's criteria. The patient
     compartment of a ``patient/`` scope is one more index set (``ctx.limit_sets``)."""
-    sets = ctx.index_sets + ctx.limit_sets
-    limited = query.access.compartment(query.resource_type) is not None
-    if query.criteria and len(ctx.index_sets) == len(query.criteria) and (ctx.limit_sets or not limited):
-        ids = sets[0].distinct() if len(sets) == 1 else intersect(*sets)
-        return int(conn.execute(select(func.count()).select_from(ids.subquery())).scalar_one())
-    return int(conn.execute(select(func.count()).select_from(t).where(*where)).scalar_one())
+    sets = _index_only_sets(query, ctx)
+    if sets is not None:
+        return sets[0].distinct() if len(sets) == 1 else intersect(*sets)
+    return select(t.c.id).where(*where)
 
 
 def _sort_expression(t: Table, rt: str, key: SortKey) -> ColumnElement[Any]:
@@ -456,20 +513,166 @@ def _after(cols: list[Any], descending: list[bool], keys: list[Any]) -> ColumnEl
 def execute(conn: Connection, query: SearchQuery) -> SearchPage:
     """Run ``query``: one page after the cursor, its includes, and ``Bundle.total``.
 
-    The total is counted (one COUNT over the same criteria) unless ``_total=none`` or
-    ``_total=estimate`` asks to save that query; when every match fits on the first page it is
-    known without counting. Clients that page through large results and need no total send
-    ``_total=none``.
+    The page: when every criterion is a plain index match and no ``_sort`` is asked, the page's ids
+    come from the index alone (:func:`_page_ids`: keyset on ``resource_id``, the first
+    ``_count + 1`` past the cursor) and only those records are read; otherwise one statement over
+    the record table with the criteria, ordered by the sort keys and id, after the cursor.
+
+    The total (:func:`page_total`): none unless asked (``_total=accurate`` counts, ``estimate``
+    gives a bounded count or the planner's figure), except that a first page holding every match
+    carries its length, which costs nothing.
     """
     t = _table(query.resource_type)
-    ctx = clause_context(query, conn.dialect.name)
-    where = where_clauses(query, conn.dialect.name, ctx)
-    total = None
-    counting = query.total in ("auto", "accurate")
+    dialect = conn.dialect.name
+    prefix = _one_prefix(query, dialect) if query.count > 0 else None
+    ids = _prefix_page_ids(conn, query, prefix) if prefix is not None else None
+    ctx = clause_context(query, dialect)
+    # the criteria's SQL, built only when a statement needs it (the name-by-name page does not)
+    where = where_clauses(query, dialect, ctx) if ids is None else []
     if query.count == 0:
-        if query.total != "none":
-            total = _count(conn, t, where, query, ctx)
-        return SearchPage([], [], total, None)
+        counted, warning = page_total(conn, t, where, query, ctx, asked_only=False)
+        return SearchPage([], [], counted, None, [warning] if warning else [])
+    sets = _index_only_sets(query, ctx)
+    if ids is not None:
+        rows: list[Any] = _narrow_page(conn, t, ids, query)
+    elif sets is not None and not query.sort:
+        rows = _narrow_page(conn, t, _page_ids(sets, query), query)
+    else:
+        rows = _wide_page(conn, t, where, query)
+    more = len(rows) > query.count
+    rows = rows[: query.count]
+    next_cursor = None
+    if more:
+        last = rows[-1]
+        next_cursor = encode_cursor(query, [*last[2:], last[0]])
+    matches = [(r[0], r[1]) for r in rows if r[1] is not None]  # an index-only id whose record is gone: none
+    total: int | None = None
+    warnings: list[str] = []
+    if query.after is None and not more and query.total != "none":
+        total = len(matches)  # every match is on this first page: no need to count
+    elif query.total in ("accurate", "estimate"):
+        where = where or where_clauses(query, dialect, ctx)
+        total, warning = page_total(conn, t, where, query, ctx)
+        warnings += [warning] if warning else []
+    included, include_warnings = _included(conn, query, [m[0] for m in matches])
+    return SearchPage(matches, included, total, next_cursor, warnings + include_warnings)
+
+
+def _index_only_sets(query: SearchQuery, ctx: ClauseContext) -> list[Select[Any]] | None:
+    """The index-row selects whose intersection is exactly the matches (every criterion a plain
+    index match, the patient compartment one more set), or None when some criterion is not."""
+    limited = query.access.compartment(query.resource_type) is not None
+    if query.criteria and len(ctx.index_sets) == len(query.criteria) and (ctx.limit_sets or not limited):
+        return ctx.index_sets + ctx.limit_sets
+    return None
+
+
+def _narrow_page(conn: Connection, t: Table, page_ids: Select[Any], query: SearchQuery) -> list[Any]:
+    """The page by id from the index alone: ``page_ids``, the first ``count + 1`` matching ids past
+    the cursor (index-only, no record row read), then those records (a LEFT JOIN, so that an id whose
+    record is gone still counts for the cursor and paging never skips). Rows: (id, resource or None)."""
+    if query.count == 0:
+        return []
+    ids = page_ids.subquery("page")
+    stmt = (
+        select(ids.c.rid, t.c.resource)
+        .select_from(ids.outerjoin(t, and_(t.c.id == ids.c.rid, t.c.deleted == false())))
+        .order_by(ids.c.rid)
+    )
+    return list(conn.execute(stmt).all())
+
+
+def _page_ids(sets: list[Select[Any]], query: SearchQuery) -> Select[Any]:
+    """The ids of the page (and one more): the intersection of ``sets``, past the cursor, in id order.
+    Each set is narrowed by the cursor inside its own select, so that a later page reads only the
+    index rows after it."""
+    after = query.after[-1] if query.after is not None else None
+    narrowed = []
+    for rows in sets:
+        col = rows.selected_columns[0]
+        narrowed.append(rows.where(col > after) if after is not None else rows)
+    if len(narrowed) == 1:
+        # ordered by ``resource_id || ''``, which no index provides: else a planner may walk the owner
+        # index (resource_type, resource_id) in id order and test every row of the type until the
+        # page is full (PostgreSQL does on small tables, and a rare name would read them all)
+        rid = narrowed[0].selected_columns[0].concat("").label("rid")
+        return narrowed[0].with_only_columns(rid).distinct().order_by(rid).limit(query.count + 1)
+    both = intersect(*narrowed).subquery("both")
+    first = both.c[0]
+    return select(first.label("rid")).order_by(first).limit(query.count + 1)
+
+
+#: A string prefix matching at most this many distinct normalised values is paged value by value.
+MAX_PREFIX_VALUES = 32
+
+#: The distinct normalised values of one string parameter in ``[lo, hi)``, one index seek each (a
+#: skip scan: neither database has a loose index scan of its own), at most ``cap + 1`` of them.
+#: PostgreSQL compares with the ``text_pattern_ops`` operators of the lookup index (byte order).
+_PREFIX_VALUES = {
+    dialect: sql_text(
+        f"""WITH RECURSIVE found(v, i) AS (
+    SELECT (SELECT {first} FROM search_string
+            WHERE resource_type = :rt AND param = :param AND norm {ge} :lo AND norm {lt} :hi{tail}), 0
+    UNION ALL
+    SELECT (SELECT {first} FROM search_string
+            WHERE resource_type = :rt AND param = :param AND norm {gt} found.v AND norm {lt} :hi{tail}),
+           found.i + 1
+    FROM found WHERE found.v IS NOT NULL AND found.i < :cap
+)
+SELECT v FROM found WHERE v IS NOT NULL"""
+    )
+    for dialect, first, ge, gt, lt, tail in (
+        ("sqlite", "min(norm)", ">=", ">", "<", ""),
+        ("postgresql", "norm", "~>=~", "~>~", "~<~", " ORDER BY norm USING ~<~ LIMIT 1"),
+    )
+}
+
+
+def _one_prefix(query: SearchQuery, dialect: str) -> str | None:
+    """The normalised prefix when ``query`` is one default (starts-with) string criterion with one
+    value, no ``_sort`` and no compartment limit; else None."""
+    if dialect not in _PREFIX_VALUES or query.sort or len(query.criteria) != 1:
+        return None
+    if query.access.compartment(query.resource_type) is not None:
+        return None
+    crit = query.criteria[0]
+    if crit.param.type != "string" or crit.modifier is not None or crit.chain or crit.has:
+        return None
+    if crit.param.column is not None or len(crit.values) != 1:
+        return None
+    return clip(normalise(unescape(crit.values[0])))
+
+
+def _prefix_page_ids(conn: Connection, query: SearchQuery, prefix: str) -> Select[Any] | None:
+    """The page's ids of a string prefix search, read value by value: the distinct normalised values
+    starting with ``prefix`` (:data:`_PREFIX_VALUES`), then for each the first ``count + 1`` ids
+    past the cursor, which the lookup index (resource_type, param, norm, resource_id) holds in id
+    order, merged. This reads about ``count + 1`` index entries per value however many records share
+    the name (a common family name over a million records has thousands). None when the prefix has
+    more than :data:`MAX_PREFIX_VALUES` values (the caller pages through every match instead)."""
+    crit = query.criteria[0]
+    rt = query.resource_type
+    bounds = {"rt": rt, "param": crit.param.name, "lo": prefix, "hi": prefix + TOP, "cap": MAX_PREFIX_VALUES}
+    values = list(conn.execute(_PREFIX_VALUES[conn.dialect.name], bounds).scalars())
+    if len(values) > MAX_PREFIX_VALUES:
+        return None
+    ix = _index("string")
+    after = query.after[-1] if query.after is not None else None
+    limit = query.count + 1
+    pieces = []
+    for value in values or [prefix]:  # no value: one piece that finds nothing
+        piece = select(ix.c.resource_id.label("rid")).where(
+            ix.c.resource_type == rt, ix.c.param == crit.param.name, ix.c.norm == value
+        )
+        if after is not None:
+            piece = piece.where(ix.c.resource_id > after)
+        pieces.append(select(piece.order_by(ix.c.resource_id).limit(limit).subquery().c.rid))
+    merged = (pieces[0] if len(pieces) == 1 else union_all(*pieces)).subquery("merged")
+    return select(merged.c.rid).distinct().order_by(merged.c.rid).limit(limit)
+
+
+def _wide_page(conn: Connection, t: Table, where: list[ColumnElement[bool]], query: SearchQuery) -> list[Any]:
+    """The page over the record table with every criterion: rows (id, resource, *sort keys)."""
     keys = [_sort_expression(t, query.resource_type, k).label(f"k{i}") for i, k in enumerate(query.sort)]
     inner = select(t.c.id, t.c.resource, *keys).where(*where).subquery("matches")
     cols = [inner.c[f"k{i}"] for i in range(len(keys))] + [inner.c.id]
@@ -478,20 +681,7 @@ def execute(conn: Connection, query: SearchQuery) -> SearchPage:
     if query.after is not None:
         stmt = stmt.where(_after(cols, descending, query.after))
     stmt = stmt.order_by(*[c.desc() if d else c.asc() for c, d in zip(cols, descending, strict=True)])
-    rows = conn.execute(stmt.limit(query.count + 1)).all()
-    more = len(rows) > query.count
-    rows = rows[: query.count]
-    next_cursor = None
-    if more:
-        last = rows[-1]
-        next_cursor = encode_cursor(query, [*last[2:], last.id])
-    if query.after is None and not more and query.total != "none":
-        total = len(rows)  # every match is on this first page: no need to count
-    elif counting:
-        total = _count(conn, t, where, query, ctx)
-    matches = [(r.id, r.resource) for r in rows]
-    included, warnings = _included(conn, query, [m[0] for m in matches])
-    return SearchPage(matches, included, total, next_cursor, warnings)
+    return list(conn.execute(stmt.limit(query.count + 1)).all())
 
 
 Found = list[tuple[str, str, str]]

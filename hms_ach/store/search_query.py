@@ -163,8 +163,10 @@ class SearchQuery:
     includes: list[Include] = field(default_factory=list)
     count: int = DEFAULT_COUNT
     total: str = "auto"
-    """``_total``: ``auto`` (no ``_total``) and ``accurate`` count every match, once per page;
-    ``estimate`` gives it only when it costs nothing (every match on the first page); ``none`` never."""
+    """``_total``: ``auto`` (no ``_total``) gives it only when it costs nothing (every match on the
+    first page; ``_count=0`` and ``_summary=count`` count); ``accurate`` counts every match on every
+    page; ``estimate`` counts up to a bound and estimates past it; ``none`` never
+    (:func:`hms_ach.store.search.page_total`)."""
     after: list[Any] | None = None
     understood: list[tuple[str, str]] = field(default_factory=list)
     """The parameters acted on, in request order (for the self link and the cursor digest)."""

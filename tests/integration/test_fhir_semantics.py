@@ -524,13 +524,17 @@ async def test_system_search_with_type(fhir_engine: Engine, http: httpx.AsyncCli
 
     # pages of 2 across the types: every match exactly once
     pages: list[str] = []
-    url: str | None = "?_type=Practitioner,Organization&_count=2"
+    url: str | None = "?_type=Practitioner,Organization&_count=2&_total=accurate"
     while url:
         page = (await http.get(url)).json()
-        assert page["total"] == 5
+        assert page["total"] == 5  # asked: the sum of the types' counts, on every page
         pages += [e["fullUrl"].split("/fhir/")[1] for e in page.get("entry", [])]
         url = next((lk["url"] for lk in page["link"] if lk["relation"] == "next"), None)
     assert sorted(pages) == sorted(found) and len(pages) == 5
+    unasked = (await http.get("?_type=Practitioner,Organization&_count=2")).json()
+    assert "total" not in unasked  # more pages and no _total: not counted
+    counted = (await http.get("?_type=Practitioner,Organization&_summary=count")).json()
+    assert counted["total"] == 5
 
     # a parameter every type declares; one that a type lacks is a 400 naming it
     only = (await http.get("", params={"_type": "Practitioner,Organization", "name": "W1"})).json()

@@ -447,7 +447,12 @@ def test_user_and_system_grants_add_nothing_to_the_sql(store: Store) -> None:
     """Cost: a caller whose grants are not limited to a compartment runs exactly the statements of an
     unrestricted search; a patient/ caller runs as many statements, each with one more condition."""
     ids = _fill(store)
-    params = [("status", "in-progress"), ("_count", "2"), ("_include", "Encounter:location")]
+    params = [
+        ("status", "in-progress"),
+        ("_count", "2"),
+        ("_include", "Encounter:location"),
+        ("_total", "accurate"),
+    ]
     unlimited = search.Access(dict.fromkeys(FHIR_SERVED))
     page, plain = _run(store, search.parse_query("Encounter", params))
     same, scoped = _run(store, search.parse_query("Encounter", params, access=unlimited))
