@@ -1,0 +1,252 @@
+"""``engine.map_workers``: parse and map in worker processes (hms_ach/ingest/workers.py).
+
+Real engines and real worker processes: A01/A08/A03 over MLLP from several connections store the
+same records as the in-process engine, in the order each sender sent them; a worker killed with
+SIGKILL mid-run loses no message and is replaced; a mapping reload reaches every worker; a worker
+that never answers in time costs its message an AE (stored for replay), never the message."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from sqlalchemy import text
+
+from hms_ach.app.config import load_config
+from hms_ach.app.runtime import Engine
+from hms_ach.hl7v2.policy import Hl7Policy
+from hms_ach.ingest.pipeline import evaluate
+from hms_ach.ingest.workers import LOST_TEXT, MapWorkers, compiled_engine
+from hms_ach.mapping.loader import load_mappings
+from hms_ach.store.db import Store
+from hms_ach.store.models import RECORD_TABLES
+from tests.conftest import empty_store
+from tests.integration.engine_helpers import mllp_channel, mllp_yaml
+from tests.integration.engine_process import FS_CR, VT
+from tests.integration.test_cluster import message
+
+ROOT = Path(__file__).resolve().parents[2]
+STEPS = ("adt_a01.hl7", "adt_a08.hl7", "adt_a03.hl7")
+#: Senders at once, and patients per sender (each patient: A01, A08, A03 in that order).
+CONNECTIONS = 4
+PATIENTS = 3
+
+
+@asynccontextmanager
+async def engine_with(tmp_path: Path, store: Store, map_workers: int) -> AsyncIterator[Engine]:
+    """An engine on ``store`` with one MLLP channel and ``engine.map_workers`` as given."""
+    shutil.copytree(ROOT / "mappings", tmp_path / "mappings")
+    (tmp_path / "channels.yaml").write_text(
+        f"engine:\n  mappings: mappings\n  watch: false\n  map_workers: {map_workers}\n"
+        "http:\n  enabled: false\n"
+        "channels:\n" + mllp_yaml("adt_in", "idle_timeout_seconds: 30")
+    )
+    eng = Engine(load_config(tmp_path / "channels.yaml"), database=store.url)
+    await eng.start()
+    try:
+        yield eng
+    finally:
+        await eng.stop()
+
+
+def _msa(ack: bytes) -> str:
+    line = next((s for s in ack.strip(VT + FS_CR).split(b"\r") if s.startswith(b"MSA")), b"MSA||")
+    return line.split(b"|")[1].decode()
+
+
+async def sender(port: int, frames: list[tuple[str, bytes]]) -> list[tuple[str, str]]:
+    """One connection sending ``frames`` in order, each after the previous one's ACK."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 10)
+    answers = []
+    try:
+        for cid, raw in frames:
+            writer.write(raw)
+            await writer.drain()
+            answers.append((cid, _msa(await asyncio.wait_for(reader.readuntil(FS_CR), 60))))
+    finally:
+        writer.close()
+    return answers
+
+
+def workload(connection: int, patients: int = PATIENTS) -> list[tuple[str, bytes]]:
+    """Connection ``connection``'s messages: its patients' A01, A08, A03, patients interleaved."""
+    frames = []
+    for step, name in enumerate(STEPS):
+        for p in range(patients):
+            k = connection * 100 + p
+            cid = f"MW{k}-{step}"
+            frames.append((cid, message(name, cid, k, f"{step} Step St", f"(614)555-{k % 100:02d}{step}0")))
+    return frames
+
+
+async def ingest(engine: Engine, connections: int = CONNECTIONS) -> dict[str, str]:
+    """Every connection's workload, all connections at once; control id -> MSA-1."""
+    port = int(mllp_channel(engine).port)
+    runs = await asyncio.gather(*(sender(port, workload(c)) for c in range(connections)))
+    return {cid: code for run in runs for cid, code in run}
+
+
+def _normalised(resource: dict[str, Any]) -> Any:
+    body = {k: v for k, v in resource.items() if k not in ("id", "meta")}
+    return orjson.loads(re.sub(rb'"([A-Za-z]+)/[0-9a-f-]{32,36}"', rb'"\1/*"', orjson.dumps(body)))
+
+
+def stored_records(store: Store) -> dict[str, list[Any]]:
+    """Every current record of every type, without ids and meta, sorted: what two stores that took
+    the same messages must hold alike."""
+    out: dict[str, list[Any]] = {}
+    with store.read() as conn:
+        for rtype, model in RECORD_TABLES.items():
+            table = model.__tablename__
+            rows = conn.execute(text(f"SELECT resource FROM {table}")).all()  # noqa: S608 - fixed names
+            if rows:
+                found = [_normalised(orjson.loads(r[0])) for r in rows]
+                out[rtype] = sorted(found, key=lambda r: orjson.dumps(r, option=orjson.OPT_SORT_KEYS))
+    return out
+
+
+def message_rows(store: Store) -> dict[str, tuple[str, str | None]]:
+    with store.read() as conn:
+        rows = conn.execute(text("SELECT control_id, status, ack_code FROM message")).all()
+    return {str(r[0]): (str(r[1]), r[2]) for r in rows}
+
+
+def patient_versions(store: Store, k: int) -> list[str]:
+    """The control ids of the messages that made patient ``k``'s Patient versions, in version order."""
+    with store.read() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT m.control_id FROM resource_history h JOIN patient p ON p.id = h.id"
+                " JOIN message m ON m.id = h.message_id"
+                " WHERE h.resource_type = 'Patient' AND p.key_value = :k ORDER BY h.version_id"
+            ),
+            {"k": f"CL{k:04d}"},
+        ).all()
+    return [str(r[0]) for r in rows]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_two_workers_store_what_the_engine_process_stores_in_each_senders_order(
+    tmp_path: Path, store: Store
+) -> None:
+    with empty_store("sqlite", tmp_path, "single") as single:
+        async with engine_with(tmp_path / "in_process", single, 0) as eng:
+            assert eng.map_workers is None
+            expected_codes = await ingest(eng)
+        expected_rows, expected_records = message_rows(single), stored_records(single)
+    async with engine_with(tmp_path / "workers", store, 2) as eng:
+        assert eng.map_workers is not None and len(eng.map_workers.pids) == 2
+        pids = eng.map_workers.pids
+        codes = await ingest(eng)
+    assert not [p for p in pids if _alive(p)], "the workers exit when the engine stops"
+    assert set(codes.values()) == {"AA"} and codes == expected_codes
+    assert len(codes) == CONNECTIONS * PATIENTS * len(STEPS)
+    assert message_rows(store) == expected_rows
+    assert stored_records(store) == expected_records
+    for c in range(CONNECTIONS):
+        for p in range(PATIENTS):
+            k = c * 100 + p
+            assert patient_versions(store, k) == [f"MW{k}-{step}" for step in range(len(STEPS))]
+
+
+async def test_a_worker_killed_mid_run_loses_no_message_and_is_replaced(tmp_path: Path, store: Store) -> None:
+    async with engine_with(tmp_path, store, 2) as eng:
+        pool = eng.map_workers
+        assert pool is not None
+        victim = pool.pids[0]
+        port = int(mllp_channel(eng).port)
+        runs = [asyncio.create_task(sender(port, workload(c, patients=8))) for c in range(CONNECTIONS)]
+        while not message_rows(store):  # the run is under way
+            await asyncio.sleep(0.01)
+        os.kill(victim, signal.SIGKILL)
+        codes = {cid: code for run in await asyncio.gather(*runs) for cid, code in run}
+        for _ in range(600):  # the replacement starts in the background
+            if len(pool.pids) == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert victim not in pool.pids and len(pool.pids) == 2 and pool.replaced >= 1
+        again = await sender(
+            port, [("MW-after", message("adt_a01.hl7", "MW-after", 999, "9 St", "(614)5550000"))]
+        )
+    assert again == [("MW-after", "AA")]
+    assert len(codes) == CONNECTIONS * 8 * len(STEPS)
+    # the message in flight on the killed worker was evaluated again by the other one
+    assert set(codes.values()) == {"AA"}, {c: v for c, v in codes.items() if v != "AA"}
+    rows = message_rows(store)
+    assert {cid: rows[cid] for cid in codes} == {cid: ("processed", "AA") for cid in codes}
+    for c in range(CONNECTIONS):
+        k = c * 100
+        assert patient_versions(store, k) == [f"MW{k}-{step}" for step in range(len(STEPS))]
+
+
+async def test_a_mapping_reload_reaches_every_worker(tmp_path: Path, store: Store) -> None:
+    bad = (ROOT / "samples" / "hl7" / "bad" / "bad_sex_code.hl7").read_bytes().replace(b"\n", b"\r")
+    cid = bad.split(b"\r")[0].split(b"|")[9]
+
+    def frames(tag: str) -> list[tuple[str, bytes]]:
+        return [(f"{tag}{i}", VT + bad.replace(cid, f"{tag}{i}".encode(), 1) + FS_CR) for i in range(4)]
+
+    async with engine_with(tmp_path, store, 2) as eng:
+        port = int(mllp_channel(eng).port)
+        before = await asyncio.gather(*(sender(port, [f]) for f in frames("RB")))
+        assert {code for run in before for _, code in run} == {"AE"}
+        table = eng.config.mappings_dir / "tables" / "administrative_sex.yaml"
+        table.write_text(table.read_text().replace("  X: other", "  X: other\n  Q: unknown"))
+        assert eng.reload_mappings() is True
+        after = await asyncio.gather(*(sender(port, [f]) for f in frames("RA")))
+    # four senders at once: both workers answered, each with the reloaded mappings
+    assert {code for run in after for _, code in run} == {"AA"}
+
+
+async def test_a_worker_that_does_not_answer_in_time_costs_an_ae_never_the_message(tmp_path: Path) -> None:
+    mset = load_mappings(ROOT / "mappings")
+    local = compiled_engine(mset, "UTC")
+    raw = message("adt_a01.hl7", "MW-slow", 7, "1 St", "(614)5550001").strip(VT + FS_CR)
+    policy = Hl7Policy("adt_in")
+    pool = MapWorkers(2, mset, "UTC", timeout_seconds=0.000_001)  # no worker answers that fast
+    await pool.start()
+    try:
+        ev = await pool.evaluate(raw, policy, local)
+        # both attempts timed out: an internal error (AE), the header kept for the ACK and the key
+        assert ev.error is not None and ev.error.message == LOST_TEXT and ev.result is None
+        assert ev.header is not None and ev.meta.idempotency_key == "ADTSYS|GENHOSP|MW-slow"
+        assert ev.raw == raw and pool.replaced == 2
+        # both workers are being replaced: the next message is evaluated in the engine process
+        fallback = await pool.evaluate(raw, policy, local)
+        assert fallback.error is None and repr(fallback) == repr(evaluate(raw, policy, local))
+        pool.timeout_seconds = 30
+        for _ in range(600):
+            if len(pool.pids) == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert len(pool.pids) == 2
+        answered = await pool.evaluate(raw, policy, local)
+        assert answered.error is None and repr(answered) == repr(evaluate(raw, policy, local))
+    finally:
+        await pool.stop(10)
+    assert pool.pids == []
+
+
+@pytest.mark.parametrize("value", ["-1", "65", "two"])
+def test_map_workers_setting_is_checked(tmp_path: Path, value: str) -> None:
+    from hms_ach.core.errors import ConfigError, ConfigErrors
+
+    (tmp_path / "channels.yaml").write_text(f"engine:\n  map_workers: {value}\nchannels: []\n")
+    with pytest.raises((ConfigError, ConfigErrors), match="map_workers"):
+        load_config(tmp_path / "channels.yaml")
