@@ -69,9 +69,17 @@ def _no_progress(_n: int = 1) -> None:
 _figure_done: Callable[[int], None] = _no_progress
 
 
-def run_suite(mode_name: str, only: set[str], with_pg: bool | None, out_dir: Path, keep: bool) -> int:
+def run_suite(
+    mode_name: str,
+    only: set[str],
+    with_pg: bool | None,
+    out_dir: Path,
+    keep: bool,
+    map_workers: list[int] | None = None,
+) -> int:
     mode = figures.MODES[mode_name]
     run = figures.Run(mode, keep=keep)
+    run.map_workers = map_workers or [0]
     started = report.now()
     results: dict[str, Any] = {
         "schema": 1,
@@ -79,7 +87,7 @@ def run_suite(mode_name: str, only: set[str], with_pg: bool | None, out_dir: Pat
         "started_at": started.isoformat(),
         "machine": report.machine_info(),
         "git": report.git_info(),
-        "settings": figures.mode_settings(mode),
+        "settings": {**figures.mode_settings(mode), "map_workers": run.map_workers},
         "notes": list(NOTES),
         "figures": {},
         "load_average_at_start": os.getloadavg(),
@@ -219,6 +227,13 @@ def main(argv: list[str] | None = None) -> int:
         help="print the README performance table from a results file (default: newest full run)",
     )
     p.add_argument("--write-readme", action="store_true", help="with --readme: write it into README.md")
+    p.add_argument(
+        "--map-workers",
+        default="0",
+        metavar="N[,N...]",
+        help="engine.map_workers of figure B's engine (SQLite), comma-separated values run back to back "
+        "(default 0: parse and map in the engine process); F uses the first value",
+    )
     args = p.parse_args(argv)
     if args.readme is not None:
         return render_readme(args.readme or None, args.write_readme)
@@ -229,7 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = only - set(ALL_FIGURES)
     if unknown:
         p.error(f"unknown figures {sorted(unknown)}; known: {', '.join(ALL_FIGURES)}")
-    return run_suite(mode, only, args.pg, args.out, args.keep_tmp)
+    try:
+        map_workers = [int(x) for x in args.map_workers.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--map-workers takes comma-separated whole numbers, not {args.map_workers!r}")
+    if not map_workers or min(map_workers) < 0:
+        p.error("--map-workers takes one or more values of 0 or more")
+    return run_suite(mode, only, args.pg, args.out, args.keep_tmp, map_workers)
 
 
 if __name__ == "__main__":

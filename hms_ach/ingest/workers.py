@@ -78,6 +78,9 @@ def serve(conn: Connection, mset: MappingSet, timezone: str) -> None:
     ``("use", mset)`` -> ``("ready", pid)``; ``None``: exit."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # The engine logs for its workers (its log format and level are set up in its own process):
+    # a worker writes nothing, not even Python's last-resort lines on stderr.
+    logging.getLogger().addHandler(logging.NullHandler())
     engine = compiled_engine(mset, timezone)
     conn.send(("ready", os.getpid()))
     while True:
@@ -249,7 +252,10 @@ class MapWorkers:
                 self._replace(worker, WorkerLost("cancelled"), policy.channel, attempt)
                 raise
             self._release(worker)
-            return restore(reply[1], raw)
+            ev = restore(reply[1], raw)
+            if ev.crashed:  # what pipeline.evaluate logs in process, said here for the worker
+                log.error("pipeline.unexpected_error", extra={"channel": policy.channel, "where": ev.crash})
+            return ev
         log.error("map_workers.message_failed", extra={"channel": policy.channel, "attempts": ATTEMPTS})
         return lost(raw, policy)
 
