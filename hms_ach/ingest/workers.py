@@ -4,7 +4,8 @@ With ``engine.map_workers: N`` (N > 0) the engine starts N worker processes (the
 method: a fresh interpreter each, never a fork of a process that has threads). Each one holds the
 engine's :class:`~hms_ach.mapping.loader.MappingSet`, compiled, and runs the pure part of the
 pipeline, :func:`hms_ach.ingest.pipeline.evaluate` (MSH checks, decode, parse, map, record checks),
-for one message at a time. It sends back the :class:`~hms_ach.ingest.pipeline.Evaluation` without
+one message at a time; a second small message may wait in its pipe meanwhile
+(:data:`PIPELINE_DEPTH`), and replies come back in the order sent. It sends back the :class:`~hms_ach.ingest.pipeline.Evaluation` without
 the raw bytes (the engine has them): the header, the records, the error and the ACK facts. The
 engine process only commits and answers, so the GIL-bound parse and map of several connections
 run on several cores.
@@ -13,7 +14,7 @@ The promises hold as in-process:
 
 - **Order per connection.** A connection's handler awaits its message's evaluation, then its
   commit, then sends its ACK, before it reads the next frame; the pool does not change that.
-- **Every wait has a deadline.** Getting an idle worker, a worker's answer and a worker's start are
+- **Every wait has a deadline.** Getting a worker with room, a worker's answer and a worker's start are
   each bounded (``timeout_seconds``, :data:`START_SECONDS`).
 - **A worker that dies (or does not answer in time) is replaced**, and its message is evaluated
   once more by another worker. If that fails too, the message is not lost: it is evaluated as an
@@ -36,6 +37,8 @@ import multiprocessing
 import os
 import signal
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing.connection import Connection
 from typing import Any
@@ -54,6 +57,12 @@ START_SECONDS = 60.0
 RESTART_PAUSE_SECONDS = 1.0
 #: How many times one message is given to a worker (a first try, and once more after a worker died).
 ATTEMPTS = 2
+#: Messages a worker may owe at once: the next one waits in its pipe while it maps one, so that a
+#: worker never waits for the engine to wake up between two messages.
+PIPELINE_DEPTH = 2
+#: A message larger than this goes only to an idle worker (nothing big waits in a pipe: a blocked
+#: write in each direction at once would stop both sides).
+PIPELINE_MAX_BYTES = 64 * 1024
 
 #: The text of the error a message gets when its workers died or did not answer twice.
 LOST_TEXT = "internal error: the worker process mapping the message stopped; it is stored for replay"
@@ -129,52 +138,105 @@ def lost(raw: bytes, policy: Hl7Policy) -> Evaluation:
 
 
 # ---------------------------------------------------------------------- the engine's side
-class Worker:
-    """One worker process and the engine's end of its pipe."""
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """Mark a reply's exception as seen (a reply nobody waits for any more must not warn)."""
+    if not future.cancelled():
+        future.exception()
 
-    def __init__(self, mset: MappingSet, timezone: str, generation: int):
+
+class Worker:
+    """One worker process and the engine's end of its pipe.
+
+    Requests are answered in the order sent (the worker does one at a time), so each reply resolves
+    the oldest of :attr:`pending`; ``on_reply`` is called after each. When the worker is lost, every
+    pending future fails with :class:`WorkerLost` and ``on_lost`` is called, once."""
+
+    def __init__(
+        self,
+        mset: MappingSet,
+        timezone: str,
+        generation: int,
+        on_reply: Callable[[], None],
+        on_lost: Callable[[Worker], None],
+    ):
         ctx = multiprocessing.get_context("spawn")
         mine, theirs = ctx.Pipe(duplex=True)
         self.process = ctx.Process(
             target=serve, args=(theirs, portable(mset), timezone), name="hms-ach-map-worker", daemon=True
         )
+        self.loop = asyncio.get_running_loop()
+        self.pending: deque[asyncio.Future[Any]] = deque()
+        self.generation = generation
+        self.lost: str | None = None  # why, once the worker is lost
+        self._on_reply = on_reply
+        self._on_lost = on_lost
         self.process.start()
         theirs.close()
         self.conn = mine
-        self.generation = generation
+        self.ready = self._expect()  # its first words: ("ready", pid)
+        self.loop.add_reader(self.conn.fileno(), self._readable)
 
-    async def receive(self, timeout: float) -> Any:
-        """The next object the worker sends, within ``timeout`` seconds; WorkerLost if it dies."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[Any] = loop.create_future()
-        fd = self.conn.fileno()
+    def _expect(self) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = self.loop.create_future()
+        future.add_done_callback(_retrieved)
+        self.pending.append(future)
+        return future
 
-        def readable() -> None:
-            loop.remove_reader(fd)
-            if done.done():
-                return
-            try:
-                done.set_result(self.conn.recv())
-            except Exception as exc:  # noqa: BLE001 - EOF, a reset pipe or an unreadable pickle
-                done.set_exception(WorkerLost(type(exc).__name__))
-
-        loop.add_reader(fd, readable)
-        try:
-            return await asyncio.wait_for(done, timeout)
-        finally:
-            loop.remove_reader(fd)
-
-    async def call(self, request: tuple[Any, ...], timeout: float) -> Any:
+    def submit(self, request: tuple[Any, ...]) -> asyncio.Future[Any]:
+        """Send ``request``; the future of its reply (WorkerLost if the worker is lost first)."""
+        if self.lost is not None:
+            raise WorkerLost(self.lost)
         try:
             self.conn.send(request)
         except (OSError, ValueError) as exc:
+            self.fail(type(exc).__name__)
             raise WorkerLost(type(exc).__name__) from None
-        return await self.receive(timeout)
+        return self._expect()
+
+    def _readable(self) -> None:
+        try:
+            reply = self.conn.recv()
+        except Exception as exc:  # noqa: BLE001 - EOF, a reset pipe or an unreadable pickle
+            self.fail(type(exc).__name__)
+            return
+        if not self.pending:
+            self.fail("an answer nobody asked for")
+            return
+        future = self.pending.popleft()
+        if not future.done():  # its caller may have stopped waiting (its own deadline)
+            future.set_result(reply)
+        self._on_reply()
+
+    def fail(self, why: str) -> None:
+        """Take the worker as lost: kill it, fail what it owed, tell the pool (once)."""
+        if self.lost is not None:
+            return
+        self.lost = why
+        self.kill()
+        while self.pending:
+            future = self.pending.popleft()
+            if not future.done():
+                future.set_exception(WorkerLost(why))
+        self._on_lost(self)
+
+    def quit(self) -> None:
+        """Ask the worker to exit (after what it owes); its replies are no longer read."""
+        if self.conn.closed:
+            return
+        self.loop.remove_reader(self.conn.fileno())
+        try:
+            self.conn.send(None)
+        except (OSError, ValueError):
+            pass
 
     def kill(self) -> None:
+        if not self.conn.closed:
+            self.loop.remove_reader(self.conn.fileno())
+            self.conn.close()
         if self.process.is_alive():
             self.process.kill()
-        self.conn.close()
+        if self.process.pid is not None:
+            self.process.join(0)
 
 
 class MapWorkers:
@@ -188,9 +250,9 @@ class MapWorkers:
         self.timezone = timezone
         self.timeout_seconds = timeout_seconds
         self.generation = 0
-        self._local: MappingEngine | None = None  # the fallback engine, built when first needed
-        self._idle: asyncio.Queue[Worker] = asyncio.Queue()
-        self._workers: set[Worker] = set()
+        self._ready: list[Worker] = []  # started and said ready, not lost
+        self._all: set[Worker] = set()
+        self._free = asyncio.Event()  # set when a worker may have room for one more message
         self._starting: set[asyncio.Task[None]] = set()
         self._closed = False
         #: workers replaced since start (died, or did not answer in time)
@@ -198,8 +260,8 @@ class MapWorkers:
 
     @property
     def pids(self) -> list[int]:
-        """The process ids of the live workers."""
-        return [w.process.pid for w in self._workers if w.process.pid is not None and w.process.is_alive()]
+        """The process ids of the workers ready for messages."""
+        return [w.process.pid for w in self._ready if w.process.pid is not None]
 
     async def start(self) -> None:
         """Start every worker and wait until each is ready (at most :data:`START_SECONDS`)."""
@@ -207,13 +269,14 @@ class MapWorkers:
         workers = [self._spawn() for _ in range(self.count)]
         try:
             for worker in workers:
-                await self._ready(worker)
+                await self._until_ready(worker)
         except BaseException:
             for worker in workers:
-                self._drop(worker)
+                worker.kill()
+                self._all.discard(worker)
             raise
-        for worker in workers:
-            self._idle.put_nowait(worker)
+        self._ready.extend(workers)
+        self._free.set()
         log.info(
             "map_workers.started",
             extra={"workers": self.count, "seconds": round(time.monotonic() - started, 3)},
@@ -223,35 +286,30 @@ class MapWorkers:
         """Run ``mset`` from the next message on: each worker loads it before its next message."""
         self.mset = mset
         self.generation += 1
-        self._local = None
 
     async def evaluate(self, raw: bytes, policy: Hl7Policy, fallback: MappingEngine) -> Evaluation:
         """:func:`~hms_ach.ingest.pipeline.evaluate` of ``raw`` in a worker; never raises for a
         worker's failure (see the module doc). ``fallback``: the engine's own mapping engine, used
         when no worker is to be had in time."""
         for attempt in range(1, ATTEMPTS + 1):
-            try:
-                worker = await asyncio.wait_for(self._idle.get(), self.timeout_seconds)
-            except TimeoutError:
+            worker = await self._pick(len(raw))
+            if worker is None:
                 log.error("map_workers.fallback", extra={"channel": policy.channel, "workers": self.count})
                 return evaluate(raw, policy, fallback)
             try:
-                if worker.generation != self.generation:
-                    generation = self.generation
-                    reply = await worker.call(("use", portable(self.mset)), START_SECONDS)
-                    if reply[0] != "ready":
-                        raise WorkerLost(f"unexpected answer {reply[0]!r} to a reload")
-                    worker.generation = generation
-                reply = await worker.call(("map", raw, policy), self.timeout_seconds)
+                if worker.generation != self.generation:  # a reload since its last message
+                    worker.submit(("use", portable(self.mset)))
+                    worker.generation = self.generation
+                reply = await asyncio.wait_for(worker.submit(("map", raw, policy)), self.timeout_seconds)
                 if reply[0] != "done" or not isinstance(reply[1], Evaluation):
                     raise WorkerLost("unexpected answer to a message")
-            except (WorkerLost, TimeoutError) as exc:
-                self._replace(worker, exc, policy.channel, attempt)
+            except TimeoutError:
+                worker.fail("no answer within the deadline")
+                self._lost_message(policy.channel, attempt, "timeout")
                 continue
-            except BaseException:
-                self._replace(worker, WorkerLost("cancelled"), policy.channel, attempt)
-                raise
-            self._release(worker)
+            except WorkerLost as exc:
+                self._lost_message(policy.channel, attempt, str(exc))
+                continue
             ev = restore(reply[1], raw)
             if ev.crashed:  # what pipeline.evaluate logs in process, said here for the worker
                 log.error("pipeline.unexpected_error", extra={"channel": policy.channel, "where": ev.crash})
@@ -265,74 +323,90 @@ class MapWorkers:
         for task in self._starting:
             task.cancel()
         await asyncio.gather(*self._starting, return_exceptions=True)
-        for worker in self._workers:
-            try:
-                worker.conn.send(None)
-            except (OSError, ValueError):
-                pass
+        for worker in self._all:
+            worker.quit()
         deadline = time.monotonic() + grace_seconds
-        for worker in list(self._workers):
-            left = max(0.0, deadline - time.monotonic())
-            await asyncio.to_thread(worker.process.join, left)
-            self._drop(worker)
+        for worker in list(self._all):
+            await asyncio.to_thread(worker.process.join, max(0.0, deadline - time.monotonic()))
+            worker.kill()
+        self._all.clear()
+        self._ready.clear()
         log.info("map_workers.stopped", extra={"workers": self.count})
 
     # ------------------------------------------------------------------ internals
+    async def _pick(self, size: int) -> Worker | None:
+        """The ready worker with the fewest messages owed and room for one more, waiting for one
+        at most ``timeout_seconds``; None past it. A message goes behind another one only when it
+        is small and the worker needs no reload first (see :data:`PIPELINE_DEPTH`)."""
+        deadline = time.monotonic() + self.timeout_seconds
+        while True:
+            best: Worker | None = None
+            for w in self._ready:
+                owed = len(w.pending)
+                alone = size > PIPELINE_MAX_BYTES or w.generation != self.generation
+                if owed < (1 if alone else PIPELINE_DEPTH) and (best is None or owed < len(best.pending)):
+                    best = w
+            if best is not None:
+                return best
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self._free.clear()
+            try:
+                await asyncio.wait_for(self._free.wait(), left)
+            except TimeoutError:
+                return None
+
     def _spawn(self) -> Worker:
-        worker = Worker(self.mset, self.timezone, self.generation)
-        self._workers.add(worker)
+        worker = Worker(self.mset, self.timezone, self.generation, self._free.set, self._lost_worker)
+        self._all.add(worker)
         return worker
 
-    async def _ready(self, worker: Worker) -> None:
-        reply = await worker.receive(START_SECONDS)
+    async def _until_ready(self, worker: Worker) -> None:
+        reply = await asyncio.wait_for(asyncio.shield(worker.ready), START_SECONDS)
         if reply[0] != "ready":
             raise WorkerLost(f"unexpected first answer {reply[0]!r}")
 
-    def _release(self, worker: Worker) -> None:
-        if self._closed:
-            self._drop(worker)
-        else:
-            self._idle.put_nowait(worker)
+    def _lost_message(self, channel: str, attempt: int, why: str) -> None:
+        log.warning(
+            "map_workers.message_retried" if attempt < ATTEMPTS else "map_workers.message_lost_worker",
+            extra={"channel": channel, "attempt": attempt, "reason": why},
+        )
 
-    def _drop(self, worker: Worker) -> None:
-        worker.kill()
-        if worker.process.pid is not None:
-            worker.process.join(0)
-        self._workers.discard(worker)
-
-    def _replace(self, worker: Worker, why: BaseException, channel: str, attempt: int) -> None:
-        """Kill ``worker`` and start another one in the background."""
-        code = worker.process.exitcode
-        self._drop(worker)
+    def _lost_worker(self, worker: Worker) -> None:
+        """``worker`` is lost (died, or killed after its deadline): start another in the background."""
+        was_ready = worker in self._ready
+        if was_ready:
+            self._ready.remove(worker)
+        self._all.discard(worker)
+        if self._closed or not was_ready:
+            return  # stopping, or one still starting (its starter tries again)
         self.replaced += 1
         log.warning(
             "map_workers.worker_lost",
-            extra={
-                "channel": channel,
-                "attempt": attempt,
-                "reason": type(why).__name__ if not isinstance(why, WorkerLost) else str(why),
-                "exit_code": code,
-            },
+            extra={"reason": worker.lost, "exit_code": worker.process.exitcode, "pid": worker.process.pid},
         )
-        if not self._closed:
-            task = asyncio.get_running_loop().create_task(self._start_one())
-            self._starting.add(task)
-            task.add_done_callback(self._starting.discard)
+        task = worker.loop.create_task(self._start_one())
+        self._starting.add(task)
+        task.add_done_callback(self._starting.discard)
 
     async def _start_one(self) -> None:
         """Start one worker, again after a pause until one is ready (or the pool stops)."""
         while not self._closed:
             worker = self._spawn()
             try:
-                await self._ready(worker)
+                await self._until_ready(worker)
             except (WorkerLost, TimeoutError) as exc:
-                self._drop(worker)
+                worker.fail(type(exc).__name__)
                 log.error("map_workers.start_failed", extra={"reason": type(exc).__name__})
                 await asyncio.sleep(RESTART_PAUSE_SECONDS)
                 continue
             except BaseException:
-                self._drop(worker)
+                worker.fail("stopped")
                 raise
+            if self._closed:
+                return
+            self._ready.append(worker)
+            self._free.set()
             log.info("map_workers.replaced", extra={"pid": worker.process.pid})
-            self._release(worker)
             return
