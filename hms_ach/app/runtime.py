@@ -37,7 +37,7 @@ from hms_ach.core.types import Channel
 from hms_ach.fhir.export import ExportManager
 from hms_ach.hl7v2.mllp import MllpConfig
 from hms_ach.ingest.pipeline import Pipeline
-from hms_ach.ingest.workers import MapWorkers
+from hms_ach.ingest.workers import MapWorkers, compiled_engine
 from hms_ach.mapping.engine import MappingEngine
 from hms_ach.mapping.loader import MappingSet, load_mappings
 from hms_ach.outbound import events
@@ -689,7 +689,8 @@ def _mtimes(root: Path) -> dict[str, float]:
 def _compiled_engine(mset: MappingSet, timezone: str) -> MappingEngine:
     """A mapping engine whose HL7 v2 message mappings are compiled now, not on their first message
     (docs/mapping-language.md, "Compiled mappings"); those that fall back to the interpreter are logged."""
-    engine = MappingEngine(mset, timezone)
-    fallbacks = engine.compile_all()
-    log.info("mappings.compiled", extra={"mappings": len(mset.messages), "interpreted": sorted(fallbacks)})
+    engine = compiled_engine(mset, timezone)
+    log.info(
+        "mappings.compiled", extra={"mappings": len(mset.messages), "interpreted": sorted(engine.fallbacks)}
+    )
     return engine

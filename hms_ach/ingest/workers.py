@@ -35,6 +35,7 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import pickle
 import signal
 import time
 from collections import deque
@@ -65,7 +66,7 @@ PIPELINE_DEPTH = 2
 PIPELINE_MAX_BYTES = 64 * 1024
 
 #: The text of the error a message gets when its workers died or did not answer twice.
-LOST_TEXT = "internal error: the worker process mapping the message stopped; it is stored for replay"
+LOST_TEXT = "internal error: the message could not be mapped in a worker process; it is stored for replay"
 
 
 class WorkerLost(Exception):
@@ -105,7 +106,10 @@ def serve(conn: Connection, mset: MappingSet, timezone: str) -> None:
             continue
         _, raw, policy = request
         ev = evaluate(raw, policy, engine)
-        conn.send(("done", compact(ev)))
+        try:
+            conn.send(("done", compact(ev)))
+        except (pickle.PicklingError, TypeError, AttributeError):  # a value that cannot travel
+            conn.send(("done", compact(lost(raw, policy))))
 
 
 def portable(mset: MappingSet) -> MappingSet:
@@ -236,7 +240,7 @@ class Worker:
         if self.process.is_alive():
             self.process.kill()
         if self.process.pid is not None:
-            self.process.join(0)
+            self.process.join(0.1)  # reaped now, almost always; else by the next worker's start
 
 
 class MapWorkers:

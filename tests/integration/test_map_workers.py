@@ -31,7 +31,14 @@ from hms_ach.store.db import Store
 from hms_ach.store.models import RECORD_TABLES
 from tests.conftest import empty_store
 from tests.integration.engine_helpers import mllp_channel, mllp_yaml
-from tests.integration.engine_process import FS_CR, VT
+from tests.integration.engine_process import (
+    FS_CR,
+    VT,
+    EngineProcess,
+    SendLog,
+    send_until_closed,
+    stored_counts,
+)
 from tests.integration.test_cluster import message
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,11 +142,12 @@ def patient_versions(store: Store, k: int) -> list[str]:
 
 
 def _alive(pid: int) -> bool:
+    """``pid`` runs (a killed child not yet reaped, a zombie, counts as gone)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
         return False
-    return True
 
 
 async def test_two_workers_store_what_the_engine_process_stores_in_each_senders_order(
@@ -219,15 +227,24 @@ async def test_a_worker_that_does_not_answer_in_time_costs_an_ae_never_the_messa
     local = compiled_engine(mset, "UTC")
     raw = message("adt_a01.hl7", "MW-slow", 7, "1 St", "(614)5550001").strip(VT + FS_CR)
     policy = Hl7Policy("adt_in")
-    pool = MapWorkers(2, mset, "UTC", timeout_seconds=0.000_001)  # no worker answers that fast
+    pool = MapWorkers(2, mset, "UTC", timeout_seconds=0.5)
     await pool.start()
     try:
+        stuck = pool.pids
+        for pid in stuck:  # alive, but they never answer
+            os.kill(pid, signal.SIGSTOP)
         ev = await pool.evaluate(raw, policy, local)
         # both attempts timed out: an internal error (AE), the header kept for the ACK and the key
         assert ev.error is not None and ev.error.message == LOST_TEXT and ev.result is None
         assert ev.header is not None and ev.meta.idempotency_key == "ADTSYS|GENHOSP|MW-slow"
         assert ev.raw == raw and pool.replaced == 2
-        # both workers are being replaced: the next message is evaluated in the engine process
+        for _ in range(100):  # the stuck workers were killed
+            if not [p for p in stuck if _alive(p)]:
+                break
+            await asyncio.sleep(0.05)
+        assert not [p for p in stuck if _alive(p)]
+        # both workers are being replaced: a message that cannot wait is evaluated in this process
+        pool.timeout_seconds = 0.000_001
         fallback = await pool.evaluate(raw, policy, local)
         assert fallback.error is None and repr(fallback) == repr(evaluate(raw, policy, local))
         pool.timeout_seconds = 30
@@ -250,3 +267,53 @@ def test_map_workers_setting_is_checked(tmp_path: Path, value: str) -> None:
     (tmp_path / "channels.yaml").write_text(f"engine:\n  map_workers: {value}\nchannels: []\n")
     with pytest.raises((ConfigError, ConfigErrors), match="map_workers"):
         load_config(tmp_path / "channels.yaml")
+
+
+def _children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (the map workers and multiprocessing's resource tracker)."""
+    found: list[int] = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children", encoding="ascii") as fh:
+            found += [int(c) for c in fh.read().split()]
+    return found
+
+
+async def test_hms_ach_run_with_workers_drains_on_sigterm_and_leaves_no_process(
+    tmp_path: Path, store: Store
+) -> None:
+    engine = EngineProcess(
+        tmp_path, store.url, engine_yaml="  map_workers: 2\n  shutdown_grace_seconds: 20\n"
+    )
+    sent = SendLog()
+    try:
+        await engine.start()
+        assert engine.proc is not None
+        workers = _children(engine.proc.pid)
+        assert len(workers) >= 2
+        for pid in workers:  # a SIGTERM to the whole process group: the workers leave it to the engine
+            os.kill(pid, signal.SIGTERM)
+        senders = [
+            asyncio.create_task(send_until_closed(engine.mllp_port, f"MWT-{s}", sent)) for s in range(3)
+        ]
+        for _ in range(600):
+            if len(sent.acked()) >= 30:
+                break
+            await asyncio.sleep(0.05)
+        assert all(_alive(pid) for pid in workers)
+        code = await engine.terminate(within=30)
+        await asyncio.gather(*senders)
+    finally:
+        engine.kill()
+    assert code == 0, engine.output()[-3000:]
+    for _ in range(100):  # the engine has exited; its workers went before it
+        if not any(_alive(pid) for pid in workers):
+            break
+        await asyncio.sleep(0.05)
+    assert not [pid for pid in workers if _alive(pid)]
+    # as without workers (test_lifecycle): every ACKed message stored once; a sender's last frame,
+    # sent as the engine stopped reading, may be unanswered, and is then stored at most once
+    acked, unanswered = sent.acked(), sent.unanswered()
+    assert len(acked) >= 30 and set(sent.codes.values()) <= {"AA", None} and len(unanswered) <= 3, sent.codes
+    counts = stored_counts(store, list(sent.codes))
+    assert all(counts[c] == 1 for c in acked) and all(counts[c] <= 1 for c in unanswered), counts
+    assert engine.event("map_workers.stopped") is not None
