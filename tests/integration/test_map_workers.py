@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shutil
 import signal
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,7 @@ from hms_ach.mapping.loader import load_mappings
 from hms_ach.store.db import Store
 from hms_ach.store.models import RECORD_TABLES
 from tests.conftest import empty_store
-from tests.integration.engine_helpers import mllp_channel, mllp_yaml
+from tests.integration.engine_helpers import mllp_channel, mllp_yaml, running_engine
 from tests.integration.engine_process import (
     FS_CR,
     VT,
@@ -39,7 +37,7 @@ from tests.integration.engine_process import (
     send_until_closed,
     stored_counts,
 )
-from tests.integration.test_cluster import message
+from tests.integration.test_cluster import message, patient_versions
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = ("adt_a01.hl7", "adt_a08.hl7", "adt_a03.hl7")
@@ -48,21 +46,11 @@ CONNECTIONS = 4
 PATIENTS = 3
 
 
-@asynccontextmanager
-async def engine_with(tmp_path: Path, store: Store, map_workers: int) -> AsyncIterator[Engine]:
+def engine_with(tmp_path: Path, store: Store, map_workers: int) -> AbstractAsyncContextManager[Engine]:
     """An engine on ``store`` with one MLLP channel and ``engine.map_workers`` as given."""
-    shutil.copytree(ROOT / "mappings", tmp_path / "mappings")
-    (tmp_path / "channels.yaml").write_text(
-        f"engine:\n  mappings: mappings\n  watch: false\n  map_workers: {map_workers}\n"
-        "http:\n  enabled: false\n"
-        "channels:\n" + mllp_yaml("adt_in", "idle_timeout_seconds: 30")
+    return running_engine(
+        tmp_path, store, mllp_yaml("adt_in", "idle_timeout_seconds: 30"), f"  map_workers: {map_workers}\n"
     )
-    eng = Engine(load_config(tmp_path / "channels.yaml"), database=store.url)
-    await eng.start()
-    try:
-        yield eng
-    finally:
-        await eng.stop()
 
 
 def _msa(ack: bytes) -> str:
@@ -125,20 +113,6 @@ def message_rows(store: Store) -> dict[str, tuple[str, str | None]]:
     with store.read() as conn:
         rows = conn.execute(text("SELECT control_id, status, ack_code FROM message")).all()
     return {str(r[0]): (str(r[1]), r[2]) for r in rows}
-
-
-def patient_versions(store: Store, k: int) -> list[str]:
-    """The control ids of the messages that made patient ``k``'s Patient versions, in version order."""
-    with store.read() as conn:
-        rows = conn.execute(
-            text(
-                "SELECT m.control_id FROM resource_history h JOIN patient p ON p.id = h.id"
-                " JOIN message m ON m.id = h.message_id"
-                " WHERE h.resource_type = 'Patient' AND p.key_value = :k ORDER BY h.version_id"
-            ),
-            {"k": f"CL{k:04d}"},
-        ).all()
-    return [str(r[0]) for r in rows]
 
 
 def _alive(pid: int) -> bool:
