@@ -83,7 +83,8 @@ class EngineSettings(_Strict):
         ge=0,
         le=64,
         description="Worker processes that parse and map inbound HL7 v2 messages (each loads the mappings); "
-        "the engine process then only commits and answers. 0: parse and map in the engine process",
+        "the engine process then only commits and answers. 0: parse and map in the engine process. Read at "
+        "start: a change applies at the next start (a reload logs config.restart_needed)",
     )
 
 

@@ -596,6 +596,8 @@ class Engine:
         for name in list(self.channels):
             if name not in wanted or wanted[name] != old.get(name):
                 await self.channels.pop(name).stop()
+        if new.engine.map_workers != self.config.engine.map_workers:  # the pool is made at start only
+            log.warning("config.restart_needed", extra={"setting": "engine.map_workers"})
         self.config = new
         workforce_settings.use(new.workforce)
         if not self.reload_mappings():

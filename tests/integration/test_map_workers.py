@@ -177,7 +177,9 @@ async def test_a_worker_killed_mid_run_loses_no_message_and_is_replaced(tmp_path
         assert patient_versions(store, k) == [f"MW{k}-{step}" for step in range(len(STEPS))]
 
 
-async def test_a_mapping_reload_reaches_every_worker(tmp_path: Path, store: Store) -> None:
+async def test_a_mapping_reload_reaches_every_worker(
+    tmp_path: Path, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
     bad = (ROOT / "samples" / "hl7" / "bad" / "bad_sex_code.hl7").read_bytes().replace(b"\n", b"\r")
     cid = bad.split(b"\r")[0].split(b"|")[9]
 
@@ -192,6 +194,12 @@ async def test_a_mapping_reload_reaches_every_worker(tmp_path: Path, store: Stor
         table.write_text(table.read_text().replace("  X: other", "  X: other\n  Q: unknown"))
         assert eng.reload_mappings() is True
         after = await asyncio.gather(*(sender(port, [f]) for f in frames("RA")))
+        # the number of workers is read at start only: a reload says so and keeps the pool
+        config = tmp_path / "channels.yaml"
+        config.write_text(config.read_text().replace("map_workers: 2", "map_workers: 1"))
+        assert eng.map_workers is not None and await eng.reload_config() is True
+        assert len(eng.map_workers.pids) == 2
+        assert "config.restart_needed" in [r.getMessage() for r in caplog.records]
     # four senders at once: both workers answered, each with the reloaded mappings
     assert {code for run in after for _, code in run} == {"AA"}
 
