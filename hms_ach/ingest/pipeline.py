@@ -746,7 +746,13 @@ class Pipeline:
         one busy channel cannot fill every group commit (store/writer.py). ``actor``: who sent it
         (JSON, see :func:`hms_ach.store.audit.actor_json`), for the audit trail."""
         if self.remote is not None:  # map workers
-            ev = await self.remote(raw, policy, self.engine)
+            try:
+                ev = await self.remote(raw, policy, self.engine)
+            except Exception as exc:  # noqa: BLE001 - a fault of the pool: mapped here instead
+                log.error(
+                    "map_workers.failed", extra={"channel": policy.channel, "error_kind": error_kind(exc)}
+                )
+                ev = evaluate(raw, policy, self.engine)
         else:
             ev = evaluate(raw, policy, self.engine)
         ev.meta.actor = actor

@@ -298,7 +298,10 @@ class MapWorkers:
         for attempt in range(1, ATTEMPTS + 1):
             worker = await self._pick(len(raw))
             if worker is None:
-                log.error("map_workers.fallback", extra={"channel": policy.channel, "workers": self.count})
+                if not self._closed:  # stopping: the last messages are mapped here, as expected
+                    log.error(
+                        "map_workers.fallback", extra={"channel": policy.channel, "workers": self.count}
+                    )
                 return evaluate(raw, policy, fallback)
             try:
                 if worker.generation != self.generation:  # a reload since its last message
@@ -322,14 +325,17 @@ class MapWorkers:
         return lost(raw, policy)
 
     async def stop(self, grace_seconds: float) -> None:
-        """Tell every worker to exit and wait for them (at most ``grace_seconds``); kill the rest."""
+        """Let the workers finish what they owe, tell each to exit and wait for them, all within
+        ``grace_seconds``; kill the rest. A message that arrives meanwhile is evaluated in process."""
+        deadline = time.monotonic() + grace_seconds
         self._closed = True
         for task in self._starting:
             task.cancel()
         await asyncio.gather(*self._starting, return_exceptions=True)
+        while any(w.pending for w in self._ready) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         for worker in self._all:
             worker.quit()
-        deadline = time.monotonic() + grace_seconds
         for worker in list(self._all):
             await asyncio.to_thread(worker.process.join, max(0.0, deadline - time.monotonic()))
             worker.kill()
@@ -343,7 +349,7 @@ class MapWorkers:
         at most ``timeout_seconds``; None past it. A message goes behind another one only when it
         is small and the worker needs no reload first (see :data:`PIPELINE_DEPTH`)."""
         deadline = time.monotonic() + self.timeout_seconds
-        while True:
+        while not self._closed:
             best: Worker | None = None
             for w in self._ready:
                 owed = len(w.pending)
@@ -360,6 +366,7 @@ class MapWorkers:
                 await asyncio.wait_for(self._free.wait(), left)
             except TimeoutError:
                 return None
+        return None
 
     def _spawn(self) -> Worker:
         worker = Worker(self.mset, self.timezone, self.generation, self._free.set, self._lost_worker)

@@ -22,11 +22,13 @@ from sqlalchemy import text
 from hms_ach.app.config import load_config
 from hms_ach.app.runtime import Engine
 from hms_ach.hl7v2.policy import Hl7Policy
-from hms_ach.ingest.pipeline import evaluate
+from hms_ach.ingest.pipeline import Evaluation, Pipeline, evaluate
 from hms_ach.ingest.workers import LOST_TEXT, MapWorkers, compiled_engine
+from hms_ach.mapping.engine import MappingEngine
 from hms_ach.mapping.loader import load_mappings
 from hms_ach.store.db import Store
 from hms_ach.store.models import RECORD_TABLES
+from hms_ach.store.writer import StoreWriter
 from tests.conftest import empty_store
 from tests.integration.engine_helpers import mllp_channel, mllp_yaml, running_engine
 from tests.integration.engine_process import (
@@ -299,3 +301,22 @@ async def test_hms_ach_run_with_workers_drains_on_sigterm_and_leaves_no_process(
     counts = stored_counts(store, list(sent.codes))
     assert all(counts[c] == 1 for c in acked) and all(counts[c] <= 1 for c in unanswered), counts
     assert engine.event("map_workers.stopped") is not None
+
+
+async def test_a_fault_of_the_pool_itself_maps_the_message_in_the_engine_process(tmp_path: Path) -> None:
+    with empty_store("sqlite", tmp_path, "fault") as db:
+        writer = StoreWriter(db)
+        writer.start()
+        try:
+            pipeline = Pipeline(writer, compiled_engine(load_mappings(ROOT / "mappings"), "UTC"))
+
+            async def broken(raw: bytes, policy: Hl7Policy, fallback: MappingEngine) -> Evaluation:
+                raise RuntimeError("a bug in the pool")
+
+            pipeline.remote = broken
+            raw = message("adt_a01.hl7", "MW-fault", 5, "1 St", "(614)5550005").strip(VT + FS_CR)
+            outcome = await pipeline.process_hl7(raw, Hl7Policy("adt_in"))
+        finally:
+            writer.stop()
+        assert outcome.status == "processed" and outcome.ack_code == "AA"
+        assert message_rows(db)["MW-fault"] == ("processed", "AA")
