@@ -315,6 +315,7 @@ class MapWorkers:
                 self._lost_message(policy.channel, attempt, "timeout")
                 continue
             except WorkerLost as exc:
+                worker.fail(str(exc))  # already lost, or it answered out of turn: not used again
                 self._lost_message(policy.channel, attempt, str(exc))
                 continue
             ev = restore(reply[1], raw)
