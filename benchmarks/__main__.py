@@ -77,11 +77,13 @@ def run_suite(
     out_dir: Path,
     keep: bool,
     sizes: tuple[int, ...] | None = None,
+    map_workers: list[int] | None = None,
 ) -> int:
     mode = figures.MODES[mode_name]
     if sizes:  # figure C (and F's C) at these store sizes instead of the mode's
         mode = dataclasses.replace(mode, c_sizes=sizes, f_sizes=sizes)
     run = figures.Run(mode, keep=keep)
+    run.map_workers = map_workers or [0]
     started = report.now()
     results: dict[str, Any] = {
         "schema": 1,
@@ -89,7 +91,7 @@ def run_suite(
         "started_at": started.isoformat(),
         "machine": report.machine_info(),
         "git": report.git_info(),
-        "settings": figures.mode_settings(mode),
+        "settings": {**figures.mode_settings(mode), "map_workers": run.map_workers},
         "notes": list(NOTES),
         "figures": {},
         "load_average_at_start": os.getloadavg(),
@@ -234,6 +236,13 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated Practitioner counts the store of figure C (and F) is grown to, in turn "
         "(default: the mode's, e.g. 100000,1000000 in the full run)",
     )
+    p.add_argument(
+        "--map-workers",
+        default="0",
+        metavar="N[,N...]",
+        help="engine.map_workers of figure B's engine (SQLite), comma-separated values run back to back "
+        "(default 0: parse and map in the engine process); F uses the first value",
+    )
     args = p.parse_args(argv)
     if args.readme is not None:
         return render_readme(args.readme or None, args.write_readme)
@@ -250,7 +259,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--sizes takes comma-separated whole numbers, got {args.sizes!r}")
     if sizes is not None and (not sizes or min(sizes) < 20 or list(sizes) != sorted(sizes)):
         p.error(f"--sizes takes growing counts of at least 20, got {args.sizes!r}")
-    return run_suite(mode, only, args.pg, args.out, args.keep_tmp, sizes)
+    try:
+        map_workers = [int(x) for x in args.map_workers.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--map-workers takes comma-separated whole numbers, not {args.map_workers!r}")
+    if not map_workers or min(map_workers) < 0:
+        p.error("--map-workers takes one or more values of 0 or more")
+    return run_suite(mode, only, args.pg, args.out, args.keep_tmp, sizes, map_workers)
 
 
 if __name__ == "__main__":

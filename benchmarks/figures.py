@@ -116,6 +116,8 @@ class Run:
         self.t0 = time.monotonic()
         self.tmp = Path(tempfile.mkdtemp(prefix=f"hms-ach-bench-{mode.name}-"))
         self.keep = keep
+        #: ``engine.map_workers`` values figure B runs with, back to back (``--map-workers``)
+        self.map_workers: list[int] = [0]
 
     def say(self, text: str) -> None:
         print(f"[{time.monotonic() - self.t0:6.1f}s] {text}", file=sys.stderr, flush=True)
@@ -259,12 +261,14 @@ def _drive_engine(
 ) -> dict[str, Any]:
     m = run.mode
     cpu0, t0 = procs.cpu_seconds(engine.pid), time.monotonic()
+    workers0 = procs.children_cpu_seconds(engine.pid)
     result = procs.run_driver(
         "benchmarks.mllp_load",
         _mllp_args(port, connections, seconds, m.reps, tag, warmup=max(3, 20 // connections)),
         timeout=m.reps * seconds + 120,
     )
     cpu = procs.cpu_seconds(engine.pid) - cpu0
+    workers_cpu = procs.children_cpu_seconds(engine.pid) - workers0
     wall = time.monotonic() - t0
     out = _runs_summary(result["runs"], "msg_per_s")
     out["warmup"] = result.get("warmup")
@@ -275,6 +279,9 @@ def _drive_engine(
             codes[code] = codes.get(code, 0) + n
     out["ack_codes"] = codes
     out["engine_cpu_percent"] = round(100 * cpu / wall, 1) if wall else None
+    if run.map_workers != [0]:  # the worker processes' CPU (engine.map_workers), all of them together
+        out["map_workers_cpu_percent"] = round(100 * workers_cpu / wall, 1) if wall else None
+    out["load_average"] = os.getloadavg()
     bad = {c: n for c, n in codes.items() if c not in ("AA", "CA")}
     if bad:
         out["problem"] = f"ACKs other than AA: {bad} (see the engine log)"
@@ -354,12 +361,28 @@ def echo_ceiling(run: Run) -> dict[str, Any]:
 
 
 def figure_b(run: Run, database_url: str | None = None, label: str = "sqlite") -> dict[str, Any]:
-    """MLLP ingest end to end: ``hms-ach run`` in its own process, one and eight senders."""
+    """MLLP ingest end to end: ``hms-ach run`` in its own process, one and eight senders; once per
+    ``engine.map_workers`` value of ``run.map_workers`` (``--map-workers``), back to back. The first
+    value's figures are the top-level ones; with several, ``by_map_workers`` holds each."""
+    if run.map_workers == [0] or database_url is not None:  # PostgreSQL (F): one store, the first value
+        return _figure_b_once(run, database_url, label, run.map_workers[0])
+    by = {str(n): _figure_b_once(run, None, f"{label}-w{n}", n) for n in run.map_workers}
+    out = dict(by[str(run.map_workers[0])])
+    out["database"] = label
+    out["by_map_workers"] = by
+    out["map_workers_note"] = (
+        "each map_workers value ran on a fresh engine and store, one after another in this run; "
+        f"{os.cpu_count()} cores, shared with whatever else ran (see load_average)"
+    )
+    return out
+
+
+def _figure_b_once(run: Run, database_url: str | None, label: str, map_workers: int) -> dict[str, Any]:
     m = run.mode
     folder = run.folder(f"b-{label}")
     url = database_url or f"sqlite:///{folder}/engine.db"
-    engine, mllp, _http = procs.start_engine(folder, url)
-    out: dict[str, Any] = {"database": label}
+    engine, mllp, _http = procs.start_engine(folder, url, map_workers=map_workers)
+    out: dict[str, Any] = {"database": label.split("-w")[0], "map_workers": map_workers}
     try:
         out["rss_kb_after_start"] = procs.memory_kb(engine.pid)
         out["1_connection"] = _drive_engine(run, engine, mllp, 1, m.b_seconds, f"B{label[:2]}1")

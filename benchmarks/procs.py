@@ -53,13 +53,19 @@ def hms_ach_command() -> list[str]:
 
 
 def write_engine_config(
-    folder: Path, database_url: str, mllp_port: int, http_port: int, secured: bool = False
+    folder: Path,
+    database_url: str,
+    mllp_port: int,
+    http_port: int,
+    secured: bool = False,
+    map_workers: int = 0,
 ) -> Path:
     """A channels.yaml like the shipped one: one MLLP channel, a fhir_rest channel and the HTTP API, on
     loopback ports.
 
     ``secured``: authentication on (``auth.mode: local``, the key in ``folder/data``: the driver
-    sends a token of :func:`bench_token`) and an access record per read; otherwise both off."""
+    sends a token of :func:`bench_token`) and an access record per read; otherwise both off.
+    ``map_workers``: ``engine.map_workers`` (0: parse and map in the engine process)."""
     path = folder / "channels.yaml"
     security = (
         "# authentication and the access audit on: the driver sends a token of the local issuer\n"
@@ -75,6 +81,7 @@ def write_engine_config(
         f"  mappings: {MAPPINGS}\n"
         "  timezone: UTC\n"
         "  watch: true\n"
+        f"  map_workers: {map_workers}\n"
         f"  data_dir: {folder / 'data'}\n"
         "http:\n"
         "  host: 127.0.0.1\n"
@@ -127,6 +134,26 @@ def cpu_seconds(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / ticks
     except (OSError, IndexError, ValueError):
         return float("nan")
+
+
+def children_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by the live child processes of ``pid`` (the engine's
+    map workers), from /proc/<pid>/task/*/children; 0.0 without children."""
+    total = 0.0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return float("nan")
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", encoding="ascii") as fh:
+                children = [int(c) for c in fh.read().split()]
+        except (OSError, ValueError):
+            continue
+        for child in children:
+            used = cpu_seconds(child)
+            total += 0.0 if used != used else used  # a child gone meanwhile counts nothing
+    return total
 
 
 class Service:
@@ -191,10 +218,12 @@ class Service:
         self.stop()
 
 
-def start_engine(folder: Path, database_url: str, secured: bool = False) -> tuple[Service, int, int]:
+def start_engine(
+    folder: Path, database_url: str, secured: bool = False, map_workers: int = 0
+) -> tuple[Service, int, int]:
     """``hms-ach run --config <folder>/channels.yaml`` on ``database_url``; returns (service, mllp, http)."""
     mllp, http = free_port(), free_port()
-    config = write_engine_config(folder, database_url, mllp, http, secured)
+    config = write_engine_config(folder, database_url, mllp, http, secured, map_workers)
     svc = Service(
         "engine",
         [*hms_ach_command(), "run", "--config", str(config)],

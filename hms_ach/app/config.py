@@ -78,6 +78,14 @@ class EngineSettings(_Strict):
         description="On SIGTERM or SIGINT, hms-ach run stops accepting, finishes the messages in flight and "
         "exits 0 within this time; past it it exits 1 and logs what was still running",
     )
+    map_workers: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Worker processes that parse and map inbound HL7 v2 messages (each loads the mappings); "
+        "the engine process then only commits and answers. 0: parse and map in the engine process. Read at "
+        "start: a change applies at the next start (a reload logs config.restart_needed)",
+    )
 
 
 class RateLimitSettings(_Strict):

@@ -38,6 +38,7 @@ from hms_ach.core.types import Channel
 from hms_ach.fhir.export import ExportManager
 from hms_ach.hl7v2.mllp import MllpConfig
 from hms_ach.ingest.pipeline import Pipeline
+from hms_ach.ingest.workers import MapWorkers, compiled_engine
 from hms_ach.mapping.engine import MappingEngine
 from hms_ach.mapping.loader import MappingSet, load_mappings
 from hms_ach.outbound import events
@@ -114,6 +115,8 @@ class Engine:
         self.cluster: cluster_config.ClusterConfig | None = None
         self._cluster_task: asyncio.Task[None] | None = None
         self._forms_task: asyncio.Task[None] | None = None  # publishing the forms after a reload
+        # engine.map_workers > 0: the worker processes that parse and map HL7 v2 (ingest/workers.py)
+        self.map_workers: MapWorkers | None = None
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -125,6 +128,7 @@ class Engine:
         await self._start_cluster_config()
         await self._publish_forms()  # the workflows' forms as Questionnaire/<id> (docs/review-cases.md)
         await self._start_outbound()  # before the channels: a new sink gets every event from here on
+        await self._start_map_workers()  # before the channels: their first message may go there
         for settings in self.config.channels:
             if not settings.enabled:
                 continue
@@ -136,6 +140,23 @@ class Engine:
         await self._start_scheduler()
         self._metrics = self._metrics_state()
         serve_state(self._metrics)
+
+    async def _start_map_workers(self) -> None:
+        count = self.config.engine.map_workers
+        if count <= 0 or self.map_workers is not None:
+            return
+        pool = MapWorkers(
+            count, self.mappings, self.config.engine.timezone, self.config.engine.commit_timeout_seconds
+        )
+        await pool.start()
+        self.map_workers = pool
+        self.pipeline.remote = pool.evaluate
+
+    async def _stop_map_workers(self) -> None:
+        pool, self.map_workers = self.map_workers, None
+        self.pipeline.remote = None
+        if pool is not None:
+            await pool.stop(self.config.engine.shutdown_grace_seconds)
 
     async def _start_cluster_config(self) -> None:
         """PostgreSQL: publish the mapping files this instance started with as the cluster's version,
@@ -303,6 +324,8 @@ class Engine:
 
         1. ``intake``: at once on every channel stop accepting (the scheduler's polls, the MLLP
            listeners, HTTP); the frames, requests and polls in flight finish and are answered.
+        1b. ``map_workers`` (``engine.map_workers``): the parse-and-map worker processes exit (they
+           are idle: no frame is in flight after the intake stopped); one that does not is killed.
         2. ``outbound``: the sinks' deliveries stop and this process's outbox leases are released,
            so that the next start (or another instance) delivers at once instead of after the lease.
         3. ``access_audit``: the queued access records are written (through the writer), then its
@@ -317,6 +340,7 @@ class Engine:
             await asyncio.gather(self._cluster_task, return_exceptions=True)
             self._cluster_task = None
         await self._phase("intake", self._stop_intake())
+        await self._phase("map_workers", self._stop_map_workers())  # no frame is in flight any more
         await self._phase("outbound", self._stop_outbound())
         if self._watchdog is not None:
             self._watchdog.cancel()
@@ -555,6 +579,8 @@ class Engine:
         forms in the background."""
         self.mappings = mset
         self.pipeline.engine = _compiled_engine(mset, self.config.engine.timezone)
+        if self.map_workers is not None:
+            self.map_workers.use(mset)  # each worker loads it before its next message
         events.use_engine(self.pipeline.engine)
         if self.writer.alive:  # published in the background; a failure is logged, never fatal
             with contextlib.suppress(RuntimeError):  # no running loop (a test's direct call): at start
@@ -592,6 +618,8 @@ class Engine:
         for name in list(self.channels):
             if name not in wanted or wanted[name] != old.get(name):
                 await self.channels.pop(name).stop()
+        if new.engine.map_workers != self.config.engine.map_workers:  # the pool is made at start only
+            log.warning("config.restart_needed", extra={"setting": "engine.map_workers"})
         self.config = new
         workforce_settings.use(new.workforce)
         if not self.reload_mappings():
@@ -685,7 +713,8 @@ def _mtimes(root: Path) -> dict[str, float]:
 def _compiled_engine(mset: MappingSet, timezone: str) -> MappingEngine:
     """A mapping engine whose HL7 v2 message mappings are compiled now, not on their first message
     (docs/mapping-language.md, "Compiled mappings"); those that fall back to the interpreter are logged."""
-    engine = MappingEngine(mset, timezone)
-    fallbacks = engine.compile_all()
-    log.info("mappings.compiled", extra={"mappings": len(mset.messages), "interpreted": sorted(fallbacks)})
+    engine = compiled_engine(mset, timezone)
+    log.info(
+        "mappings.compiled", extra={"mappings": len(mset.messages), "interpreted": sorted(engine.fallbacks)}
+    )
     return engine

@@ -393,25 +393,11 @@ def evaluate(raw: bytes, policy: Hl7Policy, engine: MappingEngine) -> Evaluation
     the key (AR), the structure caps (AR, before the text is split) and NUL characters (AE); the
     mapped records then pass :func:`check_records`. A message refused at the header is stored
     without a key (its key could not be stored), so each resend is stored and answered again."""
-    meta = messages.MessageMeta(channel=policy.channel, raw=raw)
-    ev = Evaluation(raw, meta)
+    ev = evaluate_header(raw, policy)
+    if ev.error is not None or ev.header is None:
+        return ev
+    header, meta = ev.header, ev.meta
     limits = limits_of(policy)
-    try:
-        header = read_header(raw)
-    except RejectError as exc:
-        ev.error = exc
-        return ev
-    ev.header = header
-    _describe(meta, header)
-    meta.version = header.version[:20]
-    try:
-        check_header(header)
-    except RejectError as exc:
-        ev.error = exc
-        return ev
-    meta.idempotency_key = idempotency_key(header)
-    if meta.idempotency_key:
-        meta.content_hash = content_hash(raw)
     try:
         policy.check(header)
         text = decode(raw, header, policy.default_charset)
@@ -440,6 +426,31 @@ def evaluate(raw: bytes, policy: Hl7Policy, engine: MappingEngine) -> Evaluation
         ev.error = MessageError(
             "internal error while mapping the message; it is stored for replay", "", Err0357.INTERNAL_ERROR
         )
+    return ev
+
+
+def evaluate_header(raw: bytes, policy: Hl7Policy) -> Evaluation:
+    """The first step of :func:`evaluate`: MSH read and checked, the envelope described, keyed and
+    hashed; ``.error`` is set when MSH is refused (AR). Also the evaluation of a message whose map
+    worker was lost (:mod:`hms_ach.ingest.workers`), which then gets an internal error."""
+    meta = messages.MessageMeta(channel=policy.channel, raw=raw)
+    ev = Evaluation(raw, meta)
+    try:
+        header = read_header(raw)
+    except RejectError as exc:
+        ev.error = exc
+        return ev
+    ev.header = header
+    _describe(meta, header)
+    meta.version = header.version[:20]
+    try:
+        check_header(header)
+    except RejectError as exc:
+        ev.error = exc
+        return ev
+    meta.idempotency_key = idempotency_key(header)
+    if meta.idempotency_key:
+        meta.content_hash = content_hash(raw)
     return ev
 
 
@@ -725,12 +736,25 @@ class Pipeline:
     def __init__(self, writer: StoreWriter, engine: MappingEngine):
         self.writer = writer
         self.engine = engine
+        # --- map workers (engine.map_workers, hms_ach/ingest/workers.py): when set, the HL7 v2
+        # evaluate runs there, given this engine as the fallback; None: in this process.
+        self.remote: Callable[[bytes, Hl7Policy, MappingEngine], Awaitable[Evaluation]] | None = None
+        # --- end map workers
 
     async def process_hl7(self, raw: bytes, policy: Hl7Policy, actor: str | None = None) -> Outcome:
         """Evaluate and commit one HL7 message; its writer jobs run in its channel's lane, so that
         one busy channel cannot fill every group commit (store/writer.py). ``actor``: who sent it
         (JSON, see :func:`hms_ach.store.audit.actor_json`), for the audit trail."""
-        ev = evaluate(raw, policy, self.engine)
+        if self.remote is not None:  # map workers
+            try:
+                ev = await self.remote(raw, policy, self.engine)
+            except Exception as exc:  # noqa: BLE001 - a fault of the pool: mapped here instead
+                log.error(
+                    "map_workers.failed", extra={"channel": policy.channel, "error_kind": error_kind(exc)}
+                )
+                ev = evaluate(raw, policy, self.engine)
+        else:
+            ev = evaluate(raw, policy, self.engine)
         ev.meta.actor = actor
         try:
             outcome = await retry_unique(lambda: self.writer.run(commit_hl7(ev, policy), lane=policy.channel))

@@ -134,13 +134,15 @@ def mllp_yaml(name: str = "adt_in", *settings: str) -> str:
     )
 
 
-async def start_engine(tmp_path: Path, store: Store, channels: str) -> Engine:
+async def start_engine(tmp_path: Path, store: Store, channels: str, engine_yaml: str = "") -> Engine:
     """Copy the repository's mappings beside a channels.yaml listing ``channels`` (HTTP on a free
-    loopback port) and start the engine on ``store``."""
+    loopback port) and start the engine on ``store``; ``engine_yaml``: more lines of its ``engine:``
+    section, each indented two spaces and ending with a newline."""
     shutil.copytree(ROOT / "mappings", tmp_path / "mappings")
     (tmp_path / "channels.yaml").write_text(
         "engine:\n  mappings: mappings\n  watch: false\n"
-        "http:\n  host: 127.0.0.1\n  port: 0\n"
+        + engine_yaml
+        + "http:\n  host: 127.0.0.1\n  port: 0\n"
         "channels:\n" + channels
     )
     eng = Engine(load_config(tmp_path / "channels.yaml"), database=store.url)
@@ -149,9 +151,11 @@ async def start_engine(tmp_path: Path, store: Store, channels: str) -> Engine:
 
 
 @asynccontextmanager
-async def running_engine(tmp_path: Path, store: Store, channels: str) -> AsyncIterator[Engine]:
+async def running_engine(
+    tmp_path: Path, store: Store, channels: str, engine_yaml: str = ""
+) -> AsyncIterator[Engine]:
     """:func:`start_engine`, stopped when the block ends (for fixtures)."""
-    eng = await start_engine(tmp_path, store, channels)
+    eng = await start_engine(tmp_path, store, channels, engine_yaml)
     try:
         yield eng
     finally:

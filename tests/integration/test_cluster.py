@@ -382,9 +382,8 @@ def _records(store: Store, k: int) -> dict[str, Any]:
     return out
 
 
-def _committed_order(store: Store, k: int, sent: Sent) -> list[str]:
-    """The control ids of patient ``k``'s messages in the order the database committed them: the
-    ACKed chain, then the racing pair in the order of the Patient versions they made."""
+def patient_versions(store: Store, k: int) -> list[str]:
+    """The control ids of the messages that made patient ``k``'s Patient versions, in version order."""
     with store.read() as conn:
         rows = conn.execute(
             text(
@@ -394,7 +393,13 @@ def _committed_order(store: Store, k: int, sent: Sent) -> list[str]:
             ),
             {"k": f"CL{k:04d}"},
         ).all()
-    versions = [r[0] for r in rows]
+    return [str(r[0]) for r in rows]
+
+
+def _committed_order(store: Store, k: int, sent: Sent) -> list[str]:
+    """The control ids of patient ``k``'s messages in the order the database committed them: the
+    ACKed chain, then the racing pair in the order of the Patient versions they made."""
+    versions = patient_versions(store, k)
     chain = sent.acked_in_order[k]
     assert versions[: len(chain)] == chain, (k, versions)  # one version per message, in ACK order
     race = versions[len(chain) :]
