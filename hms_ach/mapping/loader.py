@@ -518,6 +518,16 @@ class _Linker:
                     f, ("transitions", i), f"transition {move.from_state} -> {move.to} is declared twice"
                 )
             seen.add((move.from_state, move.to))
+        for i, state in enumerate(m.states):  # a late case must be able to make its escalation move
+            target = state.sla.escalate_to if state.sla is not None else None
+            if target in names and (state.name, target) not in seen:
+                self._err(
+                    f,
+                    ("states", i, "sla", "escalate_to"),
+                    f"a late {state.name!r} case escalates to {target!r}, but no transition"
+                    f" {state.name} -> {target} is declared",
+                    f"a transition {{from: {state.name}, to: {target}, roles: [...]}}",
+                )
         for part in ("on_findings", "on_violation"):
             value = getattr(m, part)
             if value is not None and value not in names:

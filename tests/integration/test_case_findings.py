@@ -90,7 +90,9 @@ async def test_unsigned_findings_escalate_and_signed_ones_resolve(tmp_path: Path
             r = await http.post(f"/api/v1/review/{case}/findings", json=_answers(), headers=reviewer)
             assert r.status_code == 201, r.text
             out = r.json()
-            assert out["state"] == "escalated" and out["moved_through"] == ["in-review", "escalated"]
+            assert out["state"] == "escalated" and out["moved_through"] == [
+                "escalated"
+            ]  # triage -> escalated
             assert [v["policy"] for v in out["violations"]] == ["signature-required"]
             assert out["counts"] == {"error": 1, "warning": 0, "information": 0}
             findings = out["findings"]

@@ -148,12 +148,12 @@ def _check_edited(tmp_path: Path, old: str, new: str) -> str:
         (
             "      priority: asap",
             "      priority: soon",
-            "complaint.yaml:68:7: routing.categories.4.priority: Value error, unknown priority 'soon'",
+            "complaint.yaml:69:7: routing.categories.4.priority: Value error, unknown priority 'soon'",
         ),
         (
             "    - code: access",
             "    - code: billing",
-            "complaint.yaml:52:3: routing.categories: Value error, category 'billing' is listed twice",
+            "complaint.yaml:53:3: routing.categories: Value error, category 'billing' is listed twice",
         ),
         (
             "    - code: access",
@@ -163,12 +163,12 @@ def _check_edited(tmp_path: Path, old: str, new: str) -> str:
         (
             "  default_department: PATIENT-RELATIONS\n",
             "",
-            "complaint.yaml:50:1: missing required key 'routing.default_department'",
+            "complaint.yaml:51:1: missing required key 'routing.default_department'",
         ),
         (
             "      department: PRIVACY\n",
             "      department: PRIVACY\n      queue: x\n",
-            "complaint.yaml:68:7: unknown key 'queue' (expected one of code, display, department, priority)",
+            "complaint.yaml:69:7: unknown key 'queue' (expected one of code, display, department, priority)",
         ),
     ],
 )

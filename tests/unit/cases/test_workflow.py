@@ -63,6 +63,12 @@ def _broken(tmp_path: Path, old: str, new: str, file: str = "workflows/clinical-
         ("escalate_to: escalated", "escalate_to: late", "unknown state 'late'"),
         ("{from: triage, to: in-review", "{from: resolved, to: in-review", "state 'resolved' is final"),
         ("to: cancelled, roles: [supervisor]}", "to: cancel, roles: [supervisor]}", "unknown state 'cancel'"),
+        (
+            "  - {from: triage, to: escalated, roles: [supervisor]}\n",
+            "",
+            "clinical-review.yaml:19:7: a late 'triage' case escalates to 'escalated', but no transition"
+            " triage -> escalated is declared",
+        ),
     ],
 )
 def test_broken_workflows_are_refused_with_their_place(
