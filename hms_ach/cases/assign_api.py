@@ -14,25 +14,27 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from fastapi import APIRouter, Path, Request
 from pydantic import BaseModel, Field
 from starlette.responses import Response
 
-from hms_ach.cases.api import CaseApi, case_view
 from hms_ach.cases.assignment import Choice, judge
 from hms_ach.cases.handback import ReviewerPool, announce_owner, give
+from hms_ach.cases.opening import case_view, request_job
 from hms_ach.cases.transitions import case_id_of
 from hms_ach.cases.workflow import Workflow, case_type_of, state_of
-from hms_ach.ingest import pipeline
-from hms_ach.ingest.pipeline import Duplicate, Finish
+from hms_ach.ingest.pipeline import Finish
 from hms_ach.store import messages
 from hms_ach.store import workforce_queries as wq
 from hms_ach.store.port import Tx
 from hms_ach.workforce.api import Problem, run_write, write_meta
 from hms_ach.workforce.rules import DEPARTMENT_EXT, ext
+
+if TYPE_CHECKING:
+    from hms_ach.cases.api import CaseApi
 
 _ID = r"^[A-Za-z0-9\-.]{1,64}$"
 
@@ -88,13 +90,7 @@ def assign_job(
             }
         return view, Finish("processed", "200", f"Task/{task_id}")
 
-    def job(tx: Tx) -> dict[str, Any]:
-        result = pipeline.commit(tx, meta, work)
-        if isinstance(result, Duplicate):  # the requests are stored unkeyed
-            raise RuntimeError(f"an unkeyed request was answered as a duplicate of {result.original_id}")
-        return result
-
-    return job
+    return request_job(meta, work)
 
 
 def install(router: APIRouter, api: CaseApi) -> None:

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
 from hms_ach.cases import analytics, audit_log
+from hms_ach.cases.opening import case_view
 from hms_ach.cases.workflow import CASE_TYPE_SYSTEM, case_type_of, workflows
 from hms_ach.store import case_audit_queries as q
 from hms_ach.store import workforce_queries as wq
@@ -89,7 +90,6 @@ def window_of(start_text: str | None, end_text: str | None, now: datetime) -> an
 
 def install(router: APIRouter, api: CaseApi) -> None:
     """``GET /review/{caseId}/audit-log`` and ``GET /analytics/review``."""
-    from hms_ach.cases.api import case_view  # loaded by now: install() is called from it
 
     store = api.store
 

@@ -8,7 +8,7 @@ writer transaction:
   :data:`COMPLAINANT_SYSTEM`, with their name and contact points (the preferred one ranked 1). It is
   a record like any other: versioned, in the audit chain with the caller, read over FHIR with an
   access record. Its name and contacts appear nowhere else: not in the Task, the events or the log;
-* a Task of the workflow (the same shape as a review case, :func:`hms_ach.cases.api.task_json`) whose
+* a Task of the workflow (the same shape as a review case, :func:`hms_ach.cases.opening.task_json`) whose
   ``requester`` is that record, whose department comes from the workflow's ``routing:`` (category ->
   department, with a default) and whose owner is the next available holder of the assignment role
   (``complaints-officer``) in that department (:mod:`hms_ach.cases.assignment`), or nobody (queued);
@@ -36,6 +36,7 @@ from typing import Any, Literal, cast
 from pydantic import BaseModel, Field, model_validator
 
 from hms_ach.cases.assignment import Choice, candidates, choose
+from hms_ach.cases.opening import CaseIn, announce_opened, case_view, task_json
 from hms_ach.cases.transitions import (
     DUE_EXT,
     announce,
@@ -206,7 +207,6 @@ def complaint_task(
 ) -> dict[str, Any]:
     """The Task of a new complaint: a case of ``wf`` about the patient (else the complainant),
     requested by the complainant, in the routed department, with its category."""
-    from hms_ach.cases.api import CaseIn, task_json  # api.py lists this module's routes: imported late
 
     case = CaseIn(
         case_type=wf.name,
@@ -250,8 +250,6 @@ def _output(task: dict[str, Any], kind: str) -> dict[str, Any] | None:
 def complaint_view(task: dict[str, Any], now: datetime) -> dict[str, Any]:
     """The JSON of a complaint: the case view, its category, the complainant's reference (never
     their name or contacts) and, once resolved, the resolution's reference and whether upheld."""
-    from hms_ach.cases.api import case_view
-
     view = case_view(task, now)
     view["complaint_id"] = view.pop("case_id")
     view["category"] = category_of(task)
@@ -273,9 +271,7 @@ def complaint_facts(task: dict[str, Any], wf: Workflow) -> dict[str, Any]:
 
 
 def _announce_logged(tx: Tx, task: dict[str, Any], wf: Workflow, choice: Choice) -> None:
-    from hms_ach.cases.api import _events
-
-    _events(tx, task, wf, choice)  # case.created, case.assigned | case.unassigned
+    announce_opened(tx, task, wf, choice)  # case.created, case.assigned | case.unassigned
     facts = complaint_facts(task, wf)
     category, department = category_of(task), ext(task, DEPARTMENT_EXT)
     patient = _reference(task.get("for"))

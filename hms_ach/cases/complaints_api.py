@@ -35,6 +35,7 @@ from hms_ach.cases.complaints import (
     resolve_complaint,
     route,
 )
+from hms_ach.cases.opening import request_job
 from hms_ach.cases.transitions import MoveRefused
 from hms_ach.cases.workflow import Workflow, case_type_of, workflows
 from hms_ach.ingest.pipeline import Finish, Pipeline
@@ -119,8 +120,6 @@ def log_job(
             )
         return (status, view), Finish("processed", str(status), f"Task/{task['id']}")
 
-    from hms_ach.cases.api import request_job  # api.py lists this module's routes: imported late
-
     return request_job(meta, work)
 
 
@@ -154,8 +153,6 @@ def resolve_job(
             raise Problem(_MOVE_STATUS.get(exc.reason, 409), "Not allowed", exc.detail) from None
         log.info("complaint.resolved", extra={"case": f"Task/{task_id}", "upheld": body.upheld})
         return (200, complaint_view(written, now)), Finish("processed", "200", f"Task/{task_id}")
-
-    from hms_ach.cases.api import request_job  # api.py lists this module's routes: imported late
 
     return request_job(meta, work)
 

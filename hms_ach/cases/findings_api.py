@@ -36,6 +36,7 @@ from hms_ach.cases.findings import (
     sign_findings,
     submit,
 )
+from hms_ach.cases.opening import case_view, request_job
 from hms_ach.cases.signatures import (
     SIGNER_KEYS_DIR,
     SignerKeyError,
@@ -47,8 +48,7 @@ from hms_ach.cases.signatures import (
 )
 from hms_ach.cases.transitions import MoveRefused, escalation_states
 from hms_ach.cases.workflow import Workflow, case_type_of, state_of, workflows
-from hms_ach.ingest import pipeline
-from hms_ach.ingest.pipeline import Duplicate, Finish
+from hms_ach.ingest.pipeline import Finish
 from hms_ach.store import messages
 from hms_ach.store import workforce_queries as wq
 from hms_ach.store.port import Tx
@@ -126,18 +126,11 @@ def _write_job(
             raise _problem(exc) from None
         return settled.to_dict(), Finish("processed", "200", f"Task/{settled.task['id']}")
 
-    def job(tx: Tx) -> dict[str, Any]:
-        result = pipeline.commit(tx, meta, run)
-        if isinstance(result, Duplicate):  # the requests are stored unkeyed
-            raise RuntimeError(f"an unkeyed request was answered as a duplicate of {result.original_id}")
-        return result
-
-    return job
+    return request_job(meta, run)
 
 
 def install(router: APIRouter, api: CaseApi) -> None:
     """The findings, signature and escalation-queue routes."""
-    from hms_ach.cases.api import case_view  # api.py imports this module
 
     def case_of(request: Request, case_id: str, action: str) -> tuple[dict[str, Any], Workflow]:
         access = api.allowed(request, action)

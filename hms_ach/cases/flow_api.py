@@ -34,6 +34,7 @@ from pydantic import BaseModel, Field
 from starlette.responses import Response
 
 from hms_ach.auth.caller import REQUEST_STATE_ATTRIBUTE, Caller
+from hms_ach.cases.opening import case_view
 from hms_ach.cases.transitions import MoveRefused, announce, move
 from hms_ach.cases.workflow import Workflow, case_type_of, state_of
 from hms_ach.core.records import RecordWrite
@@ -82,13 +83,6 @@ class CommentIn(BaseModel):
     reply_to: str | None = Field(
         None, pattern=_ID, description="The id of the Communication this comment answers (a thread)"
     )
-
-
-def case_view(task: dict[str, Any], now: datetime) -> dict[str, Any]:
-    """:func:`hms_ach.cases.api.case_view` (imported when called: api.py imports this module)."""
-    from hms_ach.cases.api import case_view as view
-
-    return view(task, now)
 
 
 def _caller(request: Request) -> Caller | None:

@@ -70,7 +70,7 @@ def test_window_department_verification_and_missing_credentials() -> None:
 
 
 def test_case_view_of_a_task_written_over_fhir() -> None:
-    from hms_ach.cases.api import case_view
+    from hms_ach.cases.opening import case_view
     from hms_ach.cases.transitions import DUE_EXT
 
     task = {"id": "t1", "status": "ready", "extension": [{"url": DUE_EXT, "valueDateTime": "not a date"}]}
