@@ -23,9 +23,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
+from hms_ach.core import periods
 from hms_ach.mapping.spec import WorkflowAssignment
 from hms_ach.store import record_reads
 from hms_ach.store import workforce_queries as wq
@@ -208,7 +209,7 @@ def candidates(tx: Tx, rule: WorkflowAssignment, now: datetime) -> list[Candidat
 def _role_holders(tx: Tx, role: str, now: datetime) -> set[str]:
     holders: set[str] = set()
     for _rid, pr in record_reads.every_current(tx, "PractitionerRole"):
-        if pr.get("active") is False or not _period_covers(pr.get("period"), now):
+        if pr.get("active") is False or not periods.covers(pr.get("period"), now):
             continue
         codes = {
             coding.get("code")
@@ -220,28 +221,6 @@ def _role_holders(tx: Tx, role: str, now: datetime) -> set[str]:
         if role in codes and ref.startswith("Practitioner/"):
             holders.add(ref.split("/", 1)[1])
     return holders
-
-
-def _period_covers(period: Any, now: datetime) -> bool:
-    if not isinstance(period, dict):
-        return True
-    start, end = _instant(period.get("start")), _instant(period.get("end"), end_of_day=True)
-    return (start is None or start <= now) and (end is None or now <= end)
-
-
-def _instant(text: Any, end_of_day: bool = False) -> datetime | None:
-    """A FHIR date (a UTC day: its start, or with ``end_of_day`` its last instant) or dateTime as an
-    aware datetime; None when absent or not a date."""
-    if not isinstance(text, str) or not text:
-        return None
-    try:
-        if len(text) == 10:
-            day = datetime.combine(date.fromisoformat(text), time.min, UTC)
-            return day + timedelta(days=1) - timedelta(microseconds=1) if end_of_day else day
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _day(text: Any) -> date | None:
@@ -278,7 +257,7 @@ def _shifts(tx: Tx, pid: str, rule: WorkflowAssignment, now: datetime) -> list[t
             continue
         if (shift.get("practitioner") or {}).get("reference") != f"Practitioner/{pid}":
             continue
-        start, end = _instant(shift.get("start")), _instant(shift.get("end"))
+        start, end = periods.instant(shift.get("start")), periods.instant(shift.get("end"))
         if start is not None and end is not None:
             out.append((start, end))
     return out
@@ -291,7 +270,7 @@ def _caseload(tx: Tx, pid: str) -> tuple[int, datetime | None]:
     for task in record_reads.current(tx, "Task", ids):
         if task.get("status") not in CLOSED_STATUSES:
             open_cases += 1
-        given = _instant(_ext_datetime(task, ASSIGNED_AT_EXT))
+        given = periods.instant(_ext_datetime(task, ASSIGNED_AT_EXT))
         if given is not None and (last is None or given > last):
             last = given
     return open_cases, last

@@ -11,6 +11,10 @@
   PractitionerRoles whose ``code`` holds it (the ``role`` token index), e.g. the supervisors told
   of a late review case.
 
+"Active" means ``active`` is not false and the role's ``period``, when it has one, covers the
+moment of the lookup: a manager whose role ended yesterday, or a supervisor who starts next week,
+is not told.
+
 Lookups go through the reference and token indexes, so none of them scans every record.
 """
 
@@ -18,10 +22,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Table, select
 
+from hms_ach.core import periods
 from hms_ach.store.models import SearchToken
 from hms_ach.store.port import Tx
 from hms_ach.store.record_reads import current, referring, stored
@@ -72,9 +78,15 @@ def practitioner(tx: Tx, reference: str | None) -> Person | None:
     return _person(reference, row.content)
 
 
+def _holds(role: dict[str, Any]) -> bool:
+    """Whether a PractitionerRole holds now: not ``active: false``, and its ``period`` (when it has
+    one) covers this instant, so a role that ended or has not begun notifies nobody."""
+    return role.get("active") is not False and periods.covers(role.get("period"), datetime.now(UTC))
+
+
 def _roles_of(tx: Tx, practitioner_id: str) -> list[dict[str, Any]]:
     ids = referring(tx, "PractitionerRole", "practitioner", "Practitioner", practitioner_id)
-    return [r for r in current(tx, "PractitionerRole", ids) if r.get("active") is not False]
+    return [r for r in current(tx, "PractitionerRole", ids) if _holds(r)]
 
 
 def _codes(role: dict[str, Any]) -> set[str]:
@@ -102,7 +114,7 @@ def _colleagues(tx: Tx, practitioner_id: str, wanted: Iterable[str] | None) -> l
         role_ids = referring(tx, "PractitionerRole", "organization", "Organization", org_id)
         for role in current(tx, "PractitionerRole", role_ids):
             who = _ref_id(role.get("practitioner"), "Practitioner")
-            if role.get("active") is False or who is None or who == practitioner_id:
+            if not _holds(role) or who is None or who == practitioner_id:
                 continue
             if _codes(role) & codes:
                 ref = f"Practitioner/{who}"
@@ -156,15 +168,15 @@ _TOKENS: Table = SearchToken.__table__  # type: ignore[attr-defined]
 
 
 def role_holders(tx: Tx, code: str) -> list[Person]:
-    """The active practitioners with an active PractitionerRole whose ``code`` holds ``code`` (any
-    code system), in id order of their roles."""
+    """The active practitioners with a PractitionerRole that holds now (:func:`_holds`) whose
+    ``code`` holds ``code`` (any code system), in id order of their roles."""
     t = _TOKENS
     holding = (t.c.resource_type == "PractitionerRole", t.c.param == "role", t.c.value == clip(code))
     role_ids = sorted(set(tx.execute(select(t.c.resource_id).where(*holding)).scalars()))
     found: list[str] = []
     for role in current(tx, "PractitionerRole", role_ids):
         who = _ref_id(role.get("practitioner"), "Practitioner")
-        if role.get("active") is not False and who is not None and code in _codes(role):
+        if _holds(role) and who is not None and code in _codes(role):
             ref = f"Practitioner/{who}"
             if ref not in found:
                 found.append(ref)

@@ -188,3 +188,30 @@ async def test_expiry_mails_nurse_once_per_threshold_then_escalate_to_manager(
         and "response=sent 0 (nobody); unresolved: managers (none found)" in listed.output
     )
     assert "@" not in listed.output  # no address is stored or shown
+
+
+async def test_a_role_outside_its_period_notifies_nobody(
+    tmp_path: Path, store: Store, smtp: SmtpServer
+) -> None:
+    """A manager whose role ended yesterday, and one whose role starts tomorrow, are neither managers
+    nor holders of the role; the manager whose period covers today (its end day included) is."""
+    engine = await start_engine(tmp_path, store, _config(smtp, tmp_path))
+    yesterday, today, tomorrow = (date.today() + timedelta(days=d) for d in (-1, 0, 1))
+    try:
+        ids = await _seed(engine)
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{engine.http_port}", timeout=30, headers=auth_headers(engine)
+        ) as api:
+            for number, name, period in (
+                ("M-2", "Past", {"start": "2020-01-01", "end": yesterday.isoformat()}),
+                ("M-3", "Future", {"start": tomorrow.isoformat()}),
+                ("M-4", "Today", {"start": "2020-01-01", "end": today.isoformat()}),
+            ):
+                pid = await _create(api, _person(number, name, "Manager", f"{number}@hospital.test"))
+                await _create(api, {**_role(pid, ids["org"], "manager"), "period": period})
+        with store.read() as conn:
+            nurse = f"Practitioner/{ids['nurse']}"
+            assert [p.name for p in rq.managers(conn, nurse, ["manager"])] == ["Ruth Ames", "Today Manager"]
+            assert sorted(p.name for p in rq.role_holders(conn, "manager")) == ["Ruth Ames", "Today Manager"]
+    finally:
+        await engine.stop()
