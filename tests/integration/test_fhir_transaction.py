@@ -26,8 +26,9 @@ from hms_ach.fhir.bundles import bundle_operations
 from hms_ach.fhir.write import RequestOutcome, prepare_all, request_job
 from hms_ach.mapping.engine import MappingEngine
 from hms_ach.mapping.loader import load_mappings
-from hms_ach.store import audit, messages
+from hms_ach.store import audit, audit_keys, messages
 from hms_ach.store import bulk as store_bulk
+from hms_ach.store.audit_keys import AuditSeal
 from hms_ach.store.db import Store
 from hms_ach.store.models import INDEX_TABLES, RECORD_TABLES
 from hms_ach.store.resources import RequestLine
@@ -365,6 +366,49 @@ async def test_practitioners_are_merged_ahead_only_for_the_requests_own_channel(
         for ext in stored["extension"]
         for part in ext.get("extension", [])
     ), stored
+
+
+@pytest.mark.parametrize("sealed", ["before the plan", "after the plan"])
+async def test_audit_diffs_made_in_the_plan_are_masked_with_the_stores_seal(
+    writers: tuple[StoreWriter, StoreWriter],
+    mapping: MappingEngine,
+    monkeypatch: pytest.MonkeyPatch,
+    sealed: str,
+) -> None:
+    """The plan makes each new record's audit diff with the seal of the process's store; the
+    writer uses it only when it was made with its own store's seal (a store sealed after the plan
+    has the diff made again): the audit rows are the per-entry path's, masked by the same rules."""
+    bulk, single = writers
+    seal = AuditSeal(mask_fields=frozenset({"family"}))  # no key: the chain stays verifiable here
+    audit_keys.attach(single.store, seal)
+    if sealed == "before the plan":
+        audit_keys.attach(bulk.store, seal)
+    else:
+        plan = transaction.plan
+
+        def plan_then_seal(ops: list[Any], source: str | None = None) -> None:
+            plan(ops, source)
+            audit_keys.attach(bulk.store, AuditSeal(mask_fields=seal.mask_fields))  # the same rules
+
+        monkeypatch.setattr(transaction, "plan", plan_then_seal)
+    made_in_writer: list[str] = []
+    diff_text = audit.diff_text
+
+    def spy(change: Any, used: AuditSeal) -> str:
+        if threading.current_thread() is not threading.main_thread():
+            made_in_writer.append(change.id)
+        return diff_text(change, used)
+
+    monkeypatch.setattr(audit, "diff_text", spy)
+    entries = [post(nurse(f"Q{i}", "Mensah"), f"urn:uuid:q{i}") for i in range(6)]
+    first = await both(writers, mapping, monkeypatch, lambda w: transaction_of(entries))
+    assert answers(first[0], bulk.store) == answers(first[1], single.store)
+    assert snapshot(bulk.store) == snapshot(single.store)
+    with bulk.store.read() as conn:
+        diffs = [r[0] for r in conn.execute(text("SELECT diff FROM audit_entry"))]
+    assert len(diffs) == 6 and not any("Mensah" in d for d in diffs), diffs
+    # the per-entry path makes its 6 in the writer; the bulk path only those made under another seal
+    assert len(made_in_writer) == (6 if sealed == "before the plan" else 12)
 
 
 async def test_a_transaction_of_200_creates_takes_a_few_statements(
