@@ -80,7 +80,7 @@ class Rendered:
     body: dict[str, Any]
     text: str
     stamp: str
-    index: dict[str, list[dict[str, Any]]]
+    index: dict[str, list[dict[str, Any]]]  # by kind, the rows as inserted (resource_type, resource_id set)
     ahead: Ahead  # the change listeners' rows for the new record (changes.prepare), stamped too
     audit: MadeDiff | None = None  # its audit diff (changes.prepare_audit; meta is not in it)
 
@@ -95,7 +95,11 @@ def render_ahead(resource_type: str, rid: str, content: dict[str, Any]) -> Rende
     text = text.replace(_STAMP_TEXT, stamp, 1)
     change = Change(resource_type, rid, 1, "create", None, body, None)
     ahead, made = prepare(change), prepare_audit(change)
-    return Rendered(body, text, stamp, search_params.index_rows(resource_type, body), ahead, made)
+    index = {
+        kind: [{"resource_type": resource_type, "resource_id": rid, **r} for r in rows]
+        for kind, rows in search_params.index_rows(resource_type, body).items()
+    }
+    return Rendered(body, text, stamp, index, ahead, made)
 
 
 def _restamp(ahead: Ahead, stamp: str, when: str) -> Ahead:
@@ -189,15 +193,18 @@ def write_versions(
     for v in versions:
         ahead = v.rendered
         if ahead is not None:
-            body, text, rows_by_kind = ahead.body, ahead.text.replace(ahead.stamp, when, 1), ahead.index
+            body, text = ahead.body, ahead.text.replace(ahead.stamp, when, 1)
             body["meta"]["lastUpdated"] = when
             prepared.append(_restamp(ahead.ahead, ahead.stamp, when))
             diffs.append(ahead.audit)
+            for kind, rows in ahead.index.items():
+                index[kind].extend(rows)
         else:
             prepared.append(None)
             diffs.append(None)
             body, text = render(v.resource_type, v.id, v.version, now, v.content)
-            rows_by_kind = search_params.index_rows(v.resource_type, body)
+            for kind, rows in search_params.index_rows(v.resource_type, body).items():
+                index[kind].extend({"resource_type": v.resource_type, "resource_id": v.id, **r} for r in rows)
         stored.append(Stored(text, now))
         if v.created and v.version == 1:
             system, value = keys.get(v.id, (None, None))
@@ -228,8 +235,6 @@ def write_versions(
                 "resource": text,
             }
         )
-        for kind, rows in rows_by_kind.items():
-            index[kind].extend({"resource_type": v.resource_type, "resource_id": v.id, **r} for r in rows)
         action = "create" if v.created else "update"
         changes.append(Change(v.resource_type, v.id, v.version, action, v.before, body, message_id))
     dialect = tx.dialect.name
