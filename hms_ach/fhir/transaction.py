@@ -86,8 +86,9 @@ class _Plan:
     """A transaction entry's work done before the writer, on the guess that its record is new
     (the usual case of a load): its id, its content with the Bundle's fullUrls resolved (``urls``:
     those it refers to, and what they were resolved to), and its version 1 rendered and indexed,
-    with the change listeners' rows (its outbox events) made (:func:`bulk.render_ahead`).
-    The writer uses it only when the guess holds."""
+    with the change listeners' rows (its outbox events) and its audit diff made
+    (:func:`bulk.render_ahead`); a type merged by its source is merged for ``source``. The writer
+    uses it only when the guess holds (and the stored message has that source)."""
 
     rid: str
     urls: dict[str, str]
