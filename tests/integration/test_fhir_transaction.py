@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -379,6 +380,8 @@ async def test_audit_diffs_made_in_the_plan_are_masked_with_the_stores_seal(
     writer uses it only when it was made with its own store's seal (a store sealed after the plan
     has the diff made again): the audit rows are the per-entry path's, masked by the same rules."""
     bulk, single = writers
+    # only this test's stores are sealed in the process (earlier tests' stores may still be alive)
+    monkeypatch.setattr(audit_keys, "_seals", weakref.WeakKeyDictionary())
     seal = AuditSeal(mask_fields=frozenset({"family"}))  # no key: the chain stays verifiable here
     audit_keys.attach(single.store, seal)
     if sealed == "before the plan":
