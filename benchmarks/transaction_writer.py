@@ -67,10 +67,10 @@ LIGHT_EVERY_SECONDS = 0.02
 async def _prepared(mapping: MappingEngine, body: dict[str, Any]) -> tuple[messages.MessageMeta, Any, str]:
     ops, kind = bundle_operations(body, len(body["entry"]))
     await prepare_all(ops, mapping)
-    await asyncio.to_thread(transaction.plan, ops)  # as the engine plans: in a worker thread
     meta = messages.MessageMeta(
         channel="bench", raw=b"{}", content_type="fhir+json", control_id=str(uuid.uuid4())
     )
+    await asyncio.to_thread(transaction.plan, ops, meta.channel)  # as the engine plans: in a worker thread
     return meta, ops, kind
 
 

@@ -86,14 +86,16 @@ class _Plan:
     """A transaction entry's work done before the writer, on the guess that its record is new
     (the usual case of a load): its id, its content with the Bundle's fullUrls resolved (``urls``:
     those it refers to, and what they were resolved to), and its version 1 rendered and indexed,
-    with the change listeners' rows (its outbox events) made (:func:`bulk.render_ahead`).
-    The writer uses it only when the guess holds."""
+    with the change listeners' rows (its outbox events) and its audit diff made
+    (:func:`bulk.render_ahead`); a type merged by its source is merged for ``source``. The writer
+    uses it only when the guess holds (and the stored message has that source)."""
 
     rid: str
     urls: dict[str, str]
     content: dict[str, Any]
     refs: list[tuple[str, str]]  # the records of stored types it refers to
     rendered: bulk.Rendered | None  # None: a urn:uuid is left, the writer resolves it
+    source: str  # the source a type merged by source was merged for (the request's channel)
 
 
 #: The planning thread pauses this long every ``PLAN_PAUSE_EVERY`` entries (the event loop's turn).
@@ -101,9 +103,14 @@ PLAN_PAUSE_SECONDS = 0.001
 PLAN_PAUSE_EVERY = 20
 
 
-def plan(ops: list[Operation]) -> None:
+def plan(ops: list[Operation], source: str | None = None) -> None:
     """Plan the entries of a prepared transaction that the bulk path may write (``op.plan``): run in a
-    worker thread before the request is queued, so that the writer only reads keys and writes rows."""
+    worker thread before the request is queued, so that the writer only reads keys and writes rows.
+
+    ``source``: the channel the request's message is stored under, which a type merged by its
+    source (:data:`~hms_ach.core.records.RECORD_MERGERS`, Practitioner survivorship) is merged for;
+    without it such entries are merged in the writer. The writer checks it against the stored
+    message's channel before it uses the plan."""
     entries = [e for e in (_entry(op) for op in ops) if e is not None]
     if len(entries) < MIN_GROUP:
         return
@@ -116,12 +123,14 @@ def plan(ops: list[Operation]) -> None:
         content = rewrite_references(rec.content, urls)
         found = references(content)
         rendered = None
-        # a type merged by its source (survivorship) is merged in the writer, which knows the source
-        if not any(ref.startswith(_URN) for _path, ref in found) and rtype not in RECORD_MERGERS:
-            merged = _merged(rec.mode, {}, content, rtype)
+        # a type merged by its source (survivorship) is merged for ``source``, or in the writer
+        if not any(ref.startswith(_URN) for _path, ref in found) and (
+            rtype not in RECORD_MERGERS or source is not None
+        ):
+            merged = _merged(rec.mode, {}, content, rtype, source or "")
             rendered = bulk.render_ahead(rtype, rids[id(e.op)], merged)
         refs = [(parts[0], parts[1]) for parts in (ref.split("/") for _p, ref in found) if _stored(parts)]
-        e.op.plan = _Plan(rids[id(e.op)], urls, content, refs, rendered)
+        e.op.plan = _Plan(rids[id(e.op)], urls, content, refs, rendered, source or "")
         if i % PLAN_PAUSE_EVERY == 0:
             time.sleep(PLAN_PAUSE_SECONDS)
 
@@ -217,6 +226,7 @@ def _write_group(tx: Tx, message_id: int, group: list[_Entry], resolved: dict[st
             resolved[e.op.full_url] = f"{rtype}/{rid}"
 
     # 3. contents, and the records they refer to (as planned, when the plan's guess held)
+    repo = Repository(tx)  # the source of the request, for a type merged by source
     contents: list[dict[str, Any]] = []
     refs: list[list[tuple[str, str]]] = []
     usable: list[_Plan | None] = []
@@ -228,6 +238,10 @@ def _write_group(tx: Tx, message_id: int, group: list[_Entry], resolved: dict[st
             and planned.rid == rid
             and planned.rendered is not None
             and all(resolved.get(u) == r for u, r in planned.urls.items())
+            and (
+                e.op.resource_type not in RECORD_MERGERS
+                or planned.source == repo.source_of(e.op.resource_type, message_id)
+            )
         ):
             usable.append(planned)
             contents.append(planned.content)
@@ -247,7 +261,6 @@ def _write_group(tx: Tx, message_id: int, group: list[_Entry], resolved: dict[st
     live = {(rtype, rid) for rtype, ids in wanted.items() for rid in bulk.live_ids(tx, rtype, ids)}
 
     # 4. what each entry writes, decided as the per-entry path decides it
-    repo = Repository(tx)  # the source of the request, for a type merged by source
     results: list[Result | None] = []
     versions: list[bulk.NewVersion] = []
     for e, (rid, row), content, entry_refs, planned in zip(

@@ -372,6 +372,23 @@ def _refusal(exc: DomainError, op: Operation | None, batch: bool = False) -> Fhi
     return error
 
 
+_REFERENCE = b'"reference":"'
+
+
+def _reference_texts(resource: dict[str, Any] | None) -> list[str]:
+    """The reference texts of ``resource``. Serialised first (a few microseconds in C), so that the
+    Python walk runs only on a resource with a ``reference`` string in it: a 1,000-entry Bundle's
+    ordering is part of its one writer job."""
+    if not resource:
+        return []
+    try:
+        if _REFERENCE not in orjson.dumps(resource):
+            return []
+    except TypeError:  # not plain JSON: walk it
+        pass
+    return [ref for _path, ref in references(resource)]
+
+
 def order_entries(ops: list[Operation]) -> list[Operation]:
     """DELETEs first, then writes so that every urn:uuid target is written before it is referred to."""
     full_urls = {op.full_url: op for op in ops if op.full_url}
@@ -382,7 +399,7 @@ def order_entries(ops: list[Operation]) -> list[Operation]:
     while pending:
         progressed = False
         for op in list(pending):
-            needs = {ref for _p, ref in references(op.resource or {}) if ref in full_urls} - {op.full_url}
+            needs = {ref for ref in _reference_texts(op.resource) if ref in full_urls} - {op.full_url}
             if needs - done:
                 continue
             pending.remove(op)

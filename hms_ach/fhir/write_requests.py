@@ -361,7 +361,7 @@ async def _plan(channel: FhirRestChannel, ops: list[Operation]) -> None:
     """Plan a transaction's entries for the bulk path (:func:`hms_ach.fhir.transaction.plan`). It is
     only a head start: should it fail, the writer does that work itself."""
     try:
-        await asyncio.to_thread(transaction.plan, ops)
+        await asyncio.to_thread(transaction.plan, ops, channel.config.name)
     except Exception as exc:  # noqa: BLE001 - the request goes on without a plan
         for op in ops:
             op.plan = None

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -200,9 +200,25 @@ def record(conn: Connection, change: Change) -> None:
     record_many(conn, [change])
 
 
-def record_many(conn: Connection, changes: list[Change]) -> None:
+def diff_text(change: Change, seal: AuditSeal) -> str:
+    """The stored ``diff`` of ``change``'s audit row under ``seal`` (its sensitive values masked).
+    Pure: a transaction Bundle's planned entries have it made before the writer (:func:`record_many`'s
+    ``diffs``)."""
+    before = audit_mask.mask(change.before, seal)
+    after = audit_mask.mask(change.after, seal)
+    return orjson.dumps(diff(before or {}, after or {})).decode()
+
+
+#: A diff made ahead by :func:`diff_text`, with the seal it was made under.
+MadeDiff = tuple[AuditSeal, str]
+
+
+def record_many(
+    conn: Connection, changes: list[Change], diffs: Sequence[MadeDiff | None] | None = None
+) -> None:
     """Append one chained audit row for each of ``changes`` in turn, inserted with one statement
-    (one change for the listener, many for the bulk path of a transaction Bundle)."""
+    (one change for the listener, many for the bulk path of a transaction Bundle). ``diffs``: for
+    each change, its diff made ahead (or None); used when made under this store's seal."""
     if not changes:
         return
     seal = seal_for(conn)
@@ -210,9 +226,8 @@ def record_many(conn: Connection, changes: list[Change]) -> None:
     # the rows first, their links after the chain's lock: the lock (PostgreSQL: other writers wait
     # for it) is held only for the hashes, the INSERT and the rest of the transaction
     rows: list[dict[str, Any]] = []
-    for change in changes:
-        before = audit_mask.mask(change.before, seal)
-        after = audit_mask.mask(change.after, seal)
+    for i, change in enumerate(changes):
+        made = diffs[i] if diffs is not None else None
         rows.append(
             {
                 "agent": _agent(conn, change.message_id, cache),
@@ -221,7 +236,7 @@ def record_many(conn: Connection, changes: list[Change]) -> None:
                 "entity_id": change.id,
                 "version_id": change.version_id,
                 "message_id": change.message_id,
-                "diff": orjson.dumps(diff(before or {}, after or {})).decode(),
+                "diff": made[1] if made is not None and made[0] is seal else diff_text(change, seal),
                 "actor": _actor(conn, change.message_id, cache),
             }
         )

@@ -190,6 +190,17 @@ def attach(store: Store, seal: AuditSeal) -> None:
         _seals[store.reader] = seal
 
 
+def planned_seal() -> AuditSeal | None:
+    """The seal a write planned before the writer (a transaction Bundle's entries) can make its
+    audit diffs with: the one every store of the process uses (:data:`DEFAULT_SEAL` when none is
+    attached), or None when stores use different seals. The writer uses such a diff only when it
+    was made with the seal of its own store (:func:`seal_for`), so a wrong guess costs nothing."""
+    seals = {id(seal): seal for seal in _seals.values()}
+    if not seals:
+        return DEFAULT_SEAL
+    return next(iter(seals.values())) if len(seals) == 1 else None
+
+
 def seal_for(conn: Connection) -> AuditSeal:
     """The seal of the store ``conn`` belongs to (:data:`DEFAULT_SEAL` if none was attached)."""
     return _seals.get(conn.engine, DEFAULT_SEAL)

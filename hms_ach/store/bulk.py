@@ -33,7 +33,8 @@ from typing import Any
 from sqlalchemy import Table, select
 
 from hms_ach.store import fastexec, search_params
-from hms_ach.store.changes import Ahead, Change, notify_many, prepare
+from hms_ach.store.audit import MadeDiff
+from hms_ach.store.changes import Ahead, Change, notify_many, prepare, prepare_audit
 from hms_ach.store.models import INDEX_TABLES, RECORD_TABLES
 from hms_ach.store.port import Tx
 from hms_ach.store.repository import HISTORY_TABLE, index_statements, record_statements, render
@@ -79,8 +80,9 @@ class Rendered:
     body: dict[str, Any]
     text: str
     stamp: str
-    index: dict[str, list[dict[str, Any]]]
+    index: dict[str, list[dict[str, Any]]]  # by kind, the rows as inserted (resource_type, resource_id set)
     ahead: Ahead  # the change listeners' rows for the new record (changes.prepare), stamped too
+    audit: MadeDiff | None = None  # its audit diff (changes.prepare_audit; meta is not in it)
 
 
 def render_ahead(resource_type: str, rid: str, content: dict[str, Any]) -> Rendered:
@@ -91,8 +93,13 @@ def render_ahead(resource_type: str, rid: str, content: dict[str, Any]) -> Rende
     body, text = render(resource_type, rid, 1, _STAMP_TIME, content)
     body["meta"]["lastUpdated"] = stamp
     text = text.replace(_STAMP_TEXT, stamp, 1)
-    ahead = prepare(Change(resource_type, rid, 1, "create", None, body, None))
-    return Rendered(body, text, stamp, search_params.index_rows(resource_type, body), ahead)
+    change = Change(resource_type, rid, 1, "create", None, body, None)
+    ahead, made = prepare(change), prepare_audit(change)
+    index = {
+        kind: [{"resource_type": resource_type, "resource_id": rid, **r} for r in rows]
+        for kind, rows in search_params.index_rows(resource_type, body).items()
+    }
+    return Rendered(body, text, stamp, index, ahead, made)
 
 
 def _restamp(ahead: Ahead, stamp: str, when: str) -> Ahead:
@@ -181,17 +188,23 @@ def write_versions(
     wipes: list[dict[str, Any]] = []
     changes: list[Change] = []
     prepared: list[Ahead | None] = []
+    diffs: list[MadeDiff | None] = []
     when = now.isoformat().replace("+00:00", "Z")  # as render() writes it
     for v in versions:
         ahead = v.rendered
         if ahead is not None:
-            body, text, rows_by_kind = ahead.body, ahead.text.replace(ahead.stamp, when, 1), ahead.index
+            body, text = ahead.body, ahead.text.replace(ahead.stamp, when, 1)
             body["meta"]["lastUpdated"] = when
             prepared.append(_restamp(ahead.ahead, ahead.stamp, when))
+            diffs.append(ahead.audit)
+            for kind, rows in ahead.index.items():
+                index[kind].extend(rows)
         else:
             prepared.append(None)
+            diffs.append(None)
             body, text = render(v.resource_type, v.id, v.version, now, v.content)
-            rows_by_kind = search_params.index_rows(v.resource_type, body)
+            for kind, rows in search_params.index_rows(v.resource_type, body).items():
+                index[kind].extend({"resource_type": v.resource_type, "resource_id": v.id, **r} for r in rows)
         stored.append(Stored(text, now))
         if v.created and v.version == 1:
             system, value = keys.get(v.id, (None, None))
@@ -222,8 +235,6 @@ def write_versions(
                 "resource": text,
             }
         )
-        for kind, rows in rows_by_kind.items():
-            index[kind].extend({"resource_type": v.resource_type, "resource_id": v.id, **r} for r in rows)
         action = "create" if v.created else "update"
         changes.append(Change(v.resource_type, v.id, v.version, action, v.before, body, message_id))
     dialect = tx.dialect.name
@@ -237,5 +248,5 @@ def write_versions(
         wipe, table = index_statements(kind)
         fastexec.execute_many(tx, f"wipe_index:{kind}", wipe, wipes)
         _insert_grouped(tx, table, rows)
-    notify_many(tx, changes, prepared)
+    notify_many(tx, changes, prepared, diffs)
     return stored

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from hms_ach.store import audit
+from hms_ach.store.audit_keys import planned_seal
 from hms_ach.store.port import Tx
 
 
@@ -87,6 +88,13 @@ def prepare(change: Change) -> dict[Listener, list[tuple[str, str]]]:
     return {listener: p.make(change) for listener, p in _prepared.items() if listener in _listeners}
 
 
+def prepare_audit(change: Change) -> audit.MadeDiff | None:
+    """The audit diff of ``change`` made now (outside the writer), under the seal the process's
+    store uses; None when that is not known (the writer makes it then)."""
+    seal = planned_seal()
+    return None if seal is None else (seal, audit.diff_text(change, seal))
+
+
 def notify(tx: Tx, change: Change) -> None:
     """Announce ``change`` in its own transaction: the audit trail, then each subscribed listener."""
     audit.record(tx, change)
@@ -94,17 +102,23 @@ def notify(tx: Tx, change: Change) -> None:
         listener(tx, change)
 
 
-def notify_many(tx: Tx, changes: list[Change], prepared: Sequence[Ahead | None] | None = None) -> None:
+def notify_many(
+    tx: Tx,
+    changes: list[Change],
+    prepared: Sequence[Ahead | None] | None = None,
+    diffs: Sequence[audit.MadeDiff | None] | None = None,
+) -> None:
     """Announce ``changes`` (in order) in their transaction: the audit trail for all of them, then
     each listener for all of them (its ``many`` variant when it has one). The same rows as
     :func:`notify` per change; only the order of rows *between* tables differs (a listener's
     writes come after the whole group's audit entries).
 
     ``prepared``: for each change, the rows :func:`prepare` made ahead (or None); a listener with
-    :class:`Prepared` halves writes those, and makes now only the rows not made ahead."""
+    :class:`Prepared` halves writes those, and makes now only the rows not made ahead. ``diffs``:
+    for each change, its audit diff made ahead (:func:`prepare_audit`), or None."""
     if not changes:
         return
-    audit.record_many(tx, changes)
+    audit.record_many(tx, changes, diffs)
     for listener in _listeners:
         halves = _prepared.get(listener)
         if halves is not None:

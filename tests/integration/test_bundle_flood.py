@@ -46,9 +46,11 @@ ENTRIES = 1000  # per Bundle
 FLOOD_SECONDS = 12.0  # Bundles are posted back to back for this long (the last one is waited for)
 P99_LIMIT_MS = 200.0
 #: Transaction Bundles on SQLite: the feed's p99 is the writer time of one Bundle. Entry by entry it
-#: was 8 s (load average 6); the bulk path measured 0.3-1.3 s. This guards that.
-TRANSACTION_P99_GUARD_MS = 3000.0
+#: was 8 s (load average 6); the bulk path measured 0.3-1.3 s, and 0.5-0.9 s at load average 5-6
+#: once new Practitioners were merged and their audit diffs made in the plan. This guards that.
+TRANSACTION_P99_GUARD_MS = 2000.0
 STAFF = "urn:test:flood-staff"
+PREBUILT = 24  # Bundle bodies built before the flood (about 0.3 MB each)
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -99,7 +101,9 @@ async def _stop_feed(feed: asyncio.subprocess.Process) -> dict[str, Any]:
 
 @pytest.mark.parametrize("kind", ["batch", "transaction"])
 async def test_a_bundle_flood_does_not_starve_an_mllp_feed(engine: Engine, store: Store, kind: str) -> None:
-    bodies = [_bundle(n, kind) for n in range(3)]  # built before the feed starts; more on demand
+    # built before the feed starts (the test shares the engine's event loop: a body built during
+    # the flood would stall the feed as no engine work does); more, if needed, in a worker thread
+    bodies = [_bundle(n, kind) for n in range(PREBUILT)]
     feed = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -119,7 +123,7 @@ async def test_a_bundle_flood_does_not_starve_an_mllp_feed(engine: Engine, store
         ) as http:
             while time.monotonic() - started < FLOOD_SECONDS:
                 n = len(answers)
-                body = bodies[n] if n < len(bodies) else _bundle(n, kind)
+                body = bodies[n] if n < len(bodies) else await asyncio.to_thread(_bundle, n, kind)
                 answers.append(await http.post("", content=body, headers=FHIR_JSON))
         flood_seconds = time.monotonic() - started
     finally:
@@ -153,8 +157,9 @@ async def test_a_bundle_flood_does_not_starve_an_mllp_feed(engine: Engine, store
     assert len(due) >= 0.8 * FEED_RATE * flood_seconds, summary
     if kind == "transaction" and store.dialect == "sqlite" and p99 >= P99_LIMIT_MS:
         # On SQLite a transaction is one writer job: the feed waits for the whole of one (about
-        # 0.1 s of writer CPU for 1,000 entries, stretched by the machine's load; docs/reliability.md,
-        # "Fairness between channels"): not 200 ms on a 2-core machine.
+        # 0.11 s of writer CPU for 1,000 entries, half of it SQLite's own inserts, stretched 3-4x by
+        # a load average of 5; docs/reliability.md, "Fairness between channels"): not 200 ms on a
+        # busy 2-core machine.
         assert p99 < TRANSACTION_P99_GUARD_MS, summary
         pytest.xfail(f"issue 13's {P99_LIMIT_MS:.0f} ms is not reached by SQLite transactions: {summary}")
     load = os.getloadavg()[0]

@@ -11,7 +11,9 @@ the same entry by entry. A last test counts the statements of a 200-entry transa
 
 from __future__ import annotations
 
+import threading
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,8 +27,9 @@ from hms_ach.fhir.bundles import bundle_operations
 from hms_ach.fhir.write import RequestOutcome, prepare_all, request_job
 from hms_ach.mapping.engine import MappingEngine
 from hms_ach.mapping.loader import load_mappings
-from hms_ach.store import audit, messages
+from hms_ach.store import audit, audit_keys, messages
 from hms_ach.store import bulk as store_bulk
+from hms_ach.store.audit_keys import AuditSeal
 from hms_ach.store.db import Store
 from hms_ach.store.models import INDEX_TABLES, RECORD_TABLES
 from hms_ach.store.resources import RequestLine
@@ -88,12 +91,14 @@ def transaction_of(entries: list[dict[str, Any]]) -> dict[str, Any]:
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
 
-async def submit(writer: StoreWriter, mapping: MappingEngine, bundle: dict[str, Any]) -> RequestOutcome:
-    """As ``POST /fhir`` does it: operations, validated and mapped, planned, one heavy writer job
-    (apart: on PostgreSQL on the writer's second connection)."""
+async def submit(
+    writer: StoreWriter, mapping: MappingEngine, bundle: dict[str, Any], planned_for: str | None = "fhir_in"
+) -> RequestOutcome:
+    """As ``POST /fhir`` does it: operations, validated and mapped, planned (for the source
+    ``planned_for``; the engine plans for the request's channel), one heavy writer job (apart: on
+    PostgreSQL on the writer's second connection)."""
     ops, kind = bundle_operations(bundle, 1000)
     await prepare_all(ops, mapping)
-    transaction.plan(ops)
     meta = messages.MessageMeta(
         channel="fhir_in",
         raw=orjson.dumps(bundle),
@@ -101,6 +106,7 @@ async def submit(writer: StoreWriter, mapping: MappingEngine, bundle: dict[str, 
         control_id=str(uuid.uuid4()),
         message_type="Bundle",
     )
+    transaction.plan(ops, planned_for)  # a Practitioner is merged for its source: the request's channel
     outcome: RequestOutcome = await writer.run(
         request_job(meta, ops, kind, RequestLine("POST", "")), heavy=True, apart=True
     )
@@ -324,6 +330,88 @@ async def test_a_refused_transaction_is_refused_as_on_the_per_entry_path(
     )
     assert snapshot(bulk.store) == before  # nothing of the refused Bundle stays
     assert snapshot(bulk.store) == snapshot(single.store)
+
+
+@pytest.mark.parametrize("planned_for", ["fhir_in", "another_channel", None])
+async def test_practitioners_are_merged_ahead_only_for_the_requests_own_channel(
+    writers: tuple[StoreWriter, StoreWriter],
+    mapping: MappingEngine,
+    monkeypatch: pytest.MonkeyPatch,
+    planned_for: str | None,
+) -> None:
+    """Practitioner survivorship merges by source: the plan merges new Practitioners for the
+    request's channel, and the writer uses that only when the stored message has that channel;
+    otherwise (or unplanned) it merges them itself. The store is the per-entry path's either way."""
+    bulk, single = writers
+    merged_in_writer: list[str] = []
+    merged = transaction._merged
+
+    def spy(*args: Any) -> dict[str, Any]:
+        if threading.current_thread() is not threading.main_thread():  # the writer's, not the plan's
+            merged_in_writer.append(args[3])
+        return merged(*args)
+
+    monkeypatch.setattr(transaction, "_merged", spy)
+    entries = [post(nurse(f"P{i}"), f"urn:uuid:p{i}") for i in range(6)]
+    with_bulk = await submit(bulk, mapping, transaction_of(entries), planned_for)
+    assert merged_in_writer == ([] if planned_for == "fhir_in" else ["Practitioner"] * 6)
+    with monkeypatch.context() as off:
+        off.setattr(transaction, "MIN_GROUP", 10**9)
+        per_entry = await submit(single, mapping, transaction_of(entries))
+    assert answers(with_bulk, bulk.store) == answers(per_entry, single.store)
+    assert snapshot(bulk.store) == snapshot(single.store)
+    with bulk.store.read() as conn:
+        stored = orjson.loads(conn.execute(text("SELECT resource FROM practitioner LIMIT 1")).scalar_one())
+    assert any(
+        part == {"url": "source", "valueString": "fhir_in"}
+        for ext in stored["extension"]
+        for part in ext.get("extension", [])
+    ), stored
+
+
+@pytest.mark.parametrize("sealed", ["before the plan", "after the plan"])
+async def test_audit_diffs_made_in_the_plan_are_masked_with_the_stores_seal(
+    writers: tuple[StoreWriter, StoreWriter],
+    mapping: MappingEngine,
+    monkeypatch: pytest.MonkeyPatch,
+    sealed: str,
+) -> None:
+    """The plan makes each new record's audit diff with the seal of the process's store; the
+    writer uses it only when it was made with its own store's seal (a store sealed after the plan
+    has the diff made again): the audit rows are the per-entry path's, masked by the same rules."""
+    bulk, single = writers
+    # only this test's stores are sealed in the process (earlier tests' stores may still be alive)
+    monkeypatch.setattr(audit_keys, "_seals", weakref.WeakKeyDictionary())
+    seal = AuditSeal(mask_fields=frozenset({"family"}))  # no key: the chain stays verifiable here
+    audit_keys.attach(single.store, seal)
+    if sealed == "before the plan":
+        audit_keys.attach(bulk.store, seal)
+    else:
+        plan = transaction.plan
+
+        def plan_then_seal(ops: list[Any], source: str | None = None) -> None:
+            plan(ops, source)
+            audit_keys.attach(bulk.store, AuditSeal(mask_fields=seal.mask_fields))  # the same rules
+
+        monkeypatch.setattr(transaction, "plan", plan_then_seal)
+    made_in_writer: list[str] = []
+    diff_text = audit.diff_text
+
+    def spy(change: Any, used: AuditSeal) -> str:
+        if threading.current_thread() is not threading.main_thread():
+            made_in_writer.append(change.id)
+        return diff_text(change, used)
+
+    monkeypatch.setattr(audit, "diff_text", spy)
+    entries = [post(nurse(f"Q{i}", "Mensah"), f"urn:uuid:q{i}") for i in range(6)]
+    first = await both(writers, mapping, monkeypatch, lambda w: transaction_of(entries))
+    assert answers(first[0], bulk.store) == answers(first[1], single.store)
+    assert snapshot(bulk.store) == snapshot(single.store)
+    with bulk.store.read() as conn:
+        diffs = [r[0] for r in conn.execute(text("SELECT diff FROM audit_entry"))]
+    assert len(diffs) == 6 and not any("Mensah" in d for d in diffs), diffs
+    # the per-entry path makes its 6 in the writer; the bulk path only those made under another seal
+    assert len(made_in_writer) == (6 if sealed == "before the plan" else 12)
 
 
 async def test_a_transaction_of_200_creates_takes_a_few_statements(
