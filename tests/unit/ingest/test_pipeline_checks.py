@@ -63,5 +63,6 @@ def test_check_records_finds_the_failing_record_among_several() -> None:
     long_key = RecordWrite("d", "Location", "urn:x", "9" * 256, {})
     with pytest.raises(ContentError, match="Location identifier value"):
         check_records(MappingResult(records=[ok, long_key]))
-    odd = RecordWrite("e", "Patient", None, "4", {1: "not JSON-ready here"})
+    odd_content: dict[Any, Any] = {1: "not JSON-ready here"}
+    odd = RecordWrite("e", "Patient", None, "4", odd_content)
     check_records(MappingResult(records=[ok, odd]))  # the store renders it; skipped as before
