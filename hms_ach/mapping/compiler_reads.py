@@ -50,7 +50,7 @@ def _e(v: str) -> str:
     no member)."""
     return (
         f"({v} is None or {v} == '' or {v} == '\"\"' or (isinstance({v}, dict) and not {v})"
-        f" or (isinstance({v}, list) and _empty({v})))"
+        f" or (isinstance({v}, list) and _rt_empty_list({v})))"
     )
 
 
