@@ -40,6 +40,9 @@ CHARSETS: dict[str, str] = {
 
 _SEGMENT_END = re.compile(r"\r\n|\n|\r")
 _SEGMENT_NAME = re.compile(r"^[A-Z][A-Z0-9]{2}$")
+#: Segment ids already matched by _SEGMENT_NAME, looked up before the regular expression; only
+#: valid ids are added, and at most 26 * 36 * 36 exist, so it stays small whatever is sent.
+_VALID_NAMES: set[str] = set()
 
 
 def read_header(raw: bytes) -> MshHeader:
@@ -242,7 +245,11 @@ def parse_text(text: str, known: Separators | None = None) -> Hl7Message:
     for i, seg_text in enumerate(raw_segments):
         parts = seg_text.split(seps.field)
         name = parts[0].strip()
-        if not _SEGMENT_NAME.match(name):
+        if name in _VALID_NAMES:
+            pass
+        elif _SEGMENT_NAME.match(name):
+            _VALID_NAMES.add(name)
+        else:
             raise ContentError(
                 f"segment {i + 1} has no valid segment id (expected three capital letters or digits, "
                 "the first a letter)",
