@@ -191,6 +191,7 @@ class Engine:
         try:
             folder = await asyncio.to_thread(self.cluster.materialise, newer)
             mset = await asyncio.to_thread(load_mappings, folder)
+            engine = await asyncio.to_thread(_compiled_engine, mset, self.config.engine.timezone)
         except (ConfigErrors, ConfigError, ValueError, OSError) as exc:
             why = f"config version {newer.seq} ({newer.digest[:16]}) refused: {exc}"
             self.health.update(status="degraded", reload_error=why)
@@ -198,7 +199,7 @@ class Engine:
             log.error("config.cluster_version_refused", extra={"seq": newer.seq, "errors": str(exc)})
             await asyncio.to_thread(self.cluster.refuse, newer, why)
             return
-        self._use_mappings(mset)
+        self._use_mappings(mset, engine)
         self.cluster.adopt(newer)  # with the swap: what health and readiness say matches what runs
         await asyncio.to_thread(self.cluster.record)
         self.health["config_version"] = {"seq": newer.seq, "digest": newer.digest[:16]}
@@ -554,31 +555,53 @@ class Engine:
         On PostgreSQL (:attr:`cluster`) files unchanged since this instance last read them are not
         loaded again (the version the cluster runs stays); changed and valid ones are published,
         and every other instance loads them within seconds (docs/scale-out.md)."""
+        return self._apply_reload(self._prepare_reload())
+
+    async def reload_mappings_off_loop(self) -> bool:
+        """:meth:`reload_mappings` with the reading, checking and compiling of the mappings in a
+        thread, so that the event loop (and the ACKs waiting on it) is not held for them; only the
+        swap to the new mappings runs on the loop."""
+        return self._apply_reload(await asyncio.to_thread(self._prepare_reload))
+
+    def _prepare_reload(self) -> tuple[MappingSet, MappingEngine, dict[str, str] | None] | Exception | None:
+        """The new mappings compiled, with the files read for the cluster; None when the cluster's
+        files did not change; the error when they cannot be loaded. Changes no state but the
+        cluster's record of the files read last, so it may run in a thread."""
         files: dict[str, str] | None = None
         try:
             if self.cluster is not None:
                 files = cluster_config.mapping_files(self.config.mappings_dir)
                 if not self.cluster.local_changed(files):
-                    return True
+                    return None
             mset = load_mappings(self.config.mappings_dir)
         except (ConfigErrors, ConfigError, OSError, UnicodeDecodeError) as exc:
-            self.health["reload_error"] = str(exc)
+            return exc
+        return mset, _compiled_engine(mset, self.config.engine.timezone), files
+
+    def _apply_reload(
+        self, prepared: tuple[MappingSet, MappingEngine, dict[str, str] | None] | Exception | None
+    ) -> bool:
+        if prepared is None:
+            return True
+        if isinstance(prepared, Exception):
+            self.health["reload_error"] = str(prepared)
             self.health["status"] = "degraded"
             metrics.CONFIG_LOADS.labels("local", "refused").inc()
-            log.error("config.reload_failed", extra={"errors": str(exc)})
+            log.error("config.reload_failed", extra={"errors": str(prepared)})
             return False
-        self._use_mappings(mset)
+        mset, engine, files = prepared
+        self._use_mappings(mset, engine)
         if self.cluster is not None and files is not None:
             self.cluster.queue_publish(files)  # published by _follow_cluster within POLL_SECONDS
         metrics.CONFIG_LOADS.labels("local", "ok").inc()
         log.info("config.reloaded")
         return True
 
-    def _use_mappings(self, mset: MappingSet) -> None:
-        """Run ``mset`` from the next message on (the pipeline, the event payloads), and publish its
-        forms in the background."""
+    def _use_mappings(self, mset: MappingSet, engine: MappingEngine | None = None) -> None:
+        """Run ``mset`` (compiled as ``engine``, else now) from the next message on (the pipeline,
+        the event payloads), and publish its forms in the background."""
         self.mappings = mset
-        self.pipeline.engine = _compiled_engine(mset, self.config.engine.timezone)
+        self.pipeline.engine = engine or _compiled_engine(mset, self.config.engine.timezone)
         if self.map_workers is not None:
             self.map_workers.use(mset)  # each worker loads it before its next message
         events.use_engine(self.pipeline.engine)
@@ -622,7 +645,7 @@ class Engine:
             log.warning("config.restart_needed", extra={"setting": "engine.map_workers"})
         self.config = new
         workforce_settings.use(new.workforce)
-        if not self.reload_mappings():
+        if not await self.reload_mappings_off_loop():
             return False
         for name, settings in wanted.items():
             if name not in self.channels:
@@ -659,7 +682,7 @@ class Engine:
             if config_changed and self.config.source:
                 await self.reload_config()
             else:
-                self.reload_mappings()
+                await self.reload_mappings_off_loop()
 
     def _snapshot(self) -> dict[str, float]:
         snap = _mtimes(self.config.mappings_dir)

@@ -40,6 +40,9 @@ CHARSETS: dict[str, str] = {
 
 _SEGMENT_END = re.compile(r"\r\n|\n|\r")
 _SEGMENT_NAME = re.compile(r"^[A-Z][A-Z0-9]{2}$")
+#: Segment ids already matched by _SEGMENT_NAME, looked up before the regular expression; only
+#: valid ids are added, and at most 26 * 36 * 36 exist, so it stays small whatever is sent.
+_VALID_NAMES: set[str] = set()
 
 
 def read_header(raw: bytes) -> MshHeader:
@@ -222,21 +225,31 @@ def split_segments(text: str) -> list[str]:
     return [s for s in parts if s and not s.isspace()]
 
 
-def parse_text(text: str) -> Hl7Message:
-    """Parse already-decoded ER7 text (segments ended by CR, LF or CRLF)."""
+def parse_text(text: str, known: Separators | None = None) -> Hl7Message:
+    """Parse already-decoded ER7 text (segments ended by CR, LF or CRLF).
+
+    ``known``: the separators :func:`read_header` already accepted for this message's bytes; when
+    the decoded MSH starts with the same five characters they are taken without reading MSH again
+    (the checks would see the same characters)."""
     raw_segments = split_segments(text.lstrip("\x0b"))
     if not raw_segments or not raw_segments[0].startswith("MSH"):
         raise RejectError("message does not start with an MSH segment", "MSH", Err0357.SEGMENT_SEQUENCE)
-    header = read_header(raw_segments[0].encode("latin-1", errors="replace"))
-    # keep the decoded MSH fields (read_header saw latin-1 bytes of the raw text)
-    seps = header.separators
+    if known is not None and raw_segments[0][3:8] == known.field + known.encoding_characters:
+        seps = known
+    else:
+        # the decoded MSH fields are kept below (read_header sees latin-1 bytes of the raw text)
+        seps = read_header(raw_segments[0].encode("latin-1", errors="replace")).separators
     header = MshHeader(seps, ["MSH", seps.field] + raw_segments[0].split(seps.field)[1:])
     segments: list[Segment] = []
     unescape = _unescaper(seps)
     for i, seg_text in enumerate(raw_segments):
         parts = seg_text.split(seps.field)
         name = parts[0].strip()
-        if not _SEGMENT_NAME.match(name):
+        if name in _VALID_NAMES:
+            pass
+        elif _SEGMENT_NAME.match(name):
+            _VALID_NAMES.add(name)
+        else:
             raise ContentError(
                 f"segment {i + 1} has no valid segment id (expected three capital letters or digits, "
                 "the first a letter)",

@@ -255,8 +255,26 @@ def check_records(result: MappingResult, max_record_bytes: int = DEFAULT_MAX_REC
     Every channel's records pass here before they are written (HL7 v2 in :func:`evaluate`, FHIR and
     ``/api/v1`` writes in their request checks), so the database never sees a value it would
     refuse on PostgreSQL and take on SQLite."""
+    if _all_pass(result.records, max_record_bytes):
+        return
     for rec in result.records:
         _check_record(rec, max_record_bytes)
+
+
+def _all_pass(records: list[RecordWrite], max_record_bytes: int) -> bool:
+    """True when every record surely passes :func:`_check_record`: short NUL-free keys, and the
+    JSON of all their contents together free of NUL and no larger than one record may be (so no
+    single one is larger). One ``orjson.dumps`` for the message instead of one per record; on
+    False the records are checked one by one, which finds the first failure and its reason."""
+    for rec in records:
+        for value in (rec.key_system, rec.key_value):
+            if value and ("\x00" in value or len(value) > MAX_IDENTIFIER_CHARS):
+                return False
+    try:
+        body = orjson.dumps([rec.content for rec in records])
+    except (TypeError, orjson.JSONEncodeError):
+        return False
+    return len(body) <= max_record_bytes and b"\\u0000" not in body
 
 
 def _check_record(rec: RecordWrite, max_record_bytes: int) -> None:
@@ -402,7 +420,7 @@ def evaluate(raw: bytes, policy: Hl7Policy, engine: MappingEngine) -> Evaluation
         policy.check(header)
         text = decode(raw, header, policy.default_charset)
         check_structure(text, header, limits)
-        message = parse_text(text)
+        message = parse_text(text, header.separators)
         check_message(message)
         ev.master_file = master_file(message)
         mapping = engine.mapping_for(message)

@@ -32,7 +32,7 @@ from hms_ach.core.records import MappingResult, RecordWrite, StoreAction, merge_
 from hms_ach.mapping import compiler_runtime, spec
 from hms_ach.mapping.compiler_reads import _TOP, Unsupported, _e, _Scope, _t
 from hms_ach.mapping.compiler_values import _Values
-from hms_ach.mapping.engine import _empty, _fresh, _given, _may_leave_holes, _Run, _target
+from hms_ach.mapping.engine import _empty, _given, _may_leave_holes, _Run, _target
 from hms_ach.mapping.functions import FunctionError
 from hms_ach.mapping.loader import LoadedFile, MappingSet
 from hms_ach.mapping.terminology import lookup
@@ -332,7 +332,8 @@ class _Gen(_Values):
 
 _GLOBALS: dict[str, Any] = {
     "_empty": _empty,
-    "_fresh": _fresh,
+    "_fresh": compiler_runtime.fresh,
+    "_rt_empty_list": compiler_runtime.empty_list,
     "_given": _given,
     "_lookup": lookup,
     "_merge_content": merge_content,

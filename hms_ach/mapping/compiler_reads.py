@@ -46,8 +46,12 @@ def _t(v: str) -> str:
 
 
 def _e(v: str) -> str:
-    """An inline test equal to ``_empty(v)`` (a call only for lists and objects)."""
-    return f"({v} is None or {v} == '' or {v} == '\"\"' or (isinstance({v}, (list, dict)) and _empty({v})))"
+    """An inline test equal to ``_empty(v)`` (a call only for lists: an object is empty when it has
+    no member)."""
+    return (
+        f"({v} is None or {v} == '' or {v} == '\"\"' or (isinstance({v}, dict) and not {v})"
+        f" or (isinstance({v}, list) and _rt_empty_list({v})))"
+    )
 
 
 class _Reads:

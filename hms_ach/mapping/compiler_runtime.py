@@ -11,6 +11,7 @@ from typing import Any
 
 from hms_ach.core.errors import MappingError
 from hms_ach.core.hl7message import Hl7Message, Segment
+from hms_ach.mapping.engine import _empty, _fresh
 from hms_ach.mapping.functions import FunctionError
 from hms_ach.mapping.paths import MessagePath, TypePath
 
@@ -104,4 +105,45 @@ def resolve_refs(run: Any, refs: list[dict[str, Any]]) -> bool:
         if alias is None:
             return False
         ref["reference"] = "@" + alias
+    return True
+
+
+def fresh(value: Any, run: Any) -> Any:
+    """The interpreter's ``_fresh`` (a deep copy of a dict or list value from a mapping file, a
+    table, a parameter or a function; the run marked dirty when the copy holds an ``@as:`` ref, or
+    a None or ``{}`` item in a list), with the plain ``dict``, ``list`` and ``str`` told apart by
+    their class before any ``isinstance``; any other class is copied by ``_fresh`` itself."""
+    cls = value.__class__
+    if cls is dict:
+        out = {}
+        for k, v in value.items():
+            c = v.__class__
+            if c is dict or c is list or (c is not str and isinstance(v, (dict, list))):
+                v = fresh(v, run)
+            out[k] = v
+        ref = out.get("reference")
+        if ref.__class__ is str and ref.startswith("@as:"):
+            run.dirty = True
+        return out
+    if cls is list:
+        items = []
+        for v in value:
+            if v is None or v == {}:
+                run.dirty = True
+            c = v.__class__
+            if c is dict or c is list or (c is not str and isinstance(v, (dict, list))):
+                v = fresh(v, run)
+            items.append(v)
+        return items
+    return _fresh(value, run)
+
+
+def empty_list(value: list[Any]) -> bool:
+    """The interpreter's ``_empty`` for a list: every item empty (True for no item)."""
+    for v in value:
+        if v is None or v == "" or v == '""':
+            continue
+        if isinstance(v, (list, dict)) and _empty(v):
+            continue
+        return False
     return True

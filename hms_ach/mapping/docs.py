@@ -99,8 +99,13 @@ the first place where they differ.
   `mfn_m02`, through `practitioner_role_stf`), and a datatype path (`XCN.1`) read where there is
   no datatype value. The engine logs `mapping.compile_fallback` at DEBUG with the reason, and
   `MappingEngine.fallbacks` lists them.
-- A mapping is compiled on its first message; resource and datatype mappings are compiled once
-  and shared by every message mapping that uses them.
+- The engine compiles every HL7 v2 message mapping when it loads a mapping set (at start and at
+  each reload), in a thread for a reload, so that ACKs do not wait for it; elsewhere (tests,
+  tools) a mapping is compiled on its first message. Resource and datatype mappings are compiled
+  once and shared by every message mapping that uses them.
+- Around the compiled function, the pipeline reads MSH once (the separators are reused for the
+  parse when the decoded MSH has the same ones) and checks the records of a message with one JSON
+  serialisation (one by one only when that fails, to name the record).
 - `HMS_ACH_MAPPING_INTERPRETED=1` in the environment runs every mapping interpreted (diagnosis).
 
 ## HL7 paths

@@ -234,6 +234,9 @@ class MappingEngine:
         self._datatypes: dict[tuple[str, str], list[RuleFn]] = {}
         self._events: dict[str, EventFn | None] = {}
         self.interpreted_only = os.environ.get(INTERPRETED_ENV, "") not in ("", "0")
+        #: id(file) -> (file, its compiled function or None): the hot path's look-up, without the
+        #: compiler cache's lock (the file is kept, so a reused id is told apart)
+        self._compiled: dict[int, tuple[LoadedFile, Callable[[Hl7Message], MappingResult] | None]] = {}
 
     # ------------------------------------------------------------------ entry points
     def mapping_for(self, msg: Hl7Message) -> LoadedFile:
@@ -271,9 +274,11 @@ class MappingEngine:
         ``lineage=False`` skips recording where each value came from (nothing but the preview reads it)."""
         f = mapping or self.mapping_for(msg)
         if not lineage and seen is None and not self.interpreted_only:
-            compiled = self.compiled(f)
-            if compiled is not None:
-                return compiled(msg)
+            entry = self._compiled.get(id(f))
+            if entry is None or entry[0] is not f:
+                entry = self._compiled[id(f)] = (f, self.compiled(f))
+            if entry[1] is not None:
+                return entry[1](msg)
         return self._message_fn(f, "hl7v2")(Scope(msg, seen=seen), lineage)
 
     def map_interpreted(self, msg: Hl7Message, mapping: LoadedFile | None = None) -> MappingResult:

@@ -95,7 +95,7 @@ def hl7_datetime(value: str, timezone: str = "UTC") -> str:
         raise FunctionError(
             f"{value!r} is not an HL7 date/time: expected YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ]"
         )
-    y, mo, d, h, mi, s = (m[k] for k in ("y", "mo", "d", "h", "mi", "s"))
+    y, mo, d, h, mi, s = m.groups()[:6]
     try:
         if h is None:
             datetime(int(y), int(mo or 1), int(d or 1))
@@ -103,6 +103,9 @@ def hl7_datetime(value: str, timezone: str = "UTC") -> str:
         dt = datetime(int(y), int(mo or 1), int(d or 1), int(h), int(mi or 0), int(s or 0))
     except ValueError as exc:
         raise FunctionError(f"{value!r} is not a valid date/time: {exc}") from exc
+    fast = _fixed_offset_text(m, y, mo, d, h, mi, s, timezone)
+    if fast is not None:
+        return fast
     if m["tz"]:
         sign = 1 if m["tz"][0] == "+" else -1
         offset = timedelta(hours=int(m["tz"][1:3]), minutes=int(m["tz"][3:5])) * sign
@@ -117,6 +120,31 @@ def hl7_datetime(value: str, timezone: str = "UTC") -> str:
     sign_char = "+" if total >= 0 else "-"
     total = abs(total)
     return f"{text}{sign_char}{total // 60:02d}:{total % 60:02d}"
+
+
+def _fixed_offset_text(
+    m: re.Match[str], y: str, mo: str | None, d: str | None, h: str, mi: str | None, s: str | None, zone: str
+) -> str | None:
+    """The text :func:`hl7_datetime` writes for an already validated value whose offset is fixed
+    (its own, or UTC), made from the digits without a datetime's strftime; None for the other
+    cases (a named zone, a year before 1000, an offset of a day or more), left to the general code."""
+    tz = m["tz"]
+    if y[0] == "0":
+        return None
+    if tz:
+        minutes = int(tz[1:3]) * 60 + int(tz[3:5])
+        if minutes >= 1440:
+            return None
+        sign = "-" if tz[0] == "-" and minutes else "+"
+    elif zone.upper() in ("UTC", "Z", ""):
+        minutes, sign = 0, "+"
+    else:
+        return None
+    frac = m["frac"]
+    return (
+        f"{y}-{mo or '01'}-{d or '01'}T{h}:{mi or '00'}:{s or '00'}"
+        f"{'.' + frac if frac else ''}{sign}{minutes // 60:02d}:{minutes % 60:02d}"
+    )
 
 
 def _fixed(offset: timedelta) -> timezone:

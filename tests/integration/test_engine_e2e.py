@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import hl7
 import hl7.mllp
@@ -187,3 +188,29 @@ async def test_oversize_message_gets_ar_and_is_recorded(engine: Engine) -> None:
     with engine.store.reader.connect() as conn:
         rows = {r.control_id: r for r in messages.list_messages(conn)}
     assert rows["BIG-1"].status == "rejected" and "max_message_bytes" in rows["BIG-1"].error
+
+
+async def test_reload_off_loop_compiles_in_a_thread(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reload from the file watcher or reload_config reads and compiles the mappings in a thread:
+    the event loop (and the ACKs waiting on it) is not held for them; the swap happens on it."""
+    import threading
+
+    from hms_ach.app import runtime
+
+    threads: list[threading.Thread] = []
+    compile_now = runtime._compiled_engine
+
+    def recording(mset: Any, timezone: str) -> Any:
+        threads.append(threading.current_thread())
+        return compile_now(mset, timezone)
+
+    monkeypatch.setattr(runtime, "_compiled_engine", recording)
+    before = engine.pipeline.engine
+    table = engine.config.mappings_dir / "tables" / "administrative_sex.yaml"
+    table.write_text(table.read_text().replace("  X: other", "  X: other\n  Q: unknown"))
+    assert await engine.reload_mappings_off_loop() is True
+    assert threads and threads[0] is not threading.main_thread()
+    assert engine.pipeline.engine is not before and engine.health["status"] == "ok"
+    table.write_text(table.read_text() + "broken: [\n")
+    assert await engine.reload_mappings_off_loop() is False
+    assert engine.health["status"] == "degraded" and engine.pipeline.engine is not before

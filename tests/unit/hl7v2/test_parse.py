@@ -94,3 +94,17 @@ def test_bad_input_is_an_error_that_says_where() -> None:
     with pytest.raises(ContentError, match="not valid utf-8") as info:
         parse(b"MSH|^~\\&|A|B||||||ADT^A01|1|P|2.5\rPID|1||\xff\xfe")
     assert info.value.location == "PID-3"
+
+
+def test_known_separators_are_taken_only_when_the_decoded_msh_has_them() -> None:
+    """parse_text reuses the separators read from the bytes when the decoded MSH starts with the
+    same characters, and reads MSH again when it does not."""
+    from hms_ach.core.hl7message import Separators
+
+    text = "MSH|^~\\&|A|B|C|D|2026||ADT^A01|1|P|2.5.1\rPID|||1^^^H~2^^^H"
+    same = parse_text(text, Separators())
+    assert same.separators == Separators() and _read(same, "PID-3[2].1") == ["2"]
+    other = parse_text(text.replace("^", "#").replace("#~", "#~", 1), Separators())
+    assert other.separators.component == "#" and _read(other, "PID-3[2].1") == ["2"]
+    with pytest.raises(RejectError):
+        parse_text("MSH|^~", Separators())

@@ -45,3 +45,24 @@ def test_check_records_refuses_what_a_database_would() -> None:
     assert info.value.code == "102"
     with pytest.raises(ContentError, match="max_record_bytes"):
         check_records(_rec(note="x" * 2000), max_record_bytes=1024)
+
+
+def test_check_records_finds_the_failing_record_among_several() -> None:
+    """The records are checked together first; a failure is then found record by record, with the
+    same reason and location as when each is checked alone (and every record under the cap passes,
+    even when together they are larger)."""
+    ok = RecordWrite("a", "Patient", "urn:x", "1", {"text": "x" * 700})
+    check_records(MappingResult(records=[ok, ok]), max_record_bytes=1024)
+    big = RecordWrite("b", "Encounter", "urn:x", "2", {"note": "x" * 2000})
+    with pytest.raises(ContentError, match="the Encounter record is") as info:
+        check_records(MappingResult(records=[ok, big]), max_record_bytes=1024)
+    assert (info.value.location, info.value.code) == ("Encounter", "104")
+    nul = RecordWrite("c", "Condition", "urn:x", "3", {"note": {"a\x00": "b"}})
+    with pytest.raises(ContentError, match="Condition record contains a NUL"):
+        check_records(MappingResult(records=[ok, nul, big]), max_record_bytes=1024)
+    long_key = RecordWrite("d", "Location", "urn:x", "9" * 256, {})
+    with pytest.raises(ContentError, match="Location identifier value"):
+        check_records(MappingResult(records=[ok, long_key]))
+    odd_content: dict[Any, Any] = {1: "not JSON-ready here"}
+    odd = RecordWrite("e", "Patient", None, "4", odd_content)
+    check_records(MappingResult(records=[ok, odd]))  # the store renders it; skipped as before

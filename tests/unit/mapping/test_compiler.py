@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -212,3 +213,32 @@ def test_a_golden_case_fails_where_the_compiled_path_differs(
     failed = goldens.run_case(golden, index, mset, ROOT, parse)
     assert not failed.passed
     assert "compiled and the interpreted mapping differ at records[0].content.gender" in failed.message
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"system": "urn:x", "code": "MR", "display": "Medical record number"},
+        {"coding": [{"system": "urn:x", "code": "I"}], "text": "inpatient"},
+        {"reference": "@as:patient"},
+        {"a": [None, {}, {"reference": "@as:x"}], "b": {"c": ["d", 1, True]}},
+        [{"x": 1}, [], "", None],
+        ["a", "b"],
+    ],
+)
+def test_runtime_fresh_and_empty_list_match_the_interpreter(value: Any) -> None:
+    """The generated code's copy and emptiness test of lists give what the interpreter's do."""
+    from collections import OrderedDict
+
+    from hms_ach.core.records import MappingResult
+    from hms_ach.mapping import compiler_runtime
+    from hms_ach.mapping.engine import _empty, _fresh, _Run
+
+    for given in (value, OrderedDict(value) if isinstance(value, dict) else value):
+        a, b = _Run(MappingResult(mapping="x"), False), _Run(MappingResult(mapping="x"), False)
+        copied = compiler_runtime.fresh(given, a)
+        assert copied == _fresh(given, b) and a.dirty == b.dirty
+        assert copied is not given
+    lists: list[list[Any]] = [[], [""], ['""', None], [[], {}], [[""], "x"], [{"a": 1}]]
+    for items in lists:
+        assert compiler_runtime.empty_list(items) == _empty(items)

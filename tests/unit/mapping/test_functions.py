@@ -74,6 +74,25 @@ def test_datetime_keeps_offset_and_precision() -> None:
     assert fn("20261126083000", timezone="America/New_York") == "2026-11-26T08:30:00-05:00"
 
 
+@pytest.mark.parametrize(
+    ("value", "zone", "expected"),
+    [
+        ("20261126083000-0000", "UTC", "2026-11-26T08:30:00+00:00"),
+        ("20261126083000+0090", "UTC", "2026-11-26T08:30:00+01:30"),
+        ("20261126083000-2359", "UTC", "2026-11-26T08:30:00-23:59"),
+        ("20261126083000.12-1230", "Europe/Paris", "2026-11-26T08:30:00.12-12:30"),
+        ("202611260830", "z", "2026-11-26T08:30:00+00:00"),
+        ("2026112608", "", "2026-11-26T08:00:00+00:00"),
+        ("20260701120000", "Europe/Paris", "2026-07-01T12:00:00+02:00"),
+        ("09991231235959", "UTC", "999-12-31T23:59:59+00:00"),
+    ],
+)
+def test_datetime_text_of_fixed_offsets(value: str, zone: str, expected: str) -> None:
+    """UTC and the message's own offset are written from the digits; a named zone and a year
+    before 1000 take the general path (strftime); both give the same text."""
+    assert FUNCTIONS["hl7_datetime"].fn(value, timezone=zone) == expected
+
+
 def test_npi_check_digit() -> None:
     assert npi_is_valid("1234567893")
     assert npi_is_valid("1356702989")
