@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections.abc import Callable
+from typing import Any
 
+import pytest
 from sqlalchemy import Connection, text
 
 from hms_ach.store.db import Store
@@ -53,3 +57,67 @@ def test_a_failing_job_fails_alone(store: Store) -> None:
         assert writer.run_sync(lambda c: int(c.execute(text("SELECT 3")).scalar_one())) == 3
     finally:
         writer.stop()
+
+
+def test_a_failing_job_in_a_batch_is_undone_alone(store: Store) -> None:
+    """A batch runs without a SAVEPOINT per job; when one job raises, the batch runs again with one
+    per job: the failed job's writes are undone, the others' committed, each caller told its own."""
+    writer = StoreWriter(store)
+    gate = threading.Event()
+    with store.transaction() as tx:
+        tx.execute(text("CREATE TABLE batch_probe (n INTEGER)"))
+
+    def hold(conn: Connection) -> None:
+        gate.wait(5)  # the next jobs queue meanwhile and form one batch
+
+    def insert(n: int, fail: bool = False) -> Callable[[Connection], int]:
+        def job(conn: Connection) -> int:
+            conn.execute(text("INSERT INTO batch_probe (n) VALUES (:n)"), {"n": n})
+            if fail:
+                raise ValueError(f"job {n} failed")
+            return n
+
+        return job
+
+    async def scenario() -> list[Any]:
+        first = asyncio.ensure_future(writer.run(hold))
+        await asyncio.sleep(0.05)
+        jobs = [writer.run(insert(1)), writer.run(insert(2, fail=True)), writer.run(insert(3))]
+        batch = asyncio.gather(*jobs, return_exceptions=True)
+        await asyncio.sleep(0.05)
+        gate.set()
+        await first
+        return await batch
+
+    try:
+        one, two, three = asyncio.run(scenario())
+        assert (one, three) == (1, 3)
+        assert isinstance(two, ValueError) and str(two) == "job 2 failed"
+        assert writer.replays == 1
+        with store.read() as conn:
+            assert [r[0] for r in conn.execute(text("SELECT n FROM batch_probe ORDER BY n"))] == [1, 3]
+    finally:
+        writer.stop()
+
+
+def test_wal_checkpoints_run_off_the_commit_path(store: Store) -> None:
+    """SQLite in a file: the writer's connections have the automatic checkpoint off, and the
+    checkpointer thread copies the WAL back after commits; stopping the writer stops it."""
+    if store.dialect != "sqlite":
+        pytest.skip("SQLite's WAL")
+    writer = StoreWriter(store)
+    try:
+        auto = writer.run_sync(lambda c: int(c.execute(text("PRAGMA wal_autocheckpoint")).scalar_one()))
+        assert auto == 0
+        checkpointer = writer._checkpointer
+        assert checkpointer is not None
+        deadline = time.monotonic() + 5
+        while checkpointer.runs == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert checkpointer.runs >= 1
+    finally:
+        writer.stop()
+    assert checkpointer._thread is None
+    with store.writer.connect() as conn:  # a new connection: the default again
+        assert int(conn.execute(text("PRAGMA wal_autocheckpoint")).scalar_one()) == 1000
+    assert store.close() is True
