@@ -67,6 +67,7 @@ from hms_ach.store import conflicts
 from hms_ach.store.db import Store
 from hms_ach.store.errors import StoreUnavailable
 from hms_ach.store.port import Tx
+from hms_ach.store.savepoint import SavepointNeeded, optimistic
 
 log = logging.getLogger("hms_ach.store.writer")
 T = TypeVar("T")
@@ -494,18 +495,19 @@ class StoreWriter:
         try:
             txn = _stage("begin", conn.begin)
             try:
-                for job, fut in batch:
-                    try:
-                        result = job(conn)
-                    except Exception as exc:  # noqa: BLE001 - this job's fault: replayed below
-                        if _is_store_failure(exc):
-                            raise _StoreFailure("statement", exc) from exc
-                        break
-                    outcomes.append((fut, result, None))
-                else:
-                    _stage("commit", txn.commit)
-                    self._did_commit()
-                    return outcomes
+                with optimistic(conn):
+                    for job, fut in batch:
+                        try:
+                            result = job(conn)
+                        except Exception as exc:  # noqa: BLE001 - this job's fault: replayed below
+                            if _is_store_failure(exc):
+                                raise _StoreFailure("statement", exc) from exc
+                            break
+                        outcomes.append((fut, result, None))
+                    else:
+                        _stage("commit", txn.commit)
+                        self._did_commit()
+                        return outcomes
                 _stage("rollback", txn.rollback)
             except BaseException:
                 _quiet(txn.rollback)
@@ -549,26 +551,38 @@ class StoreWriter:
     def _commit_one(
         self, job: Callable[[Tx], Any], fut: Future[Any]
     ) -> list[tuple[Future[Any], Any, BaseException | None]]:
-        """A batch of one job needs no SAVEPOINT: if the job fails, the whole transaction rolls back."""
+        """A batch of one job needs no SAVEPOINT: if the job fails, the whole transaction rolls back.
+        It runs optimistically too: a part of it that needs its own SAVEPOINT to undo a failure
+        (:class:`~hms_ach.store.savepoint.SavepointNeeded`) has the job run again with them."""
         conn = self._connect()
         try:
             txn = _stage("begin", conn.begin)
             try:
-                result = job(conn)
+                with optimistic(conn):
+                    result = job(conn)
             except Exception as exc:  # noqa: BLE001 - reported to the job's caller
                 if _is_store_failure(exc):
                     _quiet(txn.rollback)
                     raise _StoreFailure("statement", exc) from exc
                 _stage("rollback", txn.rollback)
-                return [(fut, None, exc)]
-            try:
-                _stage("commit", txn.commit)
-                self._did_commit()
-            except BaseException:
-                _quiet(txn.rollback)
-                raise
+                if isinstance(exc, SavepointNeeded):
+                    replay = True
+                else:
+                    return [(fut, None, exc)]
+            else:
+                replay = False
+            if not replay:
+                try:
+                    _stage("commit", txn.commit)
+                    self._did_commit()
+                except BaseException:
+                    _quiet(txn.rollback)
+                    raise
         finally:
             _quiet(conn.close)
+        if replay:  # a part of the job needs its SAVEPOINT: run it again with them
+            self.replays += 1
+            return self._commit_saved([(job, fut)])
         return [(fut, result, None)]
 
     def _committed(self, jobs: int) -> None:
