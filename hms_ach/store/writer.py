@@ -4,7 +4,10 @@ Jobs (functions of a SQLAlchemy connection) are queued from the event loop. The 
 every job waiting (up to ``max_batch``), runs them one after the other inside one transaction, and
 commits once: one fsync for the whole batch. No job gets a SAVEPOINT of its own unless one fails:
 then the transaction is rolled back and the batch runs again with a SAVEPOINT per job, so only the
-failed job's work is undone (a batch of one needs none: its failure rolls the transaction back). Only after that commit are the jobs' futures resolved,
+failed job's work is undone (a batch of one needs none: its failure rolls the transaction back).
+The batch runs in optimistic mode (store/savepoint.py): a part of a job that would roll back to a
+SAVEPOINT of its own (a message's records) raises ``SavepointNeeded`` instead, and the batch, or
+the job alone, runs again the same way, with SAVEPOINTs. Only after that commit are the jobs' futures resolved,
 so an ACK built from a result always describes committed data. If the commit itself fails, every
 job of the batch fails and no ACK is sent for any of them: the senders resend.
 
