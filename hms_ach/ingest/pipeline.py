@@ -74,7 +74,7 @@ from hms_ach.store import conflicts, messages
 from hms_ach.store.errors import StoreUnavailable
 from hms_ach.store.port import Tx
 from hms_ach.store.repository import Repository, WriteOutcome
-from hms_ach.store.savepoint import savepoint
+from hms_ach.store.savepoint import SavepointNeeded, is_optimistic, savepoint
 from hms_ach.store.writer import StoreWriter
 
 log = logging.getLogger("hms_ach.ingest.pipeline")
@@ -316,7 +316,8 @@ def _check_record(rec: RecordWrite, max_record_bytes: int) -> None:
 def write_records(
     tx: Tx, result: MappingResult, message_id: int
 ) -> tuple[list[WriteOutcome], MessageError | None]:
-    """Upsert the records of ``result`` for message ``message_id`` in one SAVEPOINT.
+    """Upsert the records of ``result`` for message ``message_id`` in one SAVEPOINT (none in the
+    writer's optimistic batches: store/savepoint.py ``optimistic``).
 
     A domain error (a missing reference target, an update-only record that is not there...) rolls
     the savepoint back and is returned, so the message row can still be finished with it. The
@@ -327,6 +328,11 @@ def write_records(
         check_records(result)
     except ContentError as exc:
         return [], exc
+    if is_optimistic(tx):  # the writer's batch without SAVEPOINTs: it runs again with them if this fails
+        try:
+            return Repository(tx).apply(result, message_id), None
+        except MessageError as exc:
+            raise SavepointNeeded(type(exc).__name__) from exc
     try:
         with savepoint(tx):
             writes = Repository(tx).apply(result, message_id)

@@ -414,7 +414,9 @@ class MappingEngine:
         return run_message
 
     # ------------------------------------------------------------------ event payloads
-    def _compile_event(self, f: LoadedFile) -> EventFn:
+    def _compile_event(self, f: LoadedFile, walk: bool = True) -> EventFn:
+        """The payload function of an event mapping; ``walk`` False: always the general rules (the
+        test that the dict walks give the same payloads compares the two)."""
         m: spec.EventMapping = f.model
         rules = self._compile_rules(f, m.rules, "fhir")
         # every element a rule names is in the payload, null when empty, in the order of the rules
@@ -429,7 +431,25 @@ class MappingEngine:
                 rule(run, scope, {}, content, "", None)
             return {name: content.get(name) for name in names}
 
-        return payload
+        walks = _member_walks(m.rules) if walk else None
+        if walks is None:
+            return payload
+
+        def walked(change: dict[str, Any]) -> dict[str, Any]:
+            # every rule reads plain members (after.subject.reference, a.first().b): a dict walk
+            # gives what FHIRPath gives, for scalar values; anything else goes the general way
+            content: dict[str, Any] = {}
+            for name, paths in walks:
+                for steps in paths:
+                    found = _walk(change, steps)
+                    if found is _NOT_SIMPLE:
+                        return payload(change)
+                    if found is not None:
+                        content[name] = found
+                        break
+            return {name: content.get(name) for name in names}
+
+        return walked
 
     # ------------------------------------------------------------------ records
     def _compile_resource(self, f: LoadedFile, kind: str) -> ResourceFn:
@@ -1087,3 +1107,75 @@ def _given(with_: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
 def _short(value: Any) -> str:
     text = value if isinstance(value, str) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+# ---------------------------------------------------------------------- event payloads as dict walks
+#: A FHIRPath an event payload rule may read without fhirpathpy: lower-case member names, each
+#: optionally followed by ``.first()`` (``after.location.first().location.reference``).
+_MEMBER_PATH = re.compile(r"[a-z][A-Za-z0-9]*(?:\.first\(\))?(?:\.[a-z][A-Za-z0-9]*(?:\.first\(\))?)*")
+#: What a walk returns when the data is not plain scalars (an object, a list, a primitive's
+#: extension): the payload is then made by the general rules.
+_NOT_SIMPLE: Any = object()
+
+
+def _member_walks(rules: list[spec.Rule]) -> list[tuple[str, list[list[tuple[str, bool]]]]] | None:
+    """For event rules that each only copy a member path (or a list of them, tried in order) to a
+    plain target: per rule (target, [[(member, first), ...] per path]); else None."""
+    walks = []
+    for rule in rules:
+        if set(rule.model_dump(exclude_defaults=True)) - {"target", "source"}:
+            return None
+        sources = rule.source if isinstance(rule.source, list) else [rule.source]
+        if not _PLAIN_TARGET.fullmatch(rule.target) or not sources:
+            return None
+        paths = []
+        for text in sources:
+            if not isinstance(text, str) or not _MEMBER_PATH.fullmatch(text):
+                return None
+            steps: list[tuple[str, bool]] = []
+            for part in text.split("."):
+                if part == "first()":
+                    steps[-1] = (steps[-1][0], True)
+                else:
+                    steps.append((part, False))
+            paths.append(steps)
+        walks.append((rule.target, paths))
+    return walks
+
+
+_PLAIN_TARGET = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _walk(base: dict[str, Any], steps: list[tuple[str, bool]]) -> Any:
+    """The first non-empty scalar (text, number, boolean) the member path ``steps`` reaches from
+    ``base``, lists flattened as FHIRPath does; None when there is none; :data:`_NOT_SIMPLE` when
+    it reaches an object or list, or a member with a primitive extension (``_status``)."""
+    items: list[Any] = [base]
+    for key, first in steps:
+        nxt: list[Any] = []
+        for item in items:
+            if not isinstance(item, dict):
+                continue
+            if "_" + key in item:
+                return _NOT_SIMPLE
+            value = item.get(key)
+            if value is None:
+                continue
+            if isinstance(value, list):
+                nxt.extend(v for v in value if v is not None)
+            else:
+                nxt.append(value)
+        items = nxt[:1] if first else nxt
+        if not items:
+            return None
+    for item in items:
+        if isinstance(item, bool):
+            return item
+        if isinstance(item, str):
+            if item != "" and item != '""':
+                return item
+        elif isinstance(item, int | float):
+            return float(item) if isinstance(item, float) else item
+        else:
+            return _NOT_SIMPLE
+    return None

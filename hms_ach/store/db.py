@@ -8,8 +8,10 @@ power loss: an ACK sent after commit then really means durable. Write transactio
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -23,6 +25,8 @@ from hms_ach.store import (
     models,  # noqa: F401  (registers the tables on SQLModel.metadata)
     txcache,
 )
+
+log = logging.getLogger("hms_ach.store.db")
 
 DEFAULT_DATABASE_URL = "sqlite:///hms_ach.db"
 #: How long the WAL checkpoint of a stopping engine waits for another connection's lock.
@@ -195,6 +199,16 @@ class Store:
             raw.close()
         return row is not None and int(row[0]) == 0  # (busy, log frames, checkpointed frames)
 
+    def checkpointer(self) -> Checkpointer | None:
+        """A :class:`Checkpointer` for this store (SQLite in a file), None where there is none to run
+        (PostgreSQL, an in-memory database)."""
+        if not is_sqlite(self.writer):
+            return None
+        path = self.writer.url.database
+        if not path or path == ":memory:" or path.startswith("file:"):
+            return None
+        return Checkpointer(path)
+
     def close(self) -> bool | None:
         """Checkpoint (SQLite) and close every pooled connection; what :meth:`checkpoint` returned
         (False also when the checkpoint failed: a full disk, a database that went away)."""
@@ -204,3 +218,92 @@ class Store:
             return False
         finally:
             self.dispose()
+
+
+#: How often the checkpointer copies the WAL into the database file while commits happen (seconds).
+CHECKPOINT_INTERVAL = 0.25
+
+
+class Checkpointer:
+    """SQLite WAL checkpoints on a thread and connection of their own, off the commit path.
+
+    With SQLite's default (``wal_autocheckpoint=1000``) the commit that grows the WAL past 1,000
+    pages runs the checkpoint itself: it copies the WAL into the database file and fsyncs it before
+    that commit returns, so every few dozen commits one of them (and the ACKs waiting on it) takes
+    several times longer. The group-commit writer turns the automatic checkpoint off on its own
+    connections (:meth:`disable_auto`) and starts this thread instead: every
+    :data:`CHECKPOINT_INTERVAL` seconds after a commit it runs ``PRAGMA wal_checkpoint(PASSIVE)``,
+    which never waits for a lock and never blocks the writer. A completed checkpoint lets the next
+    write start the WAL again from its beginning, so the WAL stays about as large as a quarter of a
+    second of commits (as today, a reader holding an old snapshot can keep it growing until it is
+    done). A stopping engine still truncates the WAL (:meth:`Store.checkpoint`).
+    """
+
+    def __init__(self, path: str, interval: float = CHECKPOINT_INTERVAL):
+        self.path = path
+        self.interval = interval
+        self.runs = 0
+        self._dirty = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def disable_auto(conn: Connection) -> None:
+        """Turn SQLite's automatic checkpoint off on ``conn`` (once per pooled connection)."""
+        info = conn.info
+        if not info.get("hms_ach_manual_checkpoint"):
+            # on the driver's connection: through SQLAlchemy the PRAGMA would begin a transaction
+            cursor = conn.connection.cursor()
+            try:
+                cursor.execute("PRAGMA wal_autocheckpoint=0")
+            finally:
+                cursor.close()
+            info["hms_ach_manual_checkpoint"] = True
+
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._loop, name="hms-ach-checkpoint", daemon=True)
+        self._thread.start()
+
+    def committed(self) -> None:
+        """A commit added to the WAL: the next round checkpoints it."""
+        self._dirty.set()
+
+    def stop(self, timeout: float = 10) -> None:
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        self._stopping.set()
+        self._dirty.set()
+        thread.join(timeout)
+
+    def _loop(self) -> None:
+        conn: sqlite3.Connection | None = None
+        try:
+            while not self._stopping.is_set():
+                self._dirty.wait()
+                if self._stopping.wait(self.interval):
+                    break
+                self._dirty.clear()
+                try:
+                    if conn is None:
+                        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+                        conn.execute("PRAGMA busy_timeout=0")  # PASSIVE never waits for a lock
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    self.runs += 1
+                except sqlite3.Error as exc:  # busy, a full disk: the next round tries again
+                    log.warning("store.checkpoint_failed", extra={"error_type": type(exc).__name__})
+                    self._dirty.set()
+            # the last commits before the stop: checkpointed too, so the WAL is short for the TRUNCATE
+            if conn is not None:
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error:
+                    pass
+        except Exception as exc:  # noqa: BLE001 - the thread must not die silently
+            log.error("store.checkpointer_died", extra={"error_type": type(exc).__name__})
+        finally:
+            if conn is not None:
+                conn.close()

@@ -1,8 +1,13 @@
 """Group commit: one writer thread, many messages per transaction, each answered after the commit.
 
 Jobs (functions of a SQLAlchemy connection) are queued from the event loop. The writer thread takes
-every job waiting (up to ``max_batch``), runs each in its own SAVEPOINT inside one transaction (a
-batch of one needs none: its failure rolls the transaction back), and commits once: one fsync for the whole batch. Only after that commit are the jobs' futures resolved,
+every job waiting (up to ``max_batch``), runs them one after the other inside one transaction, and
+commits once: one fsync for the whole batch. No job gets a SAVEPOINT of its own unless one fails:
+then the transaction is rolled back and the batch runs again with a SAVEPOINT per job, so only the
+failed job's work is undone (a batch of one needs none: its failure rolls the transaction back).
+The batch runs in optimistic mode (store/savepoint.py): a part of a job that would roll back to a
+SAVEPOINT of its own (a message's records) raises ``SavepointNeeded`` instead, and the batch, or
+the job alone, runs again the same way, with SAVEPOINTs. Only after that commit are the jobs' futures resolved,
 so an ACK built from a result always describes committed data. If the commit itself fails, every
 job of the batch fails and no ACK is sent for any of them: the senders resend.
 
@@ -65,6 +70,7 @@ from hms_ach.store import conflicts
 from hms_ach.store.db import Store
 from hms_ach.store.errors import StoreUnavailable
 from hms_ach.store.port import Tx
+from hms_ach.store.savepoint import SavepointNeeded, optimistic
 
 log = logging.getLogger("hms_ach.store.writer")
 T = TypeVar("T")
@@ -208,14 +214,19 @@ class StoreWriter:
         self._backoff = 0.0
         self._lanes: _Lanes | None = None  # the writer thread's own, read only on that thread
         self.health = WriterHealth()
+        # SQLite in a file: WAL checkpoints on a thread of their own, not inside the batches' commits
+        self._checkpointer = store.checkpointer()
         self.batches = 0
         self.jobs = 0
+        self.replays = 0  # batches run again with a SAVEPOINT per job after a job failed
 
     # ------------------------------------------------------------------ thread supervision
     def start(self) -> None:
         """Start the writer thread, or start it again if it exited (the supervisor check)."""
         with self._lock:
             self._thread = self._revive(self._thread, self._loop, "hms-ach-writer")
+            if self._checkpointer is not None:
+                self._checkpointer.start()  # or again, if it exited
 
     def _start_apart(self) -> None:
         """Start the thread of the jobs run apart, or start it again if it exited."""
@@ -268,6 +279,10 @@ class StoreWriter:
             thread.join(timeout)
         if apart is not None:
             apart.join(timeout)
+        if self._checkpointer is not None and (thread is not None or apart is not None):
+            self._checkpointer.stop(timeout)
+            # the pooled connections have the automatic checkpoint off: new ones have it on again
+            _quiet(self.store.writer.dispose)
 
     # ------------------------------------------------------------------ callers
     async def run(
@@ -454,11 +469,64 @@ class StoreWriter:
             return self._commit_one(*batch[0])
         return self._commit_many(batch)
 
+    def _connect(self) -> Any:
+        """A writer connection; on SQLite in a file, with the automatic WAL checkpoint off (the
+        checkpointer thread runs it, see :class:`~hms_ach.store.db.Checkpointer`)."""
+        conn = _stage("connect", self.store.writer.connect)
+        if self._checkpointer is not None:
+            try:
+                self._checkpointer.disable_auto(conn)
+            except Exception as exc:  # noqa: BLE001 - the store failed, not a job
+                _quiet(conn.close)
+                raise _StoreFailure("connect", exc) from exc
+        return conn
+
+    def _did_commit(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.committed()
+
     def _commit_many(
         self, batch: list[tuple[Callable[[Tx], Any], Future[Any]]]
     ) -> list[tuple[Future[Any], Any, BaseException | None]]:
+        """The batch's jobs one after the other in one transaction, without a SAVEPOINT each (two
+        statements per job saved); if any job raises, the transaction is rolled back whole and the
+        batch runs again with a SAVEPOINT per job (:meth:`_commit_saved`), so that only the failed
+        job's work is undone. A job may run twice that way, as after a conflict (store/conflicts.py):
+        jobs are functions of the connection only."""
         outcomes: list[tuple[Future[Any], Any, BaseException | None]] = []
-        conn = _stage("connect", self.store.writer.connect)
+        conn = self._connect()
+        try:
+            txn = _stage("begin", conn.begin)
+            try:
+                with optimistic(conn):
+                    for job, fut in batch:
+                        try:
+                            result = job(conn)
+                        except Exception as exc:  # noqa: BLE001 - this job's fault: replayed below
+                            if _is_store_failure(exc):
+                                raise _StoreFailure("statement", exc) from exc
+                            break
+                        outcomes.append((fut, result, None))
+                    else:
+                        _stage("commit", txn.commit)
+                        self._did_commit()
+                        return outcomes
+                _stage("rollback", txn.rollback)
+            except BaseException:
+                _quiet(txn.rollback)
+                raise
+        finally:
+            _quiet(conn.close)
+        self.replays += 1
+        return self._commit_saved(batch)
+
+    def _commit_saved(
+        self, batch: list[tuple[Callable[[Tx], Any], Future[Any]]]
+    ) -> list[tuple[Future[Any], Any, BaseException | None]]:
+        """The batch in one transaction, each job in a SAVEPOINT of its own: a job that raises
+        has its work rolled back and its error reported; the others commit."""
+        outcomes: list[tuple[Future[Any], Any, BaseException | None]] = []
+        conn = self._connect()
         try:
             txn = _stage("begin", conn.begin)
             try:
@@ -475,6 +543,7 @@ class StoreWriter:
                     _stage("release savepoint", savepoint.commit)
                     outcomes.append((fut, result, None))
                 _stage("commit", txn.commit)
+                self._did_commit()
             except BaseException:
                 _quiet(txn.rollback)
                 raise
@@ -485,25 +554,38 @@ class StoreWriter:
     def _commit_one(
         self, job: Callable[[Tx], Any], fut: Future[Any]
     ) -> list[tuple[Future[Any], Any, BaseException | None]]:
-        """A batch of one job needs no SAVEPOINT: if the job fails, the whole transaction rolls back."""
-        conn = _stage("connect", self.store.writer.connect)
+        """A batch of one job needs no SAVEPOINT: if the job fails, the whole transaction rolls back.
+        It runs optimistically too: a part of it that needs its own SAVEPOINT to undo a failure
+        (:class:`~hms_ach.store.savepoint.SavepointNeeded`) has the job run again with them."""
+        conn = self._connect()
         try:
             txn = _stage("begin", conn.begin)
             try:
-                result = job(conn)
+                with optimistic(conn):
+                    result = job(conn)
             except Exception as exc:  # noqa: BLE001 - reported to the job's caller
                 if _is_store_failure(exc):
                     _quiet(txn.rollback)
                     raise _StoreFailure("statement", exc) from exc
                 _stage("rollback", txn.rollback)
-                return [(fut, None, exc)]
-            try:
-                _stage("commit", txn.commit)
-            except BaseException:
-                _quiet(txn.rollback)
-                raise
+                if isinstance(exc, SavepointNeeded):
+                    replay = True
+                else:
+                    return [(fut, None, exc)]
+            else:
+                replay = False
+            if not replay:
+                try:
+                    _stage("commit", txn.commit)
+                    self._did_commit()
+                except BaseException:
+                    _quiet(txn.rollback)
+                    raise
         finally:
             _quiet(conn.close)
+        if replay:  # a part of the job needs its SAVEPOINT: run it again with them
+            self.replays += 1
+            return self._commit_saved([(job, fut)])
         return [(fut, result, None)]
 
     def _committed(self, jobs: int) -> None:

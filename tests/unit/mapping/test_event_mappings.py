@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
+from ruamel.yaml import YAML
 from sqlalchemy import select
 
 from hms_ach.billing.x12_837 import X12ClaimSink
@@ -458,3 +459,42 @@ async def test_a_claim_error_payload_comes_from_its_mapping(tmp_path: Path, stor
     assert result.followups == [
         ("claim.error", {"claim": "Claim/99", "reason": "Claim/99 does not exist", "about": "Claim/99"})
     ]
+
+
+def _variants(change: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """``change`` and the same with its scalars turned into other shapes FHIR data takes: numbers,
+    booleans, empty text, lists, nulls, a primitive's extension."""
+    yield change
+    for swap in (7, 2.5, True, False, "", None, ["x", "y"], [], {"code": "Z"}):
+
+        def swapped(value: Any, depth: int = 0, swap: Any = swap) -> Any:
+            if isinstance(value, dict):
+                return {k: swapped(v, depth + 1) for k, v in value.items()}
+            if isinstance(value, list):
+                return [swapped(v, depth + 1) for v in value]
+            return (
+                swap if depth > 0 and isinstance(value, str) and value.endswith(("12", "41", "7")) else value
+            )
+
+        yield swapped(change)
+    after = change.get("after")
+    if isinstance(after, dict) and "status" in after:
+        yield {**change, "after": {**after, "_status": {"extension": []}}}
+        yield {**change, "after": {**after, "status": ["one", "two"]}}
+
+
+def test_event_payload_walks_give_what_the_fhirpath_rules_give(mset: MappingSet) -> None:
+    """Event mappings whose rules only copy member paths are run as dict walks; on every shipped event
+    mapping's test cases, and on variants of them, the payloads equal the general rules' payloads."""
+    engine = MappingEngine(mset, "UTC")
+    walked = 0
+    for f in mset.events.values():
+        fast, general = engine._compile_event(f, walk=True), engine._compile_event(f, walk=False)
+        walked += fast.__name__ == "walked"
+        tests = f.path.with_name(f.path.stem + "_test.yaml")
+        cases = YAML(typ="safe").load(tests.read_text(encoding="utf-8"))["cases"] if tests.exists() else []
+        for case in cases:
+            change = {k: v for k, v in case["event"].items() if k != "event"}
+            for variant in _variants(change):
+                assert fast(variant) == general(variant), (f.name, case.get("name"), variant)
+    assert walked >= 13  # the encounter events at least
