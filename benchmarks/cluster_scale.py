@@ -93,12 +93,14 @@ def _conflict_retries(log: Path) -> int:
         return 0
 
 
-def run(url: str, instances: int, connections: int, seconds: float, folder: Path) -> dict[str, Any]:
+def run(
+    url: str, instances: int, connections: int, seconds: float, folder: Path, session: str = ""
+) -> dict[str, Any]:
     schema = f"bench_cluster_{uuid.uuid4().hex[:10]}"
     app = f"hms-ach-{schema}"
     _admin(url, f'CREATE SCHEMA "{schema}"')
     sep = "&" if "?" in url else "?"
-    engine_url = f"{url}{sep}options=-csearch_path%3D{schema}&application_name={app}"
+    engine_url = f"{url}{sep}options=-csearch_path%3D{schema}{session}&application_name={app}"
     engines: list[tuple[Service, int, int]] = []
     try:
         for i in range(instances):
@@ -177,7 +179,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--database", default=os.environ.get("HMS_ACH_TEST_POSTGRES_URL", ""))
     p.add_argument("--connections", type=int, default=8)
     p.add_argument("--seconds", type=float, default=15.0)
+    p.add_argument(
+        "--deadlock-timeout",
+        default="",
+        help="the engines' sessions' deadlock_timeout (e.g. 100ms; needs a superuser); default: the server's",
+    )
     args = p.parse_args(argv)
+    session = f"%20-cdeadlock_timeout%3D{args.deadlock_timeout}" if args.deadlock_timeout else ""
     if not args.database:
         raise SystemExit("give --database postgresql://... (or set HMS_ACH_TEST_POSTGRES_URL)")
     with tempfile.TemporaryDirectory(prefix="hms-ach-cluster-") as tmp:
@@ -185,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["HMS_ACH_AUDIT_KEY_FILE"] = str(folder / "audit.key")  # one key for the instances
         out: dict[str, Any] = {
             "cores": os.cpu_count(),
-            "runs": [run(args.database, n, args.connections, args.seconds, folder) for n in (1, 2)],
+            "deadlock_timeout": args.deadlock_timeout or "server default",
+            "runs": [run(args.database, n, args.connections, args.seconds, folder, session) for n in (1, 2)],
         }
     one, two = out["runs"]
     out["ratio_2_to_1"] = round(two["msg_per_s"] / one["msg_per_s"], 2) if one["msg_per_s"] else None

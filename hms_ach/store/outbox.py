@@ -14,7 +14,9 @@ higher one; no lock orders them. Instead the fan-out waits (:func:`settled_event
 highest id it sees and, in the same snapshot, the transactions still running, and fans out up to
 that id only once those have ended. Every transaction takes its transaction id before its first
 event takes an id (:func:`_take_xid`), so any transaction holding a lower id than one already
-committed was running when the snapshot was taken, and is among those waited for.
+committed was running when the snapshot was taken, and is among those waited for. This relies on
+the id sequence handing out values in the order they are asked for, across sessions: PostgreSQL's
+``CACHE 1``, as the engine creates it (a sequence that caches values per session breaks it).
 * ``outbox``: per sink and event, the delivery row (pending, delivered, dead), its attempts and next
   attempt time.
 
@@ -86,10 +88,10 @@ def _running(snapshot: str) -> set[int]:
     return {int(x) for x in xip.split(",") if x}
 
 
-def settled_event_id(conn: Connection, wait_seconds: float = SETTLE_WAIT_SECONDS) -> int | None:
+def settled_event_id(conn: Connection, wait_seconds: float | None = None) -> int | None:
     """The highest event id below which every event that will ever commit has committed and is
     visible now; None when the transactions that could still commit a lower one did not end
-    within ``wait_seconds``. PostgreSQL only (SQLite: every committed id is settled).
+    within ``wait_seconds`` (default :data:`SETTLE_WAIT_SECONDS`). PostgreSQL only (SQLite: every committed id is settled).
 
     One statement reads the highest visible id and the running transactions of its own
     snapshot. An event with a lower id was given its id before that one; its transaction had its
@@ -100,7 +102,7 @@ def settled_event_id(conn: Connection, wait_seconds: float = SETTLE_WAIT_SECONDS
     upper, running = int(row[0]), _running(row[1])
     if row[2] is not None:  # this transaction's own events are visible to it
         running.discard(int(row[2]))
-    deadline = time.monotonic() + wait_seconds
+    deadline = time.monotonic() + (SETTLE_WAIT_SECONDS if wait_seconds is None else wait_seconds)
     pause = 0.002
     while running:
         if time.monotonic() > deadline:
