@@ -12,9 +12,10 @@ at a time, so ids commit in their order there. On PostgreSQL several transaction
 once (group commits of several instances, a transaction Bundle apart) and an id can commit after a
 higher one; no lock orders them. Instead the fan-out waits (:func:`settled_event_id`): it reads the
 highest id it sees and, in the same snapshot, the transactions still running, and fans out up to
-that id only once those have ended. Every transaction takes its transaction id before its first
-event takes an id (:func:`_take_xid`), so any transaction holding a lower id than one already
-committed was running when the snapshot was taken, and is among those waited for. This relies on
+that id only once those of them that write events have ended. Every transaction takes its
+transaction id and the event writers' shared lock before its first event takes an id
+(:func:`_take_xid`), so any transaction holding a lower id than one already committed was running
+when the snapshot was taken, holds that lock, and is among those waited for. This relies on
 the id sequence handing out values in the order they are asked for, across sessions: PostgreSQL's
 ``CACHE 1``, as the engine creates it (a sequence that caches values per session breaks it).
 * ``outbox``: per sink and event, the delivery row (pending, delivered, dead), its attempts and next
@@ -60,7 +61,20 @@ _ENQUEUE = insert(EVENTS).returning(
 )  # built once: enqueue runs on the write path of every record change
 
 
-_XID = text("SELECT pg_current_xact_id()")
+#: Key of the shared advisory lock that a transaction holds from its first event to its end
+#: ("hmsoutb"): it marks the transactions that write events, the only ones the fan-out waits for.
+EVENT_WRITER_LOCK_KEY = 0x686D736F757462
+_XID = text("SELECT pg_current_xact_id(), pg_advisory_xact_lock_shared(:k)").bindparams(
+    k=EVENT_WRITER_LOCK_KEY
+)
+# the transaction ids (32-bit) of the sessions that hold the event writers' lock in this database
+_WRITERS = text(
+    "SELECT t.transactionid::text FROM pg_locks a JOIN pg_locks t ON t.pid = a.pid"
+    " WHERE a.locktype = 'advisory' AND a.granted AND a.objsubid = 1"
+    " AND a.classid = CAST(:hi AS oid) AND a.objid = CAST(:lo AS oid)"
+    " AND a.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND t.locktype = 'transactionid' AND t.granted"
+).bindparams(hi=EVENT_WRITER_LOCK_KEY >> 32, lo=EVENT_WRITER_LOCK_KEY & 0xFFFFFFFF)
 _HORIZON = text(
     "SELECT coalesce(max(id), 0), pg_current_snapshot()::text, pg_current_xact_id_if_assigned()::text"
     " FROM outbox_event"
@@ -73,7 +87,8 @@ SETTLE_WAIT_SECONDS = 1.0
 
 def _take_xid(tx: Tx) -> None:
     """PostgreSQL: give the transaction its id now, before its first event takes a sequence value
-    (see the module's docstring); once per transaction."""
+    (see the module's docstring), and take the event writers' shared lock (it never waits: nobody
+    takes it exclusively); once per transaction."""
     if tx.dialect.name != "postgresql":
         return
     cache = txcache.cache(tx)
@@ -91,17 +106,24 @@ def _running(snapshot: str) -> set[int]:
 def settled_event_id(conn: Connection, wait_seconds: float | None = None) -> int | None:
     """The highest event id below which every event that will ever commit has committed and is
     visible now; None when the transactions that could still commit a lower one did not end
-    within ``wait_seconds`` (default :data:`SETTLE_WAIT_SECONDS`). PostgreSQL only (SQLite: every committed id is settled).
+    within ``wait_seconds`` (default :data:`SETTLE_WAIT_SECONDS`). PostgreSQL only (SQLite: every
+    committed id is settled).
 
     One statement reads the highest visible id and the running transactions of its own
     snapshot. An event with a lower id was given its id before that one; its transaction had its
-    transaction id before that (:func:`_take_xid`), so it had committed, rolled back, or is in the
-    snapshot's running list. Once every transaction of that list (but this one) has ended, each
-    event up to the id is committed and visible to the next statement, or never will be."""
+    transaction id and the event writers' lock before that (:func:`_take_xid`), so it had
+    committed, rolled back, or is in the snapshot's running list and holds the lock until it
+    ends. Of that list, only the transactions that hold the lock when the next statement looks
+    can still commit such an event. Once they (but this one) have ended, each event up to the id
+    is committed and visible to the next statement, or never will be. A long transaction that
+    writes no event (a reindex, a transaction Bundle until it writes its events) is not waited for."""
     row = conn.execute(_HORIZON).one()
     upper, running = int(row[0]), _running(row[1])
     if row[2] is not None:  # this transaction's own events are visible to it
         running.discard(int(row[2]))
+    if running:
+        writers = {int(x) for (x,) in conn.execute(_WRITERS).all()}
+        running = {x for x in running if x & 0xFFFFFFFF in writers}  # xid8 to the 32-bit xid
     deadline = time.monotonic() + (SETTLE_WAIT_SECONDS if wait_seconds is None else wait_seconds)
     pause = 0.002
     while running:

@@ -196,3 +196,24 @@ def test_a_rolled_back_event_does_not_hold_the_fan_out(store: Store) -> None:
         assert outbox.take_lease(conn, sink, "a", 30)
         rows = [r for r in outbox.pending_rows(conn, "s") if isinstance(r, Delivery)]
     assert [r.event_id for r in rows] == [high]
+
+
+def test_a_long_transaction_that_writes_no_event_does_not_hold_the_fan_out(store: Store) -> None:
+    if store.writer.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL only: see the tests above")
+    sink = _sink()
+    cursors = OutboxCursor.__table__  # type: ignore[attr-defined]
+    long = store.writer.connect()
+    long_tx = long.begin()
+    try:  # a write (it has a transaction id), but no event
+        long.execute(cursors.insert().values(destination="other", last_event_id=0))
+        with store.writer.begin() as conn:
+            event = outbox_rows.enqueue(conn, "encounter.admitted", {"resource": "Encounter/1"})
+        with store.writer.begin() as conn:
+            assert outbox_rows.settled_event_id(conn, wait_seconds=0.05) == event
+            assert outbox.take_lease(conn, sink, "a", 30)
+            rows = [r for r in outbox.pending_rows(conn, "s") if isinstance(r, Delivery)]
+        assert [r.event_id for r in rows] == [event]
+    finally:
+        long_tx.rollback()
+        long.close()
