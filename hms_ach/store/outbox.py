@@ -64,9 +64,8 @@ _ENQUEUE = insert(EVENTS).returning(
 #: Key of the shared advisory lock that a transaction holds from its first event to its end
 #: ("hmsoutb"): it marks the transactions that write events, the only ones the fan-out waits for.
 EVENT_WRITER_LOCK_KEY = 0x686D736F757462
-_XID = text("SELECT pg_current_xact_id(), pg_advisory_xact_lock_shared(:k)").bindparams(
-    k=EVENT_WRITER_LOCK_KEY
-)
+# run on the DBAPI cursor (hms_ach.store.fastexec): once per write transaction that writes events
+_XID = text(f"SELECT pg_current_xact_id(), pg_advisory_xact_lock_shared({EVENT_WRITER_LOCK_KEY})")
 # the transaction ids (32-bit) of the sessions that hold the event writers' lock in this database
 _WRITERS = text(
     "SELECT t.transactionid::text FROM pg_locks a JOIN pg_locks t ON t.pid = a.pid"
@@ -93,7 +92,7 @@ def _take_xid(tx: Tx) -> None:
         return
     cache = txcache.cache(tx)
     if not cache.get("outbox.xid"):
-        tx.execute(_XID)
+        fastexec.execute(tx, "outbox.event_writer", _XID, {})
         cache["outbox.xid"] = True
 
 
