@@ -9,7 +9,9 @@ process of its own) send ADT messages, each after the previous ACK, for ``--seco
 one JSON object: msg/s in all, and the CPU each process used in that window (engines, drivers, and
 the PostgreSQL backends of the engines' connections), as a share of one core, so that a machine
 with few cores shows what bounds the figure. RSS from /proc/<pid>/status; connections from
-``pg_stat_activity`` by ``application_name``.
+``pg_stat_activity`` by ``application_name``. While the load runs, the engines' active backends are
+sampled every 100 ms for what they wait on (``backend_waits``), and each engine's log is counted
+for conflict retries (deadlocks, unique-key races).
 """
 
 from __future__ import annotations
@@ -45,12 +47,60 @@ def _cpu(pids: list[int]) -> dict[int, float]:
     return {pid: cpu_seconds(pid) for pid in pids}
 
 
-def run(url: str, instances: int, connections: int, seconds: float, folder: Path) -> dict[str, Any]:
+class WaitSampler:
+    """Samples, every ``every`` seconds, what the engines' PostgreSQL backends are doing
+    (``pg_stat_activity``: the wait event of each active backend, or ``cpu`` when it waits on
+    nothing), so the output says whether commits queue on a lock, on the WAL flush or on CPU."""
+
+    def __init__(self, url: str, app: str, every: float = 0.1):
+        self.url, self.app, self.every = url, app, every
+        self.counts: dict[str, int] = {}
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> WaitSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        sql = (
+            "SELECT coalesce(wait_event_type || ':' || wait_event, 'cpu') FROM pg_stat_activity"
+            " WHERE application_name = %s AND state = 'active'"
+        )
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            while not self._stop.wait(self.every):
+                self.samples += 1
+                for (what,) in conn.execute(sql, (self.app,)).fetchall():
+                    self.counts[what] = self.counts.get(what, 0) + 1
+
+    def summary(self) -> dict[str, float]:
+        """Per wait event: how many backends were in it on average (over the samples)."""
+        n = max(1, self.samples)
+        return {k: round(v / n, 2) for k, v in sorted(self.counts.items(), key=lambda kv: -kv[1])}
+
+
+def _conflict_retries(log: Path) -> int:
+    """The deadlock and unique-key retries an engine logged (``store.conflict_retry``,
+    ``message.conflict_retry``)."""
+    try:
+        return log.read_text(encoding="utf-8", errors="replace").count("conflict_retry")
+    except OSError:
+        return 0
+
+
+def run(
+    url: str, instances: int, connections: int, seconds: float, folder: Path, session: str = ""
+) -> dict[str, Any]:
     schema = f"bench_cluster_{uuid.uuid4().hex[:10]}"
     app = f"hms-ach-{schema}"
     _admin(url, f'CREATE SCHEMA "{schema}"')
     sep = "&" if "?" in url else "?"
-    engine_url = f"{url}{sep}options=-csearch_path%3D{schema}&application_name={app}"
+    engine_url = f"{url}{sep}options=-csearch_path%3D{schema}{session}&application_name={app}"
     engines: list[tuple[Service, int, int]] = []
     try:
         for i in range(instances):
@@ -77,10 +127,11 @@ def run(url: str, instances: int, connections: int, seconds: float, folder: Path
         threads = [
             threading.Thread(target=drive, args=(i, mllp)) for i, (_svc, mllp, _h) in enumerate(engines)
         ]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        with WaitSampler(url, app) as waits:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
         wall = time.monotonic() - started
         after_children = resource.getrusage(resource.RUSAGE_CHILDREN)
         engine_cpu = [
@@ -106,6 +157,10 @@ def run(url: str, instances: int, connections: int, seconds: float, folder: Path
             "loaded_rss_kib": [memory_kb(svc.pid).get("VmRSS", 0) for svc, _m, _h in engines],
             "loaded_database_connections": len(after_backends),
             "wall_seconds": round(wall, 2),
+            # the engines' active backends by what they waited on (mean count per sample);
+            # Lock:advisory is the audit chain's lock, Lock:transactionid a row another holds
+            "backend_waits": waits.summary(),
+            "conflict_retries": [_conflict_retries(svc.log) for svc, _m, _h in engines],
             # a share of one core over the whole window (drivers include their warm-up and start)
             "cpu_share": {
                 "engines": [round(c / wall, 2) for c in engine_cpu],
@@ -124,7 +179,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--database", default=os.environ.get("HMS_ACH_TEST_POSTGRES_URL", ""))
     p.add_argument("--connections", type=int, default=8)
     p.add_argument("--seconds", type=float, default=15.0)
+    p.add_argument(
+        "--deadlock-timeout",
+        default="",
+        help="the engines' sessions' deadlock_timeout (e.g. 100ms; needs a superuser); default: the server's",
+    )
     args = p.parse_args(argv)
+    session = f"%20-cdeadlock_timeout%3D{args.deadlock_timeout}" if args.deadlock_timeout else ""
     if not args.database:
         raise SystemExit("give --database postgresql://... (or set HMS_ACH_TEST_POSTGRES_URL)")
     with tempfile.TemporaryDirectory(prefix="hms-ach-cluster-") as tmp:
@@ -132,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["HMS_ACH_AUDIT_KEY_FILE"] = str(folder / "audit.key")  # one key for the instances
         out: dict[str, Any] = {
             "cores": os.cpu_count(),
-            "runs": [run(args.database, n, args.connections, args.seconds, folder) for n in (1, 2)],
+            "deadlock_timeout": args.deadlock_timeout or "server default",
+            "runs": [run(args.database, n, args.connections, args.seconds, folder, session) for n in (1, 2)],
         }
     one, two = out["runs"]
     out["ratio_2_to_1"] = round(two["msg_per_s"] / one["msg_per_s"], 2) if one["msg_per_s"] else None

@@ -177,10 +177,8 @@ def _agent(conn: Connection, message_id: int | None, cache: dict[str, Any]) -> s
 
 def lock_chain(conn: Connection) -> None:
     """Take the audit chain's lock for the rest of ``conn``'s transaction (PostgreSQL; once per
-    transaction). Every outbox event is written under it too (:func:`hms_ach.store.outbox.enqueue`),
-    so that events are committed in the order of their ids even when two transactions write at once
-    (a transaction Bundle apart, another instance): a sink's cursor never passes an event that is
-    committed later."""
+    transaction). Outbox events do not need it: their fan-out waits for the transactions that could
+    still commit a lower id (:func:`hms_ach.store.outbox.settled_event_id`)."""
     _lock_chain(conn, txcache.cache(conn))
 
 

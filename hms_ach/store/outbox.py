@@ -5,6 +5,19 @@
 * ``outbox_cursor``: per sink (``destination``), the last event fanned out to it and who holds its
   lease. The lease row is taken with ``SELECT ... FOR UPDATE SKIP LOCKED`` so that several instances
   share the sinks on PostgreSQL.
+
+Events are fanned out in id order and a sink's cursor is the last id fanned out to it, so the
+cursor must never pass an id that a transaction still running will commit. SQLite has one writer
+at a time, so ids commit in their order there. On PostgreSQL several transactions write events at
+once (group commits of several instances, a transaction Bundle apart) and an id can commit after a
+higher one; no lock orders them. Instead the fan-out waits (:func:`settled_event_id`): it reads the
+highest id it sees and, in the same snapshot, the transactions still running, and fans out up to
+that id only once those of them that write events have ended. Every transaction takes its
+transaction id and the event writers' shared lock before its first event takes an id
+(:func:`_take_xid`), so any transaction holding a lower id than one already committed was running
+when the snapshot was taken, holds that lock, and is among those waited for. This relies on
+the id sequence handing out values in the order they are asked for, across sessions: PostgreSQL's
+``CACHE 1``, as the engine creates it (a sequence that caches values per session breaks it).
 * ``outbox``: per sink and event, the delivery row (pending, delivered, dead), its attempts and next
   attempt time.
 
@@ -14,17 +27,18 @@ The policy (which sink wants which event, backoff, when a row is dead) is the di
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, func, insert, select, update
+from sqlalchemy import Connection, and_, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from hms_ach.store import audit, fastexec
+from hms_ach.store import fastexec, txcache
 from hms_ach.store.models import OutboxCursor, OutboxEvent, OutboxRow
 from hms_ach.store.port import Tx
 
@@ -47,9 +61,82 @@ _ENQUEUE = insert(EVENTS).returning(
 )  # built once: enqueue runs on the write path of every record change
 
 
+#: Key of the shared advisory lock that a transaction holds from its first event to its end
+#: ("hmsoutb"): it marks the transactions that write events, the only ones the fan-out waits for.
+EVENT_WRITER_LOCK_KEY = 0x686D736F757462
+# run on the DBAPI cursor (hms_ach.store.fastexec): once per write transaction that writes events
+_XID = text(f"SELECT pg_current_xact_id(), pg_advisory_xact_lock_shared({EVENT_WRITER_LOCK_KEY})")
+# the transaction ids (32-bit) of the sessions that hold the event writers' lock in this database
+_WRITERS = text(
+    "SELECT t.transactionid::text FROM pg_locks a JOIN pg_locks t ON t.pid = a.pid"
+    " WHERE a.locktype = 'advisory' AND a.granted AND a.objsubid = 1"
+    " AND a.classid = CAST(:hi AS oid) AND a.objid = CAST(:lo AS oid)"
+    " AND a.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    " AND t.locktype = 'transactionid' AND t.granted"
+).bindparams(hi=EVENT_WRITER_LOCK_KEY >> 32, lo=EVENT_WRITER_LOCK_KEY & 0xFFFFFFFF)
+_HORIZON = text(
+    "SELECT coalesce(max(id), 0), pg_current_snapshot()::text, pg_current_xact_id_if_assigned()::text"
+    " FROM outbox_event"
+)
+_SNAPSHOT = text("SELECT pg_current_snapshot()::text")
+#: How long one fan-out waits for the transactions running at its snapshot to end; when they have
+#: not ended by then, the cursor stays where it is and the next round tries again.
+SETTLE_WAIT_SECONDS = 1.0
+
+
+def _take_xid(tx: Tx) -> None:
+    """PostgreSQL: give the transaction its id now, before its first event takes a sequence value
+    (see the module's docstring), and take the event writers' shared lock (it never waits: nobody
+    takes it exclusively); once per transaction."""
+    if tx.dialect.name != "postgresql":
+        return
+    cache = txcache.cache(tx)
+    if not cache.get("outbox.xid"):
+        fastexec.execute(tx, "outbox.event_writer", _XID, {})
+        cache["outbox.xid"] = True
+
+
+def _running(snapshot: str) -> set[int]:
+    """The transaction ids a ``pg_snapshot`` text (``xmin:xmax:xip,...``) lists as running."""
+    xip = snapshot.split(":")[2]
+    return {int(x) for x in xip.split(",") if x}
+
+
+def settled_event_id(conn: Connection, wait_seconds: float | None = None) -> int | None:
+    """The highest event id below which every event that will ever commit has committed and is
+    visible now; None when the transactions that could still commit a lower one did not end
+    within ``wait_seconds`` (default :data:`SETTLE_WAIT_SECONDS`). PostgreSQL only (SQLite: every
+    committed id is settled).
+
+    One statement reads the highest visible id and the running transactions of its own
+    snapshot. An event with a lower id was given its id before that one; its transaction had its
+    transaction id and the event writers' lock before that (:func:`_take_xid`), so it had
+    committed, rolled back, or is in the snapshot's running list and holds the lock until it
+    ends. Of that list, only the transactions that hold the lock when the next statement looks
+    can still commit such an event. Once they (but this one) have ended, each event up to the id
+    is committed and visible to the next statement, or never will be. A long transaction that
+    writes no event (a reindex, a transaction Bundle until it writes its events) is not waited for."""
+    row = conn.execute(_HORIZON).one()
+    upper, running = int(row[0]), _running(row[1])
+    if row[2] is not None:  # this transaction's own events are visible to it
+        running.discard(int(row[2]))
+    if running:
+        writers = {int(x) for (x,) in conn.execute(_WRITERS).all()}
+        running = {x for x in running if x & 0xFFFFFFFF in writers}  # xid8 to the 32-bit xid
+    deadline = time.monotonic() + (SETTLE_WAIT_SECONDS if wait_seconds is None else wait_seconds)
+    pause = 0.002
+    while running:
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+        running &= _running(str(conn.execute(_SNAPSHOT).scalar_one()))
+    return upper
+
+
 def enqueue(tx: Tx, event: str, payload: dict[str, Any]) -> int:
     """Write one event in the caller's transaction; returns its id. ``payload`` gets ``version: 1``."""
-    audit.lock_chain(tx)  # ids committed in their order (see audit.lock_chain)
+    _take_xid(tx)  # before the id: see settled_event_id
     row = fastexec.first_row(
         tx,
         "outbox.enqueue",
@@ -71,7 +158,7 @@ def enqueue_many(tx: Tx, events: list[tuple[str, dict[str, Any] | str]]) -> None
     ids are given in this order, as one by one). A payload may be given as its
     :func:`payload_text` already (made before the writer)."""
     created_at = now()
-    audit.lock_chain(tx)  # ids committed in their order (see audit.lock_chain)
+    _take_xid(tx)  # before the ids: see settled_event_id
     fastexec.insert_rows(
         tx,
         EVENTS,
@@ -118,6 +205,9 @@ def take_lease(
 ) -> bool:
     """Take or renew the lease of ``destination`` for ``owner`` and fan the events after its cursor
     out to it (a pending row for each event ``wants`` accepts). False: another owner holds it."""
+    # PostgreSQL: how far the events are settled, found before this transaction writes anything,
+    # so that two fan-outs never wait for each other (see settled_event_id)
+    settled = settled_event_id(tx) if tx.dialect.name == "postgresql" else None
     ensure_cursor(tx, destination, from_beginning)
     row = tx.execute(
         select(CURSORS).where(CURSORS.c.destination == destination).with_for_update(skip_locked=True)
@@ -128,12 +218,10 @@ def take_lease(
     if row.lease_owner not in (None, owner) and row.lease_until is not None and aware(row.lease_until) > t:
         return False
     last = row.last_event_id
-    events = tx.execute(
-        select(EVENTS.c.id, EVENTS.c.event, EVENTS.c.created_at)
-        .where(EVENTS.c.id > last)
-        .order_by(EVENTS.c.id)
-        .limit(1000)
-    ).all()
+    query = select(EVENTS.c.id, EVENTS.c.event, EVENTS.c.created_at).where(EVENTS.c.id > last)
+    if tx.dialect.name == "postgresql":
+        query = query.where(EVENTS.c.id <= (last if settled is None else settled))
+    events = tx.execute(query.order_by(EVENTS.c.id).limit(1000)).all()
     wanted = [e for e in events if wants(e.event)]
     if wanted:
         tx.execute(

@@ -150,3 +150,70 @@ def test_backoff_grows_and_is_capped() -> None:
     for attempts in range(1, 30):
         assert 0 < outbox.backoff_seconds(attempts, 1.0, 60.0) <= 60.0
     assert max(outbox.backoff_seconds(1, 1.0, 60.0) for _ in range(50)) <= 1.0
+
+
+def test_a_sinks_cursor_never_passes_an_event_that_commits_after_a_higher_one(store: Store) -> None:
+    """PostgreSQL: two transactions write events at once and no lock orders their commits. The
+    one with the lower id commits last; the fan-out must not move the cursor past it meanwhile."""
+    if store.writer.dialect.name != "postgresql":
+        pytest.skip("SQLite has one writer at a time: ids commit in their order")
+    sink = _sink()
+    slow = store.writer.connect()
+    slow_tx = slow.begin()
+    try:
+        low = outbox_rows.enqueue(slow, "encounter.admitted", {"resource": "Encounter/1"})
+        with store.writer.begin() as conn:
+            high = outbox_rows.enqueue(conn, "encounter.admitted", {"resource": "Encounter/2"})
+        assert low < high
+        with store.writer.begin() as conn:  # the lower id is still running: nothing is settled
+            assert outbox_rows.settled_event_id(conn, wait_seconds=0.05) is None
+            assert outbox.take_lease(conn, sink, "a", 30)
+            assert outbox.pending_rows(conn, "s") == []
+        slow_tx.commit()
+    finally:
+        slow.close()
+    with store.writer.begin() as conn:
+        assert outbox_rows.settled_event_id(conn) == high
+        assert outbox.take_lease(conn, sink, "a", 30)
+        rows = [r for r in outbox.pending_rows(conn, "s") if isinstance(r, Delivery)]
+    assert [r.event_id for r in rows] == [low, high]
+
+
+def test_a_rolled_back_event_does_not_hold_the_fan_out(store: Store) -> None:
+    if store.writer.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL only: see the test above")
+    sink = _sink()
+    slow = store.writer.connect()
+    slow_tx = slow.begin()
+    try:
+        outbox_rows.enqueue(slow, "encounter.admitted", {"resource": "Encounter/1"})
+        with store.writer.begin() as conn:
+            high = outbox_rows.enqueue(conn, "encounter.admitted", {"resource": "Encounter/2"})
+        slow_tx.rollback()
+    finally:
+        slow.close()
+    with store.writer.begin() as conn:
+        assert outbox.take_lease(conn, sink, "a", 30)
+        rows = [r for r in outbox.pending_rows(conn, "s") if isinstance(r, Delivery)]
+    assert [r.event_id for r in rows] == [high]
+
+
+def test_a_long_transaction_that_writes_no_event_does_not_hold_the_fan_out(store: Store) -> None:
+    if store.writer.dialect.name != "postgresql":
+        pytest.skip("PostgreSQL only: see the tests above")
+    sink = _sink()
+    cursors = OutboxCursor.__table__  # type: ignore[attr-defined]
+    long = store.writer.connect()
+    long_tx = long.begin()
+    try:  # a write (it has a transaction id), but no event
+        long.execute(cursors.insert().values(destination="other", last_event_id=0))
+        with store.writer.begin() as conn:
+            event = outbox_rows.enqueue(conn, "encounter.admitted", {"resource": "Encounter/1"})
+        with store.writer.begin() as conn:
+            assert outbox_rows.settled_event_id(conn, wait_seconds=0.05) == event
+            assert outbox.take_lease(conn, sink, "a", 30)
+            rows = [r for r in outbox.pending_rows(conn, "s") if isinstance(r, Delivery)]
+        assert [r.event_id for r in rows] == [event]
+    finally:
+        long_tx.rollback()
+        long.close()

@@ -11,6 +11,8 @@ import time
 import pytest
 from sqlalchemy import text
 
+from hms_ach.outbound import outbox as dispatch
+from hms_ach.outbound.sinks import Delivery, SinkSettings
 from hms_ach.store import outbox
 from hms_ach.store.db import Store
 from hms_ach.store.port import Tx
@@ -20,7 +22,7 @@ HOLD_SECONDS = 1.0
 
 
 def _slow_apart_job(tx: Tx) -> str:
-    outbox.enqueue(tx, "test.apart", {"n": 1})  # written early: its lock is held to the commit
+    outbox.enqueue(tx, "test.apart", {"n": 1})  # written early: a lower id, committed late
     tx.execute(text("SELECT 1"))
     time.sleep(HOLD_SECONDS)
     return "heavy"
@@ -72,29 +74,37 @@ async def test_an_apart_job_that_fails_leaves_nothing_and_the_next_one_runs(stor
 
 
 @pytest.mark.timeout(30)
-async def test_outbox_events_are_committed_in_the_order_of_their_ids(store: Store) -> None:
-    """An event written apart holds the event lock to its commit: an event of the writer thread
-    written meanwhile gets a higher id and commits after it, so a sink's cursor (the last id it
-    fanned out) never passes an event that is not committed yet."""
+async def test_a_sink_never_passes_an_apart_event_that_commits_after_a_later_one(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event written apart takes a lower id and commits after an event of the writer thread
+    (no lock orders them). A fan-out meanwhile does not move the sink's cursor past the apart
+    event; once it commits, the sink gets both, in id order."""
     if store.dialect != "postgresql":
         pytest.skip("one write lock on SQLite: transactions never overlap")
     writer = StoreWriter(store)
+    sink = SinkSettings(name="s", type="test", from_beginning=True)
+    monkeypatch.setattr(outbox, "SETTLE_WAIT_SECONDS", 0.05)  # a fan-out gives up before the commit
 
     def light_event(tx: Tx) -> int:
         return outbox.enqueue(tx, "test.light", {"n": 2})
 
+    def fan_out(tx: Tx) -> list[int]:
+        assert dispatch.take_lease(tx, sink, "a", 30)
+        return [r.event_id for r in dispatch.pending_rows(tx, "s") if isinstance(r, Delivery)]
+
     try:
         heavy = asyncio.ensure_future(writer.run(_slow_apart_job, heavy=True, apart=True))
-        await asyncio.sleep(0.3)  # the heavy job has written its event and holds the lock
-        light = asyncio.ensure_future(writer.run(light_event))
-        await asyncio.sleep(0.2)
-        with store.read() as conn:  # the light event waits for the lock; nothing is visible yet
-            assert conn.execute(text("SELECT COUNT(*) FROM outbox_event")).scalar_one() == 0
+        await asyncio.sleep(0.3)  # the heavy job has written its event and runs on
+        light_id = await writer.run(light_event)  # commits at once: nothing holds it
+        assert heavy.done() is False
+        assert await writer.run(fan_out) == []  # the lower id is still running
         await heavy
-        light_id = await light
+        delivered = await writer.run(fan_out)
         with store.read() as conn:
             ids = [tuple(r) for r in conn.execute(text("SELECT id, event FROM outbox_event ORDER BY id"))]
     finally:
         writer.stop()
     assert [e for _id, e in ids] == ["test.apart", "test.light"]
     assert ids[1][0] == light_id
+    assert delivered == [i for i, _e in ids]
