@@ -7,13 +7,15 @@ against every message it delayed), stays under 200 ms; every message gets its AA
 response with a 201 per entry, and every record is stored once.
 
 Transaction Bundles on PostgreSQL commit on the writer's second connection, and the feed waits
-only for each one's audit/outbox tail: they are held to the 200 ms like batch Bundles. On SQLite
-a transaction is one writer job under the one write lock, and the feed's p99 is the length of
-one: that run checks everything else, guards the bound it does reach
-(``TRANSACTION_P99_GUARD_MS``), and reports XFAIL with the measured p99.
+only for each one's audit/outbox tail: they are held to the 200 ms like batch Bundles, except on
+a machine busier than its cores, where the run guards the bound it reaches
+(``TRANSACTION_P99_GUARD_MS``) and reports XFAIL with the measured p99 and the load. On SQLite a
+transaction is one writer job under the one write lock, and the feed's p99 is about the length of
+one (the Bundle's parsing, record checks and answer run off the event loop): over 200 ms, that run
+checks everything else, guards the bound and reports XFAIL with the measured p99.
 
 The engine runs in this process as ``hms-ach run`` runs it, with the interpreter tuned by
-:func:`hms_ach.app.cli.tune_interpreter` (the start-up heap frozen, a 1 ms switch interval).
+:func:`hms_ach.app.cli.tune_interpreter` (the start-up heap frozen, young collections every 50,000 allocations, a 1 ms switch interval).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ FEED_RATE = 10  # messages a second, one sender waiting for each ACK
 ENTRIES = 1000  # per Bundle
 FLOOD_SECONDS = 12.0  # Bundles are posted back to back for this long (the last one is waited for)
 P99_LIMIT_MS = 200.0
-#: Transaction Bundles on SQLite: the feed's p99 is the writer time of one Bundle. Entry by entry it
+#: Transaction Bundles on a busy machine: on SQLite the feed's p99 is the writer time of one Bundle. Entry by entry it
 #: was 8 s (load average 6); the bulk path measured 0.3-1.3 s, and 0.5-0.9 s at load average 5-6
 #: once new Practitioners were merged and their audit diffs made in the plan. This guards that.
 TRANSACTION_P99_GUARD_MS = 2000.0
@@ -59,12 +61,13 @@ pytestmark = pytest.mark.timeout(150)
 async def engine(tmp_path: Path, store: Store) -> AsyncIterator[Engine]:
     channels = mllp_yaml("adt_in") + "  - name: fhir_in\n    type: fhir_rest\n    max_body_bytes: 4000000\n"
     eng = await start_engine(tmp_path, store, channels)
-    switch_interval = sys.getswitchinterval()
+    switch_interval, thresholds = sys.getswitchinterval(), gc.get_threshold()
     tune_interpreter()  # as hms-ach run does
     try:
         yield eng
     finally:
         gc.unfreeze()
+        gc.set_threshold(*thresholds)
         sys.setswitchinterval(switch_interval)
         await eng.stop()
 
@@ -157,14 +160,14 @@ async def test_a_bundle_flood_does_not_starve_an_mllp_feed(engine: Engine, store
     assert len(due) >= 0.8 * FEED_RATE * flood_seconds, summary
     if kind == "transaction" and store.dialect == "sqlite" and p99 >= P99_LIMIT_MS:
         # On SQLite a transaction is one writer job: the feed waits for the whole of one (about
-        # 0.11 s of writer CPU for 1,000 entries, half of it SQLite's own inserts, stretched 3-4x by
-        # a load average of 5; docs/reliability.md, "Fairness between channels"): not 200 ms on a
-        # busy 2-core machine.
+        # 0.1 s of writer CPU for 1,000 entries, half of it SQLite's own index inserts), and its
+        # p99 was 166-246 ms at load average 1.8-3.5 on 2 cores (docs/reliability.md, "Fairness
+        # between channels"): not reliably under 200 ms on this machine.
         assert p99 < TRANSACTION_P99_GUARD_MS, summary
         pytest.xfail(f"issue 13's {P99_LIMIT_MS:.0f} ms is not reached by SQLite transactions: {summary}")
     load = os.getloadavg()[0]
     if kind == "transaction" and p99 >= P99_LIMIT_MS and load > (os.cpu_count() or 1):
-        # PostgreSQL commits a transaction apart from the writer: 86-178 ms at load 3.5-4, not below
+        # PostgreSQL commits a transaction apart from the writer: 47-178 ms at load 2-4, not below
         # 200 ms at load 5 or more (docs/reliability.md). On a machine busier than its cores the
         # test cannot judge the 200 ms; it still asserts the guard, and says what it measured.
         assert p99 < TRANSACTION_P99_GUARD_MS, summary
