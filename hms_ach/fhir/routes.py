@@ -202,35 +202,6 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
     # ------------------------------------------------------------------ operations ($everything, $export)
     operations.install(router, store, negotiated)
 
-    # ------------------------------------------------------------------ writes
-    def guard(request: Request) -> access.WriteGuard:
-        return access.WriteGuard(store, access.policy_of(request))
-
-    @router.post("", dependencies=negotiated)
-    @router.post("/", include_in_schema=False, dependencies=negotiated)
-    async def bundle(request: Request) -> Response:
-        return await writes.transaction_or_batch(request, find, guard(request))
-
-    @router.post("/{resource_type}", dependencies=negotiated)
-    async def create(resource_type: str, request: Request) -> Response:
-        return await writes.create(request, find, resource_type, guard(request))
-
-    @router.put("/{resource_type}", dependencies=negotiated)
-    async def conditional_update(resource_type: str, request: Request) -> Response:
-        return await writes.conditional_update(request, find, resource_type, guard(request))
-
-    @router.put("/{resource_type}/{rid}", dependencies=negotiated)
-    async def update(resource_type: str, rid: str, request: Request) -> Response:
-        return await writes.update(request, find, resource_type, rid, guard(request))
-
-    @router.patch("/{resource_type}/{rid}", dependencies=negotiated)
-    async def patch(resource_type: str, rid: str, request: Request) -> Response:
-        return await writes.patch(request, find, resource_type, rid, guard(request))
-
-    @router.delete("/{resource_type}/{rid}", dependencies=negotiated)
-    async def delete(resource_type: str, rid: str, request: Request) -> Response:
-        return await writes.delete(request, find, resource_type, rid, guard(request))
-
     # ------------------------------------------------------------------ reads
     @router.get("/metadata", dependencies=negotiated)
     @router.head("/metadata", dependencies=negotiated, include_in_schema=False)
@@ -365,5 +336,37 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
             if inline:  # one primary-key look-up, as read
                 return done(reads.vread(store, resource_type, rid, vid, decision, seen))
             return done(await run_in_threadpool(reads.vread, store, resource_type, rid, vid, decision, seen))
+
+    # ------------------------------------------------------------------ writes
+    # After the reads: no write route answers a GET or HEAD, and no read route (the POST of _search
+    # included) has the path and method of a write, so the order decides no answer; the busiest
+    # routes, read and search, are then matched without trying the write routes first.
+    def guard(request: Request) -> access.WriteGuard:
+        return access.WriteGuard(store, access.policy_of(request))
+
+    @router.post("", dependencies=negotiated)
+    @router.post("/", include_in_schema=False, dependencies=negotiated)
+    async def bundle(request: Request) -> Response:
+        return await writes.transaction_or_batch(request, find, guard(request))
+
+    @router.post("/{resource_type}", dependencies=negotiated)
+    async def create(resource_type: str, request: Request) -> Response:
+        return await writes.create(request, find, resource_type, guard(request))
+
+    @router.put("/{resource_type}", dependencies=negotiated)
+    async def conditional_update(resource_type: str, request: Request) -> Response:
+        return await writes.conditional_update(request, find, resource_type, guard(request))
+
+    @router.put("/{resource_type}/{rid}", dependencies=negotiated)
+    async def update(resource_type: str, rid: str, request: Request) -> Response:
+        return await writes.update(request, find, resource_type, rid, guard(request))
+
+    @router.patch("/{resource_type}/{rid}", dependencies=negotiated)
+    async def patch(resource_type: str, rid: str, request: Request) -> Response:
+        return await writes.patch(request, find, resource_type, rid, guard(request))
+
+    @router.delete("/{resource_type}/{rid}", dependencies=negotiated)
+    async def delete(resource_type: str, rid: str, request: Request) -> Response:
+        return await writes.delete(request, find, resource_type, rid, guard(request))
 
     return router
