@@ -71,6 +71,21 @@ def _client(scope: Scope) -> str | None:
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
+#: The latency histogram's child per (method, route template, status class), looked up once:
+#: ``labels()`` costs a lock and a tuple of strings on every request. Bounded: methods, route
+#: templates and status classes are finite.
+_LATENCY_CHILDREN: dict[tuple[str, str, int], Any] = {}
+
+
+def _latency(method: str, route: str, status_hundreds: int) -> Any:
+    key = (method, route, status_hundreds)
+    child = _LATENCY_CHILDREN.get(key)
+    if child is None:
+        child = metrics.HTTP_REQUESTS.labels(method, route, metrics.status_class(status_hundreds * 100))
+        _LATENCY_CHILDREN[key] = child
+    return child
+
+
 class AccessLogMiddleware:
     """ASGI middleware writing one ``http.request`` event (INFO) per HTTP request (unless
     ``log_requests`` is False), and timing every request for ``hms_ach_http_request_seconds``."""
@@ -100,9 +115,7 @@ class AccessLogMiddleware:
                 route_template(scope),
                 status[0] if status else 500,
             )
-            metrics.HTTP_REQUESTS.labels(
-                method if method in _METHODS else "other", route, metrics.status_class(code)
-            ).observe(seconds)
+            _latency(method if method in _METHODS else "other", route, code // 100).observe(seconds)
             if self.log_requests:
                 fields: dict[str, Any] = {
                     "method": method,

@@ -92,9 +92,13 @@ def create_app(
     install_handlers(app)
     _install_rate_limit(app, settings.rate_limit)  # added first: the innermost, it sees the caller
     _install_authentication(app, authenticator)
+    # The FHIR API first (after /fhir/.well-known, included with authentication): the busiest routes
+    # are matched without trying every /api/v1 route before them; its router refuses other paths
+    # with one prefix comparison (hms_ach.fhir.routes.PrefixRouter). The prefixes do not overlap,
+    # so the order changes no answer.
+    app.include_router(fhir_router(store, write_channel))
     app.include_router(workforce_router(store, pipeline_of))
     app.include_router(cases_router(store, pipeline_of))  # review cases (docs/review-cases.md)
-    app.include_router(fhir_router(store, write_channel))
     install_console(app)  # the web console at /console (hms_ach/console, docs/console.md)
 
     async def failed_checks() -> dict[str, str]:

@@ -12,6 +12,8 @@ first use (or at :meth:`Authenticator.start`); ``off`` lets every request in as 
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,7 @@ class Authenticator:
         self._verifier = verifier
         self._keys = keys
         self.local_key = local_key
+        self._callers: OrderedDict[str, Caller] = OrderedDict()  # by token, least recently used first
 
     async def authenticate(self, authorization: str | None, source_address: str | None) -> Caller:
         """The caller of a request with this ``Authorization`` header, from ``source_address``.
@@ -91,8 +94,18 @@ class Authenticator:
                 authenticated=False,
             )
         token = bearer_token(authorization, self.settings.max_token_bytes)
-        claims = await self._verifier.verify(token)
-        return caller_from_claims(claims, self.settings.roles_claim, source_address)
+        claims = await self._verifier.verify(token)  # checks the token every time (a cache hit is cheap)
+        # The caller a token makes depends on its bytes only: built once per token (its scopes
+        # parsed once), then only the source address differs between its requests.
+        caller = self._callers.get(token)
+        if caller is None:
+            caller = caller_from_claims(claims, self.settings.roles_claim, None)
+            self._callers[token] = caller
+            while len(self._callers) > max(1, self.settings.verified_token_cache_entries):
+                self._callers.popitem(last=False)
+        else:
+            self._callers.move_to_end(token)
+        return replace(caller, source_address=source_address) if source_address is not None else caller
 
     @property
     def key_source(self) -> KeySource | None:

@@ -31,6 +31,8 @@ import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from starlette.responses import Response
+from starlette.routing import Match
+from starlette.types import Scope
 
 from hms_ach.core.records import FHIR_SERVED
 from hms_ach.fhir import access, audit_events, operations
@@ -47,10 +49,18 @@ ACCEPT_ANY = {"*/*", "application/*"}
 
 # ---------------------------------------------------------------------------- negotiation
 async def negotiate(request: Request) -> None:
-    """Refuse (406) a ``_format`` or ``Accept`` that asks for anything but JSON.
+    """Refuse (406) a ``_format`` or ``Accept`` that asks for anything but JSON (the dependency of
+    most routes).
 
     ``async`` because it only reads headers: FastAPI runs a plain ``def`` dependency in its thread
     pool, which would cost every request a thread hand-off."""
+    check_format(request)
+
+
+def check_format(request: Request) -> None:
+    """:func:`negotiate` as a plain call. The busiest routes (read, search) call it first thing
+    instead of declaring the dependency, which spares FastAPI a second dependency to solve on
+    every request; the answer is the same 406, before anything is read or recorded."""
     fmt = request.query_params.get("_format")
     if fmt is not None and fmt.split(";")[0].strip().lower() not in JSON_TYPES:
         raise FhirError(
@@ -133,10 +143,29 @@ def _audited(
         raise
 
 
+PREFIX = "/fhir"
+
+
+class PrefixRouter(APIRouter):
+    """An :class:`APIRouter` whose routes all start with its ``prefix``: a request for another path
+    is refused with one string comparison instead of a match against each of its routes. The app
+    includes the FHIR router ahead of the other APIs (:func:`hms_ach.app.http.create_app`), so a
+    FHIR request is not matched against their routes first, and theirs pay one comparison here."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        path: str = scope.get("path", "")
+        root: str = scope.get("root_path", "")
+        if root and path.startswith(root + "/"):  # the path the routes see, as Starlette computes it
+            path = path[len(root) :]
+        if path != self.prefix and not path.startswith(self.prefix + "/"):
+            return Match.NONE, {}
+        return super().matches(scope)
+
+
 def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) -> APIRouter:
     """Every ``/fhir`` route over ``store`` (reads use ``store.reader``; writes the pipeline of the
     ``fhir_rest`` channel that ``write_channel`` finds, and answer 405 when it finds none)."""
-    router = APIRouter(prefix="/fhir", tags=["fhir"])
+    router = PrefixRouter(prefix=PREFIX, tags=["fhir"])
     find: writes.WriteChannel = write_channel or (lambda: None)
     negotiated = [Depends(negotiate)]
 
@@ -172,35 +201,6 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
 
     # ------------------------------------------------------------------ operations ($everything, $export)
     operations.install(router, store, negotiated)
-
-    # ------------------------------------------------------------------ writes
-    def guard(request: Request) -> access.WriteGuard:
-        return access.WriteGuard(store, access.policy_of(request))
-
-    @router.post("", dependencies=negotiated)
-    @router.post("/", include_in_schema=False, dependencies=negotiated)
-    async def bundle(request: Request) -> Response:
-        return await writes.transaction_or_batch(request, find, guard(request))
-
-    @router.post("/{resource_type}", dependencies=negotiated)
-    async def create(resource_type: str, request: Request) -> Response:
-        return await writes.create(request, find, resource_type, guard(request))
-
-    @router.put("/{resource_type}", dependencies=negotiated)
-    async def conditional_update(resource_type: str, request: Request) -> Response:
-        return await writes.conditional_update(request, find, resource_type, guard(request))
-
-    @router.put("/{resource_type}/{rid}", dependencies=negotiated)
-    async def update(resource_type: str, rid: str, request: Request) -> Response:
-        return await writes.update(request, find, resource_type, rid, guard(request))
-
-    @router.patch("/{resource_type}/{rid}", dependencies=negotiated)
-    async def patch(resource_type: str, rid: str, request: Request) -> Response:
-        return await writes.patch(request, find, resource_type, rid, guard(request))
-
-    @router.delete("/{resource_type}/{rid}", dependencies=negotiated)
-    async def delete(resource_type: str, rid: str, request: Request) -> Response:
-        return await writes.delete(request, find, resource_type, rid, guard(request))
 
     # ------------------------------------------------------------------ reads
     @router.get("/metadata", dependencies=negotiated)
@@ -259,9 +259,10 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
             path = f"{resource_type}/_history"
             return done(reads.history_versions(store, _base(request), path, types, None, params, seen))
 
-    @router.get("/{resource_type}", dependencies=negotiated)
-    @router.head("/{resource_type}", dependencies=negotiated, include_in_schema=False)
+    @router.get("/{resource_type}")
+    @router.head("/{resource_type}", include_in_schema=False)
     def search_get(resource_type: str, request: Request) -> Response:
+        check_format(request)  # as the negotiated dependency would (see check_format)
         seen = reads.Seen()
         with _audited(request, "search-type", resource_type, seen) as done:
             reads.check_served(resource_type)
@@ -293,9 +294,10 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
 
     inline = store.dialect == "sqlite"
 
-    @router.get("/{resource_type}/{rid}", dependencies=negotiated)
-    @router.head("/{resource_type}/{rid}", dependencies=negotiated, include_in_schema=False)
+    @router.get("/{resource_type}/{rid}")
+    @router.head("/{resource_type}/{rid}", include_in_schema=False)
     async def read(resource_type: str, rid: str, request: Request) -> Response:
+        check_format(request)  # as the negotiated dependency would (see check_format)
         seen = reads.Seen()
         with _audited(request, "read", resource_type, seen, rid) as done:
             reads.check_served(resource_type)
@@ -334,5 +336,37 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
             if inline:  # one primary-key look-up, as read
                 return done(reads.vread(store, resource_type, rid, vid, decision, seen))
             return done(await run_in_threadpool(reads.vread, store, resource_type, rid, vid, decision, seen))
+
+    # ------------------------------------------------------------------ writes
+    # After the reads: no write route answers a GET or HEAD, and no read route (the POST of _search
+    # included) has the path and method of a write, so the order decides no answer; the busiest
+    # routes, read and search, are then matched without trying the write routes first.
+    def guard(request: Request) -> access.WriteGuard:
+        return access.WriteGuard(store, access.policy_of(request))
+
+    @router.post("", dependencies=negotiated)
+    @router.post("/", include_in_schema=False, dependencies=negotiated)
+    async def bundle(request: Request) -> Response:
+        return await writes.transaction_or_batch(request, find, guard(request))
+
+    @router.post("/{resource_type}", dependencies=negotiated)
+    async def create(resource_type: str, request: Request) -> Response:
+        return await writes.create(request, find, resource_type, guard(request))
+
+    @router.put("/{resource_type}", dependencies=negotiated)
+    async def conditional_update(resource_type: str, request: Request) -> Response:
+        return await writes.conditional_update(request, find, resource_type, guard(request))
+
+    @router.put("/{resource_type}/{rid}", dependencies=negotiated)
+    async def update(resource_type: str, rid: str, request: Request) -> Response:
+        return await writes.update(request, find, resource_type, rid, guard(request))
+
+    @router.patch("/{resource_type}/{rid}", dependencies=negotiated)
+    async def patch(resource_type: str, rid: str, request: Request) -> Response:
+        return await writes.patch(request, find, resource_type, rid, guard(request))
+
+    @router.delete("/{resource_type}/{rid}", dependencies=negotiated)
+    async def delete(resource_type: str, rid: str, request: Request) -> Response:
+        return await writes.delete(request, find, resource_type, rid, guard(request))
 
     return router

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
 import orjson
-from sqlalchemy import Table, and_, insert, select
+from sqlalchemy import Select, Table, and_, bindparam, insert, select
 from sqlalchemy import update as sql_update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -102,13 +102,28 @@ def reading(store: Store) -> Iterator[Tx]:
             yield conn
 
 
+_READS: dict[str, Select[*tuple[Any, ...]]] = {}
+
+
+def _read_statement(resource_type: str) -> Select[*tuple[Any, ...]]:
+    """The read by id of ``resource_type``, built once per type (the id is a bound parameter): a
+    read by id is the busiest request of the FHIR API, and building the statement cost as much as
+    running it."""
+    stmt = _READS.get(resource_type)
+    if stmt is None:
+        t = _table(resource_type)
+        stmt = select(t.c.version_id, t.c.last_updated, t.c.deleted, t.c.resource).where(
+            t.c.id == bindparam("rid")
+        )
+        _READS[resource_type] = stmt
+    return stmt
+
+
 def read(store: Store, resource_type: str, rid: str) -> StoredVersion | None:
     """The current version of ``resource_type/rid`` (possibly a deletion); None when it is not known."""
-    t = _table(resource_type)
+    stmt = _read_statement(resource_type)
     with reading(store) as conn:
-        row = conn.execute(
-            select(t.c.version_id, t.c.last_updated, t.c.deleted, t.c.resource).where(t.c.id == rid)
-        ).first()
+        row = conn.execute(stmt, {"rid": rid}).first()
     if row is None or row.version_id == 0:  # version 0: a key claimed by a create still running
         return None
     return StoredVersion(
