@@ -25,13 +25,13 @@ always did: the fast path changes how long a transaction takes, never its outcom
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from hms_ach.core import fairness
 from hms_ach.core.records import RECORD_MATCHERS, RECORD_MERGERS, RECORD_TYPES, Mode, merge_record
 from hms_ach.core.references import references, rewrite_references
 from hms_ach.fhir.write import Operation, Result, etag_version, parse_identifier_query
@@ -132,7 +132,7 @@ def plan(ops: list[Operation], source: str | None = None) -> None:
         refs = [(parts[0], parts[1]) for parts in (ref.split("/") for _p, ref in found) if _stored(parts)]
         e.op.plan = _Plan(rids[id(e.op)], urls, content, refs, rendered, source or "")
         if i % PLAN_PAUSE_EVERY == 0:
-            time.sleep(PLAN_PAUSE_SECONDS)
+            fairness.pause(PLAN_PAUSE_SECONDS)
 
 
 def _stored(parts: list[str]) -> bool:

@@ -34,6 +34,7 @@ from urllib.parse import parse_qsl
 
 import orjson
 
+from hms_ach.core import fairness
 from hms_ach.core.errors import MessageError
 from hms_ach.core.records import RECORD_TYPES, RecordWrite
 from hms_ach.core.references import references, rewrite_references
@@ -188,7 +189,7 @@ def prepare_batch(ops: list[Operation], engine: MappingEngine) -> dict[int, Fhir
             except FhirError as exc:
                 failed[i - 1] = exc
             if i % PREPARE_PAUSE_EVERY == 0:
-                time.sleep(PREPARE_PAUSE_SECONDS)
+                fairness.pause(PREPARE_PAUSE_SECONDS)
         return failed
 
     return each()
@@ -209,7 +210,7 @@ def _prepare_each(ops: list[Operation], engine: MappingEngine) -> None:
     for i, op in enumerate(ops, start=1):
         prepare(op, engine)
         if i % PREPARE_PAUSE_EVERY == 0:
-            time.sleep(PREPARE_PAUSE_SECONDS)
+            fairness.pause(PREPARE_PAUSE_SECONDS)
 
 
 # ---------------------------------------------------------------------------- checks in the transaction

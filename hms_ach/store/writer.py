@@ -65,7 +65,7 @@ from typing import Any, TypeVar
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
-from hms_ach.core import metrics
+from hms_ach.core import fairness, metrics
 from hms_ach.store import conflicts
 from hms_ach.store.db import Store
 from hms_ach.store.errors import StoreUnavailable
@@ -439,7 +439,8 @@ class StoreWriter:
         try:
             # --- cluster (task J, docs/scale-out.md): a deadlock or serialization failure against
             # another instance's transaction rolled the batch back whole; run it again, bounded.
-            outcomes = conflicts.retrying(lambda: self._commit_batch(batch), _conflicted)
+            with fairness.writer_running():  # a large request's preparation waits meanwhile
+                outcomes = conflicts.retrying(lambda: self._commit_batch(batch), _conflicted)
             # --- end cluster
         except _StoreFailure as failure:
             self._failed(failure, len(batch))
