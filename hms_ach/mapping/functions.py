@@ -103,6 +103,10 @@ def hl7_datetime(value: str, timezone: str = "UTC") -> str:
         dt = datetime(int(y), int(mo or 1), int(d or 1), int(h), int(mi or 0), int(s or 0))
     except ValueError as exc:
         raise FunctionError(f"{value!r} is not a valid date/time: {exc}") from exc
+    if m["tz"] and not _offset_in_range(m["tz"]):
+        raise FunctionError(
+            f"{value!r} has the UTC offset {m['tz']}, out of range: expected -1400 to +1400, minutes 00-59"
+        )
     fast = _fixed_offset_text(m, y, mo, d, h, mi, s, timezone)
     if fast is not None:
         return fast
@@ -122,19 +126,23 @@ def hl7_datetime(value: str, timezone: str = "UTC") -> str:
     return f"{text}{sign_char}{total // 60:02d}:{total % 60:02d}"
 
 
+def _offset_in_range(tz: str) -> bool:
+    """A ``+HHMM``/``-HHMM`` offset FHIR can carry: at most 14 hours, minutes 00-59."""
+    hours, minutes = int(tz[1:3]), int(tz[3:5])
+    return minutes < 60 and hours * 60 + minutes <= 14 * 60
+
+
 def _fixed_offset_text(
     m: re.Match[str], y: str, mo: str | None, d: str | None, h: str, mi: str | None, s: str | None, zone: str
 ) -> str | None:
     """The text :func:`hl7_datetime` writes for an already validated value whose offset is fixed
     (its own, or UTC), made from the digits without a datetime's strftime; None for the other
-    cases (a named zone, a year before 1000, an offset of a day or more), left to the general code."""
+    cases (a named zone, a year before 1000), left to the general code."""
     tz = m["tz"]
     if y[0] == "0":
         return None
     if tz:
-        minutes = int(tz[1:3]) * 60 + int(tz[3:5])
-        if minutes >= 1440:
-            return None
+        minutes = int(tz[1:3]) * 60 + int(tz[3:5])  # in range: hl7_datetime checked it
         sign = "-" if tz[0] == "-" and minutes else "+"
     elif zone.upper() in ("UTC", "Z", ""):
         minutes, sign = 0, "+"
