@@ -274,7 +274,7 @@ class _Values(_Reads):
             else:
                 val, comps, loc = self.var("_val"), self.var("_cs"), self.var("_l")
                 o.append(f"{ci}{val} = {raw}")
-                o.append(f"{ci}{comps} = {raw}.split(CS)")
+                self.split_once(o, ci, comps, raw, "comps")
                 o.append(f"{ci}{loc} = {at}")
                 segvar = at.split(", ")[1] if isinstance(path, MessagePath) else scope.seg
                 segname = path.segment if isinstance(path, MessagePath) else scope.segname
@@ -288,7 +288,7 @@ class _Values(_Reads):
     def with_value(self, out: list[str], ind: str, scope: _Scope, raw: str, at: str, path: Source) -> _Scope:
         val, comps, loc = self.var("_val"), self.var("_cs"), self.var("_l")
         out.append(f"{ind}{val} = {raw}")
-        out.append(f"{ind}{comps} = {raw}.split(CS)")
+        self.split_once(out, ind, comps, raw, "comps")
         out.append(f"{ind}{loc} = {at}")
         if isinstance(path, MessagePath):
             segv = self.var("_sg")
