@@ -70,8 +70,19 @@ class _Values(_Reads):
                 folded = self.const(_folded(table), "M")  # the table's codes upper-cased, once
                 out.append(f"{ind}    _tf = {folded}.get(_tk.upper())")
             out.append(
-                f"{ind}    {val} = _tf if _tf is not None else _lookup({t}, {name}, str({val}), {where})"
+                f"{ind}    {val} = _tf if _tf is not None else {self.unmapped(table, t, name, val, where)}"
             )
+
+    def unmapped(self, table: spec.CodeTable, t: str, name: str, val: str, where: str) -> str:
+        """The expression of ``lookup``'s answer for a code ``_tk`` not in ``table``, inlined when the
+        table's ``unmapped`` policy cannot fail (then no location is made)."""
+        if table.unmapped == "keep":
+            return "_tk"
+        if table.unmapped == "default":
+            if isinstance(table.default, str) and "{code}" in table.default:
+                return f"({self.const(table.default, 'K')}.replace('{{code}}', _tk) if _tk else None)"
+            return self.const(table.default, "K")  # the table's own object, as lookup returns it
+        return f"_lookup({t}, {name}, str({val}), {where})"
 
     def value(
         self,
