@@ -95,6 +95,11 @@ class _Gen(_Values):
         if rule.target.endswith("[]") and isinstance(rule.source, str):
             self.list_rule(out, ind, f, rule, scope, obj)
             return
+        if self.constant(rule):  # known when generating: not empty, nothing applied to it
+            val = self.var("_v")
+            out.append(f"{ind}{val} = {self.copy_of(rule.value)}")
+            self.set_target(out, ind, rule.target, obj, val)
+            return
         val, text_only = self.value(out, ind, rule, f, scope, rule.target, True)
         self.emit(out, ind, rule, obj, val, None, text_only)
 
