@@ -287,7 +287,8 @@ class _Gen(_Values):
             "    CS, RS, SS, ESC = seps.component, seps.repetition, seps.subcomponent, seps.escape",
             # every segment of a message shares the parser's decoder of its encoding characters;
             # each text is decoded, and each field and component split, once per message
-            "    decoded = _rt_Decoded(msg.segments[0]._unescape if msg.segments else str)",
+            "    decoded = _rt_Decoded()",
+            "    decoded.decode = msg.segments[0]._unescape if msg.segments else str",
             "    reps_of = {'': []}  # field text -> its repetitions (an empty field has none)",
             "    comps_of = {}  # repetition or component text -> its components",
             "    subs_of = {}  # component text -> its subcomponents",

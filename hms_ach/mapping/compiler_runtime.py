@@ -23,13 +23,12 @@ At = tuple[Any, Any, Any, int]
 
 
 class Decoded(dict[str, str]):
-    """The texts of one message with their escapes decoded, each text once: ``decoded[text]``."""
+    """The texts of one message with their escapes decoded, each text once: ``decoded[text]``.
+    ``decode`` (the parser's decoder) is set by the generated code, not by an ``__init__``: a
+    Python-level constructor would cost every message more than the decoding it saves."""
 
     __slots__ = ("decode",)
-
-    def __init__(self, decode: Callable[[str], str]):
-        super().__init__()
-        self.decode = decode
+    decode: Callable[[str], str]
 
     def __missing__(self, text: str) -> str:
         value = self[text] = self.decode(text)
