@@ -252,7 +252,9 @@ def test_the_generated_code_splits_a_text_only_when_the_message_has_not_split_it
     splits = [line.strip() for line in source.splitlines() if ".split(" in line]
     assert len(splits) > 50
     for line in splits:
-        assert re.fullmatch(r"(_\w+) = (reps|comps|subs)_of\[(_\w+(?:\[0\])?)\] = \3\.split\((RS|CS|SS)\)", line), line
+        assert re.fullmatch(
+            r"(_\w+) = (reps|comps|subs)_of\[(_\w+(?:\[0\])?)\] = \3\.split\((RS|CS|SS)\)", line
+        ), line
     assert "unesc(" not in source  # escapes are decoded through the message's cache too
 
 
@@ -320,7 +322,7 @@ def test_an_unmapped_code_is_answered_as_lookup_answers_it(
     from hms_ach.mapping.spec import CodeTable
     from hms_ach.mapping.terminology import lookup
 
-    table = CodeTable(kind="table", map={"A": "x"}, unmapped=unmapped, default=default)  # type: ignore[arg-type]
+    table = CodeTable(kind="table", map={"A": "x"}, unmapped=unmapped, default=default)
     gen = MappingCompiler(mset, "UTC").gen
     expr = gen.unmapped(table, "T_", "'codes'", "_v", "'PID-8'")
     scope = {**_GLOBALS, **gen.consts, "T_": table, "_v": code, "_tk": code.strip()}
