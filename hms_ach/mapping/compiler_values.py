@@ -206,12 +206,13 @@ class _Values(_Reads):
             if not last:
                 out.append(f"{ind}_nd = _ls[{n}]")
                 continue
-            # merge_content into an empty object is a copy without the None members
+            # merge_content into an empty object is a copy without the None members; a value set
+            # here is always the rule's own (built, copied or read), so without None it is kept as is
             out.append(f"{ind}_od = _ls[{n}]")
             out.append(f"{ind}if isinstance({val}, dict) and isinstance(_od, dict):")
             out.append(
-                f"{ind}    _ls[{n}] = _merge_content(_od, {val}) if _od else "
-                f"{{_mk: _mv for _mk, _mv in {val}.items() if _mv is not None}}"
+                f"{ind}    _ls[{n}] = _merge_content(_od, {val}) if _od else {val} if None not in {val}.values() "
+                f"else {{_mk: _mv for _mk, _mv in {val}.items() if _mv is not None}}"
             )
             out.append(f"{ind}else:")
             out.append(f"{ind}    _ls[{n}] = {val}")
