@@ -95,6 +95,11 @@ class _Gen(_Values):
         if rule.target.endswith("[]") and isinstance(rule.source, str):
             self.list_rule(out, ind, f, rule, scope, obj)
             return
+        if self.constant(rule):  # known when generating: not empty, nothing applied to it
+            val = self.var("_v")
+            out.append(f"{ind}{val} = {self.copy_of(rule.value)}")
+            self.set_target(out, ind, rule.target, obj, val)
+            return
         val, text_only = self.value(out, ind, rule, f, scope, rule.target, True)
         self.emit(out, ind, rule, obj, val, None, text_only)
 
@@ -107,7 +112,7 @@ class _Gen(_Values):
 
         def each(o: list[str], bi: str, raw: str, at: str) -> None:
             item = self.var("_it")
-            o.append(f"{bi}{item} = unesc({raw}) if ESC in {raw} else {raw}")
+            o.append(f"{bi}{item} = decoded[{raw}] if ESC in {raw} else {raw}")
             self.convert(o, bi, rule, f, rule.target, item, f"_rt_location(msg, {at})", True)
             o.append(f"{bi}if not {(_e if rule.function or rule.table else _t)(item)}:")
             o.append(f"{bi}    if isinstance({item}, (dict, list)):")
@@ -198,7 +203,7 @@ class _Gen(_Values):
             return fn
         dt = self.mset.datatypes[name]
         out = [f"def {fn}(run, k, seg, val, comps, loc, obj):"]
-        out.append("    msg, by, CS, RS, SS, ESC, unesc, refs = k")
+        out.append("    msg, by, CS, RS, SS, ESC, decoded, reps_of, comps_of, subs_of, refs = k")
         out.append("    params = {}")
         saved, self.ref_in_place = self.ref_in_place, False  # its objects may be set at any target
         self.rules(out, "    ", dt, dt.model.rules, self.callee_scope(scope.shape), "obj")
@@ -215,7 +220,7 @@ class _Gen(_Values):
         sc = self.callee_scope(scope.shape)
         out = [f"def {fn}(run, k, seg, val, comps, loc, given, preferred, create, mode_override):"]
         i = "    "
-        out.append(f"{i}msg, by, CS, RS, SS, ESC, unesc, refs = k")
+        out.append(f"{i}msg, by, CS, RS, SS, ESC, decoded, reps_of, comps_of, subs_of, refs = k")
         out.append(f"{i}params = dict({self.const({k: p.default for k, p in m.params.items()})})")
         out.append(f"{i}params.update(given)")
         out.append(f"{i}key_system = key_value = None")
@@ -280,11 +285,16 @@ class _Gen(_Values):
             f"def {name}(msg):",
             "    seps = msg.header.separators",
             "    CS, RS, SS, ESC = seps.component, seps.repetition, seps.subcomponent, seps.escape",
-            # every segment of a message shares the parser's decoder of its encoding characters
-            "    unesc = msg.segments[0]._unescape if msg.segments else (lambda x: x)",
+            # every segment of a message shares the parser's decoder of its encoding characters;
+            # each text is decoded, and each field and component split, once per message
+            "    decoded = _rt_Decoded()",
+            "    decoded.decode = msg.segments[0]._unescape if msg.segments else str",
+            "    reps_of = {'': []}  # field text -> its repetitions (an empty field has none)",
+            "    comps_of = {}  # repetition or component text -> its components",
+            "    subs_of = {}  # component text -> its subcomponents",
             "    by = msg._by_name",
             "    refs = []  # the ref: objects set, resolved in place at the end",
-            "    k = (msg, by, CS, RS, SS, ESC, unesc, refs)",
+            "    k = (msg, by, CS, RS, SS, ESC, decoded, reps_of, comps_of, subs_of, refs)",
             "    params = {}",
             f"    run = _Run(_MappingResult(mapping={str(f.path.name)!r}), False)",
         ]
@@ -345,6 +355,7 @@ _GLOBALS: dict[str, Any] = {
     "_E101": Err0357.REQUIRED_FIELD_MISSING,
     "FunctionError": FunctionError,
     "_rt_group": compiler_runtime.group,
+    "_rt_Decoded": compiler_runtime.Decoded,
     "_rt_location": compiler_runtime.location,
     "_rt_function_error": compiler_runtime.function_error,
     "_rt_undo_records": compiler_runtime.undo_records,

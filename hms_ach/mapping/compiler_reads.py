@@ -117,18 +117,40 @@ class _Reads:
             out.append(f"{ind}for {s} in {base}[{n - 1}:{n}]:")
         return ind + "    ", True
 
+    @staticmethod
+    def split_once(out: list[str], ind: str, var: str, text: str, level: str) -> None:
+        """Emit ``var = text`` split at the separator of ``level`` (``reps``, ``comps`` or ``subs``),
+        split once per message: the message's ``<level>_of`` dict keeps each text's parts (inline,
+        as a hit costs a ``get`` where a call would cost more than the split it saves)."""
+        sep = {"reps": "RS", "comps": "CS", "subs": "SS"}[level]
+        out.append(f"{ind}{var} = {level}_of.get({text})")
+        out.append(f"{ind}if {var} is None:")
+        out.append(f"{ind}    {var} = {level}_of[{text}] = {text}.split({sep})")
+
     def component(
-        self, out: list[str], ind: str, rep: str, raw: str, comp: int | None, sub: int | None
-    ) -> None:
+        self,
+        out: list[str],
+        ind: str,
+        rep: str,
+        raw: str,
+        comp: int | None,
+        sub: int | None,
+        comps: str | None = None,
+    ) -> str | None:
+        """Emit ``raw`` = component ``comp`` (subcomponent ``sub``) of repetition ``rep``; returns the
+        variable holding ``rep``'s components (``comps``: one that already does)."""
         if comp is None:
             out.append(f"{ind}{raw} = {rep}")
-            return
-        c = self.var("_c")
-        out.append(f"{ind}{c} = {rep}.split(CS)")
-        out.append(f"{ind}{raw} = {c}[{comp - 1}] if {comp} <= len({c}) else ''")
+            return comps
+        if comps is None:
+            comps = self.var("_c")
+            self.split_once(out, ind, comps, rep, "comps")
+        out.append(f"{ind}{raw} = {comps}[{comp - 1}] if {comp} <= len({comps}) else ''")
         if sub is not None:
-            out.append(f"{ind}{c} = {raw}.split(SS)")
+            c = self.var("_c")
+            self.split_once(out, ind, c, raw, "subs")
             out.append(f"{ind}{raw} = {c}[{sub - 1}] if {sub} <= len({c}) else ''")
+        return comps
 
     def each(
         self,
@@ -153,7 +175,7 @@ class _Reads:
                 out.append(f"{ind}{raw} = {c}[{path.comp - 1}] if {path.comp} <= len({c}) else ''")
                 if path.sub is not None:
                     sc = self.var("_c")
-                    out.append(f"{ind}{sc} = {raw}.split(SS)")
+                    self.split_once(out, ind, sc, raw, "subs")
                     out.append(f"{ind}{raw} = {sc}[{path.sub - 1}] if {path.sub} <= len({sc}) else ''")
             body(out, ind, raw, f"({self.const(path, 'P')}, None, {scope.loc}, 0)")
             return
@@ -169,11 +191,12 @@ class _Reads:
                 out.append(f"{inner}    break")
             return
         fno = path.field
-        out.append(f"{inner}{x} = {s}.fields[{fno}] if {fno} < len({s}.fields) else ''")
         if path.segment == "MSH" and fno in (1, 2):
+            out.append(f"{inner}{x} = {s}.fields[{fno}] if {fno} < len({s}.fields) else ''")
             out.append(f"{inner}{reps} = [{x}]")
-        else:
-            out.append(f"{inner}{reps} = {x}.split(RS) if {x} else []")
+        else:  # an empty field has no repetition: reps_of holds '' -> []
+            out.append(f"{inner}{x} = {s}.fields[{fno}] if {fno} < len({s}.fields) else ''")
+            self.split_once(out, inner, reps, x, "reps")
         raw = self.var("_raw")
         at = f"({pc}, {s}, len({reps}), {ri})"
         if path.rep is None and path.filter_comp is None:
@@ -188,12 +211,13 @@ class _Reads:
             if path.rep not in (None, "*"):
                 out.append(f"{ind2}if {ri} != {int(path.rep)}:")
                 out.append(f"{ind2}    continue")
+            comps = None
             if path.filter_comp is not None:
                 fv = self.var("_fv")
-                self.component(out, ind2, r, fv, path.filter_comp, None)
-                out.append(f"{ind2}if (unesc({fv}) if ESC in {fv} else {fv}) != {path.filter_value!r}:")
+                comps = self.component(out, ind2, r, fv, path.filter_comp, None)
+                out.append(f"{ind2}if (decoded[{fv}] if ESC in {fv} else {fv}) != {path.filter_value!r}:")
                 out.append(f"{ind2}    continue")
-            self.component(out, ind2, r, raw, path.comp, path.sub)
+            self.component(out, ind2, r, raw, path.comp, path.sub, comps)
             body(out, ind2, raw, at)
             if stop:
                 out.append(f"{ind2}if {stop}:")
@@ -226,7 +250,7 @@ class _Reads:
 
             def take(o: list[str], bi: str, raw: str, where: str) -> None:
                 o.append(f"{bi}if {raw} != '' and {raw} != '\"\"':")
-                o.append(f"{bi}    {v} = unesc({raw}) if ESC in {raw} else {raw}")
+                o.append(f"{bi}    {v} = decoded[{raw}] if ESC in {raw} else {raw}")
                 if keep:  # where it was, and the raw text (for a value built from it)
                     o.append(f"{bi}    {v}_raw = {raw}")
                     o.append(f"{bi}    {at} = {where}")

@@ -7,6 +7,7 @@ generated code. Every helper keeps the interpreted engine's meaning (:mod:`~hms_
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from hms_ach.core.errors import MappingError
@@ -19,6 +20,19 @@ from hms_ach.mapping.paths import MessagePath, TypePath
 #: (path, segment, repetitions in the field, repetition number) for a message path,
 #: (path, None, where the current value is, 0) for a datatype path
 At = tuple[Any, Any, Any, int]
+
+
+class Decoded(dict[str, str]):
+    """The texts of one message with their escapes decoded, each text once: ``decoded[text]``.
+    ``decode`` (the parser's decoder) is set by the generated code, not by an ``__init__``: a
+    Python-level constructor would cost every message more than the decoding it saves."""
+
+    __slots__ = ("decode",)
+    decode: Callable[[str], str]
+
+    def __missing__(self, text: str) -> str:
+        value = self[text] = self.decode(text)
+        return value
 
 
 def group(message: Hl7Message, loop: Segment, name: str) -> list[Segment]:

@@ -11,11 +11,22 @@ from typing import Any
 
 from hms_ach.mapping import spec
 from hms_ach.mapping.compiler_reads import _e, _Reads, _Scope, _t
-from hms_ach.mapping.engine import _field_location, _target
+from hms_ach.mapping.engine import _empty, _field_location, _target
 from hms_ach.mapping.functions import FUNCTIONS
 from hms_ach.mapping.loader import LoadedFile
 from hms_ach.mapping.paths import MessagePath, Source
 from hms_ach.mapping.terminology import _folded
+
+#: the classes of values a flat constant holds, shared safely by copies
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def _flat_dict(value: Any) -> bool:
+    """A plain dict of scalars without an ``@as:`` reference: ``_fresh`` copies it as ``dict()`` does."""
+    if type(value) is not dict or not all(type(x) in _SCALARS for x in value.values()):
+        return False
+    ref = value.get("reference")
+    return not (isinstance(ref, str) and ref.startswith("@as:"))
 
 
 class _Values(_Reads):
@@ -70,8 +81,39 @@ class _Values(_Reads):
                 folded = self.const(_folded(table), "M")  # the table's codes upper-cased, once
                 out.append(f"{ind}    _tf = {folded}.get(_tk.upper())")
             out.append(
-                f"{ind}    {val} = _tf if _tf is not None else _lookup({t}, {name}, str({val}), {where})"
+                f"{ind}    {val} = _tf if _tf is not None else {self.unmapped(table, t, name, val, where)}"
             )
+
+    @staticmethod
+    def constant(v: spec.ValueSpec) -> bool:
+        """Whether ``v`` is a constant ``value`` set as it is (no source, param, function or table)
+        and not empty: then its emptiness and ``required`` need no test when the code runs."""
+        plain = not (v.source or v.sources or v.param or v.function or v.table)
+        return plain and "value" in v.model_fields_set and not _empty(v.value)
+
+    def copy_of(self, value: Any) -> str:
+        """The expression of ``_fresh(value)`` for a constant ``value``: the constant itself when it is
+        not a dict or list, a C-level copy of a flat one (scalar items, no ``@as:`` reference, no
+        None item: ``_fresh`` would copy it the same way and leave the run clean)."""
+        name = self.const(value)
+        if not isinstance(value, (dict, list)):
+            return name
+        if _flat_dict(value):
+            return f"dict({name})"
+        if type(value) is list and all(type(x) in _SCALARS and x is not None for x in value):
+            return f"list({name})"
+        return f"_fresh({name}, run)"
+
+    def unmapped(self, table: spec.CodeTable, t: str, name: str, val: str, where: str) -> str:
+        """The expression of ``lookup``'s answer for a code ``_tk`` not in ``table``, inlined when the
+        table's ``unmapped`` policy cannot fail (then no location is made)."""
+        if table.unmapped == "keep":
+            return "_tk"
+        if table.unmapped == "default":
+            if isinstance(table.default, str) and "{code}" in table.default:
+                return f"({self.const(table.default, 'K')}.replace('{{code}}', _tk) if _tk else None)"
+            return self.const(table.default, "K")  # the table's own object, as lookup returns it
+        return f"_lookup({t}, {name}, str({val}), {where})"
 
     def value(
         self,
@@ -164,12 +206,13 @@ class _Values(_Reads):
             if not last:
                 out.append(f"{ind}_nd = _ls[{n}]")
                 continue
-            # merge_content into an empty object is a copy without the None members
+            # merge_content into an empty object is a copy without the None members; a value set
+            # here is always the rule's own (built, copied or read), so without None it is kept as is
             out.append(f"{ind}_od = _ls[{n}]")
             out.append(f"{ind}if isinstance({val}, dict) and isinstance(_od, dict):")
             out.append(
-                f"{ind}    _ls[{n}] = _merge_content(_od, {val}) if _od else "
-                f"{{_mk: _mv for _mk, _mv in {val}.items() if _mv is not None}}"
+                f"{ind}    _ls[{n}] = _merge_content(_od, {val}) if _od else {val} if None not in {val}.values() "
+                f"else {{_mk: _mv for _mk, _mv in {val}.items() if _mv is not None}}"
             )
             out.append(f"{ind}else:")
             out.append(f"{ind}    _ls[{n}] = {val}")
@@ -188,10 +231,24 @@ class _Values(_Reads):
         """``_emit``: an empty value runs only the required check; others are copied and set.
         ``text_only``: the value is text or None (read from the message, nothing applied after)."""
         self.unless_empty(out, ind, (_t if text_only else _e)(val), fail)
-        if not text_only:
+        if text_only:
+            pass
+        elif self.flat_results(rule):
+            out.append(f"{ind}    if {val}.__class__ is dict:")
+            out.append(f"{ind}        {val} = dict({val})")
+        else:
             out.append(f"{ind}    if isinstance({val}, (dict, list)):")
             out.append(f"{ind}        {val} = _fresh({val}, run)")
         self.set_target(out, ind + "    ", rule.target, obj, val)
+
+    def flat_results(self, v: spec.ValueSpec) -> bool:
+        """Whether ``v`` is a message text through a table (no function) whose every answer, and
+        ``v``'s default, is text, a number or a flat dict: then ``dict(value)`` is ``_fresh(value)``."""
+        if not v.table or v.function or v.sources or not v.source:
+            return False
+        table = self.mset.tables[v.table].model
+        answers = [*table.map.values(), table.default, v.default]
+        return all(not isinstance(x, (dict, list)) or _flat_dict(x) for x in answers)
 
     # ------------------------------------------------------------------ conditions and loops
     def when(self, out: list[str], ind: str, when: Any, scope: _Scope) -> str | None:
@@ -274,7 +331,7 @@ class _Values(_Reads):
             else:
                 val, comps, loc = self.var("_val"), self.var("_cs"), self.var("_l")
                 o.append(f"{ci}{val} = {raw}")
-                o.append(f"{ci}{comps} = {raw}.split(CS)")
+                self.split_once(o, ci, comps, raw, "comps")
                 o.append(f"{ci}{loc} = {at}")
                 segvar = at.split(", ")[1] if isinstance(path, MessagePath) else scope.seg
                 segname = path.segment if isinstance(path, MessagePath) else scope.segname
@@ -288,7 +345,7 @@ class _Values(_Reads):
     def with_value(self, out: list[str], ind: str, scope: _Scope, raw: str, at: str, path: Source) -> _Scope:
         val, comps, loc = self.var("_val"), self.var("_cs"), self.var("_l")
         out.append(f"{ind}{val} = {raw}")
-        out.append(f"{ind}{comps} = {raw}.split(CS)")
+        self.split_once(out, ind, comps, raw, "comps")
         out.append(f"{ind}{loc} = {at}")
         if isinstance(path, MessagePath):
             segv = self.var("_sg")

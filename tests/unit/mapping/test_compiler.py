@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -242,3 +243,99 @@ def test_runtime_fresh_and_empty_list_match_the_interpreter(value: Any) -> None:
     lists: list[list[Any]] = [[], [""], ['""', None], [[], {}], [[""], "x"], [{"a": 1}]]
     for items in lists:
         assert compiler_runtime.empty_list(items) == _empty(items)
+
+
+def test_the_generated_code_splits_a_text_only_when_the_message_has_not_split_it(mset: MappingSet) -> None:
+    """Every split in the compiled ADT^A01 is the miss of a per-message cache (``reps_of``,
+    ``comps_of``, ``subs_of``): a field read by ten rules is split once per message."""
+    source = generate(mset, mset.messages["adt_a01"], "UTC")
+    splits = [line.strip() for line in source.splitlines() if ".split(" in line]
+    assert len(splits) > 50
+    for line in splits:
+        assert re.fullmatch(
+            r"(_\w+) = (reps|comps|subs)_of\[(_\w+(?:\[0\])?)\] = \3\.split\((RS|CS|SS)\)", line
+        ), line
+    assert "unesc(" not in source  # escapes are decoded through the message's cache too
+
+
+def test_a_field_split_once_serves_every_read_of_it(mset: MappingSet) -> None:
+    """Repetitions, filters, components and escapes read from the same fields by several rules:
+    the shared split and decoding give what the interpreter gives, message after message."""
+    engine = MappingEngine(mset, "UTC")
+    base = (ROOT / "samples" / "hl7" / "adt_a01.hl7").read_bytes().decode("latin-1").replace("\n", "\r")
+    pid3 = "A\\T\\1^^^HOSP^MR~B2^^^SSA&2.16&ISO^SS~A\\T\\1^^^HOSP^MR"
+    segs = [
+        ("PID|1||" + pid3 + "|" + s.split("|", 4)[4]) if s.startswith("PID|") else s for s in base.split("\r")
+    ]
+    for raw in ("\r".join(segs).encode("latin-1"), base.encode("latin-1")):
+        msg = parse(raw)
+        assert compiled_difference(engine, msg) is None
+    fast = engine.map_message(parse("\r".join(segs).encode("latin-1")), lineage=False)
+    patient = next(r for r in fast.records if r.resource_type == "Patient")
+    assert patient.key_value == "A&1"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "text",
+        {"system": "urn:x", "code": "MR", "display": None},
+        {"reference": "@as:patient"},
+        {"coding": [{"system": "urn:x"}]},
+        ["a", 1, True],
+        ["a", None],
+        [{}],
+    ],
+)
+def test_a_constant_is_copied_as_fresh_copies_it(mset: MappingSet, value: Any) -> None:
+    """The copy the generated code makes of a constant (``dict()`` when flat) equals ``_fresh``'s,
+    leaves the run as dirty as ``_fresh`` does, and shares no container with the mapping file."""
+    from hms_ach.mapping.compiler import _GLOBALS, MappingCompiler
+    from hms_ach.mapping.engine import _fresh, _Run
+
+    gen = MappingCompiler(mset, "UTC").gen
+    expr = gen.copy_of(value)
+    a, b = _Run(MappingResult(mapping="x"), False), _Run(MappingResult(mapping="x"), False)
+    copied = eval(expr, {**_GLOBALS, **gen.consts, "run": a})  # noqa: S307 - the generated expression
+    assert copied == _fresh(value, b) and a.dirty == b.dirty
+    assert copied is not value or not isinstance(value, (dict, list))
+
+
+@pytest.mark.parametrize(
+    ("unmapped", "default"),
+    [
+        ("keep", None),
+        ("default", "urn:id:{code}"),
+        ("default", {"code": "UNK"}),
+        ("default", None),
+        ("error", None),
+    ],
+)
+@pytest.mark.parametrize("code", ["ZZ", " zz ", "  "])
+def test_an_unmapped_code_is_answered_as_lookup_answers_it(
+    mset: MappingSet, unmapped: str, default: Any, code: str
+) -> None:
+    """The inlined answer for a code not in a table is ``lookup``'s (the same object for a default,
+    the same error text and location for ``unmapped: error``)."""
+    from hms_ach.core.errors import MappingError
+    from hms_ach.mapping.compiler import _GLOBALS, MappingCompiler
+    from hms_ach.mapping.spec import CodeTable
+    from hms_ach.mapping.terminology import lookup
+
+    table = CodeTable(kind="table", map={"A": "x"}, unmapped=unmapped, default=default)
+    gen = MappingCompiler(mset, "UTC").gen
+    expr = gen.unmapped(table, "T_", "'codes'", "_v", "'PID-8'")
+    scope = {**_GLOBALS, **gen.consts, "T_": table, "_v": code, "_tk": code.strip()}
+    try:
+        expected: Any = lookup(table, "codes", code, "PID-8")
+    except MappingError as exc:
+        with pytest.raises(MappingError) as got:
+            eval(expr, scope)  # noqa: S307 - the generated expression
+        assert (got.value.message, got.value.location, got.value.code) == (
+            exc.message,
+            exc.location,
+            exc.code,
+        )
+        return
+    answer = eval(expr, scope)  # noqa: S307 - the generated expression
+    assert answer == expected and (answer is expected or not isinstance(expected, dict))
