@@ -17,11 +17,12 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
-from sqlalchemy import text
+from sqlalchemy import Connection, text
 
 from hms_ach.store.db import Checkpointer, Store
 from hms_ach.store.writer import StoreWriter
@@ -66,7 +67,11 @@ def _until(condition: Callable[[], bool], within: float = 5.0) -> None:
 
 def _insert(writer: StoreWriter, *numbers: int) -> None:
     for n in numbers:
-        writer.run_sync(lambda tx, n=n: tx.execute(text("INSERT INTO probe (n) VALUES (:n)"), {"n": n}))
+        writer.run_sync(partial(_insert_one, n=n))
+
+
+def _insert_one(tx: Connection, n: int) -> None:
+    tx.execute(text("INSERT INTO probe (n) VALUES (:n)"), {"n": n})
 
 
 def _in_database_file(store: Store, tmp_path: Path) -> set[int]:
@@ -83,7 +88,7 @@ def _in_database_file(store: Store, tmp_path: Path) -> set[int]:
         copy.unlink()
 
 
-def _kill(checkpointer: Checkpointer) -> None:
+def kill_checkpointer(checkpointer: Checkpointer) -> None:
     """Raise :class:`Killed` in the running checkpoint thread and wait until it has exited."""
     thread = checkpointer._thread
     assert thread is not None and thread.is_alive() and thread.ident is not None
@@ -112,7 +117,7 @@ def test_a_dead_checkpointer_is_restarted_by_the_next_commit_and_checkpoints_aga
     assert _in_database_file(sqlite_store, tmp_path) == {1}
     counted = _restarts_counted()
 
-    _kill(checkpointer)
+    kill_checkpointer(checkpointer)
     assert _events(caplog, "store.checkpointer_died") == 1
     assert not checkpointer.alive and checkpointer.restarts == 0
 
@@ -140,12 +145,12 @@ def test_restarts_are_bounded_and_a_checkpointer_left_stopped_is_a_problem_until
     _insert(writer, 1)
     _until(lambda: checkpointer.pending_seconds() is None)
 
-    _kill(checkpointer)
+    kill_checkpointer(checkpointer)
     _insert(writer, 2)  # restarted: the one restart the window allows
     assert checkpointer.alive and checkpointer.restarts == 1
     _until(lambda: checkpointer.pending_seconds() is None)
 
-    _kill(checkpointer)
+    kill_checkpointer(checkpointer)
     _insert(writer, 3, 4, 5)  # refused: it died again within the window
     assert not checkpointer.alive and checkpointer.restarts == 1
     assert _events(caplog, "store.checkpointer_restart_refused") == 1  # once, not once per commit
