@@ -72,6 +72,13 @@ class EngineSettings(_Strict):
     min_free_disk_mb: int = Field(
         64, ge=0, description="/health/ready fails when the SQLite database's disk has less free space"
     )
+    wal_checkpoint_max_age_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="/health/ready fails when commits have waited this long for a SQLite WAL checkpoint "
+        "that completes (a reader holding an old snapshot, checkpoints that keep failing: the WAL grows "
+        "meanwhile); 0: no bound. The checkpoint thread not running fails it at once",
+    )
     shutdown_grace_seconds: float = Field(
         30.0,
         gt=0,

@@ -10,6 +10,8 @@ than an event, read from the running engine when Prometheus scrapes:
 * ``hms_ach_db_pool_connections{pool,state}``: the store's pools, ``in_use`` and ``idle``;
 * ``hms_ach_access_audit_queue_records`` and ``hms_ach_access_audit_dropped_records_total``;
 * ``hms_ach_channel_connections{channel}``: open MLLP connections;
+* SQLite in a file: ``hms_ach_wal_bytes`` (the WAL file's size), ``hms_ach_wal_checkpointer_up``
+  and ``hms_ach_wal_last_checkpoint_timestamp_seconds`` (the last checkpoint that completed);
 * ``hms_ach_up``: 1, with the engine's version as a label.
 
 Access: the route is authenticated like every other; the caller needs the ``metrics.read`` action
@@ -32,6 +34,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from hms_ach.auth.caller import Caller
+from hms_ach.store.db import Checkpointer
 
 log = logging.getLogger("hms_ach.app.metrics")
 
@@ -57,6 +60,7 @@ class EngineState:
     access_queue: Callable[[], int] = lambda: 0
     access_dropped: Callable[[], int] = lambda: 0
     connections: Callable[[], Iterable[tuple[str, int]]] = lambda: ()
+    checkpointer: Callable[[], Checkpointer | None] = lambda: None  # SQLite in a file only
 
 
 class EngineCollector(Collector):
@@ -77,6 +81,7 @@ class EngineCollector(Collector):
         yield from _safe("pool", lambda: _pools(state))
         yield from _safe("access_audit", lambda: _access(state))
         yield from _safe("connections", lambda: _connections(state))
+        yield from _safe("wal", lambda: _wal(state))
 
 
 def _safe(part: str, make: Callable[[], list[Metric]]) -> list[Metric]:
@@ -146,6 +151,30 @@ def _connections(state: EngineState) -> list[Metric]:
     for channel, count in state.connections():
         g.add_metric([channel], count)
     return [g]
+
+
+def _wal(state: EngineState) -> list[Metric]:
+    checkpointer = state.checkpointer()
+    if checkpointer is None:
+        return []
+    out: list[Metric] = [
+        _gauge("hms_ach_wal_bytes", "Size of the SQLite WAL file", checkpointer.wal_bytes()),
+        _gauge(
+            "hms_ach_wal_checkpointer_up",
+            "1 while the SQLite WAL checkpoint thread runs",
+            1.0 if checkpointer.alive else 0.0,
+        ),
+    ]
+    done = checkpointer.last_completed_at
+    if done is not None:  # none yet since the start: left out rather than 0
+        out.append(
+            _gauge(
+                "hms_ach_wal_last_checkpoint_timestamp_seconds",
+                "Unix time of the last SQLite WAL checkpoint that copied every frame",
+                done,
+            )
+        )
+    return out
 
 
 COLLECTOR = EngineCollector()

@@ -253,6 +253,7 @@ class Engine:
             access_queue=lambda: self.access_audit.queued,
             access_dropped=lambda: self.access_audit.dropped,
             connections=connections,
+            checkpointer=self.store.checkpointer,
         )
 
     def _fhir_write_channel(self) -> FhirRestChannel | None:
@@ -498,6 +499,12 @@ class Engine:
             if reason is not None:
                 failed["store"] = f"a trivial transaction did not commit: {reason}"
         self.health["writer"] = self.writer.health.as_dict()
+        checkpointer = self.store.checkpointer()
+        if checkpointer is not None:  # SQLite in a file: the WAL checkpoint thread (store/db.py)
+            wal = checkpointer.problem(self.config.engine.wal_checkpoint_max_age_seconds)
+            self.health["wal_checkpoint"] = checkpointer.health()
+            if wal is not None:
+                failed["wal_checkpoint"] = wal
         disk = self._disk_problem()
         if disk is not None:
             failed["disk"] = disk

@@ -81,6 +81,10 @@ NOTIFY_UNRESOLVED = Counter(
     "Notification recipients the notify sink could not resolve, by sink and rule (employee, managers, peers)",
     ["sink", "rule"],
 )
+WAL_CHECKPOINTER_RESTARTS = Counter(
+    "hms_ach_wal_checkpointer_restarts",
+    "SQLite WAL checkpoint threads started again after one exited (at most 5 a minute)",
+)
 
 
 def message_type_label(message_type: str | None) -> str:

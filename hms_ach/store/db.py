@@ -12,8 +12,11 @@ import logging
 import os
 import sqlite3
 import threading
+import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, event, inspect, text
@@ -21,6 +24,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlmodel import SQLModel, create_engine
 
+from hms_ach.core import metrics
 from hms_ach.store import (
     models,  # noqa: F401  (registers the tables on SQLModel.metadata)
     txcache,
@@ -200,14 +204,17 @@ class Store:
         return row is not None and int(row[0]) == 0  # (busy, log frames, checkpointed frames)
 
     def checkpointer(self) -> Checkpointer | None:
-        """A :class:`Checkpointer` for this store (SQLite in a file), None where there is none to run
-        (PostgreSQL, an in-memory database)."""
-        if not is_sqlite(self.writer):
-            return None
+        """The :class:`Checkpointer` of this store (SQLite in a file; one per store, made on first
+        use, so that the writer that runs it and the readiness check that watches it see the same
+        one), None where there is none to run (PostgreSQL, an in-memory database)."""
+        made: Checkpointer | None = getattr(self, "_checkpointer", None)
+        if made is not None or not is_sqlite(self.writer):
+            return made
         path = self.writer.url.database
         if not path or path == ":memory:" or path.startswith("file:"):
             return None
-        return Checkpointer(path)
+        self._checkpointer = Checkpointer(path)
+        return self._checkpointer
 
     def close(self) -> bool | None:
         """Checkpoint (SQLite) and close every pooled connection; what :meth:`checkpoint` returned
@@ -222,6 +229,12 @@ class Store:
 
 #: How often the checkpointer copies the WAL into the database file while commits happen (seconds).
 CHECKPOINT_INTERVAL = 0.25
+#: A checkpointer thread that exited is started again at most this many times per window...
+CHECKPOINTER_MAX_RESTARTS = 5
+#: ...of this many seconds; past that it stays stopped (and readiness fails) until the window passes.
+CHECKPOINTER_RESTART_WINDOW = 60.0
+#: A run of failed checkpoints logs its first failure, then at most one line per this many seconds.
+CHECKPOINT_FAILURE_LOG_SECONDS = 60.0
 
 
 class Checkpointer:
@@ -236,13 +249,43 @@ class Checkpointer:
     which never waits for a lock and never blocks the writer. A completed checkpoint lets the next
     write start the WAL again from its beginning, so the WAL stays about as large as a quarter of a
     second of commits (as today, a reader holding an old snapshot can keep it growing until it is
-    done). A stopping engine still truncates the WAL (:meth:`Store.checkpoint`).
+    done; the thread then tries again every interval). A stopping engine still truncates the WAL
+    (:meth:`Store.checkpoint`).
+
+    It never stops silently (docs/reliability.md, "The WAL checkpointer"):
+
+    * a round that fails (any ``Exception``: busy, a full disk, a connection gone bad) is logged
+      (``store.checkpoint_failed``, then at most once a minute while it keeps failing), its
+      connection is closed and the next round opens a new one;
+    * a thread that exits anyway (``store.checkpointer_died``) is started again by the next commit,
+      or by the writer's supervisor check, at most :data:`CHECKPOINTER_MAX_RESTARTS` times per
+      :data:`CHECKPOINTER_RESTART_WINDOW` seconds (``store.checkpointer_restarted``, counted in
+      ``hms_ach_wal_checkpointer_restarts_total``); past that ``store.checkpointer_restart_refused``;
+    * :meth:`problem` tells readiness when the thread is not running, or when commits have waited
+      longer than a bound for a checkpoint that completes; :meth:`health` and :meth:`wal_bytes` feed
+      ``/health`` and the ``hms_ach_wal_*`` gauges.
     """
 
-    def __init__(self, path: str, interval: float = CHECKPOINT_INTERVAL):
+    def __init__(
+        self,
+        path: str,
+        interval: float = CHECKPOINT_INTERVAL,
+        max_restarts: int = CHECKPOINTER_MAX_RESTARTS,
+        restart_window: float = CHECKPOINTER_RESTART_WINDOW,
+    ):
         self.path = path
         self.interval = interval
-        self.runs = 0
+        self.max_restarts = max_restarts
+        self.restart_window = restart_window
+        self.runs = 0  # rounds whose PRAGMA ran (complete or not)
+        self.restarts = 0  # threads started again after one exited
+        self.last_completed_at: float | None = None  # time.time() of the last complete checkpoint
+        self.last_error: str | None = None  # the error class of the last failed round, no values
+        self._pending_since: float | None = None  # monotonic: first commit no complete checkpoint covers
+        self._last_commit = 0.0  # monotonic time of the last commit
+        self._restarted_at: deque[float] = deque()  # monotonic times of the restarts in the window
+        self._refused = False  # a restart was refused (logged once until one is allowed again)
+        self._lock = threading.Lock()
         self._dirty = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -260,27 +303,130 @@ class Checkpointer:
                 cursor.close()
             info["hms_ach_manual_checkpoint"] = True
 
+    # ------------------------------------------------------------------ supervision
     def start(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            return
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._loop, name="hms-ach-checkpoint", daemon=True)
-        self._thread.start()
+        """Start the thread; or start it again if it exited (a restart: logged, counted, bounded)."""
+        with self._lock:
+            thread = self._thread
+            if thread is not None and thread.is_alive():
+                return
+            if thread is not None and not self._may_restart():
+                return
+            self._stopping.clear()
+            self._dirty.set()  # the first round checkpoints whatever the WAL holds
+            fresh = threading.Thread(target=self._loop, name="hms-ach-checkpoint", daemon=True)
+            fresh.start()
+            self._thread = fresh
+
+    def _may_restart(self) -> bool:
+        """Whether the thread that exited may be started again now (called with the lock held)."""
+        now = time.monotonic()
+        while self._restarted_at and now - self._restarted_at[0] >= self.restart_window:
+            self._restarted_at.popleft()
+        if len(self._restarted_at) >= self.max_restarts:
+            if not self._refused:
+                self._refused = True
+                log.critical(
+                    "store.checkpointer_restart_refused",
+                    extra={"restarts": len(self._restarted_at), "window_seconds": self.restart_window},
+                )
+            return False
+        self._refused = False
+        self._restarted_at.append(now)
+        self.restarts += 1
+        metrics.WAL_CHECKPOINTER_RESTARTS.inc()
+        log.error("store.checkpointer_restarted", extra={"restarts": self.restarts})
+        return True
+
+    def revive(self) -> None:
+        """Start the thread again if it exited (not if it was stopped); never raises."""
+        thread = self._thread
+        if thread is not None and not thread.is_alive():
+            try:
+                self.start()
+            except Exception as exc:  # noqa: BLE001 - the caller is the writer: it must go on
+                log.error("store.checkpointer_restart_failed", extra={"error_type": type(exc).__name__})
+
+    @property
+    def alive(self) -> bool:
+        thread = self._thread
+        return thread is not None and thread.is_alive()
 
     def committed(self) -> None:
-        """A commit added to the WAL: the next round checkpoints it."""
+        """A commit added to the WAL: the next round checkpoints it (and a thread that exited is
+        started again)."""
+        now = time.monotonic()
+        with self._lock:
+            self._last_commit = now
+            if self._pending_since is None:
+                self._pending_since = now
         self._dirty.set()
+        self.revive()
 
     def stop(self, timeout: float = 10) -> None:
-        thread, self._thread = self._thread, None
+        with self._lock:
+            thread, self._thread = self._thread, None
         if thread is None:
             return
         self._stopping.set()
         self._dirty.set()
         thread.join(timeout)
 
+    # ------------------------------------------------------------------ what it shows
+    def wal_bytes(self) -> int:
+        """The size of the WAL file on disk (0 when there is none)."""
+        try:
+            return os.stat(self.path + "-wal").st_size
+        except OSError:
+            return 0
+
+    def pending_seconds(self) -> float | None:
+        """How long the oldest commit no complete checkpoint has covered yet has waited, or None."""
+        since = self._pending_since
+        return None if since is None else time.monotonic() - since
+
+    def problem(self, max_age_seconds: float) -> str | None:
+        """Why the WAL is not being checkpointed, for readiness; None when it is. A thread that
+        exited is started again first (within the restart bound). ``max_age_seconds`` (0: no
+        bound): how long commits may wait for a checkpoint that completes."""
+        self.revive()
+        thread = self._thread
+        if thread is not None and not thread.is_alive():
+            return (
+                f"the WAL checkpoint thread stopped and was restarted {len(self._restarted_at)} times"
+                f" within {self.restart_window:g} s; it is not restarted again before that window passes"
+            )
+        waited = self.pending_seconds()
+        if max_age_seconds > 0 and waited is not None and waited > max_age_seconds:
+            why = (
+                f" (last error: {self.last_error})"
+                if self.last_error
+                else " (a reader holds an old snapshot?)"
+            )
+            return (
+                f"no WAL checkpoint completed for {waited:.0f} s while commits waited, more than"
+                f" {max_age_seconds:g} s; the WAL is {self.wal_bytes()} bytes{why}"
+            )
+        return None
+
+    def health(self) -> dict[str, Any]:
+        """The checkpointer's state for ``/health`` (no field values)."""
+        waited = self.pending_seconds()
+        done = self.last_completed_at
+        return {
+            "running": self.alive,
+            "last_checkpoint_at": None if done is None else datetime.fromtimestamp(done, UTC).isoformat(),
+            "pending_seconds": None if waited is None else round(waited, 3),
+            "wal_bytes": self.wal_bytes(),
+            "restarts": self.restarts,
+            "last_error": self.last_error,
+        }
+
+    # ------------------------------------------------------------------ the thread
     def _loop(self) -> None:
         conn: sqlite3.Connection | None = None
+        failing_since: float | None = None  # monotonic time of the first failure of a run of them
+        logged_at = 0.0
         try:
             while not self._stopping.is_set():
                 self._dirty.wait()
@@ -288,22 +434,67 @@ class Checkpointer:
                     break
                 self._dirty.clear()
                 try:
-                    if conn is None:
-                        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-                        conn.execute("PRAGMA busy_timeout=0")  # PASSIVE never waits for a lock
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                    self.runs += 1
-                except sqlite3.Error as exc:  # busy, a full disk: the next round tries again
-                    log.warning("store.checkpoint_failed", extra={"error_type": type(exc).__name__})
-                    self._dirty.set()
+                    conn = self._round(conn)
+                except Exception as exc:  # noqa: BLE001 - busy, a full disk, a broken connection...
+                    self.last_error = type(exc).__name__
+                    self._dirty.set()  # the next round tries again, on a new connection
+                    if conn is not None:
+                        _close_quietly(conn)
+                        conn = None
+                    now = time.monotonic()
+                    if failing_since is None or now - logged_at >= CHECKPOINT_FAILURE_LOG_SECONDS:
+                        failing_since = failing_since or now
+                        logged_at = now
+                        log.warning(
+                            "store.checkpoint_failed",
+                            extra={
+                                "error_type": self.last_error,
+                                "failing_seconds": round(now - failing_since, 1),
+                            },
+                        )
+                    continue
+                if failing_since is not None:
+                    log.info(
+                        "store.checkpoint_recovered",
+                        extra={"failing_seconds": round(time.monotonic() - failing_since, 1)},
+                    )
+                    failing_since = None
+                    self.last_error = None
             # the last commits before the stop: checkpointed too, so the WAL is short for the TRUNCATE
             if conn is not None:
                 try:
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-                except sqlite3.Error:
+                    self._round(conn)
+                except Exception:  # noqa: BLE001, S110 - the stop's TRUNCATE checkpoints anyway
                     pass
-        except Exception as exc:  # noqa: BLE001 - the thread must not die silently
+        except BaseException as exc:  # noqa: BLE001 - logged; the next commit starts a new thread
             log.error("store.checkpointer_died", extra={"error_type": type(exc).__name__})
         finally:
             if conn is not None:
-                conn.close()
+                _close_quietly(conn)
+
+    def _round(self, conn: sqlite3.Connection | None) -> sqlite3.Connection:
+        """One ``PRAGMA wal_checkpoint(PASSIVE)``; returns the connection for the next round. When it
+        completed (every frame of the WAL copied), the commits before it are no longer pending;
+        when a reader kept it from completing, the next round tries again."""
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout=0")  # PASSIVE never waits for a lock
+        started = time.monotonic()
+        row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        self.runs += 1
+        busy, frames, copied = (int(v) for v in row) if row is not None else (1, 0, 0)
+        if busy == 0 and frames == copied:
+            self.last_completed_at = time.time()
+            with self._lock:
+                # a commit that came while it ran may not be covered: still pending, from then on
+                self._pending_since = started if self._last_commit >= started else None
+        else:
+            self._dirty.set()
+        return conn
+
+
+def _close_quietly(conn: sqlite3.Connection) -> None:
+    try:
+        conn.close()
+    except Exception:  # noqa: BLE001, S110 - closing a broken connection
+        pass
