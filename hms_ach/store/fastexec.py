@@ -164,7 +164,9 @@ def insert_rows(conn: Connection, table: Table, rows: Iterable[Mapping[str, Any]
         _insert(conn, table, compiled, compiled.params_many(batch, as_tuples=True))
 
 
-def insert_values(conn: Connection, table: Table, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
+def insert_values(
+    conn: Connection, table: Table, columns: tuple[str, ...], rows: list[tuple[Any, ...]]
+) -> None:
     """:func:`insert_rows` for rows given as tuples of the values of ``columns`` (in that order):
     the many-row writes of a transaction Bundle make them so, and no dict is made per row."""
     if not rows:
