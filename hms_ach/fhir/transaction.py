@@ -114,7 +114,7 @@ def plan(ops: list[Operation], source: str | None = None) -> None:
     entries = [e for e in (_entry(op) for op in ops) if e is not None]
     if len(entries) < MIN_GROUP:
         return
-    rids = {id(e.op): new_id() for e in entries}
+    rids = dict(zip((id(e.op) for e in entries), bulk.ordered_ids(len(entries)), strict=True))
     guessed = {e.op.full_url: f"{e.op.resource_type}/{rids[id(e.op)]}" for e in entries if e.op.full_url}
     for i, e in enumerate(entries, start=1):
         rec, rtype = e.op.record, e.op.resource_type

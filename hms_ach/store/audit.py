@@ -242,8 +242,9 @@ def record_many(
     last = cache.get("audit.last_hash")
     if last is None:
         last = conn.execute(_LAST_HASH).scalar()
+    recorded = instant()  # once for all: they commit together
     for row in rows:
-        row["recorded"] = instant()
+        row["recorded"] = recorded
         row["prev_hash"] = last or GENESIS
         row["hash"] = last = entry_hash(row, seal)
     fastexec.insert_rows(conn, T, rows)

@@ -24,13 +24,15 @@ and the per-entry path then runs with its race-free claim.
 
 from __future__ import annotations
 
+import os
+import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Table, select
+from sqlalchemy import Table, bindparam, select
 
 from hms_ach.store import fastexec, search_params
 from hms_ach.store.audit import MadeDiff
@@ -80,9 +82,10 @@ class Rendered:
     body: dict[str, Any]
     text: str
     stamp: str
-    index: dict[str, list[dict[str, Any]]]  # by kind, the rows as inserted (resource_type, resource_id set)
+    index: IndexRows  # its search-index rows, as inserted
     ahead: Ahead  # the change listeners' rows for the new record (changes.prepare), stamped too
     audit: MadeDiff | None = None  # its audit diff (changes.prepare_audit; meta is not in it)
+    stamped: bool = True  # whether a row of ``ahead`` holds the stamp (most events do not)
 
 
 def render_ahead(resource_type: str, rid: str, content: dict[str, Any]) -> Rendered:
@@ -95,11 +98,43 @@ def render_ahead(resource_type: str, rid: str, content: dict[str, Any]) -> Rende
     text = text.replace(_STAMP_TEXT, stamp, 1)
     change = Change(resource_type, rid, 1, "create", None, body, None)
     ahead, made = prepare(change), prepare_audit(change)
-    index = {
-        kind: [{"resource_type": resource_type, "resource_id": rid, **r} for r in rows]
-        for kind, rows in search_params.index_rows(resource_type, body).items()
-    }
-    return Rendered(body, text, stamp, index, ahead, made)
+    index: IndexRows = {}
+    _add_index_rows(index, resource_type, rid, body)
+    stamped = any(stamp in row for rows in ahead.values() for _name, row in rows)
+    return Rendered(body, text, stamp, index, ahead, made, stamped)
+
+
+#: Search-index rows by (kind, the columns they set): each row the values of those columns.
+IndexRows = dict[tuple[str, tuple[str, ...]], list[tuple[Any, ...]]]
+
+
+def _add_index_rows(index: IndexRows, resource_type: str, rid: str, body: dict[str, Any]) -> None:
+    """Add the search-index rows of ``body`` (the version of record ``rid``) to ``index``."""
+    for kind, rows in search_params.index_rows(resource_type, body).items():
+        for r in rows:
+            index.setdefault((kind, ("resource_type", "resource_id", *r)), []).append(
+                (resource_type, rid, *r.values())
+            )
+
+
+def ordered_ids(count: int) -> list[str]:
+    """``count`` new record ids in ascending order: UUIDs of version 7 (RFC 9562: the milliseconds
+    since 1970 in the first 48 bits, then 74 random bits). A Bundle's new records get them, so
+    that their rows (records, history, search index, audit) go next to each other, after the
+    earlier Bundles' ones, in each index keyed by id instead of each to a random page: SQLite spent 10-40% less CPU on a 1,000-entry Bundle's INSERTs
+    than with random ids (two alternated runs of 9 Bundles, the INSERTs timed per table)."""
+    millis = time.time_ns() // 1_000_000
+    ids = []
+    for _ in range(count):
+        rand = int.from_bytes(os.urandom(10)) & _RANDOM_BITS
+        ids.append((millis << 80) | _VERSION_7 | ((rand >> 62) << 64) | _VARIANT | (rand & _LOW_62))
+    return [str(uuid.UUID(int=i)) for i in sorted(ids)]
+
+
+_RANDOM_BITS = (1 << 74) - 1
+_LOW_62 = (1 << 62) - 1
+_VERSION_7 = 0x7 << 76
+_VARIANT = 0b10 << 62
 
 
 def _restamp(ahead: Ahead, stamp: str, when: str) -> Ahead:
@@ -133,23 +168,50 @@ def _chunks(items: list[Any]) -> Iterable[list[Any]]:
 def find_by_keys(tx: Tx, resource_type: str, keys: list[tuple[str, str]]) -> dict[tuple[str, str], Existing]:
     """The rows of ``resource_type`` with the business keys ``(system, value)`` (locked on
     PostgreSQL), by key: one SELECT per system (and per ``CHUNK`` values), on the key's unique index."""
+    stmt = _by_keys(resource_type, tx.dialect.name)
+    name = f"bulk.by_keys:{resource_type}"
     t = _table(resource_type)
+    when = fastexec.result_processor(tx, t.c.last_updated)
     by_system: dict[str, set[str]] = {}
     for system, value in keys:
         by_system.setdefault(system, set()).add(value)
     found: dict[tuple[str, str], Existing] = {}
     for system, values in by_system.items():
         for chunk in _chunks(sorted(values)):
-            q = select(
-                t.c.key_value, t.c.id, t.c.version_id, t.c.deleted, t.c.resource, t.c.last_updated
-            ).where(t.c.key_system == system, t.c.key_value.in_(chunk))
-            if tx.dialect.name == "postgresql":
-                q = q.with_for_update()
-            for r in tx.execute(q):
-                found[(system, r.key_value)] = Existing(
-                    str(r.id), int(r.version_id), bool(r.deleted), r.resource, r.last_updated
+            params = {"system": system, **{f"v{i}": v for i, v in enumerate(_padded(chunk))}}
+            for key_value, rid, version, deleted, resource, last_updated in fastexec.all_rows(
+                tx, name, stmt, params
+            ):
+                found[(system, key_value)] = Existing(
+                    str(rid), int(version), bool(deleted), resource, when(last_updated)
                 )
     return found
+
+
+_by_keys_cache: dict[tuple[str, str], Any] = {}
+
+
+def _by_keys(resource_type: str, dialect: str) -> Any:
+    """The SELECT of :func:`find_by_keys`: the key system, and ``CHUNK`` values (built once: its
+    ``CHUNK`` parameters cost SQLAlchemy more to build than the SELECT costs to run)."""
+    stmt = _by_keys_cache.get((resource_type, dialect))
+    if stmt is None:
+        t = _table(resource_type)
+        stmt = select(
+            t.c.key_value, t.c.id, t.c.version_id, t.c.deleted, t.c.resource, t.c.last_updated
+        ).where(
+            t.c.key_system == bindparam("system"),
+            t.c.key_value.in_([bindparam(f"v{i}") for i in range(CHUNK)]),
+        )
+        if dialect == "postgresql":
+            stmt = stmt.with_for_update()
+        _by_keys_cache[(resource_type, dialect)] = stmt
+    return stmt
+
+
+def _padded(values: list[str]) -> list[str]:
+    """``values`` (1 to ``CHUNK``) made ``CHUNK`` long by repeating the last (the same IN list)."""
+    return values + [values[-1]] * (CHUNK - len(values))
 
 
 def live_ids(tx: Tx, resource_type: str, ids: Iterable[str]) -> set[str]:
@@ -162,13 +224,9 @@ def live_ids(tx: Tx, resource_type: str, ids: Iterable[str]) -> set[str]:
     return live
 
 
-def _insert_grouped(tx: Tx, table: Table, rows: list[dict[str, Any]]) -> None:
-    """INSERT ``rows`` with one ``executemany`` per run of rows with the same keys."""
-    start = 0
-    for i in range(1, len(rows) + 1):
-        if i == len(rows) or tuple(rows[i]) != tuple(rows[start]):
-            fastexec.insert_rows(tx, table, rows[start:i])
-            start = i
+#: The columns of a record row and a history row as :func:`write_versions` inserts them.
+_RECORD_COLUMNS = ("id", "key_system", "key_value", "version_id", "last_updated", "deleted", "resource")
+_HISTORY_COLUMNS = ("resource_type", "id", "version_id", "last_updated", "deleted", "message_id", "resource")
 
 
 def write_versions(
@@ -181,10 +239,10 @@ def write_versions(
     statements per table; ``keys``: the business key of each new record, by id."""
     now = datetime.now(UTC)
     stored: list[Stored] = []
-    inserts: dict[str, list[dict[str, Any]]] = {}
+    inserts: dict[str, list[tuple[Any, ...]]] = {}
     updates: dict[str, list[dict[str, Any]]] = {}
-    history: list[dict[str, Any]] = []
-    index: dict[str, list[dict[str, Any]]] = {kind: [] for kind in INDEX_TABLES}
+    history: list[tuple[Any, ...]] = []
+    index: IndexRows = {}
     wipes: list[dict[str, Any]] = []
     changes: list[Change] = []
     prepared: list[Ahead | None] = []
@@ -195,58 +253,45 @@ def write_versions(
         if ahead is not None:
             body, text = ahead.body, ahead.text.replace(ahead.stamp, when, 1)
             body["meta"]["lastUpdated"] = when
-            prepared.append(_restamp(ahead.ahead, ahead.stamp, when))
+            prepared.append(_restamp(ahead.ahead, ahead.stamp, when) if ahead.stamped else ahead.ahead)
             diffs.append(ahead.audit)
-            for kind, rows in ahead.index.items():
-                index[kind].extend(rows)
+            for group, made in ahead.index.items():
+                found = index.get(group)
+                if found is None:
+                    index[group] = list(made)
+                else:
+                    found.extend(made)
         else:
             prepared.append(None)
             diffs.append(None)
             body, text = render(v.resource_type, v.id, v.version, now, v.content)
-            for kind, rows in search_params.index_rows(v.resource_type, body).items():
-                index[kind].extend({"resource_type": v.resource_type, "resource_id": v.id, **r} for r in rows)
+            _add_index_rows(index, v.resource_type, v.id, body)
         stored.append(Stored(text, now))
         if v.created and v.version == 1:
             system, value = keys.get(v.id, (None, None))
             inserts.setdefault(v.resource_type, []).append(
-                {
-                    "id": v.id,
-                    "key_system": system if value else None,
-                    "key_value": value or None,
-                    "version_id": 1,
-                    "last_updated": now,
-                    "deleted": False,
-                    "resource": text,
-                }
+                (v.id, system if value else None, value or None, 1, now, False, text)
             )
         else:
             updates.setdefault(v.resource_type, []).append(
                 {"rid": v.id, "v": v.version, "t": now, "r": text, "d": False}
             )
             wipes.append({"rt": v.resource_type, "rid": v.id})
-        history.append(
-            {
-                "resource_type": v.resource_type,
-                "id": v.id,
-                "version_id": v.version,
-                "last_updated": now,
-                "deleted": False,
-                "message_id": message_id,
-                "resource": text,
-            }
-        )
+        history.append((v.resource_type, v.id, v.version, now, False, message_id, text))
         action = "create" if v.created else "update"
         changes.append(Change(v.resource_type, v.id, v.version, action, v.before, body, message_id))
     dialect = tx.dialect.name
-    for rtype, rows in inserts.items():
-        fastexec.insert_rows(tx, _table(rtype), rows)
+    for rtype, values in inserts.items():
+        fastexec.insert_values(tx, _table(rtype), _RECORD_COLUMNS, values)
     for rtype, rows in updates.items():
         st = record_statements(rtype, dialect)
         fastexec.execute_many(tx, f"update:{st.name}", st.update, rows)
-    fastexec.insert_rows(tx, HISTORY_TABLE, history)
-    for kind, rows in index.items():
+    fastexec.insert_values(tx, HISTORY_TABLE, _HISTORY_COLUMNS, history)
+    for kind in INDEX_TABLES:
         wipe, table = index_statements(kind)
         fastexec.execute_many(tx, f"wipe_index:{kind}", wipe, wipes)
-        _insert_grouped(tx, table, rows)
+        for (of_kind, columns), values in index.items():
+            if of_kind == kind:
+                fastexec.insert_values(tx, table, columns, values)
     notify_many(tx, changes, prepared, diffs)
     return stored

@@ -40,11 +40,15 @@ class Compiled:
     processors: tuple[Callable[[Any], Any] | None, ...]
 
     def params(self, values: Mapping[str, Any]) -> tuple[Any, ...] | dict[str, Any]:
-        out = [
+        out = self.row(values)
+        return out if self.positional else dict(zip(self.names, out, strict=True))
+
+    def row(self, values: Mapping[str, Any]) -> tuple[Any, ...]:
+        """The converted values of ``values`` in the order of :attr:`names` (a missing one: None)."""
+        return tuple(
             values.get(name) if proc is None else proc(values.get(name))
             for name, proc in zip(self.names, self.processors, strict=True)
-        ]
-        return tuple(out) if self.positional else dict(zip(self.names, out, strict=True))
+        )
 
     def params_many(self, rows: Sequence[Mapping[str, Any]], as_tuples: bool = False) -> list[Any]:
         """:meth:`params` of each row, the values picked by one C-level getter, and each converted
@@ -53,24 +57,32 @@ class Compiled:
         try:
             picked = [pick(row) for row in rows]
         except KeyError:  # a row without some bind name: that value is None
-            return [self.params(row) for row in rows]
-        converting = [(i, proc) for i, proc in enumerate(self.processors) if proc is not None]
-        if converting:
-            out = [list(p) for p in picked]
-            for i, proc in converting:
-                last: Any = object()
-                done: Any = None
-                for p in out:
-                    if p[i] is not last:
-                        last, done = p[i], proc(p[i])
-                    p[i] = done
-            picked = [tuple(p) for p in out]
+            picked = [self.row(row) for row in rows]
+            return picked if self.positional or as_tuples else [self.params(row) for row in rows]
+        picked = self.converted(picked)
         if self.positional or as_tuples:
             return picked
         return [dict(zip(self.names, p, strict=True)) for p in picked]
 
+    def converted(self, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """``rows`` (values in the order of :attr:`names`) with each value its column's type converts
+        converted, a converted value reused while the same object repeats; ``rows`` itself when no
+        column converts."""
+        converting = [(i, proc) for i, proc in enumerate(self.processors) if proc is not None]
+        if not converting:
+            return rows
+        out = [list(p) for p in rows]
+        for i, proc in converting:
+            last: Any = object()
+            done: Any = None
+            for p in out:
+                if p[i] is not last:
+                    last, done = p[i], proc(p[i])
+                p[i] = done
+        return [tuple(p) for p in out]
 
-def _getter(names: tuple[str, ...]) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
+
+def _getter(names: tuple[Any, ...]) -> Callable[[Any], tuple[Any, ...]]:
     if not names:
         return lambda row: ()
     get = itemgetter(*names)
@@ -145,19 +157,46 @@ def insert_rows(conn: Connection, table: Table, rows: Iterable[Mapping[str, Any]
     batch = list(rows)
     if not batch:
         return
-    keys = tuple(batch[0])
+    compiled = _insert_statement(conn, table, tuple(batch[0]))
+    if len(batch) == 1:
+        _insert(conn, table, compiled, [compiled.row(batch[0])])
+    else:
+        _insert(conn, table, compiled, compiled.params_many(batch, as_tuples=True))
+
+
+def insert_values(
+    conn: Connection, table: Table, columns: tuple[str, ...], rows: list[tuple[Any, ...]]
+) -> None:
+    """:func:`insert_rows` for rows given as tuples of the values of ``columns`` (in that order):
+    the many-row writes of a transaction Bundle make them so, and no dict is made per row."""
+    if not rows:
+        return
+    compiled = _insert_statement(conn, table, columns)
+    if compiled.names != columns:  # the statement's order (the table's) differs from the caller's
+        pick = _getter(tuple(columns.index(name) for name in compiled.names))
+        rows = [pick(row) for row in rows]
+    _insert(conn, table, compiled, compiled.converted(rows))
+
+
+def _insert_statement(conn: Connection, table: Table, keys: tuple[str, ...]) -> Compiled:
     cache_key = ("insert", table.name, keys, conn.dialect.name, conn.dialect.paramstyle)
     compiled = _cache.get(cache_key)
     if compiled is None:
         compiled = _compile(insert(table), conn, cache_key, keys, {c.key: c.type for c in table.c})
+    return compiled
+
+
+def _insert(conn: Connection, table: Table, compiled: Compiled, values: list[Any]) -> None:
+    """Run an INSERT of ``compiled`` with ``values`` (its parameters, converted, one item a row)."""
+    params = values if compiled.positional else [dict(zip(compiled.names, v, strict=True)) for v in values]
     cursor = _cursor(conn)
     try:
-        if len(batch) == 1:
-            _run(conn, cursor, compiled.sql, compiled.params(batch[0]), False)
-        elif len(batch) >= COPY_MIN_ROWS and conn.dialect.name == "postgresql":
-            _insert_values(conn, cursor, table, compiled, batch)
+        if len(values) == 1:
+            _run(conn, cursor, compiled.sql, params[0], False)
+        elif len(values) >= COPY_MIN_ROWS and conn.dialect.name == "postgresql":
+            _insert_values(conn, cursor, table, compiled, values)
         else:
-            _run(conn, cursor, compiled.sql, compiled.params_many(batch), True)
+            _run(conn, cursor, compiled.sql, params, True)
     finally:
         cursor.close()
 
@@ -172,7 +211,7 @@ def _insert_values(
     cursor: Any,
     table: Table,
     compiled: Compiled,
-    rows: list[Mapping[str, Any]],
+    values: list[tuple[Any, ...]],
 ) -> None:
     """INSERT many rows on PostgreSQL with one ``COPY .. FROM STDIN``: psycopg's ``executemany``
     sends (and the server runs) one statement a row, and a multi-row ``VALUES`` costs psycopg more
@@ -180,7 +219,6 @@ def _insert_values(
     quote = conn.dialect.identifier_preparer
     columns = ", ".join(quote.quote(table.c[name].name) for name in compiled.names)  # the INSERT's order
     sql = f"COPY {quote.format_table(table)} ({columns}) FROM STDIN"
-    values = compiled.params_many(rows, as_tuples=True)  # in the order of compiled.names
     dispatch = conn.dispatch
     for before in dispatch.before_cursor_execute:
         before(conn, cursor, sql, values, None, True)
@@ -218,6 +256,31 @@ def execute(
     INSERT or UPDATE writes, whose columns named in ``values`` it sets (their types convert the
     values). ``fetch``: return the first row, or None.
     """
+    found = _execute(conn, name, stmt, values, table, 1 if fetch else 0)
+    return found[0] if found else None
+
+
+def all_rows(conn: Connection, name: str, stmt: Any, values: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+    """Every row of ``stmt`` (a SELECT) run with ``values``, as plain tuples in the order of its
+    columns, as the driver returns them (the caller converts what it needs, e.g. a SQLite DATETIME,
+    which is text, with :func:`result_processor`); ``name`` as for :func:`execute`."""
+    return _execute(conn, name, stmt, values, None, -1)
+
+
+def result_processor(conn: Connection, column: Any) -> Callable[[Any], Any]:
+    """How SQLAlchemy turns the driver's value of ``column`` into the column type's Python value."""
+    dialect = conn.dialect
+    found = column.type.dialect_impl(dialect).result_processor(dialect, None)
+    return found if found is not None else _same
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _execute(
+    conn: Connection, name: str, stmt: Any, values: Mapping[str, Any], table: Table | None, fetch: int
+) -> list[tuple[Any, ...]]:
     keys = tuple(values) if table is not None else None
     cache_key = ("stmt", name, keys, conn.dialect.name, conn.dialect.paramstyle)
     compiled = _cache.get(cache_key)
@@ -227,10 +290,12 @@ def execute(
     cursor = _cursor(conn)
     try:
         _run(conn, cursor, compiled.sql, compiled.params(values), False)
-        row = cursor.fetchone() if fetch else None
+        if fetch == 1:
+            row = cursor.fetchone()
+            return [tuple(row)] if row is not None else []
+        return [tuple(r) for r in cursor.fetchall()] if fetch else []
     finally:
         cursor.close()
-    return tuple(row) if row is not None else None
 
 
 def execute_many(

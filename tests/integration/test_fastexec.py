@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import Table, event, insert, select
+from sqlalchemy import Table, bindparam, event, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from hms_ach.store import fastexec
@@ -157,3 +157,34 @@ def test_a_refused_row_raises_sqlalchemys_integrity_error(store: Store) -> None:
         nested.rollback()
         assert err.value.orig is not None
         assert conn.execute(select(table.c.id)).scalars().all() == ["p1"]
+
+
+def test_rows_given_as_tuples_in_any_column_order_are_stored_as_sqlalchemy_stores_them(store: Store) -> None:
+    table: Table = ResourceHistory.__table__  # type: ignore[attr-defined]
+    row = dict(ROWS[2][1])
+    columns = tuple(reversed(row))  # not the table's order
+    later = {**row, "version_id": 3, "deleted": False}
+    with store.writer.begin() as conn:
+        conn.execute(insert(table), [row, later])
+        by_sqlalchemy = _raw(conn, table, list(row))
+        conn.execute(table.delete())
+        fastexec.insert_values(conn, table, columns, [tuple(r[c] for c in columns) for r in (row, later)])
+        by_cursor = _raw(conn, table, list(row))
+        read_back = conn.execute(select(*(table.c[k] for k in row)).order_by(table.c.version_id)).all()
+    assert by_cursor == by_sqlalchemy
+    assert [tuple(r) for r in read_back] == [tuple(row.values()), tuple(later.values())]
+
+
+def test_all_rows_of_a_select_and_a_datetime_read_back_as_sqlalchemy_reads_it(store: Store) -> None:
+    table: Table = ResourceHistory.__table__  # type: ignore[attr-defined]
+    rows = [{**ROWS[2][1], "version_id": v} for v in (1, 2, 3)]
+    stmt = select(table.c.version_id, table.c.last_updated).where(
+        table.c.id == bindparam("rid"), table.c.version_id.in_([bindparam("a"), bindparam("b")])
+    )
+    with store.writer.begin() as conn:
+        fastexec.insert_rows(conn, table, rows)
+        found = fastexec.all_rows(conn, "test.history_versions", stmt, {"rid": "p1", "a": 1, "b": 3})
+        none = fastexec.all_rows(conn, "test.history_versions", stmt, {"rid": "p2", "a": 1, "b": 3})
+        when = fastexec.result_processor(conn, table.c.last_updated)
+    assert sorted((v, when(t)) for v, t in found) == [(1, WHEN), (3, WHEN)]
+    assert none == []
