@@ -22,15 +22,18 @@ checks it. Details hold codes, states and references only, never note text or an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from fpdf import FPDF
 
 from hms_ach.cases.workflow import state_of
 from hms_ach.store import case_audit_queries as q
 from hms_ach.store.console_queries import verify_trails
 from hms_ach.store.port import Tx
+
+if TYPE_CHECKING:  # fpdf2 is imported when a PDF is drawn: with its fontTools and PIL it adds
+    # about 45 MB to a process, which every engine paid at start whether it drew a PDF or not
+    from fpdf import FPDF
 
 #: QuestionnaireResponse.extension: the case whose findings it holds (valueReference Task/<id>).
 CASE_EXT = "urn:hms-ach:fhir:StructureDefinition/case"
@@ -288,6 +291,8 @@ def _line(pdf: FPDF, text: str, height: float, indent: float = 0) -> None:
 def render_pdf(log: AuditLog, generated_at: str) -> bytes:
     """The audit log as a PDF: a heading with the case and the trails' integrity, then one block per
     entry in order (number, time, actor, action, resource and version; the detail below)."""
+    from fpdf import FPDF
+
     pdf = FPDF(orientation="L", unit="mm", format="A4")
     pdf.set_title(_latin1(f"Audit log of {log.case}"))
     pdf.set_creator("hms-ach")

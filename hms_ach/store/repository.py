@@ -28,7 +28,7 @@ from functools import cache
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Table, and_, bindparam, delete, select, update
+from sqlalchemy import Connection, Table, and_, bindparam, delete, distinct, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
@@ -130,6 +130,18 @@ class _Statements:
                 resource=bindparam("r"),
                 deleted=bindparam("d"),
             )
+        )
+        # How many live records one identifier names, and the least id: what matched_id asks
+        # for each identifier of the type's match policy (one row, so it runs on fastexec).
+        ix = SearchToken.__table__  # type: ignore[attr-defined]
+        named = select(ix.c.resource_id).where(
+            ix.c.resource_type == bindparam("rt"),
+            ix.c.param == bindparam("prm"),
+            ix.c.system == bindparam("sys"),
+            ix.c.value == bindparam("val"),
+        )
+        self.matched = select(func.count(distinct(c.id)), func.min(c.id)).where(
+            c.id.in_(named), c.deleted.is_(False), c.version_id > bindparam("v0")
         )
 
 
@@ -390,25 +402,12 @@ class Repository:
         wanted = list(matcher(content))
         if self._gathered is not None and _gathered_identifiers(self._gathered, resource_type, set(wanted)):
             self.flush()  # the identifier rows this message wrote (or is about to replace) count
-        table = RECORD_TABLES[resource_type].__table__  # type: ignore[attr-defined]
-        ix = SearchToken.__table__  # type: ignore[attr-defined]
+        st = _statements(resource_type, self._dialect)
         for system, value in wanted:
-            sub = select(ix.c.resource_id).where(
-                ix.c.resource_type == resource_type,
-                ix.c.param == "identifier",
-                ix.c.system == system,
-                ix.c.value == value,
-            )
-            ids = {
-                str(i)
-                for i in self.conn.execute(
-                    select(table.c.id).where(
-                        table.c.id.in_(sub), table.c.deleted.is_(False), table.c.version_id > 0
-                    )
-                ).scalars()
-            }
-            if len(ids) == 1:
-                return ids.pop()
+            values = {"rt": resource_type, "prm": "identifier", "sys": system, "val": value, "v0": 0}
+            row = fastexec.first_row(self.conn, f"matched:{st.name}", st.matched, values)
+            if row is not None and row[0] == 1:
+                return str(row[1])
         return None
 
     def source_of(self, resource_type: str, message_id: int | None) -> str:
