@@ -37,8 +37,9 @@ from hms_ach.core.references import references, rewrite_references
 from hms_ach.fhir.write import Operation, Result, etag_version, parse_identifier_query
 from hms_ach.store import bulk
 from hms_ach.store.errors import DomainError
+from hms_ach.store.ids import new_id, ordered_ids
 from hms_ach.store.port import Tx
-from hms_ach.store.repository import Repository, new_id
+from hms_ach.store.repository import Repository
 from hms_ach.store.savepoint import savepoint
 
 #: A run of fewer eligible entries than this is written entry by entry (nothing to gain).
@@ -114,7 +115,7 @@ def plan(ops: list[Operation], source: str | None = None) -> None:
     entries = [e for e in (_entry(op) for op in ops) if e is not None]
     if len(entries) < MIN_GROUP:
         return
-    rids = dict(zip((id(e.op) for e in entries), bulk.ordered_ids(len(entries)), strict=True))
+    rids = dict(zip((id(e.op) for e in entries), ordered_ids(len(entries)), strict=True))
     guessed = {e.op.full_url: f"{e.op.resource_type}/{rids[id(e.op)]}" for e in entries if e.op.full_url}
     for i, e in enumerate(entries, start=1):
         rec, rtype = e.op.record, e.op.resource_type

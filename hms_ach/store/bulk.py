@@ -24,8 +24,6 @@ and the per-entry path then runs with its race-free claim.
 
 from __future__ import annotations
 
-import os
-import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -115,26 +113,6 @@ def _add_index_rows(index: IndexRows, resource_type: str, rid: str, body: dict[s
             index.setdefault((kind, ("resource_type", "resource_id", *r)), []).append(
                 (resource_type, rid, *r.values())
             )
-
-
-def ordered_ids(count: int) -> list[str]:
-    """``count`` new record ids in ascending order: UUIDs of version 7 (RFC 9562: the milliseconds
-    since 1970 in the first 48 bits, then 74 random bits). A Bundle's new records get them, so
-    that their rows (records, history, search index, audit) go next to each other, after the
-    earlier Bundles' ones, in each index keyed by id instead of each to a random page: SQLite spent 10-40% less CPU on a 1,000-entry Bundle's INSERTs
-    than with random ids (two alternated runs of 9 Bundles, the INSERTs timed per table)."""
-    millis = time.time_ns() // 1_000_000
-    ids = []
-    for _ in range(count):
-        rand = int.from_bytes(os.urandom(10)) & _RANDOM_BITS
-        ids.append((millis << 80) | _VERSION_7 | ((rand >> 62) << 64) | _VARIANT | (rand & _LOW_62))
-    return [str(uuid.UUID(int=i)) for i in sorted(ids)]
-
-
-_RANDOM_BITS = (1 << 74) - 1
-_LOW_62 = (1 << 62) - 1
-_VERSION_7 = 0x7 << 76
-_VARIANT = 0b10 << 62
 
 
 def _restamp(ahead: Ahead, stamp: str, when: str) -> Ahead:

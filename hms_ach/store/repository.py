@@ -21,7 +21,6 @@ undoes the message whole as before; other callers (FHIR writes, listeners) write
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
@@ -43,6 +42,7 @@ from hms_ach.core.records import (
 )
 from hms_ach.store import fastexec, search_params
 from hms_ach.store.changes import Change, notify, notify_many
+from hms_ach.store.ids import new_id
 from hms_ach.store.models import (
     INDEX_TABLES,
     RECORD_TABLES,
@@ -64,10 +64,6 @@ class WriteOutcome:
     @property
     def reference(self) -> str:
         return f"{self.resource_type}/{self.id}"
-
-
-def new_id() -> str:
-    return str(uuid.uuid4())
 
 
 def dumps(obj: Any) -> str:

@@ -42,9 +42,10 @@ from hms_ach.store.errors import (
     NotFound,
     VersionConflict,
 )
+from hms_ach.store.ids import new_id
 from hms_ach.store.models import RECORD_TABLES, FhirRequestLine, ResourceHistory, SearchToken
 from hms_ach.store.port import Tx
-from hms_ach.store.repository import Repository, new_id
+from hms_ach.store.repository import Repository
 
 #: A record-table row as :func:`_row` selects it.
 _RecordRow: TypeAlias = Row[*tuple[Any, ...]]
