@@ -38,7 +38,7 @@ import orjson
 from sqlalchemy import Connection, func, select, text
 
 from hms_ach.auth.caller import Caller
-from hms_ach.store import fastexec
+from hms_ach.store import fastexec, pglocks
 from hms_ach.store.audit import GENESIS, instant, iter_rows
 from hms_ach.store.audit_keys import seal_for
 from hms_ach.store.db import Store
@@ -54,8 +54,10 @@ T = AccessRecord.__table__  # type: ignore[attr-defined]
 #: At most this many references are kept per record (a search page is at most 1000 anyway).
 MAX_ENTITIES = 1000
 MAX_QUERY_CHARS = 4000
-#: Key of the PostgreSQL advisory lock that serialises appends to the access chain ("hmsaccs").
-ACCESS_LOCK_KEY = 0x686D7361636373
+#: Class of the PostgreSQL advisory lock that serialises appends to the access chain ("hmsc", keyed
+#: per schema by :mod:`hms_ach.store.pglocks`).
+ACCESS_LOCK_CLASS = 0x686D7363
+_LOCK = text(f"SELECT {pglocks.xact_lock(ACCESS_LOCK_CLASS)}")
 _HASHED = (
     "recorded",
     "subtype",
@@ -193,7 +195,7 @@ def insert(conn: Connection, accesses: Iterable[Access]) -> int:
         return 0
     key = seal_for(conn).entry_key
     if conn.dialect.name == "postgresql":  # one order across engines; held until the commit
-        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ACCESS_LOCK_KEY})
+        conn.execute(_LOCK)
     prev = conn.execute(_LAST).scalar() or GENESIS
     rows = []
     for access in batch:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from sqlalchemy import Connection, bindparam, func, select, text
 
-from hms_ach.store import audit_mask, fastexec, txcache
+from hms_ach.store import audit_mask, fastexec, pglocks, txcache
 from hms_ach.store.audit_checkpoints import Checkpoint, anchor
 from hms_ach.store.audit_keys import DEFAULT_SEAL, AuditSeal, attach, open_seal, seal_for
 from hms_ach.store.audit_settings import AuditSettings
@@ -50,8 +50,10 @@ T = AuditEntry.__table__  # type: ignore[attr-defined]
 M = InboundMessage.__table__  # type: ignore[attr-defined]
 
 GENESIS = "0" * 64
-#: Key of the PostgreSQL advisory lock that serialises appends to the chain ("hmsaudit").
-ADVISORY_LOCK_KEY = 0x686D7361756474
+#: Class of the PostgreSQL advisory lock that serialises appends to the chain ("hmsa", keyed per
+#: schema by :mod:`hms_ach.store.pglocks`).
+ADVISORY_LOCK_CLASS = 0x686D7361
+_LOCK = text(f"SELECT {pglocks.xact_lock(ADVISORY_LOCK_CLASS)}")
 _META = ("meta",)
 _HASHED = (
     "recorded",
@@ -184,7 +186,7 @@ def lock_chain(conn: Connection) -> None:
 
 def _lock_chain(conn: Connection, cache: dict[str, Any]) -> None:
     if conn.dialect.name == "postgresql" and not cache.get("audit.locked"):
-        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ADVISORY_LOCK_KEY})
+        conn.execute(_LOCK)
         cache["audit.locked"] = True
 
 

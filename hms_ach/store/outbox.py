@@ -38,7 +38,7 @@ from sqlalchemy import Connection, and_, func, insert, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from hms_ach.store import fastexec, txcache
+from hms_ach.store import fastexec, pglocks, txcache
 from hms_ach.store.models import OutboxCursor, OutboxEvent, OutboxRow
 from hms_ach.store.port import Tx
 
@@ -61,19 +61,18 @@ _ENQUEUE = insert(EVENTS).returning(
 )  # built once: enqueue runs on the write path of every record change
 
 
-#: Key of the shared advisory lock that a transaction holds from its first event to its end
-#: ("hmsoutb"): it marks the transactions that write events, the only ones the fan-out waits for.
-EVENT_WRITER_LOCK_KEY = 0x686D736F757462
+#: Class of the shared advisory lock that a transaction holds from its first event to its end
+#: ("hmso", keyed per schema by :mod:`hms_ach.store.pglocks`): it marks the transactions that write
+#: events in this schema, the only ones the fan-out waits for.
+EVENT_WRITER_LOCK_CLASS = 0x686D736F
 # run on the DBAPI cursor (hms_ach.store.fastexec): once per write transaction that writes events
-_XID = text(f"SELECT pg_current_xact_id(), pg_advisory_xact_lock_shared({EVENT_WRITER_LOCK_KEY})")
-# the transaction ids (32-bit) of the sessions that hold the event writers' lock in this database
+_XID = text(f"SELECT pg_current_xact_id(), {pglocks.xact_lock(EVENT_WRITER_LOCK_CLASS, shared=True)}")
+# the transaction ids (32-bit) of the sessions that hold the event writers' lock of this schema
 _WRITERS = text(
     "SELECT t.transactionid::text FROM pg_locks a JOIN pg_locks t ON t.pid = a.pid"
-    " WHERE a.locktype = 'advisory' AND a.granted AND a.objsubid = 1"
-    " AND a.classid = CAST(:hi AS oid) AND a.objid = CAST(:lo AS oid)"
-    " AND a.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    f" WHERE a.granted AND {pglocks.held_where(EVENT_WRITER_LOCK_CLASS)}"
     " AND t.locktype = 'transactionid' AND t.granted"
-).bindparams(hi=EVENT_WRITER_LOCK_KEY >> 32, lo=EVENT_WRITER_LOCK_KEY & 0xFFFFFFFF)
+)
 _HORIZON = text(
     "SELECT coalesce(max(id), 0), pg_current_snapshot()::text, pg_current_xact_id_if_assigned()::text"
     " FROM outbox_event"
