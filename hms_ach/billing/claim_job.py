@@ -56,7 +56,8 @@ def create_claims(tx: Tx, settle_hours: float, limit: int = 1000) -> dict[str, i
             )
             continue
         counts["created" if made else "skipped"] += 1
-    log.info("claims.created", extra=counts)
+    # prefixed: "created" is a LogRecord attribute, and logging refuses an extra that would replace it
+    log.info("claims.created", extra={f"claims_{k}": v for k, v in counts.items()})
     return counts
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import orjson
+import pytest
 from sqlalchemy import func, select, text
 from typer.testing import CliRunner
 
@@ -94,7 +96,10 @@ async def test_charges_after_discharge_get_their_claim_from_the_nightly_job(
     assert [orjson.loads(a) for a in actors] == [{"kind": "system", "job": "claim_creation"}]
 
 
-async def test_only_finished_encounters_are_claimed(tmp_path: Path, store: Store) -> None:
+async def test_only_finished_encounters_are_claimed(
+    tmp_path: Path, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="hms_ach")  # as `hms-ach run` logs: its counts are logged
     engine = make_engine(tmp_path, store.url, "  []\n")
     await engine.start()
     try:
@@ -105,3 +110,5 @@ async def test_only_finished_encounters_are_claimed(tmp_path: Path, store: Store
         assert unclaimed_encounters(conn, 0) == []  # in progress: charges may still come
         assert create_claims(conn, 0) == {"created": 0, "skipped": 0, "failed": 0}
     assert _claims(store) == 0
+    logged = [r for r in caplog.records if r.getMessage() == "claims.created"]
+    assert [(r.claims_created, r.claims_skipped, r.claims_failed) for r in logged] == [(0, 0, 0)]
