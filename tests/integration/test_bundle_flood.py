@@ -7,12 +7,12 @@ against every message it delayed), stays under 200 ms; every message gets its AA
 response with a 201 per entry, and every record is stored once.
 
 Transaction Bundles on PostgreSQL commit on the writer's second connection, and the feed waits
-only for each one's audit/outbox tail: they are held to the 200 ms like batch Bundles, except on
-a machine busier than its cores, where the run guards the bound it reaches
-(``TRANSACTION_P99_GUARD_MS``) and reports XFAIL with the measured p99 and the load. On SQLite a
-transaction is one writer job under the one write lock, and the feed's p99 is about the length of
-one (the Bundle's parsing, record checks and answer run off the event loop): over 200 ms, that run
-checks everything else, guards the bound and reports XFAIL with the measured p99.
+only for each one's audit/outbox tail; on SQLite a transaction is one writer job under the one
+write lock, and the feed's p99 is about the length of one (the Bundle's parsing, record checks and
+answer run off the event loop). Both are held to the 200 ms like batch Bundles, except on a machine
+busier than its cores, where the run guards the bound it reaches (``TRANSACTION_P99_GUARD_MS``)
+and reports XFAIL with the measured p99 and the load. The module is marked ``serial``:
+scripts/test.sh runs it alone, after the parallel pass.
 
 The engine runs in this process as ``hms-ach run`` runs it, with the interpreter tuned by
 :func:`hms_ach.app.cli.tune_interpreter` (the start-up heap frozen, young collections every 50,000 allocations, a 1 ms switch interval).
@@ -54,7 +54,7 @@ TRANSACTION_P99_GUARD_MS = 2000.0
 STAFF = "urn:test:flood-staff"
 PREBUILT = 24  # Bundle bodies built before the flood (about 0.3 MB each)
 
-pytestmark = pytest.mark.timeout(150)
+pytestmark = [pytest.mark.timeout(150), pytest.mark.serial]
 
 
 @pytest.fixture
@@ -158,18 +158,13 @@ async def test_a_bundle_flood_does_not_starve_an_mllp_feed(engine: Engine, store
     )
     print(summary)
     assert len(due) >= 0.8 * FEED_RATE * flood_seconds, summary
-    if kind == "transaction" and store.dialect == "sqlite" and p99 >= P99_LIMIT_MS:
-        # On SQLite a transaction is one writer job: the feed waits for the whole of one (0.1 to
-        # 0.14 s of writer CPU for 1,000 entries, about 60% of it SQLite's own INSERTs), and its
-        # p99 was 177-183 ms at load average 2.6, 228-316 ms at 3-6, on 2 cores
-        # (docs/reliability.md, "Fairness between channels"): not reliably under 200 ms here.
-        assert p99 < TRANSACTION_P99_GUARD_MS, summary
-        pytest.xfail(f"issue 13's {P99_LIMIT_MS:.0f} ms is not reached by SQLite transactions: {summary}")
     load = os.getloadavg()[0]
     if kind == "transaction" and p99 >= P99_LIMIT_MS and load > (os.cpu_count() or 1):
-        # PostgreSQL commits a transaction apart from the writer: 47-178 ms at load 2-4, not below
-        # 200 ms at load 5 or more (docs/reliability.md). On a machine busier than its cores the
-        # test cannot judge the 200 ms; it still asserts the guard, and says what it measured.
+        # A transaction is one writer job on SQLite (the feed waits for one: p99 147-183 ms with
+        # the machine not busier than its cores, 228-316 ms at load 3-6) and commits apart on
+        # PostgreSQL (47-178 ms at load 2-4, not below 200 ms at load 5 or more; docs/reliability.md).
+        # On a machine busier than its cores the test cannot judge the 200 ms; it still asserts the
+        # guard, and says what it measured. scripts/test.sh runs it alone (marked serial).
         assert p99 < TRANSACTION_P99_GUARD_MS, summary
         pytest.xfail(
             f"load average {load:.1f} on {os.cpu_count()} cores, too busy to judge 200 ms: {summary}"

@@ -161,7 +161,11 @@ async def test_console_tour_in_chromium(store: Store, tmp_path: Path) -> None:
             sample = tmp_path / "sample.csv"
             sample.write_text("a,b\n1,2\n")
             await page.set_input_files("#sample-file", str(sample))
-            await page.wait_for_function("document.getElementById('sample').value.startsWith('a,b')")
+            # polled from here: the page's CSP forbids the eval a wait_for_function string needs
+            deadline = time.monotonic() + 10
+            while not (await page.input_value("#sample")).startswith("a,b"):
+                assert time.monotonic() < deadline, "the chosen file never filled the sample"
+                await asyncio.sleep(0.05)
 
             # pause: the next MLLP sender waits for its ACK; resume: it is served
             await page.goto(f"{base}/console/channels")

@@ -47,7 +47,7 @@ ATTACK_SECONDS = 12.0
 LARGE_FRAME_BYTES = 15 * 1000 * 1000
 SAMPLE = (ROOT / "samples/hl7/adt_a01.hl7").read_bytes()
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.serial]
 
 
 @dataclass

@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from hms_ach.core import fairness
 
 
@@ -29,6 +31,7 @@ def test_a_pause_waits_for_the_running_writer_and_no_longer() -> None:
     assert 0.01 <= waited < 0.03 + fairness.MAX_DEFER_SECONDS
 
 
+@pytest.mark.serial
 def test_a_pause_is_bounded_when_the_writer_never_stops() -> None:
     with fairness.writer_running():
         started = time.monotonic()
@@ -38,6 +41,7 @@ def test_a_pause_is_bounded_when_the_writer_never_stops() -> None:
     assert fairness.writer_idle()
 
 
+@pytest.mark.serial
 def test_an_idle_writer_costs_a_pause_nothing_more() -> None:
     started = time.monotonic()
     fairness.pause(0.001)

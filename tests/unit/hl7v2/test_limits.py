@@ -65,6 +65,7 @@ def test_structure_caps_name_the_field_and_the_cap() -> None:
         check_structure(_msg("NTE|1", "NTE|2", "NTE|3", "NTE|4"), header, limits)
 
 
+@pytest.mark.serial
 def test_the_caps_are_linear_on_200000_repetitions() -> None:
     text = _msg("PID|1||" + "~".join(f"{i:09d}^^^H^MR" for i in range(200_000)))
     start = time.perf_counter()
