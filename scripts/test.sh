@@ -4,9 +4,9 @@
 # PostgreSQL tests run too when HMS_ACH_TEST_POSTGRES_URL is set (.ci/run sets it).
 #
 # Two passes: first every test but the `serial` ones, in parallel (pytest-xdist, whole files per
-# worker, HMS_ACH_TEST_WORKERS workers: by default one more than the cores, since most tests wait on
-# engines and peers); then the `serial` ones alone: they assert latency bounds that a machine busy with other
-# tests cannot judge. HMS_ACH_TEST_WORKERS=0 runs the first pass in this process.
+# worker, HMS_ACH_TEST_WORKERS workers: by default one more than the cores, since most tests wait
+# on engines and peers); then the `serial` ones alone: they assert latency bounds that a machine
+# busy with other tests cannot judge. HMS_ACH_TEST_WORKERS=0 runs the first pass in this process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
