@@ -39,7 +39,9 @@ async def signed_in(engine: Any, config: Path, sub: str, *roles: str) -> tuple[h
     flags = [f"--role={r}" for r in roles]
     printed = await asyncio.to_thread(cli_link, config, *flags, "--sub", sub, "--url", base)
     assert printed.exit_code == 0, printed.output
-    link = printed.output.strip()
+    # stdout alone: CliRunner swaps the process's sys.stderr, and a warning the running engine logs
+    # from another thread meanwhile (logging's last-resort handler) lands in printed.output
+    link = printed.stdout.strip()
     assert link.startswith(f"{base}/console/login?token=")
     client = httpx.AsyncClient(base_url=base)
     answer = await client.get(link)

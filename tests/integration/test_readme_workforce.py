@@ -206,7 +206,9 @@ class Shell:
             args = [*args, "--config", str(self.cwd / "channels.yaml")]
         result = await asyncio.to_thread(CliRunner().invoke, cli_app, args)
         assert result.exit_code == 0, f"hms-ach {' '.join(args)}: {result.output}"
-        return str(result.output)
+        # stdout alone: CliRunner swaps the process's sys.stderr, so a warning the running engine
+        # logs from another thread meanwhile would land in result.output
+        return str(result.stdout)
 
 
 @pytest.fixture
