@@ -85,6 +85,10 @@ WAL_CHECKPOINTER_RESTARTS = Counter(
     "hms_ach_wal_checkpointer_restarts",
     "SQLite WAL checkpoint threads started again after one exited (at most 5 a minute)",
 )
+WAL_RESTARTS = Counter(
+    "hms_ach_wal_restarts",
+    "Checkpoints by the writer that let its next transaction start the SQLite WAL over (about once per 128 MiB of WAL)",
+)
 
 
 def message_type_label(message_type: str | None) -> str:

@@ -472,7 +472,8 @@ class StoreWriter:
 
     def _connect(self) -> Any:
         """A writer connection; on SQLite in a file, with the automatic WAL checkpoint off (the
-        checkpointer thread runs it, see :class:`~hms_ach.store.db.Checkpointer`)."""
+        checkpointer thread runs it, see :class:`~hms_ach.store.db.Checkpointer`), and the WAL
+        started over first when the checkpointer asks for it."""
         conn = _stage("connect", self.store.writer.connect)
         if self._checkpointer is not None:
             try:
@@ -480,6 +481,7 @@ class StoreWriter:
             except Exception as exc:  # noqa: BLE001 - the store failed, not a job
                 _quiet(conn.close)
                 raise _StoreFailure("connect", exc) from exc
+            self._checkpointer.restart_before_write(conn)  # a long WAL starts over (never raises)
         return conn
 
     def _did_commit(self) -> None:
