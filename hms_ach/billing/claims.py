@@ -140,12 +140,12 @@ def build_claim(
 
 def claim_for_encounter(tx: Tx, encounter_id: str, message_id: int | None) -> str | None:
     """Make (or update) the Claim of a discharged encounter; returns its reference, None without charges."""
+    charges = charges_of(tx, encounter_id)  # first: most discharges have none, and then that is all
+    if not charges:
+        return None
     repo = Repository(tx)
     encounter = repo.get("Encounter", encounter_id)
     if encounter is None:
-        return None
-    charges = charges_of(tx, encounter_id)
-    if not charges:
         return None
     subject = (encounter.get("subject") or {}).get("reference", "")
     coverage = coverage_of(tx, subject.split("/", 1)[1]) if subject.startswith("Patient/") else None
