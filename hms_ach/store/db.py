@@ -240,6 +240,11 @@ CHECKPOINT_FAILURE_LOG_SECONDS = 60.0
 #: A WAL that holds this many bytes of frames is started over from its beginning (see
 #: :class:`Checkpointer`); SQLite cuts the WAL file back to this size when it starts over.
 WAL_RESTART_BYTES = 128 * 1024 * 1024
+#: The writer starts the WAL over only while at most this much was committed since the round that
+#: asked (its own checkpoint copies that much before its transaction)...
+WAL_RESTART_DELTA_BYTES = 4 * 1024 * 1024
+#: ...unless the WAL is past this many times WAL_RESTART_BYTES.
+WAL_RESTART_FORCE_FACTOR = 4
 
 
 class Checkpointer:
@@ -263,9 +268,13 @@ class Checkpointer:
     to start the WAL over (:attr:`restart_wanted`): before its next transaction the writer runs a
     PASSIVE checkpoint of its own (:meth:`restart_before_write`), which copies only the frames
     committed since this round and waits for nothing, so the transaction that follows begins with
-    every frame copied and starts the WAL over. A reader still on old frames makes SQLite skip that
-    start-over; the next complete round asks again. The WAL file goes back to
-    :data:`WAL_RESTART_BYTES` when it starts over (``journal_size_limit``).
+    every frame copied and starts the WAL over. The writer does it only while at most
+    :data:`WAL_RESTART_DELTA_BYTES` were committed since the round (the WAL file's growth tells),
+    so that its pause stays a few milliseconds; after a large transaction (a 1,000-entry Bundle) it
+    waits for the next round, unless the WAL is past :data:`WAL_RESTART_FORCE_FACTOR` times the
+    limit. A reader still on old frames makes SQLite skip that start-over; the next complete round
+    asks again. The WAL file goes back to :data:`WAL_RESTART_BYTES` when it starts over
+    (``journal_size_limit``).
 
     It never stops silently (docs/reliability.md, "The WAL checkpointer"):
 
@@ -298,6 +307,8 @@ class Checkpointer:
             0  # frames of WAL_RESTART_BYTES at the database's page size (set per connection)
         )
         self.restart_wanted = threading.Event()  # set by a complete round over restart_frames
+        self.covered_bytes = 0  # the WAL's length in bytes when the round that asked completed
+        self.frame_bytes = 4120  # set per connection from the page size
         self.restarts = 0  # threads started again after one exited
         self.last_completed_at: float | None = None  # time.time() of the last complete checkpoint
         self.last_error: str | None = None  # the error class of the last failed round, no values
@@ -501,12 +512,14 @@ class Checkpointer:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA busy_timeout=0")  # PASSIVE never waits for a lock
             page = conn.execute("PRAGMA page_size").fetchone()
-            self.restart_frames = max(1, WAL_RESTART_BYTES // (int(page[0]) + 24 if page else 4120))
+            self.frame_bytes = int(page[0]) + 24 if page else 4120  # a WAL frame: its header and a page
+            self.restart_frames = max(1, WAL_RESTART_BYTES // self.frame_bytes)
         started = time.monotonic()
         row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         self.runs += 1
         busy, frames, copied = (int(v) for v in row) if row is not None else (1, 0, 0)
         if busy == 0 and frames == copied and frames >= self.restart_frames:
+            self.covered_bytes = 32 + frames * self.frame_bytes  # the WAL header, then the frames
             self.restart_wanted.set()
         if busy == 0 and frames == copied:
             self.last_completed_at = time.time()
@@ -524,6 +537,12 @@ class Checkpointer:
         for the next transaction (and the next round asks again)."""
         if not self.restart_wanted.is_set():
             return
+        wal = self.wal_bytes()  # past WAL_RESTART_BYTES the file is as long as the WAL
+        if (
+            wal - self.covered_bytes > WAL_RESTART_DELTA_BYTES
+            and wal < WAL_RESTART_FORCE_FACTOR * WAL_RESTART_BYTES
+        ):
+            return  # much was committed since the round: its copy would hold this write up; the next round asks
         self.restart_wanted.clear()
         cursor = conn.connection.cursor()  # the driver's: through SQLAlchemy it would begin a transaction
         try:
