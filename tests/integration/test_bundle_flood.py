@@ -9,14 +9,16 @@ response with a 201 per entry, and every record is stored once.
 Transaction Bundles on PostgreSQL commit on the writer's second connection, and the feed waits
 only for each one's audit/outbox tail; on SQLite a transaction is one writer job under the one
 write lock, and the feed's p99 is about the length of one (the Bundle's parsing, record checks and
-answer run off the event loop). Batch Bundles are held to the 200 ms. Transaction Bundles are not
-yet reliably under it: on this 2-core machine the feed's p99 under SQLite's was 147-183 ms in
-2026-12-07's first session and 214-570 ms in its second, at a load average of 1 to 1.7, on the old
-code too (328 ms; one such run failed a CI run); under PostgreSQL's, 57-92 ms then and 201 ms once
-since. So for transaction Bundles the run asserts the bound it reaches
-(``TRANSACTION_P99_GUARD_MS``) and reports XFAIL with the measured p99 and the load when the p99
-is 200 ms or more: the open part of issue 13's flood item. The module is marked ``serial``:
-scripts/test.sh runs it alone, after the parallel pass.
+answer run off the event loop): on this 2-core machine, quiet, 60-106 ms on SQLite and 53-75 ms on
+PostgreSQL (2026-12-07), and 161-189 ms on SQLite with two CPU-bound processes beside it.
+
+A latency bound can be judged only where the test has the CPUs to itself, and the load average
+cannot tell (it lags a minute behind, so it is high right after the parallel pass): the test
+samples what other processes and the host took while the flood ran (:mod:`tests.integration.cpu_share`).
+A p99 over 200 ms fails the test, unless others took more than half a core: then a transaction
+Bundle's run still asserts the bound it reaches busy (``TRANSACTION_P99_GUARD_MS``) and reports
+XFAIL with the p99 and who took the CPUs. Every run prints its figures. The module is marked
+``serial``: scripts/test.sh runs it alone, after the parallel pass.
 
 The engine runs in this process as ``hms-ach run`` runs it, with the interpreter tuned by
 :func:`hms_ach.app.cli.tune_interpreter` (the start-up heap frozen, young collections every 50,000 allocations, a 1 ms switch interval).
@@ -44,6 +46,7 @@ from hms_ach.app.cli import tune_interpreter
 from hms_ach.app.config import load_config
 from hms_ach.app.runtime import Engine
 from hms_ach.store.db import Store
+from tests.integration.cpu_share import sample, share
 from tests.integration.engine_helpers import FHIR_JSON, auth_headers, mllp_channel, mllp_yaml, start_engine
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,6 +127,8 @@ async def test_a_bundle_flood_does_not_starve_an_mllp_feed(engine: Engine, store
     answers: list[httpx.Response] = []
     try:
         await asyncio.sleep(1.0)  # the feed is running before the flood
+        own = {os.getpid(), feed.pid}
+        cpu_before = sample(own)
         started = time.monotonic()
         async with httpx.AsyncClient(
             base_url=f"http://127.0.0.1:{engine.http_port}/fhir", timeout=120, headers=auth_headers(engine)
@@ -133,6 +138,7 @@ async def test_a_bundle_flood_does_not_starve_an_mllp_feed(engine: Engine, store
                 body = bodies[n] if n < len(bodies) else await asyncio.to_thread(_bundle, n, kind)
                 answers.append(await http.post("", content=body, headers=FHIR_JSON))
         flood_seconds = time.monotonic() - started
+        others = share(cpu_before, sample(own))  # sampled while the feed still runs
     finally:
         result = await _stop_feed(feed)
 
@@ -160,19 +166,16 @@ async def test_a_bundle_flood_does_not_starve_an_mllp_feed(engine: Engine, store
         f"{store.dialect}: {len(answers)} {kind} Bundles x {ENTRIES} entries in {flood_seconds:.1f} s; "
         f"feed {len(due)} ACKs, p50 {p50:.0f} ms, p99 {p99:.0f} ms, max {worst:.0f} ms"
     )
+    if others is not None:
+        summary += f"; {others}"
     print(summary)
     assert len(due) >= 0.8 * FEED_RATE * flood_seconds, summary
-    load = os.getloadavg()[0]
-    busy = load > (os.cpu_count() or 1)
-    if kind == "transaction" and p99 >= P99_LIMIT_MS:
-        # A transaction is one writer job on SQLite (the feed waits for one: p99 147-183 ms with
-        # the machine not busier than its cores, 228-316 ms at load 3-6) and commits apart on
-        # PostgreSQL (47-178 ms at load 2-4, not below 200 ms at load 5 or more; docs/reliability.md).
-        # On a machine busier than its cores the test cannot judge the 200 ms; it still asserts the
-        # guard, and says what it measured. scripts/test.sh runs it alone (marked serial).
+    if kind == "transaction" and p99 >= P99_LIMIT_MS and others is not None and others.busy():
+        # Other work took the CPUs the feed and the writer needed: the test cannot judge 200 ms
+        # (on SQLite the feed's p99 is the length of one transaction's writer job, which a shared
+        # CPU stretches). It still asserts the guard, and says what it measured.
         assert p99 < TRANSACTION_P99_GUARD_MS, summary
-        why = "too busy to judge 200 ms" if busy else "transaction Bundles are not yet held to 200 ms"
-        pytest.xfail(f"load average {load:.1f} on {os.cpu_count()} cores, {why}: {summary}")
+        pytest.xfail(f"the machine was busy, 200 ms not judged: {summary}")
     assert p99 < P99_LIMIT_MS, summary
 
 
