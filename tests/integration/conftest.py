@@ -10,7 +10,7 @@ import pytest
 
 from hms_ach.app.runtime import Engine
 from hms_ach.store.db import Store
-from tests.integration.engine_helpers import auth_headers, start_fhir_engine
+from tests.integration.engine_helpers import auth_headers, start_fhir_engine, stop_engine
 
 
 @pytest.fixture
@@ -20,7 +20,7 @@ async def fhir_engine(tmp_path: Path, store: Store) -> AsyncIterator[Engine]:
     try:
         yield eng
     finally:
-        await eng.stop()
+        await stop_engine(eng)
 
 
 @pytest.fixture

@@ -9,9 +9,14 @@ In-process apps (``create_app``) take :func:`local_authenticator` over a tempora
 
 from __future__ import annotations
 
+import asyncio
+import io
 import shutil
 import subprocess
+import sys
+import threading
 import time
+import traceback
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -159,7 +164,39 @@ async def running_engine(
     try:
         yield eng
     finally:
-        await eng.stop()
+        await stop_engine(eng)
+
+
+#: How long a fixture waits for an engine's stop (it takes well under a second when nothing hangs).
+STOP_DEADLINE_SECONDS = 60.0
+
+
+async def stop_engine(eng: Engine, deadline: float = STOP_DEADLINE_SECONDS) -> None:
+    """``eng.stop()`` with a deadline: past it the test fails with the phase the stop was in and
+    the stacks of every task and thread of the process, so that a stop that hangs (it hung once in
+    CI, on PostgreSQL, in the bulk export tests' teardown) is reported with its cause."""
+    stopping = asyncio.ensure_future(eng.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=deadline)
+    if done:
+        stopping.result()
+        return
+    report = _stacks()
+    stopping.cancel()
+    raise AssertionError(
+        f"the engine did not stop within {deadline:g} s (phase {eng.stop_phase}):\n{report}"
+    )
+
+
+def _stacks() -> str:
+    out = io.StringIO()
+    for task in asyncio.all_tasks():
+        out.write(f"--- task {task.get_name()} ({task.get_coro()!r})\n")
+        task.print_stack(limit=12, file=out)
+    names = {t.ident: t.name for t in threading.enumerate()}
+    for ident, frame in sys._current_frames().items():
+        out.write(f"--- thread {names.get(ident, ident)}\n")
+        out.write("".join(traceback.format_stack(frame, limit=12)))
+    return out.getvalue()
 
 
 async def start_fhir_engine(tmp_path: Path, store: Store) -> Engine:
