@@ -544,14 +544,16 @@ class Checkpointer:
         ):
             return  # much was committed since the round: its copy would hold this write up; the next round asks
         self.restart_wanted.clear()
-        cursor = conn.connection.cursor()  # the driver's: through SQLAlchemy it would begin a transaction
         try:
-            row = cursor.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            cursor = conn.connection.cursor()  # the driver's: through SQLAlchemy it would begin a transaction
+            try:
+                row = cursor.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            finally:
+                cursor.close()
         except Exception as exc:  # noqa: BLE001 - the WAL stays long a little longer; the write goes on
             self.last_error = type(exc).__name__
+            log.warning("store.wal_restart_failed", extra={"error_type": self.last_error})
             return
-        finally:
-            cursor.close()
         if row is not None and int(row[0]) == 0 and int(row[1]) == int(row[2]):
             self.wal_restarts += 1
             metrics.WAL_RESTARTS.inc()
