@@ -182,9 +182,7 @@ async def stop_engine(eng: Engine, deadline: float = STOP_DEADLINE_SECONDS) -> N
         return
     report = _stacks()
     stopping.cancel()
-    raise AssertionError(
-        f"the engine did not stop within {deadline:g} s (phase {eng.stop_phase}):\n{report}"
-    )
+    raise AssertionError(f"the engine did not stop within {deadline:g} s (phase {eng.stop_phase}):\n{report}")
 
 
 def _stacks() -> str:
