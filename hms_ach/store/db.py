@@ -49,6 +49,14 @@ def normalise_url(url: str) -> str:
     return url
 
 
+#: SQLite readers kept open (the API's threads read on them; each keeps its page cache and parsed
+#: schema), and how many more may be open at once. With SQLAlchemy's default (5) eight concurrent
+#: FHIR searches opened and closed a connection for most requests, each with its PRAGMAs and a
+#: cold cache.
+READER_POOL_SIZE = 16
+READER_POOL_OVERFLOW = 24
+
+
 def make_engine(url: str, *, create: bool = True, writer: bool = True) -> Engine:
     """An engine for ``url``; ``writer=False`` gives SQLite readers plain deferred transactions."""
     url = normalise_url(url)
@@ -57,6 +65,10 @@ def make_engine(url: str, *, create: bool = True, writer: bool = True) -> Engine
     kwargs: dict[str, Any] = {"hide_parameters": True}  # no field values in SQL error text or logs
     if is_sqlite:
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        database = make_url(url).database or ":memory:"
+        if not writer and database != ":memory:" and "mode=memory" not in url:  # a file: a QueuePool
+            kwargs["pool_size"] = READER_POOL_SIZE
+            kwargs["max_overflow"] = READER_POOL_OVERFLOW
     else:
         kwargs["pool_pre_ping"] = True
         kwargs["pool_size"] = 10
