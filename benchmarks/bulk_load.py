@@ -147,6 +147,17 @@ def _secondary_indexes() -> list[Index]:
     return out
 
 
+def _analyze_sql(conn: Connection) -> str:
+    """ANALYZE of the loaded tables. On PostgreSQL a bare ANALYZE reads every table of the database,
+    other stores' schemas too (the tests' parallel workers, earlier benchmark schemas), and two of
+    them at once deadlock on the catalog; the names here resolve in this store's search_path."""
+    if conn.dialect.name != "postgresql":
+        return "ANALYZE"
+    quote = conn.dialect.identifier_preparer.quote
+    tables = [m.__table__.name for m in [*RECORD_TABLES.values(), *INDEX_TABLES.values()]]  # type: ignore[attr-defined]
+    return "ANALYZE " + ", ".join(quote(t) for t in tables)
+
+
 def loader_engine(url: str) -> Engine:
     """A bulk-load engine on ``url``: the store's tables exist; SQLite skips fsync while loading."""
     engine = make_engine(url, create=True, writer=True)
@@ -213,7 +224,7 @@ class BulkLoader:
         with self.engine.begin() as conn:
             for ix in _secondary_indexes():
                 ix.create(conn, checkfirst=True)
-            conn.execute(text("ANALYZE"))
+            conn.execute(text(_analyze_sql(conn)))
         if self.engine.dialect.name == "sqlite":  # leave the engine a compact file, not a huge WAL
             raw = self.engine.raw_connection()
             try:
