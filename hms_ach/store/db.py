@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import Connection, event, inspect, text
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import QueuePool
 from sqlmodel import SQLModel, create_engine
 
 from hms_ach.core import metrics
@@ -65,8 +66,10 @@ def make_engine(url: str, *, create: bool = True, writer: bool = True) -> Engine
     kwargs: dict[str, Any] = {"hide_parameters": True}  # no field values in SQL error text or logs
     if is_sqlite:
         kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
-        database = make_url(url).database or ":memory:"
-        if not writer and database != ":memory:" and "mode=memory" not in url:  # a file: a QueuePool
+        parsed = make_url(url)
+        dialect: Any = parsed.get_dialect()  # pysqlite's: its get_pool_class is not in Dialect's typing
+        # a file gets a QueuePool, an in-memory database one connection (SQLAlchemy's own choice)
+        if not writer and issubclass(dialect.get_pool_class(parsed), QueuePool):
             kwargs["pool_size"] = READER_POOL_SIZE
             kwargs["max_overflow"] = READER_POOL_OVERFLOW
     else:
@@ -315,9 +318,6 @@ class Checkpointer:
         self.restart_window = restart_window
         self.runs = 0  # rounds whose PRAGMA ran (complete or not)
         self.wal_restarts = 0  # the writer's checkpoints that let its next write start the WAL over
-        self.restart_frames = (
-            0  # frames of WAL_RESTART_BYTES at the database's page size (set per connection)
-        )
         self.restart_wanted = threading.Event()  # set by a complete round over restart_frames
         self.covered_bytes = 0  # the WAL's length in bytes when the round that asked completed
         self.frame_bytes = 4120  # set per connection from the page size
@@ -525,7 +525,6 @@ class Checkpointer:
             conn.execute("PRAGMA busy_timeout=0")  # PASSIVE never waits for a lock
             page = conn.execute("PRAGMA page_size").fetchone()
             self.frame_bytes = int(page[0]) + 24 if page else 4120  # a WAL frame: its header and a page
-            self.restart_frames = max(1, WAL_RESTART_BYTES // self.frame_bytes)
         started = time.monotonic()
         row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         self.runs += 1
@@ -541,6 +540,11 @@ class Checkpointer:
         else:
             self._dirty.set()
         return conn
+
+    @property
+    def restart_frames(self) -> int:
+        """The frames of :data:`WAL_RESTART_BYTES` at the database's page size."""
+        return max(1, WAL_RESTART_BYTES // self.frame_bytes)
 
     def restart_before_write(self, conn: Connection) -> None:
         """Called by the writer on its connection before a transaction: when a round asked for it,
