@@ -9,8 +9,8 @@ response with a 201 per entry, and every record is stored once.
 Transaction Bundles on PostgreSQL commit on the writer's second connection, and the feed waits
 only for each one's audit/outbox tail; on SQLite a transaction is one writer job under the one
 write lock, and the feed's p99 is about the length of one (the Bundle's parsing, record checks and
-answer run off the event loop): on this 2-core machine, quiet, 60-106 ms on SQLite and 53-75 ms on
-PostgreSQL (2026-12-07), and 161-189 ms on SQLite with two CPU-bound processes beside it.
+answer run off the event loop): on this 2-core machine, quiet, 59-108 ms on SQLite and 36-75 ms on
+PostgreSQL (2026-12-07), and 145-189 ms on SQLite with two CPU-bound processes beside it.
 
 A latency bound can be judged only where the test has the CPUs to itself, and the load average
 cannot tell (it lags a minute behind, so it is high right after the parallel pass): the test
