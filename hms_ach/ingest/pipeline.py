@@ -314,7 +314,7 @@ def _check_record(rec: RecordWrite, max_record_bytes: int) -> None:
 
 
 def write_records(
-    tx: Tx, result: MappingResult, message_id: int
+    tx: Tx, result: MappingResult, message_id: int, checked: bool = False
 ) -> tuple[list[WriteOutcome], MessageError | None]:
     """Upsert the records of ``result`` for message ``message_id`` in one SAVEPOINT (none in the
     writer's optimistic batches: store/savepoint.py ``optimistic``).
@@ -322,12 +322,14 @@ def write_records(
     A domain error (a missing reference target, an update-only record that is not there...) rolls
     the savepoint back and is returned, so the message row can still be finished with it. The
     records pass :func:`check_records` first (every channel's: HL7 v2 and CSV rows alike), so no
-    value reaches the database that one of the two would refuse.
+    value reaches the database that one of the two would refuse; ``checked``: they passed it
+    already (an HL7 v2 message's, in :func:`evaluate`, under the channel's own size limit).
     """
-    try:
-        check_records(result)
-    except ContentError as exc:
-        return [], exc
+    if not checked:
+        try:
+            check_records(result)
+        except ContentError as exc:
+            return [], exc
     if is_optimistic(tx):  # the writer's batch without SAVEPOINTs: it runs again with them if this fails
         try:
             return Repository(tx).apply(result, message_id), None
@@ -559,7 +561,7 @@ def hl7_work(ev: Evaluation, charset: str) -> Work[Outcome]:
         error = ev.error
         writes: list[WriteOutcome] = []
         if error is None and ev.result is not None:
-            writes, error = write_records(tx, ev.result, message_id)
+            writes, error = write_records(tx, ev.result, message_id, checked=True)
         if error is None:
             code, status = "AA", "processed"
             if ev.header is not None:

@@ -21,6 +21,7 @@ undoes the message whole as before; other callers (FHIR writes, listeners) write
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
@@ -85,6 +86,15 @@ def _render(
     }
     body.update({k: v for k, v in content.items() if k not in ("resourceType", "id", "meta")})
     return body, dumps(body)
+
+
+def _without_nones(value: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``value`` without None anywhere in it. When its JSON text holds no ``null`` (merges
+    rarely leave a None) only the top level is copied: one C-level dump instead of a walk."""
+    text = _json_or_none(value)
+    if text is not None and b"null" not in text:
+        return dict(value)
+    return _drop_nones(value)  # type: ignore[no-any-return]
 
 
 def _drop_nones(value: Any) -> Any:
@@ -421,9 +431,9 @@ class Repository:
     ) -> dict[str, Any]:
         # Encounter.location keeps its history (core.records.merge_location_history)
         source = self.source_of(rec.resource_type, message_id)
-        merged = _drop_nones(merge_record(rec.resource_type, rec.mode, old, content, source, history=True))
+        merged = _without_nones(merge_record(rec.resource_type, rec.mode, old, content, source, history=True))
         merged["resourceType"] = rec.resource_type
-        return merged  # type: ignore[no-any-return]
+        return merged
 
     def _create(
         self, st: _Statements, rec: RecordWrite, rid: str, content: dict[str, Any], message_id: int | None
@@ -717,23 +727,83 @@ def _without_aliases(value: Any, resolved: dict[str, str]) -> Any:
 _UNSET = object()
 
 
+#: A record's reference to another record of its message as orjson writes it: the key
+#: ``reference`` and a string value that starts with ``@`` (group 1: the alias, when it has no
+#: escaped character). :func:`_alias_refs` checks each match is a key (after ``{`` or ``,``: a
+#: quote inside a string is escaped) and that no other such reference was missed.
+_ALIAS_REF = re.compile(rb'"reference":"@([^"\\]*)"')
+_ALIAS_PREFIX = b'"reference":"@'
+
+
+def _json_or_none(value: Any) -> bytes | None:
+    try:
+        return orjson.dumps(value)
+    except (TypeError, orjson.JSONEncodeError):  # not JSON (never from a mapping): the walks decide
+        return None
+
+
+def _alias_refs(text: bytes | None) -> list[re.Match[bytes]] | None:
+    """The alias references of a record's JSON text, or None when the text cannot tell them
+    exactly (not JSON, an escaped character in an alias, a key that only ends in ``reference``):
+    the callers then walk the content, which is slower and always exact."""
+    if text is None:
+        return None
+    found = list(_ALIAS_REF.finditer(text))
+    if len(found) != text.count(_ALIAS_PREFIX):
+        return None
+    for m in found:
+        if text[m.start() - 1 : m.start()] not in (b"{", b","):
+            return None
+    return found
+
+
 def _aliases_in(value: Any) -> set[str]:
+    """The aliases (``@name``) the ``reference`` elements anywhere in ``value`` name, read from its
+    JSON text (one C-level dump and a search: about a seventh of a walk's time)."""
+    found = _alias_refs(_json_or_none(value))
+    if found is None:
+        return _walk_aliases(value)
+    return {m.group(1).decode() for m in found}
+
+
+def _walk_aliases(value: Any) -> set[str]:
     found: set[str] = set()
     if isinstance(value, dict):
         ref = value.get("reference")
         if isinstance(ref, str) and ref.startswith("@"):
             found.add(ref[1:])
         for v in value.values():
-            found |= _aliases_in(v)
+            found |= _walk_aliases(v)
     elif isinstance(value, list):
         for v in value:
-            found |= _aliases_in(v)
+            found |= _walk_aliases(v)
     return found
 
 
 def _resolve_aliases(value: Any, resolved: dict[str, str]) -> Any:
+    """``value`` (a new copy) with each ``@alias`` reference replaced by the reference of the record
+    written for it; a reference to an alias whose record was not written (``create: false``) is
+    dropped with the element that holds it. When every alias resolves (the usual case), the
+    references are replaced in the JSON text and the copy is parsed from it: about a third of a
+    walk's time."""
+    text = _json_or_none(value)
+    found = _alias_refs(text)
+    if text is None or found is None:
+        return _walk_resolve(value, resolved)
+    targets: dict[bytes, bytes] = {}
+    for m in found:
+        target = resolved.get(m.group(1).decode(), "")
+        if not target:
+            return _walk_resolve(value, resolved)
+        targets[m.group(1)] = b'"reference":' + orjson.dumps(target)
+    if not targets:
+        return orjson.loads(text)
+    return orjson.loads(_ALIAS_REF.sub(lambda m: targets[m.group(1)], text))
+
+
+def _walk_resolve(value: Any, resolved: dict[str, str]) -> Any:
     if isinstance(value, dict):
-        out = {k: _resolve_aliases(v, resolved) for k, v in value.items()}
+        out = {k: _walk_resolve(v, resolved) for k, v in value.items()}
         ref = out.get("reference")
         if isinstance(ref, str) and ref.startswith("@"):
             target = resolved.get(ref[1:], "")
@@ -742,7 +812,7 @@ def _resolve_aliases(value: Any, resolved: dict[str, str]) -> Any:
             out["reference"] = target
         return out
     if isinstance(value, list):
-        return [v for v in (_resolve_aliases(v, resolved) for v in value) if v is not None]
+        return [v for v in (_walk_resolve(v, resolved) for v in value) if v is not None]
     return value
 
 
