@@ -51,8 +51,8 @@ class Compiled:
         )
 
     def params_many(self, rows: Sequence[Mapping[str, Any]], as_tuples: bool = False) -> list[Any]:
-        """:meth:`params` of each row, the values picked by one C-level getter, and each converted
-        value reused while the same object repeats (the one write time of a transaction's rows)."""
+        """:meth:`params` of each row, the values picked by one C-level getter, and each distinct
+        value of a column converted once (:meth:`converted`)."""
         pick = _getter(self.names)
         try:
             picked = [pick(row) for row in rows]
@@ -66,19 +66,25 @@ class Compiled:
 
     def converted(self, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         """``rows`` (values in the order of :attr:`names`) with each value its column's type converts
-        converted, a converted value reused while the same object repeats; ``rows`` itself when no
-        column converts."""
+        converted, once per distinct value of a column; ``rows`` itself when no column converts."""
         converting = [(i, proc) for i, proc in enumerate(self.processors) if proc is not None]
         if not converting:
             return rows
         out = [list(p) for p in rows]
         for i, proc in converting:
-            last: Any = object()
-            done: Any = None
+            # values repeat: the write time of a transaction's rows, the dates of index rows (whose
+            # ranges search_params caches). Keyed with the type and offset too: True == 1, and two
+            # datetimes of one instant at different offsets are equal but may convert differently
+            done: dict[Any, Any] = {}
             for p in out:
-                if p[i] is not last:
-                    last, done = p[i], proc(p[i])
-                p[i] = done
+                value = p[i]
+                try:
+                    key = (type(value), value, getattr(value, "tzinfo", None))
+                    p[i] = done[key]
+                except KeyError:
+                    p[i] = done[key] = proc(value)
+                except TypeError:  # unhashable: converted each time
+                    p[i] = proc(value)
         return [tuple(p) for p in out]
 
 
