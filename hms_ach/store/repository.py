@@ -121,6 +121,8 @@ class _Statements:
         by_value = select(*cols).where(c.key_system.is_(None), c.key_value == bindparam("kv"))
         self.by_key = by_key.with_for_update() if lock else by_key
         self.by_value = by_value.with_for_update() if lock else by_value
+        # the reads of a message's records, before they are merged: no lock (see Repository.upsert)
+        self.peek_key, self.peek_value = by_key, by_value
         # RETURNING tells whether the row went in (rowcount is not reliable with every driver)
         self.insert_keyed = (
             insert_fn(table)
@@ -137,6 +139,9 @@ class _Statements:
                 deleted=bindparam("d"),
             )
         )
+        # lock a row read without a lock, while it is still the version read (Repository.upsert)
+        self.lock_if = select(c.id).where(c.id == bindparam("rid"), c.version_id == bindparam("v0"))
+        self.lock_if = self.lock_if.with_for_update()
         # How many live records one identifier names, and the least id: what matched_id asks
         # for each identifier of the type's match policy (one row, so it runs on fastexec).
         ix = SearchToken.__table__  # type: ignore[attr-defined]
@@ -320,31 +325,45 @@ class Repository:
             outcomes.extend(self.run_action(action, resolved, message_id))
         return outcomes
 
-    def _by_key(self, st: _Statements, system: str | None, value: str) -> tuple[Any, ...] | None:
-        """(id, version_id, resource, deleted) of the record with this business key, or None."""
+    def _by_key(
+        self, st: _Statements, system: str | None, value: str, lock: bool = True
+    ) -> tuple[Any, ...] | None:
+        """(id, version_id, resource, deleted) of the record with this business key, or None;
+        locked on PostgreSQL unless ``lock`` is False."""
         if system is None:
-            return fastexec.first_row(self.conn, f"by_value:{st.name}", st.by_value, {"kv": value})
-        return fastexec.first_row(self.conn, f"by_key:{st.name}", st.by_key, {"ks": system, "kv": value})
+            stmt, name = (st.by_value, "by_value") if lock else (st.peek_value, "peek_value")
+            return fastexec.first_row(self.conn, f"{name}:{st.name}", stmt, {"kv": value})
+        stmt, name = (st.by_key, "by_key") if lock else (st.peek_key, "peek_key")
+        return fastexec.first_row(self.conn, f"{name}:{st.name}", stmt, {"ks": system, "kv": value})
 
     def upsert(
         self, rec: RecordWrite, content: dict[str, Any], message_id: int | None, rid: str | None = None
     ) -> WriteOutcome | None:
         """Create or merge one record.
 
-        A keyed record is looked up by its business key first (locked on PostgreSQL). When it is
-        not there and ``rec.create`` allows, its first version is inserted whole with
+        A keyed record is looked up by its business key first. When it is not there and
+        ``rec.create`` allows, its first version is inserted whole with
         ``ON CONFLICT (key_system, key_value) DO NOTHING``: the unique constraint decides who
         creates it, and the loser of a race reads the winner's row and merges into it.
         ``rid``: the id a new record gets (one :meth:`reserve_id` gave, or a shipped form's
         ``Questionnaire/<form id>``; default a new UUID); a stored one keeps its own.
+
+        On PostgreSQL (several engines may share the database) a stored record is read without a
+        lock and merged: most records of a message change nothing (its practitioners, its wards),
+        and those are left without ever being locked, so two engines' group commits no longer wait
+        on each other's rows (nor deadlock) for them. A changed record is locked (``FOR UPDATE``)
+        only while it is still the version read, and then written; when another writer changed it
+        meanwhile, it is read again, locked, and merged again.
         """
         st = _statements(rec.resource_type, self._dialect)
         reserved = rid
+        locked = not self._lock  # SQLite has one writer: what it reads no one changes before it commits
         if rec.key_value:
-            row = self._by_key(st, rec.key_system, rec.key_value)
+            row = self._by_key(st, rec.key_system, rec.key_value, lock=locked)
             if row is None and rec.resource_type in RECORD_MATCHERS:
                 matched = self.matched_id(rec.resource_type, content)
                 row = None if matched is None else self._by_id(st, matched)
+                locked = True  # read FOR UPDATE on PostgreSQL
             if row is None:
                 if not rec.create:
                     return None
@@ -353,29 +372,43 @@ class Repository:
                 if self._create(st, rec, rid, first, message_id):
                     return WriteOutcome(rec.resource_type, rid, 1, created=True, changed=True)
                 row = self._by_key(st, rec.key_system, rec.key_value)  # another writer created it first
+                locked = True
                 if row is None:
                     raise RuntimeError(
                         f"{rec.resource_type} {rec.key_system}|{rec.key_value} was neither inserted nor found"
                     )
-            rid, version, old = row[0], row[1], _strip_meta(orjson.loads(row[2]))
-            created = version == 0  # a placeholder claimed by a FHIR conditional create
         else:
             rid = reserved or new_id()
             self._create(st, rec, rid, self._merge(rec, {}, content, message_id), message_id)
             return WriteOutcome(rec.resource_type, rid, 1, created=True, changed=True)
-        merged = self._merge(rec, old, content, message_id)
-        if not created and merged == old:
-            return WriteOutcome(rec.resource_type, rid, version, created=False, changed=False)
-        return self.write_version(
-            rec.resource_type,
-            rid,
-            version + 1,
-            merged,
-            message_id,
-            created,
-            before=None if created else old,
-            live=not row[3],
-        )
+        while True:
+            rid, version, old = row[0], row[1], _strip_meta(orjson.loads(row[2]))
+            created = version == 0  # a placeholder claimed by a FHIR conditional create
+            merged = self._merge(rec, old, content, message_id)
+            if not created and merged == old:
+                return WriteOutcome(rec.resource_type, rid, version, created=False, changed=False)
+            if locked or self._lock_if(st, rid, version):
+                return self.write_version(
+                    rec.resource_type,
+                    rid,
+                    version + 1,
+                    merged,
+                    message_id,
+                    created,
+                    before=None if created else old,
+                    live=not row[3],
+                )
+            # another engine wrote a version since the read: read it again, locked this time
+            row = self._by_id(st, rid)
+            locked = True
+            if row is None:
+                raise RuntimeError(f"{rec.resource_type}/{rid} is gone")
+
+    def _lock_if(self, st: _Statements, rid: str, version: int) -> bool:
+        """Lock the row ``rid`` (``FOR UPDATE``) if it is still ``version``; False when another
+        writer wrote a version since it was read (then nothing is locked)."""
+        values = {"rid": rid, "v0": version}
+        return fastexec.first_row(self.conn, f"lock_if:{st.name}", st.lock_if, values) is not None
 
     def reserve_id(self, rec: RecordWrite, content: dict[str, Any]) -> str | None:
         """The id :meth:`upsert` will give ``rec``: the stored record's (found as ``upsert`` finds
