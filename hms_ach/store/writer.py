@@ -66,7 +66,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from hms_ach.core import fairness, metrics
-from hms_ach.store import conflicts
+from hms_ach.store import audit, conflicts
 from hms_ach.store.db import Store
 from hms_ach.store.errors import StoreUnavailable
 from hms_ach.store.port import Tx
@@ -184,6 +184,22 @@ class _StoreFailure(Exception):
         self.stage = stage
         self.cause = cause
         super().__init__(f"{stage}: {type(cause).__name__}")
+
+
+def _begin(conn: Any) -> Any:
+    """Begin the writer's transaction. On PostgreSQL, take the audit chain's lock first: every
+    writer transaction ends by appending to the chain, so when the lock came with a message's
+    first change, an engine holding it could wait for a record another engine had locked while
+    that engine waited for the chain (a deadlock, detected only after ``deadlock_timeout``). Taken
+    first, it orders the writers of all engines on the database (docs/scale-out.md)."""
+    txn = _stage("begin", conn.begin)
+    if conn.dialect.name == "postgresql":
+        try:
+            _stage("audit lock", lambda: audit.lock_chain(conn))
+        except BaseException:
+            _quiet(txn.rollback)
+            raise
+    return txn
 
 
 def _is_store_failure(exc: BaseException) -> bool:
@@ -499,7 +515,7 @@ class StoreWriter:
         outcomes: list[tuple[Future[Any], Any, BaseException | None]] = []
         conn = self._connect()
         try:
-            txn = _stage("begin", conn.begin)
+            txn = _begin(conn)
             try:
                 with optimistic(conn):
                     for job, fut in batch:
@@ -531,7 +547,7 @@ class StoreWriter:
         outcomes: list[tuple[Future[Any], Any, BaseException | None]] = []
         conn = self._connect()
         try:
-            txn = _stage("begin", conn.begin)
+            txn = _begin(conn)
             try:
                 for job, fut in batch:
                     savepoint = _stage("savepoint", conn.begin_nested)
@@ -562,7 +578,7 @@ class StoreWriter:
         (:class:`~hms_ach.store.savepoint.SavepointNeeded`) has the job run again with them."""
         conn = self._connect()
         try:
-            txn = _stage("begin", conn.begin)
+            txn = _begin(conn)
             try:
                 with optimistic(conn):
                     result = job(conn)
