@@ -16,7 +16,9 @@ chain, deleted entries, a truncated tail, a forged checkpoint.
 
 The chain stays linear under concurrent writers: on PostgreSQL the writer takes a
 transaction-level advisory lock before reading the last hash; SQLite write transactions are
-serialised already (``BEGIN IMMEDIATE``).
+serialised already (``BEGIN IMMEDIATE``). The group-commit writer's transactions on PostgreSQL
+make their rows as they go and link them at the end (:func:`defer`), so that the lock is held
+only from then to the COMMIT.
 """
 
 from __future__ import annotations
@@ -240,6 +242,15 @@ def record_many(
                 "actor": _actor(conn, change.message_id, cache),
             }
         )
+    kept = txcache.kept(conn)
+    if kept is not None:  # linked at the transaction's end (defer)
+        kept.extend(rows)
+        return
+    _append(conn, rows, seal, cache)
+
+
+def _append(conn: Connection, rows: list[dict[str, Any]], seal: AuditSeal, cache: dict[str, Any]) -> None:
+    """Link ``rows`` to the chain's end (under its lock) and insert them."""
     _lock_chain(conn, cache)
     last = cache.get("audit.last_hash")
     if last is None:
@@ -251,6 +262,25 @@ def record_many(
         row["hash"] = last = entry_hash(row, seal)
     fastexec.insert_rows(conn, T, rows)
     cache["audit.last_hash"] = last
+
+
+# ------------------------------------------------------------- entries appended at the commit
+def defer(conn: Connection) -> None:
+    """Until :func:`append_deferred`, the audit rows of ``conn``'s transaction are made (diff, who,
+    when) but kept, in order, instead of linked and inserted (:func:`hms_ach.store.txcache.keep`:
+    a SAVEPOINT rolled back drops its rows): the chain's lock is then taken only for the last
+    statements before the COMMIT. The group-commit writer does so on PostgreSQL, where engines
+    sharing the database wait for that lock: taken with a message's first change, it was held
+    through the rest of the batch, and an engine holding a record the other wanted deadlocked with
+    it (docs/scale-out.md)."""
+    txcache.keep(conn)
+
+
+def append_deferred(conn: Connection) -> None:
+    """Link and insert the rows :func:`defer` kept (a call before the COMMIT); none are kept after."""
+    rows = txcache.take_kept(conn)
+    if rows:
+        _append(conn, rows, seal_for(conn), txcache.cache(conn))
 
 
 def install(store: Store, settings: AuditSettings, data_dir: Path, *, create: bool = True) -> AuditSeal:

@@ -187,19 +187,21 @@ class _StoreFailure(Exception):
 
 
 def _begin(conn: Any) -> Any:
-    """Begin the writer's transaction. On PostgreSQL, take the audit chain's lock first: every
-    writer transaction ends by appending to the chain, so when the lock came with a message's
-    first change, an engine holding it could wait for a record another engine had locked while
-    that engine waited for the chain (a deadlock, detected only after ``deadlock_timeout``). Taken
-    first, it orders the writers of all engines on the database (docs/scale-out.md)."""
+    """Begin the writer's transaction. On PostgreSQL its audit rows are linked to the chain only
+    at its end (:func:`_finish`, :func:`hms_ach.store.audit.defer`): the chain's lock, which every
+    writer of every engine on the database takes, is held only for those last statements and the
+    COMMIT. Taken with a message's first change, it was held through the rest of the batch: other
+    engines waited for it, and one holding a record this one wanted deadlocked with it."""
     txn = _stage("begin", conn.begin)
     if conn.dialect.name == "postgresql":
-        try:
-            _stage("audit lock", lambda: audit.lock_chain(conn))
-        except BaseException:
-            _quiet(txn.rollback)
-            raise
+        audit.defer(conn)
     return txn
+
+
+def _finish(conn: Any, txn: Any) -> None:
+    """Link the transaction's kept audit rows to the chain, then COMMIT (:func:`_begin`)."""
+    _stage("audit", lambda: audit.append_deferred(conn))
+    _stage("commit", txn.commit)
 
 
 def _is_store_failure(exc: BaseException) -> bool:
@@ -527,7 +529,7 @@ class StoreWriter:
                             break
                         outcomes.append((fut, result, None))
                     else:
-                        _stage("commit", txn.commit)
+                        _finish(conn, txn)
                         self._did_commit()
                         return outcomes
                 _stage("rollback", txn.rollback)
@@ -561,7 +563,7 @@ class StoreWriter:
                         continue
                     _stage("release savepoint", savepoint.commit)
                     outcomes.append((fut, result, None))
-                _stage("commit", txn.commit)
+                _finish(conn, txn)
                 self._did_commit()
             except BaseException:
                 _quiet(txn.rollback)
@@ -595,7 +597,7 @@ class StoreWriter:
                 replay = False
             if not replay:
                 try:
-                    _stage("commit", txn.commit)
+                    _finish(conn, txn)
                     self._did_commit()
                 except BaseException:
                     _quiet(txn.rollback)
