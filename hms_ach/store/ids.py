@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 
 _RANDOM_BITS = (1 << 74) - 1
 _LOW_62 = (1 << 62) - 1
@@ -27,13 +28,7 @@ def ordered_ids(count: int) -> list[str]:
     for _ in range(count):
         rand = int.from_bytes(os.urandom(10)) & _RANDOM_BITS
         ids.append((millis << 80) | _VERSION_7 | ((rand >> 62) << 64) | _VARIANT | (rand & _LOW_62))
-    return [_text(i) for i in sorted(ids)]
-
-
-def _text(value: int) -> str:
-    """The 128-bit ``value`` as ``str(uuid.UUID(int=value))`` writes it, without making the UUID."""
-    h = f"{value:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    return [str(uuid.UUID(int=i)) for i in sorted(ids)]
 
 
 def new_id() -> str:

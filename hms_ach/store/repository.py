@@ -140,8 +140,9 @@ class _Statements:
             )
         )
         # lock a row read without a lock, while it is still the version read (Repository.upsert)
-        self.lock_if = select(c.id).where(c.id == bindparam("rid"), c.version_id == bindparam("v0"))
-        self.lock_if = self.lock_if.with_for_update()
+        self.lock_if = (
+            select(c.id).where(c.id == bindparam("rid"), c.version_id == bindparam("v0")).with_for_update()
+        )
         # How many live records one identifier names, and the least id: what matched_id asks
         # for each identifier of the type's match policy (one row, so it runs on fastexec).
         ix = SearchToken.__table__  # type: ignore[attr-defined]

@@ -102,25 +102,14 @@ def search_param(resource_type: str, name: str) -> SearchParam | None:
 # ---------------------------------------------------------------------------- path walking
 def walk(value: Any, path: str) -> Iterator[Any]:
     """Yield every value reached by following the dotted ``path`` through dicts and lists."""
-    head, _, rest = path.partition(".")
-    if isinstance(value, list):
-        for item in value:
-            yield from walk(item, path)
-        return
-    if not isinstance(value, dict) or head not in value:
-        return
-    child = value[head]
-    if rest:
-        yield from walk(child, rest)
-    elif isinstance(child, list):
-        yield from (c for c in child if c is not None)
-    elif child is not None:
-        yield child
+    yield from reach(value, _steps(path))
 
 
 def reach(value: Any, steps: tuple[str, ...]) -> list[Any]:
-    """:func:`walk` of a path already split at its dots, as a list, without a generator per level:
-    what :func:`index_rows` reads for every parameter of every record it indexes."""
+    """Every value reached by following ``steps`` (a dotted path split at its dots) through dicts
+    and lists: lists on the way are flattened, a list at the end gives its items, None is never
+    given. A list, without a generator per level: :func:`index_rows` reads it for every parameter
+    of every record it indexes."""
     level = [value]
     for head in steps:
         found: list[Any] = []

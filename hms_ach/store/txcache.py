@@ -90,7 +90,7 @@ def _on_commit(conn: Connection) -> None:
         raise RuntimeError(f"{len(found.rows)} rows kept for the end of the transaction were not written")
 
 
-def _on_rollback(conn: Connection) -> None:
+def _drop_kept(conn: Connection) -> None:
     if not (conn.invalidated or conn.closed):
         conn.info.pop(_KEPT, None)
 
@@ -107,6 +107,6 @@ def install() -> None:
     event.listen(Engine, "rollback_savepoint", _on_rollback_savepoint)
     event.listen(Engine, "release_savepoint", _on_release_savepoint)
     event.listen(Engine, "commit", _on_commit)
-    event.listen(Engine, "rollback", _on_rollback)
-    event.listen(Engine, "begin", _on_rollback)  # a transaction keeps nothing until keep() says
+    event.listen(Engine, "rollback", _drop_kept)
+    event.listen(Engine, "begin", _drop_kept)  # a transaction keeps nothing until keep() says
     _installed = True
