@@ -54,6 +54,7 @@ SAMPLES = ROOT / "samples"
 VALIDATE_SECONDS = 180
 PAGE = 7  # small, so that paging is walked on every type with more than a page
 MAX_PAGES = 40
+RATE_LIMIT_RETRIES = 5  # 429s in a row before the crawl counts one as a failure
 READS_PER_TYPE = (
     6  # read, vread and history of the first few of each type (every one is validated from its searchset)
 )
@@ -148,6 +149,13 @@ class Crawl:
         self, url: str, expect: int | tuple[int, ...] = 200, headers: dict[str, str] | None = None
     ) -> dict[str, Any] | None:
         response = await self.client.get(url, headers=headers)
+        for _ in range(RATE_LIMIT_RETRIES):
+            # the crawl is one client asking as fast as it can: where the engine's rate limit
+            # answers 429, it waits as told and asks again, as a well-behaved FHIR client does
+            if response.status_code != 429:
+                break
+            await asyncio.sleep(float(response.headers["Retry-After"]))
+            response = await self.client.get(url, headers=headers)
         wanted = (expect,) if isinstance(expect, int) else expect
         origin = f"GET {url} -> {response.status_code}"
         try:
