@@ -128,7 +128,16 @@ def _index(kind: str) -> Table:
 
 
 def _rows_of(ix: Table, rt: str, param: SearchParam, *conds: ColumnElement[bool]) -> Select[Any]:
-    return select(ix.c.resource_id).where(ix.c.resource_type == rt, ix.c.param == param.name, *conds)
+    rows = _param_rows(ix, rt, param.name)
+    return rows.where(*conds) if conds else rows
+
+
+@functools.lru_cache(maxsize=4096)
+def _param_rows(ix: Table, rt: str, param: str) -> Select[Any]:
+    """The ids of the ``rt`` records with an index row of ``param``, the select every criterion's
+    index set starts from (built once: SQLAlchemy constructs are immutable, and building the
+    criteria's SQL is most of a search's time in Python)."""
+    return select(ix.c.resource_id).where(ix.c.resource_type == rt, ix.c.param == param)
 
 
 def _in_index(
@@ -162,16 +171,18 @@ class ClauseContext:
     """The index-row selects of the access limits (the patient compartment), beside the criteria's."""
 
 
-def own_rows(ix: Table, rt: str, t: Table, param: str) -> list[ColumnElement[bool]]:
+@functools.lru_cache(maxsize=4096)
+def own_rows(ix: Table, rt: str, t: Table, param: str) -> tuple[ColumnElement[bool], ...]:
     """The conditions selecting the index rows of ``param`` of the record ``t.c.id`` (for a
     correlated sub-select).
 
     They are found through the owner index (resource_type, resource_id), a few rows per record. The
     param is compared through ``coalesce`` (it is never NULL) so that the planner cannot pick the
     lookup index (resource_type, param, ...) instead: SQLite does when it can, and then walks every
-    row of the param for every candidate record.
+    row of the param for every candidate record. Built once per table, type and param (as
+    :func:`_param_rows`).
     """
-    return [ix.c.resource_type == rt, ix.c.resource_id == t.c.id, func.coalesce(ix.c.param, "") == param]
+    return (ix.c.resource_type == rt, ix.c.resource_id == t.c.id, func.coalesce(ix.c.param, "") == param)
 
 
 def _owned(t: Table, ix: Table, rt: str, crit: Criterion, cond: ColumnElement[bool]) -> ColumnElement[bool]:
