@@ -45,7 +45,7 @@ class Seen:
 
     def add(self, resource_type: str, rid: str, text: str | None) -> None:
         self.refs.append(f"{resource_type}/{rid}")
-        if text is not None and resource_type != "Patient":
+        if text is not None and resource_type != "Patient" and "Patient/" in text:  # most name no patient
             self.refs.extend(_PATIENT_REF.findall(text))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -21,6 +22,7 @@ from sqlalchemy import func, select
 from hms_ach.app.http import create_app
 from hms_ach.auth.authenticate import Authenticator
 from hms_ach.core.records import FHIR_SERVED, MappingResult, RecordWrite
+from hms_ach.fhir import routes
 from hms_ach.store import resources
 from hms_ach.store.db import Store
 from hms_ach.store.models import INDEX_TABLES, RECORD_TABLES
@@ -769,6 +771,27 @@ def test_unexpected_errors_are_500_outcomes_without_details(base: str, token: di
     body = _outcome(r, 500, "exception")
     assert "secret" not in r.text and "Traceback" not in r.text
     assert body["issue"][0]["severity"] == "error"
+
+
+def test_a_search_that_finds_no_free_slot_in_time_is_answered_503_with_retry_after(
+    store: Store, auth: Authenticator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On SQLite the searches run in a few slots (routes.search_slots): one that waits longer than
+    SEARCH_SLOT_WAIT_SECONDS for one is answered 503 ``transient`` with Retry-After, as a client
+    expects of a busy server; a read by id takes no slot and still answers."""
+    if store.dialect != "sqlite":
+        pytest.skip("on PostgreSQL the searches have no slots (they wait on the network, not the GIL)")
+    monkeypatch.setattr(routes, "SEARCH_SLOT_WAIT_SECONDS", 0.2)
+    monkeypatch.setattr(routes, "search_slots", lambda _store: asyncio.Semaphore(0))  # every slot taken
+    with (
+        _Server(create_app(store, authenticator=auth)) as url,
+        httpx.Client(base_url=f"{url}/fhir", timeout=10, headers=auth_headers(auth)) as client,
+    ):
+        r = client.get("/Patient", params={"family": "Mu"})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+        issue = r.json()["issue"][0]
+        assert issue["code"] == "transient" and "every search slot was busy for 0.2 s" in issue["diagnostics"]
+        assert client.get("/Patient/no-such-id").status_code == 404
 
 
 def test_health(base: str) -> None:
