@@ -713,6 +713,11 @@ def _prefix_page_sql(table: str, values: int, after: bool) -> TextClause:
 
 def _wide_page(conn: Connection, t: Table, where: list[ColumnElement[bool]], query: SearchQuery) -> list[Any]:
     """The page over the record table with every criterion: rows (id, resource, *sort keys)."""
+    if not query.sort:  # in id order: one flat select (the sub-select's column proxies cost 0.1 ms)
+        stmt = select(t.c.id, t.c.resource).where(*where)
+        if query.after is not None:
+            stmt = stmt.where(t.c.id > query.after[-1])
+        return list(conn.execute(stmt.order_by(t.c.id).limit(query.count + 1)).all())
     keys = [_sort_expression(t, query.resource_type, k).label(f"k{i}") for i, k in enumerate(query.sort)]
     inner = select(t.c.id, t.c.resource, *keys).where(*where).subquery("matches")
     cols = [inner.c[f"k{i}"] for i in range(len(keys))] + [inner.c.id]
