@@ -26,8 +26,8 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 
 import orjson
 from fastapi import APIRouter, Depends, Request
@@ -163,6 +163,29 @@ def search_slots(store: Store) -> asyncio.Semaphore | None:
     return asyncio.Semaphore((os.cpu_count() or 1) + 1)
 
 
+@asynccontextmanager
+async def _slot(slots: asyncio.Semaphore | None) -> AsyncIterator[None]:
+    """One of ``slots`` for the block (none to take when None); after :data:`SEARCH_SLOT_WAIT_SECONDS`
+    without one, a 503 ``transient`` with Retry-After."""
+    if slots is None:
+        yield
+        return
+    try:
+        async with asyncio.timeout(SEARCH_SLOT_WAIT_SECONDS):
+            await slots.acquire()
+    except TimeoutError:
+        raise FhirError(
+            503,
+            "transient",
+            f"every search slot was busy for {SEARCH_SLOT_WAIT_SECONDS:g} s; retry later",
+            headers={"Retry-After": "1"},
+        ) from None
+    try:
+        yield
+    finally:
+        slots.release()
+
+
 class PrefixRouter(APIRouter):
     """An :class:`APIRouter` whose routes all start with its ``prefix``: a request for another path
     is refused with one string comparison instead of a match against each of its routes. The app
@@ -287,26 +310,10 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
         seen: reads.Seen,
     ) -> Response:
         """:func:`reads.search_type` on the thread pool, in one of the ``slots`` when there are."""
-        if slots is None:
+        async with _slot(slots):
             return await run_in_threadpool(
                 reads.search_type, store, base, resource_type, params, strict, scope, seen
             )
-        try:
-            async with asyncio.timeout(SEARCH_SLOT_WAIT_SECONDS):
-                await slots.acquire()
-        except TimeoutError:
-            raise FhirError(
-                503,
-                "transient",
-                f"every search slot was busy for {SEARCH_SLOT_WAIT_SECONDS:g} s; retry later",
-                headers={"Retry-After": "1"},
-            ) from None
-        try:
-            return await run_in_threadpool(
-                reads.search_type, store, base, resource_type, params, strict, scope, seen
-            )
-        finally:
-            slots.release()
 
     @router.get("/{resource_type}")
     @router.head("/{resource_type}", include_in_schema=False)

@@ -789,7 +789,7 @@ def _follow(
     """The records not in ``seen`` that ``inc`` reaches from the ``frontier`` records (type -> ids),
     at most ``limit``, ordered by type and id."""
     out: Found = []
-    for rtype, stmt, ids in _links(conn.dialect.name, inc, frontier):
+    for rtype, stmt, ids in _links(inc, frontier):
         if not query.access.visible(rtype) or len(out) >= limit:
             continue
         patient = query.access.compartment(rtype)
@@ -803,7 +803,7 @@ def _follow(
 
 
 def _links(
-    dialect: str, inc: Include, frontier: dict[str, list[str]]
+    inc: Include, frontier: dict[str, list[str]]
 ) -> list[tuple[str, Select[Any], dict[str, list[str]]]]:
     """What ``inc`` fetches from the ``frontier``: (type of the records, the statement that reads
     them, its ``ids`` parameters); each statement also takes ``room``, its row limit."""
@@ -815,21 +815,21 @@ def _links(
         )
         if not types:
             return []
-        stmt = _reverse_link(dialect, inc.source, inc.param.name, types)
+        stmt = _reverse_link(inc.source, inc.param.name, types)
         return [(inc.source, stmt, {f"ids{i}": frontier[rtype] for i, rtype in enumerate(types)})]
     if inc.source not in frontier:
         return []
     ids = {"ids": frontier[inc.source]}
     targets = [inc.target] if inc.target else chain_targets(inc.param)
-    return [(target, _forward_link(dialect, inc.source, inc.param.name, target), ids) for target in targets]
+    return [(target, _forward_link(inc.source, inc.param.name, target), ids) for target in targets]
 
 
 @functools.lru_cache(maxsize=1024)
-def _forward_link(_dialect: str, source: str, param: str, target: str) -> Select[Any]:
+def _forward_link(source: str, param: str, target: str) -> Select[Any]:
     """The ``target`` records that the ``source`` records ``:ids`` point at through ``param``, in
-    id order, at most ``:room``. Built once per shape and dialect (built for every search, the
-    include statements cost a sixth of an Encounter search with ``_include`` over 100,000
-    Practitioners); a statement used again also keeps its SQLAlchemy cache key."""
+    id order, at most ``:room``. Built once per shape, for every dialect (SQLAlchemy compiles it for
+    each): built for every search, the include statements cost a sixth of an Encounter search with
+    ``_include`` over 100,000 Practitioners; a statement used again also keeps its cache key."""
     ix = _index("reference")
     rows = select(ix.c.target_id).where(
         ix.c.resource_type == source,
@@ -841,7 +841,7 @@ def _forward_link(_dialect: str, source: str, param: str, target: str) -> Select
 
 
 @functools.lru_cache(maxsize=1024)
-def _reverse_link(_dialect: str, source: str, param: str, types: tuple[str, ...]) -> Select[Any]:
+def _reverse_link(source: str, param: str, types: tuple[str, ...]) -> Select[Any]:
     """The ``source`` records whose ``param`` points at records of ``types`` (their ids ``:ids0``,
     ``:ids1`` ... in that order), in id order, at most ``:room``; built once as :func:`_forward_link`."""
     ix = _index("reference")
