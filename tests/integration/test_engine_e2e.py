@@ -4,9 +4,10 @@ httpx and fhirpy, hot reload of a mapping edit. SQLite always, PostgreSQL when c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -188,6 +189,33 @@ async def test_oversize_message_gets_ar_and_is_recorded(engine: Engine) -> None:
     with engine.store.reader.connect() as conn:
         rows = {r.control_id: r for r in messages.list_messages(conn)}
     assert rows["BIG-1"].status == "rejected" and "max_message_bytes" in rows["BIG-1"].error
+
+
+async def test_the_file_watcher_reloads_an_edited_mapping_by_itself(engine: Engine) -> None:
+    """``engine.watch`` (on in ``hms-ach run`` by default): an edit is noticed within seconds, without
+    a reload being asked for; a broken edit degrades the health and its fix restores it."""
+    table = engine.config.mappings_dir / "tables" / "administrative_sex.yaml"
+    original = table.read_text()
+    watcher = asyncio.create_task(engine._watch())
+    try:
+        await asyncio.sleep(1.5)  # the first snapshot is taken
+        table.write_text(original.replace("unmapped: error", "unmapped: error\nbroken: [\n"))
+        await _until(lambda: engine.health["status"] == "degraded", 15)
+        assert "administrative_sex.yaml" in engine.health["reload_error"]
+        await asyncio.sleep(0.05)  # a later modification time, on file systems that keep whole 10 ms
+        table.write_text(original)
+        await _until(lambda: engine.health["status"] == "ok", 15)
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+
+
+async def _until(check: Callable[[], bool], seconds: float) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "not reached in time"
+        await asyncio.sleep(0.1)
 
 
 async def test_reload_off_loop_compiles_in_a_thread(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
