@@ -36,6 +36,7 @@ from hms_ach.store.search_query import (
     EVERYTHING,
     Access,
     Criterion,
+    Link,
     SearchQuery,
     date_value,
     split_escaped,
@@ -413,16 +414,23 @@ def _linked_piece(
     return (other, inner_key, patient_name), build
 
 
+def _far_side(
+    crit: Criterion, link: Link | None, binds: Binds, ctx: ClauseContext, access: Access
+) -> tuple[Link, Hashable, Callable[[ClauseContext], Select[Any]]]:
+    """The link of a chain or ``_has`` criterion, its far side's key and sub-select builder."""
+    if link is None:
+        raise ValueError(f"{crit.param.name}: not a chain or _has criterion")
+    key, linked = _linked_piece(link.other, link.inner, binds, ctx, access)
+    return link, key, linked
+
+
 def chain_piece(
     t: Table, rt: str, crit: Criterion, binds: Binds, ctx: ClauseContext, access: Access = EVERYTHING
 ) -> Piece:
     """``ref:Type.param=value``: the record's reference ``crit.param`` points at a ``Type`` record
     matching the inner criterion. One statement: the reference rows whose target is in the
     sub-select of matching targets (their own index tables), no look-up per record."""
-    link = crit.chain
-    if link is None:
-        raise ValueError(f"{crit.param.name}: a chain needs a chained criterion")
-    key, linked = _linked_piece(link.other, link.inner, binds, ctx, access)
+    link, key, linked = _far_side(crit, crit.chain, binds, ctx, access)
 
     def build(ctx: ClauseContext) -> ColumnElement[bool]:
         ix = index_table("reference")
@@ -440,10 +448,7 @@ def has_piece(
     """``_has:Type:ref:param=value``: some ``Type`` record matching the inner criterion refers to
     the record through ``ref`` (``crit.param``, a parameter of ``Type``). The reference targets may
     name records that do not exist, so this set is not counted from the index alone."""
-    link = crit.has
-    if link is None:
-        raise ValueError(f"{crit.param.name}: a _has needs a _has criterion")
-    key, linked = _linked_piece(link.other, link.inner, binds, ctx, access)
+    link, key, linked = _far_side(crit, crit.has, binds, ctx, access)
 
     def build(ctx: ClauseContext) -> ColumnElement[bool]:
         ix = index_table("reference")
