@@ -19,7 +19,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from hms_ach.store.models import INDEX_TABLES, RECORD_TABLES, BulkExport
 from hms_ach.store.port import Tx
-from hms_ach.store.search import compartment_clause
+from hms_ach.store.search_sql import compartment_clause
 
 EXPORTS = BulkExport.__table__  # type: ignore[attr-defined]
 REFERENCES = INDEX_TABLES["reference"].__table__  # type: ignore[attr-defined]

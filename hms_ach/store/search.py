@@ -72,7 +72,6 @@ from hms_ach.store.search_sql import (
     compartment_clause,
     criteria_sql,
     index_table,
-    own_rows,
     record_table,
 )
 
@@ -84,7 +83,6 @@ __all__ = [
     "ESTIMATE_BOUND",
     "MAX_INCLUDED",
     "MAX_INCLUDE_DEPTH",
-    "ClauseContext",
     "SearchError",
     "SearchPage",
     "SearchQuery",
@@ -92,8 +90,6 @@ __all__ = [
     "chain_targets",
     "include_params",
     "revinclude_params",
-    "compartment_clause",
-    "own_rows",
     "parse_query",
     "sort_params",
 ]

@@ -350,7 +350,7 @@ def index_rows(resource_type: str, resource: dict[str, Any]) -> dict[str, list[d
 def in_patient_compartment(resource_type: str, rid: str, resource: dict[str, Any], patient: str) -> bool:
     """Whether the record ``resource_type/rid`` with content ``resource`` is in the compartment of
     ``Patient/patient``: the same rule as the search condition
-    (:func:`hms_ach.store.search.compartment_clause`), applied to one record's content (a read, a
+    (:func:`hms_ach.store.search_sql.compartment_clause`), applied to one record's content (a read, a
     vread of an older version, or the content of a write)."""
     declared = PATIENT_COMPARTMENT.get(resource_type, ())
     if THE_PATIENT_ITSELF in declared and rid == patient:

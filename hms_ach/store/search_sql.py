@@ -52,8 +52,6 @@ __all__ = [
     "criteria_sql",
     "index_table",
     "own_rows",
-    "param_rows",
-    "prefix_condition",
     "record_table",
 ]
 
@@ -67,14 +65,14 @@ def index_table(kind: str) -> Table:
 
 
 @functools.lru_cache(maxsize=4096)
-def param_rows(ix: Table, rt: str, param: str) -> Select[Any]:
+def _param_rows(ix: Table, rt: str, param: str) -> Select[Any]:
     """The ids of the ``rt`` records with an index row of ``param``, the select every criterion's
     index set starts from."""
     return select(ix.c.resource_id).where(ix.c.resource_type == rt, ix.c.param == param)
 
 
 def _rows_of(ix: Table, rt: str, param: SearchParam, *conds: ColumnElement[bool]) -> Select[Any]:
-    rows = param_rows(ix, rt, param.name)
+    rows = _param_rows(ix, rt, param.name)
     return rows.where(*conds) if conds else rows
 
 
@@ -206,21 +204,13 @@ def _like_escape(text: str) -> str:
 TOP = chr(0x10FFFF)
 
 
-def prefix_condition(col: ColumnElement[Any], prefix: str, dialect: str) -> ColumnElement[bool]:
-    """``col`` starts with ``prefix``, in a form the column's btree index serves.
-
-    SQLite: a range ``>= prefix AND < prefix || U+10FFFF`` (its LIKE is case-insensitive and
-    cannot use a BINARY index). PostgreSQL: ``LIKE 'prefix%'``, which the index with
-    ``text_pattern_ops`` serves whatever the database collation.
-    """
-    if dialect == "postgresql":
-        return col.like(_like_escape(prefix) + "%", escape="\\")
-    return and_(col >= prefix, col < prefix + TOP)
-
-
 def string_piece(t: Table, rt: str, crit: Criterion, binds: Binds, ctx: ClauseContext) -> Piece:
-    """Starts-with on the normalised form by default; ``:exact`` and ``:contains`` as in R4. The
-    starts-with is :func:`prefix_condition` with its bounds (SQLite) or pattern (PostgreSQL) bound."""
+    """Starts-with on the normalised form by default; ``:exact`` and ``:contains`` as in R4.
+
+    The starts-with takes a form the lookup index serves: on SQLite a range ``>= prefix AND <
+    prefix || U+10FFFF`` (its LIKE is case-insensitive and cannot use a BINARY index), on
+    PostgreSQL ``LIKE 'prefix%'``, which the index with ``text_pattern_ops`` serves whatever the
+    database collation. The bounds or the pattern are bound values."""
     if crit.modifier == "missing":
         return _missing(t, rt, crit, "string")
     forms: list[tuple[str, str, str | None]] = []

@@ -51,8 +51,8 @@ from hms_ach.store.models import (
 )
 from hms_ach.store.port import Tx
 from hms_ach.store.savepoint import savepoint
-from hms_ach.store.search import own_rows
 from hms_ach.store.search_params import clip, parse_reference
+from hms_ach.store.search_sql import own_rows
 
 REFS: Table = SearchReference.__table__  # type: ignore[attr-defined]
 DATES: Table = SearchDate.__table__  # type: ignore[attr-defined]
