@@ -51,6 +51,7 @@ from hms_ach.fhir.write import (
     prepare_batch,
     refused_result,
     rejection_job,
+    release,
     submit_request,
 )
 from hms_ach.ingest.pipeline import (
@@ -305,6 +306,7 @@ async def _run(
     is not the request's (a PATCH writes the patched resource)."""
     channel = _channel(find)
     raw = b""
+    parsed: list[Operation] = []
     refused: dict[int, Result] = {}
     reads: dict[int, Operation] = {}
     total = 0
@@ -319,6 +321,7 @@ async def _run(
             ops, kind = await asyncio.to_thread(_operations, raw, line, limit)
         else:
             ops, kind = _operations(raw, line, limit)
+        parsed = ops
         # A batch's malformed entries and its reads are answered apart from its writes.
         refused = {i: refused_result(op, op.refused) for i, op in enumerate(ops) if op.refused}
         reads = {i: op for i, op in enumerate(ops) if op.method == "GET" and i not in refused}
@@ -373,6 +376,8 @@ async def _run(
         "error" if outcome.error else "processed",
         extra={"channel": channel.config.name, "message_id": outcome.message_id},
     )
+    if len(parsed) > OFF_LOOP_ENTRIES:  # a large request's objects are freed off the loop
+        await asyncio.to_thread(release, parsed)
     if outcome.error is not None:
         raise outcome.error
     return channel, outcome, kind
