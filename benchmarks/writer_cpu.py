@@ -38,6 +38,7 @@ from hms_ach.mapping.engine import MappingEngine
 from hms_ach.mapping.loader import load_mappings
 from hms_ach.outbound import events
 from hms_ach.store.db import Store
+from hms_ach.store.savepoint import optimistic
 from hms_ach.store.writer import StoreWriter
 
 
@@ -59,7 +60,7 @@ def one_run(
         cpu0, wall0 = time.process_time(), time.perf_counter()
         if writer is None:
             for ev in evaluated:
-                with store.transaction() as tx:
+                with store.transaction() as tx, optimistic(tx):  # as the writer runs a batch of one
                     outcome = commit_hl7(ev, policy)(tx)
                 _check(outcome)
         else:
