@@ -37,13 +37,7 @@ from hms_ach.store.audit import MadeDiff
 from hms_ach.store.changes import Ahead, Change, notify_many, prepare, prepare_audit
 from hms_ach.store.models import INDEX_TABLES, RECORD_TABLES
 from hms_ach.store.port import Tx
-from hms_ach.store.repository import (
-    HISTORY_TABLE,
-    forget_read_ahead,
-    index_statements,
-    record_statements,
-    render,
-)
+from hms_ach.store.repository import HISTORY_TABLE, index_statements, record_statements, render
 
 #: Values per SELECT of :func:`find_by_keys` and :func:`live_ids`.
 CHUNK = 500
@@ -265,7 +259,6 @@ def write_versions(
         action = "create" if v.created else "update"
         changes.append(Change(v.resource_type, v.id, v.version, action, v.before, body, message_id))
     dialect = tx.dialect.name
-    forget_read_ahead(tx)  # record rows written beside the Repository
     for rtype, values in inserts.items():
         fastexec.insert_values(tx, _table(rtype), _RECORD_COLUMNS, values)
     for rtype, rows in updates.items():

@@ -17,16 +17,6 @@ variants). A record written twice in one message (a reference cycle) gets its in
 its last version. Reads of index rows inside ``apply`` (a type's match policy, a store action) see
 what was gathered (written first where it matters). Everything stays in the caller's transaction (and SAVEPOINT), so a failure
 undoes the message whole as before; other callers (FHIR writes, listeners) write at once.
-
-Before it writes, :meth:`Repository.apply` reads ahead the records of the message that share a type
-and a key system (an ADT's attending, referring and consulting practitioners; its ward, room and
-bed): one SELECT for each such group, where each record would have been one (on PostgreSQL each a
-round trip). A row read ahead is used once, by the record's own read (an unlocked one: the locking
-reads on PostgreSQL always go to the database); every write of a record drops what was read ahead
-of it, and a write that does not go through this class (:mod:`~hms_ach.store.resources`,
-:mod:`~hms_ach.store.bulk`) drops all of it (:func:`forget_read_ahead`). The rows are kept in the
-transaction's cache (:mod:`~hms_ach.store.txcache`), which a rollback, a SAVEPOINT rolled back and
-the commit empty.
 """
 
 from __future__ import annotations
@@ -51,7 +41,7 @@ from hms_ach.core.records import (
     StoreAction,
     merge_record,
 )
-from hms_ach.store import fastexec, search_params, txcache
+from hms_ach.store import fastexec, search_params
 from hms_ach.store.changes import Change, notify, notify_many
 from hms_ach.store.ids import new_id
 from hms_ach.store.models import (
@@ -115,20 +105,6 @@ def _drop_nones(value: Any) -> Any:
     return value
 
 
-#: Keys read ahead by one SELECT (fewer are padded with the last: one statement per table).
-READ_AHEAD_CHUNK = 8
-#: The transaction-cache entry of the rows read ahead: (table, key system, key value) -> the row
-#: (id, version_id, resource, deleted), None when no record has the key.
-_READ_AHEAD = "repository.read_ahead"
-_UNREAD = object()
-
-
-def forget_read_ahead(conn: Connection) -> None:
-    """Drop every row :meth:`Repository.apply` read ahead in ``conn``'s transaction: called by a write
-    of a record row that does not go through :class:`Repository`."""
-    txcache.cache(conn).pop(_READ_AHEAD, None)
-
-
 class _Statements:
     """The write statements of one record table, built once with bound parameters.
 
@@ -147,12 +123,6 @@ class _Statements:
         self.by_value = by_value.with_for_update() if lock else by_value
         # the reads of a message's records, before they are merged: no lock (see Repository.upsert)
         self.peek_key, self.peek_value = by_key, by_value
-        # the same for up to READ_AHEAD_CHUNK keys at once (Repository.apply reads ahead)
-        ahead: list[Any] = [bindparam(f"k{i}") for i in range(READ_AHEAD_CHUNK)]
-        self.peek_keys = select(*cols, c.key_value).where(
-            c.key_system == bindparam("ks"), c.key_value.in_(ahead)
-        )
-        self.peek_values = select(*cols, c.key_value).where(c.key_system.is_(None), c.key_value.in_(ahead))
         # RETURNING tells whether the row went in (rowcount is not reliable with every driver)
         self.insert_keyed = (
             insert_fn(table)
@@ -279,7 +249,6 @@ class Repository:
             return self._apply(result, message_id)
         self._gathered = _Gathered()
         try:
-            self._read_ahead(result.records)
             outcomes = self._apply(result, message_id)
             self.flush()
         finally:
@@ -357,56 +326,11 @@ class Repository:
             outcomes.extend(self.run_action(action, resolved, message_id))
         return outcomes
 
-    def _read_ahead(self, records: list[RecordWrite]) -> None:
-        """Read the rows of ``records`` that share a type and a key system with another, one SELECT
-        per group (and per ``READ_AHEAD_CHUNK`` keys), for :meth:`_by_key` to take."""
-        groups: dict[tuple[str, str | None], set[str]] = {}
-        for rec in records:
-            if rec.key_value:
-                groups.setdefault((rec.resource_type, rec.key_system), set()).add(rec.key_value)
-        ahead: dict[tuple[str, str | None, str], Any] | None = None
-        for (rtype, system), values in groups.items():
-            if len(values) < 2:  # one key: its own read costs the same
-                continue
-            st = _statements(rtype, self._dialect)
-            if ahead is None:
-                ahead = txcache.cache(self.conn).setdefault(_READ_AHEAD, {})
-            keys = sorted(values)
-            for i in range(0, len(keys), READ_AHEAD_CHUNK):
-                chunk = keys[i : i + READ_AHEAD_CHUNK]
-                params: dict[str, Any] = {
-                    f"k{j}": v for j, v in enumerate(chunk + [chunk[-1]] * (READ_AHEAD_CHUNK - len(chunk)))
-                }
-                if system is None:
-                    stmt, name = st.peek_values, f"peek_values:{st.name}"
-                else:
-                    stmt, name = st.peek_keys, f"peek_keys:{st.name}"
-                    params["ks"] = system
-                found = {row[4]: row[:4] for row in fastexec.all_rows(self.conn, name, stmt, params)}
-                for value in chunk:
-                    ahead[(st.name, system, value)] = found.get(value)
-
-    def _forget_ahead(self, st: _Statements, rid: str) -> None:
-        """Drop the row of ``rid`` read ahead (it is being written)."""
-        ahead = txcache.cache(self.conn).get(_READ_AHEAD)
-        if ahead:
-            for key in [
-                k for k, row in ahead.items() if k[0] == st.name and row is not None and row[0] == rid
-            ]:
-                del ahead[key]
-
     def _by_key(
         self, st: _Statements, system: str | None, value: str, lock: bool = True
     ) -> tuple[Any, ...] | None:
         """(id, version_id, resource, deleted) of the record with this business key, or None;
-        locked on PostgreSQL unless ``lock`` is False. A row read ahead is taken instead, once, by an
-        unlocked read."""
-        if not lock or not self._lock:
-            ahead = txcache.cache(self.conn).get(_READ_AHEAD)
-            if ahead:
-                row = ahead.pop((st.name, system, value), _UNREAD)
-                if row is not _UNREAD:
-                    return row  # type: ignore[no-any-return]
+        locked on PostgreSQL unless ``lock`` is False."""
         if system is None:
             stmt, name = (st.by_value, "by_value") if lock else (st.peek_value, "peek_value")
             return fastexec.first_row(self.conn, f"{name}:{st.name}", stmt, {"kv": value})
@@ -551,9 +475,6 @@ class Repository:
     ) -> bool:
         """Insert version 1 of a new record with everything that goes with it; False when the
         business key was taken meanwhile (nothing was written then)."""
-        ahead = txcache.cache(self.conn).get(_READ_AHEAD)
-        if ahead:
-            ahead.pop((st.name, rec.key_system if rec.key_value else None, rec.key_value or ""), None)
         now = datetime.now(UTC)
         body, text = _render(rec.resource_type, rid, 1, now, content)
         values = {
@@ -595,7 +516,6 @@ class Repository:
         Otherwise every index row of the record is replaced.
         """
         st = _statements(resource_type, self._dialect)
-        self._forget_ahead(st, rid)
         if before is None and not created:
             before = self.get(resource_type, rid)
         now = datetime.now(UTC)

@@ -45,7 +45,7 @@ from hms_ach.store.errors import (
 from hms_ach.store.ids import new_id
 from hms_ach.store.models import RECORD_TABLES, FhirRequestLine, ResourceHistory, SearchToken
 from hms_ach.store.port import Tx
-from hms_ach.store.repository import Repository, forget_read_ahead
+from hms_ach.store.repository import Repository
 
 #: A record-table row as :func:`_row` selects it.
 _RecordRow: TypeAlias = Row[*tuple[Any, ...]]
@@ -279,7 +279,6 @@ def _claim(tx: Tx, rec: RecordWrite) -> tuple[str, bool, _RecordRow | None]:
     """Insert a placeholder under the record's business key (ON CONFLICT DO NOTHING): (id, created,
     the placeholder row when this insert made it). ``created`` is also true when an earlier
     placeholder was never written (version 0)."""
-    forget_read_ahead(tx)  # a row under the key from now on
     t = _table(rec.resource_type)
     dialect_insert = pg_insert if tx.dialect.name == "postgresql" else sqlite_insert
     stmt = (
@@ -322,7 +321,6 @@ def _write(
         if other is not None and other != rid:
             raise Conflict(f"{rtype}/{other} already has the identifier {rec.key_system}|{rec.key_value}")
         t = _table(rtype)
-        forget_read_ahead(tx)  # the row changes key
         tx.execute(
             sql_update(t).where(t.c.id == rid).values(key_system=rec.key_system, key_value=rec.key_value)
         )

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import func, select
 
 from hms_ach.core import records
 from hms_ach.core.records import MappingResult, RecordWrite
@@ -254,82 +254,3 @@ def test_the_match_policy_does_not_find_an_identifier_the_same_message_removed(s
     stored = {r["identifier"][0]["value"]: r for r in _stored(store, "Practitioner")}
     assert sorted(stored) == ["S1", "S2"]
     assert [i["system"] for i in stored["S1"]["identifier"]] == [STAFF]
-
-
-# ---------------------------------------------------------------------- records read ahead
-STAFF = "urn:test:staff"
-
-
-def _staff(*people: tuple[str, str]) -> MappingResult:
-    """A message naming several practitioners (an ADT's attending, referring, consulting...)."""
-    return MappingResult(
-        "test",
-        [
-            RecordWrite(f"doc{i}", "Practitioner", STAFF, key, {"name": [{"family": family}]})
-            for i, (key, family) in enumerate(people)
-        ],
-    )
-
-
-def _practitioner_selects(store: Store, result: MappingResult) -> tuple[list[WriteOutcome], int]:
-    """Apply ``result`` in a transaction of its own, counting the reads of the practitioner table
-    (on PostgreSQL a changed record is then locked while it is the version read: not counted)."""
-    selects = 0
-
-    def count(_conn: Any, _cursor: Any, statement: str, *_rest: Any) -> None:
-        nonlocal selects
-        sql = statement.upper()
-        if sql.lstrip().startswith("SELECT") and "FROM PRACTITIONER" in sql and "FOR UPDATE" not in sql:
-            selects += 1
-
-    with store.transaction() as tx:
-        event.listen(tx, "before_cursor_execute", count)
-        try:
-            return Repository(tx).apply(result), selects
-        finally:
-            event.remove(tx, "before_cursor_execute", count)
-
-
-def test_the_practitioners_of_one_message_are_read_with_one_select(store: Store) -> None:
-    _apply(store, _staff(("D1", "Osei"), ("D2", "Tan")))
-    outcomes, selects = _practitioner_selects(store, _staff(("D1", "Osei"), ("D2", "Tanaka"), ("D3", "Ruiz")))
-
-    assert selects == 1  # one per practitioner before
-    assert [(o.version_id, o.created, o.changed) for o in outcomes] == [
-        (1, False, False),  # unchanged
-        (2, False, True),  # renamed
-        (1, True, True),  # new
-    ]
-    assert sorted(p["name"][0]["family"] for p in _stored(store, "Practitioner")) == [
-        "Osei",
-        "Ruiz",
-        "Tanaka",
-    ]
-    # the same practitioner twice in one message (attending and referring) is written once
-    again, _ = _practitioner_selects(store, _staff(("D3", "Ruiz"), ("D3", "Ruiz"), ("D1", "Osei")))
-    assert [o.changed for o in again] == [False, False, False]
-    history = ResourceHistory.__table__  # type: ignore[attr-defined]
-    assert _count(store, history, resource_type="Practitioner") == 4
-
-
-def test_a_record_written_after_it_was_read_ahead_is_merged_as_written(store: Store) -> None:
-    """A write by id in the same transaction (a FHIR update in the writer's batch, a listener)
-    between the read ahead and the record's own read: the record is merged into what was written,
-    and no change is lost."""
-    _apply(store, _staff(("D1", "Osei"), ("D2", "Tan")))
-    [d1] = [p for p in _stored(store, "Practitioner") if p["name"][0]["family"] == "Osei"]
-    with store.transaction() as tx:
-        first = Repository(tx)
-        first._read_ahead(_staff(("D1", "Osei"), ("D2", "Tan")).records)
-        Repository(tx).write_version(
-            "Practitioner", d1["id"], 2, {"name": [{"family": "Osei"}], "gender": "female"}, None, False
-        )
-        [outcome] = first._apply(
-            MappingResult(
-                "test", [RecordWrite("doc", "Practitioner", STAFF, "D1", {"birthDate": "1970-01-01"})]
-            ),
-            None,
-        )
-    assert (outcome.version_id, outcome.changed) == (3, True)
-    [d1] = [p for p in _stored(store, "Practitioner") if p["name"][0]["family"] == "Osei"]
-    assert (d1["gender"], d1["birthDate"], d1["meta"]["versionId"]) == ("female", "1970-01-01", "3")
