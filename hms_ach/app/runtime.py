@@ -680,10 +680,10 @@ class Engine:
         """Poll channels.yaml and the mapping files' modification times (no extra dependency needed),
         off the event loop: walking a few hundred files takes a millisecond or more, which the MLLP
         and HTTP listeners sharing the loop would otherwise wait through every second."""
-        snapshot = await asyncio.to_thread(self._snapshot)
+        snapshot = await self._snapshot_off_loop()
         while True:
             await asyncio.sleep(1.0)
-            current = await asyncio.to_thread(self._snapshot)
+            current = await self._snapshot_off_loop()
             if current == snapshot:
                 continue
             config_changed = current.get("config") != snapshot.get("config")
@@ -692,6 +692,22 @@ class Engine:
                 await self.reload_config()
             else:
                 await self.reload_mappings_off_loop()
+
+    async def _snapshot_off_loop(self) -> dict[str, float]:
+        """:meth:`_snapshot` in a worker thread. A walk past :data:`WATCH_DEADLINE_SECONDS` (a hung
+        network mount) is not left to stop the watcher silently: it is logged
+        (``engine.watch_stalled``) and shown in ``/health`` as ``watch_stalled_since`` until it
+        returns; the same walk is waited for, never a second one started beside it."""
+        walk = asyncio.ensure_future(asyncio.to_thread(self._snapshot))
+        try:
+            return await asyncio.wait_for(asyncio.shield(walk), WATCH_DEADLINE_SECONDS)
+        except TimeoutError:
+            log.warning("engine.watch_stalled", extra={"seconds": WATCH_DEADLINE_SECONDS})
+            self.health["watch_stalled_since"] = datetime.now(UTC).isoformat()
+            try:
+                return await walk
+            finally:
+                self.health.pop("watch_stalled_since", None)
 
     def _snapshot(self) -> dict[str, float]:
         snap = _mtimes(self.config.mappings_dir)
@@ -730,6 +746,10 @@ def auth_settings(config: Config) -> AuthSettings:
     settings = with_environment(config.auth)
     check_off_mode(settings, listener_hosts(config))
     return settings
+
+
+#: How long one walk of the mapping files may take before the watcher says it is stalled.
+WATCH_DEADLINE_SECONDS = 30.0
 
 
 def _mtimes(root: Path) -> dict[str, float]:

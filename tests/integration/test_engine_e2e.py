@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import httpx
 import pytest
 from fhirpy import AsyncFHIRClient
 
+from hms_ach.app import runtime
 from hms_ach.app.runtime import Engine
 from hms_ach.store.db import Store
 from tests.integration.engine_helpers import auth_headers, mllp_channel, mllp_yaml, running_engine
@@ -209,6 +211,25 @@ async def test_the_file_watcher_reloads_an_edited_mapping_by_itself(engine: Engi
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
+
+
+async def test_a_stalled_walk_of_the_mapping_files_is_shown_not_silent(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A walk of the mapping files past its deadline (a hung mount) shows in /health until it returns."""
+    monkeypatch.setattr(runtime, "WATCH_DEADLINE_SECONDS", 0.05)
+    walk = engine._snapshot
+
+    def slow_walk() -> dict[str, float]:
+        time.sleep(0.4)
+        return walk()
+
+    monkeypatch.setattr(engine, "_snapshot", slow_walk)
+    snapshot = asyncio.create_task(engine._snapshot_off_loop())
+    await asyncio.sleep(0.2)
+    assert "watch_stalled_since" in engine.health
+    assert any(path.endswith("administrative_sex.yaml") for path in await snapshot)
+    assert "watch_stalled_since" not in engine.health
 
 
 async def _until(check: Callable[[], bool], seconds: float) -> None:
