@@ -15,7 +15,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -115,6 +115,7 @@ class Engine:
         self.cluster: cluster_config.ClusterConfig | None = None
         self._cluster_task: asyncio.Task[None] | None = None
         self._forms_task: asyncio.Task[None] | None = None  # publishing the forms after a reload
+        self._reloading = asyncio.Lock()  # one mapping reload at a time (reload_mappings_off_loop)
         # engine.map_workers > 0: the worker processes that parse and map HL7 v2 (ingest/workers.py)
         self.map_workers: MapWorkers | None = None
 
@@ -567,8 +568,12 @@ class Engine:
     async def reload_mappings_off_loop(self) -> bool:
         """:meth:`reload_mappings` with the reading, checking and compiling of the mappings in a
         thread, so that the event loop (and the ACKs waiting on it) is not held for them; only the
-        swap to the new mappings runs on the loop."""
-        return self._apply_reload(await asyncio.to_thread(self._prepare_reload))
+        swap to the new mappings runs on the loop. One reload at a time (the file watcher, a
+        channels.yaml reload and the console's button may ask at once); a preparation past
+        :data:`RELOAD_DEADLINE_SECONDS` (a hung mount) is shown as ``reload_stalled_since``."""
+        async with self._reloading:
+            prepared = await self._watched_thread(self._prepare_reload, "reload", RELOAD_DEADLINE_SECONDS)
+            return self._apply_reload(prepared)
 
     def _prepare_reload(self) -> tuple[MappingSet, MappingEngine, dict[str, str] | None] | Exception | None:
         """The new mappings compiled, with the files read for the cluster; None when the cluster's
@@ -694,20 +699,27 @@ class Engine:
                 await self.reload_mappings_off_loop()
 
     async def _snapshot_off_loop(self) -> dict[str, float]:
-        """:meth:`_snapshot` in a worker thread. A walk past :data:`WATCH_DEADLINE_SECONDS` (a hung
-        network mount) is not left to stop the watcher silently: it is logged
-        (``engine.watch_stalled``) and shown in ``/health`` as ``watch_stalled_since`` until it
-        returns; the same walk is waited for, never a second one started beside it."""
-        walk = asyncio.ensure_future(asyncio.to_thread(self._snapshot))
+        """:meth:`_snapshot` in a worker thread, watched by :meth:`_watched_thread` (a walk past
+        :data:`WATCH_DEADLINE_SECONDS` is shown as ``watch_stalled_since``)."""
+        return await self._watched_thread(self._snapshot, "watch", WATCH_DEADLINE_SECONDS)
+
+    async def _watched_thread(self, call: Callable[[], T], what: str, deadline: float) -> T:
+        """``call()`` in a worker thread, awaited with a deadline that does not give up on it: a
+        call past ``deadline`` seconds (a hung network mount under the mapping folder) is not left
+        to stop the watcher or the reloads silently. It is logged (``engine.<what>_stalled``, no
+        paths or values) and shown in ``/health`` as ``<what>_stalled_since`` until it returns;
+        the same call is waited for, never a second one started beside it (the default thread
+        pool, which Bundle parsing uses too, cannot fill with stalled calls)."""
+        running = asyncio.ensure_future(asyncio.to_thread(call))
         try:
-            return await asyncio.wait_for(asyncio.shield(walk), WATCH_DEADLINE_SECONDS)
+            return await asyncio.wait_for(asyncio.shield(running), deadline)
         except TimeoutError:
-            log.warning("engine.watch_stalled", extra={"seconds": WATCH_DEADLINE_SECONDS})
-            self.health["watch_stalled_since"] = datetime.now(UTC).isoformat()
+            log.warning(f"engine.{what}_stalled", extra={"seconds": deadline})
+            self.health[f"{what}_stalled_since"] = datetime.now(UTC).isoformat()
             try:
-                return await walk
+                return await running
             finally:
-                self.health.pop("watch_stalled_since", None)
+                self.health.pop(f"{what}_stalled_since", None)
 
     def _snapshot(self) -> dict[str, float]:
         snap = _mtimes(self.config.mappings_dir)
@@ -750,6 +762,9 @@ def auth_settings(config: Config) -> AuthSettings:
 
 #: How long one walk of the mapping files may take before the watcher says it is stalled.
 WATCH_DEADLINE_SECONDS = 30.0
+#: How long reading, checking and compiling the mappings for a reload may take before it is shown
+#: as stalled (about a second for the shipped mappings on a 2-core machine).
+RELOAD_DEADLINE_SECONDS = 60.0
 
 
 def _mtimes(root: Path) -> dict[str, float]:

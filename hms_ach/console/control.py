@@ -23,7 +23,7 @@ class ConsoleEngine(Protocol):
     config: Any  # the loaded channels.yaml (sinks, mappings_dir)
     scheduler: Any  # the Scheduler (jobs, next_run), or None when jobs are off
 
-    def reload_mappings(self) -> bool: ...
+    async def reload_mappings_off_loop(self) -> bool: ...
 
 
 def pause_switch(channel: Channel) -> PauseSwitch | None:

@@ -403,7 +403,7 @@ async def channel_action(request: Request, name: str, action: str) -> Response:
 async def reload_mappings(request: Request) -> Response:
     await require_post(request, "channels.control")
     engine = _engine(request)
-    ok = await asyncio.to_thread(engine.reload_mappings)
+    ok = await engine.reload_mappings_off_loop()  # compiled in a thread, swapped on the loop
     record_access(request, "reload", "Mappings", [], 1 if ok else 0)
     return RedirectResponse(f"/console/channels?reload={'ok' if ok else 'failed'}", status_code=303)
 

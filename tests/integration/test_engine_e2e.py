@@ -232,6 +232,36 @@ async def test_a_stalled_walk_of_the_mapping_files_is_shown_not_silent(
     assert "watch_stalled_since" not in engine.health
 
 
+async def test_a_stalled_reload_is_shown_and_a_second_one_waits_for_it(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading and compiling the mappings past the reload deadline (a hung mount) shows in /health
+    until it returns; a reload asked for meanwhile (the console's button) runs after it, not beside it."""
+    monkeypatch.setattr(runtime, "RELOAD_DEADLINE_SECONDS", 0.05)
+    prepare = engine._prepare_reload
+    running = 0
+    most = 0
+
+    def slow_prepare() -> Any:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        try:
+            time.sleep(0.4)
+            return prepare()
+        finally:
+            running -= 1
+
+    monkeypatch.setattr(engine, "_prepare_reload", slow_prepare)
+    first = asyncio.create_task(engine.reload_mappings_off_loop())
+    second = asyncio.create_task(engine.reload_mappings_off_loop())
+    await asyncio.sleep(0.2)
+    assert "reload_stalled_since" in engine.health
+    assert await first is True and await second is True
+    assert most == 1 and "reload_stalled_since" not in engine.health
+    assert engine.health["status"] == "ok"
+
+
 async def _until(check: Callable[[], bool], seconds: float) -> None:
     deadline = asyncio.get_running_loop().time() + seconds
     while not check():
