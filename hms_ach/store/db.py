@@ -21,7 +21,7 @@ from typing import Any
 
 from sqlalchemy import Connection, event, inspect, text
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.pool import QueuePool
 from sqlmodel import SQLModel, create_engine
 
@@ -73,12 +73,13 @@ def make_engine(url: str, *, create: bool = True, writer: bool = True) -> Engine
             kwargs["pool_size"] = READER_POOL_SIZE
             kwargs["max_overflow"] = READER_POOL_OVERFLOW
     else:
-        kwargs["pool_pre_ping"] = True
         kwargs["pool_size"] = 10
         kwargs["max_overflow"] = 10
     engine = create_engine(url, **kwargs)
     if is_sqlite:
         _configure_sqlite(engine, immediate=writer)
+    else:
+        _ping_after_idle(engine)
     if create:
         SQLModel.metadata.create_all(engine)
         _add_columns(engine)
@@ -106,6 +107,38 @@ def _add_columns(engine: Engine) -> None:
             guard = "IF NOT EXISTS " if engine.dialect.name == "postgresql" else ""  # two starting at once
             with engine.begin() as conn:
                 conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {guard}{column} {sql_type}"))
+
+
+#: PostgreSQL: a pooled connection is pinged before it is handed out, and replaced if the server no
+#: longer answers on it (a restart, a firewall's idle cut, a DBA's kill), as SQLAlchemy's
+#: ``pool_pre_ping`` does; but on the group-commit writer's thread only after it sat unused this
+#: long. Under load a ping before every batch was a round trip in each (5.9% of the writer's waits
+#: at 8 MLLP connections); a connection that died in between fails its batch's first statement
+#: instead, before any COMMIT, and the writer runs the batch again on a new one
+#: (``store/writer.py``, ``_stale``), which every other user of the pool could not.
+PING_AFTER_IDLE_SECONDS = 1.0
+
+#: ``unpinged.on`` is True on a thread that runs its transactions again when their connection was
+#: found dead before the COMMIT (the group-commit writer's): see :data:`PING_AFTER_IDLE_SECONDS`.
+unpinged = threading.local()
+
+
+def _ping_after_idle(engine: Engine) -> None:
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        since = record.info.get("idle_since")
+        if since is None:
+            return  # just connected
+        if getattr(unpinged, "on", False) and time.monotonic() - since < PING_AFTER_IDLE_SECONDS:
+            return  # the writer's, in use a moment ago
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as exc:  # noqa: BLE001 - any failure of the ping: the pool connects again
+            raise DisconnectionError("the pooled connection did not answer its ping") from exc
 
 
 def _configure_sqlite(engine: Engine, *, immediate: bool) -> None:

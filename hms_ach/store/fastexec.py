@@ -151,9 +151,35 @@ def _run(conn: Connection, cursor: Any, sql: str, params: Any, many: bool) -> No
         else:
             cursor.execute(sql, params)
     except dbapi_error as exc:
-        raise DBAPIError.instance(sql, params, exc, dbapi_error, dialect=conn.dialect, ismulti=many) from exc
+        raise _driver_error(conn, cursor, sql, params, exc, many) from exc
     for after in dispatch.after_cursor_execute:
         after(conn, cursor, sql, params, None, many)
+
+
+def _driver_error(conn: Connection, cursor: Any, sql: str, params: Any, exc: Any, many: bool) -> Exception:
+    """``exc`` as SQLAlchemy raises it; a lost connection (the server ended it) is invalidated first,
+    as SQLAlchemy's own execution does, and the error says so (``connection_invalidated``): the
+    pool never hands it out again, and the group-commit writer knows its batch can run again."""
+    dialect = conn.dialect
+    try:
+        gone = bool(dialect.is_disconnect(exc, conn.connection.dbapi_connection, cursor))
+    except Exception:  # noqa: BLE001 - undecidable: taken for an error of the statement
+        gone = False
+    if gone:
+        try:
+            conn.invalidate(exc)
+        except Exception:  # noqa: BLE001 - already closed: nothing more to undo
+            pass
+    error: Exception = DBAPIError.instance(
+        sql,
+        params,
+        exc,
+        dialect.loaded_dbapi.Error,
+        dialect=dialect,
+        ismulti=many,
+        connection_invalidated=gone,
+    )
+    return error
 
 
 def insert_rows(conn: Connection, table: Table, rows: Iterable[Mapping[str, Any]]) -> None:
@@ -234,7 +260,7 @@ def _insert_values(
             for row in values:
                 copy.write_row(row)
     except dbapi_error as exc:
-        raise DBAPIError.instance(sql, values, exc, dbapi_error, dialect=conn.dialect, ismulti=True) from exc
+        raise _driver_error(conn, cursor, sql, values, exc, True) from exc
     for after in dispatch.after_cursor_execute:
         after(conn, cursor, sql, values, None, True)
 

@@ -56,7 +56,10 @@ def optimistic(tx: Any) -> Iterator[None]:
     try:
         yield
     finally:
-        tx.info.pop(_OPTIMISTIC, None)
+        try:
+            tx.info.pop(_OPTIMISTIC, None)
+        except Exception:  # noqa: BLE001 - invalidated (the server ended it): its info went with it
+            pass
 
 
 def is_optimistic(tx: Tx) -> bool:

@@ -67,7 +67,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from hms_ach.core import fairness, metrics
 from hms_ach.store import audit, conflicts
-from hms_ach.store.db import Store
+from hms_ach.store.db import Store, unpinged
 from hms_ach.store.errors import StoreUnavailable
 from hms_ach.store.port import Tx
 from hms_ach.store.savepoint import SavepointNeeded, optimistic
@@ -378,6 +378,7 @@ class StoreWriter:
 
     def _apart_loop(self) -> None:
         """The thread of the jobs run apart: one job, one transaction, one at a time."""
+        unpinged.on = True  # a batch found on a dead connection runs again (_commit)
         job: _Job | None = None
         try:
             while True:
@@ -404,6 +405,7 @@ class StoreWriter:
                 self._settle(j.fut, None, StoreUnavailable("the writer thread stopped"))
 
     def _loop(self) -> None:
+        unpinged.on = True  # a batch found on a dead connection runs again (_commit)
         lanes = self._lanes = _Lanes()
         batch: list[_Job] = []
         try:
@@ -458,7 +460,18 @@ class StoreWriter:
             # --- cluster (task J, docs/scale-out.md): a deadlock or serialization failure against
             # another instance's transaction rolled the batch back whole; run it again, bounded.
             with fairness.writer_running():  # a large request's preparation waits meanwhile
-                outcomes = conflicts.retrying(lambda: self._commit_batch(batch), _conflicted)
+                try:
+                    outcomes = conflicts.retrying(lambda: self._commit_batch(batch), _conflicted)
+                except _StoreFailure as failure:
+                    if not _stale(failure):
+                        raise
+                    # a pooled connection had died (PostgreSQL: a restart, a kill) before the
+                    # COMMIT was sent: nothing of the batch is committed, and SQLAlchemy has marked
+                    # the pool stale. Once more, on a new connection (store/db.py, pinging only
+                    # after idle, leaves this case to here).
+                    log.info("writer.reconnected", extra={"stage": failure.stage})
+                    _quiet(self.store.writer.dispose)  # the pool's other connections died with it
+                    outcomes = conflicts.retrying(lambda: self._commit_batch(batch), _conflicted)
             # --- end cluster
         except _StoreFailure as failure:
             self._failed(failure, len(batch))
@@ -655,6 +668,15 @@ class StoreWriter:
 def _conflicted(exc: BaseException) -> bool:
     """Cluster (task J): the batch failed on a conflict with a concurrent transaction, not an outage."""
     return isinstance(exc, _StoreFailure) and conflicts.is_retryable(exc.cause)
+
+
+def _stale(failure: _StoreFailure) -> bool:
+    """The batch failed on a connection found dead before its COMMIT was sent (the server ended it):
+    the transaction cannot have committed, so the batch may run again. At the COMMIT the outcome is
+    unknown: that failure is answered negatively, and the sender's resend finds what was stored."""
+    return failure.stage not in ("connect", "commit") and bool(
+        getattr(failure.cause, "connection_invalidated", False)
+    )
 
 
 def _stage(stage: str, call: Callable[[], T]) -> T:

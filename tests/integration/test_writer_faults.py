@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import sqlite3
 import time
@@ -227,6 +228,32 @@ async def test_postgres_backends_killed_while_senders_run(
         assert _stored(store, c) == 1, c
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{engine.http_port}", timeout=10) as http:
         await _until_ready(http)
+
+
+async def test_a_connection_killed_between_two_messages_costs_no_negative_ack(
+    pg_engine: Engine, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The writer's connection, used a moment ago and so not pinged again, is killed between two
+    messages: the second message's group commit finds it dead before its COMMIT, runs once more on
+    a new connection, and is answered AA (stored once)."""
+    caplog.set_level(logging.INFO, logger="hms_ach.store.writer")
+    engine = pg_engine
+    application_name = engine.store.url.rsplit("application_name=", 1)[1]
+    port = mllp_channel(engine).port
+    reader, writer = await hl7.mllp.open_hl7_connection("127.0.0.1", port)
+    codes = []
+    try:
+        for n in range(3):
+            if n:
+                assert await asyncio.to_thread(_terminate, application_name) > 0
+            writer.writemessage(hl7.parse(_a01(f"WF-GAP-{n}")))
+            await writer.drain()
+            codes.append(_msa(str(await asyncio.wait_for(reader.readmessage(), DEADLINE + 4)))[1])
+    finally:
+        writer.close()
+    assert codes == ["AA", "AA", "AA"]
+    assert all(_stored(store, f"WF-GAP-{n}") == 1 for n in range(3))
+    assert any(r.getMessage() == "writer.reconnected" for r in caplog.records)
 
 
 async def test_run_ends_when_the_store_stays_unreachable(tmp_path: Path, store: Store) -> None:
