@@ -44,6 +44,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.sql.elements import ColumnElement, TextClause
 
+from hms_ach.store import fastexec
 from hms_ach.store.search_params import FAR_PAST, clip, normalise
 from hms_ach.store.search_query import (
     DEFAULT_COUNT,
@@ -369,7 +370,10 @@ def _prefix_page(conn: Connection, t: Table, query: SearchQuery, prefix: str) ->
     crit = query.criteria[0]
     rt = query.resource_type
     bounds = {"rt": rt, "param": crit.param.name, "lo": prefix, "hi": prefix + TOP, "cap": MAX_PREFIX_VALUES}
-    values = list(conn.execute(_PREFIX_VALUES[conn.dialect.name], bounds).scalars())
+    # both statements on the driver's cursor (store/fastexec.py): through SQLAlchemy's execution
+    # and result objects they cost more than SQLite took to run them
+    found = fastexec.all_rows(conn, "prefix_values", _PREFIX_VALUES[conn.dialect.name], bounds)
+    values = [row[0] for row in found]
     if len(values) > MAX_PREFIX_VALUES:
         return None
     values = values or [prefix]  # no value: one piece that finds nothing
@@ -378,7 +382,8 @@ def _prefix_page(conn: Connection, t: Table, query: SearchQuery, prefix: str) ->
     params.update((f"v{i}", value) for i, value in enumerate(values))
     if after is not None:
         params["after"] = after
-    return list(conn.execute(_prefix_page_sql(t.name, len(values), after is not None), params).all())
+    shape = (t.name, len(values), after is not None)
+    return fastexec.all_rows(conn, f"prefix_page:{shape}", _prefix_page_sql(*shape), params)
 
 
 @functools.lru_cache(maxsize=512)
