@@ -22,7 +22,6 @@ user name, never PHI), or to None for an anonymous request. :class:`Caller` is t
 from __future__ import annotations
 
 import logging
-import re
 import time
 from typing import Any, Protocol, runtime_checkable
 
@@ -57,11 +56,13 @@ def caller_of(scope: Scope) -> str | None:
 def route_template(scope: Scope) -> str:
     """The path template of the route that matched (set by the router), never the concrete path;
     ``(unmatched)`` when the request was answered before or without a route."""
-    path = getattr(scope.get("route"), "path", None)
+    route = scope.get("route")
+    path = getattr(route, "path", None)
     if not path:
         return "(unmatched)"
-    path = str(path)
-    return _CONVERTOR.sub("}", path) if ":" in path else path  # /{rid:fhir_id} -> /{rid}
+    if ":" in str(path):  # a convertor (/{rid:fhir_id}): Starlette's template without it
+        path = getattr(route, "path_format", None) or path
+    return str(path)
 
 
 def _client(scope: Scope) -> str | None:
@@ -71,9 +72,6 @@ def _client(scope: Scope) -> str | None:
     host, port = client[0], client[1]
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
-
-#: A path parameter's convertor in a route's template (``{rid:fhir_id}``): not part of the template logged.
-_CONVERTOR = re.compile(r":[^{}/]+}")
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 

@@ -44,6 +44,7 @@ from hms_ach.fhir import read as reads
 from hms_ach.fhir import write_requests as writes
 from hms_ach.fhir.capability import capability_statement, security_of
 from hms_ach.fhir.outcomes import FhirError
+from hms_ach.mapping.fhir_instance import FORMATS
 from hms_ach.store.db import Store
 from hms_ach.store.search import Access
 
@@ -205,7 +206,7 @@ class _FhirId(_FhirType):
     """A logical id in a path of the busiest routes: FHIR's id characters only, so ``_history``,
     ``_search`` and ``$export`` never match it."""
 
-    regex = r"[A-Za-z0-9\-\.]{1,64}"
+    regex = FORMATS["id"].pattern  # R4's id, as the validator checks it
 
 
 register_url_convertor("fhir_type", _FhirType())
