@@ -158,7 +158,9 @@ def entry_hash(row: dict[str, Any], seal: AuditSeal = DEFAULT_SEAL) -> str:
 
 
 _AGENT = select(M.c.channel, M.c.sending_application).where(M.c.id == bindparam("mid"))
-_LAST_HASH = select(T.c.hash).order_by(T.c.seq.desc()).limit(1)
+#: The chain's end, read once per write transaction: a literal LIMIT (no bound value), so that it
+#: runs on the driver's cursor (store/fastexec.py) like the rows it precedes.
+_LAST_HASH = text(f"SELECT hash FROM {T.name} ORDER BY seq DESC LIMIT 1")
 
 
 def _agent(conn: Connection, message_id: int | None, cache: dict[str, Any]) -> str:
@@ -254,7 +256,8 @@ def _append(conn: Connection, rows: list[dict[str, Any]], seal: AuditSeal, cache
     _lock_chain(conn, cache)
     last = cache.get("audit.last_hash")
     if last is None:
-        last = conn.execute(_LAST_HASH).scalar()
+        found = fastexec.first_row(conn, "audit_last_hash", _LAST_HASH, {})
+        last = found[0] if found is not None else None
     recorded = instant()  # once for all: they commit together
     for row in rows:
         row["recorded"] = recorded

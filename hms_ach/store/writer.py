@@ -55,9 +55,10 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -67,7 +68,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from hms_ach.core import fairness, metrics
 from hms_ach.store import audit, conflicts
-from hms_ach.store.db import Store, unpinged
+from hms_ach.store.db import PING_AFTER_IDLE_SECONDS, Store, unpinged
 from hms_ach.store.errors import StoreUnavailable
 from hms_ach.store.port import Tx
 from hms_ach.store.savepoint import SavepointNeeded, optimistic
@@ -213,6 +214,14 @@ def _is_store_failure(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
 
+@dataclass
+class _Held:
+    """A writer connection kept between batches by the thread that committed with it, and since when."""
+
+    conn: Any
+    since: float
+
+
 class StoreWriter:
     def __init__(
         self, store: Store, max_batch: int = 128, commit_timeout: float = 30.0, apart: bool | None = None
@@ -237,6 +246,8 @@ class StoreWriter:
         self.batches = 0
         self.jobs = 0
         self.replays = 0  # batches run again with a SAVEPOINT per job after a job failed
+        # the connection each committing thread keeps between its batches (see _connection)
+        self._held: dict[int, _Held] = {}
 
     # ------------------------------------------------------------------ thread supervision
     def start(self) -> None:
@@ -297,6 +308,7 @@ class StoreWriter:
             thread.join(timeout)
         if apart is not None:
             apart.join(timeout)
+        self._release_held()
         if self._checkpointer is not None and (thread is not None or apart is not None):
             self._checkpointer.stop(timeout)
             # the pooled connections have the automatic checkpoint off: new ones have it on again
@@ -403,6 +415,8 @@ class StoreWriter:
                     left.append(item)
             for j in left:
                 self._settle(j.fut, None, StoreUnavailable("the writer thread stopped"))
+        finally:
+            self._drop_held()
 
     def _loop(self) -> None:
         unpinged.on = True  # a batch found on a dead connection runs again (_commit)
@@ -432,6 +446,8 @@ class StoreWriter:
             log.critical("store.writer_died", extra={"error_type": type(exc).__name__})
             for job in batch + lanes.drop_all():
                 self._settle(job.fut, None, StoreUnavailable("the writer thread stopped"))
+        finally:
+            self._drop_held()
 
     @staticmethod
     def _intake(lanes: _Lanes, item: Any) -> bool:
@@ -501,11 +517,42 @@ class StoreWriter:
             return self._commit_one(*batch[0])
         return self._commit_many(batch)
 
+    @contextmanager
+    def _connection(self) -> Iterator[Any]:
+        """The committing thread's writer connection for one batch (:meth:`_connect`). It is kept
+        for the thread's next batch when the batch leaves it outside a transaction, and closed
+        (given back to the pool, or discarded when invalidated) when the batch raised: checking a
+        connection out of the pool and back for every batch cost about a tenth of the writer's
+        time with one sender (engine.connect, the checkout and checkin events, the reset)."""
+        conn = self._connect()
+        try:
+            yield conn
+        except BaseException:
+            _quiet(conn.close)
+            raise
+        if conn.closed or conn.invalidated or conn.in_transaction():
+            _quiet(conn.close)
+            return
+        self._held[threading.get_ident()] = _Held(conn, time.monotonic())
+
     def _connect(self) -> Any:
         """A writer connection; on SQLite in a file, with the automatic WAL checkpoint off (the
         checkpointer thread runs it, see :class:`~hms_ach.store.db.Checkpointer`), and the WAL
-        started over first when the checkpointer asks for it."""
-        conn = _stage("connect", self.store.writer.connect)
+        started over first when the checkpointer asks for it.
+
+        The connection this thread kept from its last batch is used again while it was idle less
+        than :data:`~hms_ach.store.db.PING_AFTER_IDLE_SECONDS`; an older one goes back to the pool
+        and a new one is checked out, so that PostgreSQL's pool pings it as it did every idle one
+        (store/db.py): under load the writer never checks a connection out or in."""
+        held = self._held.pop(threading.get_ident(), None)
+        conn = None
+        if held is not None:
+            if time.monotonic() - held.since < PING_AFTER_IDLE_SECONDS and not held.conn.invalidated:
+                conn = held.conn
+            else:
+                _quiet(held.conn.close)
+        if conn is None:
+            conn = _stage("connect", self.store.writer.connect)
         if self._checkpointer is not None:
             try:
                 self._checkpointer.disable_auto(conn)
@@ -514,6 +561,23 @@ class StoreWriter:
                 raise _StoreFailure("connect", exc) from exc
             self._checkpointer.restart_before_write(conn)  # a long WAL starts over (never raises)
         return conn
+
+    def _drop_held(self) -> None:
+        """Close the connection this thread kept (its loop ends)."""
+        held = self._held.pop(threading.get_ident(), None)
+        if held is not None:
+            _quiet(held.conn.close)
+
+    def _release_held(self) -> None:
+        """Close the connections kept by threads that no longer commit (stopped, or the caller's
+        own): before the pool is emptied, or a stopped engine would leave them checked out."""
+        me = threading.get_ident()
+        alive = {t.ident for t in threading.enumerate()}
+        for ident in list(self._held):
+            if ident == me or ident not in alive:
+                held = self._held.pop(ident, None)
+                if held is not None:
+                    _quiet(held.conn.close)
 
     def _did_commit(self) -> None:
         if self._checkpointer is not None:
@@ -528,8 +592,7 @@ class StoreWriter:
         job's work is undone. A job may run twice that way, as after a conflict (store/conflicts.py):
         jobs are functions of the connection only."""
         outcomes: list[tuple[Future[Any], Any, BaseException | None]] = []
-        conn = self._connect()
-        try:
+        with self._connection() as conn:
             txn = _begin(conn)
             try:
                 with optimistic(conn):
@@ -549,8 +612,6 @@ class StoreWriter:
             except BaseException:
                 _quiet(txn.rollback)
                 raise
-        finally:
-            _quiet(conn.close)
         self.replays += 1
         return self._commit_saved(batch)
 
@@ -560,8 +621,7 @@ class StoreWriter:
         """The batch in one transaction, each job in a SAVEPOINT of its own: a job that raises
         has its work rolled back and its error reported; the others commit."""
         outcomes: list[tuple[Future[Any], Any, BaseException | None]] = []
-        conn = self._connect()
-        try:
+        with self._connection() as conn:
             txn = _begin(conn)
             try:
                 for job, fut in batch:
@@ -581,8 +641,6 @@ class StoreWriter:
             except BaseException:
                 _quiet(txn.rollback)
                 raise
-        finally:
-            _quiet(conn.close)
         return outcomes
 
     def _commit_one(
@@ -591,8 +649,7 @@ class StoreWriter:
         """A batch of one job needs no SAVEPOINT: if the job fails, the whole transaction rolls back.
         It runs optimistically too: a part of it that needs its own SAVEPOINT to undo a failure
         (:class:`~hms_ach.store.savepoint.SavepointNeeded`) has the job run again with them."""
-        conn = self._connect()
-        try:
+        with self._connection() as conn:
             txn = _begin(conn)
             try:
                 with optimistic(conn):
@@ -615,8 +672,6 @@ class StoreWriter:
                 except BaseException:
                     _quiet(txn.rollback)
                     raise
-        finally:
-            _quiet(conn.close)
         if replay:  # a part of the job needs its SAVEPOINT: run it again with them
             self.replays += 1
             return self._commit_saved([(job, fut)])
