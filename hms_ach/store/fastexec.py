@@ -299,6 +299,45 @@ def all_rows(conn: Connection, name: str, stmt: Any, values: Mapping[str, Any]) 
     return _execute(conn, name, stmt, values, None, -1)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A SELECT built with SQLAlchemy's constructs, compiled once for one dialect to run on the
+    driver's cursor (:func:`prepare`): its bind parameters are converted by their own types, and
+    the values the statement carries itself (a LIMIT's) are kept as defaults."""
+
+    compiled: Compiled
+    defaults: Mapping[str, Any]
+
+    def rows(self, conn: Connection, values: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        """Every row of the statement run with ``values`` (plain tuples, the driver's values)."""
+        params = self.compiled.params({**self.defaults, **values})
+        cursor = _cursor(conn)
+        try:
+            _run(conn, cursor, self.compiled.sql, params, False)
+            return [tuple(r) for r in cursor.fetchall()]
+        finally:
+            cursor.close()
+
+
+def prepare(conn: Connection, stmt: Any) -> Prepared | None:
+    """``stmt`` (a SELECT whose result columns need no conversion: ids, text) ready for
+    :meth:`Prepared.rows` on ``conn``'s dialect; None when its SQL is completed per execution
+    (an expanding ``IN``), which only SQLAlchemy's own execution does. The caller keeps it (per
+    statement and dialect): nothing here caches it."""
+    dialect = conn.dialect
+    compiled = stmt.compile(dialect=dialect)
+    if "POSTCOMPILE" in compiled.string:
+        return None
+    positional = bool(compiled.positional)
+    names = tuple(compiled.positiontup) if positional else tuple(compiled.bind_names.values())
+    processors = tuple(
+        compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names
+    )
+    binds = {name: compiled.binds[name] for name in set(names)}
+    defaults = {name: bind.effective_value for name, bind in binds.items() if not bind.required}
+    return Prepared(Compiled(compiled.string, names, positional, processors), defaults)
+
+
 def result_processor(conn: Connection, column: Any) -> Callable[[Any], Any]:
     """How SQLAlchemy turns the driver's value of ``column`` into the column type's Python value."""
     dialect = conn.dialect

@@ -270,11 +270,17 @@ def _page(
         values.update((f"a{i}", key) for i, key in enumerate(query.after))
     sets = _index_only_sets(query, sql.ctx)
     if sets is not None and not query.sort:
-        stmt = sql.statement(
-            ("narrow", after, query.count), lambda: _narrow_page(t, _page_ids(sets, after, query.count))
-        )
+        shape: tuple[Any, ...] = ("narrow", after, query.count)
+        stmt = sql.statement(shape, lambda: _narrow_page(t, _page_ids(sets, after, query.count)))
     else:
-        stmt = sql.statement(("wide", sort, after, query.count), lambda: _wide_page(t, sql.where, query))
+        shape = ("wide", sort, after, query.count)
+        stmt = sql.statement(shape, lambda: _wide_page(t, sql.where, query))
+    if not query.sort:
+        # rows (id, resource text), which need no conversion: on the driver's cursor, as the family
+        # page (a shape's criteria SQL is its dialect's, so one prepared statement serves it)
+        fast = sql.statement(("cursor", *shape), lambda: fastexec.prepare(conn, stmt) or False)
+        if fast:
+            return fast.rows(conn, values)
     return list(conn.execute(stmt, values).all())
 
 
@@ -492,7 +498,17 @@ def _follow(
         if patient is not None:
             stmt = stmt.where(compartment_clause(record_table(rtype), rtype, patient))
         already = sum(1 for t, _ in seen if t == rtype)  # rows that may come back and be skipped
-        for rid, text in conn.execute(stmt, {**ids, "room": limit - len(out) + already}):
+        room = limit - len(out) + already
+        if patient is None and not inc.reverse and frontier.get(inc.source):
+            # on the driver's cursor (store/fastexec.py), one statement per number of ids
+            sources = frontier[inc.source]
+            shape = (inc.source, inc.param.name, rtype, len(sources))
+            values: dict[str, Any] = {f"i{i}": rid for i, rid in enumerate(sources)}
+            values.update(src=inc.source, param=inc.param.name, target=rtype, deleted=False, room=room)
+            rows = fastexec.all_rows(conn, f"forward_link:{shape}", _forward_link_sql(*shape), values)
+        else:
+            rows = list(conn.execute(stmt, {**ids, "room": room}))
+        for rid, text in rows:
             if (rtype, rid) not in seen and len(out) < limit:
                 out.append((rtype, rid, text))
     return out
@@ -547,6 +563,21 @@ def _reverse_link(source: str, param: str, types: tuple[str, ...]) -> Select[Any
     ]
     rows = select(ix.c.resource_id).where(ix.c.resource_type == source, ix.c.param == param, or_(*starts))
     return _linked(source, rows)
+
+
+@functools.lru_cache(maxsize=1024)
+def _forward_link_sql(source: str, param: str, target: str, ids: int) -> TextClause:
+    """:func:`_forward_link` for ``ids`` source ids (``:i0`` ...), as SQL text: the same statement
+    on the driver's cursor, where SQLAlchemy's execution of it (an expanding ``IN``) cost more than
+    SQLite took to run it."""
+    ix = index_table("reference").name
+    tt = record_table(target).name
+    wanted = ", ".join(f":i{i}" for i in range(ids))
+    return sql_text(
+        f"SELECT {tt}.id, {tt}.resource FROM {tt} WHERE {tt}.id IN (SELECT {ix}.target_id FROM {ix}"
+        f" WHERE {ix}.resource_type = :src AND {ix}.param = :param AND {ix}.resource_id IN ({wanted})"
+        f" AND {ix}.target_type = :target) AND {tt}.deleted = :deleted ORDER BY {tt}.id LIMIT :room"
+    )
 
 
 def _linked(rtype: str, rows: Select[Any]) -> Select[Any]:

@@ -188,3 +188,32 @@ def test_all_rows_of_a_select_and_a_datetime_read_back_as_sqlalchemy_reads_it(st
         when = fastexec.result_processor(conn, table.c.last_updated)
     assert sorted((v, when(t)) for v, t in found) == [(1, WHEN), (3, WHEN)]
     assert none == []
+
+
+def test_a_prepared_select_binds_by_type_keeps_its_own_limit_and_finds_what_sqlalchemy_finds(
+    store: Store,
+) -> None:
+    """A search page runs on the cursor (``fastexec.prepare``): a datetime compared with a column is
+    converted by the column's type (SQLite stores it as text), the LIMIT the statement carries is
+    kept, and a statement SQLAlchemy completes per execution (an expanding IN) is refused."""
+    table: Table = ResourceHistory.__table__  # type: ignore[attr-defined]
+    rows = [
+        {**ROWS[2][1], "version_id": v, "last_updated": WHEN.replace(day=d)}
+        for v, d in ((1, 1), (2, 2), (3, 3))
+    ]
+    stmt = (
+        select(table.c.version_id, table.c.resource)
+        .where(table.c.id == bindparam("rid"), table.c.last_updated >= bindparam("since"))
+        .order_by(table.c.version_id)
+        .limit(1)
+    )
+    values = {"rid": "p1", "since": WHEN.replace(day=2)}
+    with store.writer.begin() as conn:
+        fastexec.insert_rows(conn, table, rows)
+        prepared = fastexec.prepare(conn, stmt)
+        assert prepared is not None
+        found = prepared.rows(conn, values)
+        assert found == [tuple(r) for r in conn.execute(stmt, values).all()] == [(2, rows[0]["resource"])]
+        assert prepared.rows(conn, {**values, "since": WHEN.replace(day=4)}) == []
+        expanding = select(table.c.version_id).where(table.c.version_id.in_(bindparam("v", expanding=True)))
+        assert fastexec.prepare(conn, expanding) is None
