@@ -278,8 +278,10 @@ def _page(
     if not query.sort:
         # rows (id, resource text), which need no conversion: on the driver's cursor, as the family
         # page (a shape's criteria SQL is its dialect's, so one prepared statement serves it)
-        fast = sql.statement(("cursor", *shape), lambda: fastexec.prepare(conn, stmt) or False)
-        if fast:
+        fast: fastexec.Prepared | bool = sql.statement(
+            ("cursor", *shape), lambda: fastexec.prepare(conn, stmt) or False
+        )
+        if isinstance(fast, fastexec.Prepared):
             return fast.rows(conn, values)
     return list(conn.execute(stmt, values).all())
 
