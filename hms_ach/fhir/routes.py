@@ -36,7 +36,6 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Depends, Request
-from fastapi.concurrency import run_in_threadpool
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.responses import Response
 from starlette.routing import Match
@@ -170,25 +169,25 @@ def search_slots(store: Store) -> asyncio.Semaphore | None:
     return asyncio.Semaphore((os.cpu_count() or 1) + 1)
 
 
-#: The threads the searches run on, one pool for the process (its idle threads are kept, so one
+#: The threads the searches (and on PostgreSQL the reads by id) run on, one pool for the process (its idle threads are kept, so one
 #: per app would leave them behind every app a test makes); at most as many as FastAPI's pool.
-SEARCH_THREADS = 40
-_search_pool: ThreadPoolExecutor | None = None
-_search_pool_lock = threading.Lock()
+READ_THREADS = 40
+_read_pool: ThreadPoolExecutor | None = None
+_read_pool_lock = threading.Lock()
 
 
-async def _in_search_thread(call: Callable[..., Any], *args: Any) -> Any:
+async def _in_read_thread(call: Callable[..., Any], *args: Any) -> Any:
     """``call(*args)`` on a search thread, in the caller's context (its context variables, as
     FastAPI's ``run_in_threadpool`` gives them). The hand-off through anyio (cancel scopes, a
     capacity limiter, each asking for the current task) cost about a tenth of a family search's
     work on the event loop; an executor of our own costs a future and a wake-up."""
-    global _search_pool
-    pool = _search_pool
+    global _read_pool
+    pool = _read_pool
     if pool is None:
-        with _search_pool_lock:
-            if _search_pool is None:
-                _search_pool = ThreadPoolExecutor(SEARCH_THREADS, thread_name_prefix="hms-ach-search")
-            pool = _search_pool
+        with _read_pool_lock:
+            if _read_pool is None:
+                _read_pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="hms-ach-read")
+            pool = _read_pool
     context = contextvars.copy_context()
     running = pool.submit(functools.partial(context.run, call, *args))
     try:
@@ -391,7 +390,7 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
     ) -> Response:
         """:func:`reads.search_type` on the thread pool, in one of the ``slots`` when there are."""
         async with _slot(slots):
-            response: Response = await _in_search_thread(
+            response: Response = await _in_read_thread(
                 reads.search_type, store, base, resource_type, params, strict, scope, seen
             )
             return response
@@ -435,9 +434,7 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
             if inline:
                 return done(reads.read(store, resource_type, rid, inm, decision, seen, ims, subset))
             return done(
-                await run_in_threadpool(
-                    reads.read, store, resource_type, rid, inm, decision, seen, ims, subset
-                )
+                await _in_read_thread(reads.read, store, resource_type, rid, inm, decision, seen, ims, subset)
             )
 
     _busiest_first(router, search_get, read)
@@ -461,7 +458,7 @@ def fhir_router(store: Store, write_channel: writes.WriteChannel | None = None) 
             decision = access.require(request, resource_type, "vread")
             if inline:  # one primary-key look-up, as read
                 return done(reads.vread(store, resource_type, rid, vid, decision, seen))
-            return done(await run_in_threadpool(reads.vread, store, resource_type, rid, vid, decision, seen))
+            return done(await _in_read_thread(reads.vread, store, resource_type, rid, vid, decision, seen))
 
     # ------------------------------------------------------------------ writes
     # After the reads: no write route answers a GET or HEAD, and no read route (the POST of _search

@@ -1,4 +1,4 @@
-"""Searches run on the search threads with the caller's context, and a cancelled caller waits."""
+"""Searches (and reads on PostgreSQL) run on the read threads with the caller's context, and a cancelled caller waits."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import contextvars
 import threading
 import time
 
-from hms_ach.fhir.routes import _in_search_thread
+from hms_ach.fhir.routes import _in_read_thread
 
 WHO = contextvars.ContextVar("who", default="nobody")
 
@@ -16,7 +16,8 @@ def test_the_call_sees_the_callers_context_and_runs_on_another_thread() -> None:
     async def main() -> tuple[str, bool]:
         WHO.set("caller")
         here = threading.get_ident()
-        return await _in_search_thread(lambda: (WHO.get(), threading.get_ident() != here))
+        seen: tuple[str, bool] = await _in_read_thread(lambda: (WHO.get(), threading.get_ident() != here))
+        return seen
 
     assert asyncio.run(main()) == ("caller", True)
 
@@ -31,7 +32,7 @@ def test_a_cancelled_caller_returns_only_once_the_thread_is_done() -> None:
         finished.append(time.monotonic())
 
     async def main() -> float:
-        task = asyncio.create_task(_in_search_thread(slow))
+        task = asyncio.create_task(_in_read_thread(slow))
         await asyncio.sleep(0.05)
         task.cancel()
         try:
