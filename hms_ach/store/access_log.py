@@ -40,7 +40,7 @@ from sqlalchemy import Connection, func, select, text
 from hms_ach.auth.caller import Caller
 from hms_ach.store import fastexec, pglocks
 from hms_ach.store.audit import GENESIS, instant, iter_rows
-from hms_ach.store.audit_keys import seal_for
+from hms_ach.store.audit_keys import hmac_sha256, seal_for
 from hms_ach.store.db import Store
 from hms_ach.store.models import AccessRecord
 
@@ -182,7 +182,7 @@ def row_hash(row: dict[str, Any], entry_key: bytes | None) -> str:
     """HMAC-SHA256 of the row (and its link) under the audit entry key; plain SHA-256 without a key."""
     if entry_key is None:
         return hashlib.sha256(_payload(row)).hexdigest()
-    return hmac.digest(entry_key, _payload(row), "sha256").hex()
+    return hmac_sha256(entry_key, _payload(row)).hex()
 
 
 _LAST = select(T.c.hash).order_by(T.c.seq.desc()).limit(1)

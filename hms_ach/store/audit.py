@@ -38,7 +38,7 @@ from sqlalchemy import Connection, bindparam, func, select, text
 
 from hms_ach.store import audit_mask, fastexec, pglocks, txcache
 from hms_ach.store.audit_checkpoints import Checkpoint, anchor
-from hms_ach.store.audit_keys import DEFAULT_SEAL, AuditSeal, attach, open_seal, seal_for
+from hms_ach.store.audit_keys import DEFAULT_SEAL, AuditSeal, attach, hmac_sha256, open_seal, seal_for
 from hms_ach.store.audit_settings import AuditSettings
 from hms_ach.store.db import Store
 from hms_ach.store.models import AuditEntry, InboundMessage
@@ -149,7 +149,7 @@ def plain_hash(row: dict[str, Any]) -> str:
 
 def keyed_hash(row: dict[str, Any], entry_key: bytes) -> str:
     """HMAC-SHA256 under the entry key over the same fields as :func:`plain_hash`."""
-    return hmac.digest(entry_key, _payload(row), "sha256").hex()
+    return hmac_sha256(entry_key, _payload(row)).hex()
 
 
 def entry_hash(row: dict[str, Any], seal: AuditSeal = DEFAULT_SEAL) -> str:

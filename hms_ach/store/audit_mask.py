@@ -16,12 +16,11 @@ key, can check a candidate value), never the value. Without a key the token is p
 from __future__ import annotations
 
 import functools
-import hmac
 from typing import Any
 
 import orjson
 
-from hms_ach.store.audit_keys import AuditSeal
+from hms_ach.store.audit_keys import AuditSeal, hmac_sha256
 
 UNKEYED_TOKEN = "masked"
 
@@ -32,7 +31,7 @@ def token(value: Any, seal: AuditSeal) -> str:
         return value  # masked already (when a stored diff is read back)
     if seal.mask_key is None:
         return UNKEYED_TOKEN
-    digest = hmac.digest(seal.mask_key, orjson.dumps(value, option=orjson.OPT_SORT_KEYS), "sha256")
+    digest = hmac_sha256(seal.mask_key, orjson.dumps(value, option=orjson.OPT_SORT_KEYS))
     return "masked:" + digest.hex()[:16]
 
 

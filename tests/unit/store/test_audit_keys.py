@@ -3,13 +3,14 @@ what is wrong with a key file and what is expected."""
 
 from __future__ import annotations
 
+import hmac
 import os
 import stat
 from pathlib import Path
 
 import pytest
 
-from hms_ach.store.audit_keys import KEY_FILE_ENV, AuditKeyError, create_key, load_key, open_seal
+from hms_ach.store.audit_keys import KEY_FILE_ENV, AuditKeyError, create_key, hmac_sha256, load_key, open_seal
 from hms_ach.store.audit_settings import AuditSettings
 
 
@@ -63,3 +64,9 @@ def test_unreadable_key_file_is_named(tmp_path: Path) -> None:
     path.chmod(0)
     with pytest.raises(AuditKeyError, match="cannot read it"):
         load_key(path)
+
+
+def test_the_lock_keeping_hmac_gives_the_bytes_of_the_one_shot_hmac() -> None:
+    """Stored chains were hashed with ``hmac.digest``: ``hmac_sha256`` must give the same bytes."""
+    for key, data in ((b"k" * 32, b""), (b"\x00" * 32, b'{"a":1}'), (b"key", b"x" * 5000)):
+        assert hmac_sha256(key, data) == hmac.digest(key, data, "sha256")
