@@ -169,15 +169,16 @@ def search_slots(store: Store) -> asyncio.Semaphore | None:
     return asyncio.Semaphore((os.cpu_count() or 1) + 1)
 
 
-#: The threads the searches (and on PostgreSQL the reads by id) run on, one pool for the process (its idle threads are kept, so one
-#: per app would leave them behind every app a test makes); at most as many as FastAPI's pool.
+#: The threads the searches (and on PostgreSQL the reads by id) run on: one pool for the process
+#: (its idle threads are kept, so one per app would leave them behind every app a test makes), at
+#: most as many threads as FastAPI's pool.
 READ_THREADS = 40
 _read_pool: ThreadPoolExecutor | None = None
 _read_pool_lock = threading.Lock()
 
 
 async def _in_read_thread(call: Callable[..., Any], *args: Any) -> Any:
-    """``call(*args)`` on a search thread, in the caller's context (its context variables, as
+    """``call(*args)`` on a read thread, in the caller's context (its context variables, as
     FastAPI's ``run_in_threadpool`` gives them). The hand-off through anyio (cancel scopes, a
     capacity limiter, each asking for the current task) cost about a tenth of a family search's
     work on the event loop; an executor of our own costs a future and a wake-up."""
@@ -193,8 +194,9 @@ async def _in_read_thread(call: Callable[..., Any], *args: Any) -> Any:
     try:
         return await asyncio.wrap_future(running)
     except asyncio.CancelledError:
-        if not running.done():  # a thread cannot be stopped: the caller (its slot) waits for it, as before
-            await asyncio.wait([asyncio.wrap_future(running)])
+        if not running.done():  # a thread cannot be stopped: the caller (its slot) waits for it, as before,
+            # but not for ever: past the slot's own deadline the slot is given back regardless
+            await asyncio.wait([asyncio.wrap_future(running)], timeout=SEARCH_SLOT_WAIT_SECONDS)
         raise
 
 

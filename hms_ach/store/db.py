@@ -197,9 +197,10 @@ class Store:
         """A connection of the reader pool, for reads that are not part of a write.
 
         On SQLite in a file, up to :data:`READER_POOL_SIZE` of them (with those idle in the pool)
-        are kept checked out between reads, outside any transaction (so that they hold no snapshot of the WAL), and handed to the
-        next read: SQLAlchemy's ``connect`` and ``close`` (the pool's checkout, checkin and reset)
-        cost about a sixth of a FHIR search's own work, more than the page's statements."""
+        are kept checked out between reads, outside any transaction (so that they hold no snapshot
+        of the WAL), and handed to the next read: SQLAlchemy's ``connect`` and ``close`` (the pool's
+        checkout, checkin and reset) cost about a sixth of a FHIR search's own work, more than the
+        page's statements."""
         idle = self._idle_readers
         if idle is None:
             with self.reader.connect() as conn:

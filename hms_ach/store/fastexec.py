@@ -15,8 +15,9 @@ SQLAlchemy's exceptions. Its ``before_cursor_execute`` and
 ``after_cursor_execute`` listeners are still called, with ``context=None``, so that statement
 counters, tracing and logging hooks on the engine see these statements too.
 
-Only INSERTs, single-row key look-ups and the many-row UPDATEs and DELETEs of a transaction Bundle
-go here; everything else stays on SQLAlchemy.
+Only INSERTs, single-row key look-ups, the many-row UPDATEs and DELETEs of a transaction Bundle,
+and the FHIR search pages whose rows need no conversion (an id and the stored text: :func:`all_rows`,
+:func:`prepare`) go here; everything else stays on SQLAlchemy.
 """
 
 from __future__ import annotations

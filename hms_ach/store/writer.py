@@ -562,9 +562,9 @@ class StoreWriter:
             self._checkpointer.restart_before_write(conn)  # a long WAL starts over (never raises)
         return conn
 
-    def _drop_held(self) -> None:
-        """Close the connection this thread kept (its loop ends)."""
-        held = self._held.pop(threading.get_ident(), None)
+    def _drop_held(self, ident: int | None = None) -> None:
+        """Close the connection thread ``ident`` kept (default: this thread's, as its loop ends)."""
+        held = self._held.pop(threading.get_ident() if ident is None else ident, None)
         if held is not None:
             _quiet(held.conn.close)
 
@@ -575,9 +575,7 @@ class StoreWriter:
         alive = {t.ident for t in threading.enumerate()}
         for ident in list(self._held):
             if ident == me or ident not in alive:
-                held = self._held.pop(ident, None)
-                if held is not None:
-                    _quiet(held.conn.close)
+                self._drop_held(ident)
 
     def _did_commit(self) -> None:
         if self._checkpointer is not None:
