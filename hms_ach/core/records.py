@@ -727,6 +727,18 @@ RecordMatcher = Callable[[dict[str, Any]], list[tuple[str, str]]]
 #: its RecordWrite's ``mode`` says.
 RECORD_MERGERS: dict[str, RecordMerger] = {}
 RECORD_MATCHERS: dict[str, RecordMatcher] = {}
+#: What a type's own merge rule reads besides its :class:`MergeInput` (its settings), by type: a
+#: function giving the object in use now, replaced (never changed in place) when the settings change.
+#: The store remembers writes that changed nothing per merge rule and this object
+#: (:func:`merge_rule`), so that a new rule or new settings are never answered from that memory.
+MERGE_SETTINGS: dict[str, Callable[[], object]] = {}
+
+
+def merge_rule(resource_type: str) -> tuple[object, object]:
+    """The merge a write of ``resource_type`` gets now: (its own rule or None, that rule's settings
+    object or None). Two writes with the same input and the same (identical) pair merge the same."""
+    settings = MERGE_SETTINGS.get(resource_type)
+    return RECORD_MERGERS.get(resource_type), None if settings is None else settings()
 
 
 def merge_by_mode(

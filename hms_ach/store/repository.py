@@ -21,6 +21,7 @@ undoes the message whole as before; other callers (FHIR writes, listeners) write
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -40,6 +41,7 @@ from hms_ach.core.records import (
     RecordWrite,
     StoreAction,
     merge_record,
+    merge_rule,
 )
 from hms_ach.store import fastexec, search_params
 from hms_ach.store.changes import Change, notify, notify_many
@@ -155,6 +157,54 @@ class _Statements:
         self.matched = select(func.count(distinct(c.id)), func.min(c.id)).where(
             c.id.in_(named), c.deleted.is_(False), c.version_id > bindparam("v0")
         )
+
+
+class _Unchanged:
+    """The writes found to change nothing, remembered so that the same write is not merged again.
+
+    Most records of a message are stored already and change nothing (its attending doctor, its
+    ward): each was read, parsed and merged (a Practitioner through its survivorship rules) only
+    to find the merge equal to what is stored. The outcome is a function of the stored version's
+    text (which names its id and version), the content written, its source and mode, and the
+    type's merge rule and settings (:func:`hms_ach.core.records.merge_rule`). A digest of the first
+    four is kept with the last two (held, so that they are compared by identity), up to
+    :attr:`LIMIT` of them (then it starts over): the same write over the same stored version, under
+    the same rule and settings, is known to change nothing without merging. The record is still
+    read each time, so a version written since (by anyone) is a different text and is merged.
+    """
+
+    LIMIT = 4096
+
+    def __init__(self) -> None:
+        self._seen: dict[bytes, tuple[object, object]] = {}
+
+    @staticmethod
+    def key(rec: RecordWrite, stored: str | bytes, content: dict[str, Any], source: str) -> bytes | None:
+        """The digest of one write over one stored version (None when the content has no JSON form)."""
+        try:
+            written = orjson.dumps(content)
+        except TypeError:
+            return None
+        h = hashlib.blake2b(digest_size=16)
+        # NUL never occurs raw in a type, mode, channel name or JSON text: the parts cannot run together
+        h.update(f"{rec.resource_type}\0{rec.mode}\0{source}\0".encode())
+        h.update(stored.encode() if isinstance(stored, str) else stored)
+        h.update(b"\0")
+        h.update(written)
+        return h.digest()
+
+    def known(self, key: bytes, rule: tuple[object, object]) -> bool:
+        seen = self._seen.get(key)
+        return seen is not None and seen[0] is rule[0] and seen[1] is rule[1]
+
+    def remember(self, key: bytes, rule: tuple[object, object]) -> None:
+        if len(self._seen) >= self.LIMIT:
+            self._seen = {}
+        self._seen[key] = rule
+
+
+#: One memory per process: what it holds is true of any store (see :class:`_Unchanged`).
+_UNCHANGED = _Unchanged()
 
 
 @cache
@@ -383,10 +433,21 @@ class Repository:
             self._create(st, rec, rid, self._merge(rec, {}, content, message_id), message_id)
             return WriteOutcome(rec.resource_type, rid, 1, created=True, changed=True)
         while True:
-            rid, version, old = row[0], row[1], _strip_meta(orjson.loads(row[2]))
+            rid, version, stored = row[0], row[1], row[2]
             created = version == 0  # a placeholder claimed by a FHIR conditional create
+            known = (
+                None
+                if created
+                else _Unchanged.key(rec, stored, content, self.source_of(rec.resource_type, message_id))
+            )
+            rule = merge_rule(rec.resource_type)
+            if known is not None and _UNCHANGED.known(known, rule):
+                return WriteOutcome(rec.resource_type, rid, version, created=False, changed=False)
+            old = _strip_meta(orjson.loads(stored))
             merged = self._merge(rec, old, content, message_id)
             if not created and merged == old:
+                if known is not None:
+                    _UNCHANGED.remember(known, rule)
                 return WriteOutcome(rec.resource_type, rid, version, created=False, changed=False)
             if locked or self._lock_if(st, rid, version):
                 return self.write_version(

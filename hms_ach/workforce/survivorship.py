@@ -38,6 +38,7 @@ from typing import Any
 import orjson
 
 from hms_ach.core.records import (
+    MERGE_SETTINGS,
     RECORD_MATCHERS,
     RECORD_MERGERS,
     MergeInput,
@@ -362,6 +363,12 @@ def install() -> None:
     """Hand the Practitioner merge and match policy to the store (the composition root calls it)."""
     RECORD_MERGERS["Practitioner"] = merge
     RECORD_MATCHERS["Practitioner"] = match_identifiers
+    MERGE_SETTINGS["Practitioner"] = _rules_in_use
+
+
+def _rules_in_use() -> SurvivorshipSettings:
+    """The survivorship rules :func:`merge` reads now (a reload puts a new object in use)."""
+    return current().survivorship
 
 
 def on_change(tx: Tx, change: Change) -> None:

@@ -254,3 +254,48 @@ def test_the_match_policy_does_not_find_an_identifier_the_same_message_removed(s
     stored = {r["identifier"][0]["value"]: r for r in _stored(store, "Practitioner")}
     assert sorted(stored) == ["S1", "S2"]
     assert [i["system"] for i in stored["S1"]["identifier"]] == [STAFF]
+
+
+def test_a_write_remembered_as_unchanged_is_merged_again_under_another_rule_or_version(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The memory of writes that changed nothing: the same write over the same stored version under
+    the same merge rule and settings is not merged again; a new version, a new rule or new settings
+    of the rule are, so that no change is ever skipped."""
+    merged: list[str] = []
+    settings: list[object] = [object()]
+
+    def by_mode_counted(inp: records.MergeInput) -> dict[str, Any]:
+        merged.append(inp.source)
+        return records.merge_by_mode(inp.mode, inp.old, inp.new)
+
+    monkeypatch.setitem(records.RECORD_MERGERS, "Practitioner", by_mode_counted)
+    monkeypatch.setitem(records.MERGE_SETTINGS, "Practitioner", lambda: settings[0])
+    doctor = _doctor("a", "S9", [])
+    _apply(store, MappingResult("test", [doctor]))
+    first = _apply(store, MappingResult("test", [doctor]))
+    runs = len(merged)
+    again = _apply(store, MappingResult("test", [doctor]))
+
+    assert [(o.changed, o.version_id) for o in first + again] == [(False, 1), (False, 1)]
+    assert len(merged) == runs  # answered from memory
+
+    settings[0] = object()  # the rule's settings were replaced (a reload)
+    _apply(store, MappingResult("test", [doctor]))
+    assert len(merged) == runs + 1
+
+    # a new stored version (another write changed the record) is merged, and its change kept
+    _apply(store, MappingResult("test", [_doctor("a", "S9", ["1234567893"])]))
+    [after] = _apply(store, MappingResult("test", [doctor]))
+    assert (after.changed, after.version_id) == (True, 3)  # the identifiers are the write's again
+    assert len(merged) == runs + 3
+    [same] = _apply(store, MappingResult("test", [doctor]))
+    assert not same.changed  # remembered over version 3 now
+
+    def marking(inp: records.MergeInput) -> dict[str, Any]:
+        return {**records.merge_by_mode(inp.mode, inp.old, inp.new), "active": True}
+
+    monkeypatch.setitem(records.RECORD_MERGERS, "Practitioner", marking)  # another rule
+    [last] = _apply(store, MappingResult("test", [doctor]))
+    assert (last.changed, last.version_id) == (True, 4)
+    assert _stored(store, "Practitioner")[0]["active"] is True
