@@ -33,6 +33,12 @@ ACK_LATENCY = Histogram(
     ["channel"],
     buckets=LATENCY_BUCKETS,
 )
+FHIR_SEARCHES = Counter(
+    "hms_ach_fhir_searches",
+    "FHIR searches answered, by where they ran: event_loop (SQLite, within the inline deadline), "
+    "read_thread (PostgreSQL), read_thread_after_deadline (SQLite: past the deadline, run again)",
+    ["ran"],
+)
 WRITER_BATCH_SECONDS = Histogram(
     "hms_ach_writer_batch_seconds",
     "Time the writer spent on one group commit (its jobs, then the commit)",

@@ -43,6 +43,11 @@ class Seen:
         self.refs: list[str] = []
         self.count: int | None = None
 
+    def clear(self) -> None:
+        """Forget what was collected (a search dropped, to be run again)."""
+        self.refs.clear()
+        self.count = None
+
     def add(self, resource_type: str, rid: str, text: str | None) -> None:
         self.refs.append(f"{resource_type}/{rid}")
         if text is not None and resource_type != "Patient" and "Patient/" in text:  # most name no patient

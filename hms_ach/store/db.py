@@ -8,6 +8,7 @@ power loss: an ACK sent after commit then really means durable. Write transactio
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import sqlite3
@@ -166,8 +167,63 @@ def _configure_sqlite(engine: Engine, *, immediate: bool) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
+@contextmanager
+def _budgeted(conn: Connection, budget: ReadBudget) -> Iterator[None]:
+    """``budget``'s deadline on the SQLite connection ``conn`` for the block (its progress handler),
+    taken off before the connection is handed to anyone else."""
+    raw = conn.connection.dbapi_connection
+    raw.set_progress_handler(budget.check, BUDGET_STEPS)  # type: ignore[union-attr]
+    try:
+        yield
+    finally:
+        try:
+            raw.set_progress_handler(None, 0)  # type: ignore[union-attr]
+        except sqlite3.Error:  # closed meanwhile: nobody gets it with the handler on
+            pass
+
+
 def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
+
+
+class ReadBudget:
+    """The deadline of the SQLite reads made inside :func:`read_budget`, and whether one of them ran
+    past it (``spent``: it was interrupted then)."""
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+        self.spent = False
+
+    def check(self) -> int:
+        """SQLite's progress handler: non-zero (interrupt the statement) once the deadline passed."""
+        if time.monotonic() < self.deadline:
+            return 0
+        self.spent = True
+        return 1
+
+
+_READ_BUDGET: contextvars.ContextVar[ReadBudget | None] = contextvars.ContextVar(
+    "hms_ach_read_budget", default=None
+)
+#: SQLite virtual-machine steps between two looks at a read's deadline (a look is a Python call).
+BUDGET_STEPS = 4000
+
+
+@contextmanager
+def read_budget(seconds: float) -> Iterator[ReadBudget]:
+    """For work that must not hold its thread longer than ``seconds`` (a search on the event loop):
+    the statements that :meth:`Store.read` connections run in the block (in this context, on a
+    store where :attr:`Store.bounded_reads`) are interrupted once ``seconds`` have passed since the
+    block began. The statement running then fails (SQLite's ``interrupted``) and so does every
+    later one; ``spent`` says so, whatever the code in the block made of the error, and the caller
+    does the work again without a budget. Time spent outside SQLite is not interrupted, only
+    counted at its next statement."""
+    budget = ReadBudget(time.monotonic() + seconds)
+    token = _READ_BUDGET.set(budget)
+    try:
+        yield budget
+    finally:
+        _READ_BUDGET.reset(token)
 
 
 class Store:
@@ -210,8 +266,13 @@ class Store:
             conn = idle.pop()
         except IndexError:
             conn = self.reader.connect()
+        budget = _READ_BUDGET.get()
         try:
-            yield conn
+            if budget is None:
+                yield conn
+            else:
+                with _budgeted(conn, budget):
+                    yield conn
             if conn.in_transaction():  # a read that let SQLAlchemy begin one: its snapshot ends
                 conn.rollback()
         except BaseException:
@@ -224,6 +285,11 @@ class Store:
             conn.close()
         else:
             idle.append(conn)
+
+    @property
+    def bounded_reads(self) -> bool:
+        """Whether :func:`read_budget` bounds this store's reads (SQLite in a file)."""
+        return self._idle_readers is not None
 
     def _close_idle_readers(self) -> None:
         """Close the readers :meth:`read` keeps (before the pool is emptied or the WAL truncated)."""
