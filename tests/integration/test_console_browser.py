@@ -100,7 +100,8 @@ async def test_console_tour_in_chromium(store: Store, tmp_path: Path) -> None:
         async with playwright.async_playwright() as pw:
             browser = await pw.chromium.launch(executable_path=CHROMIUM)
             page = await (await browser.new_context(viewport={"width": 1400, "height": 900})).new_page()
-            page.set_default_timeout(5000)
+            # a guard against a hang (the pages load under the parallel pass); latency is asserted apart
+            page.set_default_timeout(15000)
 
             # sign-in: the link opens a session; the same link is refused the second time
             link = login_link(engine)
